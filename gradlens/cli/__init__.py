@@ -1,0 +1,26 @@
+"""The ``gradlens`` command: one Typer module per command; the only place that does I/O."""
+
+from __future__ import annotations
+
+import typer
+
+from gradlens.cli.compare import compare
+from gradlens.cli.info import config, losses, schema
+
+app = typer.Typer(
+    name="gradlens",
+    help="Gradient diagnostics for LLM RL and SFT losses: what each loss does to the lm_head.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+    rich_markup_mode="rich",
+)
+app.command()(compare)
+app.command()(losses)
+app.command()(config)
+app.command()(schema)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,83 @@
+"""What every command shares: the console, the options, and turning errors into exits."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.text import Text
+
+from gradlens.errors import GradlensError
+
+EXIT_CHECK_FAILED = 1
+EXIT_BAD_INPUT = 2
+
+
+class OutputFormat(str, Enum):
+    table = "table"
+    json = "json"
+
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="YAML config file; without one the built-in default runs.",
+        dir_okay=False,
+    ),
+]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        "-s",
+        metavar="KEY=VALUE",
+        help="Override one config value by its dotted path (repeatable), e.g. "
+        "--set loss.eps_high=0.4 --set source.vocab_size=512. The value is read as YAML. "
+        "Precedence: command-line flags > --set > --config file > defaults.",
+    ),
+]
+DebugOption = Annotated[
+    bool, typer.Option("--debug", help="Show Python tracebacks instead of one-line errors.")
+]
+
+
+def stdout_console() -> Console:
+    """The report console. When stdout is not a terminal nothing is wrapped or truncated."""
+    if sys.stdout.isatty():
+        return Console()
+    return Console(width=100_000, no_color=True, highlight=False, soft_wrap=True)
+
+
+def stderr_console() -> Console:
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+@contextmanager
+def user_errors(debug: bool) -> Iterator[None]:
+    """Turn a `GradlensError` (and any unexpected error) into one message and a non-zero exit."""
+    try:
+        yield
+    except GradlensError as exc:
+        if debug:
+            raise
+        stderr_console().print(Text("error: ", style="bold red") + Text(str(exc)))
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    except (typer.Exit, typer.Abort, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        if debug:
+            raise
+        stderr_console().print(
+            Text("internal error: ", style="bold red")
+            + Text(f"{type(exc).__name__}: {exc}\n")
+            + Text("This is a bug in gradlens; rerun with --debug for the traceback.")
+        )
+        raise typer.Exit(EXIT_BAD_INPUT + 1) from None

@@ -1,0 +1,80 @@
+"""``gradlens compare``: run several losses on one batch and show them side by side."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from gradlens.cli.common import (
+    EXIT_CHECK_FAILED,
+    ConfigOption,
+    DebugOption,
+    OutputFormat,
+    SetOption,
+    stdout_console,
+    user_errors,
+)
+
+
+def compare(
+    losses: Annotated[
+        str | None,
+        typer.Option(
+            "--losses",
+            "-l",
+            help="Comma-separated loss names (see `gradlens losses`), e.g. reinforce,ppo,sft. "
+            "Default: the config's `losses` (reinforce,ppo,ppo_clip,sft).",
+        ),
+    ] = None,
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+    device: Annotated[
+        str | None,
+        typer.Option(
+            "--device",
+            "-d",
+            metavar="cpu|cuda|auto",
+            help="Where to compute. cuda without a GPU is an error; auto falls back to cpu.",
+        ),
+    ] = None,
+    output: Annotated[
+        OutputFormat,
+        typer.Option(
+            "--format",
+            "-f",
+            help="table: rich tables for people. json: the full report (schema "
+            "gradlens.compare/1, see `gradlens schema`) with the resolved config and environment.",
+        ),
+    ] = OutputFormat.table,
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check",
+            help="Exit with status 1 if an invariant fails: zero-sum of the logit and lm_head "
+            "gradients, closed form vs autograd, finite gradients, log-probs ≤ 0.",
+        ),
+    ] = False,
+    debug: DebugOption = False,
+) -> None:
+    """Run each loss on the same batch; report what it does to the logits and the lm_head.
+
+    For every loss: the sampled-row vs other-row logit gradient against the seed post's closed
+    form, per-row lm_head gradient norms, the zero-sum check, clip fractions, and the
+    agreement of the closed form with autograd. Shared: ratio statistics and KL estimates.
+    """
+    with user_errors(debug):
+        from gradlens.compare import run_compare
+        from gradlens.config import build_config
+        from gradlens.report.serialize import to_json
+        from gradlens.report.table import render_compare
+
+        names = None if losses is None else [n.strip() for n in losses.split(",") if n.strip()]
+        cfg = build_config(config, overrides or [], {"losses": names, "device": device})
+        report = run_compare(cfg)
+        if output is OutputFormat.json:
+            typer.echo(to_json(report))
+        else:
+            render_compare(report, stdout_console())
+    if check and not report.passed:
+        raise typer.Exit(EXIT_CHECK_FAILED)

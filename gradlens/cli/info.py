@@ -1,0 +1,80 @@
+"""Reference commands: ``gradlens losses``, ``gradlens config``, ``gradlens schema``."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from gradlens.cli.common import (
+    ConfigOption,
+    DebugOption,
+    OutputFormat,
+    SetOption,
+    stdout_console,
+    user_errors,
+)
+
+
+def losses(
+    output: Annotated[
+        OutputFormat, typer.Option("--format", "-f", help="table or json.")
+    ] = OutputFormat.table,
+) -> None:
+    """List every registered loss with its formula, coefficient c_t and source."""
+    import json
+
+    from gradlens.losses import AGGREGATIONS, get_loss, loss_names
+
+    specs = [get_loss(n) for n in loss_names()]
+    if output is OutputFormat.json:
+        rows = [
+            {
+                "name": s.name,
+                "formula": s.formula,
+                "coefficient": s.coefficient,
+                "zero_when": s.zero_when,
+                "paper": s.paper,
+            }
+            for s in specs
+        ]
+        typer.echo(
+            json.dumps(
+                {"losses": rows, "aggregations": list(AGGREGATIONS)}, indent=2, ensure_ascii=False
+            )
+        )
+        return
+    table = Table(title="registered losses: ∂L/∂z_t = a_t·g_t·(e_y − π_t)", title_justify="left")
+    for col in (
+        "name",
+        "per-token loss (minimised)",
+        "g_t = ∂ℓ/∂log π_θ(y)",
+        "zero when",
+        "source",
+    ):
+        table.add_column(col, overflow="fold")
+    for s in specs:
+        table.add_row(s.name, s.formula, s.coefficient, s.zero_when, s.paper)
+    console = stdout_console()
+    console.print(table)
+    console.print(f"aggregations (loss.aggregation): {', '.join(AGGREGATIONS)}")
+
+
+def config(
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+    debug: DebugOption = False,
+) -> None:
+    """Print the resolved configuration as YAML (defaults < file < --set)."""
+    with user_errors(debug):
+        from gradlens.config import build_config, to_yaml
+
+        typer.echo(to_yaml(build_config(config, overrides or [])), nl=False)
+
+
+def schema() -> None:
+    """Print the JSON Schema of `gradlens compare --format json` (gradlens.compare/1)."""
+    from gradlens.report.serialize import json_schema
+
+    typer.echo(json_schema())

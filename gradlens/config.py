@@ -1,0 +1,332 @@
+"""Configuration: YAML + dotted overrides → one validated, frozen `Config`.
+
+Precedence: command-line flags > ``--set key=value`` overrides > the YAML file > the defaults
+written here (the built-in default run needs no file). Every problem is reported at once, each
+with its dotted path, what was wrong and what is allowed. Nothing inside the maths reads this
+module: `gradlens.compare` turns the config into plain arguments.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from gradlens.errors import GradlensError
+from gradlens.losses import AGGREGATIONS, loss_names
+from gradlens.losses.registry import unknown_name_message
+
+
+class Strict(BaseModel):
+    """Unknown keys are errors; parsed configs are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+class DriftConfig(Strict):
+    """How π_old differs from π_θ in the synthetic source.
+
+    ``none``: on-policy, π_old = π_θ. ``logit_noise``: z_old = z + scale·ε, ε ~ N(0, 1) per
+    logit (log-ratio noise). ``stale_weight``: W_old = W + scale·std(W)·ε, a stale copy of the
+    lm_head.
+    """
+
+    kind: Literal["none", "logit_noise", "stale_weight"] = "logit_noise"
+    scale: float = Field(1.0, ge=0, description="noise scale of the drift")
+
+
+class RewardConfig(Strict):
+    """Per-sequence rewards of the synthetic source: Bernoulli(p_correct) or N(0, 1)."""
+
+    kind: Literal["binary", "gaussian"] = "binary"
+    p_correct: float = Field(0.5, gt=0, lt=1, description="P(reward = 1) for binary rewards")
+
+
+class SyntheticSource(Strict):
+    """Seeded random hidden states, lm_head and rollouts (see gradlens.sources.synthetic)."""
+
+    kind: Literal["synthetic"] = "synthetic"
+    num_sequences: int = Field(16, ge=1)
+    group_size: int = Field(4, ge=1, description="sequences per prompt group (advantages)")
+    min_length: int = Field(16, ge=1)
+    max_length: int = Field(64, ge=1)
+    vocab_size: int = Field(2048, ge=2)
+    hidden_size: int = Field(64, ge=1)
+    entropy: float | None = Field(0.5, gt=0, description="target mean entropy of π_θ, nats")
+    temperature: float | None = Field(None, gt=0, description="or: divide N(0,1) logits by this")
+    drift: DriftConfig = DriftConfig()
+    rewards: RewardConfig = RewardConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SyntheticSource:
+        problems = []
+        if self.min_length > self.max_length:
+            problems.append(f"min_length ({self.min_length}) > max_length ({self.max_length})")
+        if (self.entropy is None) == (self.temperature is None):
+            problems.append("set exactly one of entropy and temperature (the other to null)")
+        if self.entropy is not None and self.entropy >= math.log(self.vocab_size):
+            problems.append(
+                f"entropy {self.entropy} must be below log(vocab_size) = "
+                f"{math.log(self.vocab_size):.4f}, the entropy of the uniform distribution"
+            )
+        if self.num_sequences % self.group_size:
+            problems.append(
+                f"num_sequences ({self.num_sequences}) must be a multiple of group_size "
+                f"({self.group_size})"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class LiteralPosition(Strict):
+    """One position stated literally: its distribution, sampled token, π_old and advantage."""
+
+    token: int = Field(ge=0, description="the sampled token y")
+    logits: list[float] | None = Field(None, description="z; or give probs")
+    probs: list[float] | None = Field(None, description="π = softmax(z), each in (0, 1]")
+    old_prob: float | None = Field(None, gt=0, le=1, description="π_old(y); default π_θ(y)")
+    old_logp: float | None = Field(None, le=0, description="log π_old(y), instead of old_prob")
+    advantage: float = 0.0
+
+    @model_validator(mode="after")
+    def _one_of(self) -> LiteralPosition:
+        if (self.logits is None) == (self.probs is None):
+            raise ValueError("give exactly one of logits and probs")
+        if self.old_prob is not None and self.old_logp is not None:
+            raise ValueError("give at most one of old_prob and old_logp")
+        values = self.logits if self.logits is not None else self.probs
+        assert values is not None
+        if len(values) < 2:
+            raise ValueError(f"the distribution needs at least 2 entries (got {len(values)})")
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError("logits and probs must be finite numbers")
+        if self.probs is not None:
+            bad = [p for p in self.probs if not 0 < p <= 1]
+            if bad:
+                raise ValueError(f"probs must lie in (0, 1]; got {bad[0]}")
+            if abs(sum(self.probs) - 1) > 1e-6:
+                raise ValueError(
+                    f"probs must sum to 1 (within 1e-6); they sum to {sum(self.probs)}"
+                )
+        if self.token >= len(values):
+            raise ValueError(f"token {self.token} is outside the vocabulary of size {len(values)}")
+        return self
+
+    @property
+    def vocab_size(self) -> int:
+        values = self.logits if self.logits is not None else self.probs
+        return len(values or ())
+
+
+class LiteralSequence(Strict):
+    positions: list[LiteralPosition] = Field(min_length=1)
+
+
+class LiteralSource(Strict):
+    """Every position written out, for hand-computed cases (see gradlens.sources.literal)."""
+
+    kind: Literal["literal"]
+    sequences: list[LiteralSequence] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _same_vocab(self) -> LiteralSource:
+        sizes = {p.vocab_size for s in self.sequences for p in s.positions}
+        if len(sizes) > 1:
+            raise ValueError(
+                f"every position needs the same vocabulary size; got sizes {sorted(sizes)}"
+            )
+        return self
+
+
+Source = Annotated[Union[SyntheticSource, LiteralSource], Field(discriminator="kind")]  # noqa: UP007
+
+# ----------------------------------------------------------------------------- the rest
+
+
+class AdvantageConfig(Strict):
+    """How rewards become advantages (ignored by the literal source, which states them)."""
+
+    normalization: Literal["none", "group", "group_mean", "batch"] = "group"
+    eps: float = Field(1e-6, gt=0, description="added to the std before dividing")
+
+
+class LossConfig(Strict):
+    """Loss hyper-parameters, shared by every loss that uses them."""
+
+    eps_low: float = Field(0.2, ge=0, lt=1)
+    eps_high: float = Field(0.28, ge=0)
+    dual_clip: float | None = Field(None, gt=1, description="dual-clip c (> 1); null: off")
+    opsm_delta: float | None = Field(None, ge=0, description="OPSM δ; null: no sequence mask")
+    aggregation: str = "token_mean"
+    loss_scale_factor: float | None = Field(None, gt=0, description="L for seq_mean_token_sum_norm")
+
+    @field_validator("aggregation")
+    @classmethod
+    def _known_aggregation(cls, value: str) -> str:
+        if value not in AGGREGATIONS:
+            raise ValueError(unknown_name_message("aggregation", value, list(AGGREGATIONS)))
+        return value
+
+
+class DiagnosticsConfig(Strict):
+    top_k: int = Field(10, ge=1, description="rows listed in the top-rows table")
+    token_details: Literal["auto", "on", "off"] = Field(
+        "auto", description="per-token gradients in the output; auto: when tokens × vocab ≤ 4096"
+    )
+
+
+class Config(Strict):
+    """The whole run. Every field has a default: ``Config()`` is the built-in default run."""
+
+    seed: int = 0
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    dtype: Literal["float64", "float32", "bfloat16"] = "float32"
+    losses: list[str] = Field(default_factory=lambda: ["reinforce", "ppo", "ppo_clip", "sft"])
+    source: Source = Field(default_factory=SyntheticSource)
+    advantage: AdvantageConfig = AdvantageConfig()
+    loss: LossConfig = LossConfig()
+    diagnostics: DiagnosticsConfig = DiagnosticsConfig()
+
+    @field_validator("losses")
+    @classmethod
+    def _known_losses(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("name at least one loss")
+        unknown = [
+            unknown_name_message("loss", v, loss_names()) for v in value if v not in loss_names()
+        ]
+        if unknown:
+            raise ValueError("; ".join(unknown))
+        if len(set(value)) != len(value):
+            raise ValueError(f"a loss is named twice: {value}")
+        return value
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``'loss.eps_high=0.4'`` → (['loss', 'eps_high'], 0.4); the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise GradlensError(f"--set {text!r}: expected key=value, e.g. loss.eps_high=0.4")
+    path = key.strip().split(".")
+    if any(not part for part in path):
+        raise GradlensError(f"--set {text!r}: empty component in the key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise GradlensError(f"--set {text!r}: the value is not valid YAML ({exc})") from None
+    return path, value
+
+
+def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
+    """Set ``data[path[0]][path[1]]... = value``, creating sections as needed."""
+    node = data
+    for i, part in enumerate(path[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            where = ".".join(path[: i + 1])
+            raise GradlensError(f"--set {'.'.join(path)}: {where} is a value, not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """The YAML file as a mapping; a clear error for a missing, unreadable or malformed file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise GradlensError(f"config file {str(path)!r}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise GradlensError(f"config file {str(path)!r} is not valid YAML:\n{exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise GradlensError(
+            f"config file {str(path)!r}: the top level must be a mapping of sections, "
+            f"got {type(data).__name__}"
+        )
+    return data
+
+
+def build_config(
+    path: Path | None = None,
+    overrides: Iterable[str] = (),
+    flags: Mapping[str, Any] | None = None,
+) -> Config:
+    """Merge defaults < file < ``--set`` overrides < explicit flags, then validate once."""
+    data: dict[str, Any] = read_yaml(path) if path is not None else {}
+    for text in overrides:
+        apply_override(data, *parse_override(text))
+    for key, value in (flags or {}).items():
+        if value is not None:
+            apply_override(data, key.split("."), value)
+    return validate(data, origin=str(path) if path is not None else "the configuration")
+
+
+def validate(data: dict[str, Any], origin: str = "the configuration") -> Config:
+    """`Config` from a plain mapping, or one `GradlensError` that lists every problem."""
+    source = data.get("source")
+    if isinstance(source, dict) and "kind" not in source:
+        data = {**data, "source": {"kind": "synthetic", **source}}
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        lines = [format_error(err) for err in exc.errors()]
+        raise GradlensError(
+            f"{origin} has {len(lines)} problem(s):\n  " + "\n  ".join(lines)
+        ) from None
+
+
+def format_error(err: Any) -> str:
+    """One pydantic error as 'dotted.path: what is wrong (got X)'."""
+    loc = [str(p) for p in err["loc"]]
+    # A discriminated union puts the chosen tag into the path: source.synthetic.vocab_size.
+    if len(loc) >= 2 and loc[0] == "source" and loc[1] in ("synthetic", "literal"):
+        loc = [loc[0], *loc[2:]]
+    where = ".".join(loc) or "(top level)"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        allowed = allowed_keys(loc[:-1])
+        return f"{where}: unknown key; allowed here: {', '.join(allowed)}"
+    message = str(err["msg"]).removeprefix("Value error, ")
+    got = err.get("input")
+    if kind != "missing" and (got is None or isinstance(got, (int, float, str, bool))):
+        message += f" (got {got!r})"
+    return f"{where}: {message}"
+
+
+def allowed_keys(loc: list[str]) -> list[str]:
+    """The field names of the config section at ``loc`` (for unknown-key messages)."""
+    model: Any = Config
+    for part in loc:
+        if part.isdigit():
+            continue
+        if model is Config and part == "source":
+            model = SyntheticSource
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        annotation = field.annotation
+        inner = getattr(annotation, "__args__", (annotation,))
+        model = next((a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if model is None:
+            return []
+    return sorted(getattr(model, "model_fields", {}))
+
+
+def to_yaml(config: Config) -> str:
+    """The resolved config as YAML (what ``gradlens config`` prints)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

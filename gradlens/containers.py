@@ -1,0 +1,97 @@
+"""Typed containers passed between the stages: source → losses → gradients → diagnostics.
+
+Shapes: N sequences padded to length T, vocabulary V, hidden size H, and M = the number of
+valid (unmasked) tokens. Tensors on the [N, T] grid hold anything at masked positions; every
+consumer reads them through ``mask``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Everything a loss and the lm_head diagnostics need.
+
+    Attributes:
+        hidden: [N, T, H] final hidden states h_t (the lm_head input), in the operand dtype.
+        weight: [V, H] lm_head weight W, so that the logits are z_t = W h_t.
+        tokens: [N, T] int64 sampled tokens y_t.
+        mask: [N, T] bool, True at the positions that enter the loss.
+        old_logp: [N, T] log π_old(y_t), the behaviour policy of the PPO ratio.
+        advantages: [N, T] advantage A_t (constant: no gradient flows into it).
+        rollout_logp: [N, T] log μ_old(y_t) from the inference engine, if the source has one.
+        source: a short description of where the batch came from.
+        advantage_note: how the advantages were obtained (raw reward, group-normalised, ...).
+    """
+
+    hidden: Tensor
+    weight: Tensor
+    tokens: Tensor
+    mask: Tensor
+    old_logp: Tensor
+    advantages: Tensor
+    rollout_logp: Tensor | None = None
+    source: str = ""
+    advantage_note: str = ""
+
+    @property
+    def num_sequences(self) -> int:
+        return int(self.mask.shape[0])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.weight.shape[0])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.weight.shape[1])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.mask.sum())
+
+
+@dataclass(frozen=True)
+class TokenInputs:
+    """What a loss sees: per-token log-probs on the [N, T] grid.
+
+    ``logp`` may require grad (the autograd reference differentiates through it); every other
+    tensor is a constant. Values at masked positions are zeros, so no loss can produce a
+    non-finite number there.
+    """
+
+    logp: Tensor  # [N, T] log π_θ(y_t)
+    old_logp: Tensor  # [N, T] log π_old(y_t)
+    advantages: Tensor  # [N, T]
+    mask: Tensor  # [N, T] bool
+    rollout_logp: Tensor | None = None  # [N, T] log μ_old(y_t)
+
+
+@dataclass(frozen=True)
+class LossTerms:
+    """A loss's answer for one batch, before aggregation.
+
+    Attributes:
+        per_token: [N, T] per-token loss (minimised), differentiable in ``TokenInputs.logp``;
+            zero at masked positions.
+        coefficient: [N, T] g_t = ∂(per-token loss)/∂ℓ_t in closed form, detached; the logit
+            gradient of the aggregated loss is a_t·g_t·(e_y − π_t).
+        regions: named [N, T] bool masks of the tokens a rule switched off or singled out
+            (``clip_upper``, ``clip_lower``, ``clip_dual``, ``seq_masked``); the clipping
+            diagnostic turns them into fractions. A loss without such rules returns none.
+    """
+
+    per_token: Tensor
+    coefficient: Tensor
+    regions: dict[str, Tensor] = field(default_factory=dict)
+
+
+def valid_index(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Row and column indices (n, t) of the valid tokens, in row-major order: M each."""
+    n, t = torch.nonzero(mask, as_tuple=True)
+    return n, t

@@ -1,0 +1,1 @@
+"""One module per diagnostic; each reduces tensors to a `gradlens.results` model."""

@@ -1,0 +1,33 @@
+"""Diagnostic 6: the closed form against torch.autograd.
+
+For c_t, ∂L/∂z and ∂L/∂W: max |closed − autograd| / max |autograd| (normwise, so that tiny
+entries cannot inflate it), judged against the per-dtype tolerance of `tolerances.agreement`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gradlens.diagnostics import tolerances
+from gradlens.diagnostics.numbers import rel_err
+from gradlens.grads import LossGradients, ReferenceGradients
+from gradlens.results import Agreement
+
+
+def agreement(
+    closed: LossGradients, reference: ReferenceGradients, mask: torch.Tensor, operand: torch.dtype
+) -> Agreement:
+    """Compare the three tensors; non-finite differences fail the check."""
+    errors = (
+        rel_err(closed.coefficient[mask], reference.coefficient[mask]),
+        rel_err(closed.grad_logits, reference.grad_logits),
+        rel_err(closed.grad_weight, reference.grad_weight),
+    )
+    tol = tolerances.agreement(operand)
+    return Agreement(
+        coefficient=errors[0],
+        grad_logits=errors[1],
+        grad_weight=errors[2],
+        tolerance=tol,
+        passed=all(e is not None and e <= tol for e in errors),
+    )

@@ -1,0 +1,35 @@
+"""Tensor → report numbers: finite floats or None (rendered as '—' / JSON null)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def num(x: Tensor | float) -> float | None:
+    """A Python float, or None when the value is NaN or ±inf."""
+    value = float(x)
+    return value if math.isfinite(value) else None
+
+
+def count_non_finite(*tensors: Tensor) -> int:
+    return sum(int((~torch.isfinite(t)).sum()) for t in tensors)
+
+
+def rel_err(actual: Tensor, expected: Tensor) -> float | None:
+    """Normwise relative difference max|a − b| / max|b| in float64; 0 when both are 0."""
+    a, b = actual.double(), expected.double()
+    diff, scale = float((a - b).abs().max()), float(b.abs().max())
+    if scale == 0.0:
+        return num(diff) if diff != 0.0 else 0.0
+    return num(diff / scale)
+
+
+def quantiles(x: Tensor, qs: tuple[float, ...]) -> list[float | None]:
+    """Quantiles of the finite entries of ``x`` (None when there are none)."""
+    finite = x[torch.isfinite(x)].double()
+    if finite.numel() == 0:
+        return [None] * len(qs)
+    return [num(v) for v in torch.quantile(finite, torch.tensor(qs, dtype=torch.float64))]

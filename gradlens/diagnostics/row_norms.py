@@ -1,0 +1,45 @@
+"""Diagnostic 2: per-row norms of the lm_head gradient ∂L/∂W ∈ R^{V×H}.
+
+Row v is Σ_{t: y_t = v} c_t h_t − Σ_t c_t π_{t,v} h_t: the rows of sampled tokens get the
+first (large) term, all the others only the second (small when π_{t,v} ≈ 0). The report splits
+the rows into those two groups and gives each group's count, share of ‖∂L/∂W‖²_F, max and
+median, plus the top-k rows overall.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from gradlens.diagnostics.numbers import num
+from gradlens.results import RowGroup, RowNorms, TopRow
+
+
+def _group(norms: Tensor, total_sq: Tensor) -> RowGroup:
+    if norms.numel() == 0:
+        return RowGroup(count=0, sq_share=None, max=None, median=None)
+    return RowGroup(
+        count=int(norms.numel()),
+        sq_share=num((norms**2).sum() / total_sq) if float(total_sq) > 0 else None,
+        max=num(norms.max()),
+        median=num(norms.median()),
+    )
+
+
+def row_norms(grad_weight: Tensor, sampled_tokens: Tensor, top_k: int) -> RowNorms:
+    """Group and rank the rows of ``grad_weight`` [V, H]; ``sampled_tokens`` [M]."""
+    norms = grad_weight.double().norm(dim=1)  # [V]
+    is_sampled = torch.zeros_like(norms, dtype=torch.bool)
+    is_sampled[sampled_tokens] = True
+    total_sq = (norms**2).sum()
+    ranked = torch.where(torch.isfinite(norms), norms, torch.inf)  # non-finite rows rank first
+    k = min(top_k, norms.numel())
+    _, idx = torch.topk(ranked, k)
+    return RowNorms(
+        total_norm=num(total_sq.sqrt()),
+        sampled_rows=_group(norms[is_sampled], total_sq),
+        other_rows=_group(norms[~is_sampled], total_sq),
+        top_rows=[
+            TopRow(token=int(i), norm=num(norms[i]), sampled=bool(is_sampled[i])) for i in idx
+        ],
+    )

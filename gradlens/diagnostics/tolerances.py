@@ -1,0 +1,59 @@
+"""Tolerances per dtype, each with its reason.
+
+u is the unit roundoff of the dtype in which a quantity is accumulated (float32 for bf16/fp16
+operands, whose softmax and gradients gradlens computes in float32).
+
+Zero-sum of the logit gradient. Σ_v G_{t,v} = c_t·(1 − Σ_v π_{t,v}) is zero in exact
+arithmetic. In floating point, π_v = exp(ℓ_v) inherits the absolute error u·(|z_v| + |lse|) of
+ℓ_v, so Σ π deviates from 1 by at most about u·(1 + 2·max|z|); the pairwise summation over V
+terms adds at most log2(V)·u·Σ_v|G_v|. Per token, measured against s_t = |c_t| + max_v|G_{t,v}|
+(the size of the terms before they cancel), the bound is u·(1 + 2·max|z| + 2·log2 V); we allow
+twice that.
+
+Zero-sum of ∂L/∂W. Σ_v ∂L/∂W_v = Σ_t (Σ_v G_{t,v})·h_t plus the rounding of the products and
+sums, bounded by u·(1 + 2·max|z| + 2·log2 M + 2·log2 V + 4)·Σ_t s_t‖h_t‖; we allow twice that,
+relative to ‖∂L/∂W‖_F. Both bounds come from the data of the run: they are reported with it.
+
+Closed form vs autograd. The two paths evaluate the same formula in different orders, so they
+agree to a small multiple of u times the conditioning of the sums. float64: 1e-9 (about 4·10^6
+u; nothing near it is ever seen, anything above it is a formula error). float32: 1e-4 (about
+840 u: the sums run over up to M·V terms with pairwise accumulation). bf16 operands: autograd
+rounds G to bf16 before the GEMM and ∂L/∂W to bf16 after it, two roundings of u_bf16 = 2⁻⁸ =
+3.9e-3 each, so 4·u_bf16 = 1.6e-2.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+AGREEMENT = {
+    torch.float64: 1e-9,
+    torch.float32: 1e-4,
+    torch.bfloat16: 4 * 2.0**-8,
+    torch.float16: 4 * 2.0**-11,
+}
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """u = eps/2 of ``dtype``."""
+    return torch.finfo(dtype).eps / 2
+
+
+def zero_sum_logits(accum: torch.dtype, vocab: int, max_abs_logit: float) -> float:
+    """Allowed max_t |Σ_v G_{t,v}| / s_t."""
+    return 2 * unit_roundoff(accum) * (1 + 2 * max_abs_logit + 2 * math.log2(vocab))
+
+
+def zero_sum_weight_factor(
+    accum: torch.dtype, vocab: int, tokens: int, max_abs_logit: float
+) -> float:
+    """Allowed ‖Σ_v ∂L/∂W_v‖ in units of Σ_t s_t‖h_t‖."""
+    log_terms = 2 * math.log2(max(tokens, 1)) + 2 * math.log2(vocab) + 4
+    return 2 * unit_roundoff(accum) * (1 + 2 * max_abs_logit + log_terms)
+
+
+def agreement(operand: torch.dtype) -> float:
+    """Allowed normwise relative difference between the closed form and autograd."""
+    return AGREEMENT[operand]

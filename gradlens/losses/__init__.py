@@ -1,0 +1,19 @@
+"""The loss registry. Importing this package registers every built-in loss, in this order."""
+
+# isort: off
+from gradlens.losses import reinforce, ppo, sft  # noqa: F401  (registration side effect)
+
+# isort: on
+from gradlens.losses.aggregation import AGGREGATIONS, aggregation_weights
+from gradlens.losses.base import LossParams, LossSpec
+from gradlens.losses.registry import get_loss, loss_names, register
+
+__all__ = [
+    "AGGREGATIONS",
+    "LossParams",
+    "LossSpec",
+    "aggregation_weights",
+    "get_loss",
+    "loss_names",
+    "register",
+]

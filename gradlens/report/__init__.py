@@ -1,0 +1,4 @@
+"""Pure renderers: results in, text out.
+
+Besides `gradlens.cli`, the only package that imports rich (and matplotlib).
+"""

@@ -1,0 +1,62 @@
+"""A batch written out position by position, for hand-computed cases.
+
+Each position states its distribution (``logits`` or ``probs``; z = log π for probs, which is
+exact up to a constant shift the softmax ignores), its sampled token, π_old(y) (``old_prob``
+or ``old_logp``; on-policy when neither is given) and its advantage.
+
+So that the lm_head analysis runs through the same code as every other source, position k of
+the M positions gets the hidden state h_k = e_k ∈ R^M and the lm_head W = [z_1 … z_M] ∈ R^{V×M}:
+then W h_k = z_k exactly, and column k of ∂L/∂W is the logit gradient of position k, so the
+norm of vocabulary row v is the norm of (∂L/∂z_{k,v})_k over positions.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from gradlens.containers import Batch
+from gradlens.logits import compute_logits, softmax_dtype, token_logp
+
+
+def build_literal(src: Any, config: Any, device: torch.device, dtype: torch.dtype) -> Batch:
+    """The batch described by a `LiteralSource` section."""
+    positions = [(i, t, p) for i, s in enumerate(src.sequences) for t, p in enumerate(s.positions)]
+    n, t_max, m = len(src.sequences), max(len(s.positions) for s in src.sequences), len(positions)
+    v = positions[0][2].vocab_size
+    acc = softmax_dtype(dtype)
+
+    hidden = torch.zeros(n, t_max, m, dtype=torch.float64)  # [N, T, M]
+    weight = torch.zeros(v, m, dtype=torch.float64)  # [V, M]
+    tokens = torch.zeros(n, t_max, dtype=torch.long)
+    mask = torch.zeros(n, t_max, dtype=torch.bool)
+    advantages = torch.zeros(n, t_max, dtype=torch.float64)
+    old_logp = torch.zeros(n, t_max, dtype=torch.float64)
+    on_policy = torch.zeros(n, t_max, dtype=torch.bool)
+    for k, (i, t, p) in enumerate(positions):
+        hidden[i, t, k] = 1.0
+        z = p.logits if p.logits is not None else [math.log(x) for x in p.probs]
+        weight[:, k] = torch.tensor(z, dtype=torch.float64)
+        tokens[i, t], mask[i, t], advantages[i, t] = p.token, True, p.advantage
+        if p.old_prob is not None:
+            old_logp[i, t] = math.log(p.old_prob)
+        elif p.old_logp is not None:
+            old_logp[i, t] = p.old_logp
+        else:
+            on_policy[i, t] = True
+
+    hidden_c, weight_c = hidden.to(dtype), weight.to(dtype)
+    current = token_logp(compute_logits(hidden_c, weight_c), tokens)  # [N, T]
+    old = torch.where(on_policy, current, old_logp.to(acc))
+    return Batch(
+        hidden=hidden_c.to(device),
+        weight=weight_c.to(device),
+        tokens=tokens.to(device),
+        mask=mask.to(device),
+        old_logp=old.to(device),
+        advantages=advantages.to(acc).to(device),
+        source=f"literal: {n} sequence(s), {m} position(s), V={v} (h_k = e_k, W = [z_1 … z_M])",
+        advantage_note="stated literally per position",
+    )

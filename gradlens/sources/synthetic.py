@@ -1,0 +1,107 @@
+"""A seeded synthetic batch: random hidden states and lm_head, rollouts drawn from π_old.
+
+Construction (all from one `torch.Generator` seeded with ``config.seed``, so a run is
+reproducible on any device):
+
+1. N sequences with lengths uniform in [min_length, max_length], padded to T = max_length.
+2. h_t ~ N(0, I_H), W ~ N(0, 1/H) of shape [V, H], then W ← α·W. α is 1/temperature, or the
+   value found by bisection that makes the mean entropy of π_θ = softmax(W h) over the valid
+   tokens equal the target (the entropy of softmax(α z) falls monotonically in α ≥ 0).
+3. π_old is a controlled drift of π_θ: ``none`` (on-policy, ℓ_old = ℓ exactly),
+   ``logit_noise`` (z_old = z + scale·ε) or ``stale_weight`` (W_old = W + scale·std(W)·ε).
+4. y_t ~ π_old (the rollout policy samples), ℓ_old = log π_old(y_t).
+5. Per-sequence rewards (Bernoulli or Gaussian) → advantages by ``advantage.normalization``,
+   broadcast to every token of the sequence (outcome reward).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gradlens.advantages import advantages_from_rewards
+from gradlens.containers import Batch
+from gradlens.logits import compute_logits, token_logp
+
+
+def mean_entropy(logits: Tensor) -> float:
+    """Mean over rows of H(softmax(z)) = logsumexp(z) − Σ π z."""
+    logp = torch.log_softmax(logits, dim=-1)
+    return float(-(logp.exp() * logp).sum(-1).mean())
+
+
+def entropy_scale(logits: Tensor, target: float, rtol: float = 1e-6) -> float:
+    """α ≥ 0 with mean entropy of softmax(α·z) = target, to relative precision ``rtol`` in α.
+
+    Bisection, since the entropy of softmax(α z) falls monotonically in α; float32 suffices
+    for a calibration target.
+    """
+    logits = logits.float()
+    lo, hi = 0.0, 1.0
+    while mean_entropy(hi * logits) > target and hi < 1e6:
+        lo, hi = hi, 2.0 * hi
+    while hi - lo > rtol * hi:
+        mid = 0.5 * (lo + hi)
+        if mean_entropy(mid * logits) > target:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+def build_synthetic(src: Any, config: Any, device: torch.device, dtype: torch.dtype) -> Batch:
+    """The batch described by a `SyntheticSource` section."""
+    gen = torch.Generator().manual_seed(config.seed)
+    n, t, v, h = src.num_sequences, src.max_length, src.vocab_size, src.hidden_size
+
+    lengths = torch.randint(src.min_length, src.max_length + 1, (n,), generator=gen)  # [N]
+    mask = torch.arange(t)[None, :] < lengths[:, None]  # [N, T]
+    hidden = torch.randn(n, t, h, generator=gen, dtype=torch.float64)  # [N, T, H]
+    weight = torch.randn(v, h, generator=gen, dtype=torch.float64) / math.sqrt(h)  # [V, H]
+    if src.temperature is not None:
+        weight = weight / src.temperature
+    else:
+        weight = weight * entropy_scale(hidden[mask] @ weight.T, src.entropy)
+
+    hidden_c, weight_c = hidden.to(dtype), weight.to(dtype)
+    logits = compute_logits(hidden_c, weight_c)  # [N, T, V], exactly as the engine computes it
+    drift = src.drift
+    if drift.kind == "stale_weight":
+        noise = torch.randn(v, h, generator=gen, dtype=torch.float64)
+        stale = (weight + drift.scale * weight.std() * noise).to(dtype)
+        old_logits = compute_logits(hidden_c, stale)
+    elif drift.kind == "logit_noise":
+        noise = torch.randn(n, t, v, generator=gen, dtype=torch.float64)
+        old_logits = logits + (drift.scale * noise).to(logits.dtype)
+    else:
+        old_logits = logits
+
+    old_probs = torch.softmax(old_logits.double(), dim=-1).reshape(n * t, v)  # [N*T, V]
+    tokens = torch.multinomial(old_probs, 1, generator=gen).view(n, t)  # [N, T]
+    old_logp = token_logp(old_logits, tokens)  # [N, T]
+
+    if src.rewards.kind == "binary":
+        rewards = torch.bernoulli(torch.full((n,), src.rewards.p_correct), generator=gen)
+    else:
+        rewards = torch.randn(n, generator=gen)
+    adv, note = advantages_from_rewards(
+        rewards.double(), config.advantage.normalization, src.group_size, config.advantage.eps
+    )
+    advantages = (adv[:, None] * mask).to(old_logp.dtype)  # [N, T]
+
+    return Batch(
+        hidden=hidden_c.to(device),
+        weight=weight_c.to(device),
+        tokens=tokens.to(device),
+        mask=mask.to(device),
+        old_logp=old_logp.to(device),
+        advantages=advantages.to(device),
+        source=(
+            f"synthetic: {n} sequences × ≤{t} tokens, V={v}, H={h}, "
+            f"drift {drift.kind}({drift.scale}), {src.rewards.kind} rewards"
+        ),
+        advantage_note=note,
+    )
