@@ -23,7 +23,7 @@ from gradlens.results import Clipping
 def _share(region: Tensor | None, mask: Tensor) -> float | None:
     if region is None:
         return None
-    return num((region & mask).sum() / mask.sum().clamp(min=1))
+    return num((region & mask).sum().double() / mask.sum().clamp(min=1))
 
 
 def clipping(regions: dict[str, Tensor], coefficient: Tensor, mask: Tensor) -> Clipping:
@@ -34,7 +34,7 @@ def clipping(regions: dict[str, Tensor], coefficient: Tensor, mask: Tensor) -> C
     seq_share = None
     if seq is not None:
         present = mask.any(-1)
-        seq_share = num(seq.any(-1).sum() / present.sum().clamp(min=1))
+        seq_share = num(seq.any(-1).sum().double() / present.sum().clamp(min=1))
     return Clipping(
         upper=_share(upper, mask),
         lower=_share(lower, mask),
@@ -42,5 +42,5 @@ def clipping(regions: dict[str, Tensor], coefficient: Tensor, mask: Tensor) -> C
         dual=_share(regions.get("clip_dual"), mask),
         seq_masked_sequences=seq_share,
         seq_masked_tokens=_share(seq, mask),
-        zero_grad=num(((coefficient == 0) & mask).sum() / mask.sum().clamp(min=1)) or 0.0,
+        zero_grad=num(((coefficient == 0) & mask).sum().double() / mask.sum().clamp(min=1)) or 0.0,
     )
