@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from gradlens.cli.common import (
@@ -55,7 +56,9 @@ def losses(
     ):
         table.add_column(col, overflow="fold")
     for s in specs:
-        table.add_row(s.name, s.formula, s.coefficient, s.zero_when, s.paper)
+        table.add_row(
+            *(escape(x) for x in (s.name, s.formula, s.coefficient, s.zero_when, s.paper))
+        )
     console = stdout_console()
     console.print(table)
     console.print(f"aggregations (loss.aggregation): {', '.join(AGGREGATIONS)}")

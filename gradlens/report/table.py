@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from rich.console import Console, Group
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
@@ -18,7 +19,7 @@ def fmt(x: float | int | None, digits: int = 4) -> str:
         return "—"
     if isinstance(x, int):
         return str(x)
-    return f"{x:.{digits}g}"
+    return f"{x + 0.0:.{digits}g}"  # + 0.0 turns −0.0 into 0.0
 
 
 def pct(x: float | None) -> str:
@@ -39,10 +40,10 @@ def _table(title: str, *columns: str) -> Table:
 def batch_panel(report: CompareReport) -> Panel:
     b, e = report.batch, report.environment
     lines = [
-        f"[bold]source[/]      {b.source}",
+        f"[bold]source[/]      {escape(b.source)}",
         f"[bold]tokens[/]      {b.num_tokens} valid in {b.num_sequences} sequences; "
         f"V = {b.vocab_size}, H = {b.hidden_size}",
-        f"[bold]advantages[/]  {b.advantages}; mean |A| = {fmt(b.mean_abs_advantage)}",
+        f"[bold]advantages[/]  {escape(b.advantages)}; mean |A| = {fmt(b.mean_abs_advantage)}",
         f"[bold]policy[/]      mean entropy {fmt(b.mean_entropy)} nats; "
         f"mean π_θ(y) = {fmt(b.mean_sampled_prob)}",
         f"[bold]run[/]         {e.dtype} operands, {e.softmax_dtype} softmax on {e.device}; "
@@ -83,8 +84,8 @@ SECTIONS: list[tuple[str, list[Row]]] = [
     (
         "loss",
         [
-            ("formula (minimised)", lambda r: r.formula),
-            ("c_t before aggregation", lambda r: r.coefficient_formula),
+            ("formula (minimised)", lambda r: escape(r.formula)),
+            ("c_t before aggregation", lambda r: escape(r.coefficient_formula)),
             ("loss value L", lambda r: fmt(r.loss)),
             (
                 "mean |c_t| / max |c_t|",
@@ -103,7 +104,7 @@ SECTIONS: list[tuple[str, list[Row]]] = [
             ),
             ("other rows Σ_{j≠y}|∂L/∂z_j|: mean", lambda r: fmt(r.sampled_row.other_mass_mean)),
             ("other rows: largest entry", lambda r: fmt(r.sampled_row.other_abs_max)),
-            ("post's closed form", lambda r: r.sampled_row.post_formula),
+            ("post's closed form", lambda r: escape(r.sampled_row.post_formula)),
             ("  vs autograd, max rel. error", lambda r: fmt(r.sampled_row.post_max_rel_err, 2)),
         ],
     ),
