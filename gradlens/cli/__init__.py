@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from gradlens.cli.compare import HELP as COMPARE_HELP
 from gradlens.cli.compare import compare
 from gradlens.cli.info import config, losses, schema
 
@@ -15,7 +16,7 @@ app = typer.Typer(
     add_completion=False,
     rich_markup_mode="rich",
 )
-app.command()(compare)
+app.command(help=COMPARE_HELP)(compare)
 app.command()(losses)
 app.command()(config)
 app.command()(schema)

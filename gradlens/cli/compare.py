@@ -16,6 +16,14 @@ from gradlens.cli.common import (
     user_errors,
 )
 
+HELP = (
+    "Run each loss on the same batch; report what it does to the logits and the lm_head.\n\n"
+    "For every loss: the sampled-row vs other-row logit gradient against the seed post's "
+    "closed form, per-row lm_head gradient norms, the zero-sum check, clip fractions, and the "
+    "agreement of the closed form with autograd. Shared by all losses: ratio statistics and KL "
+    "estimates. Exit status: 0 ok, 1 an invariant failed under --check, 2 bad input."
+)
+
 
 def compare(
     losses: Annotated[
@@ -57,12 +65,7 @@ def compare(
     ] = False,
     debug: DebugOption = False,
 ) -> None:
-    """Run each loss on the same batch; report what it does to the logits and the lm_head.
-
-    For every loss: the sampled-row vs other-row logit gradient against the seed post's closed
-    form, per-row lm_head gradient norms, the zero-sum check, clip fractions, and the
-    agreement of the closed form with autograd. Shared: ratio statistics and KL estimates.
-    """
+    """Run each loss on the same batch; report what it does to the logits and the lm_head."""
     with user_errors(debug):
         from gradlens.compare import run_compare
         from gradlens.config import build_config
