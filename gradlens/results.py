@@ -177,7 +177,7 @@ class Check(Result):
 
 
 class CompareReport(Result):
-    schema_version: Literal["gradlens.compare/1"] = SCHEMA_VERSION
+    schema_version: Literal["gradlens.compare/1"] = "gradlens.compare/1"
     environment: Environment
     config: dict[str, Any] = Field(description="the resolved configuration")
     batch: BatchSummary
