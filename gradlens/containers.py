@@ -25,6 +25,7 @@ class Batch:
         old_logp: [N, T] log π_old(y_t), the behaviour policy of the PPO ratio.
         advantages: [N, T] advantage A_t (constant: no gradient flows into it).
         rollout_logp: [N, T] log μ_old(y_t) from the inference engine, if the source has one.
+        ref_logp: [N, T] log π_ref(y_t) of a reference policy (KL penalties), if any.
         source: a short description of where the batch came from.
         advantage_note: how the advantages were obtained (raw reward, group-normalised, ...).
     """
@@ -36,6 +37,7 @@ class Batch:
     old_logp: Tensor
     advantages: Tensor
     rollout_logp: Tensor | None = None
+    ref_logp: Tensor | None = None
     source: str = ""
     advantage_note: str = ""
 
@@ -70,6 +72,7 @@ class TokenInputs:
     advantages: Tensor  # [N, T]
     mask: Tensor  # [N, T] bool
     rollout_logp: Tensor | None = None  # [N, T] log μ_old(y_t)
+    ref_logp: Tensor | None = None  # [N, T] log π_ref(y_t)
 
 
 @dataclass(frozen=True)

@@ -89,6 +89,7 @@ def token_inputs(batch: Batch, logp: Tensor) -> TokenInputs:
         advantages=clean(batch.advantages),  # type: ignore[arg-type]
         mask=m,
         rollout_logp=clean(batch.rollout_logp),
+        ref_logp=clean(batch.ref_logp),
     )
 
 
