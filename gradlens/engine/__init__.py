@@ -1,0 +1,1 @@
+"""The streamed lm_head engine (large vocabularies and long batches)."""

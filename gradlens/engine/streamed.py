@@ -1,0 +1,218 @@
+"""The streamed lm_head engine: every lm_head diagnostic without a [T, V] graph or a [V, H] copy.
+
+For M tokens with hidden states h [M, H], an lm_head W [V, H] and k losses with per-token
+coefficients c_k [M] (losses.md §0):
+
+    ∂L_k/∂W_v = Σ_{t: y_t = v} c_kt h_t  −  Σ_t c_kt π_tv h_t          (sparse part − dense part)
+
+The dense part of all k losses is one product πᵀ [c_1⊙h | … | c_k⊙h], so with the softmax
+shared the work is (1 + k) GEMMs of 2·M·H·V FLOP (performance.md). The coefficients need
+log π_θ(y_t), hence the logsumexp over the whole vocabulary, before any row can be formed, so
+the engine makes two passes over vocabulary chunks:
+
+1. logits z = h Wᵀ chunk by chunk → logsumexp and z_y per token. The first ``resident`` chunks
+   keep their logits (a memory budget decides how many), the others are dropped.
+2. the caller's losses turn log π(y) into c_1..c_k; then, chunk by chunk, π = exp(z − lse)
+   (from the kept logits, or recomputed), the dense GEMM for all losses, the sparse rows by
+   index_add, and from the [V_chunk, k·H] result only what is reported: per-row norms and the
+   running row sum Σ_v ∂L/∂W_v. Per-token statistics (Σ_v π, entropy, the largest
+   non-sampled probability) come from the same π.
+
+GEMM-equivalents: 1 + (1 − f) + k for a resident fraction f of the vocabulary. A loss whose
+coefficients equal an earlier loss's on most tokens (``ppo_clip`` against ``ppo``: they differ
+only on clipped tokens) reuses that loss's dense product and adds a correction over the
+differing tokens only: D_k = D_j + πᵀ_{[Δ]} ((c_k − c_j)⊙h)_{[Δ]}. This is exact algebra.
+
+Nothing of size V×H or M×V survives a chunk, except the resident logits the budget allows.
+bf16/fp16 operands: the logits GEMM runs in the operand dtype (fp32 accumulation), the
+softmax in float32, the dense GEMM in the operand dtype with fp32 accumulation; float32 and
+float64 operands keep their dtype throughout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from gradlens.logits import softmax_dtype
+
+CoefficientFn = Callable[[Tensor], list[Tensor]]
+SHARE_LIMIT = 0.5  # reuse an earlier loss's dense product when ≤ this share of tokens differ
+
+
+@dataclass(frozen=True)
+class EnginePlan:
+    """How the vocabulary is cut: ``vocab_chunk`` rows per chunk, the first ``resident``
+    chunks' logits kept between the passes."""
+
+    vocab_chunk: int
+    resident: int
+
+    def chunks(self, vocab: int) -> list[tuple[int, int]]:
+        return [(s, min(s + self.vocab_chunk, vocab)) for s in range(0, vocab, self.vocab_chunk)]
+
+
+def plan(
+    tokens: int,
+    vocab: int,
+    hidden: int,
+    losses: int,
+    budget_bytes: int,
+    vocab_chunk: int | None = None,
+    accum_bytes: int = 4,
+) -> EnginePlan:
+    """Choose chunk sizes for a memory budget (bytes of working memory beyond the inputs).
+
+    A chunk costs about 3 [M, Vc] float buffers (logits, probabilities, a temporary) plus the
+    [Vc, k·H] dense result; the rest of the budget keeps logits of whole chunks resident.
+    """
+    per_row = accum_bytes * (3 * tokens + 2 * losses * hidden)  # bytes per vocabulary row
+    if vocab_chunk is None:
+        vocab_chunk = max(256, min(vocab, (budget_bytes // 4) // max(per_row, 1)))
+        vocab_chunk = min(vocab, 1 << max(8, (vocab_chunk.bit_length() - 1)))  # a power of 2
+    n_chunks = -(-vocab // vocab_chunk)
+    spare = budget_bytes - per_row * vocab_chunk
+    resident = max(0, min(n_chunks, spare // max(accum_bytes * tokens * vocab_chunk, 1)))
+    return EnginePlan(vocab_chunk=int(vocab_chunk), resident=int(resident))
+
+
+@dataclass(frozen=True)
+class TokenStats:
+    """Per-token quantities shared by every loss, [M] each."""
+
+    lse: Tensor  # logsumexp_v z_tv
+    logp: Tensor  # log π(y_t)
+    prob_sum: Tensor  # Σ_v π_tv as summed from the entries (1 up to rounding)
+    entropy: Tensor  # −Σ_v π_tv log π_tv
+    max_other_prob: Tensor  # max_{v ≠ y_t} π_tv
+
+
+@dataclass(frozen=True)
+class RowStats:
+    """One loss's lm_head gradient, reduced: no [V, H] tensor is kept."""
+
+    norms: Tensor  # [V] ‖∂L/∂W_v‖
+    row_sum: Tensor  # [H] Σ_v ∂L/∂W_v (zero for a pure softmax loss)
+
+
+@dataclass(frozen=True)
+class EngineResult:
+    tokens: TokenStats
+    coefficients: list[Tensor]  # [M] c_k per loss, as returned by the caller
+    rows: list[RowStats]
+    gemm_equivalents: float  # logits GEMMs + dense GEMMs actually run, in units of 2·M·H·V
+
+
+def _logits(hidden: Tensor, weight: Tensor) -> Tensor:
+    return (hidden @ weight.T).to(softmax_dtype(weight.dtype))
+
+
+def _share_sources(coefficients: list[Tensor]) -> list[tuple[int, Tensor] | None]:
+    """For each loss, (earlier loss, indices where they differ) when that is cheaper."""
+    sources: list[tuple[int, Tensor] | None] = [None]
+    m = coefficients[0].numel()
+    for k in range(1, len(coefficients)):
+        best: tuple[int, Tensor] | None = None
+        for j in range(k):
+            if sources[j] is not None:
+                continue  # share only with losses whose dense product is computed directly
+            idx = torch.nonzero(coefficients[k] != coefficients[j]).squeeze(-1)
+            if idx.numel() <= SHARE_LIMIT * m and (best is None or idx.numel() < best[1].numel()):
+                best = (j, idx)
+        sources.append(best)
+    return sources
+
+
+def lm_head_pass(
+    hidden: Tensor, weight: Tensor, tokens: Tensor, coefficients_of: CoefficientFn, plan: EnginePlan
+) -> EngineResult:
+    """Run the two passes. ``coefficients_of(logp [M]) -> [c_1, …, c_k]`` ([M] each)."""
+    m, v = hidden.shape[0], weight.shape[0]
+    acc = softmax_dtype(weight.dtype)
+    chunks = plan.chunks(v)
+    gemms = 0.0
+
+    # Pass 1: logsumexp and z_y, keeping the resident chunks' logits.
+    kept: list[Tensor] = []
+    lse = torch.full((m,), -torch.inf, dtype=acc, device=hidden.device)
+    z_y = torch.zeros(m, dtype=acc, device=hidden.device)
+    for i, (start, end) in enumerate(chunks):
+        z = _logits(hidden, weight[start:end])  # [M, Vc]
+        gemms += (end - start) / v
+        lse = torch.logaddexp(lse, torch.logsumexp(z, dim=-1))
+        inside = (tokens >= start) & (tokens < end)
+        z_y = torch.where(
+            inside,
+            z.gather(-1, (tokens - start).clamp(0, end - start - 1)[:, None]).squeeze(-1),
+            z_y,
+        )
+        if i < plan.resident:
+            kept.append(z)
+    logp = z_y - lse
+
+    coefficients = [c.to(acc) for c in coefficients_of(logp)]
+    k = len(coefficients)
+    sources = _share_sources(coefficients)
+    direct = [i for i in range(k) if sources[i] is None]
+    h_acc = hidden.to(acc)
+    dense_dtype = acc if hidden.dtype in (torch.float32, torch.float64) else hidden.dtype
+    scaled = torch.cat([coefficients[i][:, None] * h_acc for i in direct], dim=1)  # [M, k'·H]
+    deltas = {
+        i: (
+            src[0],
+            src[1],
+            ((coefficients[i] - coefficients[src[0]])[src[1], None] * h_acc[src[1]]),
+        )
+        for i, src in enumerate(sources)
+        if src is not None
+    }
+    H = hidden.shape[1]
+
+    norms = [torch.empty(v, dtype=acc, device=hidden.device) for _ in range(k)]
+    row_sums = [torch.zeros(H, dtype=acc, device=hidden.device) for _ in range(k)]
+    prob_sum = torch.zeros(m, dtype=acc, device=hidden.device)
+    entropy = torch.zeros(m, dtype=acc, device=hidden.device)
+    max_other = torch.zeros(m, dtype=acc, device=hidden.device)
+
+    # Pass 2: probabilities, the dense GEMM for all losses, the sparse rows, the reductions.
+    for i, (start, end) in enumerate(chunks):
+        if i < len(kept):
+            z, kept[i] = kept[i], torch.empty(0)
+        else:
+            z = _logits(hidden, weight[start:end])
+            gemms += (end - start) / v
+        probs = torch.exp(z.sub_(lse[:, None]))  # [M, Vc]; z now holds log π
+        prob_sum += probs.sum(-1)
+        entropy -= (probs * z).sum(-1)
+        del z
+        dense = probs.T.to(dense_dtype) @ scaled.to(dense_dtype)  # [Vc, k'·H]
+        gemms += (end - start) / v * len(direct)
+        rows = -dense.to(acc)
+        inside = torch.nonzero((tokens >= start) & (tokens < end)).squeeze(-1)
+        local = tokens[inside] - start
+        rows.index_add_(0, local, scaled[inside])  # + c_t h_t on the sampled rows
+        per_loss: dict[int, Tensor] = {
+            idx: rows[:, n * H : (n + 1) * H] for n, idx in enumerate(direct)
+        }
+        for idx, (j, diff_idx, diff_scaled) in deltas.items():
+            delta = probs[diff_idx].T.to(dense_dtype) @ diff_scaled.to(dense_dtype)  # [Vc, H]
+            gemms += (end - start) / v * diff_idx.numel() / max(m, 1)
+            r = per_loss[j] - delta.to(acc)
+            sel = (tokens[diff_idx] >= start) & (tokens[diff_idx] < end)
+            r.index_add_(0, tokens[diff_idx][sel] - start, diff_scaled[sel])
+            per_loss[idx] = r
+        for idx in range(k):
+            norms[idx][start:end] = per_loss[idx].norm(dim=1)
+            row_sums[idx] += per_loss[idx].sum(0)
+        probs[inside, local] = 0.0  # drop the sampled entry before the max
+        max_other = torch.maximum(max_other, probs.amax(-1))
+
+    return EngineResult(
+        tokens=TokenStats(lse, logp, prob_sum, entropy, max_other),
+        coefficients=coefficients,
+        rows=[RowStats(n, s) for n, s in zip(norms, row_sums, strict=True)],
+        gemm_equivalents=gemms,
+    )
