@@ -23,7 +23,14 @@ from gradlens.diagnostics.sampled_row import sampled_row
 from gradlens.diagnostics.tokens import token_details
 from gradlens.diagnostics.zero_sum import zero_sum
 from gradlens.errors import GradlensError
-from gradlens.grads import Aggregation, SoftmaxView, autograd_reference, closed_form, softmax_view
+from gradlens.grads import (
+    Aggregation,
+    SoftmaxView,
+    autograd_reference,
+    closed_form,
+    effective_old_logp,
+    softmax_view,
+)
 from gradlens.logits import softmax_dtype
 from gradlens.losses import LossParams, get_loss
 from gradlens.results import BatchSummary, Check, CompareReport, Environment, LossReport
@@ -135,7 +142,7 @@ def run_compare(config: Config) -> CompareReport:
         ),
         config=config.model_dump(mode="json"),
         batch=summary,
-        ratio=ratio_stats(view.logp, batch.old_logp, batch.mask),
+        ratio=ratio_stats(view.logp, effective_old_logp(batch, view.logp), batch.mask),
         losses=reports,
         checks=checks,
         passed=all(c.passed for c in checks),
@@ -166,6 +173,7 @@ def diagnose_loss(
         coefficient_abs_mean=num(c_valid.abs().mean()) if c_valid.numel() else None,
         coefficient_abs_max=num(c_valid.abs().max()) if c_valid.numel() else None,
         non_finite=non_finite,
+        reference_non_finite=count_non_finite(reference.grad_logits, reference.grad_weight),
         sampled_row=sampled_row(view, grads, reference.grad_logits, spec.post_formula),
         rows=row_norms(grads.grad_weight, view.tokens, config.diagnostics.top_k),
         zero_sum=zero_sum(grads.grad_logits, grads.grad_weight, c_valid, view.hidden, view.logits),
@@ -210,6 +218,12 @@ def findings(
         notes.append(f"OPSM masked {clip.seq_masked_sequences:.1%} of sequences")
     if not report.zero_sum.passed and not report.non_finite:
         notes.append("the logit gradient is not zero-sum within rounding: not a pure softmax loss")
-    if not report.agreement.passed and not report.non_finite:
+    if report.reference_non_finite and not report.non_finite:
+        notes.append(
+            f"autograd, as a trainer computes it, gives {report.reference_non_finite} NaN/inf "
+            "gradient entries where the closed form is finite: exp's backward multiplies 0·inf "
+            "at tokens whose ratio overflowed (verl clamps log r to ±20 to avoid this)"
+        )
+    elif not report.agreement.passed and not report.non_finite:
         notes.append("the closed form disagrees with autograd beyond the dtype's tolerance")
     return notes

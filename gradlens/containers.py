@@ -26,6 +26,9 @@ class Batch:
         advantages: [N, T] advantage A_t (constant: no gradient flows into it).
         rollout_logp: [N, T] log μ_old(y_t) from the inference engine, if the source has one.
         ref_logp: [N, T] log π_ref(y_t) of a reference policy (KL penalties), if any.
+        on_policy: [N, T] bool, True where π_old is π_θ by construction (no drift, or a literal
+            position without an old probability): there ℓ_old is taken to be ℓ itself, so
+            r = 1 exactly whatever the rounding of the path that computes ℓ.
         source: a short description of where the batch came from.
         advantage_note: how the advantages were obtained (raw reward, group-normalised, ...).
     """
@@ -38,6 +41,7 @@ class Batch:
     advantages: Tensor
     rollout_logp: Tensor | None = None
     ref_logp: Tensor | None = None
+    on_policy: Tensor | None = None
     source: str = ""
     advantage_note: str = ""
 
@@ -87,11 +91,30 @@ class LossTerms:
         regions: named [N, T] bool masks of the tokens a rule switched off or singled out
             (``clip_upper``, ``clip_lower``, ``clip_dual``, ``seq_masked``); the clipping
             diagnostic turns them into fractions. A loss without such rules returns none.
+            Names starting with ``seq_`` are whole-sequence rules: their share of sequences is
+            reported too.
+        penalty: [N, T] the part of ``per_token`` that is a penalty (``grpo``'s β·KL), and
+        penalty_coefficient: its part of ``coefficient``. Training–inference corrections
+            weight the policy part only, as every framework adds the KL after the IS weight.
+        sequence_level: ``per_token`` is one value per sequence, repeated on its tokens and
+            differentiable through all of them (GSPO). ``coefficient`` is then exact for every
+            aggregation whose weight is constant within a sequence (all of gradlens's).
+        self_aggregated: the loss aggregated itself (user and verl-shaped functions):
+            L = Σ per_token with weight 1, and ``coefficient`` is c_t itself.
+        token_metrics: named [N, T] per-token values (e.g. ``kl``) that the report aggregates
+            with the run's aggregation weights.
+        reported: numbers the loss function reported itself (a verl-shaped function's metrics).
     """
 
     per_token: Tensor
     coefficient: Tensor
     regions: dict[str, Tensor] = field(default_factory=dict)
+    penalty: Tensor | None = None
+    penalty_coefficient: Tensor | None = None
+    sequence_level: bool = False
+    self_aggregated: bool = False
+    token_metrics: dict[str, Tensor] = field(default_factory=dict)
+    reported: dict[str, float] = field(default_factory=dict)
 
 
 def valid_index(mask: Tensor) -> tuple[Tensor, Tensor]:

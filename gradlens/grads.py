@@ -75,6 +75,14 @@ def softmax_view(batch: Batch) -> SoftmaxView:
     return SoftmaxView(rows, cols, hidden, tokens, logits, probs, logp, entropy)
 
 
+def effective_old_logp(batch: Batch, logp: Tensor) -> Tensor:
+    """[N, T] ℓ_old, with ℓ itself (detached) at the batch's on-policy positions."""
+    old = batch.old_logp.to(logp.dtype)
+    if batch.on_policy is None:
+        return old
+    return torch.where(batch.on_policy, logp.detach(), old)
+
+
 def token_inputs(batch: Batch, logp: Tensor) -> TokenInputs:
     """Loss inputs on the [N, T] grid, with zeros at masked positions (never inf or NaN there)."""
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
@@ -85,7 +93,7 @@ def token_inputs(batch: Batch, logp: Tensor) -> TokenInputs:
 
     return TokenInputs(
         logp=torch.where(m, logp, zero),
-        old_logp=clean(batch.old_logp),  # type: ignore[arg-type]
+        old_logp=clean(effective_old_logp(batch, logp)),  # type: ignore[arg-type]
         advantages=clean(batch.advantages),  # type: ignore[arg-type]
         mask=m,
         rollout_logp=clean(batch.rollout_logp),

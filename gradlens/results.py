@@ -158,6 +158,9 @@ class LossReport(Result):
     coefficient_abs_mean: float | None = Field(description="mean_t |c_t| over valid tokens")
     coefficient_abs_max: float | None
     non_finite: int = Field(description="non-finite entries in ∂L/∂z and ∂L/∂W")
+    reference_non_finite: int = Field(
+        0, description="non-finite entries in the autograd reference's ∂L/∂z and ∂L/∂W"
+    )
     sampled_row: SampledRow
     rows: RowNorms
     zero_sum: ZeroSum

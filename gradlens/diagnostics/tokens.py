@@ -10,7 +10,7 @@ import torch
 
 from gradlens.containers import Batch
 from gradlens.diagnostics.numbers import num
-from gradlens.grads import LossGradients, SoftmaxView
+from gradlens.grads import LossGradients, SoftmaxView, effective_old_logp
 from gradlens.results import TokenDetail
 
 
@@ -18,7 +18,7 @@ def token_details(batch: Batch, view: SoftmaxView, grads: LossGradients) -> list
     """One `TokenDetail` per valid token, in row-major order."""
     rows, cols = view.rows.tolist(), view.cols.tolist()
     logp = view.logp[view.rows, view.cols].double()
-    old = batch.old_logp[view.rows, view.cols].double()
+    old = effective_old_logp(batch, view.logp)[view.rows, view.cols].double()
     at_y = grads.grad_logits.gather(-1, view.tokens[:, None]).squeeze(-1)
     details = []
     for k, (n, t) in enumerate(zip(rows, cols, strict=True)):

@@ -59,10 +59,10 @@ def ppo_clip(inputs: TokenInputs, params: LossParams) -> LossTerms:
         "clip_lower": (adv < 0) & (rd < 1.0 - params.eps_low),
     }
     if params.dual_clip is not None:
-        per_token = torch.where(
-            adv < 0, torch.minimum(per_token, -params.dual_clip * adv), per_token
-        )
+        # min(·, −c·A) written as a where on the strict region, so that a tie r = c keeps the
+        # unclipped gradient (torch.minimum would split it 50/50 between the branches).
         regions["clip_dual"] = (adv < 0) & (rd > params.dual_clip)
+        per_token = torch.where(regions["clip_dual"], -params.dual_clip * adv, per_token)
     if params.opsm_delta is not None:
         regions["seq_masked"] = off_policy_sequence_mask(inputs, params.opsm_delta)
         per_token = torch.where(regions["seq_masked"], 0.0, per_token)

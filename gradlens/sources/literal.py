@@ -49,7 +49,7 @@ def build_literal(src: Any, config: Any, device: torch.device, dtype: torch.dtyp
 
     hidden_c, weight_c = hidden.to(dtype), weight.to(dtype)
     current = token_logp(compute_logits(hidden_c, weight_c), tokens)  # [N, T]
-    old = torch.where(on_policy, current, old_logp.to(acc))
+    old = torch.where(on_policy, current, old_logp.to(acc))  # the on-policy value, for display
     return Batch(
         hidden=hidden_c.to(device),
         weight=weight_c.to(device),
@@ -57,6 +57,7 @@ def build_literal(src: Any, config: Any, device: torch.device, dtype: torch.dtyp
         mask=mask.to(device),
         old_logp=old.to(device),
         advantages=advantages.to(acc).to(device),
+        on_policy=on_policy.to(device),
         source=f"literal: {n} sequence(s), {m} position(s), V={v} (h_k = e_k, W = [z_1 … z_M])",
         advantage_note="stated literally per position",
     )

@@ -99,6 +99,7 @@ def build_synthetic(src: Any, config: Any, device: torch.device, dtype: torch.dt
         mask=mask.to(device),
         old_logp=old_logp.to(device),
         advantages=advantages.to(device),
+        on_policy=(mask & (drift.kind == "none")).to(device),
         source=(
             f"synthetic: {n} sequences × ≤{t} tokens, V={v}, H={h}, "
             f"drift {drift.kind}({drift.scale}), {src.rewards.kind} rewards"
