@@ -6,7 +6,10 @@ import typer
 
 from gradlens.cli.compare import HELP as COMPARE_HELP
 from gradlens.cli.compare import compare
+from gradlens.cli.dump import HELP as DUMP_HELP
+from gradlens.cli.dump import dump
 from gradlens.cli.info import config, losses, schema
+from gradlens.cli.sweep import sweep
 
 app = typer.Typer(
     name="gradlens",
@@ -20,6 +23,8 @@ app.command(help=COMPARE_HELP)(compare)
 app.command()(losses)
 app.command()(config)
 app.command()(schema)
+app.command()(sweep)
+app.command(help=DUMP_HELP)(dump)
 
 
 def main() -> None:

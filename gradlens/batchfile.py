@@ -1,0 +1,231 @@
+"""Rollout batch files: read the tensors a training run dumped, write them from any source.
+
+Formats, chosen by the file's suffix: ``.safetensors``, ``.pt`` / ``.pth`` (a ``torch.save``
+of a dict of tensors), ``.jsonl`` (one JSON object per sequence, lists of numbers; for small
+batches). Keys follow the frameworks' names (verl's, with the common alternatives):
+
+    responses | input_ids                  [N, T] int   sampled tokens y_t
+    response_mask | attention_mask         [N, T]       1 where the token enters the loss
+    old_log_probs | old_log_prob           [N, T]       log π_old(y_t) (training engine)
+    rollout_log_probs                      [N, T]       log μ_old(y_t) (inference engine), optional
+    ref_log_prob | ref_log_probs           [N, T]       log π_ref(y_t), optional
+    advantages                             [N, T] or [N]
+    rewards | token_level_rewards          [N] or [N, T] (summed over T): used when there are
+                                           no advantages, normalised by ``advantage.*``
+    hidden_states                          [N, T, H]    the final hidden state whose logits
+                                                        predict y_t (after the final norm)
+    lm_head_weight                         [V, H]
+
+Position t of every [N, T] tensor refers to the same response token. A dump from a training
+loop is three lines (see docs/batchfile.md)::
+
+    from safetensors.torch import save_file
+    save_file({"responses": responses, "response_mask": mask, "old_log_probs": old_lp,
+               "advantages": adv, "hidden_states": h, "lm_head_weight": W}, "batch.safetensors")
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from gradlens.errors import GradlensError
+
+ALIASES: dict[str, tuple[str, ...]] = {
+    "tokens": ("responses", "input_ids"),
+    "mask": ("response_mask", "attention_mask"),
+    "old_logp": ("old_log_probs", "old_log_prob"),
+    "rollout_logp": ("rollout_log_probs", "rollout_log_prob"),
+    "ref_logp": ("ref_log_prob", "ref_log_probs"),
+    "advantages": ("advantages",),
+    "rewards": ("rewards", "token_level_rewards"),
+    "hidden": ("hidden_states",),
+    "weight": ("lm_head_weight",),
+}
+SUFFIXES = (".safetensors", ".pt", ".pth", ".jsonl")
+
+
+def _load_raw(path: Path, where: str) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise GradlensError(f"{where}: no such file: {str(path)!r}")
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise GradlensError(f"{where}: unknown format {suffix!r}; use one of {', '.join(SUFFIXES)}")
+    try:
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return dict(load_file(str(path)))
+        if suffix in (".pt", ".pth"):
+            data = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(data, Mapping):
+                raise GradlensError(
+                    f"{where}: {path.name} holds a {type(data).__name__}, not a dict"
+                )
+            return {str(k): v for k, v in data.items() if isinstance(v, Tensor)}
+        return _load_jsonl(path, where)
+    except GradlensError:
+        raise
+    except Exception as exc:  # a corrupt or foreign file
+        raise GradlensError(f"{where}: cannot read {path.name}: {exc}") from None
+
+
+def _load_jsonl(path: Path, where: str) -> dict[str, Tensor]:
+    rows = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise GradlensError(
+                    f"{where}: line {i} of {path.name} is not JSON: {exc}"
+                ) from None
+    if not rows:
+        raise GradlensError(f"{where}: {path.name} is empty")
+    out: dict[str, Tensor] = {}
+    shared = rows[0].get("lm_head_weight")
+    for key in rows[0]:
+        if key == "lm_head_weight":
+            out[key] = torch.tensor(shared, dtype=torch.float32)
+            continue
+        values = [r.get(key) for r in rows]
+        if any(v is None for v in values):
+            raise GradlensError(f"{where}: key {key!r} is missing from some lines of {path.name}")
+        out[key] = _pad(values, key)
+    return out
+
+
+def _pad(values: list, key: str) -> Tensor:
+    """Per-sequence lists of ragged length → a right-padded [N, T(, H)] tensor."""
+    first = torch.tensor(values[0])
+    if first.dim() == 0:
+        return torch.tensor(values)
+    length = max(len(v) for v in values)
+    dtype = torch.long if key in ALIASES["tokens"] or key in ALIASES["mask"] else torch.float32
+    out = torch.zeros((len(values), length, *first.shape[1:]), dtype=dtype)
+    for i, v in enumerate(values):
+        if len(v):
+            out[i, : len(v)] = torch.tensor(v, dtype=dtype)
+    return out
+
+
+def _pick(raw: Mapping[str, Tensor], name: str, where: str, required: bool) -> Tensor | None:
+    for key in ALIASES[name]:
+        if key in raw:
+            return raw[key]
+    if required:
+        raise GradlensError(
+            f"{where}: the batch has no {' / '.join(repr(k) for k in ALIASES[name])}; "
+            f"keys present: {', '.join(sorted(raw)) or '(none)'}"
+        )
+    return None
+
+
+def read_batch_tensors(path: Path, where: str = "source.path") -> dict[str, Tensor]:
+    """The file's tensors under gradlens names, shapes checked; every error names the key."""
+    raw = _load_raw(path, where)
+    out: dict[str, Tensor] = {}
+    tokens = _pick(raw, "tokens", where, True)
+    assert tokens is not None
+    if tokens.dim() != 2:
+        raise GradlensError(f"{where}: 'responses' must be [N, T]; got shape {tuple(tokens.shape)}")
+    n, t = tokens.shape
+    out["tokens"] = tokens.long()
+    for name in ("mask", "old_logp", "rollout_logp", "ref_logp"):
+        x = _pick(raw, name, where, required=name in ("mask", "old_logp"))
+        if x is None:
+            continue
+        if tuple(x.shape) != (n, t):
+            raise GradlensError(
+                f"{where}: {ALIASES[name][0]!r} has shape {tuple(x.shape)}; expected [N, T] = "
+                f"{(n, t)} like 'responses'"
+            )
+        out[name] = x.bool() if name == "mask" else x.double()
+    adv, rewards = _pick(raw, "advantages", where, False), _pick(raw, "rewards", where, False)
+    if adv is None and rewards is None:
+        raise GradlensError(
+            f"{where}: the batch needs 'advantages' or 'rewards'; keys present: "
+            f"{', '.join(sorted(raw))}"
+        )
+    for name, x in (("advantages", adv), ("rewards", rewards)):
+        if x is None:
+            continue
+        if tuple(x.shape) not in ((n,), (n, t)):
+            raise GradlensError(
+                f"{where}: {name!r} has shape {tuple(x.shape)}; expected [N] or [N, T]"
+            )
+        out[name] = x.double()
+    hidden, weight = _pick(raw, "hidden", where, False), _pick(raw, "weight", where, False)
+    if (hidden is None) != (weight is None):
+        missing = "lm_head_weight" if weight is None else "hidden_states"
+        raise GradlensError(
+            f"{where}: {missing!r} is missing; an lm_head analysis needs both "
+            "'hidden_states' and 'lm_head_weight'"
+        )
+    if hidden is not None and weight is not None:
+        if hidden.dim() != 3 or tuple(hidden.shape[:2]) != (n, t):
+            raise GradlensError(
+                f"{where}: 'hidden_states' has shape {tuple(hidden.shape)}; "
+                f"expected [N, T, H] with [N, T] = {(n, t)}"
+            )
+        if weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
+            raise GradlensError(
+                f"{where}: 'lm_head_weight' has shape {tuple(weight.shape)}; "
+                f"expected [V, H] with H = {hidden.shape[2]}"
+            )
+        out["hidden"], out["weight"] = hidden, weight
+        v = weight.shape[0]
+        used = tokens[out["mask"]]
+        if used.numel() and (int(used.min()) < 0 or int(used.max()) >= v):
+            raise GradlensError(
+                f"{where}: 'responses' has token ids outside the vocabulary "
+                f"[0, {v}) of 'lm_head_weight'"
+            )
+    for name in ("old_logp", "rollout_logp", "ref_logp", "advantages", "rewards"):
+        if (
+            name in out
+            and not torch.isfinite(
+                out[name][out["mask"]] if out[name].dim() == 2 else out[name]
+            ).all()
+        ):
+            raise GradlensError(f"{where}: {name} has NaN or inf at valid positions")
+    return out
+
+
+def write_batch(path: Path, tensors: Mapping[str, Tensor]) -> None:
+    """Write gradlens-named tensors under the frameworks' key names, format by suffix."""
+    names = {g: ALIASES[g][0] for g in ALIASES}
+    data = {names[k]: v.detach().cpu().contiguous() for k, v in tensors.items() if v is not None}
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise GradlensError(
+            f"--output: unknown format {suffix!r}; use one of {', '.join(SUFFIXES)}"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")  # never leave a half-written file behind
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(data, str(tmp))
+    elif suffix in (".pt", ".pth"):
+        torch.save(data, tmp)
+    else:
+        mask = data["response_mask"].bool()
+        with tmp.open("w", encoding="utf-8") as fh:
+            for i in range(mask.shape[0]):
+                length = int(mask[i].nonzero().max()) + 1 if mask[i].any() else 0
+                row = {}
+                for key, value in data.items():
+                    if key == "lm_head_weight":
+                        if i == 0:
+                            row[key] = value.float().tolist()
+                    elif value.dim() >= 2:
+                        row[key] = value[i, :length].tolist()
+                    else:
+                        row[key] = value[i].item()
+                fh.write(json.dumps(row) + "\n")
+    tmp.replace(path)

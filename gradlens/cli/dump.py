@@ -1,0 +1,62 @@
+"""``gradlens dump``: write the batch of any source as a rollout batch file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from gradlens.cli.common import ConfigOption, DebugOption, SetOption, stderr_console, user_errors
+
+HELP = (
+    "Write the batch a config describes (synthetic, literal, model, or another batch file) as a "
+    "rollout batch file: responses, response_mask, old_log_probs, advantages, hidden_states, "
+    "lm_head_weight (and rollout_log_probs / ref_log_prob when the source has them), under the "
+    "key names verl uses. The format follows the suffix: .safetensors, .pt, .jsonl. "
+    "Read it back with --set source.kind=batch --set source.path=FILE."
+)
+
+
+def dump(
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output",
+            "-o",
+            dir_okay=False,
+            help="File to write: .safetensors, .pt (a torch.save dict) or .jsonl (small batches).",
+        ),
+    ],
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+    debug: DebugOption = False,
+) -> None:
+    """Write the configured batch as a rollout batch file."""
+    with user_errors(debug):
+        from gradlens.batchfile import write_batch
+        from gradlens.compare import DTYPES, resolve_device
+        from gradlens.config import build_config
+        from gradlens.grads import effective_old_logp, softmax_view
+        from gradlens.sources import build_batch
+
+        cfg = build_config(config, overrides or [])
+        batch = build_batch(cfg, resolve_device(cfg.device), DTYPES[cfg.dtype])
+        old = effective_old_logp(batch, softmax_view(batch).logp)
+        write_batch(
+            output,
+            {
+                "tokens": batch.tokens,
+                "mask": batch.mask.long(),  # stored as integers, as the frameworks store it
+                "old_logp": old,
+                "rollout_logp": batch.rollout_logp,
+                "ref_logp": batch.ref_logp,
+                "advantages": batch.advantages,
+                "hidden": batch.hidden,
+                "weight": batch.weight,
+            },
+        )
+        stderr_console().print(
+            f"wrote {output}: {batch.num_sequences} sequences, {batch.num_tokens} tokens, "
+            f"V={batch.vocab_size}, H={batch.hidden_size}"
+        )

@@ -1,0 +1,82 @@
+"""Words shared by the sweep's table and plot: what each rule means, how a range reads.
+
+The rule names are the region keys the losses report (`LossTerms.regions`); a rule not listed
+here (a loss added later) is shown by its name.
+"""
+
+from __future__ import annotations
+
+from gradlens.sweep.results import Interval, SweepReport
+
+RULE_TEXT = {
+    "clip_upper": "A > 0 and r > 1+ε_high",
+    "clip_lower": "A < 0 and r < 1−ε_low",
+    "clip_dual": "A < 0 and r > c (dual clip)",
+    "seq_masked": "A < 0 and log(π_old/π_θ) > δ (OPSM)",
+}
+
+
+def rule_text(name: str) -> str:
+    return RULE_TEXT.get(name, name)
+
+
+def num(x: float | None, digits: int = 3) -> str:
+    """``digits`` significant digits; '—' for a missing value."""
+    return "—" if x is None else f"{x:.{digits}g}"
+
+
+def sign_text(advantage: float) -> str:
+    return f"A = {'+' if advantage > 0 else '−'}{abs(advantage):g}"
+
+
+def runs_text(symbol: str, runs: list[Interval]) -> str:
+    """'π_old ∈ [1e-06, 0.38]' for each run, joined by ' ∪ '; 'nowhere' for none."""
+    if not runs:
+        return "nowhere"
+    parts = [
+        f"{symbol} = {num(r.low)}" if r.low == r.high else f"[{num(r.low)}, {num(r.high)}]"
+        for r in runs
+    ]
+    if len(parts) == 1 and not parts[0].startswith(symbol):
+        return f"{symbol} ∈ {parts[0]}"
+    return " ∪ ".join(p if p.startswith(symbol) else f"{symbol} ∈ {p}" for p in parts)
+
+
+def setting_text(report: SweepReport) -> str:
+    """The loss settings that shape the curves, in one line; a swept one shows its values."""
+    loss = report.config["loss"]
+    over = report.config.get("over", {})
+
+    def show(key: str, words: str, value: str) -> str:
+        values = over.get(f"loss.{key}")
+        if values is not None:
+            return f"{words} ∈ {{{', '.join('null' if v is None else str(v) for v in values)}}}"
+        return f"{words} {value}"
+
+    dual = "off" if loss["dual_clip"] is None else f"c = {loss['dual_clip']:g}"
+    parts = [
+        show("eps_low", "ε_low", f"= {loss['eps_low']:g}"),
+        show("eps_high", "ε_high", f"= {loss['eps_high']:g}"),
+        show("dual_clip", "dual clip", dual),
+    ]
+    if loss["opsm_delta"] is not None or "loss.opsm_delta" in over:
+        parts.append(show("opsm_delta", "OPSM δ", f"= {loss['opsm_delta']}"))
+    parts.append(show("aggregation", "aggregation", loss["aggregation"]))
+    if loss["loss_scale_factor"] is not None or "loss.loss_scale_factor" in over:
+        parts.append(show("loss_scale_factor", "loss_scale_factor", f"{loss['loss_scale_factor']}"))
+    return ", ".join(parts)
+
+
+def axes_text(report: SweepReport) -> str:
+    """'π_old(y) ∈ [1e-06, 1], 301 log-spaced points; π_θ(y) = 0.5; |A| = 1'."""
+    spacing = {"log": "log-spaced", "linear": "evenly spaced"}
+    parts = [
+        f"{a.symbol}(y) ∈ [{a.min:g}, {a.max:g}], {a.points} {spacing[a.scale]} points"
+        for a in report.axes
+    ]
+    parts += [
+        f"{'π_old' if name == 'pi_old' else 'π_θ'}(y) = {value:g}"
+        for name, value in report.fixed.items()
+    ]
+    parts.append(f"|A| = {report.advantage:g}")
+    return "; ".join(parts)

@@ -1,0 +1,69 @@
+"""A rollout batch dumped from a real training run (see `gradlens.batchfile` for the format).
+
+The file gives the sampled tokens, the mask, π_old (and optionally μ_old and π_ref) and the
+advantages, or rewards that ``advantage.normalization`` turns into advantages with
+``source.group_size`` consecutive sequences per prompt. The lm_head analysis needs the final
+hidden states and the lm_head weight, stored in the file as ``hidden_states`` and
+``lm_head_weight``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gradlens.advantages import advantages_from_rewards
+from gradlens.batchfile import read_batch_tensors
+from gradlens.containers import Batch
+from gradlens.errors import GradlensError
+from gradlens.logits import softmax_dtype
+
+
+def build_batchfile(src: Any, config: Any, device: torch.device, dtype: torch.dtype) -> Batch:
+    """The batch stored at ``source.path``."""
+    path = Path(src.path).expanduser()
+    data = read_batch_tensors(path)
+    if "hidden" not in data:
+        raise GradlensError(
+            f"source.path: {path.name} has no 'hidden_states' and 'lm_head_weight'; write them "
+            "into the file (docs/batchfile.md shows how) for an lm_head analysis"
+        )
+    mask = data["mask"]
+    n, t = mask.shape
+    acc = softmax_dtype(dtype)
+    if "advantages" in data:
+        adv = data["advantages"]
+        note = "read from the file"
+    else:
+        rewards = data["rewards"]
+        rewards = (rewards * mask).sum(-1) if rewards.dim() == 2 else rewards  # [N]
+        if n % src.group_size:
+            raise GradlensError(
+                f"source.group_size: {n} sequences are not a multiple of {src.group_size}"
+            )
+        adv, note = advantages_from_rewards(
+            rewards, config.advantage.normalization, src.group_size, config.advantage.eps
+        )
+        note = f"from the file's rewards: {note}"
+    advantages = (adv[:, None] if adv.dim() == 1 else adv).expand(n, t) * mask
+
+    def opt(name: str) -> torch.Tensor | None:
+        return data[name].to(acc).to(device) if name in data else None
+
+    return Batch(
+        hidden=data["hidden"].to(dtype).to(device),
+        weight=data["weight"].to(dtype).to(device),
+        tokens=data["tokens"].to(device),
+        mask=mask.to(device),
+        old_logp=data["old_logp"].to(acc).to(device),
+        advantages=advantages.to(acc).to(device),
+        rollout_logp=opt("rollout_logp"),
+        ref_logp=opt("ref_logp"),
+        source=(
+            f"batch file {path.name}: {n} sequences × ≤{t} tokens, "
+            f"V={data['weight'].shape[0]}, H={data['weight'].shape[1]}"
+        ),
+        advantage_note=note,
+    )

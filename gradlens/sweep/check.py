@@ -1,0 +1,111 @@
+"""The slow twin of the curves: torch.autograd on an explicit distribution at a subset of points.
+
+At each checked point a distribution over V tokens (``check.vocab_size``, 8 by default) is
+written out: token 0 is the sampled y with probability π_θ(y), the other V − 1 tokens share
+1 − π_θ(y) equally, and the logits are z = log π. The loss a·(per-token loss) of a lone token
+is differentiated through log_softmax(z) with torch.autograd, as a trainer would, and the
+result is compared with the curve's closed form:
+
+    sampled row   ∂L/∂z_y            vs  c·(1 − π_θ)
+    other rows    Σ_{j≠y} |∂L/∂z_j|  vs  |c|·(1 − π_θ)
+
+The error of a point is |autograd − closed| / max(|autograd|, |closed|) for each row, and 0
+when both are exactly 0 — so a rule that switches a token off must do so on both paths.
+
+The log-prob fed to the loss has exactly the value log π_θ(y) that the curve used and the
+derivative of log_softmax(z)_y (``value + (ls − ls.detach())``). Otherwise the two paths would
+compute r from log-probs one rounding apart, and a point lying exactly on a clip boundary
+(r = 1 + ε_high, easy to hit on a linear grid) could be clipped on one path and not on the
+other: a difference in the input, not in the formula.
+
+Which points: `Grid.pick` — ``check.points`` evenly spaced indices per swept axis, both ends
+included (9 by default; 81 on a 2-D grid), for every loss, variant and sign of A.
+Tolerance: float64 closed form vs autograd, `gradlens.diagnostics.tolerances.agreement`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from gradlens.containers import TokenInputs
+from gradlens.diagnostics.tolerances import agreement
+from gradlens.losses import get_loss
+from gradlens.sweep.curves import Curve
+from gradlens.sweep.grid import Grid
+
+TOLERANCE = agreement(torch.float64)
+
+
+@dataclass(frozen=True)
+class CurveCheck:
+    """Autograd at the checked points of one curve.
+
+    Attributes:
+        curve: the curve checked.
+        indices: [K] flat grid indices of the checked points.
+        grad_sampled: [K] ∂L/∂z_y by autograd.
+        grad_other_mass: [K] Σ_{j≠y} |∂L/∂z_j| by autograd.
+        rel_err: [K] the larger of the two rows' relative errors.
+    """
+
+    curve: Curve
+    indices: Tensor
+    grad_sampled: Tensor
+    grad_other_mass: Tensor
+    rel_err: Tensor
+
+
+def explicit_logits(pi_theta: Tensor, vocab_size: int) -> Tensor:
+    """[K, V] z = log π with π_0 = π_θ(y) and π_j = (1 − π_θ(y))/(V − 1) for j ≥ 1."""
+    rest = torch.log((1.0 - pi_theta) / (vocab_size - 1))  # −inf where π_θ(y) = 1
+    z = rest[:, None].repeat(1, vocab_size)  # [K, V]
+    z[:, 0] = torch.log(pi_theta)
+    return z
+
+
+def relative_error(actual: Tensor, expected: Tensor) -> Tensor:
+    """Elementwise |a − b| / max(|a|, |b|), 0 where both are 0."""
+    scale = torch.maximum(actual.abs(), expected.abs())
+    diff = (actual - expected).abs()
+    return torch.where(scale > 0, diff / torch.where(scale > 0, scale, 1.0), 0.0)
+
+
+def check_curve(grid: Grid, curve: Curve, indices: Tensor, vocab_size: int) -> CurveCheck:
+    """Differentiate the loss of ``curve`` with autograd at the points ``indices``."""
+    config = curve.variant.config
+    pi_theta = grid.pi_theta[indices]  # [K]
+    pi_old = grid.pi_old[indices]  # [K]
+    z = explicit_logits(pi_theta, vocab_size).requires_grad_(True)  # [K, V]
+    sampled = torch.log_softmax(z, dim=-1)[:, :1]  # [K, 1]
+    exact = torch.log(pi_theta)[:, None]  # [K, 1], the value the curve used
+    logp = exact + (sampled - sampled.detach())  # value exact, derivative of log_softmax
+    inputs = TokenInputs(
+        logp=logp,
+        old_logp=torch.log(pi_old)[:, None],
+        advantages=torch.full_like(exact, curve.advantage),
+        mask=torch.ones_like(exact, dtype=torch.bool),
+    )
+    terms = get_loss(curve.loss).fn(inputs, config.loss_params())
+    loss = (curve.weight * terms.per_token).sum()
+    if loss.requires_grad:  # a loss constant in ℓ at every point has no graph to walk
+        loss.backward()
+    grad = z.grad.detach() if z.grad is not None else torch.zeros_like(z.detach())  # [K, V]
+    auto_sampled, auto_other = grad[:, 0], grad[:, 1:].abs().sum(-1)  # [K] each
+    err = torch.maximum(
+        relative_error(auto_sampled, curve.grad_sampled[indices]),
+        relative_error(auto_other, curve.grad_other_mass[indices]),
+    )
+    return CurveCheck(curve, indices, auto_sampled, auto_other, err)
+
+
+def check_curves(
+    grid: Grid, curves: list[Curve], per_axis: int, vocab_size: int
+) -> list[CurveCheck]:
+    """The autograd check of every curve at the same regular subset of the grid."""
+    indices = grid.pick(per_axis)
+    if indices.numel() == 0:
+        return []
+    return [check_curve(grid, curve, indices, vocab_size) for curve in curves]

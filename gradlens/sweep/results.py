@@ -1,0 +1,138 @@
+"""Typed results of a sweep: the per-point record of the data formats, and the summary report.
+
+`SweepPoint` defines (and documents) one row of ``--format json|jsonl|csv``: flat, scalar
+fields only, so pandas loads any of the three without post-processing. Rows are built column
+by column from the curve tensors for speed (a 2-D grid has hundreds of thousands) — see
+`gradlens.sweep.records` — and the tests validate them against this model. Non-finite numbers
+are null. The `SweepReport` is what the table and the plot read.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import ConfigDict, Field
+
+from gradlens.results import Result
+
+SCHEMA_VERSION: Literal["gradlens.sweep/1"] = "gradlens.sweep/1"
+
+
+class SweepPoint(Result):
+    """One loss, one variant, one sign of A, at one point of the grid.
+
+    Besides these fields a row has one column per ``over`` key (e.g. ``loss.eps_high``),
+    right after ``variant``, holding that variant's value.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    loss: str = Field(description="registered loss name")
+    variant: str = Field(description="the over combination, e.g. 'loss.eps_high=0.2'; 'default'")
+    advantage: float = Field(description="A, with its sign")
+    pi_old: float = Field(description="π_old(y), the behaviour policy's probability of y")
+    pi_theta: float = Field(description="π_θ(y), the current policy's probability of y")
+    ratio: float | None = Field(description="r = π_θ(y)/π_old(y)")
+    weight: float = Field(description="aggregation weight a of a lone token")
+    coefficient: float | None = Field(description="c = a·g = ∂L/∂log π_θ(y)")
+    grad_sampled: float | None = Field(description="∂L/∂z_y = c·(1 − π_θ(y)), signed")
+    grad_other_mass: float | None = Field(description="Σ_{j≠y} |∂L/∂z_j| = |c|·(1 − π_θ(y))")
+    amplification: float | None = Field(
+        description="|g|/|A|: the sampled-row gradient over REINFORCE's; null if A is unused"
+    )
+    zero_grad: bool = Field(description="∂L/∂z_y is exactly 0")
+    clipped: bool = Field(description="a rule of the loss (clip or mask) fired at this point")
+    rule: str = Field(description="the rules that fired, joined by '+'; 'none' if none did")
+    checked: bool = Field(description="this point was checked against autograd")
+    check_rel_err: float | None = Field(description="autograd vs closed form; null if unchecked")
+
+
+class Interval(Result):
+    """A run of consecutive grid points: the first and last swept values in it."""
+
+    low: float
+    high: float
+
+
+class ZeroRun(Interval):
+    """A run of points where ∂L/∂z_y = 0, and why."""
+
+    cause: str = Field(
+        description="the rules that fired ('clip_upper', ...), 'π_θ = 1' (1 − π_θ = 0), or 'g = 0'"
+    )
+
+
+class CurveSummary(Result):
+    """Where one curve is zero, where it is amplified or damped, and its maximum.
+
+    The runs (``zero``, ``amplified``, ``damped``) are given for 1-D sweeps; a 2-D grid has
+    the shares only.
+    """
+
+    loss: str
+    variant: str
+    advantage: float
+    weight: float = Field(description="aggregation weight a of a lone token")
+    rules: list[str] = Field(description="rules of the loss that fired somewhere")
+    rules_enabled: list[str] = Field(description="rules the loss applied with these settings")
+    zero: list[ZeroRun] = Field(description="runs of the swept variable where ∂L/∂z_y = 0")
+    zero_share: float = Field(description="share of the grid where ∂L/∂z_y = 0")
+    switched_off_share: float = Field(description="share of the grid where a rule zeroed it")
+    amplified: list[Interval] = Field(
+        description="runs where the gradient is more than `amplified_above` × REINFORCE's"
+    )
+    amplified_share: float | None = Field(description="share of the grid so amplified")
+    damped: list[Interval] = Field(
+        description="runs where it is non-zero but below 1/`amplified_above` of REINFORCE's"
+    )
+    min_amplification: float | None = Field(description="min non-zero |g|/|A| over the grid")
+    min_grad: float | None = Field(description="min |∂L/∂z_y| over the grid")
+    max_grad: float | None = Field(description="max |∂L/∂z_y| over the grid")
+    max_at_pi_old: float | None
+    max_at_pi_theta: float | None
+    max_amplification: float | None = Field(description="max |g|/|A| over the grid")
+    check_max_rel_err: float | None = Field(description="max autograd error at checked points")
+
+
+class AxisInfo(Result):
+    name: Literal["pi_old", "pi_theta"]
+    symbol: str
+    min: float
+    max: float
+    points: int
+    scale: Literal["log", "linear"]
+
+
+class LossInfo(Result):
+    name: str
+    coefficient: str = Field(description="g = ∂(per-token loss)/∂log π_θ(y)")
+    post_formula: str = Field(description="|∂L/∂z_y| of one token, before the weight a")
+    rules: list[str] = Field(description="the rules (clip, mask) the loss can apply")
+
+
+class CheckSummary(Result):
+    """Closed form vs torch.autograd at a regular subset of the points."""
+
+    vocab_size: int
+    per_axis: int = Field(description="evenly spaced points per swept axis, ends included")
+    points: int = Field(description="checked points per curve")
+    checked_x: list[float] = Field(description="values of the x axis that were checked")
+    curves: int
+    max_rel_err: float | None
+    worst: str | None = Field(description="the curve and point of max_rel_err")
+    tolerance: float
+    passed: bool
+
+
+class SweepReport(Result):
+    schema_version: Literal["gradlens.sweep/1"] = SCHEMA_VERSION
+    config: dict[str, Any] = Field(description="the resolved configuration")
+    vary: Literal["pi_old", "pi_theta", "both"]
+    axes: list[AxisInfo]
+    fixed: dict[str, float] = Field(description="the values of the axes that are not swept")
+    advantage: float = Field(description="|A|")
+    losses: list[LossInfo]
+    variants: list[str]
+    amplified_above: float = Field(description="the 'amplified' threshold, × REINFORCE")
+    summaries: list[CurveSummary]
+    check: CheckSummary
