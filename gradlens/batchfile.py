@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -196,7 +197,7 @@ def read_batch_tensors(path: Path, where: str = "source.path") -> dict[str, Tens
     return out
 
 
-def write_batch(path: Path, tensors: Mapping[str, Tensor]) -> None:
+def write_batch(path: Path, tensors: Mapping[str, Tensor | None]) -> None:
     """Write gradlens-named tensors under the frameworks' key names, format by suffix."""
     names = {g: ALIASES[g][0] for g in ALIASES}
     data = {names[k]: v.detach().cpu().contiguous() for k, v in tensors.items() if v is not None}
@@ -218,7 +219,7 @@ def write_batch(path: Path, tensors: Mapping[str, Tensor]) -> None:
         with tmp.open("w", encoding="utf-8") as fh:
             for i in range(mask.shape[0]):
                 length = int(mask[i].nonzero().max()) + 1 if mask[i].any() else 0
-                row = {}
+                row: dict[str, Any] = {}
                 for key, value in data.items():
                     if key == "lm_head_weight":
                         if i == 0:

@@ -12,10 +12,12 @@ import sys
 import torch
 
 import gradlens
-from gradlens.config import Config
+from gradlens.config import Config, LossConfig
 from gradlens.containers import Batch
+from gradlens.diagnostics import tolerances
 from gradlens.diagnostics.agreement import agreement
 from gradlens.diagnostics.clipping import clipping
+from gradlens.diagnostics.metrics import loss_metrics, rollout_stats
 from gradlens.diagnostics.numbers import count_non_finite, num
 from gradlens.diagnostics.ratios import ratio_stats
 from gradlens.diagnostics.row_norms import row_norms
@@ -25,6 +27,7 @@ from gradlens.diagnostics.zero_sum import zero_sum
 from gradlens.errors import GradlensError
 from gradlens.grads import (
     Aggregation,
+    LossGradients,
     SoftmaxView,
     autograd_reference,
     closed_form,
@@ -32,8 +35,18 @@ from gradlens.grads import (
     softmax_view,
 )
 from gradlens.logits import softmax_dtype
-from gradlens.losses import LossParams, get_loss
-from gradlens.results import BatchSummary, Check, CompareReport, Environment, LossReport
+from gradlens.losses import LossParams, LossSpec, get_loss
+from gradlens.losses.corrections import with_defaults
+from gradlens.metric_names import metric_names
+from gradlens.parity import parity
+from gradlens.results import (
+    BatchSummary,
+    Check,
+    CompareReport,
+    Environment,
+    LossReport,
+    ParityReport,
+)
 from gradlens.sources import build_batch
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -54,8 +67,30 @@ def resolve_device(name: str) -> torch.device:
 
 
 def loss_params(config: Config) -> LossParams:
-    c = config.loss
-    return LossParams(c.eps_low, c.eps_high, c.dual_clip, c.opsm_delta)
+    return loss_params_from(config.loss)
+
+
+def loss_params_from(c: LossConfig) -> LossParams:
+    """The ``loss`` section as the plain `LossParams` every loss reads (any command)."""
+    return LossParams(
+        c.eps_low,
+        c.eps_high,
+        c.dual_clip,
+        c.opsm_delta,
+        tau_pos=c.tau_pos,
+        tau_neg=c.tau_neg,
+        cispo_eps_low=c.cispo_eps_low,
+        cispo_eps_high=c.cispo_eps_high,
+        cispo_cap=c.cispo_cap,
+        kl_estimator=c.kl_estimator,
+        kl_coef=c.kl_coef,
+        minirl_cap=c.minirl_cap,
+        minirl_truncation=c.minirl_truncation,
+        entropy_coef=c.entropy_coef,
+        corrections=tuple(with_defaults(x.kind, x.low, x.high) for x in c.corrections),
+        aggregation=c.aggregation,
+        loss_scale_factor=c.loss_scale_factor,
+    )
 
 
 def summarize_batch(batch: Batch, view: SoftmaxView) -> BatchSummary:
@@ -92,7 +127,17 @@ def run_compare(config: Config) -> CompareReport:
         diagnose_loss(name, batch, view, params, agg, config, dtype, show_tokens)
         for name in config.losses
     ]
+    model_report = None
+    if batch.model_context is not None:  # a real model: each loss through the whole network
+        from gradlens.diagnostics.model_grads import model_gradients
+
+        model_report, reports = model_gradients(batch, view, reports, params, agg)
     summary = summarize_batch(batch, view)
+    parity_report = None
+    if config.parity is not None:
+        a, b = config.parity.losses
+        tol = config.parity.tolerance or tolerances.agreement(dtype)
+        parity_report = parity(batch, view, get_loss(a), get_loss(b), params, agg, tol)
     checks = [
         Check(
             name="logp_nonpositive",
@@ -129,6 +174,8 @@ def run_compare(config: Config) -> CompareReport:
                 ),
             ),
         ]
+    if parity_report is not None:
+        checks.append(parity_check(parity_report))
     return CompareReport(
         environment=Environment(
             gradlens=gradlens.__version__,
@@ -146,6 +193,12 @@ def run_compare(config: Config) -> CompareReport:
         losses=reports,
         checks=checks,
         passed=all(c.passed for c in checks),
+        model=model_report,
+        rollout=None
+        if batch.rollout_logp is None
+        else rollout_stats(effective_old_logp(batch, view.logp), batch.rollout_logp, batch.mask),
+        parity=parity_report,
+        metric_names=metric_names(),
     )
 
 
@@ -176,16 +229,72 @@ def diagnose_loss(
         reference_non_finite=count_non_finite(reference.grad_logits, reference.grad_weight),
         sampled_row=sampled_row(view, grads, reference.grad_logits, spec.post_formula),
         rows=row_norms(grads.grad_weight, view.tokens, config.diagnostics.top_k),
-        zero_sum=zero_sum(grads.grad_logits, grads.grad_weight, c_valid, view.hidden, view.logits),
+        zero_sum=zero_sum(
+            grads.grad_logits,
+            grads.grad_weight,
+            zero_sum_scale(grads, view, params, c_valid),
+            view.hidden,
+            view.logits,
+        ),
         clipping=clipping(grads.terms.regions, grads.coefficient, batch.mask),
         agreement=agreement(grads, reference, batch.mask, dtype),
         findings=[],
         tokens=token_details(batch, view, grads) if show_tokens else None,
+        metrics=loss_metrics(grads),
     )
-    return report.model_copy(
-        update={
-            "findings": findings(report, batch, view, grads.terms.coefficient, spec.uses_advantage)
-        }
+    notes = findings(report, batch, view, grads.terms.coefficient, spec.uses_advantage)
+    return report.model_copy(update={"findings": notes + input_notes(spec, batch, grads, params)})
+
+
+def zero_sum_scale(
+    grads: LossGradients, view: SoftmaxView, params: LossParams, c_valid: torch.Tensor
+) -> torch.Tensor:
+    """[M] |c_t|, plus the gross size 2·|c_H|·a_t·H_t of the entropy bonus's cancelling terms
+    Σ_v π_v·|log π_v + H| ≤ 2H: the zero-sum bound is relative to what cancels."""
+    if grads.entropy_grad_logits is None:
+        return c_valid
+    weights = grads.agg_weights if grads.agg_weights is not None else grads.weights
+    a = weights[view.rows, view.cols].to(view.entropy.dtype)
+    return c_valid.abs() + 2 * abs(params.entropy_coef) * a * view.entropy
+
+
+def input_notes(
+    spec: LossSpec, batch: Batch, grads: LossGradients, params: LossParams
+) -> list[str]:
+    """What a loss did in place of an input the batch lacks, and settings it could not apply."""
+    notes = []
+    stand_ins = {
+        "ref_logp": "π_old stands in for the reference policy π_ref (set source.ref_drift, or "
+        "ref_prob on literal positions)",
+        "rollout_logp": "μ_old := π_old, the bypass mode: no training–inference ratio (set "
+        "source.rollout_drift, or rollout_prob on literal positions)",
+    }
+    for need in spec.needs:
+        if getattr(batch, need, None) is None and need in stand_ins:
+            notes.append(f"the batch has no {need}: {stand_ins[need]}")
+    if params.corrections and grads.terms.self_aggregated:
+        notes.append(
+            "loss.corrections are not applied to a loss that aggregates itself: it receives "
+            "rollout_logp and can weight its terms itself"
+        )
+    if grads.entropy_grad_logits is not None:
+        notes.append(
+            f"the entropy bonus (c_H = {params.entropy_coef:g}) adds a logit gradient "
+            "c_H·a_t·π(log π + H) not of the form c·(e_y − π); c_t excludes it"
+        )
+    return notes
+
+
+def parity_check(report: ParityReport) -> Check:
+    """``--parity A,B`` as a pass/fail check."""
+    return Check(
+        name="parity",
+        loss=f"{report.a.name} vs {report.b.name}",
+        passed=report.passed,
+        detail=(
+            f"max |Δc_t| / max |c_t| = {report.coefficient_rel} ≤ {report.tolerance:.3g}; "
+            f"‖∂L/∂W‖ ratio B/A = {report.grad_norm_ratio}"
+        ),
     )
 
 

@@ -17,8 +17,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gradlens.errors import GradlensError
-from gradlens.losses import AGGREGATIONS, loss_names
+from gradlens.losses import AGGREGATIONS, get_loss, loss_names
 from gradlens.losses.registry import unknown_name_message
+from gradlens.losses.user import is_user_loss
 
 
 class Strict(BaseModel):
@@ -63,6 +64,12 @@ class SyntheticSource(Strict):
     temperature: float | None = Field(None, gt=0, description="or: divide N(0,1) logits by this")
     drift: DriftConfig = DriftConfig()
     rewards: RewardConfig = RewardConfig()
+    rollout_drift: float | None = Field(
+        None, ge=0, description="μ_old: z_μ = z_old + scale·ε, tokens ~ μ_old; null: no μ_old"
+    )
+    ref_drift: float | None = Field(
+        None, ge=0, description="π_ref: z_ref = z + scale·ε; null: no reference policy"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> SyntheticSource:
@@ -95,6 +102,17 @@ class LiteralPosition(Strict):
     old_prob: float | None = Field(None, gt=0, le=1, description="π_old(y); default π_θ(y)")
     old_logp: float | None = Field(None, le=0, description="log π_old(y), instead of old_prob")
     advantage: float = 0.0
+    rollout_prob: float | None = Field(None, gt=0, le=1, description="μ_old(y); default π_old(y)")
+    rollout_logp: float | None = Field(None, le=0, description="log μ_old(y), or rollout_prob")
+    ref_prob: float | None = Field(None, gt=0, le=1, description="π_ref(y); default π_old(y)")
+    ref_logp: float | None = Field(None, le=0, description="log π_ref(y), or ref_prob")
+
+    @model_validator(mode="after")
+    def _rollout_and_ref(self) -> LiteralPosition:
+        for a, b in (("rollout_prob", "rollout_logp"), ("ref_prob", "ref_logp")):
+            if getattr(self, a) is not None and getattr(self, b) is not None:
+                raise ValueError(f"give at most one of {a} and {b}")
+        return self
 
     @model_validator(mode="after")
     def _one_of(self) -> LiteralPosition:
@@ -146,7 +164,65 @@ class LiteralSource(Strict):
         return self
 
 
-Source = Annotated[Union[SyntheticSource, LiteralSource], Field(discriminator="kind")]  # noqa: UP007
+class StaleConfig(Strict):
+    """Optimizer steps on the rollout batch before the diagnosis (model source): π_θ ≠ π_old."""
+
+    steps: int = Field(2, ge=0, description="N: optimizer steps between rollout and diagnosis")
+    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
+    lr: float = Field(5e-5, gt=0, description="learning rate of the stale steps")
+    loss: str = Field("ppo_clip", description="the registered loss the stale steps minimise")
+
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, value: str) -> str:
+        problems = loss_name_problems([value])  # a registered loss, or module:function
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
+
+
+class ModelSource(Strict):
+    """A causal LM: rollouts sampled from it, real staleness and precision drift.
+
+    See gradlens.sources.model. ``path: null`` is the built-in tiny model shipped with gradlens.
+    """
+
+    kind: Literal["model"]
+    path: str | None = Field(None, description="local Hugging Face checkpoint dir; null: built-in")
+    prompts: list[str] | None = Field(None, description="prompts; null: the built-in corpus")
+    num_prompts: int = Field(4, ge=1, description="prompts drawn from the built-in corpus")
+    group_size: int = Field(4, ge=1, description="completions sampled per prompt")
+    max_new_tokens: int = Field(24, ge=1)
+    temperature: float = Field(1.0, gt=0, description="sampling temperature T (logits / T)")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
+    reward: str = Field("python_syntax", description="built-in reward name or module:function")
+    rollout_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "bfloat16", description="precision of the rollout pass that samples and returns μ"
+    )
+    stale: StaleConfig = StaleConfig()
+
+    @field_validator("prompts")
+    @classmethod
+    def _some_prompts(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and not value:
+            raise ValueError("give at least one prompt, or null for the built-in corpus")
+        return value
+
+
+class BatchSource(Strict):
+    """A rollout batch dumped from a training run (see gradlens.batchfile for the keys)."""
+
+    kind: Literal["batch"]
+    path: str = Field(description="a .safetensors, .pt or .jsonl batch file")
+    group_size: int = Field(1, ge=1, description="sequences per prompt, when the file has rewards")
+
+
+Source = Annotated[
+    Union[SyntheticSource, LiteralSource, ModelSource, BatchSource],  # noqa: UP007
+    Field(discriminator="kind"),
+]
+BATCH_SUFFIXES = (".safetensors", ".pt", ".pth", ".jsonl")
+SOURCE_KINDS = ("synthetic", "literal", "model", "batch")
 
 # ----------------------------------------------------------------------------- the rest
 
@@ -158,6 +234,21 @@ class AdvantageConfig(Strict):
     eps: float = Field(1e-6, gt=0, description="added to the std before dividing")
 
 
+class CorrectionConfig(Strict):
+    """One training–inference correction (gradlens.losses.corrections); null thresholds take
+    the kind's defaults."""
+
+    kind: Literal["token_tis", "seq_tis", "token_mis", "seq_mis", "icepop", "geo_mask"]
+    low: float | None = Field(None, ge=0, description="lower threshold on ρ; null: default")
+    high: float | None = Field(None, gt=0, description="upper threshold on ρ; null: default")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> CorrectionConfig:
+        if self.low is not None and self.high is not None and self.low > self.high:
+            raise ValueError(f"low ({self.low}) > high ({self.high})")
+        return self
+
+
 class LossConfig(Strict):
     """Loss hyper-parameters, shared by every loss that uses them."""
 
@@ -167,6 +258,29 @@ class LossConfig(Strict):
     opsm_delta: float | None = Field(None, ge=0, description="OPSM δ; null: no sequence mask")
     aggregation: str = "token_mean"
     loss_scale_factor: float | None = Field(None, gt=0, description="L for seq_mean_token_sum_norm")
+    tau_pos: float = Field(1.0, gt=0, description="SAPO gate temperature for A > 0")
+    tau_neg: float = Field(1.05, gt=0, description="SAPO gate temperature for A ≤ 0")
+    cispo_eps_low: float = Field(10.0, ge=0, description="cispo: weight ≥ 1 − this")
+    cispo_eps_high: float = Field(0.28, ge=0, description="cispo: weight ≤ 1 + this")
+    cispo_cap: float = Field(5.0, gt=0, description="cispo_cap: absolute cap ε_max (TRL)")
+    kl_estimator: Literal["k1", "k2", "k3", "unbiased"] = Field("k3", description="grpo's KL")
+    kl_coef: float = Field(0.04, ge=0, description="grpo's β")
+    minirl_cap: float = Field(5.0, gt=0, description="MiniRL truncation threshold C")
+    minirl_truncation: Literal["literal", "decoupled"] = Field(
+        "literal", description="literal: min(π_θ/μ_old, C); decoupled: r·min(π_old/μ_old, C)"
+    )
+    entropy_coef: float = Field(0.0, description="c_H of the entropy bonus −c_H·H; 0: off")
+    corrections: list[CorrectionConfig] = Field(
+        default_factory=list, description="training–inference corrections on every loss"
+    )
+
+    @field_validator("corrections")
+    @classmethod
+    def _distinct_corrections(cls, value: list[CorrectionConfig]) -> list[CorrectionConfig]:
+        kinds = [c.kind for c in value]
+        if len(set(kinds)) != len(kinds):
+            raise ValueError(f"a correction kind is named twice: {kinds}")
+        return value
 
     @field_validator("aggregation")
     @classmethod
@@ -183,6 +297,39 @@ class DiagnosticsConfig(Strict):
     )
 
 
+def loss_name_problems(names: list[str]) -> list[str]:
+    """Why each name is not a loss: unknown, or a user loss that cannot be resolved."""
+    problems = []
+    for name in names:
+        if name in loss_names():
+            continue
+        if is_user_loss(name):
+            try:
+                get_loss(name)
+            except GradlensError as exc:
+                problems.append(str(exc))
+        else:
+            problems.append(unknown_name_message("loss", name, loss_names()))
+    return problems
+
+
+class ParityConfig(Strict):
+    """Two losses compared on one batch (gradlens.parity); ``--parity A,B``."""
+
+    losses: list[str] = Field(min_length=2, max_length=2, description="the two losses A, B")
+    tolerance: float | None = Field(
+        None, gt=0, description="max |Δc_t| / max |c_t| allowed; null: the dtype's agreement tol"
+    )
+
+    @field_validator("losses")
+    @classmethod
+    def _known(cls, value: list[str]) -> list[str]:
+        problems = loss_name_problems(value)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
+
+
 class Config(Strict):
     """The whole run. Every field has a default: ``Config()`` is the built-in default run."""
 
@@ -194,15 +341,14 @@ class Config(Strict):
     advantage: AdvantageConfig = AdvantageConfig()
     loss: LossConfig = LossConfig()
     diagnostics: DiagnosticsConfig = DiagnosticsConfig()
+    parity: ParityConfig | None = Field(None, description="compare two losses (--parity A,B)")
 
     @field_validator("losses")
     @classmethod
     def _known_losses(cls, value: list[str]) -> list[str]:
         if not value:
             raise ValueError("name at least one loss")
-        unknown = [
-            unknown_name_message("loss", v, loss_names()) for v in value if v not in loss_names()
-        ]
+        unknown = loss_name_problems(value)  # module:function names a user loss
         if unknown:
             raise ValueError("; ".join(unknown))
         if len(set(value)) != len(value):
@@ -279,7 +425,10 @@ def validate(data: dict[str, Any], origin: str = "the configuration") -> Config:
     """`Config` from a plain mapping, or one `GradlensError` that lists every problem."""
     source = data.get("source")
     if isinstance(source, dict) and "kind" not in source:
-        data = {**data, "source": {"kind": "synthetic", **source}}
+        path = str(source.get("path", ""))
+        # a batch file's suffix implies a batch; any other path a model checkpoint directory
+        kind = "batch" if path.endswith(BATCH_SUFFIXES) else "model" if path else "synthetic"
+        data = {**data, "source": {"kind": kind, **source}}
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
@@ -293,12 +442,14 @@ def format_error(err: Any) -> str:
     """One pydantic error as 'dotted.path: what is wrong (got X)'."""
     loc = [str(p) for p in err["loc"]]
     # A discriminated union puts the chosen tag into the path: source.synthetic.vocab_size.
-    if len(loc) >= 2 and loc[0] == "source" and loc[1] in ("synthetic", "literal"):
+    source_kind = None
+    if len(loc) >= 2 and loc[0] == "source" and loc[1] in SOURCE_KINDS:
+        source_kind = loc[1]
         loc = [loc[0], *loc[2:]]
     where = ".".join(loc) or "(top level)"
     kind = err["type"]
     if kind == "extra_forbidden":
-        allowed = allowed_keys(loc[:-1])
+        allowed = allowed_keys(loc[:-1], source_kind)
         return f"{where}: unknown key; allowed here: {', '.join(allowed)}"
     message = str(err["msg"]).removeprefix("Value error, ")
     got = err.get("input")
@@ -307,14 +458,15 @@ def format_error(err: Any) -> str:
     return f"{where}: {message}"
 
 
-def allowed_keys(loc: list[str]) -> list[str]:
+def allowed_keys(loc: list[str], source_kind: str | None = None) -> list[str]:
     """The field names of the config section at ``loc`` (for unknown-key messages)."""
+    sources = {"literal": LiteralSource, "model": ModelSource, "batch": BatchSource}
     model: Any = Config
     for part in loc:
         if part.isdigit():
             continue
         if model is Config and part == "source":
-            model = SyntheticSource
+            model = sources.get(source_kind or "", SyntheticSource)
             continue
         field = getattr(model, "model_fields", {}).get(part)
         if field is None:

@@ -8,6 +8,7 @@ consumer reads them through ``mask``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -31,6 +32,8 @@ class Batch:
             r = 1 exactly whatever the rounding of the path that computes ℓ.
         source: a short description of where the batch came from.
         advantage_note: how the advantages were obtained (raw reward, group-normalised, ...).
+        model_context: what the whole-model diagnostics need (the model source's
+            `gradlens.sources.model.ModelContext`); None for sources without a model.
     """
 
     hidden: Tensor
@@ -44,6 +47,7 @@ class Batch:
     on_policy: Tensor | None = None
     source: str = ""
     advantage_note: str = ""
+    model_context: Any = None
 
     @property
     def num_sequences(self) -> int:

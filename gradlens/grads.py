@@ -14,7 +14,7 @@ compares the two. Both work on the M valid tokens only, flattened to [M, ·].
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -22,6 +22,7 @@ from torch import Tensor
 from gradlens.containers import Batch, LossTerms, TokenInputs, valid_index
 from gradlens.logits import compute_logits, softmax_dtype
 from gradlens.losses import LossParams, LossSpec, aggregation_weights
+from gradlens.losses.corrections import apply_corrections
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,10 @@ class LossGradients:
         coefficient: [N, T] c_t = ∂L/∂ℓ_t (0 at masked positions).
         grad_logits: [M, V] ∂L/∂z_t of the valid tokens.
         grad_weight: [V, H] ∂L/∂W.
+        entropy_grad_logits: [M, V] the entropy bonus's part of ``grad_logits``, or None when
+            ``entropy_coef`` is 0. It is not of the form c·(e_y − π).
+        agg_weights: [N, T] the run's aggregation weights; they differ from ``weights`` (all 1)
+            for a loss that aggregates itself. None: the same as ``weights``.
     """
 
     loss: float
@@ -120,22 +125,60 @@ class LossGradients:
     coefficient: Tensor
     grad_logits: Tensor
     grad_weight: Tensor
+    entropy_grad_logits: Tensor | None = None
+    agg_weights: Tensor | None = None
+
+
+def run_params(params: LossParams, agg: Aggregation) -> LossParams:
+    """``params`` carrying the run's aggregation (read by losses that aggregate themselves)."""
+    if (params.aggregation, params.loss_scale_factor) == (agg.mode, agg.loss_scale_factor):
+        return params
+    return replace(params, aggregation=agg.mode, loss_scale_factor=agg.loss_scale_factor)
+
+
+def loss_terms(inputs: TokenInputs, spec: LossSpec, params: LossParams) -> LossTerms:
+    """The loss's terms with the training–inference corrections of ``params`` applied."""
+    return apply_corrections(spec.fn(inputs, params), inputs, params.corrections)
+
+
+def loss_weights(
+    mask: Tensor, terms: LossTerms, agg: Aggregation, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """(weights of the loss's terms, the run's aggregation weights), [N, T] each."""
+    agg_weights = aggregation_weights(mask, agg.mode, agg.loss_scale_factor, dtype)
+    return (mask.to(dtype) if terms.self_aggregated else agg_weights), agg_weights
 
 
 def closed_form(
     batch: Batch, view: SoftmaxView, spec: LossSpec, params: LossParams, agg: Aggregation
 ) -> LossGradients:
-    """Gradients from the master identity: no graph over the logits."""
+    """Gradients from the master identity: no graph over the logits.
+
+    With ``params.entropy_coef`` = c_H ≠ 0 the bonus −c_H·Σ_t a_t H_t is added: its logit
+    gradient a_t·c_H·π_t,i·(log π_t,i + H_t) (docs/losses.md §2.11) is the one term not of the form
+    c·(e_y − π); it is zero-sum, and the coefficient c_t (∂L/∂ℓ_t) does not include it.
+    """
+    params = run_params(params, agg)
     inputs = token_inputs(batch, view.logp)
-    terms = spec.fn(inputs, params)
-    weights = aggregation_weights(batch.mask, agg.mode, agg.loss_scale_factor, view.logits.dtype)
+    terms = loss_terms(inputs, spec, params)
+    weights, agg_weights = loss_weights(batch.mask, terms, agg, view.logits.dtype)
     coefficient = weights * terms.coefficient  # [N, T]
     c = coefficient[view.rows, view.cols]  # [M]
     grad_logits = -c[:, None] * view.probs  # [M, V]
     grad_logits.scatter_add_(-1, view.tokens[:, None], c[:, None])  # + c·e_y
-    grad_weight = grad_logits.T @ view.hidden.to(grad_logits.dtype)  # [V, H]
     loss = float((weights * terms.per_token).sum())
-    return LossGradients(loss, terms, weights, coefficient, grad_logits, grad_weight)
+    entropy_grad = None
+    if params.entropy_coef != 0.0:
+        a = agg_weights[view.rows, view.cols]  # [M]
+        log_probs = torch.log_softmax(view.logits, dim=-1)  # [M, V]
+        h = view.entropy[:, None]  # [M, 1]
+        entropy_grad = (params.entropy_coef * a)[:, None] * view.probs * (log_probs + h)
+        grad_logits = grad_logits + entropy_grad
+        loss -= params.entropy_coef * float((a * view.entropy).sum())
+    grad_weight = grad_logits.T @ view.hidden.to(grad_logits.dtype)  # [V, H]
+    return LossGradients(
+        loss, terms, weights, coefficient, grad_logits, grad_weight, entropy_grad, agg_weights
+    )
 
 
 @dataclass(frozen=True)
@@ -161,9 +204,14 @@ def autograd_reference(
     logp = torch.zeros(batch.mask.shape, dtype=logits.dtype, device=logits.device)
     logp = logp.index_put((rows, cols), sampled.squeeze(-1))  # [N, T], differentiable
     logp.retain_grad()
-    terms = spec.fn(token_inputs(batch, logp), params)
-    weights = aggregation_weights(batch.mask, agg.mode, agg.loss_scale_factor, logits.dtype)
+    params = run_params(params, agg)
+    terms = loss_terms(token_inputs(batch, logp), spec, params)
+    weights, agg_weights = loss_weights(batch.mask, terms, agg, logits.dtype)
     loss = (weights * terms.per_token).sum()
+    if params.entropy_coef != 0.0:  # the bonus from the very logits being differentiated
+        log_probs = torch.log_softmax(logits, dim=-1)  # [M, V]
+        entropy = -(log_probs.exp() * log_probs).sum(-1)  # [M]
+        loss = loss - params.entropy_coef * (agg_weights[rows, cols] * entropy).sum()
     loss.backward()
     assert logits.grad is not None and logp.grad is not None and weight.grad is not None
     return ReferenceGradients(float(loss.detach()), logp.grad, logits.grad, weight.grad)

@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from gradlens.model_results import ModelGradients, ModelReport
+
 SCHEMA_VERSION = "gradlens.compare/1"
 
 
@@ -122,6 +124,15 @@ class Clipping(Result):
     seq_masked_sequences: float | None = Field(description="share of sequences OPSM removed")
     seq_masked_tokens: float | None = Field(description="share of valid tokens in them")
     zero_grad: float = Field(description="share of valid tokens with c_t = 0, for any reason")
+    shares: dict[str, float | None] = Field(
+        default_factory=dict,
+        description="share of valid tokens in every region the loss and its corrections "
+        "reported, by region name (clip_upper, weight_clipped, tis_truncated, ...)",
+    )
+    sequence_shares: dict[str, float | None] = Field(
+        default_factory=dict,
+        description="share of sequences in each whole-sequence region (names starting seq_)",
+    )
 
 
 class Agreement(Result):
@@ -168,6 +179,15 @@ class LossReport(Result):
     agreement: Agreement
     findings: list[str]
     tokens: list[TokenDetail] | None = None
+    model_grads: ModelGradients | None = Field(
+        None, description="model source only: whole-model gradient norms of this loss"
+    )
+    metrics: dict[str, float | None] = Field(
+        default_factory=dict,
+        description="further numbers of this loss: per-token metrics aggregated with the run's "
+        "weights (kl: grpo's KL estimate before β; sapo_gate: SAPO's mean gate) and "
+        "reported:<name>, the metrics a verl-shaped function returned itself",
+    )
 
 
 class Check(Result):
@@ -179,6 +199,83 @@ class Check(Result):
     detail: str
 
 
+class RolloutStats(Result):
+    """The training–inference gap ρ = π_old(y)/μ_old(y), when the batch has rollout log-probs."""
+
+    count: int
+    rho_mean: float | None = Field(description="mean ρ; verl rollout_corr/rollout_is_mean")
+    rho_min: float | None
+    rho_max: float | None
+    kl_k1: float | None = Field(
+        description="mean(ℓ_rollout − ℓ_old); verl rollout_corr/kl, OpenRLHF vllm_kl"
+    )
+    kl_k3: float | None = Field(description="mean(ρ − 1 − log ρ); verl rollout_corr/k3_kl")
+    abs_diff_mean: float | None = Field(
+        description="mean |ℓ_old − ℓ_rollout|; TRL sampling/sampling_logp_difference/mean, "
+        "slime train_rollout_logprob_abs_diff"
+    )
+    abs_diff_max: float | None = Field(
+        description="max |ℓ_old − ℓ_rollout|; TRL sampling/sampling_logp_difference/max"
+    )
+
+
+class ParityPosition(Result):
+    """One token where the two losses' coefficients differ."""
+
+    sequence: int
+    position: int
+    token: int
+    coefficient_a: float | None = Field(description="c_t of loss A")
+    coefficient_b: float | None = Field(description="c_t of loss B")
+    abs_diff: float | None = Field(description="|c_t(A) − c_t(B)|")
+
+
+class ParitySide(Result):
+    """One of the two losses, as parity sees it."""
+
+    name: str
+    loss: float | None = Field(description="the loss value L")
+    grad_norm: float | None = Field(description="‖∂L/∂W‖_F")
+    clipping: Clipping
+    metrics: dict[str, float | None] = Field(default_factory=dict)
+
+
+class ParityReport(Result):
+    """``--parity A,B``: where two implementations of a loss differ on the same batch."""
+
+    a: ParitySide
+    b: ParitySide
+    coefficient_max_abs_diff: float | None = Field(description="max_t |c_t(A) − c_t(B)|")
+    coefficient_rel: float | None = Field(
+        description="max_t |Δc_t| / max_t max(|c_t(A)|, |c_t(B)|): what the tolerance judges"
+    )
+    differing_tokens: int = Field(description="valid tokens with |Δc_t| above the tolerance")
+    top: list[ParityPosition] = Field(description="the largest |Δc_t|, largest first")
+    grad_norm_ratio: float | None = Field(description="‖∂L_B/∂W‖ / ‖∂L_A/∂W‖")
+    loss_diff: float | None = Field(description="L_B − L_A")
+    grad_logits_rel: float | None = Field(
+        description="max |∂L_A/∂z − ∂L_B/∂z| / max |∂L_A/∂z|, over tokens and vocabulary"
+    )
+    row_max_rel: float | None = Field(
+        description="max_v ‖∂L_A/∂W_v − ∂L_B/∂W_v‖ / max_v ‖∂L_A/∂W_v‖ (lm_head rows)"
+    )
+    tolerance: float
+    passed: bool
+    findings: list[str]
+
+
+class MetricName(Result):
+    """One quantity of the report and what the RL frameworks call it (losses.md §11.2)."""
+
+    key: str = Field(description="where gradlens reports it (a JSON path; [] = each loss)")
+    quantity: str
+    verl: str | None
+    trl: str | None
+    openrlhf: str | None
+    slime: str | None
+    note: str | None = Field(None, description="where the frameworks disagree or differ")
+
+
 class CompareReport(Result):
     schema_version: Literal["gradlens.compare/1"] = "gradlens.compare/1"
     environment: Environment
@@ -188,3 +285,13 @@ class CompareReport(Result):
     losses: list[LossReport]
     checks: list[Check]
     passed: bool = Field(description="every check passed")
+    model: ModelReport | None = Field(
+        None, description="model source only: checkpoint, rollout, mismatch and staleness"
+    )
+    rollout: RolloutStats | None = Field(
+        None, description="training–inference gap, when the batch has rollout log-probs"
+    )
+    parity: ParityReport | None = Field(None, description="--parity A,B: the two losses compared")
+    metric_names: list[MetricName] = Field(
+        default_factory=list, description="the framework names of the report's quantities"
+    )

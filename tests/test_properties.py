@@ -163,6 +163,9 @@ def boundary_margin(batch: Batch, params: LossParams) -> float:
     if params.dual_clip is not None:
         bounds.append(params.dual_clip)
     gaps = [float((r - b).abs().min()) for b in bounds]
+    # GSPO clips on the sequence ratio s_i = exp(mean_t log r): its gaps to the bounds count too
+    s = torch.exp(((view.logp - batch.old_logp) * m).sum(-1) / m.sum(-1).clamp(min=1))
+    gaps += [float((s[m.any(-1)] - b).abs().min()) for b in bounds]
     if params.opsm_delta is not None:
         stat = ((batch.old_logp - view.logp) * m).sum(-1) / m.sum(-1).clamp(min=1)
         gaps.append(float((stat - params.opsm_delta).abs().min()))

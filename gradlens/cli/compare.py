@@ -37,6 +37,15 @@ def compare(
     ] = None,
     config: ConfigOption = None,
     overrides: SetOption = None,
+    source: Annotated[
+        str | None,
+        typer.Option(
+            "--source",
+            metavar="synthetic|literal|model|batch",
+            help="Where the batch comes from (sets source.kind). model: the built-in tiny "
+            "causal LM, or a local Hugging Face checkpoint with --set source.path=DIR.",
+        ),
+    ] = None,
     device: Annotated[
         str | None,
         typer.Option(
@@ -63,18 +72,41 @@ def compare(
             "gradients, closed form vs autograd, finite gradients, log-probs ≤ 0.",
         ),
     ] = False,
+    parity: Annotated[
+        str | None,
+        typer.Option(
+            "--parity",
+            metavar="A,B",
+            help="Compare two losses (built-in, module:function, or verl:module:function) on "
+            "the same batch: max |Δc_t| and where, the ‖∂L/∂W‖ ratio, clip fractions side by "
+            "side. --check fails beyond parity.tolerance (default: the dtype's agreement "
+            "tolerance). Without --losses, runs just A and B.",
+        ),
+    ] = None,
     debug: DebugOption = False,
 ) -> None:
     """Run each loss on the same batch; report what it does to the logits and the lm_head."""
     with user_errors(debug):
+        from gradlens.cli.progress import progress_bar
         from gradlens.compare import run_compare
         from gradlens.config import build_config
+        from gradlens.errors import GradlensError
+        from gradlens.progress import reporting
         from gradlens.report.serialize import to_json
         from gradlens.report.table import render_compare
 
         names = None if losses is None else [n.strip() for n in losses.split(",") if n.strip()]
-        cfg = build_config(config, overrides or [], {"losses": names, "device": device})
-        report = run_compare(cfg)
+        flags = {"losses": names, "device": device, "source.kind": source}
+        if parity is not None:
+            pair = [n.strip() for n in parity.split(",") if n.strip()]
+            if len(pair) != 2:
+                raise GradlensError(f"--parity {parity!r}: name exactly two losses, A,B")
+            flags["parity.losses"] = pair
+            if names is None:
+                flags["losses"] = list(dict.fromkeys(pair))
+        cfg = build_config(config, overrides or [], flags)
+        with progress_bar() as callback, reporting(callback):
+            report = run_compare(cfg)
         if output is OutputFormat.json:
             typer.echo(to_json(report))
         else:

@@ -62,6 +62,11 @@ def losses(
     console = stdout_console()
     console.print(table)
     console.print(f"aggregations (loss.aggregation): {', '.join(AGGREGATIONS)}")
+    console.print(
+        "with every loss: loss.entropy_coef (entropy bonus), loss.corrections (token_tis, "
+        "seq_tis, token_mis, seq_mis, icepop, geo_mask); your own loss: --losses "
+        "module:function or verl:module:function (docs/cli.md)"
+    )
 
 
 def config(

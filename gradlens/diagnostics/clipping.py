@@ -10,6 +10,10 @@ valid tokens, token-weighted as verl and TRL average (slime averages per sample 
     dual    A<0 ∧ r>c              verl actor/pg_clipfrac_lower
     seq_masked_sequences / _tokens  DeepSeek-V3.2 OPSM (slime's opsm_clipfrac is a count)
     zero_grad                      c_t = 0 for any reason (A = 0 included)
+    shares                         every region by name (the frontier losses' and the
+                                   corrections' own: weight_clipped, tis_truncated, ...)
+    sequence_shares                share of sequences in each ``seq_`` region (whole-sequence
+                                   rules: TRL's sequence-level clip_ratio for GSPO)
 """
 
 from __future__ import annotations
@@ -43,4 +47,13 @@ def clipping(regions: dict[str, Tensor], coefficient: Tensor, mask: Tensor) -> C
         seq_masked_sequences=seq_share,
         seq_masked_tokens=_share(seq, mask),
         zero_grad=num(((coefficient == 0) & mask).sum().double() / mask.sum().clamp(min=1)) or 0.0,
+        shares={name: _share(r, mask) for name, r in regions.items()},
+        sequence_shares={
+            name: _sequence_share(r, mask) for name, r in regions.items() if name.startswith("seq_")
+        },
     )
+
+
+def _sequence_share(region: Tensor, mask: Tensor) -> float | None:
+    present = mask.any(-1)
+    return num((region & mask).any(-1).sum().double() / present.sum().clamp(min=1))

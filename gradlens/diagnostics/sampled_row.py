@@ -4,6 +4,11 @@ For one token the post derives |∂L/∂z_y| = |c|·(1 − π_y) and ∂L/∂z_j
 the gradient mass on the other rows, Σ_{j≠y}|∂L/∂z_j| = |c|·(1 − π_y), equals the sampled
 row's: the zero-sum game. The post's formula a_t·|g_t|·(1 − π_y) is checked against the logit
 gradient that autograd produced, not against the closed form it would trivially match.
+
+With an entropy bonus (``loss.entropy_coef``) the logit gradient has a second term that is not
+of the form c·(e_y − π); every number here still describes the whole gradient, except the
+post's formula, which is checked against autograd's gradient minus the bonus's closed-form
+part (itself checked by the agreement diagnostic) and says so.
 """
 
 from __future__ import annotations
@@ -26,7 +31,11 @@ def sampled_row(
     a = grads.weights[view.rows, view.cols]  # [M]
     gt = grads.terms.coefficient[view.rows, view.cols]  # [M]
     post = a * gt.abs() * (1 - view.sampled_probs)  # [M] the post's closed form
-    ref_at_y = reference_grad_logits.gather(-1, view.tokens[:, None]).squeeze(-1).abs()
+    reference = reference_grad_logits
+    if grads.entropy_grad_logits is not None:  # the post's formula covers the policy term only
+        reference = reference - grads.entropy_grad_logits.to(reference.dtype)
+        post_formula += " (policy term; entropy bonus excluded)"
+    ref_at_y = reference.gather(-1, view.tokens[:, None]).squeeze(-1).abs()
     empty = at_y.numel() == 0
     return SampledRow(
         post_formula=f"a_t·{post_formula}",

@@ -2,6 +2,7 @@
 
 # isort: off
 from gradlens.losses import reinforce, ppo, sft  # noqa: F401  (registration side effect)
+from gradlens.losses import grpo, gspo, cispo, sapo, minirl  # noqa: F401
 
 # isort: on
 from gradlens.losses.aggregation import AGGREGATIONS, aggregation_weights

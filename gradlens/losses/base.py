@@ -16,6 +16,20 @@ from gradlens.containers import LossTerms, TokenInputs
 
 
 @dataclass(frozen=True)
+class Correction:
+    """One training–inference correction (docs/losses.md §2.12): a detached weight on g_t.
+
+    Attributes:
+        kind: token_tis, seq_tis, token_mis, seq_mis, icepop or geo_mask.
+        low, high: its thresholds (None: no bound on that side).
+    """
+
+    kind: str
+    low: float | None = None
+    high: float | None = None
+
+
+@dataclass(frozen=True)
 class LossParams:
     """Hyper-parameters shared by the clipped losses (losses.md §2.4 for the defaults).
 
@@ -24,12 +38,44 @@ class LossParams:
         eps_high: upper clip width: a token with A > 0 is clipped when r > 1 + eps_high.
         dual_clip: c > 1 of dual-clip PPO, or None: a token with A < 0 is clipped when r > c.
         opsm_delta: δ of DeepSeek-V3.2's off-policy sequence mask, or None for no mask.
+        tau_pos, tau_neg: SAPO's gate temperatures for A > 0 and for A ≤ 0 (paper: 1.0, 1.05).
+        cispo_eps_low, cispo_eps_high: CISPO's IS-weight clip clip(r, 1 − low, 1 + high)
+            (verl/slime parametrisation; low = 10 disables the lower bound).
+        cispo_cap: the absolute cap ε_max of ``cispo_cap``, min(r, ε_max) (TRL's
+            ``epsilon_high`` under ``loss_type="cispo"``; ScaleRL recommends 5).
+        kl_estimator: ``grpo``'s KL estimator: k1, k2, k3 (= verl ``low_var_kl``) or
+            ``unbiased`` (DeepSeek-V3.2 eq. 7, gradient through the ratio).
+        kl_coef: β, the weight of ``grpo``'s KL penalty (DeepSeekMath: 0.04).
+        minirl_cap: MiniRL's truncation threshold of the token IS weight (paper: 5).
+        minirl_truncation: which reading of MiniRL's truncation (losses.md trap A1):
+            ``literal`` truncates sg[π_θ/μ_old]; ``decoupled`` truncates only π_old/μ_old.
+        entropy_coef: c_H of the entropy bonus −c_H·agg_t H_t, added to every loss (0: off).
+        corrections: training–inference corrections composed with every loss (detached
+            weights or masks on g_t; `gradlens.losses.corrections`).
+        aggregation, loss_scale_factor: the run's aggregation, set by `gradlens.grads` from the
+            `Aggregation` in use. Only losses that aggregate themselves (user and verl-shaped
+            functions) read them; the built-in losses never do.
     """
 
     eps_low: float = 0.2
     eps_high: float = 0.28
     dual_clip: float | None = None
     opsm_delta: float | None = None
+    # --- added for the frontier losses (docs/losses.md §2.6–§2.13); every default keeps the
+    # behaviour of the losses above unchanged.
+    tau_pos: float = 1.0
+    tau_neg: float = 1.05
+    cispo_eps_low: float = 10.0
+    cispo_eps_high: float = 0.28
+    cispo_cap: float = 5.0
+    kl_estimator: str = "k3"
+    kl_coef: float = 0.04
+    minirl_cap: float = 5.0
+    minirl_truncation: str = "literal"
+    entropy_coef: float = 0.0
+    corrections: tuple[Correction, ...] = ()
+    aggregation: str = "token_mean"
+    loss_scale_factor: float | None = None
 
 
 LossFn = Callable[[TokenInputs, LossParams], LossTerms]
@@ -51,6 +97,8 @@ class LossSpec:
             aggregation weight.
         uses_advantage: whether g_t scales with A (False for SFT); amplification relative
             to REINFORCE, |g_t|/|A_t|, is reported only for such losses.
+        needs: optional batch inputs the loss reads (``rollout_logp``, ``ref_logp``); when the
+            batch lacks one the loss falls back to ℓ_old, and ``compare`` says so in findings.
     """
 
     name: str
@@ -62,3 +110,4 @@ class LossSpec:
     regions: tuple[str, ...] = ()
     post_formula: str = "|g|·(1 − π_y)"
     uses_advantage: bool = True
+    needs: tuple[str, ...] = ()

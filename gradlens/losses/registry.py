@@ -35,8 +35,12 @@ def unknown_name_message(kind: str, name: str, valid: list[str]) -> str:
 
 
 def get_loss(name: str) -> LossSpec:
-    """The spec registered under ``name``."""
+    """The spec registered under ``name``; ``module:function`` names a user loss."""
     try:
         return _REGISTRY[name]
     except KeyError:
+        if ":" in name:  # a user or verl-shaped function, resolved for this process
+            from gradlens.losses.user import user_loss_spec
+
+            return user_loss_spec(name)
         raise GradlensError(unknown_name_message("loss", name, loss_names())) from None

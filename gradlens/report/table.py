@@ -80,6 +80,19 @@ def ratio_table(report: CompareReport) -> Table:
 
 Row = tuple[str, Callable[[LossReport], str]]
 
+
+def _metrics(r: LossReport) -> str:
+    from gradlens.report.parity_table import metrics_cell
+
+    return metrics_cell(r)
+
+
+def _other_rules(r: LossReport) -> str:
+    from gradlens.report.parity_table import other_rules_cell
+
+    return other_rules_cell(r)
+
+
 SECTIONS: list[tuple[str, list[Row]]] = [
     (
         "loss",
@@ -91,6 +104,7 @@ SECTIONS: list[tuple[str, list[Row]]] = [
                 "mean |c_t| / max |c_t|",
                 lambda r: f"{fmt(r.coefficient_abs_mean)} / {fmt(r.coefficient_abs_max)}",
             ),
+            ("metrics (KL, gate, reported)", lambda r: _metrics(r)),
         ],
     ),
     (
@@ -158,6 +172,7 @@ SECTIONS: list[tuple[str, list[Row]]] = [
                 ),
             ),
             ("c_t = 0 for any reason", lambda r: pct(r.clipping.zero_grad)),
+            ("other rules (CISPO, corrections, ...)", lambda r: _other_rules(r)),
         ],
     ),
     (
@@ -262,11 +277,16 @@ def findings_text(report: CompareReport) -> Text:
 
 def render_compare(report: CompareReport, console: Console) -> None:
     """Print the whole report."""
+    from gradlens.report.model_table import model_parts  # (it imports this module)
+    from gradlens.report.parity_table import frontier_parts  # (so does this one)
+
     parts: list = [
         batch_panel(report),
         ratio_table(report),
+        *model_parts(report),
         losses_table(report),
         top_rows_table(report),
+        *frontier_parts(report),
     ]
     parts += [t for t in (tokens_table(r) for r in report.losses) if t is not None]
     parts.append(findings_text(report))

@@ -8,7 +8,9 @@ from typing import Any
 import torch
 
 from gradlens.containers import Batch
+from gradlens.sources.batchfile import build_batchfile
 from gradlens.sources.literal import build_literal
+from gradlens.sources.model import build_model_batch
 from gradlens.sources.synthetic import build_synthetic
 
 # Every builder takes (source section, the whole config, device, dtype) and returns a Batch.
@@ -17,6 +19,8 @@ SourceBuilder = Callable[[Any, Any, torch.device, torch.dtype], Batch]
 SOURCES: dict[str, SourceBuilder] = {
     "synthetic": build_synthetic,
     "literal": build_literal,
+    "batch": build_batchfile,
+    "model": build_model_batch,
 }
 
 

@@ -2,7 +2,10 @@
 
 Each position states its distribution (``logits`` or ``probs``; z = log π for probs, which is
 exact up to a constant shift the softmax ignores), its sampled token, π_old(y) (``old_prob``
-or ``old_logp``; on-policy when neither is given) and its advantage.
+or ``old_logp``; on-policy when neither is given) and its advantage. Optionally it states the
+inference engine's μ_old(y) (``rollout_prob``/``rollout_logp``) and a reference π_ref(y)
+(``ref_prob``/``ref_logp``); a position that states none takes π_old(y), and a batch in which
+no position states one has none (``rollout_logp``/``ref_logp`` None).
 
 So that the lm_head analysis runs through the same code as every other source, position k of
 the M positions gets the hidden state h_k = e_k ∈ R^M and the lm_head W = [z_1 … z_M] ∈ R^{V×M}:
@@ -35,6 +38,9 @@ def build_literal(src: Any, config: Any, device: torch.device, dtype: torch.dtyp
     advantages = torch.zeros(n, t_max, dtype=torch.float64)
     old_logp = torch.zeros(n, t_max, dtype=torch.float64)
     on_policy = torch.zeros(n, t_max, dtype=torch.bool)
+    # μ_old and π_ref where stated (NaN: not stated → π_old(y) at that position)
+    rollout = torch.full((n, t_max), math.nan, dtype=torch.float64)
+    ref = torch.full((n, t_max), math.nan, dtype=torch.float64)
     for k, (i, t, p) in enumerate(positions):
         hidden[i, t, k] = 1.0
         z = p.logits if p.logits is not None else [math.log(x) for x in p.probs]
@@ -46,10 +52,26 @@ def build_literal(src: Any, config: Any, device: torch.device, dtype: torch.dtyp
             old_logp[i, t] = p.old_logp
         else:
             on_policy[i, t] = True
+        for grid, prob, logp in (
+            (rollout, p.rollout_prob, p.rollout_logp),
+            (ref, p.ref_prob, p.ref_logp),
+        ):
+            if prob is not None:
+                grid[i, t] = math.log(prob)
+            elif logp is not None:
+                grid[i, t] = logp
 
     hidden_c, weight_c = hidden.to(dtype), weight.to(dtype)
     current = token_logp(compute_logits(hidden_c, weight_c), tokens)  # [N, T]
     old = torch.where(on_policy, current, old_logp.to(acc))  # the on-policy value, for display
+
+    def stated(grid: torch.Tensor) -> torch.Tensor | None:
+        """The stated log-probs, π_old(y) where a position states none; None if none does."""
+        given = ~torch.isnan(grid) & mask
+        if not given.any():
+            return None
+        return torch.where(given, grid.to(acc), old).to(device)
+
     return Batch(
         hidden=hidden_c.to(device),
         weight=weight_c.to(device),
@@ -57,6 +79,8 @@ def build_literal(src: Any, config: Any, device: torch.device, dtype: torch.dtyp
         mask=mask.to(device),
         old_logp=old.to(device),
         advantages=advantages.to(acc).to(device),
+        rollout_logp=stated(rollout),
+        ref_logp=stated(ref),
         on_policy=on_policy.to(device),
         source=f"literal: {n} sequence(s), {m} position(s), V={v} (h_k = e_k, W = [z_1 … z_M])",
         advantage_note="stated literally per position",

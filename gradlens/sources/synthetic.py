@@ -9,9 +9,13 @@ reproducible on any device):
    tokens equal the target (the entropy of softmax(α z) falls monotonically in α ≥ 0).
 3. π_old is a controlled drift of π_θ: ``none`` (on-policy, ℓ_old = ℓ exactly),
    ``logit_noise`` (z_old = z + scale·ε) or ``stale_weight`` (W_old = W + scale·std(W)·ε).
-4. y_t ~ π_old (the rollout policy samples), ℓ_old = log π_old(y_t).
+4. y_t ~ π_old (the rollout policy samples), ℓ_old = log π_old(y_t). With
+   ``rollout_drift`` set, the inference engine's μ_old (z_μ = z_old + rollout_drift·ε, the
+   bf16-like mismatch of a rollout engine) samples instead, and ℓ_rollout = log μ_old(y_t).
 5. Per-sequence rewards (Bernoulli or Gaussian) → advantages by ``advantage.normalization``,
    broadcast to every token of the sequence (outcome reward).
+6. With ``ref_drift`` set, a reference policy z_ref = z + ref_drift·ε (drawn last, so that
+   nothing above changes), ℓ_ref = log π_ref(y_t).
 """
 
 from __future__ import annotations
@@ -79,9 +83,14 @@ def build_synthetic(src: Any, config: Any, device: torch.device, dtype: torch.dt
     else:
         old_logits = logits
 
-    old_probs = torch.softmax(old_logits.double(), dim=-1).reshape(n * t, v)  # [N*T, V]
-    tokens = torch.multinomial(old_probs, 1, generator=gen).view(n, t)  # [N, T]
+    sampler_logits = old_logits
+    if src.rollout_drift is not None:  # μ_old: the inference engine's view of π_old
+        noise = torch.randn(n, t, v, generator=gen, dtype=torch.float64)
+        sampler_logits = old_logits + (src.rollout_drift * noise).to(old_logits.dtype)
+    sampler_probs = torch.softmax(sampler_logits.double(), dim=-1).reshape(n * t, v)  # [N*T, V]
+    tokens = torch.multinomial(sampler_probs, 1, generator=gen).view(n, t)  # [N, T]
     old_logp = token_logp(old_logits, tokens)  # [N, T]
+    rollout_logp = None if src.rollout_drift is None else token_logp(sampler_logits, tokens)
 
     if src.rewards.kind == "binary":
         rewards = torch.bernoulli(torch.full((n,), src.rewards.p_correct), generator=gen)
@@ -91,6 +100,15 @@ def build_synthetic(src: Any, config: Any, device: torch.device, dtype: torch.dt
         rewards.double(), config.advantage.normalization, src.group_size, config.advantage.eps
     )
     advantages = (adv[:, None] * mask).to(old_logp.dtype)  # [N, T]
+    ref_logp = None
+    if src.ref_drift is not None:  # π_ref: a drift of π_θ, drawn last (nothing above changes)
+        noise = torch.randn(n, t, v, generator=gen, dtype=torch.float64)
+        ref_logp = token_logp(logits + (src.ref_drift * noise).to(logits.dtype), tokens)
+    policies = "".join(
+        f", {name} drift {scale}"
+        for name, scale in (("rollout", src.rollout_drift), ("ref", src.ref_drift))
+        if scale is not None
+    )
 
     return Batch(
         hidden=hidden_c.to(device),
@@ -99,10 +117,12 @@ def build_synthetic(src: Any, config: Any, device: torch.device, dtype: torch.dt
         mask=mask.to(device),
         old_logp=old_logp.to(device),
         advantages=advantages.to(device),
+        rollout_logp=None if rollout_logp is None else rollout_logp.to(device),
+        ref_logp=None if ref_logp is None else ref_logp.to(device),
         on_policy=(mask & (drift.kind == "none")).to(device),
         source=(
             f"synthetic: {n} sequences × ≤{t} tokens, V={v}, H={h}, "
-            f"drift {drift.kind}({drift.scale}), {src.rewards.kind} rewards"
+            f"drift {drift.kind}({drift.scale}), {src.rewards.kind} rewards{policies}"
         ),
         advantage_note=note,
     )

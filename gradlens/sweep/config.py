@@ -20,7 +20,6 @@ reported at once with its dotted path (the messages come from `gradlens.config.f
 from __future__ import annotations
 
 import copy
-import dataclasses
 import itertools
 import math
 from collections.abc import Iterable, Mapping
@@ -146,16 +145,10 @@ class SweepConfig(Strict):
         return value
 
     def loss_params(self) -> LossParams:
-        """The `LossParams` of the ``loss`` section.
+        """The `LossParams` of the ``loss`` section, mapped exactly as ``compare`` maps it."""
+        from gradlens.compare import loss_params_from
 
-        Every ``loss`` key that `LossParams` also has is passed by name (lists as tuples),
-        so a setting added to both reaches the sweep with no change here.
-        """
-        names = {f.name for f in dataclasses.fields(LossParams)}
-        values: dict[str, Any] = {
-            k: tuple(v) if isinstance(v, list) else v for k, v in self.loss if k in names
-        }
-        return LossParams(**values)
+        return loss_params_from(self.loss)
 
     def axis(self, name: str) -> AxisConfig:
         return self.pi_old if name == "pi_old" else self.pi_theta

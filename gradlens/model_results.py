@@ -1,0 +1,169 @@
+"""Report models of the model source: the checkpoint, the rollout, drift, whole-model gradients.
+
+They hang off the main report as optional fields (`CompareReport.model`,
+`LossReport.model_grads`), which are null for the synthetic and literal sources. Defined here,
+not in `gradlens.results`, so that module only gains two optional fields.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# A measured norm within this factor of the seed post's prediction counts as agreement. The
+# post's estimate drops every factor of order one (the hidden-state norms, the mass on the
+# other rows, cancellation between tokens) and claims only a rough match with its runs, so a
+# factor of 2 either way is a lenient reading; outside it the estimate would misjudge the
+# grad-norm by more than the spread of common clipping thresholds (0.5 to 1.0).
+PREDICTION_FACTOR = 2.0
+
+
+class ModelResult(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelInfo(ModelResult):
+    """The checkpoint that was loaded."""
+
+    path: str = Field(description="the checkpoint directory ('built-in' for the shipped model)")
+    builtin: bool
+    architecture: str
+    parameters: int
+    layers: int | None
+    hidden_size: int
+    vocab_size: int = Field(description="rows of the lm_head")
+    tokenizer_size: int
+    context: int | None = Field(description="max_position_embeddings")
+    tied_embeddings: bool = Field(description="lm_head and input embedding share one tensor")
+    lm_head_bias: bool
+    train_dtype: str
+    rollout_dtype: str
+
+
+class RolloutSample(ModelResult):
+    sequence: int
+    prompt: str
+    completion: str
+    tokens: int = Field(description="completion tokens in the loss (the EOS token included)")
+    reward: float
+
+
+class RolloutSummary(ModelResult):
+    """What was sampled, and which log-probs are π_old and μ."""
+
+    prompts: int
+    group_size: int
+    sequences: int
+    completion_tokens: int
+    mean_completion_length: float
+    stopped_at_eos: int = Field(description="sequences that ended with the EOS token")
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    reward: str
+    mean_reward: float
+    reward_std: float
+    logp_definition: str
+    samples: list[RolloutSample]
+
+
+class Mismatch(ModelResult):
+    """Training–inference mismatch: μ (rollout pass) against π_old (training pass), same θ.
+
+    ρ = π_old(y)/μ(y) over the completion tokens, as the rollout-correction metrics of verl
+    (``rollout_corr/*``) and slime log it.
+    """
+
+    rollout_dtype: str
+    train_dtype: str
+    count: int
+    mean_abs_diff: float | None = Field(description="mean |log π_old − log μ|, nats")
+    rms_diff: float | None = Field(description="sqrt(mean (log π_old − log μ)²), nats")
+    max_abs_diff: float | None
+    kl_k1: float | None = Field(description="mean(log μ − log π_old), k1 of KL(μ‖π_old)")
+    kl_k3: float | None = Field(description="mean(ρ − 1 − log ρ), k3 of KL(μ‖π_old), ≥ 0")
+    rho_min: float | None
+    rho_p01: float | None
+    rho_p05: float | None
+    rho_p50: float | None
+    rho_p95: float | None
+    rho_p99: float | None
+    rho_max: float | None
+
+
+class StaleStep(ModelResult):
+    """The ratio r = π_θk/π_old after k optimizer steps on the rollout batch."""
+
+    step: int
+    loss: float | None = Field(description="the stale loss at θ_k (null after the last step)")
+    ratio_mean: float | None
+    ratio_min: float | None
+    ratio_p05: float | None
+    ratio_p50: float | None
+    ratio_p95: float | None
+    ratio_max: float | None
+    kl_k3: float | None = Field(description="mean(r − 1 − log r)")
+    clip_upper: float = Field(description="share of tokens with A>0 ∧ r>1+eps_high")
+    clip_lower: float = Field(description="share of tokens with A<0 ∧ r<1−eps_low")
+    clip_region: float = Field(description="upper + lower (verl actor/pg_clipfrac)")
+
+
+class Staleness(ModelResult):
+    steps: int
+    optimizer: str
+    lr: float
+    loss: str
+    trajectory: list[StaleStep]
+
+
+class GradGroup(ModelResult):
+    name: str
+    parameters: int
+    norm: float | None
+
+
+class GradNormPrediction(ModelResult):
+    """The seed post's grad-norm estimate against the measured whole-model norm."""
+
+    formula: str
+    inputs: str = Field(description="the measured quantities the estimate is made from")
+    predicted: float | None
+    measured: float | None = Field(description="total gradient norm of the whole model")
+    ratio: float | None = Field(description="measured / predicted")
+    per_token: float | None = Field(
+        description="mean_t |g_t|·(1 − π_θ(y_t)): the per-token sampled-logit gradient the "
+        "estimate starts from, before aggregation"
+    )
+    threshold: float = Field(description="agreement when 1/threshold ≤ ratio ≤ threshold")
+    agrees: bool
+
+
+class ModelGradients(ModelResult):
+    """One loss through the whole model: per-tensor-group gradient norms on the same batch."""
+
+    total_norm: float | None = Field(description="‖∇L‖ over every parameter (trainer grad_norm)")
+    groups: list[GradGroup]
+    lm_head_logit_path: float | None = Field(
+        description="‖∂L/∂W‖ of the lm_head through the logits only"
+    )
+    tied: bool
+    tied_grad_norm: float | None = Field(
+        description="tied models: ‖.grad‖ of the shared embedding/lm_head tensor (both paths)"
+    )
+    prediction: GradNormPrediction | None
+
+
+class SftOverRl(ModelResult):
+    """The post's claim that SFT's grad-norm is about an order of magnitude above RL's."""
+
+    sft: str
+    rl: str
+    predicted: float | None
+    measured: float | None
+
+
+class ModelReport(ModelResult):
+    model: ModelInfo
+    rollout: RolloutSummary
+    mismatch: Mismatch
+    staleness: Staleness
+    sft_over_rl: list[SftOverRl]

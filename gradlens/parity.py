@@ -1,0 +1,203 @@
+"""Parity: do two implementations of "the same" loss give the same gradient on one batch?
+
+Two losses A and B (built-in, user or verl-shaped) are run on the same batch, softmax and
+aggregation. Both reach the logits only through ℓ_t, so their lm_head gradients are the same
+linear map of their per-token coefficients c_t (losses.md §0): the gradients agree exactly when
+the c_t do. Parity therefore judges
+
+    coefficient_rel = max_t |c_t(A) − c_t(B)| / max_t max(|c_t(A)|, |c_t(B)|)  ≤ tolerance
+
+(normwise, so tokens with tiny coefficients cannot inflate it), and reports beside it the
+tokens that differ most, ‖∂L_B/∂W‖/‖∂L_A/∂W‖ (the number a grad_norm curve would show), the
+largest difference of an lm_head row, the two loss values and both losses' clip fractions and
+metrics. Loss *values* may differ by a constant without any effect on training, so they are
+shown, not judged.
+
+When the coefficients differ, the findings name the pattern where one fits exactly: a constant
+factor k = c_B/c_A on every token (a different normaliser: Liger-Kernel issue 1082's ~100×
+grad_norm), or c_B/c_A = k·r_t^{±1} (an importance weight r = π_θ/π_old applied in one and not
+the other), or differences only on tokens one of them clips.
+
+Pure computation: a `ParityReport` out, no I/O.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from gradlens.containers import Batch
+from gradlens.diagnostics.clipping import clipping
+from gradlens.diagnostics.metrics import loss_metrics
+from gradlens.diagnostics.numbers import num, rel_err
+from gradlens.grads import (
+    Aggregation,
+    LossGradients,
+    SoftmaxView,
+    closed_form,
+    effective_old_logp,
+)
+from gradlens.losses import LossParams, LossSpec
+from gradlens.results import ParityPosition, ParityReport, ParitySide
+
+TOP = 5  # positions listed
+PATTERN_RTOL = 1e-6  # a per-token ratio counts as constant within this relative spread
+
+
+def _side(name: str, grads: LossGradients, mask: Tensor) -> ParitySide:
+    return ParitySide(
+        name=name,
+        loss=num(grads.loss),
+        grad_norm=num(grads.grad_weight.double().norm()),
+        clipping=clipping(grads.terms.regions, grads.coefficient, mask),
+        metrics=loss_metrics(grads),
+    )
+
+
+def _constant(x: Tensor) -> float | None:
+    """The common value of ``x`` if all its entries agree to PATTERN_RTOL, else None."""
+    if x.numel() == 0 or not bool(torch.isfinite(x).all()):
+        return None
+    mid = float(x.median())
+    if mid == 0.0 or float((x - mid).abs().max()) > PATTERN_RTOL * abs(mid):
+        return None
+    return mid
+
+
+def _factor_name(k: float, batch: Batch) -> str:
+    """A guess at what a constant factor is, from the batch's counts."""
+    m = batch.mask
+    counts = {
+        "the number of valid tokens N_tok": float(m.sum()),
+        "the number of sequences B": float(m.any(-1).sum()),
+        "the padded length T": float(m.shape[-1]),
+        "the mean sequence length": float(m.sum()) / max(float(m.any(-1).sum()), 1.0),
+    }
+    for label, value in counts.items():
+        if value > 1 and abs(k - value) <= 1e-6 * value:
+            return f" = {label} ({value:g}): B sums where A averages, or divides by less"
+        if value > 1 and abs(k * value - 1) <= 1e-6:
+            return f" = 1/{label} (1/{value:g}): B averages where A sums, or divides by more"
+    return ""
+
+
+def patterns(
+    batch: Batch, view: SoftmaxView, ca: Tensor, cb: Tensor, tol: float, normaliser_hint: str = ""
+) -> list[str]:
+    """Plain-language explanations of how c_B differs from c_A, where one fits exactly.
+
+    ``normaliser_hint`` is appended to a constant-factor finding.
+    """
+    m = batch.mask
+    a, b = ca[m].double(), cb[m].double()
+    if a.numel() == 0:
+        return []
+    scale = max(float(a.abs().max()), float(b.abs().max()))
+    if scale == 0.0:
+        return []
+    # "zero" relative to each loss's own largest coefficient: a normaliser must not count
+    on_a = a.abs() > tol * float(a.abs().max())
+    on_b = b.abs() > tol * float(b.abs().max())
+    both = on_a & on_b
+    notes = []
+    zero_a, zero_b = on_b & ~on_a, on_a & ~on_b
+    if bool(zero_a.any()) or bool(zero_b.any()):
+        notes.append(
+            f"c_t is zero in one loss only on {int(zero_a.sum())} token(s) (A zero) and "
+            f"{int(zero_b.sum())} token(s) (B zero): a clip or mask rule differs (see the clip "
+            "fractions side by side)"
+        )
+    q = b[both] / a[both]
+    k = _constant(q)
+    if k is not None and abs(k - 1.0) > tol:
+        notes.append(
+            f"c_B/c_A = {k:.6g} on every token: the same surrogate with a different "
+            f"normaliser{_factor_name(k, batch)}{normaliser_hint}"
+        )
+        return notes
+    log_r = (view.logp - effective_old_logp(batch, view.logp))[m].double()[both]
+    for power, meaning in ((1, "B carries an extra factor r"), (-1, "B lacks the factor r")):
+        k = _constant(q * torch.exp(-power * log_r))
+        if k is not None and bool((log_r.abs() > 1e-12).any()):
+            extra = "" if abs(k - 1.0) <= tol else f", times the constant {k:.6g}"
+            notes.append(
+                f"c_B/c_A = r_t^{power:+d} on every token{extra}: {meaning} = π_θ/π_old, an "
+                "importance weight applied in one implementation and not the other"
+            )
+            break
+    return notes
+
+
+def parity(
+    batch: Batch,
+    view: SoftmaxView,
+    a: LossSpec,
+    b: LossSpec,
+    params: LossParams,
+    agg: Aggregation,
+    tolerance: float,
+) -> ParityReport:
+    """Compare losses ``a`` and ``b`` on one batch (closed-form gradients of both)."""
+    ga = closed_form(batch, view, a, params, agg)
+    gb = closed_form(batch, view, b, params, agg)
+    m = batch.mask
+    ca, cb = ga.coefficient, gb.coefficient
+    diff = torch.where(m, (ca - cb).abs(), 0.0).double()  # [N, T]
+    scale = max(float(ca[m].abs().max()), float(cb[m].abs().max())) if bool(m.any()) else 0.0
+    max_diff = float(diff.max()) if diff.numel() else 0.0
+    coefficient_rel = num(max_diff / scale) if scale > 0.0 else num(max_diff)
+    differing = int((diff > tolerance * scale).sum()) if scale > 0 else 0
+
+    top = []
+    n_idx, t_idx = torch.nonzero(diff > 0, as_tuple=True)
+    order = torch.argsort(diff[n_idx, t_idx], descending=True)[:TOP]
+    for k in order.tolist():
+        n, t = int(n_idx[k]), int(t_idx[k])
+        top.append(
+            ParityPosition(
+                sequence=n,
+                position=t,
+                token=int(batch.tokens[n, t]),
+                coefficient_a=num(ca[n, t]),
+                coefficient_b=num(cb[n, t]),
+                abs_diff=num(diff[n, t]),
+            )
+        )
+
+    side_a, side_b = _side(a.name, ga, m), _side(b.name, gb, m)
+    ratio = None
+    if side_a.grad_norm and side_b.grad_norm is not None:
+        ratio = num(side_b.grad_norm / side_a.grad_norm)
+    rows_a = ga.grad_weight.double().norm(dim=1)
+    rows_b = gb.grad_weight.double().norm(dim=1)
+    row_scale = float(torch.maximum(rows_a, rows_b).max()) if rows_a.numel() else 0.0
+    row_diff = float((ga.grad_weight.double() - gb.grad_weight.double()).norm(dim=1).max())
+    passed = coefficient_rel is not None and coefficient_rel <= tolerance
+
+    notes = []
+    if not passed:
+        if ratio is not None:
+            notes.append(
+                f"‖∂L/∂W‖ of {b.name} is {ratio:.4g}× that of {a.name}; "
+                f"{differing} of {int(m.sum())} tokens differ beyond the tolerance"
+            )
+        hint = ""
+        if ga.terms.self_aggregated != gb.terms.self_aggregated:
+            own = a.name if ga.terms.self_aggregated else b.name
+            hint = f" ({own} aggregates itself; the other uses loss.aggregation = {agg.mode})"
+        notes += patterns(batch, view, ca, cb, tolerance, hint)
+    return ParityReport(
+        a=side_a,
+        b=side_b,
+        coefficient_max_abs_diff=num(max_diff),
+        coefficient_rel=coefficient_rel,
+        differing_tokens=differing,
+        top=top,
+        grad_norm_ratio=ratio,
+        loss_diff=num(gb.loss - ga.loss),
+        grad_logits_rel=rel_err(gb.grad_logits, ga.grad_logits),
+        row_max_rel=num(row_diff / row_scale) if row_scale > 0 else num(row_diff),
+        tolerance=tolerance,
+        passed=passed,
+        findings=notes,
+    )

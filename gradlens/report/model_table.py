@@ -1,0 +1,204 @@
+"""Rich tables of the model source: rollout, mismatch, staleness, whole-model gradients.
+
+Rendered only when the report has a ``model`` section (``source.kind: model``).
+"""
+
+from __future__ import annotations
+
+from rich.markup import escape
+from rich.panel import Panel
+from rich.table import Table
+
+from gradlens.report.table import _table, fmt, pct
+from gradlens.results import CompareReport
+
+SAMPLES_SHOWN = 4
+SAMPLE_CHARS = 70
+
+
+def _one_line(text: str, limit: int = SAMPLE_CHARS) -> str:
+    flat = text.replace("\n", "⏎")
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def model_panel(report: CompareReport) -> Panel:
+    assert report.model is not None
+    m, r = report.model.model, report.model.rollout
+    lines = [
+        f"[bold]checkpoint[/]  {escape(m.path)}: {escape(m.architecture)}, "
+        f"{m.parameters / 1e6:.2f}M parameters, {m.layers} layers, H = {m.hidden_size}, "
+        f"V = {m.vocab_size} (tokenizer {m.tokenizer_size}), context {m.context}"
+        + (", tied input/output embeddings" if m.tied_embeddings else "")
+        + (", lm_head bias" if m.lm_head_bias else ""),
+        f"[bold]rollout[/]     {r.prompts} prompts × {r.group_size} completions, "
+        f"≤ {r.max_new_tokens} new tokens at T = {r.temperature}, top-p {r.top_p}; "
+        f"{r.completion_tokens} completion tokens (mean {r.mean_completion_length:.1f}), "
+        f"{r.stopped_at_eos} ended at EOS",
+        f"[bold]reward[/]      {escape(r.reward)}: mean {fmt(r.mean_reward)}, std "
+        f"{fmt(r.reward_std)}",
+        f"[bold]log-probs[/]   {escape(r.logp_definition)}",
+    ]
+    for s in r.samples[:SAMPLES_SHOWN]:
+        lines.append(
+            f"  #{s.sequence} reward {fmt(s.reward, 3)}: [dim]{escape(_one_line(s.prompt, 40))}[/]"
+            f"{escape(_one_line(s.completion))}"
+        )
+    return Panel("\n".join(lines), title="model source", title_align="left", expand=False)
+
+
+def mismatch_table(report: CompareReport) -> Table:
+    assert report.model is not None
+    x = report.model.mismatch
+    table = _table(
+        f"training–inference mismatch: μ ({x.rollout_dtype} rollout pass) vs π_old "
+        f"({x.train_dtype} training pass), ρ = π_old/μ over {x.count} tokens",
+        "mean |Δlog p|",
+        "RMS",
+        "max",
+        "KL k1",
+        "KL k3",
+        "ρ min",
+        "p01",
+        "p05",
+        "p50",
+        "p95",
+        "p99",
+        "ρ max",
+    )
+    table.columns[0].justify = "right"
+    table.add_row(
+        *(
+            fmt(v)
+            for v in (
+                x.mean_abs_diff,
+                x.rms_diff,
+                x.max_abs_diff,
+                x.kl_k1,
+                x.kl_k3,
+                x.rho_min,
+                x.rho_p01,
+                x.rho_p05,
+                x.rho_p50,
+                x.rho_p95,
+                x.rho_p99,
+                x.rho_max,
+            )
+        )
+    )
+    return table
+
+
+def staleness_table(report: CompareReport) -> Table:
+    assert report.model is not None
+    s = report.model.staleness
+    table = _table(
+        f"staleness: r = π_θk/π_old after k {s.optimizer} steps (lr {s.lr:g}) on {s.loss}; "
+        f"the diagnosis runs at k = {s.steps}",
+        "k",
+        "loss",
+        "r mean",
+        "min",
+        "p05",
+        "p50",
+        "p95",
+        "max",
+        "KL k3",
+        "clip upper",
+        "clip lower",
+        "pg_clipfrac",
+    )
+    for t in s.trajectory:
+        table.add_row(
+            str(t.step),
+            fmt(t.loss),
+            *(fmt(v) for v in (t.ratio_mean, t.ratio_min, t.ratio_p05, t.ratio_p50)),
+            *(fmt(v) for v in (t.ratio_p95, t.ratio_max, t.kl_k3)),
+            pct(t.clip_upper),
+            pct(t.clip_lower),
+            pct(t.clip_region),
+        )
+    return table
+
+
+def model_grads_table(report: CompareReport) -> Table:
+    losses = [r for r in report.losses if r.model_grads is not None]
+    table = _table(
+        "whole-model gradient norms per tensor group (same batch, at θ_k)",
+        "",
+        *(r.name for r in losses),
+    )
+    names = list(dict.fromkeys(g.name for r in losses for g in r.model_grads.groups))  # type: ignore[union-attr]
+    for name in names:
+        cells = []
+        for r in losses:
+            assert r.model_grads is not None
+            norms = {g.name: g.norm for g in r.model_grads.groups}
+            cells.append(fmt(norms.get(name)))
+        label = name + ("  (logit path)" if name == "lm_head" else "")
+        table.add_row(label, *cells)
+    tied = any(r.model_grads.tied for r in losses if r.model_grads is not None)
+    table.add_section()
+    totals = [fmt(r.model_grads.total_norm) if r.model_grads else "—" for r in losses]
+    table.add_row("[bold]total ‖∇L‖[/] (trainer grad_norm)", *totals)
+    if tied:
+        table.add_row(
+            "tied: ‖.grad‖ of embedding = lm_head",
+            *(fmt(r.model_grads.tied_grad_norm) for r in losses),  # type: ignore[union-attr]
+        )
+    table.add_section()
+    table.add_row("[bold cyan]seed post's estimate[/]", *("" for _ in losses))
+    rows = [
+        ("formula", lambda p: escape(p.formula)),
+        ("from", lambda p: escape(p.inputs)),
+        ("predicted", lambda p: fmt(p.predicted)),
+        ("measured total ‖∇L‖", lambda p: fmt(p.measured)),
+        ("measured / predicted", lambda p: fmt(p.ratio, 3)),
+        ("per token mean |g|·(1 − π_y)", lambda p: fmt(p.per_token)),
+        (
+            "within the factor",
+            lambda p: (
+                f"[green]yes ({p.threshold:g}×)[/]"
+                if p.agrees
+                else f"[bold red]no ({p.threshold:g}×)[/]"
+            ),
+        ),
+    ]
+    for label, cell in rows:
+        table.add_row(
+            label,
+            *(
+                cell(r.model_grads.prediction)
+                if r.model_grads and r.model_grads.prediction
+                else "—"
+                for r in losses
+            ),
+        )
+    return table
+
+
+def sft_over_rl_table(report: CompareReport) -> Table | None:
+    assert report.model is not None
+    if not report.model.sft_over_rl:
+        return None
+    table = _table(
+        "the post's claim: SFT's grad-norm over RL's (≈ an order of magnitude)",
+        "pair",
+        "estimate",
+        "measured",
+    )
+    for x in report.model.sft_over_rl:
+        table.add_row(f"{x.sft} / {x.rl}", fmt(x.predicted, 3), fmt(x.measured, 3))
+    return table
+
+
+def model_parts(report: CompareReport) -> list:
+    """The model-source sections, in reading order; empty for other sources."""
+    if report.model is None:
+        return []
+    parts: list = [model_panel(report), mismatch_table(report), staleness_table(report)]
+    if any(r.model_grads is not None for r in report.losses):
+        parts.append(model_grads_table(report))
+    extra = sft_over_rl_table(report)
+    if extra is not None:
+        parts.append(extra)
+    return parts

@@ -1,0 +1,117 @@
+"""Rich tables for the training–inference gap and for ``--parity A,B``."""
+
+from __future__ import annotations
+
+from rich.console import RenderableType
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+from gradlens.report.table import _table, fmt, ok, pct
+from gradlens.results import Clipping, CompareReport, LossReport, ParityReport
+
+# Clip and mask shares that the fixed rows of the losses table already show.
+SHOWN = {"clip_upper", "clip_lower", "clip_dual", "seq_masked"}
+
+
+def metrics_cell(r: LossReport) -> str:
+    """A loss's extra metrics, ``name value`` pairs, or '—'."""
+    if not r.metrics:
+        return "—"
+    return escape(", ".join(f"{k} {fmt(v)}" for k, v in r.metrics.items()))
+
+
+def other_rules_cell(r: LossReport) -> str:
+    """Shares of the regions the fixed clipping rows do not show (CISPO, corrections, ...)."""
+    shares = {k: v for k, v in r.clipping.shares.items() if k not in SHOWN}
+    if not shares:
+        return "—"
+    cells = []
+    for name, share in shares.items():
+        seq = r.clipping.sequence_shares.get(name)
+        cells.append(f"{name} {pct(share)}" + (f" ({pct(seq)} of seqs)" if seq is not None else ""))
+    return escape(", ".join(cells))
+
+
+def rollout_table(report: CompareReport) -> Table | None:
+    r = report.rollout
+    if r is None:
+        return None
+    table = _table(
+        "training–inference gap ρ = π_old(y)/μ_old(y) over valid tokens",
+        "mean ρ",
+        "min",
+        "max",
+        "KL k1 (μ‖π_old)",
+        "KL k3",
+        "mean |Δlog p|",
+        "max |Δlog p|",
+    )
+    table.columns[0].justify = "right"
+    table.add_row(
+        *(fmt(v) for v in (r.rho_mean, r.rho_min, r.rho_max, r.kl_k1, r.kl_k3)),
+        fmt(r.abs_diff_mean),
+        fmt(r.abs_diff_max),
+    )
+    return table
+
+
+def parity_table(p: ParityReport) -> Table:
+    a, b = p.a, p.b
+    table = _table(f"parity: {escape(a.name)} (A) vs {escape(b.name)} (B)", "", "A", "B")
+    rows = [
+        ("loss value L", fmt(a.loss), fmt(b.loss)),
+        ("‖∂L/∂W‖_F", fmt(a.grad_norm), fmt(b.grad_norm)),
+        ("clip region (verl pg_clipfrac)", pct(a.clipping.region), pct(b.clipping.region)),
+        ("clip upper / lower", _upper_lower(a.clipping), _upper_lower(b.clipping)),
+        ("dual (verl pg_clipfrac_lower)", pct(a.clipping.dual), pct(b.clipping.dual)),
+        ("c_t = 0 for any reason", pct(a.clipping.zero_grad), pct(b.clipping.zero_grad)),
+        ("other shares", _shares(a.clipping.shares), _shares(b.clipping.shares)),
+        ("metrics", _metrics(a.metrics), _metrics(b.metrics)),
+    ]
+    for row in rows:
+        table.add_row(*row)
+    table.add_section()
+    table.add_row("‖∂L_B/∂W‖ / ‖∂L_A/∂W‖", fmt(p.grad_norm_ratio), "")
+    table.add_row("max |Δc_t|", fmt(p.coefficient_max_abs_diff), "")
+    table.add_row("max |Δc_t| / max |c_t|", fmt(p.coefficient_rel, 2), "")
+    table.add_row("tokens differing", str(p.differing_tokens), "")
+    table.add_row("max lm_head row difference (rel.)", fmt(p.row_max_rel, 2), "")
+    table.add_row("tolerance", fmt(p.tolerance, 2), ok(p.passed))
+    for pos in p.top:
+        table.add_row(
+            f"  seq {pos.sequence} pos {pos.position} (y = {pos.token}): c_A, c_B",
+            fmt(pos.coefficient_a),
+            fmt(pos.coefficient_b),
+        )
+    return table
+
+
+def _upper_lower(c: Clipping) -> str:
+    return f"{pct(c.upper)} / {pct(c.lower)}"
+
+
+def _shares(shares: dict[str, float | None]) -> str:
+    rest = {k: v for k, v in shares.items() if k not in SHOWN}
+    return escape(", ".join(f"{k} {pct(v)}" for k, v in rest.items())) or "—"
+
+
+def _metrics(metrics: dict[str, float | None]) -> str:
+    return escape(", ".join(f"{k} {fmt(v)}" for k, v in metrics.items())) or "—"
+
+
+def frontier_parts(report: CompareReport) -> list[RenderableType]:
+    """The rollout and parity sections, where the report has them."""
+    parts: list[RenderableType] = []
+    rollout = rollout_table(report)
+    if rollout is not None:
+        parts.append(rollout)
+    if report.parity is not None:
+        parts.append(parity_table(report.parity))
+        if report.parity.findings:
+            text = Text()
+            for note in report.parity.findings:
+                text.append("• parity: ", style="bold")
+                text.append(note + "\n")
+            parts.append(text)
+    return parts

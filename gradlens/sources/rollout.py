@@ -1,0 +1,166 @@
+"""Rollouts: prompts, and completions sampled token by token with the log-prob μ of each.
+
+The sampler is the "inference engine": a copy of the model in ``source.rollout_dtype`` with a
+key-value cache. At each step the logits of the last position are upcast to float32 (as vLLM
+does), divided by the temperature T, and
+
+    μ(y) = softmax(z/T)(y)              the rollout log-prob returned with the token,
+    y ~ softmax(z/T) restricted to the smallest set of top tokens with mass ≥ top_p.
+
+A sequence stops at the tokenizer's EOS token (which is kept and enters the loss) or after
+``max_new_tokens``. Prompts are left-padded so that every sequence's completion starts at the
+same column; positions count real tokens only, so padding changes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gradlens.errors import GradlensError
+from gradlens.progress import report
+from gradlens.sources.model import LoadedModel, Sequences, read_builtin_prompts
+
+
+def choose_prompts(src: Any, loaded: LoadedModel, seed: int) -> tuple[list[str], str]:
+    """The prompts (config or built-in corpus) and the config key that errors should name."""
+    if src.prompts is not None:
+        return list(src.prompts), "source.prompts"
+    corpus = read_builtin_prompts()
+    if src.num_prompts > len(corpus):
+        raise GradlensError(
+            f"source.num_prompts: the built-in corpus has {len(corpus)} prompts "
+            f"(got {src.num_prompts})"
+        )
+    order = torch.randperm(len(corpus), generator=torch.Generator().manual_seed(seed))
+    return [corpus[int(i)] for i in order[: src.num_prompts]], "source.num_prompts"
+
+
+def tokenize_prompts(
+    prompts: list[str], key: str, loaded: LoadedModel, max_new_tokens: int
+) -> list[list[int]]:
+    """Token ids of each prompt; errors for an empty prompt or one that overflows the context."""
+    ids = []
+    for i, text in enumerate(prompts):
+        where = f"{key}[{i}]" if key == "source.prompts" else f"{key} (built-in prompt {i})"
+        tokens = list(loaded.tokenizer(text, add_special_tokens=True)["input_ids"])
+        if not tokens:
+            raise GradlensError(f"{where}: the prompt is empty after tokenisation")
+        if any(t >= loaded.vocab_size for t in tokens):
+            raise GradlensError(
+                f"{where}: the tokenizer produced ids ≥ the model's vocabulary "
+                f"({loaded.vocab_size}); tokenizer and model do not match"
+            )
+        if loaded.context is not None and len(tokens) + max_new_tokens > loaded.context:
+            raise GradlensError(
+                f"{where}: the prompt is {len(tokens)} tokens; with source.max_new_tokens = "
+                f"{max_new_tokens} it needs {len(tokens) + max_new_tokens} positions, but the "
+                f"model's context (max_position_embeddings) is {loaded.context}"
+            )
+        ids.append(tokens)
+    return ids
+
+
+@dataclass(frozen=True)
+class Rollout:
+    sequences: Sequences
+    rollout_logp: Tensor  # [N, T] log μ(y_t) at the completion tokens, 0 elsewhere (float32)
+    completions: list[str]  # decoded completion text (special tokens dropped)
+    stopped: int  # sequences that emitted EOS
+
+
+def top_p_filter(probs: Tensor, top_p: float) -> Tensor:
+    """[N, V] probabilities restricted to the nucleus of mass ≥ top_p (not renormalised)."""
+    if top_p >= 1.0:
+        return probs
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    before = sorted_p.cumsum(-1) - sorted_p  # mass of the tokens ranked above
+    keep_sorted = before < top_p  # the top token is always kept
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    return probs * keep
+
+
+@torch.no_grad()
+def sample(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    group_size: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    gen: torch.Generator,
+    device: torch.device,
+) -> Rollout:
+    """``group_size`` completions of each prompt, consecutive in the batch."""
+    eos = tokenizer.eos_token_id
+    pad = eos if eos is not None else (tokenizer.pad_token_id or 0)
+    rows = [p for p in prompts for _ in range(group_size)]
+    n, width = len(rows), max(len(p) for p in rows)
+    prompt_ids = torch.full((n, width), pad, dtype=torch.long)
+    prompt_mask = torch.zeros(n, width, dtype=torch.long)
+    for i, p in enumerate(rows):
+        prompt_ids[i, width - len(p) :] = torch.tensor(p)
+        prompt_mask[i, width - len(p) :] = 1
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # [N, P]
+
+    new_tokens = torch.full((n, max_new_tokens), pad, dtype=torch.long, device=device)
+    new_logp = torch.zeros(n, max_new_tokens, dtype=torch.float32, device=device)
+    alive = torch.zeros(n, max_new_tokens, dtype=torch.bool, device=device)
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+
+    out = model(
+        input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True
+    )
+    attn = prompt_mask
+    last_pos = positions[:, -1:]
+    for k in range(max_new_tokens):
+        report("sampling", k, max_new_tokens)
+        logits = out.logits[:, -1].float() / temperature  # [N, V]
+        log_probs = torch.log_softmax(logits, dim=-1)
+        probs = top_p_filter(log_probs.exp(), top_p)
+        y = torch.multinomial(probs.cpu(), 1, generator=gen).to(device).squeeze(-1)  # [N]
+        y = torch.where(done, torch.full_like(y, pad), y)
+        alive[:, k] = ~done
+        new_tokens[:, k] = y
+        new_logp[:, k] = log_probs.gather(-1, y[:, None]).squeeze(-1)
+        if eos is not None:
+            done = done | (y == eos)
+        if k == max_new_tokens - 1 or bool(done.all()):
+            break
+        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
+        last_pos = last_pos + 1
+        out = model(
+            input_ids=y[:, None],
+            attention_mask=attn,
+            position_ids=last_pos,
+            past_key_values=out.past_key_values,
+            use_cache=True,
+        )
+    report("sampling", max_new_tokens, max_new_tokens)
+
+    steps = int(alive.any(0).sum())  # columns sampled before everyone stopped
+    new_tokens, new_logp, alive = new_tokens[:, :steps], new_logp[:, :steps], alive[:, :steps]
+    input_ids = torch.cat([prompt_ids, new_tokens], dim=1)  # [N, L]
+    attention_mask = torch.cat([prompt_mask, alive.long()], dim=1)  # [N, L]
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    loss_mask = torch.zeros(n, width + steps - 1, dtype=torch.bool, device=device)  # [N, T]
+    loss_mask[:, width - 1 :] = alive
+    rollout_logp = torch.zeros(loss_mask.shape, dtype=torch.float32, device=device)
+    rollout_logp[:, width - 1 :] = torch.where(alive, new_logp, torch.zeros_like(new_logp))
+
+    completions = []
+    for i in range(n):
+        kept = new_tokens[i][alive[i]].tolist()
+        completions.append(tokenizer.decode(kept, skip_special_tokens=True))
+    stopped = int((new_tokens == eos).logical_and(alive).any(-1).sum()) if eos is not None else 0
+    return Rollout(
+        Sequences(input_ids, attention_mask, position_ids, loss_mask),
+        rollout_logp,
+        completions,
+        stopped,
+    )

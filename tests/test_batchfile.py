@@ -1,0 +1,129 @@
+"""Rollout batch files: written by gradlens or by a plain torch script, read back, diagnosed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from gradlens.cli import app
+
+runner = CliRunner()
+SMALL = ["--set", "source.vocab_size=200", "--set", "source.num_sequences=8"]
+
+
+def compare_json(*args: str) -> dict:
+    result = runner.invoke(app, ["compare", "-f", "json", "-l", "reinforce,ppo_clip,sft", *args])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt", ".jsonl"])
+def test_dump_and_read_back_gives_the_same_diagnosis(tmp_path, suffix):
+    path = tmp_path / f"batch{suffix}"
+    dumped = runner.invoke(app, ["dump", "-o", str(path), *SMALL])
+    assert dumped.exit_code == 0, dumped.output
+    assert path.is_file() and not list(tmp_path.glob("*.partial"))
+    direct = compare_json(*SMALL)
+    read = compare_json("--set", f"source.path={path}")
+    assert read["batch"]["source"].startswith(f"batch file batch{suffix}")
+    assert read["batch"]["num_tokens"] == direct["batch"]["num_tokens"]
+    for a, b in zip(read["losses"], direct["losses"], strict=True):
+        # the same float32 tensors go in (jsonl stores them as decimal text of the float32
+        # values, which parse back exactly), so the diagnosis is identical up to summation order
+        assert a["rows"]["total_norm"] == pytest.approx(b["rows"]["total_norm"], rel=1e-6)
+        assert a["clipping"] == b["clipping"]
+    assert read["passed"]
+
+
+def test_a_batch_written_by_a_plain_torch_script(tmp_path):
+    # What a user dumps from a training loop: verl's key names, rewards instead of advantages.
+    gen = torch.Generator().manual_seed(1)
+    n, t, h, v = 4, 5, 3, 11
+    hidden = torch.randn(n, t, h, generator=gen)
+    weight = torch.randn(v, h, generator=gen)
+    responses = torch.randint(0, v, (n, t), generator=gen)
+    mask = torch.ones(n, t, dtype=torch.long)
+    mask[1, 3:] = 0  # a shorter response
+    logits = hidden @ weight.T
+    old = torch.log_softmax(logits, -1).gather(-1, responses[..., None]).squeeze(-1)
+    torch.save(
+        {
+            "responses": responses,
+            "response_mask": mask,
+            "old_log_probs": old,
+            "rewards": torch.tensor([1.0, 0.0, 0.0, 1.0]),
+            "hidden_states": hidden,
+            "lm_head_weight": weight,
+        },
+        tmp_path / "dump.pt",
+    )
+    report = compare_json(
+        "--set",
+        f"source.path={tmp_path / 'dump.pt'}",
+        "--set",
+        "source.group_size=2",
+        "--set",
+        "dtype=float64",
+    )
+    assert report["batch"]["num_tokens"] == 18
+    assert "rewards" in report["batch"]["advantages"]
+    # on-policy old log-probs, computed by the script in float32 (the analysis runs in
+    # float64): every ratio is 1 to float32 rounding of ℓ (|ℓ| ≲ 10: ~1e-6), nothing clipped
+    assert report["ratio"]["max"] == pytest.approx(1.0, abs=1e-5)
+    assert report["ratio"]["min"] == pytest.approx(1.0, abs=1e-5)
+    assert {r["name"]: r["clipping"]["region"] for r in report["losses"]}["ppo_clip"] == 0.0
+    assert report["passed"]
+
+
+def bad(tmp_path, tensors: dict, name: str = "bad.pt") -> str:
+    torch.save(tensors, tmp_path / name)
+    result = runner.invoke(app, ["compare", "--set", f"source.path={tmp_path / name}"])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    return result.stderr
+
+
+def good() -> dict:
+    return {
+        "responses": torch.zeros(2, 3, dtype=torch.long),
+        "response_mask": torch.ones(2, 3),
+        "old_log_probs": -torch.ones(2, 3),
+        "advantages": torch.ones(2),
+        "hidden_states": torch.randn(2, 3, 4),
+        "lm_head_weight": torch.randn(5, 4),
+    }
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (lambda d: d.pop("old_log_probs"), "no 'old_log_probs' / 'old_log_prob'"),
+        (lambda d: d.pop("response_mask"), "no 'response_mask' / 'attention_mask'"),
+        (lambda d: d.pop("advantages"), "needs 'advantages' or 'rewards'"),
+        (lambda d: d.pop("lm_head_weight"), "'lm_head_weight' is missing"),
+        (lambda d: d.update(old_log_probs=torch.zeros(2, 4)), "'old_log_probs' has shape (2, 4)"),
+        (lambda d: d.update(responses=torch.full((2, 3), 9)), "outside the vocabulary [0, 5)"),
+        (lambda d: d.update(hidden_states=torch.randn(2, 3, 7)), "'lm_head_weight' has shape"),
+        (lambda d: d.update(old_log_probs=torch.full((2, 3), float("nan"))), "NaN or inf"),
+    ],
+)
+def test_bad_batch_files_name_the_key(tmp_path, change, expected):
+    tensors = good()
+    change(tensors)
+    assert expected in bad(tmp_path, tensors)
+
+
+def test_missing_file_and_unknown_format(tmp_path):
+    result = runner.invoke(
+        app,
+        ["compare", "--set", "source.kind=batch", "--set", f"source.path={tmp_path / 'nope.pt'}"],
+    )
+    assert result.exit_code == 2 and "no such file" in result.stderr
+    (tmp_path / "x.csv").write_text("a,b\n")
+    result = runner.invoke(
+        app, ["compare", "--set", "source.kind=batch", "--set", f"source.path={tmp_path / 'x.csv'}"]
+    )
+    assert result.exit_code == 2 and "unknown format '.csv'" in result.stderr
