@@ -13,9 +13,9 @@ import torch
 
 import gradlens
 from gradlens.config import Config, LossConfig
-from gradlens.containers import Batch
+from gradlens.containers import Batch, LossTerms
 from gradlens.diagnostics import tolerances
-from gradlens.diagnostics.agreement import agreement
+from gradlens.diagnostics.agreement import agreement, not_run
 from gradlens.diagnostics.clipping import clipping
 from gradlens.diagnostics.metrics import loss_metrics, rollout_stats
 from gradlens.diagnostics.numbers import count_non_finite, num
@@ -43,6 +43,7 @@ from gradlens.results import (
     BatchSummary,
     Check,
     CompareReport,
+    EngineInfo,
     Environment,
     LossReport,
     ParityReport,
@@ -93,9 +94,12 @@ def loss_params_from(c: LossConfig) -> LossParams:
     )
 
 
-def summarize_batch(batch: Batch, view: SoftmaxView) -> BatchSummary:
+def summarize_batch(
+    batch: Batch, entropy: torch.Tensor, sampled_probs: torch.Tensor
+) -> BatchSummary:
+    """The batch in a few numbers; ``entropy`` and ``sampled_probs`` are [M] over valid tokens."""
     m = batch.mask
-    empty = view.tokens.numel() == 0
+    empty = entropy.numel() == 0
     return BatchSummary(
         source=batch.source,
         num_sequences=batch.num_sequences,
@@ -103,8 +107,8 @@ def summarize_batch(batch: Batch, view: SoftmaxView) -> BatchSummary:
         vocab_size=batch.vocab_size,
         hidden_size=batch.hidden_size,
         advantages=batch.advantage_note,
-        mean_entropy=None if empty else num(view.entropy.mean()),
-        mean_sampled_prob=None if empty else num(view.sampled_probs.mean()),
+        mean_entropy=None if empty else num(entropy.mean()),
+        mean_sampled_prob=None if empty else num(sampled_probs.mean()),
         mean_abs_advantage=None if empty else num(batch.advantages[m].abs().mean()),
         logp_max=None if empty else num(batch.old_logp[m].max()),
     )
@@ -115,26 +119,41 @@ def run_compare(config: Config) -> CompareReport:
     device = resolve_device(config.device)
     dtype = DTYPES[config.dtype]
     batch = build_batch(config, device, dtype)
-    view = softmax_view(batch)
     params = loss_params(config)
     agg = Aggregation(config.loss.aggregation, config.loss.loss_scale_factor)
-    details = config.diagnostics.token_details
-    show_tokens = details == "on" or (
-        details == "auto" and batch.num_tokens * batch.vocab_size <= TOKEN_DETAIL_LIMIT
-    )
-
-    reports = [
-        diagnose_loss(name, batch, view, params, agg, config, dtype, show_tokens)
-        for name in config.losses
-    ]
+    path, reason = choose_engine(config, batch, params)
     model_report = None
-    if batch.model_context is not None:  # a real model: each loss through the whole network
-        from gradlens.diagnostics.model_grads import model_gradients
+    view: SoftmaxView | None = None
+    if path == "streamed":
+        from gradlens.compare_streamed import run_streamed
 
-        model_report, reports = model_gradients(batch, view, reports, params, agg)
-    summary = summarize_batch(batch, view)
+        reports, result, logp, engine_info, terms = run_streamed(batch, config, params, agg, reason)
+        entropy, sampled_probs = result.tokens.entropy, result.tokens.sampled_prob
+        reports = [
+            r.model_copy(update={"findings": loss_findings(r, t, batch, logp, params)})
+            for r, t in zip(reports, terms, strict=True)
+        ]
+    else:
+        view = softmax_view(batch)
+        details = config.diagnostics.token_details
+        show_tokens = details == "on" or (
+            details == "auto" and batch.num_tokens * batch.vocab_size <= TOKEN_DETAIL_LIMIT
+        )
+        reports = [
+            diagnose_loss(name, batch, view, params, agg, config, dtype, show_tokens)
+            for name in config.losses
+        ]
+        if batch.model_context is not None:  # a real model: each loss through the network
+            from gradlens.diagnostics.model_grads import model_gradients
+
+            model_report, reports = model_gradients(batch, view, reports, params, agg)
+        logp, entropy, sampled_probs = view.logp, view.entropy, view.sampled_probs
+        engine_info = EngineInfo(path="materialized", reason=reason)
+    summary = summarize_batch(batch, entropy, sampled_probs)
     parity_report = None
     if config.parity is not None:
+        if view is None:  # parity compares whole gradients: it materialises them
+            view = softmax_view(batch)
         a, b = config.parity.losses
         tol = config.parity.tolerance or tolerances.agreement(dtype)
         parity_report = parity(batch, view, get_loss(a), get_loss(b), params, agg, tol)
@@ -163,17 +182,20 @@ def run_compare(config: Config) -> CompareReport:
                     f"lm_head {r.zero_sum.weight_rel} ≤ {r.zero_sum.weight_tolerance:.3g}"
                 ),
             ),
-            Check(
-                name="agreement",
-                loss=r.name,
-                passed=r.agreement.passed,
-                detail=(
-                    f"closed form vs autograd: c {r.agreement.coefficient}, "
-                    f"∂L/∂z {r.agreement.grad_logits}, ∂L/∂W {r.agreement.grad_weight} "
-                    f"≤ {r.agreement.tolerance:.3g}"
-                ),
-            ),
         ]
+        if r.agreement.ran:
+            checks.append(
+                Check(
+                    name="agreement",
+                    loss=r.name,
+                    passed=r.agreement.passed,
+                    detail=(
+                        f"closed form vs autograd: c {r.agreement.coefficient}, "
+                        f"∂L/∂z {r.agreement.grad_logits}, ∂L/∂W {r.agreement.grad_weight} "
+                        f"≤ {r.agreement.tolerance:.3g}"
+                    ),
+                )
+            )
     if parity_report is not None:
         checks.append(parity_check(parity_report))
     return CompareReport(
@@ -189,17 +211,54 @@ def run_compare(config: Config) -> CompareReport:
         ),
         config=config.model_dump(mode="json"),
         batch=summary,
-        ratio=ratio_stats(view.logp, effective_old_logp(batch, view.logp), batch.mask),
+        ratio=ratio_stats(logp, effective_old_logp(batch, logp), batch.mask),
         losses=reports,
         checks=checks,
         passed=all(c.passed for c in checks),
         model=model_report,
         rollout=None
         if batch.rollout_logp is None
-        else rollout_stats(effective_old_logp(batch, view.logp), batch.rollout_logp, batch.mask),
+        else rollout_stats(effective_old_logp(batch, logp), batch.rollout_logp, batch.mask),
         parity=parity_report,
+        engine=engine_info,
         metric_names=metric_names(),
     )
+
+
+STREAM_ABOVE = 1 << 24  # auto: stream when tokens × vocabulary exceeds this (64 MiB of float32)
+
+
+def choose_engine(config: Config, batch: Batch, params: LossParams) -> tuple[str, str]:
+    """("materialized" | "streamed", why)."""
+    wanted = config.diagnostics.engine
+    needs = []
+    if params.entropy_coef != 0.0:
+        needs.append("the entropy bonus is not of the c·(e_y − π) form")
+    if batch.model_context is not None:
+        needs.append("the whole-model gradients of the model source use the full softmax")
+    if needs:
+        if wanted == "streamed":
+            raise GradlensError(
+                "diagnostics.engine: 'streamed' cannot run here: "
+                + "; ".join(needs)
+                + "; use 'materialized' or 'auto'"
+            )
+        return "materialized", "; ".join(needs)
+    if wanted != "auto":
+        return wanted, f"diagnostics.engine = {wanted}"
+    entries = batch.num_tokens * batch.vocab_size
+    if entries > STREAM_ABOVE:
+        return "streamed", f"tokens × vocabulary = {entries} > {STREAM_ABOVE}"
+    return "materialized", f"tokens × vocabulary = {entries} ≤ {STREAM_ABOVE}"
+
+
+def loss_findings(
+    report: LossReport, terms: LossTerms, batch: Batch, logp: torch.Tensor, params: LossParams
+) -> list[str]:
+    """The findings of a loss report computed by the streamed engine."""
+    spec = get_loss(report.name)
+    notes = findings(report, batch, logp, terms.coefficient, spec.uses_advantage)
+    return notes + input_notes(spec, batch, terms, params, False)
 
 
 def diagnose_loss(
@@ -215,7 +274,11 @@ def diagnose_loss(
     """Gradients of one loss, its autograd twin, and the diagnostics of both."""
     spec = get_loss(name)
     grads = closed_form(batch, view, spec, params, agg)
-    reference = autograd_reference(batch, spec, params, agg)
+    reference = (
+        None
+        if config.diagnostics.reference == "none"
+        else autograd_reference(batch, spec, params, agg)
+    )
     c_valid = grads.coefficient[batch.mask]
     non_finite = count_non_finite(grads.grad_logits, grads.grad_weight)
     report = LossReport(
@@ -226,8 +289,12 @@ def diagnose_loss(
         coefficient_abs_mean=num(c_valid.abs().mean()) if c_valid.numel() else None,
         coefficient_abs_max=num(c_valid.abs().max()) if c_valid.numel() else None,
         non_finite=non_finite,
-        reference_non_finite=count_non_finite(reference.grad_logits, reference.grad_weight),
-        sampled_row=sampled_row(view, grads, reference.grad_logits, spec.post_formula),
+        reference_non_finite=0
+        if reference is None
+        else count_non_finite(reference.grad_logits, reference.grad_weight),
+        sampled_row=sampled_row(
+            view, grads, None if reference is None else reference.grad_logits, spec.post_formula
+        ),
         rows=row_norms(grads.grad_weight, view.tokens, config.diagnostics.top_k),
         zero_sum=zero_sum(
             grads.grad_logits,
@@ -237,13 +304,16 @@ def diagnose_loss(
             view.logits,
         ),
         clipping=clipping(grads.terms.regions, grads.coefficient, batch.mask),
-        agreement=agreement(grads, reference, batch.mask, dtype),
+        agreement=not_run(dtype)
+        if reference is None
+        else agreement(grads, reference, batch.mask, dtype),
         findings=[],
         tokens=token_details(batch, view, grads) if show_tokens else None,
         metrics=loss_metrics(grads),
     )
-    notes = findings(report, batch, view, grads.terms.coefficient, spec.uses_advantage)
-    return report.model_copy(update={"findings": notes + input_notes(spec, batch, grads, params)})
+    notes = findings(report, batch, view.logp, grads.terms.coefficient, spec.uses_advantage)
+    extra = input_notes(spec, batch, grads.terms, params, grads.entropy_grad_logits is not None)
+    return report.model_copy(update={"findings": notes + extra})
 
 
 def zero_sum_scale(
@@ -259,7 +329,7 @@ def zero_sum_scale(
 
 
 def input_notes(
-    spec: LossSpec, batch: Batch, grads: LossGradients, params: LossParams
+    spec: LossSpec, batch: Batch, terms: LossTerms, params: LossParams, entropy: bool
 ) -> list[str]:
     """What a loss did in place of an input the batch lacks, and settings it could not apply."""
     notes = []
@@ -272,12 +342,12 @@ def input_notes(
     for need in spec.needs:
         if getattr(batch, need, None) is None and need in stand_ins:
             notes.append(f"the batch has no {need}: {stand_ins[need]}")
-    if params.corrections and grads.terms.self_aggregated:
+    if params.corrections and terms.self_aggregated:
         notes.append(
             "loss.corrections are not applied to a loss that aggregates itself: it receives "
             "rollout_logp and can weight its terms itself"
         )
-    if grads.entropy_grad_logits is not None:
+    if entropy:
         notes.append(
             f"the entropy bonus (c_H = {params.entropy_coef:g}) adds a logit gradient "
             "c_H·a_t·π(log π + H) not of the form c·(e_y − π); c_t excludes it"
@@ -299,16 +369,16 @@ def parity_check(report: ParityReport) -> Check:
 
 
 def findings(
-    report: LossReport, batch: Batch, view: SoftmaxView, g: torch.Tensor, uses_advantage: bool
+    report: LossReport, batch: Batch, logp: torch.Tensor, g: torch.Tensor, uses_advantage: bool
 ) -> list[str]:
-    """Plain-language notes on what stands out in one loss's report."""
+    """Plain-language notes on what stands out in one loss's report; ``logp`` is [N, T] ℓ."""
     notes = []
     if report.non_finite:
-        log_r = (view.logp - batch.old_logp)[batch.mask]
+        log_r = (logp - batch.old_logp.to(logp.dtype))[batch.mask]
         notes.append(
             f"{report.non_finite} gradient entries are NaN or inf; the largest log-ratio "
             f"log(π_θ/π_old) is {float(log_r.max()):.4g}, so r = e^that overflows "
-            f"{str(view.logits.dtype).removeprefix('torch.')}"
+            f"{str(logp.dtype).removeprefix('torch.')}"
         )
     if uses_advantage:
         adv = batch.advantages[batch.mask].double()

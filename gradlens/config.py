@@ -295,6 +295,19 @@ class DiagnosticsConfig(Strict):
     token_details: Literal["auto", "on", "off"] = Field(
         "auto", description="per-token gradients in the output; auto: when tokens × vocab ≤ 4096"
     )
+    engine: Literal["auto", "materialized", "streamed"] = Field(
+        "auto",
+        description="materialized: [M, V] gradients in memory; streamed: vocabulary chunks, "
+        "nothing of size M×V or V×H kept (gradlens.engine); auto: streamed above 2^24 entries",
+    )
+    reference: Literal["auto", "autograd", "none"] = Field(
+        "auto",
+        description="check against torch.autograd; auto: with the materialized engine only",
+    )
+    memory_budget_mib: float | None = Field(
+        None, gt=0, description="streamed engine working memory; null: 1/4 of free, ≤ 1 GiB"
+    )
+    vocab_chunk: int | None = Field(None, ge=1, description="streamed engine rows per chunk")
 
 
 def loss_name_problems(names: list[str]) -> list[str]:

@@ -139,10 +139,15 @@ class Agreement(Result):
     """Diagnostic 6: closed form against torch.autograd, max |a − b| / max |b| per tensor."""
 
     coefficient: float | None
-    grad_logits: float | None
-    grad_weight: float | None
+    grad_logits: float | None = Field(
+        description="∂L/∂z; with the streamed engine its sampled entries ∂L/∂z_y"
+    )
+    grad_weight: float | None = Field(
+        description="∂L/∂W; with the streamed engine its row norms ‖∂L/∂W_v‖"
+    )
     tolerance: float
     passed: bool
+    ran: bool = Field(True, description="false: no reference was computed (--reference none)")
 
 
 class TokenDetail(Result):
@@ -276,6 +281,19 @@ class MetricName(Result):
     note: str | None = Field(None, description="where the frameworks disagree or differ")
 
 
+class EngineInfo(Result):
+    """Which path computed the lm_head diagnostics, and how the streamed one cut the work."""
+
+    path: Literal["materialized", "streamed"]
+    reason: str
+    vocab_chunk: int | None = None
+    resident_chunks: int | None = Field(None, description="chunks whose logits stayed in memory")
+    budget_bytes: int | None = None
+    gemm_equivalents: float | None = Field(
+        None, description="GEMMs run, in units of one logits GEMM 2·M·H·V (floor: 1 + k)"
+    )
+
+
 class CompareReport(Result):
     schema_version: Literal["gradlens.compare/1"] = "gradlens.compare/1"
     environment: Environment
@@ -292,6 +310,7 @@ class CompareReport(Result):
         None, description="training–inference gap, when the batch has rollout log-probs"
     )
     parity: ParityReport | None = Field(None, description="--parity A,B: the two losses compared")
+    engine: EngineInfo | None = Field(None, description="how the lm_head gradients were computed")
     metric_names: list[MetricName] = Field(
         default_factory=list, description="the framework names of the report's quantities"
     )

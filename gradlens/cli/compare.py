@@ -83,6 +83,27 @@ def compare(
             "tolerance). Without --losses, runs just A and B.",
         ),
     ] = None,
+    engine: Annotated[
+        str | None,
+        typer.Option(
+            "--engine",
+            metavar="auto|materialized|streamed",
+            help="How the lm_head gradients are computed. materialized: [tokens, vocab] "
+            "gradients in memory; streamed: two passes over vocabulary chunks sharing one "
+            "softmax, nothing of size tokens×vocab or vocab×hidden kept (large batches); "
+            "auto (default): streamed above 2^24 tokens×vocab. Sets diagnostics.engine.",
+        ),
+    ] = None,
+    reference: Annotated[
+        str | None,
+        typer.Option(
+            "--reference",
+            metavar="auto|autograd|none",
+            help="Check the gradients against torch.autograd (materialises [tokens, vocab] "
+            "per loss). auto (default): with the materialized engine only. Sets "
+            "diagnostics.reference.",
+        ),
+    ] = None,
     debug: DebugOption = False,
 ) -> None:
     """Run each loss on the same batch; report what it does to the logits and the lm_head."""
@@ -96,7 +117,13 @@ def compare(
         from gradlens.report.table import render_compare
 
         names = None if losses is None else [n.strip() for n in losses.split(",") if n.strip()]
-        flags = {"losses": names, "device": device, "source.kind": source}
+        flags = {
+            "losses": names,
+            "device": device,
+            "source.kind": source,
+            "diagnostics.engine": engine,
+            "diagnostics.reference": reference,
+        }
         if parity is not None:
             pair = [n.strip() for n in parity.split(",") if n.strip()]
             if len(pair) != 2:

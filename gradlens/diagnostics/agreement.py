@@ -31,3 +31,15 @@ def agreement(
         tolerance=tol,
         passed=all(e is not None and e <= tol for e in errors),
     )
+
+
+def not_run(operand: torch.dtype) -> Agreement:
+    """The agreement of a run without an autograd reference (``diagnostics.reference: none``)."""
+    return Agreement(
+        coefficient=None,
+        grad_logits=None,
+        grad_weight=None,
+        tolerance=tolerances.agreement(operand),
+        passed=True,
+        ran=False,
+    )

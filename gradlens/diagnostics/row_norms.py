@@ -28,7 +28,12 @@ def _group(norms: Tensor, total_sq: Tensor) -> RowGroup:
 
 def row_norms(grad_weight: Tensor, sampled_tokens: Tensor, top_k: int) -> RowNorms:
     """Group and rank the rows of ``grad_weight`` [V, H]; ``sampled_tokens`` [M]."""
-    norms = grad_weight.double().norm(dim=1)  # [V]
+    return row_norms_from(grad_weight.double().norm(dim=1), sampled_tokens, top_k)
+
+
+def row_norms_from(norms: Tensor, sampled_tokens: Tensor, top_k: int) -> RowNorms:
+    """The same from the row norms alone ([V]), as the streamed engine produces them."""
+    norms = norms.double()
     is_sampled = torch.zeros_like(norms, dtype=torch.bool)
     is_sampled[sampled_tokens] = True
     total_sq = (norms**2).sum()

@@ -22,7 +22,10 @@ from gradlens.results import SampledRow
 
 
 def sampled_row(
-    view: SoftmaxView, grads: LossGradients, reference_grad_logits: Tensor, post_formula: str
+    view: SoftmaxView,
+    grads: LossGradients,
+    reference_grad_logits: Tensor | None,
+    post_formula: str,
 ) -> SampledRow:
     """Sampled-row and other-row statistics over the valid tokens."""
     g = grads.grad_logits  # [M, V]
@@ -33,9 +36,12 @@ def sampled_row(
     post = a * gt.abs() * (1 - view.sampled_probs)  # [M] the post's closed form
     reference = reference_grad_logits
     if grads.entropy_grad_logits is not None:  # the post's formula covers the policy term only
-        reference = reference - grads.entropy_grad_logits.to(reference.dtype)
+        if reference is not None:
+            reference = reference - grads.entropy_grad_logits.to(reference.dtype)
         post_formula += " (policy term; entropy bonus excluded)"
-    ref_at_y = reference.gather(-1, view.tokens[:, None]).squeeze(-1).abs()
+    ref_at_y = (
+        None if reference is None else reference.gather(-1, view.tokens[:, None]).squeeze(-1).abs()
+    )
     empty = at_y.numel() == 0
     return SampledRow(
         post_formula=f"a_t·{post_formula}",
@@ -43,5 +49,7 @@ def sampled_row(
         sampled_abs_max=None if empty else num(at_y.abs().max()),
         other_mass_mean=None if empty else num(others.sum(-1).mean()),
         other_abs_max=None if empty else num(others.max()),
-        post_max_rel_err=None if empty else rel_err(post.to(torch.float64), ref_at_y),
+        post_max_rel_err=None
+        if empty or ref_at_y is None
+        else rel_err(post.to(torch.float64), ref_at_y),
     )

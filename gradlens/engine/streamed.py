@@ -79,6 +79,22 @@ def plan(
     return EnginePlan(vocab_chunk=int(vocab_chunk), resident=int(resident))
 
 
+def auto_budget(device: torch.device, cap: int = 1 << 30) -> int:
+    """Working memory for the engine: a quarter of what is free now, at most ``cap`` bytes."""
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = cap * 4
+        try:
+            with open("/proc/meminfo", encoding="ascii") as fh:
+                for line in fh:
+                    if line.startswith("MemAvailable:"):
+                        free = int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return int(min(free // 4, cap))
+
+
 @dataclass(frozen=True)
 class TokenStats:
     """Per-token quantities shared by every loss, [M] each."""
@@ -88,6 +104,12 @@ class TokenStats:
     prob_sum: Tensor  # Σ_v π_tv as summed from the entries (1 up to rounding)
     entropy: Tensor  # −Σ_v π_tv log π_tv
     max_other_prob: Tensor  # max_{v ≠ y_t} π_tv
+    max_abs_logit: Tensor  # max_v |z_tv|
+
+    @property
+    def sampled_prob(self) -> Tensor:
+        """π_t(y_t)."""
+        return self.logp.exp()
 
 
 @dataclass(frozen=True)
@@ -104,6 +126,12 @@ class EngineResult:
     coefficients: list[Tensor]  # [M] c_k per loss, as returned by the caller
     rows: list[RowStats]
     gemm_equivalents: float  # logits GEMMs + dense GEMMs actually run, in units of 2·M·H·V
+
+
+def dense_dtype(operand: torch.dtype) -> torch.dtype:
+    """The dtype of the dense product πᵀ[c⊙h]: the operand dtype for bf16/fp16 (fp32
+    accumulation inside the GEMM), the softmax dtype otherwise."""
+    return operand if operand in (torch.bfloat16, torch.float16) else softmax_dtype(operand)
 
 
 def _logits(hidden: Tensor, weight: Tensor) -> Tensor:
@@ -139,10 +167,13 @@ def lm_head_pass(
     kept: list[Tensor] = []
     lse = torch.full((m,), -torch.inf, dtype=acc, device=hidden.device)
     z_y = torch.zeros(m, dtype=acc, device=hidden.device)
+    max_abs = torch.zeros(m, dtype=acc, device=hidden.device)
     for i, (start, end) in enumerate(chunks):
         z = _logits(hidden, weight[start:end])  # [M, Vc]
         gemms += (end - start) / v
         lse = torch.logaddexp(lse, torch.logsumexp(z, dim=-1))
+        lo, hi = torch.aminmax(z, dim=-1)
+        max_abs = torch.maximum(max_abs, torch.maximum(hi.abs(), lo.abs()))
         inside = (tokens >= start) & (tokens < end)
         z_y = torch.where(
             inside,
@@ -158,7 +189,7 @@ def lm_head_pass(
     sources = _share_sources(coefficients)
     direct = [i for i in range(k) if sources[i] is None]
     h_acc = hidden.to(acc)
-    dense_dtype = acc if hidden.dtype in (torch.float32, torch.float64) else hidden.dtype
+    gemm_dtype = dense_dtype(hidden.dtype)
     scaled = torch.cat([coefficients[i][:, None] * h_acc for i in direct], dim=1)  # [M, k'·H]
     deltas = {
         i: (
@@ -188,7 +219,7 @@ def lm_head_pass(
         prob_sum += probs.sum(-1)
         entropy -= (probs * z).sum(-1)
         del z
-        dense = probs.T.to(dense_dtype) @ scaled.to(dense_dtype)  # [Vc, k'·H]
+        dense = probs.T.to(gemm_dtype) @ scaled.to(gemm_dtype)  # [Vc, k'·H]
         gemms += (end - start) / v * len(direct)
         rows = -dense.to(acc)
         inside = torch.nonzero((tokens >= start) & (tokens < end)).squeeze(-1)
@@ -198,7 +229,7 @@ def lm_head_pass(
             idx: rows[:, n * H : (n + 1) * H] for n, idx in enumerate(direct)
         }
         for idx, (j, diff_idx, diff_scaled) in deltas.items():
-            delta = probs[diff_idx].T.to(dense_dtype) @ diff_scaled.to(dense_dtype)  # [Vc, H]
+            delta = probs[diff_idx].T.to(gemm_dtype) @ diff_scaled.to(gemm_dtype)  # [Vc, H]
             gemms += (end - start) / v * diff_idx.numel() / max(m, 1)
             r = per_loss[j] - delta.to(acc)
             sel = (tokens[diff_idx] >= start) & (tokens[diff_idx] < end)
@@ -211,7 +242,7 @@ def lm_head_pass(
         max_other = torch.maximum(max_other, probs.amax(-1))
 
     return EngineResult(
-        tokens=TokenStats(lse, logp, prob_sum, entropy, max_other),
+        tokens=TokenStats(lse, logp, prob_sum, entropy, max_other, max_abs),
         coefficients=coefficients,
         rows=[RowStats(n, s) for n, s in zip(norms, row_sums, strict=True)],
         gemm_equivalents=gemms,

@@ -49,6 +49,17 @@ def batch_panel(report: CompareReport) -> Panel:
         f"[bold]run[/]         {e.dtype} operands, {e.softmax_dtype} softmax on {e.device}; "
         f"seed {e.seed}; aggregation {report.config['loss']['aggregation']}",
     ]
+    if report.engine is not None:
+        g = report.engine
+        detail = (
+            ""
+            if g.path == "materialized"
+            else (
+                f"; vocabulary chunks of {g.vocab_chunk}, {g.resident_chunks} kept resident, "
+                f"{fmt(g.gemm_equivalents, 3)} GEMM-equivalents"
+            )
+        )
+        lines.append(f"[bold]engine[/]      {g.path} ({escape(g.reason)}){detail}")
     return Panel("\n".join(lines), title="gradlens compare", title_align="left", expand=False)
 
 
@@ -186,7 +197,7 @@ SECTIONS: list[tuple[str, list[Row]]] = [
                 ),
             ),
             ("tolerance", lambda r: fmt(r.agreement.tolerance, 2)),
-            ("agreement", lambda r: ok(r.agreement.passed)),
+            ("agreement", lambda r: ok(r.agreement.passed) if r.agreement.ran else "not run"),
             (
                 "non-finite gradient entries",
                 lambda r: str(r.non_finite) if not r.non_finite else f"[bold red]{r.non_finite}[/]",

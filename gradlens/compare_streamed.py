@@ -1,0 +1,180 @@
+"""The streamed path of `gradlens compare`: every loss's lm_head diagnosis from one engine run.
+
+All losses share one pass over the logits (`gradlens.engine.streamed`): the engine hands the
+sampled tokens' log-probs to `coefficients_for`, which runs each loss on the [N, T] grid exactly
+as the materialized path does (same corrections, same aggregation weights), and gets back the
+per-row norms and the row sum of each loss's ∂L/∂W. Nothing of size M×V or V×H is kept.
+
+With ``diagnostics.reference: autograd`` each loss is also differentiated by torch.autograd
+(which materialises [M, V], one loss at a time) and compared: c_t, the sampled-row logit
+gradient ∂L/∂z_y and the row norms ‖∂L/∂W_v‖.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from gradlens.config import Config
+from gradlens.containers import Batch, LossTerms, valid_index
+from gradlens.diagnostics import tolerances
+from gradlens.diagnostics.agreement import not_run
+from gradlens.diagnostics.clipping import clipping
+from gradlens.diagnostics.numbers import count_non_finite, num, rel_err
+from gradlens.diagnostics.row_norms import row_norms_from
+from gradlens.diagnostics.streamed import sampled_row_streamed, zero_sum_streamed
+from gradlens.engine.streamed import (
+    EngineResult,
+    auto_budget,
+    dense_dtype,
+    lm_head_pass,
+    plan,
+)
+from gradlens.grads import (
+    Aggregation,
+    autograd_reference,
+    loss_terms,
+    loss_weights,
+    run_params,
+    token_inputs,
+)
+from gradlens.losses import LossParams, get_loss
+from gradlens.results import Agreement, EngineInfo, LossReport
+
+
+@dataclass
+class _Coefficients:
+    """What the engine's callback computed for each loss (kept for the report)."""
+
+    terms: list[LossTerms]
+    weights: list[Tensor]  # [N, T] a_t (1 for a loss that aggregates itself)
+    coefficient: list[Tensor]  # [N, T] c_t
+    logp: Tensor | None = None  # [N, T] ℓ as the engine computed it
+
+
+def run_streamed(
+    batch: Batch, config: Config, params: LossParams, agg: Aggregation, reason: str
+) -> tuple[list[LossReport], EngineResult, Tensor, EngineInfo, list[LossTerms]]:
+    """(per-loss reports without findings, the engine result, [N, T] ℓ, how it ran, and each
+    loss's terms)."""
+    rows, cols = valid_index(batch.mask)
+    hidden = batch.hidden[rows, cols]  # [M, H]
+    tokens = batch.tokens[rows, cols]  # [M]
+    specs = [get_loss(n) for n in config.losses]
+    run = run_params(params, agg)
+    kept = _Coefficients([], [], [])
+
+    def coefficients_for(logp_valid: Tensor) -> list[Tensor]:
+        logp = torch.zeros(batch.mask.shape, dtype=logp_valid.dtype, device=logp_valid.device)
+        logp[rows, cols] = logp_valid
+        kept.logp = logp
+        inputs = token_inputs(batch, logp)
+        out = []
+        for spec in specs:
+            terms = loss_terms(inputs, spec, run)
+            weights, _ = loss_weights(batch.mask, terms, agg, logp.dtype)
+            coefficient = weights * terms.coefficient
+            kept.terms.append(terms)
+            kept.weights.append(weights)
+            kept.coefficient.append(coefficient)
+            out.append(coefficient[rows, cols])
+        return out
+
+    d = config.diagnostics
+    budget = int(d.memory_budget_mib * 2**20) if d.memory_budget_mib else auto_budget(hidden.device)
+    k = len(specs)
+    engine_plan = plan(
+        tokens.numel(), batch.vocab_size, batch.hidden_size, k, budget, d.vocab_chunk
+    )
+    result = lm_head_pass(hidden, batch.weight, tokens, coefficients_for, engine_plan)
+    assert kept.logp is not None
+    hidden_norms = hidden.to(result.tokens.lse.dtype).norm(dim=-1)  # [M]
+    reference = d.reference == "autograd"
+
+    reports = []
+    for i, spec in enumerate(specs):
+        c = result.coefficients[i]  # [M]
+        rows_i = result.rows[i]
+        terms, weights, coefficient = kept.terms[i], kept.weights[i], kept.coefficient[i]
+        post = weights[rows, cols] * terms.coefficient[rows, cols].abs()
+        post = post * (1 - result.tokens.sampled_prob)
+        agreement, ref_at_y, ref_non_finite = (
+            _agreement(batch, spec, params, agg, c, result, i, rows, cols, tokens)
+            if reference
+            else (not_run(batch.weight.dtype), None, 0)
+        )
+        reports.append(
+            LossReport(
+                name=spec.name,
+                formula=spec.formula,
+                coefficient_formula=spec.coefficient,
+                loss=num((weights * terms.per_token).sum()),
+                coefficient_abs_mean=num(c.abs().mean()) if c.numel() else None,
+                coefficient_abs_max=num(c.abs().max()) if c.numel() else None,
+                non_finite=count_non_finite(c, rows_i.norms, rows_i.row_sum),
+                reference_non_finite=ref_non_finite,
+                sampled_row=sampled_row_streamed(
+                    c, result.tokens, spec.post_formula, post, ref_at_y
+                ),
+                rows=row_norms_from(rows_i.norms, tokens, config.diagnostics.top_k),
+                zero_sum=zero_sum_streamed(
+                    c,
+                    result.tokens,
+                    rows_i.row_sum,
+                    rows_i.norms,
+                    hidden_norms,
+                    batch.vocab_size,
+                    dense_dtype(batch.hidden.dtype),
+                ),
+                clipping=clipping(terms.regions, coefficient, batch.mask),
+                agreement=agreement,
+                findings=[],
+                tokens=None,
+            )
+        )
+    info = EngineInfo(
+        path="streamed",
+        reason=reason,
+        vocab_chunk=engine_plan.vocab_chunk,
+        resident_chunks=engine_plan.resident,
+        budget_bytes=budget,
+        gemm_equivalents=result.gemm_equivalents,
+    )
+    return reports, result, kept.logp, info, kept.terms
+
+
+def _agreement(
+    batch: Batch,
+    spec,
+    params: LossParams,
+    agg: Aggregation,
+    c: Tensor,
+    result: EngineResult,
+    i: int,
+    rows: Tensor,
+    cols: Tensor,
+    tokens: Tensor,
+) -> tuple[Agreement, Tensor, int]:
+    """Engine against autograd: c_t, ∂L/∂z_y and the row norms (normwise relative)."""
+    ref = autograd_reference(batch, spec, params, agg)
+    ref_at_y = ref.grad_logits.gather(-1, tokens[:, None]).squeeze(-1)  # [M]
+    at_y = c * (1 - result.tokens.sampled_prob)
+    errors = (
+        rel_err(c, ref.coefficient[rows, cols]),
+        rel_err(at_y, ref_at_y),
+        rel_err(result.rows[i].norms, ref.grad_weight.double().norm(dim=1)),
+    )
+    tol = tolerances.agreement(batch.weight.dtype)
+    return (
+        Agreement(
+            coefficient=errors[0],
+            grad_logits=errors[1],
+            grad_weight=errors[2],
+            tolerance=tol,
+            passed=all(e is not None and e <= tol for e in errors),
+        ),
+        ref_at_y,
+        count_non_finite(ref.grad_logits, ref.grad_weight),
+    )

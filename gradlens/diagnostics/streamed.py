@@ -1,0 +1,95 @@
+"""Diagnostics 1 and 3 from the streamed engine's per-token statistics (no [M, V] tensor).
+
+For a loss of the c·(e_y − π) form, every number of `sampled_row` and `zero_sum` follows from
+c_t and four per-token numbers the engine keeps — π_y, Σ_v π_v (summed from the entries it
+exponentiated), max_{v≠y} π_v and max_v |z_v| — and from the running row sum Σ_v ∂L/∂W_v:
+
+    ∂L/∂z_y = c·(1 − π_y)                Σ_{j≠y} |∂L/∂z_j| = |c|·(Σ_v π_v − π_y)
+    max_{j≠y} |∂L/∂z_j| = |c|·max_{j≠y} π_j
+    Σ_v ∂L/∂z_v = c·(1 − Σ_v π_v)
+    s_t = |c| + max_v |∂L/∂z_v| = |c|·(1 + max(1 − π_y, max_{j≠y} π_j))
+
+The tolerances are those of `tolerances`, exactly as for the materialized path.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from gradlens.diagnostics import tolerances
+from gradlens.diagnostics.numbers import num, rel_err
+from gradlens.engine.streamed import TokenStats
+from gradlens.results import SampledRow, ZeroSum
+
+
+def sampled_row_streamed(
+    c: Tensor, stats: TokenStats, post_formula: str, post: Tensor, reference_at_y: Tensor | None
+) -> SampledRow:
+    """Diagnostic 1; ``post`` [M] is a_t·|g_t|·(1 − π_y), ``reference_at_y`` autograd's ∂L/∂z_y."""
+    p_y = stats.sampled_prob
+    at_y = c * (1 - p_y)  # [M]
+    empty = at_y.numel() == 0
+    return SampledRow(
+        post_formula=f"a_t·{post_formula}",
+        sampled_abs_mean=None if empty else num(at_y.abs().mean()),
+        sampled_abs_max=None if empty else num(at_y.abs().max()),
+        other_mass_mean=None if empty else num((c.abs() * (stats.prob_sum - p_y)).mean()),
+        other_abs_max=None if empty else num((c.abs() * stats.max_other_prob).max()),
+        post_max_rel_err=None
+        if empty or reference_at_y is None
+        else rel_err(post.double(), reference_at_y.abs()),
+    )
+
+
+def zero_sum_streamed(
+    c: Tensor,
+    stats: TokenStats,
+    row_sum: Tensor,
+    norms: Tensor,
+    hidden_norms: Tensor,
+    vocab: int,
+    dense: torch.dtype,
+) -> ZeroSum:
+    """Diagnostic 3 from the engine's statistics.
+
+    ``dense`` is the dtype of the engine's dense product: when it is narrower than the
+    accumulation (bf16 operands), π and c⊙h are each rounded once to it before the GEMM, which
+    adds at most 2·u_dense·Σ_t |c_t|·‖h_t‖ to ‖Σ_v ∂L/∂W_v‖ (Σ_v π_tv = 1); twice that is allowed.
+    """
+    accum = c.dtype
+    m = c.numel()
+    max_abs_logit = float(stats.max_abs_logit.max()) if m else 0.0
+    tol_logits = tolerances.zero_sum_logits(accum, vocab, max_abs_logit)
+    finite = bool(torch.isfinite(norms).all() and torch.isfinite(row_sum).all())
+    if not finite or not bool(torch.isfinite(c).all()):
+        return ZeroSum(
+            logits_max_abs=None,
+            logits_max_rel=None,
+            logits_tolerance=tol_logits,
+            weight_rel=None,
+            weight_tolerance=0.0,
+            passed=False,
+        )
+    cd = c.double()
+    sums = (cd * (1 - stats.prob_sum.double())).abs()  # [M] |Σ_v ∂L/∂z_v|
+    largest = torch.maximum(1 - stats.sampled_prob.double(), stats.max_other_prob.double())
+    scale = cd.abs() * (1 + largest)  # [M] s_t
+    rel = torch.where(scale > 0, sums / scale.clamp(min=1e-300), sums)
+    total = norms.double().norm()
+    row = row_sum.double().norm()
+    gross = (scale * hidden_norms.double()).sum()
+    factor = tolerances.zero_sum_weight_factor(accum, vocab, m, max_abs_logit)
+    if dense != accum:
+        factor += 4 * tolerances.unit_roundoff(dense)
+    weight_rel = float(row / total) if float(total) > 0 else float(row)
+    weight_tol = float(factor * gross / total) if float(total) > 0 else float(factor * gross)
+    logits_rel = float(rel.max()) if m else 0.0
+    return ZeroSum(
+        logits_max_abs=num(sums.max()) if m else 0.0,
+        logits_max_rel=num(logits_rel),
+        logits_tolerance=tol_logits,
+        weight_rel=num(weight_rel),
+        weight_tolerance=weight_tol,
+        passed=logits_rel <= tol_logits and weight_rel <= weight_tol,
+    )

@@ -1,0 +1,98 @@
+"""`gradlens compare` through the streamed engine reports what the materialized path reports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import gradlens.compare as compare_module
+from gradlens.cli import app
+from gradlens.compare import run_compare
+from gradlens.config import build_config
+
+REPO = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+CONFIGS = [
+    "default.yaml",
+    "deepseek_opsm.yaml",
+    "dr_grpo.yaml",
+    "on_policy.yaml",
+    "literal_tc.yaml",
+    "peaked_bf16.yaml",
+]
+# Relative agreement of the two paths, per operand dtype: they differ in the order of the
+# logits GEMM (chunked vs whole) and of every sum over the vocabulary. float64: a few hundred
+# ulps; float32: |z| ≲ 60 gives logits ~4e-6 apart, which r = e^(ℓ − ℓ_old) carries into c_t;
+# bf16 operands: the dense product is a bf16 GEMM in the engine and float32 in the
+# materialized path, 2·2⁻⁸.
+TOL = {"float64": 1e-10, "float32": 1e-4, "bfloat16": 1e-2}
+
+
+def both(config_name: str):
+    path = REPO / "configs" / config_name
+    reports = [
+        run_compare(
+            build_config(path, [f"diagnostics.engine={engine}", "diagnostics.reference=autograd"])
+        )
+        for engine in ("materialized", "streamed")
+    ]
+    return reports
+
+
+@pytest.mark.parametrize("config_name", CONFIGS)
+def test_streamed_and_materialized_reports_agree(config_name):
+    mat, stream = both(config_name)
+    assert mat.engine is not None and mat.engine.path == "materialized"
+    assert stream.engine is not None and stream.engine.path == "streamed"
+    tol = TOL[mat.environment.dtype]
+    assert stream.passed and mat.passed
+    assert stream.batch.num_tokens == mat.batch.num_tokens
+    for a, b in zip(mat.losses, stream.losses, strict=True):
+        assert a.name == b.name
+        assert b.agreement.ran and b.agreement.passed, b.agreement
+        assert b.zero_sum.passed
+        assert b.rows.total_norm == pytest.approx(a.rows.total_norm, rel=tol)
+        assert b.sampled_row.sampled_abs_mean == pytest.approx(
+            a.sampled_row.sampled_abs_mean, rel=tol
+        )
+        assert b.sampled_row.other_mass_mean == pytest.approx(
+            a.sampled_row.other_mass_mean, rel=tol
+        )
+        assert b.sampled_row.other_abs_max == pytest.approx(a.sampled_row.other_abs_max, rel=tol)
+        assert b.loss == pytest.approx(a.loss, rel=tol, abs=1e-12)
+        assert b.clipping == a.clipping
+        assert [r.token for r in b.rows.top_rows[:3]] == [r.token for r in a.rows.top_rows[:3]]
+
+
+def test_auto_streams_large_batches(monkeypatch):
+    monkeypatch.setattr(compare_module, "STREAM_ABOVE", 1000)
+    report = run_compare(build_config(None, ["source.vocab_size=256"]))
+    assert report.engine is not None and report.engine.path == "streamed"
+    assert "> 1000" in report.engine.reason
+    # auto reference: none with the streamed engine, so no agreement check is listed
+    assert all(not r.agreement.ran for r in report.losses)
+    assert "agreement" not in {c.name for c in report.checks}
+    assert report.passed
+
+
+def test_streamed_engine_refuses_the_entropy_bonus():
+    result = runner.invoke(
+        app, ["compare", "--engine", "streamed", "--set", "loss.entropy_coef=0.01"]
+    )
+    assert result.exit_code == 2
+    assert "diagnostics.engine" in result.stderr and "entropy bonus" in result.stderr
+
+
+def test_reference_none_is_reported_as_not_run():
+    result = runner.invoke(app, ["compare", "--reference", "none", "-l", "reinforce"])
+    assert result.exit_code == 0
+    assert "not run" in result.stdout
+    data = json.loads(
+        runner.invoke(
+            app, ["compare", "--reference", "none", "-l", "reinforce", "-f", "json"]
+        ).stdout
+    )
+    assert data["losses"][0]["agreement"]["ran"] is False
