@@ -19,6 +19,7 @@ from torch import Tensor
 
 from gradlens.diagnostics import tolerances
 from gradlens.diagnostics.numbers import num, rel_err
+from gradlens.diagnostics.zero_sum import judge
 from gradlens.engine.streamed import TokenStats
 from gradlens.results import SampledRow, ZeroSum
 
@@ -57,39 +58,21 @@ def zero_sum_streamed(
     accumulation (bf16 operands), π and c⊙h are each rounded once to it before the GEMM, which
     adds at most 2·u_dense·Σ_t |c_t|·‖h_t‖ to ‖Σ_v ∂L/∂W_v‖ (Σ_v π_tv = 1); twice that is allowed.
     """
-    accum = c.dtype
-    m = c.numel()
-    max_abs_logit = float(stats.max_abs_logit.max()) if m else 0.0
-    tol_logits = tolerances.zero_sum_logits(accum, vocab, max_abs_logit)
-    finite = bool(torch.isfinite(norms).all() and torch.isfinite(row_sum).all())
-    if not finite or not bool(torch.isfinite(c).all()):
-        return ZeroSum(
-            logits_max_abs=None,
-            logits_max_rel=None,
-            logits_tolerance=tol_logits,
-            weight_rel=None,
-            weight_tolerance=0.0,
-            passed=False,
-        )
     cd = c.double()
-    sums = (cd * (1 - stats.prob_sum.double())).abs()  # [M] |Σ_v ∂L/∂z_v|
     largest = torch.maximum(1 - stats.sampled_prob.double(), stats.max_other_prob.double())
-    scale = cd.abs() * (1 + largest)  # [M] s_t
-    rel = torch.where(scale > 0, sums / scale.clamp(min=1e-300), sums)
-    total = norms.double().norm()
-    row = row_sum.double().norm()
-    gross = (scale * hidden_norms.double()).sum()
-    factor = tolerances.zero_sum_weight_factor(accum, vocab, m, max_abs_logit)
-    if dense != accum:
-        factor += 4 * tolerances.unit_roundoff(dense)
-    weight_rel = float(row / total) if float(total) > 0 else float(row)
-    weight_tol = float(factor * gross / total) if float(total) > 0 else float(factor * gross)
-    logits_rel = float(rel.max()) if m else 0.0
-    return ZeroSum(
-        logits_max_abs=num(sums.max()) if m else 0.0,
-        logits_max_rel=num(logits_rel),
-        logits_tolerance=tol_logits,
-        weight_rel=num(weight_rel),
-        weight_tolerance=weight_tol,
-        passed=logits_rel <= tol_logits and weight_rel <= weight_tol,
+    return judge(
+        sums=(cd * (1 - stats.prob_sum.double())).abs(),  # [M] |Σ_v ∂L/∂z_v|
+        scale=cd.abs() * (1 + largest),  # [M] s_t
+        row_sum=row_sum,
+        total=norms.double().norm(),
+        hidden_norms=hidden_norms.double(),
+        accum=c.dtype,
+        vocab=vocab,
+        max_abs_logit=float(stats.max_abs_logit.max()) if c.numel() else 0.0,
+        finite=bool(
+            torch.isfinite(norms).all()
+            and torch.isfinite(row_sum).all()
+            and torch.isfinite(c).all()
+        ),
+        extra_weight_factor=0.0 if dense == c.dtype else 4 * tolerances.unit_roundoff(dense),
     )

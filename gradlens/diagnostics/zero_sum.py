@@ -19,31 +19,55 @@ def zero_sum(
     grad_logits: Tensor, grad_weight: Tensor, coefficient: Tensor, hidden: Tensor, logits: Tensor
 ) -> ZeroSum:
     """Check both sums. Shapes: [M, V], [V, H], [M] (c_t), [M, H], [M, V]."""
-    accum = grad_logits.dtype
     m, v = grad_logits.shape
     max_abs_logit = float(logits.abs().max()) if logits.numel() else 0.0
-    if not torch.isfinite(grad_logits).all() or not torch.isfinite(grad_weight).all():
+    finite = bool(torch.isfinite(grad_logits).all() and torch.isfinite(grad_weight).all())
+    g = grad_logits.double()
+    return judge(
+        sums=g.sum(-1).abs(),
+        scale=coefficient.double().abs() + g.abs().amax(-1) if m else g.sum(-1),
+        row_sum=grad_weight.double().sum(0),
+        total=grad_weight.double().norm(),
+        hidden_norms=hidden.double().norm(dim=-1),
+        accum=grad_logits.dtype,
+        vocab=v,
+        max_abs_logit=max_abs_logit,
+        finite=finite,
+    )
+
+
+def judge(
+    sums: Tensor,
+    scale: Tensor,
+    row_sum: Tensor,
+    total: Tensor,
+    hidden_norms: Tensor,
+    accum: torch.dtype,
+    vocab: int,
+    max_abs_logit: float,
+    finite: bool,
+    extra_weight_factor: float = 0.0,
+) -> ZeroSum:
+    """The verdict from the per-token sums |Σ_v ∂L/∂z_{t,v}| [M], their scales s_t [M], the
+    row sum Σ_v ∂L/∂W_v [H] and ‖∂L/∂W‖_F; shared by the materialized and streamed paths."""
+    m = sums.numel()
+    tol_logits = tolerances.zero_sum_logits(accum, vocab, max_abs_logit)
+    if not finite:
         return ZeroSum(
             logits_max_abs=None,
             logits_max_rel=None,
-            logits_tolerance=tolerances.zero_sum_logits(accum, v, max_abs_logit),
+            logits_tolerance=tol_logits,
             weight_rel=None,
             weight_tolerance=0.0,
             passed=False,
         )
-    g = grad_logits.double()
-    sums = g.sum(-1).abs()  # [M]
-    scale = coefficient.double().abs() + g.abs().amax(-1) if m else sums  # [M] s_t
     rel = torch.where(scale > 0, sums / scale.clamp(min=1e-300), sums)
-    tol_logits = tolerances.zero_sum_logits(accum, v, max_abs_logit)
-
-    row_sum = grad_weight.double().sum(0).norm()
-    total = grad_weight.double().norm()
-    gross = (scale * hidden.double().norm(dim=-1)).sum()  # Σ_t s_t‖h_t‖
-    factor = tolerances.zero_sum_weight_factor(accum, v, m, max_abs_logit)
-    weight_rel = float(row_sum / total) if float(total) > 0 else float(row_sum)
+    row = row_sum.double().norm()
+    gross = (scale * hidden_norms).sum()  # Σ_t s_t‖h_t‖
+    factor = tolerances.zero_sum_weight_factor(accum, vocab, m, max_abs_logit)
+    factor += extra_weight_factor
+    weight_rel = float(row / total) if float(total) > 0 else float(row)
     weight_tol = float(factor * gross / total) if float(total) > 0 else float(factor * gross)
-
     logits_rel = float(rel.max()) if m else 0.0
     return ZeroSum(
         logits_max_abs=num(sums.max()) if m else 0.0,
