@@ -429,6 +429,9 @@ def build_model_batch(src: Any, config: Any, device: torch.device, dtype: torch.
         old_logp=old_logp,
         advantages=advantages.to(old_logp.dtype).to(device),
         rollout_logp=rollout.rollout_logp.to(old_logp.dtype),
+        # The reference policy of KL penalties (grpo) is the frozen checkpoint: its training-pass
+        # log-probs are π_old's, taken before the stale steps moved π_θ away from it.
+        ref_logp=old_logp.clone(),
         source=(
             f"model: {name} ({info.architecture}, {info.parameters / 1e6:.2f}M parameters"
             f"{', tied embeddings' if info.tied_embeddings else ''}); {len(prompts)} prompts × "
