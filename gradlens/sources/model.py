@@ -59,13 +59,13 @@ def builtin_model_dir() -> Path:
 # ----------------------------------------------------------------------------- loading
 
 
-def checkpoint_dir(path: str | None) -> Path:
-    """The checkpoint directory, checked for the files a causal LM needs; errors name the key."""
+def checkpoint_dir(path: str | None, key: str = "source.path") -> Path:
+    """The checkpoint directory, checked for the files a causal LM needs; errors name ``key``."""
     if path is None:
         where = builtin_model_dir()
         if not (where / "config.json").is_file():
             raise GradlensError(
-                f"source.path: the built-in model is missing from the installation ({where}); "
+                f"{key}: the built-in model is missing from the installation ({where}); "
                 "reinstall gradlens or run scripts/train_tiny_lm.py"
             )
         return where
@@ -79,21 +79,21 @@ def checkpoint_dir(path: str | None) -> Path:
             if looks_like_hub_id
             else ""
         )
-        raise GradlensError(f"source.path: {path!r} is not a local directory{hint}")
+        raise GradlensError(f"{key}: {path!r} is not a local directory{hint}")
     if not where.is_dir():
-        raise GradlensError(f"source.path: {path!r} is a file; give the checkpoint directory")
+        raise GradlensError(f"{key}: {path!r} is a file; give the checkpoint directory")
     if not (where / "config.json").is_file():
         raise GradlensError(
-            f"source.path: {path!r} has no config.json; a Hugging Face checkpoint directory "
+            f"{key}: {path!r} has no config.json; a Hugging Face checkpoint directory "
             "holds config.json, the weights (*.safetensors) and the tokenizer files"
         )
     if not any(any(where.glob(p)) for p in WEIGHT_PATTERNS):
         raise GradlensError(
-            f"source.path: {path!r} has no weights (*.safetensors or pytorch_model*.bin)"
+            f"{key}: {path!r} has no weights (*.safetensors or pytorch_model*.bin)"
         )
     if not any((where / f).is_file() for f in TOKENIZER_FILES):
         raise GradlensError(
-            f"source.path: {path!r} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
+            f"{key}: {path!r} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
             "save the tokenizer beside the model (tokenizer.save_pretrained(DIR))"
         )
     return where
@@ -121,10 +121,20 @@ class LoadedModel:
     def vocab_size(self) -> int:
         return int(self.head.weight.shape[0])
 
+    @property
+    def bias(self) -> bool:
+        """The lm_head has a bias (folded into W as a last column by `head_weight`)."""
+        return getattr(self.head, "bias", None) is not None
 
-def load_checkpoint(path: str | None, device: torch.device, dtype: torch.dtype) -> LoadedModel:
-    """Model and tokenizer from a local directory (never the Hub), with consistency checks."""
-    where = checkpoint_dir(path)
+
+def load_checkpoint(
+    path: str | None, device: torch.device, dtype: torch.dtype, key: str = "source.path"
+) -> LoadedModel:
+    """Model and tokenizer from a local directory (never the Hub), with consistency checks.
+
+    ``path`` None is the built-in model; every error names the config key ``key``.
+    """
+    where = checkpoint_dir(path, key)
     label = "the built-in model" if path is None else repr(path)
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -138,14 +148,14 @@ def load_checkpoint(path: str | None, device: torch.device, dtype: torch.dtype) 
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, local_files_only=True)
     except Exception as exc:
         raise GradlensError(
-            f"source.path: transformers could not load a causal LM from {label}: "
+            f"{key}: transformers could not load a causal LM from {label}: "
             f"{type(exc).__name__}: {exc}"
         ) from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True)
     except Exception as exc:
         raise GradlensError(
-            f"source.path: transformers could not load the tokenizer of {label}: "
+            f"{key}: transformers could not load the tokenizer of {label}: "
             f"{type(exc).__name__}: {exc}"
         ) from None
     model = model.to(device).eval()
@@ -155,11 +165,11 @@ def load_checkpoint(path: str | None, device: torch.device, dtype: torch.dtype) 
     )
     loaded = LoadedModel(model, tokenizer, where, path is None, context)
     if loaded.head is None or not hasattr(loaded.head, "weight"):
-        raise GradlensError(f"source.path: {label} has no lm_head (output embedding) to analyse")
+        raise GradlensError(f"{key}: {label} has no lm_head (output embedding) to analyse")
     embedding_rows = int(model.get_input_embeddings().weight.shape[0])
     if len(tokenizer) > loaded.vocab_size or len(tokenizer) > embedding_rows:
         raise GradlensError(
-            f"source.path: tokenizer mismatch in {label}: the tokenizer has {len(tokenizer)} "
+            f"{key}: tokenizer mismatch in {label}: the tokenizer has {len(tokenizer)} "
             f"tokens but the model's lm_head has {loaded.vocab_size} rows and its embedding "
             f"{embedding_rows}; the tokenizer files belong to a different model"
         )
@@ -185,6 +195,11 @@ class Sequences:
     @property
     def tokens(self) -> Tensor:
         return self.input_ids[:, 1:]  # [N, T]
+
+
+def position_ids(attention_mask: Tensor) -> Tensor:
+    """[N, L] positions that count real tokens only, so left padding changes nothing."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def head_weight(model: Any) -> Tensor:
@@ -259,7 +274,9 @@ LOGIT_PATH_TOLERANCE_LOW = 3e-2  # bf16/fp16: a few roundings of 2^-8
 
 
 @torch.no_grad()
-def check_logit_path(loaded: LoadedModel, prompt: list[int], device: torch.device) -> None:
+def check_logit_path(
+    loaded: LoadedModel, prompt: list[int], device: torch.device, key: str = "source.path"
+) -> None:
     """The model's logits must be lm_head(final hidden state): z = W h (+ b)."""
     model = loaded.model
     ids = torch.tensor([prompt], device=device)  # [1, P]
@@ -269,15 +286,14 @@ def check_logit_path(loaded: LoadedModel, prompt: list[int], device: torch.devic
         torch.arange(ids.shape[1], device=device)[None],
         torch.ones(1, ids.shape[1] - 1, dtype=torch.bool, device=device),
     )
-    bias = getattr(loaded.head, "bias", None) is not None
     weight = head_weight(model)
-    ours = compute_logits(final_hidden(model, seqs, 1.0, bias), weight)  # [1, P-1, V]
+    ours = compute_logits(final_hidden(model, seqs, 1.0, loaded.bias), weight)  # [1, P-1, V]
     theirs = model(input_ids=ids, use_cache=False).logits[:, :-1].to(ours.dtype)
     err = float((ours - theirs).abs().max() / theirs.abs().max().clamp(min=1e-30))
     tol = LOGIT_PATH_TOLERANCE.get(weight.dtype, LOGIT_PATH_TOLERANCE_LOW)
     if not err <= tol:
         raise GradlensError(
-            f"source.path: this model's logits are not lm_head(final hidden state) (relative "
+            f"{key}: this model's logits are not lm_head(final hidden state) (relative "
             f"difference {err:.3g} > {tol:g}; logit soft-capping or scaling?): gradlens's lm_head "
             "analysis needs z = W·h"
         )
@@ -346,7 +362,7 @@ def build_model_batch(src: Any, config: Any, device: torch.device, dtype: torch.
     )
     seqs = rollout.sequences
     mask = seqs.loss_mask
-    bias = getattr(loaded.head, "bias", None) is not None
+    bias = loaded.bias
 
     params = loss_params(config)
     agg = Aggregation(config.loss.aggregation, config.loss.loss_scale_factor)

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from gradlens.errors import GradlensError
 from gradlens.progress import report
-from gradlens.sources.model import LoadedModel, Sequences, read_builtin_prompts
+from gradlens.sources.model import LoadedModel, Sequences, position_ids, read_builtin_prompts
 
 
 def choose_prompts(src: Any, loaded: LoadedModel, seed: int) -> tuple[list[str], str]:
@@ -106,7 +106,7 @@ def sample(
         prompt_ids[i, width - len(p) :] = torch.tensor(p)
         prompt_mask[i, width - len(p) :] = 1
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # [N, P]
+    positions = position_ids(prompt_mask)  # [N, P]
 
     new_tokens = torch.full((n, max_new_tokens), pad, dtype=torch.long, device=device)
     new_logp = torch.zeros(n, max_new_tokens, dtype=torch.float32, device=device)
@@ -147,7 +147,6 @@ def sample(
     new_tokens, new_logp, alive = new_tokens[:, :steps], new_logp[:, :steps], alive[:, :steps]
     input_ids = torch.cat([prompt_ids, new_tokens], dim=1)  # [N, L]
     attention_mask = torch.cat([prompt_mask, alive.long()], dim=1)  # [N, L]
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     loss_mask = torch.zeros(n, width + steps - 1, dtype=torch.bool, device=device)  # [N, T]
     loss_mask[:, width - 1 :] = alive
     rollout_logp = torch.zeros(loss_mask.shape, dtype=torch.float32, device=device)
@@ -159,7 +158,7 @@ def sample(
         completions.append(tokenizer.decode(kept, skip_special_tokens=True))
     stopped = int((new_tokens == eos).logical_and(alive).any(-1).sum()) if eos is not None else 0
     return Rollout(
-        Sequences(input_ids, attention_mask, position_ids, loss_mask),
+        Sequences(input_ids, attention_mask, position_ids(attention_mask), loss_mask),
         rollout_logp,
         completions,
         stopped,
