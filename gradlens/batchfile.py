@@ -16,6 +16,19 @@ batches). Keys follow the frameworks' names (verl's, with the common alternative
                                                         predict y_t (after the final norm)
     lm_head_weight                         [V, H]
 
+Instead of ``hidden_states`` and ``lm_head_weight``, a file may carry the prompts, and
+``source.model_path`` names a checkpoint that recomputes the hidden states
+(gradlens.sources.recompute). The prompt comes in verl's layout, left-padded:
+
+    prompts                                [N, P] int   prompt token ids
+    prompt_mask | attention_mask           [N, P] or [N, P+T]: 1 at real tokens (the first P
+                                                        columns of ``attention_mask``)
+or  input_ids + attention_mask             [N, P+T]     the whole sequence beside ``responses``;
+                                                        its last T columns are the response
+
+With ``responses`` present, an ``attention_mask`` of [N, P+T] without ``response_mask`` gives
+the loss mask as its last T columns, as verl derives it.
+
 Position t of every [N, T] tensor refers to the same response token. A dump from a training
 loop is three lines (see docs/batchfile.md)::
 
@@ -46,8 +59,13 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "rewards": ("rewards", "token_level_rewards"),
     "hidden": ("hidden_states",),
     "weight": ("lm_head_weight",),
+    "prompts": ("prompts",),
+    "prompt_mask": ("prompt_mask",),
 }
 SUFFIXES = (".safetensors", ".pt", ".pth", ".jsonl")
+INTEGER_KEYS = frozenset({*ALIASES["tokens"], *ALIASES["mask"], "prompts", "prompt_mask"})
+LEFT_PADDED = ("prompts", "prompt_mask")  # verl left-pads prompts; .jsonl lines are unpadded
+WHOLE_SEQUENCE = ("input_ids", "attention_mask")  # [P+T] beside 'responses'
 
 
 def _load_raw(path: Path, where: str) -> dict[str, Tensor]:
@@ -87,6 +105,10 @@ def _load_jsonl(path: Path, where: str) -> dict[str, Tensor]:
                 ) from None
     if not rows:
         raise GradlensError(f"{where}: {path.name} is empty")
+    if "prompts" in rows[0] and "prompt_mask" not in rows[0]:  # unpadded: every token is real
+        for r in rows:
+            if isinstance(r.get("prompts"), list):
+                r["prompt_mask"] = [1] * len(r["prompts"])
     out: dict[str, Tensor] = {}
     shared = rows[0].get("lm_head_weight")
     for key in rows[0]:
@@ -96,28 +118,54 @@ def _load_jsonl(path: Path, where: str) -> dict[str, Tensor]:
         values = [r.get(key) for r in rows]
         if any(v is None for v in values):
             raise GradlensError(f"{where}: key {key!r} is missing from some lines of {path.name}")
-        out[key] = _pad(values, key)
+        if key in WHOLE_SEQUENCE and "responses" in rows[0]:
+            out[key] = _pad_whole_sequence(values, [r.get("responses") for r in rows], key)
+        else:
+            out[key] = _pad(values, key, left=key in LEFT_PADDED)
     return out
 
 
-def _pad(values: list, key: str) -> Tensor:
-    """Per-sequence lists of ragged length → a right-padded [N, T(, H)] tensor."""
+def _pad(values: list, key: str, left: bool = False) -> Tensor:
+    """Per-sequence lists of ragged length → a right- (or left-) padded [N, T(, H)] tensor."""
     first = torch.tensor(values[0])
     if first.dim() == 0:
         return torch.tensor(values)
     length = max(len(v) for v in values)
-    dtype = torch.long if key in ALIASES["tokens"] or key in ALIASES["mask"] else torch.float32
+    dtype = torch.long if key in INTEGER_KEYS else torch.float32
     out = torch.zeros((len(values), length, *first.shape[1:]), dtype=dtype)
     for i, v in enumerate(values):
         if len(v):
-            out[i, : len(v)] = torch.tensor(v, dtype=dtype)
+            if left:
+                out[i, length - len(v) :] = torch.tensor(v, dtype=dtype)
+            else:
+                out[i, : len(v)] = torch.tensor(v, dtype=dtype)
     return out
 
 
+def _pad_whole_sequence(values: list, responses: list, key: str) -> Tensor:
+    """Unpadded prompt + response lines → verl's [N, P+T] layout: each line split where its
+    response starts, the prompt part left-padded to P and the response part right-padded to T."""
+    if not all(
+        isinstance(v, list) and isinstance(r, list) for v, r in zip(values, responses, strict=True)
+    ):
+        return _pad(values, key)
+    cuts = [max(len(v) - len(r), 0) for v, r in zip(values, responses, strict=True)]
+    if not any(cuts):  # as long as the responses: the [T] alias of the response keys
+        return _pad(values, key)
+    head = _pad([v[:c] for v, c in zip(values, cuts, strict=True)], key, left=True)
+    tail = _pad([v[c:] for v, c in zip(values, cuts, strict=True)], key)
+    return torch.cat([head, tail], dim=1)
+
+
+def _key(raw: Mapping[str, Tensor], name: str) -> str | None:
+    """The first of the name's aliases that the file has."""
+    return next((key for key in ALIASES[name] if key in raw), None)
+
+
 def _pick(raw: Mapping[str, Tensor], name: str, where: str, required: bool) -> Tensor | None:
-    for key in ALIASES[name]:
-        if key in raw:
-            return raw[key]
+    key = _key(raw, name)
+    if key is not None:
+        return raw[key]
     if required:
         raise GradlensError(
             f"{where}: the batch has no {' / '.join(repr(k) for k in ALIASES[name])}; "
@@ -126,24 +174,42 @@ def _pick(raw: Mapping[str, Tensor], name: str, where: str, required: bool) -> T
     return None
 
 
-def read_batch_tensors(path: Path, where: str = "source.path") -> dict[str, Tensor]:
-    """The file's tensors under gradlens names, shapes checked; every error names the key."""
+def read_batch_tensors(
+    path: Path, where: str = "source.path", prompts: bool = False
+) -> dict[str, Tensor]:
+    """The file's tensors under gradlens names, shapes checked; every error names the key.
+
+    ``prompts``: also the prompt tokens that recompute the hidden states (``source.model_path``):
+    ``prompt_ids`` [N, P], ``prompt_mask`` [N, P] and ``response_attention`` [N, T].
+    """
     raw = _load_raw(path, where)
     out: dict[str, Tensor] = {}
+    tokens_key = _key(raw, "tokens")
     tokens = _pick(raw, "tokens", where, True)
     assert tokens is not None
     if tokens.dim() != 2:
-        raise GradlensError(f"{where}: 'responses' must be [N, T]; got shape {tuple(tokens.shape)}")
+        raise GradlensError(
+            f"{where}: {tokens_key!r} must be [N, T]; got shape {tuple(tokens.shape)}"
+        )
     n, t = tokens.shape
     out["tokens"] = tokens.long()
     for name in ("mask", "old_logp", "rollout_logp", "ref_logp"):
+        key = _key(raw, name)
         x = _pick(raw, name, where, required=name in ("mask", "old_logp"))
         if x is None:
             continue
+        if (
+            key == "attention_mask"
+            and tokens_key == "responses"
+            and x.dim() == 2
+            and x.shape[0] == n
+            and x.shape[1] > t
+        ):
+            x = x[:, -t:]  # verl: the response mask is the last T columns of [N, P+T]
         if tuple(x.shape) != (n, t):
             raise GradlensError(
-                f"{where}: {ALIASES[name][0]!r} has shape {tuple(x.shape)}; expected [N, T] = "
-                f"{(n, t)} like 'responses'"
+                f"{where}: {key!r} has shape {tuple(x.shape)}; expected [N, T] = "
+                f"{(n, t)} like {tokens_key!r}"
             )
         out[name] = x.bool() if name == "mask" else x.double()
     adv, rewards = _pick(raw, "advantages", where, False), _pick(raw, "rewards", where, False)
@@ -194,7 +260,84 @@ def read_batch_tensors(path: Path, where: str = "source.path") -> dict[str, Tens
             ).all()
         ):
             raise GradlensError(f"{where}: {name} has NaN or inf at valid positions")
+    if prompts:
+        assert tokens_key is not None
+        out.update(_prompt_context(raw, tokens_key, out["tokens"], out["mask"], where))
     return out
+
+
+def _prompt_context(
+    raw: Mapping[str, Tensor], tokens_key: str, tokens: Tensor, mask: Tensor, where: str
+) -> dict[str, Tensor]:
+    """The prompts of verl's layout: ids and mask [N, P], and the response's attention [N, T]."""
+    n, t = tokens.shape
+    full = raw.get("attention_mask")
+    if "prompts" in raw:
+        ids = raw["prompts"]
+        if ids.dim() != 2 or ids.shape[0] != n or ids.shape[1] == 0:
+            raise GradlensError(
+                f"{where}: 'prompts' has shape {tuple(ids.shape)}; expected [N, P] with N = {n} "
+                "and P ≥ 1"
+            )
+        p = ids.shape[1]
+        if "prompt_mask" in raw:
+            prompt_mask = raw["prompt_mask"]
+            if tuple(prompt_mask.shape) != (n, p):
+                raise GradlensError(
+                    f"{where}: 'prompt_mask' has shape {tuple(prompt_mask.shape)}; expected "
+                    f"[N, P] = {(n, p)} like 'prompts'"
+                )
+        elif full is not None and tuple(full.shape) == (n, p + t):
+            prompt_mask = full[:, :p]
+        else:
+            got = "" if full is None else f" ('attention_mask' has shape {tuple(full.shape)})"
+            raise GradlensError(
+                f"{where}: 'prompts' needs a mask of its left padding: 'prompt_mask' [N, P] = "
+                f"{(n, p)} or 'attention_mask' over prompt + response [N, P+T] = {(n, p + t)}" + got
+            )
+    elif tokens_key == "responses" and "input_ids" in raw:
+        seq = raw["input_ids"]
+        if seq.dim() != 2 or seq.shape[0] != n or seq.shape[1] <= t:
+            raise GradlensError(
+                f"{where}: 'input_ids' has shape {tuple(seq.shape)}; beside 'responses' [N, T] = "
+                f"{(n, t)} it must be the whole prompt + response, [N, P+T] with P ≥ 1"
+            )
+        if full is None or full.shape != seq.shape:
+            got = "none" if full is None else f"shape {tuple(full.shape)}"
+            raise GradlensError(
+                f"{where}: 'input_ids' [N, P+T] needs an 'attention_mask' of the same shape "
+                f"{tuple(seq.shape)} (got {got})"
+            )
+        p = seq.shape[1] - t
+        if not torch.equal(seq[:, p:].long()[mask], tokens[mask]):
+            raise GradlensError(
+                f"{where}: the last T = {t} columns of 'input_ids' are not 'responses' (at the "
+                "tokens in the loss); 'input_ids' must be the prompt followed by the response, "
+                "as verl stores it"
+            )
+        ids, prompt_mask = seq[:, :p], full[:, :p]
+    else:
+        raise GradlensError(
+            f"{where}: the batch has no prompt tokens, which source.model_path needs to "
+            "recompute the hidden states: give 'prompts' [N, P] (left-padded, with "
+            "'prompt_mask' [N, P] or 'attention_mask' [N, P+T]), or 'input_ids' and "
+            f"'attention_mask' [N, P+T] beside 'responses' [N, T]; keys present: "
+            f"{', '.join(sorted(raw))}"
+        )
+    if full is not None and tuple(full.shape) == (n, p + t):
+        attention = full[:, p:].bool()
+    else:  # real up to the last token in the loss: a causal model never reads what follows
+        attention = mask.flip(1).cummax(dim=1).values.flip(1)
+    if bool((mask & ~attention).any()):
+        raise GradlensError(
+            f"{where}: the response mask puts tokens into the loss that 'attention_mask' marks "
+            "as padding"
+        )
+    return {
+        "prompt_ids": ids.long(),
+        "prompt_mask": prompt_mask.bool(),
+        "response_attention": attention,
+    }
 
 
 def write_batch(path: Path, tensors: Mapping[str, Tensor | None]) -> None:

@@ -210,11 +210,37 @@ class ModelSource(Strict):
 
 
 class BatchSource(Strict):
-    """A rollout batch dumped from a training run (see gradlens.batchfile for the keys)."""
+    """A rollout batch dumped from a training run (see gradlens.batchfile for the keys).
+
+    The file stores the final hidden states and the lm_head weight, or ``model_path`` names a
+    checkpoint that recomputes them from the file's prompt and response token ids
+    (gradlens.sources.recompute); ``model_path: builtin`` is the tiny model shipped with
+    gradlens (``./builtin`` for a directory of that name).
+    """
 
     kind: Literal["batch"]
     path: str = Field(description="a .safetensors, .pt or .jsonl batch file")
     group_size: int = Field(1, ge=1, description="sequences per prompt, when the file has rewards")
+    model_path: str | None = Field(
+        None,
+        description="checkpoint dir that recomputes the hidden states from the file's token ids "
+        "(it wins over stored hidden_states); 'builtin': the shipped tiny model; null: the "
+        "file's hidden_states and lm_head_weight",
+    )
+    temperature: float = Field(
+        1.0, gt=0, description="with model_path: the trainer's T, logits divided by it"
+    )
+
+    @model_validator(mode="after")
+    def _model_settings(self) -> BatchSource:
+        if self.model_path is not None and not self.model_path.strip():
+            raise ValueError("model_path is empty; give a checkpoint directory, builtin or null")
+        if self.model_path is None and self.temperature != 1.0:
+            raise ValueError(
+                "temperature applies only with model_path (recomputed hidden states); a file's "
+                "hidden_states are used as stored, so fold 1/T into them"
+            )
+        return self
 
 
 Source = Annotated[

@@ -3,8 +3,10 @@
 The file gives the sampled tokens, the mask, π_old (and optionally μ_old and π_ref) and the
 advantages, or rewards that ``advantage.normalization`` turns into advantages with
 ``source.group_size`` consecutive sequences per prompt. The lm_head analysis needs the final
-hidden states and the lm_head weight, stored in the file as ``hidden_states`` and
-``lm_head_weight``.
+hidden states and the lm_head weight: stored in the file as ``hidden_states`` and
+``lm_head_weight``, or recomputed from the file's prompt and response token ids by the
+checkpoint at ``source.model_path`` (gradlens.sources.recompute), which then wins over any
+stored ones.
 """
 
 from __future__ import annotations
@@ -24,11 +26,23 @@ from gradlens.logits import softmax_dtype
 def build_batchfile(src: Any, config: Any, device: torch.device, dtype: torch.dtype) -> Batch:
     """The batch stored at ``source.path``."""
     path = Path(src.path).expanduser()
-    data = read_batch_tensors(path)
-    if "hidden" not in data:
+    data = read_batch_tensors(path, prompts=src.model_path is not None)
+    origin = ""
+    if src.model_path is not None:
+        from gradlens.sources.recompute import recompute_hidden
+
+        recomputed = recompute_hidden(src.model_path, data, src.temperature, device, dtype)
+        hidden, weight = recomputed.hidden, recomputed.weight
+        origin = f"; {recomputed.description}"
+        if "hidden" in data:
+            origin += " (the file's hidden_states and lm_head_weight are not used)"
+    elif "hidden" in data:
+        hidden, weight = data["hidden"], data["weight"]
+    else:
         raise GradlensError(
             f"source.path: {path.name} has no 'hidden_states' and 'lm_head_weight'; write them "
-            "into the file (docs/batchfile.md shows how) for an lm_head analysis"
+            "into the file, or set source.model_path to a checkpoint that recomputes them from "
+            "the file's token ids (docs/batchfile.md shows both)"
         )
     mask = data["mask"]
     n, t = mask.shape
@@ -53,8 +67,8 @@ def build_batchfile(src: Any, config: Any, device: torch.device, dtype: torch.dt
         return data[name].to(acc).to(device) if name in data else None
 
     return Batch(
-        hidden=data["hidden"].to(dtype).to(device),
-        weight=data["weight"].to(dtype).to(device),
+        hidden=hidden.to(dtype).to(device),
+        weight=weight.to(dtype).to(device),
         tokens=data["tokens"].to(device),
         mask=mask.to(device),
         old_logp=data["old_logp"].to(acc).to(device),
@@ -63,7 +77,7 @@ def build_batchfile(src: Any, config: Any, device: torch.device, dtype: torch.dt
         ref_logp=opt("ref_logp"),
         source=(
             f"batch file {path.name}: {n} sequences × ≤{t} tokens, "
-            f"V={data['weight'].shape[0]}, H={data['weight'].shape[1]}"
+            f"V={weight.shape[0]}, H={weight.shape[1]}{origin}"
         ),
         advantage_note=note,
     )

@@ -88,9 +88,7 @@ def checkpoint_dir(path: str | None, key: str = "source.path") -> Path:
             "holds config.json, the weights (*.safetensors) and the tokenizer files"
         )
     if not any(any(where.glob(p)) for p in WEIGHT_PATTERNS):
-        raise GradlensError(
-            f"{key}: {path!r} has no weights (*.safetensors or pytorch_model*.bin)"
-        )
+        raise GradlensError(f"{key}: {path!r} has no weights (*.safetensors or pytorch_model*.bin)")
     if not any((where / f).is_file() for f in TOKENIZER_FILES):
         raise GradlensError(
             f"{key}: {path!r} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); "

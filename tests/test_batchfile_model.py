@@ -1,0 +1,323 @@
+"""Batch files with token ids only: the hidden states recomputed by ``source.model_path``.
+
+A tiny random Llama is saved to a temporary directory; the reference hidden states come from
+the transformers forward with ``output_hidden_states=True`` (the way a trainer would dump
+them), and a file that stores them must give the same diagnosis as a file that stores only
+the token ids in each of verl's layouts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from gradlens.cli import app
+from gradlens.compare import run_compare
+from gradlens.config import Config, validate
+from gradlens.results import CompareReport
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+runner = CliRunner()
+VOCAB, CONTEXT = 64, 32
+N, P, T = 4, 6, 6
+PROMPT_LENGTHS = [5, 3, 4, 2]  # left-padded to P = 6: one column of padding every row shares
+RESPONSE_LENGTHS = [6, 4, 1, 5]  # right-padded to T = 6
+TEMPERATURE = 1.5
+LOSSES = ["reinforce", "ppo_clip", "sft"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("llama")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=CONTEXT,
+        tie_word_embeddings=False, eos_token_id=0, bos_token_id=0, pad_token_id=0,
+    )  # fmt: skip
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=words, eos_token="w0", pad_token="w0").save_pretrained(
+        path
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def rollout(checkpoint) -> dict[str, torch.Tensor]:
+    """verl's tensors for N sequences, and the reference hidden states of each response token."""
+    gen = torch.Generator().manual_seed(3)
+    prompts = torch.zeros(N, P, dtype=torch.long)  # pad id 0
+    responses = torch.zeros(N, T, dtype=torch.long)
+    attention = torch.zeros(N, P + T, dtype=torch.long)
+    for i, (p, t) in enumerate(zip(PROMPT_LENGTHS, RESPONSE_LENGTHS, strict=True)):
+        prompts[i, P - p :] = torch.randint(1, VOCAB, (p,), generator=gen)
+        responses[i, :t] = torch.randint(1, VOCAB, (t,), generator=gen)
+        attention[i, P - p : P + t] = 1
+    response_mask = attention[:, P:]
+    input_ids = torch.cat([prompts, responses], dim=1)
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float64)
+    with torch.no_grad():
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention,
+            position_ids=(attention.cumsum(-1) - 1).clamp(min=0),  # verl's position ids
+            output_hidden_states=True,
+        )
+    hidden = out.hidden_states[-1][:, P - 1 : -1]  # [N, T, H]: the states predicting responses
+    logits = out.logits[:, P - 1 : -1]
+    assert torch.allclose(model.lm_head(hidden), logits, rtol=0, atol=1e-12)
+    logp = torch.log_softmax(logits / TEMPERATURE, -1).gather(-1, responses[..., None])[..., 0]
+    noise = 0.3 * torch.randn(N, T, generator=gen, dtype=torch.float64)
+    # float32-representable, so that a .jsonl file (read as float32) holds the same numbers
+    old = (logp + noise).float().double() * response_mask
+    return {
+        "prompts": prompts,
+        "responses": responses,
+        "input_ids": input_ids,
+        "attention_mask": attention,
+        "prompt_mask": attention[:, :P],
+        "response_mask": response_mask,
+        "old_log_probs": old,
+        "advantages": torch.tensor([1.0, -0.5, 0.25, -1.0], dtype=torch.float64),
+        "hidden_states": hidden / TEMPERATURE,
+        "lm_head_weight": model.lm_head.weight.detach().clone(),
+    }
+
+
+def config(path: Path, **source) -> Config:
+    return validate({"dtype": "float64", "losses": LOSSES, "source": {"path": str(path), **source}})
+
+
+def compare(path: Path, **source) -> CompareReport:
+    return run_compare(config(path, **source))
+
+
+def pick(data: dict, *keys: str) -> dict:
+    return {k: data[k].contiguous() for k in keys}
+
+
+def write_jsonl(path: Path, data: dict, whole: bool) -> None:
+    """One unpadded line per sequence: the prompt, or (whole) prompt + response as input_ids."""
+    with path.open("w", encoding="utf-8") as fh:
+        for i in range(N):
+            p, t = PROMPT_LENGTHS[i], RESPONSE_LENGTHS[i]
+            prompt = data["prompts"][i, P - p :].tolist()
+            response = data["responses"][i, :t].tolist()
+            row: dict = {"responses": response}
+            if whole:  # the loss mask: the response part of attention_mask
+                row.update(input_ids=prompt + response, attention_mask=[1] * (p + t))
+            else:
+                row.update(prompts=prompt, response_mask=[1] * t)
+            row.update(
+                old_log_probs=data["old_log_probs"][i, :t].tolist(),
+                advantages=float(data["advantages"][i]),
+            )
+            fh.write(json.dumps(row) + "\n")
+
+
+LOG_PROBS = ("old_log_probs", "advantages")
+LAYOUTS = {
+    # verl's DataProto: prompts, responses, the mask over both, the loss mask
+    "verl": ("prompts", "responses", "attention_mask", "response_mask", *LOG_PROBS),
+    "prompt_mask": ("prompts", "prompt_mask", "responses", "response_mask", *LOG_PROBS),
+    # the whole sequence; the loss mask is the last T columns of attention_mask
+    "input_ids": ("input_ids", "attention_mask", "responses", *LOG_PROBS),
+}
+
+
+@pytest.mark.parametrize("layout", [*LAYOUTS, "jsonl", "jsonl_input_ids"])
+def test_recomputed_hidden_states_give_the_stored_ones_diagnosis(
+    tmp_path, checkpoint, rollout, layout
+):
+    from safetensors.torch import save_file
+
+    from gradlens.sources import build_batch
+
+    mask = rollout["response_mask"].bool()
+    stored = tmp_path / "stored.safetensors"
+    save_file(
+        pick(rollout, *LAYOUTS["prompt_mask"], "hidden_states", "lm_head_weight"), str(stored)
+    )
+    ids_only = tmp_path / ("ids.jsonl" if layout.startswith("jsonl") else "ids.pt")
+    if layout.startswith("jsonl"):
+        write_jsonl(ids_only, rollout, whole=layout == "jsonl_input_ids")
+    else:
+        tensors = pick(rollout, *LAYOUTS[layout])
+        if layout == "prompt_mask":  # padding ids outside the vocabulary are never read
+            tensors["prompts"] = tensors["prompts"].masked_fill(
+                ~tensors["prompt_mask"].bool(), -100
+            )
+            tensors["responses"] = tensors["responses"].masked_fill(~mask, -100)
+        if layout == "verl":  # stored states that disagree as well: model_path wins over them
+            tensors.update(
+                hidden_states=torch.zeros(N, T, 32), lm_head_weight=torch.zeros(VOCAB, 32)
+            )
+        torch.save(tensors, ids_only)
+    source = {"model_path": str(checkpoint), "temperature": TEMPERATURE}
+    batch = build_batch(config(ids_only, **source), torch.device("cpu"), torch.float64)
+    assert torch.equal(batch.mask, mask)
+    # the same float64 forward, over one column less of left padding: equal to rounding
+    torch.testing.assert_close(
+        batch.hidden[mask], rollout["hidden_states"][mask], rtol=1e-10, atol=1e-12
+    )
+    assert torch.equal(batch.weight, rollout["lm_head_weight"])
+
+    a, b = compare(stored), compare(ids_only, **source)
+    assert a.passed and b.passed
+    assert "hidden states recomputed by" in b.batch.source and "T = 1.5" in b.batch.source
+    assert ("are not used" in b.batch.source) == (layout == "verl")
+    assert b.batch.num_tokens == a.batch.num_tokens == sum(RESPONSE_LENGTHS)
+    assert b.ratio.min == pytest.approx(a.ratio.min, rel=1e-9)
+    assert b.ratio.max == pytest.approx(a.ratio.max, rel=1e-9)
+    for x, y in zip(a.losses, b.losses, strict=True):
+        assert x.name == y.name
+        assert y.loss == pytest.approx(x.loss, rel=1e-9)
+        assert y.rows.total_norm == pytest.approx(x.rows.total_norm, rel=1e-9)
+        assert y.clipping == x.clipping
+    assert b.losses[1].clipping.region > 0  # the noise on π_old reaches the clip range
+
+
+def test_dump_stores_the_recomputed_hidden_states(tmp_path, checkpoint, rollout):
+    # gradlens dump turns a token-ids file into one that carries its hidden states
+    ids_only, stored = tmp_path / "ids.pt", tmp_path / "stored.safetensors"
+    torch.save(pick(rollout, *LAYOUTS["verl"]), ids_only)
+    sets = ["--set", "dtype=float64", "--set", f"source.path={ids_only}"]
+    model = ["--set", f"source.model_path={checkpoint}"]
+    result = runner.invoke(app, ["dump", "-o", str(stored), *sets, *model])
+    assert result.exit_code == 0, result.output
+    a, b = compare(ids_only, model_path=str(checkpoint)), compare(stored)
+    assert "recomputed" not in b.batch.source
+    for x, y in zip(a.losses, b.losses, strict=True):
+        assert y.rows.total_norm == pytest.approx(x.rows.total_norm, rel=1e-12)
+
+
+def test_the_built_in_model_recomputes_on_policy_log_probs(tmp_path):
+    # two short sequences tokenised for the built-in model; old_log_probs from its own forward
+    from gradlens.sources.model import load_checkpoint
+
+    loaded = load_checkpoint(None, torch.device("cpu"), torch.float32)
+    tok = loaded.tokenizer
+    pairs = [("def add(a, b):\n", "    return a + b\n"), ("import os\n", "import sys\n")]
+    prompt_ids = [tok(p)["input_ids"] for p, _ in pairs]
+    response_ids = [tok(r, add_special_tokens=False)["input_ids"] for _, r in pairs]
+    p, t = max(map(len, prompt_ids)), max(map(len, response_ids))
+    prompts, responses = torch.zeros(2, p, dtype=torch.long), torch.zeros(2, t, dtype=torch.long)
+    attention = torch.zeros(2, p + t, dtype=torch.long)
+    for i, (a, b) in enumerate(zip(prompt_ids, response_ids, strict=True)):
+        prompts[i, p - len(a) :], responses[i, : len(b)] = torch.tensor(a), torch.tensor(b)
+        attention[i, p - len(a) : p + len(b)] = 1
+    with torch.no_grad():
+        logits = loaded.model(
+            input_ids=torch.cat([prompts, responses], 1),
+            attention_mask=attention,
+            position_ids=(attention.cumsum(-1) - 1).clamp(min=0),
+        ).logits[:, p - 1 : -1]
+    old = torch.log_softmax(logits, -1).gather(-1, responses[..., None])[..., 0]
+    torch.save(
+        {
+            "prompts": prompts,
+            "responses": responses,
+            "attention_mask": attention,
+            "response_mask": attention[:, p:],
+            "old_log_probs": old * attention[:, p:],
+            "advantages": torch.tensor([1.0, -1.0]),
+        },
+        tmp_path / "builtin.pt",
+    )
+    result = runner.invoke(
+        app,
+        ["compare", "-f", "json", "-l", "reinforce,ppo_clip",
+         "--set", f"source.path={tmp_path / 'builtin.pt'}", "--set", "source.model_path=builtin"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert "recomputed by the built-in model" in report["batch"]["source"]
+    assert report["batch"]["num_tokens"] == sum(map(len, response_ids))
+    # on-policy: r = 1 up to float32 (the batch forward and this one differ in padding)
+    assert report["ratio"]["min"] == pytest.approx(1.0, abs=1e-4)
+    assert report["ratio"]["max"] == pytest.approx(1.0, abs=1e-4)
+    assert report["passed"]
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def error(tmp_path: Path, tensors: dict, *sets: str) -> str:
+    torch.save(tensors, tmp_path / "bad.pt")
+    result = runner.invoke(
+        app,
+        ["compare", "--set", f"source.path={tmp_path / 'bad.pt'}", *(f"--set={s}" for s in sets)],
+    )
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    return result.stderr
+
+
+def test_missing_prompts_and_masks_name_the_keys(tmp_path, checkpoint, rollout):
+    model = f"source.model_path={checkpoint}"
+    err = error(tmp_path, pick(rollout, "responses", "response_mask", *LOG_PROBS), model)
+    assert "no prompt tokens" in err and "'prompts'" in err and "'input_ids'" in err
+    err = error(tmp_path, pick(rollout, "prompts", "responses", "response_mask", *LOG_PROBS), model)
+    assert "'prompt_mask'" in err and "'attention_mask'" in err
+    # without model_path the file must store the hidden states
+    err = error(tmp_path, pick(rollout, *LAYOUTS["verl"]))
+    assert "no 'hidden_states'" in err and "source.model_path" in err
+
+
+def test_token_ids_outside_the_models_vocabulary(tmp_path, checkpoint, rollout):
+    tensors = pick(rollout, *LAYOUTS["verl"])
+    tensors["prompts"] = tensors["prompts"].clone()
+    tensors["prompts"][0, -1] = VOCAB + 3
+    err = error(tmp_path, tensors, f"source.model_path={checkpoint}")
+    assert f"token id {VOCAB + 3}" in err and f"[0, {VOCAB})" in err and "source.model_path" in err
+
+
+def test_a_sequence_longer_than_the_context(tmp_path, checkpoint, rollout):
+    p = CONTEXT
+    tensors = pick(rollout, "responses", "response_mask", *LOG_PROBS)
+    tensors["prompts"] = torch.ones(N, p, dtype=torch.long)
+    tensors["prompt_mask"] = torch.ones(N, p, dtype=torch.long)
+    err = error(tmp_path, tensors, f"source.model_path={checkpoint}")
+    assert (
+        f"{p + T} prompt + response tokens" in err
+        and f"({CONTEXT}, max_position_embeddings)" in err
+    )
+
+
+def test_right_padded_prompts_are_refused(tmp_path, checkpoint, rollout):
+    tensors = pick(rollout, "prompts", "responses", "response_mask", *LOG_PROBS)
+    tensors["prompt_mask"] = tensors["prompts"] != 0
+    tensors["prompt_mask"] = torch.flip(tensors["prompt_mask"], dims=[1])  # padding on the right
+    err = error(tmp_path, tensors, f"source.model_path={checkpoint}")
+    assert "must be left-padded" in err and "sequence 0" in err
+
+
+def test_input_ids_that_do_not_end_with_the_responses(tmp_path, checkpoint, rollout):
+    tensors = pick(rollout, *LAYOUTS["input_ids"])
+    tensors["input_ids"] = torch.roll(tensors["input_ids"], 1, dims=1)
+    err = error(tmp_path, tensors, f"source.model_path={checkpoint}")
+    assert "columns of 'input_ids' are not 'responses'" in err
+
+
+def test_model_path_must_be_a_checkpoint_directory(tmp_path, rollout):
+    tensors = pick(rollout, *LAYOUTS["verl"])
+    err = error(tmp_path, tensors, f"source.model_path={tmp_path / 'nope'}")
+    assert "source.model_path:" in err and "is not a local directory" in err
+    (tmp_path / "file").write_text("x")
+    assert "is a file" in error(tmp_path, tensors, f"source.model_path={tmp_path / 'file'}")
+
+
+def test_temperature_needs_model_path(tmp_path, rollout):
+    err = error(tmp_path, pick(rollout, *LAYOUTS["verl"]), "source.temperature=0.7")
+    assert "temperature applies only with model_path" in err
