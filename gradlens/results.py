@@ -222,6 +222,12 @@ class RolloutStats(Result):
     abs_diff_max: float | None = Field(
         description="max |ℓ_old − ℓ_rollout|; TRL sampling/sampling_logp_difference/max"
     )
+    rms_diff: float | None = Field(None, description="sqrt(mean (ℓ_old − ℓ_rollout)²), nats")
+    rho_p01: float | None = None
+    rho_p05: float | None = None
+    rho_p50: float | None = None
+    rho_p95: float | None = None
+    rho_p99: float | None = None
 
 
 class ParityPosition(Result):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gradlens.diagnostics.numbers import num
+from gradlens.diagnostics.numbers import num, quantiles
 from gradlens.grads import LossGradients
 from gradlens.results import RolloutStats
 
@@ -47,6 +47,7 @@ def rollout_stats(old_logp: Tensor, rollout_logp: Tensor, mask: Tensor) -> Rollo
             abs_diff_max=None,
         )
     rho = log_rho.exp()
+    p01, p05, p50, p95, p99 = quantiles(rho, (0.01, 0.05, 0.5, 0.95, 0.99))
     return RolloutStats(
         count=int(log_rho.numel()),
         rho_mean=num(rho.mean()),
@@ -56,4 +57,10 @@ def rollout_stats(old_logp: Tensor, rollout_logp: Tensor, mask: Tensor) -> Rollo
         kl_k3=num((rho - 1 - log_rho).mean()),
         abs_diff_mean=num(log_rho.abs().mean()),
         abs_diff_max=num(log_rho.abs().max()),
+        rms_diff=num(log_rho.pow(2).mean().sqrt()),
+        rho_p01=p01,
+        rho_p05=p05,
+        rho_p50=p50,
+        rho_p95=p95,
+        rho_p99=p99,
     )

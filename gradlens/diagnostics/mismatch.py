@@ -12,35 +12,32 @@ forward). Over the completion tokens, with Δ = log π_old(y) − log μ(y) and 
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from gradlens.diagnostics.numbers import num, quantiles
+from gradlens.diagnostics.metrics import rollout_stats
 from gradlens.model_results import Mismatch, ModelInfo
 
 
 def mismatch_stats(
     old_logp: Tensor, rollout_logp: Tensor, mask: Tensor, info: ModelInfo
 ) -> Mismatch:
-    """The statistics of Δ = log π_old − log μ over the valid tokens."""
-    delta = (old_logp.double() - rollout_logp.double())[mask]  # [M]
-    rho = delta.exp()
-    p01, p05, p50, p95, p99 = quantiles(rho, (0.01, 0.05, 0.5, 0.95, 0.99))
-    empty = delta.numel() == 0
+    """The statistics of Δ = log π_old − log μ over the valid tokens (`rollout_stats`, with
+    the precisions of the two passes)."""
+    s = rollout_stats(old_logp, rollout_logp, mask)
     return Mismatch(
         rollout_dtype=info.rollout_dtype,
         train_dtype=info.train_dtype,
-        count=int(delta.numel()),
-        mean_abs_diff=None if empty else num(delta.abs().mean()),
-        rms_diff=None if empty else num(delta.pow(2).mean().sqrt()),
-        max_abs_diff=None if empty else num(delta.abs().max()),
-        kl_k1=None if empty else num((-delta).mean()),
-        kl_k3=None if empty else num((rho - 1 - delta).mean()),
-        rho_min=None if empty else num(rho.min()),
-        rho_p01=p01,
-        rho_p05=p05,
-        rho_p50=p50,
-        rho_p95=p95,
-        rho_p99=p99,
-        rho_max=None if empty else num(torch.as_tensor(rho.max())),
+        count=s.count,
+        mean_abs_diff=s.abs_diff_mean,
+        rms_diff=s.rms_diff,
+        max_abs_diff=s.abs_diff_max,
+        kl_k1=s.kl_k1,
+        kl_k3=s.kl_k3,
+        rho_min=s.rho_min,
+        rho_p01=s.rho_p01,
+        rho_p05=s.rho_p05,
+        rho_p50=s.rho_p50,
+        rho_p95=s.rho_p95,
+        rho_p99=s.rho_p99,
+        rho_max=s.rho_max,
     )
