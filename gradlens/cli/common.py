@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -33,16 +33,22 @@ ConfigOption = Annotated[
         dir_okay=False,
     ),
 ]
-SetOption = Annotated[
-    list[str] | None,
-    typer.Option(
+
+
+def set_option(example: str) -> Any:
+    """The ``--set KEY=VALUE`` option of a command, with an example of its own keys."""
+    return typer.Option(
         "--set",
         "-s",
         metavar="KEY=VALUE",
         help="Override one config value by its dotted path (repeatable), e.g. "
-        "--set loss.eps_high=0.4 --set source.vocab_size=512. The value is read as YAML. "
+        f"{example}. The value is read as YAML. "
         "Precedence: command-line flags > --set > --config file > defaults.",
-    ),
+    )
+
+
+SetOption = Annotated[
+    list[str] | None, set_option("--set loss.eps_high=0.4 --set source.vocab_size=512")
 ]
 DebugOption = Annotated[
     bool, typer.Option("--debug", help="Show Python tracebacks instead of one-line errors.")

@@ -20,6 +20,7 @@ from gradlens.cli.common import (
     EXIT_CHECK_FAILED,
     ConfigOption,
     DebugOption,
+    set_option,
     stderr_console,
     stdout_console,
     user_errors,
@@ -89,14 +90,7 @@ def sweep(
     config: ConfigOption = None,
     overrides: Annotated[
         list[str] | None,
-        typer.Option(
-            "--set",
-            "-s",
-            metavar="KEY=VALUE",
-            help="Override one config value by its dotted path (repeatable), e.g. "
-            "--set loss.dual_clip=3 --set pi_theta.fixed=0.2. The value is read as YAML. "
-            "Precedence: command-line flags > --set > --config file > defaults.",
-        ),
+        set_option("--set loss.dual_clip=3 --set pi_theta.fixed=0.2"),
     ] = None,
     over: Annotated[
         list[str] | None,
