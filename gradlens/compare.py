@@ -38,7 +38,7 @@ from gradlens.logits import softmax_dtype
 from gradlens.losses import LossParams, LossSpec, get_loss
 from gradlens.losses.corrections import with_defaults
 from gradlens.metric_names import metric_names
-from gradlens.parity import parity
+from gradlens.parity import build_parity, parity
 from gradlens.results import (
     BatchSummary,
     Check,
@@ -123,15 +123,18 @@ def run_compare(config: Config) -> CompareReport:
     agg = Aggregation(config.loss.aggregation, config.loss.loss_scale_factor)
     path, reason = choose_engine(config, batch, params)
     model_report = None
+    pair = None if config.parity is None else (config.parity.losses[0], config.parity.losses[1])
+    parity_inputs = None
     view: SoftmaxView | None = None
     if path == "streamed":
         from gradlens.compare_streamed import run_streamed
 
-        reports, result, logp, engine_info, terms = run_streamed(batch, config, params, agg, reason)
-        entropy, sampled_probs = result.tokens.entropy, result.tokens.sampled_prob
+        streamed = run_streamed(batch, config, params, agg, reason, pair)
+        logp, engine_info, parity_inputs = streamed.logp, streamed.info, streamed.parity
+        entropy, sampled_probs = streamed.result.tokens.entropy, streamed.result.tokens.sampled_prob
         reports = [
             r.model_copy(update={"findings": loss_findings(r, t, batch, logp, params)})
-            for r, t in zip(reports, terms, strict=True)
+            for r, t in zip(streamed.reports, streamed.terms, strict=True)
         ]
     else:
         view = softmax_view(batch)
@@ -152,11 +155,13 @@ def run_compare(config: Config) -> CompareReport:
     summary = summarize_batch(batch, entropy, sampled_probs)
     parity_report = None
     if config.parity is not None:
-        if view is None:  # parity compares whole gradients: it materialises them
-            view = softmax_view(batch)
-        a, b = config.parity.losses
         tol = config.parity.tolerance or tolerances.agreement(dtype)
-        parity_report = parity(batch, view, get_loss(a), get_loss(b), params, agg, tol)
+        if parity_inputs is not None:  # the streamed run's: no [M, V] or [V, H] tensor
+            parity_report = build_parity(batch, logp, *parity_inputs, agg, tol)
+        else:
+            assert view is not None
+            a, b = config.parity.losses
+            parity_report = parity(batch, view, get_loss(a), get_loss(b), params, agg, tol)
     checks = [
         Check(
             name="logp_nonpositive",
@@ -235,7 +240,7 @@ def choose_engine(config: Config, batch: Batch, params: LossParams) -> tuple[str
     if params.entropy_coef != 0.0:
         needs.append("the entropy bonus is not of the c·(e_y − π) form")
     if batch.model_context is not None:
-        needs.append("the whole-model gradients of the model source use the full softmax")
+        needs.append(f"the whole-model gradients ({batch.model_context.keys}) use the full softmax")
     if needs:
         if wanted == "streamed":
             raise GradlensError(

@@ -8,6 +8,11 @@ per-row norms and the row sum of each loss's ∂L/∂W. Nothing of size M×V or 
 With ``diagnostics.reference: autograd`` each loss is also differentiated by torch.autograd
 (which materialises [M, V], one loss at a time) and compared: c_t, the sampled-row logit
 gradient ∂L/∂z_y and the row norms ‖∂L/∂W_v‖.
+
+With ``--parity A,B`` the same run also gives parity's inputs (`gradlens.parity`): A and B join
+the engine's losses if they are not among them (without a loss report of their own), and one
+more coefficient set, c_B − c_A, gives the row norms of ∂L_B/∂W − ∂L_A/∂W, which is of the same
+c-form. The logit-gradient gap follows from c_A, c_B and per-token statistics (`streamed_gap`).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from gradlens.containers import Batch, LossTerms, valid_index
 from gradlens.diagnostics import tolerances
 from gradlens.diagnostics.agreement import not_run
 from gradlens.diagnostics.clipping import clipping
+from gradlens.diagnostics.metrics import terms_metrics
 from gradlens.diagnostics.numbers import count_non_finite, num, rel_err
 from gradlens.diagnostics.row_norms import row_norms_from
 from gradlens.diagnostics.streamed import sampled_row_streamed, zero_sum_streamed
@@ -40,7 +46,8 @@ from gradlens.grads import (
     run_params,
     token_inputs,
 )
-from gradlens.losses import LossParams, get_loss
+from gradlens.losses import LossParams, LossSpec, get_loss
+from gradlens.parity import ParityGap, ParityLoss, streamed_gap
 from gradlens.results import Agreement, EngineInfo, LossReport
 
 
@@ -52,17 +59,47 @@ class _Coefficients:
     weights: list[Tensor]  # [N, T] a_t (1 for a loss that aggregates itself)
     coefficient: list[Tensor]  # [N, T] c_t
     logp: Tensor | None = None  # [N, T] ℓ as the engine computed it
+    agg_weights: Tensor | None = None  # [N, T] the run's aggregation weights
+
+
+@dataclass(frozen=True)
+class StreamedRun:
+    """What the streamed path hands back to `run_compare`.
+
+    Attributes:
+        reports: one per loss of ``config.losses``, without findings.
+        result: the engine's result (its coefficient sets and rows include parity's).
+        logp: [N, T] ℓ_t as the engine computed it (0 at masked positions).
+        info: how the engine ran.
+        terms: each reported loss's terms.
+        parity: the inputs of `build_parity` for the pair asked for, or None.
+    """
+
+    reports: list[LossReport]
+    result: EngineResult
+    logp: Tensor
+    info: EngineInfo
+    terms: list[LossTerms]
+    parity: tuple[ParityLoss, ParityLoss, ParityGap] | None = None
 
 
 def run_streamed(
-    batch: Batch, config: Config, params: LossParams, agg: Aggregation, reason: str
-) -> tuple[list[LossReport], EngineResult, Tensor, EngineInfo, list[LossTerms]]:
-    """(per-loss reports without findings, the engine result, [N, T] ℓ, how it ran, and each
-    loss's terms)."""
+    batch: Batch,
+    config: Config,
+    params: LossParams,
+    agg: Aggregation,
+    reason: str,
+    pair: tuple[str, str] | None = None,
+) -> StreamedRun:
+    """Every loss of ``config`` through one engine run, and parity's inputs for ``pair``."""
     rows, cols = valid_index(batch.mask)
     hidden = batch.hidden[rows, cols]  # [M, H]
     tokens = batch.tokens[rows, cols]  # [M]
-    specs = [get_loss(n) for n in config.losses]
+    names = list(config.losses)
+    if pair is not None:
+        names += [n for n in dict.fromkeys(pair) if n not in names]
+    specs = [get_loss(n) for n in names]
+    reported = len(config.losses)
     run = run_params(params, agg)
     kept = _Coefficients([], [], [])
 
@@ -74,17 +111,20 @@ def run_streamed(
         out = []
         for spec in specs:
             terms = loss_terms(inputs, spec, run)
-            weights, _ = loss_weights(batch.mask, terms, agg, logp.dtype)
+            weights, kept.agg_weights = loss_weights(batch.mask, terms, agg, logp.dtype)
             coefficient = weights * terms.coefficient
             kept.terms.append(terms)
             kept.weights.append(weights)
             kept.coefficient.append(coefficient)
             out.append(coefficient[rows, cols])
+        if pair is not None:  # ∂L_B/∂W − ∂L_A/∂W is the c-form gradient of c_B − c_A
+            a, b = (kept.coefficient[names.index(n)] for n in pair)
+            out.append((b - a)[rows, cols])
         return out
 
     d = config.diagnostics
     budget = int(d.memory_budget_mib * 2**20) if d.memory_budget_mib else auto_budget(hidden.device)
-    k = len(specs)
+    k = len(specs) + (pair is not None)
     engine_plan = plan(
         tokens.numel(), batch.vocab_size, batch.hidden_size, k, budget, d.vocab_chunk
     )
@@ -93,8 +133,9 @@ def run_streamed(
     hidden_norms = hidden.to(result.tokens.lse.dtype).norm(dim=-1)  # [M]
     reference = d.reference == "autograd"
 
+    assert kept.agg_weights is not None
     reports = []
-    for i, spec in enumerate(specs):
+    for i, spec in enumerate(specs[:reported]):
         c = result.coefficients[i]  # [M]
         rows_i = result.rows[i]
         terms, weights, coefficient = kept.terms[i], kept.weights[i], kept.coefficient[i]
@@ -132,6 +173,7 @@ def run_streamed(
                 agreement=agreement,
                 findings=[],
                 tokens=None,
+                metrics=terms_metrics(terms, kept.agg_weights),
             )
         )
     info = EngineInfo(
@@ -142,7 +184,37 @@ def run_streamed(
         budget_bytes=budget,
         gemm_equivalents=result.gemm_equivalents,
     )
-    return reports, result, kept.logp, info, kept.terms
+    inputs = None
+    if pair is not None:
+        ia, ib = (names.index(n) for n in pair)
+        gap = streamed_gap(
+            result.coefficients[ia],
+            result.coefficients[ib],
+            result.rows[-1].norms,
+            result.tokens.sampled_prob,
+            result.tokens.max_other_prob,
+        )
+        inputs = (
+            _parity_loss(specs[ia], ia, kept, result),
+            _parity_loss(specs[ib], ib, kept, result),
+            gap,
+        )
+    return StreamedRun(reports, result, kept.logp, info, kept.terms[:reported], inputs)
+
+
+def _parity_loss(spec: LossSpec, i: int, kept: _Coefficients, result: EngineResult) -> ParityLoss:
+    """Loss ``i`` of the engine run as parity needs it: ‖∂L/∂W‖ from its row norms."""
+    assert kept.agg_weights is not None
+    terms, norms = kept.terms[i], result.rows[i].norms
+    return ParityLoss(
+        name=spec.name,
+        loss=float((kept.weights[i] * terms.per_token).sum()),
+        grad_norm=num(norms.double().norm()),
+        rows=norms,
+        coefficient=kept.coefficient[i],
+        terms=terms,
+        metrics=terms_metrics(terms, kept.agg_weights),
+    )
 
 
 def _agreement(

@@ -215,7 +215,8 @@ class BatchSource(Strict):
     The file stores the final hidden states and the lm_head weight, or ``model_path`` names a
     checkpoint that recomputes them from the file's prompt and response token ids
     (gradlens.sources.recompute); ``model_path: builtin`` is the tiny model shipped with
-    gradlens (``./builtin`` for a directory of that name).
+    gradlens (``./builtin`` for a directory of that name). With a checkpoint, every loss also
+    runs through the whole model (``whole_model``, on unless set false).
     """
 
     kind: Literal["batch"]
@@ -230,17 +231,33 @@ class BatchSource(Strict):
     temperature: float = Field(
         1.0, gt=0, description="with model_path: the trainer's T, logits divided by it"
     )
+    whole_model: bool | None = Field(
+        None,
+        description="with model_path: run every loss through the whole checkpoint too "
+        "(per-tensor-group and total gradient norms; one forward with autograd over the whole "
+        "batch); null: on when model_path is set",
+    )
 
     @model_validator(mode="after")
     def _model_settings(self) -> BatchSource:
         if self.model_path is not None and not self.model_path.strip():
             raise ValueError("model_path is empty; give a checkpoint directory, builtin or null")
+        if self.model_path is None and self.whole_model:
+            raise ValueError(
+                "whole_model needs model_path: the whole-model gradients run through the "
+                "checkpoint that recomputes the hidden states"
+            )
         if self.model_path is None and self.temperature != 1.0:
             raise ValueError(
                 "temperature applies only with model_path (recomputed hidden states); a file's "
                 "hidden_states are used as stored, so fold 1/T into them"
             )
         return self
+
+    @property
+    def runs_whole_model(self) -> bool:
+        """Whole-model gradients are computed: a checkpoint is set and not switched off."""
+        return self.model_path is not None and self.whole_model is not False
 
 
 Source = Annotated[

@@ -1,11 +1,16 @@
-"""Report models of the model source: the checkpoint, the rollout, drift, whole-model gradients.
+"""Report models of a real checkpoint: the model, the rollout, drift, whole-model gradients.
 
 They hang off the main report as optional fields (`CompareReport.model`,
-`LossReport.model_grads`), which are null for the synthetic and literal sources. Defined here,
-not in `gradlens.results`, so that module only gains two optional fields.
+`LossReport.model_grads`), which are null for the synthetic and literal sources and for a batch
+file without a checkpoint. The model source fills every section; a batch file whose hidden
+states a checkpoint recomputes (``source.model_path``) has the checkpoint and the whole-model
+gradients, and null rollout, mismatch and staleness (`ModelReport.source` says which). Defined
+here, not in `gradlens.results`, so that module only gains two optional fields.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -36,7 +41,9 @@ class ModelInfo(ModelResult):
     tied_embeddings: bool = Field(description="lm_head and input embedding share one tensor")
     lm_head_bias: bool
     train_dtype: str
-    rollout_dtype: str
+    rollout_dtype: str | None = Field(
+        description="precision of the rollout pass (model source); null for a batch file"
+    )
 
 
 class RolloutSample(ModelResult):
@@ -162,8 +169,18 @@ class SftOverRl(ModelResult):
 
 
 class ModelReport(ModelResult):
+    """The checkpoint the losses ran through, and the sections its source produces."""
+
+    source: Literal["model", "batch"] = Field(
+        "model",
+        description="where the batch came from. model: sampled from the checkpoint (source.kind "
+        "model), every section present. batch: read from a batch file (source.path) whose hidden "
+        "states the checkpoint recomputed (source.model_path); rollout, mismatch and staleness "
+        "are null",
+    )
+    batch_file: str | None = Field(None, description="source batch: the batch file read")
     model: ModelInfo
-    rollout: RolloutSummary
-    mismatch: Mismatch
-    staleness: Staleness
+    rollout: RolloutSummary | None = Field(None, description="model source only")
+    mismatch: Mismatch | None = Field(None, description="model source only")
+    staleness: Staleness | None = Field(None, description="model source only")
     sft_over_rl: list[SftOverRl]

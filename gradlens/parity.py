@@ -18,15 +18,24 @@ factor k = c_B/c_A on every token (a different normaliser: Liger-Kernel issue 10
 grad_norm), or c_B/c_A = k·r_t^{±1} (an importance weight r = π_θ/π_old applied in one and not
 the other), or differences only on tokens one of them clips.
 
+Both engines feed one report builder, `build_parity`, with the same inputs: per loss its
+value, c_t on [N, T], terms, metrics, ‖∂L/∂W‖ and the row norms ‖∂L/∂W_v‖ [V]; for the pair the
+largest row difference and the logit-gradient gap (`ParityGap`). `parity` computes them from the
+materialized gradients ([M, V] and [V, H] per loss); the streamed engine
+(`gradlens.compare_streamed`) from one extra coefficient set and per-token statistics, since
+∂L_B/∂W − ∂L_A/∂W is itself of the c-form with coefficient c_B − c_A (see `streamed_gap`).
+
 Pure computation: a `ParityReport` out, no I/O.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-from gradlens.containers import Batch
+from gradlens.containers import Batch, LossTerms
 from gradlens.diagnostics.clipping import clipping
 from gradlens.diagnostics.metrics import loss_metrics
 from gradlens.diagnostics.numbers import num, rel_err
@@ -44,13 +53,72 @@ TOP = 5  # positions listed
 PATTERN_RTOL = 1e-6  # a per-token ratio counts as constant within this relative spread
 
 
-def _side(name: str, grads: LossGradients, mask: Tensor) -> ParitySide:
+@dataclass(frozen=True)
+class ParityLoss:
+    """One loss of the pair as parity needs it, from either engine.
+
+    Attributes:
+        name: the loss's name.
+        loss: the aggregated loss value L.
+        grad_norm: ‖∂L/∂W‖_F.
+        rows: [V] ‖∂L/∂W_v‖, the lm_head row norms.
+        coefficient: [N, T] c_t = ∂L/∂ℓ_t (0 at masked positions).
+        terms: the loss's terms (its clip regions, whether it aggregated itself).
+        metrics: its per-token metrics aggregated and its reported numbers (`loss_metrics`).
+    """
+
+    name: str
+    loss: float
+    grad_norm: float | None
+    rows: Tensor
+    coefficient: Tensor
+    terms: LossTerms
+    metrics: dict[str, float | None]
+
+
+@dataclass(frozen=True)
+class ParityGap:
+    """How far B's gradients are from A's beyond the coefficients.
+
+    Attributes:
+        row_diff: max_v ‖∂L_B/∂W_v − ∂L_A/∂W_v‖ (NaN when a gradient is not finite).
+        grad_logits_rel: max |∂L_B/∂z − ∂L_A/∂z| / max |∂L_A/∂z| over tokens and vocabulary
+            (`rel_err`).
+    """
+
+    row_diff: float
+    grad_logits_rel: float | None
+
+
+def streamed_gap(
+    ca: Tensor, cb: Tensor, row_diff: Tensor, sampled_prob: Tensor, max_other_prob: Tensor
+) -> ParityGap:
+    """`ParityGap` from per-token quantities, [M] each over the valid tokens, and the row
+    norms ``row_diff`` [V] of the c-form gradient with coefficient c_B − c_A.
+
+    ∂L/∂z_t = c_t·(e_y − π_t) for both losses, so every entry of ∂L_B/∂z − ∂L_A/∂z is
+    (c_B,t − c_A,t)·(e_y − π_t)_v, and the largest over the vocabulary of |(e_y − π_t)_v| is
+    u_t = max(1 − π_t(y), max_{v≠y} π_tv), which is 1 − π_t(y) = Σ_{v≠y} π_tv up to rounding.
+    The factor u_t is common to A and B, so over all [M, V] entries
+
+        max |∂L_B/∂z − ∂L_A/∂z| / max |∂L_A/∂z| = max_t |c_B,t − c_A,t|·u_t / max_t |c_A,t|·u_t,
+
+    which is `rel_err` of c_B·u against c_A·u (with its handling of a zero A).
+    """
+    u = torch.maximum(1 - sampled_prob, max_other_prob).double()
+    return ParityGap(
+        row_diff=float(row_diff.double().max()) if row_diff.numel() else 0.0,
+        grad_logits_rel=rel_err(cb.double() * u, ca.double() * u),
+    )
+
+
+def _side(side: ParityLoss, mask: Tensor) -> ParitySide:
     return ParitySide(
-        name=name,
-        loss=num(grads.loss),
-        grad_norm=num(grads.grad_weight.double().norm()),
-        clipping=clipping(grads.terms.regions, grads.coefficient, mask),
-        metrics=loss_metrics(grads),
+        name=side.name,
+        loss=num(side.loss),
+        grad_norm=side.grad_norm,
+        clipping=clipping(side.terms.regions, side.coefficient, mask),
+        metrics=side.metrics,
     )
 
 
@@ -82,10 +150,11 @@ def _factor_name(k: float, batch: Batch) -> str:
 
 
 def patterns(
-    batch: Batch, view: SoftmaxView, ca: Tensor, cb: Tensor, tol: float, normaliser_hint: str = ""
+    batch: Batch, logp: Tensor, ca: Tensor, cb: Tensor, tol: float, normaliser_hint: str = ""
 ) -> list[str]:
     """Plain-language explanations of how c_B differs from c_A, where one fits exactly.
 
+    ``logp`` is [N, T] ℓ_t (for r_t = π_θ/π_old); ``ca``, ``cb`` are [N, T] c_t;
     ``normaliser_hint`` is appended to a constant-factor finding.
     """
     m = batch.mask
@@ -115,7 +184,7 @@ def patterns(
             f"normaliser{_factor_name(k, batch)}{normaliser_hint}"
         )
         return notes
-    log_r = (view.logp - effective_old_logp(batch, view.logp))[m].double()[both]
+    log_r = (logp - effective_old_logp(batch, logp))[m].double()[both]
     for power, meaning in ((1, "B carries an extra factor r"), (-1, "B lacks the factor r")):
         k = _constant(q * torch.exp(-power * log_r))
         if k is not None and bool((log_r.abs() > 1e-12).any()):
@@ -137,11 +206,45 @@ def parity(
     agg: Aggregation,
     tolerance: float,
 ) -> ParityReport:
-    """Compare losses ``a`` and ``b`` on one batch (closed-form gradients of both)."""
+    """Compare losses ``a`` and ``b`` on one batch (closed-form gradients of both, materialized).
+
+    With an entropy bonus the gradients include its non-c-form term, as the losses' own reports do.
+    """
     ga = closed_form(batch, view, a, params, agg)
     gb = closed_form(batch, view, b, params, agg)
+    gap = ParityGap(
+        row_diff=float((ga.grad_weight.double() - gb.grad_weight.double()).norm(dim=1).max()),
+        grad_logits_rel=rel_err(gb.grad_logits, ga.grad_logits),
+    )
+    return build_parity(
+        batch, view.logp, _materialized(a, ga), _materialized(b, gb), gap, agg, tolerance
+    )
+
+
+def _materialized(spec: LossSpec, grads: LossGradients) -> ParityLoss:
+    return ParityLoss(
+        name=spec.name,
+        loss=grads.loss,
+        grad_norm=num(grads.grad_weight.double().norm()),
+        rows=grads.grad_weight.double().norm(dim=1),
+        coefficient=grads.coefficient,
+        terms=grads.terms,
+        metrics=loss_metrics(grads),
+    )
+
+
+def build_parity(
+    batch: Batch,
+    logp: Tensor,
+    a: ParityLoss,
+    b: ParityLoss,
+    gap: ParityGap,
+    agg: Aggregation,
+    tolerance: float,
+) -> ParityReport:
+    """The report from either engine's inputs; ``logp`` is [N, T] ℓ_t (0 at masked positions)."""
     m = batch.mask
-    ca, cb = ga.coefficient, gb.coefficient
+    ca, cb = a.coefficient, b.coefficient
     diff = torch.where(m, (ca - cb).abs(), 0.0).double()  # [N, T]
     scale = max(float(ca[m].abs().max()), float(cb[m].abs().max())) if bool(m.any()) else 0.0
     max_diff = float(diff.max()) if diff.numel() else 0.0
@@ -164,14 +267,13 @@ def parity(
             )
         )
 
-    side_a, side_b = _side(a.name, ga, m), _side(b.name, gb, m)
+    side_a, side_b = _side(a, m), _side(b, m)
     ratio = None
     if side_a.grad_norm and side_b.grad_norm is not None:
         ratio = num(side_b.grad_norm / side_a.grad_norm)
-    rows_a = ga.grad_weight.double().norm(dim=1)
-    rows_b = gb.grad_weight.double().norm(dim=1)
+    rows_a, rows_b = a.rows.double(), b.rows.double()
     row_scale = float(torch.maximum(rows_a, rows_b).max()) if rows_a.numel() else 0.0
-    row_diff = float((ga.grad_weight.double() - gb.grad_weight.double()).norm(dim=1).max())
+    row_diff = gap.row_diff
     passed = coefficient_rel is not None and coefficient_rel <= tolerance
 
     notes = []
@@ -182,10 +284,10 @@ def parity(
                 f"{differing} of {int(m.sum())} tokens differ beyond the tolerance"
             )
         hint = ""
-        if ga.terms.self_aggregated != gb.terms.self_aggregated:
-            own = a.name if ga.terms.self_aggregated else b.name
+        if a.terms.self_aggregated != b.terms.self_aggregated:
+            own = a.name if a.terms.self_aggregated else b.name
             hint = f" ({own} aggregates itself; the other uses loss.aggregation = {agg.mode})"
-        notes += patterns(batch, view, ca, cb, tolerance, hint)
+        notes += patterns(batch, logp, ca, cb, tolerance, hint)
     return ParityReport(
         a=side_a,
         b=side_b,
@@ -194,8 +296,8 @@ def parity(
         differing_tokens=differing,
         top=top,
         grad_norm_ratio=ratio,
-        loss_diff=num(gb.loss - ga.loss),
-        grad_logits_rel=rel_err(gb.grad_logits, ga.grad_logits),
+        loss_diff=num(b.loss - a.loss),
+        grad_logits_rel=gap.grad_logits_rel,
         row_max_rel=num(row_diff / row_scale) if row_scale > 0 else num(row_diff),
         tolerance=tolerance,
         passed=passed,

@@ -185,7 +185,9 @@ class LossReport(Result):
     findings: list[str]
     tokens: list[TokenDetail] | None = None
     model_grads: ModelGradients | None = Field(
-        None, description="model source only: whole-model gradient norms of this loss"
+        None,
+        description="a real checkpoint (the model source, or a batch file with "
+        "source.model_path): whole-model gradient norms of this loss",
     )
     metrics: dict[str, float | None] = Field(
         default_factory=dict,
@@ -310,7 +312,9 @@ class CompareReport(Result):
     checks: list[Check]
     passed: bool = Field(description="every check passed")
     model: ModelReport | None = Field(
-        None, description="model source only: checkpoint, rollout, mismatch and staleness"
+        None,
+        description="a real checkpoint: the model source (every section) or a batch file "
+        "with source.model_path (no rollout, mismatch or staleness)",
     )
     rollout: RolloutStats | None = Field(
         None, description="training–inference gap, when the batch has rollout log-probs"

@@ -32,17 +32,15 @@ TEMPERATURE = 1.5
 LOSSES = ["reinforce", "ppo_clip", "sft"]
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
+def save_llama(path: Path, tied: bool) -> Path:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    path = tmp_path_factory.mktemp("llama")
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=CONTEXT,
-        tie_word_embeddings=False, eos_token_id=0, bos_token_id=0, pad_token_id=0,
+        tie_word_embeddings=tied, eos_token_id=0, bos_token_id=0, pad_token_id=0,
     )  # fmt: skip
     transformers.LlamaForCausalLM(config).save_pretrained(path)
     words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
@@ -51,6 +49,16 @@ def checkpoint(tmp_path_factory) -> Path:
         path
     )
     return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return save_llama(tmp_path_factory.mktemp("llama"), tied=False)
+
+
+@pytest.fixture(scope="module")
+def tied_checkpoint(tmp_path_factory) -> Path:
+    return save_llama(tmp_path_factory.mktemp("llama_tied"), tied=True)
 
 
 @pytest.fixture(scope="module")
@@ -250,6 +258,152 @@ def test_the_built_in_model_recomputes_on_policy_log_probs(tmp_path):
     assert report["passed"]
 
 
+# ----------------------------------------------------------------------------- whole model
+
+
+def verl_file(tmp_path: Path, rollout: dict) -> Path:
+    path = tmp_path / "step.pt"
+    torch.save(pick(rollout, *LAYOUTS["verl"]), path)
+    return path
+
+
+def hand_written_sft(checkpoint: Path, rollout: dict) -> tuple[float, dict[str, float]]:
+    """SFT with token-mean aggregation through the transformers model, by plain autograd.
+
+    The loss −mean log softmax(z/T)(y) over the response tokens in the loss, with z the model's
+    own logits on verl's [N, P+T] sequences (left padding kept): (loss, ‖.grad‖ per tensor, the
+    total over every parameter — a tied tensor once, with the sum of both paths).
+    """
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float64)
+    attention = rollout["attention_mask"]
+    logits = model(
+        input_ids=rollout["input_ids"],
+        attention_mask=attention,
+        position_ids=(attention.cumsum(-1) - 1).clamp(min=0),
+    ).logits[:, P - 1 : -1]  # [N, T, V]: column P + t − 1 predicts response token t
+    logp = torch.log_softmax(logits / TEMPERATURE, -1)
+    sampled = logp.gather(-1, rollout["responses"][..., None])[..., 0]  # [N, T]
+    loss = -sampled[rollout["response_mask"].bool()].mean()
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    norms = {
+        "total": float(torch.nn.utils.get_total_norm(grads)),
+        "embedding": float(model.get_input_embeddings().weight.grad.norm()),
+        "lm_head": float(model.get_output_embeddings().weight.grad.norm()),
+    }
+    return loss.item(), norms
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_whole_model_gradients_of_a_batch_file_match_plain_autograd(
+    tmp_path, checkpoint, tied_checkpoint, rollout, tied
+):
+    ckpt = tied_checkpoint if tied else checkpoint
+    path = verl_file(tmp_path, rollout)
+    report = compare(path, model_path=str(ckpt), temperature=TEMPERATURE)
+    assert report.passed
+    assert report.model is not None and report.model.source == "batch"
+    assert report.model.batch_file == str(path)
+    assert report.model.model.tied_embeddings == tied and report.model.model.path == str(ckpt)
+    assert report.model.rollout is report.model.mismatch is report.model.staleness is None
+
+    loss, expected = hand_written_sft(ckpt, rollout)
+    sft = next(r for r in report.losses if r.name == "sft")
+    mg = sft.model_grads
+    assert mg is not None and mg.tied == tied
+    # float64 on both sides; gradlens drops the column of left padding every row shares, so
+    # the two forwards differ only by rounding (~1e-15 relative)
+    assert sft.loss == pytest.approx(loss, rel=1e-9)
+    assert mg.total_norm == pytest.approx(expected["total"], rel=1e-9)
+    groups = {g.name: g.norm for g in mg.groups}
+    assert set(groups) == {"embedding", "block 0", "block 1", "model.norm", "lm_head"}
+    if tied:
+        # the trainer's .grad of the shared tensor carries both paths; the lm_head row is the
+        # logit path alone, so it differs from that .grad
+        assert mg.tied_grad_norm == pytest.approx(expected["embedding"], rel=1e-9)
+        assert abs(groups["lm_head"] - expected["lm_head"]) > 1e-3 * expected["lm_head"]
+    else:
+        assert mg.tied_grad_norm is None
+        assert groups["lm_head"] == pytest.approx(expected["lm_head"], rel=1e-9)
+        assert groups["embedding"] == pytest.approx(expected["embedding"], rel=1e-9)
+    assert all(r.model_grads is not None for r in report.losses)
+
+
+def test_lm_head_norm_of_the_whole_model_equals_the_lm_head_diagnostic(
+    tmp_path, checkpoint, rollout
+):
+    # float32, as the model source's test: the whole-model backward and the lm_head diagnostic's
+    # closed form compute the same tensor, summing the M·V products in different orders (~1e-7
+    # relative apart in float32); 1e-5 leaves room without hiding a wrong row or a missing 1/T.
+    path = verl_file(tmp_path, rollout)
+    cfg = config(path, model_path=str(checkpoint), temperature=TEMPERATURE)
+    report = run_compare(cfg.model_copy(update={"dtype": "float32"}))
+    assert report.passed and report.environment.dtype == "float32"
+    for r in report.losses:
+        mg = r.model_grads
+        assert mg is not None and not mg.tied
+        groups = {g.name: g.norm for g in mg.groups}
+        assert r.rows.total_norm is not None and r.rows.total_norm > 0
+        assert groups["lm_head"] == pytest.approx(r.rows.total_norm, rel=1e-5)
+        assert mg.lm_head_logit_path == groups["lm_head"]
+        # untied: the total is the root of the sum of the squared group norms
+        total = sum(n**2 for n in groups.values() if n is not None) ** 0.5
+        assert mg.total_norm == pytest.approx(total, rel=1e-6)
+
+
+def test_whole_model_false_skips_them_and_lets_the_engine_stream(tmp_path, checkpoint, rollout):
+    path = verl_file(tmp_path, rollout)
+    off = config(path, model_path=str(checkpoint), whole_model=False)
+    on = compare(path, model_path=str(checkpoint))
+    report = run_compare(off)
+    assert report.passed and report.model is None
+    assert all(r.model_grads is None for r in report.losses)
+    assert "whole model" not in report.batch.source and "whole model" in on.batch.source
+    # the lm_head diagnosis does not depend on the switch
+    for x, y in zip(on.losses, report.losses, strict=True):
+        assert y.rows.total_norm == x.rows.total_norm
+    streamed = off.model_copy(
+        update={"diagnostics": off.diagnostics.model_copy(update={"engine": "streamed"})}
+    )
+    assert run_compare(streamed).engine.path == "streamed"  # type: ignore[union-attr]
+
+
+def test_the_cli_table_and_json_of_a_batch_file_with_a_checkpoint(tmp_path, checkpoint, rollout):
+    from gradlens.report.serialize import json_schema
+
+    path = verl_file(tmp_path, rollout)
+    sets = ["--set", f"source.path={path}", "--set", f"source.model_path={checkpoint}"]
+    result = runner.invoke(app, ["compare", "--check", *sets])
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    for text in ("checkpoint (batch file)", "LlamaForCausalLM", "whole-model gradient norms",
+                 "total ‖∇L‖ (trainer grad_norm)", "seed post's estimate"):  # fmt: skip
+        assert text in out, text
+    for text in ("─ model source", "training–inference mismatch", "staleness: r = π_θk/π_old"):
+        assert text not in out, text
+
+    result = runner.invoke(app, ["compare", "-f", "json", "--check", *sets])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    model = data["model"]
+    assert model["source"] == "batch" and model["batch_file"] == str(path)
+    assert model["rollout"] is model["mismatch"] is model["staleness"] is None
+    assert model["model"]["rollout_dtype"] is None and model["model"]["tied_embeddings"] is False
+    assert all(loss["model_grads"]["total_norm"] > 0 for loss in data["losses"])
+    assert CompareReport.model_validate(data).model is not None  # the output obeys its schema
+    schema = json.loads(json_schema())["$defs"]["ModelReport"]
+    for key in ("rollout", "mismatch", "staleness"):
+        assert key not in schema.get("required", [])
+        assert {"type": "null"} in schema["properties"][key]["anyOf"]
+
+
+def test_the_streamed_engine_is_refused_with_whole_model_gradients(tmp_path, checkpoint, rollout):
+    sets = [f"source.model_path={checkpoint}", "diagnostics.engine=streamed"]
+    err = error(tmp_path, pick(rollout, *LAYOUTS["verl"]), *sets)
+    assert "diagnostics.engine: 'streamed' cannot run here" in err
+    assert "source.whole_model" in err and "source.model_path" in err
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -321,3 +475,8 @@ def test_model_path_must_be_a_checkpoint_directory(tmp_path, rollout):
 def test_temperature_needs_model_path(tmp_path, rollout):
     err = error(tmp_path, pick(rollout, *LAYOUTS["verl"]), "source.temperature=0.7")
     assert "temperature applies only with model_path" in err
+
+
+def test_whole_model_needs_model_path(tmp_path, rollout):
+    err = error(tmp_path, pick(rollout, *LAYOUTS["verl"]), "source.whole_model=true")
+    assert "source" in err and "whole_model needs model_path" in err

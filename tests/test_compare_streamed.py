@@ -68,6 +68,22 @@ def test_streamed_and_materialized_reports_agree(config_name):
         assert b.loss == pytest.approx(a.loss, rel=tol, abs=1e-12)
         assert b.clipping == a.clipping
         assert [r.token for r in b.rows.top_rows[:3]] == [r.token for r in a.rows.top_rows[:3]]
+        assert b.metrics.keys() == a.metrics.keys()
+        for name, value in a.metrics.items():
+            assert b.metrics[name] == pytest.approx(value, rel=tol, abs=1e-12), name
+
+
+def test_streamed_reports_carry_the_loss_metrics():
+    """grpo's KL term (verl actor/kl_loss) is reported by both engines, with the same value."""
+    overrides = ["losses=[grpo, ppo_clip]", "loss.kl_coef=0.1", "loss.kl_estimator=k3"]
+    mat, stream = (
+        run_compare(build_config(None, [*overrides, f"diagnostics.engine={engine}"]))
+        for engine in ("materialized", "streamed")
+    )
+    kl_mat, kl_stream = mat.losses[0].metrics["kl"], stream.losses[0].metrics["kl"]
+    assert kl_mat is not None and kl_mat > 0.0
+    assert kl_stream == pytest.approx(kl_mat, rel=1e-4)  # float32: TOL above
+    assert stream.losses[1].metrics == {} == mat.losses[1].metrics
 
 
 def test_auto_streams_large_batches(monkeypatch):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import errno
 import io
 import json
 import math
@@ -20,6 +21,7 @@ import torch
 from typer.testing import CliRunner
 
 from gradlens.cli import app
+from gradlens.cli.common import EXIT_BAD_INPUT, EXIT_CHECK_FAILED
 from gradlens.losses import get_loss, loss_names
 from gradlens.report.sparkline import sparkline
 from gradlens.report.sweep_serialize import write_records
@@ -29,7 +31,7 @@ from gradlens.sweep.config import expand_over
 from gradlens.sweep.curves import Curve, variant_curves
 from gradlens.sweep.grid import Axis, Grid, axis_values, make_grid
 from gradlens.sweep.records import BASE_COLUMNS
-from gradlens.sweep.results import SweepPoint
+from gradlens.sweep.results import SweepPoint, SweepReport
 from gradlens.sweep.summary import AMPLIFIED_ABOVE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -304,6 +306,210 @@ def test_records_of_checked_points_carry_their_error(outcome_over):
     assert checked and all(r["check_rel_err"] < TOLERANCE for r in checked)
     unchecked = [r for r in outcome_over.rows() if not r["checked"]]
     assert all(r["check_rel_err"] is None for r in unchecked)
+
+
+# ----------------------------------------------------------------------------- summary
+
+STEP = 10 ** (6 / 300)  # ratio of neighbouring points of the default grid (301 over 6 decades)
+
+
+def _no_constant(name: str) -> None:
+    raise AssertionError(f"{name} in the JSON: a non-finite number must be null")
+
+
+def summary_of(*args: str) -> tuple[dict, SweepReport]:
+    """``gradlens sweep --format summary ARGS``: the parsed document and the validated report."""
+    result = invoke("--format", "summary", *args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout, parse_constant=_no_constant)
+    return data, SweepReport.model_validate(data)
+
+
+def _longest_list(value: object) -> int:
+    if isinstance(value, dict):
+        return max((_longest_list(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return max([len(value), *(_longest_list(v) for v in value)])
+    return 0
+
+
+def test_summary_is_the_report_as_one_json_document_obeying_its_schema():
+    data, report = summary_of()
+    assert data["schema_version"] == "gradlens.sweep/1"
+    # exactly the report the table is drawn from, and it survives the round trip losslessly
+    assert report == run_sweep(SweepConfig()).report
+    schema = json.loads(runner.invoke(app, ["schema", "--report", "sweep"]).stdout)
+    assert schema["$id"] == "gradlens.sweep/1"
+    assert set(data) == set(schema["properties"]) >= set(schema["required"])
+    curve = schema["$defs"]["CurveSummary"]
+    assert all(set(s) == set(curve["properties"]) for s in data["summaries"])
+    assert set(data["check"]) == set(schema["$defs"]["CheckSummary"]["properties"])
+    assert [(s["loss"], s["advantage"]) for s in data["summaries"]] == [
+        (loss, sign) for loss in ("reinforce", "ppo", "ppo_clip", "sft") for sign in (1.0, -1.0)
+    ]
+    assert data["passed"] is True
+    assert _longest_list(data) < 301  # a summary, not the per-point records
+
+
+def test_summary_matches_the_table_of_the_default_sweep():
+    _, report = summary_of()
+    table = invoke().stdout
+    by = {(s.loss, s.advantage): s for s in report.summaries}
+    # ppo_clip, A > 0: zero from π_old = 1e-6 up to the clip edge π_θ/(1 + ε_high) = 0.390625;
+    # the run ends at the last grid point before the edge, so the edge lies within one step
+    (run,) = by["ppo_clip", 1.0].zero
+    assert run.cause == "clip_upper" and run.low == 1e-6
+    assert run.high < 0.5 / 1.28 < run.high * STEP * (1 + 1e-9)
+    assert f"{run.high:.3g}" == "0.38"
+    assert "π_old ∈ [1e-06, 0.38] (clip_upper)" in table
+    # ppo_clip, A < 0: zero above the edge π_θ/(1 − ε_low) = 0.625, up to 1, by clip_lower
+    (run,) = by["ppo_clip", -1.0].zero
+    assert run.cause == "clip_lower" and run.high == 1.0
+    assert run.low / (STEP * (1 + 1e-9)) < 0.5 / 0.8 < run.low
+    assert f"π_old ∈ [{run.low:.3g}, 1] (clip_lower)" in table
+    # ppo at both signs, and ppo_clip at A < 0: > 10× REINFORCE ⇔ r > 10 ⇔ π_old < 0.05;
+    # the maximum 5e5× = π_θ/π_old at the first grid point
+    for key in (("ppo", 1.0), ("ppo", -1.0), ("ppo_clip", -1.0)):
+        s = by[key]
+        (amp,) = s.amplified
+        assert amp.low == 1e-6 and amp.high < 0.05 < amp.high * STEP * (1 + 1e-9)
+        assert s.max_amplification == pytest.approx(5e5, rel=1e-9)
+        assert s.max_at_pi_old == 1e-6 and s.max_grad == pytest.approx(2.5e5, rel=1e-9)
+        assert f"π_old ∈ [1e-06, {amp.high:.3g}]" in table
+    assert "up to 5e+05× REINFORCE (|∂L/∂z_y| = 2.5e+05 at π_old = 1e-06)" in table
+    assert by["ppo", 1.0].zero == [] and by["ppo_clip", 1.0].amplified == []
+    assert by["ppo_clip", 1.0].max_amplification == pytest.approx(1.28, rel=STEP - 1)
+    # reinforce is REINFORCE everywhere; sft ignores A, so no amplification applies (n/a)
+    for sign in (1.0, -1.0):
+        reinforce, sft = by["reinforce", sign], by["sft", sign]
+        assert reinforce.zero == [] and reinforce.amplified == [] and reinforce.damped == []
+        assert reinforce.max_amplification == pytest.approx(1.0, rel=1e-12)
+        assert sft.amplified is None and sft.damped is None and sft.amplified_share is None
+        assert sft.max_amplification is None and sft.max_grad == pytest.approx(0.5)
+    assert all(s.non_finite == 0 for s in report.summaries)
+    # the autograd check, as the table's last line gives it
+    check = report.check
+    assert report.passed and check.passed and check.curves == 8 and check.points == 9
+    assert check.max_rel_err is not None and check.max_rel_err < check.tolerance == TOLERANCE
+    assert f"max relative error {check.max_rel_err:.2g} (tolerance 1e-09) ok" in table
+    assert all(s.check_max_rel_err is not None for s in report.summaries)
+
+
+def test_summary_max_amplification_of_ppo_grows_as_one_over_pi_old_min():
+    # unclipped ppo: |g|/|A| = r = π_θ/π_old, largest at the smallest π_old swept
+    largest = {}
+    for low in (1e-2, 1e-4, 1e-6):
+        _, report = summary_of("--losses", "ppo", "--min", str(low), "--points", "61")
+        for s in report.summaries:
+            assert s.max_at_pi_old == low
+            assert s.max_amplification == pytest.approx(0.5 / low, rel=1e-9)
+            assert s.max_grad == pytest.approx(0.5 / low * (1 - 0.5), rel=1e-9)
+        largest[low] = report.summaries[0].max_amplification
+    assert largest[1e-4] / largest[1e-2] == pytest.approx(100, rel=1e-9)
+    assert largest[1e-6] / largest[1e-2] == pytest.approx(10_000, rel=1e-9)
+
+
+def test_summary_of_a_2d_sweep_gives_shares_not_intervals():
+    args = ("--vary", "both", "--points", "41", "--losses", "ppo,ppo_clip")
+    _, report = summary_of(*args)
+    assert [a.name for a in report.axes] == ["pi_old", "pi_theta"] and report.fixed == {}
+    # the same grid, computed here: r = π_θ/π_old at every (π_θ, π_old)
+    values = axis_values(1e-6, 1.0, 41, "log")
+    pi_theta, pi_old = torch.meshgrid(values, values, indexing="ij")
+    r, top = pi_theta / pi_old, pi_theta == 1.0  # at π_θ = 1, 1 − π_θ = 0: zero for every loss
+
+    def share(mask: torch.Tensor) -> float:
+        return float(mask.sum()) / mask.numel()
+
+    by = {(s.loss, s.advantage): s for s in report.summaries}
+    for s in report.summaries:
+        assert s.zero is None and s.amplified is None and s.damped is None
+    for sign in (1.0, -1.0):
+        ppo = by["ppo", sign]
+        assert ppo.amplified_share == pytest.approx(share(r > 10), abs=1e-12)
+        assert ppo.amplified_share > 0.3
+        assert ppo.zero_share == pytest.approx(share(top), abs=1e-12)
+        assert ppo.switched_off_share == 0
+    clip = {1.0: r > 1.28, -1.0: r < 0.8}  # clip_upper at A > 0, clip_lower at A < 0
+    for sign, fired in clip.items():
+        s = by["ppo_clip", sign]
+        assert s.switched_off_share == pytest.approx(share(fired), abs=1e-12)
+        assert s.zero_share == pytest.approx(share(fired | top), abs=1e-12)
+        assert s.zero_share > s.switched_off_share > 0.4
+    assert by["ppo_clip", 1.0].amplified_share == 0
+    table = invoke(*args).stdout
+    for s in report.summaries:
+        assert f"{s.zero_share:.1%}" in table and f"{s.switched_off_share:.1%}" in table
+
+
+def test_summary_to_a_file_with_the_table_on_stdout(tmp_path):
+    path = tmp_path / "summary.json"
+    path.write_text("an older summary\n", encoding="utf-8")
+    result = invoke("--format", "summary", "--output", str(path), "--check", "--points", "31")
+    assert result.exit_code == 0, result.output
+    assert "explodes" in result.stdout and "ok" in result.stdout  # the table
+    assert "wrote the summary (gradlens.sweep/1) to" in result.stderr
+    report = SweepReport.model_validate_json(path.read_text(encoding="utf-8"))
+    assert report.passed and report.axes[0].points == 31
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]  # no temporary file left
+
+
+def test_summary_of_a_failed_check_has_nulls_and_exits_1():
+    # π_old = 1e-320 (subnormal): r = π_θ/π_old overflows, so ppo's gradient there and the
+    # autograd check's error are not finite; both are null and the check fails
+    args = ("--format", "summary", "--losses", "ppo", "--min", "1e-320", "--points", "11")
+    result = invoke(*args, "--check")
+    assert result.exit_code == EXIT_CHECK_FAILED, result.output
+    data = json.loads(result.stdout, parse_constant=_no_constant)
+    SweepReport.model_validate(data)
+    assert data["passed"] is False and data["check"]["passed"] is False
+    assert data["check"]["max_rel_err"] is None and "π_old = 1e-320" in data["check"]["worst"]
+    for s in data["summaries"]:
+        assert s["non_finite"] == 1 and s["check_max_rel_err"] is None
+        assert math.isfinite(s["max_grad"]) and s["max_at_pi_old"] > 1e-300  # skips the overflow
+    unchecked = invoke(*args)  # without --check: the same document, exit 0
+    assert unchecked.exit_code == 0 and unchecked.stdout == result.stdout
+
+
+@pytest.mark.parametrize("fmt", ["summary", "json"])
+def test_bad_input_with_summary_is_handled_like_the_other_formats(tmp_path, fmt):
+    path = tmp_path / "out.json"
+    result = invoke("--format", fmt, "--output", str(path), "--min", "0.5", "--max", "0.1")
+    assert result.exit_code == EXIT_BAD_INPUT
+    assert "pi_old: the range is inverted" in result.stderr
+    assert result.stdout == "" and not path.exists()
+    result = invoke("--format", fmt, "--output", str(tmp_path / "missing" / "out.json"))
+    assert result.exit_code == EXIT_BAD_INPUT
+    assert "--output" in result.stderr and "No such file or directory" in result.stderr
+    assert "Traceback" not in result.output + result.stderr and result.stdout == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unknown_format_names_summary_among_the_choices():
+    result = invoke("--format", "summry")
+    assert result.exit_code == EXIT_BAD_INPUT
+    assert "'summry' is not one of" in result.stderr and "'summary'" in result.stderr
+
+
+@pytest.mark.parametrize("fmt", ["summary", "csv"])
+def test_a_failed_write_leaves_no_half_written_file(tmp_path, monkeypatch, fmt):
+    from gradlens.report import sweep_serialize
+
+    def fail(*args: object) -> None:
+        stream = next(a for a in args if isinstance(a, io.TextIOBase))
+        stream.write("the first half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(
+        sweep_serialize, "write_summary" if fmt == "summary" else "write_records", fail
+    )
+    path = tmp_path / "out.txt"
+    path.write_text("the previous run\n", encoding="utf-8")
+    result = invoke("--format", fmt, "--output", str(path), "--points", "11")
+    assert result.exit_code == EXIT_BAD_INPUT, result.output
+    assert "No space left on device" in result.stderr
+    assert path.read_text(encoding="utf-8") == "the previous run\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
 
 
 # ----------------------------------------------------------------------------- plot

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Annotated
 
 import typer
@@ -81,8 +82,23 @@ def config(
         typer.echo(to_yaml(build_config(config, overrides or [])), nl=False)
 
 
-def schema() -> None:
-    """Print the JSON Schema of `gradlens compare --format json` (gradlens.compare/1)."""
+class SchemaReport(str, Enum):
+    compare = "compare"
+    sweep = "sweep"
+
+
+def schema(
+    report: Annotated[
+        SchemaReport,
+        typer.Option(
+            "--report",
+            "-r",
+            help="compare: `gradlens compare --format json` (gradlens.compare/1). sweep: "
+            "`gradlens sweep --format summary` (gradlens.sweep/1).",
+        ),
+    ] = SchemaReport.compare,
+) -> None:
+    """Print the JSON Schema of a JSON report: compare's (the default) or sweep's summary."""
     from gradlens.report.serialize import json_schema
 
-    typer.echo(json_schema())
+    typer.echo(json_schema(report.value))

@@ -1,18 +1,20 @@
 """``gradlens sweep``: each loss's sampled-row gradient across π_old(y) and π_θ(y).
 
-stdout carries the report: the summary table, or the records when ``--format`` is a data
-format and no ``--output`` file is given. Progress, notes and errors go to stderr.
+stdout carries the report: the summary table, or — when ``--format`` is a data format or
+``summary`` and no ``--output`` file is given — the records or the summary as JSON. Progress,
+notes and errors go to stderr. A file named by ``--output`` appears only once complete.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, TextIO
 
 import typer
 
@@ -44,6 +46,7 @@ class SweepFormat(str, Enum):
     json = "json"
     jsonl = "jsonl"
     csv = "csv"
+    summary = "summary"
 
 
 class Vary(str, Enum):
@@ -61,7 +64,7 @@ DATA_SUFFIXES = {".json": "json", ".jsonl": "jsonl", ".csv": "csv"}
 
 
 def record_format(output_format: SweepFormat, output: Path | None) -> str | None:
-    """The format of the records, or None when only the table is wanted."""
+    """What to write besides the table (a record format or 'summary'); None: the table only."""
     from gradlens.errors import GradlensError
 
     if output_format is not SweepFormat.table:
@@ -71,8 +74,8 @@ def record_format(output_format: SweepFormat, output: Path | None) -> str | None
     fmt = DATA_SUFFIXES.get(output.suffix.lower())
     if fmt is None:
         raise GradlensError(
-            f"--output {str(output)!r}: say the format with --format json|jsonl|csv, or end "
-            f"the file name in {', '.join(DATA_SUFFIXES)}"
+            f"--output {str(output)!r}: say the format with --format json|jsonl|csv|summary, "
+            f"or end the file name in {', '.join(DATA_SUFFIXES)}"
         )
     return fmt
 
@@ -157,7 +160,10 @@ def sweep(
             "-f",
             help="table: the summary for people. json (an array), jsonl (one object per "
             "line) or csv: one flat record per (loss, variant, sign of A, point), loadable by "
-            "pandas as it is; columns in docs/sweep.md.",
+            "pandas as it is; columns in docs/sweep.md. summary: the table's content as one "
+            "JSON document (schema gradlens.sweep/1, see `gradlens schema --report sweep`): "
+            "the config, the grid, per curve where ∂L/∂z_y = 0 and why, where it exceeds 10× "
+            "REINFORCE, its maxima, and the autograd check with pass/fail; no records.",
         ),
     ] = SweepFormat.table,
     plot: Annotated[
@@ -177,8 +183,9 @@ def sweep(
             "--output",
             metavar="FILE",
             dir_okay=False,
-            help="Write the records to FILE instead of stdout (format: --format, else the "
-            "file's suffix .json/.jsonl/.csv); the summary table then goes to stdout.",
+            help="Write the records or the summary to FILE instead of stdout (format: "
+            "--format, else the file's suffix .json/.jsonl/.csv, which means records); the "
+            "summary table then goes to stdout. FILE appears only once complete.",
         ),
     ] = None,
     check: Annotated[
@@ -186,7 +193,8 @@ def sweep(
         typer.Option(
             "--check",
             help="Exit with status 1 if the closed form and autograd disagree at the checked "
-            "points by more than the float64 tolerance (the check itself always runs).",
+            "points by more than the float64 tolerance (the check itself always runs, and "
+            "the output is written either way; the summary's `passed` says which).",
         ),
     ] = False,
     debug: DebugOption = False,
@@ -231,7 +239,11 @@ def sweep(
             outcome = run_sweep(cfg, progress.compute)
             if data_format is not None:
                 count = _write(outcome, data_format, output, progress.write)
-        if data_format is not None and output is not None:
+        if data_format == SweepFormat.summary.value and output is not None:
+            stderr_console().print(
+                f"wrote the summary ({outcome.report.schema_version}) to {output}"
+            )
+        elif data_format is not None and output is not None:
             stderr_console().print(f"wrote {count:,} {data_format} records to {output}")
         if output_format is SweepFormat.table or output is not None:
             from gradlens.report.sweep_table import render_sweep
@@ -248,24 +260,56 @@ def sweep(
 
 
 def _write(outcome: SweepOutcome, fmt: str, output: Path | None, tick: Tick) -> int:
-    """Write the records to ``output`` or stdout; the number of records written."""
+    """Write the records or the summary to ``output`` or stdout; the number of records."""
     from gradlens.errors import GradlensError
-    from gradlens.report.sweep_serialize import write_records
+    from gradlens.report import sweep_serialize
+
+    def write(stream: TextIO) -> int:
+        if fmt == SweepFormat.summary.value:
+            sweep_serialize.write_summary(outcome.report, stream)
+            return 0
+        return sweep_serialize.write_records(outcome.rows(), outcome.columns(), fmt, stream, tick)
 
     if output is None:
         try:
-            count = write_records(outcome.rows(), outcome.columns(), fmt, sys.stdout, tick)
+            count = write(sys.stdout)
             sys.stdout.flush()
         except BrokenPipeError:  # `gradlens sweep -f csv | head`: the reader has had enough
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             raise typer.Exit(0) from None
         return count
     try:
-        with output.open("w", encoding="utf-8", newline="") as stream:
-            count = write_records(outcome.rows(), outcome.columns(), fmt, stream, tick)
+        with _replacing(output) as stream:
+            count = write(stream)
     except OSError as exc:
         raise GradlensError(f"--output {str(output)!r}: {exc.strerror or exc}") from None
     return count
+
+
+@contextmanager
+def _replacing(path: Path) -> Iterator[TextIO]:
+    """A stream whose content becomes ``path`` only once the block completes.
+
+    It writes a hidden temporary file beside ``path`` and renames it over ``path`` at the end,
+    so an error or an interrupt midway leaves no half-written file (and an existing one as it
+    was). A symbolic link is followed; a target that exists but is not a regular file
+    (/dev/stdout, a FIFO) is written directly.
+    """
+    if path.exists() and not path.is_file():
+        with path.open("w", encoding="utf-8", newline="") as stream:
+            yield stream
+        return
+    target = path.resolve() if path.is_symlink() else path
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        with temporary.open("x", encoding="utf-8", newline="") as stream:
+            yield stream
+        if target.exists():
+            shutil.copymode(target, temporary)
+        os.replace(temporary, target)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 class _Bar:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from gradlens.containers import LossTerms
 from gradlens.diagnostics.numbers import num, quantiles
 from gradlens.grads import LossGradients
 from gradlens.results import RolloutStats
@@ -22,11 +23,16 @@ from gradlens.results import RolloutStats
 def loss_metrics(grads: LossGradients) -> dict[str, float | None]:
     """``token_metrics`` aggregated with the run's weights, then the ``reported`` numbers."""
     weights = grads.agg_weights if grads.agg_weights is not None else grads.weights
+    return terms_metrics(grads.terms, weights)
+
+
+def terms_metrics(terms: LossTerms, agg_weights: Tensor) -> dict[str, float | None]:
+    """`loss_metrics` from a loss's terms and the run's [N, T] aggregation weights a_t."""
     out: dict[str, float | None] = {
-        name: num((weights * values.to(weights.dtype)).sum())
-        for name, values in grads.terms.token_metrics.items()
+        name: num((agg_weights * values.to(agg_weights.dtype)).sum())
+        for name, values in terms.token_metrics.items()
     }
-    out.update({name: num(value) for name, value in grads.terms.reported.items()})
+    out.update({name: num(value) for name, value in terms.reported.items()})
     return out
 
 

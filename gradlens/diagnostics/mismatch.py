@@ -23,6 +23,7 @@ def mismatch_stats(
 ) -> Mismatch:
     """The statistics of Δ = log π_old − log μ over the valid tokens (`rollout_stats`, with
     the precisions of the two passes)."""
+    assert info.rollout_dtype is not None  # the model source always has a rollout pass
     s = rollout_stats(old_logp, rollout_logp, mask)
     return Mismatch(
         rollout_dtype=info.rollout_dtype,

@@ -1,7 +1,9 @@
 """Whole-model gradients of each loss, and the seed post's grad-norm estimate tested on them.
 
-For a batch from the model source, each loss is run through the whole model (one forward with
-autograd at θ, one backward per loss) and its gradient is reduced to norms per tensor group:
+For a batch from the model source, or from a batch file whose hidden states a checkpoint
+recomputes (``source.model_path`` with ``source.whole_model``), each loss is run through the
+whole model (one forward with autograd at θ over every sequence, one backward per loss) and its
+gradient is reduced to norms per tensor group:
 the input embedding, each transformer block, every other module (the final norm, position
 embeddings) by name, and the lm_head; plus the total norm over all parameters, which is the
 ``grad_norm`` a trainer logs before clipping.
@@ -106,7 +108,8 @@ def model_gradients(
     flat = [p for _, ps in groups for p in ps]
 
     head = head_weight(model).detach().clone().requires_grad_(True)  # W': the logit path
-    hidden = final_hidden(model, ctx.sequences, ctx.temperature, ctx.bias)
+    hidden = final_hidden(model, ctx.sequences, ctx.temperature, ctx.bias)[:, ctx.offset :]
+    assert hidden.shape[:2] == batch.mask.shape, (hidden.shape, batch.mask.shape)
     policy = policy_pass(hidden, head, batch.tokens, batch.mask)
 
     estimates = post_estimates(batch, view, params, agg, [r.name for r in reports])

@@ -1,6 +1,8 @@
-"""Rich tables of the model source: rollout, mismatch, staleness, whole-model gradients.
+"""Rich tables of a real checkpoint: rollout, mismatch, staleness, whole-model gradients.
 
-Rendered only when the report has a ``model`` section (``source.kind: model``).
+Rendered only when the report has a ``model`` section: the model source, with every section,
+or a batch file recomputed by a checkpoint (``source.model_path``), with the checkpoint and the
+whole-model gradients only.
 """
 
 from __future__ import annotations
@@ -30,6 +32,18 @@ def model_panel(report: CompareReport) -> Panel:
         f"V = {m.vocab_size} (tokenizer {m.tokenizer_size}), context {m.context}"
         + (", tied input/output embeddings" if m.tied_embeddings else "")
         + (", lm_head bias" if m.lm_head_bias else ""),
+    ]
+    if r is None:  # a batch file: the checkpoint recomputed its hidden states
+        lines.append(
+            f"[bold]batch file[/]  {escape(report.model.batch_file or '?')}: "
+            f"{report.batch.num_sequences} sequences, {report.batch.num_tokens} response tokens "
+            f"in the loss, run through the checkpoint in {m.train_dtype} (no rollout, mismatch "
+            "or staleness: those are the model source's)"
+        )
+        return Panel(
+            "\n".join(lines), title="checkpoint (batch file)", title_align="left", expand=False
+        )
+    lines += [
         f"[bold]rollout[/]     {r.prompts} prompts × {r.group_size} completions, "
         f"≤ {r.max_new_tokens} new tokens at T = {r.temperature}, top-p {r.top_p}; "
         f"{r.completion_tokens} completion tokens (mean {r.mean_completion_length:.1f}), "
@@ -47,7 +61,7 @@ def model_panel(report: CompareReport) -> Panel:
 
 
 def mismatch_table(report: CompareReport) -> Table:
-    assert report.model is not None
+    assert report.model is not None and report.model.mismatch is not None
     x = report.model.mismatch
     table = _table(
         f"training–inference mismatch: μ ({x.rollout_dtype} rollout pass) vs π_old "
@@ -89,7 +103,7 @@ def mismatch_table(report: CompareReport) -> Table:
 
 
 def staleness_table(report: CompareReport) -> Table:
-    assert report.model is not None
+    assert report.model is not None and report.model.staleness is not None
     s = report.model.staleness
     table = _table(
         f"staleness: r = π_θk/π_old after k {s.optimizer} steps (lr {s.lr:g}) on {s.loss}; "
@@ -122,8 +136,9 @@ def staleness_table(report: CompareReport) -> Table:
 
 def model_grads_table(report: CompareReport) -> Table:
     losses = [r for r in report.losses if r.model_grads is not None]
+    at = "at the checkpoint" if report.model and report.model.source == "batch" else "at θ_k"
     table = _table(
-        "whole-model gradient norms per tensor group (same batch, at θ_k)",
+        f"whole-model gradient norms per tensor group (same batch, {at})",
         "",
         *(r.name for r in losses),
     )
@@ -192,10 +207,14 @@ def sft_over_rl_table(report: CompareReport) -> Table | None:
 
 
 def model_parts(report: CompareReport) -> list:
-    """The model-source sections, in reading order; empty for other sources."""
+    """The sections of the checkpoint, in reading order; empty without one."""
     if report.model is None:
         return []
-    parts: list = [model_panel(report), mismatch_table(report), staleness_table(report)]
+    parts: list = [model_panel(report)]
+    if report.model.mismatch is not None:
+        parts.append(mismatch_table(report))
+    if report.model.staleness is not None:
+        parts.append(staleness_table(report))
     if any(r.model_grads is not None for r in report.losses):
         parts.append(model_grads_table(report))
     extra = sft_over_rl_table(report)

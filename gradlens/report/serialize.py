@@ -1,4 +1,4 @@
-"""Machine output: the report as JSON (schema ``gradlens.compare/1``)."""
+"""Machine output: the reports as JSON (schemas ``gradlens.compare/1`` and ``gradlens.sweep/1``)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,29 @@ from pydantic import BaseModel
 
 from gradlens.results import CompareReport
 
+REPORTS = ("compare", "sweep")
+
 
 def to_json(report: BaseModel) -> str:
     """Indented JSON; non-finite floats are already null in the report models."""
     return report.model_dump_json(indent=2)
 
 
-def json_schema() -> str:
-    """The JSON Schema of `CompareReport`, generated from the models themselves."""
-    schema = CompareReport.model_json_schema()
-    schema["$id"] = "gradlens.compare/1"
+def json_schema(report: str = "compare") -> str:
+    """The JSON Schema of a report, generated from its models themselves.
+
+    ``compare``: `CompareReport` (``gradlens compare --format json``); ``sweep``: `SweepReport`
+    (``gradlens sweep --format summary``). Its ``$id`` is the report's ``schema_version``.
+    """
+    model: type[BaseModel]
+    if report == "compare":
+        model = CompareReport
+    elif report == "sweep":
+        from gradlens.sweep.results import SweepReport
+
+        model = SweepReport
+    else:
+        raise ValueError(f"unknown report {report!r}; expected one of {', '.join(REPORTS)}")
+    schema = model.model_json_schema()
+    schema["$id"] = model.model_fields["schema_version"].default
     return json.dumps(schema, indent=2, ensure_ascii=False)

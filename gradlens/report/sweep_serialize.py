@@ -1,4 +1,5 @@
-"""The sweep's records as JSON, JSON Lines or CSV: one flat record per (loss, variant, A, point).
+"""The sweep's records as JSON, JSON Lines or CSV: one flat record per (loss, variant, A, point);
+and its summary as one JSON document.
 
 Every format has the same columns in the same order (`SweepOutcome.columns`): the
 `SweepPoint` fields, with one column per ``over`` key after ``variant``. All values are
@@ -13,6 +14,9 @@ not apply) are JSON null and an empty CSV field (NaN in pandas). Booleans are JS
 and CSV True/False, which pandas reads back as booleans. Text columns never hold an empty
 string — ``variant`` is 'default' and ``rule`` is 'none' when there is nothing to say — so a
 pandas ``groupby`` on them never drops rows.
+
+The summary (``--format summary``) is the `SweepReport` itself, schema ``gradlens.sweep/1``,
+indented like ``gradlens compare --format json``, non-finite numbers null.
 """
 
 from __future__ import annotations
@@ -20,7 +24,10 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Callable, Iterable
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from gradlens.sweep.results import SweepReport
 
 FORMATS = ("json", "jsonl", "csv")
 
@@ -64,3 +71,10 @@ def write_records(
     if tick is not None:
         tick(count % TICK_EVERY)
     return count
+
+
+def write_summary(report: SweepReport, stream: TextIO) -> None:
+    """Write ``report`` to ``stream`` as one indented JSON document (schema gradlens.sweep/1)."""
+    from gradlens.report.serialize import to_json
+
+    stream.write(to_json(report) + "\n")

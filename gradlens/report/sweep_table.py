@@ -55,7 +55,7 @@ def _share(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.1%}"
 
 
-def _zero_cell(symbol: str, runs: list[ZeroRun]) -> str:
+def _zero_cell(symbol: str, runs: list[ZeroRun] | None) -> str:
     if not runs:
         return "nowhere"
     return "; ".join(f"{runs_text(symbol, [r])} ({r.cause})" for r in runs)
@@ -104,7 +104,7 @@ def summary_table(outcome: SweepOutcome) -> Table:
             cells.append(sparkline(magnitudes[k], SPARK_WIDTH, bounds))
         cells += [_max_cell(report, s), _amp_cell(s, threshold)]
         if one_d:
-            amplified = "n/a" if s.amplified_share is None else runs_text(symbol, s.amplified)
+            amplified = "n/a" if s.amplified is None else runs_text(symbol, s.amplified)
             cells += [amplified, _zero_cell(symbol, s.zero)]
         else:
             cells += [_share(s.amplified_share), _share(s.zero_share)]
@@ -143,7 +143,7 @@ def _findings(report: SweepReport, s: CurveSummary) -> list[str]:
             f"explodes: up to {num(amp)}× REINFORCE (|∂L/∂z_y| = {num(s.max_grad)} at "
             f"{_where(report, s)})"
         )
-        if one_d:
+        if s.amplified is not None:
             line += f"; above {threshold:g}× for {runs_text(symbol, s.amplified)}"
         off = [r for r in rules if r not in s.rules_enabled]
         if rules:
@@ -151,13 +151,13 @@ def _findings(report: SweepReport, s: CurveSummary) -> list[str]:
             if off:
                 line += " (not enabled: " + "; ".join(f"{r}: {rule_text(r)}" for r in off) + ")"
         out.append(line)
-    if one_d and s.damped and s.min_amplification is not None:
+    if s.damped and s.min_amplification is not None:
         out.append(
             f"fades: below 1/{threshold:g} of REINFORCE for {runs_text(symbol, s.damped)}, "
             f"down to {num(s.min_amplification)}× — the token barely counts"
         )
-    switched = [r for r in s.zero if all(part in s.rules for part in r.cause.split("+"))]
-    if one_d and switched:
+    switched = [r for r in s.zero or [] if all(part in s.rules for part in r.cause.split("+"))]
+    if switched:
         parts = [f"{runs_text(symbol, [r])} by {r.cause}" for r in switched]
         out.append("switched off (∂L/∂z_y = 0) for " + "; ".join(parts))
     elif not one_d and s.switched_off_share > 0:

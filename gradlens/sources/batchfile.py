@@ -6,7 +6,8 @@ advantages, or rewards that ``advantage.normalization`` turns into advantages wi
 hidden states and the lm_head weight: stored in the file as ``hidden_states`` and
 ``lm_head_weight``, or recomputed from the file's prompt and response token ids by the
 checkpoint at ``source.model_path`` (gradlens.sources.recompute), which then wins over any
-stored ones.
+stored ones; with it, every loss also runs through the whole checkpoint unless
+``source.whole_model`` is false (the batch then carries a `ModelContext`).
 """
 
 from __future__ import annotations
@@ -28,11 +29,19 @@ def build_batchfile(src: Any, config: Any, device: torch.device, dtype: torch.dt
     path = Path(src.path).expanduser()
     data = read_batch_tensors(path, prompts=src.model_path is not None)
     origin = ""
+    context = None
     if src.model_path is not None:
         from gradlens.sources.recompute import recompute_hidden
 
-        recomputed = recompute_hidden(src.model_path, data, src.temperature, device, dtype)
-        hidden, weight = recomputed.hidden, recomputed.weight
+        recomputed = recompute_hidden(
+            src.model_path,
+            data,
+            src.temperature,
+            device,
+            dtype,
+            whole_model_of=str(path) if src.runs_whole_model else None,
+        )
+        hidden, weight, context = recomputed.hidden, recomputed.weight, recomputed.context
         origin = f"; {recomputed.description}"
         if "hidden" in data:
             origin += " (the file's hidden_states and lm_head_weight are not used)"
@@ -80,4 +89,5 @@ def build_batchfile(src: Any, config: Any, device: torch.device, dtype: torch.dt
             f"V={weight.shape[0]}, H={weight.shape[1]}{origin}"
         ),
         advantage_note=note,
+        model_context=context,
     )

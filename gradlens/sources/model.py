@@ -36,7 +36,7 @@ import importlib.resources
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -44,6 +44,9 @@ from torch import Tensor
 from gradlens.containers import Batch, valid_index
 from gradlens.errors import GradlensError
 from gradlens.logits import compute_logits
+
+if TYPE_CHECKING:
+    from gradlens.model_results import ModelInfo
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model.safetensors.index.json")
@@ -299,13 +302,43 @@ def check_logit_path(
 
 @dataclass
 class ModelContext:
-    """What `gradlens.diagnostics.model_grads` needs to run a loss through the whole model."""
+    """What `gradlens.diagnostics.model_grads` needs to run a loss through the whole model.
+
+    The final hidden states of ``sequences`` (`final_hidden`: [N, L − 1] columns) from column
+    ``offset`` on are the batch's [N, T] grid: ``offset`` 0 for the model source, whose grid is
+    the whole sequence; P − 1 for a batch file with P prompt columns, whose grid is the response
+    (column P + t − 1 predicts response token t).
+    """
 
     model: Any  # the transformers model at θ_N
     sequences: Sequences
     temperature: float
     bias: bool
     report: Any  # gradlens.model_results.ModelReport, without the per-loss parts
+    offset: int = 0
+    keys: str = "source.kind: model"  # the settings that asked for it, named by errors
+
+
+def model_info(loaded: LoadedModel, dtype: torch.dtype, rollout_dtype: str | None) -> ModelInfo:
+    """The `gradlens.model_results.ModelInfo` of a loaded checkpoint."""
+    from gradlens.model_results import ModelInfo
+
+    model = loaded.model
+    return ModelInfo(
+        path="built-in" if loaded.builtin else str(loaded.path),
+        builtin=loaded.builtin,
+        architecture=type(model).__name__,
+        parameters=sum(p.numel() for p in model.parameters()),
+        layers=getattr(model.config, "num_hidden_layers", None),
+        hidden_size=int(loaded.head.weight.shape[1]),
+        vocab_size=loaded.vocab_size,
+        tokenizer_size=len(loaded.tokenizer),
+        context=loaded.context,
+        tied_embeddings=loaded.tied,
+        lm_head_bias=loaded.bias,
+        train_dtype=str(dtype).removeprefix("torch."),
+        rollout_dtype=rollout_dtype,
+    )
 
 
 # ----------------------------------------------------------------------------- the builder
@@ -318,7 +351,7 @@ def build_model_batch(src: Any, config: Any, device: torch.device, dtype: torch.
     from gradlens.diagnostics.mismatch import mismatch_stats
     from gradlens.grads import Aggregation
     from gradlens.losses import get_loss
-    from gradlens.model_results import ModelInfo, ModelReport, RolloutSample, RolloutSummary
+    from gradlens.model_results import ModelReport, RolloutSample, RolloutSummary
     from gradlens.sources.rewards import load_reward, score
     from gradlens.sources.rollout import choose_prompts, sample, tokenize_prompts
     from gradlens.sources.staleness import stale_steps
@@ -381,21 +414,7 @@ def build_model_batch(src: Any, config: Any, device: torch.device, dtype: torch.
     weight = head_weight(loaded.model).detach().clone()
 
     model = loaded.model
-    info = ModelInfo(
-        path="built-in" if loaded.builtin else str(loaded.path),
-        builtin=loaded.builtin,
-        architecture=type(model).__name__,
-        parameters=sum(p.numel() for p in model.parameters()),
-        layers=getattr(model.config, "num_hidden_layers", None),
-        hidden_size=int(loaded.head.weight.shape[1]),
-        vocab_size=loaded.vocab_size,
-        tokenizer_size=len(loaded.tokenizer),
-        context=loaded.context,
-        tied_embeddings=loaded.tied,
-        lm_head_bias=bias,
-        train_dtype=str(dtype).removeprefix("torch."),
-        rollout_dtype=src.rollout_dtype,
-    )
+    info = model_info(loaded, dtype, src.rollout_dtype)
     lengths = mask.sum(-1)
     reward_t = torch.tensor(rewards, dtype=torch.float64)
     summary = RolloutSummary(

@@ -17,9 +17,16 @@ constant 1, as in the model source). Columns of left padding shared by every seq
 dropped before the forward, which runs in groups of sequences of at most `TOKENS_PER_PASS`
 tokens.
 
-Whole-model gradients (`gradlens.diagnostics.model_grads`) are not computed for such a batch:
-they report alongside the model source's rollout, mismatch and staleness sections, which a file
-does not have. The model is released once the hidden states are taken.
+With ``whole_model`` (``source.whole_model``, on by default with a checkpoint) the model and
+the sequences are kept in a `ModelContext` on the batch, and every loss also runs through the
+whole model (`gradlens.diagnostics.model_grads`: per-tensor-group norms, the total norm a
+trainer logs as grad_norm). Its forward reads the same [N, P+T] sequences (shared left padding
+dropped, the same position ids) in one pass with autograd, and takes the final hidden states
+from column P − 1 on (``ModelContext.offset``), divided by T: the [N, T] grid of the batch, so
+its lm_head gradient is the one the lm_head diagnostics compute in closed form. The report's
+``model`` section then has the checkpoint and the gradients, without the model source's rollout,
+mismatch and staleness, which a file does not have. Without ``whole_model`` the model is
+released once the hidden states are taken.
 """
 
 from __future__ import annotations
@@ -34,11 +41,13 @@ from gradlens.errors import GradlensError
 from gradlens.progress import report
 from gradlens.sources.model import (
     LoadedModel,
+    ModelContext,
     Sequences,
     check_logit_path,
     final_hidden,
     head_weight,
     load_checkpoint,
+    model_info,
     position_ids,
 )
 
@@ -53,6 +62,11 @@ class Recomputed:
     hidden: Tensor  # [N, T, H(+1)] h_t/T, zero at the positions outside the loss
     weight: Tensor  # [V, H(+1)]
     description: str
+    context: ModelContext | None = None  # with whole_model: the model and the sequences
+
+
+# The settings that ask for whole-model gradients, as errors name them (engine: streamed)
+WHOLE_MODEL_KEYS = "source.model_path with source.whole_model: true; set it false to stream"
 
 
 def recompute_hidden(
@@ -61,9 +75,14 @@ def recompute_hidden(
     temperature: float,
     device: torch.device,
     dtype: torch.dtype,
+    whole_model_of: str | None = None,
 ) -> Recomputed:
     """The hidden states and lm_head weight of the batch ``data`` (`read_batch_tensors` with
-    ``prompts=True``) under the checkpoint at ``model_path``."""
+    ``prompts=True``) under the checkpoint at ``model_path``.
+
+    ``whole_model_of``: the batch file's path (named in the report), to keep the model and the
+    sequences for the whole-model gradients (`Recomputed.context`); None releases the model.
+    """
     loaded = load_checkpoint(None if model_path == BUILTIN else model_path, device, dtype, KEY)
     tokens, mask = data["tokens"], data["mask"]  # [N, T]
     prompt_ids, prompt_mask = data["prompt_ids"], data["prompt_mask"]  # [N, P]
@@ -111,7 +130,25 @@ def recompute_hidden(
         f"{f', T = {temperature:g}' if temperature != 1.0 else ''}) from the prompt + response "
         "token ids"
     )
-    return Recomputed(hidden, weight, description)
+    context = None
+    if whole_model_of is not None:
+        from gradlens.model_results import ModelReport
+
+        seqs = Sequences(
+            ids.to(device),
+            attention.long().to(device),
+            position_ids(attention).to(device),
+            loss_grid.to(device),
+        )
+        info = model_info(loaded, dtype, None)
+        model_report = ModelReport(
+            source="batch", batch_file=whole_model_of, model=info, sft_over_rl=[]
+        )
+        context = ModelContext(
+            loaded.model, seqs, temperature, loaded.bias, model_report, p - 1, WHOLE_MODEL_KEYS
+        )
+        description += "; every loss also runs through the whole model"
+    return Recomputed(hidden, weight, description, context)
 
 
 def check_tokens(

@@ -124,6 +124,7 @@ def run_sweep(config: SweepConfig, progress: Progress | None = None) -> SweepOut
         )
         for s in (get_loss(name) for name in config.losses)
     ]
+    check = check_summary(config, grid, checks)
     report = SweepReport(
         config=config.model_dump(mode="json"),
         vary=config.vary,
@@ -134,6 +135,7 @@ def run_sweep(config: SweepConfig, progress: Progress | None = None) -> SweepOut
         variants=[v.label for v in variants],
         amplified_above=AMPLIFIED_ABOVE,
         summaries=summaries,
-        check=check_summary(config, grid, checks),
+        check=check,
+        passed=check.passed,
     )
     return SweepOutcome(config, grid, variants, curves, checks, report)

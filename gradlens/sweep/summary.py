@@ -3,7 +3,7 @@
 On a 1-D sweep "where" is a list of runs of consecutive grid points, each given by the first
 and last swept value in it (the true boundary lies between that point and its neighbour, so
 it is known to the grid spacing: 5 % with the default 50 points per decade). On a 2-D grid it
-is the share of the grid; the heat map shows the shape.
+is the share of the grid (the runs are None); the heat map shows the shape.
 """
 
 from __future__ import annotations
@@ -32,18 +32,18 @@ def runs(flags: Tensor) -> list[tuple[int, int]]:
     return list(zip(starts, ends, strict=True))
 
 
-def intervals(grid: Grid, flags: Tensor) -> list[Interval]:
-    """The runs of ``flags`` in the swept variable (1-D sweeps; empty for a 2-D grid)."""
+def intervals(grid: Grid, flags: Tensor) -> list[Interval] | None:
+    """The runs of ``flags`` in the swept variable (1-D sweeps; None for a 2-D grid)."""
     if grid.is_2d:
-        return []
+        return None
     x = grid.x.values
     return [Interval(low=float(x[a]), high=float(x[b])) for a, b in runs(flags)]
 
 
-def zero_runs(grid: Grid, curve: Curve) -> list[ZeroRun]:
-    """The runs where ∂L/∂z_y = 0, each with its cause (1-D sweeps; empty for a 2-D grid)."""
+def zero_runs(grid: Grid, curve: Curve) -> list[ZeroRun] | None:
+    """The runs where ∂L/∂z_y = 0, each with its cause (1-D sweeps; None for a 2-D grid)."""
     if grid.is_2d:
-        return []
+        return None
     x = grid.x.values
     out = []
     for a, b in runs(curve.zero):
@@ -67,17 +67,20 @@ def summarize(grid: Grid, curve: Curve, check: CurveCheck | None) -> CurveSummar
     at = int(finite.argmax())
     has_max = bool(finite[at] >= 0)
     amp = curve.amplification
+    amplified_runs: list[Interval] | None = None
+    damped_runs: list[Interval] | None = None
+    amplified_share: float | None = None
+    max_amp: float | None = None
+    min_amp: float | None = None
     if curve.uses_advantage:
         amplified = amp > AMPLIFIED_ABOVE
-        damped = (amp > 0) & (amp < 1 / AMPLIFIED_ABOVE)
-        amplified_share: float | None = float(amplified.sum()) / size
+        amplified_runs = intervals(grid, amplified)
+        damped_runs = intervals(grid, (amp > 0) & (amp < 1 / AMPLIFIED_ABOVE))
+        amplified_share = float(amplified.sum()) / size
         finite = amp[torch.isfinite(amp)]
         nonzero = finite[finite > 0]
         max_amp = num(finite.max()) if finite.numel() else None
         min_amp = num(nonzero.min()) if nonzero.numel() else None
-    else:
-        amplified = damped = torch.zeros_like(curve.zero)
-        amplified_share, max_amp, min_amp = None, None, None
     return CurveSummary(
         loss=curve.loss,
         variant=curve.variant.label,
@@ -88,14 +91,15 @@ def summarize(grid: Grid, curve: Curve, check: CurveCheck | None) -> CurveSummar
         zero=zero_runs(grid, curve),
         zero_share=float(curve.zero.sum()) / size,
         switched_off_share=float((curve.zero & curve.fired).sum()) / size,
-        amplified=intervals(grid, amplified),
+        amplified=amplified_runs,
         amplified_share=amplified_share,
-        damped=intervals(grid, damped),
+        damped=damped_runs,
         min_grad=num(magnitude.min()),
         max_grad=num(magnitude[at]) if has_max else None,
         max_at_pi_old=float(grid.pi_old[at]) if has_max else None,
         max_at_pi_theta=float(grid.pi_theta[at]) if has_max else None,
         max_amplification=max_amp,
         min_amplification=min_amp,
+        non_finite=int((~torch.isfinite(curve.grad_sampled)).sum()),
         check_max_rel_err=None if check is None else num(check.rel_err.max()),
     )
