@@ -29,6 +29,12 @@ or  input_ids + attention_mask             [N, P+T]     the whole sequence besid
 With ``responses`` present, an ``attention_mask`` of [N, P+T] without ``response_mask`` gives
 the loss mask as its last T columns, as verl derives it.
 
+``gradlens dump`` of a batch from a real model (the model source, or a batch file whose
+hidden states a checkpoint recomputed with the whole model kept) writes this layout too:
+``prompts`` [N, P] and ``attention_mask`` [N, P+T] beside the [N, T] response keys, so that the
+file read back with the same checkpoint as ``source.model_path`` is the same batch
+(`dump_tensors`).
+
 Position t of every [N, T] tensor refers to the same response token. A dump from a training
 loop is three lines (see docs/batchfile.md)::
 
@@ -42,12 +48,15 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from gradlens.errors import GradlensError
+
+if TYPE_CHECKING:
+    from gradlens.containers import Batch
 
 ALIASES: dict[str, tuple[str, ...]] = {
     "tokens": ("responses", "input_ids"),
@@ -61,6 +70,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "weight": ("lm_head_weight",),
     "prompts": ("prompts",),
     "prompt_mask": ("prompt_mask",),
+    "attention": ("attention_mask",),  # [N, P+T] beside 'prompts': written by `dump_tensors`
 }
 SUFFIXES = (".safetensors", ".pt", ".pth", ".jsonl")
 INTEGER_KEYS = frozenset({*ALIASES["tokens"], *ALIASES["mask"], "prompts", "prompt_mask"})
@@ -340,6 +350,89 @@ def _prompt_context(
     }
 
 
+def dump_tensors(batch: Batch) -> dict[str, Tensor | None]:
+    """What ``gradlens dump`` writes of a batch, under gradlens names (see `write_batch`).
+
+    The per-token tensors of the [N, T] grid (``old_logp`` as the losses read it: π_θ itself at
+    on-policy positions), the hidden states and the lm_head weight. A batch from a real model
+    also carries its sequences (`ModelContext`: prompt left-padded ++ completion right-padded on
+    one [N, L] grid, whose final hidden states from column ``offset`` on are the batch's grid);
+    it is written in verl's layout, so that `gradlens.sources.recompute` rebuilds the same grid
+    from the file and the same checkpoint: ``prompts`` [N, P] and ``attention_mask`` [N, P+T],
+    and every per-token tensor cut to the T = L − P completion columns. The prompt ends where
+    the loss starts: the batch's first grid column with a token in the loss (``cut``) is
+    predicted from sequence column ``offset`` + ``cut`` = P − 1. The model source's grid is the
+    whole sequence (offset 0, and each sequence's first completion token is in the loss); a
+    batch file's grid is already the response (offset P − 1, cut 0). The columns cut off hold
+    no token in the loss.
+    """
+    from gradlens.grads import effective_old_logp, softmax_view
+
+    per_token: dict[str, Tensor | None] = {
+        "tokens": batch.tokens,
+        "mask": batch.mask.long(),  # stored as integers, as the frameworks store it
+        "old_logp": effective_old_logp(batch, softmax_view(batch).logp),
+        "rollout_logp": batch.rollout_logp,
+        "ref_logp": batch.ref_logp,
+        "advantages": batch.advantages,
+        "hidden": batch.hidden,
+    }
+    context = batch.model_context
+    if context is None:
+        return {**per_token, "weight": batch.weight}
+    seqs = context.sequences
+    scored = batch.mask.any(dim=0).nonzero()
+    cut = int(scored[0]) if scored.numel() else 0
+    p = context.offset + cut + 1  # prompt columns of the [N, L] sequences
+    width = seqs.input_ids.shape[1]
+    if batch.mask.shape[1] - cut != width - p:
+        raise AssertionError(  # the ModelContext contract: grid = sequence columns offset + 1 on
+            f"batch grid of {batch.mask.shape[1]} columns beside sequences of {width} columns "
+            f"from offset {context.offset}"
+        )
+    cropped = {k: None if x is None else x[:, cut:] for k, x in per_token.items()}
+    return {
+        **cropped,
+        "weight": batch.weight,
+        "prompts": seqs.input_ids[:, :p],
+        "attention": seqs.attention_mask.long(),  # [N, P+T]: prompt and response
+    }
+
+
+def _jsonl_row(data: Mapping[str, Tensor], i: int, length: int) -> dict[str, Any]:
+    """Line i of a .jsonl file: the response keys up to ``length``; a prompt unpadded, and an
+    ``attention_mask`` over prompt + response as its real prompt part ++ its response part (the
+    reader splits it where the response starts, `_pad_whole_sequence`)."""
+    prompts, full = data.get("prompts"), data.get("attention_mask")
+    p = 0 if prompts is None else prompts.shape[1]
+    t = data["response_mask"].shape[1]
+    whole = full is not None and p > 0 and full.dim() == 2 and full.shape[1] == p + t
+    real = None  # this line's real prompt columns
+    if prompts is not None:
+        if whole and full is not None:
+            real = full[i, :p].bool()
+        elif "prompt_mask" in data:
+            real = data["prompt_mask"][i].bool()
+        else:
+            real = torch.ones(p, dtype=torch.bool)
+    row: dict[str, Any] = {}
+    for key, value in data.items():
+        if key == "lm_head_weight":
+            if i == 0:
+                row[key] = value.float().tolist()
+        elif key == "prompt_mask" and real is not None:
+            continue  # implied by the unpadded prompt
+        elif key == "prompts" and real is not None:
+            row[key] = value[i][real].tolist()
+        elif key == "attention_mask" and whole and real is not None:
+            row[key] = value[i, :p][real].tolist() + value[i, p : p + length].tolist()
+        elif value.dim() >= 2:
+            row[key] = value[i, :length].tolist()
+        else:
+            row[key] = value[i].item()
+    return row
+
+
 def write_batch(path: Path, tensors: Mapping[str, Tensor | None]) -> None:
     """Write gradlens-named tensors under the frameworks' key names, format by suffix."""
     names = {g: ALIASES[g][0] for g in ALIASES}
@@ -362,14 +455,5 @@ def write_batch(path: Path, tensors: Mapping[str, Tensor | None]) -> None:
         with tmp.open("w", encoding="utf-8") as fh:
             for i in range(mask.shape[0]):
                 length = int(mask[i].nonzero().max()) + 1 if mask[i].any() else 0
-                row: dict[str, Any] = {}
-                for key, value in data.items():
-                    if key == "lm_head_weight":
-                        if i == 0:
-                            row[key] = value.float().tolist()
-                    elif value.dim() >= 2:
-                        row[key] = value[i, :length].tolist()
-                    else:
-                        row[key] = value[i].item()
-                fh.write(json.dumps(row) + "\n")
+                fh.write(json.dumps(_jsonl_row(data, i, length)) + "\n")
     tmp.replace(path)

@@ -480,3 +480,112 @@ def test_temperature_needs_model_path(tmp_path, rollout):
 def test_whole_model_needs_model_path(tmp_path, rollout):
     err = error(tmp_path, pick(rollout, *LAYOUTS["verl"]), "source.whole_model=true")
     assert "source" in err and "whole_model needs model_path" in err
+
+
+# ----------------------------------------------------------------------------- dump round trip
+
+# Prompts for the checkpoint's word-level tokenizer, of different lengths: left padding
+MODEL_PROMPTS = ["w5 w9 w3 w17", "w2 w8", "w40 w41 w42"]
+
+
+def model_source(checkpoint: Path, **source) -> dict:
+    src = {
+        "kind": "model", "path": str(checkpoint), "prompts": MODEL_PROMPTS, "group_size": 2,
+        "max_new_tokens": 8, "temperature": TEMPERATURE, "reward": "length",
+        "rollout_dtype": "float32", **source,
+    }  # fmt: skip
+    return {"losses": [*LOSSES, "grpo"], "source": src}
+
+
+def dump_model_source(path: Path, cfg: dict) -> None:
+    import yaml
+
+    config_file = path.with_suffix(".yaml")
+    config_file.write_text(yaml.safe_dump(cfg))
+    result = runner.invoke(app, ["dump", "-c", str(config_file), "-o", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "prompts of ≤" in result.output
+
+
+def read_back(path: Path, checkpoint: Path | None = None) -> CompareReport:
+    """The dumped file, alone or with the checkpoint that recomputes its hidden states."""
+    source: dict = {"path": str(path)}
+    if checkpoint is not None:  # the model source's temperature, folded into stored states
+        source.update(model_path=str(checkpoint), temperature=TEMPERATURE)
+    return run_compare(validate({"losses": [*LOSSES, "grpo"], "source": source}))
+
+
+@pytest.fixture(scope="module")
+def model_run(checkpoint) -> CompareReport:
+    # θ: no stale steps, so the checkpoint's parameters are the ones every path uses
+    return run_compare(validate(model_source(checkpoint, stale={"steps": 0})))
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt", ".jsonl"])
+def test_a_dumped_model_batch_is_re_diagnosed_with_its_checkpoint(
+    tmp_path, checkpoint, model_run, suffix
+):
+    from gradlens.batchfile import read_batch_tensors
+
+    cfg = model_source(checkpoint, stale={"steps": 0})
+    path = tmp_path / f"model{suffix}"
+    dump_model_source(path, cfg)
+    data = read_batch_tensors(path, prompts=True)
+    # verl's layout: the completion alone on the response grid, the prompt left-padded before it
+    n, t = data["tokens"].shape
+    assert n == len(MODEL_PROMPTS) * 2 and bool(data["mask"][:, 0].all())
+    assert data["prompt_mask"][:, -1].all() and not data["prompt_mask"][:, 0].all()
+    assert data["hidden"].shape[:2] == (n, t)
+
+    stored, recomputed = read_back(path), read_back(path, checkpoint)
+    original = model_run
+    for report in (stored, recomputed):
+        assert report.passed
+        assert report.batch.num_tokens == original.batch.num_tokens
+        assert report.ratio.min == pytest.approx(original.ratio.min, rel=1e-6)
+        assert report.ratio.max == pytest.approx(original.ratio.max, rel=1e-6)
+    assert "recomputed" in recomputed.batch.source and recomputed.model is not None
+    # Float32 throughout. The stored file holds the model source's own float32 tensors, cut to
+    # the completion columns; the recomputed hidden states come from the same float32 weights
+    # over the same tokens and positions, in a forward of another shape (other padding ids,
+    # the shared left padding dropped), so they agree to float32 rounding (~1e-7 relative).
+    # Row norms, coefficients and whole-model norms reduce over the tokens in the loss: 1e-5
+    # relative leaves room for that rounding and still catches a shifted column (wrong token
+    # or state) or a missing 1/T, which change them by far more. The loss values are float32
+    # sums over the [N, T] grid, whose width differs (the model source's grid spans prompt +
+    # completion), so their last bits may differ: 1e-6 relative (8 float32 ulps), or 1e-6
+    # absolute where on-policy ppo_clip / grpo cancel to ~1e-2 (~10 roundings of a term).
+    for x, a, b in zip(original.losses, stored.losses, recomputed.losses, strict=True):
+        assert x.name == a.name == b.name
+        for y in (a, b):
+            assert y.loss == pytest.approx(x.loss, rel=1e-6, abs=1e-6)
+            assert y.rows.total_norm == pytest.approx(x.rows.total_norm, rel=1e-5)
+            assert y.coefficient_abs_mean == pytest.approx(x.coefficient_abs_mean, rel=1e-5)
+            assert y.coefficient_abs_max == pytest.approx(x.coefficient_abs_max, rel=1e-5)
+            assert y.clipping == x.clipping
+        assert x.rows.total_norm is not None and x.rows.total_norm > 0
+        # the whole model at the same θ over the same tokens: the same total and groups
+        assert x.model_grads is not None and b.model_grads is not None
+        assert b.model_grads.total_norm == pytest.approx(x.model_grads.total_norm, rel=1e-5)
+        for g, h in zip(x.model_grads.groups, b.model_grads.groups, strict=True):
+            assert g.name == h.name and h.norm == pytest.approx(g.norm, rel=1e-5)
+        assert a.model_grads is None  # hidden states alone: no model to run
+
+
+def test_a_dumped_stale_batch_holds_the_states_after_the_steps(tmp_path, checkpoint):
+    # With stale steps the model source diagnoses θ_N (after the steps) against π_old at the
+    # checkpoint's θ_0: the dump stores θ_N's hidden states and lm_head, so the file alone gives
+    # that diagnosis; the checkpoint is θ_0, so recomputing from it gives π_θ = π_old instead.
+    cfg = model_source(checkpoint, stale={"steps": 2, "lr": 1e-2})
+    path = tmp_path / "stale.safetensors"
+    dump_model_source(path, cfg)
+    original = run_compare(validate(cfg))
+    stored, recomputed = read_back(path), read_back(path, checkpoint)
+    assert original.ratio.min < 0.99 and original.ratio.max > 1.01  # real staleness
+    assert stored.ratio.min == pytest.approx(original.ratio.min, rel=1e-6)
+    assert stored.ratio.max == pytest.approx(original.ratio.max, rel=1e-6)
+    for x, a in zip(original.losses, stored.losses, strict=True):
+        assert a.rows.total_norm == pytest.approx(x.rows.total_norm, rel=1e-5)
+    # θ_0 against π_old taken at θ_0 by the same float32 forward: r = 1 to float32 rounding
+    assert recomputed.ratio.min == pytest.approx(1.0, abs=1e-5)
+    assert recomputed.ratio.max == pytest.approx(1.0, abs=1e-5)

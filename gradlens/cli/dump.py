@@ -13,8 +13,10 @@ HELP = (
     "Write the batch a config describes (synthetic, literal, model, or another batch file) as a "
     "rollout batch file: responses, response_mask, old_log_probs, advantages, hidden_states, "
     "lm_head_weight (and rollout_log_probs / ref_log_prob when the source has them), under the "
-    "key names verl uses. The format follows the suffix: .safetensors, .pt, .jsonl. "
-    "Read it back with --set source.kind=batch --set source.path=FILE."
+    "key names verl uses. A batch from a real model (source.kind=model, or a batch file with "
+    "source.model_path) also gets its prompts and attention_mask, verl's layout, so that "
+    "source.model_path can recompute it. The format follows the suffix: .safetensors, .pt, "
+    ".jsonl. Read it back with --set source.kind=batch --set source.path=FILE."
 )
 
 
@@ -34,29 +36,18 @@ def dump(
 ) -> None:
     """Write the configured batch as a rollout batch file."""
     with user_errors(debug):
-        from gradlens.batchfile import write_batch
+        from gradlens.batchfile import dump_tensors, write_batch
         from gradlens.compare import DTYPES, resolve_device
         from gradlens.config import build_config
-        from gradlens.grads import effective_old_logp, softmax_view
         from gradlens.sources import build_batch
 
         cfg = build_config(config, overrides or [])
         batch = build_batch(cfg, resolve_device(cfg.device), DTYPES[cfg.dtype])
-        old = effective_old_logp(batch, softmax_view(batch).logp)
-        write_batch(
-            output,
-            {
-                "tokens": batch.tokens,
-                "mask": batch.mask.long(),  # stored as integers, as the frameworks store it
-                "old_logp": old,
-                "rollout_logp": batch.rollout_logp,
-                "ref_logp": batch.ref_logp,
-                "advantages": batch.advantages,
-                "hidden": batch.hidden,
-                "weight": batch.weight,
-            },
-        )
+        tensors = dump_tensors(batch)
+        write_batch(output, tensors)
+        prompts = tensors.get("prompts")
         stderr_console().print(
             f"wrote {output}: {batch.num_sequences} sequences, {batch.num_tokens} tokens, "
             f"V={batch.vocab_size}, H={batch.hidden_size}"
+            + ("" if prompts is None else f"; prompts of ≤{prompts.shape[1]} tokens")
         )
