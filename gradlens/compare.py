@@ -237,8 +237,6 @@ def choose_engine(config: Config, batch: Batch, params: LossParams) -> tuple[str
     """("materialized" | "streamed", why)."""
     wanted = config.diagnostics.engine
     needs = []
-    if params.entropy_coef != 0.0:
-        needs.append("the entropy bonus is not of the c·(e_y − π) form")
     if batch.model_context is not None:
         needs.append(f"the whole-model gradients ({batch.model_context.keys}) use the full softmax")
     if needs:
@@ -263,7 +261,7 @@ def loss_findings(
     """The findings of a loss report computed by the streamed engine."""
     spec = get_loss(report.name)
     notes = findings(report, batch, logp, terms.coefficient, spec.uses_advantage)
-    return notes + input_notes(spec, batch, terms, params, False)
+    return notes + input_notes(spec, batch, terms, params, params.entropy_coef != 0.0)
 
 
 def diagnose_loss(

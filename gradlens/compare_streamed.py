@@ -9,6 +9,9 @@ With ``diagnostics.reference: autograd`` each loss is also differentiated by tor
 (which materialises [M, V], one loss at a time) and compared: c_t, the sampled-row logit
 gradient ∂L/∂z_y and the row norms ‖∂L/∂W_v‖.
 
+With ``loss.entropy_coef`` ≠ 0 the engine adds the entropy bonus's gradient (not of the c-form)
+to every loss's rows, and the reports include it exactly as the materialized path's do.
+
 With ``--parity A,B`` the same run also gives parity's inputs (`gradlens.parity`): A and B join
 the engine's losses if they are not among them (without a loss report of their own), and one
 more coefficient set, c_B − c_A, gives the row norms of ∂L_B/∂W − ∂L_A/∂W, which is of the same
@@ -30,7 +33,7 @@ from gradlens.diagnostics.clipping import clipping
 from gradlens.diagnostics.metrics import terms_metrics
 from gradlens.diagnostics.numbers import count_non_finite, num, rel_err
 from gradlens.diagnostics.row_norms import row_norms_from
-from gradlens.diagnostics.streamed import sampled_row_streamed, zero_sum_streamed
+from gradlens.diagnostics.streamed import grad_at_y, sampled_row_streamed, zero_sum_streamed
 from gradlens.engine.streamed import (
     EngineResult,
     auto_budget,
@@ -46,7 +49,8 @@ from gradlens.grads import (
     run_params,
     token_inputs,
 )
-from gradlens.losses import LossParams, LossSpec, get_loss
+from gradlens.logits import softmax_dtype
+from gradlens.losses import LossParams, LossSpec, aggregation_weights, get_loss
 from gradlens.parity import ParityGap, ParityLoss, streamed_gap
 from gradlens.results import Agreement, EngineInfo, LossReport
 
@@ -125,10 +129,35 @@ def run_streamed(
     d = config.diagnostics
     budget = int(d.memory_budget_mib * 2**20) if d.memory_budget_mib else auto_budget(hidden.device)
     k = len(specs) + (pair is not None)
+    buffers = 3 if run.entropy_coef == 0.0 else 4  # the bonus's [M, Vc] block: one more
     engine_plan = plan(
-        tokens.numel(), batch.vocab_size, batch.hidden_size, k, budget, d.vocab_chunk
+        tokens.numel(),
+        batch.vocab_size,
+        batch.hidden_size,
+        k,
+        budget,
+        d.vocab_chunk,
+        buffers=buffers,
     )
-    result = lm_head_pass(hidden, batch.weight, tokens, coefficients_for, engine_plan)
+    acc = softmax_dtype(batch.weight.dtype)
+    entropy_weight = None  # w_t = a_t·c_H of the entropy bonus, with the run's weights a_t
+    if run.entropy_coef != 0.0:
+        a = aggregation_weights(batch.mask, agg.mode, agg.loss_scale_factor, acc)[rows, cols]
+        entropy_weight = run.entropy_coef * a
+    result = lm_head_pass(
+        hidden,
+        batch.weight,
+        tokens,
+        coefficients_for,
+        engine_plan,
+        entropy_weight=entropy_weight,
+        entropy_losses=len(specs),  # not parity's c_B − c_A: the bonus cancels there
+    )
+    # the bonus's part of the loss, −c_H·Σ_t a_t H_t, and its gross size 2·|c_H|·a_t·H_t
+    bonus_loss, bonus_scale = 0.0, None
+    if entropy_weight is not None:
+        bonus_loss = -float((entropy_weight * result.tokens.entropy).sum())
+        bonus_scale = 2 * entropy_weight.abs() * result.tokens.entropy
     assert kept.logp is not None
     hidden_norms = hidden.to(result.tokens.lse.dtype).norm(dim=-1)  # [M]
     reference = d.reference == "autograd"
@@ -151,13 +180,13 @@ def run_streamed(
                 name=spec.name,
                 formula=spec.formula,
                 coefficient_formula=spec.coefficient,
-                loss=num((weights * terms.per_token).sum()),
+                loss=num(float((weights * terms.per_token).sum()) + bonus_loss),
                 coefficient_abs_mean=num(c.abs().mean()) if c.numel() else None,
                 coefficient_abs_max=num(c.abs().max()) if c.numel() else None,
                 non_finite=count_non_finite(c, rows_i.norms, rows_i.row_sum),
                 reference_non_finite=ref_non_finite,
                 sampled_row=sampled_row_streamed(
-                    c, result.tokens, spec.post_formula, post, ref_at_y
+                    c, result.tokens, spec.post_formula, post, ref_at_y, rows_i
                 ),
                 rows=row_norms_from(rows_i.norms, tokens, config.diagnostics.top_k),
                 zero_sum=zero_sum_streamed(
@@ -168,6 +197,8 @@ def run_streamed(
                     hidden_norms,
                     batch.vocab_size,
                     dense_dtype(batch.hidden.dtype),
+                    rows_i.other_max,
+                    bonus_scale,
                 ),
                 clipping=clipping(terms.regions, coefficient, batch.mask),
                 agreement=agreement,
@@ -187,28 +218,37 @@ def run_streamed(
     inputs = None
     if pair is not None:
         ia, ib = (names.index(n) for n in pair)
+        a_max = None  # max_v |∂L_A/∂z_tv|, when the entropy bonus makes it other than |c_A|·u
+        other_max = result.rows[ia].other_max
+        if other_max is not None:
+            at_y = grad_at_y(result.coefficients[ia], result.tokens).abs()
+            a_max = torch.maximum(at_y, other_max)
         gap = streamed_gap(
             result.coefficients[ia],
             result.coefficients[ib],
             result.rows[-1].norms,
             result.tokens.sampled_prob,
             result.tokens.max_other_prob,
+            a_max,
         )
         inputs = (
-            _parity_loss(specs[ia], ia, kept, result),
-            _parity_loss(specs[ib], ib, kept, result),
+            _parity_loss(specs[ia], ia, kept, result, bonus_loss),
+            _parity_loss(specs[ib], ib, kept, result, bonus_loss),
             gap,
         )
     return StreamedRun(reports, result, kept.logp, info, kept.terms[:reported], inputs)
 
 
-def _parity_loss(spec: LossSpec, i: int, kept: _Coefficients, result: EngineResult) -> ParityLoss:
-    """Loss ``i`` of the engine run as parity needs it: ‖∂L/∂W‖ from its row norms."""
+def _parity_loss(
+    spec: LossSpec, i: int, kept: _Coefficients, result: EngineResult, bonus_loss: float
+) -> ParityLoss:
+    """Loss ``i`` of the engine run as parity needs it: ‖∂L/∂W‖ from its row norms (the
+    entropy bonus, ``bonus_loss`` of the loss, included as in the losses' own reports)."""
     assert kept.agg_weights is not None
     terms, norms = kept.terms[i], result.rows[i].norms
     return ParityLoss(
         name=spec.name,
-        loss=float((kept.weights[i] * terms.per_token).sum()),
+        loss=float((kept.weights[i] * terms.per_token).sum()) + bonus_loss,
         grad_norm=num(norms.double().norm()),
         rows=norms,
         coefficient=kept.coefficient[i],
@@ -232,7 +272,7 @@ def _agreement(
     """Engine against autograd: c_t, ∂L/∂z_y and the row norms (normwise relative)."""
     ref = autograd_reference(batch, spec, params, agg)
     ref_at_y = ref.grad_logits.gather(-1, tokens[:, None]).squeeze(-1)  # [M]
-    at_y = c * (1 - result.tokens.sampled_prob)
+    at_y = grad_at_y(c, result.tokens)  # the entropy bonus's E_y included, as in autograd's
     errors = (
         rel_err(c, ref.coefficient[rows, cols]),
         rel_err(at_y, ref_at_y),

@@ -91,7 +91,12 @@ class ParityGap:
 
 
 def streamed_gap(
-    ca: Tensor, cb: Tensor, row_diff: Tensor, sampled_prob: Tensor, max_other_prob: Tensor
+    ca: Tensor,
+    cb: Tensor,
+    row_diff: Tensor,
+    sampled_prob: Tensor,
+    max_other_prob: Tensor,
+    a_max: Tensor | None = None,
 ) -> ParityGap:
     """`ParityGap` from per-token quantities, [M] each over the valid tokens, and the row
     norms ``row_diff`` [V] of the c-form gradient with coefficient c_B − c_A.
@@ -104,12 +109,21 @@ def streamed_gap(
         max |∂L_B/∂z − ∂L_A/∂z| / max |∂L_A/∂z| = max_t |c_B,t − c_A,t|·u_t / max_t |c_A,t|·u_t,
 
     which is `rel_err` of c_B·u against c_A·u (with its handling of a zero A).
+
+    With the entropy bonus, common to A and B, the difference is unchanged but max |∂L_A/∂z|
+    is not |c_A|·u: ``a_max`` [M] gives max_v |∂L_A/∂z_tv| from the engine's statistics.
     """
     u = torch.maximum(1 - sampled_prob, max_other_prob).double()
-    return ParityGap(
-        row_diff=float(row_diff.double().max()) if row_diff.numel() else 0.0,
-        grad_logits_rel=rel_err(cb.double() * u, ca.double() * u),
-    )
+    row_max = float(row_diff.double().max()) if row_diff.numel() else 0.0
+    if a_max is None:
+        return ParityGap(
+            row_diff=row_max, grad_logits_rel=rel_err(cb.double() * u, ca.double() * u)
+        )
+    diff = float(((cb.double() - ca.double()) * u).abs().max()) if u.numel() else 0.0
+    scale = float(a_max.double().abs().max()) if a_max.numel() else 0.0
+    if scale == 0.0:
+        return ParityGap(row_diff=row_max, grad_logits_rel=num(diff) if diff != 0.0 else 0.0)
+    return ParityGap(row_diff=row_max, grad_logits_rel=num(diff / scale))
 
 
 def _side(side: ParityLoss, mask: Tensor) -> ParitySide:

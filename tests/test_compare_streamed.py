@@ -31,11 +31,14 @@ CONFIGS = [
 TOL = {"float64": 1e-10, "float32": 1e-4, "bfloat16": 1e-2}
 
 
-def both(config_name: str):
+def both(config_name: str, overrides: tuple[str, ...] = ()):
     path = REPO / "configs" / config_name
     reports = [
         run_compare(
-            build_config(path, [f"diagnostics.engine={engine}", "diagnostics.reference=autograd"])
+            build_config(
+                path,
+                [f"diagnostics.engine={engine}", "diagnostics.reference=autograd", *overrides],
+            )
         )
         for engine in ("materialized", "streamed")
     ]
@@ -44,7 +47,47 @@ def both(config_name: str):
 
 @pytest.mark.parametrize("config_name", CONFIGS)
 def test_streamed_and_materialized_reports_agree(config_name):
-    mat, stream = both(config_name)
+    assert_agree(*both(config_name))
+
+
+ENTROPY_CASES = [
+    ("default.yaml", ("loss.entropy_coef=0.01",)),
+    ("default.yaml", ("loss.entropy_coef=0.1",)),
+    ("dr_grpo.yaml", ("loss.entropy_coef=0.01",)),
+    ("dr_grpo.yaml", ("loss.entropy_coef=0.1",)),
+    ("default.yaml", ("loss.entropy_coef=0.1", "dtype=float64")),  # TOL: 1e-10
+    ("dr_grpo.yaml", ("loss.entropy_coef=0.01", "dtype=float64")),
+    ("peaked_bf16.yaml", ("loss.entropy_coef=0.1",)),
+]
+
+
+@pytest.mark.parametrize(("config_name", "overrides"), ENTROPY_CASES)
+def test_streamed_entropy_bonus_agrees_with_materialized(config_name, overrides):
+    """The bonus's non-c-form gradient a_t·c_H·π(log π + H) on the streamed engine: the same
+    rows, sampled-row numbers, loss, zero-sum verdict and agreement with autograd."""
+    mat, stream = both(config_name, overrides)
+    assert_agree(mat, stream)
+    plain = run_compare(
+        build_config(
+            REPO / "configs" / config_name,
+            ["diagnostics.engine=streamed", *[o for o in overrides if "entropy" not in o]],
+        )
+    )
+    tol = TOL[mat.environment.dtype]
+    for a, b, p in zip(mat.losses, stream.losses, plain.losses, strict=True):
+        assert "entropy bonus excluded" in b.sampled_row.post_formula
+        assert b.sampled_row.post_formula == a.sampled_row.post_formula
+        assert b.findings == a.findings and any("entropy bonus" in f for f in b.findings)
+        assert b.sampled_row.sampled_abs_max == pytest.approx(
+            a.sampled_row.sampled_abs_max, rel=tol
+        )
+        assert b.sampled_row.post_max_rel_err is not None
+        assert b.sampled_row.post_max_rel_err <= 100 * tol  # the policy term: the post's formula
+        assert b.loss != pytest.approx(p.loss, rel=1e-6)  # the bonus is in: −c_H·Σ a_t H_t
+        assert b.rows.total_norm != pytest.approx(p.rows.total_norm, rel=1e-6)
+
+
+def assert_agree(mat, stream):
     assert mat.engine is not None and mat.engine.path == "materialized"
     assert stream.engine is not None and stream.engine.path == "streamed"
     tol = TOL[mat.environment.dtype]
@@ -97,12 +140,16 @@ def test_auto_streams_large_batches(monkeypatch):
     assert report.passed
 
 
-def test_streamed_engine_refuses_the_entropy_bonus():
+def test_streamed_engine_runs_the_entropy_bonus(monkeypatch):
     result = runner.invoke(
         app, ["compare", "--engine", "streamed", "--set", "loss.entropy_coef=0.01"]
     )
-    assert result.exit_code == 2
-    assert "diagnostics.engine" in result.stderr and "entropy bonus" in result.stderr
+    assert result.exit_code == 0, result.stderr
+    # auto streams large batches with the bonus too
+    monkeypatch.setattr(compare_module, "STREAM_ABOVE", 1000)
+    report = run_compare(build_config(None, ["loss.entropy_coef=0.01"]))
+    assert report.engine is not None and report.engine.path == "streamed"
+    assert report.passed
 
 
 def test_reference_none_is_reported_as_not_run():

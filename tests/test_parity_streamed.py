@@ -114,6 +114,9 @@ PAIRS: list[tuple[str, str, dict[str, Any], str]] = [
     ("ppo_clip", "{impl}:token_mean", {}, "pass"),  # agree: a user loss against the built-in
     ("ppo_clip", "grpo", {"loss": {"kl_coef": 0.0}}, "pass"),  # agree: β = 0
     ("gspo", "gspo_token", {"loss": {"aggregation": "seq_mean_token_mean"}}, "pass"),
+    # the entropy bonus: in each side's loss and ‖∂L/∂W‖, cancelling in the differences
+    ("ppo", "ppo_clip", {"loss": {"eps_low": 0.1, "eps_high": 0.1, "entropy_coef": 0.1}}, "clip"),
+    ("ppo_clip", "grpo", {"loss": {"kl_coef": 0.0, "entropy_coef": 0.1}}, "pass"),
 ]
 
 

@@ -10,6 +10,12 @@ exponentiated), max_{v≠y} π_v and max_v |z_v| — and from the running row su
     s_t = |c| + max_v |∂L/∂z_v| = |c|·(1 + max(1 − π_y, max_{j≠y} π_j))
 
 The tolerances are those of `tolerances`, exactly as for the materialized path.
+
+With the entropy bonus (E_v = a·c_H·π_v(log π_v + H), the same for every loss) the engine also
+keeps E_y, Σ_v E_v and, per loss, Σ_{j≠y} |∂L/∂z_j| and max_{j≠y} |∂L/∂z_j|; then
+∂L/∂z_y = c·(1 − π_y) + E_y and Σ_v ∂L/∂z_v = c·(1 − Σ_v π_v) + Σ_v E_v. As in `sampled_row`,
+the post's formula is checked against autograd's ∂L/∂z_y minus E_y, and the zero-sum scale adds
+the bonus's gross size 2·|c_H|·a·H (`compare.zero_sum_scale`).
 """
 
 from __future__ import annotations
@@ -20,23 +26,43 @@ from torch import Tensor
 from gradlens.diagnostics import tolerances
 from gradlens.diagnostics.numbers import num, rel_err
 from gradlens.diagnostics.zero_sum import judge
-from gradlens.engine.streamed import TokenStats
+from gradlens.engine.streamed import RowStats, TokenStats
 from gradlens.results import SampledRow, ZeroSum
 
 
+def grad_at_y(c: Tensor, stats: TokenStats) -> Tensor:
+    """[M] ∂L/∂z_y: c·(1 − π_y), plus E_y with the entropy bonus."""
+    at_y = c * (1 - stats.sampled_prob)
+    return at_y if stats.entropy_grad_at_y is None else at_y + stats.entropy_grad_at_y
+
+
 def sampled_row_streamed(
-    c: Tensor, stats: TokenStats, post_formula: str, post: Tensor, reference_at_y: Tensor | None
+    c: Tensor,
+    stats: TokenStats,
+    post_formula: str,
+    post: Tensor,
+    reference_at_y: Tensor | None,
+    rows: RowStats | None = None,
 ) -> SampledRow:
-    """Diagnostic 1; ``post`` [M] is a_t·|g_t|·(1 − π_y), ``reference_at_y`` autograd's ∂L/∂z_y."""
+    """Diagnostic 1; ``post`` [M] is a_t·|g_t|·(1 − π_y), ``reference_at_y`` autograd's ∂L/∂z_y;
+    ``rows`` the loss's engine rows (their per-token statistics with the entropy bonus)."""
     p_y = stats.sampled_prob
-    at_y = c * (1 - p_y)  # [M]
+    at_y = grad_at_y(c, stats)  # [M]
     empty = at_y.numel() == 0
+    if rows is not None and rows.other_mass is not None and rows.other_max is not None:
+        assert stats.entropy_grad_at_y is not None
+        other_mass, other_max = rows.other_mass, rows.other_max
+        if reference_at_y is not None:  # the post's formula covers the policy term only
+            reference_at_y = reference_at_y - stats.entropy_grad_at_y.to(reference_at_y.dtype)
+        post_formula += " (policy term; entropy bonus excluded)"
+    else:
+        other_mass, other_max = c.abs() * (stats.prob_sum - p_y), c.abs() * stats.max_other_prob
     return SampledRow(
         post_formula=f"a_t·{post_formula}",
         sampled_abs_mean=None if empty else num(at_y.abs().mean()),
         sampled_abs_max=None if empty else num(at_y.abs().max()),
-        other_mass_mean=None if empty else num((c.abs() * (stats.prob_sum - p_y)).mean()),
-        other_abs_max=None if empty else num((c.abs() * stats.max_other_prob).max()),
+        other_mass_mean=None if empty else num(other_mass.mean()),
+        other_abs_max=None if empty else num(other_max.max()),
         post_max_rel_err=None
         if empty or reference_at_y is None
         else rel_err(post.double(), reference_at_y.abs()),
@@ -51,18 +77,31 @@ def zero_sum_streamed(
     hidden_norms: Tensor,
     vocab: int,
     dense: torch.dtype,
+    other_max: Tensor | None = None,
+    bonus_scale: Tensor | None = None,
 ) -> ZeroSum:
     """Diagnostic 3 from the engine's statistics.
+
+    With the entropy bonus, ``other_max`` [M] is the loss's max_{j≠y} |∂L/∂z_j| and
+    ``bonus_scale`` [M] the bonus's gross size 2·|c_H|·a_t·H_t, added to s_t as the materialized
+    path adds it.
 
     ``dense`` is the dtype of the engine's dense product: when it is narrower than the
     accumulation (bf16 operands), π and c⊙h are each rounded once to it before the GEMM, which
     adds at most 2·u_dense·Σ_t |c_t|·‖h_t‖ to ‖Σ_v ∂L/∂W_v‖ (Σ_v π_tv = 1); twice that is allowed.
     """
     cd = c.double()
-    largest = torch.maximum(1 - stats.sampled_prob.double(), stats.max_other_prob.double())
+    sums = cd * (1 - stats.prob_sum.double())  # [M] Σ_v ∂L/∂z_v
+    if stats.entropy_grad_sum is None or other_max is None or bonus_scale is None:
+        largest = torch.maximum(1 - stats.sampled_prob.double(), stats.max_other_prob.double())
+        scale = cd.abs() * (1 + largest)  # [M] s_t
+    else:
+        sums = sums + stats.entropy_grad_sum.double()
+        largest = torch.maximum(grad_at_y(c, stats).double().abs(), other_max.double())
+        scale = cd.abs() + bonus_scale.double() + largest
     return judge(
-        sums=(cd * (1 - stats.prob_sum.double())).abs(),  # [M] |Σ_v ∂L/∂z_v|
-        scale=cd.abs() * (1 + largest),  # [M] s_t
+        sums=sums.abs(),  # [M] |Σ_v ∂L/∂z_v|
+        scale=scale,
         row_sum=row_sum,
         total=norms.double().norm(),
         hidden_norms=hidden_norms.double(),

@@ -18,7 +18,15 @@ the engine makes two passes over vocabulary chunks:
    running row sum Σ_v ∂L/∂W_v. Per-token statistics (Σ_v π, entropy, the largest
    non-sampled probability) come from the same π.
 
-GEMM-equivalents: 1 + (1 − f) + k for a resident fraction f of the vocabulary. A loss whose
+The entropy bonus (losses.md §2.11, ``entropy_weight`` w_t = a_t·c_H) adds to the logit
+gradient of every loss the same block E_tv = w_t·π_tv·(log π_tv + H_t), not of the c-form. Pass 1
+then also accumulates H_t (it is needed before pass 2); pass 2 forms E from each chunk's π and
+log π, runs one more GEMM Eᵀh shared by all losses, and adds it to the rows of the losses that
+carry the bonus (not to a difference of two losses, in which it cancels). Per loss it also
+keeps Σ_{v≠y} |∂L/∂z_v| and max_{v≠y} |∂L/∂z_v|, which no longer follow from c_t and π alone.
+
+GEMM-equivalents: 1 + (1 − f) + k for a resident fraction f of the vocabulary (+ 1 with the
+entropy bonus). A loss whose
 coefficients equal an earlier loss's on most tokens (``ppo_clip`` against ``ppo``: they differ
 only on clipped tokens) reuses that loss's dense product and adds a correction over the
 differing tokens only: D_k = D_j + πᵀ_{[Δ]} ((c_k − c_j)⊙h)_{[Δ]}. This is exact algebra.
@@ -63,13 +71,15 @@ def plan(
     budget_bytes: int,
     vocab_chunk: int | None = None,
     accum_bytes: int = 4,
+    buffers: int = 3,
 ) -> EnginePlan:
     """Choose chunk sizes for a memory budget (bytes of working memory beyond the inputs).
 
-    A chunk costs about 3 [M, Vc] float buffers (logits, probabilities, a temporary) plus the
-    [Vc, k·H] dense result; the rest of the budget keeps logits of whole chunks resident.
+    A chunk costs about ``buffers`` [M, Vc] float buffers (logits, probabilities, a temporary;
+    a fourth for the entropy bonus's block) plus the [Vc, k·H] dense result; the rest of the
+    budget keeps logits of whole chunks resident.
     """
-    per_row = accum_bytes * (3 * tokens + 2 * losses * hidden)  # bytes per vocabulary row
+    per_row = accum_bytes * (buffers * tokens + 2 * losses * hidden)  # bytes per vocabulary row
     if vocab_chunk is None:
         vocab_chunk = max(256, min(vocab, (budget_bytes // 4) // max(per_row, 1)))
         vocab_chunk = min(vocab, 1 << max(8, (vocab_chunk.bit_length() - 1)))  # a power of 2
@@ -105,6 +115,8 @@ class TokenStats:
     entropy: Tensor  # −Σ_v π_tv log π_tv
     max_other_prob: Tensor  # max_{v ≠ y_t} π_tv
     max_abs_logit: Tensor  # max_v |z_tv|
+    entropy_grad_at_y: Tensor | None = None  # E_t,y_t of the entropy bonus (None: no bonus)
+    entropy_grad_sum: Tensor | None = None  # Σ_v E_tv as summed from the entries (0 up to rounding)
 
     @property
     def sampled_prob(self) -> Tensor:
@@ -118,6 +130,9 @@ class RowStats:
 
     norms: Tensor  # [V] ‖∂L/∂W_v‖
     row_sum: Tensor  # [H] Σ_v ∂L/∂W_v (zero for a pure softmax loss)
+    # with the entropy bonus only, [M] each: Σ_{v≠y} |∂L/∂z_tv| and max_{v≠y} |∂L/∂z_tv|
+    other_mass: Tensor | None = None
+    other_max: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -155,13 +170,25 @@ def _share_sources(coefficients: list[Tensor]) -> list[tuple[int, Tensor] | None
 
 
 def lm_head_pass(
-    hidden: Tensor, weight: Tensor, tokens: Tensor, coefficients_of: CoefficientFn, plan: EnginePlan
+    hidden: Tensor,
+    weight: Tensor,
+    tokens: Tensor,
+    coefficients_of: CoefficientFn,
+    plan: EnginePlan,
+    entropy_weight: Tensor | None = None,
+    entropy_losses: int | None = None,
 ) -> EngineResult:
-    """Run the two passes. ``coefficients_of(logp [M]) -> [c_1, …, c_k]`` ([M] each)."""
+    """Run the two passes. ``coefficients_of(logp [M]) -> [c_1, …, c_k]`` ([M] each).
+
+    ``entropy_weight`` [M]: w_t = a_t·c_H of the entropy bonus, added to the first
+    ``entropy_losses`` losses (all when None); None: no bonus.
+    """
     m, v = hidden.shape[0], weight.shape[0]
     acc = softmax_dtype(weight.dtype)
     chunks = plan.chunks(v)
     gemms = 0.0
+    ent_w = None if entropy_weight is None else entropy_weight.to(acc)
+    h1 = torch.zeros(m, dtype=acc, device=hidden.device)  # H_t, accumulated in pass 1
 
     # Pass 1: logsumexp and z_y, keeping the resident chunks' logits.
     kept: list[Tensor] = []
@@ -171,7 +198,13 @@ def lm_head_pass(
     for i, (start, end) in enumerate(chunks):
         z = _logits(hidden, weight[start:end])  # [M, Vc]
         gemms += (end - start) / v
-        lse = torch.logaddexp(lse, torch.logsumexp(z, dim=-1))
+        new_lse = torch.logaddexp(lse, torch.logsumexp(z, dim=-1))
+        if ent_w is not None:
+            # H = Σ_v π_v·(lse − z_v), every term ≥ 0; rescaled as the running lse grows
+            # (the earlier chunks' exp(z − lse) sum to 1).
+            part = (torch.exp(z - new_lse[:, None]) * (new_lse[:, None] - z)).sum(-1)
+            h1 = part if i == 0 else torch.exp(lse - new_lse) * (h1 + (new_lse - lse)) + part
+        lse = new_lse
         lo, hi = torch.aminmax(z, dim=-1)
         max_abs = torch.maximum(max_abs, torch.maximum(hi.abs(), lo.abs()))
         inside = (tokens >= start) & (tokens < end)
@@ -201,6 +234,11 @@ def lm_head_pass(
         if src is not None
     }
     H = hidden.shape[1]
+    n_ent = 0 if ent_w is None else (k if entropy_losses is None else entropy_losses)
+    h_gemm = h_acc.to(gemm_dtype)
+    ent_sum = torch.zeros(m, dtype=acc, device=hidden.device)
+    other_mass = [torch.zeros(m, dtype=acc, device=hidden.device) for _ in range(n_ent)]
+    other_max = [torch.zeros(m, dtype=acc, device=hidden.device) for _ in range(n_ent)]
 
     norms = [torch.empty(v, dtype=acc, device=hidden.device) for _ in range(k)]
     row_sums = [torch.zeros(H, dtype=acc, device=hidden.device) for _ in range(k)]
@@ -218,6 +256,12 @@ def lm_head_pass(
         probs = torch.exp(z.sub_(lse[:, None]))  # [M, Vc]; z now holds log π
         prob_sum += probs.sum(-1)
         entropy -= (probs * z).sum(-1)
+        ent_block = None
+        if ent_w is not None:  # E = w·π·(log π + H), in place of log π
+            e = z.add_(h1[:, None]).mul_(probs).mul_(ent_w[:, None])  # [M, Vc]
+            ent_sum += e.sum(-1)
+            ent_block = (e.T.to(gemm_dtype) @ h_gemm).to(acc)  # [Vc, H], shared by all losses
+            gemms += (end - start) / v
         del z
         dense = probs.T.to(gemm_dtype) @ scaled.to(gemm_dtype)  # [Vc, k'·H]
         gemms += (end - start) / v * len(direct)
@@ -236,14 +280,40 @@ def lm_head_pass(
             r.index_add_(0, tokens[diff_idx][sel] - start, diff_scaled[sel])
             per_loss[idx] = r
         for idx in range(k):
-            norms[idx][start:end] = per_loss[idx].norm(dim=1)
-            row_sums[idx] += per_loss[idx].sum(0)
+            r = per_loss[idx]
+            if ent_block is not None and idx < n_ent:
+                r = r + ent_block
+                g = torch.addcmul(e, probs, coefficients[idx][:, None], value=-1).abs_()
+                g[inside, local] = 0.0  # ∂L/∂z_v = E_v − c·π_v off the sampled entry
+                other_mass[idx] += g.sum(-1)
+                other_max[idx] = torch.maximum(other_max[idx], g.amax(-1))
+                del g
+            norms[idx][start:end] = r.norm(dim=1)
+            row_sums[idx] += r.sum(0)
         probs[inside, local] = 0.0  # drop the sampled entry before the max
         max_other = torch.maximum(max_other, probs.amax(-1))
 
+    ent_y = None if ent_w is None else ent_w * logp.exp() * (logp + h1)
     return EngineResult(
-        tokens=TokenStats(lse, logp, prob_sum, entropy, max_other, max_abs),
+        tokens=TokenStats(
+            lse,
+            logp,
+            prob_sum,
+            entropy,
+            max_other,
+            max_abs,
+            ent_y,
+            None if ent_w is None else ent_sum,
+        ),
         coefficients=coefficients,
-        rows=[RowStats(n, s) for n, s in zip(norms, row_sums, strict=True)],
+        rows=[
+            RowStats(
+                n,
+                s,
+                other_mass[i] if i < n_ent else None,
+                other_max[i] if i < n_ent else None,
+            )
+            for i, (n, s) in enumerate(zip(norms, row_sums, strict=True))
+        ],
         gemm_equivalents=gemms,
     )
