@@ -87,8 +87,8 @@ def parameter_groups(model: Any) -> list[tuple[str, list[nn.Parameter]]]:
     return [(k, v) for k, v in groups.items() if v]
 
 
-def _g(x: float | None) -> str:
-    return "—" if x is None else f"{x:.3g}"
+def _g(x: float | None, digits: int = 3) -> str:
+    return "—" if x is None else f"{x:.{digits}g}"
 
 
 def norm(tensors: list[Tensor | None]) -> float:
@@ -159,7 +159,7 @@ def model_gradients(
             notes.append(
                 f"the seed post's grad-norm estimate {prediction.formula} = "
                 f"{_g(prediction.predicted)} is off from the measured whole-model norm "
-                f"{_g(prediction.measured)} by {_g(prediction.ratio)}× (agreement: within "
+                f"{_g(prediction.measured)} by {_g(prediction.ratio, 4)}× (agreement: within "
                 f"{PREDICTION_FACTOR:g}×); the per-token sampled-logit gradient it starts from, "
                 f"mean |g|·(1 − π_y), is {_g(prediction.per_token)}"
             )
