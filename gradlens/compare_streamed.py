@@ -63,7 +63,6 @@ class _Coefficients:
     weights: list[Tensor]  # [N, T] a_t (1 for a loss that aggregates itself)
     coefficient: list[Tensor]  # [N, T] c_t
     logp: Tensor | None = None  # [N, T] ℓ as the engine computed it
-    agg_weights: Tensor | None = None  # [N, T] the run's aggregation weights
 
 
 @dataclass(frozen=True)
@@ -115,7 +114,7 @@ def run_streamed(
         out = []
         for spec in specs:
             terms = loss_terms(inputs, spec, run)
-            weights, kept.agg_weights = loss_weights(batch.mask, terms, agg, logp.dtype)
+            weights, _ = loss_weights(batch.mask, terms, agg, logp.dtype)
             coefficient = weights * terms.coefficient
             kept.terms.append(terms)
             kept.weights.append(weights)
@@ -139,11 +138,13 @@ def run_streamed(
         d.vocab_chunk,
         buffers=buffers,
     )
-    acc = softmax_dtype(batch.weight.dtype)
-    entropy_weight = None  # w_t = a_t·c_H of the entropy bonus, with the run's weights a_t
+    # [N, T] the run's aggregation weights a_t: the loss metrics' and the entropy bonus's
+    agg_weights = aggregation_weights(
+        batch.mask, agg.mode, agg.loss_scale_factor, softmax_dtype(batch.weight.dtype)
+    )
+    entropy_weight = None  # w_t = a_t·c_H of the entropy bonus
     if run.entropy_coef != 0.0:
-        a = aggregation_weights(batch.mask, agg.mode, agg.loss_scale_factor, acc)[rows, cols]
-        entropy_weight = run.entropy_coef * a
+        entropy_weight = run.entropy_coef * agg_weights[rows, cols]
     result = lm_head_pass(
         hidden,
         batch.weight,
@@ -162,7 +163,6 @@ def run_streamed(
     hidden_norms = hidden.to(result.tokens.lse.dtype).norm(dim=-1)  # [M]
     reference = d.reference == "autograd"
 
-    assert kept.agg_weights is not None
     reports = []
     for i, spec in enumerate(specs[:reported]):
         c = result.coefficients[i]  # [M]
@@ -204,7 +204,7 @@ def run_streamed(
                 agreement=agreement,
                 findings=[],
                 tokens=None,
-                metrics=terms_metrics(terms, kept.agg_weights),
+                metrics=terms_metrics(terms, agg_weights),
             )
         )
     info = EngineInfo(
@@ -232,19 +232,23 @@ def run_streamed(
             a_max,
         )
         inputs = (
-            _parity_loss(specs[ia], ia, kept, result, bonus_loss),
-            _parity_loss(specs[ib], ib, kept, result, bonus_loss),
+            _parity_loss(specs[ia], ia, kept, result, agg_weights, bonus_loss),
+            _parity_loss(specs[ib], ib, kept, result, agg_weights, bonus_loss),
             gap,
         )
     return StreamedRun(reports, result, kept.logp, info, kept.terms[:reported], inputs)
 
 
 def _parity_loss(
-    spec: LossSpec, i: int, kept: _Coefficients, result: EngineResult, bonus_loss: float
+    spec: LossSpec,
+    i: int,
+    kept: _Coefficients,
+    result: EngineResult,
+    agg_weights: Tensor,
+    bonus_loss: float,
 ) -> ParityLoss:
     """Loss ``i`` of the engine run as parity needs it: ‖∂L/∂W‖ from its row norms (the
     entropy bonus, ``bonus_loss`` of the loss, included as in the losses' own reports)."""
-    assert kept.agg_weights is not None
     terms, norms = kept.terms[i], result.rows[i].norms
     return ParityLoss(
         name=spec.name,
@@ -253,7 +257,7 @@ def _parity_loss(
         rows=norms,
         coefficient=kept.coefficient[i],
         terms=terms,
-        metrics=terms_metrics(terms, kept.agg_weights),
+        metrics=terms_metrics(terms, agg_weights),
     )
 
 

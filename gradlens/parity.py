@@ -38,7 +38,7 @@ from torch import Tensor
 from gradlens.containers import Batch, LossTerms
 from gradlens.diagnostics.clipping import clipping
 from gradlens.diagnostics.metrics import loss_metrics
-from gradlens.diagnostics.numbers import num, rel_err
+from gradlens.diagnostics.numbers import max_ratio, num, rel_err
 from gradlens.grads import (
     Aggregation,
     LossGradients,
@@ -115,15 +115,9 @@ def streamed_gap(
     """
     u = torch.maximum(1 - sampled_prob, max_other_prob).double()
     row_max = float(row_diff.double().max()) if row_diff.numel() else 0.0
-    if a_max is None:
-        return ParityGap(
-            row_diff=row_max, grad_logits_rel=rel_err(cb.double() * u, ca.double() * u)
-        )
-    diff = float(((cb.double() - ca.double()) * u).abs().max()) if u.numel() else 0.0
-    scale = float(a_max.double().abs().max()) if a_max.numel() else 0.0
-    if scale == 0.0:
-        return ParityGap(row_diff=row_max, grad_logits_rel=num(diff) if diff != 0.0 else 0.0)
-    return ParityGap(row_diff=row_max, grad_logits_rel=num(diff / scale))
+    ca, cb = ca.double(), cb.double()
+    scale = ca * u if a_max is None else a_max
+    return ParityGap(row_diff=row_max, grad_logits_rel=max_ratio((cb - ca) * u, scale))
 
 
 def _side(side: ParityLoss, mask: Tensor) -> ParitySide:

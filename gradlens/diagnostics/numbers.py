@@ -21,10 +21,17 @@ def count_non_finite(*tensors: Tensor) -> int:
 def rel_err(actual: Tensor, expected: Tensor) -> float | None:
     """Normwise relative difference max|a − b| / max|b| in float64; 0 when both are 0."""
     a, b = actual.double(), expected.double()
-    diff, scale = float((a - b).abs().max()), float(b.abs().max())
-    if scale == 0.0:
-        return num(diff) if diff != 0.0 else 0.0
-    return num(diff / scale)
+    return max_ratio(a - b, b)
+
+
+def max_ratio(diff: Tensor, scale: Tensor) -> float | None:
+    """max|diff| / max|scale| in float64; max|diff| when the scale is 0, and 0 when both are
+    (or empty)."""
+    d = float(diff.double().abs().max()) if diff.numel() else 0.0
+    s = float(scale.double().abs().max()) if scale.numel() else 0.0
+    if s == 0.0:
+        return num(d) if d != 0.0 else 0.0
+    return num(d / s)
 
 
 def quantiles(x: Tensor, qs: tuple[float, ...]) -> list[float | None]:
