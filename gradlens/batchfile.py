@@ -54,6 +54,7 @@ import torch
 from torch import Tensor
 
 from gradlens.errors import GradlensError
+from gradlens.files import replacing
 
 if TYPE_CHECKING:
     from gradlens.containers import Batch
@@ -442,18 +443,20 @@ def write_batch(path: Path, tensors: Mapping[str, Tensor | None]) -> None:
         raise GradlensError(
             f"--output: unknown format {suffix!r}; use one of {', '.join(SUFFIXES)}"
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")  # never leave a half-written file behind
-    if suffix == ".safetensors":
-        from safetensors.torch import save_file
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with replacing(path) as tmp:  # never leave a half-written file behind
+            if suffix == ".safetensors":
+                from safetensors.torch import save_file
 
-        save_file(data, str(tmp))
-    elif suffix in (".pt", ".pth"):
-        torch.save(data, tmp)
-    else:
-        mask = data["response_mask"].bool()
-        with tmp.open("w", encoding="utf-8") as fh:
-            for i in range(mask.shape[0]):
-                length = int(mask[i].nonzero().max()) + 1 if mask[i].any() else 0
-                fh.write(json.dumps(_jsonl_row(data, i, length)) + "\n")
-    tmp.replace(path)
+                save_file(data, str(tmp))
+            elif suffix in (".pt", ".pth"):
+                torch.save(data, tmp)
+            else:
+                mask = data["response_mask"].bool()
+                with tmp.open("w", encoding="utf-8") as fh:
+                    for i in range(mask.shape[0]):
+                        length = int(mask[i].nonzero().max()) + 1 if mask[i].any() else 0
+                        fh.write(json.dumps(_jsonl_row(data, i, length)) + "\n")
+    except OSError as exc:  # a full disk, a read-only directory: the user's to fix, not a bug
+        raise GradlensError(f"--output {str(path)!r}: {exc.strerror or exc}") from None

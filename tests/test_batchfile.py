@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,22 @@ from gradlens.cli import app
 
 runner = CliRunner()
 SMALL = ["--set", "source.vocab_size=200", "--set", "source.num_sequences=8"]
+
+
+def test_a_dump_that_fails_midway_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "batch.pt"
+    path.write_bytes(b"the previous dump")
+
+    def broken_save(obj, f):
+        Path(f).write_bytes(b"half")  # a writer that fails after writing part of the file
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    result = runner.invoke(app, ["dump", "-o", str(path), *SMALL])
+    assert result.exit_code == 2  # a user error with its message, not a crash
+    assert "No space left on device" in result.output and "Traceback" not in result.output
+    assert path.read_bytes() == b"the previous dump"
+    assert sorted(tmp_path.iterdir()) == [path]
 
 
 def compare_json(*args: str) -> dict:
@@ -25,7 +42,7 @@ def test_dump_and_read_back_gives_the_same_diagnosis(tmp_path, suffix):
     path = tmp_path / f"batch{suffix}"
     dumped = runner.invoke(app, ["dump", "-o", str(path), *SMALL])
     assert dumped.exit_code == 0, dumped.output
-    assert path.is_file() and not list(tmp_path.glob("*.partial"))
+    assert sorted(tmp_path.iterdir()) == [path]  # no temporary file left beside it
     direct = compare_json(*SMALL)
     read = compare_json("--set", f"source.path={path}")
     assert read["batch"]["source"].startswith(f"batch file batch{suffix}")

@@ -8,7 +8,6 @@ notes and errors go to stderr. A file named by ``--output`` appears only once co
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,6 +26,7 @@ from gradlens.cli.common import (
     stdout_console,
     user_errors,
 )
+from gradlens.files import replacing
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -279,37 +279,11 @@ def _write(outcome: SweepOutcome, fmt: str, output: Path | None, tick: Tick) -> 
             raise typer.Exit(0) from None
         return count
     try:
-        with _replacing(output) as stream:
-            count = write(stream)
+        with replacing(output) as target, target.open("w", encoding="utf-8", newline="") as f:
+            count = write(f)
     except OSError as exc:
         raise GradlensError(f"--output {str(output)!r}: {exc.strerror or exc}") from None
     return count
-
-
-@contextmanager
-def _replacing(path: Path) -> Iterator[TextIO]:
-    """A stream whose content becomes ``path`` only once the block completes.
-
-    It writes a hidden temporary file beside ``path`` and renames it over ``path`` at the end,
-    so an error or an interrupt midway leaves no half-written file (and an existing one as it
-    was). A symbolic link is followed; a target that exists but is not a regular file
-    (/dev/stdout, a FIFO) is written directly.
-    """
-    if path.exists() and not path.is_file():
-        with path.open("w", encoding="utf-8", newline="") as stream:
-            yield stream
-        return
-    target = path.resolve() if path.is_symlink() else path
-    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        with temporary.open("x", encoding="utf-8", newline="") as stream:
-            yield stream
-        if target.exists():
-            shutil.copymode(target, temporary)
-        os.replace(temporary, target)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 class _Bar:

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from gradlens.errors import GradlensError
+from gradlens.files import replacing
 from gradlens.report.sweep_labels import rule_text, setting_text, sign_text
 from gradlens.sweep.curves import SIGNS, Curve
 from gradlens.sweep.grid import Axis
@@ -66,7 +67,8 @@ def plot_sweep(outcome: SweepOutcome, path: Path) -> None:
     check_plot_path(path)
     fig = _heat_maps(outcome) if outcome.grid.is_2d else _lines(outcome)
     try:
-        fig.savefig(path, dpi=DPI)
+        with replacing(path) as target:
+            fig.savefig(target, dpi=DPI, format=path.suffix.lower()[1:])
     except OSError as exc:
         raise GradlensError(f"--plot {str(path)!r}: {exc.strerror or exc}") from None
 
