@@ -307,6 +307,10 @@ def rows(batch: Batch, lo: int, hi: int) -> Batch:
 def test_micro_batches_sum_to_the_full_batch(
     batch: Batch, loss: str, params: LossParams, mode: str, cut: int, scale: float
 ) -> None:
+    # A micro-batch evaluates ℓ in another GEMM shape, a few ulps apart; a token within 1e-9
+    # of a clip bound (e.g. r = 1 with ε = 0) could flip its discontinuous mask, which is not
+    # what this property is about, so those are skipped (as for the logit shift above).
+    assume(boundary_margin(batch, params) > 1e-9)
     cut = min(cut, batch.num_sequences - 1)
     full = gradients(batch, loss, params, mode, scale)
     parts = [rows(batch, 0, cut), rows(batch, cut, batch.num_sequences)]
