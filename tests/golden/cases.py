@@ -1,0 +1,100 @@
+"""The command lines whose JSON reports are recorded in this folder (``record.py``) and
+reproduced by ``tests/test_golden_reports.py``.
+
+Each case is (name, argv, slow, setup): ``argv`` runs through the Typer app in-process;
+``{tmp}`` in an argument is a per-case temporary directory; ``setup`` is an argv run first
+in the same directory (a ``dump`` that the case then reads). Streamed runs fix the memory
+budget and the chunk size, so that the plan does not depend on the machine's free memory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+STREAMED = ["--set", "diagnostics.memory_budget_mib=64", "--set", "diagnostics.vocab_chunk=512"]
+MODEL_CONFIGS = {"model_builtin", "model_stale"}
+
+Case = tuple[str, list[str], bool, list[str] | None]
+
+
+def cases() -> list[Case]:
+    out: list[Case] = []
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        name = path.stem
+        if name.startswith("sweep_"):
+            out.append((name, ["sweep", "--config", str(path), "--format", "summary"], False, None))
+        else:
+            argv = ["compare", "--config", str(path), "--format", "json"]
+            out.append((name, argv, name in MODEL_CONFIGS, None))
+    compare = ["compare", "--format", "json"]
+    frontier = ["--losses", "grpo,gspo,cispo,sapo,minirl,ppo_clip"]
+    drift = ["--set", "source.rollout_drift=0.1", "--set", "source.ref_drift=0.2"]
+    out += [
+        ("sweep_default", ["sweep", "--format", "summary"], False, None),
+        ("default_streamed", [*compare, "--engine", "streamed", *STREAMED], False, None),
+        (
+            "default_streamed_reference",
+            [*compare, "--engine", "streamed", "--reference", "autograd", *STREAMED],
+            False,
+            None,
+        ),
+        ("parity_materialized", [*compare, "--parity", "ppo,ppo_clip"], False, None),
+        (
+            "parity_streamed",
+            [*compare, "--parity", "ppo,ppo_clip", "--engine", "streamed", *STREAMED],
+            False,
+            None,
+        ),
+        ("frontier", [*compare, *frontier, *drift], False, None),
+        (
+            "frontier_corrections_entropy",
+            [
+                *compare,
+                *frontier,
+                *drift,
+                "--set",
+                "loss.corrections=[{kind: token_tis}, {kind: geo_mask, low: 0.5, high: 2}]",
+                "--set",
+                "loss.entropy_coef=0.01",
+                "--set",
+                "loss.aggregation=seq_mean_token_mean",
+            ],
+            False,
+            None,
+        ),
+        (
+            "frontier_entropy_streamed",
+            [
+                *compare,
+                *frontier,
+                *drift,
+                "--set",
+                "loss.entropy_coef=0.01",
+                "--engine",
+                "streamed",
+                *STREAMED,
+            ],
+            False,
+            None,
+        ),
+        (
+            "batchfile",
+            [*compare, "--set", "source.path={tmp}/batch.safetensors"],
+            False,
+            ["dump", "-o", "{tmp}/batch.safetensors", "--set", "source.rollout_drift=0.1"],
+        ),
+        (
+            "batchfile_model",
+            [
+                *compare,
+                "--set",
+                "source.path={tmp}/batch.safetensors",
+                "--set",
+                "source.model_path=builtin",
+            ],
+            True,
+            ["dump", "-o", "{tmp}/batch.safetensors", "-c", str(CONFIGS / "model_builtin.yaml")],
+        ),
+    ]
+    return out

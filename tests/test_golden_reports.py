@@ -1,0 +1,87 @@
+"""The refactored code reproduces the reports recorded before it, field for field.
+
+``tests/golden/*.json`` hold the JSON reports of every shipped config and of the command lines
+in ``tests/golden/cases.py``. Each is re-run here and compared: strings, integers and booleans
+exactly; floats to a relative 1e-5 (a reordering of float32 operations moves the last digits,
+a wrong formula moves far more). Rounding residuals (zero-sum sums, closed form vs autograd
+differences), which any reordering changes completely, are compared by their verdicts only:
+the ``passed`` flags beside them are compared exactly. ``environment`` describes the machine
+and is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+GOLDEN = Path(__file__).resolve().parent / "golden"
+sys.path.insert(0, str(GOLDEN))
+
+from cases import cases  # noqa: E402
+from record import normalise, run_case  # noqa: E402
+
+RTOL = 1e-5
+SKIPPED = {"environment", "schema_version"}
+# Rounding residuals: their size, not their digits, is the point; the verdicts are compared.
+RESIDUALS = {
+    "logits_max_abs",
+    "logits_max_rel",
+    "weight_rel",
+    "post_max_rel_err",
+    "coefficient_max_abs_diff",
+    "coefficient_rel",
+    "grad_logits_rel",
+    "row_max_rel",
+}
+AGREEMENT_ERRORS = {"coefficient", "grad_logits", "grad_weight"}
+
+
+def differences(old: Any, new: Any, path: str = "") -> list[str]:
+    """Every field where ``new`` differs from ``old``, as 'path: old != new'."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new)):
+            if key in SKIPPED:
+                continue
+            where = f"{path}.{key}"
+            if key not in old or key not in new:
+                out.append(f"{where}: only in {'new' if key in new else 'golden'}")
+                continue
+            if key in RESIDUALS or (path.endswith(".agreement") and key in AGREEMENT_ERRORS):
+                if (old[key] is None) != (new[key] is None):
+                    out.append(f"{where}: {old[key]!r} != {new[key]!r}")
+                continue
+            out += differences(old[key], new[key], where)
+        return out
+    if isinstance(old, list) and isinstance(new, list):
+        if len(old) != len(new):
+            return [f"{path}: {len(old)} items != {len(new)}"]
+        out = []
+        for i, (a, b) in enumerate(zip(old, new, strict=True)):
+            out += differences(a, b, f"{path}[{i}]")
+        return out
+    if isinstance(old, float) or isinstance(new, float):
+        numbers = isinstance(old, (int, float)) and isinstance(new, (int, float))
+        if numbers and math.isclose(old, new, rel_tol=RTOL, abs_tol=1e-12):
+            return []
+        return [f"{path}: {old!r} != {new!r}"]
+    return [] if old == new else [f"{path}: {old!r} != {new!r}"]
+
+
+@pytest.mark.parametrize(
+    "name, argv, setup",
+    [
+        pytest.param(name, argv, setup, id=name, marks=[pytest.mark.slow] if slow else [])
+        for name, argv, slow, setup in cases()
+    ],
+)
+def test_report_reproduces_golden(name: str, argv: list[str], setup, tmp_path: Path) -> None:
+    golden = json.loads((GOLDEN / f"{name}.json").read_text())
+    report = run_case(argv, setup, tmp_path)
+    diffs = differences(golden, normalise(report, str(tmp_path)))
+    assert not diffs, "\n".join(diffs[:40])
