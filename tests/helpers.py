@@ -9,10 +9,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gradlens.compare.run import source_context
 from gradlens.config import Config, validate
 from gradlens.containers import Batch
-from gradlens.grads import Aggregation, LossGradients, closed_form, softmax_view
-from gradlens.losses import LossParams, get_loss
+from gradlens.grads import LossGradients, closed_form, softmax_view
+from gradlens.losses import Aggregation, LossParams, get_loss
+from gradlens.sources import build_source
 
 F64 = torch.float64
 
@@ -108,3 +110,13 @@ def literal_config(
             "source": {"kind": "literal", "sequences": [{"positions": s} for s in sequences]},
         }
     )
+
+
+def build_batch(
+    config: Config, device: torch.device | None = None, dtype: torch.dtype | None = None
+) -> Batch:
+    """The batch of ``config``'s source (in ``dtype``, default the config's)."""
+    ctx = source_context(config, device or torch.device("cpu"))
+    if dtype is not None:
+        ctx = dataclasses.replace(ctx, dtype=dtype)
+    return build_source(config.source, ctx)

@@ -16,8 +16,8 @@ from helpers import F64, gradients, random_batch, rel_err
 from gradlens.containers import Batch
 from gradlens.diagnostics import tolerances
 from gradlens.diagnostics.agreement import agreement
-from gradlens.grads import Aggregation, autograd_reference, closed_form, softmax_view
-from gradlens.losses import AGGREGATIONS, LossParams, get_loss, loss_names
+from gradlens.grads import autograd_reference, closed_form, softmax_view
+from gradlens.losses import AGGREGATIONS, Aggregation, LossParams, get_loss, loss_names
 
 # float64: both paths evaluate the same formula in a different order, so they differ by a few
 # ulps times max|r| and log2 of the number of summed terms (~1e-14 here); 1e-12 leaves 100×

@@ -148,9 +148,8 @@ LAYOUTS = {
 def test_recomputed_hidden_states_give_the_stored_ones_diagnosis(
     tmp_path, checkpoint, rollout, layout
 ):
+    from helpers import build_batch
     from safetensors.torch import save_file
-
-    from gradlens.sources import build_batch
 
     mask = rollout["response_mask"].bool()
     stored = tmp_path / "stored.safetensors"
@@ -212,7 +211,7 @@ def test_dump_stores_the_recomputed_hidden_states(tmp_path, checkpoint, rollout)
 
 def test_the_built_in_model_recomputes_on_policy_log_probs(tmp_path):
     # two short sequences tokenised for the built-in model; old_log_probs from its own forward
-    from gradlens.sources.model import load_checkpoint
+    from gradlens.sources.checkpoint import load_checkpoint
 
     loaded = load_checkpoint(None, torch.device("cpu"), torch.float32)
     tok = loaded.tokenizer
@@ -397,11 +396,25 @@ def test_the_cli_table_and_json_of_a_batch_file_with_a_checkpoint(tmp_path, chec
         assert {"type": "null"} in schema["properties"][key]["anyOf"]
 
 
-def test_the_streamed_engine_is_refused_with_whole_model_gradients(tmp_path, checkpoint, rollout):
-    sets = [f"source.model_path={checkpoint}", "diagnostics.engine=streamed"]
-    err = error(tmp_path, pick(rollout, *LAYOUTS["verl"]), *sets)
-    assert "diagnostics.engine: 'streamed' cannot run here" in err
-    assert "source.whole_model" in err and "source.model_path" in err
+def test_the_streamed_engine_runs_with_whole_model_gradients(tmp_path, checkpoint, rollout):
+    """The lm_head diagnostics stream; the whole-model gradients need only the scalar loss."""
+    torch.save(pick(rollout, *LAYOUTS["verl"]), tmp_path / "b.pt")
+    reports = {}
+    for engine in ("materialized", "streamed"):
+        cfg = validate(
+            {
+                "losses": ["reinforce", "ppo_clip"],
+                "source": {"path": str(tmp_path / "b.pt"), "model_path": str(checkpoint)},
+                "diagnostics": {"engine": engine},
+            }
+        )
+        reports[engine] = run_compare(cfg)
+    mat, stream = reports["materialized"], reports["streamed"]
+    assert stream.engine is not None and stream.engine.path == "streamed"
+    for a, b in zip(mat.losses, stream.losses, strict=True):
+        assert a.model_grads is not None and b.model_grads is not None
+        assert b.model_grads.total_norm == pytest.approx(a.model_grads.total_norm, rel=1e-5)
+        assert b.rows.total_norm == pytest.approx(a.rows.total_norm, rel=1e-4)
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -58,7 +58,7 @@ def test_table_is_not_truncated_when_stdout_is_not_a_terminal():
 
 def test_json_report_is_versioned_and_self_describing(default_json):
     report = CompareReport.model_validate(default_json)  # the output obeys its own schema
-    assert report.schema_version == "gradlens.compare/1"
+    assert report.schema_version == "gradlens.compare/2"
     env = default_json["environment"]
     assert {"gradlens", "python", "torch", "platform", "device", "dtype", "seed"} <= env.keys()
     assert env["device"] == "cpu" and env["dtype"] == "float32" and env["seed"] == 0
@@ -147,7 +147,7 @@ def test_losses_command_lists_every_registered_loss():
         assert name in result.stdout
     data = json.loads(invoke("losses", "--format", "json").stdout)
     assert [row["name"] for row in data["losses"]] == loss_names()
-    assert all(row["formula"] and row["coefficient"] and row["paper"] for row in data["losses"])
+    assert all(row["formula"] and row["per_token_grad"] and row["paper"] for row in data["losses"])
 
 
 def test_config_command_round_trips(tmp_path):
@@ -159,7 +159,7 @@ def test_config_command_round_trips(tmp_path):
 
 def test_schema_command_matches_the_report_model():
     schema = json.loads(invoke("schema").stdout)
-    assert schema["$id"] == "gradlens.compare/1"
+    assert schema["$id"] == "gradlens.compare/2"
     assert set(schema["required"]) >= {"environment", "config", "batch", "ratio", "losses"}
 
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import gradlens.compare as compare_module
 from gradlens.cli import app
 from gradlens.compare import run_compare
 from gradlens.config import build_config
@@ -129,9 +128,9 @@ def test_streamed_reports_carry_the_loss_metrics():
     assert stream.losses[1].metrics == {} == mat.losses[1].metrics
 
 
-def test_auto_streams_large_batches(monkeypatch):
-    monkeypatch.setattr(compare_module, "STREAM_ABOVE", 1000)
-    report = run_compare(build_config(None, ["source.vocab_size=256"]))
+def test_auto_streams_large_batches():
+    overrides = ["source.vocab_size=256", "diagnostics.stream_above=1000"]
+    report = run_compare(build_config(None, overrides))
     assert report.engine is not None and report.engine.path == "streamed"
     assert "> 1000" in report.engine.reason
     # auto reference: none with the streamed engine, so no agreement check is listed
@@ -140,14 +139,14 @@ def test_auto_streams_large_batches(monkeypatch):
     assert report.passed
 
 
-def test_streamed_engine_runs_the_entropy_bonus(monkeypatch):
+def test_streamed_engine_runs_the_entropy_bonus():
     result = runner.invoke(
         app, ["compare", "--engine", "streamed", "--set", "loss.entropy_coef=0.01"]
     )
     assert result.exit_code == 0, result.stderr
     # auto streams large batches with the bonus too
-    monkeypatch.setattr(compare_module, "STREAM_ABOVE", 1000)
-    report = run_compare(build_config(None, ["loss.entropy_coef=0.01"]))
+    overrides = ["loss.entropy_coef=0.01", "diagnostics.stream_above=1000"]
+    report = run_compare(build_config(None, overrides))
     assert report.engine is not None and report.engine.path == "streamed"
     assert report.passed
 

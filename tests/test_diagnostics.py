@@ -16,8 +16,8 @@ from gradlens.diagnostics.clipping import clipping
 from gradlens.diagnostics.ratios import ratio_stats
 from gradlens.diagnostics.row_norms import row_norms
 from gradlens.diagnostics.zero_sum import zero_sum
-from gradlens.grads import Aggregation, autograd_reference, softmax_view
-from gradlens.losses import LossParams, get_loss
+from gradlens.grads import autograd_reference, softmax_view
+from gradlens.losses import Aggregation, LossParams, get_loss
 
 LN2 = math.log(2.0)
 
@@ -196,7 +196,12 @@ def test_agreement_fails_for_a_perturbed_tensor(
     flat = perturbed.view(-1)
     k = int(tensor.abs().view(-1).argmax())
     flat[k] += bump * float(tensor.abs().max())
-    result = agreement(dataclasses.replace(closed, **{field: perturbed}), ref, batch.mask, dtype)
+    if field == "coefficient":  # c_t lives in the loss's objective
+        objective = dataclasses.replace(closed.objective, coefficient=perturbed)
+        bumped = dataclasses.replace(closed, objective=objective)
+    else:
+        bumped = dataclasses.replace(closed, **{field: perturbed})
+    result = agreement(bumped, ref, batch.mask, dtype)
     assert not result.passed
     error = getattr(result, field)
     assert error == pytest.approx(bump, rel=1e-2)  # the normwise error is the bump itself

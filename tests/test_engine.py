@@ -6,12 +6,12 @@ import dataclasses
 
 import pytest
 import torch
+from helpers import build_batch
 
 from gradlens.config import validate
 from gradlens.engine.streamed import EnginePlan, lm_head_pass, plan
-from gradlens.grads import Aggregation, closed_form, softmax_view, token_inputs
-from gradlens.losses import LossParams, aggregation_weights, get_loss
-from gradlens.sources import build_batch
+from gradlens.grads import closed_form, softmax_view, token_inputs
+from gradlens.losses import Aggregation, LossParams, aggregation_weights, get_loss
 
 NAMES = ["reinforce", "ppo", "ppo_clip", "sft"]
 PARAMS = LossParams(eps_high=0.1, eps_low=0.1)  # narrow clip: ppo_clip differs from ppo often
@@ -27,7 +27,8 @@ def setup(dtype: torch.dtype, vocab: int = 1500):
         grid[view.rows, view.cols] = logp
         inp = token_inputs(batch, grid)
         w = aggregation_weights(batch.mask, "token_mean", None, logp.dtype)
-        return [(w * get_loss(n).fn(inp, PARAMS).coefficient)[view.rows, view.cols] for n in NAMES]
+        grads = [w * get_loss(n).fn(inp, PARAMS).per_token_grad for n in NAMES]
+        return [g[view.rows, view.cols] for g in grads]
 
     return batch, view, coefficients
 

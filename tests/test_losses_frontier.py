@@ -16,18 +16,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import F64, literal_config, random_batch, rel_err
+from helpers import F64, build_batch, literal_config, random_batch, rel_err
 
 from gradlens.compare import run_compare
 from gradlens.config import Config, build_config, validate
 from gradlens.containers import Batch
 from gradlens.errors import GradlensError
-from gradlens.grads import Aggregation, autograd_reference, closed_form, softmax_view, token_inputs
-from gradlens.losses import AGGREGATIONS, LossParams, get_loss, loss_names
+from gradlens.grads import autograd_reference, closed_form, softmax_view, token_inputs
+from gradlens.losses import AGGREGATIONS, Aggregation, LossParams, get_loss, loss_names
 from gradlens.losses.base import Correction
 from gradlens.losses.corrections import KINDS, with_defaults
 from gradlens.results import CompareReport, LossReport
-from gradlens.sources import build_batch
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -66,7 +65,7 @@ def test_every_new_loss_is_registered_with_its_maths() -> None:
     for name in NEW_LOSSES:
         spec = get_loss(name)
         assert name in loss_names()
-        assert spec.formula and spec.coefficient and spec.zero_when and spec.paper
+        assert spec.formula and spec.grad_formula and spec.zero_when and spec.paper
 
 
 # ----------------------------------------------------------------------------- TC6

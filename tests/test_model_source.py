@@ -138,7 +138,7 @@ def test_lm_head_norm_of_the_whole_model_equals_the_logit_path_norm(llama_report
 def test_sft_gradient_equals_the_transformers_loss_gradient(checkpoints):
     # An independent path: the model's own forward with labels (-100 outside the completion)
     # gives mean CE over the completion tokens = sft with token_mean aggregation.
-    from gradlens.sources.model import load_checkpoint
+    from gradlens.sources.checkpoint import load_checkpoint
 
     report = run(checkpoints["llama"], rollout_dtype="float32", stale={"steps": 0})
     loaded = load_checkpoint(str(checkpoints["llama"]), torch.device("cpu"), torch.float32)
@@ -164,14 +164,14 @@ def test_sft_gradient_equals_the_transformers_loss_gradient(checkpoints):
 
 
 def _batch(path, **source):
-    from gradlens.sources import build_batch
+    from helpers import build_batch
 
     config = validate(model_config(path, **source))
     return build_batch(config, torch.device("cpu"), torch.float32)
 
 
 def test_temperature_divides_the_logits_of_every_log_prob(checkpoints):
-    from gradlens.sources.model import load_checkpoint
+    from gradlens.sources.checkpoint import load_checkpoint
 
     batch = _batch(checkpoints["llama"], temperature=2.0, rollout_dtype="float32")
     seqs = batch.model_context.sequences
@@ -213,8 +213,8 @@ def test_zero_stale_steps_with_an_fp32_rollout_is_exactly_on_policy(checkpoints)
     clip = next(r for r in report.losses if r.name == "ppo_clip").clipping
     assert clip.region == 0.0
     # fp32 rollout (cached, token by token) vs fp32 training pass: only summation order differs
-    assert report.model.mismatch.max_abs_diff is not None
-    assert report.model.mismatch.max_abs_diff < 1e-4
+    assert report.model.mismatch.abs_diff_max is not None
+    assert report.model.mismatch.abs_diff_max < 1e-4
 
 
 def test_stale_steps_move_the_ratio_away_from_one(checkpoints):
@@ -232,7 +232,7 @@ def test_stale_steps_move_the_ratio_away_from_one(checkpoints):
 def test_a_bf16_rollout_differs_from_the_fp32_training_pass(llama_report):
     x = llama_report.model.mismatch
     assert x.rollout_dtype == "bfloat16" and x.train_dtype == "float32"
-    assert x.mean_abs_diff is not None and x.mean_abs_diff > 0
+    assert x.abs_diff_mean is not None and x.abs_diff_mean > 0
     assert x.kl_k3 is not None and x.kl_k3 >= 0
     assert x.rho_min is not None and x.rho_max is not None and x.rho_min < 1 < x.rho_max
 

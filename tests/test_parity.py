@@ -19,11 +19,11 @@ from typer.testing import CliRunner
 
 from gradlens.cli import app
 from gradlens.compare import run_compare
+from gradlens.compare.parity import build_parity, materialized_inputs
 from gradlens.config import validate
-from gradlens.grads import Aggregation, softmax_view
-from gradlens.losses import LossParams, get_loss, loss_names
+from gradlens.grads import softmax_view
+from gradlens.losses import Aggregation, LossParams, get_loss, loss_names
 from gradlens.metric_names import METRIC_NAMES
-from gradlens.parity import parity
 from gradlens.results import CompareReport
 
 runner = CliRunner()
@@ -121,15 +121,20 @@ def test_the_two_cispo_parametrisations_differ_unless_matched() -> None:
     assert p is not None and p.passed
 
 
+def parity(batch, view, a, b, tolerance):
+    inputs = materialized_inputs(batch, view, a, b, LossParams(), Aggregation())
+    return build_parity(batch, view.logp, inputs, Aggregation(), tolerance)
+
+
 def test_parity_is_pure_and_tolerance_driven() -> None:
     batch = random_batch(3, n=6, t=5, v=11, h=5, drift=0.6)
     view = softmax_view(batch)
     a, b = get_loss("ppo"), get_loss("ppo_clip")
-    strict = parity(batch, view, a, b, LossParams(), Aggregation(), 1e-9)
+    strict = parity(batch, view, a, b, 1e-9)
     assert not strict.passed and strict.coefficient_rel is not None
-    loose = parity(batch, view, a, b, LossParams(), Aggregation(), strict.coefficient_rel)
+    loose = parity(batch, view, a, b, strict.coefficient_rel)
     assert loose.passed  # the tolerance is what decides
-    same = parity(batch, view, a, a, LossParams(), Aggregation(), 1e-12)
+    same = parity(batch, view, a, a, 1e-12)
     assert same.passed and same.coefficient_max_abs_diff == 0.0 and same.top == []
 
 
@@ -213,5 +218,5 @@ def test_losses_command_lists_the_new_losses_with_their_maths() -> None:
     rows = {row["name"]: row for row in data["losses"]}
     assert set(rows) == set(loss_names())
     for name in ("grpo", "gspo", "gspo_token", "cispo", "cispo_cap", "sapo", "minirl"):
-        assert rows[name]["formula"] and rows[name]["coefficient"] and rows[name]["paper"]
+        assert rows[name]["formula"] and rows[name]["per_token_grad"] and rows[name]["paper"]
         assert "arXiv" in rows[name]["paper"] or "TRL" in rows[name]["paper"]

@@ -8,13 +8,12 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import F64, PI, literal_config
+from helpers import F64, PI, build_batch, literal_config
 
 from gradlens.config import validate
 from gradlens.containers import Batch
 from gradlens.grads import effective_old_logp, softmax_view, token_inputs
 from gradlens.logits import compute_logits
-from gradlens.sources import build_batch
 
 CPU = torch.device("cpu")
 

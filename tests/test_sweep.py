@@ -335,11 +335,11 @@ def _longest_list(value: object) -> int:
 
 def test_summary_is_the_report_as_one_json_document_obeying_its_schema():
     data, report = summary_of()
-    assert data["schema_version"] == "gradlens.sweep/1"
+    assert data["schema_version"] == "gradlens.sweep/2"
     # exactly the report the table is drawn from, and it survives the round trip losslessly
     assert report == run_sweep(SweepConfig()).report
     schema = json.loads(runner.invoke(app, ["schema", "--report", "sweep"]).stdout)
-    assert schema["$id"] == "gradlens.sweep/1"
+    assert schema["$id"] == "gradlens.sweep/2"
     assert set(data) == set(schema["properties"]) >= set(schema["required"])
     curve = schema["$defs"]["CurveSummary"]
     assert all(set(s) == set(curve["properties"]) for s in data["summaries"])
@@ -448,7 +448,7 @@ def test_summary_to_a_file_with_the_table_on_stdout(tmp_path):
     result = invoke("--format", "summary", "--output", str(path), "--check", "--points", "31")
     assert result.exit_code == 0, result.output
     assert "explodes" in result.stdout and "ok" in result.stdout  # the table
-    assert "wrote the summary (gradlens.sweep/1) to" in result.stderr
+    assert "wrote the summary (gradlens.sweep/2) to" in result.stderr
     report = SweepReport.model_validate_json(path.read_text(encoding="utf-8"))
     assert report.passed and report.axes[0].points == 31
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]  # no temporary file left

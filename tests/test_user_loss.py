@@ -22,9 +22,9 @@ from gradlens.cli import app
 from gradlens.compare import run_compare
 from gradlens.config import validate
 from gradlens.errors import GradlensError
-from gradlens.grads import Aggregation, autograd_reference, closed_form, softmax_view
-from gradlens.losses import AGGREGATIONS, LossParams, get_loss, loss_names
-from gradlens.losses.verl_adapter import VerlConfig, verl_config
+from gradlens.grads import autograd_reference, closed_form, softmax_view
+from gradlens.losses import AGGREGATIONS, Aggregation, LossParams, get_loss, loss_names
+from gradlens.losses.external import VerlConfig, verl_config
 
 runner = CliRunner()
 
@@ -255,14 +255,13 @@ def test_a_user_loss_under_no_grad_still_gets_its_coefficient(module: str) -> No
 
 
 def test_the_verl_config_speaks_verls_names() -> None:
-    cfg = verl_config(
-        LossParams(eps_low=0.1, eps_high=0.3, dual_clip=3.0, aggregation="token_mean")
-    )
+    cfg = verl_config(LossParams(eps_low=0.1, eps_high=0.3, dual_clip=3.0), Aggregation())
     assert (cfg.clip_ratio_low, cfg.clip_ratio_high, cfg.clip_ratio_c) == (0.1, 0.3, 3.0)
     assert cfg["clip_ratio_low"] == 0.1 and cfg.get("clip_ratio_c", 9) == 3.0
     assert cfg.loss_agg_mode == "token-mean"
     assert cfg.something_else is None and cfg.get("something_else", 7) == 7
-    assert verl_config(LossParams()).clip_ratio_c == float("inf")  # gradlens: no dual clip
+    no_dual_clip = verl_config(LossParams(), Aggregation())  # gradlens: no dual clip
+    assert no_dual_clip.clip_ratio_c == float("inf")
     with pytest.raises(AttributeError):
         cfg.clip_ratio = 0.5  # type: ignore[misc]
     assert isinstance(cfg, VerlConfig)

@@ -61,7 +61,7 @@ def compare(
             "--format",
             "-f",
             help="table: rich tables for people. json: the full report (schema "
-            "gradlens.compare/1, see `gradlens schema`) with the resolved config and environment.",
+            "gradlens.compare/2, see `gradlens schema`) with the resolved config and environment.",
         ),
     ] = OutputFormat.table,
     check: Annotated[

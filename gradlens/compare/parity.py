@@ -18,12 +18,13 @@ factor k = c_B/c_A on every token (a different normaliser: Liger-Kernel issue 10
 grad_norm), or c_B/c_A = k·r_t^{±1} (an importance weight r = π_θ/π_old applied in one and not
 the other), or differences only on tokens one of them clips.
 
-Both engines feed one report builder, `build_parity`, with the same inputs: per loss its
-value, c_t on [N, T], terms, metrics, ‖∂L/∂W‖ and the row norms ‖∂L/∂W_v‖ [V]; for the pair the
-largest row difference and the logit-gradient gap (`ParityGap`). `parity` computes them from the
-materialized gradients ([M, V] and [V, H] per loss); the streamed engine
-(`gradlens.compare_streamed`) from one extra coefficient set and per-token statistics, since
-∂L_B/∂W − ∂L_A/∂W is itself of the c-form with coefficient c_B − c_A (see `streamed_gap`).
+Both engines feed one report builder, `build_parity`, with the same inputs (`ParityInputs`):
+per loss its value, c_t on [N, T], terms, metrics, ‖∂L/∂W‖ and the row norms ‖∂L/∂W_v‖ [V]; for
+the pair the largest row difference and the logit-gradient gap (`ParityGap`).
+`materialized_inputs` computes them from the materialized gradients ([M, V] and [V, H] per
+loss); the streamed engine (`gradlens.compare.streamed`) from one extra coefficient set and
+per-token statistics, since ∂L_B/∂W − ∂L_A/∂W is itself of the c-form with coefficient c_B − c_A
+(see `streamed_gap`).
 
 Pure computation: a `ParityReport` out, no I/O.
 """
@@ -37,16 +38,10 @@ from torch import Tensor
 
 from gradlens.containers import Batch, LossTerms
 from gradlens.diagnostics.clipping import clipping
-from gradlens.diagnostics.metrics import loss_metrics
+from gradlens.diagnostics.metrics import terms_metrics
 from gradlens.diagnostics.numbers import max_ratio, num, rel_err
-from gradlens.grads import (
-    Aggregation,
-    LossGradients,
-    SoftmaxView,
-    closed_form,
-    effective_old_logp,
-)
-from gradlens.losses import LossParams, LossSpec
+from gradlens.grads import LossGradients, SoftmaxView, closed_form, effective_old_logp
+from gradlens.losses import Aggregation, LossParams, LossSpec
 from gradlens.results import ParityPosition, ParityReport, ParitySide
 
 TOP = 5  # positions listed
@@ -205,16 +200,24 @@ def patterns(
     return notes
 
 
-def parity(
+@dataclass(frozen=True)
+class ParityInputs:
+    """What `build_parity` needs from an engine: the two losses and their gap."""
+
+    a: ParityLoss
+    b: ParityLoss
+    gap: ParityGap
+
+
+def materialized_inputs(
     batch: Batch,
     view: SoftmaxView,
     a: LossSpec,
     b: LossSpec,
     params: LossParams,
     agg: Aggregation,
-    tolerance: float,
-) -> ParityReport:
-    """Compare losses ``a`` and ``b`` on one batch (closed-form gradients of both, materialized).
+) -> ParityInputs:
+    """The inputs of losses ``a`` and ``b`` from their materialized closed-form gradients.
 
     With an entropy bonus the gradients include its non-c-form term, as the losses' own reports do.
     """
@@ -224,9 +227,7 @@ def parity(
         row_diff=float((ga.grad_weight.double() - gb.grad_weight.double()).norm(dim=1).max()),
         grad_logits_rel=rel_err(gb.grad_logits, ga.grad_logits),
     )
-    return build_parity(
-        batch, view.logp, _materialized(a, ga), _materialized(b, gb), gap, agg, tolerance
-    )
+    return ParityInputs(_materialized(a, ga), _materialized(b, gb), gap)
 
 
 def _materialized(spec: LossSpec, grads: LossGradients) -> ParityLoss:
@@ -237,20 +238,15 @@ def _materialized(spec: LossSpec, grads: LossGradients) -> ParityLoss:
         rows=grads.grad_weight.double().norm(dim=1),
         coefficient=grads.coefficient,
         terms=grads.terms,
-        metrics=loss_metrics(grads),
+        metrics=terms_metrics(grads.terms, grads.agg_weights),
     )
 
 
 def build_parity(
-    batch: Batch,
-    logp: Tensor,
-    a: ParityLoss,
-    b: ParityLoss,
-    gap: ParityGap,
-    agg: Aggregation,
-    tolerance: float,
+    batch: Batch, logp: Tensor, inputs: ParityInputs, agg: Aggregation, tolerance: float
 ) -> ParityReport:
     """The report from either engine's inputs; ``logp`` is [N, T] ℓ_t (0 at masked positions)."""
+    a, b, gap = inputs.a, inputs.b, inputs.gap
     m = batch.mask
     ca, cb = a.coefficient, b.coefficient
     diff = torch.where(m, (ca - cb).abs(), 0.0).double()  # [N, T]

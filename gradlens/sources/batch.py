@@ -8,31 +8,36 @@ hidden states and the lm_head weight: stored in the file as ``hidden_states`` an
 checkpoint at ``source.model_path`` (gradlens.sources.recompute), which then wins over any
 stored ones; with it, every loss also runs through the whole checkpoint unless
 ``source.whole_model`` is false (the batch then carries a `ModelContext`).
+
+`dump_tensors` is the inverse: what ``gradlens dump`` writes of any source's batch.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
+from torch import Tensor
 
 from gradlens.advantages import advantages_from_rewards
 from gradlens.batchfile import read_batch_tensors
+from gradlens.config import BatchSource
 from gradlens.containers import Batch
 from gradlens.errors import GradlensError
+from gradlens.grads import effective_old_logp, softmax_view
 from gradlens.logits import softmax_dtype
+from gradlens.sources.base import SourceContext
+from gradlens.sources.recompute import recompute_hidden
 
 
-def build_batchfile(src: Any, config: Any, device: torch.device, dtype: torch.dtype) -> Batch:
+def build_batch_file(src: BatchSource, ctx: SourceContext) -> Batch:
     """The batch stored at ``source.path``."""
+    device, dtype = ctx.device, ctx.dtype
     path = Path(src.path).expanduser()
     data = read_batch_tensors(path, prompts=src.model_path is not None)
     origin = ""
     context = None
     if src.model_path is not None:
-        from gradlens.sources.recompute import recompute_hidden
-
         recomputed = recompute_hidden(
             src.model_path,
             data,
@@ -67,7 +72,7 @@ def build_batchfile(src: Any, config: Any, device: torch.device, dtype: torch.dt
                 f"source.group_size: {n} sequences are not a multiple of {src.group_size}"
             )
         adv, note = advantages_from_rewards(
-            rewards, config.advantage.normalization, src.group_size, config.advantage.eps
+            rewards, ctx.normalization, src.group_size, ctx.advantage_eps
         )
         note = f"from the file's rewards: {note}"
     advantages = (adv[:, None] if adv.dim() == 1 else adv).expand(n, t) * mask
@@ -91,3 +96,50 @@ def build_batchfile(src: Any, config: Any, device: torch.device, dtype: torch.dt
         advantage_note=note,
         model_context=context,
     )
+
+
+def dump_tensors(batch: Batch) -> dict[str, Tensor | None]:
+    """What ``gradlens dump`` writes of a batch, under gradlens names (see `write_batch`).
+
+    The per-token tensors of the [N, T] grid (``old_logp`` as the losses read it: π_θ itself at
+    on-policy positions), the hidden states and the lm_head weight. A batch from a real model
+    also carries its sequences (`ModelContext`: prompt left-padded ++ completion right-padded on
+    one [N, L] grid, whose final hidden states from column ``offset`` on are the batch's grid);
+    it is written in verl's layout, so that `gradlens.sources.recompute` rebuilds the same grid
+    from the file and the same checkpoint: ``prompts`` [N, P] and ``attention_mask`` [N, P+T],
+    and every per-token tensor cut to the T = L − P completion columns. The prompt ends where
+    the loss starts: the batch's first grid column with a token in the loss (``cut``) is
+    predicted from sequence column ``offset`` + ``cut`` = P − 1. The model source's grid is the
+    whole sequence (offset 0, and each sequence's first completion token is in the loss); a
+    batch file's grid is already the response (offset P − 1, cut 0). The columns cut off hold
+    no token in the loss.
+    """
+    per_token: dict[str, Tensor | None] = {
+        "tokens": batch.tokens,
+        "mask": batch.mask.long(),  # stored as integers, as the frameworks store it
+        "old_logp": effective_old_logp(batch, softmax_view(batch).logp),
+        "rollout_logp": batch.rollout_logp,
+        "ref_logp": batch.ref_logp,
+        "advantages": batch.advantages,
+        "hidden": batch.hidden,
+    }
+    context = batch.model_context
+    if context is None:
+        return {**per_token, "weight": batch.weight}
+    seqs = context.sequences
+    scored = batch.mask.any(dim=0).nonzero()
+    cut = int(scored[0]) if scored.numel() else 0
+    p = context.offset + cut + 1  # prompt columns of the [N, L] sequences
+    width = seqs.input_ids.shape[1]
+    if batch.mask.shape[1] - cut != width - p:
+        raise AssertionError(  # the ModelContext contract: grid = sequence columns offset + 1 on
+            f"batch grid of {batch.mask.shape[1]} columns beside sequences of {width} columns "
+            f"from offset {context.offset}"
+        )
+    cropped = {k: None if x is None else x[:, cut:] for k, x in per_token.items()}
+    return {
+        **cropped,
+        "weight": batch.weight,
+        "prompts": seqs.input_ids[:, :p],
+        "attention": seqs.attention_mask.long(),  # [N, P+T]: prompt and response
+    }

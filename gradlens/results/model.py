@@ -4,15 +4,17 @@ They hang off the main report as optional fields (`CompareReport.model`,
 `LossReport.model_grads`), which are null for the synthetic and literal sources and for a batch
 file without a checkpoint. The model source fills every section; a batch file whose hidden
 states a checkpoint recomputes (``source.model_path``) has the checkpoint and the whole-model
-gradients, and null rollout, mismatch and staleness (`ModelReport.source` says which). Defined
-here, not in `gradlens.results`, so that module only gains two optional fields.
+gradients, and null rollout, mismatch and staleness (`ModelReport.source` says which).
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from gradlens.results.base import Result
+from gradlens.results.rollout import RolloutStats
 
 # A measured norm within this factor of the seed post's prediction counts as agreement. The
 # post's estimate drops every factor of order one (the hidden-state norms, the mass on the
@@ -22,11 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 PREDICTION_FACTOR = 2.0
 
 
-class ModelResult(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class ModelInfo(ModelResult):
+class ModelInfo(Result):
     """The checkpoint that was loaded."""
 
     path: str = Field(description="the checkpoint directory ('built-in' for the shipped model)")
@@ -46,7 +44,7 @@ class ModelInfo(ModelResult):
     )
 
 
-class RolloutSample(ModelResult):
+class RolloutSample(Result):
     sequence: int
     prompt: str
     completion: str
@@ -54,7 +52,7 @@ class RolloutSample(ModelResult):
     reward: float
 
 
-class RolloutSummary(ModelResult):
+class RolloutSummary(Result):
     """What was sampled, and which log-probs are π_old and μ."""
 
     prompts: int
@@ -73,31 +71,18 @@ class RolloutSummary(ModelResult):
     samples: list[RolloutSample]
 
 
-class Mismatch(ModelResult):
+class Mismatch(RolloutStats):
     """Training–inference mismatch: μ (rollout pass) against π_old (training pass), same θ.
 
-    ρ = π_old(y)/μ(y) over the completion tokens, as the rollout-correction metrics of verl
-    (``rollout_corr/*``) and slime log it.
+    The statistics of ρ = π_old(y)/μ(y) over the completion tokens (`RolloutStats`, as verl's
+    ``rollout_corr/*`` and slime log them), with the precisions of the two passes.
     """
 
     rollout_dtype: str
     train_dtype: str
-    count: int
-    mean_abs_diff: float | None = Field(description="mean |log π_old − log μ|, nats")
-    rms_diff: float | None = Field(description="sqrt(mean (log π_old − log μ)²), nats")
-    max_abs_diff: float | None
-    kl_k1: float | None = Field(description="mean(log μ − log π_old), k1 of KL(μ‖π_old)")
-    kl_k3: float | None = Field(description="mean(ρ − 1 − log ρ), k3 of KL(μ‖π_old), ≥ 0")
-    rho_min: float | None
-    rho_p01: float | None
-    rho_p05: float | None
-    rho_p50: float | None
-    rho_p95: float | None
-    rho_p99: float | None
-    rho_max: float | None
 
 
-class StaleStep(ModelResult):
+class StaleStep(Result):
     """The ratio r = π_θk/π_old after k optimizer steps on the rollout batch."""
 
     step: int
@@ -114,7 +99,7 @@ class StaleStep(ModelResult):
     clip_region: float = Field(description="upper + lower (verl actor/pg_clipfrac)")
 
 
-class Staleness(ModelResult):
+class Staleness(Result):
     steps: int
     optimizer: str
     lr: float
@@ -122,13 +107,13 @@ class Staleness(ModelResult):
     trajectory: list[StaleStep]
 
 
-class GradGroup(ModelResult):
+class GradGroup(Result):
     name: str
     parameters: int
     norm: float | None
 
 
-class GradNormPrediction(ModelResult):
+class GradNormPrediction(Result):
     """The seed post's grad-norm estimate against the measured whole-model norm."""
 
     formula: str
@@ -144,7 +129,7 @@ class GradNormPrediction(ModelResult):
     agrees: bool
 
 
-class ModelGradients(ModelResult):
+class ModelGradients(Result):
     """One loss through the whole model: per-tensor-group gradient norms on the same batch."""
 
     total_norm: float | None = Field(description="‖∇L‖ over every parameter (trainer grad_norm)")
@@ -159,7 +144,7 @@ class ModelGradients(ModelResult):
     prediction: GradNormPrediction | None
 
 
-class SftOverRl(ModelResult):
+class SftOverRl(Result):
     """The post's claim that SFT's grad-norm is about an order of magnitude above RL's."""
 
     sft: str
@@ -168,7 +153,7 @@ class SftOverRl(ModelResult):
     measured: float | None
 
 
-class ModelReport(ModelResult):
+class ModelReport(Result):
     """The checkpoint the losses ran through, and the sections its source produces."""
 
     source: Literal["model", "batch"] = Field(

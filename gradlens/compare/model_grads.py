@@ -2,8 +2,9 @@
 
 For a batch from the model source, or from a batch file whose hidden states a checkpoint
 recomputes (``source.model_path`` with ``source.whole_model``), each loss is run through the
-whole model (one forward with autograd at θ over every sequence, one backward per loss) and its
-gradient is reduced to norms per tensor group:
+whole model (one forward with autograd at θ over every sequence, one backward per loss; the loss
+is `gradlens.grads.objective`, as everywhere) and its gradient is reduced to norms per tensor
+group:
 the input embedding, each transformer block, every other module (the final norm, position
 embeddings) by name, and the lm_head; plus the total norm over all parameters, which is the
 ``grad_norm`` a trainer logs before clipping.
@@ -35,27 +36,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gradlens.containers import Batch
+from gradlens.compare.records import TokenSummary
+from gradlens.containers import Batch, ModelContext
 from gradlens.diagnostics.numbers import num
-from gradlens.grads import SoftmaxView, loss_terms, run_params, token_inputs
-from gradlens.losses import get_loss
-from gradlens.model_results import (
+from gradlens.grads import objective, policy_pass
+from gradlens.losses import Aggregation, LossParams, get_loss
+from gradlens.progress import report as report_progress
+from gradlens.results import (
     PREDICTION_FACTOR,
     GradGroup,
     GradNormPrediction,
+    LossReport,
     ModelGradients,
-    ModelReport,
     SftOverRl,
 )
-from gradlens.progress import report as report_progress
-from gradlens.results import LossReport
-from gradlens.sources.model import (
-    ModelContext,
-    aggregated_loss,
-    final_hidden,
-    head_weight,
-    policy_pass,
-)
+from gradlens.sources.forward import final_hidden, head_weight
 
 
 def block_list(model: nn.Module) -> tuple[str, int] | None:
@@ -96,11 +91,17 @@ def norm(tensors: list[Tensor | None]) -> float:
 
 
 def model_gradients(
-    batch: Batch, view: SoftmaxView, reports: list[LossReport], params: Any, agg: Any
-) -> tuple[ModelReport, list[LossReport]]:
-    """Whole-model gradients and the estimate for each loss; the report parts they fill."""
-    ctx: ModelContext = batch.model_context
-    model = ctx.model
+    batch: Batch,
+    ctx: ModelContext,
+    tokens: TokenSummary,
+    reports: list[LossReport],
+    params: LossParams,
+    aggregation: Aggregation,
+) -> tuple[list[SftOverRl], list[LossReport]]:
+    """Whole-model gradients and the estimate for each loss: the SFT-over-RL comparison and
+    the loss reports with their ``model_grads`` and findings."""
+    model = ctx.loaded.model
+    bias = ctx.loaded.bias
     emb = model.get_input_embeddings().weight
     tied = model.get_output_embeddings().weight is emb
     hidden_size = int(emb.shape[1])
@@ -108,17 +109,18 @@ def model_gradients(
     flat = [p for _, ps in groups for p in ps]
 
     head = head_weight(model).detach().clone().requires_grad_(True)  # W': the logit path
-    hidden = final_hidden(model, ctx.sequences, ctx.temperature, ctx.bias)[:, ctx.offset :]
+    hidden = final_hidden(model, ctx.sequences, ctx.temperature, bias)[:, ctx.offset :]
     assert hidden.shape[:2] == batch.mask.shape, (hidden.shape, batch.mask.shape)
     policy = policy_pass(hidden, head, batch.tokens, batch.mask)
+    entropy = policy.entropy() if params.entropy_coef != 0.0 else None
 
-    estimates = post_estimates(batch, view, params, agg, [r.name for r in reports])
+    estimates = post_estimates(batch, tokens, params, aggregation, [r.name for r in reports])
     results: list[LossReport] = []
     per_loss: dict[str, ModelGradients] = {}
     for i, r in enumerate(reports):
         report_progress("model grads", i, len(reports))
         spec = get_loss(r.name)
-        loss = aggregated_loss(spec, batch, policy, params, agg)
+        loss = objective(batch, policy.logp, spec, params, aggregation, entropy).loss
         grads = torch.autograd.grad(loss, [*flat, head], retain_graph=True, allow_unused=True)
         by_param = dict(zip(map(id, flat), grads[:-1], strict=True))
         g_head = grads[-1]
@@ -171,28 +173,29 @@ def model_gradients(
             )
         results.append(r.model_copy(update={"model_grads": mg, "findings": notes}))
     report_progress("model grads", len(reports), len(reports))
-
-    report: ModelReport = ctx.report
-    return report.model_copy(update={"sft_over_rl": sft_over_rl(per_loss)}), results
+    return sft_over_rl(per_loss), results
 
 
 def post_estimates(
-    batch: Batch, view: SoftmaxView, params: Any, agg: Any, names: list[str]
+    batch: Batch,
+    tokens: TokenSummary,
+    params: LossParams,
+    aggregation: Aggregation,
+    names: list[str],
 ) -> dict[str, GradNormPrediction]:
     """The estimate of each loss it applies to (not yet judged against a measurement)."""
     mask = batch.mask
-    if view.tokens.numel() == 0:
+    if tokens.sampled_probs.numel() == 0:
         return {}
-    ce = float(-view.logp[mask].double().mean())
-    entropy = float(view.entropy.double().mean())
+    ce = float(-tokens.logp[mask].double().mean())
+    entropy = float(tokens.entropy.double().mean())
     adv = float(batch.advantages[mask].double().abs().mean())
-    sampled = view.sampled_probs.double()  # [M] π_θ(y_t)
-    inputs = token_inputs(batch, view.logp)
+    sampled = tokens.sampled_probs.double()  # [M] π_θ(y_t)
     out = {}
     for name in names:
         spec = get_loss(name)
-        terms = loss_terms(inputs, spec, run_params(params, agg))
-        g = terms.coefficient[mask].double()  # [M] g_t before aggregation
+        terms = objective(batch, tokens.logp, spec, params, aggregation).terms
+        g = terms.per_token_grad[mask].double()  # [M] g_t before aggregation
         per_token = float((g.abs() * (1 - sampled)).mean())
         if bool((g == -1).all()):
             formula, value, text = "1 − e^(−CE)", 1 - math.exp(-ce), f"CE = {ce:.4g} nats"

@@ -1,4 +1,4 @@
-"""The report: typed results of every diagnostic, and the versioned JSON schema they define.
+"""The compare report: typed results of every diagnostic, and the versioned JSON schema.
 
 Diagnostics return these models; renderers only read them. ``gradlens schema`` prints the JSON
 Schema generated from `CompareReport`, so the documented schema and the output cannot drift.
@@ -10,15 +10,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from gradlens.model_results import ModelGradients, ModelReport
+from gradlens.results.base import Result
+from gradlens.results.model import ModelGradients, ModelReport
+from gradlens.results.rollout import RolloutStats
 
-SCHEMA_VERSION = "gradlens.compare/1"
-
-
-class Result(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+SCHEMA_VERSION = "gradlens.compare/2"
 
 
 class Environment(Result):
@@ -169,7 +167,9 @@ class TokenDetail(Result):
 class LossReport(Result):
     name: str
     formula: str
-    coefficient_formula: str
+    per_token_grad_formula: str = Field(
+        description="g_t = ∂(per-token loss)/∂ℓ_t, before the aggregation weight a_t"
+    )
     loss: float | None = Field(description="aggregated loss value L")
     coefficient_abs_mean: float | None = Field(description="mean_t |c_t| over valid tokens")
     coefficient_abs_max: float | None
@@ -204,32 +204,6 @@ class Check(Result):
     loss: str | None
     passed: bool
     detail: str
-
-
-class RolloutStats(Result):
-    """The training–inference gap ρ = π_old(y)/μ_old(y), when the batch has rollout log-probs."""
-
-    count: int
-    rho_mean: float | None = Field(description="mean ρ; verl rollout_corr/rollout_is_mean")
-    rho_min: float | None
-    rho_max: float | None
-    kl_k1: float | None = Field(
-        description="mean(ℓ_rollout − ℓ_old); verl rollout_corr/kl, OpenRLHF vllm_kl"
-    )
-    kl_k3: float | None = Field(description="mean(ρ − 1 − log ρ); verl rollout_corr/k3_kl")
-    abs_diff_mean: float | None = Field(
-        description="mean |ℓ_old − ℓ_rollout|; TRL sampling/sampling_logp_difference/mean, "
-        "slime train_rollout_logprob_abs_diff"
-    )
-    abs_diff_max: float | None = Field(
-        description="max |ℓ_old − ℓ_rollout|; TRL sampling/sampling_logp_difference/max"
-    )
-    rms_diff: float | None = Field(None, description="sqrt(mean (ℓ_old − ℓ_rollout)²), nats")
-    rho_p01: float | None = None
-    rho_p05: float | None = None
-    rho_p50: float | None = None
-    rho_p95: float | None = None
-    rho_p99: float | None = None
 
 
 class ParityPosition(Result):
@@ -303,7 +277,7 @@ class EngineInfo(Result):
 
 
 class CompareReport(Result):
-    schema_version: Literal["gradlens.compare/1"] = "gradlens.compare/1"
+    schema_version: Literal["gradlens.compare/2"] = "gradlens.compare/2"
     environment: Environment
     config: dict[str, Any] = Field(description="the resolved configuration")
     batch: BatchSummary
