@@ -450,7 +450,7 @@ def loss_name_problems(names: list[str]) -> list[str]:
 
 
 class ParityConfig(Strict):
-    """Two losses compared on one batch (gradlens.parity); ``--parity A,B``."""
+    """Two losses compared on one batch (gradlens.compare.parity); ``--parity A,B``."""
 
     losses: list[str] = Field(min_length=2, max_length=2, description="the two losses A, B")
     tolerance: float | None = Field(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import textwrap
 from typing import Any
 
 import torch
@@ -120,3 +121,38 @@ def build_batch(
     if dtype is not None:
         ctx = dataclasses.replace(ctx, dtype=dtype)
     return build_source(config.source, ctx)
+
+
+# PPO-clip three ways: right (token mean), summed over tokens (the normaliser of Liger 1082) and
+# without the importance weight r (the other half of Liger 1082: gradient −A·M instead of −A·r·M).
+IMPLEMENTATIONS = textwrap.dedent(
+    """
+    import torch
+
+    def _surrogate(logp, old_logp, advantages):
+        r = torch.exp(logp - old_logp)
+        return torch.maximum(-advantages * r, -advantages * torch.clamp(r, 0.8, 1.28))
+
+    def token_mean(logp, old_logp, advantages, mask):
+        return (_surrogate(logp, old_logp, advantages) * mask).sum() / mask.sum()
+
+    def token_sum(logp, old_logp, advantages, mask):
+        return (_surrogate(logp, old_logp, advantages) * mask).sum()
+
+    def no_is_weight(logp, old_logp, advantages, mask):
+        r = torch.exp(logp - old_logp).detach()
+        off = ((advantages > 0) & (r > 1.28)) | ((advantages < 0) & (r < 0.8))
+        per_token = torch.where(off, 0.0, -advantages * logp)
+        return (per_token * mask).sum() / mask.sum()
+    """
+)
+
+
+def three_policy_batch(seed: int, drift: float = 0.8, rollout: float = 0.3) -> Batch:
+    """random_batch plus μ_old (log-noise `rollout` around π_old) and π_ref."""
+    batch = random_batch(seed, n=8, t=6, v=13, h=7, drift=drift)
+    gen = torch.Generator().manual_seed(seed + 100)
+    n, t = batch.mask.shape
+    rollout_logp = batch.old_logp - rollout * torch.randn(n, t, generator=gen, dtype=F64)
+    ref_logp = batch.old_logp - 0.5 * torch.randn(n, t, generator=gen, dtype=F64)
+    return dataclasses.replace(batch, rollout_logp=rollout_logp, ref_logp=ref_logp)

@@ -13,8 +13,9 @@ gradient ∂L/∂z_y and the row norms ‖∂L/∂W_v‖.
 With ``loss.entropy_coef`` ≠ 0 the engine adds the entropy bonus's gradient (not of the c-form)
 to every loss's rows, and the reports include it exactly as the materialized path's do.
 
-With ``--parity A,B`` the same run also gives parity's inputs (`gradlens.parity`): A and B join
-the engine's losses if they are not among them (without a loss report of their own), and one
+With ``--parity A,B`` the same run also gives parity's inputs (`gradlens.compare.parity`): A
+and B join the engine's losses if they are not among them (without a loss report of their own),
+and one
 more coefficient set, c_B − c_A, gives the row norms of ∂L_B/∂W − ∂L_A/∂W, which is of the same
 c-form. The logit-gradient gap follows from c_A, c_B and per-token statistics (`streamed_gap`).
 """

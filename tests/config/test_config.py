@@ -4,6 +4,7 @@ documented spellings accepted, plain parameters out."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,19 @@ def test_the_documented_token_details_command_line() -> None:
     )
     assert result.exit_code == 0, result.output
     assert '"tokens": [' in result.stdout
+
+
+@pytest.mark.parametrize(
+    "loss_section, message",
+    [
+        ({"corrections": [{"kind": "tis"}]}, "loss.corrections.0.kind"),
+        ({"corrections": [{"kind": "icepop", "low": 2, "high": 1}]}, "low (2.0) > high"),
+        ({"corrections": [{"kind": "icepop"}, {"kind": "icepop"}]}, "named twice"),
+        ({"kl_estimator": "k4"}, "loss.kl_estimator"),
+        ({"minirl_truncation": "both"}, "loss.minirl_truncation"),
+        ({"tau_neg": 0}, "loss.tau_neg"),
+    ],
+)
+def test_bad_loss_settings_are_reported_with_their_path(loss_section: dict, message: str) -> None:
+    with pytest.raises(GradlensError, match=re.escape(message)):
+        validate({"loss": loss_section})

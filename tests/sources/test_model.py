@@ -25,7 +25,7 @@ transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 runner = CliRunner()
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EOS = "<|endoftext|>"
 VOCAB = 300
 PROMPTS = ["def add(a, b):\n", "class Point:\n    def __init__(self", "import os\n"]

@@ -9,8 +9,6 @@ third. Also: the metric-name crosswalk in the JSON report, and ``gradlens losses
 from __future__ import annotations
 
 import json
-import textwrap
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,37 +25,6 @@ from gradlens.metric_names import METRIC_NAMES
 from gradlens.results import CompareReport
 
 runner = CliRunner()
-
-# PPO-clip three ways: right (token mean), summed over tokens (the normaliser of Liger 1082) and
-# without the importance weight r (the other half of Liger 1082: gradient −A·M instead of −A·r·M).
-IMPLEMENTATIONS = textwrap.dedent(
-    """
-    import torch
-
-    def _surrogate(logp, old_logp, advantages):
-        r = torch.exp(logp - old_logp)
-        return torch.maximum(-advantages * r, -advantages * torch.clamp(r, 0.8, 1.28))
-
-    def token_mean(logp, old_logp, advantages, mask):
-        return (_surrogate(logp, old_logp, advantages) * mask).sum() / mask.sum()
-
-    def token_sum(logp, old_logp, advantages, mask):
-        return (_surrogate(logp, old_logp, advantages) * mask).sum()
-
-    def no_is_weight(logp, old_logp, advantages, mask):
-        r = torch.exp(logp - old_logp).detach()
-        off = ((advantages > 0) & (r > 1.28)) | ((advantages < 0) & (r < 0.8))
-        per_token = torch.where(off, 0.0, -advantages * logp)
-        return (per_token * mask).sum() / mask.sum()
-    """
-)
-
-
-@pytest.fixture
-def impl(tmp_path: Path) -> str:
-    path = tmp_path / "impl.py"
-    path.write_text(IMPLEMENTATIONS)
-    return str(path)
 
 
 def run(a: str, b: str, **extra: Any) -> CompareReport:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_parity import IMPLEMENTATIONS
+from helpers import IMPLEMENTATIONS
 
 import gradlens.compare.materialized as materialized_module
 import gradlens.compare.parity as parity_module

@@ -12,7 +12,7 @@ from gradlens.cli import app
 from gradlens.compare import run_compare
 from gradlens.config import build_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 runner = CliRunner()
 CONFIGS = [
     "default.yaml",

@@ -16,7 +16,7 @@ from gradlens.config import Config, validate
 from gradlens.losses import loss_names
 from gradlens.results import CompareReport
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 runner = CliRunner()
 
 

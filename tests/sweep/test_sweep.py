@@ -34,7 +34,7 @@ from gradlens.sweep.records import BASE_COLUMNS
 from gradlens.sweep.results import SweepPoint, SweepReport
 from gradlens.sweep.summary import AMPLIFIED_ABOVE
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 runner = CliRunner()
 F64 = torch.float64
 
