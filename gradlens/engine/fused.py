@@ -62,6 +62,7 @@ from gradlens.errors import GradlensError
 from gradlens.logits import softmax_dtype
 
 AUTO_ON_CUDA = False  # no GPU measurement yet: the fused path is chosen only when asked for
+TOKEN_BLOCK = 4096  # tokens per block when forming c⊙h (a [4096, H] float32 temporary)
 
 
 def check_device(device: torch.device) -> None:
@@ -120,16 +121,21 @@ def fused_lm_head_pass(
     sources = share_sources(coefficients)
     direct = [i for i in range(k) if sources[i] is None]
     column = {idx: n for n, idx in enumerate(direct)}  # a direct loss's block of the dense product
-    h_acc = hidden.to(acc)
-    h_gemm = h_acc.to(gemm_dtype)
-    scaled = torch.cat([coefficients[i][:, None] * h_acc for i in direct], dim=1)  # [M, k'·H]
-    scaled = scaled.to(gemm_dtype)
+    h_gemm = hidden.to(gemm_dtype)  # no copy when the operands have the dense dtype already
+    # [M, k'·H] c⊙h of the direct losses, formed in the softmax dtype and rounded once to the
+    # dense dtype, a block of tokens at a time: no [M, H] copy of h in float32
+    scaled = torch.empty(m, len(direct) * width_h, dtype=gemm_dtype, device=device)
+    for n, i in enumerate(direct):
+        for t0 in range(0, m, TOKEN_BLOCK):
+            rows = slice(t0, t0 + TOKEN_BLOCK)
+            product = coefficients[i][rows, None] * hidden[rows].to(acc)
+            scaled[rows, n * width_h : (n + 1) * width_h] = product
     # a shared loss: its source j, the tokens where they differ, (c_i − c_j)⊙h there
     deltas: dict[int, tuple[int, Tensor, Tensor]] = {}
     for i, src in enumerate(sources):
         if src is not None:
             j, diff = src
-            diff_scaled = (coefficients[i] - coefficients[j])[diff, None] * h_acc[diff]
+            diff_scaled = (coefficients[i] - coefficients[j])[diff, None] * hidden[diff].to(acc)
             deltas[i] = (j, diff, diff_scaled.to(gemm_dtype))
     n_ent = 0 if ent_w is None else (k if entropy_losses is None else entropy_losses)
     # [n, M] the coefficients of the losses carrying the bonus (one placeholder row if none)

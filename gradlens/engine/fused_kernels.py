@@ -68,17 +68,20 @@ def _jit(fn: Callable[..., Any]) -> Any:
 
 @dataclass(frozen=True)
 class Blocks:
-    """Tile sizes (powers of 2). The defaults are first guesses for a GPU, not yet tuned on one.
+    """Tile sizes (powers of 2), each capped at the power of 2 that covers its dimension.
 
     ``token_rows`` × ``vocab_cols``: the [M, Vc] tiles of the two chunk kernels;
-    ``vocab_rows`` × ``hidden_cols``: the [Vc, H] tiles of ``row_stats``.
+    ``vocab_rows`` × ``hidden_cols``: the [Vc, H] tiles of ``row_stats``. The defaults are not
+    tuned on a GPU (none was available); they are the largest tiles that Triton compiled for
+    sm_90 without spilling registers (one token row per program, as softmax kernels do: the
+    register count grows fast with rows per tile).
     """
 
-    token_rows: int = 16
-    vocab_cols: int = 256
-    vocab_rows: int = 32
+    token_rows: int = 1
+    vocab_cols: int = 1024
+    vocab_rows: int = 8
     hidden_cols: int = 256
-    num_warps: int = 8
+    num_warps: int = 4
 
     def __post_init__(self) -> None:
         for name in ("token_rows", "vocab_cols", "vocab_rows", "hidden_cols", "num_warps"):
@@ -315,6 +318,11 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _tile(size: int, dim: int) -> int:
+    """``size`` capped at the smallest power of 2 ≥ ``dim``: no tile wider than its block."""
+    return min(size, 1 << max(dim - 1, 0).bit_length())
+
+
 def _acc(dtype: torch.dtype) -> Any:
     return {torch.float32: tl.float32, torch.float64: tl.float64}[dtype]
 
@@ -328,12 +336,12 @@ def logsumexp_chunk(
     if m == 0:
         return
     z = z.contiguous()
-    grid = (_cdiv(m, blocks.token_rows),)
-    _logsumexp_chunk[grid](
+    bm, bv = _tile(blocks.token_rows, m), _tile(blocks.vocab_cols, width)
+    _logsumexp_chunk[(_cdiv(m, bm),)](
         z, z.stride(0), tokens, start, width, m,
         state.max, state.sum, state.shifted, state.z_y, state.max_abs,
-        ENTROPY=entropy, ACC=_acc(state.max.dtype),
-        BLOCK_M=blocks.token_rows, BLOCK_V=blocks.vocab_cols, num_warps=blocks.num_warps,
+        ENTROPY=entropy, ACC=_acc(state.max.dtype), BLOCK_M=bm, BLOCK_V=bv,
+        num_warps=blocks.num_warps,
     )  # fmt: skip
 
 
@@ -370,14 +378,14 @@ def probs_chunk(
     else:
         e, h, w = bonus.out, bonus.entropy, bonus.weight
         coef, n_bonus = bonus.coefficients, bonus.losses
-    grid = (_cdiv(m, blocks.token_rows),)
-    _probs_chunk[grid](
+    bm, bv = _tile(blocks.token_rows, m), _tile(blocks.vocab_cols, width)
+    _probs_chunk[(_cdiv(m, bm),)](
         z, z.stride(0), operand, operand.stride(0), e, e.stride(0), tokens, start, width, m,
         lse, h, w, coef, coef.stride(0), n_bonus,
         stats.prob_sum, stats.entropy, stats.max_other, stats.bonus_sum,
         stats.other_mass, stats.other_max, stats.other_mass.stride(0),
-        ENTROPY=bonus is not None, ACC=_acc(lse.dtype),
-        BLOCK_M=blocks.token_rows, BLOCK_V=blocks.vocab_cols, num_warps=blocks.num_warps,
+        ENTROPY=bonus is not None, ACC=_acc(lse.dtype), BLOCK_M=bm, BLOCK_V=bv,
+        num_warps=blocks.num_warps,
     )  # fmt: skip
 
 
@@ -395,7 +403,8 @@ def row_stats(
     width, hidden = dense.shape
     if width == 0:
         return
-    n_blocks = _cdiv(width, blocks.vocab_rows)
+    bv, bh = _tile(blocks.vocab_rows, width), _tile(blocks.hidden_cols, hidden)
+    n_blocks = _cdiv(width, bv)
     partial = torch.empty(n_blocks, hidden, dtype=norms.dtype, device=norms.device)
     d2, b2 = delta, bonus  # placeholders below when absent: the kernel never reads them
     _row_stats[(n_blocks,)](
@@ -404,6 +413,6 @@ def row_stats(
         dense if b2 is None else b2, dense.stride(0) if b2 is None else b2.stride(0),
         norms, partial, width, hidden,
         DELTA=d2 is not None, BONUS=b2 is not None, ACC=_acc(norms.dtype),
-        BLOCK_V=blocks.vocab_rows, BLOCK_H=blocks.hidden_cols, num_warps=blocks.num_warps,
+        BLOCK_V=bv, BLOCK_H=bh, num_warps=blocks.num_warps,
     )  # fmt: skip
     row_sum += partial.sum(0)

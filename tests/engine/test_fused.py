@@ -10,6 +10,10 @@ test runs the compiled kernels on CUDA.
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +23,7 @@ from gradlens.config import validate
 from gradlens.containers import Batch
 from gradlens.diagnostics import tolerances
 from gradlens.diagnostics.streamed import zero_sum_streamed
-from gradlens.engine import fused_kernels
+from gradlens.engine import fused, fused_kernels
 from gradlens.engine.fused import check_device, fused_lm_head_pass
 from gradlens.engine.fused_kernels import Blocks
 from gradlens.engine.streamed import EnginePlan, EngineResult, dense_dtype, lm_head_pass
@@ -29,11 +33,11 @@ from gradlens.losses import LossParams, aggregation_weights, get_loss
 from gradlens.sources import build_batch
 
 PARAMS = LossParams(eps_high=0.1, eps_low=0.1)  # narrow clip: ppo_clip differs from ppo often
-# Tiles for M = 165 tokens, H = 48: every kernel sees a partial last tile of tokens, of hidden
-# columns (48 = 32 + 16) and, with chunks of 333 or 1000, of vocabulary columns and rows. Few
-# and large tiles keep the interpreter (a Python loop over programs and tiles) fast; SMALL has
-# more programs and tiles per chunk.
-LARGE = Blocks(token_rows=64, vocab_cols=256, vocab_rows=64, hidden_cols=32)
+# Tiles for M = 165 tokens, H = 48 (each capped at the power of 2 covering its dimension):
+# every kernel sees a partial last tile of tokens and of hidden columns (48 = 32 + 16) and, with
+# chunks of 333, 700 or 1000 rows, of vocabulary columns and rows. The interpreter runs programs
+# and tiles as a Python loop: LARGE keeps them few; SMALL has several per chunk.
+LARGE = Blocks(token_rows=64, vocab_cols=1024, vocab_rows=64, hidden_cols=32)
 SMALL = Blocks(token_rows=32, vocab_cols=64, vocab_rows=16, hidden_cols=32)
 
 
@@ -225,8 +229,9 @@ IDS = [
 @pytest.mark.parametrize(("vocab", "engine_plan", "blocks", "names", "c_h", "n_bonus"), CASES,
                          ids=IDS)  # fmt: skip
 def test_float32_fused_equals_the_streamed_engine(
-    interpreter, vocab, engine_plan, blocks, names, c_h, n_bonus
+    interpreter, monkeypatch, vocab, engine_plan, blocks, names, c_h, n_bonus
 ):
+    monkeypatch.setattr(fused, "TOKEN_BLOCK", 64)  # c⊙h in 3 token blocks, as at real sizes
     batch, view, coefficients = problem(torch.float32, vocab, names)
     entropy_weight = bonus_weight(batch, view, c_h)
     ref, res = run_both(batch, view, coefficients, engine_plan, blocks, entropy_weight, n_bonus)
@@ -304,3 +309,20 @@ def test_compiled_kernels_on_cuda_equal_the_streamed_engine(dtype, c_h):
         entropy_weight, None,
     )  # fmt: skip
     check_against_streamed(batch, view, ref, res, entropy_weight, 0 if c_h == 0.0 else 3)
+
+
+@pytest.mark.slow
+def test_every_kernel_compiles_for_a_gpu_without_one(tmp_path):
+    """The compiled path's language rules, which the interpreter does not enforce: every
+    variant the engine launches compiles to an sm_90 cubin (tests/engine/compile_kernels.py)."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(sys.path)
+    env["TRITON_CACHE_DIR"] = str(tmp_path)  # compile now, not from an earlier run's cache
+    script = Path(__file__).with_name("compile_kernels.py")
+    done = subprocess.run(
+        [sys.executable, str(script), "90"], env=env, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    compiled = [line for line in done.stdout.splitlines() if line.endswith(": compiled")]
+    assert len(compiled) == 3 * 2 * 3  # 3 kernels × 2 flag values × 3 operand dtypes
