@@ -26,9 +26,9 @@ less for shared products).
 
 Rounding. Everything but the GEMM operands is computed in the softmax dtype, as in the streamed
 engine; only the order of the sums differs. With bf16 operands P is rounded to bf16 once, like
-π there; at the sampled entry it is π_y − 1, formed in float32 before the rounding, so the
-sampled row's c(1 − π_y) carries a relative error of 2⁻⁹ even when π_y → 1, where the streamed
-engine's c·h − c·bf16(π_y)·h cancels.
+π there; at the sampled entry it is π_y − 1, formed in float32 before the rounding, so a
+token's term c(1 − π_y)h of its sampled row keeps a relative error of a few u_bf16 = 2⁻⁸ even
+when π_y → 1, where the streamed engine's c·h − c·bf16(π_y)·h cancels.
 
 Devices and selection. On CUDA the kernels are compiled by Triton. On any other device they run
 only under Triton's interpreter (``TRITON_INTERPRET=1`` set before Triton is first imported;
