@@ -412,10 +412,11 @@ class DiagnosticsConfig(Strict):
     token_details: Annotated[Literal["auto", "on", "off"], BeforeValidator(_on_off)] = Field(
         "auto", description="per-token gradients in the output; auto: when tokens × vocab ≤ 4096"
     )
-    engine: Literal["auto", "materialized", "streamed"] = Field(
+    engine: Literal["auto", "materialized", "streamed", "fused"] = Field(
         "auto",
         description="materialized: [M, V] gradients in memory; streamed: vocabulary chunks, "
-        "nothing of size M×V or V×H kept (gradlens.engine); auto: streamed above 2^24 entries",
+        "nothing of size M×V or V×H kept (gradlens.engine); fused: the streamed engine with "
+        "Triton kernels (CUDA, opt-in); auto: streamed above stream_above entries",
     )
     reference: Literal["auto", "autograd", "none"] = Field(
         "auto",

@@ -21,7 +21,7 @@ from gradlens.compare.model_grads import model_gradients
 from gradlens.compare.model_report import model_report
 from gradlens.compare.parity import build_parity
 from gradlens.compare.records import TokenSummary, loss_report
-from gradlens.compare.streamed import run_streamed
+from gradlens.compare.streamed import run_fused, run_streamed
 from gradlens.config import Config
 from gradlens.containers import Batch
 from gradlens.diagnostics import tolerances
@@ -36,7 +36,7 @@ from gradlens.metric_names import metric_names
 from gradlens.results import BatchSummary, CompareReport, Environment
 from gradlens.sources import SourceContext, build_source
 
-ENGINES = {"materialized": run_materialized, "streamed": run_streamed}
+ENGINES = {"materialized": run_materialized, "streamed": run_streamed, "fused": run_fused}
 TOKEN_DETAIL_LIMIT = 4096  # tokens × vocabulary entries printed under token_details: auto
 
 

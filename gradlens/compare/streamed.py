@@ -37,6 +37,7 @@ from gradlens.diagnostics.metrics import terms_metrics
 from gradlens.diagnostics.numbers import count_non_finite, num, rel_err
 from gradlens.diagnostics.row_norms import row_norms_from
 from gradlens.diagnostics.streamed import grad_at_y, sampled_row_streamed, zero_sum_streamed
+from gradlens.engine.fused import check_device, fused_lm_head_pass
 from gradlens.engine.streamed import EngineResult, auto_budget, dense_dtype, lm_head_pass, plan
 from gradlens.grads import Objective, autograd_reference, entropy_bonus, objective, on_grid
 from gradlens.logits import softmax_dtype
@@ -52,8 +53,15 @@ def run_streamed(
     options: EngineOptions,
     reason: str,
     pair: tuple[LossSpec, LossSpec] | None = None,
+    fused: bool = False,
 ) -> EngineRun:
-    """Every loss of ``specs`` through one engine run, and parity's inputs for ``pair``."""
+    """Every loss of ``specs`` through one engine run, and parity's inputs for ``pair``.
+
+    ``fused``: the passes with Triton kernels between the GEMMs (`gradlens.engine.fused`), the
+    same result (the engine path ``fused``, opt-in).
+    """
+    if fused:
+        check_device(batch.weight.device)
     rows, cols = valid_index(batch.mask)
     hidden = batch.hidden[rows, cols]  # [M, H]
     tokens = batch.tokens[rows, cols]  # [M]
@@ -92,7 +100,8 @@ def run_streamed(
     if params.entropy_coef != 0.0:
         weights = aggregation.weights(batch.mask, softmax_dtype(batch.weight.dtype))
         entropy_weight = params.entropy_coef * weights[rows, cols]
-    result = lm_head_pass(
+    engine_pass = fused_lm_head_pass if fused else lm_head_pass
+    result = engine_pass(
         hidden,
         batch.weight,
         tokens,
@@ -151,7 +160,7 @@ def run_streamed(
             )
         )
     info = EngineInfo(
-        path="streamed",
+        path="fused" if fused else "streamed",
         reason=reason,
         vocab_chunk=engine_plan.vocab_chunk,
         resident_chunks=engine_plan.resident,
@@ -185,6 +194,19 @@ def run_streamed(
         info=info,
         parity=parity,
     )
+
+
+def run_fused(
+    batch: Batch,
+    specs: list[LossSpec],
+    params: LossParams,
+    aggregation: Aggregation,
+    options: EngineOptions,
+    reason: str,
+    pair: tuple[LossSpec, LossSpec] | None = None,
+) -> EngineRun:
+    """`run_streamed` with the fused passes."""
+    return run_streamed(batch, specs, params, aggregation, options, reason, pair, fused=True)
 
 
 def _parity_loss(

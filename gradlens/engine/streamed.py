@@ -153,7 +153,7 @@ def _logits(hidden: Tensor, weight: Tensor) -> Tensor:
     return (hidden @ weight.T).to(softmax_dtype(weight.dtype))
 
 
-def _share_sources(coefficients: list[Tensor]) -> list[tuple[int, Tensor] | None]:
+def share_sources(coefficients: list[Tensor]) -> list[tuple[int, Tensor] | None]:
     """For each loss, (earlier loss, indices where they differ) when that is cheaper."""
     sources: list[tuple[int, Tensor] | None] = [None]
     m = coefficients[0].numel()
@@ -219,7 +219,7 @@ def lm_head_pass(
 
     coefficients = [c.to(acc) for c in coefficients_of(logp)]
     k = len(coefficients)
-    sources = _share_sources(coefficients)
+    sources = share_sources(coefficients)
     direct = [i for i in range(k) if sources[i] is None]
     h_acc = hidden.to(acc)
     gemm_dtype = dense_dtype(hidden.dtype)

@@ -266,7 +266,7 @@ class MetricName(Result):
 class EngineInfo(Result):
     """Which path computed the lm_head diagnostics, and how the streamed one cut the work."""
 
-    path: Literal["materialized", "streamed"]
+    path: Literal["materialized", "streamed", "fused"]
     reason: str
     vocab_chunk: int | None = None
     resident_chunks: int | None = Field(None, description="chunks whose logits stayed in memory")

@@ -161,3 +161,30 @@ def test_reference_none_is_reported_as_not_run():
         ).stdout
     )
     assert data["losses"][0]["agreement"]["ran"] is False
+
+
+def test_the_fused_engine_gives_the_streamed_report() -> None:
+    """``--engine fused`` (Triton kernels, here under Triton's interpreter) is the same engine:
+    the same report as ``streamed`` to float32 rounding."""
+    pytest.importorskip("triton")
+    small = [
+        "source.vocab_size=300",
+        "source.num_sequences=4",
+        "source.min_length=4",
+        "source.max_length=8",
+        "diagnostics.vocab_chunk=128",
+    ]
+    reports = {
+        e: run_compare(build_config(None, [*small, f"diagnostics.engine={e}"]))
+        for e in ("streamed", "fused")
+    }
+    fused, streamed = reports["fused"], reports["streamed"]
+    assert fused.engine is not None and fused.engine.path == "fused"
+    assert fused.passed
+    for a, b in zip(fused.losses, streamed.losses, strict=True):
+        assert a.rows.total_norm == pytest.approx(b.rows.total_norm, rel=1e-5)
+        assert a.sampled_row.sampled_abs_max == pytest.approx(
+            b.sampled_row.sampled_abs_max, rel=1e-5
+        )
+        assert [r.token for r in a.rows.top_rows] == [r.token for r in b.rows.top_rows]
+        assert a.clipping == b.clipping
