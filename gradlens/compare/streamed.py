@@ -39,7 +39,14 @@ from gradlens.diagnostics.row_norms import row_norms_from
 from gradlens.diagnostics.streamed import grad_at_y, sampled_row_streamed, zero_sum_streamed
 from gradlens.engine.fused import check_device, fused_lm_head_pass
 from gradlens.engine.streamed import EngineResult, auto_budget, dense_dtype, lm_head_pass, plan
-from gradlens.grads import Objective, autograd_reference, entropy_bonus, objective, on_grid
+from gradlens.grads import (
+    Objective,
+    aggregation_mask,
+    autograd_reference,
+    entropy_bonus,
+    objective,
+    on_grid,
+)
 from gradlens.logits import softmax_dtype
 from gradlens.losses import Aggregation, LossParams, LossSpec
 from gradlens.results import Agreement, EngineInfo
@@ -98,7 +105,9 @@ def run_streamed(
     )
     entropy_weight = None  # w_t = a_t·c_H of the entropy bonus, [M]
     if params.entropy_coef != 0.0:
-        weights = aggregation.weights(batch.mask, softmax_dtype(batch.weight.dtype))
+        weights = aggregation.weights(
+            aggregation_mask(batch, params), softmax_dtype(batch.weight.dtype)
+        )
         entropy_weight = params.entropy_coef * weights[rows, cols]
     engine_pass = fused_lm_head_pass if fused else lm_head_pass
     result = engine_pass(

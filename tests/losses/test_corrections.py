@@ -226,7 +226,7 @@ def coefficients(report: CompareReport, name: str) -> list[float | None]:
 def test_tc_corrections_on_reinforce() -> None:
     # π_old(y) = 0.4, μ_old(y) = 0.1: ρ = 4; reinforce with A = +1, weight 1
     pos = {**position(), "old_prob": 0.4, "rollout_prob": 0.1}
-    one = {"aggregation": "seq_mean_token_sum_norm", "loss_scale_factor": 1.0}
+    one = {"aggregation": "token_sum"}
     cases = {
         "token_tis": (-2.0, "tis_truncated", 1.0),  # w = min(4, 2)
         "token_mis": (0.0, "mis_masked", 1.0),  # 4 > 3: masked

@@ -24,7 +24,7 @@ from gradlens.config import validate
 from gradlens.errors import GradlensError
 from gradlens.grads import autograd_reference, closed_form, softmax_view
 from gradlens.losses import AGGREGATIONS, Aggregation, LossParams, get_loss, loss_names
-from gradlens.losses.external import VerlConfig, verl_config
+from gradlens.losses.frameworks.verl import VERL_AGGREGATION, VerlConfig, config_values
 
 runner = CliRunner()
 
@@ -62,15 +62,19 @@ USER_MODULE = textwrap.dedent(
     NOT_A_FUNCTION = 3
 
     def agg(values, mask, mode):
+        # verl 0.9's agg_loss without batch info, written out
+        present = (mask.sum(-1) > 0).sum()
         if mode == "token-mean":
             return (values * mask).sum() / mask.sum()
+        if mode == "token-sum":
+            return (values * mask).sum()
         if mode == "seq-mean-token-mean":
             per_seq = (values * mask).sum(-1) / mask.sum(-1).clamp(min=1)
             return per_seq[mask.sum(-1) > 0].mean()
         if mode == "seq-mean-token-sum":
             return ((values * mask).sum(-1))[mask.sum(-1) > 0].mean()
         if mode == "seq-mean-token-sum-norm":
-            return (values * mask).sum() / mask.shape[-1]
+            return (values * mask).sum() / (present * mask.shape[-1])
         raise ValueError(mode)
 
     def compute_policy_loss_vanilla(old_log_prob, log_prob, advantages, response_mask,
@@ -254,21 +258,41 @@ def test_a_user_loss_under_no_grad_still_gets_its_coefficient(module: str) -> No
 # ----------------------------------------------------------------------------- verl-shaped
 
 
+def stand_in(params: LossParams, agg: Aggregation) -> VerlConfig:
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    return VerlConfig(config_values("vanilla", params, agg, mask, None, "verl:test"))
+
+
 def test_the_verl_config_speaks_verls_names() -> None:
-    cfg = verl_config(LossParams(eps_low=0.1, eps_high=0.3, dual_clip=3.0), Aggregation())
+    cfg = stand_in(LossParams(eps_low=0.1, eps_high=0.3, dual_clip=3.0), Aggregation())
     assert (cfg.clip_ratio_low, cfg.clip_ratio_high, cfg.clip_ratio_c) == (0.1, 0.3, 3.0)
     assert cfg["clip_ratio_low"] == 0.1 and cfg.get("clip_ratio_c", 9) == 3.0
     assert cfg.loss_agg_mode == "token-mean"
     assert cfg.something_else is None and cfg.get("something_else", 7) == 7
-    no_dual_clip = verl_config(LossParams(), Aggregation())  # gradlens: no dual clip
+    # verl's agg_loss reads **config.global_batch_info: a dict, the loss scale inside it
+    assert cfg.global_batch_info == {"dp_size": 1, "loss_scale_factor": None}
+    no_dual_clip = stand_in(LossParams(), Aggregation())  # gradlens: no dual clip
     assert no_dual_clip.clip_ratio_c == float("inf")
     with pytest.raises(AttributeError):
         cfg.clip_ratio = 0.5  # type: ignore[misc]
-    assert isinstance(cfg, VerlConfig)
+    # the trainer's global_batch_size counts every row: B = 2 here
+    all_rows = stand_in(LossParams(), Aggregation("token_mean", 8.0, count_empty_sequences=True))
+    assert all_rows.global_batch_info == {
+        "dp_size": 1,
+        "loss_scale_factor": 8.0,
+        "global_batch_size": 2.0,
+    }
+
+
+def test_an_aggregation_verl_does_not_have_is_a_clear_error(module: str) -> None:
+    b = batch()
+    spec = get_loss(f"verl:{module}:compute_policy_loss_vanilla")
+    with pytest.raises(GradlensError, match="token_sum_norm .* has no verl twin"):
+        closed_form(b, softmax_view(b), spec, LossParams(), Aggregation("token_sum_norm"))
 
 
 @pytest.mark.parametrize("dual_clip", [None, 3.0])
-@pytest.mark.parametrize("mode", list(AGGREGATIONS))
+@pytest.mark.parametrize("mode", list(VERL_AGGREGATION))
 def test_a_verl_shaped_vanilla_loss_matches_ppo_clip(
     module: str, mode: str, dual_clip: float | None
 ) -> None:
