@@ -9,6 +9,7 @@ module: `LossConfig.params` and the compare pipeline turn it into plain argument
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -468,17 +469,21 @@ def loss_name_problems(names: list[str]) -> list[str]:
 
 
 class ParityConfig(Strict):
-    """Two losses compared on one batch (gradlens.compare.parity); ``--parity A,B``."""
+    """Pairs of losses compared on one batch (gradlens.compare.parity); ``--parity A,B``, once
+    per pair."""
 
-    losses: list[str] = Field(min_length=2, max_length=2, description="the two losses A, B")
+    pairs: list[Annotated[list[str], Field(min_length=2, max_length=2)]] = Field(
+        min_length=1, description="the pairs [A, B] compared, each A against its B"
+    )
     tolerance: float | None = Field(
         None, gt=0, description="max |Δc_t| / max |c_t| allowed; null: the dtype's agreement tol"
     )
 
-    @field_validator("losses")
+    @field_validator("pairs")
     @classmethod
-    def _known(cls, value: list[str]) -> list[str]:
-        problems = loss_name_problems(value)
+    def _known(cls, value: list[list[str]]) -> list[list[str]]:
+        names = list(dict.fromkeys(name for pair in value for name in pair))
+        problems = loss_name_problems(names)
         if problems:
             raise ValueError("; ".join(problems))
         return value
@@ -495,7 +500,7 @@ class Config(Strict):
     advantage: AdvantageConfig = AdvantageConfig()
     loss: LossConfig = LossConfig()
     diagnostics: DiagnosticsConfig = DiagnosticsConfig()
-    parity: ParityConfig | None = Field(None, description="compare two losses (--parity A,B)")
+    parity: ParityConfig | None = Field(None, description="compare pairs of losses (--parity A,B)")
 
     @property
     def operand_dtype(self) -> torch.dtype:
@@ -531,6 +536,28 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     except yaml.YAMLError as exc:
         raise GradlensError(f"--set {text!r}: the value is not valid YAML ({exc})") from None
     return path, value
+
+
+def settings_grid(texts: Iterable[str]) -> list[dict[str, Any]]:
+    """``["loss.aggregation=[token_mean, seq_mean_token_mean]", "loss.dual_clip=[null, 3]"]``
+    → every combination, ``[{"loss.aggregation": "token_mean", "loss.dual_clip": None}, ...]``
+    (the first key varies slowest)."""
+    keys, choices = [], []
+    for text in texts:
+        path, value = parse_override(text)
+        key = ".".join(path)
+        if not isinstance(value, list) or not value:
+            raise GradlensError(
+                f"--parity-matrix {text!r}: give the values as a YAML list, e.g. "
+                f"{key}=[token_mean, seq_mean_token_mean]"
+            )
+        if key in keys:
+            raise GradlensError(f"--parity-matrix: {key} is given twice")
+        keys.append(key)
+        choices.append(value)
+    if not keys:
+        return []  # no matrix: not one run with no settings
+    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*choices)]
 
 
 def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:

@@ -135,11 +135,10 @@ def run_compare(config: Config) -> CompareReport:
     aggregation = config.loss.token_aggregation()
     path, reason = choose_engine(config, batch)
     specs = [get_loss(name) for name in config.losses]
-    pair = None
-    if config.parity is not None:
-        pair = (get_loss(config.parity.losses[0]), get_loss(config.parity.losses[1]))
+    pairs = [] if config.parity is None else config.parity.pairs
+    pair_specs = [(get_loss(a), get_loss(b)) for a, b in pairs]
     run: EngineRun = ENGINES[path](
-        batch, specs, params, aggregation, engine_options(config, batch, path), reason, pair
+        batch, specs, params, aggregation, engine_options(config, batch, path), reason, pair_specs
     )
     logp = run.tokens.logp
     reports = [loss_report(r, batch, logp, params) for r in run.records]
@@ -153,11 +152,10 @@ def run_compare(config: Config) -> CompareReport:
             )
             model = model.model_copy(update={"sft_over_rl": sft_over_rl})
     summary = summarize_batch(batch, run.tokens)
-    parity = None
+    parity = []
     if config.parity is not None:
-        assert run.parity is not None
         tolerance = config.parity.tolerance or tolerances.agreement(config.operand_dtype)
-        parity = build_parity(batch, logp, run.parity, aggregation, tolerance)
+        parity = [build_parity(batch, logp, p, aggregation, tolerance) for p in run.parity]
     all_checks = checks(summary, reports, parity)
     return CompareReport(
         environment=environment(config, device),
