@@ -21,6 +21,7 @@ with ``config`` verl's own frozen ``ActorConfig``, built from gradlens's ``loss`
     loss_agg_mode          loss.aggregation              token_sum needs verl ≥ 0.9;
                                                          token_sum_norm has no verl ≥ 0.7 twin
     tau_pos, tau_neg       loss.tau_pos, loss.tau_neg    sapo
+    policy_loss.dro_beta   loss.kl_coef                  dro: β of its penalty ½β(ℓ − ℓ_old)²
     global_batch_info      dp_size 1; global_batch_size B with loss.count_empty_sequences
                            (the trainer's ppo_mini_batch_size·n), else unset (B');
                            loss_scale_factor = loss.loss_scale_factor (the only way verl's
@@ -295,7 +296,7 @@ def registered_call(api: VerlApi, loss_mode: str, with_kl: bool, name: str) -> C
                 )
             weights, mask, metrics = rollout_correction(api, inputs, params.corrections, name)
         values = config_values(loss_mode, params, agg, mask, api.version, name)
-        policy_loss: dict[str, Any] = {"loss_mode": loss_mode}
+        policy_loss: dict[str, Any] = {"loss_mode": loss_mode, "dro_beta": params.kl_coef}
         if loss_mode == "bypass_mode":
             policy_loss["rollout_correction"] = api.rollout_correction_config(
                 bypass_mode=True, loss_type="ppo_clip", rollout_is=None, rollout_rs=None
