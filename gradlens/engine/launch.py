@@ -103,6 +103,8 @@ def _worker(
     try:
         if threads is not None:
             torch.set_num_threads(threads)
+        if torch.device(device).type == "cuda":  # one device per rank, before NCCL starts
+            torch.cuda.set_device(rank % torch.cuda.device_count())
         init_process_group(device, timeout_s, f"file://{out / 'store'}", rank, world)
         result = fn(rank, world, *args)
         with open(out / f"rank{rank}.result", "wb") as fh:

@@ -300,7 +300,10 @@ def second_pass(
     direct = [i for i in range(k) if sources[i] is None]
     h_acc = hidden.to(acc)
     gemm_dtype = dense_dtype(hidden.dtype)
-    scaled = torch.cat([coefficients[i][:, None] * h_acc for i in direct], dim=1)  # [M, k'·H]
+    H = hidden.shape[1]
+    scaled = torch.empty(m, len(direct) * H, dtype=acc, device=hidden.device)  # [M, k'·H]
+    for n, i in enumerate(direct):  # c_i⊙h written in place: no second [M, k'·H] while built
+        torch.mul(coefficients[i][:, None], h_acc, out=scaled[:, n * H : (n + 1) * H])
     deltas = {
         i: (
             src[0],
@@ -310,9 +313,9 @@ def second_pass(
         for i, src in enumerate(sources)
         if src is not None
     }
-    H = hidden.shape[1]
     n_ent = 0 if ent_w is None else (k if entropy_losses is None else entropy_losses)
     h_gemm = h_acc.to(gemm_dtype)
+    scaled_gemm = scaled.to(gemm_dtype)  # the GEMM operand, converted once (bf16 operands)
     ent_sum = torch.zeros(m, dtype=acc, device=hidden.device)
     other_mass = [torch.zeros(m, dtype=acc, device=hidden.device) for _ in range(n_ent)]
     other_max = [torch.zeros(m, dtype=acc, device=hidden.device) for _ in range(n_ent)]
@@ -339,7 +342,7 @@ def second_pass(
             ent_block = (e.T.to(gemm_dtype) @ h_gemm).to(acc)  # [Vc, H], shared by all losses
             gemms += (end - start) / unit
         del z
-        dense = probs.T.to(gemm_dtype) @ scaled.to(gemm_dtype)  # [Vc, k'·H]
+        dense = probs.T.to(gemm_dtype) @ scaled_gemm  # [Vc, k'·H]
         gemms += (end - start) / unit * len(direct)
         rows = -dense.to(acc)
         inside = torch.nonzero((tokens >= start) & (tokens < end)).squeeze(-1)

@@ -451,7 +451,6 @@ def test_a_rank_that_hangs_makes_the_others_time_out_and_is_stopped():
 
 
 def nccl_ranks(rank: int, world: int, case: Case):
-    torch.cuda.set_device(rank)
     cuda = dataclasses.replace(
         case,
         batch=dataclasses.replace(
