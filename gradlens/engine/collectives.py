@@ -18,6 +18,7 @@ is re-raised as a `CollectiveError` naming this rank, the step and the operation
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -108,3 +109,34 @@ class Collectives:
                 f"({type(e).__name__}: {first}); another rank most likely raised or stopped "
                 "before reaching it"
             ) from e
+
+
+def _digest(x: Tensor) -> int:
+    """A 63-bit hash of ``x``'s dtype, shape and bytes."""
+    h = hashlib.blake2b(f"{x.dtype}{tuple(x.shape)}".encode(), digest_size=8)
+    h.update(x.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes())
+    return int.from_bytes(h.digest(), "little") >> 1
+
+
+def check_replicated(comm: Collectives, tensors: dict[str, Tensor], step: str = "check") -> None:
+    """Raise the same `GradlensError` on every rank when one of ``tensors`` is not bitwise the
+    same on every rank of the group (one all_gather of a hash per tensor).
+
+    The vocab-parallel engine needs the hidden states, the sampled ids and everything the
+    coefficient callback reads to be identical on every tensor-parallel rank.
+    """
+    if not tensors:
+        return
+    device = next(iter(tensors.values())).device
+    digests = torch.tensor([_digest(t) for t in tensors.values()], dtype=torch.int64)
+    everyone = comm.all_gather(digests.to(device), step).cpu()  # [P, n]
+    differ = []
+    for i, name in enumerate(tensors):
+        ranks = [str(r) for r in range(comm.world) if everyone[r, i] != everyone[0, i]]
+        if ranks:
+            differ.append(f"{name} (rank {', '.join(ranks)} against rank 0)")
+    if differ:
+        raise GradlensError(
+            "tensor_parallel: every rank must hold the same inputs, and these differ: "
+            + "; ".join(differ)
+        )

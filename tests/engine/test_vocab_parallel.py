@@ -20,7 +20,12 @@ from helpers import make_batch
 from torch import Tensor
 
 from gradlens.containers import Batch, valid_index
-from gradlens.engine.collectives import CollectiveError, CollectiveRecord, Collectives
+from gradlens.engine.collectives import (
+    CollectiveError,
+    CollectiveRecord,
+    Collectives,
+    check_replicated,
+)
 from gradlens.engine.launch import RankFailure, run_ranks
 from gradlens.engine.streamed import (
     CoefficientFn,
@@ -170,7 +175,7 @@ def reference(case: Case) -> EngineResult:
         case.batch.weight,
         case.batch.tokens[rows, cols],
         coefficient_fn(case),
-        case.reference_plan or EnginePlan(vocab_chunk=7, resident=0),
+        case.reference_plan or EnginePlan(vocab_chunk=64, resident=1),
         entropy_weight=entropy_weight(case),
         entropy_losses=len(NAMES),
     )
@@ -219,12 +224,20 @@ def cases_for(splits: list[VocabSplit]) -> list[Case]:
 
 
 def engine_ranks(rank: int, world: int, cases: list[Case]):
-    """Run on every rank: each case's result and the collectives it ran."""
+    """Run on every rank: each case's result and the collectives it ran; then the replication
+    check on the cases' inputs and on ids that differ on every rank but 0 (its message)."""
     out = []
     for case in cases:
         comm = Collectives()
         out.append((run_case(case, rank, comm), comm.log))
-    return out
+    batch = cases[0].batch
+    inputs = {"hidden": batch.hidden, "tokens": batch.tokens, "mask": batch.mask}
+    check_replicated(Collectives(), inputs)
+    try:
+        check_replicated(Collectives(), {**inputs, "tokens": batch.tokens + (rank > 0)})
+    except GradlensError as e:
+        return out, str(e)
+    return out, None
 
 
 def fields(res: EngineResult) -> dict[str, tuple[Tensor | None, Tensor | None]]:
@@ -285,18 +298,25 @@ def expected_log(case: Case, world: int) -> list[tuple[str, str, int]]:
 def check_world(splits: list[VocabSplit]) -> None:
     world = splits[0].world
     cases = cases_for(splits)
-    per_rank = run_ranks(engine_ranks, world, (cases,), timeout_s=120)
-    assert len(per_rank) == world
+    launched = run_ranks(engine_ranks, world, (cases,), timeout_s=120)
+    assert len(launched) == world
+    others = ", ".join(str(r) for r in range(1, world))
+    for _, mismatch in launched:  # the same message on every rank
+        assert mismatch == (
+            "tensor_parallel: every rank must hold the same inputs, and these differ: "
+            f"tokens (rank {others} against rank 0)"
+        )
+    per_rank = [results for results, _ in launched]
     for i, case in enumerate(cases):
         ref = reference(case)
         label = f"case {i} ({case.agg.mode}, bonus={case.entropy}, {case.pass1}, {case.plan})"
-        count = None
+        if case.reference_plan is not None:  # the same residency: the same GEMM count
+            count = gemms(case, per_rank[0][i][0])
+            assert per_rank[0][i][0].gemm_equivalents == pytest.approx(count, rel=TOL), label
         for rank, results in enumerate(per_rank):
             got, log = results[i]
             assert_equal(got, ref, f"{label}, rank {rank}")
-            if case.reference_plan is not None:  # the same residency: the same GEMM count
-                count = gemms(case, got) if count is None or case.pass1 != "all_gather" else count
-                assert got.gemm_equivalents == pytest.approx(count, rel=TOL), label
+            assert got.gemm_equivalents == per_rank[0][i][0].gemm_equivalents  # one sum
             assert [(r.step, r.op, r.elements) for r in log] == expected_log(case, world)
             assert all(r.payload_bytes == 8 * r.elements for r in log)  # float64
             if case.pass1 == "all_gather":  # combined locally in rank order: bitwise equal
@@ -483,6 +503,11 @@ def test_nccl_two_ranks_equal_the_single_process_engine():
         assert torch.allclose(logp, ref.tokens.logp, rtol=0, atol=TOL)
         for got, want in zip(norms, ref.rows, strict=True):
             assert float((got - want.norms).abs().max()) <= TOL * float(want.norms.max())
+
+
+def test_replication_check_in_one_process_passes():
+    check_replicated(Collectives(), {"x": torch.ones(3, dtype=torch.bfloat16)})
+    check_replicated(Collectives(), {})
 
 
 def test_collective_records_count_ring_bytes():
