@@ -42,8 +42,8 @@ from gradlens.engine.vocab_split import (
     split_vocab,
 )
 from gradlens.errors import GradlensError
-from gradlens.grads import Aggregation, loss_terms, loss_weights, run_params, token_inputs
-from gradlens.losses import LossParams, aggregation_weights, get_loss, loss_names
+from gradlens.grads import objective, on_grid
+from gradlens.losses import Aggregation, LossParams, aggregation_weights, get_loss, loss_names
 from gradlens.losses.aggregation import AGGREGATIONS
 from gradlens.losses.base import Correction
 
@@ -121,17 +121,14 @@ def coefficient_fn(case: Case) -> CoefficientFn:
     and one difference set c_ppo_clip − c_ppo (a parity pair, without the entropy bonus)."""
     batch, agg = case.batch, case.agg
     rows, cols = valid_index(batch.mask)
-    run = run_params(dataclasses.replace(case.params, entropy_coef=_coef(case)), agg)
+    params = dataclasses.replace(case.params, entropy_coef=_coef(case))
 
     def coefficients(logp_valid: Tensor) -> list[Tensor]:
-        logp = torch.zeros(batch.mask.shape, dtype=logp_valid.dtype)
-        logp[rows, cols] = logp_valid
-        inputs = token_inputs(batch, logp)
+        logp = on_grid(logp_valid, rows, cols, batch.mask.shape)
         out = []
         for name in NAMES:
-            terms = loss_terms(inputs, get_loss(name), run)
-            weights, _ = loss_weights(batch.mask, terms, agg, logp.dtype)
-            out.append((weights * terms.coefficient)[rows, cols])
+            obj = objective(batch, logp, get_loss(name), params, agg)
+            out.append(obj.coefficient[rows, cols])
         out.append(out[NAMES.index("ppo_clip")] - out[NAMES.index("ppo")])
         return out
 
