@@ -60,6 +60,11 @@ def upgrade(report: dict[str, Any]) -> dict[str, Any]:
         entries = report["batch"]["num_tokens"] * report["batch"]["vocab_size"]
         report["engine"]["reason"] = f"tokens × vocabulary = {entries} ≤ {1 << 24}"
     report["config"]["diagnostics"].setdefault("stream_above", 1 << 24)
+    # added with tensor parallelism (one process: 1 rank, no split)
+    report["config"]["diagnostics"].setdefault("tensor_parallel", 1)
+    report["config"]["diagnostics"].setdefault("collective_timeout_s", 300.0)
+    report["engine"].setdefault("tensor_parallel", 1)
+    report["engine"].setdefault("vocab_rows", None)
     mismatch = (report.get("model") or {}).get("mismatch")
     if mismatch is not None:
         mismatch["abs_diff_mean"] = mismatch.pop("mean_abs_diff")
