@@ -147,7 +147,7 @@ def environment(config: Config, device: torch.device) -> Environment:
 
 
 def run_compare(config: Config, group: dist.ProcessGroup | None = None) -> CompareReport:
-    """Run every loss of ``config`` on one batch and diagnose it.
+    """Run every loss of ``config`` on the batch its source builds and diagnose it.
 
     ``group``: with ``diagnostics.tensor_parallel`` P > 1, the process group of the P ranks
     (None: the default group, as torchrun and `torch.distributed.init_process_group` make it);
@@ -156,11 +156,27 @@ def run_compare(config: Config, group: dist.ProcessGroup | None = None) -> Compa
     device = resolve_device(config.device)
     comm = tensor_parallel_group(config.diagnostics.tensor_parallel, group)
     ctx = source_context(config, device, 0 if comm is None else comm.rank)
-    parallel = None
     if comm is None:
-        batch = build_source(config.source, ctx)
-    else:
-        batch, parallel = prepare(lambda: build_source(config.source, ctx), comm, device)
+        return compare_batch(build_source(config.source, ctx), config, device)
+    batch, parallel = prepare(lambda: build_source(config.source, ctx), comm, device)
+    return compare_batch(batch, config, device, parallel)
+
+
+def compare_batch(
+    batch: Batch, config: Config, device: torch.device, parallel: VocabParallel | None = None
+) -> CompareReport:
+    """Run every loss of ``config`` on ``batch`` and diagnose it (``config.source`` unused).
+
+    ``parallel``: with ``diagnostics.tensor_parallel`` > 1, this rank's group as
+    `gradlens.compare.tensor_parallel.prepare` returns it (``batch`` then holds the rank's rows
+    of W); `run_compare` prepares it.
+    """
+    if parallel is None and config.diagnostics.tensor_parallel > 1:
+        raise GradlensError(
+            f"diagnostics.tensor_parallel: {config.diagnostics.tensor_parallel} ranks run through "
+            "gradlens compare under torchrun or run_compare(config, group), which split the "
+            "lm_head over the group; this call runs in one process: set tensor_parallel 1"
+        )
     params = config.loss.params()
     aggregation = config.loss.token_aggregation()
     path, reason = choose_engine(config, batch)
