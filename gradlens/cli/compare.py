@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from typing import Annotated, Any
 
 import typer
@@ -119,10 +120,26 @@ def compare(
             "diagnostics.reference.",
         ),
     ] = None,
+    tensor_parallel: Annotated[
+        int | None,
+        typer.Option(
+            "--tensor-parallel",
+            metavar="N",
+            help="Split the lm_head's vocabulary rows over N ranks, one process each, launched "
+            "by torchrun: `torchrun --nproc-per-node N -m gradlens compare --tensor-parallel N "
+            "…` (gloo on CPU, NCCL on CUDA). The streamed engine, the same report as one "
+            "process; rank 0 prints it. Sets diagnostics.tensor_parallel (default 1).",
+        ),
+    ] = None,
     debug: DebugOption = False,
 ) -> None:
     """Run each loss on the same batch; report what it does to the logits and the lm_head."""
     with user_errors(debug):
+        from gradlens.cli.distributed import launched
+
+        launch = launched()
+    with user_errors(debug, launch.rank, launch.world):
+        from gradlens.cli.distributed import process_group
         from gradlens.cli.progress import progress_bar
         from gradlens.compare import run_compare
         from gradlens.compare.matrix import run_parity_matrix
@@ -141,6 +158,7 @@ def compare(
             "source.kind": source,
             "diagnostics.engine": engine,
             "diagnostics.reference": reference,
+            "diagnostics.tensor_parallel": tensor_parallel,
         }
         pairs = []
         for text in parity or []:
@@ -154,21 +172,24 @@ def compare(
                 flags["losses"] = list(dict.fromkeys(n for pair in pairs for n in pair))
         grid = settings_grid(parity_matrix or [])
         cfg = build_config(config, overrides or [], flags)
-        with progress_bar() as callback, reporting(callback):
-            if grid:
-                runs = [
-                    (s, build_config(config, [*(overrides or []), *_as_overrides(s)], flags))
-                    for s in grid
-                ]
-                report: CompareReport | ParityMatrixReport = run_parity_matrix(cfg, runs)
+        with process_group(cfg, launch):
+            bar = progress_bar() if launch.speaks else nullcontext(None)
+            with bar as callback, reporting(callback):
+                if grid:
+                    runs = [
+                        (s, build_config(config, [*(overrides or []), *_as_overrides(s)], flags))
+                        for s in grid
+                    ]
+                    report: CompareReport | ParityMatrixReport = run_parity_matrix(cfg, runs)
+                else:
+                    report = run_compare(cfg)
+        if launch.speaks:  # rank 0 writes the report; every rank exits with the same status
+            if output is OutputFormat.json:
+                typer.echo(to_json(report))
+            elif isinstance(report, ParityMatrixReport):
+                render_parity_matrix(report, stdout_console())
             else:
-                report = run_compare(cfg)
-        if output is OutputFormat.json:
-            typer.echo(to_json(report))
-        elif isinstance(report, ParityMatrixReport):
-            render_parity_matrix(report, stdout_console())
-        else:
-            render_compare(report, stdout_console())
+                render_compare(report, stdout_console())
     if check and not report.passed:
         raise typer.Exit(EXIT_CHECK_FAILED)
 
