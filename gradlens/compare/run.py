@@ -41,8 +41,9 @@ from gradlens.diagnostics import tolerances
 from gradlens.diagnostics.mismatch import rollout_stats
 from gradlens.diagnostics.numbers import num
 from gradlens.diagnostics.ratios import ratio_stats
+from gradlens.diagnostics.support import support_report
 from gradlens.errors import GradlensError
-from gradlens.grads import effective_old_logp
+from gradlens.grads import effective_old_logp, replay
 from gradlens.logits import softmax_dtype
 from gradlens.losses import Aggregation, LossParams, get_loss
 from gradlens.metric_names import metric_names
@@ -179,6 +180,9 @@ def compare_batch(
         )
     params = config.loss.params()
     aggregation = config.loss.token_aggregation()
+    stored = batch  # the source's batch: log-probs over the whole vocabulary
+    if config.loss.sampling_support == "kept":
+        batch = replay(batch)
     path, reason = choose_engine(config, batch)
     specs = [get_loss(name) for name in config.losses]
     pairs = [] if config.parity is None else config.parity.pairs
@@ -193,6 +197,11 @@ def compare_batch(
         )
     with _phase(parallel, "report"):
         report = _report(config, device, batch, run, params, aggregation)
+        if stored.kept is not None and parallel is None:
+            support = support_report(
+                stored, stored.kept, batch.replayed, params.eps_low, params.eps_high
+            )
+            report = report.model_copy(update={"support": support})
     return report
 
 

@@ -55,6 +55,7 @@ from gradlens.grads import (
     entropy_bonus,
     objective,
     on_grid,
+    replayed_ids,
 )
 from gradlens.logits import softmax_dtype
 from gradlens.losses import Aggregation, LossParams, LossSpec
@@ -84,9 +85,17 @@ def run_streamed(
         raise GradlensError(
             "diagnostics.engine: 'fused' runs in one process, not under tensor_parallel"
         )
+    kept_ids = replayed_ids(batch)
+    if kept_ids is not None and (fused or parallel is not None):
+        raise GradlensError(
+            "loss.sampling_support: 'kept' runs on the materialized and streamed engines; the "
+            "fused and vocab-parallel passes do not restrict π to the kept sets (set "
+            "diagnostics.engine streamed and tensor_parallel 1)"
+        )
     rows, cols = valid_index(batch.mask)
     hidden = batch.hidden[rows, cols]  # [M, H]
     tokens = batch.tokens[rows, cols]  # [M]
+    valid_kept = None if kept_ids is None else kept_ids[rows, cols]  # [M, K]
     names = [s.name for s in specs]
     run_specs = list(specs)
     pairs = pairs or []
@@ -129,9 +138,8 @@ def run_streamed(
             aggregation_mask(batch, params), softmax_dtype(batch.weight.dtype)
         )
         entropy_weight = params.entropy_coef * weights[rows, cols]
-    if parallel is None:
-        engine_pass = fused_lm_head_pass if fused else lm_head_pass
-        result = engine_pass(
+    if parallel is None and fused:
+        result = fused_lm_head_pass(
             hidden,
             batch.weight,
             tokens,
@@ -139,6 +147,17 @@ def run_streamed(
             engine_plan,
             entropy_weight=entropy_weight,
             entropy_losses=len(run_specs),  # not parity's c_B − c_A: the bonus cancels there
+        )
+    elif parallel is None:
+        result = lm_head_pass(
+            hidden,
+            batch.weight,
+            tokens,
+            coefficients_for,
+            engine_plan,
+            entropy_weight=entropy_weight,
+            entropy_losses=len(run_specs),
+            kept_ids=valid_kept,
         )
     else:
         result = vocab_parallel_pass(

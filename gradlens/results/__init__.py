@@ -45,6 +45,7 @@ from gradlens.results.report import (
     ZeroSum,
 )
 from gradlens.results.rollout import RolloutStats
+from gradlens.results.support import KeptToken, SupportRatio, SupportReport
 
 __all__ = [
     "PREDICTION_FACTOR",
@@ -58,6 +59,7 @@ __all__ = [
     "Environment",
     "GradGroup",
     "GradNormPrediction",
+    "KeptToken",
     "LossReport",
     "MetricName",
     "Mismatch",
@@ -80,6 +82,8 @@ __all__ = [
     "SftOverRl",
     "StaleStep",
     "Staleness",
+    "SupportRatio",
+    "SupportReport",
     "TokenDetail",
     "TopRow",
     "ZeroSum",

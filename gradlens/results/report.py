@@ -15,6 +15,7 @@ from pydantic import Field
 from gradlens.results.base import Result
 from gradlens.results.model import ModelGradients, ModelReport
 from gradlens.results.rollout import RolloutStats
+from gradlens.results.support import SupportReport
 
 SCHEMA_VERSION = "gradlens.compare/3"
 
@@ -301,6 +302,11 @@ class CompareReport(Result):
     )
     rollout: RolloutStats | None = Field(
         None, description="training–inference gap, when the batch has rollout log-probs"
+    )
+    support: SupportReport | None = Field(
+        None,
+        description="the rollout's top-p/top-k kept sets K_t, when the batch records them: the "
+        "kept mass and what replaying it (loss.sampling_support) changes",
     )
     parity: list[ParityReport] = Field(
         default_factory=list, description="--parity A,B (once per pair): each pair compared"
