@@ -337,7 +337,7 @@ class CompareReport(Result):
                 for k, v in value.items():
                     put(f"{key}/{k}", v)
 
-        for section in ("batch", "ratio", "rollout"):
+        for section in ("batch", "ratio", "rollout", "support"):
             part = getattr(self, section)
             if part is not None:
                 put(f"{prefix}/{section}", part.model_dump())

@@ -29,7 +29,7 @@ from torch import Tensor
 from gradlens.advantages import advantages_from_rewards
 from gradlens.batchfile import read_batch_tensors
 from gradlens.config import BatchSource
-from gradlens.containers import Batch, VocabRows
+from gradlens.containers import Batch, KeptSets, VocabRows
 from gradlens.engine.vocab_split import balanced_split
 from gradlens.errors import GradlensError
 from gradlens.grads import effective_old_logp, softmax_view
@@ -109,6 +109,14 @@ def build_batch_file(src: BatchSource, ctx: SourceContext) -> Batch:
     def opt(name: str) -> torch.Tensor | None:
         return data[name].to(acc).to(device) if name in data else None
 
+    kept = None
+    if "kept_ids" in data:
+        kept = KeptSets(
+            ids=data["kept_ids"].to(device),
+            rule="the batch file's kept_ids",
+            old_log_mass=opt("old_kept_log_mass"),
+            rollout_log_mass=opt("rollout_kept_log_mass"),
+        )
     return Batch(
         hidden=hidden.to(dtype).to(device),
         weight=weight.to(dtype).to(device),
@@ -125,6 +133,7 @@ def build_batch_file(src: BatchSource, ctx: SourceContext) -> Batch:
         advantage_note=note,
         model_context=context,
         weight_rows=rows,
+        kept=kept,
     )
 
 
@@ -153,6 +162,10 @@ def dump_tensors(batch: Batch) -> dict[str, Tensor | None]:
         "advantages": batch.advantages,
         "hidden": batch.hidden,
     }
+    if batch.kept is not None:
+        per_token["kept_ids"] = batch.kept.ids
+        per_token["old_kept_log_mass"] = batch.kept.old_log_mass
+        per_token["rollout_kept_log_mass"] = batch.kept.rollout_log_mass
     context = batch.model_context
     if context is None:
         return {**per_token, "weight": batch.weight}
