@@ -445,9 +445,7 @@ def test_a_model_with_scaled_logits_is_refused(tmp_path):
 
 @pytest.mark.parametrize("truncation", [{"top_p": 0.9}, {"top_k": 20}], ids=["top_p", "top_k"])
 def test_the_rollout_records_its_kept_sets(checkpoints, truncation):
-    batch = _batch(
-        checkpoints["llama"], reward="length", rollout_dtype="float32", **truncation
-    )
+    batch = _batch(checkpoints["llama"], reward="length", rollout_dtype="float32", **truncation)
     kept = batch.kept
     assert kept is not None and kept.rollout_log_mass is not None and kept.old_log_mass is not None
     m = batch.mask
