@@ -55,7 +55,7 @@ import torch
 from torch import Tensor
 
 from gradlens.errors import GradlensError
-from gradlens.files import replacing
+from gradlens.files import read_text, writing
 
 ALIASES: dict[str, tuple[str, ...]] = {
     "tokens": ("responses", "input_ids"),
@@ -104,7 +104,7 @@ def _load_raw(path: Path, where: str) -> dict[str, Tensor]:
 
 def _load_jsonl(path: Path, where: str) -> dict[str, Tensor]:
     rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for i, line in enumerate(read_text(path, where).splitlines(), start=1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
@@ -383,29 +383,37 @@ def _jsonl_row(data: Mapping[str, Tensor], i: int, length: int) -> dict[str, Any
     return row
 
 
-def write_batch(path: Path, tensors: Mapping[str, Tensor | None]) -> None:
-    """Write gradlens-named tensors under the frameworks' key names, format by suffix."""
+def write_batch(path: Path, tensors: Mapping[str, Tensor | None], option: str = "--output") -> None:
+    """Write gradlens-named tensors under the frameworks' key names, format by suffix.
+
+    Through `gradlens.files.writing`: the file appears whole or not at all, and an OS error (a
+    read-only directory, a full disk) is a `GradlensError` naming ``option``.
+    """
     names = {g: ALIASES[g][0] for g in ALIASES}
     data = {names[k]: v.detach().cpu().contiguous() for k, v in tensors.items() if v is not None}
+    suffix = check_batch_suffix(path, option)
+    if suffix == ".safetensors":
+        from safetensors.torch import save
+
+        payload = save(data)  # serialised here, so that the bytes go through Python's I/O
+        with writing(path, option, "wb") as fh:
+            fh.write(payload)
+    elif suffix in (".pt", ".pth"):
+        with writing(path, option, "wb") as fh:
+            torch.save(data, fh)
+    else:
+        mask = data["response_mask"].bool()
+        with writing(path, option) as fh:
+            for i in range(mask.shape[0]):
+                length = int(mask[i].nonzero().max()) + 1 if mask[i].any() else 0
+                fh.write(json.dumps(_jsonl_row(data, i, length)) + "\n")
+
+
+def check_batch_suffix(path: Path, option: str = "--output") -> str:
+    """The batch-file format of ``path`` by its suffix, or a `GradlensError` naming ``option``."""
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise GradlensError(
-            f"--output: unknown format {suffix!r}; use one of {', '.join(SUFFIXES)}"
+            f"{option} {str(path)!r}: unknown format {suffix!r}; use one of {', '.join(SUFFIXES)}"
         )
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with replacing(path) as tmp:  # never leave a half-written file behind
-            if suffix == ".safetensors":
-                from safetensors.torch import save_file
-
-                save_file(data, str(tmp))
-            elif suffix in (".pt", ".pth"):
-                torch.save(data, tmp)
-            else:
-                mask = data["response_mask"].bool()
-                with tmp.open("w", encoding="utf-8") as fh:
-                    for i in range(mask.shape[0]):
-                        length = int(mask[i].nonzero().max()) + 1 if mask[i].any() else 0
-                        fh.write(json.dumps(_jsonl_row(data, i, length)) + "\n")
-    except OSError as exc:  # a full disk, a read-only directory: the user's to fix, not a bug
-        raise GradlensError(f"--output {str(path)!r}: {exc.strerror or exc}") from None
+    return suffix

@@ -28,6 +28,7 @@ from pydantic import (
 
 from gradlens.batchfile import SUFFIXES as BATCH_SUFFIXES
 from gradlens.errors import GradlensError, unknown_name_message
+from gradlens.files import read_text
 from gradlens.losses import AGGREGATIONS, Aggregation, LossParams, get_loss, loss_names
 from gradlens.losses.corrections import KINDS as CORRECTION_KINDS
 from gradlens.losses.corrections import with_defaults
@@ -530,10 +531,7 @@ def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
 
 def read_yaml(path: Path) -> dict[str, Any]:
     """The YAML file as a mapping; a clear error for a missing, unreadable or malformed file."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise GradlensError(f"config file {str(path)!r}: {exc.strerror or exc}") from None
+    text = read_text(path, "config file")
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

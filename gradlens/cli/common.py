@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -14,6 +15,7 @@ from rich.console import Console
 from rich.text import Text
 
 from gradlens.errors import GradlensError
+from gradlens.files import os_reason
 
 EXIT_CHECK_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -64,6 +66,26 @@ def stdout_console() -> Console:
 
 def stderr_console() -> Console:
     return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+@contextmanager
+def stdout_errors() -> Iterator[None]:
+    """Write the report to stdout inside this block: a full disk or a closed pipe is not a bug.
+
+    A reader that stops early (`gradlens sweep -f csv | head`) ends the command quietly with
+    status 0; any other OS error (no space left where stdout is redirected) is a
+    `GradlensError`. Either way stdout is then pointed at the null device, so that Python's own
+    flush at exit does not fail a second time.
+    """
+    try:
+        yield
+        sys.stdout.flush()
+    except OSError as exc:
+        with suppress(OSError, ValueError):  # no file descriptor: a test's captured stdout
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        if isinstance(exc, BrokenPipeError):
+            raise typer.Exit(0) from None
+        raise GradlensError(f"stdout: {os_reason(exc)}") from None
 
 
 @contextmanager

@@ -13,6 +13,7 @@ from gradlens.cli.common import (
     OutputFormat,
     SetOption,
     stdout_console,
+    stdout_errors,
     user_errors,
 )
 
@@ -136,9 +137,10 @@ def compare(
         cfg = build_config(config, overrides or [], flags)
         with progress_bar() as callback, reporting(callback):
             report = run_compare(cfg)
-        if output is OutputFormat.json:
-            typer.echo(to_json(report))
-        else:
-            render_compare(report, stdout_console())
+        with stdout_errors():
+            if output is OutputFormat.json:
+                typer.echo(to_json(report))
+            else:
+                render_compare(report, stdout_console())
     if check and not report.passed:
         raise typer.Exit(EXIT_CHECK_FAILED)

@@ -7,7 +7,6 @@ notes and errors go to stderr. A file named by ``--output`` appears only once co
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,9 +23,10 @@ from gradlens.cli.common import (
     set_option,
     stderr_console,
     stdout_console,
+    stdout_errors,
     user_errors,
 )
-from gradlens.files import replacing
+from gradlens.files import check_output, writing
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -230,6 +230,8 @@ def sweep(
         }
         cfg = build_sweep_config(config, overrides or [], over or [], flags, axis)
         data_format = record_format(output_format, output)
+        if output is not None:
+            check_output(output, "--output")
         if plot is not None:
             from gradlens.report.plots import check_plot_path
 
@@ -261,7 +263,6 @@ def sweep(
 
 def _write(outcome: SweepOutcome, fmt: str, output: Path | None, tick: Tick) -> int:
     """Write the records or the summary to ``output`` or stdout; the number of records."""
-    from gradlens.errors import GradlensError
     from gradlens.report import sweep_serialize
 
     def write(stream: TextIO) -> int:
@@ -271,19 +272,10 @@ def _write(outcome: SweepOutcome, fmt: str, output: Path | None, tick: Tick) -> 
         return sweep_serialize.write_records(outcome.rows(), outcome.columns(), fmt, stream, tick)
 
     if output is None:
-        try:
-            count = write(sys.stdout)
-            sys.stdout.flush()
-        except BrokenPipeError:  # `gradlens sweep -f csv | head`: the reader has had enough
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            raise typer.Exit(0) from None
-        return count
-    try:
-        with replacing(output) as target, target.open("w", encoding="utf-8", newline="") as f:
-            count = write(f)
-    except OSError as exc:
-        raise GradlensError(f"--output {str(output)!r}: {exc.strerror or exc}") from None
-    return count
+        with stdout_errors():
+            return write(sys.stdout)
+    with writing(output, "--output") as f:
+        return write(f)
 
 
 class _Bar:
