@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,7 @@ from torch import Tensor
 
 from gradlens.errors import GradlensError
 from gradlens.files import read_text, writing
+from gradlens.validation import describe, find, non_finite
 
 ALIASES: dict[str, tuple[str, ...]] = {
     "tokens": ("responses", "input_ids"),
@@ -183,30 +185,54 @@ def _pick(raw: Mapping[str, Tensor], name: str, where: str, required: bool) -> T
     return None
 
 
+@dataclass(frozen=True)
+class BatchFile:
+    """A batch file's tensors under gradlens names, and the key each was read from.
+
+    ``keys`` maps a gradlens name (``tokens``, ``mask``, ``old_logp``, ...) to the key the file
+    uses for it (``responses``, ``response_mask``, ``old_log_probs``, ...), for messages.
+    """
+
+    tensors: dict[str, Tensor]
+    keys: dict[str, str]
+
+
 def read_batch_tensors(
     path: Path, where: str = "source.path", prompts: bool = False
 ) -> dict[str, Tensor]:
+    """The file's tensors under gradlens names (`read_batch_file` without the keys)."""
+    return read_batch_file(path, where, prompts).tensors
+
+
+def read_batch_file(path: Path, where: str = "source.path", prompts: bool = False) -> BatchFile:
     """The file's tensors under gradlens names, shapes checked; every error names the key.
+
+    Checked here: the keys and their shapes, and what only the file shows: token ids and masks
+    stored as floats must hold integers (0 or 1 for a mask), rewards must be finite. The values
+    of the batch itself (finite log-probs ≤ 0, token ids in the vocabulary, ...) are checked by
+    `gradlens.validation` for every source alike.
 
     ``prompts``: also the prompt tokens that recompute the hidden states (``source.model_path``):
     ``prompt_ids`` [N, P], ``prompt_mask`` [N, P] and ``response_attention`` [N, T].
     """
     raw = _load_raw(path, where)
     out: dict[str, Tensor] = {}
+    keys: dict[str, str] = {}
     tokens_key = _key(raw, "tokens")
     tokens = _pick(raw, "tokens", where, True)
-    assert tokens is not None
+    assert tokens is not None and tokens_key is not None
+    keys["tokens"] = tokens_key
     if tokens.dim() != 2:
         raise GradlensError(
             f"{where}: {tokens_key!r} must be [N, T]; got shape {tuple(tokens.shape)}"
         )
     n, t = tokens.shape
-    out["tokens"] = tokens.long()
     for name in ("mask", "old_logp", "rollout_logp", "ref_logp"):
         key = _key(raw, name)
         x = _pick(raw, name, where, required=name in ("mask", "old_logp"))
-        if x is None:
+        if x is None or key is None:
             continue
+        keys[name] = key
         if (
             key == "attention_mask"
             and tokens_key == "responses"
@@ -220,7 +246,8 @@ def read_batch_tensors(
                 f"{where}: {key!r} has shape {tuple(x.shape)}; expected [N, T] = "
                 f"{(n, t)} like {tokens_key!r}"
             )
-        out[name] = x.bool() if name == "mask" else x.double()
+        out[name] = _mask(x, key, where) if name == "mask" else x.double()
+    out["tokens"] = _integers(tokens, tokens_key, where, out["mask"])
     adv, rewards = _pick(raw, "advantages", where, False), _pick(raw, "rewards", where, False)
     if adv is None and rewards is None:
         raise GradlensError(
@@ -228,13 +255,26 @@ def read_batch_tensors(
             f"{', '.join(sorted(raw))}"
         )
     for name, x in (("advantages", adv), ("rewards", rewards)):
-        if x is None:
+        key = _key(raw, name)
+        if x is None or key is None:
             continue
+        keys[name] = key
         if tuple(x.shape) not in ((n,), (n, t)):
             raise GradlensError(
-                f"{where}: {name!r} has shape {tuple(x.shape)}; expected [N] or [N, T]"
+                f"{where}: {key!r} has shape {tuple(x.shape)}; expected [N] or [N, T]"
             )
+        if x.dtype == torch.bool or not (x.is_floating_point() or x.dtype.is_signed):
+            x = x.long()
         out[name] = x.double()
+    if "rewards" in out and "advantages" not in out:
+        r = out["rewards"]
+        found = find(r, non_finite, out["mask"] if r.dim() == 2 else None)
+        if found is not None:
+            index = ", ".join(map(str, found.index))
+            raise GradlensError(
+                f"{where}: {keys['rewards']!r}[{index}] is {describe(found.value)}; every "
+                f"reward must be a finite number ({found.count} are not)"
+            )
     hidden, weight = _pick(raw, "hidden", where, False), _pick(raw, "weight", where, False)
     if (hidden is None) != (weight is None):
         missing = "lm_head_weight" if weight is None else "hidden_states"
@@ -253,26 +293,46 @@ def read_batch_tensors(
                 f"{where}: 'lm_head_weight' has shape {tuple(weight.shape)}; "
                 f"expected [V, H] with H = {hidden.shape[2]}"
             )
+        for key, x in (("hidden_states", hidden), ("lm_head_weight", weight)):
+            if not x.is_floating_point():
+                raise GradlensError(
+                    f"{where}: {key!r} has dtype {str(x.dtype).removeprefix('torch.')}; "
+                    "expected floating-point numbers"
+                )
         out["hidden"], out["weight"] = hidden, weight
-        v = weight.shape[0]
-        used = tokens[out["mask"]]
-        if used.numel() and (int(used.min()) < 0 or int(used.max()) >= v):
-            raise GradlensError(
-                f"{where}: 'responses' has token ids outside the vocabulary "
-                f"[0, {v}) of 'lm_head_weight'"
-            )
-    for name in ("old_logp", "rollout_logp", "ref_logp", "advantages", "rewards"):
-        if (
-            name in out
-            and not torch.isfinite(
-                out[name][out["mask"]] if out[name].dim() == 2 else out[name]
-            ).all()
-        ):
-            raise GradlensError(f"{where}: {name} has NaN or inf at valid positions")
+        keys["hidden"], keys["weight"] = "hidden_states", "lm_head_weight"
     if prompts:
-        assert tokens_key is not None
         out.update(_prompt_context(raw, tokens_key, out["tokens"], out["mask"], where))
-    return out
+    return BatchFile(out, keys)
+
+
+def _integers(x: Tensor, key: str, where: str, valid: Tensor | None = None) -> Tensor:
+    """Token ids as int64; ids stored as floats must be whole numbers (at ``valid`` positions:
+    padding may hold anything), never silently truncated."""
+    if x.is_floating_point():
+        found = find(x, lambda v: v != torch.round(v), valid)  # NaN ≠ NaN: caught too
+        if found is not None:
+            index = ", ".join(map(str, found.index))
+            raise GradlensError(
+                f"{where}: {key!r}[{index}] is {describe(found.value)}, not a whole number; "
+                f"token ids are integers ({found.count} entries are not)"
+            )
+        if valid is not None:
+            x = torch.where(valid, x, 0.0)  # padding that is no id at all: never read
+    return x.long()
+
+
+def _mask(x: Tensor, key: str, where: str) -> Tensor:
+    """A mask as bool; stored as numbers it must hold 0 and 1 only."""
+    if x.dtype != torch.bool:
+        found = find(x, lambda v: (v != 0) & (v != 1))
+        if found is not None:
+            index = ", ".join(map(str, found.index))
+            raise GradlensError(
+                f"{where}: {key!r}[{index}] is {describe(found.value)}; a mask holds 0 (not in "
+                f"the loss) or 1 (in the loss) ({found.count} entries are neither)"
+            )
+    return x.bool()
 
 
 def _prompt_context(
@@ -342,9 +402,13 @@ def _prompt_context(
             f"{where}: the response mask puts tokens into the loss that 'attention_mask' marks "
             "as padding"
         )
+    ids_key = "prompts" if "prompts" in raw else "input_ids"
+    prompt_mask = _mask(
+        prompt_mask, "prompt_mask" if "prompt_mask" in raw else "attention_mask", where
+    )
     return {
-        "prompt_ids": ids.long(),
-        "prompt_mask": prompt_mask.bool(),
+        "prompt_ids": _integers(ids, ids_key, where, prompt_mask),
+        "prompt_mask": prompt_mask,
         "response_attention": attention,
     }
 

@@ -46,9 +46,10 @@ DTYPES = {
 
 
 class Strict(BaseModel):
-    """Unknown keys are errors; parsed configs are immutable."""
+    """Unknown keys are errors; parsed configs are immutable; every number is finite (a NaN
+    or an infinity in a setting is an error naming it, never a batch of NaNs)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # ----------------------------------------------------------------------------- sources
@@ -586,7 +587,7 @@ def format_error(err: Any) -> str:
     if len(loc) >= 2 and loc[0] == "source" and loc[1] in SOURCE_KINDS:
         source_kind = loc[1]
         loc = [loc[0], *loc[2:]]
-    where = ".".join(loc) or "(top level)"
+    where = dotted(loc) or "(top level)"
     kind = err["type"]
     if kind == "extra_forbidden":
         allowed = allowed_keys(loc[:-1], source_kind)
@@ -596,6 +597,15 @@ def format_error(err: Any) -> str:
     if kind != "missing" and (got is None or isinstance(got, (int, float, str, bool))):
         message += f" (got {got!r})"
     return f"{where}: {message}"
+
+
+def dotted(loc: list[str]) -> str:
+    """['source', 'sequences', '0', 'positions', '2', 'advantage'] →
+    'source.sequences[0].positions[2].advantage'."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if part.isdigit() else (f".{part}" if out else part)
+    return out
 
 
 def allowed_keys(loc: list[str], source_kind: str | None = None) -> list[str]:

@@ -45,6 +45,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "gradlens.progress",
             "gradlens.batchfile",
             "gradlens.metric_names",
+            "gradlens.validation",
         ),
     ),
 ]

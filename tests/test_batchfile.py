@@ -148,7 +148,10 @@ def good() -> dict:
         (lambda d: d.update(old_log_probs=torch.zeros(2, 4)), "'old_log_probs' has shape (2, 4)"),
         (lambda d: d.update(responses=torch.full((2, 3), 9)), "outside the vocabulary [0, 5)"),
         (lambda d: d.update(hidden_states=torch.randn(2, 3, 7)), "'lm_head_weight' has shape"),
-        (lambda d: d.update(old_log_probs=torch.full((2, 3), float("nan"))), "NaN or inf"),
+        (
+            lambda d: d.update(old_log_probs=torch.full((2, 3), float("nan"))),
+            "'old_log_probs'[0, 0]: NaN",
+        ),
     ],
 )
 def test_bad_batch_files_name_the_key(tmp_path, change, expected):

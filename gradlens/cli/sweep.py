@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, TextIO
+from typing import IO, TYPE_CHECKING, Annotated
 
 import typer
 
@@ -265,7 +265,7 @@ def _write(outcome: SweepOutcome, fmt: str, output: Path | None, tick: Tick) -> 
     """Write the records or the summary to ``output`` or stdout; the number of records."""
     from gradlens.report import sweep_serialize
 
-    def write(stream: TextIO) -> int:
+    def write(stream: IO[str]) -> int:
         if fmt == SweepFormat.summary.value:
             sweep_serialize.write_summary(outcome.report, stream)
             return 0

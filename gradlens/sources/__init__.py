@@ -14,6 +14,7 @@ from gradlens.sources.batch import build_batch_file
 from gradlens.sources.literal import build_literal
 from gradlens.sources.model import build_model_batch
 from gradlens.sources.synthetic import build_synthetic
+from gradlens.validation import check_batch
 
 SourceBuilder = Callable[[Any, SourceContext], Batch]
 
@@ -26,8 +27,11 @@ SOURCES: dict[str, SourceBuilder] = {
 
 
 def build_source(section: Any, ctx: SourceContext) -> Batch:
-    """The batch described by the source section ``section`` (any of the config's kinds)."""
-    return SOURCES[section.kind](section, ctx)
+    """The batch described by the source section ``section`` (any of the config's kinds),
+    checked by the one rule of `gradlens.validation` for every source."""
+    batch = SOURCES[section.kind](section, ctx)
+    check_batch(batch)
+    return batch
 
 
 __all__ = ["SOURCES", "SourceContext", "build_source"]

@@ -20,9 +20,9 @@ import torch
 from torch import Tensor
 
 from gradlens.advantages import advantages_from_rewards
-from gradlens.batchfile import read_batch_tensors
+from gradlens.batchfile import read_batch_file
 from gradlens.config import BatchSource
-from gradlens.containers import Batch
+from gradlens.containers import Batch, Namer, Origin
 from gradlens.errors import GradlensError
 from gradlens.grads import effective_old_logp, softmax_view
 from gradlens.logits import softmax_dtype
@@ -34,7 +34,8 @@ def build_batch_file(src: BatchSource, ctx: SourceContext) -> Batch:
     """The batch stored at ``source.path``."""
     device, dtype = ctx.device, ctx.dtype
     path = Path(src.path).expanduser()
-    data = read_batch_tensors(path, prompts=src.model_path is not None)
+    file = read_batch_file(path, prompts=src.model_path is not None)
+    data = file.tensors
     origin = ""
     context = None
     if src.model_path is not None:
@@ -95,7 +96,38 @@ def build_batch_file(src: BatchSource, ctx: SourceContext) -> Batch:
         ),
         advantage_note=note,
         model_context=context,
+        origin=Origin(
+            file_names(path.name, file.keys, data, src.model_path),
+            frozenset() if src.model_path is None else frozenset({"hidden", "weight"}),
+        ),
     )
+
+
+def file_names(
+    file: str, keys: dict[str, str], data: dict[str, Tensor], model_path: str | None
+) -> Namer:
+    """Each tensor of the batch by the key the file stores it under (`Origin.name`)."""
+
+    def name(field: str, index: tuple[int, ...]) -> str:
+        where = f"source.path {file}"
+        if field in ("hidden", "weight") and model_path is not None:
+            what = "hidden states" if field == "hidden" else "lm_head weight"
+            at = f"[{', '.join(map(str, index))}]" if index else ""
+            return f"the {what}{at} recomputed by source.model_path {model_path!r}"
+        stored: Tensor | None
+        if field == "advantages" and "advantages" not in data:
+            key, stored = keys["rewards"], data["rewards"]
+            prefix = "the advantages from "
+        else:
+            key = keys.get(field, field)
+            stored = data.get(field)
+            prefix = ""
+        if stored is not None and stored.dim() == 1:
+            index = index[:1]  # one value per sequence, broadcast over its tokens
+        at = f"[{', '.join(map(str, index))}]" if index else ""
+        return f"{where}: {prefix}{key!r}{at}"
+
+    return name
 
 
 def dump_tensors(batch: Batch) -> dict[str, Tensor | None]:

@@ -37,7 +37,7 @@ import torch
 
 from gradlens.advantages import advantages_from_rewards
 from gradlens.config import DTYPES, ModelSource
-from gradlens.containers import Batch, ModelContext, RolloutRecord
+from gradlens.containers import Batch, ModelContext, Origin, RolloutRecord
 from gradlens.losses import get_loss
 from gradlens.sources.base import SourceContext
 from gradlens.sources.checkpoint import load_checkpoint
@@ -145,4 +145,28 @@ def build_model_batch(src: ModelSource, ctx: SourceContext) -> Batch:
             rollout=record,
             staleness=stale.record,
         ),
+        origin=Origin(model_names, COMPUTED),
     )
+
+
+# What the model computed (everything but the rewards' advantages): a problem there is a
+# finding of the report, not an input error.
+COMPUTED = frozenset(
+    {"tokens", "mask", "old_logp", "rollout_logp", "ref_logp", "hidden", "weight", "on_policy"}
+)
+MODEL_WORDS = {
+    "tokens": "the sampled tokens",
+    "mask": "the completion mask",
+    "advantages": "the advantages from source.reward",
+    "old_logp": "log π_old from the training pass",
+    "rollout_logp": "log μ_old from the rollout pass",
+    "ref_logp": "log π_ref from the training pass",
+    "hidden": "the model's final hidden states",
+    "weight": "the model's lm_head weight",
+}
+
+
+def model_names(field: str, index: tuple[int, ...]) -> str:
+    """Each tensor by what the model computed (`Origin.name`)."""
+    at = f"[{', '.join(map(str, index))}]" if index else ""
+    return f"{MODEL_WORDS.get(field, field)}{at}"
