@@ -104,6 +104,31 @@ def _load_raw(path: Path, where: str) -> dict[str, Tensor]:
         raise GradlensError(f"{where}: cannot read {path.name}: {exc}") from None
 
 
+def peek_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
+    """The shape of every tensor in the file by its key, without reading the data: the header
+    of a .safetensors file, a memory-mapped .pt; None for a .jsonl file (only parsing tells)
+    or a file that cannot be read that way (reading it then gives the real error)."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as fh:
+                return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}  # noqa: SIM118
+        if suffix in (".pt", ".pth"):
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            if isinstance(data, Mapping):
+                return {str(k): tuple(v.shape) for k, v in data.items() if isinstance(v, Tensor)}
+    except Exception:  # a corrupt or foreign file: `read_batch_file` says what is wrong
+        return None
+    return None
+
+
+def shape_keys(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, str]:
+    """gradlens name → the key the file uses for it, for the keys present."""
+    return {name: key for name in ALIASES if (key := _key(shapes, name)) is not None}
+
+
 def _load_jsonl(path: Path, where: str) -> dict[str, Tensor]:
     rows = []
     for i, line in enumerate(read_text(path, where).splitlines(), start=1):
@@ -168,7 +193,7 @@ def _pad_whole_sequence(values: list, responses: list, key: str) -> Tensor:
     return torch.cat([head, tail], dim=1)
 
 
-def _key(raw: Mapping[str, Tensor], name: str) -> str | None:
+def _key(raw: Mapping[str, Any], name: str) -> str | None:
     """The first of the name's aliases that the file has."""
     return next((key for key in ALIASES[name] if key in raw), None)
 

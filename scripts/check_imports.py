@@ -46,6 +46,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "gradlens.batchfile",
             "gradlens.metric_names",
             "gradlens.validation",
+            "gradlens.memory",
         ),
     ),
 ]

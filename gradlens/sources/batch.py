@@ -20,14 +20,18 @@ import torch
 from torch import Tensor
 
 from gradlens.advantages import advantages_from_rewards
-from gradlens.batchfile import read_batch_file
+from gradlens.batchfile import peek_shapes, read_batch_file, shape_keys
 from gradlens.config import BatchSource
 from gradlens.containers import Batch, Namer, Origin
 from gradlens.errors import GradlensError
 from gradlens.grads import effective_old_logp, softmax_view
 from gradlens.logits import softmax_dtype
-from gradlens.sources.base import SourceContext
-from gradlens.sources.recompute import recompute_hidden
+from gradlens.memory import Estimate, Shape, dtype_bytes
+from gradlens.sources.base import SourceContext, SourcePlan
+from gradlens.sources.checkpoint import checkpoint_estimate, checkpoint_sizes
+from gradlens.sources.recompute import BUILTIN, recompute_hidden
+
+JSONL_FACTOR = 4  # a .jsonl number parsed into Python objects takes about 4× its text
 
 
 def build_batch_file(src: BatchSource, ctx: SourceContext) -> Batch:
@@ -128,6 +132,50 @@ def file_names(
         return f"{where}: {prefix}{key!r}{at}"
 
     return name
+
+
+def plan_batch_file(src: BatchSource, ctx: SourceContext) -> SourcePlan:
+    """The batch's sizes from the file's header (nothing read but the shapes), and the peak:
+    the file's tensors as read, the hidden states and lm_head in the run's dtype, and with
+    ``source.model_path`` the checkpoint's passes over prompt + response."""
+    path = Path(src.path).expanduser()
+    try:
+        size = path.stat().st_size
+    except OSError:
+        size = 0  # reading it gives the real error
+    jsonl = path.suffix.lower() == ".jsonl"
+    terms = [("the file's tensors, as read", size * (JSONL_FACTOR if jsonl else 1))]
+    shapes = peek_shapes(path)
+    if shapes is None:
+        return SourcePlan(
+            (Estimate("reading the batch file", "source.path", tuple(terms), True),), None, None
+        )
+    keys = shape_keys(shapes)
+    provides = frozenset(name for name in ("rollout_logp", "ref_logp") if name in keys)
+    grid = shapes.get(keys.get("tokens", ""), ())
+    weight = shapes.get(keys.get("weight", ""), ())
+    s = dtype_bytes(ctx.dtype)
+    estimates = []
+    shape = None
+    if len(grid) == 2:
+        n, t = grid
+        if src.model_path is not None:
+            sizes = checkpoint_sizes(None if src.model_path == BUILTIN else src.model_path)
+            if sizes is not None:
+                prompt = shapes.get(keys.get("prompts", ""), shapes.get("input_ids", (n, 0)))
+                length = t + (prompt[1] if len(prompt) == 2 else 0)
+                estimates.append(
+                    checkpoint_estimate(
+                        sizes, "source.path, source.model_path", ctx.dtype, n, length
+                    )
+                )
+                shape = Shape(n, t, sizes.vocab, sizes.hidden)
+        elif len(weight) == 2:
+            v, h = weight
+            terms += [("hidden states [N, T, H]", n * t * h * s), ("lm_head [V, H]", v * h * s)]
+            shape = Shape(n, t, v, h)
+    estimates.insert(0, Estimate("reading the batch file", "source.path", tuple(terms), True))
+    return SourcePlan(tuple(estimates), shape, provides)
 
 
 def dump_tensors(batch: Batch) -> dict[str, Tensor | None]:

@@ -29,8 +29,9 @@ from gradlens.advantages import advantages_from_rewards
 from gradlens.config import SyntheticSource
 from gradlens.containers import Batch, Namer, Origin
 from gradlens.errors import GradlensError
-from gradlens.logits import compute_logits, token_logp
-from gradlens.sources.base import SourceContext
+from gradlens.logits import compute_logits, softmax_dtype, token_logp
+from gradlens.memory import Estimate, Shape, dtype_bytes
+from gradlens.sources.base import SourceContext, SourcePlan
 
 
 def mean_entropy(logits: Tensor) -> float:
@@ -136,6 +137,38 @@ def build_synthetic(src: SyntheticSource, ctx: SourceContext) -> Batch:
         ),
         advantage_note=note,
         origin=Origin(setting_names(src)),
+    )
+
+
+def plan_synthetic(src: SyntheticSource, ctx: SourceContext) -> SourcePlan:
+    """The batch's sizes and the source's peak memory, from the settings alone.
+
+    The peak is the sampling step: the [N, T, V] logits of π_θ (and of π_old and μ_old when they
+    drift) in the softmax dtype, the float64 probabilities the sampler draws from beside the
+    float64 copy of the logits they come from, and the last float64 noise draw, still held;
+    beside them the float64 and run-dtype copies of the hidden states and the lm_head.
+    """
+    n, t, v, h = src.num_sequences, src.max_length, src.vocab_size, src.hidden_size
+    s, acc = dtype_bytes(ctx.dtype), dtype_bytes(softmax_dtype(ctx.dtype))
+    entries = n * t * v
+    drifts = (src.drift.kind != "none") + (src.rollout_drift is not None)
+    terms = [
+        ("hidden states [N, T, H]", n * t * h * (8 + s)),
+        ("lm_head [V, H]", v * h * (8 + s)),
+        ("logits [N, T, V]", entries * acc * (1 + drifts)),
+        ("sampling probabilities [N·T, V] in float64", entries * 16),
+        ("lengths and mask", n * (8 + t)),
+    ]
+    if src.drift.kind == "logit_noise" or src.rollout_drift is not None or src.ref_drift:
+        terms.append(("the last noise draw [N, T, V] in float64", entries * 8))
+    provides = {"rollout_logp"} if src.rollout_drift is not None else set()
+    provides |= {"ref_logp"} if src.ref_drift is not None else set()
+    settings = "source.num_sequences × source.max_length × source.vocab_size (source.hidden_size)"
+    return SourcePlan(
+        # built on the CPU (one generator for every device), then moved: host memory
+        memory=(Estimate("the synthetic source", settings, tuple(terms), host=True),),
+        shape=Shape(n, t, v, h, tokens=n * src.min_length),  # at least min_length each
+        provides=frozenset(provides),
     )
 
 

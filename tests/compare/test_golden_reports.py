@@ -46,8 +46,11 @@ AGREEMENT_ERRORS = {"coefficient", "grad_logits", "grad_weight"}
 
 def upgrade(report: dict[str, Any]) -> dict[str, Any]:
     """A golden report recorded under ``gradlens.compare/1`` in today's schema: the renamed and
-    added fields of docs/json-schema.md's changelog, nothing else."""
+    added fields of docs/json-schema.md's changelog, nothing else. A report recorded under
+    ``/2`` is returned as it is."""
     report = json.loads(json.dumps(report))
+    if str(report.get("schema_version", "")).endswith("/2"):
+        return report  # recorded under today's schema
     if "check" in report:  # a sweep summary (gradlens.sweep/1 → /2)
         for loss in report["losses"]:
             loss["per_token_grad_formula"] = loss.pop("coefficient")
