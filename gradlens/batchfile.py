@@ -74,12 +74,13 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "attention": ("attention_mask",),  # [N, P+T] beside 'prompts': written by `dump_tensors`
 }
 SUFFIXES = (".safetensors", ".pt", ".pth", ".jsonl")
-INTEGER_KEYS = frozenset({*ALIASES["tokens"], *ALIASES["mask"], "prompts", "prompt_mask"})
 LEFT_PADDED = ("prompts", "prompt_mask")  # verl left-pads prompts; .jsonl lines are unpadded
 WHOLE_SEQUENCE = ("input_ids", "attention_mask")  # [P+T] beside 'responses'
 
 
 def _load_raw(path: Path, where: str) -> dict[str, Tensor]:
+    if path.is_dir():
+        raise GradlensError(f"{where}: {str(path)!r} is a directory, not a batch file")
     if not path.is_file():
         raise GradlensError(f"{where}: no such file: {str(path)!r}")
     suffix = path.suffix.lower()
@@ -165,9 +166,11 @@ def _pad(values: list, key: str, left: bool = False) -> Tensor:
     """Per-sequence lists of ragged length → a right- (or left-) padded [N, T(, H)] tensor."""
     first = torch.tensor(values[0])
     if first.dim() == 0:
-        return torch.tensor(values, dtype=torch.long if key in INTEGER_KEYS else torch.float64)
+        return torch.tensor(values, dtype=torch.float64)
     length = max(len(v) for v in values)
-    dtype = torch.long if key in INTEGER_KEYS else torch.float64  # JSON numbers are doubles
+    # JSON numbers are doubles; token ids and masks too, checked for whole numbers (and 0/1)
+    # when they are read, never truncated here
+    dtype = torch.float64
     out = torch.zeros((len(values), length, *first.shape[1:]), dtype=dtype)
     for i, v in enumerate(values):
         if len(v):
@@ -298,7 +301,7 @@ def read_batch_file(path: Path, where: str = "source.path", prompts: bool = Fals
             index = ", ".join(map(str, found.index))
             raise GradlensError(
                 f"{where}: {keys['rewards']!r}[{index}] is {describe(found.value)}; every "
-                f"reward must be a finite number ({found.count} are not)"
+                f"reward must be a finite number ({found.count} such entries in all)"
             )
     hidden, weight = _pick(raw, "hidden", where, False), _pick(raw, "weight", where, False)
     if (hidden is None) != (weight is None):
@@ -340,7 +343,7 @@ def _integers(x: Tensor, key: str, where: str, valid: Tensor | None = None) -> T
             index = ", ".join(map(str, found.index))
             raise GradlensError(
                 f"{where}: {key!r}[{index}] is {describe(found.value)}, not a whole number; "
-                f"token ids are integers ({found.count} entries are not)"
+                f"token ids are integers ({found.count} such entries in all)"
             )
         if valid is not None:
             x = torch.where(valid, x, 0.0)  # padding that is no id at all: never read
@@ -355,7 +358,7 @@ def _mask(x: Tensor, key: str, where: str) -> Tensor:
             index = ", ".join(map(str, found.index))
             raise GradlensError(
                 f"{where}: {key!r}[{index}] is {describe(found.value)}; a mask holds 0 (not in "
-                f"the loss) or 1 (in the loss) ({found.count} entries are neither)"
+                f"the loss) or 1 (in the loss) ({found.count} such entries in all)"
             )
     return x.bool()
 

@@ -32,7 +32,6 @@ ConfigOption = Annotated[
         "--config",
         "-c",
         help="YAML config file; without one the built-in default runs.",
-        dir_okay=False,
     ),
 ]
 

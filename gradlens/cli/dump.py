@@ -26,8 +26,9 @@ def dump(
         typer.Option(
             "--output",
             "-o",
-            dir_okay=False,
-            help="File to write: .safetensors, .pt (a torch.save dict) or .jsonl (small batches).",
+            help="File to write: .safetensors, .pt (a torch.save dict) or .jsonl (small "
+            "batches). Missing parent directories are created; the file appears only once "
+            "complete.",
         ),
     ],
     config: ConfigOption = None,

@@ -172,7 +172,6 @@ def sweep(
             "--plot",
             "-p",
             metavar="FILE.png",
-            dir_okay=False,
             help="Also draw the sweep to FILE (.png, .svg or .pdf; needs matplotlib, the "
             "`plot` extra): a panel per sign of A, or heat maps for --vary both.",
         ),
@@ -182,7 +181,6 @@ def sweep(
         typer.Option(
             "--output",
             metavar="FILE",
-            dir_okay=False,
             help="Write the records or the summary to FILE instead of stdout (format: "
             "--format, else the file's suffix .json/.jsonl/.csv, which means records); the "
             "summary table then goes to stdout. FILE appears only once complete.",
@@ -247,15 +245,16 @@ def sweep(
             )
         elif data_format is not None and output is not None:
             stderr_console().print(f"wrote {count:,} {data_format} records to {output}")
-        if output_format is SweepFormat.table or output is not None:
-            from gradlens.report.sweep_table import render_sweep
-
-            render_sweep(outcome, stdout_console())
-        if plot is not None:
+        if plot is not None:  # every file before the table: an error leaves stdout empty
             from gradlens.report.plots import plot_sweep
 
             plot_sweep(outcome, plot)
             stderr_console().print(f"wrote the plot to {plot}")
+        if output_format is SweepFormat.table or output is not None:
+            from gradlens.report.sweep_table import render_sweep
+
+            with stdout_errors():
+                render_sweep(outcome, stdout_console())
         passed = outcome.report.check.passed
     if check and not passed:
         raise typer.Exit(EXIT_CHECK_FAILED)
