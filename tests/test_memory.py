@@ -57,7 +57,7 @@ def test_the_synthetic_estimate_from_its_settings():
                 "vocab_size": 100,
                 "hidden_size": 16,
             }
-        }  # fmt: skip
+        }
     )
     plan = plan_synthetic(cfg.source, SourceContext(CPU, torch.float32))
     assert plan.memory[0].total == 127_808
