@@ -69,7 +69,8 @@ def compare(
         bool,
         typer.Option(
             "--check",
-            help="Exit with status 1 if an invariant fails: zero-sum of the logit and lm_head "
+            help="Exit with status 1 if an invariant fails: a token in the loss, a gradient "
+            "the batch does not make identically zero, zero-sum of the logit and lm_head "
             "gradients, closed form vs autograd, finite gradients, log-probs ≤ 0.",
         ),
     ] = False,
