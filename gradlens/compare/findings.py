@@ -170,9 +170,10 @@ def checks(
             name="logp_nonpositive",
             loss=None,
             passed=summary.logp_max is None or summary.logp_max <= 0.0,
-            detail="no token in the loss"
-            if summary.logp_max is None
-            else f"max log π_old(y) = {summary.logp_max:.6g} (log-probs must be ≤ 0)",
+            detail=f"max log π_old(y) = {summary.logp_max:.6g} (log-probs must be ≤ 0)"
+            if summary.logp_max is not None
+            else "max log π_old(y) not measured: "
+            + ("it is not finite" if summary.num_tokens else "no token in the loss"),
         ),
     ]
     for r in reports:
