@@ -87,6 +87,14 @@ def stdout_errors() -> Iterator[None]:
         raise GradlensError(f"stdout: {os_reason(exc)}") from None
 
 
+def out_of_memory(exc: BaseException) -> bool:
+    """An allocation that failed: Python's MemoryError, torch's OutOfMemoryError (CUDA), or the
+    CPU allocator's RuntimeError, which torch raises with this text and no type of its own."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+
+
 @contextmanager
 def user_errors(debug: bool) -> Iterator[None]:
     """Turn a `GradlensError` (and any unexpected error) into one message and a non-zero exit."""
@@ -102,6 +110,15 @@ def user_errors(debug: bool) -> Iterator[None]:
     except Exception as exc:
         if debug:
             raise
+        if out_of_memory(exc):  # a batch beyond the memory estimates: the user's to shrink
+            stderr_console().print(
+                Text("error: ", style="bold red")
+                + Text(
+                    f"out of memory ({type(exc).__name__}: {str(exc).splitlines()[0]}); make "
+                    "the batch smaller, or for a large vocabulary use --engine streamed"
+                )
+            )
+            raise typer.Exit(EXIT_BAD_INPUT) from None
         stderr_console().print(
             Text("internal error: ", style="bold red")
             + Text(f"{type(exc).__name__}: {exc}\n")

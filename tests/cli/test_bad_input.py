@@ -598,3 +598,38 @@ def test_every_output_creates_missing_parent_directories(tmp_path):
         written = Path(argv[argv.index("-o") + 1] if "-o" in argv else argv[-1])
         assert written.is_file() and written.stat().st_size > 0
         assert sorted(p.name for p in written.parent.iterdir()) == [written.name]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        MemoryError(),
+        RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 GB"),
+    ],
+)
+def test_an_allocation_that_fails_beyond_the_estimates_is_exit_2(tmp_path, monkeypatch, error):
+    import dataclasses
+
+    import gradlens.sources as sources
+
+    def allocate(*args, **kwargs):
+        raise error
+
+    entry = sources.SOURCES["synthetic"]
+    monkeypatch.setitem(sources.SOURCES, "synthetic", dataclasses.replace(entry, build=allocate))
+    err = run_bad(["compare"], tmp_path)
+    assert "out of memory" in err and "make the batch smaller" in err
+
+
+def test_a_real_bug_is_still_exit_3(monkeypatch):
+    import dataclasses
+
+    import gradlens.sources as sources
+
+    def bug(*args, **kwargs):
+        raise ZeroDivisionError("division by zero")
+
+    entry = sources.SOURCES["synthetic"]
+    monkeypatch.setitem(sources.SOURCES, "synthetic", dataclasses.replace(entry, build=bug))
+    result = runner.invoke(app, ["compare"])
+    assert result.exit_code == 3 and "This is a bug in gradlens" in result.stderr
