@@ -144,15 +144,18 @@ def _shape_problems(batch: Batch) -> list[Problem]:
     return out
 
 
-def batch_problems(batch: Batch) -> list[Problem]:
-    """Everything wrong with ``batch`` by the rule of the module docstring, field by field."""
+def batch_problems(batch: Batch, skip: frozenset[str] = frozenset()) -> list[Problem]:
+    """Everything wrong with ``batch`` by the rule of the module docstring, field by field;
+    the values of the fields in ``skip`` are not read."""
     shapes = _shape_problems(batch)
     if shapes:
         return shapes  # the values cannot be read position by position
     out = []
     mask = batch.mask
     v = batch.vocab_size
-    found = find(batch.tokens, lambda y: (y < 0) | (y >= v), mask)
+    found = None
+    if "tokens" not in skip:
+        found = find(batch.tokens, lambda y: (y < 0) | (y >= v), mask)
     if found is not None:
         out.append(
             Problem(
@@ -164,7 +167,7 @@ def batch_problems(batch: Batch) -> list[Problem]:
         )
     for name in PER_TOKEN:
         x = getattr(batch, name)
-        if x is None:
+        if x is None or name in skip:
             continue
         valid = mask
         if name == "old_logp" and batch.on_policy is not None:
@@ -194,6 +197,8 @@ def batch_problems(batch: Batch) -> list[Problem]:
                 )
     dtype = str(batch.weight.dtype).removeprefix("torch.")
     for name, valid_hidden in (("hidden", mask), ("weight", None)):
+        if name in skip:
+            continue
         found = find(getattr(batch, name), non_finite, valid_hidden)
         if found is not None:
             where = " at a position in the loss" if name == "hidden" else ""
@@ -214,7 +219,8 @@ def check_batch(batch: Batch) -> None:
 
     Problems in the fields a model computed (`Origin.computed`) are left to the report.
     """
-    problems = [p for p in batch_problems(batch) if p.field not in batch.origin.computed]
+    computed = batch.origin.computed
+    problems = [p for p in batch_problems(batch, computed) if p.field not in computed]
     if not problems:
         return
     lines = [p.message(batch) for p in problems[:MAX_LISTED]]
