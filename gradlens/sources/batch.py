@@ -9,11 +9,18 @@ checkpoint at ``source.model_path`` (gradlens.sources.recompute), which then win
 stored ones; with it, every loss also runs through the whole checkpoint unless
 ``source.whole_model`` is false (the batch then carries a `ModelContext`).
 
+Under tensor parallelism (``SourceContext.tensor_parallel`` P > 1) the rank keeps only its rows
+of the file's lm_head weight (split at load, the balanced split), or ``{rank}`` in
+``source.path`` names a file per rank that holds that rank's rows (``vocab_offset``,
+``vocab_size``; `gradlens.batchfile`); the batch's ``weight_rows`` says which. A checkpoint's
+recomputed lm_head is whole; the compare pipeline splits it.
+
 `dump_tensors` is the inverse: what ``gradlens dump`` writes of any source's batch.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -22,7 +29,8 @@ from torch import Tensor
 from gradlens.advantages import advantages_from_rewards
 from gradlens.batchfile import peek_shapes, read_batch_file, shape_keys
 from gradlens.config import BatchSource
-from gradlens.containers import Batch, Namer, Origin
+from gradlens.containers import Batch, Namer, Origin, VocabRows
+from gradlens.engine.vocab_split import balanced_split
 from gradlens.errors import GradlensError
 from gradlens.grads import effective_old_logp, softmax_view
 from gradlens.logits import softmax_dtype
@@ -33,15 +41,26 @@ from gradlens.sources.recompute import BUILTIN, recompute_hidden
 
 JSONL_FACTOR = 4  # a .jsonl number parsed into Python objects takes about 4× its text
 
+RANK = "{rank}"  # in source.path: this rank's own file
+
+
+def rank_rows(rank: int, world: int, vocab: int) -> tuple[int, int]:
+    """The rows [v0, v1) of a vocabulary of ``vocab`` rows that ``rank`` of ``world`` keeps."""
+    return balanced_split(vocab, world).shard(rank)
+
 
 def build_batch_file(src: BatchSource, ctx: SourceContext) -> Batch:
     """The batch stored at ``source.path``."""
     device, dtype = ctx.device, ctx.dtype
-    path = Path(src.path).expanduser()
-    file = read_batch_file(path, prompts=src.model_path is not None)
+    path = Path(src.path.replace(RANK, str(ctx.rank))).expanduser()
+    keep_rows = None
+    if ctx.tensor_parallel > 1 and src.model_path is None:
+        keep_rows = partial(rank_rows, ctx.rank, ctx.tensor_parallel)
+    file = read_batch_file(path, prompts=src.model_path is not None, keep_rows=keep_rows)
     data = file.tensors
     origin = ""
     context = None
+    rows = None
     if src.model_path is not None:
         recomputed = recompute_hidden(
             src.model_path,
@@ -57,6 +76,16 @@ def build_batch_file(src: BatchSource, ctx: SourceContext) -> Batch:
             origin += " (the file's hidden_states and lm_head_weight are not used)"
     elif "hidden" in data:
         hidden, weight = data["hidden"], data["weight"]
+        v0, v1, vocab = (int(x) for x in data["weight_rows"])
+        if (v0, v1) != (0, vocab):
+            rows = VocabRows(v0, v1, vocab)
+            if ctx.tensor_parallel == 1:
+                raise GradlensError(
+                    f"source.path: {path.name} holds rows [{v0}, {v1}) of the lm_head's {vocab} "
+                    "(one tensor-parallel rank's: vocab_offset, vocab_size); run it with the "
+                    "other ranks' files, one per rank: torchrun --nproc-per-node P -m gradlens "
+                    "compare --tensor-parallel P --set source.path=NAME{rank}.safetensors"
+                )
     else:
         raise GradlensError(
             f"source.path: {path.name} has no 'hidden_states' and 'lm_head_weight'; write them "
@@ -96,10 +125,11 @@ def build_batch_file(src: BatchSource, ctx: SourceContext) -> Batch:
         ref_logp=opt("ref_logp"),
         source=(
             f"batch file {path.name}: {n} sequences × ≤{t} tokens, "
-            f"V={weight.shape[0]}, H={weight.shape[1]}{origin}"
+            f"V={weight.shape[0] if rows is None else rows.vocab}, H={weight.shape[1]}{origin}"
         ),
         advantage_note=note,
         model_context=context,
+        weight_rows=rows,
         origin=Origin(
             file_names(path.name, file.keys, data, src.model_path),
             frozenset() if src.model_path is None else frozenset({"hidden", "weight"}),
@@ -137,14 +167,18 @@ def file_names(
 def plan_batch_file(src: BatchSource, ctx: SourceContext) -> SourcePlan:
     """The batch's sizes from the file's header (nothing read but the shapes), and the peak:
     the file's tensors as read, the hidden states and lm_head in the run's dtype, and with
-    ``source.model_path`` the checkpoint's passes over prompt + response."""
-    path = Path(src.path).expanduser()
+    ``source.model_path`` the checkpoint's passes over prompt + response. Under tensor
+    parallelism a rank reads its own file, or only its rows of a whole one: the file's size is
+    then not counted, and the lm_head by the rank's share."""
+    path = Path(src.path.replace(RANK, str(ctx.rank))).expanduser()
     try:
         size = path.stat().st_size
     except OSError:
         size = 0  # reading it gives the real error
     jsonl = path.suffix.lower() == ".jsonl"
     terms = [("the file's tensors, as read", size * (JSONL_FACTOR if jsonl else 1))]
+    if ctx.tensor_parallel > 1:
+        terms = []
     shapes = peek_shapes(path)
     if shapes is None:
         return SourcePlan(
@@ -172,7 +206,8 @@ def plan_batch_file(src: BatchSource, ctx: SourceContext) -> SourcePlan:
                 shape = Shape(n, t, sizes.vocab, sizes.hidden)
         elif len(weight) == 2:
             v, h = weight
-            terms += [("hidden states [N, T, H]", n * t * h * s), ("lm_head [V, H]", v * h * s)]
+            rows = -(-v // ctx.tensor_parallel)
+            terms += [("hidden states [N, T, H]", n * t * h * s), ("lm_head [V, H]", rows * h * s)]
             shape = Shape(n, t, v, h)
     estimates.insert(0, Estimate("reading the batch file", "source.path", tuple(terms), True))
     return SourcePlan(tuple(estimates), shape, provides)

@@ -28,16 +28,36 @@ from record import normalise, run_case  # noqa: E402
 
 
 def upgrade(report: dict[str, Any]) -> dict[str, Any]:
-    """A golden report recorded under ``gradlens.compare/1`` in today's schema: the renamed and
-    added fields of docs/json-schema.md's changelog, nothing else. A report recorded under
-    ``/2`` is returned as it is."""
+    """A golden report in today's schema: for one recorded under ``gradlens.compare/1`` the
+    renamed fields of docs/json-schema.md's changelog, and for every report the fields added
+    since it was recorded (their values in one process), nothing else."""
     report = json.loads(json.dumps(report))
-    if str(report.get("schema_version", "")).endswith("/2"):
-        return report  # recorded under today's schema
+    old = str(report.get("schema_version", "")).endswith("/1")
     if "check" in report:  # a sweep summary (gradlens.sweep/1 → /2)
-        for loss in report["losses"]:
-            loss["per_token_grad_formula"] = loss.pop("coefficient")
+        if old:
+            for loss in report["losses"]:
+                loss["per_token_grad_formula"] = loss.pop("coefficient")
         return report
+    if old:
+        for loss in report["losses"]:
+            loss["per_token_grad_formula"] = loss.pop("coefficient_formula")
+        if report["engine"]["reason"].startswith("the whole-model gradients"):
+            # a real checkpoint no longer forces the materialized engine (issue: the model
+            # source streams); below the threshold it is chosen by size, as for every source
+            entries = report["batch"]["num_tokens"] * report["batch"]["vocab_size"]
+            report["engine"]["reason"] = f"tokens × vocabulary = {entries} ≤ {1 << 24}"
+        mismatch = (report.get("model") or {}).get("mismatch")
+        if mismatch is not None:
+            mismatch["abs_diff_mean"] = mismatch.pop("mean_abs_diff")
+            mismatch["abs_diff_max"] = mismatch.pop("max_abs_diff")
+            mismatch["rho_mean"] = report["rollout"]["rho_mean"]  # the same statistics now
+    report["config"]["diagnostics"].setdefault("stream_above", 1 << 24)
+    # added with tensor parallelism (one process: 1 rank, no split)
+    report["config"]["diagnostics"].setdefault("tensor_parallel", 1)
+    report["config"]["diagnostics"].setdefault("collective_timeout_s", 300.0)
+    report["engine"].setdefault("tensor_parallel", 1)
+    report["engine"].setdefault("vocab_rows", None)
+    return report
     for loss in report["losses"]:
         loss["per_token_grad_formula"] = loss.pop("coefficient_formula")
     if report["engine"]["reason"].startswith("the whole-model gradients"):
@@ -46,6 +66,11 @@ def upgrade(report: dict[str, Any]) -> dict[str, Any]:
         entries = report["batch"]["num_tokens"] * report["batch"]["vocab_size"]
         report["engine"]["reason"] = f"tokens × vocabulary = {entries} ≤ {1 << 24}"
     report["config"]["diagnostics"].setdefault("stream_above", 1 << 24)
+    # added with tensor parallelism (one process: 1 rank, no split)
+    report["config"]["diagnostics"].setdefault("tensor_parallel", 1)
+    report["config"]["diagnostics"].setdefault("collective_timeout_s", 300.0)
+    report["engine"].setdefault("tensor_parallel", 1)
+    report["engine"].setdefault("vocab_rows", None)
     mismatch = (report.get("model") or {}).get("mismatch")
     if mismatch is not None:
         mismatch["abs_diff_mean"] = mismatch.pop("mean_abs_diff")
