@@ -122,11 +122,15 @@ def user_errors(debug: bool, rank: int = 0, world: int = 1) -> Iterator[None]:
         if debug:
             raise
         if out_of_memory(exc):  # a batch beyond the memory estimates: the user's to shrink
+            lines = str(exc).splitlines()  # a bare MemoryError() has no message
+            cause = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
             stderr_console().print(
                 Text("error: ", style="bold red")
                 + Text(
-                    f"out of memory ({type(exc).__name__}: {str(exc).splitlines()[0]}); make "
-                    "the batch smaller, or for a large vocabulary use --engine streamed"
+                    who(
+                        f"out of memory ({cause}); make the batch smaller, or for a large "
+                        "vocabulary use --engine streamed"
+                    )
                 )
             )
             raise typer.Exit(EXIT_BAD_INPUT) from None

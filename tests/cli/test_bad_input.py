@@ -345,6 +345,12 @@ CASES = {
     ),
     # --parity
     "parity-one-loss": Case("parity", lambda d: ["compare", "--parity", "ppo"], ("--parity",)),
+    # tensor parallelism
+    "tensor-parallel-without-torchrun": Case(
+        "tensor-parallel",
+        lambda d: ["compare", "--tensor-parallel", "2"],
+        ("--tensor-parallel 2", "torchrun --nproc-per-node 2"),
+    ),
 }
 
 
