@@ -124,7 +124,7 @@ def input_notes(spec: LossSpec, batch: Batch, terms: LossTerms, params: LossPara
     for need in spec.needs:
         if getattr(batch, need, None) is None and need in STAND_INS:
             notes.append(f"the batch has no {need}: {STAND_INS[need]}")
-    if params.corrections and terms.self_aggregated:
+    if params.corrections and terms.self_aggregated and not spec.handles_corrections:
         notes.append(
             "loss.corrections are not applied to a loss that aggregates itself: it receives "
             "rollout_logp and can weight its terms itself"
@@ -149,13 +149,16 @@ def measured(value: float | None, non_finite: int) -> str:
 def checks(
     summary: BatchSummary,
     reports: list[LossReport],
-    parity: ParityReport | None,
+    parity: list[ParityReport],
     mask_name: str = "the mask",
 ) -> list[Check]:
     """The invariants of one run: a token in the loss, log-probs ≤ 0, and per loss a gradient
     the inputs do not make identically zero, finite gradients, the zero-sum of logit and
-    lm_head gradients and (when it ran) closed form vs autograd; parity if asked.
-    ``mask_name`` is how the batch's source names its mask."""
+    lm_head gradients and (when it ran) closed form vs autograd; each parity pair.
+    ``mask_name`` is how the batch's source names its mask.
+
+    Each detail compares a measured number with its bound with ≤ when it is within and > when
+    it is not; a number that could not be measured is written "not measured" with the reason."""
     out = [
         Check(
             name="tokens",
@@ -204,8 +207,8 @@ def checks(
                 loss=r.name,
                 passed=zs.passed,
                 detail=(
-                    f"logits {measured(zs.logits_max_rel, bad)} ≤ {zs.logits_tolerance:.3g}; "
-                    f"lm_head {measured(zs.weight_rel, bad)} ≤ {zs.weight_tolerance:.3g}"
+                    f"logits {compared(zs.logits_max_rel, zs.logits_tolerance, bad)}; "
+                    f"lm_head {compared(zs.weight_rel, zs.weight_tolerance, bad)}"
                     if zs.logits_max_rel is not None and zs.weight_rel is not None
                     else f"not measured: the gradient has {bad} non-finite entries"
                 ),
@@ -216,7 +219,9 @@ def checks(
             shown = [f"{label} {value:.3g}" for label, value in parts if value is not None]
             missing = [label for label, value in parts if value is None]
             detail = "closed form vs autograd: " + ", ".join(shown)
-            detail += f" ≤ {ag.tolerance:.3g}" if shown else ""
+            if shown:
+                within = all(value <= ag.tolerance for _, value in parts if value is not None)
+                detail += f" {'≤' if within else '>'} {ag.tolerance:.3g}"
             if missing:
                 why = bad + r.reference_non_finite
                 detail += ("; " if shown else "") + (
@@ -224,17 +229,24 @@ def checks(
                     "closed form and autograd together)"
                 )
             out.append(Check(name="agreement", loss=r.name, passed=ag.passed, detail=detail))
-    if parity is not None:
+    for p in parity:
         out.append(
             Check(
                 name="parity",
-                loss=f"{parity.a.name} vs {parity.b.name}",
-                passed=parity.passed,
+                loss=f"{p.a.name} vs {p.b.name}",
+                passed=p.passed,
                 detail=(
-                    f"max |Δc_t| / max |c_t| = {measured(parity.coefficient_rel, 0)} ≤ "
-                    f"{parity.tolerance:.3g}; ‖∂L/∂W‖ ratio B/A = "
-                    f"{measured(parity.grad_norm_ratio, 0)}"
+                    f"max |Δc_t| / max |c_t| = {compared(p.coefficient_rel, p.tolerance, 0)}; "
+                    f"‖∂L/∂W‖ ratio B/A = {measured(p.grad_norm_ratio, 0)}"
                 ),
             )
         )
     return out
+
+
+def compared(value: float | None, tolerance: float, non_finite: int) -> str:
+    """'x ≤ tol' or 'x > tol', truthfully, or why x was not measured (no bound is claimed for a
+    number that does not exist)."""
+    if value is None:
+        return measured(value, non_finite)
+    return f"{value:.3g} {'≤' if value <= tolerance else '>'} {tolerance:.3g}"

@@ -151,11 +151,11 @@ def engine_estimate(config: Config, shape: Shape, losses: int, device: torch.dev
 
 
 def run_specs(config: Config) -> list[LossSpec]:
-    """Every loss the run evaluates: ``losses`` and the parity pair."""
-    specs = [get_loss(name) for name in config.losses]
+    """Every loss the run evaluates: ``losses`` and those of the parity pairs."""
+    names = list(config.losses)
     if config.parity is not None:
-        specs += [get_loss(name) for name in config.parity.losses if name not in config.losses]
-    return specs
+        names += [name for pair in config.parity.pairs for name in pair]
+    return [get_loss(name) for name in dict.fromkeys(names)]
 
 
 def preflight(config: Config, device: torch.device) -> None:
@@ -248,27 +248,21 @@ def compare_batch(
     params = config.loss.params()
     aggregation = config.loss.token_aggregation()
     path, reason = choose_engine(config, batch)
+    rows = int(batch.weight.shape[0])  # the rows this process holds (all but under TP)
     shape = Shape(
-        batch.num_sequences,
-        int(batch.mask.shape[1]),
-        int(
-            batch.weight.shape[0]
-        ),  # the rows this process holds (all but under tensor parallelism)
-        batch.hidden_size,
-        batch.num_tokens,
+        batch.num_sequences, int(batch.mask.shape[1]), rows, batch.hidden_size, batch.num_tokens
     )
     check_fits(engine_estimate(config, shape, len(run_specs(config)) + 1, device), device)
     specs = [get_loss(name) for name in config.losses]
-    pair = None
-    if config.parity is not None:
-        pair = (get_loss(config.parity.losses[0]), get_loss(config.parity.losses[1]))
+    pairs = [] if config.parity is None else config.parity.pairs
+    pair_specs = [(get_loss(a), get_loss(b)) for a, b in pairs]
     options = engine_options(config, batch, path)
     run: EngineRun
     if parallel is None:
-        run = ENGINES[path](batch, specs, params, aggregation, options, reason, pair)
+        run = ENGINES[path](batch, specs, params, aggregation, options, reason, pair_specs)
     else:  # the config allows no other engine under tensor parallelism
         run = run_streamed(
-            batch, specs, params, aggregation, options, reason, pair, parallel=parallel
+            batch, specs, params, aggregation, options, reason, pair_specs, parallel=parallel
         )
     with _phase(parallel, "report"):
         report = _report(config, device, batch, run, params, aggregation)
@@ -303,11 +297,10 @@ def _report(
             )
             model = model.model_copy(update={"sft_over_rl": sft_over_rl})
     summary = summarize_batch(batch, run.tokens)
-    parity = None
+    parity = []
     if config.parity is not None:
-        assert run.parity is not None
         tolerance = config.parity.tolerance or tolerances.agreement(config.operand_dtype)
-        parity = build_parity(batch, logp, run.parity, aggregation, tolerance)
+        parity = [build_parity(batch, logp, p, aggregation, tolerance) for p in run.parity]
     all_checks = checks(summary, reports, parity, batch.origin.name("mask", ()))
     return CompareReport(
         environment=environment(config, device),
