@@ -557,18 +557,19 @@ class Config(Strict):
 # ----------------------------------------------------------------------------- loading
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``'loss.eps_high=0.4'`` → (['loss', 'eps_high'], 0.4); the value is parsed as YAML."""
+def parse_override(text: str, option: str = "--set") -> tuple[list[str], Any]:
+    """``'loss.eps_high=0.4'`` → (['loss', 'eps_high'], 0.4); the value is parsed as YAML.
+    ``option`` is the command-line option that gave ``text``, named by the errors."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
-        raise GradlensError(f"--set {text!r}: expected key=value, e.g. loss.eps_high=0.4")
+        raise GradlensError(f"{option} {text!r}: expected key=value, e.g. loss.eps_high=0.4")
     path = key.strip().split(".")
     if any(not part for part in path):
-        raise GradlensError(f"--set {text!r}: empty component in the key {key!r}")
+        raise GradlensError(f"{option} {text!r}: empty component in the key {key!r}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise GradlensError(f"--set {text!r}: the value is not valid YAML ({exc})") from None
+        raise GradlensError(f"{option} {text!r}: the value is not valid YAML ({exc})") from None
     return path, value
 
 
@@ -578,7 +579,7 @@ def settings_grid(texts: Iterable[str]) -> list[dict[str, Any]]:
     (the first key varies slowest)."""
     keys, choices = [], []
     for text in texts:
-        path, value = parse_override(text)
+        path, value = parse_override(text, "--parity-matrix")
         key = ".".join(path)
         if not isinstance(value, list) or not value:
             raise GradlensError(

@@ -345,6 +345,27 @@ CASES = {
     ),
     # --parity
     "parity-one-loss": Case("parity", lambda d: ["compare", "--parity", "ppo"], ("--parity",)),
+    "parity-matrix-without-pair": Case(
+        "parity",
+        lambda d: ["compare", "--parity-matrix", "loss.eps_high=[0.2, 0.3]"],
+        ("--parity-matrix", "--parity A,B"),
+    ),
+    "parity-matrix-not-a-list": Case(
+        "parity",
+        lambda d: ["compare", "--parity", "ppo,ppo_clip", "--parity-matrix", "loss.eps_high=0.3"],
+        ("--parity-matrix 'loss.eps_high=0.3'", "YAML list"),
+    ),
+    "parity-matrix-no-value": Case(
+        "parity",
+        lambda d: ["compare", "--parity", "ppo,ppo_clip", "--parity-matrix", "eps_high"],
+        ("--parity-matrix 'eps_high'", "key=value"),
+    ),
+    # the frameworks' own losses
+    "framework-unknown-loss": Case(
+        "framework",
+        lambda d: ["compare", "--losses", "verl:vanila"],
+        ("verl:vanila", "verl has no loss 'vanila'", "vanilla"),
+    ),
     # tensor parallelism
     "tensor-parallel-without-torchrun": Case(
         "tensor-parallel",
@@ -419,7 +440,16 @@ def test_stdout_that_cannot_be_written_is_exit_2():
         assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr
 
 
-DOCUMENTED = {"device", "stdout"}  # classes run by the two tests just above
+def test_a_framework_that_is_not_installed_names_the_install_line(tmp_path, monkeypatch):
+    # whether or not TRL is installed here, the registry is told it is not
+    import gradlens.losses.frameworks.base as framework_base
+
+    monkeypatch.setattr(framework_base, "installed_version", lambda distribution: None)
+    err = run_bad(["compare", "--losses", "trl:grpo"], tmp_path)
+    assert "trl:grpo" in err and "is not installed" in err and "pip install" in err
+
+
+DOCUMENTED = {"device", "stdout"}  # classes run by the tests above (framework has a case too)
 
 
 def test_the_errors_table_lists_every_class():
