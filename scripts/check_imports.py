@@ -31,7 +31,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("cli", ("gradlens.cli", "gradlens.__main__")),
     ("integrations", ("gradlens.integrations",)),
     ("report", ("gradlens.report",)),
-    ("commands", ("gradlens.api", "gradlens.compare", "gradlens.sweep")),
+    ("commands", ("gradlens.api", "gradlens.compare", "gradlens.sweep", "gradlens.trace")),
     ("data", ("gradlens.diagnostics", "gradlens.sources")),
     ("config", ("gradlens.config",)),
     ("maths", ("gradlens.grads", "gradlens.engine", "gradlens.losses", "gradlens.advantages")),
@@ -46,6 +46,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "gradlens.progress",
             "gradlens.batchfile",
             "gradlens.metric_names",
+            "gradlens.run_files",
         ),
     ),
 ]

@@ -6,8 +6,8 @@
 - `gradlens.integrations.verl`: the module verl loads with
   ``actor_rollout_ref.model.external_lib``; it registers ``gradlens_<name>`` around every verl
   policy loss;
-- `gradlens.integrations.run_files`: the files a hooked run writes (a metrics JSONL, batch
-  files with a JSON sidecar), read back by ``gradlens trace``.
+The files a hooked run writes (a metrics JSONL, batch files with a JSON sidecar) are described
+in `gradlens.run_files`; ``gradlens trace`` reads them back.
 
 The frameworks are optional: each module imports its framework only when it is used.
 """

@@ -32,7 +32,7 @@ front of ``GRPOTrainer`` (``GradlensGRPOTrainer``) or of any subclass of it
   produced the batch): the spike rule
   (grad_norm > ``spike_factor`` × the running median of the earlier steps,
   `gradlens.diagnostics.spikes`), the batch file of a spike step, and one line of the run's
-  ``metrics.jsonl`` (`gradlens.integrations.run_files`).
+  ``metrics.jsonl`` (`gradlens.run_files`).
 
 Every ``every_n_steps`` steps (and on every spike step) each micro-batch is diagnosed by
 `gradlens.diagnose` with the trainer's own loss settings mapped (`trl_loss_settings`), and
@@ -64,7 +64,7 @@ from gradlens.api import build_batch, diagnose
 from gradlens.batchfile import SUFFIXES, write_batch
 from gradlens.diagnostics.spikes import ratio_spike
 from gradlens.errors import GradlensError
-from gradlens.integrations.run_files import (
+from gradlens.run_files import (
     METRICS_FILE,
     append_jsonl,
     finite_or_none,
