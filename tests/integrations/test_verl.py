@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 F64 = torch.float64
+pytestmark = pytest.mark.slow  # importing verl (ray, tensordict) alone takes 7–20 s here
 
 
 @pytest.fixture(scope="module")
