@@ -1,4 +1,4 @@
-"""Figures of a sweep — the only module that imports matplotlib.
+"""Figures of a sweep (the trace's figure is trace_plot.py; matplotlib is imported nowhere else).
 
 The figure is drawn through matplotlib's object API (`matplotlib.figure.Figure`, saved by the
 Agg renderer): no pyplot, no global state, no display, whatever MPLBACKEND says. matplotlib
