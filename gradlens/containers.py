@@ -156,6 +156,9 @@ class Batch:
             the model sections of the report; None for sources without a model.
         weight_rows: under tensor parallelism, the rows of the whole [V, H] weight that
             ``weight`` [V_r, H] holds (``vocab_size`` is then V, not V_r); None: the whole W.
+        tokenizer: what decodes the token ids (anything with ``decode(list[int]) -> str``), when
+            the source knows one beside ``model_context``'s (a batch file's
+            ``source.tokenizer`` or checkpoint, the Python API's ``tokenizer=``); None: none.
     """
 
     hidden: Tensor
@@ -171,6 +174,7 @@ class Batch:
     advantage_note: str = ""
     model_context: ModelContext | None = None
     weight_rows: VocabRows | None = None
+    tokenizer: Any = None
 
     @property
     def num_sequences(self) -> int:

@@ -41,6 +41,7 @@ from gradlens.diagnostics import tolerances
 from gradlens.diagnostics.mismatch import rollout_stats
 from gradlens.diagnostics.numbers import num
 from gradlens.diagnostics.ratios import ratio_stats
+from gradlens.diagnostics.token_text import batch_tokenizer, token_texts
 from gradlens.errors import GradlensError
 from gradlens.grads import effective_old_logp
 from gradlens.logits import softmax_dtype
@@ -99,7 +100,9 @@ def choose_engine(config: Config, batch: Batch) -> tuple[str, str]:
 def engine_options(config: Config, batch: Batch, path: str) -> EngineOptions:
     """The diagnostics settings as the engine reads them; ``reference: auto`` is decided here:
     autograd with the materialized engine, none with the streamed one (it would materialise
-    [tokens, vocab] per loss)."""
+    [tokens, vocab] per loss); so is ``attribution: auto``: on with the materialized engine
+    (its [M, V] and [V, H] tensors are there already), off with the streamed ones (about one
+    more GEMM-equivalent per loss)."""
     d = config.diagnostics
     details = d.token_details
     small = batch.num_tokens * batch.vocab_size <= TOKEN_DETAIL_LIMIT
@@ -111,6 +114,7 @@ def engine_options(config: Config, batch: Batch, path: str) -> EngineOptions:
         if d.memory_budget_mib is None
         else int(d.memory_budget_mib * 2**20),
         vocab_chunk=d.vocab_chunk,
+        attribution=d.attribution == "on" or (d.attribution == "auto" and path == "materialized"),
     )
 
 
@@ -214,7 +218,12 @@ def _report(
 ) -> CompareReport:
     """Everything after the engine: the loss reports, the model sections, parity, checks."""
     logp = run.tokens.logp
-    reports = [loss_report(r, batch, logp, params) for r in run.records]
+    tokenizer = batch_tokenizer(batch)
+    texts = None
+    if tokenizer is not None and any(r.attribution is not None for r in run.records):
+        texts = token_texts(batch, tokenizer)
+    top_k = config.diagnostics.top_k
+    reports = [loss_report(r, batch, logp, params, top_k, texts) for r in run.records]
     model = None
     ctx = batch.model_context
     if ctx is not None:

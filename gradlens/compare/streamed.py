@@ -24,6 +24,11 @@ and B join the engine's losses if they are not among them (without a loss report
 and one
 more coefficient set, c_B − c_A, gives the row norms of ∂L_B/∂W − ∂L_A/∂W, which is of the same
 c-form. The logit-gradient gap follows from c_A, c_B and per-token statistics (`streamed_gap`).
+
+With ``diagnostics.attribution`` the engine also accumulates the attribution sums of every
+reported loss (`gradlens.engine.attribution`): one more product of each chunk's rows with h and
+the per-sequence norms, about one GEMM-equivalent per loss (counted in ``gemm_equivalents``);
+the vocab-parallel engine sums them over the ranks. The fused engine has no attribution.
 """
 
 from __future__ import annotations
@@ -40,10 +45,12 @@ from gradlens.compare.tensor_parallel import VocabParallel
 from gradlens.containers import Batch, valid_index
 from gradlens.diagnostics import tolerances
 from gradlens.diagnostics.agreement import not_run
+from gradlens.diagnostics.attribution import AttributionInputs
 from gradlens.diagnostics.metrics import terms_metrics
 from gradlens.diagnostics.numbers import count_non_finite, num, rel_err
 from gradlens.diagnostics.row_norms import row_norms_from
 from gradlens.diagnostics.streamed import grad_at_y, sampled_row_streamed, zero_sum_streamed
+from gradlens.engine.attribution import AttributionPlan, sequence_layout
 from gradlens.engine.fused import check_device, fused_lm_head_pass
 from gradlens.engine.streamed import EngineResult, auto_budget, dense_dtype, lm_head_pass, plan
 from gradlens.engine.vocab_parallel import vocab_parallel_pass
@@ -77,6 +84,11 @@ def run_streamed(
         raise GradlensError(
             "diagnostics.engine: 'fused' runs in one process, not under tensor_parallel"
         )
+    if fused and options.attribution:
+        raise GradlensError(
+            "diagnostics.attribution: the fused engine does not form the attribution sums; "
+            "set engine streamed, or attribution auto or off"
+        )
     rows, cols = valid_index(batch.mask)
     hidden = batch.hidden[rows, cols]  # [M, H]
     tokens = batch.tokens[rows, cols]  # [M]
@@ -106,6 +118,12 @@ def run_streamed(
         rows_per_rank = max(parallel.split.sizes)
     k = len(run_specs) + (pair is not None)
     buffers = 3 if params.entropy_coef == 0.0 else 4  # the bonus's [M, Vc] block: one more
+    acc = softmax_dtype(batch.weight.dtype)
+    attribution = None
+    if options.attribution:  # d, Q = R hᵀ, a product with it, the logit-gradient block
+        buffers += 4
+        layout = sequence_layout(rows, batch.num_sequences, hidden.to(acc))
+        attribution = AttributionPlan(reported, layout)
     engine_plan = plan(
         tokens.numel(),
         rows_per_rank,
@@ -119,9 +137,8 @@ def run_streamed(
     if params.entropy_coef != 0.0:
         weights = aggregation.weights(batch.mask, softmax_dtype(batch.weight.dtype))
         entropy_weight = params.entropy_coef * weights[rows, cols]
-    if parallel is None:
-        engine_pass = fused_lm_head_pass if fused else lm_head_pass
-        result = engine_pass(
+    if fused:
+        result = fused_lm_head_pass(
             hidden,
             batch.weight,
             tokens,
@@ -129,6 +146,17 @@ def run_streamed(
             engine_plan,
             entropy_weight=entropy_weight,
             entropy_losses=len(run_specs),  # not parity's c_B − c_A: the bonus cancels there
+        )
+    elif parallel is None:
+        result = lm_head_pass(
+            hidden,
+            batch.weight,
+            tokens,
+            coefficients_for,
+            engine_plan,
+            entropy_weight=entropy_weight,
+            entropy_losses=len(run_specs),
+            attribution=attribution,
         )
     else:
         result = vocab_parallel_pass(
@@ -141,6 +169,7 @@ def run_streamed(
             parallel.comm,
             entropy_weight=entropy_weight,
             entropy_losses=len(run_specs),
+            attribution=attribution,
         )
     logp = grid[0]
     entropy = on_grid(result.tokens.entropy, rows, cols, batch.mask.shape)  # [N, T]
@@ -189,6 +218,16 @@ def run_streamed(
                     bonus_scale,
                 ),
                 agreement=agreement,
+                attribution=None
+                if result.attribution is None
+                else AttributionInputs(
+                    sums=result.attribution.losses[i],
+                    tokens=result.attribution.tokens,
+                    grad_norm_sq=stats.norms.double().square().sum(),
+                    entropy=result.attribution.entropy,
+                    logp=result.tokens.logp,
+                    hidden_norm=hidden_norms,
+                ),
             )
         )
     info = EngineInfo(

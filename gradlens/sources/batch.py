@@ -35,6 +35,7 @@ from gradlens.errors import GradlensError
 from gradlens.grads import effective_old_logp, softmax_view
 from gradlens.logits import softmax_dtype
 from gradlens.sources.base import SourceContext
+from gradlens.sources.checkpoint import load_tokenizer
 from gradlens.sources.recompute import recompute_hidden
 
 RANK = "{rank}"  # in source.path: this rank's own file
@@ -56,6 +57,7 @@ def build_batch_file(src: BatchSource, ctx: SourceContext) -> Batch:
     origin = ""
     context = None
     rows = None
+    tokenizer = None
     if src.model_path is not None:
         recomputed = recompute_hidden(
             src.model_path,
@@ -66,6 +68,7 @@ def build_batch_file(src: BatchSource, ctx: SourceContext) -> Batch:
             whole_model_of=str(path) if src.runs_whole_model else None,
         )
         hidden, weight, context = recomputed.hidden, recomputed.weight, recomputed.context
+        tokenizer = recomputed.tokenizer
         origin = f"; {recomputed.description}"
         if "hidden" in data:
             origin += " (the file's hidden_states and lm_head_weight are not used)"
@@ -87,6 +90,8 @@ def build_batch_file(src: BatchSource, ctx: SourceContext) -> Batch:
             "into the file, or set source.model_path to a checkpoint that recomputes them from "
             "the file's token ids (docs/batchfile.md shows both)"
         )
+    if src.tokenizer is not None:  # it wins over the checkpoint's
+        tokenizer = load_tokenizer(src.tokenizer)
     mask = data["mask"]
     n, t = mask.shape
     acc = softmax_dtype(dtype)
@@ -125,6 +130,7 @@ def build_batch_file(src: BatchSource, ctx: SourceContext) -> Batch:
         advantage_note=note,
         model_context=context,
         weight_rows=rows,
+        tokenizer=tokenizer,
     )
 
 
