@@ -106,7 +106,8 @@ def sequence_layout(sequence: Tensor, num_sequences: int, hidden: Tensor) -> Seq
 
     Sequences are sorted by length (longest first) and cut into blocks of at most M padded
     tokens, so a block's padded copy of a chunk [n, T_b, Vc] is never larger than the chunk's
-    [M, Vc] block; a block is ghost when its longest sequence has at most H tokens.
+    [M, Vc] block; a block is ghost when its longest sequence has at most H tokens, and a
+    direct block holds only sequences longer than H.
     """
     m, size = hidden.shape
     device = sequence.device
@@ -122,6 +123,8 @@ def sequence_layout(sequence: Tensor, num_sequences: int, hidden: Tensor) -> Seq
     while k < len(by_length):
         width = int(lengths[by_length[k]])
         count = max(1, m // width)
+        if width > size:  # a direct block holds no sequence that the ghost way does cheaper
+            count = min(count, sum(1 for i in by_length[k:] if int(lengths[i]) > size))
         ids = torch.tensor(by_length[k : k + count], device=device)  # [n]
         k += count
         slot = torch.full((num_sequences,), -1, dtype=torch.long, device=device)
