@@ -234,16 +234,16 @@ def attribution(
     lengths = mask.sum(1)[rows]
     quarter = torch.div(4 * within, lengths, rounding_mode="floor").clamp(max=3)
     bucket = torch.bucketize(prob, torch.tensor([b for _, b in PROB_BUCKETS[:-1]], dtype=f64))
-    components = {"policy": t.policy}
+    components = {"policy": (t.policy, c - c_kl)}  # each part's shares and coefficients
     if penalty is not None:
-        components["kl"] = t.kl
+        components["kl"] = (t.kl, c_kl)
     if entropy_coef != 0.0:
-        components["entropy_bonus"] = t.bonus
+        components["entropy_bonus"] = (t.bonus, w)
     groups = {
         "advantage_sign": _group(t.share, signs, SIGNS),
-        "component": GroupShares(
-            shares={k: num(v.sum()) for k, v in components.items()},
-            tokens={k: int((v != 0).sum()) for k, v in components.items()},
+        "component": GroupShares(  # tokens: those whose coefficient of the term is not 0
+            shares={k: num(v.sum()) for k, (v, _) in components.items()},
+            tokens={k: int((coef != 0).sum()) for k, (_, coef) in components.items()},
         ),
         "region": _group(t.share, region, region_names),
         "prob_bucket": _group(t.share, bucket, [n for n, _ in PROB_BUCKETS]),

@@ -43,7 +43,9 @@ class AttributedToken(Result):
 
 
 class GroupShares(Result):
-    """Shares of one partition of the valid tokens (they sum to 1), and its token counts."""
+    """Shares of one partition of the valid tokens (they sum to 1), and its token counts (for
+    the loss components, which split every token: the tokens whose coefficient of that term is
+    not 0)."""
 
     shares: dict[str, float | None]
     tokens: dict[str, int]
