@@ -27,6 +27,8 @@ from cases import cases  # noqa: E402
 from helpers import differences  # noqa: E402
 from record import normalise, run_case  # noqa: E402
 
+from gradlens.results import SCHEMA_VERSION  # noqa: E402
+
 
 def upgrade(report: dict[str, Any]) -> dict[str, Any]:
     """A golden report recorded under ``gradlens.compare/1`` or ``/2`` in today's schema: the
@@ -36,6 +38,8 @@ def upgrade(report: dict[str, Any]) -> dict[str, Any]:
     if "check" in report:  # a sweep summary (gradlens.sweep/1 → /2)
         for loss in report["losses"]:
             loss["per_token_grad_formula"] = loss.pop("coefficient")
+        return report
+    if report["schema_version"] == SCHEMA_VERSION:  # recorded in today's schema
         return report
     for loss in report["losses"]:
         loss["per_token_grad_formula"] = loss.pop("coefficient_formula")
