@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -62,7 +63,7 @@ def compare(
             "--format",
             "-f",
             help="table: rich tables for people. json: the full report (schema "
-            "gradlens.compare/2, see `gradlens schema`) with the resolved config and environment.",
+            "gradlens.compare/3, see `gradlens schema`) with the resolved config and environment.",
         ),
     ] = OutputFormat.table,
     check: Annotated[
@@ -118,6 +119,17 @@ def compare(
             "process; rank 0 prints it. Sets diagnostics.tensor_parallel (default 1).",
         ),
     ] = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            "--plot",
+            metavar="FILE",
+            help="Also draw the attribution to FILE (.png, .svg or .pdf; needs matplotlib, the "
+            "`plot` extra): per loss, each token's share of the lm_head update against π_θ(y) "
+            "by sign of A, and the shares by group (docs/attribution.md). Needs "
+            "diagnostics.attribution (auto: with the materialized engine).",
+        ),
+    ] = None,
     debug: DebugOption = False,
 ) -> None:
     """Run each loss on the same batch; report what it does to the logits and the lm_head."""
@@ -152,11 +164,28 @@ def compare(
             if names is None:
                 flags["losses"] = list(dict.fromkeys(pair))
         cfg = build_config(config, overrides or [], flags)
+        if plot is not None and launch.speaks:  # before any work
+            from gradlens.report.plots import check_plot_path
+
+            check_plot_path(plot)
+            d = cfg.diagnostics
+            if d.attribution == "off" or (d.attribution == "auto" and d.engine == "fused"):
+                raise GradlensError(
+                    f"--plot draws the attribution, and diagnostics.attribution is "
+                    f"{d.attribution!r} with engine {d.engine!r}: set diagnostics.attribution on "
+                    "(with the materialized or streamed engine) or auto"
+                )
         with process_group(cfg, launch):
             bar = progress_bar() if launch.speaks else nullcontext(None)
             with bar as callback, reporting(callback):
                 report = run_compare(cfg)
         if launch.speaks:  # rank 0 writes the report; every rank exits with the same status
+            if plot is not None:  # first: a plot that fails leaves no half-written report
+                from gradlens.cli.common import stderr_console
+                from gradlens.report.plots import plot_attribution
+
+                plot_attribution(report, plot)
+                stderr_console().print(f"wrote the plot to {plot}")
             if output is OutputFormat.json:
                 typer.echo(to_json(report))
             else:

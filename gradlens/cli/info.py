@@ -93,7 +93,7 @@ def schema(
         typer.Option(
             "--report",
             "-r",
-            help="compare: `gradlens compare --format json` (gradlens.compare/2). sweep: "
+            help="compare: `gradlens compare --format json` (gradlens.compare/3). sweep: "
             "`gradlens sweep --format summary` (gradlens.sweep/2).",
         ),
     ] = SchemaReport.compare,

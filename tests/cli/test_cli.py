@@ -41,6 +41,9 @@ def test_default_table_shows_every_section():
         "zero-sum",
         "agreement",
         "largest lm_head gradient rows",
+        "attribution: shares ⟨part, G⟩/‖G‖²",
+        "largest token shares",
+        "largest sequence shares",
         "checks: 13/13 passed",
     ):
         assert text in out
@@ -58,7 +61,7 @@ def test_table_is_not_truncated_when_stdout_is_not_a_terminal():
 
 def test_json_report_is_versioned_and_self_describing(default_json):
     report = CompareReport.model_validate(default_json)  # the output obeys its own schema
-    assert report.schema_version == "gradlens.compare/2"
+    assert report.schema_version == "gradlens.compare/3"
     env = default_json["environment"]
     assert {"gradlens", "python", "torch", "platform", "device", "dtype", "seed"} <= env.keys()
     assert env["device"] == "cpu" and env["dtype"] == "float32" and env["seed"] == 0
@@ -78,6 +81,52 @@ def test_default_batch_shows_the_clip_and_the_other_rows(default_json):
         # zero-sum per token: the other rows carry exactly the sampled row's mass
         assert row["other_mass_mean"] == pytest.approx(row["sampled_abs_mean"], rel=1e-5)
         assert r["rows"]["sampled_rows"]["count"] + r["rows"]["other_rows"]["count"] == 2048
+
+
+def test_default_report_attributes_each_loss(default_json):
+    # auto attribution with the materialized engine: every loss has the section, its token
+    # shares sum to 1 (float32 operands over 643 tokens: rounding far below 1e-4), and so does
+    # every group of shares
+    for r in default_json["losses"]:
+        a = r["attribution"]
+        assert a["share_sum"] == pytest.approx(1.0, abs=1e-4)
+        for group in a["groups"].values():
+            assert sum(group["shares"].values()) == pytest.approx(1.0, abs=1e-4)
+
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_draws_the_attribution(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "attribution.png"
+    result = invoke("compare", "--losses", "grpo,ppo_clip", "--plot", str(path))
+    assert result.exit_code == 0, result.output
+    assert path.read_bytes()[:8] == PNG
+    assert f"wrote the plot to {path}" in result.stderr
+    assert "attribution: shares" in result.stdout  # the report is printed as well
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--plot", "a.gif"], "the file name must end in .png, .svg, .pdf"),
+        (
+            ["--plot", "a.png", "--set", "diagnostics.attribution=off"],
+            "diagnostics.attribution is 'off'",
+        ),
+        # auto with the streamed engine: no section, known only after the run; still no report
+        (["--plot", "a.png", "--engine", "streamed"], "no loss has one (engine 'streamed')"),
+    ],
+)
+def test_plot_without_an_attribution_is_a_clear_error(tmp_path, monkeypatch, args, expected):
+    pytest.importorskip("matplotlib")
+    monkeypatch.chdir(tmp_path)
+    result = invoke("compare", "--losses", "ppo_clip", *args)
+    assert result.exit_code == 2, result.output
+    assert expected in result.stderr
+    assert result.stdout == ""  # nothing half-written
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_losses_flag_selects_and_orders():
@@ -159,7 +208,7 @@ def test_config_command_round_trips(tmp_path):
 
 def test_schema_command_matches_the_report_model():
     schema = json.loads(invoke("schema").stdout)
-    assert schema["$id"] == "gradlens.compare/2"
+    assert schema["$id"] == "gradlens.compare/3"
     assert set(schema["required"]) >= {"environment", "config", "batch", "ratio", "losses"}
 
 
