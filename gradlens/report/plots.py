@@ -642,7 +642,14 @@ def _share_scatter(ax: Any, loss: LossReport) -> None:
     ax.set_yscale("symlog", linthresh=linthresh)
     top = max(shares, default=linthresh)
     bottom = min(shares, default=-linthresh)
-    ax.set_ylim(min(-linthresh, 3 * bottom), max(linthresh, 3 * top))  # room above and below
+    low, high = min(-linthresh, 3 * bottom), max(linthresh, 3 * top)  # room above and below
+    ax.set_ylim(low, high)
+    # ticks at 0 and the decades outside the linear band only: none crowd around 0
+    first = math.ceil(math.log10(linthresh))
+    decades = [10.0**k for k in range(first, math.floor(math.log10(max(high, -low))) + 1)]
+    ax.set_yticks(
+        [-d for d in reversed(decades) if -d >= low] + [0.0] + [d for d in decades if d <= high]
+    )
     ax.axhline(0.0, color="black", linewidth=0.6)
     ax.set_xlabel("π_θ(y): the sampled token's probability")
     ax.set_ylabel("token share ⟨g_t h_tᵀ, G⟩/‖G‖²")
@@ -667,8 +674,8 @@ def _group_bars(ax: Any, loss: LossReport) -> None:
     ax.set_yticks(y, labels, fontsize=8)
     ax.invert_yaxis()
     ax.axvline(0.0, color="black", linewidth=0.6)
-    for yi, v in zip(y, values, strict=True):
-        ax.text(v, yi, f" {v:.1%} ", va="center", ha="left" if v >= 0 else "right", fontsize=7)
+    for yi, v in zip(y, values, strict=True):  # right of the bar, or of 0 for a negative one
+        ax.text(max(v, 0.0), yi, f" {v:.1%}", va="center", ha="left", fontsize=7)
     ax.set_xlabel("share of ‖G‖² (each group sums to 100%)")
     half = a.sequences_to_half
     words = "" if half is None else f"; half from {half} sequence{'s' if half > 1 else ''}"
