@@ -35,7 +35,9 @@ from gradlens.engine.attribution import (
     sequence_layout,
 )
 from gradlens.grads import LossGradients, SoftmaxView, autograd_reference, closed_form, softmax_view
+from gradlens.logits import softmax_dtype
 from gradlens.losses import Aggregation, LossParams, LossSpec
+from gradlens.memory import Estimate, Shape, dtype_bytes
 from gradlens.results import EngineInfo
 
 
@@ -165,3 +167,31 @@ def zero_sum_scale(grads: LossGradients, view: SoftmaxView, params: LossParams) 
         return c_valid
     a = grads.agg_weights[view.rows, view.cols].to(view.entropy.dtype)
     return c_valid.abs() + 2 * abs(params.entropy_coef) * a * view.entropy
+
+
+def estimate_materialized(
+    shape: Shape, dtype: torch.dtype, reference: bool, attribution: bool = False
+) -> Estimate:
+    """The engine's peak: the shared [M, V] logits and probabilities in the softmax dtype; one
+    loss at a time, its ∂L/∂z [M, V] and the float64 copy (with its absolute value) the
+    zero-sum check reduces; with the reference, autograd's [M, V] logits, log-softmax, their
+    gradients and backward temporaries (five [M, V] tensors, measured); ∂L/∂W [V, H] of both;
+    with the attribution, the entropy direction d, one loss's G h_t and a temporary ([M, V]
+    each) and the hidden states' Gram of each sequence (about M·T entries)."""
+    m, v, h = shape.tokens, shape.vocab, shape.hidden
+    acc = dtype_bytes(softmax_dtype(dtype))
+    terms = [
+        ("logits and probabilities [M, V]", 2 * m * v * acc),
+        ("one loss's ∂L/∂z [M, V] and its float64 zero-sum copies", m * v * (acc + 16)),
+        ("∂L/∂W [V, H]", 2 * v * h * acc),
+    ]
+    if reference:
+        terms.append(("autograd's [M, V] tensors of one loss", 5 * m * v * acc))
+    if attribution:
+        terms.append(("attribution: d, G h_t and a temporary [M, V]", 3 * m * v * acc))
+        terms.append(("attribution: each sequence's Gram of h", m * shape.length * acc))
+    return Estimate(
+        "the materialized engine",
+        "tokens × vocabulary (diagnostics.engine: streamed keeps nothing of that size)",
+        tuple(terms),
+    )

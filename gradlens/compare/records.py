@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from gradlens.compare.findings import attribution_notes, findings, input_notes
+from gradlens.compare.findings import attribution_notes, findings, input_notes, signal
 from gradlens.containers import Batch
 from gradlens.diagnostics.attribution import AttributionInputs, attribution
 from gradlens.diagnostics.clipping import clipping
@@ -90,6 +90,7 @@ def loss_report(
         coefficient_abs_mean=None if empty else num(c_valid.abs().mean()),
         coefficient_abs_max=None if empty else num(c_valid.abs().max()),
         non_finite=record.non_finite,
+        signal=signal(batch, logp, obj, spec, params),
         reference_non_finite=record.reference_non_finite,
         sampled_row=record.sampled_row,
         rows=record.rows,
@@ -103,7 +104,7 @@ def loss_report(
         if record.attribution is None
         else attribution(record.attribution, obj, batch, logp, params.entropy_coef, top_k, texts),
     )
-    notes = findings(report, batch, logp, obj.terms.per_token_grad, spec.uses_advantage)
+    notes = findings(report, batch, logp, obj, spec)
     notes += attribution_notes(report, batch.num_sequences, record.attribution is not None)
     notes += input_notes(spec, batch, obj.terms, params)
     return report.model_copy(update={"findings": notes})

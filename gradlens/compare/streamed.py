@@ -52,7 +52,14 @@ from gradlens.diagnostics.row_norms import row_norms_from
 from gradlens.diagnostics.streamed import grad_at_y, sampled_row_streamed, zero_sum_streamed
 from gradlens.engine.attribution import AttributionPlan, sequence_layout
 from gradlens.engine.fused import check_device, fused_lm_head_pass
-from gradlens.engine.streamed import EngineResult, auto_budget, dense_dtype, lm_head_pass, plan
+from gradlens.engine.streamed import (
+    EngineResult,
+    auto_budget,
+    dense_dtype,
+    lm_head_pass,
+    plan,
+    plan_bytes,
+)
 from gradlens.engine.vocab_parallel import vocab_parallel_pass
 from gradlens.errors import GradlensError
 from gradlens.grads import (
@@ -65,6 +72,7 @@ from gradlens.grads import (
 )
 from gradlens.logits import softmax_dtype
 from gradlens.losses import Aggregation, LossParams, LossSpec
+from gradlens.memory import Estimate, Shape, dtype_bytes
 from gradlens.results import Agreement, EngineInfo
 
 
@@ -278,6 +286,43 @@ def run_streamed(
         tokens=TokenSummary(logp, result.tokens.entropy, result.tokens.sampled_prob),
         info=info,
         parity=parity,
+    )
+
+
+def estimate_streamed(
+    shape: Shape,
+    dtype: torch.dtype,
+    losses: int,
+    options: EngineOptions,
+    device: torch.device,
+    entropy: bool = False,
+) -> Estimate:
+    """The engine's peak: the hidden states of the tokens [M, H], the working memory of its
+    plan (`gradlens.engine.streamed.plan`: at least one vocabulary chunk of ≥ 256 rows, whatever
+    the budget), per-loss row norms [V] and coefficients [M]; with the reference, autograd's
+    [M, V] tensors of one loss; with the attribution, four more buffers per chunk (as
+    `run_streamed` plans them) and the hidden states' Gram of each sequence (about M·T entries)."""
+    m, v, h = shape.tokens, shape.vocab, shape.hidden
+    acc = dtype_bytes(softmax_dtype(dtype))
+    buffers = (4 if entropy else 3) + (4 if options.attribution else 0)
+    budget = options.memory_budget_bytes or auto_budget(device)
+    engine_plan = plan(m, v, h, losses, budget, options.vocab_chunk, buffers=buffers)
+    terms = [
+        ("hidden states of the tokens [M, H]", m * h * dtype_bytes(dtype)),
+        (
+            f"vocabulary chunks of {engine_plan.vocab_chunk} rows",
+            plan_bytes(engine_plan, m, h, losses, buffers=buffers),
+        ),
+        ("row norms [V] and coefficients [M] per loss", losses * (v + m) * 8),
+    ]
+    if options.reference:
+        terms.append(("autograd's [M, V] tensors of one loss", 5 * m * v * acc))
+    if options.attribution:
+        terms.append(("attribution: each sequence's Gram of h", m * shape.length * acc))
+    return Estimate(
+        "the streamed engine",
+        "tokens (a chunk holds every token's logits for its vocabulary rows)",
+        tuple(terms),
     )
 
 

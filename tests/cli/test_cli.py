@@ -44,7 +44,7 @@ def test_default_table_shows_every_section():
         "attribution: shares ⟨part, G⟩/‖G‖²",
         "largest token shares",
         "largest sequence shares",
-        "checks: 13/13 passed",
+        "checks: 18/18 passed",
     ):
         assert text in out
     for name in ("reinforce", "ppo", "ppo_clip", "sft"):
