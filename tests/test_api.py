@@ -54,6 +54,11 @@ def comparable(report: gradlens.results.CompareReport, model: bool) -> dict:
         for loss in data["losses"]:
             loss.pop("model_grads")
             loss.pop("findings")
+            # compare decodes with the checkpoint's tokenizer; the API here has none
+            attribution = loss["attribution"] or {}
+            for item in attribution.get("top_tokens", []) + attribution.get("top_sequences", []):
+                item.pop("text")
+                item.pop("context", None)
     return data
 
 
