@@ -509,6 +509,7 @@ def lm_head_pass(
     plan: EnginePlan,
     entropy_weight: Tensor | None = None,
     entropy_losses: int | None = None,
+    *,
     kept_ids: Tensor | None = None,
     attribution: AttributionPlan | None = None,
 ) -> EngineResult:

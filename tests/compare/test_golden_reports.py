@@ -90,8 +90,8 @@ def upgrade_to_3(report: dict[str, Any]) -> dict[str, Any]:
 
 def _sampling_support(report: dict[str, Any]) -> None:
     """The fields the top-p/top-k replay added, with their defaults (docs/json-schema.md's
-    changelog): ``loss.sampling_support`` full, the model source's ``top_k`` 0 (off), and no
-    ``support`` section (no kept sets recorded without top-p or top-k)."""
+    changelog): ``loss.sampling_support`` full and the model source's ``top_k`` 0 (off). The
+    ``support`` section itself is compared where it was recorded, `recorded_sections`."""
     config = report["config"]
     config["loss"].setdefault("sampling_support", "full")
     if config.get("source", {}).get("kind") == "model":
@@ -101,7 +101,6 @@ def _sampling_support(report: dict[str, Any]) -> None:
     rollout = (report.get("model") or {}).get("rollout")
     if rollout is not None:
         rollout.setdefault("top_k", 0)
-    report.setdefault("support", None)
 
 
 def _loss_settings_of_3(loss: dict[str, Any]) -> None:
@@ -119,11 +118,14 @@ ATTRIBUTION = re.compile(
 
 def recorded_sections(new: dict[str, Any], golden: dict[str, Any]) -> dict[str, Any]:
     """``new`` without the sections a golden report recorded before they existed: each loss's
-    ``attribution`` (gradlens.compare/3) and its findings where the golden loss has none.
+    ``attribution`` (gradlens.compare/3) and its findings where the golden loss has none, and
+    the ``support`` section (the rollout's kept sets, /3) where the golden report has none.
     Every other number of the report must still be the recorded one."""
     if "check" in new:  # a sweep summary
         return new
     new = json.loads(json.dumps(new))
+    if "support" not in golden:
+        new.pop("support", None)
     for loss, old in zip(new["losses"], golden["losses"], strict=False):
         if "attribution" not in old:
             loss.pop("attribution", None)
