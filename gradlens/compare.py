@@ -91,6 +91,44 @@ def loss_params_from(c: LossConfig) -> LossParams:
         corrections=tuple(with_defaults(x.kind, x.low, x.high) for x in c.corrections),
         aggregation=c.aggregation,
         loss_scale_factor=c.loss_scale_factor,
+        dppo_tv_low=c.dppo_tv_low,
+        dppo_tv_high=c.dppo_tv_high,
+        dppo_kl_low=c.dppo_kl_low,
+        dppo_kl_high=c.dppo_kl_high,
+        dppo_cap=c.dppo_cap,
+        prime_mask_low=c.prime_mask_low,
+        prime_mask_high=c.prime_mask_high,
+        prime_kl_tau=c.prime_kl_tau,
+        ipo_threshold=c.ipo_threshold,
+        m2po_threshold=c.m2po_threshold,
+        aspo_eps_low_entropy=c.aspo_eps_low_entropy,
+        aspo_eps_high_entropy=c.aspo_eps_high_entropy,
+        aspo_entropy_quantile=c.aspo_entropy_quantile,
+        aspo_clip_c_neg=c.aspo_clip_c_neg,
+        aspo_clip_c_pos=c.aspo_clip_c_pos,
+        gppo_beta1=c.gppo_beta1,
+        gppo_beta2=c.gppo_beta2,
+        clip_cov_ratio=c.clip_cov_ratio,
+        clip_cov_lb=c.clip_cov_lb,
+        clip_cov_ub=c.clip_cov_ub,
+        selection_seed=c.selection_seed,
+        kl_cov_ratio=c.kl_cov_ratio,
+        kl_cov_coef=c.kl_cov_coef,
+        gmpo_eps_low=c.gmpo_eps_low,
+        gmpo_eps_high=c.gmpo_eps_high,
+        topr_pos_weight=c.topr_pos_weight,
+        topr_neg_weight=c.topr_neg_weight,
+        dro_beta=c.dro_beta,
+        vespo_k_pos=c.vespo_k_pos,
+        vespo_lambda_pos=c.vespo_lambda_pos,
+        vespo_k_neg=c.vespo_k_neg,
+        vespo_lambda_neg=c.vespo_lambda_neg,
+        real_tau=c.real_tau,
+        fipo_decay_rate=c.fipo_decay_rate,
+        fipo_clip_range=c.fipo_clip_range,
+        fipo_clip_high_only=c.fipo_clip_high_only,
+        fipo_safety_threshold=c.fipo_safety_threshold,
+        top_entropy_quantile=c.top_entropy_quantile,
     )
 
 
@@ -345,6 +383,8 @@ def input_notes(
     for need in spec.needs:
         if getattr(batch, need, None) is None and need in stand_ins:
             notes.append(f"the batch has no {need}: {stand_ins[need]}")
+    if params.corrections and spec.correction_note:
+        notes.append(f"loss.corrections on {spec.name}: {spec.correction_note}")
     if params.corrections and terms.self_aggregated:
         notes.append(
             "loss.corrections are not applied to a loss that aggregates itself: it receives "

@@ -12,6 +12,11 @@ gradient ∂L/∂z_y and the row norms ‖∂L/∂W_v‖.
 With ``loss.entropy_coef`` ≠ 0 the engine adds the entropy bonus's gradient (not of the c-form)
 to every loss's rows, and the reports include it exactly as the materialized path's do.
 
+Per-token entropies H_t: when a loss reads them (``aspo``) or the top-entropy token selection
+is on (``loss.top_entropy_quantile`` < 1), the engine accumulates H_t in its first pass (as it
+does for the entropy bonus) and hands them to `coefficients_for` with the log-probs; the bonus's
+weights a_t·S_t then follow from the same H_t.
+
 With ``--parity A,B`` the same run also gives parity's inputs (`gradlens.parity`): A and B join
 the engine's losses if they are not among them (without a loss report of their own), and one
 more coefficient set, c_B − c_A, gives the row norms of ∂L_B/∂W − ∂L_A/∂W, which is of the same
@@ -26,7 +31,7 @@ import torch
 from torch import Tensor
 
 from gradlens.config import Config
-from gradlens.containers import Batch, LossTerms, valid_index
+from gradlens.containers import Batch, LossTerms, TokenInputs, valid_index
 from gradlens.diagnostics import tolerances
 from gradlens.diagnostics.agreement import not_run
 from gradlens.diagnostics.clipping import clipping
@@ -46,11 +51,13 @@ from gradlens.grads import (
     autograd_reference,
     loss_terms,
     loss_weights,
+    on_grid,
     run_params,
     token_inputs,
 )
 from gradlens.logits import softmax_dtype
 from gradlens.losses import LossParams, LossSpec, aggregation_weights, get_loss
+from gradlens.losses.token_selection import bonus_weights
 from gradlens.parity import ParityGap, ParityLoss, streamed_gap
 from gradlens.results import Agreement, EngineInfo, LossReport
 
@@ -63,6 +70,8 @@ class _Coefficients:
     weights: list[Tensor]  # [N, T] a_t (1 for a loss that aggregates itself)
     coefficient: list[Tensor]  # [N, T] c_t
     logp: Tensor | None = None  # [N, T] ℓ as the engine computed it
+    inputs: TokenInputs | None = None  # the losses' inputs (with H_t when the engine gave it)
+    entropy_weight: Tensor | None = None  # [M] w_t = c_H·a_t·S_t of the entropy bonus
 
 
 @dataclass(frozen=True)
@@ -106,11 +115,12 @@ def run_streamed(
     run = run_params(params, agg)
     kept = _Coefficients([], [], [])
 
-    def coefficients_for(logp_valid: Tensor) -> list[Tensor]:
-        logp = torch.zeros(batch.mask.shape, dtype=logp_valid.dtype, device=logp_valid.device)
-        logp[rows, cols] = logp_valid
+    def coefficients_for(logp_valid: Tensor, entropy_valid: Tensor | None = None) -> list[Tensor]:
+        logp = on_grid(logp_valid, rows, cols, batch.mask.shape)  # [N, T]
         kept.logp = logp
-        inputs = token_inputs(batch, logp)
+        entropy = None if entropy_valid is None else on_grid(entropy_valid, rows, cols, logp.shape)
+        inputs = token_inputs(batch, logp, entropy)
+        kept.inputs = inputs
         out = []
         for spec in specs:
             terms = loss_terms(inputs, spec, run)
@@ -142,19 +152,28 @@ def run_streamed(
     agg_weights = aggregation_weights(
         batch.mask, agg.mode, agg.loss_scale_factor, softmax_dtype(batch.weight.dtype)
     )
-    entropy_weight = None  # w_t = a_t·c_H of the entropy bonus
-    if run.entropy_coef != 0.0:
-        entropy_weight = run.entropy_coef * agg_weights[rows, cols]
+    # H_t from pass 1 when a loss or the top-entropy selection reads it
+    token_entropy = run.top_entropy_quantile < 1.0 or any("entropy" in s.needs for s in specs)
+
+    def bonus_weight(entropy_valid: Tensor) -> Tensor:
+        """w_t = c_H·a_t·S_t, S_t the top-entropy selection (1 when it is off)."""
+        assert kept.inputs is not None  # the engine runs the coefficients first
+        a = bonus_weights(agg_weights, kept.inputs, run)[rows, cols]  # [M]
+        kept.entropy_weight = run.entropy_coef * a
+        return kept.entropy_weight
+
     result = lm_head_pass(
         hidden,
         batch.weight,
         tokens,
         coefficients_for,
         engine_plan,
-        entropy_weight=entropy_weight,
+        entropy_weight=None if run.entropy_coef == 0.0 else bonus_weight,
         entropy_losses=len(specs),  # not parity's c_B − c_A: the bonus cancels there
+        token_entropy=token_entropy,
     )
-    # the bonus's part of the loss, −c_H·Σ_t a_t H_t, and its gross size 2·|c_H|·a_t·H_t
+    # the bonus's part of the loss, −c_H·Σ_t a_t·S_t·H_t, and its gross size 2·|c_H|·a_t·S_t·H_t
+    entropy_weight = kept.entropy_weight
     bonus_loss, bonus_scale = 0.0, None
     if entropy_weight is not None:
         bonus_loss = -float((entropy_weight * result.tokens.entropy).sum())

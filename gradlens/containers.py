@@ -34,6 +34,9 @@ class Batch:
         advantage_note: how the advantages were obtained (raw reward, group-normalised, ...).
         model_context: what the whole-model diagnostics need (the model source's
             `gradlens.sources.model.ModelContext`); None for sources without a model.
+        groups: [N] int64 prompt-group id of each sequence (the completions of one prompt share
+            an id), or None when the source does not know them. Group-coupled losses (``real``)
+            need it.
     """
 
     hidden: Tensor
@@ -48,6 +51,7 @@ class Batch:
     source: str = ""
     advantage_note: str = ""
     model_context: Any = None
+    groups: Tensor | None = None
 
     @property
     def num_sequences(self) -> int:
@@ -72,7 +76,8 @@ class TokenInputs:
 
     ``logp`` may require grad (the autograd reference differentiates through it); every other
     tensor is a constant. Values at masked positions are zeros, so no loss can produce a
-    non-finite number there.
+    non-finite number there. ``entropy`` and ``groups`` are None where the caller does not
+    provide them; a loss that needs one says so with a `GradlensError`.
     """
 
     logp: Tensor  # [N, T] log π_θ(y_t)
@@ -81,6 +86,8 @@ class TokenInputs:
     mask: Tensor  # [N, T] bool
     rollout_logp: Tensor | None = None  # [N, T] log μ_old(y_t)
     ref_logp: Tensor | None = None  # [N, T] log π_ref(y_t)
+    entropy: Tensor | None = None  # [N, T] H(π_θ,t), detached (token selection, aspo)
+    groups: Tensor | None = None  # [N] int64 prompt-group id of each sequence (real)
 
 
 @dataclass(frozen=True)

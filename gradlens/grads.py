@@ -23,6 +23,7 @@ from gradlens.containers import Batch, LossTerms, TokenInputs, valid_index
 from gradlens.logits import compute_logits, softmax_dtype
 from gradlens.losses import LossParams, LossSpec, aggregation_weights
 from gradlens.losses.corrections import apply_corrections
+from gradlens.losses.token_selection import apply_token_selection, bonus_weights
 
 
 @dataclass(frozen=True)
@@ -84,8 +85,11 @@ def effective_old_logp(batch: Batch, logp: Tensor) -> Tensor:
     return torch.where(batch.on_policy, logp.detach(), old)
 
 
-def token_inputs(batch: Batch, logp: Tensor) -> TokenInputs:
-    """Loss inputs on the [N, T] grid, with zeros at masked positions (never inf or NaN there)."""
+def token_inputs(batch: Batch, logp: Tensor, entropy: Tensor | None = None) -> TokenInputs:
+    """Loss inputs on the [N, T] grid, with zeros at masked positions (never inf or NaN there).
+
+    ``entropy`` is [N, T] H(π_θ,t) (detached here), or None where the caller has none.
+    """
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
     m = batch.mask
 
@@ -99,7 +103,16 @@ def token_inputs(batch: Batch, logp: Tensor) -> TokenInputs:
         mask=m,
         rollout_logp=clean(batch.rollout_logp),
         ref_logp=clean(batch.ref_logp),
+        entropy=None if entropy is None else clean(entropy.detach()),
+        groups=batch.groups,
     )
+
+
+def on_grid(values: Tensor, rows: Tensor, cols: Tensor, shape: torch.Size) -> Tensor:
+    """[M] values of the valid tokens → [N, T] (0 at masked positions)."""
+    out = torch.zeros(shape, dtype=values.dtype, device=values.device)
+    out[rows, cols] = values
+    return out
 
 
 @dataclass(frozen=True)
@@ -137,8 +150,10 @@ def run_params(params: LossParams, agg: Aggregation) -> LossParams:
 
 
 def loss_terms(inputs: TokenInputs, spec: LossSpec, params: LossParams) -> LossTerms:
-    """The loss's terms with the training–inference corrections of ``params`` applied."""
-    return apply_corrections(spec.fn(inputs, params), inputs, params.corrections)
+    """The loss's terms with the training–inference corrections and the top-entropy token
+    selection of ``params`` applied."""
+    terms = apply_corrections(spec.fn(inputs, params), inputs, params.corrections)
+    return apply_token_selection(terms, inputs, params)
 
 
 def loss_weights(
@@ -159,7 +174,8 @@ def closed_form(
     c·(e_y − π); it is zero-sum, and the coefficient c_t (∂L/∂ℓ_t) does not include it.
     """
     params = run_params(params, agg)
-    inputs = token_inputs(batch, view.logp)
+    entropy = on_grid(view.entropy, view.rows, view.cols, view.logp.shape)  # [N, T]
+    inputs = token_inputs(batch, view.logp, entropy)
     terms = loss_terms(inputs, spec, params)
     weights, agg_weights = loss_weights(batch.mask, terms, agg, view.logits.dtype)
     coefficient = weights * terms.coefficient  # [N, T]
@@ -169,7 +185,7 @@ def closed_form(
     loss = float((weights * terms.per_token).sum())
     entropy_grad = None
     if params.entropy_coef != 0.0:
-        a = agg_weights[view.rows, view.cols]  # [M]
+        a = bonus_weights(agg_weights, inputs, params)[view.rows, view.cols]  # [M] a_t·S_t
         log_probs = torch.log_softmax(view.logits, dim=-1)  # [M, V]
         h = view.entropy[:, None]  # [M, 1]
         entropy_grad = (params.entropy_coef * a)[:, None] * view.probs * (log_probs + h)
@@ -200,18 +216,20 @@ def autograd_reference(
     hidden = batch.hidden[rows, cols].detach()  # [M, H]
     logits = (hidden @ weight.T).to(softmax_dtype(weight.dtype))  # [M, V]
     logits.retain_grad()
-    sampled = torch.log_softmax(logits, dim=-1).gather(-1, batch.tokens[rows, cols][:, None])
+    log_probs = torch.log_softmax(logits, dim=-1)  # [M, V]
+    sampled = log_probs.gather(-1, batch.tokens[rows, cols][:, None])
     logp = torch.zeros(batch.mask.shape, dtype=logits.dtype, device=logits.device)
     logp = logp.index_put((rows, cols), sampled.squeeze(-1))  # [N, T], differentiable
     logp.retain_grad()
     params = run_params(params, agg)
-    terms = loss_terms(token_inputs(batch, logp), spec, params)
+    entropy = -(log_probs.exp() * log_probs).sum(-1)  # [M], differentiable
+    inputs = token_inputs(batch, logp, on_grid(entropy.detach(), rows, cols, logp.shape))
+    terms = loss_terms(inputs, spec, params)
     weights, agg_weights = loss_weights(batch.mask, terms, agg, logits.dtype)
     loss = (weights * terms.per_token).sum()
     if params.entropy_coef != 0.0:  # the bonus from the very logits being differentiated
-        log_probs = torch.log_softmax(logits, dim=-1)  # [M, V]
-        entropy = -(log_probs.exp() * log_probs).sum(-1)  # [M]
-        loss = loss - params.entropy_coef * (agg_weights[rows, cols] * entropy).sum()
+        a = bonus_weights(agg_weights, inputs, params)[rows, cols]  # [M] a_t·S_t
+        loss = loss - params.entropy_coef * (a * entropy).sum()
     loss.backward()
     assert logits.grad is not None and logp.grad is not None and weight.grad is not None
     return ReferenceGradients(float(loss.detach()), logp.grad, logits.grad, weight.grad)

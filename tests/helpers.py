@@ -61,7 +61,8 @@ def random_batch(
     drift: float = 0.8,
 ) -> Batch:
     """A seeded batch with ragged masks, per-sequence advantages of both signs (and an exact
-    zero) and log-ratio noise log r ~ N(0, drift²) on every valid token."""
+    zero), log-ratio noise log r ~ N(0, drift²) on every valid token, and prompt groups of two
+    consecutive sequences."""
     gen = torch.Generator().manual_seed(seed)
     lengths = torch.randint(1, t + 1, (n,), generator=gen)  # [N]
     mask = torch.arange(t)[None, :] < lengths[:, None]  # [N, T]
@@ -73,7 +74,10 @@ def random_batch(
     advantages = adv_seq[:, None].expand(n, t).clone()  # [N, T]
     log_r = drift * torch.randn(n, t, generator=gen, dtype=F64)  # [N, T]
     batch = make_batch(hidden.to(dtype), weight.to(dtype), tokens, mask, advantages=advantages)
-    return dataclasses.replace(batch, old_logp=batch.old_logp - log_r.to(batch.old_logp.dtype))
+    groups = torch.arange(n) // 2  # prompt groups of two consecutive sequences (for real)
+    return dataclasses.replace(
+        batch, old_logp=batch.old_logp - log_r.to(batch.old_logp.dtype), groups=groups
+    )
 
 
 def gradients(

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from gradlens.containers import Batch
 from gradlens.diagnostics.numbers import num
-from gradlens.grads import SoftmaxView, loss_terms, run_params, token_inputs
+from gradlens.grads import SoftmaxView, loss_terms, on_grid, run_params, token_inputs
 from gradlens.losses import get_loss
 from gradlens.model_results import (
     PREDICTION_FACTOR,
@@ -187,7 +187,7 @@ def post_estimates(
     entropy = float(view.entropy.double().mean())
     adv = float(batch.advantages[mask].double().abs().mean())
     sampled = view.sampled_probs.double()  # [M] π_θ(y_t)
-    inputs = token_inputs(batch, view.logp)
+    inputs = token_inputs(batch, view.logp, on_grid(view.entropy, view.rows, view.cols, mask.shape))
     out = {}
     for name in names:
         spec = get_loss(name)

@@ -18,6 +18,9 @@ the engine makes two passes over vocabulary chunks:
    running row sum Σ_v ∂L/∂W_v. Per-token statistics (Σ_v π, entropy, the largest
    non-sampled probability) come from the same π.
 
+Losses that read the per-token entropy (``aspo``, the top-entropy selection; ``token_entropy``)
+get H_t from pass 1, accumulated as for the entropy bonus below, with the log-probs.
+
 The entropy bonus (losses.md §2.11, ``entropy_weight`` w_t = a_t·c_H) adds to the logit
 gradient of every loss the same block E_tv = w_t·π_tv·(log π_tv + H_t), not of the c-form. Pass 1
 then also accumulates H_t (it is needed before pass 2); pass 2 forms E from each chunk's π and
@@ -47,7 +50,11 @@ from torch import Tensor
 
 from gradlens.logits import softmax_dtype
 
-CoefficientFn = Callable[[Tensor], list[Tensor]]
+# coefficients_of(logp [M]) -> [c_1, …, c_k]; with ``token_entropy`` also the entropy:
+# coefficients_of(logp [M], entropy [M])
+CoefficientFn = Callable[..., list[Tensor]]
+# w_t [M] of the entropy bonus, or a function of the pass-1 entropies H_t [M] that gives it
+EntropyWeight = Tensor | Callable[[Tensor], Tensor]
 SHARE_LIMIT = 0.5  # reuse an earlier loss's dense product when ≤ this share of tokens differ
 
 
@@ -175,19 +182,23 @@ def lm_head_pass(
     tokens: Tensor,
     coefficients_of: CoefficientFn,
     plan: EnginePlan,
-    entropy_weight: Tensor | None = None,
+    entropy_weight: EntropyWeight | None = None,
     entropy_losses: int | None = None,
+    token_entropy: bool = False,
 ) -> EngineResult:
     """Run the two passes. ``coefficients_of(logp [M]) -> [c_1, …, c_k]`` ([M] each).
 
     ``entropy_weight`` [M]: w_t = a_t·c_H of the entropy bonus, added to the first
-    ``entropy_losses`` losses (all when None); None: no bonus.
+    ``entropy_losses`` losses (all when None), or a function of the pass-1 entropies H_t that
+    returns it (the top-entropy token selection weights the bonus by 1[H_t ≥ threshold]);
+    None: no bonus. ``token_entropy``: the losses read H_t, so pass 1 accumulates it and the
+    engine calls ``coefficients_of(logp, entropy)``.
     """
     m, v = hidden.shape[0], weight.shape[0]
     acc = softmax_dtype(weight.dtype)
     chunks = plan.chunks(v)
     gemms = 0.0
-    ent_w = None if entropy_weight is None else entropy_weight.to(acc)
+    need_h = entropy_weight is not None or token_entropy
     h1 = torch.zeros(m, dtype=acc, device=hidden.device)  # H_t, accumulated in pass 1
 
     # Pass 1: logsumexp and z_y, keeping the resident chunks' logits.
@@ -199,7 +210,7 @@ def lm_head_pass(
         z = _logits(hidden, weight[start:end])  # [M, Vc]
         gemms += (end - start) / v
         new_lse = torch.logaddexp(lse, torch.logsumexp(z, dim=-1))
-        if ent_w is not None:
+        if need_h:
             # H = Σ_v π_v·(lse − z_v), every term ≥ 0; rescaled as the running lse grows
             # (the earlier chunks' exp(z − lse) sum to 1).
             part = (torch.exp(z - new_lse[:, None]) * (new_lse[:, None] - z)).sum(-1)
@@ -217,7 +228,11 @@ def lm_head_pass(
             kept.append(z)
     logp = z_y - lse
 
-    coefficients = [c.to(acc) for c in coefficients_of(logp)]
+    raw = coefficients_of(logp, h1) if token_entropy else coefficients_of(logp)
+    coefficients = [c.to(acc) for c in raw]
+    ent_w = None
+    if entropy_weight is not None:
+        ent_w = (entropy_weight(h1) if callable(entropy_weight) else entropy_weight).to(acc)
     k = len(coefficients)
     sources = _share_sources(coefficients)
     direct = [i for i in range(k) if sources[i] is None]

@@ -254,16 +254,20 @@ def aggregated_loss(spec: Any, batch: Batch, policy: PolicyPass, params: Any, ag
     The same composition as `gradlens.grads.autograd_reference`: the loss's terms with the
     run's corrections, its aggregation weights, and the entropy bonus when one is set.
     """
-    from gradlens.grads import loss_terms, loss_weights, run_params, token_inputs
+    from gradlens.grads import loss_terms, loss_weights, on_grid, run_params, token_inputs
+    from gradlens.losses.token_selection import bonus_weights
 
     params = run_params(params, agg)
-    terms = loss_terms(token_inputs(batch, policy.logp), spec, params)
+    rows, cols = valid_index(batch.mask)
+    entropy = -(policy.log_probs.exp() * policy.log_probs).sum(-1)  # [M]
+    grid = on_grid(entropy.detach(), rows, cols, policy.logp.shape)  # [N, T] H_t
+    inputs = token_inputs(batch, policy.logp, grid)
+    terms = loss_terms(inputs, spec, params)
     weights, agg_weights = loss_weights(batch.mask, terms, agg, policy.logp.dtype)
     loss = (weights * terms.per_token).sum()
     if params.entropy_coef != 0.0:
-        rows, cols = valid_index(batch.mask)
-        entropy = -(policy.log_probs.exp() * policy.log_probs).sum(-1)  # [M]
-        loss = loss - params.entropy_coef * (agg_weights[rows, cols] * entropy).sum()
+        a = bonus_weights(agg_weights, inputs, params)[rows, cols]  # [M] a_t·S_t
+        loss = loss - params.entropy_coef * (a * entropy).sum()
     return loss
 
 
@@ -465,6 +469,7 @@ def build_model_batch(src: Any, config: Any, device: torch.device, dtype: torch.
         # The reference policy of KL penalties (grpo) is the frozen checkpoint: its training-pass
         # log-probs are π_old's, taken before the stale steps moved π_θ away from it.
         ref_logp=old_logp.clone(),
+        groups=torch.arange(n, device=device) // src.group_size,  # consecutive completions
         source=(
             f"model: {name} ({info.architecture}, {info.parameters / 1e6:.2f}M parameters"
             f"{', tied embeddings' if info.tied_embeddings else ''}); {len(prompts)} prompts × "
