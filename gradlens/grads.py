@@ -216,12 +216,13 @@ def autograd_reference(
     hidden = batch.hidden[rows, cols].detach()  # [M, H]
     logits = (hidden @ weight.T).to(softmax_dtype(weight.dtype))  # [M, V]
     logits.retain_grad()
-    log_probs = torch.log_softmax(logits, dim=-1)  # [M, V]
-    sampled = log_probs.gather(-1, batch.tokens[rows, cols][:, None])
+    sampled = torch.log_softmax(logits, dim=-1).gather(-1, batch.tokens[rows, cols][:, None])
     logp = torch.zeros(batch.mask.shape, dtype=logits.dtype, device=logits.device)
     logp = logp.index_put((rows, cols), sampled.squeeze(-1))  # [N, T], differentiable
     logp.retain_grad()
     params = run_params(params, agg)
+    # H_t from a log_softmax of its own: the bonus's backward stays a separate branch
+    log_probs = torch.log_softmax(logits, dim=-1)  # [M, V]
     entropy = -(log_probs.exp() * log_probs).sum(-1)  # [M], differentiable
     inputs = token_inputs(batch, logp, on_grid(entropy.detach(), rows, cols, logp.shape))
     terms = loss_terms(inputs, spec, params)

@@ -12,7 +12,8 @@ binds; r_μ is not 1 (the training–inference gap plus staleness).
     g = −A·r_μ inside the band, 0 outside             region is_masked (SkyRL clip_ratio)
     The band is open (strict), as SkyRL's: exactly at a bound the token is masked. SkyRL uses its
     PPO widths ``eps_clip_low/high`` (0.2/0.2); gradlens uses ``loss.eps_low``/``eps_high``.
-``cispo_rollout`` — CISPO (``cispo``, losses.md §2.8) with r_μ in place of r:
+``cispo_rollout`` — CISPO (``cispo``, losses.md §2.8; MiniMax-M1, arXiv 2506.13585) with r_μ in
+place of r:
     per-token loss  −A·sg[clip(r_μ, 1 − cispo_eps_low, 1 + cispo_eps_high)]·log π_θ(y)
     g = −A·clip(r_μ, ...)                             region weight_clipped (SkyRL clip_ratio)
     SkyRL's defaults are ``cispo_eps_clip_low = 1`` and ``_high = 4`` (bounds [0, 5], ScaleRL);
@@ -46,7 +47,7 @@ def rollout_ratio(inputs: TokenInputs) -> Tensor:
 def _weighted(inputs: TokenInputs, weight: Tensor, r_mu: Tensor, region: dict) -> LossTerms:
     m = inputs.mask
     adv = torch.where(m, inputs.advantages, 0.0)
-    g = torch.where(m, -adv * weight, 0.0)
+    g = torch.where(m & (weight != 0), -adv * weight, 0.0)  # a masked token: 0, not −0
     return LossTerms(
         per_token=g * inputs.logp,
         coefficient=g,
