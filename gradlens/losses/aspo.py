@@ -123,5 +123,12 @@ register(
         post_formula="|g|·(1 − π_y), g = −A·min(1/r, c⁺) or −A·r or −A·c⁻",
         needs=("entropy",),
         coupling="sequence",
+        rule_words=(
+            ("clip_upper", "A > 0 and r > 1+ε_t (ε_t by the token's entropy)"),
+            ("clip_lower", "A < 0 and r < 1−ε_t (ε_t by the token's entropy)"),
+            ("clip_dual", "A < 0 and r > c⁻ (the weight c⁻ is kept)"),
+            ("clip_dual_pos", "A > 0 and 1/r > c⁺ (the weight c⁺ is kept)"),
+            ("high_entropy", "H above its sequence's quantile (wide width)"),
+        ),
     )
 )

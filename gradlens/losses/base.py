@@ -185,6 +185,9 @@ class LossSpec:
         correction_note: what composing ``loss.corrections`` with this loss means when it is
             not what the framework does (it already folds in the training–inference ratio);
             ``compare`` repeats it in the findings when corrections are set.
+        rule_words: (region, what it means) for the regions whose meaning differs from the
+            shared words of `gradlens.report.sweep_labels.RULE_TEXT` (DPPO's ``clip_upper`` is
+            a probability difference, not a ratio); the sweep's table and figures use them.
     """
 
     name: str
@@ -199,3 +202,4 @@ class LossSpec:
     needs: tuple[str, ...] = ()
     coupling: str = "token"
     correction_note: str = ""
+    rule_words: tuple[tuple[str, str], ...] = ()

@@ -174,6 +174,10 @@ register(
         "from actor.yaml, not the code's fallback 20)",
         regions=("clip_upper", "clip_lower", "ratio_capped"),
         post_formula="M·min(r, C)·|A|·(1 − π_y)",
+        rule_words=(
+            ("clip_upper", "A > 0 and π_θ − π_old > δ_hi (binary TV)"),
+            ("clip_lower", "A < 0 and π_θ − π_old < −δ_lo (binary TV)"),
+        ),
     )
 )
 register(
@@ -186,6 +190,10 @@ register(
         paper="DPPO-Binary-KL, arXiv 2602.04879 eq. 14; verl `dppo_kl`",
         regions=("clip_upper", "clip_lower", "ratio_capped"),
         post_formula="M·min(r, C)·|A|·(1 − π_y)",
+        rule_words=(
+            ("clip_upper", "A > 0, π_θ > π_old and binary KL > δ_hi"),
+            ("clip_lower", "A < 0, π_θ < π_old and binary KL > δ_lo"),
+        ),
     )
 )
 register(
@@ -201,6 +209,10 @@ register(
         post_formula="|g|·(1 − π_y), g = −A·r_μ·M + 2τ(ℓ − ℓ_μ)",
         needs=("rollout_logp",),
         correction_note=_MU_NOTE,
+        rule_words=(
+            ("clip_upper", "A > 0 and π_θ − μ > δ_hi (binary TV against μ)"),
+            ("clip_lower", "A < 0 and π_θ − μ < −δ_lo (binary TV against μ)"),
+        ),
     )
 )
 register(

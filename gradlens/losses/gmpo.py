@@ -74,5 +74,9 @@ register(
         regions=("clip_upper", "clip_lower"),
         post_formula="1[unclipped]·ρ_i·|Â_i|·(1 − π_y)",
         coupling="sequence",
+        rule_words=(
+            ("clip_upper", "Â > 0 and log r > ε_high (in log space, per token)"),
+            ("clip_lower", "Â < 0 and log r < −ε_low (in log space, per token)"),
+        ),
     )
 )

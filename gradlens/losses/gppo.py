@@ -74,6 +74,11 @@ def gppo(inputs: TokenInputs, params: LossParams) -> LossTerms:
     return gradient_preserving_clip(inputs, params, 1.0, 1.0)
 
 
+_WORDS = (
+    ("clip_upper", "A > 0 and r > 1+ε_high (a bounded gradient is kept)"),
+    ("clip_lower", "A < 0 and r < 1−ε_low (a bounded gradient is kept)"),
+)
+
 register(
     LossSpec(
         name="ce_gppo",
@@ -86,6 +91,7 @@ register(
         paper="CE-GPPO arXiv 2509.20712; Kwai-Klear/CE-GPPO compute_gppo_loss_general_beta",
         regions=("clip_upper", "clip_lower", "clip_dual"),
         post_formula="|g|·(1 − π_y), g = −A·r or −A·β(1 ± ε)",
+        rule_words=_WORDS,
     )
 )
 register(
@@ -99,5 +105,6 @@ register(
         paper="GPPO, Klear-Reasoner arXiv 2508.07629 (CE-GPPO with β₁ = β₂ = 1)",
         regions=("clip_upper", "clip_lower", "clip_dual"),
         post_formula="|g|·(1 − π_y), g = −A·r or −A·(1 ± ε)",
+        rule_words=_WORDS,
     )
 )
