@@ -38,6 +38,9 @@ def losses(
                 "coefficient": s.coefficient,
                 "zero_when": s.zero_when,
                 "paper": s.paper,
+                "coupling": s.coupling,
+                "needs": list(s.needs),
+                "regions": list(s.regions),
             }
             for s in specs
         ]
@@ -54,19 +57,36 @@ def losses(
         "g_t = ∂ℓ/∂log π_θ(y)",
         "zero when",
         "source",
+        "coupling",
     ):
         table.add_column(col, overflow="fold")
     for s in specs:
+        needs = f" (needs {', '.join(s.needs)})" if s.needs else ""
         table.add_row(
-            *(escape(x) for x in (s.name, s.formula, s.coefficient, s.zero_when, s.paper))
+            *(
+                escape(x)
+                for x in (
+                    s.name,
+                    s.formula,
+                    s.coefficient,
+                    s.zero_when,
+                    s.paper,
+                    s.coupling + needs,
+                )
+            )
         )
     console = stdout_console()
     console.print(table)
     console.print(f"aggregations (loss.aggregation): {', '.join(AGGREGATIONS)}")
     console.print(
         "with every loss: loss.entropy_coef (entropy bonus), loss.corrections (token_tis, "
-        "seq_tis, token_mis, seq_mis, icepop, geo_mask); your own loss: --losses "
-        "module:function or verl:module:function (docs/cli.md)"
+        "seq_tis, token_mis, seq_mis, icepop, geo_mask), loss.top_entropy_quantile (train the "
+        "top-entropy tokens only); your own loss: --losses module:function or "
+        "verl:module:function (docs/cli.md)"
+    )
+    console.print(
+        "coupling: what decides a token's g_t besides its own inputs — its sequence, its prompt "
+        "group or the whole batch (docs/losses.md §2)"
     )
 
 
