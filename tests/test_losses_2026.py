@@ -735,3 +735,49 @@ def test_fipo_weight_is_between_its_clip_bounds() -> None:
         )
         kept = base.coefficient[batch.mask] != 0
         assert rel_err(ratio[kept], w[kept]) <= TOL_F64  # g = f·g_ppo_clip
+
+
+def test_a_batch_file_has_prompt_groups_only_when_group_size_is_set(tmp_path: Path) -> None:
+    path = tmp_path / "batch.safetensors"
+    small = ["--set", "source.vocab_size=64", "--set", "source.num_sequences=8"]
+    assert runner.invoke(app, ["dump", "-o", str(path), *small]).exit_code == 0
+    read = ["compare", "--losses", "real", "--set", f"source.path={path}", "-f", "json"]
+    unset = runner.invoke(app, read)
+    assert unset.exit_code == 2 and "source.group_size" in unset.output
+    stated = runner.invoke(app, [*read, "--set", "source.group_size=4"])
+    assert stated.exit_code == 0, stated.output
+    r = json.loads(stated.stdout)["losses"][0]
+    # two groups of four with mixed rewards (seed 0: Â = [0.87, −0.87, −0.87, 0.87] and
+    # [−0.5, −0.5, 1.5, −0.5]): both have an O⁺ and an O⁻ member, none is skipped
+    assert r["clipping"]["sequence_shares"]["seq_group_skipped"] == 0.0
+    # group_size 1 stated: every sequence is a group of one, with one side only: all skipped
+    ones = runner.invoke(app, [*read, "--set", "source.group_size=1"])
+    r1 = json.loads(ones.stdout)["losses"][0]
+    assert r1["clipping"]["sequence_shares"]["seq_group_skipped"] == 1.0
+    bad = runner.invoke(app, [*read, "--set", "source.group_size=3"])
+    assert bad.exit_code == 2 and "not a multiple of 3" in bad.output
+
+
+def test_every_loss_survives_a_batch_without_signal() -> None:
+    # A = 0 everywhere, on-policy: most coefficients are 0 and real skips every group; the loss
+    # must still be a differentiable function of ℓ (autograd's reference needs a graph) and every
+    # check must pass. The rollout policy is stated so that the μ-anchored losses read it.
+    position = {"probs": [0.5, 0.2, 0.15, 0.1, 0.05], "token": 1, "rollout_prob": 0.25}
+    config = validate(
+        {
+            "dtype": "float64",
+            "losses": loss_names(),
+            "loss": {"top_entropy_quantile": 0.5, "entropy_coef": 0.01},
+            "source": {
+                "kind": "literal",
+                "sequences": [
+                    {"group": 0, "positions": [position, {**position, "token": 0}]},
+                    {"group": 0, "positions": [{**position, "token": 3}]},
+                ],
+            },
+        }
+    )
+    report = run_compare(config)
+    assert report.passed, [c for c in report.checks if not c.passed]
+    by = {r.name: r for r in report.losses}
+    assert by["real"].coefficient_abs_max == 0.0 and by["reinforce"].coefficient_abs_max == 0.0

@@ -65,7 +65,9 @@ def real(inputs: TokenInputs, params: LossParams) -> LossTerms:
     lengths = m.sum(-1).to(sd.dtype).clamp(min=1)  # [N]
     ids = torch.unique(inputs.groups)
     num_groups = ids.numel()
-    per_seq_loss = torch.zeros_like(score)  # [N] L_g/(G·N_g)·|o_k| on each member k
+    # [N] L_g/(G·N_g)·|o_k| on each member k; 0·score keeps the graph when every group is
+    # skipped (ms-swift does the same), so the loss stays differentiable, with gradient 0
+    per_seq_loss = 0.0 * score
     grad_seq = torch.zeros_like(sd)  # [N] ∂L/∂s̄_k
     skipped = torch.zeros_like(present)
     for gid in ids.tolist():
