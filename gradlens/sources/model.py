@@ -44,6 +44,7 @@ from torch import Tensor
 from gradlens.containers import Batch, valid_index
 from gradlens.errors import GradlensError
 from gradlens.logits import compute_logits
+from gradlens.losses.token_selection import bonus_weights
 
 if TYPE_CHECKING:
     from gradlens.model_results import ModelInfo
@@ -255,7 +256,6 @@ def aggregated_loss(spec: Any, batch: Batch, policy: PolicyPass, params: Any, ag
     run's corrections, its aggregation weights, and the entropy bonus when one is set.
     """
     from gradlens.grads import loss_terms, loss_weights, on_grid, run_params, token_inputs
-    from gradlens.losses.token_selection import bonus_weights
 
     params = run_params(params, agg)
     rows, cols = valid_index(batch.mask)
