@@ -113,6 +113,7 @@ def stale_steps(
                 old_logp=old_logp,
                 advantages=advantages,
                 rollout_logp=rollout_logp.to(old_logp.dtype),
+                groups=torch.arange(mask.shape[0], device=mask.device) // src.group_size,
             )
             loss = aggregated_loss(spec, batch, policy, params, agg)
             optimizer.zero_grad(set_to_none=True)
