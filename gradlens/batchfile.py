@@ -2,7 +2,8 @@
 
 Formats, chosen by the file's suffix: ``.safetensors``, ``.pt`` / ``.pth`` (a ``torch.save``
 of a dict of tensors), ``.jsonl`` (one JSON object per sequence, lists of numbers; for small
-batches). Keys follow the frameworks' names (verl's, with the common alternatives):
+batches; its numbers are read as float64 and converted to the run's dtype like every file's).
+Keys follow the frameworks' names (verl's, with the common alternatives):
 
     responses | input_ids                  [N, T] int   sampled tokens y_t
     response_mask | attention_mask         [N, T]       1 where the token enters the loss
@@ -48,16 +49,13 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from gradlens.errors import GradlensError
 from gradlens.files import replacing
-
-if TYPE_CHECKING:
-    from gradlens.containers import Batch
 
 ALIASES: dict[str, tuple[str, ...]] = {
     "tokens": ("responses", "input_ids"),
@@ -124,7 +122,7 @@ def _load_jsonl(path: Path, where: str) -> dict[str, Tensor]:
     shared = rows[0].get("lm_head_weight")
     for key in rows[0]:
         if key == "lm_head_weight":
-            out[key] = torch.tensor(shared, dtype=torch.float32)
+            out[key] = torch.tensor(shared, dtype=torch.float64)
             continue
         values = [r.get(key) for r in rows]
         if any(v is None for v in values):
@@ -140,9 +138,9 @@ def _pad(values: list, key: str, left: bool = False) -> Tensor:
     """Per-sequence lists of ragged length → a right- (or left-) padded [N, T(, H)] tensor."""
     first = torch.tensor(values[0])
     if first.dim() == 0:
-        return torch.tensor(values)
+        return torch.tensor(values, dtype=torch.long if key in INTEGER_KEYS else torch.float64)
     length = max(len(v) for v in values)
-    dtype = torch.long if key in INTEGER_KEYS else torch.float32
+    dtype = torch.long if key in INTEGER_KEYS else torch.float64  # JSON numbers are doubles
     out = torch.zeros((len(values), length, *first.shape[1:]), dtype=dtype)
     for i, v in enumerate(values):
         if len(v):
@@ -351,55 +349,6 @@ def _prompt_context(
     }
 
 
-def dump_tensors(batch: Batch) -> dict[str, Tensor | None]:
-    """What ``gradlens dump`` writes of a batch, under gradlens names (see `write_batch`).
-
-    The per-token tensors of the [N, T] grid (``old_logp`` as the losses read it: π_θ itself at
-    on-policy positions), the hidden states and the lm_head weight. A batch from a real model
-    also carries its sequences (`ModelContext`: prompt left-padded ++ completion right-padded on
-    one [N, L] grid, whose final hidden states from column ``offset`` on are the batch's grid);
-    it is written in verl's layout, so that `gradlens.sources.recompute` rebuilds the same grid
-    from the file and the same checkpoint: ``prompts`` [N, P] and ``attention_mask`` [N, P+T],
-    and every per-token tensor cut to the T = L − P completion columns. The prompt ends where
-    the loss starts: the batch's first grid column with a token in the loss (``cut``) is
-    predicted from sequence column ``offset`` + ``cut`` = P − 1. The model source's grid is the
-    whole sequence (offset 0, and each sequence's first completion token is in the loss); a
-    batch file's grid is already the response (offset P − 1, cut 0). The columns cut off hold
-    no token in the loss.
-    """
-    from gradlens.grads import effective_old_logp, softmax_view
-
-    per_token: dict[str, Tensor | None] = {
-        "tokens": batch.tokens,
-        "mask": batch.mask.long(),  # stored as integers, as the frameworks store it
-        "old_logp": effective_old_logp(batch, softmax_view(batch).logp),
-        "rollout_logp": batch.rollout_logp,
-        "ref_logp": batch.ref_logp,
-        "advantages": batch.advantages,
-        "hidden": batch.hidden,
-    }
-    context = batch.model_context
-    if context is None:
-        return {**per_token, "weight": batch.weight}
-    seqs = context.sequences
-    scored = batch.mask.any(dim=0).nonzero()
-    cut = int(scored[0]) if scored.numel() else 0
-    p = context.offset + cut + 1  # prompt columns of the [N, L] sequences
-    width = seqs.input_ids.shape[1]
-    if batch.mask.shape[1] - cut != width - p:
-        raise AssertionError(  # the ModelContext contract: grid = sequence columns offset + 1 on
-            f"batch grid of {batch.mask.shape[1]} columns beside sequences of {width} columns "
-            f"from offset {context.offset}"
-        )
-    cropped = {k: None if x is None else x[:, cut:] for k, x in per_token.items()}
-    return {
-        **cropped,
-        "weight": batch.weight,
-        "prompts": seqs.input_ids[:, :p],
-        "attention": seqs.attention_mask.long(),  # [N, P+T]: prompt and response
-    }
-
-
 def _jsonl_row(data: Mapping[str, Tensor], i: int, length: int) -> dict[str, Any]:
     """Line i of a .jsonl file: the response keys up to ``length``; a prompt unpadded, and an
     ``attention_mask`` over prompt + response as its real prompt part ++ its response part (the
@@ -420,7 +369,7 @@ def _jsonl_row(data: Mapping[str, Tensor], i: int, length: int) -> dict[str, Any
     for key, value in data.items():
         if key == "lm_head_weight":
             if i == 0:
-                row[key] = value.float().tolist()
+                row[key] = value.double().tolist()
         elif key == "prompt_mask" and real is not None:
             continue  # implied by the unpadded prompt
         elif key == "prompts" and real is not None:

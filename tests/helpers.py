@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import re
+import textwrap
+from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
+from click.testing import Result
 from torch import Tensor
+from typer.testing import CliRunner
 
+from gradlens.cli import app
+from gradlens.compare.run import source_context
 from gradlens.config import Config, validate
 from gradlens.containers import Batch
-from gradlens.grads import Aggregation, LossGradients, closed_form, softmax_view
-from gradlens.losses import LossParams, get_loss
+from gradlens.grads import LossGradients, autograd_reference, closed_form, softmax_view
+from gradlens.losses import Aggregation, LossParams, get_loss
+from gradlens.sources import build_source
 
 F64 = torch.float64
 
@@ -112,3 +122,175 @@ def literal_config(
             "source": {"kind": "literal", "sequences": [{"positions": s} for s in sequences]},
         }
     )
+
+
+def build_batch(
+    config: Config, device: torch.device | None = None, dtype: torch.dtype | None = None
+) -> Batch:
+    """The batch of ``config``'s source (in ``dtype``, default the config's)."""
+    ctx = source_context(config, device or torch.device("cpu"))
+    if dtype is not None:
+        ctx = dataclasses.replace(ctx, dtype=dtype)
+    return build_source(config.source, ctx)
+
+
+# PPO-clip three ways: right (token mean), summed over tokens (the normaliser of Liger 1082) and
+# without the importance weight r (the other half of Liger 1082: gradient −A·M instead of −A·r·M).
+IMPLEMENTATIONS = textwrap.dedent(
+    """
+    import torch
+
+    def _surrogate(logp, old_logp, advantages):
+        r = torch.exp(logp - old_logp)
+        return torch.maximum(-advantages * r, -advantages * torch.clamp(r, 0.8, 1.28))
+
+    def token_mean(logp, old_logp, advantages, mask):
+        return (_surrogate(logp, old_logp, advantages) * mask).sum() / mask.sum()
+
+    def token_sum(logp, old_logp, advantages, mask):
+        return (_surrogate(logp, old_logp, advantages) * mask).sum()
+
+    def no_is_weight(logp, old_logp, advantages, mask):
+        r = torch.exp(logp - old_logp).detach()
+        off = ((advantages > 0) & (r > 1.28)) | ((advantages < 0) & (r < 0.8))
+        per_token = torch.where(off, 0.0, -advantages * logp)
+        return (per_token * mask).sum() / mask.sum()
+    """
+)
+
+
+def three_policy_batch(seed: int, drift: float = 0.8, rollout: float = 0.3) -> Batch:
+    """random_batch plus μ_old (log-noise `rollout` around π_old) and π_ref."""
+    batch = random_batch(seed, n=8, t=6, v=13, h=7, drift=drift)
+    gen = torch.Generator().manual_seed(seed + 100)
+    n, t = batch.mask.shape
+    rollout_logp = batch.old_logp - rollout * torch.randn(n, t, generator=gen, dtype=F64)
+    ref_logp = batch.old_logp - 0.5 * torch.randn(n, t, generator=gen, dtype=F64)
+    return dataclasses.replace(batch, rollout_logp=rollout_logp, ref_logp=ref_logp)
+
+
+# ----------------------------------------------------------------------------- reports
+
+RTOL = 1e-5
+NUMBER = re.compile(r"-?\d+(\.\d+)?(e[-+]?\d+)?")
+SKIPPED = {"environment", "schema_version"}
+# Rounding residuals: their size, not their digits, is the point; the verdicts are compared.
+RESIDUALS = {
+    "logits_max_abs",
+    "logits_max_rel",
+    "weight_rel",
+    "post_max_rel_err",
+    "coefficient_max_abs_diff",
+    "coefficient_rel",
+    "grad_logits_rel",
+    "row_max_rel",
+}
+AGREEMENT_ERRORS = {"coefficient", "grad_logits", "grad_weight"}
+
+
+def differences(old: Any, new: Any, path: str = "") -> list[str]:
+    """Every field where ``new`` differs from ``old``, as 'path: old != new'."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new)):
+            if key in SKIPPED:
+                continue
+            where = f"{path}.{key}"
+            if key not in old or key not in new:
+                out.append(f"{where}: only in {'new' if key in new else 'golden'}")
+                continue
+            if key in RESIDUALS or (path.endswith(".agreement") and key in AGREEMENT_ERRORS):
+                if (old[key] is None) != (new[key] is None):
+                    out.append(f"{where}: {old[key]!r} != {new[key]!r}")
+                continue
+            if key == "detail" and path.startswith(".checks"):  # residuals written into words
+                old_words, new_words = NUMBER.sub("#", old[key]), NUMBER.sub("#", new[key])
+                if old_words != new_words:
+                    out.append(f"{where}: {old[key]!r} != {new[key]!r}")
+                continue
+            out += differences(old[key], new[key], where)
+        return out
+    if isinstance(old, list) and isinstance(new, list):
+        if len(old) != len(new):
+            return [f"{path}: {len(old)} items != {len(new)}"]
+        out = []
+        for i, (a, b) in enumerate(zip(old, new, strict=True)):
+            out += differences(a, b, f"{path}[{i}]")
+        return out
+    if isinstance(old, float) or isinstance(new, float):
+        numbers = isinstance(old, (int, float)) and isinstance(new, (int, float))
+        if numbers and math.isclose(old, new, rel_tol=RTOL, abs_tol=1e-12):
+            return []
+        return [f"{path}: {old!r} != {new!r}"]
+    return [] if old == new else [f"{path}: {old!r} != {new!r}"]
+
+
+# ----------------------------------------------------------------------------- literal reports
+
+# e_y − π for the distribution PI at y = 0 and y = 4: ∂L/∂z = c·(e_y − π) for one token.
+E0 = [0.5, -0.2, -0.15, -0.1, -0.05]
+E4 = [-0.5, -0.2, -0.15, -0.1, 0.95]
+# float64 literal cases: the only error is the rounding of z = log π and softmax(z) (~1e-16);
+# six-decimal hand values are compared to 1e-6 (``SIX``), exact ones to 1e-12 (``ABS``).
+ABS = 1e-12
+SIX = 1e-6
+# Closed form vs autograd in float64: the same formula in two orders, a few ulps times max|g|
+# and the number of summed terms (~1e-14); formula errors are O(1).
+TOL_F64 = 1e-12
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def scaled(c: float, direction: list[float] = E0) -> list[float]:
+    """c·(e_y − π): one token's logit gradient for coefficient c."""
+    return [c * x for x in direction]
+
+
+def invoke(*args: str) -> Result:
+    """The CLI, in-process."""
+    return CliRunner().invoke(app, list(args))
+
+
+def cli_report(config: str, *sets: str) -> dict[str, Any]:
+    """``gradlens compare -c configs/<config> -f json --check``: the JSON, every check passed."""
+    args = ["compare", "-c", str(CONFIGS / config), "-f", "json", "--check"]
+    for s in sets:
+        args += ["--set", s]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["passed"] is True
+    return data
+
+
+def loss_json(report: dict[str, Any], name: str) -> dict[str, Any]:
+    """Loss ``name``'s section of a JSON report."""
+    return next(r for r in report["losses"] if r["name"] == name)
+
+
+def coefficients(report: dict[str, Any], name: str) -> list[float]:
+    """c_t of every token of loss ``name`` (the report needs token details)."""
+    return [t["coefficient"] for t in loss_json(report, name)["tokens"]]
+
+
+def token_grad(report: dict[str, Any], name: str, k: int) -> list[float]:
+    """∂L/∂z of token ``k`` of loss ``name``."""
+    return loss_json(report, name)["tokens"][k]["grad_logits"]
+
+
+def assert_agrees_with_autograd(
+    batch: Batch, name: str, params: LossParams, aggregation: Aggregation
+) -> None:
+    """Closed form vs autograd in float64 (``TOL_F64``), a non-trivial gradient, c_t = 0 at masked
+    positions and zero-sum logit gradients (the entropy bonus included)."""
+    spec = get_loss(name)
+    closed = closed_form(batch, softmax_view(batch), spec, params, aggregation)
+    ref = autograd_reference(batch, spec, params, aggregation)
+    m = batch.mask
+    assert float(closed.grad_weight.abs().max()) > 0
+    assert rel_err(closed.coefficient[m], ref.coefficient[m]) <= TOL_F64
+    assert rel_err(closed.grad_logits, ref.grad_logits) <= TOL_F64
+    assert rel_err(closed.grad_weight, ref.grad_weight) <= TOL_F64
+    assert closed.loss == pytest.approx(ref.loss, rel=TOL_F64, abs=TOL_F64)
+    assert torch.all(closed.coefficient[~m] == 0)
+    scale = float(closed.grad_logits.abs().max())  # Σ_v of V float64 terms: a few V·u of it
+    assert float(closed.grad_logits.sum(-1).abs().max()) <= 1e-13 * max(scale, 1.0)

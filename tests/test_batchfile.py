@@ -55,6 +55,31 @@ def test_dump_and_read_back_gives_the_same_diagnosis(tmp_path, suffix):
     assert read["passed"]
 
 
+@pytest.mark.parametrize("suffix", [".safetensors", ".jsonl"])
+def test_a_float64_batch_reads_back_in_float64(tmp_path, suffix):
+    """JSON numbers are doubles: a .jsonl file is read in the run's dtype like every format
+    (it was read as float32 once, whatever ``dtype`` said)."""
+    from helpers import build_batch
+
+    from gradlens.config import validate
+
+    f64 = ["--set", "dtype=float64", *SMALL]
+    path = tmp_path / f"batch{suffix}"
+    assert runner.invoke(app, ["dump", "-o", str(path), *f64]).exit_code == 0
+    direct = build_batch(
+        validate({"dtype": "float64", "source": {"vocab_size": 200, "num_sequences": 8}})
+    )
+    read = build_batch(validate({"dtype": "float64", "source": {"path": str(path)}}))
+    assert read.hidden.dtype == read.old_logp.dtype == torch.float64
+    t = read.mask.shape[1]  # a .jsonl line stops at its last token: the grid can be narrower
+    assert not direct.mask[:, t:].any()
+    m = direct.mask[:, :t]
+    assert torch.equal(read.mask, m)
+    assert torch.equal(read.hidden[m], direct.hidden[:, :t][m])  # bit for bit: no float32
+    assert torch.equal(read.weight, direct.weight)
+    assert torch.equal(read.advantages[m], direct.advantages[:, :t][m])
+
+
 def test_a_batch_written_by_a_plain_torch_script(tmp_path):
     # What a user dumps from a training loop: verl's key names, rewards instead of advantages.
     gen = torch.Generator().manual_seed(1)

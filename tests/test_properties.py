@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 
 from gradlens.containers import Batch
 from gradlens.diagnostics import tolerances
-from gradlens.grads import Aggregation, LossGradients, autograd_reference, softmax_view
-from gradlens.losses import AGGREGATIONS, LossParams, get_loss, loss_names
+from gradlens.grads import LossGradients, autograd_reference, softmax_view
+from gradlens.losses import AGGREGATIONS, Aggregation, LossParams, get_loss, loss_names
 
 SETTINGS = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -79,9 +79,10 @@ modes_st = st.sampled_from(list(AGGREGATIONS))
 # DPPO's probability and binary-KL masks, ASPO's entropy widths and 1/r, M2PO's, Clip-Cov's and
 # KL-Cov's batch-level selections and KL-Cov's sign(ℓ − ℓ_old) at r = 1, FIPO's safety threshold
 # and future sum, GMPO's log-space bounds, LUSPO's |y_i| and VESPO's sequence product, REAL's
-# groups, DFT's and CHORD's π_y — are tested against autograd and by hand in
-# tests/test_losses_2026.py; the batch- and group-coupled ones are not micro-batch invariant
-# at all (their selection or normaliser depends on what else is in the batch).
+# groups, DFT's and CHORD's π_y — are tested against autograd and by hand in tests/losses/
+# (test_loss_settings.py and the family files); the batch- and group-coupled ones are not
+# micro-batch invariant at all (their selection or normaliser depends on what else is in the
+# batch).
 SMOOTH = [
     "reinforce",
     "ppo",

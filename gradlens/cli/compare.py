@@ -61,7 +61,7 @@ def compare(
             "--format",
             "-f",
             help="table: rich tables for people. json: the full report (schema "
-            "gradlens.compare/1, see `gradlens schema`) with the resolved config and environment.",
+            "gradlens.compare/2, see `gradlens schema`) with the resolved config and environment.",
         ),
     ] = OutputFormat.table,
     check: Annotated[
@@ -87,11 +87,13 @@ def compare(
         str | None,
         typer.Option(
             "--engine",
-            metavar="auto|materialized|streamed",
+            metavar="auto|materialized|streamed|fused",
             help="How the lm_head gradients are computed. materialized: [tokens, vocab] "
             "gradients in memory; streamed: two passes over vocabulary chunks sharing one "
             "softmax, nothing of size tokens×vocab or vocab×hidden kept (large batches); "
-            "auto (default): streamed above 2^24 tokens×vocab. Sets diagnostics.engine.",
+            "fused: the streamed passes with Triton kernels (CUDA; opt-in until measured); "
+            "auto (default): streamed above diagnostics.stream_above (2^24) tokens×vocab. "
+            "Sets diagnostics.engine.",
         ),
     ] = None,
     reference: Annotated[

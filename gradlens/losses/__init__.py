@@ -7,12 +7,13 @@ from gradlens.losses import dppo, m2po, aspo, gppo, covariance, gmpo  # noqa: F4
 from gradlens.losses import topr, dro, luspo, vespo, real, fipo, rollout_anchored  # noqa: F401
 
 # isort: on
-from gradlens.losses.aggregation import AGGREGATIONS, aggregation_weights
+from gradlens.losses.aggregation import AGGREGATIONS, Aggregation, aggregation_weights
 from gradlens.losses.base import LossParams, LossSpec
 from gradlens.losses.registry import get_loss, loss_names, register
 
 __all__ = [
     "AGGREGATIONS",
+    "Aggregation",
     "LossParams",
     "LossSpec",
     "aggregation_weights",

@@ -105,8 +105,8 @@ def aspo(inputs: TokenInputs, params: LossParams) -> LossTerms:
         regions["clip_lower"], 0.0, torch.where(regions["clip_dual"], -adv * c_neg, -adv * rd)
     )
     per_token = torch.where(pos, pos_loss, torch.where(neg, neg_loss, 0.0))
-    coefficient = torch.where(pos, pos_g, torch.where(neg, neg_g, 0.0))
-    return LossTerms(per_token=per_token, coefficient=coefficient, regions=regions)
+    grad = torch.where(pos, pos_g, torch.where(neg, neg_g, 0.0))
+    return LossTerms(per_token=per_token, per_token_grad=grad, regions=regions)
 
 
 register(
@@ -115,7 +115,7 @@ register(
         fn=aspo,
         formula="A>0: −A·(r̂/sg r̂)/sg r̂, r̂ = min(r, 1+ε_t), soft dual clip −A·c⁺·ℓ; "
         "A<0: −A·max(r, 1−ε_t), dual clip −A·c⁻·ℓ; ε_t by the token's entropy",
-        coefficient="A>0: −A·min(1/r, c⁺)·1[r ≤ 1+ε_t]; A<0: −A·r (1−ε_t ≤ r ≤ c⁻), −A·c⁻ "
+        grad_formula="A>0: −A·min(1/r, c⁺)·1[r ≤ 1+ε_t]; A<0: −A·r (1−ε_t ≤ r ≤ c⁻), −A·c⁻ "
         "(r > c⁻), 0 (r < 1−ε_t)",
         zero_when="A = 0; A>0 ∧ r>1+ε_t; A<0 ∧ r<1−ε_t (ε_t = 0.2 or 0.4 by entropy)",
         paper="ASPO, Archer2.0 arXiv 2510.06062; compute_policy_loss_archer (b08d963)",

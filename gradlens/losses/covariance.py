@@ -79,7 +79,7 @@ def clip_cov(inputs: TokenInputs, params: LossParams) -> LossTerms:
     return dataclasses.replace(
         base,
         per_token=torch.where(selected, 0.0, base.per_token),
-        coefficient=torch.where(selected, 0.0, base.coefficient),
+        per_token_grad=torch.where(selected, 0.0, base.per_token_grad),
         regions={**base.regions, "cov_selected": selected},
     )
 
@@ -100,12 +100,10 @@ def kl_cov(inputs: TokenInputs, params: LossParams) -> LossTerms:
     log_r = inputs.logp - inputs.old_logp
     k = params.kl_cov_coef
     per_token = torch.where(m, -adv * r, 0.0) + torch.where(selected, k * log_r.abs(), 0.0)
-    coefficient = torch.where(m, -adv * r.detach(), 0.0) + torch.where(
+    grad = torch.where(m, -adv * r.detach(), 0.0) + torch.where(
         selected, k * torch.sign(log_r.detach()), 0.0
     )
-    return LossTerms(
-        per_token=per_token, coefficient=coefficient, regions={"cov_selected": selected}
-    )
+    return LossTerms(per_token=per_token, per_token_grad=grad, regions={"cov_selected": selected})
 
 
 register(
@@ -114,7 +112,7 @@ register(
         fn=clip_cov,
         formula="ppo_clip's loss × (1 − sel), sel: a seeded random ⌊ρ·N⌋ of the kept tokens with "
         "lb < (A − Ā)(ℓ − ℓ̄) < ub",
-        coefficient="−A·r·M·(1 − sel)",
+        grad_formula="−A·r·M·(1 − sel)",
         zero_when="A = 0; M = 0 (ppo_clip); the token is selected",
         paper="Clip-Cov, arXiv 2505.22617; verl `clip_cov` (random choice: seeded here, "
         "loss.selection_seed)",
@@ -128,7 +126,7 @@ register(
         name="kl_cov",
         fn=kl_cov,
         formula="−A·r + k·|ℓ − ℓ_old|·sel (no PPO clip), sel: the ⌊ρ·N⌋ largest (A − Ā)(ℓ − ℓ̄)",
-        coefficient="−A·r + k·sign(ℓ − ℓ_old)·sel",
+        grad_formula="−A·r + k·sign(ℓ − ℓ_old)·sel",
         zero_when="−A·r + k·sign(ℓ − ℓ_old)·sel = 0 (A = 0 and unselected or ℓ = ℓ_old)",
         paper="KL-Cov, arXiv 2505.22617; verl `kl_cov` (k = ppo_kl_coef: 0.1 in actor.yaml, "
         "1.0 as the code's fallback)",

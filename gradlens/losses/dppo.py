@@ -79,7 +79,7 @@ def _truncated_ratio_loss(
     g = torch.where(keep, -adv * weight, 0.0)
     if cap is not None:
         regions = {**regions, "ratio_capped": (rd > cap) & keep}
-    return LossTerms(per_token=g * inputs.logp, coefficient=g, regions=regions)
+    return LossTerms(per_token=g * inputs.logp, per_token_grad=g, regions=regions)
 
 
 def dppo_tv(inputs: TokenInputs, params: LossParams) -> LossTerms:
@@ -124,10 +124,10 @@ def _prime_loss(
     rd, lrd = r.detach(), log_r.detach()
     return LossTerms(
         per_token=policy + penalty,
-        coefficient=policy_c + penalty_c,
+        per_token_grad=policy_c + penalty_c,
         regions=regions,
         penalty=penalty,
-        penalty_coefficient=penalty_c,
+        penalty_grad=penalty_c,
         token_metrics={"mismatch_kl": torch.where(m, rd - lrd - 1.0, 0.0)},
     )
 
@@ -167,7 +167,7 @@ register(
         fn=dppo_tv,
         formula="−A·sg[min(r, C)]·M·log π_θ(y), M = 0 iff A>0 ∧ π−π_old > δ_hi or "
         "A<0 ∧ π−π_old < −δ_lo",
-        coefficient="−A·min(r, C)·M",
+        grad_formula="−A·min(r, C)·M",
         zero_when="A = 0; A>0 ∧ π_θ(y)−π_old(y) > dppo_tv_high; A<0 ∧ π_θ(y)−π_old(y) < "
         "−dppo_tv_low",
         paper="DPPO-Binary-TV, arXiv 2602.04879 eq. 13; verl `dppo_tv` (C = clip_ratio_c: 3 "
@@ -185,7 +185,7 @@ register(
         name="dppo_kl",
         fn=dppo_kl,
         formula="−A·sg[min(r, C)]·M·log π_θ(y), M from the binary KL D(π_old(y) ‖ π_θ(y))",
-        coefficient="−A·min(r, C)·M",
+        grad_formula="−A·min(r, C)·M",
         zero_when="A = 0; A>0 ∧ π>π_old ∧ D > dppo_kl_high; A<0 ∧ π<π_old ∧ D > dppo_kl_low",
         paper="DPPO-Binary-KL, arXiv 2602.04879 eq. 14; verl `dppo_kl`",
         regions=("clip_upper", "clip_lower", "ratio_capped"),
@@ -201,7 +201,7 @@ register(
         name="prime_rl",
         fn=prime_rl,
         formula="−A·r_μ·M + τ·(ℓ − ℓ_μ)², r_μ = π_θ/μ (with gradient), M: DPPO-TV against μ",
-        coefficient="−A·r_μ·M + 2τ(ℓ − ℓ_μ)",
+        grad_formula="−A·r_μ·M + 2τ(ℓ − ℓ_μ)",
         zero_when="(A = 0 or M = 0) and ℓ = ℓ_μ",
         paper="prime-rl default_loss_fn (559b447): DPPO-TV arXiv 2602.04879 + Kimi-K2.5 KL "
         "arXiv 2602.02276",
@@ -220,7 +220,7 @@ register(
         name="prime_ipo",
         fn=prime_ipo,
         formula="−A·r_μ·M + τ·(ℓ − ℓ_μ)², M = 0 iff |π_θ(y) − μ(y)| > ipo_threshold",
-        coefficient="−A·r_μ·M + 2τ(ℓ − ℓ_μ)",
+        grad_formula="−A·r_μ·M + 2τ(ℓ − ℓ_μ)",
         zero_when="(A = 0 or |π_θ(y) − μ(y)| > ipo_threshold) and ℓ = ℓ_μ",
         paper="prime-rl ipo_loss_fn (559b447)",
         regions=("tv_masked",),

@@ -30,8 +30,8 @@ def dro(inputs: TokenInputs, params: LossParams) -> LossTerms:
     log_r = inputs.logp - inputs.old_logp
     beta = params.dro_beta
     per_token = torch.where(m, -adv * inputs.logp + 0.5 * beta * log_r * log_r, 0.0)
-    coefficient = torch.where(m, -adv + beta * log_r.detach(), 0.0)
-    return LossTerms(per_token=per_token, coefficient=coefficient)
+    grad = torch.where(m, -adv + beta * log_r.detach(), 0.0)
+    return LossTerms(per_token=per_token, per_token_grad=grad)
 
 
 register(
@@ -39,7 +39,7 @@ register(
         name="dro",
         fn=dro,
         formula="−A·log π_θ(y) + (β/2)·(ℓ − ℓ_old)²",
-        coefficient="−A + β·(ℓ − ℓ_old)",
+        grad_formula="−A + β·(ℓ − ℓ_old)",
         zero_when="A = β·(ℓ − ℓ_old) (on-policy: A = 0)",
         paper="Kimi k1.5 arXiv 2501.12599 eq. 3; verl `dro` (dro_beta), ROLL kimi15 (kimi15_tau)",
         post_formula="|A − β·log r|·(1 − π_y)",

@@ -74,7 +74,7 @@ def fipo(inputs: TokenInputs, params: LossParams) -> LossTerms:
     return dataclasses.replace(
         base,
         per_token=weight * base.per_token,
-        coefficient=weight * base.coefficient,
+        per_token_grad=weight * base.per_token_grad,
         regions={**base.regions, "fipo_safety": safety},
         token_metrics={"future_kl": f_kl, "fipo_weight": weight},
     )
@@ -85,7 +85,7 @@ register(
         name="fipo",
         fn=fipo,
         formula="f_t·(ppo_clip's loss), f_t = sg clip(exp(Σ_{k≥t} γ^{k−t}(ℓ_k − ℓ_old,k)), 1, 1+R)",
-        coefficient="f_t·(−A·r·M)",
+        grad_formula="f_t·(−A·r·M)",
         zero_when="A = 0; M = 0 (ppo_clip's rules)",
         paper="FIPO arXiv 2603.19835; ms-swift loss_type=fipo (decay 32, clip 0.2 high only, "
         "safety 4)",

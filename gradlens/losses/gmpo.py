@@ -55,10 +55,8 @@ def gmpo(inputs: TokenInputs, params: LossParams) -> LossTerms:
     rho = torch.exp(sequence_mean(clipped, m))[:, None]  # [N, 1]
     per_token = torch.where(m, (-adv_seq * rho).expand_as(inputs.logp), 0.0)
     off = regions["clip_upper"] | regions["clip_lower"]
-    coefficient = torch.where(m & ~off, -adv * rho.detach(), 0.0)
-    return LossTerms(
-        per_token=per_token, coefficient=coefficient, regions=regions, sequence_level=True
-    )
+    grad = torch.where(m & ~off, -adv * rho.detach(), 0.0)
+    return LossTerms(per_token=per_token, per_token_grad=grad, regions=regions, sequence_level=True)
 
 
 register(
@@ -67,7 +65,7 @@ register(
         fn=gmpo,
         formula="−Â_i·exp(mean_t δ̃_t) per sequence, δ̃ = ℓ − ℓ_old clipped per token in log space "
         "(one-sided by the sign of Â_i)",
-        coefficient="−Â_i·ρ_i·1[t unclipped] (ρ_i the clipped geometric-mean ratio)",
+        grad_formula="−Â_i·ρ_i·1[t unclipped] (ρ_i the clipped geometric-mean ratio)",
         zero_when="Â_i = 0; Â_i>0 ∧ δ_t>gmpo_eps_high; Â_i<0 ∧ δ_t<−gmpo_eps_low",
         paper="GMPO arXiv 2507.20673; verl `geo_mean` (ignores loss_agg_mode), TRL "
         "experimental GMPOTrainer",

@@ -61,7 +61,7 @@ def gradient_preserving_clip(
         regions["clip_dual"] = (adv < 0) & (per_token.detach() > -params.dual_clip * adv) & m
         per_token = torch.where(regions["clip_dual"], -params.dual_clip * adv, per_token)
         g = torch.where(regions["clip_dual"], 0.0, g)
-    return LossTerms(per_token=per_token, coefficient=torch.where(m, g, 0.0), regions=regions)
+    return LossTerms(per_token=per_token, per_token_grad=torch.where(m, g, 0.0), regions=regions)
 
 
 def ce_gppo(inputs: TokenInputs, params: LossParams) -> LossTerms:
@@ -85,7 +85,7 @@ register(
         fn=ce_gppo,
         formula="−A·r inside the trust region; clipped: −β(1±ε)·A·r/sg[r] (β₁ for A<0, β₂ "
         "for A>0) [dual clip: min(·, −c·A) for A<0]",
-        coefficient="−A·r; −A·β₁(1−eps_low) (A<0 ∧ r<1−eps_low); −A·β₂(1+eps_high) "
+        grad_formula="−A·r; −A·β₁(1−eps_low) (A<0 ∧ r<1−eps_low); −A·β₂(1+eps_high) "
         "(A>0 ∧ r>1+eps_high)",
         zero_when="A = 0; the dual clip fires (A<0 ∧ −A·(clipped) > −c·A)",
         paper="CE-GPPO arXiv 2509.20712; Kwai-Klear/CE-GPPO compute_gppo_loss_general_beta",
@@ -99,7 +99,7 @@ register(
         name="gppo",
         fn=gppo,
         formula="−A·r inside the trust region; clipped: −(1±ε)·A·r/sg[r] [dual clip as ppo_clip]",
-        coefficient="−A·r; −A·(1−eps_low) (A<0 ∧ r<1−eps_low); −A·(1+eps_high) "
+        grad_formula="−A·r; −A·(1−eps_low) (A<0 ∧ r<1−eps_low); −A·(1+eps_high) "
         "(A>0 ∧ r>1+eps_high)",
         zero_when="A = 0; the dual clip fires (A<0 ∧ r>c)",
         paper="GPPO, Klear-Reasoner arXiv 2508.07629 (CE-GPPO with β₁ = β₂ = 1)",

@@ -36,7 +36,7 @@ def luspo(inputs: TokenInputs, params: LossParams) -> LossTerms:
     base = gspo(inputs, params)
     lengths = inputs.mask.sum(-1, keepdim=True).to(base.per_token.dtype)  # [N, 1] |y_i|
     return dataclasses.replace(
-        base, per_token=lengths * base.per_token, coefficient=lengths * base.coefficient
+        base, per_token=lengths * base.per_token, per_token_grad=lengths * base.per_token_grad
     )
 
 
@@ -45,7 +45,7 @@ register(
         name="luspo",
         fn=luspo,
         formula="|y_i|·max(−Â_i·s_i, −Â_i·clip(s_i, 1−eps_low, 1+eps_high)) per sequence",
-        coefficient="−|y_i|·Â_i·s_i·M_i on every token of sequence i",
+        grad_formula="−|y_i|·Â_i·s_i·M_i on every token of sequence i",
         zero_when="Â_i = 0; the sequence is clipped (gspo's rule)",
         paper="LUSPO arXiv 2602.05261; TRL loss_type=luspo (importance_sampling_level=sequence)",
         regions=("clip_upper", "clip_lower", "seq_clipped"),

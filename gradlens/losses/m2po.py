@@ -70,7 +70,7 @@ def m2po(inputs: TokenInputs, params: LossParams) -> LossTerms:
     return dataclasses.replace(
         base,
         per_token=torch.where(masked, 0.0, base.per_token),
-        coefficient=torch.where(masked, 0.0, base.coefficient),
+        per_token_grad=torch.where(masked, 0.0, base.per_token_grad),
         regions={**base.regions, "m2_masked": masked},
         token_metrics={"m2": m2},
     )
@@ -82,7 +82,7 @@ register(
         fn=m2po,
         formula="ppo_clip's loss × M2_mask, M2_t = (ℓ_μ − ℓ_old)²; mask the largest M2 until "
         "the mean of the rest < m2po_threshold",
-        coefficient="−A·r·M·M2_mask",
+        grad_formula="−A·r·M·M2_mask",
         zero_when="A = 0; M = 0 (ppo_clip); the token is among the largest-M2 tokens masked",
         paper="M2PO arXiv 2510.01161; AReaL _apply_m2po_masking (actor.m2_threshold)",
         regions=("clip_upper", "clip_lower", "clip_dual", "seq_masked", "m2_masked"),

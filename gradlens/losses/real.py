@@ -26,8 +26,8 @@ to a per-token loss that is zero for REAL. Each token carries its group's share
 L_g/(G·N_g) as its per-token value (N_g: the group's valid tokens), so the per-token values sum
 to L. The groups come from the source (``Batch.groups``): the synthetic and model sources
 know them (``group_size``), a literal sequence states ``group``, a batch file needs
-``source.group_size``; without them the loss stops with an error. A sequence without valid
-tokens takes no part.
+``source.group_size``, `gradlens.diagnose` takes ``groups``; without them the loss stops with
+an error. A sequence without valid tokens takes no part.
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ def real(inputs: TokenInputs, params: LossParams) -> LossTerms:
         raise GradlensError(
             "loss real is group-coupled and needs each sequence's prompt group, which this batch "
             "does not have: the synthetic and model sources set it from source.group_size; a "
-            "batch file needs source.group_size; literal sequences state group: <id>"
+            "batch file needs source.group_size; literal sequences state group: <id>; "
+            "gradlens.diagnose takes groups=[N] ids"
         )
     m = inputs.mask
     tau = params.real_tau
@@ -90,7 +91,7 @@ def real(inputs: TokenInputs, params: LossParams) -> LossTerms:
     coefficient = torch.where(m, c_seq[:, None].expand_as(inputs.logp), 0.0)
     return LossTerms(
         per_token=per_token,
-        coefficient=coefficient,
+        per_token_grad=coefficient,
         regions={"seq_group_skipped": skipped[:, None] & m},
         self_aggregated=True,
     )
@@ -102,7 +103,7 @@ register(
         fn=real,
         formula="(1/G)·Σ_g [log(1 + Σ_{O⁻} e^{s̄_k/τ}) + log(1 + Σ_{O⁺} e^{−s̄_k/τ})], "
         "s̄_k = mean_t log r",
-        coefficient="(1/(G·|o_k|))·(+1/τ)·e^{s̄_k/τ}/(1 + Σ_{O⁻} e^{s̄/τ}) for O⁻; "
+        grad_formula="(1/(G·|o_k|))·(+1/τ)·e^{s̄_k/τ}/(1 + Σ_{O⁻} e^{s̄/τ}) for O⁻; "
         "−(1/τ)·e^{−s̄_k/τ}/(1 + Σ_{O⁺} e^{−s̄/τ}) for O⁺",
         zero_when="the group lacks an O⁺ (Â > 0) or an O⁻ (Â ≤ 0) sequence",
         paper="REAL arXiv 2602.05630; ms-swift loss_type=real (aggregates itself, 1/G)",

@@ -50,7 +50,7 @@ def _weighted(inputs: TokenInputs, weight: Tensor, r_mu: Tensor, region: dict) -
     g = torch.where(m & (weight != 0), -adv * weight, 0.0)  # a masked token: 0, not −0
     return LossTerms(
         per_token=g * inputs.logp,
-        coefficient=g,
+        per_token_grad=g,
         regions=region,
         token_metrics={
             "ratio_mu": torch.where(m, r_mu, 0.0),
@@ -86,7 +86,7 @@ register(
         name="rollout_is",
         fn=rollout_is,
         formula="−A·sg[r_μ·1[1−eps_low < r_μ < 1+eps_high]]·log π_θ(y), r_μ = π_θ(y)/μ(y)",
-        coefficient="−A·r_μ inside the open band, 0 outside",
+        grad_formula="−A·r_μ inside the open band, 0 outside",
         zero_when="A = 0; r_μ ≤ 1−eps_low or r_μ ≥ 1+eps_high",
         paper="SkyRL rollout_is (policy_loss_type, a956457); IcePop-like band on π_θ/μ",
         regions=("is_masked",),
@@ -100,7 +100,7 @@ register(
         name="cispo_rollout",
         fn=cispo_rollout,
         formula="−A·sg[clip(r_μ, 1−cispo_eps_low, 1+cispo_eps_high)]·log π_θ(y), r_μ = π_θ/μ",
-        coefficient="−A·clip(r_μ, 1−cispo_eps_low, 1+cispo_eps_high)",
+        grad_formula="−A·clip(r_μ, 1−cispo_eps_low, 1+cispo_eps_high)",
         zero_when="A = 0 (clipping rescales, never zeroes)",
         paper="CISPO arXiv 2506.13585 anchored on the rollout: SkyRL cispo_anchor='rollout'",
         regions=("weight_clipped",),

@@ -41,20 +41,20 @@ from gradlens.losses.registry import register
 def sft(inputs: TokenInputs, params: LossParams) -> LossTerms:
     """−log π_θ(y) per token, g_t = −1 (the advantages are ignored)."""
     one = inputs.mask.to(inputs.logp.dtype)
-    return LossTerms(per_token=-one * inputs.logp, coefficient=-one)
+    return LossTerms(per_token=-one * inputs.logp, per_token_grad=-one)
 
 
 def dft(inputs: TokenInputs, params: LossParams) -> LossTerms:
     """−sg[π_y]·log π_θ(y) per token, g_t = −π_y."""
     g = torch.where(inputs.mask, -torch.exp(inputs.logp.detach()), 0.0)
-    return LossTerms(per_token=g * inputs.logp, coefficient=g)
+    return LossTerms(per_token=g * inputs.logp, per_token_grad=g)
 
 
 def chord(inputs: TokenInputs, params: LossParams) -> LossTerms:
     """−sg[π_y(1 − π_y)]·log π_θ(y) per token, g_t = −π_y(1 − π_y)."""
     p = torch.exp(inputs.logp.detach())
     g = torch.where(inputs.mask, -p * (1.0 - p), 0.0)
-    return LossTerms(per_token=g * inputs.logp, coefficient=g)
+    return LossTerms(per_token=g * inputs.logp, per_token_grad=g)
 
 
 register(
@@ -62,7 +62,7 @@ register(
         name="sft",
         fn=sft,
         formula="−log π_θ(y)",
-        coefficient="−1",
+        grad_formula="−1",
         zero_when="never (π_y < 1)",
         paper="cross-entropy; the seed post: REINFORCE with R = 1",
         post_formula="(1 − π_y)",
@@ -74,7 +74,7 @@ register(
         name="dft",
         fn=dft,
         formula="−sg[π_θ(y)]·log π_θ(y)",
-        coefficient="−π_y",
+        grad_formula="−π_y",
         zero_when="never for 0 < π_y < 1 (→ 0 as π_y → 0)",
         paper="DFT arXiv 2508.05629; TRL SFTConfig(loss_type='dft'), Liger use_token_scaling",
         post_formula="π_y·(1 − π_y)",
@@ -86,7 +86,7 @@ register(
         name="chord",
         fn=chord,
         formula="−sg[π_y(1 − π_y)]·log π_θ(y) (CHORD's φ-weighted SFT term; × μ in the mix)",
-        coefficient="−π_y(1 − π_y)",
+        grad_formula="−π_y(1 − π_y)",
         zero_when="never for 0 < π_y < 1 (→ 0 at both ends)",
         paper="CHORD arXiv 2508.11408; ms-swift chord_enable_phi_function",
         post_formula="π_y·(1 − π_y)²",

@@ -37,7 +37,6 @@ from torch import Tensor
 
 from gradlens.containers import LossTerms, TokenInputs
 from gradlens.errors import GradlensError
-from gradlens.losses.base import LossParams
 from gradlens.losses.off_policy_mask import sequence_mean
 
 
@@ -58,12 +57,10 @@ def top_entropy_mask(inputs: TokenInputs, quantile: float) -> Tensor | None:
     return (inputs.entropy >= threshold) & m
 
 
-def apply_token_selection(terms: LossTerms, inputs: TokenInputs, params: LossParams) -> LossTerms:
-    """``terms`` with the policy part multiplied by S_t (unchanged when the selection is off)."""
-    if terms.self_aggregated:
-        return terms
-    keep = top_entropy_mask(inputs, params.top_entropy_quantile)
-    if keep is None:
+def apply_token_selection(terms: LossTerms, inputs: TokenInputs, keep: Tensor | None) -> LossTerms:
+    """``terms`` with the policy part multiplied by S_t = ``keep`` (`top_entropy_mask`;
+    unchanged when it is None)."""
+    if terms.self_aggregated or keep is None:
         return terms
     m = inputs.mask
     weight = keep.to(terms.per_token.dtype)
@@ -72,16 +69,15 @@ def apply_token_selection(terms: LossTerms, inputs: TokenInputs, params: LossPar
     weight = torch.where(m, weight, 0.0)
     zero = torch.zeros((), dtype=weight.dtype, device=weight.device)
     penalty = terms.penalty if terms.penalty is not None else zero
-    penalty_c = terms.penalty_coefficient if terms.penalty_coefficient is not None else zero
+    penalty_g = terms.penalty_grad if terms.penalty_grad is not None else zero
     return dataclasses.replace(
         terms,
         per_token=weight * (terms.per_token - penalty) + penalty,
-        coefficient=weight * (terms.coefficient - penalty_c) + penalty_c,
+        per_token_grad=weight * (terms.per_token_grad - penalty_g) + penalty_g,
         regions={**terms.regions, "entropy_masked": m & ~keep},
     )
 
 
-def bonus_weights(agg_weights: Tensor, inputs: TokenInputs, params: LossParams) -> Tensor:
+def bonus_weights(agg_weights: Tensor, keep: Tensor | None) -> Tensor:
     """[N, T] the entropy bonus's weights a_t·S_t (a_t itself when the selection is off)."""
-    keep = top_entropy_mask(inputs, params.top_entropy_quantile)
     return agg_weights if keep is None else agg_weights * keep.to(agg_weights.dtype)

@@ -43,7 +43,7 @@ def topr(inputs: TokenInputs, params: LossParams) -> LossTerms:
     g = torch.where(m, -adv * weight, 0.0)
     truncated = (adv < 0) & (rd > 1.0) & m
     return LossTerms(
-        per_token=g * inputs.logp, coefficient=g, regions={"ratio_truncated": truncated}
+        per_token=g * inputs.logp, per_token_grad=g, regions={"ratio_truncated": truncated}
     )
 
 
@@ -52,7 +52,7 @@ register(
         name="topr",
         fn=topr,
         formula="A>0: −w⁺·A·log π_θ(y); A≤0: −w⁻·A·sg[min(r, 1)]·log π_θ(y)",
-        coefficient="−w⁺·A (A>0); −w⁻·A·min(r, 1) (A≤0)",
+        grad_formula="−w⁺·A (A>0); −w⁻·A·min(r, 1) (A≤0)",
         zero_when="A = 0",
         paper="TOPR arXiv 2503.14286 eq. 8; ROLL pg_variant=topr (splits by reward R > 0)",
         regions=("ratio_truncated",),

@@ -58,7 +58,7 @@ def vespo(inputs: TokenInputs, params: LossParams) -> LossTerms:
     adv = torch.where(m, inputs.advantages, 0.0)
     phi = vespo_weight(inputs, params)
     g = -adv * phi
-    return LossTerms(per_token=g * inputs.logp, coefficient=g, token_metrics={"vespo_phi": phi})
+    return LossTerms(per_token=g * inputs.logp, per_token_grad=g, token_metrics={"vespo_phi": phi})
 
 
 register(
@@ -67,7 +67,7 @@ register(
         fn=vespo,
         formula="−sg[φ(W_i)]·A·log π_θ(y), W_i = Π_t π_θ/μ over the sequence, "
         "φ(W) = W^k·e^{λ(1−W)}, (k, λ) by the sign of Â_i",
-        coefficient="−A·φ(W_i)",
+        grad_formula="−A·φ(W_i)",
         zero_when="A = 0; φ underflows (W → 0 or ∞)",
         paper="VESPO arXiv 2602.10693; TRL loss_type=vespo (get_gamma_weights), Liger GRPO",
         post_formula="φ(W_i)·|A|·(1 − π_y)",

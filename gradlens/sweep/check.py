@@ -95,6 +95,7 @@ def check_curve(grid: Grid, curve: Curve, indices: Tensor, vocab_size: int) -> C
         entropy=explicit_entropy(pi_theta, vocab_size)[:, None],
     )
     spec = get_loss(curve.loss)
+    params, aggregation = config.loss.params(), config.loss.token_aggregation()
     if spec.coupling == "group":  # the point's other sign joins its group, as on the curve
         other = TokenInputs(
             logp=logp.detach(),
@@ -112,9 +113,9 @@ def check_curve(grid: Grid, curve: Curve, indices: Tensor, vocab_size: int) -> C
         )
         # the whole group's loss; the other sign's ℓ is a constant (detached), so autograd
         # gives ∂L_g/∂ℓ of this point's token only, as the curve's c is
-        terms = point_terms(spec, config.loss_params(), both)
+        terms = point_terms(spec, params, aggregation, both)
     else:
-        terms = point_terms(spec, config.loss_params(), inputs)
+        terms = point_terms(spec, params, aggregation, inputs)
     loss = (curve.weight * terms.per_token).sum()
     if loss.requires_grad:  # a loss constant in ℓ at every point has no graph to walk
         loss.backward()

@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 
 from gradlens.containers import LossTerms, TokenInputs
-from gradlens.losses import LossParams, LossSpec, aggregation_weights, get_loss
+from gradlens.losses import Aggregation, LossParams, LossSpec, aggregation_weights, get_loss
 from gradlens.sweep.config import Variant
 from gradlens.sweep.grid import Grid
 
@@ -149,18 +149,20 @@ def _rows(inputs: TokenInputs, rows: Tensor) -> TokenInputs:
     )
 
 
-def point_terms(spec: LossSpec, params: LossParams, inputs: TokenInputs) -> LossTerms:
+def point_terms(
+    spec: LossSpec, params: LossParams, aggregation: Aggregation, inputs: TokenInputs
+) -> LossTerms:
     """The loss on the [2P, 1] layout of `point_inputs`, split as its coupling requires (see
     the module docstring); differentiable in ``inputs.logp`` like the loss itself."""
     if spec.coupling in ("token", "sequence"):
-        return spec.fn(inputs, params)
+        return spec.terms(inputs, params, aggregation)
     n = inputs.logp.shape[0]
     size = n // len(SIGNS)
     if spec.coupling == "group":  # point k's two signs (rows k and P + k): one prompt group
         parts = [torch.tensor([k, k + size]) for k in range(size)]
     else:  # "batch": every token a batch of its own
         parts = [torch.tensor([k]) for k in range(n)]
-    terms = [spec.fn(_rows(inputs, rows), params) for rows in parts]
+    terms = [spec.terms(_rows(inputs, rows), params, aggregation) for rows in parts]
     back = torch.argsort(torch.cat(parts))  # [2P]: the rows in their original order
 
     def joined(values: list[Tensor]) -> Tensor:
@@ -169,7 +171,7 @@ def point_terms(spec: LossSpec, params: LossParams, inputs: TokenInputs) -> Loss
     first = terms[0]
     return LossTerms(
         per_token=joined([t.per_token for t in terms]),
-        coefficient=joined([t.coefficient for t in terms]),
+        per_token_grad=joined([t.per_token_grad for t in terms]),
         regions={r: joined([t.regions[r] for t in terms]) for r in first.regions},
         sequence_level=first.sequence_level,
         self_aggregated=first.self_aggregated,
@@ -183,13 +185,13 @@ def variant_curves(grid: Grid, variant: Variant, name: str) -> list[Curve]:
     spec = get_loss(name)
     inputs = point_inputs(grid.pi_old, grid.pi_theta, config.advantage, config.check.vocab_size)
     with torch.no_grad():
-        terms = point_terms(spec, config.loss_params(), inputs)
+        terms = point_terms(spec, config.loss.params(), config.loss.token_aggregation(), inputs)
     weight = (
         1.0
         if terms.self_aggregated
         else lone_token_weight(config.loss.aggregation, config.loss.loss_scale_factor)
     )
-    g = terms.coefficient.to(torch.float64)[:, 0]  # [2P]
+    g = terms.per_token_grad.to(torch.float64)[:, 0]  # [2P]
     adv = inputs.advantages[:, 0]  # [2P]
     ratio = torch.exp(inputs.logp - inputs.old_logp)[:, 0]  # [2P]
     one_minus = (1.0 - grid.pi_theta).repeat(len(SIGNS))  # [2P]

@@ -1,0 +1,272 @@
+"""The streamed engine of `gradlens compare`: every loss's lm_head diagnosis from one engine run.
+
+All losses share one pass over the logits (`gradlens.engine.streamed`): the engine hands the
+sampled tokens' log-probs to `coefficients_for`, which evaluates each loss's
+`gradlens.grads.objective` on the [N, T] grid exactly as the materialized engine does, and gets
+back the per-row norms and the row sum of each loss's ∂L/∂W. Nothing of size M×V or V×H is
+kept.
+
+With ``diagnostics.reference: autograd`` each loss is also differentiated by torch.autograd
+(which materialises [M, V], one loss at a time) and compared: c_t, the sampled-row logit
+gradient ∂L/∂z_y and the row norms ‖∂L/∂W_v‖.
+
+With ``loss.entropy_coef`` ≠ 0 the engine adds the entropy bonus's gradient (not of the c-form)
+to every loss's rows, and the reports include it exactly as the materialized path's do.
+
+Per-token entropies H_t: when a loss reads them (``needs`` has ``entropy``: ``aspo``), the
+top-entropy token selection is on (``loss.top_entropy_quantile`` < 1) or the entropy bonus is,
+the engine computes H_t in its first pass and hands it to `coefficients_for` with the log-probs,
+so each loss's `objective` sees the same inputs as on the materialized path (its loss includes
+the bonus); the bonus's weights a_t·S_t then follow from the same H_t.
+
+With ``--parity A,B`` the same run also gives parity's inputs (`gradlens.compare.parity`): A
+and B join the engine's losses if they are not among them (without a loss report of their own),
+and one
+more coefficient set, c_B − c_A, gives the row norms of ∂L_B/∂W − ∂L_A/∂W, which is of the same
+c-form. The logit-gradient gap follows from c_A, c_B and per-token statistics (`streamed_gap`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from gradlens.compare.engines import EngineOptions, EngineRun
+from gradlens.compare.parity import ParityInputs, ParityLoss, streamed_gap
+from gradlens.compare.records import LossRecord, TokenSummary
+from gradlens.containers import Batch, valid_index
+from gradlens.diagnostics import tolerances
+from gradlens.diagnostics.agreement import not_run
+from gradlens.diagnostics.metrics import terms_metrics
+from gradlens.diagnostics.numbers import count_non_finite, num, rel_err
+from gradlens.diagnostics.row_norms import row_norms_from
+from gradlens.diagnostics.streamed import grad_at_y, sampled_row_streamed, zero_sum_streamed
+from gradlens.engine.fused import check_device, fused_lm_head_pass
+from gradlens.engine.streamed import EngineResult, auto_budget, dense_dtype, lm_head_pass, plan
+from gradlens.grads import Objective, autograd_reference, objective, on_grid, reads_entropy
+from gradlens.logits import softmax_dtype
+from gradlens.losses import Aggregation, LossParams, LossSpec
+from gradlens.results import Agreement, EngineInfo
+
+
+def run_streamed(
+    batch: Batch,
+    specs: list[LossSpec],
+    params: LossParams,
+    aggregation: Aggregation,
+    options: EngineOptions,
+    reason: str,
+    pair: tuple[LossSpec, LossSpec] | None = None,
+    fused: bool = False,
+) -> EngineRun:
+    """Every loss of ``specs`` through one engine run, and parity's inputs for ``pair``.
+
+    ``fused``: the passes with Triton kernels between the GEMMs (`gradlens.engine.fused`), the
+    same result (the engine path ``fused``, opt-in).
+    """
+    if fused:
+        check_device(batch.weight.device)
+    rows, cols = valid_index(batch.mask)
+    hidden = batch.hidden[rows, cols]  # [M, H]
+    tokens = batch.tokens[rows, cols]  # [M]
+    names = [s.name for s in specs]
+    run_specs = list(specs)
+    if pair is not None:
+        run_specs += [s for s in dict.fromkeys(pair) if s.name not in names]
+    reported = len(specs)
+    objectives: list[Objective] = []
+    grid: list[Tensor] = []  # [N, T] ℓ as the engine computed it
+
+    def coefficients_for(logp_valid: Tensor, entropy_valid: Tensor | None = None) -> list[Tensor]:
+        logp = on_grid(logp_valid, rows, cols, batch.mask.shape)
+        grid.append(logp)
+        entropy = None if entropy_valid is None else on_grid(entropy_valid, rows, cols, logp.shape)
+        for spec in run_specs:
+            objectives.append(objective(batch, logp, spec, params, aggregation, entropy))
+        out = [o.coefficient[rows, cols] for o in objectives]
+        if pair is not None:  # ∂L_B/∂W − ∂L_A/∂W is the c-form gradient of c_B − c_A
+            a, b = (objectives[run_specs.index(s)].coefficient for s in pair)
+            out.append((b - a)[rows, cols])
+        return out
+
+    budget = options.memory_budget_bytes or auto_budget(hidden.device)
+    k = len(run_specs) + (pair is not None)
+    buffers = 3 if params.entropy_coef == 0.0 else 4  # the bonus's [M, Vc] block: one more
+    engine_plan = plan(
+        tokens.numel(),
+        batch.vocab_size,
+        batch.hidden_size,
+        k,
+        budget,
+        options.vocab_chunk,
+        buffers=buffers,
+    )
+    bonus = params.entropy_coef != 0.0
+    # H_t from pass 1 for every loss's objective: the losses or the selection read it, and with
+    # the bonus the objective's loss includes −c_H·Σ_t a_t·S_t·H_t
+    token_entropy = reads_entropy(run_specs, params)
+    entropy_weights: list[Tensor] = []  # [M] w_t = c_H·a_t·S_t of the entropy bonus
+
+    def bonus_weight(entropy_valid: Tensor) -> Tensor:
+        """w_t = c_H·a_t·S_t (S_t from the same H_t the objectives saw; 1 when it is off)."""
+        w = params.entropy_coef * objectives[0].bonus_weights[rows, cols]
+        entropy_weights.append(w.to(softmax_dtype(batch.weight.dtype)))
+        return entropy_weights[-1]
+
+    engine_pass = fused_lm_head_pass if fused else lm_head_pass
+    result = engine_pass(
+        hidden,
+        batch.weight,
+        tokens,
+        coefficients_for,
+        engine_plan,
+        entropy_weight=bonus_weight if bonus else None,
+        entropy_losses=len(run_specs),  # not parity's c_B − c_A: the bonus cancels there
+        token_entropy=token_entropy,
+    )
+    logp = grid[0]
+    bonus_scale = None  # the bonus's gross size 2·|c_H|·a_t·S_t·H_t, [M]
+    if entropy_weights:
+        bonus_scale = 2 * entropy_weights[0].abs() * result.tokens.entropy
+    hidden_norms = hidden.to(result.tokens.lse.dtype).norm(dim=-1)  # [M]
+
+    records = []
+    for i, spec in enumerate(run_specs[:reported]):
+        c = result.coefficients[i]  # [M]
+        stats = result.rows[i]
+        obj = objectives[i]
+        post = obj.weights[rows, cols] * obj.terms.per_token_grad[rows, cols].abs()
+        post = post * (1 - result.tokens.sampled_prob)
+        agreement, ref_at_y, ref_non_finite = (
+            _agreement(batch, spec, params, aggregation, c, result, i, rows, cols, tokens)
+            if options.reference
+            else (not_run(batch.weight.dtype), None, 0)
+        )
+        records.append(
+            LossRecord(
+                spec=spec,
+                objective=obj,
+                loss=float(obj.loss),  # the bonus from pass 1's H_t included
+                non_finite=count_non_finite(c, stats.norms, stats.row_sum),
+                reference_non_finite=ref_non_finite,
+                sampled_row=sampled_row_streamed(
+                    c, result.tokens, spec.post_formula, post, ref_at_y, stats
+                ),
+                rows=row_norms_from(stats.norms, tokens, options.top_k),
+                zero_sum=zero_sum_streamed(
+                    c,
+                    result.tokens,
+                    stats.row_sum,
+                    stats.norms,
+                    hidden_norms,
+                    batch.vocab_size,
+                    dense_dtype(batch.hidden.dtype),
+                    stats.other_max,
+                    bonus_scale,
+                ),
+                agreement=agreement,
+            )
+        )
+    info = EngineInfo(
+        path="fused" if fused else "streamed",
+        reason=reason,
+        vocab_chunk=engine_plan.vocab_chunk,
+        resident_chunks=engine_plan.resident,
+        budget_bytes=budget,
+        gemm_equivalents=result.gemm_equivalents,
+    )
+    parity = None
+    if pair is not None:
+        ia, ib = (run_specs.index(s) for s in pair)
+        a_max = None  # max_v |∂L_A/∂z_tv|, when the entropy bonus makes it other than |c_A|·u
+        other_max = result.rows[ia].other_max
+        if other_max is not None:
+            at_y = grad_at_y(result.coefficients[ia], result.tokens).abs()
+            a_max = torch.maximum(at_y, other_max)
+        gap = streamed_gap(
+            result.coefficients[ia],
+            result.coefficients[ib],
+            result.rows[-1].norms,
+            result.tokens.sampled_prob,
+            result.tokens.max_other_prob,
+            a_max,
+        )
+        parity = ParityInputs(
+            _parity_loss(run_specs[ia], objectives[ia], result, ia),
+            _parity_loss(run_specs[ib], objectives[ib], result, ib),
+            gap,
+        )
+    return EngineRun(
+        records=records,
+        tokens=TokenSummary(logp, result.tokens.entropy, result.tokens.sampled_prob),
+        info=info,
+        parity=parity,
+    )
+
+
+def run_fused(
+    batch: Batch,
+    specs: list[LossSpec],
+    params: LossParams,
+    aggregation: Aggregation,
+    options: EngineOptions,
+    reason: str,
+    pair: tuple[LossSpec, LossSpec] | None = None,
+) -> EngineRun:
+    """`run_streamed` with the fused passes."""
+    return run_streamed(batch, specs, params, aggregation, options, reason, pair, fused=True)
+
+
+def _parity_loss(
+    spec: LossSpec,
+    obj: Objective,
+    result: EngineResult,
+    i: int,
+) -> ParityLoss:
+    """Loss ``i`` of the engine run as parity needs it: ‖∂L/∂W‖ from its row norms (the
+    entropy bonus included, as in the losses' own reports)."""
+    norms = result.rows[i].norms
+    return ParityLoss(
+        name=spec.name,
+        loss=float(obj.loss),  # the bonus from pass 1's H_t included
+        grad_norm=num(norms.double().norm()),
+        rows=norms,
+        coefficient=obj.coefficient,
+        terms=obj.terms,
+        metrics=terms_metrics(obj.terms, obj.agg_weights),
+    )
+
+
+def _agreement(
+    batch: Batch,
+    spec: LossSpec,
+    params: LossParams,
+    aggregation: Aggregation,
+    c: Tensor,
+    result: EngineResult,
+    i: int,
+    rows: Tensor,
+    cols: Tensor,
+    tokens: Tensor,
+) -> tuple[Agreement, Tensor, int]:
+    """Engine against autograd: c_t, ∂L/∂z_y and the row norms (normwise relative)."""
+    ref = autograd_reference(batch, spec, params, aggregation)
+    ref_at_y = ref.grad_logits.gather(-1, tokens[:, None]).squeeze(-1)  # [M]
+    at_y = grad_at_y(c, result.tokens)  # the entropy bonus's E_y included, as in autograd's
+    errors = (
+        rel_err(c, ref.coefficient[rows, cols]),
+        rel_err(at_y, ref_at_y),
+        rel_err(result.rows[i].norms, ref.grad_weight.double().norm(dim=1)),
+    )
+    tol = tolerances.agreement(batch.weight.dtype)
+    return (
+        Agreement(
+            coefficient=errors[0],
+            grad_logits=errors[1],
+            grad_weight=errors[2],
+            tolerance=tol,
+            passed=all(e is not None and e <= tol for e in errors),
+        ),
+        ref_at_y,
+        count_non_finite(ref.grad_logits, ref.grad_weight),
+    )

@@ -1,0 +1,133 @@
+"""The refactored code reproduces the reports recorded before it, field for field.
+
+``tests/golden/*.json`` hold the JSON reports of every shipped config and of the command lines
+in ``tests/golden/cases.py``. Each is re-run here and compared: strings, integers and booleans
+exactly; floats to a relative 1e-5 (a reordering of float32 operations moves the last digits,
+a wrong formula moves far more). Rounding residuals (zero-sum sums, closed form vs autograd
+differences), which any reordering changes completely, are compared by their verdicts only:
+the ``passed`` flags beside them are compared exactly, and the words of each check's detail
+(its numbers are such residuals or fields compared elsewhere). ``environment`` describes the
+machine and is skipped. `upgrade` applies the documented schema changes to the old reports.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
+sys.path.insert(0, str(GOLDEN))
+
+from cases import cases  # noqa: E402
+from helpers import differences  # noqa: E402
+from record import normalise, run_case  # noqa: E402
+
+from gradlens.config import LossConfig  # noqa: E402
+
+# docs/json-schema.md's changelog, "Added fields": the settings of the losses of docs/losses.md
+# §2.14–§2.27 and of the top-entropy selection (§2.28) joined ``config.loss`` with these
+# defaults, which leave every earlier loss unchanged.
+ADDED_LOSS_SETTINGS = (
+    "dppo_tv_low",
+    "dppo_tv_high",
+    "dppo_kl_low",
+    "dppo_kl_high",
+    "dppo_cap",
+    "prime_mask_low",
+    "prime_mask_high",
+    "prime_kl_tau",
+    "ipo_threshold",
+    "m2po_threshold",
+    "aspo_eps_low_entropy",
+    "aspo_eps_high_entropy",
+    "aspo_entropy_quantile",
+    "aspo_clip_c_neg",
+    "aspo_clip_c_pos",
+    "gppo_beta1",
+    "gppo_beta2",
+    "clip_cov_ratio",
+    "clip_cov_lb",
+    "clip_cov_ub",
+    "selection_seed",
+    "kl_cov_ratio",
+    "kl_cov_coef",
+    "gmpo_eps_low",
+    "gmpo_eps_high",
+    "topr_pos_weight",
+    "topr_neg_weight",
+    "dro_beta",
+    "vespo_k_pos",
+    "vespo_lambda_pos",
+    "vespo_k_neg",
+    "vespo_lambda_neg",
+    "real_tau",
+    "fipo_decay_rate",
+    "fipo_clip_range",
+    "fipo_clip_high_only",
+    "fipo_safety_threshold",
+    "top_entropy_quantile",
+)
+
+
+def upgrade(report: dict[str, Any]) -> dict[str, Any]:
+    """A golden report in today's schema: for one recorded under ``/1`` the renamed and added
+    fields of ``/2``, and for every report the fields added since (docs/json-schema.md's
+    changelog), nothing else."""
+    report = json.loads(json.dumps(report))
+    if report["schema_version"].endswith("/1"):
+        report = _version_2(report)
+    return _added_fields(report)
+
+
+def _version_2(report: dict[str, Any]) -> dict[str, Any]:
+    """``gradlens.compare/1`` → ``/2`` and ``gradlens.sweep/1`` → ``/2``."""
+    if "check" in report:  # a sweep summary
+        for loss in report["losses"]:
+            loss["per_token_grad_formula"] = loss.pop("coefficient")
+        return report
+    for loss in report["losses"]:
+        loss["per_token_grad_formula"] = loss.pop("coefficient_formula")
+    if report["engine"]["reason"].startswith("the whole-model gradients"):
+        # a real checkpoint no longer forces the materialized engine (issue: the model source
+        # streams); below the threshold it is chosen by size, as for every source
+        entries = report["batch"]["num_tokens"] * report["batch"]["vocab_size"]
+        report["engine"]["reason"] = f"tokens × vocabulary = {entries} ≤ {1 << 24}"
+    report["config"]["diagnostics"].setdefault("stream_above", 1 << 24)
+    mismatch = (report.get("model") or {}).get("mismatch")
+    if mismatch is not None:
+        mismatch["abs_diff_mean"] = mismatch.pop("mean_abs_diff")
+        mismatch["abs_diff_max"] = mismatch.pop("max_abs_diff")
+        mismatch["rho_mean"] = report["rollout"]["rho_mean"]  # the same statistics now
+    return report
+
+
+def _added_fields(report: dict[str, Any]) -> dict[str, Any]:
+    """The fields added without a new schema version, at their defaults."""
+    loss = report["config"]["loss"]
+    for name in ADDED_LOSS_SETTINGS:
+        loss.setdefault(name, LossConfig.model_fields[name].default)
+    if "check" in report:  # a sweep summary: a loss's own words for its rules
+        for info in report["losses"]:
+            info.setdefault("rule_words", {})
+        return report
+    for sequence in report["config"]["source"].get("sequences") or []:
+        sequence.setdefault("group", None)  # a literal sequence's prompt group
+    return report
+
+
+@pytest.mark.parametrize(
+    "name, argv, setup",
+    [
+        pytest.param(name, argv, setup, id=name, marks=[pytest.mark.slow] if slow else [])
+        for name, argv, slow, setup in cases()
+    ],
+)
+def test_report_reproduces_golden(name: str, argv: list[str], setup, tmp_path: Path) -> None:
+    golden = json.loads((GOLDEN / f"{name}.json").read_text())
+    report = run_case(argv, setup, tmp_path)
+    diffs = differences(upgrade(golden), normalise(report, str(tmp_path)))
+    assert not diffs, "\n".join(diffs[:40])
