@@ -125,6 +125,16 @@ class ModelContext:
 
 
 @dataclass(frozen=True)
+class VocabRows:
+    """Rows [start, stop) of a vocabulary of ``vocab`` rows: the part of the lm_head weight one
+    tensor-parallel rank holds."""
+
+    start: int
+    stop: int
+    vocab: int
+
+
+@dataclass(frozen=True)
 class Batch:
     """Everything a loss and the lm_head diagnostics need.
 
@@ -147,6 +157,8 @@ class Batch:
         groups: [N] int64 prompt-group id of each sequence (the completions of one prompt share
             an id), or None when the source does not know them. Group-coupled losses (``real``)
             need it.
+        weight_rows: under tensor parallelism, the rows of the whole [V, H] weight that
+            ``weight`` [V_r, H] holds (``vocab_size`` is then V, not V_r); None: the whole W.
     """
 
     hidden: Tensor
@@ -162,6 +174,7 @@ class Batch:
     advantage_note: str = ""
     model_context: ModelContext | None = None
     groups: Tensor | None = None
+    weight_rows: VocabRows | None = None
 
     @property
     def num_sequences(self) -> int:
@@ -169,6 +182,9 @@ class Batch:
 
     @property
     def vocab_size(self) -> int:
+        """V of the whole lm_head (also when ``weight`` holds only some of its rows)."""
+        if self.weight_rows is not None:
+            return self.weight_rows.vocab
         return int(self.weight.shape[0])
 
     @property

@@ -272,7 +272,15 @@ class EngineInfo(Result):
     resident_chunks: int | None = Field(None, description="chunks whose logits stayed in memory")
     budget_bytes: int | None = None
     gemm_equivalents: float | None = Field(
-        None, description="GEMMs run, in units of one logits GEMM 2·M·H·V (floor: 1 + k)"
+        None,
+        description="GEMMs run, in units of one logits GEMM 2·M·H·V (floor: 1 + k); under "
+        "tensor parallelism the total over all ranks",
+    )
+    tensor_parallel: int = Field(
+        1, description="ranks the lm_head's vocabulary rows were split over (1: one process)"
+    )
+    vocab_rows: list[int] | None = Field(
+        None, description="tensor_parallel > 1: the vocabulary rows of each rank, in rank order"
     )
 
 

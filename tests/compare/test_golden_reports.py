@@ -116,6 +116,11 @@ def _added_fields(report: dict[str, Any]) -> dict[str, Any]:
         return report
     for sequence in report["config"]["source"].get("sequences") or []:
         sequence.setdefault("group", None)  # a literal sequence's prompt group
+    # added with tensor parallelism (one process: 1 rank, no split)
+    report["config"]["diagnostics"].setdefault("tensor_parallel", 1)
+    report["config"]["diagnostics"].setdefault("collective_timeout_s", 300.0)
+    report["engine"].setdefault("tensor_parallel", 1)
+    report["engine"].setdefault("vocab_rows", None)
     return report
 
 
