@@ -11,7 +11,8 @@ weight. What the run minimises for one loss is written once, in `objective`:
 
     terms   = the loss's per-token terms with the run's training–inference corrections and
               top-entropy token selection S_t (1 when it is off)
-    weights = a_t (the aggregation's weights; 1 for a loss that aggregates itself)
+    weights = a_t (the aggregation's weights, on the mask without the tokens a renormalising
+              correction rejects (`aggregation_mask`); 1 for a loss that aggregates itself)
     L       = Σ_t weights_t·per_token_t  −  c_H·Σ_t a_t·S_t·H_t  (entropy bonus, when c_H ≠ 0)
     c_t     = weights_t·g_t
 
@@ -36,7 +37,7 @@ from gradlens.containers import Batch, LossTerms, TokenInputs, valid_index
 from gradlens.errors import GradlensError
 from gradlens.logits import compute_logits
 from gradlens.losses import Aggregation, LossParams, LossSpec
-from gradlens.losses.corrections import apply_corrections
+from gradlens.losses.corrections import apply_corrections, kept_mask
 from gradlens.losses.token_selection import apply_token_selection, bonus_weights, top_entropy_mask
 
 
@@ -214,6 +215,15 @@ def entropy_bonus(bonus_weights: Tensor, entropy: Tensor, entropy_coef: float) -
     return -entropy_coef * (bonus_weights * entropy.to(bonus_weights.dtype)).sum()
 
 
+def aggregation_mask(batch: Batch, params: LossParams) -> Tensor:
+    """[N, T] the mask the aggregation weights are computed from: the batch's, without the
+    tokens that a correction with ``renormalize`` rejects (verl's rejection sampling).
+
+    It does not depend on π_θ, so every engine computes it before its passes: ρ = π_old/μ_old
+    is read from the stored ℓ_old (at on-policy positions ℓ itself, up to rounding)."""
+    return kept_mask(batch.mask, batch.old_logp, batch.rollout_logp, params.corrections)
+
+
 def objective(
     batch: Batch,
     logp: Tensor,
@@ -232,7 +242,7 @@ def objective(
     terms = apply_corrections(spec.terms(inputs, params, aggregation), inputs, params.corrections)
     keep = top_entropy_mask(inputs, params.top_entropy_quantile)  # S_t, None when off
     terms = apply_token_selection(terms, inputs, keep)
-    agg_weights = aggregation.weights(batch.mask, logp.dtype)
+    agg_weights = aggregation.weights(aggregation_mask(batch, params), logp.dtype)
     weights = batch.mask.to(logp.dtype) if terms.self_aggregated else agg_weights
     loss = (weights * terms.per_token).sum()
     bonus = bonus_weights(agg_weights, keep)

@@ -66,7 +66,7 @@ SYNTHETIC = [
     "source.rollout_drift=0.1",
     "source.ref_drift=0.2",
     "losses=[reinforce,ppo_clip,grpo,gspo,cispo,sft]",
-    "parity={losses: [ppo, ppo_clip]}",
+    "parity={pairs: [[ppo, ppo_clip]]}",
 ]
 # losses that read pass 1's H_t (aspo, the top-entropy selection, the bonus weighted by S_t) and
 # the prompt groups (real): the ranks combine H_t in pass 1's collective

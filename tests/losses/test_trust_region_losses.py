@@ -69,7 +69,7 @@ def test_tc14_the_masks_are_on_the_probability_not_the_ratio() -> None:
             {
                 "dtype": "float64",
                 "losses": ["dppo_tv", "ppo_clip"],
-                "loss": {"eps_high": 0.2, "aggregation": "seq_mean_token_sum_norm"},
+                "loss": {"eps_high": 0.2, "aggregation": "token_sum"},
                 "diagnostics": {"token_details": "on"},
                 "source": {
                     "kind": "literal",
