@@ -30,8 +30,9 @@ from pydantic import (
 from gradlens.batchfile import SUFFIXES as BATCH_SUFFIXES
 from gradlens.errors import GradlensError, unknown_name_message
 from gradlens.losses import AGGREGATIONS, Aggregation, LossParams, get_loss, loss_names
+from gradlens.losses.base import Correction
 from gradlens.losses.corrections import KINDS as CORRECTION_KINDS
-from gradlens.losses.corrections import MASKING_KINDS, with_defaults
+from gradlens.losses.corrections import correction_problem, with_defaults
 from gradlens.losses.external import is_external
 from gradlens.losses.grpo import KL_ESTIMATORS
 from gradlens.losses.minirl import TRUNCATIONS
@@ -337,6 +338,11 @@ class CorrectionConfig(Strict):
         description="rejected tokens leave the aggregation's normaliser too (verl's rejection "
         "sampling, rollout_rs); masking kinds only",
     )
+    batch_normalize: bool = Field(
+        False,
+        description="divide the weight by its batch mean (verl rollout_is_batch_normalize); "
+        "importance-weight kinds only",
+    )
 
     @field_validator("kind")
     @classmethod
@@ -347,12 +353,14 @@ class CorrectionConfig(Strict):
     def _ordered(self) -> CorrectionConfig:
         if self.low is not None and self.high is not None and self.low > self.high:
             raise ValueError(f"low ({self.low}) > high ({self.high})")
-        if self.renormalize and self.kind not in MASKING_KINDS:
-            raise ValueError(
-                "renormalize applies to the kinds that reject tokens "
-                f"({', '.join(MASKING_KINDS)}); {self.kind} truncates a weight and rejects none"
-            )
+        problem = correction_problem(self.resolved())
+        if problem is not None:
+            raise ValueError(problem)
         return self
+
+    def resolved(self) -> Correction:
+        """The plain `Correction`, unset thresholds at the kind's defaults."""
+        return with_defaults(self.kind, self.low, self.high, self.renormalize, self.batch_normalize)
 
 
 class LossConfig(Strict):
@@ -390,6 +398,10 @@ class LossConfig(Strict):
     entropy_coef: float = Field(0.0, description="c_H of the entropy bonus −c_H·H; 0: off")
     corrections: list[CorrectionConfig] = Field(
         default_factory=list, description="training–inference corrections on every loss"
+    )
+    bypass_mode: bool = Field(
+        False,
+        description="verl's bypass mode: π_old := the rollout log-probs, corrections on π_θ/μ",
     )
     # --- the losses of docs/losses.md §2.14–§2.27 and the top-entropy token selection (§2.28);
     # each default is its `gradlens.losses.base.LossParams` twin's.
@@ -480,9 +492,7 @@ class LossConfig(Strict):
     def params(self) -> LossParams:
         """The section as the plain `LossParams` every loss reads (any command)."""
         values = {name: getattr(self, name) for name in LOSS_PARAM_FIELDS}
-        values["corrections"] = tuple(
-            with_defaults(c.kind, c.low, c.high, c.renormalize) for c in self.corrections
-        )
+        values["corrections"] = tuple(c.resolved() for c in self.corrections)
         return LossParams(**values)
 
     def token_aggregation(self) -> Aggregation:

@@ -27,6 +27,7 @@ and c_t does not include it.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -215,13 +216,24 @@ def entropy_bonus(bonus_weights: Tensor, entropy: Tensor, entropy_coef: float) -
     return -entropy_coef * (bonus_weights * entropy.to(bonus_weights.dtype)).sum()
 
 
-def aggregation_mask(batch: Batch, params: LossParams) -> Tensor:
+def aggregation_mask(inputs: TokenInputs, params: LossParams) -> Tensor:
     """[N, T] the mask the aggregation weights are computed from: the batch's, without the
-    tokens that a correction with ``renormalize`` rejects (verl's rejection sampling).
+    tokens that a correction with ``renormalize`` rejects (verl's rejection sampling). In
+    bypass mode the rejection reads sg[π_θ]/μ, so it moves with π_θ (detached)."""
+    return kept_mask(inputs, params.corrections, params.bypass_mode)
 
-    It does not depend on π_θ, so every engine computes it before its passes: ρ = π_old/μ_old
-    is read from the stored ℓ_old (at on-policy positions ℓ itself, up to rounding)."""
-    return kept_mask(batch.mask, batch.old_logp, batch.rollout_logp, params.corrections)
+
+def bypass(inputs: TokenInputs, params: LossParams) -> TokenInputs:
+    """``inputs`` with π_old := μ in verl's bypass mode (``params.bypass_mode``), else as is."""
+    if not params.bypass_mode:
+        return inputs
+    if inputs.rollout_logp is None:
+        raise GradlensError(
+            "loss.bypass_mode takes the rollout log-probs μ as π_old, and this batch has none: "
+            "set source.rollout_drift (synthetic source) or rollout_prob / rollout_logp on the "
+            "positions (literal source)"
+        )
+    return dataclasses.replace(inputs, old_logp=inputs.rollout_logp)
 
 
 def objective(
@@ -238,11 +250,13 @@ def objective(
     it adds the entropy bonus when ``params.entropy_coef`` ≠ 0; without it ``loss`` is the
     policy part only, and a loss or selection that needs H_t raises a `GradlensError`.
     """
-    inputs = token_inputs(batch, logp, entropy)
-    terms = apply_corrections(spec.terms(inputs, params, aggregation), inputs, params.corrections)
+    inputs = bypass(token_inputs(batch, logp, entropy), params)
+    terms = apply_corrections(
+        spec.terms(inputs, params, aggregation), inputs, params.corrections, params.bypass_mode
+    )
     keep = top_entropy_mask(inputs, params.top_entropy_quantile)  # S_t, None when off
     terms = apply_token_selection(terms, inputs, keep)
-    agg_weights = aggregation.weights(aggregation_mask(batch, params), logp.dtype)
+    agg_weights = aggregation.weights(aggregation_mask(inputs, params), logp.dtype)
     weights = batch.mask.to(logp.dtype) if terms.self_aggregated else agg_weights
     loss = (weights * terms.per_token).sum()
     bonus = bonus_weights(agg_weights, keep)

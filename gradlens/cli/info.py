@@ -103,9 +103,12 @@ def losses(
     console.print(fw_table)
     console.print(
         "with every loss: loss.entropy_coef (entropy bonus), loss.corrections (token_tis, "
-        "seq_tis, token_mis, seq_mis, icepop, geo_mask; renormalize: true for the masking "
-        "kinds), loss.top_entropy_quantile (train the top-entropy tokens only); your own loss: "
-        "--losses module:function or verl:module:function (docs/cli.md)"
+        "seq_tis, token_mis, seq_mis, icepop, geo_mask, seq_mask_tis; verl's rejection options "
+        "token_k1 … seq_max_k3, chainable; AReaL's areal_<level>_<metric>[_clamp]; renormalize: "
+        "true for the masking kinds, batch_normalize: true for the weighting ones), "
+        "loss.bypass_mode (verl's bypass mode), loss.top_entropy_quantile (train the "
+        "top-entropy tokens only); your own loss: --losses module:function or "
+        "verl:module:function (docs/cli.md)"
     )
     console.print(
         "coupling: what decides a token's g_t besides its own inputs — its sequence, its prompt "

@@ -26,12 +26,16 @@ class Correction:
         renormalize: the tokens it masks leave the aggregation's normaliser too, as verl's
             rejection sampling (``rollout_rs``) removes them from the response mask; only for
             the kinds that mask.
+        batch_normalize: the weight is divided by its batch mean (over the valid tokens, or the
+            valid sequences for a sequence-level weight), as verl's
+            ``rollout_is_batch_normalize``; only for the kinds whose weight is an IS ratio.
     """
 
     kind: str
     low: float | None = None
     high: float | None = None
     renormalize: bool = False
+    batch_normalize: bool = False
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,8 @@ class LossParams:
         entropy_coef: c_H of the entropy bonus −c_H·agg_t H_t, added to every loss (0: off).
         corrections: training–inference corrections composed with every loss (detached
             weights or masks on g_t; `gradlens.losses.corrections`).
+        bypass_mode: verl's bypass mode: π_old := μ (the rollout log-probs stand in for the
+            recomputed old policy) and every correction's ratio is sg[π_θ]/μ instead of π_old/μ.
 
     The token aggregation is not a loss setting: it travels as an `Aggregation`.
 
@@ -113,6 +119,7 @@ class LossParams:
     minirl_truncation: str = "literal"
     entropy_coef: float = 0.0
     corrections: tuple[Correction, ...] = ()
+    bypass_mode: bool = False
     # --- the losses of docs/losses.md §2.14–§2.27 and the top-entropy token selection (§2.28);
     # every default keeps the behaviour of the losses above unchanged. Each has a twin with the
     # same name and default in `gradlens.config.LossConfig` (`LossConfig.params()` maps them).

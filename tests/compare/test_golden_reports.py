@@ -30,8 +30,8 @@ from gradlens.config import LossConfig  # noqa: E402
 from gradlens.metric_names import METRIC_NAMES  # noqa: E402
 
 # docs/json-schema.md's changelog, "Added fields": the settings of the losses of docs/losses.md
-# §2.14–§2.27 and of the top-entropy selection (§2.28) joined ``config.loss`` with these
-# defaults, which leave every earlier loss unchanged.
+# §2.14–§2.27, of the top-entropy selection (§2.28) and verl's bypass mode (§2.12) joined
+# ``config.loss`` with these defaults, which leave every earlier loss unchanged.
 ADDED_LOSS_SETTINGS = (
     "dppo_tv_low",
     "dppo_tv_high",
@@ -71,6 +71,7 @@ ADDED_LOSS_SETTINGS = (
     "fipo_clip_high_only",
     "fipo_safety_threshold",
     "top_entropy_quantile",
+    "bypass_mode",
 )
 
 
@@ -135,6 +136,8 @@ def _added_fields(report: dict[str, Any]) -> dict[str, Any]:
     loss = report["config"]["loss"]
     for name in ADDED_LOSS_SETTINGS:
         loss.setdefault(name, LossConfig.model_fields[name].default)
+    for correction in loss.get("corrections", []):
+        correction.setdefault("batch_normalize", False)
     if "check" in report:  # a sweep summary: a loss's own words for its rules
         for info in report["losses"]:
             info.setdefault("rule_words", {})
