@@ -256,7 +256,7 @@ def objective(
     )
     keep = top_entropy_mask(inputs, params.top_entropy_quantile)  # S_t, None when off
     terms = apply_token_selection(terms, inputs, keep)
-    agg_weights = aggregation.weights(aggregation_mask(inputs, params), logp.dtype)
+    agg_weights = aggregation.weights(aggregation_mask(inputs, params), logp.dtype, batch.groups)
     weights = batch.mask.to(logp.dtype) if terms.self_aggregated else agg_weights
     loss = (weights * terms.per_token).sum()
     bonus = bonus_weights(agg_weights, keep)

@@ -111,9 +111,10 @@ class Curve:
 
 
 def lone_token_weight(mode: str, loss_scale_factor: float | None) -> float:
-    """The aggregation weight a of a sequence made of one valid token."""
+    """The aggregation weight a of a sequence made of one valid token (its own prompt group)."""
     mask = torch.ones(1, 1, dtype=torch.bool)
-    return float(aggregation_weights(mask, mode, loss_scale_factor)[0, 0])
+    groups = torch.zeros(1, dtype=torch.int64)
+    return float(aggregation_weights(mask, mode, loss_scale_factor, groups=groups)[0, 0])
 
 
 def explicit_entropy(pi_theta: Tensor, vocab_size: int) -> Tensor:

@@ -47,7 +47,7 @@ from gradlens.engine.vocab_split import (
 )
 from gradlens.errors import GradlensError
 from gradlens.grads import objective, on_grid
-from gradlens.losses import Aggregation, LossParams, aggregation_weights, get_loss, loss_names
+from gradlens.losses import Aggregation, LossParams, get_loss, loss_names
 from gradlens.losses.aggregation import AGGREGATIONS
 from gradlens.losses.base import Correction
 
@@ -169,7 +169,7 @@ def entropy_weight(case: Case) -> EntropyWeight | None:
         return None
     rows, cols = valid_index(case.batch.mask)
     agg = case.agg
-    a = aggregation_weights(case.batch.mask, agg.mode, agg.loss_scale_factor, F64)
+    a = agg.weights(case.batch.mask, F64, case.batch.groups)
     w = ENTROPY_COEF * a[rows, cols]
     if not case.selection:
         return w
