@@ -387,6 +387,13 @@ OPENRLHF_EQUAL = [
         {"corrections": (Correction("geo_mask", 0.97, 1.03), Correction("token_mis"))},
         "token_mean",
     ),
+    # ... which is the seq_mask_tis kind (NeMo RL's and OpenRLHF's seq-mask-tis)
+    (
+        "openrlhf:ppo",
+        "ppo_clip",
+        {"corrections": (Correction("seq_mask_tis", 0.97, 1.03),)},
+        "token_mean",
+    ),
 ]
 
 
