@@ -46,6 +46,7 @@ from gradlens.results.report import (
     ZeroSum,
 )
 from gradlens.results.rollout import RolloutStats
+from gradlens.results.split import SplitLoss, SplitMicroBatch, SplitReport
 from gradlens.results.support import KeptToken, SupportRatio, SupportReport
 
 __all__ = [
@@ -82,6 +83,9 @@ __all__ = [
     "SampledRow",
     "SftOverRl",
     "Signal",
+    "SplitLoss",
+    "SplitMicroBatch",
+    "SplitReport",
     "StaleStep",
     "Staleness",
     "SupportRatio",
