@@ -39,6 +39,7 @@ def upgrade(report: dict[str, Any]) -> dict[str, Any]:
                 loss["per_token_grad_formula"] = loss.pop("coefficient")
         _loss_settings_of_3(report["config"]["loss"])
         _sampling_support(report)
+        _split(report)
         return report
     for loss in report["losses"]:
         if "coefficient_formula" in loss:
@@ -61,6 +62,7 @@ def upgrade(report: dict[str, Any]) -> dict[str, Any]:
         mismatch["rho_mean"] = report["rollout"]["rho_mean"]  # the same statistics now
     report = upgrade_to_3(report)
     _sampling_support(report)
+    _split(report)
     return report
 
 
@@ -95,6 +97,14 @@ def _sampling_support(report: dict[str, Any]) -> None:
     if rollout is not None:
         rollout.setdefault("top_k", 0)
     report.setdefault("support", None)
+
+
+def _split(report: dict[str, Any]) -> None:
+    """``--split`` added the ``split`` config section and report section, both null unless
+    asked for (docs/json-schema.md's changelog)."""
+    report["config"].setdefault("split", None)
+    if "check" not in report:  # a sweep summary has no batch sections
+        report.setdefault("split", None)
 
 
 def _loss_settings_of_3(loss: dict[str, Any]) -> None:
