@@ -13,6 +13,8 @@ Every framework averages the dp = 2 ranks (×1/2) and sums the ga = 2 steps.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -129,3 +131,13 @@ def test_errors_name_the_fields() -> None:
         resolve_convention("trl", "token_mean")  # two TRL settings compute token_mean
     with pytest.raises(GradlensError, match=r"no setting 'nope'.*trl:grpo, trl:sapo"):
         resolve_convention("trl:nope", "token_mean")
+
+
+def test_docs_list_every_convention_and_setting() -> None:
+    # docs/split.md's table is written by hand: every --convention and setting must be in it
+    text = (Path(__file__).resolve().parents[2] / "docs" / "split.md").read_text("utf-8")
+    for name, convention in CONVENTIONS.items():
+        assert f"`{name}`" in text
+        for rule in convention.rules:
+            for setting in rule.names:
+                assert f"`{setting}`" in text, (name, setting)
