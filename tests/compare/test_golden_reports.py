@@ -109,9 +109,10 @@ def _sampling_support(report: dict[str, Any]) -> None:
 def _split(report: dict[str, Any]) -> None:
     """``--split`` added the ``split`` config section and report section, both null unless
     asked for (docs/json-schema.md's changelog)."""
+    if not str(report.get("schema_version", "")).startswith("gradlens.compare/"):
+        return  # a sweep's config and report have no split
     report["config"].setdefault("split", None)
-    if "check" not in report:  # a sweep summary has no batch sections
-        report.setdefault("split", None)
+    report.setdefault("split", None)
 
 
 def _loss_settings_of_3(loss: dict[str, Any]) -> None:
