@@ -31,7 +31,7 @@ from gradlens.containers import Batch, valid_index
 from gradlens.diagnostics import tolerances
 from gradlens.diagnostics.numbers import num
 from gradlens.engine.streamed import auto_budget, lm_head_pass, plan
-from gradlens.grads import aggregation_mask, objective, replayed_ids
+from gradlens.grads import aggregation_mask, objective, replayed_ids, token_inputs
 from gradlens.losses import Aggregation, LossParams, LossSpec
 from gradlens.losses.frameworks.conventions import resolve_convention
 from gradlens.losses.split import (
@@ -144,7 +144,7 @@ def split_report(
     streamed engine's settings (None: automatic)."""
     conv, rule = resolve_convention(convention, aggregation.mode)
     parts = micro_batches(split, batch.num_sequences)
-    mask = aggregation_mask(batch, params)
+    mask = aggregation_mask(token_inputs(batch, logp.detach()), params)
     scale = aggregation.loss_scale_factor
     w_split = split_weights(mask, rule, split, scale)  # [N, T] float64
     w_full = full_weights(mask, rule, scale)
