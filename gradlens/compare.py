@@ -305,6 +305,7 @@ def diagnose_loss(
             zero_sum_scale(grads, view, params, c_valid),
             view.hidden,
             view.logits,
+            entropy_bonus=grads.entropy_grad_logits is not None,
         ),
         clipping=clipping(grads.terms.regions, grads.coefficient, batch.mask),
         agreement=not_run(dtype)

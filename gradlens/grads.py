@@ -7,9 +7,11 @@ through ℓ_t = log π_θ(y_t) has
     ∂L/∂W   = Σ_t (∂L/∂z_t) h_tᵀ   — row v:  Σ_{t: y_t = v} c_t h_t − Σ_t c_t π_{t,v} h_t.
 
 `closed_form` evaluates that from the loss's own g_t, with the softmax computed once per batch
-(`SoftmaxView`) and shared by every loss. `autograd_reference` differentiates the aggregated
-loss through log_softmax with torch.autograd, as a trainer would; the agreement diagnostic
-compares the two. Both work on the M valid tokens only, flattened to [M, ·].
+(`SoftmaxView`) and shared by every loss; its π is normalised by `gradlens.logits` (a float64
+sum in a fixed order), so that the rows sum to zero within a bound that holds on every device.
+`autograd_reference` differentiates the aggregated loss through log_softmax with torch.autograd,
+as a trainer would; the agreement diagnostic compares the two. Both work on the M valid tokens
+only, flattened to [M, ·].
 """
 
 from __future__ import annotations
@@ -20,9 +22,17 @@ import torch
 from torch import Tensor
 
 from gradlens.containers import Batch, LossTerms, TokenInputs, valid_index
-from gradlens.logits import compute_logits, softmax_dtype
+from gradlens.logits import (
+    Normaliser,
+    compute_logits,
+    log_probs,
+    normaliser,
+    softmax_dtype,
+    token_logp,
+)
 from gradlens.losses import LossParams, LossSpec, aggregation_weights
 from gradlens.losses.corrections import apply_corrections
+from gradlens.summation import pairwise_sum
 
 
 @dataclass(frozen=True)
@@ -42,9 +52,11 @@ class SoftmaxView:
         hidden: [M, H] h_t in the operand dtype.
         tokens: [M] y_t.
         logits: [M, V] z_t in the softmax dtype.
-        probs: [M, V] π_t.
-        logp: [N, T] ℓ_t = log π_θ(y_t), 0 at masked positions.
-        entropy: [M] H(π_t).
+        probs: [M, V] π_t = exp((z − m) − log S) (`gradlens.logits`).
+        logp: [N, T] ℓ_t = log π_θ(y_t) by torch's log_softmax, as a trainer computes it
+            (`gradlens.logits.token_logp`); 0 at masked positions.
+        entropy: [M] H(π_t) = −Σ_v π log π, summed in float64 (`gradlens.summation`).
+        normaliser: the per-token m and S of ``probs``.
     """
 
     rows: Tensor
@@ -55,6 +67,7 @@ class SoftmaxView:
     probs: Tensor
     logp: Tensor
     entropy: Tensor
+    normaliser: Normaliser
 
     @property
     def sampled_probs(self) -> Tensor:
@@ -68,12 +81,13 @@ def softmax_view(batch: Batch) -> SoftmaxView:
     hidden = batch.hidden[rows, cols]  # [M, H]
     tokens = batch.tokens[rows, cols]  # [M]
     logits = compute_logits(hidden, batch.weight)  # [M, V]
-    log_probs = torch.log_softmax(logits, dim=-1)  # [M, V]
-    probs = log_probs.exp()
     logp = torch.zeros(batch.mask.shape, dtype=logits.dtype, device=logits.device)  # [N, T]
-    logp[rows, cols] = log_probs.gather(-1, tokens[:, None]).squeeze(-1)
-    entropy = -(probs * log_probs).sum(-1)  # [M]
-    return SoftmaxView(rows, cols, hidden, tokens, logits, probs, logp, entropy)
+    logp[rows, cols] = token_logp(logits, tokens)
+    norm = normaliser(logits)
+    log_pi = log_probs(logits, norm)  # [M, V]
+    probs = log_pi.exp()
+    entropy = (-pairwise_sum(probs * log_pi)).to(logits.dtype)  # [M]
+    return SoftmaxView(rows, cols, hidden, tokens, logits, probs, logp, entropy, norm)
 
 
 def effective_old_logp(batch: Batch, logp: Tensor) -> Tensor:
@@ -170,9 +184,9 @@ def closed_form(
     entropy_grad = None
     if params.entropy_coef != 0.0:
         a = agg_weights[view.rows, view.cols]  # [M]
-        log_probs = torch.log_softmax(view.logits, dim=-1)  # [M, V]
+        log_pi = log_probs(view.logits, view.normaliser)  # [M, V], as ``view.probs``'s
         h = view.entropy[:, None]  # [M, 1]
-        entropy_grad = (params.entropy_coef * a)[:, None] * view.probs * (log_probs + h)
+        entropy_grad = (params.entropy_coef * a)[:, None] * view.probs * (log_pi + h)
         grad_logits = grad_logits + entropy_grad
         loss -= params.entropy_coef * float((a * view.entropy).sum())
     grad_weight = grad_logits.T @ view.hidden.to(grad_logits.dtype)  # [V, H]

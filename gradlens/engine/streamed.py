@@ -10,20 +10,25 @@ shared the work is (1 + k) GEMMs of 2·M·H·V FLOP (performance.md). The coeffi
 log π_θ(y_t), hence the logsumexp over the whole vocabulary, before any row can be formed, so
 the engine makes two passes over vocabulary chunks:
 
-1. logits z = h Wᵀ chunk by chunk → logsumexp and z_y per token. The first ``resident`` chunks
-   keep their logits (a memory budget decides how many), the others are dropped.
-2. the caller's losses turn log π(y) into c_1..c_k; then, chunk by chunk, π = exp(z − lse)
-   (from the kept logits, or recomputed), the dense GEMM for all losses, the sparse rows by
-   index_add, and from the [V_chunk, k·H] result only what is reported: per-row norms and the
-   running row sum Σ_v ∂L/∂W_v. Per-token statistics (Σ_v π, entropy, the largest
-   non-sampled probability) come from the same π.
+1. logits z = h Wᵀ chunk by chunk → the softmax normaliser (m = max z, S = Σ exp(z − m)) and
+   z_y per token (`gradlens.logits`: each chunk's S summed in float64, the chunks merged
+   pairwise, so its rounding does not depend on the chunk size). The first ``resident``
+   chunks keep their logits (a memory budget decides how many), the others are dropped.
+2. the caller's losses turn log π(y) = (z_y − m) − log S into c_1..c_k; then, chunk by chunk,
+   π = exp((z − m) − log S) (from the kept logits, or recomputed: the same operations as the
+   materialized path's), the dense GEMM for all losses, the sparse rows by index_add, and from
+   the [V_chunk, k·H] result only what is reported: per-row norms and the row sum
+   Σ_v ∂L/∂W_v. Per-token statistics (Σ_v π, entropy, the largest non-sampled probability)
+   come from the same π. The sums the zero-sum check reads (Σ_v π, Σ_v ∂L/∂W_v, Σ_v E_v) are
+   float64 sums in the order of `gradlens.summation`, whatever the chunk size.
 
 The entropy bonus (losses.md §2.11, ``entropy_weight`` w_t = a_t·c_H) adds to the logit
 gradient of every loss the same block E_tv = w_t·π_tv·(log π_tv + H_t), not of the c-form. Pass 1
-then also accumulates H_t (it is needed before pass 2); pass 2 forms E from each chunk's π and
-log π, runs one more GEMM Eᵀh shared by all losses, and adds it to the rows of the losses that
-carry the bonus (not to a difference of two losses, in which it cancels). Per loss it also
-keeps Σ_{v≠y} |∂L/∂z_v| and max_{v≠y} |∂L/∂z_v|, which no longer follow from c_t and π alone.
+then also accumulates H_t = log S − T/S with T = Σ exp(z − m)(z − m) (it is needed before pass
+2); pass 2 forms E from each chunk's π and log π, runs one more GEMM Eᵀh shared by all
+losses, and adds it to the rows of the losses that carry the bonus (not to a difference of two
+losses, in which it cancels). Per loss it also keeps Σ_{v≠y} |∂L/∂z_v| and max_{v≠y} |∂L/∂z_v|,
+which no longer follow from c_t and π alone.
 
 GEMM-equivalents: 1 + (1 − f) + k for a resident fraction f of the vocabulary (+ 1 with the
 entropy bonus). A loss whose
@@ -45,7 +50,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gradlens.logits import softmax_dtype
+from gradlens.logits import Normaliser, log_probs, merge, normaliser, softmax_dtype
+from gradlens.summation import Cascade, PairwiseSum, pairwise_sum
 
 CoefficientFn = Callable[[Tensor], list[Tensor]]
 SHARE_LIMIT = 0.5  # reuse an earlier loss's dense product when ≤ this share of tokens differ
@@ -111,12 +117,12 @@ class TokenStats:
 
     lse: Tensor  # logsumexp_v z_tv
     logp: Tensor  # log π(y_t)
-    prob_sum: Tensor  # Σ_v π_tv as summed from the entries (1 up to rounding)
+    prob_sum: Tensor  # Σ_v π_tv as summed from the entries (1 up to rounding), float64
     entropy: Tensor  # −Σ_v π_tv log π_tv
     max_other_prob: Tensor  # max_{v ≠ y_t} π_tv
     max_abs_logit: Tensor  # max_v |z_tv|
     entropy_grad_at_y: Tensor | None = None  # E_t,y_t of the entropy bonus (None: no bonus)
-    entropy_grad_sum: Tensor | None = None  # Σ_v E_tv as summed from the entries (0 up to rounding)
+    entropy_grad_sum: Tensor | None = None  # Σ_v E_tv from the entries (0 up to rounding), float64
 
     @property
     def sampled_prob(self) -> Tensor:
@@ -129,7 +135,7 @@ class RowStats:
     """One loss's lm_head gradient, reduced: no [V, H] tensor is kept."""
 
     norms: Tensor  # [V] ‖∂L/∂W_v‖
-    row_sum: Tensor  # [H] Σ_v ∂L/∂W_v (zero for a pure softmax loss)
+    row_sum: Tensor  # [H] Σ_v ∂L/∂W_v (zero for a pure softmax loss), float64
     # with the entropy bonus only, [M] each: Σ_{v≠y} |∂L/∂z_tv| and max_{v≠y} |∂L/∂z_tv|
     other_mass: Tensor | None = None
     other_max: Tensor | None = None
@@ -188,23 +194,17 @@ def lm_head_pass(
     chunks = plan.chunks(v)
     gemms = 0.0
     ent_w = None if entropy_weight is None else entropy_weight.to(acc)
-    h1 = torch.zeros(m, dtype=acc, device=hidden.device)  # H_t, accumulated in pass 1
 
-    # Pass 1: logsumexp and z_y, keeping the resident chunks' logits.
+    # Pass 1: the normaliser (m, S; and T for the entropy) and z_y, keeping the resident chunks'
+    # logits. Chunks merge pairwise (`Cascade`): the rounding does not depend on the chunking.
     kept: list[Tensor] = []
-    lse = torch.full((m,), -torch.inf, dtype=acc, device=hidden.device)
+    cascade: Cascade[Normaliser] = Cascade(merge)
     z_y = torch.zeros(m, dtype=acc, device=hidden.device)
     max_abs = torch.zeros(m, dtype=acc, device=hidden.device)
     for i, (start, end) in enumerate(chunks):
         z = _logits(hidden, weight[start:end])  # [M, Vc]
         gemms += (end - start) / v
-        new_lse = torch.logaddexp(lse, torch.logsumexp(z, dim=-1))
-        if ent_w is not None:
-            # H = Σ_v π_v·(lse − z_v), every term ≥ 0; rescaled as the running lse grows
-            # (the earlier chunks' exp(z − lse) sum to 1).
-            part = (torch.exp(z - new_lse[:, None]) * (new_lse[:, None] - z)).sum(-1)
-            h1 = part if i == 0 else torch.exp(lse - new_lse) * (h1 + (new_lse - lse)) + part
-        lse = new_lse
+        cascade.add(normaliser(z, tilt=ent_w is not None))
         lo, hi = torch.aminmax(z, dim=-1)
         max_abs = torch.maximum(max_abs, torch.maximum(hi.abs(), lo.abs()))
         inside = (tokens >= start) & (tokens < end)
@@ -215,7 +215,11 @@ def lm_head_pass(
         )
         if i < plan.resident:
             kept.append(z)
-    logp = z_y - lse
+    norm = cascade.result()
+    assert norm is not None, "the vocabulary is empty"
+    # log π(y) by the same two roundings as every log π of pass 2
+    logp = log_probs(z_y[:, None], norm).squeeze(-1)
+    h1 = None if ent_w is None else norm.entropy().to(acc)  # H_t, needed before pass 2
 
     coefficients = [c.to(acc) for c in coefficients_of(logp)]
     k = len(coefficients)
@@ -236,13 +240,13 @@ def lm_head_pass(
     H = hidden.shape[1]
     n_ent = 0 if ent_w is None else (k if entropy_losses is None else entropy_losses)
     h_gemm = h_acc.to(gemm_dtype)
-    ent_sum = torch.zeros(m, dtype=acc, device=hidden.device)
+    ent_sum = PairwiseSum((m,), hidden.device)
     other_mass = [torch.zeros(m, dtype=acc, device=hidden.device) for _ in range(n_ent)]
     other_max = [torch.zeros(m, dtype=acc, device=hidden.device) for _ in range(n_ent)]
 
     norms = [torch.empty(v, dtype=acc, device=hidden.device) for _ in range(k)]
-    row_sums = [torch.zeros(H, dtype=acc, device=hidden.device) for _ in range(k)]
-    prob_sum = torch.zeros(m, dtype=acc, device=hidden.device)
+    row_sums = [PairwiseSum((H,), hidden.device) for _ in range(k)]
+    prob_sum = PairwiseSum((m,), hidden.device)
     entropy = torch.zeros(m, dtype=acc, device=hidden.device)
     max_other = torch.zeros(m, dtype=acc, device=hidden.device)
 
@@ -253,13 +257,13 @@ def lm_head_pass(
         else:
             z = _logits(hidden, weight[start:end])
             gemms += (end - start) / v
-        probs = torch.exp(z.sub_(lse[:, None]))  # [M, Vc]; z now holds log π
-        prob_sum += probs.sum(-1)
+        probs = torch.exp(log_probs(z, norm, inplace=True))  # [M, Vc]; z now holds log π
+        prob_sum.add(pairwise_sum(probs))
         entropy -= (probs * z).sum(-1)
         ent_block = None
-        if ent_w is not None:  # E = w·π·(log π + H), in place of log π
+        if ent_w is not None and h1 is not None:  # E = w·π·(log π + H), in place of log π
             e = z.add_(h1[:, None]).mul_(probs).mul_(ent_w[:, None])  # [M, Vc]
-            ent_sum += e.sum(-1)
+            ent_sum.add(pairwise_sum(e))
             ent_block = (e.T.to(gemm_dtype) @ h_gemm).to(acc)  # [Vc, H], shared by all losses
             gemms += (end - start) / v
         del z
@@ -289,27 +293,27 @@ def lm_head_pass(
                 other_max[idx] = torch.maximum(other_max[idx], g.amax(-1))
                 del g
             norms[idx][start:end] = r.norm(dim=1)
-            row_sums[idx] += r.sum(0)
+            row_sums[idx].add(pairwise_sum(r, dim=0))
         probs[inside, local] = 0.0  # drop the sampled entry before the max
         max_other = torch.maximum(max_other, probs.amax(-1))
 
-    ent_y = None if ent_w is None else ent_w * logp.exp() * (logp + h1)
+    ent_y = None if ent_w is None or h1 is None else ent_w * logp.exp() * (logp + h1)
     return EngineResult(
         tokens=TokenStats(
-            lse,
+            norm.lse(),
             logp,
-            prob_sum,
+            prob_sum.total(),
             entropy,
             max_other,
             max_abs,
             ent_y,
-            None if ent_w is None else ent_sum,
+            None if ent_w is None else ent_sum.total(),
         ),
         coefficients=coefficients,
         rows=[
             RowStats(
                 n,
-                s,
+                s.total(),
                 other_mass[i] if i < n_ent else None,
                 other_max[i] if i < n_ent else None,
             )
