@@ -199,6 +199,7 @@ def run_streamed(
                     dense_dtype(batch.hidden.dtype),
                     rows_i.other_max,
                     bonus_scale,
+                    rows_i.gemm_scale,
                 ),
                 clipping=clipping(terms.regions, coefficient, batch.mask),
                 agreement=agreement,

@@ -80,6 +80,7 @@ def zero_sum_streamed(
     dense: torch.dtype,
     other_max: Tensor | None = None,
     bonus_scale: Tensor | None = None,
+    gemm_scale: Tensor | None = None,
 ) -> ZeroSum:
     """Diagnostic 3 from the engine's statistics.
 
@@ -90,7 +91,8 @@ def zero_sum_streamed(
     ``dense`` is the dtype of the engine's dense product: when it is narrower than the
     accumulation (bf16 operands), π and c⊙h are each rounded to it before the GEMM and the
     product after it, which adds at most 3·u_dense·Σ_t |c_t|·‖h_t‖ to ‖Σ_v ∂L/∂W_v‖
-    (Σ_v π_tv = 1; `tolerances`).
+    (Σ_v π_tv = 1; `tolerances`). ``gemm_scale`` [M]: the engine's |c| of what entered this
+    loss's dense products, when it reuses another loss's (`RowStats.gemm_scale`).
     """
     cd = c.double()
     sums = cd * (1 - stats.prob_sum.double())  # [M] Σ_v ∂L/∂z_v
@@ -119,4 +121,5 @@ def zero_sum_streamed(
         ),
         dense=dense,
         entropy_bonus=bonus,
+        gemm_scale=None if gemm_scale is None else scale + (gemm_scale.double() - cd.abs()),
     )

@@ -51,10 +51,13 @@ rows to the dense ones (u on each of two terms: 2u, and u more for the entropy b
 all), and with bf16/fp16 operands rounds π and c⊙h to the operand dtype before its GEMM and the
 product after it (3·u_dense); the row sums are float64 `pairwise_sum`s (2L·u_w). So
 
-    ‖Σ_v ∂L/∂W_v‖ ≤ (B + 2·M·u + 3u + 3·u_dense + 2L·u_w)·Σ_t s_t‖h_t‖,
+    ‖Σ_v ∂L/∂W_v‖ ≤ B·Σ_t s_t‖h_t‖ + (2·M·u + 3u + 3·u_dense + 2L·u_w)·Σ_t g_t‖h_t‖,
 
-twice which is allowed, relative to ‖∂L/∂W‖_F. Both bounds come from the data of the run (V,
-M, the dtypes, and max|z| with the entropy bonus): they are reported with it.
+twice which is allowed, relative to ‖∂L/∂W‖_F. g_t = s_t, except for a streamed loss that
+reuses another's dense product (ppo_clip from ppo: D_k = D_j + πᵀ[(c_k − c_j)⊙h] over the
+tokens where they differ): its products round at the size of |c_j| + |c_k − c_j|, which on a
+clipped token with a large ratio is far above its own s_t = 0. Both bounds come from the data
+of the run (V, M, the dtypes, and max|z| with the entropy bonus): they are reported with it.
 
 Closed form vs autograd. The two paths evaluate the same formula in different orders, so they
 agree to a small multiple of u times the conditioning of the sums. float64: 1e-9 (about 4·10^6
@@ -102,6 +105,19 @@ def zero_sum_logits(
     return 2 * bound
 
 
+def zero_sum_products(
+    accum: torch.dtype, vocab: int, tokens: int, dense: torch.dtype | None = None
+) -> float:
+    """The products' share of the allowed ‖Σ_v ∂L/∂W_v‖, in units of Σ_t g_t‖h_t‖ (g_t: the
+    size of what entered the GEMMs, s_t unless a streamed loss reuses another's product);
+    ``dense``: the streamed engine's GEMM dtype, when narrower than ``accum``."""
+    u, uw = unit_roundoff(accum), unit_roundoff(summation.WIDE)
+    products = 2 * max(tokens, 1) * u + 3 * u + 2 * chunked_depth(vocab) * uw
+    if dense is not None and unit_roundoff(dense) > u:
+        products += 3 * unit_roundoff(dense)
+    return 2 * products
+
+
 def zero_sum_weight_factor(
     accum: torch.dtype,
     vocab: int,
@@ -109,13 +125,10 @@ def zero_sum_weight_factor(
     dense: torch.dtype | None = None,
     bonus_max_abs_logit: float | None = None,
 ) -> float:
-    """Allowed ‖Σ_v ∂L/∂W_v‖ in units of Σ_t s_t‖h_t‖; ``dense``: the dtype of the streamed
-    engine's dense GEMM when it is narrower than ``accum``."""
-    u, uw = unit_roundoff(accum), unit_roundoff(summation.WIDE)
-    products = 2 * max(tokens, 1) * u + 3 * u + 2 * chunked_depth(vocab) * uw
-    if dense is not None and unit_roundoff(dense) > u:
-        products += 3 * unit_roundoff(dense)
-    return zero_sum_logits(accum, vocab, bonus_max_abs_logit) + 2 * products
+    """Allowed ‖Σ_v ∂L/∂W_v‖ in units of Σ_t s_t‖h_t‖ when g_t = s_t: 2B plus the products'."""
+    return zero_sum_logits(accum, vocab, bonus_max_abs_logit) + zero_sum_products(
+        accum, vocab, tokens, dense
+    )
 
 
 def agreement(operand: torch.dtype) -> float:

@@ -58,10 +58,12 @@ def judge(
     finite: bool,
     dense: torch.dtype | None = None,
     entropy_bonus: bool = False,
+    gemm_scale: Tensor | None = None,
 ) -> ZeroSum:
     """The verdict from the per-token sums |Σ_v ∂L/∂z_{t,v}| [M], their scales s_t [M], the
     row sum Σ_v ∂L/∂W_v [H] and ‖∂L/∂W‖_F; shared by the materialized and streamed paths.
-    ``dense``: the streamed engine's GEMM dtype; ``entropy_bonus``: the gradients include it."""
+    ``dense``: the streamed engine's GEMM dtype; ``entropy_bonus``: the gradients include it;
+    ``gemm_scale`` [M]: g_t of `tolerances.zero_sum_products` (None: s_t)."""
     m = sums.numel()
     bonus = max_abs_logit if entropy_bonus else None
     tol_logits = tolerances.zero_sum_logits(accum, vocab, bonus)
@@ -76,10 +78,12 @@ def judge(
         )
     rel = torch.where(scale > 0, sums / scale.clamp(min=1e-300), sums)
     row = row_sum.double().norm()
-    gross = (scale * hidden_norms).sum()  # Σ_t s_t‖h_t‖
-    factor = tolerances.zero_sum_weight_factor(accum, vocab, m, dense, bonus)
+    gross = float((scale * hidden_norms).sum())  # Σ_t s_t‖h_t‖
+    gross_gemm = gross if gemm_scale is None else float((gemm_scale * hidden_norms).sum())
+    allowed = tol_logits * gross
+    allowed += tolerances.zero_sum_products(accum, vocab, m, dense) * gross_gemm
     weight_rel = float(row / total) if float(total) > 0 else float(row)
-    weight_tol = float(factor * gross / total) if float(total) > 0 else float(factor * gross)
+    weight_tol = allowed / float(total) if float(total) > 0 else allowed
     logits_rel = float(rel.max()) if m else 0.0
     return ZeroSum(
         logits_max_abs=num(sums.max()) if m else 0.0,

@@ -139,6 +139,9 @@ class RowStats:
     # with the entropy bonus only, [M] each: Σ_{v≠y} |∂L/∂z_tv| and max_{v≠y} |∂L/∂z_tv|
     other_mass: Tensor | None = None
     other_max: Tensor | None = None
+    # [M] |c| of what entered this loss's dense products, for a loss that reuses another's
+    # (|c_j| + |c_k − c_j|: its rounding scales with that, not with |c_k|); None: |c_k|
+    gemm_scale: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -298,6 +301,11 @@ def lm_head_pass(
         max_other = torch.maximum(max_other, probs.amax(-1))
 
     ent_y = None if ent_w is None or h1 is None else ent_w * logp.exp() * (logp + h1)
+    gemm_scale: list[Tensor | None] = [None] * k
+    for idx, (j, diff_idx, _) in deltas.items():
+        scale = coefficients[j].abs()  # [M]; c_k = c_j off the differing tokens
+        scale[diff_idx] += (coefficients[idx] - coefficients[j])[diff_idx].abs()
+        gemm_scale[idx] = scale
     return EngineResult(
         tokens=TokenStats(
             norm.lse(),
@@ -316,6 +324,7 @@ def lm_head_pass(
                 s.total(),
                 other_mass[i] if i < n_ent else None,
                 other_max[i] if i < n_ent else None,
+                gemm_scale[i],
             )
             for i, (n, s) in enumerate(zip(norms, row_sums, strict=True))
         ],
