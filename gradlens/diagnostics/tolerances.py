@@ -16,7 +16,7 @@ repeated logits), and another kernel sums in another order. Per token, in the so
     log π_v = (z_v − m) − fl(log S);  π_v = exp(log π_v).
 
 Write ε = 4u for the error of exp (2 ulp: CUDA's expf; CPU's SLEEF exp is within 1 ulp), H the
-entropy and L = ⌈log2 V⌉ + 3 the most additions a term goes through in a chunked pairwise sum
+entropy and L = ⌈log2 V⌉ + 7 the most additions a term goes through in a chunked pairwise sum
 (`summation.chunked_depth`, whatever the chunk size). Then, to first order:
 
 - z_v − m rounds by u·|z_v − m| ≤ u·|log π_v| (because z_v − m = log π_v + log S, log S ≥ 0), so
@@ -89,7 +89,7 @@ def unit_roundoff(dtype: torch.dtype) -> float:
 
 
 def chunked_depth(vocab: int) -> int:
-    """L = ⌈log2 V⌉ + 3."""
+    """L = ⌈log2 V⌉ + 7."""
     return summation.chunked_depth(vocab)
 
 
