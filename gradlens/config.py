@@ -3,23 +3,45 @@
 Precedence: command-line flags > ``--set key=value`` overrides > the YAML file > the defaults
 written here (the built-in default run needs no file). Every problem is reported at once, each
 with its dotted path, what was wrong and what is allowed. Nothing inside the maths reads this
-module: `gradlens.compare` turns the config into plain arguments.
+module: `LossConfig.params` and the compare pipeline turn it into plain arguments.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
+import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from gradlens.errors import GradlensError
-from gradlens.losses import AGGREGATIONS, get_loss, loss_names
-from gradlens.losses.registry import unknown_name_message
-from gradlens.losses.user import is_user_loss
+from gradlens.batchfile import SUFFIXES as BATCH_SUFFIXES
+from gradlens.errors import GradlensError, unknown_name_message
+from gradlens.losses import AGGREGATIONS, Aggregation, LossParams, get_loss, loss_names
+from gradlens.losses.corrections import KINDS as CORRECTION_KINDS
+from gradlens.losses.corrections import with_defaults
+from gradlens.losses.external import is_external
+from gradlens.losses.grpo import KL_ESTIMATORS
+from gradlens.losses.minirl import TRUNCATIONS
+
+# The dtype names of the config (``dtype``, ``source.rollout_dtype``) and what they mean.
+DTYPES = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 
 
 class Strict(BaseModel):
@@ -264,8 +286,22 @@ Source = Annotated[
     Union[SyntheticSource, LiteralSource, ModelSource, BatchSource],  # noqa: UP007
     Field(discriminator="kind"),
 ]
-BATCH_SUFFIXES = (".safetensors", ".pt", ".pth", ".jsonl")
-SOURCE_KINDS = ("synthetic", "literal", "model", "batch")
+SOURCE_SECTIONS: dict[str, type[Strict]] = {
+    "synthetic": SyntheticSource,
+    "literal": LiteralSource,
+    "model": ModelSource,
+    "batch": BatchSource,
+}
+SOURCE_KINDS = tuple(SOURCE_SECTIONS)
+
+
+def known_name(kind: str, value: str, valid: Iterable[str]) -> str:
+    """``value`` if it is one of ``valid``, else a ValueError with 'did you mean'."""
+    names = list(valid)
+    if value not in names:
+        raise ValueError(unknown_name_message(kind, value, names))
+    return value
+
 
 # ----------------------------------------------------------------------------- the rest
 
@@ -281,9 +317,14 @@ class CorrectionConfig(Strict):
     """One training–inference correction (gradlens.losses.corrections); null thresholds take
     the kind's defaults."""
 
-    kind: Literal["token_tis", "seq_tis", "token_mis", "seq_mis", "icepop", "geo_mask"]
+    kind: str = Field(description="a correction kind (gradlens.losses.corrections.KINDS)")
     low: float | None = Field(None, ge=0, description="lower threshold on ρ; null: default")
     high: float | None = Field(None, gt=0, description="upper threshold on ρ; null: default")
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, value: str) -> str:
+        return known_name("correction kind", value, CORRECTION_KINDS)
 
     @model_validator(mode="after")
     def _ordered(self) -> CorrectionConfig:
@@ -293,7 +334,12 @@ class CorrectionConfig(Strict):
 
 
 class LossConfig(Strict):
-    """Loss hyper-parameters, shared by every loss that uses them."""
+    """Loss hyper-parameters, shared by every loss that uses them.
+
+    Each field but ``aggregation`` and ``loss_scale_factor`` is a field of
+    `gradlens.losses.LossParams` with the same default (`params`); those two are the run's
+    `Aggregation` (`token_aggregation`). Nothing past this class reads the config.
+    """
 
     eps_low: float = Field(0.2, ge=0, lt=1)
     eps_high: float = Field(0.28, ge=0)
@@ -306,10 +352,10 @@ class LossConfig(Strict):
     cispo_eps_low: float = Field(10.0, ge=0, description="cispo: weight ≥ 1 − this")
     cispo_eps_high: float = Field(0.28, ge=0, description="cispo: weight ≤ 1 + this")
     cispo_cap: float = Field(5.0, gt=0, description="cispo_cap: absolute cap ε_max (TRL)")
-    kl_estimator: Literal["k1", "k2", "k3", "unbiased"] = Field("k3", description="grpo's KL")
+    kl_estimator: str = Field("k3", description="grpo's KL estimator: k1, k2, k3 or unbiased")
     kl_coef: float = Field(0.04, ge=0, description="grpo's β")
     minirl_cap: float = Field(5.0, gt=0, description="MiniRL truncation threshold C")
-    minirl_truncation: Literal["literal", "decoupled"] = Field(
+    minirl_truncation: str = Field(
         "literal", description="literal: min(π_θ/μ_old, C); decoupled: r·min(π_old/μ_old, C)"
     )
     entropy_coef: float = Field(0.0, description="c_H of the entropy bonus −c_H·H; 0: off")
@@ -328,29 +374,96 @@ class LossConfig(Strict):
     @field_validator("aggregation")
     @classmethod
     def _known_aggregation(cls, value: str) -> str:
-        if value not in AGGREGATIONS:
-            raise ValueError(unknown_name_message("aggregation", value, list(AGGREGATIONS)))
-        return value
+        return known_name("aggregation", value, AGGREGATIONS)
+
+    @field_validator("kl_estimator")
+    @classmethod
+    def _known_estimator(cls, value: str) -> str:
+        return known_name("KL estimator", value, KL_ESTIMATORS)
+
+    @field_validator("minirl_truncation")
+    @classmethod
+    def _known_truncation(cls, value: str) -> str:
+        return known_name("MiniRL truncation", value, TRUNCATIONS)
+
+    def params(self) -> LossParams:
+        """The section as the plain `LossParams` every loss reads (any command)."""
+        values = {name: getattr(self, name) for name in LOSS_PARAM_FIELDS}
+        values["corrections"] = tuple(
+            with_defaults(c.kind, c.low, c.high) for c in self.corrections
+        )
+        return LossParams(**values)
+
+    def token_aggregation(self) -> Aggregation:
+        """The run's token aggregation."""
+        return Aggregation(self.aggregation, self.loss_scale_factor)
+
+
+LOSS_PARAM_FIELDS = tuple(f.name for f in dataclasses.fields(LossParams))
+
+
+def _on_off(value: Any) -> Any:
+    """YAML reads a bare on/off as a boolean: give the documented spelling back."""
+    return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
 class DiagnosticsConfig(Strict):
     top_k: int = Field(10, ge=1, description="rows listed in the top-rows table")
-    token_details: Literal["auto", "on", "off"] = Field(
+    token_details: Annotated[Literal["auto", "on", "off"], BeforeValidator(_on_off)] = Field(
         "auto", description="per-token gradients in the output; auto: when tokens × vocab ≤ 4096"
     )
-    engine: Literal["auto", "materialized", "streamed"] = Field(
+    engine: Literal["auto", "materialized", "streamed", "fused"] = Field(
         "auto",
         description="materialized: [M, V] gradients in memory; streamed: vocabulary chunks, "
-        "nothing of size M×V or V×H kept (gradlens.engine); auto: streamed above 2^24 entries",
+        "nothing of size M×V or V×H kept (gradlens.engine); fused: the streamed engine with "
+        "Triton kernels (CUDA, opt-in); auto: streamed above stream_above entries",
     )
     reference: Literal["auto", "autograd", "none"] = Field(
         "auto",
         description="check against torch.autograd; auto: with the materialized engine only",
     )
+    stream_above: int = Field(
+        1 << 24,
+        ge=0,
+        description="engine auto: stream when tokens × vocabulary exceeds this (2^24 entries: "
+        "64 MiB of float32 per [tokens, vocab] tensor)",
+    )
     memory_budget_mib: float | None = Field(
         None, gt=0, description="streamed engine working memory; null: 1/4 of free, ≤ 1 GiB"
     )
     vocab_chunk: int | None = Field(None, ge=1, description="streamed engine rows per chunk")
+    tensor_parallel: int = Field(
+        1,
+        ge=1,
+        description="ranks the lm_head's vocabulary rows are split over (the vocab-parallel "
+        "streamed engine, one process per rank: torchrun --nproc-per-node N); 1: one process",
+    )
+    collective_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="tensor_parallel > 1: seconds a rank waits in a collective for the others "
+        "before it fails (a rank that raised or hangs then stops every rank)",
+    )
+
+    @model_validator(mode="after")
+    def _tensor_parallel(self) -> DiagnosticsConfig:
+        if self.tensor_parallel == 1:
+            return self
+        problems = []
+        if self.engine in ("materialized", "fused"):
+            problems.append(
+                f"engine {self.engine!r} runs in one process; tensor_parallel "
+                f"{self.tensor_parallel} needs the streamed engine (engine: auto or streamed)"
+            )
+        if self.reference == "autograd":
+            problems.append(
+                "reference 'autograd' materialises [tokens, vocab] with the whole lm_head, "
+                f"which no rank holds under tensor_parallel {self.tensor_parallel}; run the "
+                "reference in one process (tensor_parallel 1), or set reference auto or none"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 def loss_name_problems(names: list[str]) -> list[str]:
@@ -359,7 +472,7 @@ def loss_name_problems(names: list[str]) -> list[str]:
     for name in names:
         if name in loss_names():
             continue
-        if is_user_loss(name):
+        if is_external(name):
             try:
                 get_loss(name)
             except GradlensError as exc:
@@ -370,7 +483,7 @@ def loss_name_problems(names: list[str]) -> list[str]:
 
 
 class ParityConfig(Strict):
-    """Two losses compared on one batch (gradlens.parity); ``--parity A,B``."""
+    """Two losses compared on one batch (gradlens.compare.parity); ``--parity A,B``."""
 
     losses: list[str] = Field(min_length=2, max_length=2, description="the two losses A, B")
     tolerance: float | None = Field(
@@ -398,6 +511,11 @@ class Config(Strict):
     loss: LossConfig = LossConfig()
     diagnostics: DiagnosticsConfig = DiagnosticsConfig()
     parity: ParityConfig | None = Field(None, description="compare two losses (--parity A,B)")
+
+    @property
+    def operand_dtype(self) -> torch.dtype:
+        """The torch dtype of ``dtype``."""
+        return DTYPES[self.dtype]
 
     @field_validator("losses")
     @classmethod
@@ -516,13 +634,12 @@ def format_error(err: Any) -> str:
 
 def allowed_keys(loc: list[str], source_kind: str | None = None) -> list[str]:
     """The field names of the config section at ``loc`` (for unknown-key messages)."""
-    sources = {"literal": LiteralSource, "model": ModelSource, "batch": BatchSource}
     model: Any = Config
     for part in loc:
         if part.isdigit():
             continue
         if model is Config and part == "source":
-            model = sources.get(source_kind or "", SyntheticSource)
+            model = SOURCE_SECTIONS.get(source_kind or "", SyntheticSource)
             continue
         field = getattr(model, "model_fields", {}).get(part)
         if field is None:

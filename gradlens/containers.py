@@ -8,10 +8,130 @@ consumer reads them through ``mask``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Sequences:
+    """Prompt + completion token ids of N sequences, on one [N, L] grid.
+
+    Prompts are left-padded, completions right-padded; position t of the [N, T = L − 1] loss
+    grid predicts token t + 1 from the final hidden state at t.
+    """
+
+    input_ids: Tensor  # [N, L]
+    attention_mask: Tensor  # [N, L] 1 at real tokens
+    position_ids: Tensor  # [N, L]
+    loss_mask: Tensor  # [N, L − 1] bool: completion tokens that enter the loss
+
+    @property
+    def tokens(self) -> Tensor:
+        return self.input_ids[:, 1:]  # [N, T]
+
+
+@dataclass
+class LoadedModel:
+    """A causal-LM checkpoint ready for rollouts and training passes."""
+
+    model: Any  # a transformers PreTrainedModel in the training dtype, eval mode, on the device
+    tokenizer: Any  # its transformers tokenizer
+    path: Path
+    builtin: bool
+    context: int | None  # max_position_embeddings (n_positions for GPT-2), None if unbounded
+
+    @property
+    def head(self) -> Any:
+        """The lm_head module (its ``weight`` [V, H], and ``bias`` [V] if it has one)."""
+        return self.model.get_output_embeddings()
+
+    @property
+    def tied(self) -> bool:
+        return bool(self.head.weight is self.model.get_input_embeddings().weight)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.head.weight.shape[0])
+
+    @property
+    def bias(self) -> bool:
+        """The lm_head has a bias (folded into W as a last column)."""
+        return getattr(self.head, "bias", None) is not None
+
+
+@dataclass(frozen=True)
+class RolloutRecord:
+    """What the model source sampled, as plain data (the report is built from it).
+
+    ``prompts[i]`` is sequence i's prompt (``group_size`` consecutive sequences share one);
+    ``prompt_count`` distinct prompts.
+    """
+
+    prompts: list[str]
+    prompt_count: int
+    group_size: int
+    completions: list[str]
+    rewards: list[float]
+    stopped: int  # sequences that ended with the EOS token
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    reward: str  # the reward function's name
+    rollout_dtype: str
+
+
+@dataclass(frozen=True)
+class StalePoint:
+    """π_θk after k optimizer steps on the rollout batch: its [N, T] log-probs and stale loss."""
+
+    step: int
+    loss: float | None  # the stale loss at θ_k (None after the last step)
+    logp: Tensor  # [N, T] log π_θk(y_t)
+
+
+@dataclass(frozen=True)
+class StalenessRecord:
+    """The optimizer steps between rollout and diagnosis, as plain data."""
+
+    steps: int
+    optimizer: str
+    lr: float
+    loss: str
+    trajectory: list[StalePoint]
+
+
+@dataclass
+class ModelContext:
+    """The checkpoint a batch came from: what the whole-model gradients and the report need.
+
+    The final hidden states of ``sequences`` ([N, L − 1] columns) from column ``offset`` on are
+    the batch's [N, T] grid: ``offset`` 0 for the model source, whose grid is the whole
+    sequence; P − 1 for a batch file with P prompt columns, whose grid is the response.
+    """
+
+    loaded: LoadedModel  # the model at θ (after any stale steps)
+    sequences: Sequences
+    temperature: float
+    train_dtype: str
+    offset: int = 0
+    keys: str = "source.kind: model"  # the settings that asked for it, named by errors
+    whole_model: bool = True  # run every loss through the whole model
+    rollout: RolloutRecord | None = None  # model source only
+    staleness: StalenessRecord | None = None  # model source only
+    batch_file: str | None = None  # a batch file whose hidden states the checkpoint recomputed
+
+
+@dataclass(frozen=True)
+class VocabRows:
+    """Rows [start, stop) of a vocabulary of ``vocab`` rows: the part of the lm_head weight one
+    tensor-parallel rank holds."""
+
+    start: int
+    stop: int
+    vocab: int
 
 
 @dataclass(frozen=True)
@@ -32,8 +152,10 @@ class Batch:
             r = 1 exactly whatever the rounding of the path that computes ℓ.
         source: a short description of where the batch came from.
         advantage_note: how the advantages were obtained (raw reward, group-normalised, ...).
-        model_context: what the whole-model diagnostics need (the model source's
-            `gradlens.sources.model.ModelContext`); None for sources without a model.
+        model_context: the checkpoint the batch came from, for the whole-model gradients and
+            the model sections of the report; None for sources without a model.
+        weight_rows: under tensor parallelism, the rows of the whole [V, H] weight that
+            ``weight`` [V_r, H] holds (``vocab_size`` is then V, not V_r); None: the whole W.
     """
 
     hidden: Tensor
@@ -47,7 +169,8 @@ class Batch:
     on_policy: Tensor | None = None
     source: str = ""
     advantage_note: str = ""
-    model_context: Any = None
+    model_context: ModelContext | None = None
+    weight_rows: VocabRows | None = None
 
     @property
     def num_sequences(self) -> int:
@@ -55,6 +178,9 @@ class Batch:
 
     @property
     def vocab_size(self) -> int:
+        """V of the whole lm_head (also when ``weight`` holds only some of its rows)."""
+        if self.weight_rows is not None:
+            return self.weight_rows.vocab
         return int(self.weight.shape[0])
 
     @property
@@ -90,31 +216,31 @@ class LossTerms:
     Attributes:
         per_token: [N, T] per-token loss (minimised), differentiable in ``TokenInputs.logp``;
             zero at masked positions.
-        coefficient: [N, T] g_t = ∂(per-token loss)/∂ℓ_t in closed form, detached; the logit
-            gradient of the aggregated loss is a_t·g_t·(e_y − π_t).
+        per_token_grad: [N, T] g_t = ∂(per-token loss)/∂ℓ_t in closed form, detached; the logit
+            gradient of the aggregated loss is c_t·(e_y − π_t) with the coefficient c_t = a_t·g_t.
         regions: named [N, T] bool masks of the tokens a rule switched off or singled out
             (``clip_upper``, ``clip_lower``, ``clip_dual``, ``seq_masked``); the clipping
             diagnostic turns them into fractions. A loss without such rules returns none.
             Names starting with ``seq_`` are whole-sequence rules: their share of sequences is
             reported too.
         penalty: [N, T] the part of ``per_token`` that is a penalty (``grpo``'s β·KL), and
-        penalty_coefficient: its part of ``coefficient``. Training–inference corrections
+        penalty_grad: its part of ``per_token_grad``. Training–inference corrections
             weight the policy part only, as every framework adds the KL after the IS weight.
         sequence_level: ``per_token`` is one value per sequence, repeated on its tokens and
-            differentiable through all of them (GSPO). ``coefficient`` is then exact for every
+            differentiable through all of them (GSPO). ``per_token_grad`` is then exact for every
             aggregation whose weight is constant within a sequence (all of gradlens's).
         self_aggregated: the loss aggregated itself (user and verl-shaped functions):
-            L = Σ per_token with weight 1, and ``coefficient`` is c_t itself.
+            L = Σ per_token with weight 1, and ``per_token_grad`` is c_t itself.
         token_metrics: named [N, T] per-token values (e.g. ``kl``) that the report aggregates
             with the run's aggregation weights.
         reported: numbers the loss function reported itself (a verl-shaped function's metrics).
     """
 
     per_token: Tensor
-    coefficient: Tensor
+    per_token_grad: Tensor
     regions: dict[str, Tensor] = field(default_factory=dict)
     penalty: Tensor | None = None
-    penalty_coefficient: Tensor | None = None
+    penalty_grad: Tensor | None = None
     sequence_level: bool = False
     self_aggregated: bool = False
     token_metrics: dict[str, Tensor] = field(default_factory=dict)

@@ -1,61 +1,102 @@
-"""From per-token coefficients to logit and lm_head gradients: the closed form and its twin.
+"""From per-token log-probs to the loss, its coefficients, and the logit and lm_head gradients.
 
 The identity everything rests on (losses.md §0): a loss that touches the logits of token t only
 through ℓ_t = log π_θ(y_t) has
 
     ∂L/∂z_t = c_t·(e_{y_t} − π_t),     c_t = ∂L/∂ℓ_t = a_t·g_t,
-    ∂L/∂W   = Σ_t (∂L/∂z_t) h_tᵀ   — row v:  Σ_{t: y_t = v} c_t h_t − Σ_t c_t π_{t,v} h_t.
+    ∂L/∂W   = Σ_t (∂L/∂z_t) h_tᵀ   — row v:  Σ_{t: y_t = v} c_t h_t − Σ_t c_t π_{t,v} h_t,
 
-`closed_form` evaluates that from the loss's own g_t, with the softmax computed once per batch
-(`SoftmaxView`) and shared by every loss; its π is normalised by `gradlens.logits` (a float64
-sum in a fixed order), so that the rows sum to zero within a bound that holds on every device.
-`autograd_reference` differentiates the aggregated loss through log_softmax with torch.autograd,
-as a trainer would; the agreement diagnostic compares the two. Both work on the M valid tokens
-only, flattened to [M, ·].
+with g_t the loss's per-token gradient (`LossTerms.per_token_grad`) and a_t the aggregation
+weight. What the run minimises for one loss is written once, in `objective`:
+
+    terms   = the loss's per-token terms with the run's training–inference corrections
+    weights = a_t (the aggregation's weights; 1 for a loss that aggregates itself)
+    L       = Σ_t weights_t·per_token_t  −  c_H·Σ_t a_t·H_t      (entropy bonus, when c_H ≠ 0)
+    c_t     = weights_t·g_t
+
+Every path calls it: the closed form (`closed_form`, no graph over the logits, the softmax
+computed once by `softmax_view` and shared by every loss), its autograd twin
+(`autograd_reference`, as a trainer differentiates), the streamed engine's coefficients, the
+whole-model gradients and the staleness steps of a real checkpoint (through `policy_pass`, the
+differentiable twin of `softmax_view`). The entropy bonus's logit gradient
+a_t·c_H·π_t,i·(log π_t,i + H_t) is the one term not of the form c·(e_y − π); it is zero-sum,
+and c_t does not include it.
+
+The π that `softmax_view` gives (and `closed_form` builds its gradients from) is normalised by
+`gradlens.logits` (a float64 sum in a fixed order), so that the rows of ∂L/∂z sum to zero within
+a bound that holds on every device; ℓ_t itself is torch's log_softmax, as a trainer computes it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from gradlens.containers import Batch, LossTerms, TokenInputs, valid_index
-from gradlens.logits import (
-    Normaliser,
-    compute_logits,
-    log_probs,
-    normaliser,
-    softmax_dtype,
-    token_logp,
-)
-from gradlens.losses import LossParams, LossSpec, aggregation_weights
+from gradlens.errors import GradlensError
+from gradlens.logits import Normaliser, compute_logits, log_probs, normaliser
+from gradlens.losses import Aggregation, LossParams, LossSpec
 from gradlens.losses.corrections import apply_corrections
 from gradlens.summation import pairwise_sum
 
 
 @dataclass(frozen=True)
-class Aggregation:
-    """Which aggregation mode, and its L_scale for ``seq_mean_token_sum_norm``."""
+class PolicyPass:
+    """The logit path of the valid tokens: log π of the sampled tokens and the full log π_t.
 
-    mode: str = "token_mean"
-    loss_scale_factor: float | None = None
-
-
-@dataclass(frozen=True)
-class SoftmaxView:
-    """The logit path of the valid tokens, computed once and shared by all losses.
-
-    Attributes:
+    Differentiable when the hidden states or the weight are. Attributes:
         rows, cols: (n, t) of each valid token, M each (row-major order).
         hidden: [M, H] h_t in the operand dtype.
         tokens: [M] y_t.
         logits: [M, V] z_t in the softmax dtype.
-        probs: [M, V] π_t = exp((z − m) − log S) (`gradlens.logits`).
-        logp: [N, T] ℓ_t = log π_θ(y_t) by torch's log_softmax, as a trainer computes it
-            (`gradlens.logits.token_logp`); 0 at masked positions.
-        entropy: [M] H(π_t) = −Σ_v π log π, summed in float64 (`gradlens.summation`).
+        log_probs: [M, V] log π_t.
+        logp: [N, T] ℓ_t = log π(y_t) at the valid tokens, 0 elsewhere.
+    """
+
+    rows: Tensor
+    cols: Tensor
+    hidden: Tensor
+    tokens: Tensor
+    logits: Tensor
+    log_probs: Tensor
+    logp: Tensor
+
+    def entropy(self) -> Tensor:
+        """[N, T] H(π_t) at the valid tokens, 0 elsewhere (differentiable as ``log_probs``)."""
+        values = -(self.log_probs.exp() * self.log_probs).sum(-1)  # [M]
+        return on_grid(values, self.rows, self.cols, self.logp.shape)
+
+
+def on_grid(values: Tensor, rows: Tensor, cols: Tensor, shape: torch.Size) -> Tensor:
+    """[M] values of the valid tokens placed on the [N, T] grid, 0 elsewhere (differentiable)."""
+    grid = torch.zeros(shape, dtype=values.dtype, device=values.device)
+    return grid.index_put((rows, cols), values)
+
+
+def policy_pass(hidden: Tensor, weight: Tensor, tokens: Tensor, mask: Tensor) -> PolicyPass:
+    """log π(y_t) over the valid tokens from the final hidden states [N, T, H] and W [V, H]."""
+    rows, cols = valid_index(mask)
+    h = hidden[rows, cols]  # [M, H]
+    y = tokens[rows, cols]  # [M]
+    logits = compute_logits(h, weight)  # [M, V]
+    log_probs = torch.log_softmax(logits, dim=-1)  # [M, V]
+    sampled = log_probs.gather(-1, y[:, None]).squeeze(-1)  # [M]
+    logp = on_grid(sampled, rows, cols, mask.shape)  # [N, T]
+    return PolicyPass(rows, cols, h, y, logits, log_probs, logp)
+
+
+@dataclass(frozen=True)
+class SoftmaxView:
+    """`policy_pass` without a graph, with π_t: computed once per batch, shared by all losses.
+
+    Attributes:
+        rows, cols, hidden, tokens, logits, logp: as in `PolicyPass`.
+        probs: [M, V] π_t = exp((z − m) − log S) (`gradlens.logits`); not exp(log_softmax),
+            whose sum depends on the kernel.
+        entropy: [M] H(π_t) = −Σ_v π log π of those π, summed in float64
+            (`gradlens.summation`).
         normaliser: the per-token m and S of ``probs``.
     """
 
@@ -74,19 +115,43 @@ class SoftmaxView:
         """[M] π_t(y_t)."""
         return self.probs.gather(-1, self.tokens[:, None]).squeeze(-1)
 
+    def entropy_grid(self) -> Tensor:
+        """[N, T] H(π_t), 0 at masked positions."""
+        return on_grid(self.entropy, self.rows, self.cols, self.logp.shape)
+
+
+def whole_weight(batch: Batch, what: str) -> None:
+    """Raise when ``batch`` holds only some rows of W (a tensor-parallel rank's): ``what`` needs
+    every row."""
+    rows = batch.weight_rows
+    if rows is not None and (rows.start, rows.stop) != (0, rows.vocab):
+        raise GradlensError(
+            f"{what} needs the whole lm_head, but this batch holds rows [{rows.start}, "
+            f"{rows.stop}) of {rows.vocab} (one tensor-parallel rank's); only the streamed "
+            "engine runs under tensor_parallel"
+        )
+
 
 def softmax_view(batch: Batch) -> SoftmaxView:
-    """One pass over the logits of the valid tokens."""
-    rows, cols = valid_index(batch.mask)
-    hidden = batch.hidden[rows, cols]  # [M, H]
-    tokens = batch.tokens[rows, cols]  # [M]
-    logits = compute_logits(hidden, batch.weight)  # [M, V]
-    logp = torch.zeros(batch.mask.shape, dtype=logits.dtype, device=logits.device)  # [N, T]
-    logp[rows, cols] = token_logp(logits, tokens)
-    norm = normaliser(logits)
-    log_pi = log_probs(logits, norm)  # [M, V]
-    probs = log_pi.exp()
-    entropy = (-pairwise_sum(probs * log_pi)).to(logits.dtype)  # [M]
+    """One pass over the logits of the valid tokens: ``logits`` and ``logp`` by the same
+    operations as `policy_pass` (bit-identical for the same hidden states and weight), π and H
+    from gradlens's own normaliser."""
+    whole_weight(batch, "the materialized softmax")
+    with torch.no_grad():
+        p = policy_pass(batch.hidden, batch.weight, batch.tokens, batch.mask)
+        rows, cols, hidden, tokens, logits, logp = (
+            p.rows,
+            p.cols,
+            p.hidden,
+            p.tokens,
+            p.logits,
+            p.logp,
+        )
+        del p  # its [M, V] log_softmax: ℓ_t is all that is kept of it
+        norm = normaliser(logits)
+        log_pi = log_probs(logits, norm)  # [M, V]
+        probs = log_pi.exp()
+        entropy = (-pairwise_sum(probs * log_pi)).to(logits.dtype)  # [M]
     return SoftmaxView(rows, cols, hidden, tokens, logits, probs, logp, entropy, norm)
 
 
@@ -117,82 +182,113 @@ def token_inputs(batch: Batch, logp: Tensor) -> TokenInputs:
 
 
 @dataclass(frozen=True)
-class LossGradients:
-    """One loss's gradients on one batch.
+class Objective:
+    """One loss as the run minimises it, on one batch.
 
     Attributes:
-        loss: the aggregated scalar loss L.
-        terms: the loss's per-token terms (g_t and its regions).
-        weights: [N, T] aggregation weights a_t.
-        coefficient: [N, T] c_t = ∂L/∂ℓ_t (0 at masked positions).
+        terms: the loss's per-token terms, the run's corrections applied.
+        weights: [N, T] the weights applied to ``terms``: the aggregation weights a_t, or 1 for
+            a loss that aggregates itself.
+        agg_weights: [N, T] the run's aggregation weights (the entropy bonus and the per-token
+            metrics are aggregated with them, whoever aggregates the loss).
+        coefficient: [N, T] c_t = ∂L/∂ℓ_t = weights·g_t, detached (0 at masked positions).
+        loss: the scalar L, differentiable wherever ``logp`` (and the entropy) are.
+    """
+
+    terms: LossTerms
+    weights: Tensor
+    agg_weights: Tensor
+    coefficient: Tensor
+    loss: Tensor
+
+
+def entropy_bonus(agg_weights: Tensor, entropy: Tensor, entropy_coef: float) -> Tensor:
+    """The bonus's part of the loss, −c_H·Σ_t a_t·H_t; ``entropy`` [N, T], 0 at masked tokens."""
+    return -entropy_coef * (agg_weights * entropy.to(agg_weights.dtype)).sum()
+
+
+def objective(
+    batch: Batch,
+    logp: Tensor,
+    spec: LossSpec,
+    params: LossParams,
+    aggregation: Aggregation,
+    entropy: Tensor | None = None,
+) -> Objective:
+    """The loss ``spec`` at the log-probs ``logp`` [N, T] (see the module docstring).
+
+    ``entropy`` [N, T] H(π_t) adds the entropy bonus when ``params.entropy_coef`` ≠ 0; without
+    it ``loss`` is the policy part only (the streamed engine adds the bonus from its own
+    per-token entropy with `entropy_bonus`).
+    """
+    inputs = token_inputs(batch, logp)
+    terms = apply_corrections(spec.terms(inputs, params, aggregation), inputs, params.corrections)
+    agg_weights = aggregation.weights(batch.mask, logp.dtype)
+    weights = batch.mask.to(logp.dtype) if terms.self_aggregated else agg_weights
+    loss = (weights * terms.per_token).sum()
+    if entropy is not None and params.entropy_coef != 0.0:
+        loss = loss + entropy_bonus(agg_weights, entropy, params.entropy_coef)
+    coefficient = weights * terms.per_token_grad  # [N, T]
+    return Objective(terms, weights, agg_weights, coefficient, loss)
+
+
+@dataclass(frozen=True)
+class LossGradients:
+    """One loss's closed-form gradients on one batch.
+
+    Attributes:
+        objective: the loss, its terms, weights and coefficients c_t.
+        loss: the aggregated scalar loss L (the entropy bonus included).
         grad_logits: [M, V] ∂L/∂z_t of the valid tokens.
         grad_weight: [V, H] ∂L/∂W.
         entropy_grad_logits: [M, V] the entropy bonus's part of ``grad_logits``, or None when
             ``entropy_coef`` is 0. It is not of the form c·(e_y − π).
-        agg_weights: [N, T] the run's aggregation weights; they differ from ``weights`` (all 1)
-            for a loss that aggregates itself. None: the same as ``weights``.
     """
 
+    objective: Objective
     loss: float
-    terms: LossTerms
-    weights: Tensor
-    coefficient: Tensor
     grad_logits: Tensor
     grad_weight: Tensor
     entropy_grad_logits: Tensor | None = None
-    agg_weights: Tensor | None = None
 
+    @property
+    def terms(self) -> LossTerms:
+        return self.objective.terms
 
-def run_params(params: LossParams, agg: Aggregation) -> LossParams:
-    """``params`` carrying the run's aggregation (read by losses that aggregate themselves)."""
-    if (params.aggregation, params.loss_scale_factor) == (agg.mode, agg.loss_scale_factor):
-        return params
-    return replace(params, aggregation=agg.mode, loss_scale_factor=agg.loss_scale_factor)
+    @property
+    def weights(self) -> Tensor:
+        return self.objective.weights
 
+    @property
+    def agg_weights(self) -> Tensor:
+        return self.objective.agg_weights
 
-def loss_terms(inputs: TokenInputs, spec: LossSpec, params: LossParams) -> LossTerms:
-    """The loss's terms with the training–inference corrections of ``params`` applied."""
-    return apply_corrections(spec.fn(inputs, params), inputs, params.corrections)
-
-
-def loss_weights(
-    mask: Tensor, terms: LossTerms, agg: Aggregation, dtype: torch.dtype
-) -> tuple[Tensor, Tensor]:
-    """(weights of the loss's terms, the run's aggregation weights), [N, T] each."""
-    agg_weights = aggregation_weights(mask, agg.mode, agg.loss_scale_factor, dtype)
-    return (mask.to(dtype) if terms.self_aggregated else agg_weights), agg_weights
+    @property
+    def coefficient(self) -> Tensor:
+        return self.objective.coefficient
 
 
 def closed_form(
-    batch: Batch, view: SoftmaxView, spec: LossSpec, params: LossParams, agg: Aggregation
+    batch: Batch,
+    view: SoftmaxView,
+    spec: LossSpec,
+    params: LossParams,
+    aggregation: Aggregation,
 ) -> LossGradients:
-    """Gradients from the master identity: no graph over the logits.
-
-    With ``params.entropy_coef`` = c_H ≠ 0 the bonus −c_H·Σ_t a_t H_t is added: its logit
-    gradient a_t·c_H·π_t,i·(log π_t,i + H_t) (docs/losses.md §2.11) is the one term not of the form
-    c·(e_y − π); it is zero-sum, and the coefficient c_t (∂L/∂ℓ_t) does not include it.
-    """
-    params = run_params(params, agg)
-    inputs = token_inputs(batch, view.logp)
-    terms = loss_terms(inputs, spec, params)
-    weights, agg_weights = loss_weights(batch.mask, terms, agg, view.logits.dtype)
-    coefficient = weights * terms.coefficient  # [N, T]
-    c = coefficient[view.rows, view.cols]  # [M]
+    """Gradients from the master identity: no graph over the logits."""
+    obj = objective(batch, view.logp, spec, params, aggregation, view.entropy_grid())
+    c = obj.coefficient[view.rows, view.cols]  # [M]
     grad_logits = -c[:, None] * view.probs  # [M, V]
     grad_logits.scatter_add_(-1, view.tokens[:, None], c[:, None])  # + c·e_y
-    loss = float((weights * terms.per_token).sum())
     entropy_grad = None
     if params.entropy_coef != 0.0:
-        a = agg_weights[view.rows, view.cols]  # [M]
+        a = obj.agg_weights[view.rows, view.cols]  # [M]
         log_pi = log_probs(view.logits, view.normaliser)  # [M, V], as ``view.probs``'s
         h = view.entropy[:, None]  # [M, 1]
         entropy_grad = (params.entropy_coef * a)[:, None] * view.probs * (log_pi + h)
         grad_logits = grad_logits + entropy_grad
-        loss -= params.entropy_coef * float((a * view.entropy).sum())
     grad_weight = grad_logits.T @ view.hidden.to(grad_logits.dtype)  # [V, H]
-    return LossGradients(
-        loss, terms, weights, coefficient, grad_logits, grad_weight, entropy_grad, agg_weights
-    )
+    return LossGradients(obj, float(obj.loss), grad_logits, grad_weight, entropy_grad)
 
 
 @dataclass(frozen=True)
@@ -206,26 +302,17 @@ class ReferenceGradients:
 
 
 def autograd_reference(
-    batch: Batch, spec: LossSpec, params: LossParams, agg: Aggregation
+    batch: Batch, spec: LossSpec, params: LossParams, aggregation: Aggregation
 ) -> ReferenceGradients:
-    """Differentiate L = Σ a_t·ℓ_t(loss) through log_softmax(W h) with autograd."""
-    rows, cols = valid_index(batch.mask)
+    """Differentiate the objective through log_softmax(W h) with autograd, as a trainer does."""
+    whole_weight(batch, "the autograd reference")
     weight = batch.weight.detach().clone().requires_grad_(True)
-    hidden = batch.hidden[rows, cols].detach()  # [M, H]
-    logits = (hidden @ weight.T).to(softmax_dtype(weight.dtype))  # [M, V]
-    logits.retain_grad()
-    sampled = torch.log_softmax(logits, dim=-1).gather(-1, batch.tokens[rows, cols][:, None])
-    logp = torch.zeros(batch.mask.shape, dtype=logits.dtype, device=logits.device)
-    logp = logp.index_put((rows, cols), sampled.squeeze(-1))  # [N, T], differentiable
-    logp.retain_grad()
-    params = run_params(params, agg)
-    terms = loss_terms(token_inputs(batch, logp), spec, params)
-    weights, agg_weights = loss_weights(batch.mask, terms, agg, logits.dtype)
-    loss = (weights * terms.per_token).sum()
-    if params.entropy_coef != 0.0:  # the bonus from the very logits being differentiated
-        log_probs = torch.log_softmax(logits, dim=-1)  # [M, V]
-        entropy = -(log_probs.exp() * log_probs).sum(-1)  # [M]
-        loss = loss - params.entropy_coef * (agg_weights[rows, cols] * entropy).sum()
-    loss.backward()
-    assert logits.grad is not None and logp.grad is not None and weight.grad is not None
-    return ReferenceGradients(float(loss.detach()), logp.grad, logits.grad, weight.grad)
+    with torch.enable_grad():
+        p = policy_pass(batch.hidden.detach(), weight, batch.tokens, batch.mask)
+        p.logits.retain_grad()
+        p.logp.retain_grad()
+        entropy = p.entropy() if params.entropy_coef != 0.0 else None
+        loss = objective(batch, p.logp, spec, params, aggregation, entropy).loss
+        loss.backward()
+    assert p.logits.grad is not None and p.logp.grad is not None and weight.grad is not None
+    return ReferenceGradients(float(loss.detach()), p.logp.grad, p.logits.grad, weight.grad)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gradlens.summation import WIDE, pairwise_sum
+from gradlens.summation import WIDE, compensated_sum, pairwise_sum
 
 
 def softmax_dtype(operand: torch.dtype) -> torch.dtype:
@@ -76,9 +76,10 @@ class Normaliser:
         return self.sum.log() - self.tilt / self.sum
 
 
-def normaliser(logits: Tensor, tilt: bool = False) -> Normaliser:
-    """The normaliser of one chunk of logits [M, V_c] (all of them, or a vocabulary chunk)."""
-    m = logits.amax(-1)  # [M]
+def normaliser(logits: Tensor, tilt: bool = False, top: Tensor | None = None) -> Normaliser:
+    """The normaliser of one chunk of logits [M, V_c] (all of them, or a vocabulary chunk);
+    ``top``: its max_v z_v [M] when the caller has it already."""
+    m = logits.amax(-1) if top is None else top  # [M]
     x = logits - m[:, None]  # [M, V_c] ≤ 0
     e = torch.exp(x)
     t = None
@@ -96,6 +97,17 @@ def merge(a: Normaliser, b: Normaliser) -> Normaliser:
     if a.tilt is not None and b.tilt is not None:
         t = fa * (a.tilt + da * a.sum) + fb * (b.tilt + db * b.sum)
     return Normaliser(m, fa * a.sum + fb * b.sum, t)
+
+
+def merge_all(maxes: Tensor, sums: Tensor, tilts: Tensor | None = None) -> Normaliser:
+    """The normaliser of P parts at once, given as [P, M] maxima (softmax dtype), sums and tilts
+    (float64): `merge` over all of them, the P terms added in order by a compensated sum, so
+    that the combination adds one rounding whatever P (the vocab-parallel engine's ranks)."""
+    m = maxes.amax(0)  # [M]
+    d = maxes.to(WIDE) - m.to(WIDE)  # [P, M] ≤ 0
+    f = torch.exp(d)
+    t = None if tilts is None else compensated_sum(f * (tilts + d * sums))
+    return Normaliser(m, compensated_sum(f * sums), t)
 
 
 def log_probs(logits: Tensor, norm: Normaliser, inplace: bool = False) -> Tensor:

@@ -24,11 +24,22 @@ two of one level into the next (a binary counter), so a result made of n chunks 
 through at most ⌊log2 n⌋ + 1 merges, however big the chunks. A sum of V terms cut into chunks of
 any size V_c therefore goes through at most depth(V_c) + ⌊log2 n⌋ + 1 ≤ ⌈log2 V⌉ + 7 additions
 per term (`chunked_depth`; ⌈log2 V_c⌉ + ⌊log2 n⌋ ≤ ⌈log2 V⌉ + 1 for n = ⌈V/V_c⌉ chunks): the
-bound depends on V only, not on the chunking.
+bound depends on V only, not on the chunking. (Counted over every n and chunk size up to
+V = 1,200, the most is ⌈log2 V⌉ + 5: `chunked_depth` keeps two levels spare, one of which the
+vocab-parallel engine's sum over ranks uses.)
+
+Sums over the ranks of a process group (`gradlens.engine.vocab_parallel`) must not add a level
+per rank. Where every rank's part is at hand, `compensated_sum` adds P parts in rank order with
+the error of one rounding (Ogita, Rump and Oishi's Sum2: TwoSum at each step, the errors summed
+and added back; |result − Σ| ≤ u64·|Σ| + γ²_{P−1}·Σ|x_r|). Where a backend's all_reduce adds
+them in an order of its own, `grid_parts` splits each part x_r = hi_r + lo_r exactly with hi_r on
+a grid coarse enough that any sum of P of them is exact, whatever the order; the lo_r are
+below the grid's step, so their sum's rounding is of second order, and `join` rounds once.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -71,8 +82,17 @@ def pairwise_sum(x: Tensor, dim: int = -1) -> Tensor:
         shape = list(x.shape)
         shape[dim] = BLOCK - n % BLOCK
         x = torch.cat([x, x.new_zeros(shape)], dim)
-    x = x.unflatten(dim, (-1, BLOCK)).sum(dim + 1, dtype=WIDE)  # [..., ⌈n/B⌉, ...]
+    return halving_sum(x.unflatten(dim, (-1, BLOCK)).sum(dim + 1, dtype=WIDE), dim)
+
+
+def halving_sum(x: Tensor, dim: int = -1) -> Tensor:
+    """`pairwise_sum`'s second stage: Σ over ``dim`` of float64 block sums by halving (the
+    first half plus the second, an odd entry out waiting a round); ``dim`` is removed. The
+    fused engine's kernels write the block sums and add them with this."""
+    dim = dim % x.dim()
     n = x.shape[dim]
+    if n == 0:
+        return x.sum(dim)
     while n > 1:
         h = n // 2
         halves = x.narrow(dim, 0, h) + x.narrow(dim, h, h)
@@ -128,3 +148,31 @@ class PairwiseSum:
     def total(self) -> Tensor:
         out = self._cascade.result()
         return self._zeros.clone() if out is None else out
+
+
+def compensated_sum(x: Tensor, dim: int = 0) -> Tensor:
+    """Σ of ``x`` over ``dim`` (in order) in float64 with the error of one rounding, to first
+    order (Sum2: each step's rounding error recovered by TwoSum, their sum added at the end)."""
+    parts = x.to(WIDE).unbind(dim)
+    total, carry = parts[0], torch.zeros_like(parts[0])
+    for part in parts[1:]:
+        s = total + part
+        back = s - total  # TwoSum: s + err = total + part exactly
+        err = (total - (s - back)) + (part - back)
+        total, carry = s, carry + err
+    return total + carry
+
+
+def grid_parts(x: Tensor, bound: float, terms: int) -> tuple[Tensor, Tensor]:
+    """x = hi + lo exactly (float64), hi a multiple of q = 2^(⌈log2(terms·bound)⌉ − 52) and
+    |lo| ≤ q/2: for |x| ≤ ``bound``, any sum of ``terms`` such hi is exact in float64 in any
+    order (each partial sum is a multiple of q below 2⁵³·q)."""
+    x = x.to(WIDE)
+    q = 2.0 ** (log2_ceil(math.ceil(terms * bound)) - 52)
+    hi = torch.round(x / q) * q  # dividing and multiplying by a power of 2: exact
+    return hi, x - hi  # x − hi is a multiple of x's ulp below q: exact
+
+
+def join(hi: Tensor, lo: Tensor) -> Tensor:
+    """The sum of `grid_parts`' halves after they were summed: one rounding."""
+    return hi + lo

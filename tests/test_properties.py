@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 
 from gradlens.containers import Batch
 from gradlens.diagnostics import tolerances
-from gradlens.grads import Aggregation, LossGradients, autograd_reference, softmax_view
-from gradlens.losses import AGGREGATIONS, LossParams, get_loss, loss_names
+from gradlens.grads import LossGradients, autograd_reference, softmax_view
+from gradlens.losses import AGGREGATIONS, Aggregation, LossParams, get_loss, loss_names
 
 SETTINGS = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

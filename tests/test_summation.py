@@ -3,13 +3,25 @@ the zero-sum tolerances rest on (gradlens/diagnostics/tolerances.py)."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
 import torch
 
-from gradlens.logits import log_probs, merge, normaliser
-from gradlens.summation import Cascade, PairwiseSum, chunked_depth, depth, pairwise_sum
+from gradlens.logits import log_probs, merge, merge_all, normaliser
+from gradlens.summation import (
+    BLOCK,
+    Cascade,
+    PairwiseSum,
+    chunked_depth,
+    compensated_sum,
+    depth,
+    grid_parts,
+    halving_sum,
+    join,
+    pairwise_sum,
+)
 
 U64 = 2.0**-53
 
@@ -78,6 +90,68 @@ def test_pairwise_sum_over_chunks_is_a_sum():
     assert torch.allclose(acc.total(), x.sum(-1), rtol=0, atol=1e-12)
 
 
+def test_halving_sum_is_pairwise_sums_second_stage():
+    # the fused engine's kernels write the float64 sums of each 8 columns; halving them must be
+    # bit for bit what pairwise_sum does with the same blocks
+    x = torch.randn(3, 1003, dtype=torch.float32)
+    padded = torch.cat([x, x.new_zeros(3, BLOCK - 1003 % BLOCK)], -1)
+    blocks = padded.unflatten(-1, (-1, BLOCK)).sum(-1, dtype=torch.float64)  # [3, 126]
+    assert torch.equal(halving_sum(blocks), pairwise_sum(x))
+    assert torch.equal(halving_sum(blocks.T, dim=0), pairwise_sum(x))
+    assert torch.equal(halving_sum(torch.zeros(3, 0, dtype=torch.float64)), torch.zeros(3).double())
+
+
+def test_compensated_sum_rounds_once_whatever_the_number_of_parts():
+    # 1 and four parts of 2⁻⁵³ (half an ulp of 1), in that order: a running sum rounds
+    # 1 + 2⁻⁵³ to 1 (ties to even) four times and returns 1; the exact sum 1 + 4·2⁻⁵³ = 1 + 2⁻⁵¹
+    # is a float64 (two ulps of 1), and the compensated sum returns it.
+    x = torch.tensor([1.0, U64, U64, U64, U64], dtype=torch.float64)[:, None]  # [P = 5, 1]
+    running = x[0].clone()
+    for part in x[1:]:
+        running = running + part
+    assert float(running[0]) == 1.0
+    assert float(compensated_sum(x)[0]) == 1.0 + 2.0**-51
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3, 8, 64])
+def test_compensated_sum_is_within_one_rounding(parts):
+    # |result − Σ| ≤ u64·|Σ| + γ²_{P−1}·Σ|x| (Sum2), with γ_{P−1} ≤ P·u64
+    gen = torch.Generator().manual_seed(parts)
+    x = torch.randn(parts, 50, generator=gen, dtype=torch.float64) * 10.0 ** torch.randint(
+        -6, 6, (parts, 50), generator=gen
+    )
+    got = compensated_sum(x)
+    for j in range(50):
+        col = x[:, j]
+        truth = exact(col)
+        bound = U64 * abs(truth) + (parts * U64) ** 2 * exact(col.abs())
+        assert abs(float(got[j]) - truth) <= bound
+
+
+def test_grid_parts_split_exactly_and_their_high_parts_add_in_any_order_exactly():
+    # bound 3, 4 terms: q = 2^(⌈log2 12⌉ − 52) = 2⁻⁴⁸; 1 + 2⁻⁵² splits into hi = 1 (the nearest
+    # multiple of q) and lo = 2⁻⁵².
+    hi, lo = grid_parts(torch.tensor([1.0 + 2.0**-52], dtype=torch.float64), 3.0, 4)
+    assert float(hi[0]) == 1.0 and float(lo[0]) == 2.0**-52
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.rand(6, 200, generator=gen, dtype=torch.float64) * 2 - 1) * 1000.0  # |x| ≤ 1000
+    hi, lo = grid_parts(x, 1000.0, 6)
+    assert torch.equal(hi + lo, x)  # the split is exact
+    assert float(lo.abs().max()) <= 2.0 ** (14 - 52) / 2  # q = 2^(⌈log2 6000⌉ − 52)
+    forward = hi.sum(0)  # whatever order a backend adds the 6 ranks' hi in, the same bits
+    for order in ([5, 4, 3, 2, 1, 0], [2, 0, 5, 1, 4, 3]):
+        acc = torch.zeros(200, dtype=torch.float64)
+        for r in order:
+            acc = acc + hi[r]
+        assert torch.equal(acc, forward)
+    for j in range(200):
+        assert float(forward[j]) == exact(hi[:, j])  # and it is the exact sum
+    total = join(forward, lo.sum(0))  # one rounding, the lo's sum of second order
+    for j in range(200):
+        truth = exact(x[:, j])
+        assert abs(float(total[j]) - truth) <= U64 * abs(truth) + 6 * U64 * 2.0 ** (14 - 52)
+
+
 # ----------------------------------------------------------------------------- the normaliser
 
 
@@ -114,6 +188,23 @@ def test_chunks_merge_to_the_whole_vocabulary_normaliser():
     ab, ba = merge(a, b), merge(b, a)
     assert torch.equal(ab.sum, ba.sum) and ab.tilt is not None and ba.tilt is not None
     assert torch.equal(ab.tilt, ba.tilt)
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3, 7])
+def test_merge_all_combines_p_parts_as_the_whole_vocabulary(parts):
+    # the vocab-parallel engine's ranks: P normalisers of a split vocabulary, merged at once
+    z = logits(5000, 10.0, False, torch.float64, seed=parts)
+    whole = normaliser(z, tilt=True)
+    bounds = [round(i * 5000 / parts) for i in range(parts + 1)]
+    pieces = [normaliser(z[:, a:b], True) for a, b in itertools.pairwise(bounds)]
+    tilts = torch.stack([p.tilt for p in pieces if p.tilt is not None])
+    got = merge_all(
+        torch.stack([p.max for p in pieces]), torch.stack([p.sum for p in pieces]), tilts
+    )
+    assert torch.equal(got.max, whole.max)
+    assert torch.allclose(got.sum, whole.sum, rtol=1e-13, atol=0)
+    assert got.tilt is not None and whole.tilt is not None
+    assert torch.allclose(got.entropy(), whole.entropy(), rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])

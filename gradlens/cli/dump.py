@@ -36,13 +36,14 @@ def dump(
 ) -> None:
     """Write the configured batch as a rollout batch file."""
     with user_errors(debug):
-        from gradlens.batchfile import dump_tensors, write_batch
-        from gradlens.compare import DTYPES, resolve_device
+        from gradlens.batchfile import write_batch
+        from gradlens.compare.run import resolve_device, source_context
         from gradlens.config import build_config
-        from gradlens.sources import build_batch
+        from gradlens.sources import build_source
+        from gradlens.sources.batch import dump_tensors
 
         cfg = build_config(config, overrides or [])
-        batch = build_batch(cfg, resolve_device(cfg.device), DTYPES[cfg.dtype])
+        batch = build_source(cfg.source, source_context(cfg, resolve_device(cfg.device)))
         tensors = dump_tensors(batch)
         write_batch(output, tensors)
         prompts = tensors.get("prompts")

@@ -24,7 +24,7 @@ def losses(
         OutputFormat, typer.Option("--format", "-f", help="table or json.")
     ] = OutputFormat.table,
 ) -> None:
-    """List every registered loss with its formula, coefficient c_t and source."""
+    """List every registered loss with its formula, per-token gradient g_t and source."""
     import json
 
     from gradlens.losses import AGGREGATIONS, get_loss, loss_names
@@ -35,7 +35,7 @@ def losses(
             {
                 "name": s.name,
                 "formula": s.formula,
-                "coefficient": s.coefficient,
+                "per_token_grad": s.grad_formula,
                 "zero_when": s.zero_when,
                 "paper": s.paper,
             }
@@ -58,7 +58,7 @@ def losses(
         table.add_column(col, overflow="fold")
     for s in specs:
         table.add_row(
-            *(escape(x) for x in (s.name, s.formula, s.coefficient, s.zero_when, s.paper))
+            *(escape(x) for x in (s.name, s.formula, s.grad_formula, s.zero_when, s.paper))
         )
     console = stdout_console()
     console.print(table)
@@ -93,8 +93,8 @@ def schema(
         typer.Option(
             "--report",
             "-r",
-            help="compare: `gradlens compare --format json` (gradlens.compare/1). sweep: "
-            "`gradlens sweep --format summary` (gradlens.sweep/1).",
+            help="compare: `gradlens compare --format json` (gradlens.compare/2). sweep: "
+            "`gradlens sweep --format summary` (gradlens.sweep/2).",
         ),
     ] = SchemaReport.compare,
 ) -> None:

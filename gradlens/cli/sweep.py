@@ -161,7 +161,7 @@ def sweep(
             help="table: the summary for people. json (an array), jsonl (one object per "
             "line) or csv: one flat record per (loss, variant, sign of A, point), loadable by "
             "pandas as it is; columns in docs/sweep.md. summary: the table's content as one "
-            "JSON document (schema gradlens.sweep/1, see `gradlens schema --report sweep`): "
+            "JSON document (schema gradlens.sweep/2, see `gradlens schema --report sweep`): "
             "the config, the grid, per curve where ∂L/∂z_y = 0 and why, where it exceeds 10× "
             "REINFORCE, its maxima, and the autograd check with pass/fail; no records.",
         ),

@@ -1,4 +1,4 @@
-"""Training–inference mismatch: the rollout pass's μ against the training pass's π_old.
+"""Training–inference mismatch: the inference engine's μ against the training pass's π_old.
 
 Both are log-probs of the same sampled tokens at the same parameters θ_old; they differ only in
 how they were computed (precision, kernels, incremental decoding with a cache against one full
@@ -12,33 +12,52 @@ forward). Over the completion tokens, with Δ = log π_old(y) − log μ(y) and 
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-from gradlens.diagnostics.metrics import rollout_stats
-from gradlens.model_results import Mismatch, ModelInfo
+from gradlens.diagnostics.numbers import num, quantiles
+from gradlens.results import Mismatch, RolloutStats
+
+
+def rollout_stats(old_logp: Tensor, rollout_logp: Tensor, mask: Tensor) -> RolloutStats:
+    """Statistics of ρ = exp(ℓ_old − ℓ_rollout) over the valid tokens."""
+    log_rho = (old_logp.double() - rollout_logp.double())[mask]  # [M]
+    finite = torch.isfinite(log_rho)
+    log_rho = log_rho[finite]
+    if log_rho.numel() == 0:
+        return RolloutStats(
+            count=0,
+            rho_mean=None,
+            rho_min=None,
+            rho_max=None,
+            kl_k1=None,
+            kl_k3=None,
+            abs_diff_mean=None,
+            abs_diff_max=None,
+        )
+    rho = log_rho.exp()
+    p01, p05, p50, p95, p99 = quantiles(rho, (0.01, 0.05, 0.5, 0.95, 0.99))
+    return RolloutStats(
+        count=int(log_rho.numel()),
+        rho_mean=num(rho.mean()),
+        rho_min=num(rho.min()),
+        rho_max=num(rho.max()),
+        kl_k1=num((-log_rho).mean()),
+        kl_k3=num((rho - 1 - log_rho).mean()),
+        abs_diff_mean=num(log_rho.abs().mean()),
+        abs_diff_max=num(log_rho.abs().max()),
+        rms_diff=num(log_rho.pow(2).mean().sqrt()),
+        rho_p01=p01,
+        rho_p05=p05,
+        rho_p50=p50,
+        rho_p95=p95,
+        rho_p99=p99,
+    )
 
 
 def mismatch_stats(
-    old_logp: Tensor, rollout_logp: Tensor, mask: Tensor, info: ModelInfo
+    old_logp: Tensor, rollout_logp: Tensor, mask: Tensor, rollout_dtype: str, train_dtype: str
 ) -> Mismatch:
-    """The statistics of Δ = log π_old − log μ over the valid tokens (`rollout_stats`, with
-    the precisions of the two passes)."""
-    assert info.rollout_dtype is not None  # the model source always has a rollout pass
-    s = rollout_stats(old_logp, rollout_logp, mask)
-    return Mismatch(
-        rollout_dtype=info.rollout_dtype,
-        train_dtype=info.train_dtype,
-        count=s.count,
-        mean_abs_diff=s.abs_diff_mean,
-        rms_diff=s.rms_diff,
-        max_abs_diff=s.abs_diff_max,
-        kl_k1=s.kl_k1,
-        kl_k3=s.kl_k3,
-        rho_min=s.rho_min,
-        rho_p01=s.rho_p01,
-        rho_p05=s.rho_p05,
-        rho_p50=s.rho_p50,
-        rho_p95=s.rho_p95,
-        rho_p99=s.rho_p99,
-        rho_max=s.rho_max,
-    )
+    """`rollout_stats` with the precisions of the two passes (the model source's section)."""
+    stats = rollout_stats(old_logp, rollout_logp, mask)
+    return Mismatch(**stats.model_dump(), rollout_dtype=rollout_dtype, train_dtype=train_dtype)

@@ -32,7 +32,7 @@ def sampled_row(
     at_y = g.gather(-1, view.tokens[:, None]).squeeze(-1)  # [M]
     others = g.scatter(-1, view.tokens[:, None], 0.0).abs()  # [M, V], 0 on the sampled row
     a = grads.weights[view.rows, view.cols]  # [M]
-    gt = grads.terms.coefficient[view.rows, view.cols]  # [M]
+    gt = grads.terms.per_token_grad[view.rows, view.cols]  # [M]
     post = a * gt.abs() * (1 - view.sampled_probs)  # [M] the post's closed form
     reference = reference_grad_logits
     if grads.entropy_grad_logits is not None:  # the post's formula covers the policy term only

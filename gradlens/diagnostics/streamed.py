@@ -17,7 +17,7 @@ With the entropy bonus (E_v = a·c_H·π_v(log π_v + H), the same for every los
 keeps E_y, Σ_v E_v and, per loss, Σ_{j≠y} |∂L/∂z_j| and max_{j≠y} |∂L/∂z_j|; then
 ∂L/∂z_y = c·(1 − π_y) + E_y and Σ_v ∂L/∂z_v = c·(1 − Σ_v π_v) + Σ_v E_v. As in `sampled_row`,
 the post's formula is checked against autograd's ∂L/∂z_y minus E_y, and the zero-sum scale adds
-the bonus's gross size 2·|c_H|·a·H (`compare.zero_sum_scale`).
+the bonus's gross size 2·|c_H|·a·H (`gradlens.compare.materialized.zero_sum_scale`).
 """
 
 from __future__ import annotations

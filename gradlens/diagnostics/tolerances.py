@@ -27,6 +27,12 @@ entropy and L = ⌈log2 V⌉ + 7 the most additions a term goes through in a chu
 
 So |Σ_v π_v − 1| ≤ u·(3H + log S) + 2ε + (6L + 1)·u_w ≤ u·(4·ln V + 8) + (6L + 1)·u_w, with
 H, log S ≤ ln V: no dependence on the size of the logits, the kernel or the chunk size.
+Nor on the engine path: the fused engine's kernels write float64 sums of 8 consecutive terms
+(any order: 7 additions at most, as `pairwise_sum`'s blocks) that torch adds by halving, and
+take exp from CUDA's libdevice (2 ulp); the vocab-parallel engine adds its P ranks' parts (S_r
+and T_r; the partial Σπ, Σ_v E_v and Σ_v ∂L/∂W_v) by a compensated sum, or on a grid that makes
+the backend's sum exact, so one rounding whatever P, after at most ⌈log2 V_r⌉ + 5 additions on
+the rank (`summation`: L keeps two levels spare). The bound is the same for every split.
 G = c·(e_y − π) adds 2u (the product and the sampled entry's sum); the check sums G in float64
 by `pairwise_sum` (L·u_w·Σ|G| ≤ 2L·u_w·|c|); the streamed check reads c·(1 − Σπ) from the
 engine's float64 Σπ (L·u_w). Hence, relative to s_t,

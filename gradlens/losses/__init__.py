@@ -5,12 +5,13 @@ from gradlens.losses import reinforce, ppo, sft  # noqa: F401  (registration sid
 from gradlens.losses import grpo, gspo, cispo, sapo, minirl  # noqa: F401
 
 # isort: on
-from gradlens.losses.aggregation import AGGREGATIONS, aggregation_weights
+from gradlens.losses.aggregation import AGGREGATIONS, Aggregation, aggregation_weights
 from gradlens.losses.base import LossParams, LossSpec
 from gradlens.losses.registry import get_loss, loss_names, register
 
 __all__ = [
     "AGGREGATIONS",
+    "Aggregation",
     "LossParams",
     "LossSpec",
     "aggregation_weights",

@@ -16,12 +16,12 @@ The choice is independent of the surrogate: every loss is aggregated the same wa
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from gradlens.errors import GradlensError
-from gradlens.losses.registry import unknown_name_message
+from gradlens.errors import GradlensError, unknown_name_message
 
 WeightFn = Callable[[Tensor, float | None], Tensor]
 
@@ -56,6 +56,23 @@ AGGREGATIONS: dict[str, WeightFn] = {
     "seq_mean_token_sum": seq_mean_token_sum,
     "seq_mean_token_sum_norm": seq_mean_token_sum_norm,
 }
+
+
+@dataclass(frozen=True)
+class Aggregation:
+    """The run's token aggregation: the mode and, for ``seq_mean_token_sum_norm``, L_scale.
+
+    It travels beside the loss settings, never inside them: the surrogate and the aggregation
+    are independent choices (design.md, example 4). Only losses that aggregate themselves
+    (user and framework functions) receive it.
+    """
+
+    mode: str = "token_mean"
+    loss_scale_factor: float | None = None
+
+    def weights(self, mask: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+        """[N, T] a_{i,t} for ``mask`` [N, T]."""
+        return aggregation_weights(mask, self.mode, self.loss_scale_factor, dtype)
 
 
 def aggregation_weights(

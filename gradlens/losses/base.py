@@ -1,9 +1,9 @@
 """The contract every loss fulfils, and the settings the losses share.
 
 A loss is a function ``(TokenInputs, LossParams) -> LossTerms``: it returns its per-token loss
-(so autograd can check it) and its closed-form coefficient g_t = ∂(per-token loss)/∂ℓ_t (so
+(so autograd can check it) and its closed-form per-token gradient g_t = ∂(per-token loss)/∂ℓ_t (so
 the logit and lm_head gradients follow from the master identity ∂L/∂z_t = a_t·g_t·(e_y − π_t)
-without a graph over the logits). Metadata (formula, coefficient, paper) lives beside the
+without a graph over the logits). Metadata (formula, g_t, paper) lives beside the
 function in a `LossSpec` so that ``gradlens losses`` and the docs read from one place.
 """
 
@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gradlens.containers import LossTerms, TokenInputs
+from gradlens.losses.aggregation import Aggregation
 
 
 @dataclass(frozen=True)
@@ -52,17 +53,14 @@ class LossParams:
         entropy_coef: c_H of the entropy bonus −c_H·agg_t H_t, added to every loss (0: off).
         corrections: training–inference corrections composed with every loss (detached
             weights or masks on g_t; `gradlens.losses.corrections`).
-        aggregation, loss_scale_factor: the run's aggregation, set by `gradlens.grads` from the
-            `Aggregation` in use. Only losses that aggregate themselves (user and verl-shaped
-            functions) read them; the built-in losses never do.
+
+    The token aggregation is not a loss setting: it travels as an `Aggregation`.
     """
 
     eps_low: float = 0.2
     eps_high: float = 0.28
     dual_clip: float | None = None
     opsm_delta: float | None = None
-    # --- added for the frontier losses (docs/losses.md §2.6–§2.13); every default keeps the
-    # behaviour of the losses above unchanged.
     tau_pos: float = 1.0
     tau_neg: float = 1.05
     cispo_eps_low: float = 10.0
@@ -74,11 +72,11 @@ class LossParams:
     minirl_truncation: str = "literal"
     entropy_coef: float = 0.0
     corrections: tuple[Correction, ...] = ()
-    aggregation: str = "token_mean"
-    loss_scale_factor: float | None = None
 
 
 LossFn = Callable[[TokenInputs, LossParams], LossTerms]
+# A loss that aggregates itself (user and framework functions) also receives the aggregation.
+SelfAggregatingFn = Callable[[TokenInputs, LossParams, Aggregation], LossTerms]
 
 
 @dataclass(frozen=True)
@@ -87,9 +85,9 @@ class LossSpec:
 
     Attributes:
         name: registry key = YAML value = CLI name = test id.
-        fn: the loss function.
+        fn: the loss function; for a loss that aggregates itself, ``aggregating_fn`` instead.
         formula: the per-token loss that is minimised, in plain Unicode maths.
-        coefficient: g_t = ∂(per-token loss)/∂ℓ_t.
+        grad_formula: g_t = ∂(per-token loss)/∂ℓ_t, before the aggregation weight.
         zero_when: when the gradient of a token is exactly zero.
         paper: where it comes from.
         regions: the region masks the loss reports (keys of ``LossTerms.regions``).
@@ -99,15 +97,26 @@ class LossSpec:
             to REINFORCE, |g_t|/|A_t|, is reported only for such losses.
         needs: optional batch inputs the loss reads (``rollout_logp``, ``ref_logp``); when the
             batch lacks one the loss falls back to ℓ_old, and ``compare`` says so in findings.
+        aggregating_fn: a function that aggregates itself (user and framework losses): it
+            receives the run's `Aggregation` and returns L as ``per_token`` summing to it, with
+            ``self_aggregated`` set.
     """
 
     name: str
-    fn: LossFn
+    fn: LossFn | None
     formula: str
-    coefficient: str
+    grad_formula: str
     zero_when: str
     paper: str
     regions: tuple[str, ...] = ()
     post_formula: str = "|g|·(1 − π_y)"
     uses_advantage: bool = True
     needs: tuple[str, ...] = ()
+    aggregating_fn: SelfAggregatingFn | None = None
+
+    def terms(self, inputs: TokenInputs, params: LossParams, aggregation: Aggregation) -> LossTerms:
+        """The loss's terms on ``inputs`` (the aggregation reaches only losses that use it)."""
+        if self.aggregating_fn is not None:
+            return self.aggregating_fn(inputs, params, aggregation)
+        assert self.fn is not None, f"loss {self.name!r} has no function"
+        return self.fn(inputs, params)

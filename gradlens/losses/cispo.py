@@ -44,7 +44,7 @@ def cispo(inputs: TokenInputs, params: LossParams) -> LossTerms:
     clipped = ((rd > high) | (rd < low)) & m
     return LossTerms(
         per_token=-adv * weight * inputs.logp,
-        coefficient=-adv * weight,
+        per_token_grad=-adv * weight,
         regions={"weight_clipped": clipped},
     )
 
@@ -58,7 +58,7 @@ def cispo_cap(inputs: TokenInputs, params: LossParams) -> LossTerms:
     capped = (rd > params.cispo_cap) & m
     return LossTerms(
         per_token=-adv * weight * inputs.logp,
-        coefficient=-adv * weight,
+        per_token_grad=-adv * weight,
         regions={"weight_capped": capped, "weight_capped_pos": capped & (adv > 0)},
     )
 
@@ -68,7 +68,7 @@ register(
         name="cispo",
         fn=cispo,
         formula="−A·sg[clip(r, 1−cispo_eps_low, 1+cispo_eps_high)]·log π_θ(y)",
-        coefficient="−A·clip(r, 1−cispo_eps_low, 1+cispo_eps_high)",
+        grad_formula="−A·clip(r, 1−cispo_eps_low, 1+cispo_eps_high)",
         zero_when="A = 0 (clipping rescales, never zeroes)",
         paper="CISPO, MiniMax-M1 arXiv 2506.13585 eqs. 4–5; verl `cispo`, slime "
         "compute_cispo_loss (relative bounds)",
@@ -81,7 +81,7 @@ register(
         name="cispo_cap",
         fn=cispo_cap,
         formula="−A·sg[min(r, cispo_cap)]·log π_θ(y)",
-        coefficient="−A·min(r, cispo_cap)",
+        grad_formula="−A·min(r, cispo_cap)",
         zero_when="A = 0 (the cap rescales, never zeroes)",
         paper="CISPO as TRL loss_type=cispo (epsilon_high is an absolute cap ε_max; "
         "ScaleRL recommends 5)",

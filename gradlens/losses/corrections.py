@@ -15,7 +15,7 @@ With the training–inference ratio ρ_t = π_old(y_t)/μ_old(y_t) = exp(ℓ_old
     geo_mask    1[low ≤ exp(mean_t log ρ_t) ≤ high]     (0.999, 1.001)  verl seq_mean_k1
 
 A bound left unset (—) is no bound. The per-token loss becomes w_t·(policy term) and the
-coefficient w_t·g_t: the logit gradient keeps the direction e_y − π and stays zero-sum. A
+per-token gradient w_t·g_t: the logit gradient keeps the direction e_y − π and stays zero-sum. A
 loss's penalty (``grpo``'s KL, `LossTerms.penalty`) is not weighted, as in every framework. On
 a sequence-level loss (GSPO) a token weight acts through its sequence mean, which gives the same
 loss and gradient because the per-token value and the aggregation weight are constant within
@@ -161,10 +161,10 @@ def apply_corrections(
     weight = torch.where(m, weight, 0.0)
     zero = torch.zeros((), dtype=weight.dtype, device=weight.device)
     penalty = terms.penalty if terms.penalty is not None else zero
-    penalty_c = terms.penalty_coefficient if terms.penalty_coefficient is not None else zero
+    penalty_c = terms.penalty_grad if terms.penalty_grad is not None else zero
     return dataclasses.replace(
         terms,
         per_token=weight * (terms.per_token - penalty) + penalty,
-        coefficient=weight * (terms.coefficient - penalty_c) + penalty_c,
+        per_token_grad=weight * (terms.per_token_grad - penalty_c) + penalty_c,
         regions=regions,
     )

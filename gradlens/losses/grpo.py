@@ -40,10 +40,10 @@ import torch
 from torch import Tensor
 
 from gradlens.containers import LossTerms, TokenInputs
-from gradlens.errors import GradlensError
+from gradlens.errors import GradlensError, unknown_name_message
 from gradlens.losses.base import LossParams, LossSpec
 from gradlens.losses.ppo import ppo_clip
-from gradlens.losses.registry import register, unknown_name_message
+from gradlens.losses.registry import register
 
 # (value D, closed-form ∂D/∂ℓ) from (ℓ, ℓ_ref, ℓ_old); ℓ may require grad, the rest are constants.
 Estimator = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
@@ -90,13 +90,13 @@ def grpo(inputs: TokenInputs, params: LossParams) -> LossTerms:
     """``ppo_clip`` plus β·D_t; g_t = ppo_clip's g_t + β·∂D/∂ℓ."""
     base = ppo_clip(inputs, params)
     value, grad = kl_penalty(inputs, params)
-    penalty, penalty_coefficient = params.kl_coef * value, params.kl_coef * grad
+    penalty, penalty_grad = params.kl_coef * value, params.kl_coef * grad
     return LossTerms(
         per_token=base.per_token + penalty,
-        coefficient=base.coefficient + penalty_coefficient,
+        per_token_grad=base.per_token_grad + penalty_grad,
         regions=base.regions,
         penalty=penalty,
-        penalty_coefficient=penalty_coefficient,
+        penalty_grad=penalty_grad,
         token_metrics={"kl": value.detach()},
     )
 
@@ -106,7 +106,7 @@ register(
         name="grpo",
         fn=grpo,
         formula="ppo_clip + β·D(π_θ‖π_ref), D = k1 | k2 | k3 | unbiased (loss.kl_estimator)",
-        coefficient="−A·r·M + β·∂D/∂ℓ  (k1: β; k2: β(ℓ−ℓ_ref); k3: β(1−π_ref/π_θ); "
+        grad_formula="−A·r·M + β·∂D/∂ℓ  (k1: β; k2: β(ℓ−ℓ_ref); k3: β(1−π_ref/π_θ); "
         "unbiased: β·r·(ℓ−ℓ_ref))",
         zero_when="PPO part zero (A = 0, M = 0) and ∂D/∂ℓ = 0 (ℓ = ℓ_ref; never for k1)",
         paper="GRPO: DeepSeekMath arXiv 2402.03300 eq. 3; unbiased KL: DeepSeek-V3.2 "

@@ -67,10 +67,8 @@ def gspo(inputs: TokenInputs, params: LossParams) -> LossTerms:
     adv = adv_seq.expand_as(inputs.logp)
     regions = _regions(adv, sd, params, m)
     regions["seq_clipped"] = regions["clip_upper"] | regions["clip_lower"]
-    coefficient = torch.where(m & ~regions["seq_clipped"], -adv * sd, 0.0)
-    return LossTerms(
-        per_token=per_token, coefficient=coefficient, regions=regions, sequence_level=True
-    )
+    grad = torch.where(m & ~regions["seq_clipped"], -adv * sd, 0.0)
+    return LossTerms(per_token=per_token, per_token_grad=grad, regions=regions, sequence_level=True)
 
 
 def gspo_token(inputs: TokenInputs, params: LossParams) -> LossTerms:
@@ -85,8 +83,8 @@ def gspo_token(inputs: TokenInputs, params: LossParams) -> LossTerms:
     sd = s_seq.expand_as(inputs.logp)
     regions = _regions(adv, sd, params, m)
     off = regions["clip_upper"] | regions["clip_lower"]
-    coefficient = torch.where(m & ~off, -adv * sd, 0.0)
-    return LossTerms(per_token=per_token, coefficient=coefficient, regions=regions)
+    grad = torch.where(m & ~off, -adv * sd, 0.0)
+    return LossTerms(per_token=per_token, per_token_grad=grad, regions=regions)
 
 
 register(
@@ -95,7 +93,7 @@ register(
         fn=gspo,
         formula="max(−Â_i·s_i, −Â_i·clip(s_i, 1−eps_low, 1+eps_high)) per sequence, "
         "s_i = exp(mean_t log r_t)",
-        coefficient="−Â_i·s_i·M_i on every token of sequence i (a constant within a sequence)",
+        grad_formula="−Â_i·s_i·M_i on every token of sequence i (a constant within a sequence)",
         zero_when="Â_i = 0; Â_i>0 ∧ s_i>1+eps_high; Â_i<0 ∧ s_i<1−eps_low (whole sequence)",
         paper="GSPO, Qwen arXiv 2507.18071; verl `gspo`, TRL "
         "importance_sampling_level=sequence, OpenRLHF policy_loss_type=gspo",
@@ -108,7 +106,7 @@ register(
         name="gspo_token",
         fn=gspo_token,
         formula="max(−A_t·s_i,t, −A_t·clip(s_i,t, ·)), s_i,t = sg[s_i]·π_θ(y_t)/sg[π_θ(y_t)]",
-        coefficient="−A_t·s_i·M_i,t",
+        grad_formula="−A_t·s_i·M_i,t",
         zero_when="A_t = 0; A_t>0 ∧ s_i>1+eps_high; A_t<0 ∧ s_i<1−eps_low",
         paper="GSPO-token, Qwen arXiv 2507.18071; the form verl's `gspo` computes; TRL "
         "experimental gspo_token",

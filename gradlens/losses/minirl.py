@@ -34,14 +34,35 @@ are ignored here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from torch import Tensor
 
 from gradlens.containers import LossTerms, TokenInputs
-from gradlens.errors import GradlensError
+from gradlens.errors import GradlensError, unknown_name_message
 from gradlens.losses.base import LossParams, LossSpec
-from gradlens.losses.registry import register, unknown_name_message
+from gradlens.losses.registry import register
 
-TRUNCATIONS = ("literal", "decoupled")
+# (the raw ratio that is truncated, the weight w) from (ℓ detached, ℓ_old, ℓ_rollout, r, C)
+Truncation = Callable[[Tensor, Tensor, Tensor, Tensor, float], tuple[Tensor, Tensor]]
+
+
+def literal(
+    logp: Tensor, old: Tensor, rollout: Tensor, r: Tensor, cap: float
+) -> tuple[Tensor, Tensor]:
+    raw = torch.exp(logp - rollout)  # π_θ/μ_old
+    return raw, torch.clamp(raw, max=cap)
+
+
+def decoupled(
+    logp: Tensor, old: Tensor, rollout: Tensor, r: Tensor, cap: float
+) -> tuple[Tensor, Tensor]:
+    raw = torch.exp(old - rollout)  # ρ = π_old/μ_old
+    return raw, r * torch.clamp(raw, max=cap)
+
+
+TRUNCATIONS: dict[str, Truncation] = {"literal": literal, "decoupled": decoupled}
 
 
 def minirl(inputs: TokenInputs, params: LossParams) -> LossTerms:
@@ -52,16 +73,13 @@ def minirl(inputs: TokenInputs, params: LossParams) -> LossTerms:
     rollout = inputs.rollout_logp if inputs.rollout_logp is not None else inputs.old_logp
     r = torch.exp(logp - inputs.old_logp)
     cap = params.minirl_cap
-    if params.minirl_truncation == "literal":
-        raw = torch.exp(logp - rollout)  # π_θ/μ_old
-        weight = torch.clamp(raw, max=cap)
-    elif params.minirl_truncation == "decoupled":
-        raw = torch.exp(inputs.old_logp - rollout)  # ρ = π_old/μ_old
-        weight = r * torch.clamp(raw, max=cap)
-    else:
+    try:
+        truncation = TRUNCATIONS[params.minirl_truncation]
+    except KeyError:
         raise GradlensError(
             unknown_name_message("MiniRL truncation", params.minirl_truncation, list(TRUNCATIONS))
-        )
+        ) from None
+    raw, weight = truncation(logp, inputs.old_logp, rollout, r, cap)
     regions = {
         "clip_upper": (adv > 0) & (r > 1.0 + params.eps_high),
         "clip_lower": (adv < 0) & (r < 1.0 - params.eps_low),
@@ -69,7 +87,7 @@ def minirl(inputs: TokenInputs, params: LossParams) -> LossTerms:
     }
     keep = m & ~(regions["clip_upper"] | regions["clip_lower"])
     g = torch.where(keep, -adv * weight, 0.0)
-    return LossTerms(per_token=g * inputs.logp, coefficient=g, regions=regions)
+    return LossTerms(per_token=g * inputs.logp, per_token_grad=g, regions=regions)
 
 
 register(
@@ -78,7 +96,7 @@ register(
         fn=minirl,
         formula="−A·M·sg[w]·log π_θ(y); w = min(π_θ/μ_old, C) (literal) or "
         "r·min(π_old/μ_old, C) (decoupled)",
-        coefficient="−A·M·w",
+        grad_formula="−A·M·w",
         zero_when="A = 0; A>0 ∧ r>1+eps_high; A<0 ∧ r<1−eps_low (r = π_θ/π_old)",
         paper="MiniRL, Qwen arXiv 2512.01374 v3 eq. 7, §4.2; decoupled PPO arXiv 2110.00641",
         regions=("clip_upper", "clip_lower", "is_truncated"),

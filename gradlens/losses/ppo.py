@@ -42,7 +42,7 @@ def ppo(inputs: TokenInputs, params: LossParams) -> LossTerms:
     """Unclipped importance-weighted surrogate −A·r, g_t = −A·r."""
     adv = torch.where(inputs.mask, inputs.advantages, 0.0)
     r = ratio(inputs)
-    return LossTerms(per_token=-adv * r, coefficient=-adv * r.detach())
+    return LossTerms(per_token=-adv * r, per_token_grad=-adv * r.detach())
 
 
 def ppo_clip(inputs: TokenInputs, params: LossParams) -> LossTerms:
@@ -70,8 +70,8 @@ def ppo_clip(inputs: TokenInputs, params: LossParams) -> LossTerms:
     switched_off = torch.zeros_like(inputs.mask)
     for region in regions.values():
         switched_off = switched_off | region
-    coefficient = torch.where(switched_off, 0.0, -adv * rd)
-    return LossTerms(per_token=per_token, coefficient=coefficient, regions=regions)
+    grad = torch.where(switched_off, 0.0, -adv * rd)
+    return LossTerms(per_token=per_token, per_token_grad=grad, regions=regions)
 
 
 register(
@@ -79,7 +79,7 @@ register(
         name="ppo",
         fn=ppo,
         formula="−A·r,  r = π_θ(y)/π_old(y)",
-        coefficient="−A·r",
+        grad_formula="−A·r",
         zero_when="A = 0 (grows as 1/π_old when π_old → 0)",
         paper="the seed post's unclipped PPO; importance sampling as in arXiv 1707.06347",
         post_formula="r·|A|·(1 − π_y)",
@@ -90,7 +90,7 @@ register(
         name="ppo_clip",
         fn=ppo_clip,
         formula="max(−A·r, −A·clip(r, 1−eps_low, 1+eps_high)) [dual clip: min(·, −c·A) for A<0]",
-        coefficient="−A·r·M  (× M_seq with opsm_delta)",
+        grad_formula="−A·r·M  (× M_seq with opsm_delta)",
         zero_when="A = 0; A>0 ∧ r>1+eps_high; A<0 ∧ r<1−eps_low; A<0 ∧ r>c; OPSM-masked sequence",
         paper="PPO arXiv 1707.06347; mask M: MiniRL arXiv 2512.01374 eq. 7; "
         "dual clip arXiv 1912.09729; OPSM: DeepSeek-V3.2 arXiv 2512.02556 eq. 9",

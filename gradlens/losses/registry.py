@@ -6,10 +6,9 @@ closest one, so no caller ever branches on a loss-name string.
 
 from __future__ import annotations
 
-import difflib
-
-from gradlens.errors import GradlensError
+from gradlens.errors import GradlensError, unknown_name_message
 from gradlens.losses.base import LossSpec
+from gradlens.losses.external import external_loss_spec, is_external
 
 _REGISTRY: dict[str, LossSpec] = {}
 
@@ -27,20 +26,11 @@ def loss_names() -> list[str]:
     return list(_REGISTRY)
 
 
-def unknown_name_message(kind: str, name: str, valid: list[str]) -> str:
-    """'unknown loss 'ppo_clp'; did you mean 'ppo_clip'? valid: ...' — shared by all registries."""
-    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return f"unknown {kind} {name!r}{hint} (valid: {', '.join(valid)})"
-
-
 def get_loss(name: str) -> LossSpec:
     """The spec registered under ``name``; ``module:function`` names a user loss."""
     try:
         return _REGISTRY[name]
     except KeyError:
-        if ":" in name:  # a user or verl-shaped function, resolved for this process
-            from gradlens.losses.user import user_loss_spec
-
-            return user_loss_spec(name)
+        if is_external(name):  # a user or verl-shaped function, resolved for this process
+            return external_loss_spec(name)
         raise GradlensError(unknown_name_message("loss", name, loss_names())) from None

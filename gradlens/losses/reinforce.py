@@ -21,7 +21,7 @@ from gradlens.losses.registry import register
 def reinforce(inputs: TokenInputs, params: LossParams) -> LossTerms:
     """−A·log π_θ(y) per token, g_t = −A."""
     adv = torch.where(inputs.mask, inputs.advantages, 0.0)
-    return LossTerms(per_token=-adv * inputs.logp, coefficient=-adv)
+    return LossTerms(per_token=-adv * inputs.logp, per_token_grad=-adv)
 
 
 register(
@@ -29,7 +29,7 @@ register(
         name="reinforce",
         fn=reinforce,
         formula="−A·log π_θ(y)",
-        coefficient="−A",
+        grad_formula="−A",
         zero_when="A = 0",
         paper="Williams 1992 (REINFORCE); verl `gpg`",
         post_formula="|A|·(1 − π_y)",

@@ -42,7 +42,7 @@ def sapo(inputs: TokenInputs, params: LossParams) -> LossTerms:
     gate = 4.0 * sig * (1.0 - sig)
     return LossTerms(
         per_token=per_token,
-        coefficient=-adv * rd * gate,
+        per_token_grad=-adv * rd * gate,
         token_metrics={"sapo_gate": torch.where(m, gate, 0.0)},
     )
 
@@ -52,7 +52,7 @@ register(
         name="sapo",
         fn=sapo,
         formula="−A·(4/τ)·σ(τ(r − 1)), τ = tau_pos (A>0) or tau_neg (A≤0)",
-        coefficient="−A·r·4σ(τ(r−1))·(1 − σ(τ(r−1)))",
+        grad_formula="−A·r·4σ(τ(r−1))·(1 − σ(τ(r−1)))",
         zero_when="A = 0 (the gate is soft: never exactly 0)",
         paper="SAPO, Qwen arXiv 2511.20347; verl `sapo`, TRL loss_type=sapo",
         post_formula="w(r)·r·|A|·(1 − π_y)",

@@ -19,7 +19,7 @@ from gradlens.losses.registry import register
 def sft(inputs: TokenInputs, params: LossParams) -> LossTerms:
     """−log π_θ(y) per token, g_t = −1 (the advantages are ignored)."""
     one = inputs.mask.to(inputs.logp.dtype)
-    return LossTerms(per_token=-one * inputs.logp, coefficient=-one)
+    return LossTerms(per_token=-one * inputs.logp, per_token_grad=-one)
 
 
 register(
@@ -27,7 +27,7 @@ register(
         name="sft",
         fn=sft,
         formula="−log π_θ(y)",
-        coefficient="−1",
+        grad_formula="−1",
         zero_when="never (π_y < 1)",
         paper="cross-entropy; the seed post: REINFORCE with R = 1",
         post_formula="(1 − π_y)",

@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
-from gradlens.report.table import _table, fmt, pct
+from gradlens.report.cells import fmt, pct, titled_table
 from gradlens.results import CompareReport
 
 SAMPLES_SHOWN = 4
@@ -63,7 +63,7 @@ def model_panel(report: CompareReport) -> Panel:
 def mismatch_table(report: CompareReport) -> Table:
     assert report.model is not None and report.model.mismatch is not None
     x = report.model.mismatch
-    table = _table(
+    table = titled_table(
         f"training–inference mismatch: μ ({x.rollout_dtype} rollout pass) vs π_old "
         f"({x.train_dtype} training pass), ρ = π_old/μ over {x.count} tokens",
         "mean |Δlog p|",
@@ -84,9 +84,9 @@ def mismatch_table(report: CompareReport) -> Table:
         *(
             fmt(v)
             for v in (
-                x.mean_abs_diff,
+                x.abs_diff_mean,
                 x.rms_diff,
-                x.max_abs_diff,
+                x.abs_diff_max,
                 x.kl_k1,
                 x.kl_k3,
                 x.rho_min,
@@ -105,7 +105,7 @@ def mismatch_table(report: CompareReport) -> Table:
 def staleness_table(report: CompareReport) -> Table:
     assert report.model is not None and report.model.staleness is not None
     s = report.model.staleness
-    table = _table(
+    table = titled_table(
         f"staleness: r = π_θk/π_old after k {s.optimizer} steps (lr {s.lr:g}) on {s.loss}; "
         f"the diagnosis runs at k = {s.steps}",
         "k",
@@ -137,7 +137,7 @@ def staleness_table(report: CompareReport) -> Table:
 def model_grads_table(report: CompareReport) -> Table:
     losses = [r for r in report.losses if r.model_grads is not None]
     at = "at the checkpoint" if report.model and report.model.source == "batch" else "at θ_k"
-    table = _table(
+    table = titled_table(
         f"whole-model gradient norms per tensor group (same batch, {at})",
         "",
         *(r.name for r in losses),
@@ -195,7 +195,7 @@ def sft_over_rl_table(report: CompareReport) -> Table | None:
     assert report.model is not None
     if not report.model.sft_over_rl:
         return None
-    table = _table(
+    table = titled_table(
         "the post's claim: SFT's grad-norm over RL's (≈ an order of magnitude)",
         "pair",
         "estimate",

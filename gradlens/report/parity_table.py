@@ -7,37 +7,15 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from gradlens.report.table import _table, fmt, ok, pct
-from gradlens.results import Clipping, CompareReport, LossReport, ParityReport
-
-# Clip and mask shares that the fixed rows of the losses table already show.
-SHOWN = {"clip_upper", "clip_lower", "clip_dual", "seq_masked"}
-
-
-def metrics_cell(r: LossReport) -> str:
-    """A loss's extra metrics, ``name value`` pairs, or '—'."""
-    if not r.metrics:
-        return "—"
-    return escape(", ".join(f"{k} {fmt(v)}" for k, v in r.metrics.items()))
-
-
-def other_rules_cell(r: LossReport) -> str:
-    """Shares of the regions the fixed clipping rows do not show (CISPO, corrections, ...)."""
-    shares = {k: v for k, v in r.clipping.shares.items() if k not in SHOWN}
-    if not shares:
-        return "—"
-    cells = []
-    for name, share in shares.items():
-        seq = r.clipping.sequence_shares.get(name)
-        cells.append(f"{name} {pct(share)}" + (f" ({pct(seq)} of seqs)" if seq is not None else ""))
-    return escape(", ".join(cells))
+from gradlens.report.cells import SHOWN, fmt, ok, pct, titled_table
+from gradlens.results import Clipping, CompareReport, ParityReport
 
 
 def rollout_table(report: CompareReport) -> Table | None:
     r = report.rollout
     if r is None:
         return None
-    table = _table(
+    table = titled_table(
         "training–inference gap ρ = π_old(y)/μ_old(y) over valid tokens",
         "mean ρ",
         "min",
@@ -58,7 +36,7 @@ def rollout_table(report: CompareReport) -> Table | None:
 
 def parity_table(p: ParityReport) -> Table:
     a, b = p.a, p.b
-    table = _table(f"parity: {escape(a.name)} (A) vs {escape(b.name)} (B)", "", "A", "B")
+    table = titled_table(f"parity: {escape(a.name)} (A) vs {escape(b.name)} (B)", "", "A", "B")
     rows = [
         ("loss value L", fmt(a.loss), fmt(b.loss)),
         ("‖∂L/∂W‖_F", fmt(a.grad_norm), fmt(b.grad_norm)),
@@ -100,7 +78,7 @@ def _metrics(metrics: dict[str, float | None]) -> str:
     return escape(", ".join(f"{k} {fmt(v)}" for k, v in metrics.items())) or "—"
 
 
-def frontier_parts(report: CompareReport) -> list[RenderableType]:
+def rollout_and_parity_parts(report: CompareReport) -> list[RenderableType]:
     """The rollout and parity sections, where the report has them."""
     parts: list[RenderableType] = []
     rollout = rollout_table(report)

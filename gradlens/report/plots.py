@@ -30,6 +30,7 @@ from gradlens.report.sweep_labels import rule_text, setting_text, sign_text
 from gradlens.sweep.curves import SIGNS, Curve
 from gradlens.sweep.grid import Axis
 from gradlens.sweep.run import SweepOutcome
+from gradlens.sweep.summary import runs
 
 FORMATS = (".png", ".svg", ".pdf")
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#7f7f7f", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2"]
@@ -295,8 +296,6 @@ def _shade(
     Identical ranges of several series (variants of a loss that clip alike) are drawn once.
     The label goes at the height where it covers the fewest drawn points and other labels.
     """
-    from gradlens.sweep.summary import runs
-
     x, edges = axis.values, _edges(axis)
     spans: dict[tuple[int, int, tuple[str, ...]], list[tuple[Curve, str]]] = {}
     for curve, label in drawn:
@@ -414,8 +413,6 @@ def _unclipped_notes(
 
     Series with the same finding (variants that differ elsewhere) share one note.
     """
-    from gradlens.sweep.summary import runs
-
     notes: dict[tuple[str, int, int, tuple[str, ...]], list[tuple[Curve, str]]] = {}
     for curve, label in drawn:
         declared = infos[curve.loss].rules

@@ -1,4 +1,4 @@
-"""Machine output: the reports as JSON (schemas ``gradlens.compare/1`` and ``gradlens.sweep/1``)."""
+"""Machine output: the reports as JSON (schemas ``gradlens.compare/2`` and ``gradlens.sweep/2``)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 from pydantic import BaseModel
 
 from gradlens.results import CompareReport
+from gradlens.sweep.results import SweepReport
 
 REPORTS = ("compare", "sweep")
 
@@ -26,8 +27,6 @@ def json_schema(report: str = "compare") -> str:
     if report == "compare":
         model = CompareReport
     elif report == "sweep":
-        from gradlens.sweep.results import SweepReport
-
         model = SweepReport
     else:
         raise ValueError(f"unknown report {report!r}; expected one of {', '.join(REPORTS)}")

@@ -15,7 +15,7 @@ and CSV True/False, which pandas reads back as booleans. Text columns never hold
 string — ``variant`` is 'default' and ``rule`` is 'none' when there is nothing to say — so a
 pandas ``groupby`` on them never drops rows.
 
-The summary (``--format summary``) is the `SweepReport` itself, schema ``gradlens.sweep/1``,
+The summary (``--format summary``) is the `SweepReport` itself, schema ``gradlens.sweep/2``,
 indented like ``gradlens compare --format json``, non-finite numbers null.
 """
 
@@ -24,10 +24,10 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, TextIO
 
-if TYPE_CHECKING:
-    from gradlens.sweep.results import SweepReport
+from gradlens.report.serialize import to_json
+from gradlens.sweep.results import SweepReport
 
 FORMATS = ("json", "jsonl", "csv")
 
@@ -74,7 +74,5 @@ def write_records(
 
 
 def write_summary(report: SweepReport, stream: TextIO) -> None:
-    """Write ``report`` to ``stream`` as one indented JSON document (schema gradlens.sweep/1)."""
-    from gradlens.report.serialize import to_json
-
+    """Write ``report`` to ``stream`` as one indented JSON document (schema gradlens.sweep/2)."""
     stream.write(to_json(report) + "\n")

@@ -10,31 +10,10 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from gradlens.report.cells import fmt, metrics_cell, ok, other_rules_cell, pct, titled_table
+from gradlens.report.model_table import model_parts
+from gradlens.report.parity_table import rollout_and_parity_parts
 from gradlens.results import CompareReport, LossReport
-
-
-def fmt(x: float | int | None, digits: int = 4) -> str:
-    """4 significant digits; '—' for a missing (undefined or non-finite) value."""
-    if x is None:
-        return "—"
-    if isinstance(x, int):
-        return str(x)
-    return f"{x + 0.0:.{digits}g}"  # + 0.0 turns −0.0 into 0.0
-
-
-def pct(x: float | None) -> str:
-    return "—" if x is None else f"{x:.2%}"
-
-
-def ok(passed: bool) -> str:
-    return "[green]ok[/]" if passed else "[bold red]FAIL[/]"
-
-
-def _table(title: str, *columns: str) -> Table:
-    table = Table(title=title, title_justify="left", show_lines=False, pad_edge=False)
-    for i, name in enumerate(columns):
-        table.add_column(name, justify="left" if i == 0 else "right", overflow="fold")
-    return table
 
 
 def batch_panel(report: CompareReport) -> Panel:
@@ -65,7 +44,7 @@ def batch_panel(report: CompareReport) -> Panel:
 
 def ratio_table(report: CompareReport) -> Table:
     r = report.ratio
-    table = _table(
+    table = titled_table(
         "ratio r = π_θ(y)/π_old(y) over valid tokens (shared by all losses)",
         "mean",
         "min",
@@ -92,30 +71,18 @@ def ratio_table(report: CompareReport) -> Table:
 Row = tuple[str, Callable[[LossReport], str]]
 
 
-def _metrics(r: LossReport) -> str:
-    from gradlens.report.parity_table import metrics_cell
-
-    return metrics_cell(r)
-
-
-def _other_rules(r: LossReport) -> str:
-    from gradlens.report.parity_table import other_rules_cell
-
-    return other_rules_cell(r)
-
-
 SECTIONS: list[tuple[str, list[Row]]] = [
     (
         "loss",
         [
             ("formula (minimised)", lambda r: escape(r.formula)),
-            ("c_t before aggregation", lambda r: escape(r.coefficient_formula)),
+            ("g_t (c_t = a_t·g_t)", lambda r: escape(r.per_token_grad_formula)),
             ("loss value L", lambda r: fmt(r.loss)),
             (
                 "mean |c_t| / max |c_t|",
                 lambda r: f"{fmt(r.coefficient_abs_mean)} / {fmt(r.coefficient_abs_max)}",
             ),
-            ("metrics (KL, gate, reported)", lambda r: _metrics(r)),
+            ("metrics (KL, gate, reported)", metrics_cell),
         ],
     ),
     (
@@ -183,7 +150,7 @@ SECTIONS: list[tuple[str, list[Row]]] = [
                 ),
             ),
             ("c_t = 0 for any reason", lambda r: pct(r.clipping.zero_grad)),
-            ("other rules (CISPO, corrections, ...)", lambda r: _other_rules(r)),
+            ("other rules (CISPO, corrections, ...)", other_rules_cell),
         ],
     ),
     (
@@ -208,7 +175,7 @@ SECTIONS: list[tuple[str, list[Row]]] = [
 
 
 def losses_table(report: CompareReport) -> Table:
-    table = _table("losses side by side", "", *(r.name for r in report.losses))
+    table = titled_table("losses side by side", "", *(r.name for r in report.losses))
     for s, (section, rows) in enumerate(SECTIONS):
         table.add_row(f"[bold cyan]{section}[/]", *("" for _ in report.losses), end_section=False)
         for label, cell in rows:
@@ -219,7 +186,7 @@ def losses_table(report: CompareReport) -> Table:
 
 
 def top_rows_table(report: CompareReport) -> Table:
-    table = _table(
+    table = titled_table(
         "largest lm_head gradient rows: token (‖∂L/∂W_v‖), * = sampled",
         "#",
         *(r.name for r in report.losses),
@@ -240,7 +207,7 @@ def top_rows_table(report: CompareReport) -> Table:
 def tokens_table(loss: LossReport) -> Table | None:
     if loss.tokens is None:
         return None
-    table = _table(
+    table = titled_table(
         f"{loss.name}: every token",
         "seq",
         "pos",
@@ -288,16 +255,13 @@ def findings_text(report: CompareReport) -> Text:
 
 def render_compare(report: CompareReport, console: Console) -> None:
     """Print the whole report."""
-    from gradlens.report.model_table import model_parts  # (it imports this module)
-    from gradlens.report.parity_table import frontier_parts  # (so does this one)
-
     parts: list = [
         batch_panel(report),
         ratio_table(report),
         *model_parts(report),
         losses_table(report),
         top_rows_table(report),
-        *frontier_parts(report),
+        *rollout_and_parity_parts(report),
     ]
     parts += [t for t in (tokens_table(r) for r in report.losses) if t is not None]
     parts.append(findings_text(report))

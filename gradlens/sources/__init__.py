@@ -1,29 +1,33 @@
-"""Where batches come from: a registry keyed by ``source.kind``."""
+"""Where batches come from: a registry keyed by ``source.kind``.
+
+Each builder receives its own section of the config and a `SourceContext` of plain settings.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
 from gradlens.containers import Batch
-from gradlens.sources.batchfile import build_batchfile
+from gradlens.sources.base import SourceContext
+from gradlens.sources.batch import build_batch_file
 from gradlens.sources.literal import build_literal
 from gradlens.sources.model import build_model_batch
 from gradlens.sources.synthetic import build_synthetic
 
-# Every builder takes (source section, the whole config, device, dtype) and returns a Batch.
-SourceBuilder = Callable[[Any, Any, torch.device, torch.dtype], Batch]
+SourceBuilder = Callable[[Any, SourceContext], Batch]
 
 SOURCES: dict[str, SourceBuilder] = {
     "synthetic": build_synthetic,
     "literal": build_literal,
-    "batch": build_batchfile,
+    "batch": build_batch_file,
     "model": build_model_batch,
 }
 
 
-def build_batch(config: Any, device: torch.device, dtype: torch.dtype) -> Batch:
-    """The batch described by ``config.source``."""
-    return SOURCES[config.source.kind](config.source, config, device, dtype)
+def build_source(section: Any, ctx: SourceContext) -> Batch:
+    """The batch described by the source section ``section`` (any of the config's kinds)."""
+    return SOURCES[section.kind](section, ctx)
+
+
+__all__ = ["SOURCES", "SourceContext", "build_source"]

@@ -16,19 +16,21 @@ norm of vocabulary row v is the norm of (∂L/∂z_{k,v})_k over positions.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 
+from gradlens.config import LiteralSource
 from gradlens.containers import Batch
 from gradlens.logits import compute_logits, softmax_dtype, token_logp
+from gradlens.sources.base import SourceContext
 
 
-def build_literal(src: Any, config: Any, device: torch.device, dtype: torch.dtype) -> Batch:
+def build_literal(src: LiteralSource, ctx: SourceContext) -> Batch:
     """The batch described by a `LiteralSource` section."""
     positions = [(i, t, p) for i, s in enumerate(src.sequences) for t, p in enumerate(s.positions)]
     n, t_max, m = len(src.sequences), max(len(s.positions) for s in src.sequences), len(positions)
     v = positions[0][2].vocab_size
+    device, dtype = ctx.device, ctx.dtype
     acc = softmax_dtype(dtype)
 
     hidden = torch.zeros(n, t_max, m, dtype=torch.float64)  # [N, T, M]
@@ -43,7 +45,7 @@ def build_literal(src: Any, config: Any, device: torch.device, dtype: torch.dtyp
     ref = torch.full((n, t_max), math.nan, dtype=torch.float64)
     for k, (i, t, p) in enumerate(positions):
         hidden[i, t, k] = 1.0
-        z = p.logits if p.logits is not None else [math.log(x) for x in p.probs]
+        z = p.logits if p.logits is not None else [math.log(x) for x in p.probs or ()]
         weight[:, k] = torch.tensor(z, dtype=torch.float64)
         tokens[i, t], mask[i, t], advantages[i, t] = p.token, True, p.advantage
         if p.old_prob is not None:

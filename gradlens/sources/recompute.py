@@ -37,19 +37,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from gradlens.containers import LoadedModel, ModelContext, Sequences
 from gradlens.errors import GradlensError
 from gradlens.progress import report
-from gradlens.sources.model import (
-    LoadedModel,
-    ModelContext,
-    Sequences,
-    check_logit_path,
-    final_hidden,
-    head_weight,
-    load_checkpoint,
-    model_info,
-    position_ids,
-)
+from gradlens.sources.checkpoint import load_checkpoint
+from gradlens.sources.forward import check_logit_path, final_hidden, head_weight, position_ids
 
 KEY = "source.model_path"
 BUILTIN = "builtin"  # model_path naming the shipped tiny model
@@ -132,20 +124,20 @@ def recompute_hidden(
     )
     context = None
     if whole_model_of is not None:
-        from gradlens.model_results import ModelReport
-
         seqs = Sequences(
             ids.to(device),
             attention.long().to(device),
             position_ids(attention).to(device),
             loss_grid.to(device),
         )
-        info = model_info(loaded, dtype, None)
-        model_report = ModelReport(
-            source="batch", batch_file=whole_model_of, model=info, sft_over_rl=[]
-        )
         context = ModelContext(
-            loaded.model, seqs, temperature, loaded.bias, model_report, p - 1, WHOLE_MODEL_KEYS
+            loaded,
+            seqs,
+            temperature,
+            str(dtype).removeprefix("torch."),
+            offset=p - 1,
+            keys=WHOLE_MODEL_KEYS,
+            batch_file=whole_model_of,
         )
         description += "; every loss also runs through the whole model"
     return Recomputed(hidden, weight, description, context)

@@ -24,8 +24,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from gradlens.errors import GradlensError
-from gradlens.losses.registry import unknown_name_message
+from gradlens.errors import GradlensError, unknown_name_message
 
 RewardFn = Callable[[str, str], float]
 

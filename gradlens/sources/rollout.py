@@ -20,23 +20,24 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gradlens.containers import LoadedModel, Sequences
 from gradlens.errors import GradlensError
 from gradlens.progress import report
-from gradlens.sources.model import LoadedModel, Sequences, position_ids, read_builtin_prompts
+from gradlens.sources.checkpoint import read_builtin_prompts
+from gradlens.sources.forward import position_ids
 
 
-def choose_prompts(src: Any, loaded: LoadedModel, seed: int) -> tuple[list[str], str]:
+def choose_prompts(prompts: list[str] | None, num_prompts: int, seed: int) -> tuple[list[str], str]:
     """The prompts (config or built-in corpus) and the config key that errors should name."""
-    if src.prompts is not None:
-        return list(src.prompts), "source.prompts"
+    if prompts is not None:
+        return list(prompts), "source.prompts"
     corpus = read_builtin_prompts()
-    if src.num_prompts > len(corpus):
+    if num_prompts > len(corpus):
         raise GradlensError(
-            f"source.num_prompts: the built-in corpus has {len(corpus)} prompts "
-            f"(got {src.num_prompts})"
+            f"source.num_prompts: the built-in corpus has {len(corpus)} prompts (got {num_prompts})"
         )
     order = torch.randperm(len(corpus), generator=torch.Generator().manual_seed(seed))
-    return [corpus[int(i)] for i in order[: src.num_prompts]], "source.num_prompts"
+    return [corpus[int(i)] for i in order[:num_prompts]], "source.num_prompts"
 
 
 def tokenize_prompts(

@@ -7,72 +7,32 @@ the θ_old that computed π_old, and the ratio r = π_θ/π_old leaves 1. Here:
     θ_0 = θ_old;  for k = 0 … N−1:  θ_{k+1} = optimizer step on L_stale(θ_k)
 
 with the optimizer (sgd, adam, adamw), learning rate and loss of ``source.stale``; the loss is
-any registered loss, aggregated as in the run (``loss.aggregation``). π_old is the training
-pass at θ_0 (so at N = 0 the ratio is exactly 1), and after each step k the ratio statistics
-and clip fractions (with ``loss.eps_low``/``eps_high``) are recorded, k = 0 … N.
+any registered loss, aggregated as in the run (``loss.aggregation``), and written once in
+`gradlens.grads.objective`. π_old is the training pass at θ_0 (so at N = 0 the ratio is exactly
+1); the log-probs at every θ_k, k = 0 … N, are recorded (`StalenessRecord`), and the report
+turns them into ratio statistics and clip fractions.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from gradlens.containers import Batch
-from gradlens.diagnostics.numbers import num, quantiles
-from gradlens.model_results import Staleness, StaleStep
+from gradlens.config import StaleConfig
+from gradlens.containers import Batch, Sequences, StalenessRecord, StalePoint
+from gradlens.grads import objective, policy_pass
+from gradlens.losses import Aggregation, LossParams, LossSpec
 from gradlens.progress import report
-from gradlens.sources.model import (
-    Sequences,
-    aggregated_loss,
-    final_hidden,
-    head_weight,
-    policy_pass,
-)
+from gradlens.sources.forward import final_hidden, head_weight
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 
 
-def ratio_step(
-    step: int,
-    loss: float | None,
-    logp: Tensor,
-    old_logp: Tensor,
-    adv: Tensor,
-    mask: Tensor,
-    eps_low: float,
-    eps_high: float,
-) -> StaleStep:
-    """Ratio statistics and clip fractions of one point of the trajectory."""
-    log_r = (logp - old_logp)[mask].double()  # [M]
-    r = log_r.exp()
-    a = adv[mask].double()
-    m = max(int(mask.sum()), 1)
-    upper = float(((a > 0) & (r > 1 + eps_high)).sum()) / m
-    lower = float(((a < 0) & (r < 1 - eps_low)).sum()) / m
-    p05, p50, p95 = quantiles(r, (0.05, 0.5, 0.95))
-    empty = r.numel() == 0
-    return StaleStep(
-        step=step,
-        loss=loss,
-        ratio_mean=None if empty else num(r.mean()),
-        ratio_min=None if empty else num(r.min()),
-        ratio_p05=p05,
-        ratio_p50=p50,
-        ratio_p95=p95,
-        ratio_max=None if empty else num(r.max()),
-        kl_k3=None if empty else num((r - 1 - log_r).mean()),
-        clip_upper=upper,
-        clip_lower=lower,
-        clip_region=upper + lower,
-    )
-
-
 @dataclass(frozen=True)
 class StaleResult:
-    staleness: Staleness
+    record: StalenessRecord
     old_logp: Tensor  # [N, T] log π_old(y_t): the training pass at θ_0
     hidden: Tensor  # [N, T, H] h_t/T at θ_N (detached), for the batch
 
@@ -82,58 +42,46 @@ def stale_steps(
     seqs: Sequences,
     advantages: Tensor,
     rollout_logp: Tensor,
-    src: Any,
-    spec: Any,
-    params: Any,
-    agg: Any,
+    cfg: StaleConfig,
+    temperature: float,
+    spec: LossSpec,
+    params: LossParams,
+    aggregation: Aggregation,
     bias: bool,
 ) -> StaleResult:
     """Take the N steps in place on ``model``: the trajectory, π_old, and h at θ_N."""
-    cfg = src.stale
     mask, tokens = seqs.loss_mask, seqs.tokens
     optimizer = OPTIMIZERS[cfg.optimizer](model.parameters(), lr=cfg.lr)
-    trajectory: list[StaleStep] = []
+    trajectory: list[StalePoint] = []
     old_logp: Tensor | None = None
     for k in range(cfg.steps + 1):
         report("stale steps", k, cfg.steps)
         last = k == cfg.steps
         with torch.set_grad_enabled(not last):
-            hidden = final_hidden(model, seqs, src.temperature, bias)
-            policy = policy_pass(hidden, head_weight(model), tokens, mask)
-            logp = policy.logp  # [N, T]
+            hidden = final_hidden(model, seqs, temperature, bias)
+            weight = head_weight(model)
+            policy = policy_pass(hidden, weight, tokens, mask)
         if old_logp is None:
-            old_logp = logp.detach()  # π_old: the training pass at θ_old
+            old_logp = policy.logp.detach()  # π_old: the training pass at θ_old
         loss_value = None
         if not last:
             batch = Batch(
                 hidden=hidden.detach(),
-                weight=head_weight(model).detach(),
+                weight=weight.detach(),
                 tokens=tokens,
                 mask=mask,
                 old_logp=old_logp,
                 advantages=advantages,
                 rollout_logp=rollout_logp.to(old_logp.dtype),
             )
-            loss = aggregated_loss(spec, batch, policy, params, agg)
+            entropy = policy.entropy() if params.entropy_coef != 0.0 else None
+            loss = objective(batch, policy.logp, spec, params, aggregation, entropy).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_value = num(loss.detach())
-        trajectory.append(
-            ratio_step(
-                k,
-                loss_value,
-                logp.detach(),
-                old_logp,
-                advantages,
-                mask,
-                params.eps_low,
-                params.eps_high,
-            )
-        )
+            loss_value = float(loss.detach())
+        trajectory.append(StalePoint(k, loss_value, policy.logp.detach()))
     optimizer.zero_grad(set_to_none=True)
     assert old_logp is not None
-    staleness = Staleness(
-        steps=cfg.steps, optimizer=cfg.optimizer, lr=cfg.lr, loss=cfg.loss, trajectory=trajectory
-    )
-    return StaleResult(staleness, old_logp, hidden.detach())
+    record = StalenessRecord(cfg.steps, cfg.optimizer, cfg.lr, cfg.loss, trajectory)
+    return StaleResult(record, old_logp, hidden.detach())

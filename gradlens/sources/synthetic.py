@@ -1,6 +1,6 @@
 """A seeded synthetic batch: random hidden states and lm_head, rollouts drawn from π_old.
 
-Construction (all from one `torch.Generator` seeded with ``config.seed``, so a run is
+Construction (all from one `torch.Generator` seeded with ``seed``, so a run is
 reproducible on any device):
 
 1. N sequences with lengths uniform in [min_length, max_length], padded to T = max_length.
@@ -21,14 +21,15 @@ reproducible on any device):
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from gradlens.advantages import advantages_from_rewards
+from gradlens.config import SyntheticSource
 from gradlens.containers import Batch
 from gradlens.logits import compute_logits, token_logp
+from gradlens.sources.base import SourceContext
 
 
 def mean_entropy(logits: Tensor) -> float:
@@ -56,19 +57,20 @@ def entropy_scale(logits: Tensor, target: float, rtol: float = 1e-6) -> float:
     return 0.5 * (lo + hi)
 
 
-def build_synthetic(src: Any, config: Any, device: torch.device, dtype: torch.dtype) -> Batch:
+def build_synthetic(src: SyntheticSource, ctx: SourceContext) -> Batch:
     """The batch described by a `SyntheticSource` section."""
-    gen = torch.Generator().manual_seed(config.seed)
+    device, dtype = ctx.device, ctx.dtype
+    gen = torch.Generator().manual_seed(ctx.seed)
     n, t, v, h = src.num_sequences, src.max_length, src.vocab_size, src.hidden_size
 
     lengths = torch.randint(src.min_length, src.max_length + 1, (n,), generator=gen)  # [N]
     mask = torch.arange(t)[None, :] < lengths[:, None]  # [N, T]
     hidden = torch.randn(n, t, h, generator=gen, dtype=torch.float64)  # [N, T, H]
     weight = torch.randn(v, h, generator=gen, dtype=torch.float64) / math.sqrt(h)  # [V, H]
-    if src.temperature is not None:
-        weight = weight / src.temperature
-    else:
+    if src.entropy is not None:  # the config validates that exactly one of the two is set
         weight = weight * entropy_scale(hidden[mask] @ weight.T, src.entropy)
+    elif src.temperature is not None:
+        weight = weight / src.temperature
 
     hidden_c, weight_c = hidden.to(dtype), weight.to(dtype)
     logits = compute_logits(hidden_c, weight_c)  # [N, T, V], exactly as the engine computes it
@@ -97,7 +99,7 @@ def build_synthetic(src: Any, config: Any, device: torch.device, dtype: torch.dt
     else:
         rewards = torch.randn(n, generator=gen)
     adv, note = advantages_from_rewards(
-        rewards.double(), config.advantage.normalization, src.group_size, config.advantage.eps
+        rewards.double(), ctx.normalization, src.group_size, ctx.advantage_eps
     )
     advantages = (adv[:, None] * mask).to(old_logp.dtype)  # [N, T]
     ref_logp = None

@@ -88,7 +88,9 @@ def check_curve(grid: Grid, curve: Curve, indices: Tensor, vocab_size: int) -> C
         advantages=torch.full_like(exact, curve.advantage),
         mask=torch.ones_like(exact, dtype=torch.bool),
     )
-    terms = get_loss(curve.loss).fn(inputs, config.loss_params())
+    terms = get_loss(curve.loss).terms(
+        inputs, config.loss.params(), config.loss.token_aggregation()
+    )
     loss = (curve.weight * terms.per_token).sum()
     if loss.requires_grad:  # a loss constant in ℓ at every point has no graph to walk
         loss.backward()

@@ -45,9 +45,8 @@ from gradlens.config import (
     parse_override,
     read_yaml,
 )
-from gradlens.errors import GradlensError
-from gradlens.losses import LossParams, get_loss
-from gradlens.losses.registry import unknown_name_message
+from gradlens.errors import GradlensError, unknown_name_message
+from gradlens.losses import get_loss
 from gradlens.sweep.grid import AXES, SWEPT, SYMBOL, range_problems
 
 MAX_VARIANTS = 256  # combinations of --over values; each one is a full set of curves
@@ -143,12 +142,6 @@ class SweepConfig(Strict):
                 f"{combinations} combinations of values, more than {MAX_VARIANTS}; sweep fewer"
             )
         return value
-
-    def loss_params(self) -> LossParams:
-        """The `LossParams` of the ``loss`` section, mapped exactly as ``compare`` maps it."""
-        from gradlens.compare import loss_params_from
-
-        return loss_params_from(self.loss)
 
     def axis(self, name: str) -> AxisConfig:
         return self.pi_old if name == "pi_old" else self.pi_theta

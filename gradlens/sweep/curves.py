@@ -115,8 +115,8 @@ def variant_curves(grid: Grid, variant: Variant, name: str) -> list[Curve]:
     weight = lone_token_weight(config.loss.aggregation, config.loss.loss_scale_factor)
     inputs = point_inputs(grid.pi_old, grid.pi_theta, config.advantage)
     with torch.no_grad():
-        terms = spec.fn(inputs, config.loss_params())
-    g = terms.coefficient.to(torch.float64)[:, 0]  # [2P]
+        terms = spec.terms(inputs, config.loss.params(), config.loss.token_aggregation())
+    g = terms.per_token_grad.to(torch.float64)[:, 0]  # [2P]
     adv = inputs.advantages[:, 0]  # [2P]
     ratio = torch.exp(inputs.logp - inputs.old_logp)[:, 0]  # [2P]
     one_minus = (1.0 - grid.pi_theta).repeat(len(SIGNS))  # [2P]

@@ -7,7 +7,7 @@ by column from the curve tensors for speed (a 2-D grid has hundreds of thousands
 are null.
 
 The `SweepReport` is what the table and the plot read, and what ``--format summary`` writes
-as one JSON document (schema ``gradlens.sweep/1``; ``gradlens schema --report sweep`` prints
+as one JSON document (schema ``gradlens.sweep/2``; ``gradlens schema --report sweep`` prints
 its JSON Schema, generated from these models).
 """
 
@@ -19,7 +19,7 @@ from pydantic import ConfigDict, Field
 
 from gradlens.results import Result
 
-SCHEMA_VERSION: Literal["gradlens.sweep/1"] = "gradlens.sweep/1"
+SCHEMA_VERSION: Literal["gradlens.sweep/2"] = "gradlens.sweep/2"
 
 
 class SweepPoint(Result):
@@ -127,7 +127,7 @@ class AxisInfo(Result):
 
 class LossInfo(Result):
     name: str
-    coefficient: str = Field(description="g = ∂(per-token loss)/∂log π_θ(y)")
+    per_token_grad_formula: str = Field(description="g = ∂(per-token loss)/∂log π_θ(y)")
     post_formula: str = Field(description="|∂L/∂z_y| of one token, before the weight a")
     rules: list[str] = Field(description="the rules (clip, mask) the loss can apply")
 
@@ -152,7 +152,7 @@ class CheckSummary(Result):
 class SweepReport(Result):
     """``gradlens sweep --format summary``: the summary of every curve, without the points."""
 
-    schema_version: Literal["gradlens.sweep/1"] = SCHEMA_VERSION
+    schema_version: Literal["gradlens.sweep/2"] = SCHEMA_VERSION
     config: dict[str, Any] = Field(description="the resolved sweep configuration")
     vary: Literal["pi_old", "pi_theta", "both"]
     axes: list[AxisInfo] = Field(description="the swept axes: one, or two for vary = both")

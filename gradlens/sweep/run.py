@@ -118,7 +118,7 @@ def run_sweep(config: SweepConfig, progress: Progress | None = None) -> SweepOut
     losses = [
         LossInfo(
             name=s.name,
-            coefficient=s.coefficient,
+            per_token_grad_formula=s.grad_formula,
             post_formula=s.post_formula,
             rules=list(s.regions),
         )

@@ -28,7 +28,7 @@ def cases() -> list[Case]:
             argv = ["compare", "--config", str(path), "--format", "json"]
             out.append((name, argv, name in MODEL_CONFIGS, None))
     compare = ["compare", "--format", "json"]
-    frontier = ["--losses", "grpo,gspo,cispo,sapo,minirl,ppo_clip"]
+    policy_losses = ["--losses", "grpo,gspo,cispo,sapo,minirl,ppo_clip"]
     drift = ["--set", "source.rollout_drift=0.1", "--set", "source.ref_drift=0.2"]
     out += [
         ("sweep_default", ["sweep", "--format", "summary"], False, None),
@@ -46,12 +46,12 @@ def cases() -> list[Case]:
             False,
             None,
         ),
-        ("frontier", [*compare, *frontier, *drift], False, None),
+        ("policy_losses", [*compare, *policy_losses, *drift], False, None),
         (
-            "frontier_corrections_entropy",
+            "policy_losses_corrections_entropy",
             [
                 *compare,
-                *frontier,
+                *policy_losses,
                 *drift,
                 "--set",
                 "loss.corrections=[{kind: token_tis}, {kind: geo_mask, low: 0.5, high: 2}]",
@@ -64,10 +64,10 @@ def cases() -> list[Case]:
             None,
         ),
         (
-            "frontier_entropy_streamed",
+            "policy_losses_entropy_streamed",
             [
                 *compare,
-                *frontier,
+                *policy_losses,
                 *drift,
                 "--set",
                 "loss.entropy_coef=0.01",

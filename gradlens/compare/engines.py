@@ -1,0 +1,41 @@
+"""What the two engines of ``compare`` take and give, so that the pipeline treats them alike.
+
+`EngineOptions` are the diagnostics settings as plain values; an engine returns an `EngineRun`:
+one `LossRecord` per loss, the per-token summary (`TokenSummary`), how it ran (`EngineInfo`) and,
+with ``--parity``, the inputs of the parity report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gradlens.compare.parity import ParityInputs
+from gradlens.compare.records import LossRecord, TokenSummary
+from gradlens.results import EngineInfo
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """The diagnostics settings an engine reads.
+
+    Attributes:
+        top_k: rows listed in the top-rows table.
+        token_details: per-token gradients in the report (materialized engine only).
+        reference: check against torch.autograd (decided once, by `gradlens.compare.run`).
+        memory_budget_bytes: the streamed engine's working memory; None: its automatic budget.
+        vocab_chunk: the streamed engine's rows per chunk; None: from the budget.
+    """
+
+    top_k: int = 10
+    token_details: bool = False
+    reference: bool = True
+    memory_budget_bytes: int | None = None
+    vocab_chunk: int | None = None
+
+
+@dataclass(frozen=True)
+class EngineRun:
+    records: list[LossRecord]
+    tokens: TokenSummary
+    info: EngineInfo
+    parity: ParityInputs | None = None

@@ -1,0 +1,97 @@
+"""The materialized engine: every loss's [M, V] logit gradient and [V, H] lm_head gradient.
+
+One `softmax_view` of the valid tokens is shared by every loss; each loss's gradients come from
+the master identity (`gradlens.grads.closed_form`), and with the reference on, from autograd
+too (`autograd_reference`), and the diagnostics read the full tensors. Meant for batches whose
+tokens × vocabulary fit in memory; `gradlens.compare.streamed` does the rest.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gradlens.compare.engines import EngineOptions, EngineRun
+from gradlens.compare.parity import materialized_inputs
+from gradlens.compare.records import LossRecord, TokenSummary
+from gradlens.containers import Batch
+from gradlens.diagnostics.agreement import agreement, not_run
+from gradlens.diagnostics.numbers import count_non_finite
+from gradlens.diagnostics.row_norms import row_norms
+from gradlens.diagnostics.sampled_row import sampled_row
+from gradlens.diagnostics.tokens import token_details
+from gradlens.diagnostics.zero_sum import zero_sum
+from gradlens.grads import LossGradients, SoftmaxView, autograd_reference, closed_form, softmax_view
+from gradlens.losses import Aggregation, LossParams, LossSpec
+from gradlens.results import EngineInfo
+
+
+def run_materialized(
+    batch: Batch,
+    specs: list[LossSpec],
+    params: LossParams,
+    aggregation: Aggregation,
+    options: EngineOptions,
+    reason: str,
+    pair: tuple[LossSpec, LossSpec] | None = None,
+) -> EngineRun:
+    """Every loss of ``specs`` on ``batch``; parity's inputs for ``pair``."""
+    view = softmax_view(batch)
+    records = [loss_record(batch, view, spec, params, aggregation, options) for spec in specs]
+    parity = None
+    if pair is not None:
+        parity = materialized_inputs(batch, view, pair[0], pair[1], params, aggregation)
+    return EngineRun(
+        records=records,
+        tokens=TokenSummary(view.logp, view.entropy, view.sampled_probs),
+        info=EngineInfo(path="materialized", reason=reason),
+        parity=parity,
+    )
+
+
+def loss_record(
+    batch: Batch,
+    view: SoftmaxView,
+    spec: LossSpec,
+    params: LossParams,
+    aggregation: Aggregation,
+    options: EngineOptions,
+) -> LossRecord:
+    """Gradients of one loss, its autograd twin, and the diagnostics that read them."""
+    grads = closed_form(batch, view, spec, params, aggregation)
+    reference = autograd_reference(batch, spec, params, aggregation) if options.reference else None
+    dtype = batch.weight.dtype
+    return LossRecord(
+        spec=spec,
+        objective=grads.objective,
+        loss=grads.loss,
+        non_finite=count_non_finite(grads.grad_logits, grads.grad_weight),
+        reference_non_finite=0
+        if reference is None
+        else count_non_finite(reference.grad_logits, reference.grad_weight),
+        sampled_row=sampled_row(
+            view, grads, None if reference is None else reference.grad_logits, spec.post_formula
+        ),
+        rows=row_norms(grads.grad_weight, view.tokens, options.top_k),
+        zero_sum=zero_sum(
+            grads.grad_logits,
+            grads.grad_weight,
+            zero_sum_scale(grads, view, params),
+            view.hidden,
+            view.logits,
+            entropy_bonus=grads.entropy_grad_logits is not None,
+        ),
+        agreement=not_run(dtype)
+        if reference is None
+        else agreement(grads, reference, batch.mask, dtype),
+        tokens=token_details(batch, view, grads) if options.token_details else None,
+    )
+
+
+def zero_sum_scale(grads: LossGradients, view: SoftmaxView, params: LossParams) -> torch.Tensor:
+    """[M] |c_t|, plus the gross size 2·|c_H|·a_t·H_t of the entropy bonus's cancelling terms
+    Σ_v π_v·|log π_v + H| ≤ 2H: the zero-sum bound is relative to what cancels."""
+    c_valid = grads.coefficient[view.rows, view.cols]
+    if grads.entropy_grad_logits is None:
+        return c_valid
+    a = grads.agg_weights[view.rows, view.cols].to(view.entropy.dtype)
+    return c_valid.abs() + 2 * abs(params.entropy_coef) * a * view.entropy

@@ -1,0 +1,249 @@
+"""`gradlens compare` as a pure function: a validated `Config` in, a `CompareReport` out.
+
+config → the source builds a `Batch` → the engine (materialized or streamed, chosen here) runs
+every loss and returns one `LossRecord` each → one builder turns each into a `LossReport` →
+the whole-model gradients of a real checkpoint, parity, the batch summary and the checks →
+the report. No I/O here.
+
+With ``diagnostics.tensor_parallel`` P > 1 it runs on each rank of a P-process group, with the
+same config everywhere, and returns the same report on every rank
+(`gradlens.compare.tensor_parallel`: each rank holds its rows of the lm_head; only the streamed
+engine runs, and ``engine: auto`` chooses it).
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+import torch.distributed as dist
+
+import gradlens
+from gradlens.compare.engines import EngineOptions, EngineRun
+from gradlens.compare.findings import checks
+from gradlens.compare.materialized import run_materialized
+from gradlens.compare.model_grads import model_gradients
+from gradlens.compare.model_report import model_report
+from gradlens.compare.parity import build_parity
+from gradlens.compare.records import TokenSummary, loss_report
+from gradlens.compare.streamed import run_fused, run_streamed
+from gradlens.compare.tensor_parallel import (
+    VocabParallel,
+    prepare,
+    tensor_parallel_group,
+    together,
+)
+from gradlens.config import Config
+from gradlens.containers import Batch
+from gradlens.diagnostics import tolerances
+from gradlens.diagnostics.mismatch import rollout_stats
+from gradlens.diagnostics.numbers import num
+from gradlens.diagnostics.ratios import ratio_stats
+from gradlens.errors import GradlensError
+from gradlens.grads import effective_old_logp
+from gradlens.logits import softmax_dtype
+from gradlens.losses import Aggregation, LossParams, get_loss
+from gradlens.metric_names import metric_names
+from gradlens.results import BatchSummary, CompareReport, Environment
+from gradlens.sources import SourceContext, build_source
+
+ENGINES = {"materialized": run_materialized, "streamed": run_streamed, "fused": run_fused}
+TOKEN_DETAIL_LIMIT = 4096  # tokens × vocabulary entries printed under token_details: auto
+
+
+def resolve_device(name: str) -> torch.device:
+    """``cpu``, ``cuda`` (an error without a GPU) or ``auto`` (cuda when available)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise GradlensError(
+            "device: 'cuda' was requested but no CUDA device is available to torch "
+            f"{torch.__version__}; use --device cpu, or --device auto to fall back"
+        )
+    return torch.device(name)
+
+
+def source_context(config: Config, device: torch.device, rank: int = 0) -> SourceContext:
+    """The plain settings a source builder receives beside its own section (``rank``: this
+    process's in the tensor-parallel group)."""
+    return SourceContext(
+        device=device,
+        dtype=config.operand_dtype,
+        seed=config.seed,
+        normalization=config.advantage.normalization,
+        advantage_eps=config.advantage.eps,
+        params=config.loss.params(),
+        aggregation=config.loss.token_aggregation(),
+        rank=rank,
+        tensor_parallel=config.diagnostics.tensor_parallel,
+    )
+
+
+def choose_engine(config: Config, batch: Batch) -> tuple[str, str]:
+    """("materialized" | "streamed", why): ``diagnostics.engine``, or for ``auto`` the size
+    tokens × vocabulary against ``diagnostics.stream_above``; under tensor parallelism the
+    streamed engine (the config refuses the others)."""
+    d = config.diagnostics
+    if d.engine != "auto":
+        return d.engine, f"diagnostics.engine = {d.engine}"
+    if d.tensor_parallel > 1:
+        return "streamed", f"tensor_parallel = {d.tensor_parallel}: the vocab-parallel engine"
+    entries = batch.num_tokens * batch.vocab_size
+    if entries > d.stream_above:
+        return "streamed", f"tokens × vocabulary = {entries} > {d.stream_above}"
+    return "materialized", f"tokens × vocabulary = {entries} ≤ {d.stream_above}"
+
+
+def engine_options(config: Config, batch: Batch, path: str) -> EngineOptions:
+    """The diagnostics settings as the engine reads them; ``reference: auto`` is decided here:
+    autograd with the materialized engine, none with the streamed one (it would materialise
+    [tokens, vocab] per loss)."""
+    d = config.diagnostics
+    details = d.token_details
+    small = batch.num_tokens * batch.vocab_size <= TOKEN_DETAIL_LIMIT
+    return EngineOptions(
+        top_k=d.top_k,
+        token_details=path == "materialized" and (details == "on" or (details == "auto" and small)),
+        reference=d.reference == "autograd" or (d.reference == "auto" and path == "materialized"),
+        memory_budget_bytes=None
+        if d.memory_budget_mib is None
+        else int(d.memory_budget_mib * 2**20),
+        vocab_chunk=d.vocab_chunk,
+    )
+
+
+def summarize_batch(batch: Batch, tokens: TokenSummary) -> BatchSummary:
+    """The batch in a few numbers."""
+    m = batch.mask
+    empty = tokens.entropy.numel() == 0
+    return BatchSummary(
+        source=batch.source,
+        num_sequences=batch.num_sequences,
+        num_tokens=batch.num_tokens,
+        vocab_size=batch.vocab_size,
+        hidden_size=batch.hidden_size,
+        advantages=batch.advantage_note,
+        mean_entropy=None if empty else num(tokens.entropy.mean()),
+        mean_sampled_prob=None if empty else num(tokens.sampled_probs.mean()),
+        mean_abs_advantage=None if empty else num(batch.advantages[m].abs().mean()),
+        logp_max=None if empty else num(batch.old_logp[m].max()),
+    )
+
+
+def environment(config: Config, device: torch.device) -> Environment:
+    dtype = config.operand_dtype
+    return Environment(
+        gradlens=gradlens.__version__,
+        python=sys.version.split()[0],
+        torch=torch.__version__,
+        platform=platform.platform(),
+        device=str(device),
+        dtype=config.dtype,
+        softmax_dtype=str(softmax_dtype(dtype)).removeprefix("torch."),
+        seed=config.seed,
+    )
+
+
+def run_compare(config: Config, group: dist.ProcessGroup | None = None) -> CompareReport:
+    """Run every loss of ``config`` on the batch its source builds and diagnose it.
+
+    ``group``: with ``diagnostics.tensor_parallel`` P > 1, the process group of the P ranks
+    (None: the default group, as torchrun and `torch.distributed.init_process_group` make it);
+    every rank calls this with the same config and gets the same report. Ignored for P = 1.
+    """
+    device = resolve_device(config.device)
+    comm = tensor_parallel_group(config.diagnostics.tensor_parallel, group)
+    ctx = source_context(config, device, 0 if comm is None else comm.rank)
+    if comm is None:
+        return compare_batch(build_source(config.source, ctx), config, device)
+    batch, parallel = prepare(lambda: build_source(config.source, ctx), comm, device)
+    return compare_batch(batch, config, device, parallel)
+
+
+def compare_batch(
+    batch: Batch, config: Config, device: torch.device, parallel: VocabParallel | None = None
+) -> CompareReport:
+    """Run every loss of ``config`` on ``batch`` and diagnose it (``config.source`` unused).
+
+    ``parallel``: with ``diagnostics.tensor_parallel`` > 1, this rank's group as
+    `gradlens.compare.tensor_parallel.prepare` returns it (``batch`` then holds the rank's rows
+    of W); `run_compare` prepares it.
+    """
+    if parallel is None and config.diagnostics.tensor_parallel > 1:
+        raise GradlensError(
+            f"diagnostics.tensor_parallel: {config.diagnostics.tensor_parallel} ranks run through "
+            "gradlens compare under torchrun or run_compare(config, group), which split the "
+            "lm_head over the group; this call runs in one process: set tensor_parallel 1"
+        )
+    params = config.loss.params()
+    aggregation = config.loss.token_aggregation()
+    path, reason = choose_engine(config, batch)
+    specs = [get_loss(name) for name in config.losses]
+    pair = None
+    if config.parity is not None:
+        pair = (get_loss(config.parity.losses[0]), get_loss(config.parity.losses[1]))
+    options = engine_options(config, batch, path)
+    run: EngineRun
+    if parallel is None:
+        run = ENGINES[path](batch, specs, params, aggregation, options, reason, pair)
+    else:  # the config allows no other engine under tensor parallelism
+        run = run_streamed(
+            batch, specs, params, aggregation, options, reason, pair, parallel=parallel
+        )
+    with _phase(parallel, "report"):
+        report = _report(config, device, batch, run, params, aggregation)
+    return report
+
+
+def _phase(parallel: VocabParallel | None, step: str) -> AbstractContextManager[None]:
+    """Under tensor parallelism the ranks exchange the phase's errors at its end."""
+    if parallel is None:
+        return nullcontext()
+    return together(parallel.comm, step, parallel.device)
+
+
+def _report(
+    config: Config,
+    device: torch.device,
+    batch: Batch,
+    run: EngineRun,
+    params: LossParams,
+    aggregation: Aggregation,
+) -> CompareReport:
+    """Everything after the engine: the loss reports, the model sections, parity, checks."""
+    logp = run.tokens.logp
+    reports = [loss_report(r, batch, logp, params) for r in run.records]
+    model = None
+    ctx = batch.model_context
+    if ctx is not None:
+        model = model_report(ctx, batch, params)
+        if ctx.whole_model:  # a real checkpoint: each loss through the network
+            sft_over_rl, reports = model_gradients(
+                batch, ctx, run.tokens, reports, params, aggregation
+            )
+            model = model.model_copy(update={"sft_over_rl": sft_over_rl})
+    summary = summarize_batch(batch, run.tokens)
+    parity = None
+    if config.parity is not None:
+        assert run.parity is not None
+        tolerance = config.parity.tolerance or tolerances.agreement(config.operand_dtype)
+        parity = build_parity(batch, logp, run.parity, aggregation, tolerance)
+    all_checks = checks(summary, reports, parity)
+    return CompareReport(
+        environment=environment(config, device),
+        config=config.model_dump(mode="json"),
+        batch=summary,
+        ratio=ratio_stats(logp, effective_old_logp(batch, logp), batch.mask),
+        losses=reports,
+        checks=all_checks,
+        passed=all(c.passed for c in all_checks),
+        model=model,
+        rollout=None
+        if batch.rollout_logp is None
+        else rollout_stats(effective_old_logp(batch, logp), batch.rollout_logp, batch.mask),
+        parity=parity,
+        engine=run.info,
+        metric_names=metric_names(),
+    )

@@ -1,0 +1,300 @@
+"""The streamed engine of `gradlens compare`: every loss's lm_head diagnosis from one engine run.
+
+All losses share one pass over the logits (`gradlens.engine.streamed`): the engine hands the
+sampled tokens' log-probs to `coefficients_for`, which evaluates each loss's
+`gradlens.grads.objective` on the [N, T] grid exactly as the materialized engine does, and gets
+back the per-row norms and the row sum of each loss's ∂L/∂W. Nothing of size M×V or V×H is
+kept.
+
+With ``diagnostics.reference: autograd`` each loss is also differentiated by torch.autograd
+(which materialises [M, V], one loss at a time) and compared: c_t, the sampled-row logit
+gradient ∂L/∂z_y and the row norms ‖∂L/∂W_v‖.
+
+With ``loss.entropy_coef`` ≠ 0 the engine adds the entropy bonus's gradient (not of the c-form)
+to every loss's rows, and the reports include it exactly as the materialized path's do.
+
+Under tensor parallelism (``parallel``: `gradlens.compare.tensor_parallel`) the batch holds this
+rank's rows of W and the engine is the vocab-parallel pass (`gradlens.engine.vocab_parallel`),
+planned for the largest rank's rows with the smallest rank's memory budget; it returns the result
+of the whole W on every rank, so everything after it is the same code. Its GEMM count is the
+total over all ranks.
+
+With ``--parity A,B`` the same run also gives parity's inputs (`gradlens.compare.parity`): A
+and B join the engine's losses if they are not among them (without a loss report of their own),
+and one
+more coefficient set, c_B − c_A, gives the row norms of ∂L_B/∂W − ∂L_A/∂W, which is of the same
+c-form. The logit-gradient gap follows from c_A, c_B and per-token statistics (`streamed_gap`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from gradlens.compare.engines import EngineOptions, EngineRun
+from gradlens.compare.parity import ParityInputs, ParityLoss, streamed_gap
+from gradlens.compare.records import LossRecord, TokenSummary
+from gradlens.compare.tensor_parallel import VocabParallel
+from gradlens.containers import Batch, valid_index
+from gradlens.diagnostics import tolerances
+from gradlens.diagnostics.agreement import not_run
+from gradlens.diagnostics.metrics import terms_metrics
+from gradlens.diagnostics.numbers import count_non_finite, num, rel_err
+from gradlens.diagnostics.row_norms import row_norms_from
+from gradlens.diagnostics.streamed import grad_at_y, sampled_row_streamed, zero_sum_streamed
+from gradlens.engine.fused import check_device, fused_lm_head_pass
+from gradlens.engine.streamed import EngineResult, auto_budget, dense_dtype, lm_head_pass, plan
+from gradlens.engine.vocab_parallel import vocab_parallel_pass
+from gradlens.errors import GradlensError
+from gradlens.grads import Objective, autograd_reference, entropy_bonus, objective, on_grid
+from gradlens.logits import softmax_dtype
+from gradlens.losses import Aggregation, LossParams, LossSpec
+from gradlens.results import Agreement, EngineInfo
+
+
+def run_streamed(
+    batch: Batch,
+    specs: list[LossSpec],
+    params: LossParams,
+    aggregation: Aggregation,
+    options: EngineOptions,
+    reason: str,
+    pair: tuple[LossSpec, LossSpec] | None = None,
+    fused: bool = False,
+    parallel: VocabParallel | None = None,
+) -> EngineRun:
+    """Every loss of ``specs`` through one engine run, and parity's inputs for ``pair``.
+
+    ``fused``: the passes with Triton kernels between the GEMMs (`gradlens.engine.fused`), the
+    same result (the engine path ``fused``, opt-in). ``parallel``: this rank's tensor-parallel
+    group; ``batch`` then holds the rank's rows of W (`Batch.weight_rows`).
+    """
+    if fused:
+        check_device(batch.weight.device)
+    if fused and parallel is not None:
+        raise GradlensError(
+            "diagnostics.engine: 'fused' runs in one process, not under tensor_parallel"
+        )
+    rows, cols = valid_index(batch.mask)
+    hidden = batch.hidden[rows, cols]  # [M, H]
+    tokens = batch.tokens[rows, cols]  # [M]
+    names = [s.name for s in specs]
+    run_specs = list(specs)
+    if pair is not None:
+        run_specs += [s for s in dict.fromkeys(pair) if s.name not in names]
+    reported = len(specs)
+    objectives: list[Objective] = []
+    grid: list[Tensor] = []  # [N, T] ℓ as the engine computed it
+
+    def coefficients_for(logp_valid: Tensor) -> list[Tensor]:
+        logp = on_grid(logp_valid, rows, cols, batch.mask.shape)
+        grid.append(logp)
+        for spec in run_specs:
+            objectives.append(objective(batch, logp, spec, params, aggregation))
+        out = [o.coefficient[rows, cols] for o in objectives]
+        if pair is not None:  # ∂L_B/∂W − ∂L_A/∂W is the c-form gradient of c_B − c_A
+            a, b = (objectives[run_specs.index(s)].coefficient for s in pair)
+            out.append((b - a)[rows, cols])
+        return out
+
+    budget = options.memory_budget_bytes or auto_budget(hidden.device)
+    rows_per_rank = batch.vocab_size
+    if parallel is not None:  # one plan on every rank: the largest shard, the tightest budget
+        budget = parallel.smallest(budget)
+        rows_per_rank = max(parallel.split.sizes)
+    k = len(run_specs) + (pair is not None)
+    buffers = 3 if params.entropy_coef == 0.0 else 4  # the bonus's [M, Vc] block: one more
+    engine_plan = plan(
+        tokens.numel(),
+        rows_per_rank,
+        batch.hidden_size,
+        k,
+        budget,
+        options.vocab_chunk,
+        buffers=buffers,
+    )
+    entropy_weight = None  # w_t = a_t·c_H of the entropy bonus, [M]
+    if params.entropy_coef != 0.0:
+        weights = aggregation.weights(batch.mask, softmax_dtype(batch.weight.dtype))
+        entropy_weight = params.entropy_coef * weights[rows, cols]
+    if parallel is None:
+        engine_pass = fused_lm_head_pass if fused else lm_head_pass
+        result = engine_pass(
+            hidden,
+            batch.weight,
+            tokens,
+            coefficients_for,
+            engine_plan,
+            entropy_weight=entropy_weight,
+            entropy_losses=len(run_specs),  # not parity's c_B − c_A: the bonus cancels there
+        )
+    else:
+        result = vocab_parallel_pass(
+            hidden,
+            batch.weight,  # [V_r, H]: this rank's rows
+            tokens,
+            coefficients_for,
+            engine_plan,
+            parallel.split,
+            parallel.comm,
+            entropy_weight=entropy_weight,
+            entropy_losses=len(run_specs),
+        )
+    logp = grid[0]
+    entropy = on_grid(result.tokens.entropy, rows, cols, batch.mask.shape)  # [N, T]
+    bonus_scale = None  # the bonus's gross size 2·|c_H|·a_t·H_t, [M]
+    if entropy_weight is not None:
+        bonus_scale = 2 * entropy_weight.abs() * result.tokens.entropy
+    hidden_norms = hidden.to(result.tokens.lse.dtype).norm(dim=-1)  # [M]
+
+    def loss_value(obj: Objective) -> float:
+        """L with the bonus −c_H·Σ_t a_t·H_t from the engine's entropy."""
+        bonus = entropy_bonus(obj.agg_weights, entropy, params.entropy_coef)
+        return float(obj.loss) + (float(bonus) if params.entropy_coef != 0.0 else 0.0)
+
+    records = []
+    for i, spec in enumerate(run_specs[:reported]):
+        c = result.coefficients[i]  # [M]
+        stats = result.rows[i]
+        obj = objectives[i]
+        post = obj.weights[rows, cols] * obj.terms.per_token_grad[rows, cols].abs()
+        post = post * (1 - result.tokens.sampled_prob)
+        agreement, ref_at_y, ref_non_finite = (
+            _agreement(batch, spec, params, aggregation, c, result, i, rows, cols, tokens)
+            if options.reference
+            else (not_run(batch.weight.dtype), None, 0)
+        )
+        records.append(
+            LossRecord(
+                spec=spec,
+                objective=obj,
+                loss=loss_value(obj),
+                non_finite=count_non_finite(c, stats.norms, stats.row_sum),
+                reference_non_finite=ref_non_finite,
+                sampled_row=sampled_row_streamed(
+                    c, result.tokens, spec.post_formula, post, ref_at_y, stats
+                ),
+                rows=row_norms_from(stats.norms, tokens, options.top_k),
+                zero_sum=zero_sum_streamed(
+                    c,
+                    result.tokens,
+                    stats.row_sum,
+                    stats.norms,
+                    hidden_norms,
+                    batch.vocab_size,
+                    dense_dtype(batch.hidden.dtype),
+                    stats.other_max,
+                    bonus_scale,
+                    stats.gemm_scale,
+                ),
+                agreement=agreement,
+            )
+        )
+    info = EngineInfo(
+        path="fused" if fused else "streamed",
+        reason=reason,
+        vocab_chunk=engine_plan.vocab_chunk,
+        resident_chunks=engine_plan.resident,
+        budget_bytes=budget,
+        gemm_equivalents=result.gemm_equivalents,
+        tensor_parallel=1 if parallel is None else parallel.split.world,
+        vocab_rows=None if parallel is None else parallel.split.sizes,
+    )
+    parity = None
+    if pair is not None:
+        ia, ib = (run_specs.index(s) for s in pair)
+        a_max = None  # max_v |∂L_A/∂z_tv|, when the entropy bonus makes it other than |c_A|·u
+        other_max = result.rows[ia].other_max
+        if other_max is not None:
+            at_y = grad_at_y(result.coefficients[ia], result.tokens).abs()
+            a_max = torch.maximum(at_y, other_max)
+        gap = streamed_gap(
+            result.coefficients[ia],
+            result.coefficients[ib],
+            result.rows[-1].norms,
+            result.tokens.sampled_prob,
+            result.tokens.max_other_prob,
+            a_max,
+        )
+        parity = ParityInputs(
+            _parity_loss(run_specs[ia], objectives[ia], result, ia, loss_value),
+            _parity_loss(run_specs[ib], objectives[ib], result, ib, loss_value),
+            gap,
+        )
+    return EngineRun(
+        records=records,
+        tokens=TokenSummary(logp, result.tokens.entropy, result.tokens.sampled_prob),
+        info=info,
+        parity=parity,
+    )
+
+
+def run_fused(
+    batch: Batch,
+    specs: list[LossSpec],
+    params: LossParams,
+    aggregation: Aggregation,
+    options: EngineOptions,
+    reason: str,
+    pair: tuple[LossSpec, LossSpec] | None = None,
+) -> EngineRun:
+    """`run_streamed` with the fused passes."""
+    return run_streamed(batch, specs, params, aggregation, options, reason, pair, fused=True)
+
+
+def _parity_loss(
+    spec: LossSpec,
+    obj: Objective,
+    result: EngineResult,
+    i: int,
+    loss_value: Callable[[Objective], float],
+) -> ParityLoss:
+    """Loss ``i`` of the engine run as parity needs it: ‖∂L/∂W‖ from its row norms (the
+    entropy bonus included, as in the losses' own reports)."""
+    norms = result.rows[i].norms
+    return ParityLoss(
+        name=spec.name,
+        loss=loss_value(obj),
+        grad_norm=num(norms.double().norm()),
+        rows=norms,
+        coefficient=obj.coefficient,
+        terms=obj.terms,
+        metrics=terms_metrics(obj.terms, obj.agg_weights),
+    )
+
+
+def _agreement(
+    batch: Batch,
+    spec: LossSpec,
+    params: LossParams,
+    aggregation: Aggregation,
+    c: Tensor,
+    result: EngineResult,
+    i: int,
+    rows: Tensor,
+    cols: Tensor,
+    tokens: Tensor,
+) -> tuple[Agreement, Tensor, int]:
+    """Engine against autograd: c_t, ∂L/∂z_y and the row norms (normwise relative)."""
+    ref = autograd_reference(batch, spec, params, aggregation)
+    ref_at_y = ref.grad_logits.gather(-1, tokens[:, None]).squeeze(-1)  # [M]
+    at_y = grad_at_y(c, result.tokens)  # the entropy bonus's E_y included, as in autograd's
+    errors = (
+        rel_err(c, ref.coefficient[rows, cols]),
+        rel_err(at_y, ref_at_y),
+        rel_err(result.rows[i].norms, ref.grad_weight.double().norm(dim=1)),
+    )
+    tol = tolerances.agreement(batch.weight.dtype)
+    return (
+        Agreement(
+            coefficient=errors[0],
+            grad_logits=errors[1],
+            grad_weight=errors[2],
+            tolerance=tol,
+            passed=all(e is not None and e <= tol for e in errors),
+        ),
+        ref_at_y,
+        count_non_finite(ref.grad_logits, ref.grad_weight),
+    )

@@ -1,0 +1,39 @@
+"""What every source builder receives besides its own section of the config: plain arguments.
+
+A builder is ``build(section, context) -> Batch``, with ``section`` its own typed config section
+(`gradlens.config.SyntheticSource`, ...) and a `SourceContext`; none sees the whole config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from gradlens.losses import Aggregation, LossParams
+
+
+@dataclass(frozen=True)
+class SourceContext:
+    """The run's settings a source may need.
+
+    Attributes:
+        device, dtype: where the batch lives and its operand dtype.
+        seed: the run's seed (every random draw of a source comes from it).
+        normalization, advantage_eps: how rewards become advantages (`gradlens.advantages`).
+        params, aggregation: the run's loss settings (the model source's stale steps minimise a
+            loss with them).
+        rank, tensor_parallel: this process's rank in the tensor-parallel group and the group's
+            size (1: one process). A source may return only this rank's rows of the lm_head
+            (`Batch.weight_rows`); the compare pipeline splits a whole one itself.
+    """
+
+    device: torch.device
+    dtype: torch.dtype
+    seed: int = 0
+    normalization: str = "group"
+    advantage_eps: float = 1e-6
+    params: LossParams = field(default_factory=LossParams)
+    aggregation: Aggregation = field(default_factory=Aggregation)
+    rank: int = 0
+    tensor_parallel: int = 1

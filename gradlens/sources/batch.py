@@ -1,0 +1,175 @@
+"""A rollout batch dumped from a real training run (see `gradlens.batchfile` for the format).
+
+The file gives the sampled tokens, the mask, π_old (and optionally μ_old and π_ref) and the
+advantages, or rewards that ``advantage.normalization`` turns into advantages with
+``source.group_size`` consecutive sequences per prompt. The lm_head analysis needs the final
+hidden states and the lm_head weight: stored in the file as ``hidden_states`` and
+``lm_head_weight``, or recomputed from the file's prompt and response token ids by the
+checkpoint at ``source.model_path`` (gradlens.sources.recompute), which then wins over any
+stored ones; with it, every loss also runs through the whole checkpoint unless
+``source.whole_model`` is false (the batch then carries a `ModelContext`).
+
+Under tensor parallelism (``SourceContext.tensor_parallel`` P > 1) the rank keeps only its rows
+of the file's lm_head weight (split at load, the balanced split), or ``{rank}`` in
+``source.path`` names a file per rank that holds that rank's rows (``vocab_offset``,
+``vocab_size``; `gradlens.batchfile`); the batch's ``weight_rows`` says which. A checkpoint's
+recomputed lm_head is whole; the compare pipeline splits it.
+
+`dump_tensors` is the inverse: what ``gradlens dump`` writes of any source's batch.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from gradlens.advantages import advantages_from_rewards
+from gradlens.batchfile import read_batch_tensors
+from gradlens.config import BatchSource
+from gradlens.containers import Batch, VocabRows
+from gradlens.engine.vocab_split import balanced_split
+from gradlens.errors import GradlensError
+from gradlens.grads import effective_old_logp, softmax_view
+from gradlens.logits import softmax_dtype
+from gradlens.sources.base import SourceContext
+from gradlens.sources.recompute import recompute_hidden
+
+RANK = "{rank}"  # in source.path: this rank's own file
+
+
+def rank_rows(rank: int, world: int, vocab: int) -> tuple[int, int]:
+    """The rows [v0, v1) of a vocabulary of ``vocab`` rows that ``rank`` of ``world`` keeps."""
+    return balanced_split(vocab, world).shard(rank)
+
+
+def build_batch_file(src: BatchSource, ctx: SourceContext) -> Batch:
+    """The batch stored at ``source.path``."""
+    device, dtype = ctx.device, ctx.dtype
+    path = Path(src.path.replace(RANK, str(ctx.rank))).expanduser()
+    keep_rows = None
+    if ctx.tensor_parallel > 1 and src.model_path is None:
+        keep_rows = partial(rank_rows, ctx.rank, ctx.tensor_parallel)
+    data = read_batch_tensors(path, prompts=src.model_path is not None, keep_rows=keep_rows)
+    origin = ""
+    context = None
+    rows = None
+    if src.model_path is not None:
+        recomputed = recompute_hidden(
+            src.model_path,
+            data,
+            src.temperature,
+            device,
+            dtype,
+            whole_model_of=str(path) if src.runs_whole_model else None,
+        )
+        hidden, weight, context = recomputed.hidden, recomputed.weight, recomputed.context
+        origin = f"; {recomputed.description}"
+        if "hidden" in data:
+            origin += " (the file's hidden_states and lm_head_weight are not used)"
+    elif "hidden" in data:
+        hidden, weight = data["hidden"], data["weight"]
+        v0, v1, vocab = (int(x) for x in data["weight_rows"])
+        if (v0, v1) != (0, vocab):
+            rows = VocabRows(v0, v1, vocab)
+            if ctx.tensor_parallel == 1:
+                raise GradlensError(
+                    f"source.path: {path.name} holds rows [{v0}, {v1}) of the lm_head's {vocab} "
+                    "(one tensor-parallel rank's: vocab_offset, vocab_size); run it with the "
+                    "other ranks' files, one per rank: torchrun --nproc-per-node P -m gradlens "
+                    "compare --tensor-parallel P --set source.path=NAME{rank}.safetensors"
+                )
+    else:
+        raise GradlensError(
+            f"source.path: {path.name} has no 'hidden_states' and 'lm_head_weight'; write them "
+            "into the file, or set source.model_path to a checkpoint that recomputes them from "
+            "the file's token ids (docs/batchfile.md shows both)"
+        )
+    mask = data["mask"]
+    n, t = mask.shape
+    acc = softmax_dtype(dtype)
+    if "advantages" in data:
+        adv = data["advantages"]
+        note = "read from the file"
+    else:
+        rewards = data["rewards"]
+        rewards = (rewards * mask).sum(-1) if rewards.dim() == 2 else rewards  # [N]
+        if n % src.group_size:
+            raise GradlensError(
+                f"source.group_size: {n} sequences are not a multiple of {src.group_size}"
+            )
+        adv, note = advantages_from_rewards(
+            rewards, ctx.normalization, src.group_size, ctx.advantage_eps
+        )
+        note = f"from the file's rewards: {note}"
+    advantages = (adv[:, None] if adv.dim() == 1 else adv).expand(n, t) * mask
+
+    def opt(name: str) -> torch.Tensor | None:
+        return data[name].to(acc).to(device) if name in data else None
+
+    return Batch(
+        hidden=hidden.to(dtype).to(device),
+        weight=weight.to(dtype).to(device),
+        tokens=data["tokens"].to(device),
+        mask=mask.to(device),
+        old_logp=data["old_logp"].to(acc).to(device),
+        advantages=advantages.to(acc).to(device),
+        rollout_logp=opt("rollout_logp"),
+        ref_logp=opt("ref_logp"),
+        source=(
+            f"batch file {path.name}: {n} sequences × ≤{t} tokens, "
+            f"V={weight.shape[0] if rows is None else rows.vocab}, H={weight.shape[1]}{origin}"
+        ),
+        advantage_note=note,
+        model_context=context,
+        weight_rows=rows,
+    )
+
+
+def dump_tensors(batch: Batch) -> dict[str, Tensor | None]:
+    """What ``gradlens dump`` writes of a batch, under gradlens names (see `write_batch`).
+
+    The per-token tensors of the [N, T] grid (``old_logp`` as the losses read it: π_θ itself at
+    on-policy positions), the hidden states and the lm_head weight. A batch from a real model
+    also carries its sequences (`ModelContext`: prompt left-padded ++ completion right-padded on
+    one [N, L] grid, whose final hidden states from column ``offset`` on are the batch's grid);
+    it is written in verl's layout, so that `gradlens.sources.recompute` rebuilds the same grid
+    from the file and the same checkpoint: ``prompts`` [N, P] and ``attention_mask`` [N, P+T],
+    and every per-token tensor cut to the T = L − P completion columns. The prompt ends where
+    the loss starts: the batch's first grid column with a token in the loss (``cut``) is
+    predicted from sequence column ``offset`` + ``cut`` = P − 1. The model source's grid is the
+    whole sequence (offset 0, and each sequence's first completion token is in the loss); a
+    batch file's grid is already the response (offset P − 1, cut 0). The columns cut off hold
+    no token in the loss.
+    """
+    per_token: dict[str, Tensor | None] = {
+        "tokens": batch.tokens,
+        "mask": batch.mask.long(),  # stored as integers, as the frameworks store it
+        "old_logp": effective_old_logp(batch, softmax_view(batch).logp),
+        "rollout_logp": batch.rollout_logp,
+        "ref_logp": batch.ref_logp,
+        "advantages": batch.advantages,
+        "hidden": batch.hidden,
+    }
+    context = batch.model_context
+    if context is None:
+        return {**per_token, "weight": batch.weight}
+    seqs = context.sequences
+    scored = batch.mask.any(dim=0).nonzero()
+    cut = int(scored[0]) if scored.numel() else 0
+    p = context.offset + cut + 1  # prompt columns of the [N, L] sequences
+    width = seqs.input_ids.shape[1]
+    if batch.mask.shape[1] - cut != width - p:
+        raise AssertionError(  # the ModelContext contract: grid = sequence columns offset + 1 on
+            f"batch grid of {batch.mask.shape[1]} columns beside sequences of {width} columns "
+            f"from offset {context.offset}"
+        )
+    cropped = {k: None if x is None else x[:, cut:] for k, x in per_token.items()}
+    return {
+        **cropped,
+        "weight": batch.weight,
+        "prompts": seqs.input_ids[:, :p],
+        "attention": seqs.attention_mask.long(),  # [N, P+T]: prompt and response
+    }

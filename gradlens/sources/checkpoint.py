@@ -1,0 +1,128 @@
+"""Loading a causal-LM checkpoint from a local directory, never from the Hub.
+
+``source.path`` (or ``source.model_path`` of a batch file) names a Hugging Face checkpoint
+directory (config.json, weights, tokenizer files), loaded with
+``transformers.AutoModelForCausalLM.from_pretrained`` in the run's dtype and on its device;
+``null`` (``builtin`` for a batch file) is the tiny model that ships inside gradlens, loaded
+through exactly the same code. A path that is not a local directory is an error whose message
+says how to download a Hub id first.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gradlens.containers import LoadedModel
+from gradlens.errors import GradlensError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model.safetensors.index.json")
+
+
+def builtin_model_dir() -> Path:
+    """The directory of the tiny model that ships with gradlens (scripts/train_tiny_lm.py)."""
+    return Path(str(importlib.resources.files("gradlens") / "data" / "tiny_lm"))
+
+
+def checkpoint_dir(path: str | None, key: str = "source.path") -> Path:
+    """The checkpoint directory, checked for the files a causal LM needs; errors name ``key``."""
+    if path is None:
+        where = builtin_model_dir()
+        if not (where / "config.json").is_file():
+            raise GradlensError(
+                f"{key}: the built-in model is missing from the installation ({where}); "
+                "reinstall gradlens or run scripts/train_tiny_lm.py"
+            )
+        return where
+    where = Path(path).expanduser()
+    if not where.exists():
+        looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
+        hint = (
+            "; it looks like a Hugging Face Hub id, but gradlens never downloads at run time: "
+            f"download it first (e.g. `huggingface-cli download {path} --local-dir DIR`) "
+            "and pass that DIR"
+            if looks_like_hub_id
+            else ""
+        )
+        raise GradlensError(f"{key}: {path!r} is not a local directory{hint}")
+    if not where.is_dir():
+        raise GradlensError(f"{key}: {path!r} is a file; give the checkpoint directory")
+    if not (where / "config.json").is_file():
+        raise GradlensError(
+            f"{key}: {path!r} has no config.json; a Hugging Face checkpoint directory "
+            "holds config.json, the weights (*.safetensors) and the tokenizer files"
+        )
+    if not any(any(where.glob(p)) for p in WEIGHT_PATTERNS):
+        raise GradlensError(f"{key}: {path!r} has no weights (*.safetensors or pytorch_model*.bin)")
+    if not any((where / f).is_file() for f in TOKENIZER_FILES):
+        raise GradlensError(
+            f"{key}: {path!r} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
+            "save the tokenizer beside the model (tokenizer.save_pretrained(DIR))"
+        )
+    return where
+
+
+def load_checkpoint(
+    path: str | None, device: torch.device, dtype: torch.dtype, key: str = "source.path"
+) -> LoadedModel:
+    """Model and tokenizer from a local directory (never the Hub), with consistency checks.
+
+    ``path`` None is the built-in model; every error names the config key ``key``.
+    """
+    where = checkpoint_dir(path, key)
+    label = "the built-in model" if path is None else repr(path)
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+    except ImportError as exc:  # pragma: no cover - transformers is a dependency
+        raise GradlensError(f"source.kind model needs transformers ({exc})") from None
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    model: Any
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, local_files_only=True)
+    except Exception as exc:
+        raise GradlensError(
+            f"{key}: transformers could not load a causal LM from {label}: "
+            f"{type(exc).__name__}: {exc}"
+        ) from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True)
+    except Exception as exc:
+        raise GradlensError(
+            f"{key}: transformers could not load the tokenizer of {label}: "
+            f"{type(exc).__name__}: {exc}"
+        ) from None
+    model = model.to(device).eval()
+    config = model.config
+    context = getattr(config, "max_position_embeddings", None) or getattr(
+        config, "n_positions", None
+    )
+    loaded = LoadedModel(model, tokenizer, where, path is None, context)
+    if loaded.head is None or not hasattr(loaded.head, "weight"):
+        raise GradlensError(f"{key}: {label} has no lm_head (output embedding) to analyse")
+    embedding_rows = int(model.get_input_embeddings().weight.shape[0])
+    if len(tokenizer) > loaded.vocab_size or len(tokenizer) > embedding_rows:
+        raise GradlensError(
+            f"{key}: tokenizer mismatch in {label}: the tokenizer has {len(tokenizer)} "
+            f"tokens but the model's lm_head has {loaded.vocab_size} rows and its embedding "
+            f"{embedding_rows}; the tokenizer files belong to a different model"
+        )
+    return loaded
+
+
+def read_builtin_prompts() -> list[str]:
+    """The prompts shipped with the built-in model (held-out def/class lines)."""
+    path = builtin_model_dir() / "prompts.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise GradlensError(
+            f"source.prompts: the built-in prompts cannot be read ({exc}); give source.prompts"
+        ) from None
+    return list(data["prompts"])

@@ -1,0 +1,81 @@
+"""The forward primitives of a causal LM: positions, the lm_head weight, final hidden states.
+
+The lm_head analysis needs z = W·h: the final hidden state h_t (after the final norm) whose
+logits predict token t + 1, and the lm_head weight W. With a bias on the lm_head, h is
+extended by a constant 1 and W by the bias column, so z = W h still holds and the bias gradient
+is the last column of ∂L/∂W. A temperature T is folded into the hidden states (h/T), so the
+lm_head gradient keeps its 1/T factor. `check_logit_path` refuses a model whose logits are not
+W·h (soft-capping, scaling).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gradlens.containers import LoadedModel, Sequences
+from gradlens.errors import GradlensError
+from gradlens.logits import compute_logits
+
+
+def position_ids(attention_mask: Tensor) -> Tensor:
+    """[N, L] positions that count real tokens only, so left padding changes nothing."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def head_weight(model: Any) -> Tensor:
+    """[V, H] lm_head weight, or [V, H + 1] with the bias as the last column."""
+    head = model.get_output_embeddings()
+    weight = head.weight
+    bias = getattr(head, "bias", None)
+    return weight if bias is None else torch.cat([weight, bias[:, None]], dim=1)
+
+
+def final_hidden(model: Any, seqs: Sequences, temperature: float, bias: bool) -> Tensor:
+    """[N, T, H(+1)] h_t/T: final hidden states (after the final norm) that predict token t+1."""
+    base = model.base_model
+    h = base(
+        input_ids=seqs.input_ids,
+        attention_mask=seqs.attention_mask,
+        position_ids=seqs.position_ids,
+        use_cache=False,
+    ).last_hidden_state[:, :-1]  # [N, T, H]
+    h = h / temperature if temperature != 1.0 else h
+    if bias:
+        h = torch.cat([h, torch.ones_like(h[..., :1])], dim=-1)  # [N, T, H + 1]
+    return h
+
+
+# Relative difference allowed between the model's own logits and W·h: the two compute the same
+# product, through the same kernels up to the order of operations; a model with logit
+# soft-capping or scaling is off by far more (tens of per cent).
+LOGIT_PATH_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
+LOGIT_PATH_TOLERANCE_LOW = 3e-2  # bf16/fp16: a few roundings of 2^-8
+
+
+@torch.no_grad()
+def check_logit_path(
+    loaded: LoadedModel, prompt: list[int], device: torch.device, key: str = "source.path"
+) -> None:
+    """The model's logits must be lm_head(final hidden state): z = W h (+ b)."""
+    model = loaded.model
+    ids = torch.tensor([prompt], device=device)  # [1, P]
+    seqs = Sequences(
+        ids,
+        torch.ones_like(ids),
+        torch.arange(ids.shape[1], device=device)[None],
+        torch.ones(1, ids.shape[1] - 1, dtype=torch.bool, device=device),
+    )
+    weight = head_weight(model)
+    ours = compute_logits(final_hidden(model, seqs, 1.0, loaded.bias), weight)  # [1, P-1, V]
+    theirs = model(input_ids=ids, use_cache=False).logits[:, :-1].to(ours.dtype)
+    err = float((ours - theirs).abs().max() / theirs.abs().max().clamp(min=1e-30))
+    tol = LOGIT_PATH_TOLERANCE.get(weight.dtype, LOGIT_PATH_TOLERANCE_LOW)
+    if not err <= tol:
+        raise GradlensError(
+            f"{key}: this model's logits are not lm_head(final hidden state) (relative "
+            f"difference {err:.3g} > {tol:g}; logit soft-capping or scaling?): gradlens's lm_head "
+            "analysis needs z = W·h"
+        )

@@ -1,0 +1,212 @@
+"""The `gradlens` command line: output formats, --check, and the built-in default."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from gradlens.cli import app
+from gradlens.config import Config, validate
+from gradlens.losses import loss_names
+from gradlens.results import CompareReport
+
+REPO = Path(__file__).resolve().parents[2]
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args))
+
+
+@pytest.fixture(scope="module")
+def default_json() -> dict:
+    result = invoke("compare", "--format", "json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_default_table_shows_every_section():
+    result = invoke("compare")
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    for text in (
+        "losses side by side",
+        "ratio r = π_θ(y)/π_old(y)",
+        "zero-sum",
+        "agreement",
+        "largest lm_head gradient rows",
+        "checks: 13/13 passed",
+    ):
+        assert text in out
+    for name in ("reinforce", "ppo", "ppo_clip", "sft"):
+        assert name in out
+
+
+def test_table_is_not_truncated_when_stdout_is_not_a_terminal():
+    # CliRunner's stdout is not a TTY: the longest formula must appear whole, on one line.
+    result = invoke("compare", "--losses", "ppo_clip")
+    formula = "max(−A·r, −A·clip(r, 1−eps_low, 1+eps_high)) [dual clip: min(·, −c·A) for A<0]"
+    assert any(formula in line for line in result.stdout.splitlines())
+    assert "…" not in result.stdout
+
+
+def test_json_report_is_versioned_and_self_describing(default_json):
+    report = CompareReport.model_validate(default_json)  # the output obeys its own schema
+    assert report.schema_version == "gradlens.compare/2"
+    env = default_json["environment"]
+    assert {"gradlens", "python", "torch", "platform", "device", "dtype", "seed"} <= env.keys()
+    assert env["device"] == "cpu" and env["dtype"] == "float32" and env["seed"] == 0
+    # the resolved config is echoed and re-validates to the built-in default
+    assert validate(default_json["config"]) == Config()
+    assert [r["name"] for r in default_json["losses"]] == ["reinforce", "ppo", "ppo_clip", "sft"]
+    assert default_json["passed"] is True
+    assert all(c["passed"] for c in default_json["checks"])
+
+
+def test_default_batch_shows_the_clip_and_the_other_rows(default_json):
+    by_name = {r["name"]: r for r in default_json["losses"]}
+    assert by_name["ppo_clip"]["clipping"]["region"] > 0
+    assert by_name["reinforce"]["clipping"]["region"] is None  # no clip rule: undefined, not 0
+    for r in default_json["losses"]:
+        row = r["sampled_row"]
+        # zero-sum per token: the other rows carry exactly the sampled row's mass
+        assert row["other_mass_mean"] == pytest.approx(row["sampled_abs_mean"], rel=1e-5)
+        assert r["rows"]["sampled_rows"]["count"] + r["rows"]["other_rows"]["count"] == 2048
+
+
+def test_losses_flag_selects_and_orders():
+    result = invoke("compare", "--losses", "sft,reinforce", "--format", "json")
+    assert result.exit_code == 0, result.output
+    assert [r["name"] for r in json.loads(result.stdout)["losses"]] == ["sft", "reinforce"]
+
+
+def test_set_overrides_beat_the_file(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("loss: {eps_high: 0.5}\nsource: {vocab_size: 64, hidden_size: 8}\n")
+    result = invoke("compare", "-c", str(cfg), "--set", "loss.eps_high=0.3", "-f", "json")
+    assert result.exit_code == 0, result.output
+    config = json.loads(result.stdout)["config"]
+    assert config["loss"]["eps_high"] == 0.3  # --set > file
+    assert config["source"]["vocab_size"] == 64  # file > defaults
+    assert config["loss"]["eps_low"] == 0.2  # defaults fill the rest
+
+
+def test_check_passes_on_the_default():
+    assert invoke("compare", "--check").exit_code == 0
+
+
+def test_check_fails_on_an_overflowing_ratio_and_reports_it_as_a_finding(tmp_path):
+    # π_old(y) = e^−200 in float32: r = π_θ/π_old = e^199 overflows, so ppo's gradient is inf/NaN.
+    cfg = tmp_path / "explode.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "dtype": "float32",
+                "losses": ["reinforce", "ppo"],
+                "source": {
+                    "kind": "literal",
+                    "sequences": [
+                        {
+                            "positions": [
+                                {
+                                    "probs": [0.5, 0.3, 0.2],
+                                    "token": 1,
+                                    "old_logp": -200.0,
+                                    "advantage": 1.0,
+                                }
+                            ]
+                        }
+                    ],
+                },
+            }
+        )
+    )
+    result = invoke("compare", "-c", str(cfg), "--check", "-f", "json")
+    assert result.exit_code == 1  # a failed invariant, not a crash
+    report = json.loads(result.stdout)
+    ppo = report["losses"][1]
+    assert ppo["non_finite"] > 0
+    assert any("NaN or inf" in f for f in ppo["findings"])
+    failed = {(c["name"], c["loss"]) for c in report["checks"] if not c["passed"]}
+    assert ("finite", "ppo") in failed
+    assert ("finite", "reinforce") not in failed
+    # without --check the same run is a report, exit 0
+    assert invoke("compare", "-c", str(cfg)).exit_code == 0
+
+
+def test_losses_command_lists_every_registered_loss():
+    result = invoke("losses")
+    assert result.exit_code == 0
+    for name in loss_names():
+        assert name in result.stdout
+    data = json.loads(invoke("losses", "--format", "json").stdout)
+    assert [row["name"] for row in data["losses"]] == loss_names()
+    assert all(row["formula"] and row["per_token_grad"] and row["paper"] for row in data["losses"])
+
+
+def test_config_command_round_trips(tmp_path):
+    result = invoke("config", "--set", "loss.dual_clip=3")
+    assert result.exit_code == 0
+    data = yaml.safe_load(result.stdout)
+    assert validate(data).loss.dual_clip == 3.0
+
+
+def test_schema_command_matches_the_report_model():
+    schema = json.loads(invoke("schema").stdout)
+    assert schema["$id"] == "gradlens.compare/2"
+    assert set(schema["required"]) >= {"environment", "config", "batch", "ratio", "losses"}
+
+
+def test_every_option_is_documented_in_help():
+    result = invoke("compare", "--help")
+    assert result.exit_code == 0
+    for option in ("--losses", "--config", "--set", "--device", "--format", "--check", "--debug"):
+        assert option in result.stdout
+
+
+def test_runs_from_any_directory_as_a_module(tmp_path):
+    # The built-in default ships inside the package: no file from the repository is needed.
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gradlens",
+            "compare",
+            "--losses",
+            "reinforce",
+            "-f",
+            "json",
+            "--set",
+            "source.vocab_size=128",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["passed"] is True
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted(p.name for p in (REPO / "configs").glob("*.yaml") if not p.name.startswith("sweep_")),
+)
+def test_every_shipped_config_runs_and_passes_its_checks(path):
+    result = invoke("compare", "--config", str(REPO / "configs" / path), "--check", "-f", "json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["passed"] is True
+
+
+def test_on_policy_config_has_unit_ratio_and_no_clipping():
+    result = invoke("compare", "-c", str(REPO / "configs" / "on_policy.yaml"), "-f", "json")
+    report = json.loads(result.stdout)
+    assert report["ratio"]["min"] == 1.0 and report["ratio"]["max"] == 1.0
+    clip = {r["name"]: r["clipping"] for r in report["losses"]}["ppo_clip"]
+    assert clip["region"] == 0.0

@@ -1,0 +1,190 @@
+"""`gradlens compare` through the streamed engine reports what the materialized path reports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from gradlens.cli import app
+from gradlens.compare import run_compare
+from gradlens.config import build_config
+
+REPO = Path(__file__).resolve().parents[2]
+runner = CliRunner()
+CONFIGS = [
+    "default.yaml",
+    "deepseek_opsm.yaml",
+    "dr_grpo.yaml",
+    "on_policy.yaml",
+    "literal_tc.yaml",
+    "peaked_bf16.yaml",
+]
+# Relative agreement of the two paths, per operand dtype: they differ in the order of the
+# logits GEMM (chunked vs whole) and of every sum over the vocabulary. float64: a few hundred
+# ulps; float32: |z| ≲ 60 gives logits ~4e-6 apart, which r = e^(ℓ − ℓ_old) carries into c_t;
+# bf16 operands: the dense product is a bf16 GEMM in the engine and float32 in the
+# materialized path, 2·2⁻⁸.
+TOL = {"float64": 1e-10, "float32": 1e-4, "bfloat16": 1e-2}
+
+
+def both(config_name: str, overrides: tuple[str, ...] = ()):
+    path = REPO / "configs" / config_name
+    reports = [
+        run_compare(
+            build_config(
+                path,
+                [f"diagnostics.engine={engine}", "diagnostics.reference=autograd", *overrides],
+            )
+        )
+        for engine in ("materialized", "streamed")
+    ]
+    return reports
+
+
+@pytest.mark.parametrize("config_name", CONFIGS)
+def test_streamed_and_materialized_reports_agree(config_name):
+    assert_agree(*both(config_name))
+
+
+ENTROPY_CASES = [
+    ("default.yaml", ("loss.entropy_coef=0.01",)),
+    ("default.yaml", ("loss.entropy_coef=0.1",)),
+    ("dr_grpo.yaml", ("loss.entropy_coef=0.01",)),
+    ("dr_grpo.yaml", ("loss.entropy_coef=0.1",)),
+    ("default.yaml", ("loss.entropy_coef=0.1", "dtype=float64")),  # TOL: 1e-10
+    ("dr_grpo.yaml", ("loss.entropy_coef=0.01", "dtype=float64")),
+    ("peaked_bf16.yaml", ("loss.entropy_coef=0.1",)),
+]
+
+
+@pytest.mark.parametrize(("config_name", "overrides"), ENTROPY_CASES)
+def test_streamed_entropy_bonus_agrees_with_materialized(config_name, overrides):
+    """The bonus's non-c-form gradient a_t·c_H·π(log π + H) on the streamed engine: the same
+    rows, sampled-row numbers, loss, zero-sum verdict and agreement with autograd."""
+    mat, stream = both(config_name, overrides)
+    assert_agree(mat, stream)
+    plain = run_compare(
+        build_config(
+            REPO / "configs" / config_name,
+            ["diagnostics.engine=streamed", *[o for o in overrides if "entropy" not in o]],
+        )
+    )
+    tol = TOL[mat.environment.dtype]
+    for a, b, p in zip(mat.losses, stream.losses, plain.losses, strict=True):
+        assert "entropy bonus excluded" in b.sampled_row.post_formula
+        assert b.sampled_row.post_formula == a.sampled_row.post_formula
+        assert b.findings == a.findings and any("entropy bonus" in f for f in b.findings)
+        assert b.sampled_row.sampled_abs_max == pytest.approx(
+            a.sampled_row.sampled_abs_max, rel=tol
+        )
+        assert b.sampled_row.post_max_rel_err is not None
+        assert b.sampled_row.post_max_rel_err <= 100 * tol  # the policy term: the post's formula
+        assert b.loss != pytest.approx(p.loss, rel=1e-6)  # the bonus is in: −c_H·Σ a_t H_t
+        assert b.rows.total_norm != pytest.approx(p.rows.total_norm, rel=1e-6)
+
+
+def assert_agree(mat, stream):
+    assert mat.engine is not None and mat.engine.path == "materialized"
+    assert stream.engine is not None and stream.engine.path == "streamed"
+    tol = TOL[mat.environment.dtype]
+    assert stream.passed and mat.passed
+    assert stream.batch.num_tokens == mat.batch.num_tokens
+    for a, b in zip(mat.losses, stream.losses, strict=True):
+        assert a.name == b.name
+        assert b.agreement.ran and b.agreement.passed, b.agreement
+        if mat.environment.dtype == "float32":
+            # the streamed row norms against autograd's, in float32: within 1e-5 (normwise)
+            assert b.agreement.grad_weight is not None and b.agreement.grad_weight < 1e-5
+        assert b.zero_sum.passed
+        assert b.rows.total_norm == pytest.approx(a.rows.total_norm, rel=tol)
+        assert b.sampled_row.sampled_abs_mean == pytest.approx(
+            a.sampled_row.sampled_abs_mean, rel=tol
+        )
+        assert b.sampled_row.other_mass_mean == pytest.approx(
+            a.sampled_row.other_mass_mean, rel=tol
+        )
+        assert b.sampled_row.other_abs_max == pytest.approx(a.sampled_row.other_abs_max, rel=tol)
+        assert b.loss == pytest.approx(a.loss, rel=tol, abs=1e-12)
+        assert b.clipping == a.clipping
+        assert [r.token for r in b.rows.top_rows[:3]] == [r.token for r in a.rows.top_rows[:3]]
+        assert b.metrics.keys() == a.metrics.keys()
+        for name, value in a.metrics.items():
+            assert b.metrics[name] == pytest.approx(value, rel=tol, abs=1e-12), name
+
+
+def test_streamed_reports_carry_the_loss_metrics():
+    """grpo's KL term (verl actor/kl_loss) is reported by both engines, with the same value."""
+    overrides = ["losses=[grpo, ppo_clip]", "loss.kl_coef=0.1", "loss.kl_estimator=k3"]
+    mat, stream = (
+        run_compare(build_config(None, [*overrides, f"diagnostics.engine={engine}"]))
+        for engine in ("materialized", "streamed")
+    )
+    kl_mat, kl_stream = mat.losses[0].metrics["kl"], stream.losses[0].metrics["kl"]
+    assert kl_mat is not None and kl_mat > 0.0
+    assert kl_stream == pytest.approx(kl_mat, rel=1e-4)  # float32: TOL above
+    assert stream.losses[1].metrics == {} == mat.losses[1].metrics
+
+
+def test_auto_streams_large_batches():
+    overrides = ["source.vocab_size=256", "diagnostics.stream_above=1000"]
+    report = run_compare(build_config(None, overrides))
+    assert report.engine is not None and report.engine.path == "streamed"
+    assert "> 1000" in report.engine.reason
+    # auto reference: none with the streamed engine, so no agreement check is listed
+    assert all(not r.agreement.ran for r in report.losses)
+    assert "agreement" not in {c.name for c in report.checks}
+    assert report.passed
+
+
+def test_streamed_engine_runs_the_entropy_bonus():
+    result = runner.invoke(
+        app, ["compare", "--engine", "streamed", "--set", "loss.entropy_coef=0.01"]
+    )
+    assert result.exit_code == 0, result.stderr
+    # auto streams large batches with the bonus too
+    overrides = ["loss.entropy_coef=0.01", "diagnostics.stream_above=1000"]
+    report = run_compare(build_config(None, overrides))
+    assert report.engine is not None and report.engine.path == "streamed"
+    assert report.passed
+
+
+def test_reference_none_is_reported_as_not_run():
+    result = runner.invoke(app, ["compare", "--reference", "none", "-l", "reinforce"])
+    assert result.exit_code == 0
+    assert "not run" in result.stdout
+    data = json.loads(
+        runner.invoke(
+            app, ["compare", "--reference", "none", "-l", "reinforce", "-f", "json"]
+        ).stdout
+    )
+    assert data["losses"][0]["agreement"]["ran"] is False
+
+
+def test_the_fused_engine_gives_the_streamed_report() -> None:
+    """``--engine fused`` (Triton kernels, here under Triton's interpreter) is the same engine:
+    the same report as ``streamed`` to float32 rounding."""
+    pytest.importorskip("triton")
+    small = [
+        "source.vocab_size=300",
+        "source.num_sequences=4",
+        "source.min_length=4",
+        "source.max_length=8",
+        "diagnostics.vocab_chunk=128",
+    ]
+    reports = {
+        e: run_compare(build_config(None, [*small, f"diagnostics.engine={e}"]))
+        for e in ("streamed", "fused")
+    }
+    fused, streamed = reports["fused"], reports["streamed"]
+    assert fused.engine is not None and fused.engine.path == "fused"
+    assert fused.passed
+    for a, b in zip(fused.losses, streamed.losses, strict=True):
+        assert a.rows.total_norm == pytest.approx(b.rows.total_norm, rel=1e-5)
+        assert a.sampled_row.sampled_abs_max == pytest.approx(
+            b.sampled_row.sampled_abs_max, rel=1e-5
+        )
+        assert [r.token for r in a.rows.top_rows] == [r.token for r in b.rows.top_rows]
+        assert a.clipping == b.clipping

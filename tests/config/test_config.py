@@ -1,0 +1,142 @@
+"""The configuration: one default per setting, every name checked against its registry, the
+documented spellings accepted, plain parameters out."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from gradlens.batchfile import SUFFIXES
+from gradlens.cli import app
+from gradlens.config import (
+    BATCH_SUFFIXES,
+    DTYPES,
+    SOURCE_KINDS,
+    Config,
+    LossConfig,
+    build_config,
+    validate,
+)
+from gradlens.errors import GradlensError
+from gradlens.losses import Aggregation, LossParams
+from gradlens.losses.base import Correction
+from gradlens.sources import SOURCES
+
+runner = CliRunner()
+
+
+def test_one_default_per_loss_setting() -> None:
+    """The config's defaults and the maths' defaults are the same numbers."""
+    assert LossConfig().params() == LossParams()
+    assert LossConfig().token_aggregation() == Aggregation()
+
+
+def test_every_loss_param_has_its_config_key() -> None:
+    fields = {f.name for f in dataclasses.fields(LossParams)}
+    assert fields <= set(LossConfig.model_fields)
+    # the two config keys that are not loss parameters travel as the aggregation
+    assert set(LossConfig.model_fields) - fields == {"aggregation", "loss_scale_factor"}
+
+
+def test_params_carry_the_configured_values_and_corrections_with_defaults() -> None:
+    loss = validate(
+        {"loss": {"eps_high": 0.4, "corrections": [{"kind": "icepop", "high": 4}]}}
+    ).loss
+    params = loss.params()
+    assert params.eps_high == 0.4
+    assert params.corrections == (Correction("icepop", 0.5, 4.0),)
+
+
+@pytest.mark.parametrize(
+    "key, value, registry",
+    [
+        ("loss.kl_estimator", "k4", "KL estimator"),
+        ("loss.minirl_truncation", "literall", "MiniRL truncation"),
+        ("loss.aggregation", "token-mean", "aggregation"),
+        ("loss.corrections", [{"kind": "tis"}], "correction kind"),
+    ],
+)
+def test_name_valued_settings_are_checked_against_their_registry(key, value, registry) -> None:
+    section, name = key.split(".")
+    with pytest.raises(GradlensError) as err:
+        validate({section: {name: value}})
+    message = str(err.value)
+    assert key in message and f"unknown {registry}" in message and "valid:" in message
+
+
+def test_source_kinds_are_the_source_registry() -> None:
+    assert set(SOURCE_KINDS) == set(SOURCES)
+    with pytest.raises(GradlensError, match="source"):
+        validate({"source": {"kind": "synthetc"}})
+
+
+def test_batch_suffixes_are_the_file_formats() -> None:
+    assert BATCH_SUFFIXES == SUFFIXES
+
+
+def test_one_dtype_map() -> None:
+    assert Config().operand_dtype is DTYPES["float32"]
+    assert {Config(dtype=d).operand_dtype for d in ("float64", "bfloat16")} == {
+        DTYPES["float64"],
+        DTYPES["bfloat16"],
+    }
+
+
+@pytest.mark.parametrize("spelling", ["on", "off", "auto"])
+def test_token_details_documented_spelling_in_set_and_in_a_file(
+    spelling: str, tmp_path: Path
+) -> None:
+    """YAML reads a bare on/off as a boolean; the documented spelling works anyway."""
+    assert (
+        build_config(None, [f"diagnostics.token_details={spelling}"]).diagnostics.token_details
+        == spelling
+    )
+    path = tmp_path / "c.yaml"
+    path.write_text(f"diagnostics:\n  token_details: {spelling}\n")
+    assert build_config(path).diagnostics.token_details == spelling
+
+
+def test_the_documented_token_details_command_line() -> None:
+    """docs/cli.md: `gradlens compare --set diagnostics.token_details=on`."""
+    result = runner.invoke(
+        app,
+        [
+            "compare",
+            "-l",
+            "reinforce",
+            "--set",
+            "diagnostics.token_details=on",
+            "--set",
+            "source.vocab_size=64",
+            "--set",
+            "source.num_sequences=4",
+            "--set",
+            "source.max_length=4",
+            "--set",
+            "source.min_length=2",
+            "--format",
+            "json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert '"tokens": [' in result.stdout
+
+
+@pytest.mark.parametrize(
+    "loss_section, message",
+    [
+        ({"corrections": [{"kind": "tis"}]}, "loss.corrections.0.kind"),
+        ({"corrections": [{"kind": "icepop", "low": 2, "high": 1}]}, "low (2.0) > high"),
+        ({"corrections": [{"kind": "icepop"}, {"kind": "icepop"}]}, "named twice"),
+        ({"kl_estimator": "k4"}, "loss.kl_estimator"),
+        ({"minirl_truncation": "both"}, "loss.minirl_truncation"),
+        ({"tau_neg": 0}, "loss.tau_neg"),
+    ],
+)
+def test_bad_loss_settings_are_reported_with_their_path(loss_section: dict, message: str) -> None:
+    with pytest.raises(GradlensError, match=re.escape(message)):
+        validate({"loss": loss_section})
