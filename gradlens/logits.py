@@ -80,7 +80,8 @@ def normaliser(logits: Tensor, tilt: bool = False, top: Tensor | None = None) ->
     """The normaliser of one chunk of logits [M, V_c] (all of them, or a vocabulary chunk);
     ``top``: its max_v z_v [M] when the caller has it already."""
     m = logits.amax(-1) if top is None else top  # [M]
-    x = logits - m[:, None]  # [M, V_c] ≤ 0
+    # a token with every logit −inf here (none of its replayed kept set in this chunk): S = 0
+    x = logits - torch.where(torch.isfinite(m), m, 0.0)[:, None]  # [M, V_c] ≤ 0
     e = torch.exp(x)
     t = None
     if tilt:
@@ -88,11 +89,18 @@ def normaliser(logits: Tensor, tilt: bool = False, top: Tensor | None = None) ->
     return Normaliser(m, pairwise_sum(e), t)
 
 
+def _rescale(part_max: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
+    """d = m_part − m ≤ 0 and e^d in float64; 0 and 0 for a part with no finite logit (S = T = 0
+    there), so that −inf − (−inf) makes no NaN."""
+    live = torch.isfinite(part_max)
+    d = torch.where(live, part_max.to(WIDE) - m.to(WIDE), 0.0)
+    return d, torch.where(live, torch.exp(d), 0.0)
+
+
 def merge(a: Normaliser, b: Normaliser) -> Normaliser:
     """The normaliser of two chunks together (either order gives the same value)."""
     m = torch.maximum(a.max, b.max)
-    da, db = a.max.to(WIDE) - m.to(WIDE), b.max.to(WIDE) - m.to(WIDE)  # [M] ≤ 0
-    fa, fb = torch.exp(da), torch.exp(db)
+    (da, fa), (db, fb) = _rescale(a.max, m), _rescale(b.max, m)
     t = None
     if a.tilt is not None and b.tilt is not None:
         t = fa * (a.tilt + da * a.sum) + fb * (b.tilt + db * b.sum)
@@ -104,8 +112,7 @@ def merge_all(maxes: Tensor, sums: Tensor, tilts: Tensor | None = None) -> Norma
     (float64): `merge` over all of them, the P terms added in order by a compensated sum, so
     that the combination adds one rounding whatever P (the vocab-parallel engine's ranks)."""
     m = maxes.amax(0)  # [M]
-    d = maxes.to(WIDE) - m.to(WIDE)  # [P, M] ≤ 0
-    f = torch.exp(d)
+    d, f = _rescale(maxes, m)  # [P, M]
     t = None if tilts is None else compensated_sum(f * (tilts + d * sums))
     return Normaliser(m, compensated_sum(f * sums), t)
 
@@ -115,3 +122,19 @@ def log_probs(logits: Tensor, norm: Normaliser, inplace: bool = False) -> Tensor
     asked)."""
     x = logits.sub_(norm.max[:, None]) if inplace else logits - norm.max[:, None]
     return x.sub_(norm.log_sum()[:, None])
+
+
+def kept_entries(kept_ids: Tensor, start: int, stop: int) -> Tensor:
+    """[M, K] ids of each token's kept set K_t (−1: padding) → [M, stop − start] bool, True where
+    vocabulary row ``start + j`` is in K_t (one chunk of the vocabulary; all of it for ``start``
+    0 and ``stop`` V)."""
+    inside = (kept_ids >= start) & (kept_ids < stop)  # [M, K]
+    local = torch.where(inside, kept_ids - start, torch.zeros_like(kept_ids))  # [M, K]
+    hits = torch.zeros(kept_ids.shape[0], stop - start, dtype=torch.int32, device=kept_ids.device)
+    return hits.scatter_add_(-1, local, inside.to(torch.int32)) > 0  # padding adds 0
+
+
+def restrict_logits(logits: Tensor, keep: Tensor) -> Tensor:
+    """z with −inf outside the kept set: log_softmax of it is log π̃ = log π − log S on K_t, −inf
+    elsewhere, and its gradient there is exactly 0 (DeepSeek-V3.2's keep sampling mask)."""
+    return logits.masked_fill(~keep, -torch.inf)
