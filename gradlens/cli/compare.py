@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -133,6 +134,40 @@ def compare(
             "process; rank 0 prints it. Sets diagnostics.tensor_parallel (default 1).",
         ),
     ] = None,
+    split: Annotated[
+        str | None,
+        typer.Option(
+            "--split",
+            metavar="micro=N,dp=N,ga=N",
+            help="Recompute each loss's gradient as a framework does when the batch is cut "
+            "into micro-batches of N sequences over dp data-parallel ranks and ga accumulation "
+            "steps (micro·dp·ga = the batch's sequences), and compare it with the full-batch "
+            "gradient: per-token weight ratios, the ‖∂L/∂W‖ ratio, the factor in words. "
+            "--check fails when the gradient depends on the split beyond rounding. Needs "
+            "--convention. Sets split.micro, split.dp, split.ga (docs/split.md).",
+        ),
+    ] = None,
+    convention: Annotated[
+        str | None,
+        typer.Option(
+            "--convention",
+            metavar="verl|verl_legacy|trl|openrlhf|ms_swift[:SETTING]",
+            help="Whose split --split reproduces: the framework's table (versions in "
+            "docs/split.md); FRAMEWORK:SETTING names the setting (trl:bnpo, trl:dapo), else "
+            "loss.aggregation picks it. Sets split.convention.",
+        ),
+    ] = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            "--plot",
+            metavar="FILE",
+            help="Also draw the attribution to FILE (.png, .svg or .pdf; needs matplotlib, the "
+            "`plot` extra): per loss, each token's share of the lm_head update against π_θ(y) "
+            "by sign of A, and the shares by group (docs/attribution.md). Needs "
+            "diagnostics.attribution (auto: with the materialized engine).",
+        ),
+    ] = None,
     debug: DebugOption = False,
 ) -> None:
     """Run each loss on the same batch; report what it does to the logits and the lm_head."""
@@ -145,7 +180,7 @@ def compare(
         from gradlens.cli.progress import progress_bar
         from gradlens.compare import run_compare
         from gradlens.compare.matrix import run_parity_matrix
-        from gradlens.config import build_config, settings_grid
+        from gradlens.config import build_config, parse_split, settings_grid
         from gradlens.errors import GradlensError
         from gradlens.progress import reporting
         from gradlens.report.parity_table import render_parity_matrix
@@ -172,8 +207,28 @@ def compare(
             flags["parity.pairs"] = pairs
             if names is None:
                 flags["losses"] = list(dict.fromkeys(n for pair in pairs for n in pair))
+        if split is not None:
+            flags.update(parse_split(split))
+        if convention is not None:
+            flags["split.convention"] = convention
         grid = settings_grid(parity_matrix or [])
         cfg = build_config(config, overrides or [], flags)
+        if plot is not None and launch.speaks:  # before any work
+            from gradlens.report.plots import check_plot_path
+
+            check_plot_path(plot)
+            if grid:
+                raise GradlensError(
+                    "--plot draws the attribution of one report; --parity-matrix makes one per "
+                    "setting: drop one of them"
+                )
+            d = cfg.diagnostics
+            if d.attribution == "off" or (d.attribution == "auto" and d.engine == "fused"):
+                raise GradlensError(
+                    f"--plot draws the attribution, and diagnostics.attribution is "
+                    f"{d.attribution!r} with engine {d.engine!r}: set diagnostics.attribution on "
+                    "(with the materialized or streamed engine) or auto"
+                )
         with process_group(cfg, launch):
             bar = progress_bar() if launch.speaks else nullcontext(None)
             with bar as callback, reporting(callback):
@@ -186,6 +241,13 @@ def compare(
                 else:
                     report = run_compare(cfg)
         if launch.speaks:  # rank 0 writes the report; every rank exits with the same status
+            if plot is not None:  # first: a plot that fails leaves no half-written report
+                assert isinstance(report, CompareReport)  # no --parity-matrix (checked above)
+                from gradlens.cli.common import stderr_console
+                from gradlens.report.plots import plot_attribution
+
+                plot_attribution(report, plot)
+                stderr_console().print(f"wrote the plot to {plot}")
             with stdout_errors():
                 if output is OutputFormat.json:
                     typer.echo(to_json(report))

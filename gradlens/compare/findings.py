@@ -17,9 +17,12 @@ from gradlens.diagnostics.non_finite import trace
 from gradlens.grads import Objective, token_inputs
 from gradlens.losses import LossParams, LossSpec
 from gradlens.losses.corrections import correction_weight
-from gradlens.results import BatchSummary, Check, LossReport, ParityReport, Signal
+from gradlens.results import BatchSummary, Check, LossReport, ParityReport, Signal, SplitReport
 
 AMPLIFICATION_FINDING = 10.0  # |g_t| / |A_t| above which a policy loss's boost is reported
+CONCENTRATION_FINDING = 0.25  # half the update from at most this share of the sequences
+CANCEL_FINDING = 0.1  # a term that cancels at least this much of the policy term's share
+TERM_WORDS = {"kl": "the KL term", "entropy_bonus": "the entropy bonus"}
 
 
 def signal(
@@ -110,6 +113,37 @@ def findings(
     return notes
 
 
+def attribution_notes(report: LossReport, num_sequences: int, asked: bool) -> list[str]:
+    """What the attribution says in words: a concentrated update, a term that cancels the
+    policy term; why there is none when it was asked for."""
+    att = report.attribution
+    if att is None:
+        if not asked:
+            return []
+        why = "is not finite" if report.rows.total_norm is None else "is zero"
+        return [f"no attribution: ‖∂L/∂W‖ {why}, so no share is defined"]
+    notes = []
+    half, share = att.sequences_to_half, att.sequences_to_half_share
+    if (
+        half is not None
+        and share is not None
+        and num_sequences >= 4
+        and half <= CONCENTRATION_FINDING * num_sequences
+    ):
+        notes.append(
+            f"{share:.0%} of the lm_head update comes from {half} of {num_sequences} sequences"
+        )
+    parts = att.groups["component"].shares
+    policy = parts.get("policy")
+    for name, words in TERM_WORDS.items():
+        other = parts.get(name)
+        if policy is None or other is None or policy <= 0 or other >= 0:
+            continue
+        if -other >= CANCEL_FINDING * policy:
+            notes.append(f"{words} cancels {-other / policy:.0%} of the policy term's share")
+    return notes
+
+
 STAND_INS = {
     "ref_logp": "π_old stands in for the reference policy π_ref (set source.ref_drift, or "
     "ref_prob on literal positions)",
@@ -124,6 +158,8 @@ def input_notes(spec: LossSpec, batch: Batch, terms: LossTerms, params: LossPara
     for need in spec.needs:
         if getattr(batch, need, None) is None and need in STAND_INS:
             notes.append(f"the batch has no {need}: {STAND_INS[need]}")
+    if params.corrections and spec.correction_note:
+        notes.append(f"loss.corrections on {spec.name}: {spec.correction_note}")
     if params.corrections and terms.self_aggregated and not spec.handles_corrections:
         notes.append(
             "loss.corrections are not applied to a loss that aggregates itself: it receives "
@@ -151,6 +187,7 @@ def checks(
     reports: list[LossReport],
     parity: list[ParityReport],
     mask_name: str = "the mask",
+    split: SplitReport | None = None,
 ) -> list[Check]:
     """The invariants of one run: a token in the loss, log-probs ≤ 0, and per loss a gradient
     the inputs do not make identically zero, finite gradients, the zero-sum of logit and
@@ -239,6 +276,37 @@ def checks(
                     f"max |Δc_t| / max |c_t| = {compared(p.coefficient_rel, p.tolerance, 0)}; "
                     f"‖∂L/∂W‖ ratio B/A = {measured(p.grad_norm_ratio, 0)}"
                 ),
+            )
+        )
+    if split is not None:
+        out += split_checks(split)
+    return out
+
+
+def split_checks(split: SplitReport) -> list[Check]:
+    """One ``split`` check per loss: ‖G_split − G_full‖ / ‖G_full‖ within the rounding of
+    accumulating dp·ga micro-batches (the weights' max relative difference when the gradient
+    could not be measured), with the factor in words."""
+    where = f"{split.convention}:{split.setting} at micro={split.micro},dp={split.dp},ga={split.ga}"
+    out = []
+    for loss in split.losses:
+        if loss.grad_rel_diff is not None:
+            measure = (
+                f"‖G_split − G_full‖/‖G_full‖ = {compared(loss.grad_rel_diff, split.tolerance, 0)}"
+            )
+            if loss.grad_norm_ratio is not None:
+                measure += f", ‖∂L/∂W‖ ratio {loss.grad_norm_ratio:.4g}"
+        else:
+            measure = (
+                "the gradient was not measured (zero or not finite); max_t |w_split − w_full| / "
+                f"max_t |w_full| = {compared(split.weight_rel_diff, split.tolerance, 0)}"
+            )
+        out.append(
+            Check(
+                name="split",
+                loss=loss.name,
+                passed=loss.passed,
+                detail=f"{where}: {measure}; {split.factor}",
             )
         )
     return out

@@ -53,7 +53,9 @@ from gradlens.diagnostics import tolerances
 from gradlens.diagnostics.mismatch import rollout_stats
 from gradlens.diagnostics.numbers import num
 from gradlens.diagnostics.ratios import ratio_stats
+from gradlens.diagnostics.split import split_report
 from gradlens.diagnostics.support import support_report
+from gradlens.diagnostics.token_text import batch_tokenizer, token_texts
 from gradlens.engine.fused import check_device
 from gradlens.errors import GradlensError
 from gradlens.grads import effective_old_logp, replay
@@ -126,7 +128,9 @@ def engine_options(config: Config, batch: Batch, path: str) -> EngineOptions:
 def options_for(config: Config, tokens: int, vocab: int, path: str) -> EngineOptions:
     """The diagnostics settings as the engine reads them; ``reference: auto`` is decided here:
     autograd with the materialized engine, none with the streamed one (it would materialise
-    [tokens, vocab] per loss)."""
+    [tokens, vocab] per loss); so is ``attribution: auto``: on with the materialized engine
+    (its [M, V] and [V, H] tensors are there already), off with the streamed ones (about one
+    more GEMM-equivalent per loss)."""
     d = config.diagnostics
     details = d.token_details
     small = tokens * vocab <= TOKEN_DETAIL_LIMIT
@@ -138,6 +142,7 @@ def options_for(config: Config, tokens: int, vocab: int, path: str) -> EngineOpt
         if d.memory_budget_mib is None
         else int(d.memory_budget_mib * 2**20),
         vocab_chunk=d.vocab_chunk,
+        attribution=d.attribution == "on" or (d.attribution == "auto" and path == "materialized"),
     )
 
 
@@ -146,7 +151,9 @@ def engine_estimate(config: Config, shape: Shape, losses: int, device: torch.dev
     path, _ = choose_path(config, shape.tokens, shape.vocab)
     options = options_for(config, shape.tokens, shape.vocab, path)
     if path == "materialized":
-        return estimate_materialized(shape, config.operand_dtype, options.reference)
+        return estimate_materialized(
+            shape, config.operand_dtype, options.reference, options.attribution
+        )
     entropy = config.loss.entropy_coef != 0.0
     return estimate_streamed(shape, config.operand_dtype, losses, options, device, entropy)
 
@@ -269,7 +276,7 @@ def compare_batch(
             batch, specs, params, aggregation, options, reason, pair_specs, parallel=parallel
         )
     with _phase(parallel, "report"):
-        report = _report(config, device, batch, run, params, aggregation)
+        report = _report(config, device, batch, run, params, aggregation, specs, options)
         if stored.kept is not None and parallel is None:
             support = support_report(
                 stored, stored.kept, batch.replayed, params.eps_low, params.eps_high
@@ -292,10 +299,18 @@ def _report(
     run: EngineRun,
     params: LossParams,
     aggregation: Aggregation,
+    specs: list[LossSpec],
+    options: EngineOptions,
 ) -> CompareReport:
-    """Everything after the engine: the loss reports, the model sections, parity, checks."""
+    """Everything after the engine: the loss reports, the model sections, parity, the split,
+    checks."""
     logp = run.tokens.logp
-    reports = [loss_report(r, batch, logp, params) for r in run.records]
+    tokenizer = batch_tokenizer(batch)
+    texts = None
+    if tokenizer is not None and any(r.attribution is not None for r in run.records):
+        texts = token_texts(batch, tokenizer)
+    top_k = config.diagnostics.top_k
+    reports = [loss_report(r, batch, logp, params, top_k, texts) for r in run.records]
     model = None
     ctx = batch.model_context
     if ctx is not None:
@@ -310,7 +325,20 @@ def _report(
     if config.parity is not None:
         tolerance = config.parity.tolerance or tolerances.agreement(config.operand_dtype)
         parity = [build_parity(batch, logp, p, aggregation, tolerance) for p in run.parity]
-    all_checks = checks(summary, reports, parity, batch.origin.name("mask", ()))
+    split = None
+    if config.split is not None:
+        split = split_report(
+            batch,
+            logp,
+            specs,
+            params,
+            aggregation,
+            config.split.plain(),
+            config.split.convention,
+            options.memory_budget_bytes,
+            options.vocab_chunk,
+        )
+    all_checks = checks(summary, reports, parity, batch.origin.name("mask", ()), split)
     return CompareReport(
         environment=environment(config, device),
         config=config.model_dump(mode="json"),
@@ -324,6 +352,7 @@ def _report(
         if batch.rollout_logp is None
         else rollout_stats(effective_old_logp(batch, logp), batch.rollout_logp, batch.mask),
         parity=parity,
+        split=split,
         engine=run.info,
         metric_names=metric_names(),
     )

@@ -60,8 +60,11 @@ from gradlens.engine.streamed import (
     CoefficientFn,
     EnginePlan,
     EngineResult,
+    EntropyWeight,
     RowStats,
     TokenStats,
+    bonus_weight,
+    coefficients_at,
     dense_dtype,
     gemm_scales,
     sampled_logp,
@@ -92,15 +95,18 @@ def fused_lm_head_pass(
     tokens: Tensor,
     coefficients_of: CoefficientFn,
     plan: EnginePlan,
-    entropy_weight: Tensor | None = None,
+    entropy_weight: EntropyWeight | None = None,
     entropy_losses: int | None = None,
     blocks: Blocks | None = None,
+    token_entropy: bool = False,
 ) -> EngineResult:
     """`lm_head_pass` with fused element-wise work: the same arguments and result.
 
     ``hidden`` [M, H], ``weight`` [V, H], ``tokens`` [M]; ``coefficients_of(logp [M])`` →
-    [c_1, …, c_k] ([M] each); ``entropy_weight`` [M] w_t = a_t·c_H of the entropy bonus, added
-    to the first ``entropy_losses`` losses (all when None); ``blocks``: kernel tile sizes.
+    [c_1, …, c_k] ([M] each); ``entropy_weight`` [M] w_t = a_t·c_H of the entropy bonus (or a
+    function of pass 1's H_t that gives it), added to the first ``entropy_losses`` losses (all
+    when None); ``token_entropy``: the losses read H_t, ``coefficients_of(logp, entropy)``;
+    ``blocks``: kernel tile sizes.
     """
     check_device(hidden.device)
     blocks = blocks or Blocks()
@@ -110,11 +116,12 @@ def fused_lm_head_pass(
     device = hidden.device
     chunks = plan.chunks(v)
     tokens = tokens.contiguous()
-    ent_w = None if entropy_weight is None else entropy_weight.to(acc).contiguous()
+    need_h = entropy_weight is not None or token_entropy
     gemms = 0.0
 
     # Pass 1: each chunk's normaliser (the kernel's float64 block sums added by halving), the
-    # chunks merged pairwise as in the streamed engine; z_y and max|z|; resident chunks kept.
+    # chunks merged pairwise as in the streamed engine; z_y and max|z| (and the tilt for H with
+    # the bonus or ``token_entropy``); resident chunks kept.
     cascade: Cascade[Normaliser] = Cascade(merge)
     z_y = torch.zeros(m, dtype=acc, device=device)
     max_abs = torch.zeros(m, dtype=acc, device=device)
@@ -122,7 +129,7 @@ def fused_lm_head_pass(
     for i, (start, end) in enumerate(chunks):
         z = hidden @ weight[start:end].T  # [M, Vc] in the operand dtype
         gemms += (end - start) / v
-        part = kernels.normaliser_chunk(z, tokens, start, z_y, max_abs, ent_w is not None, blocks)
+        part = kernels.normaliser_chunk(z, tokens, start, z_y, max_abs, need_h, blocks)
         tilt = None if part.tilt_blocks is None else halving_sum(part.tilt_blocks)
         cascade.add(Normaliser(part.max, halving_sum(part.sum_blocks), tilt))
         if i < plan.resident:
@@ -132,9 +139,13 @@ def fused_lm_head_pass(
         raise GradlensError("engine 'fused': the lm_head has no rows")
     top, log_sum = norm.max.contiguous(), norm.log_sum().contiguous()
     logp = sampled_logp(z_y, norm)
-    h1 = norm.entropy().to(acc).contiguous() if ent_w is not None else None
+    h1 = norm.entropy().to(acc).contiguous() if need_h else None
 
-    coefficients = [c.to(acc).contiguous() for c in coefficients_of(logp)]
+    coefficients = [
+        c.contiguous() for c in coefficients_at(coefficients_of, logp, h1, token_entropy, acc)
+    ]
+    weight_h = bonus_weight(entropy_weight, h1)
+    ent_w = None if weight_h is None else weight_h.to(acc).contiguous()
     k = len(coefficients)
     sources = share_sources(coefficients)
     direct = [i for i in range(k) if sources[i] is None]

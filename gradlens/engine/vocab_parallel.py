@@ -14,6 +14,9 @@ Pass 1, per token t, on the rows of rank r (z = W_r h_t; `gradlens.logits` for t
     α_r = max_{v∈r} |z_v|
     μ_r = max_{v∈r, v≠y} z_v  (−inf if none)        for max_{v≠y} π
 
+T_r is accumulated with the entropy bonus, with losses that read H_t (``token_entropy``) and
+with the attribution.
+
 and these combine exactly into the global per-token statistics, with d_r = m_r − m ≤ 0:
 
     m = max_r m_r,  S = Σ_r e^{d_r} S_r,  T = Σ_r e^{d_r} (T_r + d_r S_r)
@@ -35,7 +38,8 @@ once. The sums over the ranks are taken so that they add one rounding, not one p
                  (`summation.grid_parts`, exact whatever order the backend adds them in). Two
                  rounds, but O(M) bytes whatever P
 
-Then ``coefficients_of(log π(y))`` runs on every rank with the same input, so c_t is the same
+Then ``coefficients_of(log π(y))`` (with ``token_entropy``: ``coefficients_of(log π(y), H)``, the
+global H of the combination above) runs on every rank with the same input, so c_t is the same
 on every rank (an all_gather makes it bitwise so). Pass 2 is local: π = exp((z − m) − log S) on
 the shard's rows, the dense GEMM, the sparse rows of the tokens the shard owns, the per-row
 norms and partial sums. The finishing collectives:
@@ -50,6 +54,11 @@ norms and partial sums. The finishing collectives:
     all_reduce(MAX) of each bonus loss's max_{v≠y} |∂L/∂z_v| (with the entropy bonus only: it
         depends on c_t, so pass 1 cannot give it).
 
+With an `AttributionPlan` (`gradlens.engine.attribution`) every sum it accumulates is a sum over
+vocabulary rows, so each rank's part over its own rows joins the same all_reduce(SUM): per
+attributed loss u [M], e [M] and ‖G_i‖² [N], and the three shared per-token sums [3, M]. Pass 1
+then also combines H_t (d = π(log π + H) needs it), as with the entropy bonus.
+
 Collectives per run: all_gather: 1 + 2 (+ 1 with the entropy bonus); max_sum: 2 + 2 (+ 1).
 The `Collectives` object counts their bytes (docs/scaling.md has the formulas).
 """
@@ -62,14 +71,18 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from gradlens.engine.attribution import AttributionPlan, AttributionSums, LossSums, TokenSums
 from gradlens.engine.collectives import Collectives
 from gradlens.engine.streamed import (
     CoefficientFn,
     EnginePlan,
     EngineResult,
+    EntropyWeight,
     FirstPass,
     SecondPass,
     assemble,
+    bonus_weight,
+    coefficients_at,
     first_pass,
     sampled_logp,
     second_pass,
@@ -85,7 +98,7 @@ from gradlens.summation import WIDE, compensated_sum, grid_parts, join
 class TokenTotals:
     """Pass 1's per-token statistics over the whole vocabulary, [M] each."""
 
-    norm: Normaliser  # the global m, S (and T with the entropy bonus)
+    norm: Normaliser  # the global m, S (and T when H_t is needed)
     z_y: Tensor
     max_abs: Tensor
     max_other_logit: Tensor
@@ -153,9 +166,11 @@ def vocab_parallel_pass(
     plan: EnginePlan,
     split: VocabSplit,
     comm: Collectives | None = None,
-    entropy_weight: Tensor | None = None,
+    entropy_weight: EntropyWeight | None = None,
     entropy_losses: int | None = None,
     pass1: str = "all_gather",
+    token_entropy: bool = False,
+    attribution: AttributionPlan | None = None,
 ) -> EngineResult:
     """`lm_head_pass` on this rank's rows of W; the same `EngineResult` on every rank.
 
@@ -171,8 +186,10 @@ def vocab_parallel_pass(
         split: the rows of every rank.
         comm: the tensor-parallel group's collectives (default group when None); its ``log``
             records what was sent.
-        entropy_weight, entropy_losses: as for `lm_head_pass`.
+        entropy_weight, entropy_losses, token_entropy: as for `lm_head_pass` (H_t is the
+            global one, combined by pass 1's collective: the same on every rank).
         pass1: how pass 1's statistics are combined, a key of `PASS1`.
+        attribution: as for `lm_head_pass`; its sums are those of the whole W on every rank.
 
     Returns:
         The `EngineResult` of the whole W: per-token statistics [M], coefficients, for every
@@ -198,16 +215,17 @@ def vocab_parallel_pass(
     if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= split.vocab):
         raise GradlensError(f"tensor_parallel: token ids must lie in [0, {split.vocab})")
     acc = softmax_dtype(weight_shard.dtype)
-    bonus = entropy_weight is not None
+    need_h = entropy_weight is not None or token_entropy or attribution is not None
     local = tokens - v0  # ids of this shard's rows; the others fall outside [0, V_r)
 
     first = first_pass(
-        hidden, weight_shard, local, plan, entropy=bonus, other_logit=True, vocab=split.vocab
+        hidden, weight_shard, local, plan, entropy=need_h, other_logit=True, vocab=split.vocab
     )
     totals = combine(first, split.owner(tokens), comm, split.vocab)
     logp = sampled_logp(totals.z_y, totals.norm)
-    coefficients = [c.to(acc) for c in coefficients_of(logp)]
     entropy = None if totals.norm.tilt is None else totals.norm.entropy().to(acc)
+    coefficients = coefficients_at(coefficients_of, logp, entropy, token_entropy, acc)
+    ent_w = bonus_weight(entropy_weight, entropy)
     second = second_pass(
         hidden,
         weight_shard,
@@ -217,10 +235,11 @@ def vocab_parallel_pass(
         plan,
         first.kept,
         entropy,
-        entropy_weight,
+        ent_w,
         entropy_losses,
         vocab=split.vocab,
         gemms=first.gemms,
+        attribution=attribution,
     )
     whole = _finish(second, split, v0, v1, comm)
     return assemble(
@@ -231,7 +250,7 @@ def vocab_parallel_pass(
         entropy,
         coefficients,
         whole,
-        entropy_weight,
+        ent_w,
         whole.gemms,
     )
 
@@ -247,6 +266,13 @@ def _finish(
     n_ent = len(second.other_mass)
     bonus = second.entropy_grad_sum is not None
     ref = second.entropy
+    attr = second.attribution
+    attr_parts: list[Tensor] = []
+    if attr is not None:
+        t = attr.tokens
+        attr_parts = [t.other_sq, t.other_pd, t.dd]
+        for s in attr.losses:
+            attr_parts += [s.u, s.e, s.sequence_sq]
     norms = torch.zeros(k, split.vocab, dtype=ref.dtype, device=ref.device)  # [k, V]
     for i, n in enumerate(second.norms):
         norms[i, v0:v1] = n
@@ -254,15 +280,23 @@ def _finish(
         norms.reshape(-1),
         second.entropy,
         *second.other_mass,
+        *attr_parts,
         torch.tensor([second.gemms], dtype=ref.dtype, device=ref.device),
     ]
     total = comm.all_reduce(torch.cat(parts), "sum", "finish.sum")
-    norms_all, entropy, other_mass, gemms = torch.split(total, [k * split.vocab, m, m * n_ent, 1])
+    attr_size = sum(p.numel() for p in attr_parts)
+    sizes = [k * split.vocab, m, m * n_ent, attr_size, 1]
+    norms_all, entropy, other_mass, attr_all, gemms = torch.split(total, sizes)
     sums = [*second.row_sums, second.prob_sum]
     if second.entropy_grad_sum is not None:
         sums.append(second.entropy_grad_sum)
     wide = compensated_sum(comm.all_gather(torch.cat(sums), "finish.gather"))  # rank order
     row_sums, prob_sum, ent_sum = torch.split(wide, [k * h, m, m * bonus])
+    summed = None
+    if attr is not None:
+        values = list(torch.split(attr_all, [p.numel() for p in attr_parts]))
+        losses = [LossSums(*values[3 + 3 * i : 6 + 3 * i]) for i in range(len(attr.losses))]
+        summed = AttributionSums(TokenSums(*values[:3]), losses, attr.entropy)
     other_max = second.other_max
     if n_ent:
         top = comm.all_reduce(torch.stack(other_max), "max", "finish.max")  # [n_ent, M]
@@ -278,4 +312,5 @@ def _finish(
         other_max=other_max,
         gemms=float(gemms),
         gemm_scale=second.gemm_scale,  # from the coefficients, the same on every rank
+        attribution=summed,
     )

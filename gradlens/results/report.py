@@ -12,9 +12,11 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from gradlens.results.attribution import Attribution
 from gradlens.results.base import Result
 from gradlens.results.model import ModelGradients, ModelReport
 from gradlens.results.rollout import RolloutStats
+from gradlens.results.split import SplitReport
 from gradlens.results.support import SupportReport
 
 SCHEMA_VERSION = "gradlens.compare/3"
@@ -215,6 +217,12 @@ class LossReport(Result):
         "weights (kl: grpo's KL estimate before β; sapo_gate: SAPO's mean gate) and "
         "reported:<name>, the metrics a verl-shaped function returned itself",
     )
+    attribution: Attribution | None = Field(
+        None,
+        description="which sequences, tokens, loss terms and token groups carry the lm_head "
+        "update, and the entropy change of one step (diagnostics.attribution; null when off, "
+        "or when ‖∂L/∂W‖ is zero or not finite)",
+    )
 
 
 class Check(Result):
@@ -330,6 +338,11 @@ class CompareReport(Result):
     parity: list[ParityReport] = Field(
         default_factory=list, description="--parity A,B (once per pair): each pair compared"
     )
+    split: SplitReport | None = Field(
+        None,
+        description="--split: the gradient as a framework computes it under micro-batches × "
+        "data parallel × accumulation, against the full batch",
+    )
     engine: EngineInfo | None = Field(None, description="how the lm_head gradients were computed")
     metric_names: list[MetricName] = Field(
         default_factory=list, description="the framework names of the report's quantities"
@@ -361,7 +374,11 @@ class CompareReport(Result):
             if part is not None:
                 put(f"{prefix}/{section}", part.model_dump())
         for loss in self.losses:
-            fields = loss.model_dump(exclude={"tokens", "findings", "rows"})
+            fields = loss.model_dump(exclude={"tokens", "findings", "rows", "attribution"})
+            if loss.attribution is not None:  # its numbers, not its lists
+                fields["attribution"] = loss.attribution.model_dump(
+                    include={"grad_norm_sq", "share_sum", "sequences_to_half", "groups", "entropy"}
+                )
             fields["rows"] = loss.rows.model_dump(exclude={"top_rows"})
             if loss.model_grads is not None:
                 fields["model_grads"] = {"total_norm": loss.model_grads.total_norm}
