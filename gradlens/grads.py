@@ -24,6 +24,10 @@ differentiable twin of `softmax_view`). The entropy bonus's logit gradient
 a_t·S_t·c_H·π_t,i·(log π_t,i + H_t) is the one term not of the form c·(e_y − π); it is zero-sum,
 and c_t does not include it.
 
+The π that `softmax_view` gives (and `closed_form` builds its gradients from) is normalised by
+`gradlens.logits` (a float64 sum in a fixed order), so that the rows of ∂L/∂z sum to zero within
+a bound that holds on every device; ℓ_t itself is torch's log_softmax, as a trainer computes it.
+
 Replaying the rollout's sampling support (``loss.sampling_support: kept``, `replay`): when the
 rollout sampled from μ restricted to a kept set K_t (top-p, top-k) and renormalised, the losses
 can use π̃_t = π_t·1[K_t]/S_t, S_t = Σ_{v∈K_t} π_t,v, in place of π_t:
@@ -47,10 +51,18 @@ from torch import Tensor
 
 from gradlens.containers import Batch, LossTerms, TokenInputs, valid_index
 from gradlens.errors import GradlensError
-from gradlens.logits import compute_logits, kept_entries, restrict_logits
+from gradlens.logits import (
+    Normaliser,
+    compute_logits,
+    kept_entries,
+    log_probs,
+    normaliser,
+    restrict_logits,
+)
 from gradlens.losses import Aggregation, LossParams, LossSpec
 from gradlens.losses.corrections import apply_corrections, kept_mask
 from gradlens.losses.token_selection import apply_token_selection, bonus_weights, top_entropy_mask
+from gradlens.summation import pairwise_sum
 
 
 @dataclass(frozen=True)
@@ -136,8 +148,11 @@ class SoftmaxView:
 
     Attributes:
         rows, cols, hidden, tokens, logits, logp: as in `PolicyPass`.
-        probs: [M, V] π_t.
-        entropy: [M] H(π_t).
+        probs: [M, V] π_t = exp((z − m) − log S) (`gradlens.logits`); not exp(log_softmax),
+            whose sum depends on the kernel.
+        entropy: [M] H(π_t) = −Σ_v π log π of those π, summed in float64
+            (`gradlens.summation`).
+        normaliser: the per-token m and S of ``probs``.
     """
 
     rows: Tensor
@@ -148,6 +163,7 @@ class SoftmaxView:
     probs: Tensor
     logp: Tensor
     entropy: Tensor
+    normaliser: Normaliser
 
     @property
     def sampled_probs(self) -> Tensor:
@@ -172,14 +188,26 @@ def whole_weight(batch: Batch, what: str) -> None:
 
 
 def softmax_view(batch: Batch) -> SoftmaxView:
-    """One pass over the logits of the valid tokens (the same operations as `policy_pass`, so
-    both give bit-identical values for the same hidden states and weight)."""
+    """One pass over the logits of the valid tokens: ``logits`` and ``logp`` by the same
+    operations as `policy_pass` (bit-identical for the same hidden states and weight), π and H
+    from gradlens's own normaliser."""
     whole_weight(batch, "the materialized softmax")
     with torch.no_grad():
         p = policy_pass(batch.hidden, batch.weight, batch.tokens, batch.mask, replayed_ids(batch))
-        probs = p.log_probs.exp()
-        entropy = entropy_of(p.log_probs)  # [M]
-    return SoftmaxView(p.rows, p.cols, p.hidden, p.tokens, p.logits, probs, p.logp, entropy)
+        rows, cols, hidden, tokens, logits, logp = (
+            p.rows,
+            p.cols,
+            p.hidden,
+            p.tokens,
+            p.logits,
+            p.logp,
+        )
+        del p  # its [M, V] log_softmax: ℓ_t is all that is kept of it
+        norm = normaliser(logits)  # of the restricted logits on a replayed support
+        log_pi = log_probs(logits, norm)  # [M, V], −inf outside a replayed K_t
+        probs = log_pi.exp()
+        entropy = (-pairwise_sum(probs * finite_log(log_pi))).to(logits.dtype)  # [M]
+    return SoftmaxView(rows, cols, hidden, tokens, logits, probs, logp, entropy, norm)
 
 
 def replayed_ids(batch: Batch) -> Tensor | None:
@@ -397,9 +425,9 @@ def closed_form(
     entropy_grad = None
     if params.entropy_coef != 0.0:
         a = obj.bonus_weights[view.rows, view.cols]  # [M] a_t·S_t
-        log_probs = finite_log(torch.log_softmax(view.logits, dim=-1))  # [M, V]
+        log_pi = finite_log(log_probs(view.logits, view.normaliser))  # [M, V], as ``view.probs``'s
         h = view.entropy[:, None]  # [M, 1]
-        entropy_grad = (params.entropy_coef * a)[:, None] * view.probs * (log_probs + h)
+        entropy_grad = (params.entropy_coef * a)[:, None] * view.probs * (log_pi + h)
         grad_logits = grad_logits + entropy_grad
     grad_weight = grad_logits.T @ view.hidden.to(grad_logits.dtype)  # [V, H]
     return LossGradients(obj, float(obj.loss), grad_logits, grad_weight, entropy_grad)

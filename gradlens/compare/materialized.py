@@ -97,6 +97,7 @@ def loss_record(
             zero_sum_scale(grads, view, params),
             view.hidden,
             view.logits,
+            entropy_bonus=grads.entropy_grad_logits is not None,
         ),
         agreement=not_run(dtype)
         if reference is None

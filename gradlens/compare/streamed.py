@@ -251,6 +251,7 @@ def run_streamed(
                     dense_dtype(batch.hidden.dtype),
                     stats.other_max,
                     bonus_scale,
+                    stats.gemm_scale,
                 ),
                 agreement=agreement,
                 attribution=None

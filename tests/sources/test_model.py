@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from gradlens.cli import app
 from gradlens.compare import run_compare
 from gradlens.config import validate
+from gradlens.diagnostics import tolerances
 from gradlens.errors import GradlensError
 from gradlens.results import CompareReport
 
@@ -55,11 +56,16 @@ def make_tokenizer(extra_tokens: int = 0):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS)
 
 
-def save_checkpoint(path: Path, arch: str, tokenizer=None, context: int = 64) -> Path:
+def save_checkpoint(
+    path: Path, arch: str, tokenizer=None, context: int = 64, tiled: tuple[int, float] | None = None
+) -> Path:
+    """A random model; ``tiled = (V, scale)``: a Llama with V rows whose lm_head is its first
+    VOCAB rows (the tokenizer's) repeated and scaled."""
     torch.manual_seed(0)
+    vocab = VOCAB if tiled is None else tiled[0]
     if arch == "llama":
         config = transformers.LlamaConfig(
-            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=context,
             tie_word_embeddings=False, eos_token_id=0, bos_token_id=0,
         )  # fmt: skip
@@ -70,6 +76,10 @@ def save_checkpoint(path: Path, arch: str, tokenizer=None, context: int = 64) ->
             eos_token_id=0, bos_token_id=0,
         )  # fmt: skip
         model = transformers.GPT2LMHeadModel(config)
+    if tiled is not None:
+        with torch.no_grad():
+            head = model.get_output_embeddings().weight  # [V, H]
+            head.copy_(tiled[1] * head[:VOCAB].repeat(-(-vocab // VOCAB), 1)[:vocab])
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     (tokenizer or make_tokenizer()).save_pretrained(path)
@@ -120,6 +130,42 @@ def test_user_checkpoint_loads_and_every_check_passes(llama_report):
     assert m.rollout.sequences == len(PROMPTS) * 2
     assert report.batch.num_tokens == m.rollout.completion_tokens > 0
     assert report.batch.logp_max is not None and report.batch.logp_max <= 0
+
+
+@pytest.mark.slow
+def test_a_checkpoint_with_a_131k_vocabulary_passes_the_check(tmp_path, monkeypatch):
+    # The lm_head's 300 rows tiled to V = 131,072 and scaled ×30, so that the logits spread
+    # like a trained head's (std ≈ 3; a random init's ≈ 0.1 make π near-uniform). With π from
+    # torch's CPU log_softmax (AVX512) the check measured max_t |Σ_v G_t|/s_t = 7.3e-6 here,
+    # over its bound of the time (7.1e-6), and `--check` exited 1 for reinforce, ppo and sft;
+    # with gradlens's own normalisation it measures 2.2e-7 against 6.8e-6. The rows past the
+    # tokenizer's 300 are sampled 99.8% of the time and decode to nothing, so completion rewards
+    # would tie within each group: the reward is the prompt's length and the advantages are not
+    # normalised.
+    path = save_checkpoint(tmp_path / "tiled", "llama", tiled=(131_072, 30.0))
+    (tmp_path / "prompt_reward.py").write_text(
+        "def score(prompt, completion):\n    return len(prompt) / 10\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(
+        app,
+        [
+            "compare", "--source", "model", "--set", f"source.path={path}",
+            "--set", "source.prompts=['def add(a, b):\\n', 'import os\\n']",
+            "--set", "source.max_new_tokens=4", "--set", "source.group_size=2",
+            "--set", "source.reward=prompt_reward:score", "--set", "advantage.normalization=none",
+            "--check", "-f", "json",
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["batch"]["vocab_size"] == 131_072
+    tol = tolerances.zero_sum_logits(torch.float32, 131_072)
+    for loss in report["losses"]:
+        assert loss["coefficient_abs_max"] > 0  # every loss has a gradient to check
+        zero = loss["zero_sum"]
+        assert zero["passed"] and zero["logits_tolerance"] == tol
+        assert zero["logits_max_rel"] < tol / 4
 
 
 def test_lm_head_norm_of_the_whole_model_equals_the_logit_path_norm(llama_report):
