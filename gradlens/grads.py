@@ -13,6 +13,7 @@ weight. What the run minimises for one loss is written once, in `objective`:
     weights = a_t (the aggregation's weights, on the mask without the tokens a renormalising
               correction rejects (`aggregation_mask`); 1 for a loss that aggregates itself)
     L       = Σ_t weights_t·per_token_t  −  c_H·Σ_t a_t·H_t      (entropy bonus, when c_H ≠ 0)
+                                         +  λ·Σ_t a_t·D_t         (distillation, ``loss.distill``)
     c_t     = weights_t·g_t
 
 Every path calls it: the closed form (`closed_form`, no graph over the logits, the softmax
@@ -20,8 +21,9 @@ computed once by `softmax_view` and shared by every loss), its autograd twin
 (`autograd_reference`, as a trainer differentiates), the streamed engine's coefficients, the
 whole-model gradients and the staleness steps of a real checkpoint (through `policy_pass`, the
 differentiable twin of `softmax_view`). The entropy bonus's logit gradient
-a_t·c_H·π_t,i·(log π_t,i + H_t) is the one term not of the form c·(e_y − π); it is zero-sum,
-and c_t does not include it.
+a_t·c_H·π_t,i·(log π_t,i + H_t) and the distillation term's λ·a_t·(u_t − π_t·Σu_t)
+(`gradlens.losses.distill`) are the terms not of the form c·(e_y − π); both are zero-sum, and c_t
+includes neither.
 
 Replaying the rollout's sampling support (``loss.sampling_support: kept``, `replay`): when the
 rollout sampled from μ restricted to a kept set K_t (top-p, top-k) and renormalised, the losses
@@ -44,9 +46,15 @@ from torch import Tensor
 
 from gradlens.containers import Batch, LossTerms, TokenInputs, valid_index
 from gradlens.errors import GradlensError
-from gradlens.logits import compute_logits, kept_entries, restrict_logits
+from gradlens.logits import compute_logits, kept_entries, restrict_logits, softmax_dtype
 from gradlens.losses import Aggregation, LossParams, LossSpec
 from gradlens.losses.corrections import apply_corrections, kept_mask
+from gradlens.losses.distill import (
+    TeacherTokens,
+    divergence_grad,
+    teacher_tokens,
+    token_value,
+)
 
 
 @dataclass(frozen=True)
@@ -234,6 +242,9 @@ def token_inputs(batch: Batch, logp: Tensor) -> TokenInputs:
         mask=m,
         rollout_logp=clean(batch.rollout_logp),
         ref_logp=clean(batch.ref_logp),
+        teacher_logp=None
+        if batch.teacher is None or batch.teacher.sampled_logp is None
+        else clean(batch.teacher.sampled_logp),
     )
 
 
@@ -263,6 +274,25 @@ def entropy_bonus(agg_weights: Tensor, entropy: Tensor, entropy_coef: float) -> 
     return -entropy_coef * (agg_weights * entropy.to(agg_weights.dtype)).sum()
 
 
+def distill_term(agg_weights: Tensor, divergence: Tensor, coef: float) -> Tensor:
+    """The distillation term's part of the loss, λ·Σ_t a_t·D_t; ``divergence`` [N, T] D_t,
+    0 at masked tokens."""
+    return coef * (agg_weights * divergence.to(agg_weights.dtype)).sum()
+
+
+def distill_teacher(batch: Batch, params: LossParams, rows: Tensor, cols: Tensor) -> TeacherTokens:
+    """The batch's teacher at the valid tokens in the form ``loss.distill`` asks for."""
+    assert params.distill is not None
+    if batch.replayed:
+        raise GradlensError(
+            "loss.distill runs on the full vocabulary; with loss.sampling_support: 'kept' the "
+            "student is restricted to its kept sets (set sampling_support: full)"
+        )
+    whole_weight(batch, "loss.distill")
+    dtype = softmax_dtype(batch.weight.dtype)
+    return teacher_tokens(batch.teacher, rows, cols, params.distill, batch.vocab_size, dtype)
+
+
 def aggregation_mask(batch: Batch, params: LossParams) -> Tensor:
     """[N, T] the mask the aggregation weights are computed from: the batch's, without the
     tokens that a correction with ``renormalize`` rejects (verl's rejection sampling).
@@ -279,12 +309,14 @@ def objective(
     params: LossParams,
     aggregation: Aggregation,
     entropy: Tensor | None = None,
+    divergence: Tensor | None = None,
 ) -> Objective:
     """The loss ``spec`` at the log-probs ``logp`` [N, T] (see the module docstring).
 
     ``entropy`` [N, T] H(π_t) adds the entropy bonus when ``params.entropy_coef`` ≠ 0; without
     it ``loss`` is the policy part only (the streamed engine adds the bonus from its own
-    per-token entropy with `entropy_bonus`).
+    per-token entropy with `entropy_bonus`). ``divergence`` [N, T] D_t adds the distillation
+    term when ``params.distill`` is set (likewise added by the streamed engine itself).
     """
     inputs = token_inputs(batch, logp)
     terms = apply_corrections(spec.terms(inputs, params, aggregation), inputs, params.corrections)
@@ -293,6 +325,8 @@ def objective(
     loss = (weights * terms.per_token).sum()
     if entropy is not None and params.entropy_coef != 0.0:
         loss = loss + entropy_bonus(agg_weights, entropy, params.entropy_coef)
+    if divergence is not None and params.distill is not None:
+        loss = loss + distill_term(agg_weights, divergence, params.distill.coef)
     coefficient = weights * terms.per_token_grad  # [N, T]
     return Objective(terms, weights, agg_weights, coefficient, loss)
 
@@ -308,6 +342,9 @@ class LossGradients:
         grad_weight: [V, H] ∂L/∂W.
         entropy_grad_logits: [M, V] the entropy bonus's part of ``grad_logits``, or None when
             ``entropy_coef`` is 0. It is not of the form c·(e_y − π).
+        distill_grad_logits: [M, V] the distillation term's part of ``grad_logits``, or None
+            without ``loss.distill``; not of the form c·(e_y − π) either.
+        distill_scale: [M] λ·a_t·2Σ_v|u_tv|, the gross size of that part's cancelling terms.
     """
 
     objective: Objective
@@ -315,6 +352,8 @@ class LossGradients:
     grad_logits: Tensor
     grad_weight: Tensor
     entropy_grad_logits: Tensor | None = None
+    distill_grad_logits: Tensor | None = None
+    distill_scale: Tensor | None = None
 
     @property
     def terms(self) -> LossTerms:
@@ -341,7 +380,13 @@ def closed_form(
     aggregation: Aggregation,
 ) -> LossGradients:
     """Gradients from the master identity: no graph over the logits."""
-    obj = objective(batch, view.logp, spec, params, aggregation, view.entropy_grid())
+    divergence = dgrad = dscale = None
+    if params.distill is not None:
+        teacher = distill_teacher(batch, params, view.rows, view.cols)
+        log_probs = torch.log_softmax(view.logits, dim=-1)  # [M, V]
+        value, dgrad, dscale = divergence_grad(log_probs, teacher, params.distill)
+        divergence = on_grid(value, view.rows, view.cols, batch.mask.shape)
+    obj = objective(batch, view.logp, spec, params, aggregation, view.entropy_grid(), divergence)
     c = obj.coefficient[view.rows, view.cols]  # [M]
     grad_logits = -c[:, None] * view.probs  # [M, V]
     grad_logits.scatter_add_(-1, view.tokens[:, None], c[:, None])  # + c·e_y
@@ -352,8 +397,16 @@ def closed_form(
         h = view.entropy[:, None]  # [M, 1]
         entropy_grad = (params.entropy_coef * a)[:, None] * view.probs * (log_probs + h)
         grad_logits = grad_logits + entropy_grad
+    distill_grad = distill_scale = None
+    if params.distill is not None and dgrad is not None and dscale is not None:
+        a = params.distill.coef * obj.agg_weights[view.rows, view.cols]  # [M]
+        distill_grad = a[:, None].to(dgrad.dtype) * dgrad
+        distill_scale = a.abs() * dscale
+        grad_logits = grad_logits + distill_grad
     grad_weight = grad_logits.T @ view.hidden.to(grad_logits.dtype)  # [V, H]
-    return LossGradients(obj, float(obj.loss), grad_logits, grad_weight, entropy_grad)
+    return LossGradients(
+        obj, float(obj.loss), grad_logits, grad_weight, entropy_grad, distill_grad, distill_scale
+    )
 
 
 @dataclass(frozen=True)
@@ -379,7 +432,12 @@ def autograd_reference(
         p.logits.retain_grad()
         p.logp.retain_grad()
         entropy = p.entropy() if params.entropy_coef != 0.0 else None
-        loss = objective(batch, p.logp, spec, params, aggregation, entropy).loss
+        divergence = None
+        if params.distill is not None:
+            teacher = distill_teacher(batch, params, p.rows, p.cols)
+            values = token_value(p.log_probs, teacher, params.distill)  # [M]
+            divergence = on_grid(values, p.rows, p.cols, batch.mask.shape)
+        loss = objective(batch, p.logp, spec, params, aggregation, entropy, divergence).loss
         loss.backward()
     assert p.logits.grad is not None and p.logp.grad is not None and weight.grad is not None
     return ReferenceGradients(float(loss.detach()), p.logp.grad, p.logits.grad, weight.grad)
