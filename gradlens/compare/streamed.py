@@ -11,7 +11,9 @@ With ``diagnostics.reference: autograd`` each loss is also differentiated by tor
 gradient ∂L/∂z_y and the row norms ‖∂L/∂W_v‖.
 
 With ``loss.entropy_coef`` ≠ 0 the engine adds the entropy bonus's gradient (not of the c-form)
-to every loss's rows, and the reports include it exactly as the materialized path's do.
+to every loss's rows, and the reports include it exactly as the materialized path's do; a
+distillation term (``loss.distill``, `gradlens.losses.distill.StreamedDistill`) goes the same
+way. The fused and vocab-parallel passes take neither the term nor its teacher: they refuse it.
 
 Under tensor parallelism (``parallel``: `gradlens.compare.tensor_parallel`) the batch holds this
 rank's rows of W and the engine is the vocab-parallel pass (`gradlens.engine.vocab_parallel`),
@@ -59,6 +61,7 @@ from gradlens.grads import (
     Objective,
     aggregation_mask,
     autograd_reference,
+    distill_term,
     entropy_bonus,
     objective,
     on_grid,
@@ -66,6 +69,7 @@ from gradlens.grads import (
 )
 from gradlens.logits import softmax_dtype
 from gradlens.losses import Aggregation, LossParams, LossSpec
+from gradlens.losses.distill import StreamedDistill
 from gradlens.memory import Estimate, Shape, dtype_bytes
 from gradlens.results import Agreement, EngineInfo
 
@@ -87,6 +91,12 @@ def run_streamed(
     same result (the engine path ``fused``, opt-in). ``parallel``: this rank's tensor-parallel
     group; ``batch`` then holds the rank's rows of W (`Batch.weight_rows`).
     """
+    if params.distill is not None and (fused or parallel is not None):
+        raise GradlensError(
+            "loss.distill runs on the materialized and streamed engines; the fused and "
+            "vocab-parallel passes do not carry its dense teacher term (set diagnostics.engine "
+            "streamed or materialized, and tensor_parallel 1)"
+        )
     if fused:
         check_device(batch.weight.device)
     if fused and parallel is not None:
@@ -94,6 +104,11 @@ def run_streamed(
             "diagnostics.engine: 'fused' runs in one process, not under tensor_parallel"
         )
     kept_ids = replayed_ids(batch)
+    if params.distill is not None and kept_ids is not None:
+        raise GradlensError(
+            "loss.distill runs on the full vocabulary; with loss.sampling_support: 'kept' the "
+            "student is restricted to its kept sets (set sampling_support: full)"
+        )
     if kept_ids is not None and (fused or parallel is not None):
         raise GradlensError(
             "loss.sampling_support: 'kept' runs on the materialized and streamed engines; the "
@@ -130,7 +145,8 @@ def run_streamed(
         budget = parallel.smallest(budget)
         rows_per_rank = max(parallel.split.sizes)
     k = len(run_specs) + len(pairs)
-    buffers = 3 if params.entropy_coef == 0.0 else 4  # the bonus's [M, Vc] block: one more
+    dense = params.entropy_coef != 0.0 or params.distill is not None
+    buffers = 4 if dense else 3  # the bonus's (and distillation's) [M, Vc] block: one more
     engine_plan = plan(
         tokens.numel(),
         rows_per_rank,
@@ -146,6 +162,21 @@ def run_streamed(
             aggregation_mask(batch, params), softmax_dtype(batch.weight.dtype)
         )
         entropy_weight = params.entropy_coef * weights[rows, cols]
+    distill = None
+    if params.distill is not None:
+        acc = softmax_dtype(batch.weight.dtype)
+        a = aggregation.weights(aggregation_mask(batch, params), acc)[rows, cols]  # [M]
+        distill = StreamedDistill(
+            batch.teacher,
+            rows,
+            cols,
+            params.distill,
+            hidden,
+            batch.weight,
+            a,
+            engine_plan.chunks(batch.vocab_size),
+            acc,
+        )
     if parallel is None and fused:
         result = fused_lm_head_pass(
             hidden,
@@ -166,6 +197,7 @@ def run_streamed(
             entropy_weight=entropy_weight,
             entropy_losses=len(run_specs),
             kept_ids=valid_kept,
+            dense_term=distill,
         )
     else:
         result = vocab_parallel_pass(
@@ -184,12 +216,20 @@ def run_streamed(
     bonus_scale = None  # the bonus's gross size 2·|c_H|·a_t·H_t, [M]
     if entropy_weight is not None:
         bonus_scale = 2 * entropy_weight.abs() * result.tokens.entropy
+    divergence: Tensor | None = None
+    if distill is not None:
+        bonus_scale = distill.scale if bonus_scale is None else bonus_scale + distill.scale
+        divergence = on_grid(distill.value, rows, cols, batch.mask.shape)  # [N, T] D_t
     hidden_norms = hidden.to(result.tokens.lse.dtype).norm(dim=-1)  # [M]
 
     def loss_value(obj: Objective) -> float:
-        """L with the bonus −c_H·Σ_t a_t·H_t from the engine's entropy."""
+        """L with the bonus −c_H·Σ_t a_t·H_t from the engine's entropy, and the distillation
+        term λ·Σ_t a_t·D_t from the engine's D_t."""
         bonus = entropy_bonus(obj.agg_weights, entropy, params.entropy_coef)
-        return float(obj.loss) + (float(bonus) if params.entropy_coef != 0.0 else 0.0)
+        value = float(obj.loss) + (float(bonus) if params.entropy_coef != 0.0 else 0.0)
+        if params.distill is not None and divergence is not None:
+            value += float(distill_term(obj.agg_weights, divergence, params.distill.coef))
+        return value
 
     records = []
     for i, spec in enumerate(run_specs[:reported]):

@@ -25,8 +25,15 @@ log π, runs one more GEMM Eᵀh shared by all losses, and adds it to the rows o
 carry the bonus (not to a difference of two losses, in which it cancels). Per loss it also
 keeps Σ_{v≠y} |∂L/∂z_v| and max_{v≠y} |∂L/∂z_v|, which no longer follow from c_t and π alone.
 
+A distillation term (``loss.distill``, `gradlens.losses.distill`) is another such block,
+D_tv = λ·a_t·(u_tv − π_tv·Σ_v u_tv), given by the caller as a `DenseTerm`: the engine calls its
+``prepare`` with the logsumexp after pass 1 (a teacher pair runs its own passes over the
+teacher's chunks there: its logsumexp, and Σ_v u_tv for the full forms), then asks it for each
+chunk's block in pass 2 (one more GEMM over the teacher's chunk in the full forms) and adds it to
+the entropy bonus's block: both go through the same Eᵀh GEMM and the same statistics.
+
 GEMM-equivalents: 1 + (1 − f) + k for a resident fraction f of the vocabulary (+ 1 with the
-entropy bonus). A loss whose
+entropy bonus or a distillation term, + the teacher's own). A loss whose
 coefficients equal an earlier loss's on most tokens (``ppo_clip`` against ``ppo``: they differ
 only on clipped tokens) reuses that loss's dense product and adds a correction over the
 differing tokens only: D_k = D_j + πᵀ_{[Δ]} ((c_k − c_j)⊙h)_{[Δ]}. This is exact algebra.
@@ -51,6 +58,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -60,6 +68,21 @@ from gradlens.memory import available
 
 CoefficientFn = Callable[[Tensor], list[Tensor]]
 SHARE_LIMIT = 0.5  # reuse an earlier loss's dense product when ≤ this share of tokens differ
+
+
+class DenseTerm(Protocol):
+    """A dense logit term shared by every loss, beside the entropy bonus (a distillation term).
+
+    ``prepare(lse)`` is called once after pass 1 with the student's logsumexp [M];
+    ``block(start, end, log_probs, probs)`` returns the term's [M, end − start] logit gradient on
+    one vocabulary chunk from the student's log π and π there (it must not keep or modify them);
+    ``gemms`` counts the GEMMs it ran, in units of 2·M·H·V."""
+
+    gemms: float
+
+    def prepare(self, lse: Tensor) -> None: ...
+
+    def block(self, start: int, end: int, log_probs: Tensor, probs: Tensor) -> Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -133,8 +156,9 @@ class TokenStats:
     entropy: Tensor  # −Σ_v π_tv log π_tv
     max_other_prob: Tensor  # max_{v ≠ y_t} π_tv
     max_abs_logit: Tensor  # max_v |z_tv|
-    entropy_grad_at_y: Tensor | None = None  # E_t,y_t of the entropy bonus (None: no bonus)
-    entropy_grad_sum: Tensor | None = None  # Σ_v E_tv as summed from the entries (0 up to rounding)
+    # the dense non-c-form terms (entropy bonus E, plus a distillation term D), None without:
+    entropy_grad_at_y: Tensor | None = None  # (E + D)_t,y_t
+    entropy_grad_sum: Tensor | None = None  # Σ_v (E + D)_tv as summed (0 up to rounding)
 
     @property
     def sampled_prob(self) -> Tensor:
@@ -295,6 +319,7 @@ class SecondPass:
     other_mass: list[Tensor]
     other_max: list[Tensor]
     gemms: float
+    dense_at_y: Tensor | None = None  # [M] a `DenseTerm`'s block at the sampled entry
 
 
 def second_pass(
@@ -311,6 +336,7 @@ def second_pass(
     vocab: int | None = None,
     gemms: float = 0.0,
     kept_ids: Tensor | None = None,
+    dense_term: DenseTerm | None = None,
 ) -> SecondPass:
     """Pass 2 over ``weight``'s rows: probabilities from the *global* ``lse`` [M], the dense
     GEMM for all losses, the sparse rows of the tokens inside these rows, the reductions.
@@ -318,6 +344,7 @@ def second_pass(
     ``coefficients``: [M] c_k per loss, in the softmax dtype. ``entropy`` [M] the global H_t and
     ``entropy_weight`` [M] w_t when the bonus is on. ``kept``: `FirstPass.kept`, consumed.
     ``gemms``: the count so far (pass 1's), continued. ``kept_ids``: as `first_pass`'s.
+    ``dense_term``: a distillation term, prepared, added to the bonus's block (or alone).
     """
     m, v = hidden.shape[0], weight.shape[0]
     unit = v if vocab is None else vocab
@@ -344,7 +371,9 @@ def second_pass(
         for i, src in enumerate(sources)
         if src is not None
     }
-    n_ent = 0 if ent_w is None else (k if entropy_losses is None else entropy_losses)
+    extra = ent_w is not None or dense_term is not None
+    n_ent = 0 if not extra else (k if entropy_losses is None else entropy_losses)
+    dense_at_y = None if dense_term is None else torch.zeros(m, dtype=acc, device=hidden.device)
     h_gemm = h_acc.to(gemm_dtype)
     scaled_gemm = scaled.to(gemm_dtype)  # the GEMM operand, converted once (bf16 operands)
     ent_sum = torch.zeros(m, dtype=acc, device=hidden.device)
@@ -372,8 +401,16 @@ def second_pass(
         prob_sum += probs.sum(-1)
         entropy_sum -= (probs * z).sum(-1)
         ent_block = None
+        inside = torch.nonzero((tokens >= start) & (tokens < end)).squeeze(-1)
+        local = tokens[inside] - start
+        d = None if dense_term is None else dense_term.block(start, end, z, probs)  # [M, Vc]
+        e: Tensor | None = None
         if ent_w is not None and entropy is not None:  # E = w·π·(log π + H), in place of log π
             e = z.add_(entropy[:, None]).mul_(probs).mul_(ent_w[:, None])  # [M, Vc]
+        if d is not None and dense_at_y is not None:
+            e = d if e is None else e.add_(d)
+            dense_at_y[inside] += d[inside, local]
+        if e is not None:
             ent_sum += e.sum(-1)
             ent_block = (e.T.to(gemm_dtype) @ h_gemm).to(acc)  # [Vc, H], shared by all losses
             gemms += (end - start) / unit
@@ -381,8 +418,6 @@ def second_pass(
         dense = probs.T.to(gemm_dtype) @ scaled_gemm  # [Vc, k'·H]
         gemms += (end - start) / unit * len(direct)
         rows = -dense.to(acc)
-        inside = torch.nonzero((tokens >= start) & (tokens < end)).squeeze(-1)
-        local = tokens[inside] - start
         rows.index_add_(0, local, scaled[inside])  # + c_t h_t on the sampled rows
         per_loss: dict[int, Tensor] = {
             idx: rows[:, n * H : (n + 1) * H] for n, idx in enumerate(direct)
@@ -396,7 +431,7 @@ def second_pass(
             per_loss[idx] = r
         for idx in range(k):
             r = per_loss[idx]
-            if ent_block is not None and idx < n_ent:
+            if ent_block is not None and e is not None and idx < n_ent:
                 r = r + ent_block
                 g = torch.addcmul(e, probs, coefficients[idx][:, None], value=-1).abs_()
                 g[inside, local] = 0.0  # ∂L/∂z_v = E_v − c·π_v off the sampled entry
@@ -414,10 +449,11 @@ def second_pass(
         prob_sum,
         entropy_sum,
         max_other,
-        None if ent_w is None else ent_sum,
+        None if not extra else ent_sum,
         other_mass,
         other_max,
         gemms,
+        dense_at_y,
     )
 
 
@@ -434,9 +470,10 @@ def assemble(
 ) -> EngineResult:
     """The `EngineResult` from the per-token statistics and pass 2's (reduced) output;
     ``entropy`` is pass 1's H_t (needed with the entropy bonus only)."""
-    ent_y = None
+    ent_y = second.dense_at_y
     if entropy_weight is not None and entropy is not None:
-        ent_y = entropy_weight.to(lse.dtype) * logp.exp() * (logp + entropy)
+        bonus_y = entropy_weight.to(lse.dtype) * logp.exp() * (logp + entropy)
+        ent_y = bonus_y if ent_y is None else ent_y + bonus_y
     n_ent = len(second.other_mass)
     return EngineResult(
         tokens=TokenStats(
@@ -472,12 +509,14 @@ def lm_head_pass(
     entropy_weight: Tensor | None = None,
     entropy_losses: int | None = None,
     kept_ids: Tensor | None = None,
+    dense_term: DenseTerm | None = None,
 ) -> EngineResult:
     """Run the two passes. ``coefficients_of(logp [M]) -> [c_1, …, c_k]`` ([M] each).
 
     ``entropy_weight`` [M]: w_t = a_t·c_H of the entropy bonus, added to the first
     ``entropy_losses`` losses (all when None); None: no bonus. ``kept_ids`` [M, K]: the
-    replayed kept sets K_t (−1 padding), or None: the whole vocabulary.
+    replayed kept sets K_t (−1 padding), or None: the whole vocabulary. ``dense_term``: a
+    distillation term (`DenseTerm`), added to the same losses as the bonus.
     """
     first = first_pass(
         hidden, weight, tokens, plan, entropy=entropy_weight is not None, kept_ids=kept_ids
@@ -485,6 +524,8 @@ def lm_head_pass(
     logp = first.z_y - first.lse
     acc = softmax_dtype(weight.dtype)
     coefficients = [c.to(acc) for c in coefficients_of(logp)]
+    if dense_term is not None:
+        dense_term.prepare(first.lse)
     second = second_pass(
         hidden,
         weight,
@@ -498,6 +539,7 @@ def lm_head_pass(
         entropy_losses,
         gemms=first.gemms,
         kept_ids=kept_ids,
+        dense_term=dense_term,
     )
     return assemble(
         first.lse,
@@ -508,5 +550,5 @@ def lm_head_pass(
         coefficients,
         second,
         entropy_weight,
-        second.gemms,
+        second.gemms + (0.0 if dense_term is None else dense_term.gemms),
     )

@@ -219,3 +219,114 @@ def divergence_grad(
     value, u = token_terms(lp, lq, d)
     grad = dense_grad(log_probs.exp(), u, teacher)
     return value, grad, 2 * u.abs().sum(-1)
+
+
+class StreamedDistill:
+    """The distillation term for the streamed engine (a `gradlens.engine.streamed.DenseTerm`):
+    nothing of size M×V is kept.
+
+    ``prepare``: the top-k form gathers the student's logits at K_t directly (z_K = W[K_t]·h_t,
+    M·K·H) and needs no pass; the full form runs two passes over vocabulary chunks: the
+    teacher's logsumexp (one teacher GEMM), then D_t, Σ_v u_tv and Σ_v |u_tv| (one student and
+    one teacher GEMM). A top-k form from a teacher pair first finds the pair's top-k chunk by
+    chunk. ``block``: λ·a_t·(u − π·Σu) on one chunk (the full form recomputes the teacher's
+    chunk: one more teacher GEMM).
+
+    Attributes after ``prepare``, [M] each: ``value`` D_t, ``scale`` λ·|a_t|·2Σ_v|u_tv|.
+    """
+
+    def __init__(
+        self,
+        teacher: Teacher | None,
+        rows: Tensor,
+        cols: Tensor,
+        d: Distill,
+        hidden: Tensor,
+        weight: Tensor,
+        weights: Tensor,
+        chunks: list[tuple[int, int]],
+        dtype: torch.dtype,
+    ) -> None:
+        check_teacher(teacher, d, int(weight.shape[0]))
+        assert teacher is not None
+        self.d = d
+        self.hidden, self.weight = hidden, weight  # [M, H], [V, H]
+        self.weights = d.coef * weights.to(dtype)  # [M] λ·a_t
+        self.chunks, self.dtype = chunks, dtype
+        self.vocab = int(weight.shape[0])
+        self.t_hidden = None if teacher.hidden is None else teacher.hidden[rows, cols]  # [M, H']
+        self.t_weight = teacher.weight
+        self.ids: Tensor | None = None
+        self.logq: Tensor | None = None
+        if d.form == "top_k" and teacher.has_topk:
+            assert teacher.topk_ids is not None and teacher.topk_logp is not None
+            self.ids, self.logq = teacher.topk_ids[rows, cols], teacher.topk_logp[rows, cols]
+        self.gemms = 0.0
+        self.t_lse = torch.empty(0)
+        self.total = torch.empty(0)  # [M] Σ_v u_tv
+        self.u_k = torch.empty(0)  # [M, K] u on K_t (top-k form)
+        self.value = torch.empty(0)
+        self.scale = torch.empty(0)
+
+    def _teacher_logits(self, start: int, end: int) -> Tensor:
+        assert self.t_hidden is not None and self.t_weight is not None
+        self.gemms += (end - start) / self.vocab
+        return (self.t_hidden @ self.t_weight[start:end].T).to(self.dtype)  # [M, Vc]
+
+    def _teacher_pass(self) -> None:
+        """The teacher's logsumexp, and its top-k when the top-k form comes from the pair."""
+        m = self.hidden.shape[0]
+        lse = torch.full((m,), -torch.inf, dtype=self.dtype, device=self.hidden.device)
+        want_topk = self.d.form == "top_k" and self.ids is None
+        best_z = best_ids = None
+        for start, end in self.chunks:
+            z = self._teacher_logits(start, end)
+            lse = torch.logaddexp(lse, torch.logsumexp(z, dim=-1))
+            if want_topk:
+                ids = torch.arange(start, end, device=z.device).expand_as(z)
+                if best_z is not None and best_ids is not None:
+                    z, ids = torch.cat([best_z, z], -1), torch.cat([best_ids, ids], -1)
+                top = torch.topk(z, min(self.d.top_k, z.shape[-1]), dim=-1)
+                best_z, best_ids = top.values, ids.gather(-1, top.indices)
+        self.t_lse = lse
+        if want_topk and best_z is not None:
+            self.ids, self.logq = best_ids, best_z - lse[:, None]
+
+    def prepare(self, lse: Tensor) -> None:
+        lse = lse.to(self.dtype)
+        if self.t_hidden is not None and (self.d.form == "full" or self.ids is None):
+            self._teacher_pass()
+        if self.d.form == "top_k":
+            assert self.ids is not None and self.logq is not None
+            w_k = self.weight[self.ids]  # [M, K, H]
+            z_k = torch.einsum("mkh,mh->mk", w_k, self.hidden).to(self.dtype)  # [M, K]
+            value, self.u_k = token_terms(z_k - lse[:, None], self.logq.to(self.dtype), self.d)
+            self.total, gross = self.u_k.sum(-1), self.u_k.abs().sum(-1)
+        else:
+            m = self.hidden.shape[0]
+            value, self.total, gross = (
+                torch.zeros(m, dtype=self.dtype, device=self.hidden.device) for _ in range(3)
+            )
+            for start, end in self.chunks:
+                self.gemms += (end - start) / self.vocab
+                z = (self.hidden @ self.weight[start:end].T).to(self.dtype)  # [M, Vc]
+                lq = self._teacher_logits(start, end) - self.t_lse[:, None]
+                part, u = token_terms(z - lse[:, None], lq, self.d)
+                value += part
+                self.total += u.sum(-1)
+                gross += u.abs().sum(-1)
+        self.value = value
+        self.scale = self.weights.abs() * 2 * gross
+
+    def block(self, start: int, end: int, log_probs: Tensor, probs: Tensor) -> Tensor:
+        if self.d.form == "full":
+            lq = self._teacher_logits(start, end) - self.t_lse[:, None]
+            _, u = token_terms(log_probs, lq, self.d)
+        else:
+            assert self.ids is not None
+            u = torch.zeros_like(probs)
+            inside = (self.ids >= start) & (self.ids < end)  # [M, K]
+            local = (self.ids - start).clamp(0, end - start - 1)
+            u.scatter_add_(-1, local, torch.where(inside, self.u_k, 0.0))
+        grad = u.sub_(probs * self.total[:, None])
+        return grad.mul_(self.weights[:, None])
