@@ -282,6 +282,11 @@ class Batch:
         return int(self.mask.shape[0])
 
     @property
+    def teacher_logp(self) -> Tensor | None:
+        """[N, T] log q(y_t) of the distillation teacher, when the batch has one."""
+        return None if self.teacher is None else self.teacher.sampled_logp
+
+    @property
     def vocab_size(self) -> int:
         """V of the whole lm_head (also when ``weight`` holds only some of its rows)."""
         if self.weight_rows is not None:

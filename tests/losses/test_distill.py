@@ -10,9 +10,9 @@ import math
 
 import pytest
 import torch
-from helpers import random_batch, rel_err, with_teacher
+from helpers import make_batch, random_batch, rel_err, with_teacher
 
-from gradlens.containers import Batch
+from gradlens.containers import Batch, Teacher
 from gradlens.errors import GradlensError
 from gradlens.grads import autograd_reference, closed_form, softmax_view
 from gradlens.losses import AGGREGATIONS, Aggregation, LossParams, get_loss
@@ -207,3 +207,37 @@ def test_verl_forward_kl_topk(clamp: float | None) -> None:
     # verl computes the KL in float32 (kl_divergence casts), hence float32 rounding: ~1e-7
     assert rel_err(value, per_token.detach().double()) <= 1e-6
     assert rel_err(grad, z.grad.reshape(-1, 9)) <= 1e-6
+
+
+# ----------------------------------------------------------------------------- on-policy form
+
+
+def test_opd_is_reinforce_with_the_teacher_advantage() -> None:
+    # opd: c_t = a_t·(ℓ_t − ℓ^T_t), the c-form of REINFORCE with A = sg(ℓ^T − ℓ); token_mean
+    # weights a_t = 1/M. Against autograd in float64, and against REINFORCE given that A.
+    batch = teacher_batch()
+    assert batch.teacher is not None and batch.teacher.sampled_logp is not None
+    closed, ref = both(batch, "opd", LossParams())
+    view = softmax_view(batch)
+    m = batch.mask
+    expected = (view.logp - batch.teacher.sampled_logp) / batch.num_tokens
+    assert rel_err(closed.coefficient[m], expected[m]) <= TOL_F64
+    assert rel_err(closed.grad_logits, ref.grad_logits) <= TOL_F64
+    adv = torch.where(m, batch.teacher.sampled_logp - view.logp, 0.0)
+    reinforce, _ = both(dataclasses.replace(batch, advantages=adv), "reinforce", LossParams())
+    assert rel_err(closed.grad_weight, reinforce.grad_weight) <= TOL_F64
+
+
+def test_opd_hand_computed() -> None:
+    # One token, V = 2, z = [log 0.8, log 0.2], y = 0: ℓ = log 0.8; teacher log q(y) = log 0.4.
+    #   g = ℓ − ℓ^T = log(0.8/0.4) = log 2 = 0.6931472 (one token: a = 1)
+    #   ∂L/∂z = g·(e_y − π) = 0.6931472·[0.2, −0.2] = [0.1386294, −0.1386294]
+
+    weight = torch.tensor([[math.log(0.8)], [math.log(0.2)]], dtype=torch.float64)
+    batch = make_batch(
+        torch.ones(1, 1, 1, dtype=torch.float64), weight, torch.tensor([[0]]), torch.ones(1, 1)
+    )
+    teacher = Teacher(sampled_logp=torch.tensor([[math.log(0.4)]], dtype=torch.float64))
+    closed, _ = both(dataclasses.replace(batch, teacher=teacher), "opd", LossParams())
+    assert float(closed.coefficient[0, 0]) == pytest.approx(math.log(2), rel=1e-14)
+    assert closed.grad_logits[0].tolist() == pytest.approx([0.1386294, -0.1386294], abs=1e-7)
