@@ -266,6 +266,12 @@ class BatchSource(Strict):
         "(per-tensor-group and total gradient norms; one forward with autograd over the whole "
         "batch); null: on when model_path is set",
     )
+    tokenizer: str | None = Field(
+        None,
+        description="decodes the file's token ids in the report (attribution): a tokenizer "
+        "directory, a tokenizer.json file or 'builtin'; null: model_path's tokenizer, or ids "
+        "only",
+    )
 
     @model_validator(mode="after")
     def _model_settings(self) -> BatchSource:
@@ -276,6 +282,8 @@ class BatchSource(Strict):
                 "whole_model needs model_path: the whole-model gradients run through the "
                 "checkpoint that recomputes the hidden states"
             )
+        if self.tokenizer is not None and not self.tokenizer.strip():
+            raise ValueError("tokenizer is empty; give a tokenizer directory, builtin or null")
         if self.model_path is None and self.temperature != 1.0:
             raise ValueError(
                 "temperature applies only with model_path (recomputed hidden states); a file's "
@@ -503,6 +511,23 @@ class DiagnosticsConfig(Strict):
         description="tensor_parallel > 1: seconds a rank waits in a collective for the others "
         "before it fails (a rank that raised or hangs then stops every rank)",
     )
+    attribution: Annotated[Literal["auto", "on", "off"], BeforeValidator(_on_off)] = Field(
+        "auto",
+        description="which sequences, tokens, loss terms and token groups carry the lm_head "
+        "update, and the entropy change of one step (docs/attribution.md); auto: with the "
+        "materialized engine only (the streamed engine pays about one more GEMM-equivalent per "
+        "loss for it: set on); the fused engine has none",
+    )
+
+    @model_validator(mode="after")
+    def _attribution(self) -> DiagnosticsConfig:
+        if self.attribution == "on" and self.engine == "fused":
+            raise ValueError(
+                "attribution 'on' needs the materialized or streamed engine: the fused engine's "
+                "kernels do not form the attribution sums; set engine streamed, or attribution "
+                "auto or off"
+            )
+        return self
 
     @model_validator(mode="after")
     def _tensor_parallel(self) -> DiagnosticsConfig:

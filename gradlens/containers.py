@@ -255,6 +255,9 @@ class Batch:
             ``loss.sampling_support: kept``.
         replayed: the stored log-probs are already of the renormalised distributions and the
             losses use π̃ = π on K_t, renormalised.
+        tokenizer: what decodes the token ids (anything with ``decode(list[int]) -> str``), when
+            the source knows one beside ``model_context``'s (a batch file's
+            ``source.tokenizer`` or checkpoint, the Python API's ``tokenizer=``); None: none.
         origin: how the source names each tensor, for the messages of `gradlens.validation`.
         teacher: the teacher of the distillation term and of on-policy distillation, if any.
     """
@@ -274,6 +277,7 @@ class Batch:
     weight_rows: VocabRows | None = None
     kept: KeptSets | None = None
     replayed: bool = False
+    tokenizer: Any = None
     origin: Origin = field(default_factory=Origin)
     teacher: Teacher | None = None
 

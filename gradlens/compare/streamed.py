@@ -26,6 +26,11 @@ and B join the engine's losses if they are not among them (without a loss report
 and one
 more coefficient set, c_B − c_A, gives the row norms of ∂L_B/∂W − ∂L_A/∂W, which is of the same
 c-form. The logit-gradient gap follows from c_A, c_B and per-token statistics (`streamed_gap`).
+
+With ``diagnostics.attribution`` the engine also accumulates the attribution sums of every
+reported loss (`gradlens.engine.attribution`): one more product of each chunk's rows with h and
+the per-sequence norms, about one GEMM-equivalent per loss (counted in ``gemm_equivalents``);
+the vocab-parallel engine sums them over the ranks. The fused engine has no attribution.
 """
 
 from __future__ import annotations
@@ -42,10 +47,12 @@ from gradlens.compare.tensor_parallel import VocabParallel
 from gradlens.containers import Batch, valid_index
 from gradlens.diagnostics import tolerances
 from gradlens.diagnostics.agreement import not_run
+from gradlens.diagnostics.attribution import AttributionInputs
 from gradlens.diagnostics.metrics import terms_metrics
 from gradlens.diagnostics.numbers import count_non_finite, num, rel_err
 from gradlens.diagnostics.row_norms import row_norms_from
 from gradlens.diagnostics.streamed import grad_at_y, sampled_row_streamed, zero_sum_streamed
+from gradlens.engine.attribution import AttributionPlan, sequence_layout
 from gradlens.engine.fused import check_device, fused_lm_head_pass
 from gradlens.engine.streamed import (
     EngineResult,
@@ -115,6 +122,11 @@ def run_streamed(
             "fused and vocab-parallel passes do not restrict π to the kept sets (set "
             "diagnostics.engine streamed and tensor_parallel 1)"
         )
+    if fused and options.attribution:
+        raise GradlensError(
+            "diagnostics.attribution: the fused engine does not form the attribution sums; "
+            "set engine streamed, or attribution auto or off"
+        )
     rows, cols = valid_index(batch.mask)
     hidden = batch.hidden[rows, cols]  # [M, H]
     tokens = batch.tokens[rows, cols]  # [M]
@@ -147,6 +159,12 @@ def run_streamed(
     k = len(run_specs) + len(pairs)
     dense = params.entropy_coef != 0.0 or params.distill is not None
     buffers = 4 if dense else 3  # the bonus's (and distillation's) [M, Vc] block: one more
+    acc = softmax_dtype(batch.weight.dtype)
+    attribution = None
+    if options.attribution:  # d, Q = R hᵀ, a product with it, the logit-gradient block
+        buffers += 4
+        layout = sequence_layout(rows, batch.num_sequences, hidden.to(acc))
+        attribution = AttributionPlan(reported, layout)
     engine_plan = plan(
         tokens.numel(),
         rows_per_rank,
@@ -164,7 +182,6 @@ def run_streamed(
         entropy_weight = params.entropy_coef * weights[rows, cols]
     distill = None
     if params.distill is not None:
-        acc = softmax_dtype(batch.weight.dtype)
         a = aggregation.weights(aggregation_mask(batch, params), acc)[rows, cols]  # [M]
         distill = StreamedDistill(
             batch.teacher,
@@ -197,6 +214,7 @@ def run_streamed(
             entropy_weight=entropy_weight,
             entropy_losses=len(run_specs),
             kept_ids=valid_kept,
+            attribution=attribution,
             dense_term=distill,
         )
     else:
@@ -210,6 +228,7 @@ def run_streamed(
             parallel.comm,
             entropy_weight=entropy_weight,
             entropy_losses=len(run_specs),
+            attribution=attribution,
         )
     logp = grid[0]
     entropy = on_grid(result.tokens.entropy, rows, cols, batch.mask.shape)  # [N, T]
@@ -266,6 +285,16 @@ def run_streamed(
                     bonus_scale,
                 ),
                 agreement=agreement,
+                attribution=None
+                if result.attribution is None
+                else AttributionInputs(
+                    sums=result.attribution.losses[i],
+                    tokens=result.attribution.tokens,
+                    grad_norm_sq=stats.norms.double().square().sum(),
+                    entropy=result.attribution.entropy,
+                    logp=result.tokens.logp,
+                    hidden_norm=hidden_norms,
+                ),
             )
         )
     info = EngineInfo(
@@ -320,10 +349,11 @@ def estimate_streamed(
     """The engine's peak: the hidden states of the tokens [M, H], the working memory of its
     plan (`gradlens.engine.streamed.plan`: at least one vocabulary chunk of ≥ 256 rows, whatever
     the budget), per-loss row norms [V] and coefficients [M]; with the reference, autograd's
-    [M, V] tensors of one loss."""
+    [M, V] tensors of one loss; with the attribution, four more buffers per chunk (as
+    `run_streamed` plans them) and the hidden states' Gram of each sequence (about M·T entries)."""
     m, v, h = shape.tokens, shape.vocab, shape.hidden
     acc = dtype_bytes(softmax_dtype(dtype))
-    buffers = 4 if entropy else 3
+    buffers = (4 if entropy else 3) + (4 if options.attribution else 0)
     budget = options.memory_budget_bytes or auto_budget(device)
     engine_plan = plan(m, v, h, losses, budget, options.vocab_chunk, buffers=buffers)
     terms = [
@@ -336,6 +366,8 @@ def estimate_streamed(
     ]
     if options.reference:
         terms.append(("autograd's [M, V] tensors of one loss", 5 * m * v * acc))
+    if options.attribution:
+        terms.append(("attribution: each sequence's Gram of h", m * shape.length * acc))
     return Estimate(
         "the streamed engine",
         "tokens (a chunk holds every token's logits for its vocabulary rows)",

@@ -63,6 +63,14 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from gradlens.engine.attribution import (
+    AttributionPlan,
+    AttributionSums,
+    LossSums,
+    TokenSums,
+    entropy_direction,
+    logit_grad_block,
+)
 from gradlens.logits import kept_entries, restrict_logits, softmax_dtype
 from gradlens.memory import available
 
@@ -183,6 +191,7 @@ class EngineResult:
     coefficients: list[Tensor]  # [M] c_k per loss, as returned by the caller
     rows: list[RowStats]
     gemm_equivalents: float  # logits GEMMs + dense GEMMs actually run, in units of 2·M·H·V
+    attribution: AttributionSums | None = None  # with an `AttributionPlan` only
 
 
 def dense_dtype(operand: torch.dtype) -> torch.dtype:
@@ -319,6 +328,7 @@ class SecondPass:
     other_mass: list[Tensor]
     other_max: list[Tensor]
     gemms: float
+    attribution: AttributionSums | None = None
     dense_at_y: Tensor | None = None  # [M] a `DenseTerm`'s block at the sampled entry
 
 
@@ -336,6 +346,7 @@ def second_pass(
     vocab: int | None = None,
     gemms: float = 0.0,
     kept_ids: Tensor | None = None,
+    attribution: AttributionPlan | None = None,
     dense_term: DenseTerm | None = None,
 ) -> SecondPass:
     """Pass 2 over ``weight``'s rows: probabilities from the *global* ``lse`` [M], the dense
@@ -344,6 +355,8 @@ def second_pass(
     ``coefficients``: [M] c_k per loss, in the softmax dtype. ``entropy`` [M] the global H_t and
     ``entropy_weight`` [M] w_t when the bonus is on. ``kept``: `FirstPass.kept`, consumed.
     ``gemms``: the count so far (pass 1's), continued. ``kept_ids``: as `first_pass`'s.
+    ``attribution``: also accumulate the attribution sums of its first losses from each
+    chunk's rows (`gradlens.engine.attribution`; it needs ``entropy``).
     ``dense_term``: a distillation term, prepared, added to the bonus's block (or alone).
     """
     m, v = hidden.shape[0], weight.shape[0]
@@ -353,6 +366,8 @@ def second_pass(
     ent_w = None if entropy_weight is None else entropy_weight.to(acc)
     if ent_w is not None and entropy is None:
         raise ValueError("second_pass: the entropy bonus needs H_t (entropy)")
+    if attribution is not None and entropy is None:
+        raise ValueError("second_pass: the attribution needs H_t (entropy)")
     k = len(coefficients)
     sources = share_sources(coefficients)
     direct = [i for i in range(k) if sources[i] is None]
@@ -385,6 +400,13 @@ def second_pass(
     prob_sum = torch.zeros(m, dtype=acc, device=hidden.device)
     entropy_sum = torch.zeros(m, dtype=acc, device=hidden.device)
     max_other = torch.zeros(m, dtype=acc, device=hidden.device)
+    attr_tokens = attr_losses = None
+    if attribution is not None and entropy is not None:
+        n_seq = attribution.layout.num_sequences
+        attr_tokens = TokenSums.zeros(m, acc, hidden.device)
+        attr_losses = [
+            LossSums.zeros(m, n_seq, acc, hidden.device) for _ in range(attribution.losses)
+        ]
 
     for i, (start, end) in enumerate(chunks):
         keep = _chunk_keep(kept_ids, start, end)
@@ -400,16 +422,21 @@ def second_pass(
             z.masked_fill_(~keep, 0.0)  # log π read as 0 where π = 0: 0·log 0 adds nothing
         prob_sum += probs.sum(-1)
         entropy_sum -= (probs * z).sum(-1)
-        ent_block = None
         inside = torch.nonzero((tokens >= start) & (tokens < end)).squeeze(-1)
         local = tokens[inside] - start
-        d = None if dense_term is None else dense_term.block(start, end, z, probs)  # [M, Vc]
-        e: Tensor | None = None
-        if ent_w is not None and entropy is not None:  # E = w·π·(log π + H), in place of log π
-            e = z.add_(entropy[:, None]).mul_(probs).mul_(ent_w[:, None])  # [M, Vc]
-        if d is not None and dense_at_y is not None:
-            e = d if e is None else e.add_(d)
-            dense_at_y[inside] += d[inside, local]
+        ent_block = e = None
+        # a distillation term's block, from log π before anything below overwrites it
+        dist = None if dense_term is None else dense_term.block(start, end, z, probs)  # [M, Vc]
+        d = None  # d = π·(log π + H), in place of log π
+        if entropy is not None and (ent_w is not None or attr_tokens is not None):
+            d = entropy_direction(z, probs, entropy)  # [M, Vc]
+        if attr_tokens is not None and d is not None:
+            attr_tokens.add(probs, d, inside, local)
+        if ent_w is not None and d is not None:  # E = w·d, in place of d unless d is kept
+            e = d.mul_(ent_w[:, None]) if attr_tokens is None else d * ent_w[:, None]  # [M, Vc]
+        if dist is not None and dense_at_y is not None:
+            e = dist if e is None else e + dist
+            dense_at_y[inside] += dist[inside, local]
         if e is not None:
             ent_sum += e.sum(-1)
             ent_block = (e.T.to(gemm_dtype) @ h_gemm).to(acc)  # [Vc, H], shared by all losses
@@ -440,6 +467,13 @@ def second_pass(
                 del g
             norms[idx][start:end] = r.norm(dim=1)
             row_sums[idx] += r.sum(0)
+            if attr_losses is not None and attribution is not None and d is not None:
+                if idx >= attribution.losses:
+                    continue
+                bonus = e if idx < n_ent else None
+                grad = logit_grad_block(probs, coefficients[idx], inside, local, bonus)
+                attr_losses[idx].add(r, h_acc, probs, d, grad, inside, local, attribution.layout)
+                gemms += attribution.gemm_equivalents(end - start, m, H, unit)
         probs[inside, local] = 0.0  # drop the sampled entry before the max
         max_other = torch.maximum(max_other, probs.amax(-1))
 
@@ -453,6 +487,9 @@ def second_pass(
         other_mass,
         other_max,
         gemms,
+        None
+        if attr_tokens is None or attr_losses is None or entropy is None
+        else AttributionSums(attr_tokens, attr_losses, entropy),
         dense_at_y,
     )
 
@@ -497,6 +534,7 @@ def assemble(
             for i, (n, s) in enumerate(zip(second.norms, second.row_sums, strict=True))
         ],
         gemm_equivalents=gemms,
+        attribution=second.attribution,
     )
 
 
@@ -509,18 +547,19 @@ def lm_head_pass(
     entropy_weight: Tensor | None = None,
     entropy_losses: int | None = None,
     kept_ids: Tensor | None = None,
+    attribution: AttributionPlan | None = None,
     dense_term: DenseTerm | None = None,
 ) -> EngineResult:
     """Run the two passes. ``coefficients_of(logp [M]) -> [c_1, …, c_k]`` ([M] each).
 
     ``entropy_weight`` [M]: w_t = a_t·c_H of the entropy bonus, added to the first
     ``entropy_losses`` losses (all when None); None: no bonus. ``kept_ids`` [M, K]: the
-    replayed kept sets K_t (−1 padding), or None: the whole vocabulary. ``dense_term``: a
+    replayed kept sets K_t (−1 padding), or None: the whole vocabulary. ``attribution``: the
+    attribution sums of its first losses too (`EngineResult.attribution`). ``dense_term``: a
     distillation term (`DenseTerm`), added to the same losses as the bonus.
     """
-    first = first_pass(
-        hidden, weight, tokens, plan, entropy=entropy_weight is not None, kept_ids=kept_ids
-    )
+    needs_entropy = entropy_weight is not None or attribution is not None
+    first = first_pass(hidden, weight, tokens, plan, entropy=needs_entropy, kept_ids=kept_ids)
     logp = first.z_y - first.lse
     acc = softmax_dtype(weight.dtype)
     coefficients = [c.to(acc) for c in coefficients_of(logp)]
@@ -539,6 +578,7 @@ def lm_head_pass(
         entropy_losses,
         gemms=first.gemms,
         kept_ids=kept_ids,
+        attribution=attribution,
         dense_term=dense_term,
     )
     return assemble(

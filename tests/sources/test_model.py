@@ -282,6 +282,11 @@ def test_the_builtin_model_runs_from_the_cli():
     assert model["model"]["builtin"] is True and model["model"]["tied_embeddings"] is True
     assert model["staleness"]["steps"] == 2 and len(model["staleness"]["trajectory"]) == 3
     assert report["ratio"]["min"] < 1.0 < report["ratio"]["max"]  # real staleness
+    for loss in report["losses"]:  # the model's tokenizer decodes the largest tokens
+        attribution = loss["attribution"]
+        for t in attribution["top_tokens"]:
+            assert t["text"] is not None and f"«{t['text']}»" in t["context"]
+        assert all(s["text"] for s in attribution["top_sequences"])
 
 
 def _training_script():
