@@ -15,6 +15,12 @@ to every loss's rows, and the reports include it exactly as the materialized pat
 distillation term (``loss.distill``, `gradlens.losses.distill.StreamedDistill`) goes the same
 way. The fused and vocab-parallel passes take neither the term nor its teacher: they refuse it.
 
+Per-token entropies H_t: when a loss reads them (``needs`` has ``entropy``: ``aspo``), the
+top-entropy token selection is on (``loss.top_entropy_quantile`` < 1) or the entropy bonus is,
+the engine computes H_t in its first pass and hands it to `coefficients_for` with the log-probs,
+so each loss's `objective` sees the same inputs as on the materialized path (its loss includes
+the bonus); the bonus's weights a_t·S_t then follow from the same H_t.
+
 Under tensor parallelism (``parallel``: `gradlens.compare.tensor_parallel`) the batch holds this
 rank's rows of W and the engine is the vocab-parallel pass (`gradlens.engine.vocab_parallel`),
 planned for the largest rank's rows with the smallest rank's memory budget; it returns the result
@@ -66,12 +72,11 @@ from gradlens.engine.vocab_parallel import vocab_parallel_pass
 from gradlens.errors import GradlensError
 from gradlens.grads import (
     Objective,
-    aggregation_mask,
     autograd_reference,
     distill_term,
-    entropy_bonus,
     objective,
     on_grid,
+    reads_entropy,
     replayed_ids,
 )
 from gradlens.logits import softmax_dtype
@@ -140,11 +145,12 @@ def run_streamed(
     objectives: list[Objective] = []
     grid: list[Tensor] = []  # [N, T] ℓ as the engine computed it
 
-    def coefficients_for(logp_valid: Tensor) -> list[Tensor]:
+    def coefficients_for(logp_valid: Tensor, entropy_valid: Tensor | None = None) -> list[Tensor]:
         logp = on_grid(logp_valid, rows, cols, batch.mask.shape)
         grid.append(logp)
+        entropy = None if entropy_valid is None else on_grid(entropy_valid, rows, cols, logp.shape)
         for spec in run_specs:
-            objectives.append(objective(batch, logp, spec, params, aggregation))
+            objectives.append(objective(batch, logp, spec, params, aggregation, entropy))
         out = [o.coefficient[rows, cols] for o in objectives]
         for pair in pairs:  # ∂L_B/∂W − ∂L_A/∂W is the c-form gradient of c_B − c_A
             a, b = (objectives[run_specs.index(s)].coefficient for s in pair)
@@ -174,15 +180,25 @@ def run_streamed(
         options.vocab_chunk,
         buffers=buffers,
     )
-    entropy_weight = None  # w_t = a_t·c_H of the entropy bonus, [M]
-    if params.entropy_coef != 0.0:
-        weights = aggregation.weights(
-            aggregation_mask(batch, params), softmax_dtype(batch.weight.dtype)
-        )
-        entropy_weight = params.entropy_coef * weights[rows, cols]
+    bonus = params.entropy_coef != 0.0
+    # H_t from pass 1 for every loss's objective: the losses or the selection read it, and with
+    # the bonus the objective's loss includes −c_H·Σ_t a_t·S_t·H_t
+    token_entropy = reads_entropy(run_specs, params)
+    entropy_weights: list[Tensor] = []  # [M] w_t = c_H·a_t·S_t of the entropy bonus
+
+    def bonus_weight(entropy_valid: Tensor) -> Tensor:
+        """w_t = c_H·a_t·S_t (S_t from the same H_t the objectives saw; 1 when it is off)."""
+        w = params.entropy_coef * objectives[0].bonus_weights[rows, cols]
+        entropy_weights.append(w.to(softmax_dtype(batch.weight.dtype)))
+        return entropy_weights[-1]
+
     distill = None
     if params.distill is not None:
-        a = aggregation.weights(aggregation_mask(batch, params), acc)[rows, cols]  # [M]
+
+        def distill_weights() -> Tensor:
+            """a_t of the distillation term (pass 1's objectives: the mask may move with π_θ)."""
+            return objectives[0].agg_weights[rows, cols]
+
         distill = StreamedDistill(
             batch.teacher,
             rows,
@@ -190,7 +206,7 @@ def run_streamed(
             params.distill,
             hidden,
             batch.weight,
-            a,
+            distill_weights,
             engine_plan.chunks(batch.vocab_size),
             acc,
         )
@@ -201,8 +217,9 @@ def run_streamed(
             tokens,
             coefficients_for,
             engine_plan,
-            entropy_weight=entropy_weight,
+            entropy_weight=bonus_weight if bonus else None,
             entropy_losses=len(run_specs),  # not parity's c_B − c_A: the bonus cancels there
+            token_entropy=token_entropy,
         )
     elif parallel is None:
         result = lm_head_pass(
@@ -211,8 +228,9 @@ def run_streamed(
             tokens,
             coefficients_for,
             engine_plan,
-            entropy_weight=entropy_weight,
+            entropy_weight=bonus_weight if bonus else None,
             entropy_losses=len(run_specs),
+            token_entropy=token_entropy,
             kept_ids=valid_kept,
             attribution=attribution,
             dense_term=distill,
@@ -226,15 +244,15 @@ def run_streamed(
             engine_plan,
             parallel.split,
             parallel.comm,
-            entropy_weight=entropy_weight,
+            entropy_weight=bonus_weight if bonus else None,
             entropy_losses=len(run_specs),
             attribution=attribution,
+            token_entropy=token_entropy,
         )
     logp = grid[0]
-    entropy = on_grid(result.tokens.entropy, rows, cols, batch.mask.shape)  # [N, T]
-    bonus_scale = None  # the bonus's gross size 2·|c_H|·a_t·H_t, [M]
-    if entropy_weight is not None:
-        bonus_scale = 2 * entropy_weight.abs() * result.tokens.entropy
+    bonus_scale = None  # the bonus's gross size 2·|c_H|·a_t·S_t·H_t, [M]
+    if entropy_weights:
+        bonus_scale = 2 * entropy_weights[0].abs() * result.tokens.entropy
     divergence: Tensor | None = None
     if distill is not None:
         bonus_scale = distill.scale if bonus_scale is None else bonus_scale + distill.scale
@@ -242,10 +260,9 @@ def run_streamed(
     hidden_norms = hidden.to(result.tokens.lse.dtype).norm(dim=-1)  # [M]
 
     def loss_value(obj: Objective) -> float:
-        """L with the bonus −c_H·Σ_t a_t·H_t from the engine's entropy, and the distillation
-        term λ·Σ_t a_t·D_t from the engine's D_t."""
-        bonus = entropy_bonus(obj.agg_weights, entropy, params.entropy_coef)
-        value = float(obj.loss) + (float(bonus) if params.entropy_coef != 0.0 else 0.0)
+        """L: the objective's (the bonus from pass 1's H_t included), plus the distillation term
+        λ·Σ_t a_t·D_t from the engine's D_t."""
+        value = float(obj.loss)
         if params.distill is not None and divergence is not None:
             value += float(distill_term(obj.agg_weights, divergence, params.distill.coef))
         return value
@@ -266,7 +283,7 @@ def run_streamed(
             LossRecord(
                 spec=spec,
                 objective=obj,
-                loss=loss_value(obj),
+                loss=loss_value(obj),  # the bonus from pass 1's H_t, the distillation term
                 non_finite=count_non_finite(c, stats.norms, stats.row_sum),
                 reference_non_finite=ref_non_finite,
                 sampled_row=sampled_row_streamed(
@@ -400,7 +417,7 @@ def _parity_loss(
     norms = result.rows[i].norms
     return ParityLoss(
         name=spec.name,
-        loss=loss_value(obj),
+        loss=loss_value(obj),  # the bonus from pass 1's H_t included, and a distillation term
         grad_norm=num(norms.double().norm()),
         rows=norms,
         coefficient=obj.coefficient,

@@ -45,6 +45,7 @@ The sampled-token form, on-policy distillation, is an ordinary c-form loss (`gra
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -232,6 +233,9 @@ class StreamedDistill:
     chunk. ``block``: λ·a_t·(u − π·Σu) on one chunk (the full form recomputes the teacher's
     chunk: one more teacher GEMM).
 
+    ``weights``: a_t [M], or a function that returns it, called in ``prepare`` (after pass 1's
+    coefficients, when the aggregation mask may depend on π_θ).
+
     Attributes after ``prepare``, [M] each: ``value`` D_t, ``scale`` λ·|a_t|·2Σ_v|u_tv|.
     """
 
@@ -243,7 +247,7 @@ class StreamedDistill:
         d: Distill,
         hidden: Tensor,
         weight: Tensor,
-        weights: Tensor,
+        weights: Tensor | Callable[[], Tensor],
         chunks: list[tuple[int, int]],
         dtype: torch.dtype,
     ) -> None:
@@ -251,7 +255,8 @@ class StreamedDistill:
         assert teacher is not None
         self.d = d
         self.hidden, self.weight = hidden, weight  # [M, H], [V, H]
-        self.weights = d.coef * weights.to(dtype)  # [M] λ·a_t
+        self._a = weights  # [M] a_t, or a function giving it when ``prepare`` runs
+        self.weights = torch.empty(0)  # [M] λ·a_t after ``prepare``
         self.chunks, self.dtype = chunks, dtype
         self.vocab = int(weight.shape[0])
         self.t_hidden = None if teacher.hidden is None else teacher.hidden[rows, cols]  # [M, H']
@@ -294,6 +299,8 @@ class StreamedDistill:
 
     def prepare(self, lse: Tensor) -> None:
         lse = lse.to(self.dtype)
+        a = self._a() if callable(self._a) else self._a
+        self.weights = self.d.coef * a.to(self.dtype)  # [M] λ·a_t
         if self.t_hidden is not None and (self.d.form == "full" or self.ids is None):
             self._teacher_pass()
         if self.d.form == "top_k":

@@ -1,7 +1,9 @@
 """The distillation term (gradlens.losses.distill) through both engines of `compare`: the
 streamed engine's rows, sampled-row gradient and loss against the materialized closed form and
 against autograd, in float64, for every divergence × form × teacher × aggregation; the
-zero-sum check passes in both; the fused and vocab-parallel engines refuse the term."""
+zero-sum check passes in both; the term composes with the entropy bonus under the top-entropy
+selection, bypass mode and a renormalising correction, weighted by a_t without S_t; the fused and
+vocab-parallel engines refuse the term."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from gradlens.errors import GradlensError
 from gradlens.grads import closed_form, softmax_view
 from gradlens.losses import AGGREGATIONS, Aggregation, LossParams, get_loss
 from gradlens.losses.base import Distill
+from gradlens.losses.corrections import with_defaults
 from gradlens.losses.distill import DIVERGENCES, FORMS
 
 # float64: the streamed engine sums over vocabulary chunks in another order than the
@@ -84,6 +87,42 @@ def test_streamed_with_entropy_bonus(div: str) -> None:
     assert s.agreement.passed and s.zero_sum.passed
     assert s.loss == pytest.approx(m.loss, rel=TOL_F64)
     assert s.rows.total_norm == pytest.approx(m.rows.total_norm, rel=TOL_F64)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_composes_with_selection_bypass_and_prompt_groups(form: str) -> None:
+    # The bonus's weights are a_t·S_t (S_t from pass 1's H_t), the distillation term's a_t;
+    # in bypass mode the icepop rejection (renormalised) reads sg[π_θ]/μ, so a_t is only known
+    # after pass 1; prompt_average reads the batch's groups. Streamed = materialized = autograd.
+    batch, params = setup(False, "jsd", form, entropy=0.05)
+    gen = torch.Generator().manual_seed(SEED + 100)
+    noise = 0.3 * torch.randn(batch.mask.shape, generator=gen, dtype=torch.float64)
+    batch = dataclasses.replace(batch, rollout_logp=batch.old_logp - noise)  # log μ
+    icepop = with_defaults("icepop", 0.7, 1.4, renormalize=True)
+    params = dataclasses.replace(
+        params, top_entropy_quantile=0.5, bypass_mode=True, corrections=(icepop,)
+    )
+    agg = Aggregation("prompt_average")
+    specs = [get_loss(n) for n in LOSSES]
+    stream = run_streamed(batch, specs, params, agg, options(), "test")
+    mat = run_materialized(batch, specs, params, agg, options(), "test")
+    view = softmax_view(batch)
+    off = dataclasses.replace(params, top_entropy_quantile=1.0)
+    for spec, s, m in zip(specs, stream.records, mat.records, strict=True):
+        closed = closed_form(batch, view, spec, params, agg)
+        assert closed.distill_grad_logits is not None
+        selected = closed.bonus_weights != closed.agg_weights
+        assert bool(selected.any())  # the selection drops some tokens' bonus
+        # the distillation block ignores S_t: the same with the selection off
+        unselected = closed_form(batch, view, spec, off, agg).distill_grad_logits
+        assert unselected is not None
+        assert torch.equal(closed.distill_grad_logits, unselected)
+        assert s.loss == pytest.approx(closed.loss, rel=TOL_F64, abs=TOL_F64)
+        assert s.agreement.passed and m.agreement.passed
+        assert s.zero_sum.passed and m.zero_sum.passed
+        assert s.rows.total_norm == pytest.approx(m.rows.total_norm, rel=TOL_F64)
+        for key in ("grad_logits", "grad_weight"):  # streamed vs autograd, float64
+            assert getattr(s.agreement, key) <= TOL_F64
 
 
 def test_fused_and_vocab_parallel_refuse_the_term() -> None:

@@ -18,6 +18,8 @@ import torch
 from helpers import PI, literal_config
 
 from gradlens.compare import run_compare
+from gradlens.config import validate
+from gradlens.errors import GradlensError
 from gradlens.losses import aggregation_weights
 from gradlens.results import CompareReport, LossReport, TokenDetail
 
@@ -30,10 +32,14 @@ def position(token: int = 0, advantage: float = 1.0, **extra: Any) -> dict[str, 
     return {"probs": PI, "token": token, "advantage": advantage, **extra}
 
 
-def run(sequences: list[list[dict[str, Any]]], loss: str, **settings: Any) -> LossReport:
-    """One loss on a literal batch; every check (finite, zero-sum, agreement) must pass."""
+def run(
+    sequences: list[list[dict[str, Any]]], loss: str, failing: tuple[str, ...] = (), **settings: Any
+) -> LossReport:
+    """One loss on a literal batch; every check (finite, zero-sum, agreement) must pass except
+    exactly the ``failing`` ones (a batch built to have no gradient fails ``diagnosable``)."""
     report: CompareReport = run_compare(literal_config(sequences, [loss], **settings))
-    assert report.passed, [c for c in report.checks if not c.passed]
+    failed = sorted(c.name for c in report.checks if not c.passed)
+    assert failed == sorted(failing), [c for c in report.checks if not c.passed]
     (result,) = report.losses
     assert result.tokens is not None
     return result
@@ -253,6 +259,42 @@ def test_tc13_weights_counting_the_empty_sequence(mode: str) -> None:
     assert torch.allclose(weights, expected, rtol=0, atol=ABS)
 
 
+# ----------------------------------------------------------------------------- prompt_average
+
+
+def test_tc13_prompt_average() -> None:
+    # ScaleRL's prompt-average: prompt 0 has TC13's sequences (lengths 1 and 3: N_tok,0 = 4),
+    # prompt 1 one sequence of length 2 (N_tok,1 = 2); G = 2 prompts. a = 1/(G·N_tok,g):
+    # 1/(2·4) = 1/8 on prompt 0's tokens, 1/(2·2) = 1/4 on prompt 1's (token_mean: 1/6 each).
+    # REINFORCE with A = 1: c = −a.
+    seqs = [[position(0)], [position(0), position(2), position(4)], [position(1), position(3)]]
+    config = literal_config(seqs, ["reinforce"], aggregation="prompt_average")
+    data = config.model_dump()
+    for sequence, group in zip(data["source"]["sequences"], [0, 0, 1], strict=True):
+        sequence["group"] = group
+    report = run_compare(validate(data))
+    assert report.passed, [c for c in report.checks if not c.passed]
+    tokens = report.losses[0].tokens or []
+    expected = [1 / 8] * 4 + [1 / 4] * 2
+    assert [t.weight for t in tokens] == pytest.approx(expected, abs=ABS)
+    assert [t.coefficient for t in tokens] == pytest.approx([-a for a in expected], abs=ABS)
+
+
+def test_prompt_average_reduces_to_token_and_sequence_means() -> None:
+    # One prompt: a token mean. One sequence per prompt: the mean over sequences of their token
+    # means (seq_mean_token_mean). An empty row is in no count (TC13's mask).
+    mask = torch.tensor([[True, False, False], [False, False, False], [True, True, True]])
+    one = aggregation_weights(mask, "prompt_average", groups=torch.zeros(3, dtype=torch.int64))
+    assert torch.allclose(one, aggregation_weights(mask, "token_mean"), rtol=0, atol=ABS)
+    each = aggregation_weights(mask, "prompt_average", groups=torch.arange(3))
+    assert torch.allclose(each, aggregation_weights(mask, "seq_mean_token_mean"), rtol=0, atol=ABS)
+
+
+def test_prompt_average_needs_prompt_groups() -> None:
+    with pytest.raises(GradlensError, match=r"source\.group_size"):
+        run([[position(0)]], "reinforce", aggregation="prompt_average")
+
+
 # ----------------------------------------------------------------------------- our own cases
 
 
@@ -275,7 +317,14 @@ def test_ppo_clip_negative_advantage_high_ratio_is_not_clipped() -> None:
 
 def test_zero_advantage_is_never_clipped() -> None:
     # A = 0 with r = 4: zero gradient, but counted in no clip region (A12); zero_grad = 1.
-    result = run([[position(0, 0.0, old_prob=0.125)]], "ppo_clip", eps_high=0.2, dual_clip=3.0)
+    # The gate says so: a batch whose only advantage is 0 cannot support a diagnosis.
+    result = run(
+        [[position(0, 0.0, old_prob=0.125)]],
+        "ppo_clip",
+        failing=("diagnosable",),
+        eps_high=0.2,
+        dual_clip=3.0,
+    )
     assert_vector(tok(result).grad_logits, ZERO)
     c = result.clipping
     assert (c.upper, c.lower, c.region, c.dual, c.zero_grad) == (0.0, 0.0, 0.0, 0.0, 1.0)
