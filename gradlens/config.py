@@ -31,7 +31,7 @@ from gradlens.batchfile import SUFFIXES as BATCH_SUFFIXES
 from gradlens.errors import GradlensError, unknown_name_message
 from gradlens.files import read_text
 from gradlens.losses import AGGREGATIONS, Aggregation, LossParams, get_loss, loss_names
-from gradlens.losses.base import Correction
+from gradlens.losses.base import Correction, Distill
 from gradlens.losses.corrections import KINDS as CORRECTION_KINDS
 from gradlens.losses.corrections import correction_problem, with_defaults
 from gradlens.losses.external import is_external
@@ -378,6 +378,29 @@ class CorrectionConfig(Strict):
         return with_defaults(self.kind, self.low, self.high, self.renormalize, self.batch_normalize)
 
 
+class DistillConfig(Strict):
+    """The distillation term added to every loss (`gradlens.losses.base.Distill`, docs/losses.md
+    §2.29); the teacher comes from the batch (teacher_hidden/teacher_weight, or stored top-k)."""
+
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
+        "forward_kl", description="forward_kl KL(q‖π), reverse_kl KL(π‖q), jsd TRL's β-JSD"
+    )
+    form: Literal["full", "top_k"] = Field(
+        "full",
+        description="full: every vocabulary entry (a teacher hidden/weight pair); top_k: sums "
+        "over the teacher's top-k ids only (verl forward_kl_topk)",
+    )
+    coef: float = Field(1.0, description="λ, the term's weight")
+    beta: float = Field(0.5, ge=0, le=1, description="jsd's β; 0, 1: forward, reverse KL (TRL)")
+    top_k: int = Field(8, ge=1, description="K of the top-k form taken from a teacher pair")
+    log_prob_min_clamp: float | None = Field(
+        None, le=0, description="verl's floor on log π and log q (verl default −10); null: none"
+    )
+
+    def params(self) -> Distill:
+        return Distill(**self.model_dump())
+
+
 class LossConfig(Strict):
     """Loss hyper-parameters, shared by every loss that uses them.
 
@@ -415,6 +438,9 @@ class LossConfig(Strict):
     entropy_coef: float = Field(0.0, description="c_H of the entropy bonus −c_H·H; 0: off")
     corrections: list[CorrectionConfig] = Field(
         default_factory=list, description="training–inference corrections on every loss"
+    )
+    distill: DistillConfig | None = Field(
+        None, description="a distillation term to a teacher added to every loss; null: none"
     )
     sampling_support: Literal["full", "kept"] = Field(
         "full",
@@ -516,6 +542,7 @@ class LossConfig(Strict):
         """The section as the plain `LossParams` every loss reads (any command)."""
         values = {name: getattr(self, name) for name in LOSS_PARAM_FIELDS}
         values["corrections"] = tuple(c.resolved() for c in self.corrections)
+        values["distill"] = None if self.distill is None else self.distill.params()
         return LossParams(**values)
 
     def token_aggregation(self) -> Aggregation:
@@ -723,6 +750,27 @@ class Config(Strict):
     def operand_dtype(self) -> torch.dtype:
         """The torch dtype of ``dtype``."""
         return DTYPES[self.dtype]
+
+    @model_validator(mode="after")
+    def _distillable(self) -> Config:
+        if self.loss.distill is None:
+            return self
+        problems = []
+        if self.diagnostics.engine == "fused":
+            problems.append(
+                "diagnostics.engine 'fused' does not carry the teacher's dense term; use "
+                "materialized, streamed or auto"
+            )
+        if self.diagnostics.tensor_parallel > 1:
+            problems.append(
+                f"diagnostics.tensor_parallel {self.diagnostics.tensor_parallel}: the "
+                "vocab-parallel engine does not carry the teacher's dense term; use 1"
+            )
+        if self.loss.sampling_support == "kept":
+            problems.append("sampling_support 'kept': the term runs on the full vocabulary")
+        if problems:
+            raise ValueError("loss.distill: " + "; ".join(problems))
+        return self
 
     @model_validator(mode="after")
     def _replayable(self) -> Config:

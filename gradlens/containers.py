@@ -200,6 +200,34 @@ class KeptSets:
 
 
 @dataclass(frozen=True)
+class Teacher:
+    """The teacher of a distillation term (`gradlens.losses.distill`), in one or both forms.
+
+    Attributes:
+        hidden: [N, T, H'] the teacher's final hidden states, and
+        weight: [V, H'] its lm_head (the same vocabulary as the student's): q_t = softmax(W' h'_t).
+        topk_ids: [N, T, K] int64 the teacher's top-k ids K_t, and
+        topk_logp: [N, T, K] their stored log q_t(v) (not renormalised over K_t).
+        sampled_logp: [N, T] log q_t(y_t) of the sampled token (on-policy distillation's
+            ℓ_teacher), when known.
+    """
+
+    hidden: Tensor | None = None
+    weight: Tensor | None = None
+    topk_ids: Tensor | None = None
+    topk_logp: Tensor | None = None
+    sampled_logp: Tensor | None = None
+
+    @property
+    def has_pair(self) -> bool:
+        return self.hidden is not None and self.weight is not None
+
+    @property
+    def has_topk(self) -> bool:
+        return self.topk_ids is not None and self.topk_logp is not None
+
+
+@dataclass(frozen=True)
 class Batch:
     """Everything a loss and the lm_head diagnostics need.
 
@@ -234,6 +262,7 @@ class Batch:
             the source knows one beside ``model_context``'s (a batch file's
             ``source.tokenizer`` or checkpoint, the Python API's ``tokenizer=``); None: none.
         origin: how the source names each tensor, for the messages of `gradlens.validation`.
+        teacher: the teacher of the distillation term and of on-policy distillation, if any.
     """
 
     hidden: Tensor
@@ -254,10 +283,16 @@ class Batch:
     replayed: bool = False
     tokenizer: Any = None
     origin: Origin = field(default_factory=Origin)
+    teacher: Teacher | None = None
 
     @property
     def num_sequences(self) -> int:
         return int(self.mask.shape[0])
+
+    @property
+    def teacher_logp(self) -> Tensor | None:
+        """[N, T] log q(y_t) of the distillation teacher, when the batch has one."""
+        return None if self.teacher is None else self.teacher.sampled_logp
 
     @property
     def vocab_size(self) -> int:
@@ -291,6 +326,7 @@ class TokenInputs:
     mask: Tensor  # [N, T] bool
     rollout_logp: Tensor | None = None  # [N, T] log μ_old(y_t)
     ref_logp: Tensor | None = None  # [N, T] log π_ref(y_t)
+    teacher_logp: Tensor | None = None  # [N, T] log q(y_t) of a distillation teacher
     entropy: Tensor | None = None  # [N, T] H(π_θ,t), detached (token selection, aspo)
     groups: Tensor | None = None  # [N] int64 prompt-group id of each sequence (real)
 

@@ -54,6 +54,7 @@ def _print_losses(output: OutputFormat) -> None:
     import json
 
     from gradlens.losses import AGGREGATIONS, get_loss, loss_names
+    from gradlens.losses.distill import DESCRIPTIONS
     from gradlens.losses.frameworks import framework_rows
 
     specs = [get_loss(n) for n in loss_names()]
@@ -62,6 +63,10 @@ def _print_losses(output: OutputFormat) -> None:
         for name, mode in AGGREGATIONS.items()
     ]
     frameworks = framework_rows()
+    distill = [
+        {"name": name, "divergence": formula, "grad_logits": grad, "paper": paper}
+        for name, (formula, grad, paper) in DESCRIPTIONS.items()
+    ]
     if output is OutputFormat.json:
         rows = [
             {
@@ -76,7 +81,12 @@ def _print_losses(output: OutputFormat) -> None:
             }
             for s in specs
         ]
-        data = {"losses": rows, "aggregations": aggregations, "frameworks": frameworks}
+        data = {
+            "losses": rows,
+            "aggregations": aggregations,
+            "frameworks": frameworks,
+            "distillation": distill,
+        }
         typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
         return
     table = Table(title="registered losses: ∂L/∂z_t = a_t·g_t·(e_y − π_t)", title_justify="left")
@@ -122,12 +132,25 @@ def _print_losses(output: OutputFormat) -> None:
         fw_table.add_column(col, overflow="fold")
     for row in frameworks:
         fw_table.add_row(*(escape(row[k]) for k in ("names", "supported", "tested", "installed")))
+    distill_table = Table(
+        title="distillation terms (loss.distill.divergence; form full or top_k; not c-form: "
+        "∂L/∂z_t = λ·a_t·(u_t − π_t·Σu_t), zero-sum; docs/losses.md §2.29)",
+        title_justify="left",
+    )
+    for col in ("divergence", "D_t", "∂D_t/∂z_v (full form)", "source"):
+        distill_table.add_column(col, overflow="fold")
+    for row in distill:
+        distill_table.add_row(
+            *(escape(row[k]) for k in ("name", "divergence", "grad_logits", "paper"))
+        )
     console = stdout_console()
     console.print(table)
     console.print(agg_table)
     console.print(fw_table)
+    console.print(distill_table)
     console.print(
-        "with every loss: loss.entropy_coef (entropy bonus), loss.corrections (token_tis, "
+        "with every loss: loss.entropy_coef (entropy bonus), loss.distill (a teacher), "
+        "loss.corrections (token_tis, "
         "seq_tis, token_mis, seq_mis, icepop, geo_mask, seq_mask_tis; verl's rejection options "
         "token_k1 … seq_max_k3, chainable; AReaL's areal_<level>_<metric>[_clamp]; renormalize: "
         "true for the masking kinds, batch_normalize: true for the weighting ones), "

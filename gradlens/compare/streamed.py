@@ -11,7 +11,9 @@ With ``diagnostics.reference: autograd`` each loss is also differentiated by tor
 gradient ∂L/∂z_y and the row norms ‖∂L/∂W_v‖.
 
 With ``loss.entropy_coef`` ≠ 0 the engine adds the entropy bonus's gradient (not of the c-form)
-to every loss's rows, and the reports include it exactly as the materialized path's do.
+to every loss's rows, and the reports include it exactly as the materialized path's do; a
+distillation term (``loss.distill``, `gradlens.losses.distill.StreamedDistill`) goes the same
+way. The fused and vocab-parallel passes take neither the term nor its teacher: they refuse it.
 
 Per-token entropies H_t: when a loss reads them (``needs`` has ``entropy``: ``aspo``), the
 top-entropy token selection is on (``loss.top_entropy_quantile`` < 1) or the entropy bonus is,
@@ -38,6 +40,8 @@ the vocab-parallel engine sums them over the ranks. The fused engine has no attr
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -69,6 +73,7 @@ from gradlens.errors import GradlensError
 from gradlens.grads import (
     Objective,
     autograd_reference,
+    distill_term,
     objective,
     on_grid,
     reads_entropy,
@@ -76,6 +81,7 @@ from gradlens.grads import (
 )
 from gradlens.logits import softmax_dtype
 from gradlens.losses import Aggregation, LossParams, LossSpec
+from gradlens.losses.distill import StreamedDistill
 from gradlens.memory import Estimate, Shape, dtype_bytes
 from gradlens.results import Agreement, EngineInfo
 
@@ -97,6 +103,12 @@ def run_streamed(
     same result (the engine path ``fused``, opt-in). ``parallel``: this rank's tensor-parallel
     group; ``batch`` then holds the rank's rows of W (`Batch.weight_rows`).
     """
+    if params.distill is not None and (fused or parallel is not None):
+        raise GradlensError(
+            "loss.distill runs on the materialized and streamed engines; the fused and "
+            "vocab-parallel passes do not carry its dense teacher term (set diagnostics.engine "
+            "streamed or materialized, and tensor_parallel 1)"
+        )
     if fused:
         check_device(batch.weight.device)
     if fused and parallel is not None:
@@ -104,6 +116,11 @@ def run_streamed(
             "diagnostics.engine: 'fused' runs in one process, not under tensor_parallel"
         )
     kept_ids = replayed_ids(batch)
+    if params.distill is not None and kept_ids is not None:
+        raise GradlensError(
+            "loss.distill runs on the full vocabulary; with loss.sampling_support: 'kept' the "
+            "student is restricted to its kept sets (set sampling_support: full)"
+        )
     if kept_ids is not None and (fused or parallel is not None):
         raise GradlensError(
             "loss.sampling_support: 'kept' runs on the materialized and streamed engines; the "
@@ -146,7 +163,8 @@ def run_streamed(
         budget = parallel.smallest(budget)
         rows_per_rank = max(parallel.split.sizes)
     k = len(run_specs) + len(pairs)
-    buffers = 3 if params.entropy_coef == 0.0 else 4  # the bonus's [M, Vc] block: one more
+    dense = params.entropy_coef != 0.0 or params.distill is not None
+    buffers = 4 if dense else 3  # the bonus's (and distillation's) [M, Vc] block: one more
     acc = softmax_dtype(batch.weight.dtype)
     attribution = None
     if options.attribution:  # d, Q = R hᵀ, a product with it, the logit-gradient block
@@ -174,6 +192,24 @@ def run_streamed(
         entropy_weights.append(w.to(softmax_dtype(batch.weight.dtype)))
         return entropy_weights[-1]
 
+    distill = None
+    if params.distill is not None:
+
+        def distill_weights() -> Tensor:
+            """a_t of the distillation term (pass 1's objectives: the mask may move with π_θ)."""
+            return objectives[0].agg_weights[rows, cols]
+
+        distill = StreamedDistill(
+            batch.teacher,
+            rows,
+            cols,
+            params.distill,
+            hidden,
+            batch.weight,
+            distill_weights,
+            engine_plan.chunks(batch.vocab_size),
+            acc,
+        )
     if parallel is None and fused:
         result = fused_lm_head_pass(
             hidden,
@@ -197,6 +233,7 @@ def run_streamed(
             token_entropy=token_entropy,
             kept_ids=valid_kept,
             attribution=attribution,
+            dense_term=distill,
         )
     else:
         result = vocab_parallel_pass(
@@ -216,7 +253,19 @@ def run_streamed(
     bonus_scale = None  # the bonus's gross size 2·|c_H|·a_t·S_t·H_t, [M]
     if entropy_weights:
         bonus_scale = 2 * entropy_weights[0].abs() * result.tokens.entropy
+    divergence: Tensor | None = None
+    if distill is not None:
+        bonus_scale = distill.scale if bonus_scale is None else bonus_scale + distill.scale
+        divergence = on_grid(distill.value, rows, cols, batch.mask.shape)  # [N, T] D_t
     hidden_norms = hidden.to(result.tokens.lse.dtype).norm(dim=-1)  # [M]
+
+    def loss_value(obj: Objective) -> float:
+        """L: the objective's (the bonus from pass 1's H_t included), plus the distillation term
+        λ·Σ_t a_t·D_t from the engine's D_t."""
+        value = float(obj.loss)
+        if params.distill is not None and divergence is not None:
+            value += float(distill_term(obj.agg_weights, divergence, params.distill.coef))
+        return value
 
     records = []
     for i, spec in enumerate(run_specs[:reported]):
@@ -234,7 +283,7 @@ def run_streamed(
             LossRecord(
                 spec=spec,
                 objective=obj,
-                loss=float(obj.loss),  # the bonus from pass 1's H_t included
+                loss=loss_value(obj),  # the bonus from pass 1's H_t, the distillation term
                 non_finite=count_non_finite(c, stats.norms, stats.row_sum),
                 reference_non_finite=ref_non_finite,
                 sampled_row=sampled_row_streamed(
@@ -294,8 +343,8 @@ def run_streamed(
         )
         parity.append(
             ParityInputs(
-                _parity_loss(run_specs[ia], objectives[ia], result, ia),
-                _parity_loss(run_specs[ib], objectives[ib], result, ib),
+                _parity_loss(run_specs[ia], objectives[ia], result, ia, loss_value),
+                _parity_loss(run_specs[ib], objectives[ib], result, ib, loss_value),
                 gap,
             )
         )
@@ -362,13 +411,14 @@ def _parity_loss(
     obj: Objective,
     result: EngineResult,
     i: int,
+    loss_value: Callable[[Objective], float],
 ) -> ParityLoss:
     """Loss ``i`` of the engine run as parity needs it: ‖∂L/∂W‖ from its row norms (the
     entropy bonus included, as in the losses' own reports)."""
     norms = result.rows[i].norms
     return ParityLoss(
         name=spec.name,
-        loss=float(obj.loss),  # the bonus from pass 1's H_t included
+        loss=loss_value(obj),  # the bonus from pass 1's H_t included, and a distillation term
         grad_norm=num(norms.double().norm()),
         rows=norms,
         coefficient=obj.coefficient,

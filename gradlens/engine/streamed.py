@@ -36,8 +36,15 @@ losses, and adds it to the rows of the losses that carry the bonus (not to a dif
 losses, in which it cancels). Per loss it also keeps Σ_{v≠y} |∂L/∂z_v| and max_{v≠y} |∂L/∂z_v|,
 which no longer follow from c_t and π alone.
 
+A distillation term (``loss.distill``, `gradlens.losses.distill`) is another such block,
+D_tv = λ·a_t·(u_tv − π_tv·Σ_v u_tv), given by the caller as a `DenseTerm`: the engine calls its
+``prepare`` with the logsumexp after pass 1 (a teacher pair runs its own passes over the
+teacher's chunks there: its logsumexp, and Σ_v u_tv for the full forms), then asks it for each
+chunk's block in pass 2 (one more GEMM over the teacher's chunk in the full forms) and adds it to
+the entropy bonus's block: both go through the same Eᵀh GEMM and the same statistics.
+
 GEMM-equivalents: 1 + (1 − f) + k for a resident fraction f of the vocabulary (+ 1 with the
-entropy bonus). A loss whose
+entropy bonus or a distillation term, + the teacher's own). A loss whose
 coefficients equal an earlier loss's on most tokens (``ppo_clip`` against ``ppo``: they differ
 only on clipped tokens) reuses that loss's dense product and adds a correction over the
 differing tokens only: D_k = D_j + πᵀ_{[Δ]} ((c_k − c_j)⊙h)_{[Δ]}. This is exact algebra.
@@ -62,6 +69,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -92,6 +100,21 @@ CoefficientFn = Callable[..., list[Tensor]]
 # w_t [M] of the entropy bonus, or a function of pass 1's H_t [M] that gives it
 EntropyWeight = Tensor | Callable[[Tensor], Tensor]
 SHARE_LIMIT = 0.5  # reuse an earlier loss's dense product when ≤ this share of tokens differ
+
+
+class DenseTerm(Protocol):
+    """A dense logit term shared by every loss, beside the entropy bonus (a distillation term).
+
+    ``prepare(lse)`` is called once after pass 1 with the student's logsumexp [M];
+    ``block(start, end, log_probs, probs)`` returns the term's [M, end − start] logit gradient on
+    one vocabulary chunk from the student's log π and π there (it must not keep or modify them);
+    ``gemms`` counts the GEMMs it ran, in units of 2·M·H·V."""
+
+    gemms: float
+
+    def prepare(self, lse: Tensor) -> None: ...
+
+    def block(self, start: int, end: int, log_probs: Tensor, probs: Tensor) -> Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -165,8 +188,11 @@ class TokenStats:
     entropy: Tensor  # −Σ_v π_tv log π_tv
     max_other_prob: Tensor  # max_{v ≠ y_t} π_tv
     max_abs_logit: Tensor  # max_v |z_tv|
-    entropy_grad_at_y: Tensor | None = None  # E_t,y_t of the entropy bonus (None: no bonus)
-    entropy_grad_sum: Tensor | None = None  # Σ_v E_tv from the entries (0 up to rounding), float64
+    # the dense non-c-form terms (entropy bonus E, plus a distillation term D), None without:
+    entropy_grad_at_y: Tensor | None = None  # (E + D)_t,y_t
+    entropy_grad_sum: Tensor | None = (
+        None  # Σ_v (E + D)_tv from the entries (0 up to rounding), float64
+    )
 
     @property
     def sampled_prob(self) -> Tensor:
@@ -350,6 +376,7 @@ class SecondPass:
     gemms: float
     gemm_scale: list[Tensor | None]
     attribution: AttributionSums | None = None
+    dense_at_y: Tensor | None = None  # [M] a `DenseTerm`'s block at the sampled entry
 
 
 def second_pass(
@@ -367,6 +394,7 @@ def second_pass(
     gemms: float = 0.0,
     kept_ids: Tensor | None = None,
     attribution: AttributionPlan | None = None,
+    dense_term: DenseTerm | None = None,
 ) -> SecondPass:
     """Pass 2 over ``weight``'s rows: probabilities π = exp((z − m) − log S) from the *global*
     normaliser ``norm`` ([M] each), the dense GEMM for all losses, the sparse rows of the tokens
@@ -377,6 +405,7 @@ def second_pass(
     ``gemms``: the count so far (pass 1's), continued. ``kept_ids``: as `first_pass`'s.
     ``attribution``: also accumulate the attribution sums of its first losses from each
     chunk's rows (`gradlens.engine.attribution`; it needs ``entropy``).
+    ``dense_term``: a distillation term, prepared, added to the bonus's block (or alone).
     """
     m, v = hidden.shape[0], weight.shape[0]
     unit = v if vocab is None else vocab
@@ -405,7 +434,9 @@ def second_pass(
         for i, src in enumerate(sources)
         if src is not None
     }
-    n_ent = 0 if ent_w is None else (k if entropy_losses is None else entropy_losses)
+    extra = ent_w is not None or dense_term is not None
+    n_ent = 0 if not extra else (k if entropy_losses is None else entropy_losses)
+    dense_at_y = None if dense_term is None else torch.zeros(m, dtype=acc, device=hidden.device)
     h_gemm = h_acc.to(gemm_dtype)
     scaled_gemm = scaled.to(gemm_dtype)  # the GEMM operand, converted once (bf16 operands)
     ent_sum = PairwiseSum((m,), hidden.device)
@@ -442,6 +473,8 @@ def second_pass(
         inside = torch.nonzero((tokens >= start) & (tokens < end)).squeeze(-1)
         local = tokens[inside] - start
         ent_block = e = None
+        # a distillation term's block, from log π before anything below overwrites it
+        dist = None if dense_term is None else dense_term.block(start, end, z, probs)  # [M, Vc]
         d = None  # d = π·(log π + H), in place of log π
         if entropy is not None and (ent_w is not None or attr_tokens is not None):
             d = entropy_direction(z, probs, entropy)  # [M, Vc]
@@ -449,6 +482,10 @@ def second_pass(
             attr_tokens.add(probs, d, inside, local)
         if ent_w is not None and d is not None:  # E = w·d, in place of d unless d is kept
             e = d.mul_(ent_w[:, None]) if attr_tokens is None else d * ent_w[:, None]  # [M, Vc]
+        if dist is not None and dense_at_y is not None:
+            e = dist if e is None else e + dist
+            dense_at_y[inside] += dist[inside, local]
+        if e is not None:
             ent_sum.add(pairwise_sum(e))
             ent_block = (e.T.to(gemm_dtype) @ h_gemm).to(acc)  # [Vc, H], shared by all losses
             gemms += (end - start) / unit
@@ -494,7 +531,7 @@ def second_pass(
         prob_sum.total(),
         entropy_sum,
         max_other,
-        None if ent_w is None else ent_sum.total(),
+        None if not extra else ent_sum.total(),
         other_mass,
         other_max,
         gemms,
@@ -502,6 +539,7 @@ def second_pass(
         None
         if attr_tokens is None or attr_losses is None or entropy is None
         else AttributionSums(attr_tokens, attr_losses, entropy),
+        dense_at_y,
     )
 
 
@@ -518,9 +556,10 @@ def assemble(
 ) -> EngineResult:
     """The `EngineResult` from the per-token statistics and pass 2's (reduced) output;
     ``entropy`` is pass 1's H_t (needed with the entropy bonus only)."""
-    ent_y = None
+    ent_y = second.dense_at_y
     if entropy_weight is not None and entropy is not None:
-        ent_y = entropy_weight.to(lse.dtype) * logp.exp() * (logp + entropy)
+        bonus_y = entropy_weight.to(lse.dtype) * logp.exp() * (logp + entropy)
+        ent_y = bonus_y if ent_y is None else ent_y + bonus_y
     n_ent = len(second.other_mass)
     return EngineResult(
         tokens=TokenStats(
@@ -593,6 +632,7 @@ def lm_head_pass(
     *,
     kept_ids: Tensor | None = None,
     attribution: AttributionPlan | None = None,
+    dense_term: DenseTerm | None = None,
 ) -> EngineResult:
     """Run the two passes. ``coefficients_of(logp [M]) -> [c_1, …, c_k]`` ([M] each).
 
@@ -602,7 +642,8 @@ def lm_head_pass(
     H_t, so pass 1 computes it and the engine calls ``coefficients_of(logp, entropy)``.
     ``kept_ids`` [M, K]: the replayed kept sets K_t (−1 padding), or None: the whole
     vocabulary. ``attribution``: the attribution sums of its first losses too
-    (`EngineResult.attribution`).
+    (`EngineResult.attribution`). ``dense_term``: a distillation term (`DenseTerm`), prepared
+    after ``coefficients_of`` and added to the same losses as the bonus.
     """
     need_h = entropy_weight is not None or token_entropy or attribution is not None
     first = first_pass(hidden, weight, tokens, plan, entropy=need_h, kept_ids=kept_ids)
@@ -611,6 +652,8 @@ def lm_head_pass(
     h1 = first.entropy  # H_t, needed before pass 2
     coefficients = coefficients_at(coefficients_of, logp, h1, token_entropy, acc)
     ent_w = bonus_weight(entropy_weight, h1)
+    if dense_term is not None:
+        dense_term.prepare(first.lse)
     second = second_pass(
         hidden,
         weight,
@@ -625,6 +668,7 @@ def lm_head_pass(
         gemms=first.gemms,
         kept_ids=kept_ids,
         attribution=attribution,
+        dense_term=dense_term,
     )
     return assemble(
         first.lse,
@@ -635,5 +679,5 @@ def lm_head_pass(
         coefficients,
         second,
         ent_w,
-        second.gemms,
+        second.gemms + (0.0 if dense_term is None else dense_term.gemms),
     )
