@@ -23,6 +23,9 @@ class SourceContext:
         normalization, advantage_eps: how rewards become advantages (`gradlens.advantages`).
         params, aggregation: the run's loss settings (the model source's stale steps minimise a
             loss with them).
+        memory_budget_bytes: working memory for a source that builds its batch in pieces (the
+            synthetic source above its materialized size); None: `gradlens.engine.streamed`'s
+            automatic budget.
     """
 
     device: torch.device
@@ -32,3 +35,4 @@ class SourceContext:
     advantage_eps: float = 1e-6
     params: LossParams = field(default_factory=LossParams)
     aggregation: Aggregation = field(default_factory=Aggregation)
+    memory_budget_bytes: int | None = None

@@ -28,8 +28,11 @@ from torch import Tensor
 from gradlens.advantages import advantages_from_rewards
 from gradlens.config import SyntheticSource
 from gradlens.containers import Batch
+from gradlens.engine.streamed import auto_budget
 from gradlens.logits import compute_logits, token_logp
 from gradlens.sources.base import SourceContext
+from gradlens.sources.synthetic_calibration import VOCAB_BLOCK
+from gradlens.sources.synthetic_chunked import build_chunked
 
 
 def mean_entropy(logits: Tensor) -> float:
@@ -57,15 +60,35 @@ def entropy_scale(logits: Tensor, target: float, rtol: float = 1e-6) -> float:
     return 0.5 * (lo + hi)
 
 
+MATERIALIZE_ENTRIES = 1 << 22  # N·T·V and V·H up to this: the materialized construction
+
+
+def materialized(src: SyntheticSource) -> bool:
+    """Whether the batch is small enough for the construction above ([N, T, V] tensors in
+    float64); larger ones are built in vocabulary blocks (`gradlens.sources.synthetic_chunked`)."""
+    n, t, v, h = src.num_sequences, src.max_length, src.vocab_size, src.hidden_size
+    return n * t * v <= MATERIALIZE_ENTRIES and v * h <= MATERIALIZE_ENTRIES
+
+
 def build_synthetic(src: SyntheticSource, ctx: SourceContext) -> Batch:
     """The batch described by a `SyntheticSource` section."""
-    device, dtype = ctx.device, ctx.dtype
     gen = torch.Generator().manual_seed(ctx.seed)
-    n, t, v, h = src.num_sequences, src.max_length, src.vocab_size, src.hidden_size
+    n, t, h = src.num_sequences, src.max_length, src.hidden_size
 
     lengths = torch.randint(src.min_length, src.max_length + 1, (n,), generator=gen)  # [N]
     mask = torch.arange(t)[None, :] < lengths[:, None]  # [N, T]
     hidden = torch.randn(n, t, h, generator=gen, dtype=torch.float64)  # [N, T, H]
+    if materialized(src):
+        return _build_materialized(src, ctx, gen, mask, hidden)
+    return _build_chunked(src, ctx, gen, mask, hidden)
+
+
+def _build_materialized(
+    src: SyntheticSource, ctx: SourceContext, gen: torch.Generator, mask: Tensor, hidden: Tensor
+) -> Batch:
+    """Steps 2–6 of the module docstring on whole [N, T, V] tensors."""
+    dtype = ctx.dtype
+    n, t, v, h = src.num_sequences, src.max_length, src.vocab_size, src.hidden_size
     weight = torch.randn(v, h, generator=gen, dtype=torch.float64) / math.sqrt(h)  # [V, H]
     if src.entropy is not None:  # the config validates that exactly one of the two is set
         weight = weight * entropy_scale(hidden[mask] @ weight.T, src.entropy)
@@ -94,6 +117,62 @@ def build_synthetic(src: SyntheticSource, ctx: SourceContext) -> Batch:
     old_logp = token_logp(old_logits, tokens)  # [N, T]
     rollout_logp = None if src.rollout_drift is None else token_logp(sampler_logits, tokens)
 
+    advantages, note = _advantages(src, ctx, gen, mask)
+    ref_logp = None
+    if src.ref_drift is not None:  # π_ref: a drift of π_θ, drawn last (nothing above changes)
+        noise = torch.randn(n, t, v, generator=gen, dtype=torch.float64)
+        ref_logp = token_logp(logits + (src.ref_drift * noise).to(logits.dtype), tokens)
+    return _batch(
+        src,
+        ctx,
+        hidden_c,
+        weight_c,
+        tokens,
+        mask,
+        old_logp,
+        advantages.to(old_logp.dtype),
+        rollout_logp,
+        ref_logp,
+        note,
+        "",
+    )
+
+
+def _build_chunked(
+    src: SyntheticSource, ctx: SourceContext, gen: torch.Generator, mask: Tensor, hidden: Tensor
+) -> Batch:
+    """Steps 2–6 in vocabulary blocks (`gradlens.sources.synthetic_chunked`), over the valid
+    tokens; padded positions get token 0 and log-probs 0."""
+    hidden_c = hidden.to(ctx.dtype)
+    budget = ctx.memory_budget_bytes or auto_budget(torch.device("cpu"))
+    built = build_chunked(src, hidden_c[mask], ctx.seed, budget)
+    acc = built.old_logp.dtype
+
+    def on_grid(values: Tensor) -> Tensor:  # [M] → [N, T], zero at padded positions
+        return torch.zeros(mask.shape, dtype=values.dtype).masked_scatter_(mask, values)
+
+    advantages, note = _advantages(src, ctx, gen, mask)
+    return _batch(
+        src,
+        ctx,
+        hidden_c,
+        built.weight,
+        on_grid(built.tokens),
+        mask,
+        on_grid(built.old_logp),
+        advantages.to(acc),
+        None if built.rollout_logp is None else on_grid(built.rollout_logp),
+        None if built.ref_logp is None else on_grid(built.ref_logp),
+        note,
+        f", built in blocks of {VOCAB_BLOCK} vocabulary rows",
+    )
+
+
+def _advantages(
+    src: SyntheticSource, ctx: SourceContext, gen: torch.Generator, mask: Tensor
+) -> tuple[Tensor, str]:
+    """Step 5: per-sequence rewards → advantages [N, T] (float64, zero at padded positions)."""
+    n = src.num_sequences
     if src.rewards.kind == "binary":
         rewards = torch.bernoulli(torch.full((n,), src.rewards.p_correct), generator=gen)
     else:
@@ -101,20 +180,32 @@ def build_synthetic(src: SyntheticSource, ctx: SourceContext) -> Batch:
     adv, note = advantages_from_rewards(
         rewards.double(), ctx.normalization, src.group_size, ctx.advantage_eps
     )
-    advantages = (adv[:, None] * mask).to(old_logp.dtype)  # [N, T]
-    ref_logp = None
-    if src.ref_drift is not None:  # π_ref: a drift of π_θ, drawn last (nothing above changes)
-        noise = torch.randn(n, t, v, generator=gen, dtype=torch.float64)
-        ref_logp = token_logp(logits + (src.ref_drift * noise).to(logits.dtype), tokens)
+    return adv[:, None] * mask, note  # [N, T]
+
+
+def _batch(
+    src: SyntheticSource,
+    ctx: SourceContext,
+    hidden: Tensor,
+    weight: Tensor,
+    tokens: Tensor,
+    mask: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    rollout_logp: Tensor | None,
+    ref_logp: Tensor | None,
+    note: str,
+    how: str,
+) -> Batch:
+    device, drift = ctx.device, src.drift
     policies = "".join(
         f", {name} drift {scale}"
         for name, scale in (("rollout", src.rollout_drift), ("ref", src.ref_drift))
         if scale is not None
     )
-
     return Batch(
-        hidden=hidden_c.to(device),
-        weight=weight_c.to(device),
+        hidden=hidden.to(device),
+        weight=weight.to(device),
         tokens=tokens.to(device),
         mask=mask.to(device),
         old_logp=old_logp.to(device),
@@ -123,8 +214,9 @@ def build_synthetic(src: SyntheticSource, ctx: SourceContext) -> Batch:
         ref_logp=None if ref_logp is None else ref_logp.to(device),
         on_policy=(mask & (drift.kind == "none")).to(device),
         source=(
-            f"synthetic: {n} sequences × ≤{t} tokens, V={v}, H={h}, "
-            f"drift {drift.kind}({drift.scale}), {src.rewards.kind} rewards{policies}"
+            f"synthetic: {src.num_sequences} sequences × ≤{src.max_length} tokens, "
+            f"V={src.vocab_size}, H={src.hidden_size}, "
+            f"drift {drift.kind}({drift.scale}), {src.rewards.kind} rewards{policies}{how}"
         ),
         advantage_note=note,
     )
