@@ -16,6 +16,12 @@ reproducible on any device):
    broadcast to every token of the sequence (outcome reward).
 6. With ``ref_drift`` set, a reference policy z_ref = z + ref_drift·ε (drawn last, so that
    nothing above changes), ℓ_ref = log π_ref(y_t).
+
+Steps 2–6 hold [N, T, V] tensors in float64 (several at once) and bisect over whole logits: they
+run while N·T·V and V·H are at most ``MATERIALIZE_ENTRIES`` (the default batch and every
+shipped config). Larger batches draw the lengths, h and the rewards from the same generator,
+and W, the drifts, the tokens and their log-probs by `gradlens.sources.synthetic_chunked`: the
+same recipe in vocabulary blocks, from random streams of its own, within a memory budget.
 """
 
 from __future__ import annotations

@@ -55,7 +55,10 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar, cast
 
 import torch
 from torch import Tensor
@@ -133,6 +136,71 @@ class BlockLse:
         return self.max + torch.log(self.sum)
 
 
+def draw_weight0(weight: Tensor, seed: int, moments: bool) -> tuple[float, float]:
+    """Fill ``weight`` [V, H] with W0 ~ N(0, 1) (float32 draws, stored in its dtype), block b
+    from ``stream(seed, "weight", b)``, the blocks in parallel threads (each generator in one
+    thread). With ``moments``: (Σ W0, Σ W0²) in float64, summed in block order."""
+    blocks = spans(weight.shape[0], VOCAB_BLOCK)
+
+    def draw(b: int) -> tuple[float, float]:
+        v0, v1 = blocks[b]
+        gen = stream(seed, "weight", b)
+        weight[v0:v1] = torch.randn(v1 - v0, weight.shape[1], generator=gen, dtype=F32)
+        if not moments:
+            return 0.0, 0.0
+        w0 = weight[v0:v1].to(F64)
+        return float(w0.sum()), float(w0.square().sum())
+
+    workers = max(1, min(len(blocks), torch.get_num_threads()))
+    with ThreadPoolExecutor(workers) as pool:
+        sums = list(pool.map(draw, range(len(blocks))))
+    return math.fsum(s for s, _ in sums), math.fsum(q for _, q in sums)
+
+
+@dataclass(frozen=True)
+class BlockDraws:
+    """The random numbers of one vocabulary block: u_b and u'_b [2, M] (float64), and ε' of
+    ``stale_weight`` [Vb, H] (float32, else None)."""
+
+    uniforms: Tensor
+    stale: Tensor | None
+
+
+def draws(
+    seed: int, blocks: list[tuple[int, int]], rows: list[tuple[int, int]], m: int, h: int,
+    noises: list[str], stale: bool,
+) -> Iterator[BlockDraws | dict[str, Tensor]]:  # fmt: skip
+    """Every random number of the final sweep, in the order it uses them: per block its
+    `BlockDraws`, then per tile of tokens {stream: ε [R, Vb] (float32)}."""
+    for b, (v0, v1) in enumerate(blocks):
+        gens = {name: stream(seed, name, b) for name in noises}
+        uniforms = torch.rand(2, m, generator=stream(seed, "sample", b), dtype=F64)
+        eps = None
+        if stale:
+            eps = torch.randn(v1 - v0, h, generator=stream(seed, "stale", b), dtype=F32)
+        yield BlockDraws(uniforms, eps)
+        for r0, r1 in rows:
+            shape = (r1 - r0, v1 - v0)
+            yield {name: torch.randn(shape, generator=gens[name], dtype=F32) for name in noises}
+
+
+T = TypeVar("T")
+_END = object()
+
+
+def ahead(items: Iterator[T]) -> Iterator[T]:
+    """``items``, each made by a worker thread while the caller works on the one before (the
+    random draws run beside the arithmetic; every generator still runs in one thread, in order)."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(next, items, _END)
+        while True:
+            item = pending.result()
+            if item is _END:
+                return
+            pending = pool.submit(next, items, _END)
+            yield cast(T, item)
+
+
 def build_chunked(
     src: SyntheticSource, hidden: Tensor, seed: int, budget_bytes: int
 ) -> ChunkedPolicies:
@@ -148,12 +216,7 @@ def build_chunked(
 
     # 1. W0 ~ N(0, 1) in the operand dtype; Σ W0 and Σ W0² for std(W); the scale c.
     weight = torch.empty(v, h, dtype=dtype)
-    total, total_sq = 0.0, 0.0
-    for b, (v0, v1) in enumerate(blocks):
-        weight[v0:v1] = torch.randn(v1 - v0, h, generator=stream(seed, "weight", b), dtype=F32)
-        if stale:
-            w0 = weight[v0:v1].to(F64)
-            total, total_sq = total + float(w0.sum()), total_sq + float(w0.square().sum())
+    total, total_sq = draw_weight0(weight, seed, moments=stale)
     budget = max(0, budget_bytes - working_bytes(h, m))
     if src.entropy is not None:
         c, sweeps, tiles = entropy_scale_chunked(hidden.to(acc), weight, src.entropy, budget)
@@ -186,19 +249,21 @@ def build_chunked(
     tokens = torch.zeros(m, dtype=torch.int64)
     scratch = Scratch()
     z0_tiles = tiles.tiles(keep=False) if exact else None
-    for b, (v0, v1) in enumerate(blocks):
-        gens = {name: stream(seed, name, b) for name, *_ in noises}
-        uniforms = torch.rand(2, m, generator=stream(seed, "sample", b), dtype=F64)
+    random = ahead(draws(seed, blocks, rows, m, h, [n for n, *_ in noises], stale))
+    for v0, v1 in blocks:
+        block = next(random)
+        assert isinstance(block, BlockDraws)
         w = scratch.get("w", (v1 - v0, h), F64).copy_(weight[v0:v1]).mul_(c)  # W = c·W0
         if not exact:
             weight[v0:v1] = w
         w_old = None
-        if stale:
-            eps = torch.randn(v1 - v0, h, generator=stream(seed, "stale", b), dtype=F32)
-            noise = scratch.get("w_old", (v1 - v0, h), F64).copy_(eps)
+        if block.stale is not None:
+            noise = scratch.get("w_old", (v1 - v0, h), F64).copy_(block.stale)
             w_old = noise.mul_(drift.scale * std_w).add_(w).to(dtype)
         for r0, r1 in rows:
             tile, shape = slice(r0, r1), (r1 - r0, v1 - v0)
+            eps = next(random)
+            assert isinstance(eps, dict)
             if z0_tiles is not None:
                 z0 = next(z0_tiles)[1]
                 z = torch.mul(z0, c, out=scratch.get("z", shape, acc))
@@ -208,8 +273,7 @@ def build_chunked(
             if w_old is not None:
                 logits["old"] = compute_logits(hidden[tile], w_old)
             for name, made, base, scale in noises:  # z_made = z_base + scale·ε
-                eps = torch.randn(shape, generator=gens[name], out=scratch.get("eps", shape, F32))
-                drifted = scratch.get(name, shape, acc).copy_(eps).mul_(scale)
+                drifted = scratch.get(name, shape, acc).copy_(eps[name]).mul_(scale)
                 logits[made] = drifted.add_(logits[base])
 
             # the sampler: a candidate per block by inverse CDF, the block by Gumbel-max
@@ -219,7 +283,7 @@ def build_chunked(
             p.clamp_(min=EXP_FLOOR).exp_()
             cdf = torch.cumsum(p, -1, dtype=F64, out=scratch.get("cdf", shape, F64))
             mass = cdf[:, -1]  # S_b ≥ 1
-            u = uniforms[:, tile]
+            u = block.uniforms[:, tile]
             cand = torch.searchsorted(cdf, (u[0] * mass)[:, None], right=True).squeeze(-1)
             cand.clamp_(max=v1 - v0 - 1)  # u·S_b rounded up to S_b
             zs_max64 = zs_max.squeeze(-1).to(F64)
@@ -240,6 +304,7 @@ def build_chunked(
                 logit_y[name][tile] = torch.where(take, at_cand, logit_y[name][tile])
         if exact:
             weight[v0:v1] = w
+    assert next(random, None) is None
 
     logp = {name: (logit_y[name] - lse[name].lse()).to(acc) for name in policies}
     return ChunkedPolicies(

@@ -148,7 +148,7 @@ def test_log_probs_are_those_of_the_construction_written_out(source: dict[str, A
         assert float((logp - want).abs().max()) <= 1e-12, name
 
 
-@pytest.mark.parametrize("entropy", [0.5, 3.0])
+@pytest.mark.parametrize("entropy", [0.5, pytest.param(3.0, marks=pytest.mark.slow)])
 def test_tokens_are_drawn_from_the_sampler(entropy: float) -> None:
     # y ~ μ_old = softmax(z_old + rollout noise): the randomised PIT of 2,400 tokens (4 seeds)
     # under μ_old is uniform within the KS bound, in index order (which a wrong choice of block,
@@ -254,6 +254,7 @@ def test_chunked_drift_none_is_on_policy(dtype: torch.dtype) -> None:
         assert float((batch.old_logp - view.logp)[m].abs().max()) <= 1e-12
 
 
+@pytest.mark.slow
 def test_chunked_drift_matches_the_materialized_drift(monkeypatch: pytest.MonkeyPatch) -> None:
     # The same settings through both constructions (different random streams, the same
     # distributions): the mean |log r| of logit-noise drift and the mean |ℓ_old − ℓ_rollout| agree
