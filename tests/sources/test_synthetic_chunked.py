@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from concurrent.futures import Future
 from typing import Any
 
 import pytest
@@ -20,7 +21,7 @@ from gradlens.config import SyntheticSource, validate
 from gradlens.containers import Batch
 from gradlens.grads import effective_old_logp, softmax_view
 from gradlens.logits import token_logp
-from gradlens.sources import synthetic
+from gradlens.sources import synthetic, synthetic_chunked
 from gradlens.sources.synthetic_calibration import ENTROPY_TOL, ROW_TILE, VOCAB_BLOCK, spans
 from gradlens.sources.synthetic_chunked import ChunkedPolicies, build_chunked, stream
 
@@ -339,12 +340,37 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
-def test_a_qwen_vocabulary_is_built_without_a_tokens_by_vocabulary_tensor() -> None:
+class InThread:
+    """A stand-in for ThreadPoolExecutor that runs every task at once in the calling thread
+    (a dispatch mode sees the operations of its own thread only)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __enter__(self) -> InThread:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+    def submit(self, fn: Any, *args: Any) -> Future[Any]:
+        done: Future[Any] = Future()
+        done.set_result(fn(*args))
+        return done
+
+    def map(self, fn: Any, items: Any) -> Any:
+        return map(fn, items)
+
+
+def test_a_qwen_vocabulary_is_built_without_a_tokens_by_vocabulary_tensor(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # V = 151,936 with ~100 valid tokens and H = 2: any [N, T, V] or [M, V] tensor, even of
-    # bool, is ≥ M·V bytes ≈ 15 MB, and every operation's output is recorded. The chunked
-    # construction's largest are its [ROW_TILE ≥ M, VOCAB_BLOCK] float64 tiles (~1.6 MB) and the
-    # batch's own W [V, 2] (1.2 MB); the limit sits between the two, and the kept tiles stay
-    # within the 8 MiB budget.
+    # bool, is ≥ M·V bytes ≈ 15 MB, and every operation's output is recorded (the worker
+    # threads' too: they run in this thread here). The chunked construction's largest are its
+    # [ROW_TILE ≥ M, VOCAB_BLOCK] float64 tiles (~1.6 MB) and the batch's own W [V, 2]
+    # (1.2 MB); the limit sits between the two.
+    monkeypatch.setattr(synthetic_chunked, "ThreadPoolExecutor", InThread)
     config = validate(
         {
             "source": {
