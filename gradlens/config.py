@@ -435,6 +435,38 @@ class DiagnosticsConfig(Strict):
         "construction; null: 1/4 of free, ≤ 1 GiB",
     )
     vocab_chunk: int | None = Field(None, ge=1, description="streamed engine rows per chunk")
+    tensor_parallel: int = Field(
+        1,
+        ge=1,
+        description="ranks the lm_head's vocabulary rows are split over (the vocab-parallel "
+        "streamed engine, one process per rank: torchrun --nproc-per-node N); 1: one process",
+    )
+    collective_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="tensor_parallel > 1: seconds a rank waits in a collective for the others "
+        "before it fails (a rank that raised or hangs then stops every rank)",
+    )
+
+    @model_validator(mode="after")
+    def _tensor_parallel(self) -> DiagnosticsConfig:
+        if self.tensor_parallel == 1:
+            return self
+        problems = []
+        if self.engine in ("materialized", "fused"):
+            problems.append(
+                f"engine {self.engine!r} runs in one process; tensor_parallel "
+                f"{self.tensor_parallel} needs the streamed engine (engine: auto or streamed)"
+            )
+        if self.reference == "autograd":
+            problems.append(
+                "reference 'autograd' materialises [tokens, vocab] with the whole lm_head, "
+                f"which no rank holds under tensor_parallel {self.tensor_parallel}; run the "
+                "reference in one process (tensor_parallel 1), or set reference auto or none"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 def loss_name_problems(names: list[str]) -> list[str]:

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from gradlens.containers import Batch, LossTerms, TokenInputs, valid_index
+from gradlens.errors import GradlensError
 from gradlens.logits import compute_logits
 from gradlens.losses import Aggregation, LossParams, LossSpec
 from gradlens.losses.corrections import apply_corrections
@@ -110,9 +111,22 @@ class SoftmaxView:
         return on_grid(self.entropy, self.rows, self.cols, self.logp.shape)
 
 
+def whole_weight(batch: Batch, what: str) -> None:
+    """Raise when ``batch`` holds only some rows of W (a tensor-parallel rank's): ``what`` needs
+    every row."""
+    rows = batch.weight_rows
+    if rows is not None and (rows.start, rows.stop) != (0, rows.vocab):
+        raise GradlensError(
+            f"{what} needs the whole lm_head, but this batch holds rows [{rows.start}, "
+            f"{rows.stop}) of {rows.vocab} (one tensor-parallel rank's); only the streamed "
+            "engine runs under tensor_parallel"
+        )
+
+
 def softmax_view(batch: Batch) -> SoftmaxView:
     """One pass over the logits of the valid tokens (the same operations as `policy_pass`, so
     both give bit-identical values for the same hidden states and weight)."""
+    whole_weight(batch, "the materialized softmax")
     with torch.no_grad():
         p = policy_pass(batch.hidden, batch.weight, batch.tokens, batch.mask)
         probs = p.log_probs.exp()
@@ -270,6 +284,7 @@ def autograd_reference(
     batch: Batch, spec: LossSpec, params: LossParams, aggregation: Aggregation
 ) -> ReferenceGradients:
     """Differentiate the objective through log_softmax(W h) with autograd, as a trainer does."""
+    whole_weight(batch, "the autograd reference")
     weight = batch.weight.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         p = policy_pass(batch.hidden.detach(), weight, batch.tokens, batch.mask)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Annotated
 
 import typer
@@ -106,10 +107,26 @@ def compare(
             "diagnostics.reference.",
         ),
     ] = None,
+    tensor_parallel: Annotated[
+        int | None,
+        typer.Option(
+            "--tensor-parallel",
+            metavar="N",
+            help="Split the lm_head's vocabulary rows over N ranks, one process each, launched "
+            "by torchrun: `torchrun --nproc-per-node N -m gradlens compare --tensor-parallel N "
+            "…` (gloo on CPU, NCCL on CUDA). The streamed engine, the same report as one "
+            "process; rank 0 prints it. Sets diagnostics.tensor_parallel (default 1).",
+        ),
+    ] = None,
     debug: DebugOption = False,
 ) -> None:
     """Run each loss on the same batch; report what it does to the logits and the lm_head."""
     with user_errors(debug):
+        from gradlens.cli.distributed import launched
+
+        launch = launched()
+    with user_errors(debug, launch.rank, launch.world):
+        from gradlens.cli.distributed import process_group
         from gradlens.cli.progress import progress_bar
         from gradlens.compare import run_compare
         from gradlens.config import build_config
@@ -125,6 +142,7 @@ def compare(
             "source.kind": source,
             "diagnostics.engine": engine,
             "diagnostics.reference": reference,
+            "diagnostics.tensor_parallel": tensor_parallel,
         }
         if parity is not None:
             pair = [n.strip() for n in parity.split(",") if n.strip()]
@@ -134,11 +152,14 @@ def compare(
             if names is None:
                 flags["losses"] = list(dict.fromkeys(pair))
         cfg = build_config(config, overrides or [], flags)
-        with progress_bar() as callback, reporting(callback):
-            report = run_compare(cfg)
-        if output is OutputFormat.json:
-            typer.echo(to_json(report))
-        else:
-            render_compare(report, stdout_console())
+        with process_group(cfg, launch):
+            bar = progress_bar() if launch.speaks else nullcontext(None)
+            with bar as callback, reporting(callback):
+                report = run_compare(cfg)
+        if launch.speaks:  # rank 0 writes the report; every rank exits with the same status
+            if output is OutputFormat.json:
+                typer.echo(to_json(report))
+            else:
+                render_compare(report, stdout_console())
     if check and not report.passed:
         raise typer.Exit(EXIT_CHECK_FAILED)
