@@ -10,7 +10,8 @@ with g_t the loss's per-token gradient (`LossTerms.per_token_grad`) and a_t the 
 weight. What the run minimises for one loss is written once, in `objective`:
 
     terms   = the loss's per-token terms with the run's training–inference corrections
-    weights = a_t (the aggregation's weights; 1 for a loss that aggregates itself)
+    weights = a_t (the aggregation's weights, on the mask without the tokens a renormalising
+              correction rejects (`aggregation_mask`); 1 for a loss that aggregates itself)
     L       = Σ_t weights_t·per_token_t  −  c_H·Σ_t a_t·H_t      (entropy bonus, when c_H ≠ 0)
     c_t     = weights_t·g_t
 
@@ -34,7 +35,7 @@ from gradlens.containers import Batch, LossTerms, TokenInputs, valid_index
 from gradlens.errors import GradlensError
 from gradlens.logits import compute_logits
 from gradlens.losses import Aggregation, LossParams, LossSpec
-from gradlens.losses.corrections import apply_corrections
+from gradlens.losses.corrections import apply_corrections, kept_mask
 
 
 @dataclass(frozen=True)
@@ -186,6 +187,15 @@ def entropy_bonus(agg_weights: Tensor, entropy: Tensor, entropy_coef: float) -> 
     return -entropy_coef * (agg_weights * entropy.to(agg_weights.dtype)).sum()
 
 
+def aggregation_mask(batch: Batch, params: LossParams) -> Tensor:
+    """[N, T] the mask the aggregation weights are computed from: the batch's, without the
+    tokens that a correction with ``renormalize`` rejects (verl's rejection sampling).
+
+    It does not depend on π_θ, so every engine computes it before its passes: ρ = π_old/μ_old
+    is read from the stored ℓ_old (at on-policy positions ℓ itself, up to rounding)."""
+    return kept_mask(batch.mask, batch.old_logp, batch.rollout_logp, params.corrections)
+
+
 def objective(
     batch: Batch,
     logp: Tensor,
@@ -202,7 +212,7 @@ def objective(
     """
     inputs = token_inputs(batch, logp)
     terms = apply_corrections(spec.terms(inputs, params, aggregation), inputs, params.corrections)
-    agg_weights = aggregation.weights(batch.mask, logp.dtype)
+    agg_weights = aggregation.weights(aggregation_mask(batch, params), logp.dtype)
     weights = batch.mask.to(logp.dtype) if terms.self_aggregated else agg_weights
     loss = (weights * terms.per_token).sum()
     if entropy is not None and params.entropy_coef != 0.0:

@@ -184,16 +184,15 @@ def compare_batch(
     aggregation = config.loss.token_aggregation()
     path, reason = choose_engine(config, batch)
     specs = [get_loss(name) for name in config.losses]
-    pair = None
-    if config.parity is not None:
-        pair = (get_loss(config.parity.losses[0]), get_loss(config.parity.losses[1]))
+    pairs = [] if config.parity is None else config.parity.pairs
+    pair_specs = [(get_loss(a), get_loss(b)) for a, b in pairs]
     options = engine_options(config, batch, path)
     run: EngineRun
     if parallel is None:
-        run = ENGINES[path](batch, specs, params, aggregation, options, reason, pair)
+        run = ENGINES[path](batch, specs, params, aggregation, options, reason, pair_specs)
     else:  # the config allows no other engine under tensor parallelism
         run = run_streamed(
-            batch, specs, params, aggregation, options, reason, pair, parallel=parallel
+            batch, specs, params, aggregation, options, reason, pair_specs, parallel=parallel
         )
     with _phase(parallel, "report"):
         report = _report(config, device, batch, run, params, aggregation)
@@ -228,11 +227,10 @@ def _report(
             )
             model = model.model_copy(update={"sft_over_rl": sft_over_rl})
     summary = summarize_batch(batch, run.tokens)
-    parity = None
+    parity = []
     if config.parity is not None:
-        assert run.parity is not None
         tolerance = config.parity.tolerance or tolerances.agreement(config.operand_dtype)
-        parity = build_parity(batch, logp, run.parity, aggregation, tolerance)
+        parity = [build_parity(batch, logp, p, aggregation, tolerance) for p in run.parity]
     all_checks = checks(summary, reports, parity)
     return CompareReport(
         environment=environment(config, device),

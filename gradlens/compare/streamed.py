@@ -48,7 +48,14 @@ from gradlens.engine.fused import check_device, fused_lm_head_pass
 from gradlens.engine.streamed import EngineResult, auto_budget, dense_dtype, lm_head_pass, plan
 from gradlens.engine.vocab_parallel import vocab_parallel_pass
 from gradlens.errors import GradlensError
-from gradlens.grads import Objective, autograd_reference, entropy_bonus, objective, on_grid
+from gradlens.grads import (
+    Objective,
+    aggregation_mask,
+    autograd_reference,
+    entropy_bonus,
+    objective,
+    on_grid,
+)
 from gradlens.logits import softmax_dtype
 from gradlens.losses import Aggregation, LossParams, LossSpec
 from gradlens.results import Agreement, EngineInfo
@@ -61,11 +68,11 @@ def run_streamed(
     aggregation: Aggregation,
     options: EngineOptions,
     reason: str,
-    pair: tuple[LossSpec, LossSpec] | None = None,
+    pairs: list[tuple[LossSpec, LossSpec]] | None = None,
     fused: bool = False,
     parallel: VocabParallel | None = None,
 ) -> EngineRun:
-    """Every loss of ``specs`` through one engine run, and parity's inputs for ``pair``.
+    """Every loss of ``specs`` through one engine run, and parity's inputs for each of ``pairs``.
 
     ``fused``: the passes with Triton kernels between the GEMMs (`gradlens.engine.fused`), the
     same result (the engine path ``fused``, opt-in). ``parallel``: this rank's tensor-parallel
@@ -82,8 +89,9 @@ def run_streamed(
     tokens = batch.tokens[rows, cols]  # [M]
     names = [s.name for s in specs]
     run_specs = list(specs)
-    if pair is not None:
-        run_specs += [s for s in dict.fromkeys(pair) if s.name not in names]
+    pairs = pairs or []
+    for pair in pairs:
+        run_specs += [s for s in dict.fromkeys(pair) if s.name not in names and s not in run_specs]
     reported = len(specs)
     objectives: list[Objective] = []
     grid: list[Tensor] = []  # [N, T] ℓ as the engine computed it
@@ -94,7 +102,7 @@ def run_streamed(
         for spec in run_specs:
             objectives.append(objective(batch, logp, spec, params, aggregation))
         out = [o.coefficient[rows, cols] for o in objectives]
-        if pair is not None:  # ∂L_B/∂W − ∂L_A/∂W is the c-form gradient of c_B − c_A
+        for pair in pairs:  # ∂L_B/∂W − ∂L_A/∂W is the c-form gradient of c_B − c_A
             a, b = (objectives[run_specs.index(s)].coefficient for s in pair)
             out.append((b - a)[rows, cols])
         return out
@@ -104,7 +112,7 @@ def run_streamed(
     if parallel is not None:  # one plan on every rank: the largest shard, the tightest budget
         budget = parallel.smallest(budget)
         rows_per_rank = max(parallel.split.sizes)
-    k = len(run_specs) + (pair is not None)
+    k = len(run_specs) + len(pairs)
     buffers = 3 if params.entropy_coef == 0.0 else 4  # the bonus's [M, Vc] block: one more
     engine_plan = plan(
         tokens.numel(),
@@ -117,7 +125,9 @@ def run_streamed(
     )
     entropy_weight = None  # w_t = a_t·c_H of the entropy bonus, [M]
     if params.entropy_coef != 0.0:
-        weights = aggregation.weights(batch.mask, softmax_dtype(batch.weight.dtype))
+        weights = aggregation.weights(
+            aggregation_mask(batch, params), softmax_dtype(batch.weight.dtype)
+        )
         entropy_weight = params.entropy_coef * weights[rows, cols]
     if parallel is None:
         engine_pass = fused_lm_head_pass if fused else lm_head_pass
@@ -201,8 +211,8 @@ def run_streamed(
         tensor_parallel=1 if parallel is None else parallel.split.world,
         vocab_rows=None if parallel is None else parallel.split.sizes,
     )
-    parity = None
-    if pair is not None:
+    parity = []
+    for j, pair in enumerate(pairs):
         ia, ib = (run_specs.index(s) for s in pair)
         a_max = None  # max_v |∂L_A/∂z_tv|, when the entropy bonus makes it other than |c_A|·u
         other_max = result.rows[ia].other_max
@@ -212,15 +222,17 @@ def run_streamed(
         gap = streamed_gap(
             result.coefficients[ia],
             result.coefficients[ib],
-            result.rows[-1].norms,
+            result.rows[len(run_specs) + j].norms,
             result.tokens.sampled_prob,
             result.tokens.max_other_prob,
             a_max,
         )
-        parity = ParityInputs(
-            _parity_loss(run_specs[ia], objectives[ia], result, ia, loss_value),
-            _parity_loss(run_specs[ib], objectives[ib], result, ib, loss_value),
-            gap,
+        parity.append(
+            ParityInputs(
+                _parity_loss(run_specs[ia], objectives[ia], result, ia, loss_value),
+                _parity_loss(run_specs[ib], objectives[ib], result, ib, loss_value),
+                gap,
+            )
         )
     return EngineRun(
         records=records,
@@ -237,10 +249,10 @@ def run_fused(
     aggregation: Aggregation,
     options: EngineOptions,
     reason: str,
-    pair: tuple[LossSpec, LossSpec] | None = None,
+    pairs: list[tuple[LossSpec, LossSpec]] | None = None,
 ) -> EngineRun:
     """`run_streamed` with the fused passes."""
-    return run_streamed(batch, specs, params, aggregation, options, reason, pair, fused=True)
+    return run_streamed(batch, specs, params, aggregation, options, reason, pairs, fused=True)
 
 
 def _parity_loss(

@@ -65,7 +65,7 @@ SYNTHETIC = [
     "source.rollout_drift=0.1",
     "source.ref_drift=0.2",
     "losses=[reinforce,ppo_clip,grpo,gspo,cispo,sft]",
-    "parity={losses: [ppo, ppo_clip]}",
+    "parity={pairs: [[ppo, ppo_clip]]}",
 ]
 # the built-in model, small: 2 prompts × 2 completions of ≤ 8 tokens, one stale step
 MODEL = [
