@@ -17,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from gradlens.compare import run_compare
+from gradlens.compare.run import source_context
 from gradlens.config import SyntheticSource, validate
 from gradlens.containers import Batch
 from gradlens.grads import effective_old_logp, softmax_view
@@ -391,6 +392,37 @@ def test_a_qwen_vocabulary_is_built_without_a_tokens_by_vocabulary_tensor(
     assert m * 151936 > 3 * limit  # a [M, V] tensor of any dtype would break the limit
     assert probe.largest <= limit, (probe.largest, probe.op)
     assert bool((batch.old_logp[batch.mask] <= 0).all())
+
+
+def test_the_memory_plan_of_a_chunked_batch_holds_no_tokens_by_vocabulary_tensor(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The default batch (16 × ≤64 tokens) at V = 151,936, H = 1,024 in float32, budget 64 MiB.
+    # Whole tensors would hold N·T·V = 16·64·151,936 ≈ 1.56e8 entries several times over
+    # (≥ 16 bytes each for the sampling probabilities alone: 2.5 GB); in blocks the plan is
+    #   hidden [N, T, H] float64 + float32   16·64·1024·12        =  12.6 MB
+    #   valid tokens' copies (M ≤ N·T)        1024·1024·(4 + 4)    =   8.4 MB
+    #   W [V, H] float32                      151,936·1024·4       = 622.3 MB
+    #   tiles and weight blocks  8·2048·(12·256 + 4·1024)          = 117.4 MB (> the budget)
+    #   calibration tiles kept: max(0, 64 MiB − 117.4 MB)          =   0
+    #   per-token vectors 1024·8·16 and lengths 16·(8 + 64)        ≈   0.13 MB
+    config = validate(
+        {
+            "source": {"vocab_size": 151936, "hidden_size": 1024},
+            "diagnostics": {"memory_budget_mib": 64},
+        }
+    )
+    ctx = source_context(config, CPU)
+    plan = synthetic.plan_synthetic(config.source, ctx)
+    (estimate,) = plan.memory
+    terms = dict(estimate.terms)
+    assert not any("[N, T, V]" in name or "[N·T, V]" in name for name in terms)
+    assert terms["lm_head [V, H]"] == 151936 * 1024 * 4
+    assert terms["calibration tiles kept (the memory budget)"] == 0
+    assert estimate.total == pytest.approx(761.0e6, rel=0.01)
+    monkeypatch.setattr(synthetic, "materialized", lambda src: True)
+    whole = synthetic.plan_synthetic(config.source, ctx).memory[0].total
+    assert whole > 3 * estimate.total  # the estimate the chunked construction replaces
 
 
 @pytest.mark.usefixtures("chunk_everything")
