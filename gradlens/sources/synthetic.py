@@ -238,7 +238,7 @@ def _batch(
         rollout_logp=None if rollout_logp is None else rollout_logp.to(device),
         ref_logp=None if ref_logp is None else ref_logp.to(device),
         on_policy=(mask & (drift.kind == "none")).to(device),
-        groups=(torch.arange(n) // src.group_size).to(device),
+        groups=(torch.arange(src.num_sequences) // src.group_size).to(device),
         source=(
             f"synthetic: {src.num_sequences} sequences × ≤{src.max_length} tokens, "
             f"V={src.vocab_size}, H={src.hidden_size}, "
