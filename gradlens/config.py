@@ -580,7 +580,10 @@ class DiagnosticsConfig(Strict):
         "64 MiB of float32 per [tokens, vocab] tensor)",
     )
     memory_budget_mib: float | None = Field(
-        None, gt=0, description="streamed engine working memory; null: 1/4 of free, ≤ 1 GiB"
+        None,
+        gt=0,
+        description="working memory of the streamed engine and of a large synthetic batch's "
+        "construction; null: 1/4 of free, ≤ 1 GiB",
     )
     vocab_chunk: int | None = Field(None, ge=1, description="streamed engine rows per chunk")
     tensor_parallel: int = Field(

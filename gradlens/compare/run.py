@@ -94,6 +94,9 @@ def source_context(config: Config, device: torch.device, rank: int = 0) -> Sourc
         advantage_eps=config.advantage.eps,
         params=config.loss.params(),
         aggregation=config.loss.token_aggregation(),
+        memory_budget_bytes=None
+        if config.diagnostics.memory_budget_mib is None
+        else int(config.diagnostics.memory_budget_mib * 2**20),
         rank=rank,
         tensor_parallel=config.diagnostics.tensor_parallel,
     )
