@@ -187,11 +187,28 @@ class LiteralSource(Strict):
 
 
 class StaleConfig(Strict):
-    """Optimizer steps on the rollout batch before the diagnosis (model source): π_θ ≠ π_old."""
+    """Optimizer steps on the rollout batch before the diagnosis (model source): π_θ ≠ π_old.
+
+    With ``target_kl`` (the default) the learning rate is a first guess: each step is redone
+    with a rescaled learning rate until the KL of π_θk against π_old reaches k/N of the target,
+    so the same setting means the same distance on any model (gradlens.sources.staleness).
+    """
 
     steps: int = Field(2, ge=0, description="N: optimizer steps between rollout and diagnosis")
     optimizer: Literal["sgd", "adam", "adamw"] = "adam"
-    lr: float = Field(5e-5, gt=0, description="learning rate of the stale steps")
+    lr: float = Field(
+        5e-5,
+        gt=0,
+        description="learning rate of the stale steps; with target_kl, the first step's first "
+        "guess, rescaled until the target is met",
+    )
+    target_kl: float | None = Field(
+        0.01,
+        gt=0,
+        description="KL(π_old‖π_θN), the k3 estimate over the completion tokens, that the N steps "
+        "reach (within a factor 1.5); the learning rate is searched step by step. null: lr as "
+        "given, however far it moves the model",
+    )
     loss: str = Field("ppo_clip", description="the registered loss the stale steps minimise")
 
     @field_validator("loss")
@@ -211,15 +228,31 @@ class ModelSource(Strict):
 
     kind: Literal["model"]
     path: str | None = Field(None, description="local Hugging Face checkpoint dir; null: built-in")
-    prompts: list[str] | None = Field(None, description="prompts; null: the built-in corpus")
-    num_prompts: int = Field(4, ge=1, description="prompts drawn from the built-in corpus")
+    prompts: list[str] | None = Field(
+        None,
+        description="prompts; null: drawn from a built-in set (Python def/class lines, or "
+        "instructions with chat_template)",
+    )
+    num_prompts: int = Field(4, ge=1, description="prompts drawn from the built-in set")
     group_size: int = Field(4, ge=1, description="completions sampled per prompt")
     max_new_tokens: int = Field(24, ge=1)
     temperature: float = Field(1.0, gt=0, description="sampling temperature T (logits / T)")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
-    reward: str = Field("python_syntax", description="built-in reward name or module:function")
-    rollout_dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "bfloat16", description="precision of the rollout pass that samples and returns μ"
+    reward: str | None = Field(
+        None,
+        description="built-in reward name or module:function; null: python_syntax, or "
+        "word_limit with chat_template",
+    )
+    rollout_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="precision of the rollout pass that samples and returns μ; auto: bfloat16 "
+        "where the device computes it natively (CUDA with bf16, a CPU with AVX512-BF16, AMX or "
+        "Arm BF16), float32 elsewhere (emulated bf16 is slower than float32)",
+    )
+    chat_template: bool = Field(
+        False,
+        description="wrap each prompt as a user message in the tokenizer's chat template "
+        "(instruct and chat checkpoints); null prompts are then the built-in instructions",
     )
     stale: StaleConfig = StaleConfig()
 
@@ -429,7 +462,11 @@ class DiagnosticsConfig(Strict):
         "64 MiB of float32 per [tokens, vocab] tensor)",
     )
     memory_budget_mib: float | None = Field(
-        None, gt=0, description="streamed engine working memory; null: 1/4 of free, ≤ 1 GiB"
+        None,
+        gt=0,
+        description="working memory of the streamed engine and of each micro-batch through a "
+        "model (stale steps, whole-model gradients); null: 1/4 of free memory, at most 1 GiB "
+        "for the engine and 2 GiB for a model pass",
     )
     vocab_chunk: int | None = Field(None, ge=1, description="streamed engine rows per chunk")
 

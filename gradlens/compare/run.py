@@ -33,8 +33,10 @@ from gradlens.grads import effective_old_logp
 from gradlens.logits import softmax_dtype
 from gradlens.losses import get_loss
 from gradlens.metric_names import metric_names
+from gradlens.progress import report as report_progress
 from gradlens.results import BatchSummary, CompareReport, Environment
 from gradlens.sources import SourceContext, build_source
+from gradlens.sources.microbatch import pass_budget
 
 ENGINES = {"materialized": run_materialized, "streamed": run_streamed, "fused": run_fused}
 TOKEN_DETAIL_LIMIT = 4096  # tokens × vocabulary entries printed under token_details: auto
@@ -62,7 +64,14 @@ def source_context(config: Config, device: torch.device) -> SourceContext:
         advantage_eps=config.advantage.eps,
         params=config.loss.params(),
         aggregation=config.loss.token_aggregation(),
+        memory_budget_bytes=budget_bytes(config),
     )
+
+
+def budget_bytes(config: Config) -> int | None:
+    """``diagnostics.memory_budget_mib`` in bytes; None: each pass chooses its own."""
+    mib = config.diagnostics.memory_budget_mib
+    return None if mib is None else int(mib * 2**20)
 
 
 def choose_engine(config: Config, batch: Batch) -> tuple[str, str]:
@@ -88,9 +97,7 @@ def engine_options(config: Config, batch: Batch, path: str) -> EngineOptions:
         top_k=d.top_k,
         token_details=path == "materialized" and (details == "on" or (details == "auto" and small)),
         reference=d.reference == "autograd" or (d.reference == "auto" and path == "materialized"),
-        memory_budget_bytes=None
-        if d.memory_budget_mib is None
-        else int(d.memory_budget_mib * 2**20),
+        memory_budget_bytes=budget_bytes(config),
         vocab_chunk=d.vocab_chunk,
     )
 
@@ -138,9 +145,11 @@ def run_compare(config: Config) -> CompareReport:
     pair = None
     if config.parity is not None:
         pair = (get_loss(config.parity.losses[0]), get_loss(config.parity.losses[1]))
+    report_progress("lm_head diagnostics", 0, 1)
     run: EngineRun = ENGINES[path](
         batch, specs, params, aggregation, engine_options(config, batch, path), reason, pair
     )
+    report_progress("lm_head diagnostics", 1, 1)
     logp = run.tokens.logp
     reports = [loss_report(r, batch, logp, params) for r in run.records]
     model = None
@@ -148,10 +157,13 @@ def run_compare(config: Config) -> CompareReport:
     if ctx is not None:
         model = model_report(ctx, batch, params)
         if ctx.whole_model:  # a real checkpoint: each loss through the network
-            sft_over_rl, reports = model_gradients(
-                batch, ctx, run.tokens, reports, params, aggregation
+            budget = pass_budget(budget_bytes(config), device)
+            sft_over_rl, reports, grad_pass = model_gradients(
+                batch, ctx, run.tokens, reports, params, aggregation, budget
             )
-            model = model.model_copy(update={"sft_over_rl": sft_over_rl})
+            model = model.model_copy(
+                update={"sft_over_rl": sft_over_rl, "gradient_pass": grad_pass}
+            )
     summary = summarize_batch(batch, run.tokens)
     parity = None
     if config.parity is not None:

@@ -23,6 +23,8 @@ class SourceContext:
         normalization, advantage_eps: how rewards become advantages (`gradlens.advantages`).
         params, aggregation: the run's loss settings (the model source's stale steps minimise a
             loss with them).
+        memory_budget_bytes: ``diagnostics.memory_budget_mib`` in bytes (the budget of a pass
+            through a model, `gradlens.sources.microbatch`); None: chosen from free memory.
     """
 
     device: torch.device
@@ -32,3 +34,4 @@ class SourceContext:
     advantage_eps: float = 1e-6
     params: LossParams = field(default_factory=LossParams)
     aggregation: Aggregation = field(default_factory=Aggregation)
+    memory_budget_bytes: int | None = None
