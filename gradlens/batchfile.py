@@ -34,7 +34,14 @@ the loss mask as its last T columns, as verl derives it.
 hidden states a checkpoint recomputed with the whole model kept) writes this layout too:
 ``prompts`` [N, P] and ``attention_mask`` [N, P+T] beside the [N, T] response keys, so that the
 file read back with the same checkpoint as ``source.model_path`` is the same batch
-(`dump_tensors`).
+(`dump_tensors`). A dump of the model source also writes
+
+    stale_steps                            [N] int      the optimizer steps the model source took
+                                                        on the batch after π_old (its
+                                                        ``source.stale.steps``)
+
+because the checkpoint on disk holds θ_old, not the θ those steps reached: read back with it,
+π_θ is π_old again (every ratio 1), and the report says so.
 
 Position t of every [N, T] tensor refers to the same response token. A dump from a training
 loop is three lines (see docs/batchfile.md)::
@@ -70,9 +77,12 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "prompts": ("prompts",),
     "prompt_mask": ("prompt_mask",),
     "attention": ("attention_mask",),  # [N, P+T] beside 'prompts': written by `dump_tensors`
+    "stale_steps": ("stale_steps",),
 }
 SUFFIXES = (".safetensors", ".pt", ".pth", ".jsonl")
-INTEGER_KEYS = frozenset({*ALIASES["tokens"], *ALIASES["mask"], "prompts", "prompt_mask"})
+INTEGER_KEYS = frozenset(
+    {*ALIASES["tokens"], *ALIASES["mask"], "prompts", "prompt_mask", "stale_steps"}
+)
 LEFT_PADDED = ("prompts", "prompt_mask")  # verl left-pads prompts; .jsonl lines are unpadded
 WHOLE_SEQUENCE = ("input_ids", "attention_mask")  # [P+T] beside 'responses'
 
@@ -261,6 +271,13 @@ def read_batch_tensors(
                 f"{where}: 'responses' has token ids outside the vocabulary "
                 f"[0, {v}) of 'lm_head_weight'"
             )
+    stale = _pick(raw, "stale_steps", where, False)
+    if stale is not None:
+        if tuple(stale.shape) != (n,):
+            raise GradlensError(
+                f"{where}: 'stale_steps' has shape {tuple(stale.shape)}; expected [N] = ({n},)"
+            )
+        out["stale_steps"] = stale.long()
     for name in ("old_logp", "rollout_logp", "ref_logp", "advantages", "rewards"):
         if (
             name in out

@@ -451,9 +451,12 @@ class DiagnosticsConfig(Strict):
         "nothing of size M×V or V×H kept (gradlens.engine); fused: the streamed engine with "
         "Triton kernels (CUDA, opt-in); auto: streamed above stream_above entries",
     )
-    reference: Literal["auto", "autograd", "none"] = Field(
+    reference: Literal["auto", "autograd", "sampled", "none"] = Field(
         "auto",
-        description="check against torch.autograd; auto: with the materialized engine only",
+        description="check against torch.autograd: autograd, every token and row; sampled, "
+        "c_t of every token with ∂L/∂z_y of a sample of tokens and ‖∂L/∂W_v‖ of a sample of "
+        "rows (no [tokens, vocab] under autograd); auto: autograd with the materialized engine, "
+        "sampled with the streamed ones",
     )
     stream_above: int = Field(
         1 << 24,

@@ -39,6 +39,7 @@ from gradlens.sources import SourceContext, build_source
 from gradlens.sources.microbatch import pass_budget
 
 ENGINES = {"materialized": run_materialized, "streamed": run_streamed, "fused": run_fused}
+REFERENCE_MODES = {"autograd": "full", "sampled": "sampled", "none": "none"}
 TOKEN_DETAIL_LIMIT = 4096  # tokens × vocabulary entries printed under token_details: auto
 
 
@@ -88,15 +89,17 @@ def choose_engine(config: Config, batch: Batch) -> tuple[str, str]:
 
 def engine_options(config: Config, batch: Batch, path: str) -> EngineOptions:
     """The diagnostics settings as the engine reads them; ``reference: auto`` is decided here:
-    autograd with the materialized engine, none with the streamed one (it would materialise
-    [tokens, vocab] per loss)."""
+    full autograd with the materialized engine, sampled with the streamed ones (full autograd
+    would materialise [tokens, vocab] per loss)."""
     d = config.diagnostics
     details = d.token_details
     small = batch.num_tokens * batch.vocab_size <= TOKEN_DETAIL_LIMIT
     return EngineOptions(
         top_k=d.top_k,
         token_details=path == "materialized" and (details == "on" or (details == "auto" and small)),
-        reference=d.reference == "autograd" or (d.reference == "auto" and path == "materialized"),
+        reference=REFERENCE_MODES[d.reference]
+        if d.reference != "auto"
+        else ("full" if path == "materialized" else "sampled"),
         memory_budget_bytes=budget_bytes(config),
         vocab_chunk=d.vocab_chunk,
     )
@@ -145,11 +148,14 @@ def run_compare(config: Config) -> CompareReport:
     pair = None
     if config.parity is not None:
         pair = (get_loss(config.parity.losses[0]), get_loss(config.parity.losses[1]))
-    report_progress("lm_head diagnostics", 0, 1)
+    long_run = batch.model_context is not None  # a real checkpoint: report the phase
+    if long_run:
+        report_progress("lm_head diagnostics", 0, 1)
     run: EngineRun = ENGINES[path](
         batch, specs, params, aggregation, engine_options(config, batch, path), reason, pair
     )
-    report_progress("lm_head diagnostics", 1, 1)
+    if long_run:
+        report_progress("lm_head diagnostics", 1, 1)
     logp = run.tokens.logp
     reports = [loss_report(r, batch, logp, params) for r in run.records]
     model = None

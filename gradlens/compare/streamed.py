@@ -8,7 +8,10 @@ kept.
 
 With ``diagnostics.reference: autograd`` each loss is also differentiated by torch.autograd
 (which materialises [M, V], one loss at a time) and compared: c_t, the sampled-row logit
-gradient ∂L/∂z_y and the row norms ‖∂L/∂W_v‖.
+gradient ∂L/∂z_y and the row norms ‖∂L/∂W_v‖. By default (``reference: auto``) the check is
+sampled (`gradlens.compare.sampled_check`): autograd on the same objective, exact, for c_t of
+every token, ∂L/∂z_y of a sample of tokens and the norms of a sample of lm_head rows, without
+[M, V] under autograd; ``reference: none`` skips it.
 
 With ``loss.entropy_coef`` ≠ 0 the engine adds the entropy bonus's gradient (not of the c-form)
 to every loss's rows, and the reports include it exactly as the materialized path's do.
@@ -30,6 +33,7 @@ from torch import Tensor
 from gradlens.compare.engines import EngineOptions, EngineRun
 from gradlens.compare.parity import ParityInputs, ParityLoss, streamed_gap
 from gradlens.compare.records import LossRecord, TokenSummary
+from gradlens.compare.sampled_check import Sample, choose_sample, sampled_reference
 from gradlens.containers import Batch, valid_index
 from gradlens.diagnostics import tolerances
 from gradlens.diagnostics.agreement import not_run
@@ -122,6 +126,11 @@ def run_streamed(
         bonus = entropy_bonus(obj.agg_weights, entropy, params.entropy_coef)
         return float(obj.loss) + (float(bonus) if params.entropy_coef != 0.0 else 0.0)
 
+    sample = None
+    if options.reference == "sampled" and reported:
+        c_abs = torch.stack([result.coefficients[i].abs() for i in range(reported)]).amax(0)
+        norms = torch.stack([result.rows[i].norms.double() for i in range(reported)]).amax(0)
+        sample = choose_sample(hidden, batch.weight, tokens, c_abs, norms)
     records = []
     for i, spec in enumerate(run_specs[:reported]):
         c = result.coefficients[i]  # [M]
@@ -129,11 +138,18 @@ def run_streamed(
         obj = objectives[i]
         post = obj.weights[rows, cols] * obj.terms.per_token_grad[rows, cols].abs()
         post = post * (1 - result.tokens.sampled_prob)
-        agreement, ref_at_y, ref_non_finite = (
-            _agreement(batch, spec, params, aggregation, c, result, i, rows, cols, tokens)
-            if options.reference
-            else (not_run(batch.weight.dtype), None, 0)
-        )
+        ref_tokens = None
+        if options.reference == "full":
+            agreement, ref_at_y, ref_non_finite = _agreement(
+                batch, spec, params, aggregation, c, result, i, rows, cols, tokens
+            )
+        elif sample is not None:
+            agreement, ref_at_y, ref_non_finite = _sampled_agreement(
+                sample, batch, spec, params, aggregation, c, result, i, rows, cols, hidden, tokens
+            )
+            ref_tokens = sample.tokens
+        else:
+            agreement, ref_at_y, ref_non_finite = not_run(batch.weight.dtype), None, 0
         records.append(
             LossRecord(
                 spec=spec,
@@ -142,7 +158,7 @@ def run_streamed(
                 non_finite=count_non_finite(c, stats.norms, stats.row_sum),
                 reference_non_finite=ref_non_finite,
                 sampled_row=sampled_row_streamed(
-                    c, result.tokens, spec.post_formula, post, ref_at_y, stats
+                    c, result.tokens, spec.post_formula, post, ref_at_y, stats, ref_tokens
                 ),
                 rows=row_norms_from(stats.norms, tokens, options.top_k),
                 zero_sum=zero_sum_streamed(
@@ -262,4 +278,44 @@ def _agreement(
         ),
         ref_at_y,
         count_non_finite(ref.grad_logits, ref.grad_weight),
+    )
+
+
+def _sampled_agreement(
+    sample: Sample,
+    batch: Batch,
+    spec: LossSpec,
+    params: LossParams,
+    aggregation: Aggregation,
+    c: Tensor,
+    result: EngineResult,
+    i: int,
+    rows: Tensor,
+    cols: Tensor,
+    hidden: Tensor,
+    tokens: Tensor,
+) -> tuple[Agreement, Tensor, int]:
+    """Engine against autograd on the sample: c_t of every token, ∂L/∂z_y of the sampled
+    tokens, ‖∂L/∂W_v‖ of the sampled rows (normwise relative, as `_agreement`)."""
+    ref = sampled_reference(sample, batch, hidden, tokens, rows, cols, spec, params, aggregation)
+    at_y = grad_at_y(c, result.tokens)[sample.tokens]
+    errors = (
+        rel_err(c, ref.coefficient[rows, cols]),
+        rel_err(at_y, ref.grad_at_y),
+        rel_err(result.rows[i].norms[sample.rows], ref.row_norms),
+    )
+    tol = tolerances.agreement(batch.weight.dtype)
+    return (
+        Agreement(
+            coefficient=errors[0],
+            grad_logits=errors[1],
+            grad_weight=errors[2],
+            tolerance=tol,
+            passed=all(e is not None and e <= tol for e in errors),
+            scope="sampled",
+            sampled_tokens=int(sample.tokens.numel()),
+            sampled_rows=int(sample.rows.numel()),
+        ),
+        ref.grad_at_y,
+        ref.non_finite,
     )
