@@ -62,7 +62,13 @@ from gradlens.results import (
     SftOverRl,
 )
 from gradlens.sources.forward import block_list, final_hidden, grid_with, head_weight, subset
-from gradlens.sources.microbatch import loss_tokens, plan_micro_batches, probe
+from gradlens.sources.microbatch import (
+    MicroBatchPlan,
+    loss_tokens,
+    plan_micro_batches,
+    probe,
+    sequence_bytes,
+)
 
 SQUARE_CHUNK = 1 << 22  # elements squared at a time in float64
 
@@ -165,6 +171,41 @@ class _Sink:
                 squares["tied"] = squares[self.emb_key]
 
 
+def gradient_plan(
+    tokens: list[int],
+    per_sequence: int,
+    vocab: int,
+    budget_bytes: int,
+    losses: int,
+    gradient_bytes: int,
+) -> tuple[MicroBatchPlan, int]:
+    """The micro-batches and how many losses share each forward, for the fewest forwards.
+
+    The whole batch in one micro-batch when it fits: one forward, every loss's backward through
+    it, no summed gradient kept. Otherwise each loss sharing the forwards keeps its gradient
+    summed over the micro-batches (``gradient_bytes`` each), so k sharing losses leave
+    budget − k·gradient_bytes to the micro-batches, which must hold the largest sequence; of
+    those k, the one with the fewest forwards, ⌈losses/k⌉·micro-batches, wins (the larger k on
+    a tie). When no k leaves room for the largest sequence, one loss at a time, over budget.
+    """
+    whole = plan_micro_batches(tokens, per_sequence, vocab, budget_bytes)
+    if whole.single:
+        return whole, losses
+    largest = max(sequence_bytes(per_sequence, vocab, m) for m in tokens)
+    best: tuple[int, MicroBatchPlan, int] | None = None
+    for k in range(losses, 0, -1):
+        room = budget_bytes - k * gradient_bytes
+        if room < largest:
+            continue
+        plan = plan_micro_batches(tokens, per_sequence, vocab, room)
+        forwards = -(-losses // k) * len(plan.groups)
+        if best is None or forwards < best[0]:
+            best = (forwards, plan, k)
+    if best is None:
+        return whole, 1
+    return best[1], best[2]
+
+
 def model_gradients(
     batch: Batch,
     ctx: ModelContext,
@@ -185,15 +226,15 @@ def model_gradients(
     head = head_weight(model).detach().clone().requires_grad_(True)  # W': the logit path
     mask = batch.mask
     seqs = ctx.sequences
-    plan = plan_micro_batches(
-        loss_tokens(mask), probe(model, seqs, ctx.temperature, bias), batch.vocab_size, budget_bytes
-    )
     names = [r.name for r in reports]
-    per_forward = len(names)  # losses that share a forward
-    if not plan.single:
-        gradient_bytes = sum(p.numel() * p.element_size() for p in [*flat, head])
-        largest = max(plan.bytes_of(g, loss_tokens(mask)) for g in plan.groups)
-        per_forward = max(1, min(len(names), (budget_bytes - largest) // max(gradient_bytes, 1)))
+    plan, per_forward = gradient_plan(
+        loss_tokens(mask),
+        probe(model, seqs, ctx.temperature, bias),
+        batch.vocab_size,
+        budget_bytes,
+        len(names),
+        sum(p.numel() * p.element_size() for p in [*flat, head]),
+    )
     loss_groups = [names[i : i + per_forward] for i in range(0, len(names), per_forward)]
     entropy_grid = None
     if params.entropy_coef != 0.0:

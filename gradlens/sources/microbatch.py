@@ -62,9 +62,6 @@ class MicroBatchPlan:
         """The whole batch in one forward."""
         return len(self.groups) == 1
 
-    def bytes_of(self, group: list[int], loss_tokens: list[int]) -> int:
-        return sum(self.bytes_per_sequence + self.bytes_per_token * loss_tokens[i] for i in group)
-
 
 def pass_budget(budget_bytes: int | None, device: torch.device) -> int:
     """The budget of a pass through the model: the configured one, or a quarter of the free
@@ -99,6 +96,11 @@ def checkpointed_bytes(per_sequence: int, model: Any, seqs: Sequences) -> int:
     element = next(model.parameters()).element_size()
     length = int(seqs.input_ids.shape[1])
     return count * length * hidden * element + 2 * per_sequence // max(count, 1)
+
+
+def sequence_bytes(per_sequence: int, vocab: int, tokens: int) -> int:
+    """bytes(1, m) of the module docstring: one sequence with ``tokens`` loss tokens."""
+    return per_sequence + vocab * 4 * LOGIT_PATH_BUFFERS * tokens
 
 
 def plan_micro_batches(

@@ -185,8 +185,9 @@ def stale_steps(
     forwards = backwards = 0
     with checkpointed_blocks(model) as checkpointed:
         for k in range(cfg.steps + 1):
-            report("stale steps", k, cfg.steps)
             last = k == cfg.steps
+            if not last:  # done: after the last forward, below
+                report("stale steps", k, cfg.steps)
             search.start_step()
             probes = 0
             while True:
@@ -223,6 +224,7 @@ def stale_steps(
                     probes=probes,
                 )
             )
+    report("stale steps", cfg.steps, cfg.steps)
     assert old_logp is not None and point.hidden is not None
     model_pass = ModelPass(
         name="stale steps",
