@@ -125,6 +125,10 @@ class _Point:
     graph: PolicyPass | None  # the forward with autograd over the whole batch (one micro-batch)
 
 
+def _with_graph(graph: PolicyPass) -> _Point:
+    return _Point(graph.logp.detach(), None, None, graph)
+
+
 @torch.no_grad()
 def _measure(
     model: nn.Module,
@@ -193,8 +197,7 @@ def stale_steps(
             while True:
                 if fused and not last:
                     with torch.enable_grad():
-                        graph = _forward(model, seqs, every, temperature, bias)
-                    point = _Point(graph.logp.detach(), None, None, graph)
+                        point = _with_graph(_forward(model, seqs, every, temperature, bias))
                 else:
                     point = _measure(
                         model, seqs, plan, temperature, bias, needs_entropy and not last, last
@@ -213,6 +216,7 @@ def stale_steps(
                     model, seqs, plan, point, old_logp, advantages, rollout_logp, optimizer,
                     spec, params, aggregation, temperature, bias,
                 )  # fmt: skip
+                point = _Point(point.logp, None, None, None)  # free the graph's tensors
                 forwards += 1 if fused else len(plan.groups)
                 backwards += 1 if fused else len(plan.groups)
             trajectory.append(

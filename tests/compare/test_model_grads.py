@@ -102,9 +102,8 @@ def test_every_plan_gives_the_same_norms(checkpoints, arch, entropy):
 
 
 def test_the_one_pass_norms_equal_a_plain_autograd_computation(checkpoints):
-    # The batch at θ (after the stale step) through the model's own forward and loss: the
-    # checkpoint is reloaded and stepped by hand would need the stale step again; instead the
-    # stale step is 0 here, so θ is the checkpoint's.
+    # The model's own forward (its logits, not gradlens's hidden-state path) and SFT written
+    # out, at the checkpoint's θ (no stale step), all float64: rounding only.
     path = checkpoints["llama"]
     cfg = validate(
         {
@@ -127,15 +126,14 @@ def test_the_one_pass_norms_equal_a_plain_autograd_computation(checkpoints):
     batch = build_batch(cfg)
     seqs = batch.model_context.sequences
     model = load_checkpoint(str(path), torch.device("cpu"), torch.float64).model
-    labels = seqs.input_ids.clone()
-    labels[:, 1:][~seqs.loss_mask] = -100
-    labels[:, 0] = -100
-    model(
+    # SFT by hand in float64 (transformers' own loss upcasts the logits to float32 only)
+    logits = model(
         input_ids=seqs.input_ids,
         attention_mask=seqs.attention_mask,
         position_ids=seqs.position_ids,
-        labels=labels,
-    ).loss.backward()
+    ).logits[:, :-1]
+    logp = torch.log_softmax(logits, -1).gather(-1, seqs.tokens[..., None])[..., 0]
+    (-logp[seqs.loss_mask].mean()).backward()
     expected = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in model.parameters()))
     mg = report.losses[0].model_grads
     assert mg is not None and mg.total_norm == pytest.approx(expected, rel=1e-10)

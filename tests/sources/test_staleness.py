@@ -9,16 +9,19 @@ gradlens's optimizer), no activation checkpointing, everything in float64.
 from __future__ import annotations
 
 import dataclasses
+import io
 
 import pytest
 import torch
 from helpers import build_batch
+from rich.console import Console
 
 from gradlens.compare import run_compare
 from gradlens.config import validate
 from gradlens.diagnostics.staleness import FAR_CLIP, FAR_KL, kl_k3
 from gradlens.grads import objective
 from gradlens.losses import Aggregation, LossParams, get_loss
+from gradlens.report.model_table import model_parts
 from gradlens.sources.checkpoint import load_checkpoint
 from gradlens.sources.staleness import TARGET_BAND
 
@@ -137,3 +140,29 @@ def test_a_step_far_beyond_ppo_is_reported(llama):
     assert any("far beyond one PPO step" in n for n in report.model.notes)
     calm = run_compare(config(llama, steps=2, lr=5e-2, target_kl=0.01))
     assert not any("far beyond" in n for n in calm.model.notes)
+
+
+def rendered(report) -> str:
+    out = io.StringIO()
+    console = Console(file=out, width=240, force_terminal=False)
+    for part in model_parts(report):
+        console.print(part)
+    return out.getvalue()
+
+
+def test_the_tables_say_how_the_steps_ran_and_what_stands_out(llama):
+    far = run_compare(config(llama, steps=2, lr=5e-2, target_kl=None))
+    text = rendered(far)
+    assert "notes on the checkpoint" in text and "far beyond one PPO step" in text
+    assert "adam steps (lr 0.05)" in text  # no target: the configured lr, no search
+    assert "lr (tries)" in text and "0.05 " in text  # the lr column: each step's lr
+    plan = far.model.staleness.model_pass
+    assert f"{plan.micro_batches} micro-batch(es), {plan.forwards} forward(s)" in text
+
+    calm = run_compare(config(llama, steps=2, lr=5e-2, target_kl=0.01))
+    text = rendered(calm)
+    assert "notes on the checkpoint" not in text  # nothing stands out: no panel
+    assert "target KL 0.01: lr searched from 0.05" in text
+    first = calm.model.staleness.trajectory[1]
+    assert first.probes >= 1  # 0.05 is far off: the step was redone
+    assert f"{first.lr:.3g} ({first.probes + 1})" in text
