@@ -24,12 +24,19 @@ def losses(
         OutputFormat, typer.Option("--format", "-f", help="table or json.")
     ] = OutputFormat.table,
 ) -> None:
-    """List every registered loss with its formula, per-token gradient g_t and source."""
+    """List every registered loss with its formula, per-token gradient g_t and source; the
+    aggregations with the frameworks (and versions) that use each; the framework losses."""
     import json
 
     from gradlens.losses import AGGREGATIONS, get_loss, loss_names
+    from gradlens.losses.frameworks import framework_rows
 
     specs = [get_loss(n) for n in loss_names()]
+    aggregations = [
+        {"name": name, "loss": mode.formula, "used_by": mode.used_by}
+        for name, mode in AGGREGATIONS.items()
+    ]
+    frameworks = framework_rows()
     if output is OutputFormat.json:
         rows = [
             {
@@ -41,11 +48,8 @@ def losses(
             }
             for s in specs
         ]
-        typer.echo(
-            json.dumps(
-                {"losses": rows, "aggregations": list(AGGREGATIONS)}, indent=2, ensure_ascii=False
-            )
-        )
+        data = {"losses": rows, "aggregations": aggregations, "frameworks": frameworks}
+        typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
         return
     table = Table(title="registered losses: ∂L/∂z_t = a_t·g_t·(e_y − π_t)", title_justify="left")
     for col in (
@@ -60,13 +64,32 @@ def losses(
         table.add_row(
             *(escape(x) for x in (s.name, s.formula, s.grad_formula, s.zero_when, s.paper))
         )
+    agg_table = Table(
+        title="aggregations (loss.aggregation; S = B', or B with loss.count_empty_sequences; "
+        "L = loss.loss_scale_factor or the padded length)",
+        title_justify="left",
+    )
+    for col in ("name", "loss", "used by (framework version)"):
+        agg_table.add_column(col, overflow="fold")
+    for row in aggregations:
+        agg_table.add_row(*(escape(row[k]) for k in ("name", "loss", "used_by")))
+    fw_table = Table(
+        title="framework losses: the framework's own code, config from the loss section "
+        "(docs/losses.md §9)",
+        title_justify="left",
+    )
+    for col in ("names", "supported", "tested", "installed"):
+        fw_table.add_column(col, overflow="fold")
+    for row in frameworks:
+        fw_table.add_row(*(escape(row[k]) for k in ("names", "supported", "tested", "installed")))
     console = stdout_console()
     console.print(table)
-    console.print(f"aggregations (loss.aggregation): {', '.join(AGGREGATIONS)}")
+    console.print(agg_table)
+    console.print(fw_table)
     console.print(
         "with every loss: loss.entropy_coef (entropy bonus), loss.corrections (token_tis, "
-        "seq_tis, token_mis, seq_mis, icepop, geo_mask); your own loss: --losses "
-        "module:function or verl:module:function (docs/cli.md)"
+        "seq_tis, token_mis, seq_mis, icepop, geo_mask; renormalize: true for the masking "
+        "kinds); your own loss: --losses module:function or verl:module:function (docs/cli.md)"
     )
 
 
@@ -93,7 +116,7 @@ def schema(
         typer.Option(
             "--report",
             "-r",
-            help="compare: `gradlens compare --format json` (gradlens.compare/2). sweep: "
+            help="compare: `gradlens compare --format json` (gradlens.compare/3). sweep: "
             "`gradlens sweep --format summary` (gradlens.sweep/2).",
         ),
     ] = SchemaReport.compare,

@@ -25,6 +25,9 @@ class SourceContext:
             loss with them).
         memory_budget_bytes: ``diagnostics.memory_budget_mib`` in bytes (the budget of a pass
             through a model, `gradlens.sources.microbatch`); None: chosen from free memory.
+        rank, tensor_parallel: this process's rank in the tensor-parallel group and the group's
+            size (1: one process). A source may return only this rank's rows of the lm_head
+            (`Batch.weight_rows`); the compare pipeline splits a whole one itself.
     """
 
     device: torch.device
@@ -35,3 +38,5 @@ class SourceContext:
     params: LossParams = field(default_factory=LossParams)
     aggregation: Aggregation = field(default_factory=Aggregation)
     memory_budget_bytes: int | None = None
+    rank: int = 0
+    tensor_parallel: int = 1
