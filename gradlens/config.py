@@ -29,6 +29,7 @@ from pydantic import (
 
 from gradlens.batchfile import SUFFIXES as BATCH_SUFFIXES
 from gradlens.errors import GradlensError, unknown_name_message
+from gradlens.files import read_text
 from gradlens.losses import AGGREGATIONS, Aggregation, LossParams, get_loss, loss_names
 from gradlens.losses.corrections import KINDS as CORRECTION_KINDS
 from gradlens.losses.corrections import MASKING_KINDS, with_defaults
@@ -46,9 +47,10 @@ DTYPES = {
 
 
 class Strict(BaseModel):
-    """Unknown keys are errors; parsed configs are immutable."""
+    """Unknown keys are errors; parsed configs are immutable; every number is finite (a NaN
+    or an infinity in a setting is an error naming it, never a batch of NaNs)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # ----------------------------------------------------------------------------- sources
@@ -239,6 +241,9 @@ class ModelSource(Strict):
     max_new_tokens: int = Field(24, ge=1)
     temperature: float = Field(1.0, gt=0, description="sampling temperature T (logits / T)")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
+    top_k: int = Field(
+        0, ge=0, description="sample from the k most probable tokens (before top-p); 0: off"
+    )
     reward: str | None = Field(
         None,
         description="built-in reward name or module:function; null: python_syntax, or "
@@ -380,9 +385,11 @@ class CorrectionConfig(Strict):
 class LossConfig(Strict):
     """Loss hyper-parameters, shared by every loss that uses them.
 
-    Each field but ``aggregation``, ``loss_scale_factor`` and ``count_empty_sequences`` is a
-    field of `gradlens.losses.LossParams` with the same default (`params`); those three are the
-    run's `Aggregation` (`token_aggregation`). Nothing past this class reads the config.
+    Each field but ``aggregation``, ``loss_scale_factor``, ``count_empty_sequences`` and
+    ``sampling_support`` is a field of `gradlens.losses.LossParams` with the same default
+    (`params`); the first three are the run's `Aggregation` (`token_aggregation`), the last
+    tells the compare pipeline to replay the batch's kept sets (`gradlens.grads.replay`).
+    Nothing past this class reads the config.
     """
 
     eps_low: float = Field(0.2, ge=0, lt=1)
@@ -412,6 +419,12 @@ class LossConfig(Strict):
     entropy_coef: float = Field(0.0, description="c_H of the entropy bonus −c_H·H; 0: off")
     corrections: list[CorrectionConfig] = Field(
         default_factory=list, description="training–inference corrections on every loss"
+    )
+    sampling_support: Literal["full", "kept"] = Field(
+        "full",
+        description="kept: replay the rollout's top-p/top-k kept set K_t (DeepSeek-V3.2's keep "
+        "sampling mask): every loss uses π restricted to K_t and renormalised, its logit gradient "
+        "exactly 0 outside K_t; full: π over the whole vocabulary",
     )
 
     @field_validator("corrections")
@@ -579,6 +592,25 @@ class Config(Strict):
         """The torch dtype of ``dtype``."""
         return DTYPES[self.dtype]
 
+    @model_validator(mode="after")
+    def _replayable(self) -> Config:
+        if self.loss.sampling_support == "full":
+            return self
+        problems = []
+        if self.diagnostics.engine == "fused":
+            problems.append(
+                "diagnostics.engine 'fused' does not restrict π to the kept sets; use "
+                "materialized, streamed or auto"
+            )
+        if self.diagnostics.tensor_parallel > 1:
+            problems.append(
+                f"diagnostics.tensor_parallel {self.diagnostics.tensor_parallel}: the "
+                "vocab-parallel engine does not restrict π to the kept sets; use 1"
+            )
+        if problems:
+            raise ValueError("loss.sampling_support 'kept': " + "; ".join(problems))
+        return self
+
     @field_validator("losses")
     @classmethod
     def _known_losses(cls, value: list[str]) -> list[str]:
@@ -595,18 +627,19 @@ class Config(Strict):
 # ----------------------------------------------------------------------------- loading
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``'loss.eps_high=0.4'`` → (['loss', 'eps_high'], 0.4); the value is parsed as YAML."""
+def parse_override(text: str, option: str = "--set") -> tuple[list[str], Any]:
+    """``'loss.eps_high=0.4'`` → (['loss', 'eps_high'], 0.4); the value is parsed as YAML.
+    ``option`` is the command-line option that gave ``text``, named by the errors."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
-        raise GradlensError(f"--set {text!r}: expected key=value, e.g. loss.eps_high=0.4")
+        raise GradlensError(f"{option} {text!r}: expected key=value, e.g. loss.eps_high=0.4")
     path = key.strip().split(".")
     if any(not part for part in path):
-        raise GradlensError(f"--set {text!r}: empty component in the key {key!r}")
+        raise GradlensError(f"{option} {text!r}: empty component in the key {key!r}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise GradlensError(f"--set {text!r}: the value is not valid YAML ({exc})") from None
+        raise GradlensError(f"{option} {text!r}: the value is not valid YAML ({exc})") from None
     return path, value
 
 
@@ -616,7 +649,7 @@ def settings_grid(texts: Iterable[str]) -> list[dict[str, Any]]:
     (the first key varies slowest)."""
     keys, choices = [], []
     for text in texts:
-        path, value = parse_override(text)
+        path, value = parse_override(text, "--parity-matrix")
         key = ".".join(path)
         if not isinstance(value, list) or not value:
             raise GradlensError(
@@ -646,10 +679,7 @@ def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
 
 def read_yaml(path: Path) -> dict[str, Any]:
     """The YAML file as a mapping; a clear error for a missing, unreadable or malformed file."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise GradlensError(f"config file {str(path)!r}: {exc.strerror or exc}") from None
+    text = read_text(path, "config file")
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -704,7 +734,7 @@ def format_error(err: Any) -> str:
     if len(loc) >= 2 and loc[0] == "source" and loc[1] in SOURCE_KINDS:
         source_kind = loc[1]
         loc = [loc[0], *loc[2:]]
-    where = ".".join(loc) or "(top level)"
+    where = dotted(loc) or "(top level)"
     kind = err["type"]
     if kind == "extra_forbidden":
         allowed = allowed_keys(loc[:-1], source_kind)
@@ -714,6 +744,15 @@ def format_error(err: Any) -> str:
     if kind != "missing" and (got is None or isinstance(got, (int, float, str, bool))):
         message += f" (got {got!r})"
     return f"{where}: {message}"
+
+
+def dotted(loc: list[str]) -> str:
+    """['source', 'sequences', '0', 'positions', '2', 'advantage'] →
+    'source.sequences[0].positions[2].advantage'."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if part.isdigit() else (f".{part}" if out else part)
+    return out
 
 
 def allowed_keys(loc: list[str], source_kind: str | None = None) -> list[str]:

@@ -7,6 +7,7 @@ consumer reads them through ``mask``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,7 @@ class RolloutRecord:
     top_p: float
     reward: str  # the reward function's name
     rollout_dtype: str
+    top_k: int = 0  # 0: no top-k
     chat_template: bool = False  # the prompts were rendered in the tokenizer's chat template
 
 
@@ -132,6 +134,36 @@ class ModelContext:
     notes: list[str] = field(default_factory=list)  # what the report should say about it
 
 
+# (field, index) → the name of that entry as the user knows it; see `Origin`.
+Namer = Callable[[str, tuple[int, ...]], str]
+
+
+def plain_name(name: str, index: tuple[int, ...]) -> str:
+    """'batch.advantages[1, 3]': a `Batch` field by its own name (a batch built in Python)."""
+    return f"batch.{name}" + (f"[{', '.join(map(str, index))}]" if index else "")
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where the tensors of a batch came from, so that every message names them as the user
+    gave them (`gradlens.validation`).
+
+    Attributes:
+        name: (field, index) → the name of that entry: the batch file's key
+            (``source.path batch.pt: 'advantages'[1, 3]``), the literal position's path
+            (``source.sequences[1].positions[3].advantage``), or the synthetic setting that
+            made it. ``field`` is a `Batch` attribute; ``index`` is (sequence, position) for
+            the [N, T] tensors, (sequence, position, column) for ``hidden``, (row, column) for
+            ``weight``, and () for the tensor as a whole.
+        computed: the fields a model computed rather than the user gave (the model source's
+            hidden states and log-probs, hidden states a checkpoint recomputed): what is wrong
+            there is a finding of the report, not an input error.
+    """
+
+    name: Namer = plain_name
+    computed: frozenset[str] = frozenset()
+
+
 @dataclass(frozen=True)
 class VocabRows:
     """Rows [start, stop) of a vocabulary of ``vocab`` rows: the part of the lm_head weight one
@@ -140,6 +172,39 @@ class VocabRows:
     start: int
     stop: int
     vocab: int
+
+
+@dataclass(frozen=True)
+class KeptSets:
+    """The rollout's sampling support: the set K_t of tokens top-p / top-k left to sample from.
+
+    Sampling drew y_t from μ̃_t = μ_t restricted to K_t and renormalised. With
+    ``loss.sampling_support: kept`` the losses use π̃_t the same way (`gradlens.grads`), and each
+    stored log-prob q is read as log q̃(y) = log q(y) − log S^q_t, S^q_t = Σ_{v∈K_t} q_t,v.
+
+    Attributes:
+        ids: [N, T, K] int64, the ids of K_t, −1 as padding (K: the largest |K_t|).
+        rule: how K_t was chosen (``top-p 0.9``, ``top-k 50``, ``batch file``).
+        old_log_mass: [N, T] log S^old_t, π_old's mass of K_t; None: ``old_logp`` is already
+            of π̃_old (a trainer that replays the mask records it so).
+        rollout_log_mass: [N, T] log S^μ_t, the rollout pass's mass of K_t; None: the stored
+            ``rollout_logp`` is already of μ̃ (an engine's processed log-probs).
+        ref_log_mass: [N, T] log S^ref_t of the reference policy; None: as ``old_log_mass``.
+    """
+
+    ids: Tensor
+    rule: str
+    old_log_mass: Tensor | None = None
+    rollout_log_mass: Tensor | None = None
+    ref_log_mass: Tensor | None = None
+
+    def counts(self) -> Tensor:
+        """[N, T] |K_t|."""
+        return (self.ids >= 0).sum(-1)
+
+    def valid_ids(self, rows: Tensor, cols: Tensor) -> Tensor:
+        """[M, K] the kept ids of the valid tokens (row-major, as `valid_index`)."""
+        return self.ids[rows, cols]
 
 
 @dataclass(frozen=True)
@@ -164,6 +229,13 @@ class Batch:
             the model sections of the report; None for sources without a model.
         weight_rows: under tensor parallelism, the rows of the whole [V, H] weight that
             ``weight`` [V_r, H] holds (``vocab_size`` is then V, not V_r); None: the whole W.
+        kept: the rollout's kept sets K_t (top-p / top-k), when the source recorded them.
+            Every logit path restricts π to them only in a batch that `gradlens.grads.replay`
+            returned (``replayed``); the compare pipeline makes it under
+            ``loss.sampling_support: kept``.
+        replayed: the stored log-probs are already of the renormalised distributions and the
+            losses use π̃ = π on K_t, renormalised.
+        origin: how the source names each tensor, for the messages of `gradlens.validation`.
     """
 
     hidden: Tensor
@@ -179,6 +251,9 @@ class Batch:
     advantage_note: str = ""
     model_context: ModelContext | None = None
     weight_rows: VocabRows | None = None
+    kept: KeptSets | None = None
+    replayed: bool = False
+    origin: Origin = field(default_factory=Origin)
 
     @property
     def num_sequences(self) -> int:

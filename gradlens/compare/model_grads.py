@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from gradlens.compare.records import TokenSummary
 from gradlens.containers import Batch, ModelContext, valid_index
 from gradlens.diagnostics.numbers import num
-from gradlens.grads import objective, on_grid, policy_pass
+from gradlens.grads import objective, on_grid, policy_pass, replayed_ids
 from gradlens.losses import Aggregation, LossParams, get_loss
 from gradlens.progress import report as report_progress
 from gradlens.results import (
@@ -236,6 +236,7 @@ def model_gradients(
         sum(p.numel() * p.element_size() for p in [*flat, head]),
     )
     loss_groups = [names[i : i + per_forward] for i in range(0, len(names), per_forward)]
+    kept = replayed_ids(batch)  # [N, T, K]: a replayed batch's logit paths on its kept sets
     entropy_grid = None
     if params.entropy_coef != 0.0:
         rows_all, cols_all = valid_index(mask)
@@ -252,7 +253,13 @@ def model_gradients(
                     part = subset(seqs, rows)
                     hidden = final_hidden(model, part, ctx.temperature, bias)[:, ctx.offset :]
                     assert hidden.shape[:2] == mask[rows].shape, (hidden.shape, mask.shape)
-                    policy = policy_pass(hidden, head, batch.tokens[rows], mask[rows])
+                    policy = policy_pass(
+                        hidden,
+                        head,
+                        batch.tokens[rows],
+                        mask[rows],
+                        None if kept is None else kept[rows],
+                    )
                     logp, entropy = policy.logp, None
                     if params.entropy_coef != 0.0:
                         entropy = policy.entropy()

@@ -39,7 +39,15 @@ from torch import Tensor
 from gradlens.compare.engines import EngineOptions, EngineRun
 from gradlens.compare.parity import ParityInputs, ParityLoss, streamed_gap
 from gradlens.compare.records import LossRecord, TokenSummary
-from gradlens.compare.sampled_check import Sample, choose_sample, sampled_reference
+from gradlens.compare.sampled_check import (
+    BLOCK_ENTRIES,
+    SAMPLED_TOKENS,
+    SPREAD_ROWS,
+    TOP_ROWS,
+    Sample,
+    choose_sample,
+    sampled_reference,
+)
 from gradlens.compare.tensor_parallel import VocabParallel
 from gradlens.containers import Batch, valid_index
 from gradlens.diagnostics import tolerances
@@ -49,7 +57,14 @@ from gradlens.diagnostics.numbers import count_non_finite, num, rel_err
 from gradlens.diagnostics.row_norms import row_norms_from
 from gradlens.diagnostics.streamed import grad_at_y, sampled_row_streamed, zero_sum_streamed
 from gradlens.engine.fused import check_device, fused_lm_head_pass
-from gradlens.engine.streamed import EngineResult, auto_budget, dense_dtype, lm_head_pass, plan
+from gradlens.engine.streamed import (
+    EngineResult,
+    auto_budget,
+    dense_dtype,
+    lm_head_pass,
+    plan,
+    plan_bytes,
+)
 from gradlens.engine.vocab_parallel import vocab_parallel_pass
 from gradlens.errors import GradlensError
 from gradlens.grads import (
@@ -59,9 +74,11 @@ from gradlens.grads import (
     entropy_bonus,
     objective,
     on_grid,
+    replayed_ids,
 )
 from gradlens.logits import softmax_dtype
 from gradlens.losses import Aggregation, LossParams, LossSpec
+from gradlens.memory import Estimate, Shape, dtype_bytes
 from gradlens.results import Agreement, EngineInfo
 
 
@@ -88,9 +105,17 @@ def run_streamed(
         raise GradlensError(
             "diagnostics.engine: 'fused' runs in one process, not under tensor_parallel"
         )
+    kept_ids = replayed_ids(batch)
+    if kept_ids is not None and (fused or parallel is not None):
+        raise GradlensError(
+            "loss.sampling_support: 'kept' runs on the materialized and streamed engines; the "
+            "fused and vocab-parallel passes do not restrict π to the kept sets (set "
+            "diagnostics.engine streamed and tensor_parallel 1)"
+        )
     rows, cols = valid_index(batch.mask)
     hidden = batch.hidden[rows, cols]  # [M, H]
     tokens = batch.tokens[rows, cols]  # [M]
+    valid_kept = None if kept_ids is None else kept_ids[rows, cols]  # [M, K]
     names = [s.name for s in specs]
     run_specs = list(specs)
     pairs = pairs or []
@@ -133,9 +158,8 @@ def run_streamed(
             aggregation_mask(batch, params), softmax_dtype(batch.weight.dtype)
         )
         entropy_weight = params.entropy_coef * weights[rows, cols]
-    if parallel is None:
-        engine_pass = fused_lm_head_pass if fused else lm_head_pass
-        result = engine_pass(
+    if parallel is None and fused:
+        result = fused_lm_head_pass(
             hidden,
             batch.weight,
             tokens,
@@ -143,6 +167,17 @@ def run_streamed(
             engine_plan,
             entropy_weight=entropy_weight,
             entropy_losses=len(run_specs),  # not parity's c_B − c_A: the bonus cancels there
+        )
+    elif parallel is None:
+        result = lm_head_pass(
+            hidden,
+            batch.weight,
+            tokens,
+            coefficients_for,
+            engine_plan,
+            entropy_weight=entropy_weight,
+            entropy_losses=len(run_specs),
+            kept_ids=valid_kept,
         )
     else:
         result = vocab_parallel_pass(
@@ -255,6 +290,48 @@ def run_streamed(
         tokens=TokenSummary(logp, result.tokens.entropy, result.tokens.sampled_prob),
         info=info,
         parity=parity,
+    )
+
+
+def estimate_streamed(
+    shape: Shape,
+    dtype: torch.dtype,
+    losses: int,
+    options: EngineOptions,
+    device: torch.device,
+    entropy: bool = False,
+) -> Estimate:
+    """The engine's peak: the hidden states of the tokens [M, H], the working memory of its
+    plan (`gradlens.engine.streamed.plan`: at least one vocabulary chunk of ≥ 256 rows, whatever
+    the budget), per-loss row norms [V] and coefficients [M]; with the reference, autograd's
+    [M, V] tensors of one loss; with the sampled check, its constant pass ([block, V] at a time)
+    and the tensors one loss takes under autograd ([|S|, V] and [M, |R|],
+    `gradlens.compare.sampled_check`)."""
+    m, v, h = shape.tokens, shape.vocab, shape.hidden
+    acc = dtype_bytes(softmax_dtype(dtype))
+    buffers = 4 if entropy else 3
+    budget = options.memory_budget_bytes or auto_budget(device)
+    engine_plan = plan(m, v, h, losses, budget, options.vocab_chunk, buffers=buffers)
+    terms = [
+        ("hidden states of the tokens [M, H]", m * h * dtype_bytes(dtype)),
+        (
+            f"vocabulary chunks of {engine_plan.vocab_chunk} rows",
+            plan_bytes(engine_plan, m, h, losses, buffers=buffers),
+        ),
+        ("row norms [V] and coefficients [M] per loss", losses * (v + m) * 8),
+    ]
+    if options.reference == "full":
+        terms.append(("autograd's [M, V] tensors of one loss", 5 * m * v * acc))
+    elif options.reference == "sampled":
+        tokens_s = min(m, SAMPLED_TOKENS + 1)
+        rows_r = min(v, TOP_ROWS + SPREAD_ROWS + tokens_s)
+        block = min(m * v, max(BLOCK_ENTRIES, v))  # at least one token's row
+        sampled = 2 * block * acc + 5 * (tokens_s * v + m * rows_r) * acc
+        terms.append(("the sampled check's blocks and its autograd of one loss", sampled))
+    return Estimate(
+        "the streamed engine",
+        "tokens (a chunk holds every token's logits for its vocabulary rows)",
+        tuple(terms),
     )
 
 

@@ -35,6 +35,12 @@ The passes are separate functions (`first_pass`, `second_pass`, `assemble`): `lm
 them over the whole W, the vocab-parallel engine (`gradlens.engine.vocab_parallel`) over one shard
 of W's rows, with its collectives in between and after.
 
+A replayed sampling support (``kept_ids`` [M, K], gradlens.grads): each chunk's logits outside
+the token's kept set K_t are set to −inf as soon as they are formed, so the logsumexp, π and
+every gradient row are those of π̃ = π on K_t, renormalised, and the rows outside K_t get exactly
+0 (their log π is read as 0, so that 0·log 0 adds nothing to the entropy or its bonus). max |z|
+is taken before the restriction.
+
 Nothing of size V×H or M×V survives a chunk, except the resident logits the budget allows.
 bf16/fp16 operands: the logits GEMM runs in the operand dtype (fp32 accumulation), the
 softmax in float32, the dense GEMM in the operand dtype with fp32 accumulation; float32 and
@@ -49,7 +55,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gradlens.logits import softmax_dtype
+from gradlens.logits import kept_entries, restrict_logits, softmax_dtype
+from gradlens.memory import available
 
 CoefficientFn = Callable[[Tensor], list[Tensor]]
 SHARE_LIMIT = 0.5  # reuse an earlier loss's dense product when ≤ this share of tokens differ
@@ -93,19 +100,26 @@ def plan(
     return EnginePlan(vocab_chunk=int(vocab_chunk), resident=int(resident))
 
 
+def plan_bytes(
+    engine_plan: EnginePlan,
+    tokens: int,
+    hidden: int,
+    losses: int,
+    accum_bytes: int = 4,
+    buffers: int = 3,
+) -> int:
+    """The working memory ``engine_plan`` takes: one chunk's buffers and dense result (the
+    per-row cost of `plan`), and the resident chunks' logits."""
+    per_row = accum_bytes * (buffers * tokens + 2 * losses * hidden)
+    resident = accum_bytes * tokens * engine_plan.vocab_chunk * engine_plan.resident
+    return per_row * engine_plan.vocab_chunk + resident
+
+
 def auto_budget(device: torch.device, cap: int = 1 << 30) -> int:
-    """Working memory for the engine: a quarter of what is free now, at most ``cap`` bytes."""
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-    else:
-        free = cap * 4
-        try:
-            with open("/proc/meminfo", encoding="ascii") as fh:
-                for line in fh:
-                    if line.startswith("MemAvailable:"):
-                        free = int(line.split()[1]) * 1024
-        except OSError:
-            pass
+    """Working memory for the engine: a quarter of what is free now, at most ``cap`` bytes
+    (``cap`` itself when the free memory cannot be read)."""
+    room = available(device)
+    free = cap * 4 if room is None else room[0]
     return int(min(free // 4, cap))
 
 
@@ -157,6 +171,11 @@ def _logits(hidden: Tensor, weight: Tensor) -> Tensor:
     return (hidden @ weight.T).to(softmax_dtype(weight.dtype))
 
 
+def _chunk_keep(kept_ids: Tensor | None, start: int, end: int) -> Tensor | None:
+    """[M, end − start] the chunk's rows in each token's kept set; None: no replayed support."""
+    return None if kept_ids is None else kept_entries(kept_ids, start, end)
+
+
 def share_sources(coefficients: list[Tensor]) -> list[tuple[int, Tensor] | None]:
     """For each loss, (earlier loss, indices where they differ) when that is cheaper."""
     sources: list[tuple[int, Tensor] | None] = [None]
@@ -200,10 +219,12 @@ def first_pass(
     entropy: bool = False,
     other_logit: bool = False,
     vocab: int | None = None,
+    kept_ids: Tensor | None = None,
 ) -> FirstPass:
     """Pass 1: logsumexp, z_y and max |z| per token over ``weight``'s rows (``tokens`` are row
     ids of ``weight``; ids outside [0, rows) own no row), keeping the resident chunks' logits.
-    GEMMs are counted in units of ``vocab`` rows (default: all of ``weight``'s)."""
+    GEMMs are counted in units of ``vocab`` rows (default: all of ``weight``'s). ``kept_ids``
+    [M, K]: the replayed kept sets (row ids of ``weight``), the logits outside them −inf."""
     m, v = hidden.shape[0], weight.shape[0]
     unit = v if vocab is None else vocab
     acc = softmax_dtype(weight.dtype)
@@ -217,15 +238,24 @@ def first_pass(
     for i, (start, end) in enumerate(plan.chunks(v)):
         z = _logits(hidden, weight[start:end])  # [M, Vc]
         gemms += (end - start) / unit
+        lo, hi = torch.aminmax(z, dim=-1)
+        max_abs = torch.maximum(max_abs, torch.maximum(hi.abs(), lo.abs()))
+        keep = _chunk_keep(kept_ids, start, end)
+        if keep is not None:
+            z = restrict_logits(z, keep)
         new_lse = torch.logaddexp(lse, torch.logsumexp(z, dim=-1))
         if entropy:
             # H = Σ_v π_v·(lse − z_v), every term ≥ 0; rescaled as the running lse grows
-            # (the earlier chunks' exp(z − lse) sum to 1).
-            part = (torch.exp(z - new_lse[:, None]) * (new_lse[:, None] - z)).sum(-1)
-            h1 = part if i == 0 else torch.exp(lse - new_lse) * (h1 + (new_lse - lse)) + part
+            # (the earlier chunks' exp(z − lse) sum to 1). Outside a kept set π_v = 0, and a
+            # token none of whose kept rows has been seen yet (lse = −inf) has no terms so far.
+            ref = torch.where(torch.isfinite(new_lse), new_lse, 0.0)
+            gap = ref[:, None] - z
+            if keep is not None:
+                gap = gap.masked_fill(~keep, 0.0)
+            part = (torch.exp(z - ref[:, None]) * gap).sum(-1)
+            earlier = torch.exp(lse - ref) * (h1 + (ref - lse))
+            h1 = torch.where(torch.isfinite(lse), earlier, 0.0) + part
         lse = new_lse
-        lo, hi = torch.aminmax(z, dim=-1)
-        max_abs = torch.maximum(max_abs, torch.maximum(hi.abs(), lo.abs()))
         inside = (tokens >= start) & (tokens < end)
         local = (tokens - start).clamp(0, end - start - 1)[:, None]  # [M, 1]
         z_at = z.gather(-1, local).squeeze(-1)  # [M]
@@ -280,13 +310,14 @@ def second_pass(
     entropy_losses: int | None = None,
     vocab: int | None = None,
     gemms: float = 0.0,
+    kept_ids: Tensor | None = None,
 ) -> SecondPass:
     """Pass 2 over ``weight``'s rows: probabilities from the *global* ``lse`` [M], the dense
     GEMM for all losses, the sparse rows of the tokens inside these rows, the reductions.
 
     ``coefficients``: [M] c_k per loss, in the softmax dtype. ``entropy`` [M] the global H_t and
     ``entropy_weight`` [M] w_t when the bonus is on. ``kept``: `FirstPass.kept`, consumed.
-    ``gemms``: the count so far (pass 1's), continued.
+    ``gemms``: the count so far (pass 1's), continued. ``kept_ids``: as `first_pass`'s.
     """
     m, v = hidden.shape[0], weight.shape[0]
     unit = v if vocab is None else vocab
@@ -327,12 +358,17 @@ def second_pass(
     max_other = torch.zeros(m, dtype=acc, device=hidden.device)
 
     for i, (start, end) in enumerate(chunks):
+        keep = _chunk_keep(kept_ids, start, end)
         if i < len(kept):
-            z, kept[i] = kept[i], torch.empty(0)
+            z, kept[i] = kept[i], torch.empty(0)  # restricted in pass 1 already
         else:
             z = _logits(hidden, weight[start:end])
             gemms += (end - start) / unit
+            if keep is not None:
+                z = restrict_logits(z, keep)
         probs = torch.exp(z.sub_(lse[:, None]))  # [M, Vc]; z now holds log π
+        if keep is not None:
+            z.masked_fill_(~keep, 0.0)  # log π read as 0 where π = 0: 0·log 0 adds nothing
         prob_sum += probs.sum(-1)
         entropy_sum -= (probs * z).sum(-1)
         ent_block = None
@@ -435,13 +471,17 @@ def lm_head_pass(
     plan: EnginePlan,
     entropy_weight: Tensor | None = None,
     entropy_losses: int | None = None,
+    kept_ids: Tensor | None = None,
 ) -> EngineResult:
     """Run the two passes. ``coefficients_of(logp [M]) -> [c_1, …, c_k]`` ([M] each).
 
     ``entropy_weight`` [M]: w_t = a_t·c_H of the entropy bonus, added to the first
-    ``entropy_losses`` losses (all when None); None: no bonus.
+    ``entropy_losses`` losses (all when None); None: no bonus. ``kept_ids`` [M, K]: the
+    replayed kept sets K_t (−1 padding), or None: the whole vocabulary.
     """
-    first = first_pass(hidden, weight, tokens, plan, entropy=entropy_weight is not None)
+    first = first_pass(
+        hidden, weight, tokens, plan, entropy=entropy_weight is not None, kept_ids=kept_ids
+    )
     logp = first.z_y - first.lse
     acc = softmax_dtype(weight.dtype)
     coefficients = [c.to(acc) for c in coefficients_of(logp)]
@@ -457,6 +497,7 @@ def lm_head_pass(
         entropy_weight,
         entropy_losses,
         gemms=first.gemms,
+        kept_ids=kept_ids,
     )
     return assemble(
         first.lse,

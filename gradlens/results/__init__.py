@@ -41,11 +41,13 @@ from gradlens.results.report import (
     RowGroup,
     RowNorms,
     SampledRow,
+    Signal,
     TokenDetail,
     TopRow,
     ZeroSum,
 )
 from gradlens.results.rollout import RolloutStats
+from gradlens.results.support import KeptToken, SupportRatio, SupportReport
 
 __all__ = [
     "PREDICTION_FACTOR",
@@ -59,6 +61,7 @@ __all__ = [
     "Environment",
     "GradGroup",
     "GradNormPrediction",
+    "KeptToken",
     "LossReport",
     "MetricName",
     "Mismatch",
@@ -80,8 +83,11 @@ __all__ = [
     "RowNorms",
     "SampledRow",
     "SftOverRl",
+    "Signal",
     "StaleStep",
     "Staleness",
+    "SupportRatio",
+    "SupportReport",
     "TokenDetail",
     "TopRow",
     "ZeroSum",

@@ -15,6 +15,7 @@ from pydantic import Field
 from gradlens.results.base import Result
 from gradlens.results.model import ModelGradients, ModelReport
 from gradlens.results.rollout import RolloutStats
+from gradlens.results.support import SupportReport
 
 SCHEMA_VERSION = "gradlens.compare/3"
 
@@ -155,6 +156,24 @@ class Agreement(Result):
     sampled_rows: int | None = Field(None, description="scope sampled: lm_head rows checked")
 
 
+class Signal(Result):
+    """Whether the batch gives this loss a gradient to diagnose: c_t = 0 at every token in the
+    loss makes ∂L/∂z and ∂L/∂W identically zero (the entropy bonus's part aside), and every
+    other check of the loss holds vacuously."""
+
+    zero: bool = Field(
+        description="c_t = 0 at every token in the loss and no entropy bonus (or no token)"
+    )
+    cause: str | None = Field(description="why, in words; null when the gradient is not zero")
+    from_inputs: bool = Field(
+        description="the cause lies in the batch (no token in the loss, every advantage zero "
+        "under a loss that scales with A, every token masked by loss.corrections): the batch "
+        "cannot support a diagnosis of this loss and the `diagnosable` check fails. false for "
+        "a gradient the loss's own rules switched off (a clip on every token): that is what "
+        "the diagnosis found"
+    )
+
+
 class TokenDetail(Result):
     """One valid token in full (literal configs and other small batches)."""
 
@@ -181,6 +200,7 @@ class LossReport(Result):
     coefficient_abs_mean: float | None = Field(description="mean_t |c_t| over valid tokens")
     coefficient_abs_max: float | None
     non_finite: int = Field(description="non-finite entries in ∂L/∂z and ∂L/∂W")
+    signal: Signal = Field(description="whether the gradient is identically zero, and why")
     reference_non_finite: int = Field(
         0, description="non-finite entries in the autograd reference's ∂L/∂z and ∂L/∂W"
     )
@@ -309,6 +329,11 @@ class CompareReport(Result):
     rollout: RolloutStats | None = Field(
         None, description="training–inference gap, when the batch has rollout log-probs"
     )
+    support: SupportReport | None = Field(
+        None,
+        description="the rollout's top-p/top-k kept sets K_t, when the batch records them: the "
+        "kept mass and what replaying it (loss.sampling_support) changes",
+    )
     parity: list[ParityReport] = Field(
         default_factory=list, description="--parity A,B (once per pair): each pair compared"
     )
@@ -338,7 +363,7 @@ class CompareReport(Result):
                 for k, v in value.items():
                     put(f"{key}/{k}", v)
 
-        for section in ("batch", "ratio", "rollout"):
+        for section in ("batch", "ratio", "rollout", "support"):
             part = getattr(self, section)
             if part is not None:
                 put(f"{prefix}/{section}", part.model_dump())

@@ -26,10 +26,13 @@ not a local directory is an error. The batch is built in five steps:
 With a bias on the lm_head, h is extended by a constant 1 and W by the bias column, so z = W h
 still holds and the bias gradient is the last column of ∂L/∂W.
 
-Which log-prob is which, with temperature and top-p: every one of π_θ, π_old and μ is the
-softmax of the logits divided by T (verl, TRL and OpenRLHF divide by the sampling temperature
-in training too). Top-p only decides which tokens can be sampled; none of the three is
-renormalised over the nucleus (DeepSeek-V3.2's "keep sampling mask" would do that).
+Which log-prob is which, with temperature, top-p and top-k: every one of π_θ, π_old and μ is
+the softmax of the logits divided by T (verl, TRL and OpenRLHF divide by the sampling
+temperature in training too). Top-p and top-k only decide which tokens can be sampled; none of
+the three is renormalised over the kept set K_t. The batch records K_t (`KeptSets`) with the
+kept masses log S^μ_t (rollout pass) and log S^old_t (π_old's training pass; π_ref is π_old
+here), so that ``loss.sampling_support: kept`` can replay it (DeepSeek-V3.2's "keep sampling
+mask", `gradlens.grads.replay`). The stale steps use the whole vocabulary either way.
 """
 
 from __future__ import annotations
@@ -40,11 +43,12 @@ import torch
 
 from gradlens.advantages import advantages_from_rewards
 from gradlens.config import DTYPES, ModelSource
-from gradlens.containers import Batch, ModelContext, RolloutRecord
+from gradlens.containers import Batch, KeptSets, ModelContext, Origin, RolloutRecord
 from gradlens.losses import get_loss
+from gradlens.memory import Estimate, Shape, dtype_bytes
 from gradlens.progress import report
-from gradlens.sources.base import SourceContext
-from gradlens.sources.checkpoint import load_checkpoint
+from gradlens.sources.base import SourceContext, SourcePlan
+from gradlens.sources.checkpoint import checkpoint_estimate, checkpoint_sizes, load_checkpoint
 from gradlens.sources.forward import check_logit_path, head_weight
 from gradlens.sources.microbatch import pass_budget
 from gradlens.sources.prompts import choose_prompts, has_chat_template, tokenize_prompts
@@ -90,7 +94,8 @@ def build_model_batch(src: ModelSource, ctx: SourceContext) -> Batch:
         src.top_p,
         gen,
         device,
-        stop_tokens(loaded),
+        stop=stop_tokens(loaded),
+        top_k=src.top_k,
     )
     del roller  # the rollout copy is not needed any more
 
@@ -118,6 +123,7 @@ def build_model_batch(src: ModelSource, ctx: SourceContext) -> Batch:
         ctx.aggregation,
         loaded.bias,
         pass_budget(ctx.memory_budget_bytes, device),
+        rollout.kept_ids,
     )
     hidden, old_logp = stale.hidden, stale.old_logp
     weight = head_weight(loaded.model).detach().clone()
@@ -133,8 +139,23 @@ def build_model_batch(src: ModelSource, ctx: SourceContext) -> Batch:
         top_p=src.top_p,
         reward=reward_name,
         rollout_dtype=rollout_name,
+        top_k=src.top_k,
         chat_template=src.chat_template,
     )
+    kept = None
+    if rollout.kept_ids is not None:
+        rule = " and ".join(
+            ([f"top-k {src.top_k}"] if src.top_k > 0 else [])
+            + ([f"top-p {src.top_p}"] if src.top_p < 1.0 else [])
+        )
+        kept = KeptSets(
+            ids=rollout.kept_ids,
+            rule=rule,
+            old_log_mass=stale.old_kept_log_mass,
+            rollout_log_mass=None
+            if rollout.kept_log_mass is None
+            else rollout.kept_log_mass.to(old_logp.dtype),
+        )
     train_dtype = str(dtype).removeprefix("torch.")
     name = "built-in tiny_lm" if loaded.builtin else f"{loaded.path.name}"
     parameters = sum(p.numel() for p in loaded.model.parameters())
@@ -159,7 +180,8 @@ def build_model_batch(src: ModelSource, ctx: SourceContext) -> Batch:
             f"{', tied embeddings' if loaded.tied else ''}); {len(prompts)} prompts"
             f"{' in its chat template' if src.chat_template else ''} × "
             f"{src.group_size} completions ≤ {src.max_new_tokens} tokens, T = {src.temperature}, "
-            f"top-p {src.top_p}; μ in {rollout_name} ({rollout_reason}); {src.stale.steps} stale "
+            f"top-p {src.top_p}{f', top-k {src.top_k}' if src.top_k else ''}; "
+            f"μ in {rollout_name} ({rollout_reason}); {src.stale.steps} stale "
             f"{src.stale.optimizer} step(s) on {src.stale.loss} ({stale_text}); reward "
             f"{reward_name}"
         ),
@@ -173,4 +195,59 @@ def build_model_batch(src: ModelSource, ctx: SourceContext) -> Batch:
             staleness=stale.record,
             notes=notes,
         ),
+        kept=kept,
+        origin=Origin(model_names, COMPUTED),
     )
+
+
+def plan_model(src: ModelSource, ctx: SourceContext) -> SourcePlan:
+    """The batch's sizes and the peak of sampling and training passes, from the checkpoint's
+    config.json and weight files: its parameters in the training dtype (again in the rollout
+    dtype when it differs; with gradients and two Adam moments for the stale steps) and the
+    logits of the passes over N = prompts × group_size sequences of at least max_new_tokens
+    completion tokens (the prompts' lengths are known only once tokenised)."""
+    sizes = checkpoint_sizes(src.path)
+    n = (len(src.prompts) if src.prompts is not None else src.num_prompts) * src.group_size
+    provides = frozenset({"rollout_logp", "ref_logp"})
+    if sizes is None:
+        return SourcePlan((), None, provides)
+    params = sizes.parameters
+    extra = []
+    rollout_name, _ = rollout_dtype(src.rollout_dtype, ctx.device)
+    if rollout_name != str(ctx.dtype).removeprefix("torch."):
+        extra.append(("rollout copy of the parameters", params * dtype_bytes(DTYPES[rollout_name])))
+    if src.stale.steps:
+        moments = 2 if src.stale.optimizer != "sgd" else 0
+        extra.append(
+            ("gradients and optimizer state", params * dtype_bytes(ctx.dtype) * (1 + moments))
+        )
+    settings = "source.path, source.num_prompts × source.group_size × source.max_new_tokens"
+    estimate = checkpoint_estimate(sizes, settings, ctx.dtype, n, src.max_new_tokens, tuple(extra))
+    return SourcePlan(
+        memory=(Estimate("the model source", settings, estimate.terms),),
+        shape=Shape(n, src.max_new_tokens, sizes.vocab, sizes.hidden, tokens=n),  # ≥ 1 each
+        provides=provides,
+    )
+
+
+# What the model computed (everything but the rewards' advantages): a problem there is a
+# finding of the report, not an input error.
+COMPUTED = frozenset(
+    {"tokens", "mask", "old_logp", "rollout_logp", "ref_logp", "hidden", "weight", "on_policy"}
+)
+MODEL_WORDS = {
+    "tokens": "the sampled tokens",
+    "mask": "the completion mask",
+    "advantages": "the advantages from source.reward",
+    "old_logp": "log π_old from the training pass",
+    "rollout_logp": "log μ_old from the rollout pass",
+    "ref_logp": "log π_ref from the training pass",
+    "hidden": "the model's final hidden states",
+    "weight": "the model's lm_head weight",
+}
+
+
+def model_names(field: str, index: tuple[int, ...]) -> str:
+    """Each tensor by what the model computed (`Origin.name`)."""
+    at = f"[{', '.join(map(str, index))}]" if index else ""
+    return f"{MODEL_WORDS.get(field, field)}{at}"

@@ -47,7 +47,8 @@ from torch import Tensor, nn
 from gradlens.config import StaleConfig
 from gradlens.containers import Batch, Sequences, StalenessRecord, StalePoint
 from gradlens.diagnostics.staleness import kl_k3
-from gradlens.grads import PolicyPass, objective, policy_pass
+from gradlens.grads import PolicyPass, objective, on_grid, policy_pass
+from gradlens.logits import kept_entries
 from gradlens.losses import Aggregation, LossParams, LossSpec
 from gradlens.progress import report
 from gradlens.results import ModelPass
@@ -78,6 +79,7 @@ class StaleResult:
     record: StalenessRecord
     old_logp: Tensor  # [N, T] log π_old(y_t): the training pass at θ_0
     hidden: Tensor  # [N, T, H] h_t/T at θ_N (detached), for the batch
+    old_kept_log_mass: Tensor | None = None  # [N, T] log S^old_t of the kept sets, if given
 
 
 class LearningRateSearch:
@@ -123,6 +125,7 @@ class _Point:
     entropy: Tensor | None  # [N, T] H(π_t) at θ_k, when the loss needs it
     hidden: Tensor | None  # [N, T, H] h/T at θ_k, when asked for
     graph: PolicyPass | None  # the forward with autograd over the whole batch (one micro-batch)
+    kept_mass: Tensor | None = None  # [N, T] log S_t of the kept sets at θ_k, when asked for
 
 
 def _with_graph(graph: PolicyPass) -> _Point:
@@ -138,9 +141,11 @@ def _measure(
     bias: bool,
     entropy: bool,
     keep_hidden: bool,
+    kept_ids: Tensor | None = None,
 ) -> _Point:
-    """ℓ (and H, h) at the current θ without autograd, one micro-batch at a time."""
-    logp, ent, hidden = [], [], []
+    """ℓ (and H, h, the kept sets' mass log S_t with ``kept_ids``) at the current θ without
+    autograd, one micro-batch at a time."""
+    logp, ent, hidden, mass = [], [], [], []
     for rows in plan.groups:
         part = subset(seqs, rows)
         h = final_hidden(model, part, temperature, bias)
@@ -150,11 +155,14 @@ def _measure(
             ent.append(p.entropy())
         if keep_hidden:
             hidden.append(h)
+        if kept_ids is not None:
+            mass.append(kept_log_mass(p, kept_ids[rows]))
     return _Point(
         torch.cat(logp),
         torch.cat(ent) if entropy else None,
         torch.cat(hidden) if keep_hidden else None,
         None,
+        torch.cat(mass) if kept_ids is not None else None,
     )
 
 
@@ -170,8 +178,10 @@ def stale_steps(
     aggregation: Aggregation,
     bias: bool,
     budget_bytes: int,
+    kept_ids: Tensor | None = None,
 ) -> StaleResult:
-    """Take the N steps in place on ``model``: the trajectory, π_old, and h at θ_N."""
+    """Take the N steps in place on ``model``: the trajectory, π_old, and h at θ_N; with the
+    rollout's kept sets ``kept_ids`` [N, T, K] also π_old's kept mass log S^old_t."""
     mask = seqs.loss_mask
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = StaleOptimizer(trainable, cfg.optimizer, cfg.lr)
@@ -186,6 +196,7 @@ def stale_steps(
     every = list(range(int(mask.shape[0])))
     trajectory: list[StalePoint] = []
     old_logp: Tensor | None = None
+    old_mass: Tensor | None = None
     forwards = backwards = 0
     with checkpointed_blocks(model) as checkpointed:
         for k in range(cfg.steps + 1):
@@ -200,10 +211,15 @@ def stale_steps(
                         point = _with_graph(_forward(model, seqs, every, temperature, bias))
                 else:
                     point = _measure(
-                        model, seqs, plan, temperature, bias, needs_entropy and not last, last
-                    )
+                        model, seqs, plan, temperature, bias, needs_entropy and not last, last,
+                        kept_ids if old_logp is None else None,
+                    )  # fmt: skip
                 if old_logp is None:
                     old_logp = point.logp  # π_old: the training pass at θ_old
+                    if kept_ids is not None and point.graph is not None:
+                        old_mass = kept_log_mass(point.graph, kept_ids)
+                    elif kept_ids is not None:
+                        old_mass = point.kept_mass
                 lr = search.propose(k, kl_k3(point.logp, old_logp, mask), optimizer.lr)
                 if lr is None:
                     break
@@ -249,7 +265,7 @@ def stale_steps(
         target_kl=cfg.target_kl,
         model_pass=model_pass if cfg.steps else None,
     )
-    return StaleResult(record, old_logp, point.hidden)
+    return StaleResult(record, old_logp, point.hidden, old_mass)
 
 
 def _step(
@@ -301,3 +317,11 @@ def _step(
         value = float(loss.detach())
     optimizer.step()
     return value
+
+
+def kept_log_mass(policy: PolicyPass, kept_ids: Tensor) -> Tensor:
+    """[N, T] log S_t = log Σ_{v∈K_t} π_t,v of the pass's (full) distribution, 0 off the mask."""
+    with torch.no_grad():
+        keep = kept_entries(kept_ids[policy.rows, policy.cols], 0, policy.log_probs.shape[-1])
+        mass = torch.logsumexp(policy.log_probs.detach().masked_fill(~keep, -torch.inf), dim=-1)
+    return on_grid(mass, policy.rows, policy.cols, policy.logp.shape)

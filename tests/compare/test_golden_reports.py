@@ -38,6 +38,7 @@ def upgrade(report: dict[str, Any]) -> dict[str, Any]:
             if "coefficient" in loss:
                 loss["per_token_grad_formula"] = loss.pop("coefficient")
         _loss_settings_of_3(report["config"]["loss"])
+        _sampling_support(report)
         return report
     for loss in report["losses"]:
         if "coefficient_formula" in loss:
@@ -58,7 +59,9 @@ def upgrade(report: dict[str, Any]) -> dict[str, Any]:
         mismatch["abs_diff_mean"] = mismatch.pop("mean_abs_diff")
         mismatch["abs_diff_max"] = mismatch.pop("max_abs_diff")
         mismatch["rho_mean"] = report["rollout"]["rho_mean"]  # the same statistics now
-    return upgrade_to_3(report)
+    report = upgrade_to_3(report)
+    _sampling_support(report)
+    return report
 
 
 def upgrade_to_3(report: dict[str, Any]) -> dict[str, Any]:
@@ -76,6 +79,22 @@ def upgrade_to_3(report: dict[str, Any]) -> dict[str, Any]:
         report["parity"] = [] if report.get("parity") is None else [report["parity"]]
     report["metric_names"] = [m.model_dump(mode="json") for m in METRIC_NAMES]
     return report
+
+
+def _sampling_support(report: dict[str, Any]) -> None:
+    """The fields the top-p/top-k replay added, with their defaults (docs/json-schema.md's
+    changelog): ``loss.sampling_support`` full, the model source's ``top_k`` 0 (off), and no
+    ``support`` section (no kept sets recorded without top-p or top-k)."""
+    config = report["config"]
+    config["loss"].setdefault("sampling_support", "full")
+    if config.get("source", {}).get("kind") == "model":
+        config["source"].setdefault("top_k", 0)
+    if "check" in report:  # a sweep summary has no batch sections
+        return
+    rollout = (report.get("model") or {}).get("rollout")
+    if rollout is not None:
+        rollout.setdefault("top_k", 0)
+    report.setdefault("support", None)
 
 
 def _loss_settings_of_3(loss: dict[str, Any]) -> None:
