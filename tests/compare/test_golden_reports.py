@@ -61,6 +61,7 @@ def upgrade(report: dict[str, Any]) -> dict[str, Any]:
         mismatch["rho_mean"] = report["rollout"]["rho_mean"]  # the same statistics now
     report = upgrade_to_3(report)
     _sampling_support(report)
+    _agreement_scope(report)
     return report
 
 
@@ -95,6 +96,16 @@ def _sampling_support(report: dict[str, Any]) -> None:
     if rollout is not None:
         rollout.setdefault("top_k", 0)
     report.setdefault("support", None)
+
+
+def _agreement_scope(report: dict[str, Any]) -> None:
+    """The fields the sampled agreement check added (docs/json-schema.md's changelog): a report
+    recorded before it checked every token and row, or nothing (scope full, no samples)."""
+    for loss in report["losses"]:
+        agreement = loss["agreement"]
+        agreement.setdefault("scope", "full")
+        agreement.setdefault("sampled_tokens", None)
+        agreement.setdefault("sampled_rows", None)
 
 
 def _loss_settings_of_3(loss: dict[str, Any]) -> None:
