@@ -26,6 +26,8 @@ class EngineOptions:
             materialized engine checks in full), none.
         memory_budget_bytes: the streamed engine's working memory; None: its automatic budget.
         vocab_chunk: the streamed engine's rows per chunk; None: from the budget.
+        attribution: the attribution sums of every reported loss (decided once, by
+            `gradlens.compare.run`).
     """
 
     top_k: int = 10
@@ -33,6 +35,7 @@ class EngineOptions:
     reference: str = "full"
     memory_budget_bytes: int | None = None
     vocab_chunk: int | None = None
+    attribution: bool = False
 
 
 @dataclass(frozen=True)

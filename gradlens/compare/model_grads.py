@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from gradlens.compare.records import TokenSummary
 from gradlens.containers import Batch, ModelContext, valid_index
 from gradlens.diagnostics.numbers import num
-from gradlens.grads import objective, on_grid, policy_pass, replayed_ids
+from gradlens.grads import objective, on_grid, policy_entropy, policy_pass, replayed_ids
 from gradlens.losses import Aggregation, LossParams, get_loss
 from gradlens.progress import report as report_progress
 from gradlens.results import (
@@ -237,10 +237,9 @@ def model_gradients(
     )
     loss_groups = [names[i : i + per_forward] for i in range(0, len(names), per_forward)]
     kept = replayed_ids(batch)  # [N, T, K]: a replayed batch's logit paths on its kept sets
-    entropy_grid = None
-    if params.entropy_coef != 0.0:
-        rows_all, cols_all = valid_index(mask)
-        entropy_grid = on_grid(tokens.entropy, rows_all, cols_all, mask.shape)
+    specs = [get_loss(name) for name in names]
+    rows_all, cols_all = valid_index(mask)
+    entropy_grid = on_grid(tokens.entropy, rows_all, cols_all, mask.shape)  # [N, T] H_t
 
     sink = _Sink(emb, head, tied)
     handles = [p.register_post_accumulate_grad_hook(sink.receive) for p in [*flat, head]]
@@ -260,12 +259,11 @@ def model_gradients(
                         mask[rows],
                         None if kept is None else kept[rows],
                     )
-                    logp, entropy = policy.logp, None
-                    if params.entropy_coef != 0.0:
-                        entropy = policy.entropy()
+                    logp = policy.logp
+                    entropy = policy_entropy(policy, specs, params)
                     if not plan.single:
                         logp = grid_with(tokens.logp, rows, logp)
-                        if entropy is not None and entropy_grid is not None:
+                        if entropy is not None:
                             entropy = grid_with(entropy_grid, rows, entropy)
                     for j, name in enumerate(group):
                         report_progress("model grads", done, total_backwards)
@@ -360,10 +358,12 @@ def post_estimates(
     entropy = float(tokens.entropy.double().mean())
     adv = float(batch.advantages[mask].double().abs().mean())
     sampled = tokens.sampled_probs.double()  # [M] π_θ(y_t)
+    rows, cols = valid_index(mask)
+    token_entropy = on_grid(tokens.entropy, rows, cols, mask.shape)  # [N, T] H_t
     out = {}
     for name in names:
         spec = get_loss(name)
-        terms = objective(batch, tokens.logp, spec, params, aggregation).terms
+        terms = objective(batch, tokens.logp, spec, params, aggregation, token_entropy).terms
         g = terms.per_token_grad[mask].double()  # [M] g_t before aggregation
         per_token = float((g.abs() * (1 - sampled)).mean())
         if bool((g == -1).all()):

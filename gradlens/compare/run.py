@@ -54,6 +54,7 @@ from gradlens.diagnostics.mismatch import rollout_stats
 from gradlens.diagnostics.numbers import num
 from gradlens.diagnostics.ratios import ratio_stats
 from gradlens.diagnostics.support import support_report
+from gradlens.diagnostics.token_text import batch_tokenizer, token_texts
 from gradlens.engine.fused import check_device
 from gradlens.errors import GradlensError
 from gradlens.grads import effective_old_logp, replay
@@ -138,7 +139,9 @@ def options_for(config: Config, tokens: int, vocab: int, path: str) -> EngineOpt
     full autograd with the materialized engine, sampled with the streamed ones (full autograd
     would materialise [tokens, vocab] per loss), none under tensor parallelism (both need the
     whole lm_head, which no rank holds) and for the streamed engines on a replayed batch (the
-    sampled check knows no kept sets)."""
+    sampled check knows no kept sets); so is ``attribution: auto``: on with the materialized
+    engine (its [M, V] and [V, H] tensors are there already), off with the streamed ones (about
+    one more GEMM-equivalent per loss)."""
     d = config.diagnostics
     details = d.token_details
     small = tokens * vocab <= TOKEN_DETAIL_LIMIT
@@ -161,6 +164,7 @@ def options_for(config: Config, tokens: int, vocab: int, path: str) -> EngineOpt
         reference=reference,
         memory_budget_bytes=budget_bytes(config),
         vocab_chunk=d.vocab_chunk,
+        attribution=d.attribution == "on" or (d.attribution == "auto" and path == "materialized"),
     )
 
 
@@ -169,7 +173,9 @@ def engine_estimate(config: Config, shape: Shape, losses: int, device: torch.dev
     path, _ = choose_path(config, shape.tokens, shape.vocab)
     options = options_for(config, shape.tokens, shape.vocab, path)
     if path == "materialized":
-        return estimate_materialized(shape, config.operand_dtype, options.reference != "none")
+        return estimate_materialized(
+            shape, config.operand_dtype, options.reference != "none", options.attribution
+        )
     entropy = config.loss.entropy_coef != 0.0
     return estimate_streamed(shape, config.operand_dtype, losses, options, device, entropy)
 
@@ -323,7 +329,12 @@ def _report(
 ) -> CompareReport:
     """Everything after the engine: the loss reports, the model sections, parity, checks."""
     logp = run.tokens.logp
-    reports = [loss_report(r, batch, logp, params) for r in run.records]
+    tokenizer = batch_tokenizer(batch)
+    texts = None
+    if tokenizer is not None and any(r.attribution is not None for r in run.records):
+        texts = token_texts(batch, tokenizer)
+    top_k = config.diagnostics.top_k
+    reports = [loss_report(r, batch, logp, params, top_k, texts) for r in run.records]
     model = None
     ctx = batch.model_context
     if ctx is not None:

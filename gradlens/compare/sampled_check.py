@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from gradlens.containers import Batch
-from gradlens.grads import objective, on_grid
+from gradlens.grads import objective, on_grid, reads_entropy
 from gradlens.logits import compute_logits, softmax_dtype
 from gradlens.losses import Aggregation, LossParams, LossSpec
 
@@ -143,7 +143,8 @@ def sampled_reference(
     tokens', ``rows``/``cols`` their places on the [N, T] grid."""
     shape = batch.mask.shape
     weight = batch.weight
-    bonus = params.entropy_coef != 0.0
+    bonus = params.entropy_coef != 0.0  # H_t differentiated; only read (detached) otherwise
+    reads = reads_entropy([spec], params)
     with torch.enable_grad():
         # 1. ∂L/∂W_R and c_t: ℓ through the sampled rows, the other rows a constant ρ.
         w_rows = weight[sample.rows].detach().clone().requires_grad_(True)  # [R, H]
@@ -158,10 +159,11 @@ def sampled_reference(
         logp = on_grid(z_y - lse, rows, cols, shape)
         logp.retain_grad()
         entropy = None
-        if bonus:
+        if reads:
             p_rows = torch.exp(z_rows - lse[:, None])
             rest = torch.exp(sample.rest_lse - lse) * sample.rest_mean
             entropy = on_grid(lse - (p_rows * z_rows).sum(-1) - rest, rows, cols, shape)
+            entropy = entropy if bonus else entropy.detach()
         loss = objective(batch, logp, spec, params, aggregation, entropy).loss
         loss.backward()
         assert logp.grad is not None and w_rows.grad is not None
@@ -173,9 +175,10 @@ def sampled_reference(
         picked_logp = log_p.gather(-1, tokens[sample.tokens, None])[:, 0]
         ell = sample.logp.index_put((sample.tokens,), picked_logp)
         entropy2 = None
-        if bonus:
+        if reads:
             ent = sample.entropy.index_put((sample.tokens,), -(log_p.exp() * log_p).sum(-1))
             entropy2 = on_grid(ent, rows, cols, shape)
+            entropy2 = entropy2 if bonus else entropy2.detach()
         loss2 = objective(
             batch, on_grid(ell, rows, cols, shape), spec, params, aggregation, entropy2
         ).loss

@@ -16,6 +16,12 @@ every token, ∂L/∂z_y of a sample of tokens and the norms of a sample of lm_h
 With ``loss.entropy_coef`` ≠ 0 the engine adds the entropy bonus's gradient (not of the c-form)
 to every loss's rows, and the reports include it exactly as the materialized path's do.
 
+Per-token entropies H_t: when a loss reads them (``needs`` has ``entropy``: ``aspo``), the
+top-entropy token selection is on (``loss.top_entropy_quantile`` < 1) or the entropy bonus is,
+the engine computes H_t in its first pass and hands it to `coefficients_for` with the log-probs,
+so each loss's `objective` sees the same inputs as on the materialized path (its loss includes
+the bonus); the bonus's weights a_t·S_t then follow from the same H_t.
+
 Under tensor parallelism (``parallel``: `gradlens.compare.tensor_parallel`) the batch holds this
 rank's rows of W and the engine is the vocab-parallel pass (`gradlens.engine.vocab_parallel`),
 planned for the largest rank's rows with the smallest rank's memory budget; it returns the result
@@ -27,11 +33,14 @@ and B join the engine's losses if they are not among them (without a loss report
 and one
 more coefficient set, c_B − c_A, gives the row norms of ∂L_B/∂W − ∂L_A/∂W, which is of the same
 c-form. The logit-gradient gap follows from c_A, c_B and per-token statistics (`streamed_gap`).
+
+With ``diagnostics.attribution`` the engine also accumulates the attribution sums of every
+reported loss (`gradlens.engine.attribution`): one more product of each chunk's rows with h and
+the per-sequence norms, about one GEMM-equivalent per loss (counted in ``gemm_equivalents``);
+the vocab-parallel engine sums them over the ranks. The fused engine has no attribution.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -52,10 +61,12 @@ from gradlens.compare.tensor_parallel import VocabParallel
 from gradlens.containers import Batch, valid_index
 from gradlens.diagnostics import tolerances
 from gradlens.diagnostics.agreement import not_run
+from gradlens.diagnostics.attribution import AttributionInputs
 from gradlens.diagnostics.metrics import terms_metrics
 from gradlens.diagnostics.numbers import count_non_finite, num, rel_err
 from gradlens.diagnostics.row_norms import row_norms_from
 from gradlens.diagnostics.streamed import grad_at_y, sampled_row_streamed, zero_sum_streamed
+from gradlens.engine.attribution import AttributionPlan, sequence_layout
 from gradlens.engine.fused import check_device, fused_lm_head_pass
 from gradlens.engine.streamed import (
     EngineResult,
@@ -69,11 +80,10 @@ from gradlens.engine.vocab_parallel import vocab_parallel_pass
 from gradlens.errors import GradlensError
 from gradlens.grads import (
     Objective,
-    aggregation_mask,
     autograd_reference,
-    entropy_bonus,
     objective,
     on_grid,
+    reads_entropy,
     replayed_ids,
 )
 from gradlens.logits import softmax_dtype
@@ -112,6 +122,11 @@ def run_streamed(
             "fused and vocab-parallel passes do not restrict π to the kept sets (set "
             "diagnostics.engine streamed and tensor_parallel 1)"
         )
+    if fused and options.attribution:
+        raise GradlensError(
+            "diagnostics.attribution: the fused engine does not form the attribution sums; "
+            "set engine streamed, or attribution auto or off"
+        )
     rows, cols = valid_index(batch.mask)
     hidden = batch.hidden[rows, cols]  # [M, H]
     tokens = batch.tokens[rows, cols]  # [M]
@@ -125,11 +140,12 @@ def run_streamed(
     objectives: list[Objective] = []
     grid: list[Tensor] = []  # [N, T] ℓ as the engine computed it
 
-    def coefficients_for(logp_valid: Tensor) -> list[Tensor]:
+    def coefficients_for(logp_valid: Tensor, entropy_valid: Tensor | None = None) -> list[Tensor]:
         logp = on_grid(logp_valid, rows, cols, batch.mask.shape)
         grid.append(logp)
+        entropy = None if entropy_valid is None else on_grid(entropy_valid, rows, cols, logp.shape)
         for spec in run_specs:
-            objectives.append(objective(batch, logp, spec, params, aggregation))
+            objectives.append(objective(batch, logp, spec, params, aggregation, entropy))
         out = [o.coefficient[rows, cols] for o in objectives]
         for pair in pairs:  # ∂L_B/∂W − ∂L_A/∂W is the c-form gradient of c_B − c_A
             a, b = (objectives[run_specs.index(s)].coefficient for s in pair)
@@ -143,6 +159,12 @@ def run_streamed(
         rows_per_rank = max(parallel.split.sizes)
     k = len(run_specs) + len(pairs)
     buffers = 3 if params.entropy_coef == 0.0 else 4  # the bonus's [M, Vc] block: one more
+    acc = softmax_dtype(batch.weight.dtype)
+    attribution = None
+    if options.attribution:  # d, Q = R hᵀ, a product with it, the logit-gradient block
+        buffers += 4
+        layout = sequence_layout(rows, batch.num_sequences, hidden.to(acc))
+        attribution = AttributionPlan(reported, layout)
     engine_plan = plan(
         tokens.numel(),
         rows_per_rank,
@@ -152,12 +174,18 @@ def run_streamed(
         options.vocab_chunk,
         buffers=buffers,
     )
-    entropy_weight = None  # w_t = a_t·c_H of the entropy bonus, [M]
-    if params.entropy_coef != 0.0:
-        weights = aggregation.weights(
-            aggregation_mask(batch, params), softmax_dtype(batch.weight.dtype)
-        )
-        entropy_weight = params.entropy_coef * weights[rows, cols]
+    bonus = params.entropy_coef != 0.0
+    # H_t from pass 1 for every loss's objective: the losses or the selection read it, and with
+    # the bonus the objective's loss includes −c_H·Σ_t a_t·S_t·H_t
+    token_entropy = reads_entropy(run_specs, params)
+    entropy_weights: list[Tensor] = []  # [M] w_t = c_H·a_t·S_t of the entropy bonus
+
+    def bonus_weight(entropy_valid: Tensor) -> Tensor:
+        """w_t = c_H·a_t·S_t (S_t from the same H_t the objectives saw; 1 when it is off)."""
+        w = params.entropy_coef * objectives[0].bonus_weights[rows, cols]
+        entropy_weights.append(w.to(softmax_dtype(batch.weight.dtype)))
+        return entropy_weights[-1]
+
     if parallel is None and fused:
         result = fused_lm_head_pass(
             hidden,
@@ -165,8 +193,9 @@ def run_streamed(
             tokens,
             coefficients_for,
             engine_plan,
-            entropy_weight=entropy_weight,
+            entropy_weight=bonus_weight if bonus else None,
             entropy_losses=len(run_specs),  # not parity's c_B − c_A: the bonus cancels there
+            token_entropy=token_entropy,
         )
     elif parallel is None:
         result = lm_head_pass(
@@ -175,9 +204,11 @@ def run_streamed(
             tokens,
             coefficients_for,
             engine_plan,
-            entropy_weight=entropy_weight,
+            entropy_weight=bonus_weight if bonus else None,
             entropy_losses=len(run_specs),
+            token_entropy=token_entropy,
             kept_ids=valid_kept,
+            attribution=attribution,
         )
     else:
         result = vocab_parallel_pass(
@@ -188,20 +219,16 @@ def run_streamed(
             engine_plan,
             parallel.split,
             parallel.comm,
-            entropy_weight=entropy_weight,
+            entropy_weight=bonus_weight if bonus else None,
             entropy_losses=len(run_specs),
+            attribution=attribution,
+            token_entropy=token_entropy,
         )
     logp = grid[0]
-    entropy = on_grid(result.tokens.entropy, rows, cols, batch.mask.shape)  # [N, T]
-    bonus_scale = None  # the bonus's gross size 2·|c_H|·a_t·H_t, [M]
-    if entropy_weight is not None:
-        bonus_scale = 2 * entropy_weight.abs() * result.tokens.entropy
+    bonus_scale = None  # the bonus's gross size 2·|c_H|·a_t·S_t·H_t, [M]
+    if entropy_weights:
+        bonus_scale = 2 * entropy_weights[0].abs() * result.tokens.entropy
     hidden_norms = hidden.to(result.tokens.lse.dtype).norm(dim=-1)  # [M]
-
-    def loss_value(obj: Objective) -> float:
-        """L with the bonus −c_H·Σ_t a_t·H_t from the engine's entropy."""
-        bonus = entropy_bonus(obj.agg_weights, entropy, params.entropy_coef)
-        return float(obj.loss) + (float(bonus) if params.entropy_coef != 0.0 else 0.0)
 
     sample = None
     if options.reference == "sampled" and reported:
@@ -231,7 +258,7 @@ def run_streamed(
             LossRecord(
                 spec=spec,
                 objective=obj,
-                loss=loss_value(obj),
+                loss=float(obj.loss),  # the bonus from pass 1's H_t included
                 non_finite=count_non_finite(c, stats.norms, stats.row_sum),
                 reference_non_finite=ref_non_finite,
                 sampled_row=sampled_row_streamed(
@@ -250,6 +277,16 @@ def run_streamed(
                     bonus_scale,
                 ),
                 agreement=agreement,
+                attribution=None
+                if result.attribution is None
+                else AttributionInputs(
+                    sums=result.attribution.losses[i],
+                    tokens=result.attribution.tokens,
+                    grad_norm_sq=stats.norms.double().square().sum(),
+                    entropy=result.attribution.entropy,
+                    logp=result.tokens.logp,
+                    hidden_norm=hidden_norms,
+                ),
             )
         )
     info = EngineInfo(
@@ -280,8 +317,8 @@ def run_streamed(
         )
         parity.append(
             ParityInputs(
-                _parity_loss(run_specs[ia], objectives[ia], result, ia, loss_value),
-                _parity_loss(run_specs[ib], objectives[ib], result, ib, loss_value),
+                _parity_loss(run_specs[ia], objectives[ia], result, ia),
+                _parity_loss(run_specs[ib], objectives[ib], result, ib),
                 gap,
             )
         )
@@ -306,10 +343,11 @@ def estimate_streamed(
     the budget), per-loss row norms [V] and coefficients [M]; with the reference, autograd's
     [M, V] tensors of one loss; with the sampled check, its constant pass ([block, V] at a time)
     and the tensors one loss takes under autograd ([|S|, V] and [M, |R|],
-    `gradlens.compare.sampled_check`)."""
+    `gradlens.compare.sampled_check`); with the attribution, four more buffers per chunk (as
+    `run_streamed` plans them) and the hidden states' Gram of each sequence (about M·T entries)."""
     m, v, h = shape.tokens, shape.vocab, shape.hidden
     acc = dtype_bytes(softmax_dtype(dtype))
-    buffers = 4 if entropy else 3
+    buffers = (4 if entropy else 3) + (4 if options.attribution else 0)
     budget = options.memory_budget_bytes or auto_budget(device)
     engine_plan = plan(m, v, h, losses, budget, options.vocab_chunk, buffers=buffers)
     terms = [
@@ -328,6 +366,8 @@ def estimate_streamed(
         block = min(m * v, max(BLOCK_ENTRIES, v))  # at least one token's row
         sampled = 2 * block * acc + 5 * (tokens_s * v + m * rows_r) * acc
         terms.append(("the sampled check's blocks and its autograd of one loss", sampled))
+    if options.attribution:
+        terms.append(("attribution: each sequence's Gram of h", m * shape.length * acc))
     return Estimate(
         "the streamed engine",
         "tokens (a chunk holds every token's logits for its vocabulary rows)",
@@ -353,14 +393,13 @@ def _parity_loss(
     obj: Objective,
     result: EngineResult,
     i: int,
-    loss_value: Callable[[Objective], float],
 ) -> ParityLoss:
     """Loss ``i`` of the engine run as parity needs it: ‖∂L/∂W‖ from its row norms (the
     entropy bonus included, as in the losses' own reports)."""
     norms = result.rows[i].norms
     return ParityLoss(
         name=spec.name,
-        loss=loss_value(obj),
+        loss=float(obj.loss),  # the bonus from pass 1's H_t included
         grad_norm=num(norms.double().norm()),
         rows=norms,
         coefficient=obj.coefficient,

@@ -18,6 +18,12 @@ the engine makes two passes over vocabulary chunks:
    running row sum Σ_v ∂L/∂W_v. Per-token statistics (Σ_v π, entropy, the largest
    non-sampled probability) come from the same π.
 
+Losses that read the per-token entropy (``aspo``, the top-entropy token selection; the
+``token_entropy`` flag) get H_t from pass 1, accumulated as for the entropy bonus below, with
+the log-probs: ``coefficients_of(logp, entropy)``. The bonus's weights may then depend on H_t
+too (the selection weights it by S_t = 1[H_t ≥ threshold]): ``entropy_weight`` is a tensor or
+a function of pass 1's H_t, called after the coefficients.
+
 The entropy bonus (losses.md §2.11, ``entropy_weight`` w_t = a_t·c_H) adds to the logit
 gradient of every loss the same block E_tv = w_t·π_tv·(log π_tv + H_t), not of the c-form. Pass 1
 then also accumulates H_t (it is needed before pass 2); pass 2 forms E from each chunk's π and
@@ -55,10 +61,22 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from gradlens.engine.attribution import (
+    AttributionPlan,
+    AttributionSums,
+    LossSums,
+    TokenSums,
+    entropy_direction,
+    logit_grad_block,
+)
 from gradlens.logits import kept_entries, restrict_logits, softmax_dtype
 from gradlens.memory import available
 
-CoefficientFn = Callable[[Tensor], list[Tensor]]
+# coefficients_of(logp [M]) -> [c_1, …, c_k] ([M] each); with ``token_entropy`` the engine
+# calls coefficients_of(logp [M], entropy [M]) instead
+CoefficientFn = Callable[..., list[Tensor]]
+# w_t [M] of the entropy bonus, or a function of pass 1's H_t [M] that gives it
+EntropyWeight = Tensor | Callable[[Tensor], Tensor]
 SHARE_LIMIT = 0.5  # reuse an earlier loss's dense product when ≤ this share of tokens differ
 
 
@@ -159,6 +177,7 @@ class EngineResult:
     coefficients: list[Tensor]  # [M] c_k per loss, as returned by the caller
     rows: list[RowStats]
     gemm_equivalents: float  # logits GEMMs + dense GEMMs actually run, in units of 2·M·H·V
+    attribution: AttributionSums | None = None  # with an `AttributionPlan` only
 
 
 def dense_dtype(operand: torch.dtype) -> torch.dtype:
@@ -295,6 +314,7 @@ class SecondPass:
     other_mass: list[Tensor]
     other_max: list[Tensor]
     gemms: float
+    attribution: AttributionSums | None = None
 
 
 def second_pass(
@@ -311,6 +331,7 @@ def second_pass(
     vocab: int | None = None,
     gemms: float = 0.0,
     kept_ids: Tensor | None = None,
+    attribution: AttributionPlan | None = None,
 ) -> SecondPass:
     """Pass 2 over ``weight``'s rows: probabilities from the *global* ``lse`` [M], the dense
     GEMM for all losses, the sparse rows of the tokens inside these rows, the reductions.
@@ -318,6 +339,8 @@ def second_pass(
     ``coefficients``: [M] c_k per loss, in the softmax dtype. ``entropy`` [M] the global H_t and
     ``entropy_weight`` [M] w_t when the bonus is on. ``kept``: `FirstPass.kept`, consumed.
     ``gemms``: the count so far (pass 1's), continued. ``kept_ids``: as `first_pass`'s.
+    ``attribution``: also accumulate the attribution sums of its first losses from each
+    chunk's rows (`gradlens.engine.attribution`; it needs ``entropy``).
     """
     m, v = hidden.shape[0], weight.shape[0]
     unit = v if vocab is None else vocab
@@ -326,6 +349,8 @@ def second_pass(
     ent_w = None if entropy_weight is None else entropy_weight.to(acc)
     if ent_w is not None and entropy is None:
         raise ValueError("second_pass: the entropy bonus needs H_t (entropy)")
+    if attribution is not None and entropy is None:
+        raise ValueError("second_pass: the attribution needs H_t (entropy)")
     k = len(coefficients)
     sources = share_sources(coefficients)
     direct = [i for i in range(k) if sources[i] is None]
@@ -356,6 +381,13 @@ def second_pass(
     prob_sum = torch.zeros(m, dtype=acc, device=hidden.device)
     entropy_sum = torch.zeros(m, dtype=acc, device=hidden.device)
     max_other = torch.zeros(m, dtype=acc, device=hidden.device)
+    attr_tokens = attr_losses = None
+    if attribution is not None and entropy is not None:
+        n_seq = attribution.layout.num_sequences
+        attr_tokens = TokenSums.zeros(m, acc, hidden.device)
+        attr_losses = [
+            LossSums.zeros(m, n_seq, acc, hidden.device) for _ in range(attribution.losses)
+        ]
 
     for i, (start, end) in enumerate(chunks):
         keep = _chunk_keep(kept_ids, start, end)
@@ -371,9 +403,16 @@ def second_pass(
             z.masked_fill_(~keep, 0.0)  # log π read as 0 where π = 0: 0·log 0 adds nothing
         prob_sum += probs.sum(-1)
         entropy_sum -= (probs * z).sum(-1)
-        ent_block = None
-        if ent_w is not None and entropy is not None:  # E = w·π·(log π + H), in place of log π
-            e = z.add_(entropy[:, None]).mul_(probs).mul_(ent_w[:, None])  # [M, Vc]
+        inside = torch.nonzero((tokens >= start) & (tokens < end)).squeeze(-1)
+        local = tokens[inside] - start
+        ent_block = e = None
+        d = None  # d = π·(log π + H), in place of log π
+        if entropy is not None and (ent_w is not None or attr_tokens is not None):
+            d = entropy_direction(z, probs, entropy)  # [M, Vc]
+        if attr_tokens is not None and d is not None:
+            attr_tokens.add(probs, d, inside, local)
+        if ent_w is not None and d is not None:  # E = w·d, in place of d unless d is kept
+            e = d.mul_(ent_w[:, None]) if attr_tokens is None else d * ent_w[:, None]  # [M, Vc]
             ent_sum += e.sum(-1)
             ent_block = (e.T.to(gemm_dtype) @ h_gemm).to(acc)  # [Vc, H], shared by all losses
             gemms += (end - start) / unit
@@ -381,8 +420,6 @@ def second_pass(
         dense = probs.T.to(gemm_dtype) @ scaled_gemm  # [Vc, k'·H]
         gemms += (end - start) / unit * len(direct)
         rows = -dense.to(acc)
-        inside = torch.nonzero((tokens >= start) & (tokens < end)).squeeze(-1)
-        local = tokens[inside] - start
         rows.index_add_(0, local, scaled[inside])  # + c_t h_t on the sampled rows
         per_loss: dict[int, Tensor] = {
             idx: rows[:, n * H : (n + 1) * H] for n, idx in enumerate(direct)
@@ -396,7 +433,7 @@ def second_pass(
             per_loss[idx] = r
         for idx in range(k):
             r = per_loss[idx]
-            if ent_block is not None and idx < n_ent:
+            if ent_block is not None and e is not None and idx < n_ent:
                 r = r + ent_block
                 g = torch.addcmul(e, probs, coefficients[idx][:, None], value=-1).abs_()
                 g[inside, local] = 0.0  # ∂L/∂z_v = E_v − c·π_v off the sampled entry
@@ -405,6 +442,13 @@ def second_pass(
                 del g
             norms[idx][start:end] = r.norm(dim=1)
             row_sums[idx] += r.sum(0)
+            if attr_losses is not None and attribution is not None and d is not None:
+                if idx >= attribution.losses:
+                    continue
+                bonus = e if idx < n_ent else None
+                grad = logit_grad_block(probs, coefficients[idx], inside, local, bonus)
+                attr_losses[idx].add(r, h_acc, probs, d, grad, inside, local, attribution.layout)
+                gemms += attribution.gemm_equivalents(end - start, m, H, unit)
         probs[inside, local] = 0.0  # drop the sampled entry before the max
         max_other = torch.maximum(max_other, probs.amax(-1))
 
@@ -418,6 +462,9 @@ def second_pass(
         other_mass,
         other_max,
         gemms,
+        None
+        if attr_tokens is None or attr_losses is None or entropy is None
+        else AttributionSums(attr_tokens, attr_losses, entropy),
     )
 
 
@@ -460,7 +507,35 @@ def assemble(
             for i, (n, s) in enumerate(zip(second.norms, second.row_sums, strict=True))
         ],
         gemm_equivalents=gemms,
+        attribution=second.attribution,
     )
+
+
+def coefficients_at(
+    coefficients_of: CoefficientFn,
+    logp: Tensor,
+    entropy: Tensor | None,
+    token_entropy: bool,
+    dtype: torch.dtype,
+) -> list[Tensor]:
+    """The caller's coefficients in ``dtype``: ``coefficients_of(logp)``, or with
+    ``token_entropy`` ``coefficients_of(logp, entropy)`` (pass 1's H_t)."""
+    if token_entropy:
+        if entropy is None:
+            raise ValueError("the losses read H_t but pass 1 did not compute it")
+        raw = coefficients_of(logp, entropy)
+    else:
+        raw = coefficients_of(logp)
+    return [c.to(dtype) for c in raw]
+
+
+def bonus_weight(entropy_weight: EntropyWeight | None, entropy: Tensor | None) -> Tensor | None:
+    """w_t [M] of the entropy bonus: ``entropy_weight`` itself, or its value at pass 1's H_t."""
+    if entropy_weight is None or not callable(entropy_weight):
+        return entropy_weight
+    if entropy is None:
+        raise ValueError("the entropy bonus needs pass 1's H_t")
+    return entropy_weight(entropy)
 
 
 def lm_head_pass(
@@ -469,22 +544,29 @@ def lm_head_pass(
     tokens: Tensor,
     coefficients_of: CoefficientFn,
     plan: EnginePlan,
-    entropy_weight: Tensor | None = None,
+    entropy_weight: EntropyWeight | None = None,
     entropy_losses: int | None = None,
+    token_entropy: bool = False,
+    *,
     kept_ids: Tensor | None = None,
+    attribution: AttributionPlan | None = None,
 ) -> EngineResult:
     """Run the two passes. ``coefficients_of(logp [M]) -> [c_1, …, c_k]`` ([M] each).
 
     ``entropy_weight`` [M]: w_t = a_t·c_H of the entropy bonus, added to the first
-    ``entropy_losses`` losses (all when None); None: no bonus. ``kept_ids`` [M, K]: the
-    replayed kept sets K_t (−1 padding), or None: the whole vocabulary.
+    ``entropy_losses`` losses (all when None), or a function of pass 1's H_t [M] that returns
+    it (called after ``coefficients_of``); None: no bonus. ``token_entropy``: the losses read
+    H_t, so pass 1 computes it and the engine calls ``coefficients_of(logp, entropy)``.
+    ``kept_ids`` [M, K]: the replayed kept sets K_t (−1 padding), or None: the whole
+    vocabulary. ``attribution``: the attribution sums of its first losses too
+    (`EngineResult.attribution`).
     """
-    first = first_pass(
-        hidden, weight, tokens, plan, entropy=entropy_weight is not None, kept_ids=kept_ids
-    )
+    need_h = entropy_weight is not None or token_entropy or attribution is not None
+    first = first_pass(hidden, weight, tokens, plan, entropy=need_h, kept_ids=kept_ids)
     logp = first.z_y - first.lse
     acc = softmax_dtype(weight.dtype)
-    coefficients = [c.to(acc) for c in coefficients_of(logp)]
+    coefficients = coefficients_at(coefficients_of, logp, first.entropy, token_entropy, acc)
+    ent_w = bonus_weight(entropy_weight, first.entropy)
     second = second_pass(
         hidden,
         weight,
@@ -494,10 +576,11 @@ def lm_head_pass(
         plan,
         first.kept,
         first.entropy,
-        entropy_weight,
+        ent_w,
         entropy_losses,
         gemms=first.gemms,
         kept_ids=kept_ids,
+        attribution=attribution,
     )
     return assemble(
         first.lse,
@@ -507,6 +590,6 @@ def lm_head_pass(
         first.entropy,
         coefficients,
         second,
-        entropy_weight,
+        ent_w,
         second.gemms,
     )

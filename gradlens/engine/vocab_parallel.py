@@ -12,7 +12,8 @@ Pass 1, per token t, on the rows of rank r (z = W_r h_t, π^r = softmax over tho
     ζ_r = z_y if v0_r ≤ y < v1_r, else 0          the sampled logit, on its owner only
     α_r = max_{v∈r} |z_v|
     μ_r = max_{v∈r, v≠y} z_v  (−inf if none)      for max_{v≠y} π
-    η_r = Σ_{v∈r} π^r_v (λ_r − z_v)  ≥ 0          the shard's entropy (entropy bonus only)
+    η_r = Σ_{v∈r} π^r_v (λ_r − z_v)  ≥ 0          the shard's entropy (entropy bonus, or
+                                                  losses that read H_t: ``token_entropy``)
 
 and these combine exactly into the global per-token statistics:
 
@@ -30,7 +31,8 @@ combine them (`PASS1`), both exact:
                  e^{λ_r − Λ}·(η_r + Λ − λ_r)) gives S, ζ and the entropy sum, and
                  lse = Λ + log S, H = Σ/S + log S. Two rounds, but O(M) bytes whatever P
 
-Then ``coefficients_of(log π(y))`` runs on every rank with the same input, so c_t is the same
+Then ``coefficients_of(log π(y))`` (with ``token_entropy``: ``coefficients_of(log π(y), H)``, the
+global H of the combination above) runs on every rank with the same input, so c_t is the same
 on every rank (an all_gather makes it bitwise so). Pass 2 is local: π = exp(z − lse) on the
 shard's rows, the dense GEMM, the sparse rows of the tokens the shard owns, the per-row norms
 and partial sums. The finishing collectives:
@@ -42,6 +44,11 @@ and partial sums. The finishing collectives:
         the GEMM count (summed over ranks, in units of 2·M·H·V);
     all_reduce(MAX) of each bonus loss's max_{v≠y} |∂L/∂z_v| (with the entropy bonus only: it
         depends on c_t, so pass 1 cannot give it).
+
+With an `AttributionPlan` (`gradlens.engine.attribution`) every sum it accumulates is a sum over
+vocabulary rows, so each rank's part over its own rows joins the same all_reduce(SUM): per
+attributed loss u [M], e [M] and ‖G_i‖² [N], and the three shared per-token sums [3, M]. Pass 1
+then also combines H_t (d = π(log π + H) needs it), as with the entropy bonus.
 
 Collectives per run: all_gather: 1 + 1 (+ 1 with the entropy bonus); max_sum: 2 + 1 (+ 1).
 The `Collectives` object counts their bytes (docs/scaling.md has the formulas).
@@ -55,14 +62,18 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from gradlens.engine.attribution import AttributionPlan, AttributionSums, LossSums, TokenSums
 from gradlens.engine.collectives import Collectives
 from gradlens.engine.streamed import (
     CoefficientFn,
     EnginePlan,
     EngineResult,
+    EntropyWeight,
     FirstPass,
     SecondPass,
     assemble,
+    bonus_weight,
+    coefficients_at,
     first_pass,
     second_pass,
 )
@@ -80,7 +91,7 @@ class TokenTotals:
     z_y: Tensor
     max_abs: Tensor
     max_other_logit: Tensor
-    entropy: Tensor | None  # H_t, with the entropy bonus only
+    entropy: Tensor | None  # H_t, with the entropy bonus or ``token_entropy`` only
 
 
 def _columns(first: FirstPass) -> list[Tensor]:
@@ -131,9 +142,11 @@ def vocab_parallel_pass(
     plan: EnginePlan,
     split: VocabSplit,
     comm: Collectives | None = None,
-    entropy_weight: Tensor | None = None,
+    entropy_weight: EntropyWeight | None = None,
     entropy_losses: int | None = None,
     pass1: str = "all_gather",
+    token_entropy: bool = False,
+    attribution: AttributionPlan | None = None,
 ) -> EngineResult:
     """`lm_head_pass` on this rank's rows of W; the same `EngineResult` on every rank.
 
@@ -149,8 +162,10 @@ def vocab_parallel_pass(
         split: the rows of every rank.
         comm: the tensor-parallel group's collectives (default group when None); its ``log``
             records what was sent.
-        entropy_weight, entropy_losses: as for `lm_head_pass`.
+        entropy_weight, entropy_losses, token_entropy: as for `lm_head_pass` (H_t is the
+            global one, combined by pass 1's collective: the same on every rank).
         pass1: how pass 1's statistics are combined, a key of `PASS1`.
+        attribution: as for `lm_head_pass`; its sums are those of the whole W on every rank.
 
     Returns:
         The `EngineResult` of the whole W: per-token statistics [M], coefficients, for every
@@ -176,15 +191,16 @@ def vocab_parallel_pass(
     if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= split.vocab):
         raise GradlensError(f"tensor_parallel: token ids must lie in [0, {split.vocab})")
     acc = softmax_dtype(weight_shard.dtype)
-    bonus = entropy_weight is not None
+    need_h = entropy_weight is not None or token_entropy or attribution is not None
     local = tokens - v0  # ids of this shard's rows; the others fall outside [0, V_r)
 
     first = first_pass(
-        hidden, weight_shard, local, plan, entropy=bonus, other_logit=True, vocab=split.vocab
+        hidden, weight_shard, local, plan, entropy=need_h, other_logit=True, vocab=split.vocab
     )
     totals = combine(first, split.owner(tokens), comm)
     logp = totals.z_y - totals.lse
-    coefficients = [c.to(acc) for c in coefficients_of(logp)]
+    coefficients = coefficients_at(coefficients_of, logp, totals.entropy, token_entropy, acc)
+    ent_w = bonus_weight(entropy_weight, totals.entropy)
     second = second_pass(
         hidden,
         weight_shard,
@@ -194,10 +210,11 @@ def vocab_parallel_pass(
         plan,
         first.kept,
         totals.entropy,
-        entropy_weight,
+        ent_w,
         entropy_losses,
         vocab=split.vocab,
         gemms=first.gemms,
+        attribution=attribution,
     )
     whole = _finish(second, split, v0, v1, comm)
     return assemble(
@@ -208,7 +225,7 @@ def vocab_parallel_pass(
         totals.entropy,
         coefficients,
         whole,
-        entropy_weight,
+        ent_w,
         whole.gemms,
     )
 
@@ -223,6 +240,13 @@ def _finish(
     n_ent = len(second.other_mass)
     bonus = second.entropy_grad_sum is not None
     ref = second.prob_sum
+    attr = second.attribution
+    attr_parts: list[Tensor] = []
+    if attr is not None:
+        t = attr.tokens
+        attr_parts = [t.other_sq, t.other_pd, t.dd]
+        for s in attr.losses:
+            attr_parts += [s.u, s.e, s.sequence_sq]
     norms = torch.zeros(k, split.vocab, dtype=ref.dtype, device=ref.device)  # [k, V]
     for i, n in enumerate(second.norms):
         norms[i, v0:v1] = n
@@ -233,11 +257,19 @@ def _finish(
         second.entropy,
         *([second.entropy_grad_sum] if second.entropy_grad_sum is not None else []),
         *second.other_mass,
+        *attr_parts,
         torch.tensor([second.gemms], dtype=ref.dtype, device=ref.device),
     ]
     total = comm.all_reduce(torch.cat(parts), "sum", "finish.sum")
-    pieces = list(torch.split(total, [k * split.vocab, k * h, m, m, m * bonus, m * n_ent, 1]))
-    norms_all, row_sums, prob_sum, entropy, ent_sum, other_mass, gemms = pieces
+    attr_size = sum(p.numel() for p in attr_parts)
+    sizes = [k * split.vocab, k * h, m, m, m * bonus, m * n_ent, attr_size, 1]
+    pieces = list(torch.split(total, sizes))
+    norms_all, row_sums, prob_sum, entropy, ent_sum, other_mass, attr_all, gemms = pieces
+    summed = None
+    if attr is not None:
+        values = list(torch.split(attr_all, [p.numel() for p in attr_parts]))
+        losses = [LossSums(*values[3 + 3 * i : 6 + 3 * i]) for i in range(len(attr.losses))]
+        summed = AttributionSums(TokenSums(*values[:3]), losses, attr.entropy)
     other_max = second.other_max
     if n_ent:
         top = comm.all_reduce(torch.stack(other_max), "max", "finish.max")  # [n_ent, M]
@@ -252,4 +284,5 @@ def _finish(
         other_mass=list(other_mass.reshape(n_ent, m).unbind(0)),
         other_max=other_max,
         gemms=float(gemms),
+        attribution=summed,
     )

@@ -10,6 +10,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from gradlens.report.attribution_table import attribution_parts
 from gradlens.report.cells import (
     agreement_cell,
     fmt,
@@ -270,6 +271,7 @@ def render_compare(report: CompareReport, console: Console) -> None:
         *model_parts(report),
         losses_table(report),
         top_rows_table(report),
+        *attribution_parts(report),
         *rollout_and_parity_parts(report),
         support_table(report),
     ]

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from gradlens.results.attribution import Attribution
 from gradlens.results.base import Result
 from gradlens.results.model import ModelGradients, ModelReport
 from gradlens.results.rollout import RolloutStats
@@ -222,6 +223,12 @@ class LossReport(Result):
         "weights (kl: grpo's KL estimate before β; sapo_gate: SAPO's mean gate) and "
         "reported:<name>, the metrics a verl-shaped function returned itself",
     )
+    attribution: Attribution | None = Field(
+        None,
+        description="which sequences, tokens, loss terms and token groups carry the lm_head "
+        "update, and the entropy change of one step (diagnostics.attribution; null when off, "
+        "or when ‖∂L/∂W‖ is zero or not finite)",
+    )
 
 
 class Check(Result):
@@ -368,7 +375,11 @@ class CompareReport(Result):
             if part is not None:
                 put(f"{prefix}/{section}", part.model_dump())
         for loss in self.losses:
-            fields = loss.model_dump(exclude={"tokens", "findings", "rows"})
+            fields = loss.model_dump(exclude={"tokens", "findings", "rows", "attribution"})
+            if loss.attribution is not None:  # its numbers, not its lists
+                fields["attribution"] = loss.attribution.model_dump(
+                    include={"grad_norm_sq", "share_sum", "sequences_to_half", "groups", "entropy"}
+                )
             fields["rows"] = loss.rows.model_dump(exclude={"top_rows"})
             if loss.model_grads is not None:
                 fields["model_grads"] = {"total_norm": loss.model_grads.total_norm}

@@ -38,7 +38,7 @@ from gradlens.grads import effective_old_logp, softmax_view
 from gradlens.logits import softmax_dtype
 from gradlens.memory import Estimate, Shape, dtype_bytes
 from gradlens.sources.base import SourceContext, SourcePlan
-from gradlens.sources.checkpoint import checkpoint_estimate, checkpoint_sizes
+from gradlens.sources.checkpoint import checkpoint_estimate, checkpoint_sizes, load_tokenizer
 from gradlens.sources.recompute import BUILTIN, recompute_hidden
 
 JSONL_FACTOR = 4  # a .jsonl number parsed into Python objects takes about 4× its text
@@ -63,6 +63,7 @@ def build_batch_file(src: BatchSource, ctx: SourceContext) -> Batch:
     origin = ""
     context = None
     rows = None
+    tokenizer = None
     if src.model_path is not None:
         recomputed = recompute_hidden(
             src.model_path,
@@ -73,6 +74,7 @@ def build_batch_file(src: BatchSource, ctx: SourceContext) -> Batch:
             whole_model_of=str(path) if src.runs_whole_model else None,
         )
         hidden, weight, context = recomputed.hidden, recomputed.weight, recomputed.context
+        tokenizer = recomputed.tokenizer
         origin = f"; {recomputed.description}"
         stale = int(data["stale_steps"].max()) if "stale_steps" in data else 0
         if stale:
@@ -100,6 +102,8 @@ def build_batch_file(src: BatchSource, ctx: SourceContext) -> Batch:
             "into the file, or set source.model_path to a checkpoint that recomputes them from "
             "the file's token ids (docs/batchfile.md shows both)"
         )
+    if src.tokenizer is not None:  # it wins over the checkpoint's
+        tokenizer = load_tokenizer(src.tokenizer)
     mask = data["mask"]
     n, t = mask.shape
     acc = softmax_dtype(dtype)
@@ -118,6 +122,14 @@ def build_batch_file(src: BatchSource, ctx: SourceContext) -> Batch:
         )
         note = f"from the file's rewards: {note}"
     advantages = (adv[:, None] if adv.dim() == 1 else adv).expand(n, t) * mask
+
+    groups = None  # prompt groups only when stated: the default group_size 1 is no statement
+    if "group_size" in src.model_fields_set:
+        if n % src.group_size:
+            raise GradlensError(
+                f"source.group_size: {n} sequences are not a multiple of {src.group_size}"
+            )
+        groups = (torch.arange(n) // src.group_size).to(device)
 
     def opt(name: str) -> torch.Tensor | None:
         return data[name].to(acc).to(device) if name in data else None
@@ -139,6 +151,7 @@ def build_batch_file(src: BatchSource, ctx: SourceContext) -> Batch:
         advantages=advantages.to(acc).to(device),
         rollout_logp=opt("rollout_logp"),
         ref_logp=opt("ref_logp"),
+        groups=groups,
         source=(
             f"batch file {path.name}: {n} sequences × ≤{t} tokens, "
             f"V={weight.shape[0] if rows is None else rows.vocab}, H={weight.shape[1]}{origin}"
@@ -147,6 +160,7 @@ def build_batch_file(src: BatchSource, ctx: SourceContext) -> Batch:
         model_context=context,
         weight_rows=rows,
         kept=kept,
+        tokenizer=tokenizer,
         origin=Origin(
             file_names(path.name, file.keys, data, src.model_path),
             frozenset() if src.model_path is None else frozenset({"hidden", "weight"}),

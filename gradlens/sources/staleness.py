@@ -47,7 +47,14 @@ from torch import Tensor, nn
 from gradlens.config import StaleConfig
 from gradlens.containers import Batch, Sequences, StalenessRecord, StalePoint
 from gradlens.diagnostics.staleness import kl_k3
-from gradlens.grads import PolicyPass, objective, on_grid, policy_pass
+from gradlens.grads import (
+    PolicyPass,
+    objective,
+    on_grid,
+    policy_entropy,
+    policy_pass,
+    reads_entropy,
+)
 from gradlens.logits import kept_entries
 from gradlens.losses import Aggregation, LossParams, LossSpec
 from gradlens.progress import report
@@ -179,9 +186,12 @@ def stale_steps(
     bias: bool,
     budget_bytes: int,
     kept_ids: Tensor | None = None,
+    groups: Tensor | None = None,
 ) -> StaleResult:
     """Take the N steps in place on ``model``: the trajectory, π_old, and h at θ_N; with the
-    rollout's kept sets ``kept_ids`` [N, T, K] also π_old's kept mass log S^old_t."""
+    rollout's kept sets ``kept_ids`` [N, T, K] also π_old's kept mass log S^old_t.
+
+    ``groups`` [N]: the sequences' prompt groups (`Batch.groups`, for group-coupled losses)."""
     mask = seqs.loss_mask
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = StaleOptimizer(trainable, cfg.optimizer, cfg.lr)
@@ -191,7 +201,7 @@ def stale_steps(
         per_sequence = checkpointed_bytes(probe(model, seqs, temperature, bias), model, seqs)
     plan = plan_micro_batches(loss_tokens(mask), per_sequence, vocab, budget_bytes)
     fused = plan.single  # update each parameter inside the backward
-    needs_entropy = params.entropy_coef != 0.0
+    needs_entropy = reads_entropy([spec], params)
     search = LearningRateSearch(cfg.target_kl, cfg.steps)
     every = list(range(int(mask.shape[0])))
     trajectory: list[StalePoint] = []
@@ -230,7 +240,7 @@ def stale_steps(
             if not last:
                 loss_value = _step(
                     model, seqs, plan, point, old_logp, advantages, rollout_logp, optimizer,
-                    spec, params, aggregation, temperature, bias,
+                    spec, params, aggregation, temperature, bias, groups,
                 )  # fmt: skip
                 point = _Point(point.logp, None, None, None)  # free the graph's tensors
                 forwards += 1 if fused else len(plan.groups)
@@ -282,6 +292,7 @@ def _step(
     aggregation: Aggregation,
     temperature: float,
     bias: bool,
+    groups: Tensor | None,
 ) -> float:
     """One optimizer step from θ_k (``point``); the stale loss at θ_k."""
     mask = seqs.loss_mask
@@ -295,10 +306,11 @@ def _step(
         old_logp=old_logp,
         advantages=advantages,
         rollout_logp=rollout_logp.to(old_logp.dtype),
+        groups=groups,
     )
-    needs_entropy = params.entropy_coef != 0.0
+    needs_entropy = reads_entropy([spec], params)
     if point.graph is not None:  # one micro-batch: update inside the backward
-        entropy = point.graph.entropy() if needs_entropy else None
+        entropy = policy_entropy(point.graph, [spec], params)
         loss = objective(batch, point.graph.logp, spec, params, aggregation, entropy).loss
         with optimizer.in_backward():
             loss.backward()
@@ -311,7 +323,9 @@ def _step(
             entropy = None
             if needs_entropy:
                 assert point.entropy is not None
-                entropy = grid_with(point.entropy, rows, part.entropy())
+                part_entropy = policy_entropy(part, [spec], params)
+                assert part_entropy is not None
+                entropy = grid_with(point.entropy, rows, part_entropy)
             loss = objective(batch, logp, spec, params, aggregation, entropy).loss
             loss.backward()
         value = float(loss.detach())

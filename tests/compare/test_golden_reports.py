@@ -13,6 +13,7 @@ machine and is skipped. `upgrade` applies the documented schema changes to the o
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,12 +27,60 @@ from cases import cases  # noqa: E402
 from helpers import differences  # noqa: E402
 from record import normalise, run_case  # noqa: E402
 
+from gradlens.config import LossConfig  # noqa: E402
 from gradlens.metric_names import METRIC_NAMES  # noqa: E402
+
+# docs/json-schema.md's changelog, "Added fields": the settings of the losses of docs/losses.md
+# §2.14–§2.27, of the top-entropy selection (§2.28) and verl's bypass mode (§2.12) joined
+# ``config.loss`` with these defaults, which leave every earlier loss unchanged.
+ADDED_LOSS_SETTINGS = (
+    "dppo_tv_low",
+    "dppo_tv_high",
+    "dppo_kl_low",
+    "dppo_kl_high",
+    "dppo_cap",
+    "prime_mask_low",
+    "prime_mask_high",
+    "prime_kl_tau",
+    "ipo_threshold",
+    "m2po_threshold",
+    "aspo_eps_low_entropy",
+    "aspo_eps_high_entropy",
+    "aspo_entropy_quantile",
+    "aspo_clip_c_neg",
+    "aspo_clip_c_pos",
+    "gppo_beta1",
+    "gppo_beta2",
+    "clip_cov_ratio",
+    "clip_cov_lb",
+    "clip_cov_ub",
+    "selection_seed",
+    "kl_cov_ratio",
+    "kl_cov_coef",
+    "gmpo_eps_low",
+    "gmpo_eps_high",
+    "topr_pos_weight",
+    "topr_neg_weight",
+    "dro_beta",
+    "vespo_k_pos",
+    "vespo_lambda_pos",
+    "vespo_k_neg",
+    "vespo_lambda_neg",
+    "real_tau",
+    "fipo_decay_rate",
+    "fipo_clip_range",
+    "fipo_clip_high_only",
+    "fipo_safety_threshold",
+    "top_entropy_quantile",
+    "bypass_mode",
+)
 
 
 def upgrade(report: dict[str, Any]) -> dict[str, Any]:
-    """A golden report recorded under ``gradlens.compare/1`` in today's schema: the renamed and
-    added fields of docs/json-schema.md's changelog, nothing else."""
+    """A golden report recorded under ``gradlens.compare/1`` or an earlier ``/3`` in today's
+    schema: the renamed and added fields of docs/json-schema.md's changelog, nothing else; every
+    step leaves a report that already has its fields as it is. The attribution section (added
+    in ``/3``) is compared where it was recorded, `recorded_sections`."""
     report = json.loads(json.dumps(report))
     if "check" in report:  # a sweep summary (gradlens.sweep/1 → /2)
         for loss in report["losses"]:
@@ -39,7 +88,7 @@ def upgrade(report: dict[str, Any]) -> dict[str, Any]:
                 loss["per_token_grad_formula"] = loss.pop("coefficient")
         _loss_settings_of_3(report["config"]["loss"])
         _sampling_support(report)
-        return report
+        return _added_fields(report)
     for loss in report["losses"]:
         if "coefficient_formula" in loss:
             loss["per_token_grad_formula"] = loss.pop("coefficient_formula")
@@ -54,6 +103,10 @@ def upgrade(report: dict[str, Any]) -> dict[str, Any]:
     report["config"]["diagnostics"].setdefault("collective_timeout_s", 300.0)
     report["engine"].setdefault("tensor_parallel", 1)
     report["engine"].setdefault("vocab_rows", None)
+    # added in gradlens.compare/3 with the attribution section
+    report["config"]["diagnostics"].setdefault("attribution", "auto")
+    if report["config"]["source"]["kind"] == "batch":
+        report["config"]["source"].setdefault("tokenizer", None)
     mismatch = (report.get("model") or {}).get("mismatch")
     if mismatch is not None and "mean_abs_diff" in mismatch:
         mismatch["abs_diff_mean"] = mismatch.pop("mean_abs_diff")
@@ -62,7 +115,7 @@ def upgrade(report: dict[str, Any]) -> dict[str, Any]:
     report = upgrade_to_3(report)
     _sampling_support(report)
     _agreement_scope(report)
-    return report
+    return _added_fields(report)
 
 
 def upgrade_to_3(report: dict[str, Any]) -> dict[str, Any]:
@@ -84,8 +137,8 @@ def upgrade_to_3(report: dict[str, Any]) -> dict[str, Any]:
 
 def _sampling_support(report: dict[str, Any]) -> None:
     """The fields the top-p/top-k replay added, with their defaults (docs/json-schema.md's
-    changelog): ``loss.sampling_support`` full, the model source's ``top_k`` 0 (off), and no
-    ``support`` section (no kept sets recorded without top-p or top-k)."""
+    changelog): ``loss.sampling_support`` full and the model source's ``top_k`` 0 (off). The
+    ``support`` section itself is compared where it was recorded, `recorded_sections`."""
     config = report["config"]
     config["loss"].setdefault("sampling_support", "full")
     if config.get("source", {}).get("kind") == "model":
@@ -95,7 +148,6 @@ def _sampling_support(report: dict[str, Any]) -> None:
     rollout = (report.get("model") or {}).get("rollout")
     if rollout is not None:
         rollout.setdefault("top_k", 0)
-    report.setdefault("support", None)
 
 
 def _agreement_scope(report: dict[str, Any]) -> None:
@@ -115,6 +167,45 @@ def _loss_settings_of_3(loss: dict[str, Any]) -> None:
         correction.setdefault("renormalize", False)
 
 
+# the findings the attribution section adds (gradlens.compare.findings.attribution_notes)
+ATTRIBUTION = re.compile(
+    r"of the lm_head update comes from|of the policy term's share|^no attribution"
+)
+
+
+def recorded_sections(new: dict[str, Any], golden: dict[str, Any]) -> dict[str, Any]:
+    """``new`` without the sections a golden report recorded before they existed: each loss's
+    ``attribution`` (gradlens.compare/3) and its findings where the golden loss has none, and
+    the ``support`` section (the rollout's kept sets, /3) where the golden report has none.
+    Every other number of the report must still be the recorded one."""
+    if "check" in new:  # a sweep summary
+        return new
+    new = json.loads(json.dumps(new))
+    if "support" not in golden:
+        new.pop("support", None)
+    for loss, old in zip(new["losses"], golden["losses"], strict=False):
+        if "attribution" not in old:
+            loss.pop("attribution", None)
+            loss["findings"] = [f for f in loss["findings"] if not ATTRIBUTION.search(f)]
+    return new
+
+
+def _added_fields(report: dict[str, Any]) -> dict[str, Any]:
+    """The fields added without a new schema version, at their defaults."""
+    loss = report["config"]["loss"]
+    for name in ADDED_LOSS_SETTINGS:
+        loss.setdefault(name, LossConfig.model_fields[name].default)
+    for correction in loss.get("corrections", []):
+        correction.setdefault("batch_normalize", False)
+    if "check" in report:  # a sweep summary: a loss's own words for its rules
+        for info in report["losses"]:
+            info.setdefault("rule_words", {})
+        return report
+    for sequence in report["config"]["source"].get("sequences") or []:
+        sequence.setdefault("group", None)  # a literal sequence's prompt group
+    return report
+
+
 @pytest.mark.parametrize(
     "name, argv, setup",
     [
@@ -125,5 +216,6 @@ def _loss_settings_of_3(loss: dict[str, Any]) -> None:
 def test_report_reproduces_golden(name: str, argv: list[str], setup, tmp_path: Path) -> None:
     golden = json.loads((GOLDEN / f"{name}.json").read_text())
     report = run_case(argv, setup, tmp_path)
-    diffs = differences(upgrade(golden), normalise(report, str(tmp_path)))
+    old = upgrade(golden)
+    diffs = differences(old, recorded_sections(normalise(report, str(tmp_path)), old))
     assert not diffs, "\n".join(diffs[:40])
