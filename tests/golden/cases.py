@@ -17,6 +17,8 @@ MODEL_CONFIGS = {"model_builtin", "model_stale"}
 # A pass through a model plans its micro-batches for the budget, by default from free memory:
 # fixed here, so that the reports' budget_bytes do not depend on the machine.
 MODEL_PASS = ["--set", "diagnostics.memory_budget_mib=512"]
+# rollout_dtype auto picks bf16 by what the CPU computes natively: fixed to the former default.
+MODEL_ROLLOUT = ["--set", "source.rollout_dtype=bfloat16"]
 
 Case = tuple[str, list[str], bool, list[str] | None]
 
@@ -30,7 +32,7 @@ def cases() -> list[Case]:
         else:
             argv = ["compare", "--config", str(path), "--format", "json"]
             if name in MODEL_CONFIGS:
-                argv += MODEL_PASS
+                argv += MODEL_PASS + MODEL_ROLLOUT
             out.append((name, argv, name in MODEL_CONFIGS, None))
     compare = ["compare", "--format", "json"]
     policy_losses = ["--losses", "grpo,gspo,cispo,sapo,minirl,ppo_clip"]
