@@ -55,6 +55,7 @@ from gradlens.results.report import (
     ZeroSum,
 )
 from gradlens.results.rollout import RolloutStats
+from gradlens.results.split import SplitLoss, SplitMicroBatch, SplitReport
 from gradlens.results.support import KeptToken, SupportRatio, SupportReport
 
 __all__ = [
@@ -98,6 +99,9 @@ __all__ = [
     "SftOverRl",
     "SharePoints",
     "Signal",
+    "SplitLoss",
+    "SplitMicroBatch",
+    "SplitReport",
     "StaleStep",
     "Staleness",
     "SupportRatio",
