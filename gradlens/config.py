@@ -199,11 +199,28 @@ class LiteralSource(Strict):
 
 
 class StaleConfig(Strict):
-    """Optimizer steps on the rollout batch before the diagnosis (model source): π_θ ≠ π_old."""
+    """Optimizer steps on the rollout batch before the diagnosis (model source): π_θ ≠ π_old.
+
+    With ``target_kl`` (the default) the learning rate is a first guess: each step is redone
+    with a rescaled learning rate until the KL of π_θk against π_old reaches k/N of the target,
+    so the same setting means the same distance on any model (gradlens.sources.staleness).
+    """
 
     steps: int = Field(2, ge=0, description="N: optimizer steps between rollout and diagnosis")
     optimizer: Literal["sgd", "adam", "adamw"] = "adam"
-    lr: float = Field(5e-5, gt=0, description="learning rate of the stale steps")
+    lr: float = Field(
+        5e-5,
+        gt=0,
+        description="learning rate of the stale steps; with target_kl, the first step's first "
+        "guess, rescaled until the target is met",
+    )
+    target_kl: float | None = Field(
+        0.01,
+        gt=0,
+        description="KL(π_old‖π_θN), the k3 estimate over the completion tokens, that the N steps "
+        "reach (within a factor 1.5); the learning rate is searched step by step. null: lr as "
+        "given, however far it moves the model",
+    )
     loss: str = Field("ppo_clip", description="the registered loss the stale steps minimise")
 
     @field_validator("loss")
@@ -223,8 +240,12 @@ class ModelSource(Strict):
 
     kind: Literal["model"]
     path: str | None = Field(None, description="local Hugging Face checkpoint dir; null: built-in")
-    prompts: list[str] | None = Field(None, description="prompts; null: the built-in corpus")
-    num_prompts: int = Field(4, ge=1, description="prompts drawn from the built-in corpus")
+    prompts: list[str] | None = Field(
+        None,
+        description="prompts; null: drawn from a built-in set (Python def/class lines, or "
+        "instructions with chat_template)",
+    )
+    num_prompts: int = Field(4, ge=1, description="prompts drawn from the built-in set")
     group_size: int = Field(4, ge=1, description="completions sampled per prompt")
     max_new_tokens: int = Field(24, ge=1)
     temperature: float = Field(1.0, gt=0, description="sampling temperature T (logits / T)")
@@ -232,9 +253,21 @@ class ModelSource(Strict):
     top_k: int = Field(
         0, ge=0, description="sample from the k most probable tokens (before top-p); 0: off"
     )
-    reward: str = Field("python_syntax", description="built-in reward name or module:function")
-    rollout_dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "bfloat16", description="precision of the rollout pass that samples and returns μ"
+    reward: str | None = Field(
+        None,
+        description="built-in reward name or module:function; null: python_syntax, or "
+        "word_limit with chat_template",
+    )
+    rollout_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="precision of the rollout pass that samples and returns μ; auto: bfloat16 "
+        "where the device computes it natively (CUDA with bf16, a CPU with AVX512-BF16, AMX or "
+        "Arm BF16), float32 elsewhere (emulated bf16 is slower than float32)",
+    )
+    chat_template: bool = Field(
+        False,
+        description="wrap each prompt as a user message in the tokenizer's chat template "
+        "(instruct and chat checkpoints); null prompts are then the built-in instructions",
     )
     stale: StaleConfig = StaleConfig()
 
@@ -569,9 +602,12 @@ class DiagnosticsConfig(Strict):
         "nothing of size M×V or V×H kept (gradlens.engine); fused: the streamed engine with "
         "Triton kernels (CUDA, opt-in); auto: streamed above stream_above entries",
     )
-    reference: Literal["auto", "autograd", "none"] = Field(
+    reference: Literal["auto", "autograd", "sampled", "none"] = Field(
         "auto",
-        description="check against torch.autograd; auto: with the materialized engine only",
+        description="check against torch.autograd: autograd, every token and row; sampled, "
+        "c_t of every token with ∂L/∂z_y of a sample of tokens and ‖∂L/∂W_v‖ of a sample of "
+        "rows (no [tokens, vocab] under autograd); auto: autograd with the materialized engine, "
+        "sampled with the streamed ones",
     )
     stream_above: int = Field(
         1 << 24,
@@ -582,8 +618,10 @@ class DiagnosticsConfig(Strict):
     memory_budget_mib: float | None = Field(
         None,
         gt=0,
-        description="working memory of the streamed engine and of a large synthetic batch's "
-        "construction; null: 1/4 of free, ≤ 1 GiB",
+        description="working memory of the streamed engine, of a large synthetic batch's "
+        "construction and of each micro-batch through a model (stale steps, whole-model "
+        "gradients); null: 1/4 of free memory, at most 1 GiB for the engine and 2 GiB for a "
+        "model pass",
     )
     vocab_chunk: int | None = Field(None, ge=1, description="streamed engine rows per chunk")
     tensor_parallel: int = Field(
@@ -626,9 +664,9 @@ class DiagnosticsConfig(Strict):
                 f"engine {self.engine!r} runs in one process; tensor_parallel "
                 f"{self.tensor_parallel} needs the streamed engine (engine: auto or streamed)"
             )
-        if self.reference == "autograd":
+        if self.reference in ("autograd", "sampled"):
             problems.append(
-                "reference 'autograd' materialises [tokens, vocab] with the whole lm_head, "
+                f"reference {self.reference!r} differentiates through the whole lm_head, "
                 f"which no rank holds under tensor_parallel {self.tensor_parallel}; run the "
                 "reference in one process (tensor_parallel 1), or set reference auto or none"
             )

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gradlens.results.model import ModelPass
+
 
 @dataclass(frozen=True)
 class Sequences:
@@ -83,6 +85,7 @@ class RolloutRecord:
     reward: str  # the reward function's name
     rollout_dtype: str
     top_k: int = 0  # 0: no top-k
+    chat_template: bool = False  # the prompts were rendered in the tokenizer's chat template
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,8 @@ class StalePoint:
     step: int
     loss: float | None  # the stale loss at θ_k (None after the last step)
     logp: Tensor  # [N, T] log π_θk(y_t)
+    lr: float | None = None  # the learning rate of the step θ_{k−1} → θ_k (None at k = 0)
+    probes: int = 0  # times that step was redone with another learning rate (target_kl)
 
 
 @dataclass(frozen=True)
@@ -100,9 +105,11 @@ class StalenessRecord:
 
     steps: int
     optimizer: str
-    lr: float
+    lr: float  # the configured (with target_kl: the first step's starting) learning rate
     loss: str
     trajectory: list[StalePoint]
+    target_kl: float | None = None
+    model_pass: ModelPass | None = None  # how the steps went through the model
 
 
 @dataclass
@@ -124,6 +131,7 @@ class ModelContext:
     rollout: RolloutRecord | None = None  # model source only
     staleness: StalenessRecord | None = None  # model source only
     batch_file: str | None = None  # a batch file whose hidden states the checkpoint recomputed
+    notes: list[str] = field(default_factory=list)  # what the report should say about it
 
 
 # (field, index) → the name of that entry as the user knows it; see `Origin`.

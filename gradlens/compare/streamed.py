@@ -8,7 +8,10 @@ kept.
 
 With ``diagnostics.reference: autograd`` each loss is also differentiated by torch.autograd
 (which materialises [M, V], one loss at a time) and compared: c_t, the sampled-row logit
-gradient ∂L/∂z_y and the row norms ‖∂L/∂W_v‖.
+gradient ∂L/∂z_y and the row norms ‖∂L/∂W_v‖. By default (``reference: auto``) the check is
+sampled (`gradlens.compare.sampled_check`): autograd on the same objective, exact, for c_t of
+every token, ∂L/∂z_y of a sample of tokens and the norms of a sample of lm_head rows, without
+[M, V] under autograd; ``reference: none`` skips it.
 
 With ``loss.entropy_coef`` ≠ 0 the engine adds the entropy bonus's gradient (not of the c-form)
 to every loss's rows, and the reports include it exactly as the materialized path's do; a
@@ -49,6 +52,15 @@ from torch import Tensor
 from gradlens.compare.engines import EngineOptions, EngineRun
 from gradlens.compare.parity import ParityInputs, ParityLoss, streamed_gap
 from gradlens.compare.records import LossRecord, TokenSummary
+from gradlens.compare.sampled_check import (
+    BLOCK_ENTRIES,
+    SAMPLED_TOKENS,
+    SPREAD_ROWS,
+    TOP_ROWS,
+    Sample,
+    choose_sample,
+    sampled_reference,
+)
 from gradlens.compare.tensor_parallel import VocabParallel
 from gradlens.containers import Batch, valid_index
 from gradlens.diagnostics import tolerances
@@ -267,6 +279,11 @@ def run_streamed(
             value += float(distill_term(obj.agg_weights, divergence, params.distill.coef))
         return value
 
+    sample = None
+    if options.reference == "sampled" and reported:
+        c_abs = torch.stack([result.coefficients[i].abs() for i in range(reported)]).amax(0)
+        norms = torch.stack([result.rows[i].norms.double() for i in range(reported)]).amax(0)
+        sample = choose_sample(hidden, batch.weight, tokens, c_abs, norms)
     records = []
     for i, spec in enumerate(run_specs[:reported]):
         c = result.coefficients[i]  # [M]
@@ -274,11 +291,18 @@ def run_streamed(
         obj = objectives[i]
         post = obj.weights[rows, cols] * obj.terms.per_token_grad[rows, cols].abs()
         post = post * (1 - result.tokens.sampled_prob)
-        agreement, ref_at_y, ref_non_finite = (
-            _agreement(batch, spec, params, aggregation, c, result, i, rows, cols, tokens)
-            if options.reference
-            else (not_run(batch.weight.dtype), None, 0)
-        )
+        ref_tokens = None
+        if options.reference == "full":
+            agreement, ref_at_y, ref_non_finite = _agreement(
+                batch, spec, params, aggregation, c, result, i, rows, cols, tokens
+            )
+        elif sample is not None:
+            agreement, ref_at_y, ref_non_finite = _sampled_agreement(
+                sample, batch, spec, params, aggregation, c, result, i, rows, cols, hidden, tokens
+            )
+            ref_tokens = sample.tokens
+        else:
+            agreement, ref_at_y, ref_non_finite = not_run(batch.weight.dtype), None, 0
         records.append(
             LossRecord(
                 spec=spec,
@@ -287,7 +311,7 @@ def run_streamed(
                 non_finite=count_non_finite(c, stats.norms, stats.row_sum),
                 reference_non_finite=ref_non_finite,
                 sampled_row=sampled_row_streamed(
-                    c, result.tokens, spec.post_formula, post, ref_at_y, stats
+                    c, result.tokens, spec.post_formula, post, ref_at_y, stats, ref_tokens
                 ),
                 rows=row_norms_from(stats.norms, tokens, options.top_k),
                 zero_sum=zero_sum_streamed(
@@ -367,7 +391,9 @@ def estimate_streamed(
     """The engine's peak: the hidden states of the tokens [M, H], the working memory of its
     plan (`gradlens.engine.streamed.plan`: at least one vocabulary chunk of ≥ 256 rows, whatever
     the budget), per-loss row norms [V] and coefficients [M]; with the reference, autograd's
-    [M, V] tensors of one loss; with the attribution, four more buffers per chunk (as
+    [M, V] tensors of one loss; with the sampled check, its constant pass ([block, V] at a time)
+    and the tensors one loss takes under autograd ([|S|, V] and [M, |R|],
+    `gradlens.compare.sampled_check`); with the attribution, four more buffers per chunk (as
     `run_streamed` plans them) and the hidden states' Gram of each sequence (about M·T entries)."""
     m, v, h = shape.tokens, shape.vocab, shape.hidden
     acc = dtype_bytes(softmax_dtype(dtype))
@@ -382,8 +408,14 @@ def estimate_streamed(
         ),
         ("row norms [V] and coefficients [M] per loss", losses * (v + m) * 8),
     ]
-    if options.reference:
+    if options.reference == "full":
         terms.append(("autograd's [M, V] tensors of one loss", 5 * m * v * acc))
+    elif options.reference == "sampled":
+        tokens_s = min(m, SAMPLED_TOKENS + 1)
+        rows_r = min(v, TOP_ROWS + SPREAD_ROWS + tokens_s)
+        block = min(m * v, max(BLOCK_ENTRIES, v))  # at least one token's row
+        sampled = 2 * block * acc + 5 * (tokens_s * v + m * rows_r) * acc
+        terms.append(("the sampled check's blocks and its autograd of one loss", sampled))
     if options.attribution:
         terms.append(("attribution: each sequence's Gram of h", m * shape.length * acc))
     return Estimate(
@@ -459,4 +491,44 @@ def _agreement(
         ),
         ref_at_y,
         count_non_finite(ref.grad_logits, ref.grad_weight),
+    )
+
+
+def _sampled_agreement(
+    sample: Sample,
+    batch: Batch,
+    spec: LossSpec,
+    params: LossParams,
+    aggregation: Aggregation,
+    c: Tensor,
+    result: EngineResult,
+    i: int,
+    rows: Tensor,
+    cols: Tensor,
+    hidden: Tensor,
+    tokens: Tensor,
+) -> tuple[Agreement, Tensor, int]:
+    """Engine against autograd on the sample: c_t of every token, ∂L/∂z_y of the sampled
+    tokens, ‖∂L/∂W_v‖ of the sampled rows (normwise relative, as `_agreement`)."""
+    ref = sampled_reference(sample, batch, hidden, tokens, rows, cols, spec, params, aggregation)
+    at_y = grad_at_y(c, result.tokens)[sample.tokens]
+    errors = (
+        rel_err(c, ref.coefficient[rows, cols]),
+        rel_err(at_y, ref.grad_at_y),
+        rel_err(result.rows[i].norms[sample.rows], ref.row_norms),
+    )
+    tol = tolerances.agreement(batch.weight.dtype)
+    return (
+        Agreement(
+            coefficient=errors[0],
+            grad_logits=errors[1],
+            grad_weight=errors[2],
+            tolerance=tol,
+            passed=all(e is not None and e <= tol for e in errors),
+            scope="sampled",
+            sampled_tokens=int(sample.tokens.numel()),
+            sampled_rows=int(sample.rows.numel()),
+        ),
+        ref.grad_at_y,
+        ref.non_finite,
     )

@@ -44,8 +44,10 @@ def sampled_row_streamed(
     post: Tensor,
     reference_at_y: Tensor | None,
     rows: RowStats | None = None,
+    reference_tokens: Tensor | None = None,
 ) -> SampledRow:
-    """Diagnostic 1; ``post`` [M] is a_t·|g_t|·(1 − π_y), ``reference_at_y`` autograd's ∂L/∂z_y;
+    """Diagnostic 1; ``post`` [M] is a_t·|g_t|·(1 − π_y), ``reference_at_y`` autograd's ∂L/∂z_y
+    of every token, or of the tokens ``reference_tokens`` (indices into M) when it is given;
     ``rows`` the loss's engine rows (their per-token statistics with the entropy bonus)."""
     p_y = stats.sampled_prob
     at_y = grad_at_y(c, stats)  # [M]
@@ -54,10 +56,14 @@ def sampled_row_streamed(
         assert stats.entropy_grad_at_y is not None
         other_mass, other_max = rows.other_mass, rows.other_max
         if reference_at_y is not None:  # the post's formula covers the policy term only
-            reference_at_y = reference_at_y - stats.entropy_grad_at_y.to(reference_at_y.dtype)
+            bonus_at_y = stats.entropy_grad_at_y
+            if reference_tokens is not None:
+                bonus_at_y = bonus_at_y[reference_tokens]
+            reference_at_y = reference_at_y - bonus_at_y.to(reference_at_y.dtype)
         post_formula += " (policy term; entropy bonus excluded)"
     else:
         other_mass, other_max = c.abs() * (stats.prob_sum - p_y), c.abs() * stats.max_other_prob
+    post_checked = post if reference_tokens is None else post[reference_tokens]
     return SampledRow(
         post_formula=f"a_t·{post_formula}",
         sampled_abs_mean=None if empty else num(at_y.abs().mean()),
@@ -66,7 +72,7 @@ def sampled_row_streamed(
         other_abs_max=None if empty else num(other_max.max()),
         post_max_rel_err=None
         if empty or reference_at_y is None
-        else rel_err(post.double(), reference_at_y.abs()),
+        else rel_err(post_checked.double(), reference_at_y.abs()),
     )
 
 

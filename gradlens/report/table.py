@@ -11,7 +11,15 @@ from rich.table import Table
 from rich.text import Text
 
 from gradlens.report.attribution_table import attribution_parts
-from gradlens.report.cells import fmt, metrics_cell, ok, other_rules_cell, pct, titled_table
+from gradlens.report.cells import (
+    agreement_cell,
+    fmt,
+    metrics_cell,
+    ok,
+    other_rules_cell,
+    pct,
+    titled_table,
+)
 from gradlens.report.model_table import model_parts
 from gradlens.report.parity_table import rollout_and_parity_parts
 from gradlens.report.split_table import split_table
@@ -167,7 +175,7 @@ SECTIONS: list[tuple[str, list[Row]]] = [
                 ),
             ),
             ("tolerance", lambda r: fmt(r.agreement.tolerance, 2)),
-            ("agreement", lambda r: ok(r.agreement.passed) if r.agreement.ran else "not run"),
+            ("agreement", agreement_cell),
             (
                 "non-finite gradient entries",
                 lambda r: str(r.non_finite) if not r.non_finite else f"[bold red]{r.non_finite}[/]",

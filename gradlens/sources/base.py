@@ -27,9 +27,10 @@ class SourceContext:
         normalization, advantage_eps: how rewards become advantages (`gradlens.advantages`).
         params, aggregation: the run's loss settings (the model source's stale steps minimise a
             loss with them).
-        memory_budget_bytes: working memory for a source that builds its batch in pieces (the
-            synthetic source above its materialized size); None: `gradlens.engine.streamed`'s
-            automatic budget.
+        memory_budget_bytes: ``diagnostics.memory_budget_mib`` in bytes: the working memory of a
+            source that builds its batch in pieces (the synthetic source above its materialized
+            size) and of a pass through a model (`gradlens.sources.microbatch`); None: chosen
+            from free memory.
         rank, tensor_parallel: this process's rank in the tensor-parallel group and the group's
             size (1: one process). A source may return only this rank's rows of the lm_head
             (`Batch.weight_rows`); the compare pipeline splits a whole one itself.

@@ -1,8 +1,8 @@
 """The model source: a real causal LM, loaded from a local directory, rolled out and diagnosed.
 
 Tiny random Llama and GPT-2 models are built from a config, saved with a trained BPE tokenizer
-to a temporary directory and loaded through the same path as a user's checkpoint; the built-in
-model is loaded by ``--source model``.
+to a temporary directory (tests/tiny_checkpoints.py) and loaded through the same path as a
+user's checkpoint; the built-in model is loaded by ``--source model``.
 """
 
 from __future__ import annotations
@@ -25,65 +25,11 @@ from gradlens.results import CompareReport
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
+from tiny_checkpoints import VOCAB, make_tokenizer, save_checkpoint  # noqa: E402
+
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[2]
-EOS = "<|endoftext|>"
-VOCAB = 300
 PROMPTS = ["def add(a, b):\n", "class Point:\n    def __init__(self", "import os\n"]
-TEXT = (
-    "def add(a, b):\n    return a + b\n\n"
-    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n\n"
-    "import os\nimport sys\n\nfor i in range(10):\n    print(i, os.sep, sys.argv)\n"
-) * 20
-
-
-def make_tokenizer(extra_tokens: int = 0):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB,
-        special_tokens=[EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator([TEXT], trainer=trainer)
-    if extra_tokens:
-        tok.add_special_tokens([f"<extra_{i}>" for i in range(extra_tokens)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS)
-
-
-def save_checkpoint(
-    path: Path, arch: str, tokenizer=None, context: int = 64, tiled: tuple[int, float] | None = None
-) -> Path:
-    """A random model; ``tiled = (V, scale)``: a Llama with V rows whose lm_head is its first
-    VOCAB rows (the tokenizer's) repeated and scaled."""
-    torch.manual_seed(0)
-    vocab = VOCAB if tiled is None else tiled[0]
-    if arch == "llama":
-        config = transformers.LlamaConfig(
-            vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=context,
-            tie_word_embeddings=False, eos_token_id=0, bos_token_id=0,
-        )  # fmt: skip
-        model = transformers.LlamaForCausalLM(config)
-    else:
-        config = transformers.GPT2Config(
-            vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=context,
-            eos_token_id=0, bos_token_id=0,
-        )  # fmt: skip
-        model = transformers.GPT2LMHeadModel(config)
-    if tiled is not None:
-        with torch.no_grad():
-            head = model.get_output_embeddings().weight  # [V, H]
-            head.copy_(tiled[1] * head[:VOCAB].repeat(-(-vocab // VOCAB), 1)[:vocab])
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    (tokenizer or make_tokenizer()).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +56,9 @@ def run(path, **source) -> CompareReport:
 
 @pytest.fixture(scope="module")
 def llama_report(checkpoints) -> CompareReport:
-    # a random model writes no valid Python, so python_syntax would tie within groups (Â = 0)
-    return run(checkpoints["llama"], reward="length")
+    # a random model writes no valid Python, so python_syntax would tie within groups (Â = 0);
+    # the rollout in bf16 whatever the CPU (auto would choose float32 without native bf16)
+    return run(checkpoints["llama"], reward="length", rollout_dtype="bfloat16")
 
 
 # ----------------------------------------------------------------------------- user checkpoints
@@ -236,8 +183,10 @@ def test_temperature_divides_the_logits_of_every_log_prob(checkpoints):
 
 
 def test_gpt2_with_tied_embeddings(checkpoints):
-    report = run(checkpoints["gpt2"])
-    assert report.passed
+    # the length reward, so that the advantages differ within a group (python_syntax scores a
+    # random model's completions 0 alike: every advantage 0 fails the diagnosable check)
+    report = run(checkpoints["gpt2"], reward="length")
+    assert report.passed, [c for c in report.checks if not c.passed]
     assert report.model is not None and report.model.model.tied_embeddings
     for r in report.losses:
         mg = r.model_grads
@@ -265,7 +214,9 @@ def test_zero_stale_steps_with_an_fp32_rollout_is_exactly_on_policy(checkpoints)
 
 def test_stale_steps_move_the_ratio_away_from_one(checkpoints):
     # the length reward differs within every group, so every advantage is non-zero
-    report = run(checkpoints["llama"], reward="length", stale={"steps": 2, "lr": 1e-2})
+    report = run(
+        checkpoints["llama"], reward="length", stale={"steps": 2, "lr": 1e-2, "target_kl": None}
+    )
     assert report.model is not None
     steps = report.model.staleness.trajectory
     assert [t.step for t in steps] == [0, 1, 2]
