@@ -73,6 +73,7 @@ ADDED_LOSS_SETTINGS = (
     "fipo_safety_threshold",
     "top_entropy_quantile",
     "bypass_mode",
+    "distill",  # the distillation term of §2.29, null: off
 )
 
 
