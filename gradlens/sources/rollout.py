@@ -7,6 +7,10 @@ does), divided by the temperature T, and
     μ(y) = softmax(z/T)(y)              the rollout log-prob returned with the token,
     y ~ softmax(z/T) restricted to the smallest set of top tokens with mass ≥ top_p.
 
+The cache is handed back to the model under the name its ``forward`` takes: ``cache`` in the
+transformers releases that rename it (there ``past_key_values`` warns, and 5.40 removes it),
+``past_key_values`` in the ones before.
+
 A sequence stops at the tokenizer's EOS token (which is kept and enters the loss) or after
 ``max_new_tokens``. Prompts are left-padded so that every sequence's completion starts at the
 same column; positions count real tokens only, so padding changes nothing.
@@ -14,6 +18,7 @@ same column; positions count real tokens only, so padding changes nothing.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +70,12 @@ def tokenize_prompts(
     return ids
 
 
+def cache_keyword(model: nn.Module) -> str:
+    """The keyword under which ``model``'s forward takes (and its output returns) the KV cache."""
+    parameters = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
 @dataclass(frozen=True)
 class Rollout:
     sequences: Sequences
@@ -114,6 +125,7 @@ def sample(
     alive = torch.zeros(n, max_new_tokens, dtype=torch.bool, device=device)
     done = torch.zeros(n, dtype=torch.bool, device=device)
 
+    keyword = cache_keyword(model)
     out = model(
         input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True
     )
@@ -139,8 +151,8 @@ def sample(
             input_ids=y[:, None],
             attention_mask=attn,
             position_ids=last_pos,
-            past_key_values=out.past_key_values,
             use_cache=True,
+            **{keyword: getattr(out, keyword)},
         )
     report("sampling", max_new_tokens, max_new_tokens)
 
