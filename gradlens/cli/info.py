@@ -6,8 +6,6 @@ from enum import Enum
 from typing import Annotated
 
 import typer
-from rich.markup import escape
-from rich.table import Table
 
 from gradlens.cli.common import (
     ConfigOption,
@@ -28,6 +26,7 @@ def losses(
     import json
 
     from gradlens.losses import AGGREGATIONS, get_loss, loss_names
+    from gradlens.report.loss_list import loss_list_table
 
     specs = [get_loss(n) for n in loss_names()]
     if output is OutputFormat.json:
@@ -47,19 +46,7 @@ def losses(
             )
         )
         return
-    table = Table(title="registered losses: ∂L/∂z_t = a_t·g_t·(e_y − π_t)", title_justify="left")
-    for col in (
-        "name",
-        "per-token loss (minimised)",
-        "g_t = ∂ℓ/∂log π_θ(y)",
-        "zero when",
-        "source",
-    ):
-        table.add_column(col, overflow="fold")
-    for s in specs:
-        table.add_row(
-            *(escape(x) for x in (s.name, s.formula, s.grad_formula, s.zero_when, s.paper))
-        )
+    table = loss_list_table(specs)
     console = stdout_console()
     console.print(table)
     console.print(f"aggregations (loss.aggregation): {', '.join(AGGREGATIONS)}")
