@@ -16,8 +16,21 @@ RULE_TEXT = {
 }
 
 
+# What each rule is, for a sentence: "<name> switches the token off".
+RULE_NAME = {
+    "clip_upper": "the clip",
+    "clip_lower": "the clip",
+    "clip_dual": "the dual clip",
+    "seq_masked": "the off-policy sequence mask",
+}
+
+
 def rule_text(name: str) -> str:
     return RULE_TEXT.get(name, name)
+
+
+def rule_name(name: str) -> str:
+    return RULE_NAME.get(name, f"the rule {name}")
 
 
 def num(x: float | None, digits: int = 3) -> str:
