@@ -231,7 +231,7 @@ def _lines(outcome: SweepOutcome) -> Any:
         for curve, label in drawn:
             y = ys[label]
             k = labels.index(label)
-            style = {
+            style: dict[str, Any] = {
                 "color": colors[label],
                 "lw": widths[label],
                 "marker": markers[label],
