@@ -11,8 +11,9 @@ columns do not all fit beside the key columns, they are dealt, in order, into as
 consecutive parts as fit (as even in count as fits), stacked, each with the key columns again
 and numbered "(i/n)" after the title. The title and the caption are lines of their own, wrapped
 at the console's width. Within a part every column starts at its natural width (its longest
-line) and the widest is narrowed one character at a time, never below its longest word, until
-the part fits; cells then wrap between words only. Only key columns and one value column that
+line) and the widest value column is narrowed one character at a time, never below its
+longest word, until the part fits — the key columns only once the values are at their
+narrowest; cells then wrap between words only. Only key columns and one value column that
 are together wider than the console still fold — the one case with no layout that fits.
 """
 
@@ -56,19 +57,21 @@ def table_width(widths: Sequence[int]) -> int:
     return sum(widths) + PER_EXTRA_COLUMN * (len(widths) - 1) + BORDER
 
 
-def narrow(minimum: Sequence[int], natural: Sequence[int], width: int) -> list[int]:
-    """Column widths from ``natural``, the widest narrowed first, none below ``minimum``, until
-    the table fits ``width`` (or every column is at its minimum)."""
+def narrow(minimum: Sequence[int], natural: Sequence[int], width: int, keys: int = 0) -> list[int]:
+    """Column widths from ``natural``, narrowed one character at a time until the table fits
+    ``width`` (or every column is at its minimum): the widest value column first, the ``keys``
+    leading columns (the row labels, read first) only once every value column is at its
+    ``minimum``, which no column goes below."""
     widths = list(natural)
     excess = table_width(widths) - width
-    while excess > 0:
-        room = [w - m for w, m in zip(widths, minimum, strict=True)]
-        movable = [i for i, r in enumerate(room) if r > 0]
-        if not movable:
-            break
-        widest = max(movable, key=lambda i: widths[i])
-        widths[widest] -= 1
-        excess -= 1
+    for first in (keys, 0):
+        while excess > 0:
+            movable = [i for i in range(first, len(widths)) if widths[i] > minimum[i]]
+            if not movable:
+                break
+            widest = max(movable, key=lambda i: widths[i])
+            widths[widest] -= 1
+            excess -= 1
     return widths
 
 
@@ -141,7 +144,8 @@ class FitTable:
         out = []
         for part in self.parts(width):
             table = Table(pad_edge=False)
-            widths = narrow([minimum[i] for i in part], [natural[i] for i in part], width)
+            keys = min(self.keys, len(part))
+            widths = narrow([minimum[i] for i in part], [natural[i] for i in part], width, keys)
             for i, w in zip(part, widths, strict=True):
                 c = self.columns[i]
                 table.add_column(

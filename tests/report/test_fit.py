@@ -35,6 +35,14 @@ def test_narrow_takes_the_widest_column_first_and_stops_at_the_fit():
     assert table_width([3, 4]) == 12
 
 
+def test_narrow_keeps_the_row_labels_until_the_values_are_at_their_narrowest():
+    # natural [10, 8, 6] takes 24 + 6 + 2 = 32 > 25: 7 to give up. The values (columns 1, 2)
+    # go first, widest first: 8 → 6 (2), then both down to their minimum 4 (2 + 2) = 6 given
+    # up; the seventh character comes from the labels: [9, 4, 4]
+    assert narrow([3, 4, 4], [10, 8, 6], 25, keys=1) == [9, 4, 4]
+    assert table_width([9, 4, 4]) == 25
+
+
 def test_narrow_never_goes_below_the_longest_word():
     # [5, 5] takes 15 > 10, but neither column may lose a character
     assert narrow([5, 5], [6, 6], 10) == [5, 5]
