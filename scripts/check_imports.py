@@ -30,7 +30,7 @@ PACKAGE = "gradlens"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("cli", ("gradlens.cli", "gradlens.__main__")),
     ("report", ("gradlens.report",)),
-    ("commands", ("gradlens.compare", "gradlens.sweep")),
+    ("commands", ("gradlens.api", "gradlens.compare", "gradlens.sweep")),
     ("data", ("gradlens.diagnostics", "gradlens.sources")),
     ("config", ("gradlens.config",)),
     ("maths", ("gradlens.grads", "gradlens.engine", "gradlens.losses", "gradlens.advantages")),

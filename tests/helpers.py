@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import textwrap
 from typing import Any
 
@@ -156,3 +157,59 @@ def three_policy_batch(seed: int, drift: float = 0.8, rollout: float = 0.3) -> B
     rollout_logp = batch.old_logp - rollout * torch.randn(n, t, generator=gen, dtype=F64)
     ref_logp = batch.old_logp - 0.5 * torch.randn(n, t, generator=gen, dtype=F64)
     return dataclasses.replace(batch, rollout_logp=rollout_logp, ref_logp=ref_logp)
+
+
+# ----------------------------------------------------------------------------- reports
+
+RTOL = 1e-5
+NUMBER = re.compile(r"-?\d+(\.\d+)?(e[-+]?\d+)?")
+SKIPPED = {"environment", "schema_version"}
+# Rounding residuals: their size, not their digits, is the point; the verdicts are compared.
+RESIDUALS = {
+    "logits_max_abs",
+    "logits_max_rel",
+    "weight_rel",
+    "post_max_rel_err",
+    "coefficient_max_abs_diff",
+    "coefficient_rel",
+    "grad_logits_rel",
+    "row_max_rel",
+}
+AGREEMENT_ERRORS = {"coefficient", "grad_logits", "grad_weight"}
+
+
+def differences(old: Any, new: Any, path: str = "") -> list[str]:
+    """Every field where ``new`` differs from ``old``, as 'path: old != new'."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new)):
+            if key in SKIPPED:
+                continue
+            where = f"{path}.{key}"
+            if key not in old or key not in new:
+                out.append(f"{where}: only in {'new' if key in new else 'golden'}")
+                continue
+            if key in RESIDUALS or (path.endswith(".agreement") and key in AGREEMENT_ERRORS):
+                if (old[key] is None) != (new[key] is None):
+                    out.append(f"{where}: {old[key]!r} != {new[key]!r}")
+                continue
+            if key == "detail" and path.startswith(".checks"):  # residuals written into words
+                old_words, new_words = NUMBER.sub("#", old[key]), NUMBER.sub("#", new[key])
+                if old_words != new_words:
+                    out.append(f"{where}: {old[key]!r} != {new[key]!r}")
+                continue
+            out += differences(old[key], new[key], where)
+        return out
+    if isinstance(old, list) and isinstance(new, list):
+        if len(old) != len(new):
+            return [f"{path}: {len(old)} items != {len(new)}"]
+        out = []
+        for i, (a, b) in enumerate(zip(old, new, strict=True)):
+            out += differences(a, b, f"{path}[{i}]")
+        return out
+    if isinstance(old, float) or isinstance(new, float):
+        numbers = isinstance(old, (int, float)) and isinstance(new, (int, float))
+        if numbers and math.isclose(old, new, rel_tol=RTOL, abs_tol=1e-12):
+            return []
+        return [f"{path}: {old!r} != {new!r}"]
+    return [] if old == new else [f"{path}: {old!r} != {new!r}"]

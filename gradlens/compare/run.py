@@ -128,9 +128,14 @@ def environment(config: Config, device: torch.device) -> Environment:
 
 
 def run_compare(config: Config) -> CompareReport:
-    """Run every loss of ``config`` on one batch and diagnose it."""
+    """Run every loss of ``config`` on the batch its source builds and diagnose it."""
     device = resolve_device(config.device)
     batch = build_source(config.source, source_context(config, device))
+    return compare_batch(batch, config, device)
+
+
+def compare_batch(batch: Batch, config: Config, device: torch.device) -> CompareReport:
+    """Run every loss of ``config`` on ``batch`` and diagnose it (``config.source`` unused)."""
     params = config.loss.params()
     aggregation = config.loss.token_aggregation()
     path, reason = choose_engine(config, batch)

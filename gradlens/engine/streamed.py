@@ -31,6 +31,10 @@ coefficients equal an earlier loss's on most tokens (``ppo_clip`` against ``ppo`
 only on clipped tokens) reuses that loss's dense product and adds a correction over the
 differing tokens only: D_k = D_j + πᵀ_{[Δ]} ((c_k − c_j)⊙h)_{[Δ]}. This is exact algebra.
 
+The passes are separate functions (`first_pass`, `second_pass`, `assemble`): `lm_head_pass` runs
+them over the whole W, the vocab-parallel engine (`gradlens.engine.vocab_parallel`) over one shard
+of W's rows, with its collectives in between and after.
+
 Nothing of size V×H or M×V survives a chunk, except the resident logits the budget allows.
 bf16/fp16 operands: the logits GEMM runs in the operand dtype (fp32 accumulation), the
 softmax in float32, the dense GEMM in the operand dtype with fp32 accumulation; float32 and
@@ -169,37 +173,52 @@ def share_sources(coefficients: list[Tensor]) -> list[tuple[int, Tensor] | None]
     return sources
 
 
-def lm_head_pass(
+@dataclass(frozen=True)
+class FirstPass:
+    """Pass 1 over the rows of the weight it was given (a whole lm_head or one shard of it).
+
+    ``z_y`` is 0 for tokens whose id is outside those rows; ``entropy`` is H_t over these rows
+    alone (against their own ``lse``), ``max_other_logit`` max_{v≠y} z_v over them (−inf when
+    the rows hold no other id); each None unless asked for. ``kept``: the resident chunks'
+    logits, handed to `second_pass` (which consumes them).
+    """
+
+    lse: Tensor  # [M]
+    z_y: Tensor  # [M]
+    max_abs: Tensor  # [M]
+    entropy: Tensor | None
+    max_other_logit: Tensor | None
+    kept: list[Tensor]
+    gemms: float
+
+
+def first_pass(
     hidden: Tensor,
     weight: Tensor,
     tokens: Tensor,
-    coefficients_of: CoefficientFn,
     plan: EnginePlan,
-    entropy_weight: Tensor | None = None,
-    entropy_losses: int | None = None,
-) -> EngineResult:
-    """Run the two passes. ``coefficients_of(logp [M]) -> [c_1, …, c_k]`` ([M] each).
-
-    ``entropy_weight`` [M]: w_t = a_t·c_H of the entropy bonus, added to the first
-    ``entropy_losses`` losses (all when None); None: no bonus.
-    """
+    entropy: bool = False,
+    other_logit: bool = False,
+    vocab: int | None = None,
+) -> FirstPass:
+    """Pass 1: logsumexp, z_y and max |z| per token over ``weight``'s rows (``tokens`` are row
+    ids of ``weight``; ids outside [0, rows) own no row), keeping the resident chunks' logits.
+    GEMMs are counted in units of ``vocab`` rows (default: all of ``weight``'s)."""
     m, v = hidden.shape[0], weight.shape[0]
+    unit = v if vocab is None else vocab
     acc = softmax_dtype(weight.dtype)
-    chunks = plan.chunks(v)
     gemms = 0.0
-    ent_w = None if entropy_weight is None else entropy_weight.to(acc)
-    h1 = torch.zeros(m, dtype=acc, device=hidden.device)  # H_t, accumulated in pass 1
-
-    # Pass 1: logsumexp and z_y, keeping the resident chunks' logits.
     kept: list[Tensor] = []
     lse = torch.full((m,), -torch.inf, dtype=acc, device=hidden.device)
     z_y = torch.zeros(m, dtype=acc, device=hidden.device)
     max_abs = torch.zeros(m, dtype=acc, device=hidden.device)
-    for i, (start, end) in enumerate(chunks):
+    h1 = torch.zeros(m, dtype=acc, device=hidden.device)  # H_t over the rows seen so far
+    max_other = torch.full((m,), -torch.inf, dtype=acc, device=hidden.device)
+    for i, (start, end) in enumerate(plan.chunks(v)):
         z = _logits(hidden, weight[start:end])  # [M, Vc]
-        gemms += (end - start) / v
+        gemms += (end - start) / unit
         new_lse = torch.logaddexp(lse, torch.logsumexp(z, dim=-1))
-        if ent_w is not None:
+        if entropy:
             # H = Σ_v π_v·(lse − z_v), every term ≥ 0; rescaled as the running lse grows
             # (the earlier chunks' exp(z − lse) sum to 1).
             part = (torch.exp(z - new_lse[:, None]) * (new_lse[:, None] - z)).sum(-1)
@@ -208,22 +227,83 @@ def lm_head_pass(
         lo, hi = torch.aminmax(z, dim=-1)
         max_abs = torch.maximum(max_abs, torch.maximum(hi.abs(), lo.abs()))
         inside = (tokens >= start) & (tokens < end)
-        z_y = torch.where(
-            inside,
-            z.gather(-1, (tokens - start).clamp(0, end - start - 1)[:, None]).squeeze(-1),
-            z_y,
-        )
+        local = (tokens - start).clamp(0, end - start - 1)[:, None]  # [M, 1]
+        z_at = z.gather(-1, local).squeeze(-1)  # [M]
+        z_y = torch.where(inside, z_at, z_y)
+        if other_logit:  # the sampled entry set to −inf for the max, then put back
+            z.scatter_(-1, local, torch.where(inside, -torch.inf, z_at)[:, None])
+            max_other = torch.maximum(max_other, z.amax(-1))
+            z.scatter_(-1, local, z_at[:, None])
         if i < plan.resident:
             kept.append(z)
-    logp = z_y - lse
+    return FirstPass(
+        lse,
+        z_y,
+        max_abs,
+        h1 if entropy else None,
+        max_other if other_logit else None,
+        kept,
+        gemms,
+    )
 
-    coefficients = [c.to(acc) for c in coefficients_of(logp)]
+
+@dataclass(frozen=True)
+class SecondPass:
+    """Pass 2's reductions over the rows of the weight it was given.
+
+    ``norms`` [rows] and ``row_sums`` [H] per loss; per token [M]: Σ π, −Σ π log π and
+    max_{v≠y} π over these rows, and with the entropy bonus Σ E (``entropy_grad_sum``) and, per
+    loss carrying the bonus, Σ_{v≠y} |∂L/∂z_v| and max_{v≠y} |∂L/∂z_v|.
+    """
+
+    norms: list[Tensor]
+    row_sums: list[Tensor]
+    prob_sum: Tensor
+    entropy: Tensor
+    max_other: Tensor
+    entropy_grad_sum: Tensor | None
+    other_mass: list[Tensor]
+    other_max: list[Tensor]
+    gemms: float
+
+
+def second_pass(
+    hidden: Tensor,
+    weight: Tensor,
+    tokens: Tensor,
+    lse: Tensor,
+    coefficients: list[Tensor],
+    plan: EnginePlan,
+    kept: list[Tensor],
+    entropy: Tensor | None = None,
+    entropy_weight: Tensor | None = None,
+    entropy_losses: int | None = None,
+    vocab: int | None = None,
+    gemms: float = 0.0,
+) -> SecondPass:
+    """Pass 2 over ``weight``'s rows: probabilities from the *global* ``lse`` [M], the dense
+    GEMM for all losses, the sparse rows of the tokens inside these rows, the reductions.
+
+    ``coefficients``: [M] c_k per loss, in the softmax dtype. ``entropy`` [M] the global H_t and
+    ``entropy_weight`` [M] w_t when the bonus is on. ``kept``: `FirstPass.kept`, consumed.
+    ``gemms``: the count so far (pass 1's), continued.
+    """
+    m, v = hidden.shape[0], weight.shape[0]
+    unit = v if vocab is None else vocab
+    acc = softmax_dtype(weight.dtype)
+    chunks = plan.chunks(v)
+    ent_w = None if entropy_weight is None else entropy_weight.to(acc)
+    if ent_w is not None and entropy is None:
+        raise ValueError("second_pass: the entropy bonus needs H_t (entropy)")
     k = len(coefficients)
     sources = share_sources(coefficients)
     direct = [i for i in range(k) if sources[i] is None]
     h_acc = hidden.to(acc)
     gemm_dtype = dense_dtype(hidden.dtype)
-    scaled = torch.cat([coefficients[i][:, None] * h_acc for i in direct], dim=1)  # [M, k'·H]
+    H = hidden.shape[1]
+    scaled = torch.empty(m, len(direct) * H, dtype=acc, device=hidden.device)  # [M, k'·H]
+    for n, i in enumerate(direct):  # c_i⊙h written in place: no second [M, k'·H] while built
+        torch.mul(coefficients[i][:, None], h_acc, out=scaled[:, n * H : (n + 1) * H])
     deltas = {
         i: (
             src[0],
@@ -233,9 +313,9 @@ def lm_head_pass(
         for i, src in enumerate(sources)
         if src is not None
     }
-    H = hidden.shape[1]
     n_ent = 0 if ent_w is None else (k if entropy_losses is None else entropy_losses)
     h_gemm = h_acc.to(gemm_dtype)
+    scaled_gemm = scaled.to(gemm_dtype)  # the GEMM operand, converted once (bf16 operands)
     ent_sum = torch.zeros(m, dtype=acc, device=hidden.device)
     other_mass = [torch.zeros(m, dtype=acc, device=hidden.device) for _ in range(n_ent)]
     other_max = [torch.zeros(m, dtype=acc, device=hidden.device) for _ in range(n_ent)]
@@ -243,28 +323,27 @@ def lm_head_pass(
     norms = [torch.empty(v, dtype=acc, device=hidden.device) for _ in range(k)]
     row_sums = [torch.zeros(H, dtype=acc, device=hidden.device) for _ in range(k)]
     prob_sum = torch.zeros(m, dtype=acc, device=hidden.device)
-    entropy = torch.zeros(m, dtype=acc, device=hidden.device)
+    entropy_sum = torch.zeros(m, dtype=acc, device=hidden.device)
     max_other = torch.zeros(m, dtype=acc, device=hidden.device)
 
-    # Pass 2: probabilities, the dense GEMM for all losses, the sparse rows, the reductions.
     for i, (start, end) in enumerate(chunks):
         if i < len(kept):
             z, kept[i] = kept[i], torch.empty(0)
         else:
             z = _logits(hidden, weight[start:end])
-            gemms += (end - start) / v
+            gemms += (end - start) / unit
         probs = torch.exp(z.sub_(lse[:, None]))  # [M, Vc]; z now holds log π
         prob_sum += probs.sum(-1)
-        entropy -= (probs * z).sum(-1)
+        entropy_sum -= (probs * z).sum(-1)
         ent_block = None
-        if ent_w is not None:  # E = w·π·(log π + H), in place of log π
-            e = z.add_(h1[:, None]).mul_(probs).mul_(ent_w[:, None])  # [M, Vc]
+        if ent_w is not None and entropy is not None:  # E = w·π·(log π + H), in place of log π
+            e = z.add_(entropy[:, None]).mul_(probs).mul_(ent_w[:, None])  # [M, Vc]
             ent_sum += e.sum(-1)
             ent_block = (e.T.to(gemm_dtype) @ h_gemm).to(acc)  # [Vc, H], shared by all losses
-            gemms += (end - start) / v
+            gemms += (end - start) / unit
         del z
-        dense = probs.T.to(gemm_dtype) @ scaled.to(gemm_dtype)  # [Vc, k'·H]
-        gemms += (end - start) / v * len(direct)
+        dense = probs.T.to(gemm_dtype) @ scaled_gemm  # [Vc, k'·H]
+        gemms += (end - start) / unit * len(direct)
         rows = -dense.to(acc)
         inside = torch.nonzero((tokens >= start) & (tokens < end)).squeeze(-1)
         local = tokens[inside] - start
@@ -274,7 +353,7 @@ def lm_head_pass(
         }
         for idx, (j, diff_idx, diff_scaled) in deltas.items():
             delta = probs[diff_idx].T.to(gemm_dtype) @ diff_scaled.to(gemm_dtype)  # [Vc, H]
-            gemms += (end - start) / v * diff_idx.numel() / max(m, 1)
+            gemms += (end - start) / unit * diff_idx.numel() / max(m, 1)
             r = per_loss[j] - delta.to(acc)
             sel = (tokens[diff_idx] >= start) & (tokens[diff_idx] < end)
             r.index_add_(0, tokens[diff_idx][sel] - start, diff_scaled[sel])
@@ -293,27 +372,100 @@ def lm_head_pass(
         probs[inside, local] = 0.0  # drop the sampled entry before the max
         max_other = torch.maximum(max_other, probs.amax(-1))
 
-    ent_y = None if ent_w is None else ent_w * logp.exp() * (logp + h1)
+    return SecondPass(
+        norms,
+        row_sums,
+        prob_sum,
+        entropy_sum,
+        max_other,
+        None if ent_w is None else ent_sum,
+        other_mass,
+        other_max,
+        gemms,
+    )
+
+
+def assemble(
+    lse: Tensor,
+    logp: Tensor,
+    max_abs: Tensor,
+    max_other_prob: Tensor,
+    entropy: Tensor | None,
+    coefficients: list[Tensor],
+    second: SecondPass,
+    entropy_weight: Tensor | None,
+    gemms: float,
+) -> EngineResult:
+    """The `EngineResult` from the per-token statistics and pass 2's (reduced) output;
+    ``entropy`` is pass 1's H_t (needed with the entropy bonus only)."""
+    ent_y = None
+    if entropy_weight is not None and entropy is not None:
+        ent_y = entropy_weight.to(lse.dtype) * logp.exp() * (logp + entropy)
+    n_ent = len(second.other_mass)
     return EngineResult(
         tokens=TokenStats(
             lse,
             logp,
-            prob_sum,
-            entropy,
-            max_other,
+            second.prob_sum,
+            second.entropy,
+            max_other_prob,
             max_abs,
             ent_y,
-            None if ent_w is None else ent_sum,
+            second.entropy_grad_sum,
         ),
         coefficients=coefficients,
         rows=[
             RowStats(
                 n,
                 s,
-                other_mass[i] if i < n_ent else None,
-                other_max[i] if i < n_ent else None,
+                second.other_mass[i] if i < n_ent else None,
+                second.other_max[i] if i < n_ent else None,
             )
-            for i, (n, s) in enumerate(zip(norms, row_sums, strict=True))
+            for i, (n, s) in enumerate(zip(second.norms, second.row_sums, strict=True))
         ],
         gemm_equivalents=gemms,
+    )
+
+
+def lm_head_pass(
+    hidden: Tensor,
+    weight: Tensor,
+    tokens: Tensor,
+    coefficients_of: CoefficientFn,
+    plan: EnginePlan,
+    entropy_weight: Tensor | None = None,
+    entropy_losses: int | None = None,
+) -> EngineResult:
+    """Run the two passes. ``coefficients_of(logp [M]) -> [c_1, …, c_k]`` ([M] each).
+
+    ``entropy_weight`` [M]: w_t = a_t·c_H of the entropy bonus, added to the first
+    ``entropy_losses`` losses (all when None); None: no bonus.
+    """
+    first = first_pass(hidden, weight, tokens, plan, entropy=entropy_weight is not None)
+    logp = first.z_y - first.lse
+    acc = softmax_dtype(weight.dtype)
+    coefficients = [c.to(acc) for c in coefficients_of(logp)]
+    second = second_pass(
+        hidden,
+        weight,
+        tokens,
+        first.lse,
+        coefficients,
+        plan,
+        first.kept,
+        first.entropy,
+        entropy_weight,
+        entropy_losses,
+        gemms=first.gemms,
+    )
+    return assemble(
+        first.lse,
+        logp,
+        first.max_abs,
+        second.max_other,
+        first.entropy,
+        coefficients,
+        second,
+        entropy_weight,
+        second.gemms,
     )

@@ -298,3 +298,52 @@ class CompareReport(Result):
     metric_names: list[MetricName] = Field(
         default_factory=list, description="the framework names of the report's quantities"
     )
+
+    def metrics(self, prefix: str = "gradlens") -> dict[str, float]:
+        """The report's numbers as one flat mapping, for a training log (TensorBoard, W&B).
+
+        Keys: ``{prefix}/{section}/{field}`` for the shared sections (``batch``, ``ratio``,
+        ``rollout``), ``{prefix}/{loss}/{field}`` per loss (nested fields joined by ``/``, e.g.
+        ``gradlens/ppo_clip/clipping/region``; ``lm_head_norm`` = ``rows/total_norm``), and the
+        same numbers again under the frameworks' names where the crosswalk (``metric_names``)
+        has one: ``{prefix}/{loss}/verl/actor/pg_clipfrac``, ``{prefix}/trl/...``. Missing and
+        non-finite values are left out (``non_finite`` counts say so).
+        """
+        out: dict[str, float] = {}
+
+        def put(key: str, value: Any) -> None:
+            if isinstance(value, bool) or value is None:
+                return
+            if isinstance(value, int | float):
+                out[key] = float(value)
+            elif isinstance(value, dict):
+                for k, v in value.items():
+                    put(f"{key}/{k}", v)
+
+        for section in ("batch", "ratio", "rollout"):
+            part = getattr(self, section)
+            if part is not None:
+                put(f"{prefix}/{section}", part.model_dump())
+        for loss in self.losses:
+            fields = loss.model_dump(exclude={"tokens", "findings", "rows"})
+            fields["rows"] = loss.rows.model_dump(exclude={"top_rows"})
+            if loss.model_grads is not None:
+                fields["model_grads"] = {"total_norm": loss.model_grads.total_norm}
+            put(f"{prefix}/{loss.name}", fields)
+            put(f"{prefix}/{loss.name}/lm_head_norm", loss.rows.total_norm)
+        for row in self.metric_names:
+            for framework in ("verl", "trl", "openrlhf", "slime"):
+                name = getattr(row, framework)
+                if name is None:
+                    continue
+                if row.key.startswith("losses[]."):
+                    path = "/" + row.key.removeprefix("losses[].").replace(".", "/")
+                    for loss in self.losses:
+                        value = out.get(f"{prefix}/{loss.name}{path}")
+                        if value is not None:
+                            out[f"{prefix}/{loss.name}/{framework}/{name}"] = value
+                else:
+                    value = out.get(f"{prefix}/{row.key.replace('.', '/')}")
+                    if value is not None:
+                        out[f"{prefix}/{framework}/{name}"] = value
+        return out

@@ -13,8 +13,6 @@ machine and is skipped. `upgrade` applies the documented schema changes to the o
 from __future__ import annotations
 
 import json
-import math
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,23 +23,8 @@ GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 sys.path.insert(0, str(GOLDEN))
 
 from cases import cases  # noqa: E402
+from helpers import differences  # noqa: E402
 from record import normalise, run_case  # noqa: E402
-
-RTOL = 1e-5
-NUMBER = re.compile(r"-?\d+(\.\d+)?(e[-+]?\d+)?")
-SKIPPED = {"environment", "schema_version"}
-# Rounding residuals: their size, not their digits, is the point; the verdicts are compared.
-RESIDUALS = {
-    "logits_max_abs",
-    "logits_max_rel",
-    "weight_rel",
-    "post_max_rel_err",
-    "coefficient_max_abs_diff",
-    "coefficient_rel",
-    "grad_logits_rel",
-    "row_max_rel",
-}
-AGREEMENT_ERRORS = {"coefficient", "grad_logits", "grad_weight"}
 
 
 def upgrade(report: dict[str, Any]) -> dict[str, Any]:
@@ -66,43 +49,6 @@ def upgrade(report: dict[str, Any]) -> dict[str, Any]:
         mismatch["abs_diff_max"] = mismatch.pop("max_abs_diff")
         mismatch["rho_mean"] = report["rollout"]["rho_mean"]  # the same statistics now
     return report
-
-
-def differences(old: Any, new: Any, path: str = "") -> list[str]:
-    """Every field where ``new`` differs from ``old``, as 'path: old != new'."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for key in sorted(set(old) | set(new)):
-            if key in SKIPPED:
-                continue
-            where = f"{path}.{key}"
-            if key not in old or key not in new:
-                out.append(f"{where}: only in {'new' if key in new else 'golden'}")
-                continue
-            if key in RESIDUALS or (path.endswith(".agreement") and key in AGREEMENT_ERRORS):
-                if (old[key] is None) != (new[key] is None):
-                    out.append(f"{where}: {old[key]!r} != {new[key]!r}")
-                continue
-            if key == "detail" and path.startswith(".checks"):  # residuals written into words
-                old_words, new_words = NUMBER.sub("#", old[key]), NUMBER.sub("#", new[key])
-                if old_words != new_words:
-                    out.append(f"{where}: {old[key]!r} != {new[key]!r}")
-                continue
-            out += differences(old[key], new[key], where)
-        return out
-    if isinstance(old, list) and isinstance(new, list):
-        if len(old) != len(new):
-            return [f"{path}: {len(old)} items != {len(new)}"]
-        out = []
-        for i, (a, b) in enumerate(zip(old, new, strict=True)):
-            out += differences(a, b, f"{path}[{i}]")
-        return out
-    if isinstance(old, float) or isinstance(new, float):
-        numbers = isinstance(old, (int, float)) and isinstance(new, (int, float))
-        if numbers and math.isclose(old, new, rel_tol=RTOL, abs_tol=1e-12):
-            return []
-        return [f"{path}: {old!r} != {new!r}"]
-    return [] if old == new else [f"{path}: {old!r} != {new!r}"]
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,158 @@
+"""The Python API: ``gradlens.diagnose`` gives ``gradlens compare``'s report on every shipped
+config, reads the caller's tensors without touching them, and names the argument it rejects."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import build_batch, differences
+
+import gradlens
+from gradlens.compare import run_compare
+from gradlens.config import Config, build_config
+from gradlens.grads import effective_old_logp, softmax_view
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+SHIPPED = sorted(p.name for p in CONFIGS.glob("*.yaml") if not p.name.startswith("sweep_"))
+MODEL = {"model_builtin.yaml", "model_stale.yaml"}
+# Where the API's report is the compare report's by construction only up to the source: the
+# batch came as tensors, so the source description, the advantages' note and the config's
+# source, advantage and seed settings (how a source builds its batch) differ.
+SOURCE_FIELDS = {"source", "advantages"}
+
+
+def api_report(config: Config) -> gradlens.results.CompareReport:
+    batch = build_batch(config)
+    old = effective_old_logp(batch, softmax_view(batch).logp)
+    return gradlens.diagnose(
+        batch.hidden,
+        batch.weight,
+        batch.tokens,
+        batch.mask,
+        batch.advantages,
+        old,
+        batch.rollout_logp,
+        batch.ref_logp,
+        losses=config.losses,
+        loss=config.loss.model_dump(),
+        diagnostics=config.diagnostics.model_dump(),
+    )
+
+
+def comparable(report: gradlens.results.CompareReport, model: bool) -> dict:
+    data = json.loads(report.model_dump_json())
+    for setting in ("source", "advantage", "seed"):
+        data["config"].pop(setting)
+    for field in SOURCE_FIELDS:
+        data["batch"].pop(field)
+    if model:  # the checkpoint's sections need the checkpoint: the API gets tensors
+        data.pop("model")
+        for loss in data["losses"]:
+            loss.pop("model_grads")
+            loss.pop("findings")
+    return data
+
+
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=[] if n == "default.yaml" else [pytest.mark.slow]) for n in SHIPPED],
+)
+def test_diagnose_reproduces_compare_on_every_shipped_config(name: str) -> None:
+    config = build_config(CONFIGS / name)
+    report = api_report(config)
+    assert report.config["source"]["kind"] == "tensors"
+    expected = comparable(run_compare(config), name in MODEL)
+    assert not differences(expected, comparable(report, name in MODEL))
+
+
+def small_step(requires_grad: bool = False) -> dict:
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(3, 5, 8, generator=g).requires_grad_(requires_grad)
+    weight = (0.5 * torch.randn(40, 8, generator=g)).requires_grad_(requires_grad)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[0, 3:] = False
+    return {
+        "hidden": hidden,
+        "weight": weight,
+        "tokens": torch.randint(0, 40, (3, 5), generator=g),
+        "mask": mask,
+        "advantages": torch.tensor([1.0, -0.5, 0.0]),
+    }
+
+
+def test_diagnose_never_touches_the_callers_tensors() -> None:
+    step = small_step(requires_grad=True)
+    before = {k: v.detach().clone() for k, v in step.items()}
+    report = gradlens.diagnose(**step, diagnostics={"reference": "autograd"})
+    assert report.passed
+    for k, v in step.items():
+        assert torch.equal(v.detach(), before[k]), k
+    assert step["weight"].grad is None and step["hidden"].grad is None
+    assert step["weight"].requires_grad and step["hidden"].requires_grad
+
+
+def test_without_old_logp_the_batch_is_on_policy() -> None:
+    report = gradlens.diagnose(**small_step(), losses=["ppo", "reinforce"])
+    assert report.ratio.min == report.ratio.max == 1.0
+    ppo, reinforce = report.losses
+    assert ppo.rows.total_norm == reinforce.rows.total_norm  # on-policy PPO = REINFORCE
+
+
+def test_metrics_are_flat_numbers_with_the_frameworks_names() -> None:
+    metrics = gradlens.diagnose(**small_step(), losses=["ppo_clip"]).metrics()
+    assert all(isinstance(v, float) for v in metrics.values())
+    assert metrics["gradlens/ppo_clip/lm_head_norm"] == metrics["gradlens/ppo_clip/rows/total_norm"]
+    assert (
+        metrics["gradlens/ppo_clip/verl/actor/pg_clipfrac"]
+        == (metrics["gradlens/ppo_clip/clipping/region"])
+    )
+    assert "gradlens/verl/actor/ppo_kl" in metrics  # a shared quantity under verl's name
+
+
+def test_a_bias_is_folded_into_the_weight() -> None:
+    step = small_step()
+    bias = torch.linspace(-1, 1, 40)
+    with_bias = gradlens.diagnose(**step, bias=bias, losses=["sft"])
+    assert with_bias.batch.hidden_size == 9  # [W | b]·[h; 1]
+    plain = gradlens.diagnose(**step, losses=["sft"])
+    assert with_bias.batch.mean_entropy != plain.batch.mean_entropy
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"hidden": torch.zeros(3, 5)}, "hidden: expected [N, T, H]"),
+        ({"weight": torch.zeros(40, 7)}, "weight: its hidden size 7"),
+        ({"tokens": torch.zeros(3, 4, dtype=torch.long)}, "tokens: expected shape [3, 5]"),
+        ({"tokens": torch.zeros(3, 5)}, "tokens: expected integer token ids"),
+        ({"tokens": torch.full((3, 5), 40)}, "tokens: ids must lie in [0, 40)"),
+        ({"mask": torch.zeros(3, 5, dtype=torch.bool)}, "mask: no token enters the loss"),
+        ({"advantages": torch.zeros(4)}, "advantages: expected shape [3, 5]"),
+        ({"old_logp": torch.full((3, 5), 0.5)}, "old_logp: log-probs must be ≤ 0"),
+        ({"weight": [[1.0]]}, "weight: expected a torch.Tensor"),
+    ],
+)
+def test_bad_arguments_raise_an_error_naming_them(change: dict, message: str) -> None:
+    with pytest.raises(gradlens.GradlensError) as err:
+        gradlens.diagnose(**{**small_step(), **change})
+    assert message in str(err.value)
+
+
+def test_bad_settings_name_their_key() -> None:
+    with pytest.raises(gradlens.GradlensError, match=r"loss\.eps_hgh"):
+        gradlens.diagnose(**small_step(), loss={"eps_hgh": 0.3})
+
+
+def test_the_documented_example_runs() -> None:
+    """docs/api.md's example, as written."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
+    code = re.search(r"```python\n(.*?)```", text, re.S)
+    assert code is not None
+    scope: dict = {}
+    exec(code.group(1), scope)
+    assert scope["report"].passed and 0 < scope["report"].losses[2].clipping.region < 1
+    assert "gradlens/ppo_clip/verl/actor/pg_clipfrac" in scope["log"]
