@@ -17,6 +17,19 @@ Keys follow the frameworks' names (verl's, with the common alternatives):
                                                         predict y_t (after the final norm)
     lm_head_weight                         [V, H]
 
+Under tensor parallelism (``diagnostics.tensor_parallel`` P > 1) every rank reads the batch and
+keeps its rows of W: a file with the whole ``lm_head_weight`` is split at load (the balanced
+split of `gradlens.engine.vocab_split`; a ``.safetensors`` file is read row-wise, only the
+rank's rows; ``.pt`` and ``.jsonl`` are read whole, then cut), or each rank reads a file of its
+own (``{rank}`` in ``source.path``) that holds its rows only, marked by two integers:
+
+    lm_head_weight                         [V_r, H]     rows vocab_offset … vocab_offset + V_r − 1
+    vocab_offset                           int          the first row this file holds
+    vocab_size                             int          V, the rows of the whole lm_head
+
+The per-rank files hold the same tokens, hidden states and every other key (the ranks check
+that they do); their rows must be consecutive in rank order and cover [0, V).
+
 Instead of ``hidden_states`` and ``lm_head_weight``, a file may carry the prompts, and
 ``source.model_path`` names a checkpoint that recomputes the hidden states
 (gradlens.sources.recompute). The prompt comes in verl's layout, left-padded:
@@ -47,7 +60,7 @@ loop is three lines (see docs/batchfile.md)::
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -72,12 +85,18 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "attention": ("attention_mask",),  # [N, P+T] beside 'prompts': written by `dump_tensors`
 }
 SUFFIXES = (".safetensors", ".pt", ".pth", ".jsonl")
-INTEGER_KEYS = frozenset({*ALIASES["tokens"], *ALIASES["mask"], "prompts", "prompt_mask"})
+WEIGHT_KEY = "lm_head_weight"
+SHARD_KEYS = ("vocab_offset", "vocab_size")  # a file holding some rows of W (one rank's)
+INTEGER_KEYS = frozenset(
+    {*ALIASES["tokens"], *ALIASES["mask"], "prompts", "prompt_mask", *SHARD_KEYS}
+)
 LEFT_PADDED = ("prompts", "prompt_mask")  # verl left-pads prompts; .jsonl lines are unpadded
 WHOLE_SEQUENCE = ("input_ids", "attention_mask")  # [P+T] beside 'responses'
+# V → (v0, v1): the rows of the lm_head weight a tensor-parallel rank keeps
+RowChooser = Callable[[int], tuple[int, int]]
 
 
-def _load_raw(path: Path, where: str) -> dict[str, Tensor]:
+def _load_raw(path: Path, where: str, keep_rows: RowChooser | None = None) -> dict[str, Tensor]:
     if not path.is_file():
         raise GradlensError(f"{where}: no such file: {str(path)!r}")
     suffix = path.suffix.lower()
@@ -85,21 +104,89 @@ def _load_raw(path: Path, where: str) -> dict[str, Tensor]:
         raise GradlensError(f"{where}: unknown format {suffix!r}; use one of {', '.join(SUFFIXES)}")
     try:
         if suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return dict(load_file(str(path)))
+            return _load_safetensors(path, keep_rows)
         if suffix in (".pt", ".pth"):
             data = torch.load(path, map_location="cpu", weights_only=True)
             if not isinstance(data, Mapping):
                 raise GradlensError(
                     f"{where}: {path.name} holds a {type(data).__name__}, not a dict"
                 )
-            return {str(k): v for k, v in data.items() if isinstance(v, Tensor)}
-        return _load_jsonl(path, where)
+            raw = {str(k): v for k, v in data.items() if isinstance(v, Tensor)}
+        else:
+            raw = _load_jsonl(path, where)
+        return _keep_rows(raw, keep_rows)
     except GradlensError:
         raise
     except Exception as exc:  # a corrupt or foreign file
         raise GradlensError(f"{where}: cannot read {path.name}: {exc}") from None
+
+
+def _load_safetensors(path: Path, keep_rows: RowChooser | None) -> dict[str, Tensor]:
+    """Every tensor of the file; with ``keep_rows`` only those rows of the whole lm_head weight
+    are read (and the shard keys added)."""
+    from safetensors import safe_open
+
+    out: dict[str, Tensor] = {}
+    with safe_open(str(path), framework="pt") as fh:
+        keys = list(fh.keys())
+        split = keep_rows is not None and WEIGHT_KEY in keys and SHARD_KEYS[0] not in keys
+        for key in keys:
+            if split and key == WEIGHT_KEY:
+                assert keep_rows is not None
+                rows = fh.get_slice(key)
+                vocab = int(rows.get_shape()[0])
+                v0, v1 = keep_rows(vocab)
+                out[key] = rows[v0:v1]
+                out.update(_shard_keys(v0, vocab))
+            else:
+                out[key] = fh.get_tensor(key)
+    return out
+
+
+def _keep_rows(raw: dict[str, Tensor], keep_rows: RowChooser | None) -> dict[str, Tensor]:
+    """``raw`` with only the chosen rows of a whole lm_head weight (and the shard keys)."""
+    weight = raw.get(WEIGHT_KEY)
+    if keep_rows is None or weight is None or SHARD_KEYS[0] in raw or weight.dim() < 1:
+        return raw
+    vocab = int(weight.shape[0])
+    v0, v1 = keep_rows(vocab)
+    return {**raw, WEIGHT_KEY: weight[v0:v1].clone(), **_shard_keys(v0, vocab)}
+
+
+def _shard_keys(offset: int, vocab: int) -> dict[str, Tensor]:
+    return {SHARD_KEYS[0]: torch.tensor(offset), SHARD_KEYS[1]: torch.tensor(vocab)}
+
+
+def _shard_number(raw: Mapping[str, Tensor], key: str, where: str) -> int:
+    """A shard key's integer: one number, or (a .jsonl file) the same number on every line."""
+    x = raw[key].reshape(-1)
+    if x.numel() == 0 or x.is_floating_point() or bool((x != x[0]).any()):
+        raise GradlensError(
+            f"{where}: {key!r} must be one integer (the same on every line of a .jsonl file); "
+            f"got {raw[key].tolist()}"
+        )
+    return int(x[0])
+
+
+def weight_rows(raw: Mapping[str, Tensor], rows: int, where: str) -> tuple[int, int, int]:
+    """(v0, v1, V): the rows of the whole lm_head that a file's ``lm_head_weight`` of ``rows``
+    rows holds: all of them, or those its shard keys name."""
+    present = [k for k in SHARD_KEYS if k in raw]
+    if not present:
+        return 0, rows, rows
+    if len(present) == 1:
+        missing = next(k for k in SHARD_KEYS if k not in raw)
+        raise GradlensError(
+            f"{where}: {present[0]!r} without {missing!r}; a file holding some rows of the "
+            f"lm_head names both (the first row it holds and the rows of the whole lm_head)"
+        )
+    offset, vocab = (_shard_number(raw, k, where) for k in SHARD_KEYS)
+    if offset < 0 or offset + rows > vocab:
+        raise GradlensError(
+            f"{where}: 'lm_head_weight' holds {rows} rows from vocab_offset {offset}, outside "
+            f"the vocabulary [0, {vocab}) of vocab_size"
+        )
+    return offset, offset + rows, vocab
 
 
 def _load_jsonl(path: Path, where: str) -> dict[str, Tensor]:
@@ -184,14 +271,20 @@ def _pick(raw: Mapping[str, Tensor], name: str, where: str, required: bool) -> T
 
 
 def read_batch_tensors(
-    path: Path, where: str = "source.path", prompts: bool = False
+    path: Path,
+    where: str = "source.path",
+    prompts: bool = False,
+    keep_rows: RowChooser | None = None,
 ) -> dict[str, Tensor]:
     """The file's tensors under gradlens names, shapes checked; every error names the key.
 
     ``prompts``: also the prompt tokens that recompute the hidden states (``source.model_path``):
     ``prompt_ids`` [N, P], ``prompt_mask`` [N, P] and ``response_attention`` [N, T].
+    ``keep_rows``: keep only these rows of a whole ``lm_head_weight`` (a tensor-parallel rank's).
+    With the lm_head, ``weight_rows`` is the int64 [3] (v0, v1, V): ``weight`` holds rows
+    [v0, v1) of V (all of them unless the file is one rank's or ``keep_rows`` chose).
     """
-    raw = _load_raw(path, where)
+    raw = _load_raw(path, where, keep_rows)
     out: dict[str, Tensor] = {}
     tokens_key = _key(raw, "tokens")
     tokens = _pick(raw, "tokens", where, True)
@@ -254,7 +347,8 @@ def read_batch_tensors(
                 f"expected [V, H] with H = {hidden.shape[2]}"
             )
         out["hidden"], out["weight"] = hidden, weight
-        v = weight.shape[0]
+        v0, v1, v = weight_rows(raw, int(weight.shape[0]), where)
+        out["weight_rows"] = torch.tensor([v0, v1, v])
         used = tokens[out["mask"]]
         if used.numel() and (int(used.min()) < 0 or int(used.max()) >= v):
             raise GradlensError(

@@ -9,6 +9,7 @@ module: `LossConfig.params` and the compare pipeline turn it into plain argument
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -30,7 +31,7 @@ from gradlens.batchfile import SUFFIXES as BATCH_SUFFIXES
 from gradlens.errors import GradlensError, unknown_name_message
 from gradlens.losses import AGGREGATIONS, Aggregation, LossParams, get_loss, loss_names
 from gradlens.losses.corrections import KINDS as CORRECTION_KINDS
-from gradlens.losses.corrections import with_defaults
+from gradlens.losses.corrections import MASKING_KINDS, with_defaults
 from gradlens.losses.external import is_external
 from gradlens.losses.grpo import KL_ESTIMATORS
 from gradlens.losses.minirl import TRUNCATIONS
@@ -320,6 +321,11 @@ class CorrectionConfig(Strict):
     kind: str = Field(description="a correction kind (gradlens.losses.corrections.KINDS)")
     low: float | None = Field(None, ge=0, description="lower threshold on ρ; null: default")
     high: float | None = Field(None, gt=0, description="upper threshold on ρ; null: default")
+    renormalize: bool = Field(
+        False,
+        description="rejected tokens leave the aggregation's normaliser too (verl's rejection "
+        "sampling, rollout_rs); masking kinds only",
+    )
 
     @field_validator("kind")
     @classmethod
@@ -330,15 +336,20 @@ class CorrectionConfig(Strict):
     def _ordered(self) -> CorrectionConfig:
         if self.low is not None and self.high is not None and self.low > self.high:
             raise ValueError(f"low ({self.low}) > high ({self.high})")
+        if self.renormalize and self.kind not in MASKING_KINDS:
+            raise ValueError(
+                "renormalize applies to the kinds that reject tokens "
+                f"({', '.join(MASKING_KINDS)}); {self.kind} truncates a weight and rejects none"
+            )
         return self
 
 
 class LossConfig(Strict):
     """Loss hyper-parameters, shared by every loss that uses them.
 
-    Each field but ``aggregation`` and ``loss_scale_factor`` is a field of
-    `gradlens.losses.LossParams` with the same default (`params`); those two are the run's
-    `Aggregation` (`token_aggregation`). Nothing past this class reads the config.
+    Each field but ``aggregation``, ``loss_scale_factor`` and ``count_empty_sequences`` is a
+    field of `gradlens.losses.LossParams` with the same default (`params`); those three are the
+    run's `Aggregation` (`token_aggregation`). Nothing past this class reads the config.
     """
 
     eps_low: float = Field(0.2, ge=0, lt=1)
@@ -346,7 +357,14 @@ class LossConfig(Strict):
     dual_clip: float | None = Field(None, gt=1, description="dual-clip c (> 1); null: off")
     opsm_delta: float | None = Field(None, ge=0, description="OPSM δ; null: no sequence mask")
     aggregation: str = "token_mean"
-    loss_scale_factor: float | None = Field(None, gt=0, description="L for seq_mean_token_sum_norm")
+    loss_scale_factor: float | None = Field(
+        None, gt=0, description="L of token_sum_norm, seq_mean_token_sum_norm; null: padded length"
+    )
+    count_empty_sequences: bool = Field(
+        False,
+        description="the seq_mean modes divide by every row B (TRL, verl's trainer), not by B', "
+        "the sequences with a valid token",
+    )
     tau_pos: float = Field(1.0, gt=0, description="SAPO gate temperature for A > 0")
     tau_neg: float = Field(1.05, gt=0, description="SAPO gate temperature for A ≤ 0")
     cispo_eps_low: float = Field(10.0, ge=0, description="cispo: weight ≥ 1 − this")
@@ -390,13 +408,13 @@ class LossConfig(Strict):
         """The section as the plain `LossParams` every loss reads (any command)."""
         values = {name: getattr(self, name) for name in LOSS_PARAM_FIELDS}
         values["corrections"] = tuple(
-            with_defaults(c.kind, c.low, c.high) for c in self.corrections
+            with_defaults(c.kind, c.low, c.high, c.renormalize) for c in self.corrections
         )
         return LossParams(**values)
 
     def token_aggregation(self) -> Aggregation:
         """The run's token aggregation."""
-        return Aggregation(self.aggregation, self.loss_scale_factor)
+        return Aggregation(self.aggregation, self.loss_scale_factor, self.count_empty_sequences)
 
 
 LOSS_PARAM_FIELDS = tuple(f.name for f in dataclasses.fields(LossParams))
@@ -432,6 +450,38 @@ class DiagnosticsConfig(Strict):
         None, gt=0, description="streamed engine working memory; null: 1/4 of free, ≤ 1 GiB"
     )
     vocab_chunk: int | None = Field(None, ge=1, description="streamed engine rows per chunk")
+    tensor_parallel: int = Field(
+        1,
+        ge=1,
+        description="ranks the lm_head's vocabulary rows are split over (the vocab-parallel "
+        "streamed engine, one process per rank: torchrun --nproc-per-node N); 1: one process",
+    )
+    collective_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="tensor_parallel > 1: seconds a rank waits in a collective for the others "
+        "before it fails (a rank that raised or hangs then stops every rank)",
+    )
+
+    @model_validator(mode="after")
+    def _tensor_parallel(self) -> DiagnosticsConfig:
+        if self.tensor_parallel == 1:
+            return self
+        problems = []
+        if self.engine in ("materialized", "fused"):
+            problems.append(
+                f"engine {self.engine!r} runs in one process; tensor_parallel "
+                f"{self.tensor_parallel} needs the streamed engine (engine: auto or streamed)"
+            )
+        if self.reference == "autograd":
+            problems.append(
+                "reference 'autograd' materialises [tokens, vocab] with the whole lm_head, "
+                f"which no rank holds under tensor_parallel {self.tensor_parallel}; run the "
+                "reference in one process (tensor_parallel 1), or set reference auto or none"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 def loss_name_problems(names: list[str]) -> list[str]:
@@ -451,17 +501,21 @@ def loss_name_problems(names: list[str]) -> list[str]:
 
 
 class ParityConfig(Strict):
-    """Two losses compared on one batch (gradlens.compare.parity); ``--parity A,B``."""
+    """Pairs of losses compared on one batch (gradlens.compare.parity); ``--parity A,B``, once
+    per pair."""
 
-    losses: list[str] = Field(min_length=2, max_length=2, description="the two losses A, B")
+    pairs: list[Annotated[list[str], Field(min_length=2, max_length=2)]] = Field(
+        min_length=1, description="the pairs [A, B] compared, each A against its B"
+    )
     tolerance: float | None = Field(
         None, gt=0, description="max |Δc_t| / max |c_t| allowed; null: the dtype's agreement tol"
     )
 
-    @field_validator("losses")
+    @field_validator("pairs")
     @classmethod
-    def _known(cls, value: list[str]) -> list[str]:
-        problems = loss_name_problems(value)
+    def _known(cls, value: list[list[str]]) -> list[list[str]]:
+        names = list(dict.fromkeys(name for pair in value for name in pair))
+        problems = loss_name_problems(names)
         if problems:
             raise ValueError("; ".join(problems))
         return value
@@ -478,7 +532,7 @@ class Config(Strict):
     advantage: AdvantageConfig = AdvantageConfig()
     loss: LossConfig = LossConfig()
     diagnostics: DiagnosticsConfig = DiagnosticsConfig()
-    parity: ParityConfig | None = Field(None, description="compare two losses (--parity A,B)")
+    parity: ParityConfig | None = Field(None, description="compare pairs of losses (--parity A,B)")
 
     @property
     def operand_dtype(self) -> torch.dtype:
@@ -514,6 +568,28 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     except yaml.YAMLError as exc:
         raise GradlensError(f"--set {text!r}: the value is not valid YAML ({exc})") from None
     return path, value
+
+
+def settings_grid(texts: Iterable[str]) -> list[dict[str, Any]]:
+    """``["loss.aggregation=[token_mean, seq_mean_token_mean]", "loss.dual_clip=[null, 3]"]``
+    → every combination, ``[{"loss.aggregation": "token_mean", "loss.dual_clip": None}, ...]``
+    (the first key varies slowest)."""
+    keys, choices = [], []
+    for text in texts:
+        path, value = parse_override(text)
+        key = ".".join(path)
+        if not isinstance(value, list) or not value:
+            raise GradlensError(
+                f"--parity-matrix {text!r}: give the values as a YAML list, e.g. "
+                f"{key}=[token_mean, seq_mean_token_mean]"
+            )
+        if key in keys:
+            raise GradlensError(f"--parity-matrix: {key} is given twice")
+        keys.append(key)
+        choices.append(value)
+    if not keys:
+        return []  # no matrix: not one run with no settings
+    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*choices)]
 
 
 def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:

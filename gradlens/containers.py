@@ -125,6 +125,16 @@ class ModelContext:
 
 
 @dataclass(frozen=True)
+class VocabRows:
+    """Rows [start, stop) of a vocabulary of ``vocab`` rows: the part of the lm_head weight one
+    tensor-parallel rank holds."""
+
+    start: int
+    stop: int
+    vocab: int
+
+
+@dataclass(frozen=True)
 class Batch:
     """Everything a loss and the lm_head diagnostics need.
 
@@ -144,6 +154,8 @@ class Batch:
         advantage_note: how the advantages were obtained (raw reward, group-normalised, ...).
         model_context: the checkpoint the batch came from, for the whole-model gradients and
             the model sections of the report; None for sources without a model.
+        weight_rows: under tensor parallelism, the rows of the whole [V, H] weight that
+            ``weight`` [V_r, H] holds (``vocab_size`` is then V, not V_r); None: the whole W.
     """
 
     hidden: Tensor
@@ -158,6 +170,7 @@ class Batch:
     source: str = ""
     advantage_note: str = ""
     model_context: ModelContext | None = None
+    weight_rows: VocabRows | None = None
 
     @property
     def num_sequences(self) -> int:
@@ -165,6 +178,9 @@ class Batch:
 
     @property
     def vocab_size(self) -> int:
+        """V of the whole lm_head (also when ``weight`` holds only some of its rows)."""
+        if self.weight_rows is not None:
+            return self.weight_rows.vocab
         return int(self.weight.shape[0])
 
     @property

@@ -10,7 +10,8 @@ with g_t the loss's per-token gradient (`LossTerms.per_token_grad`) and a_t the 
 weight. What the run minimises for one loss is written once, in `objective`:
 
     terms   = the loss's per-token terms with the run's training–inference corrections
-    weights = a_t (the aggregation's weights; 1 for a loss that aggregates itself)
+    weights = a_t (the aggregation's weights, on the mask without the tokens a renormalising
+              correction rejects (`aggregation_mask`); 1 for a loss that aggregates itself)
     L       = Σ_t weights_t·per_token_t  −  c_H·Σ_t a_t·H_t      (entropy bonus, when c_H ≠ 0)
     c_t     = weights_t·g_t
 
@@ -31,9 +32,10 @@ import torch
 from torch import Tensor
 
 from gradlens.containers import Batch, LossTerms, TokenInputs, valid_index
+from gradlens.errors import GradlensError
 from gradlens.logits import compute_logits
 from gradlens.losses import Aggregation, LossParams, LossSpec
-from gradlens.losses.corrections import apply_corrections
+from gradlens.losses.corrections import apply_corrections, kept_mask
 
 
 @dataclass(frozen=True)
@@ -110,9 +112,22 @@ class SoftmaxView:
         return on_grid(self.entropy, self.rows, self.cols, self.logp.shape)
 
 
+def whole_weight(batch: Batch, what: str) -> None:
+    """Raise when ``batch`` holds only some rows of W (a tensor-parallel rank's): ``what`` needs
+    every row."""
+    rows = batch.weight_rows
+    if rows is not None and (rows.start, rows.stop) != (0, rows.vocab):
+        raise GradlensError(
+            f"{what} needs the whole lm_head, but this batch holds rows [{rows.start}, "
+            f"{rows.stop}) of {rows.vocab} (one tensor-parallel rank's); only the streamed "
+            "engine runs under tensor_parallel"
+        )
+
+
 def softmax_view(batch: Batch) -> SoftmaxView:
     """One pass over the logits of the valid tokens (the same operations as `policy_pass`, so
     both give bit-identical values for the same hidden states and weight)."""
+    whole_weight(batch, "the materialized softmax")
     with torch.no_grad():
         p = policy_pass(batch.hidden, batch.weight, batch.tokens, batch.mask)
         probs = p.log_probs.exp()
@@ -172,6 +187,15 @@ def entropy_bonus(agg_weights: Tensor, entropy: Tensor, entropy_coef: float) -> 
     return -entropy_coef * (agg_weights * entropy.to(agg_weights.dtype)).sum()
 
 
+def aggregation_mask(batch: Batch, params: LossParams) -> Tensor:
+    """[N, T] the mask the aggregation weights are computed from: the batch's, without the
+    tokens that a correction with ``renormalize`` rejects (verl's rejection sampling).
+
+    It does not depend on π_θ, so every engine computes it before its passes: ρ = π_old/μ_old
+    is read from the stored ℓ_old (at on-policy positions ℓ itself, up to rounding)."""
+    return kept_mask(batch.mask, batch.old_logp, batch.rollout_logp, params.corrections)
+
+
 def objective(
     batch: Batch,
     logp: Tensor,
@@ -188,7 +212,7 @@ def objective(
     """
     inputs = token_inputs(batch, logp)
     terms = apply_corrections(spec.terms(inputs, params, aggregation), inputs, params.corrections)
-    agg_weights = aggregation.weights(batch.mask, logp.dtype)
+    agg_weights = aggregation.weights(aggregation_mask(batch, params), logp.dtype)
     weights = batch.mask.to(logp.dtype) if terms.self_aggregated else agg_weights
     loss = (weights * terms.per_token).sum()
     if entropy is not None and params.entropy_coef != 0.0:
@@ -270,6 +294,7 @@ def autograd_reference(
     batch: Batch, spec: LossSpec, params: LossParams, aggregation: Aggregation
 ) -> ReferenceGradients:
     """Differentiate the objective through log_softmax(W h) with autograd, as a trainer does."""
+    whole_weight(batch, "the autograd reference")
     weight = batch.weight.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         p = policy_pass(batch.hidden.detach(), weight, batch.tokens, batch.mask)

@@ -5,7 +5,9 @@ up against a training log. ``key`` is the JSON path in the report (``losses[]`` 
 of ``losses``). None: the framework logs no such quantity. ``note`` records where frameworks
 that seem to agree do not: the traps A3, A4, A5, A7 and A11 of losses.md §13.
 
-Framework snapshots: verl b178a3c, TRL f2cd577, OpenRLHF 3c3be62, slime 624b824 (losses.md).
+Framework versions the names and notes were read from: verl 0.9.1, TRL 1.16.0, OpenRLHF
+0.11.2 (each checked by running its own loss code, tests/losses/test_frameworks.py), slime
+624b824 (read only). docs/losses.md §9 has the tables of definitions per version.
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ METRIC_NAMES: tuple[MetricName, ...] = (
         "pg_clipfrac",
         "slime averages per sample first; for gspo verl counts every token of a clipped "
         "sequence (token-weighted) while TRL counts sequences (A7): see "
-        "clipping.sequence_shares.seq_clipped",
+        "clipping.sequence_shares.seq_clipped; verl 0.7–0.8 forced GSPO's aggregation to "
+        "seq-mean-token-mean, 0.9 honours loss_agg_mode; verl 0.7–0.9 force SAPO's",
     ),
     _row(
         "losses[].clipping.upper",
@@ -130,9 +133,13 @@ METRIC_NAMES: tuple[MetricName, ...] = (
         "kl",
         "kl",
         "kl_loss",
-        "default estimators differ: verl low_var_kl (k3), TRL k3 only, OpenRLHF and slime k1; "
-        "verl clamps k3 to ±10 and OpenRLHF every estimator, gradlens clamps none (A11); TRL "
-        "averages over tokens whatever its loss_type; β is verl's actor/kl_coef",
+        "default estimators differ (A11): verl 0.9 low_var_kl (k3, clamped to ±10); TRL 1.16 "
+        "k3 times the ratio r, not detached (use_bias_correction_kl=True, the default from "
+        "1.10), whose gradient is gradlens's unbiased, plain k3 with False; OpenRLHF 0.11 k1, "
+        "computed in float32 and clamped to ±10; slime k1; gradlens clamps none. The KL term "
+        "is aggregated with the policy's loss_agg_mode in verl, with the loss_type in TRL, "
+        "always as a token mean in OpenRLHF; TRL's logged kl is a token mean; β is verl's "
+        "actor/kl_coef",
     ),
     _row(
         "batch.mean_entropy",

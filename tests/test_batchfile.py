@@ -9,6 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from gradlens.batchfile import read_batch_tensors, write_batch
 from gradlens.cli import app
 
 runner = CliRunner()
@@ -169,3 +170,69 @@ def test_missing_file_and_unknown_format(tmp_path):
         app, ["compare", "--set", "source.kind=batch", "--set", f"source.path={tmp_path / 'x.csv'}"]
     )
     assert result.exit_code == 2 and "unknown format '.csv'" in result.stderr
+
+
+# --- tensor parallelism: a rank's rows of the lm_head ------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt", ".jsonl"])
+def test_a_rank_keeps_its_rows_of_a_whole_lm_head_at_load(tmp_path, suffix):
+    path = tmp_path / f"batch{suffix}"
+    tensors = {**good(), "lm_head_weight": torch.arange(20.0).reshape(5, 4)}
+    write_batch(
+        path,
+        {
+            "tokens": tensors["responses"],
+            "mask": tensors["response_mask"],
+            "old_logp": tensors["old_log_probs"],
+            "advantages": tensors["advantages"],
+            "hidden": tensors["hidden_states"],
+            "weight": tensors["lm_head_weight"],
+        },
+    )
+    chosen = []
+
+    def keep_rows(vocab: int) -> tuple[int, int]:
+        chosen.append(vocab)
+        return 2, 4
+
+    data = read_batch_tensors(path, keep_rows=keep_rows)
+    assert chosen == [5]  # asked with the whole lm_head's V
+    assert torch.equal(data["weight"].float(), torch.arange(8.0, 16.0).reshape(2, 4))  # rows 2, 3
+    assert data["weight_rows"].tolist() == [2, 4, 5]
+    whole = read_batch_tensors(path)
+    assert whole["weight_rows"].tolist() == [0, 5, 5] and whole["weight"].shape == (5, 4)
+
+
+def test_a_file_of_one_ranks_rows_says_which_rows_it_holds(tmp_path):
+    tensors = {**good(), "vocab_offset": torch.tensor(3), "vocab_size": torch.tensor(8)}
+    tensors["responses"] = torch.tensor([[0, 7, 3], [1, 2, 5]])  # ids of the whole vocabulary
+    torch.save(tensors, tmp_path / "rank1.pt")
+    # holds rows 3…7 of 8; the ids are checked against V = 8, not against its 5 rows
+    data = read_batch_tensors(tmp_path / "rank1.pt", keep_rows=lambda v: (0, 1))  # not re-split
+    assert data["weight_rows"].tolist() == [3, 8, 8]
+    assert data["weight"].shape == (5, 4)
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (lambda d: d.update(vocab_offset=torch.tensor(0)), "'vocab_offset' without 'vocab_size'"),
+        (
+            lambda d: d.update(vocab_offset=torch.tensor(4), vocab_size=torch.tensor(8)),
+            "holds 5 rows from vocab_offset 4, outside the vocabulary [0, 8)",
+        ),
+        (
+            lambda d: d.update(vocab_offset=torch.tensor(0.5), vocab_size=torch.tensor(8)),
+            "'vocab_offset' must be one integer",
+        ),
+        (
+            lambda d: d.update(vocab_offset=torch.tensor(0), vocab_size=torch.tensor(8)),
+            "holds rows [0, 5) of the lm_head's 8 (one tensor-parallel rank's",
+        ),
+    ],
+)
+def test_bad_rank_files_name_the_key(tmp_path, change, expected):
+    tensors = good()
+    change(tensors)
+    assert expected in " ".join(bad(tmp_path, tensors).split())

@@ -72,7 +72,7 @@ def test_closed_form_matches_autograd_float64(loss: str, mode: str, setting: str
     batch = batch64()
     params = SETTINGS[setting]
     spec = get_loss(loss)
-    agg = Aggregation(mode, 7.0 if mode == "seq_mean_token_sum_norm" else None)
+    agg = Aggregation(mode, 7.0 if mode.endswith("_norm") else None)
     closed = closed_form(batch, softmax_view(batch), spec, params, agg)
     ref = autograd_reference(batch, spec, params, agg)
 
@@ -134,8 +134,13 @@ def own_weights(mask: torch.Tensor, mode: str, scale: float | None) -> torch.Ten
         return torch.where(lengths > 0, m / (lengths.clamp(min=1) * present), 0.0)
     if mode == "seq_mean_token_sum":
         return m / present
+    if mode == "token_sum":
+        return m
+    length_scale = scale if scale is not None else mask.shape[-1]  # L_scale
+    if mode == "token_sum_norm":
+        return m / length_scale
     if mode == "seq_mean_token_sum_norm":
-        return m / (scale if scale is not None else mask.shape[-1])
+        return m / (present * length_scale)
     raise AssertionError(f"no hand-written weights for aggregation {mode!r}")
 
 

@@ -76,7 +76,7 @@ modes_st = st.sampled_from(list(AGGREGATIONS))
 
 def all_gradients(batch: Batch, loss: str, params: LossParams, mode: str) -> list[torch.Tensor]:
     """Closed-form (c, ∂L/∂z, ∂L/∂W) and autograd's (c, ∂L/∂z, ∂L/∂W)."""
-    scale = 4.0 if mode == "seq_mean_token_sum_norm" else None
+    scale = 4.0 if mode.endswith("_norm") else None
     closed = gradients(batch, loss, params, mode, scale)
     ref = autograd_reference(batch, get_loss(loss), params, Aggregation(mode, scale))
     return [
@@ -274,10 +274,10 @@ def micro_scale(mode: str, micro: Batch, full: Batch) -> float:
     """The factor that makes a micro-batch's loss a term of the full-batch loss."""
     if mode == "token_mean":
         return micro.num_tokens / full.num_tokens  # a = 1/N_tok, rescaled by the token share
-    if mode.startswith("seq_mean_token_mean") or mode == "seq_mean_token_sum":
+    if mode.startswith("seq_mean"):
         present = lambda b: int(b.mask.any(-1).sum())  # noqa: E731  B'
         return present(micro) / present(full)
-    return 1.0  # seq_mean_token_sum_norm with a fixed L_scale: a = 1/L_scale everywhere
+    return 1.0  # token_sum, token_sum_norm with a fixed L_scale: a does not depend on the batch
 
 
 def rows(batch: Batch, lo: int, hi: int) -> Batch:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated
 
 import typer
@@ -56,5 +57,16 @@ app.command(help=DUMP_HELP)(dump)
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point.
+
+    Under torchrun (``--tensor-parallel``) the app runs inside torch's ``record``, which hands
+    an uncaught exception's traceback to torchrun's failure summary: the traceback of a rank
+    run with ``--debug``; without it every error ends in one message and an exit status, and
+    the summary shows only the status.
+    """
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # set by torchrun in every process it starts
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        record(app)()
+    else:
+        app()

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from gradlens.errors import GradlensError
+from gradlens.errors import GradlensError, SharedError
 
 EXIT_CHECK_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -67,14 +67,25 @@ def stderr_console() -> Console:
 
 
 @contextmanager
-def user_errors(debug: bool) -> Iterator[None]:
-    """Turn a `GradlensError` (and any unexpected error) into one message and a non-zero exit."""
+def user_errors(debug: bool, rank: int = 0, world: int = 1) -> Iterator[None]:
+    """Turn a `GradlensError` (and any unexpected error) into one message and a non-zero exit.
+
+    ``rank`` of ``world`` processes (torchrun): a `SharedError`, which every rank raised alike,
+    is printed by rank 0 alone; any other error by its own rank, which the message names.
+    """
+
+    def who(message: str) -> str:
+        head = f"rank {rank} of {world}"
+        return message if world == 1 or message.startswith(head) else f"{head}: {message}"
+
     try:
         yield
     except GradlensError as exc:
         if debug:
             raise
-        stderr_console().print(Text("error: ", style="bold red") + Text(str(exc)))
+        if rank == 0 or not isinstance(exc, SharedError):
+            text = str(exc) if isinstance(exc, SharedError) else who(str(exc))
+            stderr_console().print(Text("error: ", style="bold red") + Text(text))
         raise typer.Exit(EXIT_BAD_INPUT) from None
     except (typer.Exit, typer.Abort, KeyboardInterrupt):
         raise
@@ -83,7 +94,7 @@ def user_errors(debug: bool) -> Iterator[None]:
             raise
         stderr_console().print(
             Text("internal error: ", style="bold red")
-            + Text(f"{type(exc).__name__}: {exc}\n")
+            + Text(who(f"{type(exc).__name__}: {exc}") + "\n")
             + Text("This is a bug in gradlens; rerun with --debug for the traceback.")
         )
         raise typer.Exit(EXIT_BAD_INPUT + 1) from None

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import json
+from contextlib import nullcontext
+from typing import Annotated, Any
 
 import typer
 
@@ -63,7 +65,7 @@ def compare(
             "--format",
             "-f",
             help="table: rich tables for people. json: the full report (schema "
-            "gradlens.compare/2, see `gradlens schema`) with the resolved config and environment.",
+            "gradlens.compare/3, see `gradlens schema`) with the resolved config and environment.",
         ),
     ] = OutputFormat.table,
     check: Annotated[
@@ -75,14 +77,26 @@ def compare(
         ),
     ] = False,
     parity: Annotated[
-        str | None,
+        list[str] | None,
         typer.Option(
             "--parity",
             metavar="A,B",
-            help="Compare two losses (built-in, module:function, or verl:module:function) on "
-            "the same batch: max |Δc_t| and where, the ‖∂L/∂W‖ ratio, clip fractions side by "
-            "side. --check fails beyond parity.tolerance (default: the dtype's agreement "
-            "tolerance). Without --losses, runs just A and B.",
+            help="Compare two losses (built-in, module:function, a framework's own loss such "
+            "as verl:vanilla, trl:grpo, openrlhf:ppo, or verl:module:function) on the same "
+            "batch: max |Δc_t| and where, the ‖∂L/∂W‖ ratio, clip fractions side by side, and "
+            "why they differ. Give it once per pair. --check fails beyond parity.tolerance "
+            "(default: the dtype's agreement tolerance). Without --losses, runs just the "
+            "pairs' losses.",
+        ),
+    ] = None,
+    parity_matrix: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--parity-matrix",
+            metavar="KEY=[V1, V2]",
+            help="Run the --parity pairs under every combination of these settings (a dotted "
+            "key and a YAML list of values, once per key), in one process: each framework is "
+            "imported once. Prints one line per setting and pair.",
         ),
     ] = None,
     engine: Annotated[
@@ -108,39 +122,80 @@ def compare(
             "diagnostics.reference.",
         ),
     ] = None,
+    tensor_parallel: Annotated[
+        int | None,
+        typer.Option(
+            "--tensor-parallel",
+            metavar="N",
+            help="Split the lm_head's vocabulary rows over N ranks, one process each, launched "
+            "by torchrun: `torchrun --nproc-per-node N -m gradlens compare --tensor-parallel N "
+            "…` (gloo on CPU, NCCL on CUDA). The streamed engine, the same report as one "
+            "process; rank 0 prints it. Sets diagnostics.tensor_parallel (default 1).",
+        ),
+    ] = None,
     debug: DebugOption = False,
 ) -> None:
     """Run each loss on the same batch; report what it does to the logits and the lm_head."""
     with user_errors(debug):
+        from gradlens.cli.distributed import launched
+
+        launch = launched()
+    with user_errors(debug, launch.rank, launch.world):
+        from gradlens.cli.distributed import process_group
         from gradlens.cli.progress import progress_bar
         from gradlens.compare import run_compare
-        from gradlens.config import build_config
+        from gradlens.compare.matrix import run_parity_matrix
+        from gradlens.config import build_config, settings_grid
         from gradlens.errors import GradlensError
         from gradlens.progress import reporting
+        from gradlens.report.parity_table import render_parity_matrix
         from gradlens.report.serialize import to_json
         from gradlens.report.table import render_compare
+        from gradlens.results import CompareReport, ParityMatrixReport
 
         names = None if losses is None else [n.strip() for n in losses.split(",") if n.strip()]
-        flags = {
+        flags: dict[str, Any] = {
             "losses": names,
             "device": device,
             "source.kind": source,
             "diagnostics.engine": engine,
             "diagnostics.reference": reference,
+            "diagnostics.tensor_parallel": tensor_parallel,
         }
-        if parity is not None:
-            pair = [n.strip() for n in parity.split(",") if n.strip()]
+        pairs = []
+        for text in parity or []:
+            pair = [n.strip() for n in text.split(",") if n.strip()]
             if len(pair) != 2:
-                raise GradlensError(f"--parity {parity!r}: name exactly two losses, A,B")
-            flags["parity.losses"] = pair
+                raise GradlensError(f"--parity {text!r}: name exactly two losses, A,B")
+            pairs.append(pair)
+        if pairs:
+            flags["parity.pairs"] = pairs
             if names is None:
-                flags["losses"] = list(dict.fromkeys(pair))
+                flags["losses"] = list(dict.fromkeys(n for pair in pairs for n in pair))
+        grid = settings_grid(parity_matrix or [])
         cfg = build_config(config, overrides or [], flags)
-        with progress_bar() as callback, reporting(callback):
-            report = run_compare(cfg)
-        if output is OutputFormat.json:
-            typer.echo(to_json(report))
-        else:
-            render_compare(report, stdout_console())
+        with process_group(cfg, launch):
+            bar = progress_bar() if launch.speaks else nullcontext(None)
+            with bar as callback, reporting(callback):
+                if grid:
+                    runs = [
+                        (s, build_config(config, [*(overrides or []), *_as_overrides(s)], flags))
+                        for s in grid
+                    ]
+                    report: CompareReport | ParityMatrixReport = run_parity_matrix(cfg, runs)
+                else:
+                    report = run_compare(cfg)
+        if launch.speaks:  # rank 0 writes the report; every rank exits with the same status
+            if output is OutputFormat.json:
+                typer.echo(to_json(report))
+            elif isinstance(report, ParityMatrixReport):
+                render_parity_matrix(report, stdout_console())
+            else:
+                render_compare(report, stdout_console())
     if check and not report.passed:
         raise typer.Exit(EXIT_CHECK_FAILED)
+
+
+def _as_overrides(settings: dict[str, Any]) -> list[str]:
+    """A matrix entry as ``--set`` overrides (JSON is YAML, so null, lists and numbers keep)."""
+    return [f"{key}={json.dumps(value)}" for key, value in settings.items()]

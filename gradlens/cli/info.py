@@ -22,13 +22,20 @@ def losses(
         OutputFormat, typer.Option("--format", "-f", help="table or json.")
     ] = OutputFormat.table,
 ) -> None:
-    """List every registered loss with its formula, per-token gradient g_t and source."""
+    """List every registered loss with its formula, per-token gradient g_t and source; the
+    aggregations with the frameworks (and versions) that use each; the framework losses."""
     import json
 
     from gradlens.losses import AGGREGATIONS, get_loss, loss_names
-    from gradlens.report.loss_list import loss_list_table
+    from gradlens.losses.frameworks import framework_rows
+    from gradlens.report.loss_list import aggregation_table, framework_table, loss_list_table
 
     specs = [get_loss(n) for n in loss_names()]
+    aggregations = [
+        {"name": name, "loss": mode.formula, "used_by": mode.used_by}
+        for name, mode in AGGREGATIONS.items()
+    ]
+    frameworks = framework_rows()
     if output is OutputFormat.json:
         rows = [
             {
@@ -40,20 +47,20 @@ def losses(
             }
             for s in specs
         ]
-        typer.echo(
-            json.dumps(
-                {"losses": rows, "aggregations": list(AGGREGATIONS)}, indent=2, ensure_ascii=False
-            )
-        )
+        data = {"losses": rows, "aggregations": aggregations, "frameworks": frameworks}
+        typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
         return
     table = loss_list_table(specs)
+    agg_table = aggregation_table(aggregations)
+    fw_table = framework_table(frameworks)
     console = stdout_console()
     console.print(table)
-    console.print(f"aggregations (loss.aggregation): {', '.join(AGGREGATIONS)}")
+    console.print(agg_table)
+    console.print(fw_table)
     console.print(
         "with every loss: loss.entropy_coef (entropy bonus), loss.corrections (token_tis, "
-        "seq_tis, token_mis, seq_mis, icepop, geo_mask); your own loss: --losses "
-        "module:function or verl:module:function (docs/cli.md)"
+        "seq_tis, token_mis, seq_mis, icepop, geo_mask; renormalize: true for the masking "
+        "kinds); your own loss: --losses module:function or verl:module:function (docs/cli.md)"
     )
 
 
@@ -80,7 +87,7 @@ def schema(
         typer.Option(
             "--report",
             "-r",
-            help="compare: `gradlens compare --format json` (gradlens.compare/2). sweep: "
+            help="compare: `gradlens compare --format json` (gradlens.compare/3). sweep: "
             "`gradlens sweep --format summary` (gradlens.sweep/2).",
         ),
     ] = SchemaReport.compare,

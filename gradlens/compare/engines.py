@@ -2,12 +2,12 @@
 
 `EngineOptions` are the diagnostics settings as plain values; an engine returns an `EngineRun`:
 one `LossRecord` per loss, the per-token summary (`TokenSummary`), how it ran (`EngineInfo`) and,
-with ``--parity``, the inputs of the parity report.
+with ``--parity``, the inputs of each pair's parity report.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gradlens.compare.parity import ParityInputs
 from gradlens.compare.records import LossRecord, TokenSummary
@@ -38,4 +38,4 @@ class EngineRun:
     records: list[LossRecord]
     tokens: TokenSummary
     info: EngineInfo
-    parity: ParityInputs | None = None
+    parity: list[ParityInputs] = field(default_factory=list)  # one per pair, in order

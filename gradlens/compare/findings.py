@@ -71,7 +71,7 @@ def input_notes(spec: LossSpec, batch: Batch, terms: LossTerms, params: LossPara
     for need in spec.needs:
         if getattr(batch, need, None) is None and need in STAND_INS:
             notes.append(f"the batch has no {need}: {STAND_INS[need]}")
-    if params.corrections and terms.self_aggregated:
+    if params.corrections and terms.self_aggregated and not spec.handles_corrections:
         notes.append(
             "loss.corrections are not applied to a loss that aggregates itself: it receives "
             "rollout_logp and can weight its terms itself"
@@ -85,10 +85,13 @@ def input_notes(spec: LossSpec, batch: Batch, terms: LossTerms, params: LossPara
 
 
 def checks(
-    summary: BatchSummary, reports: list[LossReport], parity: ParityReport | None
+    summary: BatchSummary, reports: list[LossReport], parity: list[ParityReport]
 ) -> list[Check]:
     """The invariants of one run: log-probs ≤ 0, and per loss finite gradients, the zero-sum of
-    logit and lm_head gradients and (when it ran) closed form vs autograd; parity if asked."""
+    logit and lm_head gradients and (when it ran) closed form vs autograd; each parity pair.
+
+    Each detail compares a number with its bound with ≤ when the check passed and > when it
+    failed."""
     out = [
         Check(
             name="logp_nonpositive",
@@ -110,8 +113,10 @@ def checks(
                 loss=r.name,
                 passed=r.zero_sum.passed,
                 detail=(
-                    f"logits {r.zero_sum.logits_max_rel} ≤ {r.zero_sum.logits_tolerance:.3g}; "
-                    f"lm_head {r.zero_sum.weight_rel} ≤ {r.zero_sum.weight_tolerance:.3g}"
+                    f"logits {r.zero_sum.logits_max_rel} "
+                    f"{_bound(r.zero_sum.logits_max_rel, r.zero_sum.logits_tolerance)}; "
+                    f"lm_head {r.zero_sum.weight_rel} "
+                    f"{_bound(r.zero_sum.weight_rel, r.zero_sum.weight_tolerance)}"
                 ),
             ),
         ]
@@ -124,20 +129,27 @@ def checks(
                     detail=(
                         f"closed form vs autograd: c {r.agreement.coefficient}, "
                         f"∂L/∂z {r.agreement.grad_logits}, ∂L/∂W {r.agreement.grad_weight} "
-                        f"≤ {r.agreement.tolerance:.3g}"
+                        f"{'≤' if r.agreement.passed else '>'} {r.agreement.tolerance:.3g}"
                     ),
                 )
             )
-    if parity is not None:
+    for p in parity:
         out.append(
             Check(
                 name="parity",
-                loss=f"{parity.a.name} vs {parity.b.name}",
-                passed=parity.passed,
+                loss=f"{p.a.name} vs {p.b.name}",
+                passed=p.passed,
                 detail=(
-                    f"max |Δc_t| / max |c_t| = {parity.coefficient_rel} ≤ {parity.tolerance:.3g}; "
-                    f"‖∂L/∂W‖ ratio B/A = {parity.grad_norm_ratio}"
+                    f"max |Δc_t| / max |c_t| = {p.coefficient_rel} "
+                    f"{'≤' if p.passed else '>'} {p.tolerance:.3g}; "
+                    f"‖∂L/∂W‖ ratio B/A = {p.grad_norm_ratio}"
                 ),
             )
         )
     return out
+
+
+def _bound(value: float | None, tolerance: float) -> str:
+    """'≤ tol' or '> tol', truthfully (None, a non-finite value, is not within any bound)."""
+    within = value is not None and value <= tolerance
+    return f"{'≤' if within else '>'} {tolerance:.3g}"

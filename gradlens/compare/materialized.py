@@ -32,14 +32,12 @@ def run_materialized(
     aggregation: Aggregation,
     options: EngineOptions,
     reason: str,
-    pair: tuple[LossSpec, LossSpec] | None = None,
+    pairs: list[tuple[LossSpec, LossSpec]] | None = None,
 ) -> EngineRun:
-    """Every loss of ``specs`` on ``batch``; parity's inputs for ``pair``."""
+    """Every loss of ``specs`` on ``batch``; parity's inputs for each of ``pairs``."""
     view = softmax_view(batch)
     records = [loss_record(batch, view, spec, params, aggregation, options) for spec in specs]
-    parity = None
-    if pair is not None:
-        parity = materialized_inputs(batch, view, pair[0], pair[1], params, aggregation)
+    parity = [materialized_inputs(batch, view, a, b, params, aggregation) for a, b in pairs or []]
     return EngineRun(
         records=records,
         tokens=TokenSummary(view.logp, view.entropy, view.sampled_probs),

@@ -13,10 +13,12 @@ largest difference of an lm_head row, the two loss values and both losses' clip 
 metrics. Loss *values* may differ by a constant without any effect on training, so they are
 shown, not judged.
 
-When the coefficients differ, the findings name the pattern where one fits exactly: a constant
-factor k = c_B/c_A on every token (a different normaliser: Liger-Kernel issue 1082's ~100×
-grad_norm), or c_B/c_A = k·r_t^{±1} (an importance weight r = π_θ/π_old applied in one and not
-the other), or differences only on tokens one of them clips.
+When the coefficients differ, the findings name the pattern where one fits exactly
+(`gradlens.compare.parity_patterns`): two aggregations of the same surrogate, with their ratio
+as a formula in the batch's counts (N_tok/(B'·|y_i|), B'/B, N_tok/N_kept: Liger-Kernel issue
+1082's ~100× grad_norm was a normaliser); a constant factor; an epsilon on the sequence length;
+a per-sequence factor; c_B/c_A = k·r_t^{±1} (an importance weight r = π_θ/π_old applied in one
+and not the other); differences only on tokens one of them clips; float32 rounding.
 
 Both engines feed one report builder, `build_parity`, with the same inputs (`ParityInputs`):
 per loss its value, c_t on [N, T], terms, metrics, ‖∂L/∂W‖ and the row norms ‖∂L/∂W_v‖ [V]; for
@@ -36,6 +38,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from gradlens.compare.parity_patterns import (
+    FLOAT32_GAP,
+    PATTERN_RTOL,
+    REJECTION_REGIONS,
+    Pair,
+    aggregation_notes,
+    constant_factor,
+    epsilon_note,
+    is_constant,
+    per_sequence_note,
+)
 from gradlens.containers import Batch, LossTerms
 from gradlens.diagnostics.clipping import clipping
 from gradlens.diagnostics.metrics import terms_metrics
@@ -45,7 +58,6 @@ from gradlens.losses import Aggregation, LossParams, LossSpec
 from gradlens.results import ParityPosition, ParityReport, ParitySide
 
 TOP = 5  # positions listed
-PATTERN_RTOL = 1e-6  # a per-token ratio counts as constant within this relative spread
 
 
 @dataclass(frozen=True)
@@ -125,47 +137,33 @@ def _side(side: ParityLoss, mask: Tensor) -> ParitySide:
     )
 
 
-def _constant(x: Tensor) -> float | None:
-    """The common value of ``x`` if all its entries agree to PATTERN_RTOL, else None."""
-    if x.numel() == 0 or not bool(torch.isfinite(x).all()):
-        return None
-    mid = float(x.median())
-    if mid == 0.0 or float((x - mid).abs().max()) > PATTERN_RTOL * abs(mid):
-        return None
-    return mid
-
-
-def _factor_name(k: float, batch: Batch) -> str:
-    """A guess at what a constant factor is, from the batch's counts."""
-    m = batch.mask
-    counts = {
-        "the number of valid tokens N_tok": float(m.sum()),
-        "the number of sequences B": float(m.any(-1).sum()),
-        "the padded length T": float(m.shape[-1]),
-        "the mean sequence length": float(m.sum()) / max(float(m.any(-1).sum()), 1.0),
-    }
-    for label, value in counts.items():
-        if value > 1 and abs(k - value) <= 1e-6 * value:
-            return f" = {label} ({value:g}): B sums where A averages, or divides by less"
-        if value > 1 and abs(k * value - 1) <= 1e-6:
-            return f" = 1/{label} (1/{value:g}): B averages where A sums, or divides by more"
-    return ""
+def _rejected(side: ParityLoss, mask: Tensor) -> Tensor:
+    """[N, T] tokens a masking correction rejected in this loss (its regions)."""
+    out = torch.zeros_like(mask)
+    for name in REJECTION_REGIONS:
+        region = side.terms.regions.get(name)
+        if region is not None:
+            out |= region & mask
+    return out
 
 
 def patterns(
-    batch: Batch, logp: Tensor, ca: Tensor, cb: Tensor, tol: float, normaliser_hint: str = ""
+    batch: Batch,
+    logp: Tensor,
+    ca: Tensor,
+    cb: Tensor,
+    tol: float,
+    pair: Pair,
+    coefficient_rel: float | None = None,
 ) -> list[str]:
-    """Plain-language explanations of how c_B differs from c_A, where one fits exactly.
+    """Plain-language explanations of how c_B differs from c_A, where one fits exactly
+    (`gradlens.compare.parity_patterns`, in the order its docstring gives).
 
-    ``logp`` is [N, T] ℓ_t (for r_t = π_θ/π_old); ``ca``, ``cb`` are [N, T] c_t;
-    ``normaliser_hint`` is appended to a constant-factor finding.
+    ``logp`` is [N, T] ℓ_t (for r_t = π_θ/π_old); ``ca``, ``cb`` are [N, T] c_t.
     """
     m = batch.mask
     a, b = ca[m].double(), cb[m].double()
-    if a.numel() == 0:
-        return []
-    scale = max(float(a.abs().max()), float(b.abs().max()))
-    if scale == 0.0:
+    if a.numel() == 0 or max(float(a.abs().max()), float(b.abs().max())) == 0.0:
         return []
     # "zero" relative to each loss's own largest coefficient: a normaliser must not count
     on_a = a.abs() > tol * float(a.abs().max())
@@ -173,31 +171,67 @@ def patterns(
     both = on_a & on_b
     notes = []
     zero_a, zero_b = on_b & ~on_a, on_a & ~on_b
-    if bool(zero_a.any()) or bool(zero_b.any()):
+    one_sided = bool(zero_a.any()) or bool(zero_b.any())
+    if one_sided:
         notes.append(
             f"c_t is zero in one loss only on {int(zero_a.sum())} token(s) (A zero) and "
             f"{int(zero_b.sum())} token(s) (B zero): a clip or mask rule differs (see the clip "
             "fractions side by side)"
         )
+    if not bool(both.any()):
+        return notes
+    both_grid = torch.zeros_like(m)
+    both_grid[m] = both
     q = b[both] / a[both]
-    k = _constant(q)
-    if k is not None and abs(k - 1.0) > tol:
+    every = "on the tokens where both are non-zero" if one_sided else "on every token"
+    k = is_constant(q)
+    if k is not None and abs(k - 1.0) <= PATTERN_RTOL:  # a tiny gap: rounding or an epsilon
+        eps = epsilon_note(batch, q, both_grid)
+        return notes + (eps or _float32_hint(batch, coefficient_rel))
+    named = aggregation_notes(batch, q, both_grid, pair)
+    if named:
+        if one_sided:
+            named = [f"{named[0]} ({every})"]
+        return notes + named
+    if k is not None:
         notes.append(
-            f"c_B/c_A = {k:.6g} on every token: the same surrogate with a different "
-            f"normaliser{_factor_name(k, batch)}{normaliser_hint}"
+            f"c_B/c_A = {k:.6g} {every}: the same surrogate with a different normaliser"
+            f"{constant_factor(batch, k)}{_self_aggregation_hint(pair)}"
         )
         return notes
+    eps = epsilon_note(batch, q, both_grid) or per_sequence_note(batch, q, both_grid)
+    if eps:
+        return notes + eps
     log_r = (logp - effective_old_logp(batch, logp))[m].double()[both]
     for power, meaning in ((1, "B carries an extra factor r"), (-1, "B lacks the factor r")):
-        k = _constant(q * torch.exp(-power * log_r))
+        k = is_constant(q * torch.exp(-power * log_r))
         if k is not None and bool((log_r.abs() > 1e-12).any()):
             extra = "" if abs(k - 1.0) <= tol else f", times the constant {k:.6g}"
             notes.append(
-                f"c_B/c_A = r_t^{power:+d} on every token{extra}: {meaning} = π_θ/π_old, an "
+                f"c_B/c_A = r_t^{power:+d} {every}{extra}: {meaning} = π_θ/π_old, an "
                 "importance weight applied in one implementation and not the other"
             )
-            break
-    return notes
+            return notes
+    return notes + _float32_hint(batch, coefficient_rel)
+
+
+def _self_aggregation_hint(pair: Pair) -> str:
+    if pair.a_aggregates_itself == pair.b_aggregates_itself:
+        return ""
+    own = "A" if pair.a_aggregates_itself else "B"
+    return f" ({own} aggregates itself; the other uses loss.aggregation = {pair.aggregation.mode})"
+
+
+def _float32_hint(batch: Batch, coefficient_rel: float | None) -> list[str]:
+    low, high = FLOAT32_GAP
+    if batch.weight.dtype != torch.float64 or coefficient_rel is None:
+        return []
+    if not low < coefficient_rel <= high:
+        return []
+    return [
+        f"a float64 gap of {coefficient_rel:.2g} with no pattern is float32 rounding: one side "
+        "computes in float32 (OpenRLHF's KL casts to float32)"
+    ]
 
 
 @dataclass(frozen=True)
@@ -287,11 +321,13 @@ def build_parity(
                 f"‖∂L/∂W‖ of {b.name} is {ratio:.4g}× that of {a.name}; "
                 f"{differing} of {int(m.sum())} tokens differ beyond the tolerance"
             )
-        hint = ""
-        if a.terms.self_aggregated != b.terms.self_aggregated:
-            own = a.name if a.terms.self_aggregated else b.name
-            hint = f" ({own} aggregates itself; the other uses loss.aggregation = {agg.mode})"
-        notes += patterns(batch, logp, ca, cb, tolerance, hint)
+        pair = Pair(
+            aggregation=agg,
+            a_aggregates_itself=a.terms.self_aggregated,
+            b_aggregates_itself=b.terms.self_aggregated,
+            rejected=_rejected(a, m) | _rejected(b, m),
+        )
+        notes += patterns(batch, logp, ca, cb, tolerance, pair, coefficient_rel)
     return ParityReport(
         a=side_a,
         b=side_b,

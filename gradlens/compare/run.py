@@ -4,14 +4,21 @@ config → the source builds a `Batch` → the engine (materialized or streamed,
 every loss and returns one `LossRecord` each → one builder turns each into a `LossReport` →
 the whole-model gradients of a real checkpoint, parity, the batch summary and the checks →
 the report. No I/O here.
+
+With ``diagnostics.tensor_parallel`` P > 1 it runs on each rank of a P-process group, with the
+same config everywhere, and returns the same report on every rank
+(`gradlens.compare.tensor_parallel`: each rank holds its rows of the lm_head; only the streamed
+engine runs, and ``engine: auto`` chooses it).
 """
 
 from __future__ import annotations
 
 import platform
 import sys
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
+import torch.distributed as dist
 
 import gradlens
 from gradlens.compare.engines import EngineOptions, EngineRun
@@ -22,6 +29,12 @@ from gradlens.compare.model_report import model_report
 from gradlens.compare.parity import build_parity
 from gradlens.compare.records import TokenSummary, loss_report
 from gradlens.compare.streamed import run_fused, run_streamed
+from gradlens.compare.tensor_parallel import (
+    VocabParallel,
+    prepare,
+    tensor_parallel_group,
+    together,
+)
 from gradlens.config import Config
 from gradlens.containers import Batch
 from gradlens.diagnostics import tolerances
@@ -31,7 +44,7 @@ from gradlens.diagnostics.ratios import ratio_stats
 from gradlens.errors import GradlensError
 from gradlens.grads import effective_old_logp
 from gradlens.logits import softmax_dtype
-from gradlens.losses import get_loss
+from gradlens.losses import Aggregation, LossParams, get_loss
 from gradlens.metric_names import metric_names
 from gradlens.results import BatchSummary, CompareReport, Environment
 from gradlens.sources import SourceContext, build_source
@@ -52,8 +65,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def source_context(config: Config, device: torch.device) -> SourceContext:
-    """The plain settings a source builder receives beside its own section."""
+def source_context(config: Config, device: torch.device, rank: int = 0) -> SourceContext:
+    """The plain settings a source builder receives beside its own section (``rank``: this
+    process's in the tensor-parallel group)."""
     return SourceContext(
         device=device,
         dtype=config.operand_dtype,
@@ -62,15 +76,20 @@ def source_context(config: Config, device: torch.device) -> SourceContext:
         advantage_eps=config.advantage.eps,
         params=config.loss.params(),
         aggregation=config.loss.token_aggregation(),
+        rank=rank,
+        tensor_parallel=config.diagnostics.tensor_parallel,
     )
 
 
 def choose_engine(config: Config, batch: Batch) -> tuple[str, str]:
     """("materialized" | "streamed", why): ``diagnostics.engine``, or for ``auto`` the size
-    tokens × vocabulary against ``diagnostics.stream_above``."""
+    tokens × vocabulary against ``diagnostics.stream_above``; under tensor parallelism the
+    streamed engine (the config refuses the others)."""
     d = config.diagnostics
     if d.engine != "auto":
         return d.engine, f"diagnostics.engine = {d.engine}"
+    if d.tensor_parallel > 1:
+        return "streamed", f"tensor_parallel = {d.tensor_parallel}: the vocab-parallel engine"
     entries = batch.num_tokens * batch.vocab_size
     if entries > d.stream_above:
         return "streamed", f"tokens × vocabulary = {entries} > {d.stream_above}"
@@ -127,25 +146,72 @@ def environment(config: Config, device: torch.device) -> Environment:
     )
 
 
-def run_compare(config: Config) -> CompareReport:
-    """Run every loss of ``config`` on the batch its source builds and diagnose it."""
+def run_compare(config: Config, group: dist.ProcessGroup | None = None) -> CompareReport:
+    """Run every loss of ``config`` on the batch its source builds and diagnose it.
+
+    ``group``: with ``diagnostics.tensor_parallel`` P > 1, the process group of the P ranks
+    (None: the default group, as torchrun and `torch.distributed.init_process_group` make it);
+    every rank calls this with the same config and gets the same report. Ignored for P = 1.
+    """
     device = resolve_device(config.device)
-    batch = build_source(config.source, source_context(config, device))
-    return compare_batch(batch, config, device)
+    comm = tensor_parallel_group(config.diagnostics.tensor_parallel, group)
+    ctx = source_context(config, device, 0 if comm is None else comm.rank)
+    if comm is None:
+        return compare_batch(build_source(config.source, ctx), config, device)
+    batch, parallel = prepare(lambda: build_source(config.source, ctx), comm, device)
+    return compare_batch(batch, config, device, parallel)
 
 
-def compare_batch(batch: Batch, config: Config, device: torch.device) -> CompareReport:
-    """Run every loss of ``config`` on ``batch`` and diagnose it (``config.source`` unused)."""
+def compare_batch(
+    batch: Batch, config: Config, device: torch.device, parallel: VocabParallel | None = None
+) -> CompareReport:
+    """Run every loss of ``config`` on ``batch`` and diagnose it (``config.source`` unused).
+
+    ``parallel``: with ``diagnostics.tensor_parallel`` > 1, this rank's group as
+    `gradlens.compare.tensor_parallel.prepare` returns it (``batch`` then holds the rank's rows
+    of W); `run_compare` prepares it.
+    """
+    if parallel is None and config.diagnostics.tensor_parallel > 1:
+        raise GradlensError(
+            f"diagnostics.tensor_parallel: {config.diagnostics.tensor_parallel} ranks run through "
+            "gradlens compare under torchrun or run_compare(config, group), which split the "
+            "lm_head over the group; this call runs in one process: set tensor_parallel 1"
+        )
     params = config.loss.params()
     aggregation = config.loss.token_aggregation()
     path, reason = choose_engine(config, batch)
     specs = [get_loss(name) for name in config.losses]
-    pair = None
-    if config.parity is not None:
-        pair = (get_loss(config.parity.losses[0]), get_loss(config.parity.losses[1]))
-    run: EngineRun = ENGINES[path](
-        batch, specs, params, aggregation, engine_options(config, batch, path), reason, pair
-    )
+    pairs = [] if config.parity is None else config.parity.pairs
+    pair_specs = [(get_loss(a), get_loss(b)) for a, b in pairs]
+    options = engine_options(config, batch, path)
+    run: EngineRun
+    if parallel is None:
+        run = ENGINES[path](batch, specs, params, aggregation, options, reason, pair_specs)
+    else:  # the config allows no other engine under tensor parallelism
+        run = run_streamed(
+            batch, specs, params, aggregation, options, reason, pair_specs, parallel=parallel
+        )
+    with _phase(parallel, "report"):
+        report = _report(config, device, batch, run, params, aggregation)
+    return report
+
+
+def _phase(parallel: VocabParallel | None, step: str) -> AbstractContextManager[None]:
+    """Under tensor parallelism the ranks exchange the phase's errors at its end."""
+    if parallel is None:
+        return nullcontext()
+    return together(parallel.comm, step, parallel.device)
+
+
+def _report(
+    config: Config,
+    device: torch.device,
+    batch: Batch,
+    run: EngineRun,
+    params: LossParams,
+    aggregation: Aggregation,
+) -> CompareReport:
+    """Everything after the engine: the loss reports, the model sections, parity, checks."""
     logp = run.tokens.logp
     reports = [loss_report(r, batch, logp, params) for r in run.records]
     model = None
@@ -158,11 +224,10 @@ def compare_batch(batch: Batch, config: Config, device: torch.device) -> Compare
             )
             model = model.model_copy(update={"sft_over_rl": sft_over_rl})
     summary = summarize_batch(batch, run.tokens)
-    parity = None
+    parity = []
     if config.parity is not None:
-        assert run.parity is not None
         tolerance = config.parity.tolerance or tolerances.agreement(config.operand_dtype)
-        parity = build_parity(batch, logp, run.parity, aggregation, tolerance)
+        parity = [build_parity(batch, logp, p, aggregation, tolerance) for p in run.parity]
     all_checks = checks(summary, reports, parity)
     return CompareReport(
         environment=environment(config, device),

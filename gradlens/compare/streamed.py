@@ -13,6 +13,12 @@ gradient ∂L/∂z_y and the row norms ‖∂L/∂W_v‖.
 With ``loss.entropy_coef`` ≠ 0 the engine adds the entropy bonus's gradient (not of the c-form)
 to every loss's rows, and the reports include it exactly as the materialized path's do.
 
+Under tensor parallelism (``parallel``: `gradlens.compare.tensor_parallel`) the batch holds this
+rank's rows of W and the engine is the vocab-parallel pass (`gradlens.engine.vocab_parallel`),
+planned for the largest rank's rows with the smallest rank's memory budget; it returns the result
+of the whole W on every rank, so everything after it is the same code. Its GEMM count is the
+total over all ranks.
+
 With ``--parity A,B`` the same run also gives parity's inputs (`gradlens.compare.parity`): A
 and B join the engine's losses if they are not among them (without a loss report of their own),
 and one
@@ -30,6 +36,7 @@ from torch import Tensor
 from gradlens.compare.engines import EngineOptions, EngineRun
 from gradlens.compare.parity import ParityInputs, ParityLoss, streamed_gap
 from gradlens.compare.records import LossRecord, TokenSummary
+from gradlens.compare.tensor_parallel import VocabParallel
 from gradlens.containers import Batch, valid_index
 from gradlens.diagnostics import tolerances
 from gradlens.diagnostics.agreement import not_run
@@ -39,7 +46,16 @@ from gradlens.diagnostics.row_norms import row_norms_from
 from gradlens.diagnostics.streamed import grad_at_y, sampled_row_streamed, zero_sum_streamed
 from gradlens.engine.fused import check_device, fused_lm_head_pass
 from gradlens.engine.streamed import EngineResult, auto_budget, dense_dtype, lm_head_pass, plan
-from gradlens.grads import Objective, autograd_reference, entropy_bonus, objective, on_grid
+from gradlens.engine.vocab_parallel import vocab_parallel_pass
+from gradlens.errors import GradlensError
+from gradlens.grads import (
+    Objective,
+    aggregation_mask,
+    autograd_reference,
+    entropy_bonus,
+    objective,
+    on_grid,
+)
 from gradlens.logits import softmax_dtype
 from gradlens.losses import Aggregation, LossParams, LossSpec
 from gradlens.results import Agreement, EngineInfo
@@ -52,23 +68,30 @@ def run_streamed(
     aggregation: Aggregation,
     options: EngineOptions,
     reason: str,
-    pair: tuple[LossSpec, LossSpec] | None = None,
+    pairs: list[tuple[LossSpec, LossSpec]] | None = None,
     fused: bool = False,
+    parallel: VocabParallel | None = None,
 ) -> EngineRun:
-    """Every loss of ``specs`` through one engine run, and parity's inputs for ``pair``.
+    """Every loss of ``specs`` through one engine run, and parity's inputs for each of ``pairs``.
 
     ``fused``: the passes with Triton kernels between the GEMMs (`gradlens.engine.fused`), the
-    same result (the engine path ``fused``, opt-in).
+    same result (the engine path ``fused``, opt-in). ``parallel``: this rank's tensor-parallel
+    group; ``batch`` then holds the rank's rows of W (`Batch.weight_rows`).
     """
     if fused:
         check_device(batch.weight.device)
+    if fused and parallel is not None:
+        raise GradlensError(
+            "diagnostics.engine: 'fused' runs in one process, not under tensor_parallel"
+        )
     rows, cols = valid_index(batch.mask)
     hidden = batch.hidden[rows, cols]  # [M, H]
     tokens = batch.tokens[rows, cols]  # [M]
     names = [s.name for s in specs]
     run_specs = list(specs)
-    if pair is not None:
-        run_specs += [s for s in dict.fromkeys(pair) if s.name not in names]
+    pairs = pairs or []
+    for pair in pairs:
+        run_specs += [s for s in dict.fromkeys(pair) if s.name not in names and s not in run_specs]
     reported = len(specs)
     objectives: list[Objective] = []
     grid: list[Tensor] = []  # [N, T] ℓ as the engine computed it
@@ -79,17 +102,21 @@ def run_streamed(
         for spec in run_specs:
             objectives.append(objective(batch, logp, spec, params, aggregation))
         out = [o.coefficient[rows, cols] for o in objectives]
-        if pair is not None:  # ∂L_B/∂W − ∂L_A/∂W is the c-form gradient of c_B − c_A
+        for pair in pairs:  # ∂L_B/∂W − ∂L_A/∂W is the c-form gradient of c_B − c_A
             a, b = (objectives[run_specs.index(s)].coefficient for s in pair)
             out.append((b - a)[rows, cols])
         return out
 
     budget = options.memory_budget_bytes or auto_budget(hidden.device)
-    k = len(run_specs) + (pair is not None)
+    rows_per_rank = batch.vocab_size
+    if parallel is not None:  # one plan on every rank: the largest shard, the tightest budget
+        budget = parallel.smallest(budget)
+        rows_per_rank = max(parallel.split.sizes)
+    k = len(run_specs) + len(pairs)
     buffers = 3 if params.entropy_coef == 0.0 else 4  # the bonus's [M, Vc] block: one more
     engine_plan = plan(
         tokens.numel(),
-        batch.vocab_size,
+        rows_per_rank,
         batch.hidden_size,
         k,
         budget,
@@ -98,18 +125,33 @@ def run_streamed(
     )
     entropy_weight = None  # w_t = a_t·c_H of the entropy bonus, [M]
     if params.entropy_coef != 0.0:
-        weights = aggregation.weights(batch.mask, softmax_dtype(batch.weight.dtype))
+        weights = aggregation.weights(
+            aggregation_mask(batch, params), softmax_dtype(batch.weight.dtype)
+        )
         entropy_weight = params.entropy_coef * weights[rows, cols]
-    engine_pass = fused_lm_head_pass if fused else lm_head_pass
-    result = engine_pass(
-        hidden,
-        batch.weight,
-        tokens,
-        coefficients_for,
-        engine_plan,
-        entropy_weight=entropy_weight,
-        entropy_losses=len(run_specs),  # not parity's c_B − c_A: the bonus cancels there
-    )
+    if parallel is None:
+        engine_pass = fused_lm_head_pass if fused else lm_head_pass
+        result = engine_pass(
+            hidden,
+            batch.weight,
+            tokens,
+            coefficients_for,
+            engine_plan,
+            entropy_weight=entropy_weight,
+            entropy_losses=len(run_specs),  # not parity's c_B − c_A: the bonus cancels there
+        )
+    else:
+        result = vocab_parallel_pass(
+            hidden,
+            batch.weight,  # [V_r, H]: this rank's rows
+            tokens,
+            coefficients_for,
+            engine_plan,
+            parallel.split,
+            parallel.comm,
+            entropy_weight=entropy_weight,
+            entropy_losses=len(run_specs),
+        )
     logp = grid[0]
     entropy = on_grid(result.tokens.entropy, rows, cols, batch.mask.shape)  # [N, T]
     bonus_scale = None  # the bonus's gross size 2·|c_H|·a_t·H_t, [M]
@@ -166,9 +208,11 @@ def run_streamed(
         resident_chunks=engine_plan.resident,
         budget_bytes=budget,
         gemm_equivalents=result.gemm_equivalents,
+        tensor_parallel=1 if parallel is None else parallel.split.world,
+        vocab_rows=None if parallel is None else parallel.split.sizes,
     )
-    parity = None
-    if pair is not None:
+    parity = []
+    for j, pair in enumerate(pairs):
         ia, ib = (run_specs.index(s) for s in pair)
         a_max = None  # max_v |∂L_A/∂z_tv|, when the entropy bonus makes it other than |c_A|·u
         other_max = result.rows[ia].other_max
@@ -178,15 +222,17 @@ def run_streamed(
         gap = streamed_gap(
             result.coefficients[ia],
             result.coefficients[ib],
-            result.rows[-1].norms,
+            result.rows[len(run_specs) + j].norms,
             result.tokens.sampled_prob,
             result.tokens.max_other_prob,
             a_max,
         )
-        parity = ParityInputs(
-            _parity_loss(run_specs[ia], objectives[ia], result, ia, loss_value),
-            _parity_loss(run_specs[ib], objectives[ib], result, ib, loss_value),
-            gap,
+        parity.append(
+            ParityInputs(
+                _parity_loss(run_specs[ia], objectives[ia], result, ia, loss_value),
+                _parity_loss(run_specs[ib], objectives[ib], result, ib, loss_value),
+                gap,
+            )
         )
     return EngineRun(
         records=records,
@@ -203,10 +249,10 @@ def run_fused(
     aggregation: Aggregation,
     options: EngineOptions,
     reason: str,
-    pair: tuple[LossSpec, LossSpec] | None = None,
+    pairs: list[tuple[LossSpec, LossSpec]] | None = None,
 ) -> EngineRun:
     """`run_streamed` with the fused passes."""
-    return run_streamed(batch, specs, params, aggregation, options, reason, pair, fused=True)
+    return run_streamed(batch, specs, params, aggregation, options, reason, pairs, fused=True)
 
 
 def _parity_loss(

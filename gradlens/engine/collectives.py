@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from gradlens.errors import GradlensError
+from gradlens.errors import GradlensError, SharedError
 
 ReduceOp = Literal["sum", "max"]
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
@@ -111,6 +111,33 @@ class Collectives:
             ) from e
 
 
+def exchange_errors(
+    comm: Collectives, error: str | None, step: str, device: torch.device | str = "cpu"
+) -> list[str | None]:
+    """Every rank's error message (None where the rank succeeded), in rank order, on every rank.
+
+    For a phase without collectives of its own, which a rank may leave by raising while the
+    others finish it: each rank calls this at its end, with its own error or None, and every rank
+    learns the same outcome. One all_gather of [failed, bytes] per rank, and only when a rank
+    failed, one of the messages' UTF-8 bytes padded to the longest. ``device``: where the
+    backend's tensors live (CUDA for NCCL).
+    """
+    data = b"" if error is None else error.encode()
+    head = torch.tensor([error is not None, len(data)], dtype=torch.int64, device=device)
+    heads = comm.all_gather(head, f"{step}.status").cpu()  # [P, 2]
+    if not bool(heads[:, 0].any()):
+        return [None] * comm.world
+    longest = max(int(heads[:, 1].max()), 1)
+    mine = torch.zeros(longest, dtype=torch.uint8)
+    if data:
+        mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    every = comm.all_gather(mine.to(device), f"{step}.errors").cpu()  # [P, longest]
+    return [
+        bytes(every[r, : int(heads[r, 1])].tolist()).decode() if heads[r, 0] else None
+        for r in range(comm.world)
+    ]
+
+
 def _digest(x: Tensor) -> int:
     """A 63-bit hash of ``x``'s dtype, shape and bytes."""
     h = hashlib.blake2b(f"{x.dtype}{tuple(x.shape)}".encode(), digest_size=8)
@@ -119,7 +146,7 @@ def _digest(x: Tensor) -> int:
 
 
 def check_replicated(comm: Collectives, tensors: dict[str, Tensor], step: str = "check") -> None:
-    """Raise the same `GradlensError` on every rank when one of ``tensors`` is not bitwise the
+    """Raise the same `SharedError` on every rank when one of ``tensors`` is not bitwise the
     same on every rank of the group (one all_gather of a hash per tensor).
 
     The vocab-parallel engine needs the hidden states, the sampled ids and everything the
@@ -136,7 +163,7 @@ def check_replicated(comm: Collectives, tensors: dict[str, Tensor], step: str = 
         if ranks:
             differ.append(f"{name} (rank {', '.join(ranks)} against rank 0)")
     if differ:
-        raise GradlensError(
+        raise SharedError(
             "tensor_parallel: every rank must hold the same inputs, and these differ: "
             + "; ".join(differ)
         )

@@ -23,11 +23,15 @@ class Correction:
     Attributes:
         kind: token_tis, seq_tis, token_mis, seq_mis, icepop or geo_mask.
         low, high: its thresholds (None: no bound on that side).
+        renormalize: the tokens it masks leave the aggregation's normaliser too, as verl's
+            rejection sampling (``rollout_rs``) removes them from the response mask; only for
+            the kinds that mask.
     """
 
     kind: str
     low: float | None = None
     high: float | None = None
+    renormalize: bool = False
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,8 @@ class LossSpec:
         aggregating_fn: a function that aggregates itself (user and framework losses): it
             receives the run's `Aggregation` and returns L as ``per_token`` summing to it, with
             ``self_aggregated`` set.
+        handles_corrections: a loss that aggregates itself and applies ``loss.corrections``
+            its own way (verl's and OpenRLHF's losses pass them to the framework's code).
     """
 
     name: str
@@ -113,6 +119,7 @@ class LossSpec:
     uses_advantage: bool = True
     needs: tuple[str, ...] = ()
     aggregating_fn: SelfAggregatingFn | None = None
+    handles_corrections: bool = False
 
     def terms(self, inputs: TokenInputs, params: LossParams, aggregation: Aggregation) -> LossTerms:
         """The loss's terms on ``inputs`` (the aggregation reaches only losses that use it)."""

@@ -29,6 +29,14 @@ token ρ (A13): compose ``geo_mask`` with ``token_mis`` with no bounds to reprod
 Each correction reports the tokens it truncated or masked as a region (``tis_truncated``,
 ``seq_tis_truncated``, ``mis_masked``, ``seq_mis_masked``, ``icepop_masked``,
 ``seq_geo_masked``); names starting with ``seq_`` are also reported per sequence.
+
+Renormalising rejection. A masking kind (token_mis, seq_mis, icepop, geo_mask) zeroes w_t on
+the tokens it rejects but leaves them in the aggregation's normaliser: under ``token_mean`` a
+kept token still weighs 1/N_tok. verl's rejection sampling (``rollout_rs``) instead removes the
+rejected tokens from the response mask, so the normaliser shrinks with them: 1/N_kept under
+token-mean (a factor N_tok/N_kept on every kept token), 1/B'_kept for the sequence means.
+``renormalize: true`` on a correction does the same here: `kept_mask` is the mask every
+aggregation weight (and the entropy bonus) is computed from.
 """
 
 from __future__ import annotations
@@ -102,24 +110,30 @@ class Kind:
     high: float | None
     region: str
     formula: str
+    masks: bool  # its region is a rejection (w = 0), not a truncation: it can renormalize
 
 
 KINDS: dict[str, Kind] = {
-    "token_tis": Kind(_token_tis, None, 2.0, "tis_truncated", "clamp(ρ_t, low, high)"),
-    "seq_tis": Kind(_seq_tis, None, 2.0, "seq_tis_truncated", "clamp(Π_t ρ_t, low, high)"),
-    "token_mis": Kind(_token_mask, None, 3.0, "mis_masked", "ρ_t·1[low ≤ ρ_t ≤ high]"),
-    "seq_mis": Kind(_seq_mis, None, 3.0, "seq_mis_masked", "Π_t ρ_t·1[low ≤ Π_t ρ_t ≤ high]"),
-    "icepop": Kind(_token_mask, 0.5, 5.0, "icepop_masked", "ρ_t·1[low ≤ ρ_t ≤ high]"),
+    "token_tis": Kind(_token_tis, None, 2.0, "tis_truncated", "clamp(ρ_t, low, high)", False),
+    "seq_tis": Kind(_seq_tis, None, 2.0, "seq_tis_truncated", "clamp(Π_t ρ_t, low, high)", False),
+    "token_mis": Kind(_token_mask, None, 3.0, "mis_masked", "ρ_t·1[low ≤ ρ_t ≤ high]", True),
+    "seq_mis": Kind(_seq_mis, None, 3.0, "seq_mis_masked", "Π_t ρ_t·1[low ≤ Π_t ρ_t ≤ high]", True),
+    "icepop": Kind(_token_mask, 0.5, 5.0, "icepop_masked", "ρ_t·1[low ≤ ρ_t ≤ high]", True),
     "geo_mask": Kind(
-        _geo_mask, 0.999, 1.001, "seq_geo_masked", "1[low ≤ exp(mean_t log ρ_t) ≤ high]"
+        _geo_mask, 0.999, 1.001, "seq_geo_masked", "1[low ≤ exp(mean_t log ρ_t) ≤ high]", True
     ),
 }
+MASKING_KINDS = tuple(name for name, kind in KINDS.items() if kind.masks)
 
 
-def with_defaults(kind: str, low: float | None, high: float | None) -> Correction:
+def with_defaults(
+    kind: str, low: float | None, high: float | None, renormalize: bool = False
+) -> Correction:
     """A `Correction` whose unset thresholds take the kind's defaults."""
     k = KINDS[kind]
-    return Correction(kind, k.low if low is None else low, k.high if high is None else high)
+    return Correction(
+        kind, k.low if low is None else low, k.high if high is None else high, renormalize
+    )
 
 
 def correction_weight(inputs: TokenInputs, c: Correction) -> tuple[Tensor, dict[str, Tensor]]:
@@ -130,6 +144,22 @@ def correction_weight(inputs: TokenInputs, c: Correction) -> tuple[Tensor, dict[
     kind = KINDS[c.kind]
     weight, out = kind.fn(log_rho, m, c)
     return torch.where(m, weight, 0.0), {kind.region: out & m}
+
+
+def kept_mask(
+    mask: Tensor, old_logp: Tensor, rollout_logp: Tensor | None, corrections: tuple[Correction, ...]
+) -> Tensor:
+    """[N, T] ``mask`` without the tokens a renormalising correction rejects (the mask every
+    aggregation weight is computed from); ``mask`` itself when no correction renormalises."""
+    renormalizing = tuple(c for c in corrections if c.renormalize)
+    if not renormalizing or rollout_logp is None:  # without μ_old apply_corrections stops the run
+        return mask
+    log_rho = torch.where(mask, old_logp - rollout_logp, 0.0)  # [N, T]
+    kept = mask.clone()
+    for c in renormalizing:
+        _, out = KINDS[c.kind].fn(log_rho, mask, c)
+        kept &= ~out
+    return kept
 
 
 def apply_corrections(

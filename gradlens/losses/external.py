@@ -1,9 +1,10 @@
-"""External losses: the user's own function, or one written to verl's policy-loss signature.
+"""External losses: the user's own function, and the machinery framework losses share with it.
 
-The registry (`gradlens.losses.registry.get_loss`) resolves every name with a ':' here:
-``module:function`` or ``path/to/file.py:function`` is a user loss, ``verl:module:function`` a
-verl-shaped one. Both aggregate themselves, so their `LossSpec` has an ``aggregating_fn`` that
-receives the run's `Aggregation`, and both get an exact c_t by autograd (below).
+The registry (`gradlens.losses.registry.get_loss`) resolves every name with a ':' that is not a
+framework's (`gradlens.losses.frameworks`) here: ``module:function`` or
+``path/to/file.py:function`` is a user loss. It aggregates itself, so its `LossSpec` has an
+``aggregating_fn`` that receives the run's `Aggregation`, and it gets an exact c_t by autograd
+(`autograd_terms`, which the framework losses use too).
 
 User losses
 -----------
@@ -11,7 +12,9 @@ User losses
 The function is called on the per-token tensors of the batch, [N, T] each:
 
     my_loss(logp, old_logp, advantages, mask, *, rollout_logp=None, ref_logp=None,
-            aggregation="token_mean") -> 0-d tensor, the loss that is minimised
+            aggregation="token_mean", settings=None)
+        -> loss                      a 0-d tensor, the loss that is minimised
+        -> (loss, metrics)           ... and a dict of numbers it reports about itself
 
     logp          log π_θ(y_t)       differentiable: the only path from the loss to the logits
     old_logp      log π_old(y_t)     constant
@@ -20,59 +23,28 @@ The function is called on the per-token tensors of the batch, [N, T] each:
     rollout_logp  log μ_old(y_t) from the inference engine, or None when the source has none
     ref_logp      log π_ref(y_t) of the reference policy, or None
     aggregation   gradlens's ``loss.aggregation`` (token_mean, seq_mean_token_mean, ...)
+    settings      the resolved ``loss`` section (`LossSettings`): settings.eps_low,
+                  settings.kl_coef, settings.aggregation, settings.corrections, ...
 
 The keyword arguments are passed only when the function declares them (or ``**kwargs``), so
 ``def my_loss(logp, old_logp, advantages, mask)`` is enough. Every tensor is 0 at padded
 positions. The function aggregates itself: gradlens's aggregation weights do not apply, the
-report's a_t is 1 and c_t is the function's own ∂L/∂ℓ_t.
+report's a_t is 1 and c_t is the function's own ∂L/∂ℓ_t. The metrics it returns are reported
+under ``metrics["reported:<name>"]`` (numbers only; anything else is left out).
 
 How the diagnostics stay exact. The loss reaches the logits only through ``logp``, so the
 master identity ∂L/∂z_t = c_t·(e_y − π_t) holds with c_t = ∂L/∂ℓ_t, which gradlens takes by
 autograd on a fresh leaf copy of the [N, T] ``logp``: exact, whatever the function computes
 (sequence ratios, sorting, clamps...). The autograd twin differentiates the same function
-through log_softmax(W h), so the agreement check tests the whole chain.
+through log_softmax(W h), so the agreement check tests the whole chain. The function is called
+twice (once per path) with the same CPU random stream (seed 0), so a function that draws random
+numbers (verl's ``clip_cov``) makes the same draws on both.
 
 Resolution errors (module not found, no such attribute, not callable) and call errors (the
 function raised, returned something other than a scalar tensor, or a value that does not
-depend on ``logp``) are `GradlensError` messages naming the loss.
-
-
-verl-shaped losses
-------------------
-
-``--losses verl:mypkg.losses:compute_policy_loss_x`` (or ``verl:path/to/file.py:fn``) calls
-
-    fn(old_log_prob, log_prob, advantages, response_mask,
-       loss_agg_mode=<verl spelling of loss.aggregation>, config=<VerlConfig>)
-
-the signature of verl's ``@register_policy_loss`` functions (``core_algos.py``), and takes the
-first element of what it returns: ``(pg_loss, metrics_dict)`` in current verl,
-``(pg_loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower)`` in older verl, or a bare tensor. The other
-elements are reported under the loss's ``metrics`` with the prefix ``reported:``, so the
-function's own ``pg_clipfrac`` sits beside gradlens's ``clipping.region``.
-
-``config`` is a small read-only object with verl's attribute names, filled from gradlens's
-``loss`` section; it answers ``config.x``, ``config["x"]`` and ``config.get("x", default)``:
-
-    verl attribute     from                    note
-    clip_ratio         loss.eps_low            verl's symmetric default; both bounds are set
-    clip_ratio_low     loss.eps_low
-    clip_ratio_high    loss.eps_high
-    clip_ratio_c       loss.dual_clip          inf when null: verl always applies dual clip
-                                               (it requires c > 1), inf switches it off
-    tau_pos, tau_neg   loss.tau_pos, tau_neg   SAPO
-    loss_agg_mode      loss.aggregation        verl spelling, e.g. token-mean
-    loss_scale_factor  loss.loss_scale_factor
-
-Any other attribute reads as None (``get`` returns its default), as an unset key of verl's
-config would. A function that insists on ``isinstance(config, ActorConfig)`` cannot be called
-outside verl; wrap it.
-
-Aggregation: the verl function aggregates itself (``agg_loss``), so gradlens does not
-aggregate again. gradlens passes ``loss_agg_mode`` = the verl spelling of ``loss.aggregation``
-so that the function aggregates as the run is configured; a function that ignores the argument
-(verl's GSPO and SAPO force ``seq-mean-token-mean``, trap A7) aggregates its own way, and a
-parity check against the built-in loss shows it. ``rollout_is_weights`` is not passed (None).
+depend on ``logp``) are `GradlensError` messages naming the loss; an exception raised inside
+the function names the file, line and source of the innermost frame outside torch and
+gradlens, so a bare ``assert`` says which assertion failed.
 """
 
 from __future__ import annotations
@@ -81,9 +53,10 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
-import math
 import sys
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -97,14 +70,49 @@ from gradlens.losses.base import LossParams, LossSpec, SelfAggregatingFn
 
 SIGNATURE = (
     "fn(logp, old_logp, advantages, mask, *, rollout_logp=None, ref_logp=None, "
-    "aggregation='token_mean') -> 0-d tensor"
+    "aggregation='token_mean', settings=None) -> loss or (loss, metrics)"
 )
-OPTIONAL_ARGS = ("rollout_logp", "ref_logp", "aggregation")
+OPTIONAL_ARGS = ("rollout_logp", "ref_logp", "aggregation", "settings")
+RANDOM_SEED = 0  # every call of an external loss sees the same CPU random stream
 
 # A call on one [N, T] log-prob tensor: (the scalar loss, the metrics the function reported).
 Call = Callable[[Tensor, TokenInputs, LossParams, Aggregation], tuple[Tensor, dict[str, float]]]
 
 _SPECS: dict[str, LossSpec] = {}
+_SKIP_FRAMES = (
+    str(Path(torch.__file__).resolve().parent),
+    str(Path(__file__).resolve().parents[1]),  # gradlens itself
+)
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """The resolved ``loss`` section as a user loss receives it (keyword ``settings``).
+
+    Every key of the section reads as an attribute with its YAML name (``settings.eps_low``,
+    ``settings.aggregation``, ``settings.loss_scale_factor``, ``settings.corrections`` as
+    `Correction` objects ...); ``as_dict()`` gives them all.
+    """
+
+    params: LossParams
+    agg: Aggregation
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {name: getattr(self.params, name) for name in self.params.__dataclass_fields__}
+        out["aggregation"] = self.agg.mode
+        out["loss_scale_factor"] = self.agg.loss_scale_factor
+        out["count_empty_sequences"] = self.agg.count_empty_sequences
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        values = self.as_dict()
+        if name not in values:
+            raise AttributeError(
+                f"the loss section has no setting {name!r}; it has {', '.join(sorted(values))}"
+            )
+        return values[name]
 
 
 def is_external(name: str) -> bool:
@@ -153,7 +161,7 @@ def _load_module(target: str, reference: str, what: str) -> Any:
         except Exception as exc:
             sys.modules.pop(name, None)
             raise GradlensError(
-                f"{what} {reference!r}: running {str(path)!r} raised {type(exc).__name__}: {exc}"
+                f"{what} {reference!r}: running {str(path)!r} raised {raised(exc)}"
             ) from None
         return module
     try:
@@ -165,8 +173,26 @@ def _load_module(target: str, reference: str, what: str) -> Any:
         ) from None
     except Exception as exc:
         raise GradlensError(
-            f"{what} {reference!r}: importing {target!r} raised {type(exc).__name__}: {exc}"
+            f"{what} {reference!r}: importing {target!r} raised {raised(exc)}"
         ) from None
+
+
+def raised(exc: BaseException) -> str:
+    """``exc`` in words: its type, its message, and where it was raised, with the source line.
+
+    The place is the innermost frame outside torch and gradlens (the user's or the framework's
+    own code), so an ``assert`` without a message still says which assertion failed.
+    """
+    text = type(exc).__name__
+    if str(exc):
+        text += f": {exc}"
+    trace = traceback.extract_tb(exc.__traceback__)
+    frames = [f for f in trace if not f.filename.startswith(_SKIP_FRAMES)]
+    if frames:
+        where = frames[-1]
+        text += f" (at {where.filename}:{where.lineno}"
+        text += f": {where.line.strip()})" if where.line else ")"
+    return text
 
 
 def accepted_keywords(fn: Callable[..., Any], names: tuple[str, ...]) -> set[str]:
@@ -185,7 +211,7 @@ def scalar_loss(value: Any, name: str, shape: tuple[int, ...]) -> Tensor:
     if not isinstance(value, Tensor):
         raise GradlensError(
             f"loss {name!r} returned {type(value).__name__}; expected a scalar (0-d) "
-            "torch.Tensor, the loss to minimise"
+            "torch.Tensor, the loss to minimise, or (loss, metrics)"
         )
     if value.numel() != 1:
         hint = (
@@ -203,13 +229,31 @@ def scalar_loss(value: Any, name: str, shape: tuple[int, ...]) -> Tensor:
     return value.reshape(())
 
 
+def reported_metrics(items: Iterable[tuple[str, Any]]) -> dict[str, float]:
+    """Metrics a function returned, as ``reported:<name>`` floats; non-numbers are left out."""
+    out = {}
+    for key, value in items:
+        try:
+            out[f"reported:{key}"] = float(value.detach() if isinstance(value, Tensor) else value)
+        except (TypeError, ValueError, RuntimeError):
+            continue  # a non-numeric metric (a list, a histogram) is not reported
+    return out
+
+
 def autograd_terms(call: Call, name: str) -> SelfAggregatingFn:
     """A loss function whose per-token gradient is the exact ∂L/∂ℓ_t of ``call``, by autograd."""
+
+    def seeded(
+        logp: Tensor, inputs: TokenInputs, params: LossParams, aggregation: Aggregation
+    ) -> tuple[Tensor, dict[str, float]]:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_SEED)
+            return call(logp, inputs, params, aggregation)
 
     def loss_fn(inputs: TokenInputs, params: LossParams, aggregation: Aggregation) -> LossTerms:
         leaf = inputs.logp.detach().clone().requires_grad_(True)
         with torch.enable_grad():  # callers may run losses under no_grad (sweeps)
-            value, reported = call(leaf, inputs, params, aggregation)
+            value, reported = seeded(leaf, inputs, params, aggregation)
             if not value.requires_grad:
                 raise GradlensError(
                     f"loss {name!r} returned a value that does not depend on logp (no "
@@ -217,11 +261,12 @@ def autograd_terms(call: Call, name: str) -> SelfAggregatingFn:
                 )
             (grad,) = torch.autograd.grad(value, leaf, allow_unused=True)
         m = inputs.mask
-        c = torch.zeros_like(leaf) if grad is None else torch.where(m, grad, 0.0)
+        c = torch.zeros_like(leaf) if grad is None else torch.where(m, grad.to(leaf.dtype), 0.0)
         if inputs.logp.requires_grad:  # the autograd twin: differentiate through the caller's ℓ
-            value, _ = call(inputs.logp, inputs, params, aggregation)
+            value, _ = seeded(inputs.logp, inputs, params, aggregation)
         else:
             value = value.detach()
+        value = value.to(leaf.dtype)  # a framework may compute in float32 (OpenRLHF's KL)
         mf = m.to(leaf.dtype)
         per_token = value * mf / mf.sum().clamp(min=1.0)  # Σ per_token = L, gradient intact
         return LossTerms(
@@ -232,6 +277,18 @@ def autograd_terms(call: Call, name: str) -> SelfAggregatingFn:
         )
 
     return loss_fn
+
+
+def split_result(result: Any, name: str, shape: tuple[int, ...]) -> tuple[Tensor, dict]:
+    """A user function's ``loss`` or ``(loss, metrics)`` as (0-d tensor, reported metrics)."""
+    if isinstance(result, tuple | list):
+        if len(result) != 2 or not isinstance(result[1], dict):
+            raise GradlensError(
+                f"loss {name!r} returned a {type(result).__name__} of {len(result)} items; "
+                "expected the loss, or (loss, metrics) with metrics a dict of numbers"
+            )
+        return scalar_loss(result[0], name, shape), reported_metrics(result[1].items())
+    return scalar_loss(result, name, shape), {}
 
 
 def user_call(fn: Callable[..., Any], name: str) -> Call:
@@ -245,162 +302,37 @@ def user_call(fn: Callable[..., Any], name: str) -> Call:
             "rollout_logp": inputs.rollout_logp,
             "ref_logp": inputs.ref_logp,
             "aggregation": aggregation.mode,
+            "settings": LossSettings(params, aggregation),
         }
         kwargs = {k: v for k, v in optional.items() if k in keywords}
         mask = inputs.mask.to(logp.dtype)
         try:
-            value = fn(logp, inputs.old_logp, inputs.advantages, mask, **kwargs)
+            result = fn(logp, inputs.old_logp, inputs.advantages, mask, **kwargs)
         except GradlensError:
             raise
         except Exception as exc:
             raise GradlensError(
-                f"loss {name!r} raised {type(exc).__name__}: {exc} (gradlens calls it as "
-                f"{SIGNATURE})"
+                f"loss {name!r} raised {raised(exc)} (gradlens calls it as {SIGNATURE})"
             ) from None
-        return scalar_loss(value, name, tuple(logp.shape)), {}
+        return split_result(result, name, tuple(logp.shape))
 
     return call
-
-
-VERL_AGGREGATION = {
-    "token_mean": "token-mean",
-    "seq_mean_token_mean": "seq-mean-token-mean",
-    "seq_mean_token_sum": "seq-mean-token-sum",
-    "seq_mean_token_sum_norm": "seq-mean-token-sum-norm",
-}
-# Older verl returns (pg_loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower).
-POSITIONAL_METRICS = ("actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower")
-
-
-class VerlConfig:
-    """Read-only stand-in for verl's actor config: attribute, item and ``get`` access."""
-
-    def __init__(self, values: dict[str, Any]) -> None:
-        object.__setattr__(self, "_values", dict(values))
-
-    def __getattr__(self, key: str) -> Any:
-        if key.startswith("__"):
-            raise AttributeError(key)
-        return self._values.get(key)
-
-    def __getitem__(self, key: str) -> Any:
-        return self._values.get(key)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._values
-
-    def __setattr__(self, key: str, value: Any) -> None:
-        raise AttributeError("the verl config passed by gradlens is read-only")
-
-    def get(self, key: str, default: Any = None) -> Any:
-        value = self._values.get(key)
-        return default if value is None else value
-
-    def __repr__(self) -> str:
-        return f"VerlConfig({self._values})"
-
-
-def verl_config(params: LossParams, aggregation: Aggregation) -> VerlConfig:
-    """gradlens's loss settings under verl's attribute names."""
-    return VerlConfig(
-        {
-            "clip_ratio": params.eps_low,
-            "clip_ratio_low": params.eps_low,
-            "clip_ratio_high": params.eps_high,
-            "clip_ratio_c": params.dual_clip if params.dual_clip is not None else math.inf,
-            "tau_pos": params.tau_pos,
-            "tau_neg": params.tau_neg,
-            "loss_agg_mode": VERL_AGGREGATION.get(aggregation.mode, aggregation.mode),
-            "loss_scale_factor": aggregation.loss_scale_factor,
-        }
-    )
-
-
-def _metrics(rest: tuple[Any, ...]) -> dict[str, float]:
-    """The metrics a verl function returned after its loss, as plain floats."""
-    items: list[tuple[str, Any]] = []
-    if len(rest) == 1 and isinstance(rest[0], dict):
-        items = list(rest[0].items())
-    else:
-        names = POSITIONAL_METRICS + tuple(f"metric_{i}" for i in range(3, len(rest)))
-        items = list(zip(names, rest, strict=False))
-    out = {}
-    for key, value in items:
-        try:
-            out[f"reported:{key}"] = float(value.detach() if isinstance(value, Tensor) else value)
-        except (TypeError, ValueError, RuntimeError):
-            continue  # a non-numeric metric (a list, a histogram) is not reported
-    return out
-
-
-def verl_call(fn: Any, name: str) -> Call:
-    """Call a verl-shaped function; returns its loss and its reported metrics."""
-
-    def call(
-        logp: Tensor, inputs: TokenInputs, params: LossParams, aggregation: Aggregation
-    ) -> tuple[Tensor, dict]:
-        config = verl_config(params, aggregation)
-        try:
-            result = fn(
-                inputs.old_logp,
-                logp,
-                inputs.advantages,
-                inputs.mask.to(logp.dtype),
-                loss_agg_mode=config.loss_agg_mode,
-                config=config,
-            )
-        except GradlensError:
-            raise
-        except Exception as exc:
-            raise GradlensError(
-                f"loss {name!r} raised {type(exc).__name__}: {exc} (gradlens calls it as "
-                "fn(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode=..., "
-                "config=...))"
-            ) from None
-        if isinstance(result, tuple | list):
-            if not result:
-                raise GradlensError(f"loss {name!r} returned an empty {type(result).__name__}")
-            value, reported = result[0], _metrics(tuple(result[1:]))
-        else:
-            value, reported = result, {}
-        return scalar_loss(value, name, tuple(logp.shape)), reported
-
-    return call
-
-
-def verl_loss_spec(name: str) -> LossSpec:
-    """The `LossSpec` of ``verl:module:function``."""
-    reference = name.removeprefix("verl:")
-    fn = load_callable(reference, "verl-shaped loss")
-    return LossSpec(
-        name=name,
-        fn=None,
-        aggregating_fn=autograd_terms(verl_call(fn, name), name),
-        formula=f"verl policy loss {reference} (aggregates itself with loss_agg_mode)",
-        grad_formula="∂L/∂ℓ_t by autograd on log_prob (exact)",
-        zero_when="where the function's gradient in ℓ_t is 0",
-        paper="user-supplied, verl policy-loss signature",
-        post_formula="|c|·(1 − π_y)",
-    )
 
 
 def external_loss_spec(name: str) -> LossSpec:
-    """The `LossSpec` of a user or verl-shaped loss, resolved once per process and name."""
+    """The `LossSpec` of a user loss ``module:function``, resolved once per process and name."""
     if name in _SPECS:
         return _SPECS[name]
-    if name.startswith("verl:"):
-        spec = verl_loss_spec(name)
-    else:
-        fn = load_callable(name, "user loss")
-        spec = LossSpec(
-            name=name,
-            fn=None,
-            aggregating_fn=autograd_terms(user_call(fn, name), name),
-            formula=f"user function {name} (aggregates itself)",
-            grad_formula="∂L/∂ℓ_t by autograd on log π_θ(y) (exact)",
-            zero_when="where the function's gradient in ℓ_t is 0",
-            paper="user-supplied",
-            post_formula="|c|·(1 − π_y)",
-        )
+    fn = load_callable(name, "user loss")
+    spec = LossSpec(
+        name=name,
+        fn=None,
+        aggregating_fn=autograd_terms(user_call(fn, name), name),
+        formula=f"user function {name} (aggregates itself)",
+        grad_formula="∂L/∂ℓ_t by autograd on log π_θ(y) (exact)",
+        zero_when="where the function's gradient in ℓ_t is 0",
+        paper="user-supplied",
+        post_formula="|c|·(1 − π_y)",
+    )
     _SPECS[name] = spec
     return spec

@@ -9,6 +9,7 @@ from __future__ import annotations
 from gradlens.errors import GradlensError, unknown_name_message
 from gradlens.losses.base import LossSpec
 from gradlens.losses.external import external_loss_spec, is_external
+from gradlens.losses.frameworks import framework_loss_spec, framework_of
 
 _REGISTRY: dict[str, LossSpec] = {}
 
@@ -27,10 +28,13 @@ def loss_names() -> list[str]:
 
 
 def get_loss(name: str) -> LossSpec:
-    """The spec registered under ``name``; ``module:function`` names a user loss."""
+    """The spec registered under ``name``; ``verl:...``, ``trl:...``, ``openrlhf:...`` name a
+    framework's own loss, any other ``module:function`` a user loss."""
     try:
         return _REGISTRY[name]
     except KeyError:
-        if is_external(name):  # a user or verl-shaped function, resolved for this process
+        if framework_of(name) is not None:  # the framework's real code, resolved for the process
+            return framework_loss_spec(name)
+        if is_external(name):  # a user function, resolved for this process
             return external_loss_spec(name)
         raise GradlensError(unknown_name_message("loss", name, loss_names())) from None

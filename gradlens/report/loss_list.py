@@ -1,8 +1,9 @@
-"""The table of ``gradlens losses``: every registered loss, its formula, g_t and source."""
+"""The tables of ``gradlens losses``: every registered loss (its formula, g_t and source), the
+aggregations with the framework versions that use each, and the framework losses."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from rich.markup import escape
 
@@ -27,4 +28,32 @@ def loss_list_table(specs: Sequence[LossSpec]) -> FitTable:
         table.add_row(
             *(escape(x) for x in (s.name, s.formula, s.grad_formula, s.zero_when, s.paper))
         )
+    return table
+
+
+def aggregation_table(rows: Sequence[Mapping[str, str]]) -> FitTable:
+    """One row per aggregation: ``name``, ``loss`` (its formula), ``used_by``."""
+    table = FitTable(
+        "aggregations (loss.aggregation; S = B', or B with loss.count_empty_sequences; "
+        "L = loss.loss_scale_factor or the padded length)",
+        keys=1,
+    )
+    for header in ("name", "loss", "used by (framework version)"):
+        table.add_column(header, justify="left")
+    for row in rows:
+        table.add_row(*(escape(row[k]) for k in ("name", "loss", "used_by")))
+    return table
+
+
+def framework_table(rows: Sequence[Mapping[str, str]]) -> FitTable:
+    """One row per framework: ``names``, ``supported``, ``tested``, ``installed``."""
+    table = FitTable(
+        "framework losses: the framework's own code, config from the loss section "
+        "(docs/losses.md §9)",
+        keys=0,  # the long list of names narrows first, so a version range stays on one line
+    )
+    for header in ("names", "supported", "tested", "installed"):
+        table.add_column(header, justify="left")
+    for row in rows:
+        table.add_row(*(escape(row[k]) for k in ("names", "supported", "tested", "installed")))
     return table

@@ -1,14 +1,14 @@
-"""Rich tables for the training–inference gap and for ``--parity A,B``."""
+"""Rich tables for the training–inference gap, for ``--parity A,B`` and ``--parity-matrix``."""
 
 from __future__ import annotations
 
-from rich.console import RenderableType
+from rich.console import Console, Group, RenderableType
 from rich.markup import escape
 from rich.text import Text
 
 from gradlens.report.cells import SHOWN, fmt, ok, pct, titled_table
 from gradlens.report.fit import FitTable
-from gradlens.results import Clipping, CompareReport, ParityReport
+from gradlens.results import Clipping, CompareReport, ParityMatrixReport, ParityReport
 
 
 def rollout_table(report: CompareReport) -> FitTable | None:
@@ -84,12 +84,50 @@ def rollout_and_parity_parts(report: CompareReport) -> list[RenderableType]:
     rollout = rollout_table(report)
     if rollout is not None:
         parts.append(rollout)
-    if report.parity is not None:
-        parts.append(parity_table(report.parity))
-        if report.parity.findings:
+    for p in report.parity:
+        parts.append(parity_table(p))
+        if p.findings:
             text = Text()
-            for note in report.parity.findings:
+            for note in p.findings:
                 text.append("• parity: ", style="bold")
                 text.append(note + "\n")
             parts.append(text)
     return parts
+
+
+def explanation(p: ParityReport) -> str:
+    """The finding that says why a pair differs (the first one after the grad-norm line)."""
+    if p.passed:
+        return ""
+    notes = [n for n in p.findings if not n.startswith("‖∂L/∂W‖ of")]
+    return notes[0] if notes else ""
+
+
+def render_parity_matrix(report: ParityMatrixReport, console: Console) -> None:
+    """One line per setting and pair: the verdict, the gap, the grad-norm ratio, the reason."""
+    table = titled_table(
+        "parity matrix: each pair under each setting",
+        "settings",
+        "A vs B",
+        "",
+        "max |Δc_t| / max |c_t|",
+        "‖∂L_B/∂W‖/‖∂L_A/∂W‖",
+        "why",
+        keys=2,
+    )
+    table.columns[-1].justify = "left"  # a sentence
+    for entry in report.entries:
+        settings = ", ".join(f"{k}={v}" for k, v in entry.settings.items())
+        for p in entry.parity:
+            table.add_row(
+                escape(settings),
+                escape(f"{p.a.name} vs {p.b.name}"),
+                ok(p.passed),
+                fmt(p.coefficient_rel, 2),
+                fmt(p.grad_norm_ratio),
+                escape(explanation(p)),
+            )
+    runs = len(report.entries)
+    failed = sum(not e.passed for e in report.entries)
+    summary = Text(f"{runs - failed}/{runs} settings passed every check")
+    console.print(Group(table, summary))

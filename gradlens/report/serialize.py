@@ -1,4 +1,4 @@
-"""Machine output: the reports as JSON (schemas ``gradlens.compare/2`` and ``gradlens.sweep/2``)."""
+"""Machine output: the reports as JSON (schemas ``gradlens.compare/3`` and ``gradlens.sweep/2``)."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from gradlens.results.base import Result
 from gradlens.results.model import ModelGradients, ModelReport
 from gradlens.results.rollout import RolloutStats
 
-SCHEMA_VERSION = "gradlens.compare/2"
+SCHEMA_VERSION = "gradlens.compare/3"
 
 
 class Environment(Result):
@@ -228,7 +228,8 @@ class ParitySide(Result):
 
 
 class ParityReport(Result):
-    """``--parity A,B``: where two implementations of a loss differ on the same batch."""
+    """``--parity A,B``: where two implementations of a loss differ on the same batch, and why
+    (``findings``)."""
 
     a: ParitySide
     b: ParitySide
@@ -272,12 +273,20 @@ class EngineInfo(Result):
     resident_chunks: int | None = Field(None, description="chunks whose logits stayed in memory")
     budget_bytes: int | None = None
     gemm_equivalents: float | None = Field(
-        None, description="GEMMs run, in units of one logits GEMM 2·M·H·V (floor: 1 + k)"
+        None,
+        description="GEMMs run, in units of one logits GEMM 2·M·H·V (floor: 1 + k); under "
+        "tensor parallelism the total over all ranks",
+    )
+    tensor_parallel: int = Field(
+        1, description="ranks the lm_head's vocabulary rows were split over (1: one process)"
+    )
+    vocab_rows: list[int] | None = Field(
+        None, description="tensor_parallel > 1: the vocabulary rows of each rank, in rank order"
     )
 
 
 class CompareReport(Result):
-    schema_version: Literal["gradlens.compare/2"] = "gradlens.compare/2"
+    schema_version: Literal["gradlens.compare/3"] = "gradlens.compare/3"
     environment: Environment
     config: dict[str, Any] = Field(description="the resolved configuration")
     batch: BatchSummary
@@ -293,7 +302,9 @@ class CompareReport(Result):
     rollout: RolloutStats | None = Field(
         None, description="training–inference gap, when the batch has rollout log-probs"
     )
-    parity: ParityReport | None = Field(None, description="--parity A,B: the two losses compared")
+    parity: list[ParityReport] = Field(
+        default_factory=list, description="--parity A,B (once per pair): each pair compared"
+    )
     engine: EngineInfo | None = Field(None, description="how the lm_head gradients were computed")
     metric_names: list[MetricName] = Field(
         default_factory=list, description="the framework names of the report's quantities"
@@ -347,3 +358,22 @@ class CompareReport(Result):
                     if value is not None:
                         out[f"{prefix}/{framework}/{name}"] = value
         return out
+
+
+class ParityMatrixEntry(Result):
+    """One setting of ``--parity-matrix``: its values and every pair's parity under them."""
+
+    settings: dict[str, Any] = Field(description="the dotted keys set for this run, and values")
+    parity: list[ParityReport]
+    passed: bool = Field(description="every check of this run passed (parity included)")
+
+
+class ParityMatrixReport(Result):
+    """``gradlens compare --parity A,B --parity-matrix KEY=[v1, v2]``: the pairs under every
+    combination of the settings, in one process (each framework imported once)."""
+
+    schema_version: Literal["gradlens.parity-matrix/1"] = "gradlens.parity-matrix/1"
+    environment: Environment
+    config: dict[str, Any] = Field(description="the configuration before the matrix's settings")
+    entries: list[ParityMatrixEntry]
+    passed: bool = Field(description="every run passed")

@@ -23,6 +23,9 @@ class SourceContext:
         normalization, advantage_eps: how rewards become advantages (`gradlens.advantages`).
         params, aggregation: the run's loss settings (the model source's stale steps minimise a
             loss with them).
+        rank, tensor_parallel: this process's rank in the tensor-parallel group and the group's
+            size (1: one process). A source may return only this rank's rows of the lm_head
+            (`Batch.weight_rows`); the compare pipeline splits a whole one itself.
     """
 
     device: torch.device
@@ -32,3 +35,5 @@ class SourceContext:
     advantage_eps: float = 1e-6
     params: LossParams = field(default_factory=LossParams)
     aggregation: Aggregation = field(default_factory=Aggregation)
+    rank: int = 0
+    tensor_parallel: int = 1

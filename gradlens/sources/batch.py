@@ -9,11 +9,18 @@ checkpoint at ``source.model_path`` (gradlens.sources.recompute), which then win
 stored ones; with it, every loss also runs through the whole checkpoint unless
 ``source.whole_model`` is false (the batch then carries a `ModelContext`).
 
+Under tensor parallelism (``SourceContext.tensor_parallel`` P > 1) the rank keeps only its rows
+of the file's lm_head weight (split at load, the balanced split), or ``{rank}`` in
+``source.path`` names a file per rank that holds that rank's rows (``vocab_offset``,
+``vocab_size``; `gradlens.batchfile`); the batch's ``weight_rows`` says which. A checkpoint's
+recomputed lm_head is whole; the compare pipeline splits it.
+
 `dump_tensors` is the inverse: what ``gradlens dump`` writes of any source's batch.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -22,21 +29,33 @@ from torch import Tensor
 from gradlens.advantages import advantages_from_rewards
 from gradlens.batchfile import read_batch_tensors
 from gradlens.config import BatchSource
-from gradlens.containers import Batch
+from gradlens.containers import Batch, VocabRows
+from gradlens.engine.vocab_split import balanced_split
 from gradlens.errors import GradlensError
 from gradlens.grads import effective_old_logp, softmax_view
 from gradlens.logits import softmax_dtype
 from gradlens.sources.base import SourceContext
 from gradlens.sources.recompute import recompute_hidden
 
+RANK = "{rank}"  # in source.path: this rank's own file
+
+
+def rank_rows(rank: int, world: int, vocab: int) -> tuple[int, int]:
+    """The rows [v0, v1) of a vocabulary of ``vocab`` rows that ``rank`` of ``world`` keeps."""
+    return balanced_split(vocab, world).shard(rank)
+
 
 def build_batch_file(src: BatchSource, ctx: SourceContext) -> Batch:
     """The batch stored at ``source.path``."""
     device, dtype = ctx.device, ctx.dtype
-    path = Path(src.path).expanduser()
-    data = read_batch_tensors(path, prompts=src.model_path is not None)
+    path = Path(src.path.replace(RANK, str(ctx.rank))).expanduser()
+    keep_rows = None
+    if ctx.tensor_parallel > 1 and src.model_path is None:
+        keep_rows = partial(rank_rows, ctx.rank, ctx.tensor_parallel)
+    data = read_batch_tensors(path, prompts=src.model_path is not None, keep_rows=keep_rows)
     origin = ""
     context = None
+    rows = None
     if src.model_path is not None:
         recomputed = recompute_hidden(
             src.model_path,
@@ -52,6 +71,16 @@ def build_batch_file(src: BatchSource, ctx: SourceContext) -> Batch:
             origin += " (the file's hidden_states and lm_head_weight are not used)"
     elif "hidden" in data:
         hidden, weight = data["hidden"], data["weight"]
+        v0, v1, vocab = (int(x) for x in data["weight_rows"])
+        if (v0, v1) != (0, vocab):
+            rows = VocabRows(v0, v1, vocab)
+            if ctx.tensor_parallel == 1:
+                raise GradlensError(
+                    f"source.path: {path.name} holds rows [{v0}, {v1}) of the lm_head's {vocab} "
+                    "(one tensor-parallel rank's: vocab_offset, vocab_size); run it with the "
+                    "other ranks' files, one per rank: torchrun --nproc-per-node P -m gradlens "
+                    "compare --tensor-parallel P --set source.path=NAME{rank}.safetensors"
+                )
     else:
         raise GradlensError(
             f"source.path: {path.name} has no 'hidden_states' and 'lm_head_weight'; write them "
@@ -91,10 +120,11 @@ def build_batch_file(src: BatchSource, ctx: SourceContext) -> Batch:
         ref_logp=opt("ref_logp"),
         source=(
             f"batch file {path.name}: {n} sequences × ≤{t} tokens, "
-            f"V={weight.shape[0]}, H={weight.shape[1]}{origin}"
+            f"V={weight.shape[0] if rows is None else rows.vocab}, H={weight.shape[1]}{origin}"
         ),
         advantage_note=note,
         model_context=context,
+        weight_rows=rows,
     )
 
 

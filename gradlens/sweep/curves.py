@@ -16,9 +16,9 @@ Layout. Each point is a token alone in its own sequence, so the [N, T] grid the 
 laying the points out as one sequence, [1, P]: sequence-level rules — DeepSeek-V3.2's OPSM
 averages the drift over a sequence — and the aggregation's 1/N_tok would then mix points that
 have nothing to do with each other.) The weight a is that of a one-token sequence, from
-`aggregation_weights` itself: 1 for every mode except ``seq_mean_token_sum_norm`` with
-``loss_scale_factor`` L, which gives 1/L — so ``--over loss.aggregation=...`` compares what a
-normaliser does to a single token.
+`aggregation_weights` itself: 1 for every mode except ``token_sum_norm`` and
+``seq_mean_token_sum_norm`` with ``loss_scale_factor`` L, which give 1/L — so
+``--over loss.aggregation=...`` compares what a normaliser does to a single token.
 
 Everything is float64: the unclipped PPO gradient spans ten decades over the default sweep.
 """

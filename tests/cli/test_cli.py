@@ -58,7 +58,7 @@ def test_table_is_not_truncated_when_stdout_is_not_a_terminal():
 
 def test_json_report_is_versioned_and_self_describing(default_json):
     report = CompareReport.model_validate(default_json)  # the output obeys its own schema
-    assert report.schema_version == "gradlens.compare/2"
+    assert report.schema_version == "gradlens.compare/3"
     env = default_json["environment"]
     assert {"gradlens", "python", "torch", "platform", "device", "dtype", "seed"} <= env.keys()
     assert env["device"] == "cpu" and env["dtype"] == "float32" and env["seed"] == 0
@@ -159,7 +159,7 @@ def test_config_command_round_trips(tmp_path):
 
 def test_schema_command_matches_the_report_model():
     schema = json.loads(invoke("schema").stdout)
-    assert schema["$id"] == "gradlens.compare/2"
+    assert schema["$id"] == "gradlens.compare/3"
     assert set(schema["required"]) >= {"environment", "config", "batch", "ratio", "losses"}
 
 

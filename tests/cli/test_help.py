@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,11 +16,9 @@ from gradlens.cli import app
 from gradlens.report.cells import SEED_POST
 from gradlens.report.table import render_compare
 from gradlens.results import CompareReport
+from tests.compare.test_golden_reports import upgrade  # the recorded reports in today's schema
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests" / "compare"))
-
-from test_golden_reports import upgrade  # noqa: E402  (the recorded reports in today's schema)
 
 COMMANDS = ["compare", "sweep", "dump", "losses", "config", "schema"]
 POST = re.compile(r"\bpost\b", re.IGNORECASE)

@@ -26,6 +26,8 @@ from cases import cases  # noqa: E402
 from helpers import differences  # noqa: E402
 from record import normalise, run_case  # noqa: E402
 
+from gradlens.metric_names import METRIC_NAMES  # noqa: E402
+
 
 def upgrade(report: dict[str, Any]) -> dict[str, Any]:
     """A golden report recorded under ``gradlens.compare/1`` in today's schema: the renamed and
@@ -33,22 +35,54 @@ def upgrade(report: dict[str, Any]) -> dict[str, Any]:
     report = json.loads(json.dumps(report))
     if "check" in report:  # a sweep summary (gradlens.sweep/1 → /2)
         for loss in report["losses"]:
-            loss["per_token_grad_formula"] = loss.pop("coefficient")
+            if "coefficient" in loss:
+                loss["per_token_grad_formula"] = loss.pop("coefficient")
+        _loss_settings_of_3(report["config"]["loss"])
         return report
     for loss in report["losses"]:
-        loss["per_token_grad_formula"] = loss.pop("coefficient_formula")
+        if "coefficient_formula" in loss:
+            loss["per_token_grad_formula"] = loss.pop("coefficient_formula")
     if report["engine"]["reason"].startswith("the whole-model gradients"):
         # a real checkpoint no longer forces the materialized engine (issue: the model source
         # streams); below the threshold it is chosen by size, as for every source
         entries = report["batch"]["num_tokens"] * report["batch"]["vocab_size"]
         report["engine"]["reason"] = f"tokens × vocabulary = {entries} ≤ {1 << 24}"
     report["config"]["diagnostics"].setdefault("stream_above", 1 << 24)
+    # added with tensor parallelism (one process: 1 rank, no split)
+    report["config"]["diagnostics"].setdefault("tensor_parallel", 1)
+    report["config"]["diagnostics"].setdefault("collective_timeout_s", 300.0)
+    report["engine"].setdefault("tensor_parallel", 1)
+    report["engine"].setdefault("vocab_rows", None)
     mismatch = (report.get("model") or {}).get("mismatch")
-    if mismatch is not None:
+    if mismatch is not None and "mean_abs_diff" in mismatch:
         mismatch["abs_diff_mean"] = mismatch.pop("mean_abs_diff")
         mismatch["abs_diff_max"] = mismatch.pop("max_abs_diff")
         mismatch["rho_mean"] = report["rollout"]["rho_mean"]  # the same statistics now
+    return upgrade_to_3(report)
+
+
+def upgrade_to_3(report: dict[str, Any]) -> dict[str, Any]:
+    """``gradlens.compare/2`` → ``/3`` (docs/json-schema.md's changelog): parity is a list of
+    pairs, two loss settings were added with their defaults, and the crosswalk was corrected
+    (its rows are a constant table, checked by tests/compare/test_parity.py)."""
+    _loss_settings_of_3(report["config"]["loss"])
+    for check in report["checks"]:  # a failed check's detail says > where /2 said ≤
+        if not check["passed"]:
+            check["detail"] = check["detail"].replace(" ≤ ", " > ")
+    parity = report["config"].get("parity")
+    if parity is not None and "losses" in parity:
+        parity["pairs"] = [parity.pop("losses")]
+    if not isinstance(report.get("parity"), list):
+        report["parity"] = [] if report.get("parity") is None else [report["parity"]]
+    report["metric_names"] = [m.model_dump(mode="json") for m in METRIC_NAMES]
     return report
+
+
+def _loss_settings_of_3(loss: dict[str, Any]) -> None:
+    """The loss settings /3 added, with their defaults (the same maths as before)."""
+    loss.setdefault("count_empty_sequences", False)
+    for correction in loss.get("corrections", []):
+        correction.setdefault("renormalize", False)
 
 
 @pytest.mark.parametrize(

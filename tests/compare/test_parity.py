@@ -30,7 +30,7 @@ runner = CliRunner()
 def run(a: str, b: str, **extra: Any) -> CompareReport:
     data = {
         "losses": [a, b],
-        "parity": {"losses": [a, b]},
+        "parity": {"pairs": [[a, b]]},
         "source": {"vocab_size": 64, "hidden_size": 8, "num_sequences": 8, "max_length": 24},
         **extra,
     }
@@ -39,30 +39,30 @@ def run(a: str, b: str, **extra: Any) -> CompareReport:
 
 def test_liger_1082_a_summed_normaliser_is_caught(impl: str) -> None:
     report = run("ppo_clip", f"{impl}:token_sum")
-    p = report.parity
-    assert p is not None and not p.passed and not report.passed
+    (p,) = report.parity
+    assert not p.passed and not report.passed
     failed = [c for c in report.checks if not c.passed]
     assert [c.name for c in failed] == ["parity"]  # each loss on its own is fine
     n_tok = report.batch.num_tokens
     # the same surrogate summed instead of averaged: every c_t and ‖∂L/∂W‖ grow N_tok-fold
     assert p.grad_norm_ratio == pytest.approx(n_tok, rel=1e-5)
-    assert any(f"c_B/c_A = {n_tok}" in f and "number of valid tokens" in f for f in p.findings)
+    assert any(f"c_B/c_A = N_tok = {n_tok}," in f and "token_sum (B)" in f for f in p.findings)
     assert p.a.clipping.region is not None  # clip fractions side by side
     assert p.differing_tokens > 0 and p.top and p.top[0].abs_diff is not None
 
 
 def test_liger_1082_a_missing_importance_weight_is_caught(impl: str) -> None:
     report = run("ppo_clip", f"{impl}:no_is_weight")
-    p = report.parity
-    assert p is not None and not p.passed
+    (p,) = report.parity
+    assert not p.passed
     assert p.grad_norm_ratio is not None and p.grad_norm_ratio != pytest.approx(1.0, abs=1e-3)
     assert any("r_t^-1" in f and "importance weight" in f for f in p.findings)
 
 
 def test_two_implementations_that_agree_pass(impl: str) -> None:
     report = run("ppo_clip", f"{impl}:token_mean")
-    p = report.parity
-    assert p is not None and p.passed and report.passed
+    (p,) = report.parity
+    assert p.passed and report.passed
     assert p.grad_norm_ratio == pytest.approx(1.0, abs=1e-5)
     # float32 operands: the two orders of evaluation differ by ~1e-7 relative
     assert p.coefficient_rel is not None and p.coefficient_rel < 1e-5
@@ -71,21 +71,21 @@ def test_two_implementations_that_agree_pass(impl: str) -> None:
 
 def test_built_in_pairs() -> None:
     # grpo with β = 0 is ppo_clip; gspo and gspo_token agree when A is per sequence (synthetic)
-    assert run("ppo_clip", "grpo", loss={"kl_coef": 0.0}).parity.passed  # type: ignore[union-attr]
-    assert run("gspo", "gspo_token").parity.passed  # type: ignore[union-attr]
+    assert run("ppo_clip", "grpo", loss={"kl_coef": 0.0}).parity[0].passed
+    assert run("gspo", "gspo_token").parity[0].passed
     # CISPO keeps the tokens PPO-clip drops: parity fails and says a rule differs
-    p = run("ppo_clip", "cispo").parity
-    assert p is not None and not p.passed
+    p = run("ppo_clip", "cispo").parity[0]
+    assert not p.passed
     assert any("a clip or mask rule differs" in f for f in p.findings)
 
 
 def test_the_two_cispo_parametrisations_differ_unless_matched() -> None:
     # relative bounds (1 − 10, 1 + 0.28) vs an absolute cap 5 (trap A5) ...
-    p = run("cispo", "cispo_cap").parity
-    assert p is not None and not p.passed
+    p = run("cispo", "cispo_cap").parity[0]
+    assert not p.passed
     # ... agree once the cap equals 1 + eps_high and the lower bound is off
-    p = run("cispo", "cispo_cap", loss={"cispo_cap": 1.28}).parity
-    assert p is not None and p.passed
+    p = run("cispo", "cispo_cap", loss={"cispo_cap": 1.28}).parity[0]
+    assert p.passed
 
 
 def parity(batch, view, a, b, tolerance):
@@ -122,9 +122,53 @@ def test_parity_tolerance_from_config(impl: str) -> None:
     report = run(
         "ppo_clip",
         f"{impl}:token_sum",
-        parity={"losses": ["ppo_clip", f"{impl}:token_sum"], "tolerance": 1e6},
+        parity={"pairs": [["ppo_clip", f"{impl}:token_sum"]], "tolerance": 1e6},
     )
-    assert report.parity is not None and report.parity.tolerance == 1e6 and report.parity.passed
+    (p,) = report.parity
+    assert p.tolerance == 1e6 and p.passed
+
+
+def test_several_pairs_in_one_run(impl: str) -> None:
+    args = ["compare", "--set", "source.vocab_size=64", "-f", "json"]
+    pairs = ["--parity", f"ppo_clip,{impl}:token_mean", "--parity", f"ppo_clip,{impl}:token_sum"]
+    result = runner.invoke(app, [*args, *pairs])
+    assert result.exit_code == 0, result.output  # no --check: the report, whatever it says
+    data = json.loads(result.stdout)
+    assert [(p["a"]["name"], p["b"]["name"], p["passed"]) for p in data["parity"]] == [
+        ("ppo_clip", f"{impl}:token_mean", True),
+        ("ppo_clip", f"{impl}:token_sum", False),
+    ]
+    assert [c["passed"] for c in data["checks"] if c["name"] == "parity"] == [True, False]
+    # without --losses, each of the pairs' losses runs once
+    assert [r["name"] for r in data["losses"]] == [
+        "ppo_clip",
+        f"{impl}:token_mean",
+        f"{impl}:token_sum",
+    ]
+
+
+def test_a_parity_matrix_runs_the_pairs_under_each_setting(impl: str) -> None:
+    # the user loss always averages over tokens: it agrees with ppo_clip under token_mean and
+    # differs per sequence under seq_mean_token_mean, which the matrix names
+    args = ["compare", "--set", "source.vocab_size=64", "--parity", f"ppo_clip,{impl}:token_mean"]
+    grid = ["--parity-matrix", "loss.aggregation=[token_mean, seq_mean_token_mean]"]
+    table = runner.invoke(app, [*args, *grid, "--check"])
+    assert table.exit_code == 1
+    assert "parity matrix" in table.stdout and "1/2 settings passed every check" in table.stdout
+    result = runner.invoke(app, [*args, *grid, "-f", "json"])
+    data = json.loads(result.stdout)
+    assert data["schema_version"] == "gradlens.parity-matrix/1"
+    first, second = data["entries"]
+    assert first["settings"] == {"loss.aggregation": "token_mean"} and first["passed"]
+    assert second["settings"] == {"loss.aggregation": "seq_mean_token_mean"}
+    (p,) = second["parity"]
+    assert not p["passed"]
+    assert any(
+        "B'·|y_i|/N_tok" in f and "seq_mean_token_mean (A) vs token_mean (B)" in f
+        for f in p["findings"]
+    )
+    bad = runner.invoke(app, [*args, "--parity-matrix", "loss.aggregation=token_mean"])
+    assert bad.exit_code == 2 and "YAML list" in bad.output
 
 
 # ----------------------------------------------------------------------------- metric names

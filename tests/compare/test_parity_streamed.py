@@ -2,7 +2,7 @@
 
 The streamed path never forms ∂L/∂z [M, V] or ∂L/∂W [V, H]: ‖∂L/∂W‖ and the row norms of A and
 B come from the engine, the row difference from one more coefficient set c_B − c_A, and the
-logit-gradient gap from c_A, c_B and per-token statistics (`gradlens.parity.streamed_gap`).
+logit-gradient gap from c_A, c_B and per-token statistics (`gradlens.compare.parity.streamed_gap`).
 Each pair below is run through both engines on the same synthetic batch and the two parity
 reports are compared field by field.
 """
@@ -42,7 +42,7 @@ def run(engine: str, dtype: str, a: str, b: str, **extra: Any) -> CompareReport:
     data = {
         "dtype": dtype,
         "losses": [a, b],
-        "parity": {"losses": [a, b]},
+        "parity": {"pairs": [[a, b]]},
         "source": SOURCE,
         # small chunks, some resident: the streamed run makes several passes per vocabulary
         "diagnostics": {"engine": engine, "vocab_chunk": 32, "reference": "none"},
@@ -56,9 +56,9 @@ def both(dtype: str, a: str, b: str, **extra: Any) -> tuple[ParityReport, Parity
     mat, stream = (run(e, dtype, a, b, **extra) for e in ("materialized", "streamed"))
     assert mat.engine is not None and mat.engine.path == "materialized"
     assert stream.engine is not None and stream.engine.path == "streamed"
-    assert mat.parity is not None and stream.parity is not None
+    assert len(mat.parity) == len(stream.parity) == 1
     c_scale = max(r.coefficient_abs_max or 0.0 for r in mat.losses)
-    return mat.parity, stream.parity, c_scale
+    return mat.parity[0], stream.parity[0], c_scale
 
 
 def close(actual: float | None, expected: float | None, rel: float, abs_: float = 0.0) -> bool:
@@ -106,7 +106,7 @@ def assert_same(m: ParityReport, s: ParityReport, rel: float, c_scale: float) ->
 
 PAIRS: list[tuple[str, str, dict[str, Any], str]] = [
     # (A, B, extra config, what the report must say)
-    ("ppo_clip", "{impl}:token_sum", {}, "number of valid tokens"),  # a constant factor
+    ("ppo_clip", "{impl}:token_sum", {}, "ratio c_B/c_A = N_tok"),  # a constant factor
     ("ppo_clip", "{impl}:no_is_weight", {}, "r_t^-1"),  # a missing importance weight
     ("ppo_clip", "cispo", {}, "a clip or mask rule differs"),  # a clip rule
     ("ppo", "ppo_clip", {"loss": {"eps_low": 0.1, "eps_high": 0.1}}, "clip or mask rule"),
@@ -144,7 +144,7 @@ def test_the_pair_need_not_be_among_the_losses() -> None:
                 {
                     "dtype": "float64",
                     "losses": ["reinforce"],
-                    "parity": {"losses": ["ppo", "ppo_clip"]},
+                    "parity": {"pairs": [["ppo", "ppo_clip"]]},
                     "source": SOURCE,
                     "diagnostics": {"engine": engine, "vocab_chunk": 32},
                 }
@@ -157,10 +157,10 @@ def test_the_pair_need_not_be_among_the_losses() -> None:
     assert stream.losses[0].rows.total_norm == pytest.approx(
         mat.losses[0].rows.total_norm, rel=1e-10
     )
-    assert mat.parity is not None and stream.parity is not None and not stream.parity.passed
-    p = mat.parity
+    (p,), (s,) = mat.parity, stream.parity
+    assert not s.passed
     assert p.coefficient_max_abs_diff and p.coefficient_rel
-    assert_same(p, stream.parity, TOL["float64"], p.coefficient_max_abs_diff / p.coefficient_rel)
+    assert_same(p, s, TOL["float64"], p.coefficient_max_abs_diff / p.coefficient_rel)
 
 
 def test_streamed_parity_never_materialises_the_softmax(impl: str, monkeypatch) -> None:
@@ -170,7 +170,7 @@ def test_streamed_parity_never_materialises_the_softmax(impl: str, monkeypatch) 
     monkeypatch.setattr(materialized_module, "softmax_view", refuse)
     monkeypatch.setattr(parity_module, "closed_form", refuse)
     report = run("streamed", "float32", "ppo_clip", f"{impl}:token_sum")
-    assert report.parity is not None and not report.parity.passed
+    assert len(report.parity) == 1 and not report.parity[0].passed
     assert [c.name for c in report.checks if not c.passed] == ["parity"]
     # the pair's difference is one more coefficient set: 1 logits GEMM (+ recomputed chunks)
     # and 3 dense ones (A, B, c_B − c_A)

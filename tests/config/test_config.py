@@ -38,8 +38,12 @@ def test_one_default_per_loss_setting() -> None:
 def test_every_loss_param_has_its_config_key() -> None:
     fields = {f.name for f in dataclasses.fields(LossParams)}
     assert fields <= set(LossConfig.model_fields)
-    # the two config keys that are not loss parameters travel as the aggregation
-    assert set(LossConfig.model_fields) - fields == {"aggregation", "loss_scale_factor"}
+    # the three config keys that are not loss parameters travel as the aggregation
+    assert set(LossConfig.model_fields) - fields == {
+        "aggregation",
+        "loss_scale_factor",
+        "count_empty_sequences",
+    }
 
 
 def test_params_carry_the_configured_values_and_corrections_with_defaults() -> None:

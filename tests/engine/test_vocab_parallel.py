@@ -25,6 +25,7 @@ from gradlens.engine.collectives import (
     CollectiveRecord,
     Collectives,
     check_replicated,
+    exchange_errors,
 )
 from gradlens.engine.launch import RankFailure, run_ranks
 from gradlens.engine.streamed import (
@@ -505,6 +506,13 @@ def test_nccl_two_ranks_equal_the_single_process_engine():
 def test_replication_check_in_one_process_passes():
     check_replicated(Collectives(), {"x": torch.ones(3, dtype=torch.bfloat16)})
     check_replicated(Collectives(), {})
+
+
+def test_error_exchange_in_one_process_returns_its_own_outcome():
+    assert exchange_errors(Collectives(), None, "phase") == [None]
+    message = "source.path: no such file 'π_old.pt'"  # non-ASCII survives the byte round trip
+    assert exchange_errors(Collectives(), message, "phase") == [message]
+    assert exchange_errors(Collectives(), "", "phase") == [""]  # an empty message is an error
 
 
 def test_collective_records_count_ring_bytes():

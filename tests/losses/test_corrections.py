@@ -109,6 +109,43 @@ def test_correction_weights_match_their_definition(name: str) -> None:
         assert torch.equal(region, (w == 0) & batch.mask)  # exactly the masked tokens
 
 
+@pytest.mark.parametrize(
+    "mode, factor",
+    [
+        # token_mean: kept tokens weigh 1/N_kept instead of 1/N_tok
+        ("token_mean", lambda m, k: m.sum().double() / k.sum()),
+        # seq_mean_token_mean: 1/(B'_kept·|y_i|) instead of 1/(B'·|y_i|) (geo_mask rejects
+        # whole sequences, so |y_i| of a kept sequence does not change)
+        ("seq_mean_token_mean", lambda m, k: m.any(-1).sum().double() / k.any(-1).sum()),
+        ("token_sum", lambda m, k: torch.tensor(1.0)),  # no normaliser to shrink
+    ],
+)
+def test_a_renormalising_rejection_shrinks_the_normaliser(mode: str, factor) -> None:
+    batch = three_policy_batch(7)
+    view = softmax_view(batch)
+    # the band rejects 2 of the 8 sequences (7 of 32 tokens) on this batch
+    plain = Correction("geo_mask", 0.85, 1.15)
+    renorm = Correction("geo_mask", 0.85, 1.15, renormalize=True)
+    agg = Aggregation(mode)
+    a = closed_form(batch, view, get_loss("ppo_clip"), LossParams(corrections=(plain,)), agg)
+    b = closed_form(batch, view, get_loss("ppo_clip"), LossParams(corrections=(renorm,)), agg)
+    rejected = a.terms.regions["seq_geo_masked"]
+    kept = batch.mask & ~rejected
+    assert 0 < int(rejected.sum()) < int(batch.mask.sum())  # some rejected, some kept
+    assert int((a.coefficient != 0).sum()) > 1  # and the kept tokens have a gradient
+    expected = float(factor(batch.mask, kept))
+    assert rel_err(b.coefficient, expected * a.coefficient) <= TOL_F64
+    assert float(b.agg_weights[rejected].abs().max()) == 0.0  # out of the normaliser too
+    check_agreement(batch, "ppo_clip", LossParams(corrections=(renorm,)), agg)
+
+
+def test_renormalize_is_for_the_kinds_that_reject() -> None:
+    ok = validate({"loss": {"corrections": [{"kind": "icepop", "renormalize": True}]}})
+    assert ok.loss.params().corrections[0].renormalize
+    with pytest.raises(GradlensError, match="renormalize applies to the kinds that reject"):
+        validate({"loss": {"corrections": [{"kind": "token_tis", "renormalize": True}]}})
+
+
 def cycled(names: list[str], others: list[str]) -> list[tuple[str, str, str]]:
     """(name, other, aggregation) for every pair, the aggregation cycling so that each name and
     each other meets every aggregation (the full product is 4× slower and adds nothing)."""
@@ -226,7 +263,7 @@ def coefficients(report: CompareReport, name: str) -> list[float | None]:
 def test_tc_corrections_on_reinforce() -> None:
     # π_old(y) = 0.4, μ_old(y) = 0.1: ρ = 4; reinforce with A = +1, weight 1
     pos = {**position(), "old_prob": 0.4, "rollout_prob": 0.1}
-    one = {"aggregation": "seq_mean_token_sum_norm", "loss_scale_factor": 1.0}
+    one = {"aggregation": "token_sum"}
     cases = {
         "token_tis": (-2.0, "tis_truncated", 1.0),  # w = min(4, 2)
         "token_mis": (0.0, "mis_masked", 1.0),  # 4 > 3: masked

@@ -24,7 +24,8 @@ from gradlens.config import validate
 from gradlens.errors import GradlensError
 from gradlens.grads import autograd_reference, closed_form, softmax_view
 from gradlens.losses import AGGREGATIONS, Aggregation, LossParams, get_loss, loss_names
-from gradlens.losses.external import VerlConfig, verl_config
+from gradlens.losses.external import LossSettings
+from gradlens.losses.frameworks.verl import VERL_AGGREGATION, VerlConfig, config_values
 
 runner = CliRunner()
 
@@ -59,18 +60,41 @@ USER_MODULE = textwrap.dedent(
     def broken(logp, old_logp, advantages, mask):
         raise ValueError("this loss is broken")
 
+    def asserting(logp, old_logp, advantages, mask):
+        assert mask.sum() > 1e9
+        return (logp * mask).sum()
+
+    def clipped_by_settings(logp, old_logp, advantages, mask, *, settings):
+        # PPO-clip written against the run's own loss section
+        SEEN["settings"] = settings.as_dict()
+        r = torch.exp(logp - old_logp)
+        low, high = 1 - settings.eps_low, 1 + settings.eps_high
+        surrogate = torch.maximum(-advantages * r, -advantages * torch.clamp(r, low, high))
+        return (surrogate * mask).sum() / mask.sum()
+
+    def with_metrics(logp, old_logp, advantages, mask):
+        loss = (-advantages * logp * mask).sum() / mask.sum()
+        return loss, {"my_share": torch.tensor(0.25), "a_count": 3, "a_label": "not a number"}
+
+    def three_things(logp, old_logp, advantages, mask):
+        return (logp * mask).sum(), {}, {}
+
     NOT_A_FUNCTION = 3
 
     def agg(values, mask, mode):
+        # verl 0.9's agg_loss without batch info, written out
+        present = (mask.sum(-1) > 0).sum()
         if mode == "token-mean":
             return (values * mask).sum() / mask.sum()
+        if mode == "token-sum":
+            return (values * mask).sum()
         if mode == "seq-mean-token-mean":
             per_seq = (values * mask).sum(-1) / mask.sum(-1).clamp(min=1)
             return per_seq[mask.sum(-1) > 0].mean()
         if mode == "seq-mean-token-sum":
             return ((values * mask).sum(-1))[mask.sum(-1) > 0].mean()
         if mode == "seq-mean-token-sum-norm":
-            return (values * mask).sum() / mask.shape[-1]
+            return (values * mask).sum() / (present * mask.shape[-1])
         raise ValueError(mode)
 
     def compute_policy_loss_vanilla(old_log_prob, log_prob, advantages, response_mask,
@@ -210,6 +234,10 @@ def test_optional_arguments_are_passed_when_declared(module: str) -> None:
         ("a_number", "returned float; expected a scalar (0-d) torch.Tensor"),
         ("detached", "does not depend on logp"),
         ("broken", "raised ValueError: this loss is broken"),
+        # a bare assert names its file, line and source
+        ("asserting", "raised AssertionError (at {module}:"),
+        ("asserting", ": assert mask.sum() > 1e9)"),
+        ("three_things", "returned a tuple of 3 items; expected the loss, or (loss, metrics)"),
     ],
 )
 def test_bad_user_functions_give_clear_errors(module: str, function: str, message: str) -> None:
@@ -217,7 +245,47 @@ def test_bad_user_functions_give_clear_errors(module: str, function: str, messag
     spec = get_loss(f"{module}:{function}")
     with pytest.raises(GradlensError) as info:
         closed_form(b, softmax_view(b), spec, LossParams(), Aggregation())
-    assert message in str(info.value)
+    assert message.format(module=module) in str(info.value)
+
+
+def test_a_user_loss_reads_the_resolved_loss_section(module: str) -> None:
+    name = f"{module}:clipped_by_settings"
+    cfg = config(
+        "ppo_clip",
+        name,
+        eps_low=0.1,
+        eps_high=0.15,
+        aggregation="seq_mean_token_mean",
+        corrections=[{"kind": "geo_mask", "renormalize": True}],
+    )
+    source = {"vocab_size": 64, "num_sequences": 8, **SHORT, "rollout_drift": 0.1}
+    cfg = validate({**cfg.model_dump(mode="json"), "source": source})
+    report = run_compare(cfg)
+    loaded = [m for m in list(sys.modules.values()) if getattr(m, "__file__", None) == module]
+    seen = loaded[-1].SEEN["settings"]
+    assert (seen["eps_low"], seen["eps_high"]) == (0.1, 0.15)
+    assert seen["aggregation"] == "seq_mean_token_mean" and seen["kl_coef"] == 0.04
+    (correction,) = seen["corrections"]
+    assert (correction.kind, correction.renormalize) == ("geo_mask", True)
+    assert report.losses[1].agreement.passed
+
+
+def test_settings_name_what_a_loss_section_lacks() -> None:
+    settings = LossSettings(LossParams(), Aggregation())
+    assert settings.tau_neg == 1.05 and settings.count_empty_sequences is False
+    with pytest.raises(AttributeError, match="no setting 'eps'; it has"):
+        _ = settings.eps
+
+
+def test_the_metrics_a_user_loss_returns_are_reported(module: str) -> None:
+    name = f"{module}:with_metrics"
+    report = run_compare(config("reinforce", name))
+    assert report.passed
+    # numbers only, under reported:; the label is left out
+    assert report.losses[1].metrics == {"reported:my_share": 0.25, "reported:a_count": 3.0}
+    assert report.losses[1].rows.total_norm == pytest.approx(report.losses[0].rows.total_norm)
+    table = runner.invoke(app, ["compare", "--losses", name, "--set", "source.vocab_size=64"])
+    assert table.exit_code == 0 and "reported:my_share" in table.stdout
 
 
 @pytest.mark.parametrize(
@@ -254,21 +322,41 @@ def test_a_user_loss_under_no_grad_still_gets_its_coefficient(module: str) -> No
 # ----------------------------------------------------------------------------- verl-shaped
 
 
+def stand_in(params: LossParams, agg: Aggregation) -> VerlConfig:
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    return VerlConfig(config_values("vanilla", params, agg, mask, None, "verl:test"))
+
+
 def test_the_verl_config_speaks_verls_names() -> None:
-    cfg = verl_config(LossParams(eps_low=0.1, eps_high=0.3, dual_clip=3.0), Aggregation())
+    cfg = stand_in(LossParams(eps_low=0.1, eps_high=0.3, dual_clip=3.0), Aggregation())
     assert (cfg.clip_ratio_low, cfg.clip_ratio_high, cfg.clip_ratio_c) == (0.1, 0.3, 3.0)
     assert cfg["clip_ratio_low"] == 0.1 and cfg.get("clip_ratio_c", 9) == 3.0
     assert cfg.loss_agg_mode == "token-mean"
     assert cfg.something_else is None and cfg.get("something_else", 7) == 7
-    no_dual_clip = verl_config(LossParams(), Aggregation())  # gradlens: no dual clip
+    # verl's agg_loss reads **config.global_batch_info: a dict, the loss scale inside it
+    assert cfg.global_batch_info == {"dp_size": 1, "loss_scale_factor": None}
+    no_dual_clip = stand_in(LossParams(), Aggregation())  # gradlens: no dual clip
     assert no_dual_clip.clip_ratio_c == float("inf")
     with pytest.raises(AttributeError):
         cfg.clip_ratio = 0.5  # type: ignore[misc]
-    assert isinstance(cfg, VerlConfig)
+    # the trainer's global_batch_size counts every row: B = 2 here
+    all_rows = stand_in(LossParams(), Aggregation("token_mean", 8.0, count_empty_sequences=True))
+    assert all_rows.global_batch_info == {
+        "dp_size": 1,
+        "loss_scale_factor": 8.0,
+        "global_batch_size": 2.0,
+    }
+
+
+def test_an_aggregation_verl_does_not_have_is_a_clear_error(module: str) -> None:
+    b = batch()
+    spec = get_loss(f"verl:{module}:compute_policy_loss_vanilla")
+    with pytest.raises(GradlensError, match=r"token_sum_norm .* has no verl twin"):
+        closed_form(b, softmax_view(b), spec, LossParams(), Aggregation("token_sum_norm"))
 
 
 @pytest.mark.parametrize("dual_clip", [None, 3.0])
-@pytest.mark.parametrize("mode", list(AGGREGATIONS))
+@pytest.mark.parametrize("mode", list(VERL_AGGREGATION))
 def test_a_verl_shaped_vanilla_loss_matches_ppo_clip(
     module: str, mode: str, dual_clip: float | None
 ) -> None:
@@ -311,16 +399,16 @@ def test_a_verl_function_that_forces_its_aggregation_is_caught_by_parity(module:
     cfg = validate(
         {
             "losses": ["reinforce", name],
-            "parity": {"losses": ["reinforce", name]},
+            "parity": {"pairs": [["reinforce", name]]},
             "source": {"vocab_size": 64, "num_sequences": 8, **SHORT},
         }
     )
     report = run_compare(cfg)
-    assert report.parity is not None and not report.parity.passed
+    assert len(report.parity) == 1 and not report.parity[0].passed
     assert not report.passed
     same = validate({**cfg.model_dump(mode="json"), "loss": {"aggregation": "seq_mean_token_mean"}})
     report = run_compare(same)
-    assert report.parity is not None and report.parity.passed
+    assert report.parity[0].passed
 
 
 def test_verl_and_user_losses_through_the_cli_with_parity(module: str) -> None:
@@ -345,6 +433,6 @@ def test_verl_and_user_losses_through_the_cli_with_parity(module: str) -> None:
         "ppo_clip",
         f"verl:{module}:compute_policy_loss_vanilla",
     ]
-    assert report["parity"]["passed"] is True
-    assert report["parity"]["grad_norm_ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert report["parity"][0]["passed"] is True
+    assert report["parity"][0]["grad_norm_ratio"] == pytest.approx(1.0, abs=1e-5)
     assert any(c["name"] == "parity" and c["passed"] for c in report["checks"])

@@ -193,10 +193,16 @@ TC13_WEIGHTS = {
     ("seq_mean_token_mean", None): (1 / 2, 1 / 6),
     # seq_mean_token_sum: 1/B' = 1/2 everywhere
     ("seq_mean_token_sum", None): (1 / 2, 1 / 2),
-    # seq_mean_token_sum_norm: 1/L_scale, L_scale = padded T = 3 when the factor is unset
-    ("seq_mean_token_sum_norm", None): (1 / 3, 1 / 3),
-    # ... and 1/8 with loss_scale_factor = 8 (no 1/B: trap A6)
-    ("seq_mean_token_sum_norm", 8.0): (1 / 8, 1 / 8),
+    # token_sum: 1 everywhere (verl 0.9 token-sum)
+    ("token_sum", None): (1.0, 1.0),
+    # token_sum_norm: 1/L_scale, L_scale = padded T = 3 when the factor is unset
+    ("token_sum_norm", None): (1 / 3, 1 / 3),
+    # ... and 1/8 with loss_scale_factor = 8 (no 1/B': verl ≤ 0.6, trap A6)
+    ("token_sum_norm", 8.0): (1 / 8, 1 / 8),
+    # seq_mean_token_sum_norm: 1/(B'·L_scale) = 1/(2·3) (verl 0.7–0.9 standalone)
+    ("seq_mean_token_sum_norm", None): (1 / 6, 1 / 6),
+    # ... = 1/(2·8) with loss_scale_factor = 8
+    ("seq_mean_token_sum_norm", 8.0): (1 / 16, 1 / 16),
 }
 
 
@@ -223,6 +229,28 @@ def test_tc13_weights_with_an_empty_sequence() -> None:
         expected = torch.tensor([[a1, 0, 0], [0, 0, 0], [a2, a2, a2]], dtype=torch.float64)
         weights = aggregation_weights(mask, mode, scale)
         assert torch.allclose(weights, expected, rtol=0, atol=ABS), mode
+
+
+# With count_empty_sequences the sequence means divide by every row, B = 3 (TRL, verl's
+# trainer), where B' = 2 above: seq_mean_token_mean 1/(3·1), 1/(3·3); seq_mean_token_sum 1/3;
+# seq_mean_token_sum_norm (L_scale = 3) 1/(3·3). The token modes do not count sequences.
+TC13_ALL_ROWS = {
+    "token_mean": (1 / 4, 1 / 4),
+    "token_sum": (1.0, 1.0),
+    "seq_mean_token_mean": (1 / 3, 1 / 9),
+    "seq_mean_token_sum": (1 / 3, 1 / 3),
+    "token_sum_norm": (1 / 3, 1 / 3),
+    "seq_mean_token_sum_norm": (1 / 9, 1 / 9),
+}
+
+
+@pytest.mark.parametrize("mode", list(TC13_ALL_ROWS))
+def test_tc13_weights_counting_the_empty_sequence(mode: str) -> None:
+    mask = torch.tensor([[True, False, False], [False, False, False], [True, True, True]])
+    a1, a2 = TC13_ALL_ROWS[mode]
+    expected = torch.tensor([[a1, 0, 0], [0, 0, 0], [a2, a2, a2]], dtype=torch.float64)
+    weights = aggregation_weights(mask, mode, None, count_empty_sequences=True)
+    assert torch.allclose(weights, expected, rtol=0, atol=ABS)
 
 
 # ----------------------------------------------------------------------------- our own cases

@@ -88,7 +88,7 @@ def test_cispo_cap_counts_only_positive_advantages_as_trl_does() -> None:
         {
             "dtype": "float64",
             "losses": ["cispo_cap"],
-            "loss": {"cispo_cap": 1.5, "aggregation": "seq_mean_token_sum_norm"},
+            "loss": {"cispo_cap": 1.5, "aggregation": "token_sum"},
             "diagnostics": {"token_details": "on"},
             "source": {
                 "kind": "literal",
@@ -216,7 +216,9 @@ def test_entropy_bonus_adds_to_the_policy_gradient() -> None:
         ("token_mean", 1 / 4, 1 / 4),
         ("seq_mean_token_mean", 1 / 2, 1 / 6),
         ("seq_mean_token_sum", 1 / 2, 1 / 2),
-        ("seq_mean_token_sum_norm", 1 / 3, 1 / 3),  # L_scale = the padded length 3
+        ("token_sum", 1.0, 1.0),
+        ("token_sum_norm", 1 / 3, 1 / 3),  # L_scale = the padded length 3
+        ("seq_mean_token_sum_norm", 1 / 6, 1 / 6),  # 1/(B'·L_scale) = 1/(2·3)
     ],
 )
 def test_tc13_weights_for_the_new_losses(mode: str, a1: float, a2: float) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import json
 import re
-import sys
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -21,18 +20,17 @@ import pytest
 from rich.cells import cell_len
 from rich.console import Console
 
-from gradlens.losses import get_loss, loss_names
-from gradlens.report.loss_list import loss_list_table
+from gradlens.losses import AGGREGATIONS, get_loss, loss_names
+from gradlens.losses.frameworks import framework_rows
+from gradlens.report.loss_list import aggregation_table, framework_table, loss_list_table
 from gradlens.report.sweep_table import render_sweep
 from gradlens.report.table import render_compare
 from gradlens.results import CompareReport
 from gradlens.sweep import build_sweep_config, run_sweep
+from tests.compare.test_golden_reports import upgrade  # the recorded reports in today's schema
 
 TESTS = Path(__file__).resolve().parents[1]
 CONFIGS = TESTS.parent / "configs"
-sys.path.insert(0, str(TESTS / "compare"))
-
-from test_golden_reports import upgrade  # noqa: E402  (the recorded reports in today's schema)
 
 BOX = re.compile("[\u2500-\u257f]")  # box drawing; not the sparkline's block elements
 UNBOUNDED = 100_000
@@ -97,6 +95,16 @@ def test_sweep_table_reads_at_the_width(name: str, width: int) -> None:
 def test_loss_list_reads_at_the_width(width: int) -> None:
     table = loss_list_table([get_loss(n) for n in loss_names()])
     assert_readable(lambda console: console.print(table), width)
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_aggregation_and_framework_lists_read_at_the_width(width: int) -> None:
+    aggregations = [
+        {"name": name, "loss": mode.formula, "used_by": mode.used_by}
+        for name, mode in AGGREGATIONS.items()
+    ]
+    tables = [aggregation_table(aggregations), framework_table(framework_rows())]
+    assert_readable(lambda console: [console.print(t) for t in tables], width)
 
 
 def test_a_split_number_is_caught():
