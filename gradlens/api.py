@@ -25,7 +25,10 @@ except for the autograd reference, which is off by default here (``diagnostics={
 "autograd"}`` turns it on) and on in ``compare``. Without ``old_logp`` the batch is on-policy:
 π_old := π_θ exactly (every ratio 1).
 
-Bad input raises `gradlens.GradlensError` naming the argument.
+Bad input raises `gradlens.GradlensError` naming the argument; the values are checked by the
+rule every source's batch meets (`gradlens.validation`: token ids in the vocabulary, finite
+advantages, log-probs and hidden states at the positions in the loss, log-probs ≤ 0, a finite
+lm_head), each problem named with its argument and first index, ``advantages[1, 3]``.
 """
 
 from __future__ import annotations
@@ -39,10 +42,11 @@ from torch import Tensor
 
 from gradlens.compare.run import compare_batch
 from gradlens.config import Config, validate
-from gradlens.containers import Batch
+from gradlens.containers import Batch, Origin, plain_name
 from gradlens.errors import GradlensError
 from gradlens.grads import softmax_view
 from gradlens.results import CompareReport
+from gradlens.validation import check_batch
 
 DTYPE_NAMES = {torch.float64: "float64", torch.float32: "float32", torch.bfloat16: "bfloat16"}
 API_SOURCE = {"kind": "tensors", "description": "gradlens.diagnose(...)"}
@@ -114,12 +118,6 @@ def build_batch(
     m = m.bool()
     if not bool(m.any()):
         raise GradlensError("mask: no token enters the loss (the mask is all False)")
-    used = y[m]
-    if int(used.min()) < 0 or int(used.max()) >= w.shape[0]:
-        raise GradlensError(
-            f"tokens: ids must lie in [0, {w.shape[0]}) (the rows of weight); got "
-            f"{int(used.min())} … {int(used.max())} at masked-in positions"
-        )
     acc = torch.float64 if w.dtype == torch.float64 else torch.float32
     a = _tensor("advantages", advantages)
     if tuple(a.shape) == (n,):
@@ -133,25 +131,31 @@ def build_batch(
             ("ref_logp", ref_logp),
         )
     }
-    for name, value in logps.items():
-        if value is not None and bool((value[m] > 0).any()):
-            raise GradlensError(f"{name}: log-probs must be ≤ 0; got {float(value[m].max()):.4g}")
     batch = Batch(
         hidden=h.to(w.dtype),
         weight=w,
         tokens=y.long(),
         mask=m,
-        old_logp=torch.zeros(n, t, dtype=acc, device=w.device),
+        old_logp=torch.zeros(n, t, dtype=acc, device=w.device)
+        if logps["old_logp"] is None
+        else logps["old_logp"],
         advantages=(a.to(acc) * m),
         rollout_logp=logps["rollout_logp"],
         ref_logp=logps["ref_logp"],
         source=f"tensors: {n} sequences × ≤{t} tokens, V={w.shape[0]}, H={w.shape[1]}",
         advantage_note="given",
+        origin=Origin(argument_name),
     )
-    old = logps["old_logp"]
-    if old is None:  # on-policy: π_old is π_θ bit for bit
-        old = softmax_view(batch).logp.clone()
-    return dataclasses.replace(batch, old_logp=old)
+    check_batch(batch)  # the rule of every source: token ids, finite values, log-probs ≤ 0
+    if logps["old_logp"] is not None:
+        return batch
+    # on-policy: π_old is π_θ bit for bit
+    return dataclasses.replace(batch, old_logp=softmax_view(batch).logp.clone())
+
+
+def argument_name(field: str, index: tuple[int, ...]) -> str:
+    """Each tensor by the argument of `diagnose` that gave it (`Origin.name`)."""
+    return plain_name(field, index).removeprefix("batch.")
 
 
 def api_config(

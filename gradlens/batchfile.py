@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,8 @@ import torch
 from torch import Tensor
 
 from gradlens.errors import GradlensError
-from gradlens.files import replacing
+from gradlens.files import read_text, writing
+from gradlens.validation import describe, find, non_finite
 
 ALIASES: dict[str, tuple[str, ...]] = {
     "tokens": ("responses", "input_ids"),
@@ -87,9 +89,6 @@ ALIASES: dict[str, tuple[str, ...]] = {
 SUFFIXES = (".safetensors", ".pt", ".pth", ".jsonl")
 WEIGHT_KEY = "lm_head_weight"
 SHARD_KEYS = ("vocab_offset", "vocab_size")  # a file holding some rows of W (one rank's)
-INTEGER_KEYS = frozenset(
-    {*ALIASES["tokens"], *ALIASES["mask"], "prompts", "prompt_mask", *SHARD_KEYS}
-)
 LEFT_PADDED = ("prompts", "prompt_mask")  # verl left-pads prompts; .jsonl lines are unpadded
 WHOLE_SEQUENCE = ("input_ids", "attention_mask")  # [P+T] beside 'responses'
 # V → (v0, v1): the rows of the lm_head weight a tensor-parallel rank keeps
@@ -97,6 +96,8 @@ RowChooser = Callable[[int], tuple[int, int]]
 
 
 def _load_raw(path: Path, where: str, keep_rows: RowChooser | None = None) -> dict[str, Tensor]:
+    if path.is_dir():
+        raise GradlensError(f"{where}: {str(path)!r} is a directory, not a batch file")
     if not path.is_file():
         raise GradlensError(f"{where}: no such file: {str(path)!r}")
     suffix = path.suffix.lower()
@@ -119,6 +120,31 @@ def _load_raw(path: Path, where: str, keep_rows: RowChooser | None = None) -> di
         raise
     except Exception as exc:  # a corrupt or foreign file
         raise GradlensError(f"{where}: cannot read {path.name}: {exc}") from None
+
+
+def peek_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
+    """The shape of every tensor in the file by its key, without reading the data: the header
+    of a .safetensors file, a memory-mapped .pt; None for a .jsonl file (only parsing tells)
+    or a file that cannot be read that way (reading it then gives the real error)."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as fh:
+                return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}  # noqa: SIM118
+        if suffix in (".pt", ".pth"):
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            if isinstance(data, Mapping):
+                return {str(k): tuple(v.shape) for k, v in data.items() if isinstance(v, Tensor)}
+    except Exception:  # a corrupt or foreign file: `read_batch_file` says what is wrong
+        return None
+    return None
+
+
+def shape_keys(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, str]:
+    """gradlens name → the key the file uses for it, for the keys present."""
+    return {name: key for name in ALIASES if (key := _key(shapes, name)) is not None}
 
 
 def _load_safetensors(path: Path, keep_rows: RowChooser | None) -> dict[str, Tensor]:
@@ -159,8 +185,8 @@ def _shard_keys(offset: int, vocab: int) -> dict[str, Tensor]:
 
 def _shard_number(raw: Mapping[str, Tensor], key: str, where: str) -> int:
     """A shard key's integer: one number, or (a .jsonl file) the same number on every line."""
-    x = raw[key].reshape(-1)
-    if x.numel() == 0 or x.is_floating_point() or bool((x != x[0]).any()):
+    x = raw[key].reshape(-1)  # .jsonl numbers are read as float64: whole ones are integers
+    if x.numel() == 0 or bool((x != torch.round(x)).any()) or bool((x != x[0]).any()):
         raise GradlensError(
             f"{where}: {key!r} must be one integer (the same on every line of a .jsonl file); "
             f"got {raw[key].tolist()}"
@@ -191,7 +217,7 @@ def weight_rows(raw: Mapping[str, Tensor], rows: int, where: str) -> tuple[int, 
 
 def _load_jsonl(path: Path, where: str) -> dict[str, Tensor]:
     rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for i, line in enumerate(read_text(path, where).splitlines(), start=1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
@@ -225,9 +251,11 @@ def _pad(values: list, key: str, left: bool = False) -> Tensor:
     """Per-sequence lists of ragged length → a right- (or left-) padded [N, T(, H)] tensor."""
     first = torch.tensor(values[0])
     if first.dim() == 0:
-        return torch.tensor(values, dtype=torch.long if key in INTEGER_KEYS else torch.float64)
+        return torch.tensor(values, dtype=torch.float64)
     length = max(len(v) for v in values)
-    dtype = torch.long if key in INTEGER_KEYS else torch.float64  # JSON numbers are doubles
+    # JSON numbers are doubles; token ids and masks too, checked for whole numbers (and 0/1)
+    # when they are read, never truncated here
+    dtype = torch.float64
     out = torch.zeros((len(values), length, *first.shape[1:]), dtype=dtype)
     for i, v in enumerate(values):
         if len(v):
@@ -253,7 +281,7 @@ def _pad_whole_sequence(values: list, responses: list, key: str) -> Tensor:
     return torch.cat([head, tail], dim=1)
 
 
-def _key(raw: Mapping[str, Tensor], name: str) -> str | None:
+def _key(raw: Mapping[str, Any], name: str) -> str | None:
     """The first of the name's aliases that the file has."""
     return next((key for key in ALIASES[name] if key in raw), None)
 
@@ -270,13 +298,40 @@ def _pick(raw: Mapping[str, Tensor], name: str, where: str, required: bool) -> T
     return None
 
 
+@dataclass(frozen=True)
+class BatchFile:
+    """A batch file's tensors under gradlens names, and the key each was read from.
+
+    ``keys`` maps a gradlens name (``tokens``, ``mask``, ``old_logp``, ...) to the key the file
+    uses for it (``responses``, ``response_mask``, ``old_log_probs``, ...), for messages.
+    """
+
+    tensors: dict[str, Tensor]
+    keys: dict[str, str]
+
+
 def read_batch_tensors(
     path: Path,
     where: str = "source.path",
     prompts: bool = False,
     keep_rows: RowChooser | None = None,
 ) -> dict[str, Tensor]:
+    """The file's tensors under gradlens names (`read_batch_file` without the keys)."""
+    return read_batch_file(path, where, prompts, keep_rows).tensors
+
+
+def read_batch_file(
+    path: Path,
+    where: str = "source.path",
+    prompts: bool = False,
+    keep_rows: RowChooser | None = None,
+) -> BatchFile:
     """The file's tensors under gradlens names, shapes checked; every error names the key.
+
+    Checked here: the keys and their shapes, and what only the file shows: token ids and masks
+    stored as floats must hold integers (0 or 1 for a mask), rewards must be finite. The values
+    of the batch itself (finite log-probs ≤ 0, token ids in the vocabulary, ...) are checked by
+    `gradlens.validation` for every source alike.
 
     ``prompts``: also the prompt tokens that recompute the hidden states (``source.model_path``):
     ``prompt_ids`` [N, P], ``prompt_mask`` [N, P] and ``response_attention`` [N, T].
@@ -286,20 +341,22 @@ def read_batch_tensors(
     """
     raw = _load_raw(path, where, keep_rows)
     out: dict[str, Tensor] = {}
+    keys: dict[str, str] = {}
     tokens_key = _key(raw, "tokens")
     tokens = _pick(raw, "tokens", where, True)
-    assert tokens is not None
+    assert tokens is not None and tokens_key is not None
+    keys["tokens"] = tokens_key
     if tokens.dim() != 2:
         raise GradlensError(
             f"{where}: {tokens_key!r} must be [N, T]; got shape {tuple(tokens.shape)}"
         )
     n, t = tokens.shape
-    out["tokens"] = tokens.long()
     for name in ("mask", "old_logp", "rollout_logp", "ref_logp"):
         key = _key(raw, name)
         x = _pick(raw, name, where, required=name in ("mask", "old_logp"))
-        if x is None:
+        if x is None or key is None:
             continue
+        keys[name] = key
         if (
             key == "attention_mask"
             and tokens_key == "responses"
@@ -313,7 +370,8 @@ def read_batch_tensors(
                 f"{where}: {key!r} has shape {tuple(x.shape)}; expected [N, T] = "
                 f"{(n, t)} like {tokens_key!r}"
             )
-        out[name] = x.bool() if name == "mask" else x.double()
+        out[name] = _mask(x, key, where) if name == "mask" else x.double()
+    out["tokens"] = _integers(tokens, tokens_key, where, out["mask"])
     adv, rewards = _pick(raw, "advantages", where, False), _pick(raw, "rewards", where, False)
     if adv is None and rewards is None:
         raise GradlensError(
@@ -321,13 +379,26 @@ def read_batch_tensors(
             f"{', '.join(sorted(raw))}"
         )
     for name, x in (("advantages", adv), ("rewards", rewards)):
-        if x is None:
+        key = _key(raw, name)
+        if x is None or key is None:
             continue
+        keys[name] = key
         if tuple(x.shape) not in ((n,), (n, t)):
             raise GradlensError(
-                f"{where}: {name!r} has shape {tuple(x.shape)}; expected [N] or [N, T]"
+                f"{where}: {key!r} has shape {tuple(x.shape)}; expected [N] or [N, T]"
             )
+        if x.dtype == torch.bool or not (x.is_floating_point() or x.dtype.is_signed):
+            x = x.long()
         out[name] = x.double()
+    if "rewards" in out and "advantages" not in out:
+        r = out["rewards"]
+        found = find(r, non_finite, out["mask"] if r.dim() == 2 else None)
+        if found is not None:
+            index = ", ".join(map(str, found.index))
+            raise GradlensError(
+                f"{where}: {keys['rewards']!r}[{index}] is {describe(found.value)}; every "
+                f"reward must be a finite number ({found.count} such entries in all)"
+            )
     hidden, weight = _pick(raw, "hidden", where, False), _pick(raw, "weight", where, False)
     if (hidden is None) != (weight is None):
         missing = "lm_head_weight" if weight is None else "hidden_states"
@@ -346,27 +417,48 @@ def read_batch_tensors(
                 f"{where}: 'lm_head_weight' has shape {tuple(weight.shape)}; "
                 f"expected [V, H] with H = {hidden.shape[2]}"
             )
+        for key, x in (("hidden_states", hidden), ("lm_head_weight", weight)):
+            if not x.is_floating_point():
+                raise GradlensError(
+                    f"{where}: {key!r} has dtype {str(x.dtype).removeprefix('torch.')}; "
+                    "expected floating-point numbers"
+                )
         out["hidden"], out["weight"] = hidden, weight
+        keys["hidden"], keys["weight"] = "hidden_states", "lm_head_weight"
         v0, v1, v = weight_rows(raw, int(weight.shape[0]), where)
         out["weight_rows"] = torch.tensor([v0, v1, v])
-        used = tokens[out["mask"]]
-        if used.numel() and (int(used.min()) < 0 or int(used.max()) >= v):
-            raise GradlensError(
-                f"{where}: 'responses' has token ids outside the vocabulary "
-                f"[0, {v}) of 'lm_head_weight'"
-            )
-    for name in ("old_logp", "rollout_logp", "ref_logp", "advantages", "rewards"):
-        if (
-            name in out
-            and not torch.isfinite(
-                out[name][out["mask"]] if out[name].dim() == 2 else out[name]
-            ).all()
-        ):
-            raise GradlensError(f"{where}: {name} has NaN or inf at valid positions")
     if prompts:
-        assert tokens_key is not None
         out.update(_prompt_context(raw, tokens_key, out["tokens"], out["mask"], where))
-    return out
+    return BatchFile(out, keys)
+
+
+def _integers(x: Tensor, key: str, where: str, valid: Tensor | None = None) -> Tensor:
+    """Token ids as int64; ids stored as floats must be whole numbers (at ``valid`` positions:
+    padding may hold anything), never silently truncated."""
+    if x.is_floating_point():
+        found = find(x, lambda v: v != torch.round(v), valid)  # NaN ≠ NaN: caught too
+        if found is not None:
+            index = ", ".join(map(str, found.index))
+            raise GradlensError(
+                f"{where}: {key!r}[{index}] is {describe(found.value)}, not a whole number; "
+                f"token ids are integers ({found.count} such entries in all)"
+            )
+        if valid is not None:
+            x = torch.where(valid, x, 0.0)  # padding that is no id at all: never read
+    return x.long()
+
+
+def _mask(x: Tensor, key: str, where: str) -> Tensor:
+    """A mask as bool; stored as numbers it must hold 0 and 1 only."""
+    if x.dtype != torch.bool:
+        found = find(x, lambda v: (v != 0) & (v != 1))
+        if found is not None:
+            index = ", ".join(map(str, found.index))
+            raise GradlensError(
+                f"{where}: {key!r}[{index}] is {describe(found.value)}; a mask holds 0 (not in "
+                f"the loss) or 1 (in the loss) ({found.count} such entries in all)"
+            )
+    return x.bool()
 
 
 def _prompt_context(
@@ -436,9 +528,13 @@ def _prompt_context(
             f"{where}: the response mask puts tokens into the loss that 'attention_mask' marks "
             "as padding"
         )
+    ids_key = "prompts" if "prompts" in raw else "input_ids"
+    prompt_mask = _mask(
+        prompt_mask, "prompt_mask" if "prompt_mask" in raw else "attention_mask", where
+    )
     return {
-        "prompt_ids": ids.long(),
-        "prompt_mask": prompt_mask.bool(),
+        "prompt_ids": _integers(ids, ids_key, where, prompt_mask),
+        "prompt_mask": prompt_mask,
         "response_attention": attention,
     }
 
@@ -477,29 +573,37 @@ def _jsonl_row(data: Mapping[str, Tensor], i: int, length: int) -> dict[str, Any
     return row
 
 
-def write_batch(path: Path, tensors: Mapping[str, Tensor | None]) -> None:
-    """Write gradlens-named tensors under the frameworks' key names, format by suffix."""
+def write_batch(path: Path, tensors: Mapping[str, Tensor | None], option: str = "--output") -> None:
+    """Write gradlens-named tensors under the frameworks' key names, format by suffix.
+
+    Through `gradlens.files.writing`: the file appears whole or not at all, and an OS error (a
+    read-only directory, a full disk) is a `GradlensError` naming ``option``.
+    """
     names = {g: ALIASES[g][0] for g in ALIASES}
     data = {names[k]: v.detach().cpu().contiguous() for k, v in tensors.items() if v is not None}
+    suffix = check_batch_suffix(path, option)
+    if suffix == ".safetensors":
+        from safetensors.torch import save
+
+        payload = save(data)  # serialised here, so that the bytes go through Python's I/O
+        with writing(path, option, "wb") as fh:
+            fh.write(payload)
+    elif suffix in (".pt", ".pth"):
+        with writing(path, option, "wb") as fh:
+            torch.save(data, fh)
+    else:
+        mask = data["response_mask"].bool()
+        with writing(path, option) as fh:
+            for i in range(mask.shape[0]):
+                length = int(mask[i].nonzero().max()) + 1 if mask[i].any() else 0
+                fh.write(json.dumps(_jsonl_row(data, i, length)) + "\n")
+
+
+def check_batch_suffix(path: Path, option: str = "--output") -> str:
+    """The batch-file format of ``path`` by its suffix, or a `GradlensError` naming ``option``."""
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise GradlensError(
-            f"--output: unknown format {suffix!r}; use one of {', '.join(SUFFIXES)}"
+            f"{option} {str(path)!r}: unknown format {suffix!r}; use one of {', '.join(SUFFIXES)}"
         )
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with replacing(path) as tmp:  # never leave a half-written file behind
-            if suffix == ".safetensors":
-                from safetensors.torch import save_file
-
-                save_file(data, str(tmp))
-            elif suffix in (".pt", ".pth"):
-                torch.save(data, tmp)
-            else:
-                mask = data["response_mask"].bool()
-                with tmp.open("w", encoding="utf-8") as fh:
-                    for i in range(mask.shape[0]):
-                        length = int(mask[i].nonzero().max()) + 1 if mask[i].any() else 0
-                        fh.write(json.dumps(_jsonl_row(data, i, length)) + "\n")
-    except OSError as exc:  # a full disk, a read-only directory: the user's to fix, not a bug
-        raise GradlensError(f"--output {str(path)!r}: {exc.strerror or exc}") from None
+    return suffix

@@ -29,6 +29,7 @@ from pydantic import (
 
 from gradlens.batchfile import SUFFIXES as BATCH_SUFFIXES
 from gradlens.errors import GradlensError, unknown_name_message
+from gradlens.files import read_text
 from gradlens.losses import AGGREGATIONS, Aggregation, LossParams, get_loss, loss_names
 from gradlens.losses.corrections import KINDS as CORRECTION_KINDS
 from gradlens.losses.corrections import MASKING_KINDS, with_defaults
@@ -46,9 +47,10 @@ DTYPES = {
 
 
 class Strict(BaseModel):
-    """Unknown keys are errors; parsed configs are immutable."""
+    """Unknown keys are errors; parsed configs are immutable; every number is finite (a NaN
+    or an infinity in a setting is an error naming it, never a batch of NaNs)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # ----------------------------------------------------------------------------- sources
@@ -555,18 +557,19 @@ class Config(Strict):
 # ----------------------------------------------------------------------------- loading
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``'loss.eps_high=0.4'`` → (['loss', 'eps_high'], 0.4); the value is parsed as YAML."""
+def parse_override(text: str, option: str = "--set") -> tuple[list[str], Any]:
+    """``'loss.eps_high=0.4'`` → (['loss', 'eps_high'], 0.4); the value is parsed as YAML.
+    ``option`` is the command-line option that gave ``text``, named by the errors."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
-        raise GradlensError(f"--set {text!r}: expected key=value, e.g. loss.eps_high=0.4")
+        raise GradlensError(f"{option} {text!r}: expected key=value, e.g. loss.eps_high=0.4")
     path = key.strip().split(".")
     if any(not part for part in path):
-        raise GradlensError(f"--set {text!r}: empty component in the key {key!r}")
+        raise GradlensError(f"{option} {text!r}: empty component in the key {key!r}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise GradlensError(f"--set {text!r}: the value is not valid YAML ({exc})") from None
+        raise GradlensError(f"{option} {text!r}: the value is not valid YAML ({exc})") from None
     return path, value
 
 
@@ -576,7 +579,7 @@ def settings_grid(texts: Iterable[str]) -> list[dict[str, Any]]:
     (the first key varies slowest)."""
     keys, choices = [], []
     for text in texts:
-        path, value = parse_override(text)
+        path, value = parse_override(text, "--parity-matrix")
         key = ".".join(path)
         if not isinstance(value, list) or not value:
             raise GradlensError(
@@ -606,10 +609,7 @@ def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
 
 def read_yaml(path: Path) -> dict[str, Any]:
     """The YAML file as a mapping; a clear error for a missing, unreadable or malformed file."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise GradlensError(f"config file {str(path)!r}: {exc.strerror or exc}") from None
+    text = read_text(path, "config file")
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -664,7 +664,7 @@ def format_error(err: Any) -> str:
     if len(loc) >= 2 and loc[0] == "source" and loc[1] in SOURCE_KINDS:
         source_kind = loc[1]
         loc = [loc[0], *loc[2:]]
-    where = ".".join(loc) or "(top level)"
+    where = dotted(loc) or "(top level)"
     kind = err["type"]
     if kind == "extra_forbidden":
         allowed = allowed_keys(loc[:-1], source_kind)
@@ -674,6 +674,15 @@ def format_error(err: Any) -> str:
     if kind != "missing" and (got is None or isinstance(got, (int, float, str, bool))):
         message += f" (got {got!r})"
     return f"{where}: {message}"
+
+
+def dotted(loc: list[str]) -> str:
+    """['source', 'sequences', '0', 'positions', '2', 'advantage'] →
+    'source.sequences[0].positions[2].advantage'."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if part.isdigit() else (f".{part}" if out else part)
+    return out
 
 
 def allowed_keys(loc: list[str], source_kind: str | None = None) -> list[str]:

@@ -7,6 +7,7 @@ consumer reads them through ``mask``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,6 +125,36 @@ class ModelContext:
     batch_file: str | None = None  # a batch file whose hidden states the checkpoint recomputed
 
 
+# (field, index) → the name of that entry as the user knows it; see `Origin`.
+Namer = Callable[[str, tuple[int, ...]], str]
+
+
+def plain_name(name: str, index: tuple[int, ...]) -> str:
+    """'batch.advantages[1, 3]': a `Batch` field by its own name (a batch built in Python)."""
+    return f"batch.{name}" + (f"[{', '.join(map(str, index))}]" if index else "")
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where the tensors of a batch came from, so that every message names them as the user
+    gave them (`gradlens.validation`).
+
+    Attributes:
+        name: (field, index) → the name of that entry: the batch file's key
+            (``source.path batch.pt: 'advantages'[1, 3]``), the literal position's path
+            (``source.sequences[1].positions[3].advantage``), or the synthetic setting that
+            made it. ``field`` is a `Batch` attribute; ``index`` is (sequence, position) for
+            the [N, T] tensors, (sequence, position, column) for ``hidden``, (row, column) for
+            ``weight``, and () for the tensor as a whole.
+        computed: the fields a model computed rather than the user gave (the model source's
+            hidden states and log-probs, hidden states a checkpoint recomputed): what is wrong
+            there is a finding of the report, not an input error.
+    """
+
+    name: Namer = plain_name
+    computed: frozenset[str] = frozenset()
+
+
 @dataclass(frozen=True)
 class VocabRows:
     """Rows [start, stop) of a vocabulary of ``vocab`` rows: the part of the lm_head weight one
@@ -156,6 +187,7 @@ class Batch:
             the model sections of the report; None for sources without a model.
         weight_rows: under tensor parallelism, the rows of the whole [V, H] weight that
             ``weight`` [V_r, H] holds (``vocab_size`` is then V, not V_r); None: the whole W.
+        origin: how the source names each tensor, for the messages of `gradlens.validation`.
     """
 
     hidden: Tensor
@@ -171,6 +203,7 @@ class Batch:
     advantage_note: str = ""
     model_context: ModelContext | None = None
     weight_rows: VocabRows | None = None
+    origin: Origin = field(default_factory=Origin)
 
     @property
     def num_sequences(self) -> int:

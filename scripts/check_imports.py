@@ -5,7 +5,7 @@
    type-only cycle is still two modules that cannot be understood apart).
 2. No module imports from a layer above its own. The layers, top first:
 
-       cli → report → compare, sweep → diagnostics, sources → config
+       cli → integrations → report → compare, sweep → diagnostics, sources → config
            → grads, engine, losses, advantages → containers, results, errors and the other
              leaf modules
 
@@ -29,8 +29,9 @@ PACKAGE = "gradlens"
 # Top layer first; a module belongs to the first layer one of whose prefixes it starts with.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("cli", ("gradlens.cli", "gradlens.__main__")),
+    ("integrations", ("gradlens.integrations",)),
     ("report", ("gradlens.report",)),
-    ("commands", ("gradlens.api", "gradlens.compare", "gradlens.sweep")),
+    ("commands", ("gradlens.api", "gradlens.compare", "gradlens.sweep", "gradlens.trace")),
     ("data", ("gradlens.diagnostics", "gradlens.sources")),
     ("config", ("gradlens.config",)),
     ("maths", ("gradlens.grads", "gradlens.engine", "gradlens.losses", "gradlens.advantages")),
@@ -45,6 +46,9 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "gradlens.progress",
             "gradlens.batchfile",
             "gradlens.metric_names",
+            "gradlens.validation",
+            "gradlens.memory",
+            "gradlens.run_files",
         ),
     ),
 ]

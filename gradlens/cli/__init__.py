@@ -14,6 +14,8 @@ from gradlens.cli.dump import HELP as DUMP_HELP
 from gradlens.cli.dump import dump
 from gradlens.cli.info import config, losses, schema
 from gradlens.cli.sweep import sweep
+from gradlens.cli.trace import HELP as TRACE_HELP
+from gradlens.cli.trace import trace
 
 app = typer.Typer(
     name="gradlens",
@@ -54,6 +56,7 @@ app.command()(config)
 app.command()(schema)
 app.command()(sweep)
 app.command(help=DUMP_HELP)(dump)
+app.command(help=TRACE_HELP)(trace)
 
 
 def main() -> None:

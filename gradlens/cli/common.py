@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -14,6 +15,7 @@ from rich.console import Console
 from rich.text import Text
 
 from gradlens.errors import GradlensError, SharedError
+from gradlens.files import os_reason
 
 EXIT_CHECK_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -30,7 +32,6 @@ ConfigOption = Annotated[
         "--config",
         "-c",
         help="YAML config file; without one the built-in default runs.",
-        dir_okay=False,
     ),
 ]
 
@@ -67,6 +68,34 @@ def stderr_console() -> Console:
 
 
 @contextmanager
+def stdout_errors() -> Iterator[None]:
+    """Write the report to stdout inside this block: a full disk or a closed pipe is not a bug.
+
+    A reader that stops early (`gradlens sweep -f csv | head`) ends the command quietly with
+    status 0; any other OS error (no space left where stdout is redirected) is a
+    `GradlensError`. Either way stdout is then pointed at the null device, so that Python's own
+    flush at exit does not fail a second time.
+    """
+    try:
+        yield
+        sys.stdout.flush()
+    except OSError as exc:
+        with suppress(OSError, ValueError):  # no file descriptor: a test's captured stdout
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        if isinstance(exc, BrokenPipeError):
+            raise typer.Exit(0) from None
+        raise GradlensError(f"stdout: {os_reason(exc)}") from None
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """An allocation that failed: Python's MemoryError, torch's OutOfMemoryError (CUDA), or the
+    CPU allocator's RuntimeError, which torch raises with this text and no type of its own."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+
+
+@contextmanager
 def user_errors(debug: bool, rank: int = 0, world: int = 1) -> Iterator[None]:
     """Turn a `GradlensError` (and any unexpected error) into one message and a non-zero exit.
 
@@ -92,6 +121,19 @@ def user_errors(debug: bool, rank: int = 0, world: int = 1) -> Iterator[None]:
     except Exception as exc:
         if debug:
             raise
+        if out_of_memory(exc):  # a batch beyond the memory estimates: the user's to shrink
+            lines = str(exc).splitlines()  # a bare MemoryError() has no message
+            cause = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+            stderr_console().print(
+                Text("error: ", style="bold red")
+                + Text(
+                    who(
+                        f"out of memory ({cause}); make the batch smaller, or for a large "
+                        "vocabulary use --engine streamed"
+                    )
+                )
+            )
+            raise typer.Exit(EXIT_BAD_INPUT) from None
         stderr_console().print(
             Text("internal error: ", style="bold red")
             + Text(who(f"{type(exc).__name__}: {exc}") + "\n")

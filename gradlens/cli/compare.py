@@ -15,6 +15,7 @@ from gradlens.cli.common import (
     OutputFormat,
     SetOption,
     stdout_console,
+    stdout_errors,
     user_errors,
 )
 
@@ -72,7 +73,8 @@ def compare(
         bool,
         typer.Option(
             "--check",
-            help="Exit with status 1 if an invariant fails: zero-sum of the logit and lm_head "
+            help="Exit with status 1 if an invariant fails: a token in the loss, a gradient "
+            "the batch does not make identically zero, zero-sum of the logit and lm_head "
             "gradients, closed form vs autograd, finite gradients, log-probs ≤ 0.",
         ),
     ] = False,
@@ -186,12 +188,13 @@ def compare(
                 else:
                     report = run_compare(cfg)
         if launch.speaks:  # rank 0 writes the report; every rank exits with the same status
-            if output is OutputFormat.json:
-                typer.echo(to_json(report))
-            elif isinstance(report, ParityMatrixReport):
-                render_parity_matrix(report, stdout_console())
-            else:
-                render_compare(report, stdout_console())
+            with stdout_errors():
+                if output is OutputFormat.json:
+                    typer.echo(to_json(report))
+                elif isinstance(report, ParityMatrixReport):
+                    render_parity_matrix(report, stdout_console())
+                else:
+                    render_compare(report, stdout_console())
     if check and not report.passed:
         raise typer.Exit(EXIT_CHECK_FAILED)
 

@@ -26,8 +26,9 @@ def dump(
         typer.Option(
             "--output",
             "-o",
-            dir_okay=False,
-            help="File to write: .safetensors, .pt (a torch.save dict) or .jsonl (small batches).",
+            help="File to write: .safetensors, .pt (a torch.save dict) or .jsonl (small "
+            "batches). Missing parent directories are created; the file appears only once "
+            "complete.",
         ),
     ],
     config: ConfigOption = None,
@@ -36,12 +37,15 @@ def dump(
 ) -> None:
     """Write the configured batch as a rollout batch file."""
     with user_errors(debug):
-        from gradlens.batchfile import write_batch
+        from gradlens.batchfile import check_batch_suffix, write_batch
         from gradlens.compare.run import resolve_device, source_context
         from gradlens.config import build_config
+        from gradlens.files import check_output
         from gradlens.sources import build_source
         from gradlens.sources.batch import dump_tensors
 
+        check_batch_suffix(output)  # a path that cannot be written is refused before any work
+        check_output(output, "--output")
         cfg = build_config(config, overrides or [])
         batch = build_source(cfg.source, source_context(cfg, resolve_device(cfg.device)))
         tensors = dump_tensors(batch)

@@ -13,6 +13,7 @@ from gradlens.cli.common import (
     OutputFormat,
     SetOption,
     stdout_console,
+    stdout_errors,
     user_errors,
 )
 
@@ -24,6 +25,11 @@ def losses(
 ) -> None:
     """List every registered loss with its formula, per-token gradient g_t and source; the
     aggregations with the frameworks (and versions) that use each; the framework losses."""
+    with user_errors(debug=False), stdout_errors():
+        _print_losses(output)
+
+
+def _print_losses(output: OutputFormat) -> None:
     import json
 
     from gradlens.losses import AGGREGATIONS, get_loss, loss_names
@@ -73,7 +79,9 @@ def config(
     with user_errors(debug):
         from gradlens.config import build_config, to_yaml
 
-        typer.echo(to_yaml(build_config(config, overrides or [])), nl=False)
+        text = to_yaml(build_config(config, overrides or []))
+        with stdout_errors():
+            typer.echo(text, nl=False)
 
 
 class SchemaReport(str, Enum):
@@ -95,4 +103,5 @@ def schema(
     """Print the JSON Schema of a JSON report: compare's (the default) or sweep's summary."""
     from gradlens.report.serialize import json_schema
 
-    typer.echo(json_schema(report.value))
+    with user_errors(debug=False), stdout_errors():
+        typer.echo(json_schema(report.value))

@@ -7,13 +7,12 @@ notes and errors go to stderr. A file named by ``--output`` appears only once co
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, TextIO
+from typing import IO, TYPE_CHECKING, Annotated
 
 import typer
 
@@ -24,9 +23,10 @@ from gradlens.cli.common import (
     set_option,
     stderr_console,
     stdout_console,
+    stdout_errors,
     user_errors,
 )
-from gradlens.files import replacing
+from gradlens.files import check_output, writing
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -172,7 +172,6 @@ def sweep(
             "--plot",
             "-p",
             metavar="FILE.png",
-            dir_okay=False,
             help="Also draw the sweep to FILE (.png, .svg or .pdf; needs matplotlib, the "
             "`plot` extra): a panel per sign of A, or heat maps for --vary both.",
         ),
@@ -182,7 +181,6 @@ def sweep(
         typer.Option(
             "--output",
             metavar="FILE",
-            dir_okay=False,
             help="Write the records or the summary to FILE instead of stdout (format: "
             "--format, else the file's suffix .json/.jsonl/.csv, which means records); the "
             "summary table then goes to stdout. FILE appears only once complete.",
@@ -230,6 +228,8 @@ def sweep(
         }
         cfg = build_sweep_config(config, overrides or [], over or [], flags, axis)
         data_format = record_format(output_format, output)
+        if output is not None:
+            check_output(output, "--output")
         if plot is not None:
             from gradlens.report.plots import check_plot_path
 
@@ -245,15 +245,16 @@ def sweep(
             )
         elif data_format is not None and output is not None:
             stderr_console().print(f"wrote {count:,} {data_format} records to {output}")
-        if output_format is SweepFormat.table or output is not None:
-            from gradlens.report.sweep_table import render_sweep
-
-            render_sweep(outcome, stdout_console())
-        if plot is not None:
+        if plot is not None:  # every file before the table: an error leaves stdout empty
             from gradlens.report.plots import plot_sweep
 
             plot_sweep(outcome, plot)
             stderr_console().print(f"wrote the plot to {plot}")
+        if output_format is SweepFormat.table or output is not None:
+            from gradlens.report.sweep_table import render_sweep
+
+            with stdout_errors():
+                render_sweep(outcome, stdout_console())
         passed = outcome.report.check.passed
     if check and not passed:
         raise typer.Exit(EXIT_CHECK_FAILED)
@@ -261,29 +262,19 @@ def sweep(
 
 def _write(outcome: SweepOutcome, fmt: str, output: Path | None, tick: Tick) -> int:
     """Write the records or the summary to ``output`` or stdout; the number of records."""
-    from gradlens.errors import GradlensError
     from gradlens.report import sweep_serialize
 
-    def write(stream: TextIO) -> int:
+    def write(stream: IO[str]) -> int:
         if fmt == SweepFormat.summary.value:
             sweep_serialize.write_summary(outcome.report, stream)
             return 0
         return sweep_serialize.write_records(outcome.rows(), outcome.columns(), fmt, stream, tick)
 
     if output is None:
-        try:
-            count = write(sys.stdout)
-            sys.stdout.flush()
-        except BrokenPipeError:  # `gradlens sweep -f csv | head`: the reader has had enough
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            raise typer.Exit(0) from None
-        return count
-    try:
-        with replacing(output) as target, target.open("w", encoding="utf-8", newline="") as f:
-            count = write(f)
-    except OSError as exc:
-        raise GradlensError(f"--output {str(output)!r}: {exc.strerror or exc}") from None
-    return count
+        with stdout_errors():
+            return write(sys.stdout)
+    with writing(output, "--output") as f:
+        return write(f)
 
 
 class _Bar:

@@ -1,8 +1,11 @@
 """Findings and checks: what stands out in a report, said in words, and the ``--check`` gate.
 
-Findings are plain-language notes on one loss (an overflowing ratio, an amplified coefficient,
-clipped tokens, a zero-sum or agreement failure) or on the inputs a loss had to do without.
-Checks are the pass/fail invariants ``--check`` turns into an exit status.
+Findings are plain-language notes on one loss (where a non-finite gradient comes from, an
+amplified coefficient, clipped tokens, a zero-sum or agreement failure, a gradient that is
+identically zero) or on the inputs a loss had to do without. Checks are the pass/fail invariants
+``--check`` turns into an exit status; a batch that cannot support a diagnosis (no token in the
+loss, or a loss whose gradient its inputs make identically zero) fails them, so that ``passed``
+is never true for it.
 """
 
 from __future__ import annotations
@@ -10,26 +13,76 @@ from __future__ import annotations
 import torch
 
 from gradlens.containers import Batch, LossTerms
+from gradlens.diagnostics.non_finite import trace
+from gradlens.grads import Objective, token_inputs
 from gradlens.losses import LossParams, LossSpec
-from gradlens.results import BatchSummary, Check, LossReport, ParityReport
+from gradlens.losses.corrections import correction_weight
+from gradlens.results import BatchSummary, Check, LossReport, ParityReport, Signal
 
 AMPLIFICATION_FINDING = 10.0  # |g_t| / |A_t| above which a policy loss's boost is reported
 
 
+def signal(
+    batch: Batch, logp: torch.Tensor, obj: Objective, spec: LossSpec, params: LossParams
+) -> Signal:
+    """Whether the gradient is identically zero (c_t = 0 at every token in the loss and no
+    entropy bonus), and why: the first cause in the inputs (no token, every advantage zero under
+    a loss that scales with A, every token masked by the corrections), else the loss's own
+    rules."""
+    m = batch.mask
+    count = int(m.sum())
+    if count == 0:
+        return Signal(zero=True, cause="no token enters the loss", from_inputs=True)
+    if bool((obj.coefficient[m] != 0).any()) or params.entropy_coef != 0.0:
+        # the entropy bonus's gradient a_t·c_H·π(log π + H) is not of the c-form: with it the
+        # gradient is not zero whatever c_t is (losses.md TC11: the bonus on its own, A = 0)
+        return Signal(zero=False, cause=None, from_inputs=False)
+    tokens = f"the {count} token(s) in the loss"
+    if spec.uses_advantage and bool((batch.advantages[m] == 0).all()):
+        return Signal(
+            zero=True,
+            cause=f"every advantage is zero at {tokens}, and {spec.name}'s c_t scales with A",
+            from_inputs=True,
+        )
+    if params.corrections and batch.rollout_logp is not None and not obj.terms.self_aggregated:
+        inputs = token_inputs(batch, logp.detach())
+        weight = torch.ones_like(inputs.old_logp)
+        for c in params.corrections:
+            weight = weight * correction_weight(inputs, c)[0]
+        if bool((weight[m] == 0).all()):
+            kinds = ", ".join(c.kind for c in params.corrections)
+            return Signal(
+                zero=True,
+                cause=f"loss.corrections ({kinds}) give weight 0 to every one of {tokens}",
+                from_inputs=True,
+            )
+    covering = [name for name, region in obj.terms.regions.items() if bool(region[m].all())]
+    rules = f" ({', '.join(covering)})" if covering else ""
+    return Signal(
+        zero=True,
+        cause=f"{spec.name}'s own rules{rules} give c_t = 0 at every one of {tokens}",
+        from_inputs=False,
+    )
+
+
 def findings(
-    report: LossReport, batch: Batch, logp: torch.Tensor, g: torch.Tensor, uses_advantage: bool
+    report: LossReport, batch: Batch, logp: torch.Tensor, obj: Objective, spec: LossSpec
 ) -> list[str]:
     """Plain-language notes on what stands out in one loss's report; ``logp`` is [N, T] ℓ and
-    ``g`` [N, T] the loss's per-token gradient g_t."""
+    ``obj`` the loss's objective on it."""
     notes = []
+    g = obj.terms.per_token_grad
     if report.non_finite:
-        log_r = (logp - batch.old_logp.to(logp.dtype))[batch.mask]
         notes.append(
-            f"{report.non_finite} gradient entries are NaN or inf; the largest log-ratio "
-            f"log(π_θ/π_old) is {float(log_r.max()):.4g}, so r = e^that overflows "
-            f"{str(logp.dtype).removeprefix('torch.')}"
+            f"{report.non_finite} gradient entries are NaN or inf: "
+            + trace(batch, logp, obj, spec.name)
         )
-    if uses_advantage:
+    if report.signal.zero:
+        notes.append(
+            f"the gradient is identically zero: {report.signal.cause}"
+            + ("; this batch cannot support a diagnosis of it" if report.signal.from_inputs else "")
+        )
+    if spec.uses_advantage:
         adv = batch.advantages[batch.mask].double()
         boost = g[batch.mask].double().abs() / adv.abs()
         boost = boost[(adv != 0) & torch.isfinite(boost)]
@@ -84,55 +137,98 @@ def input_notes(spec: LossSpec, batch: Batch, terms: LossTerms, params: LossPara
     return notes
 
 
-def checks(
-    summary: BatchSummary, reports: list[LossReport], parity: list[ParityReport]
-) -> list[Check]:
-    """The invariants of one run: log-probs ≤ 0, and per loss finite gradients, the zero-sum of
-    logit and lm_head gradients and (when it ran) closed form vs autograd; each parity pair.
+def measured(value: float | None, non_finite: int) -> str:
+    """A number of a check's detail, or why it was not measured (never Python's None)."""
+    if value is not None:
+        return f"{value:.3g}"
+    if non_finite:
+        return f"not measured ({non_finite} non-finite gradient entries)"
+    return "not measured (not finite)"
 
-    Each detail compares a number with its bound with ≤ when the check passed and > when it
-    failed."""
+
+def checks(
+    summary: BatchSummary,
+    reports: list[LossReport],
+    parity: list[ParityReport],
+    mask_name: str = "the mask",
+) -> list[Check]:
+    """The invariants of one run: a token in the loss, log-probs ≤ 0, and per loss a gradient
+    the inputs do not make identically zero, finite gradients, the zero-sum of logit and
+    lm_head gradients and (when it ran) closed form vs autograd; each parity pair.
+    ``mask_name`` is how the batch's source names its mask.
+
+    Each detail compares a measured number with its bound with ≤ when it is within and > when
+    it is not; a number that could not be measured is written "not measured" with the reason."""
     out = [
+        Check(
+            name="tokens",
+            loss=None,
+            passed=summary.num_tokens > 0,
+            detail=f"{summary.num_tokens} token(s) in the loss"
+            if summary.num_tokens
+            else f"no valid token: {mask_name} is all zero, so nothing enters the loss and no "
+            "gradient can be diagnosed",
+        ),
         Check(
             name="logp_nonpositive",
             loss=None,
             passed=summary.logp_max is None or summary.logp_max <= 0.0,
-            detail=f"max log π_old(y) = {summary.logp_max} (log-probs must be ≤ 0)",
-        )
+            detail=f"max log π_old(y) = {summary.logp_max:.6g} (log-probs must be ≤ 0)"
+            if summary.logp_max is not None
+            else "max log π_old(y) not measured: "
+            + ("it is not finite" if summary.num_tokens else "no token in the loss"),
+        ),
     ]
     for r in reports:
+        s = r.signal
+        zs, ag = r.zero_sum, r.agreement
+        bad = r.non_finite
         out += [
+            Check(
+                name="diagnosable",
+                loss=r.name,
+                passed=not s.from_inputs,
+                detail=f"the gradient is identically zero: {s.cause}; the batch cannot support "
+                "a diagnosis of this loss"
+                if s.from_inputs
+                else f"the gradient is identically zero: {s.cause}; that is a finding about "
+                "the loss, not a fault of the batch"
+                if s.zero
+                else "c_t ≠ 0 at some token in the loss",
+            ),
             Check(
                 name="finite",
                 loss=r.name,
-                passed=r.non_finite == 0,
-                detail=f"{r.non_finite} non-finite gradient entries",
+                passed=bad == 0,
+                detail=f"{bad} non-finite gradient entries",
             ),
             Check(
                 name="zero_sum",
                 loss=r.name,
-                passed=r.zero_sum.passed,
+                passed=zs.passed,
                 detail=(
-                    f"logits {r.zero_sum.logits_max_rel} "
-                    f"{_bound(r.zero_sum.logits_max_rel, r.zero_sum.logits_tolerance)}; "
-                    f"lm_head {r.zero_sum.weight_rel} "
-                    f"{_bound(r.zero_sum.weight_rel, r.zero_sum.weight_tolerance)}"
+                    f"logits {compared(zs.logits_max_rel, zs.logits_tolerance, bad)}; "
+                    f"lm_head {compared(zs.weight_rel, zs.weight_tolerance, bad)}"
+                    if zs.logits_max_rel is not None and zs.weight_rel is not None
+                    else f"not measured: the gradient has {bad} non-finite entries"
                 ),
             ),
         ]
-        if r.agreement.ran:
-            out.append(
-                Check(
-                    name="agreement",
-                    loss=r.name,
-                    passed=r.agreement.passed,
-                    detail=(
-                        f"closed form vs autograd: c {r.agreement.coefficient}, "
-                        f"∂L/∂z {r.agreement.grad_logits}, ∂L/∂W {r.agreement.grad_weight} "
-                        f"{'≤' if r.agreement.passed else '>'} {r.agreement.tolerance:.3g}"
-                    ),
+        if ag.ran:
+            parts = (("c", ag.coefficient), ("∂L/∂z", ag.grad_logits), ("∂L/∂W", ag.grad_weight))
+            shown = [f"{label} {value:.3g}" for label, value in parts if value is not None]
+            missing = [label for label, value in parts if value is None]
+            detail = "closed form vs autograd: " + ", ".join(shown)
+            if shown:
+                within = all(value <= ag.tolerance for _, value in parts if value is not None)
+                detail += f" {'≤' if within else '>'} {ag.tolerance:.3g}"
+            if missing:
+                why = bad + r.reference_non_finite
+                detail += ("; " if shown else "") + (
+                    f"{', '.join(missing)} not measured ({why} non-finite gradient entries, "
+                    "closed form and autograd together)"
                 )
-            )
+            out.append(Check(name="agreement", loss=r.name, passed=ag.passed, detail=detail))
     for p in parity:
         out.append(
             Check(
@@ -140,16 +236,17 @@ def checks(
                 loss=f"{p.a.name} vs {p.b.name}",
                 passed=p.passed,
                 detail=(
-                    f"max |Δc_t| / max |c_t| = {p.coefficient_rel} "
-                    f"{'≤' if p.passed else '>'} {p.tolerance:.3g}; "
-                    f"‖∂L/∂W‖ ratio B/A = {p.grad_norm_ratio}"
+                    f"max |Δc_t| / max |c_t| = {compared(p.coefficient_rel, p.tolerance, 0)}; "
+                    f"‖∂L/∂W‖ ratio B/A = {measured(p.grad_norm_ratio, 0)}"
                 ),
             )
         )
     return out
 
 
-def _bound(value: float | None, tolerance: float) -> str:
-    """'≤ tol' or '> tol', truthfully (None, a non-finite value, is not within any bound)."""
-    within = value is not None and value <= tolerance
-    return f"{'≤' if within else '>'} {tolerance:.3g}"
+def compared(value: float | None, tolerance: float, non_finite: int) -> str:
+    """'x ≤ tol' or 'x > tol', truthfully, or why x was not measured (no bound is claimed for a
+    number that does not exist)."""
+    if value is None:
+        return measured(value, non_finite)
+    return f"{value:.3g} {'≤' if value <= tolerance else '>'} {tolerance:.3g}"

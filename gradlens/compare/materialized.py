@@ -21,7 +21,9 @@ from gradlens.diagnostics.sampled_row import sampled_row
 from gradlens.diagnostics.tokens import token_details
 from gradlens.diagnostics.zero_sum import zero_sum
 from gradlens.grads import LossGradients, SoftmaxView, autograd_reference, closed_form, softmax_view
+from gradlens.logits import softmax_dtype
 from gradlens.losses import Aggregation, LossParams, LossSpec
+from gradlens.memory import Estimate, Shape, dtype_bytes
 from gradlens.results import EngineInfo
 
 
@@ -92,3 +94,24 @@ def zero_sum_scale(grads: LossGradients, view: SoftmaxView, params: LossParams) 
         return c_valid
     a = grads.agg_weights[view.rows, view.cols].to(view.entropy.dtype)
     return c_valid.abs() + 2 * abs(params.entropy_coef) * a * view.entropy
+
+
+def estimate_materialized(shape: Shape, dtype: torch.dtype, reference: bool) -> Estimate:
+    """The engine's peak: the shared [M, V] logits and probabilities in the softmax dtype; one
+    loss at a time, its ∂L/∂z [M, V] and the float64 copy (with its absolute value) the
+    zero-sum check reduces; with the reference, autograd's [M, V] logits, log-softmax, their
+    gradients and backward temporaries (five [M, V] tensors, measured); ∂L/∂W [V, H] of both."""
+    m, v, h = shape.tokens, shape.vocab, shape.hidden
+    acc = dtype_bytes(softmax_dtype(dtype))
+    terms = [
+        ("logits and probabilities [M, V]", 2 * m * v * acc),
+        ("one loss's ∂L/∂z [M, V] and its float64 zero-sum copies", m * v * (acc + 16)),
+        ("∂L/∂W [V, H]", 2 * v * h * acc),
+    ]
+    if reference:
+        terms.append(("autograd's [M, V] tensors of one loss", 5 * m * v * acc))
+    return Estimate(
+        "the materialized engine",
+        "tokens × vocabulary (diagnostics.engine: streamed keeps nothing of that size)",
+        tuple(terms),
+    )

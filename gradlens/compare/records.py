@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from gradlens.compare.findings import findings, input_notes
+from gradlens.compare.findings import findings, input_notes, signal
 from gradlens.containers import Batch
 from gradlens.diagnostics.clipping import clipping
 from gradlens.diagnostics.metrics import terms_metrics
@@ -78,6 +78,7 @@ def loss_report(record: LossRecord, batch: Batch, logp: Tensor, params: LossPara
         coefficient_abs_mean=None if empty else num(c_valid.abs().mean()),
         coefficient_abs_max=None if empty else num(c_valid.abs().max()),
         non_finite=record.non_finite,
+        signal=signal(batch, logp, obj, spec, params),
         reference_non_finite=record.reference_non_finite,
         sampled_row=record.sampled_row,
         rows=record.rows,
@@ -88,6 +89,6 @@ def loss_report(record: LossRecord, batch: Batch, logp: Tensor, params: LossPara
         tokens=record.tokens,
         metrics=terms_metrics(obj.terms, obj.agg_weights),
     )
-    notes = findings(report, batch, logp, obj.terms.per_token_grad, spec.uses_advantage)
+    notes = findings(report, batch, logp, obj, spec)
     notes += input_notes(spec, batch, obj.terms, params)
     return report.model_copy(update={"findings": notes})

@@ -1,5 +1,16 @@
 """`gradlens compare` as a pure function: a validated `Config` in, a `CompareReport` out.
 
+config → `preflight` → the source builds a `Batch` → the engine (materialized or streamed,
+chosen here) runs every loss and returns one `LossRecord` each → one builder turns each into a
+`LossReport` → the whole-model gradients of a real checkpoint, parity, the batch summary and
+the checks → the report. No I/O here.
+
+`preflight` makes every refusal the configuration alone decides before the source does any
+work (a model loaded, rollouts sampled, a file read): an engine the device cannot run, loss
+settings that need inputs the source will not have, and a source or engine whose peak memory
+(`gradlens.memory`, from the shapes the source's plan gives) exceeds what is available. Once
+the batch is built, the engine's estimate is checked again with its real token count.
+
 config → the source builds a `Batch` → the engine (materialized or streamed, chosen here) runs
 every loss and returns one `LossRecord` each → one builder turns each into a `LossReport` →
 the whole-model gradients of a real checkpoint, parity, the batch summary and the checks →
@@ -13,6 +24,7 @@ engine runs, and ``engine: auto`` chooses it).
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import sys
 from contextlib import AbstractContextManager, nullcontext
@@ -23,12 +35,12 @@ import torch.distributed as dist
 import gradlens
 from gradlens.compare.engines import EngineOptions, EngineRun
 from gradlens.compare.findings import checks
-from gradlens.compare.materialized import run_materialized
+from gradlens.compare.materialized import estimate_materialized, run_materialized
 from gradlens.compare.model_grads import model_gradients
 from gradlens.compare.model_report import model_report
 from gradlens.compare.parity import build_parity
 from gradlens.compare.records import TokenSummary, loss_report
-from gradlens.compare.streamed import run_fused, run_streamed
+from gradlens.compare.streamed import estimate_streamed, run_fused, run_streamed
 from gradlens.compare.tensor_parallel import (
     VocabParallel,
     prepare,
@@ -41,13 +53,16 @@ from gradlens.diagnostics import tolerances
 from gradlens.diagnostics.mismatch import rollout_stats
 from gradlens.diagnostics.numbers import num
 from gradlens.diagnostics.ratios import ratio_stats
+from gradlens.engine.fused import check_device
 from gradlens.errors import GradlensError
 from gradlens.grads import effective_old_logp
 from gradlens.logits import softmax_dtype
-from gradlens.losses import Aggregation, LossParams, get_loss
+from gradlens.losses import Aggregation, LossParams, LossSpec, get_loss
+from gradlens.losses.corrections import missing_rollout
+from gradlens.memory import Estimate, Shape, check_fits
 from gradlens.metric_names import metric_names
 from gradlens.results import BatchSummary, CompareReport, Environment
-from gradlens.sources import SourceContext, build_source
+from gradlens.sources import SourceContext, build_source, plan_source
 
 ENGINES = {"materialized": run_materialized, "streamed": run_streamed, "fused": run_fused}
 TOKEN_DETAIL_LIMIT = 4096  # tokens × vocabulary entries printed under token_details: auto
@@ -82,27 +97,38 @@ def source_context(config: Config, device: torch.device, rank: int = 0) -> Sourc
 
 
 def choose_engine(config: Config, batch: Batch) -> tuple[str, str]:
-    """("materialized" | "streamed", why): ``diagnostics.engine``, or for ``auto`` the size
-    tokens × vocabulary against ``diagnostics.stream_above``; under tensor parallelism the
+    """("materialized" | "streamed" | "fused", why): ``diagnostics.engine``, or for ``auto`` the
+    size tokens × vocabulary against ``diagnostics.stream_above``; under tensor parallelism the
     streamed engine (the config refuses the others)."""
+    return choose_path(config, batch.num_tokens, batch.vocab_size)
+
+
+def choose_path(config: Config, tokens: int, vocab: int) -> tuple[str, str]:
+    """`choose_engine` from the sizes alone (before the batch exists: a lower bound on the
+    tokens)."""
     d = config.diagnostics
     if d.engine != "auto":
         return d.engine, f"diagnostics.engine = {d.engine}"
     if d.tensor_parallel > 1:
         return "streamed", f"tensor_parallel = {d.tensor_parallel}: the vocab-parallel engine"
-    entries = batch.num_tokens * batch.vocab_size
+    entries = tokens * vocab
     if entries > d.stream_above:
         return "streamed", f"tokens × vocabulary = {entries} > {d.stream_above}"
     return "materialized", f"tokens × vocabulary = {entries} ≤ {d.stream_above}"
 
 
 def engine_options(config: Config, batch: Batch, path: str) -> EngineOptions:
+    """The diagnostics settings as the engine reads them (`options_for` the batch's sizes)."""
+    return options_for(config, batch.num_tokens, batch.vocab_size, path)
+
+
+def options_for(config: Config, tokens: int, vocab: int, path: str) -> EngineOptions:
     """The diagnostics settings as the engine reads them; ``reference: auto`` is decided here:
     autograd with the materialized engine, none with the streamed one (it would materialise
     [tokens, vocab] per loss)."""
     d = config.diagnostics
     details = d.token_details
-    small = batch.num_tokens * batch.vocab_size <= TOKEN_DETAIL_LIMIT
+    small = tokens * vocab <= TOKEN_DETAIL_LIMIT
     return EngineOptions(
         top_k=d.top_k,
         token_details=path == "materialized" and (details == "on" or (details == "auto" and small)),
@@ -112,6 +138,47 @@ def engine_options(config: Config, batch: Batch, path: str) -> EngineOptions:
         else int(d.memory_budget_mib * 2**20),
         vocab_chunk=d.vocab_chunk,
     )
+
+
+def engine_estimate(config: Config, shape: Shape, losses: int, device: torch.device) -> Estimate:
+    """The peak memory of the engine ``config`` chooses for a batch of ``shape``."""
+    path, _ = choose_path(config, shape.tokens, shape.vocab)
+    options = options_for(config, shape.tokens, shape.vocab, path)
+    if path == "materialized":
+        return estimate_materialized(shape, config.operand_dtype, options.reference)
+    entropy = config.loss.entropy_coef != 0.0
+    return estimate_streamed(shape, config.operand_dtype, losses, options, device, entropy)
+
+
+def run_specs(config: Config) -> list[LossSpec]:
+    """Every loss the run evaluates: ``losses`` and those of the parity pairs."""
+    names = list(config.losses)
+    if config.parity is not None:
+        names += [name for pair in config.parity.pairs for name in pair]
+    return [get_loss(name) for name in dict.fromkeys(names)]
+
+
+def preflight(config: Config, device: torch.device) -> None:
+    """Every refusal the configuration alone decides, before the source does any work (see
+    the module docstring)."""
+    if config.diagnostics.engine == "fused":
+        check_device(device)
+    specs = run_specs(config)
+    plan = plan_source(config.source, source_context(config, device))
+    corrections = config.loss.params().corrections
+    if (
+        corrections
+        and plan.provides is not None
+        and "rollout_logp" not in plan.provides
+        and any(spec.aggregating_fn is None for spec in specs)  # others weight themselves
+    ):
+        raise GradlensError(missing_rollout(corrections))
+    for estimate in plan.memory:
+        check_fits(estimate, device)
+    if plan.shape is not None:
+        ranks = config.diagnostics.tensor_parallel  # each rank holds its rows of the lm_head
+        shape = dataclasses.replace(plan.shape, vocab=-(-plan.shape.vocab // ranks))
+        check_fits(engine_estimate(config, shape, len(specs) + 1, device), device)
 
 
 def summarize_batch(batch: Batch, tokens: TokenSummary) -> BatchSummary:
@@ -154,6 +221,7 @@ def run_compare(config: Config, group: dist.ProcessGroup | None = None) -> Compa
     every rank calls this with the same config and gets the same report. Ignored for P = 1.
     """
     device = resolve_device(config.device)
+    preflight(config, device)
     comm = tensor_parallel_group(config.diagnostics.tensor_parallel, group)
     ctx = source_context(config, device, 0 if comm is None else comm.rank)
     if comm is None:
@@ -180,6 +248,11 @@ def compare_batch(
     params = config.loss.params()
     aggregation = config.loss.token_aggregation()
     path, reason = choose_engine(config, batch)
+    rows = int(batch.weight.shape[0])  # the rows this process holds (all but under TP)
+    shape = Shape(
+        batch.num_sequences, int(batch.mask.shape[1]), rows, batch.hidden_size, batch.num_tokens
+    )
+    check_fits(engine_estimate(config, shape, len(run_specs(config)) + 1, device), device)
     specs = [get_loss(name) for name in config.losses]
     pairs = [] if config.parity is None else config.parity.pairs
     pair_specs = [(get_loss(a), get_loss(b)) for a, b in pairs]
@@ -228,7 +301,7 @@ def _report(
     if config.parity is not None:
         tolerance = config.parity.tolerance or tolerances.agreement(config.operand_dtype)
         parity = [build_parity(batch, logp, p, aggregation, tolerance) for p in run.parity]
-    all_checks = checks(summary, reports, parity)
+    all_checks = checks(summary, reports, parity, batch.origin.name("mask", ()))
     return CompareReport(
         environment=environment(config, device),
         config=config.model_dump(mode="json"),

@@ -45,7 +45,14 @@ from gradlens.diagnostics.numbers import count_non_finite, num, rel_err
 from gradlens.diagnostics.row_norms import row_norms_from
 from gradlens.diagnostics.streamed import grad_at_y, sampled_row_streamed, zero_sum_streamed
 from gradlens.engine.fused import check_device, fused_lm_head_pass
-from gradlens.engine.streamed import EngineResult, auto_budget, dense_dtype, lm_head_pass, plan
+from gradlens.engine.streamed import (
+    EngineResult,
+    auto_budget,
+    dense_dtype,
+    lm_head_pass,
+    plan,
+    plan_bytes,
+)
 from gradlens.engine.vocab_parallel import vocab_parallel_pass
 from gradlens.errors import GradlensError
 from gradlens.grads import (
@@ -58,6 +65,7 @@ from gradlens.grads import (
 )
 from gradlens.logits import softmax_dtype
 from gradlens.losses import Aggregation, LossParams, LossSpec
+from gradlens.memory import Estimate, Shape, dtype_bytes
 from gradlens.results import Agreement, EngineInfo
 
 
@@ -239,6 +247,40 @@ def run_streamed(
         tokens=TokenSummary(logp, result.tokens.entropy, result.tokens.sampled_prob),
         info=info,
         parity=parity,
+    )
+
+
+def estimate_streamed(
+    shape: Shape,
+    dtype: torch.dtype,
+    losses: int,
+    options: EngineOptions,
+    device: torch.device,
+    entropy: bool = False,
+) -> Estimate:
+    """The engine's peak: the hidden states of the tokens [M, H], the working memory of its
+    plan (`gradlens.engine.streamed.plan`: at least one vocabulary chunk of ≥ 256 rows, whatever
+    the budget), per-loss row norms [V] and coefficients [M]; with the reference, autograd's
+    [M, V] tensors of one loss."""
+    m, v, h = shape.tokens, shape.vocab, shape.hidden
+    acc = dtype_bytes(softmax_dtype(dtype))
+    buffers = 4 if entropy else 3
+    budget = options.memory_budget_bytes or auto_budget(device)
+    engine_plan = plan(m, v, h, losses, budget, options.vocab_chunk, buffers=buffers)
+    terms = [
+        ("hidden states of the tokens [M, H]", m * h * dtype_bytes(dtype)),
+        (
+            f"vocabulary chunks of {engine_plan.vocab_chunk} rows",
+            plan_bytes(engine_plan, m, h, losses, buffers=buffers),
+        ),
+        ("row norms [V] and coefficients [M] per loss", losses * (v + m) * 8),
+    ]
+    if options.reference:
+        terms.append(("autograd's [M, V] tensors of one loss", 5 * m * v * acc))
+    return Estimate(
+        "the streamed engine",
+        "tokens (a chunk holds every token's logits for its vocabulary rows)",
+        tuple(terms),
     )
 
 

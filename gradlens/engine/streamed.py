@@ -50,6 +50,7 @@ import torch
 from torch import Tensor
 
 from gradlens.logits import softmax_dtype
+from gradlens.memory import available
 
 CoefficientFn = Callable[[Tensor], list[Tensor]]
 SHARE_LIMIT = 0.5  # reuse an earlier loss's dense product when ≤ this share of tokens differ
@@ -93,19 +94,26 @@ def plan(
     return EnginePlan(vocab_chunk=int(vocab_chunk), resident=int(resident))
 
 
+def plan_bytes(
+    engine_plan: EnginePlan,
+    tokens: int,
+    hidden: int,
+    losses: int,
+    accum_bytes: int = 4,
+    buffers: int = 3,
+) -> int:
+    """The working memory ``engine_plan`` takes: one chunk's buffers and dense result (the
+    per-row cost of `plan`), and the resident chunks' logits."""
+    per_row = accum_bytes * (buffers * tokens + 2 * losses * hidden)
+    resident = accum_bytes * tokens * engine_plan.vocab_chunk * engine_plan.resident
+    return per_row * engine_plan.vocab_chunk + resident
+
+
 def auto_budget(device: torch.device, cap: int = 1 << 30) -> int:
-    """Working memory for the engine: a quarter of what is free now, at most ``cap`` bytes."""
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-    else:
-        free = cap * 4
-        try:
-            with open("/proc/meminfo", encoding="ascii") as fh:
-                for line in fh:
-                    if line.startswith("MemAvailable:"):
-                        free = int(line.split()[1]) * 1024
-        except OSError:
-            pass
+    """Working memory for the engine: a quarter of what is free now, at most ``cap`` bytes
+    (``cap`` itself when the free memory cannot be read)."""
+    room = available(device)
+    free = cap * 4 if room is None else room[0]
     return int(min(free // 4, cap))
 
 

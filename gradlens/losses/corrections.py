@@ -146,6 +146,17 @@ def correction_weight(inputs: TokenInputs, c: Correction) -> tuple[Tensor, dict[
     return torch.where(m, weight, 0.0), {kind.region: out & m}
 
 
+def missing_rollout(corrections: tuple[Correction, ...]) -> str:
+    """Why corrections cannot run on a batch without rollout log-probs, and what to set."""
+    kinds = ", ".join(c.kind for c in corrections)
+    return (
+        f"loss.corrections ({kinds}) need the rollout log-probs μ_old of the inference engine, "
+        "and this batch has none: set source.rollout_drift (synthetic source), rollout_prob / "
+        "rollout_logp on the positions (literal source), or store 'rollout_log_probs' in the "
+        "batch file"
+    )
+
+
 def kept_mask(
     mask: Tensor, old_logp: Tensor, rollout_logp: Tensor | None, corrections: tuple[Correction, ...]
 ) -> Tensor:
@@ -173,12 +184,7 @@ def apply_corrections(
     if not corrections or terms.self_aggregated:
         return terms
     if inputs.rollout_logp is None:
-        kinds = ", ".join(c.kind for c in corrections)
-        raise GradlensError(
-            f"loss.corrections ({kinds}) need the rollout log-probs μ_old of the inference "
-            "engine, and this batch has none: set source.rollout_drift (synthetic source) or "
-            "rollout_prob / rollout_logp on the positions (literal source)"
-        )
+        raise GradlensError(missing_rollout(corrections))
     m = inputs.mask
     weight = torch.ones_like(inputs.old_logp)
     regions = dict(terms.regions)

@@ -1,4 +1,4 @@
-"""Figures of a sweep — the only module that imports matplotlib.
+"""Figures of a sweep (the trace's figure is trace_plot.py; matplotlib is imported nowhere else).
 
 The figure is drawn through matplotlib's object API (`matplotlib.figure.Figure`, saved by the
 Agg renderer): no pyplot, no global state, no display, whatever MPLBACKEND says. matplotlib
@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from gradlens.errors import GradlensError
-from gradlens.files import replacing
+from gradlens.files import check_output, writing
 from gradlens.report.sweep_labels import rule_name, rule_text, setting_text, sign_text
 from gradlens.sweep.curves import SIGNS, Curve
 from gradlens.sweep.grid import Axis
@@ -62,9 +62,11 @@ def _matplotlib() -> Any:
 
 
 def check_plot_path(path: Path) -> None:
-    """Fail early, before any work, on a file type we cannot write or a missing matplotlib."""
+    """Fail early, before any work, on a file type we cannot write, a path that cannot be
+    written (`gradlens.files.check_output`) or a missing matplotlib."""
     if path.suffix.lower() not in FORMATS:
         raise GradlensError(f"--plot {str(path)!r}: the file name must end in {', '.join(FORMATS)}")
+    check_output(path, "--plot")
     _matplotlib()
 
 
@@ -78,11 +80,8 @@ def plot_sweep(outcome: SweepOutcome, path: Path) -> None:
     """Draw ``outcome`` to ``path`` (.png, .svg or .pdf)."""
     check_plot_path(path)
     fig = sweep_figure(outcome)
-    try:
-        with replacing(path) as target:
-            fig.savefig(target, dpi=DPI, format=path.suffix.lower()[1:])
-    except OSError as exc:
-        raise GradlensError(f"--plot {str(path)!r}: {exc.strerror or exc}") from None
+    with writing(path, "--plot", "wb") as fh:
+        fig.savefig(fh, dpi=DPI, format=path.suffix.lower()[1:])
 
 
 # ----------------------------------------------------------------------------- helpers

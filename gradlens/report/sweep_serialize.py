@@ -24,7 +24,7 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Callable, Iterable
-from typing import Any, TextIO
+from typing import IO, Any
 
 from gradlens.report.serialize import to_json
 from gradlens.sweep.results import SweepReport
@@ -43,7 +43,7 @@ def write_records(
     rows: Iterable[dict[str, Any]],
     header: list[str],
     fmt: str,
-    stream: TextIO,
+    stream: IO[str],
     tick: Tick | None = None,
 ) -> int:
     """Write ``rows`` to ``stream`` as ``fmt``; returns the number of rows written."""
@@ -73,6 +73,6 @@ def write_records(
     return count
 
 
-def write_summary(report: SweepReport, stream: TextIO) -> None:
+def write_summary(report: SweepReport, stream: IO[str]) -> None:
     """Write ``report`` to ``stream`` as one indented JSON document (schema gradlens.sweep/2)."""
     stream.write(to_json(report) + "\n")

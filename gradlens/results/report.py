@@ -148,6 +148,24 @@ class Agreement(Result):
     ran: bool = Field(True, description="false: no reference was computed (--reference none)")
 
 
+class Signal(Result):
+    """Whether the batch gives this loss a gradient to diagnose: c_t = 0 at every token in the
+    loss makes ∂L/∂z and ∂L/∂W identically zero (the entropy bonus's part aside), and every
+    other check of the loss holds vacuously."""
+
+    zero: bool = Field(
+        description="c_t = 0 at every token in the loss and no entropy bonus (or no token)"
+    )
+    cause: str | None = Field(description="why, in words; null when the gradient is not zero")
+    from_inputs: bool = Field(
+        description="the cause lies in the batch (no token in the loss, every advantage zero "
+        "under a loss that scales with A, every token masked by loss.corrections): the batch "
+        "cannot support a diagnosis of this loss and the `diagnosable` check fails. false for "
+        "a gradient the loss's own rules switched off (a clip on every token): that is what "
+        "the diagnosis found"
+    )
+
+
 class TokenDetail(Result):
     """One valid token in full (literal configs and other small batches)."""
 
@@ -174,6 +192,7 @@ class LossReport(Result):
     coefficient_abs_mean: float | None = Field(description="mean_t |c_t| over valid tokens")
     coefficient_abs_max: float | None
     non_finite: int = Field(description="non-finite entries in ∂L/∂z and ∂L/∂W")
+    signal: Signal = Field(description="whether the gradient is identically zero, and why")
     reference_non_finite: int = Field(
         0, description="non-finite entries in the autograd reference's ∂L/∂z and ∂L/∂W"
     )

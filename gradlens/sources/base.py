@@ -2,6 +2,9 @@
 
 A builder is ``build(section, context) -> Batch``, with ``section`` its own typed config section
 (`gradlens.config.SyntheticSource`, ...) and a `SourceContext`; none sees the whole config.
+Beside it, each source has a planner ``plan(section, context) -> SourcePlan``: what the batch
+will be and what building it costs, from the section alone, so that what cannot be done is
+refused before the work starts.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gradlens.losses import Aggregation, LossParams
+from gradlens.memory import Estimate, Shape
 
 
 @dataclass(frozen=True)
@@ -37,3 +41,22 @@ class SourceContext:
     aggregation: Aggregation = field(default_factory=Aggregation)
     rank: int = 0
     tensor_parallel: int = 1
+
+
+@dataclass(frozen=True)
+class SourcePlan:
+    """What a source will build, known from its section before it builds anything.
+
+    Attributes:
+        memory: the source's own peak memory (`gradlens.memory`), checked before it builds:
+            one estimate per place (the host, the run's device).
+        shape: the batch's sizes (``tokens`` exact or its upper bound N·T), from which the
+            engine's peak is estimated before the source runs; None when only reading the data
+            tells (a .jsonl file).
+        provides: the optional tensors the batch will carry (``rollout_logp``, ``ref_logp``),
+            so that a setting that needs one is refused before any work; None when unknown.
+    """
+
+    memory: tuple[Estimate, ...]
+    shape: Shape | None
+    provides: frozenset[str] | None

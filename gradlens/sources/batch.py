@@ -27,15 +27,19 @@ import torch
 from torch import Tensor
 
 from gradlens.advantages import advantages_from_rewards
-from gradlens.batchfile import read_batch_tensors
+from gradlens.batchfile import peek_shapes, read_batch_file, shape_keys
 from gradlens.config import BatchSource
-from gradlens.containers import Batch, VocabRows
+from gradlens.containers import Batch, Namer, Origin, VocabRows
 from gradlens.engine.vocab_split import balanced_split
 from gradlens.errors import GradlensError
 from gradlens.grads import effective_old_logp, softmax_view
 from gradlens.logits import softmax_dtype
-from gradlens.sources.base import SourceContext
-from gradlens.sources.recompute import recompute_hidden
+from gradlens.memory import Estimate, Shape, dtype_bytes
+from gradlens.sources.base import SourceContext, SourcePlan
+from gradlens.sources.checkpoint import checkpoint_estimate, checkpoint_sizes
+from gradlens.sources.recompute import BUILTIN, recompute_hidden
+
+JSONL_FACTOR = 4  # a .jsonl number parsed into Python objects takes about 4× its text
 
 RANK = "{rank}"  # in source.path: this rank's own file
 
@@ -52,7 +56,8 @@ def build_batch_file(src: BatchSource, ctx: SourceContext) -> Batch:
     keep_rows = None
     if ctx.tensor_parallel > 1 and src.model_path is None:
         keep_rows = partial(rank_rows, ctx.rank, ctx.tensor_parallel)
-    data = read_batch_tensors(path, prompts=src.model_path is not None, keep_rows=keep_rows)
+    file = read_batch_file(path, prompts=src.model_path is not None, keep_rows=keep_rows)
+    data = file.tensors
     origin = ""
     context = None
     rows = None
@@ -125,7 +130,87 @@ def build_batch_file(src: BatchSource, ctx: SourceContext) -> Batch:
         advantage_note=note,
         model_context=context,
         weight_rows=rows,
+        origin=Origin(
+            file_names(path.name, file.keys, data, src.model_path),
+            frozenset() if src.model_path is None else frozenset({"hidden", "weight"}),
+        ),
     )
+
+
+def file_names(
+    file: str, keys: dict[str, str], data: dict[str, Tensor], model_path: str | None
+) -> Namer:
+    """Each tensor of the batch by the key the file stores it under (`Origin.name`)."""
+
+    def name(field: str, index: tuple[int, ...]) -> str:
+        where = f"source.path {file}"
+        if field in ("hidden", "weight") and model_path is not None:
+            what = "hidden states" if field == "hidden" else "lm_head weight"
+            at = f"[{', '.join(map(str, index))}]" if index else ""
+            return f"the {what}{at} recomputed by source.model_path {model_path!r}"
+        stored: Tensor | None
+        if field == "advantages" and "advantages" not in data:
+            key, stored = keys["rewards"], data["rewards"]
+            prefix = "the advantages from "
+        else:
+            key = keys.get(field, field)
+            stored = data.get(field)
+            prefix = ""
+        if stored is not None and stored.dim() == 1:
+            index = index[:1]  # one value per sequence, broadcast over its tokens
+        at = f"[{', '.join(map(str, index))}]" if index else ""
+        return f"{where}: {prefix}{key!r}{at}"
+
+    return name
+
+
+def plan_batch_file(src: BatchSource, ctx: SourceContext) -> SourcePlan:
+    """The batch's sizes from the file's header (nothing read but the shapes), and the peak:
+    the file's tensors as read, the hidden states and lm_head in the run's dtype, and with
+    ``source.model_path`` the checkpoint's passes over prompt + response. Under tensor
+    parallelism a rank reads its own file, or only its rows of a whole one: the file's size is
+    then not counted, and the lm_head by the rank's share."""
+    path = Path(src.path.replace(RANK, str(ctx.rank))).expanduser()
+    try:
+        size = path.stat().st_size
+    except OSError:
+        size = 0  # reading it gives the real error
+    jsonl = path.suffix.lower() == ".jsonl"
+    terms = [("the file's tensors, as read", size * (JSONL_FACTOR if jsonl else 1))]
+    if ctx.tensor_parallel > 1:
+        terms = []
+    shapes = peek_shapes(path)
+    if shapes is None:
+        return SourcePlan(
+            (Estimate("reading the batch file", "source.path", tuple(terms), True),), None, None
+        )
+    keys = shape_keys(shapes)
+    provides = frozenset(name for name in ("rollout_logp", "ref_logp") if name in keys)
+    grid = shapes.get(keys.get("tokens", ""), ())
+    weight = shapes.get(keys.get("weight", ""), ())
+    s = dtype_bytes(ctx.dtype)
+    estimates = []
+    shape = None
+    if len(grid) == 2:
+        n, t = grid
+        if src.model_path is not None:
+            sizes = checkpoint_sizes(None if src.model_path == BUILTIN else src.model_path)
+            if sizes is not None:
+                prompt = shapes.get(keys.get("prompts", ""), shapes.get("input_ids", (n, 0)))
+                length = t + (prompt[1] if len(prompt) == 2 else 0)
+                estimates.append(
+                    checkpoint_estimate(
+                        sizes, "source.path, source.model_path", ctx.dtype, n, length
+                    )
+                )
+                shape = Shape(n, t, sizes.vocab, sizes.hidden)
+        elif len(weight) == 2:
+            v, h = weight
+            rows = -(-v // ctx.tensor_parallel)
+            terms += [("hidden states [N, T, H]", n * t * h * s), ("lm_head [V, H]", rows * h * s)]
+            shape = Shape(n, t, v, h)
+    estimates.insert(0, Estimate("reading the batch file", "source.path", tuple(terms), True))
+    return SourcePlan(tuple(estimates), shape, provides)
 
 
 def dump_tensors(batch: Batch) -> dict[str, Tensor | None]:

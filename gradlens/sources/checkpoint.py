@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.resources
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import torch
 
 from gradlens.containers import LoadedModel
 from gradlens.errors import GradlensError
+from gradlens.memory import Estimate, dtype_bytes
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model.safetensors.index.json")
@@ -126,3 +128,56 @@ def read_builtin_prompts() -> list[str]:
             f"source.prompts: the built-in prompts cannot be read ({exc}); give source.prompts"
         ) from None
     return list(data["prompts"])
+
+
+STORED_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+
+
+@dataclass(frozen=True)
+class CheckpointSizes:
+    """A checkpoint's sizes, read from its config.json and the sizes of its weight files
+    (nothing is loaded): what the memory estimates need."""
+
+    vocab: int
+    hidden: int
+    parameters: int
+
+
+def checkpoint_sizes(path: str | None) -> CheckpointSizes | None:
+    """The sizes of the checkpoint at ``path`` (None: the built-in model), or None when they
+    cannot be read (loading it then gives the real error)."""
+    try:
+        where = builtin_model_dir() if path is None else Path(path).expanduser()
+        config = json.loads((where / "config.json").read_text(encoding="utf-8"))
+        text = config.get("text_config", config)  # multimodal checkpoints nest the LM's
+        vocab = int(text["vocab_size"])
+        hidden = int(text.get("hidden_size") or text.get("n_embd") or text.get("d_model"))
+        stored = STORED_BYTES.get(str(config.get("dtype") or config.get("torch_dtype")), 4)
+        files = [f for p in ("*.safetensors", "pytorch_model*.bin") for f in where.glob(p)]
+        weights = sum(f.stat().st_size for f in files)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return CheckpointSizes(vocab, hidden, weights // stored)
+
+
+def checkpoint_estimate(
+    sizes: CheckpointSizes,
+    settings: str,
+    dtype: torch.dtype,
+    sequences: int,
+    length: int,
+    extra: tuple[tuple[str, int], ...] = (),
+) -> Estimate:
+    """The peak of a checkpoint's passes over ``sequences`` × ``length`` tokens: its parameters
+    in the run's dtype, and the float32 logits [N, L, V] of a forward pass with their
+    log-softmax and gradient (the whole-model passes run with autograd), plus ``extra``."""
+    logits = sequences * length * sizes.vocab * 4 * 3
+    return Estimate(
+        "the checkpoint's passes",
+        settings,
+        (
+            ("parameters", sizes.parameters * dtype_bytes(dtype)),
+            ("logits [N, L, V] with their log-softmax and gradient", logits),
+            *extra,
+        ),
+    )

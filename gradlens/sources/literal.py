@@ -19,10 +19,11 @@ import math
 
 import torch
 
-from gradlens.config import LiteralSource
-from gradlens.containers import Batch
+from gradlens.config import LiteralPosition, LiteralSource
+from gradlens.containers import Batch, Namer, Origin
 from gradlens.logits import compute_logits, softmax_dtype, token_logp
-from gradlens.sources.base import SourceContext
+from gradlens.memory import Estimate, Shape, dtype_bytes
+from gradlens.sources.base import SourceContext, SourcePlan
 
 
 def build_literal(src: LiteralSource, ctx: SourceContext) -> Batch:
@@ -86,4 +87,72 @@ def build_literal(src: LiteralSource, ctx: SourceContext) -> Batch:
         on_policy=on_policy.to(device),
         source=f"literal: {n} sequence(s), {m} position(s), V={v} (h_k = e_k, W = [z_1 … z_M])",
         advantage_note="stated literally per position",
+        origin=Origin(position_names(src, [(i, t) for i, t, _ in positions])),
     )
+
+
+def plan_literal(src: LiteralSource, ctx: SourceContext) -> SourcePlan:
+    """The batch's sizes and the source's peak memory: M positions, hidden [N, T, M] and
+    W [V, M] in float64 and the run's dtype, the [N, T, V] logits in the softmax dtype."""
+    positions = [p for s in src.sequences for p in s.positions]
+    n, t, m = len(src.sequences), max(len(s.positions) for s in src.sequences), len(positions)
+    v = positions[0].vocab_size
+    s, acc = dtype_bytes(ctx.dtype), dtype_bytes(softmax_dtype(ctx.dtype))
+    provides = set()
+    for name in ("rollout", "ref"):
+        if any(
+            getattr(p, f"{name}_prob") is not None or getattr(p, f"{name}_logp") is not None
+            for p in positions
+        ):
+            provides.add(f"{name}_logp")
+    return SourcePlan(
+        memory=(
+            Estimate(
+                "the literal source",
+                "source.sequences",
+                (
+                    ("hidden states [N, T, M]", n * t * m * (8 + s)),
+                    ("lm_head [V, M]", v * m * (8 + s)),
+                    ("logits [N, T, V]", n * t * v * acc * 2),
+                ),
+                host=True,
+            ),
+        ),
+        shape=Shape(n, t, v, m, tokens=m),
+        provides=frozenset(provides),
+    )
+
+
+# The key of a position that states each per-token field (the first one given), by field.
+STATED = {
+    "tokens": ("token",),
+    "mask": ("token",),
+    "advantages": ("advantage",),
+    "old_logp": ("old_prob", "old_logp"),
+    "rollout_logp": ("rollout_prob", "rollout_logp"),
+    "ref_logp": ("ref_prob", "ref_logp"),
+    "hidden": ("logits", "probs"),
+    "weight": ("logits", "probs"),
+}
+
+
+def position_names(src: LiteralSource, positions: list[tuple[int, int]]) -> Namer:
+    """Each entry by the path of the position that states it (`Origin.name`):
+    ``source.sequences[i].positions[j].field``. Column k of the hidden states and of W is
+    position k's distribution."""
+
+    def name(field: str, index: tuple[int, ...]) -> str:
+        if field == "weight" and len(index) == 2:
+            i, t = positions[index[1]]
+        elif field in STATED and len(index) >= 2:
+            i, t = index[0], index[1]
+        else:
+            return f"source.sequences (the batch's {field})"
+        if i >= len(src.sequences) or t >= len(src.sequences[i].positions):
+            return f"source.sequences (padding at sequence {i}, position {t})"
+        pos: LiteralPosition = src.sequences[i].positions[t]
+        keys = STATED[field]
+        key = next((k for k in keys if getattr(pos, k) is not None), keys[0])
+        return f"source.sequences[{i}].positions[{t}].{key}"
+
+    return name

@@ -37,10 +37,11 @@ import torch
 
 from gradlens.advantages import advantages_from_rewards
 from gradlens.config import DTYPES, ModelSource
-from gradlens.containers import Batch, ModelContext, RolloutRecord
+from gradlens.containers import Batch, ModelContext, Origin, RolloutRecord
 from gradlens.losses import get_loss
-from gradlens.sources.base import SourceContext
-from gradlens.sources.checkpoint import load_checkpoint
+from gradlens.memory import Estimate, Shape, dtype_bytes
+from gradlens.sources.base import SourceContext, SourcePlan
+from gradlens.sources.checkpoint import checkpoint_estimate, checkpoint_sizes, load_checkpoint
 from gradlens.sources.forward import check_logit_path, head_weight
 from gradlens.sources.rewards import load_reward, score
 from gradlens.sources.rollout import choose_prompts, sample, tokenize_prompts
@@ -145,4 +146,59 @@ def build_model_batch(src: ModelSource, ctx: SourceContext) -> Batch:
             rollout=record,
             staleness=stale.record,
         ),
+        origin=Origin(model_names, COMPUTED),
     )
+
+
+def plan_model(src: ModelSource, ctx: SourceContext) -> SourcePlan:
+    """The batch's sizes and the peak of sampling and training passes, from the checkpoint's
+    config.json and weight files: its parameters in the training dtype (again in the rollout
+    dtype when it differs; with gradients and two Adam moments for the stale steps) and the
+    logits of the passes over N = prompts × group_size sequences of at least max_new_tokens
+    completion tokens (the prompts' lengths are known only once tokenised)."""
+    sizes = checkpoint_sizes(src.path)
+    n = (len(src.prompts) if src.prompts is not None else src.num_prompts) * src.group_size
+    provides = frozenset({"rollout_logp", "ref_logp"})
+    if sizes is None:
+        return SourcePlan((), None, provides)
+    params = sizes.parameters
+    extra = []
+    if src.rollout_dtype != str(ctx.dtype).removeprefix("torch."):
+        extra.append(
+            ("rollout copy of the parameters", params * dtype_bytes(DTYPES[src.rollout_dtype]))
+        )
+    if src.stale.steps:
+        moments = 2 if src.stale.optimizer != "sgd" else 0
+        extra.append(
+            ("gradients and optimizer state", params * dtype_bytes(ctx.dtype) * (1 + moments))
+        )
+    settings = "source.path, source.num_prompts × source.group_size × source.max_new_tokens"
+    estimate = checkpoint_estimate(sizes, settings, ctx.dtype, n, src.max_new_tokens, tuple(extra))
+    return SourcePlan(
+        memory=(Estimate("the model source", settings, estimate.terms),),
+        shape=Shape(n, src.max_new_tokens, sizes.vocab, sizes.hidden, tokens=n),  # ≥ 1 each
+        provides=provides,
+    )
+
+
+# What the model computed (everything but the rewards' advantages): a problem there is a
+# finding of the report, not an input error.
+COMPUTED = frozenset(
+    {"tokens", "mask", "old_logp", "rollout_logp", "ref_logp", "hidden", "weight", "on_policy"}
+)
+MODEL_WORDS = {
+    "tokens": "the sampled tokens",
+    "mask": "the completion mask",
+    "advantages": "the advantages from source.reward",
+    "old_logp": "log π_old from the training pass",
+    "rollout_logp": "log μ_old from the rollout pass",
+    "ref_logp": "log π_ref from the training pass",
+    "hidden": "the model's final hidden states",
+    "weight": "the model's lm_head weight",
+}
+
+
+def model_names(field: str, index: tuple[int, ...]) -> str:
+    """Each tensor by what the model computed (`Origin.name`)."""
+    at = f"[{', '.join(map(str, index))}]" if index else ""
+    return f"{MODEL_WORDS.get(field, field)}{at}"

@@ -27,9 +27,11 @@ from torch import Tensor
 
 from gradlens.advantages import advantages_from_rewards
 from gradlens.config import SyntheticSource
-from gradlens.containers import Batch
-from gradlens.logits import compute_logits, token_logp
-from gradlens.sources.base import SourceContext
+from gradlens.containers import Batch, Namer, Origin
+from gradlens.errors import GradlensError
+from gradlens.logits import compute_logits, softmax_dtype, token_logp
+from gradlens.memory import Estimate, Shape, dtype_bytes
+from gradlens.sources.base import SourceContext, SourcePlan
 
 
 def mean_entropy(logits: Tensor) -> float:
@@ -73,7 +75,10 @@ def build_synthetic(src: SyntheticSource, ctx: SourceContext) -> Batch:
         weight = weight / src.temperature
 
     hidden_c, weight_c = hidden.to(dtype), weight.to(dtype)
+    scale_setting = "source.entropy" if src.entropy is not None else "source.temperature"
+    finite(weight_c, scale_setting, "the lm_head W", dtype)
     logits = compute_logits(hidden_c, weight_c)  # [N, T, V], exactly as the engine computes it
+    finite(logits, scale_setting, "the logits W·h", dtype)
     drift = src.drift
     if drift.kind == "stale_weight":
         noise = torch.randn(v, h, generator=gen, dtype=torch.float64)
@@ -84,11 +89,13 @@ def build_synthetic(src: SyntheticSource, ctx: SourceContext) -> Batch:
         old_logits = logits + (drift.scale * noise).to(logits.dtype)
     else:
         old_logits = logits
+    finite(old_logits, "source.drift.scale", "π_old's logits", dtype)
 
     sampler_logits = old_logits
     if src.rollout_drift is not None:  # μ_old: the inference engine's view of π_old
         noise = torch.randn(n, t, v, generator=gen, dtype=torch.float64)
         sampler_logits = old_logits + (src.rollout_drift * noise).to(old_logits.dtype)
+        finite(sampler_logits, "source.rollout_drift", "μ_old's logits", dtype)
     sampler_probs = torch.softmax(sampler_logits.double(), dim=-1).reshape(n * t, v)  # [N*T, V]
     tokens = torch.multinomial(sampler_probs, 1, generator=gen).view(n, t)  # [N, T]
     old_logp = token_logp(old_logits, tokens)  # [N, T]
@@ -105,7 +112,9 @@ def build_synthetic(src: SyntheticSource, ctx: SourceContext) -> Batch:
     ref_logp = None
     if src.ref_drift is not None:  # π_ref: a drift of π_θ, drawn last (nothing above changes)
         noise = torch.randn(n, t, v, generator=gen, dtype=torch.float64)
-        ref_logp = token_logp(logits + (src.ref_drift * noise).to(logits.dtype), tokens)
+        ref_logits = logits + (src.ref_drift * noise).to(logits.dtype)
+        finite(ref_logits, "source.ref_drift", "π_ref's logits", dtype)
+        ref_logp = token_logp(ref_logits, tokens)
     policies = "".join(
         f", {name} drift {scale}"
         for name, scale in (("rollout", src.rollout_drift), ("ref", src.ref_drift))
@@ -127,4 +136,68 @@ def build_synthetic(src: SyntheticSource, ctx: SourceContext) -> Batch:
             f"drift {drift.kind}({drift.scale}), {src.rewards.kind} rewards{policies}"
         ),
         advantage_note=note,
+        origin=Origin(setting_names(src)),
     )
+
+
+def plan_synthetic(src: SyntheticSource, ctx: SourceContext) -> SourcePlan:
+    """The batch's sizes and the source's peak memory, from the settings alone.
+
+    The peak is the sampling step: the [N, T, V] logits of π_θ (and of π_old and μ_old when they
+    drift) in the softmax dtype, the float64 probabilities the sampler draws from beside the
+    float64 copy of the logits they come from, and the last float64 noise draw, still held;
+    beside them the float64 and run-dtype copies of the hidden states and the lm_head.
+    """
+    n, t, v, h = src.num_sequences, src.max_length, src.vocab_size, src.hidden_size
+    s, acc = dtype_bytes(ctx.dtype), dtype_bytes(softmax_dtype(ctx.dtype))
+    entries = n * t * v
+    drifts = (src.drift.kind != "none") + (src.rollout_drift is not None)
+    terms = [
+        ("hidden states [N, T, H]", n * t * h * (8 + s)),
+        ("lm_head [V, H]", v * h * (8 + s)),
+        ("logits [N, T, V]", entries * acc * (1 + drifts)),
+        ("sampling probabilities [N·T, V] in float64", entries * 16),
+        ("lengths and mask", n * (8 + t)),
+    ]
+    if src.drift.kind == "logit_noise" or src.rollout_drift is not None or src.ref_drift:
+        terms.append(("the last noise draw [N, T, V] in float64", entries * 8))
+    provides = {"rollout_logp"} if src.rollout_drift is not None else set()
+    provides |= {"ref_logp"} if src.ref_drift is not None else set()
+    settings = "source.num_sequences × source.max_length × source.vocab_size (source.hidden_size)"
+    return SourcePlan(
+        # built on the CPU (one generator for every device), then moved: host memory
+        memory=(Estimate("the synthetic source", settings, tuple(terms), host=True),),
+        shape=Shape(n, t, v, h, tokens=n * src.min_length),  # at least min_length each
+        provides=frozenset(provides),
+    )
+
+
+def finite(x: Tensor, setting: str, what: str, dtype: torch.dtype) -> None:
+    """Refuse a setting that makes ``x`` overflow the run's dtype, before anything samples."""
+    if not bool(torch.isfinite(x).all()):
+        name = str(dtype).removeprefix("torch.")
+        raise GradlensError(
+            f"{setting}: this value makes {what} overflow {name} (largest finite "
+            f"{torch.finfo(dtype).max:.3g}); choose a smaller scale"
+        )
+
+
+SETTINGS = {
+    "advantages": "advantage.normalization / advantage.eps (the synthetic advantages)",
+    "old_logp": "source.drift (the synthetic π_old)",
+    "rollout_logp": "source.rollout_drift (the synthetic μ_old)",
+    "ref_logp": "source.ref_drift (the synthetic π_ref)",
+}
+
+
+def setting_names(src: SyntheticSource) -> Namer:
+    """Each tensor by the setting that made it (`Origin.name`): a synthetic batch has no
+    user-written values, only settings."""
+    scale = "source.entropy" if src.entropy is not None else "source.temperature"
+
+    def name(field: str, index: tuple[int, ...]) -> str:
+        at = f" at {', '.join(map(str, index))}" if index else ""
+        what = SETTINGS.get(field, f"{scale} / source.{field} (the synthetic {field})")
+        return what + at
+
+    return name

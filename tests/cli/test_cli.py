@@ -41,7 +41,7 @@ def test_default_table_shows_every_section():
         "zero-sum",
         "agreement",
         "largest lm_head gradient rows",
-        "checks: 13/13 passed",
+        "checks: 18/18 passed",
     ):
         assert text in out
     for name in ("reinforce", "ppo", "ppo_clip", "sft"):

@@ -4,6 +4,7 @@ Each document's ``gradlens ...`` lines (from the ```bash blocks named below; ``$
 ``\\`` continuations understood, output lines skipped) run through the CLI in-process, one after
 the other, from the repository root, so a line may use a file an earlier line wrote. The
 placeholders become real things: DIR (a checkpoint directory) the built-in model's directory,
+``run/gradlens`` (the files of a hooked training run) the example run in docs/examples/trl_run,
 ``mypkg`` a package written to a temporary directory (``losses:my_loss`` a loss of your own,
 ``mod:fn`` PPO-clip in verl's signature), and every file a line writes or reads (``.png``,
 ``.json``, ``.csv``, ``.safetensors``, ``.pt``, ``.jsonl``) a file of that name in the temporary
@@ -31,6 +32,7 @@ REPO = Path(__file__).resolve().parents[2]
 BUILTIN = Path(gradlens.__file__).resolve().parent / "data" / "tiny_lm"
 FILE = re.compile(r"^[\w./-]+\.(png|json|csv|safetensors|pt|jsonl)$")
 CHECKPOINTS = {"DIR", "/path/to/checkpoint"}
+RUNS = {"run/gradlens"}  # a hooked run's folder: the example run the docs show
 
 # (document, the heading whose ```bash blocks hold the examples; None: every block)
 DOCUMENTS = [
@@ -94,6 +96,8 @@ def _substitute(arg: str, tmp: Path) -> str:
         key, value = "", arg
     if value in CHECKPOINTS:
         value = str(BUILTIN)
+    elif value in RUNS:
+        value = str(REPO / "docs" / "examples" / "trl_run")
     elif FILE.match(value):
         value = str(tmp / Path(value).name)
     return f"{key}{eq}{value}"

@@ -163,5 +163,6 @@ def test_failed_check_details_say_greater_than() -> None:
     )
     passed = failed.model_copy(update={"coefficient_rel": 0.0, "passed": True})
     by_pass = {r.passed: r for r in checks(summary, [], [failed, passed]) if r.name == "parity"}
+    # numbers written to 3 significant digits: 0.5 as "0.5", 0.0 as "0"
     assert "= 0.5 > 1e-09" in by_pass[False].detail
-    assert "= 0.0 ≤ 1e-09" in by_pass[True].detail
+    assert "= 0 ≤ 1e-09" in by_pass[True].detail

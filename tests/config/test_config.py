@@ -133,7 +133,7 @@ def test_the_documented_token_details_command_line() -> None:
 @pytest.mark.parametrize(
     "loss_section, message",
     [
-        ({"corrections": [{"kind": "tis"}]}, "loss.corrections.0.kind"),
+        ({"corrections": [{"kind": "tis"}]}, "loss.corrections[0].kind"),
         ({"corrections": [{"kind": "icepop", "low": 2, "high": 1}]}, "low (2.0) > high"),
         ({"corrections": [{"kind": "icepop"}, {"kind": "icepop"}]}, "named twice"),
         ({"kl_estimator": "k4"}, "loss.kl_estimator"),

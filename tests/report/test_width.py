@@ -25,8 +25,10 @@ from gradlens.losses.frameworks import framework_rows
 from gradlens.report.loss_list import aggregation_table, framework_table, loss_list_table
 from gradlens.report.sweep_table import render_sweep
 from gradlens.report.table import render_compare
+from gradlens.report.trace import trace_renderable
 from gradlens.results import CompareReport
 from gradlens.sweep import build_sweep_config, run_sweep
+from gradlens.trace.run import trace_run
 from tests.compare.test_golden_reports import upgrade  # the recorded reports in today's schema
 
 TESTS = Path(__file__).resolve().parents[1]
@@ -105,6 +107,13 @@ def test_aggregation_and_framework_lists_read_at_the_width(width: int) -> None:
     ]
     tables = [aggregation_table(aggregations), framework_table(framework_rows())]
     assert_readable(lambda console: [console.print(t) for t in tables], width)
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_trace_reads_at_the_width(width: int) -> None:
+    trace = trace_run(str(TESTS.parent / "docs" / "examples" / "trl_run"))
+    assert trace.spikes  # the example run has a spike: its contributors' tables are drawn too
+    assert_readable(lambda console: console.print(trace_renderable(trace)), width)
 
 
 def test_a_split_number_is_caught():

@@ -1,0 +1,229 @@
+"""One rule for the data of every batch, whatever its source.
+
+Every source (a literal config, the synthetic settings, a batch file, the model, a `Batch`
+built in Python) ends in the same `check_batch`, called by `gradlens.sources.build_source` right
+after the batch is built, so `compare` and `dump` see the same rule. It checks:
+
+- shapes: ``tokens``, ``mask`` and every per-token tensor on one [N, T] grid, ``hidden``
+  [N, T, H], ``weight`` [V, H] with the same H; ``mask`` boolean, token ids integers;
+- at every position in the loss (``mask`` true): token ids in [0, V); finite advantages and
+  log-probs (π_old, μ_old, π_ref), each log-prob ≤ 0 (a log-probability is the log of a number
+  in (0, 1]); finite hidden states;
+- every entry of the lm_head ``weight`` finite (every row enters the softmax).
+
+Values at masked positions are never read and may hold anything.
+
+What the user gave (the batch file's tensors, the literal positions, the settings of the
+synthetic source) is refused with one `GradlensError` that lists every problem at once, each
+named as the user wrote it (`gradlens.containers.Origin`: the file's key, the literal position's
+path ``source.sequences[i].positions[j].field``, the synthetic setting). What a model computed
+(`Origin.computed`: its hidden states and log-probs) is not the user's input: a non-finite value
+there shows up as non-finite gradients, and the report's finding traces it to its tensor and
+position (`gradlens.diagnostics.non_finite`).
+
+Tensors are scanned in blocks of their first dimension, so that no check allocates a copy of a
+large hidden-state or lm_head tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from gradlens.containers import Batch
+from gradlens.errors import GradlensError
+
+BLOCK_ELEMENTS = 1 << 24  # entries scanned at once (16 Mi: 16 MiB of bool mask per block)
+PER_TOKEN = ("advantages", "old_logp", "rollout_logp", "ref_logp")
+LOG_PROBS = ("old_logp", "rollout_logp", "ref_logp")
+MAX_LISTED = 20  # problems listed in one message
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What is wrong with one field: its first offending entry and how many there are."""
+
+    field: str
+    index: tuple[int, ...]
+    what: str
+    count: int = 1
+
+    def message(self, batch: Batch) -> str:
+        more = f" ({self.count} in all)" if self.count > 1 else ""
+        return f"{batch.origin.name(self.field, self.index)}: {self.what}{more}"
+
+
+@dataclass(frozen=True)
+class Found:
+    """The first entry (row-major) where a test holds, its value, and how many entries do."""
+
+    index: tuple[int, ...]
+    value: float
+    count: int
+
+
+def find(x: Tensor, bad: Callable[[Tensor], Tensor], valid: Tensor | None = None) -> Found | None:
+    """The entries of ``x`` where ``bad(x)`` holds, among those where ``valid`` [N, T] does.
+
+    ``valid`` covers the first two dimensions of ``x`` (None: every entry counts). ``x`` is
+    scanned in blocks of its first dimension.
+    """
+    if x.numel() == 0:
+        return None
+    per_row = max(x[0].numel(), 1)
+    step = max(1, BLOCK_ELEMENTS // per_row)
+    first: Found | None = None
+    count = 0
+    for start in range(0, x.shape[0], step):
+        block = bad(x[start : start + step])
+        if valid is not None:
+            v = valid[start : start + step]
+            block = block & v.reshape(*v.shape, *([1] * (block.dim() - v.dim())))
+        n = int(block.sum())
+        if n and first is None:
+            flat = int(block.reshape(-1).to(torch.uint8).argmax())
+            local = torch.unravel_index(torch.tensor(flat), block.shape)
+            index = (start + int(local[0]), *(int(i) for i in local[1:]))
+            first = Found(index, float(x[index]), 0)
+        count += n
+    if first is None:
+        return None
+    return Found(first.index, first.value, count)
+
+
+def non_finite(x: Tensor) -> Tensor:
+    return ~torch.isfinite(x)
+
+
+def describe(value: float) -> str:
+    """'NaN', '+inf', '-inf' or the number."""
+    if value != value:
+        return "NaN"
+    if value in (float("inf"), float("-inf")):
+        return "+inf" if value > 0 else "-inf"
+    return f"{value:.6g}"
+
+
+def _shape_problems(batch: Batch) -> list[Problem]:
+    out = []
+    grid = tuple(batch.tokens.shape)
+    if batch.tokens.dim() != 2:
+        return [Problem("tokens", (), f"has shape {grid}; expected [N, T]")]
+    for name in ("mask", *PER_TOKEN, "on_policy"):
+        x = getattr(batch, name)
+        if x is not None and tuple(x.shape) != grid:
+            out.append(Problem(name, (), f"has shape {tuple(x.shape)}; expected [N, T] = {grid}"))
+    for name in ("mask", "on_policy"):
+        x = getattr(batch, name)
+        if x is not None and x.dtype != torch.bool:
+            out.append(Problem(name, (), f"has dtype {x.dtype}; expected torch.bool"))
+    if batch.tokens.is_floating_point() or batch.tokens.dtype == torch.bool:
+        out.append(Problem("tokens", (), f"has dtype {batch.tokens.dtype}; token ids are integers"))
+    for name in PER_TOKEN:
+        x = getattr(batch, name)
+        if x is not None and not x.is_floating_point():
+            out.append(Problem(name, (), f"has dtype {x.dtype}; expected a floating-point dtype"))
+    if batch.weight.dim() != 2:
+        out.append(Problem("weight", (), f"has shape {tuple(batch.weight.shape)}; expected [V, H]"))
+    elif batch.hidden.dim() != 3 or tuple(batch.hidden.shape) != (*grid, batch.weight.shape[1]):
+        out.append(
+            Problem(
+                "hidden",
+                (),
+                f"has shape {tuple(batch.hidden.shape)}; expected [N, T, H] = "
+                f"{(*grid, batch.weight.shape[1])} (H from the lm_head weight)",
+            )
+        )
+    for name in ("hidden", "weight"):
+        x = getattr(batch, name)
+        if not x.is_floating_point():
+            out.append(Problem(name, (), f"has dtype {x.dtype}; expected a floating-point dtype"))
+    return out
+
+
+def batch_problems(batch: Batch, skip: frozenset[str] = frozenset()) -> list[Problem]:
+    """Everything wrong with ``batch`` by the rule of the module docstring, field by field;
+    the values of the fields in ``skip`` are not read."""
+    shapes = _shape_problems(batch)
+    if shapes:
+        return shapes  # the values cannot be read position by position
+    out = []
+    mask = batch.mask
+    v = batch.vocab_size
+    found = None
+    if "tokens" not in skip:
+        found = find(batch.tokens, lambda y: (y < 0) | (y >= v), mask)
+    if found is not None:
+        out.append(
+            Problem(
+                "tokens",
+                found.index,
+                f"token id {int(found.value)} is outside the vocabulary [0, {v}) of the lm_head",
+                found.count,
+            )
+        )
+    for name in PER_TOKEN:
+        x = getattr(batch, name)
+        if x is None or name in skip:
+            continue
+        valid = mask
+        if name == "old_logp" and batch.on_policy is not None:
+            valid = mask & ~batch.on_policy  # there π_old is π_θ itself: the value is not read
+        found = find(x, non_finite, valid)
+        if found is not None:
+            out.append(
+                Problem(
+                    name,
+                    found.index,
+                    f"{describe(found.value)} at a position in the loss; every value the loss "
+                    "reads must be a finite number",
+                    found.count,
+                )
+            )
+        elif name in LOG_PROBS:
+            found = find(x, lambda lp: lp > 0, valid)
+            if found is not None:
+                out.append(
+                    Problem(
+                        name,
+                        found.index,
+                        f"log-probability {found.value:.6g} > 0; a log-probability is ≤ 0 (a "
+                        "kernel that returns positive log-probs is broken)",
+                        found.count,
+                    )
+                )
+    dtype = str(batch.weight.dtype).removeprefix("torch.")
+    for name, valid_hidden in (("hidden", mask), ("weight", None)):
+        if name in skip:
+            continue
+        found = find(getattr(batch, name), non_finite, valid_hidden)
+        if found is not None:
+            where = " at a position in the loss" if name == "hidden" else ""
+            out.append(
+                Problem(
+                    name,
+                    found.index,
+                    f"{describe(found.value)}{where} (in the run's dtype {dtype}); every entry "
+                    "must be a finite number representable in that dtype",
+                    found.count,
+                )
+            )
+    return out
+
+
+def check_batch(batch: Batch) -> None:
+    """Refuse a batch whose inputs break the rule, with every problem at once.
+
+    Problems in the fields a model computed (`Origin.computed`) are left to the report.
+    """
+    computed = batch.origin.computed
+    problems = [p for p in batch_problems(batch, computed) if p.field not in computed]
+    if not problems:
+        return
+    lines = [p.message(batch) for p in problems[:MAX_LISTED]]
+    if len(problems) > MAX_LISTED:
+        lines.append(f"... and {len(problems) - MAX_LISTED} more")
+    raise GradlensError(f"the batch has {len(problems)} problem(s):\n  " + "\n  ".join(lines))

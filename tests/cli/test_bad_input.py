@@ -1,0 +1,671 @@
+"""The bad-input suite: every documented class of user error, through the CLI.
+
+Each case runs one command as a user would and asserts exit status 2, one message on stderr that
+names the field, key, option or file, no traceback, nothing on stdout, and no file left behind
+anywhere under the case's directory. The classes are those of docs/cli.md's errors table, which
+`test_the_errors_table_lists_every_class` holds equal to the cases here. Then every kind of OS
+and encoding error a user can cause runs through every command that reads or writes files.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from gradlens.cli import app
+
+runner = CliRunner()
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "cli.md"
+ROOT = os.geteuid() == 0 if hasattr(os, "geteuid") else False
+LINUX = sys.platform.startswith("linux")
+INVALID_UTF8 = b"seed: 1\nnote: '\xff\xfe'\n"
+NOT_UTF8_PYTHON = b"x = '\xff'\n"
+
+
+def good_batch() -> dict[str, torch.Tensor]:
+    """A valid two-sequence batch file's tensors (V = 5, H = 4)."""
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "responses": torch.tensor([[0, 1, 2], [3, 4, 0]]),
+        "response_mask": torch.ones(2, 3, dtype=torch.long),
+        "old_log_probs": -torch.rand(2, 3, generator=gen) - 0.1,
+        "advantages": torch.tensor([1.0, -1.0]),
+        "hidden_states": torch.randn(2, 3, 4, generator=gen),
+        "lm_head_weight": torch.randn(5, 4, generator=gen),
+    }
+
+
+def batch_file(tmp: Path, name: str = "batch.pt", **changes: torch.Tensor | None) -> str:
+    data = {**good_batch(), **changes}
+    path = tmp / name
+    torch.save({k: v for k, v in data.items() if v is not None}, path)
+    return str(path)
+
+
+def literal(**position: object) -> dict:
+    pos = {"probs": [0.5, 0.3, 0.2], "token": 0, "advantage": 1.0, **position}
+    return {"source": {"kind": "literal", "sequences": [{"positions": [pos]}]}}
+
+
+def config_file(tmp: Path, data: dict | bytes | str) -> str:
+    path = tmp / "config.yaml"
+    if isinstance(data, bytes):
+        path.write_bytes(data)
+    else:
+        path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return str(path)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One user error: the class of docs/cli.md's table, the command line (built in the case's
+    directory) and the words the message must hold."""
+
+    kind: str
+    argv: Callable[[Path], list[str]]
+    expected: tuple[str, ...]
+
+
+CASES = {
+    # a config file that cannot be read as one
+    "config-missing": Case(
+        "config-file", lambda d: ["compare", "-c", str(d / "nope.yaml")], ("nope.yaml",)
+    ),
+    "config-not-utf8": Case(
+        "config-file",
+        lambda d: ["compare", "-c", config_file(d, INVALID_UTF8)],
+        ("config.yaml", "not UTF-8", "0xff"),
+    ),
+    "config-not-yaml": Case(
+        "config-file",
+        lambda d: ["compare", "-c", config_file(d, "seed: [1, 2\n")],
+        ("config.yaml", "not valid YAML"),
+    ),
+    "config-not-mapping": Case(
+        "config-file",
+        lambda d: ["compare", "-c", config_file(d, "- a\n- b\n")],
+        ("top level must be a mapping",),
+    ),
+    # values of the configuration
+    "config-unknown-key": Case(
+        "config-value",
+        lambda d: ["compare", "--set", "loss.cliprange=0.2"],
+        ("loss.cliprange", "unknown key", "eps_high"),
+    ),
+    "config-out-of-range": Case(
+        "config-value",
+        lambda d: ["compare", "--set", "source.vocab_size=1"],
+        ("source.vocab_size", "greater than or equal to 2"),
+    ),
+    "config-not-finite": Case(
+        "config-value",
+        lambda d: ["compare", "--set", "loss.eps_high=.nan"],
+        ("loss.eps_high", "finite"),
+    ),
+    "config-unknown-loss": Case(
+        "config-value",
+        lambda d: ["compare", "--losses", "ppo_clp"],
+        ("unknown loss 'ppo_clp'", "did you mean 'ppo_clip'"),
+    ),
+    "literal-nan-advantage": Case(
+        "config-value",
+        lambda d: ["compare", "-c", config_file(d, literal(advantage=float("nan")))],
+        ("source.sequences[0].positions[0].advantage", "finite"),
+    ),
+    "literal-token-outside": Case(
+        "config-value",
+        lambda d: ["compare", "-c", config_file(d, literal(token=7))],
+        ("source.sequences[0].positions[0]", "token 7 is outside the vocabulary of size 3"),
+    ),
+    "literal-fractional-token": Case(
+        "config-value",
+        lambda d: ["compare", "-c", config_file(d, literal(token=1.5))],
+        ("source.sequences[0].positions[0].token", "integer"),
+    ),
+    # --set itself
+    "override-no-value": Case(
+        "override", lambda d: ["compare", "--set", "eps_high"], ("eps_high",)
+    ),
+    "override-through-value": Case(
+        "override",
+        lambda d: ["compare", "-c", config_file(d, {"seed": 1}), "--set", "seed.x=1"],
+        ("seed is a value, not a section",),
+    ),
+    # a user loss
+    "user-loss-missing-module": Case(
+        "user-loss",
+        lambda d: ["compare", "--losses", "no_such_module_xyz:fn"],
+        ("no_such_module_xyz", "not found"),
+    ),
+    "user-loss-not-utf8": Case(
+        "user-loss",
+        lambda d: ["compare", "--losses", f"{write(d / 'loss.py', NOT_UTF8_PYTHON)}:fn"],
+        ("loss.py", "utf-8"),
+    ),
+    # the structure of a batch file
+    "batch-missing-file": Case(
+        "batch-file",
+        lambda d: ["compare", "--set", f"source.path={d / 'absent.pt'}"],
+        ("source.path", "absent.pt"),
+    ),
+    "batch-unknown-format": Case(
+        "batch-file",
+        lambda d: [
+            "compare",
+            "--set",
+            "source.kind=batch",
+            "--set",
+            f"source.path={write(d / 'b.npz', b'x')}",
+        ],
+        ("source.path", "unknown format '.npz'"),
+    ),
+    "batch-missing-key": Case(
+        "batch-file",
+        lambda d: ["compare", "--set", f"source.path={batch_file(d, old_log_probs=None)}"],
+        ("source.path", "'old_log_probs'"),
+    ),
+    "batch-wrong-shape": Case(
+        "batch-file",
+        lambda d: [
+            "compare",
+            "--set",
+            f"source.path={batch_file(d, old_log_probs=torch.zeros(2, 4))}",
+        ],
+        ("'old_log_probs' has shape (2, 4)",),
+    ),
+    "batch-not-utf8": Case(
+        "batch-file",
+        lambda d: ["compare", "--set", f"source.path={write(d / 'b.jsonl', INVALID_UTF8)}"],
+        ("source.path", "b.jsonl", "not UTF-8"),
+    ),
+    # the values of a batch file
+    "batch-nan-advantage": Case(
+        "batch-values",
+        lambda d: [
+            "compare",
+            "--set",
+            f"source.path={batch_file(d, advantages=torch.tensor([1.0, float('nan')]))}",
+        ],
+        ("'advantages'[1]", "NaN"),
+    ),
+    "batch-inf-hidden": Case(
+        "batch-values",
+        lambda d: ["compare", "--set", f"source.path={batch_file(d, hidden_states=inf_at())}"],
+        ("'hidden_states'[1, 2, 3]", "+inf"),
+    ),
+    "batch-positive-logp": Case(
+        "batch-values",
+        lambda d: [
+            "compare",
+            "--set",
+            f"source.path={batch_file(d, old_log_probs=torch.full((2, 3), 0.25))}",
+        ],
+        ("'old_log_probs'[0, 0]", "0.25 > 0"),
+    ),
+    "batch-token-outside": Case(
+        "batch-values",
+        lambda d: [
+            "compare",
+            "--set",
+            f"source.path={batch_file(d, responses=torch.tensor([[0, 1, 2], [3, 9, 0]]))}",
+        ],
+        ("'responses'[1, 1]", "token id 9", "[0, 5)"),
+    ),
+    "batch-fractional-token": Case(
+        "batch-values",
+        lambda d: [
+            "compare",
+            "--set",
+            f"source.path={batch_file(d, responses=torch.tensor([[0.0, 1.5, 2], [3, 4, 0]]))}",
+        ],
+        ("'responses'[0, 1]", "1.5", "not a whole number"),
+    ),
+    "batch-mask-not-binary": Case(
+        "batch-values",
+        lambda d: [
+            "compare",
+            "--set",
+            f"source.path={batch_file(d, response_mask=torch.tensor([[1, 1, 2], [1, 0, 0]]))}",
+        ],
+        ("'response_mask'[0, 2]", "0 (not in the loss) or 1"),
+    ),
+    "batch-nan-reward": Case(
+        "batch-values",
+        lambda d: [
+            "compare",
+            "--set",
+            "source.path="
+            + batch_file(d, advantages=None, rewards=torch.tensor([1.0, float("inf")])),
+        ],
+        ("'rewards'[1]", "+inf"),
+    ),
+    # synthetic settings the dtype cannot hold
+    "synthetic-drift-overflow": Case(
+        "synthetic-settings",
+        lambda d: ["compare", "--set", "source.drift.scale=1e300"],
+        ("source.drift.scale", "overflow float32"),
+    ),
+    "synthetic-temperature-overflow": Case(
+        "synthetic-settings",
+        lambda d: ["compare", "--set", "source.entropy=null", "--set", "source.temperature=1e-40"],
+        ("source.temperature", "overflow float32"),
+    ),
+    # a checkpoint
+    "checkpoint-not-a-directory": Case(
+        "checkpoint",
+        lambda d: ["compare", "--source", "model", "--set", f"source.path={d / 'ckpt'}"],
+        ("source.path", "is not a local directory"),
+    ),
+    "checkpoint-hub-id": Case(
+        "checkpoint",
+        lambda d: ["compare", "--source", "model", "--set", "source.path=someorg/somemodel"],
+        ("source.path", "Hugging Face Hub id"),
+    ),
+    # a reward function
+    "reward-unknown": Case(
+        "reward",
+        lambda d: ["compare", "--source", "model", "--set", "source.reward=python_sintax"],
+        ("source.reward", "did you mean 'python_syntax'"),
+    ),
+    # settings that need an input the source will not have
+    "corrections-without-rollout": Case(
+        "missing-input",
+        lambda d: ["compare", "--set", "loss.corrections=[{kind: icepop}]"],
+        ("loss.corrections (icepop)", "rollout log-probs", "source.rollout_drift"),
+    ),
+    "corrections-without-rollout-in-file": Case(
+        "missing-input",
+        lambda d: [
+            "compare",
+            "--set",
+            f"source.path={batch_file(d)}",
+            "--set",
+            "loss.corrections=[{kind: token_tis}]",
+        ],
+        ("loss.corrections (token_tis)", "'rollout_log_probs'"),
+    ),
+    # memory
+    "memory-vocabulary": Case(
+        "memory",
+        lambda d: ["compare", "--set", "source.vocab_size=1000000000"],
+        ("source.vocab_size", "needs about", "TB", "available"),
+    ),
+    "memory-sequences": Case(
+        "memory",
+        lambda d: [
+            "dump",
+            "-o",
+            str(d / "out" / "b.pt"),
+            "--set",
+            "source.num_sequences=1000000000",
+        ],
+        ("source.num_sequences", "needs about", "available"),
+    ),
+    # output files, before any work
+    "output-unknown-suffix": Case(
+        "output-file", lambda d: ["dump", "-o", str(d / "b.txt")], ("--output", "unknown format")
+    ),
+    "output-is-a-directory": Case(
+        "output-file", lambda d: ["dump", "-o", str(mkdir(d / "b.pt"))], ("b.pt",)
+    ),
+    "output-under-a-file": Case(
+        "output-file",
+        lambda d: ["dump", "-o", str(write(d / "f", b"x") / "b.pt")],
+        ("--output", "is a file"),
+    ),
+    "sweep-output-under-a-file": Case(
+        "output-file",
+        lambda d: ["sweep", "--output", str(write(d / "f", b"x") / "s.csv")],
+        ("--output", "is a file"),
+    ),
+    "plot-under-a-file": Case(
+        "output-file",
+        lambda d: ["sweep", "--plot", str(write(d / "f", b"x") / "s.png")],
+        ("--plot", "is a file"),
+    ),
+    "plot-unknown-suffix": Case(
+        "output-file", lambda d: ["sweep", "--plot", str(d / "s.gif")], ("--plot", ".png")
+    ),
+    # the sweep's own settings
+    "sweep-bad-axis": Case("sweep-settings", lambda d: ["sweep", "--min", "2"], ("pi_old.min",)),
+    "sweep-output-without-format": Case(
+        "sweep-settings",
+        lambda d: ["sweep", "--output", str(d / "s.txt")],
+        ("--output", "--format json|jsonl|csv|summary"),
+    ),
+    # --parity
+    "parity-one-loss": Case("parity", lambda d: ["compare", "--parity", "ppo"], ("--parity",)),
+    "parity-matrix-without-pair": Case(
+        "parity",
+        lambda d: ["compare", "--parity-matrix", "loss.eps_high=[0.2, 0.3]"],
+        ("--parity-matrix", "--parity A,B"),
+    ),
+    "parity-matrix-not-a-list": Case(
+        "parity",
+        lambda d: ["compare", "--parity", "ppo,ppo_clip", "--parity-matrix", "loss.eps_high=0.3"],
+        ("--parity-matrix 'loss.eps_high=0.3'", "YAML list"),
+    ),
+    "parity-matrix-no-value": Case(
+        "parity",
+        lambda d: ["compare", "--parity", "ppo,ppo_clip", "--parity-matrix", "eps_high"],
+        ("--parity-matrix 'eps_high'", "key=value"),
+    ),
+    # the frameworks' own losses
+    "framework-unknown-loss": Case(
+        "framework",
+        lambda d: ["compare", "--losses", "verl:vanila"],
+        ("verl:vanila", "verl has no loss 'vanila'", "vanilla"),
+    ),
+    # tensor parallelism
+    "tensor-parallel-without-torchrun": Case(
+        "tensor-parallel",
+        lambda d: ["compare", "--tensor-parallel", "2"],
+        ("--tensor-parallel 2", "torchrun --nproc-per-node 2"),
+    ),
+}
+
+
+def write(path: Path, content: bytes) -> Path:
+    path.write_bytes(content)
+    return path
+
+
+def mkdir(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
+def inf_at() -> torch.Tensor:
+    h = good_batch()["hidden_states"].clone()
+    h[1, 2, 3] = float("inf")
+    return h
+
+
+def files(root: Path) -> set[Path]:
+    return {p for p in root.rglob("*")}
+
+
+def run_bad(argv: list[str], root: Path) -> str:
+    """Run a command that must fail as bad input; its stderr. No file may appear under
+    ``root`` (beyond what existed before the command)."""
+    before = files(root)
+    result = runner.invoke(app, argv)
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    assert "Traceback" not in result.output and "internal error" not in result.output
+    assert result.stdout == ""
+    assert files(root) == before, files(root) - before
+    return result.stderr
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_every_documented_error_is_exit_2_with_its_field(tmp_path, name):
+    case = CASES[name]
+    argv = case.argv(tmp_path)  # the case's input files are written here, before the run
+    err = run_bad(argv, tmp_path)
+    for text in case.expected:
+        assert text in err, (text, err)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_without_cuda(tmp_path):
+    err = run_bad(["compare", "--device", "cuda"], tmp_path)
+    assert "device" in err and "no CUDA device" in err
+
+
+def test_stdout_that_cannot_be_written_is_exit_2():
+    """A full disk where stdout is redirected: Linux's /dev/full, a real ENOSPC."""
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full")
+    for command in (["schema"], ["config"], ["losses"]):
+        with open("/dev/full", "w") as full:
+            done = subprocess.run(
+                [sys.executable, "-m", "gradlens", *command],
+                stdout=full,
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=600,
+            )
+        assert done.returncode == 2, (command, done.stderr)
+        assert "stdout: No space left on device" in done.stderr
+        assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr
+
+
+def test_a_framework_that_is_not_installed_names_the_install_line(tmp_path, monkeypatch):
+    # whether or not TRL is installed here, the registry is told it is not
+    import gradlens.losses.frameworks.base as framework_base
+
+    monkeypatch.setattr(framework_base, "installed_version", lambda distribution: None)
+    err = run_bad(["compare", "--losses", "trl:grpo"], tmp_path)
+    assert "trl:grpo" in err and "is not installed" in err and "pip install" in err
+
+
+DOCUMENTED = {"device", "stdout"}  # classes run by the tests above (framework has a case too)
+
+
+def test_the_errors_table_lists_every_class():
+    text = DOCS.read_text(encoding="utf-8")
+    table = text[text.index("| class | examples") :].split("\n\n")[0]
+    classes = set(re.findall(r"^\| `([a-z-]+)` \|", table, flags=re.M))
+    assert classes == {c.kind for c in CASES.values()} | DOCUMENTED
+
+
+# ----------------------------------------------------------------------------- OS and encoding
+# Every command that reads a file, with each kind of error a user can cause: missing, a
+# directory, unreadable (no permission; an I/O error), not UTF-8.
+
+
+def reading_commands(path: str) -> dict[str, list[str]]:
+    return {
+        "compare --config": ["compare", "-c", path],
+        "sweep --config": ["sweep", "-c", path],
+        "dump --config": ["dump", "-o", str(Path(path).parent / "out.pt"), "-c", path],
+        "config --config": ["config", "-c", path],
+    }
+
+
+def batch_commands(path: str) -> dict[str, list[str]]:
+    out = str(Path(path).parent / "out.pt")
+    return {
+        "compare source.path": [
+            "compare",
+            "--set",
+            "source.kind=batch",
+            "--set",
+            f"source.path={path}",
+        ],
+        "dump source.path": [
+            "dump",
+            "-o",
+            out,
+            "--set",
+            "source.kind=batch",
+            "--set",
+            f"source.path={path}",
+        ],
+    }
+
+
+def loss_commands(path: str) -> dict[str, list[str]]:
+    return {
+        "compare --losses": ["compare", "--losses", f"{path}:fn"],
+        "sweep --losses": ["sweep", "--losses", f"{path}:fn"],
+    }
+
+
+def unreadable(tmp: Path, name: str, kind: str) -> Path | None:
+    """A file ``name`` under ``tmp`` that cannot be read for the reason ``kind``, or None when
+    this machine cannot make one."""
+    path = tmp / name
+    if kind == "missing":
+        return path
+    if kind == "directory":
+        path.mkdir()
+        return path
+    if kind == "not-utf8":
+        path.write_bytes(INVALID_UTF8)
+        return path
+    if kind == "no-permission":
+        if ROOT:
+            return None  # root reads every file whatever its mode
+        path.write_text("seed: 1\n")
+        path.chmod(0)
+        return path
+    if kind == "io-error":  # a file whose read fails in the kernel (EIO), even for root
+        if not LINUX or not Path("/proc/self/mem").exists():
+            return None
+        path.symlink_to("/proc/self/mem")
+        return path
+    raise AssertionError(kind)
+
+
+READ_ERRORS = ("missing", "directory", "no-permission", "io-error", "not-utf8")
+
+
+@pytest.mark.parametrize("kind", READ_ERRORS)
+def test_every_command_that_reads_a_file_refuses_an_unreadable_one(tmp_path, kind):
+    groups = (
+        ("config.yaml", reading_commands),
+        ("batch.jsonl", batch_commands),
+        ("batch.safetensors", batch_commands),
+        ("loss.py", loss_commands),
+    )
+    ran = 0
+    for name, commands in groups:
+        folder = tmp_path / name.replace(".", "_")
+        folder.mkdir()
+        path = unreadable(folder, name, kind)
+        if path is None:
+            continue
+        for label, argv in commands(str(path)).items():
+            err = run_bad(argv, tmp_path)
+            assert name in err, (label, err)
+            ran += 1
+    if not ran:
+        pytest.skip(f"this machine cannot make a file that fails with {kind}")
+
+
+# Every command that writes a file, with each kind of error a user can cause.
+
+
+def writing_commands(path: Path) -> list[list[str]]:
+    suffix = {"dump": ".jsonl", "sweep --output": ".csv", "sweep --plot": ".png"}
+    return [
+        ["dump", "-o", str(path.with_suffix(suffix["dump"])), "--set", "source.num_sequences=4"],
+        ["dump", "-o", str(path.with_suffix(".safetensors")), "--set", "source.num_sequences=4"],
+        ["dump", "-o", str(path.with_suffix(".pt")), "--set", "source.num_sequences=4"],
+        ["sweep", "--points", "5", "--output", str(path.with_suffix(suffix["sweep --output"]))],
+        ["sweep", "--points", "5", "--plot", str(path.with_suffix(suffix["sweep --plot"]))],
+    ]
+
+
+def test_a_full_disk_is_exit_2_for_every_output(tmp_path):
+    """Each output written to a link to /dev/full: a real ENOSPC midway through the write."""
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full")
+    for argv in writing_commands(tmp_path / "out"):
+        target = Path(argv[argv.index("-o") + 1] if "-o" in argv else argv[-1])
+        target.symlink_to("/dev/full")
+        before = files(tmp_path)
+        result = runner.invoke(app, argv)
+        assert result.exit_code == 2, (argv, result.output)
+        assert "No space left on device" in result.stderr and "Traceback" not in result.output
+        assert files(tmp_path) == before  # no temporary file left beside the link
+        target.unlink()
+
+
+def test_a_directory_that_cannot_be_written_is_refused_before_any_work(tmp_path, monkeypatch):
+    import gradlens.sources as sources
+    import gradlens.sweep.run as sweep_run
+
+    def never(*args, **kwargs):
+        raise AssertionError("the work started before the output path was checked")
+
+    monkeypatch.setattr(sources, "build_source", never)
+    monkeypatch.setattr(sweep_run, "run_sweep", never)
+    monkeypatch.setattr("gradlens.sweep.run_sweep", never)
+    outputs = [tmp_path / "f" / "deeper"]  # under a file: for anyone, root included
+    (tmp_path / "f").write_bytes(b"x")
+    if not ROOT:
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o555)
+        outputs.append(locked / "new")
+    for base in outputs:
+        for argv in writing_commands(base / "out"):
+            err = run_bad(argv, tmp_path)
+            assert str(base.parent) in err or str(base) in err, err
+
+
+def test_an_os_error_midway_through_a_write_leaves_nothing(tmp_path, monkeypatch):
+    """No permission, a read-only file system: injected where the bytes are written, since
+    root ignores permissions; the created parent directories are removed again."""
+    import errno
+
+    import gradlens.files as files_module
+
+    for code in (errno.EACCES, errno.EROFS, errno.ENOSPC):
+
+        def failing_open(*args, code=code, **kwargs):
+            raise OSError(code, os.strerror(code))
+
+        monkeypatch.setattr(files_module, "open", failing_open, raising=False)
+        for argv in writing_commands(tmp_path / "new" / "dirs" / "out"):
+            err = run_bad(argv, tmp_path)
+            assert os.strerror(code) in err, err
+            assert not (tmp_path / "new").exists()
+        monkeypatch.undo()
+
+
+def test_every_output_creates_missing_parent_directories(tmp_path):
+    for i in range(len(writing_commands(tmp_path))):
+        argv = writing_commands(tmp_path / "a" / f"d{i}" / "out")[i]
+        result = runner.invoke(app, argv)
+        assert result.exit_code == 0, (argv, result.output)
+        written = Path(argv[argv.index("-o") + 1] if "-o" in argv else argv[-1])
+        assert written.is_file() and written.stat().st_size > 0
+        assert sorted(p.name for p in written.parent.iterdir()) == [written.name]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        MemoryError(),
+        RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 GB"),
+    ],
+)
+def test_an_allocation_that_fails_beyond_the_estimates_is_exit_2(tmp_path, monkeypatch, error):
+    import dataclasses
+
+    import gradlens.sources as sources
+
+    def allocate(*args, **kwargs):
+        raise error
+
+    entry = sources.SOURCES["synthetic"]
+    monkeypatch.setitem(sources.SOURCES, "synthetic", dataclasses.replace(entry, build=allocate))
+    err = run_bad(["compare"], tmp_path)
+    assert "out of memory" in err and "make the batch smaller" in err
+
+
+def test_a_real_bug_is_still_exit_3(monkeypatch):
+    import dataclasses
+
+    import gradlens.sources as sources
+
+    def bug(*args, **kwargs):
+        raise ZeroDivisionError("division by zero")
+
+    entry = sources.SOURCES["synthetic"]
+    monkeypatch.setitem(sources.SOURCES, "synthetic", dataclasses.replace(entry, build=bug))
+    result = runner.invoke(app, ["compare"])
+    assert result.exit_code == 3 and "This is a bug in gradlens" in result.stderr

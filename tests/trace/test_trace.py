@@ -1,0 +1,138 @@
+"""`gradlens trace`, the spike rules and the contributors, on a hand-made run directory.
+
+The run: a metrics JSONL of 8 steps whose grad_norm is flat (1.0, 1.1, 0.9, ...) but for
+step 6 (20.0), batch files for steps 3 and 6 (random float64 batches, with sidecars), and one
+file that is not a batch file at all.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from gradlens.batchfile import write_batch
+from gradlens.cli import app
+from gradlens.diagnostics.contributors import token_grad_norms
+from gradlens.diagnostics.spikes import mad_scores, ratio_spike
+from gradlens.grads import objective, softmax_view
+from gradlens.losses import Aggregation, LossParams, get_loss
+from gradlens.sources.batch import dump_tensors
+from gradlens.trace.run import TraceSettings, trace_run
+from tests.helpers import random_batch
+
+F64 = torch.float64
+GRAD_NORMS = [1.0, 1.1, 0.9, 1.05, 0.95, 20.0, 1.0, 1.02]
+runner = CliRunner()
+
+
+def test_mad_scores_by_hand() -> None:
+    # step 3 (index 3): history 1.0, 1.1, 0.9 → median 1.0, |x − m| = 0, 0.1, 0.1 → MAD 0.1,
+    # scale 1.4826·0.1 = 0.14826; x = 1.05 → z = 0.05/0.14826 = 0.3372
+    scores = mad_scores(GRAD_NORMS, window=20, threshold=5.0, min_history=3)
+    assert [s.median for s in scores[:3]] == [None, None, None]
+    assert scores[3].z == pytest.approx(0.05 / 0.14826, rel=1e-12)
+    # step 6 (index 5): history 1.0, 1.1, 0.9, 1.05, 0.95 → median 1.0, deviations
+    # 0, .1, .1, .05, .05 → MAD 0.05, scale 0.07413; z = 19/0.07413 = 256.3
+    assert scores[5].z == pytest.approx(19.0 / (1.4826 * 0.05), rel=1e-12)
+    assert [s.spike for s in scores] == [False] * 5 + [True, False, False]
+    # the spike does not lift the baseline: index 6's median is still 1.0 (the 6 values'
+    # median: sorted .9 .95 1 1.05 1.1 20 → (1 + 1.05)/2 = 1.025)
+    assert scores[6].median == pytest.approx(1.025)
+    # a flat history: MAD 0, the 1 % floor: 1.0 → 1.005 is z = 0.5, not a spike
+    flat = mad_scores([1.0, 1.0, 1.0, 1.005], min_history=3)
+    assert flat[3].z == pytest.approx(0.5) and not flat[3].spike
+    assert ratio_spike(3.1, [1.0, 1.0], 3.0, 2) and not ratio_spike(2.9, [1.0, 1.0], 3.0, 2)
+    assert not ratio_spike(100.0, [1.0], 3.0, 2)  # too little history
+
+
+def test_token_grad_norms_are_autograds_through_the_logits() -> None:
+    # ‖∂L/∂z_t‖ from c_t, π_y and Σπ² against autograd of the whole loss through the logits
+    batch = random_batch(5)
+    view = softmax_view(batch)
+    spec, params, agg = get_loss("ppo_clip"), LossParams(), Aggregation("token_mean")
+    obj = objective(batch, view.logp, spec, params, agg)
+    c = obj.coefficient[view.rows, view.cols]
+    norms = token_grad_norms(c, view.sampled_probs, (view.probs**2).sum(-1))
+    z = (batch.hidden @ batch.weight.T).detach().requires_grad_(True)  # [N, T, V] float64
+    logp = torch.log_softmax(z, -1).gather(-1, batch.tokens[..., None])[..., 0]
+    loss = objective(batch, logp, spec, params, agg).loss
+    (gz,) = torch.autograd.grad(loss, z)
+    expected = gz.norm(dim=-1)[view.rows, view.cols]
+    # float64, V = 11: the closed form and the norm of autograd's vector agree to rounding
+    assert float((norms - expected).abs().max()) <= 1e-14 * float(expected.max())
+    assert float(expected.max()) > 0
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    with (out / "metrics.jsonl").open("w") as fh:
+        for step, norm in enumerate(GRAD_NORMS, start=1):
+            fh.write(json.dumps({"step": step, "grad_norm": norm, "spike": False}) + "\n")
+    for step, seed in ((3, 1), (6, 2)):
+        write_batch(out / f"step_{step:06d}.safetensors", dump_tensors(random_batch(seed)))
+        side = {"step": step, "losses": ["ppo_clip", "reinforce"], "loss": {"eps_high": 0.28}}
+        (out / f"step_{step:06d}.json").write_text(json.dumps(side))
+    (out / "step_000007.safetensors").write_bytes(b"not a safetensors file")
+    return out
+
+
+def test_trace_reads_the_run_and_explains_the_spike(run_dir: Path) -> None:
+    trace = trace_run(str(run_dir), TraceSettings(top_k=3))
+    assert [s.step for s in trace.steps] == list(range(1, 9))
+    assert trace.series == "grad_norm"
+    assert [s.step for s in trace.steps if s.spike] == [6]
+    # the batch files' diagnoses fill their steps' columns, the other steps only have grad_norm
+    labels = {c.key: c.label for c in trace.columns}
+    assert labels["gradlens/ppo_clip/lm_head_norm"] == "ppo_clip ‖∂L/∂W‖"
+    by_step = {s.step: s for s in trace.steps}
+    assert by_step[3].values["gradlens/ppo_clip/lm_head_norm"] is not None
+    assert by_step[4].values["gradlens/ppo_clip/lm_head_norm"] is None
+    assert by_step[6].batch_file == "step_000006.safetensors"
+    # the bad file: named, skipped, the rest traced
+    assert [b.name for b in trace.bad_files] == ["step_000007.safetensors"]
+    (spike,) = trace.spikes
+    assert spike.step == 6 and spike.loss == "ppo_clip" and spike.value == 20.0
+    assert len(spike.tokens) == 3 and len(spike.sequences) == 3
+    shares = [t.share for t in spike.tokens]
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1
+    # the top token's norm is the largest of the batch's, recomputed here
+    batch = random_batch(2)
+    view = softmax_view(batch)
+    obj = objective(batch, view.logp, get_loss("ppo_clip"), LossParams(), Aggregation())
+    c = obj.coefficient[view.rows, view.cols]
+    norms = token_grad_norms(c, view.sampled_probs, (view.probs**2).sum(-1))
+    assert spike.tokens[0].grad_norm == pytest.approx(float(norms.max()), rel=1e-6)
+
+
+def test_cli_formats(run_dir: Path, tmp_path: Path) -> None:
+    png = tmp_path / "trace.png"
+    table = runner.invoke(app, ["trace", str(run_dir), "--plot", str(png)])
+    assert table.exit_code == 0, table.output
+    assert "SPIKE" in table.output and "skipped step_000007.safetensors" in table.output
+    assert png.stat().st_size > 10_000
+    doc = json.loads(runner.invoke(app, ["trace", str(run_dir), "--format", "json"]).stdout)
+    assert doc["schema_version"] == "gradlens.trace/1" and doc["spikes"][0]["step"] == 6
+    lines = runner.invoke(app, ["trace", str(run_dir), "--format", "jsonl"]).stdout.splitlines()
+    assert [json.loads(x)["step"] for x in lines] == list(range(1, 9))
+    rows = list(
+        csv.DictReader(
+            io.StringIO(runner.invoke(app, ["trace", str(run_dir), "--format", "csv"]).stdout)
+        )
+    )
+    assert rows[5]["spike"] == "True" and float(rows[5]["grad_norm"]) == 20.0
+    # a glob of batch files alone: ordered by their sidecars' steps, no grad_norm → lm_head norm
+    glob = runner.invoke(app, ["trace", str(run_dir / "step_*.safetensors"), "--format", "jsonl"])
+    assert glob.exit_code == 0
+    assert [json.loads(x)["step"] for x in glob.stdout.splitlines()] == [3, 6]
+
+
+def test_nothing_to_trace_is_a_clear_error(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["trace", str(tmp_path / "nothing*")])
+    assert result.exit_code != 0 and "DIR_OR_GLOB: nothing at" in result.output
