@@ -4,6 +4,7 @@
     python benchmarks/bench_lmhead.py --device cuda --dtype bfloat16 --budget-mib 1024 \
         --tokens 8192,65536 --hidden 4096 --vocab 151936 \
         --results-dir benchmarks/results                    # the GPU anchors of performance.md
+    python benchmarks/bench_lmhead.py --attribution --methods gemm,engine   # its cost
 
 Each method runs in its own child process, so that peak memory is measured per method:
 the high-water mark of the resident set (VmHWM, reset
@@ -18,7 +19,11 @@ the device), one summary per T:
   ``W.grad.norm(dim=1)``, as a hand-written diagnostic would do it; times summed over losses;
 - ``engine``: `gradlens.engine.streamed.lm_head_pass` for all losses together;
 - ``fused``: `gradlens.engine.fused.fused_lm_head_pass`, the same with Triton kernels between
-  the GEMMs (CUDA only; in the default methods on CUDA).
+  the GEMMs (CUDA only; in the default methods on CUDA);
+- ``attribution`` (``--attribution`` adds it): the engine with the attribution sums of every
+  loss (`gradlens.engine.attribution`, ``diagnostics.attribution: on``), the T tokens cut into
+  sequences of ``--seq-len``; ``attribution_vs_engine`` and ``attribution_gemm_ratio`` are its
+  time and its GEMM-equivalents as ratios against the engine without it.
 
 Row norms of the engines are compared with the naive ones and with each other (normwise:
 max |a − b| / max |b|). A method that runs out of memory is recorded as such, not timed.
@@ -42,9 +47,11 @@ import torch
 
 from gradlens.containers import TokenInputs
 from gradlens.diagnostics import tolerances
+from gradlens.engine.attribution import AttributionPlan, sequence_layout
 from gradlens.engine.fused import fused_lm_head_pass
 from gradlens.engine.streamed import lm_head_pass, plan
 from gradlens.grads import token_inputs  # noqa: F401  (documented companion of the engine)
+from gradlens.logits import softmax_dtype
 from gradlens.losses import LossParams, aggregation_weights, get_loss
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -67,6 +74,14 @@ def parse() -> argparse.Namespace:
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--methods", default=None, help="default: gemm,naive,engine (+ fused on CUDA)")
+    p.add_argument(
+        "--attribution",
+        action="store_true",
+        help="also run the engine with the attribution sums (the method `attribution`)",
+    )
+    p.add_argument(
+        "--seq-len", type=int, default=256, help="tokens per sequence for the attribution"
+    )
     p.add_argument("--json", default=None, help="write the results here (one T only)")
     p.add_argument(
         "--results-dir", default=None, help="write one JSON per T here, named after the device"
@@ -179,16 +194,30 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     data = inputs(args, t)
     h, v, k = args.hidden, args.vocab, len(names)
     budget = int((args.budget_mib or t * v * 12 / 8 / 2**20) * 2**20)
-    engine_plan = plan(t, v, h, k, budget)
-    engines = {"engine": lm_head_pass, "fused": fused_lm_head_pass}
+    attribution = None
+    if args.child == "attribution":  # as compare plans it: 4 more [M, Vc] buffers
+        engine_plan = plan(t, v, h, k, budget, buffers=7)
+        sequence = torch.arange(t, device=data["hidden"].device) // args.seq_len
+        acc = softmax_dtype(data["weight"].dtype)
+        layout = sequence_layout(sequence, -(-t // args.seq_len), data["hidden"].to(acc))
+        attribution = AttributionPlan(k, layout)
+    else:
+        engine_plan = plan(t, v, h, k, budget)
+    engines = {"engine": lm_head_pass, "fused": fused_lm_head_pass, "attribution": lm_head_pass}
 
     def run() -> Any:
         if args.child == "gemm":
             return data["hidden"] @ data["weight"].T
         if args.child == "naive":
             return naive(names, data)
+        extra = {} if attribution is None else {"attribution": attribution}
         return engines[args.child](
-            data["hidden"], data["weight"], data["tokens"], coefficient_fn(names, data), engine_plan
+            data["hidden"],
+            data["weight"],
+            data["tokens"],
+            coefficient_fn(names, data),
+            engine_plan,
+            **extra,
         )
 
     sync(args.device)
@@ -262,6 +291,8 @@ def summarize(args: argparse.Namespace, t: int, results: dict[str, Any]) -> dict
     }
     if args.budget_mib:
         summary["budget_mib"] = args.budget_mib
+    if args.attribution:
+        summary["seq_len"] = args.seq_len
     ok = {m: r for m, r in results.items() if "error" not in r}
     for m, r in results.items():
         if "error" in r:
@@ -271,18 +302,18 @@ def summarize(args: argparse.Namespace, t: int, results: dict[str, Any]) -> dict
         summary["gemm_seconds"] = gemm
         summary["gemm_tflops"] = 2 * t * args.hidden * args.vocab / gemm / 1e12
         summary["floor_seconds"] = (1 + k) * gemm
-    for name in ("naive", "engine", "fused"):
+    for name in ("naive", "engine", "fused", "attribution"):
         if name in ok:
             summary[f"{name}_seconds"] = ok[name]["seconds"]
             summary[f"{name}_peak_extra_gib"] = ok[name]["peak_extra_bytes"] / 2**30
-    for name in ("engine", "fused"):
+    for name in ("engine", "fused", "attribution"):
         if name not in ok:
             continue
         summary[f"{name}_gemm_equivalents"] = ok[name]["gemm_equivalents"]
         summary[f"{name}_plan"] = ok[name]["plan"]
         if gemm:
             summary[f"{name}_vs_floor"] = ok[name]["seconds"] / summary["floor_seconds"]
-        if "naive" in ok:
+        if "naive" in ok and name != "attribution":
             prefix = "" if name == "engine" else "fused_"  # the engine's keys as before
             naive_run = ok["naive"]
             summary[f"{prefix}speedup_vs_naive"] = naive_run["seconds"] / ok[name]["seconds"]
@@ -292,6 +323,15 @@ def summarize(args: argparse.Namespace, t: int, results: dict[str, Any]) -> dict
             summary[f"{prefix}row_norm_rel_err_vs_naive"] = normwise(
                 ok[name]["norms"], naive_run["norms"]
             )
+    if "engine" in ok and "attribution" in ok:
+        engine_run, with_sums = ok["engine"], ok["attribution"]
+        summary["attribution_vs_engine"] = with_sums["seconds"] / engine_run["seconds"]
+        summary["attribution_gemm_ratio"] = (
+            with_sums["gemm_equivalents"] / engine_run["gemm_equivalents"]
+        )
+        summary["attribution_row_norm_rel_err_vs_engine"] = normwise(
+            with_sums["norms"], engine_run["norms"]
+        )
     if "engine" in ok and "fused" in ok:
         summary["fused_vs_engine"] = ok["fused"]["seconds"] / ok["engine"]["seconds"]
         err = normwise(ok["fused"]["norms"], ok["engine"]["norms"])
@@ -312,12 +352,14 @@ def main() -> None:
         sys.exit("--json takes one T; use --results-dir for several")
     methods = args.methods or ("gemm,naive,engine,fused" if args.device == "cuda" else
                                "gemm,naive,engine")  # fmt: skip
+    if args.attribution and "attribution" not in methods.split(","):
+        methods += ",attribution"
     for t in token_counts:
         results = {}
         for method in methods.split(","):
             cmd = [sys.executable, __file__, "--child", method, "--tokens", str(t)]
             for key, value in vars(args).items():
-                skip = ("child", "json", "results_dir", "tokens", "methods")
+                skip = ("child", "json", "results_dir", "tokens", "methods", "attribution")
                 if key not in skip and value is not None:
                     cmd += [f"--{key.replace('_', '-')}", str(value)]
             timed = _run(cmd, os.environ, method)

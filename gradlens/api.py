@@ -13,7 +13,8 @@
         losses=("reinforce", "ppo", "ppo_clip", "sft"),
         loss={"eps_high": 0.28, "aggregation": "token_mean"},  # the YAML `loss` section
         diagnostics=None,    # the YAML `diagnostics` section (engine, top_k, ...)
-    )
+        tokenizer=None,      # anything with decode(list[int]) -> str: the attribution's
+    )                        # largest tokens and sequences decoded, with context
     report.model_dump(mode="json")   # the document `gradlens compare --format json` prints
     report.metrics()                 # flat {name: float}
 
@@ -193,11 +194,18 @@ def diagnose(
     loss: Mapping[str, Any] | None = None,
     diagnostics: Mapping[str, Any] | None = None,
     bias: Any = None,
+    tokenizer: Any = None,
 ) -> CompareReport:
     """Diagnose one batch of a training run (see the module docstring)."""
+    if tokenizer is not None and not callable(getattr(tokenizer, "decode", None)):
+        raise GradlensError(
+            f"tokenizer: expected an object with a decode(list[int]) -> str method (a "
+            f"transformers or tokenizers tokenizer), got {type(tokenizer).__name__}"
+        )
     batch = build_batch(
         hidden, weight, tokens, mask, advantages, old_logp, rollout_logp, ref_logp, bias
     )
+    batch = dataclasses.replace(batch, tokenizer=tokenizer)
     config = api_config(losses, loss, diagnostics, batch.weight.dtype, batch.weight.device)
     with torch.no_grad():
         report = compare_batch(batch, config, batch.weight.device)

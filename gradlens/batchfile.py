@@ -16,6 +16,14 @@ Keys follow the frameworks' names (verl's, with the common alternatives):
     hidden_states                          [N, T, H]    the final hidden state whose logits
                                                         predict y_t (after the final norm)
     lm_head_weight                         [V, H]
+    kept_ids                               [N, T, K] int  the ids of the kept set K_t that
+                                                        top-p / top-k left the sampler, −1 as
+                                                        padding (K: the largest |K_t|), optional
+    old_log_kept_mass                      [N, T]       log S^old_t = log Σ_{v∈K_t} π_old,t,v;
+                                                        absent: old_log_probs are already of π̃
+    rollout_log_kept_mass                  [N, T]       log S^μ_t of the inference engine;
+                                                        absent: rollout_log_probs are already
+                                                        of μ̃ (an engine's processed log-probs)
 
 Under tensor parallelism (``diagnostics.tensor_parallel`` P > 1) every rank reads the batch and
 keeps its rows of W: a file with the whole ``lm_head_weight`` is split at load (the balanced
@@ -85,6 +93,9 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "prompts": ("prompts",),
     "prompt_mask": ("prompt_mask",),
     "attention": ("attention_mask",),  # [N, P+T] beside 'prompts': written by `dump_tensors`
+    "kept_ids": ("kept_ids",),
+    "old_kept_log_mass": ("old_log_kept_mass",),
+    "rollout_kept_log_mass": ("rollout_log_kept_mass",),
 }
 SUFFIXES = (".safetensors", ".pt", ".pth", ".jsonl")
 WEIGHT_KEY = "lm_head_weight"
@@ -372,6 +383,7 @@ def read_batch_file(
             )
         out[name] = _mask(x, key, where) if name == "mask" else x.double()
     out["tokens"] = _integers(tokens, tokens_key, where, out["mask"])
+    out.update(_kept_sets(raw, (n, t), where))
     adv, rewards = _pick(raw, "advantages", where, False), _pick(raw, "rewards", where, False)
     if adv is None and rewards is None:
         raise GradlensError(
@@ -427,6 +439,11 @@ def read_batch_file(
         keys["hidden"], keys["weight"] = "hidden_states", "lm_head_weight"
         v0, v1, v = weight_rows(raw, int(weight.shape[0]), where)
         out["weight_rows"] = torch.tensor([v0, v1, v])
+        kept_used = out["kept_ids"][out["mask"]] if "kept_ids" in out else tokens[:0]
+        if kept_used.numel() and int(kept_used.max()) >= v:
+            raise GradlensError(
+                f"{where}: 'kept_ids' has ids outside the vocabulary [0, {v}) of 'lm_head_weight'"
+            )
     if prompts:
         out.update(_prompt_context(raw, tokens_key, out["tokens"], out["mask"], where))
     return BatchFile(out, keys)
@@ -459,6 +476,44 @@ def _mask(x: Tensor, key: str, where: str) -> Tensor:
                 f"the loss) or 1 (in the loss) ({found.count} such entries in all)"
             )
     return x.bool()
+
+
+def _kept_sets(raw: Mapping[str, Tensor], grid: tuple[int, int], where: str) -> dict[str, Tensor]:
+    """The optional kept sets: ``kept_ids`` [N, T, K] (ids ≥ −1) and the log kept masses [N, T],
+    which come only with them."""
+    ids = raw.get("kept_ids")
+    masses = {
+        name: raw.get(ALIASES[name][0]) for name in ("old_kept_log_mass", "rollout_kept_log_mass")
+    }
+    if ids is None:
+        given = [ALIASES[name][0] for name, x in masses.items() if x is not None]
+        if given:
+            raise GradlensError(
+                f"{where}: {', '.join(repr(k) for k in given)} given without 'kept_ids' "
+                "[N, T, K], the kept sets they are the masses of"
+            )
+        return {}
+    if ids.dim() != 3 or tuple(ids.shape[:2]) != grid or ids.shape[2] == 0:
+        raise GradlensError(
+            f"{where}: 'kept_ids' has shape {tuple(ids.shape)}; expected [N, T, K] with [N, T] = "
+            f"{grid} and K ≥ 1 (the ids of each kept set, −1 as padding)"
+        )
+    ids = _integers(ids, "kept_ids", where)  # a .jsonl file stores them as whole doubles
+    if int(ids.min()) < -1:
+        raise GradlensError(
+            f"{where}: 'kept_ids' must be token ids ≥ 0, with −1 as padding; found {int(ids.min())}"
+        )
+    out = {"kept_ids": ids}
+    for name, x in masses.items():
+        if x is None:
+            continue
+        if tuple(x.shape) != grid:
+            raise GradlensError(
+                f"{where}: {ALIASES[name][0]!r} has shape {tuple(x.shape)}; expected "
+                f"[N, T] = {grid}"
+            )
+        out[name] = x.double()
+    return out
 
 
 def _prompt_context(

@@ -220,6 +220,9 @@ class ModelSource(Strict):
     max_new_tokens: int = Field(24, ge=1)
     temperature: float = Field(1.0, gt=0, description="sampling temperature T (logits / T)")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
+    top_k: int = Field(
+        0, ge=0, description="sample from the k most probable tokens (before top-p); 0: off"
+    )
     reward: str = Field("python_syntax", description="built-in reward name or module:function")
     rollout_dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "bfloat16", description="precision of the rollout pass that samples and returns μ"
@@ -262,6 +265,12 @@ class BatchSource(Strict):
         "(per-tensor-group and total gradient norms; one forward with autograd over the whole "
         "batch); null: on when model_path is set",
     )
+    tokenizer: str | None = Field(
+        None,
+        description="decodes the file's token ids in the report (attribution): a tokenizer "
+        "directory, a tokenizer.json file or 'builtin'; null: model_path's tokenizer, or ids "
+        "only",
+    )
 
     @model_validator(mode="after")
     def _model_settings(self) -> BatchSource:
@@ -272,6 +281,8 @@ class BatchSource(Strict):
                 "whole_model needs model_path: the whole-model gradients run through the "
                 "checkpoint that recomputes the hidden states"
             )
+        if self.tokenizer is not None and not self.tokenizer.strip():
+            raise ValueError("tokenizer is empty; give a tokenizer directory, builtin or null")
         if self.model_path is None and self.temperature != 1.0:
             raise ValueError(
                 "temperature applies only with model_path (recomputed hidden states); a file's "
@@ -349,9 +360,11 @@ class CorrectionConfig(Strict):
 class LossConfig(Strict):
     """Loss hyper-parameters, shared by every loss that uses them.
 
-    Each field but ``aggregation``, ``loss_scale_factor`` and ``count_empty_sequences`` is a
-    field of `gradlens.losses.LossParams` with the same default (`params`); those three are the
-    run's `Aggregation` (`token_aggregation`). Nothing past this class reads the config.
+    Each field but ``aggregation``, ``loss_scale_factor``, ``count_empty_sequences`` and
+    ``sampling_support`` is a field of `gradlens.losses.LossParams` with the same default
+    (`params`); the first three are the run's `Aggregation` (`token_aggregation`), the last
+    tells the compare pipeline to replay the batch's kept sets (`gradlens.grads.replay`).
+    Nothing past this class reads the config.
     """
 
     eps_low: float = Field(0.2, ge=0, lt=1)
@@ -381,6 +394,12 @@ class LossConfig(Strict):
     entropy_coef: float = Field(0.0, description="c_H of the entropy bonus −c_H·H; 0: off")
     corrections: list[CorrectionConfig] = Field(
         default_factory=list, description="training–inference corrections on every loss"
+    )
+    sampling_support: Literal["full", "kept"] = Field(
+        "full",
+        description="kept: replay the rollout's top-p/top-k kept set K_t (DeepSeek-V3.2's keep "
+        "sampling mask): every loss uses π restricted to K_t and renormalised, its logit gradient "
+        "exactly 0 outside K_t; full: π over the whole vocabulary",
     )
 
     @field_validator("corrections")
@@ -464,6 +483,23 @@ class DiagnosticsConfig(Strict):
         description="tensor_parallel > 1: seconds a rank waits in a collective for the others "
         "before it fails (a rank that raised or hangs then stops every rank)",
     )
+    attribution: Annotated[Literal["auto", "on", "off"], BeforeValidator(_on_off)] = Field(
+        "auto",
+        description="which sequences, tokens, loss terms and token groups carry the lm_head "
+        "update, and the entropy change of one step (docs/attribution.md); auto: with the "
+        "materialized engine only (the streamed engine pays about one more GEMM-equivalent per "
+        "loss for it: set on); the fused engine has none",
+    )
+
+    @model_validator(mode="after")
+    def _attribution(self) -> DiagnosticsConfig:
+        if self.attribution == "on" and self.engine == "fused":
+            raise ValueError(
+                "attribution 'on' needs the materialized or streamed engine: the fused engine's "
+                "kernels do not form the attribution sums; set engine streamed, or attribution "
+                "auto or off"
+            )
+        return self
 
     @model_validator(mode="after")
     def _tensor_parallel(self) -> DiagnosticsConfig:
@@ -540,6 +576,25 @@ class Config(Strict):
     def operand_dtype(self) -> torch.dtype:
         """The torch dtype of ``dtype``."""
         return DTYPES[self.dtype]
+
+    @model_validator(mode="after")
+    def _replayable(self) -> Config:
+        if self.loss.sampling_support == "full":
+            return self
+        problems = []
+        if self.diagnostics.engine == "fused":
+            problems.append(
+                "diagnostics.engine 'fused' does not restrict π to the kept sets; use "
+                "materialized, streamed or auto"
+            )
+        if self.diagnostics.tensor_parallel > 1:
+            problems.append(
+                f"diagnostics.tensor_parallel {self.diagnostics.tensor_parallel}: the "
+                "vocab-parallel engine does not restrict π to the kept sets; use 1"
+            )
+        if problems:
+            raise ValueError("loss.sampling_support 'kept': " + "; ".join(problems))
+        return self
 
     @field_validator("losses")
     @classmethod

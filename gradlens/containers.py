@@ -82,6 +82,7 @@ class RolloutRecord:
     top_p: float
     reward: str  # the reward function's name
     rollout_dtype: str
+    top_k: int = 0  # 0: no top-k
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,39 @@ class VocabRows:
 
 
 @dataclass(frozen=True)
+class KeptSets:
+    """The rollout's sampling support: the set K_t of tokens top-p / top-k left to sample from.
+
+    Sampling drew y_t from μ̃_t = μ_t restricted to K_t and renormalised. With
+    ``loss.sampling_support: kept`` the losses use π̃_t the same way (`gradlens.grads`), and each
+    stored log-prob q is read as log q̃(y) = log q(y) − log S^q_t, S^q_t = Σ_{v∈K_t} q_t,v.
+
+    Attributes:
+        ids: [N, T, K] int64, the ids of K_t, −1 as padding (K: the largest |K_t|).
+        rule: how K_t was chosen (``top-p 0.9``, ``top-k 50``, ``batch file``).
+        old_log_mass: [N, T] log S^old_t, π_old's mass of K_t; None: ``old_logp`` is already
+            of π̃_old (a trainer that replays the mask records it so).
+        rollout_log_mass: [N, T] log S^μ_t, the rollout pass's mass of K_t; None: the stored
+            ``rollout_logp`` is already of μ̃ (an engine's processed log-probs).
+        ref_log_mass: [N, T] log S^ref_t of the reference policy; None: as ``old_log_mass``.
+    """
+
+    ids: Tensor
+    rule: str
+    old_log_mass: Tensor | None = None
+    rollout_log_mass: Tensor | None = None
+    ref_log_mass: Tensor | None = None
+
+    def counts(self) -> Tensor:
+        """[N, T] |K_t|."""
+        return (self.ids >= 0).sum(-1)
+
+    def valid_ids(self, rows: Tensor, cols: Tensor) -> Tensor:
+        """[M, K] the kept ids of the valid tokens (row-major, as `valid_index`)."""
+        return self.ids[rows, cols]
+
+
+@dataclass(frozen=True)
 class Batch:
     """Everything a loss and the lm_head diagnostics need.
 
@@ -187,6 +221,15 @@ class Batch:
             the model sections of the report; None for sources without a model.
         weight_rows: under tensor parallelism, the rows of the whole [V, H] weight that
             ``weight`` [V_r, H] holds (``vocab_size`` is then V, not V_r); None: the whole W.
+        kept: the rollout's kept sets K_t (top-p / top-k), when the source recorded them.
+            Every logit path restricts π to them only in a batch that `gradlens.grads.replay`
+            returned (``replayed``); the compare pipeline makes it under
+            ``loss.sampling_support: kept``.
+        replayed: the stored log-probs are already of the renormalised distributions and the
+            losses use π̃ = π on K_t, renormalised.
+        tokenizer: what decodes the token ids (anything with ``decode(list[int]) -> str``), when
+            the source knows one beside ``model_context``'s (a batch file's
+            ``source.tokenizer`` or checkpoint, the Python API's ``tokenizer=``); None: none.
         origin: how the source names each tensor, for the messages of `gradlens.validation`.
     """
 
@@ -203,6 +246,9 @@ class Batch:
     advantage_note: str = ""
     model_context: ModelContext | None = None
     weight_rows: VocabRows | None = None
+    kept: KeptSets | None = None
+    replayed: bool = False
+    tokenizer: Any = None
     origin: Origin = field(default_factory=Origin)
 
     @property

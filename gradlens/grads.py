@@ -22,18 +22,29 @@ whole-model gradients and the staleness steps of a real checkpoint (through `pol
 differentiable twin of `softmax_view`). The entropy bonus's logit gradient
 a_t·c_H·π_t,i·(log π_t,i + H_t) is the one term not of the form c·(e_y − π); it is zero-sum,
 and c_t does not include it.
+
+Replaying the rollout's sampling support (``loss.sampling_support: kept``, `replay`): when the
+rollout sampled from μ restricted to a kept set K_t (top-p, top-k) and renormalised, the losses
+can use π̃_t = π_t·1[K_t]/S_t, S_t = Σ_{v∈K_t} π_t,v, in place of π_t:
+
+    ℓ̃_t = log π̃_t(y_t) = z_y − logsumexp_{v∈K_t} z_v = ℓ_t − log S_t,
+    ∂L/∂z_t,v = c_t·(1[v = y_t] − π̃_t,v)   for v ∈ K_t,   exactly 0 for v ∉ K_t,
+
+still summing to zero over v. Every logit path does it the same way: the logits outside K_t
+set to −inf (`gradlens.logits.restrict_logits`) before the softmax. The stored log-probs of
+π_old, μ and π_ref are shifted by their own log kept mass (`KeptSets`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
 from gradlens.containers import Batch, LossTerms, TokenInputs, valid_index
 from gradlens.errors import GradlensError
-from gradlens.logits import compute_logits
+from gradlens.logits import compute_logits, kept_entries, restrict_logits
 from gradlens.losses import Aggregation, LossParams, LossSpec
 from gradlens.losses.corrections import apply_corrections, kept_mask
 
@@ -46,8 +57,8 @@ class PolicyPass:
         rows, cols: (n, t) of each valid token, M each (row-major order).
         hidden: [M, H] h_t in the operand dtype.
         tokens: [M] y_t.
-        logits: [M, V] z_t in the softmax dtype.
-        log_probs: [M, V] log π_t.
+        logits: [M, V] z_t in the softmax dtype (−inf outside K_t when the support is replayed).
+        log_probs: [M, V] log π_t (log π̃_t, −inf outside K_t, when replayed).
         logp: [N, T] ℓ_t = log π(y_t) at the valid tokens, 0 elsewhere.
     """
 
@@ -61,8 +72,19 @@ class PolicyPass:
 
     def entropy(self) -> Tensor:
         """[N, T] H(π_t) at the valid tokens, 0 elsewhere (differentiable as ``log_probs``)."""
-        values = -(self.log_probs.exp() * self.log_probs).sum(-1)  # [M]
+        values = entropy_of(self.log_probs)  # [M]
         return on_grid(values, self.rows, self.cols, self.logp.shape)
+
+
+def finite_log(log_probs: Tensor) -> Tensor:
+    """log π with 0 where π = 0 (outside a replayed K_t), so that π·log π is 0 there and no
+    NaN reaches a gradient."""
+    return log_probs.masked_fill(log_probs == -torch.inf, 0.0)
+
+
+def entropy_of(log_probs: Tensor) -> Tensor:
+    """[M, V] log π → [M] H(π) = −Σ_v π_v log π_v (0·log 0 = 0), differentiable."""
+    return -(log_probs.exp() * finite_log(log_probs)).sum(-1)
 
 
 def on_grid(values: Tensor, rows: Tensor, cols: Tensor, shape: torch.Size) -> Tensor:
@@ -71,12 +93,17 @@ def on_grid(values: Tensor, rows: Tensor, cols: Tensor, shape: torch.Size) -> Te
     return grid.index_put((rows, cols), values)
 
 
-def policy_pass(hidden: Tensor, weight: Tensor, tokens: Tensor, mask: Tensor) -> PolicyPass:
-    """log π(y_t) over the valid tokens from the final hidden states [N, T, H] and W [V, H]."""
+def policy_pass(
+    hidden: Tensor, weight: Tensor, tokens: Tensor, mask: Tensor, kept_ids: Tensor | None = None
+) -> PolicyPass:
+    """log π(y_t) over the valid tokens from the final hidden states [N, T, H] and W [V, H];
+    with ``kept_ids`` [N, T, K] (`KeptSets.ids`) log π̃(y_t) on the replayed support."""
     rows, cols = valid_index(mask)
     h = hidden[rows, cols]  # [M, H]
     y = tokens[rows, cols]  # [M]
     logits = compute_logits(h, weight)  # [M, V]
+    if kept_ids is not None:
+        logits = restrict_logits(logits, kept_entries(kept_ids[rows, cols], 0, logits.shape[-1]))
     log_probs = torch.log_softmax(logits, dim=-1)  # [M, V]
     sampled = log_probs.gather(-1, y[:, None]).squeeze(-1)  # [M]
     logp = on_grid(sampled, rows, cols, mask.shape)  # [N, T]
@@ -129,10 +156,59 @@ def softmax_view(batch: Batch) -> SoftmaxView:
     both give bit-identical values for the same hidden states and weight)."""
     whole_weight(batch, "the materialized softmax")
     with torch.no_grad():
-        p = policy_pass(batch.hidden, batch.weight, batch.tokens, batch.mask)
+        p = policy_pass(batch.hidden, batch.weight, batch.tokens, batch.mask, replayed_ids(batch))
         probs = p.log_probs.exp()
-        entropy = -(probs * p.log_probs).sum(-1)  # [M]
+        entropy = entropy_of(p.log_probs)  # [M]
     return SoftmaxView(p.rows, p.cols, p.hidden, p.tokens, p.logits, probs, p.logp, entropy)
+
+
+def replayed_ids(batch: Batch) -> Tensor | None:
+    """[N, T, K] the kept ids every logit path restricts π to: those of a replayed batch."""
+    if not batch.replayed or batch.kept is None:
+        return None
+    return batch.kept.ids
+
+
+def replay(batch: Batch) -> Batch:
+    """``batch`` with its sampling support replayed (module docstring): the logit paths use π̃,
+    and ℓ_old, ℓ_rollout and ℓ_ref become log q̃(y) = log q(y) − log S^q_t.
+
+    Errors when the batch has no kept sets, or a sampled token lies outside its K_t (π̃ = 0
+    there, and the sampler could not have drawn it)."""
+    kept = batch.kept
+    if kept is None:
+        raise GradlensError(
+            "loss.sampling_support: 'kept' replays the rollout's top-p/top-k kept sets, and this "
+            f"batch ({batch.source or 'its source'}) records none; use the model source with "
+            "source.top_p < 1 or source.top_k > 0, or a batch file with kept_ids, or set "
+            "sampling_support: full"
+        )
+    m = batch.mask
+    inside = (kept.ids == batch.tokens[..., None]).any(-1)  # [N, T]
+    outside = int((m & ~inside).sum())
+    if outside:
+        raise GradlensError(
+            f"kept sets ({kept.rule}): {outside} sampled token(s) lie outside their kept set "
+            "K_t, which the sampler could not have drawn; the kept ids do not belong to this "
+            "batch's tokens"
+        )
+
+    def shifted(logp: Tensor | None, log_mass: Tensor | None) -> Tensor | None:
+        if logp is None or log_mass is None:
+            return logp
+        return torch.where(m, logp - log_mass.to(logp.dtype), logp)
+
+    ref_mass = kept.ref_log_mass if kept.ref_log_mass is not None else kept.old_log_mass
+    old = batch.old_logp
+    if kept.old_log_mass is not None:
+        old = torch.where(m, old - kept.old_log_mass.to(old.dtype), old)
+    return replace(
+        batch,
+        old_logp=old,
+        rollout_logp=shifted(batch.rollout_logp, kept.rollout_log_mass),
+        ref_logp=shifted(batch.ref_logp, ref_mass),
+        replayed=True,
+    )
 
 
 def effective_old_logp(batch: Batch, logp: Tensor) -> Tensor:
@@ -272,7 +348,7 @@ def closed_form(
     entropy_grad = None
     if params.entropy_coef != 0.0:
         a = obj.agg_weights[view.rows, view.cols]  # [M]
-        log_probs = torch.log_softmax(view.logits, dim=-1)  # [M, V]
+        log_probs = finite_log(torch.log_softmax(view.logits, dim=-1))  # [M, V]
         h = view.entropy[:, None]  # [M, 1]
         entropy_grad = (params.entropy_coef * a)[:, None] * view.probs * (log_probs + h)
         grad_logits = grad_logits + entropy_grad
@@ -297,7 +373,9 @@ def autograd_reference(
     whole_weight(batch, "the autograd reference")
     weight = batch.weight.detach().clone().requires_grad_(True)
     with torch.enable_grad():
-        p = policy_pass(batch.hidden.detach(), weight, batch.tokens, batch.mask)
+        p = policy_pass(
+            batch.hidden.detach(), weight, batch.tokens, batch.mask, replayed_ids(batch)
+        )
         p.logits.retain_grad()
         p.logp.retain_grad()
         entropy = p.entropy() if params.entropy_coef != 0.0 else None

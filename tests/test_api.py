@@ -54,6 +54,11 @@ def comparable(report: gradlens.results.CompareReport, model: bool) -> dict:
         for loss in data["losses"]:
             loss.pop("model_grads")
             loss.pop("findings")
+            # compare decodes with the checkpoint's tokenizer; the API here has none
+            attribution = loss["attribution"] or {}
+            for item in attribution.get("top_tokens", []) + attribution.get("top_sequences", []):
+                item.pop("text")
+                item.pop("context", None)
     return data
 
 
@@ -122,9 +127,38 @@ def test_a_bias_is_folded_into_the_weight() -> None:
     assert with_bias.batch.mean_entropy != plain.batch.mean_entropy
 
 
+class Letters:
+    """A tokenizer of 40 ids: id i is the letter chr(ord("a") + i % 26)."""
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(chr(ord("a") + i % 26) for i in ids)
+
+
+def test_a_tokenizer_decodes_the_attribution_tokens() -> None:
+    step = small_step()
+    report = gradlens.diagnose(**step, losses=["reinforce"], tokenizer=Letters())
+    a = report.losses[0].attribution
+    assert a is not None and a.top_tokens and a.top_sequences
+    tokens = step["tokens"].tolist()
+    for t in a.top_tokens:
+        word = Letters().decode([t.token])
+        assert t.text == word
+        # the sequence's valid tokens around it (mask[0, 3:] is off), the token in «»
+        row = tokens[t.sequence][:3] if t.sequence == 0 else tokens[t.sequence]
+        k = t.position
+        expected = Letters().decode(row[max(0, k - 8) : k]) + f"«{word}»"
+        assert t.context == expected + Letters().decode(row[k + 1 : k + 9])
+    for s in a.top_sequences:
+        row = tokens[s.sequence][:3] if s.sequence == 0 else tokens[s.sequence]
+        assert s.text == Letters().decode(row)
+    plain = gradlens.diagnose(**step, losses=["reinforce"]).losses[0].attribution
+    assert plain is not None and plain.top_tokens[0].text is None  # ids only without one
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
+        ({"tokenizer": "gpt2"}, "tokenizer: expected an object with a decode"),
         ({"hidden": torch.zeros(3, 5)}, "hidden: expected [N, T, H]"),
         ({"weight": torch.zeros(40, 7)}, "weight: its hidden size 7"),
         ({"tokens": torch.zeros(3, 4, dtype=torch.long)}, "tokens: expected shape [3, 5]"),

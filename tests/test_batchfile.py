@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from gradlens.batchfile import read_batch_tensors, write_batch
 from gradlens.cli import app
+from gradlens.sources.checkpoint import load_tokenizer
 
 runner = CliRunner()
 SMALL = ["--set", "source.vocab_size=200", "--set", "source.num_sequences=8"]
@@ -238,3 +239,40 @@ def test_bad_rank_files_name_the_key(tmp_path, change, expected):
     tensors = good()
     change(tensors)
     assert expected in " ".join(bad(tmp_path, tensors).split())
+
+
+def test_source_tokenizer_decodes_the_largest_tokens(tmp_path):
+    # a file with stored hidden states and no checkpoint: source.tokenizer names what decodes
+    # its ids (here the built-in model's, 2,048 entries)
+    g = torch.Generator().manual_seed(5)
+    tensors = {
+        "responses": torch.randint(1, 2048, (2, 6), generator=g),
+        "response_mask": torch.ones(2, 6),
+        "old_log_probs": torch.full((2, 6), -3.0),
+        "advantages": torch.tensor([1.0, -1.0]),
+        "hidden_states": torch.randn(2, 6, 8, generator=g),
+        "lm_head_weight": torch.randn(2048, 8, generator=g),
+    }
+    torch.save(tensors, tmp_path / "b.pt")
+    path = f"source.path={tmp_path / 'b.pt'}"
+    report = compare_json("--set", path, "--set", "source.tokenizer=builtin")
+    tokenizer = load_tokenizer("builtin")
+    ids = tensors["responses"].tolist()
+    for loss in report["losses"]:
+        top = loss["attribution"]["top_tokens"]
+        assert top
+        for t in top:
+            word = tokenizer.decode([t["token"]])
+            assert t["text"] == word
+            row, k = ids[t["sequence"]], t["position"]
+            before, after = tokenizer.decode(row[max(0, k - 8) : k]), tokenizer.decode(row[k + 1 :])
+            assert t["context"] == f"{before}«{word}»{after}"
+        for seq in loss["attribution"]["top_sequences"]:
+            assert seq["text"] == tokenizer.decode(ids[seq["sequence"]])
+    plain = compare_json("--set", path)  # no tokenizer: ids only
+    assert plain["losses"][0]["attribution"]["top_tokens"][0]["text"] is None
+    missing = runner.invoke(
+        app, ["compare", "--set", path, "--set", f"source.tokenizer={tmp_path / 'none'}"]
+    )
+    assert missing.exit_code == 2
+    assert "source.tokenizer:" in missing.stderr and "does not exist" in missing.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -135,6 +136,17 @@ def compare(
             "process; rank 0 prints it. Sets diagnostics.tensor_parallel (default 1).",
         ),
     ] = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            "--plot",
+            metavar="FILE",
+            help="Also draw the attribution to FILE (.png, .svg or .pdf; needs matplotlib, the "
+            "`plot` extra): per loss, each token's share of the lm_head update against π_θ(y) "
+            "by sign of A, and the shares by group (docs/attribution.md). Needs "
+            "diagnostics.attribution (auto: with the materialized engine).",
+        ),
+    ] = None,
     debug: DebugOption = False,
 ) -> None:
     """Run each loss on the same batch; report what it does to the logits and the lm_head."""
@@ -176,6 +188,22 @@ def compare(
                 flags["losses"] = list(dict.fromkeys(n for pair in pairs for n in pair))
         grid = settings_grid(parity_matrix or [])
         cfg = build_config(config, overrides or [], flags)
+        if plot is not None and launch.speaks:  # before any work
+            from gradlens.report.plots import check_plot_path
+
+            check_plot_path(plot)
+            if grid:
+                raise GradlensError(
+                    "--plot draws the attribution of one report; --parity-matrix makes one per "
+                    "setting: drop one of them"
+                )
+            d = cfg.diagnostics
+            if d.attribution == "off" or (d.attribution == "auto" and d.engine == "fused"):
+                raise GradlensError(
+                    f"--plot draws the attribution, and diagnostics.attribution is "
+                    f"{d.attribution!r} with engine {d.engine!r}: set diagnostics.attribution on "
+                    "(with the materialized or streamed engine) or auto"
+                )
         with process_group(cfg, launch):
             bar = progress_bar() if launch.speaks else nullcontext(None)
             with bar as callback, reporting(callback):
@@ -188,6 +216,13 @@ def compare(
                 else:
                     report = run_compare(cfg)
         if launch.speaks:  # rank 0 writes the report; every rank exits with the same status
+            if plot is not None:  # first: a plot that fails leaves no half-written report
+                assert isinstance(report, CompareReport)  # no --parity-matrix (checked above)
+                from gradlens.cli.common import stderr_console
+                from gradlens.report.plots import plot_attribution
+
+                plot_attribution(report, plot)
+                stderr_console().print(f"wrote the plot to {plot}")
             with stdout_errors():
                 if output is OutputFormat.json:
                     typer.echo(to_json(report))

@@ -24,6 +24,8 @@ class EngineOptions:
         reference: check against torch.autograd (decided once, by `gradlens.compare.run`).
         memory_budget_bytes: the streamed engine's working memory; None: its automatic budget.
         vocab_chunk: the streamed engine's rows per chunk; None: from the budget.
+        attribution: the attribution sums of every reported loss (decided once, by
+            `gradlens.compare.run`).
     """
 
     top_k: int = 10
@@ -31,6 +33,7 @@ class EngineOptions:
     reference: bool = True
     memory_budget_bytes: int | None = None
     vocab_chunk: int | None = None
+    attribution: bool = False
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,9 @@ from gradlens.losses.corrections import correction_weight
 from gradlens.results import BatchSummary, Check, LossReport, ParityReport, Signal
 
 AMPLIFICATION_FINDING = 10.0  # |g_t| / |A_t| above which a policy loss's boost is reported
+CONCENTRATION_FINDING = 0.25  # half the update from at most this share of the sequences
+CANCEL_FINDING = 0.1  # a term that cancels at least this much of the policy term's share
+TERM_WORDS = {"kl": "the KL term", "entropy_bonus": "the entropy bonus"}
 
 
 def signal(
@@ -107,6 +110,37 @@ def findings(
         )
     elif not report.agreement.passed and not report.non_finite:
         notes.append("the closed form disagrees with autograd beyond the dtype's tolerance")
+    return notes
+
+
+def attribution_notes(report: LossReport, num_sequences: int, asked: bool) -> list[str]:
+    """What the attribution says in words: a concentrated update, a term that cancels the
+    policy term; why there is none when it was asked for."""
+    att = report.attribution
+    if att is None:
+        if not asked:
+            return []
+        why = "is not finite" if report.rows.total_norm is None else "is zero"
+        return [f"no attribution: ‖∂L/∂W‖ {why}, so no share is defined"]
+    notes = []
+    half, share = att.sequences_to_half, att.sequences_to_half_share
+    if (
+        half is not None
+        and share is not None
+        and num_sequences >= 4
+        and half <= CONCENTRATION_FINDING * num_sequences
+    ):
+        notes.append(
+            f"{share:.0%} of the lm_head update comes from {half} of {num_sequences} sequences"
+        )
+    parts = att.groups["component"].shares
+    policy = parts.get("policy")
+    for name, words in TERM_WORDS.items():
+        other = parts.get(name)
+        if policy is None or other is None or policy <= 0 or other >= 0:
+            continue
+        if -other >= CANCEL_FINDING * policy:
+            notes.append(f"{words} cancels {-other / policy:.0%} of the policy term's share")
     return notes
 
 

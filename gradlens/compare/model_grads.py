@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from gradlens.compare.records import TokenSummary
 from gradlens.containers import Batch, ModelContext
 from gradlens.diagnostics.numbers import num
-from gradlens.grads import objective, policy_pass
+from gradlens.grads import objective, policy_pass, replayed_ids
 from gradlens.losses import Aggregation, LossParams, get_loss
 from gradlens.progress import report as report_progress
 from gradlens.results import (
@@ -111,7 +111,7 @@ def model_gradients(
     head = head_weight(model).detach().clone().requires_grad_(True)  # W': the logit path
     hidden = final_hidden(model, ctx.sequences, ctx.temperature, bias)[:, ctx.offset :]
     assert hidden.shape[:2] == batch.mask.shape, (hidden.shape, batch.mask.shape)
-    policy = policy_pass(hidden, head, batch.tokens, batch.mask)
+    policy = policy_pass(hidden, head, batch.tokens, batch.mask, replayed_ids(batch))
     entropy = policy.entropy() if params.entropy_coef != 0.0 else None
 
     estimates = post_estimates(batch, tokens, params, aggregation, [r.name for r in reports])

@@ -52,6 +52,7 @@ def rollout_summary(record: RolloutRecord, mask: torch.Tensor, train_dtype: str)
         max_new_tokens=record.max_new_tokens,
         temperature=record.temperature,
         top_p=record.top_p,
+        top_k=record.top_k,
         reward=record.reward,
         mean_reward=float(rewards.mean()),
         reward_std=float(rewards.std()) if n > 1 else 0.0,

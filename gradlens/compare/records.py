@@ -14,11 +14,13 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from gradlens.compare.findings import findings, input_notes, signal
+from gradlens.compare.findings import attribution_notes, findings, input_notes, signal
 from gradlens.containers import Batch
+from gradlens.diagnostics.attribution import AttributionInputs, attribution
 from gradlens.diagnostics.clipping import clipping
 from gradlens.diagnostics.metrics import terms_metrics
 from gradlens.diagnostics.numbers import num
+from gradlens.diagnostics.token_text import TokenTexts
 from gradlens.grads import Objective
 from gradlens.losses import LossParams, LossSpec
 from gradlens.results import Agreement, LossReport, RowNorms, SampledRow, TokenDetail, ZeroSum
@@ -51,6 +53,7 @@ class LossRecord:
         reference_non_finite: non-finite entries in the autograd reference's gradients.
         sampled_row, rows, zero_sum, agreement: the diagnostics that need the logits.
         tokens: every token in full (small materialized batches), or None.
+        attribution: the engine's attribution sums, or None (``diagnostics.attribution``).
     """
 
     spec: LossSpec
@@ -63,10 +66,19 @@ class LossRecord:
     zero_sum: ZeroSum
     agreement: Agreement
     tokens: list[TokenDetail] | None = None
+    attribution: AttributionInputs | None = None
 
 
-def loss_report(record: LossRecord, batch: Batch, logp: Tensor, params: LossParams) -> LossReport:
-    """The report of one loss; ``logp`` is [N, T] ℓ_t as the engine computed it."""
+def loss_report(
+    record: LossRecord,
+    batch: Batch,
+    logp: Tensor,
+    params: LossParams,
+    top_k: int = 10,
+    texts: TokenTexts | None = None,
+) -> LossReport:
+    """The report of one loss; ``logp`` is [N, T] ℓ_t as the engine computed it; ``top_k``
+    sequences and tokens in its attribution, decoded by ``texts`` when given."""
     spec, obj = record.spec, record.objective
     c_valid = obj.coefficient[batch.mask]
     empty = c_valid.numel() == 0
@@ -88,7 +100,11 @@ def loss_report(record: LossRecord, batch: Batch, logp: Tensor, params: LossPara
         findings=[],
         tokens=record.tokens,
         metrics=terms_metrics(obj.terms, obj.agg_weights),
+        attribution=None
+        if record.attribution is None
+        else attribution(record.attribution, obj, batch, logp, params.entropy_coef, top_k, texts),
     )
     notes = findings(report, batch, logp, obj, spec)
+    notes += attribution_notes(report, batch.num_sequences, record.attribution is not None)
     notes += input_notes(spec, batch, obj.terms, params)
     return report.model_copy(update={"findings": notes})

@@ -53,9 +53,11 @@ from gradlens.diagnostics import tolerances
 from gradlens.diagnostics.mismatch import rollout_stats
 from gradlens.diagnostics.numbers import num
 from gradlens.diagnostics.ratios import ratio_stats
+from gradlens.diagnostics.support import support_report
+from gradlens.diagnostics.token_text import batch_tokenizer, token_texts
 from gradlens.engine.fused import check_device
 from gradlens.errors import GradlensError
-from gradlens.grads import effective_old_logp
+from gradlens.grads import effective_old_logp, replay
 from gradlens.logits import softmax_dtype
 from gradlens.losses import Aggregation, LossParams, LossSpec, get_loss
 from gradlens.losses.corrections import missing_rollout
@@ -125,7 +127,9 @@ def engine_options(config: Config, batch: Batch, path: str) -> EngineOptions:
 def options_for(config: Config, tokens: int, vocab: int, path: str) -> EngineOptions:
     """The diagnostics settings as the engine reads them; ``reference: auto`` is decided here:
     autograd with the materialized engine, none with the streamed one (it would materialise
-    [tokens, vocab] per loss)."""
+    [tokens, vocab] per loss); so is ``attribution: auto``: on with the materialized engine
+    (its [M, V] and [V, H] tensors are there already), off with the streamed ones (about one
+    more GEMM-equivalent per loss)."""
     d = config.diagnostics
     details = d.token_details
     small = tokens * vocab <= TOKEN_DETAIL_LIMIT
@@ -137,6 +141,7 @@ def options_for(config: Config, tokens: int, vocab: int, path: str) -> EngineOpt
         if d.memory_budget_mib is None
         else int(d.memory_budget_mib * 2**20),
         vocab_chunk=d.vocab_chunk,
+        attribution=d.attribution == "on" or (d.attribution == "auto" and path == "materialized"),
     )
 
 
@@ -145,7 +150,9 @@ def engine_estimate(config: Config, shape: Shape, losses: int, device: torch.dev
     path, _ = choose_path(config, shape.tokens, shape.vocab)
     options = options_for(config, shape.tokens, shape.vocab, path)
     if path == "materialized":
-        return estimate_materialized(shape, config.operand_dtype, options.reference)
+        return estimate_materialized(
+            shape, config.operand_dtype, options.reference, options.attribution
+        )
     entropy = config.loss.entropy_coef != 0.0
     return estimate_streamed(shape, config.operand_dtype, losses, options, device, entropy)
 
@@ -247,6 +254,9 @@ def compare_batch(
         )
     params = config.loss.params()
     aggregation = config.loss.token_aggregation()
+    stored = batch  # the source's batch: log-probs over the whole vocabulary
+    if config.loss.sampling_support == "kept":
+        batch = replay(batch)
     path, reason = choose_engine(config, batch)
     rows = int(batch.weight.shape[0])  # the rows this process holds (all but under TP)
     shape = Shape(
@@ -266,6 +276,11 @@ def compare_batch(
         )
     with _phase(parallel, "report"):
         report = _report(config, device, batch, run, params, aggregation)
+        if stored.kept is not None and parallel is None:
+            support = support_report(
+                stored, stored.kept, batch.replayed, params.eps_low, params.eps_high
+            )
+            report = report.model_copy(update={"support": support})
     return report
 
 
@@ -286,7 +301,12 @@ def _report(
 ) -> CompareReport:
     """Everything after the engine: the loss reports, the model sections, parity, checks."""
     logp = run.tokens.logp
-    reports = [loss_report(r, batch, logp, params) for r in run.records]
+    tokenizer = batch_tokenizer(batch)
+    texts = None
+    if tokenizer is not None and any(r.attribution is not None for r in run.records):
+        texts = token_texts(batch, tokenizer)
+    top_k = config.diagnostics.top_k
+    reports = [loss_report(r, batch, logp, params, top_k, texts) for r in run.records]
     model = None
     ctx = batch.model_context
     if ctx is not None:

@@ -24,6 +24,11 @@ and B join the engine's losses if they are not among them (without a loss report
 and one
 more coefficient set, c_B − c_A, gives the row norms of ∂L_B/∂W − ∂L_A/∂W, which is of the same
 c-form. The logit-gradient gap follows from c_A, c_B and per-token statistics (`streamed_gap`).
+
+With ``diagnostics.attribution`` the engine also accumulates the attribution sums of every
+reported loss (`gradlens.engine.attribution`): one more product of each chunk's rows with h and
+the per-sequence norms, about one GEMM-equivalent per loss (counted in ``gemm_equivalents``);
+the vocab-parallel engine sums them over the ranks. The fused engine has no attribution.
 """
 
 from __future__ import annotations
@@ -40,10 +45,12 @@ from gradlens.compare.tensor_parallel import VocabParallel
 from gradlens.containers import Batch, valid_index
 from gradlens.diagnostics import tolerances
 from gradlens.diagnostics.agreement import not_run
+from gradlens.diagnostics.attribution import AttributionInputs
 from gradlens.diagnostics.metrics import terms_metrics
 from gradlens.diagnostics.numbers import count_non_finite, num, rel_err
 from gradlens.diagnostics.row_norms import row_norms_from
 from gradlens.diagnostics.streamed import grad_at_y, sampled_row_streamed, zero_sum_streamed
+from gradlens.engine.attribution import AttributionPlan, sequence_layout
 from gradlens.engine.fused import check_device, fused_lm_head_pass
 from gradlens.engine.streamed import (
     EngineResult,
@@ -62,6 +69,7 @@ from gradlens.grads import (
     entropy_bonus,
     objective,
     on_grid,
+    replayed_ids,
 )
 from gradlens.logits import softmax_dtype
 from gradlens.losses import Aggregation, LossParams, LossSpec
@@ -92,9 +100,22 @@ def run_streamed(
         raise GradlensError(
             "diagnostics.engine: 'fused' runs in one process, not under tensor_parallel"
         )
+    kept_ids = replayed_ids(batch)
+    if kept_ids is not None and (fused or parallel is not None):
+        raise GradlensError(
+            "loss.sampling_support: 'kept' runs on the materialized and streamed engines; the "
+            "fused and vocab-parallel passes do not restrict π to the kept sets (set "
+            "diagnostics.engine streamed and tensor_parallel 1)"
+        )
+    if fused and options.attribution:
+        raise GradlensError(
+            "diagnostics.attribution: the fused engine does not form the attribution sums; "
+            "set engine streamed, or attribution auto or off"
+        )
     rows, cols = valid_index(batch.mask)
     hidden = batch.hidden[rows, cols]  # [M, H]
     tokens = batch.tokens[rows, cols]  # [M]
+    valid_kept = None if kept_ids is None else kept_ids[rows, cols]  # [M, K]
     names = [s.name for s in specs]
     run_specs = list(specs)
     pairs = pairs or []
@@ -122,6 +143,12 @@ def run_streamed(
         rows_per_rank = max(parallel.split.sizes)
     k = len(run_specs) + len(pairs)
     buffers = 3 if params.entropy_coef == 0.0 else 4  # the bonus's [M, Vc] block: one more
+    acc = softmax_dtype(batch.weight.dtype)
+    attribution = None
+    if options.attribution:  # d, Q = R hᵀ, a product with it, the logit-gradient block
+        buffers += 4
+        layout = sequence_layout(rows, batch.num_sequences, hidden.to(acc))
+        attribution = AttributionPlan(reported, layout)
     engine_plan = plan(
         tokens.numel(),
         rows_per_rank,
@@ -137,9 +164,8 @@ def run_streamed(
             aggregation_mask(batch, params), softmax_dtype(batch.weight.dtype)
         )
         entropy_weight = params.entropy_coef * weights[rows, cols]
-    if parallel is None:
-        engine_pass = fused_lm_head_pass if fused else lm_head_pass
-        result = engine_pass(
+    if parallel is None and fused:
+        result = fused_lm_head_pass(
             hidden,
             batch.weight,
             tokens,
@@ -147,6 +173,18 @@ def run_streamed(
             engine_plan,
             entropy_weight=entropy_weight,
             entropy_losses=len(run_specs),  # not parity's c_B − c_A: the bonus cancels there
+        )
+    elif parallel is None:
+        result = lm_head_pass(
+            hidden,
+            batch.weight,
+            tokens,
+            coefficients_for,
+            engine_plan,
+            entropy_weight=entropy_weight,
+            entropy_losses=len(run_specs),
+            kept_ids=valid_kept,
+            attribution=attribution,
         )
     else:
         result = vocab_parallel_pass(
@@ -159,6 +197,7 @@ def run_streamed(
             parallel.comm,
             entropy_weight=entropy_weight,
             entropy_losses=len(run_specs),
+            attribution=attribution,
         )
     logp = grid[0]
     entropy = on_grid(result.tokens.entropy, rows, cols, batch.mask.shape)  # [N, T]
@@ -207,6 +246,16 @@ def run_streamed(
                     bonus_scale,
                 ),
                 agreement=agreement,
+                attribution=None
+                if result.attribution is None
+                else AttributionInputs(
+                    sums=result.attribution.losses[i],
+                    tokens=result.attribution.tokens,
+                    grad_norm_sq=stats.norms.double().square().sum(),
+                    entropy=result.attribution.entropy,
+                    logp=result.tokens.logp,
+                    hidden_norm=hidden_norms,
+                ),
             )
         )
     info = EngineInfo(
@@ -261,10 +310,11 @@ def estimate_streamed(
     """The engine's peak: the hidden states of the tokens [M, H], the working memory of its
     plan (`gradlens.engine.streamed.plan`: at least one vocabulary chunk of ≥ 256 rows, whatever
     the budget), per-loss row norms [V] and coefficients [M]; with the reference, autograd's
-    [M, V] tensors of one loss."""
+    [M, V] tensors of one loss; with the attribution, four more buffers per chunk (as
+    `run_streamed` plans them) and the hidden states' Gram of each sequence (about M·T entries)."""
     m, v, h = shape.tokens, shape.vocab, shape.hidden
     acc = dtype_bytes(softmax_dtype(dtype))
-    buffers = 4 if entropy else 3
+    buffers = (4 if entropy else 3) + (4 if options.attribution else 0)
     budget = options.memory_budget_bytes or auto_budget(device)
     engine_plan = plan(m, v, h, losses, budget, options.vocab_chunk, buffers=buffers)
     terms = [
@@ -277,6 +327,8 @@ def estimate_streamed(
     ]
     if options.reference:
         terms.append(("autograd's [M, V] tensors of one loss", 5 * m * v * acc))
+    if options.attribution:
+        terms.append(("attribution: each sequence's Gram of h", m * shape.length * acc))
     return Estimate(
         "the streamed engine",
         "tokens (a chunk holds every token's logits for its vocabulary rows)",

@@ -35,6 +35,12 @@ The passes are separate functions (`first_pass`, `second_pass`, `assemble`): `lm
 them over the whole W, the vocab-parallel engine (`gradlens.engine.vocab_parallel`) over one shard
 of W's rows, with its collectives in between and after.
 
+A replayed sampling support (``kept_ids`` [M, K], gradlens.grads): each chunk's logits outside
+the token's kept set K_t are set to −inf as soon as they are formed, so the logsumexp, π and
+every gradient row are those of π̃ = π on K_t, renormalised, and the rows outside K_t get exactly
+0 (their log π is read as 0, so that 0·log 0 adds nothing to the entropy or its bonus). max |z|
+is taken before the restriction.
+
 Nothing of size V×H or M×V survives a chunk, except the resident logits the budget allows.
 bf16/fp16 operands: the logits GEMM runs in the operand dtype (fp32 accumulation), the
 softmax in float32, the dense GEMM in the operand dtype with fp32 accumulation; float32 and
@@ -49,7 +55,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gradlens.logits import softmax_dtype
+from gradlens.engine.attribution import (
+    AttributionPlan,
+    AttributionSums,
+    LossSums,
+    TokenSums,
+    entropy_direction,
+    logit_grad_block,
+)
+from gradlens.logits import kept_entries, restrict_logits, softmax_dtype
 from gradlens.memory import available
 
 CoefficientFn = Callable[[Tensor], list[Tensor]]
@@ -153,6 +167,7 @@ class EngineResult:
     coefficients: list[Tensor]  # [M] c_k per loss, as returned by the caller
     rows: list[RowStats]
     gemm_equivalents: float  # logits GEMMs + dense GEMMs actually run, in units of 2·M·H·V
+    attribution: AttributionSums | None = None  # with an `AttributionPlan` only
 
 
 def dense_dtype(operand: torch.dtype) -> torch.dtype:
@@ -163,6 +178,11 @@ def dense_dtype(operand: torch.dtype) -> torch.dtype:
 
 def _logits(hidden: Tensor, weight: Tensor) -> Tensor:
     return (hidden @ weight.T).to(softmax_dtype(weight.dtype))
+
+
+def _chunk_keep(kept_ids: Tensor | None, start: int, end: int) -> Tensor | None:
+    """[M, end − start] the chunk's rows in each token's kept set; None: no replayed support."""
+    return None if kept_ids is None else kept_entries(kept_ids, start, end)
 
 
 def share_sources(coefficients: list[Tensor]) -> list[tuple[int, Tensor] | None]:
@@ -208,10 +228,12 @@ def first_pass(
     entropy: bool = False,
     other_logit: bool = False,
     vocab: int | None = None,
+    kept_ids: Tensor | None = None,
 ) -> FirstPass:
     """Pass 1: logsumexp, z_y and max |z| per token over ``weight``'s rows (``tokens`` are row
     ids of ``weight``; ids outside [0, rows) own no row), keeping the resident chunks' logits.
-    GEMMs are counted in units of ``vocab`` rows (default: all of ``weight``'s)."""
+    GEMMs are counted in units of ``vocab`` rows (default: all of ``weight``'s). ``kept_ids``
+    [M, K]: the replayed kept sets (row ids of ``weight``), the logits outside them −inf."""
     m, v = hidden.shape[0], weight.shape[0]
     unit = v if vocab is None else vocab
     acc = softmax_dtype(weight.dtype)
@@ -225,15 +247,24 @@ def first_pass(
     for i, (start, end) in enumerate(plan.chunks(v)):
         z = _logits(hidden, weight[start:end])  # [M, Vc]
         gemms += (end - start) / unit
+        lo, hi = torch.aminmax(z, dim=-1)
+        max_abs = torch.maximum(max_abs, torch.maximum(hi.abs(), lo.abs()))
+        keep = _chunk_keep(kept_ids, start, end)
+        if keep is not None:
+            z = restrict_logits(z, keep)
         new_lse = torch.logaddexp(lse, torch.logsumexp(z, dim=-1))
         if entropy:
             # H = Σ_v π_v·(lse − z_v), every term ≥ 0; rescaled as the running lse grows
-            # (the earlier chunks' exp(z − lse) sum to 1).
-            part = (torch.exp(z - new_lse[:, None]) * (new_lse[:, None] - z)).sum(-1)
-            h1 = part if i == 0 else torch.exp(lse - new_lse) * (h1 + (new_lse - lse)) + part
+            # (the earlier chunks' exp(z − lse) sum to 1). Outside a kept set π_v = 0, and a
+            # token none of whose kept rows has been seen yet (lse = −inf) has no terms so far.
+            ref = torch.where(torch.isfinite(new_lse), new_lse, 0.0)
+            gap = ref[:, None] - z
+            if keep is not None:
+                gap = gap.masked_fill(~keep, 0.0)
+            part = (torch.exp(z - ref[:, None]) * gap).sum(-1)
+            earlier = torch.exp(lse - ref) * (h1 + (ref - lse))
+            h1 = torch.where(torch.isfinite(lse), earlier, 0.0) + part
         lse = new_lse
-        lo, hi = torch.aminmax(z, dim=-1)
-        max_abs = torch.maximum(max_abs, torch.maximum(hi.abs(), lo.abs()))
         inside = (tokens >= start) & (tokens < end)
         local = (tokens - start).clamp(0, end - start - 1)[:, None]  # [M, 1]
         z_at = z.gather(-1, local).squeeze(-1)  # [M]
@@ -273,6 +304,7 @@ class SecondPass:
     other_mass: list[Tensor]
     other_max: list[Tensor]
     gemms: float
+    attribution: AttributionSums | None = None
 
 
 def second_pass(
@@ -288,13 +320,17 @@ def second_pass(
     entropy_losses: int | None = None,
     vocab: int | None = None,
     gemms: float = 0.0,
+    kept_ids: Tensor | None = None,
+    attribution: AttributionPlan | None = None,
 ) -> SecondPass:
     """Pass 2 over ``weight``'s rows: probabilities from the *global* ``lse`` [M], the dense
     GEMM for all losses, the sparse rows of the tokens inside these rows, the reductions.
 
     ``coefficients``: [M] c_k per loss, in the softmax dtype. ``entropy`` [M] the global H_t and
     ``entropy_weight`` [M] w_t when the bonus is on. ``kept``: `FirstPass.kept`, consumed.
-    ``gemms``: the count so far (pass 1's), continued.
+    ``gemms``: the count so far (pass 1's), continued. ``kept_ids``: as `first_pass`'s.
+    ``attribution``: also accumulate the attribution sums of its first losses from each
+    chunk's rows (`gradlens.engine.attribution`; it needs ``entropy``).
     """
     m, v = hidden.shape[0], weight.shape[0]
     unit = v if vocab is None else vocab
@@ -303,6 +339,8 @@ def second_pass(
     ent_w = None if entropy_weight is None else entropy_weight.to(acc)
     if ent_w is not None and entropy is None:
         raise ValueError("second_pass: the entropy bonus needs H_t (entropy)")
+    if attribution is not None and entropy is None:
+        raise ValueError("second_pass: the attribution needs H_t (entropy)")
     k = len(coefficients)
     sources = share_sources(coefficients)
     direct = [i for i in range(k) if sources[i] is None]
@@ -333,19 +371,38 @@ def second_pass(
     prob_sum = torch.zeros(m, dtype=acc, device=hidden.device)
     entropy_sum = torch.zeros(m, dtype=acc, device=hidden.device)
     max_other = torch.zeros(m, dtype=acc, device=hidden.device)
+    attr_tokens = attr_losses = None
+    if attribution is not None and entropy is not None:
+        n_seq = attribution.layout.num_sequences
+        attr_tokens = TokenSums.zeros(m, acc, hidden.device)
+        attr_losses = [
+            LossSums.zeros(m, n_seq, acc, hidden.device) for _ in range(attribution.losses)
+        ]
 
     for i, (start, end) in enumerate(chunks):
+        keep = _chunk_keep(kept_ids, start, end)
         if i < len(kept):
-            z, kept[i] = kept[i], torch.empty(0)
+            z, kept[i] = kept[i], torch.empty(0)  # restricted in pass 1 already
         else:
             z = _logits(hidden, weight[start:end])
             gemms += (end - start) / unit
+            if keep is not None:
+                z = restrict_logits(z, keep)
         probs = torch.exp(z.sub_(lse[:, None]))  # [M, Vc]; z now holds log π
+        if keep is not None:
+            z.masked_fill_(~keep, 0.0)  # log π read as 0 where π = 0: 0·log 0 adds nothing
         prob_sum += probs.sum(-1)
         entropy_sum -= (probs * z).sum(-1)
-        ent_block = None
-        if ent_w is not None and entropy is not None:  # E = w·π·(log π + H), in place of log π
-            e = z.add_(entropy[:, None]).mul_(probs).mul_(ent_w[:, None])  # [M, Vc]
+        inside = torch.nonzero((tokens >= start) & (tokens < end)).squeeze(-1)
+        local = tokens[inside] - start
+        ent_block = e = None
+        d = None  # d = π·(log π + H), in place of log π
+        if entropy is not None and (ent_w is not None or attr_tokens is not None):
+            d = entropy_direction(z, probs, entropy)  # [M, Vc]
+        if attr_tokens is not None and d is not None:
+            attr_tokens.add(probs, d, inside, local)
+        if ent_w is not None and d is not None:  # E = w·d, in place of d unless d is kept
+            e = d.mul_(ent_w[:, None]) if attr_tokens is None else d * ent_w[:, None]  # [M, Vc]
             ent_sum += e.sum(-1)
             ent_block = (e.T.to(gemm_dtype) @ h_gemm).to(acc)  # [Vc, H], shared by all losses
             gemms += (end - start) / unit
@@ -353,8 +410,6 @@ def second_pass(
         dense = probs.T.to(gemm_dtype) @ scaled_gemm  # [Vc, k'·H]
         gemms += (end - start) / unit * len(direct)
         rows = -dense.to(acc)
-        inside = torch.nonzero((tokens >= start) & (tokens < end)).squeeze(-1)
-        local = tokens[inside] - start
         rows.index_add_(0, local, scaled[inside])  # + c_t h_t on the sampled rows
         per_loss: dict[int, Tensor] = {
             idx: rows[:, n * H : (n + 1) * H] for n, idx in enumerate(direct)
@@ -368,7 +423,7 @@ def second_pass(
             per_loss[idx] = r
         for idx in range(k):
             r = per_loss[idx]
-            if ent_block is not None and idx < n_ent:
+            if ent_block is not None and e is not None and idx < n_ent:
                 r = r + ent_block
                 g = torch.addcmul(e, probs, coefficients[idx][:, None], value=-1).abs_()
                 g[inside, local] = 0.0  # ∂L/∂z_v = E_v − c·π_v off the sampled entry
@@ -377,6 +432,13 @@ def second_pass(
                 del g
             norms[idx][start:end] = r.norm(dim=1)
             row_sums[idx] += r.sum(0)
+            if attr_losses is not None and attribution is not None and d is not None:
+                if idx >= attribution.losses:
+                    continue
+                bonus = e if idx < n_ent else None
+                grad = logit_grad_block(probs, coefficients[idx], inside, local, bonus)
+                attr_losses[idx].add(r, h_acc, probs, d, grad, inside, local, attribution.layout)
+                gemms += attribution.gemm_equivalents(end - start, m, H, unit)
         probs[inside, local] = 0.0  # drop the sampled entry before the max
         max_other = torch.maximum(max_other, probs.amax(-1))
 
@@ -390,6 +452,9 @@ def second_pass(
         other_mass,
         other_max,
         gemms,
+        None
+        if attr_tokens is None or attr_losses is None or entropy is None
+        else AttributionSums(attr_tokens, attr_losses, entropy),
     )
 
 
@@ -432,6 +497,7 @@ def assemble(
             for i, (n, s) in enumerate(zip(second.norms, second.row_sums, strict=True))
         ],
         gemm_equivalents=gemms,
+        attribution=second.attribution,
     )
 
 
@@ -443,13 +509,18 @@ def lm_head_pass(
     plan: EnginePlan,
     entropy_weight: Tensor | None = None,
     entropy_losses: int | None = None,
+    kept_ids: Tensor | None = None,
+    attribution: AttributionPlan | None = None,
 ) -> EngineResult:
     """Run the two passes. ``coefficients_of(logp [M]) -> [c_1, …, c_k]`` ([M] each).
 
     ``entropy_weight`` [M]: w_t = a_t·c_H of the entropy bonus, added to the first
-    ``entropy_losses`` losses (all when None); None: no bonus.
+    ``entropy_losses`` losses (all when None); None: no bonus. ``kept_ids`` [M, K]: the
+    replayed kept sets K_t (−1 padding), or None: the whole vocabulary. ``attribution``: the
+    attribution sums of its first losses too (`EngineResult.attribution`).
     """
-    first = first_pass(hidden, weight, tokens, plan, entropy=entropy_weight is not None)
+    needs_entropy = entropy_weight is not None or attribution is not None
+    first = first_pass(hidden, weight, tokens, plan, entropy=needs_entropy, kept_ids=kept_ids)
     logp = first.z_y - first.lse
     acc = softmax_dtype(weight.dtype)
     coefficients = [c.to(acc) for c in coefficients_of(logp)]
@@ -465,6 +536,8 @@ def lm_head_pass(
         entropy_weight,
         entropy_losses,
         gemms=first.gemms,
+        kept_ids=kept_ids,
+        attribution=attribution,
     )
     return assemble(
         first.lse,

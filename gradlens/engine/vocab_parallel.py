@@ -43,6 +43,11 @@ and partial sums. The finishing collectives:
     all_reduce(MAX) of each bonus loss's max_{v≠y} |∂L/∂z_v| (with the entropy bonus only: it
         depends on c_t, so pass 1 cannot give it).
 
+With an `AttributionPlan` (`gradlens.engine.attribution`) every sum it accumulates is a sum over
+vocabulary rows, so each rank's part over its own rows joins the same all_reduce(SUM): per
+attributed loss u [M], e [M] and ‖G_i‖² [N], and the three shared per-token sums [3, M]. Pass 1
+then also combines H_t (d = π(log π + H) needs it), as with the entropy bonus.
+
 Collectives per run: all_gather: 1 + 1 (+ 1 with the entropy bonus); max_sum: 2 + 1 (+ 1).
 The `Collectives` object counts their bytes (docs/scaling.md has the formulas).
 """
@@ -55,6 +60,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from gradlens.engine.attribution import AttributionPlan, AttributionSums, LossSums, TokenSums
 from gradlens.engine.collectives import Collectives
 from gradlens.engine.streamed import (
     CoefficientFn,
@@ -134,6 +140,7 @@ def vocab_parallel_pass(
     entropy_weight: Tensor | None = None,
     entropy_losses: int | None = None,
     pass1: str = "all_gather",
+    attribution: AttributionPlan | None = None,
 ) -> EngineResult:
     """`lm_head_pass` on this rank's rows of W; the same `EngineResult` on every rank.
 
@@ -151,6 +158,7 @@ def vocab_parallel_pass(
             records what was sent.
         entropy_weight, entropy_losses: as for `lm_head_pass`.
         pass1: how pass 1's statistics are combined, a key of `PASS1`.
+        attribution: as for `lm_head_pass`; its sums are those of the whole W on every rank.
 
     Returns:
         The `EngineResult` of the whole W: per-token statistics [M], coefficients, for every
@@ -176,11 +184,17 @@ def vocab_parallel_pass(
     if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= split.vocab):
         raise GradlensError(f"tensor_parallel: token ids must lie in [0, {split.vocab})")
     acc = softmax_dtype(weight_shard.dtype)
-    bonus = entropy_weight is not None
+    needs_entropy = entropy_weight is not None or attribution is not None
     local = tokens - v0  # ids of this shard's rows; the others fall outside [0, V_r)
 
     first = first_pass(
-        hidden, weight_shard, local, plan, entropy=bonus, other_logit=True, vocab=split.vocab
+        hidden,
+        weight_shard,
+        local,
+        plan,
+        entropy=needs_entropy,
+        other_logit=True,
+        vocab=split.vocab,
     )
     totals = combine(first, split.owner(tokens), comm)
     logp = totals.z_y - totals.lse
@@ -198,6 +212,7 @@ def vocab_parallel_pass(
         entropy_losses,
         vocab=split.vocab,
         gemms=first.gemms,
+        attribution=attribution,
     )
     whole = _finish(second, split, v0, v1, comm)
     return assemble(
@@ -223,6 +238,13 @@ def _finish(
     n_ent = len(second.other_mass)
     bonus = second.entropy_grad_sum is not None
     ref = second.prob_sum
+    attr = second.attribution
+    attr_parts: list[Tensor] = []
+    if attr is not None:
+        t = attr.tokens
+        attr_parts = [t.other_sq, t.other_pd, t.dd]
+        for s in attr.losses:
+            attr_parts += [s.u, s.e, s.sequence_sq]
     norms = torch.zeros(k, split.vocab, dtype=ref.dtype, device=ref.device)  # [k, V]
     for i, n in enumerate(second.norms):
         norms[i, v0:v1] = n
@@ -233,11 +255,19 @@ def _finish(
         second.entropy,
         *([second.entropy_grad_sum] if second.entropy_grad_sum is not None else []),
         *second.other_mass,
+        *attr_parts,
         torch.tensor([second.gemms], dtype=ref.dtype, device=ref.device),
     ]
     total = comm.all_reduce(torch.cat(parts), "sum", "finish.sum")
-    pieces = list(torch.split(total, [k * split.vocab, k * h, m, m, m * bonus, m * n_ent, 1]))
-    norms_all, row_sums, prob_sum, entropy, ent_sum, other_mass, gemms = pieces
+    attr_size = sum(p.numel() for p in attr_parts)
+    sizes = [k * split.vocab, k * h, m, m, m * bonus, m * n_ent, attr_size, 1]
+    pieces = list(torch.split(total, sizes))
+    norms_all, row_sums, prob_sum, entropy, ent_sum, other_mass, attr_all, gemms = pieces
+    summed = None
+    if attr is not None:
+        values = list(torch.split(attr_all, [p.numel() for p in attr_parts]))
+        losses = [LossSums(*values[3 + 3 * i : 6 + 3 * i]) for i in range(len(attr.losses))]
+        summed = AttributionSums(TokenSums(*values[:3]), losses, attr.entropy)
     other_max = second.other_max
     if n_ent:
         top = comm.all_reduce(torch.stack(other_max), "max", "finish.max")  # [n_ent, M]
@@ -252,4 +282,5 @@ def _finish(
         other_mass=list(other_mass.reshape(n_ent, m).unbind(0)),
         other_max=other_max,
         gemms=float(gemms),
+        attribution=summed,
     )

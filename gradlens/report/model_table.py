@@ -45,7 +45,8 @@ def model_panel(report: CompareReport) -> Panel:
         )
     lines += [
         f"[bold]rollout[/]     {r.prompts} prompts × {r.group_size} completions, "
-        f"≤ {r.max_new_tokens} new tokens at T = {r.temperature}, top-p {r.top_p}; "
+        f"≤ {r.max_new_tokens} new tokens at T = {r.temperature}, top-p {r.top_p}"
+        f"{f', top-k {r.top_k}' if r.top_k else ''}; "
         f"{r.completion_tokens} completion tokens (mean {r.mean_completion_length:.1f}), "
         f"{r.stopped_at_eos} ended at EOS",
         f"[bold]reward[/]      {escape(r.reward)}: mean {fmt(r.mean_reward)}, std "

@@ -1,4 +1,5 @@
-"""Figures of a sweep (the trace's figure is trace_plot.py; matplotlib is imported nowhere else).
+"""Figures of a sweep and of compare's attribution (the trace's figure is trace_plot.py;
+matplotlib is imported nowhere else).
 
 The figure is drawn through matplotlib's object API (`matplotlib.figure.Figure`, saved by the
 Agg renderer): no pyplot, no global state, no display, whatever MPLBACKEND says. matplotlib
@@ -18,6 +19,12 @@ first, so a loss the clip mostly switches off keeps its markers).
 2-D grid: a heat map of |∂L/∂z_y| per loss (columns) and sign of A (rows) over π_old (x) and
 π_θ (y), with a shared log colour scale, exact zeros in grey, the diagonal r = 1, and the
 contour where the gradient reaches 10× REINFORCE's.
+
+Attribution (compare ``--plot``): one row per loss that has an attribution section; left, each
+token's share ⟨g_t h_tᵀ, G⟩/‖G‖² of the lm_head update against π_θ(y) (log x, symmetric-log y:
+shares are signed), coloured by the sign of its advantage with each colour's summed share in the
+legend; right, the group shares (sign of A, loss term, clip/mask region, π_θ(y) bucket, quarter
+of the completion) as horizontal bars, each group summing to 100%.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from torch import Tensor
 from gradlens.errors import GradlensError
 from gradlens.files import check_output, writing
 from gradlens.report.sweep_labels import rule_name, rule_text, setting_text, sign_text
+from gradlens.results import CompareReport, LossReport
 from gradlens.sweep.curves import SIGNS, Curve
 from gradlens.sweep.grid import Axis
 from gradlens.sweep.run import SweepOutcome
@@ -648,3 +656,107 @@ def _label_switched_off(ax: Any, outcome: SweepOutcome, curve: Curve) -> None:
         color="0.25",
         zorder=6,
     )
+
+
+# ----------------------------------------------------------------------------- attribution
+
+SIGN_COLORS = {"A > 0": "#1f77b4", "A < 0": "#d62728", "A = 0": "#7f7f7f"}
+ATTRIBUTION_GROUPS = {
+    "advantage_sign": "sign",
+    "component": "term",
+    "region": "region",
+    "prob_bucket": "π_θ(y)",
+    "position": "position",
+}
+SIGN_NAMES = {"positive": "A > 0", "negative": "A < 0", "zero": "A = 0"}
+
+
+def plot_attribution(report: CompareReport, path: Path) -> None:
+    """compare ``--plot``: per loss with an attribution section, each token's share of the
+    lm_head update against π_θ(y), coloured by the sign of its advantage, and the group shares
+    as bars (docs/attribution.md)."""
+    check_plot_path(path)
+    losses = [r for r in report.losses if r.attribution is not None]
+    if not losses:
+        engine = "" if report.engine is None else f" (engine {report.engine.path!r})"
+        raise GradlensError(
+            f"--plot draws the attribution, and no loss has one{engine}: "
+            "set diagnostics.attribution on (auto runs it with the materialized engine only)"
+        )
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(14, 4.6 * len(losses)), layout="constrained")
+    axes = fig.subplots(len(losses), 2, squeeze=False, width_ratios=(1.5, 1))
+    for row, loss in zip(axes, losses, strict=True):
+        _share_scatter(row[0], loss)
+        _group_bars(row[1], loss)
+    b = report.batch
+    fig.suptitle(
+        f"where the lm_head update comes from: {b.num_tokens} tokens in {b.num_sequences} "
+        f"sequences, V = {b.vocab_size} ({b.source.split(':')[0]})",
+        fontsize=12,
+    )
+    with writing(path, "--plot", "wb") as fh:
+        fig.savefig(fh, dpi=DPI, format=path.suffix.lower()[1:])
+
+
+def _share_scatter(ax: Any, loss: LossReport) -> None:
+    a = loss.attribution
+    assert a is not None
+    points = a.points
+    shares = [s for s in points.share if s is not None]
+    small = min((abs(s) for s in shares if s != 0), default=1e-6)
+    linthresh = max(small, 1e-3 * max((abs(s) for s in shares), default=1.0))
+    for label, color in SIGN_COLORS.items():
+        xs, ys = [], []
+        for p, s, adv in zip(points.prob, points.share, points.advantage, strict=True):
+            sign = "A > 0" if adv > 0 else "A < 0" if adv < 0 else "A = 0"
+            if sign == label and p is not None and s is not None:
+                xs.append(p)
+                ys.append(s)
+        if xs:
+            share = sum(ys)
+            ax.scatter(xs, ys, s=9, alpha=0.6, color=color, label=f"{label}: {share:.1%}")
+    ax.set_xscale("log")
+    ax.set_yscale("symlog", linthresh=linthresh)
+    top = max(shares, default=linthresh)
+    bottom = min(shares, default=-linthresh)
+    low, high = min(-linthresh, 3 * bottom), max(linthresh, 3 * top)  # room above and below
+    ax.set_ylim(low, high)
+    # ticks at 0 and the decades outside the linear band only: none crowd around 0
+    first = math.ceil(math.log10(linthresh))
+    decades = [10.0**k for k in range(first, math.floor(math.log10(max(high, -low))) + 1)]
+    ax.set_yticks(
+        [-d for d in reversed(decades) if -d >= low] + [0.0] + [d for d in decades if d <= high]
+    )
+    ax.axhline(0.0, color="black", linewidth=0.6)
+    ax.set_xlabel("π_θ(y): the sampled token's probability")
+    ax.set_ylabel("token share ⟨g_t h_tᵀ, G⟩/‖G‖²")
+    shown = "" if len(points.prob) == points.total else f" ({len(points.prob)} largest shown)"
+    ax.set_title(f"{loss.name}: each token's share of the lm_head update{shown}", fontsize=10)
+    ax.legend(fontsize=8, loc="best", title="tokens by sign of A (sum of shares)")
+    ax.grid(True, which="major", alpha=0.3)
+
+
+def _group_bars(ax: Any, loss: LossReport) -> None:
+    a = loss.attribution
+    assert a is not None
+    labels, values, colors = [], [], []
+    for i, (group, prefix) in enumerate(ATTRIBUTION_GROUPS.items()):
+        part = a.groups[group]
+        for key, share in part.shares.items():
+            labels.append(f"{prefix}: {SIGN_NAMES.get(key, key)}")
+            values.append(0.0 if share is None else share)
+            colors.append(COLORS[i % len(COLORS)])
+    y = list(range(len(labels)))
+    ax.barh(y, values, color=colors, alpha=0.8)
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.axvline(0.0, color="black", linewidth=0.6)
+    for yi, v in zip(y, values, strict=True):  # right of the bar, or of 0 for a negative one
+        ax.text(max(v, 0.0), yi, f" {v:.1%}", va="center", ha="left", fontsize=7)
+    ax.set_xlabel("share of ‖G‖² (each group sums to 100%)")
+    half = a.sequences_to_half
+    words = "" if half is None else f"; half from {half} sequence{'s' if half > 1 else ''}"
+    ax.set_title(f"{loss.name}: shares by group{words}", fontsize=10)
+    ax.grid(True, axis="x", alpha=0.3)

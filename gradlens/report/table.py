@@ -9,6 +9,7 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.text import Text
 
+from gradlens.report.attribution_table import attribution_parts
 from gradlens.report.cells import (
     SEED_POST_NOTE,
     fmt,
@@ -21,6 +22,7 @@ from gradlens.report.cells import (
 from gradlens.report.fit import FitTable
 from gradlens.report.model_table import model_parts
 from gradlens.report.parity_table import rollout_and_parity_parts
+from gradlens.report.support_table import support_table
 from gradlens.results import CompareReport, LossReport
 
 
@@ -245,8 +247,11 @@ def render_compare(report: CompareReport, console: Console) -> None:
         *model_parts(report),
         losses_table(report),
         top_rows_table(report),
+        *attribution_parts(report),
         *rollout_and_parity_parts(report),
+        support_table(report),
     ]
+    parts = [p for p in parts if p is not None]
     parts += [t for t in (tokens_table(r) for r in report.losses) if t is not None]
     parts.append(findings_text(report))
     console.print(Group(*parts))

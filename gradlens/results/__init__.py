@@ -5,6 +5,14 @@ checkpoint; ``rollout`` the training–inference statistics both build on. The J
 generated from `CompareReport` (``gradlens schema``).
 """
 
+from gradlens.results.attribution import (
+    AttributedSequence,
+    AttributedToken,
+    Attribution,
+    EntropyChange,
+    GroupShares,
+    SharePoints,
+)
 from gradlens.results.base import Result
 from gradlens.results.model import (
     PREDICTION_FACTOR,
@@ -46,19 +54,26 @@ from gradlens.results.report import (
     ZeroSum,
 )
 from gradlens.results.rollout import RolloutStats
+from gradlens.results.support import KeptToken, SupportRatio, SupportReport
 
 __all__ = [
     "PREDICTION_FACTOR",
     "SCHEMA_VERSION",
     "Agreement",
+    "AttributedSequence",
+    "AttributedToken",
+    "Attribution",
     "BatchSummary",
     "Check",
     "Clipping",
     "CompareReport",
     "EngineInfo",
+    "EntropyChange",
     "Environment",
     "GradGroup",
     "GradNormPrediction",
+    "GroupShares",
+    "KeptToken",
     "LossReport",
     "MetricName",
     "Mismatch",
@@ -79,9 +94,12 @@ __all__ = [
     "RowNorms",
     "SampledRow",
     "SftOverRl",
+    "SharePoints",
     "Signal",
     "StaleStep",
     "Staleness",
+    "SupportRatio",
+    "SupportReport",
     "TokenDetail",
     "TopRow",
     "ZeroSum",

@@ -64,6 +64,7 @@ class RolloutSummary(Result):
     max_new_tokens: int
     temperature: float
     top_p: float
+    top_k: int = Field(0, description="top-k of the sampler; 0: off")
     reward: str
     mean_reward: float
     reward_std: float

@@ -12,9 +12,11 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from gradlens.results.attribution import Attribution
 from gradlens.results.base import Result
 from gradlens.results.model import ModelGradients, ModelReport
 from gradlens.results.rollout import RolloutStats
+from gradlens.results.support import SupportReport
 
 SCHEMA_VERSION = "gradlens.compare/3"
 
@@ -214,6 +216,12 @@ class LossReport(Result):
         "weights (kl: grpo's KL estimate before β; sapo_gate: SAPO's mean gate) and "
         "reported:<name>, the metrics a verl-shaped function returned itself",
     )
+    attribution: Attribution | None = Field(
+        None,
+        description="which sequences, tokens, loss terms and token groups carry the lm_head "
+        "update, and the entropy change of one step (diagnostics.attribution; null when off, "
+        "or when ‖∂L/∂W‖ is zero or not finite)",
+    )
 
 
 class Check(Result):
@@ -321,6 +329,11 @@ class CompareReport(Result):
     rollout: RolloutStats | None = Field(
         None, description="training–inference gap, when the batch has rollout log-probs"
     )
+    support: SupportReport | None = Field(
+        None,
+        description="the rollout's top-p/top-k kept sets K_t, when the batch records them: the "
+        "kept mass and what replaying it (loss.sampling_support) changes",
+    )
     parity: list[ParityReport] = Field(
         default_factory=list, description="--parity A,B (once per pair): each pair compared"
     )
@@ -350,12 +363,16 @@ class CompareReport(Result):
                 for k, v in value.items():
                     put(f"{key}/{k}", v)
 
-        for section in ("batch", "ratio", "rollout"):
+        for section in ("batch", "ratio", "rollout", "support"):
             part = getattr(self, section)
             if part is not None:
                 put(f"{prefix}/{section}", part.model_dump())
         for loss in self.losses:
-            fields = loss.model_dump(exclude={"tokens", "findings", "rows"})
+            fields = loss.model_dump(exclude={"tokens", "findings", "rows", "attribution"})
+            if loss.attribution is not None:  # its numbers, not its lists
+                fields["attribution"] = loss.attribution.model_dump(
+                    include={"grad_norm_sq", "share_sum", "sequences_to_half", "groups", "entropy"}
+                )
             fields["rows"] = loss.rows.model_dump(exclude={"top_rows"})
             if loss.model_grads is not None:
                 fields["model_grads"] = {"total_norm": loss.model_grads.total_norm}

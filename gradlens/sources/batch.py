@@ -29,14 +29,14 @@ from torch import Tensor
 from gradlens.advantages import advantages_from_rewards
 from gradlens.batchfile import peek_shapes, read_batch_file, shape_keys
 from gradlens.config import BatchSource
-from gradlens.containers import Batch, Namer, Origin, VocabRows
+from gradlens.containers import Batch, KeptSets, Namer, Origin, VocabRows
 from gradlens.engine.vocab_split import balanced_split
 from gradlens.errors import GradlensError
 from gradlens.grads import effective_old_logp, softmax_view
 from gradlens.logits import softmax_dtype
 from gradlens.memory import Estimate, Shape, dtype_bytes
 from gradlens.sources.base import SourceContext, SourcePlan
-from gradlens.sources.checkpoint import checkpoint_estimate, checkpoint_sizes
+from gradlens.sources.checkpoint import checkpoint_estimate, checkpoint_sizes, load_tokenizer
 from gradlens.sources.recompute import BUILTIN, recompute_hidden
 
 JSONL_FACTOR = 4  # a .jsonl number parsed into Python objects takes about 4× its text
@@ -61,6 +61,7 @@ def build_batch_file(src: BatchSource, ctx: SourceContext) -> Batch:
     origin = ""
     context = None
     rows = None
+    tokenizer = None
     if src.model_path is not None:
         recomputed = recompute_hidden(
             src.model_path,
@@ -71,6 +72,7 @@ def build_batch_file(src: BatchSource, ctx: SourceContext) -> Batch:
             whole_model_of=str(path) if src.runs_whole_model else None,
         )
         hidden, weight, context = recomputed.hidden, recomputed.weight, recomputed.context
+        tokenizer = recomputed.tokenizer
         origin = f"; {recomputed.description}"
         if "hidden" in data:
             origin += " (the file's hidden_states and lm_head_weight are not used)"
@@ -92,6 +94,8 @@ def build_batch_file(src: BatchSource, ctx: SourceContext) -> Batch:
             "into the file, or set source.model_path to a checkpoint that recomputes them from "
             "the file's token ids (docs/batchfile.md shows both)"
         )
+    if src.tokenizer is not None:  # it wins over the checkpoint's
+        tokenizer = load_tokenizer(src.tokenizer)
     mask = data["mask"]
     n, t = mask.shape
     acc = softmax_dtype(dtype)
@@ -114,6 +118,14 @@ def build_batch_file(src: BatchSource, ctx: SourceContext) -> Batch:
     def opt(name: str) -> torch.Tensor | None:
         return data[name].to(acc).to(device) if name in data else None
 
+    kept = None
+    if "kept_ids" in data:
+        kept = KeptSets(
+            ids=data["kept_ids"].to(device),
+            rule="the batch file's kept_ids",
+            old_log_mass=opt("old_kept_log_mass"),
+            rollout_log_mass=opt("rollout_kept_log_mass"),
+        )
     return Batch(
         hidden=hidden.to(dtype).to(device),
         weight=weight.to(dtype).to(device),
@@ -130,6 +142,8 @@ def build_batch_file(src: BatchSource, ctx: SourceContext) -> Batch:
         advantage_note=note,
         model_context=context,
         weight_rows=rows,
+        kept=kept,
+        tokenizer=tokenizer,
         origin=Origin(
             file_names(path.name, file.keys, data, src.model_path),
             frozenset() if src.model_path is None else frozenset({"hidden", "weight"}),
@@ -238,6 +252,10 @@ def dump_tensors(batch: Batch) -> dict[str, Tensor | None]:
         "advantages": batch.advantages,
         "hidden": batch.hidden,
     }
+    if batch.kept is not None:
+        per_token["kept_ids"] = batch.kept.ids
+        per_token["old_kept_log_mass"] = batch.kept.old_log_mass
+        per_token["rollout_kept_log_mass"] = batch.kept.rollout_log_mass
     context = batch.model_context
     if context is None:
         return {**per_token, "weight": batch.weight}

@@ -118,6 +118,38 @@ def load_checkpoint(
     return loaded
 
 
+def load_tokenizer(path: str, key: str = "source.tokenizer") -> Any:
+    """A tokenizer alone, to decode token ids: ``builtin`` (the shipped model's), a checkpoint or
+    tokenizer directory (transformers' AutoTokenizer, local files only), or a ``tokenizer.json``
+    file (the tokenizers library). Errors name ``key``."""
+    where = builtin_model_dir() if path == "builtin" else Path(path).expanduser()
+    if not where.exists():
+        raise GradlensError(
+            f"{key}: {path!r} does not exist; give a tokenizer directory, a tokenizer.json file "
+            "or builtin"
+        )
+    try:
+        if where.is_file():
+            from tokenizers import Tokenizer
+
+            return Tokenizer.from_file(str(where))
+        if not any((where / f).is_file() for f in TOKENIZER_FILES):
+            raise GradlensError(
+                f"{key}: {path!r} has no tokenizer files ({', '.join(TOKENIZER_FILES)})"
+            )
+        from transformers import AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        return AutoTokenizer.from_pretrained(where, local_files_only=True)
+    except GradlensError:
+        raise
+    except Exception as exc:
+        raise GradlensError(
+            f"{key}: no tokenizer could be loaded from {path!r}: {type(exc).__name__}: {exc}"
+        ) from None
+
+
 def read_builtin_prompts() -> list[str]:
     """The prompts shipped with the built-in model (held-out def/class lines)."""
     path = builtin_model_dir() / "prompts.json"

@@ -23,10 +23,13 @@ not a local directory is an error. The batch is built in five steps:
 With a bias on the lm_head, h is extended by a constant 1 and W by the bias column, so z = W h
 still holds and the bias gradient is the last column of ∂L/∂W.
 
-Which log-prob is which, with temperature and top-p: every one of π_θ, π_old and μ is the
-softmax of the logits divided by T (verl, TRL and OpenRLHF divide by the sampling temperature
-in training too). Top-p only decides which tokens can be sampled; none of the three is
-renormalised over the nucleus (DeepSeek-V3.2's "keep sampling mask" would do that).
+Which log-prob is which, with temperature, top-p and top-k: every one of π_θ, π_old and μ is
+the softmax of the logits divided by T (verl, TRL and OpenRLHF divide by the sampling
+temperature in training too). Top-p and top-k only decide which tokens can be sampled; none of
+the three is renormalised over the kept set K_t. The batch records K_t (`KeptSets`) with the
+kept masses log S^μ_t (rollout pass) and log S^old_t (π_old's training pass; π_ref is π_old
+here), so that ``loss.sampling_support: kept`` can replay it (DeepSeek-V3.2's "keep sampling
+mask", `gradlens.grads.replay`). The stale steps use the whole vocabulary either way.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import torch
 
 from gradlens.advantages import advantages_from_rewards
 from gradlens.config import DTYPES, ModelSource
-from gradlens.containers import Batch, ModelContext, Origin, RolloutRecord
+from gradlens.containers import Batch, KeptSets, ModelContext, Origin, RolloutRecord
 from gradlens.losses import get_loss
 from gradlens.memory import Estimate, Shape, dtype_bytes
 from gradlens.sources.base import SourceContext, SourcePlan
@@ -74,6 +77,7 @@ def build_model_batch(src: ModelSource, ctx: SourceContext) -> Batch:
         src.top_p,
         gen,
         device,
+        src.top_k,
     )
     del roller  # the rollout copy is not needed any more
 
@@ -100,6 +104,7 @@ def build_model_batch(src: ModelSource, ctx: SourceContext) -> Batch:
         ctx.params,
         ctx.aggregation,
         loaded.bias,
+        rollout.kept_ids,
     )
     hidden, old_logp = stale.hidden, stale.old_logp
     weight = head_weight(loaded.model).detach().clone()
@@ -115,7 +120,22 @@ def build_model_batch(src: ModelSource, ctx: SourceContext) -> Batch:
         top_p=src.top_p,
         reward=src.reward,
         rollout_dtype=src.rollout_dtype,
+        top_k=src.top_k,
     )
+    kept = None
+    if rollout.kept_ids is not None:
+        rule = " and ".join(
+            ([f"top-k {src.top_k}"] if src.top_k > 0 else [])
+            + ([f"top-p {src.top_p}"] if src.top_p < 1.0 else [])
+        )
+        kept = KeptSets(
+            ids=rollout.kept_ids,
+            rule=rule,
+            old_log_mass=stale.old_kept_log_mass,
+            rollout_log_mass=None
+            if rollout.kept_log_mass is None
+            else rollout.kept_log_mass.to(old_logp.dtype),
+        )
     train_dtype = str(dtype).removeprefix("torch.")
     name = "built-in tiny_lm" if loaded.builtin else f"{loaded.path.name}"
     parameters = sum(p.numel() for p in loaded.model.parameters())
@@ -134,7 +154,8 @@ def build_model_batch(src: ModelSource, ctx: SourceContext) -> Batch:
             f"model: {name} ({type(loaded.model).__name__}, {parameters / 1e6:.2f}M parameters"
             f"{', tied embeddings' if loaded.tied else ''}); {len(prompts)} prompts × "
             f"{src.group_size} completions ≤ {src.max_new_tokens} tokens, T = {src.temperature}, "
-            f"top-p {src.top_p}; μ in {src.rollout_dtype}; {src.stale.steps} stale "
+            f"top-p {src.top_p}{f', top-k {src.top_k}' if src.top_k else ''}; "
+            f"μ in {src.rollout_dtype}; {src.stale.steps} stale "
             f"{src.stale.optimizer} step(s) on {src.stale.loss}; reward {src.reward}"
         ),
         advantage_note=note,
@@ -146,6 +167,7 @@ def build_model_batch(src: ModelSource, ctx: SourceContext) -> Batch:
             rollout=record,
             staleness=stale.record,
         ),
+        kept=kept,
         origin=Origin(model_names, COMPUTED),
     )
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -55,6 +56,7 @@ class Recomputed:
     weight: Tensor  # [V, H(+1)]
     description: str
     context: ModelContext | None = None  # with whole_model: the model and the sequences
+    tokenizer: Any = None  # the checkpoint's tokenizer
 
 
 # The settings that ask for whole-model gradients, as errors name them (engine: streamed)
@@ -140,7 +142,7 @@ def recompute_hidden(
             batch_file=whole_model_of,
         )
         description += "; every loss also runs through the whole model"
-    return Recomputed(hidden, weight, description, context)
+    return Recomputed(hidden, weight, description, context, loaded.tokenizer)
 
 
 def check_tokens(

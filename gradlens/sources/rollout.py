@@ -5,7 +5,12 @@ key-value cache. At each step the logits of the last position are upcast to floa
 does), divided by the temperature T, and
 
     μ(y) = softmax(z/T)(y)              the rollout log-prob returned with the token,
-    y ~ softmax(z/T) restricted to the smallest set of top tokens with mass ≥ top_p.
+    y ~ softmax(z/T) restricted to the kept set K_t and renormalised,
+
+K_t: the ``top_k`` most probable tokens (all for 0), then of those (renormalised, as vLLM
+orders the two filters) the smallest prefix with mass ≥ ``top_p``. K_t is a prefix of the
+sorted distribution, so it is recorded as that prefix's ids (`KeptSets`), with the rollout
+pass's kept mass log S^μ_t = log Σ_{v∈K_t} μ_t,v; without top-p or top-k nothing is recorded.
 
 The cache is handed back to the model under the name its ``forward`` takes: ``cache`` in the
 transformers releases that rename it (there ``past_key_values`` warns, and 5.40 removes it),
@@ -82,17 +87,36 @@ class Rollout:
     rollout_logp: Tensor  # [N, T] log μ(y_t) at the completion tokens, 0 elsewhere (float32)
     completions: list[str]  # decoded completion text (special tokens dropped)
     stopped: int  # sequences that emitted EOS
+    kept_ids: Tensor | None = None  # [N, T, K] K_t's ids (−1 padding); None: no truncation
+    kept_log_mass: Tensor | None = None  # [N, T] log S^μ_t (0 off the completion)
 
 
-def top_p_filter(probs: Tensor, top_p: float) -> Tensor:
-    """[N, V] probabilities restricted to the nucleus of mass ≥ top_p (not renormalised)."""
-    if top_p >= 1.0:
-        return probs
-    sorted_p, order = probs.sort(dim=-1, descending=True)
-    before = sorted_p.cumsum(-1) - sorted_p  # mass of the tokens ranked above
-    keep_sorted = before < top_p  # the top token is always kept
-    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
-    return probs * keep
+def truncates(top_p: float, top_k: int) -> bool:
+    """Whether top-p / top-k leave out any token at all."""
+    return top_p < 1.0 or top_k > 0
+
+
+def kept_prefix(probs: Tensor, top_p: float, top_k: int) -> tuple[Tensor, Tensor]:
+    """([N, V] ids sorted by descending probability, [N] |K_t|): K_t is the first |K_t| of them.
+
+    Top-k keeps the k most probable (k = 0: all); top-p then keeps the smallest prefix of those,
+    renormalised, whose mass reaches top_p (the tokens whose predecessors' mass is < top_p: the
+    top token is always kept)."""
+    sorted_p, order = probs.sort(dim=-1, descending=True)  # [N, V]
+    rank = torch.arange(probs.shape[-1], device=probs.device)
+    keep = rank < top_k if top_k > 0 else torch.ones_like(sorted_p, dtype=torch.bool)
+    kept_p = sorted_p * keep
+    kept_p = kept_p / kept_p.sum(-1, keepdim=True)
+    before = kept_p.cumsum(-1) - kept_p  # mass of the kept tokens ranked above
+    keep = keep & (before < top_p)
+    return order, keep.sum(-1)
+
+
+def prefix_ids(order: Tensor, count: Tensor, width: int) -> Tensor:
+    """[N, width] the first ``count`` ids of each row of ``order``, −1 after them."""
+    ids = order[:, :width]
+    inside = torch.arange(width, device=order.device) < count[:, None]
+    return torch.where(inside, ids, torch.full_like(ids, -1))
 
 
 @torch.no_grad()
@@ -106,6 +130,7 @@ def sample(
     top_p: float,
     gen: torch.Generator,
     device: torch.device,
+    top_k: int = 0,
 ) -> Rollout:
     """``group_size`` completions of each prompt, consecutive in the batch."""
     eos = tokenizer.eos_token_id
@@ -124,6 +149,9 @@ def sample(
     new_logp = torch.zeros(n, max_new_tokens, dtype=torch.float32, device=device)
     alive = torch.zeros(n, max_new_tokens, dtype=torch.bool, device=device)
     done = torch.zeros(n, dtype=torch.bool, device=device)
+    step_ids: list[Tensor] = []  # per step [N, K_step] K_t's ids, −1 padding
+    step_mass = torch.zeros(n, max_new_tokens, dtype=torch.float32, device=device)
+    truncated = truncates(top_p, top_k)
 
     keyword = cache_keyword(model)
     out = model(
@@ -135,7 +163,15 @@ def sample(
         report("sampling", k, max_new_tokens)
         logits = out.logits[:, -1].float() / temperature  # [N, V]
         log_probs = torch.log_softmax(logits, dim=-1)
-        probs = top_p_filter(log_probs.exp(), top_p)
+        probs = log_probs.exp()
+        if truncated:
+            order, count = kept_prefix(probs, top_p, top_k)
+            ranks = torch.arange(probs.shape[-1], device=device) < count[:, None]
+            keep = torch.zeros_like(ranks).scatter(-1, order, ranks)  # [N, V]
+            probs = probs * keep
+            step_mass[:, k] = torch.logsumexp(log_probs.masked_fill(~keep, -torch.inf), dim=-1)
+            ids = prefix_ids(order, count, int(count.max()))
+            step_ids.append(torch.where(done[:, None], torch.full_like(ids, -1), ids))
         y = torch.multinomial(probs.cpu(), 1, generator=gen).to(device).squeeze(-1)  # [N]
         y = torch.where(done, torch.full_like(y, pad), y)
         alive[:, k] = ~done
@@ -165,6 +201,15 @@ def sample(
     rollout_logp = torch.zeros(loss_mask.shape, dtype=torch.float32, device=device)
     rollout_logp[:, width - 1 :] = torch.where(alive, new_logp, torch.zeros_like(new_logp))
 
+    kept_ids = kept_mass = None
+    if truncated:
+        width_k = max(int(t.shape[1]) for t in step_ids[:steps])
+        kept_ids = torch.full((*loss_mask.shape, width_k), -1, dtype=torch.long, device=device)
+        for j, ids in enumerate(step_ids[:steps]):
+            kept_ids[:, width - 1 + j, : ids.shape[1]] = ids
+        kept_mass = torch.zeros(loss_mask.shape, dtype=torch.float32, device=device)
+        kept_mass[:, width - 1 :] = torch.where(alive, step_mass[:, :steps], 0.0)
+
     completions = []
     for i in range(n):
         kept = new_tokens[i][alive[i]].tolist()
@@ -175,4 +220,6 @@ def sample(
         rollout_logp,
         completions,
         stopped,
+        kept_ids,
+        kept_mass,
     )

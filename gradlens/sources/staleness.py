@@ -22,7 +22,8 @@ from torch import Tensor, nn
 
 from gradlens.config import StaleConfig
 from gradlens.containers import Batch, Sequences, StalenessRecord, StalePoint
-from gradlens.grads import objective, policy_pass
+from gradlens.grads import PolicyPass, objective, on_grid, policy_pass
+from gradlens.logits import kept_entries
 from gradlens.losses import Aggregation, LossParams, LossSpec
 from gradlens.progress import report
 from gradlens.sources.forward import final_hidden, head_weight
@@ -35,6 +36,7 @@ class StaleResult:
     record: StalenessRecord
     old_logp: Tensor  # [N, T] log π_old(y_t): the training pass at θ_0
     hidden: Tensor  # [N, T, H] h_t/T at θ_N (detached), for the batch
+    old_kept_log_mass: Tensor | None = None  # [N, T] log S^old_t of the kept sets, if given
 
 
 def stale_steps(
@@ -48,12 +50,15 @@ def stale_steps(
     params: LossParams,
     aggregation: Aggregation,
     bias: bool,
+    kept_ids: Tensor | None = None,
 ) -> StaleResult:
-    """Take the N steps in place on ``model``: the trajectory, π_old, and h at θ_N."""
+    """Take the N steps in place on ``model``: the trajectory, π_old, and h at θ_N; with the
+    rollout's kept sets ``kept_ids`` [N, T, K] also π_old's kept mass log S^old_t."""
     mask, tokens = seqs.loss_mask, seqs.tokens
     optimizer = OPTIMIZERS[cfg.optimizer](model.parameters(), lr=cfg.lr)
     trajectory: list[StalePoint] = []
     old_logp: Tensor | None = None
+    old_mass: Tensor | None = None
     for k in range(cfg.steps + 1):
         report("stale steps", k, cfg.steps)
         last = k == cfg.steps
@@ -63,6 +68,8 @@ def stale_steps(
             policy = policy_pass(hidden, weight, tokens, mask)
         if old_logp is None:
             old_logp = policy.logp.detach()  # π_old: the training pass at θ_old
+            if kept_ids is not None:
+                old_mass = kept_log_mass(policy, kept_ids)
         loss_value = None
         if not last:
             batch = Batch(
@@ -84,4 +91,12 @@ def stale_steps(
     optimizer.zero_grad(set_to_none=True)
     assert old_logp is not None
     record = StalenessRecord(cfg.steps, cfg.optimizer, cfg.lr, cfg.loss, trajectory)
-    return StaleResult(record, old_logp, hidden.detach())
+    return StaleResult(record, old_logp, hidden.detach(), old_mass)
+
+
+def kept_log_mass(policy: PolicyPass, kept_ids: Tensor) -> Tensor:
+    """[N, T] log S_t = log Σ_{v∈K_t} π_t,v of the pass's (full) distribution, 0 off the mask."""
+    with torch.no_grad():
+        keep = kept_entries(kept_ids[policy.rows, policy.cols], 0, policy.log_probs.shape[-1])
+        mass = torch.logsumexp(policy.log_probs.detach().masked_fill(~keep, -torch.inf), dim=-1)
+    return on_grid(mass, policy.rows, policy.cols, policy.logp.shape)

@@ -336,6 +336,68 @@ CASES = {
     "plot-unknown-suffix": Case(
         "output-file", lambda d: ["sweep", "--plot", str(d / "s.gif")], ("--plot", ".png")
     ),
+    "compare-plot-under-a-file": Case(
+        "output-file",
+        lambda d: ["compare", "--plot", str(write(d / "f", b"x") / "a.png")],
+        ("--plot", "is a file"),
+    ),
+    "compare-plot-unknown-suffix": Case(
+        "output-file", lambda d: ["compare", "--plot", str(d / "a.gif")], ("--plot", ".png")
+    ),
+    # what the attribution cannot do
+    "plot-attribution-off": Case(
+        "attribution",
+        lambda d: ["compare", "--plot", str(d / "a.png"), "--set", "diagnostics.attribution=off"],
+        ("--plot", "diagnostics.attribution is 'off'"),
+    ),
+    "plot-streamed-auto": Case(  # known after the run; still nothing printed, no file
+        "attribution",
+        lambda d: [
+            "compare",
+            "-l",
+            "reinforce",
+            "--engine",
+            "streamed",
+            "--plot",
+            str(d / "a.png"),
+        ],
+        ("--plot", "no loss has one (engine 'streamed')", "diagnostics.attribution on"),
+    ),
+    "plot-parity-matrix": Case(
+        "attribution",
+        lambda d: [
+            "compare",
+            "--parity",
+            "ppo,ppo_clip",
+            "--parity-matrix",
+            "loss.eps_high=[0.2, 0.3]",
+            "--plot",
+            str(d / "a.png"),
+        ],
+        ("--plot", "--parity-matrix"),
+    ),
+    "attribution-on-fused": Case(
+        "attribution",
+        lambda d: [
+            "compare",
+            "--set",
+            "diagnostics.engine=fused",
+            "--set",
+            "diagnostics.attribution=on",
+        ],
+        ("diagnostics", "attribution 'on' needs the materialized or streamed engine"),
+    ),
+    "tokenizer-missing": Case(
+        "attribution",
+        lambda d: [
+            "compare",
+            "--set",
+            f"source.path={batch_file(d)}",
+            "--set",
+            f"source.tokenizer={d / 'none'}",
+        ],
+        ("source.tokenizer", "does not exist"),
+    ),
     # the sweep's own settings
     "sweep-bad-axis": Case("sweep-settings", lambda d: ["sweep", "--min", "2"], ("pi_old.min",)),
     "sweep-output-without-format": Case(
@@ -565,6 +627,15 @@ def writing_commands(path: Path) -> list[list[str]]:
         ["dump", "-o", str(path.with_suffix(".pt")), "--set", "source.num_sequences=4"],
         ["sweep", "--points", "5", "--output", str(path.with_suffix(suffix["sweep --output"]))],
         ["sweep", "--points", "5", "--plot", str(path.with_suffix(suffix["sweep --plot"]))],
+        [
+            "compare",
+            "-l",
+            "reinforce",
+            "--set",
+            "source.num_sequences=4",
+            "--plot",
+            str(path.with_suffix(".pdf")),
+        ],
     ]
 
 

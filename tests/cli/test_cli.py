@@ -41,6 +41,9 @@ def test_default_table_shows_every_section():
         "zero-sum",
         "agreement",
         "largest lm_head gradient rows",
+        "attribution: shares ⟨part, G⟩/‖G‖²",
+        "largest token shares",
+        "largest sequence shares",
         "checks: 18/18 passed",
     ):
         assert text in out
@@ -78,6 +81,52 @@ def test_default_batch_shows_the_clip_and_the_other_rows(default_json):
         # zero-sum per token: the other rows carry exactly the sampled row's mass
         assert row["other_mass_mean"] == pytest.approx(row["sampled_abs_mean"], rel=1e-5)
         assert r["rows"]["sampled_rows"]["count"] + r["rows"]["other_rows"]["count"] == 2048
+
+
+def test_default_report_attributes_each_loss(default_json):
+    # auto attribution with the materialized engine: every loss has the section, its token
+    # shares sum to 1 (float32 operands over 643 tokens: rounding far below 1e-4), and so does
+    # every group of shares
+    for r in default_json["losses"]:
+        a = r["attribution"]
+        assert a["share_sum"] == pytest.approx(1.0, abs=1e-4)
+        for group in a["groups"].values():
+            assert sum(group["shares"].values()) == pytest.approx(1.0, abs=1e-4)
+
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_draws_the_attribution(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "attribution.png"
+    result = invoke("compare", "--losses", "grpo,ppo_clip", "--plot", str(path))
+    assert result.exit_code == 0, result.output
+    assert path.read_bytes()[:8] == PNG
+    assert f"wrote the plot to {path}" in result.stderr
+    assert "attribution: shares" in result.stdout  # the report is printed as well
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--plot", "a.gif"], "the file name must end in .png, .svg, .pdf"),
+        (
+            ["--plot", "a.png", "--set", "diagnostics.attribution=off"],
+            "diagnostics.attribution is 'off'",
+        ),
+        # auto with the streamed engine: no section, known only after the run; still no report
+        (["--plot", "a.png", "--engine", "streamed"], "no loss has one (engine 'streamed')"),
+    ],
+)
+def test_plot_without_an_attribution_is_a_clear_error(tmp_path, monkeypatch, args, expected):
+    pytest.importorskip("matplotlib")
+    monkeypatch.chdir(tmp_path)
+    result = invoke("compare", "--losses", "ppo_clip", *args)
+    assert result.exit_code == 2, result.output
+    assert expected in result.stderr
+    assert result.stdout == ""  # nothing half-written
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_losses_flag_selects_and_orders():

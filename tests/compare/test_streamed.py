@@ -36,7 +36,12 @@ def both(config_name: str, overrides: tuple[str, ...] = ()):
         run_compare(
             build_config(
                 path,
-                [f"diagnostics.engine={engine}", "diagnostics.reference=autograd", *overrides],
+                [
+                    f"diagnostics.engine={engine}",
+                    "diagnostics.reference=autograd",
+                    "diagnostics.attribution=on",
+                    *overrides,
+                ],
             )
         )
         for engine in ("materialized", "streamed")
@@ -113,6 +118,41 @@ def assert_agree(mat, stream):
         assert b.metrics.keys() == a.metrics.keys()
         for name, value in a.metrics.items():
             assert b.metrics[name] == pytest.approx(value, rel=tol, abs=1e-12), name
+        assert_attribution_agrees(a.attribution, b.attribution, tol)
+
+
+def assert_attribution_agrees(a, b, tol: float) -> None:
+    """The attribution sections: shares to ``tol`` (they are fractions of 1), the entropy
+    rates to ``tol`` against the size of their parts (the mean cancels between signs)."""
+    assert (a is None) == (b is None)
+    if a is None:
+        return
+    assert b.grad_norm_sq == pytest.approx(a.grad_norm_sq, rel=2 * tol)
+    assert b.share_sum == pytest.approx(1.0, abs=tol) and a.share_sum == pytest.approx(1.0, abs=tol)
+    # π_θ(y) differs by up to tol (relative) between the engines: a token that close to a
+    # bucket edge may change bucket, taking its share along
+    edges = (0.1, 0.5, 0.9)
+    near = [
+        abs(x or 0.0)
+        for p, x in zip(a.points.prob, a.points.share, strict=True)
+        if p is not None and any(abs(p - e) <= tol * e for e in edges)
+    ]
+    assert a.points.total == len(a.points.prob)  # every token is a point here
+    for group, part in a.groups.items():
+        moved = (len(near), sum(near)) if group == "prob_bucket" else (0, 0.0)
+        for key, count in part.tokens.items():
+            assert abs(b.groups[group].tokens[key] - count) <= moved[0], (group, key)
+        for key, value in part.shares.items():
+            got = b.groups[group].shares[key]
+            assert got == pytest.approx(value, abs=tol + moved[1]), (group, key)
+    for x, y in zip(a.top_sequences, b.top_sequences, strict=True):
+        assert y.share == pytest.approx(x.share, abs=tol)
+        assert y.norm == pytest.approx(x.norm, rel=10 * tol)
+    for field in ("lm_head", "logit"):
+        parts = getattr(a.entropy, f"{field}_by_sign").values()
+        scale = sum(abs(v) for v in parts if v is not None)
+        value = getattr(a.entropy, field)
+        assert getattr(b.entropy, field) == pytest.approx(value, abs=10 * tol * scale), field
 
 
 def test_streamed_reports_carry_the_loss_metrics():

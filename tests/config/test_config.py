@@ -38,11 +38,13 @@ def test_one_default_per_loss_setting() -> None:
 def test_every_loss_param_has_its_config_key() -> None:
     fields = {f.name for f in dataclasses.fields(LossParams)}
     assert fields <= set(LossConfig.model_fields)
-    # the three config keys that are not loss parameters travel as the aggregation
+    # the config keys that are not loss parameters: three travel as the aggregation, and
+    # sampling_support tells the compare pipeline to replay the batch's kept sets
     assert set(LossConfig.model_fields) - fields == {
         "aggregation",
         "loss_scale_factor",
         "count_empty_sequences",
+        "sampling_support",
     }
 
 

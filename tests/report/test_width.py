@@ -20,9 +20,12 @@ import pytest
 from rich.cells import cell_len
 from rich.console import Console
 
+from gradlens.compare import run_compare
+from gradlens.config import build_config
 from gradlens.losses import AGGREGATIONS, get_loss, loss_names
 from gradlens.losses.frameworks import framework_rows
 from gradlens.report.loss_list import aggregation_table, framework_table, loss_list_table
+from gradlens.report.support_table import support_table
 from gradlens.report.sweep_table import render_sweep
 from gradlens.report.table import render_compare
 from gradlens.report.trace import trace_renderable
@@ -114,6 +117,26 @@ def test_trace_reads_at_the_width(width: int) -> None:
     trace = trace_run(str(TESTS.parent / "docs" / "examples" / "trl_run"))
     assert trace.spikes  # the example run has a spike: its contributors' tables are drawn too
     assert_readable(lambda console: console.print(trace_renderable(trace)), width)
+
+
+@pytest.fixture(scope="module")
+def kept_sets_report() -> CompareReport:
+    """A built-in model run sampled with top-k: its report has the sampling-support section."""
+    overrides = [
+        "source.kind=model",
+        "source.num_prompts=1",
+        "source.group_size=2",
+        "source.max_new_tokens=4",
+        "source.stale.steps=0",
+        "source.top_k=20",
+    ]
+    return run_compare(build_config(None, overrides))
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_support_section_reads_at_the_width(kept_sets_report: CompareReport, width: int) -> None:
+    assert kept_sets_report.support is not None
+    assert_readable(lambda console: console.print(support_table(kept_sets_report)), width)
 
 
 def test_a_split_number_is_caught():

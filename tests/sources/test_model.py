@@ -282,6 +282,11 @@ def test_the_builtin_model_runs_from_the_cli():
     assert model["model"]["builtin"] is True and model["model"]["tied_embeddings"] is True
     assert model["staleness"]["steps"] == 2 and len(model["staleness"]["trajectory"]) == 3
     assert report["ratio"]["min"] < 1.0 < report["ratio"]["max"]  # real staleness
+    for loss in report["losses"]:  # the model's tokenizer decodes the largest tokens
+        attribution = loss["attribution"]
+        for t in attribution["top_tokens"]:
+            assert t["text"] is not None and f"«{t['text']}»" in t["context"]
+        assert all(s["text"] for s in attribution["top_sequences"])
 
 
 def _training_script():
@@ -438,3 +443,56 @@ def test_a_model_with_scaled_logits_is_refused(tmp_path):
     make_tokenizer().save_pretrained(path)
     err = cli_error("--set", f"source.path={path}")
     assert "logits are not lm_head(final hidden state)" in err
+
+
+# ----------------------------------------------------------------------------- top-p / top-k
+
+
+@pytest.mark.parametrize("truncation", [{"top_p": 0.9}, {"top_k": 20}], ids=["top_p", "top_k"])
+def test_the_rollout_records_its_kept_sets(checkpoints, truncation):
+    batch = _batch(checkpoints["llama"], reward="length", rollout_dtype="float32", **truncation)
+    kept = batch.kept
+    assert kept is not None and kept.rollout_log_mass is not None and kept.old_log_mass is not None
+    m = batch.mask
+    assert bool((kept.ids == batch.tokens[..., None]).any(-1)[m].all())  # y_t ∈ K_t
+    mass = kept.rollout_log_mass[m].exp()
+    if "top_p" in truncation:
+        # the smallest prefix with mass ≥ 0.9 (float32 cumulative sums: 1e-6)
+        assert float(mass.min()) >= 0.9 - 1e-6
+        assert kept.rule == "top-p 0.9"
+    else:
+        assert bool((kept.counts()[m] == 20).all()) and float(mass.max()) < 1.0
+    # an fp32 rollout at θ_old: π_old's kept mass is μ's up to the KV cache's rounding
+    assert torch.allclose(kept.old_log_mass[m], kept.rollout_log_mass[m], atol=1e-4)
+
+
+@pytest.mark.parametrize("engine", ["materialized", "streamed"])
+def test_a_replayed_model_batch_passes_every_check(checkpoints, engine, tmp_path):
+    from gradlens.batchfile import write_batch
+    from gradlens.sources.batch import dump_tensors
+
+    data = model_config(checkpoints["llama"], reward="length", top_k=20)
+    data["loss"] = {"sampling_support": "kept"}
+    data["diagnostics"] = {"engine": engine, "reference": "autograd", "vocab_chunk": 64}
+    report = run_compare(validate(data))
+    assert report.passed, [c for c in report.checks if not c.passed]
+    support = report.support
+    assert support is not None and support.replayed and support.rule == "top-k 20"
+    assert support.kept_min == support.kept_max == 20
+    assert support.mass_mean is not None and 0 < support.mass_mean < 1
+    # the batch file carries the kept sets: the same support read back
+    path = tmp_path / "kept.safetensors"
+    write_batch(path, dump_tensors(_batch(checkpoints["llama"], reward="length", top_k=20)))
+    again = run_compare(
+        validate(
+            {
+                "losses": data["losses"],
+                "loss": data["loss"],
+                "diagnostics": data["diagnostics"],
+                "source": {"kind": "batch", "path": str(path)},
+            }
+        )
+    )
+    assert again.passed and again.support is not None
+    assert again.support.kept_mean == 20 and again.support.tokens == support.tokens
+    assert again.support.mass_mean == pytest.approx(support.mass_mean, rel=1e-5)

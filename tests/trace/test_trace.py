@@ -8,6 +8,7 @@ file that is not a batch file at all.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -18,6 +19,7 @@ from typer.testing import CliRunner
 
 from gradlens.batchfile import write_batch
 from gradlens.cli import app
+from gradlens.containers import Batch
 from gradlens.diagnostics.contributors import token_grad_norms
 from gradlens.diagnostics.spikes import mad_scores, ratio_spike
 from gradlens.grads import objective, softmax_view
@@ -69,6 +71,13 @@ def test_token_grad_norms_are_autograds_through_the_logits() -> None:
     assert float(expected.max()) > 0
 
 
+def dumpable_batch(seed: int) -> Batch:
+    """``random_batch`` with its old log-probs clamped to ≤ 0: its log-ratio noise can push a
+    log-probability above 0, which batch-file validation rightly refuses."""
+    batch = random_batch(seed)
+    return dataclasses.replace(batch, old_logp=batch.old_logp.clamp(max=0.0))
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("run")
@@ -76,7 +85,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for step, norm in enumerate(GRAD_NORMS, start=1):
             fh.write(json.dumps({"step": step, "grad_norm": norm, "spike": False}) + "\n")
     for step, seed in ((3, 1), (6, 2)):
-        write_batch(out / f"step_{step:06d}.safetensors", dump_tensors(random_batch(seed)))
+        write_batch(out / f"step_{step:06d}.safetensors", dump_tensors(dumpable_batch(seed)))
         side = {"step": step, "losses": ["ppo_clip", "reinforce"], "loss": {"eps_high": 0.28}}
         (out / f"step_{step:06d}.json").write_text(json.dumps(side))
     (out / "step_000007.safetensors").write_bytes(b"not a safetensors file")
@@ -103,7 +112,7 @@ def test_trace_reads_the_run_and_explains_the_spike(run_dir: Path) -> None:
     shares = [t.share for t in spike.tokens]
     assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1
     # the top token's norm is the largest of the batch's, recomputed here
-    batch = random_batch(2)
+    batch = dumpable_batch(2)
     view = softmax_view(batch)
     obj = objective(batch, view.logp, get_loss("ppo_clip"), LossParams(), Aggregation())
     c = obj.coefficient[view.rows, view.cols]

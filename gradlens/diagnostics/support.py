@@ -1,0 +1,169 @@
+"""The rollout's sampling support: how much of π_θ the kept sets K_t hold, and what replay changes.
+
+With top-p / top-k the rollout drew y_t from μ̃_t = μ_t restricted to K_t, renormalised. For a
+policy q, S^q_t = Σ_{v∈K_t} q_t,v and log q̃(y) = log q(y) − log S^q_t (≥ log q(y)). Over the
+valid tokens:
+
+    |K_t|, S_t = S^θ_t and log S_t       the kept sets and π_θ's mass in them
+    policy ratio   r  = π_θ/π_old   against  r̃ = π̃_θ/π̃_old = r·S^old_t/S^θ_t
+    sampler ratio  π_θ/μ̃            against  π̃_θ/μ̃    (μ̃ = μ/S^μ, the probability the token
+                                     was really drawn with; the PPO ratio of a trainer that takes
+                                     the engine's processed log-probs as ℓ_old)
+
+each with its mean and its clip fraction under verl's ``pg_clipfrac`` rule (A>0 ∧ r>1+ε_high or
+A<0 ∧ r<1−ε_low). Without replay the sampler ratio is multiplied by S_t on every token, so at
+small kept mass most tokens fall below 1 − ε_low. A stored kept mass that the batch lacks
+(`KeptSets`) means the stored log-prob is already of the renormalised distribution.
+
+S^θ is computed here from the batch's hidden states and lm_head, chunk by chunk over the
+vocabulary (no [M, V] tensor), independently of the engine that ran the losses.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from gradlens.containers import Batch, KeptSets, valid_index
+from gradlens.diagnostics.numbers import num, quantiles
+from gradlens.logits import compute_logits, kept_entries, restrict_logits
+from gradlens.results import KeptToken, SupportRatio, SupportReport
+
+CHUNK = 4096  # vocabulary rows per chunk
+LOWEST = 10  # tokens listed with the smallest S_t
+
+
+def kept_log_mass(hidden: Tensor, weight: Tensor, kept_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """([M] logsumexp_v z_v, [M] log S_t = logsumexp_{K_t} z − logsumexp_v z) for hidden
+    states [M, H], W [V, H] and kept ids [M, K]."""
+    m, v = hidden.shape[0], weight.shape[0]
+    lse = torch.full((m,), -torch.inf, dtype=torch.float64, device=hidden.device)
+    lse_kept = lse.clone()
+    for start in range(0, v, CHUNK):
+        stop = min(start + CHUNK, v)
+        z = compute_logits(hidden, weight[start:stop]).double()  # [M, Vc]
+        lse = torch.logaddexp(lse, torch.logsumexp(z, -1))
+        kept = restrict_logits(z, kept_entries(kept_ids, start, stop))
+        lse_kept = torch.logaddexp(lse_kept, torch.logsumexp(kept, -1))
+    return lse, lse_kept - lse
+
+
+def _clipfrac(log_r: Tensor, adv: Tensor, eps_low: float, eps_high: float) -> float | None:
+    """verl pg_clipfrac's rule over [M] log r and A."""
+    if log_r.numel() == 0:
+        return None
+    r = log_r.exp()
+    clipped = ((adv > 0) & (r > 1 + eps_high)) | ((adv < 0) & (r < 1 - eps_low))
+    return num(clipped.double().mean())
+
+
+def _ratio(
+    name: str,
+    full: str,
+    kept: str,
+    log_r_full: Tensor,
+    log_r_kept: Tensor,
+    adv: Tensor,
+    eps: tuple[float, float],
+) -> SupportRatio:
+    empty = log_r_full.numel() == 0
+    return SupportRatio(
+        name=name,
+        formula_full=full,
+        formula_kept=kept,
+        mean_full=None if empty else num(log_r_full.exp().mean()),
+        mean_kept=None if empty else num(log_r_kept.exp().mean()),
+        clipfrac_full=_clipfrac(log_r_full, adv, *eps),
+        clipfrac_kept=_clipfrac(log_r_kept, adv, *eps),
+    )
+
+
+def _mass_at(log_mass: Tensor | None, rows: Tensor, cols: Tensor) -> Tensor:
+    """[M] a stored log kept mass at the valid tokens (0: the stored log-prob is already π̃'s)."""
+    if log_mass is None:
+        return torch.zeros(rows.numel(), dtype=torch.float64, device=rows.device)
+    return log_mass[rows, cols].double()
+
+
+def support_report(
+    batch: Batch,
+    kept: KeptSets,
+    replayed: bool,
+    eps_low: float,
+    eps_high: float,
+) -> SupportReport:
+    """The `SupportReport` of ``batch`` (its stored log-probs over the whole vocabulary, not
+    replayed) and its kept sets; ℓ_old is ℓ itself at the batch's on-policy positions."""
+    rows, cols = valid_index(batch.mask)
+    ids = kept.valid_ids(rows, cols)  # [M, K]
+    h = batch.hidden[rows, cols]  # [M, H]
+    y = batch.tokens[rows, cols]  # [M]
+    lse, log_s = kept_log_mass(h, batch.weight, ids)
+    z_y = (h.to(batch.weight.dtype) @ batch.weight.T).double().gather(-1, y[:, None]).squeeze(-1)
+    logp = z_y - lse  # [M] ℓ = log π_θ(y) (float64 here; the engine's ℓ is in its own dtype)
+    old = batch.old_logp[rows, cols].double()
+    if batch.on_policy is not None:
+        old = torch.where(batch.on_policy[rows, cols], logp, old)
+    log_s_old = _mass_at(kept.old_log_mass, rows, cols)
+    adv = batch.advantages[rows, cols].double()
+    eps = (eps_low, eps_high)
+    count = (ids >= 0).sum(-1)  # [M]
+    mass = log_s.exp()
+    ratios = [
+        _ratio(
+            "policy_ratio",
+            "π_θ/π_old",
+            "π̃_θ/π̃_old = (π_θ/π_old)·S^old/S^θ",
+            logp - old,
+            (logp - log_s) - (old - log_s_old),
+            adv,
+            eps,
+        )
+    ]
+    if batch.rollout_logp is not None:
+        sampler = batch.rollout_logp[rows, cols].double() - _mass_at(
+            kept.rollout_log_mass, rows, cols
+        )  # log μ̃(y)
+        ratios.append(
+            _ratio(
+                "sampler_ratio",
+                "π_θ/μ̃",
+                "π̃_θ/μ̃",
+                logp - sampler,
+                (logp - log_s) - sampler,
+                adv,
+                eps,
+            )
+        )
+    order = torch.argsort(log_s)[:LOWEST]
+    empty = rows.numel() == 0
+    p05, p50 = quantiles(mass, (0.05, 0.5))
+    return SupportReport(
+        rule=kept.rule,
+        replayed=replayed,
+        tokens=int(rows.numel()),
+        kept_mean=None if empty else num(count.double().mean()),
+        kept_min=None if empty else int(count.min()),
+        kept_max=None if empty else int(count.max()),
+        mass_mean=None if empty else num(mass.mean()),
+        mass_min=None if empty else num(mass.min()),
+        mass_p05=p05,
+        mass_p50=p50,
+        log_mass_mean=None if empty else num(log_s.mean()),
+        old_mass_mean=None if kept.old_log_mass is None or empty else num(log_s_old.exp().mean()),
+        rollout_mass_mean=None
+        if kept.rollout_log_mass is None or empty
+        else num(_mass_at(kept.rollout_log_mass, rows, cols).exp().mean()),
+        ratios=ratios,
+        lowest=[
+            KeptToken(
+                sequence=int(rows[i]),
+                position=int(cols[i]),
+                token=int(y[i]),
+                kept=int(count[i]),
+                mass=float(mass[i]),
+                log_mass=float(log_s[i]),
+            )
+            for i in order.tolist()
+        ],
+    )
