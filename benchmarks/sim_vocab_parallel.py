@@ -150,7 +150,7 @@ def coefficient_fn(advantages: torch.Tensor, old_logp: torch.Tensor):
         mask = torch.ones(1, logp.numel(), dtype=torch.bool)
         inp = TokenInputs(logp[None], old_logp[None].to(logp.dtype), advantages[None], mask)
         w = aggregation_weights(mask, "token_mean", None, logp.dtype)
-        return [(w * get_loss(n).fn(inp, params).coefficient)[0] for n in LOSSES]
+        return [(w * get_loss(n).fn(inp, params).per_token_grad)[0] for n in LOSSES]
 
     return fn
 

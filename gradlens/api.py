@@ -10,6 +10,7 @@
         mask=m,              # [N, T] bool: the tokens that enter the loss
         advantages=A,        # [N] or [N, T]
         old_logp=None, rollout_logp=None, ref_logp=None,   # [N, T] each, optional
+        groups=None,         # [N] prompt-group ids, optional (group-coupled losses: real)
         losses=("reinforce", "ppo", "ppo_clip", "sft"),
         loss={"eps_high": 0.28, "aggregation": "token_mean"},  # the YAML `loss` section
         diagnostics=None,    # the YAML `diagnostics` section (engine, top_k, ...)
@@ -85,6 +86,7 @@ def build_batch(
     rollout_logp: Any = None,
     ref_logp: Any = None,
     bias: Any = None,
+    groups: Any = None,
 ) -> Batch:
     """The `Batch` of the arguments of `diagnose`, checked; errors name the argument."""
     h, w = _tensor("hidden", hidden), _tensor("weight", weight)
@@ -132,6 +134,13 @@ def build_batch(
             ("ref_logp", ref_logp),
         )
     }
+    prompt_groups = None
+    if groups is not None:
+        g = _tensor("groups", groups)
+        _shape("groups", g, (n,))
+        if g.is_floating_point() or g.is_complex() or g.dtype == torch.bool:
+            raise GradlensError(f"groups: expected integer prompt-group ids, got {g.dtype}")
+        prompt_groups = g.long().to(w.device)
     batch = Batch(
         hidden=h.to(w.dtype),
         weight=w,
@@ -143,6 +152,7 @@ def build_batch(
         advantages=(a.to(acc) * m),
         rollout_logp=logps["rollout_logp"],
         ref_logp=logps["ref_logp"],
+        groups=prompt_groups,
         source=f"tensors: {n} sequences × ≤{t} tokens, V={w.shape[0]}, H={w.shape[1]}",
         advantage_note="given",
         origin=Origin(argument_name),
@@ -195,6 +205,7 @@ def diagnose(
     diagnostics: Mapping[str, Any] | None = None,
     bias: Any = None,
     tokenizer: Any = None,
+    groups: Any = None,
 ) -> CompareReport:
     """Diagnose one batch of a training run (see the module docstring)."""
     if tokenizer is not None and not callable(getattr(tokenizer, "decode", None)):
@@ -203,7 +214,7 @@ def diagnose(
             f"transformers or tokenizers tokenizer), got {type(tokenizer).__name__}"
         )
     batch = build_batch(
-        hidden, weight, tokens, mask, advantages, old_logp, rollout_logp, ref_logp, bias
+        hidden, weight, tokens, mask, advantages, old_logp, rollout_logp, ref_logp, bias, groups
     )
     batch = dataclasses.replace(batch, tokenizer=tokenizer)
     config = api_config(losses, loss, diagnostics, batch.weight.dtype, batch.weight.device)

@@ -31,8 +31,9 @@ from gradlens.batchfile import SUFFIXES as BATCH_SUFFIXES
 from gradlens.errors import GradlensError, unknown_name_message
 from gradlens.files import read_text
 from gradlens.losses import AGGREGATIONS, Aggregation, LossParams, get_loss, loss_names
+from gradlens.losses.base import Correction
 from gradlens.losses.corrections import KINDS as CORRECTION_KINDS
-from gradlens.losses.corrections import MASKING_KINDS, with_defaults
+from gradlens.losses.corrections import correction_problem, with_defaults
 from gradlens.losses.external import is_external
 from gradlens.losses.grpo import KL_ESTIMATORS
 from gradlens.losses.minirl import TRUNCATIONS
@@ -171,6 +172,9 @@ class LiteralPosition(Strict):
 
 class LiteralSequence(Strict):
     positions: list[LiteralPosition] = Field(min_length=1)
+    group: int | None = Field(
+        None, description="prompt group id (group-coupled losses: real); null: not stated"
+    )
 
 
 class LiteralSource(Strict):
@@ -186,6 +190,9 @@ class LiteralSource(Strict):
             raise ValueError(
                 f"every position needs the same vocabulary size; got sizes {sorted(sizes)}"
             )
+        stated = [s.group is not None for s in self.sequences]
+        if any(stated) and not all(stated):
+            raise ValueError("state group on every sequence or on none")
         return self
 
 
@@ -249,7 +256,12 @@ class BatchSource(Strict):
 
     kind: Literal["batch"]
     path: str = Field(description="a .safetensors, .pt or .jsonl batch file")
-    group_size: int = Field(1, ge=1, description="sequences per prompt, when the file has rewards")
+    group_size: int = Field(
+        1,
+        ge=1,
+        description="sequences per prompt, when the file has rewards; when set, also the prompt "
+        "groups of group-coupled losses (real)",
+    )
     model_path: str | None = Field(
         None,
         description="checkpoint dir that recomputes the hidden states from the file's token ids "
@@ -339,6 +351,11 @@ class CorrectionConfig(Strict):
         description="rejected tokens leave the aggregation's normaliser too (verl's rejection "
         "sampling, rollout_rs); masking kinds only",
     )
+    batch_normalize: bool = Field(
+        False,
+        description="divide the weight by its batch mean (verl rollout_is_batch_normalize); "
+        "importance-weight kinds only",
+    )
 
     @field_validator("kind")
     @classmethod
@@ -349,12 +366,14 @@ class CorrectionConfig(Strict):
     def _ordered(self) -> CorrectionConfig:
         if self.low is not None and self.high is not None and self.low > self.high:
             raise ValueError(f"low ({self.low}) > high ({self.high})")
-        if self.renormalize and self.kind not in MASKING_KINDS:
-            raise ValueError(
-                "renormalize applies to the kinds that reject tokens "
-                f"({', '.join(MASKING_KINDS)}); {self.kind} truncates a weight and rejects none"
-            )
+        problem = correction_problem(self.resolved())
+        if problem is not None:
+            raise ValueError(problem)
         return self
+
+    def resolved(self) -> Correction:
+        """The plain `Correction`, unset thresholds at the kind's defaults."""
+        return with_defaults(self.kind, self.low, self.high, self.renormalize, self.batch_normalize)
 
 
 class LossConfig(Strict):
@@ -401,6 +420,72 @@ class LossConfig(Strict):
         "sampling mask): every loss uses π restricted to K_t and renormalised, its logit gradient "
         "exactly 0 outside K_t; full: π over the whole vocabulary",
     )
+    bypass_mode: bool = Field(
+        False,
+        description="verl's bypass mode: π_old := the rollout log-probs, corrections on π_θ/μ",
+    )
+    # --- the losses of docs/losses.md §2.14–§2.27 and the top-entropy token selection (§2.28);
+    # each default is its `gradlens.losses.base.LossParams` twin's.
+    dppo_tv_low: float = Field(0.15, ge=0, description="dppo_tv: mask A<0 ∧ π−π_old < −this")
+    dppo_tv_high: float = Field(0.15, ge=0, description="dppo_tv: mask A>0 ∧ π−π_old > this")
+    dppo_kl_low: float = Field(0.05, ge=0, description="dppo_kl: binary-KL bound for A < 0")
+    dppo_kl_high: float = Field(0.05, ge=0, description="dppo_kl: binary-KL bound for A > 0")
+    dppo_cap: float | None = Field(
+        3.0, gt=0, description="DPPO's truncation C of min(r, C) (verl clip_ratio_c); null: none"
+    )
+    prime_mask_low: float = Field(0.2, ge=0, description="prime_rl: mask A<0 ∧ π−μ < −this")
+    prime_mask_high: float = Field(0.2, ge=0, description="prime_rl: mask A>0 ∧ π−μ > this")
+    prime_kl_tau: float = Field(1e-3, ge=0, description="prime_rl/prime_ipo: τ of τ(ℓ − ℓ_μ)²")
+    ipo_threshold: float = Field(0.1, ge=0, description="prime_ipo: mask |π − μ| > this")
+    m2po_threshold: float = Field(0.04, gt=0, description="m2po: τ_M2 of the second moment")
+    aspo_eps_low_entropy: float = Field(
+        0.2, ge=0, lt=1, description="aspo: clip width of the tokens at or below the quantile"
+    )
+    aspo_eps_high_entropy: float = Field(
+        0.4, ge=0, lt=1, description="aspo: clip width of the tokens above the quantile"
+    )
+    aspo_entropy_quantile: float = Field(
+        0.8, ge=0, le=1, description="aspo: per-sequence entropy quantile of the wide width"
+    )
+    aspo_clip_c_neg: float = Field(3.0, gt=1, description="aspo: dual clip c⁻ (A < 0)")
+    aspo_clip_c_pos: float = Field(3.0, gt=1, description="aspo: soft dual clip c⁺ (A > 0)")
+    gppo_beta1: float = Field(0.25, ge=0, description="ce_gppo: β₁ (A<0, r<1−eps_low)")
+    gppo_beta2: float = Field(1.0, ge=0, description="ce_gppo: β₂ (A>0, r>1+eps_high)")
+    clip_cov_ratio: float = Field(2e-4, gt=0, le=1, description="clip_cov: share switched off")
+    clip_cov_lb: float = Field(1.0, description="clip_cov: covariance band, lower end")
+    clip_cov_ub: float = Field(5.0, description="clip_cov: covariance band, upper end")
+    selection_seed: int = Field(0, ge=0, description="clip_cov: seed of its random selection")
+    kl_cov_ratio: float = Field(2e-4, gt=0, le=1, description="kl_cov: share penalised")
+    kl_cov_coef: float = Field(0.1, ge=0, description="kl_cov: k of k·|ℓ − ℓ_old|")
+    gmpo_eps_low: float = Field(0.4, ge=0, description="gmpo: log-space clip, lower")
+    gmpo_eps_high: float = Field(0.4, ge=0, description="gmpo: log-space clip, upper")
+    topr_pos_weight: float = Field(1.0, ge=0, description="topr: weight of A > 0 tokens")
+    topr_neg_weight: float = Field(1.0, ge=0, description="topr: weight of A ≤ 0 tokens")
+    dro_beta: float = Field(0.1, gt=0, description="dro: β of (β/2)(ℓ − ℓ_old)²")
+    vespo_k_pos: float = Field(2.0, ge=0, description="vespo: k for A ≥ 0")
+    vespo_lambda_pos: float = Field(3.0, gt=0, description="vespo: λ for A ≥ 0")
+    vespo_k_neg: float = Field(3.0, ge=0, description="vespo: k for A < 0")
+    vespo_lambda_neg: float = Field(2.0, gt=0, description="vespo: λ for A < 0")
+    real_tau: float = Field(0.5, gt=0, description="real: temperature τ")
+    fipo_decay_rate: float = Field(32.0, gt=0, description="fipo: half-life, γ = 2^(−1/this)")
+    fipo_clip_range: float | None = Field(
+        0.2, ge=0, description="fipo: weight clip [1, 1+this] (or [1−this, 1+this]); null: none"
+    )
+    fipo_clip_high_only: bool = Field(True, description="fipo: clip the weight to [1, 1+range]")
+    fipo_safety_threshold: float | None = Field(
+        4.0, gt=0, description="fipo: A<0 ∧ r > this ⇒ weight in [0.8, 1]; null: off"
+    )
+    top_entropy_quantile: float = Field(
+        1.0, gt=0, le=1, description="keep only the top ρ of tokens by entropy, any loss; 1: off"
+    )
+
+    @model_validator(mode="after")
+    def _bands(self) -> LossConfig:
+        if self.clip_cov_lb >= self.clip_cov_ub:
+            raise ValueError(
+                f"clip_cov_lb ({self.clip_cov_lb}) must be below clip_cov_ub ({self.clip_cov_ub})"
+            )
+        return self
 
     @field_validator("corrections")
     @classmethod
@@ -428,9 +513,7 @@ class LossConfig(Strict):
     def params(self) -> LossParams:
         """The section as the plain `LossParams` every loss reads (any command)."""
         values = {name: getattr(self, name) for name in LOSS_PARAM_FIELDS}
-        values["corrections"] = tuple(
-            with_defaults(c.kind, c.low, c.high, c.renormalize) for c in self.corrections
-        )
+        values["corrections"] = tuple(c.resolved() for c in self.corrections)
         return LossParams(**values)
 
     def token_aggregation(self) -> Aggregation:

@@ -219,6 +219,9 @@ class Batch:
         advantage_note: how the advantages were obtained (raw reward, group-normalised, ...).
         model_context: the checkpoint the batch came from, for the whole-model gradients and
             the model sections of the report; None for sources without a model.
+        groups: [N] int64 prompt-group id of each sequence (the completions of one prompt share
+            an id), or None when the source does not know them. Group-coupled losses (``real``)
+            need it.
         weight_rows: under tensor parallelism, the rows of the whole [V, H] weight that
             ``weight`` [V_r, H] holds (``vocab_size`` is then V, not V_r); None: the whole W.
         kept: the rollout's kept sets K_t (top-p / top-k), when the source recorded them.
@@ -245,6 +248,7 @@ class Batch:
     source: str = ""
     advantage_note: str = ""
     model_context: ModelContext | None = None
+    groups: Tensor | None = None
     weight_rows: VocabRows | None = None
     kept: KeptSets | None = None
     replayed: bool = False
@@ -277,7 +281,8 @@ class TokenInputs:
 
     ``logp`` may require grad (the autograd reference differentiates through it); every other
     tensor is a constant. Values at masked positions are zeros, so no loss can produce a
-    non-finite number there.
+    non-finite number there. ``entropy`` and ``groups`` are None where the caller does not
+    provide them; a loss that needs one says so with a `GradlensError`.
     """
 
     logp: Tensor  # [N, T] log π_θ(y_t)
@@ -286,6 +291,8 @@ class TokenInputs:
     mask: Tensor  # [N, T] bool
     rollout_logp: Tensor | None = None  # [N, T] log μ_old(y_t)
     ref_logp: Tensor | None = None  # [N, T] log π_ref(y_t)
+    entropy: Tensor | None = None  # [N, T] H(π_θ,t), detached (token selection, aspo)
+    groups: Tensor | None = None  # [N] int64 prompt-group id of each sequence (real)
 
 
 @dataclass(frozen=True)

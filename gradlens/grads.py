@@ -9,10 +9,11 @@ through ℓ_t = log π_θ(y_t) has
 with g_t the loss's per-token gradient (`LossTerms.per_token_grad`) and a_t the aggregation
 weight. What the run minimises for one loss is written once, in `objective`:
 
-    terms   = the loss's per-token terms with the run's training–inference corrections
+    terms   = the loss's per-token terms with the run's training–inference corrections and
+              top-entropy token selection S_t (1 when it is off)
     weights = a_t (the aggregation's weights, on the mask without the tokens a renormalising
               correction rejects (`aggregation_mask`); 1 for a loss that aggregates itself)
-    L       = Σ_t weights_t·per_token_t  −  c_H·Σ_t a_t·H_t      (entropy bonus, when c_H ≠ 0)
+    L       = Σ_t weights_t·per_token_t  −  c_H·Σ_t a_t·S_t·H_t  (entropy bonus, when c_H ≠ 0)
     c_t     = weights_t·g_t
 
 Every path calls it: the closed form (`closed_form`, no graph over the logits, the softmax
@@ -20,7 +21,7 @@ computed once by `softmax_view` and shared by every loss), its autograd twin
 (`autograd_reference`, as a trainer differentiates), the streamed engine's coefficients, the
 whole-model gradients and the staleness steps of a real checkpoint (through `policy_pass`, the
 differentiable twin of `softmax_view`). The entropy bonus's logit gradient
-a_t·c_H·π_t,i·(log π_t,i + H_t) is the one term not of the form c·(e_y − π); it is zero-sum,
+a_t·S_t·c_H·π_t,i·(log π_t,i + H_t) is the one term not of the form c·(e_y − π); it is zero-sum,
 and c_t does not include it.
 
 Replaying the rollout's sampling support (``loss.sampling_support: kept``, `replay`): when the
@@ -37,6 +38,8 @@ set to −inf (`gradlens.logits.restrict_logits`) before the softmax. The stored
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 import torch
@@ -47,6 +50,7 @@ from gradlens.errors import GradlensError
 from gradlens.logits import compute_logits, kept_entries, restrict_logits
 from gradlens.losses import Aggregation, LossParams, LossSpec
 from gradlens.losses.corrections import apply_corrections, kept_mask
+from gradlens.losses.token_selection import apply_token_selection, bonus_weights, top_entropy_mask
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,22 @@ def on_grid(values: Tensor, rows: Tensor, cols: Tensor, shape: torch.Size) -> Te
     """[M] values of the valid tokens placed on the [N, T] grid, 0 elsewhere (differentiable)."""
     grid = torch.zeros(shape, dtype=values.dtype, device=values.device)
     return grid.index_put((rows, cols), values)
+
+
+def reads_entropy(specs: Iterable[LossSpec], params: LossParams) -> bool:
+    """Whether `objective` needs H_t for any of ``specs``: the entropy bonus, the top-entropy
+    token selection, or a loss that reads it (``needs`` has ``entropy``)."""
+    selection = params.top_entropy_quantile < 1.0
+    return params.entropy_coef != 0.0 or selection or any("entropy" in s.needs for s in specs)
+
+
+def policy_entropy(p: PolicyPass, specs: Iterable[LossSpec], params: LossParams) -> Tensor | None:
+    """[N, T] H_t for `objective` on the path ``p``: differentiable with the entropy bonus,
+    detached when only the losses or the selection read it, None when nothing does."""
+    if not reads_entropy(specs, params):
+        return None
+    entropy = p.entropy()
+    return entropy if params.entropy_coef != 0.0 else entropy.detach()
 
 
 def policy_pass(
@@ -219,8 +239,11 @@ def effective_old_logp(batch: Batch, logp: Tensor) -> Tensor:
     return torch.where(batch.on_policy, logp.detach(), old)
 
 
-def token_inputs(batch: Batch, logp: Tensor) -> TokenInputs:
-    """Loss inputs on the [N, T] grid, with zeros at masked positions (never inf or NaN there)."""
+def token_inputs(batch: Batch, logp: Tensor, entropy: Tensor | None = None) -> TokenInputs:
+    """Loss inputs on the [N, T] grid, with zeros at masked positions (never inf or NaN there).
+
+    ``entropy`` is [N, T] H(π_θ,t) (detached here), or None where the caller has none.
+    """
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
     m = batch.mask
 
@@ -234,6 +257,8 @@ def token_inputs(batch: Batch, logp: Tensor) -> TokenInputs:
         mask=m,
         rollout_logp=clean(batch.rollout_logp),
         ref_logp=clean(batch.ref_logp),
+        entropy=None if entropy is None else clean(entropy.detach()),
+        groups=batch.groups,
     )
 
 
@@ -242,11 +267,13 @@ class Objective:
     """One loss as the run minimises it, on one batch.
 
     Attributes:
-        terms: the loss's per-token terms, the run's corrections applied.
+        terms: the loss's per-token terms, the run's corrections and token selection applied.
         weights: [N, T] the weights applied to ``terms``: the aggregation weights a_t, or 1 for
             a loss that aggregates itself.
-        agg_weights: [N, T] the run's aggregation weights (the entropy bonus and the per-token
-            metrics are aggregated with them, whoever aggregates the loss).
+        agg_weights: [N, T] the run's aggregation weights (the per-token metrics are aggregated
+            with them, whoever aggregates the loss).
+        bonus_weights: [N, T] the entropy bonus's weights a_t·S_t: ``agg_weights`` times the
+            top-entropy selection S_t (`gradlens.losses.token_selection`; a_t when it is off).
         coefficient: [N, T] c_t = ∂L/∂ℓ_t = weights·g_t, detached (0 at masked positions).
         loss: the scalar L, differentiable wherever ``logp`` (and the entropy) are.
     """
@@ -254,22 +281,35 @@ class Objective:
     terms: LossTerms
     weights: Tensor
     agg_weights: Tensor
+    bonus_weights: Tensor
     coefficient: Tensor
     loss: Tensor
 
 
-def entropy_bonus(agg_weights: Tensor, entropy: Tensor, entropy_coef: float) -> Tensor:
-    """The bonus's part of the loss, −c_H·Σ_t a_t·H_t; ``entropy`` [N, T], 0 at masked tokens."""
-    return -entropy_coef * (agg_weights * entropy.to(agg_weights.dtype)).sum()
+def entropy_bonus(bonus_weights: Tensor, entropy: Tensor, entropy_coef: float) -> Tensor:
+    """The bonus's part of the loss, −c_H·Σ_t a_t·S_t·H_t (``bonus_weights`` a_t·S_t [N, T]);
+    ``entropy`` [N, T], 0 at masked tokens."""
+    return -entropy_coef * (bonus_weights * entropy.to(bonus_weights.dtype)).sum()
 
 
-def aggregation_mask(batch: Batch, params: LossParams) -> Tensor:
+def aggregation_mask(inputs: TokenInputs, params: LossParams) -> Tensor:
     """[N, T] the mask the aggregation weights are computed from: the batch's, without the
-    tokens that a correction with ``renormalize`` rejects (verl's rejection sampling).
+    tokens that a correction with ``renormalize`` rejects (verl's rejection sampling). In
+    bypass mode the rejection reads sg[π_θ]/μ, so it moves with π_θ (detached)."""
+    return kept_mask(inputs, params.corrections, params.bypass_mode)
 
-    It does not depend on π_θ, so every engine computes it before its passes: ρ = π_old/μ_old
-    is read from the stored ℓ_old (at on-policy positions ℓ itself, up to rounding)."""
-    return kept_mask(batch.mask, batch.old_logp, batch.rollout_logp, params.corrections)
+
+def bypass(inputs: TokenInputs, params: LossParams) -> TokenInputs:
+    """``inputs`` with π_old := μ in verl's bypass mode (``params.bypass_mode``), else as is."""
+    if not params.bypass_mode:
+        return inputs
+    if inputs.rollout_logp is None:
+        raise GradlensError(
+            "loss.bypass_mode takes the rollout log-probs μ as π_old, and this batch has none: "
+            "set source.rollout_drift (synthetic source) or rollout_prob / rollout_logp on the "
+            "positions (literal source)"
+        )
+    return dataclasses.replace(inputs, old_logp=inputs.rollout_logp)
 
 
 def objective(
@@ -282,19 +322,24 @@ def objective(
 ) -> Objective:
     """The loss ``spec`` at the log-probs ``logp`` [N, T] (see the module docstring).
 
-    ``entropy`` [N, T] H(π_t) adds the entropy bonus when ``params.entropy_coef`` ≠ 0; without
-    it ``loss`` is the policy part only (the streamed engine adds the bonus from its own
-    per-token entropy with `entropy_bonus`).
+    ``entropy`` [N, T] H(π_t): the losses and the top-entropy selection read it (detached), and
+    it adds the entropy bonus when ``params.entropy_coef`` ≠ 0; without it ``loss`` is the
+    policy part only, and a loss or selection that needs H_t raises a `GradlensError`.
     """
-    inputs = token_inputs(batch, logp)
-    terms = apply_corrections(spec.terms(inputs, params, aggregation), inputs, params.corrections)
-    agg_weights = aggregation.weights(aggregation_mask(batch, params), logp.dtype)
+    inputs = bypass(token_inputs(batch, logp, entropy), params)
+    terms = apply_corrections(
+        spec.terms(inputs, params, aggregation), inputs, params.corrections, params.bypass_mode
+    )
+    keep = top_entropy_mask(inputs, params.top_entropy_quantile)  # S_t, None when off
+    terms = apply_token_selection(terms, inputs, keep)
+    agg_weights = aggregation.weights(aggregation_mask(inputs, params), logp.dtype, batch.groups)
     weights = batch.mask.to(logp.dtype) if terms.self_aggregated else agg_weights
     loss = (weights * terms.per_token).sum()
+    bonus = bonus_weights(agg_weights, keep)
     if entropy is not None and params.entropy_coef != 0.0:
-        loss = loss + entropy_bonus(agg_weights, entropy, params.entropy_coef)
+        loss = loss + entropy_bonus(bonus, entropy, params.entropy_coef)
     coefficient = weights * terms.per_token_grad  # [N, T]
-    return Objective(terms, weights, agg_weights, coefficient, loss)
+    return Objective(terms, weights, agg_weights, bonus, coefficient, loss)
 
 
 @dataclass(frozen=True)
@@ -329,6 +374,10 @@ class LossGradients:
         return self.objective.agg_weights
 
     @property
+    def bonus_weights(self) -> Tensor:
+        return self.objective.bonus_weights
+
+    @property
     def coefficient(self) -> Tensor:
         return self.objective.coefficient
 
@@ -347,7 +396,7 @@ def closed_form(
     grad_logits.scatter_add_(-1, view.tokens[:, None], c[:, None])  # + c·e_y
     entropy_grad = None
     if params.entropy_coef != 0.0:
-        a = obj.agg_weights[view.rows, view.cols]  # [M]
+        a = obj.bonus_weights[view.rows, view.cols]  # [M] a_t·S_t
         log_probs = finite_log(torch.log_softmax(view.logits, dim=-1))  # [M, V]
         h = view.entropy[:, None]  # [M, 1]
         entropy_grad = (params.entropy_coef * a)[:, None] * view.probs * (log_probs + h)
@@ -378,7 +427,7 @@ def autograd_reference(
         )
         p.logits.retain_grad()
         p.logp.retain_grad()
-        entropy = p.entropy() if params.entropy_coef != 0.0 else None
+        entropy = policy_entropy(p, [spec], params)
         loss = objective(batch, p.logp, spec, params, aggregation, entropy).loss
         loss.backward()
     assert p.logits.grad is not None and p.logp.grad is not None and weight.grad is not None

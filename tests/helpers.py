@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 import textwrap
+from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
+from click.testing import Result
 from torch import Tensor
+from typer.testing import CliRunner
 
+from gradlens.cli import app
 from gradlens.compare.run import source_context
 from gradlens.config import Config, validate
 from gradlens.containers import Batch
-from gradlens.grads import LossGradients, closed_form, softmax_view
+from gradlens.grads import LossGradients, autograd_reference, closed_form, softmax_view
 from gradlens.losses import Aggregation, LossParams, get_loss
 from gradlens.sources import build_source
 
@@ -65,7 +71,8 @@ def random_batch(
     drift: float = 0.8,
 ) -> Batch:
     """A seeded batch with ragged masks, per-sequence advantages of both signs (and an exact
-    zero) and log-ratio noise log r ~ N(0, drift²) on every valid token."""
+    zero), log-ratio noise log r ~ N(0, drift²) on every valid token, and prompt groups of two
+    consecutive sequences."""
     gen = torch.Generator().manual_seed(seed)
     lengths = torch.randint(1, t + 1, (n,), generator=gen)  # [N]
     mask = torch.arange(t)[None, :] < lengths[:, None]  # [N, T]
@@ -77,7 +84,10 @@ def random_batch(
     advantages = adv_seq[:, None].expand(n, t).clone()  # [N, T]
     log_r = drift * torch.randn(n, t, generator=gen, dtype=F64)  # [N, T]
     batch = make_batch(hidden.to(dtype), weight.to(dtype), tokens, mask, advantages=advantages)
-    return dataclasses.replace(batch, old_logp=batch.old_logp - log_r.to(batch.old_logp.dtype))
+    groups = torch.arange(n) // 2  # prompt groups of two consecutive sequences (for real)
+    return dataclasses.replace(
+        batch, old_logp=batch.old_logp - log_r.to(batch.old_logp.dtype), groups=groups
+    )
 
 
 def gradients(
@@ -213,3 +223,74 @@ def differences(old: Any, new: Any, path: str = "") -> list[str]:
             return []
         return [f"{path}: {old!r} != {new!r}"]
     return [] if old == new else [f"{path}: {old!r} != {new!r}"]
+
+
+# ----------------------------------------------------------------------------- literal reports
+
+# e_y − π for the distribution PI at y = 0 and y = 4: ∂L/∂z = c·(e_y − π) for one token.
+E0 = [0.5, -0.2, -0.15, -0.1, -0.05]
+E4 = [-0.5, -0.2, -0.15, -0.1, 0.95]
+# float64 literal cases: the only error is the rounding of z = log π and softmax(z) (~1e-16);
+# six-decimal hand values are compared to 1e-6 (``SIX``), exact ones to 1e-12 (``ABS``).
+ABS = 1e-12
+SIX = 1e-6
+# Closed form vs autograd in float64: the same formula in two orders, a few ulps times max|g|
+# and the number of summed terms (~1e-14); formula errors are O(1).
+TOL_F64 = 1e-12
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def scaled(c: float, direction: list[float] = E0) -> list[float]:
+    """c·(e_y − π): one token's logit gradient for coefficient c."""
+    return [c * x for x in direction]
+
+
+def invoke(*args: str) -> Result:
+    """The CLI, in-process."""
+    return CliRunner().invoke(app, list(args))
+
+
+def cli_report(config: str, *sets: str) -> dict[str, Any]:
+    """``gradlens compare -c configs/<config> -f json --check``: the JSON, every check passed."""
+    args = ["compare", "-c", str(CONFIGS / config), "-f", "json", "--check"]
+    for s in sets:
+        args += ["--set", s]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["passed"] is True
+    return data
+
+
+def loss_json(report: dict[str, Any], name: str) -> dict[str, Any]:
+    """Loss ``name``'s section of a JSON report."""
+    return next(r for r in report["losses"] if r["name"] == name)
+
+
+def coefficients(report: dict[str, Any], name: str) -> list[float]:
+    """c_t of every token of loss ``name`` (the report needs token details)."""
+    return [t["coefficient"] for t in loss_json(report, name)["tokens"]]
+
+
+def token_grad(report: dict[str, Any], name: str, k: int) -> list[float]:
+    """∂L/∂z of token ``k`` of loss ``name``."""
+    return loss_json(report, name)["tokens"][k]["grad_logits"]
+
+
+def assert_agrees_with_autograd(
+    batch: Batch, name: str, params: LossParams, aggregation: Aggregation
+) -> None:
+    """Closed form vs autograd in float64 (``TOL_F64``), a non-trivial gradient, c_t = 0 at masked
+    positions and zero-sum logit gradients (the entropy bonus included)."""
+    spec = get_loss(name)
+    closed = closed_form(batch, softmax_view(batch), spec, params, aggregation)
+    ref = autograd_reference(batch, spec, params, aggregation)
+    m = batch.mask
+    assert float(closed.grad_weight.abs().max()) > 0
+    assert rel_err(closed.coefficient[m], ref.coefficient[m]) <= TOL_F64
+    assert rel_err(closed.grad_logits, ref.grad_logits) <= TOL_F64
+    assert rel_err(closed.grad_weight, ref.grad_weight) <= TOL_F64
+    assert closed.loss == pytest.approx(ref.loss, rel=TOL_F64, abs=TOL_F64)
+    assert torch.all(closed.coefficient[~m] == 0)
+    scale = float(closed.grad_logits.abs().max())  # Σ_v of V float64 terms: a few V·u of it
+    assert float(closed.grad_logits.sum(-1).abs().max()) <= 1e-13 * max(scale, 1.0)

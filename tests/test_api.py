@@ -37,6 +37,7 @@ def api_report(config: Config) -> gradlens.results.CompareReport:
         old,
         batch.rollout_logp,
         batch.ref_logp,
+        groups=batch.groups,
         losses=config.losses,
         loss=config.loss.model_dump(),
         diagnostics=config.diagnostics.model_dump(),
@@ -170,12 +171,27 @@ def test_a_tokenizer_decodes_the_attribution_tokens() -> None:
         ({"advantages": torch.full((3,), float("nan"))}, "advantages[0, 0]: NaN at a position"),
         ({"hidden": torch.full((3, 5, 8), float("inf"))}, "hidden[0, 0, 0]: +inf"),
         ({"weight": [[1.0]]}, "weight: expected a torch.Tensor"),
+        ({"groups": torch.zeros(4, dtype=torch.long)}, "groups: expected shape [3]"),
+        ({"groups": torch.zeros(3)}, "groups: expected integer prompt-group ids"),
     ],
 )
 def test_bad_arguments_raise_an_error_naming_them(change: dict, message: str) -> None:
     with pytest.raises(gradlens.GradlensError) as err:
         gradlens.diagnose(**{**small_step(), **change})
     assert message in str(err.value)
+
+
+def test_a_group_coupled_loss_reads_the_given_groups() -> None:
+    # real needs the prompt groups: without them it says how to give them; with two groups of
+    # mixed-sign advantages none is skipped, with one sequence per group every one is
+    step = {**small_step(), "advantages": torch.tensor([1.0, -1.0, 1.0])}
+    with pytest.raises(gradlens.GradlensError, match="groups="):
+        gradlens.diagnose(**step, losses=("real",))
+    mixed = gradlens.diagnose(**step, losses=("real",), groups=torch.tensor([0, 0, 1]))
+    shares = mixed.losses[0].clipping.sequence_shares
+    assert shares["seq_group_skipped"] == pytest.approx(1 / 3)  # group 1 has no O⁻ member
+    alone = gradlens.diagnose(**step, losses=("real",), groups=torch.arange(3))
+    assert alone.losses[0].clipping.sequence_shares["seq_group_skipped"] == 1.0
 
 
 def test_bad_settings_name_their_key() -> None:

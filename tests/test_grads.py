@@ -123,9 +123,17 @@ def test_closed_form_matches_autograd_low_precision(loss: str, dtype: torch.dtyp
 # ----------------------------------------------------------------- an independent reference
 
 
-def own_weights(mask: torch.Tensor, mode: str, scale: float | None) -> torch.Tensor:
+def own_weights(
+    mask: torch.Tensor, mode: str, scale: float | None, groups: torch.Tensor | None = None
+) -> torch.Tensor:
     """Aggregation weights a_{i,t} written out from losses.md §7.5, not from gradlens."""
     m = mask.double()
+    if mode == "prompt_average":  # 1/(G·N_tok,g): a token mean per prompt, then a mean
+        assert groups is not None
+        tokens = {int(g): float(m[groups == g].sum()) for g in groups.unique()}
+        present = sum(1 for n in tokens.values() if n > 0)  # G
+        per_row = torch.tensor([max(tokens[int(g)], 1.0) for g in groups], dtype=m.dtype)
+        return m / (per_row[:, None] * present)
     lengths = m.sum(-1, keepdim=True)  # [N, 1] |y_i|
     present = float((lengths > 0).sum())  # B'
     if mode == "token_mean":
@@ -167,7 +175,7 @@ def own_loss_grad_weight(batch: Batch, loss: str, params: LossParams, mode: str)
             per_token = torch.where(adv < 0, torch.minimum(pg3, clip1), clip1)
     else:
         raise AssertionError(loss)
-    a = own_weights(mask, mode, 5.0)
+    a = own_weights(mask, mode, 5.0, batch.groups)
     (a * torch.where(mask, per_token, 0.0)).sum().backward()
     assert weight.grad is not None
     return weight.grad

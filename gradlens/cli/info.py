@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from enum import Enum
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -22,11 +23,29 @@ def losses(
     output: Annotated[
         OutputFormat, typer.Option("--format", "-f", help="table or json.")
     ] = OutputFormat.table,
+    compare: Annotated[
+        str | None,
+        typer.Option(
+            "--compare",
+            help="Two losses A,B: their per-token gradients g_t side by side over a grid of "
+            "r = π_θ/π_old (π_θ(y) = 0.09) for A = +1 and A = −1, and where they differ. Loss "
+            "settings from --config and --set (e.g. --set loss.eps_high=0.28). The curves over "
+            "π_old: `gradlens sweep --losses A,B`.",
+            metavar="A,B",
+        ),
+    ] = None,
+    config: ConfigOption = None,
+    overrides: SetOption = None,
+    debug: DebugOption = False,
 ) -> None:
     """List every registered loss with its formula, per-token gradient g_t and source; the
-    aggregations with the frameworks (and versions) that use each; the framework losses."""
-    with user_errors(debug=False), stdout_errors():
-        _print_losses(output)
+    aggregations with the frameworks (and versions) that use each; the framework losses. With
+    --compare A,B: where the two losses' g_t differ as a function of (r, A)."""
+    with user_errors(debug), stdout_errors():
+        if compare is not None:
+            _compare_pair(compare, output, config, overrides or [])
+        else:
+            _print_losses(output)
 
 
 def _print_losses(output: OutputFormat) -> None:
@@ -50,6 +69,9 @@ def _print_losses(output: OutputFormat) -> None:
                 "per_token_grad": s.grad_formula,
                 "zero_when": s.zero_when,
                 "paper": s.paper,
+                "coupling": s.coupling,
+                "needs": list(s.needs),
+                "regions": list(s.regions),
             }
             for s in specs
         ]
@@ -65,9 +87,45 @@ def _print_losses(output: OutputFormat) -> None:
     console.print(fw_table)
     console.print(
         "with every loss: loss.entropy_coef (entropy bonus), loss.corrections (token_tis, "
-        "seq_tis, token_mis, seq_mis, icepop, geo_mask; renormalize: true for the masking "
-        "kinds); your own loss: --losses module:function or verl:module:function (docs/cli.md)"
+        "seq_tis, token_mis, seq_mis, icepop, geo_mask, seq_mask_tis; verl's rejection options "
+        "token_k1 … seq_max_k3, chainable; AReaL's areal_<level>_<metric>[_clamp]; renormalize: "
+        "true for the masking kinds, batch_normalize: true for the weighting ones), "
+        "loss.bypass_mode (verl's bypass mode), loss.top_entropy_quantile (train the "
+        "top-entropy tokens only); your own loss: --losses module:function or "
+        "verl:module:function (docs/cli.md)"
     )
+    console.print(
+        "coupling: what decides a token's g_t besides its own inputs — its sequence, its prompt "
+        "group or the whole batch (docs/losses.md §2)"
+    )
+
+
+def _compare_pair(pair: str, output: OutputFormat, path: Path | None, overrides: list[str]) -> None:
+    """``gradlens losses --compare A,B``: compute with `gradlens.sweep.pair`, render here."""
+    import dataclasses
+    import json
+
+    from gradlens.config import build_config
+    from gradlens.errors import GradlensError
+    from gradlens.report.loss_list import pair_table
+    from gradlens.sweep.pair import compare_pair
+
+    names = [n.strip() for n in pair.split(",") if n.strip()]
+    if len(names) != 2:
+        raise GradlensError(f"--compare takes two losses A,B, got {pair!r}")
+    cfg = build_config(path, overrides)
+    result = compare_pair(names[0], names[1], cfg.loss.params(), cfg.loss.token_aggregation())
+    if output is OutputFormat.json:
+        typer.echo(json.dumps(dataclasses.asdict(result), indent=2, ensure_ascii=False))
+        return
+    a, b = result.loss_a, result.loss_b
+    table = pair_table(result)
+    console = stdout_console()
+    console.print(table)
+    for sign, words in ((1.0, "A > 0"), (-1.0, "A < 0")):
+        where = result.differing(sign)
+        listed = ", ".join(f"{r:g}" for r in where) if where else "nowhere on this grid"
+        console.print(f"{words}: {a} and {b} differ at r = {listed}")
 
 
 def config(

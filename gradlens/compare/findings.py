@@ -158,6 +158,8 @@ def input_notes(spec: LossSpec, batch: Batch, terms: LossTerms, params: LossPara
     for need in spec.needs:
         if getattr(batch, need, None) is None and need in STAND_INS:
             notes.append(f"the batch has no {need}: {STAND_INS[need]}")
+    if params.corrections and spec.correction_note:
+        notes.append(f"loss.corrections on {spec.name}: {spec.correction_note}")
     if params.corrections and terms.self_aggregated and not spec.handles_corrections:
         notes.append(
             "loss.corrections are not applied to a loss that aggregates itself: it receives "

@@ -160,12 +160,12 @@ def loss_attribution(
 
 
 def zero_sum_scale(grads: LossGradients, view: SoftmaxView, params: LossParams) -> torch.Tensor:
-    """[M] |c_t|, plus the gross size 2·|c_H|·a_t·H_t of the entropy bonus's cancelling terms
+    """[M] |c_t|, plus the gross size 2·|c_H|·a_t·S_t·H_t of the entropy bonus's cancelling terms
     Σ_v π_v·|log π_v + H| ≤ 2H: the zero-sum bound is relative to what cancels."""
     c_valid = grads.coefficient[view.rows, view.cols]
     if grads.entropy_grad_logits is None:
         return c_valid
-    a = grads.agg_weights[view.rows, view.cols].to(view.entropy.dtype)
+    a = grads.bonus_weights[view.rows, view.cols].to(view.entropy.dtype)  # a_t·S_t
     return c_valid.abs() + 2 * abs(params.entropy_coef) * a * view.entropy
 
 

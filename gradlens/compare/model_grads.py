@@ -37,9 +37,9 @@ import torch
 from torch import Tensor, nn
 
 from gradlens.compare.records import TokenSummary
-from gradlens.containers import Batch, ModelContext
+from gradlens.containers import Batch, ModelContext, valid_index
 from gradlens.diagnostics.numbers import num
-from gradlens.grads import objective, policy_pass, replayed_ids
+from gradlens.grads import objective, on_grid, policy_entropy, policy_pass, replayed_ids
 from gradlens.losses import Aggregation, LossParams, get_loss
 from gradlens.progress import report as report_progress
 from gradlens.results import (
@@ -112,7 +112,7 @@ def model_gradients(
     hidden = final_hidden(model, ctx.sequences, ctx.temperature, bias)[:, ctx.offset :]
     assert hidden.shape[:2] == batch.mask.shape, (hidden.shape, batch.mask.shape)
     policy = policy_pass(hidden, head, batch.tokens, batch.mask, replayed_ids(batch))
-    entropy = policy.entropy() if params.entropy_coef != 0.0 else None
+    entropy = policy_entropy(policy, [get_loss(r.name) for r in reports], params)
 
     estimates = post_estimates(batch, tokens, params, aggregation, [r.name for r in reports])
     results: list[LossReport] = []
@@ -191,10 +191,12 @@ def post_estimates(
     entropy = float(tokens.entropy.double().mean())
     adv = float(batch.advantages[mask].double().abs().mean())
     sampled = tokens.sampled_probs.double()  # [M] π_θ(y_t)
+    rows, cols = valid_index(mask)
+    token_entropy = on_grid(tokens.entropy, rows, cols, mask.shape)  # [N, T] H_t
     out = {}
     for name in names:
         spec = get_loss(name)
-        terms = objective(batch, tokens.logp, spec, params, aggregation).terms
+        terms = objective(batch, tokens.logp, spec, params, aggregation, token_entropy).terms
         g = terms.per_token_grad[mask].double()  # [M] g_t before aggregation
         per_token = float((g.abs() * (1 - sampled)).mean())
         if bool((g == -1).all()):

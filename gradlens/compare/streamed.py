@@ -13,6 +13,12 @@ gradient ∂L/∂z_y and the row norms ‖∂L/∂W_v‖.
 With ``loss.entropy_coef`` ≠ 0 the engine adds the entropy bonus's gradient (not of the c-form)
 to every loss's rows, and the reports include it exactly as the materialized path's do.
 
+Per-token entropies H_t: when a loss reads them (``needs`` has ``entropy``: ``aspo``), the
+top-entropy token selection is on (``loss.top_entropy_quantile`` < 1) or the entropy bonus is,
+the engine computes H_t in its first pass and hands it to `coefficients_for` with the log-probs,
+so each loss's `objective` sees the same inputs as on the materialized path (its loss includes
+the bonus); the bonus's weights a_t·S_t then follow from the same H_t.
+
 Under tensor parallelism (``parallel``: `gradlens.compare.tensor_parallel`) the batch holds this
 rank's rows of W and the engine is the vocab-parallel pass (`gradlens.engine.vocab_parallel`),
 planned for the largest rank's rows with the smallest rank's memory budget; it returns the result
@@ -32,8 +38,6 @@ the vocab-parallel engine sums them over the ranks. The fused engine has no attr
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -64,11 +68,10 @@ from gradlens.engine.vocab_parallel import vocab_parallel_pass
 from gradlens.errors import GradlensError
 from gradlens.grads import (
     Objective,
-    aggregation_mask,
     autograd_reference,
-    entropy_bonus,
     objective,
     on_grid,
+    reads_entropy,
     replayed_ids,
 )
 from gradlens.logits import softmax_dtype
@@ -125,11 +128,12 @@ def run_streamed(
     objectives: list[Objective] = []
     grid: list[Tensor] = []  # [N, T] ℓ as the engine computed it
 
-    def coefficients_for(logp_valid: Tensor) -> list[Tensor]:
+    def coefficients_for(logp_valid: Tensor, entropy_valid: Tensor | None = None) -> list[Tensor]:
         logp = on_grid(logp_valid, rows, cols, batch.mask.shape)
         grid.append(logp)
+        entropy = None if entropy_valid is None else on_grid(entropy_valid, rows, cols, logp.shape)
         for spec in run_specs:
-            objectives.append(objective(batch, logp, spec, params, aggregation))
+            objectives.append(objective(batch, logp, spec, params, aggregation, entropy))
         out = [o.coefficient[rows, cols] for o in objectives]
         for pair in pairs:  # ∂L_B/∂W − ∂L_A/∂W is the c-form gradient of c_B − c_A
             a, b = (objectives[run_specs.index(s)].coefficient for s in pair)
@@ -158,12 +162,18 @@ def run_streamed(
         options.vocab_chunk,
         buffers=buffers,
     )
-    entropy_weight = None  # w_t = a_t·c_H of the entropy bonus, [M]
-    if params.entropy_coef != 0.0:
-        weights = aggregation.weights(
-            aggregation_mask(batch, params), softmax_dtype(batch.weight.dtype)
-        )
-        entropy_weight = params.entropy_coef * weights[rows, cols]
+    bonus = params.entropy_coef != 0.0
+    # H_t from pass 1 for every loss's objective: the losses or the selection read it, and with
+    # the bonus the objective's loss includes −c_H·Σ_t a_t·S_t·H_t
+    token_entropy = reads_entropy(run_specs, params)
+    entropy_weights: list[Tensor] = []  # [M] w_t = c_H·a_t·S_t of the entropy bonus
+
+    def bonus_weight(entropy_valid: Tensor) -> Tensor:
+        """w_t = c_H·a_t·S_t (S_t from the same H_t the objectives saw; 1 when it is off)."""
+        w = params.entropy_coef * objectives[0].bonus_weights[rows, cols]
+        entropy_weights.append(w.to(softmax_dtype(batch.weight.dtype)))
+        return entropy_weights[-1]
+
     if parallel is None and fused:
         result = fused_lm_head_pass(
             hidden,
@@ -171,8 +181,9 @@ def run_streamed(
             tokens,
             coefficients_for,
             engine_plan,
-            entropy_weight=entropy_weight,
+            entropy_weight=bonus_weight if bonus else None,
             entropy_losses=len(run_specs),  # not parity's c_B − c_A: the bonus cancels there
+            token_entropy=token_entropy,
         )
     elif parallel is None:
         result = lm_head_pass(
@@ -181,8 +192,9 @@ def run_streamed(
             tokens,
             coefficients_for,
             engine_plan,
-            entropy_weight=entropy_weight,
+            entropy_weight=bonus_weight if bonus else None,
             entropy_losses=len(run_specs),
+            token_entropy=token_entropy,
             kept_ids=valid_kept,
             attribution=attribution,
         )
@@ -195,21 +207,16 @@ def run_streamed(
             engine_plan,
             parallel.split,
             parallel.comm,
-            entropy_weight=entropy_weight,
+            entropy_weight=bonus_weight if bonus else None,
             entropy_losses=len(run_specs),
             attribution=attribution,
+            token_entropy=token_entropy,
         )
     logp = grid[0]
-    entropy = on_grid(result.tokens.entropy, rows, cols, batch.mask.shape)  # [N, T]
-    bonus_scale = None  # the bonus's gross size 2·|c_H|·a_t·H_t, [M]
-    if entropy_weight is not None:
-        bonus_scale = 2 * entropy_weight.abs() * result.tokens.entropy
+    bonus_scale = None  # the bonus's gross size 2·|c_H|·a_t·S_t·H_t, [M]
+    if entropy_weights:
+        bonus_scale = 2 * entropy_weights[0].abs() * result.tokens.entropy
     hidden_norms = hidden.to(result.tokens.lse.dtype).norm(dim=-1)  # [M]
-
-    def loss_value(obj: Objective) -> float:
-        """L with the bonus −c_H·Σ_t a_t·H_t from the engine's entropy."""
-        bonus = entropy_bonus(obj.agg_weights, entropy, params.entropy_coef)
-        return float(obj.loss) + (float(bonus) if params.entropy_coef != 0.0 else 0.0)
 
     records = []
     for i, spec in enumerate(run_specs[:reported]):
@@ -227,7 +234,7 @@ def run_streamed(
             LossRecord(
                 spec=spec,
                 objective=obj,
-                loss=loss_value(obj),
+                loss=float(obj.loss),  # the bonus from pass 1's H_t included
                 non_finite=count_non_finite(c, stats.norms, stats.row_sum),
                 reference_non_finite=ref_non_finite,
                 sampled_row=sampled_row_streamed(
@@ -286,8 +293,8 @@ def run_streamed(
         )
         parity.append(
             ParityInputs(
-                _parity_loss(run_specs[ia], objectives[ia], result, ia, loss_value),
-                _parity_loss(run_specs[ib], objectives[ib], result, ib, loss_value),
+                _parity_loss(run_specs[ia], objectives[ia], result, ia),
+                _parity_loss(run_specs[ib], objectives[ib], result, ib),
                 gap,
             )
         )
@@ -354,14 +361,13 @@ def _parity_loss(
     obj: Objective,
     result: EngineResult,
     i: int,
-    loss_value: Callable[[Objective], float],
 ) -> ParityLoss:
     """Loss ``i`` of the engine run as parity needs it: ‖∂L/∂W‖ from its row norms (the
     entropy bonus included, as in the losses' own reports)."""
     norms = result.rows[i].norms
     return ParityLoss(
         name=spec.name,
-        loss=loss_value(obj),
+        loss=float(obj.loss),  # the bonus from pass 1's H_t included
         grad_norm=num(norms.double().norm()),
         rows=norms,
         coefficient=obj.coefficient,

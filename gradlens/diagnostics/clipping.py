@@ -10,7 +10,7 @@ valid tokens, token-weighted as verl and TRL average (slime averages per sample 
     dual    A<0 ∧ r>c              verl actor/pg_clipfrac_lower
     seq_masked_sequences / _tokens  DeepSeek-V3.2 OPSM (slime's opsm_clipfrac is a count)
     zero_grad                      c_t = 0 for any reason (A = 0 included)
-    shares                         every region by name (the frontier losses' and the
+    shares                         every region by name (the policy losses' and the
                                    corrections' own: weight_clipped, tis_truncated, ...)
     sequence_shares                share of sequences in each ``seq_`` region (whole-sequence
                                    rules: TRL's sequence-level clip_ratio for GSPO)

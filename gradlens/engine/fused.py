@@ -53,8 +53,11 @@ from gradlens.engine.streamed import (
     CoefficientFn,
     EnginePlan,
     EngineResult,
+    EntropyWeight,
     RowStats,
     TokenStats,
+    bonus_weight,
+    coefficients_at,
     dense_dtype,
     share_sources,
 )
@@ -82,15 +85,18 @@ def fused_lm_head_pass(
     tokens: Tensor,
     coefficients_of: CoefficientFn,
     plan: EnginePlan,
-    entropy_weight: Tensor | None = None,
+    entropy_weight: EntropyWeight | None = None,
     entropy_losses: int | None = None,
     blocks: Blocks | None = None,
+    token_entropy: bool = False,
 ) -> EngineResult:
     """`lm_head_pass` with fused element-wise work: the same arguments and result.
 
     ``hidden`` [M, H], ``weight`` [V, H], ``tokens`` [M]; ``coefficients_of(logp [M])`` →
-    [c_1, …, c_k] ([M] each); ``entropy_weight`` [M] w_t = a_t·c_H of the entropy bonus, added
-    to the first ``entropy_losses`` losses (all when None); ``blocks``: kernel tile sizes.
+    [c_1, …, c_k] ([M] each); ``entropy_weight`` [M] w_t = a_t·c_H of the entropy bonus (or a
+    function of pass 1's H_t that gives it), added to the first ``entropy_losses`` losses (all
+    when None); ``token_entropy``: the losses read H_t, ``coefficients_of(logp, entropy)``;
+    ``blocks``: kernel tile sizes.
     """
     check_device(hidden.device)
     blocks = blocks or Blocks()
@@ -100,23 +106,28 @@ def fused_lm_head_pass(
     device = hidden.device
     chunks = plan.chunks(v)
     tokens = tokens.contiguous()
-    ent_w = None if entropy_weight is None else entropy_weight.to(acc).contiguous()
+    need_h = entropy_weight is not None or token_entropy
     gemms = 0.0
 
-    # Pass 1: the online logsumexp, z_y and max|z| (and H with the bonus); resident chunks kept.
+    # Pass 1: the online logsumexp, z_y and max|z| (and H with the bonus or ``token_entropy``);
+    # resident chunks kept.
     state = LogsumexpState.empty(m, acc, device)
     kept: list[Tensor] = []
     for i, (start, end) in enumerate(chunks):
         z = hidden @ weight[start:end].T  # [M, Vc] in the operand dtype
         gemms += (end - start) / v
-        kernels.logsumexp_chunk(z, tokens, start, state, ent_w is not None, blocks)
+        kernels.logsumexp_chunk(z, tokens, start, state, need_h, blocks)
         if i < plan.resident:
             kept.append(z)
     lse = state.lse()
     logp = state.z_y - lse
-    h1 = state.entropy() if ent_w is not None else None
+    h1 = state.entropy() if need_h else None
 
-    coefficients = [c.to(acc).contiguous() for c in coefficients_of(logp)]
+    coefficients = [
+        c.contiguous() for c in coefficients_at(coefficients_of, logp, h1, token_entropy, acc)
+    ]
+    weight_h = bonus_weight(entropy_weight, h1)
+    ent_w = None if weight_h is None else weight_h.to(acc).contiguous()
     k = len(coefficients)
     sources = share_sources(coefficients)
     direct = [i for i in range(k) if sources[i] is None]

@@ -18,6 +18,12 @@ the engine makes two passes over vocabulary chunks:
    running row sum Σ_v ∂L/∂W_v. Per-token statistics (Σ_v π, entropy, the largest
    non-sampled probability) come from the same π.
 
+Losses that read the per-token entropy (``aspo``, the top-entropy token selection; the
+``token_entropy`` flag) get H_t from pass 1, accumulated as for the entropy bonus below, with
+the log-probs: ``coefficients_of(logp, entropy)``. The bonus's weights may then depend on H_t
+too (the selection weights it by S_t = 1[H_t ≥ threshold]): ``entropy_weight`` is a tensor or
+a function of pass 1's H_t, called after the coefficients.
+
 The entropy bonus (losses.md §2.11, ``entropy_weight`` w_t = a_t·c_H) adds to the logit
 gradient of every loss the same block E_tv = w_t·π_tv·(log π_tv + H_t), not of the c-form. Pass 1
 then also accumulates H_t (it is needed before pass 2); pass 2 forms E from each chunk's π and
@@ -66,7 +72,11 @@ from gradlens.engine.attribution import (
 from gradlens.logits import kept_entries, restrict_logits, softmax_dtype
 from gradlens.memory import available
 
-CoefficientFn = Callable[[Tensor], list[Tensor]]
+# coefficients_of(logp [M]) -> [c_1, …, c_k] ([M] each); with ``token_entropy`` the engine
+# calls coefficients_of(logp [M], entropy [M]) instead
+CoefficientFn = Callable[..., list[Tensor]]
+# w_t [M] of the entropy bonus, or a function of pass 1's H_t [M] that gives it
+EntropyWeight = Tensor | Callable[[Tensor], Tensor]
 SHARE_LIMIT = 0.5  # reuse an earlier loss's dense product when ≤ this share of tokens differ
 
 
@@ -501,29 +511,62 @@ def assemble(
     )
 
 
+def coefficients_at(
+    coefficients_of: CoefficientFn,
+    logp: Tensor,
+    entropy: Tensor | None,
+    token_entropy: bool,
+    dtype: torch.dtype,
+) -> list[Tensor]:
+    """The caller's coefficients in ``dtype``: ``coefficients_of(logp)``, or with
+    ``token_entropy`` ``coefficients_of(logp, entropy)`` (pass 1's H_t)."""
+    if token_entropy:
+        if entropy is None:
+            raise ValueError("the losses read H_t but pass 1 did not compute it")
+        raw = coefficients_of(logp, entropy)
+    else:
+        raw = coefficients_of(logp)
+    return [c.to(dtype) for c in raw]
+
+
+def bonus_weight(entropy_weight: EntropyWeight | None, entropy: Tensor | None) -> Tensor | None:
+    """w_t [M] of the entropy bonus: ``entropy_weight`` itself, or its value at pass 1's H_t."""
+    if entropy_weight is None or not callable(entropy_weight):
+        return entropy_weight
+    if entropy is None:
+        raise ValueError("the entropy bonus needs pass 1's H_t")
+    return entropy_weight(entropy)
+
+
 def lm_head_pass(
     hidden: Tensor,
     weight: Tensor,
     tokens: Tensor,
     coefficients_of: CoefficientFn,
     plan: EnginePlan,
-    entropy_weight: Tensor | None = None,
+    entropy_weight: EntropyWeight | None = None,
     entropy_losses: int | None = None,
+    token_entropy: bool = False,
+    *,
     kept_ids: Tensor | None = None,
     attribution: AttributionPlan | None = None,
 ) -> EngineResult:
     """Run the two passes. ``coefficients_of(logp [M]) -> [c_1, …, c_k]`` ([M] each).
 
     ``entropy_weight`` [M]: w_t = a_t·c_H of the entropy bonus, added to the first
-    ``entropy_losses`` losses (all when None); None: no bonus. ``kept_ids`` [M, K]: the
-    replayed kept sets K_t (−1 padding), or None: the whole vocabulary. ``attribution``: the
-    attribution sums of its first losses too (`EngineResult.attribution`).
+    ``entropy_losses`` losses (all when None), or a function of pass 1's H_t [M] that returns
+    it (called after ``coefficients_of``); None: no bonus. ``token_entropy``: the losses read
+    H_t, so pass 1 computes it and the engine calls ``coefficients_of(logp, entropy)``.
+    ``kept_ids`` [M, K]: the replayed kept sets K_t (−1 padding), or None: the whole
+    vocabulary. ``attribution``: the attribution sums of its first losses too
+    (`EngineResult.attribution`).
     """
-    needs_entropy = entropy_weight is not None or attribution is not None
-    first = first_pass(hidden, weight, tokens, plan, entropy=needs_entropy, kept_ids=kept_ids)
+    need_h = entropy_weight is not None or token_entropy or attribution is not None
+    first = first_pass(hidden, weight, tokens, plan, entropy=need_h, kept_ids=kept_ids)
     logp = first.z_y - first.lse
     acc = softmax_dtype(weight.dtype)
-    coefficients = [c.to(acc) for c in coefficients_of(logp)]
+    coefficients = coefficients_at(coefficients_of, logp, first.entropy, token_entropy, acc)
+    ent_w = bonus_weight(entropy_weight, first.entropy)
     second = second_pass(
         hidden,
         weight,
@@ -533,7 +576,7 @@ def lm_head_pass(
         plan,
         first.kept,
         first.entropy,
-        entropy_weight,
+        ent_w,
         entropy_losses,
         gemms=first.gemms,
         kept_ids=kept_ids,
@@ -547,6 +590,6 @@ def lm_head_pass(
         first.entropy,
         coefficients,
         second,
-        entropy_weight,
+        ent_w,
         second.gemms,
     )

@@ -12,7 +12,8 @@ Pass 1, per token t, on the rows of rank r (z = W_r h_t, π^r = softmax over tho
     ζ_r = z_y if v0_r ≤ y < v1_r, else 0          the sampled logit, on its owner only
     α_r = max_{v∈r} |z_v|
     μ_r = max_{v∈r, v≠y} z_v  (−inf if none)      for max_{v≠y} π
-    η_r = Σ_{v∈r} π^r_v (λ_r − z_v)  ≥ 0          the shard's entropy (entropy bonus only)
+    η_r = Σ_{v∈r} π^r_v (λ_r − z_v)  ≥ 0          the shard's entropy (entropy bonus, or
+                                                  losses that read H_t: ``token_entropy``)
 
 and these combine exactly into the global per-token statistics:
 
@@ -30,7 +31,8 @@ combine them (`PASS1`), both exact:
                  e^{λ_r − Λ}·(η_r + Λ − λ_r)) gives S, ζ and the entropy sum, and
                  lse = Λ + log S, H = Σ/S + log S. Two rounds, but O(M) bytes whatever P
 
-Then ``coefficients_of(log π(y))`` runs on every rank with the same input, so c_t is the same
+Then ``coefficients_of(log π(y))`` (with ``token_entropy``: ``coefficients_of(log π(y), H)``, the
+global H of the combination above) runs on every rank with the same input, so c_t is the same
 on every rank (an all_gather makes it bitwise so). Pass 2 is local: π = exp(z − lse) on the
 shard's rows, the dense GEMM, the sparse rows of the tokens the shard owns, the per-row norms
 and partial sums. The finishing collectives:
@@ -66,9 +68,12 @@ from gradlens.engine.streamed import (
     CoefficientFn,
     EnginePlan,
     EngineResult,
+    EntropyWeight,
     FirstPass,
     SecondPass,
     assemble,
+    bonus_weight,
+    coefficients_at,
     first_pass,
     second_pass,
 )
@@ -86,7 +91,7 @@ class TokenTotals:
     z_y: Tensor
     max_abs: Tensor
     max_other_logit: Tensor
-    entropy: Tensor | None  # H_t, with the entropy bonus only
+    entropy: Tensor | None  # H_t, with the entropy bonus or ``token_entropy`` only
 
 
 def _columns(first: FirstPass) -> list[Tensor]:
@@ -137,9 +142,10 @@ def vocab_parallel_pass(
     plan: EnginePlan,
     split: VocabSplit,
     comm: Collectives | None = None,
-    entropy_weight: Tensor | None = None,
+    entropy_weight: EntropyWeight | None = None,
     entropy_losses: int | None = None,
     pass1: str = "all_gather",
+    token_entropy: bool = False,
     attribution: AttributionPlan | None = None,
 ) -> EngineResult:
     """`lm_head_pass` on this rank's rows of W; the same `EngineResult` on every rank.
@@ -156,7 +162,8 @@ def vocab_parallel_pass(
         split: the rows of every rank.
         comm: the tensor-parallel group's collectives (default group when None); its ``log``
             records what was sent.
-        entropy_weight, entropy_losses: as for `lm_head_pass`.
+        entropy_weight, entropy_losses, token_entropy: as for `lm_head_pass` (H_t is the
+            global one, combined by pass 1's collective: the same on every rank).
         pass1: how pass 1's statistics are combined, a key of `PASS1`.
         attribution: as for `lm_head_pass`; its sums are those of the whole W on every rank.
 
@@ -184,21 +191,16 @@ def vocab_parallel_pass(
     if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= split.vocab):
         raise GradlensError(f"tensor_parallel: token ids must lie in [0, {split.vocab})")
     acc = softmax_dtype(weight_shard.dtype)
-    needs_entropy = entropy_weight is not None or attribution is not None
+    need_h = entropy_weight is not None or token_entropy or attribution is not None
     local = tokens - v0  # ids of this shard's rows; the others fall outside [0, V_r)
 
     first = first_pass(
-        hidden,
-        weight_shard,
-        local,
-        plan,
-        entropy=needs_entropy,
-        other_logit=True,
-        vocab=split.vocab,
+        hidden, weight_shard, local, plan, entropy=need_h, other_logit=True, vocab=split.vocab
     )
     totals = combine(first, split.owner(tokens), comm)
     logp = totals.z_y - totals.lse
-    coefficients = [c.to(acc) for c in coefficients_of(logp)]
+    coefficients = coefficients_at(coefficients_of, logp, totals.entropy, token_entropy, acc)
+    ent_w = bonus_weight(entropy_weight, totals.entropy)
     second = second_pass(
         hidden,
         weight_shard,
@@ -208,7 +210,7 @@ def vocab_parallel_pass(
         plan,
         first.kept,
         totals.entropy,
-        entropy_weight,
+        ent_w,
         entropy_losses,
         vocab=split.vocab,
         gemms=first.gemms,
@@ -223,7 +225,7 @@ def vocab_parallel_pass(
         totals.entropy,
         coefficients,
         whole,
-        entropy_weight,
+        ent_w,
         whole.gemms,
     )
 

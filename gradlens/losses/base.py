@@ -26,12 +26,16 @@ class Correction:
         renormalize: the tokens it masks leave the aggregation's normaliser too, as verl's
             rejection sampling (``rollout_rs``) removes them from the response mask; only for
             the kinds that mask.
+        batch_normalize: the weight is divided by its batch mean (over the valid tokens, or the
+            valid sequences for a sequence-level weight), as verl's
+            ``rollout_is_batch_normalize``; only for the kinds whose weight is an IS ratio.
     """
 
     kind: str
     low: float | None = None
     high: float | None = None
     renormalize: bool = False
+    batch_normalize: bool = False
 
 
 @dataclass(frozen=True)
@@ -57,8 +61,47 @@ class LossParams:
         entropy_coef: c_H of the entropy bonus −c_H·agg_t H_t, added to every loss (0: off).
         corrections: training–inference corrections composed with every loss (detached
             weights or masks on g_t; `gradlens.losses.corrections`).
+        bypass_mode: verl's bypass mode: π_old := μ (the rollout log-probs stand in for the
+            recomputed old policy) and every correction's ratio is sg[π_θ]/μ instead of π_old/μ.
 
     The token aggregation is not a loss setting: it travels as an `Aggregation`.
+
+    The settings of the losses of docs/losses.md §2.14–§2.27 (each module's docstring has the
+    maths) and of the top-entropy token selection (§2.28):
+        dppo_tv_low, dppo_tv_high: δ of DPPO's binary-TV mask on π_θ(y) − π_old(y) (verl's
+            example script: 0.15). dppo_kl_low, dppo_kl_high: δ of the binary-KL mask (0.05).
+        dppo_cap: C of DPPO's truncated weight min(r, C), or None for no truncation (verl
+            reads ``clip_ratio_c``: 3.0 from actor.yaml; the example script sets 10000).
+        prime_mask_low, prime_mask_high: prime-rl's DPPO-TV thresholds on π_θ(y) − μ(y) (0.2).
+        prime_kl_tau: τ_KL of prime-rl's squared log-ratio term τ_KL·(ℓ − ℓ_μ)² (1e-3).
+        ipo_threshold: prime-rl's IPO symmetric mask |π_θ(y) − μ(y)| > threshold (0.1).
+        m2po_threshold: τ_M2 of M2PO's second-moment mask (AReaL example: 0.04).
+        aspo_eps_low_entropy, aspo_eps_high_entropy: ASPO's clip width for the tokens at or
+            below / above the per-sequence entropy quantile (Archer2.0: 0.2 and 0.4).
+        aspo_entropy_quantile: that per-sequence quantile (0.8).
+        aspo_clip_c_neg, aspo_clip_c_pos: ASPO's dual-clip constants c⁻ and c⁺ (3.0 each).
+        gppo_beta1, gppo_beta2: CE-GPPO's β₁ (A < 0, r < 1 − eps_low) and β₂ (A > 0,
+            r > 1 + eps_high): the bounded gradient a clipped token keeps (0.25, 1.0).
+        clip_cov_ratio, clip_cov_lb, clip_cov_ub: Clip-Cov's share of tokens to switch off and
+            its covariance band (lb, ub) (verl: 2e-4, 1, 5).
+        selection_seed: seed of Clip-Cov's random choice among the candidate tokens.
+        kl_cov_ratio, kl_cov_coef: KL-Cov's share of tokens penalised and the coefficient k of
+            k·|ℓ − ℓ_old| (verl actor.yaml: 2e-4 and ppo_kl_coef = 0.1).
+        gmpo_eps_low, gmpo_eps_high: GMPO's token clip in log space, (−low, high) (paper and
+            TRL: 0.4).
+        topr_pos_weight, topr_neg_weight: TOPR's weights of the positive and negative parts (1).
+        dro_beta: β of DRO's (Kimi-1.5's τ) penalty (β/2)(ℓ − ℓ_old)² (ROLL's kimi15_tau: 0.1).
+        vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: VESPO's (k, λ) for A ≥ 0
+            and A < 0 (TRL: (2, 3) and (3, 2)).
+        real_tau: REAL's temperature τ (ms-swift: 0.5).
+        fipo_decay_rate: FIPO's half-life in tokens, γ = 2^(−1/decay_rate) (32).
+        fipo_clip_range, fipo_clip_high_only: FIPO's weight clip [1, 1 + range] (high only) or
+            [1 − range, 1 + range]; None: no clip (0.2, True).
+        fipo_safety_threshold: r above which an A < 0 token's FIPO weight is clamped to
+            [0.8, 1]; None: off (4.0).
+        top_entropy_quantile: ρ of the top-entropy token selection composed with every loss:
+            only the tokens with H_t ≥ the batch's (1 − ρ)-quantile keep their policy
+            gradient and their entropy bonus (TRL ``top_entropy_quantile``); 1: off.
     """
 
     eps_low: float = 0.2
@@ -76,6 +119,48 @@ class LossParams:
     minirl_truncation: str = "literal"
     entropy_coef: float = 0.0
     corrections: tuple[Correction, ...] = ()
+    bypass_mode: bool = False
+    # --- the losses of docs/losses.md §2.14–§2.27 and the top-entropy token selection (§2.28);
+    # every default keeps the behaviour of the losses above unchanged. Each has a twin with the
+    # same name and default in `gradlens.config.LossConfig` (`LossConfig.params()` maps them).
+    dppo_tv_low: float = 0.15
+    dppo_tv_high: float = 0.15
+    dppo_kl_low: float = 0.05
+    dppo_kl_high: float = 0.05
+    dppo_cap: float | None = 3.0
+    prime_mask_low: float = 0.2
+    prime_mask_high: float = 0.2
+    prime_kl_tau: float = 1e-3
+    ipo_threshold: float = 0.1
+    m2po_threshold: float = 0.04
+    aspo_eps_low_entropy: float = 0.2
+    aspo_eps_high_entropy: float = 0.4
+    aspo_entropy_quantile: float = 0.8
+    aspo_clip_c_neg: float = 3.0
+    aspo_clip_c_pos: float = 3.0
+    gppo_beta1: float = 0.25
+    gppo_beta2: float = 1.0
+    clip_cov_ratio: float = 2e-4
+    clip_cov_lb: float = 1.0
+    clip_cov_ub: float = 5.0
+    selection_seed: int = 0
+    kl_cov_ratio: float = 2e-4
+    kl_cov_coef: float = 0.1
+    gmpo_eps_low: float = 0.4
+    gmpo_eps_high: float = 0.4
+    topr_pos_weight: float = 1.0
+    topr_neg_weight: float = 1.0
+    dro_beta: float = 0.1
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
+    real_tau: float = 0.5
+    fipo_decay_rate: float = 32.0
+    fipo_clip_range: float | None = 0.2
+    fipo_clip_high_only: bool = True
+    fipo_safety_threshold: float | None = 4.0
+    top_entropy_quantile: float = 1.0
 
 
 LossFn = Callable[[TokenInputs, LossParams], LossTerms]
@@ -101,6 +186,18 @@ class LossSpec:
             to REINFORCE, |g_t|/|A_t|, is reported only for such losses.
         needs: optional batch inputs the loss reads (``rollout_logp``, ``ref_logp``); when the
             batch lacks one the loss falls back to ℓ_old, and ``compare`` says so in findings.
+            ``entropy`` (per-token H_t, both engines provide it) and ``groups`` (prompt groups;
+            a batch without them is an error) are listed here too.
+        coupling: how far the inputs that decide one token's g_t reach: ``token`` (its own),
+            ``sequence`` (its sequence: GSPO's ratio, FIPO's future), ``group`` (its prompt
+            group: REAL) or ``batch`` (every token of the batch: Clip-Cov, KL-Cov, M2PO). The
+            sweep lays its points out by it (docs/sweep.md §1).
+        correction_note: what composing ``loss.corrections`` with this loss means when it is
+            not what the framework does (it already folds in the training–inference ratio);
+            ``compare`` repeats it in the findings when corrections are set.
+        rule_words: (region, what it means) for the regions whose meaning differs from the
+            shared words of `gradlens.report.sweep_labels.RULE_TEXT` (DPPO's ``clip_upper`` is
+            a probability difference, not a ratio); the sweep's table and figures use them.
         aggregating_fn: a function that aggregates itself (user and framework losses): it
             receives the run's `Aggregation` and returns L as ``per_token`` summing to it, with
             ``self_aggregated`` set.
@@ -118,6 +215,9 @@ class LossSpec:
     post_formula: str = "|g|·(1 − π_y)"
     uses_advantage: bool = True
     needs: tuple[str, ...] = ()
+    coupling: str = "token"
+    correction_note: str = ""
+    rule_words: tuple[tuple[str, str], ...] = ()
     aggregating_fn: SelfAggregatingFn | None = None
     handles_corrections: bool = False
 

@@ -99,6 +99,7 @@ register(
         "importance_sampling_level=sequence, OpenRLHF policy_loss_type=gspo",
         regions=("clip_upper", "clip_lower", "seq_clipped"),
         post_formula="M_i·s_i·|Â_i|·(1 − π_y)",
+        coupling="sequence",
     )
 )
 register(
@@ -112,5 +113,6 @@ register(
         "experimental gspo_token",
         regions=("clip_upper", "clip_lower"),
         post_formula="M·s_i·|A|·(1 − π_y)",
+        coupling="sequence",
     )
 )

@@ -10,6 +10,7 @@ from rich.markup import escape
 from gradlens.losses import LossSpec
 from gradlens.report.cells import SEED_POST_NOTE
 from gradlens.report.fit import FitTable
+from gradlens.sweep.pair import PairTable
 
 
 def loss_list_table(specs: Sequence[LossSpec]) -> FitTable:
@@ -22,12 +23,13 @@ def loss_list_table(specs: Sequence[LossSpec]) -> FitTable:
         "g_t = ∂ℓ/∂log π_θ(y)",
         "zero when",
         "source",
+        "coupling",
     ):
         table.add_column(header, justify="left")
     for s in specs:
-        table.add_row(
-            *(escape(x) for x in (s.name, s.formula, s.grad_formula, s.zero_when, s.paper))
-        )
+        needs = f" (needs {', '.join(s.needs)})" if s.needs else ""
+        cells = (s.name, s.formula, s.grad_formula, s.zero_when, s.paper, s.coupling + needs)
+        table.add_row(*(escape(x) for x in cells))
     return table
 
 
@@ -56,4 +58,28 @@ def framework_table(rows: Sequence[Mapping[str, str]]) -> FitTable:
         table.add_column(header, justify="left")
     for row in rows:
         table.add_row(*(escape(row[k]) for k in ("names", "supported", "tested", "installed")))
+    return table
+
+
+def pair_table(result: PairTable) -> FitTable:
+    """``gradlens losses --compare A,B``: g_t of both losses over (A, r), and which rules fire."""
+    a, b = result.loss_a, result.loss_b
+    table = FitTable(
+        f"g_t of {escape(a)} and {escape(b)} at π_θ(y) = {result.pi_theta:g}, π_old = π_θ/r "
+        "(∂L/∂z = a·g·(e_y − π); a is the same for both on a lone token)",
+        keys=2,
+    )
+    for header in ("A", "r", f"g {a}", f"g {b}", "differ", f"rules {a}", f"rules {b}"):
+        table.add_column(escape(header), justify="right")
+    table.columns[-1].justify = table.columns[-2].justify = "left"
+    for row in result.rows:
+        table.add_row(
+            f"{row.advantage:+g}",
+            f"{row.ratio:g}",
+            f"{row.grad_a:.6g}",
+            f"{row.grad_b:.6g}",
+            "yes" if row.differ else "",
+            escape(", ".join(row.rules_a)),
+            escape(", ".join(row.rules_b)),
+        )
     return table

@@ -49,6 +49,10 @@ FORMATS = (".png", ".svg", ".pdf")
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#7f7f7f", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2"]
 ZERO_GREY = "#d0d0d0"
 DPI = 110  # 14-inch figures → about 1,500 px wide: every label readable, files ~200 kB
+# The y axis (heat maps: the colour scale) reaches at most this factor below the largest
+# gradient: smaller ones are drawn at the bottom edge. A weight that underflows (VESPO's φ
+# reaches 1e-321) would otherwise stretch the axis over hundreds of decades.
+DECADES_SHOWN = 1e-14
 
 AXIS_WORDS = {
     "pi_old": "π_old(y): the sampled token's probability under the policy that generated it",
@@ -179,8 +183,8 @@ def _lines(outcome: SweepOutcome) -> Any:
     panels = fig.subplots(1, len(SIGNS), sharey=True)
     magnitudes = torch.cat([c.grad_sampled.abs() for c in outcome.curves])
     positive = magnitudes[magnitudes > 0]
-    low = float(positive.min()) if positive.numel() else 0.1
     high = float(positive.max()) if positive.numel() else 1.0
+    low = max(float(positive.min()), high * DECADES_SHOWN) if positive.numel() else 0.1
     y_low, y_high = low / 4, high * 40
     x_frac = torch.tensor([_fraction(axis, v) for v in x.tolist()], dtype=torch.float64)
 
@@ -270,7 +274,7 @@ def _lines(outcome: SweepOutcome) -> Any:
         placed += _annotate_peaks(ax, x_frac, y_frac, drawn, report.amplified_above)
         placed += _annotate_fading(ax, x, drawn, report.amplified_above)
         placed += _unclipped_notes(ax, x, drawn, infos, report.amplified_above)
-        _shade(ax, axis, drawn, colors, traces, placed)
+        _shade(ax, axis, drawn, colors, traces, placed, infos)
 
         ax.set_title(f"{sign_text(sign * report.advantage)}: {SIGN_WORDS[sign]}", fontsize=12.5)
         ax.set_xlabel(AXIS_WORDS[axis.name] + (" (log scale)" if axis.scale == "log" else ""))
@@ -368,6 +372,7 @@ def _shade(
     colors: dict[str, str],
     traces: list[Trace],
     placed: list[Box],
+    infos: dict[str, Any],
 ) -> None:
     """Shade each x-range where a rule switched a loss off, once, with a label naming it.
 
@@ -386,8 +391,9 @@ def _shade(
         hi = min(float(edges[last + 1]), float(x[-1]))
         color = colors[owners[0][1]]
         ax.axvspan(lo, hi, color=color, alpha=0.11, lw=0, zorder=1)
+        own = infos[owners[0][0].loss].rule_words
         names = " / ".join(dict.fromkeys(rule_name(r) for r in rules))
-        when = "\nor ".join(rule_text(r) for r in rules)
+        when = "\nor ".join(rule_text(r, own) for r in rules)
         label = (
             f"{_who(owners, drawn)}: no gradient here,\n{names} switches the token off\n({when})"
         )
@@ -518,7 +524,8 @@ def _unclipped_notes(
         k = (first + last) // 2
         text = f"{_who(owners, drawn)} keeps growing here:\nnone of its rules fires"
         if disabled:
-            text += "; off in this run:\n" + "\n".join(f"  {rule_text(r)}" for r in disabled)
+            own = infos[curve.loss].rule_words
+            text += "; off in this run:\n" + "\n".join(f"  {rule_text(r, own)}" for r in disabled)
         _note(
             ax,
             text,
@@ -571,8 +578,8 @@ def _heat_maps(outcome: SweepOutcome) -> Any:
 
     magnitudes = torch.cat([c.grad_sampled.abs() for c in outcome.curves])
     positive = magnitudes[magnitudes > 0]
-    vmin = float(positive.min()) if positive.numel() else 1e-3
     vmax = float(positive.max()) if positive.numel() else 1.0
+    vmin = max(float(positive.min()), vmax * DECADES_SHOWN) if positive.numel() else 1e-3
     norm = LogNorm(vmin=vmin, vmax=max(vmax, vmin * 10))
 
     fig = Figure(figsize=(3.6 * columns + 1.6, 7.6), layout="constrained")
@@ -645,7 +652,8 @@ def _label_switched_off(ax: Any, outcome: SweepOutcome, curve: Curve) -> None:
     cx = float(torch.exp(torch.log(old).mean())) if x_axis.scale == "log" else float(old.mean())
     cy = float(torch.exp(torch.log(theta).mean())) if y_axis.scale == "log" else float(theta.mean())
     rules = sorted({r for r, m in curve.regions.items() if bool((m & off).any())})
-    words = "\n".join(rule_text(r) for r in rules)
+    own = {info.name: info for info in outcome.report.losses}[curve.loss].rule_words
+    words = "\n".join(rule_text(r, own) for r in rules)
     ax.text(
         cx,
         cy,

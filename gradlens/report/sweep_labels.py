@@ -6,6 +6,8 @@ here (a loss added later) is shown by its name.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from gradlens.sweep.results import Interval, SweepReport
 
 RULE_TEXT = {
@@ -13,6 +15,13 @@ RULE_TEXT = {
     "clip_lower": "A < 0 and r < 1−ε_low",
     "clip_dual": "A < 0 and r > c (dual clip)",
     "seq_masked": "A < 0 and log(π_old/π_θ) > δ (OPSM)",
+    "ratio_capped": "r > C (weight capped at C)",
+    "ratio_truncated": "A < 0 and r > 1 (weight cut to 1)",
+    "cov_selected": "selected by its covariance (A − Ā)(ℓ − ℓ̄)",
+    "m2_masked": "among the largest (ℓ_μ − ℓ_old)² (M2PO)",
+    "is_masked": "r_μ outside (1−ε_low, 1+ε_high)",
+    "tv_masked": "|π_θ − μ| > threshold",
+    "entropy_masked": "H below the top-entropy quantile",
 }
 
 
@@ -25,12 +34,16 @@ RULE_NAME = {
 }
 
 
-def rule_text(name: str) -> str:
+def rule_text(name: str, words: Mapping[str, str] | None = None) -> str:
+    """What rule ``name`` means: the loss's own ``words`` for it, else the shared words."""
+    if words and name in words:
+        return words[name]
     return RULE_TEXT.get(name, name)
 
 
 def rule_name(name: str) -> str:
-    return RULE_NAME.get(name, f"the rule {name}")
+    """What rule ``name`` is, for "<name> switches the token off"; a loss's own rule: its rule."""
+    return RULE_NAME.get(name, "its rule")
 
 
 def num(x: float | None, digits: int = 3) -> str:

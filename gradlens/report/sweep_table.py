@@ -135,7 +135,8 @@ def _findings(report: SweepReport, s: CurveSummary) -> list[str]:
     one_d = len(report.axes) == 1
     symbol = report.axes[0].symbol
     threshold = report.amplified_above
-    rules = {info.name: info.rules for info in report.losses}[s.loss]
+    info = {info.name: info for info in report.losses}[s.loss]
+    rules, words = info.rules, info.rule_words
     out = []
     amp = s.max_amplification
     if amp is not None and amp > threshold:
@@ -149,7 +150,8 @@ def _findings(report: SweepReport, s: CurveSummary) -> list[str]:
         if rules:
             line += "; no rule of it fires there"
             if off:
-                line += " (not enabled: " + "; ".join(f"{r}: {rule_text(r)}" for r in off) + ")"
+                line += " (not enabled: " + "; ".join(f"{r}: {rule_text(r, words)}" for r in off)
+                line += ")"
         out.append(line)
     if s.damped and s.min_amplification is not None:
         out.append(
@@ -189,10 +191,23 @@ def findings(report: SweepReport) -> Text:
                 sign = f"A {'>' if signs[0] > 0 else '<'} 0"
             text.append(f"• {name}, {sign}: ", style="bold")
             text.append(line + "\n")
-    used = sorted({r for s in report.summaries for r in s.rules if r in RULE_TEXT})
-    if used:
-        legend = "; ".join(f"{r}: {RULE_TEXT[r]}" for r in used)
-        text.append(f"rules: {legend}\n", style="dim")
+    words = {info.name: info.rule_words for info in report.losses}
+    meanings: dict[str, dict[str, list[str]]] = {}  # rule → its words → the losses using them
+    for s in report.summaries:
+        for r in s.rules:
+            if r in RULE_TEXT or r in words[s.loss]:
+                losses = meanings.setdefault(r, {}).setdefault(rule_text(r, words[s.loss]), [])
+                if s.loss not in losses:
+                    losses.append(s.loss)
+    if meanings:
+        entries = []
+        for r in sorted(meanings):
+            several = len(meanings[r]) > 1
+            for meaning, losses in meanings[r].items():
+                own = any(r in words[name] for name in losses)  # a loss's own words
+                who = f" ({', '.join(losses)})" if several or own else ""
+                entries.append(f"{r}{who}: {meaning}")
+        text.append(f"rules: {'; '.join(entries)}\n", style="dim")
     if len(report.axes) == 1:
         text.append(
             f"curve: |∂L/∂z_y| on a log scale shared by all rows, {report.axes[0].symbol} "

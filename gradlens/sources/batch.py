@@ -115,6 +115,14 @@ def build_batch_file(src: BatchSource, ctx: SourceContext) -> Batch:
         note = f"from the file's rewards: {note}"
     advantages = (adv[:, None] if adv.dim() == 1 else adv).expand(n, t) * mask
 
+    groups = None  # prompt groups only when stated: the default group_size 1 is no statement
+    if "group_size" in src.model_fields_set:
+        if n % src.group_size:
+            raise GradlensError(
+                f"source.group_size: {n} sequences are not a multiple of {src.group_size}"
+            )
+        groups = (torch.arange(n) // src.group_size).to(device)
+
     def opt(name: str) -> torch.Tensor | None:
         return data[name].to(acc).to(device) if name in data else None
 
@@ -135,6 +143,7 @@ def build_batch_file(src: BatchSource, ctx: SourceContext) -> Batch:
         advantages=advantages.to(acc).to(device),
         rollout_logp=opt("rollout_logp"),
         ref_logp=opt("ref_logp"),
+        groups=groups,
         source=(
             f"batch file {path.name}: {n} sequences × ≤{t} tokens, "
             f"V={weight.shape[0] if rows is None else rows.vocab}, H={weight.shape[1]}{origin}"

@@ -5,7 +5,8 @@ exact up to a constant shift the softmax ignores), its sampled token, π_old(y) 
 or ``old_logp``; on-policy when neither is given) and its advantage. Optionally it states the
 inference engine's μ_old(y) (``rollout_prob``/``rollout_logp``) and a reference π_ref(y)
 (``ref_prob``/``ref_logp``); a position that states none takes π_old(y), and a batch in which
-no position states one has none (``rollout_logp``/``ref_logp`` None).
+no position states one has none (``rollout_logp``/``ref_logp`` None). A sequence may state its
+prompt ``group`` (all or none of them do), which group-coupled losses (``real``) need.
 
 So that the lm_head analysis runs through the same code as every other source, position k of
 the M positions gets the hidden state h_k = e_k ∈ R^M and the lm_head W = [z_1 … z_M] ∈ R^{V×M}:
@@ -85,6 +86,9 @@ def build_literal(src: LiteralSource, ctx: SourceContext) -> Batch:
         rollout_logp=stated(rollout),
         ref_logp=stated(ref),
         on_policy=on_policy.to(device),
+        groups=None
+        if src.sequences[0].group is None
+        else torch.tensor([s.group for s in src.sequences], dtype=torch.long, device=device),
         source=f"literal: {n} sequence(s), {m} position(s), V={v} (h_k = e_k, W = [z_1 … z_M])",
         advantage_note="stated literally per position",
         origin=Origin(position_names(src, [(i, t) for i, t, _ in positions])),

@@ -93,6 +93,7 @@ def build_model_batch(src: ModelSource, ctx: SourceContext) -> Batch:
     mask = seqs.loss_mask
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     advantages = (adv.to(device)[:, None] * mask).to(acc)  # [N, T], 0 off the completion
+    groups = torch.arange(mask.shape[0], device=device) // src.group_size  # consecutive completions
     stale = stale_steps(
         loaded.model,
         seqs,
@@ -105,6 +106,7 @@ def build_model_batch(src: ModelSource, ctx: SourceContext) -> Batch:
         ctx.aggregation,
         loaded.bias,
         rollout.kept_ids,
+        groups,
     )
     hidden, old_logp = stale.hidden, stale.old_logp
     weight = head_weight(loaded.model).detach().clone()
@@ -150,6 +152,7 @@ def build_model_batch(src: ModelSource, ctx: SourceContext) -> Batch:
         # The reference policy of KL penalties (grpo) is the frozen checkpoint: its training-pass
         # log-probs are π_old's, taken before the stale steps moved π_θ away from it.
         ref_logp=old_logp.clone(),
+        groups=groups,
         source=(
             f"model: {name} ({type(loaded.model).__name__}, {parameters / 1e6:.2f}M parameters"
             f"{', tied embeddings' if loaded.tied else ''}); {len(prompts)} prompts × "

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from gradlens.config import StaleConfig
 from gradlens.containers import Batch, Sequences, StalenessRecord, StalePoint
-from gradlens.grads import PolicyPass, objective, on_grid, policy_pass
+from gradlens.grads import PolicyPass, objective, on_grid, policy_entropy, policy_pass
 from gradlens.logits import kept_entries
 from gradlens.losses import Aggregation, LossParams, LossSpec
 from gradlens.progress import report
@@ -51,9 +51,12 @@ def stale_steps(
     aggregation: Aggregation,
     bias: bool,
     kept_ids: Tensor | None = None,
+    groups: Tensor | None = None,
 ) -> StaleResult:
     """Take the N steps in place on ``model``: the trajectory, π_old, and h at θ_N; with the
-    rollout's kept sets ``kept_ids`` [N, T, K] also π_old's kept mass log S^old_t."""
+    rollout's kept sets ``kept_ids`` [N, T, K] also π_old's kept mass log S^old_t.
+
+    ``groups`` [N]: the sequences' prompt groups (`Batch.groups`, for group-coupled losses)."""
     mask, tokens = seqs.loss_mask, seqs.tokens
     optimizer = OPTIMIZERS[cfg.optimizer](model.parameters(), lr=cfg.lr)
     trajectory: list[StalePoint] = []
@@ -80,8 +83,9 @@ def stale_steps(
                 old_logp=old_logp,
                 advantages=advantages,
                 rollout_logp=rollout_logp.to(old_logp.dtype),
+                groups=groups,
             )
-            entropy = policy.entropy() if params.entropy_coef != 0.0 else None
+            entropy = policy_entropy(policy, [spec], params)
             loss = objective(batch, policy.logp, spec, params, aggregation, entropy).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

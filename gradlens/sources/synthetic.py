@@ -13,7 +13,8 @@ reproducible on any device):
    ``rollout_drift`` set, the inference engine's μ_old (z_μ = z_old + rollout_drift·ε, the
    bf16-like mismatch of a rollout engine) samples instead, and ℓ_rollout = log μ_old(y_t).
 5. Per-sequence rewards (Bernoulli or Gaussian) → advantages by ``advantage.normalization``,
-   broadcast to every token of the sequence (outcome reward).
+   broadcast to every token of the sequence (outcome reward). Consecutive ``group_size``
+   sequences form one prompt group (``Batch.groups``).
 6. With ``ref_drift`` set, a reference policy z_ref = z + ref_drift·ε (drawn last, so that
    nothing above changes), ℓ_ref = log π_ref(y_t).
 """
@@ -131,6 +132,7 @@ def build_synthetic(src: SyntheticSource, ctx: SourceContext) -> Batch:
         rollout_logp=None if rollout_logp is None else rollout_logp.to(device),
         ref_logp=None if ref_logp is None else ref_logp.to(device),
         on_policy=(mask & (drift.kind == "none")).to(device),
+        groups=(torch.arange(n) // src.group_size).to(device),
         source=(
             f"synthetic: {n} sequences × ≤{t} tokens, V={v}, H={h}, "
             f"drift {drift.kind}({drift.scale}), {src.rewards.kind} rewards{policies}"

@@ -12,6 +12,11 @@ result is compared with the curve's closed form:
 The error of a point is |autograd − closed| / max(|autograd|, |closed|) for each row, and 0
 when both are exactly 0 — so a rule that switches a token off must do so on both paths.
 
+The points are laid out as the curves lay them out (`gradlens.sweep.curves.point_terms`): a
+group-coupled loss (``real``) gets the point's other sign of A as its group partner, with a
+constant log-prob, so that autograd differentiates the group's loss with respect to this
+token alone; a batch-coupled loss is called on each point alone.
+
 The log-prob fed to the loss has exactly the value log π_θ(y) that the curve used and the
 derivative of log_softmax(z)_y (``value + (ls − ls.detach())``). Otherwise the two paths would
 compute r from log-probs one rounding apart, and a point lying exactly on a clip boundary
@@ -33,7 +38,7 @@ from torch import Tensor
 from gradlens.containers import TokenInputs
 from gradlens.diagnostics.tolerances import agreement
 from gradlens.losses import get_loss
-from gradlens.sweep.curves import Curve
+from gradlens.sweep.curves import Curve, explicit_entropy, point_terms
 from gradlens.sweep.grid import Grid
 
 TOLERANCE = agreement(torch.float64)
@@ -87,10 +92,30 @@ def check_curve(grid: Grid, curve: Curve, indices: Tensor, vocab_size: int) -> C
         old_logp=torch.log(pi_old)[:, None],
         advantages=torch.full_like(exact, curve.advantage),
         mask=torch.ones_like(exact, dtype=torch.bool),
+        entropy=explicit_entropy(pi_theta, vocab_size)[:, None],
     )
-    terms = get_loss(curve.loss).terms(
-        inputs, config.loss.params(), config.loss.token_aggregation()
-    )
+    spec = get_loss(curve.loss)
+    params, aggregation = config.loss.params(), config.loss.token_aggregation()
+    if spec.coupling == "group":  # the point's other sign joins its group, as on the curve
+        other = TokenInputs(
+            logp=logp.detach(),
+            old_logp=inputs.old_logp,
+            advantages=-inputs.advantages,
+            mask=inputs.mask,
+            entropy=inputs.entropy,
+        )
+        both = TokenInputs(
+            logp=torch.cat([logp, other.logp]),
+            old_logp=torch.cat([inputs.old_logp, other.old_logp]),
+            advantages=torch.cat([inputs.advantages, other.advantages]),
+            mask=torch.cat([inputs.mask, other.mask]),
+            entropy=torch.cat([inputs.entropy, other.entropy]),  # type: ignore[list-item]
+        )
+        # the whole group's loss; the other sign's ℓ is a constant (detached), so autograd
+        # gives ∂L_g/∂ℓ of this point's token only, as the curve's c is
+        terms = point_terms(spec, params, aggregation, both)
+    else:
+        terms = point_terms(spec, params, aggregation, inputs)
     loss = (curve.weight * terms.per_token).sum()
     if loss.requires_grad:  # a loss constant in ℓ at every point has no graph to walk
         loss.backward()

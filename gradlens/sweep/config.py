@@ -50,6 +50,9 @@ from gradlens.losses import get_loss
 from gradlens.sweep.grid import AXES, SWEPT, SYMBOL, range_problems
 
 MAX_VARIANTS = 256  # combinations of --over values; each one is a full set of curves
+# Group- and batch-coupled losses are called once per point (gradlens.sweep.curves): about a
+# millisecond a call, so this many calls per loss and variant is about 20 s.
+MAX_COUPLED_CALLS = 20_000
 
 
 class AxisConfig(Strict):
@@ -142,6 +145,27 @@ class SweepConfig(Strict):
                 f"{combinations} combinations of values, more than {MAX_VARIANTS}; sweep fewer"
             )
         return value
+
+    @model_validator(mode="after")
+    def _coupled_losses_fit(self) -> SweepConfig:
+        points = math.prod(self.axis(name).points for name in SWEPT[self.vary])
+        problems = []
+        for name in self.losses:
+            coupling = get_loss(name).coupling
+            if coupling not in ("group", "batch"):
+                continue
+            calls = points * (2 if coupling == "batch" else 1)
+            if calls > MAX_COUPLED_CALLS:
+                per_axis = int(math.sqrt(MAX_COUPLED_CALLS / 2)) if self.vary == "both" else 0
+                hint = f" (--points {per_axis} for a 2-D grid)" if per_axis else ""
+                problems.append(
+                    f"{name} is {coupling}-coupled, so the sweep calls it once per point "
+                    f"({calls} calls for {points} points), more than {MAX_COUPLED_CALLS}; "
+                    f"sweep fewer points{hint}"
+                )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
     def axis(self, name: str) -> AxisConfig:
         return self.pi_old if name == "pi_old" else self.pi_theta

@@ -18,7 +18,25 @@ averages the drift over a sequence — and the aggregation's 1/N_tok would then 
 have nothing to do with each other.) The weight a is that of a one-token sequence, from
 `aggregation_weights` itself: 1 for every mode except ``token_sum_norm`` and
 ``seq_mean_token_sum_norm`` with ``loss_scale_factor`` L, which give 1/L — so
-``--over loss.aggregation=...`` compares what a normaliser does to a single token.
+``--over loss.aggregation=...`` compares what a normaliser does to a single token. A loss that
+aggregates itself (``real``) has weight 1.
+
+Coupling (`LossSpec.coupling`). A ``token`` or ``sequence`` loss sees all the points at once:
+each point is its own sequence, so nothing couples them. The others would couple points that
+have nothing to do with each other, so they are called once per point: a ``group`` loss
+(``real``) on the point's two tokens, A = +|A| and A = −|A|, as one prompt group (one member
+on each side of REAL's classification, with the same score); a ``batch`` loss (``clip_cov``,
+``kl_cov``, ``m2po``) on each token alone as a batch of one. That is what those losses do to a
+lone token, not what they do inside a real batch: the covariance of a lone token is 0, so
+Clip-Cov selects nothing (its curve is ``ppo_clip``'s) and KL-Cov selects the token (its curve
+carries the penalty everywhere); M2PO never masks the only token of a batch.
+
+Per-token entropy (``aspo``'s widths): the entropy of the check's explicit distribution
+(`explicit_entropy`: the sampled token at π_θ(y), the other V − 1 sharing the rest). A lone
+token is never above its own sequence's entropy quantile, so ``aspo`` draws its narrow width.
+``loss.corrections``, ``loss.entropy_coef`` and ``loss.top_entropy_quantile`` act outside the
+loss functions and are not drawn (a point has no rollout policy, and no batch to take a
+quantile over).
 
 Everything is float64: the unclipped PPO gradient spans ten decades over the default sweep.
 """
@@ -31,8 +49,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gradlens.containers import TokenInputs
-from gradlens.losses import aggregation_weights, get_loss
+from gradlens.containers import LossTerms, TokenInputs
+from gradlens.losses import Aggregation, LossParams, LossSpec, aggregation_weights, get_loss
 from gradlens.sweep.config import Variant
 from gradlens.sweep.grid import Grid
 
@@ -93,29 +111,88 @@ class Curve:
 
 
 def lone_token_weight(mode: str, loss_scale_factor: float | None) -> float:
-    """The aggregation weight a of a sequence made of one valid token."""
+    """The aggregation weight a of a sequence made of one valid token (its own prompt group)."""
     mask = torch.ones(1, 1, dtype=torch.bool)
-    return float(aggregation_weights(mask, mode, loss_scale_factor)[0, 0])
+    groups = torch.zeros(1, dtype=torch.int64)
+    return float(aggregation_weights(mask, mode, loss_scale_factor, groups=groups)[0, 0])
 
 
-def point_inputs(pi_old: Tensor, pi_theta: Tensor, magnitude: float) -> TokenInputs:
+def explicit_entropy(pi_theta: Tensor, vocab_size: int) -> Tensor:
+    """[K] H of the distribution with π_θ(y) on the sampled token and (1 − π_θ(y))/(V − 1) on
+    each of the V − 1 others (the autograd check's, `gradlens.sweep.check.explicit_logits`)."""
+    rest = (1.0 - pi_theta) / (vocab_size - 1)
+    return -torch.xlogy(pi_theta, pi_theta) - (vocab_size - 1) * torch.xlogy(rest, rest)
+
+
+def point_inputs(
+    pi_old: Tensor, pi_theta: Tensor, magnitude: float, vocab_size: int = 8
+) -> TokenInputs:
     """[2P, 1] loss inputs: the points at A = +|A|, then at A = −|A|."""
     logp = torch.log(pi_theta).repeat(len(SIGNS))[:, None]  # [2P, 1]
     old_logp = torch.log(pi_old).repeat(len(SIGNS))[:, None]  # [2P, 1]
     signs = torch.tensor(SIGNS, dtype=torch.float64).repeat_interleave(pi_old.numel())
     advantages = (magnitude * signs)[:, None]  # [2P, 1]
     mask = torch.ones_like(logp, dtype=torch.bool)
-    return TokenInputs(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask)
+    entropy = explicit_entropy(pi_theta, vocab_size).repeat(len(SIGNS))[:, None]  # [2P, 1]
+    return TokenInputs(
+        logp=logp, old_logp=old_logp, advantages=advantages, mask=mask, entropy=entropy
+    )
+
+
+def _rows(inputs: TokenInputs, rows: Tensor) -> TokenInputs:
+    """The points ``rows`` of ``inputs`` as a batch of their own, one prompt group."""
+    return TokenInputs(
+        logp=inputs.logp[rows],
+        old_logp=inputs.old_logp[rows],
+        advantages=inputs.advantages[rows],
+        mask=inputs.mask[rows],
+        entropy=None if inputs.entropy is None else inputs.entropy[rows],
+        groups=torch.zeros(rows.numel(), dtype=torch.long),
+    )
+
+
+def point_terms(
+    spec: LossSpec, params: LossParams, aggregation: Aggregation, inputs: TokenInputs
+) -> LossTerms:
+    """The loss on the [2P, 1] layout of `point_inputs`, split as its coupling requires (see
+    the module docstring); differentiable in ``inputs.logp`` like the loss itself."""
+    if spec.coupling in ("token", "sequence"):
+        return spec.terms(inputs, params, aggregation)
+    n = inputs.logp.shape[0]
+    size = n // len(SIGNS)
+    if spec.coupling == "group":  # point k's two signs (rows k and P + k): one prompt group
+        parts = [torch.tensor([k, k + size]) for k in range(size)]
+    else:  # "batch": every token a batch of its own
+        parts = [torch.tensor([k]) for k in range(n)]
+    terms = [spec.terms(_rows(inputs, rows), params, aggregation) for rows in parts]
+    back = torch.argsort(torch.cat(parts))  # [2P]: the rows in their original order
+
+    def joined(values: list[Tensor]) -> Tensor:
+        return torch.cat(values)[back]
+
+    first = terms[0]
+    return LossTerms(
+        per_token=joined([t.per_token for t in terms]),
+        per_token_grad=joined([t.per_token_grad for t in terms]),
+        regions={r: joined([t.regions[r] for t in terms]) for r in first.regions},
+        sequence_level=first.sequence_level,
+        self_aggregated=first.self_aggregated,
+        token_metrics={m: joined([t.token_metrics[m] for t in terms]) for m in first.token_metrics},
+    )
 
 
 def variant_curves(grid: Grid, variant: Variant, name: str) -> list[Curve]:
     """The curves of loss ``name`` in ``variant``: one per sign of A."""
     config = variant.config
     spec = get_loss(name)
-    weight = lone_token_weight(config.loss.aggregation, config.loss.loss_scale_factor)
-    inputs = point_inputs(grid.pi_old, grid.pi_theta, config.advantage)
+    inputs = point_inputs(grid.pi_old, grid.pi_theta, config.advantage, config.check.vocab_size)
     with torch.no_grad():
-        terms = spec.terms(inputs, config.loss.params(), config.loss.token_aggregation())
+        terms = point_terms(spec, config.loss.params(), config.loss.token_aggregation(), inputs)
+    weight = (
+        1.0
+        if terms.self_aggregated
+        else lone_token_weight(config.loss.aggregation, config.loss.loss_scale_factor)
+    )
     g = terms.per_token_grad.to(torch.float64)[:, 0]  # [2P]
     adv = inputs.advantages[:, 0]  # [2P]
     ratio = torch.exp(inputs.logp - inputs.old_logp)[:, 0]  # [2P]

@@ -130,6 +130,11 @@ class LossInfo(Result):
     per_token_grad_formula: str = Field(description="g = ∂(per-token loss)/∂log π_θ(y)")
     post_formula: str = Field(description="|∂L/∂z_y| of one token, before the weight a")
     rules: list[str] = Field(description="the rules (clip, mask) the loss can apply")
+    rule_words: dict[str, str] = Field(
+        default_factory=dict,
+        description="what a rule of this loss means where it differs from the shared words "
+        "(DPPO's clip_upper: a probability difference, not a ratio)",
+    )
 
 
 class CheckSummary(Result):

@@ -121,6 +121,7 @@ def run_sweep(config: SweepConfig, progress: Progress | None = None) -> SweepOut
             per_token_grad_formula=s.grad_formula,
             post_formula=s.post_formula,
             rules=list(s.regions),
+            rule_words=dict(s.rule_words),
         )
         for s in (get_loss(name) for name in config.losses)
     ]

@@ -197,6 +197,10 @@ def test_losses_command_lists_every_registered_loss():
     data = json.loads(invoke("losses", "--format", "json").stdout)
     assert [row["name"] for row in data["losses"]] == loss_names()
     assert all(row["formula"] and row["per_token_grad"] and row["paper"] for row in data["losses"])
+    rows = {row["name"]: row for row in data["losses"]}
+    assert rows["real"]["coupling"] == "group" and rows["real"]["needs"] == ["groups"]
+    assert rows["kl_cov"]["coupling"] == "batch" and rows["reinforce"]["coupling"] == "token"
+    assert "top_entropy_quantile" in result.stdout
 
 
 def test_config_command_round_trips(tmp_path):

@@ -27,7 +27,53 @@ from cases import cases  # noqa: E402
 from helpers import differences  # noqa: E402
 from record import normalise, run_case  # noqa: E402
 
+from gradlens.config import LossConfig  # noqa: E402
 from gradlens.metric_names import METRIC_NAMES  # noqa: E402
+
+# docs/json-schema.md's changelog, "Added fields": the settings of the losses of docs/losses.md
+# §2.14–§2.27, of the top-entropy selection (§2.28) and verl's bypass mode (§2.12) joined
+# ``config.loss`` with these defaults, which leave every earlier loss unchanged.
+ADDED_LOSS_SETTINGS = (
+    "dppo_tv_low",
+    "dppo_tv_high",
+    "dppo_kl_low",
+    "dppo_kl_high",
+    "dppo_cap",
+    "prime_mask_low",
+    "prime_mask_high",
+    "prime_kl_tau",
+    "ipo_threshold",
+    "m2po_threshold",
+    "aspo_eps_low_entropy",
+    "aspo_eps_high_entropy",
+    "aspo_entropy_quantile",
+    "aspo_clip_c_neg",
+    "aspo_clip_c_pos",
+    "gppo_beta1",
+    "gppo_beta2",
+    "clip_cov_ratio",
+    "clip_cov_lb",
+    "clip_cov_ub",
+    "selection_seed",
+    "kl_cov_ratio",
+    "kl_cov_coef",
+    "gmpo_eps_low",
+    "gmpo_eps_high",
+    "topr_pos_weight",
+    "topr_neg_weight",
+    "dro_beta",
+    "vespo_k_pos",
+    "vespo_lambda_pos",
+    "vespo_k_neg",
+    "vespo_lambda_neg",
+    "real_tau",
+    "fipo_decay_rate",
+    "fipo_clip_range",
+    "fipo_clip_high_only",
+    "fipo_safety_threshold",
+    "top_entropy_quantile",
+    "bypass_mode",
+)
 
 
 def upgrade(report: dict[str, Any]) -> dict[str, Any]:
@@ -42,7 +88,7 @@ def upgrade(report: dict[str, Any]) -> dict[str, Any]:
                 loss["per_token_grad_formula"] = loss.pop("coefficient")
         _loss_settings_of_3(report["config"]["loss"])
         _sampling_support(report)
-        return report
+        return _added_fields(report)
     for loss in report["losses"]:
         if "coefficient_formula" in loss:
             loss["per_token_grad_formula"] = loss.pop("coefficient_formula")
@@ -68,7 +114,7 @@ def upgrade(report: dict[str, Any]) -> dict[str, Any]:
         mismatch["rho_mean"] = report["rollout"]["rho_mean"]  # the same statistics now
     report = upgrade_to_3(report)
     _sampling_support(report)
-    return report
+    return _added_fields(report)
 
 
 def upgrade_to_3(report: dict[str, Any]) -> dict[str, Any]:
@@ -90,8 +136,8 @@ def upgrade_to_3(report: dict[str, Any]) -> dict[str, Any]:
 
 def _sampling_support(report: dict[str, Any]) -> None:
     """The fields the top-p/top-k replay added, with their defaults (docs/json-schema.md's
-    changelog): ``loss.sampling_support`` full, the model source's ``top_k`` 0 (off), and no
-    ``support`` section (no kept sets recorded without top-p or top-k)."""
+    changelog): ``loss.sampling_support`` full and the model source's ``top_k`` 0 (off). The
+    ``support`` section itself is compared where it was recorded, `recorded_sections`."""
     config = report["config"]
     config["loss"].setdefault("sampling_support", "full")
     if config.get("source", {}).get("kind") == "model":
@@ -101,7 +147,6 @@ def _sampling_support(report: dict[str, Any]) -> None:
     rollout = (report.get("model") or {}).get("rollout")
     if rollout is not None:
         rollout.setdefault("top_k", 0)
-    report.setdefault("support", None)
 
 
 def _loss_settings_of_3(loss: dict[str, Any]) -> None:
@@ -119,16 +164,35 @@ ATTRIBUTION = re.compile(
 
 def recorded_sections(new: dict[str, Any], golden: dict[str, Any]) -> dict[str, Any]:
     """``new`` without the sections a golden report recorded before they existed: each loss's
-    ``attribution`` (gradlens.compare/3) and its findings where the golden loss has none.
+    ``attribution`` (gradlens.compare/3) and its findings where the golden loss has none, and
+    the ``support`` section (the rollout's kept sets, /3) where the golden report has none.
     Every other number of the report must still be the recorded one."""
     if "check" in new:  # a sweep summary
         return new
     new = json.loads(json.dumps(new))
+    if "support" not in golden:
+        new.pop("support", None)
     for loss, old in zip(new["losses"], golden["losses"], strict=False):
         if "attribution" not in old:
             loss.pop("attribution", None)
             loss["findings"] = [f for f in loss["findings"] if not ATTRIBUTION.search(f)]
     return new
+
+
+def _added_fields(report: dict[str, Any]) -> dict[str, Any]:
+    """The fields added without a new schema version, at their defaults."""
+    loss = report["config"]["loss"]
+    for name in ADDED_LOSS_SETTINGS:
+        loss.setdefault(name, LossConfig.model_fields[name].default)
+    for correction in loss.get("corrections", []):
+        correction.setdefault("batch_normalize", False)
+    if "check" in report:  # a sweep summary: a loss's own words for its rules
+        for info in report["losses"]:
+            info.setdefault("rule_words", {})
+        return report
+    for sequence in report["config"]["source"].get("sequences") or []:
+        sequence.setdefault("group", None)  # a literal sequence's prompt group
+    return report
 
 
 @pytest.mark.parametrize(

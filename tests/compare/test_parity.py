@@ -224,7 +224,7 @@ def test_the_crosswalk_records_where_frameworks_disagree() -> None:
     )
 
 
-def test_losses_command_lists_the_new_losses_with_their_maths() -> None:
+def test_losses_command_lists_the_policy_losses_with_their_maths() -> None:
     data = json.loads(runner.invoke(app, ["losses", "--format", "json"]).stdout)
     rows = {row["name"]: row for row in data["losses"]}
     assert set(rows) == set(loss_names())

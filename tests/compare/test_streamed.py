@@ -91,6 +91,41 @@ def test_streamed_entropy_bonus_agrees_with_materialized(config_name, overrides)
         assert b.rows.total_norm != pytest.approx(p.rows.total_norm, rel=1e-6)
 
 
+# The losses of docs/losses.md §2.14–§2.28 on both engines, with rollout log-probs (prime_*,
+# m2po, vespo, rollout_*) and prompt groups (real) from the synthetic source; aspo and the
+# top-entropy selection read the per-token entropy, which the streamed engine accumulates in its
+# first pass.
+SMALL = ("source.vocab_size=256", "source.rollout_drift=0.1")
+POLICY_LOSS_CASES = [
+    ("losses=[dppo_tv, dppo_kl, prime_rl, prime_ipo, m2po, aspo, ce_gppo]", "dtype=float64"),
+    ("losses=[gppo, clip_cov, kl_cov, gmpo, topr, dro, luspo]", "dtype=float64"),
+    ("losses=[vespo, real, fipo, rollout_is, cispo_rollout, dft, chord]", "dtype=float64"),
+    ("losses=[aspo, real, fipo, m2po]",),  # float32
+    (
+        "losses=[ppo_clip, gspo, grpo, aspo, kl_cov]",
+        "loss.top_entropy_quantile=0.2",
+        "loss.entropy_coef=0.01",
+        "dtype=float64",
+    ),
+    # float32: not vespo, whose weight exp(Σ_t log r) sums the two paths' ~1e-6 differences
+    # of ℓ over a whole sequence (up to 64 tokens here): ~1e-5, above assert_agree's 1e-5 for
+    # float32 row norms (still within gradlens's float32 tolerance 1e-4); not prime_*, whose
+    # c = 2τ(ℓ − ℓ_μ) on a token with π(y) ≈ 1 and ℓ_μ = 0 is exactly 0 on the streamed path
+    # (z_y − lse = 0) and −4e-13 on the materialized one (log_softmax gives −1.2e-7): zero_grad
+    # differs by such tokens
+    ("losses=[ppo_clip, dppo_tv, cispo_rollout]", "loss.top_entropy_quantile=0.3"),
+]
+
+
+@pytest.mark.parametrize("overrides", POLICY_LOSS_CASES)
+def test_streamed_and_materialized_agree_on_trust_region_and_reweighted_losses(overrides):
+    mat, stream = both("default.yaml", (*SMALL, *overrides))
+    assert_agree(mat, stream)
+    if any("top_entropy" in o for o in overrides):
+        for r in stream.losses:
+            assert 0 < r.clipping.shares["entropy_masked"] < 1, r.name
+
+
 def assert_agree(mat, stream):
     assert mat.engine is not None and mat.engine.path == "materialized"
     assert stream.engine is not None and stream.engine.path == "streamed"
@@ -203,7 +238,16 @@ def test_reference_none_is_reported_as_not_run():
     assert data["losses"][0]["agreement"]["ran"] is False
 
 
-def test_the_fused_engine_gives_the_streamed_report() -> None:
+@pytest.mark.parametrize(
+    "settings",
+    [
+        (),
+        # pass 1's H_t for aspo and the top-entropy selection, and the bonus weighted by S_t
+        ("losses=[ppo_clip, aspo]", "loss.top_entropy_quantile=0.3", "loss.entropy_coef=0.01"),
+    ],
+    ids=["default", "top-entropy-selection"],
+)
+def test_the_fused_engine_gives_the_streamed_report(settings) -> None:
     """``--engine fused`` (Triton kernels, here under Triton's interpreter) is the same engine:
     the same report as ``streamed`` to float32 rounding."""
     pytest.importorskip("triton")
@@ -213,6 +257,7 @@ def test_the_fused_engine_gives_the_streamed_report() -> None:
         "source.min_length=4",
         "source.max_length=8",
         "diagnostics.vocab_chunk=128",
+        *settings,
     ]
     reports = {
         e: run_compare(build_config(None, [*small, f"diagnostics.engine={e}"]))

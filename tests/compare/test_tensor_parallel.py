@@ -3,7 +3,8 @@
 Each world size is one `run_ranks` launch (P spawned processes, gloo) in which every rank runs
 `run_compare` on a list of configs; each rank's JSON report is compared, number by number, with
 the single-process streamed run of the same config in float64: the synthetic default (also with
-the entropy bonus, μ_old, π_ref and a parity pair), a batch file split at load, per-rank batch
+the entropy bonus, μ_old, π_ref and a parity pair, and with the losses that read the entropies
+and the prompt groups under the top-entropy selection), a batch file split at load, per-rank batch
 files holding an uneven split, and the built-in model. Then the failures: a user error on one
 rank ends every rank with the same message; inputs that differ between the ranks are refused;
 the command line under real launches (one process per rank, as torchrun starts them, and
@@ -66,6 +67,15 @@ SYNTHETIC = [
     "source.ref_drift=0.2",
     "losses=[reinforce,ppo_clip,grpo,gspo,cispo,sft]",
     "parity={pairs: [[ppo, ppo_clip]]}",
+]
+# losses that read pass 1's H_t (aspo, the top-entropy selection, the bonus weighted by S_t) and
+# the prompt groups (real): the ranks combine H_t in pass 1's collective
+SELECTION = [
+    *F64,
+    "loss.entropy_coef=0.05",
+    "loss.top_entropy_quantile=0.3",
+    "source.rollout_drift=0.1",
+    "losses=[ppo_clip,aspo,real,dppo_tv]",
 ]
 # the built-in model, small: 2 prompts × 2 completions of ≤ 8 tokens, one stale step
 MODEL = [
@@ -235,6 +245,7 @@ def check_world(world: int, files: dict[str, Any]) -> None:
     runs = [
         (F64, F64, even, ()),
         (SYNTHETIC, SYNTHETIC, even, ()),
+        (SELECTION, SELECTION, even, ()),
         (literal, literal, balanced_split(5, world).sizes, ()),
         *batch_runs(files, world),
     ]

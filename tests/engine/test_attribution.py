@@ -109,10 +109,19 @@ def test_chunking_and_residency_do_not_change_the_sums(bonus: bool):
     batch = batch_of(1, [7, 3, 5, 1, 7])
     hidden, tokens, coefficients, weight, attr = engine_inputs(batch, bonus)
     one = lm_head_pass(
-        hidden, batch.weight, tokens, coefficients, EnginePlan(64, 1), weight, None, attr
+        hidden,
+        batch.weight,
+        tokens,
+        coefficients,
+        EnginePlan(64, 1),
+        weight,
+        None,
+        attribution=attr,
     )
     for plan in (EnginePlan(3, 0), EnginePlan(7, 2), EnginePlan(16, 99)):
-        got = lm_head_pass(hidden, batch.weight, tokens, coefficients, plan, weight, None, attr)
+        got = lm_head_pass(
+            hidden, batch.weight, tokens, coefficients, plan, weight, None, attribution=attr
+        )
         assert_same(got, one, str(plan))
 
 
@@ -160,7 +169,9 @@ def test_vocab_parallel_sums_equal_the_single_process_engine():
     for case, bonus in enumerate((False, True)):
         hidden, tokens, coefficients, weight, attr = engine_inputs(batch, bonus)
         plan = EnginePlan(5, 0)
-        ref = lm_head_pass(hidden, batch.weight, tokens, coefficients, plan, weight, None, attr)
+        ref = lm_head_pass(
+            hidden, batch.weight, tokens, coefficients, plan, weight, None, attribution=attr
+        )
         m, n, k, h = hidden.shape[0], batch.num_sequences, len(NAMES), hidden.shape[1]
         for rank, results in enumerate(launched):
             got, log = results[case]

@@ -29,7 +29,14 @@ from gradlens.engine.fused import check_device, fused_lm_head_pass
 from gradlens.engine.fused_kernels import Blocks
 from gradlens.engine.streamed import EnginePlan, EngineResult, dense_dtype, lm_head_pass
 from gradlens.errors import GradlensError
-from gradlens.grads import SoftmaxView, autograd_reference, softmax_view, token_inputs
+from gradlens.grads import (
+    SoftmaxView,
+    autograd_reference,
+    objective,
+    on_grid,
+    softmax_view,
+    token_inputs,
+)
 from gradlens.losses import Aggregation, LossParams, aggregation_weights, get_loss
 
 PARAMS = LossParams(eps_high=0.1, eps_low=0.1)  # narrow clip: ppo_clip differs from ppo often
@@ -340,3 +347,45 @@ def test_every_kernel_compiles_for_a_gpu_without_one(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     compiled = [line for line in done.stdout.splitlines() if line.endswith(": compiled")]
     assert len(compiled) == 3 * 2 * 3  # 3 kernels × 2 flag values × 3 operand dtypes
+
+
+@pytest.mark.parametrize("c_h", [0.0, 0.1])
+def test_float64_fused_hands_pass_one_entropies_to_the_losses(interpreter, c_h):
+    """``token_entropy``: the kernels' pass-1 H_t reaches the losses (the top-entropy selection
+    at ρ = 0.4 and aspo, whose widths depend on H_t) and the bonus's weight c_H·a_t·S_t, a
+    function of it; float64 against autograd."""
+    names = ["ppo_clip", "aspo"]
+    batch, view, _ = problem(torch.float64, 700, names)
+    params = dataclasses.replace(PARAMS, top_entropy_quantile=0.4, entropy_coef=c_h)
+    seen: list[Tensor] = []
+
+    def coefficients(logp: Tensor, entropy: Tensor) -> list[Tensor]:
+        seen.append(entropy)
+        grid = on_grid(logp, view.rows, view.cols, batch.mask.shape)
+        h = on_grid(entropy, view.rows, view.cols, batch.mask.shape)
+        objs = [objective(batch, grid, get_loss(n), params, Aggregation(), h) for n in names]
+        return [o.coefficient[view.rows, view.cols] for o in objs]
+
+    a = aggregation_weights(batch.mask, "token_mean", None, torch.float64)[view.rows, view.cols]
+
+    def bonus(entropy: Tensor) -> Tensor:  # c_H·a_t·S_t from the same H_t
+        keep = entropy >= torch.quantile(entropy, 1 - params.top_entropy_quantile)
+        return c_h * a * keep.to(a.dtype)
+
+    res = fused_lm_head_pass(
+        view.hidden,
+        batch.weight,
+        view.tokens,
+        coefficients,
+        EnginePlan(vocab_chunk=333, resident=1),
+        entropy_weight=bonus if c_h else None,
+        blocks=LARGE,
+        token_entropy=True,
+    )
+    tol = tolerances.agreement(torch.float64)  # 1e-9: the closed form vs autograd in float64
+    assert len(seen) == 1 and torch.allclose(seen[0], view.entropy, rtol=0, atol=tol)
+    for name, rows in zip(names, res.rows, strict=True):
+        ref = autograd_reference(batch, get_loss(name), params, Aggregation())
+        grad_w = ref.grad_weight
+        scale = float(grad_w.abs().max())
+        assert float((rows.norms - grad_w.norm(dim=1)).abs().max()) <= tol * scale, name

@@ -10,7 +10,7 @@ from helpers import build_batch
 
 from gradlens.config import validate
 from gradlens.engine.streamed import EnginePlan, lm_head_pass, plan
-from gradlens.grads import closed_form, softmax_view, token_inputs
+from gradlens.grads import closed_form, objective, on_grid, softmax_view, token_inputs
 from gradlens.losses import Aggregation, LossParams, aggregation_weights, get_loss
 
 NAMES = ["reinforce", "ppo", "ppo_clip", "sft"]
@@ -171,3 +171,54 @@ def test_plan_counts_the_entropy_bonus_buffer():
     per_row = 4 * (4 * 2048 + 2 * 3 * 512)
     assert p4.vocab_chunk * per_row + p4.resident * p4.vocab_chunk * 2048 * 4 <= budget
     assert (p4.vocab_chunk, p4.resident) != (p3.vocab_chunk, p3.resident)
+
+
+SELECTED = ["ppo_clip", "aspo", "gspo"]  # a token loss, one that reads H_t, a sequence loss
+
+
+def selection_problem(c_h: float):
+    """The float64 batch with the top-entropy selection (ρ = 0.4) and aspo, whose coefficients
+    read the entropies the engine hands over, and the bonus's weight as a function of them."""
+    batch, view, _ = setup(torch.float64)
+    params = dataclasses.replace(PARAMS, top_entropy_quantile=0.4, entropy_coef=c_h)
+    seen: list[torch.Tensor] = []
+
+    def coefficients(logp: torch.Tensor, entropy: torch.Tensor) -> list[torch.Tensor]:
+        seen.append(entropy)
+        grid = on_grid(logp, view.rows, view.cols, batch.mask.shape)
+        h = on_grid(entropy, view.rows, view.cols, batch.mask.shape)
+        objs = [objective(batch, grid, get_loss(n), params, Aggregation(), h) for n in SELECTED]
+        return [o.coefficient[view.rows, view.cols] for o in objs]
+
+    a = aggregation_weights(batch.mask, "token_mean", None, torch.float64)[view.rows, view.cols]
+
+    def bonus(entropy: torch.Tensor) -> torch.Tensor:  # c_H·a_t·S_t from the same H_t
+        keep = entropy >= torch.quantile(entropy, 1 - params.top_entropy_quantile)
+        return c_h * a * keep.to(a.dtype)
+
+    return batch, view, params, coefficients, bonus, seen
+
+
+@pytest.mark.parametrize("c_h", [0.0, 0.05])
+def test_float64_engine_hands_pass_one_entropies_to_the_losses(c_h):
+    """``token_entropy``: pass 1 computes H_t (without the bonus too), the losses get it with the
+    log-probs, and the bonus's weight may be a function of it: the rows equal the closed form
+    of the selection and of aspo, whose coefficients depend on H_t."""
+    batch, view, params, coefficients, bonus, seen = selection_problem(c_h)
+    engine_plan = EnginePlan(vocab_chunk=333, resident=1)
+    res = lm_head_pass(
+        view.hidden,
+        batch.weight,
+        view.tokens,
+        coefficients,
+        engine_plan,
+        entropy_weight=bonus if c_h else None,
+        token_entropy=True,
+    )
+    # float64, only the summation order differs: 1e-12 is ~5000 ulps
+    assert len(seen) == 1 and torch.allclose(seen[0], view.entropy, rtol=0, atol=1e-12)
+    for name, rows in zip(SELECTED, res.rows, strict=True):
+        ref = closed_form(batch, view, get_loss(name), params, Aggregation())
+        assert bool(ref.terms.regions["entropy_masked"].any()), name  # the selection acts
+        assert normwise(rows.norms, ref.grad_weight.norm(dim=1)) < 1e-12, name
+    assert (res.tokens.entropy_grad_at_y is None) == (c_h == 0.0)

@@ -2,7 +2,9 @@
 
 Each world size is one `run_ranks` launch (P spawned processes) that runs every case: all
 registered losses at once (plus a difference set c_B − c_A, as parity adds), every aggregation,
-with and without the entropy bonus, both ways of combining pass 1, three chunkings; the sampled
+with and without the entropy bonus, with and without the top-entropy token selection (the losses
+then read pass 1's global H_t, and the bonus's weight is a function of it), both ways of
+combining pass 1, three chunkings; the sampled
 ids include every shard's first and last row (v0_r and v1_r − 1). Every field of the
 `EngineResult` each rank returns is compared with `lm_head_pass` on the whole W, in float64.
 """
@@ -32,6 +34,7 @@ from gradlens.engine.streamed import (
     CoefficientFn,
     EnginePlan,
     EngineResult,
+    EntropyWeight,
     first_pass,
     lm_head_pass,
 )
@@ -44,12 +47,16 @@ from gradlens.engine.vocab_split import (
 )
 from gradlens.errors import GradlensError
 from gradlens.grads import objective, on_grid
-from gradlens.losses import Aggregation, LossParams, aggregation_weights, get_loss, loss_names
+from gradlens.losses import Aggregation, LossParams, get_loss, loss_names
 from gradlens.losses.aggregation import AGGREGATIONS
 from gradlens.losses.base import Correction
 
 F64 = torch.float64
+# Every registered loss with the top-entropy selection (H_t from pass 1); without it, the losses
+# that do not read H_t (the engine then computes no H_t unless the bonus is on).
 NAMES = loss_names()
+PLAIN_NAMES = [n for n in NAMES if "entropy" not in get_loss(n).needs]
+SELECTION = 0.5  # ρ of the top-entropy selection: half the tokens keep their gradient
 # Narrow clips, the dual clip, OPSM and a sequence-level correction: many tokens in a clipped or
 # masked region, so that the losses' coefficients differ from each other.
 PARAMS = [
@@ -84,6 +91,7 @@ class Case:
     params: LossParams
     agg: Aggregation
     entropy: bool
+    selection: bool
     pass1: str
     plan: EnginePlan
     reference_plan: EnginePlan | None
@@ -113,41 +121,63 @@ def case_batch(split: VocabSplit, seed: int, hidden: int = 6) -> Batch:
     noise = torch.randn(3, n, t, generator=gen, dtype=F64)
     old = batch.old_logp - 0.3 * noise[0]
     return dataclasses.replace(
-        batch, old_logp=old, rollout_logp=old - 0.2 * noise[1], ref_logp=old + 0.2 * noise[2]
+        batch,
+        old_logp=old,
+        rollout_logp=old - 0.2 * noise[1],
+        ref_logp=old + 0.2 * noise[2],
+        groups=torch.arange(n) // 2,  # prompt groups of two (real)
     )
 
 
 def coefficient_fn(case: Case) -> CoefficientFn:
-    """Every registered loss's c_t on the valid tokens, as `gradlens compare` computes them,
-    and one difference set c_ppo_clip − c_ppo (a parity pair, without the entropy bonus)."""
+    """Every loss's c_t on the valid tokens (`names`), as `gradlens compare` computes them,
+    and one difference set c_ppo_clip − c_ppo (a parity pair, without the entropy bonus). With
+    the selection the engine hands over pass 1's H_t too."""
     batch, agg = case.batch, case.agg
     rows, cols = valid_index(batch.mask)
-    params = dataclasses.replace(case.params, entropy_coef=_coef(case))
+    quantile = SELECTION if case.selection else 1.0
+    params = dataclasses.replace(
+        case.params, entropy_coef=_coef(case), top_entropy_quantile=quantile
+    )
+    losses = names(case)
 
-    def coefficients(logp_valid: Tensor) -> list[Tensor]:
+    def coefficients(logp_valid: Tensor, entropy_valid: Tensor | None = None) -> list[Tensor]:
         logp = on_grid(logp_valid, rows, cols, batch.mask.shape)
+        entropy = None if entropy_valid is None else on_grid(entropy_valid, rows, cols, logp.shape)
         out = []
-        for name in NAMES:
-            obj = objective(batch, logp, get_loss(name), params, agg)
+        for name in losses:
+            obj = objective(batch, logp, get_loss(name), params, agg, entropy)
             out.append(obj.coefficient[rows, cols])
-        out.append(out[NAMES.index("ppo_clip")] - out[NAMES.index("ppo")])
+        out.append(out[losses.index("ppo_clip")] - out[losses.index("ppo")])
         return out
 
     return coefficients
+
+
+def names(case: Case) -> list[str]:
+    return NAMES if case.selection else PLAIN_NAMES
 
 
 def _coef(case: Case) -> float:
     return ENTROPY_COEF if case.entropy else 0.0
 
 
-def entropy_weight(case: Case) -> Tensor | None:
-    """w_t = c_H·a_t of the entropy bonus, or None."""
+def entropy_weight(case: Case) -> EntropyWeight | None:
+    """w_t = c_H·a_t of the entropy bonus, or None; with the selection the function of pass 1's
+    H_t [M] that gives c_H·a_t·S_t, S_t = 1[H_t ≥ the (1 − ρ)-quantile of H over the tokens]."""
     if not case.entropy:
         return None
     rows, cols = valid_index(case.batch.mask)
     agg = case.agg
-    a = aggregation_weights(case.batch.mask, agg.mode, agg.loss_scale_factor, F64)
-    return ENTROPY_COEF * a[rows, cols]
+    a = agg.weights(case.batch.mask, F64, case.batch.groups)
+    w = ENTROPY_COEF * a[rows, cols]
+    if not case.selection:
+        return w
+
+    def selected(entropy: Tensor) -> Tensor:
+        return w * (entropy >= torch.quantile(entropy, 1.0 - SELECTION)).to(w.dtype)
+
+    return selected
 
 
 def run_case(case: Case, rank: int, comm: Collectives | None = None) -> EngineResult:
@@ -161,8 +191,9 @@ def run_case(case: Case, rank: int, comm: Collectives | None = None) -> EngineRe
         case.split,
         comm,
         entropy_weight=entropy_weight(case),
-        entropy_losses=len(NAMES),
+        entropy_losses=len(names(case)),
         pass1=case.pass1,
+        token_entropy=case.selection,
     )
 
 
@@ -175,7 +206,8 @@ def reference(case: Case) -> EngineResult:
         coefficient_fn(case),
         case.reference_plan or EnginePlan(vocab_chunk=64, resident=1),
         entropy_weight=entropy_weight(case),
-        entropy_losses=len(NAMES),
+        entropy_losses=len(names(case)),
+        token_entropy=case.selection,
     )
 
 
@@ -193,13 +225,14 @@ def gemms(case: Case, got: EngineResult) -> float:
         lambda _: list(got.coefficients),
         case.reference_plan,
         entropy_weight=entropy_weight(case),
-        entropy_losses=len(NAMES),
+        entropy_losses=len(names(case)),
     ).gemm_equivalents
 
 
 def cases_for(splits: list[VocabSplit]) -> list[Case]:
     """Every aggregation × entropy bonus × pass-1 combination, cycling through the splits, the
-    losses' settings and the plans."""
+    losses' settings and the plans; every third case with the top-entropy selection (with and
+    without the bonus, both ways of combining pass 1)."""
     batches = {s.bounds: case_batch(s, seed=len(s.bounds) * 100 + i) for i, s in enumerate(splits)}
     out = []
     combos = itertools.product(AGGREGATIONS, (False, True), PASS1)
@@ -213,6 +246,7 @@ def cases_for(splits: list[VocabSplit]) -> list[Case]:
                 params=PARAMS[i % len(PARAMS)],
                 agg=Aggregation(mode, 12.0 if mode == "seq_mean_token_sum_norm" else None),
                 entropy=entropy,
+                selection=i % 3 == 0,
                 pass1=pass1,
                 plan=plan,
                 reference_plan=ref_plan,
@@ -279,14 +313,18 @@ def assert_equal(got: EngineResult, ref: EngineResult, label: str) -> None:
 def expected_log(case: Case, world: int) -> list[tuple[str, str, int]]:
     """(step, op, elements) of each collective: the formulas of docs/scaling.md."""
     m = int(case.batch.mask.sum())
-    k = len(NAMES) + 1
+    k = len(names(case)) + 1
     v, h = case.split.vocab, case.batch.weight.shape[1]
-    n_ent = len(NAMES) if case.entropy else 0
+    n_ent = len(names(case)) if case.entropy else 0
     e = int(case.entropy)
+    h1 = int(case.entropy or case.selection)  # pass 1 gives H_t: one more column
     if case.pass1 == "all_gather":
-        log = [("pass1", "all_gather", m * (4 + e))]
+        log = [("pass1", "all_gather", m * (4 + h1))]
     else:
-        log = [("pass1.max", "all_reduce_max", 3 * m), ("pass1.sum", "all_reduce_sum", (2 + e) * m)]
+        log = [
+            ("pass1.max", "all_reduce_max", 3 * m),
+            ("pass1.sum", "all_reduce_sum", (2 + h1) * m),
+        ]
     log.append(("finish.sum", "all_reduce_sum", k * v + k * h + (2 + e + n_ent) * m + 1))
     if n_ent:
         log.append(("finish.max", "all_reduce_max", n_ent * m))
@@ -307,7 +345,10 @@ def check_world(splits: list[VocabSplit]) -> None:
     per_rank = [results for results, _ in launched]
     for i, case in enumerate(cases):
         ref = reference(case)
-        label = f"case {i} ({case.agg.mode}, bonus={case.entropy}, {case.pass1}, {case.plan})"
+        label = (
+            f"case {i} ({case.agg.mode}, bonus={case.entropy}, selection={case.selection}, "
+            f"{case.pass1}, {case.plan})"
+        )
         if case.reference_plan is not None:  # the same residency: the same GEMM count
             count = gemms(case, per_rank[0][i][0])
             assert per_rank[0][i][0].gemm_equivalents == pytest.approx(count, rel=TOL), label
@@ -418,12 +459,12 @@ def raising_ranks(rank: int, world: int, case: Case, failing: int, how: str):
     pass 1's collective and before the finishing ones."""
     inner = coefficient_fn(case)
 
-    def coefficients(logp: Tensor) -> list[Tensor]:
+    def coefficients(*args: Tensor) -> list[Tensor]:
         if rank == failing:
             if how == "hang":
                 time.sleep(3600)
             raise ValueError(f"a loss failed on rank {rank}")
-        return inner(logp)
+        return inner(*args)
 
     rows, cols = valid_index(case.batch.mask)
     return vocab_parallel_pass(
@@ -433,6 +474,7 @@ def raising_ranks(rank: int, world: int, case: Case, failing: int, how: str):
         coefficients,
         case.plan,
         case.split,
+        token_entropy=case.selection,
     )
 
 
@@ -479,6 +521,7 @@ def nccl_ranks(rank: int, world: int, case: Case):
             mask=case.batch.mask.cuda(),
             old_logp=case.batch.old_logp.cuda(),
             advantages=case.batch.advantages.cuda(),
+            groups=None if case.batch.groups is None else case.batch.groups.cuda(),
             rollout_logp=None,
             ref_logp=None,
         ),

@@ -28,7 +28,7 @@ ABS = 1e-12  # float64 literal cases: only the rounding of z = log π and softma
 # Closed form vs autograd in float64: the same formula in two orders, a few ulps times the
 # number of summed terms and max r ≤ e²; 1e-12 keeps 100× margin (formula errors are O(1)).
 TOL_F64 = 1e-12
-NEW_LOSSES = ["grpo", "gspo", "gspo_token", "cispo", "cispo_cap", "sapo", "minirl"]
+POLICY_LOSSES = ["grpo", "gspo", "gspo_token", "cispo", "cispo_cap", "sapo", "minirl"]
 
 
 def run(path: str, *overrides: str) -> CompareReport:
@@ -179,10 +179,12 @@ SETTINGS = {
 
 
 @pytest.mark.parametrize(
-    "loss_name, setting, mode", cycled([*NEW_LOSSES, "reinforce", "ppo_clip"], list(SETTINGS))
+    "loss_name, setting, mode", cycled([*POLICY_LOSSES, "reinforce", "ppo_clip"], list(SETTINGS))
 )
-def test_new_settings_agree_with_autograd(loss_name: str, setting: str, mode: str) -> None:
-    # Three policies and a reference, so every path of every new loss is differentiated.
+def test_corrections_and_settings_agree_with_autograd(
+    loss_name: str, setting: str, mode: str
+) -> None:
+    # Three policies and a reference, so every path of every policy loss is differentiated.
     check_agreement(three_policy_batch(5), loss_name, SETTINGS[setting], Aggregation(mode, 5.0))
 
 

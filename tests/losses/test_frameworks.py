@@ -170,6 +170,32 @@ def test_verl_importance_weights_equal_ours(verl: Any, correction: Correction) -
     assert rel(coefficient(b, "verl:vanilla", corrections=(correction,)), ours) <= EXACT
 
 
+def test_verl_rejection_chain_equals_ours_renormalised(verl: Any) -> None:
+    # verl's rollout_rs "token_k1,seq_max_k3" (thresholds "0.9_1.1,0.01") removes the tokens
+    # either option rejects from the response mask: gradlens's two kinds with renormalize: true
+    b = frameworks_batch()
+    chain = (
+        Correction("token_k1", 0.9, 1.1, renormalize=True),
+        Correction("seq_max_k3", None, 0.01, renormalize=True),
+    )
+    ours = closed_form(
+        b, softmax_view(b), get_loss("ppo_clip"), LossParams(corrections=chain), Aggregation()
+    )
+    rejected = ours.terms.regions["rs_token_k1_masked"] | ours.terms.regions["seq_rs_max_k3_masked"]
+    assert 0 < int(rejected.sum()) < int(b.mask.sum())
+    assert rel(coefficient(b, "verl:vanilla", corrections=chain), ours.coefficient) <= EXACT
+
+
+def test_verl_batch_normalised_weights_equal_ours(verl: Any) -> None:
+    # verl's masked mean divides by N_tok + 1e-8: a relative 1e-8/N_tok ≪ 1e-9
+    b = frameworks_batch()
+    c = Correction("token_tis", None, 1.05, batch_normalize=True)
+    ours = coefficient(b, "ppo_clip", corrections=(c,))
+    plain = coefficient(b, "ppo_clip", corrections=(Correction("token_tis", None, 1.05),))
+    assert rel(ours, plain) > 1e-3  # the normalisation changes c_t
+    assert rel(coefficient(b, "verl:vanilla", corrections=(c,)), ours) <= 1e-9
+
+
 def test_verl_bypass_mode_is_ppo_clip_against_the_rollout(verl: Any) -> None:
     b = frameworks_batch()
     assert b.rollout_logp is not None
@@ -359,6 +385,13 @@ OPENRLHF_EQUAL = [
         "ppo_clip",
         # OpenRLHF's seq mask keeps the token ρ (A13): geo_mask and an unbounded token_mis
         {"corrections": (Correction("geo_mask", 0.97, 1.03), Correction("token_mis"))},
+        "token_mean",
+    ),
+    # ... which is the seq_mask_tis kind (NeMo RL's and OpenRLHF's seq-mask-tis)
+    (
+        "openrlhf:ppo",
+        "ppo_clip",
+        {"corrections": (Correction("seq_mask_tis", 0.97, 1.03),)},
         "token_mean",
     ),
 ]

@@ -18,6 +18,8 @@ import torch
 from helpers import PI, literal_config
 
 from gradlens.compare import run_compare
+from gradlens.config import validate
+from gradlens.errors import GradlensError
 from gradlens.losses import aggregation_weights
 from gradlens.results import CompareReport, LossReport, TokenDetail
 
@@ -251,6 +253,42 @@ def test_tc13_weights_counting_the_empty_sequence(mode: str) -> None:
     expected = torch.tensor([[a1, 0, 0], [0, 0, 0], [a2, a2, a2]], dtype=torch.float64)
     weights = aggregation_weights(mask, mode, None, count_empty_sequences=True)
     assert torch.allclose(weights, expected, rtol=0, atol=ABS)
+
+
+# ----------------------------------------------------------------------------- prompt_average
+
+
+def test_tc13_prompt_average() -> None:
+    # ScaleRL's prompt-average: prompt 0 has TC13's sequences (lengths 1 and 3: N_tok,0 = 4),
+    # prompt 1 one sequence of length 2 (N_tok,1 = 2); G = 2 prompts. a = 1/(G·N_tok,g):
+    # 1/(2·4) = 1/8 on prompt 0's tokens, 1/(2·2) = 1/4 on prompt 1's (token_mean: 1/6 each).
+    # REINFORCE with A = 1: c = −a.
+    seqs = [[position(0)], [position(0), position(2), position(4)], [position(1), position(3)]]
+    config = literal_config(seqs, ["reinforce"], aggregation="prompt_average")
+    data = config.model_dump()
+    for sequence, group in zip(data["source"]["sequences"], [0, 0, 1], strict=True):
+        sequence["group"] = group
+    report = run_compare(validate(data))
+    assert report.passed, [c for c in report.checks if not c.passed]
+    tokens = report.losses[0].tokens or []
+    expected = [1 / 8] * 4 + [1 / 4] * 2
+    assert [t.weight for t in tokens] == pytest.approx(expected, abs=ABS)
+    assert [t.coefficient for t in tokens] == pytest.approx([-a for a in expected], abs=ABS)
+
+
+def test_prompt_average_reduces_to_token_and_sequence_means() -> None:
+    # One prompt: a token mean. One sequence per prompt: the mean over sequences of their token
+    # means (seq_mean_token_mean). An empty row is in no count (TC13's mask).
+    mask = torch.tensor([[True, False, False], [False, False, False], [True, True, True]])
+    one = aggregation_weights(mask, "prompt_average", groups=torch.zeros(3, dtype=torch.int64))
+    assert torch.allclose(one, aggregation_weights(mask, "token_mean"), rtol=0, atol=ABS)
+    each = aggregation_weights(mask, "prompt_average", groups=torch.arange(3))
+    assert torch.allclose(each, aggregation_weights(mask, "seq_mean_token_mean"), rtol=0, atol=ABS)
+
+
+def test_prompt_average_needs_prompt_groups() -> None:
+    with pytest.raises(GradlensError, match=r"source\.group_size"):
+        run([[position(0)]], "reinforce", aggregation="prompt_average")
 
 
 # ----------------------------------------------------------------------------- our own cases

@@ -29,7 +29,7 @@ ABS = 1e-12  # float64 literal cases: only the rounding of z = log π and softma
 # Closed form vs autograd in float64: the same formula in two orders, a few ulps times the
 # number of summed terms and max r ≤ e²; 1e-12 keeps 100× margin (formula errors are O(1)).
 TOL_F64 = 1e-12
-NEW_LOSSES = ["grpo", "gspo", "gspo_token", "cispo", "cispo_cap", "sapo", "minirl"]
+POLICY_LOSSES = ["grpo", "gspo", "gspo_token", "cispo", "cispo_cap", "sapo", "minirl"]
 
 
 def run(path: str, *overrides: str) -> CompareReport:
@@ -55,8 +55,8 @@ def scaled(c: float) -> list[float]:
 # ----------------------------------------------------------------------------- registry
 
 
-def test_every_new_loss_is_registered_with_its_maths() -> None:
-    for name in NEW_LOSSES:
+def test_every_policy_loss_is_registered_with_its_maths() -> None:
+    for name in POLICY_LOSSES:
         spec = get_loss(name)
         assert name in loss_names()
         assert spec.formula and spec.grad_formula and spec.zero_when and spec.paper
@@ -221,7 +221,7 @@ def test_entropy_bonus_adds_to_the_policy_gradient() -> None:
         ("seq_mean_token_sum_norm", 1 / 6, 1 / 6),  # 1/(B'·L_scale) = 1/(2·3)
     ],
 )
-def test_tc13_weights_for_the_new_losses(mode: str, a1: float, a2: float) -> None:
+def test_tc13_weights_for_the_policy_losses(mode: str, a1: float, a2: float) -> None:
     report = run("literal_tc13_aggregation.yaml", f"loss.aggregation={mode}")
     for r in report.losses:
         assert r.tokens is not None

@@ -22,15 +22,21 @@ from rich.console import Console
 
 from gradlens.compare import run_compare
 from gradlens.config import build_config
-from gradlens.losses import AGGREGATIONS, get_loss, loss_names
+from gradlens.losses import AGGREGATIONS, Aggregation, LossParams, get_loss, loss_names
 from gradlens.losses.frameworks import framework_rows
-from gradlens.report.loss_list import aggregation_table, framework_table, loss_list_table
+from gradlens.report.loss_list import (
+    aggregation_table,
+    framework_table,
+    loss_list_table,
+    pair_table,
+)
 from gradlens.report.support_table import support_table
 from gradlens.report.sweep_table import render_sweep
 from gradlens.report.table import render_compare
 from gradlens.report.trace import trace_renderable
 from gradlens.results import CompareReport
 from gradlens.sweep import build_sweep_config, run_sweep
+from gradlens.sweep.pair import compare_pair
 from gradlens.trace.run import trace_run
 from tests.compare.test_golden_reports import upgrade  # the recorded reports in today's schema
 
@@ -117,6 +123,12 @@ def test_trace_reads_at_the_width(width: int) -> None:
     trace = trace_run(str(TESTS.parent / "docs" / "examples" / "trl_run"))
     assert trace.spikes  # the example run has a spike: its contributors' tables are drawn too
     assert_readable(lambda console: console.print(trace_renderable(trace)), width)
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_loss_pair_reads_at_the_width(width: int) -> None:
+    table = pair_table(compare_pair("ppo_clip", "cispo", LossParams(), Aggregation()))
+    assert_readable(lambda console: console.print(table), width)
 
 
 @pytest.fixture(scope="module")

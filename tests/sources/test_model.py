@@ -229,6 +229,26 @@ def test_stale_steps_move_the_ratio_away_from_one(checkpoints):
     assert report.ratio.max == pytest.approx(steps[2].ratio_max, rel=1e-9)
 
 
+@pytest.mark.parametrize("stale_loss", ["real", "aspo"])
+def test_stale_steps_and_model_grads_on_losses_that_read_groups_or_entropies(
+    checkpoints, stale_loss
+):
+    # real reads the prompt groups (consecutive completions) and aspo and the top-entropy
+    # selection the entropies: the stale steps' batch and the whole-model gradients give both
+    config = model_config(
+        checkpoints["llama"], reward="length", stale={"steps": 1, "lr": 1e-2, "loss": stale_loss}
+    )
+    config = {**config, "losses": ["real", "aspo"], "loss": {"top_entropy_quantile": 0.5}}
+    report = run_compare(validate(config))
+    assert report.passed, [c for c in report.checks if not c.passed]
+    assert report.model is not None
+    steps = report.model.staleness.trajectory
+    assert steps[0].loss is not None
+    assert (steps[1].ratio_min, steps[1].ratio_max) != (1.0, 1.0)  # the step moved π_θ
+    for r in report.losses:
+        assert r.model_grads is not None and r.model_grads.total_norm > 0, r.name
+
+
 def test_a_bf16_rollout_differs_from_the_fp32_training_pass(llama_report):
     x = llama_report.model.mismatch
     assert x.rollout_dtype == "bfloat16" and x.train_dtype == "float32"

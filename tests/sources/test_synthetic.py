@@ -130,7 +130,7 @@ def test_synthetic_shapes_masks_and_lengths(seed: int, dtype: torch.dtype) -> No
     assert bool(((adv == adv[:, :1]) | ~batch.mask).all())
 
 
-def test_synthetic_source_without_the_new_policies_is_unchanged() -> None:
+def test_synthetic_source_without_rollout_and_reference_policies_is_unchanged() -> None:
     base = Config()
     batch = build_batch(base, torch.device("cpu"), torch.float32)
     assert batch.rollout_logp is None and batch.ref_logp is None

@@ -167,6 +167,56 @@ def test_aggregation_weight_of_a_lone_token():
     assert float(reinforce.amplification[0]) == 1.0  # relative to REINFORCE: weight cancels
 
 
+# ----------------------------------------------------------------------------- coupled losses
+
+
+def test_real_pairs_the_two_signs_of_a_point_in_one_group():
+    # π_θ = 0.5, τ = 0.5; the group {A = +1, A = −1} shares the score s = ln r:
+    #   g₊ = −(1/τ)·σ(−s/τ), g₋ = +(1/τ)·σ(s/τ) (G = 1, |o| = 1; REAL aggregates itself, a = 1)
+    #   π_old = 0.25: r = 2, s/τ = 2 ln 2 = 1.386294, σ(−1.386294) = 1/(1 + 4) = 0.2:
+    #     g₊ = −0.4, g₋ = 2·0.8 = 1.6; ∂L/∂z_y = g·(1 − 0.5) = −0.2 and +0.8
+    #   π_old = 0.5: s = 0, σ = 1/2: g₊ = −1, g₋ = +1 (REINFORCE)
+    curves = curves_at("real", [0.25, 0.5])
+    pos, neg = curves[1.0], curves[-1.0]
+    assert pos.weight == 1.0 and neg.weight == 1.0
+    assert pos.grad_sampled.tolist() == pytest.approx([-0.2, -0.5], rel=1e-12)
+    assert neg.grad_sampled.tolist() == pytest.approx([0.8, 0.5], rel=1e-12)
+
+
+def test_batch_coupled_losses_draw_a_lone_token():
+    # A lone token's covariance is 0: Clip-Cov never selects it (band (1, 5)) and draws
+    # ppo_clip; KL-Cov's top-1 is the token itself: g = −A·r + k·sign(ln r), k = 0.1:
+    #   π_old = 0.25 (r = 2): A = +1: −2 + 0.1 = −1.9;  π_old = 1 (r = 0.5): −0.5 − 0.1 = −0.6
+    # M2PO without a rollout policy has M2 = 0 and never masks: ppo_clip again.
+    pi_old = [0.25, 0.5, 1.0]
+    ppo_clip = curves_at("ppo_clip", pi_old)
+    for name in ("clip_cov", "m2po"):
+        for sign, curve in curves_at(name, pi_old).items():
+            assert torch.equal(curve.coefficient, ppo_clip[sign].coefficient), (name, sign)
+    kl_cov = curves_at("kl_cov", pi_old)
+    assert kl_cov[1.0].coefficient.tolist() == pytest.approx([-1.9, -1.0, -0.6], rel=1e-12)
+    assert kl_cov[-1.0].coefficient.tolist() == pytest.approx([2.1, 1.0, 0.4], rel=1e-12)
+    assert bool(kl_cov[1.0].regions["cov_selected"].all())
+
+
+def test_aspo_draws_its_narrow_width_and_both_dual_clips():
+    # A lone token is never above its own entropy quantile: width 0.2 (c⁻ = c⁺ = 3).
+    #   A = +1: r = 2 and 1.25 > 1.2: clipped, 0; r = 0.625: −1/r = −1.6 (∂L/∂z_y = −0.8)
+    #   A = −1: r = 4 > 3: −A·c⁻ = +3 (∂L/∂z_y = 1.5); r = 0.625 < 0.8: clipped
+    curves = curves_at("aspo", [0.25, 0.4, 0.8, 0.125])
+    assert curves[1.0].coefficient.tolist() == pytest.approx([0.0, 0.0, -1.6, 0.0], abs=1e-12)
+    assert curves[-1.0].coefficient.tolist() == pytest.approx([2.0, 1.25, 0.0, 3.0], abs=1e-12)
+
+
+def test_coupled_losses_refuse_grids_too_large_to_loop_over():
+    result = invoke("--vary", "both", "--losses", "kl_cov,real")
+    assert result.exit_code == EXIT_BAD_INPUT
+    assert "kl_cov is batch-coupled" in result.output and "real is group-coupled" in result.output
+    assert "--points 100" in result.output
+    ok = invoke("--vary", "both", "--losses", "kl_cov,real", "--points", "21", "--check")
+    assert ok.exit_code == 0, ok.output
+
+
 # ----------------------------------------------------------------------------- autograd check
 
 

@@ -158,13 +158,17 @@ def correction_kwargs(corrections: tuple[Correction, ...], name: str) -> dict[st
     if "geo_mask" in kinds and (len(kinds) == 1 or (len(kinds) == 2 and unbounded)):
         c = kinds["geo_mask"]
         level, mode = "seq", "mask"
+    elif len(kinds) == 1 and "seq_mask_tis" in kinds:  # the same weight as one kind (A13)
+        c = kinds["seq_mask_tis"]
+        level, mode = "seq", "mask"
     elif len(kinds) == 1 and next(iter(kinds)) in ("token_tis", "token_mis", "icepop"):
         c = corrections[0]
         level, mode = "token", "clip" if c.kind == "token_tis" else "mask"
     else:
         raise GradlensError(
-            f"loss {name!r}: OpenRLHF applies one correction: token_tis, token_mis, icepop or "
-            f"geo_mask (with an unbounded token_mis, trap A13); got {', '.join(kinds)}"
+            f"loss {name!r}: OpenRLHF applies one correction: token_tis, token_mis, icepop, "
+            f"seq_mask_tis or geo_mask (with an unbounded token_mis, trap A13); got "
+            f"{', '.join(kinds)}"
         )
     low = c.low if c.low is not None else 0.0
     high = c.high if c.high is not None else float("inf")

@@ -31,8 +31,10 @@ with ``config`` verl's own frozen ``ActorConfig``, built from gradlens's ``loss`
 as the trainer calls it before the actor: token_tis → rollout_is=token, threshold high;
 seq_tis → sequence; token_mis and icepop → token "low_high" (IcePop); seq_mis → sequence
 "low_high"; geo_mask → rollout_rs=seq_mean_k1 with "1/high_1/low" (verl thresholds −log ρ,
-trap A8). Its IS weights are passed as ``rollout_is_weights`` and its rejection mask as the
-response mask, so rejected tokens leave every normaliser (compare ``renormalize: true``).
+trap A8); verl's rejection kinds (token_k1, ..., seq_max_k3) → their own rollout_rs options,
+chained in order; ``batch_normalize`` → rollout_is_batch_normalize. Its IS weights are passed
+as ``rollout_is_weights`` and its rejection mask as the response mask, so rejected tokens leave
+every normaliser (compare ``renormalize: true``).
 ``bypass_mode`` takes ``old_log_prob`` := the rollout log-probs, as verl's trainer sets it.
 
 ``verl:<loss_mode>+kl`` adds verl's KL loss as ``ppo_loss`` does: ``kl_penalty(log_prob,
@@ -64,8 +66,9 @@ from torch import Tensor
 
 from gradlens.containers import TokenInputs
 from gradlens.errors import GradlensError
-from gradlens.losses.aggregation import Aggregation, num_sequences
+from gradlens.losses.aggregation import AGGREGATIONS, Aggregation, num_sequences
 from gradlens.losses.base import Correction, LossParams, LossSpec
+from gradlens.losses.corrections import KINDS
 from gradlens.losses.external import (
     Call,
     autograd_terms,
@@ -193,9 +196,9 @@ def verl_aggregation(agg: Aggregation, version: str | None, name: str) -> str:
     """verl's ``loss_agg_mode`` for the run's aggregation, or a clear error."""
     if agg.mode not in VERL_AGGREGATION:
         raise GradlensError(
-            f"loss {name!r}: loss.aggregation = {agg.mode} (Σ/L) has no verl twin: verl ≥ 0.7's "
-            "seq-mean-token-sum-norm divides by the number of sequences too "
-            "(seq_mean_token_sum_norm); verl ≤ 0.6 is not supported"
+            f"loss {name!r}: loss.aggregation = {agg.mode} ({AGGREGATIONS[agg.mode].formula}) has "
+            "no verl twin (verl ≥ 0.7's seq-mean-token-sum-norm divides by the number of "
+            "sequences: seq_mean_token_sum_norm; verl ≤ 0.6 is not supported)"
         )
     mode, since = VERL_AGGREGATION[agg.mode]
     if version is not None and parse_version(version) < since:
@@ -240,26 +243,40 @@ def config_values(
     }
 
 
+VERL_REJECTION = frozenset(
+    f"{level}_k{k}" for level in ("token", "seq_sum", "seq_mean") for k in "123"
+) | {"seq_max_k2", "seq_max_k3"}
+
+
 def correction_settings(corrections: tuple[Correction, ...], name: str) -> dict[str, Any]:
     """gradlens's corrections as verl's rollout-correction settings, or a clear error."""
     out: dict[str, Any] = {"rollout_is": None, "rollout_is_threshold": 2.0}
-    out.update(rollout_rs=None, rollout_rs_threshold=None)
+    out.update(rollout_rs=None, rollout_rs_threshold=None, rollout_is_batch_normalize=False)
+    options: list[tuple[str, str]] = []  # verl's rollout_rs chain: (option, threshold)
     for c in corrections:
         level = "sequence" if c.kind.startswith("seq_") else "token"
         if c.kind == "geo_mask":
-            if out["rollout_rs"] is not None:
-                raise GradlensError(f"loss {name!r}: verl takes one rejection option here")
             low = c.low if c.low is not None else 0.0
             high = c.high if c.high is not None else math.inf
             # verl keeps −mean log ρ ∈ [log lo, log hi]: ρ̄ ∈ [1/hi, 1/lo] (trap A8)
-            out["rollout_rs"] = "seq_mean_k1"
-            out["rollout_rs_threshold"] = f"{1 / high!r}_{1 / low if low > 0 else math.inf!r}"
+            options.append(("seq_mean_k1", f"{1 / high!r}_{1 / low if low > 0 else math.inf!r}"))
             continue
+        if c.kind in VERL_REJECTION:  # verl's own option under its own name
+            assert c.high is not None  # the config requires it
+            spec = f"{c.low!r}_{c.high!r}" if c.kind.endswith("k1") and c.low else repr(c.high)
+            options.append((c.kind, spec))
+            continue
+        if c.kind not in ("token_tis", "seq_tis", "token_mis", "icepop", "seq_mis"):
+            raise GradlensError(
+                f"loss {name!r}: verl has no rollout correction like {c.kind} "
+                f"({KINDS[c.kind].formula})"
+            )
         if out["rollout_is"] is not None:
             raise GradlensError(
                 f"loss {name!r}: verl applies one importance weight (rollout_is); "
                 f"loss.corrections has two ({', '.join(c.kind for c in corrections)})"
             )
+        out["rollout_is_batch_normalize"] = c.batch_normalize
         if c.kind in ("token_tis", "seq_tis"):
             if c.low not in (None, 0.0) or c.high is None:
                 raise GradlensError(
@@ -274,6 +291,11 @@ def correction_settings(corrections: tuple[Correction, ...], name: str) -> dict[
                     f"{c.kind} both bounds"
                 )
             out["rollout_is"], out["rollout_is_threshold"] = level, f"{c.low!r}_{c.high!r}"
+    if options:
+        if len({o for o, _ in options}) != len(options):
+            raise GradlensError(f"loss {name!r}: verl takes each rejection option once")
+        out["rollout_rs"] = ",".join(o for o, _ in options)
+        out["rollout_rs_threshold"] = ",".join(t for _, t in options)
     return out
 
 
@@ -390,7 +412,6 @@ def rollout_correction(
             old_log_prob=inputs.old_logp,
             rollout_log_prob=inputs.rollout_logp,
             response_mask=mask.to(inputs.old_logp.dtype),
-            rollout_is_batch_normalize=False,
             **settings,
         )
     except Exception as exc:
