@@ -35,8 +35,10 @@ from gradlens.losses.base import Correction
 from gradlens.losses.corrections import KINDS as CORRECTION_KINDS
 from gradlens.losses.corrections import correction_problem, with_defaults
 from gradlens.losses.external import is_external
+from gradlens.losses.frameworks.conventions import CONVENTIONS
 from gradlens.losses.grpo import KL_ESTIMATORS
 from gradlens.losses.minirl import TRUNCATIONS
+from gradlens.losses.split import Split
 
 # The dtype names of the config (``dtype``, ``source.rollout_dtype``) and what they mean.
 DTYPES = {
@@ -642,6 +644,56 @@ class ParityConfig(Strict):
         return value
 
 
+class SplitConfig(Strict):
+    """The batch's gradient as a framework computes it under a split (gradlens.diagnostics.split,
+    docs/split.md): ``--split micro=4,dp=2,ga=2 --convention verl``."""
+
+    micro: int = Field(ge=1, description="sequences per micro-batch")
+    dp: int = Field(1, ge=1, description="data-parallel ranks (gradients averaged)")
+    ga: int = Field(1, ge=1, description="gradient-accumulation steps (gradients summed)")
+    convention: str = Field(
+        description="the framework's table: verl, verl_legacy, trl, openrlhf, ms_swift; "
+        "FRAMEWORK:SETTING names the setting (trl:bnpo), else loss.aggregation picks it"
+    )
+
+    @field_validator("convention")
+    @classmethod
+    def _known_convention(cls, value: str) -> str:
+        name, sep, setting = value.partition(":")
+        known_name("convention", name, CONVENTIONS)
+        if sep:
+            settings = [n for rule in CONVENTIONS[name].rules for n in rule.names]
+            known_name(f"{name} setting", setting, settings)
+        return value
+
+    def plain(self) -> Split:
+        """The split as plain numbers."""
+        return Split(self.micro, self.dp, self.ga)
+
+
+def parse_split(text: str) -> dict[str, int]:
+    """``"micro=4,dp=2,ga=2"`` → {"split.micro": 4, "split.dp": 2, "split.ga": 2} (``--split``);
+    a clear error for anything else."""
+    out: dict[str, int] = {}
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or key not in ("micro", "dp", "ga"):
+            raise GradlensError(
+                f"--split {text!r}: each part is micro=N, dp=N or ga=N, e.g. "
+                f"micro=4,dp=2,ga=2 (got {part!r})"
+            )
+        try:
+            out[f"split.{key}"] = int(value)
+        except ValueError:
+            raise GradlensError(
+                f"--split {text!r}: {key} must be a whole number (got {value.strip()!r})"
+            ) from None
+    if "split.micro" not in out:
+        raise GradlensError(f"--split {text!r}: give micro=N, the sequences per micro-batch")
+    return out
+
+
 class Config(Strict):
     """The whole run. Every field has a default: ``Config()`` is the built-in default run."""
 
@@ -654,6 +706,18 @@ class Config(Strict):
     loss: LossConfig = LossConfig()
     diagnostics: DiagnosticsConfig = DiagnosticsConfig()
     parity: ParityConfig | None = Field(None, description="compare pairs of losses (--parity A,B)")
+    split: SplitConfig | None = Field(
+        None, description="the gradient under a framework's micro/dp/ga split (--split)"
+    )
+
+    @model_validator(mode="after")
+    def _split_in_one_process(self) -> Config:
+        if self.split is not None and self.diagnostics.tensor_parallel > 1:
+            raise ValueError(
+                f"split: runs in one process; diagnostics.tensor_parallel is "
+                f"{self.diagnostics.tensor_parallel} (use 1 with split)"
+            )
+        return self
 
     @property
     def operand_dtype(self) -> torch.dtype:

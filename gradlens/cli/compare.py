@@ -136,6 +136,29 @@ def compare(
             "process; rank 0 prints it. Sets diagnostics.tensor_parallel (default 1).",
         ),
     ] = None,
+    split: Annotated[
+        str | None,
+        typer.Option(
+            "--split",
+            metavar="micro=N,dp=N,ga=N",
+            help="Recompute each loss's gradient as a framework does when the batch is cut "
+            "into micro-batches of N sequences over dp data-parallel ranks and ga accumulation "
+            "steps (micro·dp·ga = the batch's sequences), and compare it with the full-batch "
+            "gradient: per-token weight ratios, the ‖∂L/∂W‖ ratio, the factor in words. "
+            "--check fails when the gradient depends on the split beyond rounding. Needs "
+            "--convention. Sets split.micro, split.dp, split.ga (docs/split.md).",
+        ),
+    ] = None,
+    convention: Annotated[
+        str | None,
+        typer.Option(
+            "--convention",
+            metavar="verl|verl_legacy|trl|openrlhf|ms_swift[:SETTING]",
+            help="Whose split --split reproduces: the framework's table (versions in "
+            "docs/split.md); FRAMEWORK:SETTING names the setting (trl:bnpo, trl:dapo), else "
+            "loss.aggregation picks it. Sets split.convention.",
+        ),
+    ] = None,
     plot: Annotated[
         Path | None,
         typer.Option(
@@ -159,7 +182,7 @@ def compare(
         from gradlens.cli.progress import progress_bar
         from gradlens.compare import run_compare
         from gradlens.compare.matrix import run_parity_matrix
-        from gradlens.config import build_config, settings_grid
+        from gradlens.config import build_config, parse_split, settings_grid
         from gradlens.errors import GradlensError
         from gradlens.progress import reporting
         from gradlens.report.parity_table import render_parity_matrix
@@ -186,6 +209,10 @@ def compare(
             flags["parity.pairs"] = pairs
             if names is None:
                 flags["losses"] = list(dict.fromkeys(n for pair in pairs for n in pair))
+        if split is not None:
+            flags.update(parse_split(split))
+        if convention is not None:
+            flags["split.convention"] = convention
         grid = settings_grid(parity_matrix or [])
         cfg = build_config(config, overrides or [], flags)
         if plot is not None and launch.speaks:  # before any work

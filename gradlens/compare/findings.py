@@ -17,7 +17,7 @@ from gradlens.diagnostics.non_finite import trace
 from gradlens.grads import Objective, token_inputs
 from gradlens.losses import LossParams, LossSpec
 from gradlens.losses.corrections import correction_weight
-from gradlens.results import BatchSummary, Check, LossReport, ParityReport, Signal
+from gradlens.results import BatchSummary, Check, LossReport, ParityReport, Signal, SplitReport
 
 AMPLIFICATION_FINDING = 10.0  # |g_t| / |A_t| above which a policy loss's boost is reported
 CONCENTRATION_FINDING = 0.25  # half the update from at most this share of the sequences
@@ -187,6 +187,7 @@ def checks(
     reports: list[LossReport],
     parity: list[ParityReport],
     mask_name: str = "the mask",
+    split: SplitReport | None = None,
 ) -> list[Check]:
     """The invariants of one run: a token in the loss, log-probs ≤ 0, and per loss a gradient
     the inputs do not make identically zero, finite gradients, the zero-sum of logit and
@@ -275,6 +276,37 @@ def checks(
                     f"max |Δc_t| / max |c_t| = {compared(p.coefficient_rel, p.tolerance, 0)}; "
                     f"‖∂L/∂W‖ ratio B/A = {measured(p.grad_norm_ratio, 0)}"
                 ),
+            )
+        )
+    if split is not None:
+        out += split_checks(split)
+    return out
+
+
+def split_checks(split: SplitReport) -> list[Check]:
+    """One ``split`` check per loss: ‖G_split − G_full‖ / ‖G_full‖ within the rounding of
+    accumulating dp·ga micro-batches (the weights' max relative difference when the gradient
+    could not be measured), with the factor in words."""
+    where = f"{split.convention}:{split.setting} at micro={split.micro},dp={split.dp},ga={split.ga}"
+    out = []
+    for loss in split.losses:
+        if loss.grad_rel_diff is not None:
+            measure = (
+                f"‖G_split − G_full‖/‖G_full‖ = {compared(loss.grad_rel_diff, split.tolerance, 0)}"
+            )
+            if loss.grad_norm_ratio is not None:
+                measure += f", ‖∂L/∂W‖ ratio {loss.grad_norm_ratio:.4g}"
+        else:
+            measure = (
+                "the gradient was not measured (zero or not finite); max_t |w_split − w_full| / "
+                f"max_t |w_full| = {compared(split.weight_rel_diff, split.tolerance, 0)}"
+            )
+        out.append(
+            Check(
+                name="split",
+                loss=loss.name,
+                passed=loss.passed,
+                detail=f"{where}: {measure}; {split.factor}",
             )
         )
     return out

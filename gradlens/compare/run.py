@@ -53,6 +53,7 @@ from gradlens.diagnostics import tolerances
 from gradlens.diagnostics.mismatch import rollout_stats
 from gradlens.diagnostics.numbers import num
 from gradlens.diagnostics.ratios import ratio_stats
+from gradlens.diagnostics.split import split_report
 from gradlens.diagnostics.support import support_report
 from gradlens.diagnostics.token_text import batch_tokenizer, token_texts
 from gradlens.engine.fused import check_device
@@ -275,7 +276,7 @@ def compare_batch(
             batch, specs, params, aggregation, options, reason, pair_specs, parallel=parallel
         )
     with _phase(parallel, "report"):
-        report = _report(config, device, batch, run, params, aggregation)
+        report = _report(config, device, batch, run, params, aggregation, specs, options)
         if stored.kept is not None and parallel is None:
             support = support_report(
                 stored, stored.kept, batch.replayed, params.eps_low, params.eps_high
@@ -298,8 +299,11 @@ def _report(
     run: EngineRun,
     params: LossParams,
     aggregation: Aggregation,
+    specs: list[LossSpec],
+    options: EngineOptions,
 ) -> CompareReport:
-    """Everything after the engine: the loss reports, the model sections, parity, checks."""
+    """Everything after the engine: the loss reports, the model sections, parity, the split,
+    checks."""
     logp = run.tokens.logp
     tokenizer = batch_tokenizer(batch)
     texts = None
@@ -321,7 +325,20 @@ def _report(
     if config.parity is not None:
         tolerance = config.parity.tolerance or tolerances.agreement(config.operand_dtype)
         parity = [build_parity(batch, logp, p, aggregation, tolerance) for p in run.parity]
-    all_checks = checks(summary, reports, parity, batch.origin.name("mask", ()))
+    split = None
+    if config.split is not None:
+        split = split_report(
+            batch,
+            logp,
+            specs,
+            params,
+            aggregation,
+            config.split.plain(),
+            config.split.convention,
+            options.memory_budget_bytes,
+            options.vocab_chunk,
+        )
+    all_checks = checks(summary, reports, parity, batch.origin.name("mask", ()), split)
     return CompareReport(
         environment=environment(config, device),
         config=config.model_dump(mode="json"),
@@ -335,6 +352,7 @@ def _report(
         if batch.rollout_logp is None
         else rollout_stats(effective_old_logp(batch, logp), batch.rollout_logp, batch.mask),
         parity=parity,
+        split=split,
         engine=run.info,
         metric_names=metric_names(),
     )

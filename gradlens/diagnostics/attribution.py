@@ -1,9 +1,10 @@
 """Attribution of one loss's lm_head update to sequences, tokens, loss terms and token groups,
 and what one step does to the entropy (docs/attribution.md has the derivations and an example).
 
-With g_t = ∂L/∂z_t = c_t(e_y − π_t) + w_t d_t (w_t = a_t·c_H of the entropy bonus, d_t =
-π_t(log π_t + H_t)) and G = ∂L/∂W = Σ_t g_t h_tᵀ, an engine hands over per token u_t and e_t
-(`gradlens.engine.attribution`: s_t = g_tᵀ G h_t = c_t u_t + w_t e_t) and per sequence ‖G_i‖².
+With g_t = ∂L/∂z_t = c_t(e_y − π_t) + w_t d_t (w_t = a_t·S_t·c_H of the entropy bonus, S_t the
+top-entropy selection, d_t = π_t(log π_t + H_t)) and G = ∂L/∂W = Σ_t g_t h_tᵀ, an engine hands
+over per token u_t and e_t (`gradlens.engine.attribution`: s_t = g_tᵀ G h_t = c_t u_t + w_t e_t)
+and per sequence ‖G_i‖².
 From them, exactly:
 
     token share       s_t/‖G‖²                      Σ_t = 1
@@ -220,7 +221,7 @@ def attribution(
     c = valid(objective.coefficient)
     penalty = objective.terms.penalty_grad
     c_kl = torch.zeros_like(c) if penalty is None else valid(objective.weights * penalty)
-    w = entropy_coef * valid(objective.agg_weights)
+    w = entropy_coef * valid(objective.bonus_weights)  # a_t·S_t·c_H: the selection applies
     t = token_shares(_on_cpu(inputs), c, c_kl, w, rows, batch.num_sequences)
 
     adv = valid(batch.advantages).to(f64)

@@ -20,6 +20,14 @@ u; nothing near it is ever seen, anything above it is a formula error). float32:
 840 u: the sums run over up to M·V terms with pairwise accumulation). bf16 operands: autograd
 rounds G to bf16 before the GEMM and ∂L/∂W to bf16 after it, two roundings of u_bf16 = 2⁻⁸ =
 3.9e-3 each, so 4·u_bf16 = 1.6e-2.
+
+Split invariance. A trainer that cuts the step into K = dp·ga micro-batches forms the same
+gradient as K partial gradients summed (and the ranks averaged) in its accumulation dtype
+(float32 for bf16/fp16/float32 operands, whose gradients accumulate in float32; float64 for
+float64), each with a normaliser computed in that dtype. Recursive summation of K terms is off
+by at most (K − 1)·u relative to the sum of their magnitudes, the normaliser's division and the
+scale's multiplication add 2·u: a split-invariant convention can differ from the full batch by
+(K + 1)·u through rounding alone; we allow twice that. Anything above is the split itself.
 """
 
 from __future__ import annotations
@@ -57,3 +65,21 @@ def zero_sum_weight_factor(
 def agreement(operand: torch.dtype) -> float:
     """Allowed normwise relative difference between the closed form and autograd."""
     return AGREEMENT[operand]
+
+
+def split(operand: torch.dtype, parts: int) -> float:
+    """Allowed ‖G_split − G_full‖ / ‖G_full‖ for a step cut into ``parts`` = dp·ga
+    micro-batches."""
+    accum = torch.float64 if operand == torch.float64 else torch.float32
+    return 2 * (parts + 1) * unit_roundoff(accum)
+
+
+def split_reason(operand: torch.dtype, parts: int) -> str:
+    """`split`'s derivation, for the report."""
+    accum = "float64" if operand == torch.float64 else "float32"
+    return (
+        f"2·(K + 1)·u with K = dp·ga = {parts} partial gradients summed in {accum} "
+        f"(u = {unit_roundoff(torch.float64 if accum == 'float64' else torch.float32):.3g}): "
+        "the rounding a trainer adds by accumulating K micro-batches and computing their "
+        "normalisers, twice"
+    )

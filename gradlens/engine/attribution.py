@@ -7,7 +7,7 @@ For one loss, with g_t = ∂L/∂z_t ∈ R^V, h_t the final hidden state and G =
     s_t = ⟨g_t h_tᵀ, G⟩ = g_tᵀ q_t          (token t's part of ‖G‖²: Σ_t s_t = ‖G‖²_F)
 
 Every loss in gradlens has g_t = c_t·(e_y − π_t) + E_t, with the entropy bonus's block
-E_t = w_t·d_t (w_t = a_t·c_H, 0 without the bonus) and the entropy direction
+E_t = w_t·d_t (w_t = a_t·S_t·c_H, 0 without the bonus) and the entropy direction
 
     d_tv = π_tv·(log π_tv + H_t) = −∂H_t/∂z_tv.
 

@@ -22,6 +22,7 @@ from gradlens.report.cells import (
 from gradlens.report.fit import FitTable
 from gradlens.report.model_table import model_parts
 from gradlens.report.parity_table import rollout_and_parity_parts
+from gradlens.report.split_table import split_table
 from gradlens.report.support_table import support_table
 from gradlens.results import CompareReport, LossReport
 
@@ -250,6 +251,7 @@ def render_compare(report: CompareReport, console: Console) -> None:
         *attribution_parts(report),
         *rollout_and_parity_parts(report),
         support_table(report),
+        split_table(report),
     ]
     parts = [p for p in parts if p is not None]
     parts += [t for t in (tokens_table(r) for r in report.losses) if t is not None]

@@ -54,6 +54,7 @@ from gradlens.results.report import (
     ZeroSum,
 )
 from gradlens.results.rollout import RolloutStats
+from gradlens.results.split import SplitLoss, SplitMicroBatch, SplitReport
 from gradlens.results.support import KeptToken, SupportRatio, SupportReport
 
 __all__ = [
@@ -96,6 +97,9 @@ __all__ = [
     "SftOverRl",
     "SharePoints",
     "Signal",
+    "SplitLoss",
+    "SplitMicroBatch",
+    "SplitReport",
     "StaleStep",
     "Staleness",
     "SupportRatio",

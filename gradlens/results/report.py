@@ -16,6 +16,7 @@ from gradlens.results.attribution import Attribution
 from gradlens.results.base import Result
 from gradlens.results.model import ModelGradients, ModelReport
 from gradlens.results.rollout import RolloutStats
+from gradlens.results.split import SplitReport
 from gradlens.results.support import SupportReport
 
 SCHEMA_VERSION = "gradlens.compare/3"
@@ -336,6 +337,11 @@ class CompareReport(Result):
     )
     parity: list[ParityReport] = Field(
         default_factory=list, description="--parity A,B (once per pair): each pair compared"
+    )
+    split: SplitReport | None = Field(
+        None,
+        description="--split: the gradient as a framework computes it under micro-batches × "
+        "data parallel × accumulation, against the full batch",
     )
     engine: EngineInfo | None = Field(None, description="how the lm_head gradients were computed")
     metric_names: list[MetricName] = Field(

@@ -88,6 +88,7 @@ def upgrade(report: dict[str, Any]) -> dict[str, Any]:
                 loss["per_token_grad_formula"] = loss.pop("coefficient")
         _loss_settings_of_3(report["config"]["loss"])
         _sampling_support(report)
+        _split(report)
         return _added_fields(report)
     for loss in report["losses"]:
         if "coefficient_formula" in loss:
@@ -114,6 +115,7 @@ def upgrade(report: dict[str, Any]) -> dict[str, Any]:
         mismatch["rho_mean"] = report["rollout"]["rho_mean"]  # the same statistics now
     report = upgrade_to_3(report)
     _sampling_support(report)
+    _split(report)
     return _added_fields(report)
 
 
@@ -147,6 +149,15 @@ def _sampling_support(report: dict[str, Any]) -> None:
     rollout = (report.get("model") or {}).get("rollout")
     if rollout is not None:
         rollout.setdefault("top_k", 0)
+
+
+def _split(report: dict[str, Any]) -> None:
+    """``--split`` added the ``split`` config section and report section, both null unless
+    asked for (docs/json-schema.md's changelog)."""
+    if not str(report.get("schema_version", "")).startswith("gradlens.compare/"):
+        return  # a sweep's config and report have no split
+    report["config"].setdefault("split", None)
+    report.setdefault("split", None)
 
 
 def _loss_settings_of_3(loss: dict[str, Any]) -> None:

@@ -236,7 +236,14 @@ def test_corrections_in_config_and_report() -> None:
         {
             "losses": ["ppo_clip", "gspo"],
             "source": {"vocab_size": 128, "num_sequences": 8, "rollout_drift": 0.3},
-            "loss": {"corrections": [{"kind": "seq_mis", "high": 1.2}, {"kind": "geo_mask"}]},
+            # geo_mask at ±10%: its default ±0.1% masks every sequence at this drift (the gate
+            # would fail the batch as undiagnosable)
+            "loss": {
+                "corrections": [
+                    {"kind": "seq_mis", "high": 1.2},
+                    {"kind": "geo_mask", "low": 0.9, "high": 1.1},
+                ]
+            },
         }
     )
     report = run_compare(config)
@@ -250,9 +257,13 @@ def test_corrections_in_config_and_report() -> None:
 # ----------------------------------------------------------------------------- docs §7 cases
 
 
-def literal(sequences: list[list[dict]], losses: list[str], **loss: object) -> CompareReport:
+def literal(
+    sequences: list[list[dict]], losses: list[str], failing: tuple[str, ...] = (), **loss: object
+) -> CompareReport:
+    """The report of a literal batch: every check passes except exactly the ``failing`` ones."""
     report = run_compare(literal_config(sequences, losses, **loss))
-    assert report.passed, [c for c in report.checks if not c.passed]
+    failed = sorted(c.name for c in report.checks if not c.passed)
+    assert failed == sorted(failing), [c for c in report.checks if not c.passed]
     return report
 
 
@@ -272,7 +283,9 @@ def test_tc_corrections_on_reinforce() -> None:
         "icepop": (-4.0, "icepop_masked", 0.0),  # 0.5 ≤ 4 ≤ 5: w = ρ = 4
     }
     for kind, (c, region, share) in cases.items():
-        report = literal([[pos]], ["reinforce"], corrections=[{"kind": kind}], **one)
+        # a masked only token leaves no gradient: the gate fails the batch, and says why
+        failing = ("diagnosable",) if c == 0.0 else ()
+        report = literal([[pos]], ["reinforce"], failing, corrections=[{"kind": kind}], **one)
         r = loss(report, "reinforce")
         assert coefficients(report, "reinforce") == pytest.approx([c], abs=1e-12), kind
         assert grad(report, "reinforce") == pytest.approx(scaled(c), abs=1e-12), kind

@@ -32,10 +32,14 @@ def position(token: int = 0, advantage: float = 1.0, **extra: Any) -> dict[str, 
     return {"probs": PI, "token": token, "advantage": advantage, **extra}
 
 
-def run(sequences: list[list[dict[str, Any]]], loss: str, **settings: Any) -> LossReport:
-    """One loss on a literal batch; every check (finite, zero-sum, agreement) must pass."""
+def run(
+    sequences: list[list[dict[str, Any]]], loss: str, failing: tuple[str, ...] = (), **settings: Any
+) -> LossReport:
+    """One loss on a literal batch; every check (finite, zero-sum, agreement) must pass except
+    exactly the ``failing`` ones (a batch built to have no gradient fails ``diagnosable``)."""
     report: CompareReport = run_compare(literal_config(sequences, [loss], **settings))
-    assert report.passed, [c for c in report.checks if not c.passed]
+    failed = sorted(c.name for c in report.checks if not c.passed)
+    assert failed == sorted(failing), [c for c in report.checks if not c.passed]
     (result,) = report.losses
     assert result.tokens is not None
     return result
@@ -313,7 +317,14 @@ def test_ppo_clip_negative_advantage_high_ratio_is_not_clipped() -> None:
 
 def test_zero_advantage_is_never_clipped() -> None:
     # A = 0 with r = 4: zero gradient, but counted in no clip region (A12); zero_grad = 1.
-    result = run([[position(0, 0.0, old_prob=0.125)]], "ppo_clip", eps_high=0.2, dual_clip=3.0)
+    # The gate says so: a batch whose only advantage is 0 cannot support a diagnosis.
+    result = run(
+        [[position(0, 0.0, old_prob=0.125)]],
+        "ppo_clip",
+        failing=("diagnosable",),
+        eps_high=0.2,
+        dual_clip=3.0,
+    )
     assert_vector(tok(result).grad_logits, ZERO)
     c = result.clipping
     assert (c.upper, c.lower, c.region, c.dual, c.zero_grad) == (0.0, 0.0, 0.0, 0.0, 1.0)

@@ -1,0 +1,64 @@
+"""``--split`` end to end: the config section, the CLI options, the report and its check."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from gradlens.cli import app
+from gradlens.compare import run_compare
+from gradlens.config import build_config, parse_split
+from gradlens.errors import GradlensError
+from gradlens.results import CompareReport
+
+runner = CliRunner()
+SMALL = [  # 8 sequences, a small vocabulary: quick
+    "source.num_sequences=8",
+    "source.vocab_size=64",
+    "source.hidden_size=16",
+    "source.max_length=24",
+]
+
+
+def run(convention: str, losses: str = "reinforce,ppo_clip") -> CompareReport:
+    flags = {**parse_split("micro=2,dp=2,ga=2"), "split.convention": convention}
+    flags["losses"] = losses.split(",")
+    return run_compare(build_config(None, SMALL, flags))
+
+
+def test_invariant_convention_passes_and_local_one_fails() -> None:
+    ok = run("verl")
+    assert ok.split is not None and ok.split.invariant and ok.passed
+    assert [c.passed for c in ok.checks if c.name == "split"] == [True, True]
+    # the full-batch gradient of the split section is the report's own ‖∂L/∂W‖ (token_mean)
+    for loss, s in zip(ok.losses, ok.split.losses, strict=True):
+        assert s.grad_norm_full == pytest.approx(loss.rows.total_norm, rel=1e-5)
+    bad = run("trl:bnpo")
+    failed = [c for c in bad.checks if not c.passed]
+    assert [c.name for c in failed] == ["split", "split"] and not bad.passed
+    assert "long-sequence micro-batches are down-weighted" in failed[0].detail
+
+
+def test_config_errors_name_the_field() -> None:
+    with pytest.raises(GradlensError, match=r"split\.convention: unknown convention 'trk'"):
+        build_config(None, ["split.micro=4", "split.convention=trk"])
+    with pytest.raises(GradlensError, match=r"split\.convention: unknown trl setting 'bnp'"):
+        build_config(None, ["split.micro=4", "split.convention=trl:bnp"])
+    with pytest.raises(GradlensError, match=r"split\.micro: .*greater than or equal to 1"):
+        build_config(None, ["split.micro=0", "split.convention=verl"])
+    with pytest.raises(GradlensError, match=r"split\.convention: Field required"):
+        build_config(None, ["split.micro=4"])
+    with pytest.raises(GradlensError, match=r"micro·dp·ga = 3·1·1 = 3 sequences"):
+        run_compare(build_config(None, [*SMALL, "split.micro=3", "split.convention=verl"]))
+
+
+def test_cli_split_and_check() -> None:
+    args = ["compare", "--losses", "reinforce", *[a for s in SMALL for a in ("--set", s)]]
+    result = runner.invoke(
+        app, [*args, "--split", "micro=2,dp=2,ga=2", "--convention", "ms_swift", "--check"]
+    )
+    assert result.exit_code == 1, result.output
+    assert "effective learning rate is ∝ 1/ga" in result.output
+    result = runner.invoke(app, [*args, "--split", "micro=2,gpus=4", "--convention", "verl"])
+    assert result.exit_code == 2
+    assert "each part is micro=N, dp=N or ga=N" in result.output
