@@ -8,8 +8,9 @@ placeholders become real things: DIR (a checkpoint directory) the built-in model
 ``mypkg`` a package written to a temporary directory (``losses:my_loss`` a loss of your own,
 ``mod:fn`` PPO-clip in verl's signature), and every file a line writes or reads (``.png``,
 ``.json``, ``.csv``, ``.safetensors``, ``.pt``, ``.jsonl``) a file of that name in the temporary
-directory, so that nothing in the repository is overwritten. Every line must exit 0: none of
-the examples is meant to fail its ``--check``.
+directory, so that nothing in the repository is overwritten. Every line must exit 0, except
+one whose comment ends in "(exit 1)": an example of a ``--check`` that fails on purpose, which
+must exit 1 with a FAIL line.
 
 Not run: the blocks of docs/batchfile.md that read a file from your trainer (``step_120``,
 ``ids.pt``) and docs/performance.md's benchmark commands.
@@ -113,6 +114,9 @@ def run_in_order(lines: list[str], tmp: Path) -> None:
             target, words = tmp / Path(words[at + 1]).name, words[:at]
         argv = [_substitute(w, tmp) for w in words]
         result = runner.invoke(app, argv)
+        if line.rstrip().endswith("(exit 1)"):  # a check shown failing on purpose
+            assert result.exit_code == 1 and "FAIL" in result.output, f"{line}\n{result.output}"
+            continue
         assert result.exit_code == 0, f"{line}\n{result.output}"
         if target is not None:
             target.write_text(result.stdout)
