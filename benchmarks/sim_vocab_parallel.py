@@ -85,14 +85,17 @@ class Shape:
 def comm_bytes(s: Shape, step: str) -> float:
     """Bytes one rank sends in ``step`` under the ring algorithms (docs/scaling.md §2)."""
     ring = 2 * (s.p - 1) / s.p  # an all-reduce of n elements sends 2·(P − 1)/P·n of them
-    if step == "pass1":  # all_gather of (λ, ζ, α, μ[, η]) per token
-        return (s.p - 1) * (4 + s.e) * s.n * s.b
+    wide = 8  # the float64 sums the zero-sum check reads (S, T, Σπ, ΣE, Σ_v ∂L/∂W_v)
+    if step == "pass1":  # all_gather of (m, ζ, α, μ) and the float64 S (and T) per token
+        return (s.p - 1) * (4 * s.b + (1 + s.e) * wide) * s.n
     if step == "pass1.max":
         return ring * 3 * s.n * s.b
-    if step == "pass1.sum":
-        return ring * (2 + s.e) * s.n * s.b
-    if step == "finish.sum":  # norms [k, V], row sums [k, H], Σπ, H, (ΣE, k_e·other mass), count
-        return ring * (s.k * s.v + s.k * s.h + (2 + s.e + s.k_e) * s.n + 1) * s.b
+    if step == "pass1.sum":  # float64: ζ, and S (and T) split in two on a grid
+        return ring * (3 + 2 * s.e) * s.n * wide
+    if step == "finish.sum":  # norms [k, V], H, (k_e·other mass), count
+        return ring * (s.k * s.v + (1 + s.k_e) * s.n + 1) * s.b
+    if step == "finish.gather":  # float64 row sums [k, H], Σπ (and ΣE), added in rank order
+        return (s.p - 1) * (s.k * s.h + (1 + s.e) * s.n) * wide
     if step == "finish.max":
         return ring * s.k_e * s.n * s.b
     raise KeyError(step)
@@ -115,7 +118,8 @@ def peak_bytes(s: Shape, chunk: int, resident: int) -> float:
     pass2_chunk = (
         max(resident - 1, 0) * nvc + scaled + h_copies + cast + max(work * nvc, nvc + dense)
     )
-    stats = (s.p * (4 + s.e) + 5 + 2 * s.k) * s.n * s.b  # gathered, own, and c_k
+    # gathered (4 numbers and the float64 S, T per rank), own, and c_k
+    stats = (s.p * (4 * s.b + 8 * (1 + s.e)) + (5 + 2 * s.k) * s.b) * s.n
     norms = 2 * s.k * s.v * s.b  # the [k, V] finishing buffer and its reduced copy
     return max(pass1, pass2_start, pass2_chunk) + stats + norms
 
@@ -374,7 +378,12 @@ def plot(record: dict[str, Any], path: str) -> None:
     series = [
         ("pass 1, all_gather", "tab:blue", "streamed", ("pass1",)),
         ("pass 1, all_reduce max + sum", "tab:red", "max_sum", ("pass1.max", "pass1.sum")),
-        ("finish, all_reduce sum", "tab:green", "streamed", ("finish.sum",)),
+        (
+            "finish, all_reduce sum + all_gather",
+            "tab:green",
+            "streamed",
+            ("finish.sum", "finish.gather"),
+        ),
     ]
     for label, colour, mode, steps in series:
         got = [sum(r["sent_bytes"][st] for st in steps) / 1024 for r in sel[mode]]
@@ -445,7 +454,7 @@ def table() -> str:
             mem = real_memory(v, h, t, tp, 1)
             p1 = comm_bytes(s, "pass1")
             p1ms = comm_bytes(s, "pass1.max") + comm_bytes(s, "pass1.sum")
-            fin = comm_bytes(s, "finish.sum")
+            fin = comm_bytes(s, "finish.sum") + comm_bytes(s, "finish.gather")
             dp = 1
             while real_memory(v, h, t, tp, dp)["total"] > 80e9:
                 dp *= 2

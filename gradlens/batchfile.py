@@ -55,7 +55,14 @@ the loss mask as its last T columns, as verl derives it.
 hidden states a checkpoint recomputed with the whole model kept) writes this layout too:
 ``prompts`` [N, P] and ``attention_mask`` [N, P+T] beside the [N, T] response keys, so that the
 file read back with the same checkpoint as ``source.model_path`` is the same batch
-(`dump_tensors`).
+(`dump_tensors`). A dump of the model source also writes
+
+    stale_steps                            [N] int      the optimizer steps the model source took
+                                                        on the batch after π_old (its
+                                                        ``source.stale.steps``)
+
+because the checkpoint on disk holds θ_old, not the θ those steps reached: read back with it,
+π_θ is π_old again (every ratio 1), and the report says so.
 
 Position t of every [N, T] tensor refers to the same response token. A dump from a training
 loop is three lines (see docs/batchfile.md)::
@@ -93,6 +100,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "prompts": ("prompts",),
     "prompt_mask": ("prompt_mask",),
     "attention": ("attention_mask",),  # [N, P+T] beside 'prompts': written by `dump_tensors`
+    "stale_steps": ("stale_steps",),
     "kept_ids": ("kept_ids",),
     "old_kept_log_mass": ("old_log_kept_mass",),
     "rollout_kept_log_mass": ("rollout_log_kept_mass",),
@@ -444,6 +452,13 @@ def read_batch_file(
             raise GradlensError(
                 f"{where}: 'kept_ids' has ids outside the vocabulary [0, {v}) of 'lm_head_weight'"
             )
+    stale = _pick(raw, "stale_steps", where, False)
+    if stale is not None:
+        if tuple(stale.shape) != (n,):
+            raise GradlensError(
+                f"{where}: 'stale_steps' has shape {tuple(stale.shape)}; expected [N] = ({n},)"
+            )
+        out["stale_steps"] = _integers(stale, "stale_steps", where)  # .jsonl: whole doubles
     if prompts:
         out.update(_prompt_context(raw, tokens_key, out["tokens"], out["mask"], where))
     return BatchFile(out, keys)

@@ -31,7 +31,7 @@ from gradlens.batchfile import SUFFIXES as BATCH_SUFFIXES
 from gradlens.errors import GradlensError, unknown_name_message
 from gradlens.files import read_text
 from gradlens.losses import AGGREGATIONS, Aggregation, LossParams, get_loss, loss_names
-from gradlens.losses.base import Correction
+from gradlens.losses.base import Correction, Distill
 from gradlens.losses.corrections import KINDS as CORRECTION_KINDS
 from gradlens.losses.corrections import correction_problem, with_defaults
 from gradlens.losses.external import is_external
@@ -199,11 +199,28 @@ class LiteralSource(Strict):
 
 
 class StaleConfig(Strict):
-    """Optimizer steps on the rollout batch before the diagnosis (model source): π_θ ≠ π_old."""
+    """Optimizer steps on the rollout batch before the diagnosis (model source): π_θ ≠ π_old.
+
+    With ``target_kl`` (the default) the learning rate is a first guess: each step is redone
+    with a rescaled learning rate until the KL of π_θk against π_old reaches k/N of the target,
+    so the same setting means the same distance on any model (gradlens.sources.staleness).
+    """
 
     steps: int = Field(2, ge=0, description="N: optimizer steps between rollout and diagnosis")
     optimizer: Literal["sgd", "adam", "adamw"] = "adam"
-    lr: float = Field(5e-5, gt=0, description="learning rate of the stale steps")
+    lr: float = Field(
+        5e-5,
+        gt=0,
+        description="learning rate of the stale steps; with target_kl, the first step's first "
+        "guess, rescaled until the target is met",
+    )
+    target_kl: float | None = Field(
+        0.01,
+        gt=0,
+        description="KL(π_old‖π_θN), the k3 estimate over the completion tokens, that the N steps "
+        "reach (within a factor 1.5); the learning rate is searched step by step. null: lr as "
+        "given, however far it moves the model",
+    )
     loss: str = Field("ppo_clip", description="the registered loss the stale steps minimise")
 
     @field_validator("loss")
@@ -223,8 +240,12 @@ class ModelSource(Strict):
 
     kind: Literal["model"]
     path: str | None = Field(None, description="local Hugging Face checkpoint dir; null: built-in")
-    prompts: list[str] | None = Field(None, description="prompts; null: the built-in corpus")
-    num_prompts: int = Field(4, ge=1, description="prompts drawn from the built-in corpus")
+    prompts: list[str] | None = Field(
+        None,
+        description="prompts; null: drawn from a built-in set (Python def/class lines, or "
+        "instructions with chat_template)",
+    )
+    num_prompts: int = Field(4, ge=1, description="prompts drawn from the built-in set")
     group_size: int = Field(4, ge=1, description="completions sampled per prompt")
     max_new_tokens: int = Field(24, ge=1)
     temperature: float = Field(1.0, gt=0, description="sampling temperature T (logits / T)")
@@ -232,9 +253,21 @@ class ModelSource(Strict):
     top_k: int = Field(
         0, ge=0, description="sample from the k most probable tokens (before top-p); 0: off"
     )
-    reward: str = Field("python_syntax", description="built-in reward name or module:function")
-    rollout_dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "bfloat16", description="precision of the rollout pass that samples and returns μ"
+    reward: str | None = Field(
+        None,
+        description="built-in reward name or module:function; null: python_syntax, or "
+        "word_limit with chat_template",
+    )
+    rollout_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="precision of the rollout pass that samples and returns μ; auto: bfloat16 "
+        "where the device computes it natively (CUDA with bf16, a CPU with AVX512-BF16, AMX or "
+        "Arm BF16), float32 elsewhere (emulated bf16 is slower than float32)",
+    )
+    chat_template: bool = Field(
+        False,
+        description="wrap each prompt as a user message in the tokenizer's chat template "
+        "(instruct and chat checkpoints); null prompts are then the built-in instructions",
     )
     stale: StaleConfig = StaleConfig()
 
@@ -378,6 +411,29 @@ class CorrectionConfig(Strict):
         return with_defaults(self.kind, self.low, self.high, self.renormalize, self.batch_normalize)
 
 
+class DistillConfig(Strict):
+    """The distillation term added to every loss (`gradlens.losses.base.Distill`, docs/losses.md
+    §2.29); the teacher comes from the batch (teacher_hidden/teacher_weight, or stored top-k)."""
+
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
+        "forward_kl", description="forward_kl KL(q‖π), reverse_kl KL(π‖q), jsd TRL's β-JSD"
+    )
+    form: Literal["full", "top_k"] = Field(
+        "full",
+        description="full: every vocabulary entry (a teacher hidden/weight pair); top_k: sums "
+        "over the teacher's top-k ids only (verl forward_kl_topk)",
+    )
+    coef: float = Field(1.0, description="λ, the term's weight")
+    beta: float = Field(0.5, ge=0, le=1, description="jsd's β; 0, 1: forward, reverse KL (TRL)")
+    top_k: int = Field(8, ge=1, description="K of the top-k form taken from a teacher pair")
+    log_prob_min_clamp: float | None = Field(
+        None, le=0, description="verl's floor on log π and log q (verl default −10); null: none"
+    )
+
+    def params(self) -> Distill:
+        return Distill(**self.model_dump())
+
+
 class LossConfig(Strict):
     """Loss hyper-parameters, shared by every loss that uses them.
 
@@ -415,6 +471,9 @@ class LossConfig(Strict):
     entropy_coef: float = Field(0.0, description="c_H of the entropy bonus −c_H·H; 0: off")
     corrections: list[CorrectionConfig] = Field(
         default_factory=list, description="training–inference corrections on every loss"
+    )
+    distill: DistillConfig | None = Field(
+        None, description="a distillation term to a teacher added to every loss; null: none"
     )
     sampling_support: Literal["full", "kept"] = Field(
         "full",
@@ -516,6 +575,7 @@ class LossConfig(Strict):
         """The section as the plain `LossParams` every loss reads (any command)."""
         values = {name: getattr(self, name) for name in LOSS_PARAM_FIELDS}
         values["corrections"] = tuple(c.resolved() for c in self.corrections)
+        values["distill"] = None if self.distill is None else self.distill.params()
         return LossParams(**values)
 
     def token_aggregation(self) -> Aggregation:
@@ -542,9 +602,12 @@ class DiagnosticsConfig(Strict):
         "nothing of size M×V or V×H kept (gradlens.engine); fused: the streamed engine with "
         "Triton kernels (CUDA, opt-in); auto: streamed above stream_above entries",
     )
-    reference: Literal["auto", "autograd", "none"] = Field(
+    reference: Literal["auto", "autograd", "sampled", "none"] = Field(
         "auto",
-        description="check against torch.autograd; auto: with the materialized engine only",
+        description="check against torch.autograd: autograd, every token and row; sampled, "
+        "c_t of every token with ∂L/∂z_y of a sample of tokens and ‖∂L/∂W_v‖ of a sample of "
+        "rows (no [tokens, vocab] under autograd); auto: autograd with the materialized engine, "
+        "sampled with the streamed ones",
     )
     stream_above: int = Field(
         1 << 24,
@@ -553,7 +616,12 @@ class DiagnosticsConfig(Strict):
         "64 MiB of float32 per [tokens, vocab] tensor)",
     )
     memory_budget_mib: float | None = Field(
-        None, gt=0, description="streamed engine working memory; null: 1/4 of free, ≤ 1 GiB"
+        None,
+        gt=0,
+        description="working memory of the streamed engine, of a large synthetic batch's "
+        "construction and of each micro-batch through a model (stale steps, whole-model "
+        "gradients); null: 1/4 of free memory, at most 1 GiB for the engine and 2 GiB for a "
+        "model pass",
     )
     vocab_chunk: int | None = Field(None, ge=1, description="streamed engine rows per chunk")
     tensor_parallel: int = Field(
@@ -596,9 +664,9 @@ class DiagnosticsConfig(Strict):
                 f"engine {self.engine!r} runs in one process; tensor_parallel "
                 f"{self.tensor_parallel} needs the streamed engine (engine: auto or streamed)"
             )
-        if self.reference == "autograd":
+        if self.reference in ("autograd", "sampled"):
             problems.append(
-                "reference 'autograd' materialises [tokens, vocab] with the whole lm_head, "
+                f"reference {self.reference!r} differentiates through the whole lm_head, "
                 f"which no rank holds under tensor_parallel {self.tensor_parallel}; run the "
                 "reference in one process (tensor_parallel 1), or set reference auto or none"
             )
@@ -723,6 +791,27 @@ class Config(Strict):
     def operand_dtype(self) -> torch.dtype:
         """The torch dtype of ``dtype``."""
         return DTYPES[self.dtype]
+
+    @model_validator(mode="after")
+    def _distillable(self) -> Config:
+        if self.loss.distill is None:
+            return self
+        problems = []
+        if self.diagnostics.engine == "fused":
+            problems.append(
+                "diagnostics.engine 'fused' does not carry the teacher's dense term; use "
+                "materialized, streamed or auto"
+            )
+        if self.diagnostics.tensor_parallel > 1:
+            problems.append(
+                f"diagnostics.tensor_parallel {self.diagnostics.tensor_parallel}: the "
+                "vocab-parallel engine does not carry the teacher's dense term; use 1"
+            )
+        if self.loss.sampling_support == "kept":
+            problems.append("sampling_support 'kept': the term runs on the full vocabulary")
+        if problems:
+            raise ValueError("loss.distill: " + "; ".join(problems))
+        return self
 
     @model_validator(mode="after")
     def _replayable(self) -> Config:

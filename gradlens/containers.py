@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gradlens.results.model import ModelPass
+
 
 @dataclass(frozen=True)
 class Sequences:
@@ -83,6 +85,7 @@ class RolloutRecord:
     reward: str  # the reward function's name
     rollout_dtype: str
     top_k: int = 0  # 0: no top-k
+    chat_template: bool = False  # the prompts were rendered in the tokenizer's chat template
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,8 @@ class StalePoint:
     step: int
     loss: float | None  # the stale loss at θ_k (None after the last step)
     logp: Tensor  # [N, T] log π_θk(y_t)
+    lr: float | None = None  # the learning rate of the step θ_{k−1} → θ_k (None at k = 0)
+    probes: int = 0  # times that step was redone with another learning rate (target_kl)
 
 
 @dataclass(frozen=True)
@@ -100,9 +105,11 @@ class StalenessRecord:
 
     steps: int
     optimizer: str
-    lr: float
+    lr: float  # the configured (with target_kl: the first step's starting) learning rate
     loss: str
     trajectory: list[StalePoint]
+    target_kl: float | None = None
+    model_pass: ModelPass | None = None  # how the steps went through the model
 
 
 @dataclass
@@ -124,6 +131,7 @@ class ModelContext:
     rollout: RolloutRecord | None = None  # model source only
     staleness: StalenessRecord | None = None  # model source only
     batch_file: str | None = None  # a batch file whose hidden states the checkpoint recomputed
+    notes: list[str] = field(default_factory=list)  # what the report should say about it
 
 
 # (field, index) → the name of that entry as the user knows it; see `Origin`.
@@ -200,6 +208,34 @@ class KeptSets:
 
 
 @dataclass(frozen=True)
+class Teacher:
+    """The teacher of a distillation term (`gradlens.losses.distill`), in one or both forms.
+
+    Attributes:
+        hidden: [N, T, H'] the teacher's final hidden states, and
+        weight: [V, H'] its lm_head (the same vocabulary as the student's): q_t = softmax(W' h'_t).
+        topk_ids: [N, T, K] int64 the teacher's top-k ids K_t, and
+        topk_logp: [N, T, K] their stored log q_t(v) (not renormalised over K_t).
+        sampled_logp: [N, T] log q_t(y_t) of the sampled token (on-policy distillation's
+            ℓ_teacher), when known.
+    """
+
+    hidden: Tensor | None = None
+    weight: Tensor | None = None
+    topk_ids: Tensor | None = None
+    topk_logp: Tensor | None = None
+    sampled_logp: Tensor | None = None
+
+    @property
+    def has_pair(self) -> bool:
+        return self.hidden is not None and self.weight is not None
+
+    @property
+    def has_topk(self) -> bool:
+        return self.topk_ids is not None and self.topk_logp is not None
+
+
+@dataclass(frozen=True)
 class Batch:
     """Everything a loss and the lm_head diagnostics need.
 
@@ -234,6 +270,7 @@ class Batch:
             the source knows one beside ``model_context``'s (a batch file's
             ``source.tokenizer`` or checkpoint, the Python API's ``tokenizer=``); None: none.
         origin: how the source names each tensor, for the messages of `gradlens.validation`.
+        teacher: the teacher of the distillation term and of on-policy distillation, if any.
     """
 
     hidden: Tensor
@@ -254,10 +291,16 @@ class Batch:
     replayed: bool = False
     tokenizer: Any = None
     origin: Origin = field(default_factory=Origin)
+    teacher: Teacher | None = None
 
     @property
     def num_sequences(self) -> int:
         return int(self.mask.shape[0])
+
+    @property
+    def teacher_logp(self) -> Tensor | None:
+        """[N, T] log q(y_t) of the distillation teacher, when the batch has one."""
+        return None if self.teacher is None else self.teacher.sampled_logp
 
     @property
     def vocab_size(self) -> int:
@@ -291,6 +334,7 @@ class TokenInputs:
     mask: Tensor  # [N, T] bool
     rollout_logp: Tensor | None = None  # [N, T] log μ_old(y_t)
     ref_logp: Tensor | None = None  # [N, T] log π_ref(y_t)
+    teacher_logp: Tensor | None = None  # [N, T] log q(y_t) of a distillation teacher
     entropy: Tensor | None = None  # [N, T] H(π_θ,t), detached (token selection, aspo)
     groups: Tensor | None = None  # [N] int64 prompt-group id of each sequence (real)
 

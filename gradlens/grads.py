@@ -14,6 +14,7 @@ weight. What the run minimises for one loss is written once, in `objective`:
     weights = a_t (the aggregation's weights, on the mask without the tokens a renormalising
               correction rejects (`aggregation_mask`); 1 for a loss that aggregates itself)
     L       = Σ_t weights_t·per_token_t  −  c_H·Σ_t a_t·S_t·H_t  (entropy bonus, when c_H ≠ 0)
+                                         +  λ·Σ_t a_t·D_t         (distillation, ``loss.distill``)
     c_t     = weights_t·g_t
 
 Every path calls it: the closed form (`closed_form`, no graph over the logits, the softmax
@@ -21,8 +22,14 @@ computed once by `softmax_view` and shared by every loss), its autograd twin
 (`autograd_reference`, as a trainer differentiates), the streamed engine's coefficients, the
 whole-model gradients and the staleness steps of a real checkpoint (through `policy_pass`, the
 differentiable twin of `softmax_view`). The entropy bonus's logit gradient
-a_t·S_t·c_H·π_t,i·(log π_t,i + H_t) is the one term not of the form c·(e_y − π); it is zero-sum,
-and c_t does not include it.
+a_t·S_t·c_H·π_t,i·(log π_t,i + H_t) and the distillation term's λ·a_t·(u_t − π_t·Σu_t)
+(`gradlens.losses.distill`) are the terms not of the form c·(e_y − π); both are zero-sum, and c_t
+includes neither. The distillation term is weighted by a_t alone: the top-entropy selection S_t
+applies to the policy gradient and the entropy bonus only.
+
+The π that `softmax_view` gives (and `closed_form` builds its gradients from) is normalised by
+`gradlens.logits` (a float64 sum in a fixed order), so that the rows of ∂L/∂z sum to zero within
+a bound that holds on every device; ℓ_t itself is torch's log_softmax, as a trainer computes it.
 
 Replaying the rollout's sampling support (``loss.sampling_support: kept``, `replay`): when the
 rollout sampled from μ restricted to a kept set K_t (top-p, top-k) and renormalised, the losses
@@ -47,10 +54,25 @@ from torch import Tensor
 
 from gradlens.containers import Batch, LossTerms, TokenInputs, valid_index
 from gradlens.errors import GradlensError
-from gradlens.logits import compute_logits, kept_entries, restrict_logits
+from gradlens.logits import (
+    Normaliser,
+    compute_logits,
+    kept_entries,
+    log_probs,
+    normaliser,
+    restrict_logits,
+    softmax_dtype,
+)
 from gradlens.losses import Aggregation, LossParams, LossSpec
 from gradlens.losses.corrections import apply_corrections, kept_mask
+from gradlens.losses.distill import (
+    TeacherTokens,
+    divergence_grad,
+    teacher_tokens,
+    token_value,
+)
 from gradlens.losses.token_selection import apply_token_selection, bonus_weights, top_entropy_mask
+from gradlens.summation import pairwise_sum
 
 
 @dataclass(frozen=True)
@@ -136,8 +158,11 @@ class SoftmaxView:
 
     Attributes:
         rows, cols, hidden, tokens, logits, logp: as in `PolicyPass`.
-        probs: [M, V] π_t.
-        entropy: [M] H(π_t).
+        probs: [M, V] π_t = exp((z − m) − log S) (`gradlens.logits`); not exp(log_softmax),
+            whose sum depends on the kernel.
+        entropy: [M] H(π_t) = −Σ_v π log π of those π, summed in float64
+            (`gradlens.summation`).
+        normaliser: the per-token m and S of ``probs``.
     """
 
     rows: Tensor
@@ -148,6 +173,7 @@ class SoftmaxView:
     probs: Tensor
     logp: Tensor
     entropy: Tensor
+    normaliser: Normaliser
 
     @property
     def sampled_probs(self) -> Tensor:
@@ -172,14 +198,26 @@ def whole_weight(batch: Batch, what: str) -> None:
 
 
 def softmax_view(batch: Batch) -> SoftmaxView:
-    """One pass over the logits of the valid tokens (the same operations as `policy_pass`, so
-    both give bit-identical values for the same hidden states and weight)."""
+    """One pass over the logits of the valid tokens: ``logits`` and ``logp`` by the same
+    operations as `policy_pass` (bit-identical for the same hidden states and weight), π and H
+    from gradlens's own normaliser."""
     whole_weight(batch, "the materialized softmax")
     with torch.no_grad():
         p = policy_pass(batch.hidden, batch.weight, batch.tokens, batch.mask, replayed_ids(batch))
-        probs = p.log_probs.exp()
-        entropy = entropy_of(p.log_probs)  # [M]
-    return SoftmaxView(p.rows, p.cols, p.hidden, p.tokens, p.logits, probs, p.logp, entropy)
+        rows, cols, hidden, tokens, logits, logp = (
+            p.rows,
+            p.cols,
+            p.hidden,
+            p.tokens,
+            p.logits,
+            p.logp,
+        )
+        del p  # its [M, V] log_softmax: ℓ_t is all that is kept of it
+        norm = normaliser(logits)  # of the restricted logits on a replayed support
+        log_pi = log_probs(logits, norm)  # [M, V], −inf outside a replayed K_t
+        probs = log_pi.exp()
+        entropy = (-pairwise_sum(probs * finite_log(log_pi))).to(logits.dtype)  # [M]
+    return SoftmaxView(rows, cols, hidden, tokens, logits, probs, logp, entropy, norm)
 
 
 def replayed_ids(batch: Batch) -> Tensor | None:
@@ -257,6 +295,9 @@ def token_inputs(batch: Batch, logp: Tensor, entropy: Tensor | None = None) -> T
         mask=m,
         rollout_logp=clean(batch.rollout_logp),
         ref_logp=clean(batch.ref_logp),
+        teacher_logp=None
+        if batch.teacher is None or batch.teacher.sampled_logp is None
+        else clean(batch.teacher.sampled_logp),
         entropy=None if entropy is None else clean(entropy.detach()),
         groups=batch.groups,
     )
@@ -292,6 +333,25 @@ def entropy_bonus(bonus_weights: Tensor, entropy: Tensor, entropy_coef: float) -
     return -entropy_coef * (bonus_weights * entropy.to(bonus_weights.dtype)).sum()
 
 
+def distill_term(agg_weights: Tensor, divergence: Tensor, coef: float) -> Tensor:
+    """The distillation term's part of the loss, λ·Σ_t a_t·D_t; ``divergence`` [N, T] D_t,
+    0 at masked tokens."""
+    return coef * (agg_weights * divergence.to(agg_weights.dtype)).sum()
+
+
+def distill_teacher(batch: Batch, params: LossParams, rows: Tensor, cols: Tensor) -> TeacherTokens:
+    """The batch's teacher at the valid tokens in the form ``loss.distill`` asks for."""
+    assert params.distill is not None
+    if batch.replayed:
+        raise GradlensError(
+            "loss.distill runs on the full vocabulary; with loss.sampling_support: 'kept' the "
+            "student is restricted to its kept sets (set sampling_support: full)"
+        )
+    whole_weight(batch, "loss.distill")
+    dtype = softmax_dtype(batch.weight.dtype)
+    return teacher_tokens(batch.teacher, rows, cols, params.distill, batch.vocab_size, dtype)
+
+
 def aggregation_mask(inputs: TokenInputs, params: LossParams) -> Tensor:
     """[N, T] the mask the aggregation weights are computed from: the batch's, without the
     tokens that a correction with ``renormalize`` rejects (verl's rejection sampling). In
@@ -319,12 +379,15 @@ def objective(
     params: LossParams,
     aggregation: Aggregation,
     entropy: Tensor | None = None,
+    divergence: Tensor | None = None,
 ) -> Objective:
     """The loss ``spec`` at the log-probs ``logp`` [N, T] (see the module docstring).
 
     ``entropy`` [N, T] H(π_t): the losses and the top-entropy selection read it (detached), and
     it adds the entropy bonus when ``params.entropy_coef`` ≠ 0; without it ``loss`` is the
     policy part only, and a loss or selection that needs H_t raises a `GradlensError`.
+    ``divergence`` [N, T] D_t adds the distillation term when ``params.distill`` is set (the
+    streamed engine adds it from its own per-token D_t with `distill_term`).
     """
     inputs = bypass(token_inputs(batch, logp, entropy), params)
     terms = apply_corrections(
@@ -338,6 +401,8 @@ def objective(
     bonus = bonus_weights(agg_weights, keep)
     if entropy is not None and params.entropy_coef != 0.0:
         loss = loss + entropy_bonus(bonus, entropy, params.entropy_coef)
+    if divergence is not None and params.distill is not None:
+        loss = loss + distill_term(agg_weights, divergence, params.distill.coef)
     coefficient = weights * terms.per_token_grad  # [N, T]
     return Objective(terms, weights, agg_weights, bonus, coefficient, loss)
 
@@ -353,6 +418,9 @@ class LossGradients:
         grad_weight: [V, H] ∂L/∂W.
         entropy_grad_logits: [M, V] the entropy bonus's part of ``grad_logits``, or None when
             ``entropy_coef`` is 0. It is not of the form c·(e_y − π).
+        distill_grad_logits: [M, V] the distillation term's part of ``grad_logits``, or None
+            without ``loss.distill``; not of the form c·(e_y − π) either.
+        distill_scale: [M] λ·a_t·2Σ_v|u_tv|, the gross size of that part's cancelling terms.
     """
 
     objective: Objective
@@ -360,6 +428,8 @@ class LossGradients:
     grad_logits: Tensor
     grad_weight: Tensor
     entropy_grad_logits: Tensor | None = None
+    distill_grad_logits: Tensor | None = None
+    distill_scale: Tensor | None = None
 
     @property
     def terms(self) -> LossTerms:
@@ -390,19 +460,33 @@ def closed_form(
     aggregation: Aggregation,
 ) -> LossGradients:
     """Gradients from the master identity: no graph over the logits."""
-    obj = objective(batch, view.logp, spec, params, aggregation, view.entropy_grid())
+    divergence = dgrad = dscale = None
+    if params.distill is not None:
+        teacher = distill_teacher(batch, params, view.rows, view.cols)
+        student = log_probs(view.logits, view.normaliser)  # [M, V] log π, as ``view.probs``'s
+        value, dgrad, dscale = divergence_grad(student, teacher, params.distill)
+        divergence = on_grid(value, view.rows, view.cols, batch.mask.shape)
+    obj = objective(batch, view.logp, spec, params, aggregation, view.entropy_grid(), divergence)
     c = obj.coefficient[view.rows, view.cols]  # [M]
     grad_logits = -c[:, None] * view.probs  # [M, V]
     grad_logits.scatter_add_(-1, view.tokens[:, None], c[:, None])  # + c·e_y
     entropy_grad = None
     if params.entropy_coef != 0.0:
         a = obj.bonus_weights[view.rows, view.cols]  # [M] a_t·S_t
-        log_probs = finite_log(torch.log_softmax(view.logits, dim=-1))  # [M, V]
+        log_pi = finite_log(log_probs(view.logits, view.normaliser))  # [M, V], as ``view.probs``'s
         h = view.entropy[:, None]  # [M, 1]
-        entropy_grad = (params.entropy_coef * a)[:, None] * view.probs * (log_probs + h)
+        entropy_grad = (params.entropy_coef * a)[:, None] * view.probs * (log_pi + h)
         grad_logits = grad_logits + entropy_grad
+    distill_grad = distill_scale = None
+    if params.distill is not None and dgrad is not None and dscale is not None:
+        a = params.distill.coef * obj.agg_weights[view.rows, view.cols]  # [M]
+        distill_grad = a[:, None].to(dgrad.dtype) * dgrad
+        distill_scale = a.abs() * dscale
+        grad_logits = grad_logits + distill_grad
     grad_weight = grad_logits.T @ view.hidden.to(grad_logits.dtype)  # [V, H]
-    return LossGradients(obj, float(obj.loss), grad_logits, grad_weight, entropy_grad)
+    return LossGradients(
+        obj, float(obj.loss), grad_logits, grad_weight, entropy_grad, distill_grad, distill_scale
+    )
 
 
 @dataclass(frozen=True)
@@ -428,7 +512,12 @@ def autograd_reference(
         p.logits.retain_grad()
         p.logp.retain_grad()
         entropy = policy_entropy(p, [spec], params)
-        loss = objective(batch, p.logp, spec, params, aggregation, entropy).loss
+        divergence = None
+        if params.distill is not None:
+            teacher = distill_teacher(batch, params, p.rows, p.cols)
+            values = token_value(p.log_probs, teacher, params.distill)  # [M]
+            divergence = on_grid(values, p.rows, p.cols, batch.mask.shape)
+        loss = objective(batch, p.logp, spec, params, aggregation, entropy, divergence).loss
         loss.backward()
     assert p.logits.grad is not None and p.logp.grad is not None and weight.grad is not None
     return ReferenceGradients(float(loss.detach()), p.logp.grad, p.logits.grad, weight.grad)

@@ -3,12 +3,34 @@
 z_t = W h_t is computed in the operand dtype (a bf16 GEMM accumulates in fp32 and rounds its
 output to bf16, as a trainer's lm_head does); the softmax and everything after it run in
 float32, or float64 when the operands are float64.
+
+The probabilities gradlens builds its gradients from are normalised here, not by the softmax
+kernel, so that Σ_v π_v − 1 has a bound that holds on every device and for any chunking of the
+vocabulary (docs: gradlens.diagnostics.tolerances). Per token, in the softmax dtype d:
+
+    m = max_v z_v                        exact
+    S = Σ_v exp(z_v − m)                 exponentials in d, summed in float64 in a fixed order
+                                         (`gradlens.summation`); two chunks merge as
+                                         (m, S_a·e^{m_a − m} + S_b·e^{m_b − m})
+    log π_v = (z_v − m) − fl_d(log S)    two roundings in d
+    π_v = exp(log π_v)
+
+With the entropy bonus the normaliser also keeps T = Σ_v exp(z_v − m)·(z_v − m), merged as
+T_a e^{m_a−m} + (m_a − m) S_a e^{m_a−m} + (the same for b), so that H = log S − T/S.
+
+`token_logp`, the sampled token's log-prob the losses see, is torch's log_softmax, as a trainer
+computes it (the model source differentiates the same function); it differs from the log π
+above by the kernel's rounding of its own sum.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
+
+from gradlens.summation import WIDE, compensated_sum, pairwise_sum
 
 
 def softmax_dtype(operand: torch.dtype) -> torch.dtype:
@@ -24,6 +46,82 @@ def compute_logits(hidden: Tensor, weight: Tensor) -> Tensor:
 def token_logp(logits: Tensor, tokens: Tensor) -> Tensor:
     """[..., V], [...] → [...] log π(y) = z_y − logsumexp(z)."""
     return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+@dataclass(frozen=True)
+class Normaliser:
+    """The softmax normaliser of M tokens' logits, [M] each.
+
+    Attributes:
+        max: m = max_v z_v, in the softmax dtype.
+        sum: S = Σ_v exp(z_v − m), float64.
+        tilt: T = Σ_v exp(z_v − m)·(z_v − m), float64; None when not asked for.
+    """
+
+    max: Tensor
+    sum: Tensor
+    tilt: Tensor | None = None
+
+    def log_sum(self) -> Tensor:
+        """fl(log S), rounded to the softmax dtype."""
+        return self.sum.log().to(self.max.dtype)
+
+    def lse(self) -> Tensor:
+        """logsumexp_v z_v = m + log S, in the softmax dtype."""
+        return (self.max.to(WIDE) + self.sum.log()).to(self.max.dtype)
+
+    def entropy(self) -> Tensor:
+        """H = −Σ_v π_v log π_v = log S − T/S, float64 (needs ``tilt``)."""
+        assert self.tilt is not None
+        return self.sum.log() - self.tilt / self.sum
+
+
+def normaliser(logits: Tensor, tilt: bool = False, top: Tensor | None = None) -> Normaliser:
+    """The normaliser of one chunk of logits [M, V_c] (all of them, or a vocabulary chunk);
+    ``top``: its max_v z_v [M] when the caller has it already."""
+    m = logits.amax(-1) if top is None else top  # [M]
+    # a token with every logit −inf here (none of its replayed kept set in this chunk): S = 0
+    x = logits - torch.where(torch.isfinite(m), m, 0.0)[:, None]  # [M, V_c] ≤ 0
+    e = torch.exp(x)
+    t = None
+    if tilt:
+        t = pairwise_sum(torch.where(e > 0, e * x, 0.0))  # 0·(−inf) would be NaN
+    return Normaliser(m, pairwise_sum(e), t)
+
+
+def _rescale(part_max: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
+    """d = m_part − m ≤ 0 and e^d in float64; 0 and 0 for a part with no finite logit (S = T = 0
+    there), so that −inf − (−inf) makes no NaN."""
+    live = torch.isfinite(part_max)
+    d = torch.where(live, part_max.to(WIDE) - m.to(WIDE), 0.0)
+    return d, torch.where(live, torch.exp(d), 0.0)
+
+
+def merge(a: Normaliser, b: Normaliser) -> Normaliser:
+    """The normaliser of two chunks together (either order gives the same value)."""
+    m = torch.maximum(a.max, b.max)
+    (da, fa), (db, fb) = _rescale(a.max, m), _rescale(b.max, m)
+    t = None
+    if a.tilt is not None and b.tilt is not None:
+        t = fa * (a.tilt + da * a.sum) + fb * (b.tilt + db * b.sum)
+    return Normaliser(m, fa * a.sum + fb * b.sum, t)
+
+
+def merge_all(maxes: Tensor, sums: Tensor, tilts: Tensor | None = None) -> Normaliser:
+    """The normaliser of P parts at once, given as [P, M] maxima (softmax dtype), sums and tilts
+    (float64): `merge` over all of them, the P terms added in order by a compensated sum, so
+    that the combination adds one rounding whatever P (the vocab-parallel engine's ranks)."""
+    m = maxes.amax(0)  # [M]
+    d, f = _rescale(maxes, m)  # [P, M]
+    t = None if tilts is None else compensated_sum(f * (tilts + d * sums))
+    return Normaliser(m, compensated_sum(f * sums), t)
+
+
+def log_probs(logits: Tensor, norm: Normaliser, inplace: bool = False) -> Tensor:
+    """[M, V_c] log π = (z − m) − fl(log S) in the softmax dtype (in place on ``logits`` when
+    asked)."""
+    x = logits.sub_(norm.max[:, None]) if inplace else logits - norm.max[:, None]
+    return x.sub_(norm.log_sum()[:, None])
 
 
 def kept_entries(kept_ids: Tensor, start: int, stop: int) -> Tensor:

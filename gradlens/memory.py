@@ -11,8 +11,9 @@ in a fraction of a second, not a 512 GB allocation that fails (or, worse, swaps)
 
 The estimates count the tensors that grow with N·T·V, M·V, V·H and N·T·H, not every small
 temporary. Measured on the CPU as the growth of the peak resident memory (V = 65,536, float32,
-the default synthetic batch otherwise): the synthetic source (drift none) 1.39 GB estimated,
-1.41 GB measured; the materialized engine 1.21 GB and 1.21 GB, with the autograd reference
+the default synthetic batch otherwise): the synthetic source (drift none, then built on whole
+tensors; it is built in vocabulary blocks at this size now) 1.39 GB estimated, 1.41 GB
+measured; the materialized engine 1.21 GB and 1.21 GB, with the autograd reference
 2.06 GB and 2.08 GB; the streamed engine 0.34 GB and 0.24 GB (its plan counts its buffers
 generously). Before the batch exists the engine's estimate uses a lower bound on the number of
 tokens in the loss (`Shape.tokens`); once the batch is built it is checked again with the real

@@ -42,6 +42,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "gradlens.results",
             "gradlens.errors",
             "gradlens.logits",
+            "gradlens.summation",
             "gradlens.files",
             "gradlens.progress",
             "gradlens.batchfile",

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from gradlens.cli import app
 from gradlens.compare.run import source_context
 from gradlens.config import Config, validate
-from gradlens.containers import Batch
+from gradlens.containers import Batch, Teacher
 from gradlens.grads import LossGradients, autograd_reference, closed_form, softmax_view
 from gradlens.losses import Aggregation, LossParams, get_loss
 from gradlens.sources import build_source
@@ -223,6 +223,28 @@ def differences(old: Any, new: Any, path: str = "") -> list[str]:
             return []
         return [f"{path}: {old!r} != {new!r}"]
     return [] if old == new else [f"{path}: {old!r} != {new!r}"]
+
+
+def with_teacher(batch: Batch, seed: int, h: int = 5, k: int = 4, stored: bool = False) -> Batch:
+    """``batch`` with a seeded teacher: a hidden/weight pair of hidden size ``h`` (its logits
+    about as peaked as the student's), or with ``stored`` only the pair's top-``k`` ids and
+    log-probs, as a batch file stores them. log q(y_t) is set in both."""
+    gen = torch.Generator().manual_seed(seed + 1000)
+    n, t = batch.mask.shape
+    v = batch.vocab_size
+    dtype = batch.weight.dtype
+    hidden = torch.randn(n, t, h, generator=gen, dtype=F64)  # [N, T, H']
+    weight = 1.5 * torch.randn(v, h, generator=gen, dtype=F64) / math.sqrt(h)  # [V, H']
+    logq = torch.log_softmax(hidden @ weight.T, dim=-1)  # [N, T, V]
+    top = torch.topk(logq, k, dim=-1)
+    sampled = logq.gather(-1, batch.tokens[..., None]).squeeze(-1)  # [N, T]
+    acc = F64 if dtype == F64 else torch.float32
+    if stored:
+        teacher = Teacher(topk_ids=top.indices, topk_logp=top.values.to(acc))
+    else:
+        teacher = Teacher(hidden=hidden.to(dtype), weight=weight.to(dtype))
+    teacher = dataclasses.replace(teacher, sampled_logp=sampled.to(acc))
+    return dataclasses.replace(batch, teacher=teacher)
 
 
 # ----------------------------------------------------------------------------- literal reports

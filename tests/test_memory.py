@@ -121,7 +121,7 @@ def test_the_streamed_estimate_holds_at_least_one_chunk_whatever_the_budget():
     # a budget of 1 MiB cannot shrink a chunk below 256 vocabulary rows: with M = 10^6 tokens
     # that chunk alone is 3 buffers·4 bytes·10^6·256 ≈ 3.07 GB
     shape = Shape(1000, 1000, 50_000, 64, tokens=10**6)
-    options = EngineOptions(reference=False, memory_budget_bytes=2**20)
+    options = EngineOptions(reference="none", memory_budget_bytes=2**20)
     estimate = estimate_streamed(shape, torch.float32, 2, options, CPU)
     chunk = dict(estimate.terms)["vocabulary chunks of 256 rows"]
     assert chunk == 4 * (3 * 10**6 + 2 * 2 * 64) * 256

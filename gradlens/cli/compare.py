@@ -119,10 +119,11 @@ def compare(
         str | None,
         typer.Option(
             "--reference",
-            metavar="auto|autograd|none",
-            help="Check the gradients against torch.autograd (materialises [tokens, vocab] "
-            "per loss). auto (default): with the materialized engine only. Sets "
-            "diagnostics.reference.",
+            metavar="auto|autograd|sampled|none",
+            help="Check the gradients against torch.autograd: autograd materialises [tokens, "
+            "vocab] per loss; sampled checks c_t of every token, a sample of tokens' logit "
+            "gradients and a sample of lm_head rows. auto (default): autograd with the "
+            "materialized engine, sampled with the streamed ones. Sets diagnostics.reference.",
         ),
     ] = None,
     tensor_parallel: Annotated[

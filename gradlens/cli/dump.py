@@ -38,16 +38,19 @@ def dump(
     """Write the configured batch as a rollout batch file."""
     with user_errors(debug):
         from gradlens.batchfile import check_batch_suffix, write_batch
+        from gradlens.cli.progress import progress_bar
         from gradlens.compare.run import resolve_device, source_context
         from gradlens.config import build_config
         from gradlens.files import check_output
+        from gradlens.progress import reporting
         from gradlens.sources import build_source
         from gradlens.sources.batch import dump_tensors
 
         check_batch_suffix(output)  # a path that cannot be written is refused before any work
         check_output(output, "--output")
         cfg = build_config(config, overrides or [])
-        batch = build_source(cfg.source, source_context(cfg, resolve_device(cfg.device)))
+        with progress_bar() as callback, reporting(callback):
+            batch = build_source(cfg.source, source_context(cfg, resolve_device(cfg.device)))
         tensors = dump_tensors(batch)
         write_batch(output, tensors)
         prompts = tensors.get("prompts")

@@ -52,8 +52,14 @@ def _print_losses(output: OutputFormat) -> None:
     import json
 
     from gradlens.losses import AGGREGATIONS, get_loss, loss_names
+    from gradlens.losses.distill import DESCRIPTIONS
     from gradlens.losses.frameworks import framework_rows
-    from gradlens.report.loss_list import aggregation_table, framework_table, loss_list_table
+    from gradlens.report.loss_list import (
+        aggregation_table,
+        distill_list_table,
+        framework_table,
+        loss_list_table,
+    )
 
     specs = [get_loss(n) for n in loss_names()]
     aggregations = [
@@ -61,6 +67,10 @@ def _print_losses(output: OutputFormat) -> None:
         for name, mode in AGGREGATIONS.items()
     ]
     frameworks = framework_rows()
+    distill = [
+        {"name": name, "divergence": formula, "grad_logits": grad, "paper": paper}
+        for name, (formula, grad, paper) in DESCRIPTIONS.items()
+    ]
     if output is OutputFormat.json:
         rows = [
             {
@@ -75,18 +85,26 @@ def _print_losses(output: OutputFormat) -> None:
             }
             for s in specs
         ]
-        data = {"losses": rows, "aggregations": aggregations, "frameworks": frameworks}
+        data = {
+            "losses": rows,
+            "aggregations": aggregations,
+            "frameworks": frameworks,
+            "distillation": distill,
+        }
         typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
         return
     table = loss_list_table(specs)
     agg_table = aggregation_table(aggregations)
     fw_table = framework_table(frameworks)
+    distill_table = distill_list_table(distill)
     console = stdout_console()
     console.print(table)
     console.print(agg_table)
     console.print(fw_table)
+    console.print(distill_table)
     console.print(
-        "with every loss: loss.entropy_coef (entropy bonus), loss.corrections (token_tis, "
+        "with every loss: loss.entropy_coef (entropy bonus), loss.distill (a teacher), "
+        "loss.corrections (token_tis, "
         "seq_tis, token_mis, seq_mis, icepop, geo_mask, seq_mask_tis; verl's rejection options "
         "token_k1 … seq_max_k3, chainable; AReaL's areal_<level>_<metric>[_clamp]; renormalize: "
         "true for the masking kinds, batch_normalize: true for the weighting ones), "

@@ -21,7 +21,9 @@ class EngineOptions:
     Attributes:
         top_k: rows listed in the top-rows table.
         token_details: per-token gradients in the report (materialized engine only).
-        reference: check against torch.autograd (decided once, by `gradlens.compare.run`).
+        reference: the check against torch.autograd, decided once by `gradlens.compare.run`:
+            full (every token and row), sampled (`gradlens.compare.sampled_check`; the
+            materialized engine checks in full), none.
         memory_budget_bytes: the streamed engine's working memory; None: its automatic budget.
         vocab_chunk: the streamed engine's rows per chunk; None: from the budget.
         attribution: the attribution sums of every reported loss (decided once, by
@@ -30,7 +32,7 @@ class EngineOptions:
 
     top_k: int = 10
     token_details: bool = False
-    reference: bool = True
+    reference: str = "full"
     memory_budget_bytes: int | None = None
     vocab_chunk: int | None = None
     attribution: bool = False

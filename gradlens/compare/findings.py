@@ -147,6 +147,8 @@ def attribution_notes(report: LossReport, num_sequences: int, asked: bool) -> li
 STAND_INS = {
     "ref_logp": "π_old stands in for the reference policy π_ref (set source.ref_drift, or "
     "ref_prob on literal positions)",
+    "teacher_logp": "log q(y) := ℓ_old, so A = ℓ_old − ℓ (give teacher_logp, or a teacher "
+    "hidden/weight pair, in a batch file)",
     "rollout_logp": "μ_old := π_old, the bypass mode: no training–inference ratio (set "
     "source.rollout_drift, or rollout_prob on literal positions)",
 }
@@ -169,6 +171,13 @@ def input_notes(spec: LossSpec, batch: Batch, terms: LossTerms, params: LossPara
         notes.append(
             f"the entropy bonus (c_H = {params.entropy_coef:g}) adds a logit gradient "
             "c_H·a_t·π(log π + H) not of the form c·(e_y − π); c_t excludes it"
+        )
+    if params.distill is not None:
+        d = params.distill
+        notes.append(
+            f"the distillation term ({d.divergence}, {d.form}, λ = {d.coef:g}) adds a dense "
+            "zero-sum logit gradient λ·a_t·(u − π·Σu) not of the form c·(e_y − π); c_t "
+            "excludes it"
         )
     return notes
 

@@ -77,7 +77,8 @@ def loss_record(
     """Gradients of one loss, its autograd twin, and the diagnostics that read them (and its
     attribution with ``shared``)."""
     grads = closed_form(batch, view, spec, params, aggregation)
-    reference = autograd_reference(batch, spec, params, aggregation) if options.reference else None
+    full = options.reference != "none"  # small enough to check every token and row
+    reference = autograd_reference(batch, spec, params, aggregation) if full else None
     dtype = batch.weight.dtype
     return LossRecord(
         spec=spec,
@@ -97,6 +98,7 @@ def loss_record(
             zero_sum_scale(grads, view, params),
             view.hidden,
             view.logits,
+            entropy_bonus=grads.entropy_grad_logits is not None,
         ),
         agreement=not_run(dtype)
         if reference is None
@@ -161,12 +163,18 @@ def loss_attribution(
 
 def zero_sum_scale(grads: LossGradients, view: SoftmaxView, params: LossParams) -> torch.Tensor:
     """[M] |c_t|, plus the gross size 2·|c_H|·a_t·S_t·H_t of the entropy bonus's cancelling terms
-    Σ_v π_v·|log π_v + H| ≤ 2H: the zero-sum bound is relative to what cancels."""
+    Σ_v π_v·|log π_v + H| ≤ 2H, and the distillation term's: the zero-sum bound is relative to
+    what cancels."""
     c_valid = grads.coefficient[view.rows, view.cols]
-    if grads.entropy_grad_logits is None:
+    if grads.entropy_grad_logits is None and grads.distill_scale is None:
         return c_valid
-    a = grads.bonus_weights[view.rows, view.cols].to(view.entropy.dtype)  # a_t·S_t
-    return c_valid.abs() + 2 * abs(params.entropy_coef) * a * view.entropy
+    scale = c_valid.abs()
+    if grads.entropy_grad_logits is not None:
+        a = grads.bonus_weights[view.rows, view.cols].to(view.entropy.dtype)  # a_t·S_t
+        scale = scale + 2 * abs(params.entropy_coef) * a * view.entropy
+    if grads.distill_scale is not None:  # λ·a_t·2Σ_v|u_tv| of the distillation term
+        scale = scale + grads.distill_scale.to(scale.dtype)
+    return scale
 
 
 def estimate_materialized(

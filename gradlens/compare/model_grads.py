@@ -2,12 +2,22 @@
 
 For a batch from the model source, or from a batch file whose hidden states a checkpoint
 recomputes (``source.model_path`` with ``source.whole_model``), each loss is run through the
-whole model (one forward with autograd at θ over every sequence, one backward per loss; the loss
-is `gradlens.grads.objective`, as everywhere) and its gradient is reduced to norms per tensor
-group:
-the input embedding, each transformer block, every other module (the final norm, position
-embeddings) by name, and the lm_head; plus the total norm over all parameters, which is the
-``grad_norm`` a trainer logs before clipping.
+whole model (the loss is `gradlens.grads.objective`, as everywhere) and its gradient is reduced
+to norms per tensor group: the input embedding, each transformer block, every other module (the
+final norm, position embeddings) by name, and the lm_head; plus the total norm over all
+parameters, which is the ``grad_norm`` a trainer logs before clipping.
+
+How it runs (`ModelPass` in the report): the losses share each forward — one forward with
+autograd, then one backward per loss through the same graph. The sequences go through in
+micro-batches planned for the memory budget (`gradlens.sources.microbatch`): the forward of a
+micro-batch keeps its activations and the [m, V] logit path of its m loss tokens only. In a
+micro-batch the log-probs of the other sequences are the batch's own (``tokens.logp``, without
+a graph), so each micro-batch's backward gives its share Σ_{t ∈ b} (∂L/∂ℓ_t)·∂ℓ_t/∂θ of the
+whole batch's gradient, and the shares add up to it exactly. The norms are taken parameter by
+parameter as the backward completes each gradient (a hook after accumulation, which frees the
+gradient), so no loss's whole gradient is ever held — unless the batch needs more than one
+micro-batch: then each loss's gradient is summed over the micro-batches first, and as many
+losses share the forwards as the budget has room for their sums; the others take their own.
 
 The lm_head enters the forward as a separate copy W' of its weight, so its gradient is the
 logit path alone, ∂L/∂W = Σ_t G_t h_tᵀ — the quantity the lm_head diagnostics compute in
@@ -48,18 +58,19 @@ from gradlens.results import (
     GradNormPrediction,
     LossReport,
     ModelGradients,
+    ModelPass,
     SftOverRl,
 )
-from gradlens.sources.forward import final_hidden, head_weight
+from gradlens.sources.forward import block_list, final_hidden, grid_with, head_weight, subset
+from gradlens.sources.microbatch import (
+    MicroBatchPlan,
+    loss_tokens,
+    plan_micro_batches,
+    probe,
+    sequence_bytes,
+)
 
-
-def block_list(model: nn.Module) -> tuple[str, int] | None:
-    """(module path, count) of the list of transformer blocks, if one is found."""
-    layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and (layers is None or len(module) == layers):
-            return name, len(module)
-    return None
+SQUARE_CHUNK = 1 << 22  # elements squared at a time in float64
 
 
 def parameter_groups(model: Any) -> list[tuple[str, list[nn.Parameter]]]:
@@ -70,7 +81,7 @@ def parameter_groups(model: Any) -> list[tuple[str, list[nn.Parameter]]]:
     blocks = block_list(model)
     groups: dict[str, list[nn.Parameter]] = {"embedding": [emb] if emb.requires_grad else []}
     if blocks is not None:
-        for i in range(blocks[1]):
+        for i in range(len(blocks[1])):
             groups[f"block {i}"] = []
     for name, p in model.named_parameters():
         if p is emb or id(p) in skip or not p.requires_grad:
@@ -86,8 +97,113 @@ def _g(x: float | None, digits: int = 3) -> str:
     return "—" if x is None else f"{x:.{digits}g}"
 
 
+def square_sum(t: Tensor) -> float:
+    """Σ t² in float64, a chunk at a time (no float64 copy of a large tensor)."""
+    flat = t.reshape(-1)
+    return sum(float(c.double().pow(2).sum()) for c in flat.split(SQUARE_CHUNK))
+
+
 def norm(tensors: list[Tensor | None]) -> float:
-    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors if t is not None))
+    return math.sqrt(sum(square_sum(t) for t in tensors if t is not None))
+
+
+class _Sink:
+    """Receives each parameter's gradient from the backward and keeps only what is needed.
+
+    ``squares[loss][key]``: ‖g‖² of each parameter once its gradient is complete; with tied
+    embeddings also ``"tied"`` = ‖g_W'[:, :H] + g_emb‖² and ``"bias"`` = ‖g_W'[:, H:]‖² (the
+    two gradients of the shared tensor wait for each other). Between micro-batches the
+    gradients are summed in ``partial``.
+    """
+
+    def __init__(self, emb: nn.Parameter, head: Tensor, tied: bool) -> None:
+        self.emb_key, self.head_key = id(emb), id(head)
+        self.hidden_size = int(emb.shape[1])
+        self.tied = tied
+        self.loss = ""
+        self.final = True
+        self.partial: dict[str, dict[int, Tensor]] = {}
+        self.held: dict[str, dict[int, Tensor]] = {}
+        self.squares: dict[str, dict[int | str, float]] = {}
+
+    def receive(self, p: Tensor) -> None:
+        g = p.grad
+        p.grad = None
+        if g is None:
+            return
+        key = id(p)
+        partial = self.partial.setdefault(self.loss, {})
+        if key in partial:
+            g = partial.pop(key).add_(g)
+        if not self.final:
+            partial[key] = g
+            return
+        self._finish(key, g)
+
+    def _finish(self, key: int, g: Tensor) -> None:
+        squares = self.squares.setdefault(self.loss, {})
+        if not self.tied or key not in (self.emb_key, self.head_key):
+            squares[key] = square_sum(g)
+            return
+        held = self.held.setdefault(self.loss, {})
+        other = self.emb_key if key == self.head_key else self.head_key
+        held[key] = g
+        if other in held:
+            self._tied(squares, held.pop(self.head_key), held.pop(self.emb_key))
+
+    def _tied(self, squares: dict[int | str, float], g_head: Tensor, g_emb: Tensor | None) -> None:
+        squares[self.head_key] = square_sum(g_head)
+        h = self.hidden_size
+        shared = g_head[:, :h] if g_emb is None else g_head[:, :h] + g_emb
+        squares["tied"] = square_sum(shared)
+        squares["bias"] = square_sum(g_head[:, h:])
+        if g_emb is not None:
+            squares[self.emb_key] = square_sum(g_emb)
+
+    def flush(self) -> None:
+        """Finish a tied pair of which one half received no gradient."""
+        for loss, held in self.held.items():
+            squares = self.squares.setdefault(loss, {})
+            if self.head_key in held:
+                self._tied(squares, held.pop(self.head_key), held.pop(self.emb_key, None))
+            elif self.emb_key in held:
+                squares[self.emb_key] = square_sum(held.pop(self.emb_key))
+                squares["tied"] = squares[self.emb_key]
+
+
+def gradient_plan(
+    tokens: list[int],
+    per_sequence: int,
+    vocab: int,
+    budget_bytes: int,
+    losses: int,
+    gradient_bytes: int,
+) -> tuple[MicroBatchPlan, int]:
+    """The micro-batches and how many losses share each forward, for the fewest forwards.
+
+    The whole batch in one micro-batch when it fits: one forward, every loss's backward through
+    it, no summed gradient kept. Otherwise each loss sharing the forwards keeps its gradient
+    summed over the micro-batches (``gradient_bytes`` each), so k sharing losses leave
+    budget − k·gradient_bytes to the micro-batches, which must hold the largest sequence; of
+    those k, the one with the fewest forwards, ⌈losses/k⌉·micro-batches, wins (the larger k on
+    a tie). When no k leaves room for the largest sequence, one loss at a time, over budget.
+    """
+    whole = plan_micro_batches(tokens, per_sequence, vocab, budget_bytes)
+    if whole.single:
+        return whole, losses
+    largest = max(sequence_bytes(per_sequence, vocab, m) for m in tokens)
+    best: tuple[int, MicroBatchPlan, int] | None = None
+    for k in range(losses, 0, -1):
+        room = budget_bytes - k * gradient_bytes
+        if room < largest:
+            continue
+        plan = plan_micro_batches(tokens, per_sequence, vocab, room)
+        forwards = -(-losses // k) * len(plan.groups)
+        if best is None or forwards < best[0]:
+            best = (forwards, plan, k)
+    if best is None:
+        return whole, 1
+    return best[1], best[2]
 
 
 def model_gradients(
@@ -97,60 +213,112 @@ def model_gradients(
     reports: list[LossReport],
     params: LossParams,
     aggregation: Aggregation,
-) -> tuple[list[SftOverRl], list[LossReport]]:
-    """Whole-model gradients and the estimate for each loss: the SFT-over-RL comparison and
-    the loss reports with their ``model_grads`` and findings."""
+    budget_bytes: int,
+) -> tuple[list[SftOverRl], list[LossReport], ModelPass]:
+    """Whole-model gradients and the estimate for each loss: the SFT-over-RL comparison, the
+    loss reports with their ``model_grads`` and findings, and how the pass ran."""
     model = ctx.loaded.model
     bias = ctx.loaded.bias
     emb = model.get_input_embeddings().weight
     tied = model.get_output_embeddings().weight is emb
-    hidden_size = int(emb.shape[1])
     groups = parameter_groups(model)
     flat = [p for _, ps in groups for p in ps]
-
     head = head_weight(model).detach().clone().requires_grad_(True)  # W': the logit path
-    hidden = final_hidden(model, ctx.sequences, ctx.temperature, bias)[:, ctx.offset :]
-    assert hidden.shape[:2] == batch.mask.shape, (hidden.shape, batch.mask.shape)
-    policy = policy_pass(hidden, head, batch.tokens, batch.mask, replayed_ids(batch))
-    entropy = policy_entropy(policy, [get_loss(r.name) for r in reports], params)
+    mask = batch.mask
+    seqs = ctx.sequences
+    names = [r.name for r in reports]
+    plan, per_forward = gradient_plan(
+        loss_tokens(mask),
+        probe(model, seqs, ctx.temperature, bias),
+        batch.vocab_size,
+        budget_bytes,
+        len(names),
+        sum(p.numel() * p.element_size() for p in [*flat, head]),
+    )
+    loss_groups = [names[i : i + per_forward] for i in range(0, len(names), per_forward)]
+    kept = replayed_ids(batch)  # [N, T, K]: a replayed batch's logit paths on its kept sets
+    specs = [get_loss(name) for name in names]
+    rows_all, cols_all = valid_index(mask)
+    entropy_grid = on_grid(tokens.entropy, rows_all, cols_all, mask.shape)  # [N, T] H_t
 
-    estimates = post_estimates(batch, tokens, params, aggregation, [r.name for r in reports])
+    sink = _Sink(emb, head, tied)
+    handles = [p.register_post_accumulate_grad_hook(sink.receive) for p in [*flat, head]]
+    total_backwards = len(names) * len(plan.groups)
+    done = 0
+    try:
+        for group in loss_groups:
+            for b, rows in enumerate(plan.groups):
+                with torch.enable_grad():
+                    part = subset(seqs, rows)
+                    hidden = final_hidden(model, part, ctx.temperature, bias)[:, ctx.offset :]
+                    assert hidden.shape[:2] == mask[rows].shape, (hidden.shape, mask.shape)
+                    policy = policy_pass(
+                        hidden,
+                        head,
+                        batch.tokens[rows],
+                        mask[rows],
+                        None if kept is None else kept[rows],
+                    )
+                    logp = policy.logp
+                    entropy = policy_entropy(policy, specs, params)
+                    if not plan.single:
+                        logp = grid_with(tokens.logp, rows, logp)
+                        if entropy is not None:
+                            entropy = grid_with(entropy_grid, rows, entropy)
+                    for j, name in enumerate(group):
+                        report_progress("model grads", done, total_backwards)
+                        loss = objective(
+                            batch, logp, get_loss(name), params, aggregation, entropy
+                        ).loss
+                        sink.loss, sink.final = name, b == len(plan.groups) - 1
+                        loss.backward(retain_graph=j < len(group) - 1)
+                        done += 1
+                del policy, logp, entropy, hidden
+        sink.flush()
+    finally:
+        for h in handles:
+            h.remove()
+    report_progress("model grads", total_backwards, total_backwards)
+    model_pass = ModelPass(
+        name="whole-model gradients",
+        micro_batches=len(plan.groups),
+        forwards=len(loss_groups) * len(plan.groups),
+        backwards=total_backwards,
+        checkpointed=False,
+        budget_bytes=plan.budget_bytes,
+        bytes_per_sequence=plan.bytes_per_sequence,
+        over_budget=plan.over_budget,
+    )
+
+    estimates = post_estimates(batch, tokens, params, aggregation, names)
     results: list[LossReport] = []
     per_loss: dict[str, ModelGradients] = {}
-    for i, r in enumerate(reports):
-        report_progress("model grads", i, len(reports))
-        spec = get_loss(r.name)
-        loss = objective(batch, policy.logp, spec, params, aggregation, entropy).loss
-        grads = torch.autograd.grad(loss, [*flat, head], retain_graph=True, allow_unused=True)
-        by_param = dict(zip(map(id, flat), grads[:-1], strict=True))
-        g_head = grads[-1]
-        entries = []
-        for name, ps in groups:
-            entries.append(
-                GradGroup(
-                    name=name,
-                    parameters=sum(p.numel() for p in ps),
-                    norm=num(norm([by_param[id(p)] for p in ps])),
-                )
+    for r in reports:
+        squares = sink.squares.get(r.name, {})
+        entries = [
+            GradGroup(
+                name=name,
+                parameters=sum(p.numel() for p in ps),
+                norm=num(math.sqrt(sum(squares.get(id(p), 0.0) for p in ps))),
             )
-        entries.append(GradGroup(name="lm_head", parameters=head.numel(), norm=num(norm([g_head]))))
+            for name, ps in groups
+        ]
+        head_norm = math.sqrt(squares.get(id(head), 0.0))
+        entries.append(GradGroup(name="lm_head", parameters=head.numel(), norm=num(head_norm)))
+        others = sum(squares.get(id(p), 0.0) for p in flat if p is not emb)
         tied_norm = None
-        others = [by_param[id(p)] for p in flat if p is not emb]
-        g_emb = by_param.get(id(emb))
         if tied:
-            assert g_head is not None
-            shared = g_head[:, :hidden_size] + (g_emb if g_emb is not None else 0)
-            tied_norm = norm([shared])
-            total = norm([*others, shared, g_head[:, hidden_size:]])
+            tied_norm = math.sqrt(squares.get("tied", 0.0))
+            total = math.sqrt(others + squares.get("tied", 0.0) + squares.get("bias", 0.0))
         else:
-            total = norm([*others, g_emb, g_head])
+            total = math.sqrt(others + squares.get(id(emb), 0.0) + squares.get(id(head), 0.0))
         prediction = estimates.get(r.name)
         if prediction is not None:
             prediction = judge(prediction, total)
         mg = ModelGradients(
             total_norm=num(total),
             groups=entries,
-            lm_head_logit_path=num(norm([g_head])),
+            lm_head_logit_path=num(head_norm),
             tied=bool(tied),
             tied_grad_norm=None if tied_norm is None else num(tied_norm),
             prediction=prediction,
@@ -168,12 +336,11 @@ def model_gradients(
         if tied:
             notes.append(
                 "tied embeddings: the lm_head's .grad in a trainer also carries the input-"
-                f"embedding gradient (‖.grad‖ = {tied_norm:.3g} against {norm([g_head]):.3g} "
+                f"embedding gradient (‖.grad‖ = {tied_norm:.3g} against {head_norm:.3g} "
                 "through the logits alone)"
             )
         results.append(r.model_copy(update={"model_grads": mg, "findings": notes}))
-    report_progress("model grads", len(reports), len(reports))
-    return sft_over_rl(per_loss), results
+    return sft_over_rl(per_loss), results, model_pass
 
 
 def post_estimates(

@@ -12,9 +12,16 @@ import torch
 
 from gradlens.containers import Batch, LoadedModel, ModelContext, RolloutRecord
 from gradlens.diagnostics.mismatch import mismatch_stats
-from gradlens.diagnostics.staleness import staleness
+from gradlens.diagnostics.staleness import beyond_ppo, staleness
 from gradlens.losses import LossParams
-from gradlens.results import ModelInfo, ModelReport, RolloutSample, RolloutSummary
+from gradlens.results import (
+    ModelInfo,
+    ModelReport,
+    RolloutSample,
+    RolloutSummary,
+    Staleness,
+)
+from gradlens.sources.staleness import MAX_PROBES, TARGET_BAND
 
 
 def model_info(loaded: LoadedModel, train_dtype: str, rollout_dtype: str | None) -> ModelInfo:
@@ -54,6 +61,7 @@ def rollout_summary(record: RolloutRecord, mask: torch.Tensor, train_dtype: str)
         top_p=record.top_p,
         top_k=record.top_k,
         reward=record.reward,
+        chat_template=record.chat_template,
         mean_reward=float(rewards.mean()),
         reward_std=float(rewards.std()) if n > 1 else 0.0,
         logp_definition=(
@@ -80,8 +88,11 @@ def model_report(ctx: ModelContext, batch: Batch, params: LossParams) -> ModelRe
     info = model_info(
         ctx.loaded, ctx.train_dtype, None if rollout is None else rollout.rollout_dtype
     )
+    notes = list(ctx.notes)
     if rollout is None:
-        return ModelReport(source="batch", batch_file=ctx.batch_file, model=info, sft_over_rl=[])
+        return ModelReport(
+            source="batch", batch_file=ctx.batch_file, model=info, sft_over_rl=[], notes=notes
+        )
     assert batch.rollout_logp is not None  # the model source always has a rollout pass
     stale = None
     if ctx.staleness is not None:
@@ -93,6 +104,7 @@ def model_report(ctx: ModelContext, batch: Batch, params: LossParams) -> ModelRe
             params.eps_low,
             params.eps_high,
         )
+        notes += staleness_notes(stale)
     return ModelReport(
         model=info,
         rollout=rollout_summary(rollout, batch.mask, ctx.train_dtype),
@@ -101,4 +113,28 @@ def model_report(ctx: ModelContext, batch: Batch, params: LossParams) -> ModelRe
         ),
         staleness=stale,
         sft_over_rl=[],
+        notes=notes,
     )
+
+
+def staleness_notes(section: Staleness) -> list[str]:
+    """A target KL the steps did not reach, and a batch far beyond one PPO step."""
+    notes = []
+    end = section.trajectory[-1] if section.trajectory else None
+    target = section.target_kl
+    if target is not None and end is not None and section.steps:
+        kl = end.kl_k3 or 0.0
+        if not target / TARGET_BAND <= kl <= target * TARGET_BAND:
+            why = (
+                "the stale loss's gradient is zero (every advantage 0?)"
+                if kl == 0.0
+                else f"after {MAX_PROBES} learning rates per step"
+            )
+            notes.append(
+                f"the stale steps ended at KL k3 {kl:.3g}, not within {TARGET_BAND:g}× of "
+                f"source.stale.target_kl = {target:g}: {why}"
+            )
+    far = beyond_ppo(section)
+    if far is not None:
+        notes.append(far)
+    return notes

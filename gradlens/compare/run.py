@@ -64,10 +64,13 @@ from gradlens.losses import Aggregation, LossParams, LossSpec, get_loss
 from gradlens.losses.corrections import missing_rollout
 from gradlens.memory import Estimate, Shape, check_fits
 from gradlens.metric_names import metric_names
+from gradlens.progress import report as report_progress
 from gradlens.results import BatchSummary, CompareReport, Environment
 from gradlens.sources import SourceContext, build_source, plan_source
+from gradlens.sources.microbatch import pass_budget
 
 ENGINES = {"materialized": run_materialized, "streamed": run_streamed, "fused": run_fused}
+REFERENCE_MODES = {"autograd": "full", "sampled": "sampled", "none": "none"}
 TOKEN_DETAIL_LIMIT = 4096  # tokens × vocabulary entries printed under token_details: auto
 
 
@@ -94,9 +97,16 @@ def source_context(config: Config, device: torch.device, rank: int = 0) -> Sourc
         advantage_eps=config.advantage.eps,
         params=config.loss.params(),
         aggregation=config.loss.token_aggregation(),
+        memory_budget_bytes=budget_bytes(config),
         rank=rank,
         tensor_parallel=config.diagnostics.tensor_parallel,
     )
+
+
+def budget_bytes(config: Config) -> int | None:
+    """``diagnostics.memory_budget_mib`` in bytes; None: each pass chooses its own."""
+    mib = config.diagnostics.memory_budget_mib
+    return None if mib is None else int(mib * 2**20)
 
 
 def choose_engine(config: Config, batch: Batch) -> tuple[str, str]:
@@ -127,20 +137,33 @@ def engine_options(config: Config, batch: Batch, path: str) -> EngineOptions:
 
 def options_for(config: Config, tokens: int, vocab: int, path: str) -> EngineOptions:
     """The diagnostics settings as the engine reads them; ``reference: auto`` is decided here:
-    autograd with the materialized engine, none with the streamed one (it would materialise
-    [tokens, vocab] per loss); so is ``attribution: auto``: on with the materialized engine
-    (its [M, V] and [V, H] tensors are there already), off with the streamed ones (about one
-    more GEMM-equivalent per loss)."""
+    full autograd with the materialized engine, sampled with the streamed ones (full autograd
+    would materialise [tokens, vocab] per loss), none under tensor parallelism (both need the
+    whole lm_head, which no rank holds) and for the streamed engines on a replayed batch (the
+    sampled check knows no kept sets); so is ``attribution: auto``: on with the materialized
+    engine (its [M, V] and [V, H] tensors are there already), off with the streamed ones (about
+    one more GEMM-equivalent per loss)."""
     d = config.diagnostics
     details = d.token_details
     small = tokens * vocab <= TOKEN_DETAIL_LIMIT
+    replayed = config.loss.sampling_support == "kept"
+    if d.reference == "sampled" and replayed:
+        raise GradlensError(
+            "diagnostics.reference: 'sampled' differentiates the softmax over the whole "
+            "vocabulary, not the replayed kept sets of loss.sampling_support 'kept'; use "
+            "reference autograd (materialized engine), auto or none"
+        )
+    if d.reference != "auto":
+        reference = REFERENCE_MODES[d.reference]
+    elif d.tensor_parallel > 1 or (replayed and path != "materialized"):
+        reference = "none"
+    else:
+        reference = "full" if path == "materialized" else "sampled"
     return EngineOptions(
         top_k=d.top_k,
         token_details=path == "materialized" and (details == "on" or (details == "auto" and small)),
-        reference=d.reference == "autograd" or (d.reference == "auto" and path == "materialized"),
-        memory_budget_bytes=None
-        if d.memory_budget_mib is None
-        else int(d.memory_budget_mib * 2**20),
+        reference=reference,
+        memory_budget_bytes=budget_bytes(config),
         vocab_chunk=d.vocab_chunk,
         attribution=d.attribution == "on" or (d.attribution == "auto" and path == "materialized"),
     )
@@ -152,7 +175,7 @@ def engine_estimate(config: Config, shape: Shape, losses: int, device: torch.dev
     options = options_for(config, shape.tokens, shape.vocab, path)
     if path == "materialized":
         return estimate_materialized(
-            shape, config.operand_dtype, options.reference, options.attribution
+            shape, config.operand_dtype, options.reference != "none", options.attribution
         )
     entropy = config.loss.entropy_coef != 0.0
     return estimate_streamed(shape, config.operand_dtype, losses, options, device, entropy)
@@ -268,6 +291,9 @@ def compare_batch(
     pairs = [] if config.parity is None else config.parity.pairs
     pair_specs = [(get_loss(a), get_loss(b)) for a, b in pairs]
     options = engine_options(config, batch, path)
+    long_run = batch.model_context is not None  # a real checkpoint: report the phase
+    if long_run:
+        report_progress("lm_head diagnostics", 0, 1)
     run: EngineRun
     if parallel is None:
         run = ENGINES[path](batch, specs, params, aggregation, options, reason, pair_specs)
@@ -275,6 +301,8 @@ def compare_batch(
         run = run_streamed(
             batch, specs, params, aggregation, options, reason, pair_specs, parallel=parallel
         )
+    if long_run:
+        report_progress("lm_head diagnostics", 1, 1)
     with _phase(parallel, "report"):
         report = _report(config, device, batch, run, params, aggregation, specs, options)
         if stored.kept is not None and parallel is None:
@@ -316,10 +344,13 @@ def _report(
     if ctx is not None:
         model = model_report(ctx, batch, params)
         if ctx.whole_model:  # a real checkpoint: each loss through the network
-            sft_over_rl, reports = model_gradients(
-                batch, ctx, run.tokens, reports, params, aggregation
+            budget = pass_budget(budget_bytes(config), device)
+            sft_over_rl, reports, grad_pass = model_gradients(
+                batch, ctx, run.tokens, reports, params, aggregation, budget
             )
-            model = model.model_copy(update={"sft_over_rl": sft_over_rl})
+            model = model.model_copy(
+                update={"sft_over_rl": sft_over_rl, "gradient_pass": grad_pass}
+            )
     summary = summarize_batch(batch, run.tokens)
     parity = []
     if config.parity is not None:

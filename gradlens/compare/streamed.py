@@ -8,10 +8,15 @@ kept.
 
 With ``diagnostics.reference: autograd`` each loss is also differentiated by torch.autograd
 (which materialises [M, V], one loss at a time) and compared: c_t, the sampled-row logit
-gradient ∂L/∂z_y and the row norms ‖∂L/∂W_v‖.
+gradient ∂L/∂z_y and the row norms ‖∂L/∂W_v‖. By default (``reference: auto``) the check is
+sampled (`gradlens.compare.sampled_check`): autograd on the same objective, exact, for c_t of
+every token, ∂L/∂z_y of a sample of tokens and the norms of a sample of lm_head rows, without
+[M, V] under autograd; ``reference: none`` skips it.
 
 With ``loss.entropy_coef`` ≠ 0 the engine adds the entropy bonus's gradient (not of the c-form)
-to every loss's rows, and the reports include it exactly as the materialized path's do.
+to every loss's rows, and the reports include it exactly as the materialized path's do; a
+distillation term (``loss.distill``, `gradlens.losses.distill.StreamedDistill`) goes the same
+way. The fused and vocab-parallel passes take neither the term nor its teacher: they refuse it.
 
 Per-token entropies H_t: when a loss reads them (``needs`` has ``entropy``: ``aspo``), the
 top-entropy token selection is on (``loss.top_entropy_quantile`` < 1) or the entropy bonus is,
@@ -39,12 +44,23 @@ the vocab-parallel engine sums them over the ranks. The fused engine has no attr
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
 from gradlens.compare.engines import EngineOptions, EngineRun
 from gradlens.compare.parity import ParityInputs, ParityLoss, streamed_gap
 from gradlens.compare.records import LossRecord, TokenSummary
+from gradlens.compare.sampled_check import (
+    BLOCK_ENTRIES,
+    SAMPLED_TOKENS,
+    SPREAD_ROWS,
+    TOP_ROWS,
+    Sample,
+    choose_sample,
+    sampled_reference,
+)
 from gradlens.compare.tensor_parallel import VocabParallel
 from gradlens.containers import Batch, valid_index
 from gradlens.diagnostics import tolerances
@@ -69,6 +85,7 @@ from gradlens.errors import GradlensError
 from gradlens.grads import (
     Objective,
     autograd_reference,
+    distill_term,
     objective,
     on_grid,
     reads_entropy,
@@ -76,6 +93,7 @@ from gradlens.grads import (
 )
 from gradlens.logits import softmax_dtype
 from gradlens.losses import Aggregation, LossParams, LossSpec
+from gradlens.losses.distill import StreamedDistill
 from gradlens.memory import Estimate, Shape, dtype_bytes
 from gradlens.results import Agreement, EngineInfo
 
@@ -97,6 +115,12 @@ def run_streamed(
     same result (the engine path ``fused``, opt-in). ``parallel``: this rank's tensor-parallel
     group; ``batch`` then holds the rank's rows of W (`Batch.weight_rows`).
     """
+    if params.distill is not None and (fused or parallel is not None):
+        raise GradlensError(
+            "loss.distill runs on the materialized and streamed engines; the fused and "
+            "vocab-parallel passes do not carry its dense teacher term (set diagnostics.engine "
+            "streamed or materialized, and tensor_parallel 1)"
+        )
     if fused:
         check_device(batch.weight.device)
     if fused and parallel is not None:
@@ -104,6 +128,11 @@ def run_streamed(
             "diagnostics.engine: 'fused' runs in one process, not under tensor_parallel"
         )
     kept_ids = replayed_ids(batch)
+    if params.distill is not None and kept_ids is not None:
+        raise GradlensError(
+            "loss.distill runs on the full vocabulary; with loss.sampling_support: 'kept' the "
+            "student is restricted to its kept sets (set sampling_support: full)"
+        )
     if kept_ids is not None and (fused or parallel is not None):
         raise GradlensError(
             "loss.sampling_support: 'kept' runs on the materialized and streamed engines; the "
@@ -146,7 +175,8 @@ def run_streamed(
         budget = parallel.smallest(budget)
         rows_per_rank = max(parallel.split.sizes)
     k = len(run_specs) + len(pairs)
-    buffers = 3 if params.entropy_coef == 0.0 else 4  # the bonus's [M, Vc] block: one more
+    dense = params.entropy_coef != 0.0 or params.distill is not None
+    buffers = 4 if dense else 3  # the bonus's (and distillation's) [M, Vc] block: one more
     acc = softmax_dtype(batch.weight.dtype)
     attribution = None
     if options.attribution:  # d, Q = R hᵀ, a product with it, the logit-gradient block
@@ -174,6 +204,24 @@ def run_streamed(
         entropy_weights.append(w.to(softmax_dtype(batch.weight.dtype)))
         return entropy_weights[-1]
 
+    distill = None
+    if params.distill is not None:
+
+        def distill_weights() -> Tensor:
+            """a_t of the distillation term (pass 1's objectives: the mask may move with π_θ)."""
+            return objectives[0].agg_weights[rows, cols]
+
+        distill = StreamedDistill(
+            batch.teacher,
+            rows,
+            cols,
+            params.distill,
+            hidden,
+            batch.weight,
+            distill_weights,
+            engine_plan.chunks(batch.vocab_size),
+            acc,
+        )
     if parallel is None and fused:
         result = fused_lm_head_pass(
             hidden,
@@ -197,6 +245,7 @@ def run_streamed(
             token_entropy=token_entropy,
             kept_ids=valid_kept,
             attribution=attribution,
+            dense_term=distill,
         )
     else:
         result = vocab_parallel_pass(
@@ -216,8 +265,25 @@ def run_streamed(
     bonus_scale = None  # the bonus's gross size 2·|c_H|·a_t·S_t·H_t, [M]
     if entropy_weights:
         bonus_scale = 2 * entropy_weights[0].abs() * result.tokens.entropy
+    divergence: Tensor | None = None
+    if distill is not None:
+        bonus_scale = distill.scale if bonus_scale is None else bonus_scale + distill.scale
+        divergence = on_grid(distill.value, rows, cols, batch.mask.shape)  # [N, T] D_t
     hidden_norms = hidden.to(result.tokens.lse.dtype).norm(dim=-1)  # [M]
 
+    def loss_value(obj: Objective) -> float:
+        """L: the objective's (the bonus from pass 1's H_t included), plus the distillation term
+        λ·Σ_t a_t·D_t from the engine's D_t."""
+        value = float(obj.loss)
+        if params.distill is not None and divergence is not None:
+            value += float(distill_term(obj.agg_weights, divergence, params.distill.coef))
+        return value
+
+    sample = None
+    if options.reference == "sampled" and reported:
+        c_abs = torch.stack([result.coefficients[i].abs() for i in range(reported)]).amax(0)
+        norms = torch.stack([result.rows[i].norms.double() for i in range(reported)]).amax(0)
+        sample = choose_sample(hidden, batch.weight, tokens, c_abs, norms)
     records = []
     for i, spec in enumerate(run_specs[:reported]):
         c = result.coefficients[i]  # [M]
@@ -225,20 +291,27 @@ def run_streamed(
         obj = objectives[i]
         post = obj.weights[rows, cols] * obj.terms.per_token_grad[rows, cols].abs()
         post = post * (1 - result.tokens.sampled_prob)
-        agreement, ref_at_y, ref_non_finite = (
-            _agreement(batch, spec, params, aggregation, c, result, i, rows, cols, tokens)
-            if options.reference
-            else (not_run(batch.weight.dtype), None, 0)
-        )
+        ref_tokens = None
+        if options.reference == "full":
+            agreement, ref_at_y, ref_non_finite = _agreement(
+                batch, spec, params, aggregation, c, result, i, rows, cols, tokens
+            )
+        elif sample is not None:
+            agreement, ref_at_y, ref_non_finite = _sampled_agreement(
+                sample, batch, spec, params, aggregation, c, result, i, rows, cols, hidden, tokens
+            )
+            ref_tokens = sample.tokens
+        else:
+            agreement, ref_at_y, ref_non_finite = not_run(batch.weight.dtype), None, 0
         records.append(
             LossRecord(
                 spec=spec,
                 objective=obj,
-                loss=float(obj.loss),  # the bonus from pass 1's H_t included
+                loss=loss_value(obj),  # the bonus from pass 1's H_t, the distillation term
                 non_finite=count_non_finite(c, stats.norms, stats.row_sum),
                 reference_non_finite=ref_non_finite,
                 sampled_row=sampled_row_streamed(
-                    c, result.tokens, spec.post_formula, post, ref_at_y, stats
+                    c, result.tokens, spec.post_formula, post, ref_at_y, stats, ref_tokens
                 ),
                 rows=row_norms_from(stats.norms, tokens, options.top_k),
                 zero_sum=zero_sum_streamed(
@@ -251,6 +324,7 @@ def run_streamed(
                     dense_dtype(batch.hidden.dtype),
                     stats.other_max,
                     bonus_scale,
+                    stats.gemm_scale,
                 ),
                 agreement=agreement,
                 attribution=None
@@ -293,8 +367,8 @@ def run_streamed(
         )
         parity.append(
             ParityInputs(
-                _parity_loss(run_specs[ia], objectives[ia], result, ia),
-                _parity_loss(run_specs[ib], objectives[ib], result, ib),
+                _parity_loss(run_specs[ia], objectives[ia], result, ia, loss_value),
+                _parity_loss(run_specs[ib], objectives[ib], result, ib, loss_value),
                 gap,
             )
         )
@@ -317,7 +391,9 @@ def estimate_streamed(
     """The engine's peak: the hidden states of the tokens [M, H], the working memory of its
     plan (`gradlens.engine.streamed.plan`: at least one vocabulary chunk of ≥ 256 rows, whatever
     the budget), per-loss row norms [V] and coefficients [M]; with the reference, autograd's
-    [M, V] tensors of one loss; with the attribution, four more buffers per chunk (as
+    [M, V] tensors of one loss; with the sampled check, its constant pass ([block, V] at a time)
+    and the tensors one loss takes under autograd ([|S|, V] and [M, |R|],
+    `gradlens.compare.sampled_check`); with the attribution, four more buffers per chunk (as
     `run_streamed` plans them) and the hidden states' Gram of each sequence (about M·T entries)."""
     m, v, h = shape.tokens, shape.vocab, shape.hidden
     acc = dtype_bytes(softmax_dtype(dtype))
@@ -332,8 +408,14 @@ def estimate_streamed(
         ),
         ("row norms [V] and coefficients [M] per loss", losses * (v + m) * 8),
     ]
-    if options.reference:
+    if options.reference == "full":
         terms.append(("autograd's [M, V] tensors of one loss", 5 * m * v * acc))
+    elif options.reference == "sampled":
+        tokens_s = min(m, SAMPLED_TOKENS + 1)
+        rows_r = min(v, TOP_ROWS + SPREAD_ROWS + tokens_s)
+        block = min(m * v, max(BLOCK_ENTRIES, v))  # at least one token's row
+        sampled = 2 * block * acc + 5 * (tokens_s * v + m * rows_r) * acc
+        terms.append(("the sampled check's blocks and its autograd of one loss", sampled))
     if options.attribution:
         terms.append(("attribution: each sequence's Gram of h", m * shape.length * acc))
     return Estimate(
@@ -361,13 +443,14 @@ def _parity_loss(
     obj: Objective,
     result: EngineResult,
     i: int,
+    loss_value: Callable[[Objective], float],
 ) -> ParityLoss:
     """Loss ``i`` of the engine run as parity needs it: ‖∂L/∂W‖ from its row norms (the
     entropy bonus included, as in the losses' own reports)."""
     norms = result.rows[i].norms
     return ParityLoss(
         name=spec.name,
-        loss=float(obj.loss),  # the bonus from pass 1's H_t included
+        loss=loss_value(obj),  # the bonus from pass 1's H_t included, and a distillation term
         grad_norm=num(norms.double().norm()),
         rows=norms,
         coefficient=obj.coefficient,
@@ -408,4 +491,44 @@ def _agreement(
         ),
         ref_at_y,
         count_non_finite(ref.grad_logits, ref.grad_weight),
+    )
+
+
+def _sampled_agreement(
+    sample: Sample,
+    batch: Batch,
+    spec: LossSpec,
+    params: LossParams,
+    aggregation: Aggregation,
+    c: Tensor,
+    result: EngineResult,
+    i: int,
+    rows: Tensor,
+    cols: Tensor,
+    hidden: Tensor,
+    tokens: Tensor,
+) -> tuple[Agreement, Tensor, int]:
+    """Engine against autograd on the sample: c_t of every token, ∂L/∂z_y of the sampled
+    tokens, ‖∂L/∂W_v‖ of the sampled rows (normwise relative, as `_agreement`)."""
+    ref = sampled_reference(sample, batch, hidden, tokens, rows, cols, spec, params, aggregation)
+    at_y = grad_at_y(c, result.tokens)[sample.tokens]
+    errors = (
+        rel_err(c, ref.coefficient[rows, cols]),
+        rel_err(at_y, ref.grad_at_y),
+        rel_err(result.rows[i].norms[sample.rows], ref.row_norms),
+    )
+    tol = tolerances.agreement(batch.weight.dtype)
+    return (
+        Agreement(
+            coefficient=errors[0],
+            grad_logits=errors[1],
+            grad_weight=errors[2],
+            tolerance=tol,
+            passed=all(e is not None and e <= tol for e in errors),
+            scope="sampled",
+            sampled_tokens=int(sample.tokens.numel()),
+            sampled_rows=int(sample.rows.numel()),
+        ),
+        ref.grad_at_y,
+        ref.non_finite,
     )

@@ -9,7 +9,9 @@ exponentiated), max_{v≠y} π_v and max_v |z_v| — and from the running row su
     Σ_v ∂L/∂z_v = c·(1 − Σ_v π_v)
     s_t = |c| + max_v |∂L/∂z_v| = |c|·(1 + max(1 − π_y, max_{j≠y} π_j))
 
-The tolerances are those of `tolerances`, exactly as for the materialized path.
+The tolerances are those of `tolerances`, exactly as for the materialized path: the engine
+normalises π and sums Σ_v π and Σ_v ∂L/∂W_v as that path does (`gradlens.logits`,
+`gradlens.summation`), so the verdict does not depend on the chunk size.
 
 With the entropy bonus (E_v = a·c_H·π_v(log π_v + H), the same for every loss) the engine also
 keeps E_y, Σ_v E_v and, per loss, Σ_{j≠y} |∂L/∂z_j| and max_{j≠y} |∂L/∂z_j|; then
@@ -23,7 +25,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gradlens.diagnostics import tolerances
 from gradlens.diagnostics.numbers import num, rel_err
 from gradlens.diagnostics.zero_sum import judge
 from gradlens.engine.streamed import RowStats, TokenStats
@@ -43,8 +44,10 @@ def sampled_row_streamed(
     post: Tensor,
     reference_at_y: Tensor | None,
     rows: RowStats | None = None,
+    reference_tokens: Tensor | None = None,
 ) -> SampledRow:
-    """Diagnostic 1; ``post`` [M] is a_t·|g_t|·(1 − π_y), ``reference_at_y`` autograd's ∂L/∂z_y;
+    """Diagnostic 1; ``post`` [M] is a_t·|g_t|·(1 − π_y), ``reference_at_y`` autograd's ∂L/∂z_y
+    of every token, or of the tokens ``reference_tokens`` (indices into M) when it is given;
     ``rows`` the loss's engine rows (their per-token statistics with the entropy bonus)."""
     p_y = stats.sampled_prob
     at_y = grad_at_y(c, stats)  # [M]
@@ -53,10 +56,14 @@ def sampled_row_streamed(
         assert stats.entropy_grad_at_y is not None
         other_mass, other_max = rows.other_mass, rows.other_max
         if reference_at_y is not None:  # the post's formula covers the policy term only
-            reference_at_y = reference_at_y - stats.entropy_grad_at_y.to(reference_at_y.dtype)
+            bonus_at_y = stats.entropy_grad_at_y
+            if reference_tokens is not None:
+                bonus_at_y = bonus_at_y[reference_tokens]
+            reference_at_y = reference_at_y - bonus_at_y.to(reference_at_y.dtype)
         post_formula += " (policy term; entropy bonus excluded)"
     else:
         other_mass, other_max = c.abs() * (stats.prob_sum - p_y), c.abs() * stats.max_other_prob
+    post_checked = post if reference_tokens is None else post[reference_tokens]
     return SampledRow(
         post_formula=f"a_t·{post_formula}",
         sampled_abs_mean=None if empty else num(at_y.abs().mean()),
@@ -65,7 +72,7 @@ def sampled_row_streamed(
         other_abs_max=None if empty else num(other_max.max()),
         post_max_rel_err=None
         if empty or reference_at_y is None
-        else rel_err(post.double(), reference_at_y.abs()),
+        else rel_err(post_checked.double(), reference_at_y.abs()),
     )
 
 
@@ -79,6 +86,7 @@ def zero_sum_streamed(
     dense: torch.dtype,
     other_max: Tensor | None = None,
     bonus_scale: Tensor | None = None,
+    gemm_scale: Tensor | None = None,
 ) -> ZeroSum:
     """Diagnostic 3 from the engine's statistics.
 
@@ -87,18 +95,22 @@ def zero_sum_streamed(
     path adds it.
 
     ``dense`` is the dtype of the engine's dense product: when it is narrower than the
-    accumulation (bf16 operands), π and c⊙h are each rounded once to it before the GEMM, which
-    adds at most 2·u_dense·Σ_t |c_t|·‖h_t‖ to ‖Σ_v ∂L/∂W_v‖ (Σ_v π_tv = 1); twice that is allowed.
+    accumulation (bf16 operands), π and c⊙h are each rounded to it before the GEMM and the
+    product after it, which adds at most 3·u_dense·Σ_t |c_t|·‖h_t‖ to ‖Σ_v ∂L/∂W_v‖
+    (Σ_v π_tv = 1; `tolerances`). ``gemm_scale`` [M]: the engine's |c| of what entered this
+    loss's dense products, when it reuses another loss's (`RowStats.gemm_scale`).
     """
     cd = c.double()
     sums = cd * (1 - stats.prob_sum.double())  # [M] Σ_v ∂L/∂z_v
-    if stats.entropy_grad_sum is None or other_max is None or bonus_scale is None:
-        largest = torch.maximum(1 - stats.sampled_prob.double(), stats.max_other_prob.double())
-        scale = cd.abs() * (1 + largest)  # [M] s_t
-    else:
+    bonus = False
+    if stats.entropy_grad_sum is not None and other_max is not None and bonus_scale is not None:
+        bonus = True
         sums = sums + stats.entropy_grad_sum.double()
         largest = torch.maximum(grad_at_y(c, stats).double().abs(), other_max.double())
         scale = cd.abs() + bonus_scale.double() + largest
+    else:
+        largest = torch.maximum(1 - stats.sampled_prob.double(), stats.max_other_prob.double())
+        scale = cd.abs() * (1 + largest)  # [M] s_t
     return judge(
         sums=sums.abs(),  # [M] |Σ_v ∂L/∂z_v|
         scale=scale,
@@ -113,5 +125,7 @@ def zero_sum_streamed(
             and torch.isfinite(row_sum).all()
             and torch.isfinite(c).all()
         ),
-        extra_weight_factor=0.0 if dense == c.dtype else 4 * tolerances.unit_roundoff(dense),
+        dense=dense,
+        entropy_bonus=bonus,
+        gemm_scale=None if gemm_scale is None else scale + (gemm_scale.double() - cd.abs()),
     )

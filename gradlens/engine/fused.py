@@ -8,24 +8,31 @@ does as chains of element-wise torch operations, each a full read and write of a
 [Vc, k·H] block (performance.md: about half the time of a plain-torch sketch on an H100). Three
 kernels (`gradlens.engine.fused_kernels`) each read their block once:
 
-1. pass 1, after each logits GEMM z = h W_cᵀ: an online logsumexp (running max m,
-   S = Σ e^{z − m}, and U = Σ e^{z − m}(z − m) for the entropy H = log S − U/S), max_v |z_v| and
-   z_y. The logits stay in the operand dtype (a bf16 GEMM's output is upcast in registers, the
-   same values the streamed engine upcasts in memory), so resident chunks cost half as much in
-   bf16 as there.
-2. pass 2, per chunk: π = exp(z − lse) and the GEMM operand P = π − e_y in the dense dtype,
-   which folds the sampled-row correction into the GEMM: Pᵀ[c_1⊙h | … | c_k⊙h] is minus every
-   loss's ∂L/∂W rows, sparse part included (Σ_t c_t(e_{y_t} − π_t)_v h_t). Per token Σ π,
-   −Σ π log π, max_{v≠y} π; with the entropy bonus E = w·π·(log π + H), Σ E and, for all the
-   losses carrying the bonus at once, Σ_{v≠y}|E − c_i π| and max_{v≠y}|E − c_i π|.
+1. pass 1, after each logits GEMM z = h W_cᵀ: the chunk's softmax normaliser (m = max z,
+   S = Σ e^{z − m} and, for the entropy H = log S − T/S, T = Σ e^{z − m}(z − m)) with its sums
+   in float64 by blocks of 8, which torch adds by halving: the same order of additions as the
+   streamed engine's `gradlens.summation`, so the chunks merge pairwise as there
+   (`gradlens.logits.merge`); max_v |z_v| and z_y. The logits stay in the operand dtype (a bf16
+   GEMM's output is upcast in registers, the same values the streamed engine upcasts in
+   memory), so resident chunks cost half as much in bf16 as there.
+2. pass 2, per chunk: π = exp((z − m) − log S) from the global normaliser and the GEMM operand
+   P = π − e_y in the dense dtype, which folds the sampled-row correction into the GEMM:
+   Pᵀ[c_1⊙h | … | c_k⊙h] is minus every loss's ∂L/∂W rows, sparse part included
+   (Σ_t c_t(e_{y_t} − π_t)_v h_t). Per token −Σ π log π, max_{v≠y} π and the float64 block
+   sums of π for Σ π; with the entropy bonus E = w·π·(log π + H), its block sums for Σ E and,
+   for all the losses carrying the bonus at once, Σ_{v≠y}|E − c_i π| and max_{v≠y}|E − c_i π|.
 3. pass 2, per loss, after the dense GEMM (and a shared product's correction GEMM, and the
-   bonus's Eᵀh): the row block r = −D (− Δ) (+ B) read once for ‖r_v‖ and Σ_v r_v.
+   bonus's Eᵀh): the row block r = −D (− Δ) (+ B) read once for ‖r_v‖ and the float64 sums
+   of each 8 rows, added by halving into Σ_v r_v.
 
 GEMM-equivalents are counted as in the streamed engine (1 + (1 − f) + k, + 1 with the bonus,
 less for shared products).
 
 Rounding. Everything but the GEMM operands is computed in the softmax dtype, as in the streamed
-engine; only the order of the sums differs. With bf16 operands P is rounded to bf16 once, like
+engine; the sums the zero-sum check reads (S, Σ π, Σ E, Σ_v r_v) are float64 sums through the
+same number of additions as there (blocks of 8 in any order, then halving), so both engines
+meet the same bound (`gradlens.diagnostics.tolerances`); only the order inside a block of 8 and
+of the other sums differs. With bf16 operands P is rounded to bf16 once, like
 π there; at the sampled entry it is π_y − 1, formed in float32 before the rounding, so a
 token's term c(1 − π_y)h of its sampled row keeps a relative error of a few u_bf16 = 2⁻⁸ even
 when π_y → 1, where the streamed engine's c·h − c·bf16(π_y)·h cancels.
@@ -48,7 +55,7 @@ import torch
 from torch import Tensor
 
 from gradlens.engine import fused_kernels as kernels
-from gradlens.engine.fused_kernels import Blocks, Bonus, LogsumexpState, ProbStats
+from gradlens.engine.fused_kernels import Blocks, Bonus, ProbStats
 from gradlens.engine.streamed import (
     CoefficientFn,
     EnginePlan,
@@ -59,10 +66,13 @@ from gradlens.engine.streamed import (
     bonus_weight,
     coefficients_at,
     dense_dtype,
+    gemm_scales,
+    sampled_logp,
     share_sources,
 )
 from gradlens.errors import GradlensError
-from gradlens.logits import softmax_dtype
+from gradlens.logits import Normaliser, merge, softmax_dtype
+from gradlens.summation import Cascade, PairwiseSum, halving_sum
 
 AUTO_ON_CUDA = False  # no GPU measurement yet: the fused path is chosen only when asked for
 TOKEN_BLOCK = 4096  # tokens per block when forming c⊙h (a [4096, H] float32 temporary)
@@ -109,19 +119,27 @@ def fused_lm_head_pass(
     need_h = entropy_weight is not None or token_entropy
     gemms = 0.0
 
-    # Pass 1: the online logsumexp, z_y and max|z| (and H with the bonus or ``token_entropy``);
-    # resident chunks kept.
-    state = LogsumexpState.empty(m, acc, device)
+    # Pass 1: each chunk's normaliser (the kernel's float64 block sums added by halving), the
+    # chunks merged pairwise as in the streamed engine; z_y and max|z| (and the tilt for H with
+    # the bonus or ``token_entropy``); resident chunks kept.
+    cascade: Cascade[Normaliser] = Cascade(merge)
+    z_y = torch.zeros(m, dtype=acc, device=device)
+    max_abs = torch.zeros(m, dtype=acc, device=device)
     kept: list[Tensor] = []
     for i, (start, end) in enumerate(chunks):
         z = hidden @ weight[start:end].T  # [M, Vc] in the operand dtype
         gemms += (end - start) / v
-        kernels.logsumexp_chunk(z, tokens, start, state, need_h, blocks)
+        part = kernels.normaliser_chunk(z, tokens, start, z_y, max_abs, need_h, blocks)
+        tilt = None if part.tilt_blocks is None else halving_sum(part.tilt_blocks)
+        cascade.add(Normaliser(part.max, halving_sum(part.sum_blocks), tilt))
         if i < plan.resident:
             kept.append(z)
-    lse = state.lse()
-    logp = state.z_y - lse
-    h1 = state.entropy() if need_h else None
+    norm = cascade.result()
+    if norm is None:
+        raise GradlensError("engine 'fused': the lm_head has no rows")
+    top, log_sum = norm.max.contiguous(), norm.log_sum().contiguous()
+    logp = sampled_logp(z_y, norm)
+    h1 = norm.entropy().to(acc).contiguous() if need_h else None
 
     coefficients = [
         c.contiguous() for c in coefficients_at(coefficients_of, logp, h1, token_entropy, acc)
@@ -150,11 +168,12 @@ def fused_lm_head_pass(
             deltas[i] = (j, diff, diff_scaled.to(gemm_dtype))
     n_ent = 0 if ent_w is None else (k if entropy_losses is None else entropy_losses)
     # [n, M] the coefficients of the losses carrying the bonus (one placeholder row if none)
-    bonus_coef = torch.stack(coefficients[:n_ent]) if n_ent else lse[None]
+    bonus_coef = torch.stack(coefficients[:n_ent]) if n_ent else top[None]
 
     stats = ProbStats.empty(m, n_ent, acc, device)
+    prob_sum, ent_sum = PairwiseSum((m,), device), PairwiseSum((m,), device)
     norms = [torch.empty(v, dtype=acc, device=device) for _ in range(k)]
-    row_sums = [torch.zeros(width_h, dtype=acc, device=device) for _ in range(k)]
+    row_sums = [PairwiseSum((width_h,), device) for _ in range(k)]
 
     # Pass 2: P = π − e_y and the per-token reductions, the GEMMs, then each loss's row block.
     for i, (start, end) in enumerate(chunks):
@@ -169,8 +188,12 @@ def fused_lm_head_pass(
         if ent_w is not None and h1 is not None:
             e = torch.empty(m, width, dtype=gemm_dtype, device=device)  # [M, Vc] E
             bonus = Bonus(e, h1, ent_w, bonus_coef, n_ent)
-        kernels.probs_chunk(z, tokens, start, lse, operand, stats, blocks, bonus)
-        del z
+        mass, e_sums = kernels.probs_chunk(z, tokens, start, top, log_sum, operand, stats, blocks,
+                                           bonus)  # fmt: skip
+        prob_sum.add(halving_sum(mass))
+        if e_sums is not None:
+            ent_sum.add(halving_sum(e_sums))
+        del z, mass, e_sums
         ent_block = None
         if bonus is not None:
             ent_block = bonus.out.T @ h_gemm  # [Vc, H], shared by every loss with the bonus
@@ -187,35 +210,37 @@ def fused_lm_head_pass(
                 n = column[j]
             else:
                 n = column[idx]
-            kernels.row_stats(
+            partial = kernels.row_stats(
                 dense[:, n * width_h : (n + 1) * width_h],
                 norms[idx][start:end],
-                row_sums[idx],
                 blocks,
                 delta=delta,
                 bonus=ent_block if idx < n_ent else None,
             )
+            row_sums[idx].add(halving_sum(partial, dim=0))
         del operand, dense, ent_block
 
     ent_y = None if ent_w is None or h1 is None else ent_w * logp.exp() * (logp + h1)
+    gemm_scale = gemm_scales(coefficients, sources)
     return EngineResult(
         tokens=TokenStats(
-            lse,
+            norm.lse(),
             logp,
-            stats.prob_sum,
+            prob_sum.total(),
             stats.entropy,
             stats.max_other,
-            state.max_abs,
+            max_abs,
             ent_y,
-            None if ent_w is None else stats.bonus_sum,
+            None if ent_w is None else ent_sum.total(),
         ),
         coefficients=coefficients,
         rows=[
             RowStats(
                 norms[i],
-                row_sums[i],
+                row_sums[i].total(),
                 stats.other_mass[i] if i < n_ent else None,
                 stats.other_max[i] if i < n_ent else None,
+                gemm_scale[i],
             )
             for i in range(k)
         ],

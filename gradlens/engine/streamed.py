@@ -10,13 +10,17 @@ shared the work is (1 + k) GEMMs of 2·M·H·V FLOP (performance.md). The coeffi
 log π_θ(y_t), hence the logsumexp over the whole vocabulary, before any row can be formed, so
 the engine makes two passes over vocabulary chunks:
 
-1. logits z = h Wᵀ chunk by chunk → logsumexp and z_y per token. The first ``resident`` chunks
-   keep their logits (a memory budget decides how many), the others are dropped.
-2. the caller's losses turn log π(y) into c_1..c_k; then, chunk by chunk, π = exp(z − lse)
-   (from the kept logits, or recomputed), the dense GEMM for all losses, the sparse rows by
-   index_add, and from the [V_chunk, k·H] result only what is reported: per-row norms and the
-   running row sum Σ_v ∂L/∂W_v. Per-token statistics (Σ_v π, entropy, the largest
-   non-sampled probability) come from the same π.
+1. logits z = h Wᵀ chunk by chunk → the softmax normaliser (m = max z, S = Σ exp(z − m)) and
+   z_y per token (`gradlens.logits`: each chunk's S summed in float64, the chunks merged
+   pairwise, so its rounding does not depend on the chunk size). The first ``resident``
+   chunks keep their logits (a memory budget decides how many), the others are dropped.
+2. the caller's losses turn log π(y) = (z_y − m) − log S into c_1..c_k; then, chunk by chunk,
+   π = exp((z − m) − log S) (from the kept logits, or recomputed: the same operations as the
+   materialized path's), the dense GEMM for all losses, the sparse rows by index_add, and from
+   the [V_chunk, k·H] result only what is reported: per-row norms and the row sum
+   Σ_v ∂L/∂W_v. Per-token statistics (Σ_v π, entropy, the largest non-sampled probability)
+   come from the same π. The sums the zero-sum check reads (Σ_v π, Σ_v ∂L/∂W_v, Σ_v E_v) are
+   float64 sums in the order of `gradlens.summation`, whatever the chunk size.
 
 Losses that read the per-token entropy (``aspo``, the top-entropy token selection; the
 ``token_entropy`` flag) get H_t from pass 1, accumulated as for the entropy bonus below, with
@@ -26,13 +30,21 @@ a function of pass 1's H_t, called after the coefficients.
 
 The entropy bonus (losses.md §2.11, ``entropy_weight`` w_t = a_t·c_H) adds to the logit
 gradient of every loss the same block E_tv = w_t·π_tv·(log π_tv + H_t), not of the c-form. Pass 1
-then also accumulates H_t (it is needed before pass 2); pass 2 forms E from each chunk's π and
-log π, runs one more GEMM Eᵀh shared by all losses, and adds it to the rows of the losses that
-carry the bonus (not to a difference of two losses, in which it cancels). Per loss it also
-keeps Σ_{v≠y} |∂L/∂z_v| and max_{v≠y} |∂L/∂z_v|, which no longer follow from c_t and π alone.
+then also accumulates H_t = log S − T/S with T = Σ exp(z − m)(z − m) (it is needed before pass
+2); pass 2 forms E from each chunk's π and log π, runs one more GEMM Eᵀh shared by all
+losses, and adds it to the rows of the losses that carry the bonus (not to a difference of two
+losses, in which it cancels). Per loss it also keeps Σ_{v≠y} |∂L/∂z_v| and max_{v≠y} |∂L/∂z_v|,
+which no longer follow from c_t and π alone.
+
+A distillation term (``loss.distill``, `gradlens.losses.distill`) is another such block,
+D_tv = λ·a_t·(u_tv − π_tv·Σ_v u_tv), given by the caller as a `DenseTerm`: the engine calls its
+``prepare`` with the logsumexp after pass 1 (a teacher pair runs its own passes over the
+teacher's chunks there: its logsumexp, and Σ_v u_tv for the full forms), then asks it for each
+chunk's block in pass 2 (one more GEMM over the teacher's chunk in the full forms) and adds it to
+the entropy bonus's block: both go through the same Eᵀh GEMM and the same statistics.
 
 GEMM-equivalents: 1 + (1 − f) + k for a resident fraction f of the vocabulary (+ 1 with the
-entropy bonus). A loss whose
+entropy bonus or a distillation term, + the teacher's own). A loss whose
 coefficients equal an earlier loss's on most tokens (``ppo_clip`` against ``ppo``: they differ
 only on clipped tokens) reuses that loss's dense product and adds a correction over the
 differing tokens only: D_k = D_j + πᵀ_{[Δ]} ((c_k − c_j)⊙h)_{[Δ]}. This is exact algebra.
@@ -57,6 +69,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -69,8 +82,17 @@ from gradlens.engine.attribution import (
     entropy_direction,
     logit_grad_block,
 )
-from gradlens.logits import kept_entries, restrict_logits, softmax_dtype
+from gradlens.logits import (
+    Normaliser,
+    kept_entries,
+    log_probs,
+    merge,
+    normaliser,
+    restrict_logits,
+    softmax_dtype,
+)
 from gradlens.memory import available
+from gradlens.summation import Cascade, PairwiseSum, pairwise_sum
 
 # coefficients_of(logp [M]) -> [c_1, …, c_k] ([M] each); with ``token_entropy`` the engine
 # calls coefficients_of(logp [M], entropy [M]) instead
@@ -78,6 +100,21 @@ CoefficientFn = Callable[..., list[Tensor]]
 # w_t [M] of the entropy bonus, or a function of pass 1's H_t [M] that gives it
 EntropyWeight = Tensor | Callable[[Tensor], Tensor]
 SHARE_LIMIT = 0.5  # reuse an earlier loss's dense product when ≤ this share of tokens differ
+
+
+class DenseTerm(Protocol):
+    """A dense logit term shared by every loss, beside the entropy bonus (a distillation term).
+
+    ``prepare(lse)`` is called once after pass 1 with the student's logsumexp [M];
+    ``block(start, end, log_probs, probs)`` returns the term's [M, end − start] logit gradient on
+    one vocabulary chunk from the student's log π and π there (it must not keep or modify them);
+    ``gemms`` counts the GEMMs it ran, in units of 2·M·H·V."""
+
+    gemms: float
+
+    def prepare(self, lse: Tensor) -> None: ...
+
+    def block(self, start: int, end: int, log_probs: Tensor, probs: Tensor) -> Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -147,12 +184,15 @@ class TokenStats:
 
     lse: Tensor  # logsumexp_v z_tv
     logp: Tensor  # log π(y_t)
-    prob_sum: Tensor  # Σ_v π_tv as summed from the entries (1 up to rounding)
+    prob_sum: Tensor  # Σ_v π_tv as summed from the entries (1 up to rounding), float64
     entropy: Tensor  # −Σ_v π_tv log π_tv
     max_other_prob: Tensor  # max_{v ≠ y_t} π_tv
     max_abs_logit: Tensor  # max_v |z_tv|
-    entropy_grad_at_y: Tensor | None = None  # E_t,y_t of the entropy bonus (None: no bonus)
-    entropy_grad_sum: Tensor | None = None  # Σ_v E_tv as summed from the entries (0 up to rounding)
+    # the dense non-c-form terms (entropy bonus E, plus a distillation term D), None without:
+    entropy_grad_at_y: Tensor | None = None  # (E + D)_t,y_t
+    entropy_grad_sum: Tensor | None = (
+        None  # Σ_v (E + D)_tv from the entries (0 up to rounding), float64
+    )
 
     @property
     def sampled_prob(self) -> Tensor:
@@ -165,10 +205,13 @@ class RowStats:
     """One loss's lm_head gradient, reduced: no [V, H] tensor is kept."""
 
     norms: Tensor  # [V] ‖∂L/∂W_v‖
-    row_sum: Tensor  # [H] Σ_v ∂L/∂W_v (zero for a pure softmax loss)
+    row_sum: Tensor  # [H] Σ_v ∂L/∂W_v (zero for a pure softmax loss), float64
     # with the entropy bonus only, [M] each: Σ_{v≠y} |∂L/∂z_tv| and max_{v≠y} |∂L/∂z_tv|
     other_mass: Tensor | None = None
     other_max: Tensor | None = None
+    # [M] |c| of what entered this loss's dense products, for a loss that reuses another's
+    # (|c_j| + |c_k − c_j|: its rounding scales with that, not with |c_k|); None: |c_k|
+    gemm_scale: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -211,23 +254,52 @@ def share_sources(coefficients: list[Tensor]) -> list[tuple[int, Tensor] | None]
     return sources
 
 
+def gemm_scales(
+    coefficients: list[Tensor], sources: list[tuple[int, Tensor] | None]
+) -> list[Tensor | None]:
+    """Per loss, [M] |c| of what entered its dense products when it reuses an earlier loss's
+    (`share_sources`): |c_j| + |c_k − c_j| on the tokens where they differ, |c_j| elsewhere
+    (c_k = c_j there); None for a loss whose product is its own (|c_k|)."""
+    out: list[Tensor | None] = []
+    for k, src in enumerate(sources):
+        if src is None:
+            out.append(None)
+            continue
+        j, diff = src
+        scale = coefficients[j].abs()  # [M]
+        scale[diff] += (coefficients[k] - coefficients[j])[diff].abs()
+        out.append(scale)
+    return out
+
+
 @dataclass(frozen=True)
 class FirstPass:
     """Pass 1 over the rows of the weight it was given (a whole lm_head or one shard of it).
 
-    ``z_y`` is 0 for tokens whose id is outside those rows; ``entropy`` is H_t over these rows
-    alone (against their own ``lse``), ``max_other_logit`` max_{v≠y} z_v over them (−inf when
-    the rows hold no other id); each None unless asked for. ``kept``: the resident chunks'
-    logits, handed to `second_pass` (which consumes them).
+    ``norm``: the softmax normaliser over these rows (m, S and, with the entropy bonus, T;
+    `gradlens.logits`), the chunks merged pairwise. ``z_y`` is 0 for tokens whose id is outside
+    those rows; ``max_other_logit`` max_{v≠y} z_v over them (−inf when the rows hold no other
+    id), None unless asked for. ``kept``: the resident chunks' logits, handed to `second_pass`
+    (which consumes them).
     """
 
-    lse: Tensor  # [M]
+    norm: Normaliser
     z_y: Tensor  # [M]
     max_abs: Tensor  # [M]
-    entropy: Tensor | None
     max_other_logit: Tensor | None
     kept: list[Tensor]
     gemms: float
+
+    @property
+    def lse(self) -> Tensor:
+        """[M] logsumexp over these rows, in the softmax dtype."""
+        return self.norm.lse()
+
+    @property
+    def entropy(self) -> Tensor | None:
+        """[M] H_t over these rows alone (against their own normaliser), in the softmax dtype;
+        None unless the tilt was accumulated."""
+        return None if self.norm.tilt is None else self.norm.entropy().to(self.z_y.dtype)
 
 
 def first_pass(
@@ -240,19 +312,20 @@ def first_pass(
     vocab: int | None = None,
     kept_ids: Tensor | None = None,
 ) -> FirstPass:
-    """Pass 1: logsumexp, z_y and max |z| per token over ``weight``'s rows (``tokens`` are row
-    ids of ``weight``; ids outside [0, rows) own no row), keeping the resident chunks' logits.
-    GEMMs are counted in units of ``vocab`` rows (default: all of ``weight``'s). ``kept_ids``
-    [M, K]: the replayed kept sets (row ids of ``weight``), the logits outside them −inf."""
+    """Pass 1: the normaliser, z_y and max |z| per token over ``weight``'s rows (``tokens`` are
+    row ids of ``weight``; ids outside [0, rows) own no row), keeping the resident chunks'
+    logits. GEMMs are counted in units of ``vocab`` rows (default: all of ``weight``'s).
+    ``kept_ids`` [M, K]: the replayed kept sets (row ids of ``weight``), the logits outside them
+    −inf (a token none of whose kept rows is in a chunk has S = 0 there)."""
     m, v = hidden.shape[0], weight.shape[0]
     unit = v if vocab is None else vocab
     acc = softmax_dtype(weight.dtype)
     gemms = 0.0
     kept: list[Tensor] = []
-    lse = torch.full((m,), -torch.inf, dtype=acc, device=hidden.device)
+    # chunks merge pairwise (`Cascade`): the rounding of S does not depend on the chunking
+    cascade: Cascade[Normaliser] = Cascade(merge)
     z_y = torch.zeros(m, dtype=acc, device=hidden.device)
     max_abs = torch.zeros(m, dtype=acc, device=hidden.device)
-    h1 = torch.zeros(m, dtype=acc, device=hidden.device)  # H_t over the rows seen so far
     max_other = torch.full((m,), -torch.inf, dtype=acc, device=hidden.device)
     for i, (start, end) in enumerate(plan.chunks(v)):
         z = _logits(hidden, weight[start:end])  # [M, Vc]
@@ -262,19 +335,8 @@ def first_pass(
         keep = _chunk_keep(kept_ids, start, end)
         if keep is not None:
             z = restrict_logits(z, keep)
-        new_lse = torch.logaddexp(lse, torch.logsumexp(z, dim=-1))
-        if entropy:
-            # H = Σ_v π_v·(lse − z_v), every term ≥ 0; rescaled as the running lse grows
-            # (the earlier chunks' exp(z − lse) sum to 1). Outside a kept set π_v = 0, and a
-            # token none of whose kept rows has been seen yet (lse = −inf) has no terms so far.
-            ref = torch.where(torch.isfinite(new_lse), new_lse, 0.0)
-            gap = ref[:, None] - z
-            if keep is not None:
-                gap = gap.masked_fill(~keep, 0.0)
-            part = (torch.exp(z - ref[:, None]) * gap).sum(-1)
-            earlier = torch.exp(lse - ref) * (h1 + (ref - lse))
-            h1 = torch.where(torch.isfinite(lse), earlier, 0.0) + part
-        lse = new_lse
+        # the restricted logits' own max when a kept set is replayed
+        cascade.add(normaliser(z, tilt=entropy, top=hi if keep is None else None))
         inside = (tokens >= start) & (tokens < end)
         local = (tokens - start).clamp(0, end - start - 1)[:, None]  # [M, 1]
         z_at = z.gather(-1, local).squeeze(-1)  # [M]
@@ -285,15 +347,10 @@ def first_pass(
             z.scatter_(-1, local, z_at[:, None])
         if i < plan.resident:
             kept.append(z)
-    return FirstPass(
-        lse,
-        z_y,
-        max_abs,
-        h1 if entropy else None,
-        max_other if other_logit else None,
-        kept,
-        gemms,
-    )
+    norm = cascade.result()
+    if norm is None:
+        raise ValueError("first_pass: the weight has no rows")
+    return FirstPass(norm, z_y, max_abs, max_other if other_logit else None, kept, gemms)
 
 
 @dataclass(frozen=True)
@@ -302,7 +359,10 @@ class SecondPass:
 
     ``norms`` [rows] and ``row_sums`` [H] per loss; per token [M]: Σ π, −Σ π log π and
     max_{v≠y} π over these rows, and with the entropy bonus Σ E (``entropy_grad_sum``) and, per
-    loss carrying the bonus, Σ_{v≠y} |∂L/∂z_v| and max_{v≠y} |∂L/∂z_v|.
+    loss carrying the bonus, Σ_{v≠y} |∂L/∂z_v| and max_{v≠y} |∂L/∂z_v|. ``row_sums``,
+    ``prob_sum`` and ``entropy_grad_sum``, the sums the zero-sum check reads, are float64 sums in
+    the fixed order of `gradlens.summation`. ``gemm_scale`` per loss: [M] |c| of what entered its
+    dense products when it reuses another loss's (|c_j| + |c_k − c_j|), else None.
     """
 
     norms: list[Tensor]
@@ -314,14 +374,16 @@ class SecondPass:
     other_mass: list[Tensor]
     other_max: list[Tensor]
     gemms: float
+    gemm_scale: list[Tensor | None]
     attribution: AttributionSums | None = None
+    dense_at_y: Tensor | None = None  # [M] a `DenseTerm`'s block at the sampled entry
 
 
 def second_pass(
     hidden: Tensor,
     weight: Tensor,
     tokens: Tensor,
-    lse: Tensor,
+    norm: Normaliser,
     coefficients: list[Tensor],
     plan: EnginePlan,
     kept: list[Tensor],
@@ -332,15 +394,18 @@ def second_pass(
     gemms: float = 0.0,
     kept_ids: Tensor | None = None,
     attribution: AttributionPlan | None = None,
+    dense_term: DenseTerm | None = None,
 ) -> SecondPass:
-    """Pass 2 over ``weight``'s rows: probabilities from the *global* ``lse`` [M], the dense
-    GEMM for all losses, the sparse rows of the tokens inside these rows, the reductions.
+    """Pass 2 over ``weight``'s rows: probabilities π = exp((z − m) − log S) from the *global*
+    normaliser ``norm`` ([M] each), the dense GEMM for all losses, the sparse rows of the tokens
+    inside these rows, the reductions.
 
     ``coefficients``: [M] c_k per loss, in the softmax dtype. ``entropy`` [M] the global H_t and
     ``entropy_weight`` [M] w_t when the bonus is on. ``kept``: `FirstPass.kept`, consumed.
     ``gemms``: the count so far (pass 1's), continued. ``kept_ids``: as `first_pass`'s.
     ``attribution``: also accumulate the attribution sums of its first losses from each
     chunk's rows (`gradlens.engine.attribution`; it needs ``entropy``).
+    ``dense_term``: a distillation term, prepared, added to the bonus's block (or alone).
     """
     m, v = hidden.shape[0], weight.shape[0]
     unit = v if vocab is None else vocab
@@ -369,16 +434,18 @@ def second_pass(
         for i, src in enumerate(sources)
         if src is not None
     }
-    n_ent = 0 if ent_w is None else (k if entropy_losses is None else entropy_losses)
+    extra = ent_w is not None or dense_term is not None
+    n_ent = 0 if not extra else (k if entropy_losses is None else entropy_losses)
+    dense_at_y = None if dense_term is None else torch.zeros(m, dtype=acc, device=hidden.device)
     h_gemm = h_acc.to(gemm_dtype)
     scaled_gemm = scaled.to(gemm_dtype)  # the GEMM operand, converted once (bf16 operands)
-    ent_sum = torch.zeros(m, dtype=acc, device=hidden.device)
+    ent_sum = PairwiseSum((m,), hidden.device)
     other_mass = [torch.zeros(m, dtype=acc, device=hidden.device) for _ in range(n_ent)]
     other_max = [torch.zeros(m, dtype=acc, device=hidden.device) for _ in range(n_ent)]
 
     norms = [torch.empty(v, dtype=acc, device=hidden.device) for _ in range(k)]
-    row_sums = [torch.zeros(H, dtype=acc, device=hidden.device) for _ in range(k)]
-    prob_sum = torch.zeros(m, dtype=acc, device=hidden.device)
+    row_sums = [PairwiseSum((H,), hidden.device) for _ in range(k)]
+    prob_sum = PairwiseSum((m,), hidden.device)
     entropy_sum = torch.zeros(m, dtype=acc, device=hidden.device)
     max_other = torch.zeros(m, dtype=acc, device=hidden.device)
     attr_tokens = attr_losses = None
@@ -398,14 +465,16 @@ def second_pass(
             gemms += (end - start) / unit
             if keep is not None:
                 z = restrict_logits(z, keep)
-        probs = torch.exp(z.sub_(lse[:, None]))  # [M, Vc]; z now holds log π
+        probs = torch.exp(log_probs(z, norm, inplace=True))  # [M, Vc]; z now holds log π
         if keep is not None:
             z.masked_fill_(~keep, 0.0)  # log π read as 0 where π = 0: 0·log 0 adds nothing
-        prob_sum += probs.sum(-1)
+        prob_sum.add(pairwise_sum(probs))
         entropy_sum -= (probs * z).sum(-1)
         inside = torch.nonzero((tokens >= start) & (tokens < end)).squeeze(-1)
         local = tokens[inside] - start
         ent_block = e = None
+        # a distillation term's block, from log π before anything below overwrites it
+        dist = None if dense_term is None else dense_term.block(start, end, z, probs)  # [M, Vc]
         d = None  # d = π·(log π + H), in place of log π
         if entropy is not None and (ent_w is not None or attr_tokens is not None):
             d = entropy_direction(z, probs, entropy)  # [M, Vc]
@@ -413,7 +482,11 @@ def second_pass(
             attr_tokens.add(probs, d, inside, local)
         if ent_w is not None and d is not None:  # E = w·d, in place of d unless d is kept
             e = d.mul_(ent_w[:, None]) if attr_tokens is None else d * ent_w[:, None]  # [M, Vc]
-            ent_sum += e.sum(-1)
+        if dist is not None and dense_at_y is not None:
+            e = dist if e is None else e + dist
+            dense_at_y[inside] += dist[inside, local]
+        if e is not None:
+            ent_sum.add(pairwise_sum(e))
             ent_block = (e.T.to(gemm_dtype) @ h_gemm).to(acc)  # [Vc, H], shared by all losses
             gemms += (end - start) / unit
         del z
@@ -441,7 +514,7 @@ def second_pass(
                 other_max[idx] = torch.maximum(other_max[idx], g.amax(-1))
                 del g
             norms[idx][start:end] = r.norm(dim=1)
-            row_sums[idx] += r.sum(0)
+            row_sums[idx].add(pairwise_sum(r, dim=0))
             if attr_losses is not None and attribution is not None and d is not None:
                 if idx >= attribution.losses:
                     continue
@@ -454,17 +527,19 @@ def second_pass(
 
     return SecondPass(
         norms,
-        row_sums,
-        prob_sum,
+        [s.total() for s in row_sums],
+        prob_sum.total(),
         entropy_sum,
         max_other,
-        None if ent_w is None else ent_sum,
+        None if not extra else ent_sum.total(),
         other_mass,
         other_max,
         gemms,
+        gemm_scales(coefficients, sources),
         None
         if attr_tokens is None or attr_losses is None or entropy is None
         else AttributionSums(attr_tokens, attr_losses, entropy),
+        dense_at_y,
     )
 
 
@@ -481,9 +556,10 @@ def assemble(
 ) -> EngineResult:
     """The `EngineResult` from the per-token statistics and pass 2's (reduced) output;
     ``entropy`` is pass 1's H_t (needed with the entropy bonus only)."""
-    ent_y = None
+    ent_y = second.dense_at_y
     if entropy_weight is not None and entropy is not None:
-        ent_y = entropy_weight.to(lse.dtype) * logp.exp() * (logp + entropy)
+        bonus_y = entropy_weight.to(lse.dtype) * logp.exp() * (logp + entropy)
+        ent_y = bonus_y if ent_y is None else ent_y + bonus_y
     n_ent = len(second.other_mass)
     return EngineResult(
         tokens=TokenStats(
@@ -503,12 +579,18 @@ def assemble(
                 s,
                 second.other_mass[i] if i < n_ent else None,
                 second.other_max[i] if i < n_ent else None,
+                second.gemm_scale[i],
             )
             for i, (n, s) in enumerate(zip(second.norms, second.row_sums, strict=True))
         ],
         gemm_equivalents=gemms,
         attribution=second.attribution,
     )
+
+
+def sampled_logp(z_y: Tensor, norm: Normaliser) -> Tensor:
+    """[M] log π(y) = (z_y − m) − log S, by the same two roundings as every log π of pass 2."""
+    return log_probs(z_y[:, None], norm).squeeze(-1)
 
 
 def coefficients_at(
@@ -550,6 +632,7 @@ def lm_head_pass(
     *,
     kept_ids: Tensor | None = None,
     attribution: AttributionPlan | None = None,
+    dense_term: DenseTerm | None = None,
 ) -> EngineResult:
     """Run the two passes. ``coefficients_of(logp [M]) -> [c_1, …, c_k]`` ([M] each).
 
@@ -559,37 +642,42 @@ def lm_head_pass(
     H_t, so pass 1 computes it and the engine calls ``coefficients_of(logp, entropy)``.
     ``kept_ids`` [M, K]: the replayed kept sets K_t (−1 padding), or None: the whole
     vocabulary. ``attribution``: the attribution sums of its first losses too
-    (`EngineResult.attribution`).
+    (`EngineResult.attribution`). ``dense_term``: a distillation term (`DenseTerm`), prepared
+    after ``coefficients_of`` and added to the same losses as the bonus.
     """
     need_h = entropy_weight is not None or token_entropy or attribution is not None
     first = first_pass(hidden, weight, tokens, plan, entropy=need_h, kept_ids=kept_ids)
-    logp = first.z_y - first.lse
+    logp = sampled_logp(first.z_y, first.norm)
     acc = softmax_dtype(weight.dtype)
-    coefficients = coefficients_at(coefficients_of, logp, first.entropy, token_entropy, acc)
-    ent_w = bonus_weight(entropy_weight, first.entropy)
+    h1 = first.entropy  # H_t, needed before pass 2
+    coefficients = coefficients_at(coefficients_of, logp, h1, token_entropy, acc)
+    ent_w = bonus_weight(entropy_weight, h1)
+    if dense_term is not None:
+        dense_term.prepare(first.lse)
     second = second_pass(
         hidden,
         weight,
         tokens,
-        first.lse,
+        first.norm,
         coefficients,
         plan,
         first.kept,
-        first.entropy,
+        h1,
         ent_w,
         entropy_losses,
         gemms=first.gemms,
         kept_ids=kept_ids,
         attribution=attribution,
+        dense_term=dense_term,
     )
     return assemble(
         first.lse,
         logp,
         first.max_abs,
         second.max_other,
-        first.entropy,
+        h1,
         coefficients,
         second,
         ent_w,
-        second.gemms,
+        second.gemms + (0.0 if dense_term is None else dense_term.gemms),
     )

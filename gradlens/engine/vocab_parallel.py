@@ -6,42 +6,51 @@ single-process engine's two passes on its own rows (`first_pass`, `second_pass` 
 `gradlens.engine.streamed`) and joins them with collectives over the group; the result is the
 `EngineResult` that `lm_head_pass` returns on the whole W, on every rank.
 
-Pass 1, per token t, on the rows of rank r (z = W_r h_t, π^r = softmax over those rows):
+Pass 1, per token t, on the rows of rank r (z = W_r h_t; `gradlens.logits` for the normaliser):
 
-    λ_r = logsumexp_{v∈r} z_v                     the shard's logsumexp
-    ζ_r = z_y if v0_r ≤ y < v1_r, else 0          the sampled logit, on its owner only
+    m_r = max_{v∈r} z_v,  S_r = Σ_{v∈r} e^{z_v − m_r}  the shard's normaliser (S_r a float64 sum)
+    T_r = Σ_{v∈r} e^{z_v − m_r}(z_v − m_r)          its tilt (entropy bonus only; float64)
+    ζ_r = z_y if v0_r ≤ y < v1_r, else 0            the sampled logit, on its owner only
     α_r = max_{v∈r} |z_v|
-    μ_r = max_{v∈r, v≠y} z_v  (−inf if none)      for max_{v≠y} π
-    η_r = Σ_{v∈r} π^r_v (λ_r − z_v)  ≥ 0          the shard's entropy (entropy bonus, or
-                                                  losses that read H_t: ``token_entropy``)
+    μ_r = max_{v∈r, v≠y} z_v  (−inf if none)        for max_{v≠y} π
 
-and these combine exactly into the global per-token statistics:
+T_r is accumulated with the entropy bonus, with losses that read H_t (``token_entropy``) and
+with the attribution.
 
-    lse = logsumexp_r λ_r             log π(y) = ζ_{owner(y)} − lse
-    max_v |z_v| = max_r α_r           max_{v≠y} π_v = exp(max_r μ_r − lse)
-    H = Σ_r e^{λ_r − lse}·(η_r + lse − λ_r)        (every term ≥ 0: no cancellation)
+and these combine exactly into the global per-token statistics, with d_r = m_r − m ≤ 0:
 
-since Σ_{v∈r} π_v (lse − z_v) = e^{λ_r − lse}·Σ_{v∈r} π^r_v ((lse − λ_r) + (λ_r − z_v)). Two ways to
-combine them (`PASS1`), both exact:
+    m = max_r m_r,  S = Σ_r e^{d_r} S_r,  T = Σ_r e^{d_r} (T_r + d_r S_r)
+    log π(y) = (ζ_{owner(y)} − m) − log S           H = log S − T/S
+    max_v |z_v| = max_r α_r                         max_{v≠y} π_v = exp((max_r μ_r − m) − log S)
 
-    all_gather   one collective: every rank gathers the [P, M, 4 or 5] statistics and combines
-                 them locally, in rank order, so the result is bitwise the same on every rank
-    max_sum      Megatron's and Cut Cross-Entropy's: all_reduce(MAX) of (λ_r, α_r, μ_r) gives
-                 Λ = max_r λ_r; then one all_reduce(SUM) of (e^{λ_r − Λ}, ζ_r,
-                 e^{λ_r − Λ}·(η_r + Λ − λ_r)) gives S, ζ and the entropy sum, and
-                 lse = Λ + log S, H = Σ/S + log S. Two rounds, but O(M) bytes whatever P
+— the single-process engine's merge of two chunks (`gradlens.logits.merge`), over P parts at
+once. The sums over the ranks are taken so that they add one rounding, not one per rank
+(`gradlens.summation`), and the zero-sum bound holds for any P and split
+(`gradlens.diagnostics.tolerances`). Two ways to combine them (`PASS1`):
+
+    all_gather   one collective: every rank gathers the [P, M, ·] statistics (the float64 S_r,
+                 T_r carried bit for bit beside the softmax-dtype columns) and combines them
+                 locally, in rank order, by a compensated sum: the result is bitwise the same
+                 on every rank
+    max_sum      Megatron's and Cut Cross-Entropy's: all_reduce(MAX) of (m_r, α_r, μ_r) gives
+                 m; then one all_reduce(SUM), in float64, of ζ_r and of e^{d_r} S_r and
+                 e^{d_r}(T_r + d_r S_r) each split into two parts on a common grid
+                 (`summation.grid_parts`, exact whatever order the backend adds them in). Two
+                 rounds, but O(M) bytes whatever P
 
 Then ``coefficients_of(log π(y))`` (with ``token_entropy``: ``coefficients_of(log π(y), H)``, the
 global H of the combination above) runs on every rank with the same input, so c_t is the same
-on every rank (an all_gather makes it bitwise so). Pass 2 is local: π = exp(z − lse) on the
-shard's rows, the dense GEMM, the sparse rows of the tokens the shard owns, the per-row norms
-and partial sums. The finishing collectives:
+on every rank (an all_gather makes it bitwise so). Pass 2 is local: π = exp((z − m) − log S) on
+the shard's rows, the dense GEMM, the sparse rows of the tokens the shard owns, the per-row
+norms and partial sums. The finishing collectives:
 
     all_reduce(SUM) of one packed vector: the row norms of every loss, each rank's [V_r] written
         into zeros of [V] (adding zeros is exact, so this is the all-gather of the [V] norms),
-        the row sums Σ_v ∂L/∂W_v [k, H], per token Σ_v π_v and −Σ_v π_v log π_v as summed from
-        pass 2's entries, with the bonus Σ_v E_v and each bonus loss's Σ_{v≠y} |∂L/∂z_v|, and
-        the GEMM count (summed over ranks, in units of 2·M·H·V);
+        per token −Σ_v π_v log π_v as summed from pass 2's entries, with the bonus each bonus
+        loss's Σ_{v≠y} |∂L/∂z_v|, and the GEMM count (summed over ranks, in units of 2·M·H·V);
+    all_gather of the float64 sums the zero-sum check reads: the row sums Σ_v ∂L/∂W_v [k, H],
+        per token Σ_v π_v and with the bonus Σ_v E_v, added locally in rank order by a
+        compensated sum (one rounding whatever P; bitwise the same on every rank);
     all_reduce(MAX) of each bonus loss's max_{v≠y} |∂L/∂z_v| (with the entropy bonus only: it
         depends on c_t, so pass 1 cannot give it).
 
@@ -50,7 +59,7 @@ vocabulary rows, so each rank's part over its own rows joins the same all_reduce
 attributed loss u [M], e [M] and ‖G_i‖² [N], and the three shared per-token sums [3, M]. Pass 1
 then also combines H_t (d = π(log π + H) needs it), as with the entropy bonus.
 
-Collectives per run: all_gather: 1 + 1 (+ 1 with the entropy bonus); max_sum: 2 + 1 (+ 1).
+Collectives per run: all_gather: 1 + 2 (+ 1 with the entropy bonus); max_sum: 2 + 2 (+ 1).
 The `Collectives` object counts their bytes (docs/scaling.md has the formulas).
 """
 
@@ -75,62 +84,77 @@ from gradlens.engine.streamed import (
     bonus_weight,
     coefficients_at,
     first_pass,
+    sampled_logp,
     second_pass,
 )
 from gradlens.engine.vocab_split import VocabSplit
 from gradlens.errors import GradlensError
-from gradlens.logits import softmax_dtype
+from gradlens.logits import Normaliser, merge_all, softmax_dtype
 from gradlens.losses.registry import unknown_name_message
+from gradlens.summation import WIDE, compensated_sum, grid_parts, join
 
 
 @dataclass(frozen=True)
 class TokenTotals:
     """Pass 1's per-token statistics over the whole vocabulary, [M] each."""
 
-    lse: Tensor
+    norm: Normaliser  # the global m, S (and T when H_t is needed)
     z_y: Tensor
     max_abs: Tensor
     max_other_logit: Tensor
-    entropy: Tensor | None  # H_t, with the entropy bonus or ``token_entropy`` only
 
 
-def _columns(first: FirstPass) -> list[Tensor]:
+def _pack(narrow: list[Tensor], wide: list[Tensor]) -> Tensor:
+    """[M, n] columns in the softmax dtype, the float64 ``wide`` ones carried bit for bit (two
+    float32 columns each when the softmax dtype is float32: an all_gather only copies)."""
+    cols = torch.stack(narrow, dim=-1)  # [M, a]
+    bits = torch.stack(wide, dim=-1).view(cols.dtype)  # [M, b·8/size]
+    return torch.cat([cols, bits], dim=-1)
+
+
+def _unpack(g: Tensor, narrow: int) -> tuple[Tensor, Tensor]:
+    """`_pack`'s inverse on gathered [P, M, n]: [P, M, a] and the float64 [P, M, b]."""
+    return g[..., :narrow], g[..., narrow:].contiguous().view(WIDE)
+
+
+def combine_all_gather(
+    first: FirstPass, owner: Tensor, comm: Collectives, vocab: int
+) -> TokenTotals:
+    """One all_gather of every rank's statistics, combined locally in rank order."""
     assert first.max_other_logit is not None
-    cols = [first.lse, first.z_y, first.max_abs, first.max_other_logit]
-    return cols if first.entropy is None else [*cols, first.entropy]
+    norm = first.norm
+    narrow = [norm.max, first.z_y, first.max_abs, first.max_other_logit]
+    wide = [norm.sum] if norm.tilt is None else [norm.sum, norm.tilt]
+    g = comm.all_gather(_pack(narrow, wide), "pass1")  # [P, M, ·]
+    cols, sums = _unpack(g, len(narrow))
+    tilt = None if norm.tilt is None else sums[..., 1]
+    total = merge_all(cols[..., 0], sums[..., 0], tilt)
+    z_y = cols[owner, torch.arange(owner.numel(), device=owner.device), 1]  # the owner's ζ
+    return TokenTotals(total, z_y, cols[..., 2].amax(0), cols[..., 3].amax(0))
 
 
-def combine_all_gather(first: FirstPass, owner: Tensor, comm: Collectives) -> TokenTotals:
-    """One all_gather of [M, 4 or 5] per rank, combined locally in rank order."""
-    g = comm.all_gather(torch.stack(_columns(first), dim=-1), "pass1")  # [P, M, 4|5]
-    lam = g[..., 0]  # [P, M] λ_r
-    lse = torch.logsumexp(lam, dim=0)  # [M]
-    z_y = g[owner, torch.arange(owner.numel(), device=owner.device), 1]  # the owner's ζ
-    entropy = None
-    if first.entropy is not None:
-        entropy = (torch.exp(lam - lse) * (g[..., 4] + (lse - lam))).sum(0)
-    return TokenTotals(lse, z_y, g[..., 2].amax(0), g[..., 3].amax(0), entropy)
-
-
-def combine_max_sum(first: FirstPass, owner: Tensor, comm: Collectives) -> TokenTotals:
-    """all_reduce(MAX) of (λ_r, α_r, μ_r), then all_reduce(SUM) of (e^{λ_r−Λ}, ζ_r, and with the
-    bonus e^{λ_r−Λ}·(η_r + Λ − λ_r))."""
+def combine_max_sum(first: FirstPass, owner: Tensor, comm: Collectives, vocab: int) -> TokenTotals:
+    """all_reduce(MAX) of (m_r, α_r, μ_r), then one float64 all_reduce(SUM) of ζ_r and of the
+    rescaled S_r (and T_r) on a common grid, so that the backend's order does not round."""
     assert first.max_other_logit is not None
+    norm = first.norm
     top = comm.all_reduce(
-        torch.stack([first.lse, first.max_abs, first.max_other_logit], dim=-1), "max", "pass1.max"
+        torch.stack([norm.max, first.max_abs, first.max_other_logit], dim=-1), "max", "pass1.max"
     )  # [M, 3]
-    big = top[:, 0]  # Λ = max_r λ_r
-    scale = torch.exp(first.lse - big)  # e^{λ_r − Λ} ≤ 1
-    cols = [scale, first.z_y]
-    if first.entropy is not None:
-        cols.append(scale * (first.entropy + (big - first.lse)))
-    sums = comm.all_reduce(torch.stack(cols, dim=-1), "sum", "pass1.sum")  # [M, 2|3]
-    log_s = torch.log(sums[:, 0])
-    entropy = None if first.entropy is None else sums[:, 2] / sums[:, 0] + log_s
-    return TokenTotals(big + log_s, sums[:, 1], top[:, 1], top[:, 2], entropy)
+    m = top[:, 0]
+    d = norm.max.to(WIDE) - m.to(WIDE)  # [M] d_r ≤ 0
+    f = torch.exp(d)
+    # e^{d_r} S_r ≤ V_r and e^{d_r}|T_r + d_r S_r| = Σ_v e^{z_v − m}|z_v − m| ≤ V_r/e: within 2V
+    cols = [*grid_parts(f * norm.sum, 2.0 * vocab, comm.world), first.z_y.to(WIDE)]
+    if norm.tilt is not None:
+        cols += grid_parts(f * (norm.tilt + d * norm.sum), 2.0 * vocab, comm.world)
+    sums = comm.all_reduce(torch.stack(cols, dim=-1), "sum", "pass1.sum")  # [M, 3|5]
+    tilt = None if norm.tilt is None else join(sums[:, 3], sums[:, 4])
+    total = Normaliser(m, join(sums[:, 0], sums[:, 1]), tilt)
+    return TokenTotals(total, sums[:, 2].to(m.dtype), top[:, 1], top[:, 2])
 
 
-CombineFn = Callable[[FirstPass, Tensor, Collectives], TokenTotals]
+CombineFn = Callable[[FirstPass, Tensor, Collectives, int], TokenTotals]
 PASS1: dict[str, CombineFn] = {"all_gather": combine_all_gather, "max_sum": combine_max_sum}
 
 
@@ -197,19 +221,20 @@ def vocab_parallel_pass(
     first = first_pass(
         hidden, weight_shard, local, plan, entropy=need_h, other_logit=True, vocab=split.vocab
     )
-    totals = combine(first, split.owner(tokens), comm)
-    logp = totals.z_y - totals.lse
-    coefficients = coefficients_at(coefficients_of, logp, totals.entropy, token_entropy, acc)
-    ent_w = bonus_weight(entropy_weight, totals.entropy)
+    totals = combine(first, split.owner(tokens), comm, split.vocab)
+    logp = sampled_logp(totals.z_y, totals.norm)
+    entropy = None if totals.norm.tilt is None else totals.norm.entropy().to(acc)
+    coefficients = coefficients_at(coefficients_of, logp, entropy, token_entropy, acc)
+    ent_w = bonus_weight(entropy_weight, entropy)
     second = second_pass(
         hidden,
         weight_shard,
         local,
-        totals.lse,
+        totals.norm,
         coefficients,
         plan,
         first.kept,
-        totals.entropy,
+        entropy,
         ent_w,
         entropy_losses,
         vocab=split.vocab,
@@ -218,11 +243,11 @@ def vocab_parallel_pass(
     )
     whole = _finish(second, split, v0, v1, comm)
     return assemble(
-        totals.lse,
+        totals.norm.lse(),
         logp,
         totals.max_abs,
-        torch.exp(totals.max_other_logit - totals.lse),
-        totals.entropy,
+        sampled_logp(totals.max_other_logit, totals.norm).exp(),  # as pass 2 forms π
+        entropy,
         coefficients,
         whole,
         ent_w,
@@ -233,13 +258,14 @@ def vocab_parallel_pass(
 def _finish(
     second: SecondPass, split: VocabSplit, v0: int, v1: int, comm: Collectives
 ) -> SecondPass:
-    """Pass 2's partial results of every rank, reduced: one all_reduce(SUM), and with the
-    entropy bonus one all_reduce(MAX)."""
+    """Pass 2's partial results of every rank, reduced: one all_reduce(SUM), one all_gather of
+    the float64 zero-sum sums (added in rank order), and with the entropy bonus one
+    all_reduce(MAX)."""
     k, m = len(second.norms), second.prob_sum.numel()
     h = second.row_sums[0].numel() if k else 0
     n_ent = len(second.other_mass)
     bonus = second.entropy_grad_sum is not None
-    ref = second.prob_sum
+    ref = second.entropy
     attr = second.attribution
     attr_parts: list[Tensor] = []
     if attr is not None:
@@ -252,19 +278,20 @@ def _finish(
         norms[i, v0:v1] = n
     parts = [
         norms.reshape(-1),
-        *second.row_sums,
-        second.prob_sum,
         second.entropy,
-        *([second.entropy_grad_sum] if second.entropy_grad_sum is not None else []),
         *second.other_mass,
         *attr_parts,
         torch.tensor([second.gemms], dtype=ref.dtype, device=ref.device),
     ]
     total = comm.all_reduce(torch.cat(parts), "sum", "finish.sum")
     attr_size = sum(p.numel() for p in attr_parts)
-    sizes = [k * split.vocab, k * h, m, m, m * bonus, m * n_ent, attr_size, 1]
-    pieces = list(torch.split(total, sizes))
-    norms_all, row_sums, prob_sum, entropy, ent_sum, other_mass, attr_all, gemms = pieces
+    sizes = [k * split.vocab, m, m * n_ent, attr_size, 1]
+    norms_all, entropy, other_mass, attr_all, gemms = torch.split(total, sizes)
+    sums = [*second.row_sums, second.prob_sum]
+    if second.entropy_grad_sum is not None:
+        sums.append(second.entropy_grad_sum)
+    wide = compensated_sum(comm.all_gather(torch.cat(sums), "finish.gather"))  # rank order
+    row_sums, prob_sum, ent_sum = torch.split(wide, [k * h, m, m * bonus])
     summed = None
     if attr is not None:
         values = list(torch.split(attr_all, [p.numel() for p in attr_parts]))
@@ -284,5 +311,6 @@ def _finish(
         other_mass=list(other_mass.reshape(n_ent, m).unbind(0)),
         other_max=other_max,
         gemms=float(gemms),
+        gemm_scale=second.gemm_scale,  # from the coefficients, the same on every rank
         attribution=summed,
     )

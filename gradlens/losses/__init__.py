@@ -3,6 +3,7 @@
 # isort: off
 from gradlens.losses import reinforce, ppo, sft  # noqa: F401  (registration side effect)
 from gradlens.losses import grpo, gspo, cispo, sapo, minirl  # noqa: F401
+from gradlens.losses import opd  # noqa: F401
 from gradlens.losses import dppo, m2po, aspo, gppo, covariance, gmpo  # noqa: F401
 from gradlens.losses import topr, dro, luspo, vespo, real, fipo, rollout_anchored  # noqa: F401
 

@@ -39,6 +39,32 @@ class Correction:
 
 
 @dataclass(frozen=True)
+class Distill:
+    """The run's distillation term (docs/losses.md §2.29, `gradlens.losses.distill`): a
+    divergence between the student π_t and a teacher q_t over the whole distribution, added to
+    every loss as coef·Σ_t a_t·D_t. Its logit gradient is dense and zero-sum, not of the c-form.
+
+    Attributes:
+        divergence: forward_kl (KL(q‖π)), reverse_kl (KL(π‖q)) or jsd (TRL GKD's β-JSD).
+        form: full (every vocabulary entry; needs the teacher's hidden states and lm_head) or
+            top_k (the sums run over the teacher's top-k ids K_t only, unrenormalised, as verl's
+            ``forward_kl_topk``; from stored top-k log-probs, or the pair's top ``top_k``).
+        coef: λ, the weight of the term (verl ``distillation_loss_coef``).
+        beta: β of jsd, in [0, 1]; 0 and 1 are TRL's forward and reverse KL.
+        top_k: K when the top-k form is taken from a teacher hidden/weight pair.
+        log_prob_min_clamp: verl's floor on log π and log q before the divergence (log π below
+            it carries no gradient); None: none.
+    """
+
+    divergence: str = "forward_kl"
+    form: str = "full"
+    coef: float = 1.0
+    beta: float = 0.5
+    top_k: int = 8
+    log_prob_min_clamp: float | None = None
+
+
+@dataclass(frozen=True)
 class LossParams:
     """Hyper-parameters shared by the clipped losses (losses.md §2.4 for the defaults).
 
@@ -61,6 +87,7 @@ class LossParams:
         entropy_coef: c_H of the entropy bonus −c_H·agg_t H_t, added to every loss (0: off).
         corrections: training–inference corrections composed with every loss (detached
             weights or masks on g_t; `gradlens.losses.corrections`).
+        distill: the distillation term added to every loss (`Distill`), or None: none.
         bypass_mode: verl's bypass mode: π_old := μ (the rollout log-probs stand in for the
             recomputed old policy) and every correction's ratio is sg[π_θ]/μ instead of π_old/μ.
 
@@ -119,6 +146,7 @@ class LossParams:
     minirl_truncation: str = "literal"
     entropy_coef: float = 0.0
     corrections: tuple[Correction, ...] = ()
+    distill: Distill | None = None
     bypass_mode: bool = False
     # --- the losses of docs/losses.md §2.14–§2.27 and the top-entropy token selection (§2.28);
     # every default keeps the behaviour of the losses above unchanged. Each has a twin with the

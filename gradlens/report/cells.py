@@ -54,6 +54,16 @@ def metrics_cell(r: LossReport) -> str:
     return escape(", ".join(f"{k} {fmt(v)}" for k, v in r.metrics.items()))
 
 
+def agreement_cell(r: LossReport) -> str:
+    """ok / FAIL, with the sample's size when the check was sampled; 'not run' without one."""
+    a = r.agreement
+    if not a.ran:
+        return "not run"
+    if a.scope == "sampled":
+        return f"{ok(a.passed)} (sampled: {a.sampled_tokens} tokens, {a.sampled_rows} rows)"
+    return ok(a.passed)
+
+
 def other_rules_cell(r: LossReport) -> str:
     """Shares of the regions the fixed clipping rows do not show (CISPO, corrections, ...)."""
     shares = {k: v for k, v in r.clipping.shares.items() if k not in SHOWN}

@@ -61,6 +61,20 @@ def framework_table(rows: Sequence[Mapping[str, str]]) -> FitTable:
     return table
 
 
+def distill_list_table(rows: Sequence[Mapping[str, str]]) -> FitTable:
+    """One row per distillation divergence: ``name``, ``divergence``, ``grad_logits``, ``paper``."""
+    table = FitTable(
+        "distillation terms (loss.distill.divergence; form full or top_k; not c-form: "
+        "∂L/∂z_t = λ·a_t·(u_t − π_t·Σu_t), zero-sum; docs/losses.md §2.29)",
+        keys=1,
+    )
+    for header in ("divergence", "D_t", "∂D_t/∂z_v (full form)", "source"):
+        table.add_column(header, justify="left")
+    for row in rows:
+        table.add_row(*(escape(row[k]) for k in ("name", "divergence", "grad_logits", "paper")))
+    return table
+
+
 def pair_table(result: PairTable) -> FitTable:
     """``gradlens losses --compare A,B``: g_t of both losses over (A, r), and which rules fire."""
     a, b = result.loss_a, result.loss_b

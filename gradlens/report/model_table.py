@@ -12,7 +12,7 @@ from rich.panel import Panel
 
 from gradlens.report.cells import SEED_POST_NOTE, fmt, pct, titled_table
 from gradlens.report.fit import FitTable
-from gradlens.results import CompareReport
+from gradlens.results import CompareReport, ModelPass
 
 SAMPLES_SHOWN = 4
 SAMPLE_CHARS = 70
@@ -106,10 +106,17 @@ def mismatch_table(report: CompareReport) -> FitTable:
 def staleness_table(report: CompareReport) -> FitTable:
     assert report.model is not None and report.model.staleness is not None
     s = report.model.staleness
+    how = (
+        f"lr {s.lr:g}"
+        if s.target_kl is None
+        else f"target KL {s.target_kl:g}: lr searched from {s.lr:g}"
+    )
+    ran = pass_text(s.model_pass)
     table = titled_table(
-        f"staleness: r = π_θk/π_old after k {s.optimizer} steps (lr {s.lr:g}) on {s.loss}; "
-        f"the diagnosis runs at k = {s.steps}",
+        f"staleness: r = π_θk/π_old after k {s.optimizer} steps ({how}) on {s.loss}; "
+        f"the diagnosis runs at k = {s.steps}" + (f"\n{ran}" if ran else ""),
         "k",
+        "lr (tries)",
         "loss",
         "r mean",
         "min",
@@ -123,8 +130,10 @@ def staleness_table(report: CompareReport) -> FitTable:
         "pg_clipfrac",
     )
     for t in s.trajectory:
+        tries = "" if not t.probes else f" ({t.probes + 1})"
         table.add_row(
             str(t.step),
+            "—" if t.lr is None else f"{t.lr:.3g}{tries}",
             fmt(t.loss),
             *(fmt(v) for v in (t.ratio_mean, t.ratio_min, t.ratio_p05, t.ratio_p50)),
             *(fmt(v) for v in (t.ratio_p95, t.ratio_max, t.kl_k3)),
@@ -135,11 +144,26 @@ def staleness_table(report: CompareReport) -> FitTable:
     return table
 
 
+def pass_text(p: ModelPass | None) -> str:
+    """How a pass through the model ran, in a few words."""
+    if p is None:
+        return ""
+    over = ", a sequence over the budget" if p.over_budget else ""
+    ckpt = ", blocks recomputed in the backward" if p.checkpointed else ""
+    return (
+        f"{p.micro_batches} micro-batch(es), {p.forwards} forward(s) and {p.backwards} "
+        f"backward(s){ckpt}; budget {p.budget_bytes / 2**20:.0f} MiB, "
+        f"{p.bytes_per_sequence / 2**20:.1f} MiB kept per sequence{over}"
+    )
+
+
 def model_grads_table(report: CompareReport) -> FitTable:
     losses = [r for r in report.losses if r.model_grads is not None]
     at = "at the checkpoint" if report.model and report.model.source == "batch" else "at θ_k"
+    ran = pass_text(report.model.gradient_pass if report.model else None)
     table = titled_table(
-        f"whole-model gradient norms per tensor group (same batch, {at})",
+        f"whole-model gradient norms per tensor group (same batch, {at})"
+        + (f"\n{ran}" if ran else ""),
         "",
         *(r.name for r in losses),
     )
@@ -209,11 +233,23 @@ def sft_over_rl_table(report: CompareReport) -> FitTable | None:
     return table
 
 
+def notes_panel(report: CompareReport) -> Panel | None:
+    """What stands out about the checkpoint and its batch (``model.notes``)."""
+    assert report.model is not None
+    if not report.model.notes:
+        return None
+    text = "\n".join(f"• {escape(n)}" for n in report.model.notes)
+    return Panel(text, title="notes on the checkpoint", title_align="left", expand=False)
+
+
 def model_parts(report: CompareReport) -> list:
     """The sections of the checkpoint, in reading order; empty without one."""
     if report.model is None:
         return []
     parts: list = [model_panel(report)]
+    notes = notes_panel(report)
+    if notes is not None:
+        parts.append(notes)
     if report.model.mismatch is not None:
         parts.append(mismatch_table(report))
     if report.model.staleness is not None:

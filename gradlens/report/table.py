@@ -12,6 +12,7 @@ from rich.text import Text
 from gradlens.report.attribution_table import attribution_parts
 from gradlens.report.cells import (
     SEED_POST_NOTE,
+    agreement_cell,
     fmt,
     metrics_cell,
     ok,
@@ -149,7 +150,7 @@ SECTIONS: list[tuple[str, list[Row]]] = [
             ("∂L/∂z", lambda r: fmt(r.agreement.grad_logits, 2)),
             ("∂L/∂W", lambda r: fmt(r.agreement.grad_weight, 2)),
             ("tolerance", lambda r: fmt(r.agreement.tolerance, 2)),
-            ("agreement", lambda r: ok(r.agreement.passed) if r.agreement.ran else "not run"),
+            ("agreement", agreement_cell),
             (
                 "non-finite gradient entries",
                 lambda r: str(r.non_finite) if not r.non_finite else f"[bold red]{r.non_finite}[/]",

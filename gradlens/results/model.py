@@ -66,6 +66,9 @@ class RolloutSummary(Result):
     top_p: float
     top_k: int = Field(0, description="top-k of the sampler; 0: off")
     reward: str
+    chat_template: bool = Field(
+        False, description="the prompts were user messages in the tokenizer's chat template"
+    )
     mean_reward: float
     reward_std: float
     logp_definition: str
@@ -83,10 +86,31 @@ class Mismatch(RolloutStats):
     train_dtype: str
 
 
+class ModelPass(Result):
+    """How one pass through the whole model ran: its memory plan (gradlens.sources.microbatch)."""
+
+    name: str = Field(description="'stale steps' or 'whole-model gradients'")
+    micro_batches: int = Field(description="groups of sequences that went through together")
+    forwards: int = Field(description="forward passes with autograd, over all micro-batches")
+    backwards: int = Field(description="backward passes, over all micro-batches")
+    checkpointed: bool = Field(description="transformer blocks recomputed in the backward")
+    budget_bytes: int = Field(description="the memory budget of one micro-batch")
+    bytes_per_sequence: int = Field(
+        description="what one sequence's forward keeps for the backward (measured)"
+    )
+    over_budget: bool = Field(description="a single sequence exceeds the budget")
+
+
 class StaleStep(Result):
     """The ratio r = π_θk/π_old after k optimizer steps on the rollout batch."""
 
     step: int
+    lr: float | None = Field(
+        None, description="learning rate of the step θ_(k−1) → θ_k (null at k = 0)"
+    )
+    probes: int = Field(
+        0, description="times that step was redone with another learning rate (target_kl)"
+    )
     loss: float | None = Field(description="the stale loss at θ_k (null after the last step)")
     ratio_mean: float | None
     ratio_min: float | None
@@ -103,9 +127,13 @@ class StaleStep(Result):
 class Staleness(Result):
     steps: int
     optimizer: str
-    lr: float
+    lr: float = Field(description="the configured learning rate (with target_kl: the first guess)")
+    target_kl: float | None = Field(
+        None, description="the KL k3 of π_θN against π_old the steps aimed at; null: lr fixed"
+    )
     loss: str
     trajectory: list[StaleStep]
+    model_pass: ModelPass | None = Field(None, description="how the steps ran through the model")
 
 
 class GradGroup(Result):
@@ -170,3 +198,10 @@ class ModelReport(Result):
     mismatch: Mismatch | None = Field(None, description="model source only")
     staleness: Staleness | None = Field(None, description="model source only")
     sft_over_rl: list[SftOverRl]
+    gradient_pass: ModelPass | None = Field(
+        None, description="how the whole-model gradients ran through the model"
+    )
+    notes: list[str] = Field(
+        default_factory=list,
+        description="what stands out about the checkpoint and its batch, in words",
+    )

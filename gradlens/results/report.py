@@ -149,6 +149,13 @@ class Agreement(Result):
     tolerance: float
     passed: bool
     ran: bool = Field(True, description="false: no reference was computed (--reference none)")
+    scope: Literal["full", "sampled"] = Field(
+        "full",
+        description="full: every token and row; sampled (the streamed engines' default): c_t "
+        "of every token, ∂L/∂z_y of sampled_tokens tokens and the norms of sampled_rows rows",
+    )
+    sampled_tokens: int | None = Field(None, description="scope sampled: tokens checked")
+    sampled_rows: int | None = Field(None, description="scope sampled: lm_head rows checked")
 
 
 class Signal(Result):

@@ -27,6 +27,10 @@ class SourceContext:
         normalization, advantage_eps: how rewards become advantages (`gradlens.advantages`).
         params, aggregation: the run's loss settings (the model source's stale steps minimise a
             loss with them).
+        memory_budget_bytes: ``diagnostics.memory_budget_mib`` in bytes: the working memory of a
+            source that builds its batch in pieces (the synthetic source above its materialized
+            size) and of a pass through a model (`gradlens.sources.microbatch`); None: chosen
+            from free memory.
         rank, tensor_parallel: this process's rank in the tensor-parallel group and the group's
             size (1: one process). A source may return only this rank's rows of the lm_head
             (`Batch.weight_rows`); the compare pipeline splits a whole one itself.
@@ -39,6 +43,7 @@ class SourceContext:
     advantage_eps: float = 1e-6
     params: LossParams = field(default_factory=LossParams)
     aggregation: Aggregation = field(default_factory=Aggregation)
+    memory_budget_bytes: int | None = None
     rank: int = 0
     tensor_parallel: int = 1
 

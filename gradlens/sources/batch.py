@@ -15,7 +15,9 @@ of the file's lm_head weight (split at load, the balanced split), or ``{rank}`` 
 ``vocab_size``; `gradlens.batchfile`); the batch's ``weight_rows`` says which. A checkpoint's
 recomputed lm_head is whole; the compare pipeline splits it.
 
-`dump_tensors` is the inverse: what ``gradlens dump`` writes of any source's batch.
+`dump_tensors` is the inverse: what ``gradlens dump`` writes of any source's batch. A dump of
+the model source made after stale steps records them (``stale_steps``): the checkpoint cannot
+reproduce the θ they reached, and a read-back with it says so in the report.
 """
 
 from __future__ import annotations
@@ -74,6 +76,12 @@ def build_batch_file(src: BatchSource, ctx: SourceContext) -> Batch:
         hidden, weight, context = recomputed.hidden, recomputed.weight, recomputed.context
         tokenizer = recomputed.tokenizer
         origin = f"; {recomputed.description}"
+        stale = int(data["stale_steps"].max()) if "stale_steps" in data else 0
+        if stale:
+            warning = stale_note(path.name, stale)
+            origin += f"; {warning}"
+            if context is not None:
+                context.notes.append(warning)
         if "hidden" in data:
             origin += " (the file's hidden_states and lm_head_weight are not used)"
     elif "hidden" in data:
@@ -157,6 +165,15 @@ def build_batch_file(src: BatchSource, ctx: SourceContext) -> Batch:
             file_names(path.name, file.keys, data, src.model_path),
             frozenset() if src.model_path is None else frozenset({"hidden", "weight"}),
         ),
+    )
+
+
+def stale_note(name: str, steps: int) -> str:
+    """What a file dumped after stale steps means when its checkpoint recomputes it."""
+    return (
+        f"{name} was dumped after {steps} stale optimizer step(s) of the model source, but "
+        "source.model_path holds the parameters before them (θ_old): the recomputed π_θ is the "
+        "file's π_old, so every ratio is 1 up to rounding; the steps' θ is not stored in the file"
     )
 
 
@@ -279,9 +296,13 @@ def dump_tensors(batch: Batch) -> dict[str, Tensor | None]:
             f"from offset {context.offset}"
         )
     cropped = {k: None if x is None else x[:, cut:] for k, x in per_token.items()}
+    stale = None
+    if context.staleness is not None:  # θ is not the checkpoint's: say so in the file
+        stale = torch.full((batch.num_sequences,), context.staleness.steps, dtype=torch.long)
     return {
         **cropped,
         "weight": batch.weight,
         "prompts": seqs.input_ids[:, :p],
         "attention": seqs.attention_mask.long(),  # [N, P+T]: prompt and response
+        "stale_steps": stale,
     }

@@ -6,14 +6,22 @@ extended by a constant 1 and W by the bias column, so z = W h still holds and th
 is the last column of ∂L/∂W. A temperature T is folded into the hidden states (h/T), so the
 lm_head gradient keeps its 1/T factor. `check_logit_path` refuses a model whose logits are not
 W·h (soft-capping, scaling).
+
+Activation checkpointing (`checkpointed_blocks`): inside the block, each transformer block
+keeps only its input for the backward and recomputes its forward there (torch.utils.checkpoint,
+non-reentrant), so a forward with autograd holds L·H numbers per position and block instead of
+all of the block's intermediates — one more forward's worth of compute for the backward.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from gradlens.containers import LoadedModel, Sequences
 from gradlens.errors import GradlensError
@@ -23,6 +31,63 @@ from gradlens.logits import compute_logits
 def position_ids(attention_mask: Tensor) -> Tensor:
     """[N, L] positions that count real tokens only, so left padding changes nothing."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def block_list(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """(module path, modules) of the list of transformer blocks, if one is found."""
+    layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and (layers is None or len(module) == layers):
+            return name, module
+    return None
+
+
+@contextmanager
+def checkpointed_blocks(model: nn.Module) -> Iterator[bool]:
+    """Recompute every transformer block in the backward (see the module docstring).
+
+    Yields whether blocks were found (a model without a block list runs unchanged). The
+    model must be deterministic in its forward (eval mode: no dropout), which every caller's
+    model is.
+    """
+    blocks = block_list(model)
+    if blocks is None:
+        yield False
+        return
+    wrapped = []
+    for block in blocks[1]:
+        original = block.forward
+
+        def forward(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            if not torch.is_grad_enabled():
+                return _original(*args, **kwargs)
+            return checkpoint(_original, *args, use_reentrant=False, **kwargs)
+
+        block.forward = forward  # type: ignore[method-assign]
+        wrapped.append(block)
+    try:
+        yield True
+    finally:
+        for block in wrapped:
+            del block.forward
+
+
+def subset(seqs: Sequences, rows: list[int]) -> Sequences:
+    """The sequences ``rows`` of ``seqs``, on the same [n, L] grid width."""
+    index = torch.tensor(rows, device=seqs.input_ids.device)
+    return Sequences(
+        seqs.input_ids[index],
+        seqs.attention_mask[index],
+        seqs.position_ids[index],
+        seqs.loss_mask[index],
+    )
+
+
+def grid_with(full: Tensor, rows: list[int], part: Tensor) -> Tensor:
+    """[N, T] ``full``, detached, with its rows ``rows`` replaced by ``part`` [n, T] (which
+    keeps its graph): the whole batch's values, differentiable in one micro-batch."""
+    index = torch.tensor(rows, device=full.device)
+    return full.detach().index_copy(0, index, part.to(full.dtype))
 
 
 def head_weight(model: Any) -> Tensor:

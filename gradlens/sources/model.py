@@ -5,16 +5,19 @@
 ships inside gradlens, loaded through exactly the same code). Never a download: a path that is
 not a local directory is an error. The batch is built in five steps:
 
-1. Rollout (gradlens.sources.rollout): the prompts are tokenised and completions sampled by a
-   copy of the model in ``source.rollout_dtype`` (bf16 by default, the inference engine), at
-   temperature T and top-p. It returns μ(y) = softmax(z_rollout/T)(y), the log-prob of each
-   sampled token under the rollout pass (top-p truncation not renormalised, see below).
+1. Rollout (gradlens.sources.prompts, gradlens.sources.rollout): the prompts are tokenised
+   (as plain text, or in the tokenizer's chat template with ``source.chat_template``) and
+   completions sampled by a copy of the model in ``source.rollout_dtype`` (the inference
+   engine: bf16 where the device computes it natively), at temperature T and top-p. It
+   returns μ(y) = softmax(z_rollout/T)(y), the log-prob of each sampled token under the
+   rollout pass (top-p truncation not renormalised, see below).
 2. Rewards (gradlens.sources.rewards) → advantages by ``advantage.normalization`` over groups
    of ``group_size`` completions of one prompt, broadcast to the completion tokens.
 3. π_old: the training pass (the model in ``dtype``, on ``device``) at the rollout parameters
    θ_old: log π_old(y) = log softmax(z/T)(y), z = W h with h the final hidden state (after the
    final norm). This is verl's recomputed ``old_log_probs``; μ is ``rollout_log_probs``.
-4. Staleness (gradlens.sources.staleness): N optimizer steps on this batch, θ_old → θ.
+4. Staleness (gradlens.sources.staleness): N optimizer steps on this batch, θ_old → θ, as far
+   as ``source.stale.target_kl`` asks.
 5. The batch at θ: ``hidden`` = h/T (so z/T = W·(h/T): the temperature is folded into the
    hidden states and the lm_head gradient keeps its 1/T factor), ``weight`` = W, ``tokens``,
    ``mask`` = the sampled completion tokens (the EOS token included, prompt and padding
@@ -43,29 +46,43 @@ from gradlens.config import DTYPES, ModelSource
 from gradlens.containers import Batch, KeptSets, ModelContext, Origin, RolloutRecord
 from gradlens.losses import get_loss
 from gradlens.memory import Estimate, Shape, dtype_bytes
+from gradlens.progress import report
 from gradlens.sources.base import SourceContext, SourcePlan
 from gradlens.sources.checkpoint import checkpoint_estimate, checkpoint_sizes, load_checkpoint
 from gradlens.sources.forward import check_logit_path, head_weight
-from gradlens.sources.rewards import load_reward, score
-from gradlens.sources.rollout import choose_prompts, sample, tokenize_prompts
+from gradlens.sources.microbatch import pass_budget
+from gradlens.sources.prompts import choose_prompts, has_chat_template, tokenize_prompts
+from gradlens.sources.rewards import default_reward, load_reward, score
+from gradlens.sources.rollout import rollout_dtype, sample, stop_tokens
 from gradlens.sources.staleness import stale_steps
 
 
 def build_model_batch(src: ModelSource, ctx: SourceContext) -> Batch:
     """The batch described by a `ModelSource` section (see the module docstring)."""
     device, dtype = ctx.device, ctx.dtype
-    reward_fn = load_reward(src.reward)
+    reward_name = src.reward or default_reward(src.chat_template)
+    reward_fn = load_reward(reward_name)
     stale_spec = get_loss(src.stale.loss)
+    report("loading checkpoint", 0, 1)
     loaded = load_checkpoint(src.path, device, dtype)
-    prompts, prompt_key = choose_prompts(src.prompts, src.num_prompts, ctx.seed)
-    prompt_ids = tokenize_prompts(prompts, prompt_key, loaded, src.max_new_tokens)
+    report("loading checkpoint", 1, 1)
+    prompts, prompt_key = choose_prompts(src.prompts, src.num_prompts, ctx.seed, src.chat_template)
+    prompt_ids = tokenize_prompts(
+        prompts, prompt_key, loaded, src.max_new_tokens, src.chat_template
+    )
     if len(prompt_ids[0]) > 1:
         check_logit_path(loaded, prompt_ids[0], device)
+    notes = []
+    if not src.chat_template and not loaded.builtin and has_chat_template(loaded.tokenizer):
+        notes.append(
+            "the tokenizer has a chat template, and the prompts were fed as plain text: for an "
+            "instruct or chat checkpoint set source.chat_template: true (its template, and the "
+            "built-in instructions with the word_limit reward when source.prompts is null)"
+        )
 
-    rollout_dtype = DTYPES[src.rollout_dtype]
-    roller = (
-        loaded.model if rollout_dtype == dtype else copy.deepcopy(loaded.model).to(rollout_dtype)
-    )
+    rollout_name, rollout_reason = rollout_dtype(src.rollout_dtype, device)
+    roll_dtype = DTYPES[rollout_name]
+    roller = loaded.model if roll_dtype == dtype else copy.deepcopy(loaded.model).to(roll_dtype)
     gen = torch.Generator().manual_seed(ctx.seed)
     rollout = sample(
         roller,
@@ -77,12 +94,13 @@ def build_model_batch(src: ModelSource, ctx: SourceContext) -> Batch:
         src.top_p,
         gen,
         device,
-        src.top_k,
+        stop=stop_tokens(loaded),
+        top_k=src.top_k,
     )
     del roller  # the rollout copy is not needed any more
 
     group_prompts = [p for p in prompts for _ in range(src.group_size)]
-    rewards = score(reward_fn, src.reward, group_prompts, rollout.completions)
+    rewards = score(reward_fn, reward_name, group_prompts, rollout.completions)
     adv, note = advantages_from_rewards(
         torch.tensor(rewards, dtype=torch.float64),
         ctx.normalization,
@@ -105,6 +123,7 @@ def build_model_batch(src: ModelSource, ctx: SourceContext) -> Batch:
         ctx.params,
         ctx.aggregation,
         loaded.bias,
+        pass_budget(ctx.memory_budget_bytes, device),
         rollout.kept_ids,
         groups,
     )
@@ -120,9 +139,10 @@ def build_model_batch(src: ModelSource, ctx: SourceContext) -> Batch:
         max_new_tokens=src.max_new_tokens,
         temperature=src.temperature,
         top_p=src.top_p,
-        reward=src.reward,
-        rollout_dtype=src.rollout_dtype,
+        reward=reward_name,
+        rollout_dtype=rollout_name,
         top_k=src.top_k,
+        chat_template=src.chat_template,
     )
     kept = None
     if rollout.kept_ids is not None:
@@ -141,6 +161,11 @@ def build_model_batch(src: ModelSource, ctx: SourceContext) -> Batch:
     train_dtype = str(dtype).removeprefix("torch.")
     name = "built-in tiny_lm" if loaded.builtin else f"{loaded.path.name}"
     parameters = sum(p.numel() for p in loaded.model.parameters())
+    stale_text = (
+        f"lr {src.stale.lr:g}"
+        if src.stale.target_kl is None
+        else f"target KL {src.stale.target_kl:g}"
+    )
     return Batch(
         hidden=hidden,
         weight=weight,
@@ -155,11 +180,13 @@ def build_model_batch(src: ModelSource, ctx: SourceContext) -> Batch:
         groups=groups,
         source=(
             f"model: {name} ({type(loaded.model).__name__}, {parameters / 1e6:.2f}M parameters"
-            f"{', tied embeddings' if loaded.tied else ''}); {len(prompts)} prompts × "
+            f"{', tied embeddings' if loaded.tied else ''}); {len(prompts)} prompts"
+            f"{' in its chat template' if src.chat_template else ''} × "
             f"{src.group_size} completions ≤ {src.max_new_tokens} tokens, T = {src.temperature}, "
             f"top-p {src.top_p}{f', top-k {src.top_k}' if src.top_k else ''}; "
-            f"μ in {src.rollout_dtype}; {src.stale.steps} stale "
-            f"{src.stale.optimizer} step(s) on {src.stale.loss}; reward {src.reward}"
+            f"μ in {rollout_name} ({rollout_reason}); {src.stale.steps} stale "
+            f"{src.stale.optimizer} step(s) on {src.stale.loss} ({stale_text}); reward "
+            f"{reward_name}"
         ),
         advantage_note=note,
         model_context=ModelContext(
@@ -169,6 +196,7 @@ def build_model_batch(src: ModelSource, ctx: SourceContext) -> Batch:
             train_dtype,
             rollout=record,
             staleness=stale.record,
+            notes=notes,
         ),
         kept=kept,
         origin=Origin(model_names, COMPUTED),
@@ -188,10 +216,9 @@ def plan_model(src: ModelSource, ctx: SourceContext) -> SourcePlan:
         return SourcePlan((), None, provides)
     params = sizes.parameters
     extra = []
-    if src.rollout_dtype != str(ctx.dtype).removeprefix("torch."):
-        extra.append(
-            ("rollout copy of the parameters", params * dtype_bytes(DTYPES[src.rollout_dtype]))
-        )
+    rollout_name, _ = rollout_dtype(src.rollout_dtype, ctx.device)
+    if rollout_name != str(ctx.dtype).removeprefix("torch."):
+        extra.append(("rollout copy of the parameters", params * dtype_bytes(DTYPES[rollout_name])))
     if src.stale.steps:
         moments = 2 if src.stale.optimizer != "sgd" else 0
         extra.append(

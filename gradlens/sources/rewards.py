@@ -12,6 +12,11 @@ Built-ins:
                     so the completions of one prompt rarely tie (a tie gives Â = 0).
     length          completion length in characters / 100 (a reward hackers' favourite; a
                     quick way to get advantages that follow a visible property of the text).
+    word_limit      for prompts that state "in at most N words" (the built-in instructions
+                    all do): with w the completion's whitespace-separated words, w/N up to the
+                    limit and 1 − (w − N)/N beyond it — every word short of the limit or over
+                    it costs 1/N, so an answer that uses its budget exactly scores 1. The
+                    default reward with ``source.chat_template``.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import codeop
 import importlib
 import math
+import re
 import sys
 import warnings
 from collections.abc import Callable
@@ -55,7 +61,31 @@ def length(prompt: str, completion: str) -> float:
     return len(completion) / 100.0
 
 
-BUILTIN_REWARDS: dict[str, RewardFn] = {"python_syntax": python_syntax, "length": length}
+WORD_LIMIT = re.compile(r"at most (\d+) words?", re.IGNORECASE)
+
+
+def word_limit(prompt: str, completion: str) -> float:
+    """w/N up to the prompt's limit N, 1 − (w − N)/N beyond it (w: words of the completion)."""
+    found = WORD_LIMIT.search(prompt)
+    if found is None or int(found.group(1)) == 0:
+        raise ValueError(
+            f"the prompt states no word limit ('in at most N words', N ≥ 1): {prompt[:60]!r}"
+        )
+    limit = int(found.group(1))
+    words = len(completion.split())
+    return words / limit if words <= limit else 1 - (words - limit) / limit
+
+
+BUILTIN_REWARDS: dict[str, RewardFn] = {
+    "python_syntax": python_syntax,
+    "length": length,
+    "word_limit": word_limit,
+}
+
+
+def default_reward(chat_template: bool) -> str:
+    """The reward when ``source.reward`` is null: for the built-in prompt set in use."""
+    return "word_limit" if chat_template else "python_syntax"
 
 
 def load_reward(spec: str) -> RewardFn:

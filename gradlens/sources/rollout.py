@@ -1,8 +1,11 @@
-"""Rollouts: prompts, and completions sampled token by token with the log-prob μ of each.
+"""Rollouts: completions sampled token by token, with the log-prob μ of each.
 
 The sampler is the "inference engine": a copy of the model in ``source.rollout_dtype`` with a
-key-value cache. At each step the logits of the last position are upcast to float32 (as vLLM
-does), divided by the temperature T, and
+key-value cache, all sequences of the batch decoded together. ``auto`` (the default) is
+bfloat16 where the device computes it natively and float32 elsewhere: a CPU without bf16
+instructions emulates it at more than the cost of float32 (`rollout_dtype`). At each step the
+logits of the last position are upcast to float32 (as vLLM does), divided by the temperature
+T, and
 
     μ(y) = softmax(z/T)(y)              the rollout log-prob returned with the token,
     y ~ softmax(z/T) restricted to the kept set K_t and renormalised,
@@ -16,8 +19,10 @@ The cache is handed back to the model under the name its ``forward`` takes: ``ca
 transformers releases that rename it (there ``past_key_values`` warns, and 5.40 removes it),
 ``past_key_values`` in the ones before.
 
-A sequence stops at the tokenizer's EOS token (which is kept and enters the loss) or after
-``max_new_tokens``. Prompts are left-padded so that every sequence's completion starts at the
+A sequence stops at a stop token (which is kept and enters the loss) or after
+``max_new_tokens``; the stop tokens are the tokenizer's EOS and the generation config's
+``eos_token_id`` (chat models end a turn with a token of their own; `stop_tokens`). Prompts
+(gradlens.sources.prompts) are left-padded so that every sequence's completion starts at the
 same column; positions count real tokens only, so padding changes nothing.
 """
 
@@ -31,47 +36,44 @@ import torch
 from torch import Tensor, nn
 
 from gradlens.containers import LoadedModel, Sequences
-from gradlens.errors import GradlensError
 from gradlens.progress import report
-from gradlens.sources.checkpoint import read_builtin_prompts
 from gradlens.sources.forward import position_ids
 
 
-def choose_prompts(prompts: list[str] | None, num_prompts: int, seed: int) -> tuple[list[str], str]:
-    """The prompts (config or built-in corpus) and the config key that errors should name."""
-    if prompts is not None:
-        return list(prompts), "source.prompts"
-    corpus = read_builtin_prompts()
-    if num_prompts > len(corpus):
-        raise GradlensError(
-            f"source.num_prompts: the built-in corpus has {len(corpus)} prompts (got {num_prompts})"
-        )
-    order = torch.randperm(len(corpus), generator=torch.Generator().manual_seed(seed))
-    return [corpus[int(i)] for i in order[:num_prompts]], "source.num_prompts"
+def native_bf16(device: torch.device) -> bool:
+    """The device computes bfloat16 natively: CUDA with bf16 support, or a CPU with the
+    AVX512-BF16 or AMX-BF16 instructions (x86) or BF16 (Arm)."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    capabilities = getattr(torch.cpu, "get_capabilities", None)
+    if capabilities is None:  # an older torch cannot tell: the safe choice is float32
+        return False
+    caps = capabilities()
+    return any(bool(caps.get(k)) for k in ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16"))
 
 
-def tokenize_prompts(
-    prompts: list[str], key: str, loaded: LoadedModel, max_new_tokens: int
-) -> list[list[int]]:
-    """Token ids of each prompt; errors for an empty prompt or one that overflows the context."""
-    ids = []
-    for i, text in enumerate(prompts):
-        where = f"{key}[{i}]" if key == "source.prompts" else f"{key} (built-in prompt {i})"
-        tokens = list(loaded.tokenizer(text, add_special_tokens=True)["input_ids"])
-        if not tokens:
-            raise GradlensError(f"{where}: the prompt is empty after tokenisation")
-        if any(t >= loaded.vocab_size for t in tokens):
-            raise GradlensError(
-                f"{where}: the tokenizer produced ids ≥ the model's vocabulary "
-                f"({loaded.vocab_size}); tokenizer and model do not match"
-            )
-        if loaded.context is not None and len(tokens) + max_new_tokens > loaded.context:
-            raise GradlensError(
-                f"{where}: the prompt is {len(tokens)} tokens; with source.max_new_tokens = "
-                f"{max_new_tokens} it needs {len(tokens) + max_new_tokens} positions, but the "
-                f"model's context (max_position_embeddings) is {loaded.context}"
-            )
-        ids.append(tokens)
+def rollout_dtype(name: str, device: torch.device) -> tuple[str, str]:
+    """(dtype name, why) of ``source.rollout_dtype``: ``auto`` is bfloat16 where the device
+    computes it natively and float32 elsewhere (emulated bf16 costs more than float32)."""
+    if name != "auto":
+        return name, "source.rollout_dtype"
+    if native_bf16(device):
+        return "bfloat16", f"auto: {device.type} computes bf16 natively"
+    return "float32", f"auto: no native bf16 on this {device.type}"
+
+
+def stop_tokens(loaded: LoadedModel) -> list[int]:
+    """The token ids that end a completion: the tokenizer's EOS and the generation config's
+    ``eos_token_id`` (one id or a list: chat models often stop at an end-of-turn token)."""
+    ids: list[int] = []
+    eos = loaded.tokenizer.eos_token_id
+    if eos is not None:
+        ids.append(int(eos))
+    config = getattr(loaded.model, "generation_config", None)
+    extra = getattr(config, "eos_token_id", None)
+    for i in extra if isinstance(extra, (list, tuple)) else [extra]:
+        if i is not None and int(i) not in ids and int(i) < loaded.vocab_size:
+            ids.append(int(i))
     return ids
 
 
@@ -130,11 +132,17 @@ def sample(
     top_p: float,
     gen: torch.Generator,
     device: torch.device,
+    stop: list[int] | None = None,
     top_k: int = 0,
 ) -> Rollout:
-    """``group_size`` completions of each prompt, consecutive in the batch."""
+    """``group_size`` completions of each prompt, consecutive in the batch; a completion ends
+    at a token of ``stop`` (default: the tokenizer's EOS). With ``top_p`` < 1 or ``top_k`` the
+    kept sets K_t and their rollout masses come back too."""
     eos = tokenizer.eos_token_id
-    pad = eos if eos is not None else (tokenizer.pad_token_id or 0)
+    if stop is None:
+        stop = [] if eos is None else [int(eos)]
+    stop_ids = torch.tensor(stop, dtype=torch.long, device=device)
+    pad = stop[0] if stop else (tokenizer.pad_token_id or 0)
     rows = [p for p in prompts for _ in range(group_size)]
     n, width = len(rows), max(len(p) for p in rows)
     prompt_ids = torch.full((n, width), pad, dtype=torch.long)
@@ -177,8 +185,8 @@ def sample(
         alive[:, k] = ~done
         new_tokens[:, k] = y
         new_logp[:, k] = log_probs.gather(-1, y[:, None]).squeeze(-1)
-        if eos is not None:
-            done = done | (y == eos)
+        if stop:
+            done = done | torch.isin(y, stop_ids)
         if k == max_new_tokens - 1 or bool(done.all()):
             break
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
@@ -214,7 +222,7 @@ def sample(
     for i in range(n):
         kept = new_tokens[i][alive[i]].tolist()
         completions.append(tokenizer.decode(kept, skip_special_tokens=True))
-    stopped = int((new_tokens == eos).logical_and(alive).any(-1).sum()) if eos is not None else 0
+    stopped = int(torch.isin(new_tokens, stop_ids).logical_and(alive).any(-1).sum())
     return Rollout(
         Sequences(input_ids, attention_mask, position_ids(attention_mask), loss_mask),
         rollout_logp,

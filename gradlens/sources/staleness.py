@@ -6,15 +6,39 @@ the θ_old that computed π_old, and the ratio r = π_θ/π_old leaves 1. Here:
 
     θ_0 = θ_old;  for k = 0 … N−1:  θ_{k+1} = optimizer step on L_stale(θ_k)
 
-with the optimizer (sgd, adam, adamw), learning rate and loss of ``source.stale``; the loss is
-any registered loss, aggregated as in the run (``loss.aggregation``), and written once in
-`gradlens.grads.objective`. π_old is the training pass at θ_0 (so at N = 0 the ratio is exactly
-1); the log-probs at every θ_k, k = 0 … N, are recorded (`StalenessRecord`), and the report
-turns them into ratio statistics and clip fractions.
+with the optimizer (sgd, adam, adamw: `gradlens.sources.optimizers`) and loss of
+``source.stale``; the loss is any registered loss, aggregated as in the run
+(``loss.aggregation``), and written once in `gradlens.grads.objective`. π_old is the training
+pass at θ_0 (so at N = 0 the ratio is exactly 1); the log-probs at every θ_k, k = 0 … N, are
+recorded (`StalenessRecord`), and the report turns them into ratio statistics and clip fractions.
+
+How far the steps go: a learning rate means a different distance on every model — Adam moves
+each parameter by about lr per step, and what that does to the log-probs grows with width and
+depth (5e-5 moves the 2M-parameter built-in model by a KL of 0.015 in two steps and a
+135M-parameter one by a KL of about 1). So with ``target_kl`` (the default) the learning rate
+is searched. After step k the KL of π_θk against π_old, the k3 estimate mean(r − 1 − log r)
+over the completion tokens (the staleness table's ``kl_k3``), is compared with the goal
+k/N·target_kl; when it lies outside a factor `TARGET_BAND` of it, step k is redone with
+lr' = lr·s (`StaleOptimizer.rescale`, no copy of the weights), with s from KL ∝ s^slope — slope
+2 at the first probe (the KL of a small step is quadratic in its size), then the slope the last
+two probes measured — at most `MAX_PROBES` times per step; the next step starts from the last
+learning rate. A probe costs one forward, and an accepted one is the next step's own forward.
+A step whose update is zero (every advantage 0) is not probed. With ``target_kl: null`` the
+steps take ``lr`` as given.
+
+Memory: the steps hold the optimizer state (Adam: two tensors the size of the weights), so the
+backward recomputes the transformer blocks (activation checkpointing,
+`gradlens.sources.forward.checkpointed_blocks`: one more forward per step) and, when the batch
+goes through the model in one micro-batch, each parameter is updated as soon as its gradient is
+complete (`StaleOptimizer.in_backward`), so the whole gradient never exists at once. A batch
+too large for the memory budget goes through in micro-batches (`gradlens.sources.microbatch`)
+whose gradients accumulate before the update; ℓ at θ_k then comes from a forward without
+autograd first, so that each micro-batch's loss is the whole batch's.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -22,13 +46,39 @@ from torch import Tensor, nn
 
 from gradlens.config import StaleConfig
 from gradlens.containers import Batch, Sequences, StalenessRecord, StalePoint
-from gradlens.grads import PolicyPass, objective, on_grid, policy_entropy, policy_pass
+from gradlens.diagnostics.staleness import kl_k3
+from gradlens.grads import (
+    PolicyPass,
+    objective,
+    on_grid,
+    policy_entropy,
+    policy_pass,
+    reads_entropy,
+)
 from gradlens.logits import kept_entries
 from gradlens.losses import Aggregation, LossParams, LossSpec
 from gradlens.progress import report
-from gradlens.sources.forward import final_hidden, head_weight
+from gradlens.results import ModelPass
+from gradlens.sources.forward import (
+    checkpointed_blocks,
+    final_hidden,
+    grid_with,
+    head_weight,
+    subset,
+)
+from gradlens.sources.microbatch import (
+    MicroBatchPlan,
+    checkpointed_bytes,
+    loss_tokens,
+    plan_micro_batches,
+    probe,
+)
+from gradlens.sources.optimizers import StaleOptimizer
 
-OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+TARGET_BAND = 1.5  # a step is accepted when its KL is within this factor of the goal
+MAX_PROBES = 4  # redos of one step at most
+SLOPE_LIMITS = (0.5, 4.0)  # the measured log KL / log lr slope, clamped
+SCALE_LIMITS = (1 / 30, 30.0)  # one probe changes the learning rate by at most this factor
 
 
 @dataclass(frozen=True)
@@ -37,6 +87,90 @@ class StaleResult:
     old_logp: Tensor  # [N, T] log π_old(y_t): the training pass at θ_0
     hidden: Tensor  # [N, T, H] h_t/T at θ_N (detached), for the batch
     old_kept_log_mass: Tensor | None = None  # [N, T] log S^old_t of the kept sets, if given
+
+
+class LearningRateSearch:
+    """The learning rate that brings step k to the goal k/N·target (module docstring)."""
+
+    def __init__(self, target: float | None, steps: int) -> None:
+        self.target = target
+        self.steps = steps
+        self.points: list[tuple[float, float]] = []  # (log lr, log KL) of this step's probes
+
+    def start_step(self) -> None:
+        self.points = []
+
+    def propose(self, k: int, kl: float, lr: float) -> float | None:
+        """The learning rate to redo step k with, or None to accept it."""
+        if self.target is None or k == 0 or not math.isfinite(kl) or kl <= 0.0:
+            return None
+        goal = self.target * k / self.steps
+        if abs(math.log(kl / goal)) <= math.log(TARGET_BAND) or len(self.points) >= MAX_PROBES:
+            return None
+        self.points.append((math.log(lr), math.log(kl)))
+        slope = 2.0
+        if len(self.points) >= 2:
+            (x0, y0), (x1, y1) = self.points[-2:]
+            if x1 != x0:
+                slope = min(max((y1 - y0) / (x1 - x0), SLOPE_LIMITS[0]), SLOPE_LIMITS[1])
+        scale = math.exp(math.log(goal / kl) / slope)
+        return lr * min(max(scale, SCALE_LIMITS[0]), SCALE_LIMITS[1])
+
+
+def _forward(
+    model: nn.Module, seqs: Sequences, rows: list[int], temperature: float, bias: bool
+) -> PolicyPass:
+    """The logit path of the sequences ``rows`` (with autograd when it is enabled)."""
+    part = subset(seqs, rows)
+    hidden = final_hidden(model, part, temperature, bias)
+    return policy_pass(hidden, head_weight(model), part.tokens, part.loss_mask)
+
+
+@dataclass(frozen=True)
+class _Point:
+    logp: Tensor  # [N, T] ℓ at θ_k
+    entropy: Tensor | None  # [N, T] H(π_t) at θ_k, when the loss needs it
+    hidden: Tensor | None  # [N, T, H] h/T at θ_k, when asked for
+    graph: PolicyPass | None  # the forward with autograd over the whole batch (one micro-batch)
+    kept_mass: Tensor | None = None  # [N, T] log S_t of the kept sets at θ_k, when asked for
+
+
+def _with_graph(graph: PolicyPass) -> _Point:
+    return _Point(graph.logp.detach(), None, None, graph)
+
+
+@torch.no_grad()
+def _measure(
+    model: nn.Module,
+    seqs: Sequences,
+    plan: MicroBatchPlan,
+    temperature: float,
+    bias: bool,
+    entropy: bool,
+    keep_hidden: bool,
+    kept_ids: Tensor | None = None,
+) -> _Point:
+    """ℓ (and H, h, the kept sets' mass log S_t with ``kept_ids``) at the current θ without
+    autograd, one micro-batch at a time."""
+    logp, ent, hidden, mass = [], [], [], []
+    for rows in plan.groups:
+        part = subset(seqs, rows)
+        h = final_hidden(model, part, temperature, bias)
+        p = policy_pass(h, head_weight(model), part.tokens, part.loss_mask)
+        logp.append(p.logp)
+        if entropy:
+            ent.append(p.entropy())
+        if keep_hidden:
+            hidden.append(h)
+        if kept_ids is not None:
+            mass.append(kept_log_mass(p, kept_ids[rows]))
+    return _Point(
+        torch.cat(logp),
+        torch.cat(ent) if entropy else None,
+        torch.cat(hidden) if keep_hidden else None,
+        None,
+        torch.cat(mass) if kept_ids is not None else None,
+    )
 
 
 def stale_steps(
@@ -50,6 +184,7 @@ def stale_steps(
     params: LossParams,
     aggregation: Aggregation,
     bias: bool,
+    budget_bytes: int,
     kept_ids: Tensor | None = None,
     groups: Tensor | None = None,
 ) -> StaleResult:
@@ -57,45 +192,145 @@ def stale_steps(
     rollout's kept sets ``kept_ids`` [N, T, K] also π_old's kept mass log S^old_t.
 
     ``groups`` [N]: the sequences' prompt groups (`Batch.groups`, for group-coupled losses)."""
-    mask, tokens = seqs.loss_mask, seqs.tokens
-    optimizer = OPTIMIZERS[cfg.optimizer](model.parameters(), lr=cfg.lr)
+    mask = seqs.loss_mask
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = StaleOptimizer(trainable, cfg.optimizer, cfg.lr)
+    vocab = int(head_weight(model).shape[0])
+    per_sequence = 0
+    if cfg.steps:
+        per_sequence = checkpointed_bytes(probe(model, seqs, temperature, bias), model, seqs)
+    plan = plan_micro_batches(loss_tokens(mask), per_sequence, vocab, budget_bytes)
+    fused = plan.single  # update each parameter inside the backward
+    needs_entropy = reads_entropy([spec], params)
+    search = LearningRateSearch(cfg.target_kl, cfg.steps)
+    every = list(range(int(mask.shape[0])))
     trajectory: list[StalePoint] = []
     old_logp: Tensor | None = None
     old_mass: Tensor | None = None
-    for k in range(cfg.steps + 1):
-        report("stale steps", k, cfg.steps)
-        last = k == cfg.steps
-        with torch.set_grad_enabled(not last):
-            hidden = final_hidden(model, seqs, temperature, bias)
-            weight = head_weight(model)
-            policy = policy_pass(hidden, weight, tokens, mask)
-        if old_logp is None:
-            old_logp = policy.logp.detach()  # π_old: the training pass at θ_old
-            if kept_ids is not None:
-                old_mass = kept_log_mass(policy, kept_ids)
-        loss_value = None
-        if not last:
-            batch = Batch(
-                hidden=hidden.detach(),
-                weight=weight.detach(),
-                tokens=tokens,
-                mask=mask,
-                old_logp=old_logp,
-                advantages=advantages,
-                rollout_logp=rollout_logp.to(old_logp.dtype),
-                groups=groups,
+    forwards = backwards = 0
+    with checkpointed_blocks(model) as checkpointed:
+        for k in range(cfg.steps + 1):
+            last = k == cfg.steps
+            if not last:  # done: after the last forward, below
+                report("stale steps", k, cfg.steps)
+            search.start_step()
+            probes = 0
+            while True:
+                if fused and not last:
+                    with torch.enable_grad():
+                        point = _with_graph(_forward(model, seqs, every, temperature, bias))
+                else:
+                    point = _measure(
+                        model, seqs, plan, temperature, bias, needs_entropy and not last, last,
+                        kept_ids if old_logp is None else None,
+                    )  # fmt: skip
+                if old_logp is None:
+                    old_logp = point.logp  # π_old: the training pass at θ_old
+                    if kept_ids is not None and point.graph is not None:
+                        old_mass = kept_log_mass(point.graph, kept_ids)
+                    elif kept_ids is not None:
+                        old_mass = point.kept_mass
+                lr = search.propose(k, kl_k3(point.logp, old_logp, mask), optimizer.lr)
+                if lr is None:
+                    break
+                point = _Point(point.logp, None, None, None)  # drop the graph before redoing
+                optimizer.rescale(lr)
+                probes += 1
+            loss_value = None
+            if not last:
+                loss_value = _step(
+                    model, seqs, plan, point, old_logp, advantages, rollout_logp, optimizer,
+                    spec, params, aggregation, temperature, bias, groups,
+                )  # fmt: skip
+                point = _Point(point.logp, None, None, None)  # free the graph's tensors
+                forwards += 1 if fused else len(plan.groups)
+                backwards += 1 if fused else len(plan.groups)
+            trajectory.append(
+                StalePoint(
+                    k,
+                    loss_value,
+                    point.logp,
+                    lr=None if k == 0 else optimizer.lr,
+                    probes=probes,
+                )
             )
-            entropy = policy_entropy(policy, [spec], params)
-            loss = objective(batch, policy.logp, spec, params, aggregation, entropy).loss
-            optimizer.zero_grad(set_to_none=True)
+    report("stale steps", cfg.steps, cfg.steps)
+    assert old_logp is not None and point.hidden is not None
+    model_pass = ModelPass(
+        name="stale steps",
+        micro_batches=len(plan.groups),
+        forwards=forwards,
+        backwards=backwards,
+        checkpointed=checkpointed,
+        budget_bytes=plan.budget_bytes,
+        bytes_per_sequence=plan.bytes_per_sequence,
+        over_budget=plan.over_budget,
+    )
+    record = StalenessRecord(
+        cfg.steps,
+        cfg.optimizer,
+        cfg.lr,
+        cfg.loss,
+        trajectory,
+        target_kl=cfg.target_kl,
+        model_pass=model_pass if cfg.steps else None,
+    )
+    return StaleResult(record, old_logp, point.hidden, old_mass)
+
+
+def _step(
+    model: nn.Module,
+    seqs: Sequences,
+    plan: MicroBatchPlan,
+    point: _Point,
+    old_logp: Tensor,
+    advantages: Tensor,
+    rollout_logp: Tensor,
+    optimizer: StaleOptimizer,
+    spec: LossSpec,
+    params: LossParams,
+    aggregation: Aggregation,
+    temperature: float,
+    bias: bool,
+    groups: Tensor | None,
+) -> float:
+    """One optimizer step from θ_k (``point``); the stale loss at θ_k."""
+    mask = seqs.loss_mask
+    # The loss reads only the token inputs of the batch; the hidden states and the weight are
+    # not needed (empty).
+    batch = Batch(
+        hidden=torch.empty(0),
+        weight=torch.empty(0),
+        tokens=seqs.tokens,
+        mask=mask,
+        old_logp=old_logp,
+        advantages=advantages,
+        rollout_logp=rollout_logp.to(old_logp.dtype),
+        groups=groups,
+    )
+    needs_entropy = reads_entropy([spec], params)
+    if point.graph is not None:  # one micro-batch: update inside the backward
+        entropy = policy_entropy(point.graph, [spec], params)
+        loss = objective(batch, point.graph.logp, spec, params, aggregation, entropy).loss
+        with optimizer.in_backward():
             loss.backward()
-            optimizer.step()
-            loss_value = float(loss.detach())
-        trajectory.append(StalePoint(k, loss_value, policy.logp.detach()))
-    optimizer.zero_grad(set_to_none=True)
-    assert old_logp is not None
-    record = StalenessRecord(cfg.steps, cfg.optimizer, cfg.lr, cfg.loss, trajectory)
-    return StaleResult(record, old_logp, hidden.detach(), old_mass)
+        return float(loss.detach())
+    value = 0.0
+    for rows in plan.groups:
+        with torch.enable_grad():
+            part = _forward(model, seqs, rows, temperature, bias)
+            logp = grid_with(point.logp, rows, part.logp)
+            entropy = None
+            if needs_entropy:
+                assert point.entropy is not None
+                part_entropy = policy_entropy(part, [spec], params)
+                assert part_entropy is not None
+                entropy = grid_with(point.entropy, rows, part_entropy)
+            loss = objective(batch, logp, spec, params, aggregation, entropy).loss
+            loss.backward()
+        value = float(loss.detach())
+    optimizer.step()
+    return value
 
 
 def kept_log_mass(policy: PolicyPass, kept_ids: Tensor) -> Tensor:

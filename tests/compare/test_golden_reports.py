@@ -115,6 +115,7 @@ def upgrade(report: dict[str, Any]) -> dict[str, Any]:
         mismatch["rho_mean"] = report["rollout"]["rho_mean"]  # the same statistics now
     report = upgrade_to_3(report)
     _sampling_support(report)
+    _agreement_scope(report)
     _split(report)
     return _added_fields(report)
 
@@ -149,6 +150,16 @@ def _sampling_support(report: dict[str, Any]) -> None:
     rollout = (report.get("model") or {}).get("rollout")
     if rollout is not None:
         rollout.setdefault("top_k", 0)
+
+
+def _agreement_scope(report: dict[str, Any]) -> None:
+    """The fields the sampled agreement check added (docs/json-schema.md's changelog): a report
+    recorded before it checked every token and row, or nothing (scope full, no samples)."""
+    for loss in report["losses"]:
+        agreement = loss["agreement"]
+        agreement.setdefault("scope", "full")
+        agreement.setdefault("sampled_tokens", None)
+        agreement.setdefault("sampled_rows", None)
 
 
 def _split(report: dict[str, Any]) -> None:

@@ -366,7 +366,8 @@ def test_without_a_process_group_tensor_parallel_is_a_user_error():
     [
         ("diagnostics.engine=materialized", "engine 'materialized' runs in one process"),
         ("diagnostics.engine=fused", "engine 'fused' runs in one process"),
-        ("diagnostics.reference=autograd", "reference 'autograd' materialises"),
+        ("diagnostics.reference=autograd", "reference 'autograd' differentiates through"),
+        ("diagnostics.reference=sampled", "reference 'sampled' differentiates through"),
         ("diagnostics.tensor_parallel=0", "greater than or equal to 1"),
     ],
 )

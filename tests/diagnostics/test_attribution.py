@@ -34,7 +34,14 @@ from gradlens.compare.run import compare_batch
 from gradlens.compare.streamed import run_streamed
 from gradlens.containers import Batch, valid_index
 from gradlens.diagnostics.attribution import TokenShares, attribution, token_shares
-from gradlens.grads import closed_form, entropy_bonus, objective, policy_pass, softmax_view
+from gradlens.grads import (
+    closed_form,
+    entropy_bonus,
+    objective,
+    policy_entropy,
+    policy_pass,
+    softmax_view,
+)
 from gradlens.losses import Aggregation, LossParams, LossSpec, get_loss, loss_names
 from gradlens.losses.aggregation import AGGREGATIONS
 from gradlens.losses.base import Correction
@@ -65,7 +72,7 @@ def params_for(i: int, entropy: bool) -> LossParams:
 
 def attribution_batch(seed: int, n: int = 6, t: int = 7, v: int = 13, h: int = 4) -> Batch:
     """Ragged sequences (one of full length t > h: a direct-norm block), advantages of both
-    signs and one exactly 0, π_old, μ_old and π_ref drifted from π_θ."""
+    signs and one exactly 0, π_old, μ_old and π_ref drifted from π_θ, prompt groups of three."""
     gen = torch.Generator().manual_seed(seed)
     lengths = torch.randint(1, t + 1, (n,), generator=gen)
     lengths[0] = t
@@ -75,11 +82,18 @@ def attribution_batch(seed: int, n: int = 6, t: int = 7, v: int = 13, h: int = 4
     tokens = torch.randint(0, v, (n, t), generator=gen)  # [N, T]
     adv = torch.randn(n, generator=gen, dtype=F64)
     adv[1] = 0.0
+    # both signs in each prompt group of three (REAL skips a group without): + at 0, 3; − at 2, 5
+    adv[0], adv[3] = adv[0].abs(), adv[3].abs()
+    adv[2], adv[5] = -adv[2].abs(), -adv[5].abs()
     batch = make_batch(hidden, weight, tokens, mask, advantages=adv[:, None].expand(n, t).clone())
     noise = torch.randn(3, n, t, generator=gen, dtype=F64)
     old = batch.old_logp - 0.4 * noise[0]
     return dataclasses.replace(
-        batch, old_logp=old, rollout_logp=old - 0.2 * noise[1], ref_logp=old + 0.3 * noise[2]
+        batch,
+        old_logp=old,
+        rollout_logp=old - 0.2 * noise[1],
+        ref_logp=old + 0.3 * noise[2],
+        groups=torch.arange(n) // 3,  # prompt groups of three (prompt_average, real)
     )
 
 
@@ -97,7 +111,7 @@ def engine_shares(
     penalty = obj.terms.penalty_grad
     c = obj.coefficient[rows, cols]
     c_kl = torch.zeros_like(c) if penalty is None else (obj.weights * penalty)[rows, cols]
-    w = params.entropy_coef * obj.agg_weights[rows, cols]
+    w = params.entropy_coef * obj.bonus_weights[rows, cols]
     shares = token_shares(record.attribution, c, c_kl, w, rows, batch.num_sequences)
     section = attribution(
         record.attribution, obj, batch, run.tokens.logp, params.entropy_coef, top_k=100
@@ -129,8 +143,9 @@ def autograd_twin(batch: Batch, spec: LossSpec, params: LossParams, agg: Aggrega
     p.logits.retain_grad()
     p.logp.retain_grad()
     bonus = params.entropy_coef != 0.0
-    entropy = p.entropy() if bonus else None
-    obj = objective(batch, p.logp, spec, params, agg, entropy)
+    read = policy_entropy(p, [spec], params)  # H_t: the bonus's, or detached for aspo & co.
+    obj = objective(batch, p.logp, spec, params, agg, read)
+    entropy = read if bonus else None
     big_g = _grad_w(obj.loss, weight)  # [V, H]
     (g, c_grid) = torch.autograd.grad(obj.loss, (p.logits, p.logp), retain_graph=True)
     h = p.hidden.detach()  # [M, H]
@@ -146,7 +161,7 @@ def autograd_twin(batch: Batch, spec: LossSpec, params: LossParams, agg: Aggrega
         in_seq[i] = batch.mask[i]
         part = (c_grid * p.logp * in_seq).sum()
         if entropy is not None:
-            part = part + entropy_bonus(obj.agg_weights * in_seq, entropy, params.entropy_coef)
+            part = part + entropy_bonus(obj.bonus_weights * in_seq, entropy, params.entropy_coef)
         g_i = _grad_w(part, weight)
         seq_share.append((g_i * big_g).sum() / total)
         seq_norm.append(g_i.norm())
@@ -157,7 +172,7 @@ def autograd_twin(batch: Batch, spec: LossSpec, params: LossParams, agg: Aggrega
         parts["kl"] = _grad_w((obj.weights * obj.terms.penalty).sum(), weight)
     if entropy is not None:
         parts["entropy_bonus"] = _grad_w(
-            entropy_bonus(obj.agg_weights, entropy, params.entropy_coef), weight
+            entropy_bonus(obj.bonus_weights, entropy, params.entropy_coef), weight
         )
     policy = big_g - sum(parts.values(), torch.zeros_like(big_g))
     for name, g_k in {"policy": policy, **parts}.items():

@@ -36,14 +36,18 @@ def variants(blocks: K.Blocks):
     operand dtypes bf16 (GEMM operands bf16, statistics fp32), fp32 and fp64."""
     for operand, acc in (("bf16", "fp32"), ("fp32", "fp32"), ("fp64", "fp64")):
         stats = dict.fromkeys(
-            ("max_ptr", "sum_ptr", "shifted_ptr", "z_y_ptr", "max_abs_ptr", "lse_ptr", "h_ptr",
-             "w_ptr", "coef_ptr", "prob_sum_ptr", "entropy_ptr", "max_other_ptr", "bonus_sum_ptr",
-             "other_mass_ptr", "other_max_ptr", "norms_ptr", "col_sum_ptr"),
+            ("max_ptr", "z_y_ptr", "max_abs_ptr", "log_sum_ptr", "h_ptr", "w_ptr", "coef_ptr",
+             "entropy_ptr", "max_other_ptr", "other_mass_ptr", "other_max_ptr", "norms_ptr"),
             f"*{acc}",
         )  # fmt: skip
+        # the float64 block sums the zero-sum check reads, whatever the softmax dtype
+        wide = dict.fromkeys(
+            ("sum_ptr", "tilt_ptr", "mass_ptr", "bonus_sum_ptr", "col_sum_ptr"), "*fp64"
+        )
         gemm = operand if operand == "bf16" else acc
         ptrs = {
             **stats,
+            **wide,
             "z_ptr": f"*{operand}",
             "tokens_ptr": "*i64",
             "p_ptr": f"*{gemm}",
@@ -56,8 +60,8 @@ def variants(blocks: K.Blocks):
         row_tile = {"ACC": ACC[acc], "BLOCK_V": blocks.vocab_rows, "BLOCK_H": blocks.hidden_cols}
         for flag in (False, True):
             yield (
-                f"logsumexp_chunk {operand} entropy={flag}",
-                K._logsumexp_chunk,
+                f"normaliser_chunk {operand} entropy={flag}",
+                K._normaliser_chunk,
                 ptrs,
                 {"ENTROPY": flag, **token_tile},
             )

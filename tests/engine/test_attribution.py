@@ -176,9 +176,12 @@ def test_vocab_parallel_sums_equal_the_single_process_engine():
         for rank, results in enumerate(launched):
             got, log = results[case]
             assert_same(got, ref, f"rank {rank}, bonus {bonus}")
-            # pass 1 combines H_t (5 columns); the finishing sum carries 3·M shared sums and
-            # u, e [M] and ‖G_i‖² [N] per attributed loss beside the usual fields
+            # pass 1 combines H_t (m, ζ, α, μ and the float64 S and T: 6 columns, all float64
+            # here); the finishing sum carries 3·M shared sums and u, e [M] and ‖G_i‖² [N] per
+            # attributed loss beside the usual fields; the float64 zero-sum sums (k·H row sums,
+            # Σ π and with the bonus Σ E per token) travel in their own all_gather
             e = int(bonus)
-            assert log[0] == ("pass1", m * 5)
-            usual = k * split.vocab + k * h + (2 + e + k * e) * m + 1
+            assert log[0] == ("pass1", m * 6)
+            usual = k * split.vocab + (1 + k * e) * m + 1
             assert log[1] == ("finish.sum", usual + 3 * m + attr.losses * (2 * m + n))
+            assert log[2] == ("finish.gather", k * h + (1 + e) * m)

@@ -317,15 +317,16 @@ def expected_log(case: Case, world: int) -> list[tuple[str, str, int]]:
     v, h = case.split.vocab, case.batch.weight.shape[1]
     n_ent = len(names(case)) if case.entropy else 0
     e = int(case.entropy)
-    h1 = int(case.entropy or case.selection)  # pass 1 gives H_t: one more column
-    if case.pass1 == "all_gather":
-        log = [("pass1", "all_gather", m * (4 + h1))]
-    else:
+    h1 = int(case.entropy or case.selection)  # pass 1 gives H_t: its tilt T is one more column
+    if case.pass1 == "all_gather":  # m, ζ, α, μ and the float64 S (and T): all float64 here
+        log = [("pass1", "all_gather", m * (5 + h1))]
+    else:  # ζ and S (and T) split in two on a grid
         log = [
             ("pass1.max", "all_reduce_max", 3 * m),
-            ("pass1.sum", "all_reduce_sum", (2 + h1) * m),
+            ("pass1.sum", "all_reduce_sum", (3 + 2 * h1) * m),
         ]
-    log.append(("finish.sum", "all_reduce_sum", k * v + k * h + (2 + e + n_ent) * m + 1))
+    log.append(("finish.sum", "all_reduce_sum", k * v + (1 + n_ent) * m + 1))
+    log.append(("finish.gather", "all_gather", k * h + (1 + e) * m))
     if n_ent:
         log.append(("finish.max", "all_reduce_max", n_ent * m))
     return log

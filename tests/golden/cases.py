@@ -14,6 +14,11 @@ from pathlib import Path
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 STREAMED = ["--set", "diagnostics.memory_budget_mib=64", "--set", "diagnostics.vocab_chunk=512"]
 MODEL_CONFIGS = {"model_builtin", "model_stale"}
+# A pass through a model plans its micro-batches for the budget, by default from free memory:
+# fixed here, so that the reports' budget_bytes do not depend on the machine.
+MODEL_PASS = ["--set", "diagnostics.memory_budget_mib=512"]
+# rollout_dtype auto picks bf16 by what the CPU computes natively: fixed to the former default.
+MODEL_ROLLOUT = ["--set", "source.rollout_dtype=bfloat16"]
 
 Case = tuple[str, list[str], bool, list[str] | None]
 
@@ -26,6 +31,8 @@ def cases() -> list[Case]:
             out.append((name, ["sweep", "--config", str(path), "--format", "summary"], False, None))
         else:
             argv = ["compare", "--config", str(path), "--format", "json"]
+            if name in MODEL_CONFIGS:
+                argv += MODEL_PASS + MODEL_ROLLOUT
             out.append((name, argv, name in MODEL_CONFIGS, None))
     compare = ["compare", "--format", "json"]
     policy_losses = ["--losses", "grpo,gspo,cispo,sapo,minirl,ppo_clip"]
@@ -112,9 +119,17 @@ def cases() -> list[Case]:
                 "source.path={tmp}/batch.safetensors",
                 "--set",
                 "source.model_path=builtin",
+                *MODEL_PASS,
             ],
             True,
-            ["dump", "-o", "{tmp}/batch.safetensors", "-c", str(CONFIGS / "model_builtin.yaml")],
+            [
+                "dump",
+                "-o",
+                "{tmp}/batch.safetensors",
+                "-c",
+                str(CONFIGS / "model_builtin.yaml"),
+                *MODEL_PASS,
+            ],
         ),
     ]
     return out

@@ -1,8 +1,8 @@
 """The model source: a real causal LM, loaded from a local directory, rolled out and diagnosed.
 
 Tiny random Llama and GPT-2 models are built from a config, saved with a trained BPE tokenizer
-to a temporary directory and loaded through the same path as a user's checkpoint; the built-in
-model is loaded by ``--source model``.
+to a temporary directory (tests/tiny_checkpoints.py) and loaded through the same path as a
+user's checkpoint; the built-in model is loaded by ``--source model``.
 """
 
 from __future__ import annotations
@@ -18,62 +18,18 @@ from typer.testing import CliRunner
 from gradlens.cli import app
 from gradlens.compare import run_compare
 from gradlens.config import validate
+from gradlens.diagnostics import tolerances
 from gradlens.errors import GradlensError
 from gradlens.results import CompareReport
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
+from tiny_checkpoints import VOCAB, make_tokenizer, save_checkpoint  # noqa: E402
+
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[2]
-EOS = "<|endoftext|>"
-VOCAB = 300
 PROMPTS = ["def add(a, b):\n", "class Point:\n    def __init__(self", "import os\n"]
-TEXT = (
-    "def add(a, b):\n    return a + b\n\n"
-    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n\n"
-    "import os\nimport sys\n\nfor i in range(10):\n    print(i, os.sep, sys.argv)\n"
-) * 20
-
-
-def make_tokenizer(extra_tokens: int = 0):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB,
-        special_tokens=[EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator([TEXT], trainer=trainer)
-    if extra_tokens:
-        tok.add_special_tokens([f"<extra_{i}>" for i in range(extra_tokens)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS)
-
-
-def save_checkpoint(path: Path, arch: str, tokenizer=None, context: int = 64) -> Path:
-    torch.manual_seed(0)
-    if arch == "llama":
-        config = transformers.LlamaConfig(
-            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=context,
-            tie_word_embeddings=False, eos_token_id=0, bos_token_id=0,
-        )  # fmt: skip
-        model = transformers.LlamaForCausalLM(config)
-    else:
-        config = transformers.GPT2Config(
-            vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=context,
-            eos_token_id=0, bos_token_id=0,
-        )  # fmt: skip
-        model = transformers.GPT2LMHeadModel(config)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    (tokenizer or make_tokenizer()).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +56,9 @@ def run(path, **source) -> CompareReport:
 
 @pytest.fixture(scope="module")
 def llama_report(checkpoints) -> CompareReport:
-    # a random model writes no valid Python, so python_syntax would tie within groups (Â = 0)
-    return run(checkpoints["llama"], reward="length")
+    # a random model writes no valid Python, so python_syntax would tie within groups (Â = 0);
+    # the rollout in bf16 whatever the CPU (auto would choose float32 without native bf16)
+    return run(checkpoints["llama"], reward="length", rollout_dtype="bfloat16")
 
 
 # ----------------------------------------------------------------------------- user checkpoints
@@ -120,6 +77,42 @@ def test_user_checkpoint_loads_and_every_check_passes(llama_report):
     assert m.rollout.sequences == len(PROMPTS) * 2
     assert report.batch.num_tokens == m.rollout.completion_tokens > 0
     assert report.batch.logp_max is not None and report.batch.logp_max <= 0
+
+
+@pytest.mark.slow
+def test_a_checkpoint_with_a_131k_vocabulary_passes_the_check(tmp_path, monkeypatch):
+    # The lm_head's 300 rows tiled to V = 131,072 and scaled ×30, so that the logits spread
+    # like a trained head's (std ≈ 3; a random init's ≈ 0.1 make π near-uniform). With π from
+    # torch's CPU log_softmax (AVX512) the check measured max_t |Σ_v G_t|/s_t = 7.3e-6 here,
+    # over its bound of the time (7.1e-6), and `--check` exited 1 for reinforce, ppo and sft;
+    # with gradlens's own normalisation it measures 2.2e-7 against 6.8e-6. The rows past the
+    # tokenizer's 300 are sampled 99.8% of the time and decode to nothing, so completion rewards
+    # would tie within each group: the reward is the prompt's length and the advantages are not
+    # normalised.
+    path = save_checkpoint(tmp_path / "tiled", "llama", tiled=(131_072, 30.0))
+    (tmp_path / "prompt_reward.py").write_text(
+        "def score(prompt, completion):\n    return len(prompt) / 10\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(
+        app,
+        [
+            "compare", "--source", "model", "--set", f"source.path={path}",
+            "--set", "source.prompts=['def add(a, b):\\n', 'import os\\n']",
+            "--set", "source.max_new_tokens=4", "--set", "source.group_size=2",
+            "--set", "source.reward=prompt_reward:score", "--set", "advantage.normalization=none",
+            "--check", "-f", "json",
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["batch"]["vocab_size"] == 131_072
+    tol = tolerances.zero_sum_logits(torch.float32, 131_072)
+    for loss in report["losses"]:
+        assert loss["coefficient_abs_max"] > 0  # every loss has a gradient to check
+        zero = loss["zero_sum"]
+        assert zero["passed"] and zero["logits_tolerance"] == tol
+        assert zero["logits_max_rel"] < tol / 4
 
 
 def test_lm_head_norm_of_the_whole_model_equals_the_logit_path_norm(llama_report):
@@ -190,8 +183,10 @@ def test_temperature_divides_the_logits_of_every_log_prob(checkpoints):
 
 
 def test_gpt2_with_tied_embeddings(checkpoints):
-    report = run(checkpoints["gpt2"])
-    assert report.passed
+    # the length reward, so that the advantages differ within a group (python_syntax scores a
+    # random model's completions 0 alike: every advantage 0 fails the diagnosable check)
+    report = run(checkpoints["gpt2"], reward="length")
+    assert report.passed, [c for c in report.checks if not c.passed]
     assert report.model is not None and report.model.model.tied_embeddings
     for r in report.losses:
         mg = r.model_grads
@@ -219,7 +214,9 @@ def test_zero_stale_steps_with_an_fp32_rollout_is_exactly_on_policy(checkpoints)
 
 def test_stale_steps_move_the_ratio_away_from_one(checkpoints):
     # the length reward differs within every group, so every advantage is non-zero
-    report = run(checkpoints["llama"], reward="length", stale={"steps": 2, "lr": 1e-2})
+    report = run(
+        checkpoints["llama"], reward="length", stale={"steps": 2, "lr": 1e-2, "target_kl": None}
+    )
     assert report.model is not None
     steps = report.model.staleness.trajectory
     assert [t.step for t in steps] == [0, 1, 2]

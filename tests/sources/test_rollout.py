@@ -1,18 +1,81 @@
-"""The rollout sampler on the built-in model: no library warnings, and the cache name it uses."""
+"""The rollout: its precision chosen by what the device computes natively, stop tokens, no
+library warnings on the built-in model, and the cache name it uses."""
 
 from __future__ import annotations
 
 import logging
 import warnings
+from types import SimpleNamespace
 
 import pytest
+import torch
 from torch import nn
 
 from gradlens.compare import run_compare
 from gradlens.config import validate
-from gradlens.sources.rollout import cache_keyword
+from gradlens.sources import rollout as rollout_module
+from gradlens.sources.rollout import cache_keyword, rollout_dtype, sample
 
-transformers = pytest.importorskip("transformers")
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize(
+    ("caps", "expected"),
+    [
+        ({"avx512_bf16": True}, "bfloat16"),
+        ({"amx_bf16": True}, "bfloat16"),
+        ({"bf16": True}, "bfloat16"),  # Arm
+        ({"avx512_bf16": False, "avx2": True}, "float32"),
+        ({}, "float32"),
+    ],
+)
+def test_auto_chooses_bf16_only_where_the_cpu_has_it(monkeypatch, caps, expected):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps, raising=False)
+    name, why = rollout_dtype("auto", CPU)
+    assert name == expected and why.startswith("auto")
+
+
+def test_an_explicit_rollout_dtype_is_kept(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {}, raising=False)
+    assert rollout_dtype("bfloat16", CPU) == ("bfloat16", "source.rollout_dtype")
+
+
+def test_without_capabilities_auto_is_float32(monkeypatch):
+    monkeypatch.delattr(torch.cpu, "get_capabilities", raising=False)
+    assert rollout_module.native_bf16(CPU) is False
+
+
+class Scripted(nn.Module):
+    """A 'model' whose next token is fixed per step: token ``script[k]`` with probability ~1."""
+
+    def __init__(self, script: list[int], vocab: int = 8) -> None:
+        super().__init__()
+        self.script, self.vocab, self.step = script, vocab, 0
+
+    def forward(self, input_ids, **kwargs):
+        n = input_ids.shape[0]
+        logits = torch.full((n, input_ids.shape[1], self.vocab), -50.0)
+        logits[:, -1, self.script[min(self.step, len(self.script) - 1)]] = 50.0
+        self.step += 1
+        return SimpleNamespace(logits=logits, past_key_values=None, cache=None)
+
+
+def test_a_completion_stops_at_any_stop_token():
+    tokenizer = SimpleNamespace(eos_token_id=0, pad_token_id=0, decode=lambda ids, **k: str(ids))
+    # the end-of-turn token 5 comes second: a stop token beside the EOS ends the completion
+    out = sample(
+        Scripted([3, 5, 4, 4]), tokenizer, [[1, 2]], 1, 4, 1.0, 1.0,
+        torch.Generator().manual_seed(0), CPU, stop=[0, 5],
+    )  # fmt: skip
+    seqs = out.sequences
+    assert seqs.input_ids[0, 2:].tolist() == [3, 5]
+    assert seqs.loss_mask.sum() == 2 and out.stopped == 1
+    # without the end-of-turn token among the stop tokens it runs on
+    out = sample(
+        Scripted([3, 5, 4, 4]), tokenizer, [[1, 2]], 1, 4, 1.0, 1.0,
+        torch.Generator().manual_seed(0), CPU,
+    )  # fmt: skip
+    assert out.sequences.input_ids[0, 2:].tolist() == [3, 5, 4, 4] and out.stopped == 0
 
 
 class _Records(logging.Handler):
@@ -28,6 +91,7 @@ def test_a_builtin_model_run_raises_no_library_warning():
     """A real-model run (rollout with a KV cache, training pass, staleness steps) is silent:
     every Python warning is an error here, and transformers' own log is captured — its
     'warn once' messages are forgotten first, so an earlier test cannot have used them up."""
+    pytest.importorskip("transformers")
     config = {
         "losses": ["reinforce", "ppo_clip"],
         "source": {"kind": "model", "num_prompts": 2, "group_size": 2, "max_new_tokens": 4},

@@ -1,0 +1,314 @@
+"""Benchmark: the model source's default run on a SmolLM2-135M-shaped checkpoint, on CPU.
+
+    python benchmarks/bench_model_source.py --results-dir benchmarks/results
+
+The checkpoint (built once under ``--model-dir``, seeded, nothing downloaded): a random
+``LlamaForCausalLM`` of SmolLM2-135M's shape — hidden 576, 30 layers, 9 attention heads, 3
+key-value heads, MLP 1536, vocabulary 49,152, tied embeddings — 134.5M parameters. Its
+tokenizer is the built-in model's byte-level BPE (2,048 entries) with the vocabulary padded to
+49,152 by filler entries (``x2048`` …) that decode as plain text, so every lm_head row has a
+token; prompts tokenise exactly as the built-in model's (about three characters per token,
+a little longer than SmolLM2's own tokenizer would make them).
+
+The run is the default one — ``gradlens compare --source model --set source.path=DIR``: 4
+prompts × 4 completions of at most 24 tokens, the rollout dtype by the CPU (auto), 2 stale Adam
+steps on ppo_clip to the default target KL, 4 losses (reinforce, ppo, ppo_clip, sft), the
+lm_head diagnostics (streamed above 2^24 entries: 384 × 49,152 is) and the whole-model
+gradients — with one change: ``source.reward=length``. A random model samples nearly uniformly
+from 49,152 tokens, so every completion runs to 24 tokens (384 completion tokens, the size the
+goal is stated for), and python_syntax gives every such completion 0, hence every advantage 0
+and stale steps with a zero update; with the length reward the advantages differ within each
+group and the stale steps and their learning-rate search do the work they do on a real model.
+
+Each repeat runs in a child process (``--child``) that imports gradlens and runs the run as the
+CLI does, with a progress callback that records the wall and CPU time of each phase (loading,
+sampling, stale steps, lm_head diagnostics, whole-model gradients; the rest — imports, rewards,
+report — is the remainder). The parent reads the child's peak resident memory from the kernel
+(``os.wait4``'s ru_maxrss) and how busy the machine was meanwhile: /proc/loadavg, and the CPU
+time all processes spent (/proc/stat) minus the child's own, per second of the run ("other
+load", in cores). CPU time over wall time per phase shows whether a phase keeps both cores busy
+(torch.get_num_threads() is reported). Medians over ``--repeats``; the JSON keeps every repeat.
+The goal it is measured against: under 30 s and 2.5 GB on the 2-core development machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+GOAL_SECONDS = 30.0
+GOAL_BYTES = 2.5e9
+SHAPE = {
+    "vocab_size": 49152,
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "max_position_embeddings": 8192,
+    "tie_word_embeddings": True,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 100000.0,
+    "bos_token_id": 0,
+    "eos_token_id": 0,
+    "pad_token_id": 0,
+}
+OVERRIDES = ["source.reward=length"]
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument(
+        "--model-dir",
+        default=str(Path(tempfile.gettempdir()) / "gradlens-bench-smollm2-135m-shaped"),
+        help="where the checkpoint is built (once) and read",
+    )
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--set", action="append", default=[], help="more overrides, KEY=VALUE")
+    p.add_argument("--results-dir", default=None, help="write model_source_cpu.json here")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    return p.parse_args()
+
+
+def build_checkpoint(where: Path) -> None:
+    """The SmolLM2-135M-shaped random Llama with the padded built-in tokenizer."""
+    import torch
+    import transformers
+
+    from gradlens.sources.checkpoint import builtin_model_dir
+
+    if (where / "model.safetensors").is_file():
+        return
+    where.mkdir(parents=True, exist_ok=True)
+    src = builtin_model_dir()
+    data = json.loads((src / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = data["model"]["vocab"]
+    for i in range(len(vocab), SHAPE["vocab_size"]):
+        vocab[f"x{i}"] = i
+    (where / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    config = json.loads((src / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config["model_max_length"] = SHAPE["max_position_embeddings"]
+    (where / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SHAPE))
+    model.save_pretrained(where)
+
+
+def child(args: argparse.Namespace) -> dict[str, Any]:
+    """One run in this process: the phases' wall and CPU times, and the report's facts."""
+    start_wall, start_cpu = time.perf_counter(), time.process_time()
+    import torch
+
+    from gradlens.compare import run_compare
+    from gradlens.config import build_config
+    from gradlens.progress import reporting
+
+    phases: dict[str, dict[str, float]] = {}
+
+    def callback(task: str, completed: int, total: int) -> None:
+        now, cpu = time.perf_counter(), time.process_time()
+        phase = phases.setdefault(task, {"start": now, "cpu_start": cpu})
+        if completed >= total:
+            phase["seconds"] = now - phase["start"]
+            phase["cpu_seconds"] = cpu - phase["cpu_start"]
+
+    overrides = [
+        "source.kind=model",
+        f"source.path={args.model_dir}",
+        "diagnostics.top_k=5",
+        *OVERRIDES,
+        *args.set,
+    ]
+    imported = time.perf_counter() - start_wall
+    with reporting(callback):
+        report = run_compare(build_config(None, overrides))
+    total = time.perf_counter() - start_wall
+    model = report.model
+    assert model is not None and model.staleness is not None and model.rollout is not None
+    return {
+        "seconds": total,
+        "cpu_seconds": time.process_time() - start_cpu,
+        "import_seconds": imported,
+        "threads": torch.get_num_threads(),
+        "phases": {
+            k: {"seconds": v.get("seconds"), "cpu_seconds": v.get("cpu_seconds")}
+            for k, v in phases.items()
+        },
+        "passed": report.passed,
+        "failed_checks": [f"{c.name} {c.loss}" for c in report.checks if not c.passed],
+        "completion_tokens": report.batch.num_tokens,
+        "sequences": report.batch.num_sequences,
+        "losses": [r.name for r in report.losses],
+        "engine": report.engine.path,
+        "rollout_dtype": model.rollout.logp_definition,
+        "stale_pass": dump(model.staleness.model_pass),
+        "gradient_pass": dump(model.gradient_pass),
+        "stale_trajectory": [
+            {
+                "step": s.step,
+                "lr": s.lr,
+                "probes": s.probes,
+                "kl_k3": s.kl_k3,
+                "clip_region": s.clip_region,
+            }
+            for s in model.staleness.trajectory
+        ],
+        "parameters": model.model.parameters,
+        "notes": model.notes,
+    }
+
+
+def dump(section: Any) -> Any:
+    return None if section is None else section.model_dump()
+
+
+def busy_jiffies() -> int:
+    """CPU time all processes have spent, in clock ticks (/proc/stat: user + nice + system +
+    irq + softirq + steal)."""
+    with open("/proc/stat", encoding="ascii") as fh:
+        fields = [int(x) for x in fh.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return user + nice + system + irq + softirq + steal
+
+
+def loadavg() -> list[float]:
+    with open("/proc/loadavg", encoding="ascii") as fh:
+        return [float(x) for x in fh.read().split()[:3]]
+
+
+def run_once(args: argparse.Namespace) -> dict[str, Any]:
+    """A child run with its peak memory and the machine's other load."""
+    cmd = [sys.executable, __file__, "--child", "--model-dir", args.model_dir]
+    for s in args.set:
+        cmd += ["--set", s]
+    before_load, before_busy = loadavg(), busy_jiffies()
+    start = time.perf_counter()
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - start
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read().decode(), err.read().decode()
+    if proc.returncode != 0:
+        raise SystemExit(f"the child run failed ({proc.returncode}):\n{stderr[-3000:]}")
+    ticks = os.sysconf("SC_CLK_TCK")
+    child_cpu = usage.ru_utime + usage.ru_stime
+    other = (busy_jiffies() - before_busy) / ticks - child_cpu
+    result = json.loads(stdout.strip().splitlines()[-1])
+    result.update(
+        {
+            "process_seconds": wall,
+            "peak_rss_bytes": usage.ru_maxrss * 1024,
+            "child_cpu_seconds": child_cpu,
+            "other_load_cores": max(other, 0.0) / wall,
+            "loadavg_before": before_load,
+            "loadavg_after": loadavg(),
+        }
+    )
+    return result
+
+
+def machine() -> dict[str, Any]:
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    import torch
+
+    caps = getattr(torch.cpu, "get_capabilities", lambda: {})()
+    return {
+        "cpu": name,
+        "cores": os.cpu_count(),
+        "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "native_bf16": bool(caps.get("avx512_bf16") or caps.get("amx_bf16") or caps.get("bf16")),
+    }
+
+
+def median(runs: list[dict[str, Any]], *keys: str) -> float | None:
+    values = []
+    for r in runs:
+        x: Any = r
+        for k in keys:
+            x = None if x is None else x.get(k)
+        if x is not None:
+            values.append(float(x))
+    return statistics.median(values) if values else None
+
+
+def main() -> None:
+    args = parse()
+    if args.child:
+        print(json.dumps(child(args)))
+        return
+    where = Path(args.model_dir)
+    build_checkpoint(where)
+    runs = []
+    for i in range(args.repeats):
+        runs.append(run_once(args))
+        r = runs[-1]
+        phases = ", ".join(
+            f"{k} {v['seconds']:.1f} s ({v['cpu_seconds'] / max(v['seconds'], 1e-9):.2f} cores)"
+            for k, v in r["phases"].items()
+            if v["seconds"] is not None
+        )
+        print(
+            f"run {i + 1}: {r['process_seconds']:.1f} s, peak {r['peak_rss_bytes'] / 1e9:.2f} GB, "
+            f"other load {r['other_load_cores']:.2f} cores, loadavg {r['loadavg_before'][0]:.2f}"
+            f"; {phases}",
+            flush=True,
+        )
+    phase_names = list(runs[0]["phases"])
+    summary = {
+        "benchmark": "model source default run, SmolLM2-135M-shaped random checkpoint",
+        "machine": machine(),
+        "overrides": OVERRIDES + args.set,
+        "goal": {"seconds": GOAL_SECONDS, "peak_rss_bytes": GOAL_BYTES},
+        "median": {
+            "seconds": median(runs, "process_seconds"),
+            "peak_rss_bytes": median(runs, "peak_rss_bytes"),
+            "cpu_seconds": median(runs, "child_cpu_seconds"),
+            "other_load_cores": median(runs, "other_load_cores"),
+            "phases": {p: median(runs, "phases", p, "seconds") for p in phase_names},
+            "phase_cores": {
+                p: (median(runs, "phases", p, "cpu_seconds") or 0.0)
+                / max(median(runs, "phases", p, "seconds") or 1e-9, 1e-9)
+                for p in phase_names
+            },
+        },
+        "runs": runs,
+    }
+    med = summary["median"]
+    summary["meets_goal"] = {
+        "seconds": med["seconds"] is not None and med["seconds"] < GOAL_SECONDS,
+        "peak_rss_bytes": med["peak_rss_bytes"] is not None and med["peak_rss_bytes"] < GOAL_BYTES,
+    }
+    print(json.dumps({k: summary[k] for k in ("machine", "median", "meets_goal")}, indent=1))
+    if args.results_dir:
+        out = Path(args.results_dir) / "model_source_cpu.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+        print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

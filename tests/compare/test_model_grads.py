@@ -1,0 +1,139 @@
+"""Whole-model gradients in micro-batches equal the one-pass ones, and a plain autograd twin.
+
+The memory budget decides how the sequences go through the model: one forward for the whole
+batch with one backward per loss, or micro-batches whose gradients are summed per loss (with
+as many losses sharing a forward as their sums fit the budget). Every way must give the same
+norms: in float64 the plans differ only in summation order (1e-10 relative is generous).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gradlens.compare import run_compare
+from gradlens.compare.model_grads import parameter_groups
+from gradlens.config import validate
+from gradlens.results import CompareReport
+from gradlens.sources.checkpoint import load_checkpoint
+
+transformers = pytest.importorskip("transformers")
+
+from tiny_checkpoints import save_checkpoint  # noqa: E402
+
+PROMPTS = ["def add(a, b):\n", "class Point:\n    def __init__(self", "import os\n"]
+LOSSES = ["reinforce", "ppo_clip", "gspo", "sft"]  # gspo: one ratio per sequence
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("grads")
+    return {arch: save_checkpoint(root / arch, arch) for arch in ("llama", "gpt2")}
+
+
+def run(path, budget_mib=None, entropy=0.0) -> CompareReport:
+    cfg = {
+        "dtype": "float64",
+        "losses": LOSSES,
+        "loss": {"entropy_coef": entropy, "aggregation": "seq_mean_token_mean"},
+        "source": {
+            "kind": "model",
+            "path": str(path),
+            "prompts": PROMPTS,
+            "group_size": 2,
+            "max_new_tokens": 6,
+            "reward": "length",
+            "rollout_dtype": "float32",
+            "stale": {"steps": 1, "lr": 1e-3, "target_kl": None},
+        },
+        "diagnostics": {"engine": "materialized"},
+    }
+    if budget_mib is not None:
+        cfg["diagnostics"]["memory_budget_mib"] = budget_mib
+    return run_compare(validate(cfg))
+
+
+def norms(report: CompareReport) -> dict[str, list[float | None]]:
+    out = {}
+    for r in report.losses:
+        mg = r.model_grads
+        assert mg is not None
+        out[r.name] = [mg.total_norm, mg.tied_grad_norm, *(g.norm for g in mg.groups)]
+    return out
+
+
+def gradient_bytes(path) -> int:
+    model = load_checkpoint(str(path), torch.device("cpu"), torch.float64).model
+    head = model.get_output_embeddings().weight
+    return sum(p.numel() * 8 for _, ps in parameter_groups(model) for p in ps) + head.numel() * 8
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("entropy", [0.0, 0.05])
+def test_every_plan_gives_the_same_norms(checkpoints, arch, entropy):
+    path = checkpoints[arch]
+    one = run(path, entropy=entropy)
+    assert one.model.gradient_pass.micro_batches == 1
+    assert one.model.gradient_pass.forwards == 1
+    assert one.model.gradient_pass.backwards == len(LOSSES)
+    n = one.batch.num_sequences
+    # one byte: a micro-batch per sequence, no room for a loss's summed gradient: one loss
+    # per forward
+    alone = run(path, budget_mib=1e-6, entropy=entropy)
+    plan = alone.model.gradient_pass
+    assert plan.micro_batches == n and plan.over_budget
+    assert plan.forwards == n * len(LOSSES) and plan.backwards == n * len(LOSSES)
+    # room for the summed gradients of two losses and two sequences (s + V·4·k per token, ≤ 6
+    # tokens each): some losses share each forward, not all
+    per_sequence = plan.bytes_per_sequence + 4 * 3 * 300 * 6
+    budget = 2 * gradient_bytes(path) + 2 * per_sequence
+    shared = run(path, budget_mib=budget / 2**20, entropy=entropy)
+    splan = shared.model.gradient_pass
+    assert 1 < splan.micro_batches < n
+    assert splan.micro_batches < splan.forwards < len(LOSSES) * splan.micro_batches
+    for report in (alone, shared):
+        for name, values in norms(report).items():
+            for a, b in zip(values, norms(one)[name], strict=True):
+                assert (a is None) == (b is None)
+                if a is not None:
+                    assert a == pytest.approx(b, rel=1e-10), name
+
+
+def test_the_one_pass_norms_equal_a_plain_autograd_computation(checkpoints):
+    # The model's own forward (its logits, not gradlens's hidden-state path) and SFT written
+    # out, at the checkpoint's θ (no stale step), all float64: rounding only.
+    path = checkpoints["llama"]
+    cfg = validate(
+        {
+            "dtype": "float64",
+            "losses": ["sft"],
+            "source": {
+                "kind": "model",
+                "path": str(path),
+                "prompts": PROMPTS,
+                "group_size": 2,
+                "max_new_tokens": 6,
+                "rollout_dtype": "float32",
+                "stale": {"steps": 0},
+            },
+        }
+    )
+    report = run_compare(cfg)
+    from helpers import build_batch
+
+    batch = build_batch(cfg)
+    seqs = batch.model_context.sequences
+    model = load_checkpoint(str(path), torch.device("cpu"), torch.float64).model
+    # SFT by hand in float64 (transformers' own loss upcasts the logits to float32 only)
+    logits = model(
+        input_ids=seqs.input_ids,
+        attention_mask=seqs.attention_mask,
+        position_ids=seqs.position_ids,
+    ).logits[:, :-1]
+    logp = torch.log_softmax(logits, -1).gather(-1, seqs.tokens[..., None])[..., 0]
+    (-logp[seqs.loss_mask].mean()).backward()
+    expected = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in model.parameters()))
+    mg = report.losses[0].model_grads
+    assert mg is not None and mg.total_norm == pytest.approx(expected, rel=1e-10)

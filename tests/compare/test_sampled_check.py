@@ -1,0 +1,131 @@
+"""The streamed engines' sampled agreement check: exact autograd on a sample of tokens and rows.
+
+Its slow twin is the full reference (`gradlens.grads.autograd_reference`, [M, V] under
+autograd): on small float64 batches the sampled values must equal the full ones at the sampled
+entries to rounding, for losses that couple tokens (gspo's sequence ratio, seq-mean
+aggregation) and with the entropy bonus, whose gradient is not of the c-form. And the check
+must fail when the engine is wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from helpers import random_batch
+from typer.testing import CliRunner
+
+from gradlens.cli import app
+from gradlens.compare import run_compare
+from gradlens.compare import streamed as streamed_module
+from gradlens.compare.sampled_check import choose_sample, sampled_reference
+from gradlens.config import build_config
+from gradlens.containers import valid_index
+from gradlens.grads import autograd_reference
+from gradlens.losses import Aggregation, LossParams, get_loss
+
+runner = CliRunner()
+CASES = [
+    ("reinforce", 0.0, "token_mean"),
+    ("ppo_clip", 0.0, "token_mean"),
+    ("gspo", 0.0, "seq_mean_token_mean"),
+    ("cispo", 0.01, "token_mean"),
+    ("sft", 0.1, "seq_mean_token_sum"),
+]
+
+
+@pytest.mark.parametrize(("loss", "entropy_coef", "mode"), CASES)
+def test_the_sampled_reference_equals_the_full_one_at_the_samples(loss, entropy_coef, mode):
+    # V = 300 > the 32 top and 32 spread rows, so R is a strict subset and ρ_t (the rows
+    # outside R) carries part of every normaliser; M = 40 < 64 sampled tokens would pick all,
+    # so the token sample is checked on its own below with more tokens.
+    batch = random_batch(3, n=8, t=5, v=300, h=7)
+    spec, agg = get_loss(loss), Aggregation(mode)
+    params = LossParams(entropy_coef=entropy_coef)
+    full = autograd_reference(batch, spec, params, agg)
+    rows, cols = valid_index(batch.mask)
+    hidden, tokens = batch.hidden[rows, cols], batch.tokens[rows, cols]
+    norms = full.grad_weight.norm(dim=1)
+    sample = choose_sample(hidden, batch.weight, tokens, full.coefficient[rows, cols].abs(), norms)
+    assert 32 <= sample.rows.numel() < 300
+    ref = sampled_reference(sample, batch, hidden, tokens, rows, cols, spec, params, agg)
+    # float64 on both sides; the sampled path sums the normaliser in two parts (R and the
+    # rest), the full one in one: a few ulps of log-normalisers of ~log 300, amplified by at
+    # most the ratio's exponential, stay far below 1e-12 relative.
+    torch.testing.assert_close(ref.coefficient, full.coefficient, rtol=1e-12, atol=1e-14)
+    full_at_y = full.grad_logits.gather(-1, tokens[:, None])[:, 0]
+    torch.testing.assert_close(ref.grad_at_y, full_at_y[sample.tokens], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(ref.row_norms, norms[sample.rows], rtol=1e-12, atol=1e-14)
+    assert ref.non_finite == 0
+
+
+def test_the_token_sample_is_spread_and_includes_the_largest_coefficient():
+    batch = random_batch(5, n=30, t=6, v=40, h=5)
+    rows, cols = valid_index(batch.mask)
+    m = rows.numel()
+    assert m > 64
+    c_abs = torch.zeros(m, dtype=torch.float64)
+    c_abs[m - 2] = 1.0  # not on the evenly spaced grid's last point (m − 1)
+    sample = choose_sample(
+        batch.hidden[rows, cols], batch.weight, batch.tokens[rows, cols], c_abs, torch.ones(40)
+    )
+    assert int(sample.tokens[0]) == 0 and int(sample.tokens[-1]) == m - 1
+    assert m - 2 in sample.tokens.tolist()
+    assert sample.tokens.numel() in (64, 65)
+
+
+def streamed_run(**overrides):
+    sets = [
+        "diagnostics.engine=streamed",
+        "diagnostics.memory_budget_mib=64",
+        "diagnostics.vocab_chunk=512",
+        *[f"{k}={v}" for k, v in overrides.items()],
+    ]
+    return run_compare(build_config(None, sets))
+
+
+def test_a_streamed_run_checks_a_sample_by_default():
+    report = streamed_run()
+    for r in report.losses:
+        a = r.agreement
+        assert a.ran and a.scope == "sampled" and a.passed
+        assert a.sampled_tokens is not None and a.sampled_rows is not None
+        assert a.grad_weight is not None and a.grad_weight <= a.tolerance
+    assert {c.loss for c in report.checks if c.name == "agreement"} == {
+        r.name for r in report.losses
+    }
+
+
+def test_the_sampled_check_fails_when_the_engine_is_wrong(monkeypatch):
+    real = streamed_module.lm_head_pass
+
+    def off_by_a_percent(*args, **kwargs):
+        result = real(*args, **kwargs)
+        rows = [dataclasses.replace(r, norms=r.norms * 1.01) for r in result.rows]
+        return dataclasses.replace(result, rows=rows)
+
+    monkeypatch.setattr(streamed_module, "lm_head_pass", off_by_a_percent)
+    report = streamed_run()
+    assert not report.passed
+    for r in report.losses:
+        # 1% on every row norm against a float32 tolerance of 1e-4
+        assert r.agreement.grad_weight == pytest.approx(0.01, rel=1e-3)
+        assert not r.agreement.passed
+
+
+def test_reference_none_still_skips_the_check():
+    report = streamed_run(**{"diagnostics.reference": "none"})
+    assert all(not r.agreement.ran for r in report.losses)
+    assert not any(c.name == "agreement" for c in report.checks)
+
+
+def test_check_on_a_streamed_run_includes_the_agreement_gate():
+    result = runner.invoke(
+        app, ["compare", "--engine", "streamed", "--check", "-f", "json", "--losses", "ppo_clip"]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    names = [(c["name"], c["loss"]) for c in report["checks"]]
+    assert ("agreement", "ppo_clip") in names

@@ -1,0 +1,168 @@
+"""The stale steps of the model source: against a plain PyTorch loop, in micro-batches, and
+with a target KL.
+
+The slow twin is a hand-written loop: the model's own logits (``model(...).logits``, not
+gradlens's hidden-state path), log_softmax, the same objective, ``torch.optim.Adam`` (not
+gradlens's optimizer), no activation checkpointing, everything in float64.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+
+import pytest
+import torch
+from helpers import build_batch
+from rich.console import Console
+
+from gradlens.compare import run_compare
+from gradlens.config import validate
+from gradlens.diagnostics.staleness import FAR_CLIP, FAR_KL, kl_k3
+from gradlens.grads import objective
+from gradlens.losses import Aggregation, LossParams, get_loss
+from gradlens.report.model_table import model_parts
+from gradlens.sources.checkpoint import load_checkpoint
+from gradlens.sources.staleness import TARGET_BAND
+
+transformers = pytest.importorskip("transformers")
+
+from tiny_checkpoints import save_checkpoint  # noqa: E402
+
+PROMPTS = ["def add(a, b):\n", "class Point:\n    def __init__(self", "import os\n"]
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return save_checkpoint(tmp_path_factory.mktemp("stale") / "llama", "llama")
+
+
+def config(path, budget_mib=None, **stale):
+    cfg = {
+        "dtype": "float64",
+        "losses": ["ppo_clip"],
+        "source": {
+            "kind": "model",
+            "path": str(path),
+            "prompts": PROMPTS,
+            "group_size": 2,
+            "max_new_tokens": 6,
+            "reward": "length",  # differs within every group: every advantage ≠ 0
+            "rollout_dtype": "float32",
+            "stale": {"optimizer": "adam", "loss": "ppo_clip", **stale},
+        },
+    }
+    if budget_mib is not None:
+        cfg["diagnostics"] = {"memory_budget_mib": budget_mib}
+    return validate(cfg)
+
+
+def plain_loop(path, batch, steps, lr):
+    """θ_old → θ_N by hand; the [N, T] log-probs at every θ_k."""
+    loaded = load_checkpoint(str(path), torch.device("cpu"), torch.float64)
+    model = loaded.model
+    seqs = batch.model_context.sequences
+    opt = torch.optim.Adam(model.parameters(), lr=lr, foreach=False)
+    spec, params, agg = get_loss("ppo_clip"), LossParams(), Aggregation("token_mean")
+    trajectory = []
+    old = None
+    for k in range(steps + 1):
+        logits = model(
+            input_ids=seqs.input_ids,
+            attention_mask=seqs.attention_mask,
+            position_ids=seqs.position_ids,
+        ).logits[:, :-1]
+        logp = torch.log_softmax(logits, -1).gather(-1, seqs.tokens[..., None])[..., 0]
+        logp = torch.where(seqs.loss_mask, logp, torch.zeros_like(logp))
+        trajectory.append(logp.detach())
+        if old is None:
+            old = logp.detach()
+        if k == steps:
+            break
+        inputs = dataclasses.replace(batch, old_logp=old)
+        loss = objective(inputs, logp, spec, params, agg).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return trajectory
+
+
+def test_stale_steps_equal_a_plain_pytorch_loop(llama):
+    cfg = config(llama, steps=2, lr=3e-3, target_kl=None)
+    batch = build_batch(cfg)
+    record = batch.model_context.staleness
+    expected = plain_loop(llama, batch, 2, 3e-3)
+    m = batch.mask
+    # float64 both ways; the two forwards differ in the order of the lm_head product (W·h by
+    # gradlens, the model's own logits) and the checkpointed recomputation is exact, so the
+    # log-probs agree to ~1e-13 after two Adam steps (Adam's first step is lr·g/|g|: rounding
+    # in g changes it only where |g| ~ ε = 1e-8, far from these gradients).
+    for point, logp in zip(record.trajectory, expected, strict=True):
+        torch.testing.assert_close(point.logp[m], logp[m], rtol=1e-10, atol=1e-10)
+    assert record.model_pass is not None and record.model_pass.checkpointed
+    assert record.model_pass.micro_batches == 1
+    assert kl_k3(expected[-1], expected[0], m) > 1e-4  # the steps moved π_θ
+
+
+def test_micro_batched_stale_steps_equal_one_pass(llama):
+    one = build_batch(config(llama, steps=2, lr=3e-3, target_kl=None))
+    # a budget of one byte: every sequence is a micro-batch of its own (over budget)
+    many = build_batch(config(llama, budget_mib=1e-6, steps=2, lr=3e-3, target_kl=None))
+    plan = many.model_context.staleness.model_pass
+    assert plan.micro_batches == one.num_sequences and plan.over_budget
+    assert plan.forwards == plan.backwards == 2 * one.num_sequences
+    m = one.mask
+    # gradients summed over micro-batches in another order: float64 rounding only
+    torch.testing.assert_close(many.hidden[m], one.hidden[m], rtol=1e-10, atol=1e-12)
+    for a, b in zip(
+        many.model_context.staleness.trajectory, one.model_context.staleness.trajectory, strict=True
+    ):
+        torch.testing.assert_close(a.logp[m], b.logp[m], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("guess", [1e-6, 3e-2])
+def test_the_target_kl_is_reached_from_a_bad_first_guess(llama, guess):
+    target = 0.02
+    report = run_compare(config(llama, steps=2, lr=guess, target_kl=target))
+    stale = report.model.staleness
+    end = stale.trajectory[-1]
+    assert target / TARGET_BAND <= end.kl_k3 <= target * TARGET_BAND
+    assert stale.target_kl == target and stale.lr == guess
+    first = stale.trajectory[1]
+    assert first.probes >= 1 and first.lr != guess  # the guess was off by 30×+ either way
+    assert not any("not within" in n for n in report.model.notes)
+
+
+def test_a_step_far_beyond_ppo_is_reported(llama):
+    report = run_compare(config(llama, steps=2, lr=5e-2, target_kl=None))
+    end = report.model.staleness.trajectory[-1]
+    assert end.kl_k3 > FAR_KL or end.clip_region > FAR_CLIP
+    assert any("far beyond one PPO step" in n for n in report.model.notes)
+    calm = run_compare(config(llama, steps=2, lr=5e-2, target_kl=0.01))
+    assert not any("far beyond" in n for n in calm.model.notes)
+
+
+def rendered(report) -> str:
+    out = io.StringIO()
+    console = Console(file=out, width=240, force_terminal=False)
+    for part in model_parts(report):
+        console.print(part)
+    return out.getvalue()
+
+
+def test_the_tables_say_how_the_steps_ran_and_what_stands_out(llama):
+    far = run_compare(config(llama, steps=2, lr=5e-2, target_kl=None))
+    text = rendered(far)
+    assert "notes on the checkpoint" in text and "far beyond one PPO step" in text
+    assert "adam steps (lr 0.05)" in text  # no target: the configured lr, no search
+    assert "lr (tries)" in text and "0.05 " in text  # the lr column: each step's lr
+    plan = far.model.staleness.model_pass
+    assert f"{plan.micro_batches} micro-batch(es), {plan.forwards} forward(s)" in text
+
+    calm = run_compare(config(llama, steps=2, lr=5e-2, target_kl=0.01))
+    text = rendered(calm)
+    assert "notes on the checkpoint" not in text  # nothing stands out: no panel
+    assert "target KL 0.01: lr searched from 0.05" in text
+    first = calm.model.staleness.trajectory[1]
+    assert first.probes >= 1  # 0.05 is far off: the step was redone
+    assert f"{first.lr:.3g} ({first.probes + 1})" in text
