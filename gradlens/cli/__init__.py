@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+from typing import Annotated
 
 import typer
 
+from gradlens import __version__
 from gradlens.cli.compare import HELP as COMPARE_HELP
 from gradlens.cli.compare import compare
 from gradlens.cli.dump import HELP as DUMP_HELP
@@ -22,7 +24,32 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
     add_completion=False,
     rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},  # inherited by every command
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"gradlens {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            "-V",
+            callback=_print_version,
+            is_eager=True,
+            help="Print gradlens's version and exit.",
+        ),
+    ] = False,
+) -> None:
+    """Gradient diagnostics for LLM RL and SFT losses: what each loss does to the lm_head."""
+
+
 app.command(help=COMPARE_HELP)(compare)
 app.command()(losses)
 app.command()(config)

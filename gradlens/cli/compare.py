@@ -25,7 +25,9 @@ HELP = (
     "For every loss: the sampled-row vs other-row logit gradient against the seed post's "
     "closed form, per-row lm_head gradient norms, the zero-sum check, clip fractions, and the "
     "agreement of the closed form with autograd. Shared by all losses: ratio statistics and KL "
-    "estimates. Exit status: 0 ok, 1 an invariant failed under --check, 2 bad input."
+    "estimates. Exit status: 0 ok, 1 an invariant failed under --check, 2 bad input.\n\n"
+    "The seed post: the blog post on what REINFORCE, PPO and SFT do to the lm_head that "
+    "gradlens grew from, summarised in docs/losses.md#the-seed-post."
 )
 
 

@@ -7,8 +7,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.markup import escape
-from rich.table import Table
 
 from gradlens.cli.common import (
     ConfigOption,
@@ -56,6 +54,12 @@ def _print_losses(output: OutputFormat) -> None:
     from gradlens.losses import AGGREGATIONS, get_loss, loss_names
     from gradlens.losses.distill import DESCRIPTIONS
     from gradlens.losses.frameworks import framework_rows
+    from gradlens.report.loss_list import (
+        aggregation_table,
+        distill_list_table,
+        framework_table,
+        loss_list_table,
+    )
 
     specs = [get_loss(n) for n in loss_names()]
     aggregations = [
@@ -89,60 +93,10 @@ def _print_losses(output: OutputFormat) -> None:
         }
         typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
         return
-    table = Table(title="registered losses: ∂L/∂z_t = a_t·g_t·(e_y − π_t)", title_justify="left")
-    for col in (
-        "name",
-        "per-token loss (minimised)",
-        "g_t = ∂ℓ/∂log π_θ(y)",
-        "zero when",
-        "source",
-        "coupling",
-    ):
-        table.add_column(col, overflow="fold")
-    for s in specs:
-        needs = f" (needs {', '.join(s.needs)})" if s.needs else ""
-        table.add_row(
-            *(
-                escape(x)
-                for x in (
-                    s.name,
-                    s.formula,
-                    s.grad_formula,
-                    s.zero_when,
-                    s.paper,
-                    s.coupling + needs,
-                )
-            )
-        )
-    agg_table = Table(
-        title="aggregations (loss.aggregation; S = B', or B with loss.count_empty_sequences; "
-        "L = loss.loss_scale_factor or the padded length)",
-        title_justify="left",
-    )
-    for col in ("name", "loss", "used by (framework version)"):
-        agg_table.add_column(col, overflow="fold")
-    for row in aggregations:
-        agg_table.add_row(*(escape(row[k]) for k in ("name", "loss", "used_by")))
-    fw_table = Table(
-        title="framework losses: the framework's own code, config from the loss section "
-        "(docs/losses.md §9)",
-        title_justify="left",
-    )
-    for col in ("names", "supported", "tested", "installed"):
-        fw_table.add_column(col, overflow="fold")
-    for row in frameworks:
-        fw_table.add_row(*(escape(row[k]) for k in ("names", "supported", "tested", "installed")))
-    distill_table = Table(
-        title="distillation terms (loss.distill.divergence; form full or top_k; not c-form: "
-        "∂L/∂z_t = λ·a_t·(u_t − π_t·Σu_t), zero-sum; docs/losses.md §2.29)",
-        title_justify="left",
-    )
-    for col in ("divergence", "D_t", "∂D_t/∂z_v (full form)", "source"):
-        distill_table.add_column(col, overflow="fold")
-    for row in distill:
-        distill_table.add_row(
-            *(escape(row[k]) for k in ("name", "divergence", "grad_logits", "paper"))
-        )
+    table = loss_list_table(specs)
+    agg_table = aggregation_table(aggregations)
+    fw_table = framework_table(frameworks)
+    distill_table = distill_list_table(distill)
     console = stdout_console()
     console.print(table)
     console.print(agg_table)
@@ -171,6 +125,7 @@ def _compare_pair(pair: str, output: OutputFormat, path: Path | None, overrides:
 
     from gradlens.config import build_config
     from gradlens.errors import GradlensError
+    from gradlens.report.loss_list import pair_table
     from gradlens.sweep.pair import compare_pair
 
     names = [n.strip() for n in pair.split(",") if n.strip()]
@@ -182,23 +137,7 @@ def _compare_pair(pair: str, output: OutputFormat, path: Path | None, overrides:
         typer.echo(json.dumps(dataclasses.asdict(result), indent=2, ensure_ascii=False))
         return
     a, b = result.loss_a, result.loss_b
-    table = Table(
-        title=f"g_t of {a} and {b} at π_θ(y) = {result.pi_theta:g}, π_old = π_θ/r "
-        "(∂L/∂z = a·g·(e_y − π); a is the same for both on a lone token)",
-        title_justify="left",
-    )
-    for col in ("A", "r", f"g {a}", f"g {b}", "differ", f"rules {a}", f"rules {b}"):
-        table.add_column(col, overflow="fold")
-    for row in result.rows:
-        table.add_row(
-            f"{row.advantage:+g}",
-            f"{row.ratio:g}",
-            f"{row.grad_a:.6g}",
-            f"{row.grad_b:.6g}",
-            "yes" if row.differ else "",
-            escape(", ".join(row.rules_a)),
-            escape(", ".join(row.rules_b)),
-        )
+    table = pair_table(result)
     console = stdout_console()
     console.print(table)
     for sign, words in ((1.0, "A > 0"), (-1.0, "A < 0")):

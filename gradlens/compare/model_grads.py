@@ -26,8 +26,8 @@ trainer's ``.grad`` of that tensor is the sum of both paths; it is reported sepa
 (``tied_grad_norm``), and the total norm counts the shared tensor once, with the summed
 gradient, exactly as ``torch.nn.utils.clip_grad_norm_`` sees it.
 
-The seed post's estimate (shared/seed, "grad-norm ≈ |Â|·(1 − π_y)", with π_y ≈ e^(−H) for a
-peaked policy and π_y ≈ e^(−CE) for SFT):
+The seed post's estimate (docs/losses.md#the-seed-post: "grad-norm ≈ |Â|·(1 − π_y)", with
+π_y ≈ e^(−H) for a peaked policy and π_y ≈ e^(−CE) for SFT):
 
     SFT (g_t = −1 on every token)        ‖∇L‖ ≈ 1 − e^(−CE),  CE = mean_t −log π_θ(y_t)
     policy-gradient losses (g ∝ A)       ‖∇L‖ ≈ mean|Â|·(1 − e^(−H)),  H = mean_t H(π_θ,t)

@@ -12,9 +12,9 @@ from collections.abc import Callable
 from functools import partial
 
 from rich.markup import escape
-from rich.table import Table
 
 from gradlens.report.cells import fmt, pct, titled_table
+from gradlens.report.fit import FitTable
 from gradlens.results import AttributedToken, Attribution, CompareReport, LossReport
 
 CONTEXT_ROWS = 5  # tokens shown in context per loss
@@ -72,7 +72,7 @@ def _token_label(t: AttributedToken) -> str:
     return f"s{t.sequence}:{t.position}{word}"
 
 
-def shares_table(report: CompareReport) -> Table:
+def shares_table(report: CompareReport) -> FitTable:
     losses = report.losses
     table = titled_table(
         "attribution: shares ⟨part, G⟩/‖G‖² of each loss's lm_head update G = ∂L/∂W "
@@ -133,7 +133,7 @@ def shares_table(report: CompareReport) -> Table:
     return table
 
 
-def top_tokens_table(report: CompareReport) -> Table:
+def top_tokens_table(report: CompareReport) -> FitTable:
     losses = [r for r in report.losses if r.attribution is not None]
     table = titled_table(
         "largest token shares: sequence:position token share (|share| order)",
@@ -151,7 +151,7 @@ def top_tokens_table(report: CompareReport) -> Table:
     return table
 
 
-def top_sequences_table(report: CompareReport) -> Table:
+def top_sequences_table(report: CompareReport) -> FitTable:
     losses = [r for r in report.losses if r.attribution is not None]
     table = titled_table(
         "largest sequence shares: sequence share (‖G_i‖, mean A)", "#", *(r.name for r in losses)
@@ -171,7 +171,7 @@ def top_sequences_table(report: CompareReport) -> Table:
     return table
 
 
-def context_table(loss: LossReport) -> Table | None:
+def context_table(loss: LossReport) -> FitTable | None:
     """The loss's largest token shares with their decoded context, or None without text."""
     a = loss.attribution
     if a is None or not a.top_tokens or a.top_tokens[0].context is None:
@@ -203,7 +203,7 @@ def context_table(loss: LossReport) -> Table | None:
     return table
 
 
-def attribution_parts(report: CompareReport) -> list[Table]:
+def attribution_parts(report: CompareReport) -> list[FitTable]:
     """The attribution tables of a report ([] when no loss has an attribution section)."""
     if all(r.attribution is None for r in report.losses):
         return []

@@ -4,9 +4,17 @@ cells of a loss's extra metrics and rule shares."""
 from __future__ import annotations
 
 from rich.markup import escape
-from rich.table import Table
 
+from gradlens.report.fit import FitTable
 from gradlens.results import LossReport
+
+# The blog post gradlens grew from, and where the documentation summarises it: every table that
+# quotes "the seed post" carries this note.
+SEED_POST = "docs/losses.md#the-seed-post"
+SEED_POST_NOTE = (
+    "seed post: the blog post on what REINFORCE, PPO and SFT do to the lm_head that gradlens "
+    f"grew from, summarised in {SEED_POST}"
+)
 
 
 def fmt(x: float | int | None, digits: int = 4) -> str:
@@ -26,10 +34,12 @@ def ok(passed: bool) -> str:
     return "[green]ok[/]" if passed else "[bold red]FAIL[/]"
 
 
-def titled_table(title: str, *columns: str) -> Table:
-    table = Table(title=title, title_justify="left", show_lines=False, pad_edge=False)
+def titled_table(title: str, *columns: str, keys: int = 1) -> FitTable:
+    """A table fitted to the console's width; its first ``keys`` columns (left-justified) name
+    the rows and are repeated when the others are stacked in parts (`gradlens.report.fit`)."""
+    table = FitTable(title, keys=keys)
     for i, name in enumerate(columns):
-        table.add_column(name, justify="left" if i == 0 else "right", overflow="fold")
+        table.add_column(name, justify="left" if i < keys else "right")
     return table
 
 

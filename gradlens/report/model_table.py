@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from rich.markup import escape
 from rich.panel import Panel
-from rich.table import Table
 
-from gradlens.report.cells import fmt, pct, titled_table
+from gradlens.report.cells import SEED_POST_NOTE, fmt, pct, titled_table
+from gradlens.report.fit import FitTable
 from gradlens.results import CompareReport, ModelPass
 
 SAMPLES_SHOWN = 4
@@ -61,7 +61,7 @@ def model_panel(report: CompareReport) -> Panel:
     return Panel("\n".join(lines), title="model source", title_align="left", expand=False)
 
 
-def mismatch_table(report: CompareReport) -> Table:
+def mismatch_table(report: CompareReport) -> FitTable:
     assert report.model is not None and report.model.mismatch is not None
     x = report.model.mismatch
     table = titled_table(
@@ -79,8 +79,8 @@ def mismatch_table(report: CompareReport) -> Table:
         "p95",
         "p99",
         "ρ max",
+        keys=0,
     )
-    table.columns[0].justify = "right"
     table.add_row(
         *(
             fmt(v)
@@ -103,7 +103,7 @@ def mismatch_table(report: CompareReport) -> Table:
     return table
 
 
-def staleness_table(report: CompareReport) -> Table:
+def staleness_table(report: CompareReport) -> FitTable:
     assert report.model is not None and report.model.staleness is not None
     s = report.model.staleness
     how = (
@@ -157,7 +157,7 @@ def pass_text(p: ModelPass | None) -> str:
     )
 
 
-def model_grads_table(report: CompareReport) -> Table:
+def model_grads_table(report: CompareReport) -> FitTable:
     losses = [r for r in report.losses if r.model_grads is not None]
     at = "at the checkpoint" if report.model and report.model.source == "batch" else "at θ_k"
     ran = pass_text(report.model.gradient_pass if report.model else None)
@@ -167,6 +167,7 @@ def model_grads_table(report: CompareReport) -> Table:
         "",
         *(r.name for r in losses),
     )
+    table.caption = SEED_POST_NOTE
     names = list(dict.fromkeys(g.name for r in losses for g in r.model_grads.groups))  # type: ignore[union-attr]
     for name in names:
         cells = []
@@ -216,16 +217,17 @@ def model_grads_table(report: CompareReport) -> Table:
     return table
 
 
-def sft_over_rl_table(report: CompareReport) -> Table | None:
+def sft_over_rl_table(report: CompareReport) -> FitTable | None:
     assert report.model is not None
     if not report.model.sft_over_rl:
         return None
     table = titled_table(
-        "the post's claim: SFT's grad-norm over RL's (≈ an order of magnitude)",
+        "the seed post's claim: SFT's grad-norm over RL's (≈ an order of magnitude)",
         "pair",
         "estimate",
         "measured",
     )
+    table.caption = SEED_POST_NOTE
     for x in report.model.sft_over_rl:
         table.add_row(f"{x.sft} / {x.rl}", fmt(x.predicted, 3), fmt(x.measured, 3))
     return table

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from rich.console import Console, Group, RenderableType
 from rich.markup import escape
-from rich.table import Table
 from rich.text import Text
 
 from gradlens.report.cells import SHOWN, fmt, ok, pct, titled_table
+from gradlens.report.fit import FitTable
 from gradlens.results import Clipping, CompareReport, ParityMatrixReport, ParityReport
 
 
-def rollout_table(report: CompareReport) -> Table | None:
+def rollout_table(report: CompareReport) -> FitTable | None:
     r = report.rollout
     if r is None:
         return None
@@ -24,8 +24,8 @@ def rollout_table(report: CompareReport) -> Table | None:
         "KL k3",
         "mean |Δlog p|",
         "max |Δlog p|",
+        keys=0,
     )
-    table.columns[0].justify = "right"
     table.add_row(
         *(fmt(v) for v in (r.rho_mean, r.rho_min, r.rho_max, r.kl_k1, r.kl_k3)),
         fmt(r.abs_diff_mean),
@@ -34,7 +34,7 @@ def rollout_table(report: CompareReport) -> Table | None:
     return table
 
 
-def parity_table(p: ParityReport) -> Table:
+def parity_table(p: ParityReport) -> FitTable:
     a, b = p.a, p.b
     table = titled_table(f"parity: {escape(a.name)} (A) vs {escape(b.name)} (B)", "", "A", "B")
     rows = [
@@ -113,7 +113,9 @@ def render_parity_matrix(report: ParityMatrixReport, console: Console) -> None:
         "max |Δc_t| / max |c_t|",
         "‖∂L_B/∂W‖/‖∂L_A/∂W‖",
         "why",
+        keys=2,
     )
+    table.columns[-1].justify = "left"  # a sentence
     for entry in report.entries:
         settings = ", ".join(f"{k}={v}" for k, v in entry.settings.items())
         for p in entry.parity:

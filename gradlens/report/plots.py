@@ -9,7 +9,12 @@ stays optional (the ``plot`` extra): without it ``--plot`` is a clear error, not
 linear), y = |∂L/∂z_y| on a log scale, one line per loss (and per ``over`` variant where the
 variants differ), the x-ranges where a rule switches a loss off shaded in that loss's colour
 and labelled with the rule, the on-policy point r = 1 marked, r on a second x axis, and the
-largest amplification over REINFORCE annotated.
+largest amplification over REINFORCE annotated. Losses often coincide (SFT and REINFORCE at
+|A| = 1, PPO and its clip wherever the clip is off), so every curve stays visible by itself:
+each later series is drawn narrower on top of the earlier ones, and each carries
+filled markers of its own shape, above every line, at x positions staggered between the
+series and never on top of one another (the curve drawn over the shortest stretch chooses
+first, so a loss the clip mostly switches off keeps its markers).
 
 2-D grid: a heat map of |∂L/∂z_y| per loss (columns) and sign of A (rows) over π_old (x) and
 π_θ (y), with a shared log colour scale, exact zeros in grey, the diagonal r = 1, and the
@@ -33,7 +38,7 @@ from torch import Tensor
 
 from gradlens.errors import GradlensError
 from gradlens.files import check_output, writing
-from gradlens.report.sweep_labels import rule_text, setting_text, sign_text
+from gradlens.report.sweep_labels import rule_name, rule_text, setting_text, sign_text
 from gradlens.results import CompareReport, LossReport
 from gradlens.sweep.curves import SIGNS, Curve
 from gradlens.sweep.grid import Axis
@@ -77,10 +82,16 @@ def check_plot_path(path: Path) -> None:
     _matplotlib()
 
 
+def sweep_figure(outcome: SweepOutcome) -> Any:
+    """The matplotlib ``Figure`` of ``outcome``: heat maps for a 2-D grid, else line panels."""
+    _matplotlib()
+    return _heat_maps(outcome) if outcome.grid.is_2d else _lines(outcome)
+
+
 def plot_sweep(outcome: SweepOutcome, path: Path) -> None:
     """Draw ``outcome`` to ``path`` (.png, .svg or .pdf)."""
     check_plot_path(path)
-    fig = _heat_maps(outcome) if outcome.grid.is_2d else _lines(outcome)
+    fig = sweep_figure(outcome)
     with writing(path, "--plot", "wb") as fh:
         fig.savefig(fh, dpi=DPI, format=path.suffix.lower()[1:])
 
@@ -136,7 +147,14 @@ def _fmt_big(x: float) -> str:
 
 # ----------------------------------------------------------------------------- 1-D
 
-LABEL_TOPS = (0.97, 0.78, 0.59, 0.40, 0.21)  # candidate tops of a label box, axes fraction
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "h"]
+MARKER_SIZE = 10  # points: about 15 px at DPI, well clear of every line's width
+MARKERS_PER_SERIES = 6  # across the panel, staggered between the series
+MARKER_GAP = 0.025  # axes widths between two markers' centres: about 16 px, no overlap
+PANEL_ASPECT = 0.67  # a panel's height over its width, to measure that gap on screen
+
+LABEL_TOPS = (0.97, 0.88, 0.78, 0.69, 0.59, 0.50, 0.40, 0.31, 0.21)  # box tops, axes fraction
+LABEL_SHIFTS = (0.0, 0.15, -0.15)  # candidate shifts of a label off its span's middle
 LABEL_SIZE = (0.24, 0.17)  # rough width and height of a three-line label, axes fraction
 LINE_HEIGHT = 0.045  # one line of 9.5-point text, axes fraction (rough)
 CHAR_WIDTH = 0.012  # one character of 9.5-point text, axes fraction (rough)
@@ -147,6 +165,7 @@ Trace = tuple[Tensor, Tensor]  # x and y of a drawn line, axes fraction
 
 def _lines(outcome: SweepOutcome) -> Any:
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
     report, grid = outcome.report, outcome.grid
     axis = grid.x
@@ -155,9 +174,10 @@ def _lines(outcome: SweepOutcome) -> Any:
     series = _distinct(outcome.curves)
     labels = list(dict.fromkeys(label for _, label in series))
     colors = {label: COLORS[i % len(COLORS)] for i, label in enumerate(labels)}
-    # Earlier series are drawn wider and underneath: where two losses coincide, the later one
-    # shows as a thin line inside the earlier one instead of hiding it.
-    widths = {label: max(6.5 - 1.8 * i, 1.3) for i, label in enumerate(labels)}
+    # Earlier series are drawn wider and underneath, later ones narrower on top: where two
+    # losses coincide both colours show, and the markers tell them apart.
+    widths = {label: max(6.0 - 1.4 * i, 2.2) for i, label in enumerate(labels)}
+    markers = {label: MARKERS[i % len(MARKERS)] for i, label in enumerate(labels)}
 
     fig = Figure(figsize=(14, 6.8), layout="constrained")
     panels = fig.subplots(1, len(SIGNS), sharey=True)
@@ -203,28 +223,54 @@ def _lines(outcome: SweepOutcome) -> Any:
         ax.text(
             float(x[0]),
             float(reference_y[0]) * 1.15,
-            f"  {report.amplified_above:g}× REINFORCE",
+            f"  {report.amplified_above:g}× REINFORCE's gradient",
             fontsize=8.5,
             alpha=0.8,
             va="bottom",
         )
 
-        traces: list[Trace] = [(x_frac, y_frac(reference_y))]
+        traces: list[Trace] = []  # the curves; a label may cover the dotted 10× guide
+        ys = {label: curve.grad_sampled.abs() for curve, label in drawn}
+        ys = {label: torch.where(y > 0, y, float("nan")) for label, y in ys.items()}
+        # Markers are placed for the curve drawn over the shortest stretch first, and none
+        # where it would cover another's: a loss the clip mostly switches off stays visible.
+        taken: list[tuple[float, float]] = []
+        spots: dict[str, list[int]] = {}
+        for label in sorted(ys, key=lambda lb: int(torch.isfinite(ys[lb]).sum())):
+            k = labels.index(label)
+            spots[label] = _marker_points(x_frac, y_frac(ys[label]), k, len(labels), taken)
         for curve, label in drawn:
-            y = curve.grad_sampled.abs()
-            y = torch.where(y > 0, y, float("nan"))
-            (line,) = ax.plot(
+            y = ys[label]
+            k = labels.index(label)
+            style: dict[str, Any] = {
+                "color": colors[label],
+                "lw": widths[label],
+                "marker": markers[label],
+                "ms": MARKER_SIZE,
+                "mec": "white",
+                "mew": 0.8,
+            }
+            ax.plot(
                 x.tolist(),
                 y.tolist(),
-                color=colors[label],
-                lw=widths[label],
+                **{**style, "marker": None},
                 solid_capstyle="butt",
-                zorder=3 + labels.index(label) * 0.01,
+                zorder=3 + k * 0.01,
+                gid=f"series {label}",
             )
-            handles.setdefault(f"{label}:  |∂L/∂z_y| = {infos[curve.loss].post_formula}", line)
+            ax.plot(
+                [float(x[i]) for i in spots[label]],
+                [float(y[i]) for i in spots[label]],
+                **{**style, "ls": "none"},
+                zorder=4.5 + k * 0.01,  # above every line
+                gid=f"markers {label}",
+            )
+            key = f"{label}:  |∂L/∂z_y| = {infos[curve.loss].post_formula}"
+            handles.setdefault(key, Line2D([], [], **style))
             traces.append((x_frac, y_frac(y)))
 
-        placed: list[Box] = []
+        guide = float(y_frac(reference_y[:1] * 1.15))  # the 10× guide's own label, left
+        placed: list[Box] = [(0.0, CHAR_WIDTH * 26, guide, guide + LINE_HEIGHT)]
         placed += _annotate_peaks(ax, x_frac, y_frac, drawn, report.amplified_above)
         placed += _annotate_fading(ax, x, drawn, report.amplified_above)
         placed += _unclipped_notes(ax, x, drawn, infos, report.amplified_above)
@@ -250,7 +296,7 @@ def _lines(outcome: SweepOutcome) -> Any:
         fontsize=10.5,
         frameon=False,
         title="r = π_θ(y)/π_old(y);  M = 0 where the loss's rule (clip or mask) fires, else 1;  "
-        "a thin line inside a thicker one: the two coincide",
+        "a narrower line on a wider one: the two coincide (the markers tell them apart)",
         title_fontsize=9.5,
     )
     legend.get_title().set_alpha(0.8)
@@ -263,6 +309,31 @@ def _fraction(axis: Axis, value: float) -> float:
     if axis.scale == "log":
         return (math.log(value) - math.log(lo)) / (math.log(hi) - math.log(lo))
     return (value - lo) / (hi - lo)
+
+
+def _marker_points(
+    x_frac: Tensor, y_frac: Tensor, k: int, n: int, taken: list[tuple[float, float]]
+) -> list[int]:
+    """Indices of series ``k`` of ``n`` to mark, given the markers already ``taken`` (axes
+    fractions; the new ones are added). About MARKERS_PER_SERIES across the panel and at least
+    one on every stretch the line is drawn, each aimed at (j + (k + ½)/n) spacings along the
+    stretch, so that coinciding series alternate; each goes to the point nearest its aim that
+    is MARKER_GAP clear of every marker taken, or is left out if the stretch has none."""
+    points: list[int] = []
+    for first, last in runs(torch.isfinite(y_frac)):
+        lo, hi = float(x_frac[first]), float(x_frac[last])
+        count = max(1, round((hi - lo) * MARKERS_PER_SERIES))
+        step = (hi - lo) / count
+        stretch = torch.arange(first, last + 1)
+        for j in range(count):
+            aim = lo + (j + (k + 0.5) / n) * step
+            for i in stretch[(x_frac[stretch] - aim).abs().argsort()].tolist():
+                xi, yi = float(x_frac[i]), float(y_frac[i])
+                if all(math.hypot(xi - a, (yi - b) * PANEL_ASPECT) >= MARKER_GAP for a, b in taken):
+                    points.append(i)
+                    taken.append((xi, yi))
+                    break
+    return sorted(points)
 
 
 def _crowding(box: Box, traces: list[Trace], placed: list[Box]) -> float:
@@ -306,7 +377,8 @@ def _shade(
     """Shade each x-range where a rule switched a loss off, once, with a label naming it.
 
     Identical ranges of several series (variants of a loss that clip alike) are drawn once.
-    The label goes at the height where it covers the fewest drawn points and other labels.
+    The label goes where it covers the fewest drawn points and other labels: over the middle
+    of the span if it can, at the highest such place.
     """
     x, edges = axis.values, _edges(axis)
     spans: dict[tuple[int, int, tuple[str, ...]], list[tuple[Curve, str]]] = {}
@@ -320,27 +392,33 @@ def _shade(
         color = colors[owners[0][1]]
         ax.axvspan(lo, hi, color=color, alpha=0.11, lw=0, zorder=1)
         own = infos[owners[0][0].loss].rule_words
-        words = "\n".join(rule_text(r, own) for r in rules)
-        label = f"{_who(owners, drawn)} clipped here:\n{words}\n→ ∂L/∂z_y = 0"
+        names = " / ".join(dict.fromkeys(rule_name(r) for r in rules))
+        when = "\nor ".join(rule_text(r, own) for r in rules)
+        label = (
+            f"{_who(owners, drawn)}: no gradient here,\n{names} switches the token off\n({when})"
+        )
         width = max(LABEL_SIZE[0], CHAR_WIDTH * max(len(line) for line in label.splitlines()))
         height = LINE_HEIGHT * (label.count("\n") + 1) + 0.03
-        centre = math.sqrt(lo * hi) if axis.scale == "log" else (lo + hi) / 2
-        where = _fraction(axis, centre)
-        ha, at, x0 = "center", centre, where - width / 2
-        if where > 1 - width / 2:  # a narrow span at the right edge: keep the label inside
-            ha, at, x0 = "right", hi, _fraction(axis, hi) - width
-        elif where < width / 2:
-            ha, at, x0 = "left", lo, _fraction(axis, lo)
-        boxes = [(x0, x0 + width, top - height, top) for top in LABEL_TOPS]
+        lo_f, hi_f = _fraction(axis, lo), _fraction(axis, hi)
+        lefts: list[float] = []
+        for shift in LABEL_SHIFTS:  # over the middle of the span first, then beside it
+            x0 = (lo_f + hi_f) / 2 - width / 2 + shift
+            if hi_f - lo_f >= width:  # a wide span: the label stays over it
+                x0 = min(max(x0, lo_f), hi_f - width)
+            x0 = min(max(x0, 0.0), 1.0 - width)  # and inside the panel
+            if x0 not in lefts:
+                lefts.append(x0)
+        boxes = [(x0, x0 + width, top - height, top) for top in LABEL_TOPS for x0 in lefts]
         box = min(boxes, key=lambda b: _crowding(b, traces, placed))
         placed.append(box)
         text = ax.text(
-            at,
+            box[0],
             box[3],
             label,
-            transform=ax.get_xaxis_transform(),
-            ha=ha,
+            transform=ax.transAxes,
+            ha="left",
             va="top",
+            multialignment="center",
             fontsize=9.5,
             color=color,
             zorder=6,
@@ -370,9 +448,13 @@ def _annotate_peaks(
         xk, yk = float(x_frac[k]), float(y_frac(curve.grad_sampled[k].abs()))
         who = _who(owners, drawn)
         ha = "left" if xk < 0.6 else "right"  # keep the text inside the panel
+        text = (
+            f"{who}: pushes\n{_fmt_big(value)}× harder than REINFORCE\n"
+            f"(r = {_fmt_big(float(curve.ratio[k]))})"
+        )
         _note(
             ax,
-            f"{who}:\n{_fmt_big(value)}× REINFORCE\n(r = {_fmt_big(float(curve.ratio[k]))})",
+            text,
             xy=(xk, yk),
             xycoords="axes fraction",
             xytext=(20 if ha == "left" else -20, 6),
@@ -383,7 +465,7 @@ def _annotate_peaks(
             zorder=7,
             arrowprops={"arrowstyle": "->", "lw": 0.9},
         )
-        w = 0.05 + 0.012 * max(len(who), 18)
+        w = 0.05 + CHAR_WIDTH * max(len(line) for line in text.splitlines())
         boxes.append((xk, xk + w, yk, yk + 0.16) if ha == "left" else (xk - w, xk, yk, yk + 0.16))
     return boxes
 
@@ -405,7 +487,7 @@ def _annotate_fading(
         top = 0.56 - 0.12 * i
         _note(
             ax,
-            f"{_who(owners, drawn)}: {_fmt_big(value)}× REINFORCE\n"
+            f"{_who(owners, drawn)}: pushes only {_fmt_big(value)}× as hard as REINFORCE\n"
             f"(r = {_fmt_big(float(curve.ratio[k]))}): the token barely counts",
             xy=(float(x[k]), float(curve.grad_sampled[k].abs())),
             xytext=(0.04, top),
@@ -440,10 +522,10 @@ def _unclipped_notes(
     for (_, first, last, disabled), owners in notes.items():
         curve = owners[0][0]
         k = (first + last) // 2
-        text = f"{_who(owners, drawn)} is not clipped here:\nno rule of it fires"
+        text = f"{_who(owners, drawn)} keeps growing here:\nnone of its rules fires"
         if disabled:
             own = infos[curve.loss].rule_words
-            text += "; not enabled:\n" + "\n".join(f"  {rule_text(r, own)}" for r in disabled)
+            text += "; off in this run:\n" + "\n".join(f"  {rule_text(r, own)}" for r in disabled)
         _note(
             ax,
             text,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from rich.console import Group
 from rich.markup import escape
-from rich.table import Table
 from rich.text import Text
 
 from gradlens.report.cells import fmt, pct, titled_table
@@ -43,8 +42,13 @@ def support_table(report: CompareReport) -> Group | None:
         fmt(s.log_mass_mean),
         f"{fmt(s.old_mass_mean)} / {fmt(s.rollout_mass_mean)}",
     )
-    ratios = Table(
-        "ratio", "mean (whole vocabulary)", "mean (replayed)", "clipped", "clipped (replayed)"
+    ratios = titled_table(
+        "the ratios on the whole vocabulary and on the kept sets",
+        "ratio",
+        "mean (whole vocabulary)",
+        "mean (replayed)",
+        "clipped",
+        "clipped (replayed)",
     )
     for r in s.ratios:
         ratios.add_row(
@@ -54,7 +58,9 @@ def support_table(report: CompareReport) -> Group | None:
             pct(r.clipfrac_full),
             pct(r.clipfrac_kept),
         )
-    lowest = Table("smallest S_t: sequence", "position", "token", "|K_t|", "S_t", "log S_t")
+    lowest = titled_table(
+        "the smallest S_t", "sequence", "position", "token", "|K_t|", "S_t", "log S_t", keys=0
+    )
     for t in s.lowest[:5]:
         lowest.add_row(
             str(t.sequence),

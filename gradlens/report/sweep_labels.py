@@ -25,11 +25,25 @@ RULE_TEXT = {
 }
 
 
+# What each rule is, for a sentence: "<name> switches the token off".
+RULE_NAME = {
+    "clip_upper": "the clip",
+    "clip_lower": "the clip",
+    "clip_dual": "the dual clip",
+    "seq_masked": "the off-policy sequence mask",
+}
+
+
 def rule_text(name: str, words: Mapping[str, str] | None = None) -> str:
     """What rule ``name`` means: the loss's own ``words`` for it, else the shared words."""
     if words and name in words:
         return words[name]
     return RULE_TEXT.get(name, name)
+
+
+def rule_name(name: str) -> str:
+    """What rule ``name`` is, for "<name> switches the token off"; a loss's own rule: its rule."""
+    return RULE_NAME.get(name, "its rule")
 
 
 def num(x: float | None, digits: int = 3) -> str:

@@ -8,9 +8,9 @@ PNG is not wanted.
 from __future__ import annotations
 
 from rich.console import Console, Group
-from rich.table import Table
 from rich.text import Text
 
+from gradlens.report.fit import FitTable
 from gradlens.report.sparkline import ZERO, log_range, sparkline
 from gradlens.report.sweep_labels import (
     RULE_TEXT,
@@ -61,35 +61,35 @@ def _zero_cell(symbol: str, runs: list[ZeroRun] | None) -> str:
     return "; ".join(f"{runs_text(symbol, [r])} ({r.cause})" for r in runs)
 
 
-def summary_table(outcome: SweepOutcome) -> Table:
+def summary_table(outcome: SweepOutcome) -> FitTable:
     report = outcome.report
     one_d = len(report.axes) == 1
     symbol = report.axes[0].symbol
     threshold = report.amplified_above
     with_variants = report.variants != ["default"]
-    table = Table(
-        title=f"sampled-row logit gradient |∂L/∂z_y| — {axes_text(report)}",
+    table = FitTable(
+        f"sampled-row logit gradient |∂L/∂z_y| — {axes_text(report)}",
+        keys=3 if with_variants else 2,
         caption=f"loss settings: {setting_text(report)}",
-        title_justify="left",
-        caption_justify="left",
-        pad_edge=False,
     )
-    table.add_column("loss")
+    table.add_column("loss", justify="left")
     if with_variants:
-        table.add_column("variant")
+        table.add_column("variant", justify="left")
     table.add_column("A", justify="center")
     if one_d:
         a = report.axes[0]
-        table.add_column(f"|∂L/∂z_y| over {symbol}: {a.min:g} → {a.max:g}", no_wrap=True)
-    table.add_column("max |∂L/∂z_y|")
-    table.add_column("max ×\nREINFORCE", justify="right")
+        table.add_column(
+            f"|∂L/∂z_y| over {symbol}: {a.min:g} → {a.max:g}", justify="left", no_wrap=True
+        )
+    table.add_column("max |∂L/∂z_y|", justify="left")
+    table.add_column("max ×\nREINFORCE")
     if one_d:
-        table.add_column(f"> {threshold:g}× REINFORCE")
-        table.add_column("= 0 (why)")
+        table.add_column(f"> {threshold:g}× REINFORCE", justify="left")
+        table.add_column("= 0 (why)", justify="left")
     else:
-        table.add_column(f"> {threshold:g}× REINFORCE\n(share of grid)", justify="right")
-        table.add_column("= 0\n(share of grid)", justify="right")
-        table.add_column("switched off\nby a rule", justify="right")
+        table.add_column(f"> {threshold:g}× REINFORCE\n(share of grid)")
+        table.add_column("= 0\n(share of grid)")
+        table.add_column("switched off\nby a rule")
 
     rows = _rows(outcome)
     magnitudes = [c.grad_sampled.abs().tolist() for _, c, _ in rows] if one_d else []

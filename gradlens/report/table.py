@@ -7,11 +7,11 @@ from collections.abc import Callable
 from rich.console import Console, Group
 from rich.markup import escape
 from rich.panel import Panel
-from rich.table import Table
 from rich.text import Text
 
 from gradlens.report.attribution_table import attribution_parts
 from gradlens.report.cells import (
+    SEED_POST_NOTE,
     agreement_cell,
     fmt,
     metrics_cell,
@@ -20,6 +20,7 @@ from gradlens.report.cells import (
     pct,
     titled_table,
 )
+from gradlens.report.fit import FitTable
 from gradlens.report.model_table import model_parts
 from gradlens.report.parity_table import rollout_and_parity_parts
 from gradlens.report.split_table import split_table
@@ -53,7 +54,7 @@ def batch_panel(report: CompareReport) -> Panel:
     return Panel("\n".join(lines), title="gradlens compare", title_align="left", expand=False)
 
 
-def ratio_table(report: CompareReport) -> Table:
+def ratio_table(report: CompareReport) -> FitTable:
     r = report.ratio
     table = titled_table(
         "ratio r = π_θ(y)/π_old(y) over valid tokens (shared by all losses)",
@@ -68,8 +69,8 @@ def ratio_table(report: CompareReport) -> Table:
         "KL k1",
         "KL k3",
         "non-finite",
+        keys=0,
     )
-    table.columns[0].justify = "right"
     table.add_row(
         *(fmt(v) for v in (r.mean, r.min, r.p01, r.p05, r.p50, r.p95, r.p99, r.max)),
         fmt(r.kl_k1),
@@ -89,25 +90,19 @@ SECTIONS: list[tuple[str, list[Row]]] = [
             ("formula (minimised)", lambda r: escape(r.formula)),
             ("g_t (c_t = a_t·g_t)", lambda r: escape(r.per_token_grad_formula)),
             ("loss value L", lambda r: fmt(r.loss)),
-            (
-                "mean |c_t| / max |c_t|",
-                lambda r: f"{fmt(r.coefficient_abs_mean)} / {fmt(r.coefficient_abs_max)}",
-            ),
+            ("mean |c_t|", lambda r: fmt(r.coefficient_abs_mean)),
+            ("max |c_t|", lambda r: fmt(r.coefficient_abs_max)),
             ("metrics (KL, gate, reported)", metrics_cell),
         ],
     ),
     (
         "1 · logit gradient ∂L/∂z",
         [
-            (
-                "sampled row |∂L/∂z_y|: mean / max",
-                lambda r: (
-                    f"{fmt(r.sampled_row.sampled_abs_mean)} / {fmt(r.sampled_row.sampled_abs_max)}"
-                ),
-            ),
+            ("sampled row |∂L/∂z_y|: mean", lambda r: fmt(r.sampled_row.sampled_abs_mean)),
+            ("  max", lambda r: fmt(r.sampled_row.sampled_abs_max)),
             ("other rows Σ_{j≠y}|∂L/∂z_j|: mean", lambda r: fmt(r.sampled_row.other_mass_mean)),
             ("other rows: largest entry", lambda r: fmt(r.sampled_row.other_abs_max)),
-            ("post's closed form", lambda r: escape(r.sampled_row.post_formula)),
+            ("seed post's closed form", lambda r: escape(r.sampled_row.post_formula)),
             ("  vs autograd, max rel. error", lambda r: fmt(r.sampled_row.post_max_rel_err, 2)),
         ],
     ),
@@ -117,33 +112,21 @@ SECTIONS: list[tuple[str, list[Row]]] = [
             ("total ‖∂L/∂W‖_F", lambda r: fmt(r.rows.total_norm)),
             ("sampled rows: count", lambda r: str(r.rows.sampled_rows.count)),
             ("  share of ‖·‖²", lambda r: pct(r.rows.sampled_rows.sq_share)),
-            (
-                "  max / median",
-                lambda r: f"{fmt(r.rows.sampled_rows.max)} / {fmt(r.rows.sampled_rows.median)}",
-            ),
+            ("  max", lambda r: fmt(r.rows.sampled_rows.max)),
+            ("  median", lambda r: fmt(r.rows.sampled_rows.median)),
             ("other rows: count", lambda r: str(r.rows.other_rows.count)),
             ("  share of ‖·‖²", lambda r: pct(r.rows.other_rows.sq_share)),
-            (
-                "  max / median",
-                lambda r: f"{fmt(r.rows.other_rows.max)} / {fmt(r.rows.other_rows.median)}",
-            ),
+            ("  max", lambda r: fmt(r.rows.other_rows.max)),
+            ("  median", lambda r: fmt(r.rows.other_rows.median)),
         ],
     ),
     (
         "3 · zero-sum",
         [
-            (
-                "max_t |Σ_v ∂L/∂z| / s_t  (tol)",
-                lambda r: (
-                    f"{fmt(r.zero_sum.logits_max_rel, 2)} ({fmt(r.zero_sum.logits_tolerance, 2)})"
-                ),
-            ),
-            (
-                "‖Σ_v ∂L/∂W_v‖ / ‖∂L/∂W‖  (tol)",
-                lambda r: (
-                    f"{fmt(r.zero_sum.weight_rel, 2)} ({fmt(r.zero_sum.weight_tolerance, 2)})"
-                ),
-            ),
+            ("max_t |Σ_v ∂L/∂z| / s_t", lambda r: fmt(r.zero_sum.logits_max_rel, 2)),
+            ("  tolerance", lambda r: fmt(r.zero_sum.logits_tolerance, 2)),
+            ("‖Σ_v ∂L/∂W_v‖ / ‖∂L/∂W‖", lambda r: fmt(r.zero_sum.weight_rel, 2)),
+            ("  tolerance", lambda r: fmt(r.zero_sum.weight_tolerance, 2)),
             ("zero-sum", lambda r: ok(r.zero_sum.passed)),
         ],
     ),
@@ -154,12 +137,8 @@ SECTIONS: list[tuple[str, list[Row]]] = [
             ("lower A<0, r<1−ε_l  (TRL low)", lambda r: pct(r.clipping.lower)),
             ("region  (verl pg_clipfrac)", lambda r: pct(r.clipping.region)),
             ("dual A<0, r>c  (verl pg_clipfrac_lower)", lambda r: pct(r.clipping.dual)),
-            (
-                "OPSM sequences / tokens",
-                lambda r: (
-                    f"{pct(r.clipping.seq_masked_sequences)} / {pct(r.clipping.seq_masked_tokens)}"
-                ),
-            ),
+            ("OPSM: masked sequences", lambda r: pct(r.clipping.seq_masked_sequences)),
+            ("  masked tokens", lambda r: pct(r.clipping.seq_masked_tokens)),
             ("c_t = 0 for any reason", lambda r: pct(r.clipping.zero_grad)),
             ("other rules (CISPO, corrections, ...)", other_rules_cell),
         ],
@@ -167,13 +146,9 @@ SECTIONS: list[tuple[str, list[Row]]] = [
     (
         "6 · closed form vs autograd (max rel. error)",
         [
-            (
-                "c_t / ∂L/∂z / ∂L/∂W",
-                lambda r: (
-                    f"{fmt(r.agreement.coefficient, 2)} / {fmt(r.agreement.grad_logits, 2)}"
-                    f" / {fmt(r.agreement.grad_weight, 2)}"
-                ),
-            ),
+            ("c_t", lambda r: fmt(r.agreement.coefficient, 2)),
+            ("∂L/∂z", lambda r: fmt(r.agreement.grad_logits, 2)),
+            ("∂L/∂W", lambda r: fmt(r.agreement.grad_weight, 2)),
             ("tolerance", lambda r: fmt(r.agreement.tolerance, 2)),
             ("agreement", agreement_cell),
             (
@@ -185,8 +160,9 @@ SECTIONS: list[tuple[str, list[Row]]] = [
 ]
 
 
-def losses_table(report: CompareReport) -> Table:
+def losses_table(report: CompareReport) -> FitTable:
     table = titled_table("losses side by side", "", *(r.name for r in report.losses))
+    table.caption = SEED_POST_NOTE
     for s, (section, rows) in enumerate(SECTIONS):
         table.add_row(f"[bold cyan]{section}[/]", *("" for _ in report.losses), end_section=False)
         for label, cell in rows:
@@ -196,7 +172,7 @@ def losses_table(report: CompareReport) -> Table:
     return table
 
 
-def top_rows_table(report: CompareReport) -> Table:
+def top_rows_table(report: CompareReport) -> FitTable:
     table = titled_table(
         "largest lm_head gradient rows: token (‖∂L/∂W_v‖), * = sampled",
         "#",
@@ -215,7 +191,7 @@ def top_rows_table(report: CompareReport) -> Table:
     return table
 
 
-def tokens_table(loss: LossReport) -> Table | None:
+def tokens_table(loss: LossReport) -> FitTable | None:
     if loss.tokens is None:
         return None
     table = titled_table(
@@ -231,6 +207,7 @@ def tokens_table(loss: LossReport) -> Table | None:
         "c_t",
         "∂L/∂z_y",
         "∂L/∂z",
+        keys=3,
     )
     for t in loss.tokens:
         table.add_row(

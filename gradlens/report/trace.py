@@ -8,10 +8,11 @@ import io
 import json
 
 from rich.console import Group, RenderableType
-from rich.table import Table
+from rich.markup import escape
 from rich.text import Text
 
 from gradlens.report.cells import fmt, titled_table
+from gradlens.report.fit import FitTable
 from gradlens.results.trace import SpikeDetail, TraceReport
 
 
@@ -81,10 +82,10 @@ def _spike_tables(spike: SpikeDetail) -> list[RenderableType]:
 
 
 def trace_renderable(trace: TraceReport) -> RenderableType:
-    table = Table(title=f"gradlens trace: {trace.target}", title_justify="left", pad_edge=False)
+    table = FitTable(f"gradlens trace: {escape(trace.target)}", keys=1)
     table.add_column("step", justify="right")
     for col in trace.columns:
-        table.add_column(col.label, justify="right", overflow="fold")
+        table.add_column(escape(col.label), justify="right")
     table.add_column("spike", justify="left")
     for s in trace.steps:
         mark = f"[bold red]SPIKE z={s.z:.0f}[/]" if s.spike and s.z is not None else ""

@@ -15,6 +15,10 @@ orders the two filters) the smallest prefix with mass ≥ ``top_p``. K_t is a pr
 sorted distribution, so it is recorded as that prefix's ids (`KeptSets`), with the rollout
 pass's kept mass log S^μ_t = log Σ_{v∈K_t} μ_t,v; without top-p or top-k nothing is recorded.
 
+The cache is handed back to the model under the name its ``forward`` takes: ``cache`` in the
+transformers releases that rename it (there ``past_key_values`` warns, and 5.40 removes it),
+``past_key_values`` in the ones before.
+
 A sequence stops at a stop token (which is kept and enters the loss) or after
 ``max_new_tokens``; the stop tokens are the tokenizer's EOS and the generation config's
 ``eos_token_id`` (chat models end a turn with a token of their own; `stop_tokens`). Prompts
@@ -24,6 +28,7 @@ same column; positions count real tokens only, so padding changes nothing.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,6 +75,12 @@ def stop_tokens(loaded: LoadedModel) -> list[int]:
         if i is not None and int(i) not in ids and int(i) < loaded.vocab_size:
             ids.append(int(i))
     return ids
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The keyword under which ``model``'s forward takes (and its output returns) the KV cache."""
+    parameters = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 @dataclass(frozen=True)
@@ -150,6 +161,7 @@ def sample(
     step_mass = torch.zeros(n, max_new_tokens, dtype=torch.float32, device=device)
     truncated = truncates(top_p, top_k)
 
+    keyword = cache_keyword(model)
     out = model(
         input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True
     )
@@ -183,8 +195,8 @@ def sample(
             input_ids=y[:, None],
             attention_mask=attn,
             position_ids=last_pos,
-            past_key_values=out.past_key_values,
             use_cache=True,
+            **{keyword: getattr(out, keyword)},
         )
     report("sampling", max_new_tokens, max_new_tokens)
 
