@@ -297,7 +297,7 @@ CASES = {
     # memory
     "memory-vocabulary": Case(
         "memory",
-        lambda d: ["compare", "--set", "source.vocab_size=1000000000"],
+        lambda d: ["compare", "--set", "source.vocab_size=4000000000"],
         ("source.vocab_size", "needs about", "TB", "available"),
     ),
     "memory-sequences": Case(
