@@ -47,7 +47,10 @@ def setup(stored: bool, div: str, form: str, entropy: float = 0.0):  # type: ign
 
 
 def options(reference: bool = True) -> EngineOptions:
-    return EngineOptions(reference=reference, vocab_chunk=16, memory_budget_bytes=1 << 20)
+    """Small chunks; with ``reference`` the full autograd check of every token and row."""
+    return EngineOptions(
+        reference="full" if reference else "none", vocab_chunk=16, memory_budget_bytes=1 << 20
+    )
 
 
 @pytest.mark.parametrize("mode", list(AGGREGATIONS))

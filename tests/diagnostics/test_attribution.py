@@ -101,7 +101,7 @@ def engine_shares(
     batch: Batch, spec: LossSpec, params: LossParams, agg: Aggregation, engine: str
 ) -> tuple[TokenShares, object]:
     """The engine's per-token numbers and the loss's report section."""
-    options = EngineOptions(reference=False, attribution=True, vocab_chunk=4)
+    options = EngineOptions(reference="none", attribution=True, vocab_chunk=4)
     runner = run_materialized if engine == "materialized" else run_streamed
     run = runner(batch, [spec], params, agg, options, "test")
     record = run.records[0]

@@ -40,7 +40,7 @@ def finding(batch: Batch, loss: str = "ppo") -> str:
     """The non-finite finding of ``loss`` on ``batch``, through the engine and the report."""
     spec = get_loss(loss)
     run = run_materialized(
-        batch, [spec], LossParams(), Aggregation(), EngineOptions(reference=False), "test"
+        batch, [spec], LossParams(), Aggregation(), EngineOptions(reference="none"), "test"
     )
     report = loss_report(run.records[0], batch, run.tokens.logp, LossParams())
     assert report.non_finite > 0
