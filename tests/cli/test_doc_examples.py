@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import re
 import shlex
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -75,7 +77,8 @@ def _section(text: str, heading: str | None) -> str:
 
 
 def command_lines(document: str, heading: str | None) -> list[str]:
-    """The ``gradlens`` lines of the bash blocks under ``heading``, continuations joined."""
+    """The ``gradlens`` lines of the bash blocks under ``heading``, continuations joined, and
+    the ``python tests/...`` lines that build what they read."""
     section = _section((REPO / document).read_text(), heading)
     lines: list[str] = []
     for block in re.findall(r"^```bash\n(.*?)^```", section, re.MULTILINE | re.DOTALL):
@@ -86,7 +89,7 @@ def command_lines(document: str, heading: str | None) -> list[str]:
                 pending = line[:-1] + " "
                 continue
             pending = ""
-            if line.startswith("gradlens "):
+            if line.startswith(("gradlens ", "python tests/")):
                 lines.append(line)
     return lines
 
@@ -101,12 +104,18 @@ def _substitute(arg: str, tmp: Path) -> str:
         value = str(REPO / "docs" / "examples" / "trl_run")
     elif FILE.match(value):
         value = str(tmp / Path(value).name)
+    elif value and (tmp / value).is_dir():  # a folder an earlier line built (a checkpoint)
+        value = str(tmp / value)
     return f"{key}{eq}{value}"
 
 
 def run_in_order(lines: list[str], tmp: Path) -> None:
     runner = CliRunner()
     for line in lines:
+        if line.startswith("python "):  # a helper script of the tests, run where the files go
+            script, *args = shlex.split(line, comments=True)[1:]
+            subprocess.run([sys.executable, str(REPO / script), *args], cwd=tmp, check=True)
+            continue
         words = shlex.split(line, comments=True)[1:]
         target = None
         if ">" in words:
