@@ -52,6 +52,7 @@ def comparable(report: gradlens.results.CompareReport, model: bool) -> dict:
         data["batch"].pop(field)
     if model:  # the checkpoint's sections need the checkpoint: the API gets tensors
         data.pop("model")
+        data.pop("support")  # the rollout's kept sets are recorded by the sampler, not passed
         for loss in data["losses"]:
             loss.pop("model_grads")
             loss.pop("findings")
