@@ -156,6 +156,9 @@ def assert_same_report(one: dict, tp: dict, rows: list[int], ignore: tuple[str, 
 # --- the runs ----------------------------------------------------------------------------------
 
 
+NO_REFERENCE = "diagnostics.reference=none"
+
+
 def config_of(overrides: list[str], *more: str):
     """The config of ``overrides``; a first entry ``@NAME`` names a shipped config file."""
     path = None
@@ -170,7 +173,8 @@ def single(overrides: list[str]) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        config = config_of(overrides, "diagnostics.engine=streamed")
+        # the reference as the tensor-parallel runs resolve auto: none (no sampled check there)
+        config = config_of(overrides, "diagnostics.engine=streamed", NO_REFERENCE)
         return run_compare(config).model_dump(mode="json")
     finally:
         torch.set_num_threads(threads)
@@ -180,7 +184,7 @@ def compare_ranks(rank: int, world: int, runs: list[list[str]]) -> list[dict]:
     """Run on every rank: each config's report, with ``diagnostics.tensor_parallel`` = world."""
     out = []
     for overrides in runs:
-        config = config_of(overrides, f"diagnostics.tensor_parallel={world}")
+        config = config_of(overrides, f"diagnostics.tensor_parallel={world}", NO_REFERENCE)
         out.append(run_compare(config).model_dump(mode="json"))
     return out
 
@@ -516,7 +520,9 @@ def test_a_group_of_the_wrong_size_is_a_user_error(flag, world, words):
 
 @pytest.mark.slow
 def test_torchrun_prints_the_single_process_report_once():
-    argv = ["compare", "--format", "json", "--set", "dtype=float64"]
+    # --reference none on both: under tensor parallelism auto resolves to none (the sampled
+    # check is not distributed), in one process to the sampled check
+    argv = ["compare", "--format", "json", "--set", "dtype=float64", "--reference", "none"]
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
