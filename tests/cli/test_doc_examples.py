@@ -138,6 +138,8 @@ def mypkg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     for name, text in MYPKG.items():
         (package / name).write_text(textwrap.dedent(text))
     monkeypatch.syspath_prepend(str(package.parent))
+    for name in [m for m in sys.modules if m == "mypkg" or m.startswith("mypkg.")]:
+        monkeypatch.delitem(sys.modules, name)  # imported from this folder, forgotten after
     return package
 
 

@@ -204,6 +204,8 @@ def test_an_importable_module_is_found(tmp_path: Path, monkeypatch: pytest.Monke
     (package / "__init__.py").write_text("")
     (package / "losses.py").write_text(USER_MODULE)
     monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("mypkg", "mypkg.losses"):  # another test's mypkg may be imported already
+        monkeypatch.delitem(sys.modules, name, raising=False)
     report = run_compare(config("mypkg.losses:ppo_clip_mean"))
     assert report.passed
 
