@@ -451,15 +451,24 @@ def apply_corrections(
         w, region = correction_weight(inputs, c, bypass)
         weight = weight * w
         regions.update(region)
+    return weight_policy_part(terms, weight, m, regions)
+
+
+def weight_policy_part(
+    terms: LossTerms, weight: Tensor, mask: Tensor, regions: dict[str, Tensor]
+) -> LossTerms:
+    """``terms`` with the policy part (per-token value and g_t minus the penalty's) multiplied
+    by ``weight`` [N, T], the penalty left as it is; a sequence-level loss gets each sequence's
+    mean weight. ``regions``: the result's regions."""
     if terms.sequence_level:
-        weight = sequence_mean(weight, m)[:, None].expand_as(weight)
-    weight = torch.where(m, weight, 0.0)
+        weight = sequence_mean(weight, mask)[:, None].expand_as(weight)
+    weight = torch.where(mask, weight, 0.0)
     zero = torch.zeros((), dtype=weight.dtype, device=weight.device)
     penalty = terms.penalty if terms.penalty is not None else zero
-    penalty_c = terms.penalty_grad if terms.penalty_grad is not None else zero
+    penalty_g = terms.penalty_grad if terms.penalty_grad is not None else zero
     return dataclasses.replace(
         terms,
         per_token=weight * (terms.per_token - penalty) + penalty,
-        per_token_grad=weight * (terms.per_token_grad - penalty_c) + penalty_c,
+        per_token_grad=weight * (terms.per_token_grad - penalty_g) + penalty_g,
         regions=regions,
     )

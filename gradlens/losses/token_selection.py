@@ -30,14 +30,12 @@ divides the masked entropy sum by the masked token count (not by the run's norma
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from torch import Tensor
 
 from gradlens.containers import LossTerms, TokenInputs
 from gradlens.errors import GradlensError
-from gradlens.losses.off_policy_mask import sequence_mean
+from gradlens.losses.corrections import weight_policy_part
 
 
 def top_entropy_mask(inputs: TokenInputs, quantile: float) -> Tensor | None:
@@ -63,19 +61,8 @@ def apply_token_selection(terms: LossTerms, inputs: TokenInputs, keep: Tensor | 
     if terms.self_aggregated or keep is None:
         return terms
     m = inputs.mask
-    weight = keep.to(terms.per_token.dtype)
-    if terms.sequence_level:
-        weight = sequence_mean(weight, m)[:, None].expand_as(weight)
-    weight = torch.where(m, weight, 0.0)
-    zero = torch.zeros((), dtype=weight.dtype, device=weight.device)
-    penalty = terms.penalty if terms.penalty is not None else zero
-    penalty_g = terms.penalty_grad if terms.penalty_grad is not None else zero
-    return dataclasses.replace(
-        terms,
-        per_token=weight * (terms.per_token - penalty) + penalty,
-        per_token_grad=weight * (terms.per_token_grad - penalty_g) + penalty_g,
-        regions={**terms.regions, "entropy_masked": m & ~keep},
-    )
+    regions = {**terms.regions, "entropy_masked": m & ~keep}
+    return weight_policy_part(terms, keep.to(terms.per_token.dtype), m, regions)
 
 
 def bonus_weights(agg_weights: Tensor, keep: Tensor | None) -> Tensor:
