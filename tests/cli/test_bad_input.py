@@ -484,6 +484,7 @@ def test_device_without_cuda(tmp_path):
     assert "device" in err and "no CUDA device" in err
 
 
+@pytest.mark.slow
 def test_stdout_that_cannot_be_written_is_exit_2():
     """A full disk where stdout is redirected: Linux's /dev/full, a real ENOSPC."""
     if not Path("/dev/full").exists():
@@ -639,6 +640,7 @@ def writing_commands(path: Path) -> list[list[str]]:
     ]
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_exit_2_for_every_output(tmp_path):
     """Each output written to a link to /dev/full: a real ENOSPC midway through the write."""
     if not Path("/dev/full").exists():
@@ -677,6 +679,7 @@ def test_a_directory_that_cannot_be_written_is_refused_before_any_work(tmp_path,
             assert str(base.parent) in err or str(base) in err, err
 
 
+@pytest.mark.slow
 def test_an_os_error_midway_through_a_write_leaves_nothing(tmp_path, monkeypatch):
     """No permission, a read-only file system: injected where the bytes are written, since
     root ignores permissions; the created parent directories are removed again."""
@@ -697,6 +700,7 @@ def test_an_os_error_midway_through_a_write_leaves_nothing(tmp_path, monkeypatch
         monkeypatch.undo()
 
 
+@pytest.mark.slow
 def test_every_output_creates_missing_parent_directories(tmp_path):
     for i in range(len(writing_commands(tmp_path))):
         argv = writing_commands(tmp_path / "a" / f"d{i}" / "out")[i]

@@ -70,6 +70,7 @@ def gradient_bytes(path) -> int:
     return sum(p.numel() * 8 for _, ps in parameter_groups(model) for p in ps) + head.numel() * 8
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("entropy", [0.0, 0.05])
 def test_every_plan_gives_the_same_norms(checkpoints, arch, entropy):
