@@ -105,6 +105,7 @@ def test_parity_is_pure_and_tolerance_driven() -> None:
     assert same.passed and same.coefficient_max_abs_diff == 0.0 and same.top == []
 
 
+@pytest.mark.slow
 def test_cli_parity_check_exit_status_and_table(impl: str) -> None:
     args = ["compare", "--set", "source.vocab_size=64", "--check"]
     bad = runner.invoke(app, [*args, "--parity", f"ppo_clip,{impl}:token_sum"])

@@ -220,6 +220,7 @@ def test_coupled_losses_refuse_grids_too_large_to_loop_over():
 # ----------------------------------------------------------------------------- autograd check
 
 
+@pytest.mark.slow
 def test_autograd_check_agrees_for_every_loss_and_rule():
     config = build_sweep_config(
         flags={"losses": loss_names()},
@@ -568,7 +569,13 @@ def test_a_failed_write_leaves_no_half_written_file(tmp_path, monkeypatch, fmt):
 # ----------------------------------------------------------------------------- plot
 
 
-@pytest.mark.parametrize("args", [[], ["--vary", "both", "--points", "21"]], ids=["1d", "2d"])
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param([], id="1d"),
+        pytest.param(["--vary", "both", "--points", "21"], id="2d", marks=pytest.mark.slow),
+    ],
+)
 def test_plot_writes_a_png(tmp_path, monkeypatch, args):
     pytest.importorskip("matplotlib")
     monkeypatch.setenv("MPLBACKEND", "Agg")
