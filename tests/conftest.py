@@ -30,9 +30,12 @@ Registry products. A test parametrized over the registries (every loss × every 
 a setting, a correction or a dtype) multiplies as losses are added. For every test function
 with more than ``PRODUCT_CASES`` cases, the fast subset keeps, in collection order, each case
 that brings a parameter value no earlier kept case of that function had, and marks the rest
-slow: every loss runs once (with the first aggregation and setting), and every aggregation,
-setting, correction or dtype once (with the first loss). A function whose every case brings
-a new value (a hand-written list of cases, each documented error once) keeps them all.
+slow — with one exception: a registered loss name counts as a new value only in a function
+marked ``every_loss``. So tests/test_grads.py's float64 check (marked so) runs every loss
+once, with the first aggregation and setting, and every aggregation and setting once; every
+other product runs each of its aggregations, corrections, settings or dtypes once, with the
+losses they come with. A function whose every case brings a new value (a hand-written list of
+cases, each documented error once) keeps them all.
 
 What stays in the fast subset, so that a broken module still fails it: every loss against
 autograd (tests/test_grads.py), each aggregation, correction and loss setting once, the
@@ -52,6 +55,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from gradlens.losses import loss_names
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -62,7 +67,7 @@ for _folder in (str(_HERE), str(_HERE.parent)):
     sys.path.insert(0, _folder)
 
 # A test function parametrized into more cases than this is a registry product (docstring).
-PRODUCT_CASES = 20
+PRODUCT_CASES = 8
 
 
 def _value_key(value: object) -> object:
@@ -77,6 +82,7 @@ def _value_key(value: object) -> object:
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark slow each case of a registry product that brings no new parameter value."""
+    losses = set(loss_names())
     functions: dict[tuple[object, str], list[pytest.Function]] = defaultdict(list)
     for item in items:
         if (
@@ -88,9 +94,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for cases in functions.values():
         if len(cases) <= PRODUCT_CASES:
             continue
+        every_loss = cases[0].get_closest_marker("every_loss") is not None
         seen: set[tuple[str, object]] = set()
         for case in cases:
-            values = {(name, _value_key(v)) for name, v in case.callspec.params.items()}
+            values = {
+                (name, _value_key(v))
+                for name, v in case.callspec.params.items()
+                if every_loss or not (isinstance(v, str) and v in losses)
+            }
             if values <= seen:
                 case.add_marker(pytest.mark.slow)
             else:

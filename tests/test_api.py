@@ -64,10 +64,8 @@ def comparable(report: gradlens.results.CompareReport, model: bool) -> dict:
     return data
 
 
-@pytest.mark.parametrize(
-    "name",
-    [pytest.param(n, marks=[] if n == "default.yaml" else [pytest.mark.slow]) for n in SHIPPED],
-)
+@pytest.mark.slow  # two whole runs per config; the default alone takes seconds
+@pytest.mark.parametrize("name", SHIPPED)
 def test_diagnose_reproduces_compare_on_every_shipped_config(name: str) -> None:
     config = build_config(CONFIGS / name)
     report = api_report(config)

@@ -38,7 +38,14 @@ def compare_json(*args: str) -> dict:
     return json.loads(result.stdout)
 
 
-@pytest.mark.parametrize("suffix", [".safetensors", ".pt", ".jsonl"])
+@pytest.mark.parametrize(
+    "suffix",
+    [
+        ".safetensors",
+        pytest.param(".pt", marks=pytest.mark.slow),  # the same compare twice, seconds each
+        pytest.param(".jsonl", marks=pytest.mark.slow),
+    ],
+)
 def test_dump_and_read_back_gives_the_same_diagnosis(tmp_path, suffix):
     path = tmp_path / f"batch{suffix}"
     dumped = runner.invoke(app, ["dump", "-o", str(path), *SMALL])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import pytest
 import torch
 from helpers import F64, gradients, make_batch, on_policy, random_batch, rel_err
 from hypothesis import HealthCheck, assume, given, settings
@@ -209,6 +210,7 @@ def boundary_margin(batch: Batch, params: LossParams) -> float:
     return min(gaps)
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(
     batch=batches(),
@@ -258,6 +260,7 @@ def test_adding_a_constant_per_token_to_the_logits_changes_nothing(
 # ----------------------------------------------------------------------------- (5) masked
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(batch=batches(), loss=losses_st, params=params_st, mode=modes_st, seed=st.integers(0, 2**31))
 def test_masked_positions_do_not_matter(
@@ -334,6 +337,7 @@ def rows(batch: Batch, lo: int, hi: int) -> Batch:
     )
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(
     batch=batches(min_n=2),

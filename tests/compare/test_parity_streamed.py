@@ -120,6 +120,7 @@ PAIRS: list[tuple[str, str, dict[str, Any], str]] = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize(
     ("a", "b", "extra", "expect"), PAIRS, ids=[f"{a}-{b.split(':')[-1]}" for a, b, *_ in PAIRS]
