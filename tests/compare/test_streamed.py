@@ -14,13 +14,15 @@ from gradlens.config import build_config
 
 REPO = Path(__file__).resolve().parents[2]
 runner = CliRunner()
+# Both engines on the synthetic default batch take seconds per config: slow, but literal_tc.
+SLOW = pytest.mark.slow
 CONFIGS = [
-    "default.yaml",
-    "deepseek_opsm.yaml",
-    "dr_grpo.yaml",
-    "on_policy.yaml",
+    pytest.param("default.yaml", marks=SLOW),
+    pytest.param("deepseek_opsm.yaml", marks=SLOW),
+    pytest.param("dr_grpo.yaml", marks=SLOW),
+    pytest.param("on_policy.yaml", marks=SLOW),
     "literal_tc.yaml",
-    "peaked_bf16.yaml",
+    pytest.param("peaked_bf16.yaml", marks=SLOW),
 ]
 # Relative agreement of the two paths, per operand dtype: they differ in the order of the
 # logits GEMM (chunked vs whole) and of every sum over the vocabulary. float64: a few hundred
