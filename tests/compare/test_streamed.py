@@ -67,6 +67,7 @@ ENTROPY_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("config_name", "overrides"), ENTROPY_CASES)
 def test_streamed_entropy_bonus_agrees_with_materialized(config_name, overrides):
     """The bonus's non-c-form gradient a_t·c_H·π(log π + H) on the streamed engine: the same
@@ -119,6 +120,7 @@ POLICY_LOSS_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", POLICY_LOSS_CASES)
 def test_streamed_and_materialized_agree_on_trust_region_and_reweighted_losses(overrides):
     mat, stream = both("default.yaml", (*SMALL, *overrides))
@@ -192,6 +194,7 @@ def assert_attribution_agrees(a, b, tol: float) -> None:
         assert getattr(b.entropy, field) == pytest.approx(value, abs=10 * tol * scale), field
 
 
+@pytest.mark.slow
 def test_streamed_reports_carry_the_loss_metrics():
     """grpo's KL term (verl actor/kl_loss) is reported by both engines, with the same value."""
     overrides = ["losses=[grpo, ppo_clip]", "loss.kl_coef=0.1", "loss.kl_estimator=k3"]
@@ -216,6 +219,7 @@ def test_auto_streams_large_batches():
     assert report.passed
 
 
+@pytest.mark.slow
 def test_streamed_engine_runs_the_entropy_bonus():
     result = runner.invoke(
         app, ["compare", "--engine", "streamed", "--set", "loss.entropy_coef=0.01"]
@@ -228,6 +232,7 @@ def test_streamed_engine_runs_the_entropy_bonus():
     assert report.passed
 
 
+@pytest.mark.slow
 def test_reference_none_is_reported_as_not_run():
     result = runner.invoke(app, ["compare", "--reference", "none", "-l", "reinforce"])
     assert result.exit_code == 0

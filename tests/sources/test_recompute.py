@@ -144,6 +144,7 @@ LAYOUTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", [*LAYOUTS, "jsonl", "jsonl_input_ids"])
 def test_recomputed_hidden_states_give_the_stored_ones_diagnosis(
     tmp_path, checkpoint, rollout, layout
