@@ -260,6 +260,7 @@ def check_world(world: int, files: dict[str, Any]) -> None:
             assert_same_report(one, reports[rank][i], rows, ignore)
 
 
+@pytest.mark.slow
 def test_two_ranks_report_what_one_process_reports(batch_files):
     check_world(2, batch_files)
 
