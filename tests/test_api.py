@@ -198,6 +198,7 @@ def test_bad_settings_name_their_key() -> None:
         gradlens.diagnose(**small_step(), loss={"eps_hgh": 0.3})
 
 
+@pytest.mark.slow
 def test_the_documented_example_runs() -> None:
     """docs/api.md's example, as written."""
     text = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()

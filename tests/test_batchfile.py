@@ -38,6 +38,7 @@ def compare_json(*args: str) -> dict:
     return json.loads(result.stdout)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "suffix",
     [

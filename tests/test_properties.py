@@ -159,6 +159,7 @@ def test_logit_and_lm_head_gradients_are_zero_sum(
 # ----------------------------------------------------------------------------- (2), (3)
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(batch=batches(), params=params_st, mode=modes_st)
 def test_on_policy_ppo_clip_equals_ppo_equals_reinforce(
@@ -178,6 +179,7 @@ def test_on_policy_ppo_clip_equals_ppo_equals_reinforce(
         assert not region.any()
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(batch=batches(), mode=modes_st)
 def test_sft_equals_reinforce_with_unit_advantage(batch: Batch, mode: str) -> None:
@@ -377,6 +379,7 @@ def test_micro_batches_sum_to_the_full_batch(
 # ----------------------------------------------------------------------------- (7) regions
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(batch=batches(), params=params_st, mode=modes_st)
 def test_ppo_clip_coefficient_vanishes_exactly_on_its_regions(

@@ -469,7 +469,14 @@ def run_bad(argv: list[str], root: Path) -> str:
     return result.stderr
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+# Cases known only after a whole run (or a framework import): seconds each, slow.
+SLOW_CASES = {"synthetic-drift-overflow", "plot-streamed-auto", "framework-unknown-loss"}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=[pytest.mark.slow] if n in SLOW_CASES else []) for n in sorted(CASES)],
+)
 def test_every_documented_error_is_exit_2_with_its_field(tmp_path, name):
     case = CASES[name]
     argv = case.argv(tmp_path)  # the case's input files are written here, before the run

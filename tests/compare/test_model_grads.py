@@ -102,6 +102,7 @@ def test_every_plan_gives_the_same_norms(checkpoints, arch, entropy):
                     assert a == pytest.approx(b, rel=1e-10), name
 
 
+@pytest.mark.slow
 def test_the_one_pass_norms_equal_a_plain_autograd_computation(checkpoints):
     # The model's own forward (its logits, not gradlens's hidden-state path) and SFT written
     # out, at the checkpoint's θ (no stale step), all float64: rounding only.

@@ -181,6 +181,7 @@ def test_streamed_parity_never_materialises_the_softmax(impl: str, monkeypatch) 
         run("materialized", "float32", "ppo_clip", f"{impl}:token_sum")
 
 
+@pytest.mark.slow
 def test_cli_parity_on_the_streamed_engine(impl: str, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 

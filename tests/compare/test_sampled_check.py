@@ -86,6 +86,7 @@ def streamed_run(**overrides):
     return run_compare(build_config(None, sets))
 
 
+@pytest.mark.slow
 def test_a_streamed_run_checks_a_sample_by_default():
     report = streamed_run()
     for r in report.losses:
@@ -98,6 +99,7 @@ def test_a_streamed_run_checks_a_sample_by_default():
     }
 
 
+@pytest.mark.slow
 def test_the_sampled_check_fails_when_the_engine_is_wrong(monkeypatch):
     real = streamed_module.lm_head_pass
 
@@ -115,12 +117,14 @@ def test_the_sampled_check_fails_when_the_engine_is_wrong(monkeypatch):
         assert not r.agreement.passed
 
 
+@pytest.mark.slow
 def test_reference_none_still_skips_the_check():
     report = streamed_run(**{"diagnostics.reference": "none"})
     assert all(not r.agreement.ran for r in report.losses)
     assert not any(c.name == "agreement" for c in report.checks)
 
 
+@pytest.mark.slow
 def test_check_on_a_streamed_run_includes_the_agreement_gate():
     result = runner.invoke(
         app, ["compare", "--engine", "streamed", "--check", "-f", "json", "--losses", "ppo_clip"]

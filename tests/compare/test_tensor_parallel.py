@@ -310,6 +310,7 @@ def per_rank_folder(folder: Path, sizes: list[int], full: Path | None = None) ->
     return folder, write_per_rank(full, VocabSplit.from_sizes(sizes))
 
 
+@pytest.mark.slow
 def test_bad_inputs_stop_every_rank_with_one_message_and_the_group_stays_usable(tmp_path):
     batch = [*F64, "source.kind=batch"]
     # a file only rank 1 cannot read: it is missing
@@ -458,6 +459,7 @@ def boom(logp, old_logp, advantages, mask):
 """
 
 
+@pytest.mark.slow
 def test_a_user_error_on_one_rank_ends_every_rank_with_exit_2_and_one_message(tmp_path):
     folder, ranked = per_rank_folder(tmp_path / "files", [1024, 1024])
     (folder / "rank1.safetensors").unlink()

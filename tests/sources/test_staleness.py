@@ -87,6 +87,7 @@ def plain_loop(path, batch, steps, lr):
     return trajectory
 
 
+@pytest.mark.slow
 def test_stale_steps_equal_a_plain_pytorch_loop(llama):
     cfg = config(llama, steps=2, lr=3e-3, target_kl=None)
     batch = build_batch(cfg)

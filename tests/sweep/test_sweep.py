@@ -569,13 +569,8 @@ def test_a_failed_write_leaves_no_half_written_file(tmp_path, monkeypatch, fmt):
 # ----------------------------------------------------------------------------- plot
 
 
-@pytest.mark.parametrize(
-    "args",
-    [
-        pytest.param([], id="1d"),
-        pytest.param(["--vary", "both", "--points", "21"], id="2d", marks=pytest.mark.slow),
-    ],
-)
+@pytest.mark.slow
+@pytest.mark.parametrize("args", [[], ["--vary", "both", "--points", "21"]], ids=["1d", "2d"])
 def test_plot_writes_a_png(tmp_path, monkeypatch, args):
     pytest.importorskip("matplotlib")
     monkeypatch.setenv("MPLBACKEND", "Agg")
@@ -661,6 +656,7 @@ def test_bad_input_is_a_clear_error(args, names):
     assert "Traceback" not in result.output + result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", sorted(p.name for p in (REPO / "configs").glob("sweep_*.yaml")))
 def test_every_sweep_config_runs(path):
     result = invoke("--config", str(REPO / "configs" / path), "--check", "-f", "csv")
