@@ -208,6 +208,7 @@ def test_streamed_reports_carry_the_loss_metrics():
     assert stream.losses[1].metrics == {} == mat.losses[1].metrics
 
 
+@pytest.mark.slow
 def test_auto_streams_large_batches():
     overrides = ["source.vocab_size=256", "diagnostics.stream_above=1000"]
     report = run_compare(build_config(None, overrides))
@@ -245,6 +246,7 @@ def test_reference_none_is_reported_as_not_run():
     assert data["losses"][0]["agreement"]["ran"] is False
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "settings",
     [

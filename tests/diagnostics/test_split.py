@@ -138,6 +138,7 @@ def verl_agg() -> Any:
     return pytest.importorskip("verl.trainer.ppo.core_algos").agg_loss
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("verl_mode", "mode"),
     [("token-mean", "token_mean"), ("seq-mean-token-mean", "seq_mean_token_mean")],

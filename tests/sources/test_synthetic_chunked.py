@@ -129,6 +129,7 @@ DRIFTS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", DRIFTS, ids=lambda s: "-".join(map(str, s)))
 def test_log_probs_are_those_of_the_construction_written_out(source: dict[str, Any]) -> None:
     # Float64: the chunked log-probs (block maxima and sums combined in float64, z_y kept with
