@@ -151,6 +151,7 @@ def test_log_probs_are_those_of_the_construction_written_out(source: dict[str, A
         assert float((logp - want).abs().max()) <= 1e-12, name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("entropy", [0.5, pytest.param(3.0, marks=pytest.mark.slow)])
 def test_tokens_are_drawn_from_the_sampler(entropy: float) -> None:
     # y ~ μ_old = softmax(z_old + rollout noise): the randomised PIT of 2,400 tokens (4 seeds)
@@ -191,6 +192,7 @@ def synthetic_batch(dtype: torch.dtype = F64, seed: int = 0, **source: Any) -> B
     return build_batch(config, CPU, dtype)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", ["materialized", "chunked"])
 def test_both_constructions_draw_tokens_from_pi_theta(
     path: str, monkeypatch: pytest.MonkeyPatch
