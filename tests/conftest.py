@@ -16,11 +16,15 @@ The fast subset. ``python -m pytest -q`` runs everything (CI does); ``python -m 
 "not slow"`` leaves out the tests marked ``slow``, so that the inner loop takes well under a
 minute on two cores. A test is slow when it
 
-- spawns processes (tensor parallelism under gloo or torchrun, ``python -m gradlens``),
+- spawns processes (tensor parallelism under gloo or torchrun, ``python -m gradlens``): the
+  cheapest spawning test still takes several seconds, so none stays in the fast subset,
 - builds or loads a checkpoint, or samples from the built-in model,
-- runs a whole compare on the synthetic default batch (seconds each: the default itself runs
-  once, in ``tests/cli/test_cli.py``'s ``default_json``), or on 131k–262k vocabularies,
-- imports a framework that takes seconds to import (verl), or trains with one (TRL),
+- runs a whole compare or diagnose on the synthetic default batch (seconds each; the default
+  runs once, in ``tests/cli/test_cli.py``'s ``default_json``), both engines on it, a
+  131k–262k vocabulary, or Triton's interpreter over a 32k one,
+- imports verl for its global-batch aggregation, trains with TRL, or runs the documented
+  framework commands,
+- draws many samples (the property tests over whole batches, the samplers' checks),
 - or is a case of a registry product beyond its representative slice (below).
 
 Those are marked where they are written (``@pytest.mark.slow``, ``pytestmark``, or a case's
@@ -38,11 +42,14 @@ losses they come with. A function whose every case brings a new value (a hand-wr
 cases, each documented error once) keeps them all.
 
 What stays in the fast subset, so that a broken module still fails it: every loss against
-autograd (tests/test_grads.py), each aggregation, correction and loss setting once, the
-streamed and fused engines and vocabulary parallelism on small vocabularies, tensor
-parallelism's argument checks and one two-rank gloo run, the model source's error messages,
-the batch file, the synthetic source, the sweep, the trace, every documented CLI error, the
-golden reports of the hand-written configs and one streamed run, and the report renderers.
+autograd in float64 (tests/test_grads.py) and each aggregation, setting, correction or dtype
+of every other product once; the hand-computed cases; the framework twins (TRL's, verl's and
+OpenRLHF's loss functions); the streamed and fused engines and vocabulary parallelism on small
+vocabularies, and the zero-sum check at 32k; tensor parallelism's argument checks and
+sharding (in-process); the model source's error messages; the batch file in float64 and its
+error messages; the synthetic source's shapes and entropy target; the sweep; the trace; every
+documented CLI error but the three known only after a whole run; the default report once; the
+golden reports of the hand-written configs, the sweeps and one streamed run; the renderers.
 """
 
 from __future__ import annotations
@@ -55,8 +62,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from gradlens.losses import loss_names
-
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -65,6 +70,8 @@ for _folder in (str(_HERE), str(_HERE.parent)):
     if _folder in sys.path:
         sys.path.remove(_folder)
     sys.path.insert(0, _folder)
+
+from gradlens.losses import loss_names  # noqa: E402  (after the repository root is on the path)
 
 # A test function parametrized into more cases than this is a registry product (docstring).
 PRODUCT_CASES = 8
