@@ -44,12 +44,13 @@ cases, each documented error once) keeps them all.
 What stays in the fast subset, so that a broken module still fails it: every loss against
 autograd in float64 (tests/test_grads.py) and each aggregation, setting, correction or dtype
 of every other product once; the hand-computed cases; the framework twins (TRL's, verl's and
-OpenRLHF's loss functions); the streamed and fused engines and vocabulary parallelism on small
-vocabularies, and the zero-sum check at 32k; tensor parallelism's argument checks and
-sharding (in-process); the model source's error messages; the batch file in float64 and its
-error messages; the synthetic source's shapes and entropy target; the sweep; the trace; every
-documented CLI error but the three known only after a whole run; the default report once; the
-golden reports of the hand-written configs, the sweeps and one streamed run; the renderers.
+OpenRLHF's loss functions); the streamed engine, one case of the fused kernels and vocabulary
+parallelism on small vocabularies, and the zero-sum check at 32k; tensor parallelism's
+argument checks and sharding (in-process); the model source's error messages; the batch file
+in float64 and its error messages; the synthetic source's shapes and entropy target; the
+sweep; the trace; every documented CLI error but the three known only after a whole run; the
+default report once; the golden reports of the hand-written configs and the sweeps; the
+renderers.
 """
 
 from __future__ import annotations

@@ -119,7 +119,11 @@ def test_plot_draws_the_attribution(tmp_path):
             "diagnostics.attribution is 'off'",
         ),
         # auto with the streamed engine: no section, known only after the run; still no report
-        (["--plot", "a.png", "--engine", "streamed"], "no loss has one (engine 'streamed')"),
+        pytest.param(  # a whole streamed run on the default batch: slow
+            ["--plot", "a.png", "--engine", "streamed"],
+            "no loss has one (engine 'streamed')",
+            marks=pytest.mark.slow,
+        ),
     ],
 )
 def test_plot_without_an_attribution_is_a_clear_error(tmp_path, monkeypatch, args, expected):

@@ -140,6 +140,7 @@ def test_pure_softmax_losses_pass_at_large_vocabularies(batch_files, vocab, dtyp
     assert_zero_sum_passes(compare(batch_files[vocab], dtype, engine, chunk), vocab, dtype)
 
 
+@pytest.mark.slow
 def test_the_streamed_residual_does_not_depend_on_the_chunk_size(batch_files):
     # float32: every float64 sum's rounding (~1e-16 relative, order-dependent) is far below the
     # float32 roundings of π, which do not depend on the chunking, so the residuals agree to
