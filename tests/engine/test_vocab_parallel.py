@@ -364,10 +364,12 @@ def check_world(splits: list[VocabSplit]) -> None:
                     assert torch.equal(c0, c), label
 
 
+@pytest.mark.slow
 def test_world_2_even_split_equals_the_single_process_engine():
     check_world([even_split(52, 2)])
 
 
+@pytest.mark.slow
 def test_world_3_uneven_splits_equal_the_single_process_engine():
     # 50 rows over 3 ranks: the balanced split (17, 17, 16) and a lopsided one (7, 31, 12)
     check_world([balanced_split(50, 3), VocabSplit.from_sizes([7, 31, 12])])
@@ -381,6 +383,7 @@ def test_world_4_equals_the_single_process_engine():
 # --- one process -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_one_rank_without_a_process_group_is_the_single_process_engine():
     split = even_split(52, 1)
     for case in cases_for([split])[:4]:
@@ -479,6 +482,7 @@ def raising_ranks(rank: int, world: int, case: Case, failing: int, how: str):
     )
 
 
+@pytest.mark.slow
 def test_a_rank_that_raises_fails_every_rank_with_a_clear_error():
     split = balanced_split(50, 3)
     case = cases_for([split])[0]

@@ -213,6 +213,7 @@ def test_both_constructions_draw_tokens_from_pi_theta(
     assert ks_uniform(u) < ks_bound(u.numel())
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("chunk_everything")
 @pytest.mark.parametrize("dtype", [F64, F32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("source", DRIFTS, ids=lambda s: "-".join(map(str, s)))
@@ -233,6 +234,7 @@ def test_chunked_batch_invariants(dtype: torch.dtype, source: dict[str, Any]) ->
     assert bool((adv[~m] == 0).all()) and bool(((adv == adv[:, :1]) | ~m).all())
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("chunk_everything")
 @pytest.mark.parametrize("dtype", [F64, F32], ids=str)
 @pytest.mark.parametrize("target", [0.3, 2.5])
@@ -366,6 +368,7 @@ class InThread:
         return map(fn, items)
 
 
+@pytest.mark.slow
 def test_a_qwen_vocabulary_is_built_without_a_tokens_by_vocabulary_tensor(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
