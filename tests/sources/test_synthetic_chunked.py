@@ -248,6 +248,7 @@ def test_chunked_batch_hits_the_entropy_target(dtype: torch.dtype, target: float
     assert entropy == pytest.approx(target, abs=1e-5 if dtype == F32 else 2 * ENTROPY_TOL)
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("chunk_everything")
 @pytest.mark.parametrize("dtype", [F64, F32], ids=str)
 def test_chunked_drift_none_is_on_policy(dtype: torch.dtype) -> None:
@@ -288,6 +289,7 @@ def test_chunked_drift_matches_the_materialized_drift(monkeypatch: pytest.Monkey
         assert float(b.mean()) > 0.01  # the drift is there
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [F32, F64], ids=str)
 def test_the_budget_changes_no_number(dtype: torch.dtype) -> None:
     # Budget 0 keeps no z⁰ tile (every sweep recomputes them), a large one keeps all: the batch is
