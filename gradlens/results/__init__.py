@@ -14,6 +14,13 @@ from gradlens.results.attribution import (
     SharePoints,
 )
 from gradlens.results.base import Result
+from gradlens.results.mismatch import (
+    CorrectionEffect,
+    GapStatistics,
+    MismatchBucket,
+    MismatchReport,
+    WorstToken,
+)
 from gradlens.results.model import (
     PREDICTION_FACTOR,
     GradGroup,
@@ -69,9 +76,11 @@ __all__ = [
     "Check",
     "Clipping",
     "CompareReport",
+    "CorrectionEffect",
     "EngineInfo",
     "EntropyChange",
     "Environment",
+    "GapStatistics",
     "GradGroup",
     "GradNormPrediction",
     "GroupShares",
@@ -79,6 +88,8 @@ __all__ = [
     "LossReport",
     "MetricName",
     "Mismatch",
+    "MismatchBucket",
+    "MismatchReport",
     "ModelGradients",
     "ModelInfo",
     "ModelPass",
@@ -108,5 +119,6 @@ __all__ = [
     "SupportReport",
     "TokenDetail",
     "TopRow",
+    "WorstToken",
     "ZeroSum",
 ]
