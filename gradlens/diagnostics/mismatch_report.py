@@ -2,8 +2,9 @@
 
 It gathers, for a batch with rollout log-probs μ, the frameworks' statistics of the gap
 (gradlens.diagnostics.gap_statistics), its breakdown by π_old and by position
-(gradlens.diagnostics.mismatch_buckets) and the worst tokens with what each correction does to
-them (gradlens.diagnostics.worst_tokens). The ESS's cap is the run's token TIS cap, else verl's
+(gradlens.diagnostics.mismatch_buckets), the worst tokens with what each correction does to
+them (gradlens.diagnostics.worst_tokens) and the figure's histogram and threshold lines
+(gradlens.diagnostics.mismatch_histogram). The ESS's cap is the run's token TIS cap, else verl's
 default rollout_is_threshold 2; the band of ``outside_band`` is TRL issue 6789's [0.9, 1.1].
 """
 
@@ -13,6 +14,7 @@ from torch import Tensor
 
 from gradlens.diagnostics.gap_statistics import BAND, gap_statistics
 from gradlens.diagnostics.mismatch_buckets import by_position, by_probability
+from gradlens.diagnostics.mismatch_histogram import mismatch_histogram, threshold_lines
 from gradlens.diagnostics.token_text import TokenTexts
 from gradlens.diagnostics.worst_tokens import correction_label, probe_corrections, worst_tokens
 from gradlens.losses.base import Correction
@@ -45,4 +47,6 @@ def mismatch_report(
         by_position=by_position(old_logp, rollout_logp, mask, BAND),
         worst=worst_tokens(old_logp, rollout_logp, mask, top_k, probes, texts),
         corrections=[correction_label(c) for c in probes],
+        thresholds=threshold_lines(probes, BAND),
+        histogram=mismatch_histogram(old_logp, rollout_logp, mask),
     )

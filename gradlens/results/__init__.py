@@ -18,7 +18,9 @@ from gradlens.results.mismatch import (
     CorrectionEffect,
     GapStatistics,
     MismatchBucket,
+    MismatchHistogram,
     MismatchReport,
+    ThresholdLine,
     WorstToken,
 )
 from gradlens.results.model import (
@@ -89,6 +91,7 @@ __all__ = [
     "MetricName",
     "Mismatch",
     "MismatchBucket",
+    "MismatchHistogram",
     "MismatchReport",
     "ModelGradients",
     "ModelInfo",
@@ -117,6 +120,7 @@ __all__ = [
     "Staleness",
     "SupportRatio",
     "SupportReport",
+    "ThresholdLine",
     "TokenDetail",
     "TopRow",
     "WorstToken",

@@ -115,6 +115,21 @@ class WorstToken(Result):
     corrections: list[CorrectionEffect] = Field(default_factory=list)
 
 
+class MismatchHistogram(Result):
+    """Token counts over (log10 π_old(y_t), log ρ_t): the figure's 2-D histogram."""
+
+    x_edges: list[float] = Field(description="log10 π_old edges (the outer bins take the rest)")
+    y_edges: list[float] = Field(description="log ρ edges")
+    counts: list[list[int]] = Field(description="counts[i][j]: log ρ bin i, log10 π_old bin j")
+
+
+class ThresholdLine(Result):
+    """A token-level correction's bound as a value of log ρ (a line on the figure)."""
+
+    correction: str
+    log_rho: float
+
+
 class MismatchReport(Result):
     """The ``mismatch`` section: the gap localised (docs/mismatch.md)."""
 
@@ -128,3 +143,8 @@ class MismatchReport(Result):
         description="the corrections applied to each worst token: the run's own, then the "
         "frameworks' defaults of those it does not configure"
     )
+    thresholds: list[ThresholdLine] = Field(
+        default_factory=list,
+        description="the token-level corrections' bounds and the band, in log ρ",
+    )
+    histogram: MismatchHistogram | None = Field(None, description="for the figure")
