@@ -230,7 +230,7 @@ def compare(
         if plot_mismatch is not None and launch.speaks:  # before any work
             from gradlens.report.plots import check_plot_path
 
-            check_plot_path(plot_mismatch)
+            check_plot_path(plot_mismatch, "--plot-mismatch")
             if grid:
                 raise GradlensError(
                     "--plot-mismatch draws the gap of one report; --parity-matrix makes one "

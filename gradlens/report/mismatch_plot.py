@@ -131,7 +131,7 @@ def _buckets(ax: Any, m: MismatchReport) -> None:
 
 def plot_mismatch(report: CompareReport, path: Path) -> None:
     """Draw ``report``'s mismatch figure to ``path`` (.png, .svg or .pdf)."""
-    check_plot_path(path)
+    check_plot_path(path, "--plot-mismatch")
     fig = mismatch_figure(report)
     with writing(path, "--plot-mismatch", "wb") as fh:
         fig.savefig(fh, dpi=DPI, format=path.suffix.lower()[1:])

@@ -218,6 +218,9 @@ def _added_fields(report: dict[str, Any]) -> dict[str, Any]:
         return report
     for sequence in report["config"]["source"].get("sequences") or []:
         sequence.setdefault("group", None)  # a literal sequence's prompt group
+    if report["config"]["source"]["kind"] == "model":  # the mismatch switches, at their defaults
+        report["config"]["source"].setdefault("rollout_logprobs", "cache")
+        report["config"]["source"].setdefault("train_pass", "batch")
     return report
 
 
