@@ -38,7 +38,13 @@ from torch import Tensor
 
 from gradlens.errors import GradlensError
 from gradlens.files import check_output, writing
-from gradlens.report.sweep_labels import rule_name, rule_text, setting_text, sign_text
+from gradlens.report.sweep_labels import (
+    rule_name,
+    rule_text,
+    setting_text,
+    sign_text,
+    support_parts,
+)
 from gradlens.results import CompareReport, LossReport
 from gradlens.sweep.curves import SIGNS, Curve
 from gradlens.sweep.grid import Axis
@@ -285,7 +291,8 @@ def _lines(outcome: SweepOutcome) -> Any:
     fig.suptitle(
         f"How hard each loss pushes the sampled token's logit as {axis.symbol}(y) varies "
         f"({fixed_symbol} = {other:g}, |A| = {report.advantage:g})\n"
-        f"{setting_text(report)}; a line stops where its gradient is exactly 0",
+        f"{setting_text(report, support=False)}; a line stops where its gradient is exactly 0"
+        + "".join(f"\n{part}" for part in [", ".join(support_parts(report))] if part),
         fontsize=13,
     )
     legend = fig.legend(
