@@ -736,7 +736,8 @@ def plot_split(reports: list[SplitReport], path: Path) -> None:
         rows = [s.row for s in split.sequences]
         colour = [palette[s.micro_batch % len(palette)] for s in split.sequences]
         ratio = [1.0 if s.weight_ratio is None else s.weight_ratio for s in split.sequences]
-        top.bar(rows, ratio, color=colour, width=0.8)
+        # bars grow from 1 (split = full batch), so a bar's length is the deviation itself
+        top.bar(rows, [r - 1.0 for r in ratio], bottom=1.0, color=colour, width=0.8)
         top.axhline(1.0, color="0.3", linestyle="--", linewidth=1)
         for s in split.sequences:
             if s.weight_ratio is None:
