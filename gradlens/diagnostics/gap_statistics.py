@@ -67,6 +67,7 @@ def _k3(log_ratio: Tensor) -> Tensor:
 
 
 def empty_statistics(band: tuple[float, float] = BAND) -> GapStatistics:
+    """The statistics of a batch without a valid token: counts 0, every number null."""
     names = GapStatistics.model_fields.keys() - {"count", "sequences", "band_low", "band_high"}
     return GapStatistics(
         count=0,

@@ -58,3 +58,21 @@ def test_png_written(report: CompareReport, tmp_path: Path) -> None:
 def test_no_rollout_is_an_error(report: CompareReport) -> None:
     with pytest.raises(GradlensError, match="rollout log-probs"):
         mismatch_figure(report.model_copy(update={"mismatch": None}))
+
+
+def test_the_cli_draws_it_and_names_its_option_in_errors(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from gradlens.cli import app
+
+    runner = CliRunner()
+    base = ["compare", "--set", "source.vocab_size=64", "--set", "source.rollout_drift=0.1"]
+    path = tmp_path / "gap.png"
+    done = runner.invoke(app, [*base, "--plot-mismatch", str(path)])
+    assert done.exit_code == 0, done.output
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    bad = runner.invoke(app, [*base, "--plot-mismatch", str(tmp_path / "gap.txt")])
+    assert bad.exit_code != 0 and "--plot-mismatch" in bad.output
+    # no rollout log-probs: nothing to draw, said in words
+    none = runner.invoke(app, ["compare", "--plot-mismatch", str(tmp_path / "none.png")])
+    assert none.exit_code != 0 and "rollout log-probs" in none.output
