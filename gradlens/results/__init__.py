@@ -14,6 +14,15 @@ from gradlens.results.attribution import (
     SharePoints,
 )
 from gradlens.results.base import Result
+from gradlens.results.mismatch import (
+    CorrectionEffect,
+    GapStatistics,
+    MismatchBucket,
+    MismatchHistogram,
+    MismatchReport,
+    ThresholdLine,
+    WorstToken,
+)
 from gradlens.results.model import (
     PREDICTION_FACTOR,
     GradGroup,
@@ -55,7 +64,7 @@ from gradlens.results.report import (
     ZeroSum,
 )
 from gradlens.results.rollout import RolloutStats
-from gradlens.results.split import SplitLoss, SplitMicroBatch, SplitReport
+from gradlens.results.split import SplitLoss, SplitMicroBatch, SplitReport, SplitSequence
 from gradlens.results.support import KeptToken, SupportRatio, SupportReport
 
 __all__ = [
@@ -69,9 +78,11 @@ __all__ = [
     "Check",
     "Clipping",
     "CompareReport",
+    "CorrectionEffect",
     "EngineInfo",
     "EntropyChange",
     "Environment",
+    "GapStatistics",
     "GradGroup",
     "GradNormPrediction",
     "GroupShares",
@@ -79,6 +90,9 @@ __all__ = [
     "LossReport",
     "MetricName",
     "Mismatch",
+    "MismatchBucket",
+    "MismatchHistogram",
+    "MismatchReport",
     "ModelGradients",
     "ModelInfo",
     "ModelPass",
@@ -102,11 +116,14 @@ __all__ = [
     "SplitLoss",
     "SplitMicroBatch",
     "SplitReport",
+    "SplitSequence",
     "StaleStep",
     "Staleness",
     "SupportRatio",
     "SupportReport",
+    "ThresholdLine",
     "TokenDetail",
     "TopRow",
+    "WorstToken",
     "ZeroSum",
 ]

@@ -90,6 +90,7 @@ def upgrade(report: dict[str, Any]) -> dict[str, Any]:
         _loss_settings_of_3(report["config"]["loss"])
         _sampling_support(report)
         _split(report)
+        _sweep_support(report)
         return _added_fields(report)
     for loss in report["losses"]:
         if "coefficient_formula" in loss:
@@ -172,6 +173,15 @@ def _split(report: dict[str, Any]) -> None:
     report.setdefault("split", None)
 
 
+def _sweep_support(report: dict[str, Any]) -> None:
+    """The sweep's ``support`` section (the rollout's kept set at every point, docs/sweep.md),
+    added at its defaults: no kept set, the same maths as before (docs/json-schema.md's
+    changelog)."""
+    report["config"].setdefault(
+        "support", {"kept_mass": 1.0, "old_kept_mass": None, "old_logp": "full"}
+    )
+
+
 def _loss_settings_of_3(loss: dict[str, Any]) -> None:
     """The loss settings /3 added, with their defaults (the same maths as before)."""
     loss.setdefault("count_empty_sequences", False)
@@ -188,13 +198,16 @@ ATTRIBUTION = re.compile(
 def recorded_sections(new: dict[str, Any], golden: dict[str, Any]) -> dict[str, Any]:
     """``new`` without the sections a golden report recorded before they existed: each loss's
     ``attribution`` (gradlens.compare/3) and its findings where the golden loss has none, and
-    the ``support`` section (the rollout's kept sets, /3) where the golden report has none.
+    the ``support`` section (the rollout's kept sets, /3) and the ``mismatch`` section where the
+    golden report has none.
     Every other number of the report must still be the recorded one."""
     if "check" in new:  # a sweep summary
         return new
     new = json.loads(json.dumps(new))
     if "support" not in golden:
         new.pop("support", None)
+    if "mismatch" not in golden:  # the gap localised (docs/mismatch.md), added in /3
+        new.pop("mismatch", None)
     for loss, old in zip(new["losses"], golden["losses"], strict=False):
         if "attribution" not in old:
             loss.pop("attribution", None)
@@ -215,6 +228,9 @@ def _added_fields(report: dict[str, Any]) -> dict[str, Any]:
         return report
     for sequence in report["config"]["source"].get("sequences") or []:
         sequence.setdefault("group", None)  # a literal sequence's prompt group
+    if report["config"]["source"]["kind"] == "model":  # the mismatch switches, at their defaults
+        report["config"]["source"].setdefault("rollout_logprobs", "cache")
+        report["config"]["source"].setdefault("train_pass", "batch")
     return report
 
 
