@@ -14,7 +14,7 @@ it is first imported: ask for it here, before any test imports the fused engine.
 
 The fast subset. ``python -m pytest -q`` runs everything (CI does); ``python -m pytest -q -m
 "not slow"`` leaves out the tests marked ``slow``, so that the inner loop takes well under a
-minute on two cores. A test is slow when it
+minute on an idle two-core machine. A test is slow when it
 
 - spawns processes (tensor parallelism under gloo or torchrun, ``python -m gradlens``): the
   cheapest spawning test still takes several seconds, so none stays in the fast subset,
