@@ -13,7 +13,7 @@ Without CUDA, Triton's kernels can only run in its interpreter, which Triton cho
 it is first imported: ask for it here, before any test imports the fused engine.
 
 The fast subset. ``python -m pytest -q`` runs everything (CI does); ``python -m pytest -q -m
-"not slow"`` leaves out the tests marked ``slow``, so that the inner loop takes well under a
+"not slow"`` leaves out the tests marked ``slow``, so that the inner loop takes under a
 minute on an idle two-core machine. A test is slow when it
 
 - spawns processes (tensor parallelism under gloo or torchrun, ``python -m gradlens``): the
