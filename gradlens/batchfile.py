@@ -702,7 +702,17 @@ def write_batch(path: Path, tensors: Mapping[str, Tensor | None], option: str = 
     read-only directory, a full disk) is a `GradlensError` naming ``option``.
     """
     names = {g: ALIASES[g][0] for g in ALIASES}
-    data = {names[k]: v.detach().cpu().contiguous() for k, v in tensors.items() if v is not None}
+    data: dict[str, Tensor] = {}
+    storages: set[int] = set()
+    for k, v in tensors.items():
+        if v is None:
+            continue
+        x = v.detach().cpu().contiguous()
+        storage = x.untyped_storage().data_ptr()
+        if storage in storages:  # the same memory under two keys (a synthetic teacher's hidden
+            x = x.clone()  # states are the student's): safetensors stores each key's own copy
+        storages.add(storage)
+        data[names[k]] = x
     suffix = check_batch_suffix(path, option)
     if suffix == ".safetensors":
         from safetensors.torch import save

@@ -98,6 +98,17 @@ class SyntheticSource(Strict):
     ref_drift: float | None = Field(
         None, ge=0, description="π_ref: z_ref = z + scale·ε; null: no reference policy"
     )
+    teacher: Literal["none", "perturbed"] = Field(
+        "none",
+        description="a distillation teacher (loss.distill, opd): perturbed: q = softmax(W'h) "
+        "with W' = W + teacher_scale·std(W)·ε; none: no teacher",
+    )
+    teacher_scale: float = Field(
+        0.1,
+        ge=0,
+        description="σ of the perturbed teacher's lm_head (0.1: KL(q‖π) ≈ 0.3 nats on the "
+        "default batch)",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> SyntheticSource:
@@ -270,6 +281,19 @@ class ModelSource(Strict):
         "(instruct and chat checkpoints); null prompts are then the built-in instructions",
     )
     stale: StaleConfig = StaleConfig()
+    teacher_path: str | None = Field(
+        None,
+        description="a second local checkpoint with the same vocabulary: the distillation "
+        "teacher (loss.distill, opd), run on the same sequences; 'builtin': the shipped tiny "
+        "model; null: no teacher",
+    )
+
+    @field_validator("teacher_path")
+    @classmethod
+    def _teacher_path(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("teacher_path is empty; give a checkpoint directory, builtin or null")
+        return value
 
     @field_validator("prompts")
     @classmethod

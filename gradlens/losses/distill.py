@@ -54,6 +54,7 @@ from torch import Tensor
 
 from gradlens.containers import Teacher
 from gradlens.errors import GradlensError
+from gradlens.logits import Normaliser, log_probs
 from gradlens.losses.base import Distill
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
@@ -206,9 +207,9 @@ def student_at(log_probs: Tensor, teacher: TeacherTokens) -> tuple[Tensor, Tenso
     return log_probs.gather(-1, teacher.ids), teacher.logp.to(log_probs.dtype)
 
 
-def token_terms(lp: Tensor, lq: Tensor, d: Distill) -> tuple[Tensor, Tensor]:
-    """(D_t [M], u [M, S]) in closed form: the divergence and u = ψ on S_t, 0 where verl's
-    clamp holds lp (no graph)."""
+def entry_terms(lp: Tensor, lq: Tensor, d: Distill) -> tuple[Tensor, Tensor]:
+    """(φ, u) entrywise: the divergence's terms (differentiable in ``lp``) and u = ψ, 0 where
+    verl's clamp holds lp."""
     active = None
     if d.log_prob_min_clamp is not None:
         active = lp >= d.log_prob_min_clamp
@@ -217,6 +218,13 @@ def token_terms(lp: Tensor, lq: Tensor, d: Distill) -> tuple[Tensor, Tensor]:
     phi, psi = pointwise(effective(d), d.beta, lp, lq)
     if active is not None:
         psi = torch.where(active, psi, 0.0)
+    return phi, psi
+
+
+def token_terms(lp: Tensor, lq: Tensor, d: Distill) -> tuple[Tensor, Tensor]:
+    """(D_t [M], u [M, S]) in closed form: the divergence and u = ψ on S_t, 0 where verl's
+    clamp holds lp (no graph)."""
+    phi, psi = entry_terms(lp, lq, d)
     return phi.sum(-1), psi
 
 
@@ -325,7 +333,10 @@ class StreamedDistill:
         if want_topk and best_z is not None:
             self.ids, self.logq = best_ids, best_z - lse[:, None]
 
-    def prepare(self, lse: Tensor) -> None:
+    def prepare(self, lse: Tensor, norm: Normaliser | None = None) -> None:
+        """D_t, Σ_v u_tv and the scale; with ``norm``, log π exactly as pass 2 computes it
+        (`gradlens.logits.log_probs`), so that the entries verl's clamp keeps are those of
+        ``block`` bit for bit and the term sums to zero over the vocabulary."""
         lse = lse.to(self.dtype)
         a = self._a() if callable(self._a) else self._a
         self.weights = self.d.coef * a.to(self.dtype)  # [M] λ·a_t
@@ -346,7 +357,8 @@ class StreamedDistill:
                 self.gemms += (end - start) / self.vocab
                 z = (self.hidden @ self.weight[start:end].T).to(self.dtype)  # [M, Vc]
                 lq = self._teacher_logits(start, end) - self.t_lse[:, None]
-                part, u = token_terms(z - lse[:, None], lq, self.d)
+                lp = z - lse[:, None] if norm is None else log_probs(z, norm, inplace=True)
+                part, u = token_terms(lp, lq, self.d)
                 value += part
                 self.total += u.sum(-1)
                 gross += u.abs().sum(-1)
