@@ -105,6 +105,33 @@ def test_the_student_as_its_own_teacher_has_zero_forward_kl(checkpoints: dict[st
     assert a.rows.total_norm == pytest.approx(b.rows.total_norm, rel=1e-10)
 
 
+@pytest.mark.parametrize("budget_mib", [None, 0.05], ids=["one_pass", "micro_batches"])
+def test_the_whole_models_lm_head_gradient_carries_the_term(
+    checkpoints: dict[str, Path], budget_mib: float | None
+) -> None:
+    # The whole-model backward differentiates the same objective, the distillation term
+    # included: its lm_head group is the lm_head diagnostic's ‖∂L/∂W‖ (float64: the two sum
+    # the same products in another order, ~1e-15; 1e-9 leaves room, the term is O(1) of it).
+    # A budget of 0.05 MiB splits the batch into micro-batches (one sequence each).
+    cfg = config(checkpoints["student"], checkpoints["teacher"], "reinforce", "ppo_clip")
+    # two random models are both near uniform over 300 tokens: λ = 50 makes the term's share
+    # of the gradient visible
+    cfg["loss"]["distill"] = {"divergence": "reverse_kl", "coef": 50.0}
+    if budget_mib is not None:
+        cfg["diagnostics"] = {"memory_budget_mib": budget_mib}
+    report = run_compare(validate(cfg))
+    cfg["loss"] = {}
+    bare = run_compare(validate(cfg))
+    assert report.model is not None and report.model.gradient_pass is not None
+    assert (report.model.gradient_pass.micro_batches > 1) == (budget_mib is not None)
+    for r, b in zip(report.losses, bare.losses, strict=True):
+        mg = r.model_grads
+        assert mg is not None and not mg.tied
+        lm_head = next(g.norm for g in mg.groups if g.name == "lm_head")
+        assert lm_head == pytest.approx(r.rows.total_norm, rel=1e-9)
+        assert abs(r.rows.total_norm - b.rows.total_norm) > 1e-2 * b.rows.total_norm
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["materialized", "streamed"])
 def test_check_passes_with_a_checkpoint_teacher(
