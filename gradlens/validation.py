@@ -317,7 +317,7 @@ def _teacher_shape_problems(batch: Batch, x: dict[str, Tensor]) -> list[Problem]
 
 def _duplicates(ids: Tensor) -> Tensor:
     """[n, T, K] True at an id that an earlier entry of its position repeats."""
-    ordered, order = ids.sort(dim=-1)
+    ordered, order = ids.sort(dim=-1, stable=True)  # the later of two equal ids is flagged
     repeat = torch.zeros_like(ids, dtype=torch.bool)
     repeat[..., 1:] = ordered[..., 1:] == ordered[..., :-1]
     return torch.zeros_like(repeat).scatter_(-1, order, repeat)
