@@ -144,7 +144,7 @@ def build_batch_file(src: BatchSource, ctx: SourceContext) -> Batch:
             old_log_mass=opt("old_kept_log_mass"),
             rollout_log_mass=opt("rollout_kept_log_mass"),
         )
-    teacher = file_teacher(data, src.model_path, device, dtype)
+    teacher = file_teacher(data, device, dtype)
     return Batch(
         hidden=hidden.to(dtype).to(device),
         weight=weight.to(dtype).to(device),
@@ -173,7 +173,7 @@ def build_batch_file(src: BatchSource, ctx: SourceContext) -> Batch:
 
 
 def file_teacher(
-    data: dict[str, Tensor], model_path: str | None, device: torch.device, dtype: torch.dtype
+    data: dict[str, Tensor], device: torch.device, dtype: torch.dtype
 ) -> Teacher | None:
     """The file's teacher (`gradlens.batchfile`'s ``teacher_*`` keys), if it has one: the
     hidden states, lm_head and logits in the run's dtype like the student's, the log-probs in
