@@ -57,6 +57,7 @@ from gradlens.compare.sampled_check import (
     SAMPLED_TOKENS,
     SPREAD_ROWS,
     TOP_ROWS,
+    DistillInputs,
     Sample,
     choose_sample,
     sampled_reference,
@@ -283,7 +284,10 @@ def run_streamed(
     if options.reference == "sampled" and reported:
         c_abs = torch.stack([result.coefficients[i].abs() for i in range(reported)]).amax(0)
         norms = torch.stack([result.rows[i].norms.double() for i in range(reported)]).amax(0)
-        sample = choose_sample(hidden, batch.weight, tokens, c_abs, norms)
+        inputs = None
+        if params.distill is not None and batch.teacher is not None:
+            inputs = DistillInputs(params.distill, batch.teacher, rows, cols)
+        sample = choose_sample(hidden, batch.weight, tokens, c_abs, norms, inputs)
     records = []
     for i, spec in enumerate(run_specs[:reported]):
         c = result.coefficients[i]  # [M]
