@@ -112,7 +112,7 @@ def cases() -> list[Case]:
         (
             "distill_synthetic",
             [*compare, "--losses", "ppo_clip,opd", *distill, "--set", "loss.distill.beta=0.3"],
-            False,
+            True,
             None,
         ),
         (
@@ -131,7 +131,7 @@ def cases() -> list[Case]:
                 "streamed",
                 *STREAMED,
             ],
-            False,
+            True,
             ["dump", "-o", "{tmp}/distill.safetensors", "--set", "source.teacher=perturbed"],
         ),
         (

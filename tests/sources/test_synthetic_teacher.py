@@ -79,6 +79,7 @@ def test_teacher_is_the_construction_written_out(
     assert 0.1 < gap < 2.0
 
 
+@pytest.mark.slow
 def test_the_teacher_changes_nothing_else_and_is_seeded() -> None:
     with_teacher, without = batch(), batch("none")
     assert without.teacher is None

@@ -23,6 +23,7 @@ from gradlens.sources import build_source
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
+pytestmark = pytest.mark.slow  # two checkpoints built for the module (tests/conftest.py)
 
 from tiny_checkpoints import VOCAB, save_checkpoint  # noqa: E402
 
