@@ -39,14 +39,7 @@ def compare_json(*args: str) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "suffix",
-    [
-        ".safetensors",
-        pytest.param(".pt", marks=pytest.mark.slow),  # the same compare twice, seconds each
-        pytest.param(".jsonl", marks=pytest.mark.slow),
-    ],
-)
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt", ".jsonl"])
 def test_dump_and_read_back_gives_the_same_diagnosis(tmp_path, suffix):
     path = tmp_path / f"batch{suffix}"
     dumped = runner.invoke(app, ["dump", "-o", str(path), *SMALL])
