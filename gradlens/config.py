@@ -823,11 +823,6 @@ class Config(Strict):
                 "diagnostics.engine 'fused' does not restrict π to the kept sets; use "
                 "materialized, streamed or auto"
             )
-        if self.diagnostics.tensor_parallel > 1:
-            problems.append(
-                f"diagnostics.tensor_parallel {self.diagnostics.tensor_parallel}: the "
-                "vocab-parallel engine does not restrict π to the kept sets; use 1"
-            )
         if problems:
             raise ValueError("loss.sampling_support 'kept': " + "; ".join(problems))
         return self

@@ -305,11 +305,16 @@ def compare_batch(
         report_progress("lm_head diagnostics", 1, 1)
     with _phase(parallel, "report"):
         report = _report(config, device, batch, run, params, aggregation, specs, options)
-        if stored.kept is not None and parallel is None:
-            support = support_report(
-                stored, stored.kept, batch.replayed, params.eps_low, params.eps_high
-            )
-            report = report.model_copy(update={"support": support})
+    if stored.kept is not None:  # after the phase: under tensor parallelism it has a collective
+        support = support_report(
+            stored,
+            stored.kept,
+            batch.replayed,
+            params.eps_low,
+            params.eps_high,
+            None if parallel is None else parallel.comm,
+        )
+        report = report.model_copy(update={"support": support})
     return report
 
 

@@ -133,11 +133,11 @@ def run_streamed(
             "loss.distill runs on the full vocabulary; with loss.sampling_support: 'kept' the "
             "student is restricted to its kept sets (set sampling_support: full)"
         )
-    if kept_ids is not None and (fused or parallel is not None):
+    if kept_ids is not None and fused:
         raise GradlensError(
-            "loss.sampling_support: 'kept' runs on the materialized and streamed engines; the "
-            "fused and vocab-parallel passes do not restrict π to the kept sets (set "
-            "diagnostics.engine streamed and tensor_parallel 1)"
+            "loss.sampling_support: 'kept' runs on the materialized, streamed and vocab-parallel "
+            "engines; the fused passes do not restrict π to the kept sets (set diagnostics.engine "
+            "streamed)"
         )
     if fused and options.attribution:
         raise GradlensError(
@@ -260,6 +260,7 @@ def run_streamed(
             entropy_losses=len(run_specs),
             attribution=attribution,
             token_entropy=token_entropy,
+            kept_ids=valid_kept,
         )
     logp = grid[0]
     bonus_scale = None  # the bonus's gross size 2·|c_H|·a_t·S_t·H_t, [M]

@@ -15,6 +15,7 @@ message.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -28,7 +29,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import build_batch
+from helpers import build_batch, random_kept
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -280,6 +281,41 @@ def test_two_ranks_report_what_one_process_reports_on_the_builtin_model(batch_fi
 def test_three_ranks_uneven_report_what_one_process_reports(batch_files):
     # 2048 rows over 3 ranks: 683, 683, 682; the per-rank files 1, 1500, 547
     check_world(3, batch_files)
+
+
+def replay_runs(folder: Path) -> list[tuple[list[str], list[str], list[int], tuple[str, ...]]]:
+    """A float64 batch file with kept sets K_t (half of V at random, y_t in each, random kept
+    masses), μ_old and π_ref, read with ``loss.sampling_support: kept``: whole (split at load)
+    and as uneven per-rank files. Mean entropy 1.5 nats: a peaked π whose rivals of y_t fall
+    outside K_t gives π̃(y_t) ≈ 1, and the sampled row c_t h_t(1 − π̃_y) is then computed with a
+    cancellation that costs 1/(1 − π̃_y) ulps in either run, beyond this test's 1e-12."""
+    overrides = [*F64, "source.entropy=1.5", "source.rollout_drift=0.1", "source.ref_drift=0.2"]
+    batch = build_batch(build_config(None, overrides))
+    batch = dataclasses.replace(batch, kept=random_kept(batch, 11, keep_share=0.5))
+    full = folder / "batch.safetensors"
+    write_batch(full, dump_tensors(batch))
+    _, ranked = per_rank_folder(folder / "ranked", [700, 1348], full)
+    read = [*F64, "source.kind=batch", "loss.sampling_support=kept", "losses=[ppo_clip,grpo,sft]"]
+    return [
+        ([*read, f"source.path={full}"], [*read, f"source.path={full}"], [1024, 1024], ()),
+        (
+            [*read, f"source.path={full}"],
+            [*read, f"source.path={ranked}"],
+            [700, 1348],
+            ("config.source.path", "batch.source"),
+        ),
+    ]
+
+
+def test_two_ranks_replay_the_kept_sets_as_one_process(tmp_path):
+    runs = replay_runs(tmp_path)
+    reports = run_ranks(compare_ranks, 2, ([tp for _, tp, _, _ in runs],), timeout_s=300)
+    for i, (one_overrides, _, rows, ignore) in enumerate(runs):
+        one = single(one_overrides)
+        support = one["support"]  # the kept sets' section, replayed
+        assert support is not None and support["replayed"] and support["kept_mean"] < 2048
+        for rank in range(2):
+            assert_same_report(one, reports[rank][i], rows, ignore)
 
 
 # --- errors, in processes of one group ---------------------------------------------------------
