@@ -47,6 +47,20 @@ def kept_log_mass(hidden: Tensor, weight: Tensor, kept_ids: Tensor) -> tuple[Ten
     return lse, lse_kept - lse
 
 
+def sampled_logp(
+    hidden: Tensor, weight: Tensor, tokens: Tensor, comm: Collectives | None = None, v0: int = 0
+) -> Tensor:
+    """[M] float64 log π(y) = z_y − logsumexp_v z_v over the whole lm_head, chunk by chunk;
+    with ``comm`` this rank's ``weight`` holds rows [v0, v0 + len(weight)) and one all_gather
+    of the ranks' [M, 2] (logsumexp, z_y) combines them (the same result on every rank)."""
+    none = torch.full((tokens.numel(), 1), -1, dtype=torch.int64, device=tokens.device)
+    lse, _, z_y = _row_sums(hidden, weight, none, tokens - v0)
+    if comm is None:
+        return z_y - lse
+    every = comm.all_gather(torch.stack([lse, z_y], dim=-1), "logp")  # [P, M, 2]
+    return every[..., 1].sum(0) - torch.logsumexp(every[..., 0], 0)
+
+
 def _row_sums(
     hidden: Tensor, weight: Tensor, kept_ids: Tensor, tokens: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor]:
