@@ -607,7 +607,7 @@ class DiagnosticsConfig(Strict):
         description="check against torch.autograd: autograd, every token and row; sampled, "
         "c_t of every token with ∂L/∂z_y of a sample of tokens and ‖∂L/∂W_v‖ of a sample of "
         "rows (no [tokens, vocab] under autograd); auto: autograd with the materialized engine, "
-        "sampled with the streamed ones",
+        "sampled with the streamed ones and under tensor_parallel > 1",
     )
     stream_above: int = Field(
         1 << 24,
@@ -664,11 +664,12 @@ class DiagnosticsConfig(Strict):
                 f"engine {self.engine!r} runs in one process; tensor_parallel "
                 f"{self.tensor_parallel} needs the streamed engine (engine: auto or streamed)"
             )
-        if self.reference in ("autograd", "sampled"):
+        if self.reference == "autograd":
             problems.append(
-                f"reference {self.reference!r} differentiates through the whole lm_head, "
-                f"which no rank holds under tensor_parallel {self.tensor_parallel}; run the "
-                "reference in one process (tensor_parallel 1), or set reference auto or none"
+                f"reference 'autograd' differentiates through the whole lm_head, which no rank "
+                f"holds under tensor_parallel {self.tensor_parallel}; set reference sampled "
+                "(auto: the sampled check, which gathers only the sampled rows) or none, or run "
+                "the full reference in one process (tensor_parallel 1)"
             )
         if problems:
             raise ValueError("; ".join(problems))

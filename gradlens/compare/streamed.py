@@ -11,7 +11,9 @@ With ``diagnostics.reference: autograd`` each loss is also differentiated by tor
 gradient ∂L/∂z_y and the row norms ‖∂L/∂W_v‖. By default (``reference: auto``) the check is
 sampled (`gradlens.compare.sampled_check`): autograd on the same objective, exact, for c_t of
 every token, ∂L/∂z_y of a sample of tokens and the norms of a sample of lm_head rows, without
-[M, V] under autograd; ``reference: none`` skips it.
+[M, V] under autograd; ``reference: none`` skips it. Under tensor parallelism the sampled check
+runs on every rank after two all_gathers (the constant pass's per-token columns and the sampled
+rows W_R; `gradlens.compare.sampled_check.choose_sample_parallel`).
 
 With ``loss.entropy_coef`` ≠ 0 the engine adds the entropy bonus's gradient (not of the c-form)
 to every loss's rows, and the reports include it exactly as the materialized path's do; a
@@ -59,6 +61,7 @@ from gradlens.compare.sampled_check import (
     TOP_ROWS,
     Sample,
     choose_sample,
+    choose_sample_parallel,
     sampled_reference,
 )
 from gradlens.compare.tensor_parallel import VocabParallel
@@ -284,7 +287,12 @@ def run_streamed(
     if options.reference == "sampled" and reported:
         c_abs = torch.stack([result.coefficients[i].abs() for i in range(reported)]).amax(0)
         norms = torch.stack([result.rows[i].norms.double() for i in range(reported)]).amax(0)
-        sample = choose_sample(hidden, batch.weight, tokens, c_abs, norms)
+        if parallel is None:
+            sample = choose_sample(hidden, batch.weight, tokens, c_abs, norms)
+        else:  # this rank's rows: two all_gathers give every rank the same sample and W_R
+            sample = choose_sample_parallel(
+                hidden, batch.weight, tokens, c_abs, norms, parallel.comm, parallel.split
+            )
     records = []
     for i, spec in enumerate(run_specs[:reported]):
         c = result.coefficients[i]  # [M]
