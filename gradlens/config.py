@@ -270,6 +270,12 @@ class ModelSource(Strict):
         "(instruct and chat checkpoints); null prompts are then the built-in instructions",
     )
     stale: StaleConfig = StaleConfig()
+    device_map: Literal["auto"] | dict[str, str | int] | None = Field(
+        None,
+        description="where from_pretrained places the checkpoint's modules (accelerate's "
+        "device_map): auto, or {module: cpu|disk|cuda:N|N}; disk offloads to a temporary folder. "
+        "null: the whole model on the run's device",
+    )
 
     @field_validator("prompts")
     @classmethod
@@ -277,6 +283,17 @@ class ModelSource(Strict):
         if value is not None and not value:
             raise ValueError("give at least one prompt, or null for the built-in corpus")
         return value
+
+    @model_validator(mode="after")
+    def _placeable(self) -> ModelSource:
+        dm = self.device_map
+        if isinstance(dm, dict) and "disk" in dm.values() and self.stale.steps > 0:
+            raise ValueError(
+                "device_map: modules offloaded to disk live on the meta device between forward "
+                f"passes, and the optimizer cannot step them; stale.steps is {self.stale.steps}: "
+                "set it to 0, or place every module on cpu or a device"
+            )
+        return self
 
 
 class BatchSource(Strict):

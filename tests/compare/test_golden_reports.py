@@ -215,6 +215,8 @@ def _added_fields(report: dict[str, Any]) -> dict[str, Any]:
         return report
     for sequence in report["config"]["source"].get("sequences") or []:
         sequence.setdefault("group", None)  # a literal sequence's prompt group
+    if report["config"]["source"].get("kind") == "model":
+        report["config"]["source"].setdefault("device_map", None)  # accelerate's placement
     return report
 
 
