@@ -157,7 +157,8 @@ def compare(
             metavar="verl|verl_legacy|trl|openrlhf|ms_swift[:SETTING]",
             help="Whose split --split reproduces: the framework's table (versions in "
             "docs/split.md); FRAMEWORK:SETTING names the setting (trl:bnpo, trl:dapo), else "
-            "loss.aggregation picks it. Sets split.convention.",
+            "loss.aggregation picks it. Sets split.convention. With --plot, several "
+            "comma-separated (trl:bnpo,verl) are drawn side by side; the report is the first's.",
         ),
     ] = None,
     plot: Annotated[
@@ -168,7 +169,9 @@ def compare(
             help="Also draw the attribution to FILE (.png, .svg or .pdf; needs matplotlib, the "
             "`plot` extra): per loss, each token's share of the lm_head update against π_θ(y) "
             "by sign of A, and the shares by group (docs/attribution.md). Needs "
-            "diagnostics.attribution (auto: with the materialized engine).",
+            "diagnostics.attribution (auto: with the materialized engine). With --split, the "
+            "split instead: each sequence's w_split/w_full coloured by micro-batch, with the "
+            "sequence lengths, one panel per --convention (docs/split.md).",
         ),
     ] = None,
     debug: DebugOption = False,
@@ -212,10 +215,21 @@ def compare(
                 flags["losses"] = list(dict.fromkeys(n for pair in pairs for n in pair))
         if split is not None:
             flags.update(parse_split(split))
-        if convention is not None:
-            flags["split.convention"] = convention
+        conventions = [c.strip() for c in (convention or "").split(",") if c.strip()]
+        if conventions:
+            flags["split.convention"] = conventions[0]
         grid = settings_grid(parity_matrix or [])
         cfg = build_config(config, overrides or [], flags)
+        if len(conventions) > 1 and (plot is None or cfg.split is None):
+            raise GradlensError(
+                f"--convention {convention!r} names {len(conventions)} conventions: several "
+                "are drawn side by side by --split … --plot FILE; give one otherwise"
+            )
+        # the other conventions' configs, validated before any work; each is one more run
+        others = [
+            build_config(config, overrides or [], {**flags, "split.convention": name})
+            for name in conventions[1:]
+        ]
         if plot is not None and launch.speaks:  # before any work
             from gradlens.report.plots import check_plot_path
 
@@ -226,7 +240,9 @@ def compare(
                     "setting: drop one of them"
                 )
             d = cfg.diagnostics
-            if d.attribution == "off" or (d.attribution == "auto" and d.engine == "fused"):
+            if cfg.split is None and (
+                d.attribution == "off" or (d.attribution == "auto" and d.engine == "fused")
+            ):
                 raise GradlensError(
                     f"--plot draws the attribution, and diagnostics.attribution is "
                     f"{d.attribution!r} with engine {d.engine!r}: set diagnostics.attribution on "
@@ -247,9 +263,13 @@ def compare(
             if plot is not None:  # first: a plot that fails leaves no half-written report
                 assert isinstance(report, CompareReport)  # no --parity-matrix (checked above)
                 from gradlens.cli.common import stderr_console
-                from gradlens.report.plots import plot_attribution
+                from gradlens.report.plots import plot_attribution, plot_split
 
-                plot_attribution(report, plot)
+                if report.split is not None:  # --split: the split figure, one panel each
+                    splits = [report.split] + [run_compare(other).split for other in others]
+                    plot_split([x for x in splits if x is not None], plot)
+                else:
+                    plot_attribution(report, plot)
                 stderr_console().print(f"wrote the plot to {plot}")
             with stdout_errors():
                 if output is OutputFormat.json:

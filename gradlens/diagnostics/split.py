@@ -42,7 +42,7 @@ from gradlens.losses.split import (
     micro_batches,
     split_weights,
 )
-from gradlens.results.split import SplitLoss, SplitMicroBatch, SplitReport
+from gradlens.results.split import SplitLoss, SplitMicroBatch, SplitReport, SplitSequence
 
 
 def loss_factor(rule: SplitRule) -> str:
@@ -92,6 +92,24 @@ def micro_batch_rows(
                 weight_ratio_max=num(r.max()) if r.numel() else None,
             )
         )
+    return out
+
+
+def sequence_rows(parts: list[MicroBatch], ratio: Tensor, valid: Tensor) -> list[SplitSequence]:
+    """Every row: its micro-batch, valid tokens and mean w_split / w_full (None without one)."""
+    out = []
+    for p in parts:
+        for row in range(p.start, p.stop):
+            sel = valid[row]
+            r = ratio[row][sel]
+            out.append(
+                SplitSequence(
+                    row=row,
+                    micro_batch=p.index,
+                    tokens=int(sel.sum()),
+                    weight_ratio=num(r.mean()) if r.numel() else None,
+                )
+            )
     return out
 
 
@@ -216,6 +234,7 @@ def split_report(
         invariant=invariant,
         factor=factor_words(rule, invariant, uniform, micro),
         micro_batches=micro,
+        sequences=sequence_rows(parts, ratio, valid & batch.mask),
         losses=results,
         skipped=skipped,
     )

@@ -38,8 +38,14 @@ from torch import Tensor
 
 from gradlens.errors import GradlensError
 from gradlens.files import check_output, writing
-from gradlens.report.sweep_labels import rule_name, rule_text, setting_text, sign_text
-from gradlens.results import CompareReport, LossReport
+from gradlens.report.sweep_labels import (
+    rule_name,
+    rule_text,
+    setting_text,
+    sign_text,
+    support_parts,
+)
+from gradlens.results import CompareReport, LossReport, SplitReport
 from gradlens.sweep.curves import SIGNS, Curve
 from gradlens.sweep.grid import Axis
 from gradlens.sweep.run import SweepOutcome
@@ -285,7 +291,8 @@ def _lines(outcome: SweepOutcome) -> Any:
     fig.suptitle(
         f"How hard each loss pushes the sampled token's logit as {axis.symbol}(y) varies "
         f"({fixed_symbol} = {other:g}, |A| = {report.advantage:g})\n"
-        f"{setting_text(report)}; a line stops where its gradient is exactly 0",
+        f"{setting_text(report, support=False)}; a line stops where its gradient is exactly 0"
+        + "".join(f"\n{part}" for part in [", ".join(support_parts(report))] if part),
         fontsize=13,
     )
     legend = fig.legend(
@@ -702,6 +709,72 @@ def plot_attribution(report: CompareReport, path: Path) -> None:
     fig.suptitle(
         f"where the lm_head update comes from: {b.num_tokens} tokens in {b.num_sequences} "
         f"sequences, V = {b.vocab_size} ({b.source.split(':')[0]})",
+        fontsize=12,
+    )
+    with writing(path, "--plot", "wb") as fh:
+        fig.savefig(fh, dpi=DPI, format=path.suffix.lower()[1:])
+
+
+def plot_split(reports: list[SplitReport], path: Path) -> None:
+    """compare ``--split … --plot``: one column per convention; on top, each sequence's weight
+    factor w_split / w_full (the split's gradient on its tokens over the full batch's: g_t does
+    not depend on the split, so the factor is the ratio of the two gradients token by token),
+    a bar per sequence coloured by its micro-batch; below, the sequence lengths in the same
+    colours with each micro-batch's token count (docs/split.md)."""
+    check_plot_path(path)
+    if not reports:
+        raise GradlensError("--plot with --split: the report has no split section to draw")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(max(7.0, 6.5 * len(reports)), 7.5), layout="constrained")
+    axes = fig.subplots(2, len(reports), squeeze=False, sharex="col", height_ratios=(1.6, 1))
+    palette = [
+        "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf",
+    ]  # fmt: skip
+    for column, split in enumerate(reports):
+        top, bottom = axes[0][column], axes[1][column]
+        rows = [s.row for s in split.sequences]
+        colour = [palette[s.micro_batch % len(palette)] for s in split.sequences]
+        ratio = [1.0 if s.weight_ratio is None else s.weight_ratio for s in split.sequences]
+        # bars grow from 1 (split = full batch), so a bar's length is the deviation itself
+        top.bar(rows, [r - 1.0 for r in ratio], bottom=1.0, color=colour, width=0.8)
+        top.axhline(1.0, color="0.3", linestyle="--", linewidth=1)
+        for s in split.sequences:
+            if s.weight_ratio is None:
+                top.text(s.row, 1.0, "no token", rotation=90, ha="center", va="bottom", fontsize=7)
+        low = min([*ratio, 1.0])
+        high = max([*ratio, 1.0])
+        pad = 0.08 * (high - low) if high > low else 0.1
+        top.set_ylim(max(0.0, low - pad), high + pad)
+        top.set_ylabel("w_split / w_full per sequence\n(split gradient / full-batch gradient)")
+        single = len(split.micro_batches) == 1
+        verdict = "split-invariant" if split.invariant else "depends on the split"
+        note = "one micro-batch: nothing is split; " if single else ""
+        top.set_title(
+            f"{split.framework} {split.setting} ({split.aggregation}, scope {split.scope})\n"
+            f"micro={split.micro}, dp={split.dp}, ga={split.ga}: {note}{verdict}",
+            fontsize=11,
+        )
+        bottom.bar(rows, [s.tokens for s in split.sequences], color=colour, width=0.8)
+        for m in split.micro_batches:
+            start, stop = m.rows
+            middle = (start + stop - 1) / 2
+            bottom.annotate(
+                f"mb {m.index}: {m.tokens} tok",
+                xy=(middle, 1.0),
+                xycoords=("data", "axes fraction"),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+                color=palette[m.index % len(palette)],
+            )
+            if start > 0:
+                for ax in (top, bottom):
+                    ax.axvline(start - 0.5, color="0.75", linewidth=0.8)
+        bottom.set_ylabel("sequence length (valid tokens)")
+        bottom.set_xlabel("sequence (batch row), coloured by micro-batch")
+    fig.suptitle(
+        "the split's weight on each sequence against the full batch's; below 1: down-weighted",
         fontsize=12,
     )
     with writing(path, "--plot", "wb") as fh:

@@ -68,8 +68,9 @@ def runs_text(symbol: str, runs: list[Interval]) -> str:
     return " ∪ ".join(p if p.startswith(symbol) else f"{symbol} ∈ {p}" for p in parts)
 
 
-def setting_text(report: SweepReport) -> str:
-    """The loss settings that shape the curves, in one line; a swept one shows its values."""
+def setting_text(report: SweepReport, support: bool = True) -> str:
+    """The loss settings that shape the curves, in one line; a swept one shows its values;
+    with ``support``, the kept set's settings (`support_parts`) after them."""
     loss = report.config["loss"]
     over = report.config.get("over", {})
 
@@ -90,7 +91,45 @@ def setting_text(report: SweepReport) -> str:
     parts.append(show("aggregation", "aggregation", loss["aggregation"]))
     if loss["loss_scale_factor"] is not None or "loss.loss_scale_factor" in over:
         parts.append(show("loss_scale_factor", "loss_scale_factor", f"{loss['loss_scale_factor']}"))
+    if support:
+        parts += support_parts(report)
     return ", ".join(parts)
+
+
+def support_parts(report: SweepReport) -> list[str]:
+    """The kept set's settings (gradlens.sweep.support), when they are not the defaults."""
+    loss, over = report.config["loss"], report.config.get("over", {})
+    support = report.config.get("support") or {}
+    swept = [key for key in over if key.startswith("support.")]
+    kept_mass = support.get("kept_mass", 1.0)
+    old_mass = support.get("old_kept_mass")
+    if kept_mass == 1.0 and old_mass in (None, 1.0) and not swept:
+        if loss.get("sampling_support") == "kept" or "loss.sampling_support" in over:
+            return ["kept set: none (S_θ = 1: replay changes nothing)"]
+        return []
+
+    def value(key: str, words: str, shown: str) -> str:
+        values = over.get(f"support.{key}")
+        if values is not None:
+            return f"{words} ∈ {{{', '.join('null' if v is None else str(v) for v in values)}}}"
+        return f"{words} = {shown}"
+
+    replay = over.get("loss.sampling_support")
+    if old_mass is None and "support.old_kept_mass" not in over:
+        masses = [value("kept_mass", "kept mass S_θ = S_old", f"{kept_mass:g}")]
+    else:
+        old = "S_θ" if old_mass is None else f"{old_mass:g}"
+        masses = [
+            value("kept_mass", "kept mass S_θ", f"{kept_mass:g}"),
+            value("old_kept_mass", "S_old", old),
+        ]
+    return [
+        *masses,
+        value("old_logp", "stored ℓ_old", str(support.get("old_logp", "full"))),
+        f"sampling_support ∈ {{{', '.join(map(str, replay))}}}"
+        if replay is not None
+        else f"sampling_support {loss.get('sampling_support', 'full')}",
+    ]
 
 
 def axes_text(report: SweepReport) -> str:

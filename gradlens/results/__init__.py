@@ -55,7 +55,7 @@ from gradlens.results.report import (
     ZeroSum,
 )
 from gradlens.results.rollout import RolloutStats
-from gradlens.results.split import SplitLoss, SplitMicroBatch, SplitReport
+from gradlens.results.split import SplitLoss, SplitMicroBatch, SplitReport, SplitSequence
 from gradlens.results.support import KeptToken, SupportRatio, SupportReport
 
 __all__ = [
@@ -102,6 +102,7 @@ __all__ = [
     "SplitLoss",
     "SplitMicroBatch",
     "SplitReport",
+    "SplitSequence",
     "StaleStep",
     "Staleness",
     "SupportRatio",

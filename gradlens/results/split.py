@@ -22,6 +22,17 @@ class SplitMicroBatch(Result):
     weight_ratio_max: float | None = Field(description="max over its tokens of w_split / w_full")
 
 
+class SplitSequence(Result):
+    """One row of the batch under the split: its micro-batch, its length and its weight factor."""
+
+    row: int
+    micro_batch: int = Field(description="the micro-batch that holds it")
+    tokens: int = Field(description="its valid tokens (the sequence's length)")
+    weight_ratio: float | None = Field(
+        description="mean over its tokens of w_split / w_full; null for a row without a token"
+    )
+
+
 class SplitLoss(Result):
     """One loss's lm_head gradient under the split and on the full batch (policy part, the
     c-form: the entropy bonus is left out)."""
@@ -62,6 +73,9 @@ class SplitReport(Result):
     invariant: bool = Field(description="weight_rel_diff ≤ tolerance: the split changes nothing")
     factor: str = Field(description="the split's effect on the weights, in words")
     micro_batches: list[SplitMicroBatch]
+    sequences: list[SplitSequence] = Field(
+        default_factory=list, description="every row in batch order: what the --plot figure draws"
+    )
     losses: list[SplitLoss]
     skipped: list[str] = Field(
         default_factory=list,

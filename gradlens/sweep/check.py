@@ -2,12 +2,17 @@
 
 At each checked point a distribution over V tokens (``check.vocab_size``, 8 by default) is
 written out: token 0 is the sampled y with probability π_θ(y), the other V − 1 tokens share
-1 − π_θ(y) equally, and the logits are z = log π. The loss a·(per-token loss) of a lone token
-is differentiated through log_softmax(z) with torch.autograd, as a trainer would, and the
-result is compared with the curve's closed form:
+1 − π_θ(y) equally, and the logits are z = log π. (With a kept set, S_θ < 1, the first V // 2
+tokens are K_t: y and V // 2 − 1 others sharing S_θ − π_θ(y), the rest sharing 1 − S_θ;
+`gradlens.sweep.support.explicit_probs`.) The loss a·(per-token loss) of a lone token is
+differentiated through log_softmax(z) with torch.autograd, as a trainer would — or, on a
+replayed support, through z_y − logsumexp(z[K_t]), the log-prob of π restricted to K_t and
+renormalised, written independently of the closed form's division by S_θ — and the result is
+compared with the curve's closed form (p = π_θ, or π̃_θ when replayed):
 
-    sampled row   ∂L/∂z_y            vs  c·(1 − π_θ)
-    other rows    Σ_{j≠y} |∂L/∂z_j|  vs  |c|·(1 − π_θ)
+    sampled row   ∂L/∂z_y            vs  c·(1 − p(y))
+    other rows    Σ_{j≠y} |∂L/∂z_j|  vs  |c|·(1 − p(y))   (every row, those outside K_t too:
+                                                           a gradient leaking there adds to it)
 
 The error of a point is |autograd − closed| / max(|autograd|, |closed|) for each row, and 0
 when both are exactly 0 — so a rule that switches a token off must do so on both paths.
@@ -17,7 +22,7 @@ group-coupled loss (``real``) gets the point's other sign of A as its group part
 constant log-prob, so that autograd differentiates the group's loss with respect to this
 token alone; a batch-coupled loss is called on each point alone.
 
-The log-prob fed to the loss has exactly the value log π_θ(y) that the curve used and the
+The log-prob fed to the loss has exactly the value ℓ that the curve used and the
 derivative of log_softmax(z)_y (``value + (ls − ls.detach())``). Otherwise the two paths would
 compute r from log-probs one rounding apart, and a point lying exactly on a clip boundary
 (r = 1 + ε_high, easy to hit on a linear grid) could be clipped on one path and not on the
@@ -38,8 +43,9 @@ from torch import Tensor
 from gradlens.containers import TokenInputs
 from gradlens.diagnostics.tolerances import agreement
 from gradlens.losses import get_loss
-from gradlens.sweep.curves import Curve, explicit_entropy, point_terms
+from gradlens.sweep.curves import Curve, point_terms
 from gradlens.sweep.grid import Grid
+from gradlens.sweep.support import explicit_entropy, explicit_probs, kept_count, loss_log_probs
 
 TOLERANCE = agreement(torch.float64)
 
@@ -63,12 +69,9 @@ class CurveCheck:
     rel_err: Tensor
 
 
-def explicit_logits(pi_theta: Tensor, vocab_size: int) -> Tensor:
-    """[K, V] z = log π with π_0 = π_θ(y) and π_j = (1 − π_θ(y))/(V − 1) for j ≥ 1."""
-    rest = torch.log((1.0 - pi_theta) / (vocab_size - 1))  # −inf where π_θ(y) = 1
-    z = rest[:, None].repeat(1, vocab_size)  # [K, V]
-    z[:, 0] = torch.log(pi_theta)
-    return z
+def explicit_logits(pi_theta: Tensor, vocab_size: int, kept_mass: float = 1.0) -> Tensor:
+    """[K, V] z = log π_θ of `explicit_probs` (−inf where a token has probability 0)."""
+    return torch.log(explicit_probs(pi_theta, kept_mass, vocab_size))
 
 
 def relative_error(actual: Tensor, expected: Tensor) -> Tensor:
@@ -81,18 +84,24 @@ def relative_error(actual: Tensor, expected: Tensor) -> Tensor:
 def check_curve(grid: Grid, curve: Curve, indices: Tensor, vocab_size: int) -> CurveCheck:
     """Differentiate the loss of ``curve`` with autograd at the points ``indices``."""
     config = curve.variant.config
+    support = config.point_support()
     pi_theta = grid.pi_theta[indices]  # [K]
     pi_old = grid.pi_old[indices]  # [K]
-    z = explicit_logits(pi_theta, vocab_size).requires_grad_(True)  # [K, V]
-    sampled = torch.log_softmax(z, dim=-1)[:, :1]  # [K, 1]
-    exact = torch.log(pi_theta)[:, None]  # [K, 1], the value the curve used
-    logp = exact + (sampled - sampled.detach())  # value exact, derivative of log_softmax
+    z = explicit_logits(pi_theta, vocab_size, support.kept_mass).requires_grad_(True)  # [K, V]
+    if support.replayed:  # log π̃(y) = z_y − log Σ_{v∈K_t} e^{z_v}: only the kept logits enter
+        kept = kept_count(support.kept_mass, vocab_size)
+        sampled = z[:, :1] - torch.logsumexp(z[:, :kept], dim=-1, keepdim=True)  # [K, 1]
+    else:
+        sampled = torch.log_softmax(z, dim=-1)[:, :1]  # [K, 1]
+    value, old_value = loss_log_probs(pi_old, pi_theta, support)  # [K] each, the curve's
+    exact = value[:, None]  # [K, 1]
+    logp = exact + (sampled - sampled.detach())  # value exact, derivative of the log-prob
     inputs = TokenInputs(
         logp=logp,
-        old_logp=torch.log(pi_old)[:, None],
+        old_logp=old_value[:, None],
         advantages=torch.full_like(exact, curve.advantage),
         mask=torch.ones_like(exact, dtype=torch.bool),
-        entropy=explicit_entropy(pi_theta, vocab_size)[:, None],
+        entropy=explicit_entropy(pi_theta, support, vocab_size)[:, None],
     )
     spec = get_loss(curve.loss)
     params, aggregation = config.loss.params(), config.loss.token_aggregation()

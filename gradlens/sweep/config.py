@@ -48,6 +48,7 @@ from gradlens.config import (
 from gradlens.errors import GradlensError, unknown_name_message
 from gradlens.losses import get_loss
 from gradlens.sweep.grid import AXES, SWEPT, SYMBOL, range_problems
+from gradlens.sweep.support import PointSupport, feasibility_problems
 
 MAX_VARIANTS = 256  # combinations of --over values; each one is a full set of curves
 # Group- and batch-coupled losses are called once per point (gradlens.sweep.curves): about a
@@ -82,6 +83,27 @@ class CheckConfig(Strict):
     vocab_size: int = Field(8, ge=2, le=4096, description="V of the explicit distribution")
 
 
+class SupportConfig(Strict):
+    """The rollout's top-p/top-k kept set K_t at every point (gradlens.sweep.support);
+    ``loss.sampling_support`` says whether the loss replays it."""
+
+    kept_mass: float = Field(
+        1.0, gt=0, le=1, description="S_θ: π_θ's mass of the kept set K_t, in (0, 1]; 1: none"
+    )
+    old_kept_mass: float | None = Field(
+        None, gt=0, le=1, description="S_old: π_old's mass of K_t; null: the same as kept_mass"
+    )
+    old_logp: Literal["full", "kept"] = Field(
+        "full",
+        description="the stored ℓ_old: full, log π_old(y) over the whole vocabulary (a training "
+        "pass); kept, log π̃_old(y) = log π_old(y) − log S_old (the engine's processed log-probs)",
+    )
+
+    def point(self, replayed: bool) -> PointSupport:
+        old = self.kept_mass if self.old_kept_mass is None else self.old_kept_mass
+        return PointSupport(self.kept_mass, old, self.old_logp, replayed)
+
+
 class SweepConfig(Strict):
     """A whole sweep. Every field has a default: ``SweepConfig()`` is the built-in sweep."""
 
@@ -101,6 +123,7 @@ class SweepConfig(Strict):
         description="dotted key → values to compare on the same axes (every combination)",
     )
     check: CheckConfig = CheckConfig()
+    support: SupportConfig = SupportConfig()
 
     @field_validator("losses")
     @classmethod
@@ -167,8 +190,32 @@ class SweepConfig(Strict):
             raise ValueError("; ".join(problems))
         return self
 
+    @model_validator(mode="after")
+    def _points_fit_the_kept_set(self) -> SweepConfig:
+        point = self.point_support()
+        highest = {
+            name: self.axis(name).max if name in SWEPT[self.vary] else self.axis(name).fixed
+            for name in AXES
+        }
+        problems = feasibility_problems(
+            highest["pi_old"], highest["pi_theta"], point.kept_mass, point.old_kept_mass
+        )
+        if point.kept_mass < 1 and self.check.vocab_size < 4:
+            problems.append(
+                f"check.vocab_size = {self.check.vocab_size}: a kept set smaller than the "
+                "vocabulary (support.kept_mass < 1) needs at least 4 tokens in the check's "
+                "explicit distribution (half kept, half outside)"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
     def axis(self, name: str) -> AxisConfig:
         return self.pi_old if name == "pi_old" else self.pi_theta
+
+    def point_support(self) -> PointSupport:
+        """The kept set of every point, and whether the loss replays it."""
+        return self.support.point(self.loss.sampling_support == "kept")
 
 
 # ----------------------------------------------------------------------------- keys

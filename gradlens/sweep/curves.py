@@ -31,8 +31,14 @@ lone token, not what they do inside a real batch: the covariance of a lone token
 Clip-Cov selects nothing (its curve is ``ppo_clip``'s) and KL-Cov selects the token (its curve
 carries the penalty everywhere); M2PO never masks the only token of a batch.
 
+The rollout's kept set (``support`` and ``loss.sampling_support``, `gradlens.sweep.support`):
+ℓ and ℓ_old are shifted by the kept masses as that module's table says, so the loss computes
+its ratio and clip decision from them, and on a replayed support 1 − π_θ(y) above becomes
+1 − π̃_θ(y) = 1 − π_θ(y)/S_θ (`Curve.pi_sampled`). With the default kept mass 1 nothing moves.
+
 Per-token entropy (``aspo``'s widths): the entropy of the check's explicit distribution
-(`explicit_entropy`: the sampled token at π_θ(y), the other V − 1 sharing the rest). A lone
+(`gradlens.sweep.support.explicit_entropy`: the sampled token at π_θ(y), the rest shared as
+the kept set says; π̃_θ's when replayed). A lone
 token is never above its own sequence's entropy quantile, so ``aspo`` draws its narrow width.
 ``loss.corrections``, ``loss.entropy_coef`` and ``loss.top_entropy_quantile`` act outside the
 loss functions and are not drawn (a point has no rollout policy, and no batch to take a
@@ -53,10 +59,12 @@ from gradlens.containers import LossTerms, TokenInputs
 from gradlens.losses import Aggregation, LossParams, LossSpec, aggregation_weights, get_loss
 from gradlens.sweep.config import Variant
 from gradlens.sweep.grid import Grid
+from gradlens.sweep.support import PointSupport, explicit_entropy, loss_log_probs, trained_prob
 
 SIGNS = (1.0, -1.0)  # A = +|A| (a rewarded token), then A = −|A| (a penalised one)
 
 Progress = Callable[[int, int], None]  # (units done, units in all)
+FULL = PointSupport()  # no kept set: the whole vocabulary
 
 
 @dataclass(frozen=True)
@@ -69,10 +77,13 @@ class Curve:
         advantage: A, with its sign.
         uses_advantage: False for losses that ignore A (sft): no amplification.
         weight: aggregation weight a of a lone token.
-        ratio: [P] r = π_θ(y)/π_old(y).
+        ratio: [P] the ratio the loss saw, exp(ℓ − ℓ_old): r = π_θ(y)/π_old(y), or as the
+            kept set changes it (`gradlens.sweep.support`).
+        pi_sampled: [P] p(y), the probability of y in the softmax the loss differentiates:
+            π_θ(y), or π̃_θ(y) = π_θ(y)/S_θ on a replayed kept set.
         coefficient: [P] c = a·g = ∂L/∂ℓ.
-        grad_sampled: [P] ∂L/∂z_y = c·(1 − π_θ(y)), signed (negative pushes z_y up).
-        grad_other_mass: [P] Σ_{j≠y} |∂L/∂z_j| = |c|·(1 − π_θ(y)).
+        grad_sampled: [P] ∂L/∂z_y = c·(1 − p(y)), signed (negative pushes z_y up).
+        grad_other_mass: [P] Σ_{j≠y} |∂L/∂z_j| = |c|·(1 − p(y)).
         amplification: [P] |g|/|A|; NaN where the loss does not use A.
         regions: rule name → [P] bool, where the loss's own rule fired (clip, mask, ...).
     """
@@ -83,6 +94,7 @@ class Curve:
     uses_advantage: bool
     weight: float
     ratio: Tensor
+    pi_sampled: Tensor
     coefficient: Tensor
     grad_sampled: Tensor
     grad_other_mass: Tensor
@@ -117,23 +129,22 @@ def lone_token_weight(mode: str, loss_scale_factor: float | None) -> float:
     return float(aggregation_weights(mask, mode, loss_scale_factor, groups=groups)[0, 0])
 
 
-def explicit_entropy(pi_theta: Tensor, vocab_size: int) -> Tensor:
-    """[K] H of the distribution with π_θ(y) on the sampled token and (1 − π_θ(y))/(V − 1) on
-    each of the V − 1 others (the autograd check's, `gradlens.sweep.check.explicit_logits`)."""
-    rest = (1.0 - pi_theta) / (vocab_size - 1)
-    return -torch.xlogy(pi_theta, pi_theta) - (vocab_size - 1) * torch.xlogy(rest, rest)
-
-
 def point_inputs(
-    pi_old: Tensor, pi_theta: Tensor, magnitude: float, vocab_size: int = 8
+    pi_old: Tensor,
+    pi_theta: Tensor,
+    magnitude: float,
+    vocab_size: int = 8,
+    support: PointSupport = FULL,
 ) -> TokenInputs:
-    """[2P, 1] loss inputs: the points at A = +|A|, then at A = −|A|."""
-    logp = torch.log(pi_theta).repeat(len(SIGNS))[:, None]  # [2P, 1]
-    old_logp = torch.log(pi_old).repeat(len(SIGNS))[:, None]  # [2P, 1]
+    """[2P, 1] loss inputs: the points at A = +|A|, then at A = −|A|; ℓ and ℓ_old as the kept
+    set ``support`` makes them (`gradlens.sweep.support.loss_log_probs`)."""
+    logp_1d, old_logp_1d = loss_log_probs(pi_old, pi_theta, support)  # [P] each
+    logp = logp_1d.repeat(len(SIGNS))[:, None]  # [2P, 1]
+    old_logp = old_logp_1d.repeat(len(SIGNS))[:, None]  # [2P, 1]
     signs = torch.tensor(SIGNS, dtype=torch.float64).repeat_interleave(pi_old.numel())
     advantages = (magnitude * signs)[:, None]  # [2P, 1]
     mask = torch.ones_like(logp, dtype=torch.bool)
-    entropy = explicit_entropy(pi_theta, vocab_size).repeat(len(SIGNS))[:, None]  # [2P, 1]
+    entropy = explicit_entropy(pi_theta, support, vocab_size).repeat(len(SIGNS))[:, None]
     return TokenInputs(
         logp=logp, old_logp=old_logp, advantages=advantages, mask=mask, entropy=entropy
     )
@@ -185,7 +196,10 @@ def variant_curves(grid: Grid, variant: Variant, name: str) -> list[Curve]:
     """The curves of loss ``name`` in ``variant``: one per sign of A."""
     config = variant.config
     spec = get_loss(name)
-    inputs = point_inputs(grid.pi_old, grid.pi_theta, config.advantage, config.check.vocab_size)
+    support = config.point_support()
+    inputs = point_inputs(
+        grid.pi_old, grid.pi_theta, config.advantage, config.check.vocab_size, support
+    )
     with torch.no_grad():
         terms = point_terms(spec, config.loss.params(), config.loss.token_aggregation(), inputs)
     weight = (
@@ -196,7 +210,8 @@ def variant_curves(grid: Grid, variant: Variant, name: str) -> list[Curve]:
     g = terms.per_token_grad.to(torch.float64)[:, 0]  # [2P]
     adv = inputs.advantages[:, 0]  # [2P]
     ratio = torch.exp(inputs.logp - inputs.old_logp)[:, 0]  # [2P]
-    one_minus = (1.0 - grid.pi_theta).repeat(len(SIGNS))  # [2P]
+    p_y = trained_prob(grid.pi_theta, support)  # [P] π_θ(y), or π̃_θ(y) when replayed
+    one_minus = (1.0 - p_y).repeat(len(SIGNS))  # [2P]
     c = weight * g
     nan = torch.full_like(g, float("nan"))
     amplification = g.abs() / adv.abs() if spec.uses_advantage else nan  # [2P]
@@ -212,6 +227,7 @@ def variant_curves(grid: Grid, variant: Variant, name: str) -> list[Curve]:
                 uses_advantage=spec.uses_advantage,
                 weight=weight,
                 ratio=ratio[part],
+                pi_sampled=p_y,
                 coefficient=c[part],
                 grad_sampled=c[part] * one_minus[part],
                 grad_other_mass=c[part].abs() * one_minus[part],

@@ -36,11 +36,18 @@ class SweepPoint(Result):
     advantage: float = Field(description="A, with its sign")
     pi_old: float = Field(description="π_old(y), the behaviour policy's probability of y")
     pi_theta: float = Field(description="π_θ(y), the current policy's probability of y")
-    ratio: float | None = Field(description="r = π_θ(y)/π_old(y)")
+    ratio: float | None = Field(
+        description="the ratio the loss saw, exp(ℓ − ℓ_old): π_θ(y)/π_old(y), × S_old with a "
+        "renormalised stored ℓ_old, × S_old/S_θ on a replayed kept set (docs/sweep.md)"
+    )
     weight: float = Field(description="aggregation weight a of a lone token")
     coefficient: float | None = Field(description="c = a·g = ∂L/∂log π_θ(y)")
-    grad_sampled: float | None = Field(description="∂L/∂z_y = c·(1 − π_θ(y)), signed")
-    grad_other_mass: float | None = Field(description="Σ_{j≠y} |∂L/∂z_j| = |c|·(1 − π_θ(y))")
+    grad_sampled: float | None = Field(
+        description="∂L/∂z_y = c·(1 − π_θ(y)), signed; c·(1 − π_θ(y)/S_θ) on a replayed kept set"
+    )
+    grad_other_mass: float | None = Field(
+        description="Σ_{j≠y} |∂L/∂z_j| = |c|·(1 − π_θ(y)) (π_θ(y)/S_θ when replayed)"
+    )
     amplification: float | None = Field(
         description="|g|/|A|: the sampled-row gradient over REINFORCE's; null if A is unused"
     )

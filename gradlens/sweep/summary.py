@@ -51,8 +51,9 @@ def zero_runs(grid: Grid, curve: Curve) -> list[ZeroRun] | None:
         rules = [name for name, mask in curve.regions.items() if bool(mask[part].any())]
         if rules:
             cause = "+".join(rules)
-        elif bool((grid.pi_theta[part] == 1).all()):
-            cause = "1 − π_θ = 0"
+        elif bool((curve.pi_sampled[part] == 1).all()):  # π_θ(y) = 1, or = S_θ when replayed
+            replayed = curve.variant.config.loss.sampling_support == "kept"
+            cause = "1 − π̃_θ = 0" if replayed else "1 − π_θ = 0"
         else:
             cause = "g = 0"
         out.append(ZeroRun(low=float(x[a]), high=float(x[b]), cause=cause))

@@ -90,6 +90,7 @@ def upgrade(report: dict[str, Any]) -> dict[str, Any]:
         _loss_settings_of_3(report["config"]["loss"])
         _sampling_support(report)
         _split(report)
+        _sweep_support(report)
         return _added_fields(report)
     for loss in report["losses"]:
         if "coefficient_formula" in loss:
@@ -170,6 +171,15 @@ def _split(report: dict[str, Any]) -> None:
         return  # a sweep's config and report have no split
     report["config"].setdefault("split", None)
     report.setdefault("split", None)
+
+
+def _sweep_support(report: dict[str, Any]) -> None:
+    """The sweep's ``support`` section (the rollout's kept set at every point, docs/sweep.md),
+    added at its defaults: no kept set, the same maths as before (docs/json-schema.md's
+    changelog)."""
+    report["config"].setdefault(
+        "support", {"kept_mass": 1.0, "old_kept_mass": None, "old_logp": "full"}
+    )
 
 
 def _loss_settings_of_3(loss: dict[str, Any]) -> None:
