@@ -63,6 +63,7 @@ from gradlens.grads import effective_old_logp, replay
 from gradlens.logits import softmax_dtype
 from gradlens.losses import Aggregation, LossParams, LossSpec, get_loss
 from gradlens.losses.corrections import missing_rollout
+from gradlens.losses.distill import NO_TEACHER_HINT
 from gradlens.memory import Estimate, Shape, check_fits
 from gradlens.metric_names import metric_names
 from gradlens.progress import report as report_progress
@@ -205,12 +206,30 @@ def preflight(config: Config, device: torch.device) -> None:
         and any(spec.aggregating_fn is None for spec in specs)  # others weight themselves
     ):
         raise GradlensError(missing_rollout(corrections))
+    if config.loss.distill is not None and plan.provides is not None:
+        check_teacher_source(config.loss.distill.form, config.source.kind, plan.provides)
     for estimate in plan.memory:
         check_fits(estimate, device)
     if plan.shape is not None:
         ranks = config.diagnostics.tensor_parallel  # each rank holds its rows of the lm_head
         shape = dataclasses.replace(plan.shape, vocab=-(-plan.shape.vocab // ranks))
         check_fits(engine_estimate(config, shape, len(specs) + 1, device), device)
+
+
+def check_teacher_source(form: str, kind: str, provides: frozenset[str]) -> None:
+    """Refuse ``loss.distill`` before any work when the source will give no teacher, or only
+    stored top-k log-probs for the full form."""
+    if "teacher" not in provides:
+        raise GradlensError(
+            f"loss.distill needs a teacher, and this source.kind {kind!r} gives none; "
+            f"{NO_TEACHER_HINT}, or unset loss.distill"
+        )
+    if form == "full" and "teacher_full" not in provides:
+        raise GradlensError(
+            "loss.distill.form: 'full' needs the teacher's whole distribution (teacher_hidden "
+            "and teacher_weight, or teacher_logits); this source gives only stored top-k "
+            "log-probs, which give form top_k"
+        )
 
 
 def summarize_batch(batch: Batch, tokens: TokenSummary) -> BatchSummary:

@@ -24,8 +24,19 @@ y_t ∈ R and a constant otherwise, and autograd through it gives ∂L/∂W_R ex
 full softmax. The entropy bonus alike: H_t = lse_t − Σ_{v ∈ R} π_tv·z_tv − e^{ρ_t − lse_t}·μ_t,
 with μ_t = Σ_{v ∉ R} e^{z_tv − ρ_t}·z_tv another constant of that pass.
 
-Cost: that pass (one GEMM of M×V×H, shared by every loss), then per loss [M, |R|] and
-[|S|, V] under autograd. The samples are fixed by the batch (no random draw), so a run repeats.
+The distillation term (``loss.distill``, D_t = Σ_{v∈S_t} φ(l_v, lq_v), l_v = z_tv − lse_t;
+`gradlens.losses.distill`) alike: its entries on R are differentiated through z_tR and lse_t;
+those outside R depend on W_R only through lse_t, with ∂/∂lse_t = −Σ_{v∈S_t∖R} ψ_v, so
+
+    D_t = Σ_{v∈S_t∩R} φ(l_v, lq_v) + Φ_t − (lse_t − sg(lse_t))·Ψ_t,
+
+Φ_t = Σ_{v∈S_t∖R} φ_v and Ψ_t = Σ_{v∈S_t∖R} ψ_v constants of the same pass (which also finds
+the teacher's log-probs lq on R): the value is D_t and the gradient exact. The sampled tokens'
+rows differentiate D_t over the whole row.
+
+Cost: that pass (one GEMM of M×V×H, shared by every loss; with a teacher pair one more), then
+per loss [M, |R|] and [|S|, V] under autograd. The samples are fixed by the batch (no random
+draw), so a run repeats.
 
 Under tensor parallelism (`choose_sample_parallel`; rank r holds W's rows [v0_r, v1_r)) the
 sample is chosen as in one process (the engine's row norms and coefficients are the same on
@@ -59,17 +70,42 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gradlens.containers import Batch
+from gradlens.containers import Batch, Teacher
 from gradlens.engine.collectives import Collectives
 from gradlens.engine.vocab_split import VocabSplit
 from gradlens.grads import objective, on_grid, reads_entropy
 from gradlens.logits import compute_logits, softmax_dtype
 from gradlens.losses import Aggregation, LossParams, LossSpec
+from gradlens.losses.base import Distill
+from gradlens.losses.distill import entry_terms, student_at, teacher_tokens, token_value
 
 SAMPLED_TOKENS = 64  # tokens whose whole logit row is differentiated
 TOP_ROWS = 32  # lm_head rows of largest gradient norm in the engine's result
 SPREAD_ROWS = 32  # lm_head rows evenly spaced over the vocabulary
 BLOCK_ENTRIES = 1 << 24  # tokens × vocabulary entries of one block of the constant pass
+
+
+@dataclass(frozen=True)
+class DistillSample:
+    """The distillation term's constants of the pass (module docstring), [M] or [M, R] each.
+
+    Attributes:
+        d: the term's settings; teacher: the batch's teacher; grid_rows, grid_cols: [M] the
+            valid tokens' places on the [N, T] grid (to read the teacher there).
+        value: D_t; rest_value: Φ_t; rest_psi: Ψ_t.
+        lq_rows: [M, R] the teacher's log q_t at the rows of R (0 where R is outside S_t);
+        in_support: [M, R] whether each row of R is in S_t.
+    """
+
+    d: Distill
+    teacher: Teacher
+    grid_rows: Tensor
+    grid_cols: Tensor
+    value: Tensor
+    rest_value: Tensor
+    rest_psi: Tensor
+    lq_rows: Tensor
+    in_support: Tensor
 
 
 @dataclass(frozen=True)
@@ -84,6 +120,7 @@ class Sample:
         logit_y: [M] z_{t,y_t} (a constant where y_t is not in R).
         logp: [M] ℓ_t of that pass (the other tokens' ℓ when S is differentiated).
         entropy: [M] H_t of that pass.
+        distill: the distillation term's constants, when the run has one.
         row_weights: [R, H] W_R (gathered under tensor parallelism); None: read from the batch.
         other_lse: [M] ρ'_t = logsumexp over v ≠ y_t, and ``other_mean`` [M] μ'_t the mean of z
             there: the sampled tokens' ∂L/∂z_{t,y_t} through them (tensor parallelism), or None:
@@ -97,6 +134,7 @@ class Sample:
     logit_y: Tensor
     logp: Tensor
     entropy: Tensor
+    distill: DistillSample | None = None
     row_weights: Tensor | None = None
     other_lse: Tensor | None = None
     other_mean: Tensor | None = None
@@ -119,6 +157,50 @@ def evenly(count: int, total: int) -> Tensor:
     return torch.linspace(0, total - 1, count).round().long().unique()
 
 
+@dataclass(frozen=True)
+class DistillInputs:
+    """What the pass needs of the distillation term: its settings, the teacher and the valid
+    tokens' places on the [N, T] grid."""
+
+    d: Distill
+    teacher: Teacher
+    grid_rows: Tensor
+    grid_cols: Tensor
+
+
+def distill_block(
+    inputs: DistillInputs, log_p: Tensor, span: slice, rows: Tensor, outside: Tensor
+) -> tuple[Tensor, ...]:
+    """(D_t, Φ_t, Ψ_t, lq on R, R in S_t) of one block of tokens from its log π [b, V]."""
+    vocab = int(log_p.shape[-1])
+    teacher = teacher_tokens(
+        inputs.teacher,
+        inputs.grid_rows[span],
+        inputs.grid_cols[span],
+        inputs.d,
+        vocab,
+        log_p.dtype,
+    )
+    lp, lq = student_at(log_p, teacher)  # [b, S]
+    phi, psi = entry_terms(lp, lq, inputs.d)
+    if teacher.ids is None:  # full: S_t is the vocabulary
+        rest = outside.expand_as(lp)
+        lq_rows, in_support = lq[:, rows], torch.ones_like(lq[:, rows], dtype=torch.bool)
+    else:
+        rest = outside[teacher.ids]  # [b, K]
+        match = teacher.ids[:, :, None] == rows[None, None, :]  # [b, K, R]; ids are distinct
+        in_support = match.any(1)
+        lq_rows = torch.where(match, lq[:, :, None], 0.0).sum(1)
+    zero = torch.zeros((), dtype=phi.dtype, device=phi.device)
+    return (
+        phi.sum(-1),
+        torch.where(rest, phi, zero).sum(-1),
+        torch.where(rest, psi, zero).sum(-1),
+        lq_rows,
+        in_support,
+    )
+
+
 def sample_of(tokens: Tensor, c_abs: Tensor, row_norms: Tensor) -> tuple[Tensor, Tensor]:
     """(S, R): the sampled tokens and rows (see the module docstring), from the engine's
     coefficients and [V] row norms (the same on every tensor-parallel rank)."""
@@ -133,7 +215,12 @@ def sample_of(tokens: Tensor, c_abs: Tensor, row_norms: Tensor) -> tuple[Tensor,
 
 
 def choose_sample(
-    hidden: Tensor, weight: Tensor, tokens: Tensor, c_abs: Tensor, row_norms: Tensor
+    hidden: Tensor,
+    weight: Tensor,
+    tokens: Tensor,
+    c_abs: Tensor,
+    row_norms: Tensor,
+    distill: DistillInputs | None = None,
 ) -> Sample:
     """The sample and the constant pass over all logits (see the module docstring)."""
     m, vocab = int(tokens.numel()), int(weight.shape[0])
@@ -143,6 +230,7 @@ def choose_sample(
     outside[rows] = False
     acc = softmax_dtype(weight.dtype)
     rest_lse, rest_mean, logit_y, logp, entropy = [], [], [], [], []
+    distilled: list[tuple[Tensor, ...]] = []
     block = max(1, BLOCK_ENTRIES // max(vocab, 1))
     with torch.no_grad():
         for start in range(0, m, block):
@@ -158,13 +246,42 @@ def choose_sample(
             rest_lse.append(rho)
             weights = torch.exp(rest - rho[:, None])  # 0 at the rows of R
             rest_mean.append((weights * z.masked_fill(~outside, 0.0)).sum(-1))
+            if distill is not None:
+                span = slice(start, start + block)
+                distilled.append(distill_block(distill, log_p, span, rows, outside))
     empty = torch.zeros(0, dtype=acc, device=device)
 
     def cat(parts: list[Tensor]) -> Tensor:
         return torch.cat(parts) if parts else empty
 
+    constants = None
+    if distill is not None:
+        if not distilled:  # no valid token
+            r = int(rows.numel())
+            distilled = [(empty, empty, empty, empty.reshape(0, r), empty.reshape(0, r).bool())]
+        value, rest_value, rest_psi, lq_rows, in_support = (
+            torch.cat(parts) for parts in zip(*distilled, strict=True)
+        )
+        constants = DistillSample(
+            distill.d,
+            distill.teacher,
+            distill.grid_rows,
+            distill.grid_cols,
+            value,
+            rest_value,
+            rest_psi,
+            lq_rows,
+            in_support,
+        )
     return Sample(
-        picked, rows, cat(rest_lse), cat(rest_mean), cat(logit_y), cat(logp), cat(entropy)
+        picked,
+        rows,
+        cat(rest_lse),
+        cat(rest_mean),
+        cat(logit_y),
+        cat(logp),
+        cat(entropy),
+        constants,
     )
 
 
@@ -307,15 +424,27 @@ def sampled_reference(
             rest = torch.exp(sample.rest_lse - lse) * sample.rest_mean
             entropy = on_grid(lse - (p_rows * z_rows).sum(-1) - rest, rows, cols, shape)
             entropy = entropy if bonus else entropy.detach()
-        loss = objective(batch, logp, spec, params, aggregation, entropy).loss
+        divergence = None
+        ds = sample.distill
+        if ds is not None:
+            phi, _ = entry_terms(z_rows - lse[:, None], ds.lq_rows.to(z_rows.dtype), ds.d)
+            on_rows = torch.where(ds.in_support, phi, 0.0).sum(-1)  # [M]
+            values = on_rows + ds.rest_value - (lse - lse.detach()) * ds.rest_psi
+            divergence = on_grid(values, rows, cols, shape)
+        loss = objective(batch, logp, spec, params, aggregation, entropy, divergence).loss
         loss.backward()
         assert logp.grad is not None and w_rows.grad is not None
         coefficient, grad_rows = logp.grad, w_rows.grad
 
         # 2. ∂L/∂z of the sampled tokens, the others' ℓ (and H) constants of the pass.
         if sample.other_lse is None:
-            picked_logp, picked_entropy, leaf = _whole_rows(sample, hidden, weight, tokens)
-        else:
+            z_tok = compute_logits(hidden[sample.tokens], weight).detach().requires_grad_(True)
+            log_p = torch.log_softmax(z_tok, dim=-1)  # [S, V]
+            picked_logp = log_p.gather(-1, tokens[sample.tokens, None])[:, 0]
+            picked_entropy = -(log_p.exp() * log_p).sum(-1)
+            leaf = z_tok
+        else:  # tensor parallelism: through z_y and the constants of the row's other entries
+            assert ds is None, "the vocab-parallel engine carries no distillation term"
             picked_logp, picked_entropy, leaf = _split_rows(sample)
         ell = sample.logp.index_put((sample.tokens,), picked_logp)
         entropy2 = None
@@ -323,8 +452,22 @@ def sampled_reference(
             ent = sample.entropy.index_put((sample.tokens,), picked_entropy)
             entropy2 = on_grid(ent, rows, cols, shape)
             entropy2 = entropy2 if bonus else entropy2.detach()
+        divergence2 = None
+        if ds is not None:
+            teacher = teacher_tokens(
+                ds.teacher,
+                ds.grid_rows[sample.tokens],
+                ds.grid_cols[sample.tokens],
+                ds.d,
+                int(weight.shape[0]),
+                log_p.dtype,
+            )
+            picked_value = token_value(log_p, teacher, ds.d)  # [S], over the whole row
+            divergence2 = on_grid(
+                ds.value.index_put((sample.tokens,), picked_value), rows, cols, shape
+            )
         loss2 = objective(
-            batch, on_grid(ell, rows, cols, shape), spec, params, aggregation, entropy2
+            batch, on_grid(ell, rows, cols, shape), spec, params, aggregation, entropy2, divergence2
         ).loss
         loss2.backward()
         assert leaf.grad is not None
@@ -336,16 +479,6 @@ def sampled_reference(
     norms = grad_rows.double().norm(dim=1)
     non_finite = int((~torch.isfinite(grad_rows)).sum() + (~torch.isfinite(grad_z)).sum())
     return SampledReference(coefficient.detach(), at_y.detach(), norms, non_finite)
-
-
-def _whole_rows(
-    sample: Sample, hidden: Tensor, weight: Tensor, tokens: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """ℓ_t and H_t of the sampled tokens through their whole logit rows [S, V] (the leaf)."""
-    z_tok = compute_logits(hidden[sample.tokens], weight).detach().requires_grad_(True)
-    log_p = torch.log_softmax(z_tok, dim=-1)  # [S, V]
-    picked_logp = log_p.gather(-1, tokens[sample.tokens, None])[:, 0]
-    return picked_logp, -(log_p.exp() * log_p).sum(-1), z_tok
 
 
 def _split_rows(sample: Sample) -> tuple[Tensor, Tensor, Tensor]:

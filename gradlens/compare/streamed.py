@@ -59,6 +59,7 @@ from gradlens.compare.sampled_check import (
     SAMPLED_TOKENS,
     SPREAD_ROWS,
     TOP_ROWS,
+    DistillInputs,
     Sample,
     choose_sample,
     choose_sample_parallel,
@@ -288,7 +289,10 @@ def run_streamed(
         c_abs = torch.stack([result.coefficients[i].abs() for i in range(reported)]).amax(0)
         norms = torch.stack([result.rows[i].norms.double() for i in range(reported)]).amax(0)
         if parallel is None:
-            sample = choose_sample(hidden, batch.weight, tokens, c_abs, norms)
+            inputs = None
+            if params.distill is not None and batch.teacher is not None:
+                inputs = DistillInputs(params.distill, batch.teacher, rows, cols)
+            sample = choose_sample(hidden, batch.weight, tokens, c_abs, norms, inputs)
         else:  # this rank's rows: two all_gathers give every rank the same sample and W_R
             sample = choose_sample_parallel(
                 hidden, batch.weight, tokens, c_abs, norms, parallel.comm, parallel.split

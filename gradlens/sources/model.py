@@ -21,7 +21,9 @@ not a local directory is an error. The batch is built in five steps:
 5. The batch at θ: ``hidden`` = h/T (so z/T = W·(h/T): the temperature is folded into the
    hidden states and the lm_head gradient keeps its 1/T factor), ``weight`` = W, ``tokens``,
    ``mask`` = the sampled completion tokens (the EOS token included, prompt and padding
-   excluded), ``old_logp`` = log π_old, ``rollout_logp`` = log μ, ``advantages``.
+   excluded), ``old_logp`` = log π_old, ``rollout_logp`` = log μ, ``advantages``; with
+   ``source.teacher_path``, a second checkpoint's pass over the same sequences as the
+   distillation teacher (gradlens.sources.teacher_model).
 
 Two switches choose how the two passes compute what they compare (gradlens.sources.passes):
 ``source.rollout_logprobs`` (μ from the sampler's key-value cache, or from one full forward of
@@ -63,6 +65,7 @@ from gradlens.sources.prompts import choose_prompts, has_chat_template, tokenize
 from gradlens.sources.rewards import default_reward, load_reward, score
 from gradlens.sources.rollout import rollout_dtype, sample, stop_tokens
 from gradlens.sources.staleness import stale_steps
+from gradlens.sources.teacher_model import model_teacher
 
 DTYPE_NAMES_OF = {v: k for k, v in DTYPES.items()}
 
@@ -167,6 +170,18 @@ def build_model_batch(src: ModelSource, ctx: SourceContext) -> Batch:
     if alone is not None:
         old_logp = alone.to(old_logp.dtype)
     weight = head_weight(loaded.model).detach().clone()
+    teacher = None
+    if src.teacher_path is not None:
+        teacher = model_teacher(
+            teacher_dir(src.teacher_path),
+            loaded,
+            seqs,
+            seqs.tokens,
+            src.temperature,
+            device,
+            dtype,
+            pass_budget(ctx.memory_budget_bytes, device),
+        )
     record = RolloutRecord(
         prompts=group_prompts,
         prompt_count=len(prompts),
@@ -227,7 +242,7 @@ def build_model_batch(src: ModelSource, ctx: SourceContext) -> Batch:
             f"{'; π_old scored sequence by sequence' if alone is not None else ''}; "
             f"{src.stale.steps} stale "
             f"{src.stale.optimizer} step(s) on {src.stale.loss} ({stale_text}); reward "
-            f"{reward_name}"
+            f"{reward_name}" + ("" if src.teacher_path is None else f"; teacher {src.teacher_path}")
         ),
         advantage_note=note,
         model_context=ModelContext(
@@ -241,6 +256,7 @@ def build_model_batch(src: ModelSource, ctx: SourceContext) -> Batch:
             whole_model=not on_disk,
         ),
         kept=kept,
+        teacher=teacher,
         origin=Origin(model_names, COMPUTED),
     )
 
@@ -254,6 +270,19 @@ def plan_model(src: ModelSource, ctx: SourceContext) -> SourcePlan:
     sizes = checkpoint_sizes(src.path)
     n = (len(src.prompts) if src.prompts is not None else src.num_prompts) * src.group_size
     provides = frozenset({"rollout_logp", "ref_logp"})
+    teacher_terms: tuple[tuple[str, int], ...] = ()
+    if src.teacher_path is not None:
+        provides |= {"teacher", "teacher_full", "teacher_logp"}
+        teacher = checkpoint_sizes(teacher_dir(src.teacher_path))
+        if teacher is not None:  # its parameters, and its hidden states and logits [N, T, ·]
+            grid = n * src.max_new_tokens
+            teacher_terms = (
+                ("the teacher's parameters", teacher.parameters * dtype_bytes(ctx.dtype)),
+                (
+                    "the teacher's hidden states and logits",
+                    grid * (teacher.hidden + teacher.vocab) * dtype_bytes(ctx.dtype),
+                ),
+            )
     if sizes is None:
         return SourcePlan((), None, provides)
     params = sizes.parameters
@@ -267,6 +296,7 @@ def plan_model(src: ModelSource, ctx: SourceContext) -> SourcePlan:
             ("gradients and optimizer state", params * dtype_bytes(ctx.dtype) * (1 + moments))
         )
     settings = "source.path, source.num_prompts × source.group_size × source.max_new_tokens"
+    extra += teacher_terms
     estimate = checkpoint_estimate(sizes, settings, ctx.dtype, n, src.max_new_tokens, tuple(extra))
     return SourcePlan(
         memory=(Estimate("the model source", settings, estimate.terms),),
@@ -279,6 +309,7 @@ def plan_model(src: ModelSource, ctx: SourceContext) -> SourcePlan:
 # finding of the report, not an input error.
 COMPUTED = frozenset(
     {"tokens", "mask", "old_logp", "rollout_logp", "ref_logp", "hidden", "weight", "on_policy"}
+    | {"teacher_hidden", "teacher_weight", "teacher_logp"}
 )
 MODEL_WORDS = {
     "tokens": "the sampled tokens",
@@ -289,7 +320,15 @@ MODEL_WORDS = {
     "ref_logp": "log π_ref from the training pass",
     "hidden": "the model's final hidden states",
     "weight": "the model's lm_head weight",
+    "teacher_hidden": "the teacher's final hidden states (source.teacher_path)",
+    "teacher_weight": "the teacher's lm_head weight (source.teacher_path)",
+    "teacher_logp": "log q(y) from the teacher's pass (source.teacher_path)",
 }
+
+
+def teacher_dir(path: str) -> str | None:
+    """``source.teacher_path`` as `load_checkpoint` takes it: None for the built-in model."""
+    return None if path == "builtin" else path
 
 
 def model_names(field: str, index: tuple[int, ...]) -> str:

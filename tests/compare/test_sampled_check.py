@@ -3,8 +3,8 @@
 Its slow twin is the full reference (`gradlens.grads.autograd_reference`, [M, V] under
 autograd): on small float64 batches the sampled values must equal the full ones at the sampled
 entries to rounding, for losses that couple tokens (gspo's sequence ratio, seq-mean
-aggregation) and with the entropy bonus, whose gradient is not of the c-form. And the check
-must fail when the engine is wrong.
+aggregation), with the entropy bonus and with the distillation term, whose gradients are not
+of the c-form. And the check must fail when the engine is wrong.
 """
 
 from __future__ import annotations
@@ -14,13 +14,14 @@ import json
 
 import pytest
 import torch
-from helpers import random_batch
+from helpers import random_batch, with_teacher
 from typer.testing import CliRunner
 
 from gradlens.cli import app
 from gradlens.compare import run_compare
 from gradlens.compare import streamed as streamed_module
 from gradlens.compare.sampled_check import (
+    DistillInputs,
     choose_sample,
     choose_sample_parallel,
     sampled_reference,
@@ -32,6 +33,8 @@ from gradlens.engine.launch import run_ranks
 from gradlens.engine.vocab_split import VocabSplit
 from gradlens.grads import autograd_reference
 from gradlens.losses import Aggregation, LossParams, get_loss
+from gradlens.losses.base import Distill
+from gradlens.losses.distill import DIVERGENCES
 
 runner = CliRunner()
 CASES = [
@@ -66,6 +69,41 @@ def test_the_sampled_reference_equals_the_full_one_at_the_samples(loss, entropy_
     torch.testing.assert_close(ref.grad_at_y, full_at_y[sample.tokens], rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(ref.row_norms, norms[sample.rows], rtol=1e-12, atol=1e-14)
     assert ref.non_finite == 0
+
+
+DISTILL_CASES = [
+    (div, form, stored, clamp)
+    for div in DIVERGENCES
+    for form, stored in (("full", False), ("top_k", False), ("top_k", True))
+    for clamp in (None, -4.0)
+]
+
+
+@pytest.mark.parametrize(("div", "form", "stored", "clamp"), DISTILL_CASES)
+def test_the_sampled_reference_carries_the_distillation_term(div, form, stored, clamp):
+    # The same twin with loss.distill: D_t's entries on R differentiated, those outside R
+    # through lse_t with the constant Ψ_t (sampled_check's docstring). verl's clamp at −4 holds
+    # some entries at V = 300 (most log π lie below it), where the gradient is 0.
+    batch = with_teacher(random_batch(3, n=8, t=5, v=300, h=7), 3, stored=stored)
+    spec, agg = get_loss("ppo_clip"), Aggregation("seq_mean_token_mean")
+    d = Distill(divergence=div, form=form, top_k=6, coef=0.7, beta=0.4, log_prob_min_clamp=clamp)
+    params = LossParams(distill=d)
+    full = autograd_reference(batch, spec, params, agg)
+    without = autograd_reference(batch, spec, LossParams(), agg)
+    rows, cols = valid_index(batch.mask)
+    hidden, tokens = batch.hidden[rows, cols], batch.tokens[rows, cols]
+    norms = full.grad_weight.norm(dim=1)
+    assert batch.teacher is not None
+    inputs = DistillInputs(d, batch.teacher, rows, cols)
+    c_abs = full.coefficient[rows, cols].abs()
+    sample = choose_sample(hidden, batch.weight, tokens, c_abs, norms, inputs)
+    ref = sampled_reference(sample, batch, hidden, tokens, rows, cols, spec, params, agg)
+    # float64, as above; the term moves the row norms by O(1), so a missing or wrong term fails
+    assert not torch.allclose(norms, without.grad_weight.norm(dim=1), rtol=1e-3)
+    full_at_y = full.grad_logits.gather(-1, tokens[:, None])[:, 0]
+    torch.testing.assert_close(ref.grad_at_y, full_at_y[sample.tokens], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(ref.row_norms, norms[sample.rows], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(ref.coefficient, full.coefficient, rtol=1e-12, atol=1e-14)
 
 
 def test_the_token_sample_is_spread_and_includes_the_largest_coefficient():

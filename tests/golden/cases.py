@@ -37,6 +37,7 @@ def cases() -> list[Case]:
     compare = ["compare", "--format", "json"]
     policy_losses = ["--losses", "grpo,gspo,cispo,sapo,minirl,ppo_clip"]
     drift = ["--set", "source.rollout_drift=0.1", "--set", "source.ref_drift=0.2"]
+    distill = ["--set", "source.teacher=perturbed", "--set", "loss.distill.divergence=jsd"]
     out += [
         ("sweep_default", ["sweep", "--format", "summary"], False, None),
         ("default_streamed", [*compare, "--engine", "streamed", *STREAMED], False, None),
@@ -104,6 +105,31 @@ def cases() -> list[Case]:
             ],
             False,
             None,
+        ),
+        (
+            "distill_synthetic",
+            [*compare, "--losses", "ppo_clip,opd", *distill, "--set", "loss.distill.beta=0.3"],
+            False,
+            None,
+        ),
+        (
+            "distill_batchfile_streamed",
+            [
+                *compare,
+                "--losses",
+                "ppo_clip,opd",
+                "--set",
+                "source.path={tmp}/distill.safetensors",
+                "--set",
+                "loss.distill.divergence=forward_kl",
+                "--set",
+                "loss.distill.form=top_k",
+                "--engine",
+                "streamed",
+                *STREAMED,
+            ],
+            False,
+            ["dump", "-o", "{tmp}/distill.safetensors", "--set", "source.teacher=perturbed"],
         ),
         (
             "batchfile",
