@@ -378,6 +378,7 @@ class ModelSource(Strict):
         if value is not None and not value.strip():
             raise ValueError("teacher_path is empty; give a checkpoint directory, builtin or null")
         return value
+
     device_map: Literal["auto"] | dict[str, str | int] | None = Field(
         None,
         description="where from_pretrained places the checkpoint's modules (accelerate's "
