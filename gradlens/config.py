@@ -379,12 +379,30 @@ class ModelSource(Strict):
             raise ValueError("teacher_path is empty; give a checkpoint directory, builtin or null")
         return value
 
+    device_map: Literal["auto"] | dict[str, str | int] | None = Field(
+        None,
+        description="where from_pretrained places the checkpoint's modules (accelerate's "
+        "device_map): auto, or {module: cpu|disk|cuda:N|N}; disk offloads to a temporary folder. "
+        "null: the whole model on the run's device",
+    )
+
     @field_validator("prompts")
     @classmethod
     def _some_prompts(cls, value: list[str] | None) -> list[str] | None:
         if value is not None and not value:
             raise ValueError("give at least one prompt, or null for the built-in corpus")
         return value
+
+    @model_validator(mode="after")
+    def _placeable(self) -> ModelSource:
+        dm = self.device_map
+        if isinstance(dm, dict) and "disk" in dm.values() and self.stale.steps > 0:
+            raise ValueError(
+                "device_map: modules offloaded to disk live on the meta device between forward "
+                f"passes, and the optimizer cannot step them; stale.steps is {self.stale.steps}: "
+                "set it to 0, or place every module on cpu or a device"
+            )
+        return self
 
 
 class BatchSource(Strict):
@@ -715,7 +733,7 @@ class DiagnosticsConfig(Strict):
         description="check against torch.autograd: autograd, every token and row; sampled, "
         "c_t of every token with ∂L/∂z_y of a sample of tokens and ‖∂L/∂W_v‖ of a sample of "
         "rows (no [tokens, vocab] under autograd); auto: autograd with the materialized engine, "
-        "sampled with the streamed ones",
+        "sampled with the streamed ones and under tensor_parallel > 1",
     )
     stream_above: int = Field(
         1 << 24,
@@ -772,11 +790,12 @@ class DiagnosticsConfig(Strict):
                 f"engine {self.engine!r} runs in one process; tensor_parallel "
                 f"{self.tensor_parallel} needs the streamed engine (engine: auto or streamed)"
             )
-        if self.reference in ("autograd", "sampled"):
+        if self.reference == "autograd":
             problems.append(
-                f"reference {self.reference!r} differentiates through the whole lm_head, "
-                f"which no rank holds under tensor_parallel {self.tensor_parallel}; run the "
-                "reference in one process (tensor_parallel 1), or set reference auto or none"
+                f"reference 'autograd' differentiates through the whole lm_head, which no rank "
+                f"holds under tensor_parallel {self.tensor_parallel}; set reference sampled "
+                "(auto: the sampled check, which gathers only the sampled rows) or none, or run "
+                "the full reference in one process (tensor_parallel 1)"
             )
         if problems:
             raise ValueError("; ".join(problems))
@@ -930,11 +949,6 @@ class Config(Strict):
             problems.append(
                 "diagnostics.engine 'fused' does not restrict π to the kept sets; use "
                 "materialized, streamed or auto"
-            )
-        if self.diagnostics.tensor_parallel > 1:
-            problems.append(
-                f"diagnostics.tensor_parallel {self.diagnostics.tensor_parallel}: the "
-                "vocab-parallel engine does not restrict π to the kept sets; use 1"
             )
         if problems:
             raise ValueError("loss.sampling_support 'kept': " + "; ".join(problems))

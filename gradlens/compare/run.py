@@ -140,9 +140,9 @@ def engine_options(config: Config, batch: Batch, path: str) -> EngineOptions:
 def options_for(config: Config, tokens: int, vocab: int, path: str) -> EngineOptions:
     """The diagnostics settings as the engine reads them; ``reference: auto`` is decided here:
     full autograd with the materialized engine, sampled with the streamed ones (full autograd
-    would materialise [tokens, vocab] per loss), none under tensor parallelism (both need the
-    whole lm_head, which no rank holds) and for the streamed engines on a replayed batch (the
-    sampled check knows no kept sets); so is ``attribution: auto``: on with the materialized
+    would materialise [tokens, vocab] per loss) and under tensor parallelism (the sampled check
+    gathers only the sampled rows of W there), none for the streamed engines on a replayed batch
+    (the sampled check knows no kept sets); so is ``attribution: auto``: on with the materialized
     engine (its [M, V] and [V, H] tensors are there already), off with the streamed ones (about
     one more GEMM-equivalent per loss)."""
     d = config.diagnostics
@@ -157,7 +157,7 @@ def options_for(config: Config, tokens: int, vocab: int, path: str) -> EngineOpt
         )
     if d.reference != "auto":
         reference = REFERENCE_MODES[d.reference]
-    elif d.tensor_parallel > 1 or (replayed and path != "materialized"):
+    elif replayed and path != "materialized":
         reference = "none"
     else:
         reference = "full" if path == "materialized" else "sampled"
@@ -325,11 +325,16 @@ def compare_batch(
         report_progress("lm_head diagnostics", 1, 1)
     with _phase(parallel, "report"):
         report = _report(config, device, batch, run, params, aggregation, specs, options)
-        if stored.kept is not None and parallel is None:
-            support = support_report(
-                stored, stored.kept, batch.replayed, params.eps_low, params.eps_high
-            )
-            report = report.model_copy(update={"support": support})
+    if stored.kept is not None:  # after the phase: under tensor parallelism it has a collective
+        support = support_report(
+            stored,
+            stored.kept,
+            batch.replayed,
+            params.eps_low,
+            params.eps_high,
+            None if parallel is None else parallel.comm,
+        )
+        report = report.model_copy(update={"support": support})
     return report
 
 

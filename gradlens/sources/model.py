@@ -52,6 +52,7 @@ import torch
 from gradlens.advantages import advantages_from_rewards
 from gradlens.config import DTYPES, ModelSource
 from gradlens.containers import Batch, KeptSets, ModelContext, Origin, RolloutRecord
+from gradlens.errors import GradlensError
 from gradlens.losses import get_loss
 from gradlens.memory import Estimate, Shape, dtype_bytes
 from gradlens.progress import report
@@ -66,6 +67,14 @@ from gradlens.sources.rollout import rollout_dtype, sample, stop_tokens
 from gradlens.sources.staleness import stale_steps
 from gradlens.sources.teacher_model import model_teacher
 
+DTYPE_NAMES_OF = {v: k for k, v in DTYPES.items()}
+
+
+def offloaded(model: torch.nn.Module) -> bool:
+    """Whether accelerate offloaded some of ``model``'s parameters (they wait on the meta device
+    between passes)."""
+    return any(p.device.type == "meta" for p in model.parameters())
+
 
 def build_model_batch(src: ModelSource, ctx: SourceContext) -> Batch:
     """The batch described by a `ModelSource` section (see the module docstring)."""
@@ -74,7 +83,7 @@ def build_model_batch(src: ModelSource, ctx: SourceContext) -> Batch:
     reward_fn = load_reward(reward_name)
     stale_spec = get_loss(src.stale.loss)
     report("loading checkpoint", 0, 1)
-    loaded = load_checkpoint(src.path, device, dtype)
+    loaded = load_checkpoint(src.path, device, dtype, device_map=src.device_map)
     report("loading checkpoint", 1, 1)
     prompts, prompt_key = choose_prompts(src.prompts, src.num_prompts, ctx.seed, src.chat_template)
     prompt_ids = tokenize_prompts(
@@ -92,6 +101,20 @@ def build_model_batch(src: ModelSource, ctx: SourceContext) -> Batch:
 
     rollout_name, rollout_reason = rollout_dtype(src.rollout_dtype, device)
     roll_dtype = DTYPES[rollout_name]
+    on_disk = offloaded(loaded.model)
+    if on_disk:  # their parameters are on the meta device: backward leaves them no gradient
+        notes.append(
+            "whole-model gradients not computed: source.device_map offloads modules to disk, "
+            "whose parameters get no gradient through accelerate's hooks (the lm_head "
+            "diagnostics are unaffected)"
+        )
+    if roll_dtype != dtype and on_disk:
+        raise GradlensError(
+            f"source.device_map: {src.device_map!r} offloads modules to disk, and a model with "
+            f"offloaded modules cannot be copied to the rollout's {rollout_name}; set "
+            f"source.rollout_dtype to the run's dtype ({DTYPE_NAMES_OF[dtype]}), or place every "
+            "module on cpu or a device"
+        )
     roller = loaded.model if roll_dtype == dtype else copy.deepcopy(loaded.model).to(roll_dtype)
     gen = torch.Generator().manual_seed(ctx.seed)
     rollout = sample(
@@ -230,6 +253,7 @@ def build_model_batch(src: ModelSource, ctx: SourceContext) -> Batch:
             rollout=record,
             staleness=stale.record,
             notes=notes,
+            whole_model=not on_disk,
         ),
         kept=kept,
         teacher=teacher,

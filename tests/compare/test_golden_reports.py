@@ -239,6 +239,7 @@ def _added_fields(report: dict[str, Any]) -> dict[str, Any]:
         source.setdefault("rollout_logprobs", "cache")
         source.setdefault("train_pass", "batch")
         source.setdefault("teacher_path", None)
+        source.setdefault("device_map", None)  # accelerate's placement
     return report
 
 

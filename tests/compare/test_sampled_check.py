@@ -20,9 +20,17 @@ from typer.testing import CliRunner
 from gradlens.cli import app
 from gradlens.compare import run_compare
 from gradlens.compare import streamed as streamed_module
-from gradlens.compare.sampled_check import DistillInputs, choose_sample, sampled_reference
+from gradlens.compare.sampled_check import (
+    DistillInputs,
+    choose_sample,
+    choose_sample_parallel,
+    sampled_reference,
+)
 from gradlens.config import build_config
 from gradlens.containers import valid_index
+from gradlens.engine.collectives import Collectives
+from gradlens.engine.launch import run_ranks
+from gradlens.engine.vocab_split import VocabSplit
 from gradlens.grads import autograd_reference
 from gradlens.losses import Aggregation, LossParams, get_loss
 from gradlens.losses.base import Distill
@@ -170,3 +178,56 @@ def test_check_on_a_streamed_run_includes_the_agreement_gate():
     report = json.loads(result.stdout)
     names = [(c["name"], c["loss"]) for c in report["checks"]]
     assert ("agreement", "ppo_clip") in names
+
+
+# --- under tensor parallelism: the sample, W_R and the constants gathered ------------------------
+
+
+def parallel_sampled_ranks(rank: int, world: int, batch, sizes: list[int]) -> list:
+    """Every case's sampled reference on this rank, from its rows of W alone."""
+    split = VocabSplit.from_sizes(sizes)
+    comm = Collectives()
+    rows, cols = valid_index(batch.mask)
+    hidden, tokens = batch.hidden[rows, cols], batch.tokens[rows, cols]
+    shard = dataclasses.replace(batch, weight=split.weight_shard(batch.weight, rank).clone())
+    out = []
+    for loss, entropy_coef, mode in CASES:
+        c_abs, norms = full_inputs(batch, loss, entropy_coef, mode)
+        sample = choose_sample_parallel(hidden, shard.weight, tokens, c_abs, norms, comm, split)
+        spec, agg = get_loss(loss), Aggregation(mode)
+        params = LossParams(entropy_coef=entropy_coef)
+        out.append(sampled_reference(sample, shard, hidden, tokens, rows, cols, spec, params, agg))
+    return out
+
+
+def full_inputs(batch, loss: str, entropy_coef: float, mode: str):
+    """|c_t| and the [V] row norms the sample is chosen from (the full reference's)."""
+    full = autograd_reference(
+        batch, get_loss(loss), LossParams(entropy_coef=entropy_coef), Aggregation(mode)
+    )
+    rows, cols = valid_index(batch.mask)
+    return full.coefficient[rows, cols].abs(), full.grad_weight.norm(dim=1)
+
+
+@pytest.mark.parametrize("sizes", [[150, 150], [7, 200, 93]], ids=["world2", "world3-uneven"])
+def test_the_sampled_reference_on_ranks_equals_one_process(sizes):
+    # the batch of the test above (V = 300, R a strict subset of the rows); every rank returns
+    # the single-process sampled reference: c_t, ∂L/∂z_y of the sampled tokens, ‖∂L/∂W_v‖ of R
+    batch = random_batch(3, n=8, t=5, v=300, h=7)
+    launched = run_ranks(parallel_sampled_ranks, len(sizes), (batch, sizes), timeout_s=120)
+    rows, cols = valid_index(batch.mask)
+    hidden, tokens = batch.hidden[rows, cols], batch.tokens[rows, cols]
+    for i, (loss, entropy_coef, mode) in enumerate(CASES):
+        c_abs, norms = full_inputs(batch, loss, entropy_coef, mode)
+        sample = choose_sample(hidden, batch.weight, tokens, c_abs, norms)
+        spec, agg = get_loss(loss), Aggregation(mode)
+        params = LossParams(entropy_coef=entropy_coef)
+        one = sampled_reference(sample, batch, hidden, tokens, rows, cols, spec, params, agg)
+        for results in launched:
+            got = results[i]
+            # float64; the normalisers are summed over other parts (ranks, R, the sampled
+            # entry): a few ulps, as in the test above
+            torch.testing.assert_close(got.coefficient, one.coefficient, rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(got.grad_at_y, one.grad_at_y, rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(got.row_norms, one.row_norms, rtol=1e-12, atol=1e-14)
+            assert got.non_finite == one.non_finite == 0
