@@ -15,7 +15,9 @@
         loss={"eps_high": 0.28, "aggregation": "token_mean"},  # the YAML `loss` section
         diagnostics=None,    # the YAML `diagnostics` section (engine, top_k, ...)
         tokenizer=None,      # anything with decode(list[int]) -> str: the attribution's
-    )                        # largest tokens and sequences decoded, with context
+                             # largest tokens and sequences decoded, with context
+        teacher=None,        # loss.distill's teacher: {"teacher_hidden": h', "teacher_weight":
+    )                        # W', ...}, the keys a batch file gives it (gradlens.batchfile)
     report.model_dump(mode="json")   # the document `gradlens compare --format json` prints
     report.metrics()                 # flat {name: float}
 
@@ -40,6 +42,12 @@ says so in ``engine.tensor_parallel`` and ``engine.vocab_rows``. A bad argument 
 every rank raise the same `gradlens.errors.SharedError` naming it (and the rank). Without
 ``old_logp`` the batch is on-policy there too.
 
+The teacher of a distillation term (``loss={"distill": {...}}``, `gradlens.losses.distill`) is
+a mapping under the names a batch file gives its tensors: ``teacher_hidden`` [N, T, H'] with
+``teacher_weight`` [V, H'] (and ``teacher_bias``), or ``teacher_logits`` [N, T, V]; or the
+stored top-k form ``teacher_topk_ids``/``teacher_topk_logp`` [N, T, K]; and ``teacher_logp``
+[N, T] (log q(y), for ``opd``). Checked by the same rule, each problem named by its key.
+
 Bad input raises `gradlens.GradlensError` naming the argument; the values are checked by the
 rule every source's batch meets (`gradlens.validation`: token ids in the vocabulary, finite
 advantages, log-probs and hidden states at the positions in the loss, log-probs ≤ 0, a finite
@@ -59,13 +67,21 @@ from torch import Tensor
 from gradlens.compare.run import compare_batch
 from gradlens.compare.tensor_parallel import VocabParallel, prepare, together
 from gradlens.config import Config, validate
-from gradlens.containers import Batch, Origin, VocabRows, plain_name, valid_index
+from gradlens.containers import (
+    Batch,
+    Origin,
+    Teacher,
+    VocabRows,
+    plain_name,
+    valid_index,
+)
 from gradlens.diagnostics.support import sampled_logp
 from gradlens.engine.collectives import Collectives
 from gradlens.errors import GradlensError, SharedError
 from gradlens.grads import on_grid, softmax_view
 from gradlens.results import CompareReport
-from gradlens.validation import check_batch
+from gradlens.sources.batch import file_teacher
+from gradlens.validation import TEACHER_FIELDS, check_batch
 
 DTYPE_NAMES = {torch.float64: "float64", torch.float32: "float32", torch.bfloat16: "bfloat16"}
 API_SOURCE = {"kind": "tensors", "description": "gradlens.diagnose(...)"}
@@ -105,6 +121,7 @@ def build_batch(
     bias: Any = None,
     groups: Any = None,
     rows: VocabRows | None = None,
+    teacher: Mapping[str, Any] | None = None,
 ) -> Batch:
     """The `Batch` of the arguments of `diagnose`, checked; errors name the argument. ``rows``:
     the rows of the whole lm_head that ``weight`` (and ``bias``) hold under tensor parallelism."""
@@ -183,6 +200,7 @@ def build_batch(
         advantage_note="given",
         origin=Origin(argument_name),
         weight_rows=rows,
+        teacher=_teacher(teacher, w.dtype, w.device),
     )
     check_batch(batch)  # the rule of every source: token ids, finite values, log-probs ≤ 0
     if logps["old_logp"] is not None:
@@ -194,6 +212,27 @@ def build_batch(
     if rows is not None:
         return on_policy
     return dataclasses.replace(on_policy, old_logp=softmax_view(batch).logp.clone())
+
+
+def _teacher(
+    teacher: Mapping[str, Any] | None, dtype: torch.dtype, device: torch.device
+) -> Teacher | None:
+    """The ``teacher=`` mapping as a `Teacher` (the keys and dtypes of a batch file's)."""
+    if teacher is None:
+        return None
+    if not isinstance(teacher, Mapping):
+        raise GradlensError(
+            f"teacher: expected a mapping of the teacher's tensors by name, got "
+            f"{type(teacher).__name__}; the names: {', '.join(TEACHER_FIELDS)}"
+        )
+    unknown = [k for k in teacher if k not in TEACHER_FIELDS]
+    if unknown:
+        raise GradlensError(
+            f"teacher: unknown key(s) {', '.join(map(repr, unknown))}; the names are "
+            + ", ".join(TEACHER_FIELDS)
+        )
+    tensors = {k: _tensor(k, v).to(device) for k, v in teacher.items() if v is not None}
+    return file_teacher(tensors, device, dtype) if tensors else None
 
 
 def argument_name(field: str, index: tuple[int, ...]) -> str:
@@ -248,6 +287,7 @@ def diagnose(
     groups: Any = None,
     process_group: Any = None,
     vocab_rows: Any = None,
+    teacher: Mapping[str, Any] | None = None,
 ) -> CompareReport:
     """Diagnose one batch of a training run (see the module docstring). ``process_group`` and
     ``vocab_rows``: the tensor-parallel group and this rank's rows [v0, v1) of the lm_head, which
@@ -271,6 +311,7 @@ def diagnose(
             bias,
             groups,
             rows,
+            teacher,
         )
 
     parallel = None

@@ -18,6 +18,7 @@ from gradlens.config import Config, build_config
 from gradlens.engine.launch import run_ranks
 from gradlens.engine.vocab_split import balanced_split
 from gradlens.grads import effective_old_logp, softmax_view
+from gradlens.validation import teacher_tensors
 from tests.compare.test_tensor_parallel import assert_same_report
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -45,6 +46,7 @@ def api_report(config: Config) -> gradlens.results.CompareReport:
         losses=config.losses,
         loss=config.loss.model_dump(),
         diagnostics=config.diagnostics.model_dump(),
+        teacher=None if batch.teacher is None else teacher_tensors(batch.teacher),
     )
 
 
@@ -318,3 +320,38 @@ def test_vocab_rows_and_process_group_are_checked_in_one_process() -> None:
         gradlens.diagnose(**step, vocab_rows=(0, 40))
     with pytest.raises(gradlens.GradlensError, match=r"process_group: torch\.distributed is not"):
         gradlens.diagnose(**step, process_group=object(), vocab_rows=(0, 40))
+
+
+def distill_step() -> dict:
+    step = small_step()
+    g = torch.Generator().manual_seed(5)
+    teacher = {"teacher_logits": torch.randn(3, 5, 40, generator=g)}
+    return {
+        **step,
+        "losses": ["sft"],
+        "loss": {"distill": {"divergence": "forward_kl", "coef": 1.0}},
+        "teacher": teacher,
+    }
+
+
+def test_a_teacher_given_as_logits_enters_the_distillation_term() -> None:
+    step = distill_step()
+    with_teacher = gradlens.diagnose(**step, diagnostics={"reference": "autograd"})
+    assert with_teacher.passed  # the closed form with the term agrees with autograd
+    without = gradlens.diagnose(**{k: v for k, v in step.items() if k not in ("loss", "teacher")})
+    # the term changes the gradient: SFT alone against SFT + KL(q‖π) to a random teacher
+    assert with_teacher.losses[0].rows.total_norm != without.losses[0].rows.total_norm
+
+
+@pytest.mark.parametrize(
+    "teacher, named",
+    [
+        ({"teacher_logit": torch.zeros(3, 5, 40)}, "unknown key(s) 'teacher_logit'"),
+        ({"teacher_logits": torch.zeros(3, 5, 39)}, "teacher_logits"),
+        ([torch.zeros(3, 5, 40)], "teacher: expected a mapping"),
+    ],
+)
+def test_a_bad_teacher_is_named(teacher, named: str) -> None:
+    step = {**distill_step(), "teacher": teacher}
+    with pytest.raises(gradlens.GradlensError, match=re.escape(named)):
+        gradlens.diagnose(**step)
