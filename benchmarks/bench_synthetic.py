@@ -79,7 +79,7 @@ def run_child(cmd: list[str], out_path: Path) -> dict[str, Any]:
         err.seek(0)
         stderr = err.read()[-2000:]
     return {
-        "command": " ".join(cmd),
+        "command": shown(cmd),
         "seconds": round(seconds, 2),
         "peak_rss_gib": round(usage.ru_maxrss / 2**20, 3),  # ru_maxrss is in KiB on Linux
         "exit_code": proc.returncode,
@@ -87,6 +87,14 @@ def run_child(cmd: list[str], out_path: Path) -> dict[str, Any]:
         "load_after": [round(x, 2) for x in os.getloadavg()],
         "stderr_tail": stderr,
     }
+
+
+def shown(cmd: list[str]) -> str:
+    """The command as a reader would type it: ``python`` for this interpreter, ``BATCH`` for the
+    temporary batch file, the source child's script left out (it is SOURCE_CHILD above)."""
+    words = ["python" if w == sys.executable else w for w in cmd]
+    words = ["<SOURCE_CHILD>" if w == SOURCE_CHILD else w for w in words]
+    return " ".join("source.path=BATCH" if w.startswith("source.path=") else w for w in words)
 
 
 def main() -> None:
