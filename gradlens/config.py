@@ -258,11 +258,23 @@ class ModelSource(Strict):
         description="built-in reward name or module:function; null: python_syntax, or "
         "word_limit with chat_template",
     )
-    rollout_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+    rollout_dtype: Literal["auto", "float64", "float32", "bfloat16", "float16"] = Field(
         "auto",
         description="precision of the rollout pass that samples and returns μ; auto: bfloat16 "
         "where the device computes it natively (CUDA with bf16, a CPU with AVX512-BF16, AMX or "
         "Arm BF16), float32 elsewhere (emulated bf16 is slower than float32)",
+    )
+    rollout_logprobs: Literal["cache", "full"] = Field(
+        "cache",
+        description="where μ comes from: cache, the sampler's log-probs, one position at a "
+        "time against a key-value cache (an inference engine's); full, one forward over each "
+        "whole sampled sequence of the same rollout model (gradlens.sources.passes)",
+    )
+    train_pass: Literal["batch", "alone"] = Field(
+        "batch",
+        description="how the training pass scores the sequences for π_old: batch, together "
+        "in padded micro-batches (a trainer's); alone, each sequence by itself without "
+        "padding (the batch-composition effect of TRL issue 6789; gradlens.sources.passes)",
     )
     chat_template: bool = Field(
         False,

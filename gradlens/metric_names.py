@@ -196,6 +196,47 @@ METRIC_NAMES: tuple[MetricName, ...] = (
         None,
         None,
     ),
+    *(
+        _row(f"mismatch.statistics.{key}", quantity, verl, None, None, None, note)
+        for key, quantity, verl, note in (
+            ("kl", "mean(ℓ_μ − ℓ_old), k1", "rollout_corr/kl", None),
+            (
+                "k3_kl",
+                "mean(ρ − 1 − log ρ), k3",
+                "rollout_corr/k3_kl",
+                "NeMo RL gen_kl_error (its default kl_type k3)",
+            ),
+            ("k2_kl", "mean(½ log² ρ), k2", None, None),
+            (
+                "reverse_k3_kl",
+                "mean(1/ρ − 1 + log ρ)",
+                None,
+                "NeMo RL policy_kl_error (its default kl_type k3)",
+            ),
+            ("js_divergence", "Jensen–Shannon term per token", None, "NeMo RL js_divergence_error"),
+            ("mult_prob_error", "mean e^|log ρ|", None, "NeMo RL token_mult_prob_error"),
+            ("training_ppl", "mean_i exp(−mean_t ℓ_old)", "rollout_corr/training_ppl", None),
+            ("rollout_ppl", "mean_i exp(−mean_t ℓ_μ)", "rollout_corr/rollout_ppl", None),
+            ("log_ppl_diff", "mean_i mean_t(ℓ_μ − ℓ_old)", "rollout_corr/log_ppl_diff", None),
+            ("ppl_ratio", "mean_i exp(mean_t(ℓ_μ − ℓ_old))", "rollout_corr/ppl_ratio", None),
+            ("chi2_token", "mean ρ² − 1", "rollout_corr/chi2_token", None),
+            ("chi2_seq", "mean_i (Π_t ρ_t)² − 1", "rollout_corr/chi2_seq", None),
+            (
+                "ess",
+                "1/mean((w/w̄)²), w = min(ρ, cap)",
+                "rollout_corr/rollout_is_eff_sample_size",
+                "verl's weights are the applied IS weights; token TIS at cap gives min(ρ, cap)",
+            ),
+            (
+                "pearson_prob",
+                "corr(π_old, μ)",
+                "training/rollout_actor_probs_pearson_corr",
+                "on probabilities; pearson_logp is the same on log-probs",
+            ),
+            ("prob_diff_mean", "mean |π_old − μ|", "training/rollout_probs_diff_mean", None),
+            ("prob_diff_max", "max |π_old − μ|", "training/rollout_probs_diff_max", None),
+        )
+    ),
     _row(
         "losses[].clipping.shares.tis_truncated",
         "token_tis: share of tokens whose ρ was truncated",

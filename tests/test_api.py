@@ -61,6 +61,9 @@ def comparable(report: gradlens.results.CompareReport, model: bool) -> dict:
             for item in attribution.get("top_tokens", []) + attribution.get("top_sequences", []):
                 item.pop("text")
                 item.pop("context", None)
+        for token in (data["mismatch"] or {}).get("worst", []):  # decoded the same way
+            token.pop("token")
+            token.pop("context")
     return data
 
 

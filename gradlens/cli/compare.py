@@ -174,6 +174,17 @@ def compare(
             "sequence lengths, one panel per --convention (docs/split.md).",
         ),
     ] = None,
+    plot_mismatch: Annotated[
+        Path | None,
+        typer.Option(
+            "--plot-mismatch",
+            metavar="FILE",
+            help="Also draw the training–inference gap to FILE (.png, .svg or .pdf; needs "
+            "matplotlib): log ρ against log π_old as a 2-D histogram with the corrections' "
+            "thresholds, and mean |Δ| by π_old bucket (docs/mismatch.md). Needs rollout "
+            "log-probs.",
+        ),
+    ] = None,
     debug: DebugOption = False,
 ) -> None:
     """Run each loss on the same batch; report what it does to the logits and the lm_head."""
@@ -230,6 +241,15 @@ def compare(
             build_config(config, overrides or [], {**flags, "split.convention": name})
             for name in conventions[1:]
         ]
+        if plot_mismatch is not None and launch.speaks:  # before any work
+            from gradlens.report.plots import check_plot_path
+
+            check_plot_path(plot_mismatch, "--plot-mismatch")
+            if grid:
+                raise GradlensError(
+                    "--plot-mismatch draws the gap of one report; --parity-matrix makes one "
+                    "per setting: drop one of them"
+                )
         if plot is not None and launch.speaks:  # before any work
             from gradlens.report.plots import check_plot_path
 
@@ -271,6 +291,13 @@ def compare(
                 else:
                     plot_attribution(report, plot)
                 stderr_console().print(f"wrote the plot to {plot}")
+            if plot_mismatch is not None:
+                assert isinstance(report, CompareReport)  # no --parity-matrix (checked above)
+                from gradlens.cli.common import stderr_console
+                from gradlens.report.mismatch_plot import plot_mismatch as draw_mismatch
+
+                draw_mismatch(report, plot_mismatch)
+                stderr_console().print(f"wrote the mismatch plot to {plot_mismatch}")
             with stdout_errors():
                 if output is OutputFormat.json:
                     typer.echo(to_json(report))

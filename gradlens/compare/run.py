@@ -51,6 +51,7 @@ from gradlens.config import Config
 from gradlens.containers import Batch
 from gradlens.diagnostics import tolerances
 from gradlens.diagnostics.mismatch import rollout_stats
+from gradlens.diagnostics.mismatch_report import mismatch_report
 from gradlens.diagnostics.numbers import num
 from gradlens.diagnostics.ratios import ratio_stats
 from gradlens.diagnostics.split import split_report
@@ -335,7 +336,8 @@ def _report(
     logp = run.tokens.logp
     tokenizer = batch_tokenizer(batch)
     texts = None
-    if tokenizer is not None and any(r.attribution is not None for r in run.records):
+    wanted = batch.rollout_logp is not None or any(r.attribution is not None for r in run.records)
+    if tokenizer is not None and wanted:
         texts = token_texts(batch, tokenizer)
     top_k = config.diagnostics.top_k
     reports = [loss_report(r, batch, logp, params, top_k, texts) for r in run.records]
@@ -382,6 +384,16 @@ def _report(
         rollout=None
         if batch.rollout_logp is None
         else rollout_stats(effective_old_logp(batch, logp), batch.rollout_logp, batch.mask),
+        mismatch=None
+        if batch.rollout_logp is None
+        else mismatch_report(
+            effective_old_logp(batch, logp),
+            batch.rollout_logp,
+            batch.mask,
+            top_k,
+            params.corrections,
+            texts,
+        ),
         parity=parity,
         split=split,
         engine=run.info,

@@ -73,8 +73,10 @@ def summary_table(outcome: SweepOutcome) -> FitTable:
         caption=f"loss settings: {setting_text(report)}",
     )
     table.add_column("loss", justify="left")
+    rows = _rows(outcome)
+    header, short = variant_column([v for _, _, v in rows])
     if with_variants:
-        table.add_column("variant", justify="left")
+        table.add_column(header, justify="left")
     table.add_column("A", justify="center")
     if one_d:
         a = report.axes[0]
@@ -91,14 +93,13 @@ def summary_table(outcome: SweepOutcome) -> FitTable:
         table.add_column("= 0\n(share of grid)")
         table.add_column("switched off\nby a rule")
 
-    rows = _rows(outcome)
     magnitudes = [c.grad_sampled.abs().tolist() for _, c, _ in rows] if one_d else []
     bounds = log_range(magnitudes)
     for k, (s, _, variant) in enumerate(rows):
         first = k == 0 or rows[k - 1][0].loss != s.loss
         cells = [s.loss if first else ""]
         if with_variants:
-            cells.append(variant)
+            cells.append(short[variant])
         cells.append(_sign(s.advantage))
         if one_d:
             cells.append(sparkline(magnitudes[k], SPARK_WIDTH, bounds))
@@ -112,6 +113,21 @@ def summary_table(outcome: SweepOutcome) -> FitTable:
         last_of_loss = k + 1 == len(rows) or rows[k + 1][0].loss != s.loss
         table.add_row(*cells, end_section=last_of_loss and k + 1 < len(rows))
     return table
+
+
+def variant_column(labels: list[str]) -> tuple[str, dict[str, str]]:
+    """The variant column's header and each label's cell: when every label sets the same keys
+    in the same order (``k1=v1, k2=v2``, `gradlens.sweep.config.expand_over`), the keys go to
+    the header once and the cells keep only the values, so the column is as narrow as they."""
+    named = [v for v in dict.fromkeys(labels) if v != "(every variant)"]
+    split = [[part.partition("=") for part in v.split(", ")] for v in named]
+    keys = {tuple(k for k, eq, _ in parts if eq) for parts in split}
+    if not named or len(keys) != 1 or any(not eq for parts in split for _, eq, _ in parts):
+        return "variant", {v: v for v in labels}
+    pairs = zip(named, split, strict=True)
+    cells = {v: ", ".join(val for _, _, val in parts) for v, parts in pairs}
+    cells["(every variant)"] = "(every variant)"
+    return ", ".join(next(iter(keys))), cells
 
 
 def _rows(outcome: SweepOutcome) -> list[tuple[CurveSummary, Curve, str]]:

@@ -21,6 +21,7 @@ from gradlens.report.cells import (
     titled_table,
 )
 from gradlens.report.fit import FitTable
+from gradlens.report.mismatch_table import mismatch_parts
 from gradlens.report.model_table import model_parts
 from gradlens.report.parity_table import rollout_and_parity_parts
 from gradlens.report.split_table import split_table
@@ -251,6 +252,7 @@ def render_compare(report: CompareReport, console: Console) -> None:
         top_rows_table(report),
         *attribution_parts(report),
         *rollout_and_parity_parts(report),
+        mismatch_parts(report),
         support_table(report),
         split_table(report),
     ]

@@ -14,6 +14,15 @@ from gradlens.results.attribution import (
     SharePoints,
 )
 from gradlens.results.base import Result
+from gradlens.results.mismatch import (
+    CorrectionEffect,
+    GapStatistics,
+    MismatchBucket,
+    MismatchHistogram,
+    MismatchReport,
+    ThresholdLine,
+    WorstToken,
+)
 from gradlens.results.model import (
     PREDICTION_FACTOR,
     GradGroup,
@@ -69,9 +78,11 @@ __all__ = [
     "Check",
     "Clipping",
     "CompareReport",
+    "CorrectionEffect",
     "EngineInfo",
     "EntropyChange",
     "Environment",
+    "GapStatistics",
     "GradGroup",
     "GradNormPrediction",
     "GroupShares",
@@ -79,6 +90,9 @@ __all__ = [
     "LossReport",
     "MetricName",
     "Mismatch",
+    "MismatchBucket",
+    "MismatchHistogram",
+    "MismatchReport",
     "ModelGradients",
     "ModelInfo",
     "ModelPass",
@@ -107,7 +121,9 @@ __all__ = [
     "Staleness",
     "SupportRatio",
     "SupportReport",
+    "ThresholdLine",
     "TokenDetail",
     "TopRow",
+    "WorstToken",
     "ZeroSum",
 ]

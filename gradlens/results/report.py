@@ -14,6 +14,7 @@ from pydantic import Field
 
 from gradlens.results.attribution import Attribution
 from gradlens.results.base import Result
+from gradlens.results.mismatch import MismatchReport
 from gradlens.results.model import ModelGradients, ModelReport
 from gradlens.results.rollout import RolloutStats
 from gradlens.results.split import SplitReport
@@ -337,6 +338,11 @@ class CompareReport(Result):
     rollout: RolloutStats | None = Field(
         None, description="training–inference gap, when the batch has rollout log-probs"
     )
+    mismatch: MismatchReport | None = Field(
+        None,
+        description="the training–inference gap localised, when the batch has rollout "
+        "log-probs: the frameworks' statistics, by π_old and position, the worst tokens",
+    )
     support: SupportReport | None = Field(
         None,
         description="the rollout's top-p/top-k kept sets K_t, when the batch records them: the "
@@ -359,7 +365,8 @@ class CompareReport(Result):
         """The report's numbers as one flat mapping, for a training log (TensorBoard, W&B).
 
         Keys: ``{prefix}/{section}/{field}`` for the shared sections (``batch``, ``ratio``,
-        ``rollout``), ``{prefix}/{loss}/{field}`` per loss (nested fields joined by ``/``, e.g.
+        ``rollout``, ``mismatch``'s statistics), ``{prefix}/{loss}/{field}`` per loss (nested
+        fields joined by ``/``, e.g.
         ``gradlens/ppo_clip/clipping/region``; ``lm_head_norm`` = ``rows/total_norm``), and the
         same numbers again under the frameworks' names where the crosswalk (``metric_names``)
         has one: ``{prefix}/{loss}/verl/actor/pg_clipfrac``, ``{prefix}/trl/...``. Missing and
@@ -376,7 +383,7 @@ class CompareReport(Result):
                 for k, v in value.items():
                     put(f"{key}/{k}", v)
 
-        for section in ("batch", "ratio", "rollout", "support"):
+        for section in ("batch", "ratio", "rollout", "mismatch", "support"):
             part = getattr(self, section)
             if part is not None:
                 put(f"{prefix}/{section}", part.model_dump())

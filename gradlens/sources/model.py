@@ -23,6 +23,12 @@ not a local directory is an error. The batch is built in five steps:
    ``mask`` = the sampled completion tokens (the EOS token included, prompt and padding
    excluded), ``old_logp`` = log π_old, ``rollout_logp`` = log μ, ``advantages``.
 
+Two switches choose how the two passes compute what they compare (gradlens.sources.passes):
+``source.rollout_logprobs`` (μ from the sampler's key-value cache, or from one full forward of
+the rollout model) and ``source.train_pass`` (π_old scored in padded micro-batches, or sequence
+by sequence without padding); with ``rollout_dtype`` they are the source's known causes of
+training–inference mismatch, each measured by switching it (docs/mismatch.md).
+
 With a bias on the lm_head, h is extended by a constant 1 and W by the bias column, so z = W h
 still holds and the bias gradient is the last column of ∂L/∂W.
 
@@ -51,6 +57,7 @@ from gradlens.sources.base import SourceContext, SourcePlan
 from gradlens.sources.checkpoint import checkpoint_estimate, checkpoint_sizes, load_checkpoint
 from gradlens.sources.forward import check_logit_path, head_weight
 from gradlens.sources.microbatch import pass_budget
+from gradlens.sources.passes import full_sequence_logp, score_alone
 from gradlens.sources.prompts import choose_prompts, has_chat_template, tokenize_prompts
 from gradlens.sources.rewards import default_reward, load_reward, score
 from gradlens.sources.rollout import rollout_dtype, sample, stop_tokens
@@ -97,6 +104,9 @@ def build_model_batch(src: ModelSource, ctx: SourceContext) -> Batch:
         stop=stop_tokens(loaded),
         top_k=src.top_k,
     )
+    rollout_logp = rollout.rollout_logp
+    if src.rollout_logprobs == "full":  # μ by one forward per sequence, not the cache's
+        rollout_logp = full_sequence_logp(roller, rollout.sequences, src.temperature)
     del roller  # the rollout copy is not needed any more
 
     group_prompts = [p for p in prompts for _ in range(src.group_size)]
@@ -112,11 +122,14 @@ def build_model_batch(src: ModelSource, ctx: SourceContext) -> Batch:
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     advantages = (adv.to(device)[:, None] * mask).to(acc)  # [N, T], 0 off the completion
     groups = torch.arange(mask.shape[0], device=device) // src.group_size  # consecutive completions
+    alone = None
+    if src.train_pass == "alone":  # π_old with each sequence scored by itself, at θ_old
+        alone = score_alone(loaded.model, seqs, src.temperature, loaded.bias)
     stale = stale_steps(
         loaded.model,
         seqs,
         advantages,
-        rollout.rollout_logp,
+        rollout_logp,
         src.stale,
         src.temperature,
         stale_spec,
@@ -129,6 +142,8 @@ def build_model_batch(src: ModelSource, ctx: SourceContext) -> Batch:
     )
     release_free_memory()  # the optimizer state and the steps' graphs are gone
     hidden, old_logp = stale.hidden, stale.old_logp
+    if alone is not None:
+        old_logp = alone.to(old_logp.dtype)
     weight = head_weight(loaded.model).detach().clone()
     record = RolloutRecord(
         prompts=group_prompts,
@@ -174,7 +189,7 @@ def build_model_batch(src: ModelSource, ctx: SourceContext) -> Batch:
         mask=mask,
         old_logp=old_logp,
         advantages=advantages.to(old_logp.dtype).to(device),
-        rollout_logp=rollout.rollout_logp.to(old_logp.dtype),
+        rollout_logp=rollout_logp.to(old_logp.dtype),
         # The reference policy of KL penalties (grpo) is the frozen checkpoint: its training-pass
         # log-probs are π_old's, taken before the stale steps moved π_θ away from it.
         ref_logp=old_logp.clone(),
@@ -185,7 +200,10 @@ def build_model_batch(src: ModelSource, ctx: SourceContext) -> Batch:
             f"{' in its chat template' if src.chat_template else ''} × "
             f"{src.group_size} completions ≤ {src.max_new_tokens} tokens, T = {src.temperature}, "
             f"top-p {src.top_p}{f', top-k {src.top_k}' if src.top_k else ''}; "
-            f"μ in {rollout_name} ({rollout_reason}); {src.stale.steps} stale "
+            f"μ in {rollout_name} ({rollout_reason}"
+            f"{', full-sequence forward' if src.rollout_logprobs == 'full' else ''})"
+            f"{'; π_old scored sequence by sequence' if alone is not None else ''}; "
+            f"{src.stale.steps} stale "
             f"{src.stale.optimizer} step(s) on {src.stale.loss} ({stale_text}); reward "
             f"{reward_name}"
         ),

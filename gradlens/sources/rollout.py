@@ -4,7 +4,8 @@ The sampler is the "inference engine": a copy of the model in ``source.rollout_d
 key-value cache, all sequences of the batch decoded together. ``auto`` (the default) is
 bfloat16 where the device computes it natively and float32 elsewhere: a CPU without bf16
 instructions emulates it at more than the cost of float32 (`rollout_dtype`). At each step the
-logits of the last position are upcast to float32 (as vLLM does), divided by the temperature
+logits of the last position are upcast to float32 (as vLLM does; a float64 model keeps
+float64), divided by the temperature
 T, and
 
     μ(y) = softmax(z/T)(y)              the rollout log-prob returned with the token,
@@ -38,6 +39,7 @@ from torch import Tensor, nn
 from gradlens.containers import LoadedModel, Sequences
 from gradlens.progress import report
 from gradlens.sources.forward import position_ids
+from gradlens.sources.passes import accumulation_dtype
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -86,7 +88,7 @@ def cache_keyword(model: nn.Module) -> str:
 @dataclass(frozen=True)
 class Rollout:
     sequences: Sequences
-    rollout_logp: Tensor  # [N, T] log μ(y_t) at the completion tokens, 0 elsewhere (float32)
+    rollout_logp: Tensor  # [N, T] log μ(y_t) at completion tokens, 0 elsewhere (float32 or 64)
     completions: list[str]  # decoded completion text (special tokens dropped)
     stopped: int  # sequences that emitted EOS
     kept_ids: Tensor | None = None  # [N, T, K] K_t's ids (−1 padding); None: no truncation
@@ -154,7 +156,6 @@ def sample(
     positions = position_ids(prompt_mask)  # [N, P]
 
     new_tokens = torch.full((n, max_new_tokens), pad, dtype=torch.long, device=device)
-    new_logp = torch.zeros(n, max_new_tokens, dtype=torch.float32, device=device)
     alive = torch.zeros(n, max_new_tokens, dtype=torch.bool, device=device)
     done = torch.zeros(n, dtype=torch.bool, device=device)
     step_ids: list[Tensor] = []  # per step [N, K_step] K_t's ids, −1 padding
@@ -165,11 +166,13 @@ def sample(
     out = model(
         input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True
     )
+    acc = accumulation_dtype(out.logits.dtype)  # float32 (float64 for a float64 model)
+    new_logp = torch.zeros(n, max_new_tokens, dtype=acc, device=device)
     attn = prompt_mask
     last_pos = positions[:, -1:]
     for k in range(max_new_tokens):
         report("sampling", k, max_new_tokens)
-        logits = out.logits[:, -1].float() / temperature  # [N, V]
+        logits = out.logits[:, -1].to(acc) / temperature  # [N, V]
         log_probs = torch.log_softmax(logits, dim=-1)
         probs = log_probs.exp()
         if truncated:
@@ -206,7 +209,7 @@ def sample(
     attention_mask = torch.cat([prompt_mask, alive.long()], dim=1)  # [N, L]
     loss_mask = torch.zeros(n, width + steps - 1, dtype=torch.bool, device=device)  # [N, T]
     loss_mask[:, width - 1 :] = alive
-    rollout_logp = torch.zeros(loss_mask.shape, dtype=torch.float32, device=device)
+    rollout_logp = torch.zeros(loss_mask.shape, dtype=acc, device=device)
     rollout_logp[:, width - 1 :] = torch.where(alive, new_logp, torch.zeros_like(new_logp))
 
     kept_ids = kept_mass = None

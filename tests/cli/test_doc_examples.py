@@ -42,6 +42,7 @@ DOCUMENTS = [
     ("README.md", "## Using it"),
     ("docs/sweep.md", None),
     ("docs/model.md", None),
+    ("docs/mismatch.md", None),
     ("docs/batchfile.md", "### A model-source batch, read back with its checkpoint"),
 ]
 

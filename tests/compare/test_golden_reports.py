@@ -198,13 +198,16 @@ ATTRIBUTION = re.compile(
 def recorded_sections(new: dict[str, Any], golden: dict[str, Any]) -> dict[str, Any]:
     """``new`` without the sections a golden report recorded before they existed: each loss's
     ``attribution`` (gradlens.compare/3) and its findings where the golden loss has none, and
-    the ``support`` section (the rollout's kept sets, /3) where the golden report has none.
+    the ``support`` section (the rollout's kept sets, /3) and the ``mismatch`` section where the
+    golden report has none.
     Every other number of the report must still be the recorded one."""
     if "check" in new:  # a sweep summary
         return new
     new = json.loads(json.dumps(new))
     if "support" not in golden:
         new.pop("support", None)
+    if "mismatch" not in golden:  # the gap localised (docs/mismatch.md), added in /3
+        new.pop("mismatch", None)
     for loss, old in zip(new["losses"], golden["losses"], strict=False):
         if "attribution" not in old:
             loss.pop("attribution", None)
@@ -225,6 +228,9 @@ def _added_fields(report: dict[str, Any]) -> dict[str, Any]:
         return report
     for sequence in report["config"]["source"].get("sequences") or []:
         sequence.setdefault("group", None)  # a literal sequence's prompt group
+    if report["config"]["source"]["kind"] == "model":  # the mismatch switches, at their defaults
+        report["config"]["source"].setdefault("rollout_logprobs", "cache")
+        report["config"]["source"].setdefault("train_pass", "batch")
     return report
 
 

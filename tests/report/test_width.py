@@ -30,6 +30,7 @@ from gradlens.report.loss_list import (
     loss_list_table,
     pair_table,
 )
+from gradlens.report.mismatch_table import mismatch_parts
 from gradlens.report.support_table import support_table
 from gradlens.report.sweep_table import render_sweep
 from gradlens.report.table import render_compare
@@ -149,6 +150,15 @@ def kept_sets_report() -> CompareReport:
 def test_support_section_reads_at_the_width(kept_sets_report: CompareReport, width: int) -> None:
     assert kept_sets_report.support is not None
     assert_readable(lambda console: console.print(support_table(kept_sets_report)), width)
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_mismatch_section_reads_at_the_width(kept_sets_report: CompareReport, width: int) -> None:
+    """The gap's statistics, buckets, worst tokens (decoded) and the corrections' table."""
+    parts = mismatch_parts(kept_sets_report)
+    assert parts is not None and kept_sets_report.mismatch is not None
+    assert kept_sets_report.mismatch.worst[0].context is not None
+    assert_readable(lambda console: console.print(parts), width)
 
 
 def test_a_split_number_is_caught():
