@@ -15,7 +15,9 @@
         loss={"eps_high": 0.28, "aggregation": "token_mean"},  # the YAML `loss` section
         diagnostics=None,    # the YAML `diagnostics` section (engine, top_k, ...)
         tokenizer=None,      # anything with decode(list[int]) -> str: the attribution's
-    )                        # largest tokens and sequences decoded, with context
+                             # largest tokens and sequences decoded, with context
+        teacher=None,        # loss.distill's teacher: {"teacher_hidden": h', "teacher_weight":
+    )                        # W', ...}, the keys a batch file gives it (gradlens.batchfile)
     report.model_dump(mode="json")   # the document `gradlens compare --format json` prints
     report.metrics()                 # flat {name: float}
 
@@ -25,7 +27,26 @@ engine decides, as in ``compare``). The caller's tensors are only read: gradlens
 detached views, never touches ``requires_grad`` or ``.grad``, and runs under ``torch.no_grad``
 except for the autograd reference, which is off by default here (``diagnostics={"reference":
 "autograd"}`` turns it on) and on in ``compare``. Without ``old_logp`` the batch is on-policy:
-π_old := π_θ exactly (every ratio 1).
+π_old := π_θ exactly (every ratio 1: ℓ_old is the ℓ the engine computes, bit for bit).
+
+Inside a trainer whose lm_head is split by vocabulary rows over a tensor-parallel group, every
+rank of the group calls ``diagnose`` with ``process_group=`` (an initialised
+`torch.distributed.ProcessGroup`, e.g. the trainer's TP group), its own rows of the weight as
+``weight`` [V_r, H] (and ``bias`` [V_r]) and ``vocab_rows=(v0, v1)``, the rows [v0, v1) of the
+whole vocabulary they are; every other tensor is the same on every rank (the hidden states of the
+same tokens, as tensor parallelism holds them). The ranks' rows must be consecutive in rank order
+and cover [0, V). Every rank gets the same report, that of one process given the whole W (to
+1e-12 in float64: the order of the sums over the vocabulary differs), computed by the
+vocab-parallel engine (`gradlens.engine.vocab_parallel`) without W ever on one rank; the report
+says so in ``engine.tensor_parallel`` and ``engine.vocab_rows``. A bad argument on one rank makes
+every rank raise the same `gradlens.errors.SharedError` naming it (and the rank). Without
+``old_logp`` the batch is on-policy there too.
+
+The teacher of a distillation term (``loss={"distill": {...}}``, `gradlens.losses.distill`) is
+a mapping under the names a batch file gives its tensors: ``teacher_hidden`` [N, T, H'] with
+``teacher_weight`` [V, H'] (and ``teacher_bias``), or ``teacher_logits`` [N, T, V]; or the
+stored top-k form ``teacher_topk_ids``/``teacher_topk_logp`` [N, T, K]; and ``teacher_logp``
+[N, T] (log q(y), for ``opd``). Checked by the same rule, each problem named by its key.
 
 Bad input raises `gradlens.GradlensError` naming the argument; the values are checked by the
 rule every source's batch meets (`gradlens.validation`: token ids in the vocabulary, finite
@@ -36,19 +57,31 @@ lm_head), each problem named with its argument and first index, ``advantages[1, 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from gradlens.compare.run import compare_batch
+from gradlens.compare.tensor_parallel import VocabParallel, prepare, together
 from gradlens.config import Config, validate
-from gradlens.containers import Batch, Origin, plain_name
-from gradlens.errors import GradlensError
-from gradlens.grads import softmax_view
+from gradlens.containers import (
+    Batch,
+    Origin,
+    Teacher,
+    VocabRows,
+    plain_name,
+    valid_index,
+)
+from gradlens.diagnostics.support import sampled_logp
+from gradlens.engine.collectives import Collectives
+from gradlens.errors import GradlensError, SharedError
+from gradlens.grads import on_grid, softmax_view
 from gradlens.results import CompareReport
-from gradlens.validation import check_batch
+from gradlens.sources.batch import file_teacher
+from gradlens.validation import TEACHER_FIELDS, check_batch
 
 DTYPE_NAMES = {torch.float64: "float64", torch.float32: "float32", torch.bfloat16: "bfloat16"}
 API_SOURCE = {"kind": "tensors", "description": "gradlens.diagnose(...)"}
@@ -87,8 +120,11 @@ def build_batch(
     ref_logp: Any = None,
     bias: Any = None,
     groups: Any = None,
+    rows: VocabRows | None = None,
+    teacher: Mapping[str, Any] | None = None,
 ) -> Batch:
-    """The `Batch` of the arguments of `diagnose`, checked; errors name the argument."""
+    """The `Batch` of the arguments of `diagnose`, checked; errors name the argument. ``rows``:
+    the rows of the whole lm_head that ``weight`` (and ``bias``) hold under tensor parallelism."""
     h, w = _tensor("hidden", hidden), _tensor("weight", weight)
     if h.dim() != 3:
         raise GradlensError(f"hidden: expected [N, T, H], got shape {list(h.shape)}")
@@ -107,6 +143,12 @@ def build_batch(
         )
     if h.device != w.device:
         raise GradlensError(f"hidden is on {h.device} and weight on {w.device}: use one device")
+    if rows is not None and w.shape[0] != rows.stop - rows.start:
+        raise GradlensError(
+            f"weight: this rank's shard has {w.shape[0]} rows, but vocab_rows "
+            f"[{rows.start}, {rows.stop}) names {rows.stop - rows.start}; pass the rows "
+            f"[{rows.start}, {rows.stop}) of the [{rows.vocab}, H] lm_head weight"
+        )
     if bias is not None:  # z = W h + b = [W | b]·[h; 1]
         b = _tensor("bias", bias)
         _shape("bias", b, (w.shape[0],))
@@ -141,6 +183,7 @@ def build_batch(
         if g.is_floating_point() or g.is_complex() or g.dtype == torch.bool:
             raise GradlensError(f"groups: expected integer prompt-group ids, got {g.dtype}")
         prompt_groups = g.long().to(w.device)
+    vocab = w.shape[0] if rows is None else rows.vocab  # the whole lm_head's
     batch = Batch(
         hidden=h.to(w.dtype),
         weight=w,
@@ -153,15 +196,43 @@ def build_batch(
         rollout_logp=logps["rollout_logp"],
         ref_logp=logps["ref_logp"],
         groups=prompt_groups,
-        source=f"tensors: {n} sequences × ≤{t} tokens, V={w.shape[0]}, H={w.shape[1]}",
+        source=f"tensors: {n} sequences × ≤{t} tokens, V={vocab}, H={w.shape[1]}",
         advantage_note="given",
         origin=Origin(argument_name),
+        weight_rows=rows,
+        teacher=_teacher(teacher, w.dtype, w.device),
     )
     check_batch(batch)  # the rule of every source: token ids, finite values, log-probs ≤ 0
     if logps["old_logp"] is not None:
         return batch
-    # on-policy: π_old is π_θ bit for bit
-    return dataclasses.replace(batch, old_logp=softmax_view(batch).logp.clone())
+    # on-policy: ℓ_old is the ℓ of whichever engine runs, bit for bit (``on_policy``); the stored
+    # ℓ_old (what the report's batch summary reads) is the materialized log π, or under tensor
+    # parallelism 0 until `_sharded_batch` fills it in (no rank holds the whole W)
+    on_policy = dataclasses.replace(batch, on_policy=m.clone())
+    if rows is not None:
+        return on_policy
+    return dataclasses.replace(on_policy, old_logp=softmax_view(batch).logp.clone())
+
+
+def _teacher(
+    teacher: Mapping[str, Any] | None, dtype: torch.dtype, device: torch.device
+) -> Teacher | None:
+    """The ``teacher=`` mapping as a `Teacher` (the keys and dtypes of a batch file's)."""
+    if teacher is None:
+        return None
+    if not isinstance(teacher, Mapping):
+        raise GradlensError(
+            f"teacher: expected a mapping of the teacher's tensors by name, got "
+            f"{type(teacher).__name__}; the names: {', '.join(TEACHER_FIELDS)}"
+        )
+    unknown = [k for k in teacher if k not in TEACHER_FIELDS]
+    if unknown:
+        raise GradlensError(
+            f"teacher: unknown key(s) {', '.join(map(repr, unknown))}; the names are "
+            + ", ".join(TEACHER_FIELDS)
+        )
+    tensors = {k: _tensor(k, v).to(device) for k, v in teacher.items() if v is not None}
+    return file_teacher(tensors, device, dtype) if tensors else None
 
 
 def argument_name(field: str, index: tuple[int, ...]) -> str:
@@ -175,9 +246,17 @@ def api_config(
     diagnostics: Mapping[str, Any] | None,
     dtype: torch.dtype,
     device: torch.device,
+    ranks: int = 1,
 ) -> Config:
-    """The run's settings, validated like a config file's (errors name ``loss.x``, ...)."""
+    """The run's settings, validated like a config file's (errors name ``loss.x``, ...);
+    ``ranks``: the tensor-parallel group's size (``diagnostics.tensor_parallel``)."""
     settings = {"reference": "none", **(diagnostics or {})}
+    given = settings.setdefault("tensor_parallel", ranks)
+    if given != ranks:
+        raise GradlensError(
+            f"diagnostics.tensor_parallel: {given}, but the process group has {ranks} ranks "
+            "(process_group=); leave it out, or set it to the group's size"
+        )
     return validate(
         {
             "dtype": DTYPE_NAMES[dtype],
@@ -206,19 +285,115 @@ def diagnose(
     bias: Any = None,
     tokenizer: Any = None,
     groups: Any = None,
+    process_group: Any = None,
+    vocab_rows: Any = None,
+    teacher: Mapping[str, Any] | None = None,
 ) -> CompareReport:
-    """Diagnose one batch of a training run (see the module docstring)."""
+    """Diagnose one batch of a training run (see the module docstring). ``process_group`` and
+    ``vocab_rows``: the tensor-parallel group and this rank's rows [v0, v1) of the lm_head, which
+    ``weight`` holds; every rank of the group calls this and gets the same report."""
     if tokenizer is not None and not callable(getattr(tokenizer, "decode", None)):
         raise GradlensError(
             f"tokenizer: expected an object with a decode(list[int]) -> str method (a "
             f"transformers or tokenizers tokenizer), got {type(tokenizer).__name__}"
         )
-    batch = build_batch(
-        hidden, weight, tokens, mask, advantages, old_logp, rollout_logp, ref_logp, bias, groups
-    )
+
+    def build(rows: VocabRows | None = None) -> Batch:
+        return build_batch(
+            hidden,
+            weight,
+            tokens,
+            mask,
+            advantages,
+            old_logp,
+            rollout_logp,
+            ref_logp,
+            bias,
+            groups,
+            rows,
+            teacher,
+        )
+
+    parallel = None
+    if process_group is None:
+        if vocab_rows is not None:
+            raise GradlensError(
+                "vocab_rows: names a shard of the lm_head, which needs process_group= (the "
+                "tensor-parallel group whose ranks hold the other rows); leave it out with the "
+                "whole weight"
+            )
+        batch = build()
+    else:
+        device = weight.device if isinstance(weight, Tensor) else torch.device("cpu")
+        batch, parallel = _sharded_batch(build, device, process_group, vocab_rows)
     batch = dataclasses.replace(batch, tokenizer=tokenizer)
-    config = api_config(losses, loss, diagnostics, batch.weight.dtype, batch.weight.device)
+    ranks = 1 if parallel is None else parallel.split.world
+    device = batch.weight.device
+    config = api_config(losses, loss, diagnostics, batch.weight.dtype, device, ranks)
     with torch.no_grad():
-        report = compare_batch(batch, config, batch.weight.device)
+        report = compare_batch(batch, config, device, parallel)
     described = {**report.config, "source": API_SOURCE}
     return report.model_copy(update={"config": described})
+
+
+def _group(process_group: Any) -> Collectives:
+    """The collectives of ``process_group``: an initialised torch.distributed group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise GradlensError(
+            "process_group: torch.distributed is not initialised in this process; call "
+            "torch.distributed.init_process_group first (gradlens joins no group itself)"
+        )
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise GradlensError(
+            "process_group: expected a torch.distributed.ProcessGroup (the tensor-parallel "
+            f"group, e.g. dist.new_group(ranks)), got {type(process_group).__name__}"
+        )
+    return Collectives(process_group)
+
+
+def _rows_of(vocab_rows: Any) -> tuple[int, int]:
+    """(v0, v1) from ``vocab_rows``: two integers with 0 ≤ v0 < v1."""
+    if vocab_rows is None:
+        raise GradlensError(
+            "vocab_rows: with process_group, give the rows (v0, v1) of the lm_head that this "
+            "rank's weight holds, [v0, v1)"
+        )
+    try:
+        v0, v1 = (int(x) for x in vocab_rows)
+    except (TypeError, ValueError):
+        raise GradlensError(
+            f"vocab_rows: expected two integers (v0, v1), got {vocab_rows!r}"
+        ) from None
+    if not 0 <= v0 < v1:
+        raise GradlensError(f"vocab_rows: expected 0 ≤ v0 < v1, got [{v0}, {v1})")
+    return v0, v1
+
+
+def _sharded_batch(
+    build: Callable[[VocabRows], Batch], device: torch.device, process_group: Any, vocab_rows: Any
+) -> tuple[Batch, VocabParallel]:
+    """This rank's batch (its rows of W) and the group as the engine needs it. The ranks
+    exchange their argument errors (`gradlens.compare.tensor_parallel.together`), so a bad
+    argument on one rank raises the same error on every rank instead of leaving the others
+    waiting; then one all_gather of the rows gives V, and `prepare` checks that the rows tile
+    [0, V) and that the other tensors are the same on every rank."""
+    comm = _group(process_group)
+    mine = (0, 0)
+    with together(comm, "arguments", device):
+        mine = _rows_of(vocab_rows)
+    every = comm.all_gather(torch.tensor(mine, dtype=torch.int64, device=device), "vocab")
+    held = [(int(a), int(b)) for a, b in every.cpu().tolist()]  # [P] (v0, v1) in rank order
+    if any(start != (held[r - 1][1] if r else 0) for r, (start, _) in enumerate(held)):
+        ranks = "; ".join(f"rank {r} [{a}, {b})" for r, (a, b) in enumerate(held))
+        raise SharedError(
+            "vocab_rows: the ranks' rows must be consecutive in rank order from 0 (rank r's v0 "
+            f"is rank r − 1's v1), covering the vocabulary [0, V); they are {ranks}"
+        )
+    rows = VocabRows(mine[0], mine[1], held[-1][1])
+    batch, parallel = prepare(lambda: build(rows), comm, device)
+    if batch.on_policy is not None:  # on-policy: the stored ℓ_old over the whole W, gathered
+        r, c = valid_index(batch.mask)
+        logp = sampled_logp(batch.hidden[r, c], batch.weight, batch.tokens[r, c], comm, rows.start)
+        old = on_grid(logp.to(batch.old_logp.dtype), r, c, batch.mask.shape)
+        batch = dataclasses.replace(batch, old_logp=old)
+    return batch, parallel

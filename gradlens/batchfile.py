@@ -25,6 +25,20 @@ Keys follow the frameworks' names (verl's, with the common alternatives):
                                                         absent: rollout_log_probs are already
                                                         of μ̃ (an engine's processed log-probs)
 
+A teacher for the distillation term (``loss.distill``) and on-policy distillation (``opd``),
+optional; the whole distribution (both forms of ``loss.distill``) as a hidden/weight pair or as
+logits, and/or the top-k form as stored ids and log-probs:
+
+    teacher_hidden                         [N, T, H']   the teacher's final hidden states, and
+    teacher_weight                         [V, H']      its lm_head (the student's vocabulary),
+    teacher_bias                           [V]          and its lm_head bias, optional
+    teacher_logits                         [N, T, V]    or the teacher's logits themselves
+    teacher_topk_ids                       [N, T, K] int  the teacher's top-k ids, distinct
+    teacher_topk_logp                      [N, T, K]    their log q_t(v) (not renormalised)
+    teacher_logp                           [N, T]       log q_t(y_t) of the sampled token (opd)
+
+Their shapes and values are checked by `gradlens.validation` like every other source's teacher.
+
 Under tensor parallelism (``diagnostics.tensor_parallel`` P > 1) every rank reads the batch and
 keeps its rows of W: a file with the whole ``lm_head_weight`` is split at load (the balanced
 split of `gradlens.engine.vocab_split`; a ``.safetensors`` file is read row-wise, only the
@@ -104,7 +118,17 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "kept_ids": ("kept_ids",),
     "old_kept_log_mass": ("old_log_kept_mass",),
     "rollout_kept_log_mass": ("rollout_log_kept_mass",),
+    "teacher_hidden": ("teacher_hidden",),
+    "teacher_weight": ("teacher_weight",),
+    "teacher_bias": ("teacher_bias",),
+    "teacher_logits": ("teacher_logits",),
+    "teacher_topk_ids": ("teacher_topk_ids",),
+    "teacher_topk_logp": ("teacher_topk_logp",),
+    "teacher_logp": ("teacher_logp",),
 }
+TEACHER_KEYS = tuple(name for name in ALIASES if name.startswith("teacher_"))
+# one value for the whole batch, not per sequence: a .jsonl file stores them on its first line
+SHARED = ("lm_head_weight", "teacher_weight", "teacher_bias")
 SUFFIXES = (".safetensors", ".pt", ".pth", ".jsonl")
 WEIGHT_KEY = "lm_head_weight"
 SHARD_KEYS = ("vocab_offset", "vocab_size")  # a file holding some rows of W (one rank's)
@@ -251,10 +275,9 @@ def _load_jsonl(path: Path, where: str) -> dict[str, Tensor]:
             if isinstance(r.get("prompts"), list):
                 r["prompt_mask"] = [1] * len(r["prompts"])
     out: dict[str, Tensor] = {}
-    shared = rows[0].get("lm_head_weight")
     for key in rows[0]:
-        if key == "lm_head_weight":
-            out[key] = torch.tensor(shared, dtype=torch.float64)
+        if key in SHARED:
+            out[key] = torch.tensor(rows[0][key], dtype=torch.float64)
             continue
         values = [r.get(key) for r in rows]
         if any(v is None for v in values):
@@ -459,9 +482,38 @@ def read_batch_file(
                 f"{where}: 'stale_steps' has shape {tuple(stale.shape)}; expected [N] = ({n},)"
             )
         out["stale_steps"] = _integers(stale, "stale_steps", where)  # .jsonl: whole doubles
+    out.update(_teacher(raw, (n, t), out["mask"], where))
+    keys.update({name: name for name in TEACHER_KEYS if name in out})
     if prompts:
         out.update(_prompt_context(raw, tokens_key, out["tokens"], out["mask"], where))
     return BatchFile(out, keys)
+
+
+def _teacher(
+    raw: Mapping[str, Tensor], grid: tuple[int, int], mask: Tensor, where: str
+) -> dict[str, Tensor]:
+    """The teacher's keys as stored; only what the file format decides is settled here: top-k
+    ids stored as floats (a .jsonl file) must be whole numbers at the tokens in the loss, and
+    the log-probs are read in float64. Shapes and values are `gradlens.validation`'s."""
+    out = {}
+    for key in TEACHER_KEYS:
+        x = raw.get(key)
+        if x is None:
+            continue
+        if key == "teacher_topk_ids" and x.is_floating_point():
+            if x.dim() == 3 and tuple(x.shape[:2]) == grid:
+                found = find(x, lambda v: v != torch.round(v), mask)  # NaN ≠ NaN: caught too
+                if found is not None:
+                    index = ", ".join(map(str, found.index))
+                    raise GradlensError(
+                        f"{where}: {key!r}[{index}] is {describe(found.value)}, not a whole "
+                        f"number; token ids are integers ({found.count} such entries in all)"
+                    )
+                x = torch.where(mask[..., None], x, 0.0).long()  # padding: never read
+        elif key in ("teacher_topk_logp", "teacher_logp") and x.is_floating_point():
+            x = x.double()
+        out[key] = x
+    return out
 
 
 def _integers(x: Tensor, key: str, where: str, valid: Tensor | None = None) -> Tensor:
@@ -627,7 +679,7 @@ def _jsonl_row(data: Mapping[str, Tensor], i: int, length: int) -> dict[str, Any
             real = torch.ones(p, dtype=torch.bool)
     row: dict[str, Any] = {}
     for key, value in data.items():
-        if key == "lm_head_weight":
+        if key in SHARED:
             if i == 0:
                 row[key] = value.double().tolist()
         elif key == "prompt_mask" and real is not None:
@@ -650,7 +702,17 @@ def write_batch(path: Path, tensors: Mapping[str, Tensor | None], option: str = 
     read-only directory, a full disk) is a `GradlensError` naming ``option``.
     """
     names = {g: ALIASES[g][0] for g in ALIASES}
-    data = {names[k]: v.detach().cpu().contiguous() for k, v in tensors.items() if v is not None}
+    data: dict[str, Tensor] = {}
+    storages: set[int] = set()
+    for k, v in tensors.items():
+        if v is None:
+            continue
+        x = v.detach().cpu().contiguous()
+        storage = x.untyped_storage().data_ptr()
+        if storage in storages:  # the same memory under two keys (a synthetic teacher's hidden
+            x = x.clone()  # states are the student's): safetensors stores each key's own copy
+        storages.add(storage)
+        data[names[k]] = x
     suffix = check_batch_suffix(path, option)
     if suffix == ".safetensors":
         from safetensors.torch import save

@@ -98,6 +98,17 @@ class SyntheticSource(Strict):
     ref_drift: float | None = Field(
         None, ge=0, description="π_ref: z_ref = z + scale·ε; null: no reference policy"
     )
+    teacher: Literal["none", "perturbed"] = Field(
+        "none",
+        description="a distillation teacher (loss.distill, opd): perturbed: q = softmax(W'h) "
+        "with W' = W + teacher_scale·std(W)·ε; none: no teacher",
+    )
+    teacher_scale: float = Field(
+        0.1,
+        ge=0,
+        description="σ of the perturbed teacher's lm_head (0.1: KL(q‖π) ≈ 0.3 nats on the "
+        "default batch)",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> SyntheticSource:
@@ -121,6 +132,17 @@ class SyntheticSource(Strict):
         return self
 
 
+def check_probs(probs: list[float], name: str, total: bool) -> None:
+    """Probabilities in (0, 1]; with ``total`` summing to 1 within 1e-6 (else at most that)."""
+    bad = [p for p in probs if not 0 < p <= 1]
+    if bad:
+        raise ValueError(f"{name} must lie in (0, 1]; got {bad[0]}")
+    if total and abs(sum(probs) - 1) > 1e-6:
+        raise ValueError(f"{name} must sum to 1 (within 1e-6); they sum to {sum(probs)}")
+    if not total and sum(probs) > 1 + 1e-6:
+        raise ValueError(f"{name} must sum to at most 1; they sum to {sum(probs)}")
+
+
 class LiteralPosition(Strict):
     """One position stated literally: its distribution, sampled token, π_old and advantage."""
 
@@ -134,6 +156,19 @@ class LiteralPosition(Strict):
     rollout_logp: float | None = Field(None, le=0, description="log μ_old(y), or rollout_prob")
     ref_prob: float | None = Field(None, gt=0, le=1, description="π_ref(y); default π_old(y)")
     ref_logp: float | None = Field(None, le=0, description="log π_ref(y), or ref_prob")
+    teacher_logits: list[float] | None = Field(
+        None, description="the distillation teacher's logits z' (loss.distill); or teacher_probs"
+    )
+    teacher_probs: list[float] | None = Field(None, description="the teacher's q, each in (0, 1]")
+    teacher_topk_ids: list[int] | None = Field(
+        None, description="the teacher's stored top-k ids (form top_k), with teacher_topk_probs"
+    )
+    teacher_topk_probs: list[float] | None = Field(
+        None, description="q at teacher_topk_ids, each in (0, 1] (not renormalised)"
+    )
+    teacher_logp: float | None = Field(
+        None, le=0, description="log q(y) for opd; default: from teacher_logits/teacher_probs"
+    )
 
     @model_validator(mode="after")
     def _rollout_and_ref(self) -> LiteralPosition:
@@ -166,10 +201,44 @@ class LiteralPosition(Strict):
             raise ValueError(f"token {self.token} is outside the vocabulary of size {len(values)}")
         return self
 
+    @model_validator(mode="after")
+    def _teacher(self) -> LiteralPosition:
+        if self.teacher_logits is not None and self.teacher_probs is not None:
+            raise ValueError("give at most one of teacher_logits and teacher_probs")
+        full = self.teacher_logits if self.teacher_logits is not None else self.teacher_probs
+        if full is not None:
+            if len(full) != self.vocab_size:
+                raise ValueError(
+                    f"the teacher's distribution has {len(full)} entries and the student's "
+                    f"{self.vocab_size}: distillation needs one vocabulary"
+                )
+            if not all(math.isfinite(v) for v in full):
+                raise ValueError("teacher_logits and teacher_probs must be finite numbers")
+            if self.teacher_probs is not None:
+                check_probs(self.teacher_probs, "teacher_probs", total=True)
+        ids, probs = self.teacher_topk_ids, self.teacher_topk_probs
+        if (ids is None) != (probs is None):
+            raise ValueError("give teacher_topk_ids and teacher_topk_probs together")
+        if ids is not None and probs is not None:
+            if not ids or len(ids) != len(probs):
+                raise ValueError(
+                    f"teacher_topk_ids ({len(ids)}) and teacher_topk_probs ({len(probs)}) need "
+                    "the same number (≥ 1) of entries"
+                )
+            check_probs(probs, "teacher_topk_probs", total=False)
+        return self
+
     @property
     def vocab_size(self) -> int:
         values = self.logits if self.logits is not None else self.probs
         return len(values or ())
+
+    @property
+    def teacher_full(self) -> list[float] | None:
+        """The teacher's logits z' (log q for ``teacher_probs``), when stated."""
+        if self.teacher_probs is not None:
+            return [math.log(p) for p in self.teacher_probs]
+        return self.teacher_logits
 
 
 class LiteralSequence(Strict):
@@ -195,6 +264,20 @@ class LiteralSource(Strict):
         stated = [s.group is not None for s in self.sequences]
         if any(stated) and not all(stated):
             raise ValueError("state group on every sequence or on none")
+        positions = [p for s in self.sequences for p in s.positions]
+        for what, has in (
+            ("teacher_logits or teacher_probs", lambda p: p.teacher_full is not None),
+            ("teacher_topk_ids", lambda p: p.teacher_topk_ids is not None),
+            ("teacher_logp", lambda p: p.teacher_logp is not None),
+        ):
+            given = [has(p) for p in positions]
+            if any(given) and not all(given):
+                raise ValueError(f"state {what} on every position or on none")
+        ks = {len(p.teacher_topk_ids) for p in positions if p.teacher_topk_ids is not None}
+        if len(ks) > 1:
+            raise ValueError(
+                f"every position's teacher_topk_ids needs the same K; got sizes {sorted(ks)}"
+            )
         return self
 
 
@@ -282,6 +365,26 @@ class ModelSource(Strict):
         "(instruct and chat checkpoints); null prompts are then the built-in instructions",
     )
     stale: StaleConfig = StaleConfig()
+    teacher_path: str | None = Field(
+        None,
+        description="a second local checkpoint with the same vocabulary: the distillation "
+        "teacher (loss.distill, opd), run on the same sequences; 'builtin': the shipped tiny "
+        "model; null: no teacher",
+    )
+
+    @field_validator("teacher_path")
+    @classmethod
+    def _teacher_path(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("teacher_path is empty; give a checkpoint directory, builtin or null")
+        return value
+
+    device_map: Literal["auto"] | dict[str, str | int] | None = Field(
+        None,
+        description="where from_pretrained places the checkpoint's modules (accelerate's "
+        "device_map): auto, or {module: cpu|disk|cuda:N|N}; disk offloads to a temporary folder. "
+        "null: the whole model on the run's device",
+    )
 
     @field_validator("prompts")
     @classmethod
@@ -289,6 +392,17 @@ class ModelSource(Strict):
         if value is not None and not value:
             raise ValueError("give at least one prompt, or null for the built-in corpus")
         return value
+
+    @model_validator(mode="after")
+    def _placeable(self) -> ModelSource:
+        dm = self.device_map
+        if isinstance(dm, dict) and "disk" in dm.values() and self.stale.steps > 0:
+            raise ValueError(
+                "device_map: modules offloaded to disk live on the meta device between forward "
+                f"passes, and the optimizer cannot step them; stale.steps is {self.stale.steps}: "
+                "set it to 0, or place every module on cpu or a device"
+            )
+        return self
 
 
 class BatchSource(Strict):
@@ -619,7 +733,7 @@ class DiagnosticsConfig(Strict):
         description="check against torch.autograd: autograd, every token and row; sampled, "
         "c_t of every token with ∂L/∂z_y of a sample of tokens and ‖∂L/∂W_v‖ of a sample of "
         "rows (no [tokens, vocab] under autograd); auto: autograd with the materialized engine, "
-        "sampled with the streamed ones",
+        "sampled with the streamed ones and under tensor_parallel > 1",
     )
     stream_above: int = Field(
         1 << 24,
@@ -676,11 +790,12 @@ class DiagnosticsConfig(Strict):
                 f"engine {self.engine!r} runs in one process; tensor_parallel "
                 f"{self.tensor_parallel} needs the streamed engine (engine: auto or streamed)"
             )
-        if self.reference in ("autograd", "sampled"):
+        if self.reference == "autograd":
             problems.append(
-                f"reference {self.reference!r} differentiates through the whole lm_head, "
-                f"which no rank holds under tensor_parallel {self.tensor_parallel}; run the "
-                "reference in one process (tensor_parallel 1), or set reference auto or none"
+                f"reference 'autograd' differentiates through the whole lm_head, which no rank "
+                f"holds under tensor_parallel {self.tensor_parallel}; set reference sampled "
+                "(auto: the sampled check, which gathers only the sampled rows) or none, or run "
+                "the full reference in one process (tensor_parallel 1)"
             )
         if problems:
             raise ValueError("; ".join(problems))
@@ -834,11 +949,6 @@ class Config(Strict):
             problems.append(
                 "diagnostics.engine 'fused' does not restrict π to the kept sets; use "
                 "materialized, streamed or auto"
-            )
-        if self.diagnostics.tensor_parallel > 1:
-            problems.append(
-                f"diagnostics.tensor_parallel {self.diagnostics.tensor_parallel}: the "
-                "vocab-parallel engine does not restrict π to the kept sets; use 1"
             )
         if problems:
             raise ValueError("loss.sampling_support 'kept': " + "; ".join(problems))

@@ -213,7 +213,9 @@ class Teacher:
 
     Attributes:
         hidden: [N, T, H'] the teacher's final hidden states, and
-        weight: [V, H'] its lm_head (the same vocabulary as the student's): q_t = softmax(W' h'_t).
+        weight: [V, H'] its lm_head (the same vocabulary as the student's): q_t = softmax(W' h'_t),
+        bias: [V] its lm_head bias b' when it has one: q_t = softmax(W' h'_t + b').
+        logits: [N, T, V] the teacher's logits themselves, instead of a hidden/weight pair.
         topk_ids: [N, T, K] int64 the teacher's top-k ids K_t, and
         topk_logp: [N, T, K] their stored log q_t(v) (not renormalised over K_t).
         sampled_logp: [N, T] log q_t(y_t) of the sampled token (on-policy distillation's
@@ -222,6 +224,8 @@ class Teacher:
 
     hidden: Tensor | None = None
     weight: Tensor | None = None
+    bias: Tensor | None = None
+    logits: Tensor | None = None
     topk_ids: Tensor | None = None
     topk_logp: Tensor | None = None
     sampled_logp: Tensor | None = None
@@ -229,6 +233,18 @@ class Teacher:
     @property
     def has_pair(self) -> bool:
         return self.hidden is not None and self.weight is not None
+
+    @property
+    def has_full(self) -> bool:
+        """The teacher's whole distribution q_t is known: a hidden/weight pair, or its logits."""
+        return self.has_pair or self.logits is not None
+
+    @property
+    def vocab_size(self) -> int | None:
+        """V of the teacher's full distribution, when it has one."""
+        if self.logits is not None:
+            return int(self.logits.shape[-1])
+        return None if self.weight is None else int(self.weight.shape[0])
 
     @property
     def has_topk(self) -> bool:

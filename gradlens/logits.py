@@ -89,7 +89,7 @@ def normaliser(logits: Tensor, tilt: bool = False, top: Tensor | None = None) ->
     return Normaliser(m, pairwise_sum(e), t)
 
 
-def _rescale(part_max: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
+def rescale(part_max: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
     """d = m_part − m ≤ 0 and e^d in float64; 0 and 0 for a part with no finite logit (S = T = 0
     there), so that −inf − (−inf) makes no NaN."""
     live = torch.isfinite(part_max)
@@ -100,7 +100,7 @@ def _rescale(part_max: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
 def merge(a: Normaliser, b: Normaliser) -> Normaliser:
     """The normaliser of two chunks together (either order gives the same value)."""
     m = torch.maximum(a.max, b.max)
-    (da, fa), (db, fb) = _rescale(a.max, m), _rescale(b.max, m)
+    (da, fa), (db, fb) = rescale(a.max, m), rescale(b.max, m)
     t = None
     if a.tilt is not None and b.tilt is not None:
         t = fa * (a.tilt + da * a.sum) + fb * (b.tilt + db * b.sum)
@@ -112,7 +112,7 @@ def merge_all(maxes: Tensor, sums: Tensor, tilts: Tensor | None = None) -> Norma
     (float64): `merge` over all of them, the P terms added in order by a compensated sum, so
     that the combination adds one rounding whatever P (the vocab-parallel engine's ranks)."""
     m = maxes.amax(0)  # [M]
-    d, f = _rescale(maxes, m)  # [P, M]
+    d, f = rescale(maxes, m)  # [P, M]
     t = None if tilts is None else compensated_sum(f * (tilts + d * sums))
     return Normaliser(m, compensated_sum(f * sums), t)
 

@@ -9,7 +9,13 @@ after the batch is built, so `compare` and `dump` see the same rule. It checks:
 - at every position in the loss (``mask`` true): token ids in [0, V); finite advantages and
   log-probs (π_old, μ_old, π_ref), each log-prob ≤ 0 (a log-probability is the log of a number
   in (0, 1]); finite hidden states;
-- every entry of the lm_head ``weight`` finite (every row enters the softmax).
+- every entry of the lm_head ``weight`` finite (every row enters the softmax);
+- the distillation teacher (`gradlens.containers.Teacher`), when the batch has one, under the
+  names a batch file gives its keys: ``teacher_hidden`` [N, T, H'] with ``teacher_weight``
+  [V, H'] (and ``teacher_bias`` [V]), or ``teacher_logits`` [N, T, V], finite (the weight and
+  bias everywhere, the rest at positions in the loss); ``teacher_topk_ids`` [N, T, K] integers
+  in [0, V), distinct within each position, with ``teacher_topk_logp`` [N, T, K]; and
+  ``teacher_logp`` [N, T]: every log-prob finite and ≤ 0.
 
 Values at masked positions are never read and may hold anything.
 
@@ -33,7 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gradlens.containers import Batch
+from gradlens.containers import Batch, Teacher
 from gradlens.errors import GradlensError
 
 BLOCK_ELEMENTS = 1 << 24  # entries scanned at once (16 Mi: 16 MiB of bool mask per block)
@@ -214,13 +220,186 @@ def batch_problems(batch: Batch, skip: frozenset[str] = frozenset()) -> list[Pro
     return out
 
 
+TEACHER_FIELDS = (
+    "teacher_hidden",
+    "teacher_weight",
+    "teacher_bias",
+    "teacher_logits",
+    "teacher_topk_ids",
+    "teacher_topk_logp",
+    "teacher_logp",
+)
+
+
+def teacher_tensors(teacher: Teacher) -> dict[str, Tensor]:
+    """The teacher's tensors present, by the names of `TEACHER_FIELDS`."""
+    named = {
+        "teacher_hidden": teacher.hidden,
+        "teacher_weight": teacher.weight,
+        "teacher_bias": teacher.bias,
+        "teacher_logits": teacher.logits,
+        "teacher_topk_ids": teacher.topk_ids,
+        "teacher_topk_logp": teacher.topk_logp,
+        "teacher_logp": teacher.sampled_logp,
+    }
+    return {k: x for k, x in named.items() if x is not None}
+
+
+def _teacher_shape_problems(batch: Batch, x: dict[str, Tensor]) -> list[Problem]:
+    grid, v = tuple(batch.tokens.shape), batch.vocab_size
+    out = []
+
+    def shape(name: str, expected: str, ok: bool) -> None:
+        if name in x and not ok:
+            out.append(Problem(name, (), f"has shape {tuple(x[name].shape)}; expected {expected}"))
+
+    for a, b, why in (
+        ("teacher_hidden", "teacher_weight", "the teacher's logits W'·h' need both"),
+        ("teacher_topk_ids", "teacher_topk_logp", "the stored top-k form needs both"),
+    ):
+        if (a in x) != (b in x):
+            given, missing = (a, b) if a in x else (b, a)
+            out.append(Problem(given, (), f"given without {missing}: {why}"))
+    if "teacher_bias" in x and "teacher_weight" not in x:
+        out.append(Problem("teacher_bias", (), "given without teacher_weight, whose bias it is"))
+    if "teacher_logits" in x and "teacher_weight" in x:
+        out.append(
+            Problem(
+                "teacher_logits",
+                (),
+                "given beside teacher_hidden/teacher_weight; give the teacher's logits or its "
+                "hidden/weight pair, not both",
+            )
+        )
+    hidden, weight = x.get("teacher_hidden"), x.get("teacher_weight")
+    shape(
+        "teacher_hidden",
+        f"[N, T, H'] with [N, T] = {grid}",
+        hidden is None or (hidden.dim() == 3 and tuple(hidden.shape[:2]) == grid),
+    )
+    h = None if hidden is None or hidden.dim() != 3 else int(hidden.shape[2])
+    shape(
+        "teacher_weight",
+        f"[V, H'] = {(v, h)} (V: the student's vocabulary; H' from teacher_hidden)",
+        weight is None or (weight.dim() == 2 and tuple(weight.shape) == (v, h or weight.shape[1])),
+    )
+    shape(
+        "teacher_bias",
+        f"[V] = ({v},)",
+        "teacher_bias" not in x or (tuple(x["teacher_bias"].shape) == (v,)),
+    )
+    shape(
+        "teacher_logits",
+        f"[N, T, V] = {(*grid, v)}",
+        "teacher_logits" not in x or (tuple(x["teacher_logits"].shape) == (*grid, v)),
+    )
+    ids, logp = x.get("teacher_topk_ids"), x.get("teacher_topk_logp")
+    shape(
+        "teacher_topk_ids",
+        f"[N, T, K] with [N, T] = {grid} and K ≥ 1",
+        ids is None or (ids.dim() == 3 and tuple(ids.shape[:2]) == grid and ids.shape[2] >= 1),
+    )
+    if ids is not None and logp is not None and tuple(logp.shape) != tuple(ids.shape):
+        shape("teacher_topk_logp", f"[N, T, K] = {tuple(ids.shape)} like teacher_topk_ids", False)
+    shape(
+        "teacher_logp",
+        f"[N, T] = {grid}",
+        "teacher_logp" not in x or (tuple(x["teacher_logp"].shape) == grid),
+    )
+    for name, t in x.items():
+        integer = name == "teacher_topk_ids"
+        if integer and (t.is_floating_point() or t.dtype == torch.bool):
+            out.append(Problem(name, (), f"has dtype {t.dtype}; token ids are integers"))
+        elif not integer and not t.is_floating_point():
+            out.append(Problem(name, (), f"has dtype {t.dtype}; expected a floating-point dtype"))
+    return out
+
+
+def _duplicates(ids: Tensor) -> Tensor:
+    """[n, T, K] True at an id that an earlier entry of its position repeats."""
+    ordered, order = ids.sort(dim=-1, stable=True)  # the later of two equal ids is flagged
+    repeat = torch.zeros_like(ids, dtype=torch.bool)
+    repeat[..., 1:] = ordered[..., 1:] == ordered[..., :-1]
+    return torch.zeros_like(repeat).scatter_(-1, order, repeat)
+
+
+def teacher_problems(batch: Batch, skip: frozenset[str] = frozenset()) -> list[Problem]:
+    """Everything wrong with the batch's teacher (module docstring), field by field."""
+    if batch.teacher is None:
+        return []
+    x = teacher_tensors(batch.teacher)
+    shapes = _teacher_shape_problems(batch, x)
+    if shapes:
+        return shapes
+    mask, v = batch.mask, batch.vocab_size
+    out = []
+    every = "every value the loss reads must be a finite number"
+    for name, valid in (
+        ("teacher_hidden", mask),
+        ("teacher_weight", None),
+        ("teacher_bias", None),
+        ("teacher_logits", mask),
+        ("teacher_topk_logp", mask),
+        ("teacher_logp", mask),
+    ):
+        if name not in x or name in skip:
+            continue
+        found = find(x[name], non_finite, valid)
+        if found is not None:
+            where = " at a position in the loss" if valid is not None else ""
+            out.append(
+                Problem(name, found.index, f"{describe(found.value)}{where}; {every}", found.count)
+            )
+        elif name in ("teacher_topk_logp", "teacher_logp"):
+            found = find(x[name], lambda lp: lp > 0, valid)
+            if found is not None:
+                out.append(
+                    Problem(
+                        name,
+                        found.index,
+                        f"log-probability {found.value:.6g} > 0; a log-probability is ≤ 0",
+                        found.count,
+                    )
+                )
+    ids = x.get("teacher_topk_ids")
+    if ids is not None and "teacher_topk_ids" not in skip:
+        found = find(ids, lambda i: (i < 0) | (i >= v), mask)
+        if found is not None:
+            out.append(
+                Problem(
+                    "teacher_topk_ids",
+                    found.index,
+                    f"token id {int(found.value)} is outside the vocabulary [0, {v}) of the "
+                    "lm_head",
+                    found.count,
+                )
+            )
+        else:
+            found = find(ids, _duplicates, mask)
+            if found is not None:
+                out.append(
+                    Problem(
+                        "teacher_topk_ids",
+                        found.index,
+                        f"token id {int(found.value)} appears twice in this position's top-k; "
+                        "the teacher's top-k ids of one position are distinct",
+                        found.count,
+                    )
+                )
+    return out
+
+
 def check_batch(batch: Batch) -> None:
     """Refuse a batch whose inputs break the rule, with every problem at once.
 
     Problems in the fields a model computed (`Origin.computed`) are left to the report.
     """
     computed = batch.origin.computed
-    problems = [p for p in batch_problems(batch, computed) if p.field not in computed]
+    problems = [
+        p
+        for p in batch_problems(batch, computed) + teacher_problems(batch, computed)
+        if p.field not in computed
+    ]
     if not problems:
         return
     lines = [p.message(batch) for p in problems[:MAX_LISTED]]

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from gradlens.cli import app
 from gradlens.compare.run import source_context
 from gradlens.config import Config, validate
-from gradlens.containers import Batch, Teacher
+from gradlens.containers import Batch, KeptSets, Teacher
 from gradlens.grads import LossGradients, autograd_reference, closed_form, softmax_view
 from gradlens.losses import Aggregation, LossParams, get_loss
 from gradlens.sources import build_source
@@ -157,6 +157,22 @@ IMPLEMENTATIONS = textwrap.dedent(
         return (per_token * mask).sum() / mask.sum()
     """
 )
+
+
+def random_kept(batch: Batch, seed: int, keep_share: float = 0.5) -> KeptSets:
+    """Random kept sets that always hold the sampled token, with random kept masses of π_old,
+    μ and π_ref (log S ∈ [−1, 0])."""
+    gen = torch.Generator().manual_seed(seed)
+    n, t = batch.mask.shape
+    v = batch.vocab_size
+    keep = torch.rand(n, t, v, generator=gen) < keep_share  # [N, T, V]
+    keep.scatter_(-1, batch.tokens[..., None], True)  # y_t ∈ K_t
+    width = int(keep.sum(-1).max())
+    order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)  # kept ids first
+    count = keep.sum(-1)  # [N, T]
+    ids = torch.where(torch.arange(width) < count[..., None], order[..., :width], -1)
+    masses = [-torch.rand(n, t, generator=gen, dtype=F64) for _ in range(3)]
+    return KeptSets(ids, "random", *masses)
 
 
 def three_policy_batch(seed: int, drift: float = 0.8, rollout: float = 0.3) -> Batch:

@@ -9,12 +9,17 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from helpers import build_batch, differences
 
 import gradlens
 from gradlens.compare import run_compare
 from gradlens.config import Config, build_config
+from gradlens.engine.launch import run_ranks
+from gradlens.engine.vocab_split import balanced_split
 from gradlens.grads import effective_old_logp, softmax_view
+from gradlens.validation import teacher_tensors
+from tests.compare.test_tensor_parallel import assert_same_report
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SHIPPED = sorted(p.name for p in CONFIGS.glob("*.yaml") if not p.name.startswith("sweep_"))
@@ -41,6 +46,7 @@ def api_report(config: Config) -> gradlens.results.CompareReport:
         losses=config.losses,
         loss=config.loss.model_dump(),
         diagnostics=config.diagnostics.model_dump(),
+        teacher=None if batch.teacher is None else teacher_tensors(batch.teacher),
     )
 
 
@@ -67,10 +73,8 @@ def comparable(report: gradlens.results.CompareReport, model: bool) -> dict:
     return data
 
 
-@pytest.mark.parametrize(
-    "name",
-    [pytest.param(n, marks=[] if n == "default.yaml" else [pytest.mark.slow]) for n in SHIPPED],
-)
+@pytest.mark.slow  # two whole runs per config; the default alone takes seconds
+@pytest.mark.parametrize("name", SHIPPED)
 def test_diagnose_reproduces_compare_on_every_shipped_config(name: str) -> None:
     config = build_config(CONFIGS / name)
     report = api_report(config)
@@ -203,6 +207,7 @@ def test_bad_settings_name_their_key() -> None:
         gradlens.diagnose(**small_step(), loss={"eps_hgh": 0.3})
 
 
+@pytest.mark.slow
 def test_the_documented_example_runs() -> None:
     """docs/api.md's example, as written."""
     text = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
@@ -212,3 +217,141 @@ def test_the_documented_example_runs() -> None:
     exec(code.group(1), scope)
     assert scope["report"].passed and 0 < scope["report"].losses[2].clipping.region < 1
     assert "gradlens/ppo_clip/verl/actor/pg_clipfrac" in scope["log"]
+
+
+# --- a tensor-parallel group: process_group= and vocab_rows= ------------------------------------
+
+VOCAB = 41  # 21 + 20 rows over two ranks: an uneven split
+# (arguments of each run, both in one process and on the group)
+GROUP_RUNS: list[dict] = [
+    {
+        "losses": ["reinforce", "ppo_clip", "grpo", "sft", "cispo"],
+        "loss": {"entropy_coef": 0.05, "eps_high": 0.1},
+    },
+    {"losses": ["ppo", "reinforce"], "on_policy": True},  # without old_logp: ℓ_old := ℓ
+]
+
+
+def float64_step() -> dict:
+    """A float64 step with π_old and μ drifted below π_θ (log-probs stay ≤ 0) and ragged masks."""
+    g = torch.Generator().manual_seed(5)
+    n, t, h = 4, 6, 8
+    hidden = torch.randn(n, t, h, generator=g, dtype=torch.float64)
+    weight = torch.randn(VOCAB, h, generator=g, dtype=torch.float64) / 2
+    tokens = torch.randint(0, VOCAB, (n, t), generator=g)
+    tokens[0, :2] = torch.tensor([20, 21])  # the last row of rank 0, the first of rank 1
+    mask = torch.arange(t)[None, :] < torch.tensor([6, 4, 5, 6])[:, None]
+    logp = torch.log_softmax(hidden @ weight.T, -1).gather(-1, tokens[..., None]).squeeze(-1)
+    noise = torch.rand(2, n, t, generator=g, dtype=torch.float64)
+    return {
+        "hidden": hidden,
+        "weight": weight,
+        "tokens": tokens,
+        "mask": mask,
+        "advantages": torch.tensor([1.0, -0.5, 0.7, -1.2], dtype=torch.float64),
+        "old_logp": logp - 0.3 * noise[0],
+        "rollout_logp": logp - 0.2 * noise[1],
+    }
+
+
+def group_arguments(step: dict, run: dict) -> dict:
+    args = {**step, **{k: v for k, v in run.items() if k != "on_policy"}}
+    if run.get("on_policy"):
+        args.pop("old_logp"), args.pop("rollout_logp")
+    return args
+
+
+def api_ranks(rank: int, world: int, step: dict) -> tuple[list[dict], list[str]]:
+    """On every rank of a group the caller made (a new group over the ranks, as a trainer's
+    TP group): each run's report from this rank's rows; then the errors of bad shards."""
+    group = dist.new_group(list(range(world)))
+    v0, v1 = balanced_split(VOCAB, world).shard(rank)
+    reports = []
+    for run in GROUP_RUNS:
+        args = group_arguments(step, run)
+        args["weight"] = args["weight"][v0:v1]
+        report = gradlens.diagnose(**args, process_group=group, vocab_rows=(v0, v1))
+        reports.append(report.model_dump(mode="json"))
+    errors = []
+    bad = [
+        # rank 1's shard one row short of the rows it names
+        {"weight": step["weight"][v0 : v1 - (rank == 1)], "vocab_rows": (v0, v1)},
+        # every rank names rows starting at 0: they do not tile [0, V)
+        {"weight": step["weight"][v0:v1], "vocab_rows": (0, v1 - v0)},
+        {"weight": step["weight"][v0:v1], "vocab_rows": (v0, v1) if rank else "rows"},
+    ]
+    for change in bad:
+        try:
+            gradlens.diagnose(**{**step, **change}, process_group=group)
+            errors.append("no error")
+        except gradlens.GradlensError as exc:
+            errors.append(f"{type(exc).__name__}: {exc}")
+    return reports, errors
+
+
+def test_diagnose_on_a_process_group_equals_one_process() -> None:
+    step = float64_step()
+    launched = run_ranks(api_ranks, 2, (step,), timeout_s=120)
+    for i, run in enumerate(GROUP_RUNS):
+        # one process, the streamed engine (the group runs the vocab-parallel one)
+        args = group_arguments(step, run)
+        one = gradlens.diagnose(**args, diagnostics={"engine": "streamed"})
+        for reports, _ in launched:  # the same report on every rank, one process's
+            assert_same_report(one.model_dump(mode="json"), reports[i], [21, 20])
+    assert launched[1][0][1]["ratio"]["min"] == launched[1][0][1]["ratio"]["max"] == 1.0
+    for _, errors in launched:  # the same error on every rank, naming the argument
+        assert errors[0] == (
+            "SharedError: rank 1 of 2: weight: this rank's shard has 19 rows, but vocab_rows "
+            "[21, 41) names 20; pass the rows [21, 41) of the [41, H] lm_head weight"
+        )
+        assert errors[1] == (
+            "SharedError: vocab_rows: the ranks' rows must be consecutive in rank order from 0 "
+            "(rank r's v0 is rank r − 1's v1), covering the vocabulary [0, V); they are "
+            "rank 0 [0, 21); rank 1 [0, 20)"
+        )
+        assert errors[2] == (
+            "SharedError: rank 0 of 2: vocab_rows: expected two integers (v0, v1), got 'rows'"
+        )
+
+
+def test_vocab_rows_and_process_group_are_checked_in_one_process() -> None:
+    step = small_step()
+    with pytest.raises(gradlens.GradlensError, match="vocab_rows: names a shard"):
+        gradlens.diagnose(**step, vocab_rows=(0, 40))
+    with pytest.raises(gradlens.GradlensError, match=r"process_group: torch\.distributed is not"):
+        gradlens.diagnose(**step, process_group=object(), vocab_rows=(0, 40))
+
+
+def distill_step() -> dict:
+    step = small_step()
+    g = torch.Generator().manual_seed(5)
+    teacher = {"teacher_logits": torch.randn(3, 5, 40, generator=g)}
+    return {
+        **step,
+        "losses": ["sft"],
+        "loss": {"distill": {"divergence": "forward_kl", "coef": 1.0}},
+        "teacher": teacher,
+    }
+
+
+def test_a_teacher_given_as_logits_enters_the_distillation_term() -> None:
+    step = distill_step()
+    with_teacher = gradlens.diagnose(**step, diagnostics={"reference": "autograd"})
+    assert with_teacher.passed  # the closed form with the term agrees with autograd
+    without = gradlens.diagnose(**{k: v for k, v in step.items() if k not in ("loss", "teacher")})
+    # the term changes the gradient: SFT alone against SFT + KL(q‖π) to a random teacher
+    assert with_teacher.losses[0].rows.total_norm != without.losses[0].rows.total_norm
+
+
+@pytest.mark.parametrize(
+    "teacher, named",
+    [
+        ({"teacher_logit": torch.zeros(3, 5, 40)}, "unknown key(s) 'teacher_logit'"),
+        ({"teacher_logits": torch.zeros(3, 5, 39)}, "teacher_logits"),
+        ([torch.zeros(3, 5, 40)], "teacher: expected a mapping"),
+    ],
+)
+def test_a_bad_teacher_is_named(teacher, named: str) -> None:
+    step = {**distill_step(), "teacher": teacher}
+    with pytest.raises(gradlens.GradlensError, match=re.escape(named)):
+        gradlens.diagnose(**step)

@@ -38,6 +38,7 @@ def compare_json(*args: str) -> dict:
     return json.loads(result.stdout)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt", ".jsonl"])
 def test_dump_and_read_back_gives_the_same_diagnosis(tmp_path, suffix):
     path = tmp_path / f"batch{suffix}"

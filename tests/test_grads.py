@@ -65,6 +65,7 @@ def test_every_setting_exercises_its_rule(setting: str) -> None:
         assert torch.equal(regions["seq_masked"], masked_seq[:, None] & batch.mask)
 
 
+@pytest.mark.every_loss  # the fast subset's check of every loss (tests/conftest.py)
 @pytest.mark.parametrize("setting", list(SETTINGS))
 @pytest.mark.parametrize("mode", list(AGGREGATIONS))
 @pytest.mark.parametrize("loss", loss_names())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import pytest
 import torch
 from helpers import F64, gradients, make_batch, on_policy, random_batch, rel_err
 from hypothesis import HealthCheck, assume, given, settings
@@ -158,6 +159,7 @@ def test_logit_and_lm_head_gradients_are_zero_sum(
 # ----------------------------------------------------------------------------- (2), (3)
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(batch=batches(), params=params_st, mode=modes_st)
 def test_on_policy_ppo_clip_equals_ppo_equals_reinforce(
@@ -177,6 +179,7 @@ def test_on_policy_ppo_clip_equals_ppo_equals_reinforce(
         assert not region.any()
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(batch=batches(), mode=modes_st)
 def test_sft_equals_reinforce_with_unit_advantage(batch: Batch, mode: str) -> None:
@@ -209,6 +212,7 @@ def boundary_margin(batch: Batch, params: LossParams) -> float:
     return min(gaps)
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(
     batch=batches(),
@@ -258,6 +262,7 @@ def test_adding_a_constant_per_token_to_the_logits_changes_nothing(
 # ----------------------------------------------------------------------------- (5) masked
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(batch=batches(), loss=losses_st, params=params_st, mode=modes_st, seed=st.integers(0, 2**31))
 def test_masked_positions_do_not_matter(
@@ -334,6 +339,7 @@ def rows(batch: Batch, lo: int, hi: int) -> Batch:
     )
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(
     batch=batches(min_n=2),
@@ -373,6 +379,7 @@ def test_micro_batches_sum_to_the_full_batch(
 # ----------------------------------------------------------------------------- (7) regions
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(batch=batches(), params=params_st, mode=modes_st)
 def test_ppo_clip_coefficient_vanishes_exactly_on_its_regions(

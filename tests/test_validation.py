@@ -11,7 +11,7 @@ import dataclasses
 
 import pytest
 import torch
-from helpers import build_batch, literal_config, make_batch
+from helpers import build_batch, literal_config, make_batch, random_batch, with_teacher
 
 import gradlens.validation as validation
 from gradlens.containers import Batch, Origin
@@ -143,3 +143,63 @@ def test_find_scans_in_blocks(monkeypatch):
     assert found is not None
     assert found.index == (2, 1, 3) and found.count == 2
     assert find(torch.zeros(0, 3), non_finite) is None
+
+
+def test_a_teachers_shapes_dtypes_and_pairs() -> None:
+    # The teacher's tensors by the batch file's key names, every problem at once; the values of
+    # a teacher whose shapes are wrong are not read.
+    batch = with_teacher(random_batch(2, n=3, t=4, v=9, h=5), 2, k=3, stored=True)
+    assert batch.teacher is not None and batch.teacher.topk_ids is not None
+    ids = batch.teacher.topk_ids
+    cases = [
+        ({"topk_ids": ids.double()}, "teacher_topk_ids: has dtype torch.float64; token ids"),
+        ({"topk_logp": None}, "teacher_topk_ids: given without teacher_topk_logp"),
+        ({"weight": torch.zeros(9, 5)}, "teacher_weight: given without teacher_hidden"),
+        ({"bias": torch.zeros(9)}, "teacher_bias: given without teacher_weight"),
+        (
+            {
+                "hidden": torch.zeros(3, 4, 5),
+                "weight": torch.zeros(9, 5),
+                "logits": torch.zeros(3, 4, 9),
+            },
+            "teacher_logits: given beside teacher_hidden/teacher_weight",
+        ),
+        (
+            {"logits": torch.zeros(3, 4, 8, dtype=torch.float64)},
+            "teacher_logits: has shape (3, 4, 8)",
+        ),
+        (
+            {"sampled_logp": torch.zeros(3, 4, dtype=torch.long)},
+            "teacher_logp: has dtype torch.int64",
+        ),
+    ]
+    for change, expected in cases:
+        teacher = dataclasses.replace(batch.teacher, **change)
+        with pytest.raises(GradlensError) as info:
+            check_batch(dataclasses.replace(batch, teacher=teacher))
+        assert expected in str(info.value), (expected, str(info.value))
+
+
+def test_a_teachers_values_at_positions_in_the_loss() -> None:
+    batch = with_teacher(random_batch(2, n=3, t=4, v=9, h=5), 2, k=3, stored=True)
+    assert batch.teacher is not None and batch.teacher.topk_ids is not None
+    logp = batch.teacher.topk_logp
+    assert logp is not None and bool(batch.mask[0, 0])
+    padded = ~batch.mask
+    ids, bad_logp = batch.teacher.topk_ids.clone(), logp.clone()
+    ids[padded] = 99  # never read: masked positions may hold anything
+    bad_logp[padded] = float("nan")
+    check_batch(
+        dataclasses.replace(
+            batch, teacher=dataclasses.replace(batch.teacher, topk_ids=ids, topk_logp=bad_logp)
+        )
+    )
+    ids[0, 0, 2] = ids[0, 0, 1]
+    bad_logp[0, 0, 0] = 0.25
+    teacher = dataclasses.replace(batch.teacher, topk_ids=ids, topk_logp=bad_logp)
+    with pytest.raises(GradlensError) as info:
+        check_batch(dataclasses.replace(batch, teacher=teacher))
+    message = str(info.value)
+    assert "2 problem(s)" in message
+    assert "teacher_topk_logp[0, 0, 0]: log-probability 0.25 > 0" in message
+    assert "teacher_topk_ids[0, 0, 2]" in message and "appears twice" in message

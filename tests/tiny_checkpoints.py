@@ -71,13 +71,14 @@ def save_checkpoint(
     tokenizer: Any = None,
     context: int = 64,
     tiled: tuple[int, float] | None = None,
+    seed: int = 0,
 ) -> Path:
     """A random ``llama`` (untied) or ``gpt2`` (tied embeddings) model with the BPE tokenizer;
     ``tiled = (V, scale)``: a Llama with V rows whose lm_head is its first VOCAB rows (the
-    tokenizer's) repeated and scaled."""
+    tokenizer's) repeated and scaled; ``seed`` draws its random weights."""
     import transformers
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     vocab = VOCAB if tiled is None else tiled[0]
     if arch == "llama":
         config = transformers.LlamaConfig(

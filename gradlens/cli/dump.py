@@ -12,8 +12,9 @@ from gradlens.cli.common import ConfigOption, DebugOption, SetOption, stderr_con
 HELP = (
     "Write the batch a config describes (synthetic, literal, model, or another batch file) as a "
     "rollout batch file: responses, response_mask, old_log_probs, advantages, hidden_states, "
-    "lm_head_weight (and rollout_log_probs / ref_log_prob when the source has them), under the "
-    "key names verl uses. A batch from a real model (source.kind=model, or a batch file with "
+    "lm_head_weight (and rollout_log_probs / ref_log_prob when the source has them, and the "
+    "teacher_* keys of a distillation teacher), under the key names verl uses. A batch from a "
+    "real model (source.kind=model, or a batch file with "
     "source.model_path) also gets its prompts and attention_mask, verl's layout, so that "
     "source.model_path can recompute it. The format follows the suffix: .safetensors, .pt, "
     ".jsonl. Read it back with --set source.kind=batch --set source.path=FILE."

@@ -147,8 +147,9 @@ def attribution_notes(report: LossReport, num_sequences: int, asked: bool) -> li
 STAND_INS = {
     "ref_logp": "π_old stands in for the reference policy π_ref (set source.ref_drift, or "
     "ref_prob on literal positions)",
-    "teacher_logp": "log q(y) := ℓ_old, so A = ℓ_old − ℓ (give teacher_logp, or a teacher "
-    "hidden/weight pair, in a batch file)",
+    "teacher_logp": "log q(y) := ℓ_old, so A = ℓ_old − ℓ (set source.teacher: perturbed or "
+    "source.teacher_path, or give teacher_logp or a teacher's distribution in a batch file or "
+    "on literal positions)",
     "rollout_logp": "μ_old := π_old, the bypass mode: no training–inference ratio (set "
     "source.rollout_drift, or rollout_prob on literal positions)",
 }

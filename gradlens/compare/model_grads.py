@@ -41,6 +41,7 @@ starts from, mean_t |g_t|·(1 − π_θ(y_t)), is reported too, to tell apart th
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -48,10 +49,19 @@ import torch
 from torch import Tensor, nn
 
 from gradlens.compare.records import TokenSummary
-from gradlens.containers import Batch, ModelContext, valid_index
+from gradlens.containers import Batch, ModelContext, Teacher, valid_index
 from gradlens.diagnostics.numbers import num
-from gradlens.grads import objective, on_grid, policy_entropy, policy_pass, replayed_ids
+from gradlens.grads import (
+    PolicyPass,
+    distill_teacher,
+    objective,
+    on_grid,
+    policy_entropy,
+    policy_pass,
+    replayed_ids,
+)
 from gradlens.losses import Aggregation, LossParams, get_loss
+from gradlens.losses.distill import token_value
 from gradlens.memory import release_free_memory
 from gradlens.progress import report as report_progress
 from gradlens.results import (
@@ -219,6 +229,36 @@ def logit_path_weight(batch: Batch, model: Any) -> Tensor:
     return weight.clone().requires_grad_(True)
 
 
+def micro_divergence(
+    batch: Batch, params: LossParams, rows: list[int], policy: PolicyPass
+) -> Tensor | None:
+    """[n, T] the distillation term's D_t of the micro-batch ``rows``, differentiable through
+    its log-probs (the whole model's gradient carries the term as the lm_head's does); None
+    without ``loss.distill``. Its weights a_t do not depend on D_t, so the other rows' D_t
+    are constants of no gradient."""
+    if params.distill is None or batch.teacher is None:
+        return None
+    index = torch.tensor(rows, device=batch.mask.device)
+    teacher = batch.teacher
+
+    def pick(x: Tensor | None) -> Tensor | None:
+        return None if x is None else x[index]
+
+    part = Teacher(
+        hidden=pick(teacher.hidden),
+        weight=teacher.weight,
+        bias=teacher.bias,
+        logits=pick(teacher.logits),
+        topk_ids=pick(teacher.topk_ids),
+        topk_logp=pick(teacher.topk_logp),
+        sampled_logp=pick(teacher.sampled_logp),
+    )
+    micro = dataclasses.replace(batch, teacher=part, mask=batch.mask[index])
+    at = distill_teacher(micro, params, policy.rows, policy.cols)
+    values = token_value(policy.log_probs, at, params.distill)  # [m]
+    return on_grid(values, policy.rows, policy.cols, micro.mask.shape)
+
+
 def model_gradients(
     batch: Batch,
     ctx: ModelContext,
@@ -275,19 +315,23 @@ def model_gradients(
                     )
                     logp = policy.logp
                     entropy = policy_entropy(policy, specs, params)
+                    divergence = micro_divergence(batch, params, rows, policy)
                     if not plan.single:
                         logp = grid_with(tokens.logp, rows, logp)
                         if entropy is not None:
                             entropy = grid_with(entropy_grid, rows, entropy)
+                        if divergence is not None:  # the other rows' D_t: constants, 0 here
+                            zeros = torch.zeros(mask.shape, dtype=divergence.dtype)
+                            divergence = grid_with(zeros.to(divergence.device), rows, divergence)
                     for j, name in enumerate(group):
                         report_progress("model grads", done, total_backwards)
                         loss = objective(
-                            batch, logp, get_loss(name), params, aggregation, entropy
+                            batch, logp, get_loss(name), params, aggregation, entropy, divergence
                         ).loss
                         sink.loss, sink.final = name, b == len(plan.groups) - 1
                         loss.backward(retain_graph=j < len(group) - 1)
                         done += 1
-                del policy, logp, entropy, hidden
+                del policy, logp, entropy, hidden, divergence
         sink.flush()
     finally:
         for h in handles:

@@ -63,6 +63,7 @@ from gradlens.grads import effective_old_logp, replay
 from gradlens.logits import softmax_dtype
 from gradlens.losses import Aggregation, LossParams, LossSpec, get_loss
 from gradlens.losses.corrections import missing_rollout
+from gradlens.losses.distill import NO_TEACHER_HINT
 from gradlens.memory import Estimate, Shape, check_fits
 from gradlens.metric_names import metric_names
 from gradlens.progress import report as report_progress
@@ -139,9 +140,9 @@ def engine_options(config: Config, batch: Batch, path: str) -> EngineOptions:
 def options_for(config: Config, tokens: int, vocab: int, path: str) -> EngineOptions:
     """The diagnostics settings as the engine reads them; ``reference: auto`` is decided here:
     full autograd with the materialized engine, sampled with the streamed ones (full autograd
-    would materialise [tokens, vocab] per loss), none under tensor parallelism (both need the
-    whole lm_head, which no rank holds) and for the streamed engines on a replayed batch (the
-    sampled check knows no kept sets); so is ``attribution: auto``: on with the materialized
+    would materialise [tokens, vocab] per loss) and under tensor parallelism (the sampled check
+    gathers only the sampled rows of W there), none for the streamed engines on a replayed batch
+    (the sampled check knows no kept sets); so is ``attribution: auto``: on with the materialized
     engine (its [M, V] and [V, H] tensors are there already), off with the streamed ones (about
     one more GEMM-equivalent per loss)."""
     d = config.diagnostics
@@ -156,7 +157,7 @@ def options_for(config: Config, tokens: int, vocab: int, path: str) -> EngineOpt
         )
     if d.reference != "auto":
         reference = REFERENCE_MODES[d.reference]
-    elif d.tensor_parallel > 1 or (replayed and path != "materialized"):
+    elif replayed and path != "materialized":
         reference = "none"
     else:
         reference = "full" if path == "materialized" else "sampled"
@@ -205,12 +206,30 @@ def preflight(config: Config, device: torch.device) -> None:
         and any(spec.aggregating_fn is None for spec in specs)  # others weight themselves
     ):
         raise GradlensError(missing_rollout(corrections))
+    if config.loss.distill is not None and plan.provides is not None:
+        check_teacher_source(config.loss.distill.form, config.source.kind, plan.provides)
     for estimate in plan.memory:
         check_fits(estimate, device)
     if plan.shape is not None:
         ranks = config.diagnostics.tensor_parallel  # each rank holds its rows of the lm_head
         shape = dataclasses.replace(plan.shape, vocab=-(-plan.shape.vocab // ranks))
         check_fits(engine_estimate(config, shape, len(specs) + 1, device), device)
+
+
+def check_teacher_source(form: str, kind: str, provides: frozenset[str]) -> None:
+    """Refuse ``loss.distill`` before any work when the source will give no teacher, or only
+    stored top-k log-probs for the full form."""
+    if "teacher" not in provides:
+        raise GradlensError(
+            f"loss.distill needs a teacher, and this source.kind {kind!r} gives none; "
+            f"{NO_TEACHER_HINT}, or unset loss.distill"
+        )
+    if form == "full" and "teacher_full" not in provides:
+        raise GradlensError(
+            "loss.distill.form: 'full' needs the teacher's whole distribution (teacher_hidden "
+            "and teacher_weight, or teacher_logits); this source gives only stored top-k "
+            "log-probs, which give form top_k"
+        )
 
 
 def summarize_batch(batch: Batch, tokens: TokenSummary) -> BatchSummary:
@@ -306,11 +325,16 @@ def compare_batch(
         report_progress("lm_head diagnostics", 1, 1)
     with _phase(parallel, "report"):
         report = _report(config, device, batch, run, params, aggregation, specs, options)
-        if stored.kept is not None and parallel is None:
-            support = support_report(
-                stored, stored.kept, batch.replayed, params.eps_low, params.eps_high
-            )
-            report = report.model_copy(update={"support": support})
+    if stored.kept is not None:  # after the phase: under tensor parallelism it has a collective
+        support = support_report(
+            stored,
+            stored.kept,
+            batch.replayed,
+            params.eps_low,
+            params.eps_high,
+            None if parallel is None else parallel.comm,
+        )
+        report = report.model_copy(update={"support": support})
     return report
 
 

@@ -11,7 +11,9 @@ With ``diagnostics.reference: autograd`` each loss is also differentiated by tor
 gradient ∂L/∂z_y and the row norms ‖∂L/∂W_v‖. By default (``reference: auto``) the check is
 sampled (`gradlens.compare.sampled_check`): autograd on the same objective, exact, for c_t of
 every token, ∂L/∂z_y of a sample of tokens and the norms of a sample of lm_head rows, without
-[M, V] under autograd; ``reference: none`` skips it.
+[M, V] under autograd; ``reference: none`` skips it. Under tensor parallelism the sampled check
+runs on every rank after two all_gathers (the constant pass's per-token columns and the sampled
+rows W_R; `gradlens.compare.sampled_check.choose_sample_parallel`).
 
 With ``loss.entropy_coef`` ≠ 0 the engine adds the entropy bonus's gradient (not of the c-form)
 to every loss's rows, and the reports include it exactly as the materialized path's do; a
@@ -57,8 +59,10 @@ from gradlens.compare.sampled_check import (
     SAMPLED_TOKENS,
     SPREAD_ROWS,
     TOP_ROWS,
+    DistillInputs,
     Sample,
     choose_sample,
+    choose_sample_parallel,
     sampled_reference,
 )
 from gradlens.compare.tensor_parallel import VocabParallel
@@ -133,11 +137,11 @@ def run_streamed(
             "loss.distill runs on the full vocabulary; with loss.sampling_support: 'kept' the "
             "student is restricted to its kept sets (set sampling_support: full)"
         )
-    if kept_ids is not None and (fused or parallel is not None):
+    if kept_ids is not None and fused:
         raise GradlensError(
-            "loss.sampling_support: 'kept' runs on the materialized and streamed engines; the "
-            "fused and vocab-parallel passes do not restrict π to the kept sets (set "
-            "diagnostics.engine streamed and tensor_parallel 1)"
+            "loss.sampling_support: 'kept' runs on the materialized, streamed and vocab-parallel "
+            "engines; the fused passes do not restrict π to the kept sets (set diagnostics.engine "
+            "streamed)"
         )
     if fused and options.attribution:
         raise GradlensError(
@@ -260,6 +264,7 @@ def run_streamed(
             entropy_losses=len(run_specs),
             attribution=attribution,
             token_entropy=token_entropy,
+            kept_ids=valid_kept,
         )
     logp = grid[0]
     bonus_scale = None  # the bonus's gross size 2·|c_H|·a_t·S_t·H_t, [M]
@@ -283,7 +288,15 @@ def run_streamed(
     if options.reference == "sampled" and reported:
         c_abs = torch.stack([result.coefficients[i].abs() for i in range(reported)]).amax(0)
         norms = torch.stack([result.rows[i].norms.double() for i in range(reported)]).amax(0)
-        sample = choose_sample(hidden, batch.weight, tokens, c_abs, norms)
+        if parallel is None:
+            inputs = None
+            if params.distill is not None and batch.teacher is not None:
+                inputs = DistillInputs(params.distill, batch.teacher, rows, cols)
+            sample = choose_sample(hidden, batch.weight, tokens, c_abs, norms, inputs)
+        else:  # this rank's rows: two all_gathers give every rank the same sample and W_R
+            sample = choose_sample_parallel(
+                hidden, batch.weight, tokens, c_abs, norms, parallel.comm, parallel.split
+            )
     records = []
     for i, spec in enumerate(run_specs[:reported]):
         c = result.coefficients[i]  # [M]

@@ -126,11 +126,19 @@ def vocab_split_of(batch: Batch, comm: Collectives, device: torch.device) -> Voc
 
 def replicated_inputs(batch: Batch) -> dict[str, Tensor]:
     """What the engine and the losses read besides W: the same on every rank."""
-    optional = {
+    optional: dict[str, Tensor | None] = {
         "rollout_logp": batch.rollout_logp,
         "ref_logp": batch.ref_logp,
         "on_policy": batch.on_policy,
     }
+    kept = batch.kept
+    if kept is not None:  # K_t (global ids) and the kept masses replay reads
+        optional |= {
+            "kept_ids": kept.ids,
+            "old_kept_log_mass": kept.old_log_mass,
+            "rollout_kept_log_mass": kept.rollout_log_mass,
+            "ref_kept_log_mass": kept.ref_log_mass,
+        }
     return {
         "hidden": batch.hidden,
         "tokens": batch.tokens,

@@ -105,14 +105,15 @@ SHARE_LIMIT = 0.5  # reuse an earlier loss's dense product when ≤ this share o
 class DenseTerm(Protocol):
     """A dense logit term shared by every loss, beside the entropy bonus (a distillation term).
 
-    ``prepare(lse)`` is called once after pass 1 with the student's logsumexp [M];
+    ``prepare(lse, norm)`` is called once after pass 1 with the student's logsumexp [M] and the
+    normaliser pass 2 computes log π with (`gradlens.logits.log_probs`);
     ``block(start, end, log_probs, probs)`` returns the term's [M, end − start] logit gradient on
     one vocabulary chunk from the student's log π and π there (it must not keep or modify them);
     ``gemms`` counts the GEMMs it ran, in units of 2·M·H·V."""
 
     gemms: float
 
-    def prepare(self, lse: Tensor) -> None: ...
+    def prepare(self, lse: Tensor, norm: Normaliser | None = None) -> None: ...
 
     def block(self, start: int, end: int, log_probs: Tensor, probs: Tensor) -> Tensor: ...
 
@@ -653,7 +654,7 @@ def lm_head_pass(
     coefficients = coefficients_at(coefficients_of, logp, h1, token_entropy, acc)
     ent_w = bonus_weight(entropy_weight, h1)
     if dense_term is not None:
-        dense_term.prepare(first.lse)
+        dense_term.prepare(first.lse, first.norm)
     second = second_pass(
         hidden,
         weight,

@@ -59,6 +59,17 @@ vocabulary rows, so each rank's part over its own rows joins the same all_reduce
 attributed loss u [M], e [M] and ‖G_i‖² [N], and the three shared per-token sums [3, M]. Pass 1
 then also combines H_t (d = π(log π + H) needs it), as with the entropy bonus.
 
+A replayed sampling support (``kept_ids`` [M, K], global ids, the same on every rank;
+``loss.sampling_support: kept``, `gradlens.grads.replay`): each rank restricts its own rows to
+K_t as the single-process engine restricts each chunk (logits outside K_t → −inf as they are
+formed), so its m_r, S_r, T_r and μ_r are those of K_t ∩ [v0_r, v1_r). A rank holding none of
+a token's K_t has m_r = −inf and S_r = T_r = 0, and the combination gives it weight e^{d_r} = 0
+(`gradlens.logits.rescale`, in both ways of combining). The same collective then gives
+log π̃(y) = (z_y − m) − log S̃ with S̃ = Σ_{v∈K_t} e^{z_v − m}, the kept mass of π_θ being
+S̃·e^{m − lse}, and pass 2, with the same restriction, gives c_t(e_y − π̃_t) on every rank's rows,
+rows outside K_t exactly 0 (their π̃ is e^{−inf} = 0). No collective carries K_t: each rank reads
+the ids that fall in its rows. max |z| is taken before the restriction, as in one process.
+
 Collectives per run: all_gather: 1 + 2 (+ 1 with the entropy bonus); max_sum: 2 + 2 (+ 1).
 The `Collectives` object counts their bytes (docs/scaling.md has the formulas).
 """
@@ -89,7 +100,7 @@ from gradlens.engine.streamed import (
 )
 from gradlens.engine.vocab_split import VocabSplit
 from gradlens.errors import GradlensError
-from gradlens.logits import Normaliser, merge_all, softmax_dtype
+from gradlens.logits import Normaliser, merge_all, rescale, softmax_dtype
 from gradlens.losses.registry import unknown_name_message
 from gradlens.summation import WIDE, compensated_sum, grid_parts, join
 
@@ -142,8 +153,9 @@ def combine_max_sum(first: FirstPass, owner: Tensor, comm: Collectives, vocab: i
         torch.stack([norm.max, first.max_abs, first.max_other_logit], dim=-1), "max", "pass1.max"
     )  # [M, 3]
     m = top[:, 0]
-    d = norm.max.to(WIDE) - m.to(WIDE)  # [M] d_r ≤ 0
-    f = torch.exp(d)
+    # [M] d_r = m_r − m ≤ 0 and e^{d_r}; 0 and 0 where this shard holds none of a replayed K_t
+    # (m_r = −inf, S_r = T_r = 0), so that −inf·0 makes no NaN
+    d, f = rescale(norm.max, m)
     # e^{d_r} S_r ≤ V_r and e^{d_r}|T_r + d_r S_r| = Σ_v e^{z_v − m}|z_v − m| ≤ V_r/e: within 2V
     cols = [*grid_parts(f * norm.sum, 2.0 * vocab, comm.world), first.z_y.to(WIDE)]
     if norm.tilt is not None:
@@ -171,6 +183,7 @@ def vocab_parallel_pass(
     pass1: str = "all_gather",
     token_entropy: bool = False,
     attribution: AttributionPlan | None = None,
+    kept_ids: Tensor | None = None,
 ) -> EngineResult:
     """`lm_head_pass` on this rank's rows of W; the same `EngineResult` on every rank.
 
@@ -190,6 +203,8 @@ def vocab_parallel_pass(
             global one, combined by pass 1's collective: the same on every rank).
         pass1: how pass 1's statistics are combined, a key of `PASS1`.
         attribution: as for `lm_head_pass`; its sums are those of the whole W on every rank.
+        kept_ids: [M, K] the replayed kept sets K_t (global ids, −1 padding; the same on every
+            rank), or None: the whole vocabulary. Each rank restricts its own rows to them.
 
     Returns:
         The `EngineResult` of the whole W: per-token statistics [M], coefficients, for every
@@ -217,9 +232,18 @@ def vocab_parallel_pass(
     acc = softmax_dtype(weight_shard.dtype)
     need_h = entropy_weight is not None or token_entropy or attribution is not None
     local = tokens - v0  # ids of this shard's rows; the others fall outside [0, V_r)
+    # K_t in this shard's row ids: another shard's ids and the padding fall outside [0, V_r)
+    kept_local = None if kept_ids is None else torch.where(kept_ids >= 0, kept_ids - v0, -1)
 
     first = first_pass(
-        hidden, weight_shard, local, plan, entropy=need_h, other_logit=True, vocab=split.vocab
+        hidden,
+        weight_shard,
+        local,
+        plan,
+        entropy=need_h,
+        other_logit=True,
+        vocab=split.vocab,
+        kept_ids=kept_local,
     )
     totals = combine(first, split.owner(tokens), comm, split.vocab)
     logp = sampled_logp(totals.z_y, totals.norm)
@@ -239,6 +263,7 @@ def vocab_parallel_pass(
         entropy_losses,
         vocab=split.vocab,
         gemms=first.gemms,
+        kept_ids=kept_local,
         attribution=attribution,
     )
     whole = _finish(second, split, v0, v1, comm)

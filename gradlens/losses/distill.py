@@ -37,8 +37,9 @@ at c before φ; an entry whose l is below c carries no gradient (u_v = 0 there; 
 derivative is 0), and q is read as e^{max(lq, c)}. verl also clamps the per-token loss at 0 from
 below and at ``loss_max_clamp`` (10) from above; gradlens reports D_t unclamped (docs/losses.md).
 
-The teacher is a second hidden/weight pair (q_t = softmax(W' h'_t), both forms; the top-k form
-takes the pair's top ``top_k``) or stored top-k ids and log-probs (top-k form only).
+The teacher is a second hidden/weight pair (q_t = softmax(W' h'_t + b'), both forms; the top-k
+form takes the pair's top ``top_k``), its stored logits (the same), or stored top-k ids and
+log-probs (top-k form only).
 The sampled-token form, on-policy distillation, is an ordinary c-form loss (`gradlens.losses.opd`).
 """
 
@@ -53,9 +54,17 @@ from torch import Tensor
 
 from gradlens.containers import Teacher
 from gradlens.errors import GradlensError
+from gradlens.logits import Normaliser, log_probs
 from gradlens.losses.base import Distill
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+# where a teacher comes from, for the messages of a run that has none
+NO_TEACHER_HINT = (
+    "give one: source.teacher: perturbed (synthetic), source.teacher_path (model), teacher_* "
+    "keys in a batch file (teacher_hidden and teacher_weight or teacher_logits, both forms; "
+    "teacher_topk_ids and teacher_topk_logp, form top_k) or teacher_* fields on literal "
+    "positions"
+)
 FORMS = ("full", "top_k")
 
 # formula, dense logit gradient (full form), paper: for `gradlens losses` and the docs
@@ -112,12 +121,33 @@ class TeacherTokens:
     logp: Tensor | None = None
 
 
+class TeacherLogits:
+    """The teacher's logits at the M valid tokens, one vocabulary chunk at a time: W'[v0:v1]·h'_t
+    (+ b'), or the stored logits' columns. Only the gathered [M, H'] hidden states are kept
+    (a teacher given as logits keeps its [M, V] rows: the batch holds them already)."""
+
+    def __init__(self, teacher: Teacher, rows: Tensor, cols: Tensor) -> None:
+        self.logits = None if teacher.logits is None else teacher.logits[rows, cols]  # [M, V]
+        self.hidden = None if teacher.hidden is None else teacher.hidden[rows, cols]  # [M, H']
+        self.weight, self.bias = teacher.weight, teacher.bias
+        vocab = teacher.vocab_size
+        assert vocab is not None
+        self.vocab = vocab
+
+    def chunk(self, start: int, end: int) -> Tensor:
+        """[M, end − start] the teacher's logits of vocabulary rows [start, end)."""
+        if self.logits is not None:
+            return self.logits[:, start:end]
+        assert self.hidden is not None and self.weight is not None
+        z = self.hidden @ self.weight[start:end].T  # [M, Vc]
+        return z if self.bias is None else z + self.bias[start:end]
+
+
 def teacher_log_probs(teacher: Teacher, rows: Tensor, cols: Tensor, dtype: torch.dtype) -> Tensor:
-    """[M, V] log q_t = log_softmax(W' h'_t) at the valid tokens, in ``dtype``."""
-    assert teacher.hidden is not None and teacher.weight is not None
-    h = teacher.hidden[rows, cols]  # [M, H']
-    logits = (h @ teacher.weight.T).to(dtype)  # [M, V]
-    return torch.log_softmax(logits, dim=-1)
+    """[M, V] log q_t = log_softmax(W' h'_t + b') (or of the stored logits) at the valid tokens,
+    in ``dtype``."""
+    source = TeacherLogits(teacher, rows, cols)
+    return torch.log_softmax(source.chunk(0, source.vocab).to(dtype), dim=-1)
 
 
 def teacher_tokens(
@@ -145,22 +175,21 @@ def teacher_tokens(
 
 def check_teacher(teacher: Teacher | None, d: Distill, vocab: int) -> None:
     """Raise when the batch's teacher cannot give the form ``d`` asks for."""
-    if teacher is None or not (teacher.has_pair or teacher.has_topk):
+    if teacher is None or not (teacher.has_full or teacher.has_topk):
         raise GradlensError(
-            "loss.distill needs a teacher, and this batch has none; give a batch file with "
-            "teacher_hidden and teacher_weight (both forms) or teacher_topk_ids and "
-            "teacher_topk_logp (form top_k), or unset loss.distill"
+            f"loss.distill needs a teacher, and this batch has none; {NO_TEACHER_HINT}, or unset "
+            "loss.distill"
         )
-    if d.form == "full" and not teacher.has_pair:
+    if d.form == "full" and not teacher.has_full:
         raise GradlensError(
-            "loss.distill.form: 'full' needs the teacher's hidden states and lm_head "
-            "(teacher_hidden, teacher_weight); this batch has only stored top-k log-probs, "
-            "which give form top_k"
+            "loss.distill.form: 'full' needs the teacher's whole distribution (teacher_hidden "
+            "and teacher_weight, or teacher_logits); this batch has only stored top-k "
+            "log-probs, which give form top_k"
         )
-    if teacher.weight is not None and int(teacher.weight.shape[0]) != vocab:
+    if teacher.vocab_size is not None and teacher.vocab_size != vocab:
         raise GradlensError(
-            f"teacher_weight has {int(teacher.weight.shape[0])} rows and the student's lm_head "
-            f"{vocab}: distillation needs one vocabulary"
+            f"the teacher's distribution has {teacher.vocab_size} entries and the student's "
+            f"lm_head {vocab} rows: distillation needs one vocabulary"
         )
     if d.form == "top_k" and not teacher.has_topk and d.top_k > vocab:
         raise GradlensError(
@@ -178,9 +207,9 @@ def student_at(log_probs: Tensor, teacher: TeacherTokens) -> tuple[Tensor, Tenso
     return log_probs.gather(-1, teacher.ids), teacher.logp.to(log_probs.dtype)
 
 
-def token_terms(lp: Tensor, lq: Tensor, d: Distill) -> tuple[Tensor, Tensor]:
-    """(D_t [M], u [M, S]) in closed form: the divergence and u = ψ on S_t, 0 where verl's
-    clamp holds lp (no graph)."""
+def entry_terms(lp: Tensor, lq: Tensor, d: Distill) -> tuple[Tensor, Tensor]:
+    """(φ, u) entrywise: the divergence's terms (differentiable in ``lp``) and u = ψ, 0 where
+    verl's clamp holds lp."""
     active = None
     if d.log_prob_min_clamp is not None:
         active = lp >= d.log_prob_min_clamp
@@ -189,6 +218,13 @@ def token_terms(lp: Tensor, lq: Tensor, d: Distill) -> tuple[Tensor, Tensor]:
     phi, psi = pointwise(effective(d), d.beta, lp, lq)
     if active is not None:
         psi = torch.where(active, psi, 0.0)
+    return phi, psi
+
+
+def token_terms(lp: Tensor, lq: Tensor, d: Distill) -> tuple[Tensor, Tensor]:
+    """(D_t [M], u [M, S]) in closed form: the divergence and u = ψ on S_t, 0 where verl's
+    clamp holds lp (no graph)."""
+    phi, psi = entry_terms(lp, lq, d)
     return phi.sum(-1), psi
 
 
@@ -259,8 +295,7 @@ class StreamedDistill:
         self.weights = torch.empty(0)  # [M] λ·a_t after ``prepare``
         self.chunks, self.dtype = chunks, dtype
         self.vocab = int(weight.shape[0])
-        self.t_hidden = None if teacher.hidden is None else teacher.hidden[rows, cols]  # [M, H']
-        self.t_weight = teacher.weight
+        self.t_logits = TeacherLogits(teacher, rows, cols) if teacher.has_full else None
         self.ids: Tensor | None = None
         self.logq: Tensor | None = None
         if d.form == "top_k" and teacher.has_topk:
@@ -274,9 +309,10 @@ class StreamedDistill:
         self.scale = torch.empty(0)
 
     def _teacher_logits(self, start: int, end: int) -> Tensor:
-        assert self.t_hidden is not None and self.t_weight is not None
-        self.gemms += (end - start) / self.vocab
-        return (self.t_hidden @ self.t_weight[start:end].T).to(self.dtype)  # [M, Vc]
+        assert self.t_logits is not None
+        if self.t_logits.logits is None:
+            self.gemms += (end - start) / self.vocab
+        return self.t_logits.chunk(start, end).to(self.dtype)  # [M, Vc]
 
     def _teacher_pass(self) -> None:
         """The teacher's logsumexp, and its top-k when the top-k form comes from the pair."""
@@ -297,11 +333,14 @@ class StreamedDistill:
         if want_topk and best_z is not None:
             self.ids, self.logq = best_ids, best_z - lse[:, None]
 
-    def prepare(self, lse: Tensor) -> None:
+    def prepare(self, lse: Tensor, norm: Normaliser | None = None) -> None:
+        """D_t, Σ_v u_tv and the scale; with ``norm``, log π exactly as pass 2 computes it
+        (`gradlens.logits.log_probs`), so that the entries verl's clamp keeps are those of
+        ``block`` bit for bit and the term sums to zero over the vocabulary."""
         lse = lse.to(self.dtype)
         a = self._a() if callable(self._a) else self._a
         self.weights = self.d.coef * a.to(self.dtype)  # [M] λ·a_t
-        if self.t_hidden is not None and (self.d.form == "full" or self.ids is None):
+        if self.t_logits is not None and (self.d.form == "full" or self.ids is None):
             self._teacher_pass()
         if self.d.form == "top_k":
             assert self.ids is not None and self.logq is not None
@@ -318,7 +357,8 @@ class StreamedDistill:
                 self.gemms += (end - start) / self.vocab
                 z = (self.hidden @ self.weight[start:end].T).to(self.dtype)  # [M, Vc]
                 lq = self._teacher_logits(start, end) - self.t_lse[:, None]
-                part, u = token_terms(z - lse[:, None], lq, self.d)
+                lp = z - lse[:, None] if norm is None else log_probs(z, norm, inplace=True)
+                part, u = token_terms(lp, lq, self.d)
                 value += part
                 self.total += u.sum(-1)
                 gross += u.abs().sum(-1)

@@ -22,6 +22,7 @@ reproduce the θ they reached, and a read-back with it says so in the report.
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from pathlib import Path
 
@@ -29,9 +30,9 @@ import torch
 from torch import Tensor
 
 from gradlens.advantages import advantages_from_rewards
-from gradlens.batchfile import peek_shapes, read_batch_file, shape_keys
+from gradlens.batchfile import TEACHER_KEYS, peek_shapes, read_batch_file, shape_keys
 from gradlens.config import BatchSource
-from gradlens.containers import Batch, KeptSets, Namer, Origin, VocabRows
+from gradlens.containers import Batch, KeptSets, Namer, Origin, Teacher, VocabRows
 from gradlens.engine.vocab_split import balanced_split
 from gradlens.errors import GradlensError
 from gradlens.grads import effective_old_logp, softmax_view
@@ -40,6 +41,7 @@ from gradlens.memory import Estimate, Shape, dtype_bytes
 from gradlens.sources.base import SourceContext, SourcePlan
 from gradlens.sources.checkpoint import checkpoint_estimate, checkpoint_sizes, load_tokenizer
 from gradlens.sources.recompute import BUILTIN, recompute_hidden
+from gradlens.validation import teacher_tensors
 
 JSONL_FACTOR = 4  # a .jsonl number parsed into Python objects takes about 4× its text
 
@@ -142,6 +144,7 @@ def build_batch_file(src: BatchSource, ctx: SourceContext) -> Batch:
             old_log_mass=opt("old_kept_log_mass"),
             rollout_log_mass=opt("rollout_kept_log_mass"),
         )
+    teacher = file_teacher(data, device, dtype)
     return Batch(
         hidden=hidden.to(dtype).to(device),
         weight=weight.to(dtype).to(device),
@@ -161,11 +164,56 @@ def build_batch_file(src: BatchSource, ctx: SourceContext) -> Batch:
         weight_rows=rows,
         kept=kept,
         tokenizer=tokenizer,
+        teacher=teacher,
         origin=Origin(
             file_names(path.name, file.keys, data, src.model_path),
             frozenset() if src.model_path is None else frozenset({"hidden", "weight"}),
         ),
     )
+
+
+def file_teacher(
+    data: dict[str, Tensor], device: torch.device, dtype: torch.dtype
+) -> Teacher | None:
+    """The file's teacher (`gradlens.batchfile`'s ``teacher_*`` keys), if it has one: the
+    hidden states, lm_head and logits in the run's dtype like the student's, the log-probs in
+    its softmax dtype. Its grid is the file's response grid, which a checkpoint's recomputation
+    keeps."""
+    if not any(key in data for key in TEACHER_KEYS):
+        return None
+    acc = softmax_dtype(dtype)
+
+    def get(key: str, to: torch.dtype | None) -> Tensor | None:
+        x = data.get(key)
+        if x is None:
+            return None
+        x = x.to(device)
+        return x.to(to) if to is not None and x.is_floating_point() else x
+
+    return Teacher(
+        hidden=get("teacher_hidden", dtype),
+        weight=get("teacher_weight", dtype),
+        bias=get("teacher_bias", dtype),
+        logits=get("teacher_logits", dtype),
+        topk_ids=get("teacher_topk_ids", None),
+        topk_logp=get("teacher_topk_logp", acc),
+        sampled_logp=get("teacher_logp", acc),
+    )
+
+
+def teacher_provides(names: frozenset[str] | set[str]) -> frozenset[str]:
+    """What a batch with the teacher fields ``names`` provides (`SourcePlan.provides`): any
+    teacher (``teacher``), its whole distribution (``teacher_full``), log q(y)
+    (``teacher_logp``)."""
+    out = set()
+    full = {"teacher_hidden", "teacher_weight"} <= names or "teacher_logits" in names
+    if full or {"teacher_topk_ids", "teacher_topk_logp"} <= names:
+        out.add("teacher")
+    if full:
+        out.add("teacher_full")
+    if "teacher_logp" in names:
+        out.add("teacher_logp")
+    return frozenset(out)
 
 
 def stale_note(name: str, steps: int) -> str:
@@ -225,7 +273,8 @@ def plan_batch_file(src: BatchSource, ctx: SourceContext) -> SourcePlan:
             (Estimate("reading the batch file", "source.path", tuple(terms), True),), None, None
         )
     keys = shape_keys(shapes)
-    provides = frozenset(name for name in ("rollout_logp", "ref_logp") if name in keys)
+    provides: frozenset[str] = frozenset(n for n in ("rollout_logp", "ref_logp") if n in keys)
+    provides |= teacher_provides(set(keys))
     grid = shapes.get(keys.get("tokens", ""), ())
     weight = shapes.get(keys.get("weight", ""), ())
     s = dtype_bytes(ctx.dtype)
@@ -249,6 +298,10 @@ def plan_batch_file(src: BatchSource, ctx: SourceContext) -> SourcePlan:
             rows = -(-v // ctx.tensor_parallel)
             terms += [("hidden states [N, T, H]", n * t * h * s), ("lm_head [V, H]", rows * h * s)]
             shape = Shape(n, t, v, h)
+        for key in ("teacher_hidden", "teacher_weight", "teacher_logits"):
+            stored = shapes.get(key, ())
+            if stored:  # in the run's dtype, beside the file's copy
+                terms.append((f"{key} in the run's dtype", math.prod(stored) * s))
     estimates.insert(0, Estimate("reading the batch file", "source.path", tuple(terms), True))
     return SourcePlan(tuple(estimates), shape, provides)
 
@@ -278,13 +331,18 @@ def dump_tensors(batch: Batch) -> dict[str, Tensor | None]:
         "advantages": batch.advantages,
         "hidden": batch.hidden,
     }
+    shared: dict[str, Tensor | None] = {}
+    if batch.teacher is not None:
+        teacher = teacher_tensors(batch.teacher)
+        shared = {k: teacher.pop(k, None) for k in ("teacher_weight", "teacher_bias")}
+        per_token.update(teacher)
     if batch.kept is not None:
         per_token["kept_ids"] = batch.kept.ids
         per_token["old_kept_log_mass"] = batch.kept.old_log_mass
         per_token["rollout_kept_log_mass"] = batch.kept.rollout_log_mass
     context = batch.model_context
     if context is None:
-        return {**per_token, "weight": batch.weight}
+        return {**per_token, "weight": batch.weight, **shared}
     seqs = context.sequences
     scored = batch.mask.any(dim=0).nonzero()
     cut = int(scored[0]) if scored.numel() else 0
@@ -302,6 +360,7 @@ def dump_tensors(batch: Batch) -> dict[str, Tensor | None]:
     return {
         **cropped,
         "weight": batch.weight,
+        **shared,
         "prompts": seqs.input_ids[:, :p],
         "attention": seqs.attention_mask.long(),  # [N, P+T]: prompt and response
         "stale_steps": stale,

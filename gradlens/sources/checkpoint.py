@@ -10,8 +10,11 @@ says how to download a Hub id first.
 
 from __future__ import annotations
 
+import atexit
 import importlib.resources
 import json
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,11 +73,18 @@ def checkpoint_dir(path: str | None, key: str = "source.path") -> Path:
 
 
 def load_checkpoint(
-    path: str | None, device: torch.device, dtype: torch.dtype, key: str = "source.path"
+    path: str | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    key: str = "source.path",
+    device_map: str | dict[str, str | int] | None = None,
 ) -> LoadedModel:
     """Model and tokenizer from a local directory (never the Hub), with consistency checks.
 
     ``path`` None is the built-in model; every error names the config key ``key``.
+    ``device_map``: accelerate's placement of the modules, handed to ``from_pretrained`` (with a
+    temporary offload folder, removed at exit, when it puts modules on ``disk``); None: the
+    whole model on ``device``. The lm_head must not be offloaded: its weight is read whole.
     """
     where = checkpoint_dir(path, key)
     label = "the built-in model" if path is None else repr(path)
@@ -86,11 +96,20 @@ def load_checkpoint(
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     model: Any
+    placement: dict[str, Any] = {}
+    if device_map is not None:
+        placement["device_map"] = device_map
+        if isinstance(device_map, dict) and "disk" in device_map.values():
+            placement["offload_folder"] = offload_folder()
     try:
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            where, dtype=dtype, local_files_only=True, **placement
+        )
     except Exception as exc:
+        where_key = "source.device_map" if device_map is not None else key
         raise GradlensError(
-            f"{key}: transformers could not load a causal LM from {label}: "
+            f"{where_key}: transformers could not load a causal LM from {label}"
+            f"{'' if device_map is None else f' with device_map {device_map!r}'}: "
             f"{type(exc).__name__}: {exc}"
         ) from None
     try:
@@ -100,7 +119,15 @@ def load_checkpoint(
             f"{key}: transformers could not load the tokenizer of {label}: "
             f"{type(exc).__name__}: {exc}"
         ) from None
-    model = model.to(device).eval()
+    if device_map is None:
+        model = model.to(device)
+    model = model.eval()
+    if device_map is not None and model.get_output_embeddings().weight.device.type == "meta":
+        raise GradlensError(
+            f"source.device_map: {device_map!r} offloads the lm_head of {label} (its weight is on "
+            "the meta device between passes); gradlens reads the whole lm_head weight: place "
+            "lm_head (and a tied embedding) on cpu or a device"
+        )
     config = model.config
     context = getattr(config, "max_position_embeddings", None) or getattr(
         config, "n_positions", None
@@ -116,6 +143,13 @@ def load_checkpoint(
             f"{embedding_rows}; the tokenizer files belong to a different model"
         )
     return loaded
+
+
+def offload_folder() -> str:
+    """A temporary folder for the modules a device_map offloads to disk, removed at exit."""
+    folder = tempfile.mkdtemp(prefix="gradlens-offload-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 def load_tokenizer(path: str, key: str = "source.tokenizer") -> Any:

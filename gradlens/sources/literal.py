@@ -6,7 +6,10 @@ or ``old_logp``; on-policy when neither is given) and its advantage. Optionally 
 inference engine's μ_old(y) (``rollout_prob``/``rollout_logp``) and a reference π_ref(y)
 (``ref_prob``/``ref_logp``); a position that states none takes π_old(y), and a batch in which
 no position states one has none (``rollout_logp``/``ref_logp`` None). A sequence may state its
-prompt ``group`` (all or none of them do), which group-coupled losses (``real``) need.
+prompt ``group`` (all or none of them do), which group-coupled losses (``real``) need. A
+distillation teacher (``loss.distill``, ``opd``) is stated per position too, on every position
+or none: its distribution (``teacher_logits`` or ``teacher_probs``), its stored top-k
+(``teacher_topk_ids`` with ``teacher_topk_probs``) and log q(y) (``teacher_logp``).
 
 So that the lm_head analysis runs through the same code as every other source, position k of
 the M positions gets the hidden state h_k = e_k ∈ R^M and the lm_head W = [z_1 … z_M] ∈ R^{V×M}:
@@ -16,12 +19,14 @@ norm of vocabulary row v is the norm of (∂L/∂z_{k,v})_k over positions.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
+from torch import Tensor
 
 from gradlens.config import LiteralPosition, LiteralSource
-from gradlens.containers import Batch, Namer, Origin
+from gradlens.containers import Batch, Namer, Origin, Teacher
 from gradlens.logits import compute_logits, softmax_dtype, token_logp
 from gradlens.memory import Estimate, Shape, dtype_bytes
 from gradlens.sources.base import SourceContext, SourcePlan
@@ -67,6 +72,7 @@ def build_literal(src: LiteralSource, ctx: SourceContext) -> Batch:
 
     hidden_c, weight_c = hidden.to(dtype), weight.to(dtype)
     current = token_logp(compute_logits(hidden_c, weight_c), tokens)  # [N, T]
+    teacher = literal_teacher(src, positions, hidden_c, tokens, mask)
     old = torch.where(on_policy, current, old_logp.to(acc))  # the on-policy value, for display
 
     def stated(grid: torch.Tensor) -> torch.Tensor | None:
@@ -89,10 +95,66 @@ def build_literal(src: LiteralSource, ctx: SourceContext) -> Batch:
         groups=None
         if src.sequences[0].group is None
         else torch.tensor([s.group for s in src.sequences], dtype=torch.long, device=device),
-        source=f"literal: {n} sequence(s), {m} position(s), V={v} (h_k = e_k, W = [z_1 … z_M])",
+        teacher=None if teacher is None else to_device(teacher, device),
+        source=f"literal: {n} sequence(s), {m} position(s), V={v} (h_k = e_k, W = [z_1 … z_M])"
+        + ("" if teacher is None else "; a teacher stated per position"),
         advantage_note="stated literally per position",
         origin=Origin(position_names(src, [(i, t) for i, t, _ in positions])),
     )
+
+
+def literal_teacher(
+    src: LiteralSource,
+    positions: list[tuple[int, int, LiteralPosition]],
+    hidden: Tensor,
+    tokens: Tensor,
+    mask: Tensor,
+) -> Teacher | None:
+    """The positions' teacher, if they state one: the full distribution as a second lm_head
+    W' = [z'_1 … z'_M] on the same h_k = e_k (W' h_k = z'_k exactly), the stored top-k ids and
+    log-probs [N, T, K] (padding: ids 0 … K − 1, log-prob 0, never read), and log q(y): stated,
+    or log softmax(z'_k)(y) from the full distribution."""
+    first = positions[0][2]
+    if first.teacher_full is None and first.teacher_topk_ids is None:
+        return None
+    n, t = mask.shape
+    acc = softmax_dtype(hidden.dtype)
+    pair = None
+    if first.teacher_full is not None:
+        columns = [p.teacher_full or [] for _, _, p in positions]
+        pair = torch.tensor(columns, dtype=torch.float64).T.to(hidden.dtype)  # [V, M]
+    ids = logp = None
+    if first.teacher_topk_ids is not None:
+        k = len(first.teacher_topk_ids)
+        ids = torch.arange(k).repeat(n, t, 1)  # [N, T, K]
+        logp = torch.zeros(n, t, k, dtype=torch.float64)
+        for i, j, p in positions:
+            ids[i, j] = torch.tensor(p.teacher_topk_ids or [])
+            probs = p.teacher_topk_probs or []
+            logp[i, j] = torch.tensor([math.log(x) for x in probs], dtype=torch.float64)
+    sampled = None
+    if first.teacher_logp is not None:
+        sampled = torch.zeros(n, t, dtype=torch.float64)
+        for i, j, p in positions:
+            sampled[i, j] = p.teacher_logp or 0.0
+    elif pair is not None:
+        sampled = torch.where(mask, token_logp(compute_logits(hidden, pair), tokens), 0.0)
+    return Teacher(
+        hidden=None if pair is None else hidden,
+        weight=pair,
+        topk_ids=ids,
+        topk_logp=None if logp is None else logp.to(acc),
+        sampled_logp=None if sampled is None else sampled.to(acc),
+    )
+
+
+def to_device(teacher: Teacher, device: torch.device) -> Teacher:
+    """``teacher`` with every tensor on ``device``."""
+    moved = {
+        f.name: None if getattr(teacher, f.name) is None else getattr(teacher, f.name).to(device)
+        for f in dataclasses.fields(teacher)
+    }
+    return Teacher(**moved)
 
 
 def plan_literal(src: LiteralSource, ctx: SourceContext) -> SourcePlan:
@@ -109,6 +171,12 @@ def plan_literal(src: LiteralSource, ctx: SourceContext) -> SourcePlan:
             for p in positions
         ):
             provides.add(f"{name}_logp")
+    if positions[0].teacher_full is not None:
+        provides |= {"teacher", "teacher_full", "teacher_logp"}
+    if positions[0].teacher_topk_ids is not None:
+        provides.add("teacher")
+    if positions[0].teacher_logp is not None:
+        provides.add("teacher_logp")
     return SourcePlan(
         memory=(
             Estimate(
@@ -137,6 +205,11 @@ STATED = {
     "ref_logp": ("ref_prob", "ref_logp"),
     "hidden": ("logits", "probs"),
     "weight": ("logits", "probs"),
+    "teacher_hidden": ("teacher_logits", "teacher_probs"),
+    "teacher_weight": ("teacher_logits", "teacher_probs"),
+    "teacher_topk_ids": ("teacher_topk_ids",),
+    "teacher_topk_logp": ("teacher_topk_probs",),
+    "teacher_logp": ("teacher_logp", "teacher_logits", "teacher_probs"),
 }
 
 
@@ -146,7 +219,7 @@ def position_names(src: LiteralSource, positions: list[tuple[int, int]]) -> Name
     position k's distribution."""
 
     def name(field: str, index: tuple[int, ...]) -> str:
-        if field == "weight" and len(index) == 2:
+        if field in ("weight", "teacher_weight") and len(index) == 2:
             i, t = positions[index[1]]
         elif field in STATED and len(index) >= 2:
             i, t = index[0], index[1]

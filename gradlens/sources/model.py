@@ -21,7 +21,9 @@ not a local directory is an error. The batch is built in five steps:
 5. The batch at θ: ``hidden`` = h/T (so z/T = W·(h/T): the temperature is folded into the
    hidden states and the lm_head gradient keeps its 1/T factor), ``weight`` = W, ``tokens``,
    ``mask`` = the sampled completion tokens (the EOS token included, prompt and padding
-   excluded), ``old_logp`` = log π_old, ``rollout_logp`` = log μ, ``advantages``.
+   excluded), ``old_logp`` = log π_old, ``rollout_logp`` = log μ, ``advantages``; with
+   ``source.teacher_path``, a second checkpoint's pass over the same sequences as the
+   distillation teacher (gradlens.sources.teacher_model).
 
 Two switches choose how the two passes compute what they compare (gradlens.sources.passes):
 ``source.rollout_logprobs`` (μ from the sampler's key-value cache, or from one full forward of
@@ -50,6 +52,7 @@ import torch
 from gradlens.advantages import advantages_from_rewards
 from gradlens.config import DTYPES, ModelSource
 from gradlens.containers import Batch, KeptSets, ModelContext, Origin, RolloutRecord
+from gradlens.errors import GradlensError
 from gradlens.losses import get_loss
 from gradlens.memory import Estimate, Shape, dtype_bytes, release_free_memory
 from gradlens.progress import report
@@ -62,6 +65,15 @@ from gradlens.sources.prompts import choose_prompts, has_chat_template, tokenize
 from gradlens.sources.rewards import default_reward, load_reward, score
 from gradlens.sources.rollout import rollout_dtype, sample, stop_tokens
 from gradlens.sources.staleness import stale_steps
+from gradlens.sources.teacher_model import model_teacher
+
+DTYPE_NAMES_OF = {v: k for k, v in DTYPES.items()}
+
+
+def offloaded(model: torch.nn.Module) -> bool:
+    """Whether accelerate offloaded some of ``model``'s parameters (they wait on the meta device
+    between passes)."""
+    return any(p.device.type == "meta" for p in model.parameters())
 
 
 def build_model_batch(src: ModelSource, ctx: SourceContext) -> Batch:
@@ -71,7 +83,7 @@ def build_model_batch(src: ModelSource, ctx: SourceContext) -> Batch:
     reward_fn = load_reward(reward_name)
     stale_spec = get_loss(src.stale.loss)
     report("loading checkpoint", 0, 1)
-    loaded = load_checkpoint(src.path, device, dtype)
+    loaded = load_checkpoint(src.path, device, dtype, device_map=src.device_map)
     report("loading checkpoint", 1, 1)
     prompts, prompt_key = choose_prompts(src.prompts, src.num_prompts, ctx.seed, src.chat_template)
     prompt_ids = tokenize_prompts(
@@ -89,6 +101,20 @@ def build_model_batch(src: ModelSource, ctx: SourceContext) -> Batch:
 
     rollout_name, rollout_reason = rollout_dtype(src.rollout_dtype, device)
     roll_dtype = DTYPES[rollout_name]
+    on_disk = offloaded(loaded.model)
+    if on_disk:  # their parameters are on the meta device: backward leaves them no gradient
+        notes.append(
+            "whole-model gradients not computed: source.device_map offloads modules to disk, "
+            "whose parameters get no gradient through accelerate's hooks (the lm_head "
+            "diagnostics are unaffected)"
+        )
+    if roll_dtype != dtype and on_disk:
+        raise GradlensError(
+            f"source.device_map: {src.device_map!r} offloads modules to disk, and a model with "
+            f"offloaded modules cannot be copied to the rollout's {rollout_name}; set "
+            f"source.rollout_dtype to the run's dtype ({DTYPE_NAMES_OF[dtype]}), or place every "
+            "module on cpu or a device"
+        )
     roller = loaded.model if roll_dtype == dtype else copy.deepcopy(loaded.model).to(roll_dtype)
     gen = torch.Generator().manual_seed(ctx.seed)
     rollout = sample(
@@ -145,6 +171,18 @@ def build_model_batch(src: ModelSource, ctx: SourceContext) -> Batch:
     if alone is not None:
         old_logp = alone.to(old_logp.dtype)
     weight = head_weight(loaded.model).detach().clone()
+    teacher = None
+    if src.teacher_path is not None:
+        teacher = model_teacher(
+            teacher_dir(src.teacher_path),
+            loaded,
+            seqs,
+            seqs.tokens,
+            src.temperature,
+            device,
+            dtype,
+            pass_budget(ctx.memory_budget_bytes, device),
+        )
     record = RolloutRecord(
         prompts=group_prompts,
         prompt_count=len(prompts),
@@ -205,7 +243,7 @@ def build_model_batch(src: ModelSource, ctx: SourceContext) -> Batch:
             f"{'; π_old scored sequence by sequence' if alone is not None else ''}; "
             f"{src.stale.steps} stale "
             f"{src.stale.optimizer} step(s) on {src.stale.loss} ({stale_text}); reward "
-            f"{reward_name}"
+            f"{reward_name}" + ("" if src.teacher_path is None else f"; teacher {src.teacher_path}")
         ),
         advantage_note=note,
         model_context=ModelContext(
@@ -216,8 +254,10 @@ def build_model_batch(src: ModelSource, ctx: SourceContext) -> Batch:
             rollout=record,
             staleness=stale.record,
             notes=notes,
+            whole_model=not on_disk,
         ),
         kept=kept,
+        teacher=teacher,
         origin=Origin(model_names, COMPUTED),
     )
 
@@ -231,6 +271,19 @@ def plan_model(src: ModelSource, ctx: SourceContext) -> SourcePlan:
     sizes = checkpoint_sizes(src.path)
     n = (len(src.prompts) if src.prompts is not None else src.num_prompts) * src.group_size
     provides = frozenset({"rollout_logp", "ref_logp"})
+    teacher_terms: tuple[tuple[str, int], ...] = ()
+    if src.teacher_path is not None:
+        provides |= {"teacher", "teacher_full", "teacher_logp"}
+        teacher = checkpoint_sizes(teacher_dir(src.teacher_path))
+        if teacher is not None:  # its parameters, and its hidden states and logits [N, T, ·]
+            grid = n * src.max_new_tokens
+            teacher_terms = (
+                ("the teacher's parameters", teacher.parameters * dtype_bytes(ctx.dtype)),
+                (
+                    "the teacher's hidden states and logits",
+                    grid * (teacher.hidden + teacher.vocab) * dtype_bytes(ctx.dtype),
+                ),
+            )
     if sizes is None:
         return SourcePlan((), None, provides)
     params = sizes.parameters
@@ -244,6 +297,7 @@ def plan_model(src: ModelSource, ctx: SourceContext) -> SourcePlan:
             ("gradients and optimizer state", params * dtype_bytes(ctx.dtype) * (1 + moments))
         )
     settings = "source.path, source.num_prompts × source.group_size × source.max_new_tokens"
+    extra += teacher_terms
     estimate = checkpoint_estimate(sizes, settings, ctx.dtype, n, src.max_new_tokens, tuple(extra))
     return SourcePlan(
         memory=(Estimate("the model source", settings, estimate.terms),),
@@ -256,6 +310,7 @@ def plan_model(src: ModelSource, ctx: SourceContext) -> SourcePlan:
 # finding of the report, not an input error.
 COMPUTED = frozenset(
     {"tokens", "mask", "old_logp", "rollout_logp", "ref_logp", "hidden", "weight", "on_policy"}
+    | {"teacher_hidden", "teacher_weight", "teacher_logp"}
 )
 MODEL_WORDS = {
     "tokens": "the sampled tokens",
@@ -266,7 +321,15 @@ MODEL_WORDS = {
     "ref_logp": "log π_ref from the training pass",
     "hidden": "the model's final hidden states",
     "weight": "the model's lm_head weight",
+    "teacher_hidden": "the teacher's final hidden states (source.teacher_path)",
+    "teacher_weight": "the teacher's lm_head weight (source.teacher_path)",
+    "teacher_logp": "log q(y) from the teacher's pass (source.teacher_path)",
 }
+
+
+def teacher_dir(path: str) -> str | None:
+    """``source.teacher_path`` as `load_checkpoint` takes it: None for the built-in model."""
+    return None if path == "builtin" else path
 
 
 def model_names(field: str, index: tuple[int, ...]) -> str:

@@ -17,6 +17,9 @@ reproducible on any device):
    sequences form one prompt group (``Batch.groups``).
 6. With ``ref_drift`` set, a reference policy z_ref = z + ref_drift·ε (drawn last, so that
    nothing above changes), ℓ_ref = log π_ref(y_t).
+7. With ``teacher: perturbed``, a distillation teacher on the finished batch: the same hidden
+   states and W' = W + teacher_scale·std(W)·ε from random streams of its own, so nothing above
+   changes (`gradlens.sources.synthetic_teacher`; no [N, T, V] at any size).
 
 Steps 2–6 hold [N, T, V] tensors in float64 (several at once) and bisect over whole logits: they
 run while N·T·V and V·H are at most ``MATERIALIZE_ENTRIES`` (the default batch and every
@@ -27,6 +30,7 @@ same recipe in vocabulary blocks, from random streams of its own, within a memor
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -42,6 +46,7 @@ from gradlens.memory import Estimate, Shape, dtype_bytes
 from gradlens.sources.base import SourceContext, SourcePlan
 from gradlens.sources.synthetic_calibration import ROW_TILE, VOCAB_BLOCK
 from gradlens.sources.synthetic_chunked import build_chunked, working_bytes
+from gradlens.sources.synthetic_teacher import perturbed_teacher
 
 
 def mean_entropy(logits: Tensor) -> float:
@@ -88,8 +93,19 @@ def build_synthetic(src: SyntheticSource, ctx: SourceContext) -> Batch:
     mask = torch.arange(t)[None, :] < lengths[:, None]  # [N, T]
     hidden = torch.randn(n, t, h, generator=gen, dtype=torch.float64)  # [N, T, H]
     if materialized(src):
-        return _build_materialized(src, ctx, gen, mask, hidden)
-    return _build_chunked(src, ctx, gen, mask, hidden)
+        batch = _build_materialized(src, ctx, gen, mask, hidden)
+    else:
+        batch = _build_chunked(src, ctx, gen, mask, hidden)
+    if src.teacher == "none":
+        return batch
+    teacher = perturbed_teacher(
+        batch.hidden, batch.weight, batch.tokens, batch.mask, src.teacher_scale, ctx.seed
+    )
+    return dataclasses.replace(
+        batch,
+        teacher=teacher,
+        source=f"{batch.source}, teacher {src.teacher}({src.teacher_scale})",
+    )
 
 
 def _build_materialized(
@@ -293,6 +309,12 @@ def plan_synthetic(src: SyntheticSource, ctx: SourceContext) -> SourcePlan:
         ]
     provides = {"rollout_logp"} if src.rollout_drift is not None else set()
     provides |= {"ref_logp"} if src.ref_drift is not None else set()
+    if src.teacher == "perturbed":  # W' beside W, and its tiles for log q(y)
+        provides |= {"teacher", "teacher_full", "teacher_logp"}
+        terms.append(("the teacher's lm_head W' [V, H] and its float64 blocks", v * h * (s + 16)))
+        # a tile of logits in float64, its exp and the block's own logits; three [N·T] vectors
+        tile = 4 * 8 * ROW_TILE * VOCAB_BLOCK
+        terms.append(("the teacher's logit tiles and log q(y)", tile + n * t * 24))
     settings = "source.num_sequences × source.max_length × source.vocab_size (source.hidden_size)"
     return SourcePlan(
         # built on the CPU (one generator for every device), then moved: host memory
@@ -317,6 +339,9 @@ SETTINGS = {
     "old_logp": "source.drift (the synthetic π_old)",
     "rollout_logp": "source.rollout_drift (the synthetic μ_old)",
     "ref_logp": "source.ref_drift (the synthetic π_ref)",
+    "teacher_hidden": "source.teacher (the synthetic teacher's hidden states: the student's)",
+    "teacher_weight": "source.teacher / source.teacher_scale (the synthetic teacher's lm_head)",
+    "teacher_logp": "source.teacher / source.teacher_scale (the synthetic teacher's log q(y))",
 }
 
 

@@ -469,7 +469,14 @@ def run_bad(argv: list[str], root: Path) -> str:
     return result.stderr
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+# Cases known only after a whole run (or a framework import): seconds each, slow.
+SLOW_CASES = {"synthetic-drift-overflow", "plot-streamed-auto", "framework-unknown-loss"}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=[pytest.mark.slow] if n in SLOW_CASES else []) for n in sorted(CASES)],
+)
 def test_every_documented_error_is_exit_2_with_its_field(tmp_path, name):
     case = CASES[name]
     argv = case.argv(tmp_path)  # the case's input files are written here, before the run
@@ -484,6 +491,7 @@ def test_device_without_cuda(tmp_path):
     assert "device" in err and "no CUDA device" in err
 
 
+@pytest.mark.slow
 def test_stdout_that_cannot_be_written_is_exit_2():
     """A full disk where stdout is redirected: Linux's /dev/full, a real ENOSPC."""
     if not Path("/dev/full").exists():
@@ -639,6 +647,7 @@ def writing_commands(path: Path) -> list[list[str]]:
     ]
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_exit_2_for_every_output(tmp_path):
     """Each output written to a link to /dev/full: a real ENOSPC midway through the write."""
     if not Path("/dev/full").exists():
@@ -677,6 +686,7 @@ def test_a_directory_that_cannot_be_written_is_refused_before_any_work(tmp_path,
             assert str(base.parent) in err or str(base) in err, err
 
 
+@pytest.mark.slow
 def test_an_os_error_midway_through_a_write_leaves_nothing(tmp_path, monkeypatch):
     """No permission, a read-only file system: injected where the bytes are written, since
     root ignores permissions; the created parent directories are removed again."""
@@ -697,6 +707,7 @@ def test_an_os_error_midway_through_a_write_leaves_nothing(tmp_path, monkeypatch
         monkeypatch.undo()
 
 
+@pytest.mark.slow
 def test_every_output_creates_missing_parent_directories(tmp_path):
     for i in range(len(writing_commands(tmp_path))):
         argv = writing_commands(tmp_path / "a" / f"d{i}" / "out")[i]

@@ -31,6 +31,7 @@ def default_json() -> dict:
     return json.loads(result.stdout)
 
 
+@pytest.mark.slow
 def test_default_table_shows_every_section():
     result = invoke("compare")
     assert result.exit_code == 0, result.output
@@ -51,6 +52,7 @@ def test_default_table_shows_every_section():
         assert name in out
 
 
+@pytest.mark.slow
 def test_table_is_not_truncated_when_stdout_is_not_a_terminal():
     # CliRunner's stdout is not a TTY: the longest formula must appear whole, on one line.
     result = invoke("compare", "--losses", "ppo_clip")
@@ -97,6 +99,7 @@ def test_default_report_attributes_each_loss(default_json):
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_plot_draws_the_attribution(tmp_path):
     pytest.importorskip("matplotlib")
     path = tmp_path / "attribution.png"
@@ -116,7 +119,11 @@ def test_plot_draws_the_attribution(tmp_path):
             "diagnostics.attribution is 'off'",
         ),
         # auto with the streamed engine: no section, known only after the run; still no report
-        (["--plot", "a.png", "--engine", "streamed"], "no loss has one (engine 'streamed')"),
+        pytest.param(  # a whole streamed run on the default batch: slow
+            ["--plot", "a.png", "--engine", "streamed"],
+            "no loss has one (engine 'streamed')",
+            marks=pytest.mark.slow,
+        ),
     ],
 )
 def test_plot_without_an_attribution_is_a_clear_error(tmp_path, monkeypatch, args, expected):
@@ -129,6 +136,7 @@ def test_plot_without_an_attribution_is_a_clear_error(tmp_path, monkeypatch, arg
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_losses_flag_selects_and_orders():
     result = invoke("compare", "--losses", "sft,reinforce", "--format", "json")
     assert result.exit_code == 0, result.output
@@ -146,6 +154,7 @@ def test_set_overrides_beat_the_file(tmp_path):
     assert config["loss"]["eps_low"] == 0.2  # defaults fill the rest
 
 
+@pytest.mark.slow
 def test_check_passes_on_the_default():
     assert invoke("compare", "--check").exit_code == 0
 
@@ -223,6 +232,7 @@ def test_every_option_is_documented_in_help():
         assert option in result.stdout
 
 
+@pytest.mark.slow
 def test_runs_from_any_directory_as_a_module(tmp_path):
     # The built-in default ships inside the package: no file from the repository is needed.
     proc = subprocess.run(
@@ -247,9 +257,19 @@ def test_runs_from_any_directory_as_a_module(tmp_path):
     assert json.loads(proc.stdout)["passed"] is True
 
 
+SHIPPED = sorted(
+    p.name for p in (REPO / "configs").glob("*.yaml") if not p.name.startswith("sweep_")
+)
+
+
+# The hand-written literal_* configs run in a fraction of a second; the others build the synthetic
+# default batch or a model, seconds each: slow (the default itself runs in `default_json`).
 @pytest.mark.parametrize(
     "path",
-    sorted(p.name for p in (REPO / "configs").glob("*.yaml") if not p.name.startswith("sweep_")),
+    [
+        pytest.param(p, marks=[] if p.startswith("literal_") else [pytest.mark.slow])
+        for p in SHIPPED
+    ],
 )
 def test_every_shipped_config_runs_and_passes_its_checks(path):
     result = invoke("compare", "--config", str(REPO / "configs" / path), "--check", "-f", "json")
@@ -257,6 +277,7 @@ def test_every_shipped_config_runs_and_passes_its_checks(path):
     assert json.loads(result.stdout)["passed"] is True
 
 
+@pytest.mark.slow
 def test_on_policy_config_has_unit_ratio_and_no_clipping():
     result = invoke("compare", "-c", str(REPO / "configs" / "on_policy.yaml"), "-f", "json")
     report = json.loads(result.stdout)

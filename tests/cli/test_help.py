@@ -63,6 +63,7 @@ def _outputs() -> dict[str, str]:
     return out
 
 
+@pytest.mark.slow
 def test_every_mention_of_the_post_names_and_links_it():
     outputs = _outputs()
     mentions = {name for name, text in outputs.items() if POST.search(text)}

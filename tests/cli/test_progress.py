@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -31,6 +32,7 @@ def test_a_task_logs_its_start_a_heartbeat_and_its_end(monkeypatch):
     ]
 
 
+@pytest.mark.slow
 def test_a_piped_model_run_logs_every_phase():
     result = runner.invoke(
         app,
@@ -53,6 +55,7 @@ def test_a_piped_model_run_logs_every_phase():
     assert "gradlens:" not in result.stdout  # the report stays clean
 
 
+@pytest.mark.slow
 def test_the_synthetic_default_stays_silent():
     result = runner.invoke(app, ["compare", "-f", "json"])
     assert result.exit_code == 0, result.output

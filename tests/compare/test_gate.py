@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 import yaml
 from typer.testing import CliRunner
@@ -68,6 +69,7 @@ def test_every_advantage_zero_fails_the_losses_that_scale_with_a(tmp_path):
     assert signals["reinforce"]["zero"] and signals["reinforce"]["from_inputs"]
 
 
+@pytest.mark.slow
 def test_corrections_that_mask_every_token_fail_every_loss():
     # icepop keeps a token only when ρ = π_old/μ_old lies in [100, 200]: with a rollout drift
     # of 0.1 nats ρ stays within a few percent of 1, so every token gets weight 0

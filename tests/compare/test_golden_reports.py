@@ -226,12 +226,31 @@ def _added_fields(report: dict[str, Any]) -> dict[str, Any]:
         for info in report["losses"]:
             info.setdefault("rule_words", {})
         return report
-    for sequence in report["config"]["source"].get("sequences") or []:
+    source = report["config"]["source"]
+    for sequence in source.get("sequences") or []:
         sequence.setdefault("group", None)  # a literal sequence's prompt group
-    if report["config"]["source"]["kind"] == "model":  # the mismatch switches, at their defaults
-        report["config"]["source"].setdefault("rollout_logprobs", "cache")
-        report["config"]["source"].setdefault("train_pass", "batch")
+        for position in sequence["positions"]:  # a literal position's distillation teacher
+            for name in TEACHER_POSITION_FIELDS:
+                position.setdefault(name, None)
+    if source.get("kind") == "synthetic":  # the synthetic source's distillation teacher
+        source.setdefault("teacher", "none")
+        source.setdefault("teacher_scale", 0.1)
+    if source.get("kind") == "model":  # the mismatch switches and the teacher, at their defaults
+        source.setdefault("rollout_logprobs", "cache")
+        source.setdefault("train_pass", "batch")
+        source.setdefault("teacher_path", None)
+        source.setdefault("device_map", None)  # accelerate's placement
     return report
+
+
+# a literal position's teacher fields, added with the distillation teacher (null: none)
+TEACHER_POSITION_FIELDS = (
+    "teacher_logits",
+    "teacher_probs",
+    "teacher_topk_ids",
+    "teacher_topk_probs",
+    "teacher_logp",
+)
 
 
 @pytest.mark.parametrize(

@@ -72,6 +72,7 @@ def gradient_bytes(path) -> int:
     return sum(p.numel() * 8 for _, ps in parameter_groups(model) for p in ps) + head.numel() * 8
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("entropy", [0.0, 0.05])
 def test_every_plan_gives_the_same_norms(checkpoints, arch, entropy):
@@ -103,6 +104,7 @@ def test_every_plan_gives_the_same_norms(checkpoints, arch, entropy):
                     assert a == pytest.approx(b, rel=1e-10), name
 
 
+@pytest.mark.slow
 def test_the_one_pass_norms_equal_a_plain_autograd_computation(checkpoints):
     # The model's own forward (its logits, not gradlens's hidden-state path) and SFT written
     # out, at the checkpoint's θ (no stale step), all float64: rounding only.

@@ -105,6 +105,7 @@ def test_parity_is_pure_and_tolerance_driven() -> None:
     assert same.passed and same.coefficient_max_abs_diff == 0.0 and same.top == []
 
 
+@pytest.mark.slow
 def test_cli_parity_check_exit_status_and_table(impl: str) -> None:
     args = ["compare", "--set", "source.vocab_size=64", "--check"]
     bad = runner.invoke(app, [*args, "--parity", f"ppo_clip,{impl}:token_sum"])
@@ -147,6 +148,7 @@ def test_several_pairs_in_one_run(impl: str) -> None:
     ]
 
 
+@pytest.mark.slow
 def test_a_parity_matrix_runs_the_pairs_under_each_setting(impl: str) -> None:
     # the user loss always averages over tokens: it agrees with ppo_clip under token_mean and
     # differs per sequence under seq_mean_token_mean, which the matrix names
@@ -186,6 +188,7 @@ def resolve(data: Any, key: str) -> bool:
     return bool(node)
 
 
+@pytest.mark.slow
 def test_every_metric_name_points_at_a_key_of_the_report() -> None:
     config = validate(
         {

@@ -120,6 +120,7 @@ PAIRS: list[tuple[str, str, dict[str, Any], str]] = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize(
     ("a", "b", "extra", "expect"), PAIRS, ids=[f"{a}-{b.split(':')[-1]}" for a, b, *_ in PAIRS]
@@ -180,6 +181,7 @@ def test_streamed_parity_never_materialises_the_softmax(impl: str, monkeypatch) 
         run("materialized", "float32", "ppo_clip", f"{impl}:token_sum")
 
 
+@pytest.mark.slow
 def test_cli_parity_on_the_streamed_engine(impl: str, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 

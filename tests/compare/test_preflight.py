@@ -67,6 +67,7 @@ def test_corrections_without_rollout_log_probs_are_refused_before_the_recompute(
         run_compare(cfg)
 
 
+@pytest.mark.slow
 def test_corrections_with_rollout_log_probs_are_not_refused(tmp_path):
     cfg = validate(
         {
@@ -78,6 +79,7 @@ def test_corrections_with_rollout_log_probs_are_not_refused(tmp_path):
     assert run_compare(cfg).passed
 
 
+@pytest.mark.slow
 def test_a_user_loss_alone_takes_corrections_without_rollout_log_probs(tmp_path):
     # a loss that aggregates itself is not weighted by loss.corrections (docs/cli.md)
     path = tmp_path / "mine.py"

@@ -3,8 +3,8 @@
 Its slow twin is the full reference (`gradlens.grads.autograd_reference`, [M, V] under
 autograd): on small float64 batches the sampled values must equal the full ones at the sampled
 entries to rounding, for losses that couple tokens (gspo's sequence ratio, seq-mean
-aggregation) and with the entropy bonus, whose gradient is not of the c-form. And the check
-must fail when the engine is wrong.
+aggregation), with the entropy bonus and with the distillation term, whose gradients are not
+of the c-form. And the check must fail when the engine is wrong.
 """
 
 from __future__ import annotations
@@ -14,17 +14,27 @@ import json
 
 import pytest
 import torch
-from helpers import random_batch
+from helpers import random_batch, with_teacher
 from typer.testing import CliRunner
 
 from gradlens.cli import app
 from gradlens.compare import run_compare
 from gradlens.compare import streamed as streamed_module
-from gradlens.compare.sampled_check import choose_sample, sampled_reference
+from gradlens.compare.sampled_check import (
+    DistillInputs,
+    choose_sample,
+    choose_sample_parallel,
+    sampled_reference,
+)
 from gradlens.config import build_config
 from gradlens.containers import valid_index
+from gradlens.engine.collectives import Collectives
+from gradlens.engine.launch import run_ranks
+from gradlens.engine.vocab_split import VocabSplit
 from gradlens.grads import autograd_reference
 from gradlens.losses import Aggregation, LossParams, get_loss
+from gradlens.losses.base import Distill
+from gradlens.losses.distill import DIVERGENCES
 
 runner = CliRunner()
 CASES = [
@@ -61,6 +71,41 @@ def test_the_sampled_reference_equals_the_full_one_at_the_samples(loss, entropy_
     assert ref.non_finite == 0
 
 
+DISTILL_CASES = [
+    (div, form, stored, clamp)
+    for div in DIVERGENCES
+    for form, stored in (("full", False), ("top_k", False), ("top_k", True))
+    for clamp in (None, -4.0)
+]
+
+
+@pytest.mark.parametrize(("div", "form", "stored", "clamp"), DISTILL_CASES)
+def test_the_sampled_reference_carries_the_distillation_term(div, form, stored, clamp):
+    # The same twin with loss.distill: D_t's entries on R differentiated, those outside R
+    # through lse_t with the constant Ψ_t (sampled_check's docstring). verl's clamp at −4 holds
+    # some entries at V = 300 (most log π lie below it), where the gradient is 0.
+    batch = with_teacher(random_batch(3, n=8, t=5, v=300, h=7), 3, stored=stored)
+    spec, agg = get_loss("ppo_clip"), Aggregation("seq_mean_token_mean")
+    d = Distill(divergence=div, form=form, top_k=6, coef=0.7, beta=0.4, log_prob_min_clamp=clamp)
+    params = LossParams(distill=d)
+    full = autograd_reference(batch, spec, params, agg)
+    without = autograd_reference(batch, spec, LossParams(), agg)
+    rows, cols = valid_index(batch.mask)
+    hidden, tokens = batch.hidden[rows, cols], batch.tokens[rows, cols]
+    norms = full.grad_weight.norm(dim=1)
+    assert batch.teacher is not None
+    inputs = DistillInputs(d, batch.teacher, rows, cols)
+    c_abs = full.coefficient[rows, cols].abs()
+    sample = choose_sample(hidden, batch.weight, tokens, c_abs, norms, inputs)
+    ref = sampled_reference(sample, batch, hidden, tokens, rows, cols, spec, params, agg)
+    # float64, as above; the term moves the row norms by O(1), so a missing or wrong term fails
+    assert not torch.allclose(norms, without.grad_weight.norm(dim=1), rtol=1e-3)
+    full_at_y = full.grad_logits.gather(-1, tokens[:, None])[:, 0]
+    torch.testing.assert_close(ref.grad_at_y, full_at_y[sample.tokens], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(ref.row_norms, norms[sample.rows], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(ref.coefficient, full.coefficient, rtol=1e-12, atol=1e-14)
+
+
 def test_the_token_sample_is_spread_and_includes_the_largest_coefficient():
     batch = random_batch(5, n=30, t=6, v=40, h=5)
     rows, cols = valid_index(batch.mask)
@@ -86,6 +131,7 @@ def streamed_run(**overrides):
     return run_compare(build_config(None, sets))
 
 
+@pytest.mark.slow
 def test_a_streamed_run_checks_a_sample_by_default():
     report = streamed_run()
     for r in report.losses:
@@ -98,6 +144,7 @@ def test_a_streamed_run_checks_a_sample_by_default():
     }
 
 
+@pytest.mark.slow
 def test_the_sampled_check_fails_when_the_engine_is_wrong(monkeypatch):
     real = streamed_module.lm_head_pass
 
@@ -115,12 +162,14 @@ def test_the_sampled_check_fails_when_the_engine_is_wrong(monkeypatch):
         assert not r.agreement.passed
 
 
+@pytest.mark.slow
 def test_reference_none_still_skips_the_check():
     report = streamed_run(**{"diagnostics.reference": "none"})
     assert all(not r.agreement.ran for r in report.losses)
     assert not any(c.name == "agreement" for c in report.checks)
 
 
+@pytest.mark.slow
 def test_check_on_a_streamed_run_includes_the_agreement_gate():
     result = runner.invoke(
         app, ["compare", "--engine", "streamed", "--check", "-f", "json", "--losses", "ppo_clip"]
@@ -129,3 +178,56 @@ def test_check_on_a_streamed_run_includes_the_agreement_gate():
     report = json.loads(result.stdout)
     names = [(c["name"], c["loss"]) for c in report["checks"]]
     assert ("agreement", "ppo_clip") in names
+
+
+# --- under tensor parallelism: the sample, W_R and the constants gathered ------------------------
+
+
+def parallel_sampled_ranks(rank: int, world: int, batch, sizes: list[int]) -> list:
+    """Every case's sampled reference on this rank, from its rows of W alone."""
+    split = VocabSplit.from_sizes(sizes)
+    comm = Collectives()
+    rows, cols = valid_index(batch.mask)
+    hidden, tokens = batch.hidden[rows, cols], batch.tokens[rows, cols]
+    shard = dataclasses.replace(batch, weight=split.weight_shard(batch.weight, rank).clone())
+    out = []
+    for loss, entropy_coef, mode in CASES:
+        c_abs, norms = full_inputs(batch, loss, entropy_coef, mode)
+        sample = choose_sample_parallel(hidden, shard.weight, tokens, c_abs, norms, comm, split)
+        spec, agg = get_loss(loss), Aggregation(mode)
+        params = LossParams(entropy_coef=entropy_coef)
+        out.append(sampled_reference(sample, shard, hidden, tokens, rows, cols, spec, params, agg))
+    return out
+
+
+def full_inputs(batch, loss: str, entropy_coef: float, mode: str):
+    """|c_t| and the [V] row norms the sample is chosen from (the full reference's)."""
+    full = autograd_reference(
+        batch, get_loss(loss), LossParams(entropy_coef=entropy_coef), Aggregation(mode)
+    )
+    rows, cols = valid_index(batch.mask)
+    return full.coefficient[rows, cols].abs(), full.grad_weight.norm(dim=1)
+
+
+@pytest.mark.parametrize("sizes", [[150, 150], [7, 200, 93]], ids=["world2", "world3-uneven"])
+def test_the_sampled_reference_on_ranks_equals_one_process(sizes):
+    # the batch of the test above (V = 300, R a strict subset of the rows); every rank returns
+    # the single-process sampled reference: c_t, ∂L/∂z_y of the sampled tokens, ‖∂L/∂W_v‖ of R
+    batch = random_batch(3, n=8, t=5, v=300, h=7)
+    launched = run_ranks(parallel_sampled_ranks, len(sizes), (batch, sizes), timeout_s=120)
+    rows, cols = valid_index(batch.mask)
+    hidden, tokens = batch.hidden[rows, cols], batch.tokens[rows, cols]
+    for i, (loss, entropy_coef, mode) in enumerate(CASES):
+        c_abs, norms = full_inputs(batch, loss, entropy_coef, mode)
+        sample = choose_sample(hidden, batch.weight, tokens, c_abs, norms)
+        spec, agg = get_loss(loss), Aggregation(mode)
+        params = LossParams(entropy_coef=entropy_coef)
+        one = sampled_reference(sample, batch, hidden, tokens, rows, cols, spec, params, agg)
+        for results in launched:
+            got = results[i]
+            # float64; the normalisers are summed over other parts (ranks, R, the sampled
+            # entry): a few ulps, as in the test above
+            torch.testing.assert_close(got.coefficient, one.coefficient, rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(got.grad_at_y, one.grad_at_y, rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(got.row_norms, one.row_norms, rtol=1e-12, atol=1e-14)
+            assert got.non_finite == one.non_finite == 0

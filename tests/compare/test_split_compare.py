@@ -26,6 +26,7 @@ def run(convention: str, losses: str = "reinforce,ppo_clip") -> CompareReport:
     return run_compare(build_config(None, SMALL, flags))
 
 
+@pytest.mark.slow
 def test_invariant_convention_passes_and_local_one_fails() -> None:
     ok = run("verl")
     assert ok.split is not None and ok.split.invariant and ok.passed

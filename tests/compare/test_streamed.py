@@ -14,13 +14,15 @@ from gradlens.config import build_config
 
 REPO = Path(__file__).resolve().parents[2]
 runner = CliRunner()
+# Both engines on the synthetic default batch take seconds per config: slow, but literal_tc.
+SLOW = pytest.mark.slow
 CONFIGS = [
-    "default.yaml",
-    "deepseek_opsm.yaml",
-    "dr_grpo.yaml",
-    "on_policy.yaml",
+    pytest.param("default.yaml", marks=SLOW),
+    pytest.param("deepseek_opsm.yaml", marks=SLOW),
+    pytest.param("dr_grpo.yaml", marks=SLOW),
+    pytest.param("on_policy.yaml", marks=SLOW),
     "literal_tc.yaml",
-    "peaked_bf16.yaml",
+    pytest.param("peaked_bf16.yaml", marks=SLOW),
 ]
 # Relative agreement of the two paths, per operand dtype: they differ in the order of the
 # logits GEMM (chunked vs whole) and of every sum over the vocabulary. float64: a few hundred
@@ -65,6 +67,7 @@ ENTROPY_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("config_name", "overrides"), ENTROPY_CASES)
 def test_streamed_entropy_bonus_agrees_with_materialized(config_name, overrides):
     """The bonus's non-c-form gradient a_t·c_H·π(log π + H) on the streamed engine: the same
@@ -117,6 +120,7 @@ POLICY_LOSS_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", POLICY_LOSS_CASES)
 def test_streamed_and_materialized_agree_on_trust_region_and_reweighted_losses(overrides):
     mat, stream = both("default.yaml", (*SMALL, *overrides))
@@ -190,6 +194,7 @@ def assert_attribution_agrees(a, b, tol: float) -> None:
         assert getattr(b.entropy, field) == pytest.approx(value, abs=10 * tol * scale), field
 
 
+@pytest.mark.slow
 def test_streamed_reports_carry_the_loss_metrics():
     """grpo's KL term (verl actor/kl_loss) is reported by both engines, with the same value."""
     overrides = ["losses=[grpo, ppo_clip]", "loss.kl_coef=0.1", "loss.kl_estimator=k3"]
@@ -203,6 +208,7 @@ def test_streamed_reports_carry_the_loss_metrics():
     assert stream.losses[1].metrics == {} == mat.losses[1].metrics
 
 
+@pytest.mark.slow
 def test_auto_streams_large_batches():
     overrides = ["source.vocab_size=256", "diagnostics.stream_above=1000"]
     report = run_compare(build_config(None, overrides))
@@ -214,6 +220,7 @@ def test_auto_streams_large_batches():
     assert report.passed
 
 
+@pytest.mark.slow
 def test_streamed_engine_runs_the_entropy_bonus():
     result = runner.invoke(
         app, ["compare", "--engine", "streamed", "--set", "loss.entropy_coef=0.01"]
@@ -226,6 +233,7 @@ def test_streamed_engine_runs_the_entropy_bonus():
     assert report.passed
 
 
+@pytest.mark.slow
 def test_reference_none_is_reported_as_not_run():
     result = runner.invoke(app, ["compare", "--reference", "none", "-l", "reinforce"])
     assert result.exit_code == 0
@@ -238,6 +246,7 @@ def test_reference_none_is_reported_as_not_run():
     assert data["losses"][0]["agreement"]["ran"] is False
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "settings",
     [

@@ -238,6 +238,7 @@ def test_every_quantity_matches_its_autograd_twin_in_both_engines(name: str, mod
             assert signs[key] == pytest.approx(float(twin.share[sel].sum()), abs=TOL), where
 
 
+@pytest.mark.slow  # 15 batches × both engines
 @pytest.mark.parametrize("engine", ENGINES)
 @given(
     seed=st.integers(0, 10_000),

@@ -44,6 +44,7 @@ def verl_helper() -> Any:
     return pytest.importorskip("verl.trainer.ppo.rollout_corr_helper")
 
 
+@pytest.mark.slow
 def test_offpolicy_metrics_equal_verl(verl_helper: Any) -> None:
     old, rollout, mask = gap_batch()
     theirs = verl_helper.compute_offpolicy_metrics(old, rollout, mask)

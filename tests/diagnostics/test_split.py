@@ -138,6 +138,7 @@ def verl_agg() -> Any:
     return pytest.importorskip("verl.trainer.ppo.core_algos").agg_loss
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("verl_mode", "mode"),
     [("token-mean", "token_mean"), ("seq-mean-token-mean", "seq_mean_token_mean")],
@@ -160,6 +161,7 @@ def test_verl_real_agg_loss_with_global_batch_info(verl_agg: Any, verl_mode: str
     assert report.losses[0].passed and report.invariant
 
 
+@pytest.mark.slow
 def test_verl_legacy_real_agg_loss_without_batch_info(verl_agg: Any) -> None:
     # verl ≤ 0.6 dp_actor: agg_loss on the micro-batch alone, then / gradient_accumulation.
     def legacy(pt: Tensor, m: Tensor) -> Tensor:

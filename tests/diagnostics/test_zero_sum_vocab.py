@@ -40,7 +40,12 @@ V0, HIDDEN, SCALE = 1000, 16, 3.0
 SEQUENCES, LENGTH = 2, 3  # 6 tokens: the cost is in V, not in M
 # (engine, vocab_chunk): one chunk size that divides nothing, a power of two, and the largest;
 # the fused engine's kernels (under Triton's interpreter without CUDA) with the odd chunk size
-ENGINES = [("materialized", None), ("streamed", 777), ("streamed", 8192), ("fused", 777)]
+ENGINES = [
+    ("materialized", None),
+    ("streamed", 777),
+    ("streamed", 8192),
+    pytest.param("fused", 777, marks=pytest.mark.slow),  # the interpreter over 32k: minutes
+]
 SLOW_ENGINES = [("materialized", None), ("streamed", 256), ("streamed", 4096), ("streamed", 65536)]
 # A z-loss λ·lse_t² per token (aggregated like the loss, a_t = 1/M), λ = 1e-4 as PaLM and OLMo 2
 # train with, and ten times less: it adds 2λ·a_t·lse_t·π_t to the logit gradient, so Σ_v G_t
@@ -135,6 +140,7 @@ def test_pure_softmax_losses_pass_at_large_vocabularies(batch_files, vocab, dtyp
     assert_zero_sum_passes(compare(batch_files[vocab], dtype, engine, chunk), vocab, dtype)
 
 
+@pytest.mark.slow
 def test_the_streamed_residual_does_not_depend_on_the_chunk_size(batch_files):
     # float32: every float64 sum's rounding (~1e-16 relative, order-dependent) is far below the
     # float32 roundings of π, which do not depend on the chunking, so the residuals agree to

@@ -161,6 +161,7 @@ def attribution_ranks(rank: int, world: int, batch: Batch, split: VocabSplit):
     return out
 
 
+@pytest.mark.slow
 def test_vocab_parallel_sums_equal_the_single_process_engine():
     """Two gloo ranks, without and with the entropy bonus."""
     batch = batch_of(3, [6, 2, 6, 4])

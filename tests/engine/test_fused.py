@@ -239,8 +239,14 @@ IDS = [
 ]
 
 
-@pytest.mark.parametrize(("vocab", "engine_plan", "blocks", "names", "c_h", "n_bonus"), CASES,
-                         ids=IDS)  # fmt: skip
+# Triton's interpreter takes seconds per case on the CPU: the first case alone is fast.
+@pytest.mark.parametrize(
+    ("vocab", "engine_plan", "blocks", "names", "c_h", "n_bonus"),
+    [
+        pytest.param(*case, id=name, marks=[] if i == 0 else [pytest.mark.slow])
+        for i, (case, name) in enumerate(zip(CASES, IDS, strict=True))
+    ],
+)
 def test_float32_fused_equals_the_streamed_engine(
     interpreter, monkeypatch, vocab, engine_plan, blocks, names, c_h, n_bonus
 ):
@@ -255,6 +261,7 @@ def test_float32_fused_equals_the_streamed_engine(
     check_against_streamed(batch, view, ref, res, entropy_weight, carried)
 
 
+@pytest.mark.slow
 def test_bf16_operands_fused_equals_the_streamed_engine(interpreter):
     """bf16 h and W, as on a GPU: the GEMM operands P = π − e_y, c⊙h and E in bf16, everything
     else in float32 (the interpreter emulates bf16 storage)."""
@@ -266,7 +273,7 @@ def test_bf16_operands_fused_equals_the_streamed_engine(interpreter):
     check_against_streamed(batch, view, ref, res, entropy_weight, len(names))
 
 
-@pytest.mark.parametrize("c_h", [0.0, 0.1])
+@pytest.mark.parametrize("c_h", [pytest.param(0.0, marks=pytest.mark.slow), 0.1])  # 0.1 does both
 def test_float64_fused_equals_autograd(interpreter, c_h):
     """The kernels' maths, independently of the streamed engine: float64 against autograd."""
     names = ["reinforce", "ppo", "ppo_clip", "sft"]
@@ -352,6 +359,7 @@ def test_every_kernel_compiles_for_a_gpu_without_one(tmp_path):
     assert len(compiled) == 3 * 2 * 3  # 3 kernels × 2 flag values × 3 operand dtypes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("c_h", [0.0, 0.1])
 def test_float64_fused_hands_pass_one_entropies_to_the_losses(interpreter, c_h):
     """``token_entropy``: the kernels' pass-1 H_t reaches the losses (the top-entropy selection

@@ -21,7 +21,7 @@ import torch
 from helpers import make_batch
 from torch import Tensor
 
-from gradlens.containers import Batch, valid_index
+from gradlens.containers import Batch, KeptSets, valid_index
 from gradlens.engine.collectives import (
     CollectiveError,
     CollectiveRecord,
@@ -46,7 +46,7 @@ from gradlens.engine.vocab_split import (
     split_vocab,
 )
 from gradlens.errors import GradlensError
-from gradlens.grads import objective, on_grid
+from gradlens.grads import objective, on_grid, replay, replayed_ids
 from gradlens.losses import Aggregation, LossParams, get_loss, loss_names
 from gradlens.losses.aggregation import AGGREGATIONS
 from gradlens.losses.base import Correction
@@ -180,6 +180,15 @@ def entropy_weight(case: Case) -> EntropyWeight | None:
     return selected
 
 
+def kept_of(case: Case) -> Tensor | None:
+    """[M, K] the replayed kept sets of the valid tokens, or None (the whole vocabulary)."""
+    ids = replayed_ids(case.batch)
+    if ids is None:
+        return None
+    rows, cols = valid_index(case.batch.mask)
+    return ids[rows, cols]
+
+
 def run_case(case: Case, rank: int, comm: Collectives | None = None) -> EngineResult:
     rows, cols = valid_index(case.batch.mask)
     return vocab_parallel_pass(
@@ -194,6 +203,7 @@ def run_case(case: Case, rank: int, comm: Collectives | None = None) -> EngineRe
         entropy_losses=len(names(case)),
         pass1=case.pass1,
         token_entropy=case.selection,
+        kept_ids=kept_of(case),
     )
 
 
@@ -208,6 +218,7 @@ def reference(case: Case) -> EngineResult:
         entropy_weight=entropy_weight(case),
         entropy_losses=len(names(case)),
         token_entropy=case.selection,
+        kept_ids=kept_of(case),
     )
 
 
@@ -226,6 +237,7 @@ def gemms(case: Case, got: EngineResult) -> float:
         case.reference_plan,
         entropy_weight=entropy_weight(case),
         entropy_losses=len(names(case)),
+        kept_ids=kept_of(case),
     ).gemm_equivalents
 
 
@@ -296,11 +308,31 @@ def fields(res: EngineResult) -> dict[str, tuple[Tensor | None, Tensor | None]]:
     return out
 
 
-def assert_equal(got: EngineResult, ref: EngineResult, label: str) -> None:
+def shared_scales(got: EngineResult, ref: EngineResult, hidden: Tensor) -> dict[str, Tensor]:
+    """Per loss whose dense product is an earlier loss's plus a correction (in either run), the
+    size of what entered it: Σ_t |c|·‖h_t‖ with |c| `RowStats.gemm_scale` bounds every entry of
+    πᵀ(c⊙h). Its rounding is measured against that, not against the loss's own (perhaps far
+    smaller) rows: D_k = D_j + Δ carries D_j's ulps."""
+    h = hidden.norm(dim=-1)  # [M]
+    out = {}
+    for i, (a, b) in enumerate(zip(got.rows, ref.rows, strict=True)):
+        sizes = [float((s * h).sum()) for s in (a.gemm_scale, b.gemm_scale) if s is not None]
+        if sizes:  # the rows and their sum Σ_v ∂L/∂W_v
+            out[f"norms[{i}]"] = out[f"row_sum[{i}]"] = torch.tensor([max(sizes)], dtype=F64)
+    return out
+
+
+def assert_equal(
+    got: EngineResult, ref: EngineResult, label: str, hidden: Tensor | None = None
+) -> None:
     a, b = fields(got), fields(ref)
     assert a.keys() == b.keys()
+    shared = {} if hidden is None else shared_scales(got, ref, hidden)
     for key, (x, _) in a.items():
         y, scale = b[key]
+        if key in shared and y is not None:
+            own = (y if scale is None else scale).abs().max()[None]
+            scale = torch.maximum(shared[key], own)
         assert (x is None) == (y is None), f"{label}: {key} present in one result only"
         if x is None or y is None:
             continue
@@ -332,9 +364,9 @@ def expected_log(case: Case, world: int) -> list[tuple[str, str, int]]:
     return log
 
 
-def check_world(splits: list[VocabSplit]) -> None:
+def check_world(splits: list[VocabSplit], cases: list[Case] | None = None) -> None:
     world = splits[0].world
-    cases = cases_for(splits)
+    cases = cases_for(splits) if cases is None else cases
     launched = run_ranks(engine_ranks, world, (cases,), timeout_s=120)
     assert len(launched) == world
     others = ", ".join(str(r) for r in range(1, world))
@@ -346,6 +378,10 @@ def check_world(splits: list[VocabSplit]) -> None:
     per_rank = [results for results, _ in launched]
     for i, case in enumerate(cases):
         ref = reference(case)
+        ids = kept_of(case)
+        held = torch.zeros(case.split.vocab, dtype=torch.bool)  # rows some K_t holds
+        held[torch.arange(case.split.vocab) if ids is None else ids[ids >= 0]] = True
+        hidden = case.batch.hidden[case.batch.mask]  # [M, H]
         label = (
             f"case {i} ({case.agg.mode}, bonus={case.entropy}, selection={case.selection}, "
             f"{case.pass1}, {case.plan})"
@@ -355,7 +391,9 @@ def check_world(splits: list[VocabSplit]) -> None:
             assert per_rank[0][i][0].gemm_equivalents == pytest.approx(count, rel=TOL), label
         for rank, results in enumerate(per_rank):
             got, log = results[i]
-            assert_equal(got, ref, f"{label}, rank {rank}")
+            assert_equal(got, ref, f"{label}, rank {rank}", hidden)
+            for stats in got.rows:  # a row outside every K_t: exactly 0
+                assert torch.all(stats.norms[~held] == 0.0), label
             assert got.gemm_equivalents == per_rank[0][i][0].gemm_equivalents  # one sum
             assert [(r.step, r.op, r.elements) for r in log] == expected_log(case, world)
             assert all(r.payload_bytes == 8 * r.elements for r in log)  # float64
@@ -364,10 +402,12 @@ def check_world(splits: list[VocabSplit]) -> None:
                     assert torch.equal(c0, c), label
 
 
+@pytest.mark.slow
 def test_world_2_even_split_equals_the_single_process_engine():
     check_world([even_split(52, 2)])
 
 
+@pytest.mark.slow
 def test_world_3_uneven_splits_equal_the_single_process_engine():
     # 50 rows over 3 ranks: the balanced split (17, 17, 16) and a lopsided one (7, 31, 12)
     check_world([balanced_split(50, 3), VocabSplit.from_sizes([7, 31, 12])])
@@ -378,9 +418,81 @@ def test_world_4_equals_the_single_process_engine():
     check_world([even_split(52, 4), VocabSplit.from_sizes([1, 20, 2, 29])])
 
 
+# --- a replayed sampling support (loss.sampling_support: kept) --------------------------------
+
+
+def kept_sets(batch: Batch, split: VocabSplit, seed: int) -> KeptSets:
+    """Kept sets K_t that hold y_t, designed at the first valid tokens after the ids of
+    `case_batch`: for every shard boundary b a token with K_t = {y_t, b − 1, b} (straddling it),
+    a token with K_t = {y_t} alone (no other entry: max_{v≠y} π̃ = 0), a token whose K_t lies in
+    its owner's rows only (every other rank holds none of it: m_r = −inf, S_r = 0 there), and a
+    token whose K_t is one row of every shard; the other tokens a random 40% of the rows not
+    ≡ 0 mod 5 (the rows that no K_t holds must get exactly 0). Random kept
+    masses of π_old, μ and π_ref (log S ∈ [−0.05, 0]) shift the stored log-probs."""
+    gen = torch.Generator().manual_seed(seed)
+    n, t, v = *batch.mask.shape, split.vocab
+    keep = torch.rand(n, t, v, generator=gen) < 0.4  # [N, T, V]
+    keep[..., torch.arange(v) % 5 == 0] = False  # rows in no random K_t (unless designed)
+    rows, cols = valid_index(batch.mask)
+    first = 3 * split.world  # the designed ids of `case_batch` come first
+    designed: list[list[int]] = [[b - 1, b] for b in split.bounds[1:-1]]
+    designed.append([])  # {y} alone
+    designed.append([-1])  # marker: the owner's rows only
+    designed.append(list(split.bounds[1:-1]))  # a row of every shard but the first, and y
+    for i, extra in enumerate(designed):
+        r, c = int(rows[first + i]), int(cols[first + i])
+        keep[r, c] = False
+        if extra == [-1]:
+            v0, v1 = split.shard(int(split.owner(batch.tokens[r, c, None])))
+            keep[r, c, v0:v1] = True
+        else:
+            keep[r, c, extra] = True
+    keep.scatter_(-1, batch.tokens[..., None], True)  # y_t ∈ K_t
+    width = int(keep.sum(-1).max())
+    order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)  # kept ids first
+    count = keep.sum(-1)  # [N, T]
+    ids = torch.where(torch.arange(width) < count[..., None], order[..., :width], -1)
+    # small shifts, so that every band-gated loss (rollout_is) keeps some tokens: a loss whose
+    # c_t are all 0 has row norms of pure rounding (of another loss's shared dense product)
+    masses = [-0.05 * torch.rand(n, t, generator=gen, dtype=F64) for _ in range(3)]
+    return KeptSets(ids, "designed", *masses)
+
+
+def replay_cases(splits: list[VocabSplit]) -> list[Case]:
+    """`cases_for`'s cases (every aggregation, bonus and selection, both ways of combining pass
+    1, the three plans) on a replayed batch: the losses read log π̃ and the shifted log-probs."""
+    out = []
+    replayed: dict[tuple[int, ...], Batch] = {}
+    for case in cases_for(splits):
+        key = case.split.bounds
+        if key not in replayed:
+            kept = kept_sets(case.batch, case.split, seed=len(key))
+            replayed[key] = replay(dataclasses.replace(case.batch, kept=kept))
+        out.append(dataclasses.replace(case, batch=replayed[key]))
+    return out
+
+
+def test_world_2_replays_the_kept_sets_as_the_single_process_engine():
+    splits = [even_split(52, 2)]
+    cases = replay_cases(splits)
+    ids = kept_of(cases[0])
+    assert ids is not None and bool((ids % 5 == 0).any())  # designed K_t hold such rows
+    assert int((ids >= 0).sum(-1).min()) == 1  # K_t = {y}
+    held = torch.zeros(52, dtype=torch.bool)
+    held[ids[ids >= 0]] = True
+    assert not bool(held.all())  # some rows in no K_t: check_world finds them exactly 0
+    check_world(splits, cases)
+
+
+def test_world_3_uneven_replays_the_kept_sets_as_the_single_process_engine():
+    splits = [balanced_split(50, 3), VocabSplit.from_sizes([7, 31, 12])]
+    check_world(splits, replay_cases(splits))
+
+
 # --- one process -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_one_rank_without_a_process_group_is_the_single_process_engine():
     split = even_split(52, 1)
     for case in cases_for([split])[:4]:
@@ -479,6 +591,7 @@ def raising_ranks(rank: int, world: int, case: Case, failing: int, how: str):
     )
 
 
+@pytest.mark.slow
 def test_a_rank_that_raises_fails_every_rank_with_a_clear_error():
     split = balanced_split(50, 3)
     case = cases_for([split])[0]

@@ -2,6 +2,9 @@
 reproduced by ``tests/test_golden_reports.py``.
 
 Each case is (name, argv, slow, setup): ``argv`` runs through the Typer app in-process;
+``slow`` marks the case slow (left out of ``-m "not slow"``): every run on the synthetic default
+batch or a model takes seconds, so the fast subset keeps the hand-written ``literal_*`` configs
+and the sweeps;
 ``{tmp}`` in an argument is a per-case temporary directory; ``setup`` is an argv run first
 in the same directory (a ``dump`` that the case then reads). Streamed runs fix the memory
 budget and the chunk size, so that the plan does not depend on the machine's free memory.
@@ -33,27 +36,28 @@ def cases() -> list[Case]:
             argv = ["compare", "--config", str(path), "--format", "json"]
             if name in MODEL_CONFIGS:
                 argv += MODEL_PASS + MODEL_ROLLOUT
-            out.append((name, argv, name in MODEL_CONFIGS, None))
+            out.append((name, argv, not name.startswith("literal_"), None))
     compare = ["compare", "--format", "json"]
     policy_losses = ["--losses", "grpo,gspo,cispo,sapo,minirl,ppo_clip"]
     drift = ["--set", "source.rollout_drift=0.1", "--set", "source.ref_drift=0.2"]
+    distill = ["--set", "source.teacher=perturbed", "--set", "loss.distill.divergence=jsd"]
     out += [
         ("sweep_default", ["sweep", "--format", "summary"], False, None),
-        ("default_streamed", [*compare, "--engine", "streamed", *STREAMED], False, None),
+        ("default_streamed", [*compare, "--engine", "streamed", *STREAMED], True, None),
         (
             "default_streamed_reference",
             [*compare, "--engine", "streamed", "--reference", "autograd", *STREAMED],
-            False,
+            True,
             None,
         ),
-        ("parity_materialized", [*compare, "--parity", "ppo,ppo_clip"], False, None),
+        ("parity_materialized", [*compare, "--parity", "ppo,ppo_clip"], True, None),
         (
             "parity_streamed",
             [*compare, "--parity", "ppo,ppo_clip", "--engine", "streamed", *STREAMED],
-            False,
+            True,
             None,
         ),
-        ("policy_losses", [*compare, *policy_losses, *drift], False, None),
+        ("policy_losses", [*compare, *policy_losses, *drift], True, None),
         (
             "policy_losses_corrections_entropy",
             [
@@ -67,7 +71,7 @@ def cases() -> list[Case]:
                 "--set",
                 "loss.aggregation=seq_mean_token_mean",
             ],
-            False,
+            True,
             None,
         ),
         (
@@ -82,7 +86,7 @@ def cases() -> list[Case]:
                 "streamed",
                 *STREAMED,
             ],
-            False,
+            True,
             None,
         ),
         (
@@ -102,13 +106,38 @@ def cases() -> list[Case]:
                 "streamed",
                 *STREAMED,
             ],
-            False,
+            True,
             None,
+        ),
+        (
+            "distill_synthetic",
+            [*compare, "--losses", "ppo_clip,opd", *distill, "--set", "loss.distill.beta=0.3"],
+            True,
+            None,
+        ),
+        (
+            "distill_batchfile_streamed",
+            [
+                *compare,
+                "--losses",
+                "ppo_clip,opd",
+                "--set",
+                "source.path={tmp}/distill.safetensors",
+                "--set",
+                "loss.distill.divergence=forward_kl",
+                "--set",
+                "loss.distill.form=top_k",
+                "--engine",
+                "streamed",
+                *STREAMED,
+            ],
+            True,
+            ["dump", "-o", "{tmp}/distill.safetensors", "--set", "source.teacher=perturbed"],
         ),
         (
             "batchfile",
             [*compare, "--set", "source.path={tmp}/batch.safetensors"],
-            False,
+            True,
             ["dump", "-o", "{tmp}/batch.safetensors", "--set", "source.rollout_drift=0.1"],
         ),
         (

@@ -231,6 +231,7 @@ def test_correction_defaults() -> None:
     assert with_defaults("geo_mask", None, 1.01) == Correction("geo_mask", 0.999, 1.01)
 
 
+@pytest.mark.slow
 def test_corrections_in_config_and_report() -> None:
     config = validate(
         {

@@ -155,6 +155,7 @@ def gradlens_dense(
     return value, grad
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="trl not installed")
 @pytest.mark.parametrize("beta", [0.0, 0.3, 0.5, 1.0])
 def test_trl_generalized_jsd_loss(beta: float) -> None:

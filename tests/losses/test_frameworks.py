@@ -454,6 +454,7 @@ def test_openrlhf_losses_agree_with_autograd_through_the_logits(openrlhf: Any) -
 # ----------------------------------------------------------------------------- the CLI
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("module", "pair"),
     [

@@ -83,6 +83,7 @@ def test_synthetic_batches_carry_their_prompt_groups() -> None:
     assert batch.groups is not None and batch.groups.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
 
 
+@pytest.mark.slow
 def test_a_batch_file_has_prompt_groups_only_when_group_size_is_set(tmp_path: Path) -> None:
     path = tmp_path / "batch.safetensors"
     small = ["--set", "source.vocab_size=64", "--set", "source.num_sequences=8"]

@@ -60,6 +60,7 @@ def test_no_rollout_is_an_error(report: CompareReport) -> None:
         mismatch_figure(report.model_copy(update={"mismatch": None}))
 
 
+@pytest.mark.slow
 def test_the_cli_draws_it_and_names_its_option_in_errors(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 

@@ -56,7 +56,10 @@ def _curves(ax) -> dict[str, list]:
     return out
 
 
-@pytest.mark.parametrize("name", list(FIGURES))
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=[] if i == 0 else [pytest.mark.slow]) for i, n in enumerate(FIGURES)],
+)  # a figure each: the first alone in the fast subset
 def test_every_curve_shows_a_patch_of_its_own_colour(name: str):
     fig = _figure(name)
     canvas = FigureCanvasAgg(fig)

@@ -23,7 +23,16 @@ def _compare(*args: str):
     return runner.invoke(app, ["compare", *SMALL, *args])
 
 
-@pytest.mark.parametrize("convention", ["verl", "verl_legacy", "trl:bnpo", "openrlhf", "ms_swift"])
+@pytest.mark.parametrize(
+    "convention",
+    [
+        "verl",
+        *(
+            pytest.param(c, marks=pytest.mark.slow)
+            for c in ("verl_legacy", "trl:bnpo", "openrlhf", "ms_swift")
+        ),
+    ],
+)
 def test_the_split_figure_is_a_png_for_each_convention(convention, tmp_path):
     path = tmp_path / "split.png"
     result = _compare(
@@ -33,6 +42,7 @@ def test_the_split_figure_is_a_png_for_each_convention(convention, tmp_path):
     assert path.read_bytes().startswith(PNG)
 
 
+@pytest.mark.slow
 def test_several_conventions_are_drawn_side_by_side(tmp_path):
     path = tmp_path / "split.png"
     result = _compare(
@@ -44,6 +54,7 @@ def test_several_conventions_are_drawn_side_by_side(tmp_path):
     assert '"convention": "trl"' in result.stdout  # the report is the first convention's
 
 
+@pytest.mark.slow
 def test_the_report_has_each_sequence_with_its_micro_batch_factor(tmp_path):
     result = _compare("--split", "micro=2,dp=2,ga=2", "--convention", "trl:bnpo", "-f", "json")
     assert result.exit_code == 0, result.output
@@ -59,6 +70,7 @@ def test_the_report_has_each_sequence_with_its_micro_batch_factor(tmp_path):
             assert s["weight_ratio"] == pytest.approx(m["weight_ratio_min"], rel=1e-12)
 
 
+@pytest.mark.slow
 def test_a_split_into_one_micro_batch_draws_every_factor_one(tmp_path):
     # micro = B, dp = ga = 1: one micro-batch holds the whole batch, so w_split = w_full for
     # every convention; the figure is drawn (its title says nothing is split)
@@ -77,6 +89,7 @@ def test_several_conventions_without_plot_is_a_clear_error(tmp_path):
     assert "--convention" in result.stderr and "--plot" in result.stderr
 
 
+@pytest.mark.slow
 def test_plot_without_split_still_draws_the_attribution(tmp_path):
     path = tmp_path / "attribution.png"
     result = _compare("--plot", str(path))

@@ -82,7 +82,16 @@ GOLDEN_COMPARE = sorted(
 
 
 @pytest.mark.parametrize("width", WIDTHS)
-@pytest.mark.parametrize("path", GOLDEN_COMPARE, ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "path",
+    # the hand-written reports in the fast subset, the larger ones slow (tests/conftest.py)
+    [
+        pytest.param(
+            p, id=p.stem, marks=[] if p.stem.startswith("literal_") else [pytest.mark.slow]
+        )
+        for p in GOLDEN_COMPARE
+    ],
+)
 def test_compare_report_reads_at_the_width(path: Path, width: int) -> None:
     report = golden_report(path)
     assert_readable(lambda console: render_compare(report, console), width)

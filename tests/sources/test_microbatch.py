@@ -47,6 +47,7 @@ def test_one_loss_at_a_time_when_no_sum_fits_beside_the_largest_sequence():
     assert sharing == 1 and plan.groups == [[0, 1], [2], [3]]
 
 
+@pytest.mark.slow
 def test_the_probe_counts_what_autograd_keeps():
     transformers = pytest.importorskip("transformers")
     from gradlens.containers import Sequences

@@ -64,6 +64,7 @@ def llama_report(checkpoints) -> CompareReport:
 # ----------------------------------------------------------------------------- user checkpoints
 
 
+@pytest.mark.slow
 def test_user_checkpoint_loads_and_every_check_passes(llama_report):
     report = llama_report
     # Closed form vs autograd on the real model's hidden states and lm_head, in float32: the
@@ -115,6 +116,7 @@ def test_a_checkpoint_with_a_131k_vocabulary_passes_the_check(tmp_path, monkeypa
         assert zero["logits_max_rel"] < tol / 4
 
 
+@pytest.mark.slow
 def test_lm_head_norm_of_the_whole_model_equals_the_logit_path_norm(llama_report):
     for r in llama_report.losses:
         mg = r.model_grads
@@ -128,6 +130,7 @@ def test_lm_head_norm_of_the_whole_model_equals_the_logit_path_norm(llama_report
         assert mg.total_norm == pytest.approx(total, rel=1e-9)
 
 
+@pytest.mark.slow
 def test_sft_gradient_equals_the_transformers_loss_gradient(checkpoints):
     # An independent path: the model's own forward with labels (-100 outside the completion)
     # gives mean CE over the completion tokens = sft with token_mean aggregation.
@@ -163,6 +166,7 @@ def _batch(path, **source):
     return build_batch(config, torch.device("cpu"), torch.float32)
 
 
+@pytest.mark.slow
 def test_temperature_divides_the_logits_of_every_log_prob(checkpoints):
     from gradlens.sources.checkpoint import load_checkpoint
 
@@ -182,6 +186,7 @@ def test_temperature_divides_the_logits_of_every_log_prob(checkpoints):
     assert torch.allclose(batch.rollout_logp[m], expected[m], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_gpt2_with_tied_embeddings(checkpoints):
     # the length reward, so that the advantages differ within a group (python_syntax scores a
     # random model's completions 0 alike: every advantage 0 fails the diagnosable check)
@@ -200,6 +205,7 @@ def test_gpt2_with_tied_embeddings(checkpoints):
 # ----------------------------------------------------------------------------- drift
 
 
+@pytest.mark.slow
 def test_zero_stale_steps_with_an_fp32_rollout_is_exactly_on_policy(checkpoints):
     report = run(checkpoints["llama"], rollout_dtype="float32", stale={"steps": 0})
     assert report.ratio.min == 1.0 and report.ratio.max == 1.0
@@ -212,6 +218,7 @@ def test_zero_stale_steps_with_an_fp32_rollout_is_exactly_on_policy(checkpoints)
     assert report.model.mismatch.abs_diff_max < 1e-4
 
 
+@pytest.mark.slow
 def test_stale_steps_move_the_ratio_away_from_one(checkpoints):
     # the length reward differs within every group, so every advantage is non-zero
     report = run(
@@ -226,6 +233,7 @@ def test_stale_steps_move_the_ratio_away_from_one(checkpoints):
     assert report.ratio.max == pytest.approx(steps[2].ratio_max, rel=1e-9)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stale_loss", ["real", "aspo"])
 def test_stale_steps_and_model_grads_on_losses_that_read_groups_or_entropies(
     checkpoints, stale_loss
@@ -246,6 +254,7 @@ def test_stale_steps_and_model_grads_on_losses_that_read_groups_or_entropies(
         assert r.model_grads is not None and r.model_grads.total_norm > 0, r.name
 
 
+@pytest.mark.slow
 def test_a_bf16_rollout_differs_from_the_fp32_training_pass(llama_report):
     x = llama_report.model.mismatch
     assert x.rollout_dtype == "bfloat16" and x.train_dtype == "float32"
@@ -254,6 +263,7 @@ def test_a_bf16_rollout_differs_from_the_fp32_training_pass(llama_report):
     assert x.rho_min is not None and x.rho_max is not None and x.rho_min < 1 < x.rho_max
 
 
+@pytest.mark.slow
 def test_the_seed_posts_estimate_is_reported_for_each_loss(llama_report):
     by_name = {r.name: r.model_grads.prediction for r in llama_report.losses}
     assert by_name["sft"] is not None and by_name["sft"].formula == "1 − e^(−CE)"
@@ -266,6 +276,7 @@ def test_the_seed_posts_estimate_is_reported_for_each_loss(llama_report):
     assert pairs == {("sft", "reinforce"), ("sft", "ppo_clip")}
 
 
+@pytest.mark.slow
 def test_a_user_reward_function_is_loaded(checkpoints, tmp_path, monkeypatch):
     (tmp_path / "my_reward.py").write_text(
         "def score(prompt, completion):\n    return float(len(completion) % 3)\n"
@@ -288,6 +299,7 @@ def test_python_syntax_reward():
 # ----------------------------------------------------------------------------- the built-in
 
 
+@pytest.mark.slow
 def test_the_builtin_model_runs_from_the_cli():
     result = runner.invoke(
         app, ["compare", "--source", "model", "--losses", "reinforce,ppo_clip,sft", "-f", "json"]
@@ -318,6 +330,7 @@ def _training_script():
     return module
 
 
+@pytest.mark.slow
 def test_the_builtin_model_is_peaked_on_held_out_stdlib_code():
     """Re-measure the shipped weights on the held-out library windows that docs/model.md quotes.
 
@@ -358,6 +371,7 @@ def test_the_builtin_model_is_peaked_on_held_out_stdlib_code():
         assert measured["mean_entropy"] == pytest.approx(recorded["mean_entropy"], abs=0.01)
 
 
+@pytest.mark.slow
 def test_the_builtin_model_table_shows_the_model_sections():
     result = runner.invoke(app, ["compare", "--source", "model", "--losses", "reinforce,sft"])
     assert result.exit_code == 0, result.output
@@ -398,12 +412,14 @@ def test_a_directory_without_weights(tmp_path):
     assert "has no weights" in cli_error("--set", f"source.path={tmp_path}")
 
 
+@pytest.mark.slow
 def test_a_tokenizer_that_does_not_match_the_model(tmp_path):
     path = save_checkpoint(tmp_path / "m", "llama", tokenizer=make_tokenizer(extra_tokens=50))
     err = cli_error("--set", f"source.path={path}")
     assert "tokenizer mismatch" in err and "350 tokens" in err
 
 
+@pytest.mark.slow
 def test_a_prompt_longer_than_the_context(checkpoints):
     err = cli_error(
         "--set", f"source.path={checkpoints['llama']}",
@@ -412,11 +428,13 @@ def test_a_prompt_longer_than_the_context(checkpoints):
     assert "source.prompts[0]" in err and "max_position_embeddings" in err
 
 
+@pytest.mark.slow
 def test_an_unknown_reward(checkpoints):
     err = cli_error("--set", f"source.path={checkpoints['llama']}", "--set", "source.reward=nope")
     assert "source.reward" in err and "python_syntax" in err
 
 
+@pytest.mark.slow
 def test_a_reward_module_that_does_not_exist(checkpoints):
     err = cli_error(
         "--set", f"source.path={checkpoints['llama']}", "--set", "source.reward=no_such_mod:f"
@@ -429,6 +447,7 @@ def test_the_checkpoint_error_names_the_key():
         run("/definitely/not/here")
 
 
+@pytest.mark.slow
 def test_the_synthetic_default_does_not_import_transformers():
     # transformers takes seconds to import; only the model source may pay for it
     import subprocess
@@ -465,6 +484,7 @@ def test_a_model_with_scaled_logits_is_refused(tmp_path):
 # ----------------------------------------------------------------------------- top-p / top-k
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("truncation", [{"top_p": 0.9}, {"top_k": 20}], ids=["top_p", "top_k"])
 def test_the_rollout_records_its_kept_sets(checkpoints, truncation):
     batch = _batch(checkpoints["llama"], reward="length", rollout_dtype="float32", **truncation)
@@ -483,6 +503,7 @@ def test_the_rollout_records_its_kept_sets(checkpoints, truncation):
     assert torch.allclose(kept.old_log_mass[m], kept.rollout_log_mass[m], atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["materialized", "streamed"])
 def test_a_replayed_model_batch_passes_every_check(checkpoints, engine, tmp_path):
     from gradlens.batchfile import write_batch

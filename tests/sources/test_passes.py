@@ -67,6 +67,7 @@ def bfloat16() -> dict[str, torch.Tensor]:
     return passes(torch.bfloat16)
 
 
+@pytest.mark.slow
 def test_in_float64_each_pair_agrees_to_rounding(float64: dict[str, torch.Tensor]) -> None:
     assert float64["cache"].dtype == torch.float64 and float64["cache"].numel() > 50
     assert gap(float64, "cache", "full") <= ROUNDING  # the KV-cache switch

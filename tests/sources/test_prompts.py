@@ -88,6 +88,7 @@ def chat_config(path, **source):
     )
 
 
+@pytest.mark.slow
 def test_an_instruct_checkpoint_runs_with_its_chat_template(instruct):
     report = run_compare(chat_config(instruct))
     assert report.passed, [c for c in report.checks if not c.passed]
@@ -100,6 +101,7 @@ def test_an_instruct_checkpoint_runs_with_its_chat_template(instruct):
     assert not report.model.notes  # no note about a template left unused
 
 
+@pytest.mark.slow
 def test_the_sequences_hold_the_rendered_prompt_once(instruct):
     from helpers import build_batch
 
@@ -113,6 +115,7 @@ def test_the_sequences_hold_the_rendered_prompt_once(instruct):
     assert real.count(tok.convert_tokens_to_ids(BOS)) == 1
 
 
+@pytest.mark.slow
 def test_a_tokenizer_with_a_template_but_plain_prompts_gets_a_note(instruct):
     report = run_compare(
         chat_config(instruct, chat_template=False, prompts=["hello there"], reward="length")
@@ -135,6 +138,7 @@ def test_the_generation_configs_end_of_turn_token_stops_a_completion(instruct):
     assert stop_tokens(loaded) == [tok.convert_tokens_to_ids(t) for t in (EOS, END)]
 
 
+@pytest.mark.slow
 def test_chat_template_from_the_command_line(instruct):
     result = runner.invoke(
         app,

@@ -144,6 +144,7 @@ LAYOUTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", [*LAYOUTS, "jsonl", "jsonl_input_ids"])
 def test_recomputed_hidden_states_give_the_stored_ones_diagnosis(
     tmp_path, checkpoint, rollout, layout
@@ -209,6 +210,7 @@ def test_dump_stores_the_recomputed_hidden_states(tmp_path, checkpoint, rollout)
         assert y.rows.total_norm == pytest.approx(x.rows.total_norm, rel=1e-12)
 
 
+@pytest.mark.slow
 def test_the_built_in_model_recomputes_on_policy_log_probs(tmp_path):
     # two short sequences tokenised for the built-in model; old_log_probs from its own forward
     from gradlens.sources.checkpoint import load_checkpoint
@@ -350,6 +352,7 @@ def test_lm_head_norm_of_the_whole_model_equals_the_lm_head_diagnostic(
         assert mg.total_norm == pytest.approx(total, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_whole_model_false_skips_them_and_lets_the_engine_stream(tmp_path, checkpoint, rollout):
     path = verl_file(tmp_path, rollout)
     off = config(path, model_path=str(checkpoint), whole_model=False)
@@ -367,6 +370,7 @@ def test_whole_model_false_skips_them_and_lets_the_engine_stream(tmp_path, check
     assert run_compare(streamed).engine.path == "streamed"  # type: ignore[union-attr]
 
 
+@pytest.mark.slow
 def test_the_cli_table_and_json_of_a_batch_file_with_a_checkpoint(tmp_path, checkpoint, rollout):
     from gradlens.report.serialize import json_schema
 
@@ -396,6 +400,7 @@ def test_the_cli_table_and_json_of_a_batch_file_with_a_checkpoint(tmp_path, chec
         assert {"type": "null"} in schema["properties"][key]["anyOf"]
 
 
+@pytest.mark.slow
 def test_the_streamed_engine_runs_with_whole_model_gradients(tmp_path, checkpoint, rollout):
     """The lm_head diagnostics stream; the whole-model gradients need only the scalar loss."""
     torch.save(pick(rollout, *LAYOUTS["verl"]), tmp_path / "b.pt")
@@ -534,6 +539,7 @@ def model_run(checkpoint) -> CompareReport:
     return run_compare(validate(model_source(checkpoint, stale={"steps": 0})))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt", ".jsonl"])
 def test_a_dumped_model_batch_is_re_diagnosed_with_its_checkpoint(
     tmp_path, checkpoint, model_run, suffix
@@ -585,6 +591,7 @@ def test_a_dumped_model_batch_is_re_diagnosed_with_its_checkpoint(
         assert a.model_grads is None  # hidden states alone: no model to run
 
 
+@pytest.mark.slow
 def test_a_dumped_stale_batch_holds_the_states_after_the_steps(tmp_path, checkpoint):
     # With stale steps the model source diagnoses θ_N (after the steps) against π_old at the
     # checkpoint's θ_0: the dump stores θ_N's hidden states and lm_head, so the file alone gives

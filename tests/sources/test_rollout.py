@@ -87,6 +87,7 @@ class _Records(logging.Handler):
         self.messages.append(record.getMessage())
 
 
+@pytest.mark.slow
 def test_a_builtin_model_run_raises_no_library_warning():
     """A real-model run (rollout with a KV cache, training pass, staleness steps) is silent:
     every Python warning is an error here, and transformers' own log is captured — its

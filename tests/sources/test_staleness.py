@@ -93,6 +93,7 @@ def plain_loop(path, batch, steps, lr):
     return trajectory
 
 
+@pytest.mark.slow
 def test_stale_steps_equal_a_plain_pytorch_loop(llama):
     cfg = config(llama, steps=2, lr=3e-3, target_kl=None)
     batch = build_batch(cfg)
@@ -110,6 +111,7 @@ def test_stale_steps_equal_a_plain_pytorch_loop(llama):
     assert kl_k3(expected[-1], expected[0], m) > 1e-4  # the steps moved π_θ
 
 
+@pytest.mark.slow
 def test_micro_batched_stale_steps_equal_one_pass(llama):
     one = build_batch(config(llama, steps=2, lr=3e-3, target_kl=None))
     # a budget of one byte: every sequence is a micro-batch of its own (over budget)
@@ -126,6 +128,7 @@ def test_micro_batched_stale_steps_equal_one_pass(llama):
         torch.testing.assert_close(a.logp[m], b.logp[m], rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("guess", [1e-6, 3e-2])
 def test_the_target_kl_is_reached_from_a_bad_first_guess(llama, guess):
     target = 0.02
@@ -142,6 +145,7 @@ def test_the_target_kl_is_reached_from_a_bad_first_guess(llama, guess):
     assert not any("not within" in n for n in report.model.notes)
 
 
+@pytest.mark.slow
 def test_a_step_far_beyond_ppo_is_reported(llama):
     report = run_compare(config(llama, steps=2, lr=5e-2, target_kl=None))
     end = report.model.staleness.trajectory[-1]
@@ -159,6 +163,7 @@ def rendered(report) -> str:
     return out.getvalue()
 
 
+@pytest.mark.slow
 def test_the_tables_say_how_the_steps_ran_and_what_stands_out(llama):
     far = run_compare(config(llama, steps=2, lr=5e-2, target_kl=None))
     text = rendered(far)

@@ -71,6 +71,7 @@ def test_synthetic_temperature_scales_the_logits() -> None:
     assert torch.equal(b.weight, 2 * a.weight)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["float32", "float64"])
 def test_synthetic_drift_none_gives_ratio_exactly_one(dtype: torch.dtype) -> None:
     # drift none marks every position on-policy: the losses see ℓ_old = ℓ bit for bit,
@@ -85,6 +86,7 @@ def test_synthetic_drift_none_gives_ratio_exactly_one(dtype: torch.dtype) -> Non
         assert torch.equal(inputs.logp[m], inputs.old_logp[m]), seed
 
 
+@pytest.mark.slow
 def test_synthetic_drift_none_ratio_is_one_to_rounding_in_float64() -> None:
     # Whatever the GEMM order, r differs from 1 by a few float64 ulps of ℓ at most.
     for seed in range(20):
@@ -130,6 +132,7 @@ def test_synthetic_shapes_masks_and_lengths(seed: int, dtype: torch.dtype) -> No
     assert bool(((adv == adv[:, :1]) | ~batch.mask).all())
 
 
+@pytest.mark.slow
 def test_synthetic_source_without_rollout_and_reference_policies_is_unchanged() -> None:
     base = Config()
     batch = build_batch(base, torch.device("cpu"), torch.float32)
@@ -146,6 +149,7 @@ def test_synthetic_source_without_rollout_and_reference_policies_is_unchanged() 
     assert with_ref.ref_logp is not None and with_ref.rollout_logp is None
 
 
+@pytest.mark.slow
 def test_synthetic_rollout_policy_samples_the_tokens() -> None:
     config = validate(
         {"source": {"vocab_size": 64, "rollout_drift": 0.2, "drift": {"kind": "none"}}}

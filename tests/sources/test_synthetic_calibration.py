@@ -43,6 +43,7 @@ def reference(hidden: torch.Tensor, weight0: torch.Tensor, c: float) -> tuple[fl
     return float(entropy.mean()), float(-variance.mean())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("c", [0.05, 0.5, 2.0, 20.0])
 def test_tiles_give_the_materialized_entropy_and_slope(c: float) -> None:
     # Float64 tiles: the per-block sums and their combination against the running maximum
@@ -66,6 +67,7 @@ def test_tiles_in_float32_are_within_float32_rounding() -> None:
     assert abs(entropy - want) > 0  # float32 sums: not the float64 number (the test can fail)
 
 
+@pytest.mark.slow
 def test_the_budget_changes_no_number() -> None:
     # Kept tiles and recomputed ones are the same GEMM on the same operands: bit-identical.
     hidden, weight0 = inputs(dtype=torch.float32)
@@ -108,6 +110,7 @@ def test_calibrate_converges_with_a_useless_slope() -> None:
     assert evaluations < 100
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", [0.2, 0.5, 3.0])
 def test_entropy_scale_hits_the_target(target: float) -> None:
     # The materialized float64 entropy at the returned c: within the calibration's tolerance

@@ -129,6 +129,7 @@ DRIFTS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", DRIFTS, ids=lambda s: "-".join(map(str, s)))
 def test_log_probs_are_those_of_the_construction_written_out(source: dict[str, Any]) -> None:
     # Float64: the chunked log-probs (block maxima and sums combined in float64, z_y kept with
@@ -150,6 +151,7 @@ def test_log_probs_are_those_of_the_construction_written_out(source: dict[str, A
         assert float((logp - want).abs().max()) <= 1e-12, name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("entropy", [0.5, pytest.param(3.0, marks=pytest.mark.slow)])
 def test_tokens_are_drawn_from_the_sampler(entropy: float) -> None:
     # y ~ μ_old = softmax(z_old + rollout noise): the randomised PIT of 2,400 tokens (4 seeds)
@@ -190,6 +192,7 @@ def synthetic_batch(dtype: torch.dtype = F64, seed: int = 0, **source: Any) -> B
     return build_batch(config, CPU, dtype)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", ["materialized", "chunked"])
 def test_both_constructions_draw_tokens_from_pi_theta(
     path: str, monkeypatch: pytest.MonkeyPatch
@@ -210,6 +213,7 @@ def test_both_constructions_draw_tokens_from_pi_theta(
     assert ks_uniform(u) < ks_bound(u.numel())
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("chunk_everything")
 @pytest.mark.parametrize("dtype", [F64, F32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("source", DRIFTS, ids=lambda s: "-".join(map(str, s)))
@@ -230,6 +234,7 @@ def test_chunked_batch_invariants(dtype: torch.dtype, source: dict[str, Any]) ->
     assert bool((adv[~m] == 0).all()) and bool(((adv == adv[:, :1]) | ~m).all())
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("chunk_everything")
 @pytest.mark.parametrize("dtype", [F64, F32], ids=str)
 @pytest.mark.parametrize("target", [0.3, 2.5])
@@ -243,6 +248,7 @@ def test_chunked_batch_hits_the_entropy_target(dtype: torch.dtype, target: float
     assert entropy == pytest.approx(target, abs=1e-5 if dtype == F32 else 2 * ENTROPY_TOL)
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("chunk_everything")
 @pytest.mark.parametrize("dtype", [F64, F32], ids=str)
 def test_chunked_drift_none_is_on_policy(dtype: torch.dtype) -> None:
@@ -283,6 +289,7 @@ def test_chunked_drift_matches_the_materialized_drift(monkeypatch: pytest.Monkey
         assert float(b.mean()) > 0.01  # the drift is there
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [F32, F64], ids=str)
 def test_the_budget_changes_no_number(dtype: torch.dtype) -> None:
     # Budget 0 keeps no z⁰ tile (every sweep recomputes them), a large one keeps all: the batch is
@@ -363,6 +370,7 @@ class InThread:
         return map(fn, items)
 
 
+@pytest.mark.slow
 def test_a_qwen_vocabulary_is_built_without_a_tokens_by_vocabulary_tensor(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

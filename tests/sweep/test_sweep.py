@@ -220,6 +220,7 @@ def test_coupled_losses_refuse_grids_too_large_to_loop_over():
 # ----------------------------------------------------------------------------- autograd check
 
 
+@pytest.mark.slow
 def test_autograd_check_agrees_for_every_loss_and_rule():
     config = build_sweep_config(
         flags={"losses": loss_names()},
@@ -568,6 +569,7 @@ def test_a_failed_write_leaves_no_half_written_file(tmp_path, monkeypatch, fmt):
 # ----------------------------------------------------------------------------- plot
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [[], ["--vary", "both", "--points", "21"]], ids=["1d", "2d"])
 def test_plot_writes_a_png(tmp_path, monkeypatch, args):
     pytest.importorskip("matplotlib")
@@ -654,6 +656,7 @@ def test_bad_input_is_a_clear_error(args, names):
     assert "Traceback" not in result.output + result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", sorted(p.name for p in (REPO / "configs").glob("sweep_*.yaml")))
 def test_every_sweep_config_runs(path):
     result = invoke("--config", str(REPO / "configs" / path), "--check", "-f", "csv")

@@ -36,6 +36,7 @@ def test_the_docs_have_commands() -> None:
     assert docs == set(DOCS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("doc", "line"), commands())
 def test_doc_command_runs(
     doc: str, line: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

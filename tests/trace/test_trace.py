@@ -120,6 +120,7 @@ def test_trace_reads_the_run_and_explains_the_spike(run_dir: Path) -> None:
     assert spike.tokens[0].grad_norm == pytest.approx(float(norms.max()), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_cli_formats(run_dir: Path, tmp_path: Path) -> None:
     png = tmp_path / "trace.png"
     table = runner.invoke(app, ["trace", str(run_dir), "--plot", str(png)])
