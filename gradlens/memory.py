@@ -23,6 +23,7 @@ compare with, and no refusal.
 
 from __future__ import annotations
 
+import ctypes
 import os
 from dataclasses import dataclass
 
@@ -128,3 +129,27 @@ def check_fits(estimate: Estimate, device: torch.device) -> None:
         f"its peak ({terms}), and {place} has {human(room[0])} available ({room[1]}); make "
         "the batch smaller"
     )
+
+
+def release_free_memory() -> None:
+    """Give the pages the C allocator holds free back to the system (glibc's ``malloc_trim``).
+
+    Freed tensors return their memory to the allocator's free lists, not to the system: the
+    resident memory of the process keeps the pages of every tensor freed since, and the next
+    phase's tensors add to it. Between the model source's phases (the stale steps' optimizer
+    state and graphs gone, the whole-model gradients' forward to come) a trim returns those
+    pages; where there is no glibc it does nothing.
+    """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _libc()

@@ -19,8 +19,9 @@ gradient), so no loss's whole gradient is ever held — unless the batch needs m
 micro-batch: then each loss's gradient is summed over the micro-batches first, and as many
 losses share the forwards as the budget has room for their sums; the others take their own.
 
-The lm_head enters the forward as a separate copy W' of its weight, so its gradient is the
-logit path alone, ∂L/∂W = Σ_t G_t h_tᵀ — the quantity the lm_head diagnostics compute in
+The lm_head enters the forward as a separate leaf W' of its weight (the batch's own copy of
+it, which holds the same values, so no third copy is made), so its gradient is the logit path
+alone, ∂L/∂W = Σ_t G_t h_tᵀ — the quantity the lm_head diagnostics compute in
 closed form. With tied embeddings (one tensor for the input embedding and the lm_head) a
 trainer's ``.grad`` of that tensor is the sum of both paths; it is reported separately
 (``tied_grad_norm``), and the total norm counts the shared tensor once, with the summed
@@ -61,6 +62,7 @@ from gradlens.grads import (
 )
 from gradlens.losses import Aggregation, LossParams, get_loss
 from gradlens.losses.distill import token_value
+from gradlens.memory import release_free_memory
 from gradlens.progress import report as report_progress
 from gradlens.results import (
     PREDICTION_FACTOR,
@@ -216,6 +218,17 @@ def gradient_plan(
     return best[1], best[2]
 
 
+def logit_path_weight(batch: Batch, model: Any) -> Tensor:
+    """W', the lm_head weight as a leaf of its own (module docstring): the batch's copy of it
+    (the model source and the recomputed batch copy `head_weight` after the stale steps, so
+    it holds the same values) without another copy, else a copy of the model's."""
+    weight = head_weight(model).detach()
+    own = batch.weight
+    if own.shape == weight.shape and own.dtype == weight.dtype and torch.equal(own, weight):
+        return own.detach().requires_grad_(True)
+    return weight.clone().requires_grad_(True)
+
+
 def micro_divergence(
     batch: Batch, params: LossParams, rows: list[int], policy: PolicyPass
 ) -> Tensor | None:
@@ -263,7 +276,7 @@ def model_gradients(
     tied = model.get_output_embeddings().weight is emb
     groups = parameter_groups(model)
     flat = [p for _, ps in groups for p in ps]
-    head = head_weight(model).detach().clone().requires_grad_(True)  # W': the logit path
+    head = logit_path_weight(batch, model)  # W': the logit path
     mask = batch.mask
     seqs = ctx.sequences
     names = [r.name for r in reports]
@@ -281,6 +294,7 @@ def model_gradients(
     rows_all, cols_all = valid_index(mask)
     entropy_grid = on_grid(tokens.entropy, rows_all, cols_all, mask.shape)  # [N, T] H_t
 
+    release_free_memory()  # before the forward that keeps the activations
     sink = _Sink(emb, head, tied)
     handles = [p.register_post_accumulate_grad_hook(sink.receive) for p in [*flat, head]]
     total_backwards = len(names) * len(plan.groups)

@@ -54,7 +54,7 @@ from gradlens.config import DTYPES, ModelSource
 from gradlens.containers import Batch, KeptSets, ModelContext, Origin, RolloutRecord
 from gradlens.errors import GradlensError
 from gradlens.losses import get_loss
-from gradlens.memory import Estimate, Shape, dtype_bytes
+from gradlens.memory import Estimate, Shape, dtype_bytes, release_free_memory
 from gradlens.progress import report
 from gradlens.sources.base import SourceContext, SourcePlan
 from gradlens.sources.checkpoint import checkpoint_estimate, checkpoint_sizes, load_checkpoint
@@ -166,6 +166,7 @@ def build_model_batch(src: ModelSource, ctx: SourceContext) -> Batch:
         rollout.kept_ids,
         groups,
     )
+    release_free_memory()  # the optimizer state and the steps' graphs are gone
     hidden, old_logp = stale.hidden, stale.old_logp
     if alone is not None:
         old_logp = alone.to(old_logp.dtype)

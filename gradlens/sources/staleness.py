@@ -19,12 +19,21 @@ depth (5e-5 moves the 2M-parameter built-in model by a KL of 0.015 in two steps 
 is searched. After step k the KL of π_θk against π_old, the k3 estimate mean(r − 1 − log r)
 over the completion tokens (the staleness table's ``kl_k3``), is compared with the goal
 k/N·target_kl; when it lies outside a factor `TARGET_BAND` of it, step k is redone with
-lr' = lr·s (`StaleOptimizer.rescale`, no copy of the weights), with s from KL ∝ s^slope — slope
-2 at the first probe (the KL of a small step is quadratic in its size), then the slope the last
-two probes measured — at most `MAX_PROBES` times per step; the next step starts from the last
-learning rate. A probe costs one forward, and an accepted one is the next step's own forward.
-A step whose update is zero (every advantage 0) is not probed. With ``target_kl: null`` the
-steps take ``lr`` as given.
+lr' = lr·s (`StaleOptimizer.rescale`, no copy of the weights), at most `MAX_PROBES` times per
+step; the next step starts from the last learning rate. The scale s comes from the tokens'
+log-ratios (`LearningRateSearch`): a step moves the parameters along one direction u by lr
+(θ_k = θ_{k−1} + lr·u; AdamW's decay is linear in lr too), so to first order each token's
+log-ratio is a straight line in the step size,
+
+    log r_t(s) ≈ a_t + s·(d_t − a_t),   a_t = log r_t at θ_{k−1},  d_t = log r_t just measured,
+
+and s solves mean_t k3(log r_t(s)) = goal (bisection; k3 is convex in s and k3(a) < goal). The
+k3 of a large log-ratio grows far faster than its square (e^5 − 6 ≈ 142 against 5²/2 = 12.5),
+which the tokens show and a power law of the mean KL does not; where no s reaches the goal on
+that line, s comes from KL ∝ s^slope, slope 2 at the first probe (the KL of a small step is
+quadratic in its size), then the slope the last two probes measured. A probe costs one
+forward, and an accepted one is the next step's own forward. A step whose update is zero
+(every advantage 0) is not probed. With ``target_kl: null`` the steps take ``lr`` as given.
 
 Memory: the steps hold the optimizer state (Adam: two tensors the size of the weights), so the
 backward recomputes the transformer blocks (activation checkpointing,
@@ -46,7 +55,6 @@ from torch import Tensor, nn
 
 from gradlens.config import StaleConfig
 from gradlens.containers import Batch, Sequences, StalenessRecord, StalePoint
-from gradlens.diagnostics.staleness import kl_k3
 from gradlens.grads import (
     PolicyPass,
     objective,
@@ -79,6 +87,7 @@ TARGET_BAND = 1.5  # a step is accepted when its KL is within this factor of the
 MAX_PROBES = 4  # redos of one step at most
 SLOPE_LIMITS = (0.5, 4.0)  # the measured log KL / log lr slope, clamped
 SCALE_LIMITS = (1 / 30, 30.0)  # one probe changes the learning rate by at most this factor
+LINE_ITERATIONS = 40  # bisection steps of `line_scale`: s to a relative 2^-40 of the range
 
 
 @dataclass(frozen=True)
@@ -96,25 +105,72 @@ class LearningRateSearch:
         self.target = target
         self.steps = steps
         self.points: list[tuple[float, float]] = []  # (log lr, log KL) of this step's probes
+        self.anchor: Tensor | None = None  # [M] log r_t at θ_{k−1} over the loss tokens
 
-    def start_step(self) -> None:
+    def start_step(self, anchor: Tensor | None = None) -> None:
+        """A new step from θ_{k−1}, whose log-ratios over the loss tokens are ``anchor``."""
         self.points = []
+        self.anchor = anchor
 
-    def propose(self, k: int, kl: float, lr: float) -> float | None:
-        """The learning rate to redo step k with, or None to accept it."""
+    def propose(self, k: int, log_ratio: Tensor, lr: float) -> float | None:
+        """The learning rate to redo step k with, or None to accept it: ``log_ratio`` [M] is
+        log r_t = ℓ_t(θ_k) − ℓ_t(θ_old) over the loss tokens, in float64."""
+        kl = float(k3(log_ratio).mean()) if log_ratio.numel() else 0.0
         if self.target is None or k == 0 or not math.isfinite(kl) or kl <= 0.0:
             return None
         goal = self.target * k / self.steps
         if abs(math.log(kl / goal)) <= math.log(TARGET_BAND) or len(self.points) >= MAX_PROBES:
             return None
         self.points.append((math.log(lr), math.log(kl)))
-        slope = 2.0
-        if len(self.points) >= 2:
-            (x0, y0), (x1, y1) = self.points[-2:]
-            if x1 != x0:
-                slope = min(max((y1 - y0) / (x1 - x0), SLOPE_LIMITS[0]), SLOPE_LIMITS[1])
-        scale = math.exp(math.log(goal / kl) / slope)
+        scale = None
+        if self.anchor is not None:
+            scale = line_scale(self.anchor, log_ratio - self.anchor, goal)
+        if scale is None:
+            slope = 2.0
+            if len(self.points) >= 2:
+                (x0, y0), (x1, y1) = self.points[-2:]
+                if x1 != x0:
+                    slope = min(max((y1 - y0) / (x1 - x0), SLOPE_LIMITS[0]), SLOPE_LIMITS[1])
+            scale = math.exp(math.log(goal / kl) / slope)
         return lr * min(max(scale, SCALE_LIMITS[0]), SCALE_LIMITS[1])
+
+    def next_lr(self, k: int, here: Tensor, before: Tensor, lr: float) -> float:
+        """The first learning rate of step k + 1 from θ_k (log-ratios ``here``), reached from
+        θ_{k−1} (``before``) by a step of ``lr``: the next step is taken to change each token's
+        log-ratio as much per unit of learning rate as the last one did, and its lr to bring
+        the KL to the goal (k + 1)/N·target on that line; ``lr`` when there is no target or the
+        line does not reach it."""
+        if self.target is None or here.numel() == 0:
+            return lr
+        goal = self.target * (k + 1) / self.steps
+        scale = line_scale(here, here - before, goal)
+        return lr if scale is None else lr * scale
+
+
+def k3(log_ratio: Tensor) -> Tensor:
+    """r − 1 − log r of each log-ratio (≥ 0, ≈ (log r)²/2 when small)."""
+    return log_ratio.exp() - 1 - log_ratio
+
+
+def line_scale(anchor: Tensor, step: Tensor, goal: float) -> float | None:
+    """The s with mean k3(a + s·b) = goal (a = ``anchor``, b = ``step``; module docstring),
+    searched within `SCALE_LIMITS`: the nearer limit when the goal lies beyond them, None when
+    the line cannot reach it (k3(a) already at the goal, or a step that changed nothing)."""
+
+    def kl(s: float) -> float:
+        return float(k3(anchor + s * step).mean())
+
+    if kl(0.0) >= goal or not bool(step.ne(0).any()):
+        return None
+    if kl(SCALE_LIMITS[1]) < goal:
+        return SCALE_LIMITS[1]
+    if kl(SCALE_LIMITS[0]) > goal:
+        return SCALE_LIMITS[0]
+    lo, hi = math.log(SCALE_LIMITS[0]), math.log(SCALE_LIMITS[1])
+    for _ in range(LINE_ITERATIONS):  # the KL grows with s > 0: bisection in log s
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if kl(math.exp(mid)) < goal else (lo, mid)
+    return math.exp((lo + hi) / 2)
 
 
 def _forward(
@@ -204,6 +260,11 @@ def stale_steps(
     needs_entropy = reads_entropy([spec], params)
     search = LearningRateSearch(cfg.target_kl, cfg.steps)
     every = list(range(int(mask.shape[0])))
+
+    def ratio(logp: Tensor) -> Tensor:  # [M] log r_t over the loss tokens, as kl_k3 takes it
+        assert old_logp is not None
+        return (logp - old_logp)[mask].double()
+
     trajectory: list[StalePoint] = []
     old_logp: Tensor | None = None
     old_mass: Tensor | None = None
@@ -213,7 +274,7 @@ def stale_steps(
             last = k == cfg.steps
             if not last:  # done: after the last forward, below
                 report("stale steps", k, cfg.steps)
-            search.start_step()
+            search.start_step(None if k == 0 else ratio(trajectory[-1].logp))
             probes = 0
             while True:
                 if fused and not last:
@@ -230,14 +291,19 @@ def stale_steps(
                         old_mass = kept_log_mass(point.graph, kept_ids)
                     elif kept_ids is not None:
                         old_mass = point.kept_mass
-                lr = search.propose(k, kl_k3(point.logp, old_logp, mask), optimizer.lr)
+                lr = search.propose(k, ratio(point.logp), optimizer.lr)
                 if lr is None:
                     break
                 point = _Point(point.logp, None, None, None)  # drop the graph before redoing
                 optimizer.rescale(lr)
                 probes += 1
             loss_value = None
+            accepted = optimizer.lr
             if not last:
+                if k > 0:  # the next step's first guess, from how far this one went
+                    optimizer.lr = search.next_lr(
+                        k, ratio(point.logp), ratio(trajectory[-1].logp), accepted
+                    )
                 loss_value = _step(
                     model, seqs, plan, point, old_logp, advantages, rollout_logp, optimizer,
                     spec, params, aggregation, temperature, bias, groups,
@@ -250,7 +316,7 @@ def stale_steps(
                     k,
                     loss_value,
                     point.logp,
-                    lr=None if k == 0 else optimizer.lr,
+                    lr=None if k == 0 else accepted,
                     probes=probes,
                 )
             )

@@ -9,15 +9,17 @@ norms: in float64 the plans differ only in summation order (1e-10 relative is ge
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from gradlens.compare import run_compare
-from gradlens.compare.model_grads import parameter_groups
+from gradlens.compare.model_grads import logit_path_weight, parameter_groups
 from gradlens.config import validate
 from gradlens.results import CompareReport
 from gradlens.sources.checkpoint import load_checkpoint
+from gradlens.sources.forward import head_weight
 
 transformers = pytest.importorskip("transformers")
 
@@ -139,3 +141,18 @@ def test_the_one_pass_norms_equal_a_plain_autograd_computation(checkpoints):
     expected = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in model.parameters()))
     mg = report.losses[0].model_grads
     assert mg is not None and mg.total_norm == pytest.approx(expected, rel=1e-10)
+
+
+def test_the_logit_path_leaf_is_the_batchs_copy_when_it_holds_the_same_values(checkpoints):
+    loaded = load_checkpoint(str(checkpoints["llama"]), torch.device("cpu"), torch.float64)
+    model = loaded.model
+    same = SimpleNamespace(weight=head_weight(model).detach().clone())
+    leaf = logit_path_weight(same, model)  # no third copy of W: the batch's own storage
+    assert leaf.requires_grad and leaf.is_leaf and not same.weight.requires_grad
+    assert leaf.untyped_storage().data_ptr() == same.weight.untyped_storage().data_ptr()
+    # a batch whose W differs (another checkpoint's, a rank's rows): a copy of the model's
+    other = SimpleNamespace(weight=same.weight + 1.0)
+    copy = logit_path_weight(other, model)
+    assert copy.untyped_storage().data_ptr() != other.weight.untyped_storage().data_ptr()
+    assert torch.equal(copy.detach(), head_weight(model).detach())
+    assert copy.untyped_storage().data_ptr() != head_weight(model).untyped_storage().data_ptr()

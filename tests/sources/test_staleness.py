@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 
 import pytest
 import torch
@@ -23,7 +24,12 @@ from gradlens.grads import objective
 from gradlens.losses import Aggregation, LossParams, get_loss
 from gradlens.report.model_table import model_parts
 from gradlens.sources.checkpoint import load_checkpoint
-from gradlens.sources.staleness import TARGET_BAND
+from gradlens.sources.staleness import (
+    SCALE_LIMITS,
+    TARGET_BAND,
+    LearningRateSearch,
+    line_scale,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -133,6 +139,9 @@ def test_the_target_kl_is_reached_from_a_bad_first_guess(llama, guess):
     assert stale.target_kl == target and stale.lr == guess
     first = stale.trajectory[1]
     assert first.probes >= 1 and first.lr != guess  # the guess was off by 30×+ either way
+    # the second step's first lr comes from the first step's per-token line (next_lr): on this
+    # model it lands within the band at once
+    assert stale.trajectory[2].probes == 0
     assert not any("not within" in n for n in report.model.notes)
 
 
@@ -171,3 +180,42 @@ def test_the_tables_say_how_the_steps_ran_and_what_stands_out(llama):
     first = calm.model.staleness.trajectory[1]
     assert first.probes >= 1  # 0.05 is far off: the step was redone
     assert f"{first.lr:.3g} ({first.probes + 1})" in text
+
+
+def test_the_line_scale_solves_the_k3_of_a_straight_line_of_log_ratios():
+    # a = 0, b = (1, −1): mean k3(s·b) = ((e^s − 1 − s) + (e^−s − 1 + s))/2 = cosh s − 1;
+    # cosh s − 1 = 0.5 at s = acosh 1.5 = ln(1.5 + √1.25) = 0.96242
+    a = torch.zeros(2, dtype=torch.float64)
+    b = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    assert line_scale(a, b, 0.5) == pytest.approx(math.acosh(1.5), rel=1e-9)
+    # a goal beyond the scale limits: the nearer limit (cosh(1/30) − 1 = 5.6e-4 > 1e-12)
+    assert line_scale(a, b, 1e-12) == SCALE_LIMITS[0]
+    assert line_scale(a, b, 1e14) == SCALE_LIMITS[1]  # cosh 30 − 1 = 5.3e12 < 1e14
+    assert line_scale(b, b, 1e-3) is None  # k3(a) = cosh 1 − 1 = 0.543 > 1e-3 at s = 0
+    assert line_scale(a, torch.zeros(2, dtype=torch.float64), 0.5) is None  # nothing moved
+
+
+def test_a_redo_follows_the_tokens_not_a_power_law_of_the_mean():
+    # Step 1 of 2 toward 0.02 (goal 0.01 at k = 1) moved the log-ratios to (3, −3) at lr 1e-3:
+    # KL = cosh 3 − 1 = 9.07, far outside the band. Per token: cosh(3s) − 1 = 0.01 at
+    # 3s = acosh 1.01 = 0.141303, s = 0.047101. A KL ∝ lr² law would take √(0.01/9.07) = 0.0332.
+    search = LearningRateSearch(0.02, 2)
+    search.start_step(torch.zeros(2, dtype=torch.float64))
+    measured = torch.tensor([3.0, -3.0], dtype=torch.float64)
+    lr = search.propose(1, measured, 1e-3)
+    assert lr == pytest.approx(1e-3 * math.acosh(1.01) / 3, rel=1e-9)
+    # within the band (0.01/1.5 ≤ KL ≤ 0.015): accepted
+    inside = torch.tensor([0.14, -0.14], dtype=torch.float64)  # cosh 0.14 − 1 = 0.00982
+    assert search.propose(1, inside, lr) is None
+
+
+def test_the_next_step_starts_where_the_last_ones_line_reaches_its_goal():
+    # θ_1 at lr 2e-3 moved the log-ratios from 0 to (0.1, −0.1); step 2 of 2 toward 0.01 takes
+    # the same change per lr: 0.1·(1 + s)·(1, −1), cosh(0.1(1 + s)) − 1 = 0.01 at
+    # 0.1(1 + s) = acosh 1.01 = 0.141303, s = 0.41303: lr 2e-3·0.41303.
+    search = LearningRateSearch(0.01, 2)
+    here = torch.tensor([0.1, -0.1], dtype=torch.float64)
+    before = torch.zeros(2, dtype=torch.float64)
+    expected = 2e-3 * (math.acosh(1.01) / 0.1 - 1)
+    assert search.next_lr(1, here, before, 2e-3) == pytest.approx(expected, rel=1e-9)
+    assert LearningRateSearch(None, 2).next_lr(1, here, before, 2e-3) == 2e-3  # no target
