@@ -289,6 +289,7 @@ def api_ranks(rank: int, world: int, step: dict) -> tuple[list[dict], list[str]]
     return reports, errors
 
 
+@pytest.mark.slow  # spawns gloo ranks: the full suite runs it
 def test_diagnose_on_a_process_group_equals_one_process() -> None:
     step = float64_step()
     launched = run_ranks(api_ranks, 2, (step,), timeout_s=120)

@@ -143,6 +143,7 @@ def test_the_one_pass_norms_equal_a_plain_autograd_computation(checkpoints):
     assert mg is not None and mg.total_norm == pytest.approx(expected, rel=1e-10)
 
 
+@pytest.mark.slow  # builds and loads a checkpoint: the full suite runs it
 def test_the_logit_path_leaf_is_the_batchs_copy_when_it_holds_the_same_values(checkpoints):
     loaded = load_checkpoint(str(checkpoints["llama"]), torch.device("cpu"), torch.float64)
     model = loaded.model

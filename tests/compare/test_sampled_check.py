@@ -209,6 +209,7 @@ def full_inputs(batch, loss: str, entropy_coef: float, mode: str):
     return full.coefficient[rows, cols].abs(), full.grad_weight.norm(dim=1)
 
 
+@pytest.mark.slow  # spawns gloo ranks: the full suite runs it
 @pytest.mark.parametrize("sizes", [[150, 150], [7, 200, 93]], ids=["world2", "world3-uneven"])
 def test_the_sampled_reference_on_ranks_equals_one_process(sizes):
     # the batch of the test above (V = 300, R a strict subset of the rows); every rank returns

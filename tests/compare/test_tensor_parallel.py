@@ -315,6 +315,7 @@ def replay_runs(folder: Path) -> list[tuple[list[str], list[str], list[int], tup
     ]
 
 
+@pytest.mark.slow  # spawns gloo ranks: the full suite runs it
 def test_two_ranks_replay_the_kept_sets_as_one_process(tmp_path):
     runs = replay_runs(tmp_path)
     reports = run_ranks(compare_ranks, 2, ([tp for _, tp, _, _ in runs],), timeout_s=300)
@@ -363,6 +364,7 @@ def check_sampled(world: int) -> None:
             assert_same_report(one, reports[rank][i], balanced_split(vocab, world).sizes)
 
 
+@pytest.mark.slow  # spawns gloo ranks: the full suite runs it
 def test_two_ranks_run_the_sampled_check_as_one_process():
     check_sampled(2)
 

@@ -472,6 +472,7 @@ def replay_cases(splits: list[VocabSplit]) -> list[Case]:
     return out
 
 
+@pytest.mark.slow  # spawns gloo ranks: the full suite runs it
 def test_world_2_replays_the_kept_sets_as_the_single_process_engine():
     splits = [even_split(52, 2)]
     cases = replay_cases(splits)
@@ -484,6 +485,7 @@ def test_world_2_replays_the_kept_sets_as_the_single_process_engine():
     check_world(splits, cases)
 
 
+@pytest.mark.slow  # spawns gloo ranks: the full suite runs it
 def test_world_3_uneven_replays_the_kept_sets_as_the_single_process_engine():
     splits = [balanced_split(50, 3), VocabSplit.from_sizes([7, 31, 12])]
     check_world(splits, replay_cases(splits))

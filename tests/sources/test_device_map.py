@@ -61,6 +61,7 @@ def without_placement(doc: dict) -> dict:
     return doc
 
 
+@pytest.mark.slow  # loads a checkpoint twice: the full suite runs it
 @pytest.mark.parametrize("placement", ["auto", "{'': cpu}"], ids=["auto", "all-cpu"])
 def test_a_device_map_on_the_cpu_reports_what_the_whole_model_reports(placement):
     base = ["dtype=float64", "source.stale.steps=1"]
@@ -71,6 +72,7 @@ def test_a_device_map_on_the_cpu_reports_what_the_whole_model_reports(placement)
     assert without_placement(placed) == without_placement(whole)
 
 
+@pytest.mark.slow  # loads a checkpoint twice: the full suite runs it
 def test_layers_offloaded_to_disk_report_what_the_whole_model_reports():
     # all but the whole-model gradients: an offloaded layer's parameters wait on the meta device
     # and get no gradient, so that section is left out, with a note saying why
