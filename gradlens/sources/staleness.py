@@ -280,6 +280,7 @@ def stale_steps(
                 if fused and not last:
                     with torch.enable_grad():
                         point = _with_graph(_forward(model, seqs, every, temperature, bias))
+                    forwards += 1  # a redo's forward has autograd too, and counts
                 else:
                     point = _measure(
                         model, seqs, plan, temperature, bias, needs_entropy and not last, last,
@@ -309,7 +310,8 @@ def stale_steps(
                     spec, params, aggregation, temperature, bias, groups,
                 )  # fmt: skip
                 point = _Point(point.logp, None, None, None)  # free the graph's tensors
-                forwards += 1 if fused else len(plan.groups)
+                if not fused:  # fused: the forward was counted above
+                    forwards += len(plan.groups)
                 backwards += 1 if fused else len(plan.groups)
             trajectory.append(
                 StalePoint(

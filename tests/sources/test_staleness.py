@@ -143,6 +143,12 @@ def test_the_target_kl_is_reached_from_a_bad_first_guess(llama, guess):
     # model it lands within the band at once
     assert stale.trajectory[2].probes == 0
     assert not any("not within" in n for n in report.model.notes)
+    # one micro-batch: every try at θ_k (k < N) is a forward with autograd, the redos included;
+    # the one at θ_N is measured without autograd; one backward per step
+    passes = stale.model_pass
+    assert passes.micro_batches == 1
+    assert passes.forwards == sum(1 + s.probes for s in stale.trajectory[:-1])
+    assert passes.backwards == 2
 
 
 @pytest.mark.slow
