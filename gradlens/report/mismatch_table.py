@@ -52,9 +52,11 @@ def statistics_table(m: MismatchReport) -> FitTable:
         ("probs_diff mean", s.prob_diff_mean),
         ("probs_diff max", s.prob_diff_max),
     ]
-    for i in range(0, len(cells), 2):
-        (a, x), (b, y) = cells[i], cells[i + 1]
-        table.add_row(a, fmt(x), b, fmt(y))
+    ideal_one = ("ppl_ratio", "ESS", "pearson", "token_mult_prob_error")  # 1 when μ = π_old
+    shown = [(n, around_one(x) if n.startswith(ideal_one) else fmt(x)) for n, x in cells]
+    for i in range(0, len(shown), 2):
+        (a, x_text), (b, y_text) = shown[i], shown[i + 1]
+        table.add_row(a, x_text, b, y_text)
     table.add_row(f"ρ outside [{fmt(s.band_low)}, {fmt(s.band_high)}]", pct(s.outside_band), "", "")
     return table
 
@@ -125,3 +127,11 @@ def mismatch_parts(report: CompareReport) -> Group | None:
         if m.corrections:
             parts.append(corrections_table(m))
     return Group(*parts)
+
+
+def around_one(x: float | None) -> str:
+    """A statistic whose ideal is 1 (a ratio, an ESS, a correlation): within 1e-3 of 1 it is
+    written as 1 ± its distance, so 0.999983 never prints as a plain 1 at 4 digits."""
+    if x is None or x == 1.0 or abs(x - 1.0) >= 1e-3:
+        return fmt(x)
+    return f"1 {'−' if x < 1.0 else '+'} {abs(1.0 - x):.2g}"
