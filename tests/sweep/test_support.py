@@ -20,12 +20,10 @@ from gradlens.errors import GradlensError
 from gradlens.losses import loss_names
 from gradlens.sweep import build_sweep_config, run_sweep
 from gradlens.sweep.check import TOLERANCE, check_curve
-from gradlens.sweep.config import expand_over
-from gradlens.sweep.curves import Curve, variant_curves
-from gradlens.sweep.grid import Axis, Grid
+from gradlens.sweep.curves import Curve
+from tests.sweep.points import curves_on_points
 
 runner = CliRunner()
-F64 = torch.float64
 # float64 evaluations of the same closed form (a division, a log and an exp apart): a few ulps
 REL = 1e-12
 
@@ -39,17 +37,7 @@ def curves_at(
         sets=sets,
         axis={"max": max(pi_old)},
     )
-    values = torch.tensor(pi_old, dtype=F64)
-    grid = Grid(
-        vary="pi_old",
-        axes=(Axis("pi_old", "log", values),),
-        fixed={"pi_theta": pi_theta},
-        pi_old=values,
-        pi_theta=torch.full_like(values, pi_theta),
-        shape=(len(pi_old),),
-    )
-    (variant,) = expand_over(config)
-    return {c.advantage: c for c in variant_curves(grid, variant, loss)}
+    return curves_on_points(config, loss, pi_old, pi_theta)
 
 
 KEPT = ["support.kept_mass=0.25", "support.old_logp=kept"]

@@ -27,12 +27,12 @@ from gradlens.report.sparkline import sparkline
 from gradlens.report.sweep_serialize import write_records
 from gradlens.sweep import SweepConfig, build_sweep_config, run_sweep
 from gradlens.sweep.check import TOLERANCE, check_curve
-from gradlens.sweep.config import expand_over
-from gradlens.sweep.curves import Curve, variant_curves
-from gradlens.sweep.grid import Axis, Grid, axis_values, make_grid
+from gradlens.sweep.curves import Curve
+from gradlens.sweep.grid import axis_values, make_grid
 from gradlens.sweep.records import BASE_COLUMNS
 from gradlens.sweep.results import SweepPoint, SweepReport
 from gradlens.sweep.summary import AMPLIFIED_ABOVE
+from tests.sweep.points import curves_on_points
 
 REPO = Path(__file__).resolve().parents[2]
 runner = CliRunner()
@@ -72,17 +72,7 @@ def curves_at(
     config = build_sweep_config(
         flags={"losses": [loss]}, sets=[f"{k}={v}" for k, v in settings.items()]
     )
-    values = torch.tensor(pi_old, dtype=F64)
-    grid = Grid(
-        vary="pi_old",
-        axes=(Axis("pi_old", "log", values),),
-        fixed={"pi_theta": pi_theta},
-        pi_old=values,
-        pi_theta=torch.full_like(values, pi_theta),
-        shape=(len(pi_old),),
-    )
-    (variant,) = expand_over(config)
-    return {c.advantage: c for c in variant_curves(grid, variant, loss)}
+    return curves_on_points(config, loss, pi_old, pi_theta)
 
 
 # ----------------------------------------------------------------------------- closed form
