@@ -47,6 +47,7 @@ the vocab-parallel engine sums them over the ranks. The fused engine has no attr
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -472,6 +473,21 @@ def _parity_loss(
     )
 
 
+def _judged(
+    errors: tuple[float | None, float | None, float | None], dtype: torch.dtype, **scope: Any
+) -> Agreement:
+    """The three relative errors (c_t, ∂L/∂z_y, row norms) against the dtype's tolerance."""
+    tol = tolerances.agreement(dtype)
+    return Agreement(
+        coefficient=errors[0],
+        grad_logits=errors[1],
+        grad_weight=errors[2],
+        tolerance=tol,
+        passed=all(e is not None and e <= tol for e in errors),
+        **scope,
+    )
+
+
 def _agreement(
     batch: Batch,
     spec: LossSpec,
@@ -493,15 +509,8 @@ def _agreement(
         rel_err(at_y, ref_at_y),
         rel_err(result.rows[i].norms, ref.grad_weight.double().norm(dim=1)),
     )
-    tol = tolerances.agreement(batch.weight.dtype)
     return (
-        Agreement(
-            coefficient=errors[0],
-            grad_logits=errors[1],
-            grad_weight=errors[2],
-            tolerance=tol,
-            passed=all(e is not None and e <= tol for e in errors),
-        ),
+        _judged(errors, batch.weight.dtype),
         ref_at_y,
         count_non_finite(ref.grad_logits, ref.grad_weight),
     )
@@ -530,14 +539,10 @@ def _sampled_agreement(
         rel_err(at_y, ref.grad_at_y),
         rel_err(result.rows[i].norms[sample.rows], ref.row_norms),
     )
-    tol = tolerances.agreement(batch.weight.dtype)
     return (
-        Agreement(
-            coefficient=errors[0],
-            grad_logits=errors[1],
-            grad_weight=errors[2],
-            tolerance=tol,
-            passed=all(e is not None and e <= tol for e in errors),
+        _judged(
+            errors,
+            batch.weight.dtype,
             scope="sampled",
             sampled_tokens=int(sample.tokens.numel()),
             sampled_rows=int(sample.rows.numel()),
