@@ -18,6 +18,15 @@ vocabulary (docs: gradlens.diagnostics.tolerances). Per token, in the softmax dt
 With the entropy bonus the normaliser also keeps T = Σ_v exp(z_v − m)·(z_v − m), merged as
 T_a e^{m_a−m} + (m_a − m) S_a e^{m_a−m} + (the same for b), so that H = log S − T/S.
 
+Exponentials of arguments below `exp_floor` (ln of the dtype's smallest normal number: −87 in
+float32) are taken at the floor (`floored_exp`): exp there returns a subnormal number or 0, and
+x86's vectorised exp computes those about ten times slower than the rest (a peaked softmax has a
+third of its entries there). Each such term is then e^floor (1.7e-38 in float32) instead of
+less: against a sum that holds e^0 = 1 (the maximum's term), V·e^floor < 1e-28 for any V below
+2³², far below every rounding bound that involves it (gradlens.diagnostics.tolerances). A −inf
+argument (a replayed kept set's excluded entry) must stay an exact 0: callers that have one mask
+it after the exponential.
+
 `token_logp`, the sampled token's log-prob the losses see, is torch's log_softmax, as a trainer
 computes it (the model source differentiates the same function); it differs from the log π
 above by the kernel's rounding of its own sum.
@@ -25,6 +34,7 @@ above by the kernel's rounding of its own sum.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +51,18 @@ def softmax_dtype(operand: torch.dtype) -> torch.dtype:
 def compute_logits(hidden: Tensor, weight: Tensor) -> Tensor:
     """[..., H] × [V, H] → [..., V] logits in the softmax dtype."""
     return (hidden @ weight.T).to(softmax_dtype(weight.dtype))
+
+
+def exp_floor(dtype: torch.dtype) -> float:
+    """⌈ln(smallest normal number of ``dtype``)⌉: −87 for float32, −708 for float64; exp of
+    anything above it is a normal number."""
+    return float(math.ceil(math.log(torch.finfo(dtype).tiny)))
+
+
+def floored_exp(x: Tensor, out: Tensor | None = None) -> Tensor:
+    """exp(max(x, `exp_floor`)) (module docstring), into ``out`` when given (it may be ``x``)."""
+    y = torch.clamp(x, min=exp_floor(x.dtype), out=out)
+    return y.exp_()
 
 
 def token_logp(logits: Tensor, tokens: Tensor) -> Tensor:

@@ -34,8 +34,9 @@ those outside R depend on W_R only through lse_t, with ∂/∂lse_t = −Σ_{v�
 the teacher's log-probs lq on R): the value is D_t and the gradient exact. The sampled tokens'
 rows differentiate D_t over the whole row.
 
-Cost: that pass (one GEMM of M×V×H, shared by every loss; with a teacher pair one more), then
-per loss [M, |R|] and [|S|, V] under autograd. The samples are fixed by the batch (no random
+Cost: that pass (one GEMM of M×V×H, shared by every loss; with a teacher pair one more; it
+keeps the sampled tokens' [|S|, V] logit rows), then per loss [M, |R|] and [|S|, V] under
+autograd. The samples are fixed by the batch (no random
 draw), so a run repeats.
 
 Under tensor parallelism (`choose_sample_parallel`; rank r holds W's rows [v0_r, v1_r)) the
@@ -74,7 +75,7 @@ from gradlens.containers import Batch, Teacher
 from gradlens.engine.collectives import Collectives
 from gradlens.engine.vocab_split import VocabSplit
 from gradlens.grads import objective, on_grid, reads_entropy
-from gradlens.logits import compute_logits, softmax_dtype
+from gradlens.logits import compute_logits, floored_exp, softmax_dtype
 from gradlens.losses import Aggregation, LossParams, LossSpec
 from gradlens.losses.base import Distill
 from gradlens.losses.distill import entry_terms, student_at, teacher_tokens, token_value
@@ -82,7 +83,7 @@ from gradlens.losses.distill import entry_terms, student_at, teacher_tokens, tok
 SAMPLED_TOKENS = 64  # tokens whose whole logit row is differentiated
 TOP_ROWS = 32  # lm_head rows of largest gradient norm in the engine's result
 SPREAD_ROWS = 32  # lm_head rows evenly spaced over the vocabulary
-BLOCK_ENTRIES = 1 << 24  # tokens × vocabulary entries of one block of the constant pass
+BLOCK_ENTRIES = 1 << 25  # tokens × vocabulary entries of one block of the constant pass
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,8 @@ class Sample:
         other_lse: [M] ρ'_t = logsumexp over v ≠ y_t, and ``other_mean`` [M] μ'_t the mean of z
             there: the sampled tokens' ∂L/∂z_{t,y_t} through them (tensor parallelism), or None:
             through the whole row.
+        token_logits: [S, V] the sampled tokens' logit rows, kept from the constant pass (None:
+            computed again from W).
     """
 
     tokens: Tensor
@@ -138,6 +141,7 @@ class Sample:
     row_weights: Tensor | None = None
     other_lse: Tensor | None = None
     other_mean: Tensor | None = None
+    token_logits: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -222,7 +226,19 @@ def choose_sample(
     row_norms: Tensor,
     distill: DistillInputs | None = None,
 ) -> Sample:
-    """The sample and the constant pass over all logits (see the module docstring)."""
+    """The sample and the constant pass over all logits (see the module docstring).
+
+    Per block of tokens, with d = z − max_v z ≤ 0 and e = exp d (`gradlens.logits.floored_exp`:
+    below e^−87 in float32 an entry is taken at e^−87, which moves every sum by less than
+    V·e^−87 relative to the maximum's own term 1): S' = Σ_{v ∉ R} e_v and U' = Σ_{v ∉ R} e_v·d_v
+    over the rows outside R, the rows of R added from their own [b, |R|] columns, so
+
+        lse = max + log S,  ℓ = d_y − log S,  H = log S − U/S,  ρ = max + log S',
+        μ = max + U'/S'     (S = S' + Σ_R e, U = U' + Σ_R e·d).
+
+    Five passes over each [b, V] block besides its GEMM. (ρ and μ matter only through e^{ρ − lse}
+    and e^{ρ − lse}·μ, so the floor's error in them is bounded by the same V·e^−87.) The sampled
+    tokens' logit rows are kept for `sampled_reference` (``token_logits``)."""
     m, vocab = int(tokens.numel()), int(weight.shape[0])
     device = weight.device
     picked, rows = sample_of(tokens, c_abs, row_norms)
@@ -230,25 +246,38 @@ def choose_sample(
     outside[rows] = False
     acc = softmax_dtype(weight.dtype)
     rest_lse, rest_mean, logit_y, logp, entropy = [], [], [], [], []
+    token_logits = torch.empty(int(picked.numel()), vocab, dtype=acc, device=device)
     distilled: list[tuple[Tensor, ...]] = []
     block = max(1, BLOCK_ENTRIES // max(vocab, 1))
     with torch.no_grad():
         for start in range(0, m, block):
             z = compute_logits(hidden[start : start + block], weight)  # [b, V]
-            lse = torch.logsumexp(z, dim=-1)
-            log_p = z - lse[:, None]
-            y = tokens[start : start + block, None]
-            logit_y.append(z.gather(-1, y).squeeze(-1))
-            logp.append(log_p.gather(-1, y).squeeze(-1))
-            entropy.append(-(log_p.exp() * log_p).sum(-1))
-            rest = z.masked_fill(~outside, float("-inf"))
-            rho = torch.logsumexp(rest, dim=-1)
-            rest_lse.append(rho)
-            weights = torch.exp(rest - rho[:, None])  # 0 at the rows of R
-            rest_mean.append((weights * z.masked_fill(~outside, 0.0)).sum(-1))
+            span = slice(start, start + z.shape[0])
+            here = (picked >= span.start) & (picked < span.stop)
+            token_logits[here] = z[picked[here] - start]
+            y = tokens[span, None]
+            z_y = z.gather(-1, y).squeeze(-1)
+            top = z.amax(-1, keepdim=True)  # [b, 1]
+            d = z.sub_(top)  # z holds d = z − max ≤ 0 from here
+            d_rows = d[:, rows]  # [b, R]
+            e = floored_exp(d)  # [b, V]
+            e_rows = e[:, rows]
+            e[:, rows] = 0.0  # the rows outside R from here
+            s_rest = e.sum(-1)
+            u_rest = torch.linalg.vecdot(e, d)
+            s_all = s_rest + e_rows.sum(-1)
+            log_s = s_all.log()
+            top = top.squeeze(-1)
+            logit_y.append(z_y)
+            logp.append((z_y - top) - log_s)
+            entropy.append(log_s - (u_rest + torch.linalg.vecdot(e_rows, d_rows)) / s_all)
+            rest_lse.append(top + s_rest.log())  # −inf when R holds every row
+            mean = torch.where(s_rest > 0, u_rest / s_rest, 0.0)
+            rest_mean.append(torch.where(s_rest > 0, top + mean, 0.0))
             if distill is not None:
-                span = slice(start, start + block)
+                log_p = d.sub_(log_s[:, None])  # [b, V] log π
                 distilled.append(distill_block(distill, log_p, span, rows, outside))
+            del z, d, e
     empty = torch.zeros(0, dtype=acc, device=device)
 
     def cat(parts: list[Tensor]) -> Tensor:
@@ -282,6 +311,7 @@ def choose_sample(
         cat(logp),
         cat(entropy),
         constants,
+        token_logits=token_logits,
     )
 
 
@@ -438,7 +468,10 @@ def sampled_reference(
 
         # 2. ∂L/∂z of the sampled tokens, the others' ℓ (and H) constants of the pass.
         if sample.other_lse is None:
-            z_tok = compute_logits(hidden[sample.tokens], weight).detach().requires_grad_(True)
+            z_tok = sample.token_logits
+            if z_tok is None:
+                z_tok = compute_logits(hidden[sample.tokens], weight)
+            z_tok = z_tok.detach().requires_grad_(True)  # a new leaf on the same numbers
             log_p = torch.log_softmax(z_tok, dim=-1)  # [S, V]
             picked_logp = log_p.gather(-1, tokens[sample.tokens, None])[:, 0]
             picked_entropy = -(log_p.exp() * log_p).sum(-1)

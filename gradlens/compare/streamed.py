@@ -428,7 +428,8 @@ def estimate_streamed(
         tokens_s = min(m, SAMPLED_TOKENS + 1)
         rows_r = min(v, TOP_ROWS + SPREAD_ROWS + tokens_s)
         block = min(m * v, max(BLOCK_ENTRIES, v))  # at least one token's row
-        sampled = 2 * block * acc + 5 * (tokens_s * v + m * rows_r) * acc
+        # two [block] buffers, the sampled tokens' logit rows kept, autograd's tensors
+        sampled = 2 * block * acc + tokens_s * v * acc + 5 * (tokens_s * v + m * rows_r) * acc
         terms.append(("the sampled check's blocks and its autograd of one loss", sampled))
     if options.attribution:
         terms.append(("attribution: each sequence's Gram of h", m * shape.length * acc))

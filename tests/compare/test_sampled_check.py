@@ -28,6 +28,8 @@ from gradlens.compare.sampled_check import (
 )
 from gradlens.config import build_config
 from gradlens.containers import valid_index
+from gradlens.diagnostics import tolerances
+from gradlens.diagnostics.numbers import rel_err
 from gradlens.engine.collectives import Collectives
 from gradlens.engine.launch import run_ranks
 from gradlens.engine.vocab_split import VocabSplit
@@ -232,3 +234,30 @@ def test_the_sampled_reference_on_ranks_equals_one_process(sizes):
             torch.testing.assert_close(got.grad_at_y, one.grad_at_y, rtol=1e-12, atol=1e-14)
             torch.testing.assert_close(got.row_norms, one.row_norms, rtol=1e-12, atol=1e-14)
             assert got.non_finite == one.non_finite == 0
+
+
+@pytest.mark.parametrize("loss", ["reinforce", "ppo_clip"])
+def test_the_sampled_reference_holds_below_the_float32_exponential_floor(loss):
+    # float32 logits spread over hundreds of nats: most exp(z − max) lie below e^−87, where the
+    # constant pass takes them at the floor (gradlens.logits.floored_exp) and autograd's
+    # log_softmax takes the subnormal or 0. Every sum holds the maximum's 1, so the floor moves
+    # it by < V·e^−87 ≈ 5e-36, invisible in float32: what is left is float32 rounding, c_t and
+    # ∂L/∂z_y to a few u, the row norms to more (sums of ~30 tokens' c·(e_y − π)·h that cancel,
+    # formed by the full reference's GEMM in an order of its own: 1.8e-5 seen), all within the
+    # float32 agreement tolerance the report applies.
+    batch = random_batch(4, n=8, t=5, v=300, h=7, dtype=torch.float32, logit_scale=150.0)
+    rows, cols = valid_index(batch.mask)
+    hidden, tokens = batch.hidden[rows, cols], batch.tokens[rows, cols]
+    z = hidden @ batch.weight.T
+    assert float((z - z.amax(-1, keepdim=True) < -87.0).float().mean()) > 0.5
+    spec, agg, params = get_loss(loss), Aggregation("token_mean"), LossParams()
+    full = autograd_reference(batch, spec, params, agg)
+    norms = full.grad_weight.norm(dim=1)
+    sample = choose_sample(hidden, batch.weight, tokens, full.coefficient[rows, cols].abs(), norms)
+    ref = sampled_reference(sample, batch, hidden, tokens, rows, cols, spec, params, agg)
+    assert ref.non_finite == 0
+    tol = tolerances.agreement(torch.float32)
+    torch.testing.assert_close(ref.coefficient, full.coefficient, rtol=1e-5, atol=1e-7)
+    full_at_y = full.grad_logits.gather(-1, tokens[:, None])[:, 0]
+    torch.testing.assert_close(ref.grad_at_y, full_at_y[sample.tokens], rtol=1e-5, atol=1e-7)
+    assert rel_err(ref.row_norms, norms[sample.rows]) <= tol
