@@ -7,8 +7,9 @@ many small terms of one sign (a softmax's) the roundings do not cancel. A CUDA k
 next torch release, sums in another order. gradlens fixes the order where a check depends on it.
 
 `pairwise_sum` adds the last (or a given) dimension in float64: blocks of B = 8 consecutive
-terms by a float64 reduction (any order: at most B − 1 = 7 additions per term), then the block
-sums by halving, the first half plus the second half, elementwise, until one entry is left (an
+terms, each block's terms added one after the other in float64 (`block_sums`: at most B − 1 = 7
+additions per term, and the bound below holds for any order of them), then the block sums by
+halving, the first half plus the second half, elementwise, until one entry is left (an
 odd entry out waits a round). Every term goes through at most 7 + ⌈log2 ⌈n/8⌉⌉ ≤ ⌈log2 n⌉ + 4
 additions (`depth`), each one correctly rounded on every device, so
 
@@ -17,7 +18,9 @@ additions (`depth`), each one correctly rounded on every device, so
 whatever the kernels (Higham, Accuracy and Stability of Numerical Algorithms, §4.2). Float32
 terms are converted exactly, so for them this is ~2⁻⁴⁸ relative at n = 2¹⁸, far below float32's
 own rounding. (The blocks make the float64 conversion one pass: halving all n terms costs about
-twice as much, for 4 fewer levels.)
+twice as much, for 4 fewer levels. The blocks are added as B slices of the whole tensor, the
+float32 terms converted as they are read: a float64 reduction over a dimension other than the
+last costs several times more on a CPU.)
 
 `Cascade` extends this across chunks: it holds at most one partial result per level and merges
 two of one level into the next (a binary counter), so a result made of n chunks has been
@@ -82,7 +85,17 @@ def pairwise_sum(x: Tensor, dim: int = -1) -> Tensor:
         shape = list(x.shape)
         shape[dim] = BLOCK - n % BLOCK
         x = torch.cat([x, x.new_zeros(shape)], dim)
-    return halving_sum(x.unflatten(dim, (-1, BLOCK)).sum(dim + 1, dtype=WIDE), dim)
+    return halving_sum(block_sums(x, dim), dim)
+
+
+def block_sums(x: Tensor, dim: int) -> Tensor:
+    """`pairwise_sum`'s first stage: the float64 sums of each `BLOCK` consecutive entries along
+    ``dim`` (its length a multiple of `BLOCK`), the block's entries added in sequence."""
+    blocks = x.unflatten(dim, (-1, BLOCK))  # the entries of a block along dim + 1
+    out = blocks.select(dim + 1, 0).to(WIDE, copy=True)  # never a view of x
+    for i in range(1, BLOCK):
+        out.add_(blocks.select(dim + 1, i))  # float32 entries converted exactly, added in float64
+    return out
 
 
 def halving_sum(x: Tensor, dim: int = -1) -> Tensor:

@@ -14,6 +14,7 @@ from gradlens.summation import (
     BLOCK,
     Cascade,
     PairwiseSum,
+    block_sums,
     chunked_depth,
     compensated_sum,
     depth,
@@ -60,6 +61,22 @@ def test_pairwise_sum_is_within_its_bound(n):
     # any dimension, float32 input converted exactly
     assert torch.equal(pairwise_sum(x.T, dim=0), got)
     assert pairwise_sum(x.float()).dtype == torch.float64
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_block_sums_add_each_blocks_eight_entries_in_sequence_along_any_dimension(dtype):
+    # the order the docstring states, ((x0 + x1) + x2) + … + x7 in float64, written out by hand;
+    # the input is left as it was (a float64 input is not summed in place)
+    gen = torch.Generator().manual_seed(8)
+    x = (torch.randn(3, 40, 5, generator=gen, dtype=torch.float64) * 1e3).to(dtype)
+    before = x.clone()
+    expected = torch.zeros(3, 5, 5, dtype=torch.float64)
+    for b in range(5):
+        for i in range(BLOCK):
+            expected[:, b] += x[:, BLOCK * b + i].double()
+    assert torch.equal(block_sums(x, 1), expected)
+    assert torch.equal(block_sums(x.transpose(1, 2), 2), expected.transpose(1, 2))
+    assert torch.equal(x, before)
 
 
 def test_a_cascade_puts_each_chunk_through_at_most_floor_log2_n_plus_1_merges():
