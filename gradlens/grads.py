@@ -60,6 +60,7 @@ from gradlens.logits import (
     kept_entries,
     log_probs,
     normaliser,
+    probabilities,
     restrict_logits,
     softmax_dtype,
 )
@@ -215,7 +216,8 @@ def softmax_view(batch: Batch) -> SoftmaxView:
         del p  # its [M, V] log_softmax: ℓ_t is all that is kept of it
         norm = normaliser(logits)  # of the restricted logits on a replayed support
         log_pi = log_probs(logits, norm)  # [M, V], −inf outside a replayed K_t
-        probs = log_pi.exp()
+        probs = probabilities(log_pi)  # floored as the streamed engine's (gradlens.logits)
+        probs.masked_fill_(torch.isneginf(log_pi), 0.0)  # exactly 0 outside a replayed K_t
         entropy = (-pairwise_sum(probs * finite_log(log_pi))).to(logits.dtype)  # [M]
     return SoftmaxView(rows, cols, hidden, tokens, logits, probs, logp, entropy, norm)
 

@@ -98,13 +98,19 @@ class Normaliser:
         return self.sum.log() - self.tilt / self.sum
 
 
-def normaliser(logits: Tensor, tilt: bool = False, top: Tensor | None = None) -> Normaliser:
+def normaliser(
+    logits: Tensor, tilt: bool = False, top: Tensor | None = None, restricted: bool = True
+) -> Normaliser:
     """The normaliser of one chunk of logits [M, V_c] (all of them, or a vocabulary chunk);
-    ``top``: its max_v z_v [M] when the caller has it already."""
+    ``top``: its max_v z_v [M] when the caller has it already. ``restricted``: the logits may
+    hold −inf (a replayed kept set), whose exponentials are made exact zeros; False: they are
+    finite, which saves a pass."""
     m = logits.amax(-1) if top is None else top  # [M]
     # a token with every logit −inf here (none of its replayed kept set in this chunk): S = 0
     x = logits - torch.where(torch.isfinite(m), m, 0.0)[:, None]  # [M, V_c] ≤ 0
-    e = torch.exp(x)
+    e = floored_exp(x)
+    if restricted:
+        e.masked_fill_(torch.isneginf(x), 0.0)
     t = None
     if tilt:
         t = pairwise_sum(torch.where(e > 0, e * x, 0.0))  # 0·(−inf) would be NaN
@@ -137,6 +143,13 @@ def merge_all(maxes: Tensor, sums: Tensor, tilts: Tensor | None = None) -> Norma
     d, f = rescale(maxes, m)  # [P, M]
     t = None if tilts is None else compensated_sum(f * (tilts + d * sums))
     return Normaliser(m, compensated_sum(f * sums), t)
+
+
+def probabilities(log_pi: Tensor, keep: Tensor | None = None) -> Tensor:
+    """π = exp(log π) [M, V_c] by `floored_exp`; exactly 0 where ``keep`` is False (entries
+    outside a replayed kept set, whose log π is −inf)."""
+    probs = floored_exp(log_pi)
+    return probs if keep is None else probs.masked_fill_(~keep, 0.0)
 
 
 def log_probs(logits: Tensor, norm: Normaliser, inplace: bool = False) -> Tensor:

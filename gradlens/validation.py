@@ -104,6 +104,13 @@ def non_finite(x: Tensor) -> Tensor:
     return ~torch.isfinite(x)
 
 
+def all_finite(x: Tensor) -> bool:
+    """True when the sum of ``x`` is finite, which proves every entry finite (a NaN or an
+    infinity makes any sum NaN or infinite): one read of ``x`` instead of a mask of it. False
+    says nothing (finite entries may overflow the sum): the caller then scans entry by entry."""
+    return x.numel() == 0 or bool(torch.isfinite(x.sum()))
+
+
 def describe(value: float) -> str:
     """'NaN', '+inf', '-inf' or the number."""
     if value != value:
@@ -203,7 +210,7 @@ def batch_problems(batch: Batch, skip: frozenset[str] = frozenset()) -> list[Pro
                 )
     dtype = str(batch.weight.dtype).removeprefix("torch.")
     for name, valid_hidden in (("hidden", mask), ("weight", None)):
-        if name in skip:
+        if name in skip or (valid_hidden is None and all_finite(getattr(batch, name))):
             continue
         found = find(getattr(batch, name), non_finite, valid_hidden)
         if found is not None:

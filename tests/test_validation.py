@@ -16,7 +16,7 @@ from helpers import build_batch, literal_config, make_batch, random_batch, with_
 import gradlens.validation as validation
 from gradlens.containers import Batch, Origin
 from gradlens.errors import GradlensError
-from gradlens.validation import batch_problems, check_batch, find, non_finite
+from gradlens.validation import all_finite, batch_problems, check_batch, find, non_finite
 
 
 def python_batch() -> Batch:
@@ -66,6 +66,22 @@ def test_each_problem_is_named_at_its_first_entry(field, index, value, expected)
     x = getattr(batch, field).clone()
     x[index] = value
     assert expected in refused(dataclasses.replace(batch, **{field: x}))
+
+
+def test_a_finite_sum_proves_every_entry_finite_and_a_non_finite_one_leaves_it_to_the_scan():
+    x = torch.tensor([1.0, -2.0, 3.5])
+    assert all_finite(x) and all_finite(torch.zeros(0))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[1] = bad
+        assert not all_finite(y)
+    # +inf and −inf together: the sum is NaN, not a cancellation
+    assert not all_finite(torch.tensor([float("inf"), float("-inf"), 0.0]))
+    # finite entries whose sum overflows float32: False, and the entry-wise scan finds nothing
+    big = torch.full((4,), 3e38)
+    assert not all_finite(big) and find(big, non_finite) is None
+    batch = python_batch()
+    check_batch(dataclasses.replace(batch, weight=torch.full((5, 4), 1e308, dtype=torch.float64)))
 
 
 def test_every_problem_is_reported_at_once_with_its_count():

@@ -15,6 +15,12 @@ repeated logits), and another kernel sums in another order. Per token, in the so
     m = max z (exact);  S = Σ exp(z − m): exponentials in u, float64 sums in a fixed order;
     log π_v = (z_v − m) − fl(log S);  π_v = exp(log π_v).
 
+Exponentials whose argument lies below F = ⌈ln(smallest normal number)⌉ (−87 in float32, −708 in
+float64) are taken at e^F (`gradlens.logits.floored_exp`, both engines on the CPU path; the
+fused kernels do not floor): each such term of S or of Σ_v π_v is off by less than e^F in
+absolute terms, against sums that hold the maximum's own e^0 = 1, so by less than V·e^F < 1e-28
+relative in all for V < 2³²: the bound B below leaves it out, and the allowance 2B (B > 1e-15)
+covers it many times over.
 Write ε = 4u for the error of exp (2 ulp: CUDA's expf; CPU's SLEEF exp is within 1 ulp), H the
 entropy and L = ⌈log2 V⌉ + 7 the most additions a term goes through in a chunked pairwise sum
 (`summation.chunked_depth`, whatever the chunk size). Then, to first order:

@@ -88,6 +88,7 @@ from gradlens.logits import (
     log_probs,
     merge,
     normaliser,
+    probabilities,
     restrict_logits,
     softmax_dtype,
 )
@@ -337,7 +338,8 @@ def first_pass(
         if keep is not None:
             z = restrict_logits(z, keep)
         # the restricted logits' own max when a kept set is replayed
-        cascade.add(normaliser(z, tilt=entropy, top=hi if keep is None else None))
+        top, restricted = (hi, False) if keep is None else (None, True)
+        cascade.add(normaliser(z, tilt=entropy, top=top, restricted=restricted))
         inside = (tokens >= start) & (tokens < end)
         local = (tokens - start).clamp(0, end - start - 1)[:, None]  # [M, 1]
         z_at = z.gather(-1, local).squeeze(-1)  # [M]
@@ -439,7 +441,9 @@ def second_pass(
     n_ent = 0 if not extra else (k if entropy_losses is None else entropy_losses)
     dense_at_y = None if dense_term is None else torch.zeros(m, dtype=acc, device=hidden.device)
     h_gemm = h_acc.to(gemm_dtype)
-    scaled_gemm = scaled.to(gemm_dtype)  # the GEMM operand, converted once (bf16 operands)
+    # the GEMM operand −c⊙h, converted once (bf16 operands): the product is then the rows'
+    # dense part −πᵀ(c⊙h) itself (negation is exact, so the same numbers as −(πᵀ(c⊙h)))
+    scaled_gemm = torch.neg(scaled).to(gemm_dtype)
     ent_sum = PairwiseSum((m,), hidden.device)
     other_mass = [torch.zeros(m, dtype=acc, device=hidden.device) for _ in range(n_ent)]
     other_max = [torch.zeros(m, dtype=acc, device=hidden.device) for _ in range(n_ent)]
@@ -466,11 +470,11 @@ def second_pass(
             gemms += (end - start) / unit
             if keep is not None:
                 z = restrict_logits(z, keep)
-        probs = torch.exp(log_probs(z, norm, inplace=True))  # [M, Vc]; z now holds log π
+        probs = probabilities(log_probs(z, norm, inplace=True), keep)  # [M, Vc]; z: log π
         if keep is not None:
             z.masked_fill_(~keep, 0.0)  # log π read as 0 where π = 0: 0·log 0 adds nothing
         prob_sum.add(pairwise_sum(probs))
-        entropy_sum -= (probs * z).sum(-1)
+        entropy_sum -= torch.linalg.vecdot(probs, z)
         inside = torch.nonzero((tokens >= start) & (tokens < end)).squeeze(-1)
         local = tokens[inside] - start
         ent_block = e = None
@@ -491,9 +495,8 @@ def second_pass(
             ent_block = (e.T.to(gemm_dtype) @ h_gemm).to(acc)  # [Vc, H], shared by all losses
             gemms += (end - start) / unit
         del z
-        dense = probs.T.to(gemm_dtype) @ scaled_gemm  # [Vc, k'·H]
+        rows = (probs.T.to(gemm_dtype) @ scaled_gemm).to(acc)  # [Vc, k'·H] −πᵀ(c⊙h)
         gemms += (end - start) / unit * len(direct)
-        rows = -dense.to(acc)
         rows.index_add_(0, local, scaled[inside])  # + c_t h_t on the sampled rows
         per_loss: dict[int, Tensor] = {
             idx: rows[:, n * H : (n + 1) * H] for n, idx in enumerate(direct)

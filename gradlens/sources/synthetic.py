@@ -47,6 +47,7 @@ from gradlens.sources.base import SourceContext, SourcePlan
 from gradlens.sources.synthetic_calibration import ROW_TILE, VOCAB_BLOCK
 from gradlens.sources.synthetic_chunked import build_chunked, working_bytes
 from gradlens.sources.synthetic_teacher import perturbed_teacher
+from gradlens.validation import all_finite
 
 
 def mean_entropy(logits: Tensor) -> float:
@@ -326,7 +327,7 @@ def plan_synthetic(src: SyntheticSource, ctx: SourceContext) -> SourcePlan:
 
 def finite(x: Tensor, setting: str, what: str, dtype: torch.dtype) -> None:
     """Refuse a setting that makes ``x`` overflow the run's dtype, before anything samples."""
-    if not bool(torch.isfinite(x).all()):
+    if not all_finite(x) and not bool(torch.isfinite(x).all()):
         name = str(dtype).removeprefix("torch.")
         raise GradlensError(
             f"{setting}: this value makes {what} overflow {name} (largest finite "
