@@ -16,7 +16,7 @@ the engine makes two passes over vocabulary chunks:
    chunks keep their logits (a memory budget decides how many), the others are dropped.
 2. the caller's losses turn log π(y) = (z_y − m) − log S into c_1..c_k; then, chunk by chunk,
    π = exp((z − m) − log S) (from the kept logits, or recomputed: the same operations as the
-   materialized path's), the dense GEMM for all losses, the sparse rows by index_add, and from
+   materialized path's, exp floored at e^−87 in float32 as `gradlens.logits` explains), the dense GEMM for all losses, the sparse rows by index_add, and from
    the [V_chunk, k·H] result only what is reported: per-row norms and the row sum
    Σ_v ∂L/∂W_v. Per-token statistics (Σ_v π, entropy, the largest non-sampled probability)
    come from the same π. The sums the zero-sum check reads (Σ_v π, Σ_v ∂L/∂W_v, Σ_v E_v) are
@@ -425,9 +425,13 @@ def second_pass(
     h_acc = hidden.to(acc)
     gemm_dtype = dense_dtype(hidden.dtype)
     H = hidden.shape[1]
-    scaled = torch.empty(m, len(direct) * H, dtype=acc, device=hidden.device)  # [M, k'·H]
-    for n, i in enumerate(direct):  # c_i⊙h written in place: no second [M, k'·H] while built
-        torch.mul(coefficients[i][:, None], h_acc, out=scaled[:, n * H : (n + 1) * H])
+    # −c_i⊙h [M, k'·H], written in place (no second [M, k'·H] while built): the GEMM operand
+    # whose product is the rows' dense part −πᵀ(c⊙h) itself (negation is exact, so these are
+    # the numbers of −(πᵀ(c⊙h))), subtracted again (alpha −1) for the sampled rows' +c_t h_t
+    scaled = torch.empty(m, len(direct) * H, dtype=acc, device=hidden.device)
+    for n, i in enumerate(direct):
+        block = scaled[:, n * H : (n + 1) * H]
+        torch.mul(coefficients[i][:, None], h_acc, out=block).neg_()
     deltas = {
         i: (
             src[0],
@@ -441,9 +445,7 @@ def second_pass(
     n_ent = 0 if not extra else (k if entropy_losses is None else entropy_losses)
     dense_at_y = None if dense_term is None else torch.zeros(m, dtype=acc, device=hidden.device)
     h_gemm = h_acc.to(gemm_dtype)
-    # the GEMM operand −c⊙h, converted once (bf16 operands): the product is then the rows'
-    # dense part −πᵀ(c⊙h) itself (negation is exact, so the same numbers as −(πᵀ(c⊙h)))
-    scaled_gemm = torch.neg(scaled).to(gemm_dtype)
+    scaled_gemm = scaled.to(gemm_dtype)  # the GEMM operand, converted once (bf16 operands)
     ent_sum = PairwiseSum((m,), hidden.device)
     other_mass = [torch.zeros(m, dtype=acc, device=hidden.device) for _ in range(n_ent)]
     other_max = [torch.zeros(m, dtype=acc, device=hidden.device) for _ in range(n_ent)]
@@ -497,7 +499,7 @@ def second_pass(
         del z
         rows = (probs.T.to(gemm_dtype) @ scaled_gemm).to(acc)  # [Vc, k'·H] −πᵀ(c⊙h)
         gemms += (end - start) / unit * len(direct)
-        rows.index_add_(0, local, scaled[inside])  # + c_t h_t on the sampled rows
+        rows.index_add_(0, local, scaled[inside], alpha=-1)  # + c_t h_t on the sampled rows
         per_loss: dict[int, Tensor] = {
             idx: rows[:, n * H : (n + 1) * H] for n, idx in enumerate(direct)
         }
