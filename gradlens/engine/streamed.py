@@ -19,8 +19,9 @@ the engine makes two passes over vocabulary chunks:
    materialized path's, exp floored at e^−87 in float32 as `gradlens.logits` explains), the
    dense GEMM for all losses, the sparse rows by index_add, and from the [V_chunk, k·H]
    result only what is reported: per-row norms and the row sum Σ_v ∂L/∂W_v. Per-token
-   statistics (Σ_v π, entropy, the largest non-sampled probability) come from the same π. The sums the zero-sum check reads (Σ_v π, Σ_v ∂L/∂W_v, Σ_v E_v) are
-   float64 sums in the order of `gradlens.summation`, whatever the chunk size.
+   statistics (Σ_v π, entropy, the largest non-sampled probability) come from the same π.
+   The sums the zero-sum check reads (Σ_v π, Σ_v ∂L/∂W_v, Σ_v E_v) are float64 sums in the
+   order of `gradlens.summation`, whatever the chunk size.
 
 Losses that read the per-token entropy (``aspo``, the top-entropy token selection; the
 ``token_entropy`` flag) get H_t from pass 1, accumulated as for the entropy bonus below, with
