@@ -249,9 +249,16 @@ def choose_sample(
     token_logits = torch.empty(int(picked.numel()), vocab, dtype=acc, device=device)
     distilled: list[tuple[Tensor, ...]] = []
     block = max(1, BLOCK_ENTRIES // max(vocab, 1))
+    # the two [block, V] buffers, allocated once: a fresh one per block costs its page faults
+    buffers = torch.empty(2, min(block, m), vocab, dtype=acc, device=device)
     with torch.no_grad():
         for start in range(0, m, block):
-            z = compute_logits(hidden[start : start + block], weight)  # [b, V]
+            h_block = hidden[start : start + block]
+            z = buffers[0, : h_block.shape[0]]  # [b, V]
+            if weight.dtype == acc:
+                torch.matmul(h_block, weight.T, out=z)
+            else:  # bf16/fp16: the operand dtype's product, then the softmax dtype
+                z.copy_(compute_logits(h_block, weight))
             span = slice(start, start + z.shape[0])
             here = (picked >= span.start) & (picked < span.stop)
             token_logits[here] = z[picked[here] - start]
@@ -260,7 +267,7 @@ def choose_sample(
             top = z.amax(-1, keepdim=True)  # [b, 1]
             d = z.sub_(top)  # z holds d = z − max ≤ 0 from here
             d_rows = d[:, rows]  # [b, R]
-            e = floored_exp(d)  # [b, V]
+            e = floored_exp(d, out=buffers[1, : d.shape[0]])  # [b, V]
             e_rows = e[:, rows]
             e[:, rows] = 0.0  # the rows outside R from here
             s_rest = e.sum(-1)
@@ -278,6 +285,7 @@ def choose_sample(
                 log_p = d.sub_(log_s[:, None])  # [b, V] log π
                 distilled.append(distill_block(distill, log_p, span, rows, outside))
             del z, d, e
+    del buffers
     empty = torch.zeros(0, dtype=acc, device=device)
 
     def cat(parts: list[Tensor]) -> Tensor:
