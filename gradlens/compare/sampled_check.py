@@ -236,9 +236,10 @@ def choose_sample(
         lse = max + log S,  ℓ = d_y − log S,  H = log S − U/S,  ρ = max + log S',
         μ = max + U'/S'     (S = S' + Σ_R e, U = U' + Σ_R e·d).
 
-    Five passes over each [b, V] block besides its GEMM. (ρ and μ matter only through e^{ρ − lse}
-    and e^{ρ − lse}·μ, so the floor's error in them is bounded by the same V·e^−87.) The sampled
-    tokens' logit rows are kept for `sampled_reference` (``token_logits``)."""
+    Six passes over each [b, V] block besides its GEMM (max, − max, floor, exp, Σ e, Σ e·d).
+    ρ and μ enter the reference only as e^{ρ − lse} = S'/S and e^{ρ − lse}·μ = (max·S' + U')/S,
+    so the floor moves them by at most V·e^−87 and 2·V·e^−87·max|z|. The sampled tokens' logit
+    rows are kept for `sampled_reference` (``token_logits``)."""
     m, vocab = int(tokens.numel()), int(weight.shape[0])
     device = weight.device
     picked, rows = sample_of(tokens, c_abs, row_norms)
