@@ -105,10 +105,13 @@ def test_every_plan_gives_the_same_norms(checkpoints, arch, entropy):
 
 
 @pytest.mark.slow
-def test_the_one_pass_norms_equal_a_plain_autograd_computation(checkpoints):
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # gpt2: tied embeddings
+def test_the_one_pass_norms_equal_a_plain_autograd_computation(checkpoints, arch):
     # The model's own forward (its logits, not gradlens's hidden-state path) and SFT written
-    # out, at the checkpoint's θ (no stale step), all float64: rounding only.
-    path = checkpoints["llama"]
+    # out, at the checkpoint's θ (no stale step), all float64: rounding only. With tied
+    # embeddings the trainer's .grad of the shared tensor sums both paths: the total norm
+    # counts it once, and the tied norm is that tensor's.
+    path = checkpoints[arch]
     cfg = validate(
         {
             "dtype": "float64",
@@ -140,7 +143,28 @@ def test_the_one_pass_norms_equal_a_plain_autograd_computation(checkpoints):
     (-logp[seqs.loss_mask].mean()).backward()
     expected = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in model.parameters()))
     mg = report.losses[0].model_grads
+    assert report.model.gradient_pass.checkpointed  # one block at a time
     assert mg is not None and mg.total_norm == pytest.approx(expected, rel=1e-10)
+    if arch == "gpt2":
+        shared = model.get_input_embeddings().weight
+        assert mg.tied and mg.tied_grad_norm == pytest.approx(float(shared.grad.norm()), rel=1e-10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_one_block_at_a_time_equals_the_whole_graph(checkpoints, arch, monkeypatch):
+    # The same losses through the kept whole graph (no cut at the blocks): every group's norm
+    # agrees to rounding, and the tied pair's inner product (held as rows) to the full sum.
+    blockwise = run(checkpoints[arch])
+    assert blockwise.model.gradient_pass.checkpointed
+    monkeypatch.setattr("gradlens.compare.model_grads.cut_blocks", lambda model: None)
+    whole = run(checkpoints[arch])
+    assert not whole.model.gradient_pass.checkpointed
+    for name, values in norms(whole).items():
+        for a, b in zip(values, norms(blockwise)[name], strict=True):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert a == pytest.approx(b, rel=1e-10), name
 
 
 @pytest.mark.slow  # builds and loads a checkpoint: the full suite runs it
