@@ -30,7 +30,8 @@ whole graph kept, for about 1/n of its activation memory (one block's intermedia
 plus the tape).
 The blocks must be deterministic (eval mode, no dropout) so that the recomputation equals the
 taped forward, and the cut must be clean: no parameter shared by two blocks or by a block and
-the rest, and no block argument besides x_{i−1} that depends on a parameter
+the rest, no block argument besides x_{i−1} that depends on a parameter, and no key-value cache
+(whose state a recomputation would change)
 (`BlockwiseUnsupported` otherwise; the caller keeps the whole graph then).
 """
 
@@ -45,6 +46,9 @@ import torch
 from torch import Tensor, nn
 
 from gradlens.sources.forward import block_list
+
+# the names transformers blocks take a key-value cache by: a recomputation would append to it
+CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
 
 class BlockwiseUnsupported(Exception):
@@ -126,6 +130,8 @@ def taped_blocks(model: nn.Module) -> Iterator[BlockTape]:
             others = {k: v for k, v in kwargs.items() if k != "hidden_states"}
             if _depends_on_parameters(args[1:]) or _depends_on_parameters(others):
                 raise BlockwiseUnsupported("a block argument besides x depends on a parameter")
+            if any(others.get(name) is not None for name in CACHE_ARGUMENTS):
+                raise BlockwiseUnsupported("a block receives a key-value cache (its state changes)")
             x = _hidden_in(args, kwargs)
             if _i == 0:
                 tape.entry = x

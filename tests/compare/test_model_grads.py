@@ -23,7 +23,7 @@ from gradlens.sources.forward import head_weight
 
 transformers = pytest.importorskip("transformers")
 
-from tiny_checkpoints import save_checkpoint  # noqa: E402
+from tiny_checkpoints import VOCAB, make_tokenizer, save_checkpoint  # noqa: E402
 
 PROMPTS = ["def add(a, b):\n", "class Point:\n    def __init__(self", "import os\n"]
 LOSSES = ["reinforce", "ppo_clip", "gspo", "sft"]  # gspo: one ratio per sequence
@@ -32,7 +32,18 @@ LOSSES = ["reinforce", "ppo_clip", "gspo", "sft"]  # gspo: one ratio per sequenc
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("grads")
-    return {arch: save_checkpoint(root / arch, arch) for arch in ("llama", "gpt2")}
+    out = {arch: save_checkpoint(root / arch, arch) for arch in ("llama", "gpt2")}
+    # Phi: an lm_head bias (W' holds it as a last column) and a block with parallel attention
+    torch.manual_seed(0)
+    config = transformers.PhiConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=64, eos_token_id=0, bos_token_id=0,
+    )  # fmt: skip
+    phi = transformers.PhiForCausalLM(config)
+    phi.save_pretrained(root / "phi")
+    make_tokenizer().save_pretrained(root / "phi")
+    out["phi"] = root / "phi"
+    return out
 
 
 def run(path, budget_mib=None, entropy=0.0) -> CompareReport:
@@ -151,7 +162,7 @@ def test_the_one_pass_norms_equal_a_plain_autograd_computation(checkpoints, arch
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "phi"])
 def test_one_block_at_a_time_equals_the_whole_graph(checkpoints, arch, monkeypatch):
     # The same losses through the kept whole graph (no cut at the blocks): every group's norm
     # agrees to rounding, and the tied pair's inner product (held as rows) to the full sum.

@@ -81,7 +81,7 @@ def test_block_at_a_time_equals_the_whole_graph(tuple_out):
     for k, loss in enumerate(losses):
         g = torch.autograd.grad(loss, [tape.exit, *outside], retain_graph=True, allow_unused=True)
         cot.append(g[0])
-        got[k].update({id(p): gp for p, gp in zip(outside, g[1:]) if gp is not None})
+        got[k].update({id(p): gp for p, gp in zip(outside, g[1:], strict=True) if gp is not None})
 
     def receive(k: int, p: nn.Parameter, g: Tensor) -> None:
         assert id(p) not in got[k], "a block parameter's gradient is handed over once per loss"
@@ -125,6 +125,19 @@ def test_a_block_argument_that_depends_on_a_parameter_cannot_be_cut():
             x = block(x, scale=model.scale_param)
         return model.norm(x)
 
-    with pytest.raises(BlockwiseUnsupported, match="depends on a parameter"):
-        with taped_blocks(model):
-            forward(torch.zeros(1, 2, dtype=torch.long))
+    with pytest.raises(BlockwiseUnsupported, match="depends on a parameter"), taped_blocks(model):
+        forward(torch.zeros(1, 2, dtype=torch.long))
+
+
+def test_a_block_that_receives_a_cache_cannot_be_cut():
+    # a recomputation would append to the cache: the taped forward refuses it
+    model = Toy().double().eval()
+
+    def forward(ids: Tensor) -> Tensor:
+        x = model.embed(ids)
+        for block in model.layers:
+            x = block(x, scale=torch.ones(H, dtype=x.dtype), past_key_values=object())
+        return x
+
+    with pytest.raises(BlockwiseUnsupported, match="key-value cache"), taped_blocks(model):
+        forward(torch.zeros(1, 2, dtype=torch.long))
