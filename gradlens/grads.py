@@ -84,7 +84,8 @@ class PolicyPass:
         rows, cols: (n, t) of each valid token, M each (row-major order).
         hidden: [M, H] h_t in the operand dtype.
         tokens: [M] y_t.
-        logits: [M, V] z_t in the softmax dtype (−inf outside K_t when the support is replayed).
+        logits: [M, V] z_t in the softmax dtype (−inf outside K_t when the support is replayed);
+            None when not kept (a backward through log_softmax needs only its output).
         log_probs: [M, V] log π_t (log π̃_t, −inf outside K_t, when replayed).
         logp: [N, T] ℓ_t = log π(y_t) at the valid tokens, 0 elsewhere.
     """
@@ -93,7 +94,7 @@ class PolicyPass:
     cols: Tensor
     hidden: Tensor
     tokens: Tensor
-    logits: Tensor
+    logits: Tensor | None
     log_probs: Tensor
     logp: Tensor
 
@@ -137,10 +138,16 @@ def policy_entropy(p: PolicyPass, specs: Iterable[LossSpec], params: LossParams)
 
 
 def policy_pass(
-    hidden: Tensor, weight: Tensor, tokens: Tensor, mask: Tensor, kept_ids: Tensor | None = None
+    hidden: Tensor,
+    weight: Tensor,
+    tokens: Tensor,
+    mask: Tensor,
+    kept_ids: Tensor | None = None,
+    keep_logits: bool = True,
 ) -> PolicyPass:
     """log π(y_t) over the valid tokens from the final hidden states [N, T, H] and W [V, H];
-    with ``kept_ids`` [N, T, K] (`KeptSets.ids`) log π̃(y_t) on the replayed support."""
+    with ``kept_ids`` [N, T, K] (`KeptSets.ids`) log π̃(y_t) on the replayed support. Without
+    ``keep_logits`` the [M, V] logits are freed once the log-softmax is formed."""
     rows, cols = valid_index(mask)
     h = hidden[rows, cols]  # [M, H]
     y = tokens[rows, cols]  # [M]
@@ -150,7 +157,7 @@ def policy_pass(
     log_probs = torch.log_softmax(logits, dim=-1)  # [M, V]
     sampled = log_probs.gather(-1, y[:, None]).squeeze(-1)  # [M]
     logp = on_grid(sampled, rows, cols, mask.shape)  # [N, T]
-    return PolicyPass(rows, cols, h, y, logits, log_probs, logp)
+    return PolicyPass(rows, cols, h, y, logits if keep_logits else None, log_probs, logp)
 
 
 @dataclass(frozen=True)
@@ -214,6 +221,7 @@ def softmax_view(batch: Batch) -> SoftmaxView:
             p.logp,
         )
         del p  # its [M, V] log_softmax: ℓ_t is all that is kept of it
+        assert logits is not None
         norm = normaliser(logits)  # of the restricted logits on a replayed support
         log_pi = log_probs(logits, norm)  # [M, V], −inf outside a replayed K_t
         probs = probabilities(log_pi)  # floored as the streamed engine's (gradlens.logits)
@@ -511,6 +519,7 @@ def autograd_reference(
         p = policy_pass(
             batch.hidden.detach(), weight, batch.tokens, batch.mask, replayed_ids(batch)
         )
+        assert p.logits is not None
         p.logits.retain_grad()
         p.logp.retain_grad()
         entropy = policy_entropy(p, [spec], params)

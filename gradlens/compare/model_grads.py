@@ -73,9 +73,16 @@ from gradlens.results import (
     ModelPass,
     SftOverRl,
 )
+from gradlens.sources.blockwise import (
+    BlockwiseUnsupported,
+    backward_blocks,
+    check_cut,
+    taped_blocks,
+)
 from gradlens.sources.forward import block_list, final_hidden, grid_with, head_weight, subset
 from gradlens.sources.microbatch import (
     MicroBatchPlan,
+    checkpointed_bytes,
     loss_tokens,
     plan_micro_batches,
     probe,
@@ -110,9 +117,15 @@ def _g(x: float | None, digits: int = 3) -> str:
 
 
 def square_sum(t: Tensor) -> float:
-    """Σ t² in float64, a chunk at a time (no float64 copy of a large tensor)."""
-    flat = t.reshape(-1)
-    return sum(float(c.double().pow(2).sum()) for c in flat.split(SQUARE_CHUNK))
+    """Σ t² accumulated in float64, a chunk at a time (no float64 copy of a large tensor).
+
+    Each float32 square is exact in float64 (48 significant bits), so the only rounding is the
+    float64 accumulation; a float32 sum of 28M squares is off by parts in a thousand."""
+    total = 0.0
+    for chunk in t.reshape(-1).split(SQUARE_CHUNK):
+        wide = chunk.double()
+        total += float(torch.dot(wide, wide))
+    return total
 
 
 def norm(tensors: list[Tensor | None]) -> float:
@@ -120,67 +133,66 @@ def norm(tensors: list[Tensor | None]) -> float:
 
 
 class _Sink:
-    """Receives each parameter's gradient from the backward and keeps only what is needed.
+    """Receives each parameter's gradient, per loss, and keeps only what is needed.
 
-    ``squares[loss][key]``: ‖g‖² of each parameter once its gradient is complete; with tied
-    embeddings also ``"tied"`` = ‖g_W'[:, :H] + g_emb‖² and ``"bias"`` = ‖g_W'[:, H:]‖² (the
-    two gradients of the shared tensor wait for each other). Between micro-batches the
-    gradients are summed in ``partial``.
+    ``squares[loss][key]``: ‖g‖² of each parameter once its gradient is complete. Between
+    micro-batches the gradients are summed in ``partial`` (``final`` false). With tied
+    embeddings (one tensor E for the input embedding and the lm_head) the trainer's gradient of
+    E is the sum of the logit path's G_W = g_W'[:, :H] and the embedding lookup's G_E, and
+
+        ‖G_W + G_E‖² = ‖G_W‖² + ‖G_E‖² + 2⟨G_W, G_E⟩,
+
+    where G_E is zero outside the rows R of the batch's input ids: so only the rows R of
+    whichever half arrives first are held ([|R|, H], not [V, H]) until the other half gives the
+    inner product. ``squares[loss]`` then also has ``"tied"`` = ‖G_W + G_E‖² and ``"bias"`` =
+    ‖g_W'[:, H:]‖² (an lm_head bias column).
     """
 
-    def __init__(self, emb: nn.Parameter, head: Tensor, tied: bool) -> None:
+    def __init__(self, emb: nn.Parameter, head: Tensor, tied: bool, rows: Tensor) -> None:
         self.emb_key, self.head_key = id(emb), id(head)
         self.hidden_size = int(emb.shape[1])
         self.tied = tied
-        self.loss = ""
-        self.final = True
+        self.rows = rows  # R: the input ids, sorted and unique
         self.partial: dict[str, dict[int, Tensor]] = {}
-        self.held: dict[str, dict[int, Tensor]] = {}
+        self.halves: dict[str, dict[str, Any]] = {}
         self.squares: dict[str, dict[int | str, float]] = {}
 
-    def receive(self, p: Tensor) -> None:
-        g = p.grad
-        p.grad = None
-        if g is None:
-            return
+    def receive(self, loss: str, p: Tensor, g: Tensor, final: bool) -> None:
         key = id(p)
-        partial = self.partial.setdefault(self.loss, {})
+        partial = self.partial.setdefault(loss, {})
         if key in partial:
             g = partial.pop(key).add_(g)
-        if not self.final:
+        if not final:
             partial[key] = g
             return
-        self._finish(key, g)
-
-    def _finish(self, key: int, g: Tensor) -> None:
-        squares = self.squares.setdefault(self.loss, {})
+        squares = self.squares.setdefault(loss, {})
         if not self.tied or key not in (self.emb_key, self.head_key):
             squares[key] = square_sum(g)
             return
-        held = self.held.setdefault(self.loss, {})
-        other = self.emb_key if key == self.head_key else self.head_key
-        held[key] = g
-        if other in held:
-            self._tied(squares, held.pop(self.head_key), held.pop(self.emb_key))
-
-    def _tied(self, squares: dict[int | str, float], g_head: Tensor, g_emb: Tensor | None) -> None:
-        squares[self.head_key] = square_sum(g_head)
+        halves = self.halves.setdefault(loss, {})
         h = self.hidden_size
-        shared = g_head[:, :h] if g_emb is None else g_head[:, :h] + g_emb
-        squares["tied"] = square_sum(shared)
-        squares["bias"] = square_sum(g_head[:, h:])
-        if g_emb is not None:
-            squares[self.emb_key] = square_sum(g_emb)
+        if key == self.head_key:
+            squares[key] = square_sum(g)
+            squares["bias"] = square_sum(g[:, h:])
+            halves["head"] = (square_sum(g[:, :h]), g[self.rows, :h])
+        else:
+            squares[key] = square_sum(g)
+            outside = g.abs().amax(dim=1) > 0  # [V]: rows with a gradient
+            outside[self.rows] = False
+            assert not bool(outside.any()), "the input embedding's gradient has rows off R"
+            halves["emb"] = (squares[key], g[self.rows])
+        if len(halves) == 2:
+            (head_sq, head_rows), (emb_sq, emb_rows) = halves.pop("head"), halves.pop("emb")
+            cross = float((head_rows.double() * emb_rows.double()).sum())
+            squares["tied"] = head_sq + emb_sq + 2 * cross
 
     def flush(self) -> None:
         """Finish a tied pair of which one half received no gradient."""
-        for loss, held in self.held.items():
+        for loss, halves in self.halves.items():
             squares = self.squares.setdefault(loss, {})
-            if self.head_key in held:
-                self._tied(squares, held.pop(self.head_key), held.pop(self.emb_key, None))
-            elif self.emb_key in held:
-                squares[self.emb_key] = square_sum(held.pop(self.emb_key))
-                squares["tied"] = squares[self.emb_key]
+            for half in halves.values():
+                squares["tied"] = half[0]
+            halves.clear()
 
 
 def gradient_plan(
@@ -259,6 +271,148 @@ def micro_divergence(
     return on_grid(values, policy.rows, policy.cols, micro.mask.shape)
 
 
+def cut_blocks(model: Any) -> list[nn.Module] | None:
+    """The transformer blocks when the backward can go one block at a time, else None."""
+    try:
+        return check_cut(model)
+    except BlockwiseUnsupported:
+        return None
+
+
+class _MicroLosses:
+    """The losses of one micro-batch, from a forward through the model (module docstring)."""
+
+    def __init__(
+        self,
+        batch: Batch,
+        ctx: ModelContext,
+        tokens: TokenSummary,
+        head: Tensor,
+        params: LossParams,
+        aggregation: Aggregation,
+        single: bool,
+    ) -> None:
+        self.batch, self.ctx, self.tokens, self.head = batch, ctx, tokens, head
+        self.params, self.aggregation, self.single = params, aggregation, single
+        self.kept = replayed_ids(batch)  # [N, T, K]: a replayed batch's kept sets
+        rows, cols = valid_index(batch.mask)
+        self.entropy_grid = on_grid(tokens.entropy, rows, cols, batch.mask.shape)  # [N, T]
+
+    def losses(self, rows: list[int], names: list[str]) -> list[Tensor]:
+        """L_k of the sequences ``rows`` (the whole batch's loss, differentiable in them)."""
+        batch, ctx, mask = self.batch, self.ctx, self.batch.mask
+        specs = [get_loss(name) for name in names]
+        with torch.enable_grad():
+            part = subset(ctx.sequences, rows)
+            hidden = final_hidden(ctx.loaded.model, part, ctx.temperature, ctx.loaded.bias)
+            hidden = hidden[:, ctx.offset :]
+            assert hidden.shape[:2] == mask[rows].shape, (hidden.shape, mask.shape)
+            policy = policy_pass(
+                hidden,
+                self.head,
+                batch.tokens[rows],
+                mask[rows],
+                None if self.kept is None else self.kept[rows],
+                keep_logits=False,
+            )
+            logp = policy.logp
+            entropy = policy_entropy(policy, specs, self.params)
+            divergence = micro_divergence(batch, self.params, rows, policy)
+            if not self.single:
+                logp = grid_with(self.tokens.logp, rows, logp)
+                if entropy is not None:
+                    entropy = grid_with(self.entropy_grid, rows, entropy)
+                if divergence is not None:  # the other rows' D_t: constants, 0 here
+                    zeros = torch.zeros(mask.shape, dtype=divergence.dtype)
+                    divergence = grid_with(zeros.to(divergence.device), rows, divergence)
+            return [
+                objective(
+                    batch, logp, spec, self.params, self.aggregation, entropy, divergence
+                ).loss
+                for spec in specs
+            ]
+
+
+def _backward_whole(
+    micro: _MicroLosses,
+    rows: list[int],
+    names: list[str],
+    leaves: list[Tensor],
+    sink: _Sink,
+    final: bool,
+) -> None:
+    """The whole graph kept: one backward per loss, each parameter's gradient handed to the
+    sink as soon as it is accumulated (and freed)."""
+    current = [""]
+
+    def take(p: Tensor) -> None:
+        g, p.grad = p.grad, None
+        if g is not None:
+            sink.receive(current[0], p, g, final)
+
+    handles = [p.register_post_accumulate_grad_hook(take) for p in leaves]
+    try:
+        losses = micro.losses(rows, names)
+        for j, (name, loss) in enumerate(zip(names, losses, strict=True)):
+            current[0] = name
+            loss.backward(retain_graph=j < len(losses) - 1)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _backward_blockwise(
+    micro: _MicroLosses,
+    rows: list[int],
+    names: list[str],
+    flat: list[nn.Parameter],
+    sink: _Sink,
+    final: bool,
+) -> None:
+    """One block at a time (`gradlens.sources.blockwise`): the tail's gradients and the
+    cotangents at the last block, every block recomputed once for all the losses, then the
+    entry (the embedding). A parameter outside the blocks may be reached from the tail and the
+    entry both: its two parts are summed before the sink sees it."""
+    model = micro.ctx.loaded.model
+    with taped_blocks(model) as tape:
+        losses = micro.losses(rows, names)
+    assert tape.exit is not None and tape.entry is not None
+    inside = {id(p) for block in tape.blocks for p in block.parameters()}
+    outside = [p for p in flat if id(p) not in inside]
+    outer: list[dict[int, Tensor]] = []
+    cotangents = []
+    for k, (name, loss) in enumerate(zip(names, losses, strict=True)):
+        grads = torch.autograd.grad(
+            loss, [tape.exit, micro.head, *outside], retain_graph=k < len(losses) - 1,
+            allow_unused=True,
+        )  # fmt: skip
+        cotangents.append(torch.zeros_like(tape.exit) if grads[0] is None else grads[0])
+        if grads[1] is not None:
+            sink.receive(name, micro.head, grads[1], final)
+        outer.append({id(p): g for p, g in zip(outside, grads[2:], strict=True) if g is not None})
+    del losses, grads
+
+    def receive(k: int, p: nn.Parameter, g: Tensor) -> None:
+        sink.receive(names[k], p, g, final)
+
+    at_entry = backward_blocks(tape, cotangents, receive)
+    entry = tape.entry if tape.entry.requires_grad else None
+    for k, (name, g) in enumerate(zip(names, at_entry, strict=True)):
+        parts = outer[k]
+        if entry is not None and outside:
+            grads = torch.autograd.grad(
+                entry, outside, grad_outputs=g, retain_graph=k < len(names) - 1,
+                allow_unused=True,
+            )  # fmt: skip
+            for p, gp in zip(outside, grads, strict=True):
+                if gp is not None:
+                    key = id(p)
+                    parts[key] = gp if key not in parts else parts[key] + gp
+        for p in outside:
+            if id(p) in parts:
+                sink.receive(name, p, parts.pop(id(p)), final)
+
+
 def model_gradients(
     batch: Batch,
     ctx: ModelContext,
@@ -280,69 +434,45 @@ def model_gradients(
     mask = batch.mask
     seqs = ctx.sequences
     names = [r.name for r in reports]
+    blocks = cut_blocks(model)  # None: the whole graph is kept (no clean cut at the blocks)
+    per_sequence = probe(model, seqs, ctx.temperature, bias)
+    if blocks is not None:
+        per_sequence = checkpointed_bytes(per_sequence, model, seqs)
     plan, per_forward = gradient_plan(
         loss_tokens(mask),
-        probe(model, seqs, ctx.temperature, bias),
+        per_sequence,
         batch.vocab_size,
         budget_bytes,
         len(names),
         sum(p.numel() * p.element_size() for p in [*flat, head]),
     )
     loss_groups = [names[i : i + per_forward] for i in range(0, len(names), per_forward)]
-    kept = replayed_ids(batch)  # [N, T, K]: a replayed batch's logit paths on its kept sets
-    specs = [get_loss(name) for name in names]
-    rows_all, cols_all = valid_index(mask)
-    entropy_grid = on_grid(tokens.entropy, rows_all, cols_all, mask.shape)  # [N, T] H_t
+    micro = _MicroLosses(batch, ctx, tokens, head, params, aggregation, plan.single)
 
-    release_free_memory()  # before the forward that keeps the activations
-    sink = _Sink(emb, head, tied)
-    handles = [p.register_post_accumulate_grad_hook(sink.receive) for p in [*flat, head]]
+    release_free_memory()  # before the forward that keeps what its backward needs
+    sink = _Sink(emb, head, tied, torch.unique(seqs.input_ids))
     total_backwards = len(names) * len(plan.groups)
     done = 0
-    try:
-        for group in loss_groups:
-            for b, rows in enumerate(plan.groups):
-                with torch.enable_grad():
-                    part = subset(seqs, rows)
-                    hidden = final_hidden(model, part, ctx.temperature, bias)[:, ctx.offset :]
-                    assert hidden.shape[:2] == mask[rows].shape, (hidden.shape, mask.shape)
-                    policy = policy_pass(
-                        hidden,
-                        head,
-                        batch.tokens[rows],
-                        mask[rows],
-                        None if kept is None else kept[rows],
-                    )
-                    logp = policy.logp
-                    entropy = policy_entropy(policy, specs, params)
-                    divergence = micro_divergence(batch, params, rows, policy)
-                    if not plan.single:
-                        logp = grid_with(tokens.logp, rows, logp)
-                        if entropy is not None:
-                            entropy = grid_with(entropy_grid, rows, entropy)
-                        if divergence is not None:  # the other rows' D_t: constants, 0 here
-                            zeros = torch.zeros(mask.shape, dtype=divergence.dtype)
-                            divergence = grid_with(zeros.to(divergence.device), rows, divergence)
-                    for j, name in enumerate(group):
-                        report_progress("model grads", done, total_backwards)
-                        loss = objective(
-                            batch, logp, get_loss(name), params, aggregation, entropy, divergence
-                        ).loss
-                        sink.loss, sink.final = name, b == len(plan.groups) - 1
-                        loss.backward(retain_graph=j < len(group) - 1)
-                        done += 1
-                del policy, logp, entropy, hidden, divergence
-        sink.flush()
-    finally:
-        for h in handles:
-            h.remove()
+    for group in loss_groups:
+        for b, rows in enumerate(plan.groups):
+            final = b == len(plan.groups) - 1
+            report_progress("model grads", done, total_backwards)
+            if blocks is not None:
+                try:
+                    _backward_blockwise(micro, rows, group, flat, sink, final)
+                except BlockwiseUnsupported:  # found in the forward: keep the whole graph
+                    blocks = None
+            if blocks is None:
+                _backward_whole(micro, rows, group, [*flat, head], sink, final)
+            done += len(group)
+    sink.flush()
     report_progress("model grads", total_backwards, total_backwards)
     model_pass = ModelPass(
         name="whole-model gradients",
         micro_batches=len(plan.groups),
         forwards=len(loss_groups) * len(plan.groups),
         backwards=total_backwards,
-        checkpointed=False,
+        checkpointed=blocks is not None,
         budget_bytes=plan.budget_bytes,
         bytes_per_sequence=plan.bytes_per_sequence,
         over_budget=plan.over_budget,

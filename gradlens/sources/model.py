@@ -134,6 +134,7 @@ def build_model_batch(src: ModelSource, ctx: SourceContext) -> Batch:
     if src.rollout_logprobs == "full":  # μ by one forward per sequence, not the cache's
         rollout_logp = full_sequence_logp(roller, rollout.sequences, src.temperature)
     del roller  # the rollout copy is not needed any more
+    release_free_memory()  # its pages, and the sampler's, before the stale steps' state
 
     group_prompts = [p for p in prompts for _ in range(src.group_size)]
     rewards = score(reward_fn, reward_name, group_prompts, rollout.completions)

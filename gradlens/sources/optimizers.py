@@ -20,6 +20,13 @@ Written out rather than taken from torch.optim for two reasons:
   gradient is kept), λ = 0 except for AdamW. So θ_{k−1} = (θ_k − lr·u_k)/(1 − lr·λ), and θ_k
   with lr' is θ_{k−1}·(1 − lr'·λ) + lr'·u_k, without a copy of θ_{k−1}. The stale steps use it
   to reach a target KL (`gradlens.sources.staleness`).
+
+What Adam keeps between updates, told how many updates it will take (``updates`` = N): the
+moments m, v (two tensors the size of the weights) only where a later update reads them. After
+the first update they are m_1 = (1 − β1)·g_1 and v_1 = (1 − β2)·g_1², so g_1 alone is kept and
+both are rebuilt from it by the same operations (the same bits) when the second update or a
+redo needs them; after the N-th update only its direction u_N is kept, which is all a redo
+reads. So N ≤ 2 steps hold one tensor the size of the weights between updates, not two.
 """
 
 from __future__ import annotations
@@ -35,12 +42,15 @@ BETAS = (0.9, 0.999)  # torch.optim.Adam / AdamW defaults
 EPS = 1e-8
 ADAMW_DECAY = 0.01  # torch.optim.AdamW's default weight decay λ
 OPTIMIZER_NAMES = ("sgd", "adam", "adamw")
+PIECE = 1 << 20  # elements of a weight updated at a time (4 MiB in float32)
 
 
 class StaleOptimizer:
     """``kind`` (sgd, adam or adamw) over ``params`` at learning rate ``lr``."""
 
-    def __init__(self, params: list[nn.Parameter], kind: str, lr: float) -> None:
+    def __init__(
+        self, params: list[nn.Parameter], kind: str, lr: float, updates: int | None = None
+    ) -> None:
         if kind not in OPTIMIZER_NAMES:
             raise ValueError(f"unknown optimizer {kind!r}")
         self.params = params
@@ -50,6 +60,7 @@ class StaleOptimizer:
         self.state: dict[int, dict[str, Tensor]] = {}
         self.count: dict[int, int] = {}  # updates each parameter has had (Adam's k)
         self.last: set[int] = set()  # the parameters the last step updated
+        self.updates = updates  # how many updates each parameter will have (None: unknown)
 
     @torch.no_grad()
     def update(self, p: nn.Parameter) -> None:
@@ -66,24 +77,44 @@ class StaleOptimizer:
             self.state[key] = {"g": g}
             p.add_(g, alpha=-self.lr)
             return
-        if self.decay:
-            p.mul_(1 - self.lr * self.decay)
-        state = self.state.setdefault(key, {"m": torch.zeros_like(p), "v": torch.zeros_like(p)})
-        state["m"].lerp_(g, 1 - BETAS[0])
-        state["v"].mul_(BETAS[1]).addcmul_(g, g, value=1 - BETAS[1])
-        p.addcdiv_(state["m"], self._denominator(key), value=-self.lr / (1 - BETAS[0] ** k))
+        old = self.state.get(key, {})
+        if "u" in old:
+            raise RuntimeError("the optimizer was told its last update has been taken")
+        # Each piece of the old state is read before the same piece of the new one is written,
+        # so the new state takes over a buffer of the old (g_1's, or m's) where there is one.
+        spare = old.get("g", old.get("m"))
+        if k == self.updates:  # the last update: only a redo reads its state
+            new = {"u": torch.empty_like(p) if spare is None else spare}
+        elif k == 1:
+            new = {"g": g}  # m_1 and v_1 are rebuilt from g_1
+        elif "m" in old:
+            new = old  # advanced in place, piece by piece
+        else:
+            new = {"m": torch.empty_like(p) if spare is None else spare, "v": torch.empty_like(p)}
+        step = -self.lr / (1 - BETAS[0] ** k)
+        for i, (pp, gp) in pieces(p, g):
+            m, v = _moments(old, i, gp)
+            denominator = _denominator(v, k)
+            if self.decay:
+                pp.mul_(1 - self.lr * self.decay)
+            pp.addcdiv_(m, denominator, value=step)
+            if "u" in new:
+                new["u"].view(-1)[i] = _adam_direction(m, denominator, k)
+            elif "m" in new and new is not old:
+                new["m"].view(-1)[i] = m
+                new["v"].view(-1)[i] = v
+        self.state[key] = new
 
-    def _denominator(self, key: int) -> Tensor:
-        """√v/√(1 − β2^k) + ε."""
-        k = self.count[key]
-        return (self.state[key]["v"].sqrt() / math.sqrt(1 - BETAS[1] ** k)).add_(EPS)
-
-    def _direction(self, key: int) -> Tensor:
-        """u of the last update (see the module docstring)."""
+    def _direction(self, key: int, i: slice) -> Tensor:
+        """The piece ``i`` of u of the last update (see the module docstring)."""
+        state = self.state[key]
         if self.kind == "sgd":
-            return -self.state[key]["g"]
+            return -state["g"].view(-1)[i]
+        if "u" in state:
+            return state["u"].view(-1)[i]
         k = self.count[key]
-        return self.state[key]["m"] / self._denominator(key) * (-1 / (1 - BETAS[0] ** k))
+        m, v = _moments(state, i, None)
+        return _adam_direction(m, _denominator(v, k), k)
 
     def step(self) -> None:
         """Update every parameter that has a gradient (after micro-batches accumulated it)."""
@@ -110,10 +141,55 @@ class StaleOptimizer:
             key = id(p)
             if key not in self.last:
                 continue
-            u = self._direction(key)
-            if self.decay:
-                p.sub_(u, alpha=old).div_(1 - old * self.decay).mul_(1 - lr * self.decay)
-                p.add_(u, alpha=lr)
-            else:
-                p.add_(u, alpha=lr - old)
+            for i, (pp,) in pieces(p):
+                u = self._direction(key, i)
+                if self.decay:
+                    pp.sub_(u, alpha=old).div_(1 - old * self.decay).mul_(1 - lr * self.decay)
+                    pp.add_(u, alpha=lr)
+                else:
+                    pp.add_(u, alpha=lr - old)
         self.lr = lr
+
+
+def pieces(*tensors: Tensor) -> Iterator[tuple[slice, tuple[Tensor, ...]]]:
+    """(slice, views) of contiguous tensors of one shape, `PIECE` elements at a time: every
+    update is elementwise, so it runs piece by piece with the same result, and its temporaries
+    are pieces, not tensors the size of the largest weight (the embedding)."""
+    flat = [t.view(-1) for t in tensors]
+    total = flat[0].numel()
+    for start in range(0, total, PIECE):
+        i = slice(start, min(start + PIECE, total))
+        yield i, tuple(f[i] for f in flat)
+
+
+def _moments(state: dict[str, Tensor], i: slice, g: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The piece ``i`` of (m, v) after the last update, advanced by ``g`` (that piece of a new
+    gradient) when given. Kept moments are advanced in place; (m_1, v_1) are rebuilt from g_1
+    by the operations the first update used; none kept: the first update's, from zero."""
+    if "m" in state:
+        m, v = state["m"].view(-1)[i], state["v"].view(-1)[i]
+    elif "g" in state:
+        m, v = _from_zero(state["g"].view(-1)[i])
+    else:
+        assert g is not None, "no update has been taken"
+        return _from_zero(g)
+    if g is not None:
+        m.lerp_(g, 1 - BETAS[0])
+        v.mul_(BETAS[1]).addcmul_(g, g, value=1 - BETAS[1])
+    return m, v
+
+
+def _from_zero(g: Tensor) -> tuple[Tensor, Tensor]:
+    m, v = torch.zeros_like(g), torch.zeros_like(g)
+    m.lerp_(g, 1 - BETAS[0])
+    v.mul_(BETAS[1]).addcmul_(g, g, value=1 - BETAS[1])
+    return m, v
+
+
+def _denominator(v: Tensor, k: int) -> Tensor:
+    """√v/√(1 − β2^k) + ε."""
+    return (v.sqrt() / math.sqrt(1 - BETAS[1] ** k)).add_(EPS)
+
+
+def _adam_direction(m: Tensor, denominator: Tensor, k: int) -> Tensor:
+    return m / denominator * (-1 / (1 - BETAS[0] ** k))

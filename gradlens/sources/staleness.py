@@ -35,14 +35,16 @@ quadratic in its size), then the slope the last two probes measured. A probe cos
 forward, and an accepted one is the next step's own forward. A step whose update is zero
 (every advantage 0) is not probed. With ``target_kl: null`` the steps take ``lr`` as given.
 
-Memory: the steps hold the optimizer state (Adam: two tensors the size of the weights), so the
-backward recomputes the transformer blocks (activation checkpointing,
-`gradlens.sources.forward.checkpointed_blocks`: one more forward per step) and, when the batch
-goes through the model in one micro-batch, each parameter is updated as soon as its gradient is
-complete (`StaleOptimizer.in_backward`), so the whole gradient never exists at once. A batch
-too large for the memory budget goes through in micro-batches (`gradlens.sources.microbatch`)
-whose gradients accumulate before the update; ℓ at θ_k then comes from a forward without
-autograd first, so that each micro-batch's loss is the whole batch's.
+Memory: the steps hold the optimizer state (Adam: two tensors the size of the weights, one when
+N ≤ 2: `gradlens.sources.optimizers`), so the backward recomputes the transformer blocks
+(activation checkpointing, `gradlens.sources.forward.checkpointed_blocks`: one more forward per
+step) and, when the batch goes through the model in one micro-batch, each parameter is updated
+as soon as its gradient is complete (`StaleOptimizer.in_backward`), so the whole gradient never
+exists at once; the [M, V] logits are not kept beside their log-softmax, and the pages freed
+since the last step go back to the system before each step's backward. A batch too large for
+the memory budget goes through in micro-batches (`gradlens.sources.microbatch`) whose gradients
+accumulate before the update; ℓ at θ_k then comes from a forward without autograd first, so
+that each micro-batch's loss is the whole batch's.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ from gradlens.grads import (
 )
 from gradlens.logits import kept_entries
 from gradlens.losses import Aggregation, LossParams, LossSpec
+from gradlens.memory import release_free_memory
 from gradlens.progress import report
 from gradlens.results import ModelPass
 from gradlens.sources.forward import (
@@ -179,7 +182,7 @@ def _forward(
     """The logit path of the sequences ``rows`` (with autograd when it is enabled)."""
     part = subset(seqs, rows)
     hidden = final_hidden(model, part, temperature, bias)
-    return policy_pass(hidden, head_weight(model), part.tokens, part.loss_mask)
+    return policy_pass(hidden, head_weight(model), part.tokens, part.loss_mask, keep_logits=False)
 
 
 @dataclass(frozen=True)
@@ -212,7 +215,7 @@ def _measure(
     for rows in plan.groups:
         part = subset(seqs, rows)
         h = final_hidden(model, part, temperature, bias)
-        p = policy_pass(h, head_weight(model), part.tokens, part.loss_mask)
+        p = policy_pass(h, head_weight(model), part.tokens, part.loss_mask, keep_logits=False)
         logp.append(p.logp)
         if entropy:
             ent.append(p.entropy())
@@ -250,7 +253,7 @@ def stale_steps(
     ``groups`` [N]: the sequences' prompt groups (`Batch.groups`, for group-coupled losses)."""
     mask = seqs.loss_mask
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = StaleOptimizer(trainable, cfg.optimizer, cfg.lr)
+    optimizer = StaleOptimizer(trainable, cfg.optimizer, cfg.lr, cfg.steps)
     vocab = int(head_weight(model).shape[0])
     per_sequence = 0
     if cfg.steps:
@@ -377,6 +380,7 @@ def _step(
         groups=groups,
     )
     needs_entropy = reads_entropy([spec], params)
+    release_free_memory()  # the pages freed since the last step, before its gradients
     if point.graph is not None:  # one micro-batch: update inside the backward
         entropy = policy_entropy(point.graph, [spec], params)
         loss = objective(batch, point.graph.logp, spec, params, aggregation, entropy).loss

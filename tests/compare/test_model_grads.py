@@ -23,7 +23,7 @@ from gradlens.sources.forward import head_weight
 
 transformers = pytest.importorskip("transformers")
 
-from tiny_checkpoints import save_checkpoint  # noqa: E402
+from tiny_checkpoints import VOCAB, make_tokenizer, save_checkpoint  # noqa: E402
 
 PROMPTS = ["def add(a, b):\n", "class Point:\n    def __init__(self", "import os\n"]
 LOSSES = ["reinforce", "ppo_clip", "gspo", "sft"]  # gspo: one ratio per sequence
@@ -32,7 +32,18 @@ LOSSES = ["reinforce", "ppo_clip", "gspo", "sft"]  # gspo: one ratio per sequenc
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("grads")
-    return {arch: save_checkpoint(root / arch, arch) for arch in ("llama", "gpt2")}
+    out = {arch: save_checkpoint(root / arch, arch) for arch in ("llama", "gpt2")}
+    # Phi: an lm_head bias (W' holds it as a last column) and a block with parallel attention
+    torch.manual_seed(0)
+    config = transformers.PhiConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=64, eos_token_id=0, bos_token_id=0,
+    )  # fmt: skip
+    phi = transformers.PhiForCausalLM(config)
+    phi.save_pretrained(root / "phi")
+    make_tokenizer().save_pretrained(root / "phi")
+    out["phi"] = root / "phi"
+    return out
 
 
 def run(path, budget_mib=None, entropy=0.0) -> CompareReport:
@@ -105,10 +116,13 @@ def test_every_plan_gives_the_same_norms(checkpoints, arch, entropy):
 
 
 @pytest.mark.slow
-def test_the_one_pass_norms_equal_a_plain_autograd_computation(checkpoints):
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # gpt2: tied embeddings
+def test_the_one_pass_norms_equal_a_plain_autograd_computation(checkpoints, arch):
     # The model's own forward (its logits, not gradlens's hidden-state path) and SFT written
-    # out, at the checkpoint's θ (no stale step), all float64: rounding only.
-    path = checkpoints["llama"]
+    # out, at the checkpoint's θ (no stale step), all float64: rounding only. With tied
+    # embeddings the trainer's .grad of the shared tensor sums both paths: the total norm
+    # counts it once, and the tied norm is that tensor's.
+    path = checkpoints[arch]
     cfg = validate(
         {
             "dtype": "float64",
@@ -140,7 +154,28 @@ def test_the_one_pass_norms_equal_a_plain_autograd_computation(checkpoints):
     (-logp[seqs.loss_mask].mean()).backward()
     expected = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in model.parameters()))
     mg = report.losses[0].model_grads
+    assert report.model.gradient_pass.checkpointed  # one block at a time
     assert mg is not None and mg.total_norm == pytest.approx(expected, rel=1e-10)
+    if arch == "gpt2":
+        shared = model.get_input_embeddings().weight
+        assert mg.tied and mg.tied_grad_norm == pytest.approx(float(shared.grad.norm()), rel=1e-10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "phi"])
+def test_one_block_at_a_time_equals_the_whole_graph(checkpoints, arch, monkeypatch):
+    # The same losses through the kept whole graph (no cut at the blocks): every group's norm
+    # agrees to rounding, and the tied pair's inner product (held as rows) to the full sum.
+    blockwise = run(checkpoints[arch])
+    assert blockwise.model.gradient_pass.checkpointed
+    monkeypatch.setattr("gradlens.compare.model_grads.cut_blocks", lambda model: None)
+    whole = run(checkpoints[arch])
+    assert not whole.model.gradient_pass.checkpointed
+    for name, values in norms(whole).items():
+        for a, b in zip(values, norms(blockwise)[name], strict=True):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert a == pytest.approx(b, rel=1e-10), name
 
 
 @pytest.mark.slow  # builds and loads a checkpoint: the full suite runs it

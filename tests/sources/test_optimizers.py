@@ -39,9 +39,13 @@ def flat(model: nn.Module) -> torch.Tensor:
 
 @pytest.mark.parametrize("kind", ["sgd", "adam", "adamw"])
 @pytest.mark.parametrize("in_backward", [False, True])
-def test_each_optimizer_equals_torch_optim(kind, in_backward):
+@pytest.mark.parametrize("updates", [None, 3])  # 3: told the count, Adam keeps less state
+@pytest.mark.parametrize("piece", [None, 7])  # 7 elements at a time: every weight in pieces
+def test_each_optimizer_equals_torch_optim(kind, in_backward, updates, piece, monkeypatch):
+    if piece is not None:
+        monkeypatch.setattr("gradlens.sources.optimizers.PIECE", piece)
     ours, theirs = network(), network()
-    opt = StaleOptimizer(list(ours.parameters()), kind, 1e-2)
+    opt = StaleOptimizer(list(ours.parameters()), kind, 1e-2, updates)
     ref = TORCH[kind](list(theirs.parameters()), 1e-2)
     for step in range(3):
         if in_backward:  # each parameter updated as its gradient completes
@@ -59,13 +63,17 @@ def test_each_optimizer_equals_torch_optim(kind, in_backward):
 
 
 @pytest.mark.parametrize("kind", ["sgd", "adam", "adamw"])
-def test_rescaling_the_last_step_equals_taking_it_with_that_learning_rate(kind):
+@pytest.mark.parametrize("updates", [None, 2, 3])  # the rescaled step is the last, or not
+def test_rescaling_the_last_step_equals_taking_it_with_that_learning_rate(
+    kind, updates, monkeypatch
+):
+    monkeypatch.setattr("gradlens.sources.optimizers.PIECE", 5)  # in pieces
     # Step 1 at lr 1e-2 for both; step 2 at lr 1e-2 then rescaled to 3e-3 against step 2 taken
     # at 3e-3 directly. The rescale recovers θ_1 from the state (adamw: also from the decay
     # factor 1 − lr·λ), so the two agree to a few roundings.
     rescaled, direct = network(), network()
-    a = StaleOptimizer(list(rescaled.parameters()), kind, 1e-2)
-    b = StaleOptimizer(list(direct.parameters()), kind, 1e-2)
+    a = StaleOptimizer(list(rescaled.parameters()), kind, 1e-2, updates)
+    b = StaleOptimizer(list(direct.parameters()), kind, 1e-2, updates)
     for opt, model in ((a, rescaled), (b, direct)):
         loss_of(model, 0).backward()
         opt.step()
@@ -89,3 +97,37 @@ def test_rescale_touches_only_the_parameters_of_the_last_step():
     opt.step()
     opt.rescale(0.0)  # undoes the last step, which did not move the first layer
     torch.testing.assert_close(model[0].weight.detach(), first, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["adam", "adamw"])
+def test_rescaling_the_first_of_two_steps_reads_the_moments_rebuilt_from_g1(kind):
+    # Told 2 updates, Adam keeps g_1 after the first; a redo of that step rebuilds m_1, v_1
+    # from it. Against the step taken at 3e-3 directly, and then a second step on both.
+    rescaled, direct = network(), network()
+    a = StaleOptimizer(list(rescaled.parameters()), kind, 1e-2, 2)
+    b = StaleOptimizer(list(direct.parameters()), kind, 3e-3, 2)
+    loss_of(rescaled, 0).backward()
+    a.step()
+    a.rescale(3e-3)
+    loss_of(direct, 0).backward()
+    b.step()
+    torch.testing.assert_close(flat(rescaled), flat(direct), rtol=1e-12, atol=1e-14)
+    for opt, model in ((a, rescaled), (b, direct)):
+        loss_of(model, 1).backward()
+        opt.step()
+    torch.testing.assert_close(flat(rescaled), flat(direct), rtol=1e-12, atol=1e-14)
+
+
+def test_told_two_updates_adam_keeps_one_tensor_per_parameter_between_them():
+    model = network()
+    opt = StaleOptimizer(list(model.parameters()), "adam", 1e-2, 2)
+    sizes = []
+    for step in range(2):
+        loss_of(model, step).backward()
+        opt.step()
+        sizes.append(sum(t.numel() for s in opt.state.values() for t in s.values()))
+    weights = sum(p.numel() for p in model.parameters())
+    assert sizes == [weights, weights]  # g_1, then u_2 (not m and v: twice the weights)
+    loss_of(model, 2).backward()
+    with pytest.raises(RuntimeError, match="last update"):
+        opt.step()  # a third update was not announced: its moments are gone
