@@ -7,17 +7,19 @@ to norms per tensor group: the input embedding, each transformer block, every ot
 final norm, position embeddings) by name, and the lm_head; plus the total norm over all
 parameters, which is the ``grad_norm`` a trainer logs before clipping.
 
-How it runs (`ModelPass` in the report): the losses share each forward — one forward with
-autograd, then one backward per loss through the same graph. The sequences go through in
-micro-batches planned for the memory budget (`gradlens.sources.microbatch`): the forward of a
-micro-batch keeps its activations and the [m, V] logit path of its m loss tokens only. In a
-micro-batch the log-probs of the other sequences are the batch's own (``tokens.logp``, without
-a graph), so each micro-batch's backward gives its share Σ_{t ∈ b} (∂L/∂ℓ_t)·∂ℓ_t/∂θ of the
-whole batch's gradient, and the shares add up to it exactly. The norms are taken parameter by
-parameter as the backward completes each gradient (a hook after accumulation, which frees the
-gradient), so no loss's whole gradient is ever held — unless the batch needs more than one
-micro-batch: then each loss's gradient is summed over the micro-batches first, and as many
-losses share the forwards as the budget has room for their sums; the others take their own.
+How it runs (`ModelPass` in the report): the losses share each forward. Where the model can be
+cut at its transformer blocks (`gradlens.sources.blockwise`), the forward records each block's
+input, and the backward goes one block at a time, each block recomputed once for all the
+losses (``checkpointed``); otherwise the forward keeps the whole graph and each loss has its
+own backward through it. The sequences go through in micro-batches planned for the memory
+budget (`gradlens.sources.microbatch`). In a micro-batch the log-probs of the other sequences
+are the batch's own (``tokens.logp``, without a graph), so each micro-batch's backward gives
+its share Σ_{t ∈ b} (∂L/∂ℓ_t)·∂ℓ_t/∂θ of the whole batch's gradient, and the shares add up to
+it exactly. The norms are taken parameter by parameter as each gradient is complete
+(`gradlens.compare.gradient_norms`), so no loss's whole gradient is ever held — unless the batch
+needs more than one micro-batch: then each loss's gradient is summed over the micro-batches
+first, and as many losses share the forwards as the budget has room for their sums; the others
+take their own.
 
 The lm_head enters the forward as a separate leaf W' of its weight (the batch's own copy of
 it, which holds the same values, so no third copy is made), so its gradient is the logit path
@@ -25,18 +27,8 @@ alone, ∂L/∂W = Σ_t G_t h_tᵀ — the quantity the lm_head diagnostics comp
 closed form. With tied embeddings (one tensor for the input embedding and the lm_head) a
 trainer's ``.grad`` of that tensor is the sum of both paths; it is reported separately
 (``tied_grad_norm``), and the total norm counts the shared tensor once, with the summed
-gradient, exactly as ``torch.nn.utils.clip_grad_norm_`` sees it.
-
-The seed post's estimate (docs/losses.md#the-seed-post: "grad-norm ≈ |Â|·(1 − π_y)", with
-π_y ≈ e^(−H) for a peaked policy and π_y ≈ e^(−CE) for SFT):
-
-    SFT (g_t = −1 on every token)        ‖∇L‖ ≈ 1 − e^(−CE),  CE = mean_t −log π_θ(y_t)
-    policy-gradient losses (g ∝ A)       ‖∇L‖ ≈ mean|Â|·(1 − e^(−H)),  H = mean_t H(π_θ,t)
-
-is set beside the measured total norm, with measured/predicted; a factor beyond
-`PREDICTION_FACTOR` either way is reported as a finding. The per-token quantity the estimate
-starts from, mean_t |g_t|·(1 − π_θ(y_t)), is reported too, to tell apart the step
-π_y ≈ e^(−H) from the step "per-token sampled-logit gradient ≈ whole-model norm".
+gradient, exactly as ``torch.nn.utils.clip_grad_norm_`` sees it. Each measured total norm is
+set beside the seed post's estimate (`gradlens.compare.grad_norm_estimate`).
 """
 
 from __future__ import annotations
@@ -48,6 +40,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gradlens.compare.grad_norm_estimate import judge, post_estimates, sft_over_rl
+from gradlens.compare.gradient_norms import GradientSink
 from gradlens.compare.records import TokenSummary
 from gradlens.containers import Batch, ModelContext, Teacher, valid_index
 from gradlens.diagnostics.numbers import num
@@ -67,7 +61,6 @@ from gradlens.progress import report as report_progress
 from gradlens.results import (
     PREDICTION_FACTOR,
     GradGroup,
-    GradNormPrediction,
     LossReport,
     ModelGradients,
     ModelPass,
@@ -88,8 +81,6 @@ from gradlens.sources.microbatch import (
     probe,
     sequence_bytes,
 )
-
-SQUARE_CHUNK = 1 << 22  # elements squared at a time in float64
 
 
 def parameter_groups(model: Any) -> list[tuple[str, list[nn.Parameter]]]:
@@ -114,85 +105,6 @@ def parameter_groups(model: Any) -> list[tuple[str, list[nn.Parameter]]]:
 
 def _g(x: float | None, digits: int = 3) -> str:
     return "—" if x is None else f"{x:.{digits}g}"
-
-
-def square_sum(t: Tensor) -> float:
-    """Σ t² accumulated in float64, a chunk at a time (no float64 copy of a large tensor).
-
-    Each float32 square is exact in float64 (48 significant bits), so the only rounding is the
-    float64 accumulation; a float32 sum of 28M squares is off by parts in a thousand."""
-    total = 0.0
-    for chunk in t.reshape(-1).split(SQUARE_CHUNK):
-        wide = chunk.double()
-        total += float(torch.dot(wide, wide))
-    return total
-
-
-def norm(tensors: list[Tensor | None]) -> float:
-    return math.sqrt(sum(square_sum(t) for t in tensors if t is not None))
-
-
-class _Sink:
-    """Receives each parameter's gradient, per loss, and keeps only what is needed.
-
-    ``squares[loss][key]``: ‖g‖² of each parameter once its gradient is complete. Between
-    micro-batches the gradients are summed in ``partial`` (``final`` false). With tied
-    embeddings (one tensor E for the input embedding and the lm_head) the trainer's gradient of
-    E is the sum of the logit path's G_W = g_W'[:, :H] and the embedding lookup's G_E, and
-
-        ‖G_W + G_E‖² = ‖G_W‖² + ‖G_E‖² + 2⟨G_W, G_E⟩,
-
-    where G_E is zero outside the rows R of the batch's input ids: so only the rows R of
-    whichever half arrives first are held ([|R|, H], not [V, H]) until the other half gives the
-    inner product. ``squares[loss]`` then also has ``"tied"`` = ‖G_W + G_E‖² and ``"bias"`` =
-    ‖g_W'[:, H:]‖² (an lm_head bias column).
-    """
-
-    def __init__(self, emb: nn.Parameter, head: Tensor, tied: bool, rows: Tensor) -> None:
-        self.emb_key, self.head_key = id(emb), id(head)
-        self.hidden_size = int(emb.shape[1])
-        self.tied = tied
-        self.rows = rows  # R: the input ids, sorted and unique
-        self.partial: dict[str, dict[int, Tensor]] = {}
-        self.halves: dict[str, dict[str, Any]] = {}
-        self.squares: dict[str, dict[int | str, float]] = {}
-
-    def receive(self, loss: str, p: Tensor, g: Tensor, final: bool) -> None:
-        key = id(p)
-        partial = self.partial.setdefault(loss, {})
-        if key in partial:
-            g = partial.pop(key).add_(g)
-        if not final:
-            partial[key] = g
-            return
-        squares = self.squares.setdefault(loss, {})
-        if not self.tied or key not in (self.emb_key, self.head_key):
-            squares[key] = square_sum(g)
-            return
-        halves = self.halves.setdefault(loss, {})
-        h = self.hidden_size
-        if key == self.head_key:
-            squares[key] = square_sum(g)
-            squares["bias"] = square_sum(g[:, h:])
-            halves["head"] = (square_sum(g[:, :h]), g[self.rows, :h])
-        else:
-            squares[key] = square_sum(g)
-            outside = g.abs().amax(dim=1) > 0  # [V]: rows with a gradient
-            outside[self.rows] = False
-            assert not bool(outside.any()), "the input embedding's gradient has rows off R"
-            halves["emb"] = (squares[key], g[self.rows])
-        if len(halves) == 2:
-            (head_sq, head_rows), (emb_sq, emb_rows) = halves.pop("head"), halves.pop("emb")
-            cross = float((head_rows.double() * emb_rows.double()).sum())
-            squares["tied"] = head_sq + emb_sq + 2 * cross
-
-    def flush(self) -> None:
-        """Finish a tied pair of which one half received no gradient."""
-        for loss, halves in self.halves.items():
-            squares = self.squares.setdefault(loss, {})
-            for half in halves.values():
-                squares["tied"] = half[0]
-            halves.clear()
 
 
 def gradient_plan(
@@ -338,7 +250,7 @@ def _backward_whole(
     rows: list[int],
     names: list[str],
     leaves: list[Tensor],
-    sink: _Sink,
+    sink: GradientSink,
     final: bool,
 ) -> None:
     """The whole graph kept: one backward per loss, each parameter's gradient handed to the
@@ -366,7 +278,7 @@ def _backward_blockwise(
     rows: list[int],
     names: list[str],
     flat: list[nn.Parameter],
-    sink: _Sink,
+    sink: GradientSink,
     final: bool,
 ) -> None:
     """One block at a time (`gradlens.sources.blockwise`): the tail's gradients and the
@@ -450,7 +362,7 @@ def model_gradients(
     micro = _MicroLosses(batch, ctx, tokens, head, params, aggregation, plan.single)
 
     release_free_memory()  # before the forward that keeps what its backward needs
-    sink = _Sink(emb, head, tied, torch.unique(seqs.input_ids))
+    sink = GradientSink(emb, head, tied, torch.unique(seqs.input_ids))
     total_backwards = len(names) * len(plan.groups)
     done = 0
     for group in loss_groups:
@@ -529,78 +441,3 @@ def model_gradients(
             )
         results.append(r.model_copy(update={"model_grads": mg, "findings": notes}))
     return sft_over_rl(per_loss), results, model_pass
-
-
-def post_estimates(
-    batch: Batch,
-    tokens: TokenSummary,
-    params: LossParams,
-    aggregation: Aggregation,
-    names: list[str],
-) -> dict[str, GradNormPrediction]:
-    """The estimate of each loss it applies to (not yet judged against a measurement)."""
-    mask = batch.mask
-    if tokens.sampled_probs.numel() == 0:
-        return {}
-    ce = float(-tokens.logp[mask].double().mean())
-    entropy = float(tokens.entropy.double().mean())
-    adv = float(batch.advantages[mask].double().abs().mean())
-    sampled = tokens.sampled_probs.double()  # [M] π_θ(y_t)
-    rows, cols = valid_index(mask)
-    token_entropy = on_grid(tokens.entropy, rows, cols, mask.shape)  # [N, T] H_t
-    out = {}
-    for name in names:
-        spec = get_loss(name)
-        terms = objective(batch, tokens.logp, spec, params, aggregation, token_entropy).terms
-        g = terms.per_token_grad[mask].double()  # [M] g_t before aggregation
-        per_token = float((g.abs() * (1 - sampled)).mean())
-        if bool((g == -1).all()):
-            formula, value, text = "1 − e^(−CE)", 1 - math.exp(-ce), f"CE = {ce:.4g} nats"
-        elif spec.uses_advantage:
-            formula = "mean|Â|·(1 − e^(−H))"
-            value = adv * (1 - math.exp(-entropy))
-            text = f"mean|Â| = {adv:.4g}, H = {entropy:.4g} nats"
-        else:
-            continue
-        out[name] = GradNormPrediction(
-            formula=formula,
-            inputs=text,
-            predicted=num(value),
-            measured=None,
-            ratio=None,
-            per_token=num(per_token),
-            threshold=PREDICTION_FACTOR,
-            agrees=False,
-        )
-    return out
-
-
-def judge(prediction: GradNormPrediction, measured: float) -> GradNormPrediction:
-    ratio = measured / prediction.predicted if prediction.predicted else math.inf
-    agrees = bool(1 / PREDICTION_FACTOR <= ratio <= PREDICTION_FACTOR)
-    return prediction.model_copy(
-        update={"measured": num(measured), "ratio": num(ratio), "agrees": agrees}
-    )
-
-
-def sft_over_rl(per_loss: dict[str, ModelGradients]) -> list[SftOverRl]:
-    """SFT's norm over each policy-gradient loss's: the estimate's ratio and the measured one."""
-    sft = [n for n, m in per_loss.items() if m.prediction and m.prediction.formula.startswith("1")]
-    rl = [n for n, m in per_loss.items() if m.prediction and n not in sft]
-    out = []
-    for s in sft[:1]:
-        for r in rl:
-            ps, pr = per_loss[s].prediction, per_loss[r].prediction
-            assert ps is not None and pr is not None
-            ms, mr = per_loss[s].total_norm, per_loss[r].total_norm
-            out.append(
-                SftOverRl(
-                    sft=s,
-                    rl=r,
-                    predicted=num(ps.predicted / pr.predicted)
-                    if ps.predicted and pr.predicted
-                    else None,
-                    measured=num(ms / mr) if ms and mr else None,
-                )
-            )
-    return out

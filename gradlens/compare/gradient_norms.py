@@ -1,0 +1,90 @@
+"""Per-parameter squared norms of each loss's gradient, taken as each gradient is complete.
+
+A whole-model gradient is reduced to norms per tensor group; the squares ‖g_p‖² of each
+parameter p are all that is kept (`GradientSink`), each accumulated in float64 from the
+parameter's own dtype (`square_sum`), so the gradient itself is freed as soon as it is read.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+SQUARE_CHUNK = 1 << 22  # elements squared at a time in float64
+
+
+def square_sum(t: Tensor) -> float:
+    """Σ t² accumulated in float64, a chunk at a time (no float64 copy of a large tensor).
+
+    Each float32 square is exact in float64 (48 significant bits), so the only rounding is the
+    float64 accumulation; a float32 sum of 28M squares is off by parts in a thousand."""
+    total = 0.0
+    for chunk in t.reshape(-1).split(SQUARE_CHUNK):
+        wide = chunk.double()
+        total += float(torch.dot(wide, wide))
+    return total
+
+
+class GradientSink:
+    """Receives each parameter's gradient, per loss, and keeps only what is needed.
+
+    ``squares[loss][key]``: ‖g‖² of each parameter once its gradient is complete. Between
+    micro-batches the gradients are summed in ``partial`` (``final`` false). With tied
+    embeddings (one tensor E for the input embedding and the lm_head) the trainer's gradient of
+    E is the sum of the logit path's G_W = g_W'[:, :H] and the embedding lookup's G_E, and
+
+        ‖G_W + G_E‖² = ‖G_W‖² + ‖G_E‖² + 2⟨G_W, G_E⟩,
+
+    where G_E is zero outside the rows R of the batch's input ids: so only the rows R of
+    whichever half arrives first are held ([|R|, H], not [V, H]) until the other half gives the
+    inner product. ``squares[loss]`` then also has ``"tied"`` = ‖G_W + G_E‖² and ``"bias"`` =
+    ‖g_W'[:, H:]‖² (an lm_head bias column).
+    """
+
+    def __init__(self, emb: nn.Parameter, head: Tensor, tied: bool, rows: Tensor) -> None:
+        self.emb_key, self.head_key = id(emb), id(head)
+        self.hidden_size = int(emb.shape[1])
+        self.tied = tied
+        self.rows = rows  # R: the input ids, sorted and unique
+        self.partial: dict[str, dict[int, Tensor]] = {}
+        self.halves: dict[str, dict[str, Any]] = {}
+        self.squares: dict[str, dict[int | str, float]] = {}
+
+    def receive(self, loss: str, p: Tensor, g: Tensor, final: bool) -> None:
+        key = id(p)
+        partial = self.partial.setdefault(loss, {})
+        if key in partial:
+            g = partial.pop(key).add_(g)
+        if not final:
+            partial[key] = g
+            return
+        squares = self.squares.setdefault(loss, {})
+        if not self.tied or key not in (self.emb_key, self.head_key):
+            squares[key] = square_sum(g)
+            return
+        halves = self.halves.setdefault(loss, {})
+        h = self.hidden_size
+        if key == self.head_key:
+            squares[key] = square_sum(g)
+            squares["bias"] = square_sum(g[:, h:])
+            halves["head"] = (square_sum(g[:, :h]), g[self.rows, :h])
+        else:
+            squares[key] = square_sum(g)
+            outside = g.abs().amax(dim=1) > 0  # [V]: rows with a gradient
+            outside[self.rows] = False
+            assert not bool(outside.any()), "the input embedding's gradient has rows off R"
+            halves["emb"] = (squares[key], g[self.rows])
+        if len(halves) == 2:
+            (head_sq, head_rows), (emb_sq, emb_rows) = halves.pop("head"), halves.pop("emb")
+            cross = float((head_rows.double() * emb_rows.double()).sum())
+            squares["tied"] = head_sq + emb_sq + 2 * cross
+
+    def flush(self) -> None:
+        """Finish a tied pair of which one half received no gradient."""
+        for loss, halves in self.halves.items():
+            squares = self.squares.setdefault(loss, {})
+            for half in halves.values():
+                squares["tied"] = half[0]
+            halves.clear()
