@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gradlens.sources.forward import block_list
+from gradlens.sources.forward import block_list, replaced_forwards
 
 # the names transformers blocks take a key-value cache by: a recomputation would append to it
 CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "layer_past")
@@ -123,33 +123,30 @@ def taped_blocks(model: nn.Module) -> Iterator[BlockTape]:
     """Step 1 of the module docstring, for every forward inside the block (one forward)."""
     tape = BlockTape(check_cut(model))
     last = len(tape.blocks) - 1
-    for i, block in enumerate(tape.blocks):
-        original = block.forward
 
-        def forward(*args: Any, _i: int = i, _original: Any = original, **kwargs: Any) -> Any:
+    def wrap(i: int, original: Callable[..., Any]) -> Callable[..., Any]:
+        def forward(*args: Any, **kwargs: Any) -> Any:
             others = {k: v for k, v in kwargs.items() if k != "hidden_states"}
             if _depends_on_parameters(args[1:]) or _depends_on_parameters(others):
                 raise BlockwiseUnsupported("a block argument besides x depends on a parameter")
             if any(others.get(name) is not None for name in CACHE_ARGUMENTS):
                 raise BlockwiseUnsupported("a block receives a key-value cache (its state changes)")
             x = _hidden_in(args, kwargs)
-            if _i == 0:
+            if i == 0:
                 tape.entry = x
             call_args, call_kwargs = _with_hidden(args, kwargs, x.detach())
             tape.inputs.append((call_args, call_kwargs))
             with torch.no_grad():
-                out = _original(*call_args, **call_kwargs)
-            if _i == last:
+                out = original(*call_args, **call_kwargs)
+            if i == last:
                 tape.exit = _hidden_out(out).detach().requires_grad_(torch.is_grad_enabled())
                 return _replace_out(out, tape.exit)
             return out
 
-        block.forward = forward  # type: ignore[method-assign]
-    try:
+        return forward
+
+    with replaced_forwards(tape.blocks, wrap):
         yield tape
-    finally:
-        for block in tape.blocks:
-            del block.forward
 
 
 def backward_blocks(

@@ -15,7 +15,7 @@ all of the block's intermediates — one more forward's worth of compute for the
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -43,6 +43,26 @@ def block_list(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
 
 
 @contextmanager
+def replaced_forwards(
+    blocks: Sequence[nn.Module], wrap: Callable[[int, Callable[..., Any]], Callable[..., Any]]
+) -> Iterator[None]:
+    """Inside the block, block i's ``forward`` is ``wrap(i, its forward)``. Afterwards each
+    block gets back the attribute it had: its class's method, or the function a hook library
+    (accelerate's device placement) had set on the instance."""
+    own = [vars(block).get("forward") for block in blocks]
+    for i, block in enumerate(blocks):
+        block.forward = wrap(i, block.forward)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for block, previous in zip(blocks, own, strict=True):
+            if previous is None:
+                del block.forward
+            else:
+                block.forward = previous  # type: ignore[method-assign]
+
+
+@contextmanager
 def checkpointed_blocks(model: nn.Module) -> Iterator[bool]:
     """Recompute every transformer block in the backward (see the module docstring).
 
@@ -54,22 +74,17 @@ def checkpointed_blocks(model: nn.Module) -> Iterator[bool]:
     if blocks is None:
         yield False
         return
-    wrapped = []
-    for block in blocks[1]:
-        original = block.forward
 
-        def forward(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
+    def wrap(_: int, original: Callable[..., Any]) -> Callable[..., Any]:
+        def forward(*args: Any, **kwargs: Any) -> Any:
             if not torch.is_grad_enabled():
-                return _original(*args, **kwargs)
-            return checkpoint(_original, *args, use_reentrant=False, **kwargs)
+                return original(*args, **kwargs)
+            return checkpoint(original, *args, use_reentrant=False, **kwargs)
 
-        block.forward = forward  # type: ignore[method-assign]
-        wrapped.append(block)
-    try:
+        return forward
+
+    with replaced_forwards(list(blocks[1]), wrap):
         yield True
-    finally:
-        for block in wrapped:
-            del block.forward
 
 
 def subset(seqs: Sequences, rows: list[int]) -> Sequences:

@@ -19,6 +19,7 @@ from gradlens.sources.blockwise import (
     check_cut,
     taped_blocks,
 )
+from gradlens.sources.forward import checkpointed_blocks
 
 H, V, N, L = 6, 11, 3, 5
 
@@ -141,3 +142,30 @@ def test_a_block_that_receives_a_cache_cannot_be_cut():
 
     with pytest.raises(BlockwiseUnsupported, match="key-value cache"), taped_blocks(model):
         forward(torch.zeros(1, 2, dtype=torch.long))
+
+
+def test_a_forward_set_on_the_instance_is_given_back_after_either_wrapper():
+    # accelerate's device placement replaces a module's forward on the instance; taping or
+    # checkpointing the blocks must leave that function in place afterwards
+    model = Toy().double().eval()
+    calls = []
+    hooked = model.layers[1]
+    plain = hooked.forward
+
+    def placed(*args, **kwargs):
+        calls.append(1)
+        return plain(*args, **kwargs)
+
+    hooked.forward = placed
+    ids = torch.zeros(1, 2, dtype=torch.long)
+    with taped_blocks(model):
+        model(ids)
+    with checkpointed_blocks(model) as found:
+        assert found
+        model(ids).sum().backward()
+    assert vars(hooked)["forward"] is placed
+    assert "forward" not in vars(model.layers[0])
+    before = len(calls)
+    model(ids)
+    assert len(calls) == before + 1  # the instance's function still runs
+    assert before == 3  # taped (1), checkpointed forward and its recomputation (2)
