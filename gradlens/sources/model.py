@@ -266,7 +266,7 @@ def build_model_batch(src: ModelSource, ctx: SourceContext) -> Batch:
 def plan_model(src: ModelSource, ctx: SourceContext) -> SourcePlan:
     """The batch's sizes and the peak of sampling and training passes, from the checkpoint's
     config.json and weight files: its parameters in the training dtype (again in the rollout
-    dtype when it differs; with gradients and two Adam moments for the stale steps) and the
+    dtype when it differs; with a gradient and the optimizer's state for the stale steps) and the
     logits of the passes over N = prompts × group_size sequences of at least max_new_tokens
     completion tokens (the prompts' lengths are known only once tokenised)."""
     sizes = checkpoint_sizes(src.path)
@@ -293,7 +293,9 @@ def plan_model(src: ModelSource, ctx: SourceContext) -> SourcePlan:
     if rollout_name != str(ctx.dtype).removeprefix("torch."):
         extra.append(("rollout copy of the parameters", params * dtype_bytes(DTYPES[rollout_name])))
     if src.stale.steps:
-        moments = 2 if src.stale.optimizer != "sgd" else 0
+        # kept between steps (gradlens.sources.optimizers): SGD its last gradient, Adam g_1 or
+        # the last direction up to two steps, m and v from the third on
+        moments = 2 if src.stale.optimizer != "sgd" and src.stale.steps > 2 else 1
         extra.append(
             ("gradients and optimizer state", params * dtype_bytes(ctx.dtype) * (1 + moments))
         )
