@@ -69,7 +69,6 @@ from gradlens.results import (
 from gradlens.sources.blockwise import (
     BlockwiseUnsupported,
     backward_blocks,
-    check_cut,
     taped_blocks,
 )
 from gradlens.sources.forward import block_list, final_hidden, grid_with, head_weight, subset
@@ -183,12 +182,16 @@ def micro_divergence(
     return on_grid(values, policy.rows, policy.cols, micro.mask.shape)
 
 
-def cut_blocks(model: Any) -> list[nn.Module] | None:
-    """The transformer blocks when the backward can go one block at a time, else None."""
+def cut_blocks(model: Any, ctx: ModelContext) -> list[nn.Module] | None:
+    """The transformer blocks when the backward can go one block at a time, else None: the
+    parameters allow the cut, and a taped forward of one sequence (without autograd) finds
+    nothing against it (`gradlens.sources.blockwise`), before the memory is planned."""
     try:
-        return check_cut(model)
+        with torch.no_grad(), taped_blocks(model) as tape:
+            final_hidden(model, subset(ctx.sequences, [0]), ctx.temperature, ctx.loaded.bias)
     except BlockwiseUnsupported:
         return None
+    return tape.blocks
 
 
 class _MicroLosses:
@@ -346,7 +349,7 @@ def model_gradients(
     mask = batch.mask
     seqs = ctx.sequences
     names = [r.name for r in reports]
-    blocks = cut_blocks(model)  # None: the whole graph is kept (no clean cut at the blocks)
+    blocks = cut_blocks(model, ctx)  # None: the whole graph is kept (no clean cut)
     per_sequence = probe(model, seqs, ctx.temperature, bias)
     if blocks is not None:
         per_sequence = checkpointed_bytes(per_sequence, model, seqs)
@@ -370,11 +373,8 @@ def model_gradients(
             final = b == len(plan.groups) - 1
             report_progress("model grads", done, total_backwards)
             if blocks is not None:
-                try:
-                    _backward_blockwise(micro, rows, group, flat, sink, final)
-                except BlockwiseUnsupported:  # found in the forward: keep the whole graph
-                    blocks = None
-            if blocks is None:
+                _backward_blockwise(micro, rows, group, flat, sink, final)
+            else:
                 _backward_whole(micro, rows, group, [*flat, head], sink, final)
             done += len(group)
     sink.flush()

@@ -30,8 +30,9 @@ whole graph kept, for about 1/n of its activation memory (one block's intermedia
 plus the tape).
 The blocks must be deterministic (eval mode, no dropout) so that the recomputation equals the
 taped forward, and the cut must be clean: no parameter shared by two blocks or by a block and
-the rest, no block argument besides x_{i−1} that depends on a parameter, and no key-value cache
-(whose state a recomputation would change)
+the rest, no block argument besides x_{i−1} that depends on a parameter, no key-value cache
+(whose state a recomputation would change), and each block's input the very tensor the block
+before it returned (nothing computed between two blocks)
 (`BlockwiseUnsupported` otherwise; the caller keeps the whole graph then).
 """
 
@@ -123,6 +124,7 @@ def taped_blocks(model: nn.Module) -> Iterator[BlockTape]:
     """Step 1 of the module docstring, for every forward inside the block (one forward)."""
     tape = BlockTape(check_cut(model))
     last = len(tape.blocks) - 1
+    handed: list[Tensor | None] = [None]  # the hidden state the last block handed on
 
     def wrap(i: int, original: Callable[..., Any]) -> Callable[..., Any]:
         def forward(*args: Any, **kwargs: Any) -> Any:
@@ -134,6 +136,8 @@ def taped_blocks(model: nn.Module) -> Iterator[BlockTape]:
             x = _hidden_in(args, kwargs)
             if i == 0:
                 tape.entry = x
+            elif x is not handed[0]:  # an operation between two blocks: not cut at the blocks
+                raise BlockwiseUnsupported("the model changes the hidden state between blocks")
             call_args, call_kwargs = _with_hidden(args, kwargs, x.detach())
             tape.inputs.append((call_args, call_kwargs))
             with torch.no_grad():
@@ -141,6 +145,7 @@ def taped_blocks(model: nn.Module) -> Iterator[BlockTape]:
             if i == last:
                 tape.exit = _hidden_out(out).detach().requires_grad_(torch.is_grad_enabled())
                 return _replace_out(out, tape.exit)
+            handed[0] = _hidden_out(out)
             return out
 
         return forward

@@ -169,3 +169,18 @@ def test_a_forward_set_on_the_instance_is_given_back_after_either_wrapper():
     model(ids)
     assert len(calls) == before + 1  # the instance's function still runs
     assert before == 3  # taped (1), checkpointed forward and its recomputation (2)
+
+
+def test_an_operation_between_two_blocks_cannot_be_cut():
+    # x_i must be exactly what B_i returned: a scaling between blocks would be skipped by the
+    # cotangent handed from block to block
+    model = Toy().double().eval()
+
+    def forward(ids: Tensor) -> Tensor:
+        x = model.embed(ids)
+        for block in model.layers:
+            x = 2.0 * block(x, scale=torch.ones(H, dtype=x.dtype))
+        return model.norm(x)
+
+    with pytest.raises(BlockwiseUnsupported, match="between blocks"), taped_blocks(model):
+        forward(torch.zeros(1, 2, dtype=torch.long))
