@@ -28,12 +28,13 @@ forwards. Here the model is cut at its blocks B_1 … B_n instead:
 Compute: one forward, one recomputation, K backward passes — one forward more than with the
 whole graph kept, for about 1/n of its activation memory (one block's intermediates at a time,
 plus the tape).
+
 The blocks must be deterministic (eval mode, no dropout) so that the recomputation equals the
-taped forward, and the cut must be clean: no parameter shared by two blocks or by a block and
-the rest, no block argument besides x_{i−1} that depends on a parameter, no key-value cache
-(whose state a recomputation would change), and each block's input the very tensor the block
-before it returned (nothing computed between two blocks)
-(`BlockwiseUnsupported` otherwise; the caller keeps the whole graph then).
+taped forward, and the cut must be clean, or `BlockwiseUnsupported` is raised (and the caller
+keeps the whole graph): no parameter shared by two blocks or by a block and the rest, no block
+argument besides x_{i−1} that depends on a parameter, no key-value cache (whose state a
+recomputation would change), and each block's input the very tensor the block before it
+returned (nothing computed between two blocks).
 """
 
 from __future__ import annotations
