@@ -47,7 +47,6 @@ the vocab-parallel engine sums them over the ranks. The fused engine has no attr
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -68,8 +67,7 @@ from gradlens.compare.sampled_check import (
 )
 from gradlens.compare.tensor_parallel import VocabParallel
 from gradlens.containers import Batch, valid_index
-from gradlens.diagnostics import tolerances
-from gradlens.diagnostics.agreement import not_run
+from gradlens.diagnostics.agreement import judged, not_run
 from gradlens.diagnostics.attribution import AttributionInputs
 from gradlens.diagnostics.metrics import terms_metrics
 from gradlens.diagnostics.numbers import count_non_finite, num, rel_err
@@ -474,21 +472,6 @@ def _parity_loss(
     )
 
 
-def _judged(
-    errors: tuple[float | None, float | None, float | None], dtype: torch.dtype, **scope: Any
-) -> Agreement:
-    """The three relative errors (c_t, ∂L/∂z_y, row norms) against the dtype's tolerance."""
-    tol = tolerances.agreement(dtype)
-    return Agreement(
-        coefficient=errors[0],
-        grad_logits=errors[1],
-        grad_weight=errors[2],
-        tolerance=tol,
-        passed=all(e is not None and e <= tol for e in errors),
-        **scope,
-    )
-
-
 def _agreement(
     batch: Batch,
     spec: LossSpec,
@@ -511,7 +494,7 @@ def _agreement(
         rel_err(result.rows[i].norms, ref.grad_weight.double().norm(dim=1)),
     )
     return (
-        _judged(errors, batch.weight.dtype),
+        judged(errors, batch.weight.dtype),
         ref_at_y,
         count_non_finite(ref.grad_logits, ref.grad_weight),
     )
@@ -541,7 +524,7 @@ def _sampled_agreement(
         rel_err(result.rows[i].norms[sample.rows], ref.row_norms),
     )
     return (
-        _judged(
+        judged(
             errors,
             batch.weight.dtype,
             scope="sampled",

@@ -6,6 +6,8 @@ entries cannot inflate it), judged against the per-dtype tolerance of `tolerance
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from gradlens.diagnostics import tolerances
@@ -23,6 +25,15 @@ def agreement(
         rel_err(closed.grad_logits, reference.grad_logits),
         rel_err(closed.grad_weight, reference.grad_weight),
     )
+    return judged(errors, operand)
+
+
+def judged(
+    errors: tuple[float | None, float | None, float | None], operand: torch.dtype, **scope: Any
+) -> Agreement:
+    """The three relative errors (c_t, ∂L/∂z_y or ∂L/∂z, ∂L/∂W) against the operand dtype's
+    tolerance; a missing (non-finite) error fails. ``scope``: the other `Agreement` fields (a
+    sampled check's extent)."""
     tol = tolerances.agreement(operand)
     return Agreement(
         coefficient=errors[0],
@@ -30,6 +41,7 @@ def agreement(
         grad_weight=errors[2],
         tolerance=tol,
         passed=all(e is not None and e <= tol for e in errors),
+        **scope,
     )
 
 
