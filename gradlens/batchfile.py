@@ -501,15 +501,8 @@ def _teacher(
         if x is None:
             continue
         if key == "teacher_topk_ids" and x.is_floating_point():
-            if x.dim() == 3 and tuple(x.shape[:2]) == grid:
-                found = find(x, lambda v: v != torch.round(v), mask)  # NaN ≠ NaN: caught too
-                if found is not None:
-                    index = ", ".join(map(str, found.index))
-                    raise GradlensError(
-                        f"{where}: {key!r}[{index}] is {describe(found.value)}, not a whole "
-                        f"number; token ids are integers ({found.count} such entries in all)"
-                    )
-                x = torch.where(mask[..., None], x, 0.0).long()  # padding: never read
+            if x.dim() == 3 and tuple(x.shape[:2]) == grid:  # else: the shape check names it
+                x = _integers(x, key, where, mask[..., None].expand_as(x))
         elif key in ("teacher_topk_logp", "teacher_logp") and x.is_floating_point():
             x = x.double()
         out[key] = x
