@@ -359,6 +359,15 @@ class ModelSource(Strict):
         "in padded micro-batches (a trainer's); alone, each sequence by itself without "
         "padding (the batch-composition effect of TRL issue 6789; gradlens.sources.passes)",
     )
+    shared_prefix: bool = Field(
+        True,
+        description="the training passes (π_old, the stale steps, the whole-model gradients) "
+        "put the completions of one prompt in one row after a single copy of it, each "
+        "attending to the prompt and itself only (a 4D attention mask): the padded batch's "
+        "numbers up to rounding, for the prompt computed once per group instead of once per "
+        "completion; used where it saves positions and the model's forward is checked to "
+        "honour the mask (gradlens.sources.shared_prefix); false: the padded batch",
+    )
     chat_template: bool = Field(
         False,
         description="wrap each prompt as a user message in the tokenizer's chat template "

@@ -30,10 +30,24 @@ class Sequences:
     attention_mask: Tensor  # [N, L] 1 at real tokens
     position_ids: Tensor  # [N, L]
     loss_mask: Tensor  # [N, L − 1] bool: completion tokens that enter the loss
+    # forwards pack the completions of one prompt after one copy of it
+    # (gradlens.sources.shared_prefix); set only after the model passed the check there
+    share_prefix: bool = False
 
     @property
     def tokens(self) -> Tensor:
         return self.input_ids[:, 1:]  # [N, T]
+
+    def select(self, rows: list[int]) -> Sequences:
+        """The sequences ``rows``, on the same [n, L] grid width."""
+        index = torch.tensor(rows, device=self.input_ids.device)
+        return Sequences(
+            self.input_ids[index],
+            self.attention_mask[index],
+            self.position_ids[index],
+            self.loss_mask[index],
+            self.share_prefix,
+        )
 
 
 @dataclass

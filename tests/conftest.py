@@ -1,5 +1,5 @@
-"""Shared pytest setup: the import path, Triton's interpreter on machines without CUDA, and the
-fast subset (``-m "not slow"``).
+"""Shared pytest setup: the import path, the CPU kernels (``tests/cpu_kernels.py``), Triton's
+interpreter on machines without CUDA, and the fast subset (``-m "not slow"``).
 
 ``tests/helpers.py`` is imported as ``helpers``: this folder goes on ``sys.path``.
 
@@ -61,16 +61,21 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 _HERE = Path(__file__).resolve().parent
 for _folder in (str(_HERE), str(_HERE.parent)):
     if _folder in sys.path:
         sys.path.remove(_folder)
     sys.path.insert(0, _folder)
+
+from cpu_kernels import pin  # noqa: E402
+
+pin()  # before the first tensor operation: the same kernels on every x86 CPU
+
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from gradlens.losses import loss_names  # noqa: E402  (after the repository root is on the path)
 

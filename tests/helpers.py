@@ -200,6 +200,7 @@ RESIDUALS = {
     "coefficient_rel",
     "grad_logits_rel",
     "row_max_rel",
+    "worst",  # a sweep check's point of the largest residual: where rounding peaks
 }
 AGREEMENT_ERRORS = {"coefficient", "grad_logits", "grad_weight"}
 

@@ -71,7 +71,7 @@ from gradlens.sources.blockwise import (
     backward_blocks,
     taped_blocks,
 )
-from gradlens.sources.forward import block_list, final_hidden, grid_with, head_weight, subset
+from gradlens.sources.forward import block_list, final_hidden, grid_with, head_weight
 from gradlens.sources.microbatch import (
     MicroBatchPlan,
     checkpointed_bytes,
@@ -80,6 +80,7 @@ from gradlens.sources.microbatch import (
     probe,
     sequence_bytes,
 )
+from gradlens.sources.shared_prefix import pass_positions
 
 
 def parameter_groups(model: Any) -> list[tuple[str, list[nn.Parameter]]]:
@@ -188,7 +189,7 @@ def cut_blocks(model: Any, ctx: ModelContext) -> list[nn.Module] | None:
     nothing against it (`gradlens.sources.blockwise`), before the memory is planned."""
     try:
         with torch.no_grad(), taped_blocks(model) as tape:
-            final_hidden(model, subset(ctx.sequences, [0]), ctx.temperature, ctx.loaded.bias)
+            final_hidden(model, ctx.sequences.select([0]), ctx.temperature, ctx.loaded.bias)
     except BlockwiseUnsupported:
         return None
     return tape.blocks
@@ -218,7 +219,7 @@ class _MicroLosses:
         batch, ctx, mask = self.batch, self.ctx, self.batch.mask
         specs = [get_loss(name) for name in names]
         with torch.enable_grad():
-            part = subset(ctx.sequences, rows)
+            part = ctx.sequences.select(rows)
             hidden = final_hidden(ctx.loaded.model, part, ctx.temperature, ctx.loaded.bias)
             hidden = hidden[:, ctx.offset :]
             assert hidden.shape[:2] == mask[rows].shape, (hidden.shape, mask.shape)
@@ -388,6 +389,7 @@ def model_gradients(
         budget_bytes=plan.budget_bytes,
         bytes_per_sequence=plan.bytes_per_sequence,
         over_budget=plan.over_budget,
+        **pass_positions(seqs, plan.groups),
     )
 
     estimates = post_estimates(batch, tokens, params, aggregation, names)

@@ -150,9 +150,15 @@ def pass_text(p: ModelPass | None) -> str:
         return ""
     over = ", a sequence over the budget" if p.over_budget else ""
     ckpt = ", blocks recomputed in the backward" if p.checkpointed else ""
+    packed = (
+        f", {p.positions} of {p.padded_positions} positions (completions after one copy of "
+        "their prompt)"
+        if p.shared_prefix
+        else ""
+    )
     return (
         f"{p.micro_batches} micro-batch(es), {p.forwards} forward(s) and {p.backwards} "
-        f"backward(s){ckpt}; budget {p.budget_bytes / 2**20:.0f} MiB, "
+        f"backward(s){ckpt}{packed}; budget {p.budget_bytes / 2**20:.0f} MiB, "
         f"{p.bytes_per_sequence / 2**20:.1f} MiB kept per sequence{over}"
     )
 

@@ -99,6 +99,14 @@ class ModelPass(Result):
         description="what one sequence's forward keeps for the backward (measured)"
     )
     over_budget: bool = Field(description="a single sequence exceeds the budget")
+    positions: int = Field(
+        description="positions one forward of the whole batch computes: the padded grid's "
+        "N·L, fewer with the completions of a prompt packed after one copy of it"
+    )
+    padded_positions: int = Field(description="N·L, the padded grid's positions")
+    shared_prefix: bool = Field(
+        description="completions packed after one copy of their prompt (source.shared_prefix)"
+    )
 
 
 class StaleStep(Result):

@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from gradlens.containers import LoadedModel, Sequences
 from gradlens.errors import GradlensError
 from gradlens.logits import compute_logits
+from gradlens.sources.shared_prefix import packed_hidden, prefix_layout
 
 
 def position_ids(attention_mask: Tensor) -> Tensor:
@@ -87,17 +88,6 @@ def checkpointed_blocks(model: nn.Module) -> Iterator[bool]:
         yield True
 
 
-def subset(seqs: Sequences, rows: list[int]) -> Sequences:
-    """The sequences ``rows`` of ``seqs``, on the same [n, L] grid width."""
-    index = torch.tensor(rows, device=seqs.input_ids.device)
-    return Sequences(
-        seqs.input_ids[index],
-        seqs.attention_mask[index],
-        seqs.position_ids[index],
-        seqs.loss_mask[index],
-    )
-
-
 def grid_with(full: Tensor, rows: list[int], part: Tensor) -> Tensor:
     """[N, T] ``full``, detached, with its rows ``rows`` replaced by ``part`` [n, T] (which
     keeps its graph): the whole batch's values, differentiable in one micro-batch."""
@@ -114,14 +104,20 @@ def head_weight(model: Any) -> Tensor:
 
 
 def final_hidden(model: Any, seqs: Sequences, temperature: float, bias: bool) -> Tensor:
-    """[N, T, H(+1)] h_t/T: final hidden states (after the final norm) that predict token t+1."""
+    """[N, T, H(+1)] h_t/T: final hidden states (after the final norm) that predict token t+1;
+    through the packed layout of `gradlens.sources.shared_prefix` when ``seqs`` share prefixes
+    and it saves positions."""
     base = model.base_model
-    h = base(
-        input_ids=seqs.input_ids,
-        attention_mask=seqs.attention_mask,
-        position_ids=seqs.position_ids,
-        use_cache=False,
-    ).last_hidden_state[:, :-1]  # [N, T, H]
+    layout = prefix_layout(seqs) if seqs.share_prefix else None
+    if layout is not None:
+        h = packed_hidden(base, seqs, layout)[:, :-1]  # [N, T, H]
+    else:
+        h = base(
+            input_ids=seqs.input_ids,
+            attention_mask=seqs.attention_mask,
+            position_ids=seqs.position_ids,
+            use_cache=False,
+        ).last_hidden_state[:, :-1]  # [N, T, H]
     h = h / temperature if temperature != 1.0 else h
     if bias:
         h = torch.cat([h, torch.ones_like(h[..., :1])], dim=-1)  # [N, T, H + 1]

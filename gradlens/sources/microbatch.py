@@ -33,7 +33,7 @@ import torch
 
 from gradlens.containers import Sequences
 from gradlens.engine.streamed import auto_budget
-from gradlens.sources.forward import block_list, final_hidden, subset
+from gradlens.sources.forward import block_list, final_hidden
 
 LOGIT_PATH_BUFFERS = 3  # [m, V] float32 buffers per loss token: logits, log-softmax, gradient
 MODEL_PASS_CAP = 2 << 30  # the automatic budget of a pass through the model: at most 2 GiB
@@ -82,7 +82,7 @@ def probe(model: Any, seqs: Sequences, temperature: float, bias: bool) -> int:
         return t
 
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        final_hidden(model, subset(seqs, [0]), temperature, bias)
+        final_hidden(model, seqs.select([0]), temperature, bias)
     return sum(saved.values())
 
 

@@ -75,7 +75,6 @@ from gradlens.sources.forward import (
     final_hidden,
     grid_with,
     head_weight,
-    subset,
 )
 from gradlens.sources.microbatch import (
     MicroBatchPlan,
@@ -85,6 +84,7 @@ from gradlens.sources.microbatch import (
     probe,
 )
 from gradlens.sources.optimizers import StaleOptimizer
+from gradlens.sources.shared_prefix import pass_positions
 
 TARGET_BAND = 1.5  # a step is accepted when its KL is within this factor of the goal
 MAX_PROBES = 4  # redos of one step at most
@@ -180,7 +180,7 @@ def _forward(
     model: nn.Module, seqs: Sequences, rows: list[int], temperature: float, bias: bool
 ) -> PolicyPass:
     """The logit path of the sequences ``rows`` (with autograd when it is enabled)."""
-    part = subset(seqs, rows)
+    part = seqs.select(rows)
     hidden = final_hidden(model, part, temperature, bias)
     return policy_pass(hidden, head_weight(model), part.tokens, part.loss_mask, keep_logits=False)
 
@@ -213,7 +213,7 @@ def _measure(
     autograd, one micro-batch at a time."""
     logp, ent, hidden, mass = [], [], [], []
     for rows in plan.groups:
-        part = subset(seqs, rows)
+        part = seqs.select(rows)
         h = final_hidden(model, part, temperature, bias)
         p = policy_pass(h, head_weight(model), part.tokens, part.loss_mask, keep_logits=False)
         logp.append(p.logp)
@@ -336,6 +336,7 @@ def stale_steps(
         budget_bytes=plan.budget_bytes,
         bytes_per_sequence=plan.bytes_per_sequence,
         over_budget=plan.over_budget,
+        **pass_positions(seqs, plan.groups),
     )
     record = StalenessRecord(
         cfg.steps,

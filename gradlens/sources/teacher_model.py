@@ -27,7 +27,7 @@ from gradlens.errors import GradlensError
 from gradlens.logits import compute_logits, softmax_dtype, token_logp
 from gradlens.progress import report
 from gradlens.sources.checkpoint import load_checkpoint
-from gradlens.sources.forward import check_logit_path, final_hidden, head_weight, subset
+from gradlens.sources.forward import check_logit_path, final_hidden, head_weight
 from gradlens.sources.microbatch import loss_tokens, plan_micro_batches, probe
 
 KEY = "source.teacher_path"
@@ -80,7 +80,7 @@ def model_teacher(
     with torch.no_grad():
         for i, rows in enumerate(plan.groups):
             report("teacher forward", i, len(plan.groups))
-            parts.append(final_hidden(loaded.model, subset(seqs, rows), temperature, loaded.bias))
+            parts.append(final_hidden(loaded.model, seqs.select(rows), temperature, loaded.bias))
         report("teacher forward", len(plan.groups), len(plan.groups))
         hidden = torch.cat(parts)  # [N, L − 1, H'(+1)], the groups in order
         weight = head_weight(loaded.model).detach().clone()  # [V, H'(+1)]

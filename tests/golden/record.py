@@ -15,6 +15,11 @@ from typer.testing import CliRunner
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+from cpu_kernels import pin  # noqa: E402
+
+pin()  # the kernels the tests compute with (tests/cpu_kernels.py)
 
 from cases import cases  # noqa: E402
 
