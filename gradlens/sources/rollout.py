@@ -85,6 +85,14 @@ def cache_keyword(model: nn.Module) -> str:
     return "cache" if "cache" in parameters else "past_key_values"
 
 
+def last_logits_only(model: nn.Module) -> dict[str, int]:
+    """The keyword that makes the prompt's forward compute the logits of its last position
+    only (the one the first token is sampled from), where the model's forward takes it: the
+    [N, P, V] logits of the whole prompt are never read."""
+    forward = inspect.signature(model.forward).parameters
+    return {"logits_to_keep": 1} if "logits_to_keep" in forward else {}
+
+
 @dataclass(frozen=True)
 class Rollout:
     sequences: Sequences
@@ -164,7 +172,11 @@ def sample(
 
     keyword = cache_keyword(model)
     out = model(
-        input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        position_ids=positions,
+        use_cache=True,
+        **last_logits_only(model),
     )
     acc = accumulation_dtype(out.logits.dtype)  # float32 (float64 for a float64 model)
     new_logp = torch.zeros(n, max_new_tokens, dtype=acc, device=device)

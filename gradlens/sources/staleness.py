@@ -253,6 +253,8 @@ def stale_steps(
     ``groups`` [N]: the sequences' prompt groups (`Batch.groups`, for group-coupled losses)."""
     mask = seqs.loss_mask
     trainable = [p for p in model.parameters() if p.requires_grad]
+    if cfg.steps:
+        own_memory(trainable)
     optimizer = StaleOptimizer(trainable, cfg.optimizer, cfg.lr, cfg.steps)
     vocab = int(head_weight(model).shape[0])
     per_sequence = 0
@@ -348,6 +350,17 @@ def stale_steps(
         model_pass=model_pass if cfg.steps else None,
     )
     return StaleResult(record, old_logp, point.hidden, old_mass)
+
+
+@torch.no_grad()
+def own_memory(params: list[nn.Parameter]) -> None:
+    """Each CPU parameter in memory of its own before the steps write to it. A checkpoint
+    loaded from safetensors maps its file, and the first write to each mapped page copies it
+    (a page fault per 4 KiB): the first step's update of a 135M-parameter float32 model took
+    3.3 s that way against 0.4 s for copying every weight first and 1.6 s for the update."""
+    for p in params:
+        if p.device.type == "cpu":
+            p.data = p.data.clone()
 
 
 def _step(
