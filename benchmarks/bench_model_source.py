@@ -27,7 +27,11 @@ report — is the remainder). The parent reads the child's peak resident memory 
 (``os.wait4``'s ru_maxrss) and how busy the machine was meanwhile: /proc/loadavg, and the CPU
 time all processes spent (/proc/stat) minus the child's own, per second of the run ("other
 load", in cores). CPU time over wall time per phase shows whether a phase keeps both cores busy
-(torch.get_num_threads() is reported). Medians over ``--repeats``; the JSON keeps every repeat.
+(torch.get_num_threads() is reported). Right after each run a second child measures the
+baseline: one plain forward and backward of the checkpoint through transformers alone over a
+padded batch of the run's grid; the run's time in those units (``in_baselines``) does not
+drift with the machine's speed as seconds do. Medians over ``--repeats``; the JSON keeps every
+repeat.
 The goal it is measured against: under 30 s and 2.5 GB on the 2-core development machine.
 """
 
@@ -76,6 +80,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], help="more overrides, KEY=VALUE")
     p.add_argument("--results-dir", default=None, help="write model_source_cpu.json here")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--baseline-grid", type=int, nargs=2, help=argparse.SUPPRESS)
     return p.parse_args()
 
 
@@ -134,8 +139,13 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     total = time.perf_counter() - start_wall
     model = report.model
     assert model is not None and model.staleness is not None and model.rollout is not None
+    assert model.gradient_pass is not None
     return {
         "seconds": total,
+        "grid": [
+            report.batch.num_sequences,
+            model.gradient_pass.padded_positions // report.batch.num_sequences,
+        ],
         "cpu_seconds": time.process_time() - start_cpu,
         "import_seconds": imported,
         "threads": torch.get_num_threads(),
@@ -165,6 +175,26 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         "parameters": model.model.parameters,
         "notes": model.notes,
     }
+
+
+def plain_forward_backward(model_dir: str, rows: int, width: int) -> float:
+    """The baseline, in a process of its own right after the run (so that the run's peak
+    memory is its own): one forward and backward of the checkpoint through transformers alone
+    (its own loss, float32, no gradlens) over a padded batch of the run's grid [rows, width] —
+    the least a run that takes one gradient of the batch costs. The faster of two, after one
+    warm-up."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ids = torch.randint(0, model.config.vocab_size, (rows, width), generator=torch.Generator())
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        model(input_ids=ids, labels=ids).loss.backward()
+        times.append(time.perf_counter() - start)
+        model.zero_grad(set_to_none=True)
+    return min(times[1:])
 
 
 def dump(section: Any) -> Any:
@@ -205,15 +235,26 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
     ticks = os.sysconf("SC_CLK_TCK")
     child_cpu = usage.ru_utime + usage.ru_stime
     other = (busy_jiffies() - before_busy) / ticks - child_cpu
+    after_load = loadavg()
     result = json.loads(stdout.strip().splitlines()[-1])
+    rows, width = result["grid"]
+    baseline = subprocess.run(
+        [sys.executable, __file__, "--model-dir", args.model_dir, "--baseline-grid", str(rows),
+         str(width)],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    baseline_seconds = float(json.loads(baseline.stdout.strip().splitlines()[-1]))
     result.update(
         {
             "process_seconds": wall,
+            "baseline_seconds": baseline_seconds,
+            # the run's wall time in plain forward+backward passes measured right after it
+            "in_baselines": wall / baseline_seconds,
             "peak_rss_bytes": usage.ru_maxrss * 1024,
             "child_cpu_seconds": child_cpu,
             "other_load_cores": max(other, 0.0) / wall,
             "loadavg_before": before_load,
-            "loadavg_after": loadavg(),
+            "loadavg_after": after_load,
         }
     )
     return result
@@ -241,6 +282,7 @@ def machine() -> dict[str, Any]:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "native_bf16": bool(caps.get("avx512_bf16") or caps.get("amx_bf16") or caps.get("bf16")),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
 
 
@@ -260,6 +302,9 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args)))
         return
+    if args.baseline_grid:
+        print(json.dumps(plain_forward_backward(args.model_dir, *args.baseline_grid)))
+        return
     where = Path(args.model_dir)
     build_checkpoint(where)
     runs = []
@@ -272,7 +317,9 @@ def main() -> None:
             if v["seconds"] is not None
         )
         print(
-            f"run {i + 1}: {r['process_seconds']:.1f} s, peak {r['peak_rss_bytes'] / 1e9:.2f} GB, "
+            f"run {i + 1}: {r['process_seconds']:.1f} s ({r['in_baselines']:.1f} plain "
+            f"forward+backward passes of {r['baseline_seconds']:.2f} s), "
+            f"peak {r['peak_rss_bytes'] / 1e9:.2f} GB, "
             f"other load {r['other_load_cores']:.2f} cores, loadavg {r['loadavg_before'][0]:.2f}"
             f"; {phases}",
             flush=True,
@@ -288,6 +335,8 @@ def main() -> None:
             "peak_rss_bytes": median(runs, "peak_rss_bytes"),
             "cpu_seconds": median(runs, "child_cpu_seconds"),
             "other_load_cores": median(runs, "other_load_cores"),
+            "baseline_seconds": median(runs, "baseline_seconds"),
+            "in_baselines": median(runs, "in_baselines"),
             "phases": {p: median(runs, "phases", p, "seconds") for p in phase_names},
             "phase_cores": {
                 p: (median(runs, "phases", p, "cpu_seconds") or 0.0)
