@@ -80,15 +80,36 @@ def _prompt_end(seqs: Sequences, row: int, start: int, end: int) -> int:
     return end if scored.numel() == 0 else min(int(scored[0]) + 1, end)
 
 
-def prefix_layout(seqs: Sequences, min_saving: float = MIN_SAVING) -> PackedLayout | None:
-    """The packed layout of ``seqs`` (module docstring), or None when it would not save
+Member = tuple[int, int, int, int]  # (grid row, first real column, prompt end, end)
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """Which sequences share each packed row (`plan_rows`), before any tensor is built.
+
+    Attributes:
+        rows: the members of each packed row, as (grid row, first real column, one past the
+            prompt, one past the sequence); the first member's prompt is the row's.
+        width: L', the longest row (every row is padded to it).
+    """
+
+    rows: list[list[Member]]
+    width: int
+
+    @property
+    def positions(self) -> int:
+        return len(self.rows) * self.width
+
+
+def plan_rows(seqs: Sequences, min_saving: float = MIN_SAVING) -> RowPlan | None:
+    """The rows of the packed layout (module docstring), or None when they would not save
     ``min_saving`` of the positions or the grid's real tokens are not contiguous."""
     n, width = (int(x) for x in seqs.input_ids.shape)
     if n < 2:
         return None
-    real = seqs.attention_mask.bool()
-    ids_cpu, pos_cpu, real_cpu = seqs.input_ids.cpu(), seqs.position_ids.cpu(), real.cpu()
-    groups: dict[bytes, list[tuple[int, int, int, int]]] = {}  # prompt → (row, start, cut, end)
+    ids_cpu, pos_cpu = seqs.input_ids.cpu(), seqs.position_ids.cpu()
+    real_cpu = seqs.attention_mask.bool().cpu()
+    groups: dict[bytes, list[Member]] = {}  # a prompt's tokens and positions → its sequences
     for row in range(n):
         cols = real_cpu[row].nonzero().squeeze(-1)
         if cols.numel() == 0:
@@ -100,7 +121,7 @@ def prefix_layout(seqs: Sequences, min_saving: float = MIN_SAVING) -> PackedLayo
         key = ids_cpu[row, start:cut].numpy().tobytes() + pos_cpu[row, start:cut].numpy().tobytes()
         groups.setdefault(key, []).append((row, start, cut, end))
 
-    rows: list[list[tuple[int, int, int, int]]] = []  # the members of each packed row
+    rows: list[list[Member]] = []
     for members in groups.values():
         _, start, cut, _ = members[0]
         prompt = cut - start
@@ -112,19 +133,29 @@ def prefix_layout(seqs: Sequences, min_saving: float = MIN_SAVING) -> PackedLayo
         ):
             k += 1
         rows += [members[i : i + k] for i in range(0, len(members), k)]
-    lengths = [m[0][2] - m[0][1] + sum(end - cut for _, _, cut, end in m) for m in rows]
-    packed_width = max(lengths)
-    count = len(rows)
-    if count * packed_width > (1 - min_saving) * n * width:
+    packed_width = max(m[0][2] - m[0][1] + sum(end - cut for _, _, cut, end in m) for m in rows)
+    plan = RowPlan(rows, packed_width)
+    if plan.positions > (1 - min_saving) * n * width:
         return None
-    if count * packed_width**2 > ATTENTION_FACTOR * n * width**2:
+    if len(rows) * packed_width**2 > ATTENTION_FACTOR * n * width**2:
         return None
+    return plan
 
+
+def prefix_layout(seqs: Sequences, min_saving: float = MIN_SAVING) -> PackedLayout | None:
+    """The packed layout of ``seqs`` (module docstring), or None where `plan_rows` finds
+    none."""
+    plan = plan_rows(seqs, min_saving)
+    if plan is None:
+        return None
+    n, width = (int(x) for x in seqs.input_ids.shape)
+    ids_cpu, pos_cpu = seqs.input_ids.cpu(), seqs.position_ids.cpu()
+    count, packed_width = len(plan.rows), plan.width
     ids = torch.zeros(count, packed_width, dtype=ids_cpu.dtype)
     pos = torch.zeros(count, packed_width, dtype=pos_cpu.dtype)
     segment = torch.full((count, packed_width), -2, dtype=torch.long)  # −1 prompt, j member, −2 pad
     source = torch.zeros(n, width, dtype=torch.long)
-    for r, members in enumerate(rows):
+    for r, members in enumerate(plan.rows):
         row0, start, cut, _ = members[0]
         prompt = cut - start
         ids[r, :prompt] = ids_cpu[row0, start:cut]
@@ -145,6 +176,7 @@ def prefix_layout(seqs: Sequences, min_saving: float = MIN_SAVING) -> PackedLayo
     allowed = causal & ((seg_k == -1) | (seg_q == seg_k)) & (seg_q != -2)
     allowed |= torch.eye(packed_width, dtype=torch.bool)  # padding sees itself
     device = seqs.input_ids.device
+    real = seqs.attention_mask.bool()
     return PackedLayout(ids.to(device), pos.to(device), allowed.to(device), source.to(device), real)
 
 
@@ -180,9 +212,9 @@ def pass_positions(seqs: Sequences, groups: list[list[int]]) -> dict[str, Any]:
     positions, packed = 0, False
     for rows in groups:
         part = seqs.select(rows)
-        layout = prefix_layout(part) if seqs.share_prefix else None
-        positions += int(part.input_ids.numel()) if layout is None else layout.positions
-        packed = packed or layout is not None
+        plan = plan_rows(part) if seqs.share_prefix else None
+        positions += int(part.input_ids.numel()) if plan is None else plan.positions
+        packed = packed or plan is not None
     padded = sum(len(rows) for rows in groups) * int(seqs.input_ids.shape[1])
     return {"positions": positions, "padded_positions": padded, "shared_prefix": packed}
 
@@ -193,7 +225,7 @@ def packing_problem(model: Any, seqs: Sequences) -> str | None:
     must save positions, and the packed and the grid forward of two sequences that share a
     prompt must give the same hidden states at every real position within
     `PACKING_TOLERANCE`."""
-    if prefix_layout(seqs) is None:
+    if plan_rows(seqs) is None:
         return "it would not save positions"
     pair, layout = None, None
     for first in range(int(seqs.input_ids.shape[0]) - 1):
