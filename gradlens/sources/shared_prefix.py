@@ -27,8 +27,9 @@ attention is then at most that factor of the k grid rows it replaces). Rows are 
 right to the longest; a padding position attends to itself only (a query that sees no key
 gives NaN, which a backward would spread). The layout is used only when it saves at least
 `MIN_SAVING` of the positions, and only on a model that passes `packing_problem` (its forward
-must honour a 4D mask: a model that builds its own mask from the 2D one, adds ALiBi biases or a
-sliding window, would not give the grid's hidden states).
+must honour a 4D mask: a model that builds its own mask from the 2D one or adds ALiBi biases
+would not give the grid's hidden states, and one whose sliding window is shorter than the
+sequences is not packed, since the mask as given replaces the window).
 """
 
 from __future__ import annotations
@@ -227,6 +228,15 @@ def packing_problem(model: Any, seqs: Sequences) -> str | None:
     `PACKING_TOLERANCE`."""
     if plan_rows(seqs) is None:
         return "it would not save positions"
+    window = getattr(getattr(model, "config", None), "sliding_window", None)
+    width = int(seqs.input_ids.shape[1])
+    if isinstance(window, int) and 0 < window < width:
+        # the mask as given replaces the model's own in every layer, its window included,
+        # and a pair of short sequences would not show the difference
+        return (
+            f"the model attends within a sliding window of {window} positions, shorter than "
+            f"the sequences ({width})"
+        )
     pair, layout = None, None
     for first in range(int(seqs.input_ids.shape[0]) - 1):
         pair = seqs.select([first, first + 1])

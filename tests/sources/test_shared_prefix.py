@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -91,6 +92,13 @@ def test_no_layout_without_a_saving_or_with_a_gap():
     gap = seqs.attention_mask.clone()
     gap[1, 3] = 0  # a padded column inside a sequence: not a left-/right-padded grid
     assert prefix_layout(dataclasses.replace(seqs, attention_mask=gap)) is None
+
+
+def test_a_sliding_window_shorter_than_the_sequences_is_not_packed():
+    seqs = two_groups()  # 9 columns
+    model = SimpleNamespace(config=SimpleNamespace(sliding_window=4))
+    problem = packing_problem(model, seqs)
+    assert problem is not None and "sliding window of 4" in problem
 
 
 def test_long_completions_split_a_group_by_the_attention_bound():
