@@ -64,7 +64,7 @@ from gradlens.sources.passes import full_sequence_logp, score_alone
 from gradlens.sources.prompts import choose_prompts, has_chat_template, tokenize_prompts
 from gradlens.sources.rewards import default_reward, load_reward, score
 from gradlens.sources.rollout import rollout_dtype, sample, stop_tokens
-from gradlens.sources.shared_prefix import plan_rows, with_shared_prefix
+from gradlens.sources.shared_prefix import with_shared_prefix
 from gradlens.sources.staleness import stale_steps
 from gradlens.sources.teacher_model import model_teacher
 
@@ -148,7 +148,7 @@ def build_model_batch(src: ModelSource, ctx: SourceContext) -> Batch:
     seqs = rollout.sequences
     if src.shared_prefix:
         seqs, problem = with_shared_prefix(loaded.model, seqs)
-        if problem is not None and plan_rows(seqs) is not None:
+        if problem is not None:
             notes.append(f"source.shared_prefix: the sequences went through padded: {problem}")
     mask = seqs.loss_mask
     acc = torch.float64 if dtype == torch.float64 else torch.float32

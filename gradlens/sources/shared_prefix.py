@@ -222,12 +222,9 @@ def pass_positions(seqs: Sequences, groups: list[list[int]]) -> dict[str, Any]:
 
 @torch.no_grad()
 def packing_problem(model: Any, seqs: Sequences) -> str | None:
-    """Why ``seqs`` should not go through ``model`` packed, or None when they can: the layout
-    must save positions, and the packed and the grid forward of two sequences that share a
-    prompt must give the same hidden states at every real position within
-    `PACKING_TOLERANCE`."""
-    if plan_rows(seqs) is None:
-        return "it would not save positions"
+    """Why ``seqs`` should not go through ``model`` packed, or None when they can: the packed
+    and the grid forward of two sequences that share a prompt must give the same hidden states
+    at every real position within `PACKING_TOLERANCE`."""
     window = getattr(getattr(model, "config", None), "sliding_window", None)
     width = int(seqs.input_ids.shape[1])
     if isinstance(window, int) and 0 < window < width:
@@ -271,7 +268,10 @@ def packing_problem(model: Any, seqs: Sequences) -> str | None:
 
 
 def with_shared_prefix(model: Any, seqs: Sequences) -> tuple[Sequences, str | None]:
-    """``seqs`` marked to go through ``model`` packed when `packing_problem` finds none, and
-    the problem otherwise."""
+    """``seqs`` marked to go through ``model`` packed where packing saves positions and
+    `packing_problem` finds none; the problem that kept them padded, or None (packed, or
+    nothing to save)."""
+    if plan_rows(seqs) is None:
+        return seqs, None
     problem = packing_problem(model, seqs)
     return (seqs if problem is not None else replace(seqs, share_prefix=True)), problem

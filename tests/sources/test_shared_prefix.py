@@ -87,7 +87,9 @@ def test_a_completion_sees_its_prompt_and_itself_only():
 def test_no_layout_without_a_saving_or_with_a_gap():
     distinct = grid([[1, 2, 3], [4, 5, 6]], [[[7, 8]], [[9]]])  # no prompt shared
     assert prefix_layout(distinct) is None
-    assert packing_problem(object(), distinct) is not None
+    assert packing_problem(object(), distinct) is not None  # no pair shares a prompt
+    unchanged, problem = with_shared_prefix(object(), distinct)
+    assert unchanged is distinct and problem is None  # nothing to save, nothing to report
     seqs = two_groups()
     gap = seqs.attention_mask.clone()
     gap[1, 3] = 0  # a padded column inside a sequence: not a left-/right-padded grid
