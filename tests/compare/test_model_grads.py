@@ -48,7 +48,7 @@ def checkpoints(tmp_path_factory):
     return out
 
 
-def run(path, budget_mib=None, entropy=0.0) -> CompareReport:
+def run(path, budget_mib=None, entropy=0.0, shared_prefix=True) -> CompareReport:
     cfg = {
         "dtype": "float64",
         "losses": LOSSES,
@@ -62,6 +62,7 @@ def run(path, budget_mib=None, entropy=0.0) -> CompareReport:
             "reward": "length",
             "rollout_dtype": "float32",
             "stale": {"steps": 1, "lr": 1e-3, "target_kl": None},
+            "shared_prefix": shared_prefix,
         },
         "diagnostics": {"engine": "materialized"},
     }
@@ -85,19 +86,30 @@ def gradient_bytes(path) -> int:
     return sum(p.numel() * 8 for _, ps in parameter_groups(model) for p in ps) + head.numel() * 8
 
 
+# The relative difference allowed between two passes over the same batch in float64. On the
+# padded grid the passes differ only in the order of their sums (rounding, ~1e-16 per
+# operation). With the completions of a prompt packed in one row (source.shared_prefix) against
+# one-sequence micro-batches or the padded grid, the products have other shapes: GPT-2 computes
+# in float64 throughout, but transformers' LlamaRMSNorm computes in float32 whatever the
+# model's dtype, so a packed Llama moves at float32's rounding.
+def float64_passes(arch: str, packed: bool) -> float:
+    return 1e-6 if packed and arch == "llama" else 1e-10
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("entropy", [0.0, 0.05])
-def test_every_plan_gives_the_same_norms(checkpoints, arch, entropy):
+@pytest.mark.parametrize("packed", [False, True])
+def test_every_plan_gives_the_same_norms(checkpoints, arch, entropy, packed):
     path = checkpoints[arch]
-    one = run(path, entropy=entropy)
+    one = run(path, entropy=entropy, shared_prefix=packed)
     assert one.model.gradient_pass.micro_batches == 1
     assert one.model.gradient_pass.forwards == 1
     assert one.model.gradient_pass.backwards == len(LOSSES)
     n = one.batch.num_sequences
     # one byte: a micro-batch per sequence, no room for a loss's summed gradient: one loss
     # per forward
-    alone = run(path, budget_mib=1e-6, entropy=entropy)
+    alone = run(path, budget_mib=1e-6, entropy=entropy, shared_prefix=packed)
     plan = alone.model.gradient_pass
     assert plan.micro_batches == n and plan.over_budget
     assert plan.forwards == n * len(LOSSES) and plan.backwards == n * len(LOSSES)
@@ -105,16 +117,13 @@ def test_every_plan_gives_the_same_norms(checkpoints, arch, entropy):
     # tokens each): some losses share each forward, not all
     per_sequence = plan.bytes_per_sequence + 4 * 3 * 300 * 6
     budget = 2 * gradient_bytes(path) + 2 * per_sequence
-    shared = run(path, budget_mib=budget / 2**20, entropy=entropy)
+    shared = run(path, budget_mib=budget / 2**20, entropy=entropy, shared_prefix=packed)
     splan = shared.model.gradient_pass
     assert 1 < splan.micro_batches < n
     assert splan.micro_batches < splan.forwards < len(LOSSES) * splan.micro_batches
-    # The one-forward plan packs each prompt's completions in one row (source.shared_prefix),
-    # the one-sequence micro-batches cannot: products of other shapes. GPT-2 computes in
-    # float64 throughout (rounding ~1e-16 per operation); transformers' LlamaRMSNorm computes in
-    # float32 whatever the model's dtype, so there the norms move at float32's rounding.
-    assert one.model.gradient_pass.shared_prefix and not plan.shared_prefix
-    rel = {"gpt2": 1e-10, "llama": 1e-6}[arch]
+    # packed: the one-forward plan packs each prompt's completions, a sequence alone cannot
+    assert one.model.gradient_pass.shared_prefix is packed and not plan.shared_prefix
+    rel = float64_passes(arch, packed)
     for report in (alone, shared):
         for name, values in norms(report).items():
             for a, b in zip(values, norms(one)[name], strict=True):
@@ -125,14 +134,12 @@ def test_every_plan_gives_the_same_norms(checkpoints, arch, entropy):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])  # gpt2: tied embeddings
-def test_the_one_pass_norms_equal_a_plain_autograd_computation(checkpoints, arch):
-    # The model's own forward (its logits, not gradlens's hidden-state path) and SFT written
-    # out, at the checkpoint's θ (no stale step), all float64: rounding only — ~1e-16 per
-    # operation for GPT-2; float32's for Llama, whose RMSNorm transformers computes in float32
-    # whatever the model's dtype, and whose padded batch here meets gradlens's packed rows
-    # (source.shared_prefix) of other shapes. With tied embeddings the trainer's .grad of the
-    # shared tensor sums both paths: the total norm counts it once, and the tied norm is that
-    # tensor's.
+@pytest.mark.parametrize("packed", [False, True])
+def test_the_one_pass_norms_equal_a_plain_autograd_computation(checkpoints, arch, packed):
+    # The model's own forward (its logits, not gradlens's hidden-state path) on the padded
+    # batch and SFT written out, at the checkpoint's θ (no stale step), all float64: rounding
+    # only (`float64_passes`). With tied embeddings the trainer's .grad of the shared tensor
+    # sums both paths: the total norm counts it once, and the tied norm is that tensor's.
     path = checkpoints[arch]
     cfg = validate(
         {
@@ -146,6 +153,7 @@ def test_the_one_pass_norms_equal_a_plain_autograd_computation(checkpoints, arch
                 "max_new_tokens": 6,
                 "rollout_dtype": "float32",
                 "stale": {"steps": 0},
+                "shared_prefix": packed,
             },
         }
     )
@@ -166,8 +174,8 @@ def test_the_one_pass_norms_equal_a_plain_autograd_computation(checkpoints, arch
     expected = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in model.parameters()))
     mg = report.losses[0].model_grads
     assert report.model.gradient_pass.checkpointed  # one block at a time
-    assert report.model.gradient_pass.shared_prefix
-    rel = {"gpt2": 1e-10, "llama": 1e-6}[arch]
+    assert report.model.gradient_pass.shared_prefix is packed
+    rel = float64_passes(arch, packed)
     assert mg is not None and mg.total_norm == pytest.approx(expected, rel=rel)
     if arch == "gpt2":
         shared = model.get_input_embeddings().weight

@@ -43,7 +43,7 @@ def llama(tmp_path_factory):
     return save_checkpoint(tmp_path_factory.mktemp("stale") / "llama", "llama")
 
 
-def config(path, budget_mib=None, **stale):
+def config(path, budget_mib=None, shared_prefix=True, **stale):
     cfg = {
         "dtype": "float64",
         "losses": ["ppo_clip"],
@@ -56,6 +56,7 @@ def config(path, budget_mib=None, **stale):
             "reward": "length",  # differs within every group: every advantage ≠ 0
             "rollout_dtype": "float32",
             "stale": {"optimizer": "adam", "loss": "ppo_clip", **stale},
+            "shared_prefix": shared_prefix,
         },
     }
     if budget_mib is not None:
@@ -93,47 +94,58 @@ def plain_loop(path, batch, steps, lr):
     return trajectory
 
 
+# The log-probs of two float64 passes over the batch: on the padded grid they differ in the
+# order of the lm_head product (W·h by gradlens, the model's own logits) and the checkpointed
+# recomputation is exact, so they agree to ~1e-13 after two Adam steps (Adam's first step is
+# lr·g/|g|: rounding in g changes it only where |g| ~ ε = 1e-8, far from these gradients).
+# With each prompt's completions packed in one row (source.shared_prefix) the products have
+# other shapes, and transformers' LlamaRMSNorm computes in float32 whatever the model's dtype:
+# float32's rounding, ~1e-7 relative of a hidden state, a few 1e-7 of a log-prob after two
+# steps. A wrong mask moves a completion's log-probs by O(1) (it sees another completion).
+PASSES_TOL = {False: 1e-10, True: 1e-6}
+
+
 @pytest.mark.slow
-def test_stale_steps_equal_a_plain_pytorch_loop(llama):
-    cfg = config(llama, steps=2, lr=3e-3, target_kl=None)
+@pytest.mark.parametrize("packed", [False, True])
+def test_stale_steps_equal_a_plain_pytorch_loop(llama, packed):
+    cfg = config(llama, shared_prefix=packed, steps=2, lr=3e-3, target_kl=None)
     batch = build_batch(cfg)
     record = batch.model_context.staleness
-    expected = plain_loop(llama, batch, 2, 3e-3)
+    expected = plain_loop(llama, batch, 2, 3e-3)  # on the padded grid
     m = batch.mask
-    # float64 both ways, but gradlens's passes put each prompt's completions in one row
-    # (source.shared_prefix) where the loop runs the padded batch: products of other shapes.
-    # Transformers' LlamaRMSNorm computes in float32 whatever the model's dtype, so those
-    # shapes move the log-probs at float32's rounding (~1e-7 relative of a hidden state, a few
-    # 1e-7 of a log-prob after two Adam steps; Adam's first step is lr·g/|g|, which rounding
-    # in g changes only where |g| ~ ε = 1e-8, far from these gradients). A wrong mask moves a
-    # completion's log-probs by O(1) (it sees another completion's tokens).
-    assert record.model_pass is not None and record.model_pass.shared_prefix
+    assert record.model_pass is not None and record.model_pass.shared_prefix is packed
+    tol = PASSES_TOL[packed]
     for point, logp in zip(record.trajectory, expected, strict=True):
-        torch.testing.assert_close(point.logp[m], logp[m], rtol=1e-6, atol=1e-6)
-    assert record.model_pass is not None and record.model_pass.checkpointed
+        torch.testing.assert_close(point.logp[m], logp[m], rtol=tol, atol=tol)
+    assert record.model_pass.checkpointed
     assert record.model_pass.micro_batches == 1
     assert kl_k3(expected[-1], expected[0], m) > 1e-4  # the steps moved π_θ
 
 
 @pytest.mark.slow
-def test_micro_batched_stale_steps_equal_one_pass(llama):
-    one = build_batch(config(llama, steps=2, lr=3e-3, target_kl=None))
+@pytest.mark.parametrize("packed", [False, True])
+def test_micro_batched_stale_steps_equal_one_pass(llama, packed):
+    one = build_batch(config(llama, shared_prefix=packed, steps=2, lr=3e-3, target_kl=None))
     # a budget of one byte: every sequence is a micro-batch of its own (over budget)
-    many = build_batch(config(llama, budget_mib=1e-6, steps=2, lr=3e-3, target_kl=None))
+    many = build_batch(
+        config(llama, budget_mib=1e-6, shared_prefix=packed, steps=2, lr=3e-3, target_kl=None)
+    )
     plan = many.model_context.staleness.model_pass
     assert plan.micro_batches == one.num_sequences and plan.over_budget
     assert plan.forwards == plan.backwards == 2 * one.num_sequences
-    m = one.mask
-    # gradients summed over micro-batches in another order, and the one pass packed
-    # (source.shared_prefix) where a sequence alone is not: float32 rounding in LlamaRMSNorm
-    # (test_stale_steps_equal_a_plain_pytorch_loop)
-    assert one.model_context.staleness.model_pass.shared_prefix
+    # packed: the one pass packs each prompt's completions, a sequence alone cannot
+    assert one.model_context.staleness.model_pass.shared_prefix is packed
     assert not plan.shared_prefix
-    torch.testing.assert_close(many.hidden[m], one.hidden[m], rtol=1e-6, atol=1e-6)
+    m = one.mask
+    # gradients summed over micro-batches in another order (and, packed, products of other
+    # shapes): PASSES_TOL, with the padded grid's atol as it was
+    tol = PASSES_TOL[packed]
+    atol = 1e-12 if not packed else tol
+    torch.testing.assert_close(many.hidden[m], one.hidden[m], rtol=tol, atol=atol)
     for a, b in zip(
         many.model_context.staleness.trajectory, one.model_context.staleness.trajectory, strict=True
     ):
-        torch.testing.assert_close(a.logp[m], b.logp[m], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(a.logp[m], b.logp[m], rtol=tol, atol=atol)
 
 
 @pytest.mark.slow
