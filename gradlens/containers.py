@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from gradlens.results.model import ModelPass
 
@@ -127,6 +127,28 @@ class StalenessRecord:
 
 
 @dataclass
+class BlockTape:
+    """A forward's record of a causal LM's transformer blocks (gradlens.sources.blockwise).
+
+    Attributes:
+        blocks: the transformer blocks B_1 … B_n, in order.
+        inputs: each block's (args, kwargs), its hidden-state input detached.
+        outputs: each block's output as it returned it (the last block's with ``exit``).
+        entry: x_0 as the first block received it, with its graph to the embedding.
+        exit: x̂_n, the last block's output as a leaf (requiring grad when autograd was on).
+        parameters: (storage address, version) of every parameter at the recording: a
+            replay checks that none has been written since.
+    """
+
+    blocks: list[nn.Module]
+    inputs: list[tuple[tuple[Any, ...], dict[str, Any]]] = field(default_factory=list)
+    outputs: list[Any] = field(default_factory=list)
+    entry: Tensor | None = None
+    exit: Tensor | None = None
+    parameters: list[tuple[int, int]] = field(default_factory=list)
+
+
+@dataclass
 class ModelContext:
     """The checkpoint a batch came from: what the whole-model gradients and the report need.
 
@@ -146,6 +168,9 @@ class ModelContext:
     staleness: StalenessRecord | None = None  # model source only
     batch_file: str | None = None  # a batch file whose hidden states the checkpoint recomputed
     notes: list[str] = field(default_factory=list)  # what the report should say about it
+    # the last forward at θ (the model source's stale steps), which the whole-model gradients
+    # replay instead of a forward of their own; dropped once used
+    tape: BlockTape | None = None
 
 
 # (field, index) → the name of that entry as the user knows it; see `Origin`.

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from gradlens.compare.grad_norm_estimate import judge, post_estimates, sft_over_rl
 from gradlens.compare.gradient_norms import GradientSink
 from gradlens.compare.records import TokenSummary
-from gradlens.containers import Batch, ModelContext, Teacher, valid_index
+from gradlens.containers import Batch, BlockTape, ModelContext, Teacher, valid_index
 from gradlens.diagnostics.numbers import num
 from gradlens.grads import (
     PolicyPass,
@@ -69,6 +69,7 @@ from gradlens.results import (
 from gradlens.sources.blockwise import (
     BlockwiseUnsupported,
     backward_blocks,
+    replayed_blocks,
     taped_blocks,
 )
 from gradlens.sources.forward import block_list, final_hidden, grid_with, head_weight
@@ -284,14 +285,25 @@ def _backward_blockwise(
     flat: list[nn.Parameter],
     sink: GradientSink,
     final: bool,
-) -> None:
+    recorded: BlockTape | None = None,
+) -> bool:
     """One block at a time (`gradlens.sources.blockwise`): the tail's gradients and the
     cotangents at the last block, every block recomputed once for all the losses, then the
     entry (the embedding). A parameter outside the blocks may be reached from the tail and the
-    entry both: its two parts are summed before the sink sees it."""
+    entry both: its two parts are summed before the sink sees it. With ``recorded``, the tape
+    of an earlier forward of these sequences at these parameters, the blocks are not run
+    forward again (`replayed_blocks`); returns whether they were."""
     model = micro.ctx.loaded.model
-    with taped_blocks(model) as tape:
-        losses = micro.losses(rows, names)
+    replayed = recorded is not None
+    try:
+        if recorded is None:
+            raise BlockwiseUnsupported("nothing recorded")
+        with replayed_blocks(model, recorded) as tape:
+            losses = micro.losses(rows, names)
+    except BlockwiseUnsupported:
+        replayed = False
+        with taped_blocks(model) as tape:
+            losses = micro.losses(rows, names)
     assert tape.exit is not None and tape.entry is not None
     inside = {id(p) for block in tape.blocks for p in block.parameters()}
     outside = [p for p in flat if id(p) not in inside]
@@ -327,6 +339,7 @@ def _backward_blockwise(
         for p in outside:
             if id(p) in parts:
                 sink.receive(name, p, parts.pop(id(p)), final)
+    return replayed
 
 
 def model_gradients(
@@ -369,21 +382,28 @@ def model_gradients(
     sink = GradientSink(emb, head, tied, torch.unique(seqs.input_ids))
     total_backwards = len(names) * len(plan.groups)
     done = 0
+    # the stale steps' last forward, at these parameters over these sequences: replayed when the
+    # gradients take a single forward too (it recorded the whole batch)
+    recorded = ctx.tape if blocks is not None and plan.single and len(loss_groups) == 1 else None
+    ctx.tape = None  # its tensors are freed once used
+    replayed = False
     for group in loss_groups:
         for b, rows in enumerate(plan.groups):
             final = b == len(plan.groups) - 1
             report_progress("model grads", done, total_backwards)
             if blocks is not None:
-                _backward_blockwise(micro, rows, group, flat, sink, final)
+                replayed = _backward_blockwise(micro, rows, group, flat, sink, final, recorded)
             else:
                 _backward_whole(micro, rows, group, [*flat, head], sink, final)
             done += len(group)
+    del recorded
     sink.flush()
     report_progress("model grads", total_backwards, total_backwards)
     model_pass = ModelPass(
         name="whole-model gradients",
         micro_batches=len(plan.groups),
-        forwards=len(loss_groups) * len(plan.groups),
+        forwards=0 if replayed else len(loss_groups) * len(plan.groups),
+        replayed_forward=replayed,
         backwards=total_backwards,
         checkpointed=blocks is not None,
         budget_bytes=plan.budget_bytes,

@@ -156,9 +156,10 @@ def pass_text(p: ModelPass | None) -> str:
         if p.shared_prefix
         else ""
     )
+    replay = ", the blocks' inputs from the stale steps' last forward" if p.replayed_forward else ""
     return (
         f"{p.micro_batches} micro-batch(es), {p.forwards} forward(s) and {p.backwards} "
-        f"backward(s){ckpt}{packed}; budget {p.budget_bytes / 2**20:.0f} MiB, "
+        f"backward(s){ckpt}{replay}{packed}; budget {p.budget_bytes / 2**20:.0f} MiB, "
         f"{p.bytes_per_sequence / 2**20:.1f} MiB kept per sequence{over}"
     )
 

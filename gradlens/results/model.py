@@ -107,6 +107,11 @@ class ModelPass(Result):
     shared_prefix: bool = Field(
         description="completions packed after one copy of their prompt (source.shared_prefix)"
     )
+    replayed_forward: bool = Field(
+        False,
+        description="the blocks' forward was the stale steps' last one, at the same parameters "
+        "over the same sequences, recorded and replayed (no forward of the blocks of its own)",
+    )
 
 
 class StaleStep(Result):

@@ -29,6 +29,15 @@ Compute: one forward, one recomputation, K backward passes — one forward more 
 whole graph kept, for about 1/n of its activation memory (one block's intermediates at a time,
 plus the tape).
 
+A forward without autograd can record the tape as well (the stale steps' last forward at θ_N
+does, for the model source). A later forward of the same sequences at the same parameters then
+replays it (`replayed_blocks`): each block hands on its recorded output instead of computing
+it, only the entry and the tail run (with autograd), and step 1 costs no forward of the
+blocks. Whether it is the same forward is checked, not assumed: no parameter may have been
+written since the recording (each parameter's storage and version counter), and the first
+block's arguments must equal the recorded ones (the others follow from them and the
+parameters).
+
 The blocks must be deterministic (eval mode, no dropout) so that the recomputation equals the
 taped forward, and the cut must be clean, or `BlockwiseUnsupported` is raised (and the caller
 keeps the whole graph): no parameter shared by two blocks or by a block and the rest, no block
@@ -41,12 +50,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from gradlens.containers import BlockTape
 from gradlens.sources.forward import block_list, replaced_forwards
 
 # the names transformers blocks take a key-value cache by: a recomputation would append to it
@@ -55,23 +64,6 @@ CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
 class BlockwiseUnsupported(Exception):
     """The model cannot be cut at its blocks (see the module docstring)."""
-
-
-@dataclass
-class BlockTape:
-    """What the taped forward recorded.
-
-    Attributes:
-        blocks: the transformer blocks B_1 … B_n, in order.
-        inputs: each block's (args, kwargs), its hidden-state input detached.
-        entry: x_0 as the first block received it, with its graph to the embedding.
-        exit: x̂_n, the last block's output as a leaf that requires grad.
-    """
-
-    blocks: list[nn.Module]
-    inputs: list[tuple[tuple[Any, ...], dict[str, Any]]] = field(default_factory=list)
-    entry: Tensor | None = None
-    exit: Tensor | None = None
 
 
 def _hidden_in(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
@@ -104,6 +96,11 @@ def _depends_on_parameters(values: Any) -> bool:
     return False
 
 
+def parameter_state(model: nn.Module) -> list[tuple[int, int]]:
+    """(storage address, version counter) of each parameter: any write since changes one."""
+    return [(p.data_ptr(), p._version) for p in model.parameters()]
+
+
 def check_cut(model: nn.Module) -> list[nn.Module]:
     """The blocks, if the model can be cut at them: no parameter in two blocks or in a block
     and elsewhere. Raises `BlockwiseUnsupported` otherwise."""
@@ -123,7 +120,7 @@ def check_cut(model: nn.Module) -> list[nn.Module]:
 @contextmanager
 def taped_blocks(model: nn.Module) -> Iterator[BlockTape]:
     """Step 1 of the module docstring, for every forward inside the block (one forward)."""
-    tape = BlockTape(check_cut(model))
+    tape = BlockTape(check_cut(model), parameters=parameter_state(model))
     last = len(tape.blocks) - 1
     handed: list[Tensor | None] = [None]  # the hidden state the last block handed on
 
@@ -145,13 +142,71 @@ def taped_blocks(model: nn.Module) -> Iterator[BlockTape]:
                 out = original(*call_args, **call_kwargs)
             if i == last:
                 tape.exit = _hidden_out(out).detach().requires_grad_(torch.is_grad_enabled())
-                return _replace_out(out, tape.exit)
-            handed[0] = _hidden_out(out)
+                out = _replace_out(out, tape.exit)
+            else:
+                handed[0] = _hidden_out(out)
+            tape.outputs.append(out)
             return out
 
         return forward
 
     with replaced_forwards(tape.blocks, wrap):
+        yield tape
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal block arguments: tensors by shape, dtype and value, containers entry by entry."""
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return (
+            isinstance(a, Tensor)
+            and isinstance(b, Tensor)
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+            and bool(torch.equal(a.detach(), b.detach()))
+        )
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a is b or a == b
+
+
+@contextmanager
+def replayed_blocks(model: nn.Module, recorded: BlockTape) -> Iterator[BlockTape]:
+    """Step 1 of the module docstring without running the blocks: a forward of the same
+    sequences at the same parameters as ``recorded``'s hands on the recorded outputs. The entry
+    (the embedding) and the tail run as usual, with autograd when it is on; the tape yielded
+    has this forward's entry and a new leaf for x̂_n, and the recorded inputs, for
+    `backward_blocks`. Raises `BlockwiseUnsupported` when the forward is not the recorded one:
+    a parameter written since the recording, or the first block called with other arguments
+    (the inputs of the others follow from it and the same parameters)."""
+    blocks = check_cut(model)
+    if len(blocks) != len(recorded.blocks) or any(
+        a is not b for a, b in zip(blocks, recorded.blocks, strict=True)
+    ):
+        raise BlockwiseUnsupported("the recording is of another model")
+    if parameter_state(model) != recorded.parameters or recorded.exit is None:
+        raise BlockwiseUnsupported("a parameter has been written since the recording")
+    tape = BlockTape(blocks, recorded.inputs, recorded.outputs, parameters=recorded.parameters)
+    last = len(blocks) - 1
+
+    def wrap(i: int, _: Callable[..., Any]) -> Callable[..., Any]:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if i == 0:
+                x = _hidden_in(args, kwargs)
+                call = _with_hidden(args, kwargs, x.detach())
+                if not _same(call, recorded.inputs[0]):
+                    raise BlockwiseUnsupported("the forward is not the recorded one")
+                tape.entry = x
+            if i == last:
+                assert recorded.exit is not None
+                tape.exit = recorded.exit.detach().requires_grad_(torch.is_grad_enabled())
+                return _replace_out(recorded.outputs[i], tape.exit)
+            return recorded.outputs[i]
+
+        return forward
+
+    with replaced_forwards(blocks, wrap):
         yield tape
 
 

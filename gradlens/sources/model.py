@@ -261,6 +261,7 @@ def build_model_batch(src: ModelSource, ctx: SourceContext) -> Batch:
             staleness=stale.record,
             notes=notes,
             whole_model=not on_disk,
+            tape=stale.tape,
         ),
         kept=kept,
         teacher=teacher,

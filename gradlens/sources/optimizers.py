@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -43,6 +44,15 @@ EPS = 1e-8
 ADAMW_DECAY = 0.01  # torch.optim.AdamW's default weight decay λ
 OPTIMIZER_NAMES = ("sgd", "adam", "adamw")
 PIECE = 1 << 20  # elements of a weight updated at a time (4 MiB in float32)
+
+
+class Scratch(NamedTuple):
+    """Working pieces of `PIECE` elements, reused by every piece of every update."""
+
+    first: Tensor  # m rebuilt from g
+    second: Tensor  # v rebuilt from g
+    denominator: Tensor
+    direction: Tensor
 
 
 class StaleOptimizer:
@@ -61,6 +71,7 @@ class StaleOptimizer:
         self.count: dict[int, int] = {}  # updates each parameter has had (Adam's k)
         self.last: set[int] = set()  # the parameters the last step updated
         self.updates = updates  # how many updates each parameter will have (None: unknown)
+        self.work: dict[tuple[torch.dtype, torch.device], Scratch] = {}
 
     @torch.no_grad()
     def update(self, p: nn.Parameter) -> None:
@@ -92,29 +103,44 @@ class StaleOptimizer:
         else:
             new = {"m": torch.empty_like(p) if spare is None else spare, "v": torch.empty_like(p)}
         step = -self.lr / (1 - BETAS[0] ** k)
+        work = self._scratch(p)
         for i, (pp, gp) in pieces(p, g):
-            m, v = _moments(old, i, gp)
-            denominator = _denominator(v, k)
+            m, v = _moments(old, i, gp, work)
+            denominator = _denominator(v, k, work.denominator[: v.numel()])
             if self.decay:
                 pp.mul_(1 - self.lr * self.decay)
             pp.addcdiv_(m, denominator, value=step)
             if "u" in new:
-                new["u"].view(-1)[i] = _adam_direction(m, denominator, k)
+                _adam_direction(m, denominator, k, new["u"].view(-1)[i])
             elif "m" in new and new is not old:
                 new["m"].view(-1)[i] = m
                 new["v"].view(-1)[i] = v
         self.state[key] = new
 
-    def _direction(self, key: int, i: slice) -> Tensor:
+    def _direction(self, key: int, i: slice, work: Scratch) -> Tensor:
         """The piece ``i`` of u of the last update (see the module docstring)."""
         state = self.state[key]
         if self.kind == "sgd":
-            return -state["g"].view(-1)[i]
+            return torch.neg(state["g"].view(-1)[i], out=work.direction[: i.stop - i.start])
         if "u" in state:
             return state["u"].view(-1)[i]
         k = self.count[key]
-        m, v = _moments(state, i, None)
-        return _adam_direction(m, _denominator(v, k), k)
+        m, v = _moments(state, i, None, work)
+        denominator = _denominator(v, k, work.denominator[: v.numel()])
+        return _adam_direction(m, denominator, k, work.direction[: v.numel()])
+
+    def _scratch(self, p: Tensor) -> Scratch:
+        """Working pieces for ``p``'s dtype and device, made once: a piece's temporaries
+        written into memory that is reused, not allocated anew (the allocator hands 4 MiB back
+        to the system and takes it again with a page fault per 4 KiB, which made an Adam
+        update of a 135M-parameter model 1.8 s instead of 0.2 s)."""
+        where = (p.dtype, p.device)
+        if where not in self.work:
+            size = min(PIECE, max((q.numel() for q in self.params), default=1))
+            self.work[where] = Scratch(
+                *(torch.empty(size, dtype=p.dtype, device=p.device) for _ in range(4))
+            )
+        return self.work[where]
 
     def step(self) -> None:
         """Update every parameter that has a gradient (after micro-batches accumulated it)."""
@@ -141,8 +167,9 @@ class StaleOptimizer:
             key = id(p)
             if key not in self.last:
                 continue
+            work = self._scratch(p)
             for i, (pp,) in pieces(p):
-                u = self._direction(key, i)
+                u = self._direction(key, i, work)
                 if self.decay:
                     pp.sub_(u, alpha=old).div_(1 - old * self.decay).mul_(1 - lr * self.decay)
                     pp.add_(u, alpha=lr)
@@ -162,34 +189,39 @@ def pieces(*tensors: Tensor) -> Iterator[tuple[slice, tuple[Tensor, ...]]]:
         yield i, tuple(f[i] for f in flat)
 
 
-def _moments(state: dict[str, Tensor], i: slice, g: Tensor | None) -> tuple[Tensor, Tensor]:
+def _moments(
+    state: dict[str, Tensor], i: slice, g: Tensor | None, work: Scratch
+) -> tuple[Tensor, Tensor]:
     """The piece ``i`` of (m, v) after the last update, advanced by ``g`` (that piece of a new
     gradient) when given. Kept moments are advanced in place; (m_1, v_1) are rebuilt from g_1
-    by the operations the first update used; none kept: the first update's, from zero."""
+    by the operations the first update used, into ``work``'s pieces; none kept: the first
+    update's, from zero."""
     if "m" in state:
         m, v = state["m"].view(-1)[i], state["v"].view(-1)[i]
     elif "g" in state:
-        m, v = _from_zero(state["g"].view(-1)[i])
+        m, v = _from_zero(state["g"].view(-1)[i], work)
     else:
         assert g is not None, "no update has been taken"
-        return _from_zero(g)
+        return _from_zero(g, work)
     if g is not None:
         m.lerp_(g, 1 - BETAS[0])
         v.mul_(BETAS[1]).addcmul_(g, g, value=1 - BETAS[1])
     return m, v
 
 
-def _from_zero(g: Tensor) -> tuple[Tensor, Tensor]:
-    m, v = torch.zeros_like(g), torch.zeros_like(g)
+def _from_zero(g: Tensor, work: Scratch) -> tuple[Tensor, Tensor]:
+    n = g.numel()
+    m, v = work.first[:n].zero_(), work.second[:n].zero_()
     m.lerp_(g, 1 - BETAS[0])
     v.mul_(BETAS[1]).addcmul_(g, g, value=1 - BETAS[1])
     return m, v
 
 
-def _denominator(v: Tensor, k: int) -> Tensor:
-    """√v/√(1 − β2^k) + ε."""
-    return (v.sqrt() / math.sqrt(1 - BETAS[1] ** k)).add_(EPS)
+def _denominator(v: Tensor, k: int, out: Tensor) -> Tensor:
+    """√v/√(1 − β2^k) + ε, written into ``out``."""
+    return torch.sqrt(v, out=out).div_(math.sqrt(1 - BETAS[1] ** k)).add_(EPS)
 
 
-def _adam_direction(m: Tensor, denominator: Tensor, k: int) -> Tensor:
-    return m / denominator * (-1 / (1 - BETAS[0] ** k))
+def _adam_direction(m: Tensor, denominator: Tensor, k: int, out: Tensor) -> Tensor:
+    """−m̂/(√v̂ + ε), written into ``out``."""
+    return torch.div(m, denominator, out=out).mul_(-1 / (1 - BETAS[0] ** k))

@@ -44,7 +44,10 @@ exists at once; the [M, V] logits are not kept beside their log-softmax, and the
 since the last step go back to the system before each step's backward. A batch too large for
 the memory budget goes through in micro-batches (`gradlens.sources.microbatch`) whose gradients
 accumulate before the update; ℓ at θ_k then comes from a forward without autograd first, so
-that each micro-batch's loss is the whole batch's.
+that each micro-batch's loss is the whole batch's. The last forward, at θ_N, records the
+transformer blocks' inputs when the batch goes through in one micro-batch (`StaleResult.tape`),
+so that the whole-model gradients at θ_N replay it instead of running the blocks again
+(`gradlens.sources.blockwise.replayed_blocks`).
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ import torch
 from torch import Tensor, nn
 
 from gradlens.config import StaleConfig
-from gradlens.containers import Batch, Sequences, StalenessRecord, StalePoint
+from gradlens.containers import Batch, BlockTape, Sequences, StalenessRecord, StalePoint
 from gradlens.grads import (
     PolicyPass,
     objective,
@@ -70,6 +73,7 @@ from gradlens.losses import Aggregation, LossParams, LossSpec
 from gradlens.memory import release_free_memory
 from gradlens.progress import report
 from gradlens.results import ModelPass
+from gradlens.sources.blockwise import BlockwiseUnsupported, taped_blocks
 from gradlens.sources.forward import (
     checkpointed_blocks,
     final_hidden,
@@ -99,6 +103,7 @@ class StaleResult:
     old_logp: Tensor  # [N, T] log π_old(y_t): the training pass at θ_0
     hidden: Tensor  # [N, T, H] h_t/T at θ_N (detached), for the batch
     old_kept_log_mass: Tensor | None = None  # [N, T] log S^old_t of the kept sets, if given
+    tape: BlockTape | None = None  # the blocks of the forward at θ_N (one micro-batch), recorded
 
 
 class LearningRateSearch:
@@ -192,6 +197,7 @@ class _Point:
     hidden: Tensor | None  # [N, T, H] h/T at θ_k, when asked for
     graph: PolicyPass | None  # the forward with autograd over the whole batch (one micro-batch)
     kept_mass: Tensor | None = None  # [N, T] log S_t of the kept sets at θ_k, when asked for
+    tape: BlockTape | None = None  # the forward's blocks, when asked to record them
 
 
 def _with_graph(graph: PolicyPass) -> _Point:
@@ -208,13 +214,25 @@ def _measure(
     entropy: bool,
     keep_hidden: bool,
     kept_ids: Tensor | None = None,
+    record: bool = False,
 ) -> _Point:
     """ℓ (and H, h, the kept sets' mass log S_t with ``kept_ids``) at the current θ without
-    autograd, one micro-batch at a time."""
+    autograd, one micro-batch at a time; with ``record`` and a single micro-batch, the
+    transformer blocks' inputs recorded too (`gradlens.sources.blockwise.taped_blocks`, for
+    the whole-model gradients at this θ to replay), where the model can be cut at them."""
     logp, ent, hidden, mass = [], [], [], []
+    tape = None
     for rows in plan.groups:
         part = seqs.select(rows)
-        h = final_hidden(model, part, temperature, bias)
+        h = None
+        if record and plan.single:
+            try:
+                with taped_blocks(model) as tape:
+                    h = final_hidden(model, part, temperature, bias)
+            except BlockwiseUnsupported:
+                tape = None
+        if h is None:
+            h = final_hidden(model, part, temperature, bias)
         p = policy_pass(h, head_weight(model), part.tokens, part.loss_mask, keep_logits=False)
         logp.append(p.logp)
         if entropy:
@@ -229,6 +247,7 @@ def _measure(
         torch.cat(hidden) if keep_hidden else None,
         None,
         torch.cat(mass) if kept_ids is not None else None,
+        tape,
     )
 
 
@@ -289,7 +308,7 @@ def stale_steps(
                 else:
                     point = _measure(
                         model, seqs, plan, temperature, bias, needs_entropy and not last, last,
-                        kept_ids if old_logp is None else None,
+                        kept_ids if old_logp is None else None, record=last,
                     )  # fmt: skip
                 if old_logp is None:
                     old_logp = point.logp  # π_old: the training pass at θ_old
@@ -349,7 +368,7 @@ def stale_steps(
         target_kl=cfg.target_kl,
         model_pass=model_pass if cfg.steps else None,
     )
-    return StaleResult(record, old_logp, point.hidden, old_mass)
+    return StaleResult(record, old_logp, point.hidden, old_mass, point.tape)
 
 
 @torch.no_grad()

@@ -104,7 +104,9 @@ def test_every_plan_gives_the_same_norms(checkpoints, arch, entropy, packed):
     path = checkpoints[arch]
     one = run(path, entropy=entropy, shared_prefix=packed)
     assert one.model.gradient_pass.micro_batches == 1
-    assert one.model.gradient_pass.forwards == 1
+    # the stale steps' last forward (same θ, same sequences, one micro-batch) is replayed
+    assert one.model.gradient_pass.replayed_forward
+    assert one.model.gradient_pass.forwards == 0
     assert one.model.gradient_pass.backwards == len(LOSSES)
     n = one.batch.num_sequences
     # one byte: a micro-batch per sequence, no room for a loss's summed gradient: one loss

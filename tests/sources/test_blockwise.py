@@ -17,6 +17,7 @@ from gradlens.sources.blockwise import (
     BlockwiseUnsupported,
     backward_blocks,
     check_cut,
+    replayed_blocks,
     taped_blocks,
 )
 from gradlens.sources.forward import checkpointed_blocks
@@ -62,7 +63,8 @@ def losses_of(h: Tensor, head: Tensor, ids: Tensor) -> list[Tensor]:
 
 
 @pytest.mark.parametrize("tuple_out", [False, True])
-def test_block_at_a_time_equals_the_whole_graph(tuple_out):
+@pytest.mark.parametrize("replay", [False, True])  # the blocks' forward recorded earlier
+def test_block_at_a_time_equals_the_whole_graph(tuple_out, replay):
     torch.manual_seed(0)
     model = Toy(tuple_out).double().eval()
     head = torch.randn(V, H, dtype=torch.float64)
@@ -73,8 +75,15 @@ def test_block_at_a_time_equals_the_whole_graph(tuple_out):
     for loss in losses_of(model(ids), head, ids):
         expected.append(torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True))
 
-    with taped_blocks(model) as tape:
-        h = model(ids)
+    if replay:  # a forward without autograd records; the gradients' forward replays it
+        with torch.no_grad(), taped_blocks(model) as recorded:
+            model(ids)
+        with replayed_blocks(model, recorded) as tape:
+            h = model(ids)
+        assert tape.inputs is recorded.inputs and tape.exit is not recorded.exit
+    else:
+        with taped_blocks(model) as tape:
+            h = model(ids)
     losses = losses_of(h, head, ids)
     assert len(tape.inputs) == 3 and tape.exit is not None and tape.exit.is_leaf
     outside = [p for p in params if not any(p is q for b in model.layers for q in b.parameters())]
@@ -109,6 +118,47 @@ def test_the_taped_forward_keeps_no_block_graph():
     assert g.shape == (N, L, H)
     assert all(x[0][0].grad_fn is None for x in tape.inputs)
     assert "forward" not in vars(model.layers[0])  # the wrapper is gone after the block
+
+
+def test_a_replay_runs_no_block_and_gives_the_recorded_output():
+    torch.manual_seed(0)
+    model = Toy().double().eval()
+    ids = torch.randint(0, V, (N, L))
+    with torch.no_grad(), taped_blocks(model) as recorded:
+        plain = model(ids)
+    calls = []
+    for block in model.layers:  # a hook inside the block: it fires when the block computes
+        block.lin.register_forward_pre_hook(lambda *_: calls.append(1))
+    with replayed_blocks(model, recorded) as tape:
+        h = model(ids)
+    assert calls == []  # the blocks' own forward never ran
+    assert torch.equal(h.detach(), plain) and h.requires_grad and tape.entry.requires_grad
+
+
+def test_a_replay_refuses_other_parameters_inputs_or_models():
+    torch.manual_seed(0)
+    model = Toy().double().eval()
+    ids = torch.randint(0, V, (N, L))
+    with torch.no_grad(), taped_blocks(model) as recorded:
+        model(ids)
+    with (
+        pytest.raises(BlockwiseUnsupported, match="not the recorded one"),
+        replayed_blocks(model, recorded),
+    ):
+        model((ids + 1) % V)  # other tokens: the first block gets another input
+    with (
+        pytest.raises(BlockwiseUnsupported, match="another model"),
+        replayed_blocks(Toy().double().eval(), recorded),
+    ):
+        pass
+    with torch.no_grad():
+        model.layers[1].lin.weight.mul_(1.0)  # written (to the same values): a new version
+    with (
+        pytest.raises(BlockwiseUnsupported, match="has been written"),
+        replayed_blocks(model, recorded),
+    ):
+        pass
+    assert "forward" not in vars(model.layers[0])  # nothing left replaced
 
 
 def test_a_parameter_shared_by_two_blocks_cannot_be_cut():
