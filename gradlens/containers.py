@@ -111,6 +111,7 @@ class StalePoint:
     logp: Tensor  # [N, T] log π_θk(y_t)
     lr: float | None = None  # the learning rate of the step θ_{k−1} → θ_k (None at k = 0)
     probes: int = 0  # times that step was redone with another learning rate (target_kl)
+    subset_probes: int = 0  # of those, measured on a subset of the sequences without autograd
 
 
 @dataclass(frozen=True)

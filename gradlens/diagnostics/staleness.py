@@ -54,6 +54,7 @@ def stale_step(
         step=point.step,
         lr=point.lr,
         probes=point.probes,
+        subset_probes=point.subset_probes,
         loss=None if point.loss is None else num(point.loss),
         ratio_mean=None if empty else num(r.mean()),
         ratio_min=None if empty else num(r.min()),

@@ -130,7 +130,8 @@ def staleness_table(report: CompareReport) -> FitTable:
         "pg_clipfrac",
     )
     for t in s.trajectory:
-        tries = "" if not t.probes else f" ({t.probes + 1})"
+        subset = f", {t.subset_probes} on a subset" if t.subset_probes else ""
+        tries = f" ({t.probes + 1} tried{subset})" if t.probes else ""
         table.add_row(
             str(t.step),
             "—" if t.lr is None else f"{t.lr:.3g}{tries}",

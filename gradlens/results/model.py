@@ -124,6 +124,11 @@ class StaleStep(Result):
     probes: int = Field(
         0, description="times that step was redone with another learning rate (target_kl)"
     )
+    subset_probes: int = Field(
+        0,
+        description="of the probes, those measured on a quarter of the sequences (whole prompt "
+        "groups) by a forward without autograd: the first step's search starts there",
+    )
     loss: float | None = Field(description="the stale loss at θ_k (null after the last step)")
     ratio_mean: float | None
     ratio_min: float | None

@@ -35,6 +35,16 @@ quadratic in its size), then the slope the last two probes measured. A probe cos
 forward, and an accepted one is the next step's own forward. A step whose update is zero
 (every advantage 0) is not probed. With ``target_kl: null`` the steps take ``lr`` as given.
 
+The first step's learning rate is the user's guess, and a guess made for another model size is
+often off by 10× or more (5e-5 gives a 135M-parameter model 49× the goal), so that step is
+searched first on a subset (`subset_rows`: a quarter of each prompt group's completions, so
+that every prompt is represented), by forwards without autograd that cost a quarter to a half
+of the batch's, until the subset's KL lies within `SUBSET_BAND` (the band squared: a quarter
+of the tokens estimates the batch's KL only roughly); then the whole batch's forward checks it
+as above and redoes the step if the whole batch is still outside the band. The later steps
+start from `next_lr`, which is usually within the band at once, so they are not searched on a
+subset.
+
 Memory: the steps hold the optimizer state (Adam: two tensors the size of the weights, one when
 N ≤ 2: `gradlens.sources.optimizers`), so the backward recomputes the transformer blocks
 (activation checkpointing, `gradlens.sources.forward.checkpointed_blocks`: one more forward per
@@ -91,7 +101,11 @@ from gradlens.sources.optimizers import StaleOptimizer
 from gradlens.sources.shared_prefix import pass_positions
 
 TARGET_BAND = 1.5  # a step is accepted when its KL is within this factor of the goal
-MAX_PROBES = 4  # redos of one step at most
+MAX_PROBES = 4  # redos of one step at most (on the whole batch; as many again on the subset)
+SUBSET_SHARE = 4  # the first step's learning rate is searched on ≥ 1/SUBSET_SHARE of the batch
+# the subset's search stops within this factor of the goal: a quarter of the tokens estimates
+# the batch's KL only roughly, and the whole batch's forward decides within TARGET_BAND anyway
+SUBSET_BAND = TARGET_BAND**2
 SLOPE_LIMITS = (0.5, 4.0)  # the measured log KL / log lr slope, clamped
 SCALE_LIMITS = (1 / 30, 30.0)  # one probe changes the learning rate by at most this factor
 LINE_ITERATIONS = 40  # bisection steps of `line_scale`: s to a relative 2^-40 of the range
@@ -107,11 +121,13 @@ class StaleResult:
 
 
 class LearningRateSearch:
-    """The learning rate that brings step k to the goal k/N·target (module docstring)."""
+    """The learning rate that brings step k to the goal k/N·target (module docstring), accepted
+    within a factor ``band`` of it."""
 
-    def __init__(self, target: float | None, steps: int) -> None:
+    def __init__(self, target: float | None, steps: int, band: float = TARGET_BAND) -> None:
         self.target = target
         self.steps = steps
+        self.band = band
         self.points: list[tuple[float, float]] = []  # (log lr, log KL) of this step's probes
         self.anchor: Tensor | None = None  # [M] log r_t at θ_{k−1} over the loss tokens
 
@@ -127,7 +143,7 @@ class LearningRateSearch:
         if self.target is None or k == 0 or not math.isfinite(kl) or kl <= 0.0:
             return None
         goal = self.target * k / self.steps
-        if abs(math.log(kl / goal)) <= math.log(TARGET_BAND) or len(self.points) >= MAX_PROBES:
+        if abs(math.log(kl / goal)) <= math.log(self.band) or len(self.points) >= MAX_PROBES:
             return None
         self.points.append((math.log(lr), math.log(kl)))
         scale = None
@@ -179,6 +195,52 @@ def line_scale(anchor: Tensor, step: Tensor, goal: float) -> float | None:
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if kl(math.exp(mid)) < goal else (lo, mid)
     return math.exp((lo + hi) / 2)
+
+
+def subset_rows(n: int, groups: Tensor | None) -> list[int] | None:
+    """The sequences the first step's learning-rate search measures first: from every prompt
+    group (``groups`` [N], each sequence's; None: one group of all N), its first
+    ⌈size/`SUBSET_SHARE`⌉ members, so that every prompt is represented (prompts differ in how
+    far a step moves them far more than completions of one prompt do); with groups of one,
+    every `SUBSET_SHARE`-th sequence; None when that is more than half the batch (its
+    forwards would save too little)."""
+    keys = [0] * n if groups is None else [int(g) for g in groups.tolist()]
+    members: dict[int, list[int]] = {}
+    for row, key in enumerate(keys):
+        members.setdefault(key, []).append(row)
+    rows = sorted(r for group in members.values() for r in group[: -(-len(group) // SUBSET_SHARE)])
+    if len(rows) >= n:  # every group a single sequence: a spread of a quarter of them
+        rows = list(range(0, n, SUBSET_SHARE))
+    return None if 2 * len(rows) > n else rows
+
+
+@torch.no_grad()
+def _search_on_subset(
+    model: nn.Module,
+    seqs: Sequences,
+    rows: list[int],
+    old_logp: Tensor,
+    k: int,
+    search: LearningRateSearch,
+    optimizer: StaleOptimizer,
+    temperature: float,
+    bias: bool,
+) -> int:
+    """Step k's learning rate searched on the sequences ``rows`` alone, by forwards without
+    autograd, before the whole batch's forward (module docstring); returns the redos taken.
+    Only for k = 1, whose log-ratios start at 0 (θ_0 = θ_old)."""
+    mask = seqs.loss_mask[rows]
+    local = LearningRateSearch(search.target, search.steps, SUBSET_BAND)
+    local.start_step(torch.zeros(int(mask.sum()), dtype=torch.float64, device=mask.device))
+    redos = 0
+    while redos < MAX_PROBES:
+        logp = _forward(model, seqs, rows, temperature, bias).logp
+        lr = local.propose(k, (logp - old_logp[rows])[mask].double(), optimizer.lr)
+        if lr is None:
+            break
+        optimizer.rescale(lr)
+        redos += 1
+    return redos
 
 
 def _forward(
@@ -284,6 +346,7 @@ def stale_steps(
     needs_entropy = reads_entropy([spec], params)
     search = LearningRateSearch(cfg.target_kl, cfg.steps)
     every = list(range(int(mask.shape[0])))
+    subset = subset_rows(len(every), groups) if cfg.target_kl is not None else None
 
     def ratio(logp: Tensor) -> Tensor:  # [M] log r_t over the loss tokens, as kl_k3 takes it
         assert old_logp is not None
@@ -299,7 +362,12 @@ def stale_steps(
             if not last:  # done: after the last forward, below
                 report("stale steps", k, cfg.steps)
             search.start_step(None if k == 0 else ratio(trajectory[-1].logp))
-            probes = 0
+            probes = on_subset = 0
+            if k == 1 and subset is not None and old_logp is not None:
+                on_subset = _search_on_subset(
+                    model, seqs, subset, old_logp, k, search, optimizer, temperature, bias
+                )
+                probes = on_subset
             while True:
                 if fused and not last:
                     with torch.enable_grad():
@@ -344,6 +412,7 @@ def stale_steps(
                     point.logp,
                     lr=None if k == 0 else accepted,
                     probes=probes,
+                    subset_probes=on_subset,
                 )
             )
     report("stale steps", cfg.steps, cfg.steps)

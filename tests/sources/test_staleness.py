@@ -29,6 +29,7 @@ from gradlens.sources.staleness import (
     TARGET_BAND,
     LearningRateSearch,
     line_scale,
+    subset_rows,
 )
 
 transformers = pytest.importorskip("transformers")
@@ -163,11 +164,14 @@ def test_the_target_kl_is_reached_from_a_bad_first_guess(llama, guess):
     # model it lands within the band at once
     assert stale.trajectory[2].probes == 0
     assert not any("not within" in n for n in report.model.notes)
-    # one micro-batch: every try at θ_k (k < N) is a forward with autograd, the redos included;
-    # the one at θ_N is measured without autograd; one backward per step
+    # the first step's search starts on a quarter of the sequences (whole prompt groups), by
+    # forwards without autograd; from a guess 30× off it redoes the step there at least once
+    assert first.subset_probes >= 1 and stale.trajectory[2].subset_probes == 0
+    # one micro-batch: every try on the whole batch at θ_k (k < N) is a forward with autograd,
+    # its redos included; the one at θ_N is measured without autograd; one backward per step
     passes = stale.model_pass
     assert passes.micro_batches == 1
-    assert passes.forwards == sum(1 + s.probes for s in stale.trajectory[:-1])
+    assert passes.forwards == sum(1 + s.probes - s.subset_probes for s in stale.trajectory[:-1])
     assert passes.backwards == 2
 
 
@@ -205,7 +209,8 @@ def test_the_tables_say_how_the_steps_ran_and_what_stands_out(llama):
     assert "target KL 0.01: lr searched from 0.05" in text
     first = calm.model.staleness.trajectory[1]
     assert first.probes >= 1  # 0.05 is far off: the step was redone
-    assert f"{first.lr:.3g} ({first.probes + 1})" in text
+    subset = f", {first.subset_probes} on a subset" if first.subset_probes else ""
+    assert f"{first.lr:.3g} ({first.probes + 1} tried{subset})" in text
 
 
 def test_the_line_scale_solves_the_k3_of_a_straight_line_of_log_ratios():
@@ -245,3 +250,22 @@ def test_the_next_step_starts_where_the_last_ones_line_reaches_its_goal():
     expected = 2e-3 * (math.acosh(1.01) / 0.1 - 1)
     assert search.next_lr(1, here, before, 2e-3) == pytest.approx(expected, rel=1e-9)
     assert LearningRateSearch(None, 2).next_lr(1, here, before, 2e-3) == 2e-3  # no target
+
+
+@pytest.mark.parametrize(
+    ("n", "groups", "expected"),
+    [
+        (16, [0] * 4 + [1] * 4 + [2] * 4 + [3] * 4, [0, 4, 8, 12]),  # a quarter of each group
+        (6, [0, 0, 0, 1, 1, 1], [0, 3]),  # ⌈3/4⌉ = 1 of each group
+        (8, [0, 1, 0, 1, 2, 3, 2, 3], [0, 1, 4, 5]),  # groups not consecutive: each one's first
+        (8, None, [0, 1]),  # no groups: one group, its first quarter
+        (9, [0] * 9, [0, 1, 2]),  # ⌈9/4⌉
+        (8, list(range(8)), [0, 4]),  # groups of one: every fourth sequence
+        (4, [0, 1, 2, 2], None),  # one of each group: 3 of 4, more than half the batch
+        (2, None, [0]),  # half
+        (1, None, None),  # the whole batch
+    ],
+)
+def test_the_first_step_is_searched_on_a_quarter_of_every_prompt_group(n, groups, expected):
+    g = None if groups is None else torch.tensor(groups)
+    assert subset_rows(n, g) == expected
