@@ -167,6 +167,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
                 "step": s.step,
                 "lr": s.lr,
                 "probes": s.probes,
+                "subset_probes": s.subset_probes,
                 "kl_k3": s.kl_k3,
                 "clip_region": s.clip_region,
             }

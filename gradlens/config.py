@@ -453,6 +453,13 @@ class BatchSource(Strict):
         "directory, a tokenizer.json file or 'builtin'; null: model_path's tokenizer, or ids "
         "only",
     )
+    shared_prefix: bool = Field(
+        True,
+        description="with model_path: the forwards (the recomputed hidden states, the "
+        "whole-model gradients) put the responses to one prompt in one row after a single copy "
+        "of it, where that saves positions and the model passes a packed-vs-padded check; "
+        "false: the padded grid",
+    )
 
     @model_validator(mode="after")
     def _model_settings(self) -> BatchSource:

@@ -74,6 +74,7 @@ def build_batch_file(src: BatchSource, ctx: SourceContext) -> Batch:
             device,
             dtype,
             whole_model_of=str(path) if src.runs_whole_model else None,
+            shared_prefix=src.shared_prefix,
         )
         hidden, weight, context = recomputed.hidden, recomputed.weight, recomputed.context
         tokenizer = recomputed.tokenizer

@@ -15,7 +15,11 @@ so the batch is the one a file storing those hidden states would give, on the sa
 grid. The lm_head weight is the checkpoint's (with a bias, W gains it as a last column and h a
 constant 1, as in the model source). Columns of left padding shared by every sequence are
 dropped before the forward, which runs in groups of sequences of at most `TOKENS_PER_PASS`
-tokens.
+tokens. Responses to one prompt (a GRPO group: verl repeats each prompt n times) go through in
+one row after a single copy of the prompt (``source.shared_prefix``, on by default:
+`gradlens.sources.shared_prefix`, checked on the model first, used where it saves positions),
+in the recompute and in the whole-model gradients; the hidden states are the padded grid's up
+to rounding.
 
 With ``whole_model`` (``source.whole_model``, on by default with a checkpoint) the model and
 the sequences are kept in a `ModelContext` on the batch, and every loss also runs through the
@@ -43,6 +47,7 @@ from gradlens.errors import GradlensError
 from gradlens.progress import report
 from gradlens.sources.checkpoint import load_checkpoint
 from gradlens.sources.forward import check_logit_path, final_hidden, head_weight, position_ids
+from gradlens.sources.shared_prefix import with_shared_prefix
 
 KEY = "source.model_path"
 BUILTIN = "builtin"  # model_path naming the shipped tiny model
@@ -70,12 +75,15 @@ def recompute_hidden(
     device: torch.device,
     dtype: torch.dtype,
     whole_model_of: str | None = None,
+    shared_prefix: bool = True,
 ) -> Recomputed:
     """The hidden states and lm_head weight of the batch ``data`` (`read_batch_tensors` with
     ``prompts=True``) under the checkpoint at ``model_path``.
 
     ``whole_model_of``: the batch file's path (named in the report), to keep the model and the
     sequences for the whole-model gradients (`Recomputed.context`); None releases the model.
+    ``shared_prefix``: the forwards pack the responses to one prompt after one copy of it
+    (`gradlens.sources.shared_prefix.with_shared_prefix`).
     """
     loaded = load_checkpoint(None if model_path == BUILTIN else model_path, device, dtype, KEY)
     tokens, mask = data["tokens"], data["mask"]  # [N, T]
@@ -100,19 +108,22 @@ def recompute_hidden(
 
     loss_grid = torch.zeros(n, width - 1, dtype=torch.bool)
     loss_grid[:, p - 1 :] = mask
+    seqs = Sequences(
+        ids.to(device),
+        attention.long().to(device),
+        position_ids(attention).to(device),
+        loss_grid.to(device),
+    )
+    problem = None
+    if shared_prefix:
+        seqs, problem = with_shared_prefix(loaded.model, seqs)
     step = max(1, TOKENS_PER_PASS // width)
     parts = []
     with torch.no_grad():
         for start in range(0, n, step):
             report("recompute", start, n)
-            rows = slice(start, start + step)
-            seqs = Sequences(
-                ids[rows].to(device),
-                attention[rows].long().to(device),
-                position_ids(attention[rows]).to(device),
-                loss_grid[rows].to(device),
-            )
-            h = final_hidden(loaded.model, seqs, temperature, loaded.bias)  # [n, P+T−1, H]
+            part = seqs.select(list(range(start, min(start + step, n))))
+            h = final_hidden(loaded.model, part, temperature, loaded.bias)  # [n, P+T−1, H]
             parts.append(h[:, p - 1 :])  # column P + t − 1 predicts response token t
         report("recompute", n, n)
     hidden = torch.cat(parts)  # [N, T, H(+1)]
@@ -124,14 +135,14 @@ def recompute_hidden(
         f"{f', T = {temperature:g}' if temperature != 1.0 else ''}) from the prompt + response "
         "token ids"
     )
+    if seqs.share_prefix:
+        description += "; the responses to one prompt after one copy of it"
+    notes = []
+    if problem is not None:
+        notes.append(f"source.shared_prefix: the sequences went through padded: {problem}")
+        description += f"; {notes[-1]}"
     context = None
     if whole_model_of is not None:
-        seqs = Sequences(
-            ids.to(device),
-            attention.long().to(device),
-            position_ids(attention).to(device),
-            loss_grid.to(device),
-        )
         context = ModelContext(
             loaded,
             seqs,
@@ -140,6 +151,7 @@ def recompute_hidden(
             offset=p - 1,
             keys=WHOLE_MODEL_KEYS,
             batch_file=whole_model_of,
+            notes=notes,
         )
         description += "; every loss also runs through the whole model"
     return Recomputed(hidden, weight, description, context, loaded.tokenizer)

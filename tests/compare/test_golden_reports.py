@@ -110,6 +110,8 @@ def upgrade(report: dict[str, Any]) -> dict[str, Any]:
     report["config"]["diagnostics"].setdefault("attribution", "auto")
     if report["config"]["source"]["kind"] == "batch":
         report["config"]["source"].setdefault("tokenizer", None)
+        # added with the packed passes of a batch file's checkpoint (on by default)
+        report["config"]["source"].setdefault("shared_prefix", True)
     mismatch = (report.get("model") or {}).get("mismatch")
     if mismatch is not None and "mean_abs_diff" in mismatch:
         mismatch["abs_diff_mean"] = mismatch.pop("mean_abs_diff")

@@ -370,6 +370,49 @@ def test_whole_model_false_skips_them_and_lets_the_engine_stream(tmp_path, check
     assert run_compare(streamed).engine.path == "streamed"  # type: ignore[union-attr]
 
 
+def grouped_file(tmp_path: Path, rollout: dict, group: int = 3) -> Path:
+    """verl's layout with each prompt repeated ``group`` times (``n`` samples per prompt,
+    consecutive as verl's repeat(interleave=True) leaves them), each with its own response."""
+    gen = torch.Generator().manual_seed(5)
+    rows = torch.arange(N).repeat_interleave(group)
+    data = {k: rollout[k][rows].clone() for k in (*LAYOUTS["verl"], "prompt_mask")}
+    lengths = torch.randint(1, T + 1, (len(rows),), generator=gen)
+    for i, t in enumerate(lengths.tolist()):
+        data["responses"][i] = 0
+        data["responses"][i, :t] = torch.randint(1, VOCAB, (t,), generator=gen)
+        data["response_mask"][i] = 0
+        data["response_mask"][i, :t] = 1
+    data["attention_mask"] = torch.cat([data["prompt_mask"], data["response_mask"]], dim=1)
+    data["advantages"] = torch.randn(len(rows), dtype=torch.float64, generator=gen)
+    path = tmp_path / "grouped.pt"
+    torch.save(pick(data, *LAYOUTS["verl"]), path)
+    return path
+
+
+@pytest.mark.slow
+def test_a_grouped_batch_file_goes_through_with_one_copy_of_each_prompt(
+    tmp_path, checkpoint, rollout
+):
+    path = grouped_file(tmp_path, rollout)
+    cfg = {"model_path": str(checkpoint), "temperature": TEMPERATURE}
+    packed = compare(path, **cfg)
+    padded = compare(path, **cfg, shared_prefix=False)
+    assert packed.passed and padded.passed
+    done, grid = packed.model.gradient_pass, padded.model.gradient_pass
+    assert done.shared_prefix and not grid.shared_prefix
+    assert done.padded_positions == grid.positions and done.positions < grid.positions
+    assert "the responses to one prompt after one copy of it" in packed.batch.source
+    assert "one copy" not in padded.batch.source
+    # float64, but transformers' LlamaRMSNorm computes in float32: the packed products have
+    # other shapes, so the two agree to float32's rounding (as the model source's passes)
+    for a, b in zip(packed.losses, padded.losses, strict=True):
+        assert a.loss == pytest.approx(b.loss, rel=1e-6, abs=1e-9)
+        assert a.rows.total_norm == pytest.approx(b.rows.total_norm, rel=1e-6)
+        assert a.model_grads.total_norm == pytest.approx(b.model_grads.total_norm, rel=1e-6)
+        for x, y in zip(a.model_grads.groups, b.model_grads.groups, strict=True):
+            assert x.name == y.name and x.norm == pytest.approx(y.norm, rel=1e-6, abs=1e-12)
+
+
 @pytest.mark.slow
 def test_the_cli_table_and_json_of_a_batch_file_with_a_checkpoint(tmp_path, checkpoint, rollout):
     from gradlens.report.serialize import json_schema
