@@ -168,7 +168,10 @@ def _same(a: Any, b: Any) -> bool:
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    return a is b or a == b
+    try:
+        return a is b or bool(a == b)
+    except (TypeError, ValueError, RuntimeError):  # no single truth value: not known equal
+        return False
 
 
 @contextmanager
