@@ -361,8 +361,9 @@ class ModelSource(Strict):
     )
     shared_prefix: bool = Field(
         True,
-        description="the training passes (π_old, the stale steps, the whole-model gradients) "
-        "put the completions of one prompt in one row after a single copy of it, each "
+        description="the training passes (π_old, the stale steps, the whole-model gradients, "
+        "a distillation teacher's forward) put the completions of one prompt in one row after "
+        "a single copy of it, each "
         "attending to the prompt and itself only (a 4D attention mask): the padded batch's "
         "numbers up to rounding, for the prompt computed once per group instead of once per "
         "completion; used where it saves positions and the model's forward is checked to "

@@ -179,16 +179,22 @@ def build_model_batch(src: ModelSource, ctx: SourceContext) -> Batch:
     weight = head_weight(loaded.model).detach().clone()
     teacher = None
     if src.teacher_path is not None:
-        teacher = model_teacher(
+        teacher, teacher_problem = model_teacher(
             teacher_dir(src.teacher_path),
             loaded,
-            rollout.sequences,  # the teacher's forward is not checked for packing
+            rollout.sequences,  # packed after the teacher's own check
             seqs.tokens,
             src.temperature,
             device,
             dtype,
             pass_budget(ctx.memory_budget_bytes, device),
+            shared_prefix=src.shared_prefix,
         )
+        if teacher_problem is not None:
+            notes.append(
+                "source.shared_prefix: the teacher's forward went through padded: "
+                f"{teacher_problem}"
+            )
     record = RolloutRecord(
         prompts=group_prompts,
         prompt_count=len(prompts),

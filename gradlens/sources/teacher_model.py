@@ -12,12 +12,18 @@ with T = ``source.temperature``, the student's sampling temperature (GKD and ver
 teacher's logits by the same T), and log q_t(y_t) of each sampled token (on-policy
 distillation's ℓ^T, `gradlens.losses.opd`). Both forms of ``loss.distill`` read the pair.
 
+With ``source.shared_prefix`` the teacher's forward packs each prompt's completions after one
+copy of it, as the student's passes do, after its own check (a teacher may honour a 4D mask
+where the student does not, or not).
+
 The two checkpoints must share one vocabulary: the teacher's lm_head rows and its tokenizer's
 size must equal the student's, or the run is refused (a teacher whose ids mean other tokens
 cannot be compared entry by entry). Its logits must be W'·h' (`check_logit_path`).
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -29,6 +35,7 @@ from gradlens.progress import report
 from gradlens.sources.checkpoint import load_checkpoint
 from gradlens.sources.forward import check_logit_path, final_hidden, head_weight
 from gradlens.sources.microbatch import loss_tokens, plan_micro_batches, probe
+from gradlens.sources.shared_prefix import with_shared_prefix
 
 KEY = "source.teacher_path"
 
@@ -63,9 +70,14 @@ def model_teacher(
     device: torch.device,
     dtype: torch.dtype,
     budget_bytes: int,
-) -> Teacher:
+    shared_prefix: bool = False,
+) -> tuple[Teacher, str | None]:
     """The teacher of the module docstring on the student's sequences ``seqs`` (the batch's
-    [N, L − 1] grid, ``tokens`` its sampled tokens); ``path`` None is the built-in model."""
+    [N, L − 1] grid, ``tokens`` its sampled tokens); ``path`` None is the built-in model. With
+    ``shared_prefix`` the forward packs each prompt's completions after one copy of it, where
+    that saves positions and the teacher passes the check of
+    `gradlens.sources.shared_prefix.with_shared_prefix`; the second value is the problem that
+    kept it padded, or None."""
     report("loading the teacher checkpoint", 0, 1)
     loaded = load_checkpoint(path, device, dtype, key=KEY)
     report("loading the teacher checkpoint", 1, 1)
@@ -73,6 +85,10 @@ def model_teacher(
     first = seqs.input_ids[0][seqs.attention_mask[0].bool()].tolist()
     if len(first) > 1:
         check_logit_path(loaded, first, device, key=KEY)
+    problem = None
+    seqs = replace(seqs, share_prefix=False)
+    if shared_prefix:
+        seqs, problem = with_shared_prefix(loaded.model, seqs)
     per_sequence = probe(loaded.model, seqs, temperature, loaded.bias)
     vocab = loaded.vocab_size
     plan = plan_micro_batches(loss_tokens(seqs.loss_mask), per_sequence, vocab, budget_bytes)
@@ -85,4 +101,5 @@ def model_teacher(
         hidden = torch.cat(parts)  # [N, L − 1, H'(+1)], the groups in order
         weight = head_weight(loaded.model).detach().clone()  # [V, H'(+1)]
         logp = token_logp(compute_logits(hidden, weight), tokens)  # [N, L − 1]
-    return Teacher(hidden=hidden, weight=weight, sampled_logp=logp.to(softmax_dtype(dtype)))
+    teacher = Teacher(hidden=hidden, weight=weight, sampled_logp=logp.to(softmax_dtype(dtype)))
+    return teacher, problem

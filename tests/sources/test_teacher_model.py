@@ -181,3 +181,30 @@ def test_a_dump_of_the_model_source_carries_the_teacher(
     m = data["mask"]
     assert torch.equal(data["teacher_logp"][m], batch.teacher.sampled_logp[batch.mask])
     assert data["teacher_hidden"].shape[:2] == m.shape
+
+
+def test_the_teachers_forward_packs_after_its_own_check(
+    checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gradlens.sources.teacher_model as teacher_model
+
+    checked = []
+
+    def refused(model: object, seqs: object) -> tuple[object, str]:
+        checked.append(model)
+        return seqs, "its forward ignores the 4D mask"
+
+    packed = batch_of(config(checkpoints["student"], checkpoints["teacher"]))
+    monkeypatch.setattr(teacher_model, "with_shared_prefix", refused)
+    padded = batch_of(config(checkpoints["student"], checkpoints["teacher"]))
+    assert len(checked) == 1 and checked[0] is not padded.model_context.loaded.model
+    notes = padded.model_context.notes
+    assert any("teacher's forward went through padded: its forward ignores" in n for n in notes)
+    assert not any("teacher" in n for n in packed.model_context.notes)
+    # the packed teacher and the padded one: the same log-probs up to rounding (float64)
+    m = packed.mask
+    assert packed.teacher is not None and padded.teacher is not None
+    assert packed.teacher.sampled_logp is not None and padded.teacher.sampled_logp is not None
+    torch.testing.assert_close(
+        packed.teacher.sampled_logp[m], padded.teacher.sampled_logp[m], rtol=1e-12, atol=1e-12
+    )
