@@ -267,7 +267,7 @@ def build_model_batch(src: ModelSource, ctx: SourceContext) -> Batch:
             staleness=stale.record,
             notes=notes,
             whole_model=not on_disk,
-            tape=stale.tape,
+            tape=None if on_disk else stale.tape,  # kept only for the gradients to replay
         ),
         kept=kept,
         teacher=teacher,
