@@ -294,14 +294,15 @@ def _backward_blockwise(
     of an earlier forward of these sequences at these parameters, the blocks are not run
     forward again (`replayed_blocks`); returns whether they were."""
     model = micro.ctx.loaded.model
-    replayed = recorded is not None
-    try:
-        if recorded is None:
-            raise BlockwiseUnsupported("nothing recorded")
-        with replayed_blocks(model, recorded) as tape:
-            losses = micro.losses(rows, names)
-    except BlockwiseUnsupported:
-        replayed = False
+    replayed = False
+    if recorded is not None:
+        try:
+            with replayed_blocks(model, recorded) as tape:
+                losses = micro.losses(rows, names)
+            replayed = True
+        except BlockwiseUnsupported:  # not the recorded forward: a forward of their own
+            pass
+    if not replayed:
         with taped_blocks(model) as tape:
             losses = micro.losses(rows, names)
     assert tape.exit is not None and tape.entry is not None

@@ -126,8 +126,9 @@ class StaleStep(Result):
     )
     subset_probes: int = Field(
         0,
-        description="of the probes, those measured on a quarter of the sequences (whole prompt "
-        "groups) by a forward without autograd: the first step's search starts there",
+        description="of the probes, those measured on a quarter of each prompt group's "
+        "completions (every prompt represented) by a forward without autograd: the first "
+        "step's search starts there",
     )
     loss: float | None = Field(description="the stale loss at θ_k (null after the last step)")
     ratio_mean: float | None

@@ -64,7 +64,7 @@ from gradlens.sources.passes import full_sequence_logp, score_alone
 from gradlens.sources.prompts import choose_prompts, has_chat_template, tokenize_prompts
 from gradlens.sources.rewards import default_reward, load_reward, score
 from gradlens.sources.rollout import rollout_dtype, sample, stop_tokens
-from gradlens.sources.shared_prefix import with_shared_prefix
+from gradlens.sources.shared_prefix import padded_note, with_shared_prefix
 from gradlens.sources.staleness import stale_steps
 from gradlens.sources.teacher_model import model_teacher
 
@@ -149,7 +149,7 @@ def build_model_batch(src: ModelSource, ctx: SourceContext) -> Batch:
     if src.shared_prefix:
         seqs, problem = with_shared_prefix(loaded.model, seqs)
         if problem is not None:
-            notes.append(f"source.shared_prefix: the sequences went through padded: {problem}")
+            notes.append(padded_note(problem))
     mask = seqs.loss_mask
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     advantages = (adv.to(device)[:, None] * mask).to(acc)  # [N, T], 0 off the completion
@@ -191,10 +191,7 @@ def build_model_batch(src: ModelSource, ctx: SourceContext) -> Batch:
             shared_prefix=src.shared_prefix,
         )
         if teacher_problem is not None:
-            notes.append(
-                "source.shared_prefix: the teacher's forward went through padded: "
-                f"{teacher_problem}"
-            )
+            notes.append(padded_note(teacher_problem, "the teacher's forward"))
     record = RolloutRecord(
         prompts=group_prompts,
         prompt_count=len(prompts),

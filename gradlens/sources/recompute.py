@@ -47,7 +47,7 @@ from gradlens.errors import GradlensError
 from gradlens.progress import report
 from gradlens.sources.checkpoint import load_checkpoint
 from gradlens.sources.forward import check_logit_path, final_hidden, head_weight, position_ids
-from gradlens.sources.shared_prefix import with_shared_prefix
+from gradlens.sources.shared_prefix import padded_note, with_shared_prefix
 
 KEY = "source.model_path"
 BUILTIN = "builtin"  # model_path naming the shipped tiny model
@@ -139,7 +139,7 @@ def recompute_hidden(
         description += "; the responses to one prompt after one copy of it"
     notes = []
     if problem is not None:
-        notes.append(f"source.shared_prefix: the sequences went through padded: {problem}")
+        notes.append(padded_note(problem))
         description += f"; {notes[-1]}"
     context = None
     if whole_model_of is not None:

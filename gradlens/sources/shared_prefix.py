@@ -275,3 +275,8 @@ def with_shared_prefix(model: Any, seqs: Sequences) -> tuple[Sequences, str | No
         return seqs, None
     problem = packing_problem(model, seqs)
     return (seqs if problem is not None else replace(seqs, share_prefix=True)), problem
+
+
+def padded_note(problem: str, what: str = "the sequences") -> str:
+    """The report's note on a pass that `with_shared_prefix` kept padded, and why."""
+    return f"source.shared_prefix: {what} went through padded: {problem}"

@@ -220,22 +220,22 @@ def _search_on_subset(
     seqs: Sequences,
     rows: list[int],
     old_logp: Tensor,
-    k: int,
-    search: LearningRateSearch,
+    target: float,
+    steps: int,
     optimizer: StaleOptimizer,
     temperature: float,
     bias: bool,
 ) -> int:
-    """Step k's learning rate searched on the sequences ``rows`` alone, by forwards without
-    autograd, before the whole batch's forward (module docstring); returns the redos taken.
-    Only for k = 1, whose log-ratios start at 0 (θ_0 = θ_old)."""
+    """The first step's learning rate searched on the sequences ``rows`` alone, by forwards
+    without autograd, before the whole batch's forward (module docstring); returns the redos
+    taken. Its log-ratios start at 0 (θ_0 = θ_old)."""
     mask = seqs.loss_mask[rows]
-    local = LearningRateSearch(search.target, search.steps, SUBSET_BAND)
-    local.start_step(torch.zeros(int(mask.sum()), dtype=torch.float64, device=mask.device))
+    search = LearningRateSearch(target, steps, SUBSET_BAND)
+    search.start_step(torch.zeros(int(mask.sum()), dtype=torch.float64, device=mask.device))
     redos = 0
     while redos < MAX_PROBES:
         logp = _forward(model, seqs, rows, temperature, bias).logp
-        lr = local.propose(k, (logp - old_logp[rows])[mask].double(), optimizer.lr)
+        lr = search.propose(1, (logp - old_logp[rows])[mask].double(), optimizer.lr)
         if lr is None:
             break
         optimizer.rescale(lr)
@@ -364,9 +364,11 @@ def stale_steps(
             search.start_step(None if k == 0 else ratio(trajectory[-1].logp))
             probes = on_subset = 0
             if k == 1 and subset is not None and old_logp is not None:
+                assert cfg.target_kl is not None  # a subset is chosen only with a target
                 on_subset = _search_on_subset(
-                    model, seqs, subset, old_logp, k, search, optimizer, temperature, bias
-                )
+                    model, seqs, subset, old_logp, cfg.target_kl, cfg.steps, optimizer,
+                    temperature, bias,
+                )  # fmt: skip
                 probes = on_subset
             while True:
                 if fused and not last:
