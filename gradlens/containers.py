@@ -172,6 +172,10 @@ class ModelContext:
     # the last forward at θ (the model source's stale steps), which the whole-model gradients
     # replay instead of a forward of their own; dropped once used
     tape: BlockTape | None = None
+    # s: the bytes one sequence's forward with autograd keeps for its backward, measured on
+    # ``sequences`` by the stale steps (`gradlens.sources.microbatch.probe`; the parameters'
+    # values do not change it), which the whole-model gradients' memory plan takes as it is
+    sequence_bytes: int | None = None
 
 
 # (field, index) → the name of that entry as the user knows it; see `Origin`.

@@ -187,7 +187,10 @@ def micro_divergence(
 def cut_blocks(model: Any, ctx: ModelContext) -> list[nn.Module] | None:
     """The transformer blocks when the backward can go one block at a time, else None: the
     parameters allow the cut, and a taped forward of one sequence (without autograd) finds
-    nothing against it (`gradlens.sources.blockwise`), before the memory is planned."""
+    nothing against it (`gradlens.sources.blockwise`), before the memory is planned. A tape
+    the stale steps recorded (``ctx.tape``) is such a forward, of every sequence: its blocks."""
+    if ctx.tape is not None:
+        return ctx.tape.blocks
     try:
         with torch.no_grad(), taped_blocks(model) as tape:
             final_hidden(model, ctx.sequences.select([0]), ctx.temperature, ctx.loaded.bias)
@@ -365,7 +368,9 @@ def model_gradients(
     seqs = ctx.sequences
     names = [r.name for r in reports]
     blocks = cut_blocks(model, ctx)  # None: the whole graph is kept (no clean cut)
-    per_sequence = probe(model, seqs, ctx.temperature, bias)
+    per_sequence = ctx.sequence_bytes
+    if per_sequence is None:  # not measured on these sequences yet
+        per_sequence = probe(model, seqs, ctx.temperature, bias)
     if blocks is not None:
         per_sequence = checkpointed_bytes(per_sequence, model, seqs)
     plan, per_forward = gradient_plan(

@@ -45,8 +45,6 @@ mask", `gradlens.grads.replay`). The stale steps use the whole vocabulary either
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from gradlens.advantages import advantages_from_rewards
@@ -63,7 +61,7 @@ from gradlens.sources.microbatch import pass_budget
 from gradlens.sources.passes import full_sequence_logp, score_alone
 from gradlens.sources.prompts import choose_prompts, has_chat_template, tokenize_prompts
 from gradlens.sources.rewards import default_reward, load_reward, score
-from gradlens.sources.rollout import rollout_dtype, sample, stop_tokens
+from gradlens.sources.rollout import rollout_copy, rollout_dtype, sample, stop_tokens
 from gradlens.sources.shared_prefix import padded_note, with_shared_prefix
 from gradlens.sources.staleness import stale_steps
 from gradlens.sources.teacher_model import model_teacher
@@ -116,7 +114,7 @@ def build_model_batch(src: ModelSource, ctx: SourceContext) -> Batch:
             f"source.rollout_dtype to the run's dtype ({DTYPE_NAMES_OF[dtype]}), or place every "
             "module on cpu or a device"
         )
-    roller = loaded.model if roll_dtype == dtype else copy.deepcopy(loaded.model).to(roll_dtype)
+    roller = loaded.model if roll_dtype == dtype else rollout_copy(loaded.model, roll_dtype)
     gen = torch.Generator().manual_seed(ctx.seed)
     rollout = sample(
         roller,
@@ -265,6 +263,7 @@ def build_model_batch(src: ModelSource, ctx: SourceContext) -> Batch:
             notes=notes,
             whole_model=not on_disk,
             tape=None if on_disk else stale.tape,  # kept only for the gradients to replay
+            sequence_bytes=stale.sequence_bytes,
         ),
         kept=kept,
         teacher=teacher,

@@ -29,6 +29,7 @@ same column; positions count real tokens only, so padding changes nothing.
 
 from __future__ import annotations
 
+import copy
 import inspect
 from dataclasses import dataclass
 from typing import Any
@@ -62,6 +63,23 @@ def rollout_dtype(name: str, device: torch.device) -> tuple[str, str]:
     if native_bf16(device):
         return "bfloat16", f"auto: {device.type} computes bf16 natively"
     return "float32", f"auto: no native bf16 on this {device.type}"
+
+
+@torch.no_grad()
+def rollout_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of ``model`` whose floating-point parameters and buffers are in ``dtype``, each
+    converted straight from the original (as ``copy.deepcopy(model).to(dtype)`` makes it, the
+    same bits, without the whole model copied first in its own dtype: for a 135M-parameter
+    float32 model and bfloat16, 0.27 GB written instead of 0.81 GB)."""
+    memo: dict[int, Any] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) in memo or not t.is_floating_point():
+            continue
+        converted = t.detach().to(dtype)
+        if isinstance(t, nn.Parameter):
+            converted = nn.Parameter(converted, requires_grad=t.requires_grad)
+        memo[id(t)] = converted
+    return copy.deepcopy(model, memo).to(dtype)  # .to: whatever the memo did not reach
 
 
 def stop_tokens(loaded: LoadedModel) -> list[int]:

@@ -118,6 +118,8 @@ class StaleResult:
     hidden: Tensor  # [N, T, H] h_t/T at θ_N (detached), for the batch
     old_kept_log_mass: Tensor | None = None  # [N, T] log S^old_t of the kept sets, if given
     tape: BlockTape | None = None  # the blocks of the forward at θ_N (one micro-batch), recorded
+    # s: the bytes one sequence's forward with autograd keeps (`probe`, at θ_0), when measured
+    sequence_bytes: int | None = None
 
 
 class LearningRateSearch:
@@ -338,9 +340,8 @@ def stale_steps(
         own_memory(trainable)
     optimizer = StaleOptimizer(trainable, cfg.optimizer, cfg.lr, cfg.steps)
     vocab = int(head_weight(model).shape[0])
-    per_sequence = 0
-    if cfg.steps:
-        per_sequence = checkpointed_bytes(probe(model, seqs, temperature, bias), model, seqs)
+    probed = probe(model, seqs, temperature, bias) if cfg.steps else None
+    per_sequence = 0 if probed is None else checkpointed_bytes(probed, model, seqs)
     plan = plan_micro_batches(loss_tokens(mask), per_sequence, vocab, budget_bytes)
     fused = plan.single  # update each parameter inside the backward
     needs_entropy = reads_entropy([spec], params)
@@ -439,7 +440,7 @@ def stale_steps(
         target_kl=cfg.target_kl,
         model_pass=model_pass if cfg.steps else None,
     )
-    return StaleResult(record, old_logp, point.hidden, old_mass, point.tape)
+    return StaleResult(record, old_logp, point.hidden, old_mass, point.tape, probed)
 
 
 @torch.no_grad()

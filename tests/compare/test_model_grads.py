@@ -197,7 +197,9 @@ def test_one_block_at_a_time_equals_the_whole_graph(checkpoints, arch, monkeypat
     # agrees to rounding, and the tied pair's inner product (held as rows) to the full sum.
     blockwise = run(checkpoints[arch])
     assert blockwise.model.gradient_pass.checkpointed
-    if arch == "phi":  # found only in a forward: the taped probe of one sequence finds it
+    if arch == "phi":  # found only in a forward: the stale steps' recording of the last
+        # forward finds it (no tape is kept), and so does the taped probe of one sequence
+        monkeypatch.setattr("gradlens.sources.staleness.taped_blocks", refuse_in_the_forward)
         monkeypatch.setattr("gradlens.compare.model_grads.taped_blocks", refuse_in_the_forward)
     else:
         monkeypatch.setattr("gradlens.compare.model_grads.cut_blocks", lambda model, ctx: None)
@@ -224,3 +226,25 @@ def test_the_logit_path_leaf_is_the_batchs_copy_when_it_holds_the_same_values(ch
     assert copy.untyped_storage().data_ptr() != other.weight.untyped_storage().data_ptr()
     assert torch.equal(copy.detach(), head_weight(model).detach())
     assert copy.untyped_storage().data_ptr() != head_weight(model).untyped_storage().data_ptr()
+
+
+def test_the_gradients_plan_with_the_stale_steps_measurement_of_a_sequence(
+    checkpoints, monkeypatch
+):
+    # The stale steps measured what one sequence's forward keeps (at θ_0, on these sequences)
+    # and recorded the last forward: the gradients' plan takes both, without a probe forward.
+    measured = run(checkpoints["llama"])
+
+    def no_probe(*args, **kwargs):
+        raise AssertionError("a forward the stale steps had already made")
+
+    monkeypatch.setattr("gradlens.compare.model_grads.probe", no_probe)
+    # nor a taped forward: neither cut_blocks' of one sequence nor one for the gradients
+    monkeypatch.setattr("gradlens.compare.model_grads.taped_blocks", no_probe)
+    reused = run(checkpoints["llama"])
+    stale_pass = reused.model.staleness.model_pass
+    grads_pass = reused.model.gradient_pass
+    assert grads_pass.checkpointed and stale_pass.checkpointed
+    assert grads_pass.bytes_per_sequence == stale_pass.bytes_per_sequence
+    assert grads_pass == measured.model.gradient_pass
+    assert norms(reused) == norms(measured)

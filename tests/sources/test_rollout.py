@@ -3,6 +3,7 @@ library warnings on the built-in model, and the cache name it uses."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from types import SimpleNamespace
@@ -127,3 +128,36 @@ class _New(nn.Module):
 def test_the_cache_goes_by_the_name_the_forward_takes():
     assert cache_keyword(_Old()) == "past_key_values"
     assert cache_keyword(_New()) == "cache"
+
+
+class WithBuffers(nn.Module):
+    """Tied weights, a float buffer, an integer buffer and a frozen parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(11, 4)
+        self.head = nn.Linear(4, 11, bias=True)
+        self.head.weight = self.embed.weight  # tied
+        self.frozen = nn.Parameter(torch.randn(3), requires_grad=False)
+        self.register_buffer("scale", torch.randn(4))
+        self.register_buffer("steps", torch.arange(5))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_the_rollout_copy_is_the_converted_deep_copy_bit_for_bit(dtype):
+    torch.manual_seed(0)
+    model = WithBuffers()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    copied = rollout_module.rollout_copy(model, dtype)
+    expected = copy.deepcopy(model).to(dtype)
+    got, want = copied.state_dict(), expected.state_dict()
+    assert got.keys() == want.keys()
+    for key in want:
+        assert got[key].dtype == want[key].dtype, key
+        assert torch.equal(got[key], want[key]), key
+    assert copied.head.weight is copied.embed.weight  # the tie survives
+    assert copied.steps.dtype == torch.int64
+    assert not copied.frozen.requires_grad and copied.head.bias.requires_grad
+    for key, value in model.state_dict().items():  # the original is untouched
+        assert value.dtype == before[key].dtype and torch.equal(value, before[key]), key
+    assert copied.embed.weight.data_ptr() != model.embed.weight.data_ptr()
