@@ -32,6 +32,17 @@ baseline: one plain forward and backward of the checkpoint through transformers 
 padded batch of the run's grid; the run's time in those units (``in_baselines``) does not
 drift with the machine's speed as seconds do. Medians over ``--repeats``; the JSON keeps every
 repeat.
+
+The GEMM floor: before the repeats, one more child runs the run with every matrix product
+recorded (``--count-products``: a dispatch mode notes each mm, addmm, bmm and baddbmm by its
+operands' shapes, dtype and layout, and the phase it ran in; recording slows that run, so it is
+not timed). Right after each repeat, the baseline's child also times each distinct product of
+the list alone (random operands of that shape, dtype and layout, repeated for at least 20 ms,
+the faster of two rounds) and sums count × time: ``gemm_floor_seconds``, what the run's
+products take back to back on the machine at that moment, by phase too ("other": outside the
+phases, e.g. the rollout's prompt forward before its first step). The run's wall time over it
+(``in_gemm_floors``) says how much of the run is anything but its products: attention, the
+elementwise work of the blocks, the optimizer, Python, imports.
 The goal it is measured against: under 30 s and 2.5 GB on the 2-core development machine.
 """
 
@@ -81,6 +92,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--results-dir", default=None, help="write model_source_cpu.json here")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--baseline-grid", type=int, nargs=2, help=argparse.SUPPRESS)
+    p.add_argument("--count-products", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--products", default=None, help=argparse.SUPPRESS)
     return p.parse_args()
 
 
@@ -108,6 +121,99 @@ def build_checkpoint(where: Path) -> None:
     model.save_pretrained(where)
 
 
+PRODUCTS = ("mm", "addmm", "bmm", "baddbmm")  # aten ops; addmm, baddbmm: a bias + a product
+
+
+def operand_layout(t: Any) -> str:
+    """'t' for a transposed (column-major) matrix view, else 'n': the GEMM kernel differs."""
+    return "t" if t.dim() >= 2 and t.stride(-2) == 1 and t.shape[-2] > 1 else "n"
+
+
+def count_products(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The run's matrix products: each distinct (phase, op, dtype, shapes, layouts) with its
+    count (module docstring). The run is not timed."""
+    import collections
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from gradlens.compare import run_compare
+    from gradlens.config import build_config
+    from gradlens.progress import reporting
+
+    counts: collections.Counter[tuple[Any, ...]] = collections.Counter()
+    current = ["other"]
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(
+            self,
+            func: Any,
+            types: Any,
+            args: tuple[Any, ...] = (),
+            kwargs: dict[str, Any] | None = None,
+        ) -> Any:
+            name = func._overloadpacket.__name__
+            if name in PRODUCTS:
+                a, b = args[1:3] if name in ("addmm", "baddbmm") else args[:2]
+                op = "bmm" if a.dim() == 3 else "mm"
+                dtype = str(a.dtype).removeprefix("torch.")
+                layout = operand_layout(a) + operand_layout(b)
+                counts[(current[0], op, dtype, tuple(a.shape), tuple(b.shape), layout)] += 1
+            return func(*args, **(kwargs or {}))
+
+    def callback(task: str, completed: int, total: int) -> None:
+        current[0] = "other" if completed >= total else task
+
+    with reporting(callback), Recorder():
+        run_compare(build_config(None, run_overrides(args)))
+    fields = ("phase", "op", "dtype", "a", "b", "layout")
+    return [{**dict(zip(fields, key, strict=True)), "count": n} for key, n in counts.items()]
+
+
+def gemm_floor(products: list[dict[str, Any]]) -> dict[str, float]:
+    """Seconds the products take alone, by phase and in all: each distinct product timed on
+    random operands of its shape, dtype and layout, repeated for at least 20 ms, the faster
+    of two such rounds."""
+    import torch
+
+    def operand(shape: list[int], dtype: torch.dtype, transposed: bool) -> torch.Tensor:
+        if not transposed:
+            return torch.randn(shape).to(dtype)
+        return torch.randn([*shape[:-2], shape[-1], shape[-2]]).to(dtype).transpose(-1, -2)
+
+    per_call: dict[tuple[Any, ...], float] = {}
+    floor: dict[str, float] = {"all": 0.0}
+    for p in products:
+        key = (p["op"], p["dtype"], tuple(p["a"]), tuple(p["b"]), p["layout"])
+        if key not in per_call:
+            dtype = getattr(torch, p["dtype"])
+            a = operand(p["a"], dtype, p["layout"][0] == "t")
+            b = operand(p["b"], dtype, p["layout"][1] == "t")
+            product = torch.bmm if p["op"] == "bmm" else torch.mm
+            product(a, b)  # warm-up
+            rounds = []
+            for _ in range(2):  # the faster round: a floor
+                calls, start = 0, time.perf_counter()
+                while calls < 3 or time.perf_counter() - start < 0.02:
+                    product(a, b)
+                    calls += 1
+                rounds.append((time.perf_counter() - start) / calls)
+            per_call[key] = min(rounds)
+        seconds = per_call[key] * p["count"]
+        floor[p["phase"]] = floor.get(p["phase"], 0.0) + seconds
+        floor["all"] += seconds
+    return floor
+
+
+def run_overrides(args: argparse.Namespace) -> list[str]:
+    return [
+        "source.kind=model",
+        f"source.path={args.model_dir}",
+        "diagnostics.top_k=5",
+        *OVERRIDES,
+        *args.set,
+    ]
+
+
 def child(args: argparse.Namespace) -> dict[str, Any]:
     """One run in this process: the phases' wall and CPU times, and the report's facts."""
     start_wall, start_cpu = time.perf_counter(), time.process_time()
@@ -126,16 +232,9 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
             phase["seconds"] = now - phase["start"]
             phase["cpu_seconds"] = cpu - phase["cpu_start"]
 
-    overrides = [
-        "source.kind=model",
-        f"source.path={args.model_dir}",
-        "diagnostics.top_k=5",
-        *OVERRIDES,
-        *args.set,
-    ]
     imported = time.perf_counter() - start_wall
     with reporting(callback):
-        report = run_compare(build_config(None, overrides))
+        report = run_compare(build_config(None, run_overrides(args)))
     total = time.perf_counter() - start_wall
     model = report.model
     assert model is not None and model.staleness is not None and model.rollout is not None
@@ -216,11 +315,17 @@ def loadavg() -> list[float]:
         return [float(x) for x in fh.read().split()[:3]]
 
 
-def run_once(args: argparse.Namespace) -> dict[str, Any]:
-    """A child run with its peak memory and the machine's other load."""
-    cmd = [sys.executable, __file__, "--child", "--model-dir", args.model_dir]
+def child_command(args: argparse.Namespace, *flags: str) -> list[str]:
+    cmd = [sys.executable, __file__, *flags, "--model-dir", args.model_dir]
     for s in args.set:
         cmd += ["--set", s]
+    return cmd
+
+
+def run_once(args: argparse.Namespace, products: str) -> dict[str, Any]:
+    """A child run with its peak memory and the machine's other load; then the baseline and
+    the GEMM floor of the products listed in the file ``products``."""
+    cmd = child_command(args, "--child")
     before_load, before_busy = loadavg(), busy_jiffies()
     start = time.perf_counter()
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
@@ -241,16 +346,21 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
     rows, width = result["grid"]
     baseline = subprocess.run(
         [sys.executable, __file__, "--model-dir", args.model_dir, "--baseline-grid", str(rows),
-         str(width)],
+         str(width), "--products", products],
         check=True, capture_output=True, text=True,
     )  # fmt: skip
-    baseline_seconds = float(json.loads(baseline.stdout.strip().splitlines()[-1]))
+    measured = json.loads(baseline.stdout.strip().splitlines()[-1])
+    baseline_seconds = float(measured["baseline_seconds"])
+    floor = measured["gemm_floor_seconds"]
     result.update(
         {
             "process_seconds": wall,
             "baseline_seconds": baseline_seconds,
             # the run's wall time in plain forward+backward passes measured right after it
             "in_baselines": wall / baseline_seconds,
+            # what the run's matrix products alone take, measured right after it, by phase
+            "gemm_floor_seconds": floor,
+            "in_gemm_floors": wall / floor["all"],
             "peak_rss_bytes": usage.ru_maxrss * 1024,
             "child_cpu_seconds": child_cpu,
             "other_load_cores": max(other, 0.0) / wall,
@@ -303,34 +413,67 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args)))
         return
+    if args.count_products:
+        print(json.dumps(count_products(args)))
+        return
     if args.baseline_grid:
-        print(json.dumps(plain_forward_backward(args.model_dir, *args.baseline_grid)))
+        baseline = plain_forward_backward(args.model_dir, *args.baseline_grid)
+        products = json.loads(Path(args.products).read_text(encoding="utf-8"))
+        print(
+            json.dumps({"baseline_seconds": baseline, "gemm_floor_seconds": gemm_floor(products)})
+        )
         return
     where = Path(args.model_dir)
     build_checkpoint(where)
+    counted = subprocess.run(
+        child_command(args, "--count-products"), check=True, capture_output=True, text=True
+    )
+    products = json.loads(counted.stdout.strip().splitlines()[-1])
     runs = []
-    for i in range(args.repeats):
-        runs.append(run_once(args))
-        r = runs[-1]
-        phases = ", ".join(
-            f"{k} {v['seconds']:.1f} s ({v['cpu_seconds'] / max(v['seconds'], 1e-9):.2f} cores)"
-            for k, v in r["phases"].items()
-            if v["seconds"] is not None
-        )
-        print(
-            f"run {i + 1}: {r['process_seconds']:.1f} s ({r['in_baselines']:.1f} plain "
-            f"forward+backward passes of {r['baseline_seconds']:.2f} s), "
-            f"peak {r['peak_rss_bytes'] / 1e9:.2f} GB, "
-            f"other load {r['other_load_cores']:.2f} cores, loadavg {r['loadavg_before'][0]:.2f}"
-            f"; {phases}",
-            flush=True,
-        )
+    with tempfile.TemporaryDirectory() as scratch:
+        listed = Path(scratch) / "products.json"
+        listed.write_text(json.dumps(products), encoding="utf-8")
+        for i in range(args.repeats):
+            runs.append(run_once(args, str(listed)))
+            report_run(i, runs[-1])
+    summarise(args, runs, products)
+
+
+def report_run(i: int, r: dict[str, Any]) -> None:
+    phases = ", ".join(
+        f"{k} {v['seconds']:.1f} s ({v['cpu_seconds'] / max(v['seconds'], 1e-9):.2f} cores)"
+        for k, v in r["phases"].items()
+        if v["seconds"] is not None
+    )
+    print(
+        f"run {i + 1}: {r['process_seconds']:.1f} s ({r['in_baselines']:.1f} plain "
+        f"forward+backward passes of {r['baseline_seconds']:.2f} s; "
+        f"{r['in_gemm_floors']:.2f} × its products' {r['gemm_floor_seconds']['all']:.1f} s), "
+        f"peak {r['peak_rss_bytes'] / 1e9:.2f} GB, "
+        f"other load {r['other_load_cores']:.2f} cores, loadavg {r['loadavg_before'][0]:.2f}"
+        f"; {phases}",
+        flush=True,
+    )
+
+
+def summarise(
+    args: argparse.Namespace, runs: list[dict[str, Any]], products: list[dict[str, Any]]
+) -> None:
     phase_names = list(runs[0]["phases"])
+    flops: dict[str, float] = {}
+    for p in products:
+        m, k = p["a"][-2:]
+        n = p["b"][-1]
+        batch = p["a"][0] if p["op"] == "bmm" else 1
+        key = f"{p['phase']} ({p['dtype']})"
+        flops[key] = flops.get(key, 0.0) + 2.0 * batch * m * k * n * p["count"]
+    floor_phases = sorted({k for r in runs for k in r["gemm_floor_seconds"]})
     summary = {
         "benchmark": "model source default run, SmolLM2-135M-shaped random checkpoint",
         "machine": machine(),
         "overrides": OVERRIDES + args.set,
         "goal": {"seconds": GOAL_SECONDS, "peak_rss_bytes": GOAL_BYTES},
+        "product_flops": flops,
         "median": {
             "seconds": median(runs, "process_seconds"),
             "peak_rss_bytes": median(runs, "peak_rss_bytes"),
@@ -338,6 +481,11 @@ def main() -> None:
             "other_load_cores": median(runs, "other_load_cores"),
             "baseline_seconds": median(runs, "baseline_seconds"),
             "in_baselines": median(runs, "in_baselines"),
+            "gemm_floor_seconds": {p: median(runs, "gemm_floor_seconds", p) for p in floor_phases},
+            "in_gemm_floors": median(runs, "in_gemm_floors"),
+            # the machine's speed drifts within a run (a virtual machine): the least of the
+            # repeats' floors is the products at its fastest
+            "gemm_floor_seconds_least": min(r["gemm_floor_seconds"]["all"] for r in runs),
             "phases": {p: median(runs, "phases", p, "seconds") for p in phase_names},
             "phase_cores": {
                 p: (median(runs, "phases", p, "cpu_seconds") or 0.0)
