@@ -88,6 +88,32 @@ def checkpointed_blocks(model: nn.Module) -> Iterator[bool]:
         yield True
 
 
+@contextmanager
+def row_gradient_embedding(model: Any) -> Iterator[bool]:
+    """Inside the block, the input embedding's gradient is the rows it looked up
+    (``nn.Embedding.sparse``) when its weight is the lm_head's (tied embeddings).
+
+    A backward then sums, for the one tensor W, the lm_head's dense gradient ∂L/∂W = Σ_t G_t h_tᵀ
+    and the embedding's, which is nonzero only in the rows of the input tokens: autograd adds
+    those rows into the dense one in place, instead of zero-filling a second [V, H] tensor for
+    them and writing a third for the sum (0.18 and 0.20 s per backward for a 49,152 × 576
+    weight, in a profile of one stale step). The sum is the same up to the order of addition.
+    Untied, the embedding's own gradient would stay sparse, which an optimizer of dense tensors
+    does not take: nothing changes then. Yields whether it applies.
+    """
+    emb = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    tied = head is not None and getattr(head, "weight", None) is getattr(emb, "weight", None)
+    if not (isinstance(emb, nn.Embedding) and tied) or emb.sparse:
+        yield False
+        return
+    emb.sparse = True
+    try:
+        yield True
+    finally:
+        emb.sparse = False
+
+
 def grid_with(full: Tensor, rows: list[int], part: Tensor) -> Tensor:
     """[N, T] ``full``, detached, with its rows ``rows`` replaced by ``part`` [n, T] (which
     keeps its graph): the whole batch's values, differentiable in one micro-batch."""

@@ -50,8 +50,10 @@ N ≤ 2: `gradlens.sources.optimizers`), so the backward recomputes the transfor
 (activation checkpointing, `gradlens.sources.forward.checkpointed_blocks`: one more forward per
 step) and, when the batch goes through the model in one micro-batch, each parameter is updated
 as soon as its gradient is complete (`StaleOptimizer.in_backward`), so the whole gradient never
-exists at once; the [M, V] logits are not kept beside their log-softmax, and the pages freed
-since the last step go back to the system before each step's backward. A batch too large for
+exists at once; with tied embeddings the input embedding's gradient joins the lm_head's as the
+rows it looked up (`gradlens.sources.forward.row_gradient_embedding`), not as another [V, H]
+tensor; the [M, V] logits are not kept beside their log-softmax, and the pages freed since the
+last step go back to the system before each step's backward. A batch too large for
 the memory budget goes through in micro-batches (`gradlens.sources.microbatch`) whose gradients
 accumulate before the update; ℓ at θ_k then comes from a forward without autograd first, so
 that each micro-batch's loss is the whole batch's. The last forward, at θ_N, records the
@@ -89,6 +91,7 @@ from gradlens.sources.forward import (
     final_hidden,
     grid_with,
     head_weight,
+    row_gradient_embedding,
 )
 from gradlens.sources.microbatch import (
     MicroBatchPlan,
@@ -357,7 +360,7 @@ def stale_steps(
     old_logp: Tensor | None = None
     old_mass: Tensor | None = None
     forwards = backwards = 0
-    with checkpointed_blocks(model) as checkpointed:
+    with checkpointed_blocks(model) as checkpointed, row_gradient_embedding(model):
         for k in range(cfg.steps + 1):
             last = k == cfg.steps
             if not last:  # done: after the last forward, below

@@ -24,6 +24,7 @@ from gradlens.grads import objective
 from gradlens.losses import Aggregation, LossParams, get_loss
 from gradlens.report.model_table import model_parts
 from gradlens.sources.checkpoint import load_checkpoint
+from gradlens.sources.forward import row_gradient_embedding
 from gradlens.sources.staleness import (
     SCALE_LIMITS,
     TARGET_BAND,
@@ -269,3 +270,48 @@ def test_the_next_step_starts_where_the_last_ones_line_reaches_its_goal():
 def test_the_first_step_is_searched_on_a_quarter_of_every_prompt_group(n, groups, expected):
     g = None if groups is None else torch.tensor(groups)
     assert subset_rows(n, g) == expected
+
+
+class TinyLM(torch.nn.Module):
+    """An embedding, a nonlinearity and an lm_head, tied or not."""
+
+    def __init__(self, tied: bool, sparse: bool = False) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(13, 5, sparse=sparse)
+        self.head = torch.nn.Linear(5, 13, bias=False)
+        if tied:
+            self.head.weight = self.embed.weight
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.embed
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.head
+
+    def loss(self, ids: torch.Tensor) -> torch.Tensor:
+        logits = self.head(torch.tanh(self.embed(ids)))
+        return torch.log_softmax(logits, -1)[..., :-1, :].gather(-1, ids[..., 1:, None]).sum()
+
+
+def test_a_tied_embeddings_gradient_joins_the_lm_heads_as_rows():
+    torch.manual_seed(0)
+    model = TinyLM(tied=True).double()
+    ids = torch.tensor([[1, 4, 4, 7, 1, 2], [3, 3, 9, 0, 12, 4]])  # repeated rows
+    model.loss(ids).backward()
+    dense = model.embed.weight.grad
+    model.embed.weight.grad = None
+    with row_gradient_embedding(model) as applies:
+        assert applies and model.embed.sparse
+        model.loss(ids).backward()
+    assert not model.embed.sparse  # restored
+    summed = model.embed.weight.grad
+    assert summed.layout == torch.strided  # the optimizer's dense gradient
+    torch.testing.assert_close(summed, dense, rtol=1e-14, atol=1e-14)  # the same sum
+
+
+@pytest.mark.parametrize(("tied", "sparse"), [(False, False), (True, True)])
+def test_the_row_gradient_leaves_untied_and_already_sparse_embeddings_alone(tied, sparse):
+    model = TinyLM(tied=tied, sparse=sparse)
+    with row_gradient_embedding(model) as applies:
+        assert not applies and model.embed.sparse is sparse
+    assert model.embed.sparse is sparse
