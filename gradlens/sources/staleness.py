@@ -443,7 +443,9 @@ def stale_steps(
         target_kl=cfg.target_kl,
         model_pass=model_pass if cfg.steps else None,
     )
-    return StaleResult(record, old_logp, point.hidden, old_mass, point.tape, probed)
+    return StaleResult(
+        record, old_logp, point.hidden, old_mass, tape=point.tape, sequence_bytes=probed
+    )
 
 
 @torch.no_grad()
