@@ -23,15 +23,16 @@ group and the stale steps and their learning-rate search do the work they do on 
 Each repeat runs in a child process (``--child``) that imports gradlens and runs the run as the
 CLI does, with a progress callback that records the wall and CPU time of each phase (loading,
 sampling, stale steps, lm_head diagnostics, whole-model gradients; the rest — imports, rewards,
-report — is the remainder). The parent reads the child's peak resident memory from the kernel
-(``os.wait4``'s ru_maxrss) and how busy the machine was meanwhile: /proc/loadavg, and the CPU
-time all processes spent (/proc/stat) minus the child's own, per second of the run ("other
-load", in cores). CPU time over wall time per phase shows whether a phase keeps both cores busy
-(torch.get_num_threads() is reported). Right after each run a second child measures the
-baseline: one plain forward and backward of the checkpoint through transformers alone over a
-padded batch of the run's grid; the run's time in those units (``in_baselines``) does not
-drift with the machine's speed as seconds do. Medians over ``--repeats``; the JSON keeps every
-repeat.
+report — is the remainder), and ends as the console entry point does
+(`gradlens.cli.process_exit`: no last sweep of the garbage collector). The parent reads the
+child's peak resident memory from the kernel (``os.wait4``'s ru_maxrss) and how busy the
+machine was meanwhile: /proc/loadavg, and the CPU time all processes spent (/proc/stat) minus
+the child's own, per second of the run ("other load", in cores). CPU time over wall time per
+phase shows whether a phase keeps both cores busy (torch.get_num_threads() is reported). Right
+after each run a second child measures the baseline: one plain forward and backward of the
+checkpoint through transformers alone over a padded batch of the run's grid; the run's time in
+those units (``in_baselines``) does not drift with the machine's speed as seconds do. Medians
+over ``--repeats``; the JSON keeps every repeat.
 
 The GEMM floor: before the repeats, one more child runs the run with every matrix product
 recorded (``--count-products``: a dispatch mode notes each mm, addmm, bmm and baddbmm by its
@@ -411,7 +412,10 @@ def median(runs: list[dict[str, Any]], *keys: str) -> float | None:
 def main() -> None:
     args = parse()
     if args.child:
+        from gradlens.cli.process_exit import skip_final_collection
+
         print(json.dumps(child(args)))
+        skip_final_collection()  # the process ends as the console entry point's does
         return
     if args.count_products:
         print(json.dumps(count_products(args)))
