@@ -19,7 +19,10 @@ def square_sum(t: Tensor) -> float:
     """Σ t² accumulated in float64, a chunk at a time (no float64 copy of a large tensor).
 
     Each float32 square is exact in float64 (48 significant bits), so the only rounding is the
-    float64 accumulation; a float32 sum of 28M squares is off by parts in a thousand."""
+    float64 accumulation; a float32 sum of 28M squares is off by parts in a thousand. A sparse
+    ``t`` is summed over its coalesced values (a row named twice is one row, its parts added)."""
+    if t.is_sparse:
+        t = t.coalesce().values()
     total = 0.0
     for chunk in t.reshape(-1).split(SQUARE_CHUNK):
         wide = chunk.double()
@@ -40,7 +43,9 @@ class GradientSink:
     where G_E is zero outside the rows R of the batch's input ids: so only the rows R of
     whichever half arrives first are held ([|R|, H], not [V, H]) until the other half gives the
     inner product. ``squares[loss]`` then also has ``"tied"`` = ‖G_W + G_E‖² and ``"bias"`` =
-    ‖g_W'[:, H:]‖² (an lm_head bias column).
+    ‖g_W'[:, H:]‖² (an lm_head bias column). G_E may come dense ([V, H]) or as the rows the
+    lookup touched (a sparse tensor: `gradlens.sources.forward.row_gradient_embedding`), which
+    is never widened to [V, H].
     """
 
     def __init__(self, emb: nn.Parameter, head: Tensor, tied: bool, rows: Tensor) -> None:
@@ -72,14 +77,28 @@ class GradientSink:
             halves["head"] = (square_sum(g[:, :h]), g[self.rows, :h])
         else:
             squares[key] = square_sum(g)
-            outside = g.abs().amax(dim=1) > 0  # [V]: rows with a gradient
-            outside[self.rows] = False
-            assert not bool(outside.any()), "the input embedding's gradient has rows off R"
-            halves["emb"] = (squares[key], g[self.rows])
+            halves["emb"] = (squares[key], self._rows_of(g))
         if len(halves) == 2:
             (head_sq, head_rows), (emb_sq, emb_rows) = halves.pop("head"), halves.pop("emb")
             cross = float((head_rows.double() * emb_rows.double()).sum())
             squares["tied"] = head_sq + emb_sq + 2 * cross
+
+    def _rows_of(self, g: Tensor) -> Tensor:
+        """[|R|, H] the rows R of the embedding's gradient ``g`` (dense [V, H] or sparse), which
+        must be zero outside R."""
+        if not g.is_sparse:
+            outside = g.abs().amax(dim=1) > 0  # [V]: rows with a gradient
+            outside[self.rows] = False
+            assert not bool(outside.any()), "the input embedding's gradient has rows off R"
+            return g[self.rows]
+        g = g.coalesce()
+        ids, values = g.indices()[0], g.values()
+        # R is sorted: each id's place in R, checked to be that id
+        where = torch.searchsorted(self.rows, ids).clamp(max=len(self.rows) - 1)
+        off = bool((self.rows[where] != ids).any())
+        assert not off, "the input embedding's gradient has rows off R"
+        rows = values.new_zeros(len(self.rows), values.shape[1])
+        return rows.index_copy_(0, where, values)
 
     def flush(self) -> None:
         """Finish a tied pair of which one half received no gradient."""

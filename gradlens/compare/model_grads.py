@@ -72,7 +72,13 @@ from gradlens.sources.blockwise import (
     replayed_blocks,
     taped_blocks,
 )
-from gradlens.sources.forward import block_list, final_hidden, grid_with, head_weight
+from gradlens.sources.forward import (
+    block_list,
+    final_hidden,
+    grid_with,
+    head_weight,
+    row_gradient_embedding,
+)
 from gradlens.sources.microbatch import (
     MicroBatchPlan,
     checkpointed_bytes,
@@ -393,15 +399,17 @@ def model_gradients(
     recorded = ctx.tape if blocks is not None and plan.single and len(loss_groups) == 1 else None
     ctx.tape = None  # its tensors are freed once used
     replayed = False
-    for group in loss_groups:
-        for b, rows in enumerate(plan.groups):
-            final = b == len(plan.groups) - 1
-            report_progress("model grads", done, total_backwards)
-            if blocks is not None:
-                replayed = _backward_blockwise(micro, rows, group, flat, sink, final, recorded)
-            else:
-                _backward_whole(micro, rows, group, [*flat, head], sink, final)
-            done += len(group)
+    # tied: the embedding's gradient as the rows it looked up, never a [V, H] of zeros
+    with row_gradient_embedding(model):
+        for group in loss_groups:
+            for b, rows in enumerate(plan.groups):
+                final = b == len(plan.groups) - 1
+                report_progress("model grads", done, total_backwards)
+                if blocks is not None:
+                    replayed = _backward_blockwise(micro, rows, group, flat, sink, final, recorded)
+                else:
+                    _backward_whole(micro, rows, group, [*flat, head], sink, final)
+                done += len(group)
     del recorded
     sink.flush()
     report_progress("model grads", total_backwards, total_backwards)
