@@ -24,8 +24,8 @@ Each repeat runs in a child process (``--child``) that imports gradlens and runs
 CLI does, with a progress callback that records the wall and CPU time of each phase (loading,
 sampling, stale steps, lm_head diagnostics, whole-model gradients; the rest — imports, rewards,
 report — is the remainder), and ends as the console entry point does
-(`gradlens.cli.process_exit`: no last sweep of the garbage collector). The parent reads the
-child's peak resident memory from the kernel (``os.wait4``'s ru_maxrss) and how busy the
+(`gradlens.cli.process_exit`: output flushed, exit handlers run, no teardown). The parent reads
+the child's peak resident memory from the kernel (``os.wait4``'s ru_maxrss) and how busy the
 machine was meanwhile: /proc/loadavg, and the CPU time all processes spent (/proc/stat) minus
 the child's own, per second of the run ("other load", in cores). CPU time over wall time per
 phase shows whether a phase keeps both cores busy (torch.get_num_threads() is reported). Right
@@ -412,11 +412,10 @@ def median(runs: list[dict[str, Any]], *keys: str) -> float | None:
 def main() -> None:
     args = parse()
     if args.child:
-        from gradlens.cli.process_exit import skip_final_collection
+        from gradlens.cli.process_exit import exit_process
 
         print(json.dumps(child(args)))
-        skip_final_collection()  # the process ends as the console entry point's does
-        return
+        exit_process(0)  # the process ends as the console entry point's does
     if args.count_products:
         print(json.dumps(count_products(args)))
         return

@@ -13,7 +13,7 @@ from gradlens.cli.compare import compare
 from gradlens.cli.dump import HELP as DUMP_HELP
 from gradlens.cli.dump import dump
 from gradlens.cli.info import config, losses, schema
-from gradlens.cli.process_exit import skip_final_collection
+from gradlens.cli.process_exit import exit_process
 from gradlens.cli.sweep import sweep
 from gradlens.cli.trace import HELP as TRACE_HELP
 from gradlens.cli.trace import trace
@@ -66,15 +66,17 @@ def main() -> None:
     Under torchrun (``--tensor-parallel``) the app runs inside torch's ``record``, which hands
     an uncaught exception's traceback to torchrun's failure summary: the traceback of a rank
     run with ``--debug``; without it every error ends in one message and an exit status, and
-    the summary shows only the status. Whatever the command's outcome, the process then exits
-    without the garbage collector's last full sweep (`skip_final_collection`).
+    the summary shows only the status. The process then ends with the command's status,
+    without the interpreter's teardown (`exit_process`); an exception that escapes the app (a
+    traceback) ends it the usual way.
     """
     try:
         if "TORCHELASTIC_RUN_ID" in os.environ:  # set by torchrun in every process it starts
             from torch.distributed.elastic.multiprocessing.errors import record
 
-            record(app)()
+            record(app)()  # returns where the app exits with status 0
         else:
             app()
-    finally:
-        skip_final_collection()
+    except SystemExit as stop:
+        exit_process(stop.code)
+    exit_process(0)
