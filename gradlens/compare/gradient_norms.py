@@ -65,6 +65,8 @@ class GradientSink:
         if not final:
             partial[key] = g
             return
+        if g.is_sparse:  # rows named twice added once, for the squares and the rows alike
+            g = g.coalesce()
         squares = self.squares.setdefault(loss, {})
         if not self.tied or key not in (self.emb_key, self.head_key):
             squares[key] = square_sum(g)
@@ -84,14 +86,13 @@ class GradientSink:
             squares["tied"] = head_sq + emb_sq + 2 * cross
 
     def _rows_of(self, g: Tensor) -> Tensor:
-        """[|R|, H] the rows R of the embedding's gradient ``g`` (dense [V, H] or sparse), which
-        must be zero outside R."""
+        """[|R|, H] the rows R of the embedding's gradient ``g`` (dense [V, H] or sparse and
+        coalesced), which must be zero outside R."""
         if not g.is_sparse:
             outside = g.abs().amax(dim=1) > 0  # [V]: rows with a gradient
             outside[self.rows] = False
             assert not bool(outside.any()), "the input embedding's gradient has rows off R"
             return g[self.rows]
-        g = g.coalesce()
         ids, values = g.indices()[0], g.values()
         # R is sorted: each id's place in R, checked to be that id
         where = torch.searchsorted(self.rows, ids).clamp(max=len(self.rows) - 1)
