@@ -305,6 +305,15 @@ class StaleConfig(Strict):
         "given, however far it moves the model",
     )
     loss: str = Field("ppo_clip", description="the registered loss the stale steps minimise")
+    grad_dtype: Literal["auto", "model", "bfloat16"] = Field(
+        "auto",
+        description="precision of the stale steps' backward: the transformer blocks recomputed "
+        "for it run under autocast in bfloat16 (products in bf16, as a mixed-precision trainer "
+        "computes gradients), while every forward — π_old, π_θk, the loss — and the diagnosis "
+        "stay in the model's dtype; model: the backward in the model's dtype too; auto: "
+        "bfloat16 for a float32 model on a device that computes bf16 natively (as "
+        "rollout_dtype), the model's dtype elsewhere",
+    )
 
     @field_validator("loss")
     @classmethod
@@ -928,6 +937,17 @@ class Config(Strict):
             raise ValueError(
                 f"split: runs in one process; diagnostics.tensor_parallel is "
                 f"{self.diagnostics.tensor_parallel} (use 1 with split)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _stale_grad_lowerable(self) -> Config:
+        src = self.source
+        lowered = isinstance(src, ModelSource) and src.stale.grad_dtype == "bfloat16"
+        if lowered and self.dtype == "float64":
+            raise ValueError(
+                "source.stale.grad_dtype 'bfloat16': autocast lowers float32 products only, "
+                "and this run's dtype is float64; use model or auto, or dtype float32"
             )
         return self
 

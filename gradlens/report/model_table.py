@@ -150,7 +150,8 @@ def pass_text(p: ModelPass | None) -> str:
     if p is None:
         return ""
     over = ", a sequence over the budget" if p.over_budget else ""
-    ckpt = ", blocks recomputed in the backward" if p.checkpointed else ""
+    lowered = f" in {p.recompute_dtype} (autocast)" if p.recompute_dtype else ""
+    ckpt = f", blocks recomputed in the backward{lowered}" if p.checkpointed else ""
     packed = (
         f", {p.positions} of {p.padded_positions} positions (completions after one copy of "
         "their prompt)"

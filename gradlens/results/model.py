@@ -94,6 +94,11 @@ class ModelPass(Result):
     forwards: int = Field(description="forward passes with autograd, over all micro-batches")
     backwards: int = Field(description="backward passes, over all micro-batches")
     checkpointed: bool = Field(description="transformer blocks recomputed in the backward")
+    recompute_dtype: str | None = Field(
+        None,
+        description="the dtype the blocks were recomputed in under autocast for the backward "
+        "(source.stale.grad_dtype); null: the model's own",
+    )
     budget_bytes: int = Field(description="the memory budget of one micro-batch")
     bytes_per_sequence: int = Field(
         description="what one sequence's forward keeps for the backward (measured)"

@@ -10,7 +10,9 @@ W·h (soft-capping, scaling).
 Activation checkpointing (`checkpointed_blocks`): inside the block, each transformer block
 keeps only its input for the backward and recomputes its forward there (torch.utils.checkpoint,
 non-reentrant), so a forward with autograd holds L·H numbers per position and block instead of
-all of the block's intermediates — one more forward's worth of compute for the backward.
+all of the block's intermediates — one more forward's worth of compute for the backward. That
+recomputation can run in a lower precision than the forward
+(`gradlens.sources.autocast_recompute`): the stale steps' backward in bf16.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from gradlens.containers import LoadedModel, Sequences
 from gradlens.errors import GradlensError
 from gradlens.logits import compute_logits
+from gradlens.sources.autocast_recompute import autocast_recomputed, differentiable_through_x
 from gradlens.sources.shared_prefix import packed_hidden, prefix_layout
 
 
@@ -64,8 +67,13 @@ def replaced_forwards(
 
 
 @contextmanager
-def checkpointed_blocks(model: nn.Module) -> Iterator[bool]:
-    """Recompute every transformer block in the backward (see the module docstring).
+def checkpointed_blocks(
+    model: nn.Module, recompute_dtype: torch.dtype | None = None
+) -> Iterator[bool]:
+    """Recompute every transformer block in the backward (see the module docstring); with
+    ``recompute_dtype`` (lower than the model's), the recomputation runs under autocast in it
+    (`gradlens.sources.autocast_recompute`: the forward stays exact, the backward's products
+    are in that dtype), for every block whose gradient flows in through its hidden states alone.
 
     Yields whether blocks were found (a model without a block list runs unchanged). The
     model must be deterministic in its forward (eval mode: no dropout), which every caller's
@@ -80,6 +88,11 @@ def checkpointed_blocks(model: nn.Module) -> Iterator[bool]:
         def forward(*args: Any, **kwargs: Any) -> Any:
             if not torch.is_grad_enabled():
                 return original(*args, **kwargs)
+            if recompute_dtype is not None:
+                x = args[0] if args else kwargs["hidden_states"]
+                others = [*args[1:], *(v for k, v in kwargs.items() if k != "hidden_states")]
+                if differentiable_through_x(x, others):
+                    return autocast_recomputed(original, args, kwargs, recompute_dtype)
             return checkpoint(original, *args, use_reentrant=False, **kwargs)
 
         return forward

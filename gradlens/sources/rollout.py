@@ -40,19 +40,8 @@ from torch import Tensor, nn
 from gradlens.containers import LoadedModel, Sequences
 from gradlens.progress import report
 from gradlens.sources.forward import position_ids
+from gradlens.sources.native_dtype import native_bf16
 from gradlens.sources.passes import accumulation_dtype
-
-
-def native_bf16(device: torch.device) -> bool:
-    """The device computes bfloat16 natively: CUDA with bf16 support, or a CPU with the
-    AVX512-BF16 or AMX-BF16 instructions (x86) or BF16 (Arm)."""
-    if device.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
-    capabilities = getattr(torch.cpu, "get_capabilities", None)
-    if capabilities is None:  # an older torch cannot tell: the safe choice is float32
-        return False
-    caps = capabilities()
-    return any(bool(caps.get(k)) for k in ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16"))
 
 
 def rollout_dtype(name: str, device: torch.device) -> tuple[str, str]:

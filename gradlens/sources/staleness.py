@@ -48,7 +48,9 @@ subset.
 Memory: the steps hold the optimizer state (Adam: two tensors the size of the weights, one when
 N ≤ 2: `gradlens.sources.optimizers`), so the backward recomputes the transformer blocks
 (activation checkpointing, `gradlens.sources.forward.checkpointed_blocks`: one more forward per
-step) and, when the batch goes through the model in one micro-batch, each parameter is updated
+step; with ``grad_dtype`` bfloat16, that recomputation runs under autocast,
+`gradlens.sources.autocast_recompute`: the backward's products in bf16, every forward exact) and,
+when the batch goes through the model in one micro-batch, each parameter is updated
 as soon as its gradient is complete (`StaleOptimizer.in_backward`), so the whole gradient never
 exists at once; with tied embeddings the input embedding's gradient joins the lm_head's as the
 rows it looked up (`gradlens.sources.forward.row_gradient_embedding`), not as another [V, H]
@@ -100,6 +102,7 @@ from gradlens.sources.microbatch import (
     plan_micro_batches,
     probe,
 )
+from gradlens.sources.native_dtype import native_bf16
 from gradlens.sources.optimizers import StaleOptimizer
 from gradlens.sources.shared_prefix import pass_positions
 
@@ -174,6 +177,21 @@ class LearningRateSearch:
         goal = self.target * (k + 1) / self.steps
         scale = line_scale(here, here - before, goal)
         return lr if scale is None else lr * scale
+
+
+def stale_grad_dtype(
+    name: str, model_dtype: torch.dtype, device: torch.device
+) -> torch.dtype | None:
+    """The dtype the stale steps' backward recomputes the blocks in (``source.stale.grad_dtype``,
+    `gradlens.sources.autocast_recompute`), or None for the model's own: ``bfloat16`` lowers a
+    float32 model's products, ``auto`` does where the device computes bf16 natively
+    (`native_bf16`); a model already in a 16-bit dtype has nothing to lower (and the config
+    refuses ``bfloat16`` for a float64 run)."""
+    if name == "model" or model_dtype != torch.float32:
+        return None
+    if name == "bfloat16" or native_bf16(device):
+        return torch.bfloat16
+    return None
 
 
 def k3(log_ratio: Tensor) -> Tensor:
@@ -342,7 +360,9 @@ def stale_steps(
     if cfg.steps:
         own_memory(trainable)
     optimizer = StaleOptimizer(trainable, cfg.optimizer, cfg.lr, cfg.steps)
-    vocab = int(head_weight(model).shape[0])
+    head = head_weight(model)
+    vocab = int(head.shape[0])
+    lowered = stale_grad_dtype(cfg.grad_dtype, head.dtype, head.device) if cfg.steps else None
     probed = probe(model, seqs, temperature, bias) if cfg.steps else None
     per_sequence = 0 if probed is None else checkpointed_bytes(probed, model, seqs)
     plan = plan_micro_batches(loss_tokens(mask), per_sequence, vocab, budget_bytes)
@@ -360,7 +380,7 @@ def stale_steps(
     old_logp: Tensor | None = None
     old_mass: Tensor | None = None
     forwards = backwards = 0
-    with checkpointed_blocks(model) as checkpointed, row_gradient_embedding(model):
+    with checkpointed_blocks(model, lowered) as checkpointed, row_gradient_embedding(model):
         for k in range(cfg.steps + 1):
             last = k == cfg.steps
             if not last:  # done: after the last forward, below
@@ -429,6 +449,7 @@ def stale_steps(
         forwards=forwards,
         backwards=backwards,
         checkpointed=checkpointed,
+        recompute_dtype=str(lowered).removeprefix("torch.") if checkpointed and lowered else None,
         budget_bytes=plan.budget_bytes,
         bytes_per_sequence=plan.bytes_per_sequence,
         over_budget=plan.over_budget,

@@ -242,6 +242,13 @@ def _added_fields(report: dict[str, Any]) -> dict[str, Any]:
         source.setdefault("train_pass", "batch")
         source.setdefault("teacher_path", None)
         source.setdefault("device_map", None)  # accelerate's placement
+        # the stale steps' backward precision: in the model's dtype before the setting existed
+        source["stale"].setdefault("grad_dtype", "model")
+    model = report.get("model") or {}
+    passes = [model.get("gradient_pass"), (model.get("staleness") or {}).get("model_pass")]
+    for model_pass in passes:
+        if model_pass is not None:  # the blocks recomputed in the model's own dtype
+            model_pass.setdefault("recompute_dtype", None)
     return report
 
 

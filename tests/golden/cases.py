@@ -22,6 +22,9 @@ MODEL_CONFIGS = {"model_builtin", "model_stale"}
 MODEL_PASS = ["--set", "diagnostics.memory_budget_mib=512"]
 # rollout_dtype auto picks bf16 by what the CPU computes natively: fixed to the former default.
 MODEL_ROLLOUT = ["--set", "source.rollout_dtype=bfloat16"]
+# so does source.stale.grad_dtype auto: fixed to the stale steps' backward in the model's dtype,
+# what it was before the setting existed.
+MODEL_STALE = ["--set", "source.stale.grad_dtype=model"]
 
 Case = tuple[str, list[str], bool, list[str] | None]
 
@@ -35,7 +38,7 @@ def cases() -> list[Case]:
         else:
             argv = ["compare", "--config", str(path), "--format", "json"]
             if name in MODEL_CONFIGS:
-                argv += MODEL_PASS + MODEL_ROLLOUT
+                argv += MODEL_PASS + MODEL_ROLLOUT + MODEL_STALE
             out.append((name, argv, not name.startswith("literal_"), None))
     compare = ["compare", "--format", "json"]
     policy_losses = ["--losses", "grpo,gspo,cispo,sapo,minirl,ppo_clip"]
