@@ -17,8 +17,9 @@ parameters and the residual stream (x, y, ∂L/∂x, ∂L/∂y) in float32, the 
 cast back to their dtype. The stale steps use it (``source.stale.grad_dtype``,
 gradlens.sources.staleness): they only need to move θ as a trainer would, and Adam divides each
 coordinate of the update by its own running RMS, so a relative error of a few 2^-8 in a
-gradient changes the step by about as much; the diagnosis at θ_N is computed in full precision
-from whatever θ_N is.
+gradient changes most coordinates of the step by about as much (one whose gradient lies within
+its rounding of zero can change sign, as it can between two trainers); the diagnosis at θ_N is
+computed in full precision from whatever θ_N is.
 
 The recomputation is reentrant (the block's graph is built and differentiated inside the
 outer backward, by ``torch.autograd.backward``), so the parameters' gradients are accumulated
