@@ -74,9 +74,11 @@ class GradientSink:
         halves = self.halves.setdefault(loss, {})
         h = self.hidden_size
         if key == self.head_key:
-            squares[key] = square_sum(g)
-            squares["bias"] = square_sum(g[:, h:])
-            halves["head"] = (square_sum(g[:, :h]), g[self.rows, :h])
+            weight_sq = square_sum(g[:, :h])
+            bias_sq = square_sum(g[:, h:])  # 0 without a bias column
+            squares[key] = weight_sq + bias_sq
+            squares["bias"] = bias_sq
+            halves["head"] = (weight_sq, g[self.rows, :h])
         else:
             squares[key] = square_sum(g)
             halves["emb"] = (squares[key], self._rows_of(g))
