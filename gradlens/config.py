@@ -47,6 +47,7 @@ DTYPES = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
+DTYPE_NAMES_OF = {v: k for k, v in DTYPES.items()}  # torch dtype → its name in the config
 
 
 class Strict(BaseModel):

@@ -26,7 +26,7 @@ outer backward, by ``torch.autograd.backward``), so the parameters' gradients ar
 into their ``.grad`` as that backward reaches them, and the hooks registered on them run
 (the stale steps' update inside the backward). This needs every differentiable input of the
 block to be x: a block with another argument that requires grad, or whose x does not, is
-checkpointed as usual by the caller (`differentiable_through_x`).
+checkpointed as usual by the caller (`lowerable`).
 """
 
 from __future__ import annotations
@@ -36,6 +36,15 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from gradlens.sources.block_call import (
+    depends_on_parameters,
+    hidden_in,
+    hidden_out,
+    other_keywords,
+    replace_out,
+    with_hidden,
+)
 
 
 class _AutocastRecompute(torch.autograd.Function):
@@ -62,16 +71,12 @@ class _AutocastRecompute(torch.autograd.Function):
         return x.grad, None, None
 
 
-def differentiable_through_x(x: Tensor, others: list[Any]) -> bool:
-    """The block's gradient flows in through x alone: x requires grad and no other tensor
-    argument (``others``, looked into one level of tuples and lists) does."""
-    if not x.requires_grad:
+def lowerable(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """The block's gradient flows in through its hidden states x alone: x requires grad and no
+    other argument depends on a parameter (the recomputation differentiates x only)."""
+    if not hidden_in(args, kwargs).requires_grad:
         return False
-    for value in others:
-        items = value if isinstance(value, tuple | list) else (value,)
-        if any(isinstance(t, Tensor) and t.requires_grad for t in items):
-            return False
-    return True
+    return not (depends_on_parameters(args[1:]) or depends_on_parameters(other_keywords(kwargs)))
 
 
 def autocast_recomputed(
@@ -80,24 +85,18 @@ def autocast_recomputed(
     kwargs: dict[str, Any],
     dtype: torch.dtype,
 ) -> Any:
-    """``original(*args, **kwargs)`` (a block's forward: hidden states first, as the first
-    positional argument or ``hidden_states``), differentiable by the recomputation under
-    autocast in ``dtype`` (module docstring). The caller has checked
-    `differentiable_through_x`. A block that returns a tuple gets its other entries back as
-    they were computed, without gradient (attention weights, a cache)."""
-    positional = bool(args)
-    x: Tensor = args[0] if positional else kwargs["hidden_states"]
-    rest: list[tuple[Any, ...]] = []
+    """``original(*args, **kwargs)`` (a block's forward), differentiable by the recomputation
+    under autocast in ``dtype`` (module docstring). The caller has checked `lowerable`. A block
+    that returns a tuple gets its other entries back as they were computed, without gradient
+    (attention weights, a cache)."""
+    forward_out: list[Any] = []  # the forward's own output (not the recomputation's)
 
     def run(h: Tensor) -> Tensor:
-        if positional:
-            out = original(h, *args[1:], **kwargs)
-        else:
-            out = original(*args, **{**kwargs, "hidden_states": h})
-        if isinstance(out, Tensor):
-            return out
-        rest[:] = [tuple(out[1:])]
-        return out[0]
+        call_args, call_kwargs = with_hidden(args, kwargs, h)
+        out = original(*call_args, **call_kwargs)
+        if not forward_out:
+            forward_out.append(out)
+        return hidden_out(out)
 
-    y = _AutocastRecompute.apply(x, run, dtype)
-    return y if not rest else (y, *rest[0])
+    y = _AutocastRecompute.apply(hidden_in(args, kwargs), run, dtype)
+    return replace_out(forward_out[0], y)

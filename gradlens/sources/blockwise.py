@@ -56,6 +56,14 @@ import torch
 from torch import Tensor, nn
 
 from gradlens.containers import BlockTape
+from gradlens.sources.block_call import (
+    depends_on_parameters,
+    hidden_in,
+    hidden_out,
+    other_keywords,
+    replace_out,
+    with_hidden,
+)
 from gradlens.sources.forward import block_list, replaced_forwards
 
 # the names transformers blocks take a key-value cache by: a recomputation would append to it
@@ -64,36 +72,6 @@ CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
 class BlockwiseUnsupported(Exception):
     """The model cannot be cut at its blocks (see the module docstring)."""
-
-
-def _hidden_in(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
-    return args[0] if args else kwargs["hidden_states"]
-
-
-def _with_hidden(
-    args: tuple[Any, ...], kwargs: dict[str, Any], x: Tensor
-) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    if args:
-        return (x, *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": x}
-
-
-def _hidden_out(out: Any) -> Tensor:
-    return out if isinstance(out, Tensor) else out[0]
-
-
-def _replace_out(out: Any, x: Tensor) -> Any:
-    return x if isinstance(out, Tensor) else (x, *out[1:])
-
-
-def _depends_on_parameters(values: Any) -> bool:
-    items = values.values() if isinstance(values, dict) else values
-    for v in items:
-        if isinstance(v, Tensor) and v.requires_grad:
-            return True
-        if isinstance(v, (tuple, list, dict)) and _depends_on_parameters(v):
-            return True
-    return False
 
 
 def parameter_state(model: nn.Module) -> list[tuple[int, int]]:
@@ -126,25 +104,25 @@ def taped_blocks(model: nn.Module) -> Iterator[BlockTape]:
 
     def wrap(i: int, original: Callable[..., Any]) -> Callable[..., Any]:
         def forward(*args: Any, **kwargs: Any) -> Any:
-            others = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-            if _depends_on_parameters(args[1:]) or _depends_on_parameters(others):
+            others = other_keywords(kwargs)
+            if depends_on_parameters(args[1:]) or depends_on_parameters(others):
                 raise BlockwiseUnsupported("a block argument besides x depends on a parameter")
             if any(others.get(name) is not None for name in CACHE_ARGUMENTS):
                 raise BlockwiseUnsupported("a block receives a key-value cache (its state changes)")
-            x = _hidden_in(args, kwargs)
+            x = hidden_in(args, kwargs)
             if i == 0:
                 tape.entry = x
             elif x is not handed[0]:  # an operation between two blocks: not cut at the blocks
                 raise BlockwiseUnsupported("the model changes the hidden state between blocks")
-            call_args, call_kwargs = _with_hidden(args, kwargs, x.detach())
+            call_args, call_kwargs = with_hidden(args, kwargs, x.detach())
             tape.inputs.append((call_args, call_kwargs))
             with torch.no_grad():
                 out = original(*call_args, **call_kwargs)
             if i == last:
-                tape.exit = _hidden_out(out).detach().requires_grad_(torch.is_grad_enabled())
-                out = _replace_out(out, tape.exit)
+                tape.exit = hidden_out(out).detach().requires_grad_(torch.is_grad_enabled())
+                out = replace_out(out, tape.exit)
             else:
-                handed[0] = _hidden_out(out)
+                handed[0] = hidden_out(out)
             tape.outputs.append(out)
             return out
 
@@ -196,15 +174,15 @@ def replayed_blocks(model: nn.Module, recorded: BlockTape) -> Iterator[BlockTape
     def wrap(i: int, _: Callable[..., Any]) -> Callable[..., Any]:
         def forward(*args: Any, **kwargs: Any) -> Any:
             if i == 0:
-                x = _hidden_in(args, kwargs)
-                call = _with_hidden(args, kwargs, x.detach())
+                x = hidden_in(args, kwargs)
+                call = with_hidden(args, kwargs, x.detach())
                 if not _same(call, recorded.inputs[0]):
                     raise BlockwiseUnsupported("the forward is not the recorded one")
                 tape.entry = x
             if i == last:
                 assert recorded.exit is not None
                 tape.exit = recorded.exit.detach().requires_grad_(torch.is_grad_enabled())
-                return _replace_out(recorded.outputs[i], tape.exit)
+                return replace_out(recorded.outputs[i], tape.exit)
             return recorded.outputs[i]
 
         return forward
@@ -225,9 +203,9 @@ def backward_blocks(
     for block, (args, kwargs) in zip(reversed(tape.blocks), reversed(tape.inputs), strict=True):
         params = [p for p in block.parameters() if p.requires_grad]
         with torch.enable_grad():
-            x = _hidden_in(args, kwargs).detach().requires_grad_(True)
-            call_args, call_kwargs = _with_hidden(args, kwargs, x)
-            out = _hidden_out(block(*call_args, **call_kwargs))
+            x = hidden_in(args, kwargs).detach().requires_grad_(True)
+            call_args, call_kwargs = with_hidden(args, kwargs, x)
+            out = hidden_out(block(*call_args, **call_kwargs))
         for k, g in enumerate(grads):
             result = torch.autograd.grad(
                 out, [x, *params], grad_outputs=g, retain_graph=k < len(grads) - 1,

@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from gradlens.containers import LoadedModel, Sequences
 from gradlens.errors import GradlensError
 from gradlens.logits import compute_logits
-from gradlens.sources.autocast_recompute import autocast_recomputed, differentiable_through_x
+from gradlens.sources.autocast_recompute import autocast_recomputed, lowerable
 from gradlens.sources.shared_prefix import packed_hidden, prefix_layout
 
 
@@ -88,11 +88,8 @@ def checkpointed_blocks(
         def forward(*args: Any, **kwargs: Any) -> Any:
             if not torch.is_grad_enabled():
                 return original(*args, **kwargs)
-            if recompute_dtype is not None:
-                x = args[0] if args else kwargs["hidden_states"]
-                others = [*args[1:], *(v for k, v in kwargs.items() if k != "hidden_states")]
-                if differentiable_through_x(x, others):
-                    return autocast_recomputed(original, args, kwargs, recompute_dtype)
+            if recompute_dtype is not None and lowerable(args, kwargs):
+                return autocast_recomputed(original, args, kwargs, recompute_dtype)
             return checkpoint(original, *args, use_reentrant=False, **kwargs)
 
         return forward

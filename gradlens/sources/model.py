@@ -48,7 +48,7 @@ from __future__ import annotations
 import torch
 
 from gradlens.advantages import advantages_from_rewards
-from gradlens.config import DTYPES, ModelSource
+from gradlens.config import DTYPE_NAMES_OF, DTYPES, ModelSource
 from gradlens.containers import Batch, KeptSets, ModelContext, Origin, RolloutRecord
 from gradlens.errors import GradlensError
 from gradlens.losses import get_loss
@@ -65,8 +65,6 @@ from gradlens.sources.rollout import rollout_copy, rollout_dtype, sample, stop_t
 from gradlens.sources.shared_prefix import padded_note, with_shared_prefix
 from gradlens.sources.staleness import stale_steps
 from gradlens.sources.teacher_model import model_teacher
-
-DTYPE_NAMES_OF = {v: k for k, v in DTYPES.items()}
 
 
 def offloaded(model: torch.nn.Module) -> bool:

@@ -72,7 +72,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from gradlens.config import StaleConfig
+from gradlens.config import DTYPE_NAMES_OF, StaleConfig
 from gradlens.containers import Batch, BlockTape, Sequences, StalenessRecord, StalePoint
 from gradlens.grads import (
     PolicyPass,
@@ -449,7 +449,7 @@ def stale_steps(
         forwards=forwards,
         backwards=backwards,
         checkpointed=checkpointed,
-        recompute_dtype=str(lowered).removeprefix("torch.") if checkpointed and lowered else None,
+        recompute_dtype=DTYPE_NAMES_OF[lowered] if checkpointed and lowered else None,
         budget_bytes=plan.budget_bytes,
         bytes_per_sequence=plan.bytes_per_sequence,
         over_budget=plan.over_budget,

@@ -17,7 +17,7 @@ from torch import nn
 from gradlens.config import validate
 from gradlens.errors import GradlensError
 from gradlens.sources import staleness as staleness_module
-from gradlens.sources.autocast_recompute import autocast_recomputed, differentiable_through_x
+from gradlens.sources.autocast_recompute import autocast_recomputed, lowerable
 from gradlens.sources.forward import checkpointed_blocks
 from gradlens.sources.staleness import stale_grad_dtype
 
@@ -113,9 +113,12 @@ def test_hidden_states_as_a_keyword_and_tuple_outputs():
 
 def test_gradient_through_another_argument_falls_back_to_the_exact_checkpoint():
     x = torch.randn(2, 3, requires_grad=True)
-    assert differentiable_through_x(x, [torch.ones(2), (torch.zeros(1), None), 3])
-    assert not differentiable_through_x(x, [(torch.zeros(1, requires_grad=True), None)])
-    assert not differentiable_through_x(x.detach(), [])
+    assert lowerable((x, torch.ones(2), (torch.zeros(1), None), 3), {})
+    assert lowerable((), {"hidden_states": x, "attention_mask": torch.ones(2)})
+    grad_pair = (torch.zeros(1, requires_grad=True), None)
+    assert not lowerable((x,), {"position_embeddings": grad_pair})
+    assert not lowerable((x, grad_pair), {})
+    assert not lowerable((x.detach(),), {})
 
     class Model(nn.Module):
         def __init__(self) -> None:
