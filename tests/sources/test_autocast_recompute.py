@@ -80,7 +80,7 @@ def test_the_forward_is_exact_and_the_backward_is_the_autocast_blocks_vjp():
     # bf16 keeps 8 significant bits (unit roundoff u = 2^-8): a gradient here is the product
     # chain of at most four of the block's products (down/o-projection, the MLP's or the
     # attention's inner product, the input projection) with both operands of each rounded
-    # once, ≤ 8u norm-wise (1.1–1.8u measured); float32's would be ~1e-7
+    # once, ≤ 8u norm-wise (0.3–1.8u measured); float32's would be ~1e-7
     rel = max(float((a - b).norm() / b.norm()) for a, b in zip(ours, exact, strict=True))
     assert 1e-5 < rel <= 8 * 2**-8
 
