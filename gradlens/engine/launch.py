@@ -13,6 +13,13 @@ it lets every rank finish or fail on its own and then raises one `RankFailure` t
 rank's outcome, the rank that raised first (by its own clock) first. A rank still running
 ``timeout_s + grace_s`` seconds after another failed, or past ``deadline_s``, is killed and
 reported as such.
+
+A rank that returned leaves through ``os._exit(0)`` once its result is on disk and its process
+group destroyed: the interpreter's own shutdown is skipped, because that is where a C++ thread
+left by a backend (a gloo worker, a loader's pool) can find the interpreter half torn down and
+abort the process (``terminate called without an active exception``, signal 6) after the work
+was done. A rank that still dies after writing its result is reported with the signal's name
+and where it died.
 """
 
 from __future__ import annotations
@@ -20,10 +27,13 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
+import signal
+import sys
 import tempfile
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import timedelta
 from multiprocessing.connection import wait
@@ -107,20 +117,36 @@ def _worker(
             torch.cuda.set_device(rank % torch.cuda.device_count())
         init_process_group(device, timeout_s, f"file://{out / 'store'}", rank, world)
         result = fn(rank, world, *args)
-        with open(out / f"rank{rank}.result", "wb") as fh:
-            pickle.dump(result, fh)
+        _write(out / f"rank{rank}.result", result)
     except BaseException as e:
         record = {
             "error": f"{type(e).__name__}: {e}",
             "traceback": traceback.format_exc(),
             "failed_at": time.time(),
         }
-        with open(out / f"rank{rank}.error", "wb") as fh:
-            pickle.dump(record, fh)
+        _write(out / f"rank{rank}.error", record)
         # Leave at once: the peers' collectives then fail on the closed connections instead of
         # waiting for the timeout (a clean shutdown could itself wait on them).
-        os._exit(1)
+        _leave(1)
     dist.destroy_process_group()
+    (out / f"rank{rank}.closed").touch()
+    _leave(0)  # without the interpreter's shutdown (module docstring)
+
+
+def _write(path: Path, value: Any) -> None:
+    """``value`` pickled to ``path``, whole or not at all (written beside it, then renamed)."""
+    partial = path.with_suffix(".partial")
+    with open(partial, "wb") as fh:
+        pickle.dump(value, fh)
+    os.replace(partial, path)
+
+
+def _leave(code: int) -> None:
+    """End this process now with ``code``, its output flushed first."""
+    for stream in (sys.stdout, sys.stderr):
+        with suppress(OSError, ValueError):  # closed or gone: nothing to flush
+            stream.flush()
+    os._exit(code)
 
 
 def run_ranks(
@@ -201,9 +227,23 @@ def _collect(folder: str, procs: list[Any], killed: dict[int, str]) -> list[Any]
                 results.append(pickle.load(fh))
             outcomes.append(RankOutcome(r, None, None, None))
         else:
-            outcomes.append(
-                RankOutcome(r, f"the process ended with exit code {p.exitcode}", None, None)
-            )
+            outcomes.append(RankOutcome(r, _ending(p.exitcode, out, r), None, None))
     if any(o.error is not None for o in outcomes):
         raise RankFailure(outcomes)
     return results
+
+
+def _ending(exitcode: int | None, out: Path, rank: int) -> str:
+    """How rank ``rank``'s process ended, when it left neither a result nor an error: its exit
+    code (a signal by name), and how far it got."""
+    how = f"exit code {exitcode}"
+    if exitcode is not None and exitcode < 0:
+        with suppress(ValueError):  # not a signal this platform names
+            how += f" ({signal.Signals(-exitcode).name})"
+    if (out / f"rank{rank}.closed").exists():
+        where = "after writing its result and destroying its process group"
+    elif (out / f"rank{rank}.result").exists():
+        where = "after writing its result, while destroying its process group"
+    else:
+        where = "before writing a result or an error"
+    return f"the process ended with {how}, {where}"
