@@ -15,6 +15,8 @@ K_t: the ``top_k`` most probable tokens (all for 0), then of those (renormalised
 orders the two filters) the smallest prefix with mass ≥ ``top_p``. K_t is a prefix of the
 sorted distribution, so it is recorded as that prefix's ids (`KeptSets`), with the rollout
 pass's kept mass log S^μ_t = log Σ_{v∈K_t} μ_t,v; without top-p or top-k nothing is recorded.
+Each step's tokens are drawn by the inverse of the CDF, one uniform number per sequence from the
+run's seeded generator (`gradlens.sources.categorical`).
 
 The cache is handed back to the model under the name its ``forward`` takes: ``cache`` in the
 transformers releases that rename it (there ``past_key_values`` warns, and 5.40 removes it),
@@ -39,6 +41,7 @@ from torch import Tensor, nn
 
 from gradlens.containers import LoadedModel, Sequences
 from gradlens.progress import report
+from gradlens.sources.categorical import draw
 from gradlens.sources.forward import position_ids
 from gradlens.sources.native_dtype import native_bf16
 from gradlens.sources.passes import accumulation_dtype
@@ -202,7 +205,7 @@ def sample(
             step_mass[:, k] = torch.logsumexp(log_probs.masked_fill(~keep, -torch.inf), dim=-1)
             ids = prefix_ids(order, count, int(count.max()))
             step_ids.append(torch.where(done[:, None], torch.full_like(ids, -1), ids))
-        y = torch.multinomial(probs.cpu(), 1, generator=gen).to(device).squeeze(-1)  # [N]
+        y = draw(probs.cpu(), gen).to(device)  # [N]
         y = torch.where(done, torch.full_like(y, pad), y)
         alive[:, k] = ~done
         new_tokens[:, k] = y
