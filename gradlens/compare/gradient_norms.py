@@ -12,7 +12,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-SQUARE_CHUNK = 1 << 22  # elements squared at a time in float64
+# elements squared at a time in float64: a 2 MB copy, which stays in the cache and whose memory
+# the allocator hands back for the next chunk (a 32 MB chunk is a fresh mapping each time, paid in
+# page faults: 80 ms for a 49,152 × 576 gradient against 11 ms in 2 MB chunks, on 2 cores)
+SQUARE_CHUNK = 1 << 18
 
 
 def square_sum(t: Tensor) -> float:

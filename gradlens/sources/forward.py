@@ -103,13 +103,13 @@ def row_gradient_embedding(model: Any) -> Iterator[bool]:
     """Inside the block, the input embedding's gradient is the rows it looked up
     (``nn.Embedding.sparse``) when its weight is the lm_head's (tied embeddings).
 
-    A backward then sums, for the one tensor W, the lm_head's dense gradient ∂L/∂W = Σ_t G_t h_tᵀ
-    and the embedding's, which is nonzero only in the rows of the input tokens: autograd adds
-    those rows into the dense one in place, instead of zero-filling a second [V, H] tensor for
-    them and writing a third for the sum (0.18 and 0.20 s per backward for a 49,152 × 576
-    weight, in a profile of one stale step). The sum is the same up to the order of addition.
-    Untied, the embedding's own gradient would stay sparse, which an optimizer of dense tensors
-    does not take: nothing changes then. Yields whether it applies.
+    For a reader that takes the lookup's gradient apart from the lm_head's dense
+    ∂L/∂W = Σ_t G_t h_tᵀ (the whole-model gradients' `GradientSink`), it is then never widened to
+    [V, H]. Where autograd sums the two for the one tensor W, torch adds a sparse gradient into a
+    dense one out of place (a copy of the dense one with the rows added): the stale steps merge
+    the rows in place instead (`gradlens.sources.tied_gradient`). Untied, the embedding's own
+    gradient would stay sparse, which an optimizer of dense tensors does not take: nothing
+    changes then. Yields whether it applies.
     """
     emb = model.get_input_embeddings()
     head = model.get_output_embeddings()

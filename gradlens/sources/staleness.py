@@ -52,8 +52,8 @@ step; with ``grad_dtype`` bfloat16, that recomputation runs under autocast,
 `gradlens.sources.autocast_recompute`: the backward's products in bf16, every forward exact) and,
 when the batch goes through the model in one micro-batch, each parameter is updated
 as soon as its gradient is complete (`StaleOptimizer.in_backward`), so the whole gradient never
-exists at once; with tied embeddings the input embedding's gradient joins the lm_head's as the
-rows it looked up (`gradlens.sources.forward.row_gradient_embedding`), not as another [V, H]
+exists at once; with tied embeddings the input embedding's gradient is added into the lm_head's in
+place, as the rows it looked up (`gradlens.sources.tied_gradient`), not as another [V, H]
 tensor; the [M, V] logits are not kept beside their log-softmax, and the pages freed since the
 last step go back to the system before each step's backward. A batch too large for
 the memory budget goes through in micro-batches (`gradlens.sources.microbatch`) whose gradients
@@ -93,7 +93,6 @@ from gradlens.sources.forward import (
     final_hidden,
     grid_with,
     head_weight,
-    row_gradient_embedding,
 )
 from gradlens.sources.microbatch import (
     MicroBatchPlan,
@@ -105,6 +104,7 @@ from gradlens.sources.microbatch import (
 from gradlens.sources.native_dtype import native_bf16
 from gradlens.sources.optimizers import StaleOptimizer
 from gradlens.sources.shared_prefix import pass_positions
+from gradlens.sources.tied_gradient import TiedHead, tied_gradient_in_place
 
 TARGET_BAND = 1.5  # a step is accepted when its KL is within this factor of the goal
 MAX_PROBES = 4  # redos of one step at most (on the whole batch; as many again on the subset)
@@ -248,6 +248,7 @@ def _search_on_subset(
     optimizer: StaleOptimizer,
     temperature: float,
     bias: bool,
+    head: TiedHead,
 ) -> int:
     """The first step's learning rate searched on the sequences ``rows`` alone, by forwards
     without autograd, before the whole batch's forward (module docstring); returns the redos
@@ -257,7 +258,7 @@ def _search_on_subset(
     search.start_step(torch.zeros(int(mask.sum()), dtype=torch.float64, device=mask.device))
     redos = 0
     while redos < MAX_PROBES:
-        logp = _forward(model, seqs, rows, temperature, bias).logp
+        logp = _forward(model, seqs, rows, temperature, bias, head).logp
         lr = search.propose(1, (logp - old_logp[rows])[mask].double(), optimizer.lr)
         if lr is None:
             break
@@ -267,12 +268,18 @@ def _search_on_subset(
 
 
 def _forward(
-    model: nn.Module, seqs: Sequences, rows: list[int], temperature: float, bias: bool
+    model: nn.Module,
+    seqs: Sequences,
+    rows: list[int],
+    temperature: float,
+    bias: bool,
+    head: TiedHead,
 ) -> PolicyPass:
-    """The logit path of the sequences ``rows`` (with autograd when it is enabled)."""
+    """The logit path of the sequences ``rows`` (with autograd when it is enabled), the
+    lm_head's weight read by ``head``."""
     part = seqs.select(rows)
     hidden = final_hidden(model, part, temperature, bias)
-    return policy_pass(hidden, head_weight(model), part.tokens, part.loss_mask, keep_logits=False)
+    return policy_pass(hidden, head.weight(), part.tokens, part.loss_mask, keep_logits=False)
 
 
 @dataclass(frozen=True)
@@ -360,9 +367,9 @@ def stale_steps(
     if cfg.steps:
         own_memory(trainable)
     optimizer = StaleOptimizer(trainable, cfg.optimizer, cfg.lr, cfg.steps)
-    head = head_weight(model)
-    vocab = int(head.shape[0])
-    lowered = stale_grad_dtype(cfg.grad_dtype, head.dtype, head.device) if cfg.steps else None
+    weight = head_weight(model)
+    vocab = int(weight.shape[0])
+    lowered = stale_grad_dtype(cfg.grad_dtype, weight.dtype, weight.device) if cfg.steps else None
     probed = probe(model, seqs, temperature, bias) if cfg.steps else None
     per_sequence = 0 if probed is None else checkpointed_bytes(probed, model, seqs)
     plan = plan_micro_batches(loss_tokens(mask), per_sequence, vocab, budget_bytes)
@@ -380,7 +387,7 @@ def stale_steps(
     old_logp: Tensor | None = None
     old_mass: Tensor | None = None
     forwards = backwards = 0
-    with checkpointed_blocks(model, lowered) as checkpointed, row_gradient_embedding(model):
+    with checkpointed_blocks(model, lowered) as checkpointed, tied_gradient_in_place(model) as head:
         for k in range(cfg.steps + 1):
             last = k == cfg.steps
             if not last:  # done: after the last forward, below
@@ -391,13 +398,13 @@ def stale_steps(
                 assert cfg.target_kl is not None  # a subset is chosen only with a target
                 on_subset = _search_on_subset(
                     model, seqs, subset, old_logp, cfg.target_kl, cfg.steps, optimizer,
-                    temperature, bias,
+                    temperature, bias, head,
                 )  # fmt: skip
                 probes = on_subset
             while True:
                 if fused and not last:
                     with torch.enable_grad():
-                        point = _with_graph(_forward(model, seqs, every, temperature, bias))
+                        point = _with_graph(_forward(model, seqs, every, temperature, bias, head))
                     forwards += 1  # a redo's forward has autograd too, and counts
                 else:
                     point = _measure(
@@ -425,7 +432,7 @@ def stale_steps(
                     )
                 loss_value = _step(
                     model, seqs, plan, point, old_logp, advantages, rollout_logp, optimizer,
-                    spec, params, aggregation, temperature, bias, groups,
+                    spec, params, aggregation, temperature, bias, groups, head,
                 )  # fmt: skip
                 point = _Point(point.logp, None, None, None)  # free the graph's tensors
                 if not fused:  # fused: the forward was counted above
@@ -495,6 +502,7 @@ def _step(
     temperature: float,
     bias: bool,
     groups: Tensor | None,
+    head: TiedHead,
 ) -> float:
     """One optimizer step from θ_k (``point``); the stale loss at θ_k."""
     mask = seqs.loss_mask
@@ -521,7 +529,7 @@ def _step(
     value = 0.0
     for rows in plan.groups:
         with torch.enable_grad():
-            part = _forward(model, seqs, rows, temperature, bias)
+            part = _forward(model, seqs, rows, temperature, bias, head)
             logp = grid_with(point.logp, rows, part.logp)
             entropy = None
             if needs_entropy:
