@@ -327,6 +327,11 @@ class Objective:
             top-entropy selection S_t (`gradlens.losses.token_selection`; a_t when it is off).
         coefficient: [N, T] c_t = ∂L/∂ℓ_t = weights·g_t, detached (0 at masked positions).
         loss: the scalar L, differentiable wherever ``logp`` (and the entropy) are.
+        selection: [N, T] bool the top-entropy selection S_t it applied (None: off). A
+            reference that differentiates the same loss takes it as given (``objective``'s
+            ``selection``): S_t is a 0/1 step of H_t, and two computations of H_t that round
+            differently can put a token on either side of the threshold (completions of one
+            prompt tie exactly on their first token).
     """
 
     terms: LossTerms
@@ -335,6 +340,7 @@ class Objective:
     bonus_weights: Tensor
     coefficient: Tensor
     loss: Tensor
+    selection: Tensor | None = None
 
 
 def entropy_bonus(bonus_weights: Tensor, entropy: Tensor, entropy_coef: float) -> Tensor:
@@ -390,6 +396,7 @@ def objective(
     aggregation: Aggregation,
     entropy: Tensor | None = None,
     divergence: Tensor | None = None,
+    selection: Tensor | None = None,
 ) -> Objective:
     """The loss ``spec`` at the log-probs ``logp`` [N, T] (see the module docstring).
 
@@ -398,12 +405,16 @@ def objective(
     policy part only, and a loss or selection that needs H_t raises a `GradlensError`.
     ``divergence`` [N, T] D_t adds the distillation term when ``params.distill`` is set (the
     streamed engine adds it from its own per-token D_t with `distill_term`).
+    ``selection`` [N, T] bool: the top-entropy selection S_t, given (another computation's
+    `Objective.selection`); None: from ``entropy``.
     """
     inputs = bypass(token_inputs(batch, logp, entropy), params)
     terms = apply_corrections(
         spec.terms(inputs, params, aggregation), inputs, params.corrections, params.bypass_mode
     )
-    keep = top_entropy_mask(inputs, params.top_entropy_quantile)  # S_t, None when off
+    keep = selection  # S_t, None when off
+    if keep is None:
+        keep = top_entropy_mask(inputs, params.top_entropy_quantile)
     terms = apply_token_selection(terms, inputs, keep)
     agg_weights = aggregation.weights(aggregation_mask(inputs, params), logp.dtype, batch.groups)
     weights = batch.mask.to(logp.dtype) if terms.self_aggregated else agg_weights
@@ -414,7 +425,7 @@ def objective(
     if divergence is not None and params.distill is not None:
         loss = loss + distill_term(agg_weights, divergence, params.distill.coef)
     coefficient = weights * terms.per_token_grad  # [N, T]
-    return Objective(terms, weights, agg_weights, bonus, coefficient, loss)
+    return Objective(terms, weights, agg_weights, bonus, coefficient, loss, keep)
 
 
 @dataclass(frozen=True)
@@ -510,9 +521,15 @@ class ReferenceGradients:
 
 
 def autograd_reference(
-    batch: Batch, spec: LossSpec, params: LossParams, aggregation: Aggregation
+    batch: Batch,
+    spec: LossSpec,
+    params: LossParams,
+    aggregation: Aggregation,
+    selection: Tensor | None = None,
 ) -> ReferenceGradients:
-    """Differentiate the objective through log_softmax(W h) with autograd, as a trainer does."""
+    """Differentiate the objective through log_softmax(W h) with autograd, as a trainer does;
+    ``selection``: the closed form's top-entropy selection S_t, taken as given
+    (`Objective.selection`)."""
     whole_weight(batch, "the autograd reference")
     weight = batch.weight.detach().clone().requires_grad_(True)
     with torch.enable_grad():
@@ -528,7 +545,9 @@ def autograd_reference(
             teacher = distill_teacher(batch, params, p.rows, p.cols)
             values = token_value(p.log_probs, teacher, params.distill)  # [M]
             divergence = on_grid(values, p.rows, p.cols, batch.mask.shape)
-        loss = objective(batch, p.logp, spec, params, aggregation, entropy, divergence).loss
+        loss = objective(
+            batch, p.logp, spec, params, aggregation, entropy, divergence, selection
+        ).loss
         loss.backward()
     assert p.logits.grad is not None and p.logp.grad is not None and weight.grad is not None
     return ReferenceGradients(float(loss.detach()), p.logp.grad, p.logits.grad, weight.grad)

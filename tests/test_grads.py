@@ -16,7 +16,7 @@ from helpers import F64, gradients, random_batch, rel_err
 from gradlens.containers import Batch
 from gradlens.diagnostics import tolerances
 from gradlens.diagnostics.agreement import agreement
-from gradlens.grads import autograd_reference, closed_form, softmax_view
+from gradlens.grads import autograd_reference, closed_form, objective, softmax_view
 from gradlens.losses import AGGREGATIONS, Aggregation, LossParams, get_loss, loss_names
 
 # float64: both paths evaluate the same formula in a different order, so they differ by a few
@@ -210,3 +210,24 @@ def test_grad_weight_matches_plain_torch(loss: str, params: LossParams, mode: st
         assert bool(closed.terms.regions["clip_lower"].any())
         if params.dual_clip is not None:
             assert bool(closed.terms.regions["clip_dual"].any())
+
+
+def test_a_reference_takes_the_closed_forms_top_entropy_selection_as_given() -> None:
+    # S_t is a 0/1 step of H_t: two computations of H_t that round differently (the engine's
+    # pass and autograd's log_softmax) may put a token on either side of the threshold, and
+    # completions of one prompt tie exactly on their first token. The reference differentiates
+    # the loss with the closed form's S_t, so the check compares gradients, not two roundings.
+    batch = batch64()
+    spec, agg = get_loss("ppo_clip"), Aggregation("token_mean")
+    params = LossParams(top_entropy_quantile=0.5)
+    view = softmax_view(batch)
+    m = batch.mask
+    own = closed_form(batch, view, spec, params, agg).objective.selection
+    assert own is not None and 0 < int(own.sum()) < int(m.sum())
+    given = m & ~own  # the other tokens: a selection the entropies do not imply
+    obj = objective(batch, view.logp, spec, params, agg, view.entropy_grid(), selection=given)
+    assert obj.selection is given
+    ref = autograd_reference(batch, spec, params, agg, given)
+    assert torch.all(obj.coefficient[m & ~given] == 0) and torch.all(ref.coefficient[~given] == 0)
+    assert float(ref.coefficient[given].abs().max()) > 0
+    assert rel_err(obj.coefficient[m], ref.coefficient[m]) <= TOL_F64

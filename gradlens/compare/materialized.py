@@ -78,7 +78,8 @@ def loss_record(
     attribution with ``shared``)."""
     grads = closed_form(batch, view, spec, params, aggregation)
     full = options.reference != "none"  # small enough to check every token and row
-    reference = autograd_reference(batch, spec, params, aggregation) if full else None
+    selection = grads.objective.selection  # the closed form's S_t, for the same loss
+    reference = autograd_reference(batch, spec, params, aggregation, selection) if full else None
     dtype = batch.weight.dtype
     return LossRecord(
         spec=spec,

@@ -435,10 +435,12 @@ def sampled_reference(
     spec: LossSpec,
     params: LossParams,
     aggregation: Aggregation,
+    selection: Tensor | None = None,
 ) -> SampledReference:
     """One loss differentiated by autograd with respect to ℓ, the sampled logits and the
     sampled rows (see the module docstring); ``hidden`` [M, H] and ``tokens`` [M] are the valid
-    tokens', ``rows``/``cols`` their places on the [N, T] grid."""
+    tokens', ``rows``/``cols`` their places on the [N, T] grid; ``selection``: the engine's
+    top-entropy selection S_t, taken as given (`gradlens.grads.Objective.selection`)."""
     shape = batch.mask.shape
     weight = batch.weight
     bonus = params.entropy_coef != 0.0  # H_t differentiated; only read (detached) otherwise
@@ -470,7 +472,9 @@ def sampled_reference(
             on_rows = torch.where(ds.in_support, phi, 0.0).sum(-1)  # [M]
             values = on_rows + ds.rest_value - (lse - lse.detach()) * ds.rest_psi
             divergence = on_grid(values, rows, cols, shape)
-        loss = objective(batch, logp, spec, params, aggregation, entropy, divergence).loss
+        loss = objective(
+            batch, logp, spec, params, aggregation, entropy, divergence, selection
+        ).loss
         loss.backward()
         assert logp.grad is not None and w_rows.grad is not None
         coefficient, grad_rows = logp.grad, w_rows.grad
@@ -509,7 +513,14 @@ def sampled_reference(
                 ds.value.index_put((sample.tokens,), picked_value), rows, cols, shape
             )
         loss2 = objective(
-            batch, on_grid(ell, rows, cols, shape), spec, params, aggregation, entropy2, divergence2
+            batch,
+            on_grid(ell, rows, cols, shape),
+            spec,
+            params,
+            aggregation,
+            entropy2,
+            divergence2,
+            selection,
         ).loss
         loss2.backward()
         assert leaf.grad is not None

@@ -306,12 +306,13 @@ def run_streamed(
         ref_tokens = None
         if options.reference == "full":
             agreement, ref_at_y, ref_non_finite = _agreement(
-                batch, spec, params, aggregation, c, result, i, rows, cols, tokens
+                batch, spec, params, aggregation, c, result, i, rows, cols, tokens, obj.selection
             )
         elif sample is not None:
             agreement, ref_at_y, ref_non_finite = _sampled_agreement(
-                sample, batch, spec, params, aggregation, c, result, i, rows, cols, hidden, tokens
-            )
+                sample, batch, spec, params, aggregation, c, result, i, rows, cols, hidden, tokens,
+                obj.selection,
+            )  # fmt: skip
             ref_tokens = sample.tokens
         else:
             agreement, ref_at_y, ref_non_finite = not_run(batch.weight.dtype), None, 0
@@ -483,9 +484,11 @@ def _agreement(
     rows: Tensor,
     cols: Tensor,
     tokens: Tensor,
+    selection: Tensor | None,
 ) -> tuple[Agreement, Tensor, int]:
-    """Engine against autograd: c_t, ∂L/∂z_y and the row norms (normwise relative)."""
-    ref = autograd_reference(batch, spec, params, aggregation)
+    """Engine against autograd: c_t, ∂L/∂z_y and the row norms (normwise relative), the
+    engine's top-entropy selection ``selection`` taken as given."""
+    ref = autograd_reference(batch, spec, params, aggregation, selection)
     ref_at_y = ref.grad_logits.gather(-1, tokens[:, None]).squeeze(-1)  # [M]
     at_y = grad_at_y(c, result.tokens)  # the entropy bonus's E_y included, as in autograd's
     errors = (
@@ -513,10 +516,13 @@ def _sampled_agreement(
     cols: Tensor,
     hidden: Tensor,
     tokens: Tensor,
+    selection: Tensor | None,
 ) -> tuple[Agreement, Tensor, int]:
     """Engine against autograd on the sample: c_t of every token, ∂L/∂z_y of the sampled
     tokens, ‖∂L/∂W_v‖ of the sampled rows (normwise relative, as `_agreement`)."""
-    ref = sampled_reference(sample, batch, hidden, tokens, rows, cols, spec, params, aggregation)
+    ref = sampled_reference(
+        sample, batch, hidden, tokens, rows, cols, spec, params, aggregation, selection
+    )
     at_y = grad_at_y(c, result.tokens)[sample.tokens]
     errors = (
         rel_err(c, ref.coefficient[rows, cols]),
