@@ -273,11 +273,12 @@ def test_the_first_step_is_searched_on_a_quarter_of_every_prompt_group(n, groups
 
 
 class TinyLM(torch.nn.Module):
-    """An embedding, a nonlinearity and an lm_head, tied or not."""
+    """An embedding (with ``nn.Embedding``'s ``options``), a nonlinearity and an lm_head, tied
+    or not."""
 
-    def __init__(self, tied: bool, sparse: bool = False) -> None:
+    def __init__(self, tied: bool, **options) -> None:
         super().__init__()
-        self.embed = torch.nn.Embedding(13, 5, sparse=sparse)
+        self.embed = torch.nn.Embedding(13, 5, **options)
         self.head = torch.nn.Linear(5, 13, bias=False)
         if tied:
             self.head.weight = self.embed.weight

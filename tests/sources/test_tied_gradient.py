@@ -20,6 +20,7 @@ from gradlens.config import build_config
 from gradlens.sources import staleness
 from gradlens.sources.checkpoint import builtin_model_dir
 from gradlens.sources.tied_gradient import tied_gradient_in_place
+from tests.sources.test_staleness import TinyLM
 
 
 @pytest.fixture(scope="module")
@@ -106,29 +107,12 @@ def test_two_forwards_in_one_backward_sum_both_heads_and_both_lookups(model):
     torch.testing.assert_close(weight.grad, plain, rtol=1e-13, atol=1e-15)
 
 
-class TwoTables(torch.nn.Module):
-    """An embedding and an lm_head, tied or not, with the embedding's options."""
-
-    def __init__(self, tied: bool, **options) -> None:
-        super().__init__()
-        self.embed = torch.nn.Embedding(13, 5, **options)
-        self.head = torch.nn.Linear(5, 13, bias=False)
-        if tied:
-            self.head.weight = self.embed.weight
-
-    def get_input_embeddings(self) -> torch.nn.Module:
-        return self.embed
-
-    def get_output_embeddings(self) -> torch.nn.Module:
-        return self.head
-
-
 @pytest.mark.parametrize(
     ("tied", "options"),
     [(False, {}), (True, {"max_norm": 1.0}), (True, {"scale_grad_by_freq": True})],
 )
 def test_untied_or_renormed_embeddings_are_left_alone(tied, options):
-    tables = TwoTables(tied, **options)
+    tables = TinyLM(tied, **options)
     with tied_gradient_in_place(tables) as head:
         assert head.weight() is tables.head.weight
         assert "forward" not in vars(tables.embed)
