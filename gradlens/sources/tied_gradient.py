@@ -10,14 +10,16 @@ Either way a second [V, H] tensor is written in fresh memory: 0.22 s per backwar
 49,152 × 576 on the 2-core machine, in a profile of the stale steps.
 
 Inside `tied_gradient_in_place`, each forward's lookup (`_Lookup`) is paired with the lm_head
-read after it (`_HeadRead`, the identity on E). When the lookup will run in the same backward,
-the head's backward keeps G_W instead of passing it on, and the lookup's adds its rows into G_W
-in place (``index_add_``) and passes the sum on: E's accumulator receives G_W + G_E as one
-dense tensor, with only the rows written. The head's backward comes first — the lookup's
-gradient needs the one through every block, G_W only the logits' — and wherever the pairing
-does not hold (the lookup not in the graph, or already run, or no head read after it) each
-passes its own part on, the lookup's as the rows it touched (a sparse gradient, as
-``sparse=True``): the sum is the same either way, up to the order of addition.
+read after it (`_HeadRead`, the identity on E). When the lookup will run in the same backward
+(the engine's graph-task id and ``torch._C._will_engine_execute_node``, as
+``torch.utils.checkpoint`` asks it), the head's backward keeps G_W instead of passing it on, and
+the lookup's adds its rows into G_W in place (``index_add_``) and passes the sum on: E's
+accumulator receives G_W + G_E as one dense tensor, with only the rows written. The head's
+backward comes first — the lookup's gradient needs the one through every block, G_W only the
+logits' — and wherever the pairing does not hold (the lookup not in the graph, or already run,
+or no head read after it) each passes its own part on, the lookup's as the rows it touched (a
+sparse gradient, as ``sparse=True``): the sum is the same either way, up to the order of
+addition.
 
 Untied, with ``max_norm`` or with ``scale_grad_by_freq``, nothing changes: the lm_head's
 weight is read as it is (`gradlens.sources.forward.head_weight`).
