@@ -412,9 +412,11 @@ def objective(
     terms = apply_corrections(
         spec.terms(inputs, params, aggregation), inputs, params.corrections, params.bypass_mode
     )
-    keep = selection  # S_t, None when off
-    if keep is None:
-        keep = top_entropy_mask(inputs, params.top_entropy_quantile)
+    keep = (  # S_t, None when off
+        selection
+        if selection is not None
+        else top_entropy_mask(inputs, params.top_entropy_quantile)
+    )
     terms = apply_token_selection(terms, inputs, keep)
     agg_weights = aggregation.weights(aggregation_mask(inputs, params), logp.dtype, batch.groups)
     weights = batch.mask.to(logp.dtype) if terms.self_aggregated else agg_weights

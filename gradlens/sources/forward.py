@@ -131,10 +131,11 @@ def grid_with(full: Tensor, rows: list[int], part: Tensor) -> Tensor:
     return full.detach().index_copy(0, index, part.to(full.dtype))
 
 
-def head_weight(model: Any) -> Tensor:
-    """[V, H] lm_head weight, or [V, H + 1] with the bias as the last column."""
+def head_weight(model: Any, weight: Tensor | None = None) -> Tensor:
+    """[V, H] lm_head weight, or [V, H + 1] with the bias as the last column; ``weight``: the
+    lm_head's weight as the caller reads it (a differentiable view of it), None: the weight."""
     head = model.get_output_embeddings()
-    weight = head.weight
+    weight = head.weight if weight is None else weight
     bias = getattr(head, "bias", None)
     return weight if bias is None else torch.cat([weight, bias[:, None]], dim=1)
 

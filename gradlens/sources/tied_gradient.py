@@ -132,9 +132,7 @@ def tied_gradient_in_place(model: Any) -> Iterator[TiedHead]:
         return
 
     def read() -> Tensor:
-        kept = _HeadRead.apply(head.weight, last[0])
-        bias = getattr(head, "bias", None)
-        return kept if bias is None else torch.cat([kept, bias[:, None]], dim=1)
+        return head_weight(model, _HeadRead.apply(head.weight, last[0]))
 
     reader = TiedHead(read)
     last: list[_Pair | None] = [None]  # the pair of the latest lookup, for the next head read
