@@ -207,6 +207,7 @@ class CheckpointSizes:
     vocab: int
     hidden: int
     parameters: int
+    context: int | None = None  # max_position_embeddings (n_positions), None if not given
 
 
 def checkpoint_sizes(path: str | None) -> CheckpointSizes | None:
@@ -221,9 +222,11 @@ def checkpoint_sizes(path: str | None) -> CheckpointSizes | None:
         stored = STORED_BYTES.get(str(config.get("dtype") or config.get("torch_dtype")), 4)
         files = [f for p in ("*.safetensors", "pytorch_model*.bin") for f in where.glob(p)]
         weights = sum(f.stat().st_size for f in files)
+        context = text.get("max_position_embeddings") or text.get("n_positions")
+        context = None if context is None else int(context)
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return CheckpointSizes(vocab, hidden, weights // stored)
+    return CheckpointSizes(vocab, hidden, weights // stored, context)
 
 
 def checkpoint_estimate(

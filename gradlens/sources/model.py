@@ -64,7 +64,7 @@ from gradlens.sources.rewards import default_reward, load_reward, score
 from gradlens.sources.rollout import rollout_copy, rollout_dtype, sample, stop_tokens
 from gradlens.sources.shared_prefix import padded_note, with_shared_prefix
 from gradlens.sources.staleness import stale_steps
-from gradlens.sources.teacher_model import model_teacher
+from gradlens.sources.teacher_model import check_teacher_context, model_teacher
 
 
 def offloaded(model: torch.nn.Module) -> bool:
@@ -88,6 +88,17 @@ def build_model_batch(src: ModelSource, ctx: SourceContext) -> Batch:
     )
     if len(prompt_ids[0]) > 1:
         check_logit_path(loaded, prompt_ids[0], device)
+    if src.teacher_path is not None:  # before the rollout: the teacher must read each whole
+        teacher_sizes = checkpoint_sizes(teacher_dir(src.teacher_path))
+        if teacher_sizes is not None:
+            row = max(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+            check_teacher_context(
+                teacher_sizes.context,
+                src.teacher_path,
+                len(prompt_ids[row]) + src.max_new_tokens,
+                f"prompt {row} ({len(prompt_ids[row])} tokens) with source.max_new_tokens = "
+                f"{src.max_new_tokens}",
+            )
     notes = []
     if not src.chat_template and not loaded.builtin and has_chat_template(loaded.tokenizer):
         notes.append(

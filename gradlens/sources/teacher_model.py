@@ -18,7 +18,10 @@ where the student does not, or not).
 
 The two checkpoints must share one vocabulary: the teacher's lm_head rows and its tokenizer's
 size must equal the student's, or the run is refused (a teacher whose ids mean other tokens
-cannot be compared entry by entry). Its logits must be W'·h' (`check_logit_path`).
+cannot be compared entry by entry). Its logits must be W'·h' (`check_logit_path`), and its
+context must hold every sequence whole (`check_teacher_context`: from its config.json before
+the rollout, with the longest prompt and ``source.max_new_tokens``; again on the sequences
+sampled, once it is loaded).
 """
 
 from __future__ import annotations
@@ -61,6 +64,20 @@ def check_same_vocabulary(teacher: LoadedModel, student: LoadedModel) -> None:
         )
 
 
+def check_teacher_context(context: int | None, path: str, longest: int, what: str) -> None:
+    """Refuse a teacher whose context (max_position_embeddings, ``context``; None: unbounded)
+    is shorter than ``longest`` positions, the length of ``what``: it reads each sequence in
+    one forward, and a position past its context has no embedding (GPT-2's table) or one it was
+    never trained on (rotary)."""
+    if context is not None and longest > context:
+        raise GradlensError(
+            f"{KEY}: the context of {path} (max_position_embeddings) is {context} positions, "
+            f"but {what} needs {longest}; the teacher reads each prompt and completion whole: "
+            "give a teacher with a longer context, or make source.max_new_tokens or the "
+            "prompts shorter"
+        )
+
+
 def model_teacher(
     path: str | None,
     student: LoadedModel,
@@ -82,6 +99,11 @@ def model_teacher(
     loaded = load_checkpoint(path, device, dtype, key=KEY)
     report("loading the teacher checkpoint", 1, 1)
     check_same_vocabulary(loaded, student)
+    lengths = seqs.attention_mask.sum(dim=-1)  # [N] prompt + completion tokens of each
+    row = int(lengths.argmax())
+    check_teacher_context(
+        loaded.context, str(loaded.path), int(lengths[row]), f"sequence {row} (prompt + completion)"
+    )
     first = seqs.input_ids[0][seqs.attention_mask[0].bool()].tolist()
     if len(first) > 1:
         check_logit_path(loaded, first, device, key=KEY)

@@ -2,7 +2,8 @@
 gradlens.sources.teacher_model): two tiny random Llamas of different seeds (tests/
 tiny_checkpoints.py); the teacher's log q(y) against transformers' own logits; the student as
 its own teacher gives a zero forward KL; ``--check`` passes with the term in both engines; a
-teacher of another vocabulary is refused naming the key; a dump carries the teacher."""
+teacher of another vocabulary, or of a context too short for the sequences, is refused naming
+the key; a dump carries the teacher."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from gradlens.compare.run import source_context
 from gradlens.config import validate
 from gradlens.containers import Batch
 from gradlens.sources import build_source
+from gradlens.sources import model as model_source
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
@@ -162,6 +164,38 @@ def test_a_teacher_of_another_vocabulary_is_refused(
     result = runner.invoke(app, ["compare", "-c", str(path)])
     assert result.exit_code == 2
     assert f"lm_head has {2 * VOCAB} rows and the student's {VOCAB}" in result.stderr
+
+
+def test_a_teacher_whose_context_is_too_short_is_refused_before_the_rollout(
+    checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    """GPT-2's position table has ``context`` rows: without the check, the teacher's forward
+    indexed past it (an IndexError, exit 3, after the rollout and the stale steps)."""
+    short = save_checkpoint(tmp_path / "short", "gpt2", context=8, seed=1)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config(checkpoints["student"], short)))
+    result = runner.invoke(app, ["compare", "-c", str(path)])
+    assert result.exit_code == 2, result.output
+    assert f"source.teacher_path: the context of {short} (max_position_embeddings) is 8" in (
+        result.stderr
+    )
+    assert "with source.max_new_tokens = 6 needs" in result.stderr
+    assert "sampling" not in result.stderr  # refused before the rollout
+
+
+def test_a_teacher_context_unreadable_before_the_rollout_is_checked_once_loaded(
+    checkpoints: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the config cannot be read before the rollout, the loaded teacher's context is
+    checked against the sequences sampled."""
+    short = save_checkpoint(tmp_path / "short", "gpt2", context=8, seed=1)
+    monkeypatch.setattr(model_source, "checkpoint_sizes", lambda path: None)
+    with pytest.raises(
+        Exception,
+        match=r"source\.teacher_path: the context of .* is 8 positions, "
+        r"but sequence \d+ \(prompt \+ completion\) needs \d+",
+    ):
+        batch_of(config(checkpoints["student"], short))
 
 
 @pytest.mark.slow
