@@ -127,6 +127,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "teacher_logp": ("teacher_logp",),
 }
 TEACHER_KEYS = tuple(name for name in ALIASES if name.startswith("teacher_"))
+KNOWN_KEYS = frozenset(key for keys in ALIASES.values() for key in keys)
 # one value for the whole batch, not per sequence: a .jsonl file stores them on its first line
 SHARED = ("lm_head_weight", "teacher_weight", "teacher_bias")
 SUFFIXES = (".safetensors", ".pt", ".pth", ".jsonl")
@@ -134,6 +135,15 @@ WEIGHT_KEY = "lm_head_weight"
 SHARD_KEYS = ("vocab_offset", "vocab_size")  # a file holding some rows of W (one rank's)
 LEFT_PADDED = ("prompts", "prompt_mask")  # verl left-pads prompts; .jsonl lines are unpadded
 WHOLE_SEQUENCE = ("input_ids", "attention_mask")  # [P+T] beside 'responses'
+# the .jsonl keys with one entry per response token of a line (a list when given per token)
+PER_TOKEN_NAMES = (
+    "mask", "old_logp", "rollout_logp", "ref_logp", "advantages", "rewards", "hidden", "kept_ids",
+    "old_kept_log_mass", "rollout_kept_log_mass", "teacher_hidden", "teacher_logits",
+    "teacher_topk_ids", "teacher_topk_logp", "teacher_logp",
+)  # fmt: skip
+RESPONSE_ALIGNED = frozenset(
+    key for name in PER_TOKEN_NAMES for key in ALIASES[name] if key not in WHOLE_SEQUENCE
+)
 # V → (v0, v1): the rows of the lm_head weight a tensor-parallel rank keeps
 RowChooser = Callable[[int], tuple[int, int]]
 
@@ -141,6 +151,8 @@ RowChooser = Callable[[int], tuple[int, int]]
 def _load_raw(path: Path, where: str, keep_rows: RowChooser | None = None) -> dict[str, Tensor]:
     if path.is_dir():
         raise GradlensError(f"{where}: {str(path)!r} is a directory, not a batch file")
+    if path.exists() and not path.is_file():
+        raise GradlensError(f"{where}: {str(path)!r} is not a regular file")
     if not path.is_file():
         raise GradlensError(f"{where}: no such file: {str(path)!r}")
     suffix = path.suffix.lower()
@@ -155,14 +167,54 @@ def _load_raw(path: Path, where: str, keep_rows: RowChooser | None = None) -> di
                 raise GradlensError(
                     f"{where}: {path.name} holds a {type(data).__name__}, not a dict"
                 )
+            for k, v in data.items():
+                if str(k) in KNOWN_KEYS and not isinstance(v, Tensor):
+                    raise GradlensError(
+                        f"{where}: {str(k)!r} in {path.name} holds a {type(v).__name__}, not a "
+                        "tensor"
+                    )
             raw = {str(k): v for k, v in data.items() if isinstance(v, Tensor)}
         else:
             raw = _load_jsonl(path, where)
+        _dense_real(raw, where, path.name)
         return _keep_rows(raw, keep_rows)
     except GradlensError:
         raise
-    except Exception as exc:  # a corrupt or foreign file
-        raise GradlensError(f"{where}: cannot read {path.name}: {exc}") from None
+    except Exception as exc:  # a corrupt or foreign file: the first line of what was wrong
+        raise GradlensError(f"{where}: cannot read {path.name}: {_reason(exc)}") from None
+
+
+def _reason(exc: Exception) -> str:
+    """Why a file could not be read, in one line."""
+    text = str(exc).strip()
+    if "Weights only load failed" in text:  # torch.load(weights_only=True)'s long advice
+        return (
+            "torch.load (weights_only=True) refused it: not a torch.save file of tensors (a "
+            "pickled object, or another format)"
+        )
+    if not text:  # EOFError from an empty or truncated pickle, among others
+        return f"{type(exc).__name__}: the file is empty or cut short"
+    return text.splitlines()[0]
+
+
+def _dense_real(raw: Mapping[str, Tensor], where: str, name: str) -> None:
+    """Every tensor a dense array of real numbers with its data in memory: a sparse or meta
+    tensor (a .pt file can hold either) or complex numbers are refused, naming the key."""
+    for key, x in raw.items():
+        if x.layout != torch.strided:
+            raise GradlensError(
+                f"{where}: {key!r} in {name} is a {str(x.layout).removeprefix('torch.')} "
+                "tensor; batch tensors are dense (torch.strided)"
+            )
+        if x.is_meta:
+            raise GradlensError(
+                f"{where}: {key!r} in {name} is on the meta device and holds no values"
+            )
+        if x.is_complex():
+            raise GradlensError(
+                f"{where}: {key!r} in {name} has the complex dtype "
+                f"{str(x.dtype).removeprefix('torch.')}; batch values are real numbers"
+            )
 
 
 def peek_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
@@ -270,6 +322,12 @@ def _load_jsonl(path: Path, where: str) -> dict[str, Tensor]:
                 ) from None
     if not rows:
         raise GradlensError(f"{where}: {path.name} is empty")
+    for i, r in enumerate(rows, start=1):
+        if not isinstance(r, dict):
+            raise GradlensError(
+                f"{where}: line {i} of {path.name} is a JSON {type(r).__name__}; each line is "
+                "one sequence, an object of its keys"
+            )
     if "prompts" in rows[0] and "prompt_mask" not in rows[0]:  # unpadded: every token is real
         for r in rows:
             if isinstance(r.get("prompts"), list):
@@ -282,18 +340,51 @@ def _load_jsonl(path: Path, where: str) -> dict[str, Tensor]:
         values = [r.get(key) for r in rows]
         if any(v is None for v in values):
             raise GradlensError(f"{where}: key {key!r} is missing from some lines of {path.name}")
-        if key in WHOLE_SEQUENCE and "responses" in rows[0]:
-            out[key] = _pad_whole_sequence(values, [r.get("responses") for r in rows], key)
-        else:
-            out[key] = _pad(values, key, left=key in LEFT_PADDED)
+        if key in RESPONSE_ALIGNED:
+            _same_lengths(rows, key, where, path.name)
+        try:
+            if key in WHOLE_SEQUENCE and "responses" in rows[0]:
+                out[key] = _pad_whole_sequence(values, [r.get("responses") for r in rows], key)
+            else:
+                out[key] = _pad(values, key, left=key in LEFT_PADDED)
+        except (TypeError, ValueError, RuntimeError, IndexError) as exc:
+            raise GradlensError(
+                f"{where}: {key!r} in {path.name}: {exc}; each line's value must be a number, "
+                "or a list (of lists) of numbers of one shape on every line"
+            ) from None
     return out
 
 
+def _same_lengths(rows: list[dict[str, Any]], key: str, where: str, name: str) -> None:
+    """A per-token key of a .jsonl line (a list, or a number per sequence for the advantages
+    and rewards) has one entry per response token of its line: padding it would put made-up
+    values at positions in the loss."""
+    tokens_key = next((k for k in ALIASES["tokens"] if k in rows[0]), None)
+    if tokens_key is None or key == tokens_key:
+        return
+    for i, r in enumerate(rows, start=1):
+        value, tokens = r.get(key), r.get(tokens_key)
+        if isinstance(value, list) and isinstance(tokens, list) and len(value) != len(tokens):
+            raise GradlensError(
+                f"{where}: line {i} of {name}: {key!r} has {len(value)} entries and "
+                f"{tokens_key!r} {len(tokens)}; a per-token key has one entry per response token"
+            )
+
+
 def _pad(values: list, key: str, left: bool = False) -> Tensor:
-    """Per-sequence lists of ragged length → a right- (or left-) padded [N, T(, H)] tensor."""
+    """Per-sequence lists of ragged length → a right- (or left-) padded [N, T(, H)] tensor; the
+    entries of every line have one shape (a hidden state of H numbers on every line)."""
     first = torch.tensor(values[0])
     if first.dim() == 0:
         return torch.tensor(values, dtype=torch.float64)
+    for i, v in enumerate(values, start=1):
+        inner = tuple(torch.tensor(v).shape[1:]) if isinstance(v, list) and len(v) else None
+        if not isinstance(v, list):
+            raise ValueError(f"line {i} holds a {type(v).__name__}, line 1 a list")
+        if inner is not None and inner != tuple(first.shape[1:]):
+            raise ValueError(
+                f"line {i} has entries of shape {inner}, line 1 of shape {tuple(first.shape[1:])}"
+            )
     length = max(len(v) for v in values)
     # JSON numbers are doubles; token ids and masks too, checked for whole numbers (and 0/1)
     # when they are read, never truncated here
@@ -393,6 +484,11 @@ def read_batch_file(
             f"{where}: {tokens_key!r} must be [N, T]; got shape {tuple(tokens.shape)}"
         )
     n, t = tokens.shape
+    if n == 0 or t == 0:
+        raise GradlensError(
+            f"{where}: {tokens_key!r} has shape {tuple(tokens.shape)}; a batch needs at least "
+            "one sequence of at least one token"
+        )
     for name in ("mask", "old_logp", "rollout_logp", "ref_logp"):
         key = _key(raw, name)
         x = _pick(raw, name, where, required=name in ("mask", "old_logp"))
@@ -414,7 +510,7 @@ def read_batch_file(
             )
         out[name] = _mask(x, key, where) if name == "mask" else x.double()
     out["tokens"] = _integers(tokens, tokens_key, where, out["mask"])
-    out.update(_kept_sets(raw, (n, t), where))
+    out.update(_kept_sets(raw, out["mask"], where))
     adv, rewards = _pick(raw, "advantages", where, False), _pick(raw, "rewards", where, False)
     if adv is None and rewards is None:
         raise GradlensError(
@@ -460,6 +556,11 @@ def read_batch_file(
                 f"{where}: 'lm_head_weight' has shape {tuple(weight.shape)}; "
                 f"expected [V, H] with H = {hidden.shape[2]}"
             )
+        if hidden.shape[2] == 0:
+            raise GradlensError(
+                f"{where}: 'hidden_states' has shape {tuple(hidden.shape)}; the hidden size H "
+                "must be at least 1"
+            )
         for key, x in (("hidden_states", hidden), ("lm_head_weight", weight)):
             if not x.is_floating_point():
                 raise GradlensError(
@@ -469,6 +570,11 @@ def read_batch_file(
         out["hidden"], out["weight"] = hidden, weight
         keys["hidden"], keys["weight"] = "hidden_states", "lm_head_weight"
         v0, v1, v = weight_rows(raw, int(weight.shape[0]), where)
+        if v < 2:
+            raise GradlensError(
+                f"{where}: 'lm_head_weight' has a vocabulary of {v} row(s); a softmax over "
+                "fewer than 2 tokens is constant, so no loss has a gradient to diagnose"
+            )
         out["weight_rows"] = torch.tensor([v0, v1, v])
         kept_used = out["kept_ids"][out["mask"]] if "kept_ids" in out else tokens[:0]
         if kept_used.numel() and int(kept_used.max()) >= v:
@@ -481,7 +587,14 @@ def read_batch_file(
             raise GradlensError(
                 f"{where}: 'stale_steps' has shape {tuple(stale.shape)}; expected [N] = ({n},)"
             )
-        out["stale_steps"] = _integers(stale, "stale_steps", where)  # .jsonl: whole doubles
+        steps = _integers(stale, "stale_steps", where, what="step counts are whole numbers")
+        if bool((steps < 0).any()):
+            row = int((steps < 0).nonzero()[0])
+            raise GradlensError(
+                f"{where}: 'stale_steps'[{row}] is {int(steps[row])}; a number of optimizer "
+                "steps is ≥ 0"
+            )
+        out["stale_steps"] = steps
     out.update(_teacher(raw, (n, t), out["mask"], where))
     keys.update({name: name for name in TEACHER_KEYS if name in out})
     if prompts:
@@ -509,16 +622,27 @@ def _teacher(
     return out
 
 
-def _integers(x: Tensor, key: str, where: str, valid: Tensor | None = None) -> Tensor:
-    """Token ids as int64; ids stored as floats must be whole numbers (at ``valid`` positions:
-    padding may hold anything), never silently truncated."""
+def _integers(
+    x: Tensor,
+    key: str,
+    where: str,
+    valid: Tensor | None = None,
+    what: str = "token ids are integers",
+) -> Tensor:
+    """Token ids (or other counts, ``what`` they are) as int64; stored as floats they must be
+    whole numbers (at ``valid`` positions: padding may hold anything), never silently
+    truncated; booleans are no ids at all."""
+    if x.dtype == torch.bool:
+        raise GradlensError(f"{where}: {key!r} holds booleans; {what}")
     if x.is_floating_point():
         found = find(x, lambda v: v != torch.round(v), valid)  # NaN ≠ NaN: caught too
+        if found is None:
+            found = find(x, lambda v: v.abs() > 2.0**62, valid)  # beyond int64: no id either
         if found is not None:
             index = ", ".join(map(str, found.index))
             raise GradlensError(
-                f"{where}: {key!r}[{index}] is {describe(found.value)}, not a whole number; "
-                f"token ids are integers ({found.count} such entries in all)"
+                f"{where}: {key!r}[{index}] is {describe(found.value)}, not a whole number "
+                f"that fits in int64; {what} ({found.count} such entries in all)"
             )
         if valid is not None:
             x = torch.where(valid, x, 0.0)  # padding that is no id at all: never read
@@ -538,9 +662,13 @@ def _mask(x: Tensor, key: str, where: str) -> Tensor:
     return x.bool()
 
 
-def _kept_sets(raw: Mapping[str, Tensor], grid: tuple[int, int], where: str) -> dict[str, Tensor]:
-    """The optional kept sets: ``kept_ids`` [N, T, K] (ids ≥ −1) and the log kept masses [N, T],
-    which come only with them."""
+def _kept_sets(raw: Mapping[str, Tensor], mask: Tensor, where: str) -> dict[str, Tensor]:
+    """The optional kept sets: ``kept_ids`` [N, T, K] (ids ≥ −1, none twice at a position in the
+    loss) and the log kept masses [N, T], which come only with them: at the positions in the
+    loss (``mask``) each is the log of a probability mass, finite and ≤ 0 up to the rounding of
+    a sum of |K_t| probabilities, log(1 + |K_t|·ε) for the file's dtype (each term rounded by a
+    relative ε at most, summed in any order)."""
+    grid = tuple(mask.shape)
     ids = raw.get("kept_ids")
     masses = {
         name: raw.get(ALIASES[name][0]) for name in ("old_kept_log_mass", "rollout_kept_log_mass")
@@ -563,17 +691,48 @@ def _kept_sets(raw: Mapping[str, Tensor], grid: tuple[int, int], where: str) -> 
         raise GradlensError(
             f"{where}: 'kept_ids' must be token ids ≥ 0, with −1 as padding; found {int(ids.min())}"
         )
+    found = find(ids, lambda k: _repeated(k) & (k >= 0), mask)
+    if found is not None:
+        index = ", ".join(map(str, found.index))
+        raise GradlensError(
+            f"{where}: 'kept_ids'[{index}] is {int(found.value)}, an id already in the kept set "
+            f"of its position; a kept set lists each token once ({found.count} repeats in all)"
+        )
     out = {"kept_ids": ids}
+    sizes = (ids >= 0).sum(dim=-1)  # [N, T] |K_t|
     for name, x in masses.items():
         if x is None:
             continue
+        key = ALIASES[name][0]
         if tuple(x.shape) != grid:
             raise GradlensError(
-                f"{where}: {ALIASES[name][0]!r} has shape {tuple(x.shape)}; expected "
-                f"[N, T] = {grid}"
+                f"{where}: {key!r} has shape {tuple(x.shape)}; expected [N, T] = {grid}"
             )
-        out[name] = x.double()
+        if not x.is_floating_point():
+            raise GradlensError(
+                f"{where}: {key!r} has dtype {str(x.dtype).removeprefix('torch.')}; expected "
+                "floating-point numbers"
+            )
+        slack = torch.log1p(sizes.double() * torch.finfo(x.dtype).eps)
+        value = x.double()
+        found = find(value - slack, lambda v: ~(v <= 0) | torch.isinf(v), mask)
+        if found is not None:
+            row, col = found.index
+            raise GradlensError(
+                f"{where}: {key!r}[{row}, {col}] is {describe(float(value[row, col]))}; a log "
+                "kept mass is the log of a probability mass: finite and ≤ 0 (up to "
+                f"{float(slack[row, col]):.2g} of rounding) ({found.count} such entries in all)"
+            )
+        out[name] = value
     return out
+
+
+def _repeated(ids: Tensor) -> Tensor:
+    """[..., K] True at an id that an earlier entry of its row repeats."""
+    ordered, order = ids.sort(dim=-1, stable=True)  # the later of two equal ids is flagged
+    repeat = torch.zeros_like(ids, dtype=torch.bool)
+    repeat[..., 1:] = ordered[..., 1:] == ordered[..., :-1]
+    return torch.zeros_like(repeat).scatter_(-1, order, repeat)
 
 
 def _prompt_context(
@@ -619,7 +778,7 @@ def _prompt_context(
                 f"{tuple(seq.shape)} (got {got})"
             )
         p = seq.shape[1] - t
-        if not torch.equal(seq[:, p:].long()[mask], tokens[mask]):
+        if not torch.equal(_integers(seq, "input_ids", where)[:, p:][mask], tokens[mask]):
             raise GradlensError(
                 f"{where}: the last T = {t} columns of 'input_ids' are not 'responses' (at the "
                 "tokens in the loss); 'input_ids' must be the prompt followed by the response, "
@@ -635,7 +794,7 @@ def _prompt_context(
             f"{', '.join(sorted(raw))}"
         )
     if full is not None and tuple(full.shape) == (n, p + t):
-        attention = full[:, p:].bool()
+        attention = _mask(full, "attention_mask", where)[:, p:]
     else:  # real up to the last token in the loss: a causal model never reads what follows
         attention = mask.flip(1).cummax(dim=1).values.flip(1)
     if bool((mask & ~attention).any()):

@@ -26,21 +26,32 @@ TERM_WORDS = {"kl": "the KL term", "entropy_bonus": "the entropy bonus"}
 
 
 def signal(
-    batch: Batch, logp: torch.Tensor, obj: Objective, spec: LossSpec, params: LossParams
+    batch: Batch,
+    logp: torch.Tensor,
+    obj: Objective,
+    spec: LossSpec,
+    params: LossParams,
+    head_norm: float | None = None,
 ) -> Signal:
     """Whether the gradient is identically zero (c_t = 0 at every token in the loss and no
     entropy bonus), and why: the first cause in the inputs (no token, every advantage zero under
     a loss that scales with A, every token masked by the corrections), else the loss's own
-    rules."""
+    rules. With c_t ≠ 0 somewhere, the lm_head gradient ∂L/∂W = Σ_t G_t h_tᵀ can still be
+    exactly zero because of the inputs, which ``head_norm`` (its measured ‖∂L/∂W‖_F) shows:
+    every hidden state in the loss zero, or π_θ one-hot at y_t (e_y − π_t = 0: a kept set of
+    the sampled token alone, or logits that put all the mass on it)."""
     m = batch.mask
     count = int(m.sum())
     if count == 0:
         return Signal(zero=True, cause="no token enters the loss", from_inputs=True)
+    tokens = f"the {count} token(s) in the loss"
     if bool((obj.coefficient[m] != 0).any()) or params.entropy_coef != 0.0:
         # the entropy bonus's gradient a_t·c_H·π(log π + H) is not of the c-form: with it the
         # gradient is not zero whatever c_t is (losses.md TC11: the bonus on its own, A = 0)
+        if head_norm == 0.0:
+            cause = _zero_head_cause(batch, logp, obj.coefficient, params.entropy_coef, tokens)
+            return Signal(zero=True, cause=cause, from_inputs=True)
         return Signal(zero=False, cause=None, from_inputs=False)
-    tokens = f"the {count} token(s) in the loss"
     if spec.uses_advantage and bool((batch.advantages[m] == 0).all()):
         return Signal(
             zero=True,
@@ -66,6 +77,32 @@ def signal(
         cause=f"{spec.name}'s own rules{rules} give c_t = 0 at every one of {tokens}",
         from_inputs=False,
     )
+
+
+def _zero_head_cause(
+    batch: Batch, logp: torch.Tensor, coefficient: torch.Tensor, entropy_coef: float, tokens: str
+) -> str:
+    """Why ∂L/∂W is exactly zero although some c_t is not (`signal`), in words: at the tokens
+    whose gradient is not switched off (c_t ≠ 0, or every token with the entropy bonus)."""
+    m = batch.mask
+    active = m if entropy_coef != 0.0 else m & (coefficient != 0)
+    where = (
+        tokens
+        if bool(torch.equal(active, m))
+        else (f"the {int(active.sum())} of {tokens} where c_t ≠ 0")
+    )
+    hidden = batch.hidden
+    if hidden.dim() == 3 and not bool(hidden[active].ne(0).any()):
+        return (
+            f"every hidden state h_t at {where} is zero, so ∂L/∂W = Σ_t G_t h_tᵀ is zero "
+            "whatever the loss"
+        )
+    if not bool(logp.detach()[active].ne(0).any()):
+        return (
+            f"π_θ(y_t) = 1 at every one of {where} (all the mass on the sampled token, or a "
+            "kept set of it alone), so e_y − π_t and ∂L/∂W are zero"
+        )
+    return f"∂L/∂W = Σ_t G_t h_tᵀ is exactly zero at {where}"
 
 
 def findings(

@@ -90,7 +90,7 @@ def loss_report(
         coefficient_abs_mean=None if empty else num(c_valid.abs().mean()),
         coefficient_abs_max=None if empty else num(c_valid.abs().max()),
         non_finite=record.non_finite,
-        signal=signal(batch, logp, obj, spec, params),
+        signal=signal(batch, logp, obj, spec, params, record.rows.total_norm),
         reference_non_finite=record.reference_non_finite,
         sampled_row=record.sampled_row,
         rows=record.rows,

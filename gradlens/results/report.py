@@ -165,12 +165,15 @@ class Signal(Result):
     other check of the loss holds vacuously."""
 
     zero: bool = Field(
-        description="c_t = 0 at every token in the loss and no entropy bonus (or no token)"
+        description="c_t = 0 at every token in the loss and no entropy bonus (or no token), "
+        "or ∂L/∂W exactly zero because of the inputs (every hidden state in the loss zero, "
+        "π_θ(y) = 1 at every token)"
     )
     cause: str | None = Field(description="why, in words; null when the gradient is not zero")
     from_inputs: bool = Field(
         description="the cause lies in the batch (no token in the loss, every advantage zero "
-        "under a loss that scales with A, every token masked by loss.corrections): the batch "
+        "under a loss that scales with A, every token masked by loss.corrections, an lm_head "
+        "gradient the hidden states or a one-hot π make exactly zero): the batch "
         "cannot support a diagnosis of this loss and the `diagnosable` check fails. false for "
         "a gradient the loss's own rules switched off (a clip on every token): that is what "
         "the diagnosis found"

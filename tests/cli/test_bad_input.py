@@ -230,6 +230,165 @@ CASES = {
         ],
         ("'responses'[0, 1]", "1.5", "not a whole number"),
     ),
+    "batch-no-sequences": Case(
+        "batch-file",
+        lambda d: [
+            "compare",
+            "--set",
+            "source.path="
+            + batch_file(
+                d,
+                responses=torch.zeros(0, 3, dtype=torch.long),
+                response_mask=None,
+                old_log_probs=None,
+                advantages=None,
+                hidden_states=None,
+                lm_head_weight=None,
+            ),
+        ],
+        ("'responses' has shape (0, 3)", "at least one sequence"),
+    ),
+    "batch-sparse-tensor": Case(
+        "batch-file",
+        lambda d: [
+            "compare",
+            "--set",
+            f"source.path={batch_file(d, advantages=torch.tensor([1.0, -1.0]).to_sparse())}",
+        ],
+        ("'advantages'", "sparse_coo", "dense"),
+    ),
+    "batch-meta-tensor": Case(
+        "batch-file",
+        lambda d: [
+            "compare",
+            "--set",
+            f"source.path={batch_file(d, hidden_states=torch.empty(2, 3, 4, device='meta'))}",
+        ],
+        ("'hidden_states'", "meta device", "no values"),
+    ),
+    "batch-complex-values": Case(
+        "batch-file",
+        lambda d: [
+            "compare",
+            "--set",
+            f"source.path={batch_file(d, advantages=torch.tensor([1.0, -1.0]) + 0j)}",
+        ],
+        ("'advantages'", "complex", "real numbers"),
+    ),
+    "batch-not-a-tensor": Case(
+        "batch-file",
+        lambda d: ["compare", "--set", f"source.path={batch_file(d, responses=[[0, 1, 2]])}"],
+        ("'responses'", "holds a list, not a tensor"),
+    ),
+    "batch-one-token-vocabulary": Case(
+        "batch-values",
+        lambda d: [
+            "compare",
+            "--set",
+            "source.path="
+            + batch_file(
+                d, responses=torch.zeros(2, 3, dtype=torch.long), lm_head_weight=torch.ones(1, 4)
+            ),
+        ],
+        ("'lm_head_weight'", "vocabulary of 1 row", "fewer than 2 tokens"),
+    ),
+    "batch-hidden-size-zero": Case(
+        "batch-values",
+        lambda d: [
+            "compare",
+            "--set",
+            "source.path="
+            + batch_file(d, hidden_states=torch.zeros(2, 3, 0), lm_head_weight=torch.zeros(5, 0)),
+        ],
+        ("'hidden_states' has shape (2, 3, 0)", "at least 1"),
+    ),
+    "batch-negative-stale-steps": Case(
+        "batch-values",
+        lambda d: [
+            "compare",
+            "--set",
+            f"source.path={batch_file(d, stale_steps=torch.tensor([2, -3]))}",
+        ],
+        ("'stale_steps'[1] is -3", "≥ 0"),
+    ),
+    "batch-boolean-token-ids": Case(
+        "batch-values",
+        lambda d: [
+            "compare",
+            "--set",
+            f"source.path={batch_file(d, responses=torch.ones(2, 3, dtype=torch.bool))}",
+        ],
+        ("'responses' holds booleans", "token ids are integers"),
+    ),
+    "batch-kept-id-twice": Case(
+        "batch-values",
+        lambda d: [
+            "compare",
+            "--set",
+            "loss.sampling_support=kept",
+            "--set",
+            "source.path="
+            + batch_file(
+                d, kept_ids=torch.tensor([[[0, 3], [1, 1], [2, -1]], [[3, 4], [4, -1], [0, 2]]])
+            ),
+        ],
+        ("'kept_ids'[0, 1, 1] is 1", "lists each token once"),
+    ),
+    "batch-kept-mass-above-zero": Case(
+        "batch-values",
+        lambda d: [
+            "compare",
+            "--set",
+            "loss.sampling_support=kept",
+            "--set",
+            "source.path="
+            + batch_file(
+                d,
+                kept_ids=torch.tensor([[[0, 3], [1, 2], [2, -1]], [[3, 4], [4, -1], [0, 2]]]),
+                old_log_kept_mass=torch.tensor([[-0.1, 5.0, -0.2], [-0.1, -0.1, -0.1]]),
+            ),
+        ],
+        ("'old_log_kept_mass'[0, 1] is 5", "finite and ≤ 0"),
+    ),
+    "batch-jsonl-ragged-line": Case(
+        "batch-file",
+        lambda d: [
+            "compare",
+            "--set",
+            "source.path="
+            + str(
+                write(
+                    d / "ragged.jsonl",
+                    (
+                        b'{"responses": [0, 1, 2], "response_mask": [1, 1, 1], '
+                        b'"old_log_probs": [-0.5, -0.5], "advantages": 1.0}\n'
+                    ),
+                )
+            ),
+        ],
+        ("line 1 of ragged.jsonl", "'old_log_probs' has 2 entries and 'responses' 3"),
+    ),
+    "batch-jsonl-hidden-size-differs": Case(
+        "batch-file",
+        lambda d: [
+            "compare",
+            "--set",
+            "source.path="
+            + str(
+                write(
+                    d / "wide.jsonl",
+                    (
+                        b'{"responses": [0], "response_mask": [1], "old_log_probs": [-0.5], '
+                        b'"advantages": 1.0, "hidden_states": [[0.1, 0.2]], '
+                        b'"lm_head_weight": [[1.0, 0.0], [0.0, 1.0]]}\n'
+                        b'{"responses": [1], "response_mask": [1], "old_log_probs": [-0.5], '
+                        b'"advantages": -1.0, "hidden_states": [[0.3]]}\n'
+                    ),
+                )
+            ),
+        ],
+        ("'hidden_states' in wide.jsonl", "line 2 has entries of shape (1,)", "(2,)"),
+    ),
     "batch-mask-not-binary": Case(
         "batch-values",
         lambda d: [

@@ -1,10 +1,11 @@
 """The ``--check`` gate never passes a batch that cannot support a diagnosis, and says why.
 
 A batch with no token in the loss, or one that makes a loss's gradient identically zero (every
-advantage zero under a loss whose c_t scales with A, every token masked by the corrections),
-fails the gate: ``passed`` is false and ``--check`` exits 1. A gradient the loss's own rules
-switch off everywhere (a clip on every token) is a finding, not a failure; the entropy bonus on
-its own (A = 0) is a gradient like any other. No check's detail prints Python's None.
+advantage zero under a loss whose c_t scales with A, every token masked by the corrections,
+hidden states that are all zero, a π_θ one-hot at every sampled token), fails the gate:
+``passed`` is false and ``--check`` exits 1. A gradient the loss's own rules switch off
+everywhere (a clip on every token) is a finding, not a failure; the entropy bonus on its own
+(A = 0) is a gradient like any other. No check's detail prints Python's None.
 """
 
 from __future__ import annotations
@@ -83,6 +84,39 @@ def test_corrections_that_mask_every_token_fail_every_loss():
     bad = failed(report)
     assert set(bad) == {("diagnosable", r["name"]) for r in report["losses"]}
     assert "loss.corrections (icepop) give weight 0 to every one" in bad[("diagnosable", "sft")]
+
+
+def test_zero_hidden_states_fail_every_loss_though_c_is_not_zero(tmp_path):
+    # c_t ≠ 0 at some token, but ∂L/∂W = Σ_t G_t h_tᵀ = 0: before, `--check` passed (exit 0)
+    # with every lm_head number of the report 0
+    path = batch_file(tmp_path, hidden_states=torch.zeros(2, 3, 4))
+    report = compare("--set", f"source.path={path}", code=1)
+    bad = failed(report)
+    for loss in report["losses"]:
+        assert loss["coefficient_abs_max"] > 0 and loss["rows"]["total_norm"] == 0.0
+        detail = bad[("diagnosable", loss["name"])]  # ppo_clip: at its unclipped tokens
+        assert "every hidden state h_t at the" in detail and "is zero, so ∂L/∂W" in detail
+    # one token's hidden state is enough for a gradient to diagnose
+    hidden = torch.zeros(2, 3, 4)
+    hidden[0, 0, 0] = 1.0  # A = 1 and r < 1 + ε there: no loss clips it
+    report = compare("--set", f"source.path={batch_file(tmp_path, hidden_states=hidden)}", code=0)
+    assert not any(c["name"] == "diagnosable" and not c["passed"] for c in report["checks"])
+
+
+def test_a_kept_set_of_the_sampled_token_alone_fails_every_loss(tmp_path):
+    # π̃_θ restricted to K_t = {y_t} is 1 at y_t: e_y − π̃_t = 0 at every token
+    tokens = torch.tensor([[0, 1, 2], [3, 4, 0]])
+    alone = batch_file(tmp_path, kept_ids=tokens[..., None].clone())
+    report = compare("--set", f"source.path={alone}", "--set", "loss.sampling_support=kept", code=1)
+    bad = failed(report)
+    for name in ("reinforce", "ppo", "ppo_clip", "sft"):
+        assert "π_θ(y_t) = 1 at every one of the" in bad[("diagnosable", name)]
+    pairs = torch.stack([tokens, (tokens + 1) % 5], dim=-1)  # a second token in every set
+    report = compare(
+        "--set", f"source.path={batch_file(tmp_path, kept_ids=pairs)}",
+        "--set", "loss.sampling_support=kept", code=0,
+    )  # fmt: skip
+    assert not any(c["name"] == "diagnosable" and not c["passed"] for c in report["checks"])
 
 
 def test_a_clip_on_every_token_is_a_finding_not_a_failure(tmp_path):
