@@ -75,10 +75,12 @@ def explicit_logits(pi_theta: Tensor, vocab_size: int, kept_mass: float = 1.0) -
 
 
 def relative_error(actual: Tensor, expected: Tensor) -> Tensor:
-    """Elementwise |a − b| / max(|a|, |b|), 0 where both are 0."""
+    """Elementwise |a − b| / max(|a|, |b|), 0 where both are 0; NaN where either is NaN (a
+    gradient that is not a number agrees with nothing, and `check_summary` fails on it)."""
     scale = torch.maximum(actual.abs(), expected.abs())
     diff = (actual - expected).abs()
-    return torch.where(scale > 0, diff / torch.where(scale > 0, scale, 1.0), 0.0)
+    err = torch.where(scale > 0, diff / torch.where(scale > 0, scale, 1.0), 0.0)
+    return torch.where(actual.isnan() | expected.isnan(), torch.nan, err)
 
 
 def check_curve(grid: Grid, curve: Curve, indices: Tensor, vocab_size: int) -> CurveCheck:

@@ -26,7 +26,10 @@ each point is its own sequence, so nothing couples them. The others would couple
 have nothing to do with each other, so they are called once per point: a ``group`` loss
 (``real``) on the point's two tokens, A = +|A| and A = −|A|, as one prompt group (one member
 on each side of REAL's classification, with the same score); a ``batch`` loss (``clip_cov``,
-``kl_cov``, ``m2po``) on each token alone as a batch of one. That is what those losses do to a
+``kl_cov``, ``m2po``) on each token alone as a batch of one. So is a function that aggregates
+itself (a loss you wrote, a framework's): called on all the points at once, its own token mean
+would divide each point's gradient by the number of points (1/36 on the default grid), where a
+built-in loss's weight a is that of a lone token. That is what those losses do to a
 lone token, not what they do inside a real batch: the covariance of a lone token is 0, so
 Clip-Cov selects nothing (its curve is ``ppo_clip``'s) and KL-Cov selects the token (its curve
 carries the penalty everywhere); M2PO never masks the only token of a batch.
@@ -167,13 +170,14 @@ def point_terms(
 ) -> LossTerms:
     """The loss on the [2P, 1] layout of `point_inputs`, split as its coupling requires (see
     the module docstring); differentiable in ``inputs.logp`` like the loss itself."""
-    if spec.coupling in ("token", "sequence"):
+    aggregates_itself = spec.aggregating_fn is not None  # it divides by what it is given
+    if spec.coupling in ("token", "sequence") and not aggregates_itself:
         return spec.terms(inputs, params, aggregation)
     n = inputs.logp.shape[0]
     size = n // len(SIGNS)
     if spec.coupling == "group":  # point k's two signs (rows k and P + k): one prompt group
         parts = [torch.tensor([k, k + size]) for k in range(size)]
-    else:  # "batch": every token a batch of its own
+    else:  # "batch", or a function that aggregates itself: every token a batch of its own
         parts = [torch.tensor([k]) for k in range(n)]
     terms = [spec.terms(_rows(inputs, rows), params, aggregation) for rows in parts]
     back = torch.argsort(torch.cat(parts))  # [2P]: the rows in their original order

@@ -8,7 +8,8 @@ exactly where their g differ. This evaluates both on a grid of r = π_θ(y)/π_o
 
     g_A(r, A), g_B(r, A)   each loss's g_t at the point
     differ                 |g_A − g_B| > tol·max(|g_A|, |g_B|, |A|), tol = 1e-9 (float64: the
-                           two formulas agree to a few ulps where they are the same maths)
+                           two formulas agree to a few ulps where they are the same maths), or
+                           either g not a number
     rules_A, rules_B       the regions (clip rules) each loss reports at the point
 
 Coupled losses are evaluated as the sweep does (a ``group`` loss on the point's two signs as one
@@ -102,7 +103,7 @@ def compare_pair(
                 advantage=float(advantages[k]),
                 grad_a=ga,
                 grad_b=gb,
-                differ=abs(ga - gb) > TOL * scale,
+                differ=not abs(ga - gb) <= TOL * scale,  # NaN on either side: they differ
                 rules_a=tuple(n for n, m in rules[0].items() if bool(m[k])),
                 rules_b=tuple(n for n, m in rules[1].items() if bool(m[k])),
             )

@@ -76,3 +76,12 @@ def test_losses_help_names_compare() -> None:
     out = CliRunner().invoke(app, ["losses", "--help"], env={"COLUMNS": "200"})
     assert out.exit_code == 0
     assert "--compare" in out.output and "r = π_θ/π_old" in out.output
+
+
+def test_a_gradient_that_is_not_a_number_differs_everywhere(tmp_path, monkeypatch) -> None:
+    (tmp_path / "mine.py").write_text(
+        "def nan(logp, old_logp, advantages, mask):\n    return (logp * float('nan')).sum()\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    table = compare_pair("mine.py:nan", "ppo")
+    assert table.differing(1.0) == DEFAULT_RATIOS and table.differing(-1.0) == DEFAULT_RATIOS

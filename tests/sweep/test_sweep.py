@@ -664,3 +664,43 @@ def test_default_config_file_is_the_built_in_default():
     from_file = build_sweep_config(REPO / "configs" / "sweep_pi_old.yaml")
     assert from_file == SweepConfig()
     assert math.isclose(from_file.pi_old.min, 1e-6)
+
+
+USER_LOSSES = """import torch
+
+
+def pg(logp, old_logp, advantages, mask):
+    return -(logp * advantages * mask).sum() / mask.sum()
+
+
+def not_a_number(logp, old_logp, advantages, mask):
+    return (logp * float("nan")).sum()
+"""
+
+
+def test_a_loss_that_aggregates_itself_has_a_lone_tokens_gradient(tmp_path, monkeypatch):
+    # Called on every point at once, its token mean divided each point's gradient by the 2·18
+    # points of the grid (g = −A/36 where REINFORCE's is −A), and `--check` failed (0.99)
+    (tmp_path / "mine.py").write_text(USER_LOSSES)
+    monkeypatch.chdir(tmp_path)
+    result = invoke("--check", "-l", "mine.py:pg,reinforce", "-f", "json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)  # the rows, one per point and curve
+    mine = [r for r in rows if r["loss"] == "mine.py:pg"]
+    ours = [r for r in rows if r["loss"] == "reinforce"]
+    assert len(mine) == len(ours) > 0
+    for a, b in zip(mine, ours, strict=True):
+        assert (a["pi_old"], a["advantage"]) == (b["pi_old"], b["advantage"])
+        assert a["coefficient"] == pytest.approx(b["coefficient"], rel=1e-12)
+        assert a["grad_sampled"] == pytest.approx(b["grad_sampled"], rel=1e-12)
+
+
+def test_a_loss_that_is_not_a_number_fails_the_check(tmp_path, monkeypatch):
+    # both paths NaN: the relative error was taken as 0 and `--check` passed
+    (tmp_path / "mine.py").write_text(USER_LOSSES)
+    monkeypatch.chdir(tmp_path)
+    result = invoke("--check", "-l", "mine.py:not_a_number", "--format", "summary")
+    assert result.exit_code == EXIT_CHECK_FAILED, result.output
+    check = json.loads(result.stdout)["check"]
+    assert not check["passed"] and check["max_rel_err"] is None
+    assert "mine.py:not_a_number" in check["worst"]
