@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -668,7 +668,9 @@ class LossConfig(Strict):
     clip_cov_ratio: float = Field(2e-4, gt=0, le=1, description="clip_cov: share switched off")
     clip_cov_lb: float = Field(1.0, description="clip_cov: covariance band, lower end")
     clip_cov_ub: float = Field(5.0, description="clip_cov: covariance band, upper end")
-    selection_seed: int = Field(0, ge=0, description="clip_cov: seed of its random selection")
+    selection_seed: int = Field(
+        0, ge=0, lt=2**64, description="clip_cov: seed of its random selection"
+    )
     kl_cov_ratio: float = Field(2e-4, gt=0, le=1, description="kl_cov: share penalised")
     kl_cov_coef: float = Field(0.1, ge=0, description="kl_cov: k of k·|ℓ − ℓ_old|")
     gmpo_eps_low: float = Field(0.4, ge=0, description="gmpo: log-space clip, lower")
@@ -916,10 +918,24 @@ def parse_split(text: str) -> dict[str, int]:
     return out
 
 
+def _numbers(section: Any, prefix: str = "") -> Iterator[tuple[str, float]]:
+    """(dotted key, value) of every float in a dumped config section, nested ones too."""
+    if isinstance(section, dict):
+        for key, value in section.items():
+            yield from _numbers(value, f"{prefix}{key}.")
+    elif isinstance(section, list):
+        for i, value in enumerate(section):
+            yield from _numbers(value, f"{prefix.rstrip('.')}[{i}].")
+    elif isinstance(section, float):
+        yield prefix.rstrip("."), section
+
+
 class Config(Strict):
     """The whole run. Every field has a default: ``Config()`` is the built-in default run."""
 
-    seed: int = 0
+    seed: int = Field(
+        0, ge=-(2**63), lt=2**64, description="the random seed (what torch's generators take)"
+    )
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     dtype: Literal["float64", "float32", "bfloat16"] = "float32"
     losses: list[str] = Field(default_factory=lambda: ["reinforce", "ppo", "ppo_clip", "sft"])
@@ -956,6 +972,23 @@ class Config(Strict):
     def operand_dtype(self) -> torch.dtype:
         """The torch dtype of ``dtype``."""
         return DTYPES[self.dtype]
+
+    @model_validator(mode="after")
+    def _loss_settings_in_range(self) -> Config:
+        """Every loss setting is a number of the dtype the losses compute in: float32 (the
+        softmax dtype of a float32 or bfloat16 run) holds |x| ≤ 3.4e38 only."""
+        if self.dtype == "float64":
+            return self
+        largest = torch.finfo(torch.float32).max
+        problems = [
+            f"loss.{key}: {value:g} is beyond float32's range (±{largest:.3g}), which the "
+            f"losses of a {self.dtype} run compute in; use a smaller value or dtype float64"
+            for key, value in _numbers(self.loss.model_dump())
+            if abs(value) > largest
+        ]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
     @model_validator(mode="after")
     def _distillable(self) -> Config:

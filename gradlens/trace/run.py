@@ -130,7 +130,7 @@ def read_metrics(path: Path, bad: list[BadFile]) -> dict[int, dict[str, float | 
             continue
         try:
             data = json.loads(line)
-            step = int(data["step"])
+            step = whole_step(data["step"])
         except (ValueError, KeyError, TypeError) as exc:
             bad.append(BadFile(name=f"{path.name}:{number}", error=f"not a metrics line: {exc}"))
             continue
@@ -139,6 +139,15 @@ def read_metrics(path: Path, bad: list[BadFile]) -> dict[int, dict[str, float | 
             if isinstance(value, int | float) and not isinstance(value, bool) and key != "step":
                 row[key] = float(value)
     return rows
+
+
+def whole_step(value: Any) -> int:
+    """A metrics line's step: a whole number (JSON may write it 3 or 3.0), never rounded."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"'step' is {value!r}, not a number")
+    if isinstance(value, float) and not value.is_integer():  # 1.5, inf (JSON's 1e400), NaN
+        raise ValueError(f"'step' is {value!r}, not a whole number")
+    return int(value)
 
 
 def file_entry(path: Path) -> FileEntry:
@@ -262,6 +271,15 @@ def spike_detail(
 def trace_run(target: str, settings: TraceSettings | None = None) -> TraceReport:
     """The whole trace of ``target`` (see the module docstring)."""
     settings = settings or TraceSettings()
+    if settings.tokenizer not in (None, "builtin"):
+        given = Path(settings.tokenizer).expanduser()
+        if not given.is_dir():
+            raise GradlensError(
+                f"--tokenizer: {settings.tokenizer!r} is not a directory; give a checkpoint or "
+                "tokenizer directory (or builtin)"
+            )
+    if settings.losses:  # one mistake for every file: refused once, before any work
+        validate({"losses": list(settings.losses)}, origin="--losses")
     metric_files, batch_files = collect(target)
     bad: list[BadFile] = []
     rows: dict[int, dict[str, float | None]] = {}
@@ -296,6 +314,10 @@ def trace_run(target: str, settings: TraceSettings | None = None) -> TraceReport
         sources.setdefault(entry.step, []).append(entry.path.name)
         by_step[entry.step] = (entry, config)
     report("trace files", len(ordered), len(ordered))
+    if not rows:  # every metrics line and batch file was skipped
+        reasons = "; ".join(f"{b.name}: {b.error}" for b in bad[:3])
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise GradlensError(f"DIR_OR_GLOB: nothing in {target!r} could be traced: {reasons}{more}")
     cols = columns(rows)
     keys = {c.key for c in cols}
     series = (

@@ -112,6 +112,16 @@ CASES = {
         lambda d: ["compare", "--set", "loss.eps_high=.nan"],
         ("loss.eps_high", "finite"),
     ),
+    "config-seed-beyond-64-bits": Case(
+        "config-value",
+        lambda d: ["compare", "--set", f"seed={2**64}"],
+        ("seed", "less than 18446744073709551616"),
+    ),
+    "config-beyond-float32": Case(
+        "config-value",
+        lambda d: ["compare", "-l", "ppo_clip", "--set", "loss.eps_high=1e39"],
+        ("loss.eps_high: 1e+39 is beyond float32's range", "dtype float64"),
+    ),
     "config-unknown-loss": Case(
         "config-value",
         lambda d: ["compare", "--losses", "ppo_clp"],

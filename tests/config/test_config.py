@@ -146,3 +146,14 @@ def test_the_documented_token_details_command_line() -> None:
 def test_bad_loss_settings_are_reported_with_their_path(loss_section: dict, message: str) -> None:
     with pytest.raises(GradlensError, match=re.escape(message)):
         validate({"loss": loss_section})
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_loss_setting_beyond_float32_is_refused_where_the_losses_compute_in_it(dtype):
+    # 1e39 overflowed torch's conversion to float32 inside the loss: exit 3 before
+    with pytest.raises(GradlensError, match=r"loss\.eps_high: 1e\+39 is beyond float32's range"):
+        validate({"dtype": dtype, "loss": {"eps_high": 1e39}})
+    with pytest.raises(GradlensError, match=r"loss\.distill\.log_prob_min_clamp: -1e\+300"):
+        validate({"dtype": dtype, "loss": {"distill": {"log_prob_min_clamp": -1e300}}})
+    validate({"dtype": dtype, "loss": {"eps_high": 3e38}})  # within range: accepted
+    validate({"dtype": "float64", "loss": {"eps_high": 1e39}})  # float64 holds it

@@ -146,3 +146,41 @@ def test_cli_formats(run_dir: Path, tmp_path: Path) -> None:
 def test_nothing_to_trace_is_a_clear_error(tmp_path: Path) -> None:
     result = runner.invoke(app, ["trace", str(tmp_path / "nothing*")])
     assert result.exit_code != 0 and "DIR_OR_GLOB: nothing at" in result.output
+
+
+def test_a_run_whose_every_file_is_skipped_is_exit_2_with_the_reasons(tmp_path: Path) -> None:
+    # before: exit 0 and an empty table; a step written 1e400 (JSON's inf) was exit 3
+    (tmp_path / "metrics.jsonl").write_text(
+        '{"step": 1e400, "grad_norm": 1.0}\n{"step": 2.5, "grad_norm": 1.0}\n{"step": true}\n'
+    )
+    (tmp_path / "step_1.pt").write_bytes(b"not a torch file")
+    result = runner.invoke(app, ["trace", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert "nothing in" in result.stderr and "could be traced" in result.stderr
+    assert "metrics.jsonl:1: not a metrics line: 'step' is inf, not a whole number" in (
+        result.stderr
+    )
+    # one good line is enough: the bad ones are named and skipped
+    with (tmp_path / "metrics.jsonl").open("a") as fh:
+        fh.write('{"step": 3, "grad_norm": 2.0}\n')
+    result = runner.invoke(app, ["trace", str(tmp_path), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert [s["step"] for s in doc["steps"]] == [3]
+    assert {b["name"] for b in doc["bad_files"]} >= {"metrics.jsonl:1", "metrics.jsonl:2"}
+
+
+@pytest.mark.parametrize(
+    ("option", "expected"),
+    [
+        (["--losses", "nope"], "unknown loss 'nope'"),
+        (["--losses", "ppo,ppo"], "a loss is named twice"),
+        (["--tokenizer", "/no/such/tokenizer"], "--tokenizer: '/no/such/tokenizer' is not a"),
+    ],
+)
+def test_a_bad_option_is_refused_before_any_file_is_read(
+    run_dir: Path, option: list[str], expected: str
+) -> None:
+    result = runner.invoke(app, ["trace", str(run_dir), *option])
+    assert result.exit_code == 2, result.output
+    assert expected in result.stderr
