@@ -144,6 +144,8 @@ PER_TOKEN_NAMES = (
 RESPONSE_ALIGNED = frozenset(
     key for name in PER_TOKEN_NAMES for key in ALIASES[name] if key not in WHOLE_SEQUENCE
 )
+LOSS = "0 (not in the loss) or 1 (in the loss)"  # what a response mask holds
+ATTENTION = "0 (padding) or 1 (a real token)"  # what an attention or prompt mask holds
 # V → (v0, v1): the rows of the lm_head weight a tensor-parallel rank keeps
 RowChooser = Callable[[int], tuple[int, int]]
 
@@ -502,13 +504,17 @@ def read_batch_file(
             and x.shape[0] == n
             and x.shape[1] > t
         ):
-            x = x[:, -t:]  # verl: the response mask is the last T columns of [N, P+T]
+            # verl: the response mask is the last T columns of [N, P+T]; 0/1 everywhere
+            x = _mask(x, key, where, ATTENTION)[:, -t:]
         if tuple(x.shape) != (n, t):
             raise GradlensError(
                 f"{where}: {key!r} has shape {tuple(x.shape)}; expected [N, T] = "
                 f"{(n, t)} like {tokens_key!r}"
             )
-        out[name] = _mask(x, key, where) if name == "mask" else x.double()
+        if name == "mask":
+            out[name] = _mask(x, key, where, ATTENTION if key == "attention_mask" else LOSS)
+        else:
+            out[name] = x.double()
     out["tokens"] = _integers(tokens, tokens_key, where, out["mask"])
     out.update(_kept_sets(raw, out["mask"], where))
     adv, rewards = _pick(raw, "advantages", where, False), _pick(raw, "rewards", where, False)
@@ -649,15 +655,16 @@ def _integers(
     return x.long()
 
 
-def _mask(x: Tensor, key: str, where: str) -> Tensor:
-    """A mask as bool; stored as numbers it must hold 0 and 1 only."""
+def _mask(x: Tensor, key: str, where: str, meaning: str = LOSS) -> Tensor:
+    """A mask as bool; stored as numbers it must hold 0 and 1 only (``meaning`` says what each
+    is in this mask)."""
     if x.dtype != torch.bool:
         found = find(x, lambda v: (v != 0) & (v != 1))
         if found is not None:
             index = ", ".join(map(str, found.index))
             raise GradlensError(
-                f"{where}: {key!r}[{index}] is {describe(found.value)}; a mask holds 0 (not in "
-                f"the loss) or 1 (in the loss) ({found.count} such entries in all)"
+                f"{where}: {key!r}[{index}] is {describe(found.value)}; a mask holds {meaning} "
+                f"({found.count} such entries in all)"
             )
     return x.bool()
 
@@ -794,7 +801,7 @@ def _prompt_context(
             f"{', '.join(sorted(raw))}"
         )
     if full is not None and tuple(full.shape) == (n, p + t):
-        attention = _mask(full, "attention_mask", where)[:, p:]
+        attention = _mask(full, "attention_mask", where, ATTENTION)[:, p:]
     else:  # real up to the last token in the loss: a causal model never reads what follows
         attention = mask.flip(1).cummax(dim=1).values.flip(1)
     if bool((mask & ~attention).any()):
@@ -804,7 +811,7 @@ def _prompt_context(
         )
     ids_key = "prompts" if "prompts" in raw else "input_ids"
     prompt_mask = _mask(
-        prompt_mask, "prompt_mask" if "prompt_mask" in raw else "attention_mask", where
+        prompt_mask, "prompt_mask" if "prompt_mask" in raw else "attention_mask", where, ATTENTION
     )
     return {
         "prompt_ids": _integers(ids, ids_key, where, prompt_mask),

@@ -525,6 +525,28 @@ def test_input_ids_that_do_not_end_with_the_responses(tmp_path, checkpoint, roll
     assert "columns of 'input_ids' are not 'responses'" in err
 
 
+@pytest.mark.parametrize("value", [2.0, 0.5, float("nan")])
+def test_an_attention_mask_over_the_response_must_be_0_or_1(tmp_path, checkpoint, rollout, value):
+    # before: read as `!= 0`, so 2, 0.5 and NaN marked real tokens (exit 0)
+    tensors = pick(rollout, *LAYOUTS["input_ids"])
+    attention = tensors["attention_mask"].double().clone()
+    attention[0, -1] = value
+    tensors["attention_mask"] = attention
+    err = error(tmp_path, tensors, f"source.model_path={checkpoint}")
+    last = attention.shape[1] - 1
+    assert f"'attention_mask'[0, {last}]" in err and "0 (padding) or 1 (a real token)" in err
+
+
+def test_input_ids_whose_response_part_is_not_whole_are_refused(tmp_path, checkpoint, rollout):
+    # before: cut to an integer, so 1.5 compared equal to a response id 1
+    tensors = pick(rollout, *LAYOUTS["input_ids"])
+    ids = tensors["input_ids"].double().clone()
+    ids[0, -1] += 0.5
+    tensors["input_ids"] = ids
+    err = error(tmp_path, tensors, f"source.model_path={checkpoint}")
+    assert "'input_ids'[0," in err and "not a whole number" in err
+
+
 def test_model_path_must_be_a_checkpoint_directory(tmp_path, rollout):
     tensors = pick(rollout, *LAYOUTS["verl"])
     err = error(tmp_path, tensors, f"source.model_path={tmp_path / 'nope'}")
