@@ -89,6 +89,22 @@ def check_output(path: Path, option: str) -> None:
         raise GradlensError(f"{where}: the directory {str(folder)!r} is not writable")
 
 
+def check_distinct(outputs: dict[str, Path | None]) -> None:
+    """Refuse, before any work, two options that would write one file (the second would
+    replace the first): ``outputs`` maps each option to its path, None where not given."""
+    seen: dict[Path, str] = {}
+    for option, path in outputs.items():
+        if path is None:
+            continue
+        key = Path(os.path.realpath(path))
+        if key in seen:
+            raise GradlensError(
+                f"{seen[key]} and {option} both name {str(path)!r}; the second would replace "
+                "the first: give each its own file"
+            )
+        seen[key] = option
+
+
 def _missing_parents(path: Path) -> list[Path]:
     """The ancestors of ``path`` that do not exist yet, outermost first."""
     missing = []

@@ -19,6 +19,7 @@ from gradlens.cli.common import (
     stdout_errors,
     user_errors,
 )
+from gradlens.files import check_distinct
 
 HELP = (
     "Run each loss on the same batch; report what it does to the logits and the lm_head.\n\n"
@@ -241,6 +242,7 @@ def compare(
             build_config(config, overrides or [], {**flags, "split.convention": name})
             for name in conventions[1:]
         ]
+        check_distinct({"--plot": plot, "--plot-mismatch": plot_mismatch})
         if plot_mismatch is not None and launch.speaks:  # before any work
             from gradlens.report.plots import check_plot_path
 

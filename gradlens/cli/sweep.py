@@ -26,7 +26,7 @@ from gradlens.cli.common import (
     stdout_errors,
     user_errors,
 )
-from gradlens.files import check_output, writing
+from gradlens.files import check_distinct, check_output, writing
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -228,6 +228,7 @@ def sweep(
         }
         cfg = build_sweep_config(config, overrides or [], over or [], flags, axis)
         data_format = record_format(output_format, output)
+        check_distinct({"--output": output, "--plot": plot})
         if output is not None:
             check_output(output, "--output")
         if plot is not None:

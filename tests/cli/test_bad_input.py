@@ -122,6 +122,16 @@ CASES = {
         lambda d: ["compare", "-l", "ppo_clip", "--set", "loss.eps_high=1e39"],
         ("loss.eps_high: 1e+39 is beyond float32's range", "dtype float64"),
     ),
+    "output-same-file-twice": Case(
+        "output-file",
+        lambda d: ["sweep", "--output", str(d / "x.png"), "-f", "json", "--plot", str(d / "x.png")],
+        ("--output and --plot both name", "x.png", "its own file"),
+    ),
+    "plots-same-file-twice": Case(
+        "output-file",
+        lambda d: ["compare", "--plot", str(d / "p.png"), "--plot-mismatch", str(d / "p.png")],
+        ("--plot and --plot-mismatch both name", "p.png"),
+    ),
     "config-unknown-loss": Case(
         "config-value",
         lambda d: ["compare", "--losses", "ppo_clp"],
