@@ -127,7 +127,13 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "teacher_logp": ("teacher_logp",),
 }
 TEACHER_KEYS = tuple(name for name in ALIASES if name.startswith("teacher_"))
-KNOWN_KEYS = frozenset(key for keys in ALIASES.values() for key in keys)
+# the keys of the batch itself: one that holds no tensor is an error, not a missing key (others,
+# text prompts beside the token ids say, are left alone when they are no tensor)
+TENSOR_KEYS = frozenset(
+    key
+    for name in ("tokens", "mask", "old_logp", "advantages", "rewards", "hidden", "weight")
+    for key in ALIASES[name]
+)
 # one value for the whole batch, not per sequence: a .jsonl file stores them on its first line
 SHARED = ("lm_head_weight", "teacher_weight", "teacher_bias")
 SUFFIXES = (".safetensors", ".pt", ".pth", ".jsonl")
@@ -170,7 +176,7 @@ def _load_raw(path: Path, where: str, keep_rows: RowChooser | None = None) -> di
                     f"{where}: {path.name} holds a {type(data).__name__}, not a dict"
                 )
             for k, v in data.items():
-                if str(k) in KNOWN_KEYS and not isinstance(v, Tensor):
+                if str(k) in TENSOR_KEYS and not isinstance(v, Tensor):
                     raise GradlensError(
                         f"{where}: {str(k)!r} in {path.name} holds a {type(v).__name__}, not a "
                         "tensor"
