@@ -99,7 +99,7 @@ from torch import Tensor
 
 from gradlens.errors import GradlensError
 from gradlens.files import read_text, writing
-from gradlens.validation import describe, find, non_finite
+from gradlens.validation import describe, find, non_finite, repeated_ids
 
 ALIASES: dict[str, tuple[str, ...]] = {
     "tokens": ("responses", "input_ids"),
@@ -704,7 +704,7 @@ def _kept_sets(raw: Mapping[str, Tensor], mask: Tensor, where: str) -> dict[str,
         raise GradlensError(
             f"{where}: 'kept_ids' must be token ids ≥ 0, with −1 as padding; found {int(ids.min())}"
         )
-    found = find(ids, lambda k: _repeated(k) & (k >= 0), mask)
+    found = find(ids, lambda k: repeated_ids(k) & (k >= 0), mask)
     if found is not None:
         index = ", ".join(map(str, found.index))
         raise GradlensError(
@@ -738,14 +738,6 @@ def _kept_sets(raw: Mapping[str, Tensor], mask: Tensor, where: str) -> dict[str,
             )
         out[name] = value
     return out
-
-
-def _repeated(ids: Tensor) -> Tensor:
-    """[..., K] True at an id that an earlier entry of its row repeats."""
-    ordered, order = ids.sort(dim=-1, stable=True)  # the later of two equal ids is flagged
-    repeat = torch.zeros_like(ids, dtype=torch.bool)
-    repeat[..., 1:] = ordered[..., 1:] == ordered[..., :-1]
-    return torch.zeros_like(repeat).scatter_(-1, order, repeat)
 
 
 def _prompt_context(

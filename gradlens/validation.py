@@ -322,8 +322,8 @@ def _teacher_shape_problems(batch: Batch, x: dict[str, Tensor]) -> list[Problem]
     return out
 
 
-def _duplicates(ids: Tensor) -> Tensor:
-    """[n, T, K] True at an id that an earlier entry of its position repeats."""
+def repeated_ids(ids: Tensor) -> Tensor:
+    """[..., K] True at an id that an earlier entry of its position repeats."""
     ordered, order = ids.sort(dim=-1, stable=True)  # the later of two equal ids is flagged
     repeat = torch.zeros_like(ids, dtype=torch.bool)
     repeat[..., 1:] = ordered[..., 1:] == ordered[..., :-1]
@@ -382,7 +382,7 @@ def teacher_problems(batch: Batch, skip: frozenset[str] = frozenset()) -> list[P
                 )
             )
         else:
-            found = find(ids, _duplicates, mask)
+            found = find(ids, repeated_ids, mask)
             if found is not None:
                 out.append(
                     Problem(

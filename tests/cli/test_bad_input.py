@@ -66,6 +66,27 @@ def config_file(tmp: Path, data: dict | bytes | str) -> str:
     return str(path)
 
 
+def kept_sets(at: tuple[int, int, int] | None = None, value: int = 0) -> torch.Tensor:
+    """[2, 3, 2] kept sets of `good_batch`'s tokens (each holds its sampled token; −1 pads), with
+    the entry ``at`` set to ``value`` when given."""
+    ids = torch.tensor([[[0, 3], [1, 2], [2, -1]], [[3, 4], [4, -1], [0, 2]]])
+    if at is not None:
+        ids[at] = value
+    return ids
+
+
+def replayed(d: Path, **changes: torch.Tensor) -> list[str]:
+    """compare replaying the kept sets of a good batch with ``changes``."""
+    path = batch_file(d, **{"kept_ids": kept_sets(), **changes})
+    return ["compare", "--set", "loss.sampling_support=kept", "--set", f"source.path={path}"]
+
+
+def jsonl_batch(path: Path, lines: bytes) -> list[str]:
+    """compare on a .jsonl batch file of these ``lines``."""
+    path.write_bytes(lines)
+    return ["compare", "--set", f"source.path={path}"]
+
+
 @dataclass(frozen=True)
 class Case:
     """One user error: the class of docs/cli.md's table, the command line (built in the case's
@@ -342,71 +363,35 @@ CASES = {
     ),
     "batch-kept-id-twice": Case(
         "batch-values",
-        lambda d: [
-            "compare",
-            "--set",
-            "loss.sampling_support=kept",
-            "--set",
-            "source.path="
-            + batch_file(
-                d, kept_ids=torch.tensor([[[0, 3], [1, 1], [2, -1]], [[3, 4], [4, -1], [0, 2]]])
-            ),
-        ],
+        lambda d: replayed(d, kept_ids=kept_sets(at=(0, 1, 1), value=1)),
         ("'kept_ids'[0, 1, 1] is 1", "lists each token once"),
     ),
     "batch-kept-mass-above-zero": Case(
         "batch-values",
-        lambda d: [
-            "compare",
-            "--set",
-            "loss.sampling_support=kept",
-            "--set",
-            "source.path="
-            + batch_file(
-                d,
-                kept_ids=torch.tensor([[[0, 3], [1, 2], [2, -1]], [[3, 4], [4, -1], [0, 2]]]),
-                old_log_kept_mass=torch.tensor([[-0.1, 5.0, -0.2], [-0.1, -0.1, -0.1]]),
-            ),
-        ],
+        lambda d: replayed(
+            d, old_log_kept_mass=torch.tensor([[-0.1, 5.0, -0.2], [-0.1, -0.1, -0.1]])
+        ),
         ("'old_log_kept_mass'[0, 1] is 5", "finite and ≤ 0"),
     ),
     "batch-jsonl-ragged-line": Case(
         "batch-file",
-        lambda d: [
-            "compare",
-            "--set",
-            "source.path="
-            + str(
-                write(
-                    d / "ragged.jsonl",
-                    (
-                        b'{"responses": [0, 1, 2], "response_mask": [1, 1, 1], '
-                        b'"old_log_probs": [-0.5, -0.5], "advantages": 1.0}\n'
-                    ),
-                )
-            ),
-        ],
+        lambda d: jsonl_batch(
+            d / "ragged.jsonl",
+            b'{"responses": [0, 1, 2], "response_mask": [1, 1, 1], '
+            b'"old_log_probs": [-0.5, -0.5], "advantages": 1.0}\n',
+        ),
         ("line 1 of ragged.jsonl", "'old_log_probs' has 2 entries and 'responses' 3"),
     ),
     "batch-jsonl-hidden-size-differs": Case(
         "batch-file",
-        lambda d: [
-            "compare",
-            "--set",
-            "source.path="
-            + str(
-                write(
-                    d / "wide.jsonl",
-                    (
-                        b'{"responses": [0], "response_mask": [1], "old_log_probs": [-0.5], '
-                        b'"advantages": 1.0, "hidden_states": [[0.1, 0.2]], '
-                        b'"lm_head_weight": [[1.0, 0.0], [0.0, 1.0]]}\n'
-                        b'{"responses": [1], "response_mask": [1], "old_log_probs": [-0.5], '
-                        b'"advantages": -1.0, "hidden_states": [[0.3]]}\n'
-                    ),
-                )
-            ),
-        ],
+        lambda d: jsonl_batch(
+            d / "wide.jsonl",
+            b'{"responses": [0], "response_mask": [1], "old_log_probs": [-0.5], '
+            b'"advantages": 1.0, "hidden_states": [[0.1, 0.2]], '
+            b'"lm_head_weight": [[1.0, 0.0], [0.0, 1.0]]}\n'
+            b'{"responses": [1], "response_mask": [1], "old_log_probs": [-0.5], '
+            b'"advantages": -1.0, "hidden_states": [[0.3]]}\n',
+        ),
         ("'hidden_states' in wide.jsonl", "line 2 has entries of shape (1,)", "(2,)"),
     ),
     "batch-mask-not-binary": Case(
