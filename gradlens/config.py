@@ -1051,7 +1051,7 @@ def parse_override(text: str, option: str = "--set") -> tuple[list[str], Any]:
     if any(not part for part in path):
         raise GradlensError(f"{option} {text!r}: empty component in the key {key!r}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise GradlensError(f"{option} {text!r}: the value is not valid YAML ({exc})") from None
     return path, value
@@ -1091,11 +1091,44 @@ def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping: YAML would keep the last
+    silently, and a section given twice would lose every key of the first."""
+
+
+def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    loader.flatten_mapping(node)  # merge keys (<<) first, as SafeLoader does
+    first: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            seen = key in first
+        except TypeError:  # an unhashable key: construct_mapping refuses it below
+            continue
+        if seen:
+            raise yaml.constructor.ConstructorError(
+                "while reading a mapping",
+                node.start_mark,
+                f"found the key {key!r} a second time (first on line {first[key] + 1})",
+                key_node.start_mark,
+            )
+        first[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=True)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` of ``text``, but a key given twice in one mapping is an error."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     """The YAML file as a mapping; a clear error for a missing, unreadable or malformed file."""
     text = read_text(path, "config file")
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as exc:
         raise GradlensError(f"config file {str(path)!r} is not valid YAML:\n{exc}") from None
     if data is None:

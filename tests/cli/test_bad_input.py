@@ -117,6 +117,20 @@ CASES = {
         lambda d: ["compare", "-c", config_file(d, "- a\n- b\n")],
         ("top level must be a mapping",),
     ),
+    "config-key-twice": Case(
+        "config-file",
+        lambda d: [
+            "compare",
+            "-c",
+            config_file(d, "loss:\n  eps_high: 0.3\nloss:\n  eps_low: 0.1\n"),
+        ],
+        ("found the key 'loss' a second time (first on line 1)",),
+    ),
+    "override-key-twice": Case(
+        "override",
+        lambda d: ["compare", "--set", "loss={eps_low: 0.1, eps_low: 0.2}"],
+        ("--set", "found the key 'eps_low' a second time"),
+    ),
     # values of the configuration
     "config-unknown-key": Case(
         "config-value",
