@@ -319,6 +319,11 @@ def parse_over(text: str) -> tuple[str, list[Any]]:
         ) from None
     if not values:
         raise GradlensError(f"--over {text!r}: no values; give at least one, e.g. {key}=0.2,0.4")
+    repeated = next((v for i, v in enumerate(values) if v in values[:i]), None)
+    if repeated is not None:
+        raise GradlensError(
+            f"--over {text!r}: {repeated!r} is given twice; each value makes one curve"
+        )
     return key, values
 
 
@@ -360,8 +365,15 @@ def build_sweep_config(
             for name in swept:
                 apply_override(data, [name, key], value)
 
+    swept_by: dict[str, str] = {}  # key → its --over (a config file's over is replaced)
     for text in overs:
         key, values = parse_over(text)
+        if key in swept_by:
+            raise GradlensError(
+                f"--over {text!r}: {key} is already swept by --over {swept_by[key]!r}; give "
+                "its values in one --over"
+            )
+        swept_by[key] = text
         over = data.setdefault("over", {})
         if not isinstance(over, dict):
             raise GradlensError("over: must be a mapping of dotted keys to lists of values")

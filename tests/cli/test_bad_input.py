@@ -167,6 +167,16 @@ CASES = {
         lambda d: ["compare", "--plot", str(d / "p.png"), "--plot-mismatch", str(d / "p.png")],
         ("--plot and --plot-mismatch both name", "p.png"),
     ),
+    "sweep-over-key-twice": Case(
+        "sweep-settings",
+        lambda d: ["sweep", "--over", "loss.eps_high=0.2,0.3", "--over", "loss.eps_high=0.4"],
+        ("loss.eps_high is already swept by --over 'loss.eps_high=0.2,0.3'",),
+    ),
+    "sweep-over-value-twice": Case(
+        "sweep-settings",
+        lambda d: ["sweep", "--over", "loss.eps_high=0.2,0.2"],
+        ("0.2 is given twice",),
+    ),
     "config-unknown-loss": Case(
         "config-value",
         lambda d: ["compare", "--losses", "ppo_clp"],
