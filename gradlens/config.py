@@ -907,6 +907,8 @@ def parse_split(text: str) -> dict[str, int]:
                 f"--split {text!r}: each part is micro=N, dp=N or ga=N, e.g. "
                 f"micro=4,dp=2,ga=2 (got {part!r})"
             )
+        if f"split.{key}" in out:
+            raise GradlensError(f"--split {text!r}: {key} is given twice; give it once")
         try:
             out[f"split.{key}"] = int(value)
         except ValueError:

@@ -63,3 +63,7 @@ def test_cli_split_and_check() -> None:
     result = runner.invoke(app, [*args, "--split", "micro=2,gpus=4", "--convention", "verl"])
     assert result.exit_code == 2
     assert "each part is micro=N, dp=N or ga=N" in result.output
+    # a part given twice: the last one won silently
+    result = runner.invoke(app, [*args, "--split", "micro=2,dp=2,micro=4", "--convention", "verl"])
+    assert result.exit_code == 2
+    assert "micro is given twice" in result.output
