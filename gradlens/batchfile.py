@@ -385,25 +385,28 @@ def _pad(values: list, key: str, left: bool = False) -> Tensor:
     first = torch.tensor(values[0])
     if first.dim() == 0:
         return torch.tensor(values, dtype=torch.float64)
-    for i, v in enumerate(values, start=1):
-        inner = tuple(torch.tensor(v).shape[1:]) if isinstance(v, list) and len(v) else None
-        if not isinstance(v, list):
-            raise ValueError(f"line {i} holds a {type(v).__name__}, line 1 a list")
-        if inner is not None and inner != tuple(first.shape[1:]):
-            raise ValueError(
-                f"line {i} has entries of shape {inner}, line 1 of shape {tuple(first.shape[1:])}"
-            )
-    length = max(len(v) for v in values)
     # JSON numbers are doubles; token ids and masks too, checked for whole numbers (and 0/1)
     # when they are read, never truncated here
     dtype = torch.float64
-    out = torch.zeros((len(values), length, *first.shape[1:]), dtype=dtype)
-    for i, v in enumerate(values):
-        if len(v):
+    inner = tuple(first.shape[1:])
+    rows = []
+    for i, v in enumerate(values, start=1):
+        if not isinstance(v, list):
+            raise ValueError(f"line {i} holds a {type(v).__name__}, line 1 a list")
+        row = torch.tensor(v, dtype=dtype)
+        if len(v) and tuple(row.shape[1:]) != inner:
+            raise ValueError(
+                f"line {i} has entries of shape {tuple(row.shape[1:])}, line 1 of shape {inner}"
+            )
+        rows.append(row)
+    length = max(len(row) for row in rows)
+    out = torch.zeros((len(rows), length, *inner), dtype=dtype)
+    for i, row in enumerate(rows):
+        if len(row):
             if left:
-                out[i, length - len(v) :] = torch.tensor(v, dtype=dtype)
+                out[i, length - len(row) :] = row
             else:
-                out[i, : len(v)] = torch.tensor(v, dtype=dtype)
+                out[i, : len(row)] = row
     return out
 
 
@@ -647,9 +650,8 @@ def _integers(
     if x.dtype == torch.bool:
         raise GradlensError(f"{where}: {key!r} holds booleans; {what}")
     if x.is_floating_point():
-        found = find(x, lambda v: v != torch.round(v), valid)  # NaN ≠ NaN: caught too
-        if found is None:
-            found = find(x, lambda v: v.abs() > 2.0**62, valid)  # beyond int64: no id either
+        # NaN ≠ NaN: caught too; beyond int64 no id either
+        found = find(x, lambda v: (v != torch.round(v)) | (v.abs() > 2.0**62), valid)
         if found is not None:
             index = ", ".join(map(str, found.index))
             raise GradlensError(

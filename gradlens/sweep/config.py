@@ -319,11 +319,11 @@ def parse_over(text: str) -> tuple[str, list[Any]]:
         ) from None
     if not values:
         raise GradlensError(f"--over {text!r}: no values; give at least one, e.g. {key}=0.2,0.4")
-    repeated = next((v for i, v in enumerate(values) if v in values[:i]), None)
-    if repeated is not None:
-        raise GradlensError(
-            f"--over {text!r}: {repeated!r} is given twice; each value makes one curve"
-        )
+    for i, value in enumerate(values):
+        if value in values[:i]:  # null too
+            raise GradlensError(
+                f"--over {text!r}: {value!r} is given twice; each value makes one curve"
+            )
     return key, values
 
 

@@ -26,13 +26,13 @@ each point is its own sequence, so nothing couples them. The others would couple
 have nothing to do with each other, so they are called once per point: a ``group`` loss
 (``real``) on the point's two tokens, A = +|A| and A = −|A|, as one prompt group (one member
 on each side of REAL's classification, with the same score); a ``batch`` loss (``clip_cov``,
-``kl_cov``, ``m2po``) on each token alone as a batch of one. So is a function that aggregates
-itself (a loss you wrote, a framework's): called on all the points at once, its own token mean
-would divide each point's gradient by the number of points (1/36 on the default grid), where a
-built-in loss's weight a is that of a lone token. That is what those losses do to a
+``kl_cov``, ``m2po``) on each token alone as a batch of one. That is what those losses do to a
 lone token, not what they do inside a real batch: the covariance of a lone token is 0, so
 Clip-Cov selects nothing (its curve is ``ppo_clip``'s) and KL-Cov selects the token (its curve
-carries the penalty everywhere); M2PO never masks the only token of a batch.
+carries the penalty everywhere); M2PO never masks the only token of a batch. A function that
+aggregates itself (a loss you wrote, a framework's) is called on each token alone too: on all
+the points at once, its own token mean would divide each point's gradient by the number of
+points (1/36 on the default grid), where a built-in loss's weight a is that of a lone token.
 
 The rollout's kept set (``support`` and ``loss.sampling_support``, `gradlens.sweep.support`):
 ℓ and ℓ_old are shifted by the kept masses as that module's table says, so the loss computes
