@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import sys
 from typing import Annotated
 
 import typer
 
 from gradlens import __version__
+from gradlens.cli.common import error_status
 from gradlens.cli.compare import HELP as COMPARE_HELP
 from gradlens.cli.compare import compare
 from gradlens.cli.dump import HELP as DUMP_HELP
@@ -67,8 +69,9 @@ def main() -> None:
     an uncaught exception's traceback to torchrun's failure summary: the traceback of a rank
     run with ``--debug``; without it every error ends in one message and an exit status, and
     the summary shows only the status. The process then ends with the command's status,
-    without the interpreter's teardown (`exit_process`); an exception that escapes the app (a
-    traceback) ends it the usual way.
+    without the interpreter's teardown (`exit_process`). An exception escapes the app only
+    under ``--debug``: its traceback is printed and the status is the one the error has
+    without ``--debug`` (2 for the user's errors, 3 for gradlens's bugs), not Python's 1.
     """
     try:
         if "TORCHELASTIC_RUN_ID" in os.environ:  # set by torchrun in every process it starts
@@ -79,4 +82,7 @@ def main() -> None:
             app()
     except SystemExit as stop:
         exit_process(stop.code)
+    except Exception as exc:
+        sys.excepthook(type(exc), exc, exc.__traceback__)  # Typer's: the traceback, formatted
+        exit_process(error_status(exc))
     exit_process(0)

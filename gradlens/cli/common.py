@@ -19,6 +19,7 @@ from gradlens.files import os_reason
 
 EXIT_CHECK_FAILED = 1
 EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 3
 
 
 class OutputFormat(str, Enum):
@@ -52,7 +53,12 @@ SetOption = Annotated[
     list[str] | None, set_option("--set loss.eps_high=0.4 --set source.vocab_size=512")
 ]
 DebugOption = Annotated[
-    bool, typer.Option("--debug", help="Show Python tracebacks instead of one-line errors.")
+    bool,
+    typer.Option(
+        "--debug",
+        help="Show Python tracebacks instead of one-line errors; the exit status stays the "
+        "error's (2 for bad input, 3 for a bug in gradlens).",
+    ),
 ]
 
 
@@ -95,12 +101,22 @@ def out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
 
 
+def error_status(exc: BaseException) -> int:
+    """The exit status of an error: 2 for the user's (a `GradlensError`, or memory that ran
+    out: the batch is the user's to shrink), 3 for gradlens's own bugs."""
+    if isinstance(exc, GradlensError) or out_of_memory(exc):
+        return EXIT_BAD_INPUT
+    return EXIT_INTERNAL
+
+
 @contextmanager
 def user_errors(debug: bool, rank: int = 0, world: int = 1) -> Iterator[None]:
     """Turn a `GradlensError` (and any unexpected error) into one message and a non-zero exit.
 
     ``rank`` of ``world`` processes (torchrun): a `SharedError`, which every rank raised alike,
     is printed by rank 0 alone; any other error by its own rank, which the message names.
+    With ``debug`` the error propagates, for the console entry point to show its traceback
+    and exit with its `error_status`.
     """
 
     def who(message: str) -> str:
@@ -139,4 +155,4 @@ def user_errors(debug: bool, rank: int = 0, world: int = 1) -> Iterator[None]:
             + Text(who(f"{type(exc).__name__}: {exc}") + "\n")
             + Text("This is a bug in gradlens; rerun with --debug for the traceback.")
         )
-        raise typer.Exit(EXIT_BAD_INPUT + 1) from None
+        raise typer.Exit(EXIT_INTERNAL) from None

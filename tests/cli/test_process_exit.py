@@ -56,6 +56,27 @@ def test_main_keeps_a_user_errors_status_and_message():
     assert done.stdout.rstrip().endswith("exit handler ran")
 
 
+BUG = "import gradlens.config\ngradlens.config.build_config = lambda *a, **k: 1 / 0\n"
+
+
+@pytest.mark.slow  # a process of its own
+@pytest.mark.parametrize("debug", [False, True])
+def test_debug_keeps_the_status_and_adds_the_traceback(debug):
+    # --debug shows the traceback, but the status stays the error's: 2 for the user's, 3 for a
+    # bug (a ZeroDivisionError planted in the config builder), not Python's 1
+    flag = ["--debug"] if debug else []
+    user = run_main("compare", "--set", "source.vocab_size=-1", *flag)
+    planted = subprocess.run(
+        [sys.executable, "-c", BUG + SCRIPT, "compare", *flag],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert user.returncode == 2 and planted.returncode == 3, user.stderr + planted.stderr
+    assert "source.vocab_size" in user.stderr and "ZeroDivisionError" in planted.stderr
+    for done in (user, planted):
+        assert ("Traceback" in done.stderr) is debug, done.stderr
+        assert done.stdout.rstrip().endswith("exit handler ran")  # still ended by main
+
+
 @pytest.mark.slow  # a process of its own
 def test_the_same_script_without_main_is_torn_down():
     # the witness is real: the interpreter's teardown finalizes it when main does not end
