@@ -1055,7 +1055,9 @@ def parse_override(text: str, option: str = "--set") -> tuple[list[str], Any]:
     try:
         value = load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise GradlensError(f"{option} {text!r}: the value is not valid YAML ({exc})") from None
+        raise GradlensError(
+            f"{option} {text!r}: the value is not valid YAML ({yaml_problem(exc)})"
+        ) from None
     return path, value
 
 
@@ -1121,18 +1123,45 @@ def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error on one line, e.g. "line 3, column 1: expected ',' or ']', but got '<stream
+    end>', while parsing a flow sequence at line 2, column 12" (the parser's own text spans
+    several lines and quotes the source)."""
+    if not isinstance(exc, yaml.MarkedYAMLError):
+        return " ".join(str(exc).split())
+
+    def at(mark: Any) -> str:
+        return f"line {mark.line + 1}, column {mark.column + 1}"
+
+    mark = exc.problem_mark or exc.context_mark
+    text = f"{at(mark)}: " if mark is not None else ""
+    text += exc.problem or "malformed"
+    if exc.context:
+        text += f", {exc.context}"
+        if exc.context_mark is not None and exc.context_mark is not mark:
+            text += f" at {at(exc.context_mark)}"
+    return text
+
+
 def load_yaml(text: str) -> Any:
     """``yaml.safe_load`` of ``text``, but a key given twice in one mapping is an error."""
     return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
 
 
+CONFIG_BYTES = 16 * 2**20
+"""The largest config file read: a config is a few settings, at most a list of prompts or
+hand-written positions; the limit keeps an endless input (``-c /dev/zero``) out of memory."""
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     """The YAML file as a mapping; a clear error for a missing, unreadable or malformed file."""
-    text = read_text(path, "config file")
+    text = read_text(path, "config file", (CONFIG_BYTES, "a config file is settings, not data"))
     try:
         data = load_yaml(text)
     except yaml.YAMLError as exc:
-        raise GradlensError(f"config file {str(path)!r} is not valid YAML:\n{exc}") from None
+        raise GradlensError(
+            f"config file {str(path)!r} is not valid YAML: {yaml_problem(exc)}"
+        ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):

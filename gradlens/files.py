@@ -23,12 +23,14 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
 from gradlens.errors import GradlensError
+from gradlens.memory import human
 
 
 def os_reason(exc: OSError) -> str:
@@ -51,14 +53,41 @@ def decode_reason(exc: UnicodeError) -> str:
     return f"cannot be encoded: {exc}"
 
 
-def read_text(path: Path, what: str) -> str:
-    """The file's text (UTF-8); a `GradlensError` naming ``what`` and the path otherwise."""
+class TooLarge(GradlensError):
+    """A file longer than its reader allows (`read_text`'s ``limit``)."""
+
+
+def read_text(path: Path, what: str, limit: tuple[int, str] | None = None) -> str:
+    """The file's text (UTF-8, line ends as Python's text mode reads them); a `GradlensError`
+    naming ``what`` and the path otherwise.
+
+    ``limit``: (the most bytes the file may hold, why, for the message). A regular file's size
+    is checked before anything is read; anything else (a pipe, a device such as /dev/zero,
+    which never ends) is read to at most ``limit + 1`` bytes, so that an endless or huge input
+    is refused (`TooLarge`) before it fills the memory.
+    """
+    where = f"{what} {str(path)!r}"
     try:
-        return path.read_text(encoding="utf-8")
+        with path.open("rb") as fh:
+            if limit is None:
+                data = fh.read()
+            else:
+                most, why = limit
+                info = os.fstat(fh.fileno())
+                known = info.st_size if stat.S_ISREG(info.st_mode) else None
+                data = b"" if known is not None and known > most else fh.read(most + 1)
+                if known is not None and known > most:
+                    raise TooLarge(
+                        f"{where}: {human(known)}, more than the {human(most)} allowed ({why})"
+                    )
+                if len(data) > most:
+                    raise TooLarge(f"{where}: longer than the {human(most)} allowed ({why})")
+        text = data.decode("utf-8")
     except OSError as exc:
-        raise GradlensError(f"{what} {str(path)!r}: {os_reason(exc)}") from None
+        raise GradlensError(f"{where}: {os_reason(exc)}") from None
     except UnicodeError as exc:
-        raise GradlensError(f"{what} {str(path)!r}: {decode_reason(exc)}") from None
+        raise GradlensError(f"{where}: {decode_reason(exc)}") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # as text mode's newline=None
 
 
 def _nearest_existing(path: Path) -> Path:

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from gradlens.batchfile import read_batch_tensors, write_batch
 from gradlens.cli import app
+from gradlens.errors import GradlensError
 from gradlens.sources.checkpoint import load_tokenizer
 
 runner = CliRunner()
@@ -277,3 +278,32 @@ def test_source_tokenizer_decodes_the_largest_tokens(tmp_path):
     )
     assert missing.exit_code == 2
     assert "source.tokenizer:" in missing.stderr and "does not exist" in missing.stderr
+
+
+def test_a_jsonl_batch_beyond_what_the_memory_can_parse_is_refused_unread(tmp_path, monkeypatch):
+    import gradlens.batchfile as batchfile
+
+    path = tmp_path / "batch.jsonl"
+    gen = torch.Generator().manual_seed(0)
+    write_batch(
+        path,
+        {
+            "tokens": torch.tensor([[0, 1, 2], [3, 4, 0]]),
+            "mask": torch.ones(2, 3),
+            "old_logp": -torch.rand(2, 3, generator=gen) - 0.1,
+            "advantages": torch.tensor([1.0, -1.0]),
+            "hidden": torch.randn(2, 3, 4, generator=gen),
+            "weight": torch.randn(5, 4, generator=gen),
+        },
+    )
+    size = path.stat().st_size
+    factor = batchfile.JSONL_PARSE_FACTOR
+    room = factor * size  # exactly enough: read
+    monkeypatch.setattr(batchfile, "available", lambda device: (room, "a test"))
+    assert read_batch_tensors(path)["tokens"].shape == (2, 3)
+    room = factor * size - 1  # one byte short: refused, naming the size, the room and the way out
+    with pytest.raises(GradlensError) as refused:
+        read_batch_tensors(path)
+    message = str(refused.value)
+    assert "source.path" in message and "batch.jsonl" in message and ".safetensors" in message
+    assert f"{factor}×" in message and "more than the" in message

@@ -148,7 +148,12 @@ def _load_module(target: str, reference: str, what: str) -> Any:
     if target.endswith(".py") or "/" in target or "\\" in target:
         path = Path(target).expanduser()
         if not path.is_file():
-            raise GradlensError(f"{what} {reference!r}: no such file {str(path)!r}")
+            problem = (
+                f"{str(path)!r} is not a regular file"
+                if path.exists()
+                else f"no such file {str(path)!r}"
+            )
+            raise GradlensError(f"{what} {reference!r}: {problem}")
         digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
         name = f"gradlens_user_{path.stem}_{digest}"
         spec = importlib.util.spec_from_file_location(name, path)

@@ -42,8 +42,10 @@ from gradlens.config import (
     Strict,
     apply_override,
     format_error,
+    load_yaml,
     parse_override,
     read_yaml,
+    yaml_problem,
 )
 from gradlens.errors import GradlensError, unknown_name_message
 from gradlens.losses import get_loss
@@ -311,11 +313,10 @@ def parse_over(text: str) -> tuple[str, list[Any]]:
             f"--over {text!r}: expected KEY=V1,V2,..., e.g. --over loss.eps_high=0.2,0.28,0.4"
         )
     try:
-        values = yaml.safe_load(f"[{raw}]")
+        values = load_yaml(f"[{raw}]")
     except yaml.YAMLError as exc:
-        problem = str(exc).splitlines()[0]
         raise GradlensError(
-            f"--over {text!r}: the values are not a comma-separated list ({problem})"
+            f"--over {text!r}: the values are not a comma-separated list ({yaml_problem(exc)})"
         ) from None
     if not values:
         raise GradlensError(f"--over {text!r}: no values; give at least one, e.g. {key}=0.2,0.4")

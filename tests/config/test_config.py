@@ -157,3 +157,35 @@ def test_a_loss_setting_beyond_float32_is_refused_where_the_losses_compute_in_it
         validate({"dtype": dtype, "loss": {"distill": {"log_prob_min_clamp": -1e300}}})
     validate({"dtype": dtype, "loss": {"eps_high": 3e38}})  # within range: accepted
     validate({"dtype": "float64", "loss": {"eps_high": 1e39}})  # float64 holds it
+
+
+def test_a_config_file_beyond_the_limit_is_refused_before_it_is_parsed(tmp_path, monkeypatch):
+    import gradlens.config as config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("seed: 1\r\n")  # Windows line ends read as text mode reads them
+    monkeypatch.setattr(config, "CONFIG_BYTES", path.stat().st_size)
+    assert build_config(path).seed == 1
+    monkeypatch.setattr(config, "CONFIG_BYTES", path.stat().st_size - 1)
+    with pytest.raises(GradlensError, match=r"c\.yaml': 9 B, more than the 8 B allowed"):
+        build_config(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("seed: [1, 2\n", "line 2, column 1: expected ',' or ']', but got '<stream end>', while "
+         "parsing a flow sequence at line 1, column 7"),
+        ('seed: "abc\n', "line 2, column 1: found unexpected end of stream, while scanning a "
+         "quoted scalar at line 1, column 7"),
+        ("a: b: c\n", "line 1, column 5: mapping values are not allowed here"),
+        ("seed: 1\nseed: 2\n", "line 2, column 1: found the key 'seed' a second time (first on "
+         "line 1), while reading a mapping at line 1, column 1"),
+    ],
+)  # fmt: skip
+def test_a_yaml_error_is_one_line_with_where_and_what(tmp_path, text, expected):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(GradlensError) as refused:
+        build_config(path)
+    assert str(refused.value) == f"config file {str(path)!r} is not valid YAML: {expected}"
