@@ -1221,6 +1221,11 @@ def format_error(err: Any) -> str:
     got = err.get("input")
     if kind != "missing" and (got is None or isinstance(got, (int, float, str, bool))):
         message += f" (got {got!r})"
+    elif isinstance(got, dict) and kind.endswith(("_type", "_parsing")):
+        # keys under a value: `--set loss.eps_low.x=1`, or a YAML mapping where a value goes
+        keys = ", ".join(f"{where}.{key}" for key in got)
+        noun = "key" if len(got) == 1 else "keys"
+        message += f" (got the {noun} {keys}: {where} is a value, not a section)"
     return f"{where}: {message}"
 
 

@@ -189,3 +189,18 @@ def test_a_yaml_error_is_one_line_with_where_and_what(tmp_path, text, expected):
     with pytest.raises(GradlensError) as refused:
         build_config(path)
     assert str(refused.value) == f"config file {str(path)!r} is not valid YAML: {expected}"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["loss.eps_low.x=1"], "loss.eps_low: Input should be a valid number (got the key "
+         "loss.eps_low.x: loss.eps_low is a value, not a section)"),
+        (["seed.a=1", "seed.b=2"], "seed: Input should be a valid integer (got the keys seed.a, "
+         "seed.b: seed is a value, not a section)"),
+    ],
+)  # fmt: skip
+def test_keys_under_a_value_say_it_is_not_a_section(overrides, expected):
+    with pytest.raises(GradlensError) as refused:
+        build_config(None, overrides)
+    assert str(refused.value).endswith(expected)
