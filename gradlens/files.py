@@ -4,7 +4,8 @@ Every file gradlens writes (``dump --output``, ``sweep --output``, ``sweep --plo
 through the same two steps:
 
 1. `check_output`, before any work: the path must not be a directory, and the nearest folder
-   that exists on the way to it must be a writable directory. An output that cannot be written
+   that exists on the way to it must be a directory where a file can be created (tried, with
+   an unnamed temporary file). An output that cannot be written
    is refused before a batch is built or a sweep computed.
 2. `writing`, once the content is ready: missing parent directories are created (in every
    command alike), the content goes to a hidden temporary file beside the target, and that file
@@ -24,6 +25,7 @@ import errno
 import os
 import shutil
 import stat
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -114,8 +116,13 @@ def check_output(path: Path, option: str) -> None:
         raise GradlensError(
             f"{where}: {str(folder)!r} is a file, so no directory can be created under it"
         )
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise GradlensError(f"{where}: the directory {str(folder)!r} is not writable")
+    try:  # asked of the kernel: permission bits do not tell about /proc or a read-only mount
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise GradlensError(
+            f"{where}: no file can be created in {str(folder)!r}: {os_reason(exc)}"
+        ) from None
 
 
 def check_distinct(outputs: dict[str, Path | None]) -> None:

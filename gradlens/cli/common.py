@@ -62,6 +62,17 @@ DebugOption = Annotated[
 ]
 
 
+def output_file(text: str) -> Path:
+    """The ``parser`` of every option that names a file to write: the path as given, but one
+    ending in a path separator names a directory and is refused (``Path`` would drop the
+    separator, and ``-o adir.pt/`` would write a file ``adir.pt``)."""
+    if text.endswith(("/", os.sep)):
+        raise typer.BadParameter(
+            f"{text!r} ends in {text[-1]!r}, so it names a directory; give a file name"
+        )
+    return Path(text)
+
+
 def stdout_console() -> Console:
     """The report console. When stdout is not a terminal nothing is wrapped or truncated."""
     if sys.stdout.isatty():

@@ -15,6 +15,7 @@ from gradlens.cli.common import (
     DebugOption,
     OutputFormat,
     SetOption,
+    output_file,
     stdout_console,
     stdout_errors,
     user_errors,
@@ -167,6 +168,7 @@ def compare(
         typer.Option(
             "--plot",
             metavar="FILE",
+            parser=output_file,
             help="Also draw the attribution to FILE (.png, .svg or .pdf; needs matplotlib, the "
             "`plot` extra): per loss, each token's share of the lm_head update against π_θ(y) "
             "by sign of A, and the shares by group (docs/attribution.md). Needs "
@@ -180,6 +182,7 @@ def compare(
         typer.Option(
             "--plot-mismatch",
             metavar="FILE",
+            parser=output_file,
             help="Also draw the training–inference gap to FILE (.png, .svg or .pdf; needs "
             "matplotlib): log ρ against log π_old as a 2-D histogram with the corrections' "
             "thresholds, and mean |Δ| by π_old bucket (docs/mismatch.md). Needs rollout "

@@ -7,7 +7,14 @@ from typing import Annotated
 
 import typer
 
-from gradlens.cli.common import ConfigOption, DebugOption, SetOption, stderr_console, user_errors
+from gradlens.cli.common import (
+    ConfigOption,
+    DebugOption,
+    SetOption,
+    output_file,
+    stderr_console,
+    user_errors,
+)
 
 HELP = (
     "Write the batch a config describes (synthetic, literal, model, or another batch file) as a "
@@ -27,6 +34,7 @@ def dump(
         typer.Option(
             "--output",
             "-o",
+            parser=output_file,
             help="File to write: .safetensors, .pt (a torch.save dict) or .jsonl (small "
             "batches). Missing parent directories are created; the file appears only once "
             "complete.",
@@ -47,8 +55,8 @@ def dump(
         from gradlens.sources import build_source
         from gradlens.sources.batch import dump_tensors
 
-        check_batch_suffix(output)  # a path that cannot be written is refused before any work
-        check_output(output, "--output")
+        check_output(output, "--output")  # a path that cannot be written: refused before any work
+        check_batch_suffix(output)
         cfg = build_config(config, overrides or [])
         with progress_bar() as callback, reporting(callback):
             batch = build_source(cfg.source, source_context(cfg, resolve_device(cfg.device)))

@@ -20,6 +20,7 @@ from gradlens.cli.common import (
     EXIT_CHECK_FAILED,
     ConfigOption,
     DebugOption,
+    output_file,
     set_option,
     stderr_console,
     stdout_console,
@@ -171,6 +172,7 @@ def sweep(
         typer.Option(
             "--plot",
             "-p",
+            parser=output_file,
             metavar="FILE.png",
             help="Also draw the sweep to FILE (.png, .svg or .pdf; needs matplotlib, the "
             "`plot` extra): a panel per sign of A, or heat maps for --vary both.",
@@ -181,6 +183,7 @@ def sweep(
         typer.Option(
             "--output",
             metavar="FILE",
+            parser=output_file,
             help="Write the records or the summary to FILE instead of stdout (format: "
             "--format, else the file's suffix .json/.jsonl/.csv, which means records); the "
             "summary table then goes to stdout. FILE appears only once complete.",

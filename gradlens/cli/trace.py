@@ -8,7 +8,13 @@ from typing import Annotated
 
 import typer
 
-from gradlens.cli.common import DebugOption, stderr_console, stdout_console, user_errors
+from gradlens.cli.common import (
+    DebugOption,
+    output_file,
+    stderr_console,
+    stdout_console,
+    user_errors,
+)
 
 HELP = (
     "Show a training run as it evolved: read DIR_OR_GLOB (the metrics.jsonl and the "
@@ -36,7 +42,11 @@ def trace(
     ] = TraceFormat.table,
     plot: Annotated[
         Path | None,
-        typer.Option("--plot", dir_okay=False, help="Also draw the run: .png, .svg or .pdf."),
+        typer.Option(
+            "--plot",
+            parser=output_file,
+            help="Also draw the run: .png, .svg or .pdf.",
+        ),
     ] = None,
     window: Annotated[int, typer.Option(min=1, help="Steps in the running median.")] = 20,
     threshold: Annotated[

@@ -82,11 +82,11 @@ def _matplotlib() -> Any:
 def check_plot_path(path: Path, option: str = "--plot") -> None:
     """Fail early, before any work, on a file type we cannot write, a path that cannot be
     written (`gradlens.files.check_output`) or a missing matplotlib; errors name ``option``."""
+    check_output(path, option)
     if path.suffix.lower() not in FORMATS:
         raise GradlensError(
             f"{option} {str(path)!r}: the file name must end in {', '.join(FORMATS)}"
         )
-    check_output(path, option)
     _matplotlib()
 
 

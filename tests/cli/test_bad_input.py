@@ -506,6 +506,31 @@ CASES = {
     "output-is-a-directory": Case(
         "output-file", lambda d: ["dump", "-o", str(mkdir(d / "b.pt"))], ("b.pt",)
     ),
+    "output-directory-without-suffix": Case(
+        "output-file",
+        lambda d: ["dump", "-o", str(mkdir(d / "out"))],
+        ("--output", "is a directory"),  # not "unknown format": the directory is the problem
+    ),
+    "plot-directory-without-suffix": Case(
+        "output-file",
+        lambda d: ["sweep", "--plot", str(mkdir(d / "out"))],
+        ("--plot", "is a directory"),
+    ),
+    "output-ends-in-a-separator": Case(
+        "output-file",
+        lambda d: ["dump", "-o", f"{d / 'b.pt'}/"],  # a Path would drop the '/' and write b.pt
+        ("--output", "b.pt/", "names a directory"),
+    ),
+    "plot-ends-in-a-separator": Case(
+        "output-file",
+        lambda d: ["compare", "--plot-mismatch", f"{d / 'm.png'}/"],
+        ("--plot-mismatch", "m.png/", "names a directory"),
+    ),
+    "trace-plot-ends-in-a-separator": Case(
+        "output-file",
+        lambda d: ["trace", str(d), "--plot", f"{d / 't.png'}/"],
+        ("--plot", "t.png/", "names a directory"),
+    ),
     "output-under-a-file": Case(
         "output-file",
         lambda d: ["dump", "-o", str(write(d / "f", b"x") / "b.pt")],
@@ -671,6 +696,22 @@ def test_every_documented_error_is_exit_2_with_its_field(tmp_path, name):
     err = run_bad(argv, tmp_path)
     for text in case.expected:
         assert text in err, (text, err)
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["dump", "-o", "/proc/gradlens-out.pt"],
+        ["sweep", "--output", "/proc/gradlens-out.csv"],
+        ["sweep", "--plot", "/proc/gradlens-out.png"],
+    ],
+)
+def test_a_folder_where_no_file_can_be_created_is_refused_before_any_work(tmp_path, argv):
+    # /proc's permission bits allow root to write, but the kernel creates no file there: the
+    # check tries, and says so before a batch is built or a sweep computed
+    err = run_bad(argv, tmp_path)
+    assert argv[-1] in err and "no file can be created in '/proc'" in err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

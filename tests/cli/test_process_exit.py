@@ -20,8 +20,8 @@ SCRIPT = textwrap.dedent(
     from gradlens.cli import main
 
     class Witness:  # finalized by the interpreter's teardown, when there is one
-        def __del__(self):
-            sys.stderr.write("torn down\\n")
+        def __del__(self, stderr=sys.stderr):  # bound now: teardown may have unset `sys`
+            stderr.write("torn down\\n")
 
     witness = Witness()
     atexit.register(lambda: print("exit handler ran"))
