@@ -337,6 +337,35 @@ def _jsonl_limit() -> tuple[int, str] | None:
     )
 
 
+MASK_KEYS = frozenset((*ALIASES["mask"], *ALIASES["prompt_mask"], *ALIASES["attention"]))
+"""The keys whose .jsonl values may be JSON booleans (true: a real, counted token)."""
+
+
+def _boolean_at(value: Any) -> tuple[list[int], bool] | None:
+    """(the index of the first JSON boolean in a nested list, the boolean), or None: true
+    would become the number 1 in a tensor, an id or a value the file never meant."""
+    if isinstance(value, bool):
+        return [], value
+    if isinstance(value, list):
+        for i, entry in enumerate(value):
+            inner = _boolean_at(entry)
+            if inner is not None:
+                return [i, *inner[0]], inner[1]
+    return None
+
+
+def _no_booleans(row: Mapping[str, Any], line: int, where: str, name: str) -> None:
+    for key, value in row.items():
+        found = None if key in MASK_KEYS else _boolean_at(value)
+        if found is not None:
+            index = "".join(f"[{i}]" for i in found[0])
+            raise GradlensError(
+                f"{where}: line {line} of {name}: {key!r}{index} is the boolean "
+                f"{json.dumps(found[1])}; only the masks ({', '.join(sorted(MASK_KEYS))}) take "
+                "booleans, every other key numbers"
+            )
+
+
 def _load_jsonl(path: Path, where: str) -> dict[str, Tensor]:
     rows = []
     for i, line in enumerate(read_text(path, where, _jsonl_limit()).splitlines(), start=1):
@@ -347,14 +376,15 @@ def _load_jsonl(path: Path, where: str) -> dict[str, Tensor]:
                 raise GradlensError(
                     f"{where}: line {i} of {path.name} is not JSON: {exc}"
                 ) from None
+            if not isinstance(rows[-1], dict):
+                raise GradlensError(
+                    f"{where}: line {i} of {path.name} is a JSON {type(rows[-1]).__name__}; "
+                    "each line is one sequence, an object of its keys"
+                )
+            if "true" in line or "false" in line:  # only then can the line hold a boolean
+                _no_booleans(rows[-1], i, where, path.name)
     if not rows:
         raise GradlensError(f"{where}: {path.name} is empty")
-    for i, r in enumerate(rows, start=1):
-        if not isinstance(r, dict):
-            raise GradlensError(
-                f"{where}: line {i} of {path.name} is a JSON {type(r).__name__}; each line is "
-                "one sequence, an object of its keys"
-            )
     if "prompts" in rows[0] and "prompt_mask" not in rows[0]:  # unpadded: every token is real
         for r in rows:
             if isinstance(r.get("prompts"), list):

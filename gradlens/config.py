@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import math
+import typing
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -26,6 +28,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from gradlens.batchfile import SUFFIXES as BATCH_SUFFIXES
 from gradlens.errors import GradlensError, unknown_name_message
@@ -50,11 +53,47 @@ DTYPES = {
 DTYPE_NAMES_OF = {v: k for k, v in DTYPES.items()}  # torch dtype → its name in the config
 
 
+def _leaf_types(annotation: Any) -> set[Any]:
+    """The types an annotation is made of: ``int | list[float] | None`` → {int, float, None}."""
+    args = typing.get_args(annotation)
+    if not args:
+        return {annotation}
+    if typing.get_origin(annotation) is Annotated:
+        return _leaf_types(args[0])
+    return set().union(*(_leaf_types(a) for a in args))
+
+
+def _holds_boolean(value: Any) -> bool:
+    """A boolean, or a list (of lists) holding one; mappings are sections, checked by theirs."""
+    if isinstance(value, bool):
+        return True
+    return isinstance(value, (list, tuple)) and any(_holds_boolean(v) for v in value)
+
+
 class Strict(BaseModel):
     """Unknown keys are errors; parsed configs are immutable; every number is finite (a NaN
-    or an infinity in a setting is an error naming it, never a batch of NaNs)."""
+    or an infinity in a setting is an error naming it, never a batch of NaNs) and no number is
+    a boolean (pydantic would read ``seed: true`` as 1, ``token: true`` as token 1)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _numbers_not_booleans(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        for name, field in cls.model_fields.items():
+            value = data.get(field.alias or name)
+            if not _holds_boolean(value):
+                continue
+            leaves = _leaf_types(field.annotation)
+            if bool not in leaves and leaves & {int, float} and Any not in leaves:
+                raise PydanticCustomError(
+                    "boolean_number",
+                    "Input should be a number, not a boolean (got {got})",
+                    {"field": name, "got": json.dumps(value)},
+                )  # `format_error` names the field
+        return data
 
 
 # ----------------------------------------------------------------------------- sources
@@ -1212,8 +1251,10 @@ def format_error(err: Any) -> str:
     if len(loc) >= 2 and loc[0] == "source" and loc[1] in SOURCE_KINDS:
         source_kind = loc[1]
         loc = [loc[0], *loc[2:]]
-    where = dotted(loc) or "(top level)"
     kind = err["type"]
+    if kind == "boolean_number":  # raised for a model, about one of its fields
+        loc = [*loc, err["ctx"]["field"]]
+    where = dotted(loc) or "(top level)"
     if kind == "extra_forbidden":
         allowed = allowed_keys(loc[:-1], source_kind)
         return f"{where}: unknown key; allowed here: {', '.join(allowed)}"

@@ -307,3 +307,14 @@ def test_a_jsonl_batch_beyond_what_the_memory_can_parse_is_refused_unread(tmp_pa
     message = str(refused.value)
     assert "source.path" in message and "batch.jsonl" in message and ".safetensors" in message
     assert f"{factor}×" in message and "more than the" in message
+
+
+def test_a_jsonl_mask_may_be_written_as_booleans(tmp_path):
+    line = {"responses": [0, 1, 2], "old_log_probs": [-0.5, -0.7, -0.2], "advantages": 1.0}
+    as_numbers, as_booleans = tmp_path / "n.jsonl", tmp_path / "b.jsonl"
+    as_numbers.write_text(json.dumps({**line, "response_mask": [1, 1, 0]}) + "\n")
+    as_booleans.write_text(json.dumps({**line, "response_mask": [True, True, False]}) + "\n")
+    numbers, booleans = read_batch_tensors(as_numbers), read_batch_tensors(as_booleans)
+    assert torch.equal(numbers["mask"], booleans["mask"]) and numbers["mask"].tolist() == [
+        [True, True, False]
+    ]

@@ -197,6 +197,19 @@ CASES = {
         lambda d: ["compare", "-c", config_file(d, literal(token=1.5))],
         ("source.sequences[0].positions[0].token", "integer"),
     ),
+    "literal-boolean-token": Case(
+        "config-value",
+        lambda d: ["compare", "-c", config_file(d, literal(token=True))],  # not token 1
+        ("source.sequences[0].positions[0].token", "a number, not a boolean (got true)"),
+    ),
+    "literal-boolean-probability": Case(
+        "config-value",
+        lambda d: ["compare", "-c", config_file(d, literal(probs=[0.5, True, 0.2]))],
+        ("positions[0].probs", "not a boolean (got [0.5, true, 0.2])"),
+    ),
+    "config-boolean-seed": Case(
+        "config-value", lambda d: ["compare", "--set", "seed=true"], ("seed", "not a boolean")
+    ),
     # --set itself
     "override-no-value": Case(
         "override", lambda d: ["compare", "--set", "eps_high"], ("eps_high",)
@@ -405,6 +418,15 @@ CASES = {
             b'"old_log_probs": [-0.5, -0.5], "advantages": 1.0}\n',
         ),
         ("line 1 of ragged.jsonl", "'old_log_probs' has 2 entries and 'responses' 3"),
+    ),
+    "batch-jsonl-boolean-token-id": Case(
+        "batch-file",
+        lambda d: jsonl_batch(
+            d / "bool.jsonl",
+            b'{"responses": [0, true], "response_mask": [true, true], '
+            b'"old_log_probs": [-0.5, -0.5], "advantages": 1.0}\n',
+        ),  # the mask's booleans are fine; the id's would become token 1
+        ("line 1 of bool.jsonl", "'responses'[1] is the boolean true", "only the masks"),
     ),
     "batch-jsonl-hidden-size-differs": Case(
         "batch-file",
