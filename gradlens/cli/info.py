@@ -29,7 +29,8 @@ def losses(
             "--compare",
             help="Two losses A,B: their per-token gradients g_t side by side over a grid of "
             "r = π_θ/π_old (π_θ(y) = 0.09) for A = +1 and A = −1, and where they differ. Loss "
-            "settings from --config and --set (e.g. --set loss.eps_high=0.28). The curves over "
+            "settings from --config and --set (e.g. --set loss.eps_high=0.28), which only "
+            "--compare takes. The curves over "
             "π_old: `gradlens sweep --losses A,B`.",
             metavar="A,B",
         ),
@@ -44,6 +45,14 @@ def losses(
     with user_errors(debug), stdout_errors():
         if compare is not None:
             _compare_pair(compare, output, config, overrides or [])
+        elif config is not None or overrides:
+            from gradlens.errors import GradlensError
+
+            given = "--config" if config is not None else "--set"
+            raise GradlensError(
+                f"{given} gives the loss settings of --compare A,B; the list of losses takes "
+                "none: add --compare A,B, or leave it out"
+            )
         else:
             _print_losses(output)
 

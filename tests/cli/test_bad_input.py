@@ -210,6 +210,11 @@ CASES = {
     "config-boolean-seed": Case(
         "config-value", lambda d: ["compare", "--set", "seed=true"], ("seed", "not a boolean")
     ),
+    "losses-settings-without-compare": Case(
+        "override",
+        lambda d: ["losses", "--set", "loss.eps_high=0.4"],  # would have been ignored
+        ("--set gives the loss settings of --compare A,B",),
+    ),
     # --set itself
     "override-no-value": Case(
         "override", lambda d: ["compare", "--set", "eps_high"], ("eps_high",)
