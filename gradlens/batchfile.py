@@ -140,6 +140,9 @@ SHARED = ("lm_head_weight", "teacher_weight", "teacher_bias")
 SUFFIXES = (".safetensors", ".pt", ".pth", ".jsonl")
 WEIGHT_KEY = "lm_head_weight"
 SHARD_KEYS = ("vocab_offset", "vocab_size")  # a file holding some rows of W (one rank's)
+# every key gradlens reads; a trainer's dump holds others (values, returns, uid, ...): named in
+# the report as not read, so that a misspelt key is seen
+KNOWN_KEYS = frozenset({*(key for aliases in ALIASES.values() for key in aliases), *SHARD_KEYS})
 LEFT_PADDED = ("prompts", "prompt_mask")  # verl left-pads prompts; .jsonl lines are unpadded
 WHOLE_SEQUENCE = ("input_ids", "attention_mask")  # [P+T] beside 'responses'
 # the .jsonl keys with one entry per response token of a line (a list when given per token)
@@ -501,6 +504,7 @@ class BatchFile:
 
     tensors: dict[str, Tensor]
     keys: dict[str, str]
+    unknown: tuple[str, ...] = ()  # keys of the file that gradlens does not read, sorted
 
 
 def read_batch_tensors(
@@ -663,7 +667,7 @@ def read_batch_file(
     keys.update({name: name for name in TEACHER_KEYS if name in out})
     if prompts:
         out.update(_prompt_context(raw, tokens_key, out["tokens"], out["mask"], where))
-    return BatchFile(out, keys)
+    return BatchFile(out, keys, tuple(sorted(k for k in raw if k not in KNOWN_KEYS)))
 
 
 def _teacher(

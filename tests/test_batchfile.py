@@ -318,3 +318,33 @@ def test_a_jsonl_mask_may_be_written_as_booleans(tmp_path):
     assert torch.equal(numbers["mask"], booleans["mask"]) and numbers["mask"].tolist() == [
         [True, True, False]
     ]
+
+
+def test_keys_a_batch_file_holds_but_gradlens_does_not_read_are_named(tmp_path):
+    # a trainer's dump holds more (values, uid, ...), and a misspelt key reads as one of them;
+    # rewards beside advantages are not used either, and the report says both
+    gen = torch.Generator().manual_seed(0)
+    path = tmp_path / "b.pt"
+    torch.save(
+        {
+            "responses": torch.tensor([[0, 1, 2], [3, 4, 0]]),
+            "response_mask": torch.ones(2, 3),
+            "old_log_probs": -torch.rand(2, 3, generator=gen) - 0.1,
+            "advantages": torch.tensor([1.0, -1.0]),
+            "token_level_rewards": torch.ones(2, 3),
+            "hidden_states": torch.randn(2, 3, 4, generator=gen),
+            "lm_head_weight": torch.randn(5, 4, generator=gen),
+            "values": torch.zeros(2, 3),
+            "rollout_logprobs": torch.zeros(2, 3),  # misspelt: rollout_log_probs
+        },
+        path,
+    )
+    batch = compare_json("--set", f"source.path={path}")["batch"]
+    assert batch["source"].endswith("; keys not read: rollout_logprobs, values")
+    assert batch["advantages"] == "read from the file (its 'token_level_rewards' not used)"
+    data = torch.load(path)
+    for key in ("token_level_rewards", "values", "rollout_logprobs"):
+        del data[key]
+    torch.save(data, path)
+    batch = compare_json("--set", f"source.path={path}")["batch"]
+    assert "not read" not in batch["source"] and batch["advantages"] == "read from the file"

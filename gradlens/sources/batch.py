@@ -113,6 +113,8 @@ def build_batch_file(src: BatchSource, ctx: SourceContext) -> Batch:
     if "advantages" in data:
         adv = data["advantages"]
         note = "read from the file"
+        if "rewards" in file.keys:
+            note += f" (its {file.keys['rewards']!r} not used)"
     else:
         rewards = data["rewards"]
         rewards = (rewards * mask).sum(-1) if rewards.dim() == 2 else rewards  # [N]
@@ -159,6 +161,7 @@ def build_batch_file(src: BatchSource, ctx: SourceContext) -> Batch:
         source=(
             f"batch file {path.name}: {n} sequences × ≤{t} tokens, "
             f"V={weight.shape[0] if rows is None else rows.vocab}, H={weight.shape[1]}{origin}"
+            + (f"; keys not read: {', '.join(file.unknown)}" if file.unknown else "")
         ),
         advantage_note=note,
         model_context=context,
