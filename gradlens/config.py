@@ -1162,15 +1162,17 @@ def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
 
-def yaml_problem(exc: yaml.YAMLError) -> str:
+def yaml_problem(exc: yaml.YAMLError, added: int = 0) -> str:
     """A YAML error on one line, e.g. "line 3, column 1: expected ',' or ']', but got '<stream
     end>', while parsing a flow sequence at line 2, column 12" (the parser's own text spans
-    several lines and quotes the source)."""
+    several lines and quotes the source). ``added``: characters put before the user's text on
+    its first line (``--over`` wraps it in brackets), not counted in the columns there."""
     if not isinstance(exc, yaml.MarkedYAMLError):
         return " ".join(str(exc).split())
 
     def at(mark: Any) -> str:
-        return f"line {mark.line + 1}, column {mark.column + 1}"
+        column = mark.column - (added if mark.line == 0 else 0)
+        return f"line {mark.line + 1}, column {max(column, 0) + 1}"
 
     mark = exc.problem_mark or exc.context_mark
     text = f"{at(mark)}: " if mark is not None else ""

@@ -316,7 +316,7 @@ def parse_over(text: str) -> tuple[str, list[Any]]:
         values = load_yaml(f"[{raw}]")
     except yaml.YAMLError as exc:
         raise GradlensError(
-            f"--over {text!r}: the values are not a comma-separated list ({yaml_problem(exc)})"
+            f"--over {text!r}: the values are not a comma-separated list ({yaml_problem(exc, 1)})"
         ) from None
     if not values:
         raise GradlensError(f"--over {text!r}: no values; give at least one, e.g. {key}=0.2,0.4")

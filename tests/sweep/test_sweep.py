@@ -22,11 +22,13 @@ from typer.testing import CliRunner
 
 from gradlens.cli import app
 from gradlens.cli.common import EXIT_BAD_INPUT, EXIT_CHECK_FAILED
+from gradlens.errors import GradlensError
 from gradlens.losses import get_loss, loss_names
 from gradlens.report.sparkline import sparkline
 from gradlens.report.sweep_serialize import write_records
 from gradlens.sweep import SweepConfig, build_sweep_config, run_sweep
 from gradlens.sweep.check import TOLERANCE, check_curve
+from gradlens.sweep.config import parse_over
 from gradlens.sweep.curves import Curve
 from gradlens.sweep.grid import axis_values, make_grid
 from gradlens.sweep.records import BASE_COLUMNS
@@ -704,3 +706,13 @@ def test_a_loss_that_is_not_a_number_fails_the_check(tmp_path, monkeypatch):
     check = json.loads(result.stdout)["check"]
     assert not check["passed"] and check["max_rel_err"] is None
     assert "mine.py:not_a_number" in check["worst"]
+
+
+def test_an_over_value_that_is_not_yaml_names_its_column_in_the_users_text():
+    # the values are parsed wrapped in brackets; the columns count the user's characters
+    with pytest.raises(GradlensError) as refused:
+        parse_over("loss.eps_high=0.2,{a: 1, a: 2}")
+    assert str(refused.value).endswith(
+        "(line 1, column 12: found the key 'a' a second time (first on line 1), while reading "
+        "a mapping at line 1, column 5)"
+    )
