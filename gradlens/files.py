@@ -5,8 +5,8 @@ through the same two steps:
 
 1. `check_output`, before any work: the path must not be a directory, and the nearest folder
    that exists on the way to it must be a directory where a file can be created (tried, with
-   an unnamed temporary file). An output that cannot be written
-   is refused before a batch is built or a sweep computed.
+   an unnamed temporary file). An output that cannot be written is refused before a batch is
+   built or a sweep computed.
 2. `writing`, once the content is ready: missing parent directories are created (in every
    command alike), the content goes to a hidden temporary file beside the target, and that file
    is renamed over the target only when the writer has finished. An error or an interrupt midway
@@ -55,10 +55,6 @@ def decode_reason(exc: UnicodeError) -> str:
     return f"cannot be encoded: {exc}"
 
 
-class TooLarge(GradlensError):
-    """A file longer than its reader allows (`read_text`'s ``limit``)."""
-
-
 def read_text(path: Path, what: str, limit: tuple[int, str] | None = None) -> str:
     """The file's text (UTF-8, line ends as Python's text mode reads them); a `GradlensError`
     naming ``what`` and the path otherwise.
@@ -66,7 +62,7 @@ def read_text(path: Path, what: str, limit: tuple[int, str] | None = None) -> st
     ``limit``: (the most bytes the file may hold, why, for the message). A regular file's size
     is checked before anything is read; anything else (a pipe, a device such as /dev/zero,
     which never ends) is read to at most ``limit + 1`` bytes, so that an endless or huge input
-    is refused (`TooLarge`) before it fills the memory.
+    is refused before it fills the memory.
     """
     where = f"{what} {str(path)!r}"
     try:
@@ -76,14 +72,14 @@ def read_text(path: Path, what: str, limit: tuple[int, str] | None = None) -> st
             else:
                 most, why = limit
                 info = os.fstat(fh.fileno())
-                known = info.st_size if stat.S_ISREG(info.st_mode) else None
-                data = b"" if known is not None and known > most else fh.read(most + 1)
-                if known is not None and known > most:
-                    raise TooLarge(
-                        f"{where}: {human(known)}, more than the {human(most)} allowed ({why})"
+                if stat.S_ISREG(info.st_mode) and info.st_size > most:
+                    raise GradlensError(
+                        f"{where}: {human(info.st_size)}, more than the {human(most)} allowed "
+                        f"({why})"
                     )
+                data = fh.read(most + 1)
                 if len(data) > most:
-                    raise TooLarge(f"{where}: longer than the {human(most)} allowed ({why})")
+                    raise GradlensError(f"{where}: longer than the {human(most)} allowed ({why})")
         text = data.decode("utf-8")
     except OSError as exc:
         raise GradlensError(f"{where}: {os_reason(exc)}") from None
