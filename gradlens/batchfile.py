@@ -160,7 +160,11 @@ ATTENTION = "0 (padding) or 1 (a real token)"  # what an attention or prompt mas
 RowChooser = Callable[[int], tuple[int, int]]
 
 
-def _load_raw(path: Path, where: str, keep_rows: RowChooser | None = None) -> dict[str, Tensor]:
+def _load_raw(
+    path: Path, where: str, keep_rows: RowChooser | None = None
+) -> tuple[dict[str, Tensor], list[str]]:
+    """(the file's tensors by key, the keys of its other values that gradlens does not read)."""
+    others: list[str] = []
     if path.is_dir():
         raise GradlensError(f"{where}: {str(path)!r} is a directory, not a batch file")
     if path.exists() and not path.is_file():
@@ -172,24 +176,32 @@ def _load_raw(path: Path, where: str, keep_rows: RowChooser | None = None) -> di
         raise GradlensError(f"{where}: unknown format {suffix!r}; use one of {', '.join(SUFFIXES)}")
     try:
         if suffix == ".safetensors":
-            return _load_safetensors(path, keep_rows)
+            return _load_safetensors(path, keep_rows), others
         if suffix in (".pt", ".pth"):
             data = torch.load(path, map_location="cpu", weights_only=True)
             if not isinstance(data, Mapping):
                 raise GradlensError(
                     f"{where}: {path.name} holds a {type(data).__name__}, not a dict"
                 )
+            raw = {}
             for k, v in data.items():
-                if str(k) in TENSOR_KEYS and not isinstance(v, Tensor):
+                key = str(k)
+                if isinstance(v, int) and not isinstance(v, bool) and key in SHARD_KEYS:
+                    v = torch.tensor(v)  # one number, as a script naturally writes it
+                if isinstance(v, Tensor):
+                    raw[key] = v
+                elif key in KNOWN_KEYS and key != "prompts":  # text prompts beside the ids
                     raise GradlensError(
-                        f"{where}: {str(k)!r} in {path.name} holds a {type(v).__name__}, not a "
-                        "tensor"
+                        f"{where}: {key!r} in {path.name} holds a {type(v).__name__}, not a "
+                        "tensor; every key gradlens reads is a tensor (torch.save a dict of "
+                        "tensors)"
                     )
-            raw = {str(k): v for k, v in data.items() if isinstance(v, Tensor)}
+                elif key not in KNOWN_KEYS:
+                    others.append(key)
         else:
             raw = _load_jsonl(path, where)
         _dense_real(raw, where, path.name)
-        return _keep_rows(raw, keep_rows)
+        return _keep_rows(raw, keep_rows), others
     except GradlensError:
         raise
     except Exception as exc:  # a corrupt or foreign file: the first line of what was wrong
@@ -293,6 +305,8 @@ def _shard_keys(offset: int, vocab: int) -> dict[str, Tensor]:
 def _shard_number(raw: Mapping[str, Tensor], key: str, where: str) -> int:
     """A shard key's integer: one number, or (a .jsonl file) the same number on every line."""
     x = raw[key].reshape(-1)  # .jsonl numbers are read as float64: whole ones are integers
+    if x.dtype == torch.bool:
+        raise GradlensError(f"{where}: {key!r} holds a boolean; it is one integer, a row number")
     if x.numel() == 0 or bool((x != torch.round(x)).any()) or bool((x != x[0]).any()):
         raise GradlensError(
             f"{where}: {key!r} must be one integer (the same on every line of a .jsonl file); "
@@ -341,7 +355,26 @@ def _jsonl_limit() -> tuple[int, str] | None:
 
 
 MASK_KEYS = frozenset((*ALIASES["mask"], *ALIASES["prompt_mask"], *ALIASES["attention"]))
-"""The keys whose .jsonl values may be JSON booleans (true: a real, counted token)."""
+"""The keys that may hold booleans (true: a real, counted token)."""
+# booleans refused where these are read, in words of their own (ids, row numbers)
+BOOLEAN_SAID_ELSEWHERE = frozenset(
+    {*ALIASES["tokens"], *ALIASES["kept_ids"], *ALIASES["teacher_topk_ids"], "stale_steps"}
+    | set(SHARD_KEYS)
+)
+
+
+def _no_boolean_values(raw: Mapping[str, Tensor], where: str) -> None:
+    """A boolean tensor is a mask or nothing: read as numbers, False and True would become the
+    log-probs 0 and 1, advantages of 0 and 1, ids 0 and 1. (Ids and shard keys say so in their
+    own words, where they are read.)"""
+    for key, x in raw.items():
+        if x.dtype == torch.bool and key in KNOWN_KEYS and key not in MASK_KEYS:
+            if key in BOOLEAN_SAID_ELSEWHERE:
+                continue
+            raise GradlensError(
+                f"{where}: {key!r} has dtype bool; only the masks "
+                f"({', '.join(sorted(MASK_KEYS))}) take booleans, {key!r} takes numbers"
+            )
 
 
 def _boolean_at(value: Any) -> tuple[list[int], bool] | None:
@@ -369,15 +402,34 @@ def _no_booleans(row: Mapping[str, Any], line: int, where: str, name: str) -> No
             )
 
 
+class _RepeatedKey(Exception):
+    """A key given twice in one JSON object (`_unique_keys`)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads``'s object hook: the object, or `_RepeatedKey` for a key given twice."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _RepeatedKey(key)
+        out[key] = value
+    return out
+
+
 def _load_jsonl(path: Path, where: str) -> dict[str, Tensor]:
     rows = []
     for i, line in enumerate(read_text(path, where, _jsonl_limit()).splitlines(), start=1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                rows.append(json.loads(line, object_pairs_hook=_unique_keys))
             except json.JSONDecodeError as exc:
                 raise GradlensError(
                     f"{where}: line {i} of {path.name} is not JSON: {exc}"
+                ) from None
+            except _RepeatedKey as exc:
+                raise GradlensError(
+                    f"{where}: line {i} of {path.name} gives the key {exc.args[0]!r} twice; "
+                    "JSON would keep the last silently"
                 ) from None
             if not isinstance(rows[-1], dict):
                 raise GradlensError(
@@ -388,6 +440,18 @@ def _load_jsonl(path: Path, where: str) -> dict[str, Tensor]:
                 _no_booleans(rows[-1], i, where, path.name)
     if not rows:
         raise GradlensError(f"{where}: {path.name} is empty")
+    first = set(rows[0])
+    for i, r in enumerate(rows[1:], start=2):
+        later = sorted(set(r) - first)
+        shared = [k for k in r if k in SHARED]
+        if later or shared:
+            key = (shared or later)[0]
+            rule = (
+                "it is one value for the whole batch, given on line 1 alone"
+                if shared
+                else "every key of the batch is on line 1, and then on every line"
+            )
+            raise GradlensError(f"{where}: line {i} of {path.name} gives {key!r}: {rule}")
     if "prompts" in rows[0] and "prompt_mask" not in rows[0]:  # unpadded: every token is real
         for r in rows:
             if isinstance(r.get("prompts"), list):
@@ -536,7 +600,8 @@ def read_batch_file(
     With the lm_head, ``weight_rows`` is the int64 [3] (v0, v1, V): ``weight`` holds rows
     [v0, v1) of V (all of them unless the file is one rank's or ``keep_rows`` chose).
     """
-    raw = _load_raw(path, where, keep_rows)
+    raw, others = _load_raw(path, where, keep_rows)
+    _no_boolean_values(raw, where)
     out: dict[str, Tensor] = {}
     keys: dict[str, str] = {}
     tokens_key = _key(raw, "tokens")
@@ -594,7 +659,7 @@ def read_batch_file(
             raise GradlensError(
                 f"{where}: {key!r} has shape {tuple(x.shape)}; expected [N] or [N, T]"
             )
-        if x.dtype == torch.bool or not (x.is_floating_point() or x.dtype.is_signed):
+        if not (x.is_floating_point() or x.dtype.is_signed):  # uint8: no negative numbers
             x = x.long()
         out[name] = x.double()
     if "rewards" in out and "advantages" not in out:
@@ -667,7 +732,8 @@ def read_batch_file(
     keys.update({name: name for name in TEACHER_KEYS if name in out})
     if prompts:
         out.update(_prompt_context(raw, tokens_key, out["tokens"], out["mask"], where))
-    return BatchFile(out, keys, tuple(sorted(k for k in raw if k not in KNOWN_KEYS)))
+    unknown = sorted({*others, *(k for k in raw if k not in KNOWN_KEYS)})
+    return BatchFile(out, keys, tuple(unknown))
 
 
 def _teacher(

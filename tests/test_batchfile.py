@@ -209,8 +209,10 @@ def test_a_rank_keeps_its_rows_of_a_whole_lm_head_at_load(tmp_path, suffix):
     assert whole["weight_rows"].tolist() == [0, 5, 5] and whole["weight"].shape == (5, 4)
 
 
-def test_a_file_of_one_ranks_rows_says_which_rows_it_holds(tmp_path):
-    tensors = {**good(), "vocab_offset": torch.tensor(3), "vocab_size": torch.tensor(8)}
+@pytest.mark.parametrize("as_tensors", [True, False])  # plain ints are how a script writes them
+def test_a_file_of_one_ranks_rows_says_which_rows_it_holds(tmp_path, as_tensors):
+    offset, vocab = (torch.tensor(3), torch.tensor(8)) if as_tensors else (3, 8)
+    tensors = {**good(), "vocab_offset": offset, "vocab_size": vocab}
     tensors["responses"] = torch.tensor([[0, 7, 3], [1, 2, 5]])  # ids of the whole vocabulary
     torch.save(tensors, tmp_path / "rank1.pt")
     # holds rows 3…7 of 8; the ids are checked against V = 8, not against its 5 rows
@@ -336,15 +338,42 @@ def test_keys_a_batch_file_holds_but_gradlens_does_not_read_are_named(tmp_path):
             "lm_head_weight": torch.randn(5, 4, generator=gen),
             "values": torch.zeros(2, 3),
             "rollout_logprobs": torch.zeros(2, 3),  # misspelt: rollout_log_probs
+            "uid": ["a", "b"],  # no tensor: named too
         },
         path,
     )
     batch = compare_json("--set", f"source.path={path}")["batch"]
-    assert batch["source"].endswith("; keys not read: rollout_logprobs, values")
+    assert batch["source"].endswith("; keys not read: rollout_logprobs, uid, values")
     assert batch["advantages"] == "read from the file (its 'token_level_rewards' not used)"
     data = torch.load(path)
-    for key in ("token_level_rewards", "values", "rollout_logprobs"):
+    for key in ("token_level_rewards", "values", "rollout_logprobs", "uid"):
         del data[key]
     torch.save(data, path)
     batch = compare_json("--set", f"source.path={path}")["batch"]
     assert "not read" not in batch["source"] and batch["advantages"] == "read from the file"
+
+
+def test_token_rewards_off_the_mask_are_padding_even_when_not_finite(tmp_path):
+    # [N, T] rewards are summed over the response mask; a NaN in the padding is no reward
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    rewards = torch.tensor([[0.5, 0.25, 0.0], [1.0, 0.0, 0.0]])
+    base = {
+        "responses": torch.tensor([[0, 1, 2], [3, 4, 0]]),
+        "response_mask": mask,
+        "old_log_probs": -torch.rand(2, 3, generator=gen) - 0.1,
+        "hidden_states": torch.randn(2, 3, 4, generator=gen),
+        "lm_head_weight": torch.randn(5, 4, generator=gen),
+    }
+    torch.save({**base, "token_level_rewards": rewards}, tmp_path / "zero.pt")
+    torch.save(
+        {**base, "token_level_rewards": rewards.masked_fill(mask == 0, float("nan"))},
+        tmp_path / "nan.pt",
+    )
+    zero, nan = (
+        compare_json("--set", f"source.path={tmp_path / name}", "--set", "source.group_size=2")
+        for name in ("zero.pt", "nan.pt")
+    )
+    assert nan["passed"] and nan["batch"]["advantages"] == zero["batch"]["advantages"]
+    for a, b in zip(nan["losses"], zero["losses"], strict=True):
+        assert a["rows"]["total_norm"] == b["rows"]["total_norm"] > 0

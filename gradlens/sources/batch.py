@@ -117,7 +117,8 @@ def build_batch_file(src: BatchSource, ctx: SourceContext) -> Batch:
             note += f" (its {file.keys['rewards']!r} not used)"
     else:
         rewards = data["rewards"]
-        rewards = (rewards * mask).sum(-1) if rewards.dim() == 2 else rewards  # [N]
+        if rewards.dim() == 2:  # [N, T] → [N]; off the mask anything (NaN too) is padding
+            rewards = torch.where(mask, rewards, 0.0).sum(-1)
         if n % src.group_size:
             raise GradlensError(
                 f"source.group_size: {n} sequences are not a multiple of {src.group_size}"

@@ -81,6 +81,13 @@ def replayed(d: Path, **changes: torch.Tensor) -> list[str]:
     return ["compare", "--set", "loss.sampling_support=kept", "--set", f"source.path={path}"]
 
 
+def pt_with(d: Path, **values: object) -> list[str]:
+    """compare on a good batch saved as .pt with ``values`` (of any type) added."""
+    path = d / "batch.pt"
+    torch.save({**good_batch(), **values}, path)
+    return ["compare", "--set", f"source.path={path}"]
+
+
 def jsonl_batch(path: Path, lines: bytes) -> list[str]:
     """compare on a .jsonl batch file of these ``lines``."""
     path.write_bytes(lines)
@@ -432,6 +439,57 @@ CASES = {
             b'"old_log_probs": [-0.5, -0.5], "advantages": 1.0}\n',
         ),  # the mask's booleans are fine; the id's would become token 1
         ("line 1 of bool.jsonl", "'responses'[1] is the boolean true", "only the masks"),
+    ),
+    "batch-pt-value-not-a-tensor": Case(
+        "batch-file",
+        lambda d: pt_with(d, rollout_log_probs=[[-0.5, -0.5, -0.5], [-0.5, -0.5, -0.5]]),
+        ("'rollout_log_probs' in batch.pt holds a list, not a tensor",),
+    ),
+    "batch-boolean-log-probs": Case(
+        "batch-file",
+        lambda d: pt_with(d, old_log_probs=torch.zeros(2, 3, dtype=torch.bool)),
+        ("'old_log_probs' has dtype bool", "only the masks"),
+    ),
+    "batch-boolean-advantages": Case(
+        "batch-file",
+        lambda d: pt_with(d, advantages=torch.tensor([True, False])),
+        ("'advantages' has dtype bool",),
+    ),
+    "batch-boolean-shard-key": Case(
+        "batch-file",
+        lambda d: pt_with(d, vocab_offset=torch.tensor(False), vocab_size=torch.tensor(5)),
+        ("'vocab_offset' holds a boolean",),
+    ),
+    "batch-jsonl-key-twice": Case(
+        "batch-file",
+        lambda d: jsonl_batch(
+            d / "twice.jsonl",
+            b'{"responses": [0], "response_mask": [1], "old_log_probs": [-0.5], '
+            b'"advantages": 1.0, "advantages": 0.0}\n',
+        ),
+        ("line 1 of twice.jsonl gives the key 'advantages' twice",),
+    ),
+    "batch-jsonl-key-after-line-1": Case(
+        "batch-file",
+        lambda d: jsonl_batch(
+            d / "later.jsonl",
+            b'{"responses": [0], "response_mask": [1], "old_log_probs": [-0.5], '
+            b'"advantages": 1.0}\n'
+            b'{"responses": [1], "response_mask": [1], "old_log_probs": [-0.5], '
+            b'"advantages": -1.0, "rollout_log_probs": [NaN]}\n',
+        ),  # read from line 1's keys alone, the NaN passed unseen
+        ("line 2 of later.jsonl gives 'rollout_log_probs'", "on line 1"),
+    ),
+    "batch-jsonl-lm-head-after-line-1": Case(
+        "batch-file",
+        lambda d: jsonl_batch(
+            d / "head.jsonl",
+            b'{"responses": [0], "response_mask": [1], "old_log_probs": [-0.5], '
+            b'"advantages": 1.0, "hidden_states": [[0.1]], "lm_head_weight": [[1.0], [2.0]]}\n'
+            b'{"responses": [1], "response_mask": [1], "old_log_probs": [-0.5], '
+            b'"advantages": -1.0, "hidden_states": [[0.3]], "lm_head_weight": [[9.0], [9.0]]}\n',
+        ),
+        ("line 2 of head.jsonl gives 'lm_head_weight'", "line 1 alone"),
     ),
     "batch-jsonl-hidden-size-differs": Case(
         "batch-file",
