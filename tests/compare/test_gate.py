@@ -162,3 +162,47 @@ def test_no_check_detail_prints_none_and_unmeasured_values_say_why(tmp_path):
     assert "not measured" in bad[("agreement", "ppo")]
     table = runner.invoke(app, ["compare", "-c", str(cfg), "--check"])
     assert table.exit_code == 1 and "None" not in table.stdout
+
+
+@pytest.mark.parametrize("engine", ["materialized", "streamed"])
+def test_a_gradient_that_cancels_passes_the_agreement_check(tmp_path, engine):
+    # Two sequences with the same tokens and hidden states and A = +1, −1: every loss's ∂L/∂W
+    # is a sum of equal and opposite terms, near zero; the closed form and autograd differ by
+    # the terms' rounding, which is no disagreement. Judged against the result itself, that
+    # difference was 100% of it, and --check failed a correct loss.
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(1, 3, 4, generator=gen).expand(2, 3, 4).clone()
+    path = batch_file(
+        tmp_path,
+        responses=torch.tensor([[0, 1, 2], [0, 1, 2]]),
+        old_log_probs=(-torch.rand(1, 3, generator=gen) - 0.1).expand(2, 3).clone(),
+        hidden_states=hidden,
+    )
+    report = compare(
+        "--set", f"source.path={path}", "--set", f"diagnostics.engine={engine}",
+        "-l", "reinforce,ppo_clip,sft", code=0,
+    )  # fmt: skip
+    for loss in report["losses"]:
+        assert loss["agreement"]["ran"] and loss["agreement"]["passed"], loss["agreement"]
+
+
+def test_a_replayed_kept_set_where_pi_y_is_near_one_passes_the_agreement_check(tmp_path):
+    # kept sets of y and two tokens the model gives almost nothing: π̃(y) ≈ 1 − 1e-7, so every
+    # ∂L/∂z is at float32's rounding of its terms; a correct loss must still pass
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(5, 4, generator=gen)
+    weight[3:] = -40.0 * weight[0]  # rows 3 and 4: logits far below every other row's
+    hidden = weight[0].abs().mul(3).expand(2, 3, 4).clone()
+    ids = torch.tensor([[[0, 3, 4], [1, 3, 4], [2, 3, 4]], [[0, 3, 4], [1, 3, 4], [2, 3, 4]]])
+    path = batch_file(
+        tmp_path,
+        responses=torch.tensor([[0, 1, 2], [0, 1, 2]]),
+        lm_head_weight=weight,
+        hidden_states=hidden,
+        kept_ids=ids,
+    )
+    report = compare(
+        "--set", f"source.path={path}", "--set", "loss.sampling_support=kept", code=0
+    )  # fmt: skip
+    for loss in report["losses"]:
+        assert loss["agreement"]["ran"] and loss["agreement"]["passed"], loss["agreement"]

@@ -190,7 +190,8 @@ def test_agreement_fails_for_a_perturbed_tensor(
     dtype: torch.dtype, bump: float, field: str
 ) -> None:
     batch, closed, ref = agreement_case(dtype)
-    assert agreement(closed, ref, batch.mask, dtype).passed
+    hidden = batch.hidden[batch.mask]
+    assert agreement(closed, ref, batch.mask, dtype, hidden).passed
     tensor = getattr(closed, field)
     perturbed = tensor.clone()
     flat = perturbed.view(-1)
@@ -201,17 +202,32 @@ def test_agreement_fails_for_a_perturbed_tensor(
         bumped = dataclasses.replace(closed, objective=objective)
     else:
         bumped = dataclasses.replace(closed, **{field: perturbed})
-    result = agreement(bumped, ref, batch.mask, dtype)
+    result = agreement(bumped, ref, batch.mask, dtype, hidden)
     assert not result.passed
+    # c_t normwise; ∂L/∂z and ∂L/∂W against their terms' sizes, computed here by hand:
+    # s_t = |c_t| + max_v |∂L/∂z_t,v|, then max_t s_t and max_j Σ_t s_t·|h_t,j|
+    s = [
+        abs(float(c)) + float(row.abs().max())
+        for c, row in zip(closed.coefficient[batch.mask], ref.grad_logits, strict=True)
+    ]
+    scale = {
+        "coefficient": float(tensor.abs().max()),
+        "grad_logits": max(s),
+        "grad_weight": max(
+            sum(s_t * abs(float(h[j])) for s_t, h in zip(s, hidden, strict=True))
+            for j in range(hidden.shape[1])
+        ),
+    }[field]
     error = getattr(result, field)
-    assert error == pytest.approx(bump, rel=1e-2)  # the normwise error is the bump itself
+    assert error == pytest.approx(bump * float(tensor.abs().max()) / scale, rel=1e-2)
 
 
 def test_agreement_fails_on_non_finite_values() -> None:
     batch, closed, ref = agreement_case(F64)
     bad = closed.grad_weight.clone()
     bad[0, 0] = math.nan
-    result = agreement(dataclasses.replace(closed, grad_weight=bad), ref, batch.mask, F64)
+    hidden = batch.hidden[batch.mask]
+    result = agreement(dataclasses.replace(closed, grad_weight=bad), ref, batch.mask, F64, hidden)
     assert not result.passed and result.grad_weight is None
 
 
