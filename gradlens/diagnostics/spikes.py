@@ -13,7 +13,8 @@ does not lift the baseline for the steps after it):
 
   1.4826·MAD estimates σ for normal noise, so z is a robust z-score; the floor (1 % of the
   median by default) keeps a perfectly flat history (MAD = 0) from turning every wiggle into a
-  spike. Only upward excursions count: a gradient norm that collapses is not a spike.
+  spike. Only upward excursions count: a gradient norm that collapses is not a spike; one that
+  is not finite (NaN, inf) is always one.
 
 Neither rule judges a step with fewer than ``min_history`` earlier values.
 """
@@ -56,13 +57,17 @@ def mad_scores(
     floor: float = 0.01,
 ) -> list[SpikeScore]:
     """Every value of a series judged by the running median and MAD of its previous ``window``
-    finite values (None and non-finite values are judged as no spike and kept out of the
-    history)."""
+    finite values. A non-finite value (NaN, inf: the run diverged, or the step overflowed) is a
+    spike whatever the history, with no z-score; None (no value at that step) is none. Neither
+    enters the history."""
     out: list[SpikeScore] = []
     past: list[float] = []
     for i, raw in enumerate(values):
         value = math.nan if raw is None else float(raw)
-        if not math.isfinite(value) or len(past) < min_history:
+        if not math.isfinite(value):
+            median = statistics.median(past[-window:]) if past else None
+            out.append(SpikeScore(i, value, median, None, None, raw is not None))
+        elif len(past) < min_history:
             out.append(SpikeScore(i, value, None, None, None, False))
         else:
             recent = past[-window:]

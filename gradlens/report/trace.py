@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 
 from rich.console import Group, RenderableType
 from rich.markup import escape
@@ -39,7 +40,16 @@ def trace_csv(trace: TraceReport) -> str:
 
 
 def trace_jsonl(trace: TraceReport) -> str:
-    return "".join(json.dumps(r) + "\n" for r in step_records(trace))
+    """One JSON object per step; a value that is not finite is null, as in the JSON report
+    (JSON has no NaN or Infinity)."""
+    return "".join(
+        json.dumps({k: _finite_or_none(v) for k, v in r.items()}, allow_nan=False) + "\n"
+        for r in step_records(trace)
+    )
+
+
+def _finite_or_none(value: object) -> object:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def trace_json(trace: TraceReport) -> str:
@@ -47,12 +57,16 @@ def trace_json(trace: TraceReport) -> str:
 
 
 def _spike_tables(spike: SpikeDetail) -> list[RenderableType]:
-    head = Text(
-        f"spike at step {spike.step}: {spike.series} = {fmt(spike.value)}, "
-        f"{spike.value / spike.median:.1f}× the running median {fmt(spike.median)} "
-        f"(robust z = {spike.z:.1f})",
-        style="bold red",
-    )
+    if spike.value is None or spike.z is None:
+        what = "is not finite (NaN or inf): the run diverged or the step overflowed"
+    elif spike.median:
+        what = (
+            f"= {fmt(spike.value)}, {spike.value / spike.median:.1f}× the running median "
+            f"{fmt(spike.median)} (robust z = {spike.z:.1f})"
+        )
+    else:
+        what = f"= {fmt(spike.value)} (robust z = {spike.z:.1f})"
+    head = Text(f"spike at step {spike.step}: {spike.series} {what}", style="bold red")
     parts: list[RenderableType] = [head]
     if spike.note:
         parts.append(Text(spike.note))
@@ -88,7 +102,13 @@ def trace_renderable(trace: TraceReport) -> RenderableType:
         table.add_column(escape(col.label), justify="right")
     table.add_column("spike", justify="left")
     for s in trace.steps:
-        mark = f"[bold red]SPIKE z={s.z:.0f}[/]" if s.spike and s.z is not None else ""
+        mark = (
+            ""
+            if not s.spike
+            else f"[bold red]SPIKE z={s.z:.0f}[/]"
+            if s.z is not None
+            else "[bold red]SPIKE (not finite)[/]"
+        )
         cells = [fmt(s.values.get(c.key)) for c in trace.columns]
         table.add_row(str(s.step), *cells, mark)
     parts: list[RenderableType] = [table]

@@ -55,9 +55,9 @@ class SequenceContribution(Result):
 class SpikeDetail(Result):
     step: int
     series: str = Field(description="the column the spike was found in")
-    value: float
-    median: float
-    z: float
+    value: float | None = Field(description="None: not finite (NaN or inf)")
+    median: float | None = Field(description="None: no earlier finite value")
+    z: float | None = Field(description="None: the value is not finite")
     batch_file: str | None
     loss: str | None = Field(description="the loss whose contributors are listed")
     sequences: list[SequenceContribution] = Field(default_factory=list)

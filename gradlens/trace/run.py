@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -130,6 +131,11 @@ def read_metrics(path: Path, bad: list[BadFile]) -> dict[int, dict[str, float | 
             continue
         try:
             data = json.loads(line)
+            if not isinstance(data, dict):
+                kind = {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+                    type(data)
+                )
+                raise TypeError(f"a JSON {kind or 'number'}, not an object")
             step = whole_step(data["step"])
         except (ValueError, KeyError, TypeError) as exc:
             bad.append(BadFile(name=f"{path.name}:{number}", error=f"not a metrics line: {exc}"))
@@ -138,7 +144,19 @@ def read_metrics(path: Path, bad: list[BadFile]) -> dict[int, dict[str, float | 
         for key, value in data.items():
             if isinstance(value, int | float) and not isinstance(value, bool) and key != "step":
                 row[key] = float(value)
+            elif value is not None and key != "step" and shown_column(key):
+                bad.append(
+                    BadFile(
+                        name=f"{path.name}:{number}",
+                        error=f"{key!r} is {json.dumps(value)}, not a number: left out",
+                    )
+                )
     return rows
+
+
+def shown_column(key: str) -> bool:
+    """Whether a metric is one of the columns the trace shows (`COLUMN_RULES`)."""
+    return any(re.fullmatch(pattern, key) for pattern, _, _ in COLUMN_RULES)
 
 
 def whole_step(value: Any) -> int:
@@ -160,7 +178,7 @@ def file_entry(path: Path) -> FileEntry:
         except (OSError, ValueError):
             sidecar = {}
     step = sidecar.get("step")
-    if not isinstance(step, int):
+    if isinstance(step, bool) or not isinstance(step, int):  # true is no step 1
         numbers = re.findall(r"\d+", path.stem)
         step = int(numbers[-1]) if numbers else None
     return FileEntry(path, sidecar, step)
@@ -237,10 +255,9 @@ def spike_detail(
     settings: TraceSettings,
     decode: Decode | None,
 ) -> SpikeDetail:
-    assert step.median is not None and step.z is not None
     value = step.values[series]
-    assert value is not None
-    base = dict(step=step.step, series=series, value=value, median=step.median, z=step.z)
+    shown = value if value is not None and math.isfinite(value) else None
+    base = dict(step=step.step, series=series, value=shown, median=step.median, z=step.z)
     if entry is None or config is None:
         return SpikeDetail(
             **base, batch_file=None, loss=None, note="no batch file at this step: no contributors"
@@ -296,7 +313,21 @@ def trace_run(target: str, settings: TraceSettings | None = None) -> TraceReport
     ):
         e.step = last + offset + 1
     by_step: dict[int, tuple[FileEntry, Config]] = {}
-    ordered = sorted(entries, key=lambda e: e.step or 0)
+    ordered: list[FileEntry] = []
+    first_at: dict[int, str] = {}
+    for entry in sorted(entries, key=lambda e: (e.step or 0, e.path.name)):
+        assert entry.step is not None
+        if entry.step in first_at:  # which one the step's numbers came from would be a guess
+            bad.append(
+                BadFile(
+                    name=entry.path.name,
+                    error=f"step {entry.step} already has {first_at[entry.step]}; one batch "
+                    "file per step (a sidecar's 'step' places a file): left out",
+                )
+            )
+            continue
+        first_at[entry.step] = entry.path.name
+        ordered.append(entry)
     for done, entry in enumerate(ordered):
         report("trace files", done, len(ordered))
         try:

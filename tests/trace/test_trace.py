@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import io
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -184,3 +185,40 @@ def test_a_bad_option_is_refused_before_any_file_is_read(
     result = runner.invoke(app, ["trace", str(run_dir), *option])
     assert result.exit_code == 2, result.output
     assert expected in result.stderr
+
+
+def test_a_value_that_is_not_finite_is_a_spike_and_a_missing_one_is_not() -> None:
+    # a NaN or inf gradient norm: the run diverged or the step overflowed, whatever the history
+    scores = mad_scores([math.nan, 1.0, 1.1, 0.9, math.inf, None, 1.0], min_history=3)
+    assert [s.spike for s in scores] == [True, False, False, False, True, False, False]
+    assert scores[4].z is None and scores[4].median == 1.0
+    assert scores[6].median == 1.0  # neither entered the history
+
+
+def test_the_trace_reports_what_it_cannot_place_or_read(tmp_path: Path) -> None:
+    lines = [{"step": s, "grad_norm": 1.0 + 0.01 * s} for s in range(1, 8)]
+    lines[5]["grad_norm"] = math.inf
+    lines[6]["grad_norm"] = "50"  # a string: left out, and said so
+    (tmp_path / "metrics.jsonl").write_text(
+        "".join(json.dumps(line) + "\n" for line in lines) + "[1, 2]\n"
+    )
+    batch = dump_tensors(dumpable_batch(1))
+    write_batch(tmp_path / "step_3.safetensors", batch)
+    write_batch(tmp_path / "other3.safetensors", batch)  # a second file at step 3
+    write_batch(tmp_path / "extra.safetensors", batch)
+    (tmp_path / "extra.json").write_text(json.dumps({"step": True}))  # no step 1
+    trace = trace_run(str(tmp_path))
+    bad = {b.name: b.error for b in trace.bad_files}
+    assert "already has other3.safetensors" in bad["step_3.safetensors"]
+    assert bad["metrics.jsonl:7"] == "'grad_norm' is \"50\", not a number: left out"
+    assert bad["metrics.jsonl:8"] == "not a metrics line: a JSON array, not an object"
+    steps = {s.step: s for s in trace.steps}
+    assert steps[3].batch_file == "other3.safetensors" and steps[6].spike and steps[6].z is None
+    assert steps[8].batch_file == "extra.safetensors" and steps[1].batch_file is None
+    assert [s.step for s in trace.spikes] == [6] and trace.spikes[0].value is None
+    result = runner.invoke(app, ["trace", str(tmp_path), "--format", "jsonl"])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines()]  # JSON: no Infinity
+    assert records[5]["grad_norm"] is None and records[5]["spike"] is True
+    table = runner.invoke(app, ["trace", str(tmp_path)])
+    assert "grad_norm is not finite (NaN or inf)" in table.stdout
