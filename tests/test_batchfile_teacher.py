@@ -172,3 +172,46 @@ def test_malformed_teachers_are_refused_naming_the_key(tmp_path: Path) -> None:
     assert "form: 'full' needs the teacher's whole distribution" in bad(
         tmp_path, {}, "loss.distill.form=full"
     )
+
+
+@pytest.mark.parametrize("form", ["logits", "pair"])
+def test_opd_takes_log_q_y_from_a_teachers_whole_distribution(tmp_path: Path, form: str) -> None:
+    # a file with the teacher's logits (or hidden/weight pair) but no teacher_logp: opd's
+    # log q(y) is read off that distribution, as the other sources do, not replaced by ℓ_old
+    gen = torch.Generator().manual_seed(3)
+    n, t, v, h = 2, 3, 5, 4
+    tokens = torch.tensor([[0, 1, 2], [3, 4, 0]])
+    data = {
+        "responses": tokens,
+        "response_mask": torch.ones(n, t),
+        "old_log_probs": -torch.rand(n, t, generator=gen) - 0.1,
+        "advantages": torch.tensor([1.0, -1.0]),
+        "hidden_states": torch.randn(n, t, h, generator=gen),
+        "lm_head_weight": torch.randn(v, h, generator=gen),
+    }
+    if form == "logits":
+        teacher = {"teacher_logits": torch.randn(n, t, v, generator=gen)}
+        logits = teacher["teacher_logits"].double()
+    else:
+        teacher = {
+            "teacher_hidden": torch.randn(n, t, 3, generator=gen),
+            "teacher_weight": torch.randn(v, 3, generator=gen),
+            "teacher_bias": torch.randn(v, generator=gen),
+        }
+        logits = (
+            teacher["teacher_hidden"].double() @ teacher["teacher_weight"].double().T
+            + teacher["teacher_bias"].double()
+        )
+    log_q_y = torch.log_softmax(logits, -1).gather(-1, tokens[..., None]).squeeze(-1)
+    torch.save({**data, **teacher}, tmp_path / "whole.pt")
+    torch.save({**data, **teacher, "teacher_logp": log_q_y.float()}, tmp_path / "given.pt")
+    reports = []
+    for name in ("whole.pt", "given.pt"):
+        result = runner.invoke(
+            app, ["compare", "-l", "opd", "-f", "json", "--set", f"source.path={tmp_path / name}"]
+        )
+        assert result.exit_code == 0, result.output
+        assert "log q(y) := ℓ_old" not in result.stdout  # no stand-in for log q(y)
+        reports.append(json.loads(result.stdout)["losses"][0])
+    whole, given = reports
+    assert whole["rows"]["total_norm"] == pytest.approx(given["rows"]["total_norm"], rel=1e-6)

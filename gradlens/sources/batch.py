@@ -22,6 +22,7 @@ reproduce the θ they reached, and a read-back with it says so in the report.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from functools import partial
 from pathlib import Path
@@ -36,7 +37,7 @@ from gradlens.containers import Batch, KeptSets, Namer, Origin, Teacher, VocabRo
 from gradlens.engine.vocab_split import balanced_split
 from gradlens.errors import GradlensError
 from gradlens.grads import effective_old_logp, softmax_view
-from gradlens.logits import softmax_dtype
+from gradlens.logits import compute_logits, softmax_dtype, token_logp
 from gradlens.memory import Estimate, Shape, dtype_bytes
 from gradlens.sources.base import SourceContext, SourcePlan
 from gradlens.sources.checkpoint import checkpoint_estimate, checkpoint_sizes, load_tokenizer
@@ -195,7 +196,7 @@ def file_teacher(
         x = x.to(device)
         return x.to(to) if to is not None and x.is_floating_point() else x
 
-    return Teacher(
+    teacher = Teacher(
         hidden=get("teacher_hidden", dtype),
         weight=get("teacher_weight", dtype),
         bias=get("teacher_bias", dtype),
@@ -204,6 +205,30 @@ def file_teacher(
         topk_logp=get("teacher_topk_logp", acc),
         sampled_logp=get("teacher_logp", acc),
     )
+    if teacher.sampled_logp is None and teacher.has_full:
+        tokens, mask = data["tokens"].to(device), data["mask"].to(device)
+        teacher = dataclasses.replace(
+            teacher, sampled_logp=sampled_teacher_logp(teacher, tokens, mask, acc)
+        )
+    return teacher
+
+
+def sampled_teacher_logp(
+    teacher: Teacher, tokens: Tensor, mask: Tensor, acc: torch.dtype
+) -> Tensor:
+    """[N, T] log q_t(y_t) from the teacher's whole distribution (its logits, or W'·h'_t + b'),
+    one sequence at a time (no [N, T, V] beyond what the file holds); 0 off the mask."""
+    out = torch.zeros(tokens.shape, dtype=acc, device=tokens.device)
+    for i in range(tokens.shape[0]):
+        if teacher.logits is not None:
+            logits = teacher.logits[i].to(acc)  # [T, V]
+        else:
+            assert teacher.hidden is not None and teacher.weight is not None
+            logits = compute_logits(teacher.hidden[i], teacher.weight).to(acc)
+            if teacher.bias is not None:
+                logits = logits + teacher.bias.to(acc)
+        out[i] = torch.where(mask[i], token_logp(logits, tokens[i]), 0.0)
+    return out
 
 
 def teacher_provides(names: frozenset[str] | set[str]) -> frozenset[str]:
@@ -216,7 +241,7 @@ def teacher_provides(names: frozenset[str] | set[str]) -> frozenset[str]:
         out.add("teacher")
     if full:
         out.add("teacher_full")
-    if "teacher_logp" in names:
+    if "teacher_logp" in names or full:  # log q(y) from the whole distribution
         out.add("teacher_logp")
     return frozenset(out)
 
