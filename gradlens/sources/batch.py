@@ -205,12 +205,34 @@ def file_teacher(
         topk_logp=get("teacher_topk_logp", acc),
         sampled_logp=get("teacher_logp", acc),
     )
-    if teacher.sampled_logp is None and teacher.has_full:
-        tokens, mask = data["tokens"].to(device), data["mask"].to(device)
+    mask = data["mask"].to(device)
+    tokens = torch.where(mask, data["tokens"].to(device), 0)  # padding may hold any id (−100)
+    if teacher.sampled_logp is None and readable_at(teacher, tokens):
         teacher = dataclasses.replace(
             teacher, sampled_logp=sampled_teacher_logp(teacher, tokens, mask, acc)
         )
     return teacher
+
+
+def readable_at(teacher: Teacher, tokens: Tensor) -> bool:
+    """Whether the teacher's whole distribution fits the [N, T] grid of ``tokens`` and covers
+    their ids, so that log q(y) can be read off it; a teacher that does not is refused by
+    `gradlens.validation.teacher_tensors` with its key."""
+    grid, top = tuple(tokens.shape), int(tokens.max()) if tokens.numel() else 0
+    if teacher.logits is not None:
+        x = teacher.logits
+        return x.dim() == 3 and tuple(x.shape[:2]) == grid and x.shape[2] > top
+    if teacher.hidden is None or teacher.weight is None:
+        return False
+    h, w, b = teacher.hidden, teacher.weight, teacher.bias
+    return (
+        h.dim() == 3
+        and tuple(h.shape[:2]) == grid
+        and w.dim() == 2
+        and w.shape[1] == h.shape[2]
+        and w.shape[0] > top
+        and (b is None or tuple(b.shape) == (w.shape[0],))
+    )
 
 
 def sampled_teacher_logp(
