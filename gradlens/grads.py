@@ -255,9 +255,12 @@ def replay(batch: Batch) -> Batch:
     inside = (kept.ids == batch.tokens[..., None]).any(-1)  # [N, T]
     outside = int((m & ~inside).sum())
     if outside:
+        i, t = (int(x) for x in (m & ~inside).nonzero()[0])
+        token, ids = (batch.origin.name(field, (i, t)) for field in ("tokens", "kept_ids"))
         raise GradlensError(
             f"kept sets ({kept.rule}): {outside} sampled token(s) lie outside their kept set "
-            "K_t, which the sampler could not have drawn; the kept ids do not belong to this "
+            f"K_t, which the sampler could not have drawn (the first: {token} = "
+            f"{int(batch.tokens[i, t])}, not in {ids}); the kept ids do not belong to this "
             "batch's tokens"
         )
 

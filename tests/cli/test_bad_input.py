@@ -415,6 +415,11 @@ CASES = {
         lambda d: replayed(d, kept_ids=kept_sets(at=(0, 1, 1), value=1)),
         ("'kept_ids'[0, 1, 1] is 1", "lists each token once"),
     ),
+    "batch-token-outside-its-kept-set": Case(
+        "batch-values",
+        lambda d: replayed(d, kept_ids=kept_sets(at=(0, 0, 0), value=4)),  # K = {4, 3}, y = 0
+        ("'responses'[0, 0] = 0, not in", "'kept_ids'[0, 0]"),
+    ),
     "batch-kept-mass-above-zero": Case(
         "batch-values",
         lambda d: replayed(
