@@ -643,7 +643,7 @@ def read_batch_file(
         else:
             out[name] = x.double()
     out["tokens"] = _integers(tokens, tokens_key, where, out["mask"])
-    out.update(_kept_sets(raw, out["mask"], where))
+    out.update(_kept_sets(raw, out["mask"], where, out["tokens"], tokens_key))
     adv, rewards = _pick(raw, "advantages", where, False), _pick(raw, "rewards", where, False)
     if adv is None and rewards is None:
         raise GradlensError(
@@ -796,9 +796,12 @@ def _mask(x: Tensor, key: str, where: str, meaning: str = LOSS) -> Tensor:
     return x.bool()
 
 
-def _kept_sets(raw: Mapping[str, Tensor], mask: Tensor, where: str) -> dict[str, Tensor]:
+def _kept_sets(
+    raw: Mapping[str, Tensor], mask: Tensor, where: str, tokens: Tensor, tokens_key: str
+) -> dict[str, Tensor]:
     """The optional kept sets: ``kept_ids`` [N, T, K] (ids ≥ −1, none twice at a position in the
-    loss) and the log kept masses [N, T], which come only with them: at the positions in the
+    loss, each holding its sampled token: the sampler drew from it, whether or not the run
+    replays it) and the log kept masses [N, T], which come only with them: at the positions in the
     loss (``mask``) each is the log of a probability mass, finite and ≤ 0 up to the rounding of
     a sum of |K_t| probabilities, log(1 + |K_t|·ε) for the file's dtype (each term rounded by a
     relative ε at most, summed in any order)."""
@@ -831,6 +834,15 @@ def _kept_sets(raw: Mapping[str, Tensor], mask: Tensor, where: str) -> dict[str,
         raise GradlensError(
             f"{where}: 'kept_ids'[{index}] is {int(found.value)}, an id already in the kept set "
             f"of its position; a kept set lists each token once ({found.count} repeats in all)"
+        )
+    outside = mask & ~(ids == tokens[..., None]).any(-1)  # [N, T]
+    if bool(outside.any()):
+        i, t = (int(x) for x in outside.nonzero()[0])
+        raise GradlensError(
+            f"{where}: {tokens_key!r}[{i}, {t}] is {int(tokens[i, t])}, not in its kept set "
+            f"'kept_ids'[{i}, {t}] = {[k for k in ids[i, t].tolist() if k >= 0]}: the sampler "
+            f"draws from the kept set, so these kept ids are not this batch's "
+            f"({int(outside.sum())} such tokens in all)"
         )
     out = {"kept_ids": ids}
     sizes = (ids >= 0).sum(dim=-1)  # [N, T] |K_t|

@@ -418,7 +418,16 @@ CASES = {
     "batch-token-outside-its-kept-set": Case(
         "batch-values",
         lambda d: replayed(d, kept_ids=kept_sets(at=(0, 0, 0), value=4)),  # K = {4, 3}, y = 0
-        ("'responses'[0, 0] = 0, not in", "'kept_ids'[0, 0]"),
+        ("'responses'[0, 0] is 0, not in its kept set 'kept_ids'[0, 0] = [4, 3]",),
+    ),
+    "batch-token-outside-its-kept-set-unreplayed": Case(  # refused whether replayed or not
+        "batch-values",
+        lambda d: [
+            "compare",
+            "--set",
+            f"source.path={batch_file(d, kept_ids=kept_sets((0, 0, 0), 4))}",
+        ],
+        ("'responses'[0, 0] is 0, not in its kept set",),
     ),
     "batch-kept-mass-above-zero": Case(
         "batch-values",
