@@ -10,6 +10,8 @@ is never true for it.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from gradlens.containers import Batch, LossTerms
@@ -101,6 +103,13 @@ def _zero_head_cause(
         return (
             f"π_θ(y_t) = 1 at every one of {where} (all the mass on the sampled token, or a "
             "kept set of it alone), so e_y − π_t and ∂L/∂W are zero"
+        )
+    largest = float(hidden[active].abs().max()) if hidden.dim() == 3 else math.inf
+    tiny = torch.finfo(hidden.dtype).smallest_normal
+    if largest < tiny:
+        return (
+            f"every hidden state h_t at {where} is below {hidden.dtype}'s smallest normal number "
+            f"{tiny:.3g} (largest |h| {largest:.3g}), so the products G_t h_tᵀ underflow to zero"
         )
     return f"∂L/∂W = Σ_t G_t h_tᵀ is exactly zero at {where}"
 

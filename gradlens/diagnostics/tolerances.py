@@ -65,7 +65,12 @@ product after it (3·u_dense); the row sums are float64 `pairwise_sum`s (2L·u_w
 
     ‖Σ_v ∂L/∂W_v‖ ≤ B·Σ_t s_t‖h_t‖ + (2·M·u + 3u + 3·u_dense + 2L·u_w)·Σ_t g_t‖h_t‖,
 
-twice which is allowed, relative to ‖∂L/∂W‖_F. g_t = s_t, except for a streamed loss that
+twice which is allowed, relative to ‖∂L/∂W‖_F. Below the smallest normal number (hidden states
+or gradients so small that the products are subnormal) rounding is absolute, not relative: at
+most η = half the subnormal spacing (2⁻¹⁵⁰ in float32) per product and per addition, so each
+entry of ∂L/∂W is off by at most 2·M·η more, and the row sum's norm by √H·V·2·M·η
+(`zero_sum_underflow`; η of the narrowest dtype the products pass through); for any batch whose
+numbers are normal this is below 10⁻³⁰. g_t = s_t, except for a streamed loss that
 reuses another's dense product (ppo_clip from ppo: D_k = D_j + πᵀ[(c_k − c_j)⊙h] over the
 tokens where they differ): its products round at the size of |c_j| + |c_k − c_j|, which on a
 clipped token with a large ratio is far above its own s_t = 0. Both bounds come from the data
@@ -136,6 +141,20 @@ def zero_sum_products(
     if dense is not None and unit_roundoff(dense) > u:
         products += 3 * unit_roundoff(dense)
     return 2 * products
+
+
+def zero_sum_underflow(
+    accum: torch.dtype, vocab: int, tokens: int, hidden: int, dense: torch.dtype | None = None
+) -> float:
+    """The absolute rounding below the normal range that ‖Σ_v ∂L/∂W_v‖ may carry (module
+    text): √H·V·2·M·η, η = half the subnormal spacing of the narrowest dtype in the products."""
+    eta = max(_half_subnormal_spacing(accum), _half_subnormal_spacing(dense or accum))
+    return 2 * math.sqrt(max(hidden, 1)) * vocab * 2 * max(tokens, 1) * eta
+
+
+def _half_subnormal_spacing(dtype: torch.dtype) -> float:
+    info = torch.finfo(dtype)
+    return info.smallest_normal * info.eps / 2
 
 
 def zero_sum_weight_factor(

@@ -84,6 +84,7 @@ def judge(
     gross_gemm = gross if gemm_scale is None else float((gemm_scale * hidden_norms).sum())
     allowed = tol_logits * gross
     allowed += tolerances.zero_sum_products(accum, vocab, m, dense) * gross_gemm
+    allowed += tolerances.zero_sum_underflow(accum, vocab, m, int(row_sum.numel()), dense)
     weight_rel = float(row / total) if float(total) > 0 else float(row)
     weight_tol = allowed / float(total) if float(total) > 0 else allowed
     logits_rel = float(rel.max()) if m else 0.0

@@ -206,3 +206,19 @@ def test_a_replayed_kept_set_where_pi_y_is_near_one_passes_the_agreement_check(t
     )  # fmt: skip
     for loss in report["losses"]:
         assert loss["agreement"]["ran"] and loss["agreement"]["passed"], loss["agreement"]
+
+
+def test_subnormal_hidden_states_are_named_as_the_cause(tmp_path):
+    # h_t below float32's normal range: the products underflow (to zero for the losses with
+    # small c_t), which the gate says, and the zero-sum check allows the absolute rounding of
+    # subnormal products rather than calling a pure softmax loss impure
+    path = batch_file(tmp_path, hidden_states=torch.full((2, 3, 4), 1e-42))
+    report = compare("--set", f"source.path={path}", "-l", "reinforce,sft", code=0)
+    for loss in report["losses"]:
+        assert loss["zero_sum"]["passed"], loss["zero_sum"]
+    path = batch_file(tmp_path, hidden_states=torch.full((2, 3, 4), 1e-45))
+    report = compare("--set", f"source.path={path}", "-l", "reinforce", code=1)
+    assert (
+        "below torch.float32's smallest normal number"
+        in failed(report)[("diagnosable", "reinforce")]
+    )
