@@ -98,7 +98,7 @@ import torch
 from torch import Tensor
 
 from gradlens.errors import GradlensError
-from gradlens.files import read_text, writing
+from gradlens.files import os_reason, read_text, writing
 from gradlens.memory import available, human
 from gradlens.validation import describe, find, non_finite, repeated_ids
 
@@ -165,6 +165,11 @@ def _load_raw(
 ) -> tuple[dict[str, Tensor], list[str]]:
     """(the file's tensors by key, the keys of its other values that gradlens does not read)."""
     others: list[str] = []
+    try:
+        path.stat()
+    except OSError as exc:  # a name too long, a loop of links: before the checks below
+        if not isinstance(exc, FileNotFoundError | NotADirectoryError):
+            raise GradlensError(f"{where}: {str(path)!r}: {os_reason(exc)}") from None
     if path.is_dir():
         raise GradlensError(f"{where}: {str(path)!r} is a directory, not a batch file")
     if path.exists() and not path.is_file():

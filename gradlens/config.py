@@ -63,6 +63,12 @@ def _leaf_types(annotation: Any) -> set[Any]:
     return set().union(*(_leaf_types(a) for a in args))
 
 
+def _numbers_only(annotation: Any) -> bool:
+    """Whether a field takes numbers and no booleans (``float | None``, ``list[int]``)."""
+    leaves = _leaf_types(annotation)
+    return bool(leaves & {int, float}) and bool not in leaves and Any not in leaves
+
+
 def _holds_boolean(value: Any) -> bool:
     """A boolean, or a list (of lists) holding one; mappings are sections, checked by theirs."""
     if isinstance(value, bool):
@@ -84,10 +90,9 @@ class Strict(BaseModel):
             return data
         for name, field in cls.model_fields.items():
             value = data.get(field.alias or name)
-            if not _holds_boolean(value):
+            if value is None or not _numbers_only(field.annotation):
                 continue
-            leaves = _leaf_types(field.annotation)
-            if bool not in leaves and leaves & {int, float} and Any not in leaves:
+            if _holds_boolean(value):  # walked only for numbers (an alias bomb elsewhere: not)
                 raise PydanticCustomError(
                     "boolean_number",
                     "Input should be a number, not a boolean (got {got})",
@@ -1140,9 +1145,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-    loader.flatten_mapping(node)  # merge keys (<<) first, as SafeLoader does
     first: dict[Any, int] = {}
-    for key_node, _ in node.value:
+    for key_node, _ in node.value:  # the keys written here; a merged (<<) one may be overridden
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
         key = loader.construct_object(key_node, deep=True)
         try:
             seen = key in first
@@ -1156,6 +1162,7 @@ def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any
                 key_node.start_mark,
             )
         first[key] = key_node.start_mark.line
+    loader.flatten_mapping(node)  # then the merge keys, as SafeLoader does
     return loader.construct_mapping(node, deep=True)
 
 
@@ -1185,8 +1192,14 @@ def yaml_problem(exc: yaml.YAMLError, added: int = 0) -> str:
 
 
 def load_yaml(text: str) -> Any:
-    """``yaml.safe_load`` of ``text``, but a key given twice in one mapping is an error."""
-    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
+    """``yaml.safe_load`` of ``text``, but a key given twice in one mapping is an error, and so
+    is nesting deeper than Python's recursion allows (a YAMLError, as every malformed text)."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
+    except RecursionError:
+        raise yaml.YAMLError(
+            "nested too deeply: a configuration is a few levels of sections and lists"
+        ) from None
 
 
 CONFIG_BYTES = 16 * 2**20
@@ -1232,9 +1245,14 @@ def validate(data: dict[str, Any], origin: str = "the configuration") -> Config:
     """`Config` from a plain mapping, or one `GradlensError` that lists every problem."""
     source = data.get("source")
     if isinstance(source, dict) and "kind" not in source:
-        path = str(source.get("path", ""))
-        # a batch file's suffix implies a batch; any other path a model checkpoint directory
-        kind = "batch" if path.endswith(BATCH_SUFFIXES) else "model" if path else "synthetic"
+        given = source.get("path")
+        path = "" if given is None else str(given)  # null: no path, not the path 'None'
+        # a batch file's suffix (in any case: dump writes .PT) implies a batch; any other path
+        # a model checkpoint directory
+        suffix = path.lower().endswith(BATCH_SUFFIXES)
+        kind = "batch" if suffix else "model" if path else "synthetic"
+        if kind == "synthetic" and "path" in source:  # path: null, no path: the default source
+            source = {k: v for k, v in source.items() if k != "path"}
         data = {**data, "source": {"kind": kind, **source}}
     try:
         return Config.model_validate(data)

@@ -103,6 +103,13 @@ def check_output(path: Path, option: str) -> None:
     accepted: it is written directly.
     """
     where = f"{option} {str(path)!r}"
+    try:
+        _check_output(path, where)
+    except OSError as exc:  # a name too long for the file system, a loop of links
+        raise GradlensError(f"{where}: {os_reason(exc)}") from None
+
+
+def _check_output(path: Path, where: str) -> None:
     if path.is_dir():
         raise GradlensError(f"{where}: is a directory; give a file name")
     if path.exists() and not path.is_file():

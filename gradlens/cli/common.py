@@ -113,9 +113,10 @@ def out_of_memory(exc: BaseException) -> bool:
 
 
 def error_status(exc: BaseException) -> int:
-    """The exit status of an error: 2 for the user's (a `GradlensError`, or memory that ran
-    out: the batch is the user's to shrink), 3 for gradlens's own bugs."""
-    if isinstance(exc, GradlensError) or out_of_memory(exc):
+    """The exit status of an error: 2 for the user's (a `GradlensError`, an `OSError` about a
+    path they gave, or memory that ran out: the batch is the user's to shrink), 3 for
+    gradlens's own bugs."""
+    if isinstance(exc, GradlensError | OSError) or out_of_memory(exc):
         return EXIT_BAD_INPUT
     return EXIT_INTERNAL
 
@@ -148,6 +149,12 @@ def user_errors(debug: bool, rank: int = 0, world: int = 1) -> Iterator[None]:
     except Exception as exc:
         if debug:
             raise
+        if isinstance(exc, OSError):  # the file system's answer about a path the user gave
+            where = f"{str(exc.filename)!r}: " if exc.filename is not None else ""
+            stderr_console().print(
+                Text("error: ", style="bold red") + Text(who(f"{where}{os_reason(exc)}"))
+            )
+            raise typer.Exit(EXIT_BAD_INPUT) from None
         if out_of_memory(exc):  # a batch beyond the memory estimates: the user's to shrink
             lines = str(exc).splitlines()  # a bare MemoryError() has no message
             cause = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__

@@ -918,6 +918,8 @@ def unreadable(tmp: Path, name: str, kind: str) -> Path | None:
         path.write_text("seed: 1\n")
         path.chmod(0)
         return path
+    if kind == "name-too-long":  # longer than a file system's 255 bytes: ENAMETOOLONG
+        return tmp / ("b" * 300 + name)
     if kind == "endless":  # a device that never ends: refused before it fills the memory
         if not Path("/dev/zero").exists():
             return None
@@ -931,7 +933,9 @@ def unreadable(tmp: Path, name: str, kind: str) -> Path | None:
     raise AssertionError(kind)
 
 
-READ_ERRORS = ("missing", "directory", "no-permission", "io-error", "not-utf8", "endless")
+READ_ERRORS = (
+    "missing", "directory", "no-permission", "io-error", "not-utf8", "endless", "name-too-long"
+)  # fmt: skip
 
 
 @pytest.mark.parametrize("kind", READ_ERRORS)
@@ -978,6 +982,13 @@ def writing_commands(path: Path) -> list[list[str]]:
             str(path.with_suffix(".pdf")),
         ],
     ]
+
+
+def test_an_output_name_too_long_for_the_file_system_is_refused_before_any_work(tmp_path):
+    for argv in writing_commands(tmp_path / ("b" * 300)):
+        err = run_bad(argv, tmp_path)
+        named = next(a for a in argv if "b" * 300 in a)
+        assert "File name too long" in err and named in err, err
 
 
 @pytest.mark.slow

@@ -204,3 +204,40 @@ def test_keys_under_a_value_say_it_is_not_a_section(overrides, expected):
     with pytest.raises(GradlensError) as refused:
         build_config(None, overrides)
     assert str(refused.value).endswith(expected)
+
+
+def test_nesting_deeper_than_python_recurses_is_a_yaml_error(tmp_path):
+    path = tmp_path / "deep.yaml"
+    path.write_text("loss: " + "[" * 1000 + "]" * 1000 + "\n")
+    with pytest.raises(GradlensError, match="is not valid YAML: nested too deeply"):
+        build_config(path)
+    with pytest.raises(GradlensError, match=r"not valid YAML \(nested too deeply"):
+        build_config(None, ["loss.eps_low=" + "[" * 1000 + "]" * 1000])
+
+
+def test_an_alias_bomb_is_refused_without_expanding_it(tmp_path):
+    # 10⁹ leaves once expanded: only a setting that takes numbers is searched for booleans
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join([*lines, "losses: *a8"]) + "\n")
+    with pytest.raises(GradlensError, match="a8: unknown key"):
+        build_config(path)
+
+
+def test_a_key_written_after_a_merge_overrides_it_and_one_written_twice_is_refused(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("loss: {<<: {eps_low: 0.1, eps_high: 0.3}, eps_low: 0.15}\n")
+    loss = build_config(path).loss
+    assert (loss.eps_low, loss.eps_high) == (0.15, 0.3)  # YAML's merge: the written key wins
+    path.write_text("loss: {<<: {eps_low: 0.1}, eps_high: 0.2, eps_high: 0.3}\n")
+    with pytest.raises(GradlensError, match="found the key 'eps_high' a second time"):
+        build_config(path)
+
+
+@pytest.mark.parametrize(
+    ("path", "kind"), [(None, "synthetic"), ("", "synthetic"), ("b.PT", "batch"), ("d", "model")]
+)
+def test_the_source_kind_a_path_implies(path, kind):
+    # null or empty: no path (not the directory 'None'); a batch suffix in any case
+    assert build_config(None, [f"source.path={'' if path is None else path}"]).source.kind == kind
