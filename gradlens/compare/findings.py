@@ -53,6 +53,9 @@ def signal(
         if head_norm == 0.0:
             cause = _zero_head_cause(batch, logp, obj.coefficient, params.entropy_coef, tokens)
             return Signal(zero=True, cause=cause, from_inputs=True)
+        noise = _rounding_cause(batch, logp, obj.coefficient, params.entropy_coef, tokens)
+        if noise is not None:
+            return Signal(zero=False, cause=noise, from_inputs=True)
         return Signal(zero=False, cause=None, from_inputs=False)
     if spec.uses_advantage and bool((batch.advantages[m] == 0).all()):
         return Signal(
@@ -78,6 +81,32 @@ def signal(
         zero=True,
         cause=f"{spec.name}'s own rules{rules} give c_t = 0 at every one of {tokens}",
         from_inputs=False,
+    )
+
+
+def _rounding_cause(
+    batch: Batch, logp: torch.Tensor, coefficient: torch.Tensor, entropy_coef: float, tokens: str
+) -> str | None:
+    """Why a non-zero ∂L/∂W is only rounding, or None: π_θ(y_t) rounds to 1 in the softmax's
+    dtype at every token whose gradient is not switched off (1 − π_θ(y) = −log π_θ(y) below
+    the unit roundoff u), so e_y − π_t is 0 at y and, elsewhere, a mass of at most u that the
+    rounding of π itself decides (in float64, the same batch has its real gradient)."""
+    m = batch.mask
+    active = m if entropy_coef != 0.0 else m & (coefficient != 0)
+    ell = logp.detach()[active]
+    u = torch.finfo(logp.dtype).eps / 2
+    if ell.numel() == 0 or not bool((-ell < u).all()):
+        return None
+    where = (
+        tokens
+        if bool(torch.equal(active, m))
+        else f"the {int(active.sum())} of {tokens} where c_t ≠ 0"
+    )
+    gap = max(float((-ell).max()), 0.0)  # the largest 1 − π_θ(y)
+    return (
+        f"π_θ(y_t) rounds to 1 in {str(logp.dtype).removeprefix('torch.')} at every one of "
+        f"{where} (largest 1 − π_θ(y) {gap:.3g}, below u = {u:.3g}), so e_y − π_t is rounding "
+        "and so is ∂L/∂W; rerun with --set dtype=float64"
     )
 
 
@@ -283,6 +312,9 @@ def checks(
                 passed=not s.from_inputs,
                 detail=f"the gradient is identically zero: {s.cause}; the batch cannot support "
                 "a diagnosis of this loss"
+                if s.from_inputs and s.zero
+                else f"the gradient is rounding noise: {s.cause}; the batch cannot support a "
+                "diagnosis of this loss"
                 if s.from_inputs
                 else f"the gradient is identically zero: {s.cause}; that is a finding about "
                 "the loss, not a fault of the batch"

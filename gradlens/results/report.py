@@ -176,7 +176,8 @@ class Signal(Result):
     from_inputs: bool = Field(
         description="the cause lies in the batch (no token in the loss, every advantage zero "
         "under a loss that scales with A, every token masked by loss.corrections, an lm_head "
-        "gradient the hidden states or a one-hot π make exactly zero): the batch "
+        "gradient the hidden states or a one-hot π make exactly zero; with zero false, a "
+        "gradient that is only rounding because π_θ(y) rounds to 1 at every token): the batch "
         "cannot support a diagnosis of this loss and the `diagnosable` check fails. false for "
         "a gradient the loss's own rules switched off (a clip on every token): that is what "
         "the diagnosis found"

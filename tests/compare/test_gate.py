@@ -222,3 +222,13 @@ def test_subnormal_hidden_states_are_named_as_the_cause(tmp_path):
         "below torch.float32's smallest normal number"
         in failed(report)[("diagnosable", "reinforce")]
     )
+
+
+def test_a_gradient_that_is_only_rounding_fails_the_gate_and_float64_passes():
+    # entropy 1e-10: π_θ(y) rounds to 1 in float32 at every token, so ∂L/∂z_y = 0 and the
+    # rest of ∂L/∂W is the rounding of π's other entries; float64 resolves the real gradient
+    argv = ["--set", "source.num_sequences=4", "--set", "source.entropy=1e-10", "-l", "sft"]
+    report = compare(*argv, code=1)
+    detail = failed(report)[("diagnosable", "sft")]
+    assert "rounding noise: π_θ(y_t) rounds to 1 in float32" in detail and "float64" in detail
+    assert compare(*argv, "--set", "dtype=float64", code=0)["passed"]
