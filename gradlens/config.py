@@ -1120,6 +1120,17 @@ def settings_grid(texts: Iterable[str]) -> list[dict[str, Any]]:
             )
         if key in keys:
             raise GradlensError(f"--parity-matrix: {key} is given twice")
+        if path[0] == "parity":  # the matrix runs the pairs of --parity, not others
+            raise GradlensError(
+                f"--parity-matrix {text!r}: the matrix varies the settings the pairs run under; "
+                "the pairs themselves are --parity A,B"
+            )
+        repeated = [v for i, v in enumerate(value) if v in value[:i]]
+        if repeated:
+            raise GradlensError(
+                f"--parity-matrix {text!r}: {repeated[0]!r} is given twice; each value makes "
+                "one row"
+            )
         keys.append(key)
         choices.append(value)
     if not keys:
@@ -1287,6 +1298,8 @@ def format_error(err: Any) -> str:
         keys = ", ".join(f"{where}.{key}" for key in got)
         noun = "key" if len(got) == 1 else "keys"
         message += f" (got the {noun} {keys}: {where} is a value, not a section)"
+    if not loc and message.partition(".")[0].partition(":")[0] in Config.model_fields:
+        return message  # a check across sections, whose message names its own settings
     return f"{where}: {message}"
 
 

@@ -223,6 +223,10 @@ def compare(
             pair = [n.strip() for n in text.split(",") if n.strip()]
             if len(pair) != 2:
                 raise GradlensError(f"--parity {text!r}: name exactly two losses, A,B")
+            if pair[0] == pair[1]:
+                raise GradlensError(f"--parity {text!r}: a loss against itself; name two losses")
+            if pair in pairs:
+                raise GradlensError(f"--parity {text!r}: this pair is given twice")
             pairs.append(pair)
         if pairs:
             flags["parity.pairs"] = pairs

@@ -140,6 +140,12 @@ def _compare_pair(pair: str, output: OutputFormat, path: Path | None, overrides:
     names = [n.strip() for n in pair.split(",") if n.strip()]
     if len(names) != 2:
         raise GradlensError(f"--compare takes two losses A,B, got {pair!r}")
+    for text in overrides:
+        if not text.strip().startswith("loss."):
+            raise GradlensError(
+                f"--set {text!r}: --compare A,B reads the loss settings (loss.*) alone; "
+                "anything else would have no effect"
+            )
     cfg = build_config(path, overrides)
     result = compare_pair(names[0], names[1], cfg.loss.params(), cfg.loss.token_aggregation())
     if output is OutputFormat.json:

@@ -67,12 +67,18 @@ def trace(
     """Trace a run."""
     with user_errors(debug):
         from gradlens.cli.progress import progress_bar
+        from gradlens.errors import GradlensError
         from gradlens.progress import reporting
         from gradlens.report.plots import check_plot_path
         from gradlens.report.trace import trace_csv, trace_json, trace_jsonl, trace_renderable
         from gradlens.report.trace_plot import plot_trace
         from gradlens.trace.run import TraceSettings, trace_run
 
+        if not target.strip():
+            raise GradlensError("DIR_OR_GLOB is empty; give a run directory or a glob")
+        names = None if losses is None else tuple(x.strip() for x in losses.split(",") if x.strip())
+        if names == ():
+            raise GradlensError(f"--losses {losses!r} names no loss; leave it out for the defaults")
         if plot is not None:
             check_plot_path(plot)
         settings = TraceSettings(
@@ -80,7 +86,7 @@ def trace(
             threshold=threshold,
             min_history=min_history,
             top_k=top_k,
-            losses=tuple(x.strip() for x in losses.split(",") if x.strip()) if losses else None,
+            losses=names,
             tokenizer=tokenizer,
         )
         with progress_bar() as bar, reporting(bar):

@@ -222,6 +222,11 @@ CASES = {
         lambda d: ["losses", "--set", "loss.eps_high=0.4"],  # would have been ignored
         ("--set gives the loss settings of --compare A,B",),
     ),
+    "losses-compare-non-loss-setting": Case(
+        "override",
+        lambda d: ["losses", "--compare", "ppo,ppo_clip", "--set", "seed=3"],
+        ("--set 'seed=3'", "loss settings (loss.*) alone"),
+    ),
     # --set itself
     "override-no-value": Case(
         "override", lambda d: ["compare", "--set", "eps_high"], ("eps_high",)
@@ -728,6 +733,30 @@ CASES = {
         "parity",
         lambda d: ["compare", "--parity", "ppo,ppo_clip", "--parity-matrix", "loss.eps_high=0.3"],
         ("--parity-matrix 'loss.eps_high=0.3'", "YAML list"),
+    ),
+    "parity-loss-against-itself": Case(
+        "parity", lambda d: ["compare", "--parity", "ppo,ppo"], ("a loss against itself",)
+    ),
+    "parity-pair-twice": Case(
+        "parity",
+        lambda d: ["compare", "--parity", "ppo,ppo_clip", "--parity", "ppo,ppo_clip"],
+        ("this pair is given twice",),
+    ),
+    "parity-matrix-value-twice": Case(
+        "parity",
+        lambda d: [
+            "compare",
+            "--parity",
+            "ppo,ppo_clip",
+            "--parity-matrix",
+            "loss.eps_high=[0.1, 0.1]",
+        ],
+        ("0.1 is given twice",),
+    ),
+    "parity-matrix-over-the-pairs": Case(
+        "parity",
+        lambda d: ["compare", "--parity", "ppo,ppo_clip", "--parity-matrix", "parity.pairs=[null]"],
+        ("the pairs themselves are --parity A,B",),
     ),
     "parity-matrix-no-value": Case(
         "parity",

@@ -241,3 +241,10 @@ def test_a_key_written_after_a_merge_overrides_it_and_one_written_twice_is_refus
 def test_the_source_kind_a_path_implies(path, kind):
     # null or empty: no path (not the directory 'None'); a batch suffix in any case
     assert build_config(None, [f"source.path={'' if path is None else path}"]).source.kind == kind
+
+
+def test_a_check_across_sections_names_its_setting_not_the_top_level():
+    with pytest.raises(GradlensError) as refused:
+        build_config(None, ["loss.eps_high=1e308"])
+    assert "\n  loss.eps_high: 1e+308 is beyond float32's range" in str(refused.value)
+    assert "(top level)" not in str(refused.value)

@@ -222,3 +222,13 @@ def test_the_trace_reports_what_it_cannot_place_or_read(tmp_path: Path) -> None:
     assert records[5]["grad_norm"] is None and records[5]["spike"] is True
     table = runner.invoke(app, ["trace", str(tmp_path)])
     assert "grad_norm is not finite (NaN or inf)" in table.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [([""], "DIR_OR_GLOB is empty"), (["run", "--losses", " , "], "names no loss")],
+)
+def test_empty_arguments_are_refused_not_read_as_defaults(args, expected) -> None:
+    # '' would trace the current directory, --losses '' the default losses
+    result = runner.invoke(app, ["trace", *args])
+    assert result.exit_code == 2 and expected in result.stderr, result.output
