@@ -459,6 +459,19 @@ class ModelSource(Strict):
 
     @model_validator(mode="after")
     def _placeable(self) -> ModelSource:
+        stale = self.stale
+        teacherless = stale.steps > 0 and self.teacher_path is None
+        if (
+            teacherless
+            and not is_external(stale.loss)
+            and "teacher_logp" in get_loss(stale.loss).needs
+        ):
+            raise ValueError(
+                f"stale.loss: {stale.loss} needs the teacher's log q(y), and there is no "
+                "source.teacher_path: its log q(y) would be ℓ_old, A = ℓ_old − ℓ = 0 at "
+                "θ_old, and the stale steps would not move; set source.teacher_path or "
+                "another stale.loss"
+            )
         dm = self.device_map
         if isinstance(dm, dict) and "disk" in dm.values() and self.stale.steps > 0:
             raise ValueError(
