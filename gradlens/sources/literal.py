@@ -195,6 +195,9 @@ def plan_literal(src: LiteralSource, ctx: SourceContext) -> SourcePlan:
     )
 
 
+# The fields a position that does not state them takes as π_old(y) (its old_prob/old_logp, or
+# the on-policy π(y) of its logits or probs).
+DEFAULTS_TO_OLD = ("rollout_logp", "ref_logp")
 # The key of a position that states each per-token field (the first one given), by field.
 STATED = {
     "tokens": ("token",),
@@ -229,7 +232,12 @@ def position_names(src: LiteralSource, positions: list[tuple[int, int]]) -> Name
             return f"source.sequences (padding at sequence {i}, position {t})"
         pos: LiteralPosition = src.sequences[i].positions[t]
         keys = STATED[field]
-        key = next((k for k in keys if getattr(pos, k) is not None), keys[0])
-        return f"source.sequences[{i}].positions[{t}].{key}"
+        key = next((k for k in keys if getattr(pos, k) is not None), None)
+        if key is None and field in DEFAULTS_TO_OLD:  # not stated: π_old(y), by its own keys
+            key = next((k for k in STATED["old_logp"] if getattr(pos, k) is not None), None)
+            where = f"source.sequences[{i}].positions[{t}]"
+            given = key or next(k for k in STATED["hidden"] if getattr(pos, k) is not None)
+            return f"{where}.{given} (π_old(y), which {keys[0]} defaults to)"
+        return f"source.sequences[{i}].positions[{t}].{key or keys[0]}"
 
     return name

@@ -204,6 +204,35 @@ CASES = {
         lambda d: ["compare", "-c", config_file(d, literal(token=1.5))],
         ("source.sequences[0].positions[0].token", "integer"),
     ),
+    "literal-defaulted-rollout-blames-its-source": Case(
+        "config-value",
+        lambda d: [
+            "compare",
+            "-c",
+            config_file(
+                d,
+                {
+                    "source": {
+                        "kind": "literal",
+                        "sequences": [
+                            {
+                                "positions": [
+                                    {
+                                        "logits": [0, 0],
+                                        "token": 0,
+                                        "advantage": 1,
+                                        "rollout_prob": 0.5,
+                                    },
+                                    {"logits": [3e38, -3e38], "token": 1, "advantage": -1},
+                                ]
+                            }
+                        ],
+                    }
+                },
+            ),
+        ],  # position 1 states no rollout_prob: its default, π_old(y), is what overflows
+        ("positions[1].logits (π_old(y), which rollout_prob defaults to): -inf",),
+    ),
     "literal-boolean-token": Case(
         "config-value",
         lambda d: ["compare", "-c", config_file(d, literal(token=True))],  # not token 1
