@@ -66,6 +66,8 @@ def output_file(text: str) -> Path:
     """The ``parser`` of every option that names a file to write: the path as given, but one
     ending in a path separator names a directory and is refused (``Path`` would drop the
     separator, and ``-o adir.pt/`` would write a file ``adir.pt``)."""
+    if not text.strip():
+        raise typer.BadParameter("the file name is empty; give a file to write")
     if text.endswith(("/", os.sep)):
         raise typer.BadParameter(
             f"{text!r} ends in {text[-1]!r}, so it names a directory; give a file name"

@@ -654,6 +654,9 @@ CASES = {
         lambda d: ["dump", "-o", f"{d / 'b.pt'}/"],  # a Path would drop the '/' and write b.pt
         ("--output", "b.pt/", "names a directory"),
     ),
+    "output-empty": Case(
+        "output-file", lambda d: ["dump", "-o", ""], ("--output", "the file name is empty")
+    ),
     "plot-ends-in-a-separator": Case(
         "output-file",
         lambda d: ["compare", "--plot-mismatch", f"{d / 'm.png'}/"],
