@@ -20,6 +20,7 @@ from gradlens.cli.common import (
     stdout_errors,
     user_errors,
 )
+from gradlens.errors import GradlensError
 from gradlens.files import check_distinct
 
 HELP = (
@@ -202,7 +203,6 @@ def compare(
         from gradlens.compare import run_compare
         from gradlens.compare.matrix import run_parity_matrix
         from gradlens.config import build_config, parse_split, settings_grid
-        from gradlens.errors import GradlensError
         from gradlens.progress import reporting
         from gradlens.report.parity_table import render_parity_matrix
         from gradlens.report.serialize import to_json

@@ -17,6 +17,7 @@ from gradlens.cli.common import (
     stdout_errors,
     user_errors,
 )
+from gradlens.errors import GradlensError
 
 
 def losses(
@@ -46,8 +47,6 @@ def losses(
         if compare is not None:
             _compare_pair(compare, output, config, overrides or [])
         elif config is not None or overrides:
-            from gradlens.errors import GradlensError
-
             given = "--config" if config is not None else "--set"
             raise GradlensError(
                 f"{given} gives the loss settings of --compare A,B; the list of losses takes "
@@ -133,7 +132,6 @@ def _compare_pair(pair: str, output: OutputFormat, path: Path | None, overrides:
     import json
 
     from gradlens.config import build_config
-    from gradlens.errors import GradlensError
     from gradlens.report.loss_list import pair_table
     from gradlens.sweep.pair import compare_pair
 

@@ -27,6 +27,7 @@ from gradlens.cli.common import (
     stdout_errors,
     user_errors,
 )
+from gradlens.errors import GradlensError
 from gradlens.files import check_distinct, check_output, writing
 
 if TYPE_CHECKING:
@@ -66,8 +67,6 @@ DATA_SUFFIXES = {".json": "json", ".jsonl": "jsonl", ".csv": "csv"}
 
 def record_format(output_format: SweepFormat, output: Path | None) -> str | None:
     """What to write besides the table (a record format or 'summary'); None: the table only."""
-    from gradlens.errors import GradlensError
-
     if output_format is not SweepFormat.table:
         return output_format.value
     if output is None:

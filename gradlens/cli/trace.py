@@ -15,6 +15,7 @@ from gradlens.cli.common import (
     stdout_console,
     user_errors,
 )
+from gradlens.errors import GradlensError
 
 HELP = (
     "Show a training run as it evolved: read DIR_OR_GLOB (the metrics.jsonl and the "
@@ -67,7 +68,6 @@ def trace(
     """Trace a run."""
     with user_errors(debug):
         from gradlens.cli.progress import progress_bar
-        from gradlens.errors import GradlensError
         from gradlens.progress import reporting
         from gradlens.report.plots import check_plot_path
         from gradlens.report.trace import trace_csv, trace_json, trace_jsonl, trace_renderable
