@@ -200,7 +200,7 @@ def build_batch(
         advantage_note="given",
         origin=Origin(argument_name),
         weight_rows=rows,
-        teacher=_teacher(teacher, w.dtype, w.device),
+        teacher=_teacher(teacher, w.dtype, w.device, y.long(), m),
     )
     check_batch(batch)  # the rule of every source: token ids, finite values, log-probs ≤ 0
     if logps["old_logp"] is not None:
@@ -215,9 +215,14 @@ def build_batch(
 
 
 def _teacher(
-    teacher: Mapping[str, Any] | None, dtype: torch.dtype, device: torch.device
+    teacher: Mapping[str, Any] | None,
+    dtype: torch.dtype,
+    device: torch.device,
+    tokens: torch.Tensor,
+    mask: torch.Tensor,
 ) -> Teacher | None:
-    """The ``teacher=`` mapping as a `Teacher` (the keys and dtypes of a batch file's)."""
+    """The ``teacher=`` mapping as a `Teacher` (the keys and dtypes of a batch file's; log q(y)
+    from its whole distribution where not given, at ``tokens`` under ``mask``)."""
     if teacher is None:
         return None
     if not isinstance(teacher, Mapping):
@@ -232,7 +237,7 @@ def _teacher(
             + ", ".join(TEACHER_FIELDS)
         )
     tensors = {k: _tensor(k, v).to(device) for k, v in teacher.items() if v is not None}
-    return file_teacher(tensors, device, dtype) if tensors else None
+    return file_teacher(tensors, device, dtype, tokens, mask) if tensors else None
 
 
 def argument_name(field: str, index: tuple[int, ...]) -> str:

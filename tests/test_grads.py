@@ -107,7 +107,7 @@ def test_closed_form_matches_autograd_low_precision(loss: str, dtype: torch.dtyp
     assert rel_err(closed.coefficient[m], ref.coefficient[m]) <= tol
     assert rel_err(closed.grad_logits, ref.grad_logits) <= tol
     assert rel_err(closed.grad_weight, ref.grad_weight) <= tol
-    assert agreement(closed, ref, m, dtype, batch.hidden[m]).passed
+    assert agreement(closed, ref, m, dtype, batch.hidden[m], batch.tokens[m]).passed
     # The low-precision closed form stays close to the float64 truth on the same operands:
     # only the softmax/accumulation rounding differs, bounded by the same tolerance.
     exact = dataclasses.replace(

@@ -103,7 +103,7 @@ def loss_record(
         ),
         agreement=not_run(dtype)
         if reference is None
-        else agreement(grads, reference, batch.mask, dtype, view.hidden),
+        else agreement(grads, reference, batch.mask, dtype, view.hidden, view.tokens),
         tokens=token_details(batch, view, grads) if options.token_details else None,
         attribution=None if shared is None else loss_attribution(view, grads, shared),
     )

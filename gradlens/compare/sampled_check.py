@@ -152,6 +152,7 @@ class SampledReference:
     grad_at_y: Tensor  # [S] ∂L/∂z_{t,y_t} of the sampled tokens
     row_norms: Tensor  # [R] ‖∂L/∂W_v‖ of the sampled rows
     non_finite: int  # NaN/inf entries among those gradients
+    row_scales: Tensor  # [R] S_v = Σ_t |c_t|·(π_t,v + [v = y_t])·‖h_t‖: the size of row v's terms
 
 
 def evenly(count: int, total: int) -> Tensor:
@@ -478,6 +479,14 @@ def sampled_reference(
         loss.backward()
         assert logp.grad is not None and w_rows.grad is not None
         coefficient, grad_rows = logp.grad, w_rows.grad
+        # the size of each sampled row's terms c_t·(e_y − π_t)_v·h_t (`gradlens.diagnostics.
+        # agreement`): what the engine and this reference may differ by through rounding
+        c_abs = coefficient.detach()[rows, cols].double().abs()  # [M]
+        h_norm = hidden.detach().double().norm(dim=-1)  # [M]
+        p_rows = torch.exp(z_rows.detach() - lse.detach()[:, None]).double()  # [M, R]
+        row_scales = (c_abs[:, None] * p_rows).T @ h_norm  # [R]
+        at = where.clamp(max=sample.rows.numel() - 1)[inside]
+        row_scales = row_scales.index_add(0, at, (c_abs * h_norm)[inside])
 
         # 2. ∂L/∂z of the sampled tokens, the others' ℓ (and H) constants of the pass.
         if sample.other_lse is None:
@@ -531,7 +540,7 @@ def sampled_reference(
             at_y = grad_z
     norms = grad_rows.double().norm(dim=1)
     non_finite = int((~torch.isfinite(grad_rows)).sum() + (~torch.isfinite(grad_z)).sum())
-    return SampledReference(coefficient.detach(), at_y.detach(), norms, non_finite)
+    return SampledReference(coefficient.detach(), at_y.detach(), norms, non_finite, row_scales)
 
 
 def _split_rows(sample: Sample) -> tuple[Tensor, Tensor, Tensor]:

@@ -67,7 +67,7 @@ from gradlens.compare.sampled_check import (
 )
 from gradlens.compare.tensor_parallel import VocabParallel
 from gradlens.containers import Batch, valid_index
-from gradlens.diagnostics.agreement import judged, not_run, row_norm_scale, token_scale
+from gradlens.diagnostics.agreement import judged, not_run, row_scales
 from gradlens.diagnostics.attribution import AttributionInputs
 from gradlens.diagnostics.metrics import terms_metrics
 from gradlens.diagnostics.numbers import count_non_finite, max_ratio, num, rel_err
@@ -306,9 +306,8 @@ def run_streamed(
         ref_tokens = None
         if options.reference == "full":
             agreement, ref_at_y, ref_non_finite = _agreement(
-                batch, spec, params, aggregation, c, result, i, rows, cols, tokens, obj.selection,
-                hidden_norms,
-            )  # fmt: skip
+                batch, spec, params, aggregation, c, result, i, rows, cols, tokens, obj.selection
+            )
         elif sample is not None:
             agreement, ref_at_y, ref_non_finite = _sampled_agreement(
                 sample, batch, spec, params, aggregation, c, result, i, rows, cols, hidden, tokens,
@@ -486,21 +485,21 @@ def _agreement(
     cols: Tensor,
     tokens: Tensor,
     selection: Tensor | None,
-    hidden_norms: Tensor,
 ) -> tuple[Agreement, Tensor, int]:
-    """Engine against autograd: c_t (normwise relative), ∂L/∂z_y and the row norms (against
-    their terms' sizes, `gradlens.diagnostics.agreement`; ``hidden_norms`` [M]: ‖h_t‖), the
-    engine's top-entropy selection ``selection`` taken as given."""
+    """Engine against autograd: c_t and ∂L/∂z_y (normwise relative) and the row norms (against
+    each row's terms, `gradlens.diagnostics.agreement`), the engine's top-entropy selection
+    ``selection`` taken as given."""
     ref = autograd_reference(batch, spec, params, aggregation, selection)
     ref_at_y = ref.grad_logits.gather(-1, tokens[:, None]).squeeze(-1)  # [M]
     at_y = grad_at_y(c, result.tokens)  # the entropy bonus's E_y included, as in autograd's
-    s = token_scale(c, at_y)  # the terms' sizes (`gradlens.diagnostics.agreement`)
+    h_norm = batch.hidden[rows, cols].double().norm(dim=-1)  # [M]
+    c_abs = ref.coefficient[rows, cols].double().abs()
     errors = (
         rel_err(c, ref.coefficient[rows, cols]),
-        max_ratio(at_y.double() - ref_at_y.double(), s),
-        max_ratio(
+        rel_err(at_y, ref_at_y),
+        max_ratio(  # against each row's terms (`gradlens.diagnostics.agreement`)
             result.rows[i].norms.double() - ref.grad_weight.double().norm(dim=1),
-            row_norm_scale(s, hidden_norms),
+            row_scales(ref.grad_logits.double(), c_abs, tokens, h_norm),
         ),
     )
     return (
@@ -526,20 +525,15 @@ def _sampled_agreement(
     selection: Tensor | None,
 ) -> tuple[Agreement, Tensor, int]:
     """Engine against autograd on the sample: c_t of every token, ∂L/∂z_y of the sampled
-    tokens, ‖∂L/∂W_v‖ of the sampled rows (measured as `_agreement` measures them)."""
+    tokens, ‖∂L/∂W_v‖ of the sampled rows (normwise relative, as `_agreement`)."""
     ref = sampled_reference(
         sample, batch, hidden, tokens, rows, cols, spec, params, aggregation, selection
     )
-    every_at_y = grad_at_y(c, result.tokens)
-    s = token_scale(c, every_at_y)  # of every token: each enters every row's sum
-    at_y = every_at_y[sample.tokens]
+    at_y = grad_at_y(c, result.tokens)[sample.tokens]
     errors = (
         rel_err(c, ref.coefficient[rows, cols]),
-        max_ratio(at_y.double() - ref.grad_at_y.double(), s),
-        max_ratio(
-            result.rows[i].norms[sample.rows].double() - ref.row_norms.double(),
-            row_norm_scale(s, hidden.double().norm(dim=-1)),
-        ),
+        rel_err(at_y, ref.grad_at_y),
+        max_ratio(result.rows[i].norms[sample.rows].double() - ref.row_norms, ref.row_scales),
     )
     return (
         judged(

@@ -3,13 +3,21 @@
 For c_t: max |closed − autograd| / max |autograd| (normwise, so that tiny entries cannot
 inflate it). For ∂L/∂z and ∂L/∂W the difference is measured against the size of the terms the
 two compute, not of their result: both round each term, so a result that cancels (two
-sequences whose gradients are equal and opposite, a kept set where π̃(y) ≈ 1) differs by the
-terms' rounding however small it is, and a relative error against it would fail a correct
-loss. With s_t = |c_t| + max_v |∂L/∂z_t,v| (every entry of c_t·(e_y − π_t) is at most |c_t|; the
-max covers what else a loss adds), the scale of ∂L/∂z is max_t s_t and that of ∂L/∂W, whose
-entries are Σ_t ∂L/∂z_t,v·h_t,j, is max_j Σ_t s_t·|h_t,j| (of a row norm ‖∂L/∂W_v‖, Σ_t s_t·‖h_t‖).
-Without cancellation these are the result's own size within a small factor. Each is judged
-against the per-dtype tolerance of `tolerances.agreement`.
+sequences whose gradients are equal and opposite, a kept set where π̃(y) ≈ 1, so that
+1 − π̃(y) is itself a rounding) differs by the terms' rounding however small it is, and a
+relative error against it would fail a correct loss.
+
+  ∂L/∂z: max |Δ| / max_t s_t, s_t = |c_t| + max_v |∂L/∂z_t,v| (an entry of c_t·(e_y − π_t)
+         is at most |c_t|, rounded as such; the max covers what else a loss adds);
+  ∂L/∂W: max |Δ| / max_v S_v, S_v = Σ_t a_t,v·‖h_t‖_∞ with a_t,v = |∂L/∂z_t,v| + |c_t|·[v = y_t]
+         (row v sums its own terms: a row that only few tokens reach is judged by them, so an
+         error in it is not diluted by the whole batch's size).
+
+Without cancellation both are the result's own size within a small factor. The streamed
+engines compare the row norms ‖∂L/∂W_v‖ the same way, with ‖h_t‖ for ‖h_t‖_∞ (a row norm's
+rounding is at most that of its row; on a sample, |∂L/∂z_t,v| is taken as |c_t|·π_t,v, the
+c-form's), and ∂L/∂z_y normwise relative as c_t. Each is judged against the per-dtype
+tolerance of `tolerances.agreement`.
 """
 
 from __future__ import annotations
@@ -30,30 +38,30 @@ def agreement(
     mask: torch.Tensor,
     operand: torch.dtype,
     hidden: torch.Tensor,
+    tokens: torch.Tensor,
 ) -> Agreement:
-    """Compare the three tensors (``hidden`` [M, H]: the tokens' h_t); non-finite differences
-    fail the check."""
-    c = closed.coefficient[mask].double()  # [M]
+    """Compare the three tensors (``hidden`` [M, H] and ``tokens`` [M]: the valid tokens' h_t
+    and y_t); non-finite differences fail the check."""
+    c = closed.coefficient[mask].double().abs()  # [M] |c_t|
     ref = reference.grad_logits.double()  # [M, V]
-    s = c.abs() + (ref.abs().amax(-1) if ref.numel() else torch.zeros_like(c))  # [M] s_t
-    scale_w = s @ hidden.double().abs() if s.numel() else s.new_zeros(1)  # [H]
+    s = c + (ref.abs().amax(-1) if ref.numel() else torch.zeros_like(c))  # [M] s_t
     errors = (
         rel_err(closed.coefficient[mask], reference.coefficient[mask]),
         max_ratio(closed.grad_logits.double() - ref, s),
-        max_ratio(closed.grad_weight.double() - reference.grad_weight.double(), scale_w),
+        max_ratio(
+            closed.grad_weight.double() - reference.grad_weight.double(),
+            row_scales(ref, c, tokens, hidden.double().abs().amax(-1) if s.numel() else c),
+        ),
     )
     return judged(errors, operand)
 
 
-def token_scale(c: torch.Tensor, at_y: torch.Tensor) -> torch.Tensor:
-    """s_t [M] from what the streamed engine keeps: |c_t| + |∂L/∂z_t,y| (the largest entry of
-    c_t·(e_y − π_t) is at most |c_t|; ∂L/∂z_y carries what else a loss adds there)."""
-    return c.double().abs() + at_y.double().abs()
-
-
-def row_norm_scale(s: torch.Tensor, hidden_norms: torch.Tensor) -> torch.Tensor:
-    """Σ_t s_t·‖h_t‖: the size of the terms of every row norm ‖∂L/∂W_v‖ (a 1-element tensor)."""
-    return (s * hidden_norms.double()).sum().reshape(1)
+def row_scales(
+    grad: torch.Tensor, c_abs: torch.Tensor, tokens: torch.Tensor, hidden_max: torch.Tensor
+) -> torch.Tensor:
+    """S_v [V] = Σ_t (|∂L/∂z_t,v| + |c_t|·[v = y_t])·‖h_t‖_∞: the size of row v's terms."""
+    scale = grad.abs().T @ hidden_max  # [V]
+    return scale.index_add(0, tokens, c_abs * hidden_max)
 
 
 def judged(

@@ -138,10 +138,10 @@ class Clipping(Result):
 
 
 class Agreement(Result):
-    """Diagnostic 6: closed form against torch.autograd: max |a − b| / max |b| for c_t, and for
-    ∂L/∂z and ∂L/∂W max |a − b| over the size of the terms both sum (s_t = |c_t| + max_v
-    |∂L/∂z_t,v|; max_t s_t, and max_j Σ_t s_t·|h_t,j| or for row norms Σ_t s_t·‖h_t‖), so that
-    a gradient that cancels is not failed for its terms' rounding."""
+    """Diagnostic 6: closed form against torch.autograd: max |a − b| / max |b| for c_t (and the
+    streamed engines' ∂L/∂z_y), and for ∂L/∂z and ∂L/∂W (its row norms) max |a − b| over the
+    size of the terms both sum (`gradlens.diagnostics.agreement`), so that a gradient that
+    cancels is not failed for its terms' rounding."""
 
     coefficient: float | None
     grad_logits: float | None = Field(

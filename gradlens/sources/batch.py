@@ -149,7 +149,7 @@ def build_batch_file(src: BatchSource, ctx: SourceContext) -> Batch:
             old_log_mass=opt("old_kept_log_mass"),
             rollout_log_mass=opt("rollout_kept_log_mass"),
         )
-    teacher = file_teacher(data, device, dtype)
+    teacher = file_teacher(data, device, dtype, data["tokens"], data["mask"])
     return Batch(
         hidden=hidden.to(dtype).to(device),
         weight=weight.to(dtype).to(device),
@@ -179,12 +179,17 @@ def build_batch_file(src: BatchSource, ctx: SourceContext) -> Batch:
 
 
 def file_teacher(
-    data: dict[str, Tensor], device: torch.device, dtype: torch.dtype
+    data: dict[str, Tensor],
+    device: torch.device,
+    dtype: torch.dtype,
+    tokens: Tensor | None = None,
+    mask: Tensor | None = None,
 ) -> Teacher | None:
     """The file's teacher (`gradlens.batchfile`'s ``teacher_*`` keys), if it has one: the
     hidden states, lm_head and logits in the run's dtype like the student's, the log-probs in
     its softmax dtype. Its grid is the file's response grid, which a checkpoint's recomputation
-    keeps."""
+    keeps. With the sampled ``tokens`` and the ``mask`` [N, T], log q(y) (opd's) is read off
+    the whole distribution where the file does not give it."""
     if not any(key in data for key in TEACHER_KEYS):
         return None
     acc = softmax_dtype(dtype)
@@ -205,9 +210,11 @@ def file_teacher(
         topk_logp=get("teacher_topk_logp", acc),
         sampled_logp=get("teacher_logp", acc),
     )
-    mask = data["mask"].to(device)
-    tokens = torch.where(mask, data["tokens"].to(device), 0)  # padding may hold any id (−100)
-    if teacher.sampled_logp is None and readable_at(teacher, tokens):
+    if tokens is None or mask is None or teacher.sampled_logp is not None:
+        return teacher
+    mask = mask.to(device)
+    tokens = torch.where(mask, tokens.to(device), 0)  # padding may hold any id (−100)
+    if readable_at(teacher, tokens):
         teacher = dataclasses.replace(
             teacher, sampled_logp=sampled_teacher_logp(teacher, tokens, mask, acc)
         )

@@ -159,8 +159,9 @@ def test_the_sampled_check_fails_when_the_engine_is_wrong(monkeypatch):
     report = streamed_run()
     assert not report.passed
     for r in report.losses:
-        # 1% on every row norm against a float32 tolerance of 1e-4
-        assert r.agreement.grad_weight == pytest.approx(0.01, rel=1e-3)
+        # 1% on every row norm against a float32 tolerance of 1e-4, measured against each
+        # row's terms, which are at least the row norm itself: at most 0.01, and far above 1e-4
+        assert 10 * r.agreement.tolerance < r.agreement.grad_weight <= 0.01 * (1 + 1e-6)
         assert not r.agreement.passed
 
 

@@ -190,8 +190,8 @@ def test_agreement_fails_for_a_perturbed_tensor(
     dtype: torch.dtype, bump: float, field: str
 ) -> None:
     batch, closed, ref = agreement_case(dtype)
-    hidden = batch.hidden[batch.mask]
-    assert agreement(closed, ref, batch.mask, dtype, hidden).passed
+    hidden, tokens = batch.hidden[batch.mask], batch.tokens[batch.mask]
+    assert agreement(closed, ref, batch.mask, dtype, hidden, tokens).passed
     tensor = getattr(closed, field)
     perturbed = tensor.clone()
     flat = perturbed.view(-1)
@@ -202,21 +202,23 @@ def test_agreement_fails_for_a_perturbed_tensor(
         bumped = dataclasses.replace(closed, objective=objective)
     else:
         bumped = dataclasses.replace(closed, **{field: perturbed})
-    result = agreement(bumped, ref, batch.mask, dtype, hidden)
+    result = agreement(bumped, ref, batch.mask, dtype, hidden, tokens)
     assert not result.passed
     # c_t normwise; ∂L/∂z and ∂L/∂W against their terms' sizes, computed here by hand:
-    # s_t = |c_t| + max_v |∂L/∂z_t,v|, then max_t s_t and max_j Σ_t s_t·|h_t,j|
-    s = [
-        abs(float(c)) + float(row.abs().max())
-        for c, row in zip(closed.coefficient[batch.mask], ref.grad_logits, strict=True)
+    # s_t = |c_t| + max_v |∂L/∂z_t,v|, max_t s_t; and S_v = Σ_t (|∂L/∂z_t,v| + |c_t|·[v = y_t])
+    # ·max_j |h_t,j|, max_v S_v
+    c = [abs(float(x)) for x in closed.coefficient[batch.mask]]
+    g = ref.grad_logits.double().abs().tolist()
+    h_max = [float(h.abs().max()) for h in hidden]
+    y = tokens.tolist()
+    rows = [
+        sum((g[t][v] + (c[t] if v == y[t] else 0.0)) * h_max[t] for t in range(len(c)))
+        for v in range(len(g[0]))
     ]
     scale = {
         "coefficient": float(tensor.abs().max()),
-        "grad_logits": max(s),
-        "grad_weight": max(
-            sum(s_t * abs(float(h[j])) for s_t, h in zip(s, hidden, strict=True))
-            for j in range(hidden.shape[1])
-        ),
+        "grad_logits": max(c[t] + max(g[t]) for t in range(len(c))),
+        "grad_weight": max(rows),
     }[field]
     error = getattr(result, field)
     assert error == pytest.approx(bump * float(tensor.abs().max()) / scale, rel=1e-2)
@@ -226,8 +228,9 @@ def test_agreement_fails_on_non_finite_values() -> None:
     batch, closed, ref = agreement_case(F64)
     bad = closed.grad_weight.clone()
     bad[0, 0] = math.nan
-    hidden = batch.hidden[batch.mask]
-    result = agreement(dataclasses.replace(closed, grad_weight=bad), ref, batch.mask, F64, hidden)
+    hidden, tokens = batch.hidden[batch.mask], batch.tokens[batch.mask]
+    replaced = dataclasses.replace(closed, grad_weight=bad)
+    result = agreement(replaced, ref, batch.mask, F64, hidden, tokens)
     assert not result.passed and result.grad_weight is None
 
 
