@@ -89,6 +89,7 @@ loop is three lines (see docs/batchfile.md)::
 from __future__ import annotations
 
 import json
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,16 +167,15 @@ def _load_raw(
     """(the file's tensors by key, the keys of its other values that gradlens does not read)."""
     others: list[str] = []
     try:
-        path.stat()
-    except OSError as exc:  # a name too long, a loop of links: before the checks below
-        if not isinstance(exc, FileNotFoundError | NotADirectoryError):
-            raise GradlensError(f"{where}: {str(path)!r}: {os_reason(exc)}") from None
-    if path.is_dir():
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise GradlensError(f"{where}: no such file: {str(path)!r}") from None
+    except OSError as exc:  # a name too long, a loop of links
+        raise GradlensError(f"{where}: {str(path)!r}: {os_reason(exc)}") from None
+    if stat.S_ISDIR(mode):
         raise GradlensError(f"{where}: {str(path)!r} is a directory, not a batch file")
-    if path.exists() and not path.is_file():
+    if not stat.S_ISREG(mode):
         raise GradlensError(f"{where}: {str(path)!r} is not a regular file")
-    if not path.is_file():
-        raise GradlensError(f"{where}: no such file: {str(path)!r}")
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise GradlensError(f"{where}: unknown format {suffix!r}; use one of {', '.join(SUFFIXES)}")
@@ -310,8 +310,6 @@ def _shard_keys(offset: int, vocab: int) -> dict[str, Tensor]:
 def _shard_number(raw: Mapping[str, Tensor], key: str, where: str) -> int:
     """A shard key's integer: one number, or (a .jsonl file) the same number on every line."""
     x = raw[key].reshape(-1)  # .jsonl numbers are read as float64: whole ones are integers
-    if x.dtype == torch.bool:
-        raise GradlensError(f"{where}: {key!r} holds a boolean; it is one integer, a row number")
     if x.numel() == 0 or bool((x != torch.round(x)).any()) or bool((x != x[0]).any()):
         raise GradlensError(
             f"{where}: {key!r} must be one integer (the same on every line of a .jsonl file); "
@@ -361,24 +359,27 @@ def _jsonl_limit() -> tuple[int, str] | None:
 
 MASK_KEYS = frozenset((*ALIASES["mask"], *ALIASES["prompt_mask"], *ALIASES["attention"]))
 """The keys that may hold booleans (true: a real, counted token)."""
-# booleans refused where these are read, in words of their own (ids, row numbers)
-BOOLEAN_SAID_ELSEWHERE = frozenset(
-    {*ALIASES["tokens"], *ALIASES["kept_ids"], *ALIASES["teacher_topk_ids"], "stale_steps"}
-    | set(SHARD_KEYS)
-)
+# what the other keys hold instead, where a boolean would be most misleading
+INTEGER_KEYS = {
+    **dict.fromkeys(
+        (*ALIASES["tokens"], *ALIASES["kept_ids"], *ALIASES["teacher_topk_ids"], "prompts"),
+        "token ids are integers",
+    ),
+    **dict.fromkeys(SHARD_KEYS, "a shard key is one integer, a row number"),
+    "stale_steps": "step counts are whole numbers",
+}
 
 
 def _no_boolean_values(raw: Mapping[str, Tensor], where: str) -> None:
     """A boolean tensor is a mask or nothing: read as numbers, False and True would become the
-    log-probs 0 and 1, advantages of 0 and 1, ids 0 and 1. (Ids and shard keys say so in their
-    own words, where they are read.)"""
+    log-probs 0 and 1, advantages of 0 and 1, ids 0 and 1. Every key the file's readers take
+    is checked here, once."""
     for key, x in raw.items():
         if x.dtype == torch.bool and key in KNOWN_KEYS and key not in MASK_KEYS:
-            if key in BOOLEAN_SAID_ELSEWHERE:
-                continue
+            what = INTEGER_KEYS.get(key, f"{key!r} takes numbers")
             raise GradlensError(
-                f"{where}: {key!r} has dtype bool; only the masks "
-                f"({', '.join(sorted(MASK_KEYS))}) take booleans, {key!r} takes numbers"
+                f"{where}: {key!r} holds booleans; {what}, and only the masks "
+                f"({', '.join(sorted(MASK_KEYS))}) take booleans"
             )
 
 
@@ -770,9 +771,7 @@ def _integers(
 ) -> Tensor:
     """Token ids (or other counts, ``what`` they are) as int64; stored as floats they must be
     whole numbers (at ``valid`` positions: padding may hold anything), never silently
-    truncated; booleans are no ids at all."""
-    if x.dtype == torch.bool:
-        raise GradlensError(f"{where}: {key!r} holds booleans; {what}")
+    truncated (booleans: refused by `_no_boolean_values`)."""
     if x.is_floating_point():
         # NaN ≠ NaN: caught too; beyond int64 no id either
         found = find(x, lambda v: (v != torch.round(v)) | (v.abs() > 2.0**62), valid)

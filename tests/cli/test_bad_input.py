@@ -496,17 +496,17 @@ CASES = {
     "batch-boolean-log-probs": Case(
         "batch-file",
         lambda d: pt_with(d, old_log_probs=torch.zeros(2, 3, dtype=torch.bool)),
-        ("'old_log_probs' has dtype bool", "only the masks"),
+        ("'old_log_probs' holds booleans", "only the masks"),
     ),
     "batch-boolean-advantages": Case(
         "batch-file",
         lambda d: pt_with(d, advantages=torch.tensor([True, False])),
-        ("'advantages' has dtype bool",),
+        ("'advantages' holds booleans", "'advantages' takes numbers"),
     ),
     "batch-boolean-shard-key": Case(
         "batch-file",
         lambda d: pt_with(d, vocab_offset=torch.tensor(False), vocab_size=torch.tensor(5)),
-        ("'vocab_offset' holds a boolean",),
+        ("'vocab_offset' holds booleans", "one integer, a row number"),
     ),
     "batch-jsonl-key-twice": Case(
         "batch-file",
