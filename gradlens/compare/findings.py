@@ -50,10 +50,12 @@ def signal(
     if bool((obj.coefficient[m] != 0).any()) or params.entropy_coef != 0.0:
         # the entropy bonus's gradient a_t·c_H·π(log π + H) is not of the c-form: with it the
         # gradient is not zero whatever c_t is (losses.md TC11: the bonus on its own, A = 0)
+        active, where = _gradient_tokens(batch, obj.coefficient, params.entropy_coef, tokens)
         if head_norm == 0.0:
-            cause = _zero_head_cause(batch, logp, obj.coefficient, params.entropy_coef, tokens)
-            return Signal(zero=True, cause=cause, from_inputs=True)
-        noise = _rounding_cause(batch, logp, obj.coefficient, params.entropy_coef, tokens)
+            return Signal(
+                zero=True, cause=_zero_head_cause(batch, logp, active, where), from_inputs=True
+            )
+        noise = _rounding_cause(logp, active, where)
         if noise is not None:
             return Signal(zero=False, cause=noise, from_inputs=True)
         return Signal(zero=False, cause=None, from_inputs=False)
@@ -84,24 +86,27 @@ def signal(
     )
 
 
-def _rounding_cause(
-    batch: Batch, logp: torch.Tensor, coefficient: torch.Tensor, entropy_coef: float, tokens: str
-) -> str | None:
-    """Why a non-zero ∂L/∂W is only rounding, or None: π_θ(y_t) rounds to 1 in the softmax's
-    dtype at every token whose gradient is not switched off (1 − π_θ(y) = −log π_θ(y) below
-    the unit roundoff u), so e_y − π_t is 0 at y and, elsewhere, a mass of at most u that the
-    rounding of π itself decides (in float64, the same batch has its real gradient)."""
+def _gradient_tokens(
+    batch: Batch, coefficient: torch.Tensor, entropy_coef: float, tokens: str
+) -> tuple[torch.Tensor, str]:
+    """The tokens whose gradient is not switched off (c_t ≠ 0, or every token with the entropy
+    bonus) [N, T], and their description for a cause."""
     m = batch.mask
     active = m if entropy_coef != 0.0 else m & (coefficient != 0)
+    if bool(torch.equal(active, m)):
+        return active, tokens
+    return active, f"the {int(active.sum())} of {tokens} where c_t ≠ 0"
+
+
+def _rounding_cause(logp: torch.Tensor, active: torch.Tensor, where: str) -> str | None:
+    """Why a non-zero ∂L/∂W is only rounding, or None: π_θ(y_t) rounds to 1 in the softmax's
+    dtype at every ``active`` token (1 − π_θ(y) = −log π_θ(y) below the unit roundoff u), so
+    e_y − π_t is 0 at y and, elsewhere, a mass of at most u that the rounding of π itself
+    decides (in float64, the same batch has its real gradient)."""
     ell = logp.detach()[active]
     u = torch.finfo(logp.dtype).eps / 2
     if ell.numel() == 0 or not bool((-ell < u).all()):
         return None
-    where = (
-        tokens
-        if bool(torch.equal(active, m))
-        else f"the {int(active.sum())} of {tokens} where c_t ≠ 0"
-    )
     gap = max(float((-ell).max()), 0.0)  # the largest 1 − π_θ(y)
     return (
         f"π_θ(y_t) rounds to 1 in {str(logp.dtype).removeprefix('torch.')} at every one of "
@@ -110,18 +115,9 @@ def _rounding_cause(
     )
 
 
-def _zero_head_cause(
-    batch: Batch, logp: torch.Tensor, coefficient: torch.Tensor, entropy_coef: float, tokens: str
-) -> str:
-    """Why ∂L/∂W is exactly zero although some c_t is not (`signal`), in words: at the tokens
-    whose gradient is not switched off (c_t ≠ 0, or every token with the entropy bonus)."""
-    m = batch.mask
-    active = m if entropy_coef != 0.0 else m & (coefficient != 0)
-    where = (
-        tokens
-        if bool(torch.equal(active, m))
-        else (f"the {int(active.sum())} of {tokens} where c_t ≠ 0")
-    )
+def _zero_head_cause(batch: Batch, logp: torch.Tensor, active: torch.Tensor, where: str) -> str:
+    """Why ∂L/∂W is exactly zero although some c_t is not (`signal`), in words, at the
+    ``active`` tokens (`_gradient_tokens`)."""
     hidden = batch.hidden
     if hidden.dim() == 3 and not bool(hidden[active].ne(0).any()):
         return (

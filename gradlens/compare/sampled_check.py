@@ -72,6 +72,7 @@ import torch
 from torch import Tensor
 
 from gradlens.containers import Batch, Teacher
+from gradlens.diagnostics.agreement import row_scales
 from gradlens.engine.collectives import Collectives
 from gradlens.engine.vocab_split import VocabSplit
 from gradlens.grads import objective, on_grid, reads_entropy
@@ -481,12 +482,16 @@ def sampled_reference(
         coefficient, grad_rows = logp.grad, w_rows.grad
         # the size of each sampled row's terms c_t·(e_y − π_t)_v·h_t (`gradlens.diagnostics.
         # agreement`): what the engine and this reference may differ by through rounding
+        # (|∂L/∂z_t,v| taken as |c_t|·π_t,v, the c-form's; the sampled token's own row only
+        # for the tokens whose y_t is in R)
         c_abs = coefficient.detach()[rows, cols].double().abs()  # [M]
-        h_norm = hidden.detach().double().norm(dim=-1)  # [M]
         p_rows = torch.exp(z_rows.detach() - lse.detach()[:, None]).double()  # [M, R]
-        row_scales = (c_abs[:, None] * p_rows).T @ h_norm  # [R]
-        at = where.clamp(max=sample.rows.numel() - 1)[inside]
-        row_scales = row_scales.index_add(0, at, (c_abs * h_norm)[inside])
+        scales = row_scales(
+            c_abs[:, None] * p_rows,
+            c_abs * inside,
+            where.clamp(max=sample.rows.numel() - 1),
+            hidden.detach().double().norm(dim=-1),
+        )
 
         # 2. ∂L/∂z of the sampled tokens, the others' ℓ (and H) constants of the pass.
         if sample.other_lse is None:
@@ -540,7 +545,7 @@ def sampled_reference(
             at_y = grad_z
     norms = grad_rows.double().norm(dim=1)
     non_finite = int((~torch.isfinite(grad_rows)).sum() + (~torch.isfinite(grad_z)).sum())
-    return SampledReference(coefficient.detach(), at_y.detach(), norms, non_finite, row_scales)
+    return SampledReference(coefficient.detach(), at_y.detach(), norms, non_finite, scales)
 
 
 def _split_rows(sample: Sample) -> tuple[Tensor, Tensor, Tensor]:

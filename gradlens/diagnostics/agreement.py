@@ -44,24 +44,25 @@ def agreement(
     and y_t); non-finite differences fail the check."""
     c = closed.coefficient[mask].double().abs()  # [M] |c_t|
     ref = reference.grad_logits.double()  # [M, V]
-    s = c + (ref.abs().amax(-1) if ref.numel() else torch.zeros_like(c))  # [M] s_t
     errors = (
         rel_err(closed.coefficient[mask], reference.coefficient[mask]),
-        max_ratio(closed.grad_logits.double() - ref, s),
+        max_ratio(closed.grad_logits.double() - ref, c + ref.abs().amax(-1)),  # s_t
         max_ratio(
             closed.grad_weight.double() - reference.grad_weight.double(),
-            row_scales(ref, c, tokens, hidden.double().abs().amax(-1) if s.numel() else c),
+            row_scales(ref, c, tokens, hidden.double().abs().amax(-1)),
         ),
     )
     return judged(errors, operand)
 
 
 def row_scales(
-    grad: torch.Tensor, c_abs: torch.Tensor, tokens: torch.Tensor, hidden_max: torch.Tensor
+    grad: torch.Tensor, c_abs: torch.Tensor, tokens: torch.Tensor, h_size: torch.Tensor
 ) -> torch.Tensor:
-    """S_v [V] = Σ_t (|∂L/∂z_t,v| + |c_t|·[v = y_t])·‖h_t‖_∞: the size of row v's terms."""
-    scale = grad.abs().T @ hidden_max  # [V]
-    return scale.index_add(0, tokens, c_abs * hidden_max)
+    """S_v [V] = Σ_t (|∂L/∂z_t,v| + |c_t|·[v = y_t])·|h_t|: the size of row v's terms, from
+    ``grad`` [M, V], |c_t| and y_t [M], and ``h_size`` [M] (‖h_t‖_∞ for the entries of ∂L/∂W,
+    ‖h_t‖ for its row norms)."""
+    scale = grad.abs().T @ h_size  # [V]
+    return scale.index_add(0, tokens, c_abs * h_size)
 
 
 def judged(

@@ -37,7 +37,8 @@ from gradlens.containers import Batch, KeptSets, Namer, Origin, Teacher, VocabRo
 from gradlens.engine.vocab_split import balanced_split
 from gradlens.errors import GradlensError
 from gradlens.grads import effective_old_logp, softmax_view
-from gradlens.logits import compute_logits, softmax_dtype, token_logp
+from gradlens.logits import softmax_dtype
+from gradlens.losses.distill import teacher_log_probs
 from gradlens.memory import Estimate, Shape, dtype_bytes
 from gradlens.sources.base import SourceContext, SourcePlan
 from gradlens.sources.checkpoint import checkpoint_estimate, checkpoint_sizes, load_tokenizer
@@ -214,7 +215,7 @@ def file_teacher(
         return teacher
     mask = mask.to(device)
     tokens = torch.where(mask, tokens.to(device), 0)  # padding may hold any id (−100)
-    if readable_at(teacher, tokens):
+    if readable_at(teacher, tokens):  # else validation refuses it, naming the key
         teacher = dataclasses.replace(
             teacher, sampled_logp=sampled_teacher_logp(teacher, tokens, mask, acc)
         )
@@ -245,18 +246,14 @@ def readable_at(teacher: Teacher, tokens: Tensor) -> bool:
 def sampled_teacher_logp(
     teacher: Teacher, tokens: Tensor, mask: Tensor, acc: torch.dtype
 ) -> Tensor:
-    """[N, T] log q_t(y_t) from the teacher's whole distribution (its logits, or W'·h'_t + b'),
-    one sequence at a time (no [N, T, V] beyond what the file holds); 0 off the mask."""
+    """[N, T] log q_t(y_t) from the teacher's whole distribution (`teacher_log_probs`), one
+    sequence at a time (no [M, V] beyond what the file holds); 0 off the mask."""
     out = torch.zeros(tokens.shape, dtype=acc, device=tokens.device)
+    rows, cols = mask.nonzero(as_tuple=True)
     for i in range(tokens.shape[0]):
-        if teacher.logits is not None:
-            logits = teacher.logits[i].to(acc)  # [T, V]
-        else:
-            assert teacher.hidden is not None and teacher.weight is not None
-            logits = compute_logits(teacher.hidden[i], teacher.weight).to(acc)
-            if teacher.bias is not None:
-                logits = logits + teacher.bias.to(acc)
-        out[i] = torch.where(mask[i], token_logp(logits, tokens[i]), 0.0)
+        r, c = rows[rows == i], cols[rows == i]
+        logq = teacher_log_probs(teacher, r, c, acc)  # [T_i, V]
+        out[r, c] = logq.gather(-1, tokens[r, c][:, None])[:, 0]
     return out
 
 
