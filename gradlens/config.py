@@ -1118,6 +1118,11 @@ def parse_override(text: str, option: str = "--set") -> tuple[list[str], Any]:
     return path, value
 
 
+def repeated_value(values: list[Any]) -> int | None:
+    """The index of the first value that an earlier one repeats (null too), or None."""
+    return next((i for i, value in enumerate(values) if value in values[:i]), None)
+
+
 def settings_grid(texts: Iterable[str]) -> list[dict[str, Any]]:
     """``["loss.aggregation=[token_mean, seq_mean_token_mean]", "loss.dual_clip=[null, 3]"]``
     → every combination, ``[{"loss.aggregation": "token_mean", "loss.dual_clip": None}, ...]``
@@ -1138,10 +1143,10 @@ def settings_grid(texts: Iterable[str]) -> list[dict[str, Any]]:
                 f"--parity-matrix {text!r}: the matrix varies the settings the pairs run under; "
                 "the pairs themselves are --parity A,B"
             )
-        repeated = [v for i, v in enumerate(value) if v in value[:i]]
-        if repeated:
+        twice = repeated_value(value)
+        if twice is not None:
             raise GradlensError(
-                f"--parity-matrix {text!r}: {repeated[0]!r} is given twice; each value makes "
+                f"--parity-matrix {text!r}: {value[twice]!r} is given twice; each value makes "
                 "one row"
             )
         keys.append(key)

@@ -45,6 +45,7 @@ from gradlens.config import (
     load_yaml,
     parse_override,
     read_yaml,
+    repeated_value,
     yaml_problem,
 )
 from gradlens.errors import GradlensError, unknown_name_message
@@ -320,11 +321,11 @@ def parse_over(text: str) -> tuple[str, list[Any]]:
         ) from None
     if not values:
         raise GradlensError(f"--over {text!r}: no values; give at least one, e.g. {key}=0.2,0.4")
-    for i, value in enumerate(values):
-        if value in values[:i]:  # null too
-            raise GradlensError(
-                f"--over {text!r}: {value!r} is given twice; each value makes one curve"
-            )
+    twice = repeated_value(values)
+    if twice is not None:
+        raise GradlensError(
+            f"--over {text!r}: {values[twice]!r} is given twice; each value makes one curve"
+        )
     return key, values
 
 

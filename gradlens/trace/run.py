@@ -177,8 +177,9 @@ def file_entry(path: Path) -> FileEntry:
             sidecar = loaded if isinstance(loaded, dict) else {}
         except (OSError, ValueError):
             sidecar = {}
-    step = sidecar.get("step")
-    if isinstance(step, bool) or not isinstance(step, int):  # true is no step 1
+    try:
+        step: int | None = whole_step(sidecar.get("step"))  # as a metrics line's: true is no 1
+    except (TypeError, ValueError):  # none, or not a whole number: the name places the file
         numbers = re.findall(r"\d+", path.stem)
         step = int(numbers[-1]) if numbers else None
     return FileEntry(path, sidecar, step)
