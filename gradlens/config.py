@@ -12,6 +12,7 @@ import dataclasses
 import itertools
 import json
 import math
+import re
 import typing
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -28,7 +29,6 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
 
 from gradlens.batchfile import SUFFIXES as BATCH_SUFFIXES
 from gradlens.errors import GradlensError, unknown_name_message
@@ -69,36 +69,63 @@ def _numbers_only(annotation: Any) -> bool:
     return bool(leaves & {int, float}) and bool not in leaves and Any not in leaves
 
 
-def _holds_boolean(value: Any) -> bool:
-    """A boolean, or a list (of lists) holding one; mappings are sections, checked by theirs."""
+def _takes_text(annotation: Any) -> bool:
+    """Whether a field takes a string anywhere in it (``str``, a ``Literal["auto"]``)."""
+    return any(leaf is str or isinstance(leaf, str) for leaf in _leaf_types(annotation))
+
+
+def _not_a_number(value: Any, text_allowed: bool) -> str | None:
+    """ "boolean" or "string" for the first such value in ``value`` (a list of lists walked) where
+    a number goes, or None; mappings are sections, checked by theirs."""
     if isinstance(value, bool):
-        return True
-    return isinstance(value, (list, tuple)) and any(_holds_boolean(v) for v in value)
+        return "boolean"
+    if isinstance(value, str) and not text_allowed:
+        return "string"
+    if isinstance(value, (list, tuple)):
+        return next((w for v in value if (w := _not_a_number(v, text_allowed))), None)
+    return None
 
 
 class Strict(BaseModel):
     """Unknown keys are errors; parsed configs are immutable; every number is finite (a NaN
     or an infinity in a setting is an error naming it, never a batch of NaNs) and no number is
-    a boolean (pydantic would read ``seed: true`` as 1, ``token: true`` as token 1)."""
+    a boolean or a string (pydantic would read ``seed: true`` as 1, ``token: true`` as token 1,
+    ``seed: '5'`` as 5: a quoted number is a typo as often as not)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
-    def _numbers_not_booleans(cls, data: Any) -> Any:
+    def _numbers_are_numbers(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
+        marked = None
         for name, field in cls.model_fields.items():
-            value = data.get(field.alias or name)
+            key = field.alias or name
+            value = data.get(key)
             if value is None or not _numbers_only(field.annotation):
-                continue
-            if _holds_boolean(value):  # walked only for numbers (an alias bomb elsewhere: not)
-                raise PydanticCustomError(
-                    "boolean_number",
-                    "Input should be a number, not a boolean (got {got})",
-                    {"field": name, "got": json.dumps(value)},
-                )  # `format_error` names the field
-        return data
+                continue  # walked only for numbers (an alias bomb elsewhere: not)
+            wrong = _not_a_number(value, _takes_text(field.annotation))
+            if wrong is not None:
+                marked = dict(data) if marked is None else marked
+                whole = float not in _leaf_types(field.annotation)
+                marked[key] = NotANumber(value, wrong, "an integer" if whole else "a number")
+        return data if marked is None else marked
+
+
+class NotANumber:
+    """A boolean or a string where a number goes, put in its place by `Strict` so that the
+    field fails its own validation (every other field is still checked, and every problem
+    reported at once) and `format_error` says what it was."""
+
+    def __init__(self, value: Any, wrong: str, kind: str) -> None:
+        self.value, self.wrong, self.kind = value, wrong, kind
+
+    def __repr__(self) -> str:  # as YAML wrote it; a string quoted as the other messages do
+        return repr(self.value) if isinstance(self.value, str) else json.dumps(self.value)
+
+    def message(self) -> str:
+        return f"Input should be {self.kind}, not a {self.wrong} (got {self!r})"
 
 
 # ----------------------------------------------------------------------------- sources
@@ -993,7 +1020,11 @@ class Config(Strict):
     """The whole run. Every field has a default: ``Config()`` is the built-in default run."""
 
     seed: int = Field(
-        0, ge=-(2**63), lt=2**64, description="the random seed (what torch's generators take)"
+        0,
+        ge=0,
+        lt=2**64,
+        description="the random seed, 0 ≤ seed < 2⁶⁴ (what torch's generators take; they read "
+        "a negative seed modulo 2⁶⁴, so −1 would repeat 2⁶⁴ − 1)",
     )
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     dtype: Literal["float64", "float32", "bfloat16"] = "float32"
@@ -1196,6 +1227,14 @@ def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any
 
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+# YAML 1.1 (PyYAML) reads a float only with a dot, so `lr: 1e-5` would be the string '1e-5';
+# YAML 1.2 and JSON read it as a number, and so does gradlens (`Strict` refuses strings where
+# numbers go).
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 
 
 def yaml_problem(exc: yaml.YAMLError, added: int = 0) -> str:
@@ -1301,9 +1340,20 @@ def format_error(err: Any) -> str:
         source_kind = loc[1]
         loc = [loc[0], *loc[2:]]
     kind = err["type"]
-    if kind == "boolean_number":  # raised for a model, about one of its fields
-        loc = [*loc, err["ctx"]["field"]]
     where = dotted(loc) or "(top level)"
+    if kind == "invalid_key":  # a YAML key that is not text (`1:`, `null:`): not an index
+        key = err["input"]
+        plain = isinstance(key, (bool, int, float, type(None)))
+        shown = json.dumps(key) if plain else str(key)  # as YAML wrote it: null, true, 1, 1.5
+        parent = dotted(loc[:-1])
+        where = f"{parent}.{shown}" if parent else shown
+        what = {type(None): "no value", bool: "a boolean", int: "a number", float: "a number"}
+        return (
+            f"{where}: a key must be a name, and YAML reads {shown} as "
+            f"{what.get(type(key), type(key).__name__)}"
+        )
+    if isinstance(err.get("input"), NotANumber):
+        return f"{where}: {err['input'].message()}"
     if kind == "extra_forbidden":
         allowed = allowed_keys(loc[:-1], source_kind)
         return f"{where}: unknown key; allowed here: {', '.join(allowed)}"

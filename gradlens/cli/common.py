@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Iterator
@@ -73,6 +74,14 @@ def output_file(text: str) -> Path:
             f"{text!r} ends in {text[-1]!r}, so it names a directory; give a file name"
         )
     return Path(text)
+
+
+def finite_non_negative(value: float) -> float:
+    """The ``callback`` of a float option that takes a finite number ≥ 0: NaN is named as
+    what it is (a range check would call it "not ≥ 0")."""
+    if not (math.isfinite(value) and value >= 0.0):
+        raise typer.BadParameter(f"{value} is not a finite number ≥ 0")
+    return value
 
 
 def stdout_console() -> Console:

@@ -10,6 +10,7 @@ import typer
 
 from gradlens.cli.common import (
     DebugOption,
+    finite_non_negative,
     output_file,
     stderr_console,
     stdout_console,
@@ -51,7 +52,10 @@ def trace(
     ] = None,
     window: Annotated[int, typer.Option(min=1, help="Steps in the running median.")] = 20,
     threshold: Annotated[
-        float, typer.Option(min=0.0, help="Robust z above which a step spikes.")
+        float,
+        typer.Option(
+            callback=finite_non_negative, help="Robust z (≥ 0) above which a step spikes."
+        ),
     ] = 5.0,
     min_history: Annotated[
         int, typer.Option(min=1, help="Earlier steps before any judgement.")

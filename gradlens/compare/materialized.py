@@ -34,6 +34,7 @@ from gradlens.engine.attribution import (
     entropy_direction,
     sequence_layout,
 )
+from gradlens.engine.norms import safe_row_norms
 from gradlens.grads import LossGradients, SoftmaxView, autograd_reference, closed_form, softmax_view
 from gradlens.logits import softmax_dtype
 from gradlens.losses import Aggregation, LossParams, LossSpec
@@ -131,7 +132,7 @@ def shared_attribution(batch: Batch, view: SoftmaxView) -> SharedAttribution:
     tokens = TokenSums.zeros(m, probs.dtype, probs.device)
     tokens.add(probs, d, inside, view.tokens)
     layout = sequence_layout(view.rows, batch.num_sequences, hidden)
-    return SharedAttribution(d, tokens, layout, hidden, hidden.norm(dim=-1))
+    return SharedAttribution(d, tokens, layout, hidden, safe_row_norms(hidden))
 
 
 def loss_attribution(

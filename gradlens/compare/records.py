@@ -16,6 +16,7 @@ from torch import Tensor
 
 from gradlens.compare.findings import attribution_notes, findings, input_notes, signal
 from gradlens.containers import Batch
+from gradlens.diagnostics.agreement import weight_unjudged
 from gradlens.diagnostics.attribution import AttributionInputs, attribution
 from gradlens.diagnostics.clipping import clipping
 from gradlens.diagnostics.metrics import terms_metrics
@@ -82,6 +83,10 @@ def loss_report(
     spec, obj = record.spec, record.objective
     c_valid = obj.coefficient[batch.mask]
     empty = c_valid.numel() == 0
+    sig = signal(batch, logp, obj, spec, params, record.rows.total_norm)
+    agreement = record.agreement
+    if sig.from_inputs and agreement.ran:  # ∂L/∂W zero or rounding: diagnosable says why
+        agreement = weight_unjudged(agreement)
     report = LossReport(
         name=spec.name,
         formula=spec.formula,
@@ -90,13 +95,13 @@ def loss_report(
         coefficient_abs_mean=None if empty else num(c_valid.abs().mean()),
         coefficient_abs_max=None if empty else num(c_valid.abs().max()),
         non_finite=record.non_finite,
-        signal=signal(batch, logp, obj, spec, params, record.rows.total_norm),
+        signal=sig,
         reference_non_finite=record.reference_non_finite,
         sampled_row=record.sampled_row,
         rows=record.rows,
         zero_sum=record.zero_sum,
         clipping=clipping(obj.terms.regions, obj.coefficient, batch.mask),
-        agreement=record.agreement,
+        agreement=agreement,
         findings=[],
         tokens=record.tokens,
         metrics=terms_metrics(obj.terms, obj.agg_weights),

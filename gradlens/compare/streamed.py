@@ -75,6 +75,7 @@ from gradlens.diagnostics.row_norms import row_norms_from
 from gradlens.diagnostics.streamed import grad_at_y, sampled_row_streamed, zero_sum_streamed
 from gradlens.engine.attribution import AttributionPlan, sequence_layout
 from gradlens.engine.fused import check_device, fused_lm_head_pass
+from gradlens.engine.norms import safe_row_norms
 from gradlens.engine.streamed import (
     EngineResult,
     auto_budget,
@@ -273,7 +274,7 @@ def run_streamed(
     if distill is not None:
         bonus_scale = distill.scale if bonus_scale is None else bonus_scale + distill.scale
         divergence = on_grid(distill.value, rows, cols, batch.mask.shape)  # [N, T] D_t
-    hidden_norms = hidden.to(result.tokens.lse.dtype).norm(dim=-1)  # [M]
+    hidden_norms = safe_row_norms(hidden.to(result.tokens.lse.dtype))  # [M] ‖h_t‖, no underflow
 
     def loss_value(obj: Objective) -> float:
         """L: the objective's (the bonus from pass 1's H_t included), plus the distillation term

@@ -82,6 +82,20 @@ def judged(
     )
 
 
+def weight_unjudged(agreement: Agreement) -> Agreement:
+    """``agreement`` with ∂L/∂W left out of the verdict: for a batch whose inputs make ∂L/∂W
+    zero or rounding (`gradlens.compare.findings.signal`), where two correct summation orders
+    keep different bits of it; c_t and ∂L/∂z, which the hidden states do not enter, are still
+    judged."""
+    judged_errors = (agreement.coefficient, agreement.grad_logits)
+    return agreement.model_copy(
+        update={
+            "weight_judged": False,
+            "passed": all(e is not None and e <= agreement.tolerance for e in judged_errors),
+        }
+    )
+
+
 def not_run(operand: torch.dtype) -> Agreement:
     """The agreement of a run without an autograd reference (``diagnostics.reference: none``)."""
     return Agreement(

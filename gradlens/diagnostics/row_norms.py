@@ -12,15 +12,17 @@ import torch
 from torch import Tensor
 
 from gradlens.diagnostics.numbers import num
+from gradlens.engine.norms import safe_row_norms
 from gradlens.results import RowGroup, RowNorms, TopRow
 
 
-def _group(norms: Tensor, total_sq: Tensor) -> RowGroup:
+def _group(norms: Tensor, total: Tensor) -> RowGroup:
     if norms.numel() == 0:
         return RowGroup(count=0, sq_share=None, max=None, median=None)
     return RowGroup(
         count=int(norms.numel()),
-        sq_share=num((norms**2).sum() / total_sq) if float(total_sq) > 0 else None,
+        # Σ (n_v/‖G‖)²: the squares of norms far below 1 (or above) would underflow (overflow)
+        sq_share=num(((norms / total) ** 2).sum()) if float(total) > 0 else None,
         max=num(norms.max()),
         median=num(norms.median()),
     )
@@ -28,7 +30,7 @@ def _group(norms: Tensor, total_sq: Tensor) -> RowGroup:
 
 def row_norms(grad_weight: Tensor, sampled_tokens: Tensor, top_k: int) -> RowNorms:
     """Group and rank the rows of ``grad_weight`` [V, H]; ``sampled_tokens`` [M]."""
-    return row_norms_from(grad_weight.double().norm(dim=1), sampled_tokens, top_k)
+    return row_norms_from(safe_row_norms(grad_weight.double()), sampled_tokens, top_k)
 
 
 def row_norms_from(norms: Tensor, sampled_tokens: Tensor, top_k: int) -> RowNorms:
@@ -36,14 +38,14 @@ def row_norms_from(norms: Tensor, sampled_tokens: Tensor, top_k: int) -> RowNorm
     norms = norms.double()
     is_sampled = torch.zeros_like(norms, dtype=torch.bool)
     is_sampled[sampled_tokens] = True
-    total_sq = (norms**2).sum()
+    total = safe_row_norms(norms[None, :])[0]  # ‖∂L/∂W‖_F = ‖(n_v)_v‖, without underflow
     ranked = torch.where(torch.isfinite(norms), norms, torch.inf)  # non-finite rows rank first
     k = min(top_k, norms.numel())
     _, idx = torch.topk(ranked, k)
     return RowNorms(
-        total_norm=num(total_sq.sqrt()),
-        sampled_rows=_group(norms[is_sampled], total_sq),
-        other_rows=_group(norms[~is_sampled], total_sq),
+        total_norm=num(total),
+        sampled_rows=_group(norms[is_sampled], total),
+        other_rows=_group(norms[~is_sampled], total),
         top_rows=[
             TopRow(token=int(i), norm=num(norms[i]), sampled=bool(is_sampled[i])) for i in idx
         ],

@@ -50,6 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gradlens.engine.norms import repair_norms
 from gradlens.errors import GradlensError
 from gradlens.summation import BLOCK, WIDE
 
@@ -455,4 +456,14 @@ def row_stats(
         DELTA=d2 is not None, BONUS=b2 is not None, ACC=_acc(norms.dtype),
         BLOCK_V=bv, BLOCK_H=bh, num_warps=blocks.num_warps,
     )  # fmt: skip
+
+    def rebuilt(index: Tensor) -> Tensor:  # the rows r the kernel summed, at ``index``
+        r = -dense[index].to(norms.dtype)
+        if delta is not None:
+            r -= delta[index].to(norms.dtype)
+        if bonus is not None:
+            r += bonus[index].to(norms.dtype)
+        return r
+
+    repair_norms(norms, rebuilt)  # the squares of tiny rows underflow in the kernel too
     return partial

@@ -83,6 +83,7 @@ from gradlens.engine.attribution import (
     entropy_direction,
     logit_grad_block,
 )
+from gradlens.engine.norms import safe_row_norms
 from gradlens.logits import (
     Normaliser,
     kept_entries,
@@ -520,7 +521,7 @@ def second_pass(
                 other_mass[idx] += g.sum(-1)
                 other_max[idx] = torch.maximum(other_max[idx], g.amax(-1))
                 del g
-            norms[idx][start:end] = r.norm(dim=1)
+            norms[idx][start:end] = safe_row_norms(r)  # no underflow of tiny rows' squares
             row_sums[idx].add(pairwise_sum(r, dim=0))
             if attr_losses is not None and attribution is not None and d is not None:
                 if idx >= attribution.losses:

@@ -153,6 +153,12 @@ class Agreement(Result):
     tolerance: float
     passed: bool
     ran: bool = Field(True, description="false: no reference was computed (--reference none)")
+    weight_judged: bool = Field(
+        True,
+        description="false: grad_weight is reported but not judged, because the inputs make "
+        "∂L/∂W zero or rounding (the `diagnosable` check fails and names why): two correct "
+        "computations of a rounding need not agree",
+    )
     scope: Literal["full", "sampled"] = Field(
         "full",
         description="full: every token and row; sampled (the streamed engines' default): c_t "

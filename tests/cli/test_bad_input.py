@@ -236,7 +236,7 @@ CASES = {
     "literal-boolean-token": Case(
         "config-value",
         lambda d: ["compare", "-c", config_file(d, literal(token=True))],  # not token 1
-        ("source.sequences[0].positions[0].token", "a number, not a boolean (got true)"),
+        ("source.sequences[0].positions[0].token", "an integer, not a boolean (got true)"),
     ),
     "literal-boolean-probability": Case(
         "config-value",
@@ -245,6 +245,21 @@ CASES = {
     ),
     "config-boolean-seed": Case(
         "config-value", lambda d: ["compare", "--set", "seed=true"], ("seed", "not a boolean")
+    ),
+    "config-string-seed": Case(
+        "config-value",  # pydantic would read the quoted '5' as 5
+        lambda d: ["compare", "--set", "seed='5'"],
+        ("seed", "an integer, not a string (got '5')"),
+    ),
+    "config-string-probability": Case(
+        "config-value",
+        lambda d: ["compare", "-c", config_file(d, literal(probs=[0.5, "0.3", 0.2]))],
+        ("positions[0].probs", "not a string"),
+    ),
+    "config-negative-seed": Case(
+        "config-value",  # torch reads −1 as 2⁶⁴ − 1: two seeds, one batch
+        lambda d: ["compare", "--set", "seed=-1"],
+        ("seed", "greater than or equal to 0"),
     ),
     "losses-settings-without-compare": Case(
         "override",

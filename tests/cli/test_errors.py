@@ -80,10 +80,16 @@ def test_bad_input_is_one_clear_message(tmp_path, config, args, expected):
 def test_every_problem_is_reported_at_once(tmp_path):
     err = run_bad(
         tmp_path,
-        {"seed": "x", "loss": {"eps_high": -1, "typo": 1}, "source": {"hidden_size": 0}},
-    )
-    assert "4 problem(s)" in err
-    for path in ("seed", "loss.eps_high", "loss.typo", "source.hidden_size"):
+        {
+            "seed": "x",
+            "loss": {"eps_high": -1, "typo": 1, "eps_low": "0.2", "dual_clip": True},
+            "source": {"hidden_size": 0},
+        },
+    )  # a quoted number and a boolean where numbers go are among them, not the only ones
+    assert "6 problem(s)" in err
+    for path in (
+        "seed", "loss.eps_high", "loss.typo", "loss.eps_low", "loss.dual_clip", "source.hidden_size"
+    ):  # fmt: skip
         assert f"{path}:" in err
 
 

@@ -208,20 +208,44 @@ def test_a_replayed_kept_set_where_pi_y_is_near_one_passes_the_agreement_check(t
         assert loss["agreement"]["ran"] and loss["agreement"]["passed"], loss["agreement"]
 
 
-def test_subnormal_hidden_states_are_named_as_the_cause(tmp_path):
-    # h_t below float32's normal range: the products underflow (to zero for the losses with
-    # small c_t), which the gate says, and the zero-sum check allows the absolute rounding of
-    # subnormal products rather than calling a pure softmax loss impure
-    path = batch_file(tmp_path, hidden_states=torch.full((2, 3, 4), 1e-42))
-    report = compare("--set", f"source.path={path}", "-l", "reinforce,sft", code=0)
-    for loss in report["losses"]:
-        assert loss["zero_sum"]["passed"], loss["zero_sum"]
-    path = batch_file(tmp_path, hidden_states=torch.full((2, 3, 4), 1e-45))
-    report = compare("--set", f"source.path={path}", "-l", "reinforce", code=1)
-    assert (
-        "below torch.float32's smallest normal number"
-        in failed(report)[("diagnosable", "reinforce")]
-    )
+@pytest.mark.parametrize("engine", ["materialized", "streamed"])
+def test_subnormal_products_are_named_as_the_cause_alike_on_both_engines(tmp_path, engine):
+    # h_t = 1e-42: every product c_t·(e_y − π)·h_t is subnormal, so ∂L/∂W keeps a few bits
+    # (autograd's G_t h_tᵀ) or none (the streamed engine forms c_t·h_t first): the gate fails
+    # the batch for that cause on both engines, the zero-sum check allows the absolute
+    # rounding of subnormal products rather than calling a pure softmax loss impure, and the
+    # agreement check does not judge ∂L/∂W, so no second failure names a wrong cause
+    argv = ("-l", "reinforce,sft", "--set", f"diagnostics.engine={engine}")
+    for size, cause in [
+        # the products are rounding (materialized) or exactly zero (streamed): either says so
+        (1e-42, "at the 6 token(s) in the loss is below torch.float32's smallest normal number"),
+        (1e-45, "every hidden state h_t at the 6 token(s) in the loss is below torch.float32's "
+         "smallest normal number"),
+    ]:  # fmt: skip
+        path = batch_file(tmp_path, hidden_states=torch.full((2, 3, 4), size))
+        report = compare("--set", f"source.path={path}", *argv, code=1)
+        assert set(failed(report)) == {("diagnosable", "reinforce"), ("diagnosable", "sft")}
+        for loss in report["losses"]:
+            assert cause in failed(report)[("diagnosable", loss["name"])]
+            assert loss["zero_sum"]["passed"], loss["zero_sum"]
+            assert loss["agreement"]["weight_judged"] is False
+    # products of 1e-21 and 1e-31, small but normal: the batch supports the diagnosis and ∂L/∂W
+    # is judged; the squares of its entries lie below float32's range, where a plain norm
+    # reads 0 (then "identically zero") or keeps a few bits (then an agreement failure)
+    for size in (1e-20, 1e-30):
+        path = batch_file(tmp_path, hidden_states=torch.full((2, 3, 4), size))
+        report = compare("--set", f"source.path={path}", *argv, code=0)
+        assert all(loss["agreement"]["weight_judged"] for loss in report["losses"])
+
+
+def test_an_unjudged_weight_gradient_leaves_c_and_the_logit_gradient_judged():
+    from gradlens.diagnostics.agreement import judged, weight_unjudged
+
+    tol = judged((0.0, 0.0, 0.0), torch.float32).tolerance
+    assert weight_unjudged(judged((0.0, 0.0, 1.0), torch.float32)).passed
+    assert not weight_unjudged(judged((0.0, 10 * tol, 1.0), torch.float32)).passed
+    assert not weight_unjudged(judged((10 * tol, 0.0, 0.0), torch.float32)).passed
+    assert not weight_unjudged(judged((None, 0.0, 0.0), torch.float32)).passed
 
 
 def test_a_gradient_that_is_only_rounding_fails_the_gate_and_float64_passes():

@@ -164,6 +164,9 @@ def _agreement_scope(report: dict[str, Any]) -> None:
         agreement.setdefault("scope", "full")
         agreement.setdefault("sampled_tokens", None)
         agreement.setdefault("sampled_rows", None)
+        # ∂L/∂W is left unjudged where the inputs make it zero or rounding (added later)
+        unjudged = loss["signal"]["from_inputs"] and agreement.get("ran", True)
+        agreement.setdefault("weight_judged", not unjudged)
 
 
 def _split(report: dict[str, Any]) -> None:

@@ -256,3 +256,52 @@ def test_stale_steps_on_a_loss_that_needs_a_teacher_need_one():
         build_config(None, base)
     assert build_config(None, [*base, "source.teacher_path=builtin"]).source.stale.loss == "opd"
     assert build_config(None, [*base, "source.stale.steps=0"]).source.stale.steps == 0
+
+
+def test_exponent_notation_is_a_number_as_in_yaml_1_2_and_json(tmp_path):
+    # PyYAML (YAML 1.1) reads 1e-5 as a string without a dot; `Strict` refuses strings where
+    # numbers go, so the loader reads it as the number a user means
+    path = tmp_path / "c.yaml"
+    path.write_text("loss: {eps_low: 2e-1, eps_high: 3E-1}\nsource: {kind: model, path: d, "
+                    "stale: {lr: 1e-5}}\n")  # fmt: skip
+    cfg = build_config(path)
+    assert (cfg.loss.eps_low, cfg.loss.eps_high, cfg.source.stale.lr) == (0.2, 0.3, 1e-5)
+    assert build_config(None, ["loss.eps_high=4e-1"]).loss.eps_high == 0.4
+    assert build_config(None, ["seed=1e2"]).seed == 100  # a whole float, as pydantic takes 100.0
+    path.write_text("source: {kind: model, path: e5}\n")  # not a number: a name stays a name
+    assert build_config(path).source.path == "e5"
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("seed='5'", "seed: Input should be an integer, not a string"),
+        ("loss.eps_low='0.2'", "loss.eps_low: Input should be a number, not a string"),
+        ("seed=true", "seed: Input should be an integer, not a boolean"),
+    ],
+)
+def test_a_quoted_number_or_a_boolean_where_a_number_goes_is_refused(override, expected):
+    with pytest.raises(GradlensError, match=expected):
+        build_config(None, [override])
+
+
+def test_seeds_are_0_to_2_to_the_64_so_no_two_give_one_batch():
+    assert build_config(None, [f"seed={2**64 - 1}"]).seed == 2**64 - 1
+    with pytest.raises(GradlensError, match="seed: Input should be greater than or equal to 0"):
+        build_config(None, ["seed=-1"])  # torch's generators would read it as 2⁶⁴ − 1
+
+
+def test_a_key_yaml_reads_as_a_number_null_or_a_date_is_named_as_written(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("loss:\n  1: 2\nnull: 3\ntrue: 4\n2026-12-03: 5\n")
+    with pytest.raises(GradlensError) as refused:
+        build_config(path)
+    text = str(refused.value)
+    assert "4 problem(s)" in text
+    for line in (
+        "loss.1: a key must be a name, and YAML reads 1 as a number",  # not loss[1], an index
+        "null: a key must be a name, and YAML reads null as no value",  # not None
+        "true: a key must be a name, and YAML reads true as a boolean",
+        "2026-12-03: a key must be a name, and YAML reads 2026-12-03 as date",
+    ):
+        assert line in text, text

@@ -257,3 +257,16 @@ def test_overflowing_ratio_is_reported_not_raised() -> None:
     assert not report.passed
     # The other loss is untouched by the overflow.
     assert reinforce.non_finite == 0 and reinforce.zero_sum.passed and reinforce.agreement.passed
+
+
+@pytest.mark.parametrize("scale", [1e-170, 1.0, 1e160])
+def test_row_norms_total_and_shares_hold_at_every_float64_scale(scale):
+    # the squares of 1e-170 underflow and those of 1e160 overflow in float64: the total and the
+    # shares are formed without them (a plain Σ n_v² read 0 and inf there)
+    gen = torch.Generator().manual_seed(0)
+    grad = torch.randn(6, 8, generator=gen, dtype=torch.float64)
+    rows = row_norms(grad * scale, torch.tensor([0, 2]), 3)
+    assert rows.total_norm == pytest.approx(float(grad.norm()) * scale, rel=1e-14)
+    plain = row_norms(grad, torch.tensor([0, 2]), 3)
+    assert rows.sampled_rows.sq_share == pytest.approx(plain.sampled_rows.sq_share, rel=1e-14)
+    assert rows.other_rows.sq_share == pytest.approx(plain.other_rows.sq_share, rel=1e-14)

@@ -261,6 +261,19 @@ def test_float32_fused_equals_the_streamed_engine(
     check_against_streamed(batch, view, ref, res, entropy_weight, carried)
 
 
+def test_row_norms_of_rows_whose_squares_underflow_are_not_zero(interpreter):
+    # h·1e-22: every ∂L/∂W entry lies below 1e-19, whose square is below float32's normal
+    # range; the kernel's float32 sum of squares gives 0 or a few bits, and the rows outside
+    # the safe range are recomputed (gradlens/engine/norms.py), as the streamed engine does
+    batch, view, coefficients = problem(torch.float32, 300, ["reinforce", "sft"])
+    view = dataclasses.replace(view, hidden=view.hidden * 1e-22)
+    plan = EnginePlan(vocab_chunk=128, resident=0)
+    ref, res = run_both(batch, view, coefficients, plan, SMALL, None, None)
+    for r, f in zip(ref.rows, res.rows, strict=True):
+        assert bool((r.norms > 0).all()) and bool((f.norms > 0).all())
+        assert float(((f.norms.double() - r.norms.double()).abs() / r.norms.double()).max()) < 1e-5
+
+
 @pytest.mark.slow
 def test_bf16_operands_fused_equals_the_streamed_engine(interpreter):
     """bf16 h and W, as on a GPU: the GEMM operands P = π − e_y, c⊙h and E in bf16, everything

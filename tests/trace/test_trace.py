@@ -232,3 +232,10 @@ def test_empty_arguments_are_refused_not_read_as_defaults(args, expected) -> Non
     # '' would trace the current directory, --losses '' the default losses
     result = runner.invoke(app, ["trace", *args])
     assert result.exit_code == 2 and expected in result.stderr, result.output
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_a_threshold_that_is_not_a_finite_number_at_least_0_is_refused_as_such(tmp_path, value):
+    result = CliRunner().invoke(app, ["trace", str(tmp_path), "--threshold", value])
+    assert result.exit_code == 2
+    assert "is not a finite number ≥ 0" in result.output  # not "should be ≥ 0" for NaN
