@@ -90,6 +90,8 @@ API_SOURCE = {"kind": "tensors", "description": "gradlens.diagnose(...)"}
 def _tensor(name: str, value: Any) -> Tensor:
     if not isinstance(value, Tensor):
         raise GradlensError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    if value.device.type == "meta":
+        raise GradlensError(f"{name}: a tensor on the meta device holds no values")
     return value.detach()
 
 
@@ -176,6 +178,13 @@ def build_batch(
             ("ref_logp", ref_logp),
         )
     }
+    given = {"tokens": y, "mask": m, "advantages": a}
+    given.update({name: value for name, value in logps.items() if value is not None})
+    for name, value in given.items():
+        if value.device != w.device:
+            raise GradlensError(
+                f"{name} is on {value.device} and weight on {w.device}: use one device"
+            )
     prompt_groups = None
     if groups is not None:
         g = _tensor("groups", groups)
@@ -255,6 +264,17 @@ def api_config(
 ) -> Config:
     """The run's settings, validated like a config file's (errors name ``loss.x``, ...);
     ``ranks``: the tensor-parallel group's size (``diagnostics.tensor_parallel``)."""
+    for name, value in (("loss", loss), ("diagnostics", diagnostics)):
+        if value is not None and not isinstance(value, Mapping):
+            raise GradlensError(
+                f"{name}=: a mapping of settings (e.g. {{'eps_high': 0.28}}), got "
+                f"{type(value).__name__} {value!r}"
+            )
+    if isinstance(losses, str) or not isinstance(losses, Iterable):
+        raise GradlensError(
+            f"losses=: a list of loss names (e.g. ['ppo_clip']), got {type(losses).__name__} "
+            f"{losses!r}"  # a string would be its letters
+        )
     settings = {"reference": "none", **(diagnostics or {})}
     given = settings.setdefault("tensor_parallel", ranks)
     if given != ranks:

@@ -1191,7 +1191,9 @@ def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
     """Set ``data[path[0]][path[1]]... = value``, creating sections as needed."""
     node = data
     for i, part in enumerate(path[:-1]):
-        child = node.setdefault(part, {})
+        if node.get(part) is None:  # absent, or a section given as null (unset): start one
+            node[part] = {}
+        child = node[part]
         if not isinstance(child, dict):
             where = ".".join(path[: i + 1])
             raise GradlensError(f"--set {'.'.join(path)}: {where} is a value, not a section")

@@ -181,12 +181,25 @@ def test_a_tokenizer_decodes_the_attribution_tokens() -> None:
         ({"weight": [[1.0]]}, "weight: expected a torch.Tensor"),
         ({"groups": torch.zeros(4, dtype=torch.long)}, "groups: expected shape [3]"),
         ({"groups": torch.zeros(3)}, "groups: expected integer prompt-group ids"),
+        ({"losses": "ppo_clip"}, "losses=: a list of loss names"),  # not 'p', 'p', 'o', ...
+        ({"losses": None}, "losses=: a list of loss names"),
+        ({"loss": "eps_high"}, "loss=: a mapping of settings"),
+        ({"diagnostics": "streamed"}, "diagnostics=: a mapping of settings"),
+        ({"mask": torch.ones(3, 5, device="meta")}, "mask: a tensor on the meta device"),
     ],
 )
 def test_bad_arguments_raise_an_error_naming_them(change: dict, message: str) -> None:
     with pytest.raises(gradlens.GradlensError) as err:
         gradlens.diagnose(**{**small_step(), **change})
     assert message in str(err.value)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_tensor_on_another_device_than_the_weight_is_named() -> None:
+    step = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in small_step().items()}
+    with pytest.raises(gradlens.GradlensError, match="mask is on cpu and weight on cuda"):
+        gradlens.diagnose(**{**step, "mask": step["mask"].cpu()})
 
 
 def test_a_group_coupled_loss_reads_the_given_groups() -> None:

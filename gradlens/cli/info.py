@@ -13,6 +13,7 @@ from gradlens.cli.common import (
     DebugOption,
     OutputFormat,
     SetOption,
+    set_option,
     stdout_console,
     stdout_errors,
     user_errors,
@@ -37,7 +38,10 @@ def losses(
         ),
     ] = None,
     config: ConfigOption = None,
-    overrides: SetOption = None,
+    overrides: Annotated[
+        list[str] | None,
+        set_option("--compare ppo,ppo_clip --set loss.eps_high=0.4 (loss.* alone)"),
+    ] = None,
     debug: DebugOption = False,
 ) -> None:
     """List every registered loss with its formula, per-token gradient g_t and source; the

@@ -154,8 +154,10 @@ def split_report(
     convention: str,
     budget_bytes: int | None = None,
     vocab_chunk: int | None = None,
+    entropy: Tensor | None = None,
 ) -> SplitReport:
-    """The split section (module docstring) for ``batch`` at the log-probs ``logp`` [N, T].
+    """The split section (module docstring) for ``batch`` at the log-probs ``logp`` [N, T];
+    ``entropy`` [N, T] H(π_t), for losses and settings that read it (`grads.reads_entropy`).
 
     ``aggregation``: the run's (``loss.aggregation`` picks the setting when ``convention`` does
     not name one; its ``loss_scale_factor`` is L); ``budget_bytes``, ``vocab_chunk``: the
@@ -185,7 +187,7 @@ def split_report(
     rule_agg = Aggregation(rule.mode, scale, rule.count_empty_sequences)
     used, skipped, grads = [], [], []
     for spec in specs:
-        obj = objective(batch, logp.detach(), spec, params, rule_agg)
+        obj = objective(batch, logp.detach(), spec, params, rule_agg, entropy)
         if obj.terms.self_aggregated:
             skipped.append(
                 f"{spec.name}: it aggregates itself, so its weights are inside its own code"

@@ -110,7 +110,7 @@ def _prompt_average(m: Tensor, s: Tensor, scale: float, groups: Tensor | None) -
         raise GradlensError(
             "loss.aggregation = prompt_average averages each prompt group's tokens, and this "
             "batch has no prompt groups: set source.group_size (synthetic, model or batch-file "
-            "source) or group on each literal sequence"
+            "source), group on each literal sequence, or pass groups= to gradlens.diagnose"
         )
     _, index = torch.unique(groups.to(m.device), return_inverse=True)  # [N] 0..K−1
     per_group = torch.zeros(int(index.max()) + 1, dtype=m.dtype, device=m.device)

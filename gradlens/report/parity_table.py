@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from rich.console import Console, Group, RenderableType
 from rich.markup import escape
 from rich.text import Text
@@ -117,7 +119,9 @@ def render_parity_matrix(report: ParityMatrixReport, console: Console) -> None:
     )
     table.columns[-1].justify = "left"  # a sentence
     for entry in report.entries:
-        settings = ", ".join(f"{k}={v}" for k, v in entry.settings.items())
+        settings = ", ".join(  # as YAML writes them: null, true, not None, True
+            f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in entry.settings.items()
+        )
         for p in entry.parity:
             table.add_row(
                 escape(settings),

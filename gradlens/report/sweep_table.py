@@ -200,11 +200,12 @@ def findings(report: SweepReport) -> Text:
         else:
             heads = {f"{loss} [{v}]": [s for s in where if s.variant == v] for v in variants}
         for name, group in heads.items():
-            signs = sorted({s.advantage for s in group}, reverse=True)
-            if len(signs) > 1:
-                sign = f"A = ±{report.advantage:g}"
+            positive = {s.advantage > 0 for s in group}  # the signs it holds for
+            sizes = {abs(s.advantage) for s in group}  # several with --over advantage=...
+            if len(positive) > 1:
+                sign = f"A = ±{sizes.pop():g}" if len(sizes) == 1 else "A of either sign"
             else:
-                sign = f"A {'>' if signs[0] > 0 else '<'} 0"
+                sign = f"A {'>' if positive.pop() else '<'} 0"
             text.append(f"• {name}, {sign}: ", style="bold")
             text.append(line + "\n")
     words = {info.name: info.rule_words for info in report.losses}

@@ -61,7 +61,7 @@ def _spike_tables(spike: SpikeDetail) -> list[RenderableType]:
         what = "is not finite (NaN or inf): the run diverged or the step overflowed"
     elif spike.median:
         what = (
-            f"= {fmt(spike.value)}, {spike.value / spike.median:.1f}× the running median "
+            f"= {fmt(spike.value)}, {spike.value / spike.median:.3g}× the running median "
             f"{fmt(spike.median)} (robust z = {spike.z:.1f})"
         )
     else:

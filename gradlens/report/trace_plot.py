@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from gradlens.errors import GradlensError
-from gradlens.files import replacing
+from gradlens.files import writing
 from gradlens.report.plots import DPI, check_plot_path
 from gradlens.results.trace import TraceReport
 
@@ -60,7 +60,7 @@ def plot_trace(trace: TraceReport, path: Path) -> None:
                     continue
                 ax.plot([spike.step], [value], "o", color="red", markersize=8, zorder=5)
                 ax.annotate(
-                    f"SPIKE step {spike.step}: {value:.3g} = {value / spike.median:.1f}× median",
+                    f"SPIKE step {spike.step}: {value:.3g} = {value / spike.median:.3g}× median",
                     (spike.step, value),
                     textcoords="offset points",
                     xytext=(-10, -14),
@@ -79,8 +79,5 @@ def plot_trace(trace: TraceReport, path: Path) -> None:
     if spikes:
         title += ", spike at step " + ", ".join(str(s.step) for s in spikes) + " (red)"
     fig.suptitle(title, fontsize=11)
-    try:
-        with replacing(path) as target:
-            fig.savefig(target, dpi=DPI, format=path.suffix.lower()[1:])
-    except OSError as exc:
-        raise GradlensError(f"--plot {str(path)!r}: {exc.strerror or exc}") from None
+    with writing(path, "--plot", "wb") as fh:  # missing folders made, as every plot's are
+        fig.savefig(fh, dpi=DPI, format=path.suffix.lower()[1:])

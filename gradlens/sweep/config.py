@@ -173,6 +173,28 @@ class SweepConfig(Strict):
         return value
 
     @model_validator(mode="after")
+    def _only_what_is_drawn(self) -> SweepConfig:
+        """The settings that act outside the loss functions are not drawn (a point has no
+        rollout policy, no batch, no teacher): refused, not silently left out."""
+        loss = self.loss
+        given = [
+            name
+            for name, set_ in (
+                ("loss.corrections", bool(loss.corrections)),
+                ("loss.entropy_coef", loss.entropy_coef != 0.0),
+                ("loss.top_entropy_quantile", loss.top_entropy_quantile < 1.0),
+                ("loss.distill", loss.distill is not None),
+            )
+            if set_
+        ]
+        if given:
+            raise ValueError(
+                f"{', '.join(given)}: {NOT_DRAWN}; leave {'it' if len(given) == 1 else 'them'} "
+                "out of the sweep (gradlens compare shows the effect on a batch)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _coupled_losses_fit(self) -> SweepConfig:
         points = math.prod(self.axis(name).points for name in SWEPT[self.vary])
         problems = []
@@ -224,7 +246,16 @@ class SweepConfig(Strict):
 # ----------------------------------------------------------------------------- keys
 
 # Keys that shape the grid or the run rather than the loss: they cannot be `over` keys.
+# why the sweep refuses the settings that act outside the loss functions
+NOT_DRAWN = (
+    "the sweep draws the loss functions at single tokens, and this acts outside them (a point "
+    "has no rollout policy, no batch to take a quantile or a mean over, no teacher)"
+)
 _NOT_SWEPT = {
+    **{
+        f"loss.{name}": NOT_DRAWN
+        for name in ("corrections", "entropy_coef", "top_entropy_quantile", "distill")
+    },
     "losses": "name several losses with --losses (each loss is already its own curve)",
     "vary": "it chooses the axes; run one sweep per axis",
     "over": "it is the list of swept keys itself",
@@ -257,6 +288,9 @@ def over_key_problem(key: str) -> str | None:
     path = key.split(".")
     if any(not part for part in path):
         return f"{key!r}: empty component in the dotted key"
+    for prefix in (".".join(path[: i + 1]) for i in range(len(path))):
+        if prefix in _NOT_SWEPT:
+            return f"{key} cannot be swept with over: {_NOT_SWEPT[prefix]}"
     model: type[BaseModel] | None = SweepConfig
     for i, part in enumerate(path):
         if model is None:
@@ -268,9 +302,6 @@ def over_key_problem(key: str) -> str | None:
         model = _section(fields[part].annotation)
     if model is not None:
         return f"{key} is a section; sweep one of its keys: {', '.join(sorted(model.model_fields))}"
-    for prefix in (path[0], key):
-        if prefix in _NOT_SWEPT:
-            return f"{key} cannot be swept with over: {_NOT_SWEPT[prefix]}"
     return None
 
 

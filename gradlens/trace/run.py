@@ -33,6 +33,7 @@ from gradlens.containers import Batch
 from gradlens.diagnostics.contributors import Decode, contributors, token_grad_norms
 from gradlens.diagnostics.spikes import mad_scores
 from gradlens.errors import GradlensError
+from gradlens.files import decode_reason
 from gradlens.grads import effective_old_logp, objective, on_grid, softmax_view
 from gradlens.losses import get_loss
 from gradlens.progress import report
@@ -88,8 +89,8 @@ def is_metrics_file(path: Path) -> bool:
     if path.suffix != ".jsonl":
         return False
     try:
-        with path.open(encoding="utf-8") as fh:
-            first = json.loads(fh.readline() or "{}")
+        with path.open(encoding="utf-8") as fh:  # the first line that is not blank, as read
+            first = json.loads(next((line for line in fh if line.strip()), "{}"))
     except (OSError, ValueError):
         return False
     return isinstance(first, dict) and "step" in first and "responses" not in first
@@ -126,6 +127,9 @@ def read_metrics(path: Path, bad: list[BadFile]) -> dict[int, dict[str, float | 
     except OSError as exc:
         bad.append(BadFile(name=path.name, error=str(exc)))
         return rows
+    except UnicodeDecodeError as exc:
+        bad.append(BadFile(name=path.name, error=f"not a metrics file: {decode_reason(exc)}"))
+        return rows
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -142,16 +146,46 @@ def read_metrics(path: Path, bad: list[BadFile]) -> dict[int, dict[str, float | 
             continue
         row = rows.setdefault(step, {})
         for key, value in data.items():
+            where = f"{path.name}:{number}"
             if isinstance(value, int | float) and not isinstance(value, bool) and key != "step":
-                row[key] = float(value)
+                try:
+                    number_value = float(value)
+                except OverflowError:  # an integer beyond float's range (JSON's 1e400 is inf)
+                    bad.append(BadFile(name=where, error=f"{key!r} is beyond a float: left out"))
+                    continue
+                conflict = merged_value(row, key, number_value, step)
+                if conflict is not None:
+                    bad.append(BadFile(name=where, error=conflict))
             elif value is not None and key != "step" and shown_column(key):
                 bad.append(
                     BadFile(
-                        name=f"{path.name}:{number}",
+                        name=where,
                         error=f"{key!r} is {json.dumps(value)}, not a number: left out",
                     )
                 )
     return rows
+
+
+def merged_value(
+    row: dict[str, float | None], key: str, value: float | None, step: int
+) -> str | None:
+    """Put ``value`` into the step's ``row``, or say why not: a metric given twice at one step
+    with another value (a second line, or another metrics file) keeps its first value, as a
+    second batch file at one step is left out; lines that give a step other metrics add them."""
+    if key in row and not same_number(row[key], value):
+        return (
+            f"{key!r} at step {step} is {value!r} here and {row[key]!r} before: this one left "
+            "out (one value per metric and step)"
+        )
+    row.setdefault(key, value)
+    return None
+
+
+def same_number(a: float | None, b: float | None) -> bool:
+    """Equal, NaN equal to NaN (a line repeated verbatim is no conflict)."""
+    if a is None or b is None:
+        return a is b
+    return a == b or (math.isnan(a) and math.isnan(b))
 
 
 def shown_column(key: str) -> bool:
@@ -186,19 +220,29 @@ def file_entry(path: Path) -> FileEntry:
 
 
 def file_config(entry: FileEntry, settings: TraceSettings) -> Config:
+    """The config of one batch file: its sidecar's settings as written (a wrong type is the
+    config's error, naming the sidecar and the setting; a string of losses is not a list)."""
     side = entry.sidecar
+    diagnostics = side.get("diagnostics")
     data: dict[str, Any] = {
         "source": {"kind": "batch", "path": str(entry.path)},
-        "diagnostics": {"reference": "none", **dict(side.get("diagnostics") or {})},
+        "diagnostics": {"reference": "none", **diagnostics}
+        if isinstance(diagnostics, dict)
+        else {"reference": "none"}
+        if diagnostics is None
+        else diagnostics,
     }
     if side.get("dtype"):
         data["dtype"] = side["dtype"]
-    losses = settings.losses or side.get("losses")
+    losses = list(settings.losses) if settings.losses else side.get("losses")
     if losses:
-        data["losses"] = list(losses)
+        data["losses"] = losses
     if side.get("loss"):
-        data["loss"] = dict(side["loss"])
-    return validate(data, origin=entry.path.name)
+        data["loss"] = side["loss"]
+    origin = entry.path.name
+    if side:
+        origin += f" with its sidecar {sidecar_path(entry.path).name}"
+    return validate(data, origin=origin)
 
 
 def diagnose_file(entry: FileEntry, settings: TraceSettings) -> tuple[dict[str, float], Config]:
@@ -304,7 +348,11 @@ def trace_run(target: str, settings: TraceSettings | None = None) -> TraceReport
     sources: dict[int, list[str]] = {}
     for path in metric_files:
         for step, row in read_metrics(path, bad).items():
-            rows.setdefault(step, {}).update(row)
+            merged = rows.setdefault(step, {})
+            for key, value in row.items():
+                conflict = merged_value(merged, key, value, step)
+                if conflict is not None:
+                    bad.append(BadFile(name=path.name, error=conflict))
             sources.setdefault(step, []).append(path.name)
     entries = [file_entry(p) for p in batch_files]
     numbered = sorted((e for e in entries if e.step is not None), key=lambda e: e.step or 0)
@@ -347,14 +395,22 @@ def trace_run(target: str, settings: TraceSettings | None = None) -> TraceReport
         by_step[entry.step] = (entry, config)
     report("trace files", len(ordered), len(ordered))
     if not rows:  # every metrics line and batch file was skipped
-        reasons = "; ".join(f"{b.name}: {b.error}" for b in bad[:3])
+        reasons = "; ".join(f"{b.name}: {b.error}" for b in bad[:3]) or (
+            "its metrics files hold no line and it has no batch file"
+        )
         more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
         raise GradlensError(f"DIR_OR_GLOB: nothing in {target!r} could be traced: {reasons}{more}")
     cols = columns(rows)
     keys = {c.key for c in cols}
+    # without the trainer's grad_norm, the first loss's lm_head norm (the loss whose
+    # contributors a spike lists), else any loss's
+    first = [by_step[s][1].losses[0] for s in sorted(by_step)]
+    preferred = f"gradlens/{first[0]}/lm_head_norm" if first else None
     series = (
         "grad_norm"
         if "grad_norm" in keys
+        else preferred
+        if preferred in keys
         else next((c.key for c in cols if c.key.endswith("/lm_head_norm")), None)
     )
     steps_sorted = sorted(rows)

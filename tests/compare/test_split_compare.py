@@ -67,3 +67,18 @@ def test_cli_split_and_check() -> None:
     result = runner.invoke(app, [*args, "--split", "micro=2,dp=2,micro=4", "--convention", "verl"])
     assert result.exit_code == 2
     assert "micro is given twice" in result.output
+
+
+@pytest.mark.parametrize(
+    ("losses", "overrides"),
+    [("aspo", []), ("ppo_clip", ["loss.top_entropy_quantile=0.2"])],
+    ids=["aspo", "top-entropy-selection"],
+)
+def test_losses_that_read_the_entropy_split_as_the_others_do(losses, overrides) -> None:
+    # aspo's widths and the top-entropy selection read H_t: the split hands them the run's
+    flags = {**parse_split("micro=2,dp=2,ga=2"), "split.convention": "verl"}
+    report = run_compare(build_config(None, [*SMALL, *overrides], {**flags, "losses": [losses]}))
+    assert report.split is not None and report.split.invariant and report.passed
+    (loss,) = report.split.losses
+    # the full-batch gradient of the split section is the report's own ‖∂L/∂W‖
+    assert loss.grad_norm_full == pytest.approx(report.losses[0].rows.total_norm, rel=1e-5)

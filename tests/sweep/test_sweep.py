@@ -716,3 +716,42 @@ def test_an_over_value_that_is_not_yaml_names_its_column_in_the_users_text():
         "(line 1, column 12: found the key 'a' a second time (first on line 1), while reading "
         "a mapping at line 1, column 5)"
     )
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["--over", "loss.distill.divergence=forward_kl,jsd"], "loss.distill.divergence cannot"),
+        (["--over", "loss.corrections.kind=tis"], "loss.corrections.kind cannot be swept"),
+        (["--over", "loss.entropy_coef=0,0.01"], "loss.entropy_coef cannot be swept"),
+        (["--set", "loss.entropy_coef=0.01"], "loss.entropy_coef: the sweep draws"),
+        (["--set", "loss.top_entropy_quantile=0.2"], "loss.top_entropy_quantile: the sweep"),
+        (["--set", "loss.distill={divergence: jsd}"], "loss.distill: the sweep draws"),
+    ],
+)
+def test_settings_the_sweep_does_not_draw_are_refused_not_left_out(argv, named) -> None:
+    # a point has no rollout policy, no batch and no teacher: the curves would be the same
+    # with and without these, so the sweep says so rather than draw identical variants
+    result = CliRunner().invoke(app, ["sweep", "-n", "5", *argv])
+    assert result.exit_code == EXIT_BAD_INPUT
+    assert named in result.output and "acts outside them" in result.output
+
+
+def test_a_key_under_a_section_given_as_null_starts_the_section() -> None:
+    from gradlens.config import apply_override
+
+    data: dict = {"loss": {"distill": None}}
+    apply_override(data, ["loss", "distill", "divergence"], "jsd")
+    assert data == {"loss": {"distill": {"divergence": "jsd"}}}
+
+
+def test_findings_over_several_advantages_name_the_sign_they_hold_for() -> None:
+    # clip_upper switches ppo_clip off for A > 0 only, at |A| = 1 and 2 alike: two sizes of
+    # one sign, not "A = ±1"
+    result = CliRunner().invoke(
+        app, ["sweep", "-n", "3", "-l", "ppo_clip", "--over", "advantage=1,2"]
+    )
+    lines = [line for line in result.output.splitlines() if line.startswith("•")]
+    assert any(line.startswith("• ppo_clip, A > 0: switched off") for line in lines), lines
+    assert any(line.startswith("• ppo_clip, A < 0: switched off") for line in lines), lines
+    assert not any("±" in line for line in lines), lines

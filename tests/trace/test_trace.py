@@ -239,3 +239,63 @@ def test_a_threshold_that_is_not_a_finite_number_at_least_0_is_refused_as_such(t
     result = CliRunner().invoke(app, ["trace", str(tmp_path), "--threshold", value])
     assert result.exit_code == 2
     assert "is not a finite number ≥ 0" in result.output  # not "should be ≥ 0" for NaN
+
+
+def test_metrics_a_reader_cannot_take_are_reported_not_a_crash(tmp_path: Path) -> None:
+    text = "".join(json.dumps({"step": s, "grad_norm": 1.0 + 0.01 * s}) + "\n" for s in (1, 2, 3))
+    text += '{"step": 4, "grad_norm": 1' + "0" * 400 + "}\n"  # an integer beyond a float
+    text += json.dumps({"step": 2, "grad_norm": 50.0}) + "\n"  # step 2 again, another value
+    text += json.dumps({"step": 2, "grad_norm": 1.02, "lr": 1e-6}) + "\n"  # the same, and more
+    (tmp_path / "metrics.jsonl").write_text(text)
+    (tmp_path / "more.jsonl").write_text(json.dumps({"step": 3, "grad_norm": 9.0}) + "\n")
+    trace = trace_run(str(tmp_path))
+    bad = {b.name: b.error for b in trace.bad_files}
+    assert bad["metrics.jsonl:4"] == "'grad_norm' is beyond a float: left out"
+    assert bad["metrics.jsonl:5"].startswith("'grad_norm' at step 2 is 50.0 here and 1.02 before")
+    assert "metrics.jsonl:6" not in bad  # a repeated value is no conflict
+    assert bad["more.jsonl"].startswith("'grad_norm' at step 3 is 9.0 here and 1.03 before")
+    steps = {s.step: s.values for s in trace.steps}
+    assert steps[2]["grad_norm"] == 1.02 and steps[3]["grad_norm"] == 1.03  # the first kept
+    # a metrics file that is not UTF-8: named and skipped, exit 2 when nothing else is left
+    (tmp_path / "metrics.jsonl").write_bytes(b'{"step": 1, "grad_norm": 1, "note": "\xff"}\n')
+    (tmp_path / "more.jsonl").unlink()
+    result = runner.invoke(app, ["trace", str(tmp_path)])
+    assert result.exit_code == 2 and "metrics.jsonl: not a metrics file" in result.output
+    (tmp_path / "metrics.jsonl").write_text("")
+    result = runner.invoke(app, ["trace", str(tmp_path)])
+    assert result.exit_code == 2 and "hold no line and it has no batch file" in result.output
+
+
+def test_without_grad_norm_the_series_is_the_first_losss_lm_head_norm(tmp_path: Path) -> None:
+    for step in range(1, 5):
+        write_batch(tmp_path / f"step_{step}.safetensors", dump_tensors(dumpable_batch(step)))
+    # reinforce first: its column sorts after ppo_clip's, which must not decide the series
+    trace = trace_run(str(tmp_path), TraceSettings(losses=("reinforce", "ppo_clip")))
+    assert trace.series == "gradlens/reinforce/lm_head_norm"
+
+
+def test_a_sidecar_setting_of_the_wrong_type_is_named_with_the_sidecar(tmp_path: Path) -> None:
+    batch = dump_tensors(dumpable_batch(1))
+    for name, side in [("a", {"losses": "ppo_clip"}), ("b", {"loss": [1, 2]})]:
+        write_batch(tmp_path / f"{name}.safetensors", batch)
+        (tmp_path / f"{name}.json").write_text(json.dumps(side))
+    write_batch(tmp_path / "c.safetensors", batch)
+    bad = {b.name: b.error for b in trace_run(str(tmp_path)).bad_files}
+    assert "a.safetensors with its sidecar a.json" in bad["a.safetensors"]
+    assert "losses: Input should be a valid list" in bad["a.safetensors"]  # not 'p', 'p', 'o'
+    assert "loss: Input should be" in bad["b.safetensors"]
+
+
+def test_a_trace_plot_makes_its_missing_folders(run_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    target = tmp_path / "new" / "dir" / "t.svg"
+    result = runner.invoke(app, ["trace", str(run_dir), "--plot", str(target)])
+    assert result.exit_code == 0, result.output
+    assert target.read_text().startswith("<?xml")
+
+
+def test_a_metrics_file_of_any_name_may_start_with_a_blank_line(tmp_path: Path) -> None:
+    lines = [json.dumps({"step": s, "grad_norm": 1.0}) for s in (1, 2, 3)]
+    (tmp_path / "train_log.jsonl").write_text("\n" + "\n".join(lines) + "\n")
+    trace = trace_run(str(tmp_path))
+    assert [s.step for s in trace.steps] == [1, 2, 3] and not trace.bad_files
