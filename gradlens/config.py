@@ -1327,15 +1327,28 @@ def validate(data: dict[str, Any], origin: str = "the configuration") -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        lines = [format_error(err) for err in exc.errors()]
+        lines = merged_alternatives([format_error(err) for err in exc.errors()])
         raise GradlensError(
             f"{origin} has {len(lines)} problem(s):\n  " + "\n  ".join(lines)
         ) from None
 
 
+def merged_alternatives(lines: list[str]) -> list[str]:
+    """A setting that takes one of several forms (``'auto'`` or a mapping) gets one error per
+    form from pydantic: one line for it, the forms joined by "or"."""
+    merged: dict[str, list[str]] = {}
+    for line in lines:
+        where, _, message = line.partition(": ")
+        merged.setdefault(where, []).append(message)
+    return [
+        f"{where}: {'; or '.join(dict.fromkeys(messages))}" for where, messages in merged.items()
+    ]
+
+
 def format_error(err: Any) -> str:
     """One pydantic error as 'dotted.path: what is wrong (got X)'."""
-    loc = [str(p) for p in err["loc"]]
+    # a union's member tags (`literal['auto']`, `dict[str,int]`) are pydantic's, not keys
+    loc = [str(p) for p in err["loc"] if not (isinstance(p, str) and "[" in p)]
     # A discriminated union puts the chosen tag into the path: source.synthetic.vocab_size.
     source_kind = None
     if len(loc) >= 2 and loc[0] == "source" and loc[1] in SOURCE_KINDS:
@@ -1368,8 +1381,11 @@ def format_error(err: Any) -> str:
         keys = ", ".join(f"{where}.{key}" for key in got)
         noun = "key" if len(got) == 1 else "keys"
         message += f" (got the {noun} {keys}: {where} is a value, not a section)"
-    if not loc and message.partition(".")[0].partition(":")[0] in Config.model_fields:
+    named, colon, rest = message.partition(": ")
+    if not loc and named.partition(".")[0] in Config.model_fields:
         return message  # a check across sections, whose message names its own settings
+    if loc and colon and named.partition(".")[0] in allowed_keys(loc, source_kind):
+        return f"{where}.{named}: {rest}"  # a section's check names its own setting in it
     return f"{where}: {message}"
 
 

@@ -69,6 +69,10 @@ def post_estimates(
 
 
 def judge(prediction: GradNormPrediction, measured: float) -> GradNormPrediction:
+    """The measured norm against the estimate: within `PREDICTION_FACTOR`, or both zero (a
+    zero gradient, every advantage 0, is what the estimate says too: no ratio, agreement)."""
+    if not prediction.predicted and measured == 0.0:
+        return prediction.model_copy(update={"measured": 0.0, "ratio": None, "agrees": True})
     ratio = measured / prediction.predicted if prediction.predicted else math.inf
     agrees = bool(1 / PREDICTION_FACTOR <= ratio <= PREDICTION_FACTOR)
     return prediction.model_copy(

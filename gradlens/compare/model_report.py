@@ -126,7 +126,9 @@ def staleness_notes(section: Staleness) -> list[str]:
         kl = end.kl_k3 or 0.0
         if not target / TARGET_BAND <= kl <= target * TARGET_BAND:
             why = (
-                "the stale loss's gradient is zero (every advantage 0?)"
+                "the steps did not move π: the stale loss's gradient is zero, or its updates "
+                f"stayed below the weights' float resolution through {MAX_PROBES} learning "
+                "rates, each 30× the last"
                 if kl == 0.0
                 else f"after {MAX_PROBES} learning rates per step"
             )

@@ -161,7 +161,7 @@ def pass_text(p: ModelPass | None) -> str:
     replay = ", the blocks' inputs from the stale steps' last forward" if p.replayed_forward else ""
     return (
         f"{p.micro_batches} micro-batch(es), {p.forwards} forward(s) and {p.backwards} "
-        f"backward(s){ckpt}{replay}{packed}; budget {p.budget_bytes / 2**20:.0f} MiB, "
+        f"backward(s){ckpt}{replay}{packed}; budget {mib(p.budget_bytes)} MiB, "
         f"{p.bytes_per_sequence / 2**20:.1f} MiB kept per sequence{over}"
     )
 
@@ -269,3 +269,9 @@ def model_parts(report: CompareReport) -> list:
     if extra is not None:
         parts.append(extra)
     return parts
+
+
+def mib(size: int) -> str:
+    """Bytes in MiB as the pass lines show them: whole above 1 MiB, 3 digits below (0.3)."""
+    value = size / 2**20
+    return f"{value:.0f}" if value >= 1 else f"{value:.3g}"

@@ -275,9 +275,10 @@ def teacher_provides(names: frozenset[str] | set[str]) -> frozenset[str]:
 def stale_note(name: str, steps: int) -> str:
     """What a file dumped after stale steps means when its checkpoint recomputes it."""
     return (
-        f"{name} was dumped after {steps} stale optimizer step(s) of the model source, but "
-        "source.model_path holds the parameters before them (θ_old): the recomputed π_θ is the "
-        "file's π_old, so every ratio is 1 up to rounding; the steps' θ is not stored in the file"
+        f"{name} was dumped after {steps} stale optimizer step(s) of the model source, whose "
+        "parameters θ the file does not store: source.model_path recomputes π_θ at its own "
+        "parameters — at the checkpoint the dump started from (θ_old) that is the file's π_old, "
+        "and every ratio is 1 up to rounding; at another checkpoint, neither θ_old nor θ"
     )
 
 

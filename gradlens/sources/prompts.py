@@ -107,8 +107,11 @@ def tokenize_prompts(
                 f"({loaded.vocab_size}); tokenizer and model do not match"
             )
         if loaded.context is not None and len(tokens) + max_new_tokens > loaded.context:
+            # the setting to change first: max_new_tokens when it alone fills the context
+            alone = max_new_tokens >= loaded.context
+            named = f"source.max_new_tokens: {where}" if alone else f"{where}: the prompt"
             raise GradlensError(
-                f"{where}: the prompt is {len(tokens)} tokens; with source.max_new_tokens = "
+                f"{named} is {len(tokens)} tokens; with source.max_new_tokens = "
                 f"{max_new_tokens} it needs {len(tokens) + max_new_tokens} positions, but the "
                 f"model's context (max_position_embeddings) is {loaded.context}"
             )

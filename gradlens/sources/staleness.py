@@ -74,6 +74,7 @@ from torch import Tensor, nn
 
 from gradlens.config import DTYPE_NAMES_OF, StaleConfig
 from gradlens.containers import Batch, BlockTape, Sequences, StalenessRecord, StalePoint
+from gradlens.errors import GradlensError
 from gradlens.grads import (
     PolicyPass,
     objective,
@@ -132,26 +133,46 @@ class LearningRateSearch:
     """The learning rate that brings step k to the goal k/N·target (module docstring), accepted
     within a factor ``band`` of it."""
 
-    def __init__(self, target: float | None, steps: int, band: float = TARGET_BAND) -> None:
+    def __init__(
+        self,
+        target: float | None,
+        steps: int,
+        band: float = TARGET_BAND,
+        gradient_zero: bool = False,
+    ) -> None:
         self.target = target
         self.steps = steps
         self.band = band
+        # the stale loss's gradient is zero (every advantage 0 under a loss that scales with A):
+        # its steps move nothing at any learning rate, and a KL of 0 is not searched
+        self.gradient_zero = gradient_zero
         self.points: list[tuple[float, float]] = []  # (log lr, log KL) of this step's probes
         self.anchor: Tensor | None = None  # [M] log r_t at θ_{k−1} over the loss tokens
+        self.unmoved = 0  # this step's probes whose KL was exactly 0
 
     def start_step(self, anchor: Tensor | None = None) -> None:
         """A new step from θ_{k−1}, whose log-ratios over the loss tokens are ``anchor``."""
         self.points = []
         self.anchor = anchor
+        self.unmoved = 0
 
     def propose(self, k: int, log_ratio: Tensor, lr: float) -> float | None:
         """The learning rate to redo step k with, or None to accept it: ``log_ratio`` [M] is
-        log r_t = ℓ_t(θ_k) − ℓ_t(θ_old) over the loss tokens, in float64."""
+        log r_t = ℓ_t(θ_k) − ℓ_t(θ_old) over the loss tokens, in float64. A KL of exactly 0
+        from a gradient that is not zero is an update below the weights' resolution (θ + lr·u
+        rounds to θ): the step is redone with the largest scale, `SCALE_LIMITS`."""
         kl = float(k3(log_ratio).mean()) if log_ratio.numel() else 0.0
-        if self.target is None or k == 0 or not math.isfinite(kl) or kl <= 0.0:
+        if self.target is None or k == 0 or not math.isfinite(kl):
             return None
+        if kl <= 0.0:
+            probes = len(self.points) + self.unmoved
+            if self.gradient_zero or probes >= MAX_PROBES:
+                return None
+            self.unmoved += 1
+            return lr * SCALE_LIMITS[1]
         goal = self.target * k / self.steps
-        if abs(math.log(kl / goal)) <= math.log(self.band) or len(self.points) >= MAX_PROBES:
+        done = len(self.points) + self.unmoved >= MAX_PROBES
+        if abs(math.log(kl / goal)) <= math.log(self.band) or done:
             return None
         self.points.append((math.log(lr), math.log(kl)))
         scale = None
@@ -249,17 +270,20 @@ def _search_on_subset(
     temperature: float,
     bias: bool,
     head: TiedHead,
+    gradient_zero: bool = False,
 ) -> int:
     """The first step's learning rate searched on the sequences ``rows`` alone, by forwards
     without autograd, before the whole batch's forward (module docstring); returns the redos
     taken. Its log-ratios start at 0 (θ_0 = θ_old)."""
     mask = seqs.loss_mask[rows]
-    search = LearningRateSearch(target, steps, SUBSET_BAND)
+    search = LearningRateSearch(target, steps, SUBSET_BAND, gradient_zero)
     search.start_step(torch.zeros(int(mask.sum()), dtype=torch.float64, device=mask.device))
     redos = 0
     while redos < MAX_PROBES:
         logp = _forward(model, seqs, rows, temperature, bias, head).logp
-        lr = search.propose(1, (logp - old_logp[rows])[mask].double(), optimizer.lr)
+        log_ratio = (logp - old_logp[rows])[mask].double()
+        check_finite(log_ratio, 1, optimizer.lr)
+        lr = search.propose(1, log_ratio, optimizer.lr)
         if lr is None:
             break
         optimizer.rescale(lr)
@@ -375,7 +399,8 @@ def stale_steps(
     plan = plan_micro_batches(loss_tokens(mask), per_sequence, vocab, budget_bytes)
     fused = plan.single  # update each parameter inside the backward
     needs_entropy = reads_entropy([spec], params)
-    search = LearningRateSearch(cfg.target_kl, cfg.steps)
+    gradient_zero = spec.uses_advantage and not bool(advantages[mask].ne(0).any())
+    search = LearningRateSearch(cfg.target_kl, cfg.steps, gradient_zero=gradient_zero)
     every = list(range(int(mask.shape[0])))
     subset = subset_rows(len(every), groups) if cfg.target_kl is not None else None
 
@@ -398,7 +423,7 @@ def stale_steps(
                 assert cfg.target_kl is not None  # a subset is chosen only with a target
                 on_subset = _search_on_subset(
                     model, seqs, subset, old_logp, cfg.target_kl, cfg.steps, optimizer,
-                    temperature, bias, head,
+                    temperature, bias, head, gradient_zero,
                 )  # fmt: skip
                 probes = on_subset
             while True:
@@ -417,6 +442,7 @@ def stale_steps(
                         old_mass = kept_log_mass(point.graph, kept_ids)
                     elif kept_ids is not None:
                         old_mass = point.kept_mass
+                check_finite(ratio(point.logp), k, optimizer.lr)
                 lr = search.propose(k, ratio(point.logp), optimizer.lr)
                 if lr is None:
                     break
@@ -474,6 +500,18 @@ def stale_steps(
     return StaleResult(
         record, old_logp, point.hidden, old_mass, tape=point.tape, sequence_bytes=probed
     )
+
+
+def check_finite(log_ratio: Tensor, k: int, lr: float) -> None:
+    """Refuse a step that made the log-probs non-finite (a learning rate far too large: the
+    logits overflow). A redo cannot repair it exactly — θ_{k−1} = θ_k − lr·u loses θ_{k−1}'s
+    bits once lr·u dwarfs them — so the run stops and names the setting."""
+    if k > 0 and not bool(torch.isfinite(log_ratio).all()):
+        raise GradlensError(
+            f"source.stale.lr: stale step {k} at learning rate {lr:g} made the log-probs "
+            "non-finite (the logits overflowed); lower source.stale.lr (with target_kl, the "
+            "learning-rate search starts from it and cannot undo a step that large exactly)"
+        )
 
 
 @torch.no_grad()

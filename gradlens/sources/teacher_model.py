@@ -27,6 +27,7 @@ sampled, once it is loaded).
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -55,6 +56,8 @@ def check_same_vocabulary(teacher: LoadedModel, student: LoadedModel) -> None:
             f"its tokenizer has {len(teacher.tokenizer)} tokens and the student's "
             f"{len(student.tokenizer)}"
         )
+    if not problems:
+        problems += token_map_differences(teacher.tokenizer, student.tokenizer)
     if problems:
         raise GradlensError(
             f"{KEY}: {teacher.path} does not share the student's vocabulary: "
@@ -62,6 +65,23 @@ def check_same_vocabulary(teacher: LoadedModel, student: LoadedModel) -> None:
             + ". Distillation compares the two distributions entry by entry, so the teacher "
             "needs the same tokenizer vocabulary (a checkpoint of the same model family)"
         )
+
+
+def token_map_differences(teacher: Any, student: Any) -> list[str]:
+    """How two tokenizers of one size map tokens to other ids (empty when they agree, or when
+    either cannot list its vocabulary): one special token more shifts every id after it."""
+    try:
+        ours, theirs = teacher.get_vocab(), student.get_vocab()
+    except (AttributeError, NotImplementedError, TypeError):
+        return []
+    moved = sorted(tok for tok, i in theirs.items() if ours.get(tok) != i)
+    if not moved:
+        return []
+    example = moved[0]
+    return [
+        f"its tokenizer gives {len(moved)} of the student's {len(theirs)} tokens another id "
+        f"(e.g. {example!r}: {ours.get(example)} against the student's {theirs[example]})"
+    ]
 
 
 def check_teacher_context(context: int | None, path: str, longest: int, what: str) -> None:

@@ -252,7 +252,7 @@ def test_a_check_across_sections_names_its_setting_not_the_top_level():
 
 def test_stale_steps_on_a_loss_that_needs_a_teacher_need_one():
     base = ["source.kind=model", "source.stale.loss=opd"]
-    with pytest.raises(GradlensError, match=r"stale\.loss: opd needs the teacher's log q"):
+    with pytest.raises(GradlensError, match=r"source\.stale\.loss: opd needs the teacher's log q"):
         build_config(None, base)
     assert build_config(None, [*base, "source.teacher_path=builtin"]).source.stale.loss == "opd"
     assert build_config(None, [*base, "source.stale.steps=0"]).source.stale.steps == 0

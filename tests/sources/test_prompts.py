@@ -150,3 +150,17 @@ def test_chat_template_from_the_command_line(instruct):
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "word_limit" in result.stdout
+
+
+def test_a_prompt_beyond_the_context_names_the_setting_to_change(instruct):
+    # the instruct checkpoint has a context of 128 positions
+    from gradlens.sources.checkpoint import load_checkpoint
+    from gradlens.sources.prompts import tokenize_prompts
+
+    loaded = load_checkpoint(str(instruct), torch.device("cpu"), torch.float32)
+    with pytest.raises(GradlensError) as alone:  # max_new_tokens fills the context by itself
+        tokenize_prompts(["hi"], "source.prompts", loaded, 1000)
+    assert str(alone.value).startswith("source.max_new_tokens: source.prompts[0] is ")
+    with pytest.raises(GradlensError) as long:  # a long prompt with a few new tokens
+        tokenize_prompts(["word " * 200], "source.prompts", loaded, 4)
+    assert str(long.value).startswith("source.prompts[0]: the prompt is ")

@@ -20,12 +20,14 @@ from rich.console import Console
 from gradlens.compare import run_compare
 from gradlens.config import validate
 from gradlens.diagnostics.staleness import FAR_CLIP, FAR_KL, kl_k3
+from gradlens.errors import GradlensError
 from gradlens.grads import objective
 from gradlens.losses import Aggregation, LossParams, get_loss
 from gradlens.report.model_table import model_parts
 from gradlens.sources.checkpoint import load_checkpoint
 from gradlens.sources.forward import row_gradient_embedding
 from gradlens.sources.staleness import (
+    MAX_PROBES,
     SCALE_LIMITS,
     TARGET_BAND,
     LearningRateSearch,
@@ -316,3 +318,31 @@ def test_the_row_gradient_leaves_untied_and_already_sparse_embeddings_alone(tied
     with row_gradient_embedding(model) as applies:
         assert not applies and model.embed.sparse is sparse
     assert model.embed.sparse is sparse
+
+
+def test_a_step_that_moved_nothing_is_redone_larger_unless_the_gradient_is_zero():
+    # KL exactly 0: θ + lr·u rounded to θ (an update below the weights' resolution); with a
+    # gradient that is not zero the step is redone with the largest scale, at most MAX_PROBES
+    # times; a zero gradient (every advantage 0) moves nothing at any learning rate
+    still = torch.zeros(10, dtype=torch.float64)
+    search = LearningRateSearch(0.01, 2)
+    search.start_step(still)
+    proposed = [search.propose(1, still, 1e-11) for _ in range(MAX_PROBES + 1)]
+    assert proposed == [1e-11 * SCALE_LIMITS[1]] * MAX_PROBES + [None]
+    zero = LearningRateSearch(0.01, 2, gradient_zero=True)
+    zero.start_step(still)
+    assert zero.propose(1, still, 1e-11) is None
+
+
+@pytest.mark.slow
+def test_a_float32_step_below_the_weights_resolution_is_searched_up(llama):
+    cfg = config(llama, steps=2, lr=1e-12, target_kl=0.02)
+    report = run_compare(validate({**cfg.model_dump(mode="json"), "dtype": "float32"}))
+    first = report.model.staleness.trajectory[1]
+    assert first.probes >= 1 and first.lr > 1e-12 and first.kl_k3 > 0
+
+
+def test_a_step_that_makes_the_log_probs_non_finite_is_refused_naming_the_lr(llama):
+    named = r"source\.stale\.lr: stale step 1 at learning rate 1e\+30"
+    with pytest.raises(GradlensError, match=named):
+        run_compare(config(llama, steps=2, lr=1e30, target_kl=0.01))

@@ -27,7 +27,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 pytestmark = pytest.mark.slow  # two checkpoints built for the module (tests/conftest.py)
 
-from tiny_checkpoints import VOCAB, save_checkpoint  # noqa: E402
+from tiny_checkpoints import VOCAB, save_checkpoint, save_instruct_checkpoint  # noqa: E402
 
 runner = CliRunner()
 PROMPTS = ["def add(a, b):\n", "import os\n"]
@@ -164,6 +164,18 @@ def test_a_teacher_of_another_vocabulary_is_refused(
     result = runner.invoke(app, ["compare", "-c", str(path)])
     assert result.exit_code == 2
     assert f"lm_head has {2 * VOCAB} rows and the student's {VOCAB}" in result.stderr
+
+
+def test_a_teacher_whose_tokenizer_maps_tokens_to_other_ids_is_refused(
+    checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    # the instruct tokenizer has the student's size, but its special tokens shift the ids:
+    # the two distributions would be compared entry by entry over different tokens
+    other = save_instruct_checkpoint(tmp_path / "instruct")
+    with pytest.raises(
+        Exception, match=r"does not share the student's vocabulary: its tokenizer gives \d+ of"
+    ):
+        batch_of(config(checkpoints["student"], other))
 
 
 def test_a_teacher_whose_context_is_too_short_is_refused_before_the_rollout(
