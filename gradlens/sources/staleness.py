@@ -33,7 +33,9 @@ which the tokens show and a power law of the mean KL does not; where no s reache
 that line, s comes from KL ∝ s^slope, slope 2 at the first probe (the KL of a small step is
 quadratic in its size), then the slope the last two probes measured. A probe costs one
 forward, and an accepted one is the next step's own forward. A step whose update is zero
-(every advantage 0) is not probed. With ``target_kl: null`` the steps take ``lr`` as given.
+(every advantage 0) is not probed; one whose KL is exactly 0 from a gradient that is not zero
+(θ + lr·u rounded back to θ) is redone at the largest scale; one that made the log-probs
+non-finite stops the run (`check_finite`). With ``target_kl: null`` the steps take ``lr`` as given.
 
 The first step's learning rate is the user's guess, and a guess made for another model size is
 often off by 10× or more (5e-5 gives a 135M-parameter model 49× the goal), so that step is
