@@ -1376,6 +1376,8 @@ def format_error(err: Any) -> str:
     got = err.get("input")
     if kind != "missing" and (got is None or isinstance(got, (int, float, str, bool))):
         message += f" (got {got!r})"
+    elif got == {}:
+        message += " (got an empty mapping {})"
     elif isinstance(got, dict) and kind.endswith(("_type", "_parsing")):
         # keys under a value: `--set loss.eps_low.x=1`, or a YAML mapping where a value goes
         keys = ", ".join(f"{where}.{key}" for key in got)

@@ -28,7 +28,8 @@ def mismatch_figure(report: CompareReport) -> Any:
     if m is None or m.histogram is None:
         raise GradlensError(
             "--plot-mismatch draws the training–inference gap, and this batch has no rollout "
-            "log-probs (rollout_logp): use the model source or a batch file that carries them"
+            "log-probs (rollout_logp): set source.rollout_drift (synthetic source), or use the "
+            "model source or a batch file that carries them"
         )
     from matplotlib.colors import LogNorm
     from matplotlib.figure import Figure

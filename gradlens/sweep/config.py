@@ -350,6 +350,8 @@ def parse_over(text: str) -> tuple[str, list[Any]]:
         raise GradlensError(
             f"--over {text!r}: the values are not a comma-separated list ({yaml_problem(exc, 1)})"
         ) from None
+    if len(values) == 1 and isinstance(values[0], list) and raw.strip().startswith("["):
+        values = values[0]  # the bracketed form --parity-matrix takes: [v1, v2] lists values
     if not values:
         raise GradlensError(f"--over {text!r}: no values; give at least one, e.g. {key}=0.2,0.4")
     twice = repeated_value(values)

@@ -755,3 +755,14 @@ def test_findings_over_several_advantages_name_the_sign_they_hold_for() -> None:
     assert any(line.startswith("• ppo_clip, A > 0: switched off") for line in lines), lines
     assert any(line.startswith("• ppo_clip, A < 0: switched off") for line in lines), lines
     assert not any("±" in line for line in lines), lines
+
+
+def test_over_takes_the_bracketed_list_that_parity_matrix_takes() -> None:
+    from gradlens.sweep.config import parse_over
+
+    assert parse_over("loss.aggregation=[token_mean, token_sum]") == (
+        "loss.aggregation",
+        ["token_mean", "token_sum"],
+    )
+    assert parse_over("loss.aggregation=token_mean,token_sum")[1] == ["token_mean", "token_sum"]
+    assert parse_over("loss.dual_clip=null,3")[1] == [None, 3]
