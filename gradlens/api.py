@@ -95,6 +95,13 @@ def _tensor(name: str, value: Any) -> Tensor:
     return value.detach()
 
 
+def _on_weights_device(name: str, value: Tensor, weight: Tensor) -> None:
+    if value.device != weight.device:
+        raise GradlensError(
+            f"{name} is on {value.device} and weight on {weight.device}: use one device"
+        )
+
+
 def _shape(name: str, value: Tensor, shape: tuple[int, ...]) -> None:
     if tuple(value.shape) != shape:
         raise GradlensError(f"{name}: expected shape {list(shape)}, got {list(value.shape)}")
@@ -143,8 +150,7 @@ def build_batch(
             f"weight: dtype {w.dtype} is not supported; use one of "
             + ", ".join(str(d).removeprefix("torch.") for d in DTYPE_NAMES)
         )
-    if h.device != w.device:
-        raise GradlensError(f"hidden is on {h.device} and weight on {w.device}: use one device")
+    _on_weights_device("hidden", h, w)
     if rows is not None and w.shape[0] != rows.stop - rows.start:
         raise GradlensError(
             f"weight: this rank's shard has {w.shape[0]} rows, but vocab_rows "
@@ -178,13 +184,9 @@ def build_batch(
             ("ref_logp", ref_logp),
         )
     }
-    given = {"tokens": y, "mask": m, "advantages": a}
-    given.update({name: value for name, value in logps.items() if value is not None})
-    for name, value in given.items():
-        if value.device != w.device:
-            raise GradlensError(
-                f"{name} is on {value.device} and weight on {w.device}: use one device"
-            )
+    for name, value in {"tokens": y, "mask": m, "advantages": a, **logps}.items():
+        if value is not None:
+            _on_weights_device(name, value, w)
     prompt_groups = None
     if groups is not None:
         g = _tensor("groups", groups)

@@ -1327,28 +1327,41 @@ def validate(data: dict[str, Any], origin: str = "the configuration") -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        lines = merged_alternatives([format_error(err) for err in exc.errors()])
+        lines = merged_alternatives(exc.errors())
         raise GradlensError(
             f"{origin} has {len(lines)} problem(s):\n  " + "\n  ".join(lines)
         ) from None
 
 
-def merged_alternatives(lines: list[str]) -> list[str]:
-    """A setting that takes one of several forms (``'auto'`` or a mapping) gets one error per
-    form from pydantic: one line for it, the forms joined by "or"."""
-    merged: dict[str, list[str]] = {}
-    for line in lines:
+def merged_alternatives(errors: list[Any]) -> list[str]:
+    """Each pydantic error as `format_error` words it; a setting that takes one of several forms
+    (``'auto'`` or a mapping) gets one error per form, tagged in its path (`_union_tag`): one
+    line for it, the forms joined by "or"."""
+    lines: list[str] = []
+    forms: dict[str, int] = {}  # a tagged setting's path → its line
+    for err in errors:
+        line = format_error(err)
+        if not any(_union_tag(p) for p in err["loc"]):
+            lines.append(line)
+            continue
         where, _, message = line.partition(": ")
-        merged.setdefault(where, []).append(message)
-    return [
-        f"{where}: {'; or '.join(dict.fromkeys(messages))}" for where, messages in merged.items()
-    ]
+        if where in forms:
+            lines[forms[where]] += f"; or {message}"
+        else:
+            forms[where] = len(lines)
+            lines.append(line)
+    return lines
+
+
+def _union_tag(part: Any) -> bool:
+    """A part of an error's path that names a union's member (`literal['auto']`,
+    `dict[str,int]`), pydantic's, not a key."""
+    return isinstance(part, str) and "[" in part
 
 
 def format_error(err: Any) -> str:
     """One pydantic error as 'dotted.path: what is wrong (got X)'."""
-    # a union's member tags (`literal['auto']`, `dict[str,int]`) are pydantic's, not keys
-    loc = [str(p) for p in err["loc"] if not (isinstance(p, str) and "[" in p)]
+    loc = [str(p) for p in err["loc"] if not _union_tag(p)]
     # A discriminated union puts the chosen tag into the path: source.synthetic.vocab_size.
     source_kind = None
     if len(loc) >= 2 and loc[0] == "source" and loc[1] in SOURCE_KINDS:

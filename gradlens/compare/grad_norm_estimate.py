@@ -17,9 +17,9 @@ from __future__ import annotations
 import math
 
 from gradlens.compare.records import TokenSummary
-from gradlens.containers import Batch, valid_index
+from gradlens.containers import Batch
 from gradlens.diagnostics.numbers import num
-from gradlens.grads import objective, on_grid
+from gradlens.grads import objective
 from gradlens.losses import Aggregation, LossParams, get_loss
 from gradlens.results import PREDICTION_FACTOR, GradNormPrediction, ModelGradients, SftOverRl
 
@@ -39,8 +39,7 @@ def post_estimates(
     entropy = float(tokens.entropy.double().mean())
     adv = float(batch.advantages[mask].double().abs().mean())
     sampled = tokens.sampled_probs.double()  # [M] π_θ(y_t)
-    rows, cols = valid_index(mask)
-    token_entropy = on_grid(tokens.entropy, rows, cols, mask.shape)  # [N, T] H_t
+    token_entropy = tokens.entropy_grid(mask)  # [N, T] H_t
     out = {}
     for name in names:
         spec = get_loss(name)

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from gradlens.compare.grad_norm_estimate import judge, post_estimates, sft_over_rl
 from gradlens.compare.gradient_norms import GradientSink
 from gradlens.compare.records import TokenSummary
-from gradlens.containers import Batch, BlockTape, ModelContext, Teacher, valid_index
+from gradlens.containers import Batch, BlockTape, ModelContext, Teacher
 from gradlens.diagnostics.numbers import num
 from gradlens.grads import (
     PolicyPass,
@@ -221,8 +221,7 @@ class _MicroLosses:
         self.batch, self.ctx, self.tokens, self.head = batch, ctx, tokens, head
         self.params, self.aggregation, self.single = params, aggregation, single
         self.kept = replayed_ids(batch)  # [N, T, K]: a replayed batch's kept sets
-        rows, cols = valid_index(batch.mask)
-        self.entropy_grid = on_grid(tokens.entropy, rows, cols, batch.mask.shape)  # [N, T]
+        self.entropy_grid = tokens.entropy_grid(batch.mask)  # [N, T]
 
     def losses(self, rows: list[int], names: list[str]) -> list[Tensor]:
         """L_k of the sequences ``rows`` (the whole batch's loss, differentiable in them)."""

@@ -21,7 +21,7 @@ from gradlens.results import (
     RolloutSummary,
     Staleness,
 )
-from gradlens.sources.staleness import MAX_PROBES, TARGET_BAND
+from gradlens.sources.staleness import MAX_PROBES, SCALE_LIMITS, TARGET_BAND
 
 
 def model_info(loaded: LoadedModel, train_dtype: str, rollout_dtype: str | None) -> ModelInfo:
@@ -128,7 +128,7 @@ def staleness_notes(section: Staleness) -> list[str]:
             why = (
                 "the steps did not move π: the stale loss's gradient is zero, or its updates "
                 f"stayed below the weights' float resolution through {MAX_PROBES} learning "
-                "rates, each 30× the last"
+                f"rates, each {SCALE_LIMITS[1]:g}× the last"
                 if kl == 0.0
                 else f"after {MAX_PROBES} learning rates per step"
             )

@@ -15,14 +15,14 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from gradlens.compare.findings import attribution_notes, findings, input_notes, signal
-from gradlens.containers import Batch
+from gradlens.containers import Batch, valid_index
 from gradlens.diagnostics.agreement import weight_unjudged
 from gradlens.diagnostics.attribution import AttributionInputs, attribution
 from gradlens.diagnostics.clipping import clipping
 from gradlens.diagnostics.metrics import terms_metrics
 from gradlens.diagnostics.numbers import num
 from gradlens.diagnostics.token_text import TokenTexts
-from gradlens.grads import Objective
+from gradlens.grads import Objective, on_grid
 from gradlens.losses import LossParams, LossSpec
 from gradlens.results import Agreement, LossReport, RowNorms, SampledRow, TokenDetail, ZeroSum
 
@@ -40,6 +40,10 @@ class TokenSummary:
     logp: Tensor
     entropy: Tensor
     sampled_probs: Tensor
+
+    def entropy_grid(self, mask: Tensor) -> Tensor:
+        """[N, T] H_t on the batch's grid (``mask`` [N, T]), 0 off the mask."""
+        return on_grid(self.entropy, *valid_index(mask), mask.shape)
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,7 @@ from gradlens.diagnostics.support import support_report
 from gradlens.diagnostics.token_text import batch_tokenizer, token_texts
 from gradlens.engine.fused import check_device
 from gradlens.errors import GradlensError
-from gradlens.grads import effective_old_logp, on_grid, reads_entropy, replay, valid_index
+from gradlens.grads import effective_old_logp, reads_entropy, replay
 from gradlens.logits import softmax_dtype
 from gradlens.losses import Aggregation, LossParams, LossSpec, get_loss
 from gradlens.losses.corrections import missing_rollout
@@ -394,9 +394,7 @@ def _report(
             config.split.convention,
             options.memory_budget_bytes,
             options.vocab_chunk,
-            entropy=on_grid(run.tokens.entropy, *valid_index(batch.mask), batch.mask.shape)
-            if reads_entropy(specs, params)
-            else None,
+            entropy=run.tokens.entropy_grid(batch.mask) if reads_entropy(specs, params) else None,
         )
     all_checks = checks(summary, reports, parity, batch.origin.name("mask", ()), split)
     return CompareReport(

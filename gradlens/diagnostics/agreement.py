@@ -77,9 +77,14 @@ def judged(
         grad_logits=errors[1],
         grad_weight=errors[2],
         tolerance=tol,
-        passed=all(e is not None and e <= tol for e in errors),
+        passed=within(errors, tol),
         **scope,
     )
+
+
+def within(errors: tuple[float | None, ...], tolerance: float) -> bool:
+    """Every error measured (a missing one is non-finite) and at most ``tolerance``."""
+    return all(e is not None and e <= tolerance for e in errors)
 
 
 def weight_unjudged(agreement: Agreement) -> Agreement:
@@ -89,10 +94,7 @@ def weight_unjudged(agreement: Agreement) -> Agreement:
     judged."""
     judged_errors = (agreement.coefficient, agreement.grad_logits)
     return agreement.model_copy(
-        update={
-            "weight_judged": False,
-            "passed": all(e is not None and e <= agreement.tolerance for e in judged_errors),
-        }
+        update={"weight_judged": False, "passed": within(judged_errors, agreement.tolerance)}
     )
 
 

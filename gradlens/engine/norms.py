@@ -20,7 +20,10 @@ entry are computed again, in float64 and scaled by their largest entry s,
 
 whose squares lie in [0, 1] and whose sum cannot leave float64's range; exactly zero rows
 (outside a kept set every row is) keep their 0, and a row with an inf or NaN keeps what the
-fast norm made of it. The cost is that of the rows recomputed alone.
+fast norm made of it. The cost is that of the rows recomputed, plus, when some norm lies
+outside the range, one max and one min per row to leave the zero rows out (an 8192 × 576 chunk
+with nearly every row zero: 1.4 ms against 42 ms for gathering them, 0.4 ms for the fast norm,
+on the 2-core development machine).
 """
 
 from __future__ import annotations
@@ -40,12 +43,16 @@ def safe_range(dtype: torch.dtype) -> tuple[float, float]:
     return low, (info.max / 2) ** 0.5
 
 
-def repair_norms(norms: Tensor, rows: Callable[[Tensor], Tensor]) -> None:
+def repair_norms(
+    norms: Tensor, rows: Callable[[Tensor], Tensor], held: Tensor | None = None
+) -> None:
     """Recompute in place, as the module docstring says, the entries of ``norms`` [V] (fast
     norms of rows in ``norms``' dtype) outside the safe range; ``rows(index)`` gives the rows
-    at ``index`` [n] ([n, H])."""
+    at ``index`` [n] ([n, H]); ``held`` [V], when known, which rows hold a non-zero entry (the
+    others are not gathered: outside a kept set nearly every row is zero)."""
     low, high = safe_range(norms.dtype)
-    index = torch.nonzero(~((norms >= low) & (norms <= high))).squeeze(-1)
+    outside = ~((norms >= low) & (norms <= high))
+    index = torch.nonzero(outside if held is None else outside & held).squeeze(-1)
     if index.numel() == 0:
         return
     wide = rows(index).to(torch.float64)
@@ -61,5 +68,10 @@ def repair_norms(norms: Tensor, rows: Callable[[Tensor], Tensor]) -> None:
 def safe_row_norms(rows: Tensor) -> Tensor:
     """[V] ‖r_v‖ of ``rows`` [V, H], in their dtype, without underflow or overflow."""
     norms = rows.norm(dim=1)
-    repair_norms(norms, lambda index: rows[index])
+    low, high = safe_range(norms.dtype)
+    if not bool(((norms >= low) & (norms <= high)).all()):
+        # a zero row has max = min = 0: two reductions, a tenth of gathering the rows (and
+        # faster here than torch.aminmax's single pass)
+        held = (torch.amax(rows, dim=1) != 0) | (torch.amin(rows, dim=1) != 0)
+        repair_norms(norms, lambda index: rows[index], held)
     return norms

@@ -158,6 +158,11 @@ class LearningRateSearch:
         self.anchor = anchor
         self.unmoved = 0
 
+    @property
+    def tries(self) -> int:
+        """This step's redos so far."""
+        return len(self.points) + self.unmoved
+
     def propose(self, k: int, log_ratio: Tensor, lr: float) -> float | None:
         """The learning rate to redo step k with, or None to accept it: ``log_ratio`` [M] is
         log r_t = ℓ_t(θ_k) − ℓ_t(θ_old) over the loss tokens, in float64. A KL of exactly 0
@@ -167,14 +172,12 @@ class LearningRateSearch:
         if self.target is None or k == 0 or not math.isfinite(kl):
             return None
         if kl <= 0.0:
-            probes = len(self.points) + self.unmoved
-            if self.gradient_zero or probes >= MAX_PROBES:
+            if self.gradient_zero or self.tries >= MAX_PROBES:
                 return None
             self.unmoved += 1
             return lr * SCALE_LIMITS[1]
         goal = self.target * k / self.steps
-        done = len(self.points) + self.unmoved >= MAX_PROBES
-        if abs(math.log(kl / goal)) <= math.log(self.band) or done:
+        if abs(math.log(kl / goal)) <= math.log(self.band) or self.tries >= MAX_PROBES:
             return None
         self.points.append((math.log(lr), math.log(kl)))
         scale = None
@@ -444,8 +447,9 @@ def stale_steps(
                         old_mass = kept_log_mass(point.graph, kept_ids)
                     elif kept_ids is not None:
                         old_mass = point.kept_mass
-                check_finite(ratio(point.logp), k, optimizer.lr)
-                lr = search.propose(k, ratio(point.logp), optimizer.lr)
+                log_ratio = ratio(point.logp)
+                check_finite(log_ratio, k, optimizer.lr)
+                lr = search.propose(k, log_ratio, optimizer.lr)
                 if lr is None:
                     break
                 point = _Point(point.logp, None, None, None)  # drop the graph before redoing

@@ -176,16 +176,11 @@ class SweepConfig(Strict):
     def _only_what_is_drawn(self) -> SweepConfig:
         """The settings that act outside the loss functions are not drawn (a point has no
         rollout policy, no batch, no teacher): refused, not silently left out."""
-        loss = self.loss
+        defaults = LossConfig()
         given = [
-            name
-            for name, set_ in (
-                ("loss.corrections", bool(loss.corrections)),
-                ("loss.entropy_coef", loss.entropy_coef != 0.0),
-                ("loss.top_entropy_quantile", loss.top_entropy_quantile < 1.0),
-                ("loss.distill", loss.distill is not None),
-            )
-            if set_
+            f"loss.{name}"
+            for name in NOT_DRAWN_SETTINGS
+            if getattr(self.loss, name) != getattr(defaults, name)
         ]
         if given:
             raise ValueError(
@@ -245,17 +240,16 @@ class SweepConfig(Strict):
 
 # ----------------------------------------------------------------------------- keys
 
-# Keys that shape the grid or the run rather than the loss: they cannot be `over` keys.
-# why the sweep refuses the settings that act outside the loss functions
+# The loss settings that act outside the loss functions (sweep.md), and why the sweep refuses
+# them anywhere (`SweepConfig._only_what_is_drawn`, and as `over` keys).
+NOT_DRAWN_SETTINGS = ("corrections", "entropy_coef", "top_entropy_quantile", "distill")
 NOT_DRAWN = (
     "the sweep draws the loss functions at single tokens, and this acts outside them (a point "
     "has no rollout policy, no batch to take a quantile or a mean over, no teacher)"
 )
+# Keys that shape the grid or the run rather than the loss: they cannot be `over` keys.
 _NOT_SWEPT = {
-    **{
-        f"loss.{name}": NOT_DRAWN
-        for name in ("corrections", "entropy_coef", "top_entropy_quantile", "distill")
-    },
+    **{f"loss.{name}": NOT_DRAWN for name in NOT_DRAWN_SETTINGS},
     "losses": "name several losses with --losses (each loss is already its own curve)",
     "vary": "it chooses the axes; run one sweep per axis",
     "over": "it is the list of swept keys itself",

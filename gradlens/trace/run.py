@@ -224,13 +224,13 @@ def file_config(entry: FileEntry, settings: TraceSettings) -> Config:
     config's error, naming the sidecar and the setting; a string of losses is not a list)."""
     side = entry.sidecar
     diagnostics = side.get("diagnostics")
+    if diagnostics is None:
+        diagnostics = {}
     data: dict[str, Any] = {
         "source": {"kind": "batch", "path": str(entry.path)},
         "diagnostics": {"reference": "none", **diagnostics}
         if isinstance(diagnostics, dict)
-        else {"reference": "none"}
-        if diagnostics is None
-        else diagnostics,
+        else diagnostics,  # the config's own error names it
     }
     if side.get("dtype"):
         data["dtype"] = side["dtype"]
@@ -404,8 +404,10 @@ def trace_run(target: str, settings: TraceSettings | None = None) -> TraceReport
     keys = {c.key for c in cols}
     # without the trainer's grad_norm, the first loss's lm_head norm (the loss whose
     # contributors a spike lists), else any loss's
-    first = [by_step[s][1].losses[0] for s in sorted(by_step)]
-    preferred = f"gradlens/{first[0]}/lm_head_norm" if first else None
+    earliest = min(by_step, default=None)
+    preferred = (
+        None if earliest is None else f"gradlens/{by_step[earliest][1].losses[0]}/lm_head_norm"
+    )
     series = (
         "grad_norm"
         if "grad_norm" in keys

@@ -54,8 +54,9 @@ def test_rows_with_an_infinity_or_a_nan_keep_what_the_plain_norm_makes_of_them()
 
 
 def test_only_rows_outside_the_safe_range_are_recomputed(monkeypatch):
-    rows = torch.ones(4, 8)
+    rows = torch.ones(5, 8)
     rows[2] *= 1e-30
+    rows[3:] = 0.0  # exactly zero rows keep their 0 without being gathered
     seen = []
     original = torch.Tensor.to
 
@@ -68,3 +69,4 @@ def test_only_rows_outside_the_safe_range_are_recomputed(monkeypatch):
     got = safe_row_norms(rows)
     assert seen == [1]  # row 2 alone
     assert float(got[2]) == pytest.approx(8**0.5 * 1e-30, rel=1e-6)
+    assert got[3:].tolist() == [0.0, 0.0]
