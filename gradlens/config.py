@@ -380,11 +380,11 @@ class StaleConfig(Strict):
     grad_dtype: Literal["auto", "model", "bfloat16"] = Field(
         "auto",
         description="precision of the stale steps' backward: the transformer blocks recomputed "
-        "for it run under autocast in bfloat16 (products in bf16, as a mixed-precision trainer "
-        "computes gradients), while every forward — π_old, π_θk, the loss — and the diagnosis "
-        "stay in the model's dtype; model: the backward in the model's dtype too; auto: "
-        "bfloat16 for a float32 model on a device that computes bf16 natively (as "
-        "rollout_dtype), the model's dtype elsewhere",
+        "for it run under autocast in bfloat16 and the lm_head's backward products take bf16 "
+        "operands (as a mixed-precision trainer computes gradients), while every forward — "
+        "π_old, π_θk, the loss — and the diagnosis stay in the model's dtype; model: the "
+        "backward in the model's dtype too; auto: bfloat16 for a float32 model on a device that "
+        "computes bf16 natively (as rollout_dtype), the model's dtype elsewhere",
     )
 
     @field_validator("loss")

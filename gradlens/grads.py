@@ -46,7 +46,7 @@ set to −inf (`gradlens.logits.restrict_logits`) before the softmax. The stored
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
 import torch
@@ -144,14 +144,17 @@ def policy_pass(
     mask: Tensor,
     kept_ids: Tensor | None = None,
     keep_logits: bool = True,
+    logits_of: Callable[[Tensor, Tensor], Tensor] = compute_logits,
 ) -> PolicyPass:
     """log π(y_t) over the valid tokens from the final hidden states [N, T, H] and W [V, H];
     with ``kept_ids`` [N, T, K] (`KeptSets.ids`) log π̃(y_t) on the replayed support. Without
-    ``keep_logits`` the [M, V] logits are freed once the log-softmax is formed."""
+    ``keep_logits`` the [M, V] logits are freed once the log-softmax is formed. ``logits_of``:
+    the [M, H] × [V, H] → [M, V] product (`compute_logits`, or one whose backward runs in
+    another dtype: `gradlens.sources.lowered_product`)."""
     rows, cols = valid_index(mask)
     h = hidden[rows, cols]  # [M, H]
     y = tokens[rows, cols]  # [M]
-    logits = compute_logits(h, weight)  # [M, V]
+    logits = logits_of(h, weight)  # [M, V]
     if kept_ids is not None:
         logits = restrict_logits(logits, kept_entries(kept_ids[rows, cols], 0, logits.shape[-1]))
     log_probs = torch.log_softmax(logits, dim=-1)  # [M, V]

@@ -74,21 +74,34 @@ class GradientSink:
         if not self.tied or key not in (self.emb_key, self.head_key):
             squares[key] = square_sum(g)
             return
-        halves = self.halves.setdefault(loss, {})
         h = self.hidden_size
         if key == self.head_key:
-            weight_sq = square_sum(g[:, :h])
-            bias_sq = square_sum(g[:, h:])  # 0 without a bias column
-            squares[key] = weight_sq + bias_sq
+            self.receive_head(loss, square_sum(g[:, :h]), square_sum(g[:, h:]), g[self.rows, :h])
+            return
+        squares[key] = square_sum(g)
+        self._pair(loss, "emb", squares[key], self._rows_of(g))
+
+    def receive_head(
+        self, loss: str, weight_sq: float, bias_sq: float, rows: Tensor | None
+    ) -> None:
+        """The lm_head's logit-path gradient of the whole batch given by what is kept of it
+        (`gradlens.compare.logp_tail`): ‖g_W'[:, :H]‖², ‖g_W'[:, H:]‖² (0 without a bias column)
+        and, with tied embeddings, its rows R [|R|, H]."""
+        squares = self.squares.setdefault(loss, {})
+        squares[self.head_key] = weight_sq + bias_sq
+        if self.tied:
+            assert rows is not None, "tied embeddings need the lm_head gradient's rows R"
             squares["bias"] = bias_sq
-            halves["head"] = (weight_sq, g[self.rows, :h])
-        else:
-            squares[key] = square_sum(g)
-            halves["emb"] = (squares[key], self._rows_of(g))
+            self._pair(loss, "head", weight_sq, rows)
+
+    def _pair(self, loss: str, half: str, square: float, rows: Tensor) -> None:
+        """One half of a tied pair; with both, ``"tied"`` = ‖G_W + G_E‖² (class docstring)."""
+        halves = self.halves.setdefault(loss, {})
+        halves[half] = (square, rows)
         if len(halves) == 2:
             (head_sq, head_rows), (emb_sq, emb_rows) = halves.pop("head"), halves.pop("emb")
             cross = float((head_rows.double() * emb_rows.double()).sum())
-            squares["tied"] = head_sq + emb_sq + 2 * cross
+            self.squares.setdefault(loss, {})["tied"] = head_sq + emb_sq + 2 * cross
 
     def _rows_of(self, g: Tensor) -> Tensor:
         """[|R|, H] the rows R of the embedding's gradient ``g`` (dense [V, H] or sparse and

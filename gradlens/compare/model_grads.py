@@ -11,15 +11,19 @@ How it runs (`ModelPass` in the report): the losses share each forward. Where th
 cut at its transformer blocks (`gradlens.sources.blockwise`), the forward records each block's
 input, and the backward goes one block at a time, each block recomputed once for all the
 losses (``checkpointed``); otherwise the forward keeps the whole graph and each loss has its
-own backward through it. The sequences go through in micro-batches planned for the memory
-budget (`gradlens.sources.microbatch`). In a micro-batch the log-probs of the other sequences
-are the batch's own (``tokens.logp``, without a graph), so each micro-batch's backward gives
-its share Σ_{t ∈ b} (∂L/∂ℓ_t)·∂ℓ_t/∂θ of the whole batch's gradient, and the shares add up to
-it exactly. The norms are taken parameter by parameter as each gradient is complete
-(`gradlens.compare.gradient_norms`), so no loss's whole gradient is ever held — unless the batch
-needs more than one micro-batch: then each loss's gradient is summed over the micro-batches
-first, and as many losses share the forwards as the budget has room for their sums; the others
-take their own.
+own backward through it. When every loss reads the logits only through ℓ_t and the whole batch
+goes through at once, the logit path is differentiated once for all of them
+(`gradlens.compare.logp_tail`): each loss's c_k = ∂L_k/∂ℓ by autograd of the objective on ℓ,
+the cotangents at the final hidden states c_k·d from one product, and of the lm_head's
+gradient its squared norm and tied rows from Gram matrices over the tokens. The sequences go through
+in micro-batches planned for the memory budget (`gradlens.sources.microbatch`). In a micro-batch the
+log-probs of the other sequences are the batch's own (``tokens.logp``, without a graph), so each
+micro-batch's backward gives its share Σ_{t ∈ b} (∂L/∂ℓ_t)·∂ℓ_t/∂θ of the whole batch's gradient,
+and the shares add up to it exactly. The norms are taken parameter by parameter as each gradient is
+complete (`gradlens.compare.gradient_norms`), so no loss's whole gradient is ever held — unless the
+batch needs more than one micro-batch: then each loss's gradient is summed over the micro-batches
+first, and as many losses share the forwards as the budget has room for their sums; the others take
+their own.
 
 The lm_head enters the forward as a separate leaf W' of its weight (the batch's own copy of
 it, which holds the same values, so no third copy is made), so its gradient is the logit path
@@ -42,6 +46,7 @@ from torch import Tensor, nn
 
 from gradlens.compare.grad_norm_estimate import judge, post_estimates, sft_over_rl
 from gradlens.compare.gradient_norms import GradientSink
+from gradlens.compare.logp_tail import LogpTail, cheaper, logp_tail
 from gradlens.compare.records import TokenSummary
 from gradlens.containers import Batch, BlockTape, ModelContext, Teacher
 from gradlens.diagnostics.numbers import num
@@ -52,6 +57,7 @@ from gradlens.grads import (
     on_grid,
     policy_entropy,
     policy_pass,
+    reads_entropy,
     replayed_ids,
 )
 from gradlens.losses import Aggregation, LossParams, get_loss
@@ -223,15 +229,57 @@ class _MicroLosses:
         self.kept = replayed_ids(batch)  # [N, T, K]: a replayed batch's kept sets
         self.entropy_grid = tokens.entropy_grid(batch.mask)  # [N, T]
 
-    def losses(self, rows: list[int], names: list[str]) -> list[Tensor]:
-        """L_k of the sequences ``rows`` (the whole batch's loss, differentiable in them)."""
-        batch, ctx, mask = self.batch, self.ctx, self.batch.mask
-        specs = [get_loss(name) for name in names]
+    def _hidden(self, rows: list[int]) -> Tensor:
+        """[n, T, H'] the final hidden states of the sequences ``rows``, with autograd."""
+        ctx = self.ctx
         with torch.enable_grad():
             part = ctx.sequences.select(rows)
             hidden = final_hidden(ctx.loaded.model, part, ctx.temperature, ctx.loaded.bias)
             hidden = hidden[:, ctx.offset :]
-            assert hidden.shape[:2] == mask[rows].shape, (hidden.shape, mask.shape)
+        grid = self.batch.mask[rows].shape
+        assert hidden.shape[:2] == grid, (hidden.shape, grid)
+        return hidden
+
+    def through_logp(self, names: list[str]) -> bool:
+        """Whether `tail` serves the losses ``names``: one micro-batch, the logits read only
+        through ℓ_t (no replayed kept sets, no entropy bonus, no distillation term) and
+        `gradlens.compare.logp_tail.cheaper` than autograd."""
+        specs = [get_loss(name) for name in names]
+        bonus = reads_entropy(specs, self.params) and self.params.entropy_coef != 0.0
+        distill = self.params.distill is not None and self.batch.teacher is not None
+        if not self.single or self.kept is not None or bonus or distill:
+            return False
+        return cheaper(int(self.batch.mask.sum()), len(names), int(self.head.shape[1]))
+
+    def tail(
+        self, rows: list[int], names: list[str], head_rows: Tensor | None, hidden_size: int
+    ) -> tuple[Tensor, LogpTail]:
+        """The final hidden states of the sequences ``rows`` (their graph kept) and the
+        `LogpTail` of the losses ``names`` on them, each c_k = ∂L_k/∂ℓ by autograd of
+        `objective` on ℓ alone (`through_logp` holds)."""
+        batch, mask = self.batch, self.batch.mask
+        specs = [get_loss(name) for name in names]
+        hidden = self._hidden(rows)
+        head = self.head.detach()
+        with torch.no_grad():
+            policy = policy_pass(hidden.detach(), head, batch.tokens[rows], mask[rows])
+            entropy = policy_entropy(policy, specs, self.params)  # detached: no bonus here
+        logp = policy.logp.detach().requires_grad_(True)
+        coefficients = []
+        for spec in specs:
+            with torch.enable_grad():
+                loss = objective(batch, logp, spec, self.params, self.aggregation, entropy).loss
+                (c,) = torch.autograd.grad(loss, logp, allow_unused=True)
+            c = torch.zeros_like(logp) if c is None else c
+            coefficients.append(c[policy.rows, policy.cols])
+        return hidden, logp_tail(policy, head, coefficients, hidden.shape, hidden_size, head_rows)
+
+    def losses(self, rows: list[int], names: list[str]) -> list[Tensor]:
+        """L_k of the sequences ``rows`` (the whole batch's loss, differentiable in them)."""
+        batch, mask = self.batch, self.batch.mask
+        specs = [get_loss(name) for name in names]
+        hidden = self._hidden(rows)
+        with torch.enable_grad():
             policy = policy_pass(
                 hidden,
                 self.head,
@@ -303,31 +351,50 @@ def _backward_blockwise(
     forward again (`replayed_blocks`); returns whether they were."""
     model = micro.ctx.loaded.model
     replayed = False
+    through = micro.through_logp(names)  # the logit path by `gradlens.compare.logp_tail`
+    head_rows = sink.rows if sink.tied else None
+
+    def forward() -> Any:
+        if through:
+            return micro.tail(rows, names, head_rows, sink.hidden_size)
+        return micro.losses(rows, names)
+
     if recorded is not None:
         try:
             with replayed_blocks(model, recorded) as tape:
-                losses = micro.losses(rows, names)
+                out = forward()
             replayed = True
         except BlockwiseUnsupported:  # not the recorded forward: a forward of their own
             pass
     if not replayed:
         with taped_blocks(model) as tape:
-            losses = micro.losses(rows, names)
+            out = forward()
     assert tape.exit is not None and tape.entry is not None
     inside = {id(p) for block in tape.blocks for p in block.parameters()}
     outside = [p for p in flat if id(p) not in inside]
     outer: list[dict[int, Tensor]] = []
     cotangents = []
-    for k, (name, loss) in enumerate(zip(names, losses, strict=True)):
-        grads = torch.autograd.grad(
-            loss, [tape.exit, micro.head, *outside], retain_graph=k < len(losses) - 1,
-            allow_unused=True,
-        )  # fmt: skip
-        cotangents.append(torch.zeros_like(tape.exit) if grads[0] is None else grads[0])
-        if grads[1] is not None:
-            sink.receive(name, micro.head, grads[1], final)
-        outer.append({id(p): g for p, g in zip(outside, grads[2:], strict=True) if g is not None})
-    del losses, grads
+    for k, name in enumerate(names):
+        last = k == len(names) - 1
+        if through:
+            hidden, tail = out
+            at_exit, *rest = torch.autograd.grad(
+                hidden, [tape.exit, *outside], grad_outputs=tail.hidden_cotangents[k],
+                retain_graph=not last, allow_unused=True,
+            )  # fmt: skip
+            head = tail.heads[k]
+            assert final, "the logp tail takes the whole batch in one micro-batch"
+            sink.receive_head(name, head.weight_sq, head.bias_sq, head.rows)
+        else:
+            at_exit, at_head, *rest = torch.autograd.grad(
+                out[k], [tape.exit, micro.head, *outside], retain_graph=not last,
+                allow_unused=True,
+            )  # fmt: skip
+            if at_head is not None:
+                sink.receive(name, micro.head, at_head, final)
+        cotangents.append(torch.zeros_like(tape.exit) if at_exit is None else at_exit)
+        outer.append({id(p): g for p, g in zip(outside, rest, strict=True) if g is not None})
+    del out
 
     def receive(k: int, p: nn.Parameter, g: Tensor) -> None:
         sink.receive(names[k], p, g, final)

@@ -51,7 +51,8 @@ Memory: the steps hold the optimizer state (Adam: two tensors the size of the we
 N ≤ 2: `gradlens.sources.optimizers`), so the backward recomputes the transformer blocks
 (activation checkpointing, `gradlens.sources.forward.checkpointed_blocks`: one more forward per
 step; with ``grad_dtype`` bfloat16, that recomputation runs under autocast,
-`gradlens.sources.autocast_recompute`: the backward's products in bf16, every forward exact) and,
+`gradlens.sources.autocast_recompute`, and the lm_head's backward products take bf16 operands
+too, `gradlens.sources.lowered_product`: the backward's products in bf16, every forward exact) and,
 when the batch goes through the model in one micro-batch, each parameter is updated
 as soon as its gradient is complete (`StaleOptimizer.in_backward`), so the whole gradient never
 exists at once; with tied embeddings the input embedding's gradient is added into the lm_head's in
@@ -69,6 +70,7 @@ so that the whole-model gradients at θ_N replay it instead of running the block
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -85,7 +87,7 @@ from gradlens.grads import (
     policy_pass,
     reads_entropy,
 )
-from gradlens.logits import kept_entries
+from gradlens.logits import compute_logits, kept_entries
 from gradlens.losses import Aggregation, LossParams, LossSpec
 from gradlens.memory import release_free_memory
 from gradlens.progress import report
@@ -97,6 +99,7 @@ from gradlens.sources.forward import (
     grid_with,
     head_weight,
 )
+from gradlens.sources.lowered_product import lowered_logits
 from gradlens.sources.microbatch import (
     MicroBatchPlan,
     checkpointed_bytes,
@@ -303,12 +306,16 @@ def _forward(
     temperature: float,
     bias: bool,
     head: TiedHead,
+    logits_of: Callable[[Tensor, Tensor], Tensor] = compute_logits,
 ) -> PolicyPass:
     """The logit path of the sequences ``rows`` (with autograd when it is enabled), the
-    lm_head's weight read by ``head``."""
+    lm_head's weight read by ``head``, the logits by ``logits_of`` (`policy_pass`)."""
     part = seqs.select(rows)
     hidden = final_hidden(model, part, temperature, bias)
-    return policy_pass(hidden, head.weight(), part.tokens, part.loss_mask, keep_logits=False)
+    weight = head.weight()
+    return policy_pass(
+        hidden, weight, part.tokens, part.loss_mask, keep_logits=False, logits_of=logits_of
+    )
 
 
 @dataclass(frozen=True)
@@ -418,6 +425,8 @@ def stale_steps(
     old_mass: Tensor | None = None
     forwards = backwards = 0
     with checkpointed_blocks(model, lowered) as checkpointed, tied_gradient_in_place(model) as head:
+        # the lm_head's backward products in the blocks' lowered dtype too
+        product = lowered_logits(lowered if checkpointed else None)
         for k in range(cfg.steps + 1):
             last = k == cfg.steps
             if not last:  # done: after the last forward, below
@@ -434,7 +443,9 @@ def stale_steps(
             while True:
                 if fused and not last:
                     with torch.enable_grad():
-                        point = _with_graph(_forward(model, seqs, every, temperature, bias, head))
+                        point = _with_graph(
+                            _forward(model, seqs, every, temperature, bias, head, product)
+                        )
                     forwards += 1  # a redo's forward has autograd too, and counts
                 else:
                     point = _measure(
@@ -464,7 +475,7 @@ def stale_steps(
                     )
                 loss_value = _step(
                     model, seqs, plan, point, old_logp, advantages, rollout_logp, optimizer,
-                    spec, params, aggregation, temperature, bias, groups, head,
+                    spec, params, aggregation, temperature, bias, groups, head, product,
                 )  # fmt: skip
                 point = _Point(point.logp, None, None, None)  # free the graph's tensors
                 if not fused:  # fused: the forward was counted above
@@ -547,6 +558,7 @@ def _step(
     bias: bool,
     groups: Tensor | None,
     head: TiedHead,
+    logits_of: Callable[[Tensor, Tensor], Tensor],
 ) -> float:
     """One optimizer step from θ_k (``point``); the stale loss at θ_k."""
     mask = seqs.loss_mask
@@ -573,7 +585,7 @@ def _step(
     value = 0.0
     for rows in plan.groups:
         with torch.enable_grad():
-            part = _forward(model, seqs, rows, temperature, bias, head)
+            part = _forward(model, seqs, rows, temperature, bias, head, logits_of)
             logp = grid_with(point.logp, rows, part.logp)
             entropy = None
             if needs_entropy:
