@@ -28,7 +28,8 @@ float64 one keeps (the float32 operands' products are exact in float64).
 
 Autograd's cost, 4·K·M·V·H', against 2·M·V·H' + 2·M²·V in float64 (about twice float32's time
 on the CPUs measured, `docs/performance.md`): the tail is taken where it is cheaper,
-2·M ≤ (2K − 1)·H' (`cheaper`): for 384 tokens, 4 losses and H = 576, 768 ≤ 4,032.
+2·M ≤ (2K − 1)·H' (`cheaper`): for 384 tokens, 4 losses and H = 576, 768 ≤ 4,032 — and where
+its [M, M] matrices fit in what one [M, V] logit tensor takes, 8·M ≤ V.
 """
 
 from __future__ import annotations
@@ -40,15 +41,16 @@ from torch import Tensor
 
 from gradlens.grads import PolicyPass
 
-# vocabulary columns of π widened to float64 at a time for ⟨π_s, π_t⟩: a [M, 2,048] float64
-# block is 6 MB at M = 384
-GRAM_COLUMNS = 2048
+# entries of π widened to float64 at a time for ⟨π_s, π_t⟩ (8 MiB): [M, 2^20 / M] column blocks
+GRAM_ENTRIES = 1 << 20
 
 
-def cheaper(tokens: int, losses: int, width: int) -> bool:
+def cheaper(tokens: int, losses: int, width: int, vocab: int) -> bool:
     """Whether the tail costs fewer multiply-adds than autograd's K backward passes through
-    the logits (module docstring), for ``tokens`` M, ``losses`` K and W' of ``width`` H'."""
-    return 2 * tokens <= (2 * losses - 1) * width
+    the logits (module docstring), for ``tokens`` M, ``losses`` K, W' of ``width`` H' and
+    ``vocab`` V — and its [M, M] float64 matrices (four at once) take no more memory than one
+    [M, V] float32 logit tensor, which the memory plan budgets for: 8·M ≤ V."""
+    return 2 * tokens <= (2 * losses - 1) * width and 8 * tokens <= vocab
 
 
 @dataclass(frozen=True)
@@ -68,10 +70,10 @@ class HeadGradient:
 
 
 def probability_gram(probs: Tensor) -> Tensor:
-    """[M, V] π → [M, M] float64 ⟨π_s, π_t⟩, summed over vocabulary blocks of `GRAM_COLUMNS`."""
+    """[M, V] π → [M, M] float64 ⟨π_s, π_t⟩, summed over vocabulary blocks of `GRAM_ENTRIES`."""
     m = probs.shape[0]
     gram = torch.zeros(m, m, dtype=torch.float64, device=probs.device)
-    for block in probs.split(GRAM_COLUMNS, dim=1):
+    for block in probs.split(max(1, GRAM_ENTRIES // max(m, 1)), dim=1):
         wide = block.double()
         gram.addmm_(wide, wide.T)
     return gram

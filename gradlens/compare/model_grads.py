@@ -249,7 +249,8 @@ class _MicroLosses:
         distill = self.params.distill is not None and self.batch.teacher is not None
         if not self.single or self.kept is not None or bonus or distill:
             return False
-        return cheaper(int(self.batch.mask.sum()), len(names), int(self.head.shape[1]))
+        head = self.head.shape
+        return cheaper(int(self.batch.mask.sum()), len(names), int(head[1]), int(head[0]))
 
     def tail(
         self, rows: list[int], names: list[str], head_rows: Tensor | None, hidden_size: int

@@ -93,10 +93,23 @@ def test_the_hidden_cotangents_are_autograds():
         torch.testing.assert_close(got, leaf.grad, rtol=1e-12, atol=1e-14)
 
 
-def test_the_tail_is_taken_where_it_is_cheaper():
-    assert cheaper(384, 4, 576)  # the default model run: 768 ≤ 7·576
-    assert not cheaper(384, 1, 576)  # one loss: 768 > 576, autograd's two products win
-    assert cheaper(288, 1, 576) and not cheaper(289, 1, 576)
+def test_the_tail_is_taken_where_it_is_cheaper_and_fits():
+    assert cheaper(384, 4, 576, 49_152)  # the default model run: 768 ≤ 7·576
+    assert not cheaper(384, 1, 576, 49_152)  # one loss: 768 > 576, autograd's products win
+    assert cheaper(288, 1, 576, 49_152) and not cheaper(289, 1, 576, 49_152)
+    # 10 losses of a 4,096-wide model: cheaper up to M = 38,912 tokens, but the [M, M] float64
+    # matrices must fit in one [M, V] float32 logit tensor's memory: 8·M ≤ V
+    assert cheaper(4_096, 10, 4_096, 32_768) and not cheaper(4_097, 10, 4_096, 32_768)
+
+
+def test_the_gram_blocks_sum_to_the_whole_product(monkeypatch):
+    from gradlens.compare import logp_tail as tail
+
+    probs, tokens, hidden, _ = random_case(7, 300, 4, seed=9)
+    whole = head_gradients(probs, tokens, hidden, [torch.ones(7)], 4, None)[0]
+    monkeypatch.setattr(tail, "GRAM_ENTRIES", 7 * 13)  # blocks of 13 columns, the last short
+    blocked = head_gradients(probs, tokens, hidden, [torch.ones(7)], 4, None)[0]
+    assert blocked.weight_sq == pytest.approx(whole.weight_sq, rel=1e-13)
 
 
 transformers = pytest.importorskip("transformers")
