@@ -122,7 +122,9 @@ def build_checkpoint(where: Path) -> None:
     model.save_pretrained(where)
 
 
-PRODUCTS = ("mm", "addmm", "bmm", "baddbmm")  # aten ops; addmm, baddbmm: a bias + a product
+# aten ops; addmm, baddbmm: a bias + a product (in place with a trailing underscore)
+PRODUCTS = ("mm", "addmm", "addmm_", "bmm", "baddbmm", "baddbmm_")
+BIASED = ("addmm", "addmm_", "baddbmm", "baddbmm_")
 
 
 def operand_layout(t: Any) -> str:
@@ -154,7 +156,7 @@ def count_products(args: argparse.Namespace) -> list[dict[str, Any]]:
         ) -> Any:
             name = func._overloadpacket.__name__
             if name in PRODUCTS:
-                a, b = args[1:3] if name in ("addmm", "baddbmm") else args[:2]
+                a, b = args[1:3] if name in BIASED else args[:2]
                 op = "bmm" if a.dim() == 3 else "mm"
                 dtype = str(a.dtype).removeprefix("torch.")
                 layout = operand_layout(a) + operand_layout(b)

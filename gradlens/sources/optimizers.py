@@ -210,10 +210,19 @@ def _moments(
 
 
 def _from_zero(g: Tensor, work: Scratch) -> tuple[Tensor, Tensor]:
+    """(m_1, v_1): Adam's first moments, from m = v = 0, into ``work``'s pieces. In float32 and
+    float64, which ``lerp_`` and ``addcmul_`` compute in, they are ((1 − β1)·g, ((1 − β2)·g)·g)
+    with the same roundings (0 + w·(g − 0), 0 + (w·g)·g), formed without writing the zeros
+    first; a narrower dtype is computed in float32 by those two and rounded once, so it takes
+    them as they are."""
     n = g.numel()
-    m, v = work.first[:n].zero_(), work.second[:n].zero_()
-    m.lerp_(g, 1 - BETAS[0])
-    v.mul_(BETAS[1]).addcmul_(g, g, value=1 - BETAS[1])
+    m, v = work.first[:n], work.second[:n]
+    if g.dtype in (torch.float32, torch.float64):
+        torch.mul(g, 1 - BETAS[0], out=m)
+        torch.mul(g, 1 - BETAS[1], out=v).mul_(g)
+        return m, v
+    m.zero_().lerp_(g, 1 - BETAS[0])
+    v.zero_().mul_(BETAS[1]).addcmul_(g, g, value=1 - BETAS[1])
     return m, v
 
 

@@ -131,3 +131,18 @@ def test_told_two_updates_adam_keeps_one_tensor_per_parameter_between_them():
     loss_of(model, 2).backward()
     with pytest.raises(RuntimeError, match="last update"):
         opt.step()  # a third update was not announced: its moments are gone
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_the_first_moments_are_the_bits_adams_updates_of_zero_give(dtype):
+    # m_1, v_1 are formed straight from g (no zeros written first): the bits lerp_ and
+    # addcmul_ give on m = v = 0, over magnitudes down to the subnormal range and signed zeros.
+    from gradlens.sources.optimizers import BETAS, Scratch, _from_zero
+
+    g = torch.randn(1 << 16, dtype=torch.float64) * torch.logspace(-40, 12, 1 << 16).double()
+    g = torch.cat([g, torch.tensor([0.0, -0.0], dtype=torch.float64)]).to(dtype)
+    work = Scratch(*(torch.empty(g.numel(), dtype=dtype) for _ in range(4)))
+    m, v = _from_zero(g, work)
+    expected_m = torch.zeros_like(g).lerp_(g, 1 - BETAS[0])
+    expected_v = torch.zeros_like(g).mul_(BETAS[1]).addcmul_(g, g, value=1 - BETAS[1])
+    assert torch.equal(m, expected_m) and torch.equal(v, expected_v)
