@@ -473,9 +473,23 @@ class ModelSource(Strict):
     device_map: Literal["auto"] | dict[str, str | int] | None = Field(
         None,
         description="where from_pretrained places the checkpoint's modules (accelerate's "
-        "device_map): auto, or {module: cpu|disk|cuda:N|N}; disk offloads to a temporary folder. "
-        "null: the whole model on the run's device",
+        "device_map): auto, or {module: cpu|disk|cuda:N|N}; disk offloads to a temporary folder; "
+        "one placement (cpu, cuda:N, N) is the whole model's, {'': placement}. null: the whole "
+        "model on the run's device",
     )
+
+    @field_validator("device_map", mode="before")
+    @classmethod
+    def _whole_model_placement(cls, value: Any) -> Any:
+        """One placement for the whole model, as transformers takes it (``device_map: cpu``),
+        is accelerate's {"": placement}; ``auto`` and a mapping stay as they are (a boolean is
+        refused before this, as every number's)."""
+        index = isinstance(value, int) and not isinstance(value, bool)
+        if index or (isinstance(value, str) and value != "auto"):
+            if isinstance(value, str) and not value.strip():
+                raise ValueError("device_map is empty; give auto, a device, or {module: device}")
+            return {"": value}
+        return value
 
     @field_validator("prompts")
     @classmethod
@@ -1339,12 +1353,16 @@ def merged_alternatives(errors: list[Any]) -> list[str]:
     line for it, the forms joined by "or"."""
     lines: list[str] = []
     forms: dict[str, int] = {}  # a tagged setting's path → its line
+    said: dict[str, set[str]] = {}  # its messages so far: two forms refusing alike, said once
     for err in errors:
         line = format_error(err)
         if not any(_union_tag(p) for p in err["loc"]):
             lines.append(line)
             continue
         where, _, message = line.partition(": ")
+        if message in said.setdefault(where, set()):
+            continue
+        said[where].add(message)
         if where in forms:
             lines[forms[where]] += f"; or {message}"
         else:

@@ -309,9 +309,9 @@ def test_a_key_yaml_reads_as_a_number_null_or_a_date_is_named_as_written(tmp_pat
 
 def test_a_setting_of_several_forms_gets_one_line_naming_it_not_pydantics_tags():
     with pytest.raises(GradlensError) as refused:
-        build_config(None, ["source.kind=model", "source.path=d", "source.device_map=cpu"])
+        build_config(None, ["source.kind=model", "source.path=d", "source.device_map=[cpu]"])
     text = str(refused.value)
     assert "1 problem(s)" in text and "literal[" not in text and "dict[" not in text
-    assert "source.device_map: Input should be 'auto' (got 'cpu'); or Input should be a valid " in (
+    assert "source.device_map: Input should be 'auto'; or Input should be a valid dictionary" in (
         text
     )

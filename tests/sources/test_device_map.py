@@ -62,7 +62,9 @@ def without_placement(doc: dict) -> dict:
 
 
 @pytest.mark.slow  # loads a checkpoint twice: the full suite runs it
-@pytest.mark.parametrize("placement", ["auto", "{'': cpu}"], ids=["auto", "all-cpu"])
+@pytest.mark.parametrize(
+    "placement", ["auto", "{'': cpu}", "cpu"], ids=["auto", "all-cpu", "cpu-as-transformers-takes"]
+)
 def test_a_device_map_on_the_cpu_reports_what_the_whole_model_reports(placement):
     base = ["dtype=float64", "source.stale.steps=1"]
     whole = report(*base)
@@ -90,6 +92,17 @@ def test_layers_offloaded_to_disk_report_what_the_whole_model_reports():
         for loss in doc["losses"]:
             loss.pop("model_grads"), loss.pop("findings")  # the seed post's estimate reads them
     assert placed == whole
+
+
+def test_one_placement_is_the_whole_models():
+    # transformers takes device_map="cpu" (or a device index) for the whole model: accelerate's
+    # {"": placement}, which the report's config then shows
+    assert build_config(None, [*MODEL, "source.device_map=cpu"]).source.device_map == {"": "cpu"}
+    assert build_config(None, [*MODEL, "source.device_map=0"]).source.device_map == {"": 0}
+    assert build_config(None, [*MODEL, "source.device_map=auto"]).source.device_map == "auto"
+    for bad, why in (("''", "is empty"), ("true", "not a boolean \\(got true\\)$")):
+        with pytest.raises(GradlensError, match=rf"source\.device_map: .*{why}"):
+            build_config(None, [*MODEL, f"source.device_map={bad}"])
 
 
 def test_placements_gradlens_cannot_run_are_errors_naming_the_field():
