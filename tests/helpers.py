@@ -333,3 +333,13 @@ def assert_agrees_with_autograd(
     assert torch.all(closed.coefficient[~m] == 0)
     scale = float(closed.grad_logits.abs().max())  # Σ_v of V float64 terms: a few V·u of it
     assert float(closed.grad_logits.sum(-1).abs().max()) <= 1e-13 * max(scale, 1.0)
+
+
+def model_grad_norms(report: Any) -> dict[str, list[float | None]]:
+    """Each loss's whole-model gradient norms: the total, the tied tensor's, every group's."""
+    out = {}
+    for r in report.losses:
+        mg = r.model_grads
+        assert mg is not None
+        out[r.name] = [mg.total_norm, mg.tied_grad_norm, *(g.norm for g in mg.groups)]
+    return out

@@ -73,7 +73,8 @@ def save_checkpoint(
     tiled: tuple[int, float] | None = None,
     seed: int = 0,
 ) -> Path:
-    """A random ``llama`` (untied) or ``gpt2`` (tied embeddings) model with the BPE tokenizer;
+    """A random ``llama`` (untied), ``gpt2`` (tied embeddings) or ``phi`` (an lm_head bias, a
+    block with parallel attention) model with the BPE tokenizer;
     ``tiled = (V, scale)``: a Llama with V rows whose lm_head is its first VOCAB rows (the
     tokenizer's) repeated and scaled; ``seed`` draws its random weights."""
     import transformers
@@ -87,6 +88,13 @@ def save_checkpoint(
             tie_word_embeddings=False, eos_token_id=0, bos_token_id=0,
         )  # fmt: skip
         model = transformers.LlamaForCausalLM(config)
+    elif arch == "phi":
+        config = transformers.PhiConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=2, max_position_embeddings=context, eos_token_id=0,
+            bos_token_id=0,
+        )  # fmt: skip
+        model = transformers.PhiForCausalLM(config)
     else:
         config = transformers.GPT2Config(
             vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=context,

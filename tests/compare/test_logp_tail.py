@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import model_grad_norms
 
+from gradlens.compare import run_compare
 from gradlens.compare.logp_tail import cheaper, head_gradients, logp_tail
+from gradlens.config import validate
 from gradlens.grads import policy_pass
 
 
@@ -112,29 +115,6 @@ def test_the_gram_blocks_sum_to_the_whole_product(monkeypatch):
     assert blocked.weight_sq == pytest.approx(whole.weight_sq, rel=1e-13)
 
 
-transformers = pytest.importorskip("transformers")
-
-from tiny_checkpoints import VOCAB, make_tokenizer, save_checkpoint  # noqa: E402
-
-from gradlens.compare import run_compare  # noqa: E402
-from gradlens.config import validate  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tail")
-    out = {arch: save_checkpoint(root / arch, arch) for arch in ("llama", "gpt2")}
-    torch.manual_seed(0)
-    config = transformers.PhiConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=64, eos_token_id=0, bos_token_id=0,
-    )  # fmt: skip
-    transformers.PhiForCausalLM(config).save_pretrained(root / "phi")
-    make_tokenizer().save_pretrained(root / "phi")
-    out["phi"] = root / "phi"
-    return out
-
-
 def run(path, losses, entropy=0.0):
     cfg = {
         "dtype": "float64",
@@ -155,15 +135,6 @@ def run(path, losses, entropy=0.0):
     return run_compare(validate(cfg))
 
 
-def norms(report):
-    out = {}
-    for r in report.losses:
-        mg = r.model_grads
-        assert mg is not None
-        out[r.name] = [mg.total_norm, mg.tied_grad_norm, *(g.norm for g in mg.groups)]
-    return out
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "phi"])  # untied, tied, a bias column
 def test_the_tail_gives_autograds_norms(checkpoints, arch, monkeypatch):
@@ -182,8 +153,8 @@ def test_the_tail_gives_autograds_norms(checkpoints, arch, monkeypatch):
     slow = run(checkpoints[arch], losses)
     assert not calls
     assert fast.model.gradient_pass == slow.model.gradient_pass
-    for name, values in norms(fast).items():
-        for a, b in zip(values, norms(slow)[name], strict=True):
+    for name, values in model_grad_norms(fast).items():
+        for a, b in zip(values, model_grad_norms(slow)[name], strict=True):
             assert (a is None) == (b is None)
             if a is not None:
                 assert a == pytest.approx(b, rel=1e-10), name

@@ -25,27 +25,10 @@ from gradlens.sources.forward import head_weight
 
 transformers = pytest.importorskip("transformers")
 
-from tiny_checkpoints import VOCAB, make_tokenizer, save_checkpoint  # noqa: E402
+from helpers import model_grad_norms  # noqa: E402
 
 PROMPTS = ["def add(a, b):\n", "class Point:\n    def __init__(self", "import os\n"]
 LOSSES = ["reinforce", "ppo_clip", "gspo", "sft"]  # gspo: one ratio per sequence
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("grads")
-    out = {arch: save_checkpoint(root / arch, arch) for arch in ("llama", "gpt2")}
-    # Phi: an lm_head bias (W' holds it as a last column) and a block with parallel attention
-    torch.manual_seed(0)
-    config = transformers.PhiConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=64, eos_token_id=0, bos_token_id=0,
-    )  # fmt: skip
-    phi = transformers.PhiForCausalLM(config)
-    phi.save_pretrained(root / "phi")
-    make_tokenizer().save_pretrained(root / "phi")
-    out["phi"] = root / "phi"
-    return out
 
 
 def run(path, budget_mib=None, entropy=0.0, shared_prefix=True) -> CompareReport:
@@ -69,15 +52,6 @@ def run(path, budget_mib=None, entropy=0.0, shared_prefix=True) -> CompareReport
     if budget_mib is not None:
         cfg["diagnostics"]["memory_budget_mib"] = budget_mib
     return run_compare(validate(cfg))
-
-
-def norms(report: CompareReport) -> dict[str, list[float | None]]:
-    out = {}
-    for r in report.losses:
-        mg = r.model_grads
-        assert mg is not None
-        out[r.name] = [mg.total_norm, mg.tied_grad_norm, *(g.norm for g in mg.groups)]
-    return out
 
 
 def gradient_bytes(path) -> int:
@@ -127,8 +101,8 @@ def test_every_plan_gives_the_same_norms(checkpoints, arch, entropy, packed):
     assert one.model.gradient_pass.shared_prefix is packed and not plan.shared_prefix
     rel = float64_passes(arch, packed)
     for report in (alone, shared):
-        for name, values in norms(report).items():
-            for a, b in zip(values, norms(one)[name], strict=True):
+        for name, values in model_grad_norms(report).items():
+            for a, b in zip(values, model_grad_norms(one)[name], strict=True):
                 assert (a is None) == (b is None)
                 if a is not None:
                     assert a == pytest.approx(b, rel=rel), name
@@ -205,8 +179,8 @@ def test_one_block_at_a_time_equals_the_whole_graph(checkpoints, arch, monkeypat
         monkeypatch.setattr("gradlens.compare.model_grads.cut_blocks", lambda model, ctx: None)
     whole = run(checkpoints[arch])
     assert not whole.model.gradient_pass.checkpointed
-    for name, values in norms(whole).items():
-        for a, b in zip(values, norms(blockwise)[name], strict=True):
+    for name, values in model_grad_norms(whole).items():
+        for a, b in zip(values, model_grad_norms(blockwise)[name], strict=True):
             assert (a is None) == (b is None)
             if a is not None:
                 assert a == pytest.approx(b, rel=1e-10), name
@@ -247,4 +221,4 @@ def test_the_gradients_plan_with_the_stale_steps_measurement_of_a_sequence(
     assert grads_pass.checkpointed and stale_pass.checkpointed
     assert grads_pass.bytes_per_sequence == stale_pass.bytes_per_sequence
     assert grads_pass == measured.model.gradient_pass
-    assert norms(reused) == norms(measured)
+    assert model_grad_norms(reused) == model_grad_norms(measured)
