@@ -59,7 +59,7 @@ def lowered_logits(dtype: torch.dtype | None) -> Callable[[Tensor, Tensor], Tens
         return compute_logits
 
     def logits(hidden: Tensor, weight: Tensor) -> Tensor:
-        if hidden.dtype == dtype or hidden.dim() != 2:
+        if hidden.dtype == dtype:  # already in d: nothing to lower
             return compute_logits(hidden, weight)
         z: Tensor = _LoweredBackwardProduct.apply(hidden, weight, dtype)
         return z.to(softmax_dtype(weight.dtype))
