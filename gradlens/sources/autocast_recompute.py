@@ -14,7 +14,9 @@ is exactly the full-precision forward's; only the Jacobian the cotangent goes ba
 the lower-precision one. That is the gradient of a mixed-precision trainer: products with
 operands rounded to d (a relative 2^-8 each for bf16) and accumulated in float32, the
 parameters and the residual stream (x, y, ∂L/∂x, ∂L/∂y) in float32, the parameters' gradients
-cast back to their dtype. The stale steps use it (``source.stale.grad_dtype``,
+cast back to their dtype. On the CPU the attention inside the block runs in float32 on the
+bf16-rounded q, k, v (`gradlens.sources.float32_attention`: the CPU's bf16 attention backward
+is the slower one). The stale steps use it (``source.stale.grad_dtype``,
 gradlens.sources.staleness): they only need to move θ as a trainer would, and Adam divides each
 coordinate of the update by its own running RMS, so a relative error of a few 2^-8 in a
 gradient changes most coordinates of the step by about as much (one whose gradient lies within
@@ -45,6 +47,7 @@ from gradlens.sources.block_call import (
     replace_out,
     with_hidden,
 )
+from gradlens.sources.float32_attention import attention_in_float32
 
 
 class _AutocastRecompute(torch.autograd.Function):
@@ -65,7 +68,11 @@ class _AutocastRecompute(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None]:  # type: ignore[override]
         (saved,) = ctx.saved_tensors
         x = saved.detach().requires_grad_(True)
-        with torch.enable_grad(), torch.autocast(x.device.type, dtype=ctx.dtype):
+        with (
+            torch.enable_grad(),
+            torch.autocast(x.device.type, dtype=ctx.dtype),
+            attention_in_float32(x.device),
+        ):
             y = ctx.run(x)
         torch.autograd.backward(y, grad.to(y.dtype))
         return x.grad, None, None

@@ -2,10 +2,10 @@
 
 The claims: the forward is the full-precision one, bit for bit; the backward is exactly the
 vector-Jacobian product of the block run under autocast (the same operations as a plain
-autocast forward and backward, so the same bits); the parameters' gradients arrive through the
-reentrant backward, with their hooks; a block whose gradient does not flow in through its
-hidden states alone falls back to the exact checkpoint; and ``source.stale.grad_dtype``
-resolves, is refused where it cannot apply, and is reported.
+autocast forward and backward with the CPU's attention in float32, so the same bits); the
+parameters' gradients arrive through the reentrant backward, with their hooks; a block whose
+gradient does not flow in through its hidden states alone falls back to the exact checkpoint;
+and ``source.stale.grad_dtype`` resolves, is refused where it cannot apply, and is reported.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from gradlens.config import validate
 from gradlens.errors import GradlensError
 from gradlens.sources import staleness as staleness_module
 from gradlens.sources.autocast_recompute import autocast_recomputed, lowerable
+from gradlens.sources.float32_attention import attention_in_float32
 from gradlens.sources.forward import checkpointed_blocks
 from gradlens.sources.staleness import stale_grad_dtype
 
@@ -66,7 +67,7 @@ def test_the_forward_is_exact_and_the_backward_is_the_autocast_blocks_vjp():
 
     layer.zero_grad(set_to_none=True)
     x = x0.clone().requires_grad_(True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16), attention_in_float32(CPU):
         y_low = layer(x, **kwargs)
     y_low.backward(cotangent)
     assert all(torch.equal(a, b) for a, b in zip(ours, grads_of(layer, x), strict=True))
