@@ -1,8 +1,8 @@
 """Attention in float32 inside a lower-precision recomputation on the CPU.
 
 Under ``torch.autocast`` the products of a transformer block run in bfloat16, and so does
-PyTorch's ``scaled_dot_product_attention``: its query, key and value come out of those products
-in bfloat16. On the CPU that attention's bfloat16 backward is about twice as slow as its float32
+PyTorch's ``scaled_dot_product_attention``: autocast casts its query, key and value to bfloat16.
+On the CPU that attention's bfloat16 backward is about twice as slow as its float32
 one (at the benchmark's shapes, 4 packed rows of 126 positions with 9 heads of 64 under a
 boolean mask: 9.5 ms against 4.9 ms for the backward including the casts, on the 2-core
 development machine), so there the recomputation of the stale steps
@@ -71,11 +71,12 @@ def attention_dtype(operands: list[Any]) -> torch.dtype | None:
     """The dtype d the attention of these operands would run in, when it is narrower than
     float32 and on the CPU: autocast's when it is on there (it casts all three to d, and q, k
     often arrive in float32 from a rotary embedding computed in float32), else the narrowest
-    of the operands' own; None otherwise (nothing to change)."""
+    of the operands' own; None otherwise (nothing to change), and for float64 operands, which
+    autocast does not lower."""
     if not all(isinstance(t, Tensor) and t.device.type == "cpu" for t in operands):
         return None
-    if not all(t.dtype.is_floating_point for t in operands):
-        return None
+    if not all(t.dtype.is_floating_point and t.dtype != torch.float64 for t in operands):
+        return None  # autocast leaves float64 alone, and so does this
     if torch.is_autocast_enabled("cpu"):
         dtype = torch.get_autocast_dtype("cpu")
     else:

@@ -94,6 +94,11 @@ def test_what_passes_through_unchanged():
     assert attention_dtype([q.to(torch.float16), k, v]) == torch.float16
     with torch.autocast("cpu", dtype=BF16):
         assert attention_dtype([q, k, v]) == BF16
+        assert attention_dtype([q.double(), k.double(), v.double()]) is None
+        with attention_in_float32(CPU):
+            wide = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+        assert wide.dtype == torch.float64
+        assert torch.equal(wide, F.scaled_dot_product_attention(q.double(), k.double(), v.double()))
 
 
 def test_on_another_device_the_mode_is_not_entered():
