@@ -18,6 +18,12 @@ pass's kept mass log S^μ_t = log Σ_{v∈K_t} μ_t,v; without top-p or top-k no
 Each step's tokens are drawn by the inverse of the CDF, one uniform number per sequence from the
 run's seeded generator (`gradlens.sources.categorical`).
 
+The prompts' forward that starts the decoding takes each prompt once, not once per completion
+of its group, and the cache and the last logits are then repeated row by row (`prefill`; where
+the cache cannot repeat its rows, every row goes through). A row's keys, values and logits
+depend on that row only, so the rollout is the one of a forward over every row (bit for bit on
+the development CPU, tested), at 1/``group_size`` of its cost.
+
 The cache is handed back to the model under the name its ``forward`` takes: ``cache`` in the
 transformers releases that rename it (there ``past_key_values`` warns, and 5.40 removes it),
 ``past_key_values`` in the ones before.
@@ -103,6 +109,43 @@ def last_logits_only(model: nn.Module) -> dict[str, int]:
     return {"logits_to_keep": 1} if "logits_to_keep" in forward else {}
 
 
+def prefill(
+    model: nn.Module,
+    keyword: str,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    positions: Tensor,
+    group_size: int,
+) -> Any:
+    """The prompts' forward that starts the decoding, with its cache: each prompt once when
+    its ``group_size`` consecutive rows repeat it and the cache can repeat its rows
+    (``batch_repeat_interleave``, transformers' caches), then the last logits and the cache
+    repeated row by row; every row's forward otherwise. A row's keys, values and logits depend
+    only on that row, so the repeated ones are the rows' own (up to the products' rounding)."""
+    once = slice(None, None, group_size)
+    out = model(
+        input_ids=prompt_ids[once] if group_size > 1 else prompt_ids,
+        attention_mask=prompt_mask[once] if group_size > 1 else prompt_mask,
+        position_ids=positions[once] if group_size > 1 else positions,
+        use_cache=True,
+        **last_logits_only(model),
+    )
+    if group_size == 1:
+        return out
+    cache = getattr(out, keyword, None)
+    if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+        return model(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            position_ids=positions,
+            use_cache=True,
+            **last_logits_only(model),
+        )
+    cache.batch_repeat_interleave(group_size)
+    out.logits = out.logits.repeat_interleave(group_size, dim=0)
+    return out
+
+
 @dataclass(frozen=True)
 class Rollout:
     sequences: Sequences
@@ -181,13 +224,7 @@ def sample(
     truncated = truncates(top_p, top_k)
 
     keyword = cache_keyword(model)
-    out = model(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        position_ids=positions,
-        use_cache=True,
-        **last_logits_only(model),
-    )
+    out = prefill(model, keyword, prompt_ids, prompt_mask, positions, group_size)
     acc = accumulation_dtype(out.logits.dtype)  # float32 (float64 for a float64 model)
     new_logp = torch.zeros(n, max_new_tokens, dtype=acc, device=device)
     attn = prompt_mask

@@ -1,9 +1,11 @@
 """The rollout: its precision chosen by what the device computes natively, stop tokens, no
-library warnings on the built-in model, and the cache name it uses."""
+library warnings on the built-in model, the cache name it uses, and each prompt prefilled once
+(the rollout bit for bit a forward over every row's)."""
 
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import warnings
 from types import SimpleNamespace
@@ -161,3 +163,78 @@ def test_the_rollout_copy_is_the_converted_deep_copy_bit_for_bit(dtype):
     for key, value in model.state_dict().items():  # the original is untouched
         assert value.dtype == before[key].dtype and torch.equal(value, before[key]), key
     assert copied.embed.weight.data_ptr() != model.embed.weight.data_ptr()
+
+
+class Recorded(nn.Module):
+    """A model that records the rows of every forward and delegates to ``inner``."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.rows: list[int] = []
+
+        @functools.wraps(inner.forward)  # the signature the rollout inspects is the inner's
+        def forward(**kwargs):
+            self.rows.append(int(kwargs["input_ids"].shape[0]))
+            return inner(**kwargs)
+
+        self.forward = forward
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_each_prompt_is_prefilled_once_and_the_rollout_is_the_rows_own(monkeypatch, dtype):
+    """Four prompts × three completions: the prompts' forward takes the four prompts, and the
+    rollout — tokens and μ — is the one of a forward over all twelve rows, bit for bit (a row's
+    keys, values and logits depend on that row only; on this CPU the products agree to the
+    bit, measured on the built-in and the SmolLM2-shaped benchmark checkpoint)."""
+    pytest.importorskip("transformers")
+    from gradlens.sources.checkpoint import load_checkpoint
+    from gradlens.sources.prompts import choose_prompts, tokenize_prompts
+
+    loaded = load_checkpoint(None, CPU, torch.float32)
+    model = rollout_module.rollout_copy(loaded.model, dtype)
+    prompts, key = choose_prompts(None, 4, 0, False)
+    ids = tokenize_prompts(prompts, key, loaded, 6, False)
+    assert len({len(p) for p in ids}) > 1  # left padding in the prompts' forward too
+
+    def run() -> tuple[rollout_module.Rollout, list[int]]:
+        recorded = Recorded(model)
+        out = sample(
+            recorded, loaded.tokenizer, ids, 3, 6, 1.0, 1.0, torch.Generator().manual_seed(0), CPU
+        )
+        return out, recorded.rows
+
+    once, rows = run()
+    assert rows[0] == 4 and all(r == 12 for r in rows[1:])
+    every_row = rollout_module.prefill
+    monkeypatch.setattr(
+        rollout_module, "prefill", lambda m, k, i, a, p, g: every_row(m, k, i, a, p, 1)
+    )
+    plain, rows = run()
+    assert rows[0] == 12
+    assert torch.equal(once.sequences.input_ids, plain.sequences.input_ids)
+    assert torch.equal(once.rollout_logp, plain.rollout_logp)
+    assert once.completions == plain.completions
+
+
+class NoRepeat(nn.Module):
+    """A model whose cache cannot repeat its rows: every row goes through the prompts' forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[int] = []
+
+    def forward(self, input_ids, past_key_values=None, **kwargs):
+        self.rows.append(int(input_ids.shape[0]))
+        logits = torch.zeros(input_ids.shape[0], input_ids.shape[1], 8)
+        return SimpleNamespace(logits=logits, past_key_values=object())
+
+
+def test_a_cache_that_cannot_repeat_rows_gets_every_row():
+    model = NoRepeat()
+    tokenizer = SimpleNamespace(eos_token_id=None, pad_token_id=0, decode=lambda ids, **k: "")
+    out = sample(
+        model, tokenizer, [[1, 2], [3]], 2, 2, 1.0, 1.0, torch.Generator().manual_seed(0), CPU
+    )
+    assert model.rows == [2, 4, 4]  # the prompts once, then every row again; one decoding step
+    assert out.sequences.input_ids.shape == (4, 4)
