@@ -13,9 +13,10 @@ development machine), so there the recomputation of the stale steps
 on the same bf16-rounded q, k and v that autocast hands its bf16 attention (q and k often arrive
 in float32 from a rotary embedding computed in float32; autocast rounds them to d).
 What changes is only inside attention: the softmax probabilities are not rounded to bf16 before
-they multiply v, so o is, if anything, nearer the float32 block's. The output goes back to the
-inputs' dtype, so everything after it is the autocast block's as before. On a GPU the bf16
-kernels are the fast ones, and nothing is changed there (`attention_in_float32` is a no-op).
+they multiply v, so o is, if anything, nearer the float32 block's. The output is rounded to d,
+as autocast's attention returns it, so everything after it is the autocast block's as before.
+On a GPU the bf16 kernels are the fast ones, and nothing is changed there
+(`attention_in_float32` is a no-op).
 
 It is a `torch.overrides.TorchFunctionMode`: while it is active, a call of
 ``torch.nn.functional.scaled_dot_product_attention`` with lower-precision floating inputs on the

@@ -122,25 +122,22 @@ def prefill(
     (``batch_repeat_interleave``, transformers' caches), then the last logits and the cache
     repeated row by row; every row's forward otherwise. A row's keys, values and logits depend
     only on that row, so the repeated ones are the rows' own (up to the products' rounding)."""
-    once = slice(None, None, group_size)
-    out = model(
-        input_ids=prompt_ids[once] if group_size > 1 else prompt_ids,
-        attention_mask=prompt_mask[once] if group_size > 1 else prompt_mask,
-        position_ids=positions[once] if group_size > 1 else positions,
-        use_cache=True,
-        **last_logits_only(model),
-    )
+
+    def forward(every: int) -> Any:  # the rows 0, every, 2·every, …
+        return model(
+            input_ids=prompt_ids[::every],
+            attention_mask=prompt_mask[::every],
+            position_ids=positions[::every],
+            use_cache=True,
+            **last_logits_only(model),
+        )
+
+    out = forward(group_size)
     if group_size == 1:
         return out
     cache = getattr(out, keyword, None)
     if cache is None or not hasattr(cache, "batch_repeat_interleave"):
-        return model(
-            input_ids=prompt_ids,
-            attention_mask=prompt_mask,
-            position_ids=positions,
-            use_cache=True,
-            **last_logits_only(model),
-        )
+        return forward(1)
     cache.batch_repeat_interleave(group_size)
     out.logits = out.logits.repeat_interleave(group_size, dim=0)
     return out
