@@ -10,11 +10,19 @@ the tests pin the AVX2 variants, which every x86 CPU of the last decade has: ATe
 strict: the same bits whatever the memory alignment) and oneDNN's through its ISA cap. Each
 library reads its variable at its first computation, so `pin` must run before any tensor
 operation; a variable already set by the caller is left as it is.
+
+The pins do not make every CPU compute the same bits: on a CPU of another vendor, or with other
+bf16 instructions, the model source's golden reports still moved (a Xeon with AMX against the
+AMD EPYC with AVX512-BF16 they were recorded on: the rollout's mismatch statistics by up to
+9%, float32 sums that cancel by 3e-5; the sampled tokens stayed the same). `platform` names
+what the pins leave apart, and ``tests/golden/platforms/<platform>`` holds the reports of the
+cases bound to it (``tests/golden/cases.py``, ``PLATFORM_BOUND``).
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 PINS = {
     "ATEN_CPU_CAPABILITY": "avx2",
@@ -27,3 +35,20 @@ def pin() -> None:
     """Set the variables of `PINS` that the environment does not set already."""
     for name, value in PINS.items():
         os.environ.setdefault(name, value)
+
+
+def platform() -> str:
+    """The CPU's vendor and bf16 instructions, e.g. ``AuthenticAMD-avx512_bf16`` or
+    ``GenuineIntel-amx_bf16``: the differences between CPUs that the pins leave."""
+    import torch  # after `pin`: importing computes nothing
+
+    vendor = "unknown"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("vendor_id"):
+                vendor = line.split(":", 1)[1].strip()
+                break
+    caps = torch.cpu.get_capabilities()
+    bf16 = next((k for k in ("amx_bf16", "avx512_bf16") if caps.get(k)), "no_bf16")
+    return f"{vendor}-{bf16}"

@@ -7,6 +7,7 @@ import json
 import math
 import re
 import textwrap
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -205,8 +206,14 @@ RESIDUALS = {
 AGREEMENT_ERRORS = {"coefficient", "grad_logits", "grad_weight"}
 
 
-def differences(old: Any, new: Any, path: str = "") -> list[str]:
-    """Every field where ``new`` differs from ``old``, as 'path: old != new'."""
+def differences(
+    old: Any, new: Any, path: str = "", scales: Mapping[str, float] | None = None
+) -> list[str]:
+    """Every field where ``new`` differs from ``old``, as 'path: old != new'.
+
+    ``scales``: path → the size of the terms a number is a sum of, where that is far above the
+    number itself (a sum that cancels): the number is compared to ``RTOL`` of it as well."""
+    scales = scales or {}
     if isinstance(old, dict) and isinstance(new, dict):
         out = []
         for key in sorted(set(old) | set(new)):
@@ -225,21 +232,48 @@ def differences(old: Any, new: Any, path: str = "") -> list[str]:
                 if old_words != new_words:
                     out.append(f"{where}: {old[key]!r} != {new[key]!r}")
                 continue
-            out += differences(old[key], new[key], where)
+            out += differences(old[key], new[key], where, scales)
         return out
     if isinstance(old, list) and isinstance(new, list):
         if len(old) != len(new):
             return [f"{path}: {len(old)} items != {len(new)}"]
+        if _float_vector(old) and _float_vector(new):
+            return _vector_differences(old, new, path)
         out = []
         for i, (a, b) in enumerate(zip(old, new, strict=True)):
-            out += differences(a, b, f"{path}[{i}]")
+            out += differences(a, b, f"{path}[{i}]", scales)
         return out
     if isinstance(old, float) or isinstance(new, float):
         numbers = isinstance(old, (int, float)) and isinstance(new, (int, float))
-        if numbers and math.isclose(old, new, rel_tol=RTOL, abs_tol=1e-12):
+        floor = max(1e-12, RTOL * scales.get(path, 0.0))
+        if numbers and math.isclose(old, new, rel_tol=RTOL, abs_tol=floor):
             return []
         return [f"{path}: {old!r} != {new!r}"]
     return [] if old == new else [f"{path}: {old!r} != {new!r}"]
+
+
+def _float_vector(items: list[Any]) -> bool:
+    return any(isinstance(x, float) for x in items) and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) for x in items
+    )
+
+
+def _vector_differences(old: list[float], new: list[float], path: str) -> list[str]:
+    """A list of numbers compared as one vector, each entry to ``RTOL`` of the largest |entry|.
+
+    The entries of such a list are one quantity computed the same way at every index (a share
+    of the update per token, a value per bin): each carries the rounding of the sums it came
+    from, whose size follows the terms summed, not the entry. An entry much smaller than the
+    largest is a difference of larger terms, and its own digits move by more than ``RTOL``
+    when a kernel sums in another order (share 1e-7 in a list whose largest is 1e-2: 1e-12 of
+    rounding is 1e-5 of it); a wrong formula moves the largest entries too."""
+    scale = max((abs(x) for x in old if math.isfinite(x)), default=0.0)
+    out = []
+    for i, (a, b) in enumerate(zip(old, new, strict=True)):
+        same = a == b or (math.isfinite(a) and math.isfinite(b) and abs(a - b) <= RTOL * scale)
+        if not (same or math.isclose(a, b, rel_tol=RTOL, abs_tol=1e-12)):
+            out.append(f"{path}[{i}]: {a!r} != {b!r} (the list's largest |entry| {scale:.3g})")
+    return out
 
 
 def with_teacher(batch: Batch, seed: int, h: int = 5, k: int = 4, stored: bool = False) -> Batch:

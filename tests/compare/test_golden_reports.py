@@ -6,8 +6,14 @@ exactly; floats to a relative 1e-5 (a reordering of float32 operations moves the
 a wrong formula moves far more). Rounding residuals (zero-sum sums, closed form vs autograd
 differences), which any reordering changes completely, are compared by their verdicts only:
 the ``passed`` flags beside them are compared exactly, and the words of each check's detail
-(its numbers are such residuals or fields compared elsewhere). ``environment`` describes the
-machine and is skipped. `upgrade` applies the documented schema changes to the old reports.
+(its numbers are such residuals or fields compared elsewhere). A list of numbers is compared
+as one vector (each entry to 1e-5 of the largest, `tests.helpers.differences`), and a loss
+value to 1e-5 of the batch's mean |A| as well (`cancelling_sums`): both are sums whose
+rounding follows their terms, not their value. ``environment`` describes the machine and is
+skipped. `upgrade` applies the documented schema changes to the old reports.
+
+The cases of ``cases.PLATFORM_BOUND`` sample from a model on the CPU: their reports are the
+ones recorded on the running CPU's platform (tests/cpu_kernels.py), skipped where none is.
 """
 
 from __future__ import annotations
@@ -24,8 +30,9 @@ GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 sys.path.insert(0, str(GOLDEN))
 
 from cases import cases  # noqa: E402
-from helpers import differences  # noqa: E402
-from record import normalise, run_case  # noqa: E402
+from cpu_kernels import platform  # noqa: E402
+from helpers import NUMBER, differences  # noqa: E402
+from record import golden_file, normalise, run_case  # noqa: E402
 
 from gradlens.config import LossConfig  # noqa: E402
 from gradlens.metric_names import METRIC_NAMES  # noqa: E402
@@ -273,8 +280,68 @@ TEACHER_POSITION_FIELDS = (
     ],
 )
 def test_report_reproduces_golden(name: str, argv: list[str], setup, tmp_path: Path) -> None:
-    golden = json.loads((GOLDEN / f"{name}.json").read_text())
+    path = golden_file(name)
+    if not path.exists():
+        pytest.skip(
+            f"{name} samples from a model on the CPU, and its report is recorded for other CPUs "
+            f"than this one ({platform()}); record it with python tests/golden/record.py {name}"
+        )
+    golden = json.loads(path.read_text())
     report = run_case(argv, setup, tmp_path)
     old = upgrade(golden)
-    diffs = differences(old, recorded_sections(normalise(report, str(tmp_path)), old))
+    new = recorded_sections(normalise(report, str(tmp_path)), old)
+    diffs = differences(old, new, scales=cancelling_sums(old))
     assert not diffs, "\n".join(diffs[:40])
+
+
+def cancelling_sums(report: dict[str, Any]) -> dict[str, float]:
+    """The loss values, each with the size of its terms: a policy loss is a weighted mean of
+    terms A_t·(a function of r_t ≈ 1), and with advantages centred in each group it cancels to
+    far below them (−9.1e-5 against a mean |A| of 0.46 in train_inference_mismatch, where a
+    float32 sum in another order moved it by 2.5e-5 of itself)."""
+    scale = (report.get("batch") or {}).get("mean_abs_advantage")
+    if not isinstance(scale, (int, float)):
+        return {}
+    return {f".losses[{i}].loss": float(scale) for i in range(len(report["losses"]))}
+
+
+def structure(value: Any, path: str = "") -> dict[str, Any]:
+    """Every field of a report that is not a measured number: strings (the numbers written in
+    them as #), booleans, nulls, keys and list lengths, path by path (a histogram's counts are
+    measured numbers too)."""
+    if isinstance(value, dict):
+        out: dict[str, Any] = {f"{path}{{}}": sorted(value)}
+        for key, item in value.items():
+            out.update(structure(item, f"{path}.{key}"))
+        return out
+    if isinstance(value, list):
+        out = {f"{path}[]": len(value)}
+        for i, item in enumerate(value):
+            out.update(structure(item, f"{path}[{i}]"))
+        return out
+    measured = isinstance(value, float) or (
+        isinstance(value, int) and not isinstance(value, bool) and ".histogram" in path
+    )
+    if isinstance(value, str):
+        return {path: NUMBER.sub("#", value)}
+    return {} if measured else {path: value}
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted((GOLDEN / "platforms").glob("*/*.json")),
+    ids=lambda p: f"{p.parent.name}/{p.stem}",
+)
+def test_a_platform_recording_differs_from_the_base_one_only_in_measured_numbers(path: Path):
+    # a CPU's own recording must not carry a change of the code: every string, flag, verdict,
+    # count and length is the base recording's, only the numbers the kernels round may move
+    base = upgrade(json.loads((GOLDEN / path.name).read_text()))
+    recorded = recorded_sections(upgrade(json.loads(path.read_text())), base)
+    base_fields, fields = structure(base), structure(recorded)
+    changed = [
+        k
+        for k in sorted(set(base_fields) | set(fields))
+        if base_fields.get(k, KeyError) != fields.get(k, KeyError)
+        and k.split(".")[1] != "environment"
+    ]
+    assert not changed, [(k, base_fields.get(k), fields.get(k)) for k in changed[:20]]

@@ -26,6 +26,14 @@ MODEL_ROLLOUT = ["--set", "source.rollout_dtype=bfloat16"]
 # what it was before the setting existed.
 MODEL_STALE = ["--set", "source.stale.grad_dtype=model"]
 
+# The cases whose reports depend on the CPU beyond what the pins equalize (tests/cpu_kernels.py):
+# each samples completions from a bf16 rollout of a model and steps the model, so the last bits
+# of every product reach μ, the learning-rate search and every statistic of them. Their reports
+# in this folder were recorded on BASE_PLATFORM; another CPU's are recorded under
+# platforms/<platform>/ (record.py writes there), and a CPU without them skips these cases.
+PLATFORM_BOUND = {"model_builtin", "model_stale", "batchfile_model"}
+BASE_PLATFORM = "AuthenticAMD-avx512_bf16"
+
 Case = tuple[str, list[str], bool, list[str] | None]
 
 

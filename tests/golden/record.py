@@ -1,7 +1,10 @@
 """Record the golden reports: ``python tests/golden/record.py [NAME ...]``.
 
 Run it only to accept a deliberate change of the reports; say which fields changed, and
-why, in docs/json-schema.md's changelog.
+why, in docs/json-schema.md's changelog. On a CPU other than ``cases.BASE_PLATFORM`` the cases
+of ``cases.PLATFORM_BOUND`` are written under ``platforms/<platform>/`` (their numbers depend
+on the CPU's kernels, tests/cpu_kernels.py); record those from a commit whose tests reproduce
+the base reports on the base platform, so that the two recordings are of the same code.
 """
 
 from __future__ import annotations
@@ -17,11 +20,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from cpu_kernels import pin  # noqa: E402
+from cpu_kernels import pin, platform  # noqa: E402
 
 pin()  # the kernels the tests compute with (tests/cpu_kernels.py)
 
-from cases import cases  # noqa: E402
+from cases import BASE_PLATFORM, PLATFORM_BOUND, cases  # noqa: E402
 
 from gradlens.cli import app  # noqa: E402
 
@@ -41,14 +44,24 @@ def normalise(report: dict, tmp: str) -> dict:
     return json.loads(json.dumps(report).replace(tmp, "{tmp}"))
 
 
+def golden_file(name: str) -> Path:
+    """Where the report of case ``name`` is recorded for this CPU."""
+    here = platform()
+    if name in PLATFORM_BOUND and here != BASE_PLATFORM:
+        return HERE / "platforms" / here / f"{name}.json"
+    return HERE / f"{name}.json"
+
+
 def main(names: list[str]) -> None:
     for name, argv, _slow, setup in cases():
         if names and name not in names:
             continue
         with tempfile.TemporaryDirectory() as tmp:
             report = normalise(run_case(argv, setup, Path(tmp)), tmp)
-        (HERE / f"{name}.json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
-        print("recorded", name)
+        path = golden_file(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
+        print("recorded", path.relative_to(HERE))
 
 
 if __name__ == "__main__":
