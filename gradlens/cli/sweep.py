@@ -150,9 +150,7 @@ def sweep(
         typer.Option(
             "--advantage",
             "-a",
-            help="|A| > 0; every loss is swept at A = +|A| and at A = −|A|. Default 1. "
-            "|A| times the grid's largest r or 1/r (r = π_θ/π_old) must stay within 1e300 "
-            "(float64 room for the gradients).",
+            help="|A| > 0; every loss is swept at A = +|A| and at A = −|A|. Default 1.",
         ),
     ] = None,
     output_format: Annotated[
