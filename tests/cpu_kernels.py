@@ -16,11 +16,14 @@ bf16 instructions, the model source's golden reports still moved (a Xeon with AM
 AMD EPYC with AVX512-BF16 they were recorded on: the rollout's mismatch statistics by up to
 9%, float32 sums that cancel by 3e-5; the sampled tokens stayed the same). `platform` names
 what the pins leave apart, and ``tests/golden/platforms/<platform>`` holds the reports of the
-cases bound to it (``tests/golden/cases.py``, ``PLATFORM_BOUND``).
+cases bound to it (``tests/golden/cases.py``, ``PLATFORM_BOUND``), with the `kernel_probe` of
+the CPU that recorded them: two CPUs of one name whose kernels still round differently (another
+generation, other cache sizes) tell apart by it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -52,3 +55,26 @@ def platform() -> str:
     caps = torch.cpu.get_capabilities()
     bf16 = next((k for k in ("amx_bf16", "avx512_bf16") if caps.get(k)), "no_bf16")
     return f"{vendor}-{bf16}"
+
+
+def kernel_probe() -> str:
+    """A digest of the bits of a few products and an attention, in float32 and bf16, on
+    seeded operands of the built-in model's sizes: the operations whose last bits the model
+    source's reports carry. Equal digests do not prove equal kernels everywhere, but a
+    different digest proves the rounding differs."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 48, 256, generator=gen)
+    w1 = torch.randn(256, 512, generator=gen) / 16
+    w2 = torch.randn(512, 2048, generator=gen) / 22
+    q, k, v = (torch.randn(2, 4, 48, 64, generator=gen) for _ in range(3))
+    digest = hashlib.sha256()
+    for dtype in (torch.float32, torch.bfloat16):
+        y = torch.nn.functional.silu(x.to(dtype) @ w1.to(dtype)) @ w2.to(dtype)
+        a = torch.nn.functional.scaled_dot_product_attention(
+            q.to(dtype), k.to(dtype), v.to(dtype), is_causal=True
+        )
+        for out in (y, a):
+            digest.update(out.float().numpy().tobytes())
+    return digest.hexdigest()[:16]

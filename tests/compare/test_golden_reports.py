@@ -30,9 +30,8 @@ GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 sys.path.insert(0, str(GOLDEN))
 
 from cases import cases  # noqa: E402
-from cpu_kernels import platform  # noqa: E402
 from helpers import NUMBER, differences  # noqa: E402
-from record import golden_file, normalise, run_case  # noqa: E402
+from record import golden_file, normalise, run_case, unrecorded  # noqa: E402
 
 from gradlens.config import LossConfig  # noqa: E402
 from gradlens.metric_names import METRIC_NAMES  # noqa: E402
@@ -280,13 +279,13 @@ TEACHER_POSITION_FIELDS = (
     ],
 )
 def test_report_reproduces_golden(name: str, argv: list[str], setup, tmp_path: Path) -> None:
-    path = golden_file(name)
-    if not path.exists():
+    missing = unrecorded(name)
+    if missing is not None:
         pytest.skip(
-            f"{name} samples from a model on the CPU, and its report is recorded for other CPUs "
-            f"than this one ({platform()}); record it with python tests/golden/record.py {name}"
+            f"{name} samples from a model on the CPU: {missing}; record it with python "
+            f"tests/golden/record.py {name}"
         )
-    golden = json.loads(path.read_text())
+    golden = json.loads(golden_file(name).read_text())
     report = run_case(argv, setup, tmp_path)
     old = upgrade(golden)
     new = recorded_sections(normalise(report, str(tmp_path)), old)

@@ -30,7 +30,8 @@ MODEL_STALE = ["--set", "source.stale.grad_dtype=model"]
 # each samples completions from a bf16 rollout of a model and steps the model, so the last bits
 # of every product reach μ, the learning-rate search and every statistic of them. Their reports
 # in this folder were recorded on BASE_PLATFORM; another CPU's are recorded under
-# platforms/<platform>/ (record.py writes there), and a CPU without them skips these cases.
+# platforms/<platform>/ (record.py writes there, with the CPU's kernel probe), and a CPU without
+# them, or whose probe differs, skips these cases.
 PLATFORM_BOUND = {"model_builtin", "model_stale", "batchfile_model"}
 BASE_PLATFORM = "AuthenticAMD-avx512_bf16"
 

@@ -20,7 +20,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from cpu_kernels import pin, platform  # noqa: E402
+from cpu_kernels import kernel_probe, pin, platform  # noqa: E402
 
 pin()  # the kernels the tests compute with (tests/cpu_kernels.py)
 
@@ -44,12 +44,29 @@ def normalise(report: dict, tmp: str) -> dict:
     return json.loads(json.dumps(report).replace(tmp, "{tmp}"))
 
 
+PROBE = "kernel_probe.txt"  # in a platform's folder: the recording CPU's `kernel_probe`
+
+
 def golden_file(name: str) -> Path:
     """Where the report of case ``name`` is recorded for this CPU."""
     here = platform()
     if name in PLATFORM_BOUND and here != BASE_PLATFORM:
         return HERE / "platforms" / here / f"{name}.json"
     return HERE / f"{name}.json"
+
+
+def unrecorded(name: str) -> str | None:
+    """Why this CPU has no recording of case ``name`` to compare with; None if it has one."""
+    path = golden_file(name)
+    if not path.exists():
+        return f"no recording for this CPU ({platform()})"
+    probe = path.parent / PROBE
+    if probe.exists() and probe.read_text().strip() != kernel_probe():
+        return (
+            f"this CPU ({platform()}) rounds the probe's products otherwise than the one that "
+            f"recorded {path.parent.name}'s reports (tests/cpu_kernels.py, kernel_probe)"
+        )
+    return None
 
 
 def main(names: list[str]) -> None:
@@ -61,6 +78,8 @@ def main(names: list[str]) -> None:
         path = golden_file(name)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
+        if path.parent != HERE:
+            (path.parent / PROBE).write_text(kernel_probe() + "\n")
         print("recorded", path.relative_to(HERE))
 
 
