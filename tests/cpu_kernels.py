@@ -13,12 +13,12 @@ operation; a variable already set by the caller is left as it is.
 
 The pins do not make every CPU compute the same bits: on a CPU of another vendor, or with other
 bf16 instructions, the model source's golden reports still moved (a Xeon with AMX against the
-AMD EPYC with AVX512-BF16 they were recorded on: the rollout's mismatch statistics by up to
-9%, float32 sums that cancel by 3e-5; the sampled tokens stayed the same). `platform` names
-what the pins leave apart, and ``tests/golden/platforms/<platform>`` holds the reports of the
-cases bound to it (``tests/golden/cases.py``, ``PLATFORM_BOUND``), with the `kernel_probe` of
-the CPU that recorded them: two CPUs of one name whose kernels still round differently (another
-generation, other cache sizes) tell apart by it.
+AMD EPYC with AVX512-BF16 they were recorded on: the rollout's mismatch statistics by up to 9%,
+float32 sums that cancel by up to 3e-4 of themselves; the sampled tokens stayed the same).
+`platform` names what the pins leave apart, and ``tests/golden/platforms/<platform>`` holds the
+reports of the cases bound to it (``tests/golden/cases.py``, ``PLATFORM_BOUND``), with the
+`kernel_probe` of the CPU that recorded them: two CPUs of one name whose kernels still round
+differently (another generation, other cache sizes) tell apart by it.
 """
 
 from __future__ import annotations
