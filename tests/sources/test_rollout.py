@@ -1,6 +1,6 @@
 """The rollout: its precision chosen by what the device computes natively, stop tokens, no
 library warnings on the built-in model, the cache name it uses, and each prompt prefilled once
-(the rollout bit for bit a forward over every row's)."""
+(the rollout bit for bit a forward over every row's, with the suite's pinned kernels)."""
 
 from __future__ import annotations
 
@@ -185,8 +185,9 @@ class Recorded(nn.Module):
 def test_each_prompt_is_prefilled_once_and_the_rollout_is_the_rows_own(monkeypatch, dtype):
     """Four prompts × three completions: the prompts' forward takes the four prompts, and the
     rollout — tokens and μ — is the one of a forward over all twelve rows, bit for bit (a row's
-    keys, values and logits depend on that row only; on this CPU the products agree to the
-    bit, measured on the built-in and the SmolLM2-shaped benchmark checkpoint)."""
+    keys, values and logits depend on that row only; with the suite's pinned kernels the
+    products of 4 and of 12 rows agree to the bit; with the native MKL of a Xeon with AMX, a
+    float32 rollout's μ moved by up to 2e-6, the tokens and the bf16 rollout did not)."""
     pytest.importorskip("transformers")
     from gradlens.sources.checkpoint import load_checkpoint
     from gradlens.sources.prompts import choose_prompts, tokenize_prompts
