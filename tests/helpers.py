@@ -245,11 +245,15 @@ def differences(
         return out
     if isinstance(old, float) or isinstance(new, float):
         numbers = isinstance(old, (int, float)) and isinstance(new, (int, float))
-        floor = max(1e-12, RTOL * scales.get(path, 0.0))
-        if numbers and math.isclose(old, new, rel_tol=RTOL, abs_tol=floor):
+        if numbers and _close(old, new, scales.get(path, 0.0)):
             return []
         return [f"{path}: {old!r} != {new!r}"]
     return [] if old == new else [f"{path}: {old!r} != {new!r}"]
+
+
+def _close(old: float, new: float, scale: float) -> bool:
+    """Equal to ``RTOL`` of ``old``, or of ``scale`` (the size of the terms it is a sum of)."""
+    return math.isclose(old, new, rel_tol=RTOL, abs_tol=max(1e-12, RTOL * scale))
 
 
 def _float_vector(items: list[Any]) -> bool:
@@ -268,12 +272,11 @@ def _vector_differences(old: list[float], new: list[float], path: str) -> list[s
     when a kernel sums in another order (share 1e-7 in a list whose largest is 1e-2: 1e-12 of
     rounding is 1e-5 of it); a wrong formula moves the largest entries too."""
     scale = max((abs(x) for x in old if math.isfinite(x)), default=0.0)
-    out = []
-    for i, (a, b) in enumerate(zip(old, new, strict=True)):
-        same = a == b or (math.isfinite(a) and math.isfinite(b) and abs(a - b) <= RTOL * scale)
-        if not (same or math.isclose(a, b, rel_tol=RTOL, abs_tol=1e-12)):
-            out.append(f"{path}[{i}]: {a!r} != {b!r} (the list's largest |entry| {scale:.3g})")
-    return out
+    return [
+        f"{path}[{i}]: {a!r} != {b!r} (the list's largest |entry| {scale:.3g})"
+        for i, (a, b) in enumerate(zip(old, new, strict=True))
+        if not _close(a, b, scale)
+    ]
 
 
 def with_teacher(batch: Batch, seed: int, h: int = 5, k: int = 4, stored: bool = False) -> Batch:

@@ -276,8 +276,12 @@ def test_the_bound_holds_with_the_machines_own_kernels():
         check=True,
     )
     native = probe.stdout.strip().lower()
-    env = {**unpinned, "ATEN_CPU_CAPABILITY": native, "MKL_CBWR": "AUTO"}
-    env["ONEDNN_MAX_CPU_ISA"] = "ALL"
+    env = {
+        **unpinned,
+        "ATEN_CPU_CAPABILITY": native,
+        "MKL_CBWR": "AUTO",
+        "ONEDNN_MAX_CPU_ISA": "ALL",
+    }
     argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
     result = subprocess.run(
         [*argv, "-k", OWN_KERNEL_CASES, "-W", "ignore"],
