@@ -56,7 +56,9 @@ class PackedLayout:
     """Where each grid position lies in the packed rows.
 
     Attributes:
-        input_ids: [R, L'] the packed rows (0 at padding).
+        input_ids: [R, L'] the packed rows; padding holds the batch's first id, so that the
+            embedding lookup reads only rows the batch names (a tied embedding's gradient is
+            then zero outside the batch's ids, as `GradientSink` checks).
         position_ids: [R, L'] each packed token's position on the grid.
         allowed: [R, L', L'] bool, query q may attend to key k.
         source: [N, L] the flat index r·L' + c of each real grid position, 0 elsewhere.
@@ -152,7 +154,7 @@ def prefix_layout(seqs: Sequences, min_saving: float = MIN_SAVING) -> PackedLayo
     n, width = (int(x) for x in seqs.input_ids.shape)
     ids_cpu, pos_cpu = seqs.input_ids.cpu(), seqs.position_ids.cpu()
     count, packed_width = len(plan.rows), plan.width
-    ids = torch.zeros(count, packed_width, dtype=ids_cpu.dtype)
+    ids = torch.full((count, packed_width), int(ids_cpu[0, 0]), dtype=ids_cpu.dtype)
     pos = torch.zeros(count, packed_width, dtype=pos_cpu.dtype)
     segment = torch.full((count, packed_width), -2, dtype=torch.long)  # −1 prompt, j member, −2 pad
     source = torch.zeros(n, width, dtype=torch.long)

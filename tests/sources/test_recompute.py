@@ -32,7 +32,9 @@ TEMPERATURE = 1.5
 LOSSES = ["reinforce", "ppo_clip", "sft"]
 
 
-def save_llama(path: Path, tied: bool) -> Path:
+def save_llama(path: Path, tied: bool, pad_id: int = 0) -> Path:
+    """A random Llama behind a word-level tokenizer; ``pad_id``: the config's pad token (the
+    embedding's ``padding_idx``, whose rows get no gradient)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -40,7 +42,7 @@ def save_llama(path: Path, tied: bool) -> Path:
     config = transformers.LlamaConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=CONTEXT,
-        tie_word_embeddings=tied, eos_token_id=0, bos_token_id=0, pad_token_id=0,
+        tie_word_embeddings=tied, eos_token_id=0, bos_token_id=0, pad_token_id=pad_id,
     )  # fmt: skip
     transformers.LlamaForCausalLM(config).save_pretrained(path)
     words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
@@ -411,6 +413,47 @@ def test_a_grouped_batch_file_goes_through_with_one_copy_of_each_prompt(
         assert a.model_grads.total_norm == pytest.approx(b.model_grads.total_norm, rel=1e-6)
         for x, y in zip(a.model_grads.groups, b.model_grads.groups, strict=True):
             assert x.name == y.name and x.norm == pytest.approx(y.norm, rel=1e-6, abs=1e-12)
+
+
+def test_a_packed_batch_without_padding_or_id_0_on_a_tied_checkpoint(tmp_path):
+    # Real tokenizers pad with an end-of-turn id (SmolLM2-Instruct: 2, Qwen: 151643), so id 0
+    # need not occur in a batch, nor be the embedding's padding_idx. Here the grid has no
+    # padding and no 0; packed, a prompt with 3 responses and one with 2 make rows of two
+    # widths, and the shorter row is padded. That padding must look up a row the batch names:
+    # the tied embedding's gradient (its rows) may only have the batch's ids, and the norms are
+    # the padded grid's, by plain autograd.
+    tied_checkpoint = save_llama(tmp_path / "llama", tied=True, pad_id=VOCAB - 1)
+    gen = torch.Generator().manual_seed(11)
+    groups = [3, 2]
+    prompts = torch.cat(
+        [torch.randint(1, VOCAB - 1, (1, P), generator=gen).repeat(g, 1) for g in groups]
+    )
+    n = len(prompts)
+    responses = torch.randint(1, VOCAB - 1, (n, T), generator=gen)
+    ones = torch.ones(n, P + T, dtype=torch.long)
+    batch = {
+        "prompts": prompts,
+        "responses": responses,
+        "input_ids": torch.cat([prompts, responses], dim=1),
+        "attention_mask": ones,
+        "response_mask": ones[:, P:],
+        "old_log_probs": -torch.rand(n, T, dtype=torch.float64, generator=gen),
+        "advantages": torch.randn(n, dtype=torch.float64, generator=gen),
+    }
+    assert not bool((batch["input_ids"] == 0).any())
+    path = verl_file(tmp_path, batch)
+    report = compare(path, model_path=str(tied_checkpoint), temperature=TEMPERATURE)
+    assert report.passed
+    assert report.model is not None and report.model.gradient_pass is not None
+    assert report.model.gradient_pass.shared_prefix
+    loss, expected = hand_written_sft(tied_checkpoint, batch)
+    sft = next(r for r in report.losses if r.name == "sft")
+    assert sft.loss == pytest.approx(loss, rel=1e-6)
+    mg = sft.model_grads
+    assert mg is not None and mg.tied
+    # float64, but LlamaRMSNorm computes in float32 and the packed products have other shapes
+    assert mg.tied_grad_norm == pytest.approx(expected["embedding"], rel=1e-6)
+    assert mg.total_norm == pytest.approx(expected["total"], rel=1e-6)
 
 
 @pytest.mark.slow

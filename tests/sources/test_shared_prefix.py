@@ -67,6 +67,15 @@ def test_the_layout_puts_each_token_at_its_position_once_per_prompt():
     assert torch.equal(prompt[0], prompt[1]) and torch.equal(prompt[0], prompt[2])
 
 
+def test_the_packed_rows_look_up_only_ids_of_the_batch():
+    # no padding on the grid and no id 0; the rows (6 + 2·1 and 6 + 1) have two widths
+    seqs = grid([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]], [[[20], [21]], [[30]]])
+    assert bool(seqs.attention_mask.bool().all())
+    layout = prefix_layout(seqs, min_saving=0.0)
+    assert layout is not None and layout.input_ids.shape == (2, 8)
+    assert set(layout.input_ids.unique().tolist()) <= set(seqs.input_ids.unique().tolist())
+
+
 def test_a_completion_sees_its_prompt_and_itself_only():
     seqs = two_groups()
     layout = prefix_layout(seqs)
