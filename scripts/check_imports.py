@@ -43,6 +43,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "gradlens.errors",
             "gradlens.logits",
             "gradlens.summation",
+            "gradlens.vector_math",
             "gradlens.files",
             "gradlens.progress",
             "gradlens.batchfile",

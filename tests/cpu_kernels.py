@@ -40,6 +40,30 @@ def pin() -> None:
         os.environ.setdefault(name, value)
 
 
+def own_kernels_env() -> dict[str, str]:
+    """This process's environment without the pins, and set to the CPU's own kernels: ATen's
+    widest vector loops (AVX-512 where the CPU has it), MKL's and oneDNN's native paths — what
+    a user's run computes with."""
+    import subprocess
+    import sys
+
+    unpinned = {k: v for k, v in os.environ.items() if k not in PINS}
+    probe = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+        env=unpinned,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    native = probe.stdout.strip().lower()
+    return {
+        **unpinned,
+        "ATEN_CPU_CAPABILITY": native,
+        "MKL_CBWR": "AUTO",
+        "ONEDNN_MAX_CPU_ISA": "ALL",
+    }
+
+
 def platform() -> str:
     """The CPU's vendor and bf16 instructions, e.g. ``AuthenticAMD-avx512_bf16`` or
     ``GenuineIntel-amx_bf16``: the differences between CPUs that the pins leave."""

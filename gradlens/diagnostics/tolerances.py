@@ -21,9 +21,11 @@ fused kernels do not floor): each such term of S or of Σ_v π_v is off by less 
 absolute terms, against sums that hold the maximum's own e^0 = 1, so by less than V·e^F < 1e-28
 relative in all for V < 2³²: the bound B below leaves it out, and the allowance 2B (B > 1e-15)
 covers it many times over.
-Write ε = 4u for the error of exp (2 ulp: CUDA's expf; CPU's SLEEF exp is within 1 ulp), H the
-entropy and L = ⌈log2 V⌉ + 7 the most additions a term goes through in a chunked pairwise sum
-(`summation.chunked_depth`, whatever the chunk size). Then, to first order:
+Write ε = 4u for the error of exp (2 ulp: CUDA's expf; on the CPU torch calls MKL's vector exp
+in its high-accuracy mode, or SLEEF's without MKL, both within 1 ulp — MKL's only once
+initialised on one thread: `gradlens.vector_math`), H the entropy and L = ⌈log2 V⌉ + 7 the
+most additions a term goes through in a chunked pairwise sum (`summation.chunked_depth`,
+whatever the chunk size). Then, to first order:
 
 - z_v − m rounds by u·|z_v − m| ≤ u·|log π_v| (because z_v − m = log π_v + log S, log S ≥ 0), so
   S is off by at most u·H + ε + 6L·u_w relative (π-weighted; each chunk merge adds an exp, a
