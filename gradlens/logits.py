@@ -41,9 +41,6 @@ import torch
 from torch import Tensor
 
 from gradlens.summation import WIDE, compensated_sum, pairwise_sum
-from gradlens.vector_math import initialise_vector_math
-
-initialise_vector_math()  # before any multi-threaded exp or log (gradlens.vector_math)
 
 
 def softmax_dtype(operand: torch.dtype) -> torch.dtype:

@@ -49,6 +49,12 @@ from typing import Generic, TypeVar
 import torch
 from torch import Tensor
 
+from gradlens.vector_math import initialise_vector_math
+
+# Every computation of gradlens (compare, sweep, trace, the API) imports this module before it
+# runs: MKL's vector math is initialised here, on one thread (gradlens.vector_math).
+initialise_vector_math()
+
 WIDE = torch.float64  # the dtype of every sum made here
 BLOCK = 8  # terms summed by one float64 reduction before the halving
 

@@ -14,8 +14,8 @@ numbers (which runs on the calling thread alone), 0 of 40.
 
 `initialise_vector_math` makes that one-thread call for every such function and dtype (8
 numbers each, microseconds in all), so that the first multi-threaded call finds the library
-initialised. `gradlens.logits` calls it when imported; every computation of gradlens imports
-that module before it runs.
+initialised. `gradlens.summation` calls it when imported; every computation of gradlens
+(compare, sweep, trace, the API) imports that module before it runs.
 """
 
 from __future__ import annotations
