@@ -15,6 +15,7 @@ import importlib.resources
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,7 @@ def load_checkpoint(
     dtype: torch.dtype,
     key: str = "source.path",
     device_map: str | dict[str, str | int] | None = None,
+    tokenizer_check: Callable[[Any, str], None] | None = None,
 ) -> LoadedModel:
     """Model and tokenizer from a local directory (never the Hub), with consistency checks.
 
@@ -85,6 +87,8 @@ def load_checkpoint(
     ``device_map``: accelerate's placement of the modules, handed to ``from_pretrained`` (with a
     temporary offload folder, removed at exit, when it puts modules on ``disk``); None: the
     whole model on ``device``. The lm_head must not be offloaded: its weight is read whole.
+    The tokenizer loads first (a fraction of a second) and ``tokenizer_check(tokenizer, label)``
+    runs on it then, so that what the tokenizer alone refuses is refused before the model loads.
     """
     where = checkpoint_dir(path, key)
     label = "the built-in model" if path is None else repr(path)
@@ -102,6 +106,15 @@ def load_checkpoint(
         if isinstance(device_map, dict) and "disk" in device_map.values():
             placement["offload_folder"] = offload_folder()
     try:
+        tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True)
+    except Exception as exc:
+        raise GradlensError(
+            f"{key}: transformers could not load the tokenizer of {label}: "
+            f"{type(exc).__name__}: {exc}"
+        ) from None
+    if tokenizer_check is not None:
+        tokenizer_check(tokenizer, label)
+    try:
         model = AutoModelForCausalLM.from_pretrained(
             where, dtype=dtype, local_files_only=True, **placement
         )
@@ -110,13 +123,6 @@ def load_checkpoint(
         raise GradlensError(
             f"{where_key}: transformers could not load a causal LM from {label}"
             f"{'' if device_map is None else f' with device_map {device_map!r}'}: "
-            f"{type(exc).__name__}: {exc}"
-        ) from None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True)
-    except Exception as exc:
-        raise GradlensError(
-            f"{key}: transformers could not load the tokenizer of {label}: "
             f"{type(exc).__name__}: {exc}"
         ) from None
     if device_map is None:

@@ -59,7 +59,12 @@ from gradlens.sources.checkpoint import checkpoint_estimate, checkpoint_sizes, l
 from gradlens.sources.forward import check_logit_path, head_weight
 from gradlens.sources.microbatch import pass_budget
 from gradlens.sources.passes import full_sequence_logp, score_alone
-from gradlens.sources.prompts import choose_prompts, has_chat_template, tokenize_prompts
+from gradlens.sources.prompts import (
+    choose_prompts,
+    has_chat_template,
+    require_chat_template,
+    tokenize_prompts,
+)
 from gradlens.sources.rewards import default_reward, load_reward, score
 from gradlens.sources.rollout import rollout_copy, rollout_dtype, sample, stop_tokens
 from gradlens.sources.shared_prefix import padded_note, with_shared_prefix
@@ -80,7 +85,13 @@ def build_model_batch(src: ModelSource, ctx: SourceContext) -> Batch:
     reward_fn = load_reward(reward_name)
     stale_spec = get_loss(src.stale.loss)
     report("loading checkpoint", 0, 1)
-    loaded = load_checkpoint(src.path, device, dtype, device_map=src.device_map)
+    loaded = load_checkpoint(
+        src.path,
+        device,
+        dtype,
+        device_map=src.device_map,
+        tokenizer_check=require_chat_template if src.chat_template else None,
+    )
     report("loading checkpoint", 1, 1)
     prompts, prompt_key = choose_prompts(src.prompts, src.num_prompts, ctx.seed, src.chat_template)
     prompt_ids = tokenize_prompts(

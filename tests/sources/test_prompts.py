@@ -123,8 +123,15 @@ def test_a_tokenizer_with_a_template_but_plain_prompts_gets_a_note(instruct):
     assert any("source.chat_template: true" in n for n in report.model.notes)
 
 
-def test_chat_template_without_a_template_is_an_error(tmp_path):
+def test_chat_template_without_a_template_is_an_error_before_the_model_loads(tmp_path, monkeypatch):
+    import transformers
+
     path = save_checkpoint(tmp_path / "llama", "llama")
+
+    def loads(*args, **kwargs):
+        raise AssertionError("the model was loaded before the tokenizer's template was checked")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", loads)
     with pytest.raises(GradlensError, match=r"^source\.chat_template: .* no chat template"):
         run_compare(chat_config(path))
 
