@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 PINS = {
@@ -44,9 +46,6 @@ def own_kernels_env() -> dict[str, str]:
     """This process's environment without the pins, and set to the CPU's own kernels: ATen's
     widest vector loops (AVX-512 where the CPU has it), MKL's and oneDNN's native paths — what
     a user's run computes with."""
-    import subprocess
-    import sys
-
     unpinned = {k: v for k, v in os.environ.items() if k not in PINS}
     probe = subprocess.run(
         [sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],

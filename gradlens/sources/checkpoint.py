@@ -15,7 +15,6 @@ import importlib.resources
 import json
 import shutil
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,7 +78,7 @@ def load_checkpoint(
     dtype: torch.dtype,
     key: str = "source.path",
     device_map: str | dict[str, str | int] | None = None,
-    tokenizer_check: Callable[[Any, str], None] | None = None,
+    chat_template: bool = False,
 ) -> LoadedModel:
     """Model and tokenizer from a local directory (never the Hub), with consistency checks.
 
@@ -87,8 +86,9 @@ def load_checkpoint(
     ``device_map``: accelerate's placement of the modules, handed to ``from_pretrained`` (with a
     temporary offload folder, removed at exit, when it puts modules on ``disk``); None: the
     whole model on ``device``. The lm_head must not be offloaded: its weight is read whole.
-    The tokenizer loads first (a fraction of a second) and ``tokenizer_check(tokenizer, label)``
-    runs on it then, so that what the tokenizer alone refuses is refused before the model loads.
+    ``chat_template``: the prompts go through the tokenizer's chat template, which it must have.
+    The tokenizer loads first (a fraction of a second), so that what it alone refuses is refused
+    before the model loads.
     """
     where = checkpoint_dir(path, key)
     label = "the built-in model" if path is None else repr(path)
@@ -112,8 +112,12 @@ def load_checkpoint(
             f"{key}: transformers could not load the tokenizer of {label}: "
             f"{type(exc).__name__}: {exc}"
         ) from None
-    if tokenizer_check is not None:
-        tokenizer_check(tokenizer, label)
+    if chat_template and not has_chat_template(tokenizer):
+        raise GradlensError(
+            f"source.chat_template: the tokenizer of {label} has no chat template "
+            "(tokenizer_config.json 'chat_template', or chat_template.jinja); set "
+            "source.chat_template: false for a base model"
+        )
     try:
         model = AutoModelForCausalLM.from_pretrained(
             where, dtype=dtype, local_files_only=True, **placement
@@ -149,6 +153,10 @@ def load_checkpoint(
             f"{embedding_rows}; the tokenizer files belong to a different model"
         )
     return loaded
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
 
 
 def offload_folder() -> str:

@@ -55,16 +55,16 @@ from gradlens.losses import get_loss
 from gradlens.memory import Estimate, Shape, dtype_bytes, release_free_memory
 from gradlens.progress import report
 from gradlens.sources.base import SourceContext, SourcePlan
-from gradlens.sources.checkpoint import checkpoint_estimate, checkpoint_sizes, load_checkpoint
+from gradlens.sources.checkpoint import (
+    checkpoint_estimate,
+    checkpoint_sizes,
+    has_chat_template,
+    load_checkpoint,
+)
 from gradlens.sources.forward import check_logit_path, head_weight
 from gradlens.sources.microbatch import pass_budget
 from gradlens.sources.passes import full_sequence_logp, score_alone
-from gradlens.sources.prompts import (
-    choose_prompts,
-    has_chat_template,
-    require_chat_template,
-    tokenize_prompts,
-)
+from gradlens.sources.prompts import choose_prompts, tokenize_prompts
 from gradlens.sources.rewards import default_reward, load_reward, score
 from gradlens.sources.rollout import rollout_copy, rollout_dtype, sample, stop_tokens
 from gradlens.sources.shared_prefix import padded_note, with_shared_prefix
@@ -90,7 +90,7 @@ def build_model_batch(src: ModelSource, ctx: SourceContext) -> Batch:
         device,
         dtype,
         device_map=src.device_map,
-        tokenizer_check=require_chat_template if src.chat_template else None,
+        chat_template=src.chat_template,
     )
     report("loading checkpoint", 1, 1)
     prompts, prompt_key = choose_prompts(src.prompts, src.num_prompts, ctx.seed, src.chat_template)

@@ -66,10 +66,6 @@ def choose_prompts(
     return [corpus[int(i)] for i in order[:num_prompts]], "source.num_prompts"
 
 
-def has_chat_template(tokenizer: Any) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
 def prompt_ids(text: str, tokenizer: Any, chat: bool) -> list[int]:
     """The token ids of one prompt (see the module docstring)."""
     if not chat:
@@ -80,24 +76,11 @@ def prompt_ids(text: str, tokenizer: Any, chat: bool) -> list[int]:
     return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
 
 
-def require_chat_template(tokenizer: Any, label: str) -> None:
-    """``source.chat_template`` needs a tokenizer with a template: the error otherwise
-    (`gradlens.sources.checkpoint.load_checkpoint` runs it before the model loads)."""
-    if not has_chat_template(tokenizer):
-        raise GradlensError(
-            f"source.chat_template: the tokenizer of {label} has no chat template "
-            "(tokenizer_config.json 'chat_template', or chat_template.jinja); set "
-            "source.chat_template: false for a base model"
-        )
-
-
 def tokenize_prompts(
     prompts: list[str], key: str, loaded: LoadedModel, max_new_tokens: int, chat: bool = False
 ) -> list[list[int]]:
     """Token ids of each prompt; errors for an empty prompt or one that overflows the context.
-    With ``chat`` the tokenizer must have a template (`require_chat_template`)."""
-    if chat:
-        require_chat_template(loaded.tokenizer, repr(str(loaded.path)))
+    With ``chat`` the tokenizer has a template (`load_checkpoint` checked it)."""
     ids = []
     for i, text in enumerate(prompts):
         where = f"{key}[{i}]" if key == "source.prompts" else f"{key} (built-in prompt {i})"
