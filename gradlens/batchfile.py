@@ -76,7 +76,13 @@ file read back with the same checkpoint as ``source.model_path`` is the same bat
                                                         ``source.stale.steps``)
 
 because the checkpoint on disk holds θ_old, not the θ those steps reached: read back with it,
-π_θ is π_old again (every ratio 1), and the report says so.
+π_θ is π_old again (every ratio 1), and the report says so. Every dump of a batch from a real
+model records the tokenizer that made its ids, one value for the whole file:
+
+    tokenizer_sha256                       [32] uint8   the SHA-256 of the tokenizer's
+                                                        vocabulary (`gradlens.sources.
+                                                        tokenizer_digest`); a read-back with
+                                                        another tokenizer is refused
 
 Position t of every [N, T] tensor refers to the same response token. A dump from a training
 loop is three lines (see docs/batchfile.md)::
@@ -117,6 +123,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "prompt_mask": ("prompt_mask",),
     "attention": ("attention_mask",),  # [N, P+T] beside 'prompts': written by `dump_tensors`
     "stale_steps": ("stale_steps",),
+    "tokenizer_sha256": ("tokenizer_sha256",),
     "kept_ids": ("kept_ids",),
     "old_kept_log_mass": ("old_log_kept_mass",),
     "rollout_kept_log_mass": ("rollout_log_kept_mass",),
@@ -137,7 +144,7 @@ TENSOR_KEYS = frozenset(
     for key in ALIASES[name]
 )
 # one value for the whole batch, not per sequence: a .jsonl file stores them on its first line
-SHARED = ("lm_head_weight", "teacher_weight", "teacher_bias")
+SHARED = ("lm_head_weight", "teacher_weight", "teacher_bias", "tokenizer_sha256")
 SUFFIXES = (".safetensors", ".pt", ".pth", ".jsonl")
 WEIGHT_KEY = "lm_head_weight"
 SHARD_KEYS = ("vocab_offset", "vocab_size")  # a file holding some rows of W (one rank's)
@@ -155,6 +162,7 @@ PER_TOKEN_NAMES = (
 RESPONSE_ALIGNED = frozenset(
     key for name in PER_TOKEN_NAMES for key in ALIASES[name] if key not in WHOLE_SEQUENCE
 )
+DIGEST = "a SHA-256 digest is 32 bytes, whole numbers from 0 to 255"
 LOSS = "0 (not in the loss) or 1 (in the loss)"  # what a response mask holds
 ATTENTION = "0 (padding) or 1 (a real token)"  # what an attention or prompt mask holds
 # V → (v0, v1): the rows of the lm_head weight a tensor-parallel rank keeps
@@ -266,6 +274,32 @@ def peek_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
     return None
 
 
+def peek_tokenizer_sha256(path: Path, where: str = "source.path") -> Tensor | None:
+    """The file's ``tokenizer_sha256`` ([32] uint8) without reading its other tensors (a
+    .jsonl file: its first line, which holds the batch's shared values); None when it has none
+    or cannot be read that way (reading it whole then gives the real error)."""
+    key = "tokenizer_sha256"
+    suffix = path.suffix.lower()
+    value: Any = None
+    try:
+        if suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as fh:
+                value = fh.get_tensor(key) if key in fh.keys() else None  # noqa: SIM118
+        elif suffix in (".pt", ".pth"):
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            value = data.get(key) if isinstance(data, Mapping) else None
+        elif suffix == ".jsonl":
+            with path.open(encoding="utf-8") as fh:
+                first = next((line for line in fh if line.strip()), "{}")
+            row = json.loads(first)
+            value = torch.tensor(row[key]) if isinstance(row, dict) and key in row else None
+    except Exception:  # a corrupt or foreign file: `read_batch_file` says what is wrong
+        return None
+    return None if not isinstance(value, Tensor) else _digest(value, where)
+
+
 def shape_keys(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, str]:
     """gradlens name → the key the file uses for it, for the keys present."""
     return {name: key for name in ALIASES if (key := _key(shapes, name)) is not None}
@@ -367,6 +401,7 @@ INTEGER_KEYS = {
     ),
     **dict.fromkeys(SHARD_KEYS, "a shard key is one integer, a row number"),
     "stale_steps": "step counts are whole numbers",
+    "tokenizer_sha256": DIGEST,
 }
 
 
@@ -734,12 +769,29 @@ def read_batch_file(
                 "steps is ≥ 0"
             )
         out["stale_steps"] = steps
+    digest = _pick(raw, "tokenizer_sha256", where, False)
+    if digest is not None:
+        out["tokenizer_sha256"] = _digest(digest, where)
     out.update(_teacher(raw, (n, t), out["mask"], where))
     keys.update({name: name for name in TEACHER_KEYS if name in out})
     if prompts:
         out.update(_prompt_context(raw, tokens_key, out["tokens"], out["mask"], where))
     unknown = sorted({*others, *(k for k in raw if k not in KNOWN_KEYS)})
     return BatchFile(out, keys, tuple(unknown))
+
+
+def _digest(x: Tensor, where: str) -> Tensor:
+    """The 32 bytes of ``tokenizer_sha256`` as uint8 (any integer dtype, or whole floats)."""
+    if tuple(x.shape) != (32,):
+        raise GradlensError(
+            f"{where}: 'tokenizer_sha256' has shape {tuple(x.shape)}; expected [32], {DIGEST}"
+        )
+    values = _integers(x, "tokenizer_sha256", where, what=DIGEST)
+    outside = ((values < 0) | (values > 255)).nonzero()
+    if outside.numel():
+        i = int(outside[0])
+        raise GradlensError(f"{where}: 'tokenizer_sha256'[{i}] is {int(values[i])}; {DIGEST}")
+    return values.to(torch.uint8)
 
 
 def _teacher(

@@ -23,8 +23,10 @@ HELP = (
     "teacher_* keys of a distillation teacher), under the key names verl uses. A batch from a "
     "real model (source.kind=model, or a batch file with "
     "source.model_path) also gets its prompts and attention_mask, verl's layout, so that "
-    "source.model_path can recompute it. The format follows the suffix: .safetensors, .pt, "
-    ".jsonl. Read it back with --set source.kind=batch --set source.path=FILE."
+    "source.model_path can recompute it, and tokenizer_sha256, the digest of the tokenizer's "
+    "vocabulary, so that a read-back with another tokenizer is refused. The format follows "
+    "the suffix: .safetensors, .pt, .jsonl. Read it back with --set source.kind=batch --set "
+    "source.path=FILE."
 )
 
 

@@ -73,6 +73,7 @@ from gradlens.run_files import (
     write_json,
 )
 from gradlens.sources.batch import dump_tensors
+from gradlens.sources.tokenizer_digest import vocabulary_sha256
 
 # TRL's loss_type → (gradlens aggregation, count_empty_sequences): TRL's normaliser (docs/losses.md
 # §9; checked against TRL's own _compute_loss in tests/losses/test_frameworks.py). dapo and
@@ -443,7 +444,9 @@ class GradlensGRPOMixin:
         tensors = dump_tensors(batch)
         assert tensors["mask"] is not None
         attention = torch.cat([prompt_mask.long(), tensors["mask"].long()], dim=1)
-        tensors.update(prompts=prompts, attention=attention)
+        # the trainer's tokenizer made the ids: a read-back with another one is refused
+        digest = vocabulary_sha256(getattr(self, "processing_class", None))
+        tensors.update(prompts=prompts, attention=attention, tokenizer_sha256=digest)
         path = self.gradlens_dir / (step_stem(step) + settings.batch_suffix)
         write_batch(path, tensors)
         base = self._gradlens_base()

@@ -17,7 +17,10 @@ recomputed lm_head is whole; the compare pipeline splits it.
 
 `dump_tensors` is the inverse: what ``gradlens dump`` writes of any source's batch. A dump of
 the model source made after stale steps records them (``stale_steps``): the checkpoint cannot
-reproduce the θ they reached, and a read-back with it says so in the report.
+reproduce the θ they reached, and a read-back with it says so in the report. A dump of a batch
+from a real model records its tokenizer's vocabulary (``tokenizer_sha256``,
+`gradlens.sources.tokenizer_digest`), and a read-back whose checkpoint or ``source.tokenizer``
+has another vocabulary is refused: the same ids would be other tokens.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from gradlens.memory import Estimate, Shape, dtype_bytes
 from gradlens.sources.base import SourceContext, SourcePlan
 from gradlens.sources.checkpoint import checkpoint_estimate, checkpoint_sizes, load_tokenizer
 from gradlens.sources.recompute import BUILTIN, recompute_hidden
+from gradlens.sources.tokenizer_digest import check_same_tokenizer, vocabulary_sha256
 from gradlens.validation import teacher_tensors
 
 JSONL_FACTOR = 4  # a .jsonl number parsed into Python objects takes about 4× its text
@@ -69,6 +73,15 @@ def build_batch_file(src: BatchSource, ctx: SourceContext) -> Batch:
     rows = None
     tokenizer = None
     if src.model_path is not None:
+        if "tokenizer_sha256" in data:  # before the model loads: its tokenizer alone
+            label = "the built-in model" if src.model_path == BUILTIN else repr(src.model_path)
+            check_same_tokenizer(
+                data["tokenizer_sha256"],
+                load_tokenizer(src.model_path, "source.model_path"),
+                "source.model_path",
+                label,
+                path.name,
+            )
         recomputed = recompute_hidden(
             src.model_path,
             data,
@@ -109,6 +122,14 @@ def build_batch_file(src: BatchSource, ctx: SourceContext) -> Batch:
         )
     if src.tokenizer is not None:  # it wins over the checkpoint's
         tokenizer = load_tokenizer(src.tokenizer)
+        if "tokenizer_sha256" in data:
+            check_same_tokenizer(
+                data["tokenizer_sha256"],
+                tokenizer,
+                "source.tokenizer",
+                repr(src.tokenizer),
+                path.name,
+            )
     mask = data["mask"]
     n, t = mask.shape
     acc = softmax_dtype(dtype)
@@ -421,4 +442,5 @@ def dump_tensors(batch: Batch) -> dict[str, Tensor | None]:
         "prompts": seqs.input_ids[:, :p],
         "attention": seqs.attention_mask.long(),  # [N, P+T]: prompt and response
         "stale_steps": stale,
+        "tokenizer_sha256": vocabulary_sha256(context.loaded.tokenizer),
     }

@@ -26,7 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gradlens.batchfile import SUFFIXES
+import torch
+from torch import Tensor
+
+from gradlens.batchfile import SUFFIXES, peek_tokenizer_sha256
 from gradlens.compare.run import compare_batch, resolve_device, source_context
 from gradlens.config import Config, validate
 from gradlens.containers import Batch
@@ -47,6 +50,7 @@ from gradlens.results.trace import (
 from gradlens.run_files import METRICS_FILE, sidecar_path
 from gradlens.sources import build_source
 from gradlens.sources.checkpoint import builtin_model_dir
+from gradlens.sources.tokenizer_digest import vocabulary_sha256
 
 # (pattern over the flat metric names, label with {loss}, figure panel); the table's order
 COLUMN_RULES: list[tuple[str, str, str]] = [
@@ -273,7 +277,30 @@ def columns(rows: dict[int, dict[str, float | None]]) -> list[TraceColumn]:
     return out
 
 
-def tokenizer_decode(settings: TraceSettings, sidecars: list[dict[str, Any]]) -> Decode | None:
+@dataclass(frozen=True)
+class Decoder:
+    """Token ids → text by the tokenizer at ``where``, whose vocabulary has the digest
+    ``vocabulary`` (`gradlens.sources.tokenizer_digest`; None: it cannot list it)."""
+
+    decode: Decode
+    where: str
+    vocabulary: Tensor | None
+
+    def for_file(self, path: Path) -> tuple[Decode | None, str | None]:
+        """(the decoder, None) for a batch file this tokenizer made, or one that does not say
+        which did; (None, why) for a file whose ``tokenizer_sha256`` is another vocabulary's:
+        its tokens are then shown as ids, not as another tokenizer's text."""
+        stored = peek_tokenizer_sha256(path)
+        if stored is None or self.vocabulary is None or torch.equal(stored, self.vocabulary):
+            return self.decode, None
+        return None, (
+            f"tokens shown as ids: {path.name}'s tokenizer_sha256 is not the vocabulary of the "
+            f"tokenizer {self.where!r} (--tokenizer, or a sidecar's model_path), which would "
+            "decode them as other tokens"
+        )
+
+
+def tokenizer_decode(settings: TraceSettings, sidecars: list[dict[str, Any]]) -> Decoder | None:
     """A decoder from ``--tokenizer`` or a sidecar's model_path; None when none loads."""
     where = settings.tokenizer
     if where is None:
@@ -289,7 +316,7 @@ def tokenizer_decode(settings: TraceSettings, sidecars: list[dict[str, Any]]) ->
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception:  # a checkpoint without tokenizer files: tokens stay ids
         return None
-    return lambda ids: str(tok.decode(ids))
+    return Decoder(lambda ids: str(tok.decode(ids)), where, vocabulary_sha256(tok))
 
 
 def spike_detail(
@@ -298,7 +325,7 @@ def spike_detail(
     entry: FileEntry | None,
     config: Config | None,
     settings: TraceSettings,
-    decode: Decode | None,
+    decoder: Decoder | None,
 ) -> SpikeDetail:
     value = step.values[series]
     shown = value if value is not None and math.isfinite(value) else None
@@ -324,10 +351,13 @@ def spike_detail(
     )
     norms = on_grid(flat, view.rows, view.cols, view.logp.shape)
     ratio = (view.logp - effective_old_logp(batch, view.logp)).exp()
+    decode, note = (None, None) if decoder is None else decoder.for_file(entry.path)
     seqs, toks = contributors(
         c, norms, batch.tokens, batch.mask, batch.advantages, ratio, settings.top_k, decode
     )
-    return SpikeDetail(**base, batch_file=entry.path.name, loss=name, sequences=seqs, tokens=toks)
+    return SpikeDetail(
+        **base, batch_file=entry.path.name, loss=name, sequences=seqs, tokens=toks, note=note
+    )
 
 
 def trace_run(target: str, settings: TraceSettings | None = None) -> TraceReport:
@@ -430,7 +460,7 @@ def trace_run(target: str, settings: TraceSettings | None = None) -> TraceReport
         )
         for s, score in zip(steps_sorted, scores, strict=True)
     ]
-    decode = tokenizer_decode(settings, [e.sidecar for e, _ in by_step.values()])
+    decoder = tokenizer_decode(settings, [e.sidecar for e, _ in by_step.values()])
     spikes = []
     for item in steps:
         if not item.spike or series is None:
@@ -444,7 +474,7 @@ def trace_run(target: str, settings: TraceSettings | None = None) -> TraceReport
                     found[0] if found else None,
                     found[1] if found else None,
                     settings,
-                    decode,
+                    decoder,
                 )
             )
         except Exception as exc:

@@ -450,6 +450,24 @@ CASES = {
         ],
         ("'stale_steps'[1] is -3", "≥ 0"),
     ),
+    "batch-tokenizer-digest-of-31-bytes": Case(
+        "batch-values",
+        lambda d: [
+            "compare",
+            "--set",
+            f"source.path={batch_file(d, tokenizer_sha256=torch.zeros(31, dtype=torch.uint8))}",
+        ],
+        ("'tokenizer_sha256' has shape (31,)", "expected [32]", "32 bytes"),
+    ),
+    "batch-tokenizer-digest-byte-of-256": Case(
+        "batch-values",
+        lambda d: [
+            "compare",
+            "--set",
+            f"source.path={batch_file(d, tokenizer_sha256=torch.arange(32) * 8 + 8)}",
+        ],
+        ("'tokenizer_sha256'[31] is 256", "from 0 to 255"),
+    ),
     "batch-boolean-token-ids": Case(
         "batch-values",
         lambda d: [

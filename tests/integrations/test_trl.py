@@ -14,9 +14,13 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import torch
 
+from gradlens.batchfile import read_batch_tensors
 from gradlens.errors import GradlensError
 from gradlens.integrations.trl import GradlensSettings, trl_loss_settings
+from gradlens.sources.checkpoint import load_tokenizer
+from gradlens.sources.tokenizer_digest import vocabulary_sha256
 
 
 def fake_trainer(loss_type: str = "dapo", **over: Any) -> SimpleNamespace:
@@ -146,6 +150,9 @@ def test_a_spike_writes_the_batch_file_and_its_sidecar(run: tuple[Any, Path]) ->
     side = json.loads((out / "step_000003.json").read_text())
     assert side["step"] == 3 and side["losses"] == ["grpo"] and side["model_path"] == "builtin"
     assert side["loss"]["kl_coef"] == 0.04 and side["loss"]["kl_estimator"] == "unbiased"
+    # the trainer's tokenizer made the ids: the file names its vocabulary
+    stored = read_batch_tensors(out / "step_000003.safetensors")["tokenizer_sha256"]
+    assert torch.equal(stored, vocabulary_sha256(load_tokenizer("builtin")))
 
 
 @pytest.mark.slow

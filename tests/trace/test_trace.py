@@ -26,6 +26,8 @@ from gradlens.diagnostics.spikes import mad_scores, ratio_spike
 from gradlens.grads import objective, softmax_view
 from gradlens.losses import Aggregation, LossParams, get_loss
 from gradlens.sources.batch import dump_tensors
+from gradlens.sources.checkpoint import load_tokenizer
+from gradlens.sources.tokenizer_digest import vocabulary_sha256
 from gradlens.trace.run import TraceSettings, trace_run
 from tests.helpers import random_batch
 
@@ -299,3 +301,35 @@ def test_a_metrics_file_of_any_name_may_start_with_a_blank_line(tmp_path: Path) 
     (tmp_path / "train_log.jsonl").write_text("\n" + "\n".join(lines) + "\n")
     trace = trace_run(str(tmp_path))
     assert [s.step for s in trace.steps] == [1, 2, 3] and not trace.bad_files
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt", ".jsonl"])
+def test_a_spike_file_of_another_tokenizer_keeps_its_tokens_as_ids(
+    tmp_path: Path, suffix: str
+) -> None:
+    # --tokenizer builtin decodes the contributors' tokens; a batch file whose tokenizer_sha256
+    # names another vocabulary keeps them as ids (another tokenizer's text would be made up),
+    # and the spike's note says why
+    builtin = vocabulary_sha256(load_tokenizer("builtin"))
+    assert builtin is not None
+    other = builtin.clone()
+    other[0] ^= 1
+    texts = {}
+    for name, digest in (("same", builtin), ("other", other)):
+        out = tmp_path / name
+        out.mkdir()
+        (out / "metrics.jsonl").write_text(
+            "".join(
+                json.dumps({"step": s, "grad_norm": g}) + "\n" for s, g in enumerate(GRAD_NORMS, 1)
+            )
+        )
+        tensors = {**dump_tensors(dumpable_batch(2)), "tokenizer_sha256": digest}
+        write_batch(out / f"step_000006{suffix}", tensors)
+        (spike,) = trace_run(str(out), TraceSettings(top_k=3, tokenizer="builtin")).spikes
+        texts[name] = [t.text for t in spike.tokens]
+        if name == "same":
+            assert spike.note is None
+        else:
+            assert spike.note is not None and "tokens shown as ids" in spike.note
+            assert f"step_000006{suffix}'s tokenizer_sha256" in spike.note
+    assert all(isinstance(t, str) for t in texts["same"]) and texts["other"] == [None] * 3
