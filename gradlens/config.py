@@ -314,7 +314,9 @@ class LiteralPosition(Strict):
 
 
 class LiteralSequence(Strict):
-    positions: list[LiteralPosition] = Field(min_length=1)
+    positions: list[LiteralPosition] = Field(
+        min_length=1, description="the sequence's positions, each {probs or logits, token, ...}"
+    )
     group: int | None = Field(
         None, description="prompt group id (group-coupled losses: real); null: not stated"
     )
@@ -324,7 +326,11 @@ class LiteralSource(Strict):
     """Every position written out, for hand-computed cases (see gradlens.sources.literal)."""
 
     kind: Literal["literal"]
-    sequences: list[LiteralSequence] = Field(min_length=1)
+    sequences: list[LiteralSequence] = Field(
+        min_length=1,
+        description="the sequences, each a list of positions: {probs or logits, token, "
+        "advantage, ...} (docs/cli.md, literal source)",
+    )
 
     @model_validator(mode="after")
     def _same_vocab(self) -> LiteralSource:
@@ -893,8 +899,9 @@ class DiagnosticsConfig(Strict):
         "auto",
         description="which sequences, tokens, loss terms and token groups carry the lm_head "
         "update, and the entropy change of one step (docs/attribution.md); auto: with the "
-        "materialized engine only (the streamed engine pays about one more GEMM-equivalent per "
-        "loss for it: set on); the fused engine has none",
+        "materialized engine, or with any engine when compare --plot draws it (the streamed "
+        "engine pays about one more GEMM-equivalent per loss for it: set on); the fused engine "
+        "has none",
     )
 
     @model_validator(mode="after")
@@ -975,7 +982,8 @@ class SplitConfig(Strict):
     ga: int = Field(1, ge=1, description="gradient-accumulation steps (gradients summed)")
     convention: str = Field(
         description="the framework's table: verl, verl_legacy, trl, openrlhf, ms_swift; "
-        "FRAMEWORK:SETTING names the setting (trl:bnpo), else loss.aggregation picks it"
+        "FRAMEWORK:SETTING names the setting (trl:bnpo), else loss.aggregation picks it "
+        "(compare --convention)"
     )
 
     @field_validator("convention")
@@ -1403,9 +1411,11 @@ def format_error(err: Any) -> str:
     if kind == "extra_forbidden":
         allowed = allowed_keys(loc[:-1], source_kind)
         return f"{where}: unknown key; allowed here: {', '.join(allowed)}"
+    if kind == "missing":
+        return f"{where}: {required_message(loc, source_kind)}"
     message = str(err["msg"]).removeprefix("Value error, ")
     got = err.get("input")
-    if kind != "missing" and (got is None or isinstance(got, (int, float, str, bool))):
+    if got is None or isinstance(got, (int, float, str, bool)):
         message += f" (got {got!r})"
     elif got == {}:
         message += " (got an empty mapping {})"
@@ -1431,8 +1441,8 @@ def dotted(loc: list[str]) -> str:
     return out
 
 
-def allowed_keys(loc: list[str], source_kind: str | None = None) -> list[str]:
-    """The field names of the config section at ``loc`` (for unknown-key messages)."""
+def section_model(loc: list[str], source_kind: str | None = None) -> type[BaseModel] | None:
+    """The model of the config section at ``loc``; None when ``loc`` names no section."""
     model: Any = Config
     for part in loc:
         if part.isdigit():
@@ -1442,13 +1452,26 @@ def allowed_keys(loc: list[str], source_kind: str | None = None) -> list[str]:
             continue
         field = getattr(model, "model_fields", {}).get(part)
         if field is None:
-            return []
+            return None
         annotation = field.annotation
         inner = getattr(annotation, "__args__", (annotation,))
         model = next((a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)), None)
         if model is None:
-            return []
-    return sorted(getattr(model, "model_fields", {}))
+            return None
+    return model
+
+
+def allowed_keys(loc: list[str], source_kind: str | None = None) -> list[str]:
+    """The field names of the config section at ``loc`` (for unknown-key messages)."""
+    return sorted(getattr(section_model(loc, source_kind), "model_fields", {}))
+
+
+def required_message(loc: list[str], source_kind: str | None = None) -> str:
+    """What a setting that has no default and was not given is (for missing-key messages)."""
+    model = section_model(loc[:-1], source_kind)
+    field = None if model is None or not loc else model.model_fields.get(loc[-1])
+    described = None if field is None else field.description
+    return "required, and not given" + (f": {described}" if described else "")
 
 
 def to_yaml(config: Config) -> str:

@@ -172,9 +172,9 @@ def compare(
             parser=output_file,
             help="Also draw the attribution to FILE (.png, .svg or .pdf; needs matplotlib, the "
             "`plot` extra): per loss, each token's share of the lm_head update against π_θ(y) "
-            "by sign of A, and the shares by group (docs/attribution.md). Needs "
-            "diagnostics.attribution (auto: with the materialized engine). With --split, the "
-            "split instead: each sequence's w_split/w_full coloured by micro-batch, with the "
+            "by sign of A, and the shares by group (docs/attribution.md). Turns "
+            "diagnostics.attribution auto on, whatever the engine (off: refused). With --split, "
+            "the split instead: each sequence's w_split/w_full coloured by micro-batch, with the "
             "sequence lengths, one panel per --convention (docs/split.md).",
         ),
     ] = None,
@@ -277,6 +277,13 @@ def compare(
                     f"{d.attribution!r} with engine {d.engine!r}: set diagnostics.attribution on "
                     "(with the materialized or streamed engine) or auto"
                 )
+        d = cfg.diagnostics
+        if plot is not None and not grid and cfg.split is None and d.attribution == "auto":
+            # the plot draws the attribution: on with whatever engine auto picks (the streamed
+            # one pays about one more GEMM-equivalent per loss for it), on every rank alike;
+            # auto with the fused engine was refused above
+            diagnostics = d.model_copy(update={"attribution": "on"})
+            cfg = cfg.model_copy(update={"diagnostics": diagnostics})
         with process_group(cfg, launch):
             bar = progress_bar() if launch.speaks else nullcontext(None)
             with bar as callback, reporting(callback):

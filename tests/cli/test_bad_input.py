@@ -732,19 +732,6 @@ CASES = {
         lambda d: ["compare", "--plot", str(d / "a.png"), "--set", "diagnostics.attribution=off"],
         ("--plot", "diagnostics.attribution is 'off'"),
     ),
-    "plot-streamed-auto": Case(  # known after the run; still nothing printed, no file
-        "attribution",
-        lambda d: [
-            "compare",
-            "-l",
-            "reinforce",
-            "--engine",
-            "streamed",
-            "--plot",
-            str(d / "a.png"),
-        ],
-        ("--plot", "no loss has one (engine 'streamed')", "diagnostics.attribution on"),
-    ),
     "plot-parity-matrix": Case(
         "attribution",
         lambda d: [

@@ -110,6 +110,28 @@ def test_plot_draws_the_attribution(tmp_path):
     assert "attribution: shares" in result.stdout  # the report is printed as well
 
 
+@pytest.mark.slow
+def test_plot_turns_the_attribution_on_with_the_streamed_engine(tmp_path):
+    # attribution auto runs with the materialized engine only; --plot asks for it, so the
+    # streamed engine (which auto picks for a real vocabulary) computes it too
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "attribution.png"
+    result = invoke(
+        "compare", "-l", "ppo_clip", "--engine", "streamed", "--plot", str(path), "-f", "json"
+    )
+    assert result.exit_code == 0, result.output
+    assert path.read_bytes()[:8] == PNG
+    report = json.loads(result.stdout)
+    assert report["engine"]["path"] == "streamed"
+    assert report["config"]["diagnostics"]["attribution"] == "on"
+    assert report["losses"][0]["attribution"] is not None
+    # without --plot, auto leaves it off on the streamed engine (one GEMM-equivalent saved)
+    plain = json.loads(
+        invoke("compare", "-l", "ppo_clip", "--engine", "streamed", "-f", "json").stdout
+    )
+    assert plain["losses"][0]["attribution"] is None
+
+
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
@@ -117,12 +139,6 @@ def test_plot_draws_the_attribution(tmp_path):
         (
             ["--plot", "a.png", "--set", "diagnostics.attribution=off"],
             "diagnostics.attribution is 'off'",
-        ),
-        # auto with the streamed engine: no section, known only after the run; still no report
-        pytest.param(  # a whole streamed run on the default batch: slow
-            ["--plot", "a.png", "--engine", "streamed"],
-            "no loss has one (engine 'streamed')",
-            marks=pytest.mark.slow,
         ),
     ],
 )

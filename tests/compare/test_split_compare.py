@@ -47,7 +47,9 @@ def test_config_errors_name_the_field() -> None:
         build_config(None, ["split.micro=4", "split.convention=trl:bnp"])
     with pytest.raises(GradlensError, match=r"split\.micro: .*greater than or equal to 1"):
         build_config(None, ["split.micro=0", "split.convention=verl"])
-    with pytest.raises(GradlensError, match=r"split\.convention: Field required"):
+    with pytest.raises(
+        GradlensError, match=r"split\.convention: required, and not given: the framework.s table"
+    ):
         build_config(None, ["split.micro=4"])
     with pytest.raises(GradlensError, match=r"micro·dp·ga = 3·1·1 = 3 sequences"):
         run_compare(build_config(None, [*SMALL, "split.micro=3", "split.convention=verl"]))

@@ -315,3 +315,18 @@ def test_a_setting_of_several_forms_gets_one_line_naming_it_not_pydantics_tags()
     assert "source.device_map: Input should be 'auto'; or Input should be a valid dictionary" in (
         text
     )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["source.kind=batch"], "source.path: required, and not given: a .safetensors, .pt"),
+        (["split.micro=4"], "split.convention: required, and not given: the framework's table"),
+        (["source.kind=literal"], "source.sequences: required, and not given: the sequences,"),
+    ],
+)
+def test_a_setting_without_a_default_says_what_it_wants(overrides, expected) -> None:
+    # pydantic's own words ("Field required") name neither what goes there nor what is allowed
+    with pytest.raises(GradlensError) as info:
+        build_config(None, overrides)
+    assert expected in str(info.value) and "Field required" not in str(info.value)
