@@ -64,6 +64,7 @@ from gradlens.logits import softmax_dtype
 from gradlens.losses import Aggregation, LossParams, LossSpec, get_loss
 from gradlens.losses.corrections import missing_rollout
 from gradlens.losses.distill import NO_TEACHER_HINT
+from gradlens.losses.split import micro_batches
 from gradlens.memory import Estimate, Shape, check_fits
 from gradlens.metric_names import metric_names
 from gradlens.progress import report as report_progress
@@ -208,6 +209,8 @@ def preflight(config: Config, device: torch.device) -> None:
         raise GradlensError(missing_rollout(corrections))
     if config.loss.distill is not None and plan.provides is not None:
         check_teacher_source(config.loss.distill.form, config.source.kind, plan.provides)
+    if config.split is not None and plan.shape is not None:  # N is known: refused now, not
+        micro_batches(config.split.plain(), plan.shape.sequences)  # after a rollout
     for estimate in plan.memory:
         check_fits(estimate, device)
     if plan.shape is not None:

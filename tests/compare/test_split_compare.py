@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
+from gradlens import sources
 from gradlens.cli import app
 from gradlens.compare import run_compare
 from gradlens.config import build_config, parse_split
@@ -53,6 +54,24 @@ def test_config_errors_name_the_field() -> None:
         build_config(None, ["split.micro=4"])
     with pytest.raises(GradlensError, match=r"micro·dp·ga = 3·1·1 = 3 sequences"):
         run_compare(build_config(None, [*SMALL, "split.micro=3", "split.convention=verl"]))
+
+
+@pytest.mark.parametrize("kind", ["model", "synthetic"])
+def test_a_split_that_does_not_cut_the_batch_is_refused_before_the_source_builds_it(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the model source's 16 sequences are known from its settings: refused before the
+    # checkpoint loads and samples (20 s on a 135M model), not after
+    def never(*args: object) -> None:
+        raise AssertionError("the source was built")
+
+    plan = sources.SOURCES[kind].plan
+    monkeypatch.setitem(sources.SOURCES, kind, sources.SourceKind(never, plan))
+    config = build_config(
+        None, [f"source.kind={kind}", "split.micro=4", "split.dp=2", "split.convention=verl"]
+    )
+    with pytest.raises(GradlensError, match=r"micro·dp·ga = 4·2·1 = 8 sequences, but the batch"):
+        run_compare(config)
 
 
 def test_cli_split_and_check() -> None:
