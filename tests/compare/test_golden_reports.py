@@ -8,8 +8,10 @@ differences), which any reordering changes completely, are compared by their ver
 the ``passed`` flags beside them are compared exactly, and the words of each check's detail
 (its numbers are such residuals or fields compared elsewhere). A list of numbers is compared
 as one vector (each entry to 1e-5 of the largest, `tests.helpers.differences`), and a loss
-value to 1e-5 of the batch's mean |A| as well (`cancelling_sums`): both are sums whose
-rounding follows their terms, not their value. ``environment`` describes the machine and is
+value to 1e-5 of the batch's mean |A| as well, the mismatch's log_ppl_diff to 1e-5 of the two
+log-perplexities it is the difference of (`cancelling_sums`), and the shares of a ranked list
+of records to 1e-5 of its largest share: all are sums whose rounding follows their terms, not
+their value. ``environment`` describes the machine and is
 skipped. `upgrade` applies the documented schema changes to the old reports.
 
 The cases of ``cases.PLATFORM_BOUND`` sample from a model on the CPU: their reports are the
@@ -294,14 +296,49 @@ def test_report_reproduces_golden(name: str, argv: list[str], setup, tmp_path: P
 
 
 def cancelling_sums(report: dict[str, Any]) -> dict[str, float]:
-    """The loss values, each with the size of its terms: a policy loss is a weighted mean of
-    terms A_t·(a function of r_t ≈ 1), and with advantages centred in each group it cancels to
-    far below them (−9.1e-5 against a mean |A| of 0.46 in train_inference_mismatch, where a
-    float32 sum in another order moved it by 2.5e-5 of itself)."""
+    """The numbers that are differences of far larger terms, each with the size of its terms.
+
+    The loss values: a policy loss is a weighted mean of terms A_t·(a function of r_t ≈ 1), and
+    with advantages centred in each group it cancels to far below them (−9.1e-5 against a mean
+    |A| of 0.46 in train_inference_mismatch, where a float32 sum in another order moved it by
+    2.5e-5 of itself). The mismatch's log_ppl_diff: the training engine's log-perplexity less
+    the rollout's (4.3e-4 from two of 0.511, moved by 1.5e-5 of itself with a CPU's own
+    kernels)."""
+    out: dict[str, float] = {}
     scale = (report.get("batch") or {}).get("mean_abs_advantage")
-    if not isinstance(scale, (int, float)):
-        return {}
-    return {f".losses[{i}].loss": float(scale) for i in range(len(report["losses"]))}
+    if isinstance(scale, (int, float)):
+        out.update({f".losses[{i}].loss": float(scale) for i in range(len(report["losses"]))})
+    stats = (report.get("mismatch") or {}).get("statistics") or {}
+    sides = [stats.get(k) for k in ("training_log_ppl", "rollout_log_ppl")]
+    if all(isinstance(x, (int, float)) for x in sides):
+        out[".mismatch.statistics.log_ppl_diff"] = max(abs(float(x)) for x in sides)
+    return out
+
+
+def test_the_scaled_comparisons_still_fail_a_changed_number() -> None:
+    # a share 4e5 times below the largest, or a difference of two log-perplexities, is held to
+    # the size of what it is computed from; a change of the size a wrong formula makes still
+    # fails, and the terms themselves are held to 1e-5 of their own value
+    old = upgrade(json.loads(golden_file("train_inference_mismatch").read_text()))
+
+    def changed(path: tuple[Any, ...], factor: float) -> list[str]:
+        new = json.loads(json.dumps(old))
+        *parents, last = path
+        holder = new
+        for key in parents:
+            holder = holder[key]
+        holder[last] *= factor
+        return differences(old, new, scales=cancelling_sums(old))
+
+    sequences = ("losses", 3, "attribution", "top_sequences")
+    assert old["losses"][3]["attribution"]["top_sequences"][7]["share"] < 1e-5
+    assert changed((*sequences, 7, "share"), 1 + 1e-4) == []  # rounding-sized: 4e-11 absolute
+    assert changed((*sequences, 7, "share"), 1e6) != []
+    assert changed((*sequences, 0, "share"), 1 + 1e-4) != []
+    stats = ("mismatch", "statistics")
+    assert changed((*stats, "log_ppl_diff"), 1 + 1e-4) == []
+    assert changed((*stats, "log_ppl_diff"), 1.2) != []
+    assert changed((*stats, "training_log_ppl"), 1 + 1e-4) != []
 
 
 def structure(value: Any, path: str = "") -> dict[str, Any]:
