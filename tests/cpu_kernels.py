@@ -42,6 +42,12 @@ def pin() -> None:
         os.environ.setdefault(name, value)
 
 
+def pinned() -> bool:
+    """This process computes with the pinned kernels of `PINS` (CI's configuration), not with
+    others a caller set."""
+    return all(os.environ.get(name) == value for name, value in PINS.items())
+
+
 def own_kernels_env() -> dict[str, str]:
     """This process's environment without the pins, and set to the CPU's own kernels: ATen's
     widest vector loops (AVX-512 where the CPU has it), MKL's and oneDNN's native paths — what
