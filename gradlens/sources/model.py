@@ -70,6 +70,7 @@ from gradlens.sources.rollout import rollout_copy, rollout_dtype, sample, stop_t
 from gradlens.sources.shared_prefix import padded_note, with_shared_prefix
 from gradlens.sources.staleness import stale_steps
 from gradlens.sources.teacher_model import check_teacher_context, model_teacher
+from gradlens.sources.training_pass_check import check_training_pass, reference_pass
 
 
 def offloaded(model: torch.nn.Module) -> bool:
@@ -152,6 +153,11 @@ def build_model_batch(src: ModelSource, ctx: SourceContext) -> Batch:
     rollout_logp = rollout.rollout_logp
     if src.rollout_logprobs == "full":  # μ by one forward per sequence, not the cache's
         rollout_logp = full_sequence_logp(roller, rollout.sequences, src.temperature)
+    check_training_pass(  # the sampler's μ: the rollout copy's own probabilities, to rounding
+        reference_pass(roller, rollout.sequences, src.temperature),
+        rollout_logp[0],
+        "the rollout's log-probs (log μ)",
+    )
     del roller  # the rollout copy is not needed any more
     release_free_memory()  # its pages, and the sampler's, before the stale steps' state
 
@@ -172,6 +178,8 @@ def build_model_batch(src: ModelSource, ctx: SourceContext) -> Batch:
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     advantages = (adv.to(device)[:, None] * mask).to(acc)  # [N, T], 0 off the completion
     groups = torch.arange(mask.shape[0], device=device) // src.group_size  # consecutive completions
+    # the model's own log-probs of the first sequence at θ_old, to check the training pass by
+    reference = reference_pass(loaded.model, seqs, src.temperature)
     alone = None
     if src.train_pass == "alone":  # π_old with each sequence scored by itself, at θ_old
         alone = score_alone(loaded.model, seqs, src.temperature, loaded.bias)
@@ -194,6 +202,7 @@ def build_model_batch(src: ModelSource, ctx: SourceContext) -> Batch:
     hidden, old_logp = stale.hidden, stale.old_logp
     if alone is not None:
         old_logp = alone.to(old_logp.dtype)
+    check_training_pass(reference, old_logp[0])
     weight = head_weight(loaded.model).detach().clone()
     teacher = None
     if src.teacher_path is not None:

@@ -21,8 +21,10 @@ or no head read after it) each passes its own part on, the lookup's as the rows 
 sparse gradient, as ``sparse=True``): the sum is the same either way, up to the order of
 addition.
 
-Untied, with ``max_norm`` or with ``scale_grad_by_freq``, nothing changes: the lm_head's
-weight is read as it is (`gradlens.sources.forward.head_weight`).
+Untied, with ``max_norm`` or with ``scale_grad_by_freq``, or with an embedding module whose
+forward is its own (Gemma's scales the looked-up rows by √H; the lookup here would replace that
+forward and drop it), nothing changes: the lm_head's weight is read as it is
+(`gradlens.sources.forward.head_weight`), and autograd sums the two parts.
 """
 
 from __future__ import annotations
@@ -126,8 +128,10 @@ def tied_gradient_in_place(model: Any) -> Iterator[TiedHead]:
     head = model.get_output_embeddings()
     weight = getattr(emb, "weight", None)
     tied = head is not None and getattr(head, "weight", None) is weight
-    plain = isinstance(emb, nn.Embedding) and emb.max_norm is None
-    if not (tied and plain and not emb.scale_grad_by_freq):
+    # the lookup replaces the module's forward: only where that forward is nn.Embedding's own
+    # (Gemma's embedding multiplies the rows by √H after it: a plain lookup would drop that)
+    plain = isinstance(emb, nn.Embedding) and type(emb).forward is nn.Embedding.forward
+    if not (tied and plain and emb.max_norm is None and not emb.scale_grad_by_freq):
         yield TiedHead(lambda: head_weight(model))
         return
 

@@ -9,18 +9,24 @@ untied or max_norm embedding is left alone.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
+from torch import nn
 from transformers import AutoModelForCausalLM
 
 from gradlens.compare import run_compare
 from gradlens.config import build_config
 from gradlens.sources import staleness
 from gradlens.sources.checkpoint import builtin_model_dir
-from gradlens.sources.tied_gradient import tied_gradient_in_place
+from gradlens.sources.forward import head_weight
+from gradlens.sources.tied_gradient import TiedHead, tied_gradient_in_place
+from gradlens.sources.training_pass_check import TrainingPassMismatch
 from tests.sources.test_staleness import TinyLM
+from tests.tiny_checkpoints import VOCAB, make_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -136,3 +142,69 @@ def test_the_stale_steps_merge_the_rows_in_every_backward(monkeypatch):
         overrides = ["source.kind=model", "source.stale.steps=2", "diagnostics.reference=none"]
         run_compare(build_config(None, [*overrides, f"source.stale.grad_dtype={grad_dtype}"]))
         assert readers[-1].merged == 2, grad_dtype
+
+
+class ScaledEmbedding(nn.Embedding):
+    """An embedding with a forward of its own, as Gemma's: the rows times √H."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids) * self.embedding_dim**0.5
+
+
+def test_an_embedding_with_its_own_forward_is_left_alone():
+    # the in-place lookup would replace the module's forward and drop its scaling
+    tables = TinyLM(True)
+    tables.embed.__class__ = ScaledEmbedding
+    ids = torch.tensor([[1, 2, 3]])
+    before = tables.embed(ids)
+    with tied_gradient_in_place(tables) as head:
+        assert head.weight() is tables.head.weight
+        assert "forward" not in vars(tables.embed)
+        torch.testing.assert_close(tables.embed(ids), before, rtol=0, atol=0)
+
+
+def save_gemma3(path: Path) -> Path:
+    """A random tied Gemma 3 text model (its embedding scales the rows by √H) behind the code
+    tokenizer."""
+    torch.manual_seed(0)
+    config = transformers.Gemma3TextConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=128,
+        sliding_window=8, tie_word_embeddings=True, eos_token_id=0, bos_token_id=0,
+        pad_token_id=0,
+    )  # fmt: skip
+    transformers.Gemma3ForCausalLM(config).save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.mark.slow  # a model-source run with stale steps, and one with the old lookup
+def test_a_gemma3_training_pass_keeps_the_embedding_scale(tmp_path, monkeypatch):
+    # Gemma 3 270M's π_old had a mean log-prob of −11.9 against the model's own −0.46 when the
+    # stale steps' lookup dropped the √H scaling; the training-pass check now compares the
+    # first sequence with the model's own forward, and the run passes
+    path = save_gemma3(tmp_path / "gemma3")
+    overrides = [
+        "source.kind=model", f"source.path={path}", "source.num_prompts=2",
+        "source.group_size=2", "source.max_new_tokens=6", "source.reward=length",
+        "source.stale.steps=1",
+    ]  # fmt: skip
+    report = run_compare(build_config(None, overrides))
+    assert report.passed
+
+    # the lookup of before, which replaced any tied embedding's forward with a plain one
+    @contextmanager
+    def plain_lookup(model):
+        emb = model.get_input_embeddings()
+        emb.forward = lambda ids: F.embedding(ids, emb.weight, emb.padding_idx)
+        try:
+            yield TiedHead(lambda: head_weight(model))
+        finally:
+            del emb.forward
+
+    monkeypatch.setattr(staleness, "tied_gradient_in_place", plain_lookup)
+    with pytest.raises(
+        TrainingPassMismatch,
+        match=r"the training pass.s log-probs \(log π_old\) of sequence 0 are not",
+    ):
+        run_compare(build_config(None, overrides))
