@@ -73,18 +73,10 @@ def build_batch_file(src: BatchSource, ctx: SourceContext) -> Batch:
     rows = None
     tokenizer = None
     if src.model_path is not None:
-        if "tokenizer_sha256" in data:  # before the model loads: its tokenizer alone
-            label = "the built-in model" if src.model_path == BUILTIN else repr(src.model_path)
-            check_same_tokenizer(
-                data["tokenizer_sha256"],
-                load_tokenizer(src.model_path, "source.model_path"),
-                "source.model_path",
-                label,
-                path.name,
-            )
         recomputed = recompute_hidden(
             src.model_path,
             data,
+            path.name,
             src.temperature,
             device,
             dtype,

@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from gradlens.containers import LoadedModel
 from gradlens.errors import GradlensError
 from gradlens.memory import Estimate, dtype_bytes
+from gradlens.sources.tokenizer_digest import check_same_tokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model.safetensors.index.json")
@@ -79,6 +81,7 @@ def load_checkpoint(
     key: str = "source.path",
     device_map: str | dict[str, str | int] | None = None,
     chat_template: bool = False,
+    made_ids: tuple[Tensor, str] | None = None,
 ) -> LoadedModel:
     """Model and tokenizer from a local directory (never the Hub), with consistency checks.
 
@@ -87,6 +90,8 @@ def load_checkpoint(
     temporary offload folder, removed at exit, when it puts modules on ``disk``); None: the
     whole model on ``device``. The lm_head must not be offloaded: its weight is read whole.
     ``chat_template``: the prompts go through the tokenizer's chat template, which it must have.
+    ``made_ids``: (the ``tokenizer_sha256`` a batch file records, the file's name): the file's
+    token ids must be this tokenizer's (`gradlens.sources.tokenizer_digest`).
     The tokenizer loads first (a fraction of a second), so that what it alone refuses is refused
     before the model loads.
     """
@@ -118,6 +123,8 @@ def load_checkpoint(
             "(tokenizer_config.json 'chat_template', or chat_template.jinja); set "
             "source.chat_template: false for a base model"
         )
+    if made_ids is not None:
+        check_same_tokenizer(made_ids[0], tokenizer, key, label, made_ids[1])
     try:
         model = AutoModelForCausalLM.from_pretrained(
             where, dtype=dtype, local_files_only=True, **placement

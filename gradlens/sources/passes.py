@@ -40,20 +40,31 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-@torch.no_grad()
-def full_sequence_logp(model: nn.Module, seqs: Sequences, temperature: float) -> Tensor:
-    """[N, T] log softmax(z/T)(y_t) of the sampled tokens by one forward without a cache (0 off
-    ``seqs.loss_mask``); the logits in `accumulation_dtype`."""
+def own_logits(model: nn.Module, seqs: Sequences) -> Tensor:
+    """[N, T, V] the model's own logits z_t (its forward, transformers' code alone, without a
+    cache) at the positions that predict the next token, in the model's dtype."""
     out = model(
         input_ids=seqs.input_ids,
         attention_mask=seqs.attention_mask,
         position_ids=seqs.position_ids,
         use_cache=False,
     )
-    logits = out.logits[:, :-1]
-    logits = logits.to(accumulation_dtype(logits.dtype)) / temperature  # [N, T, V]
+    return out.logits[:, :-1]
+
+
+def sampled_logp(logits: Tensor, seqs: Sequences, temperature: float) -> Tensor:
+    """[N, T] log softmax(z/T)(y_t) of the sampled tokens from logits [N, T, V] (0 off
+    ``seqs.loss_mask``); the softmax in `accumulation_dtype`."""
+    logits = logits.to(accumulation_dtype(logits.dtype)) / temperature
     logp = torch.log_softmax(logits, dim=-1).gather(-1, seqs.tokens[..., None]).squeeze(-1)
     return torch.where(seqs.loss_mask, logp, torch.zeros_like(logp))
+
+
+@torch.no_grad()
+def full_sequence_logp(model: nn.Module, seqs: Sequences, temperature: float) -> Tensor:
+    """[N, T] log softmax(z/T)(y_t) of the sampled tokens by one forward without a cache (0 off
+    ``seqs.loss_mask``)."""
+    return sampled_logp(own_logits(model, seqs), seqs, temperature)
 
 
 @torch.no_grad()

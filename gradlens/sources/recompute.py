@@ -71,6 +71,7 @@ WHOLE_MODEL_KEYS = "source.model_path with source.whole_model: true; set it fals
 def recompute_hidden(
     model_path: str,
     data: Mapping[str, Tensor],
+    file_name: str,
     temperature: float,
     device: torch.device,
     dtype: torch.dtype,
@@ -83,9 +84,18 @@ def recompute_hidden(
     ``whole_model_of``: the batch file's path (named in the report), to keep the model and the
     sequences for the whole-model gradients (`Recomputed.context`); None releases the model.
     ``shared_prefix``: the forwards pack the responses to one prompt after one copy of it
-    (`gradlens.sources.shared_prefix.with_shared_prefix`).
+    (`gradlens.sources.shared_prefix.with_shared_prefix`). ``file_name``: the batch file, named
+    when its ``tokenizer_sha256`` is not the checkpoint tokenizer's (refused before the model
+    loads).
     """
-    loaded = load_checkpoint(None if model_path == BUILTIN else model_path, device, dtype, KEY)
+    digest = data.get("tokenizer_sha256")  # the file's ids must be the checkpoint tokenizer's
+    loaded = load_checkpoint(
+        None if model_path == BUILTIN else model_path,
+        device,
+        dtype,
+        KEY,
+        made_ids=None if digest is None else (digest, file_name),
+    )
     tokens, mask = data["tokens"], data["mask"]  # [N, T]
     prompt_ids, prompt_mask = data["prompt_ids"], data["prompt_mask"]  # [N, P]
     attention = torch.cat([prompt_mask, data["response_attention"]], dim=1)  # [N, P+T]

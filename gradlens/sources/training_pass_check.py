@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from gradlens.containers import Sequences
 from gradlens.sources.forward import LOGIT_PATH_TOLERANCE, LOGIT_PATH_TOLERANCE_LOW
-from gradlens.sources.passes import accumulation_dtype
+from gradlens.sources.passes import own_logits, sampled_logp
 
 
 class TrainingPassMismatch(RuntimeError):
@@ -53,20 +53,13 @@ class ReferencePass:
 
 @torch.no_grad()
 def reference_pass(model: nn.Module, seqs: Sequences, temperature: float) -> ReferencePass:
-    """The model's forward over ``seqs``' first sequence (its real tokens, without padding),
-    in the model's own dtype, as the check's reference (module docstring)."""
-    real = seqs.attention_mask[0].bool()
-    start = int(real.nonzero()[0])
-    ids = seqs.input_ids[0][real][None]  # [1, L_0]
-    logits = model(input_ids=ids, use_cache=False).logits[0, :-1]  # [L_0 − 1, V]
-    dtype = logits.dtype
-    logits = logits.to(accumulation_dtype(dtype)) / temperature
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[0, 1:, None]).squeeze(-1)
-    mask = seqs.loss_mask[0]
-    out = torch.zeros(mask.shape, dtype=logp.dtype, device=logp.device)
-    out[start : start + logp.shape[0]] = logp
-    eps = LOGIT_PATH_TOLERANCE.get(dtype, LOGIT_PATH_TOLERANCE_LOW)
-    return ReferencePass(out, mask, 2.0 * eps * float(logits.abs().max()))
+    """The model's own forward over ``seqs``' first sequence, in the model's dtype, as the
+    check's reference (module docstring)."""
+    first = seqs.select([0])
+    logits = own_logits(model, first)  # [1, T, V]
+    eps = LOGIT_PATH_TOLERANCE.get(logits.dtype, LOGIT_PATH_TOLERANCE_LOW)
+    bound = 2.0 * eps * float(logits.abs().max()) / temperature
+    return ReferencePass(sampled_logp(logits, first, temperature)[0], first.loss_mask[0], bound)
 
 
 def check_training_pass(

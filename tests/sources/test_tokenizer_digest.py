@@ -20,6 +20,7 @@ from gradlens.batchfile import read_batch_tensors
 from gradlens.cli import app
 from gradlens.sources.checkpoint import load_tokenizer
 from gradlens.sources.tokenizer_digest import hex_digest, vocabulary_sha256
+from tests.cli.test_bad_input import batch_file
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -138,7 +139,5 @@ def test_a_re_dump_with_the_checkpoint_keeps_the_digest(
 
 def test_a_file_without_the_digest_reads_as_before(tmp_path: Path) -> None:
     # trainers' files do not have it: nothing to compare, nothing refused
-    from tests.cli.test_bad_input import batch_file
-
     rc, out = compare(Path(batch_file(tmp_path)), "source.tokenizer=builtin")
     assert rc == 0 and "tokenizer_sha256" not in out, out
